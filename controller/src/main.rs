@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("vmhad: the controller is not implemented yet (issue 3)");
+    std::process::exit(2);
+}
