@@ -1,0 +1,17 @@
+//! Test infrastructure for vmha: a replicated pair (primary FUSE mount + secondary
+//! receiver) on one machine, process and mount guards, and tree snapshots to compare
+//! the two replicas.
+
+pub mod aligned;
+pub mod bin;
+pub mod mounts;
+pub mod pair;
+pub mod proc;
+pub mod tree;
+
+pub use aligned::AlignedBuf;
+pub use bin::vmha_fs_bin;
+pub use mounts::{is_mount_point, lazy_unmount_all, mounts_at_or_under, MountGuard};
+pub use pair::{Pair, PairOptions};
+pub use proc::Child;
+pub use tree::{diff, snapshot, Tree};

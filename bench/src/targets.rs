@@ -1,0 +1,415 @@
+//! The directories fio runs in: a plain local directory, a vmha-fs pair on
+//! this machine, and bindfs as a plain FUSE pass-through reference.
+
+use crate::child::{Proc, STOP_GRACE};
+use crate::mounts::{fstype_at, lazy_unmount_all, UnmountGuard};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::fs::File;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long a daemon may take to report ready / mount.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Local,
+    Vmha,
+    Bindfs,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Local, Kind::Vmha, Kind::Bindfs];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Local => "local",
+            Kind::Vmha => "vmha",
+            Kind::Bindfs => "bindfs",
+        }
+    }
+
+    /// Targets named in a comma list, in canonical order (local first: the
+    /// ratios are relative to it).
+    pub fn parse_list(list: &str) -> Result<Vec<Kind>> {
+        let wanted: Vec<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        for w in &wanted {
+            if !Self::ALL.iter().any(|k| k.name() == *w) {
+                bail!("unknown target {w:?}; known: local,vmha,bindfs");
+            }
+        }
+        if wanted.is_empty() {
+            bail!("--targets is empty");
+        }
+        Ok(Self::ALL
+            .into_iter()
+            .filter(|k| wanted.contains(&k.name()))
+            .collect())
+    }
+}
+
+/// The vmha-fs binary: $VMHA_FS_BIN, else next to this executable.
+pub fn find_vmha_fs() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VMHA_FS_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locate own executable")?;
+    let p = exe.with_file_name("vmha-fs");
+    if !p.is_file() {
+        bail!(
+            "vmha-fs not found at {} (build it, or set VMHA_FS_BIN)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+#[derive(Debug)]
+struct VmhaPair {
+    // Field order is drop order: primary (unmounts P/mnt) before secondary,
+    // then the leftover-mount cleanup.
+    primary: Proc,
+    secondary: Proc,
+    p_data: PathBuf,
+    s_data: PathBuf,
+    _unmount: [UnmountGuard; 2],
+}
+
+#[derive(Debug)]
+struct Bindfs {
+    proc: Proc,
+    _unmount: UnmountGuard,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Local,
+    Vmha(VmhaPair),
+    Bindfs(Bindfs),
+}
+
+/// A set-up target; dropping it stops its daemons and unmounts.
+#[derive(Debug)]
+pub struct Target {
+    pub kind: Kind,
+    /// Where fio's files go.
+    pub dir: PathBuf,
+    backend: Backend,
+}
+
+fn mkdirs(dirs: &[&Path]) -> Result<()> {
+    for d in dirs {
+        std::fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// Waits until a FUSE filesystem is mounted at `mnt`, while `proc` lives.
+fn wait_fuse_mounted(proc: &mut Proc, mnt: &Path) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(t) = fstype_at(mnt)? {
+            if t.starts_with("fuse") {
+                return Ok(());
+            }
+        }
+        proc.ensure_running()?;
+        crate::interrupt::check()?;
+        if Instant::now() > deadline {
+            bail!(
+                "no FUSE mount at {} after {READY_TIMEOUT:?}; {} log tail:\n{}",
+                mnt.display(),
+                proc.name(),
+                proc.log_tail(20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port that was free a moment ago (the secondary binds it right after).
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("bind an ephemeral port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
+    let key = root.join("cluster.key");
+    let (p, s) = (root.join("p"), root.join("s"));
+    let (p_data, p_mnt, p_state) = (p.join("data"), p.join("mnt"), p.join("state"));
+    let (s_data, s_state) = (s.join("data"), s.join("state"));
+    mkdirs(&[&p_data, &p_mnt, &p_state, &s_data, &s_state])?;
+
+    let out = Command::new(bin)
+        .arg("keygen")
+        .arg(&key)
+        .output()
+        .with_context(|| format!("run {} keygen", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "vmha-fs keygen failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Guards first: whatever happens below, leftover mounts get detached.
+    let unmount = [UnmountGuard(p_mnt.clone()), UnmountGuard(s_data.clone())];
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut secondary = Proc::spawn(
+        "vmha-fs secondary",
+        Command::new(bin)
+            .arg("secondary")
+            .arg("--backing")
+            .arg(&s_data)
+            .args(["--listen", &addr])
+            .arg("--state")
+            .arg(&s_state)
+            .arg("--key-file")
+            .arg(&key),
+        &root.join("secondary.log"),
+    )?;
+    secondary.wait_ready(READY_TIMEOUT)?;
+    let mut primary = Proc::spawn(
+        "vmha-fs primary",
+        Command::new(bin)
+            .arg("primary")
+            .arg("--backing")
+            .arg(&p_data)
+            .arg("--mount")
+            .arg(&p_mnt)
+            .args(["--peer", &addr])
+            .arg("--state")
+            .arg(&p_state)
+            .arg("--key-file")
+            .arg(&key),
+        &root.join("primary.log"),
+    )?;
+    primary.wait_ready(READY_TIMEOUT)?;
+    // "ready" must mean mounted: otherwise fio would write into the bare dir.
+    wait_fuse_mounted(&mut primary, &p_mnt)?;
+    Ok((
+        p_mnt,
+        VmhaPair {
+            primary,
+            secondary,
+            p_data,
+            s_data,
+            _unmount: unmount,
+        },
+    ))
+}
+
+fn setup_bindfs(root: &Path) -> Result<(PathBuf, Bindfs)> {
+    let (src, mnt) = (root.join("src"), root.join("mnt"));
+    mkdirs(&[&src, &mnt])?;
+    let unmount = UnmountGuard(mnt.clone());
+    // Foreground (-f) so it is our child and stops by PID.
+    let mut proc = Proc::spawn(
+        "bindfs",
+        Command::new("bindfs").arg("-f").arg(&src).arg(&mnt),
+        &root.join("bindfs.log"),
+    )?;
+    wait_fuse_mounted(&mut proc, &mnt)?;
+    Ok((
+        mnt,
+        Bindfs {
+            proc,
+            _unmount: unmount,
+        },
+    ))
+}
+
+/// Compares two files; `None` if equal, else a description of the difference.
+fn compare_files(a: &Path, b: &Path) -> Result<Option<String>> {
+    let (mut fa, mut fb) = (
+        File::open(a).with_context(|| format!("open {}", a.display()))?,
+        File::open(b).with_context(|| format!("open {}", b.display()))?,
+    );
+    let (la, lb) = (fa.metadata()?.len(), fb.metadata()?.len());
+    if la != lb {
+        return Ok(Some(format!("sizes differ: {la} vs {lb}")));
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0u64;
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y);
+            return Ok(Some(format!(
+                "content differs at offset {}",
+                off + i.unwrap_or(0) as u64
+            )));
+        }
+        off += n as u64;
+    }
+}
+
+impl Target {
+    /// Creates the target's directories under `root` and starts its daemons.
+    pub fn setup(kind: Kind, root: &Path, vmha_fs: Option<&Path>) -> Result<Self> {
+        mkdirs(&[root])?;
+        let (dir, backend) = match kind {
+            Kind::Local => {
+                let dir = root.join("dir");
+                mkdirs(&[&dir])?;
+                (dir, Backend::Local)
+            }
+            Kind::Vmha => {
+                let bin = vmha_fs.context("vmha target needs the vmha-fs binary")?;
+                let (dir, pair) = setup_vmha(root, bin)?;
+                (dir, Backend::Vmha(pair))
+            }
+            Kind::Bindfs => {
+                let (dir, b) = setup_bindfs(root)?;
+                (dir, Backend::Bindfs(b))
+            }
+        };
+        Ok(Self { kind, dir, backend })
+    }
+
+    /// Errors if a daemon died or the mount vanished.
+    pub fn ensure_healthy(&mut self) -> Result<()> {
+        match &mut self.backend {
+            Backend::Local => return Ok(()),
+            Backend::Vmha(v) => {
+                v.secondary.ensure_running()?;
+                v.primary.ensure_running()?;
+            }
+            Backend::Bindfs(b) => b.proc.ensure_running()?,
+        }
+        match fstype_at(&self.dir)? {
+            Some(t) if t.starts_with("fuse") => Ok(()),
+            other => bail!(
+                "{}: no FUSE mount at {} (found {other:?})",
+                self.kind.name(),
+                self.dir.display()
+            ),
+        }
+    }
+
+    /// For vmha: whether the secondary's copy of `name` equals the
+    /// primary's backing file. `None` for other targets.
+    pub fn replica_check(&self, name: &str) -> Option<String> {
+        let Backend::Vmha(v) = &self.backend else {
+            return None;
+        };
+        let (p, s) = (v.p_data.join(name), v.s_data.join(name));
+        if !p.exists() || !s.exists() {
+            return Some(format!(
+                "cannot compare by name: {} exists={}, {} exists={}",
+                p.display(),
+                p.exists(),
+                s.display(),
+                s.exists()
+            ));
+        }
+        Some(match compare_files(&p, &s) {
+            Ok(None) => "identical".to_owned(),
+            Ok(Some(diff)) => format!("MISMATCH: {diff}"),
+            Err(e) => format!("compare failed: {e:#}"),
+        })
+    }
+
+    /// Kills the daemons at once (a hung FUSE request keeps fio unkillable
+    /// until the daemon's /dev/fuse closes), then detaches the mounts.
+    pub fn abort(&mut self) {
+        let procs: Vec<&mut Proc> = match &mut self.backend {
+            Backend::Local => vec![],
+            Backend::Vmha(v) => vec![&mut v.primary, &mut v.secondary],
+            Backend::Bindfs(b) => vec![&mut b.proc],
+        };
+        for p in procs {
+            if let Err(e) = p.kill() {
+                eprintln!("vmha-bench: {e:#}");
+            }
+        }
+        let _ = lazy_unmount_all(&self.dir);
+    }
+
+    /// Stops the daemons with SIGTERM and reports anything unclean.
+    pub fn shutdown(mut self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let name = self.kind.name();
+        let mut stop = |p: &mut Proc, mnt: &Path| {
+            match p.stop(STOP_GRACE) {
+                Ok((st, killed)) => {
+                    if killed {
+                        notes.push(format!(
+                            "{name}: {} ignored SIGTERM for {STOP_GRACE:?}; SIGKILLed",
+                            p.name()
+                        ));
+                    } else if !st.success() {
+                        notes.push(format!(
+                            "{name}: {} exited with {st} on SIGTERM; log tail:\n{}",
+                            p.name(),
+                            p.log_tail(10)
+                        ));
+                    }
+                }
+                Err(e) => notes.push(format!("{name}: stopping {}: {e:#}", p.name())),
+            }
+            match lazy_unmount_all(mnt) {
+                Ok(0) => {}
+                Ok(n) => notes.push(format!(
+                    "{name}: {} left {n} mount(s) at {} after exiting; detached",
+                    p.name(),
+                    mnt.display()
+                )),
+                Err(e) => notes.push(format!("{name}: {e:#}")),
+            }
+        };
+        match &mut self.backend {
+            Backend::Local => {}
+            Backend::Vmha(v) => {
+                stop(&mut v.primary, &self.dir);
+                stop(&mut v.secondary, &v.s_data);
+            }
+            Backend::Bindfs(b) => stop(&mut b.proc, &self.dir),
+        }
+        notes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_lists_are_canonical() -> Result<()> {
+        assert_eq!(
+            Kind::parse_list("bindfs,local")?,
+            [Kind::Local, Kind::Bindfs]
+        );
+        assert!(Kind::parse_list("nfs").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn compare_detects_difference() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::write(&a, b"hello world")?;
+        std::fs::write(&b, b"hello world")?;
+        assert_eq!(compare_files(&a, &b)?, None);
+        std::fs::write(&b, b"hello World")?;
+        assert_eq!(
+            compare_files(&a, &b)?.as_deref(),
+            Some("content differs at offset 6")
+        );
+        Ok(())
+    }
+}
