@@ -56,12 +56,13 @@ pub fn proc_path(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
-/// Reopens the node behind an O_PATH descriptor with real access `flags`.
+/// Reopens the node behind an O_PATH descriptor with real access `flags`. The magic
+/// link names exactly that inode (it is not a path walk), so following it is safe.
 pub fn reopen(path_fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd, Errno> {
     rustix::fs::openat(
         CWD,
         proc_path(path_fd),
-        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        flags | OFlags::CLOEXEC,
         Mode::empty(),
     )
 }
@@ -93,7 +94,9 @@ pub fn copy_range(
 ) -> Result<u64, Errno> {
     let mut done = 0u64;
     while done < len {
-        let chunk = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
+        let chunk = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
         match rustix::fs::copy_file_range(
             src,
             Some(&mut src_offset),

@@ -131,7 +131,10 @@ mod tests {
         let path = dir.path().join("k");
         let _ = std::fs::write(&path, "zz");
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        assert!(matches!(ClusterKey::load(&path), Err(KeyError::Malformed(_))));
+        assert!(matches!(
+            ClusterKey::load(&path),
+            Err(KeyError::Malformed(_))
+        ));
         let _ = std::fs::write(&path, "00".repeat(32));
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
         assert!(matches!(ClusterKey::load(&path), Err(KeyError::TooOpen(_))));

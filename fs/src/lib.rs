@@ -3,6 +3,13 @@
 
 pub mod apply;
 pub mod buffer;
+pub mod fuse_fs;
+pub mod inodes;
+pub mod joint;
 pub mod key;
+pub mod link;
+pub mod mounts;
 pub mod op;
+pub mod receiver;
+pub mod statedir;
 pub mod wire;

@@ -1,1 +1,328 @@
-fn main() {}
+//! `vmha-fs`: the replicating filesystem, standalone.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rustix::fs::{Mode, OFlags};
+use vmha_fs::fuse_fs::ReplicatedFs;
+use vmha_fs::key::ClusterKey;
+use vmha_fs::link::PeerLink;
+use vmha_fs::mounts::{self, ReadOnlyBind};
+use vmha_fs::receiver::ReceiverServer;
+use vmha_fs::statedir::StateDir;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmha-fs",
+    version,
+    about = "Synchronously replicated directory for VM images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a new cluster key (mode 0600) to FILE.
+    Keygen { file: PathBuf },
+    /// Receive the primary's operations into DIR (made read-only for everyone else).
+    Secondary {
+        #[arg(long, value_name = "DIR")]
+        backing: PathBuf,
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: SocketAddr,
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+    /// Serve DIR through a FUSE mount that replicates every change to the peer.
+    Primary {
+        #[arg(long, value_name = "DIR")]
+        backing: PathBuf,
+        /// Mount point; equal to --backing to mount over the directory itself.
+        #[arg(long, value_name = "DIR")]
+        mount: PathBuf,
+        #[arg(long, value_name = "ADDR:PORT")]
+        peer: SocketAddr,
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+        /// How long a write waits for a silent peer before failing with EIO.
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        lock_timeout_ms: u64,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
+    },
+}
+
+/// Errors of the command-line front end (each one line).
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Key(#[from] vmha_fs::key::KeyError),
+    #[error(transparent)]
+    State(#[from] vmha_fs::statedir::StateError),
+    #[error(transparent)]
+    Mount(#[from] vmha_fs::mounts::MountError),
+    #[error(transparent)]
+    Receiver(#[from] vmha_fs::receiver::ReceiverError),
+    #[error(transparent)]
+    Link(#[from] vmha_fs::link::LinkError),
+    #[error("{what} directory {path}: {reason}")]
+    Dir {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{0} is already mounted (a FUSE filesystem is mounted there)")]
+    AlreadyMounted(PathBuf),
+    #[error("refusing to mount over {dir}: process {pid} ({command}) has {path} open; its writes would bypass replication")]
+    OpenBeneath {
+        dir: PathBuf,
+        pid: u32,
+        command: String,
+        path: PathBuf,
+    },
+    #[error("cannot mount {path}: {source}")]
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // Modes arrive fully decided from the kernel or the primary.
+    rustix::process::umask(Mode::empty());
+    raise_fd_limit();
+    let result = match cli.command {
+        Command::Keygen { file } => ClusterKey::generate_file(&file)
+            .map(|_| ())
+            .map_err(CliError::from),
+        Command::Secondary {
+            backing,
+            listen,
+            state,
+            key_file,
+        } => run_secondary(&backing, listen, &state, &key_file),
+        Command::Primary {
+            backing,
+            mount,
+            peer,
+            state,
+            key_file,
+            lock_timeout_ms,
+            threads,
+        } => run_primary(PrimaryArgs {
+            backing,
+            mount,
+            peer,
+            state,
+            key_file,
+            lock_timeout: Duration::from_millis(lock_timeout_ms),
+            threads: usize::from(threads),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmha-fs: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if let Some(max) = limit.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            },
+        );
+    }
+}
+
+/// Checks that `path` is a directory and returns its canonical form.
+fn existing_dir(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
+    let dir_err = |reason: String| CliError::Dir {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| dir_err(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(dir_err("not a directory".into()));
+    }
+    path.canonicalize().map_err(|e| dir_err(e.to_string()))
+}
+
+fn open_dir(what: &'static str, path: &Path) -> Result<OwnedFd, CliError> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| CliError::Dir {
+        what,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let vfs = rustix::fs::fstatvfs(&fd).map_err(|e| CliError::Other(e.to_string()))?;
+    if vfs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) {
+        return Err(CliError::Dir {
+            what,
+            path: path.to_path_buf(),
+            reason: "is read-only (a read-only bind left by a killed secondary? `umount` it)"
+                .into(),
+        });
+    }
+    Ok(fd)
+}
+
+fn run_secondary(
+    backing: &Path,
+    listen: SocketAddr,
+    state: &Path,
+    key_file: &Path,
+) -> Result<(), CliError> {
+    let key = ClusterKey::load(key_file)?;
+    let backing = existing_dir("backing", backing)?;
+    let _state = StateDir::open(state)?;
+    let root = open_dir("backing", &backing)?;
+    let server = ReceiverServer::bind(listen, root, key)?;
+    // After the descriptor is open: only the receiver can write from now on.
+    let _read_only = ReadOnlyBind::new(&backing)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| CliError::Other(format!("cannot install signal handler: {e}")))?;
+    }
+    let addr = server.local_addr().map_or(listen, |a| a);
+    tracing::info!(backing = %backing.display(), %addr, "secondary ready");
+    server
+        .serve(&stop)
+        .map_err(|e| CliError::Other(format!("receiver failed: {e}")))?;
+    tracing::info!("secondary stopped");
+    Ok(())
+}
+
+struct PrimaryArgs {
+    backing: PathBuf,
+    mount: PathBuf,
+    peer: SocketAddr,
+    state: PathBuf,
+    key_file: PathBuf,
+    lock_timeout: Duration,
+    threads: usize,
+}
+
+fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
+    let key = ClusterKey::load(&args.key_file)?;
+    let backing = existing_dir("backing", &args.backing)?;
+    let mount = existing_dir("mount", &args.mount)?;
+    let state = Arc::new(StateDir::open(&args.state)?);
+    if mounts::is_fuse_mounted(&mount)? {
+        return Err(CliError::AlreadyMounted(mount));
+    }
+    if mount == backing {
+        if let Some(o) = mounts::open_beneath(&backing).into_iter().next() {
+            return Err(CliError::OpenBeneath {
+                dir: backing,
+                pid: o.pid,
+                command: o.command,
+                path: o.path,
+            });
+        }
+    }
+    if let Some(reason) = state.peer_outdated() {
+        tracing::warn!(
+            reason,
+            "the peer was marked outdated earlier; its copy needs a resync"
+        );
+    }
+    let root = open_dir("backing", &backing)?;
+    let marker = state.clone();
+    let (link, threads) = PeerLink::connect(
+        args.peer,
+        &key,
+        args.lock_timeout,
+        Box::new(move |reason| {
+            if let Err(e) = marker.mark_peer_outdated(reason) {
+                tracing::error!("cannot record that the peer is outdated: {e}");
+            }
+        }),
+    )?;
+    let fs = ReplicatedFs::new(root, link.clone())
+        .map_err(|e| CliError::Other(format!("cannot read backing directory: {e}")))?;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("vmha:{}", backing.display())),
+        fuser::MountOption::Subtype("vmha".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(args.threads);
+    config.clone_fd = true;
+    let mut session = match fuser::Session::new(fs, &mount, &config) {
+        Ok(s) => s,
+        Err(source) => {
+            link.shutdown(threads);
+            return Err(CliError::Fuse {
+                path: mount,
+                source,
+            });
+        }
+    };
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| CliError::Other(format!("cannot install signal handler: {e}")))?;
+    let signal_thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                tracing::info!("signal received, unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::error!("unmount failed: {e}");
+                }
+            }
+        })
+        .map_err(|e| CliError::Other(format!("cannot start signal thread: {e}")))?;
+    drop(signal_thread);
+    tracing::info!(
+        backing = %backing.display(),
+        mount = %mount.display(),
+        peer = %args.peer,
+        mount_over = mount == backing,
+        "primary ready"
+    );
+    let served = session.run();
+    link.shutdown(threads);
+    served.map_err(|e| CliError::Other(format!("FUSE session failed: {e}")))?;
+    tracing::info!("primary stopped");
+    Ok(())
+}

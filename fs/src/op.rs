@@ -197,7 +197,9 @@ pub enum Op {
         name: Name,
     },
     /// The primary no longer refers to `id`.
-    Forget { id: NodeId },
+    Forget {
+        id: NodeId,
+    },
     Create {
         parent: NodeId,
         name: Name,
@@ -221,8 +223,14 @@ pub enum Op {
         parent: NodeId,
         name: Name,
     },
-    Unlink { parent: NodeId, name: Name },
-    Rmdir { parent: NodeId, name: Name },
+    Unlink {
+        parent: NodeId,
+        name: Name,
+    },
+    Rmdir {
+        parent: NodeId,
+        name: Name,
+    },
     Rename {
         parent: NodeId,
         name: Name,
@@ -239,7 +247,10 @@ pub enum Op {
         atime: Option<Time>,
         mtime: Option<Time>,
     },
-    Truncate { id: NodeId, size: u64 },
+    Truncate {
+        id: NodeId,
+        size: u64,
+    },
     Write {
         id: NodeId,
         offset: u64,
@@ -266,8 +277,14 @@ pub enum Op {
         value: XattrValue,
         flags: u32,
     },
-    RemoveXattr { id: NodeId, name: Name },
-    Fsync { id: NodeId, datasync: bool },
+    RemoveXattr {
+        id: NodeId,
+        name: Name,
+    },
+    Fsync {
+        id: NodeId,
+        datasync: bool,
+    },
 }
 
 impl Op {

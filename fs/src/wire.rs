@@ -253,7 +253,10 @@ impl<W: Write> FrameWriter<W> {
         let mut header = [0u8; 8];
         header[..4].copy_from_slice(&(meta.len() as u32).to_le_bytes());
         header[4..].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        let tag = mac(&self.key, &[&self.counter.to_le_bytes(), &header, meta, data]);
+        let tag = mac(
+            &self.key,
+            &[&self.counter.to_le_bytes(), &header, meta, data],
+        );
         self.inner.write_all(&header)?;
         self.inner.write_all(meta)?;
         self.inner.write_all(data)?;
@@ -305,7 +308,9 @@ impl<R: Read> FrameReader<R> {
         let meta_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let data_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if meta_len > MAX_META_LEN || data_len > MAX_DATA_LEN {
-            return Err(WireError::TooLarge(u64::from(meta_len) + u64::from(data_len)));
+            return Err(WireError::TooLarge(
+                u64::from(meta_len) + u64::from(data_len),
+            ));
         }
         let mut meta = vec![0u8; meta_len as usize];
         read_exact_or_closed(&mut self.inner, &mut meta)?;
@@ -313,7 +318,10 @@ impl<R: Read> FrameReader<R> {
         read_exact_or_closed(&mut self.inner, &mut data)?;
         let mut tag = [0u8; MAC_LEN];
         read_exact_or_closed(&mut self.inner, &mut tag)?;
-        let expected = mac(&self.key, &[&self.counter.to_le_bytes(), &header, &meta, &data]);
+        let expected = mac(
+            &self.key,
+            &[&self.counter.to_le_bytes(), &header, &meta, &data],
+        );
         if expected != blake3::Hash::from(tag) {
             return Err(WireError::BadMac);
         }
@@ -492,7 +500,10 @@ mod tests {
     fn handshake_authenticates_both_ways() {
         use std::net::{TcpListener, TcpStream};
         let key = ClusterKey::from_bytes([1; 32]);
-        for (client_key, ok) in [(key.clone(), true), (ClusterKey::from_bytes([2; 32]), false)] {
+        for (client_key, ok) in [
+            (key.clone(), true),
+            (ClusterKey::from_bytes([2; 32]), false),
+        ] {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
             let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
             let server_key = key.clone();

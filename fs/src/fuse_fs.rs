@@ -1,0 +1,1097 @@
+//! The FUSE filesystem served on the primary: reads are local; every mutation is
+//! applied locally and replicated through the `PeerLink`, and the kernel gets its reply
+//! only when both are done.
+//!
+//! Ordering: namespace and metadata operations are applied and queued under one
+//! namespace lock; data operations under per-file range locks. Either way the
+//! sequence number is taken while the local change is ordered, so the peer, which
+//! applies in sequence order, ends in the same state.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    FileAttr, FileHandle, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::{Mutex, RwLock};
+use rustix::fs::{FileType, OFlags, SeekFrom};
+
+use crate::apply::{self, Applied, Errno, NodeTable};
+use crate::buffer::{AlignedBuf, Payload};
+use crate::inodes::{Inodes, Node};
+use crate::joint::{Joint, Local};
+use crate::link::PeerLink;
+use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Time, XattrValue};
+
+const TTL: Duration = Duration::from_secs(1);
+const MAX_WRITE: u32 = 1 << 20;
+const DIRECT_ALIGN: u64 = 512;
+
+fn fuse_err(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.raw_os_error())
+}
+
+/// An open file.
+#[derive(Debug)]
+struct Handle {
+    node: Arc<Node>,
+    fd: OwnedFd,
+    /// Opened with O_DIRECT: aligned I/O goes to `fd`, the rest to a buffered twin.
+    direct: bool,
+    /// Opened with O_SYNC/O_DSYNC: every write is also synced on the peer.
+    sync: bool,
+    buffered: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+impl Handle {
+    fn buffered_fd(&self) -> Result<Arc<OwnedFd>, Errno> {
+        let mut slot = self.buffered.lock();
+        if let Some(fd) = slot.as_ref() {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(apply::reopen(self.node.fd.as_fd(), OFlags::RDWR)?);
+        *slot = Some(fd.clone());
+        Ok(fd)
+    }
+
+    fn io_fd(&self, offset: u64, len: usize) -> Result<IoFd<'_>, Errno> {
+        let aligned = offset % DIRECT_ALIGN == 0 && len as u64 % DIRECT_ALIGN == 0;
+        if !self.direct || aligned {
+            Ok(IoFd::Main(self.fd.as_fd()))
+        } else {
+            Ok(IoFd::Buffered(self.buffered_fd()?))
+        }
+    }
+}
+
+enum IoFd<'a> {
+    Main(BorrowedFd<'a>),
+    Buffered(Arc<OwnedFd>),
+}
+
+impl IoFd<'_> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            IoFd::Main(fd) => *fd,
+            IoFd::Buffered(fd) => fd.as_fd(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DirItem {
+    name: Vec<u8>,
+    ino: u64,
+    kind: fuser::FileType,
+}
+
+/// The replicated filesystem.
+#[derive(Debug)]
+pub struct ReplicatedFs {
+    inodes: Inodes,
+    link: PeerLink,
+    namespace: RwLock<()>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, (Arc<Vec<DirItem>>, Arc<OwnedFd>)>>,
+    next_fh: AtomicU64,
+}
+
+fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn to_time(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (sec, nsec) = if d.subsec_nanos() == 0 {
+                (-(d.as_secs() as i64), 0)
+            } else {
+                (-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+            };
+            Time { sec, nsec }
+        }
+    }
+}
+
+fn fuse_kind(kind: FileType) -> fuser::FileType {
+    match kind {
+        FileType::Directory => fuser::FileType::Directory,
+        FileType::Symlink => fuser::FileType::Symlink,
+        FileType::Fifo => fuser::FileType::NamedPipe,
+        FileType::Socket => fuser::FileType::Socket,
+        FileType::CharacterDevice => fuser::FileType::CharDevice,
+        FileType::BlockDevice => fuser::FileType::BlockDevice,
+        _ => fuser::FileType::RegularFile,
+    }
+}
+
+fn attr_of(id: NodeId, st: &rustix::fs::Stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(id),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: to_system_time(st.st_atime, st.st_atime_nsec as i64),
+        mtime: to_system_time(st.st_mtime, st.st_mtime_nsec as i64),
+        ctime: to_system_time(st.st_ctime, st.st_ctime_nsec as i64),
+        crtime: UNIX_EPOCH,
+        kind: fuse_kind(FileType::from_raw_mode(st.st_mode)),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn name_of(name: &OsStr) -> Result<Name, Errno> {
+    Name::new(name.as_bytes()).map_err(|_| Errno::INVAL)
+}
+
+/// `pread` until `buf` is full or end of file.
+fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Calls a size-probing syscall (getxattr, listxattr) twice: size, then content.
+fn read_sized(call: impl Fn(&mut [u8]) -> Result<usize, Errno>) -> Result<Vec<u8>, Errno> {
+    loop {
+        let size = call(&mut [])?;
+        let mut buf = vec![0u8; size];
+        match call(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // Grew between the two calls.
+            Err(Errno::RANGE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl ReplicatedFs {
+    pub fn new(root: OwnedFd, link: PeerLink) -> Result<Self, Errno> {
+        Ok(Self {
+            inodes: Inodes::new(root)?,
+            link,
+            namespace: RwLock::new(()),
+            handles: RwLock::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.read().get(&fh.0).cloned().ok_or(Errno::BADF)
+    }
+
+    fn entry_attr(&self, node: &Node) -> Result<FileAttr, Errno> {
+        let st = rustix::fs::fstat(node.fd.as_fd())?;
+        Ok(attr_of(node.id, &st))
+    }
+
+    /// Applies `op` locally, then queues it for the peer while `order` (the lock that
+    /// orders it) is still held, then waits for the peer.
+    fn replicate<G>(&self, op: Op, order: G) -> Result<Applied, Errno> {
+        self.link.wait_usable()?;
+        let applied = apply::apply(&self.inodes, &op)?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let what = format!("{op:?}");
+        let queued = self.link.submit(
+            op,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        drop(order);
+        if queued.is_err() {
+            self.link
+                .diverged(&format!("{what} applied locally, could not be replicated"));
+            return Err(Errno::IO);
+        }
+        match rx.recv() {
+            Ok(Ok(())) => Ok(applied),
+            Ok(Err(e)) => {
+                self.link.diverged(&format!(
+                    "{what} applied locally but failed on the peer: {e}"
+                ));
+                Err(Errno::IO)
+            }
+            Err(_) => Err(Errno::IO),
+        }
+    }
+
+    fn replicate_namespace(&self, op: Op) -> Result<Applied, Errno> {
+        let guard = self.namespace.write();
+        self.replicate(op, guard)
+    }
+
+    fn new_node(
+        &self,
+        req: &Request,
+        parent: &Node,
+        mode: u32,
+        umask: u32,
+        dir: bool,
+    ) -> Result<NewNode, Errno> {
+        let pst = rustix::fs::fstat(parent.fd.as_fd())?;
+        let setgid_parent = pst.st_mode & libc::S_ISGID != 0;
+        let mut mode = mode & !umask & 0o7777;
+        if setgid_parent && dir {
+            mode |= libc::S_ISGID;
+        }
+        Ok(NewNode {
+            id: self.inodes.allocate_id(),
+            mode,
+            uid: req.uid(),
+            gid: if setgid_parent { pst.st_gid } else { req.gid() },
+        })
+    }
+
+    fn create_entry(&self, op: Op, id: NodeId) -> Result<(Arc<Node>, FileAttr), Errno> {
+        self.replicate_namespace(op)?;
+        let node = self.inodes.get(id)?;
+        let attr = self.entry_attr(&node)?;
+        Ok((node, attr))
+    }
+
+    fn open_handle(&self, node: Arc<Node>, flags: i32) -> Result<(u64, FopenFlags), Errno> {
+        let direct = flags & libc::O_DIRECT != 0;
+        let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let mut oflags = match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => OFlags::RDONLY,
+            _ => OFlags::RDWR,
+        };
+        if direct {
+            oflags |= OFlags::DIRECT;
+        }
+        if sync {
+            oflags |= OFlags::DSYNC;
+        }
+        let fd = apply::reopen(node.fd.as_fd(), oflags)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(Handle {
+            node,
+            fd,
+            direct,
+            sync,
+            buffered: Mutex::new(None),
+        });
+        self.handles.write().insert(fh, handle);
+        let open_flags = if direct {
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else {
+            FopenFlags::empty()
+        };
+        Ok((fh, open_flags))
+    }
+
+    fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
+        let name = name_of(name)?;
+        let _ns = self.namespace.read();
+        let dir = self.inodes.get(parent.0)?;
+        let fd = apply::lookup_beneath(dir.fd.as_fd(), &name)?;
+        let st = rustix::fs::fstat(fd.as_fd())?;
+        let node = self.inodes.reference(fd, |id| {
+            self.link.submit_nowait(Op::Bind {
+                id,
+                parent: parent.0,
+                name: name.clone(),
+            })
+        })?;
+        Ok(attr_of(node.id, &st))
+    }
+
+    fn do_setattr(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> Result<FileAttr, Errno> {
+        let node = self.inodes.get(ino.0)?;
+        if let Some(size) = size {
+            let whole_file = node.ranges.lock(0, u64::MAX);
+            self.replicate(Op::Truncate { id: node.id, size }, whole_file)?;
+        }
+        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
+            let now = SystemTime::now();
+            let resolve = |t: Option<TimeOrNow>| {
+                t.map(|t| match t {
+                    TimeOrNow::SpecificTime(t) => to_time(t),
+                    TimeOrNow::Now => to_time(now),
+                })
+            };
+            self.replicate_namespace(Op::SetAttr {
+                id: node.id,
+                mode,
+                uid,
+                gid,
+                atime: resolve(atime),
+                mtime: resolve(mtime),
+            })?;
+        }
+        self.entry_attr(&node)
+    }
+
+    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let handle = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(fuse_err(e)),
+        };
+        let buf = Payload::Aligned(Arc::new(AlignedBuf::copy_from(data)));
+        let end = offset.saturating_add(data.len() as u64);
+        let id = handle.node.id;
+        let joint = Joint::new(
+            &self.link,
+            "write",
+            if handle.sync { 2 } else { 1 },
+            Box::new(move |r: Result<usize, Errno>| match r {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(fuse_err(e)),
+            }),
+        );
+        let order = handle.node.ranges.lock(offset, end);
+        let queued = self
+            .link
+            .submit(
+                Op::Write {
+                    id,
+                    offset,
+                    data: buf.clone(),
+                },
+                joint.remote(),
+            )
+            .and_then(|()| {
+                if handle.sync {
+                    self.link
+                        .submit(Op::Fsync { id, datasync: true }, joint.remote())
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = queued {
+            drop(order);
+            return joint.local(Local::NotApplied(e));
+        }
+        let written = handle.io_fd(offset, buf.len()).and_then(|io| {
+            match apply::write_all_at(io.fd(), &buf, offset) {
+                Err(Errno::INVAL) if handle.direct => {
+                    apply::write_all_at(handle.buffered_fd()?.as_fd(), &buf, offset)
+                }
+                other => other,
+            }
+        });
+        drop(order);
+        joint.local(Local::Applied(written));
+    }
+
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let handle = self.handle(fh)?;
+        let size = size as usize;
+        let io = handle.io_fd(offset, size)?;
+        if handle.direct && matches!(io, IoFd::Main(_)) {
+            let mut buf = AlignedBuf::zeroed(size);
+            match read_full(io.fd(), buf.as_mut_slice(), offset) {
+                Ok(n) => return Ok(buf[..n].to_vec()),
+                Err(Errno::INVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let fd = if handle.direct {
+            handle.buffered_fd()?
+        } else {
+            return {
+                let mut buf = vec![0u8; size];
+                let n = read_full(handle.fd.as_fd(), &mut buf, offset)?;
+                buf.truncate(n);
+                Ok(buf)
+            };
+        };
+        let mut buf = vec![0u8; size];
+        let n = read_full(fd.as_fd(), &mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn do_fsync(&self, id: NodeId, fd: Arc<OwnedFd>, datasync: bool, reply: ReplyEmpty) {
+        let joint = Joint::new(
+            &self.link,
+            "fsync",
+            1,
+            Box::new(move |r: Result<(), Errno>| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fuse_err(e)),
+            }),
+        );
+        if let Err(e) = self.link.submit(Op::Fsync { id, datasync }, joint.remote()) {
+            return joint.local(Local::NotApplied(e));
+        }
+        // Both nodes sync at the same time; the reply waits for the slower one.
+        let local = if datasync {
+            rustix::fs::fdatasync(fd.as_fd())
+        } else {
+            rustix::fs::fsync(fd.as_fd())
+        };
+        joint.local(Local::Applied(local));
+    }
+
+    fn do_opendir(&self, ino: INodeNo) -> Result<u64, Errno> {
+        let node = self.inodes.get(ino.0)?;
+        let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let mut items = Vec::new();
+        let mut dir = rustix::fs::Dir::read_from(fd.as_fd())?;
+        while let Some(entry) = dir.read() {
+            let entry = entry?;
+            items.push(DirItem {
+                name: entry.file_name().to_bytes().to_vec(),
+                ino: entry.ino(),
+                kind: fuse_kind(entry.file_type()),
+            });
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, (Arc::new(items), Arc::new(fd)));
+        Ok(fh)
+    }
+
+    fn xattr_reply(value: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
+        match value {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn node_proc_path(&self, ino: INodeNo) -> Result<String, Errno> {
+        Ok(apply::proc_path(self.inodes.get(ino.0)?.fd.as_fd()))
+    }
+}
+
+macro_rules! reply_with {
+    ($reply:ident, $result:expr, $ok:expr) => {
+        match $result {
+            Ok(v) => $ok($reply, v),
+            Err(e) => $reply.error(fuse_err(e)),
+        }
+    };
+}
+
+impl fuser::Filesystem for ReplicatedFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        for cap in [
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+        ] {
+            if config.add_capabilities(cap).is_err() {
+                tracing::debug!(?cap, "kernel lacks FUSE capability");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_with!(reply, self.do_lookup(parent, name), |r: ReplyEntry, a| r
+            .entry(&TTL, &a, Generation(0)))
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if self.inodes.release_refs(ino.0, nlookup) {
+            self.link.submit_nowait(Op::Forget { id: ino.0 });
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let attr = self.inodes.get(ino.0).and_then(|n| self.entry_attr(&n));
+        reply_with!(reply, attr, |r: ReplyAttr, a| r.attr(&TTL, &a))
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let attr = self.do_setattr(ino, mode, uid, gid, size, atime, mtime);
+        reply_with!(reply, attr, |r: ReplyAttr, a| r.attr(&TTL, &a))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let target = self
+            .inodes
+            .get(ino.0)
+            .and_then(|n| rustix::fs::readlinkat(n.fd.as_fd(), "", Vec::new()));
+        reply_with!(reply, target, |r: ReplyData, t: std::ffi::CString| r
+            .data(t.as_bytes()))
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            let name = name_of(name)?;
+            let dir = self.inodes.get(parent.0)?;
+            let kind = match FileType::from_raw_mode(mode) {
+                FileType::RegularFile => NodeKind::Regular,
+                FileType::Fifo => NodeKind::Fifo,
+                FileType::Socket => NodeKind::Socket,
+                FileType::CharacterDevice => NodeKind::CharDevice,
+                FileType::BlockDevice => NodeKind::BlockDevice,
+                _ => return Err(Errno::INVAL),
+            };
+            let node = self.new_node(req, &dir, mode, umask, false)?;
+            let op = Op::Create {
+                parent: parent.0,
+                name,
+                node,
+                kind,
+                rdev: u64::from(rdev),
+            };
+            self.create_entry(op, node.id).map(|(_, attr)| attr)
+        })();
+        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
+            &TTL,
+            &a,
+            Generation(0)
+        ))
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            let name = name_of(name)?;
+            let dir = self.inodes.get(parent.0)?;
+            let node = self.new_node(req, &dir, mode, umask, true)?;
+            let op = Op::Mkdir {
+                parent: parent.0,
+                name,
+                node,
+            };
+            self.create_entry(op, node.id).map(|(_, attr)| attr)
+        })();
+        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
+            &TTL,
+            &a,
+            Generation(0)
+        ))
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = name_of(name).and_then(|name| {
+            self.replicate_namespace(Op::Unlink {
+                parent: parent.0,
+                name,
+            })
+        });
+        reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = name_of(name).and_then(|name| {
+            self.replicate_namespace(Op::Rmdir {
+                parent: parent.0,
+                name,
+            })
+        });
+        reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            let name = name_of(link_name)?;
+            let target =
+                LinkTarget::new(target.as_os_str().as_bytes()).map_err(|_| Errno::INVAL)?;
+            let dir = self.inodes.get(parent.0)?;
+            let mut node = self.new_node(req, &dir, 0o777, 0, false)?;
+            node.mode = 0o777;
+            let op = Op::Symlink {
+                parent: parent.0,
+                name,
+                node,
+                target,
+            };
+            self.create_entry(op, node.id).map(|(_, attr)| attr)
+        })();
+        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
+            &TTL,
+            &a,
+            Generation(0)
+        ))
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = (|| {
+            self.replicate_namespace(Op::Rename {
+                parent: parent.0,
+                name: name_of(name)?,
+                new_parent: newparent.0,
+                new_name: name_of(newname)?,
+                flags: flags.bits(),
+            })
+        })();
+        reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            self.replicate_namespace(Op::Link {
+                id: ino.0,
+                parent: newparent.0,
+                name: name_of(newname)?,
+            })?;
+            self.inodes.add_reference(ino.0);
+            let node = self.inodes.get(ino.0)?;
+            self.entry_attr(&node)
+        })();
+        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
+            &TTL,
+            &a,
+            Generation(0)
+        ))
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let result = self
+            .inodes
+            .get(ino.0)
+            .and_then(|node| self.open_handle(node, flags.0));
+        reply_with!(reply, result, |r: ReplyOpen, (fh, f)| r
+            .opened(FileHandle(fh), f))
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        reply_with!(
+            reply,
+            self.do_read(fh, offset, size),
+            |r: ReplyData, d: Vec<u8>| r.data(&d)
+        )
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.do_write(fh, offset, data, reply);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.write().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.handle(fh) {
+            Ok(h) => {
+                let fd = match h.buffered_fd() {
+                    Ok(fd) => fd,
+                    Err(e) => return reply.error(fuse_err(e)),
+                };
+                self.do_fsync(h.node.id, fd, datasync, reply)
+            }
+            Err(e) => reply.error(fuse_err(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply_with!(reply, self.do_opendir(ino), |r: ReplyOpen, fh| r
+            .opened(FileHandle(fh), FopenFlags::empty()))
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some((items, _)) = self.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(item.ino),
+                i as u64 + 1,
+                item.kind,
+                OsStr::from_bytes(&item.name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.dirs.lock().get(&fh.0).cloned() {
+            Some((_, fd)) => self.do_fsync(ino.0, fd, datasync, reply),
+            None => reply.error(fuser::Errno::EBADF),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let stats = self
+            .inodes
+            .path_fd(crate::op::ROOT)
+            .and_then(|fd| rustix::fs::fstatvfs(fd.as_fd()));
+        reply_with!(reply, stats, |r: ReplyStatfs, s: rustix::fs::StatVfs| r
+            .statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32
+            ))
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let result = (|| {
+            self.replicate_namespace(Op::SetXattr {
+                id: ino.0,
+                name: name_of(name)?,
+                value: XattrValue::new(value).map_err(|_| Errno::TOOBIG)?,
+                flags: flags as u32,
+            })
+        })();
+        reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let value = self
+            .node_proc_path(ino)
+            .and_then(|p| read_sized(|buf| rustix::fs::getxattr(&p, name, buf)));
+        Self::xattr_reply(value, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let value = self
+            .node_proc_path(ino)
+            .and_then(|p| read_sized(|buf| rustix::fs::listxattr(&p, buf)));
+        Self::xattr_reply(value, size, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = name_of(name)
+            .and_then(|name| self.replicate_namespace(Op::RemoveXattr { id: ino.0, name }));
+        reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = (|| {
+            let name = name_of(name)?;
+            let dir = self.inodes.get(parent.0)?;
+            let node = self.new_node(req, &dir, mode, umask, false)?;
+            let op = Op::Create {
+                parent: parent.0,
+                name,
+                node,
+                kind: NodeKind::Regular,
+                rdev: 0,
+            };
+            let (node, attr) = self.create_entry(op, node.id)?;
+            let (fh, open_flags) = self.open_handle(node, flags)?;
+            Ok((attr, fh, open_flags))
+        })();
+        reply_with!(reply, result, |r: ReplyCreate, (a, fh, f)| r.created(
+            &TTL,
+            &a,
+            Generation(0),
+            FileHandle(fh),
+            f
+        ))
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.inodes.get(ino.0).and_then(|node| {
+            let keeps_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+            let end = if keeps_size {
+                offset.saturating_add(length)
+            } else {
+                u64::MAX
+            };
+            let order = node.ranges.lock(offset, end);
+            self.replicate(
+                Op::Fallocate {
+                    id: node.id,
+                    mode: mode as u32,
+                    offset,
+                    len: length,
+                },
+                order,
+            )
+        });
+        reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let result = self.handle(fh).and_then(|h| {
+            let pos = match whence {
+                libc::SEEK_DATA => SeekFrom::Data(offset as u64),
+                libc::SEEK_HOLE => SeekFrom::Hole(offset as u64),
+                libc::SEEK_SET => SeekFrom::Start(offset as u64),
+                libc::SEEK_END => SeekFrom::End(offset),
+                _ => return Err(Errno::INVAL),
+            };
+            let fd = h.buffered_fd()?;
+            rustix::fs::seek(fd.as_fd(), pos)
+        });
+        reply_with!(reply, result, |r: ReplyLseek, o: u64| r.offset(o as i64))
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let result = (|| {
+            let src = self.inodes.get(ino_in.0)?;
+            let dst = self.inodes.get(ino_out.0)?;
+            let len = len.min(u64::from(u32::MAX));
+            // Source and destination ranges are held so that no write slips between
+            // the local copy and its place in the stream; one lock per file.
+            let (_a, _b) = if src.id == dst.id {
+                let start = offset_in.min(offset_out);
+                let end = offset_in.max(offset_out).saturating_add(len);
+                (Some(dst.ranges.lock(start, end)), None)
+            } else if src.id < dst.id {
+                let a = src.ranges.lock(offset_in, offset_in.saturating_add(len));
+                (
+                    Some(a),
+                    Some(dst.ranges.lock(offset_out, offset_out.saturating_add(len))),
+                )
+            } else {
+                let b = dst.ranges.lock(offset_out, offset_out.saturating_add(len));
+                (
+                    Some(src.ranges.lock(offset_in, offset_in.saturating_add(len))),
+                    Some(b),
+                )
+            };
+            // The peer copies exactly what was copied here.
+            let src_fd = self.inodes.data_fd(src.id)?;
+            let dst_fd = self.inodes.data_fd(dst.id)?;
+            self.link.wait_usable()?;
+            let copied =
+                apply::copy_range(src_fd.as_fd(), offset_in, dst_fd.as_fd(), offset_out, len)?;
+            if copied == 0 {
+                return Ok(0);
+            }
+            self.replicate_applied(Op::CopyRange {
+                src: src.id,
+                src_offset: offset_in,
+                dst: dst.id,
+                dst_offset: offset_out,
+                len: copied,
+            })?;
+            Ok(copied)
+        })();
+        reply_with!(reply, result, |r: ReplyWrite, n: u64| r.written(n as u32))
+    }
+}
+
+impl ReplicatedFs {
+    /// Replicates an op that was already applied locally (its local effect decided
+    /// what it says, like the byte count of a copy).
+    fn replicate_applied(&self, op: Op) -> Result<(), Errno> {
+        let what = format!("{op:?}");
+        match self.link.submit_wait(op) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.link
+                    .diverged(&format!("{what} applied locally but not on the peer: {e}"));
+                Err(Errno::IO)
+            }
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The primary's replication link: one ordered stream of operations to the receiver,
+//! many in flight, each completed when the receiver's acknowledgement arrives.
+//!
+//! This is the one place that decides what a mutation does when the peer is gone:
+//! while the link is lost, submitters wait; when no acknowledgement has arrived for
+//! `lock_timeout` while work is outstanding, the link fails, every waiting operation
+//! fails with EIO, and so does every later one. Nothing is acknowledged that the peer
+//! does not have.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::{Condvar, Mutex};
+
+use crate::apply::Errno;
+use crate::key::ClusterKey;
+use crate::op::Op;
+use crate::wire::{self, FrameReader, FrameWriter, Message, WireError};
+
+/// Called once with the receiver's outcome of an operation.
+pub type Completion = Box<dyn FnOnce(Result<(), Errno>) + Send>;
+
+/// Bytes of write data allowed in flight before submitters wait.
+const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+/// An idle link sends a ping this often so the receiver can tell a live primary.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors establishing the link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to peer {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("peer {addr}: {source}")]
+    Protocol { addr: SocketAddr, source: WireError },
+    #[error("cannot start link thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Where the link stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    Connected,
+    /// The connection broke; operations wait (at most the lock timeout).
+    Lost,
+    /// Replication stopped for good; every mutation fails.
+    Failed(String),
+}
+
+struct Pending {
+    completion: Completion,
+    bytes: usize,
+}
+
+struct Shared {
+    state: LinkState,
+    next_seq: u64,
+    pending: HashMap<u64, Pending>,
+    inflight_bytes: usize,
+    waiters: usize,
+    /// Start of the current period without progress while work is outstanding.
+    stall_since: Instant,
+}
+
+impl Shared {
+    fn busy(&self) -> bool {
+        !self.pending.is_empty() || self.waiters > 0
+    }
+}
+
+enum Outgoing {
+    Op { seq: u64, op: Op },
+    Stop,
+}
+
+/// Called when the link fails with operations whose outcome on the peer is unknown.
+pub type DivergenceHook = Box<dyn Fn(&str) + Send + Sync>;
+
+struct Inner {
+    shared: Mutex<Shared>,
+    changed: Condvar,
+    tx: Sender<Outgoing>,
+    lock_timeout: Duration,
+    stream: TcpStream,
+    on_divergence: DivergenceHook,
+}
+
+/// Handle to the replication link; cheap to clone.
+#[derive(Clone)]
+pub struct PeerLink {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PeerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerLink({:?})", self.state())
+    }
+}
+
+/// The link's threads, joined on shutdown.
+#[derive(Debug)]
+pub struct LinkThreads {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl PeerLink {
+    /// Connects to the receiver, authenticates both ways and starts the link threads.
+    pub fn connect(
+        addr: SocketAddr,
+        key: &ClusterKey,
+        lock_timeout: Duration,
+        on_divergence: DivergenceHook,
+    ) -> Result<(PeerLink, LinkThreads), LinkError> {
+        let protocol = |source| LinkError::Protocol { addr, source };
+        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            .map_err(|source| LinkError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_read_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(|e| protocol(e.into()))?;
+        let keys = wire::client_handshake(&mut stream, key).map_err(protocol)?;
+        let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
+        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
+        match reader.recv().map_err(protocol)? {
+            Message::Welcome => {}
+            Message::Refused { reason } => return Err(protocol(WireError::Refused(reason))),
+            other => {
+                return Err(protocol(WireError::Malformed(format!(
+                    "expected Welcome, got {other:?}"
+                ))))
+            }
+        }
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| protocol(e.into()))?;
+        let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
+        let writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
+
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let link = PeerLink {
+            inner: Arc::new(Inner {
+                shared: Mutex::new(Shared {
+                    state: LinkState::Connected,
+                    next_seq: 1,
+                    pending: HashMap::new(),
+                    inflight_bytes: 0,
+                    waiters: 0,
+                    stall_since: Instant::now(),
+                }),
+                changed: Condvar::new(),
+                tx,
+                lock_timeout,
+                stream,
+                on_divergence,
+            }),
+        };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(LinkError::Thread)
+        };
+        let (l1, l2, l3) = (link.clone(), link.clone(), link.clone());
+        let handles = vec![
+            spawn("link-send", Box::new(move || l1.send_loop(writer, rx)))?,
+            spawn("link-acks", Box::new(move || l2.ack_loop(reader)))?,
+            spawn("link-watchdog", Box::new(move || l3.watchdog_loop()))?,
+        ];
+        tracing::info!(%addr, "connected to peer");
+        Ok((link, LinkThreads { handles }))
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.inner.shared.lock().state.clone()
+    }
+
+    /// Queues `op` for the peer; `completion` receives the peer's outcome. Waits while
+    /// the link is lost or too much data is in flight; fails with EIO once the link
+    /// has failed, before anything is applied.
+    pub fn submit(&self, op: Op, completion: Completion) -> Result<(), Errno> {
+        let bytes = op.data_len();
+        let mut shared = self.inner.shared.lock();
+        loop {
+            let room =
+                shared.inflight_bytes == 0 || shared.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
+            match shared.state {
+                LinkState::Failed(_) => return Err(Errno::IO),
+                LinkState::Connected if room => break,
+                _ => {
+                    if !shared.busy() {
+                        shared.stall_since = Instant::now();
+                    }
+                    shared.waiters += 1;
+                    self.inner
+                        .changed
+                        .wait_for(&mut shared, Duration::from_millis(100));
+                    shared.waiters -= 1;
+                }
+            }
+        }
+        self.enqueue(&mut shared, op, completion, bytes);
+        Ok(())
+    }
+
+    /// Waits while the link is lost; fails once it has failed. Called before a local
+    /// change that will be replicated, so that nothing is applied that cannot be.
+    pub fn wait_usable(&self) -> Result<(), Errno> {
+        let mut shared = self.inner.shared.lock();
+        loop {
+            match shared.state {
+                LinkState::Connected => return Ok(()),
+                LinkState::Failed(_) => return Err(Errno::IO),
+                LinkState::Lost => {
+                    if !shared.busy() {
+                        shared.stall_since = Instant::now();
+                    }
+                    shared.waiters += 1;
+                    self.inner
+                        .changed
+                        .wait_for(&mut shared, Duration::from_millis(100));
+                    shared.waiters -= 1;
+                }
+            }
+        }
+    }
+
+    /// Queues a bookkeeping op (no data) if the link is up; never waits. Used for
+    /// Bind/Forget, which only matter to a connected peer.
+    pub fn submit_nowait(&self, op: Op) {
+        let mut shared = self.inner.shared.lock();
+        if shared.state == LinkState::Connected {
+            let link = self.clone();
+            let what = format!("{op:?}");
+            let completion: Completion = Box::new(move |result| {
+                if let Err(errno) = result {
+                    link.diverged(&format!("peer failed {what}: {errno}"));
+                }
+            });
+            self.enqueue(&mut shared, op, completion, 0);
+        }
+    }
+
+    /// Submits `op` and waits for the peer's outcome.
+    pub fn submit_wait(&self, op: Op) -> Result<(), Errno> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.submit(
+            op,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        )?;
+        rx.recv().unwrap_or(Err(Errno::IO))
+    }
+
+    fn enqueue(&self, shared: &mut Shared, op: Op, completion: Completion, bytes: usize) {
+        let seq = shared.next_seq;
+        shared.next_seq += 1;
+        if !shared.busy() {
+            shared.stall_since = Instant::now();
+        }
+        shared.pending.insert(seq, Pending { completion, bytes });
+        shared.inflight_bytes += bytes;
+        // Sent while holding the lock: channel order is sequence order.
+        let _ = self.inner.tx.send(Outgoing::Op { seq, op });
+    }
+
+    /// The two nodes may now differ: record it and stop replicating.
+    pub fn diverged(&self, reason: &str) {
+        tracing::error!(reason, "replicas diverged; the peer is outdated");
+        (self.inner.on_divergence)(reason);
+        self.fail(reason.to_string());
+    }
+
+    /// Stops the link: pending and later operations fail.
+    pub fn fail(&self, reason: String) {
+        let pending = {
+            let mut shared = self.inner.shared.lock();
+            if matches!(shared.state, LinkState::Failed(_)) {
+                return;
+            }
+            shared.state = LinkState::Failed(reason);
+            shared.inflight_bytes = 0;
+            std::mem::take(&mut shared.pending)
+        };
+        self.inner.changed.notify_all();
+        let _ = self.inner.stream.shutdown(Shutdown::Both);
+        for (_, p) in pending {
+            (p.completion)(Err(Errno::IO));
+        }
+    }
+
+    /// Ends the link threads (on unmount).
+    pub fn shutdown(&self, threads: LinkThreads) {
+        self.fail("shut down".into());
+        let _ = self.inner.tx.send(Outgoing::Stop);
+        for handle in threads.handles {
+            let _ = handle.join();
+        }
+    }
+
+    fn lost(&self, why: &str) {
+        let mut shared = self.inner.shared.lock();
+        if shared.state == LinkState::Connected {
+            tracing::error!(
+                why,
+                "replication link lost; writes wait for the lock timeout"
+            );
+            shared.state = LinkState::Lost;
+            if shared.busy() {
+                // Progress stopped when the link did, not when the last ack came.
+                shared.stall_since = shared.stall_since.max(Instant::now());
+            }
+        }
+        drop(shared);
+        self.inner.changed.notify_all();
+    }
+
+    fn send_loop(&self, mut writer: FrameWriter<BufWriter<TcpStream>>, rx: Receiver<Outgoing>) {
+        loop {
+            let first = match rx.recv_timeout(PING_INTERVAL) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = writer.send(&Message::Ping).and_then(|()| writer.flush()) {
+                        self.lost(&e.to_string());
+                        return;
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut next = Some(first);
+            // Drain what is queued, then flush once: natural batching under load.
+            while let Some(msg) = next {
+                let Outgoing::Op { seq, op } = msg else {
+                    return;
+                };
+                if let Err(e) = writer.send(&Message::Op { seq, op }) {
+                    self.lost(&e.to_string());
+                    return;
+                }
+                next = rx.try_recv().ok();
+            }
+            if let Err(e) = writer.flush() {
+                self.lost(&e.to_string());
+                return;
+            }
+        }
+    }
+
+    fn ack_loop(&self, mut reader: FrameReader<BufReader<TcpStream>>) {
+        loop {
+            let acks = match reader.recv() {
+                Ok(Message::Acks(acks)) => acks,
+                Ok(Message::Ping) => continue,
+                Ok(other) => {
+                    self.lost(&format!("unexpected message from receiver: {other:?}"));
+                    return;
+                }
+                Err(e) => {
+                    self.lost(&e.to_string());
+                    return;
+                }
+            };
+            let mut done = Vec::with_capacity(acks.len());
+            {
+                let mut shared = self.inner.shared.lock();
+                for ack in acks {
+                    if let Some(p) = shared.pending.remove(&ack.seq) {
+                        shared.inflight_bytes -= p.bytes;
+                        let result = if ack.errno == 0 {
+                            Ok(())
+                        } else {
+                            Err(Errno::from_raw_os_error(ack.errno))
+                        };
+                        done.push((p.completion, result));
+                    }
+                }
+                shared.stall_since = Instant::now();
+            }
+            self.inner.changed.notify_all();
+            for (completion, result) in done {
+                completion(result);
+            }
+        }
+    }
+
+    fn watchdog_loop(&self) {
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let shared = self.inner.shared.lock();
+            if matches!(shared.state, LinkState::Failed(_)) {
+                return;
+            }
+            if shared.busy() && shared.stall_since.elapsed() >= self.inner.lock_timeout {
+                let unknown = shared.pending.len();
+                drop(shared);
+                let reason = format!(
+                    "no acknowledgement from the peer for {} ms",
+                    self.inner.lock_timeout.as_millis()
+                );
+                tracing::error!("{reason}; failing {unknown} operations with EIO");
+                if unknown > 0 {
+                    self.diverged(&format!("{reason} with {unknown} operations in flight"));
+                } else {
+                    self.fail(reason);
+                }
+            }
+        }
+    }
+}

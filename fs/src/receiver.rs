@@ -1,0 +1,328 @@
+//! The secondary's receiver: accepts one authenticated primary at a time and applies
+//! its ordered operation stream to the replicated directory.
+//!
+//! A connection that fails authentication, speaks garbage or sends a frame that does
+//! not decode (including names that would leave the directory) is logged and
+//! dropped; nothing of that frame is applied and the current primary's session goes
+//! on.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver as ChannelRx, Sender};
+use parking_lot::Mutex;
+use rustix::fs::{FileType, OFlags};
+
+use crate::apply::{self, Applied, Errno, NodeTable};
+use crate::key::ClusterKey;
+use crate::op::{NodeId, Op, ROOT};
+use crate::wire::{self, Ack, FrameReader, FrameWriter, Message, WireError};
+
+/// How long the receiver waits for a frame before it considers the primary gone.
+/// The primary pings every second when idle.
+const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const FSYNC_WORKERS: usize = 4;
+
+/// Errors starting the receiver.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open backing directory: {0}")]
+    Backing(std::io::Error),
+}
+
+#[derive(Debug)]
+struct Entry {
+    path: Arc<OwnedFd>,
+    data: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+/// The receiver's map from the primary's node ids to its own descriptors.
+#[derive(Debug)]
+struct SessionTable {
+    nodes: Mutex<HashMap<NodeId, Arc<Entry>>>,
+}
+
+impl SessionTable {
+    fn new(root: Arc<OwnedFd>) -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT,
+            Arc::new(Entry {
+                path: root,
+                data: Mutex::new(None),
+            }),
+        );
+        Self {
+            nodes: Mutex::new(nodes),
+        }
+    }
+
+    fn entry(&self, id: NodeId) -> Result<Arc<Entry>, Errno> {
+        // An id the primary never bound is a protocol error on its side, or a
+        // divergence: report it, never guess.
+        self.nodes.lock().get(&id).cloned().ok_or(Errno::STALE)
+    }
+}
+
+impl NodeTable for SessionTable {
+    fn path_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>, Errno> {
+        Ok(self.entry(id)?.path.clone())
+    }
+
+    fn data_fd(&self, id: NodeId) -> Result<Arc<OwnedFd>, Errno> {
+        let entry = self.entry(id)?;
+        let mut data = entry.data.lock();
+        if let Some(fd) = data.as_ref() {
+            return Ok(fd.clone());
+        }
+        let st = rustix::fs::fstat(entry.path.as_fd())?;
+        let flags = match FileType::from_raw_mode(st.st_mode) {
+            FileType::RegularFile => OFlags::RDWR,
+            FileType::Directory => OFlags::RDONLY | OFlags::DIRECTORY,
+            _ => return Err(Errno::INVAL),
+        };
+        let fd = Arc::new(apply::reopen(entry.path.as_fd(), flags)?);
+        *data = Some(fd.clone());
+        Ok(fd)
+    }
+
+    fn bind(&self, id: NodeId, fd: OwnedFd) -> Result<(), Errno> {
+        let entry = Arc::new(Entry {
+            path: Arc::new(fd),
+            data: Mutex::new(None),
+        });
+        self.nodes.lock().insert(id, entry);
+        Ok(())
+    }
+
+    fn forget(&self, id: NodeId) {
+        if id != ROOT {
+            self.nodes.lock().remove(&id);
+        }
+    }
+}
+
+/// A listening receiver for one replicated directory.
+#[derive(Debug)]
+pub struct ReceiverServer {
+    listener: TcpListener,
+    root: Arc<OwnedFd>,
+    key: ClusterKey,
+    busy: Arc<AtomicBool>,
+}
+
+impl ReceiverServer {
+    /// Binds the listening socket. `root` is the directory descriptor, opened before
+    /// the directory was made read-only for everyone else.
+    pub fn bind(addr: SocketAddr, root: OwnedFd, key: ClusterKey) -> Result<Self, ReceiverError> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| ReceiverError::Listen { addr, source })?;
+        Ok(Self {
+            listener,
+            root: Arc::new(root),
+            key,
+            busy: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves connections until `stop` becomes true.
+    pub fn serve(&self, stop: &AtomicBool) -> std::io::Result<()> {
+        self.listener.set_nonblocking(true)?;
+        while !stop.load(Ordering::Relaxed) {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let root = self.root.clone();
+                    let key = self.key.clone();
+                    let busy = self.busy.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("recv-{peer}"))
+                        .spawn(move || handle_connection(stream, peer, root, key, busy));
+                    if let Err(e) = spawned {
+                        tracing::error!(%peer, "cannot start connection thread: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Releases the single-session slot when the session ends, however it ends.
+struct SessionSlot(Arc<AtomicBool>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn handle_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    root: Arc<OwnedFd>,
+    key: ClusterKey,
+    busy: Arc<AtomicBool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let keys = match wire::server_handshake(&mut stream, &key) {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!(%peer, "rejected connection: {e}");
+            return;
+        }
+    };
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 16, write_half), keys.send);
+    if busy.swap(true, Ordering::SeqCst) {
+        tracing::warn!(%peer, "refused a second primary while one is connected");
+        let refusal = Message::Refused {
+            reason: "this receiver already serves a primary".into(),
+        };
+        let _ = writer.send(&refusal).and_then(|()| writer.flush());
+        return;
+    }
+    let _slot = SessionSlot(busy);
+    if let Err(e) = writer.send(&Message::Welcome).and_then(|()| writer.flush()) {
+        tracing::warn!(%peer, "session ended before it started: {e}");
+        return;
+    }
+    tracing::info!(%peer, "primary connected");
+    let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
+    let reader = FrameReader::new(BufReader::with_capacity(4 << 20, stream), keys.recv);
+    match run_session(reader, writer, root) {
+        Ok(()) => tracing::info!(%peer, "primary disconnected"),
+        Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),
+    }
+}
+
+fn run_session(
+    mut reader: FrameReader<BufReader<TcpStream>>,
+    writer: FrameWriter<BufWriter<TcpStream>>,
+    root: Arc<OwnedFd>,
+) -> Result<(), WireError> {
+    let table = Arc::new(SessionTable::new(root));
+    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
+    let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Arc<OwnedFd>, bool)>();
+    let mut threads = Vec::new();
+    let ack_thread = std::thread::Builder::new()
+        .name("recv-acks".into())
+        .spawn(move || ack_loop(writer, ack_rx))?;
+    for _ in 0..FSYNC_WORKERS {
+        let rx = sync_rx.clone();
+        let acks = ack_tx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("recv-fsync".into())
+                .spawn(move || fsync_loop(rx, acks))?,
+        );
+    }
+    drop(sync_rx);
+
+    let mut expected = 1u64;
+    let result = loop {
+        let msg = match reader.recv() {
+            Ok(msg) => msg,
+            Err(WireError::Closed) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        let (seq, op) = match msg {
+            Message::Op { seq, op } => (seq, op),
+            Message::Ping => continue,
+            other => {
+                break Err(WireError::Malformed(format!(
+                    "unexpected message from primary: {other:?}"
+                )))
+            }
+        };
+        if seq != expected {
+            break Err(WireError::Malformed(format!(
+                "operation {seq} out of order, expected {expected}"
+            )));
+        }
+        expected += 1;
+        if let Op::Fsync { id, datasync } = op {
+            // Off the apply path: later operations need not wait for the disk.
+            match table.data_fd(id) {
+                Ok(fd) => {
+                    let _ = sync_tx.send((seq, fd, datasync));
+                }
+                Err(errno) => {
+                    let _ = ack_tx.send(ack(seq, Err(errno)));
+                }
+            }
+            continue;
+        }
+        let outcome = match (apply::apply(table.as_ref(), &op), &op) {
+            // The primary sends the byte count it copied; anything else differs.
+            (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => Err(Errno::IO),
+            (outcome, _) => outcome,
+        };
+        if let Err(errno) = outcome {
+            tracing::warn!(seq, ?op, %errno, "operation failed on the secondary");
+        }
+        let _ = ack_tx.send(ack(seq, outcome.map(|_: Applied| ())));
+    };
+    drop(sync_tx);
+    for t in threads {
+        let _ = t.join();
+    }
+    drop(ack_tx);
+    let _ = ack_thread.join();
+    result
+}
+
+fn ack(seq: u64, outcome: Result<(), Errno>) -> Ack {
+    Ack {
+        seq,
+        errno: outcome.err().map_or(0, |e| e.raw_os_error()),
+    }
+}
+
+fn fsync_loop(rx: ChannelRx<(u64, Arc<OwnedFd>, bool)>, acks: Sender<Ack>) {
+    for (seq, fd, datasync) in rx {
+        let result = if datasync {
+            rustix::fs::fdatasync(fd.as_fd())
+        } else {
+            rustix::fs::fsync(fd.as_fd())
+        };
+        let _ = acks.send(ack(seq, result));
+    }
+}
+
+fn ack_loop(mut writer: FrameWriter<BufWriter<TcpStream>>, rx: ChannelRx<Ack>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter().take(4095));
+        if writer
+            .send(&Message::Acks(batch))
+            .and_then(|()| writer.flush())
+            .is_err()
+        {
+            // The reader notices the broken connection and ends the session.
+            return;
+        }
+    }
+}
