@@ -209,6 +209,17 @@ fn is_symlink(fd: BorrowedFd<'_>) -> Result<bool, Errno> {
     Ok(FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
 }
 
+/// The node for an xattr change, reached through its magic /proc link. That link would
+/// lead on through a symlink, so symlinks are refused (Linux allows no user xattrs on
+/// them anyway).
+fn xattr_target(table: &dyn NodeTable, id: NodeId) -> Result<Arc<OwnedFd>, Errno> {
+    let fd = table.path_fd(id)?;
+    if is_symlink(fd.as_fd())? {
+        return Err(Errno::PERM);
+    }
+    Ok(fd)
+}
+
 /// Applies one operation to the directory behind `table`.
 pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
     match op {
@@ -351,7 +362,7 @@ pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
             value,
             flags,
         } => {
-            let fd = table.path_fd(*id)?;
+            let fd = xattr_target(table, *id)?;
             rustix::fs::setxattr(
                 proc_path(fd.as_fd()),
                 name.as_os_str(),
@@ -360,7 +371,7 @@ pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
             )?;
         }
         Op::RemoveXattr { id, name } => {
-            let fd = table.path_fd(*id)?;
+            let fd = xattr_target(table, *id)?;
             rustix::fs::removexattr(proc_path(fd.as_fd()), name.as_os_str())?;
         }
         Op::Fsync { id, datasync } => {

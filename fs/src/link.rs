@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use crate::apply::Errno;
@@ -68,6 +67,9 @@ struct Shared {
     waiters: usize,
     /// Start of the current period without progress while work is outstanding.
     stall_since: Instant,
+    /// Frames in sequence order, waiting for whoever holds the writer.
+    outbox: Vec<Message>,
+    last_send: Instant,
 }
 
 impl Shared {
@@ -76,18 +78,15 @@ impl Shared {
     }
 }
 
-enum Outgoing {
-    Op { seq: u64, op: Op },
-    Stop,
-}
-
 /// Called when the link fails with operations whose outcome on the peer is unknown.
 pub type DivergenceHook = Box<dyn Fn(&str) + Send + Sync>;
 
 struct Inner {
     shared: Mutex<Shared>,
     changed: Condvar,
-    tx: Sender<Outgoing>,
+    /// Taken by one submitter at a time to write out the whole outbox (flat
+    /// combining: no hand-off to a sender thread on the latency path).
+    writer: Mutex<FrameWriter<BufWriter<TcpStream>>>,
     lock_timeout: Duration,
     stream: TcpStream,
     on_divergence: DivergenceHook,
@@ -144,7 +143,6 @@ impl PeerLink {
         let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
         let writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
 
-        let (tx, rx) = crossbeam_channel::unbounded();
         let link = PeerLink {
             inner: Arc::new(Inner {
                 shared: Mutex::new(Shared {
@@ -154,9 +152,11 @@ impl PeerLink {
                     inflight_bytes: 0,
                     waiters: 0,
                     stall_since: Instant::now(),
+                    outbox: Vec::new(),
+                    last_send: Instant::now(),
                 }),
                 changed: Condvar::new(),
-                tx,
+                writer: Mutex::new(writer),
                 lock_timeout,
                 stream,
                 on_divergence,
@@ -170,7 +170,7 @@ impl PeerLink {
         };
         let (l1, l2, l3) = (link.clone(), link.clone(), link.clone());
         let handles = vec![
-            spawn("link-send", Box::new(move || l1.send_loop(writer, rx)))?,
+            spawn("link-ping", Box::new(move || l1.ping_loop()))?,
             spawn("link-acks", Box::new(move || l2.ack_loop(reader)))?,
             spawn("link-watchdog", Box::new(move || l3.watchdog_loop()))?,
         ];
@@ -207,6 +207,8 @@ impl PeerLink {
             }
         }
         self.enqueue(&mut shared, op, completion, bytes);
+        drop(shared);
+        self.pump();
         Ok(())
     }
 
@@ -245,6 +247,8 @@ impl PeerLink {
                 }
             });
             self.enqueue(&mut shared, op, completion, 0);
+            drop(shared);
+            self.pump();
         }
     }
 
@@ -268,8 +272,53 @@ impl PeerLink {
         }
         shared.pending.insert(seq, Pending { completion, bytes });
         shared.inflight_bytes += bytes;
-        // Sent while holding the lock: channel order is sequence order.
-        let _ = self.inner.tx.send(Outgoing::Op { seq, op });
+        // Queued while holding the lock: outbox order is sequence order.
+        shared.outbox.push(Message::Op { seq, op });
+    }
+
+    /// Writes out the outbox unless another thread is already doing so (it will pick
+    /// up what we queued). Never holds the shared lock while writing to the socket.
+    fn pump(&self) {
+        loop {
+            let Some(mut writer) = self.inner.writer.try_lock() else {
+                return;
+            };
+            let mut wrote = false;
+            loop {
+                let batch = {
+                    let mut shared = self.inner.shared.lock();
+                    if shared.state != LinkState::Connected {
+                        shared.outbox.clear();
+                        return;
+                    }
+                    shared.last_send = Instant::now();
+                    std::mem::take(&mut shared.outbox)
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for msg in &batch {
+                    if let Err(e) = writer.send(msg) {
+                        drop(writer);
+                        self.lost(&e.to_string());
+                        return;
+                    }
+                }
+                wrote = true;
+            }
+            if wrote {
+                if let Err(e) = writer.flush() {
+                    drop(writer);
+                    self.lost(&e.to_string());
+                    return;
+                }
+            }
+            drop(writer);
+            // Something queued between our last look and the unlock would be stranded.
+            if self.inner.shared.lock().outbox.is_empty() {
+                return;
+            }
+        }
     }
 
     /// The two nodes may now differ: record it and stop replicating.
@@ -300,7 +349,6 @@ impl PeerLink {
     /// Ends the link threads (on unmount).
     pub fn shutdown(&self, threads: LinkThreads) {
         self.fail("shut down".into());
-        let _ = self.inner.tx.send(Outgoing::Stop);
         for handle in threads.handles {
             let _ = handle.join();
         }
@@ -323,35 +371,22 @@ impl PeerLink {
         self.inner.changed.notify_all();
     }
 
-    fn send_loop(&self, mut writer: FrameWriter<BufWriter<TcpStream>>, rx: Receiver<Outgoing>) {
+    fn ping_loop(&self) {
         loop {
-            let first = match rx.recv_timeout(PING_INTERVAL) {
-                Ok(msg) => msg,
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = writer.send(&Message::Ping).and_then(|()| writer.flush()) {
-                        self.lost(&e.to_string());
-                        return;
-                    }
+            std::thread::sleep(PING_INTERVAL / 4);
+            {
+                let mut shared = self.inner.shared.lock();
+                match shared.state {
+                    LinkState::Failed(_) => return,
+                    LinkState::Lost => continue,
+                    LinkState::Connected => {}
+                }
+                if shared.last_send.elapsed() < PING_INTERVAL || !shared.outbox.is_empty() {
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => return,
-            };
-            let mut next = Some(first);
-            // Drain what is queued, then flush once: natural batching under load.
-            while let Some(msg) = next {
-                let Outgoing::Op { seq, op } = msg else {
-                    return;
-                };
-                if let Err(e) = writer.send(&Message::Op { seq, op }) {
-                    self.lost(&e.to_string());
-                    return;
-                }
-                next = rx.try_recv().ok();
+                shared.outbox.push(Message::Ping);
             }
-            if let Err(e) = writer.flush() {
-                self.lost(&e.to_string());
-                return;
-            }
+            self.pump();
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver as ChannelRx, Sender};
+use crossbeam_channel::Receiver as ChannelRx;
 use parking_lot::Mutex;
 use rustix::fs::{FileType, OFlags};
 
@@ -218,31 +218,61 @@ fn handle_connection(
     }
 }
 
+type SharedWriter = Arc<Mutex<FrameWriter<BufWriter<TcpStream>>>>;
+
+/// Acks owed to the primary, sent when the input runs dry or the batch grows.
+struct AckBatch {
+    acks: Vec<Ack>,
+    bytes: usize,
+}
+
+impl AckBatch {
+    const MAX_ACKS: usize = 256;
+    const MAX_BYTES: usize = 1 << 20;
+
+    fn send(&mut self, writer: &SharedWriter) -> Result<(), WireError> {
+        if self.acks.is_empty() {
+            return Ok(());
+        }
+        let acks = std::mem::take(&mut self.acks);
+        self.bytes = 0;
+        let mut w = writer.lock();
+        w.send(&Message::Acks(acks))?;
+        w.flush()
+    }
+}
+
 fn run_session(
     mut reader: FrameReader<BufReader<TcpStream>>,
     writer: FrameWriter<BufWriter<TcpStream>>,
     root: Arc<OwnedFd>,
 ) -> Result<(), WireError> {
     let table = Arc::new(SessionTable::new(root));
-    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
+    let writer: SharedWriter = Arc::new(Mutex::new(writer));
     let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Arc<OwnedFd>, bool)>();
     let mut threads = Vec::new();
-    let ack_thread = std::thread::Builder::new()
-        .name("recv-acks".into())
-        .spawn(move || ack_loop(writer, ack_rx))?;
     for _ in 0..FSYNC_WORKERS {
         let rx = sync_rx.clone();
-        let acks = ack_tx.clone();
+        let w = writer.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("recv-fsync".into())
-                .spawn(move || fsync_loop(rx, acks))?,
+                .spawn(move || fsync_loop(rx, w))?,
         );
     }
     drop(sync_rx);
 
+    let mut batch = AckBatch {
+        acks: Vec::new(),
+        bytes: 0,
+    };
     let mut expected = 1u64;
     let result = loop {
+        if reader.buffered() == 0 {
+            if let Err(e) = batch.send(&writer) {
+                break Err(e);
+            }
+        }
         let msg = match reader.recv() {
             Ok(msg) => msg,
             Err(WireError::Closed) => break Ok(()),
@@ -263,35 +293,48 @@ fn run_session(
             )));
         }
         expected += 1;
-        if let Op::Fsync { id, datasync } = op {
-            // Off the apply path: later operations need not wait for the disk.
+        let outcome = if let Op::Fsync { id, datasync } = op {
             match table.data_fd(id) {
-                Ok(fd) => {
+                // More input waiting: sync off the apply path so later operations
+                // need not wait for the disk.
+                Ok(fd) if reader.buffered() > 0 => {
                     let _ = sync_tx.send((seq, fd, datasync));
+                    continue;
                 }
-                Err(errno) => {
-                    let _ = ack_tx.send(ack(seq, Err(errno)));
-                }
+                Ok(fd) => sync(&fd, datasync),
+                Err(errno) => Err(errno),
             }
-            continue;
-        }
-        let outcome = match (apply::apply(table.as_ref(), &op), &op) {
-            // The primary sends the byte count it copied; anything else differs.
-            (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => Err(Errno::IO),
-            (outcome, _) => outcome,
+        } else {
+            batch.bytes += op.data_len();
+            match (apply::apply(table.as_ref(), &op), &op) {
+                // The primary sends the byte count it copied; anything else differs.
+                (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => Err(Errno::IO),
+                (outcome, _) => outcome.map(|_| ()),
+            }
         };
         if let Err(errno) = outcome {
-            tracing::warn!(seq, ?op, %errno, "operation failed on the secondary");
+            tracing::warn!(seq, %errno, "operation failed on the secondary");
         }
-        let _ = ack_tx.send(ack(seq, outcome.map(|_: Applied| ())));
+        batch.acks.push(ack(seq, outcome));
+        if batch.acks.len() >= AckBatch::MAX_ACKS || batch.bytes >= AckBatch::MAX_BYTES {
+            if let Err(e) = batch.send(&writer) {
+                break Err(e);
+            }
+        }
     };
     drop(sync_tx);
     for t in threads {
         let _ = t.join();
     }
-    drop(ack_tx);
-    let _ = ack_thread.join();
     result
+}
+
+fn sync(fd: &OwnedFd, datasync: bool) -> Result<(), Errno> {
+    if datasync {
+        rustix::fs::fdatasync(fd.as_fd())
+    } else {
+        rustix::fs::fsync(fd.as_fd())
+    }
 }
 
 fn ack(seq: u64, outcome: Result<(), Errno>) -> Ack {
@@ -301,26 +344,11 @@ fn ack(seq: u64, outcome: Result<(), Errno>) -> Ack {
     }
 }
 
-fn fsync_loop(rx: ChannelRx<(u64, Arc<OwnedFd>, bool)>, acks: Sender<Ack>) {
+fn fsync_loop(rx: ChannelRx<(u64, Arc<OwnedFd>, bool)>, writer: SharedWriter) {
     for (seq, fd, datasync) in rx {
-        let result = if datasync {
-            rustix::fs::fdatasync(fd.as_fd())
-        } else {
-            rustix::fs::fsync(fd.as_fd())
-        };
-        let _ = acks.send(ack(seq, result));
-    }
-}
-
-fn ack_loop(mut writer: FrameWriter<BufWriter<TcpStream>>, rx: ChannelRx<Ack>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter().take(4095));
-        if writer
-            .send(&Message::Acks(batch))
-            .and_then(|()| writer.flush())
-            .is_err()
-        {
+        let acks = Message::Acks(vec![ack(seq, sync(&fd, datasync))]);
+        let mut w = writer.lock();
+        if w.send(&acks).and_then(|()| w.flush()).is_err() {
             // The reader notices the broken connection and ends the session.
             return;
         }

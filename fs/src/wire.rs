@@ -288,6 +288,14 @@ impl<R: Read> std::fmt::Debug for FrameReader<R> {
     }
 }
 
+impl<R: Read> FrameReader<std::io::BufReader<R>> {
+    /// Bytes already read from the socket and not yet decoded: zero means the next
+    /// `recv` would block, so now is the time to send what we owe the peer.
+    pub fn buffered(&self) -> usize {
+        self.inner.buffer().len()
+    }
+}
+
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R, key: [u8; 32]) -> Self {
         Self {

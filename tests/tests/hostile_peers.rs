@@ -1,0 +1,216 @@
+//! A receiver facing clients that are not its primary: no key, garbage, a second
+//! primary, and a key holder sending names and symlinks that lead out of the
+//! directory. None of them may change anything outside the secondary's directory or
+//! stop it from serving the real primary.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use vmha_fs::key::ClusterKey;
+use vmha_fs::op::{Name, NewNode, NodeKind, Op, ROOT};
+use vmha_fs::wire::{self, FrameReader, FrameWriter, Message, WireError};
+use vmha_test_infra::pair::{Pair, PairOptions};
+
+fn connect(pair: &Pair) -> Result<TcpStream> {
+    let s = TcpStream::connect(("127.0.0.1", pair.port())).context("connect to secondary")?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+/// An authenticated session speaking the real protocol.
+struct Session {
+    writer: FrameWriter<TcpStream>,
+    reader: FrameReader<TcpStream>,
+    seq: u64,
+}
+
+impl Session {
+    fn open(pair: &Pair) -> Result<Result<Session, WireError>> {
+        let mut stream = connect(pair)?;
+        let key = ClusterKey::load(pair.key_file())?;
+        let keys = match wire::client_handshake(&mut stream, &key) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut reader = FrameReader::new(stream.try_clone()?, keys.recv);
+        match reader.recv() {
+            Ok(Message::Welcome) => {}
+            Ok(Message::Refused { reason }) => return Ok(Err(WireError::Refused(reason))),
+            Ok(other) => bail!("unexpected {other:?}"),
+            Err(e) => return Ok(Err(e)),
+        }
+        Ok(Ok(Session {
+            writer: FrameWriter::new(stream, keys.send),
+            reader,
+            seq: 0,
+        }))
+    }
+
+    /// Sends one op and returns the receiver's errno for it (0 = applied).
+    fn apply(&mut self, op: Op) -> Result<i32> {
+        self.seq += 1;
+        self.writer.send(&Message::Op { seq: self.seq, op })?;
+        self.writer.flush()?;
+        loop {
+            match self.reader.recv()? {
+                Message::Acks(acks) => {
+                    if let Some(a) = acks.iter().find(|a| a.seq == self.seq) {
+                        return Ok(a.errno);
+                    }
+                }
+                Message::Ping => {}
+                other => bail!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// True when the receiver closed the connection.
+    fn is_dropped(&mut self) -> bool {
+        matches!(self.reader.recv(), Err(_))
+    }
+}
+
+fn name(s: &str) -> Name {
+    Name::new(s.as_bytes()).expect("valid test name")
+}
+
+fn new_node(id: u64) -> NewNode {
+    NewNode {
+        id,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The same enum shapes as `Message::Op { op: Op::Bind { .. } }`, with a raw name, so
+/// the test can send what the validating `Name` type refuses to represent.
+#[derive(Serialize)]
+enum RawMessage {
+    _Welcome,
+    _Refused { reason: String },
+    Op { seq: u64, op: RawOp },
+}
+#[derive(Serialize)]
+enum RawOp {
+    Bind { id: u64, parent: u64, name: Vec<u8> },
+}
+
+#[test]
+fn hostile_clients_change_nothing_outside_and_the_primary_keeps_working() -> Result<()> {
+    let mut pair = Pair::prepare(PairOptions::default())?;
+    let root = pair.root().to_path_buf();
+    let outside = root.join("outside");
+    std::fs::create_dir(&outside)?;
+    // Symlinks already replicated into the secondary's directory, pointing out of it.
+    std::os::unix::fs::symlink(&outside, pair.secondary_backing().join("abs"))?;
+    std::os::unix::fs::symlink("../../outside", pair.secondary_backing().join("rel"))?;
+    pair.start_secondary()?;
+
+    // 1. A key holder sends names that would leave the directory: dropped, nothing applied.
+    for bad in [&b"../../outside/x"[..], b"..", b"/etc/passwd", b"a/b", b"x\0y"] {
+        let mut s = Session::open(&pair)?.context("handshake with the right key")?;
+        let meta = bincode::serde::encode_to_vec(
+            RawMessage::Op {
+                seq: 1,
+                op: RawOp::Bind {
+                    id: 7,
+                    parent: ROOT,
+                    name: bad.to_vec(),
+                },
+            },
+            bincode::config::standard(),
+        )?;
+        s.writer.send_raw(&meta, &[])?;
+        s.writer.flush()?;
+        assert!(s.is_dropped(), "receiver kept a session that sent {bad:?}");
+    }
+
+    // 2. A key holder going through replicated symlinks: every operation fails.
+    {
+        let mut s = Session::open(&pair)?.context("handshake")?;
+        for (id, link) in [(10, "abs"), (11, "rel")] {
+            assert_eq!(s.apply(Op::Bind { id, parent: ROOT, name: name(link) })?, 0);
+            let create = Op::Create {
+                parent: id,
+                name: name("x"),
+                node: new_node(id + 100),
+                kind: NodeKind::Regular,
+                rdev: 0,
+            };
+            assert_ne!(s.apply(create)?, 0, "create beneath symlink {link} succeeded");
+            let mkdir = Op::Mkdir { parent: id, name: name("d"), node: new_node(id + 200) };
+            assert_ne!(s.apply(mkdir)?, 0, "mkdir beneath symlink {link} succeeded");
+            let bind = Op::Bind { id: id + 300, parent: id, name: name("x") };
+            assert_ne!(s.apply(bind)?, 0, "lookup beneath symlink {link} succeeded");
+            let write = Op::Write { id, offset: 0, data: vmha_fs::buffer::Payload::default() };
+            assert_ne!(s.apply(write)?, 0, "write to symlink {link} succeeded");
+            let trunc = Op::Truncate { id, size: 0 };
+            assert_ne!(s.apply(trunc)?, 0, "truncate through symlink {link} succeeded");
+            let xattr = Op::SetXattr {
+                id,
+                name: name("user.x"),
+                value: vmha_fs::op::XattrValue::new(b"v".to_vec()).expect("small value"),
+                flags: 0,
+            };
+            assert_ne!(s.apply(xattr)?, 0, "xattr through symlink {link} succeeded");
+        }
+        // An id it never bound.
+        assert_ne!(s.apply(Op::Truncate { id: 999, size: 0 })?, 0);
+    }
+    assert!(entries(&outside).is_empty(), "outside changed: {:?}", entries(&outside));
+
+    // 3. The real primary connects and replicates while hostile clients keep trying.
+    pair.start_primary()?;
+    std::fs::write(pair.mount().join("before"), b"1")?;
+
+    let mut no_key = connect(&pair)?;
+    let wrong = ClusterKey::generate();
+    assert!(matches!(
+        wire::client_handshake(&mut no_key, &wrong),
+        Err(WireError::AuthFailed)
+    ));
+    let mut garbage = connect(&pair)?;
+    let _ = garbage.write_all(&[0x55u8; 4096]);
+    let mut sink = Vec::new();
+    let _ = garbage.read_to_end(&mut sink); // the receiver closes it
+    match Session::open(&pair)? {
+        Err(WireError::Refused(_)) => {}
+        Err(e) => bail!("second primary: unexpected error {e}"),
+        Ok(_) => bail!("a second primary was accepted while one is connected"),
+    }
+
+    // Through the mount: a symlink out of the directory, then a write "through" it.
+    // The primary's own kernel follows it locally; the secondary must not.
+    std::os::unix::fs::symlink("../pri-outside", pair.mount().join("esc"))?;
+    std::fs::create_dir_all(root.join("pri/pri-outside"))?;
+    std::fs::write(pair.mount().join("esc/x"), b"local only")?;
+    assert!(!root.join("sec/pri-outside").exists(), "secondary followed a symlink");
+
+    std::fs::write(pair.mount().join("after"), b"2")?;
+    assert_eq!(std::fs::read(pair.secondary_backing().join("before"))?, b"1");
+    assert_eq!(std::fs::read(pair.secondary_backing().join("after"))?, b"2");
+    assert_eq!(
+        std::fs::read_link(pair.secondary_backing().join("esc"))?,
+        Path::new("../pri-outside")
+    );
+    assert!(entries(&outside).is_empty(), "outside changed: {:?}", entries(&outside));
+    pair.stop()?;
+    Ok(())
+}
