@@ -85,12 +85,26 @@ impl IoFd<'_> {
     }
 }
 
+/// What a setattr request asks to change.
+struct AttrChange {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
 #[derive(Debug)]
 struct DirItem {
     name: Vec<u8>,
     ino: u64,
     kind: fuser::FileType,
 }
+
+/// An open directory: a snapshot of its entries (served by offset) and a descriptor
+/// for fsyncdir.
+type OpenDir = (Arc<Vec<DirItem>>, Arc<OwnedFd>);
 
 /// The replicated filesystem.
 #[derive(Debug)]
@@ -99,7 +113,7 @@ pub struct ReplicatedFs {
     link: PeerLink,
     namespace: RwLock<()>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
-    dirs: Mutex<HashMap<u64, (Arc<Vec<DirItem>>, Arc<OwnedFd>)>>,
+    dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
 }
 
@@ -329,16 +343,15 @@ impl ReplicatedFs {
         Ok(attr_of(node.id, &st))
     }
 
-    fn do_setattr(
-        &self,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-    ) -> Result<FileAttr, Errno> {
+    fn do_setattr(&self, ino: INodeNo, change: AttrChange) -> Result<FileAttr, Errno> {
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = change;
         let node = self.inodes.get(ino.0)?;
         if let Some(size) = size {
             let whole_file = node.ranges.lock(0, u64::MAX);
@@ -558,7 +571,15 @@ impl fuser::Filesystem for ReplicatedFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let attr = self.do_setattr(ino, mode, uid, gid, size, atime, mtime);
+        let change = AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        let attr = self.do_setattr(ino, change);
         reply_with!(reply, attr, |r: ReplyAttr, a| r.attr(&TTL, &a))
     }
 
@@ -966,6 +987,21 @@ impl fuser::Filesystem for ReplicatedFs {
             FileHandle(fh),
             f
         ))
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctl is meaningful here (and none may bypass replication).
+        reply.error(fuser::Errno::ENOTTY);
     }
 
     fn fallocate(

@@ -187,25 +187,10 @@ impl PeerLink {
     /// has failed, before anything is applied.
     pub fn submit(&self, op: Op, completion: Completion) -> Result<(), Errno> {
         let bytes = op.data_len();
-        let mut shared = self.inner.shared.lock();
-        loop {
-            let room =
-                shared.inflight_bytes == 0 || shared.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
-            match shared.state {
-                LinkState::Failed(_) => return Err(Errno::IO),
-                LinkState::Connected if room => break,
-                _ => {
-                    if !shared.busy() {
-                        shared.stall_since = Instant::now();
-                    }
-                    shared.waiters += 1;
-                    self.inner
-                        .changed
-                        .wait_for(&mut shared, Duration::from_millis(100));
-                    shared.waiters -= 1;
-                }
-            }
-        }
+        let mut shared = self.wait_until(|s| {
+            let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
+            s.state == LinkState::Connected && room
+        })?;
         self.enqueue(&mut shared, op, completion, bytes);
         drop(shared);
         self.pump();
@@ -215,23 +200,40 @@ impl PeerLink {
     /// Waits while the link is lost; fails once it has failed. Called before a local
     /// change that will be replicated, so that nothing is applied that cannot be.
     pub fn wait_usable(&self) -> Result<(), Errno> {
+        self.wait_until(|s| s.state == LinkState::Connected)
+            .map(drop)
+    }
+
+    /// Waits until `ready` holds (or the link fails). A waiter counts as outstanding
+    /// work for the lock timeout from the moment it starts waiting.
+    fn wait_until(
+        &self,
+        ready: impl Fn(&Shared) -> bool,
+    ) -> Result<parking_lot::MutexGuard<'_, Shared>, Errno> {
         let mut shared = self.inner.shared.lock();
-        loop {
-            match shared.state {
-                LinkState::Connected => return Ok(()),
-                LinkState::Failed(_) => return Err(Errno::IO),
-                LinkState::Lost => {
-                    if !shared.busy() {
-                        shared.stall_since = Instant::now();
-                    }
-                    shared.waiters += 1;
-                    self.inner
-                        .changed
-                        .wait_for(&mut shared, Duration::from_millis(100));
-                    shared.waiters -= 1;
-                }
+        let mut waiting = false;
+        let outcome = loop {
+            if matches!(shared.state, LinkState::Failed(_)) {
+                break Err(Errno::IO);
             }
+            if ready(&shared) {
+                break Ok(());
+            }
+            if !waiting {
+                if !shared.busy() {
+                    shared.stall_since = Instant::now();
+                }
+                shared.waiters += 1;
+                waiting = true;
+            }
+            self.inner
+                .changed
+                .wait_for(&mut shared, Duration::from_millis(100));
+        };
+        if waiting {
+            shared.waiters -= 1;
         }
+        outcome.map(|()| shared)
     }
 
     /// Queues a bookkeeping op (no data) if the link is up; never waits. Used for
@@ -323,6 +325,10 @@ impl PeerLink {
 
     /// The two nodes may now differ: record it and stop replicating.
     pub fn diverged(&self, reason: &str) {
+        if matches!(self.inner.shared.lock().state, LinkState::Failed(_)) {
+            // The first reason is the one worth keeping; later ones follow from it.
+            return;
+        }
         tracing::error!(reason, "replicas diverged; the peer is outdated");
         (self.inner.on_divergence)(reason);
         self.fail(reason.to_string());

@@ -4,6 +4,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
@@ -28,6 +31,8 @@ pub enum StateError {
 pub struct StateDir {
     path: PathBuf,
     _lock: File,
+    /// Serialises writers of the marker files.
+    writing: Mutex<()>,
 }
 
 impl StateDir {
@@ -36,11 +41,17 @@ impl StateDir {
             path: path.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(path).map_err(io)?;
+        // Explicit modes: the process runs with umask 0 (modes come from the kernel).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(io)?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(path.join(LOCK_FILE))
             .map_err(io)?;
         match rustix::fs::flock(lock.as_fd(), FlockOperation::NonBlockingLockExclusive) {
@@ -51,6 +62,7 @@ impl StateDir {
         Ok(Self {
             path: path.to_path_buf(),
             _lock: lock,
+            writing: Mutex::new(()),
         })
     }
 
@@ -59,7 +71,12 @@ impl StateDir {
     }
 
     /// Records durably that the peer's copy can no longer be trusted, and why.
+    /// The first reason is kept: later ones are consequences of it.
     pub fn mark_peer_outdated(&self, reason: &str) -> Result<(), StateError> {
+        let _one_writer = self.writing.lock();
+        if self.peer_outdated().is_some() {
+            return Ok(());
+        }
         self.write_atomically(PEER_OUTDATED, reason.as_bytes())
     }
 
@@ -75,7 +92,13 @@ impl StateDir {
             source,
         };
         let tmp = self.path.join(format!(".{name}.tmp"));
-        let mut file = File::create(&tmp).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
         file.write_all(content).map_err(io)?;
         file.sync_all().map_err(io)?;
         std::fs::rename(&tmp, self.path.join(name)).map_err(io)?;
@@ -101,6 +124,16 @@ mod tests {
         state
             .mark_peer_outdated("lost with 3 writes in flight")
             .unwrap();
+        state.mark_peer_outdated("a later consequence").unwrap();
+        let mode = |name: &str| {
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(dir.path().join(name))
+                    .unwrap()
+                    .permissions(),
+            ) & 0o777
+        };
+        assert_eq!(mode("lock"), 0o600);
+        assert_eq!(mode("peer-outdated"), 0o600);
         drop(state);
         let again = StateDir::open(dir.path()).unwrap();
         assert_eq!(

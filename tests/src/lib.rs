@@ -4,6 +4,7 @@
 
 pub mod aligned;
 pub mod bin;
+pub mod fsops;
 pub mod mounts;
 pub mod pair;
 pub mod proc;
@@ -14,4 +15,4 @@ pub use bin::vmha_fs_bin;
 pub use mounts::{is_mount_point, lazy_unmount_all, mounts_at_or_under, MountGuard};
 pub use pair::{Pair, PairOptions};
 pub use proc::Child;
-pub use tree::{diff, snapshot, Tree};
+pub use tree::{assert_same_tree, diff, snapshot, Tree};

@@ -70,7 +70,10 @@ pub fn keygen(bin: &Path, file: &Path) -> Result<()> {
         bail!("vmha-fs keygen failed ({st}): {}", c.stderr_text());
     }
     if !file.is_file() {
-        bail!("vmha-fs keygen exited 0 but {} is not a file", file.display());
+        bail!(
+            "vmha-fs keygen exited 0 but {} is not a file",
+            file.display()
+        );
     }
     Ok(())
 }
@@ -87,6 +90,14 @@ impl Pair {
     /// talk to it themselves, or that prepare the primary's backing dir first and then
     /// call [`Pair::start_primary`]).
     pub fn start_secondary_only(opts: PairOptions) -> Result<Self> {
+        let mut p = Self::prepare(opts)?;
+        p.start_secondary()?;
+        Ok(p)
+    }
+
+    /// Creates the directories and the key; starts nothing (fill the backing dirs,
+    /// then [`Pair::start_secondary`] and [`Pair::start_primary`]).
+    pub fn prepare(opts: PairOptions) -> Result<Self> {
         let bin = vmha_fs_bin()?;
         // /var/tmp, not /tmp: /tmp may be tmpfs, and the backing dirs should sit on
         // a real disk filesystem like in production.
@@ -101,7 +112,7 @@ impl Pair {
         } else {
             root.join("pri/mnt")
         };
-        let mut p = Self {
+        let p = Self {
             opts,
             port: free_port()?,
             key_file: root.join("cluster.key"),
@@ -125,11 +136,18 @@ impl Pair {
             std::fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
         }
         keygen(&p.bin, &p.key_file)?;
-        let mut sec = Child::spawn("secondary", p.secondary_command())?;
-        let ready = sec.wait_ready(READY_TIMEOUT);
-        p.secondary = Some(sec);
-        ready?;
         Ok(p)
+    }
+
+    /// Starts the secondary and waits for `ready`.
+    pub fn start_secondary(&mut self) -> Result<()> {
+        if self.secondary.is_some() {
+            bail!("secondary already started");
+        }
+        let mut sec = Child::spawn("secondary", self.secondary_command())?;
+        let ready = sec.wait_ready(READY_TIMEOUT);
+        self.secondary = Some(sec);
+        ready
     }
 
     /// The command line of this pair's secondary.
@@ -263,7 +281,9 @@ impl Pair {
         let mut errors = Vec::new();
         if let Some(p) = self.primary.as_mut() {
             match p.terminate(STOP_TIMEOUT) {
-                Ok((_, true)) => errors.push(format!("primary ignored SIGTERM for {STOP_TIMEOUT:?}")),
+                Ok((_, true)) => {
+                    errors.push(format!("primary ignored SIGTERM for {STOP_TIMEOUT:?}"))
+                }
                 Ok((st, false)) if !st.success() => {
                     errors.push(format!("primary exited with {st} on SIGTERM"))
                 }

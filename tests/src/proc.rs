@@ -39,11 +39,13 @@ pub struct Child {
     reader: Option<JoinHandle<()>>,
 }
 
-/// True if `line` contains `word` delimited by non-alphanumeric characters
-/// (so "already" does not count as "ready").
-fn contains_word(line: &str, word: &str) -> bool {
+/// True if `line` contains `word` (ASCII case-insensitive) delimited by
+/// non-alphanumeric characters (so "already" does not count as "ready", nor a pid
+/// as part of a longer number).
+pub fn contains_word(line: &str, word: &str) -> bool {
     let lower = line.to_ascii_lowercase();
-    lower.match_indices(word).any(|(i, _)| {
+    let word = word.to_ascii_lowercase();
+    lower.match_indices(&word).any(|(i, _)| {
         let before = lower[..i].chars().next_back();
         let after = lower[i + word.len()..].chars().next();
         !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -211,6 +213,15 @@ impl Child {
         }
     }
 
+    /// Sends `sig` by PID (e.g. SIGSTOP / SIGCONT to freeze a process). No-op once
+    /// the process has been reaped.
+    pub fn send_signal(&mut self, sig: libc::c_int) -> Result<()> {
+        if self.try_status()?.is_some() {
+            return Ok(());
+        }
+        self.signal(sig)
+    }
+
     fn signal(&self, sig: libc::c_int) -> Result<()> {
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
         // SAFETY: plain syscall; the pid is our own unreaped child, so it cannot have
@@ -287,7 +298,10 @@ mod tests {
 
     #[test]
     fn word_match() {
-        assert!(contains_word("INFO secondary ready on 127.0.0.1:5", "ready"));
+        assert!(contains_word(
+            "INFO secondary ready on 127.0.0.1:5",
+            "ready"
+        ));
         assert!(contains_word("ready", "ready"));
         assert!(contains_word("mount ready.", "ready"));
         assert!(!contains_word("error: /x is already mounted", "ready"));

@@ -153,19 +153,18 @@ fn user_xattrs(path: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> Result<String> {
-    let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-    let mut h = blake3::Hasher::new();
-    h.update_reader(&f)
-        .with_context(|| format!("read {}", path.display()))?;
-    Ok(h.finalize().to_hex().to_string())
-}
-
 fn entry(path: &Path, m: &Metadata) -> Result<Entry> {
     let kind = kind_of(m);
     let (blake3, data) = if kind == Kind::File {
         let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        (Some(hash_file(path)?), Some(data_extents(&f)?))
+        let mut h = blake3::Hasher::new();
+        h.update_reader(&f)
+            .with_context(|| format!("read {}", path.display()))?;
+        // SEEK_DATA/SEEK_HOLE move the offset: only after reading.
+        (
+            Some(h.finalize().to_hex().to_string()),
+            Some(data_extents(&f)?),
+        )
     } else {
         (None, None)
     };
@@ -332,6 +331,25 @@ pub fn diff(a: &Tree, b: &Tree) -> Vec<String> {
     out
 }
 
+/// Snapshots `left` and `right` and fails with the readable differences (at most
+/// 60 lines) if they differ. Returns the left snapshot.
+pub fn assert_same_tree(left: &Path, right: &Path) -> Result<Tree> {
+    let a = snapshot(left)?;
+    let b = snapshot(right)?;
+    let d = diff(&a, &b);
+    if !d.is_empty() || a != b {
+        let shown: Vec<&str> = d.iter().map(String::as_str).take(60).collect();
+        anyhow::bail!(
+            "trees differ: left {} / right {} ({} differences):\n{}",
+            left.display(),
+            right.display(),
+            d.len(),
+            shown.join("\n")
+        );
+    }
+    Ok(a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +392,10 @@ mod tests {
         let tb = snapshot(b.path())?;
         assert_eq!(diff(&ta, &tb), Vec::<String>::new());
         assert_eq!(ta, tb);
-        assert_eq!(ta.hard_links, vec![vec!["d/f".to_string(), "g".to_string()]]);
+        assert_eq!(
+            ta.hard_links,
+            vec![vec!["d/f".to_string(), "g".to_string()]]
+        );
         assert_eq!(
             ta.get("sparse").and_then(|e| e.data.clone()),
             Some(vec![(512 * 1024, 512 * 1024 + 4096)])

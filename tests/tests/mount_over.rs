@@ -1,0 +1,172 @@
+//! Mounting over the directory that holds the data (the usual VM layout).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use vmha_test_infra::proc::contains_word;
+use vmha_test_infra::{is_mount_point, Child, Pair, PairOptions};
+
+fn over() -> PairOptions {
+    PairOptions {
+        mount_over: true,
+        ..PairOptions::default()
+    }
+}
+
+/// The same pre-existing content in both replicas, as after an initial sync.
+fn populate(dir: &Path) -> Result<()> {
+    std::fs::write(dir.join("existing"), b"was here before")?;
+    std::fs::create_dir(dir.join("sub"))?;
+    std::fs::write(dir.join("sub/inner"), b"inner")?;
+    Ok(())
+}
+
+#[test]
+fn existing_files_visible_and_writes_land_in_the_dir() -> Result<()> {
+    let mut pair = Pair::prepare(over())?;
+    let dir = pair.primary_backing().to_path_buf();
+    populate(&dir)?;
+    populate(pair.secondary_backing())?;
+    pair.start_secondary()?;
+    pair.start_primary()?;
+    if pair.mount() != dir || !is_mount_point(&dir)? {
+        bail!("{} is not mounted over", dir.display());
+    }
+
+    let seen =
+        std::fs::read(dir.join("existing")).context("pre-existing file through the mount")?;
+    if seen != b"was here before" {
+        bail!("pre-existing file reads {seen:?} through the mount");
+    }
+    if std::fs::read(dir.join("sub/inner"))? != b"inner" {
+        bail!("pre-existing nested file wrong through the mount");
+    }
+    std::fs::write(dir.join("new"), b"written through the mount")?;
+    std::fs::create_dir(dir.join("newdir"))?;
+    std::fs::write(dir.join("newdir/f"), b"nested new")?;
+
+    let sec = pair.secondary_backing();
+    if std::fs::read(sec.join("new"))? != b"written through the mount" {
+        bail!("new file not replicated");
+    }
+    if std::fs::read(sec.join("newdir/f"))? != b"nested new" {
+        bail!("new nested file not replicated");
+    }
+
+    pair.stop().context("stopping the pair")?;
+    if is_mount_point(&dir)? {
+        bail!("{} still mounted after stop", dir.display());
+    }
+    // Now looking at the directory itself, not through FUSE.
+    if std::fs::read(dir.join("new"))? != b"written through the mount" {
+        bail!("the write through the mount did not land in the underlying dir");
+    }
+    if std::fs::read(dir.join("newdir/f"))? != b"nested new" {
+        bail!("the nested write did not land in the underlying dir");
+    }
+    if std::fs::read(dir.join("existing"))? != b"was here before" {
+        bail!("the pre-existing file changed");
+    }
+    Ok(())
+}
+
+/// Starts the primary expecting a refusal that names the holder (`names` are
+/// alternatives: a pid or a command name). Nothing may stay mounted.
+fn expect_refusal(pair: &Pair, names: &[String]) -> Result<()> {
+    let mut cmd = pair.primary_command();
+    cmd.env("RUST_BACKTRACE", "0");
+    let mut child = Child::spawn("primary (refused)", cmd)?;
+    let status = child.wait_exit(Duration::from_secs(10))?;
+    let err = child.stderr_text();
+    if status.success() {
+        bail!("primary started although a process holds a file beneath the dir:\n{err}");
+    }
+    if err.contains("panicked") {
+        bail!("primary panicked:\n{err}");
+    }
+    if !names.iter().any(|n| contains_word(&err, n)) {
+        bail!("the refusal names none of {names:?}:\n{err}");
+    }
+    if is_mount_point(pair.mount())? {
+        bail!("refused primary left {} mounted", pair.mount().display());
+    }
+    Ok(())
+}
+
+#[test]
+fn refuses_while_this_process_holds_a_file_open() -> Result<()> {
+    let mut pair = Pair::start_secondary_only(over())?;
+    let dir = pair.primary_backing().to_path_buf();
+    std::fs::create_dir(dir.join("sub"))?;
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("sub/held"))?;
+    let comm = std::fs::read_to_string("/proc/self/comm")?
+        .trim()
+        .to_string();
+    expect_refusal(&pair, &[std::process::id().to_string(), comm])?;
+    drop(held);
+    // With the file closed, the same start succeeds: the refusal was about it.
+    pair.start_primary()
+        .context("starting once nothing is open beneath the dir")?;
+    Ok(())
+}
+
+#[test]
+fn refuses_while_a_process_has_its_cwd_beneath() -> Result<()> {
+    let mut pair = Pair::start_secondary_only(over())?;
+    let dir = pair.primary_backing().to_path_buf();
+    std::fs::create_dir(dir.join("cwd"))?;
+    let mut cmd = Command::new("sleep");
+    cmd.arg("120").current_dir(dir.join("cwd"));
+    let mut sleeper = Child::spawn("sleep", cmd)?;
+    expect_refusal(&pair, &[sleeper.pid().to_string(), "sleep".to_string()])?;
+    sleeper.kill()?;
+    pair.start_primary()
+        .context("starting once the process is gone")?;
+    Ok(())
+}
+
+/// Data only the primary has (no initial sync happened) must never be silently
+/// skipped: each write through the mount either fails or reaches the secondary.
+#[test]
+fn file_missing_on_secondary_is_never_silently_skipped() -> Result<()> {
+    let mut pair = Pair::prepare(over())?;
+    let dir = pair.primary_backing().to_path_buf();
+    populate(&dir)?;
+    pair.start_secondary()?;
+    pair.start_primary()?;
+    let sec = pair.secondary_backing().to_path_buf();
+
+    let mut outcomes = Vec::new();
+    let r = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("existing"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b" and more"));
+    outcomes.push(("append to a file only the primary has", r.is_ok()));
+    if r.is_ok() {
+        let got = std::fs::read(sec.join("existing")).unwrap_or_default();
+        if got != b"was here before and more" {
+            bail!("append acknowledged but the secondary has {got:?}");
+        }
+    }
+    let r = std::fs::write(dir.join("sub/new"), b"new in a dir only the primary has");
+    outcomes.push(("create in a dir only the primary has", r.is_ok()));
+    if r.is_ok()
+        && std::fs::read(sec.join("sub/new")).ok().as_deref()
+            != Some(&b"new in a dir only the primary has"[..])
+    {
+        bail!("create in sub/ acknowledged but missing on the secondary");
+    }
+    let r = std::fs::write(dir.join("fresh"), b"fresh");
+    outcomes.push(("create at the root", r.is_ok()));
+    if r.is_ok() && std::fs::read(sec.join("fresh")).ok().as_deref() != Some(&b"fresh"[..]) {
+        bail!("create at the root acknowledged but missing on the secondary");
+    }
+    eprintln!("outcomes (op, acknowledged): {outcomes:?}");
+    Ok(())
+}
