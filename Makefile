@@ -1,14 +1,21 @@
-.PHONY: test build bench
+.PHONY: deps build release test demo bench
+
+deps:
+	.ci/install-deps
 
 build:
 	cargo build --workspace --bins
 
+release:
+	cargo build --release --workspace --bins
+
 # The test suite: unit tests, protocol property tests and the integration tests with
 # real FUSE mounts and TCP between a primary and a secondary on this machine.
-test:
-	cargo build --workspace --bins
+test: deps build
 	cargo test --workspace -- --test-threads=2
 
-bench:
-	cargo build --release --workspace --bins
-	./target/release/vmha-bench --out bench/results.json
+demo: deps release
+	VMHA_FS_BIN=target/release/vmha-fs scripts/demo-fs.sh
+
+bench: deps release
+	./target/release/vmha-bench fio --out bench/results.json

@@ -9,6 +9,8 @@ DIR=$(mktemp -d /var/tmp/vmha-demo.XXXXXX)
 PORT=${PORT:-17101}
 pids=()
 cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 1
     for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     umount -l "$DIR/pri/mnt" 2>/dev/null || true
     umount -l "$DIR/sec/data" 2>/dev/null || true
@@ -24,18 +26,18 @@ wait_ready() { # file
 }
 "$BIN" secondary --backing "$DIR/sec/data" --listen "127.0.0.1:$PORT" \
     --state "$DIR/sec/state" --key-file "$DIR/cluster.key" 2>"$DIR/sec.log" &
-pids+=($!); sec=$!
+pids+=($!); sec=$!; disown
 wait_ready "$DIR/sec.log"
 "$BIN" primary --backing "$DIR/pri/data" --mount "$DIR/pri/mnt" --peer "127.0.0.1:$PORT" \
     --state "$DIR/pri/state" --key-file "$DIR/cluster.key" --lock-timeout-ms 2000 2>"$DIR/pri.log" &
-pids+=($!)
+pids+=($!); disown
 wait_ready "$DIR/pri.log"
 echo "== pair up: $DIR/pri/mnt replicates to $DIR/sec/data"
 
 qemu-img create -q -f qcow2 "$DIR/pri/mnt/vm1.qcow2" 1G
 qemu-io -f qcow2 -t none -c 'write -P 0x5a 0 64M' -c 'write -P 0xa5 512M 16M' \
     -c 'discard 0 1M' -c flush "$DIR/pri/mnt/vm1.qcow2" | grep -E "wrote|discard"
-echo "== blake3/sha256 of both copies:"
+echo "== sha256 of both copies:"
 sha256sum "$DIR/pri/data/vm1.qcow2" "$DIR/sec/data/vm1.qcow2"
 cmp "$DIR/pri/data/vm1.qcow2" "$DIR/sec/data/vm1.qcow2" && echo "identical"
 echo "== a local write on the secondary is refused:"
@@ -48,5 +50,5 @@ if dd if=/dev/zero of="$DIR/pri/mnt/vm1.qcow2" bs=4k count=1 seek=10 conv=notrun
     echo "UNEXPECTED: write acknowledged without the peer" >&2; exit 1
 fi
 end=$(date +%s.%N)
-printf "write failed after %.1f s (lock timeout 2 s): %s\n" "$(echo "$end - $start" | bc)" "$(tail -1 "$DIR/dd.err")"
+printf "write failed after %.1f s (lock timeout 2 s): %s\n" "$(echo "$end - $start" | bc)" "$(grep -m1 -i error "$DIR/dd.err")"
 echo "== primary log:"; tail -3 "$DIR/pri.log"
