@@ -3,7 +3,7 @@
 
 use crate::interrupt;
 use anyhow::{bail, Context, Result};
-use rustix::process::{kill_process, Pid, Signal};
+use rustix::process::{kill_process, kill_process_group, test_kill_process_group, Pid, Signal};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -28,6 +28,27 @@ pub struct Proc {
     ready: Receiver<()>,
     readers: Vec<JoinHandle<()>>,
     status: Option<ExitStatus>,
+}
+
+/// Removes ANSI escape sequences (tracing colours its stderr output).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters... final byte in '@'..='~'.
+            if chars.next() == Some('[') {
+                for f in chars.by_ref() {
+                    if ('@'..='~').contains(&f) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Copies one output stream into the shared log, line by line, and reports
@@ -82,9 +103,9 @@ impl Proc {
         &self.name
     }
 
-    /// The last lines of the log, for error messages.
+    /// The last lines of the log, for error messages (colours stripped).
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default());
         let all: Vec<&str> = text.lines().collect();
         let from = all.len().saturating_sub(lines);
         all[from..].join("\n")
@@ -98,9 +119,20 @@ impl Proc {
         Ok(self.status)
     }
 
+    /// Gives the log pumps a moment to copy the last lines after an exit.
+    /// Not a plain join: a grandchild holding the pipes must not block us.
+    pub fn settle_readers(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline && !self.readers.iter().all(|r| r.is_finished()) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.readers.retain(|r| !r.is_finished());
+    }
+
     /// Errors if the child has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         if let Some(st) = self.try_status()? {
+            self.settle_readers();
             bail!(
                 "{} exited unexpectedly ({st}); log tail:\n{}",
                 self.name,
@@ -166,6 +198,25 @@ impl Proc {
         Ok((self.kill()?, true))
     }
 
+    /// SIGKILLs the child's whole process group (fio forks its jobs, which
+    /// would otherwise live on as orphans) and waits until every member is
+    /// gone. Errors if some survive: they are stuck in the kernel, e.g. in a
+    /// FUSE request nobody answers.
+    pub fn kill_group(&mut self) -> Result<()> {
+        let pgid = Pid::from_child(&self.child);
+        // The group outlives a reaped leader, so always signal it.
+        let _ = kill_process_group(pgid, Signal::KILL);
+        let _ = self.wait_timeout(KILL_WAIT)?;
+        let deadline = Instant::now() + KILL_WAIT;
+        while test_kill_process_group(pgid).is_ok() {
+            if Instant::now() > deadline {
+                bail!("{}: process group survives SIGKILL", self.name);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Kills without grace (the child is hung or we are aborting). Bounded:
     /// a process stuck in a FUSE request may not die until the FUSE daemon
     /// does, and we must not block forever on it.
@@ -180,14 +231,20 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        match self.stop(STOP_GRACE) {
-            // Readers end once the child's pipes close.
-            Ok(_) => {
-                for r in self.readers.drain(..) {
-                    let _ = r.join();
-                }
-            }
-            Err(e) => eprintln!("vmha-bench: stopping {}: {e:#}", self.name),
+        if let Err(e) = self.stop(STOP_GRACE) {
+            eprintln!("vmha-bench: stopping {}: {e:#}", self.name);
         }
+        self.settle_readers();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_colours() {
+        let line = "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m secondary ready";
+        assert_eq!(strip_ansi(line), "2026  INFO secondary ready");
     }
 }

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
 struct Report {
-    #[serde(rename = "fio version")]
-    version: String,
     jobs: Vec<JobReport>,
 }
 
@@ -65,13 +63,6 @@ pub struct Metrics {
     pub durable_write_us: Option<f64>,
 }
 
-/// One parsed fio report.
-#[derive(Debug, Clone)]
-pub struct Parsed {
-    pub fio_version: String,
-    pub metrics: Metrics,
-}
-
 fn percentile(lat: &LatReport, p: f64) -> Result<f64> {
     for (k, v) in &lat.percentile {
         let key: f64 = k.parse().with_context(|| format!("percentile key {k:?}"))?;
@@ -91,7 +82,7 @@ fn summarize(lat: &LatReport) -> Result<Lat> {
 }
 
 /// Parses fio JSON output of a single-group job. `writes` selects the direction.
-pub fn parse(text: &str, writes: bool) -> Result<Parsed> {
+pub fn parse(text: &str, writes: bool) -> Result<Metrics> {
     // fio sometimes prints notes before the JSON document.
     let start = text.find('{').context("no JSON object in fio output")?;
     let report: Report =
@@ -114,16 +105,13 @@ pub fn parse(text: &str, writes: bool) -> Result<Parsed> {
         Some(s) if s.lat_ns.n > 0 => Some(summarize(&s.lat_ns)?),
         _ => None,
     };
-    Ok(Parsed {
-        fio_version: report.version.clone(),
-        metrics: Metrics {
-            mib_s: dir.bw_bytes / (1024.0 * 1024.0),
-            iops: dir.iops,
-            total_ios: dir.total_ios,
-            clat,
-            sync,
-            durable_write_us: sync.filter(|_| writes).map(|s| clat.mean_us + s.mean_us),
-        },
+    Ok(Metrics {
+        mib_s: dir.bw_bytes / (1024.0 * 1024.0),
+        iops: dir.iops,
+        total_ios: dir.total_ios,
+        clat,
+        sync,
+        durable_write_us: sync.filter(|_| writes).map(|s| clat.mean_us + s.mean_us),
     })
 }
 
@@ -141,9 +129,7 @@ mod tests {
 
     #[test]
     fn parses_sync_write_job() -> Result<()> {
-        let p = parse(SYNC, true)?;
-        assert_eq!(p.fio_version, "fio-3.33");
-        let m = p.metrics;
+        let m = parse(SYNC, true)?;
         assert!(close(m.mib_s, 30_308_763.0 / 1048576.0));
         assert!(close(m.iops, 7399.6004));
         assert!(close(m.clat.mean_us, 45.071835561));
@@ -160,7 +146,7 @@ mod tests {
 
     #[test]
     fn parses_read_job_without_sync() -> Result<()> {
-        let m = parse(READ, false)?.metrics;
+        let m = parse(READ, false)?;
         assert!(close(m.iops, 103635.364635));
         assert!(close(m.mib_s, 424_490_453.0 / 1048576.0));
         assert!(close(m.clat.p50_us, 136.192));

@@ -1,1 +1,116 @@
-fn main() {}
+//! vmha-bench: the same fio job set on a local directory, a vmha-fs pair on
+//! this machine and bindfs (a plain FUSE pass-through), all on one disk.
+
+mod child;
+mod diskstats;
+mod fio_json;
+mod interrupt;
+mod jobs;
+mod mounts;
+mod report;
+mod run;
+mod sysinfo;
+mod targets;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "vmha-bench", version, about)]
+// No subcommand means `fio` (the Makefile calls `vmha-bench --out ...`).
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    fio: FioArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the fio job set on each target and report MiB/s, IOPS, latency
+    /// percentiles and the ratio to `local`.
+    ///
+    /// Jobs (all direct=1, time based, one file per job written fully first):
+    /// seqwrite (1M qd4 libaio), randwrite-sync (4k qd1 psync + fdatasync
+    /// after each write), randwrite-qd16, randread-qd16 (4k libaio), seqread
+    /// (1M qd4). For each job the targets run back to back (local, vmha,
+    /// bindfs), with the page cache dropped before every measured run.
+    /// Needs root (FUSE mounts, drop_caches), fio and bindfs; vmha-fs is
+    /// taken from $VMHA_FS_BIN or from next to this binary.
+    Fio(FioArgs),
+}
+
+#[derive(Debug, Args)]
+struct FioArgs {
+    /// Write all numbers as JSON here.
+    #[arg(long, default_value = "bench/results.json")]
+    out: PathBuf,
+    /// File size per job (fio syntax, binary units: 256M, 1G).
+    #[arg(long, default_value = "1G")]
+    size: String,
+    /// Measured seconds per job and target.
+    #[arg(long, default_value_t = 20)]
+    runtime: u64,
+    /// Comma list of jobs: seqwrite,randwrite-sync,randwrite-qd16,randread-qd16,seqread
+    /// [default: all]
+    #[arg(long)]
+    jobs: Option<String>,
+    /// Comma list of targets: local,vmha,bindfs.
+    #[arg(long, default_value = "local,vmha,bindfs")]
+    targets: String,
+    /// Parent of the scratch directory (on the disk to measure; not a tmpfs).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Keep the scratch directory (fio job files, outputs, daemon logs).
+    #[arg(long)]
+    keep: bool,
+    /// Skip comparing the secondary's copy with the primary's after each vmha run.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+fn fio(args: FioArgs) -> Result<bool> {
+    let opts = run::Opts {
+        out: args.out,
+        size: args.size,
+        runtime_s: args.runtime,
+        jobs: jobs::select(args.jobs.as_deref())?,
+        targets: targets::Kind::parse_list(&args.targets)?,
+        dir: args.dir,
+        keep: args.keep,
+        verify: !args.no_verify,
+    };
+    let results = run::run(&opts)?;
+    println!("{}", results.markdown());
+    let json = serde_json::to_string_pretty(&results)?;
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&opts.out, json + "\n")
+        .with_context(|| format!("write {}", opts.out.display()))?;
+    eprintln!("vmha-bench: wrote {}", opts.out.display());
+    Ok(results.runs.iter().all(|r| r.error.is_none()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let args = match cli.cmd {
+        Some(Cmd::Fio(a)) => a,
+        None => cli.fio,
+    };
+    match fio(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("vmha-bench: some runs failed (see the table)");
+            ExitCode::FAILURE
+        }
+        // Chain on one line; no backtrace noise (RUST_BACKTRACE is often set).
+        Err(e) => {
+            eprintln!("vmha-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

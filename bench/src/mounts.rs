@@ -13,7 +13,10 @@ fn unescape(field: &str) -> String {
         let oct = bytes.get(i + 1..i + 4);
         match oct {
             Some(d) if bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)) => {
-                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8) + (c - b'0')));
+                out.push(
+                    d.iter()
+                        .fold(0u8, |acc, c| acc.wrapping_mul(8) + (c - b'0')),
+                );
                 i += 4;
             }
             _ => {

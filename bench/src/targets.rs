@@ -104,6 +104,7 @@ pub struct Target {
     /// Where fio's files go.
     pub dir: PathBuf,
     backend: Backend,
+    aborted: bool,
 }
 
 fn mkdirs(dirs: &[&Path]) -> Result<()> {
@@ -278,7 +279,12 @@ impl Target {
                 (dir, Backend::Bindfs(b))
             }
         };
-        Ok(Self { kind, dir, backend })
+        Ok(Self {
+            kind,
+            dir,
+            backend,
+            aborted: false,
+        })
     }
 
     /// Errors if a daemon died or the mount vanished.
@@ -324,6 +330,24 @@ impl Target {
         })
     }
 
+    pub fn is_aborted(&self) -> bool {
+        self.aborted
+    }
+
+    /// The daemons' last log lines, for error reports.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let procs: Vec<&Proc> = match &self.backend {
+            Backend::Local => vec![],
+            Backend::Vmha(v) => vec![&v.primary, &v.secondary],
+            Backend::Bindfs(b) => vec![&b.proc],
+        };
+        procs
+            .iter()
+            .map(|p| format!("[{}]\n{}", p.name(), p.log_tail(lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Kills the daemons at once (a hung FUSE request keeps fio unkillable
     /// until the daemon's /dev/fuse closes), then detaches the mounts.
     pub fn abort(&mut self) {
@@ -338,12 +362,17 @@ impl Target {
             }
         }
         let _ = lazy_unmount_all(&self.dir);
+        self.aborted = true;
     }
 
     /// Stops the daemons with SIGTERM and reports anything unclean.
     pub fn shutdown(mut self) -> Vec<String> {
         let mut notes = Vec::new();
         let name = self.kind.name();
+        if self.aborted {
+            notes.push(format!("{name}: daemons were SIGKILLed after a hung run"));
+            return notes;
+        }
         let mut stop = |p: &mut Proc, mnt: &Path| {
             match p.stop(STOP_GRACE) {
                 Ok((st, killed)) => {

@@ -85,6 +85,13 @@ impl IoFd<'_> {
     }
 }
 
+/// The kind of node a create-like request makes.
+enum NewEntry {
+    File { kind: NodeKind, rdev: u64 },
+    Dir,
+    Symlink(LinkTarget),
+}
+
 /// What a setattr request asks to change.
 struct AttrChange {
     mode: Option<u32>,
@@ -289,9 +296,42 @@ impl ReplicatedFs {
         })
     }
 
-    fn create_entry(&self, op: Op, id: NodeId) -> Result<(Arc<Node>, FileAttr), Errno> {
+    /// mknod, mkdir, symlink and create: one new node, replicated.
+    fn create_entry(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        entry: NewEntry,
+    ) -> Result<(Arc<Node>, FileAttr), Errno> {
+        let name = name_of(name)?;
+        let dir = self.inodes.get(parent.0)?;
+        let is_dir = matches!(entry, NewEntry::Dir);
+        let mut node = self.new_node(req, &dir, mode, umask, is_dir)?;
+        let parent = parent.0;
+        let op = match entry {
+            NewEntry::File { kind, rdev } => Op::Create {
+                parent,
+                name,
+                node,
+                kind,
+                rdev,
+            },
+            NewEntry::Dir => Op::Mkdir { parent, name, node },
+            NewEntry::Symlink(target) => {
+                node.mode = 0o777;
+                Op::Symlink {
+                    parent,
+                    name,
+                    node,
+                    target,
+                }
+            }
+        };
         self.replicate_namespace(op)?;
-        let node = self.inodes.get(id)?;
+        let node = self.inodes.get(node.id)?;
         let attr = self.entry_attr(&node)?;
         Ok((node, attr))
     }
@@ -429,30 +469,17 @@ impl ReplicatedFs {
         joint.local(Local::Applied(written));
     }
 
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<AlignedBuf, Errno> {
         let handle = self.handle(fh)?;
-        let size = size as usize;
-        let io = handle.io_fd(offset, size)?;
-        if handle.direct && matches!(io, IoFd::Main(_)) {
-            let mut buf = AlignedBuf::zeroed(size);
-            match read_full(io.fd(), buf.as_mut_slice(), offset) {
-                Ok(n) => return Ok(buf[..n].to_vec()),
-                Err(Errno::INVAL) => {}
-                Err(e) => return Err(e),
+        // Aligned, so an O_DIRECT descriptor can read straight into it.
+        let mut buf = AlignedBuf::zeroed(size as usize);
+        let io = handle.io_fd(offset, buf.len())?;
+        let n = match read_full(io.fd(), buf.as_mut_slice(), offset) {
+            Err(Errno::INVAL) if handle.direct => {
+                read_full(handle.buffered_fd()?.as_fd(), buf.as_mut_slice(), offset)?
             }
-        }
-        let fd = if handle.direct {
-            handle.buffered_fd()?
-        } else {
-            return {
-                let mut buf = vec![0u8; size];
-                let n = read_full(handle.fd.as_fd(), &mut buf, offset)?;
-                buf.truncate(n);
-                Ok(buf)
-            };
+            other => other?,
         };
-        let mut buf = vec![0u8; size];
-        let n = read_full(fd.as_fd(), &mut buf, offset)?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -511,6 +538,13 @@ impl ReplicatedFs {
     }
 }
 
+fn reply_entry(reply: ReplyEntry, result: Result<FileAttr, Errno>) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(fuse_err(e)),
+    }
+}
+
 macro_rules! reply_with {
     ($reply:ident, $result:expr, $ok:expr) => {
         match $result {
@@ -538,8 +572,7 @@ impl fuser::Filesystem for ReplicatedFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_with!(reply, self.do_lookup(parent, name), |r: ReplyEntry, a| r
-            .entry(&TTL, &a, Generation(0)))
+        reply_entry(reply, self.do_lookup(parent, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -602,32 +635,20 @@ impl fuser::Filesystem for ReplicatedFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let result = (|| {
-            let name = name_of(name)?;
-            let dir = self.inodes.get(parent.0)?;
-            let kind = match FileType::from_raw_mode(mode) {
-                FileType::RegularFile => NodeKind::Regular,
-                FileType::Fifo => NodeKind::Fifo,
-                FileType::Socket => NodeKind::Socket,
-                FileType::CharacterDevice => NodeKind::CharDevice,
-                FileType::BlockDevice => NodeKind::BlockDevice,
-                _ => return Err(Errno::INVAL),
-            };
-            let node = self.new_node(req, &dir, mode, umask, false)?;
-            let op = Op::Create {
-                parent: parent.0,
-                name,
-                node,
-                kind,
-                rdev: u64::from(rdev),
-            };
-            self.create_entry(op, node.id).map(|(_, attr)| attr)
-        })();
-        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
-            &TTL,
-            &a,
-            Generation(0)
-        ))
+        let kind = match FileType::from_raw_mode(mode) {
+            FileType::RegularFile => Ok(NodeKind::Regular),
+            FileType::Fifo => Ok(NodeKind::Fifo),
+            FileType::Socket => Ok(NodeKind::Socket),
+            FileType::CharacterDevice => Ok(NodeKind::CharDevice),
+            FileType::BlockDevice => Ok(NodeKind::BlockDevice),
+            _ => Err(Errno::INVAL),
+        };
+        let result = kind.and_then(|kind| {
+            let rdev = u64::from(rdev);
+            let entry = NewEntry::File { kind, rdev };
+            self.create_entry(req, parent, name, mode, umask, entry)
+        });
+        reply_entry(reply, result.map(|(_, attr)| attr));
     }
 
     fn mkdir(
@@ -639,22 +660,8 @@ impl fuser::Filesystem for ReplicatedFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let result = (|| {
-            let name = name_of(name)?;
-            let dir = self.inodes.get(parent.0)?;
-            let node = self.new_node(req, &dir, mode, umask, true)?;
-            let op = Op::Mkdir {
-                parent: parent.0,
-                name,
-                node,
-            };
-            self.create_entry(op, node.id).map(|(_, attr)| attr)
-        })();
-        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
-            &TTL,
-            &a,
-            Generation(0)
-        ))
+        let result = self.create_entry(req, parent, name, mode, umask, NewEntry::Dir);
+        reply_entry(reply, result.map(|(_, attr)| attr));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -685,26 +692,13 @@ impl fuser::Filesystem for ReplicatedFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let result = (|| {
-            let name = name_of(link_name)?;
-            let target =
-                LinkTarget::new(target.as_os_str().as_bytes()).map_err(|_| Errno::INVAL)?;
-            let dir = self.inodes.get(parent.0)?;
-            let mut node = self.new_node(req, &dir, 0o777, 0, false)?;
-            node.mode = 0o777;
-            let op = Op::Symlink {
-                parent: parent.0,
-                name,
-                node,
-                target,
-            };
-            self.create_entry(op, node.id).map(|(_, attr)| attr)
-        })();
-        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
-            &TTL,
-            &a,
-            Generation(0)
-        ))
+        let result = LinkTarget::new(target.as_os_str().as_bytes())
+            .map_err(|_| Errno::INVAL)
+            .and_then(|target| {
+                let entry = NewEntry::Symlink(target);
+                self.create_entry(req, parent, link_name, 0o777, 0, entry)
+            });
+        reply_entry(reply, result.map(|(_, attr)| attr));
     }
 
     fn rename(
@@ -747,11 +741,7 @@ impl fuser::Filesystem for ReplicatedFs {
             let node = self.inodes.get(ino.0)?;
             self.entry_attr(&node)
         })();
-        reply_with!(reply, result, |r: ReplyEntry, a| r.entry(
-            &TTL,
-            &a,
-            Generation(0)
-        ))
+        reply_entry(reply, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -777,7 +767,7 @@ impl fuser::Filesystem for ReplicatedFs {
         reply_with!(
             reply,
             self.do_read(fh, offset, size),
-            |r: ReplyData, d: Vec<u8>| r.data(&d)
+            |r: ReplyData, d: AlignedBuf| r.data(&d)
         )
     }
 
@@ -965,21 +955,16 @@ impl fuser::Filesystem for ReplicatedFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let result = (|| {
-            let name = name_of(name)?;
-            let dir = self.inodes.get(parent.0)?;
-            let node = self.new_node(req, &dir, mode, umask, false)?;
-            let op = Op::Create {
-                parent: parent.0,
-                name,
-                node,
-                kind: NodeKind::Regular,
-                rdev: 0,
-            };
-            let (node, attr) = self.create_entry(op, node.id)?;
-            let (fh, open_flags) = self.open_handle(node, flags)?;
-            Ok((attr, fh, open_flags))
-        })();
+        let entry = NewEntry::File {
+            kind: NodeKind::Regular,
+            rdev: 0,
+        };
+        let result = self
+            .create_entry(req, parent, name, mode, umask, entry)
+            .and_then(|(node, attr)| {
+                let (fh, open_flags) = self.open_handle(node, flags)?;
+                Ok((attr, fh, open_flags))
+            });
         reply_with!(reply, result, |r: ReplyCreate, (a, fh, f)| r.created(
             &TTL,
             &a,

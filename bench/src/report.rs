@@ -1,0 +1,377 @@
+//! Results: the JSON document and the markdown tables.
+
+use crate::diskstats::Traffic;
+use crate::fio_json::{Lat, Metrics};
+use crate::jobs::Job;
+use crate::targets::Kind;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+#[derive(Debug, Serialize)]
+pub struct Meta {
+    pub fio_version: String,
+    pub date_utc: String,
+    pub unix_time: u64,
+    pub kernel: String,
+    pub nproc: usize,
+    pub mem_total_bytes: u64,
+    pub size: String,
+    pub size_bytes: u64,
+    pub runtime_s: u64,
+    pub targets: Vec<Kind>,
+    pub jobs: Vec<String>,
+    pub scratch_dir: String,
+    pub vmha_fs_bin: Option<String>,
+    /// Which build of vmha-fs ran (the fs crate changes under us).
+    pub vmha_fs_mtime_unix: Option<u64>,
+    pub elapsed_s: f64,
+}
+
+/// The buffered 1 MiB sequential write that lays the file out.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prefill {
+    pub secs: f64,
+    pub mib_s: f64,
+}
+
+/// Relative to `local`, same job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// IOPS / local IOPS (same block size, so also the bandwidth ratio).
+    pub throughput: f64,
+    /// Durable write time / local's: how many times slower a durable write is.
+    pub durable_write_time: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub job: &'static str,
+    pub target: Kind,
+    pub spec: Job,
+    pub prefill: Option<Prefill>,
+    pub metrics: Option<Metrics>,
+    pub vs_local: Option<Ratio>,
+    /// vmha only: secondary's copy compared with the primary's backing file.
+    pub replica_check: Option<String>,
+    /// Block-device traffic during the measured run (device-wide).
+    pub disk: Option<Traffic>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub runs: Vec<RunResult>,
+    /// Unclean daemon shutdowns and other observations.
+    pub notes: Vec<String>,
+}
+
+impl Results {
+    /// Fills `vs_local` from the local run of the same job.
+    pub fn compute_ratios(&mut self) {
+        let locals: Vec<(&'static str, Metrics)> = self
+            .runs
+            .iter()
+            .filter(|r| r.target == Kind::Local)
+            .filter_map(|r| Some((r.job, r.metrics.clone()?)))
+            .collect();
+        for r in &mut self.runs {
+            let (Some(m), Some((_, base))) = (&r.metrics, locals.iter().find(|(j, _)| *j == r.job))
+            else {
+                continue;
+            };
+            if r.target == Kind::Local || base.iops <= 0.0 {
+                continue;
+            }
+            let durable_write_time = match (m.durable_write_us, base.durable_write_us) {
+                (Some(d), Some(b)) if b > 0.0 => Some(d / b),
+                _ => None,
+            };
+            r.vs_local = Some(Ratio {
+                throughput: m.iops / base.iops,
+                durable_write_time,
+            });
+        }
+    }
+
+    fn run(&self, job: &str, target: Kind) -> Option<&RunResult> {
+        self.runs
+            .iter()
+            .find(|r| r.job == job && r.target == target)
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.meta;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "### fio: {} (size {}, runtime {} s, direct=1; {}, kernel {}, {} CPUs, {:.0} GiB)\n",
+            m.targets
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(" vs "),
+            m.size,
+            m.runtime_s,
+            m.fio_version,
+            m.kernel,
+            m.nproc,
+            m.mem_total_bytes as f64 / f64::from(1u32 << 30),
+        );
+        self.main_table(&mut s);
+        if self.runs.iter().any(|r| r.spec.fdatasync) {
+            self.durable_table(&mut s);
+        }
+        if self.runs.iter().any(|r| r.disk.is_some()) {
+            self.disk_table(&mut s);
+        }
+        let extra: Vec<String> = self
+            .runs
+            .iter()
+            .filter_map(|r| {
+                let mut parts = Vec::new();
+                if let Some(e) = &r.error {
+                    parts.push(format!("ERROR: {e}"));
+                }
+                if let Some(c) = &r.replica_check {
+                    if c != "identical" {
+                        parts.push(format!("replica check: {c}"));
+                    }
+                }
+                (!parts.is_empty())
+                    .then(|| format!("- {} / {}: {}", r.job, r.target.name(), parts.join("; ")))
+            })
+            .chain(self.notes.iter().map(|n| format!("- {n}")))
+            .collect();
+        let checked = self
+            .runs
+            .iter()
+            .filter(|r| r.replica_check.as_deref() == Some("identical"))
+            .count();
+        if checked > 0 {
+            let _ = writeln!(
+                s,
+                "\nReplica check: secondary file identical to primary's after {checked} run(s)."
+            );
+        }
+        if !extra.is_empty() {
+            let _ = writeln!(s, "\nProblems:\n{}", extra.join("\n"));
+        }
+        s
+    }
+
+    fn main_table(&self, s: &mut String) {
+        let mut head = vec!["job".to_owned()];
+        for k in &self.meta.targets {
+            let n = k.name();
+            head.extend([
+                format!("{n} MiB/s"),
+                format!("{n} IOPS"),
+                format!("{n} p50 µs"),
+                format!("{n} p99 µs"),
+            ]);
+            if *k != Kind::Local {
+                head.push(format!("{n} ×local"));
+            }
+        }
+        table_row(s, &head);
+        table_row(s, &vec!["---".to_owned(); head.len()]);
+        for job in &self.meta.jobs {
+            let mut row = vec![job.clone()];
+            for k in &self.meta.targets {
+                let r = self.run(job, *k);
+                match r.and_then(|r| r.metrics.as_ref()) {
+                    Some(m) => row.extend([
+                        num(m.mib_s),
+                        num(m.iops),
+                        num(m.clat.p50_us),
+                        num(m.clat.p99_us),
+                    ]),
+                    None => {
+                        let why = if r.is_some_and(|r| r.error.is_some()) {
+                            "ERR"
+                        } else {
+                            "–"
+                        };
+                        row.extend([why.to_owned(), "–".into(), "–".into(), "–".into()]);
+                    }
+                }
+                if *k != Kind::Local {
+                    row.push(r.and_then(|r| r.vs_local.as_ref()).map_or("–".into(), |v| {
+                        match v.durable_write_time {
+                            Some(d) => format!("{:.2}× (durable {:.2}× slower)", v.throughput, d),
+                            None => format!("{:.2}×", v.throughput),
+                        }
+                    }));
+                }
+            }
+            table_row(s, &row);
+        }
+        let _ = writeln!(
+            s,
+            "\n×local = IOPS (= bandwidth) relative to local; p50/p99 = fio completion latency (clat)."
+        );
+    }
+
+    fn durable_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "\n#### randwrite-sync: durable 4k write = write + fdatasync, qd1 (µs)\n"
+        );
+        let head: Vec<String> = [
+            "target",
+            "write mean",
+            "write p50",
+            "write p99",
+            "fdatasync mean",
+            "fdatasync p50",
+            "fdatasync p99",
+            "durable write (mean)",
+            "×local time",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        table_row(s, &head);
+        table_row(s, &vec!["---".to_owned(); head.len()]);
+        for r in self.runs.iter().filter(|r| r.spec.fdatasync) {
+            let Some(m) = &r.metrics else { continue };
+            let lat = |l: Option<Lat>| match l {
+                Some(l) => [num(l.mean_us), num(l.p50_us), num(l.p99_us)],
+                None => ["–".into(), "–".into(), "–".into()],
+            };
+            let mut row = vec![r.target.name().to_owned()];
+            row.extend(lat(Some(m.clat)));
+            row.extend(lat(m.sync));
+            row.push(m.durable_write_us.map_or("–".into(), num));
+            row.push(if r.target == Kind::Local {
+                "1.00×".into()
+            } else {
+                r.vs_local
+                    .as_ref()
+                    .and_then(|v| v.durable_write_time)
+                    .map_or("–".into(), |d| format!("{d:.2}×"))
+            });
+            table_row(s, &row);
+        }
+    }
+}
+
+impl Results {
+    fn disk_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "\n#### Disk traffic during the measured run (device-wide: MiB read / MiB written / flushes)\n"
+        );
+        let mut head = vec!["job".to_owned()];
+        head.extend(self.meta.targets.iter().map(|k| k.name().to_owned()));
+        table_row(s, &head);
+        table_row(s, &vec!["---".to_owned(); head.len()]);
+        for job in &self.meta.jobs {
+            let mut row = vec![job.clone()];
+            for k in &self.meta.targets {
+                row.push(
+                    self.run(job, *k)
+                        .and_then(|r| r.disk)
+                        .map_or("–".into(), |d| {
+                            format!(
+                                "{} / {} / {}",
+                                num(d.read_mib),
+                                num(d.written_mib),
+                                d.flushes
+                            )
+                        }),
+                );
+            }
+            table_row(s, &row);
+        }
+    }
+}
+
+fn table_row(s: &mut String, cells: &[String]) {
+    let _ = writeln!(s, "| {} |", cells.join(" | "));
+}
+
+/// Three significant-ish digits without noise.
+fn num(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::ALL;
+
+    fn metrics(iops: f64, durable: Option<f64>) -> Metrics {
+        let lat = Lat {
+            mean_us: 10.0,
+            p50_us: 9.0,
+            p99_us: 20.0,
+        };
+        Metrics {
+            mib_s: iops * 4.0 / 1024.0,
+            iops,
+            total_ios: 1,
+            clat: lat,
+            sync: durable.map(|_| lat),
+            durable_write_us: durable,
+        }
+    }
+
+    fn run(target: Kind, m: Metrics) -> RunResult {
+        RunResult {
+            job: ALL[1].name,
+            target,
+            spec: ALL[1],
+            prefill: None,
+            metrics: Some(m),
+            vs_local: None,
+            replica_check: None,
+            disk: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn ratios_are_relative_to_local() {
+        let mut res = Results {
+            meta: Meta {
+                fio_version: "fio-3.33".into(),
+                date_utc: String::new(),
+                unix_time: 0,
+                kernel: String::new(),
+                nproc: 2,
+                mem_total_bytes: 0,
+                size: "1G".into(),
+                size_bytes: 1 << 30,
+                runtime_s: 20,
+                targets: vec![Kind::Local, Kind::Vmha],
+                jobs: vec![ALL[1].name.into()],
+                scratch_dir: String::new(),
+                vmha_fs_bin: None,
+                vmha_fs_mtime_unix: None,
+                elapsed_s: 0.0,
+            },
+            runs: vec![
+                run(Kind::Local, metrics(1000.0, Some(100.0))),
+                run(Kind::Vmha, metrics(250.0, Some(400.0))),
+            ],
+            notes: vec![],
+        };
+        res.compute_ratios();
+        let v = res.runs[1].vs_local.clone();
+        assert!(v
+            .as_ref()
+            .is_some_and(|v| (v.throughput - 0.25).abs() < 1e-9));
+        assert!(v.is_some_and(|v| v.durable_write_time == Some(4.0)));
+        assert!(res.runs[0].vs_local.is_none());
+        let md = res.markdown();
+        assert!(md.contains("0.25× (durable 4.00× slower)"));
+        assert!(md.contains("| vmha | 10.0 | 9.00 | 20.0 |"));
+    }
+}

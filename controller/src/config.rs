@@ -1,0 +1,1232 @@
+//! The cluster configuration: one TOML file, identical on both nodes
+//! (design, "Interfaces"), parsed strictly and validated before anything runs.
+//!
+//! Parsing rejects unknown keys (`deny_unknown_fields`, the TOML error names the
+//! key and its line). Validation then reports the first problem found, each as
+//! its own [`ConfigError`] variant naming the node, module or key.
+//!
+//! Choices where the design is silent:
+//! - Required keys: `cluster.name`, every node's `name` and `addresses`, every
+//!   module's `name`, `replicated` and `port`. Everything else defaults to the
+//!   value shown in the design's example (`domain` defaults to the module name,
+//!   `replication_network` to the last network). A port is required rather
+//!   than derived, so that reordering modules never moves a port.
+//! - Module names become file names in the state directory, so they are limited
+//!   to `[A-Za-z0-9_.-]`, not starting with a dot.
+//! - Replicated paths must be absolute, without `..`, and no two of them (in the
+//!   same module or across modules) may be equal or nested: each is mounted over
+//!   by exactly one module's filesystem.
+//! - Two modules may not drive the same libvirt domain on the same URI.
+//! - A witness is `IP` (ICMP echo) or `IP:PORT` (TCP connect).
+//! - Zero modules is valid (a pair that only exchanges heartbeats).
+//! - [`Config::hash`] covers the whole validated configuration with defaults
+//!   filled in, so comments, key order and spelled-out defaults do not change it.
+//!   [`Config::module_hash`] covers one module plus the cluster settings its
+//!   failover decisions depend on (nodes, heartbeat timing, witnesses,
+//!   split-brain policy), so a change to another module does not block this
+//!   one's failover.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The reference product's limit, kept: a pair serves at most this many modules.
+pub const MAX_MODULES: usize = 32;
+
+/// Problems loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("expected exactly 2 [[node]] sections, found {0}")]
+    NodeCount(usize),
+    #[error("node name `{0}` is empty or used twice")]
+    DuplicateNode(String),
+    #[error("node `{0}` has no addresses")]
+    NoAddresses(String),
+    #[error("node `{node}`: address `{address}` is not an IP address")]
+    BadAddress { node: String, address: String },
+    #[error("node `{first}` has {first_count} addresses but node `{second}` has {second_count}: one per network on both")]
+    AddressCountMismatch {
+        first: String,
+        first_count: usize,
+        second: String,
+        second_count: usize,
+    },
+    #[error("node `{name}` is not in the configuration (nodes: {known})")]
+    UnknownLocalNode { name: String, known: String },
+    #[error("cluster.heartbeat_interval_ms = {interval_ms} must be above 0 and below failover_timeout_ms = {failover_ms}")]
+    HeartbeatInterval { interval_ms: u64, failover_ms: u64 },
+    #[error("cluster.split_brain = `{0}`: expected \"discard-least-changes\", \"manual\" or \"prefer:NODE\"")]
+    BadSplitBrain(String),
+    #[error("cluster.split_brain = `prefer:{0}` names an unknown node")]
+    UnknownPreferredNode(String),
+    #[error("cluster.witness `{0}` is neither IP nor IP:PORT")]
+    BadWitness(String),
+    #[error("{count} modules configured, at most {MAX_MODULES} are supported")]
+    TooManyModules { count: usize },
+    #[error(
+        "module name `{0}` is invalid: use letters, digits, `_`, `-`, `.`, not starting with `.`"
+    )]
+    BadModuleName(String),
+    #[error("module `{0}` is defined twice")]
+    DuplicateModule(String),
+    #[error("module `{0}` has no `replicated` directories")]
+    NoReplicated(String),
+    #[error("module `{module}`: replicated path `{path}` must be absolute and without `..`")]
+    RelativeReplicated { module: String, path: PathBuf },
+    #[error("replicated path `{path}` of module `{module}` overlaps `{other_path}` of module `{other_module}`")]
+    OverlappingReplicated {
+        module: String,
+        path: PathBuf,
+        other_module: String,
+        other_path: PathBuf,
+    },
+    #[error("module `{0}` has no `port`")]
+    NoPort(String),
+    #[error("{owner}: port 0 is not allowed")]
+    ZeroPort { owner: String },
+    #[error("port {port} is used by both {first} and {second}")]
+    DuplicatePort {
+        port: u16,
+        first: String,
+        second: String,
+    },
+    #[error("modules `{first}` and `{second}` drive the same libvirt domain `{domain}`")]
+    DuplicateDomain {
+        domain: String,
+        first: String,
+        second: String,
+    },
+    #[error(
+        "module `{module}`: replication_network = {index} but nodes have {networks} addresses"
+    )]
+    ReplicationNetwork {
+        module: String,
+        index: usize,
+        networks: usize,
+    },
+    #[error("module `{module}`: default_primary = `{node}` names an unknown node")]
+    UnknownDefaultPrimary { module: String, node: String },
+    #[error("module `{module}`: lock_timeout_ms = {lock_timeout_ms} must exceed failover_timeout_ms + heartbeat_interval_ms = {minimum}")]
+    LockTimeout {
+        module: String,
+        lock_timeout_ms: u64,
+        minimum: u64,
+    },
+    #[error("module `{0}`: maxloop must be at least 1")]
+    ZeroMaxloop(String),
+    #[error("module `{0}`: loop_interval_s must be at least 1")]
+    ZeroLoopInterval(String),
+    #[error("cannot serialise the configuration for hashing: {0}")]
+    Canonical(#[from] serde_json::Error),
+}
+
+/// Which of the two `[[node]]` sections a node is (0 or 1, in file order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeIndex(u8);
+
+impl NodeIndex {
+    pub const FIRST: NodeIndex = NodeIndex(0);
+    pub const SECOND: NodeIndex = NodeIndex(1);
+
+    /// Position in [`Config::nodes`].
+    pub fn get(self) -> usize {
+        usize::from(self.0)
+    }
+
+    /// The other node of the pair.
+    pub fn peer(self) -> NodeIndex {
+        NodeIndex(1 - self.0)
+    }
+}
+
+/// A blake3 digest, shown and serialised as hex (it travels in heartbeats).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    fn of_json<T: Serialize>(domain: &str, value: &T) -> Result<Digest, serde_json::Error> {
+        let mut hasher = blake3::Hasher::new();
+        // A domain separator: the cluster hash and a module hash never collide.
+        hasher.update(domain.as_bytes());
+        hasher.update(&[0]);
+        serde_json::to_writer(&mut hasher, value)?;
+        Ok(Digest(*hasher.finalize().as_bytes()))
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({self})")
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom("expected 64 hex digits");
+        if text.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            let pair = text.get(2 * i..2 * i + 2).ok_or_else(bad)?;
+            *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+        }
+        Ok(Digest(out))
+    }
+}
+
+/// How a split brain is resolved when the two sides meet again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum SplitBrainPolicy {
+    /// The side that dirtied fewer bytes since the split is resynchronised.
+    DiscardLeastChanges,
+    /// Nothing is discarded automatically; `vmctl prim` on the side to keep.
+    Manual,
+    /// This node's data always wins.
+    Prefer(NodeIndex),
+}
+
+/// A split-brain witness: reachable if it answers ("refused" counts as an answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Witness {
+    Icmp(IpAddr),
+    Tcp(SocketAddr),
+}
+
+/// The `[cluster]` section, validated, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub key_file: PathBuf,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub heartbeat_port: u16,
+    pub heartbeat_interval_ms: u64,
+    pub failover_timeout_ms: u64,
+    pub start_wait_ms: u64,
+    pub witness: Vec<Witness>,
+    pub split_brain: SplitBrainPolicy,
+}
+
+/// One `[[node]]`: its addresses, one per network, production first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// One `[[module]]`: a VM and its replicated directories.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Module {
+    pub name: String,
+    pub domain: String,
+    pub libvirt_uri: String,
+    pub replicated: Vec<PathBuf>,
+    pub port: u16,
+    pub replication_network: usize,
+    pub default_primary: Option<NodeIndex>,
+    pub failover: bool,
+    pub lock_timeout_ms: u64,
+    pub stop_timeout_s: u64,
+    pub rate_limit_mb_s: u64,
+    pub maxloop: u32,
+    pub loop_interval_s: u64,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub cluster: Cluster,
+    pub nodes: [Node; 2],
+    pub modules: Vec<Module>,
+    #[serde(skip)]
+    hash: Digest,
+    #[serde(skip)]
+    module_hashes: Vec<Digest>,
+}
+
+/// The part of the cluster a module's failover decisions depend on.
+#[derive(Serialize)]
+struct ModuleScope<'a> {
+    nodes: &'a [Node; 2],
+    heartbeat_port: u16,
+    heartbeat_interval_ms: u64,
+    failover_timeout_ms: u64,
+    witness: &'a [Witness],
+    split_brain: &'a SplitBrainPolicy,
+    module: &'a Module,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// Parses and validates a configuration held in memory.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        raw.validate()
+    }
+
+    /// The index of the node called `name` (the `--node` argument).
+    pub fn local_node(&self, name: &str) -> Result<NodeIndex, ConfigError> {
+        match self.nodes.iter().position(|n| n.name == name) {
+            Some(0) => Ok(NodeIndex::FIRST),
+            Some(_) => Ok(NodeIndex::SECOND),
+            None => Err(ConfigError::UnknownLocalNode {
+                name: name.to_string(),
+                known: self
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    pub fn node(&self, index: NodeIndex) -> &Node {
+        &self.nodes[index.get()]
+    }
+
+    pub fn module(&self, name: &str) -> Option<&Module> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+
+    /// Digest of the whole configuration, compared between nodes in heartbeats.
+    pub fn hash(&self) -> Digest {
+        self.hash
+    }
+
+    /// Digest of what one module's failover decisions depend on.
+    pub fn module_hash(&self, module: &str) -> Option<Digest> {
+        let index = self.modules.iter().position(|m| m.name == module)?;
+        self.module_hashes.get(index).copied()
+    }
+
+    fn with_hashes(mut self) -> Result<Config, ConfigError> {
+        self.hash = Digest::of_json("vmha config v1", &self)?;
+        self.module_hashes = self
+            .modules
+            .iter()
+            .map(|module| {
+                Digest::of_json(
+                    "vmha module v1",
+                    &ModuleScope {
+                        nodes: &self.nodes,
+                        heartbeat_port: self.cluster.heartbeat_port,
+                        heartbeat_interval_ms: self.cluster.heartbeat_interval_ms,
+                        failover_timeout_ms: self.cluster.failover_timeout_ms,
+                        witness: &self.cluster.witness,
+                        split_brain: &self.cluster.split_brain,
+                        module,
+                    },
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(self)
+    }
+}
+
+// ---- the file as written, before validation ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cluster: RawCluster,
+    #[serde(default, rename = "node")]
+    nodes: Vec<RawNode>,
+    #[serde(default, rename = "module")]
+    modules: Vec<RawModule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    #[serde(default = "defaults::key_file")]
+    key_file: PathBuf,
+    #[serde(default = "defaults::state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "defaults::control_socket")]
+    control_socket: PathBuf,
+    #[serde(default = "defaults::heartbeat_port")]
+    heartbeat_port: u16,
+    #[serde(default = "defaults::heartbeat_interval_ms")]
+    heartbeat_interval_ms: u64,
+    #[serde(default = "defaults::failover_timeout_ms")]
+    failover_timeout_ms: u64,
+    #[serde(default = "defaults::start_wait_ms")]
+    start_wait_ms: u64,
+    #[serde(default)]
+    witness: Vec<String>,
+    #[serde(default = "defaults::split_brain")]
+    split_brain: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    addresses: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModule {
+    name: String,
+    domain: Option<String>,
+    #[serde(default = "defaults::libvirt_uri")]
+    libvirt_uri: String,
+    // Optional here so that its absence is reported with the module's name.
+    replicated: Option<Vec<PathBuf>>,
+    port: Option<u16>,
+    replication_network: Option<usize>,
+    default_primary: Option<String>,
+    #[serde(default = "defaults::failover")]
+    failover: bool,
+    #[serde(default = "defaults::lock_timeout_ms")]
+    lock_timeout_ms: u64,
+    #[serde(default = "defaults::stop_timeout_s")]
+    stop_timeout_s: u64,
+    #[serde(default)]
+    rate_limit_mb_s: u64,
+    #[serde(default = "defaults::maxloop")]
+    maxloop: u32,
+    #[serde(default = "defaults::loop_interval_s")]
+    loop_interval_s: u64,
+}
+
+/// Defaults: the values of the design's example.
+mod defaults {
+    use std::path::PathBuf;
+
+    pub fn key_file() -> PathBuf {
+        "/etc/vmha/cluster.key".into()
+    }
+    pub fn state_dir() -> PathBuf {
+        "/var/lib/vmha".into()
+    }
+    pub fn control_socket() -> PathBuf {
+        "/run/vmha/vmhad.sock".into()
+    }
+    pub fn heartbeat_port() -> u16 {
+        7100
+    }
+    pub fn heartbeat_interval_ms() -> u64 {
+        500
+    }
+    pub fn failover_timeout_ms() -> u64 {
+        3000
+    }
+    pub fn start_wait_ms() -> u64 {
+        10_000
+    }
+    pub fn split_brain() -> String {
+        "discard-least-changes".into()
+    }
+    pub fn libvirt_uri() -> String {
+        "qemu:///system".into()
+    }
+    pub fn failover() -> bool {
+        true
+    }
+    pub fn lock_timeout_ms() -> u64 {
+        5000
+    }
+    pub fn stop_timeout_s() -> u64 {
+        60
+    }
+    pub fn maxloop() -> u32 {
+        3
+    }
+    pub fn loop_interval_s() -> u64 {
+        86_400
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let nodes = validate_nodes(self.nodes)?;
+        let node_index = |name: &str| {
+            nodes.iter().position(|n| n.name == name).map(|i| {
+                if i == 0 {
+                    NodeIndex::FIRST
+                } else {
+                    NodeIndex::SECOND
+                }
+            })
+        };
+        let cluster = validate_cluster(self.cluster, &node_index)?;
+        if self.modules.len() > MAX_MODULES {
+            return Err(ConfigError::TooManyModules {
+                count: self.modules.len(),
+            });
+        }
+        let networks = nodes[0].addresses.len();
+        let mut modules = Vec::with_capacity(self.modules.len());
+        for raw in self.modules {
+            modules.push(raw.validate(&cluster, networks, &node_index)?);
+        }
+        check_uniqueness(&cluster, &modules)?;
+        Config {
+            cluster,
+            nodes,
+            modules,
+            hash: Digest([0; 32]),
+            module_hashes: Vec::new(),
+        }
+        .with_hashes()
+    }
+}
+
+fn validate_nodes(raw: Vec<RawNode>) -> Result<[Node; 2], ConfigError> {
+    let count = raw.len();
+    let mut nodes = Vec::with_capacity(count);
+    for node in raw {
+        if node.addresses.is_empty() {
+            return Err(ConfigError::NoAddresses(node.name));
+        }
+        let addresses = node
+            .addresses
+            .iter()
+            .map(|a| {
+                a.parse::<IpAddr>().map_err(|_| ConfigError::BadAddress {
+                    node: node.name.clone(),
+                    address: a.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        nodes.push(Node {
+            name: node.name,
+            addresses,
+        });
+    }
+    let [first, second]: [Node; 2] = nodes
+        .try_into()
+        .map_err(|_| ConfigError::NodeCount(count))?;
+    for name in [&first.name, &second.name] {
+        if name.is_empty() {
+            return Err(ConfigError::DuplicateNode(name.clone()));
+        }
+    }
+    if first.name == second.name {
+        return Err(ConfigError::DuplicateNode(first.name));
+    }
+    if first.addresses.len() != second.addresses.len() {
+        return Err(ConfigError::AddressCountMismatch {
+            first: first.name,
+            first_count: first.addresses.len(),
+            second: second.name,
+            second_count: second.addresses.len(),
+        });
+    }
+    Ok([first, second])
+}
+
+fn validate_cluster(
+    raw: RawCluster,
+    node_index: &dyn Fn(&str) -> Option<NodeIndex>,
+) -> Result<Cluster, ConfigError> {
+    if raw.heartbeat_interval_ms == 0 || raw.heartbeat_interval_ms >= raw.failover_timeout_ms {
+        return Err(ConfigError::HeartbeatInterval {
+            interval_ms: raw.heartbeat_interval_ms,
+            failover_ms: raw.failover_timeout_ms,
+        });
+    }
+    if raw.heartbeat_port == 0 {
+        return Err(ConfigError::ZeroPort {
+            owner: "cluster heartbeat_port".into(),
+        });
+    }
+    let split_brain = match raw.split_brain.as_str() {
+        "discard-least-changes" => SplitBrainPolicy::DiscardLeastChanges,
+        "manual" => SplitBrainPolicy::Manual,
+        other => match other.strip_prefix("prefer:") {
+            Some(node) => SplitBrainPolicy::Prefer(
+                node_index(node).ok_or_else(|| ConfigError::UnknownPreferredNode(node.into()))?,
+            ),
+            None => return Err(ConfigError::BadSplitBrain(raw.split_brain)),
+        },
+    };
+    let witness = raw
+        .witness
+        .iter()
+        .map(|w| {
+            if let Ok(ip) = w.parse::<IpAddr>() {
+                Ok(Witness::Icmp(ip))
+            } else if let Ok(sock) = w.parse::<SocketAddr>() {
+                Ok(Witness::Tcp(sock))
+            } else {
+                Err(ConfigError::BadWitness(w.clone()))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Cluster {
+        name: raw.name,
+        key_file: raw.key_file,
+        state_dir: raw.state_dir,
+        control_socket: raw.control_socket,
+        heartbeat_port: raw.heartbeat_port,
+        heartbeat_interval_ms: raw.heartbeat_interval_ms,
+        failover_timeout_ms: raw.failover_timeout_ms,
+        start_wait_ms: raw.start_wait_ms,
+        witness,
+        split_brain,
+    })
+}
+
+impl RawModule {
+    fn validate(
+        self,
+        cluster: &Cluster,
+        networks: usize,
+        node_index: &dyn Fn(&str) -> Option<NodeIndex>,
+    ) -> Result<Module, ConfigError> {
+        let name = self.name;
+        let valid_name = !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        if !valid_name {
+            return Err(ConfigError::BadModuleName(name));
+        }
+        let replicated = match self.replicated {
+            Some(paths) if !paths.is_empty() => paths,
+            _ => return Err(ConfigError::NoReplicated(name)),
+        };
+        for path in &replicated {
+            let clean = path.is_absolute()
+                && path
+                    .components()
+                    .all(|c| !matches!(c, Component::ParentDir | Component::CurDir));
+            if !clean {
+                return Err(ConfigError::RelativeReplicated {
+                    module: name,
+                    path: path.clone(),
+                });
+            }
+        }
+        let port = match self.port {
+            Some(0) => {
+                return Err(ConfigError::ZeroPort {
+                    owner: format!("module `{name}`"),
+                })
+            }
+            Some(port) => port,
+            None => return Err(ConfigError::NoPort(name)),
+        };
+        let replication_network = self.replication_network.unwrap_or(networks - 1);
+        if replication_network >= networks {
+            return Err(ConfigError::ReplicationNetwork {
+                module: name,
+                index: replication_network,
+                networks,
+            });
+        }
+        let default_primary = match self.default_primary {
+            None => None,
+            Some(node) => match node_index(&node) {
+                Some(index) => Some(index),
+                None => {
+                    return Err(ConfigError::UnknownDefaultPrimary { module: name, node });
+                }
+            },
+        };
+        let minimum = cluster.failover_timeout_ms + cluster.heartbeat_interval_ms;
+        if self.lock_timeout_ms <= minimum {
+            return Err(ConfigError::LockTimeout {
+                module: name,
+                lock_timeout_ms: self.lock_timeout_ms,
+                minimum,
+            });
+        }
+        if self.maxloop == 0 {
+            return Err(ConfigError::ZeroMaxloop(name));
+        }
+        if self.loop_interval_s == 0 {
+            return Err(ConfigError::ZeroLoopInterval(name));
+        }
+        Ok(Module {
+            domain: self.domain.unwrap_or_else(|| name.clone()),
+            name,
+            libvirt_uri: self.libvirt_uri,
+            replicated,
+            port,
+            replication_network,
+            default_primary,
+            failover: self.failover,
+            lock_timeout_ms: self.lock_timeout_ms,
+            stop_timeout_s: self.stop_timeout_s,
+            rate_limit_mb_s: self.rate_limit_mb_s,
+            maxloop: self.maxloop,
+            loop_interval_s: self.loop_interval_s,
+        })
+    }
+}
+
+/// Checks across modules: names, ports, domains, replicated paths.
+fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigError> {
+    let mut names = HashSet::new();
+    let mut ports: HashMap<u16, String> = HashMap::new();
+    ports.insert(cluster.heartbeat_port, "cluster heartbeat_port".into());
+    let mut domains: HashMap<(&str, &str), &str> = HashMap::new();
+    let mut paths: Vec<(&Path, &str)> = Vec::new();
+    for module in modules {
+        if !names.insert(module.name.as_str()) {
+            return Err(ConfigError::DuplicateModule(module.name.clone()));
+        }
+        let owner = format!("module `{}`", module.name);
+        if let Some(first) = ports.insert(module.port, owner.clone()) {
+            return Err(ConfigError::DuplicatePort {
+                port: module.port,
+                first,
+                second: owner,
+            });
+        }
+        let key = (module.libvirt_uri.as_str(), module.domain.as_str());
+        if let Some(first) = domains.insert(key, &module.name) {
+            return Err(ConfigError::DuplicateDomain {
+                domain: module.domain.clone(),
+                first: first.into(),
+                second: module.name.clone(),
+            });
+        }
+        for path in &module.replicated {
+            // Component-wise: /a/b is inside /a, /ab is not.
+            if let Some((other_path, other_module)) = paths
+                .iter()
+                .find(|(other, _)| path.starts_with(other) || other.starts_with(path))
+            {
+                return Err(ConfigError::OverlappingReplicated {
+                    module: module.name.clone(),
+                    path: path.clone(),
+                    other_module: (*other_module).into(),
+                    other_path: other_path.to_path_buf(),
+                });
+            }
+            paths.push((path, &module.name));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the design, verbatim.
+    const DESIGN_EXAMPLE: &str = r#"
+[cluster]
+name = "pair1"
+key_file = "/etc/vmha/cluster.key"
+state_dir = "/var/lib/vmha"          # per-node metadata: generations, dirty maps
+control_socket = "/run/vmha/vmhad.sock"
+heartbeat_port = 7100                 # UDP, on every address of every node
+heartbeat_interval_ms = 500
+failover_timeout_ms = 3000           # all networks silent this long = peer dead
+start_wait_ms = 10000                # at start, how long to look for the peer
+witness = []                          # optional split-brain witness addresses
+                                      # (ICMP echo or TCP connect; "refused" = reachable)
+split_brain = "discard-least-changes" # or "manual", "prefer:NODE"
+                                      # least changes = fewer bytes dirtied since the split
+
+[[node]]
+name = "node1"
+addresses = ["10.0.0.1", "10.1.0.1"]  # one per network: production first, then dedicated links
+
+[[node]]
+name = "node2"
+addresses = ["10.0.0.2", "10.1.0.2"]
+
+[[module]]
+name = "vm1"
+domain = "vm1"                        # libvirt domain name
+libvirt_uri = "qemu:///system"
+replicated = ["/var/lib/libvirt/images/vm1"]   # mounted over
+port = 7101                           # replication port of this module (all its dirs)
+replication_network = 1               # index into addresses (default: the last)
+default_primary = "node1"             # optional: swap back after reintegration
+failover = true
+lock_timeout_ms = 5000                # > failover_timeout_ms + heartbeat_interval_ms
+stop_timeout_s = 60                   # ACPI shutdown wait before destroy
+rate_limit_mb_s = 0                   # resync rate limit, 0 = none
+maxloop = 3
+loop_interval_s = 86400
+"#;
+
+    /// The smallest valid file: everything else defaulted.
+    const MINIMAL: &str = r#"
+[cluster]
+name = "pair1"
+
+[[node]]
+name = "node1"
+addresses = ["10.0.0.1", "10.1.0.1"]
+
+[[node]]
+name = "node2"
+addresses = ["10.0.0.2", "10.1.0.2"]
+
+[[module]]
+name = "vm1"
+replicated = ["/var/lib/libvirt/images/vm1"]
+port = 7101
+default_primary = "node1"
+"#;
+
+    fn err(text: &str) -> ConfigError {
+        match Config::from_toml_str(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    /// MINIMAL with one line replaced (`from` must occur).
+    fn edit(from: &str, to: &str) -> String {
+        assert!(MINIMAL.contains(from), "{from}");
+        MINIMAL.replacen(from, to, 1)
+    }
+
+    /// MINIMAL plus a second module.
+    fn with_module(module: &str) -> String {
+        format!("{MINIMAL}\n[[module]]\n{module}\n")
+    }
+
+    #[test]
+    fn design_example_is_valid() {
+        let config = Config::from_toml_str(DESIGN_EXAMPLE).unwrap();
+        assert_eq!(config.cluster.name, "pair1");
+        assert_eq!(config.cluster.heartbeat_port, 7100);
+        assert_eq!(
+            config.cluster.split_brain,
+            SplitBrainPolicy::DiscardLeastChanges
+        );
+        assert!(config.cluster.witness.is_empty());
+        assert_eq!(config.nodes[1].addresses[1].to_string(), "10.1.0.2");
+        let vm1 = config.module("vm1").unwrap();
+        assert_eq!(vm1.domain, "vm1");
+        assert_eq!(
+            vm1.replicated,
+            vec![PathBuf::from("/var/lib/libvirt/images/vm1")]
+        );
+        assert_eq!(vm1.port, 7101);
+        assert_eq!(vm1.replication_network, 1);
+        assert_eq!(vm1.default_primary, Some(NodeIndex::FIRST));
+        assert!(vm1.failover);
+        assert_eq!((vm1.maxloop, vm1.loop_interval_s), (3, 86_400));
+        assert_eq!(config.local_node("node2").unwrap(), NodeIndex::SECOND);
+        assert_eq!(NodeIndex::SECOND.peer(), NodeIndex::FIRST);
+    }
+
+    #[test]
+    fn defaults_equal_the_design_example_and_hash_alike() {
+        let full = Config::from_toml_str(DESIGN_EXAMPLE).unwrap();
+        let minimal = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(full, minimal);
+        assert_eq!(full.hash(), minimal.hash());
+        assert_eq!(full.module_hash("vm1"), minimal.module_hash("vm1"));
+        assert_eq!(full.hash().to_string().len(), 64);
+    }
+
+    #[test]
+    fn hashes_follow_what_changed() {
+        let base = Config::from_toml_str(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102",
+        ))
+        .unwrap();
+        let vm2_changed = Config::from_toml_str(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102\nmaxloop = 5",
+        ))
+        .unwrap();
+        assert_ne!(base.hash(), vm2_changed.hash());
+        assert_eq!(base.module_hash("vm1"), vm2_changed.module_hash("vm1"));
+        assert_ne!(base.module_hash("vm2"), vm2_changed.module_hash("vm2"));
+        // A cluster-wide timing change concerns every module.
+        let timing = Config::from_toml_str(
+            &with_module("name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102").replace(
+                "name = \"pair1\"",
+                "name = \"pair1\"\nfailover_timeout_ms = 2000",
+            ),
+        )
+        .unwrap();
+        assert_ne!(base.module_hash("vm1"), timing.module_hash("vm1"));
+        assert_eq!(base.module_hash("nope"), None);
+    }
+
+    #[test]
+    fn digest_round_trips_through_json() {
+        let hash = Config::from_toml_str(MINIMAL).unwrap().hash();
+        let json = serde_json::to_string(&hash).unwrap();
+        assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), hash);
+        assert!(serde_json::from_str::<Digest>("\"abc\"").is_err());
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmha.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        assert!(Config::load(&path).is_ok());
+        let missing = dir.path().join("nope.toml");
+        let e = Config::load(&missing).unwrap_err();
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        for (from, to, key) in [
+            (
+                "name = \"pair1\"",
+                "name = \"pair1\"\nheartbeat_prot = 1",
+                "heartbeat_prot",
+            ),
+            ("port = 7101", "port = 7101\nfailvoer = true", "failvoer"),
+            (
+                "name = \"node1\"",
+                "name = \"node1\"\naddress = []",
+                "address",
+            ),
+            ("[cluster]", "[clutser]\n[cluster]", "clutser"),
+        ] {
+            let e = err(&edit(from, to));
+            assert!(matches!(e, ConfigError::Parse(_)), "{e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn module_without_replicated_is_named() {
+        let e = err(&edit(
+            "replicated = [\"/var/lib/libvirt/images/vm1\"]\n",
+            "",
+        ));
+        assert!(
+            matches!(&e, ConfigError::NoReplicated(m) if m == "vm1"),
+            "{e}"
+        );
+        let e = err(&edit("[\"/var/lib/libvirt/images/vm1\"]", "[]"));
+        assert!(
+            matches!(&e, ConfigError::NoReplicated(m) if m == "vm1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replicated_paths_must_be_absolute_and_clean() {
+        for bad in ["images/vm1", "/var/lib/../vm1", "vm1"] {
+            let e = err(&edit("/var/lib/libvirt/images/vm1", bad));
+            assert!(
+                matches!(&e, ConfigError::RelativeReplicated { module, .. } if module == "vm1"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn replicated_paths_may_not_overlap() {
+        for other in [
+            "/var/lib/libvirt/images/vm1",
+            "/var/lib/libvirt/images/vm1/",
+            "/var/lib/libvirt/images",
+            "/var/lib/libvirt/images/vm1/disks",
+        ] {
+            let e = err(&with_module(&format!(
+                "name = \"vm2\"\nreplicated = [\"{other}\"]\nport = 7102"
+            )));
+            assert!(
+                matches!(&e, ConfigError::OverlappingReplicated { module, other_module, .. }
+                    if module == "vm2" && other_module == "vm1"),
+                "{other}: {e}"
+            );
+        }
+        // A sibling with a common name prefix is fine.
+        Config::from_toml_str(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/var/lib/libvirt/images/vm10\"]\nport = 7102",
+        ))
+        .unwrap();
+        // Within one module too.
+        let e = err(&edit(
+            "[\"/var/lib/libvirt/images/vm1\"]",
+            "[\"/srv/a\", \"/srv/a/b\"]",
+        ));
+        assert!(
+            matches!(e, ConfigError::OverlappingReplicated { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_module_names() {
+        let e = err(&with_module(
+            "name = \"vm1\"\nreplicated = [\"/srv/vm2\"]\nport = 7102\ndomain = \"x\"",
+        ));
+        assert!(
+            matches!(&e, ConfigError::DuplicateModule(m) if m == "vm1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_module_names() {
+        for bad in ["", ".hidden", "a/b", "vm 1"] {
+            let e = err(&edit("name = \"vm1\"", &format!("name = \"{bad}\"")));
+            assert!(matches!(e, ConfigError::BadModuleName(_)), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_ports() {
+        let e = err(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7101",
+        ));
+        assert!(
+            matches!(&e, ConfigError::DuplicatePort { port: 7101, second, .. } if second.contains("vm2")),
+            "{e}"
+        );
+        let e = err(&edit("port = 7101", "port = 7100"));
+        assert!(
+            matches!(&e, ConfigError::DuplicatePort { port: 7100, first, .. } if first.contains("heartbeat_port")),
+            "{e}"
+        );
+        assert!(e.to_string().contains("vm1"), "{e}");
+        let e = err(&edit("port = 7101", "port = 0"));
+        assert!(matches!(e, ConfigError::ZeroPort { .. }), "{e}");
+        let e = err(&edit("port = 7101\n", ""));
+        assert!(matches!(&e, ConfigError::NoPort(m) if m == "vm1"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_domains() {
+        let e = err(&with_module(
+            "name = \"vm2\"\ndomain = \"vm1\"\nreplicated = [\"/srv/vm2\"]\nport = 7102",
+        ));
+        assert!(matches!(e, ConfigError::DuplicateDomain { .. }), "{e}");
+    }
+
+    #[test]
+    fn local_node_must_exist() {
+        let config = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(config.local_node("node1").unwrap(), NodeIndex::FIRST);
+        let e = config.local_node("node3").unwrap_err();
+        assert!(matches!(e, ConfigError::UnknownLocalNode { .. }));
+        assert!(e.to_string().contains("node3") && e.to_string().contains("node1, node2"));
+    }
+
+    #[test]
+    fn exactly_two_nodes() {
+        let one = edit(
+            "[[node]]\nname = \"node2\"\naddresses = [\"10.0.0.2\", \"10.1.0.2\"]\n",
+            "",
+        );
+        assert!(matches!(err(&one), ConfigError::NodeCount(1)));
+        let three = edit(
+            "[[module]]",
+            "[[node]]\nname = \"node3\"\naddresses = [\"10.0.0.3\", \"10.1.0.3\"]\n\n[[module]]",
+        );
+        assert!(matches!(err(&three), ConfigError::NodeCount(3)));
+        let same = edit("name = \"node2\"", "name = \"node1\"");
+        assert!(matches!(err(&same), ConfigError::DuplicateNode(_)));
+    }
+
+    #[test]
+    fn node_addresses() {
+        let e = err(&edit("[\"10.0.0.2\", \"10.1.0.2\"]", "[\"10.0.0.2\"]"));
+        assert!(
+            matches!(
+                &e,
+                ConfigError::AddressCountMismatch {
+                    first_count: 2,
+                    second_count: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = err(&edit("\"10.1.0.2\"", "\"node2.example\""));
+        assert!(
+            matches!(&e, ConfigError::BadAddress { node, address } if node == "node2" && address == "node2.example"),
+            "{e}"
+        );
+        let e = err(&edit("[\"10.0.0.2\", \"10.1.0.2\"]", "[]"));
+        assert!(
+            matches!(&e, ConfigError::NoAddresses(n) if n == "node2"),
+            "{e}"
+        );
+        // IPv6 is an IP too.
+        Config::from_toml_str(&edit("\"10.1.0.2\"", "\"fd00::2\"")).unwrap();
+    }
+
+    #[test]
+    fn replication_network_range_and_default() {
+        let e = err(&edit("port = 7101", "port = 7101\nreplication_network = 2"));
+        assert!(
+            matches!(&e, ConfigError::ReplicationNetwork { module, index: 2, networks: 2 } if module == "vm1"),
+            "{e}"
+        );
+        let first =
+            Config::from_toml_str(&edit("port = 7101", "port = 7101\nreplication_network = 0"))
+                .unwrap();
+        assert_eq!(first.modules[0].replication_network, 0);
+        let default = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(default.modules[0].replication_network, 1);
+    }
+
+    #[test]
+    fn default_primary_and_prefer_name_known_nodes() {
+        let e = err(&edit(
+            "default_primary = \"node1\"",
+            "default_primary = \"node9\"",
+        ));
+        assert!(
+            matches!(&e, ConfigError::UnknownDefaultPrimary { module, node } if module == "vm1" && node == "node9"),
+            "{e}"
+        );
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nsplit_brain = \"prefer:node9\"",
+        ));
+        assert!(
+            matches!(&e, ConfigError::UnknownPreferredNode(n) if n == "node9"),
+            "{e}"
+        );
+        let ok = Config::from_toml_str(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nsplit_brain = \"prefer:node2\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.cluster.split_brain,
+            SplitBrainPolicy::Prefer(NodeIndex::SECOND)
+        );
+    }
+
+    #[test]
+    fn split_brain_forms() {
+        let manual = Config::from_toml_str(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nsplit_brain = \"manual\"",
+        ))
+        .unwrap();
+        assert_eq!(manual.cluster.split_brain, SplitBrainPolicy::Manual);
+        for bad in ["least-changes", "prefer", "Manual", ""] {
+            let e = err(&edit(
+                "name = \"pair1\"",
+                &format!("name = \"pair1\"\nsplit_brain = \"{bad}\""),
+            ));
+            assert!(matches!(e, ConfigError::BadSplitBrain(_)), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn lock_timeout_must_exceed_failover_plus_interval() {
+        let e = err(&edit("port = 7101", "port = 7101\nlock_timeout_ms = 3500"));
+        assert!(
+            matches!(&e, ConfigError::LockTimeout { module, lock_timeout_ms: 3500, minimum: 3500 } if module == "vm1"),
+            "{e}"
+        );
+        Config::from_toml_str(&edit("port = 7101", "port = 7101\nlock_timeout_ms = 3501")).unwrap();
+    }
+
+    #[test]
+    fn heartbeat_interval_bounds() {
+        for interval in ["0", "3000", "4000"] {
+            let e = err(&edit(
+                "name = \"pair1\"",
+                &format!("name = \"pair1\"\nheartbeat_interval_ms = {interval}"),
+            ));
+            assert!(
+                matches!(e, ConfigError::HeartbeatInterval { .. }),
+                "{interval}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_modules() {
+        let mut text = MINIMAL.to_string();
+        for i in 2..=33 {
+            text.push_str(&format!(
+                "\n[[module]]\nname = \"vm{i}\"\nreplicated = [\"/srv/vm{i}\"]\nport = {}\n",
+                7200 + i
+            ));
+        }
+        assert!(matches!(
+            err(&text),
+            ConfigError::TooManyModules { count: 33 }
+        ));
+        // 32 is fine.
+        let cut = text.rfind("\n[[module]]").unwrap();
+        assert_eq!(
+            Config::from_toml_str(&text[..cut]).unwrap().modules.len(),
+            32
+        );
+    }
+
+    #[test]
+    fn maxloop_and_loop_interval_must_be_positive() {
+        let e = err(&edit("port = 7101", "port = 7101\nmaxloop = 0"));
+        assert!(
+            matches!(&e, ConfigError::ZeroMaxloop(m) if m == "vm1"),
+            "{e}"
+        );
+        let e = err(&edit("port = 7101", "port = 7101\nloop_interval_s = 0"));
+        assert!(
+            matches!(&e, ConfigError::ZeroLoopInterval(m) if m == "vm1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn witnesses() {
+        let config = Config::from_toml_str(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nwitness = [\"10.0.0.254\", \"10.0.0.253:22\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.cluster.witness,
+            vec![
+                Witness::Icmp("10.0.0.254".parse().unwrap()),
+                Witness::Tcp("10.0.0.253:22".parse().unwrap())
+            ]
+        );
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nwitness = [\"router\"]",
+        ));
+        assert!(
+            matches!(&e, ConfigError::BadWitness(w) if w == "router"),
+            "{e}"
+        );
+    }
+}

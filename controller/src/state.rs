@@ -1,0 +1,1013 @@
+//! The per-module cluster state machine (design, "Controller"), as a pure
+//! function: [`step`]`(state, event) -> (state, actions)`. A thin driver feeds it
+//! heartbeats, timeouts, operator commands and checker results, executes the
+//! actions in order, and persists what they ask for.
+//!
+//! # Driver contract
+//! - Actions of one step run in order. What a node announces in its heartbeats
+//!   ([`ModuleState::announce`]) is updated only once all of them have completed:
+//!   a node never claims SECOND or STOP while its VM or writer mount is still up.
+//! - `PeerSeen` carries [`Relation`] computed with [`crate::generation::compare`]
+//!   from the persisted local history and the one in the peer's heartbeat, and
+//!   whether the module's configuration hashes match.
+//! - `PeerLost` means all networks silent for `failover_timeout_ms`.
+//! - `StartWaitElapsed` comes `start_wait_ms` after `Start`; the driver may
+//!   repeat it (e.g. to retry a witness that did not answer).
+//! - `MarkPeerOutdated` completes once the peer's heartbeat shows it knows
+//!   (it reports a newer generation than its own, i.e. not up to date) or the
+//!   peer is lost; the writer holds degraded writes until then.
+//! - `Unmount` takes down whatever the module has mounted (writer or receiver)
+//!   and with it any resync in progress.
+//!
+//! # Choices where the design is silent
+//! - **Peer may be newer** is persisted *true* whenever the peer writes or may
+//!   take over without us: as SECOND, as PRIM (the SECOND may fail over after
+//!   we crash — a crash gives no chance to set it at loss time), and in
+//!   WAIT/STOP while the peer is seen writing. It is cleared only when this
+//!   node becomes the writer without a peer (ALONE). It is raised before the
+//!   other actions of the step and lowered after them, so a crash in between
+//!   errs on the safe side. Consequently a PRIM that reboots alone waits for its
+//!   peer (or `vmctl prim`); only the last node that ran ALONE restarts alone.
+//! - **Hand-over**: `stop` on the PRIM stops the VM, unmounts and goes STOP; a
+//!   ready SECOND seeing its writer STOP takes over (also with
+//!   `failover = false`: it is the operator's decision, not a failover). A
+//!   writer that goes WAIT (gave up restarting, vmha-fs failed, fenced) is
+//!   taken over only with `failover = true`.
+//! - **Swap** uses a request in the heartbeat: the PRIM stops its VM, becomes a
+//!   ready SECOND and asks [`Request::TakeOver`]; a SECOND asked by the operator
+//!   sends [`Request::HandOver`] and the PRIM performs the swap. The
+//!   `default_primary` swap-back is the PRIM doing the same on its own once the
+//!   default node is SECOND, ready and in sync.
+//! - **Hold**: a node that stepped down (gave up, fenced, vmha-fs failed,
+//!   witness unreachable) stays WAIT and only follows a writer peer (as
+//!   SECOND); it never promotes itself until `start` or `prim`.
+//! - **Witness**: probed before any ALONE decided without seeing the peer (PRIM
+//!   or SECOND losing the peer, WAIT after the start-up wait). While probing a
+//!   PRIM keeps its VM (writes wait in vmha-fs, bounded by the lock timeout).
+//!   A peer heartbeat arriving meanwhile cancels the probe.
+//! - **Two writers that see each other** (after a partition without witness,
+//!   or a frozen PRIM waking up): the one with older data (by generation) steps
+//!   down; on a split brain the policy picks the loser, which steps down and
+//!   resynchronises from the winner (a full compare; vmha-fs saves the
+//!   diverged blocks). `prim` on a node marks its data as the winner. With
+//!   `manual`, the node that loses the start tie-break steps down but keeps its
+//!   data: it waits until `prim` on the other node says which data wins.
+//! - **Restart loop**: an unexpected VM stop or a failed start counts as one
+//!   restart; after `maxloop` within `loop_interval_s` a PRIM steps down to WAIT
+//!   (the SECOND fails over), an ALONE goes STOP (nobody to fail over to).
+//! - **Configuration mismatch** (module hash differs): blocks the automatic
+//!   decisions that depend on the peer's configuration — failover from SECOND,
+//!   takeover of a writer that went WAIT, the start tie-break, swap-back.
+//! - **Deferring to the peer**: a WAIT node that sees its peer and does not
+//!   start (the peer wins the tie, or is newer) raises "peer may be newer" and
+//!   no longer counts itself up to date: the peer may start and write, then
+//!   vanish before we hear of it.
+//! - **Nothing automatic without data**: a node with an empty history never
+//!   goes ALONE on its own; the first start is `prim`.
+//! - **Degraded while connected**: the replication link down while heartbeats
+//!   arrive → the PRIM starts a new generation and marks the peer outdated; it
+//!   stays PRIM. The SECOND sees the newer generation, becomes not up to date
+//!   and asks for a resync (which resumes when the link returns).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Module, NodeIndex, SplitBrainPolicy};
+use crate::generation::Relation;
+
+/// Module states, as operators know them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Role {
+    Stop,
+    Wait,
+    Alone,
+    Prim,
+    Second,
+}
+
+impl Role {
+    /// Whether this role holds the writer mount and runs the VM.
+    pub fn is_writer(self) -> bool {
+        matches!(self, Role::Alone | Role::Prim)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Stop => "STOP",
+            Role::Wait => "WAIT",
+            Role::Alone => "ALONE",
+            Role::Prim => "PRIM",
+            Role::Second => "SECOND",
+        })
+    }
+}
+
+/// Sub-state shown next to the role (`status --json` `readiness`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    Ready,
+    Transient,
+    #[serde(rename = "not_uptodate")]
+    NotUpToDate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Colour {
+    Green,
+    Orange,
+    Red,
+}
+
+/// One of the two nodes, from the local node's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Local,
+    Peer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitBrainRule {
+    DiscardLeastChanges,
+    Manual,
+    Prefer(Side),
+}
+
+/// The module's configuration as it matters to the state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub failover: bool,
+    /// Witness addresses are configured: probe before going ALONE.
+    pub witness: bool,
+    pub default_primary: Option<Side>,
+    /// This node wins when both are equally up to date: it is the
+    /// `default_primary`, or there is none and it is the first `[[node]]`.
+    pub wins_ties: bool,
+    pub split_brain: SplitBrainRule,
+    pub maxloop: u32,
+    pub loop_interval_ms: u64,
+}
+
+impl Policy {
+    pub fn new(config: &Config, module: &Module, local: NodeIndex) -> Policy {
+        let side = |node: NodeIndex| {
+            if node == local {
+                Side::Local
+            } else {
+                Side::Peer
+            }
+        };
+        let default_primary = module.default_primary.map(side);
+        Policy {
+            failover: module.failover,
+            witness: !config.cluster.witness.is_empty(),
+            default_primary,
+            wins_ties: side(module.default_primary.unwrap_or(NodeIndex::FIRST)) == Side::Local,
+            split_brain: match config.cluster.split_brain {
+                SplitBrainPolicy::DiscardLeastChanges => SplitBrainRule::DiscardLeastChanges,
+                SplitBrainPolicy::Manual => SplitBrainRule::Manual,
+                SplitBrainPolicy::Prefer(node) => SplitBrainRule::Prefer(side(node)),
+            },
+            maxloop: module.maxloop,
+            loop_interval_ms: module.loop_interval_s.saturating_mul(1000),
+        }
+    }
+}
+
+/// A request carried in heartbeats to swap the roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Request {
+    /// "I stopped my VM and am your SECOND: become PRIM" (swap from the PRIM).
+    TakeOver,
+    /// "Let me be PRIM" (swap asked on the SECOND).
+    HandOver,
+}
+
+/// What a node puts in its heartbeats about one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    pub role: Role,
+    pub readiness: Readiness,
+    pub request: Option<Request>,
+    /// The operator forced this node primary: its data wins a split brain.
+    pub forced: bool,
+}
+
+/// The peer as seen in its latest heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub role: Role,
+    pub readiness: Readiness,
+    pub request: Option<Request>,
+    pub forced: bool,
+    /// `compare(local history, peer history)`.
+    pub relation: Relation,
+    /// The module's configuration hashes are equal.
+    pub config_match: bool,
+    /// Bytes the peer wrote since its current generation began.
+    pub changed_bytes: u64,
+}
+
+impl Peer {
+    /// The peer described by its announcement and what the driver computed.
+    pub fn from_announce(
+        announce: Announce,
+        relation: Relation,
+        config_match: bool,
+        changed_bytes: u64,
+    ) -> Peer {
+        Peer {
+            role: announce.role,
+            readiness: announce.readiness,
+            request: announce.request,
+            forced: announce.forced,
+            relation,
+            config_match,
+            changed_bytes,
+        }
+    }
+}
+
+/// The local node's latest knowledge of its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKnowledge {
+    /// Not seen since this process started.
+    Unknown,
+    Seen(Peer),
+    /// All networks silent for the failover timeout; the last heartbeat.
+    Lost(Peer),
+}
+
+/// Resync progress, for `vmctl status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// Inputs of the state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `vmctl start` (also sent by the driver when the daemon starts).
+    Start,
+    /// `vmctl stop`.
+    Stop,
+    /// `vmctl swap`.
+    Swap,
+    /// `vmctl prim`: force this node to run the module with its data.
+    PrimForced,
+    /// A heartbeat from the peer; `local_changed_bytes` are the bytes this node
+    /// wrote since its current generation began (for the split-brain rule).
+    PeerSeen {
+        peer: Peer,
+        local_changed_bytes: u64,
+    },
+    /// All networks silent for the failover timeout.
+    PeerLost,
+    StartWaitElapsed,
+    ResyncProgress(Progress),
+    ResyncDone,
+    /// A `StartVm` completed: the domain runs.
+    VmStarted,
+    /// The domain stopped without us asking (checker).
+    VmStopped {
+        now_ms: u64,
+    },
+    /// A `StartVm` failed.
+    VmStartFailed {
+        now_ms: u64,
+    },
+    /// The module's vmha-fs died, its mount stopped answering, or the local
+    /// disk returned I/O errors.
+    FsFailed,
+    /// The replication link failed while heartbeats still arrive.
+    ReplicationLinkDown,
+    /// The peer's receiver refused our writes: our generation is stale.
+    Fenced,
+    WitnessResult {
+        reachable: bool,
+    },
+}
+
+/// Outputs, executed in order by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Mount the replicated directories with vmha-fs as the writer.
+    MountWriter,
+    /// Run the vmha-fs receiver (directories read-only locally).
+    MountReceiver,
+    /// Take down the writer or receiver (and any resync).
+    Unmount,
+    /// Define the libvirt domain from `<dir>/<domain>.xml`, autostart off.
+    DefineDomain,
+    /// Start the domain and wait until it runs; reports `VmStarted` or
+    /// `VmStartFailed`.
+    StartVm,
+    /// ACPI shutdown, wait `stop_timeout_s`, destroy.
+    StopVm,
+    /// Persist a new generation descending from the current one.
+    NewGeneration,
+    /// Persist the peer's history as ours: a resync from it completed.
+    AdoptPeerHistory,
+    /// Persist the "peer may be newer" flag.
+    SetPeerMayBeNewer(bool),
+    /// Receive a resync from the peer; `full`: compare everything.
+    StartResync { full: bool },
+    /// Tell the peer over the heartbeat channel its copy is outdated.
+    MarkPeerOutdated,
+    /// Probe the witnesses; reports `WitnessResult`.
+    ProbeWitness,
+    /// A line for the module's event log.
+    Log(String),
+}
+
+/// Why a witness probe is running: what to do once it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    GoAlone,
+}
+
+/// The state of one module on the local node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleState {
+    pub policy: Policy,
+    pub role: Role,
+    pub peer: PeerKnowledge,
+    /// Local data known to be up to date (the newest copy, or in sync with it).
+    pub uptodate: bool,
+    /// The local history has a current generation.
+    pub has_data: bool,
+    /// Mirror of the persisted flag (kept current through `SetPeerMayBeNewer`).
+    pub peer_may_be_newer: bool,
+    pub start_wait_over: bool,
+    /// Stepped down: follow a writer peer, never promote automatically.
+    pub hold: bool,
+    pub vm_starting: bool,
+    pub request: Option<Request>,
+    pub forced: bool,
+    /// We marked the peer outdated (replication link down while connected).
+    pub peer_outdated: bool,
+    /// Local data may be damaged (vmha-fs failed): the next resync is full.
+    pub suspect: bool,
+    /// Bytes this node wrote since its generation began (last `PeerSeen`).
+    pub changed_bytes: u64,
+    /// Times (ms) of local restarts within the current loop interval.
+    pub restarts: Vec<u64>,
+    pub resync: Option<Progress>,
+    probe: Option<Probe>,
+}
+
+impl ModuleState {
+    /// A module at daemon start: STOP, with what its metadata file says.
+    pub fn new(policy: Policy, has_data: bool, peer_may_be_newer: bool) -> ModuleState {
+        ModuleState {
+            policy,
+            role: Role::Stop,
+            peer: PeerKnowledge::Unknown,
+            uptodate: has_data && !peer_may_be_newer,
+            has_data,
+            peer_may_be_newer,
+            start_wait_over: false,
+            hold: false,
+            vm_starting: false,
+            request: None,
+            forced: false,
+            peer_outdated: false,
+            suspect: false,
+            changed_bytes: 0,
+            restarts: Vec::new(),
+            resync: None,
+            probe: None,
+        }
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        match self.role {
+            Role::Stop => Readiness::Ready,
+            _ if self.probe.is_some() => Readiness::Transient,
+            Role::Wait | Role::Second if !self.uptodate => Readiness::NotUpToDate,
+            Role::Prim | Role::Alone if self.vm_starting => Readiness::Transient,
+            _ => Readiness::Ready,
+        }
+    }
+
+    pub fn colour(&self) -> Colour {
+        match (self.role, self.readiness()) {
+            (Role::Stop | Role::Wait, _) => Colour::Red,
+            (_, Readiness::Ready) => Colour::Green,
+            _ => Colour::Orange,
+        }
+    }
+
+    /// What to put in heartbeats.
+    pub fn announce(&self) -> Announce {
+        Announce {
+            role: self.role,
+            readiness: self.readiness(),
+            request: self.request,
+            forced: self.forced,
+        }
+    }
+
+    /// The peer is writing, as far as we last heard.
+    pub fn peer_is_writer(&self) -> bool {
+        matches!(self.peer, PeerKnowledge::Seen(p) if p.role.is_writer())
+    }
+
+    /// The latest peer heartbeat, even if the peer is now lost.
+    pub fn last_peer(&self) -> Option<Peer> {
+        match self.peer {
+            PeerKnowledge::Unknown => None,
+            PeerKnowledge::Seen(p) | PeerKnowledge::Lost(p) => Some(p),
+        }
+    }
+
+    /// Who discards its data when the histories diverged; `None`: nobody
+    /// automatically (manual policy).
+    fn split_brain_loser(&self, peer: &Peer) -> Option<Side> {
+        let local_bytes = self.changed_bytes;
+        match (self.forced, peer.forced) {
+            (true, false) => return Some(Side::Peer),
+            (false, true) => return Some(Side::Local),
+            _ => {}
+        }
+        let tie = if self.policy.wins_ties {
+            Side::Peer
+        } else {
+            Side::Local
+        };
+        match self.policy.split_brain {
+            SplitBrainRule::Manual => None,
+            SplitBrainRule::Prefer(Side::Local) => Some(Side::Peer),
+            SplitBrainRule::Prefer(Side::Peer) => Some(Side::Local),
+            SplitBrainRule::DiscardLeastChanges => {
+                Some(match local_bytes.cmp(&peer.changed_bytes) {
+                    std::cmp::Ordering::Less => Side::Local,
+                    std::cmp::Ordering::Greater => Side::Peer,
+                    std::cmp::Ordering::Equal => tie,
+                })
+            }
+        }
+    }
+}
+
+/// The transition function.
+pub fn step(state: &ModuleState, event: Event) -> (ModuleState, Vec<Action>) {
+    let mut t = Transition {
+        s: state.clone(),
+        actions: Vec::new(),
+        from: state.role,
+        reason: String::new(),
+        raise_flag: false,
+    };
+    t.handle(event);
+    t.finish()
+}
+
+/// One step under construction.
+struct Transition {
+    s: ModuleState,
+    actions: Vec<Action>,
+    from: Role,
+    reason: String,
+    /// Persist "peer may be newer" even in WAIT/STOP.
+    raise_flag: bool,
+}
+
+impl Transition {
+    fn act(&mut self, action: Action) {
+        self.actions.push(action);
+    }
+
+    fn log(&mut self, line: impl Into<String>) {
+        self.actions.push(Action::Log(line.into()));
+    }
+
+    fn because(&mut self, reason: impl Into<String>) {
+        self.reason = reason.into();
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Start => self.start(),
+            Event::Stop => self.stop(),
+            Event::Swap => self.swap(),
+            Event::PrimForced => self.prim_forced(),
+            Event::PeerSeen {
+                peer,
+                local_changed_bytes,
+            } => {
+                self.s.changed_bytes = local_changed_bytes;
+                self.peer_seen(peer);
+            }
+            Event::PeerLost => self.peer_lost(),
+            Event::StartWaitElapsed => {
+                self.s.start_wait_over = true;
+                if self.s.role == Role::Wait {
+                    self.evaluate_wait();
+                }
+            }
+            Event::ResyncProgress(progress) => {
+                if self.s.role == Role::Second {
+                    self.s.resync = Some(progress);
+                }
+            }
+            Event::ResyncDone => self.resync_done(),
+            Event::VmStarted => {
+                if self.s.role.is_writer() {
+                    self.s.vm_starting = false;
+                }
+            }
+            Event::VmStopped { now_ms } => self.vm_failed(now_ms, "the VM stopped unexpectedly"),
+            Event::VmStartFailed { now_ms } => self.vm_failed(now_ms, "the VM failed to start"),
+            Event::FsFailed => self.fs_failed(),
+            Event::ReplicationLinkDown => self.link_down(),
+            Event::Fenced => {
+                if self.s.role.is_writer() {
+                    self.s.uptodate = false;
+                    self.raise_flag = true;
+                    self.step_down(
+                        Role::Wait,
+                        "fenced: the peer refused our writes, its generation is newer",
+                    );
+                }
+            }
+            Event::WitnessResult { reachable } => self.witness_result(reachable),
+        }
+    }
+
+    // ---- operator commands ----
+
+    fn start(&mut self) {
+        if self.s.role != Role::Stop {
+            self.log(format!("start ignored: already {}", self.s.role));
+            return;
+        }
+        self.s.role = Role::Wait;
+        self.s.start_wait_over = false;
+        self.s.hold = false;
+        self.s.restarts.clear();
+        self.s.uptodate = self.s.has_data && !self.s.peer_may_be_newer;
+        self.because("start");
+        self.evaluate_wait();
+    }
+
+    fn stop(&mut self) {
+        match self.s.role {
+            Role::Stop => self.log("stop ignored: already STOP"),
+            Role::Prim | Role::Alone | Role::Second => self.step_down(Role::Stop, "stop requested"),
+            Role::Wait => {
+                self.s.probe = None;
+                self.s.role = Role::Stop;
+                self.because("stop requested");
+            }
+        }
+    }
+
+    fn swap(&mut self) {
+        match (self.s.role, self.s.peer) {
+            (Role::Prim, PeerKnowledge::Seen(p))
+                if p.role == Role::Second && p.readiness == Readiness::Ready =>
+            {
+                self.do_swap("swap requested");
+            }
+            (Role::Second, PeerKnowledge::Seen(p)) if p.role == Role::Prim && self.s.uptodate => {
+                self.s.request = Some(Request::HandOver);
+                self.log("swap: asking the PRIM to hand over");
+            }
+            _ => self.log(format!(
+                "swap refused: needs PRIM and a ready SECOND (this node is {})",
+                self.s.role
+            )),
+        }
+    }
+
+    fn prim_forced(&mut self) {
+        if self.s.role.is_writer() {
+            self.s.forced = true;
+            self.log("prim: this node's data wins any split brain");
+        } else if self.peer_is_writer() {
+            self.log("prim refused: the peer runs the module (stop it or use swap)");
+        } else {
+            self.s.forced = true;
+            self.s.has_data = true;
+            self.become_writer(Role::Alone, true, "forced primary by the operator");
+        }
+    }
+
+    fn peer_is_writer(&self) -> bool {
+        self.s.peer_is_writer()
+    }
+
+    // ---- peer ----
+
+    fn peer_seen(&mut self, peer: Peer) {
+        self.s.peer = PeerKnowledge::Seen(peer);
+        if self.s.probe.take().is_some() {
+            self.log("peer heard again: witness probe abandoned");
+        }
+        match self.s.request {
+            Some(Request::TakeOver) if peer.role.is_writer() => self.s.request = None,
+            Some(Request::HandOver) if peer.role != Role::Prim => self.s.request = None,
+            _ => {}
+        }
+        if self.s.forced && peer.relation == Relation::InSync && peer.role == Role::Second {
+            self.s.forced = false;
+        }
+        if self.s.peer_outdated && peer.relation == Relation::InSync {
+            self.s.peer_outdated = false;
+        }
+        match self.s.role {
+            Role::Stop => {}
+            Role::Wait => self.evaluate_wait(),
+            Role::Second => self.second_sees(peer),
+            Role::Prim | Role::Alone => self.writer_sees(peer),
+        }
+    }
+
+    fn second_sees(&mut self, peer: Peer) {
+        let behind = !matches!(peer.relation, Relation::InSync | Relation::LocalNewer);
+        if self.s.uptodate && behind {
+            // The writer went on without us (replication link down).
+            self.s.uptodate = false;
+            if peer.role.is_writer() {
+                let full = peer.relation != Relation::PeerNewer;
+                self.act(Action::StartResync { full });
+                self.log("the writer has a newer generation: resynchronising");
+            }
+        }
+        match peer.role {
+            Role::Prim | Role::Alone => {}
+            Role::Second if peer.request == Some(Request::TakeOver) && self.s.uptodate => {
+                self.become_writer(Role::Prim, false, "swap: the peer handed over");
+            }
+            Role::Second if self.s.request == Some(Request::TakeOver) => {
+                // Our own swap request is on its way.
+            }
+            Role::Stop if self.s.uptodate => {
+                self.become_writer(Role::Alone, true, "the PRIM stopped: taking over");
+            }
+            Role::Wait if self.s.uptodate && self.s.policy.failover && peer.config_match => {
+                self.become_writer(Role::Alone, true, "the PRIM stepped down: failing over");
+            }
+            Role::Second | Role::Stop | Role::Wait => {
+                self.step_down(Role::Wait, "no writer to follow");
+                self.evaluate_wait();
+            }
+        }
+    }
+
+    fn writer_sees(&mut self, peer: Peer) {
+        if peer.role.is_writer() {
+            // Two writers that see each other: one steps down now.
+            let local_loses = match peer.relation {
+                Relation::PeerNewer => true,
+                Relation::LocalNewer => false,
+                Relation::InSync => !self.s.policy.wins_ties,
+                Relation::SplitBrain | Relation::Unrelated => {
+                    match self.s.split_brain_loser(&peer) {
+                        Some(side) => side == Side::Local,
+                        None => !self.s.policy.wins_ties,
+                    }
+                }
+            };
+            if local_loses {
+                if peer.relation != Relation::InSync {
+                    self.s.uptodate = false;
+                }
+                self.step_down(
+                    Role::Wait,
+                    format!(
+                        "the peer is also writing ({:?}): stepping down",
+                        peer.relation
+                    ),
+                );
+                // Follow the winner right away when the rules say so.
+                self.evaluate_wait();
+            } else {
+                self.log(format!(
+                    "the peer is also writing ({:?}): it must step down",
+                    peer.relation
+                ));
+            }
+            return;
+        }
+        match peer.role {
+            Role::Second if peer.relation == Relation::PeerNewer => {
+                self.s.uptodate = false;
+                self.step_down(Role::Wait, "the SECOND has newer data than this writer");
+            }
+            Role::Second => {
+                if self.s.role == Role::Alone {
+                    self.s.role = Role::Prim;
+                    self.because("the peer is SECOND");
+                }
+                let in_sync_ready =
+                    peer.readiness == Readiness::Ready && peer.relation == Relation::InSync;
+                if in_sync_ready && peer.request == Some(Request::HandOver) {
+                    self.do_swap("swap asked by the SECOND");
+                } else if in_sync_ready
+                    && peer.config_match
+                    && self.s.request.is_none()
+                    && self.s.policy.default_primary == Some(Side::Peer)
+                {
+                    self.do_swap("swap back to the default primary");
+                }
+            }
+            _ => {
+                if self.s.role == Role::Prim {
+                    self.s.role = Role::Alone;
+                    self.act(Action::NewGeneration);
+                    self.because(format!("the peer is {}: writing alone", peer.role));
+                }
+            }
+        }
+    }
+
+    fn peer_lost(&mut self) {
+        let last = match self.s.peer {
+            PeerKnowledge::Seen(p) | PeerKnowledge::Lost(p) => p,
+            PeerKnowledge::Unknown => return,
+        };
+        self.s.peer = PeerKnowledge::Lost(last);
+        match self.s.role {
+            Role::Prim => self.go_alone("lost the peer"),
+            Role::Second => {
+                if !self.s.uptodate {
+                    self.step_down(Role::Wait, "lost the PRIM with data not up to date");
+                } else if !self.s.policy.failover {
+                    self.step_down(Role::Wait, "lost the PRIM; failover = false");
+                } else if !last.config_match {
+                    self.step_down(Role::Wait, "lost the PRIM; configurations differ");
+                } else {
+                    self.go_alone("lost the PRIM: failing over");
+                }
+            }
+            Role::Wait => self.evaluate_wait(),
+            Role::Alone | Role::Stop => {}
+        }
+    }
+
+    fn witness_result(&mut self, reachable: bool) {
+        if self.s.probe.take().is_none() {
+            return;
+        }
+        if reachable {
+            self.become_writer(Role::Alone, true, "witness reachable");
+            return;
+        }
+        match self.s.role {
+            Role::Prim | Role::Second => {
+                self.step_down(Role::Wait, "witness unreachable: not going ALONE")
+            }
+            _ => self.log("witness unreachable: staying WAIT"),
+        }
+    }
+
+    /// ALONE without seeing the peer: through the witness when there is one.
+    fn go_alone(&mut self, reason: &str) {
+        if self.s.policy.witness {
+            self.s.probe = Some(Probe::GoAlone);
+            self.act(Action::ProbeWitness);
+            self.log(format!("{reason}: probing the witness"));
+        } else {
+            self.become_writer(Role::Alone, true, reason);
+        }
+    }
+
+    /// The decisions of WAIT, from what is known of the peer.
+    fn evaluate_wait(&mut self) {
+        match self.s.peer {
+            PeerKnowledge::Seen(peer) if peer.role.is_writer() => {
+                if peer.relation != Relation::LocalNewer {
+                    self.s.uptodate = false;
+                }
+                match peer.relation {
+                    Relation::InSync | Relation::PeerNewer => self.become_second(peer),
+                    Relation::LocalNewer => self
+                        .log("the peer writes older data than ours: waiting for it to step down"),
+                    Relation::SplitBrain | Relation::Unrelated => {
+                        match self.s.split_brain_loser(&peer) {
+                            Some(Side::Local) => {
+                                self.log("split brain: discarding this node's changes");
+                                self.become_second(peer);
+                            }
+                            Some(Side::Peer) => {
+                                self.log("split brain: this node's data wins; waiting for the peer to step down")
+                            }
+                            None => self.log(
+                                "split brain: manual policy; run `vmctl prim` on the node whose data must win",
+                            ),
+                        }
+                    }
+                }
+            }
+            PeerKnowledge::Seen(peer) => {
+                match peer.relation {
+                    Relation::InSync | Relation::LocalNewer => self.s.uptodate = self.s.has_data,
+                    Relation::PeerNewer => self.s.uptodate = false,
+                    Relation::SplitBrain | Relation::Unrelated => {}
+                }
+                let go = !self.s.hold
+                    && self.s.has_data
+                    && peer.config_match
+                    && match peer.relation {
+                        Relation::LocalNewer => true,
+                        Relation::InSync => self.s.policy.wins_ties || peer.role == Role::Stop,
+                        Relation::PeerNewer => false,
+                        Relation::SplitBrain | Relation::Unrelated => {
+                            self.s.split_brain_loser(&peer) == Some(Side::Peer)
+                        }
+                    };
+                if go {
+                    self.become_writer(Role::Alone, true, "the most up-to-date node starts");
+                } else {
+                    // The peer may start instead: if it vanishes later, it may
+                    // have written first.
+                    self.s.uptodate = false;
+                    self.raise_flag = true;
+                    if !peer.config_match {
+                        self.log("configurations differ: not starting automatically");
+                    }
+                }
+            }
+            PeerKnowledge::Unknown | PeerKnowledge::Lost(_) => {
+                let can_start = !self.s.hold
+                    && self.s.has_data
+                    && self.s.uptodate
+                    && self.s.start_wait_over
+                    && self.s.probe.is_none();
+                if can_start {
+                    self.go_alone("no peer; local data up to date");
+                }
+            }
+        }
+    }
+
+    // ---- checkers ----
+
+    fn vm_failed(&mut self, now_ms: u64, what: &str) {
+        if !self.s.role.is_writer() {
+            return;
+        }
+        let window = self.s.policy.loop_interval_ms;
+        self.s
+            .restarts
+            .retain(|t| now_ms.saturating_sub(*t) < window);
+        if self.s.restarts.len() < self.s.policy.maxloop as usize {
+            self.s.restarts.push(now_ms);
+            self.s.vm_starting = true;
+            self.act(Action::StartVm);
+            self.log(format!(
+                "{what}: restart {}/{}",
+                self.s.restarts.len(),
+                self.s.policy.maxloop
+            ));
+        } else if self.s.role == Role::Prim {
+            self.step_down(Role::Wait, format!("{what}: maxloop reached, failing over"));
+        } else {
+            self.step_down(
+                Role::Stop,
+                format!("{what}: maxloop reached and no peer to fail over to"),
+            );
+        }
+    }
+
+    fn fs_failed(&mut self) {
+        match self.s.role {
+            Role::Prim | Role::Alone | Role::Second => {
+                self.s.uptodate = false;
+                self.s.suspect = true;
+                self.step_down(Role::Wait, "vmha-fs failed");
+            }
+            Role::Wait | Role::Stop => {}
+        }
+    }
+
+    fn link_down(&mut self) {
+        if self.s.role == Role::Prim && !self.s.peer_outdated {
+            self.s.peer_outdated = true;
+            self.act(Action::NewGeneration);
+            self.act(Action::MarkPeerOutdated);
+            self.log("replication link down: continuing degraded, the SECOND is outdated");
+        }
+    }
+
+    fn resync_done(&mut self) {
+        if self.s.role == Role::Second && !self.s.uptodate {
+            self.s.uptodate = true;
+            self.s.has_data = true;
+            self.s.suspect = false;
+            self.s.resync = None;
+            self.act(Action::AdoptPeerHistory);
+            self.log("resync done: SECOND up to date");
+        }
+    }
+
+    // ---- building blocks ----
+
+    /// Becomes the writer; refused while the peer is known to write.
+    fn become_writer(&mut self, role: Role, new_generation: bool, reason: &str) {
+        if self.peer_is_writer() {
+            self.log(format!("{reason}: refused, the peer is writing"));
+            return;
+        }
+        let was_writer = self.s.role.is_writer();
+        if self.s.role == Role::Second {
+            self.act(Action::Unmount);
+        }
+        // Persisted before the first write without the peer.
+        if new_generation {
+            self.act(Action::NewGeneration);
+            self.s.has_data = true;
+        }
+        if !was_writer {
+            self.act(Action::MountWriter);
+            self.act(Action::DefineDomain);
+            self.act(Action::StartVm);
+            self.s.vm_starting = true;
+        }
+        self.s.role = role;
+        self.s.uptodate = true;
+        self.s.hold = false;
+        self.s.probe = None;
+        self.s.request = None;
+        self.s.resync = None;
+        self.because(reason);
+    }
+
+    fn become_second(&mut self, peer: Peer) {
+        // Incremental only along one line of descent with intact local data.
+        let full = self.s.suspect
+            || !self.s.has_data
+            || matches!(peer.relation, Relation::SplitBrain | Relation::Unrelated);
+        self.act(Action::MountReceiver);
+        self.act(Action::StartResync { full });
+        self.s.role = Role::Second;
+        self.s.uptodate = false;
+        self.s.hold = false;
+        self.s.resync = None;
+        self.because(format!("following the peer {}", peer.role));
+    }
+
+    /// Stops the VM and unmounts; `Wait` means stepping down (hold).
+    fn step_down(&mut self, to: Role, reason: impl Into<String>) {
+        if self.s.role.is_writer() {
+            self.act(Action::StopVm);
+        }
+        if self.s.role != Role::Wait && self.s.role != Role::Stop {
+            self.act(Action::Unmount);
+        }
+        self.s.role = to;
+        self.s.hold = to == Role::Wait;
+        self.s.vm_starting = false;
+        self.s.probe = None;
+        self.s.resync = None;
+        self.because(reason);
+    }
+
+    fn do_swap(&mut self, reason: &str) {
+        self.act(Action::StopVm);
+        self.act(Action::Unmount);
+        self.act(Action::MountReceiver);
+        self.s.role = Role::Second;
+        self.s.uptodate = true;
+        self.s.vm_starting = false;
+        self.s.request = Some(Request::TakeOver);
+        self.because(reason);
+    }
+
+    /// Persists the flag (raised first, lowered last) and logs the change.
+    fn finish(mut self) -> (ModuleState, Vec<Action>) {
+        let wanted = match self.s.role {
+            Role::Prim | Role::Second => true,
+            Role::Alone => false,
+            Role::Wait | Role::Stop => {
+                self.raise_flag || self.s.peer_is_writer() || self.s.peer_may_be_newer
+            }
+        };
+        if wanted != self.s.peer_may_be_newer {
+            self.s.peer_may_be_newer = wanted;
+            if wanted {
+                self.actions.insert(0, Action::SetPeerMayBeNewer(true));
+            } else {
+                self.actions.push(Action::SetPeerMayBeNewer(false));
+            }
+        }
+        if self.s.role != self.from {
+            let line = format!("{} -> {}: {}", self.from, self.s.role, self.reason);
+            self.actions.push(Action::Log(line));
+        }
+        (self.s, self.actions)
+    }
+}
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,527 @@
+//! A tiny two-node simulator: both nodes run `step`, exchange heartbeats,
+//! crash, reboot from their persisted metadata, get partitioned; proptest
+//! drives random sequences and checks the cluster-wide invariants.
+
+use std::collections::BTreeSet;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::generation::{compare, History};
+
+#[derive(Debug, Clone)]
+struct Node {
+    s: ModuleState,
+    alive: bool,
+    // Persisted.
+    history: History,
+    flag: bool,
+    // Local facts the driver would own.
+    changed: u64,
+    writer: bool,
+    receiver: bool,
+    vm: bool,
+    probing: bool,
+    /// Counter values on this node's disk.
+    data: BTreeSet<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Start(usize),
+    Stop(usize),
+    Swap(usize),
+    Prim(usize),
+    Exchange,
+    /// One heartbeat, to one node only.
+    Heartbeat(usize),
+    Partition,
+    Heal,
+    Crash(usize),
+    Boot(usize),
+    Lost(usize),
+    StartWait(usize),
+    Resync(usize),
+    VmCrash(usize),
+    FsFail(usize),
+    Write(usize),
+    Witness(usize),
+    LinkDown,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let node = 0usize..2;
+    prop_oneof![
+        1 => node.clone().prop_map(Op::Start),
+        1 => node.clone().prop_map(Op::Stop),
+        1 => node.clone().prop_map(Op::Swap),
+        1 => node.clone().prop_map(Op::Prim),
+        6 => Just(Op::Exchange),
+        2 => node.clone().prop_map(Op::Heartbeat),
+        1 => Just(Op::Partition),
+        1 => Just(Op::Heal),
+        1 => node.clone().prop_map(Op::Crash),
+        1 => node.clone().prop_map(Op::Boot),
+        2 => node.clone().prop_map(Op::Lost),
+        1 => node.clone().prop_map(Op::StartWait),
+        2 => node.clone().prop_map(Op::Resync),
+        1 => node.clone().prop_map(Op::VmCrash),
+        1 => node.clone().prop_map(Op::FsFail),
+        4 => node.clone().prop_map(Op::Write),
+        1 => node.clone().prop_map(Op::Witness),
+        1 => Just(Op::LinkDown),
+    ]
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    failover: bool,
+    witness: bool,
+    witness_ok: bool,
+    default_primary: Option<usize>,
+    split_brain: u8,
+}
+
+fn setup() -> impl Strategy<Value = Setup> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop::option::of(0usize..2),
+        0u8..4,
+    )
+        .prop_map(
+            |(failover, witness, witness_ok, default_primary, split_brain)| Setup {
+                failover,
+                witness,
+                witness_ok,
+                default_primary,
+                split_brain,
+            },
+        )
+}
+
+/// The two nodes' policies from one shared configuration.
+fn policy_of(setup: Setup, me: usize) -> Policy {
+    let side = |n: usize| if n == me { Side::Local } else { Side::Peer };
+    Policy {
+        failover: setup.failover,
+        witness: setup.witness,
+        default_primary: setup.default_primary.map(side),
+        wins_ties: setup.default_primary.unwrap_or(0) == me,
+        split_brain: match setup.split_brain {
+            0 => SplitBrainRule::Manual,
+            1 => SplitBrainRule::Prefer(side(0)),
+            2 => SplitBrainRule::Prefer(side(1)),
+            _ => SplitBrainRule::DiscardLeastChanges,
+        },
+        maxloop: 2,
+        loop_interval_ms: 1_000_000,
+    }
+}
+
+struct Sim {
+    setup: Setup,
+    nodes: [Node; 2],
+    connected: bool,
+    link_ok: bool,
+    now: u64,
+    counter: u64,
+    /// Counters acknowledged to the guest.
+    acked: BTreeSet<u64>,
+}
+
+impl Sim {
+    fn new(setup: Setup) -> Sim {
+        let node = |me| Node {
+            s: ModuleState::new(policy_of(setup, me), false, false),
+            alive: true,
+            history: History::empty(),
+            flag: false,
+            changed: 0,
+            writer: false,
+            receiver: false,
+            vm: false,
+            probing: false,
+            data: BTreeSet::new(),
+        };
+        Sim {
+            setup,
+            nodes: [node(0), node(1)],
+            connected: true,
+            link_ok: true,
+            now: 0,
+            counter: 0,
+            acked: BTreeSet::new(),
+        }
+    }
+
+    fn see_each_other(&self) -> bool {
+        self.connected && self.nodes.iter().all(|n| n.alive)
+    }
+
+    fn deliver(&mut self, i: usize, event: Event) {
+        if !self.nodes[i].alive {
+            return;
+        }
+        let (next, actions) = step(&self.nodes[i].s, event.clone());
+        for action in &actions {
+            if *action == Action::MountWriter {
+                assert!(
+                    !next.peer_is_writer(),
+                    "node {i} mounts as writer beside a writer\n{event:?}\n{next:?}"
+                );
+            }
+        }
+        self.nodes[i].s = next;
+        let mut started = false;
+        for action in actions {
+            let peer_history = self.nodes[1 - i].history.clone();
+            let peer_data = self.nodes[1 - i].data.clone();
+            let n = &mut self.nodes[i];
+            match action {
+                Action::MountWriter => {
+                    assert!(!n.receiver && !n.writer, "node {i}: double mount");
+                    n.writer = true;
+                }
+                Action::MountReceiver => {
+                    assert!(!n.receiver && !n.writer, "node {i}: double mount");
+                    n.receiver = true;
+                }
+                Action::Unmount => {
+                    n.writer = false;
+                    n.receiver = false;
+                }
+                Action::StartVm => {
+                    assert!(n.writer, "node {i}: VM started without the writer mount");
+                    n.vm = true;
+                    started = true;
+                }
+                Action::StopVm => n.vm = false,
+                Action::NewGeneration => {
+                    n.history.start_new();
+                    n.changed = 0;
+                }
+                Action::AdoptPeerHistory => {
+                    n.history.adopt(&peer_history);
+                    n.data = peer_data;
+                    n.changed = 0;
+                }
+                Action::SetPeerMayBeNewer(b) => n.flag = b,
+                Action::ProbeWitness => n.probing = true,
+                Action::DefineDomain
+                | Action::StartResync { .. }
+                | Action::MarkPeerOutdated
+                | Action::Log(_) => {}
+            }
+        }
+        if started {
+            self.deliver(i, Event::VmStarted);
+        }
+    }
+
+    fn heartbeat(&mut self, to: usize) {
+        let from = &self.nodes[1 - to];
+        let relation = compare(&self.nodes[to].history, &from.history);
+        let peer = Peer::from_announce(from.s.announce(), relation, true, from.changed);
+        let local_changed_bytes = self.nodes[to].changed;
+        self.deliver(
+            to,
+            Event::PeerSeen {
+                peer,
+                local_changed_bytes,
+            },
+        );
+    }
+
+    fn apply(&mut self, op: Op) {
+        self.now += 1000;
+        match op {
+            Op::Start(i) => self.deliver(i, Event::Start),
+            Op::Stop(i) => self.deliver(i, Event::Stop),
+            Op::Swap(i) => self.deliver(i, Event::Swap),
+            Op::Prim(i) => self.deliver(i, Event::PrimForced),
+            Op::Exchange => {
+                if self.see_each_other() {
+                    self.heartbeat(0);
+                    self.heartbeat(1);
+                    let [a, b] = &self.nodes;
+                    assert!(
+                        !(a.writer && b.writer),
+                        "two writers that see each other\n{:?}\n{:?}",
+                        a.s,
+                        b.s
+                    );
+                }
+            }
+            Op::Heartbeat(i) => {
+                if self.see_each_other() {
+                    self.heartbeat(i);
+                }
+            }
+            Op::Partition => self.connected = false,
+            Op::Heal => {
+                self.connected = true;
+                self.link_ok = true;
+            }
+            Op::Crash(i) => {
+                let n = &mut self.nodes[i];
+                n.alive = false;
+                n.writer = false;
+                n.receiver = false;
+                n.vm = false;
+                n.probing = false;
+            }
+            Op::Boot(i) => {
+                if !self.nodes[i].alive {
+                    let n = &mut self.nodes[i];
+                    n.alive = true;
+                    n.s = ModuleState::new(
+                        policy_of(self.setup, i),
+                        n.history.current().is_some(),
+                        n.flag,
+                    );
+                    self.deliver(i, Event::Start);
+                }
+            }
+            Op::Lost(i) => {
+                if !self.see_each_other() {
+                    self.deliver(i, Event::PeerLost);
+                }
+            }
+            Op::StartWait(i) => self.deliver(i, Event::StartWaitElapsed),
+            Op::Resync(i) => {
+                let src = &self.nodes[1 - i];
+                if self.see_each_other() && self.link_ok && src.writer && self.nodes[i].receiver {
+                    self.deliver(i, Event::ResyncDone);
+                }
+            }
+            Op::VmCrash(i) => {
+                if self.nodes[i].vm && self.nodes[i].alive {
+                    self.nodes[i].vm = false;
+                    let now_ms = self.now;
+                    self.deliver(i, Event::VmStopped { now_ms });
+                }
+            }
+            Op::FsFail(i) => {
+                let n = &self.nodes[i];
+                if n.writer || n.receiver {
+                    self.deliver(i, Event::FsFailed);
+                }
+            }
+            Op::Write(i) => self.write(i),
+            Op::Witness(i) => {
+                if self.nodes[i].probing {
+                    self.nodes[i].probing = false;
+                    let reachable = self.setup.witness_ok;
+                    self.deliver(i, Event::WitnessResult { reachable });
+                }
+            }
+            Op::LinkDown => {
+                if self.link_ok && self.see_each_other() {
+                    self.link_ok = false;
+                    for i in 0..2 {
+                        self.deliver(i, Event::ReplicationLinkDown);
+                    }
+                }
+            }
+        }
+        self.check();
+    }
+
+    /// The guest writes the next counter; acknowledged once on both disks, or
+    /// on the writer's alone when it writes without its peer (ALONE, or the
+    /// peer marked outdated).
+    fn write(&mut self, i: usize) {
+        if !(self.nodes[i].alive && self.nodes[i].vm) {
+            return;
+        }
+        let peer = &self.nodes[1 - i];
+        let replicated = self.see_each_other() && self.link_ok && peer.receiver;
+        let me = &self.nodes[i].s;
+        let degraded_ok = me.role == Role::Alone || me.peer_outdated;
+        if !replicated && !degraded_ok {
+            // vmha-fs holds the write until the controller decides.
+            return;
+        }
+        self.counter += 1;
+        let value = self.counter;
+        self.nodes[i].data.insert(value);
+        self.nodes[i].changed += 1;
+        if replicated {
+            self.nodes[1 - i].data.insert(value);
+        }
+        self.acked.insert(value);
+    }
+
+    fn check(&self) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            assert!(
+                !(n.writer && n.receiver),
+                "node {i} both writer and receiver"
+            );
+            assert!(
+                !n.vm || n.writer,
+                "node {i} runs the VM without the writer mount"
+            );
+            if n.alive {
+                assert_eq!(n.s.peer_may_be_newer, n.flag, "node {i}: flag mirror");
+                assert_eq!(
+                    n.writer,
+                    n.s.role.is_writer(),
+                    "node {i}: mount vs role {:?}",
+                    n.s
+                );
+            }
+            // The surviving up-to-date SECOND fails over when its PRIM is lost.
+            let s = &n.s;
+            if n.alive
+                && s.role == Role::Second
+                && s.readiness() == Readiness::Ready
+                && s.policy.failover
+                && !s.policy.witness
+            {
+                let (after, _) = step(s, Event::PeerLost);
+                assert_eq!(after.role, Role::Alone, "node {i}: no failover from {s:?}");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// Two writers never see each other once heartbeats are exchanged, mounts
+    /// and VMs follow the roles, and a ready SECOND always could fail over.
+    #[test]
+    fn two_nodes_never_both_write(
+        setup in setup(),
+        first in 0usize..2,
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let mut sim = Sim::new(setup);
+        // The very first start: prim on the node holding the data.
+        sim.apply(Op::Start(0));
+        sim.apply(Op::Start(1));
+        sim.apply(Op::Prim(first));
+        for op in ops {
+            sim.apply(op);
+        }
+    }
+
+    /// With crashes only (no partition, no forced start, no link failure), no
+    /// acknowledged counter is ever missing from the node running the VM.
+    #[test]
+    fn crashes_never_lose_acknowledged_writes(
+        setup in setup(),
+        first in 0usize..2,
+        ops in prop::collection::vec(op(), 1..100),
+    ) {
+        let mut sim = Sim::new(setup);
+        sim.apply(Op::Start(0));
+        sim.apply(Op::Start(1));
+        sim.apply(Op::Prim(first));
+        for op in ops {
+            if matches!(op, Op::Partition | Op::Prim(_) | Op::LinkDown) {
+                continue;
+            }
+            sim.apply(op);
+            for n in &sim.nodes {
+                if n.alive && n.vm {
+                    let missing: Vec<_> = sim.acked.difference(&n.data).collect();
+                    prop_assert!(missing.is_empty(), "lost {:?} on {:?}", missing, n.s);
+                }
+            }
+        }
+    }
+}
+
+/// A scripted run of the design's life cycle through the simulator.
+#[test]
+fn life_cycle_through_the_simulator() {
+    let setup = Setup {
+        failover: true,
+        witness: false,
+        witness_ok: true,
+        default_primary: Some(0),
+        split_brain: 3,
+    };
+    let mut sim = Sim::new(setup);
+    for op in [
+        Op::Start(0),
+        Op::Start(1),
+        Op::Prim(0),
+        Op::Exchange,
+        Op::Exchange,
+    ] {
+        sim.apply(op);
+    }
+    let roles = |sim: &Sim| (sim.nodes[0].s.role, sim.nodes[1].s.role);
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+    sim.apply(Op::Write(0));
+    sim.apply(Op::Resync(1));
+    sim.apply(Op::Exchange);
+    assert_eq!(sim.nodes[1].s.readiness(), Readiness::Ready);
+    // node1 crashes: node2 fails over with every acknowledged counter.
+    sim.apply(Op::Write(0));
+    sim.apply(Op::Crash(0));
+    sim.apply(Op::Lost(1));
+    assert_eq!(sim.nodes[1].s.role, Role::Alone);
+    assert!(sim.acked.is_subset(&sim.nodes[1].data));
+    sim.apply(Op::Write(1));
+    // node1 returns: it waits (flag), then follows node2 as SECOND.
+    sim.apply(Op::Boot(0));
+    sim.apply(Op::StartWait(0));
+    assert_eq!(sim.nodes[0].s.role, Role::Wait);
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Second, Role::Prim));
+    sim.apply(Op::Resync(0));
+    // Swap back to the default primary once it is ready.
+    sim.apply(Op::Exchange);
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+    assert!(sim.nodes[0].vm && !sim.nodes[1].vm);
+    assert!(sim.acked.is_subset(&sim.nodes[0].data));
+}
+
+/// Both nodes rebooted (site power loss): the tie-break winner starts, writes
+/// and dies before the loser hears of it; the loser must not start stale data.
+#[test]
+fn tie_break_winner_vanishing_loses_nothing() {
+    let setup = Setup {
+        failover: true,
+        witness: false,
+        witness_ok: true,
+        default_primary: None,
+        split_brain: 3,
+    };
+    let mut sim = Sim::new(setup);
+    for op in [
+        Op::Start(0),
+        Op::Start(1),
+        Op::Prim(0),
+        Op::Exchange,
+        Op::Resync(1),
+        Op::Exchange,
+    ] {
+        sim.apply(op);
+    }
+    for op in [
+        Op::Crash(0),
+        Op::Crash(1),
+        Op::Boot(0),
+        Op::Boot(1),
+        Op::Heartbeat(1),
+        Op::Heartbeat(0),
+    ] {
+        sim.apply(op);
+    }
+    assert_eq!(sim.nodes[0].s.role, Role::Alone);
+    sim.apply(Op::Write(0));
+    assert_eq!(sim.acked.len(), 1);
+    for op in [Op::Crash(0), Op::Lost(1), Op::StartWait(1)] {
+        sim.apply(op);
+    }
+    assert_eq!(sim.nodes[1].s.role, Role::Wait);
+    assert!(!sim.nodes[1].vm);
+}

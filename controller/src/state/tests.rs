@@ -1,0 +1,901 @@
+//! Scenarios of the design, and an exhaustive (state × event) table checked
+//! against the invariants.
+
+use super::*;
+
+pub(super) fn policy() -> Policy {
+    Policy {
+        failover: true,
+        witness: false,
+        default_primary: None,
+        wins_ties: true,
+        split_brain: SplitBrainRule::DiscardLeastChanges,
+        maxloop: 3,
+        loop_interval_ms: 86_400_000,
+    }
+}
+
+fn peer(role: Role, readiness: Readiness, relation: Relation) -> Peer {
+    Peer {
+        role,
+        readiness,
+        request: None,
+        forced: false,
+        relation,
+        config_match: true,
+        changed_bytes: 0,
+    }
+}
+
+fn seen(p: Peer) -> Event {
+    Event::PeerSeen {
+        peer: p,
+        local_changed_bytes: 0,
+    }
+}
+
+/// Runs events in order; returns the final state and every non-log action.
+fn run(state: &ModuleState, events: &[Event]) -> (ModuleState, Vec<Action>) {
+    let mut state = state.clone();
+    let mut all = Vec::new();
+    for event in events {
+        let (next, actions) = step(&state, event.clone());
+        check_invariants(&state, event, &next, &actions);
+        state = next;
+        all.extend(actions.into_iter().filter(|a| !matches!(a, Action::Log(_))));
+    }
+    (state, all)
+}
+
+fn fresh(has_data: bool, flag: bool) -> ModuleState {
+    ModuleState::new(policy(), has_data, flag)
+}
+
+/// PRIM with a ready SECOND, VM running.
+fn prim() -> ModuleState {
+    let (s, _) = run(
+        &fresh(true, false),
+        &[
+            Event::Start,
+            Event::StartWaitElapsed,
+            Event::VmStarted,
+            seen(peer(Role::Second, Readiness::Ready, Relation::InSync)),
+        ],
+    );
+    assert_eq!(s.role, Role::Prim);
+    s
+}
+
+/// A ready SECOND of a PRIM.
+fn second() -> ModuleState {
+    let (s, _) = run(
+        &fresh(true, true),
+        &[
+            Event::Start,
+            seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer)),
+            Event::ResyncDone,
+            seen(peer(Role::Prim, Readiness::Ready, Relation::InSync)),
+        ],
+    );
+    assert_eq!((s.role, s.readiness()), (Role::Second, Readiness::Ready));
+    s
+}
+
+fn with_policy(mut s: ModuleState, f: impl FnOnce(&mut Policy)) -> ModuleState {
+    f(&mut s.policy);
+    s
+}
+
+const WRITER_START: [Action; 4] = [
+    Action::NewGeneration,
+    Action::MountWriter,
+    Action::DefineDomain,
+    Action::StartVm,
+];
+
+#[test]
+fn start_alone_with_up_to_date_data_after_the_start_wait() {
+    let (s, actions) = run(&fresh(true, false), &[Event::Start]);
+    assert_eq!(
+        (s.role, s.readiness(), s.colour()),
+        (Role::Wait, Readiness::Ready, Colour::Red)
+    );
+    assert!(actions.is_empty());
+    let (s, actions) = run(&s, &[Event::StartWaitElapsed]);
+    assert_eq!(actions, WRITER_START);
+    assert_eq!(
+        (s.role, s.readiness(), s.colour()),
+        (Role::Alone, Readiness::Transient, Colour::Orange)
+    );
+    let (s, _) = run(&s, &[Event::VmStarted]);
+    assert_eq!(
+        (s.readiness(), s.colour()),
+        (Readiness::Ready, Colour::Green)
+    );
+}
+
+#[test]
+fn data_not_known_up_to_date_waits_red_until_prim() {
+    let (s, actions) = run(&fresh(true, true), &[Event::Start, Event::StartWaitElapsed]);
+    assert!(actions.is_empty());
+    assert_eq!(
+        (s.role, s.readiness(), s.colour()),
+        (Role::Wait, Readiness::NotUpToDate, Colour::Red)
+    );
+    let (s, actions) = run(&s, &[Event::PrimForced]);
+    assert_eq!(s.role, Role::Alone);
+    assert!(s.forced);
+    assert_eq!(actions[..4], WRITER_START);
+    assert_eq!(actions[4], Action::SetPeerMayBeNewer(false));
+}
+
+#[test]
+fn a_node_without_data_never_starts_by_itself() {
+    let (s, _) = run(
+        &fresh(false, false),
+        &[
+            Event::Start,
+            Event::StartWaitElapsed,
+            seen(peer(
+                Role::Wait,
+                Readiness::NotUpToDate,
+                Relation::Unrelated,
+            )),
+            Event::PeerLost,
+            Event::StartWaitElapsed,
+        ],
+    );
+    assert_eq!(s.role, Role::Wait);
+    // The very first start: prim on the node holding the data.
+    let (s, actions) = run(&s, &[Event::PrimForced]);
+    assert_eq!(s.role, Role::Alone);
+    assert!(actions.contains(&Action::NewGeneration));
+}
+
+#[test]
+fn joining_a_prim_resyncs_then_is_ready() {
+    let (s, actions) = run(
+        &fresh(true, false),
+        &[
+            Event::Start,
+            seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer)),
+        ],
+    );
+    // The flag is raised before the resync starts overwriting local data.
+    assert_eq!(
+        actions,
+        [
+            Action::SetPeerMayBeNewer(true),
+            Action::MountReceiver,
+            Action::StartResync { full: false }
+        ]
+    );
+    assert_eq!(
+        (s.role, s.readiness(), s.colour()),
+        (Role::Second, Readiness::NotUpToDate, Colour::Orange)
+    );
+    let (s, _) = run(
+        &s,
+        &[Event::ResyncProgress(Progress {
+            done_bytes: 1,
+            total_bytes: 2,
+        })],
+    );
+    assert_eq!(
+        s.resync,
+        Some(Progress {
+            done_bytes: 1,
+            total_bytes: 2
+        })
+    );
+    let (s, actions) = run(&s, &[Event::ResyncDone]);
+    assert_eq!(actions, [Action::AdoptPeerHistory]);
+    assert_eq!(
+        (s.readiness(), s.colour(), s.resync),
+        (Readiness::Ready, Colour::Green, None)
+    );
+    // A node without data (or unrelated) gets a full compare.
+    let (_, actions) = run(
+        &fresh(false, false),
+        &[
+            Event::Start,
+            seen(peer(Role::Alone, Readiness::Ready, Relation::PeerNewer)),
+        ],
+    );
+    assert!(actions.contains(&Action::StartResync { full: true }));
+}
+
+#[test]
+fn prim_losing_its_peer_goes_alone_and_keeps_the_vm() {
+    let (s, actions) = run(&prim(), &[Event::PeerLost]);
+    assert_eq!(s.role, Role::Alone);
+    assert_eq!(
+        actions,
+        [Action::NewGeneration, Action::SetPeerMayBeNewer(false)]
+    );
+}
+
+#[test]
+fn ready_second_fails_over() {
+    let (s, actions) = run(&second(), &[Event::PeerLost]);
+    assert_eq!(s.role, Role::Alone);
+    assert_eq!(
+        actions,
+        [
+            Action::Unmount,
+            Action::NewGeneration,
+            Action::MountWriter,
+            Action::DefineDomain,
+            Action::StartVm,
+            Action::SetPeerMayBeNewer(false)
+        ]
+    );
+}
+
+#[test]
+fn no_failover_when_disabled_stale_or_configs_differ() {
+    let disabled = with_policy(second(), |p| p.failover = false);
+    assert_eq!(run(&disabled, &[Event::PeerLost]).0.role, Role::Wait);
+    let (resyncing, _) = run(
+        &fresh(true, false),
+        &[
+            Event::Start,
+            seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer)),
+        ],
+    );
+    let (s, actions) = run(&resyncing, &[Event::PeerLost, Event::StartWaitElapsed]);
+    assert_eq!(
+        (s.role, s.readiness()),
+        (Role::Wait, Readiness::NotUpToDate)
+    );
+    assert!(!actions.contains(&Action::MountWriter));
+    let mut mismatch = peer(Role::Prim, Readiness::Ready, Relation::InSync);
+    mismatch.config_match = false;
+    let (s, _) = run(&second(), &[seen(mismatch), Event::PeerLost]);
+    assert_eq!(s.role, Role::Wait);
+}
+
+#[test]
+fn witness_decides_before_alone() {
+    let s = with_policy(second(), |p| p.witness = true);
+    let (probing, actions) = run(&s, &[Event::PeerLost]);
+    assert_eq!(actions, [Action::ProbeWitness]);
+    assert_eq!(
+        (probing.role, probing.readiness()),
+        (Role::Second, Readiness::Transient)
+    );
+    assert_eq!(
+        run(&probing, &[Event::WitnessResult { reachable: true }])
+            .0
+            .role,
+        Role::Alone
+    );
+    let (s, actions) = run(&probing, &[Event::WitnessResult { reachable: false }]);
+    assert_eq!((s.role, s.hold), (Role::Wait, true));
+    assert_eq!(actions, [Action::Unmount]);
+    // PRIM: the VM stops when the witness is unreachable.
+    let p = with_policy(prim(), |p| p.witness = true);
+    let (s, actions) = run(
+        &p,
+        &[Event::PeerLost, Event::WitnessResult { reachable: false }],
+    );
+    assert_eq!(s.role, Role::Wait);
+    assert_eq!(
+        actions,
+        [Action::ProbeWitness, Action::StopVm, Action::Unmount]
+    );
+    // The peer heard again cancels the probe.
+    let (s, _) = run(
+        &p,
+        &[
+            Event::PeerLost,
+            seen(peer(Role::Second, Readiness::Ready, Relation::InSync)),
+            Event::WitnessResult { reachable: false },
+        ],
+    );
+    assert_eq!((s.role, s.readiness()), (Role::Prim, Readiness::Ready));
+}
+
+#[test]
+fn stop_on_prim_hands_over() {
+    let (s, actions) = run(&prim(), &[Event::Stop]);
+    assert_eq!(s.role, Role::Stop);
+    assert_eq!(actions, [Action::StopVm, Action::Unmount]);
+    assert!(s.peer_may_be_newer);
+    // Even with failover = false: the operator asked for it.
+    let sec = with_policy(second(), |p| p.failover = false);
+    let (s, _) = run(
+        &sec,
+        &[seen(peer(Role::Stop, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(s.role, Role::Alone);
+    // The PRIM whose SECOND stops writes alone, in a new generation.
+    let (s, actions) = run(
+        &prim(),
+        &[seen(peer(Role::Stop, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(s.role, Role::Alone);
+    assert!(actions.contains(&Action::NewGeneration));
+}
+
+#[test]
+fn swap_from_either_side() {
+    let (old, actions) = run(&prim(), &[Event::Swap]);
+    assert_eq!(
+        (old.role, old.request),
+        (Role::Second, Some(Request::TakeOver))
+    );
+    assert_eq!(
+        actions,
+        [Action::StopVm, Action::Unmount, Action::MountReceiver]
+    );
+    let mut take = peer(Role::Second, Readiness::Ready, Relation::InSync);
+    take.request = Some(Request::TakeOver);
+    let (new, actions) = run(&second(), &[seen(take)]);
+    assert_eq!(new.role, Role::Prim);
+    assert_eq!(
+        actions,
+        [
+            Action::Unmount,
+            Action::MountWriter,
+            Action::DefineDomain,
+            Action::StartVm
+        ]
+    );
+    // The old PRIM sees the new one: request done.
+    let (old, _) = run(
+        &old,
+        &[seen(peer(Role::Prim, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!((old.role, old.request), (Role::Second, None));
+    // Asked on the SECOND: it requests, the PRIM performs.
+    let (sec, _) = run(&second(), &[Event::Swap]);
+    assert_eq!(sec.request, Some(Request::HandOver));
+    let mut hand = peer(Role::Second, Readiness::Ready, Relation::InSync);
+    hand.request = Some(Request::HandOver);
+    assert_eq!(
+        run(&prim(), &[seen(hand)]).0.request,
+        Some(Request::TakeOver)
+    );
+    // Refused without a ready SECOND.
+    let (alone, actions) = run(&prim(), &[Event::PeerLost, Event::Swap]);
+    assert_eq!(alone.role, Role::Alone);
+    assert!(!actions.contains(&Action::StopVm));
+}
+
+#[test]
+fn restart_loop_is_bounded_then_fails_over() {
+    let (s, actions) = run(
+        &prim(),
+        &[
+            Event::VmStopped { now_ms: 1000 },
+            Event::VmStarted,
+            Event::VmStartFailed { now_ms: 2000 },
+            Event::VmStopped { now_ms: 3000 },
+        ],
+    );
+    assert_eq!(s.role, Role::Prim);
+    assert_eq!(actions, [Action::StartVm, Action::StartVm, Action::StartVm]);
+    let (gave_up, actions) = run(&s, &[Event::VmStopped { now_ms: 4000 }]);
+    assert_eq!((gave_up.role, gave_up.hold), (Role::Wait, true));
+    assert_eq!(actions, [Action::StopVm, Action::Unmount]);
+    // Old restarts leave the window.
+    let (s, _) = run(
+        &s,
+        &[Event::VmStopped {
+            now_ms: 1000 + 86_400_000,
+        }],
+    );
+    assert_eq!(s.role, Role::Prim);
+    // ALONE has nobody to fail over to.
+    let (alone, _) = run(&prim(), &[Event::PeerLost]);
+    let stops: Vec<_> = (0..4).map(|i| Event::VmStopped { now_ms: i }).collect();
+    assert_eq!(run(&alone, &stops).0.role, Role::Stop);
+    // The SECOND takes over from the PRIM that gave up.
+    let (s, _) = run(
+        &second(),
+        &[seen(peer(Role::Wait, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(s.role, Role::Alone);
+}
+
+#[test]
+fn fs_failure_on_prim_steps_down() {
+    let (s, actions) = run(&prim(), &[Event::FsFailed]);
+    assert_eq!((s.role, s.hold, s.uptodate), (Role::Wait, true, false));
+    assert_eq!(actions, [Action::StopVm, Action::Unmount]);
+    // Held: it follows the new writer with a full resync, never promotes itself.
+    let (s2, _) = run(
+        &s,
+        &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(s2.role, Role::Wait);
+    let (s3, actions) = run(
+        &s,
+        &[seen(peer(
+            Role::Alone,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(s3.role, Role::Second);
+    assert!(actions.contains(&Action::StartResync { full: true }));
+}
+
+#[test]
+fn fenced_writer_stops_and_resyncs() {
+    let (alone, _) = run(&prim(), &[Event::PeerLost]);
+    let (s, actions) = run(&alone, &[Event::Fenced]);
+    assert_eq!(s.role, Role::Wait);
+    assert_eq!(
+        actions,
+        [
+            Action::SetPeerMayBeNewer(true),
+            Action::StopVm,
+            Action::Unmount
+        ]
+    );
+    // A frozen PRIM waking up sees the newer ALONE directly.
+    let (s, actions) = run(
+        &prim(),
+        &[seen(peer(
+            Role::Alone,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(s.role, Role::Second);
+    assert_eq!(
+        actions,
+        [
+            Action::StopVm,
+            Action::Unmount,
+            Action::MountReceiver,
+            Action::StartResync { full: false }
+        ]
+    );
+}
+
+#[test]
+fn default_primary_swaps_back_once_ready() {
+    let p = with_policy(prim(), |p| {
+        p.default_primary = Some(Side::Peer);
+        p.wins_ties = false;
+    });
+    let (s, _) = run(
+        &p,
+        &[seen(peer(
+            Role::Second,
+            Readiness::NotUpToDate,
+            Relation::PeerNewer,
+        ))],
+    );
+    // Not ready yet (and PeerNewer means the SECOND is ahead: that PRIM steps down).
+    assert_eq!(s.role, Role::Wait);
+    let (s, _) = run(
+        &p,
+        &[seen(peer(
+            Role::Second,
+            Readiness::NotUpToDate,
+            Relation::LocalNewer,
+        ))],
+    );
+    assert_eq!(s.role, Role::Prim);
+    let (s, _) = run(
+        &s,
+        &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!((s.role, s.request), (Role::Second, Some(Request::TakeOver)));
+}
+
+#[test]
+fn equal_generations_at_start_tie_break() {
+    let both_wait = seen(peer(Role::Wait, Readiness::Ready, Relation::InSync));
+    let (winner, _) = run(&fresh(true, true), &[Event::Start, both_wait.clone()]);
+    assert_eq!(winner.role, Role::Alone);
+    let loser = with_policy(fresh(true, true), |p| p.wins_ties = false);
+    let (loser, _) = run(&loser, &[Event::Start, both_wait]);
+    assert_eq!(loser.role, Role::Wait);
+    assert!(!loser.uptodate && loser.peer_may_be_newer);
+    // The winner starting then vanishing does not make the loser start stale.
+    let (loser, _) = run(&loser, &[Event::PeerLost, Event::StartWaitElapsed]);
+    assert_eq!(loser.role, Role::Wait);
+    // The newer one starts regardless of the tie-break.
+    let newer = with_policy(fresh(true, true), |p| p.wins_ties = false);
+    let (s, _) = run(
+        &newer,
+        &[
+            Event::Start,
+            seen(peer(Role::Wait, Readiness::Ready, Relation::LocalNewer)),
+        ],
+    );
+    assert_eq!(s.role, Role::Alone);
+}
+
+#[test]
+fn split_brain_least_changes_loses() {
+    let (alone, _) = run(&prim(), &[Event::PeerLost]);
+    let mut other = peer(Role::Alone, Readiness::Ready, Relation::SplitBrain);
+    other.changed_bytes = 100;
+    let meet = |local: u64| Event::PeerSeen {
+        peer: other,
+        local_changed_bytes: local,
+    };
+    let (s, actions) = run(&alone, &[meet(10)]);
+    assert_eq!(s.role, Role::Second);
+    assert_eq!(
+        actions,
+        [
+            Action::SetPeerMayBeNewer(true),
+            Action::StopVm,
+            Action::Unmount,
+            Action::MountReceiver,
+            Action::StartResync { full: true }
+        ]
+    );
+    let (s, _) = run(&alone, &[meet(1000)]);
+    assert_eq!(s.role, Role::Alone);
+    // Manual: the tie-break loser steps down but keeps its data until `prim`.
+    let manual = with_policy(alone.clone(), |p| {
+        p.split_brain = SplitBrainRule::Manual;
+        p.wins_ties = false;
+    });
+    let (s, _) = run(&manual, &[meet(1000)]);
+    assert_eq!(s.role, Role::Wait);
+    let mut forced = other;
+    forced.forced = true;
+    let (s, _) = run(&s, &[seen(forced)]);
+    assert_eq!(s.role, Role::Second);
+    // Prefer: the preferred node wins whatever the counts.
+    let prefer = with_policy(alone, |p| {
+        p.split_brain = SplitBrainRule::Prefer(Side::Local)
+    });
+    assert_eq!(run(&prefer, &[meet(0)]).0.role, Role::Alone);
+}
+
+#[test]
+fn replication_link_down_degrades_without_promotion() {
+    let (s, actions) = run(&prim(), &[Event::ReplicationLinkDown]);
+    assert_eq!(s.role, Role::Prim);
+    assert_eq!(actions, [Action::NewGeneration, Action::MarkPeerOutdated]);
+    let (sec, actions) = run(
+        &second(),
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(
+        (sec.role, sec.readiness()),
+        (Role::Second, Readiness::NotUpToDate)
+    );
+    assert_eq!(actions, [Action::StartResync { full: false }]);
+    assert_eq!(run(&sec, &[Event::PeerLost]).0.role, Role::Wait);
+}
+
+#[test]
+fn prim_is_refused_while_the_peer_writes() {
+    let (s, actions) = run(&second(), &[Event::PrimForced]);
+    assert_eq!(s.role, Role::Second);
+    assert!(actions.is_empty());
+}
+
+#[test]
+fn status_serialisation_matches_the_json_schema() {
+    assert_eq!(
+        serde_json::to_string(&Readiness::NotUpToDate).unwrap(),
+        "\"not_uptodate\""
+    );
+    assert_eq!(
+        serde_json::to_string(&Readiness::Ready).unwrap(),
+        "\"ready\""
+    );
+    assert_eq!(
+        serde_json::to_string(&Colour::Orange).unwrap(),
+        "\"orange\""
+    );
+    assert_eq!(serde_json::to_string(&Role::Second).unwrap(), "\"SECOND\"");
+}
+
+// ---- exhaustive table ----
+
+const ROLES: [Role; 5] = [
+    Role::Stop,
+    Role::Wait,
+    Role::Alone,
+    Role::Prim,
+    Role::Second,
+];
+const RELATIONS: [Relation; 5] = [
+    Relation::InSync,
+    Relation::LocalNewer,
+    Relation::PeerNewer,
+    Relation::SplitBrain,
+    Relation::Unrelated,
+];
+
+/// Every role × relation × readiness, plus the variants that matter:
+/// requests (from a SECOND), configuration mismatch, forced primary.
+fn peers() -> Vec<Peer> {
+    let mut out = Vec::new();
+    for role in ROLES {
+        for readiness in [Readiness::Ready, Readiness::NotUpToDate] {
+            for relation in RELATIONS {
+                let base = Peer {
+                    role,
+                    readiness,
+                    request: None,
+                    forced: false,
+                    relation,
+                    config_match: true,
+                    changed_bytes: 5,
+                };
+                out.push(base);
+                match relation {
+                    Relation::InSync => {
+                        out.push(Peer {
+                            config_match: false,
+                            ..base
+                        });
+                        if role == Role::Second {
+                            out.push(Peer {
+                                request: Some(Request::TakeOver),
+                                ..base
+                            });
+                            out.push(Peer {
+                                request: Some(Request::HandOver),
+                                ..base
+                            });
+                        }
+                    }
+                    Relation::SplitBrain => {
+                        out.push(Peer {
+                            forced: true,
+                            ..base
+                        });
+                        out.push(Peer {
+                            changed_bytes: 1,
+                            ..base
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+fn states() -> Vec<ModuleState> {
+    let mut knowledge = vec![PeerKnowledge::Unknown];
+    for p in peers() {
+        knowledge.push(PeerKnowledge::Seen(p));
+        if p.request.is_none() && !p.forced && p.readiness == Readiness::Ready {
+            knowledge.push(PeerKnowledge::Lost(p));
+        }
+    }
+    let policies =
+        [(true, false), (false, false), (true, true)].map(|(failover, witness)| Policy {
+            failover,
+            witness,
+            ..policy()
+        });
+    let mut out = Vec::new();
+    for policy in &policies {
+        for role in ROLES {
+            for bits in 0u8..32 {
+                let bit = |i: u8| bits & (1 << i) != 0;
+                let (uptodate, has_data, flag, hold, wait_over) =
+                    (bit(0), bit(1), bit(2), bit(3), bit(4));
+                // Writers have data known up to date, as the machine keeps them.
+                let consistent = has_data || !uptodate;
+                if !consistent || (role.is_writer() && !uptodate) {
+                    continue;
+                }
+                for k in &knowledge {
+                    let mut s = ModuleState::new(policy.clone(), has_data, flag);
+                    s.role = role;
+                    s.uptodate = uptodate;
+                    s.hold = hold && role == Role::Wait;
+                    s.start_wait_over = wait_over;
+                    s.peer = *k;
+                    s.changed_bytes = 5;
+                    out.push(s);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn events() -> Vec<Event> {
+    let mut out = vec![
+        Event::Start,
+        Event::Stop,
+        Event::Swap,
+        Event::PrimForced,
+        Event::PeerLost,
+        Event::StartWaitElapsed,
+        Event::ResyncProgress(Progress {
+            done_bytes: 1,
+            total_bytes: 2,
+        }),
+        Event::ResyncDone,
+        Event::VmStarted,
+        Event::VmStopped { now_ms: 7 },
+        Event::VmStartFailed { now_ms: 7 },
+        Event::FsFailed,
+        Event::ReplicationLinkDown,
+        Event::Fenced,
+        Event::WitnessResult { reachable: true },
+        Event::WitnessResult { reachable: false },
+    ];
+    for p in peers() {
+        out.push(Event::PeerSeen {
+            peer: p,
+            local_changed_bytes: 5,
+        });
+    }
+    out
+}
+
+fn index(actions: &[Action], wanted: &Action) -> Option<usize> {
+    actions.iter().position(|a| a == wanted)
+}
+
+/// The invariants every transition keeps.
+fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, actions: &[Action]) {
+    let ctx = || format!("{before:?}\n  --{event:?}-->\n{after:?}\n  actions {actions:?}");
+    let mount_writer = index(actions, &Action::MountWriter);
+    let promoted = !before.role.is_writer() && after.role.is_writer();
+    // Never two writers: no writer mount while the peer is known to write.
+    if mount_writer.is_some() {
+        assert!(
+            !after.peer_is_writer(),
+            "writer mount beside a writer: {}",
+            ctx()
+        );
+        assert!(after.role.is_writer(), "{}", ctx());
+        assert!(!actions.contains(&Action::ProbeWitness), "{}", ctx());
+    }
+    assert_eq!(
+        promoted,
+        mount_writer.is_some(),
+        "promotion = writer mount: {}",
+        ctx()
+    );
+    // StartVm only with the writer mount in place.
+    if let Some(start) = index(actions, &Action::StartVm) {
+        assert!(after.role.is_writer(), "{}", ctx());
+        assert!(
+            before.role.is_writer() || mount_writer.is_some_and(|m| m < start),
+            "{}",
+            ctx()
+        );
+    }
+    // No promotion of data not known up to date, except by the operator.
+    if promoted && *event != Event::PrimForced {
+        assert!(before.has_data, "promoted without data: {}", ctx());
+        match (event, after.peer) {
+            (Event::PeerSeen { peer, .. }, _) => {
+                assert_ne!(
+                    peer.relation,
+                    Relation::PeerNewer,
+                    "promoted older data: {}",
+                    ctx()
+                );
+                assert!(before.uptodate || before.role == Role::Wait, "{}", ctx());
+                assert!(
+                    peer.config_match || before.role == Role::Second,
+                    "{}",
+                    ctx()
+                );
+            }
+            // WAIT decides from the peer in view, or else (Start) the flag.
+            (_, PeerKnowledge::Seen(peer))
+                if !before.role.is_writer() && before.role != Role::Second =>
+            {
+                assert_ne!(
+                    peer.relation,
+                    Relation::PeerNewer,
+                    "promoted older data: {}",
+                    ctx()
+                );
+            }
+            (Event::Start, _) => assert!(!before.peer_may_be_newer, "{}", ctx()),
+            _ => assert!(before.uptodate, "promoted stale data: {}", ctx()),
+        }
+        if *event == Event::PeerLost {
+            assert!(
+                before.policy.failover || before.role != Role::Second,
+                "{}",
+                ctx()
+            );
+            assert!(!before.policy.witness, "{}", ctx());
+        }
+    }
+    // Leaving the writer role stops the VM first, then unmounts.
+    if before.role.is_writer() && !after.role.is_writer() {
+        let stop = index(actions, &Action::StopVm).unwrap_or_else(|| panic!("{}", ctx()));
+        let unmount = index(actions, &Action::Unmount).unwrap_or_else(|| panic!("{}", ctx()));
+        assert!(stop < unmount, "{}", ctx());
+    }
+    if actions.contains(&Action::StopVm) {
+        assert!(before.role.is_writer(), "{}", ctx());
+    }
+    if actions.contains(&Action::Unmount) {
+        assert!(
+            matches!(before.role, Role::Prim | Role::Alone | Role::Second),
+            "{}",
+            ctx()
+        );
+    }
+    if actions.contains(&Action::NewGeneration) {
+        assert!(after.role.is_writer(), "{}", ctx());
+    }
+    // A receiver only as SECOND, after the flag is raised.
+    if let Some(recv) = index(actions, &Action::MountReceiver) {
+        assert_eq!(after.role, Role::Second, "{}", ctx());
+        assert!(
+            before.peer_may_be_newer
+                || index(actions, &Action::SetPeerMayBeNewer(true)).is_some_and(|f| f < recv),
+            "{}",
+            ctx()
+        );
+        if let Some(m) = mount_writer {
+            assert!(
+                index(actions, &Action::Unmount).is_some_and(|u| u < m.max(recv)),
+                "{}",
+                ctx()
+            );
+        }
+    }
+    // The flag mirror follows what was persisted.
+    let persisted = actions.iter().rev().find_map(|a| match a {
+        Action::SetPeerMayBeNewer(b) => Some(*b),
+        _ => None,
+    });
+    assert_eq!(
+        after.peer_may_be_newer,
+        persisted.unwrap_or(before.peer_may_be_newer),
+        "{}",
+        ctx()
+    );
+    if matches!(after.role, Role::Prim | Role::Second) {
+        assert!(after.peer_may_be_newer, "{}", ctx());
+    }
+    // Colours as operators know them.
+    match after.role {
+        Role::Stop | Role::Wait => assert_eq!(after.colour(), Colour::Red),
+        _ => assert_eq!(
+            after.colour() == Colour::Green,
+            after.readiness() == Readiness::Ready
+        ),
+    }
+    // A ready SECOND that loses its PRIM fails over (no witness, failover on).
+    if *event == Event::PeerLost
+        && before.role == Role::Second
+        && before.uptodate
+        && before.policy.failover
+        && !before.policy.witness
+        && before.last_peer().is_some_and(|p| p.config_match)
+    {
+        assert_eq!(after.role, Role::Alone, "{}", ctx());
+    }
+}
+
+#[test]
+fn every_state_and_event_keeps_the_invariants() {
+    let states = states();
+    let events = events();
+    let mut transitions = 0usize;
+    for s in &states {
+        for e in &events {
+            let (after, actions) = step(s, e.clone());
+            check_invariants(s, e, &after, &actions);
+            transitions += 1;
+        }
+    }
+    assert!(transitions > 1_000_000, "{transitions}");
+}
