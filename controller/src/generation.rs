@@ -18,9 +18,7 @@
 //!   node; a corrupt one is an error (never silently "fresh").
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -236,24 +234,11 @@ impl Metadata {
             .create(&dir)
             .map_err(io(&dir))?;
         let path = dir.join(FILE_NAME);
-        let tmp = dir.join(format!(".{FILE_NAME}.tmp"));
         let json = serde_json::to_vec_pretty(self).map_err(|source| GenerationError::Corrupt {
             path: path.clone(),
             source,
         })?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        file.write_all(&json).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&dir))
+        vmha_fs::statedir::write_file_atomically(&path, &json).map_err(io(&path))
     }
 }
 

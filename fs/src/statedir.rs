@@ -85,27 +85,29 @@ impl StateDir {
         std::fs::read_to_string(self.path.join(PEER_OUTDATED)).ok()
     }
 
-    /// write + fsync + rename + fsync(dir): the file is either old or new after a crash.
     fn write_atomically(&self, name: &str, content: &[u8]) -> Result<(), StateError> {
-        let io = |source| StateError::Io {
-            path: self.path.join(name),
-            source,
-        };
-        let tmp = self.path.join(format!(".{name}.tmp"));
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        file.write_all(content).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, self.path.join(name)).map_err(io)?;
-        File::open(&self.path)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io)
+        let path = self.path.join(name);
+        write_file_atomically(&path, content).map_err(|source| StateError::Io { path, source })
     }
+}
+
+/// The one way node metadata reaches the disk: write a temporary file (mode 0600),
+/// fsync it, rename it over `path`, fsync the directory. After a crash the file is
+/// either the old or the new one, never a mix.
+pub fn write_file_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(content)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
