@@ -280,6 +280,15 @@ fn run_session(
         let msg = match reader.recv() {
             Ok(msg) => msg,
             Err(WireError::Closed) => break Ok(()),
+            Err(WireError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                // The primary pings every second: it is gone or frozen.
+                break Err(WireError::Silent(SESSION_IDLE_TIMEOUT.as_secs()));
+            }
             Err(e) => break Err(e),
         };
         let (seq, op) = match msg {

@@ -52,6 +52,8 @@ pub enum WireError {
     Malformed(String),
     #[error("session refused by receiver: {0}")]
     Refused(String),
+    #[error("peer silent for {0} s")]
+    Silent(u64),
 }
 
 /// A receiver's acknowledgement of one operation: 0 or the errno it failed with.
