@@ -4,8 +4,10 @@
 //! This is the one place that decides what a mutation does when the peer is gone:
 //! while the link is lost, submitters wait; when no acknowledgement has arrived for
 //! `lock_timeout` while work is outstanding, the link fails, every waiting operation
-//! fails with EIO, and so does every later one. Nothing is acknowledged that the peer
-//! does not have.
+//! fails with EIO, and so does every later one. Unless the node's controller has
+//! decided the peer is dead first (`go_degraded`, the ALONE state): then the peer is
+//! durably recorded as outdated and mutations proceed locally. Nothing is ever
+//! acknowledged that is neither on the peer nor recorded as missing from it.
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter};
@@ -52,6 +54,9 @@ pub enum LinkState {
     Lost,
     /// Replication stopped for good; every mutation fails.
     Failed(String),
+    /// Writing without the peer (ALONE): the peer is recorded as outdated and
+    /// mutations are applied locally only.
+    Degraded,
 }
 
 struct Pending {
@@ -86,9 +91,9 @@ struct Inner {
     changed: Condvar,
     /// Taken by one submitter at a time to write out the whole outbox (flat
     /// combining: no hand-off to a sender thread on the latency path).
-    writer: Mutex<FrameWriter<BufWriter<TcpStream>>>,
+    writer: Mutex<Option<FrameWriter<BufWriter<TcpStream>>>>,
     lock_timeout: Duration,
-    stream: TcpStream,
+    stream: Option<TcpStream>,
     on_divergence: DivergenceHook,
 }
 
@@ -108,6 +113,15 @@ impl std::fmt::Debug for PeerLink {
 #[derive(Debug)]
 pub struct LinkThreads {
     handles: Vec<JoinHandle<()>>,
+}
+
+impl LinkThreads {
+    /// No threads (a link without a peer).
+    pub fn none() -> Self {
+        Self {
+            handles: Vec::new(),
+        }
+    }
 }
 
 impl PeerLink {
@@ -156,9 +170,9 @@ impl PeerLink {
                     last_send: Instant::now(),
                 }),
                 changed: Condvar::new(),
-                writer: Mutex::new(writer),
+                writer: Mutex::new(Some(writer)),
                 lock_timeout,
-                stream,
+                stream: Some(stream),
                 on_divergence,
             }),
         };
@@ -178,6 +192,59 @@ impl PeerLink {
         Ok((link, LinkThreads { handles }))
     }
 
+    /// A link for a node that starts writing without its peer (ALONE): the peer is
+    /// recorded as outdated before this returns.
+    pub fn alone(on_divergence: DivergenceHook) -> PeerLink {
+        on_divergence("started without the peer");
+        PeerLink {
+            inner: Arc::new(Inner {
+                shared: Mutex::new(Shared {
+                    state: LinkState::Degraded,
+                    next_seq: 1,
+                    pending: HashMap::new(),
+                    inflight_bytes: 0,
+                    waiters: 0,
+                    stall_since: Instant::now(),
+                    outbox: Vec::new(),
+                    last_send: Instant::now(),
+                }),
+                changed: Condvar::new(),
+                writer: Mutex::new(None),
+                lock_timeout: Duration::MAX,
+                stream: None,
+                on_divergence,
+            }),
+        }
+    }
+
+    /// The controller declared the peer dead: record it as outdated (durably, first),
+    /// then let waiting and later mutations proceed locally. Operations in flight were
+    /// applied here and are covered by that record.
+    pub fn go_degraded(&self, reason: &str) {
+        if self.state() == LinkState::Degraded {
+            return;
+        }
+        tracing::warn!(
+            reason,
+            "writing without the peer; it is recorded as outdated"
+        );
+        (self.inner.on_divergence)(reason);
+        let pending = {
+            let mut shared = self.inner.shared.lock();
+            shared.state = LinkState::Degraded;
+            shared.inflight_bytes = 0;
+            shared.outbox.clear();
+            std::mem::take(&mut shared.pending)
+        };
+        self.inner.changed.notify_all();
+        if let Some(stream) = &self.inner.stream {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        for (_, p) in pending {
+            (p.completion)(Ok(()));
+        }
+    }
+
     pub fn state(&self) -> LinkState {
         self.inner.shared.lock().state.clone()
     }
@@ -189,8 +256,13 @@ impl PeerLink {
         let bytes = op.data_len();
         let mut shared = self.wait_until(|s| {
             let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
-            s.state == LinkState::Connected && room
+            (s.state == LinkState::Connected && room) || s.state == LinkState::Degraded
         })?;
+        if shared.state == LinkState::Degraded {
+            drop(shared);
+            completion(Ok(()));
+            return Ok(());
+        }
         self.enqueue(&mut shared, op, completion, bytes);
         drop(shared);
         self.pump();
@@ -200,7 +272,7 @@ impl PeerLink {
     /// Waits while the link is lost; fails once it has failed. Called before a local
     /// change that will be replicated, so that nothing is applied that cannot be.
     pub fn wait_usable(&self) -> Result<(), Errno> {
-        self.wait_until(|s| s.state == LinkState::Connected)
+        self.wait_until(|s| matches!(s.state, LinkState::Connected | LinkState::Degraded))
             .map(drop)
     }
 
@@ -282,7 +354,10 @@ impl PeerLink {
     /// up what we queued). Never holds the shared lock while writing to the socket.
     fn pump(&self) {
         loop {
-            let Some(mut writer) = self.inner.writer.try_lock() else {
+            let Some(mut guard) = self.inner.writer.try_lock() else {
+                return;
+            };
+            let Some(writer) = guard.as_mut() else {
                 return;
             };
             let mut wrote = false;
@@ -301,7 +376,7 @@ impl PeerLink {
                 }
                 for msg in &batch {
                     if let Err(e) = writer.send(msg) {
-                        drop(writer);
+                        drop(guard);
                         self.lost(&e.to_string());
                         return;
                     }
@@ -310,12 +385,12 @@ impl PeerLink {
             }
             if wrote {
                 if let Err(e) = writer.flush() {
-                    drop(writer);
+                    drop(guard);
                     self.lost(&e.to_string());
                     return;
                 }
             }
-            drop(writer);
+            drop(guard);
             // Something queued between our last look and the unlock would be stranded.
             if self.inner.shared.lock().outbox.is_empty() {
                 return;
@@ -325,7 +400,10 @@ impl PeerLink {
 
     /// The two nodes may now differ: record it and stop replicating.
     pub fn diverged(&self, reason: &str) {
-        if matches!(self.inner.shared.lock().state, LinkState::Failed(_)) {
+        if matches!(
+            self.inner.shared.lock().state,
+            LinkState::Failed(_) | LinkState::Degraded
+        ) {
             // The first reason is the one worth keeping; later ones follow from it.
             return;
         }
@@ -338,7 +416,7 @@ impl PeerLink {
     pub fn fail(&self, reason: String) {
         let pending = {
             let mut shared = self.inner.shared.lock();
-            if matches!(shared.state, LinkState::Failed(_)) {
+            if matches!(shared.state, LinkState::Failed(_) | LinkState::Degraded) {
                 return;
             }
             shared.state = LinkState::Failed(reason);
@@ -346,7 +424,9 @@ impl PeerLink {
             std::mem::take(&mut shared.pending)
         };
         self.inner.changed.notify_all();
-        let _ = self.inner.stream.shutdown(Shutdown::Both);
+        if let Some(stream) = &self.inner.stream {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
         for (_, p) in pending {
             (p.completion)(Err(Errno::IO));
         }
@@ -383,7 +463,7 @@ impl PeerLink {
             {
                 let mut shared = self.inner.shared.lock();
                 match shared.state {
-                    LinkState::Failed(_) => return,
+                    LinkState::Failed(_) | LinkState::Degraded => return,
                     LinkState::Lost => continue,
                     LinkState::Connected => {}
                 }
@@ -437,7 +517,7 @@ impl PeerLink {
         loop {
             std::thread::sleep(Duration::from_millis(50));
             let shared = self.inner.shared.lock();
-            if matches!(shared.state, LinkState::Failed(_)) {
+            if matches!(shared.state, LinkState::Failed(_) | LinkState::Degraded) {
                 return;
             }
             if shared.busy() && shared.stall_since.elapsed() >= self.inner.lock_timeout {

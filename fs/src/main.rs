@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use rustix::fs::{Mode, OFlags};
 use vmha_fs::fuse_fs::ReplicatedFs;
 use vmha_fs::key::ClusterKey;
-use vmha_fs::link::PeerLink;
+use vmha_fs::link::{LinkThreads, PeerLink};
 use vmha_fs::mounts::{self, ReadOnlyBind};
 use vmha_fs::receiver::ReceiverServer;
 use vmha_fs::statedir::StateDir;
@@ -50,13 +50,18 @@ enum Command {
         /// Mount point; equal to --backing to mount over the directory itself.
         #[arg(long, value_name = "DIR")]
         mount: PathBuf,
-        #[arg(long, value_name = "ADDR:PORT")]
-        peer: SocketAddr,
+        #[arg(long, value_name = "ADDR:PORT", required_unless_present = "alone")]
+        peer: Option<SocketAddr>,
+        /// Write without a peer (the controller's ALONE state): the peer is recorded
+        /// as outdated in --state before anything is written.
+        #[arg(long, conflicts_with = "peer")]
+        alone: bool,
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
         #[arg(long, value_name = "FILE")]
         key_file: PathBuf,
-        /// How long a write waits for a silent peer before failing with EIO.
+        /// How long a write waits for a silent peer before failing with EIO (unless
+        /// SIGUSR1 arrives first: the peer is declared dead, writing goes on alone).
         #[arg(long, value_name = "MS", default_value_t = 5000)]
         lock_timeout_ms: u64,
         /// FUSE worker threads.
@@ -128,6 +133,7 @@ fn main() -> ExitCode {
             backing,
             mount,
             peer,
+            alone: _,
             state,
             key_file,
             lock_timeout_ms,
@@ -231,7 +237,8 @@ fn run_secondary(
 struct PrimaryArgs {
     backing: PathBuf,
     mount: PathBuf,
-    peer: SocketAddr,
+    /// None: write alone.
+    peer: Option<SocketAddr>,
     state: PathBuf,
     key_file: PathBuf,
     lock_timeout: Duration,
@@ -264,16 +271,17 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     }
     let root = open_dir("backing", &backing)?;
     let marker = state.clone();
-    let (link, threads) = PeerLink::connect(
-        args.peer,
-        &key,
-        args.lock_timeout,
-        Box::new(move |reason| {
-            if let Err(e) = marker.mark_peer_outdated(reason) {
-                tracing::error!("cannot record that the peer is outdated: {e}");
-            }
-        }),
-    )?;
+    let record_outdated: vmha_fs::link::DivergenceHook = Box::new(move |reason| {
+        if let Err(e) = marker.mark_peer_outdated(reason) {
+            // Without the record, writing on would lose track of what the peer lacks.
+            tracing::error!("cannot record that the peer is outdated: {e}; stopping");
+            std::process::abort();
+        }
+    });
+    let (link, threads) = match args.peer {
+        Some(peer) => PeerLink::connect(peer, &key, args.lock_timeout, record_outdated)?,
+        None => (PeerLink::alone(record_outdated), LinkThreads::none()),
+    };
     let fs = ReplicatedFs::new(root, link.clone())
         .map_err(|e| CliError::Other(format!("cannot read backing directory: {e}")))?;
     let mut config = fuser::Config::default();
@@ -296,19 +304,26 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         }
     };
     let mut unmounter = session.unmount_callable();
+    let degrade = link.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGUSR1,
     ])
     .map_err(|e| CliError::Other(format!("cannot install signal handler: {e}")))?;
     let signal_thread = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if signals.forever().next().is_some() {
+            for signal in signals.forever() {
+                if signal == signal_hook::consts::SIGUSR1 {
+                    degrade.go_degraded("the controller declared the peer dead");
+                    continue;
+                }
                 tracing::info!("signal received, unmounting");
                 if let Err(e) = unmounter.unmount() {
                     tracing::error!("unmount failed: {e}");
                 }
+                break;
             }
         })
         .map_err(|e| CliError::Other(format!("cannot start signal thread: {e}")))?;
@@ -316,7 +331,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     tracing::info!(
         backing = %backing.display(),
         mount = %mount.display(),
-        peer = %args.peer,
+        peer = ?args.peer,
         mount_over = mount == backing,
         "primary ready"
     );
