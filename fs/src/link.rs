@@ -129,6 +129,7 @@ impl PeerLink {
     pub fn connect(
         addr: SocketAddr,
         key: &ClusterKey,
+        generation: Option<String>,
         lock_timeout: Duration,
         on_divergence: DivergenceHook,
     ) -> Result<(PeerLink, LinkThreads), LinkError> {
@@ -140,6 +141,12 @@ impl PeerLink {
             .set_read_timeout(Some(CONNECT_TIMEOUT))
             .map_err(|e| protocol(e.into()))?;
         let keys = wire::client_handshake(&mut stream, key).map_err(protocol)?;
+        let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
+        let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
+        writer
+            .send(&Message::Claim { generation })
+            .and_then(|()| writer.flush())
+            .map_err(protocol)?;
         let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
         let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
         match reader.recv().map_err(protocol)? {
@@ -154,8 +161,6 @@ impl PeerLink {
         stream
             .set_read_timeout(None)
             .map_err(|e| protocol(e.into()))?;
-        let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
-        let writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
 
         let link = PeerLink {
             inner: Arc::new(Inner {

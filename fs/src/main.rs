@@ -42,6 +42,9 @@ enum Command {
         state: PathBuf,
         #[arg(long, value_name = "FILE")]
         key_file: PathBuf,
+        /// Fencing: serve only a primary claiming this data generation.
+        #[arg(long, value_name = "HEX", value_parser = parse_generation)]
+        accept_generation: Option<String>,
     },
     /// Serve DIR through a FUSE mount that replicates every change to the peer.
     Primary {
@@ -64,6 +67,9 @@ enum Command {
         /// SIGUSR1 arrives first: the peer is declared dead, writing goes on alone).
         #[arg(long, value_name = "MS", default_value_t = 5000)]
         lock_timeout_ms: u64,
+        /// The data generation this primary writes (claimed to the receiver).
+        #[arg(long, value_name = "HEX", value_parser = parse_generation, conflicts_with = "alone")]
+        generation: Option<String>,
         /// FUSE worker threads.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
@@ -128,7 +134,8 @@ fn main() -> ExitCode {
             listen,
             state,
             key_file,
-        } => run_secondary(&backing, listen, &state, &key_file),
+            accept_generation,
+        } => run_secondary(&backing, listen, &state, &key_file, accept_generation),
         Command::Primary {
             backing,
             mount,
@@ -137,8 +144,10 @@ fn main() -> ExitCode {
             state,
             key_file,
             lock_timeout_ms,
+            generation,
             threads,
         } => run_primary(PrimaryArgs {
+            generation,
             backing,
             mount,
             peer,
@@ -207,17 +216,27 @@ fn open_dir(what: &'static str, path: &Path) -> Result<OwnedFd, CliError> {
     Ok(fd)
 }
 
+/// A data generation id as the controller writes it: 1 to 64 hex digits.
+fn parse_generation(text: &str) -> Result<String, String> {
+    if (1..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err("expected 1 to 64 hexadecimal digits".into())
+    }
+}
+
 fn run_secondary(
     backing: &Path,
     listen: SocketAddr,
     state: &Path,
     key_file: &Path,
+    accept_generation: Option<String>,
 ) -> Result<(), CliError> {
     let key = ClusterKey::load(key_file)?;
     let backing = existing_dir("backing", backing)?;
     let _state = StateDir::open(state)?;
     let root = open_dir("backing", &backing)?;
-    let server = ReceiverServer::bind(listen, root, key)?;
+    let server = ReceiverServer::bind(listen, root, key)?.accept_only_generation(accept_generation);
     // After the descriptor is open: only the receiver can write from now on.
     let _read_only = ReadOnlyBind::new(&backing)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -239,6 +258,7 @@ struct PrimaryArgs {
     mount: PathBuf,
     /// None: write alone.
     peer: Option<SocketAddr>,
+    generation: Option<String>,
     state: PathBuf,
     key_file: PathBuf,
     lock_timeout: Duration,
@@ -279,7 +299,13 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         }
     });
     let (link, threads) = match args.peer {
-        Some(peer) => PeerLink::connect(peer, &key, args.lock_timeout, record_outdated)?,
+        Some(peer) => PeerLink::connect(
+            peer,
+            &key,
+            args.generation.clone(),
+            args.lock_timeout,
+            record_outdated,
+        )?,
         None => (PeerLink::alone(record_outdated), LinkThreads::none()),
     };
     let fs = ReplicatedFs::new(root, link.clone())

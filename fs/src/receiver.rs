@@ -120,6 +120,8 @@ pub struct ReceiverServer {
     root: Arc<OwnedFd>,
     key: ClusterKey,
     busy: Arc<AtomicBool>,
+    /// Fencing: when set, only a primary claiming this data generation is served.
+    accept_generation: Option<String>,
 }
 
 impl ReceiverServer {
@@ -133,7 +135,16 @@ impl ReceiverServer {
             root: Arc::new(root),
             key,
             busy: Arc::new(AtomicBool::new(false)),
+            accept_generation: None,
         })
+    }
+
+    /// Serve only a primary that claims `generation` (its controller's current data
+    /// generation): a writer that was frozen past a failover and wakes up with an
+    /// older one is refused before it can change anything.
+    pub fn accept_only_generation(mut self, generation: Option<String>) -> Self {
+        self.accept_generation = generation;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -150,9 +161,12 @@ impl ReceiverServer {
                     let root = self.root.clone();
                     let key = self.key.clone();
                     let busy = self.busy.clone();
+                    let accept = self.accept_generation.clone();
                     let spawned = std::thread::Builder::new()
                         .name(format!("recv-{peer}"))
-                        .spawn(move || handle_connection(stream, peer, root, key, busy));
+                        .spawn(move || {
+                            handle_connection(stream, peer, root, key, busy, accept.as_deref())
+                        });
                     if let Err(e) = spawned {
                         tracing::error!(%peer, "cannot start connection thread: {e}");
                     }
@@ -182,6 +196,7 @@ fn handle_connection(
     root: Arc<OwnedFd>,
     key: ClusterKey,
     busy: Arc<AtomicBool>,
+    accept_generation: Option<&str>,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
@@ -196,6 +211,36 @@ fn handle_connection(
         return;
     };
     let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 16, write_half), keys.send);
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    // Small enough that 1 MiB write payloads bypass it and land in their own buffer
+    // without an extra copy.
+    let mut reader = FrameReader::new(BufReader::with_capacity(256 << 10, read_half), keys.recv);
+    let claimed = match reader.recv() {
+        Ok(Message::Claim { generation }) => generation,
+        Ok(other) => {
+            tracing::warn!(%peer, "dropped primary: first frame {other:?}, expected Claim");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, "dropped primary before its claim: {e}");
+            return;
+        }
+    };
+    if let Some(current) = accept_generation {
+        if claimed.as_deref() != Some(current) {
+            tracing::warn!(%peer, ?claimed, current, "refused a stale writer (fenced by generation)");
+            let refusal = Message::Refused {
+                reason: format!(
+                    "stale writer: claims generation {}, current is {current}",
+                    claimed.as_deref().unwrap_or("none")
+                ),
+            };
+            let _ = writer.send(&refusal).and_then(|()| writer.flush());
+            return;
+        }
+    }
     if busy.swap(true, Ordering::SeqCst) {
         tracing::warn!(%peer, "refused a second primary while one is connected");
         let refusal = Message::Refused {
@@ -209,11 +254,8 @@ fn handle_connection(
         tracing::warn!(%peer, "session ended before it started: {e}");
         return;
     }
-    tracing::info!(%peer, "primary connected");
+    tracing::info!(%peer, ?claimed, "primary connected");
     let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
-    // Small enough that 1 MiB write payloads bypass it and land in their own buffer
-    // without an extra copy.
-    let reader = FrameReader::new(BufReader::with_capacity(256 << 10, stream), keys.recv);
     match run_session(reader, writer, root) {
         Ok(()) => tracing::info!(%peer, "primary disconnected"),
         Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),

@@ -7,7 +7,8 @@
 //!   receiver -> primary : "VMHA" version:u16 status:u8 nonce_r:[32] proof_r:[32]
 //!   primary  -> receiver: proof_p:[32]
 //! with proof_x = keyed_blake3(cluster_key, label_x || nonce_p || nonce_r); the first
-//! framed message from the receiver is `Welcome` or `Refused`.
+//! first framed message from the primary is `Claim` (which data generation it
+//! writes), the receiver's answer `Welcome` or `Refused`.
 //!
 //! Frame: meta_len:u32 data_len:u32 meta[meta_len] data[data_len] mac:[32]
 //! meta is a bincode-encoded `Message`; data is the payload of a `Write`.
@@ -66,6 +67,9 @@ pub struct Ack {
 /// Everything that travels in a frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
+    /// The primary's first frame: the data generation it writes (set by its
+    /// controller), so that a receiver can refuse a stale writer.
+    Claim { generation: Option<String> },
     /// The receiver accepts this primary.
     Welcome,
     /// The receiver refuses this primary (for example: it already serves one).
@@ -396,6 +400,9 @@ mod tests {
     fn sample_ops() -> Vec<Message> {
         vec![
             Message::Welcome,
+            Message::Claim {
+                generation: Some("00c0ffee".into()),
+            },
             Message::Op {
                 seq: 1,
                 op: Op::Create {
@@ -566,7 +573,7 @@ mod tests {
 
         /// Flipping any bit of a valid frame is detected.
         #[test]
-        fn any_bit_flip_is_detected(which in 0usize..6, bit in any::<usize>()) {
+        fn any_bit_flip_is_detected(which in 0usize..7, bit in any::<usize>()) {
             let (k, _) = keys();
             let msgs = sample_ops();
             let mut bytes = encode(&msgs[which..which + 1], k);

@@ -36,7 +36,10 @@ impl Session {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
-        let mut reader = FrameReader::new(stream.try_clone()?, keys.recv);
+        let mut writer = FrameWriter::new(stream.try_clone()?, keys.send);
+        writer.send(&Message::Claim { generation: None })?;
+        writer.flush()?;
+        let mut reader = FrameReader::new(stream, keys.recv);
         match reader.recv() {
             Ok(Message::Welcome) => {}
             Ok(Message::Refused { reason }) => return Ok(Err(WireError::Refused(reason))),
@@ -44,7 +47,7 @@ impl Session {
             Err(e) => return Ok(Err(e)),
         }
         Ok(Ok(Session {
-            writer: FrameWriter::new(stream, keys.send),
+            writer,
             reader,
             seq: 0,
         }))
