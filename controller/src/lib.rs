@@ -1,11 +1,30 @@
-//! vmha-controller: the I/O-free core of `vmhad`.
+//! vmha-controller: `vmhad`, its I/O-free core and the runtime around it.
 //!
+//! Core (no I/O):
 //! - [`config`]: the cluster's TOML file, parsed strictly and validated.
 //! - [`generation`]: who is up to date — a node's persistent per-module data
 //!   generation history and the comparison of two histories.
 //! - [`state`]: the per-module cluster state machine, a pure function from
 //!   (state, event) to (state, actions).
+//!
+//! Runtime:
+//! - [`heartbeat`]: authenticated UDP heartbeats on every network, liveness.
+//! - [`driver`]: the VM (libvirt) and filesystem (vmha-fs) drivers behind
+//!   traits, with fakes for tests.
+//! - [`daemon`]: per-module tasks running the state machine, the dispatcher,
+//!   the heartbeat sender.
+//! - [`control`]: the control socket (JSON lines) and its client.
+//! - [`status`]: the `vmctl status --json` shape.
+//! - [`eventlog`]: the per-module event log.
+//! - [`witness`]: the split-brain witness probe.
 
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod driver;
+pub mod eventlog;
 pub mod generation;
+pub mod heartbeat;
 pub mod state;
+pub mod status;
+pub mod witness;

@@ -807,6 +807,12 @@ impl Transition {
                     }
                 }
             }
+            // A SECOND without a writer is transient: it is taking over (we may have
+            // just handed over to it, and this view predates that) or about to step
+            // down. Deciding on it could make two writers; the next heartbeat says.
+            PeerKnowledge::Seen(peer) if peer.role == Role::Second => {
+                self.log("the peer is SECOND without a writer: waiting for it to settle");
+            }
             PeerKnowledge::Seen(peer) => {
                 match peer.relation {
                     Relation::InSync | Relation::LocalNewer => self.s.uptodate = self.s.has_data,

@@ -292,7 +292,10 @@ impl Sim {
             Op::StartWait(i) => self.deliver(i, Event::StartWaitElapsed),
             Op::Resync(i) => {
                 let src = &self.nodes[1 - i];
-                if self.see_each_other() && self.link_ok && src.writer && self.nodes[i].receiver {
+                // Only a PRIM replicates (an ALONE writer's vmha-fs has no peer), so
+                // only a PRIM can bring its SECOND up to date.
+                let replicating = src.writer && src.s.role == Role::Prim;
+                if self.see_each_other() && self.link_ok && replicating && self.nodes[i].receiver {
                     self.deliver(i, Event::ResyncDone);
                 }
             }
@@ -337,8 +340,9 @@ impl Sim {
             return;
         }
         let peer = &self.nodes[1 - i];
-        let replicated = self.see_each_other() && self.link_ok && peer.receiver;
         let me = &self.nodes[i].s;
+        let replicated =
+            me.role == Role::Prim && self.see_each_other() && self.link_ok && peer.receiver;
         let degraded_ok = me.role == Role::Alone || me.peer_outdated;
         if !replicated && !degraded_ok {
             // vmha-fs holds the write until the controller decides.

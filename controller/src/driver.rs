@@ -1,0 +1,104 @@
+//! The outside world the state machine's actions touch, behind two small
+//! traits: [`VmDriver`] (libvirt) and [`FsDriver`] (vmha-fs). The calls block;
+//! the daemon runs them with `spawn_blocking`.
+//!
+//! Implementations: [`fake`] (recording, scriptable, for tests), [`vmha_fs`]
+//! (spawns the `vmha-fs` binary), [`virsh`] (libvirt through the `virsh`
+//! command line until a `virt`-crate driver replaces it).
+
+use crate::config::Module;
+use crate::state::Progress;
+
+pub mod fake;
+pub mod virsh;
+pub mod vmha_fs;
+
+/// Errors of a driver call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    #[error("{what} failed: {detail}")]
+    Failed { what: String, detail: String },
+    #[error("{what} timed out after {secs} s")]
+    Timeout { what: String, secs: u64 },
+    #[error("{0} is not supported by this driver")]
+    Unsupported(String),
+}
+
+impl DriverError {
+    pub fn failed(what: impl Into<String>, detail: impl std::fmt::Display) -> DriverError {
+        DriverError::Failed {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// A libvirt domain's state as the checker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Running,
+    /// Paused or suspended: alive, not restarted.
+    Paused,
+    ShutOff,
+    Crashed,
+    /// Not defined on this node.
+    Missing,
+}
+
+impl VmState {
+    /// Whether the checker counts this as an unexpected stop.
+    pub fn is_down(self) -> bool {
+        matches!(self, VmState::ShutOff | VmState::Crashed | VmState::Missing)
+    }
+}
+
+/// libvirt, per module (`module.domain` on `module.libvirt_uri`).
+pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
+    /// Defines the domain from `<first replicated dir>/<domain>.xml`, autostart off.
+    fn define(&self, module: &Module) -> Result<(), DriverError>;
+    /// Starts the domain and waits (bounded) until it runs.
+    fn start(&self, module: &Module) -> Result<(), DriverError>;
+    /// ACPI shutdown, wait `stop_timeout_s`, then destroy. Ok if already off.
+    fn stop(&self, module: &Module) -> Result<(), DriverError>;
+    fn state(&self, module: &Module) -> Result<VmState, DriverError>;
+}
+
+/// The health of a module's vmha-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsHealth {
+    Healthy,
+    /// Nothing is mounted for this module.
+    Idle,
+    /// The replication link failed while the process and mount are fine.
+    LinkDown,
+    /// The peer's receiver refused our writes: our generation is stale.
+    Fenced,
+    /// The process died, the mount stopped answering, or the disk failed.
+    Failed(String),
+}
+
+/// The state of a resync this node receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncState {
+    Idle,
+    Running(Progress),
+    Done,
+}
+
+/// vmha-fs, per module (all its replicated directories).
+pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
+    /// Mounts the replicated directories as the writer (`vmha-fs primary`).
+    fn mount_writer(&self, module: &Module) -> Result<(), DriverError>;
+    /// Runs the receiver (`vmha-fs secondary`).
+    fn mount_receiver(&self, module: &Module) -> Result<(), DriverError>;
+    /// Takes down whatever is mounted (and any resync). Ok if nothing is.
+    fn unmount(&self, module: &Module) -> Result<(), DriverError>;
+    fn health(&self, module: &Module) -> FsHealth;
+    /// Starts receiving a resync from the peer; `full`: compare everything.
+    fn start_resync(&self, module: &Module, full: bool) -> Result<(), DriverError>;
+    fn resync_state(&self, module: &Module) -> Result<ResyncState, DriverError>;
+    /// Bytes written since the current generation began (split-brain rule).
+    fn changed_bytes(&self, _module: &Module) -> u64 {
+        0
+    }
+}

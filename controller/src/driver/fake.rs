@@ -1,0 +1,351 @@
+//! Fake drivers for tests: they record every call, keep a plausible state, and
+//! fail on demand.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{DriverError, FsDriver, FsHealth, ResyncState, VmDriver, VmState};
+use crate::config::Module;
+
+/// One recorded call: (call name, module name).
+pub type Call = (&'static str, String);
+
+#[derive(Debug, Default)]
+struct VmInner {
+    calls: Vec<Call>,
+    states: HashMap<String, VmState>,
+    failing: HashSet<&'static str>,
+    start_delay: Duration,
+}
+
+/// A fake libvirt. Cloning shares the state (keep a clone to inspect it).
+#[derive(Debug, Clone, Default)]
+pub struct FakeVm(Arc<Mutex<VmInner>>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl FakeVm {
+    pub fn new() -> FakeVm {
+        FakeVm::default()
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        lock(&self.0).calls.clone()
+    }
+
+    /// Calls of one kind ("define", "start", "stop", "state").
+    pub fn count(&self, call: &str) -> usize {
+        lock(&self.0)
+            .calls
+            .iter()
+            .filter(|(c, _)| *c == call)
+            .count()
+    }
+
+    pub fn vm_state(&self, module: &str) -> VmState {
+        lock(&self.0)
+            .states
+            .get(module)
+            .copied()
+            .unwrap_or(VmState::Missing)
+    }
+
+    pub fn is_running(&self, module: &str) -> bool {
+        self.vm_state(module) == VmState::Running
+    }
+
+    /// Makes every later call named `call` fail (`None`: heal).
+    pub fn set_failing(&self, call: &'static str, failing: bool) {
+        let mut inner = lock(&self.0);
+        if failing {
+            inner.failing.insert(call);
+        } else {
+            inner.failing.remove(call);
+        }
+    }
+
+    /// The domain dies behind the controller's back (`virsh destroy`).
+    pub fn kill(&self, module: &str) {
+        lock(&self.0)
+            .states
+            .insert(module.to_string(), VmState::ShutOff);
+    }
+
+    /// `start` takes this long.
+    pub fn set_start_delay(&self, delay: Duration) {
+        lock(&self.0).start_delay = delay;
+    }
+
+    fn call(&self, call: &'static str, module: &Module) -> Result<(), DriverError> {
+        let mut inner = lock(&self.0);
+        inner.calls.push((call, module.name.clone()));
+        if inner.failing.contains(call) {
+            return Err(DriverError::failed(call, "scripted failure"));
+        }
+        Ok(())
+    }
+}
+
+impl VmDriver for FakeVm {
+    fn define(&self, module: &Module) -> Result<(), DriverError> {
+        self.call("define", module)?;
+        let mut inner = lock(&self.0);
+        let state = inner
+            .states
+            .entry(module.name.clone())
+            .or_insert(VmState::ShutOff);
+        if *state == VmState::Missing {
+            *state = VmState::ShutOff;
+        }
+        Ok(())
+    }
+
+    fn start(&self, module: &Module) -> Result<(), DriverError> {
+        self.call("start", module)?;
+        let delay = lock(&self.0).start_delay;
+        std::thread::sleep(delay);
+        let mut inner = lock(&self.0);
+        match inner.states.get(&module.name) {
+            None | Some(VmState::Missing) => {
+                Err(DriverError::failed("start", "domain not defined"))
+            }
+            _ => {
+                inner.states.insert(module.name.clone(), VmState::Running);
+                Ok(())
+            }
+        }
+    }
+
+    fn stop(&self, module: &Module) -> Result<(), DriverError> {
+        self.call("stop", module)?;
+        let mut inner = lock(&self.0);
+        if let Some(state) = inner.states.get_mut(&module.name) {
+            if *state != VmState::Missing {
+                *state = VmState::ShutOff;
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&self, module: &Module) -> Result<VmState, DriverError> {
+        // Not recorded: the checker polls it constantly.
+        let inner = lock(&self.0);
+        if inner.failing.contains("state") {
+            return Err(DriverError::failed("state", "scripted failure"));
+        }
+        Ok(inner
+            .states
+            .get(&module.name)
+            .copied()
+            .unwrap_or(VmState::Missing))
+    }
+}
+
+/// What a fake vmha-fs has mounted for a module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mounted {
+    Writer,
+    Receiver,
+}
+
+#[derive(Debug, Default)]
+struct FsInner {
+    calls: Vec<Call>,
+    mounted: HashMap<String, Mounted>,
+    failing: HashSet<&'static str>,
+    health: HashMap<String, FsHealth>,
+    resync: HashMap<String, ResyncState>,
+    /// Resyncs stay `Running` until `finish_resync`.
+    manual_resync: bool,
+}
+
+/// A fake vmha-fs. Cloning shares the state.
+#[derive(Debug, Clone, Default)]
+pub struct FakeFs(Arc<Mutex<FsInner>>);
+
+impl FakeFs {
+    pub fn new() -> FakeFs {
+        FakeFs::default()
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        lock(&self.0).calls.clone()
+    }
+
+    pub fn count(&self, call: &str) -> usize {
+        lock(&self.0)
+            .calls
+            .iter()
+            .filter(|(c, _)| *c == call)
+            .count()
+    }
+
+    pub fn mounted(&self, module: &str) -> Option<Mounted> {
+        lock(&self.0).mounted.get(module).copied()
+    }
+
+    pub fn set_failing(&self, call: &'static str, failing: bool) {
+        let mut inner = lock(&self.0);
+        if failing {
+            inner.failing.insert(call);
+        } else {
+            inner.failing.remove(call);
+        }
+    }
+
+    /// Overrides the health reported for a module (`None`: derived from mounts).
+    pub fn set_health(&self, module: &str, health: Option<FsHealth>) {
+        let mut inner = lock(&self.0);
+        match health {
+            Some(h) => inner.health.insert(module.to_string(), h),
+            None => inner.health.remove(module),
+        };
+    }
+
+    /// Resyncs report progress until [`FakeFs::finish_resync`] (default: done at once).
+    pub fn set_manual_resync(&self, manual: bool) {
+        lock(&self.0).manual_resync = manual;
+    }
+
+    pub fn finish_resync(&self, module: &str) {
+        lock(&self.0)
+            .resync
+            .insert(module.to_string(), ResyncState::Done);
+    }
+
+    pub fn set_resync(&self, module: &str, state: ResyncState) {
+        lock(&self.0).resync.insert(module.to_string(), state);
+    }
+
+    fn call(
+        &self,
+        call: &'static str,
+        module: &Module,
+    ) -> Result<MutexGuard<'_, FsInner>, DriverError> {
+        let mut inner = lock(&self.0);
+        inner.calls.push((call, module.name.clone()));
+        if inner.failing.contains(call) {
+            return Err(DriverError::failed(call, "scripted failure"));
+        }
+        Ok(inner)
+    }
+}
+
+impl FsDriver for FakeFs {
+    fn mount_writer(&self, module: &Module) -> Result<(), DriverError> {
+        let mut inner = self.call("mount_writer", module)?;
+        inner.mounted.insert(module.name.clone(), Mounted::Writer);
+        Ok(())
+    }
+
+    fn mount_receiver(&self, module: &Module) -> Result<(), DriverError> {
+        let mut inner = self.call("mount_receiver", module)?;
+        inner.mounted.insert(module.name.clone(), Mounted::Receiver);
+        Ok(())
+    }
+
+    fn unmount(&self, module: &Module) -> Result<(), DriverError> {
+        let mut inner = self.call("unmount", module)?;
+        inner.mounted.remove(&module.name);
+        inner.resync.remove(&module.name);
+        Ok(())
+    }
+
+    fn health(&self, module: &Module) -> FsHealth {
+        let inner = lock(&self.0);
+        if let Some(h) = inner.health.get(&module.name) {
+            return h.clone();
+        }
+        if inner.mounted.contains_key(&module.name) {
+            FsHealth::Healthy
+        } else {
+            FsHealth::Idle
+        }
+    }
+
+    fn start_resync(&self, module: &Module, full: bool) -> Result<(), DriverError> {
+        let name = if full { "resync_full" } else { "resync" };
+        let mut inner = self.call(name, module)?;
+        let state = if inner.manual_resync {
+            ResyncState::Running(crate::state::Progress {
+                done_bytes: 0,
+                total_bytes: 1 << 20,
+            })
+        } else {
+            ResyncState::Done
+        };
+        inner.resync.insert(module.name.clone(), state);
+        Ok(())
+    }
+
+    fn resync_state(&self, module: &Module) -> Result<ResyncState, DriverError> {
+        Ok(lock(&self.0)
+            .resync
+            .get(&module.name)
+            .copied()
+            .unwrap_or(ResyncState::Idle))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn module() -> Module {
+        let text = r#"
+[cluster]
+name = "t"
+[[node]]
+name = "a"
+addresses = ["127.0.0.1"]
+[[node]]
+name = "b"
+addresses = ["127.0.0.2"]
+[[module]]
+name = "vm1"
+replicated = ["/tmp/x"]
+port = 7101
+"#;
+        Config::from_toml_str(text).unwrap().modules[0].clone()
+    }
+
+    #[test]
+    fn fake_vm_records_and_fails() {
+        let vm = FakeVm::new();
+        let m = module();
+        assert!(vm.start(&m).is_err(), "not defined yet");
+        vm.define(&m).unwrap();
+        vm.start(&m).unwrap();
+        assert!(vm.is_running("vm1"));
+        vm.kill("vm1");
+        assert_eq!(vm.state(&m).unwrap(), VmState::ShutOff);
+        vm.set_failing("start", true);
+        assert!(vm.start(&m).is_err());
+        assert_eq!(vm.count("start"), 3);
+    }
+
+    #[test]
+    fn fake_fs_mounts_and_resyncs() {
+        let fs = FakeFs::new();
+        let m = module();
+        assert_eq!(fs.health(&m), FsHealth::Idle);
+        fs.mount_receiver(&m).unwrap();
+        assert_eq!(fs.mounted("vm1"), Some(Mounted::Receiver));
+        fs.set_manual_resync(true);
+        fs.start_resync(&m, true).unwrap();
+        assert!(matches!(
+            fs.resync_state(&m).unwrap(),
+            ResyncState::Running(_)
+        ));
+        fs.finish_resync("vm1");
+        assert_eq!(fs.resync_state(&m).unwrap(), ResyncState::Done);
+        fs.set_failing("mount_writer", true);
+        assert!(fs.mount_writer(&m).is_err());
+        fs.unmount(&m).unwrap();
+        assert_eq!(fs.mounted("vm1"), None);
+    }
+}

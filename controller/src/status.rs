@@ -1,0 +1,185 @@
+//! The shape of `vmctl status --json` (design, "Interfaces"), shared by the
+//! daemon that builds it and `vmctl` that prints it.
+//!
+//! Additions to the design's example (choices where it is silent):
+//! - `config_hash` at the top level (this node's [`crate::config::Config::hash`]);
+//! - per peer node `config_match`: whether the peer's whole-configuration hash
+//!   equals ours (`null` until the peer has been heard), and per module node
+//!   `module_config_match` for that module's hash;
+//! - an unreachable peer keeps `generation` (last known), `last_seen_ms`
+//!   (`null` if never heard since this daemon started) and `heartbeats`
+//!   (`null` per address never heard); its `ready` is false and `readiness` /
+//!   `colour` are null.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Colour, Readiness, Role};
+
+/// The whole answer of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The local node's name.
+    pub node: String,
+    pub config_hash: String,
+    pub modules: Vec<ModuleStatus>,
+}
+
+/// One module on both nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    pub name: String,
+    pub domain: String,
+    /// The node running the VM (PRIM or ALONE), `null` when none does.
+    pub primary: Option<String>,
+    /// Keyed by node name; both nodes are always present.
+    pub nodes: BTreeMap<String, NodeStatus>,
+}
+
+/// One node's view of a module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub reachable: bool,
+    /// `null` for an unreachable peer (see `last_known_state`).
+    pub state: Option<Role>,
+    pub ready: bool,
+    pub readiness: Option<Readiness>,
+    pub colour: Option<Colour>,
+    /// Current data generation (32 hex digits), `null` for a node without data.
+    pub generation: Option<String>,
+    pub resync: Option<ResyncStatus>,
+    /// Peer only: milliseconds since the last heartbeat on any network.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub last_seen_ms: Option<Option<u64>>,
+    /// Peer only: per peer address, milliseconds since its last heartbeat.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub heartbeats: Option<BTreeMap<String, Option<u64>>>,
+    /// Unreachable peer only: the state it last announced.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub last_known_state: Option<Option<Role>>,
+    /// Peer only: the whole configuration hashes match.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub config_match: Option<Option<bool>>,
+    /// Peer only: this module's configuration hashes match.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub module_config_match: Option<Option<bool>>,
+}
+
+/// A key that is present (even `null`) is `Some`: `Some(None)` round-trips.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// Resync progress as shown by `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub rate_bytes_per_s: u64,
+    /// `null` while the rate is unknown.
+    pub eta_s: Option<u64>,
+}
+
+impl ResyncStatus {
+    /// Percentage done (100 when there is nothing to copy).
+    pub fn percent(&self) -> u64 {
+        self.done_bytes
+            .saturating_mul(100)
+            .checked_div(self.total_bytes)
+            .unwrap_or(100)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_node_has_no_peer_keys() {
+        let node = NodeStatus {
+            reachable: true,
+            state: Some(Role::Prim),
+            ready: true,
+            readiness: Some(Readiness::Ready),
+            colour: Some(Colour::Green),
+            generation: None,
+            resync: None,
+            last_seen_ms: None,
+            heartbeats: None,
+            last_known_state: None,
+            config_match: None,
+            module_config_match: None,
+        };
+        let json = serde_json::to_value(&node).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"reachable": true, "state": "PRIM", "ready": true,
+                "readiness": "ready", "colour": "green", "generation": null, "resync": null})
+        );
+    }
+
+    #[test]
+    fn unreachable_peer_shape() {
+        let node = NodeStatus {
+            reachable: false,
+            state: None,
+            ready: false,
+            readiness: None,
+            colour: None,
+            generation: None,
+            resync: None,
+            last_seen_ms: Some(Some(5000)),
+            heartbeats: Some(BTreeMap::from([("10.0.0.2".to_string(), None)])),
+            last_known_state: Some(Some(Role::Prim)),
+            config_match: Some(None),
+            module_config_match: Some(None),
+        };
+        let json = serde_json::to_value(&node).unwrap();
+        assert_eq!(json["state"], serde_json::Value::Null);
+        assert_eq!(json["last_known_state"], "PRIM");
+        assert_eq!(json["heartbeats"]["10.0.0.2"], serde_json::Value::Null);
+        let back: NodeStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, node);
+        let mut never = node.clone();
+        never.last_known_state = Some(None);
+        let json = serde_json::to_value(&never).unwrap();
+        assert_eq!(json["last_known_state"], serde_json::Value::Null);
+        assert_eq!(serde_json::from_value::<NodeStatus>(json).unwrap(), never);
+    }
+
+    #[test]
+    fn percent() {
+        let r = ResyncStatus {
+            done_bytes: 1,
+            total_bytes: 4,
+            rate_bytes_per_s: 0,
+            eta_s: None,
+        };
+        assert_eq!(r.percent(), 25);
+    }
+}

@@ -1,0 +1,520 @@
+//! Two daemons in one process on loopback with fake drivers: node1 on
+//! 127.0.0.1 + 127.0.0.3, node2 on 127.0.0.2 + 127.0.0.4 (two networks),
+//! short timeouts, temp state dirs and sockets; asserted through the control API.
+
+// Test-only crate: its helpers panic on failure like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmha_controller::config::{Config, NodeIndex};
+use vmha_controller::control::{Client, Request, Response};
+use vmha_controller::daemon::{Daemon, DaemonSpec};
+use vmha_controller::driver::fake::{FakeFs, FakeVm, Mounted};
+use vmha_controller::heartbeat::{ModuleBeat, Payload, Sealer};
+use vmha_controller::state::{Announce, Readiness, Role};
+use vmha_controller::status::Status;
+use vmha_fs::key::ClusterKey;
+
+const FAILOVER_MS: u64 = 400;
+
+fn free_port() -> u16 {
+    'outer: for _ in 0..100 {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        drop(s);
+        for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+            if UdpSocket::bind((ip, port)).is_err() {
+                continue 'outer;
+            }
+        }
+        return port;
+    }
+    panic!("no free port");
+}
+
+fn toml(port: u16, extra_module: &str, start_wait_ms: u64) -> String {
+    format!(
+        r#"
+[cluster]
+name = "test"
+heartbeat_port = {port}
+heartbeat_interval_ms = 50
+failover_timeout_ms = {FAILOVER_MS}
+start_wait_ms = {start_wait_ms}
+
+[[node]]
+name = "node1"
+addresses = ["127.0.0.1", "127.0.0.3"]
+
+[[node]]
+name = "node2"
+addresses = ["127.0.0.2", "127.0.0.4"]
+
+[[module]]
+name = "vm1"
+replicated = ["/srv/vmha-test/vm1"]
+port = {}
+lock_timeout_ms = 1000
+{extra_module}
+"#,
+        port.wrapping_add(1).max(1024)
+    )
+}
+
+fn key() -> ClusterKey {
+    ClusterKey::from_bytes([42; 32])
+}
+
+struct Node {
+    name: &'static str,
+    daemon: Option<Daemon>,
+    vm: FakeVm,
+    fs: FakeFs,
+    socket: PathBuf,
+    config: Config,
+}
+
+impl Node {
+    async fn start(name: &'static str, text: &str, dir: &Path) -> Node {
+        let mut config = Config::from_toml_str(text).unwrap();
+        let node = config.local_node(name).unwrap();
+        // One file for both nodes; per-node paths overridden after hashing.
+        config.cluster.state_dir = dir.join(name).join("state");
+        config.cluster.control_socket = dir.join(name).join("run/vmhad.sock");
+        let vm = FakeVm::new();
+        let fs = FakeFs::new();
+        let mut n = Node {
+            name,
+            daemon: None,
+            vm,
+            fs,
+            socket: config.cluster.control_socket.clone(),
+            config,
+        };
+        n.restart(node).await;
+        n
+    }
+
+    async fn restart(&mut self, node: NodeIndex) {
+        let daemon = Daemon::start(DaemonSpec {
+            config: self.config.clone(),
+            node,
+            key: key(),
+            vm: Arc::new(self.vm.clone()),
+            fs: Arc::new(self.fs.clone()),
+            max_clock_skew: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+        self.daemon = Some(daemon);
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    async fn request(&self, request: Request) -> Response {
+        // Through the real socket, with the blocking client vmctl uses.
+        let socket = self.socket.clone();
+        tokio::task::spawn_blocking(move || Client::connect(&socket)?.call(&request))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    fn status(&self) -> Status {
+        self.daemon().status()
+    }
+
+    fn state_of(&self, node: &str) -> Option<Role> {
+        self.status().modules[0].nodes[node].state
+    }
+
+    async fn wait(&self, what: &str, cond: impl Fn(&Status) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status();
+            if cond(&status) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: timed out waiting for {what}; status: {}\nlog:\n{}",
+                    self.name,
+                    serde_json::to_string_pretty(&status).unwrap(),
+                    self.daemon()
+                        .request(Request::Log { module: None })
+                        .await
+                        .lines
+                        .join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_role(&self, node: &str, role: Role, ready: bool) {
+        self.wait(&format!("{node} {role} ready={ready}"), |s| {
+            let n = &s.modules[0].nodes[node];
+            n.state == Some(role) && (!ready || n.ready)
+        })
+        .await;
+    }
+}
+
+async fn pair(dir: &Path) -> (Node, Node, u16) {
+    let port = free_port();
+    let text = toml(port, "", 300);
+    let n1 = Node::start("node1", &text, dir).await;
+    let n2 = Node::start("node2", &text, dir).await;
+    (n1, n2, port)
+}
+
+/// `prim` on node1 and the steady state: node1 PRIM, node2 SECOND ready.
+async fn running_pair(dir: &Path) -> (Node, Node, u16) {
+    let (n1, n2, port) = pair(dir).await;
+    // Fresh nodes: nobody has data, both wait.
+    n1.wait_role("node1", Role::Wait, false).await;
+    n2.wait_role("node2", Role::Wait, false).await;
+    let r = n1.request(Request::Prim { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n1.wait_role("node1", Role::Prim, true).await;
+    n1.wait_role("node2", Role::Second, true).await;
+    n2.wait_role("node2", Role::Second, true).await;
+    n2.wait_role("node1", Role::Prim, true).await;
+    assert!(n1.vm.is_running("vm1"));
+    assert!(!n2.vm.is_running("vm1"));
+    assert_eq!(n1.fs.mounted("vm1"), Some(Mounted::Writer));
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Receiver));
+    (n1, n2, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prim_then_failover_when_node1_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut n1, n2, _) = running_pair(dir.path()).await;
+    let s = n1.status();
+    assert_eq!(s.modules[0].primary.as_deref(), Some("node1"));
+    let generation = s.modules[0].nodes["node1"].generation.clone();
+    assert!(generation.is_some());
+    assert_eq!(s.modules[0].nodes["node2"].generation, generation);
+
+    let killed = Instant::now();
+    n1.daemon.take().unwrap().kill().await;
+    n2.wait_role("node2", Role::Alone, false).await;
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_millis(FAILOVER_MS - 60),
+        "failover after {took:?}, before the timeout"
+    );
+    n2.wait("VM running on node2", |_| n2.vm.is_running("vm1"))
+        .await;
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Writer));
+    let s = n2.status();
+    let peer = &s.modules[0].nodes["node1"];
+    assert!(!peer.reachable);
+    assert_eq!(peer.state, None);
+    let log = n2
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert_eq!(peer.last_known_state, Some(Some(Role::Prim)), "{log}");
+    assert_eq!(s.modules[0].primary.as_deref(), Some("node2"));
+    // node2 began a new generation: it is now newer than node1's copy.
+    assert_ne!(s.modules[0].nodes["node2"].generation, generation);
+    let log = n2
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log.contains("SECOND -> ALONE"), "{log}");
+    n2.daemon.unwrap().kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_moves_the_vm_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = running_pair(dir.path()).await;
+    let r = n1.request(Request::Swap { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n2.wait_role("node2", Role::Prim, true).await;
+    n2.wait_role("node1", Role::Second, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    // Swap asked on the SECOND this time (once it knows node2 is PRIM).
+    n1.wait_role("node2", Role::Prim, true).await;
+    let r = n1.request(Request::Swap { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n1.wait_role("node1", Role::Prim, true).await;
+    n1.wait_role("node2", Role::Second, true).await;
+    n1.wait("VM back on node1", |_| {
+        n1.vm.is_running("vm1") && !n2.vm.is_running("vm1")
+    })
+    .await;
+    // Swap where it cannot be done is refused with a reason.
+    let r = n1
+        .request(Request::Swap {
+            module: Some("nope".into()),
+        })
+        .await;
+    assert!(!r.ok);
+    assert!(r.error.unwrap().contains("unknown module `nope`"));
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_on_prim_hands_over_and_graceful_shutdown_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, mut n2, _) = running_pair(dir.path()).await;
+    let r = n1.request(Request::Stop { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n2.wait_role("node2", Role::Alone, false).await;
+    n2.wait("VM on node2", |_| n2.vm.is_running("vm1")).await;
+    assert!(!n1.vm.is_running("vm1"));
+    assert_eq!(n1.state_of("node1"), Some(Role::Stop));
+    // Let node1 hear node2's takeover before it starts again (see the report:
+    // a Start racing the peer's takeover can resolve as a split brain).
+    n1.wait_role("node2", Role::Alone, false).await;
+    // Start node1 again: it follows as SECOND.
+    let r = n1.request(Request::Start { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n1.wait_role("node1", Role::Second, true).await;
+    n2.wait_role("node2", Role::Prim, true).await;
+    // A graceful daemon shutdown on the PRIM hands over without a timeout.
+    let stopped = Instant::now();
+    n2.daemon.take().unwrap().shutdown().await;
+    n1.wait_role("node1", Role::Alone, false).await;
+    assert!(n1.vm.is_running("vm1"));
+    assert!(!n2.vm.is_running("vm1"));
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    n1.daemon.unwrap().kill().await;
+}
+
+fn forged_beat(role: Role) -> Vec<u8> {
+    let payload = Payload {
+        node: "node1".into(),
+        session: 1,
+        round: 1_000_000,
+        config_hash: vmha_controller::config::Digest([0; 32]),
+        modules: vec![ModuleBeat {
+            name: "vm1".into(),
+            module_hash: vmha_controller::config::Digest([0; 32]),
+            announce: Announce {
+                role,
+                readiness: Readiness::Ready,
+                request: None,
+                forced: false,
+            },
+            history: vmha_controller::generation::History::empty(),
+            changed_bytes: 0,
+            resync: None,
+        }],
+    };
+    Sealer::new(&ClusterKey::from_bytes([7; 32]))
+        .seal(
+            "127.0.0.2".parse().unwrap(),
+            &serde_json::to_vec(&payload).unwrap(),
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_heartbeats_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut n1, n2, port) = running_pair(dir.path()).await;
+    let generation = n2.status().modules[0].nodes["node2"].generation.clone();
+    // Kill node1 and take its address: forged datagrams (wrong key) claiming
+    // node1 is STOP, then that it still runs. Neither must count.
+    n1.daemon.take().unwrap().kill().await;
+    let evil = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let target = ("127.0.0.2", port);
+    let killed = Instant::now();
+    let mut saw_second_after_timeout = false;
+    while killed.elapsed() < Duration::from_millis(FAILOVER_MS - 100) {
+        evil.send_to(&forged_beat(Role::Stop), target).unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        // A forged STOP would make the SECOND take over at once.
+        saw_second_after_timeout = n2.state_of("node2") == Some(Role::Second);
+    }
+    assert!(saw_second_after_timeout, "a forged STOP made node2 act");
+    // Forged "PRIM" heartbeats do not keep the dead peer alive either.
+    let flood = tokio::spawn(async move {
+        for _ in 0..100 {
+            let _ = evil.send_to(&forged_beat(Role::Prim), target);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    n2.wait_role("node2", Role::Alone, false).await;
+    assert!(killed.elapsed() >= Duration::from_millis(FAILOVER_MS - 60));
+    assert_ne!(n2.status().modules[0].nodes["node2"].generation, generation);
+    flood.abort();
+    n2.daemon.unwrap().kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_hash_mismatch_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Whole-config mismatch only (start_wait_ms is not a module setting).
+    let n1 = Node::start("node1", &toml(port, "", 300), dir.path()).await;
+    let n2 = Node::start("node2", &toml(port, "", 301), dir.path()).await;
+    n1.wait("peer heard", |s| s.modules[0].nodes["node2"].reachable)
+        .await;
+    let json = serde_json::to_value(n1.status()).unwrap();
+    assert_eq!(json["modules"][0]["nodes"]["node2"]["config_match"], false);
+    assert_eq!(
+        json["modules"][0]["nodes"]["node2"]["module_config_match"],
+        true
+    );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+
+    // A module setting differs: the module's hash differs too.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let n1 = Node::start("node1", &toml(port, "", 300), dir.path()).await;
+    let n2 = Node::start("node2", &toml(port, "stop_timeout_s = 5", 300), dir.path()).await;
+    n2.wait("peer heard", |s| s.modules[0].nodes["node1"].reachable)
+        .await;
+    let json = serde_json::to_value(n2.status()).unwrap();
+    assert_eq!(json["modules"][0]["nodes"]["node1"]["config_match"], false);
+    assert_eq!(
+        json["modules"][0]["nodes"]["node1"]["module_config_match"],
+        false
+    );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_has_the_design_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = running_pair(dir.path()).await;
+    let socket = n1.socket.clone();
+    let raw = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        s.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let v: Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(v["ok"], true);
+    let st = &v["status"];
+    assert_eq!(st["node"], "node1");
+    let m = &st["modules"][0];
+    assert_eq!(m["name"], "vm1");
+    assert_eq!(m["domain"], "vm1");
+    assert_eq!(m["primary"], "node1");
+    let local = &m["nodes"]["node1"];
+    for k in [
+        "reachable",
+        "state",
+        "ready",
+        "readiness",
+        "colour",
+        "generation",
+        "resync",
+    ] {
+        assert!(local.get(k).is_some(), "local lacks {k}: {local}");
+    }
+    assert_eq!(local["state"], "PRIM");
+    assert_eq!(local["colour"], "green");
+    assert!(local.get("heartbeats").is_none());
+    let peer = &m["nodes"]["node2"];
+    assert_eq!(peer["state"], "SECOND");
+    assert_eq!(peer["readiness"], "ready");
+    assert!(peer["last_seen_ms"].as_u64().unwrap() < 1000);
+    let hb = peer["heartbeats"].as_object().unwrap();
+    assert_eq!(hb.len(), 2);
+    assert!(hb["127.0.0.2"].as_u64().is_some() && hb["127.0.0.4"].as_u64().is_some());
+    // Unknown command: a clear error, the connection stays usable.
+    let r = n1
+        .daemon()
+        .request(Request::Log {
+            module: Some("vm9".into()),
+        })
+        .await;
+    assert!(!r.ok);
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_killed_behind_the_back_is_restarted_then_fails_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = toml(port, "maxloop = 2", 300);
+    let n1 = Node::start("node1", &text, dir.path()).await;
+    let n2 = Node::start("node2", &text, dir.path()).await;
+    n1.wait_role("node1", Role::Wait, false).await;
+    assert!(n1.request(Request::Prim { module: None }).await.ok);
+    n1.wait_role("node2", Role::Second, true).await;
+    let starts = n1.vm.count("start");
+    for i in 1..=2 {
+        n1.vm.kill("vm1");
+        n1.wait("VM restarted", |_| n1.vm.count("start") == starts + i)
+            .await;
+        n1.wait("VM running", |_| n1.vm.is_running("vm1")).await;
+    }
+    // maxloop reached: node1 steps down, node2 fails over.
+    n1.vm.kill("vm1");
+    n2.wait_role("node2", Role::Alone, false).await;
+    n2.wait("VM on node2", |_| n2.vm.is_running("vm1")).await;
+    n1.wait_role("node1", Role::Second, false).await;
+    let log = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log.contains("maxloop reached"), "{log}");
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_second_shows_resync_progress_until_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = pair(dir.path()).await;
+    n2.fs.set_manual_resync(true);
+    n1.wait_role("node1", Role::Wait, false).await;
+    assert!(n1.request(Request::Prim { module: None }).await.ok);
+    n1.wait_role("node2", Role::Second, false).await;
+    n2.fs.set_resync(
+        "vm1",
+        vmha_controller::driver::ResyncState::Running(vmha_controller::state::Progress {
+            done_bytes: 512 << 10,
+            total_bytes: 1 << 20,
+        }),
+    );
+    n1.wait("progress shown for node2", |s| {
+        s.modules[0].nodes["node2"]
+            .resync
+            .is_some_and(|r| r.done_bytes == 512 << 10 && r.total_bytes == 1 << 20)
+    })
+    .await;
+    let s = n1.status();
+    let peer = &s.modules[0].nodes["node2"];
+    assert!(!peer.ready);
+    assert_eq!(peer.readiness, Some(Readiness::NotUpToDate));
+    // The writer is PRIM as soon as the peer is SECOND, even while it resyncs.
+    assert_eq!(n1.state_of("node1"), Some(Role::Prim));
+    n2.fs.finish_resync("vm1");
+    n1.wait_role("node2", Role::Second, true).await;
+    n1.wait_role("node1", Role::Prim, true).await;
+    assert_eq!(n1.status().modules[0].nodes["node2"].resync, None);
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}

@@ -1,0 +1,117 @@
+//! `vmhad` as a process (fake drivers): starts, answers on its socket, exits
+//! cleanly on SIGTERM; configuration errors are one line and a non-zero exit.
+
+// Test-only crate: its helpers panic on failure like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::net::UdpSocket;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmha_controller::control::{Client, Request};
+use vmha_fs::key::ClusterKey;
+
+fn free_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = dir.join("cluster.key");
+    ClusterKey::generate_file(&key).unwrap();
+    let text = format!(
+        r#"
+[cluster]
+name = "proc"
+key_file = "{key}"
+state_dir = "{state}"
+control_socket = "{socket}"
+heartbeat_port = {port}
+heartbeat_interval_ms = 50
+failover_timeout_ms = 400
+start_wait_ms = 200
+
+[[node]]
+name = "node1"
+addresses = ["127.0.0.1"]
+
+[[node]]
+name = "node2"
+addresses = ["127.0.0.2"]
+
+[[module]]
+name = "vm1"
+replicated = ["/srv/proc/vm1"]
+port = 7101
+lock_timeout_ms = 1000
+"#,
+        key = key.display(),
+        state = dir.join("state").display(),
+        socket = dir.join("vmhad.sock").display(),
+        port = free_port(),
+    );
+    let path = dir.join("vmha.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn starts_answers_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmhad"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--node",
+            "node1",
+            "--fake-drivers",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = dir.path().join("vmhad.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(mut client) = Client::connect(&socket) {
+            break client.call(&Request::Status).unwrap();
+        }
+        assert!(Instant::now() < deadline, "vmhad did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.ok);
+    assert_eq!(status.status.unwrap().node, "node1");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "vmhad did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success());
+    assert!(!socket.exists());
+    let log = std::fs::read_to_string(dir.path().join("state/vm1/events.log")).unwrap();
+    assert!(log.contains("STOP -> WAIT: start"), "{log}");
+    assert!(log.contains("WAIT -> STOP: stop requested"), "{log}");
+}
+
+#[test]
+fn unknown_node_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_vmhad"))
+        .args(["--config", cfg.to_str().unwrap(), "--node", "node9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l == "vmhad: node `node9` is not in the configuration (nodes: node1, node2)"),
+        "{err}"
+    );
+}

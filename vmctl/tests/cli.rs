@@ -1,0 +1,240 @@
+//! `vmctl` against an in-process `vmhad` (fake drivers, peer absent) on a
+//! temp socket.
+
+// Test-only crate: its helpers panic on failure like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmha_controller::config::Config;
+use vmha_controller::daemon::{Daemon, DaemonSpec};
+use vmha_controller::driver::fake::{FakeFs, FakeVm};
+use vmha_fs::key::ClusterKey;
+
+fn free_port() -> u16 {
+    'outer: for _ in 0..100 {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        drop(s);
+        for ip in ["127.0.0.1", "127.0.0.3"] {
+            if UdpSocket::bind((ip, port)).is_err() {
+                continue 'outer;
+            }
+        }
+        return port;
+    }
+    panic!("no free port");
+}
+
+fn write_config(dir: &Path, modules: &[&str]) -> PathBuf {
+    let port = free_port();
+    let mut text = format!(
+        r#"
+[cluster]
+name = "cli"
+state_dir = "{state}"
+control_socket = "{socket}"
+heartbeat_port = {port}
+heartbeat_interval_ms = 50
+failover_timeout_ms = 400
+start_wait_ms = 200
+
+[[node]]
+name = "node1"
+addresses = ["127.0.0.1", "127.0.0.3"]
+
+[[node]]
+name = "node2"
+addresses = ["127.0.0.2", "127.0.0.4"]
+"#,
+        state = dir.join("state").display(),
+        socket = dir.join("run/vmhad.sock").display(),
+    );
+    for (i, m) in modules.iter().enumerate() {
+        text.push_str(&format!(
+            "[[module]]\nname = \"{m}\"\nreplicated = [\"/srv/cli/{m}\"]\nport = {}\nlock_timeout_ms = 1000\n",
+            20_000 + i
+        ));
+    }
+    let path = dir.join("vmha.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn daemon(config: &Path) -> Daemon {
+    let config = Config::load(config).unwrap();
+    let node = config.local_node("node1").unwrap();
+    Daemon::start(DaemonSpec {
+        config,
+        node,
+        key: ClusterKey::from_bytes([1; 32]),
+        vm: Arc::new(FakeVm::new()),
+        fs: Arc::new(FakeFs::new()),
+        max_clock_skew: Duration::from_secs(30),
+    })
+    .await
+    .unwrap()
+}
+
+async fn vmctl(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_vmctl"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &["vm1"]);
+    let d = daemon(&config).await;
+    let cfg = config.to_str().unwrap();
+    let out = vmctl(&["--config", cfg, "status", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["node"], "node1");
+    let m = &v["modules"][0];
+    assert_eq!(m["name"], "vm1");
+    assert_eq!(m["primary"], serde_json::Value::Null);
+    assert_eq!(m["nodes"]["node1"]["state"], "WAIT");
+    assert_eq!(m["nodes"]["node1"]["reachable"], true);
+    let peer = &m["nodes"]["node2"];
+    assert_eq!(peer["reachable"], false);
+    assert_eq!(peer["state"], serde_json::Value::Null);
+    assert_eq!(peer["ready"], false);
+    assert!(peer.get("last_known_state").is_some());
+    assert_eq!(peer["heartbeats"]["127.0.0.2"], serde_json::Value::Null);
+
+    let out = vmctl(&["--config", cfg, "status"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("MODULE") && text.contains("vm1") && text.contains("WAIT"),
+        "{text}"
+    );
+    assert!(text.contains("unreachable"), "{text}");
+    d.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prim_needs_confirmation_then_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &["vm1"]);
+    let d = daemon(&config).await;
+    let cfg = config.to_str().unwrap();
+    let out = vmctl(&["--config", cfg, "prim"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    assert_eq!(
+        d.status().modules[0].nodes["node1"]
+            .state
+            .unwrap()
+            .to_string(),
+        "WAIT"
+    );
+
+    let out = vmctl(&["--config", cfg, "prim", "--yes"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ALONE"), "{}", stdout(&out));
+    let s = d.status();
+    assert_eq!(
+        s.modules[0].nodes["node1"].state.unwrap().to_string(),
+        "ALONE"
+    );
+    assert_eq!(s.modules[0].primary.as_deref(), Some("node1"));
+
+    // Swap without a peer is refused: non-zero exit, the reason on stderr.
+    let out = vmctl(&["--config", cfg, "swap"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("swap refused"), "{}", stderr(&out));
+
+    let out = vmctl(&["--config", cfg, "log", "vm1"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("forced primary by the operator"),
+        "{}",
+        stdout(&out)
+    );
+    d.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &["vm1", "vm2"]);
+    let d = daemon(&config).await;
+    let cfg = config.to_str().unwrap();
+    let out = vmctl(&["--config", cfg, "log", "nope"]).await;
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out).trim(),
+        "vmctl: unknown module `nope` (modules: vm1, vm2)"
+    );
+    let out = vmctl(&["--config", cfg, "stop"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("name one"), "{}", stderr(&out));
+    let out = vmctl(&["--config", cfg, "stop", "vm2"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_not_running_and_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &["vm1"]);
+    let cfg = config.to_str().unwrap();
+    let out = vmctl(&["--config", cfg, "status"]).await;
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.starts_with("vmctl: vmhad is not running"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // A stale socket (daemon crashed): refused connections.
+    let sock = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let out = vmctl(&["--socket", sock.to_str().unwrap(), "status"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refuses connections"),
+        "{}",
+        stderr(&out)
+    );
+
+    let missing = dir.path().join("missing.toml");
+    let out = vmctl(&["--config", missing.to_str().unwrap(), "status"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot read configuration"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A daemon crash leaves the socket file; vmctl says so.
+    let d = daemon(&config).await;
+    d.kill().await;
+    let out = vmctl(&["--config", cfg, "status"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("vmhad is not running"),
+        "{}",
+        stderr(&out)
+    );
+}
