@@ -220,6 +220,23 @@ fn xattr_target(table: &dyn NodeTable, id: NodeId) -> Result<Arc<OwnedFd>, Errno
     Ok(fd)
 }
 
+/// Calls a size-probing syscall (getxattr, listxattr) twice: size, then content.
+pub fn read_sized(call: impl Fn(&mut [u8]) -> Result<usize, Errno>) -> Result<Vec<u8>, Errno> {
+    loop {
+        let size = call(&mut [])?;
+        let mut buf = vec![0u8; size];
+        match call(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // Grew between the two calls.
+            Err(Errno::RANGE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Applies one operation to the directory behind `table`.
 pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
     match op {
@@ -374,6 +391,8 @@ pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
             let fd = xattr_target(table, *id)?;
             rustix::fs::removexattr(proc_path(fd.as_fd()), name.as_os_str())?;
         }
+        // Whole-directory operations of a full sync: the receiver's own business.
+        Op::Wipe | Op::SyncAll => return Err(Errno::INVAL),
         Op::Fsync { id, datasync } => {
             let fd = table.data_fd(*id)?;
             if *datasync {

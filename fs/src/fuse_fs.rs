@@ -116,9 +116,9 @@ type OpenDir = (Arc<Vec<DirItem>>, Arc<OwnedFd>);
 /// The replicated filesystem.
 #[derive(Debug)]
 pub struct ReplicatedFs {
-    inodes: Inodes,
+    inodes: Arc<Inodes>,
     link: PeerLink,
-    namespace: RwLock<()>,
+    namespace: Arc<RwLock<()>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
@@ -187,7 +187,7 @@ fn name_of(name: &OsStr) -> Result<Name, Errno> {
 }
 
 /// `pread` until `buf` is full or end of file.
-fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
+pub(crate) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
     let mut done = 0;
     while done < buf.len() {
         match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
@@ -200,33 +200,27 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, E
     Ok(done)
 }
 
-/// Calls a size-probing syscall (getxattr, listxattr) twice: size, then content.
-fn read_sized(call: impl Fn(&mut [u8]) -> Result<usize, Errno>) -> Result<Vec<u8>, Errno> {
-    loop {
-        let size = call(&mut [])?;
-        let mut buf = vec![0u8; size];
-        match call(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            // Grew between the two calls.
-            Err(Errno::RANGE) => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 impl ReplicatedFs {
     pub fn new(root: OwnedFd, link: PeerLink) -> Result<Self, Errno> {
         Ok(Self {
-            inodes: Inodes::new(root)?,
+            inodes: Arc::new(Inodes::new(root)?),
             link,
-            namespace: RwLock::new(()),
+            namespace: Arc::new(RwLock::new(())),
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         })
+    }
+
+    /// What a full sync of a newly attached peer needs: the same inode table and
+    /// namespace lock as the filesystem, so that the copy is ordered with live I/O.
+    pub fn syncer(&self, progress: Arc<crate::resync::SyncProgress>) -> crate::resync::Syncer {
+        crate::resync::Syncer::new(
+            self.inodes.clone(),
+            self.namespace.clone(),
+            self.link.clone(),
+            progress,
+        )
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -242,7 +236,7 @@ impl ReplicatedFs {
     /// orders it) is still held, then waits for the peer.
     fn replicate<G>(&self, op: Op, order: G) -> Result<Applied, Errno> {
         self.link.wait_usable()?;
-        let applied = apply::apply(&self.inodes, &op)?;
+        let applied = apply::apply(self.inodes.as_ref(), &op)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let what = format!("{op:?}");
         let queued = self.link.submit(
@@ -253,17 +247,20 @@ impl ReplicatedFs {
         );
         drop(order);
         if queued.is_err() {
-            self.link
+            let _ = self
+                .link
                 .diverged(&format!("{what} applied locally, could not be replicated"));
             return Err(Errno::IO);
         }
         match rx.recv() {
             Ok(Ok(())) => Ok(applied),
             Ok(Err(e)) => {
-                self.link.diverged(&format!(
-                    "{what} applied locally but failed on the peer: {e}"
-                ));
-                Err(Errno::IO)
+                let what = format!("{what} applied locally but failed on the peer: {e}");
+                if self.link.diverged(&what) {
+                    Ok(applied)
+                } else {
+                    Err(Errno::IO)
+                }
             }
             Err(_) => Err(Errno::IO),
         }
@@ -928,14 +925,14 @@ impl fuser::Filesystem for ReplicatedFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let value = self
             .node_proc_path(ino)
-            .and_then(|p| read_sized(|buf| rustix::fs::getxattr(&p, name, buf)));
+            .and_then(|p| apply::read_sized(|buf| rustix::fs::getxattr(&p, name, buf)));
         Self::xattr_reply(value, size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let value = self
             .node_proc_path(ino)
-            .and_then(|p| read_sized(|buf| rustix::fs::listxattr(&p, buf)));
+            .and_then(|p| apply::read_sized(|buf| rustix::fs::listxattr(&p, buf)));
         Self::xattr_reply(value, size, reply);
     }
 
@@ -1109,9 +1106,12 @@ impl ReplicatedFs {
         match self.link.submit_wait(op) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.link
-                    .diverged(&format!("{what} applied locally but not on the peer: {e}"));
-                Err(Errno::IO)
+                let what = format!("{what} applied locally but not on the peer: {e}");
+                if self.link.diverged(&what) {
+                    Ok(())
+                } else {
+                    Err(Errno::IO)
+                }
             }
         }
     }

@@ -92,11 +92,14 @@ impl<T: Send + 'static> Joint<T> {
         let result = match (local, remote_error) {
             (Local::NotApplied(e), _) => Err(e),
             (Local::Applied(Ok(v)), None) => Ok(v),
-            (Local::Applied(Ok(_)), Some(e)) => {
-                link.diverged(&format!(
-                    "{what} applied locally but failed on the peer: {e}"
-                ));
-                Err(Errno::IO)
+            (Local::Applied(Ok(v)), Some(e)) => {
+                let what = format!("{what} applied locally but failed on the peer: {e}");
+                if link.diverged(&what) {
+                    // The peer is recorded as outdated: the local result stands.
+                    Ok(v)
+                } else {
+                    Err(Errno::IO)
+                }
             }
             (Local::Applied(Err(e)), None) => {
                 link.diverged(&format!(

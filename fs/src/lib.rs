@@ -11,5 +11,6 @@ pub mod link;
 pub mod mounts;
 pub mod op;
 pub mod receiver;
+pub mod resync;
 pub mod statedir;
 pub mod wire;

@@ -8,6 +8,10 @@
 //! decided the peer is dead first (`go_degraded`, the ALONE state): then the peer is
 //! durably recorded as outdated and mutations proceed locally. Nothing is ever
 //! acknowledged that is neither on the peer nor recorded as missing from it.
+//!
+//! A degraded link can take a peer again (`attach`): while the peer is brought up to
+//! date (`Attaching`, then `Syncing`) it is still recorded as outdated, so losing it
+//! again only returns the link to `Degraded`; `finish_sync` makes it a real replica.
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter};
@@ -44,6 +48,8 @@ pub enum LinkError {
     Protocol { addr: SocketAddr, source: WireError },
     #[error("cannot start link thread: {0}")]
     Thread(std::io::Error),
+    #[error("a peer can only be attached to a link that writes alone (it is {0:?})")]
+    NotAlone(LinkState),
 }
 
 /// Where the link stands.
@@ -57,6 +63,30 @@ pub enum LinkState {
     /// Writing without the peer (ALONE): the peer is recorded as outdated and
     /// mutations are applied locally only.
     Degraded,
+    /// A peer was attached and is being given the namespace: mutations are still
+    /// applied locally only (their data is copied by the sync that follows).
+    Attaching,
+    /// The peer has the namespace and receives every mutation while the sync
+    /// copies the data; it is still recorded as outdated.
+    Syncing,
+}
+
+impl LinkState {
+    /// States in which operations travel to the peer.
+    fn sends(&self) -> bool {
+        matches!(
+            self,
+            LinkState::Connected | LinkState::Attaching | LinkState::Syncing
+        )
+    }
+
+    /// States in which the peer is not (yet) a replica: losing it costs nothing.
+    fn peer_untrusted(&self) -> bool {
+        matches!(
+            self,
+            LinkState::Degraded | LinkState::Attaching | LinkState::Syncing
+        )
+    }
 }
 
 struct Pending {
@@ -66,6 +96,9 @@ struct Pending {
 
 struct Shared {
     state: LinkState,
+    /// Which connection the state refers to; a stale connection's thread cannot
+    /// change the state of a newer one.
+    epoch: u64,
     next_seq: u64,
     pending: HashMap<u64, Pending>,
     inflight_bytes: usize,
@@ -81,6 +114,20 @@ impl Shared {
     fn busy(&self) -> bool {
         !self.pending.is_empty() || self.waiters > 0
     }
+
+    fn new(state: LinkState) -> Self {
+        Shared {
+            state,
+            epoch: 0,
+            next_seq: 1,
+            pending: HashMap::new(),
+            inflight_bytes: 0,
+            waiters: 0,
+            stall_since: Instant::now(),
+            outbox: Vec::new(),
+            last_send: Instant::now(),
+        }
+    }
 }
 
 /// Called when the link fails with operations whose outcome on the peer is unknown.
@@ -92,8 +139,11 @@ struct Inner {
     /// Taken by one submitter at a time to write out the whole outbox (flat
     /// combining: no hand-off to a sender thread on the latency path).
     writer: Mutex<Option<FrameWriter<BufWriter<TcpStream>>>>,
+    /// The current connection, for shutting it down.
+    stream: Mutex<Option<TcpStream>>,
+    /// Acknowledgement readers of every connection so far, joined on shutdown.
+    readers: Mutex<Vec<JoinHandle<()>>>,
     lock_timeout: Duration,
-    stream: Option<TcpStream>,
     on_divergence: DivergenceHook,
 }
 
@@ -115,17 +165,116 @@ pub struct LinkThreads {
     handles: Vec<JoinHandle<()>>,
 }
 
-impl LinkThreads {
-    /// No threads (a link without a peer).
-    pub fn none() -> Self {
-        Self {
-            handles: Vec::new(),
+/// An authenticated session with a receiver that accepted us.
+struct Session {
+    stream: TcpStream,
+    writer: FrameWriter<BufWriter<TcpStream>>,
+    reader: FrameReader<BufReader<TcpStream>>,
+}
+
+fn open_session(
+    addr: SocketAddr,
+    key: &ClusterKey,
+    generation: Option<String>,
+) -> Result<Session, LinkError> {
+    let protocol = |source| LinkError::Protocol { addr, source };
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|source| LinkError::Connect { addr, source })?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(CONNECT_TIMEOUT))
+        .map_err(|e| protocol(e.into()))?;
+    let keys = wire::client_handshake(&mut stream, key).map_err(protocol)?;
+    let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
+    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
+    writer
+        .send(&Message::Claim { generation })
+        .and_then(|()| writer.flush())
+        .map_err(protocol)?;
+    let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
+    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
+    match reader.recv().map_err(protocol)? {
+        Message::Welcome => {}
+        Message::Refused { reason } => return Err(protocol(WireError::Refused(reason))),
+        other => {
+            return Err(protocol(WireError::Malformed(format!(
+                "expected Welcome, got {other:?}"
+            ))))
         }
     }
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| protocol(e.into()))?;
+    Ok(Session {
+        stream,
+        writer,
+        reader,
+    })
 }
 
 impl PeerLink {
-    /// Connects to the receiver, authenticates both ways and starts the link threads.
+    fn with_state(state: LinkState, lock_timeout: Duration, on_divergence: DivergenceHook) -> Self {
+        PeerLink {
+            inner: Arc::new(Inner {
+                shared: Mutex::new(Shared::new(state)),
+                changed: Condvar::new(),
+                writer: Mutex::new(None),
+                stream: Mutex::new(None),
+                readers: Mutex::new(Vec::new()),
+                lock_timeout,
+                on_divergence,
+            }),
+        }
+    }
+
+    fn spawn(
+        &self,
+        name: &str,
+        f: impl FnOnce(PeerLink) + Send + 'static,
+    ) -> Result<JoinHandle<()>, LinkError> {
+        let link = self.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(link))
+            .map_err(LinkError::Thread)
+    }
+
+    fn spawn_timers(&self) -> Result<LinkThreads, LinkError> {
+        Ok(LinkThreads {
+            handles: vec![
+                self.spawn("link-ping", |l| l.ping_loop())?,
+                self.spawn("link-watchdog", |l| l.watchdog_loop())?,
+            ],
+        })
+    }
+
+    /// Installs a fresh session as the current connection, in `state`.
+    fn install(&self, session: Session, state: LinkState) -> Result<(), LinkError> {
+        let Session {
+            stream,
+            writer,
+            reader,
+        } = session;
+        let epoch = {
+            let mut shared = self.inner.shared.lock();
+            shared.epoch += 1;
+            shared.state = state;
+            // A new session numbers its operations from 1 again.
+            shared.next_seq = 1;
+            shared.outbox.clear();
+            shared.stall_since = Instant::now();
+            shared.epoch
+        };
+        *self.inner.writer.lock() = Some(writer);
+        *self.inner.stream.lock() = Some(stream);
+        let reader_thread = self.spawn("link-acks", move |l| l.ack_loop(reader, epoch))?;
+        self.inner.readers.lock().push(reader_thread);
+        self.inner.changed.notify_all();
+        Ok(())
+    }
+
+    /// Connects to the receiver, authenticates both ways, claims `generation` and
+    /// starts the link threads.
     pub fn connect(
         addr: SocketAddr,
         key: &ClusterKey,
@@ -133,93 +282,67 @@ impl PeerLink {
         lock_timeout: Duration,
         on_divergence: DivergenceHook,
     ) -> Result<(PeerLink, LinkThreads), LinkError> {
-        let protocol = |source| LinkError::Protocol { addr, source };
-        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-            .map_err(|source| LinkError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        stream
-            .set_read_timeout(Some(CONNECT_TIMEOUT))
-            .map_err(|e| protocol(e.into()))?;
-        let keys = wire::client_handshake(&mut stream, key).map_err(protocol)?;
-        let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
-        let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
-        writer
-            .send(&Message::Claim { generation })
-            .and_then(|()| writer.flush())
-            .map_err(protocol)?;
-        let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
-        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
-        match reader.recv().map_err(protocol)? {
-            Message::Welcome => {}
-            Message::Refused { reason } => return Err(protocol(WireError::Refused(reason))),
-            other => {
-                return Err(protocol(WireError::Malformed(format!(
-                    "expected Welcome, got {other:?}"
-                ))))
-            }
-        }
-        stream
-            .set_read_timeout(None)
-            .map_err(|e| protocol(e.into()))?;
-
-        let link = PeerLink {
-            inner: Arc::new(Inner {
-                shared: Mutex::new(Shared {
-                    state: LinkState::Connected,
-                    next_seq: 1,
-                    pending: HashMap::new(),
-                    inflight_bytes: 0,
-                    waiters: 0,
-                    stall_since: Instant::now(),
-                    outbox: Vec::new(),
-                    last_send: Instant::now(),
-                }),
-                changed: Condvar::new(),
-                writer: Mutex::new(Some(writer)),
-                lock_timeout,
-                stream: Some(stream),
-                on_divergence,
-            }),
-        };
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .map_err(LinkError::Thread)
-        };
-        let (l1, l2, l3) = (link.clone(), link.clone(), link.clone());
-        let handles = vec![
-            spawn("link-ping", Box::new(move || l1.ping_loop()))?,
-            spawn("link-acks", Box::new(move || l2.ack_loop(reader)))?,
-            spawn("link-watchdog", Box::new(move || l3.watchdog_loop()))?,
-        ];
+        let session = open_session(addr, key, generation)?;
+        let link = Self::with_state(
+            LinkState::Failed("connecting".into()),
+            lock_timeout,
+            on_divergence,
+        );
+        link.install(session, LinkState::Connected)?;
+        let threads = link.spawn_timers()?;
         tracing::info!(%addr, "connected to peer");
-        Ok((link, LinkThreads { handles }))
+        Ok((link, threads))
     }
 
     /// A link for a node that starts writing without its peer (ALONE): the peer is
     /// recorded as outdated before this returns.
-    pub fn alone(on_divergence: DivergenceHook) -> PeerLink {
+    pub fn alone(
+        lock_timeout: Duration,
+        on_divergence: DivergenceHook,
+    ) -> Result<(PeerLink, LinkThreads), LinkError> {
         on_divergence("started without the peer");
-        PeerLink {
-            inner: Arc::new(Inner {
-                shared: Mutex::new(Shared {
-                    state: LinkState::Degraded,
-                    next_seq: 1,
-                    pending: HashMap::new(),
-                    inflight_bytes: 0,
-                    waiters: 0,
-                    stall_since: Instant::now(),
-                    outbox: Vec::new(),
-                    last_send: Instant::now(),
-                }),
-                changed: Condvar::new(),
-                writer: Mutex::new(None),
-                lock_timeout: Duration::MAX,
-                stream: None,
-                on_divergence,
-            }),
+        let link = Self::with_state(LinkState::Degraded, lock_timeout, on_divergence);
+        let threads = link.spawn_timers()?;
+        Ok((link, threads))
+    }
+
+    /// Takes a peer again while writing alone. The peer stays recorded as outdated;
+    /// the caller gives it the namespace (`enqueue_sync`), then calls `begin_data`,
+    /// copies the data and calls `finish_sync`.
+    pub fn attach(
+        &self,
+        addr: SocketAddr,
+        key: &ClusterKey,
+        generation: Option<String>,
+    ) -> Result<(), LinkError> {
+        let state = self.state();
+        if state != LinkState::Degraded {
+            return Err(LinkError::NotAlone(state));
         }
+        let session = open_session(addr, key, generation)?;
+        tracing::info!(%addr, "peer attached; bringing it up to date");
+        self.install(session, LinkState::Attaching)
+    }
+
+    /// The peer has the namespace: from now on every mutation travels to it too.
+    pub fn begin_data(&self) -> bool {
+        self.transition(LinkState::Attaching, LinkState::Syncing)
+    }
+
+    /// The peer is up to date: it is a replica again.
+    pub fn finish_sync(&self) -> bool {
+        self.transition(LinkState::Syncing, LinkState::Connected)
+    }
+
+    fn transition(&self, from: LinkState, to: LinkState) -> bool {
+        let mut shared = self.inner.shared.lock();
+        if shared.state != from {
+            return false;
+        }
+        shared.state = to;
+        drop(shared);
+        self.inner.changed.notify_all();
+        true
     }
 
     /// The controller declared the peer dead: record it as outdated (durably, first),
@@ -234,6 +357,12 @@ impl PeerLink {
             "writing without the peer; it is recorded as outdated"
         );
         (self.inner.on_divergence)(reason);
+        self.degrade();
+    }
+
+    /// Switches to `Degraded` (the peer is already recorded as outdated) and
+    /// completes what was in flight: applied here, covered by that record.
+    fn degrade(&self) {
         let pending = {
             let mut shared = self.inner.shared.lock();
             shared.state = LinkState::Degraded;
@@ -242,11 +371,15 @@ impl PeerLink {
             std::mem::take(&mut shared.pending)
         };
         self.inner.changed.notify_all();
-        if let Some(stream) = &self.inner.stream {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
+        self.close_stream();
         for (_, p) in pending {
             (p.completion)(Ok(()));
+        }
+    }
+
+    fn close_stream(&self) {
+        if let Some(stream) = self.inner.stream.lock().as_ref() {
+            let _ = stream.shutdown(Shutdown::Both);
         }
     }
 
@@ -261,9 +394,10 @@ impl PeerLink {
         let bytes = op.data_len();
         let mut shared = self.wait_until(|s| {
             let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
-            (s.state == LinkState::Connected && room) || s.state == LinkState::Degraded
+            (matches!(s.state, LinkState::Connected | LinkState::Syncing) && room)
+                || matches!(s.state, LinkState::Degraded | LinkState::Attaching)
         })?;
-        if shared.state == LinkState::Degraded {
+        if matches!(shared.state, LinkState::Degraded | LinkState::Attaching) {
             drop(shared);
             completion(Ok(()));
             return Ok(());
@@ -274,11 +408,27 @@ impl PeerLink {
         Ok(())
     }
 
+    /// Queues an operation of the sync itself, in any state that sends; EIO once the
+    /// peer is gone again (the sync is over).
+    pub fn enqueue_sync(&self, op: Op, completion: Completion) -> Result<(), Errno> {
+        let bytes = op.data_len();
+        let mut shared = self.wait_until(|s| {
+            let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
+            !s.state.sends() || room
+        })?;
+        if !matches!(shared.state, LinkState::Attaching | LinkState::Syncing) {
+            return Err(Errno::IO);
+        }
+        self.enqueue(&mut shared, op, completion, bytes);
+        drop(shared);
+        self.pump();
+        Ok(())
+    }
+
     /// Waits while the link is lost; fails once it has failed. Called before a local
     /// change that will be replicated, so that nothing is applied that cannot be.
     pub fn wait_usable(&self) -> Result<(), Errno> {
-        self.wait_until(|s| matches!(s.state, LinkState::Connected | LinkState::Degraded))
-            .map(drop)
+        self.wait_until(|s| s.state != LinkState::Lost).map(drop)
     }
 
     /// Waits until `ready` holds (or the link fails). A waiter counts as outstanding
@@ -313,11 +463,11 @@ impl PeerLink {
         outcome.map(|()| shared)
     }
 
-    /// Queues a bookkeeping op (no data) if the link is up; never waits. Used for
-    /// Bind/Forget, which only matter to a connected peer.
+    /// Queues a bookkeeping op (no data) if the link sends to the peer; never waits.
+    /// Used for Bind/Forget, which only matter to a connected peer.
     pub fn submit_nowait(&self, op: Op) {
         let mut shared = self.inner.shared.lock();
-        if shared.state == LinkState::Connected {
+        if matches!(shared.state, LinkState::Connected | LinkState::Syncing) {
             let link = self.clone();
             let what = format!("{op:?}");
             let completion: Completion = Box::new(move |result| {
@@ -366,10 +516,11 @@ impl PeerLink {
                 return;
             };
             let mut wrote = false;
+            let epoch = self.inner.shared.lock().epoch;
             loop {
                 let batch = {
                     let mut shared = self.inner.shared.lock();
-                    if shared.state != LinkState::Connected {
+                    if !shared.state.sends() {
                         shared.outbox.clear();
                         return;
                     }
@@ -382,7 +533,7 @@ impl PeerLink {
                 for msg in &batch {
                     if let Err(e) = writer.send(msg) {
                         drop(guard);
-                        self.lost(&e.to_string());
+                        self.lost(epoch, &e.to_string());
                         return;
                     }
                 }
@@ -391,7 +542,7 @@ impl PeerLink {
             if wrote {
                 if let Err(e) = writer.flush() {
                     drop(guard);
-                    self.lost(&e.to_string());
+                    self.lost(epoch, &e.to_string());
                     return;
                 }
             }
@@ -403,18 +554,30 @@ impl PeerLink {
         }
     }
 
-    /// The two nodes may now differ: record it and stop replicating.
-    pub fn diverged(&self, reason: &str) {
-        if matches!(
-            self.inner.shared.lock().state,
-            LinkState::Failed(_) | LinkState::Degraded
-        ) {
+    /// The two nodes may now differ: record it and stop replicating (or, while the
+    /// peer is being brought up to date, give up on it and write alone). Returns true
+    /// when this node goes on writing alone, the peer recorded as outdated: the local
+    /// outcome of the operation may then be acknowledged.
+    pub fn diverged(&self, reason: &str) -> bool {
+        let state = self.state();
+        match state {
+            LinkState::Degraded => return true,
             // The first reason is the one worth keeping; later ones follow from it.
-            return;
+            LinkState::Failed(_) => return false,
+            _ => {}
+        }
+        if state.peer_untrusted() {
+            tracing::warn!(
+                reason,
+                "the peer being synced failed an operation; writing alone"
+            );
+            self.degrade();
+            return true;
         }
         tracing::error!(reason, "replicas diverged; the peer is outdated");
         (self.inner.on_divergence)(reason);
         self.fail(reason.to_string());
+        false
     }
 
     /// Stops the link: pending and later operations fail.
@@ -429,9 +592,7 @@ impl PeerLink {
             std::mem::take(&mut shared.pending)
         };
         self.inner.changed.notify_all();
-        if let Some(stream) = &self.inner.stream {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
+        self.close_stream();
         for (_, p) in pending {
             (p.completion)(Err(Errno::IO));
         }
@@ -439,24 +600,44 @@ impl PeerLink {
 
     /// Ends the link threads (on unmount).
     pub fn shutdown(&self, threads: LinkThreads) {
-        self.fail("shut down".into());
-        for handle in threads.handles {
+        {
+            let mut shared = self.inner.shared.lock();
+            if !matches!(shared.state, LinkState::Failed(_)) {
+                shared.state = LinkState::Failed("shut down".into());
+            }
+        }
+        self.inner.changed.notify_all();
+        self.close_stream();
+        let readers = std::mem::take(&mut *self.inner.readers.lock());
+        for handle in threads.handles.into_iter().chain(readers) {
             let _ = handle.join();
         }
     }
 
-    fn lost(&self, why: &str) {
+    fn lost(&self, epoch: u64, why: &str) {
         let mut shared = self.inner.shared.lock();
-        if shared.state == LinkState::Connected {
-            tracing::error!(
-                why,
-                "replication link lost; writes wait for the lock timeout"
-            );
-            shared.state = LinkState::Lost;
-            if shared.busy() {
-                // Progress stopped when the link did, not when the last ack came.
-                shared.stall_since = shared.stall_since.max(Instant::now());
+        if shared.epoch != epoch {
+            return;
+        }
+        match shared.state {
+            LinkState::Connected => {
+                tracing::error!(
+                    why,
+                    "replication link lost; writes wait for the lock timeout"
+                );
+                shared.state = LinkState::Lost;
+                if shared.busy() {
+                    // Progress stopped when the link did, not when the last ack came.
+                    shared.stall_since = shared.stall_since.max(Instant::now());
+                }
             }
+            LinkState::Attaching | LinkState::Syncing => {
+                drop(shared);
+                tracing::warn!(why, "lost the peer being synced; writing alone");
+                self.degrade();
+                return;
+            }
+            _ => {}
         }
         drop(shared);
         self.inner.changed.notify_all();
@@ -467,12 +648,13 @@ impl PeerLink {
             std::thread::sleep(PING_INTERVAL / 4);
             {
                 let mut shared = self.inner.shared.lock();
-                match shared.state {
-                    LinkState::Failed(_) | LinkState::Degraded => return,
-                    LinkState::Lost => continue,
-                    LinkState::Connected => {}
+                if matches!(shared.state, LinkState::Failed(_)) {
+                    return;
                 }
-                if shared.last_send.elapsed() < PING_INTERVAL || !shared.outbox.is_empty() {
+                if !shared.state.sends()
+                    || shared.last_send.elapsed() < PING_INTERVAL
+                    || !shared.outbox.is_empty()
+                {
                     continue;
                 }
                 shared.outbox.push(Message::Ping);
@@ -481,23 +663,29 @@ impl PeerLink {
         }
     }
 
-    fn ack_loop(&self, mut reader: FrameReader<BufReader<TcpStream>>) {
+    fn ack_loop(&self, mut reader: FrameReader<BufReader<TcpStream>>, epoch: u64) {
         loop {
             let acks = match reader.recv() {
                 Ok(Message::Acks(acks)) => acks,
                 Ok(Message::Ping) => continue,
                 Ok(other) => {
-                    self.lost(&format!("unexpected message from receiver: {other:?}"));
+                    self.lost(
+                        epoch,
+                        &format!("unexpected message from receiver: {other:?}"),
+                    );
                     return;
                 }
                 Err(e) => {
-                    self.lost(&e.to_string());
+                    self.lost(epoch, &e.to_string());
                     return;
                 }
             };
             let mut done = Vec::with_capacity(acks.len());
             {
                 let mut shared = self.inner.shared.lock();
+                if shared.epoch != epoch {
+                    return;
+                }
                 for ack in acks {
                     if let Some(p) = shared.pending.remove(&ack.seq) {
                         shared.inflight_bytes -= p.bytes;
@@ -522,19 +710,27 @@ impl PeerLink {
         loop {
             std::thread::sleep(Duration::from_millis(50));
             let shared = self.inner.shared.lock();
-            if matches!(shared.state, LinkState::Failed(_) | LinkState::Degraded) {
-                return;
+            match shared.state {
+                LinkState::Failed(_) => return,
+                LinkState::Degraded => continue,
+                _ => {}
             }
             if shared.busy() && shared.stall_since.elapsed() >= self.inner.lock_timeout {
                 let unknown = shared.pending.len();
+                let epoch = shared.epoch;
+                let untrusted = shared.state.peer_untrusted();
                 drop(shared);
                 let reason = format!(
                     "no acknowledgement from the peer for {} ms",
                     self.inner.lock_timeout.as_millis()
                 );
+                if untrusted {
+                    self.lost(epoch, &reason);
+                    continue;
+                }
                 tracing::error!("{reason}; failing {unknown} operations with EIO");
                 if unknown > 0 {
-                    self.diverged(&format!("{reason} with {unknown} operations in flight"));
+                    let _ = self.diverged(&format!("{reason} with {unknown} operations in flight"));
                 } else {
                     self.fail(reason);
                 }

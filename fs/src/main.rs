@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +12,10 @@ use clap::{Parser, Subcommand};
 use rustix::fs::{Mode, OFlags};
 use vmha_fs::fuse_fs::ReplicatedFs;
 use vmha_fs::key::ClusterKey;
-use vmha_fs::link::{LinkThreads, PeerLink};
+use vmha_fs::link::PeerLink;
 use vmha_fs::mounts::{self, ReadOnlyBind};
 use vmha_fs::receiver::ReceiverServer;
+use vmha_fs::resync::{SyncProgress, Syncer};
 use vmha_fs::statedir::StateDir;
 
 #[derive(Parser, Debug)]
@@ -56,8 +57,9 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT", required_unless_present = "alone")]
         peer: Option<SocketAddr>,
         /// Write without a peer (the controller's ALONE state): the peer is recorded
-        /// as outdated in --state before anything is written.
-        #[arg(long, conflicts_with = "peer")]
+        /// as outdated in --state before anything is written. With --peer, SIGUSR2
+        /// later attaches that peer and brings it up to date with a full copy.
+        #[arg(long)]
         alone: bool,
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
@@ -68,7 +70,8 @@ enum Command {
         #[arg(long, value_name = "MS", default_value_t = 5000)]
         lock_timeout_ms: u64,
         /// The data generation this primary writes (claimed to the receiver).
-        #[arg(long, value_name = "HEX", value_parser = parse_generation, conflicts_with = "alone")]
+        /// (`STATEDIR/generation`, when present, overrides it for later attaches.)
+        #[arg(long, value_name = "HEX", value_parser = parse_generation)]
         generation: Option<String>,
         /// FUSE worker threads.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -140,13 +143,14 @@ fn main() -> ExitCode {
             backing,
             mount,
             peer,
-            alone: _,
+            alone,
             state,
             key_file,
             lock_timeout_ms,
             generation,
             threads,
         } => run_primary(PrimaryArgs {
+            alone,
             generation,
             backing,
             mount,
@@ -256,8 +260,9 @@ fn run_secondary(
 struct PrimaryArgs {
     backing: PathBuf,
     mount: PathBuf,
-    /// None: write alone.
     peer: Option<SocketAddr>,
+    /// Start writing alone (--peer, if given, is attached later on SIGUSR2).
+    alone: bool,
     generation: Option<String>,
     state: PathBuf,
     key_file: PathBuf,
@@ -298,18 +303,20 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
             std::process::abort();
         }
     });
-    let (link, threads) = match args.peer {
-        Some(peer) => PeerLink::connect(
+    let (link, threads) = match (args.alone, args.peer) {
+        (false, Some(peer)) => PeerLink::connect(
             peer,
             &key,
             args.generation.clone(),
             args.lock_timeout,
             record_outdated,
         )?,
-        None => (PeerLink::alone(record_outdated), LinkThreads::none()),
+        _ => PeerLink::alone(args.lock_timeout, record_outdated)?,
     };
     let fs = ReplicatedFs::new(root, link.clone())
         .map_err(|e| CliError::Other(format!("cannot read backing directory: {e}")))?;
+    let progress = Arc::new(SyncProgress::default());
+    let syncer = fs.syncer(progress.clone());
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("vmha:{}", backing.display())),
@@ -331,10 +338,21 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     };
     let mut unmounter = session.unmount_callable();
     let degrade = link.clone();
+    let join = Joiner {
+        link: link.clone(),
+        syncer: Arc::new(syncer),
+        progress,
+        state: state.clone(),
+        peer: args.peer,
+        key,
+        generation: args.generation.clone(),
+        running: Arc::new(AtomicBool::new(false)),
+    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGUSR1,
+        signal_hook::consts::SIGUSR2,
     ])
     .map_err(|e| CliError::Other(format!("cannot install signal handler: {e}")))?;
     let signal_thread = std::thread::Builder::new()
@@ -343,6 +361,10 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
             for signal in signals.forever() {
                 if signal == signal_hook::consts::SIGUSR1 {
                     degrade.go_degraded("the controller declared the peer dead");
+                    continue;
+                }
+                if signal == signal_hook::consts::SIGUSR2 {
+                    join.start();
                     continue;
                 }
                 tracing::info!("signal received, unmounting");
@@ -366,4 +388,76 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     served.map_err(|e| CliError::Other(format!("FUSE session failed: {e}")))?;
     tracing::info!("primary stopped");
     Ok(())
+}
+
+/// Attaches the configured peer to a link that writes alone and copies everything to
+/// it (SIGUSR2), reporting progress in `STATEDIR/sync.json`.
+struct Joiner {
+    link: PeerLink,
+    syncer: Arc<Syncer>,
+    progress: Arc<SyncProgress>,
+    state: Arc<StateDir>,
+    peer: Option<SocketAddr>,
+    key: ClusterKey,
+    generation: Option<String>,
+    running: Arc<AtomicBool>,
+}
+
+impl Joiner {
+    fn start(&self) {
+        let Some(peer) = self.peer else {
+            tracing::error!("SIGUSR2: no --peer to attach");
+            return;
+        };
+        if self.running.swap(true, Ordering::SeqCst) {
+            tracing::warn!("SIGUSR2: a sync is already running");
+            return;
+        }
+        let (link, syncer, progress, state, key, running) = (
+            self.link.clone(),
+            self.syncer.clone(),
+            self.progress.clone(),
+            self.state.clone(),
+            self.key.clone(),
+            self.running.clone(),
+        );
+        // The controller writes the current generation here when it changes.
+        let generation = state.generation().or_else(|| self.generation.clone());
+        let spawned = std::thread::Builder::new()
+            .name("full-sync".into())
+            .spawn(move || {
+                let done = AtomicBool::new(false);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        while !done.load(Ordering::SeqCst) {
+                            state.write_sync_status("syncing", &progress, None);
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    });
+                    let outcome = link
+                        .attach(peer, &key, generation)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| syncer.run().map_err(|e| e.to_string()));
+                    done.store(true, Ordering::SeqCst);
+                    match outcome {
+                        Ok(bytes) => {
+                            if let Err(e) = state.clear_peer_outdated() {
+                                tracing::error!("peer in sync, but the record says otherwise: {e}");
+                            }
+                            tracing::info!(bytes, %peer, "full sync done: the peer is in sync");
+                            state.write_sync_status("in_sync", &progress, None);
+                        }
+                        Err(e) => {
+                            tracing::error!(%peer, "full sync failed: {e}; writing alone");
+                            state.write_sync_status("alone", &progress, Some(&e));
+                        }
+                    }
+                });
+                running.store(false, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the sync thread: {e}");
+            self.running.store(false, Ordering::SeqCst);
+        }
+    }
 }

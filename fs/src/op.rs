@@ -285,6 +285,12 @@ pub enum Op {
         id: NodeId,
         datasync: bool,
     },
+    /// Full sync, receiver only: empty the directory (its content is outdated and
+    /// about to be recreated) and forget every id but the root.
+    Wipe,
+    /// Full sync, receiver only: sync the whole filesystem; acknowledged once every
+    /// earlier operation is applied and durable.
+    SyncAll,
 }
 
 impl Op {

@@ -80,6 +80,51 @@ impl StateDir {
         self.write_atomically(PEER_OUTDATED, reason.as_bytes())
     }
 
+    /// The peer is a replica again (a full sync finished).
+    pub fn clear_peer_outdated(&self) -> Result<(), StateError> {
+        let _one_writer = self.writing.lock();
+        let path = self.path.join(PEER_OUTDATED);
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        }
+        File::open(&self.path)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+
+    /// The data generation the controller wrote for this node, if any.
+    pub fn generation(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.path.join("generation")).ok()?;
+        let text = text.trim();
+        (!text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| text.to_ascii_lowercase())
+    }
+
+    /// `sync.json`: where a full sync stands, for the controller.
+    pub fn write_sync_status(
+        &self,
+        state: &str,
+        progress: &crate::resync::SyncProgress,
+        error: Option<&str>,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let json = serde_json::json!({
+            "state": state,
+            "done_bytes": progress.done_bytes.load(Relaxed),
+            "total_bytes": progress.total_bytes.load(Relaxed),
+            "error": error,
+        });
+        if let Err(e) = self.write_atomically("sync.json", format!("{json}\n").as_bytes()) {
+            tracing::warn!("cannot write sync status: {e}");
+        }
+    }
+
     /// The reason recorded by `mark_peer_outdated`, if any.
     pub fn peer_outdated(&self) -> Option<String> {
         std::fs::read_to_string(self.path.join(PEER_OUTDATED)).ok()

@@ -104,15 +104,3 @@ fn a_primary_started_alone_records_the_peer_outdated_before_writing() -> Result<
     assert!(status.success(), "primary exited with {status}");
     Ok(())
 }
-
-#[test]
-fn alone_and_peer_together_are_refused() -> Result<()> {
-    let pair = Pair::prepare(PairOptions::default())?;
-    let mut cmd = pair.primary_command();
-    cmd.arg("--alone");
-    let out = cmd.output()?;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--alone") || err.contains("--peer"), "{err}");
-    Ok(())
-}
