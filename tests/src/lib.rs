@@ -1,11 +1,14 @@
 //! Test infrastructure for vmha: a replicated pair (primary FUSE mount + secondary
 //! receiver) on one machine, process and mount guards, and tree snapshots to compare
-//! the two replicas.
+//! the two replicas; simulated libvirt nodes in namespaces ([`node`]) and the tiny
+//! counter guest ([`guest`]).
 
 pub mod aligned;
 pub mod bin;
 pub mod fsops;
+pub mod guest;
 pub mod mounts;
+pub mod node;
 pub mod pair;
 pub mod proc;
 pub mod tree;
