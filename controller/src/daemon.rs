@@ -226,6 +226,9 @@ impl Daemon {
                     changed_bytes: 0,
                     resync_rate: ResyncRate::default(),
                     resync_unsupported_logged: false,
+                    attached: None,
+                    attach_unsupported: false,
+                    writer_sync: None,
                 },
                 cmd_rx,
             ));
@@ -742,6 +745,51 @@ struct Runner {
     changed_bytes: u64,
     resync_rate: ResyncRate,
     resync_unsupported_logged: bool,
+    /// Writer: when `attach_peer` was last called for the current peer
+    /// episode (reset when the peer is no longer a SECOND behind us).
+    attached: Option<Instant>,
+    attach_unsupported: bool,
+    /// Writer: the copy to the peer, as published in heartbeats.
+    writer_sync: Option<ResyncStatus>,
+}
+
+/// How long a failed attach waits before the writer tries again.
+const ATTACH_RETRY: Duration = Duration::from_secs(3);
+
+/// The writer's copy to its peer as a heartbeat's `resync` field. Done is
+/// `done_bytes == total_bytes`; a running copy always shows
+/// `done_bytes < total_bytes` so the receiver never mistakes it for done.
+fn writer_resync_status(state: ResyncState, rate: u64) -> Option<ResyncStatus> {
+    match state {
+        ResyncState::Idle => None,
+        ResyncState::Done => Some(ResyncStatus {
+            done_bytes: 0,
+            total_bytes: 0,
+            rate_bytes_per_s: 0,
+            eta_s: Some(0),
+        }),
+        ResyncState::Running(p) => {
+            let total = p.total_bytes.max(p.done_bytes.saturating_add(1));
+            Some(ResyncStatus {
+                done_bytes: p.done_bytes,
+                total_bytes: total,
+                rate_bytes_per_s: rate,
+                eta_s: (rate > 0).then(|| total.saturating_sub(p.done_bytes) / rate),
+            })
+        }
+    }
+}
+
+/// What a SECOND learns from its writer's heartbeat `resync` field.
+fn resync_from_writer(status: &ResyncStatus) -> ResyncState {
+    if status.done_bytes >= status.total_bytes {
+        ResyncState::Done
+    } else {
+        ResyncState::Running(crate::state::Progress {
+            done_bytes: status.done_bytes,
+            total_bytes: status.total_bytes,
+        })
+    }
 }
 
 impl Runner {
@@ -814,12 +862,30 @@ impl Runner {
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
+            let before = self.state.role;
             let (next, actions) = step(&self.state, event);
             self.state = next;
             for action in actions {
                 if self.execute(action, &mut queue, &mut lines).await.is_err() {
                     break;
                 }
+            }
+            if before == Role::Prim && self.state.role == Role::Alone {
+                // The peer is dead: writes go on alone instead of waiting for it.
+                self.attached = None;
+                self.writer_sync = None;
+                match self.blocking(|_, fs, m| fs.go_alone(m)).await {
+                    Some(Ok(())) => self.record("vmha-fs writes alone".into(), &mut lines).await,
+                    Some(Err(e)) => {
+                        self.record(format!("error: go alone: {e}"), &mut lines)
+                            .await
+                    }
+                    None => {}
+                }
+            }
+            if !self.state.role.is_writer() {
+                self.attached = None;
+                self.writer_sync = None;
             }
             if self.state.role == Role::Wait {
                 if self.start_wait.is_none() {
@@ -845,6 +911,11 @@ impl Runner {
                 eta_s: (rate > 0).then(|| p.total_bytes.saturating_sub(p.done_bytes) / rate),
             }
         });
+        let resync = if self.state.role.is_writer() {
+            self.writer_sync
+        } else {
+            resync
+        };
         self.view.send_replace(ModuleView {
             announce: self.state.announce(),
             history: self.meta.history.clone(),
@@ -931,12 +1002,19 @@ impl Runner {
                 } else {
                     "start the receiver"
                 };
+                // The writer claims its generation; the receiver accepts only
+                // the writer's (fencing).
+                let generation = if writer {
+                    self.meta.history.current().map(|g| g.to_string())
+                } else {
+                    self.peer_generation()
+                };
                 let result = self
                     .blocking(move |_, fs, m| {
                         if writer {
-                            fs.mount_writer(m)
+                            fs.mount_writer_at(m, generation.as_deref())
                         } else {
-                            fs.mount_receiver(m)
+                            fs.mount_receiver_accepting(m, generation.as_deref())
                         }
                     })
                     .await;
@@ -1007,8 +1085,9 @@ impl Runner {
             }
             Action::StartResync { full } => {
                 self.resync_rate = ResyncRate::default();
+                let generation = self.peer_generation();
                 match self
-                    .blocking(move |_, fs, m| fs.start_resync(m, full))
+                    .blocking(move |_, fs, m| fs.start_resync_from(m, full, generation.as_deref()))
                     .await
                 {
                     Some(Ok(())) => {
@@ -1053,6 +1132,101 @@ impl Runner {
         Ok(())
     }
 
+    /// A SECOND's resync as its writer's heartbeat reports it.
+    fn resync_from_peer(&self) -> ResyncState {
+        match &*self.peer_rx.borrow() {
+            PeerView::Seen { beat, .. } if beat.announce.role.is_writer() => beat
+                .resync
+                .as_ref()
+                .map_or(ResyncState::Idle, resync_from_writer),
+            _ => ResyncState::Idle,
+        }
+    }
+
+    /// The peer's current generation as its last heartbeat showed it.
+    fn peer_generation(&self) -> Option<String> {
+        self.last_beat
+            .as_ref()
+            .and_then(|b| b.history.current())
+            .map(|g| g.to_string())
+    }
+
+    /// Writer: attaches a SECOND that is not up to date (its receiver runs:
+    /// it announces SECOND only once it does) and follows the copy to it.
+    async fn writer_attach(&mut self) {
+        let peer_behind = matches!(
+            &*self.peer_rx.borrow(),
+            PeerView::Seen { beat, .. }
+                if beat.announce.role == Role::Second
+                    && beat.announce.readiness == Readiness::NotUpToDate
+        );
+        if !peer_behind {
+            if self.attached.take().is_some() || self.writer_sync.is_some() {
+                self.writer_sync = None;
+                self.publish();
+            }
+            return;
+        }
+        if self.attached.is_none() && !self.attach_unsupported {
+            let generation = self.meta.history.current().map(|g| g.to_string());
+            let mut lines = Vec::new();
+            match self
+                .blocking(move |_, fs, m| fs.attach_peer(m, generation.as_deref()))
+                .await
+            {
+                Some(Ok(())) => {
+                    self.attached = Some(Instant::now());
+                    self.resync_rate = ResyncRate::default();
+                    self.record("attaching the SECOND: full copy started".into(), &mut lines)
+                        .await;
+                }
+                Some(Err(crate::driver::DriverError::Unsupported(_))) => {
+                    self.attach_unsupported = true;
+                }
+                Some(Err(e)) => {
+                    self.attached = Some(Instant::now());
+                    self.record(format!("error: attach the SECOND: {e}"), &mut lines)
+                        .await;
+                }
+                None => {}
+            }
+            return;
+        }
+        let Some(since) = self.attached else {
+            return;
+        };
+        let state = self.blocking(|_, fs, m| fs.writer_sync_state(m)).await;
+        let idle = matches!(state, Some(Ok(ResyncState::Idle)));
+        let sync = match state {
+            Some(Ok(ResyncState::Running(p))) => {
+                self.resync_rate.sample(p.done_bytes);
+                writer_resync_status(ResyncState::Running(p), self.resync_rate.rate)
+            }
+            Some(Ok(ResyncState::Done)) => writer_resync_status(ResyncState::Done, 0),
+            Some(Ok(ResyncState::Idle)) | None => None,
+            Some(Err(e)) => {
+                if since.elapsed() >= ATTACH_RETRY {
+                    let mut lines = Vec::new();
+                    self.record(
+                        format!("sync to the SECOND failed: {e}; retrying"),
+                        &mut lines,
+                    )
+                    .await;
+                    self.attached = None;
+                }
+                None
+            }
+        };
+        if self.attached.is_some() && idle && since.elapsed() >= ATTACH_RETRY * 2 {
+            // SIGUSR2 left no trace: try again.
+            self.attached = None;
+        }
+        if sync != self.writer_sync {
+            self.writer_sync = sync;
+            self.publish();
+        }
+    }
+
     /// Publishes the new generation and waits until the peer shows it knows
     /// it is outdated, or is lost, bounded by the failover timeout.
     async fn mark_peer_outdated(&mut self, lines: &mut Vec<String>) {
@@ -1092,6 +1266,9 @@ impl Runner {
         let check_vm = role.is_writer() && !self.state.vm_starting;
         let check_fs = role.is_writer() || role == Role::Second;
         let check_resync = role == Role::Second && !self.state.uptodate;
+        if role.is_writer() {
+            self.writer_attach().await;
+        }
         let Some((vm, fs, resync, changed)) = self
             .blocking(move |vm, fs, m| {
                 (
@@ -1141,6 +1318,12 @@ impl Runner {
             }
             Some(FsHealth::Healthy) | None => {}
         }
+        // The receiver of vmha-fs does not know how far the copy is: the
+        // writer says so in its heartbeat.
+        let resync = match resync {
+            Some(Ok(ResyncState::Idle)) => Some(Ok(self.resync_from_peer())),
+            other => other,
+        };
         match resync {
             Some(Ok(ResyncState::Running(progress))) => {
                 self.resync_rate.sample(progress.done_bytes);
@@ -1163,5 +1346,33 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod writer_sync_tests {
+    use super::*;
+    use crate::state::Progress;
+
+    #[test]
+    fn writer_progress_round_trips_through_the_heartbeat_field() {
+        assert_eq!(writer_resync_status(ResyncState::Idle, 0), None);
+        let done = writer_resync_status(ResyncState::Done, 0);
+        assert_eq!(
+            done.as_ref().map(resync_from_writer),
+            Some(ResyncState::Done)
+        );
+        for (d, t) in [(0, 0), (5, 5), (3, 10)] {
+            let running = ResyncState::Running(Progress {
+                done_bytes: d,
+                total_bytes: t,
+            });
+            let beat = writer_resync_status(running, 0);
+            // A running copy is never read as done, even at 100 %.
+            assert!(matches!(
+                beat.as_ref().map(resync_from_writer),
+                Some(ResyncState::Running(_))
+            ));
+        }
     }
 }

@@ -101,4 +101,49 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     fn changed_bytes(&self, _module: &Module) -> u64 {
         0
     }
+    /// [`FsDriver::mount_writer`] claiming `generation` (hex) to the peer's
+    /// receiver. The writer starts alone; [`FsDriver::attach_peer`] attaches
+    /// the peer later.
+    fn mount_writer_at(
+        &self,
+        module: &Module,
+        _generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.mount_writer(module)
+    }
+    /// [`FsDriver::mount_receiver`] serving only a writer that claims
+    /// `generation` (fencing); `None`: any writer.
+    fn mount_receiver_accepting(
+        &self,
+        module: &Module,
+        _generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.mount_receiver(module)
+    }
+    /// [`FsDriver::start_resync`] from a writer at `generation` (the receiver
+    /// may have to accept that generation first).
+    fn start_resync_from(
+        &self,
+        module: &Module,
+        full: bool,
+        _generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.start_resync(module, full)
+    }
+    /// Writer: attach the peer's receiver and bring it up to date with a full
+    /// copy while writes go on, claiming `generation`. Progress:
+    /// [`FsDriver::writer_sync_state`].
+    fn attach_peer(&self, _module: &Module, _generation: Option<&str>) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("attaching the peer".to_string()))
+    }
+    /// Writer: the peer is dead; writes go on alone instead of waiting for it.
+    fn go_alone(&self, _module: &Module) -> Result<(), DriverError> {
+        Ok(())
+    }
+    /// Writer: where the copy to the peer started by
+    /// [`FsDriver::attach_peer`] stands. `Idle`: none running (or the peer is
+    /// not attached); an error: the last attach failed.
+    fn writer_sync_state(&self, _module: &Module) -> Result<ResyncState, DriverError> {
+        Ok(ResyncState::Idle)
+    }
 }

@@ -3,15 +3,26 @@
 //! Choices where the design is silent:
 //! - Directory `i` of a module uses replication port `port + i` (most modules
 //!   have one directory, which uses `port`).
-//! - The writer runs `vmha-fs primary --mount DIR --backing DIR` (mounted over),
-//!   the receiver `vmha-fs secondary` listening on the local address of the
-//!   module's `replication_network`; vmha-fs state lives in
-//!   `<state_dir>/<module>/fs<i>`.
+//! - The writer always starts alone: `vmha-fs primary --alone --peer <peer's
+//!   replication address> --generation <current generation> --mount DIR
+//!   --backing DIR` (mounted over). [`FsDriver::attach_peer`] writes
+//!   `<state>/generation` and sends SIGUSR2: vmha-fs attaches the peer's
+//!   receiver and copies everything to it while writes go on, reporting in
+//!   `<state>/sync.json`. [`FsDriver::go_alone`] sends SIGUSR1 (the peer is
+//!   declared dead: writes go on alone instead of failing after the lock
+//!   timeout).
+//! - The receiver runs `vmha-fs secondary --accept-generation <the writer's
+//!   generation>` listening on the local address of the module's
+//!   `replication_network` (fencing: a stale writer is refused). When the
+//!   writer moves to a new generation, [`FsDriver::start_resync_from`]
+//!   restarts the receiver accepting it; the copy itself is pushed by the
+//!   writer, so the receiver's [`FsDriver::resync_state`] stays `Idle` and the
+//!   daemon takes the progress from the writer's heartbeat.
+//! - vmha-fs state lives in `<state_dir>/<module>/fs<i>`. `sync.json` is
+//!   removed before an attach and on `go_alone` so an old outcome is never
+//!   read as the current one.
 //! - Children are kept and stopped by PID with SIGTERM (vmha-fs unmounts on
 //!   it), SIGKILL after [`STOP_TIMEOUT`].
-//! - Resync is not implemented by vmha-fs yet: `start_resync` reports
-//!   [`DriverError::Unsupported`], so a receiver never counts itself up to date
-//!   (safe: no automatic failover to it) until vmha-fs provides one.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use super::{DriverError, FsDriver, FsHealth, ResyncState};
 use crate::config::{Config, Module, NodeIndex};
+use crate::state::Progress;
 
 /// How long a child gets between SIGTERM and SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,7 +43,21 @@ pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 struct Running {
     writer: bool,
+    /// Writer: the generation claimed; receiver: the generation accepted.
+    generation: Option<String>,
     children: Vec<(PathBuf, Child)>,
+}
+
+/// `<state>/sync.json` as vmha-fs writes it.
+#[derive(Debug, serde::Deserialize)]
+struct SyncFile {
+    state: String,
+    #[serde(default)]
+    done_bytes: u64,
+    #[serde(default)]
+    total_bytes: u64,
+    #[serde(default)]
+    error: Option<String>,
 }
 
 /// Spawns the `vmha-fs` binary.
@@ -79,7 +105,12 @@ impl VmhaFsDriver {
             .join(format!("fs{dir}"))
     }
 
-    fn spawn(&self, module: &Module, writer: bool) -> Result<(), DriverError> {
+    fn spawn(
+        &self,
+        module: &Module,
+        writer: bool,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
         self.unmount(module)?;
         let mut children = Vec::new();
         let result = (|| {
@@ -87,6 +118,7 @@ impl VmhaFsDriver {
                 let state = self.state_dir(module, i);
                 std::fs::create_dir_all(&state)
                     .map_err(|e| DriverError::failed(format!("mkdir {}", state.display()), e))?;
+                remove_if_present(&state.join(SYNC_FILE))?;
                 let mut cmd = Command::new(&self.binary);
                 if writer {
                     cmd.arg("primary")
@@ -94,16 +126,24 @@ impl VmhaFsDriver {
                         .arg(dir)
                         .arg("--mount")
                         .arg(dir)
+                        .arg("--alone")
                         .arg("--peer")
                         .arg(self.address(self.local.peer(), module, i)?.to_string())
                         .arg("--lock-timeout-ms")
                         .arg(module.lock_timeout_ms.to_string());
+                    if let Some(generation) = generation {
+                        write_generation(&state, generation)?;
+                        cmd.arg("--generation").arg(generation);
+                    }
                 } else {
                     cmd.arg("secondary")
                         .arg("--backing")
                         .arg(dir)
                         .arg("--listen")
                         .arg(self.address(self.local, module, i)?.to_string());
+                    if let Some(generation) = generation {
+                        cmd.arg("--accept-generation").arg(generation);
+                    }
                 }
                 cmd.arg("--state")
                     .arg(&state)
@@ -127,9 +167,62 @@ impl VmhaFsDriver {
             }
             return Err(e);
         }
-        self.lock()
-            .insert(module.name.clone(), Running { writer, children });
+        self.lock().insert(
+            module.name.clone(),
+            Running {
+                writer,
+                generation: generation.map(str::to_string),
+                children,
+            },
+        );
         Ok(())
+    }
+
+    /// The PIDs of the module's vmha-fs children (diagnostics, tests).
+    pub fn pids(&self, module: &str) -> Vec<u32> {
+        self.lock()
+            .get(module)
+            .map(|r| r.children.iter().map(|(_, c)| c.id()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends `signal` to every writer child of `module`.
+    fn signal_writer(
+        &self,
+        module: &Module,
+        signal: rustix::process::Signal,
+        what: &str,
+    ) -> Result<(), DriverError> {
+        let mut all = self.lock();
+        let running = all
+            .get_mut(&module.name)
+            .filter(|r| r.writer)
+            .ok_or_else(|| DriverError::failed(what, "no writer is running"))?;
+        for (dir, child) in &mut running.children {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return Err(DriverError::failed(
+                    what,
+                    format!("vmha-fs for {} is not running", dir.display()),
+                ));
+            }
+            let pid = i32::try_from(child.id())
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .ok_or_else(|| DriverError::failed(what, "bad child pid"))?;
+            rustix::process::kill_process(pid, signal).map_err(|e| DriverError::failed(what, e))?;
+        }
+        Ok(())
+    }
+
+    /// The module's state dirs, if a writer runs for it.
+    fn writer_state_dirs(&self, module: &Module) -> Option<Vec<PathBuf>> {
+        let all = self.lock();
+        let running = all.get(&module.name).filter(|r| r.writer)?;
+        Some(
+            (0..running.children.len())
+                .map(|i| self.state_dir(module, i))
+                .collect(),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
@@ -137,6 +230,80 @@ impl VmhaFsDriver {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+const SYNC_FILE: &str = "sync.json";
+
+fn remove_if_present(path: &Path) -> Result<(), DriverError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DriverError::failed(format!("remove {}", path.display()), e)),
+    }
+}
+
+/// `<state>/generation`, written atomically (vmha-fs reads it at attach time).
+fn write_generation(state: &Path, generation: &str) -> Result<(), DriverError> {
+    let path = state.join("generation");
+    let tmp = state.join("generation.tmp");
+    std::fs::write(&tmp, format!("{generation}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))
+}
+
+/// The state of one directory's sync from `<state>/sync.json`.
+fn read_sync(state: &Path) -> Result<ResyncState, DriverError> {
+    let path = state.join(SYNC_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ResyncState::Idle),
+        Err(e) => return Err(DriverError::failed(format!("read {}", path.display()), e)),
+    };
+    let sync: SyncFile = serde_json::from_str(&text)
+        .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
+    let progress = Progress {
+        done_bytes: sync.done_bytes,
+        total_bytes: sync.total_bytes,
+    };
+    match (sync.state.as_str(), sync.error) {
+        ("syncing", _) => Ok(ResyncState::Running(progress)),
+        ("in_sync", _) => Ok(ResyncState::Done),
+        ("alone", Some(error)) => Err(DriverError::failed("sync to the peer", error)),
+        ("alone", None) => Ok(ResyncState::Idle),
+        (other, _) => Err(DriverError::failed(
+            format!("parse {}", path.display()),
+            format!("unknown state `{other}`"),
+        )),
+    }
+}
+
+/// The state of a module's sync from those of its directories: done when all
+/// are, failed when any is, else running with the summed progress.
+fn combine(states: Vec<Result<ResyncState, DriverError>>) -> Result<ResyncState, DriverError> {
+    let mut total = Progress {
+        done_bytes: 0,
+        total_bytes: 0,
+    };
+    let (mut running, mut done, mut count) = (false, 0usize, 0usize);
+    for state in states {
+        count += 1;
+        match state? {
+            ResyncState::Idle => {}
+            ResyncState::Done => done += 1,
+            ResyncState::Running(p) => {
+                running = true;
+                total.done_bytes = total.done_bytes.saturating_add(p.done_bytes);
+                total.total_bytes = total.total_bytes.saturating_add(p.total_bytes);
+            }
+        }
+    }
+    Ok(if count > 0 && done == count {
+        ResyncState::Done
+    } else if running || done > 0 {
+        ResyncState::Running(total)
+    } else {
+        ResyncState::Idle
+    })
 }
 
 fn is_fuse_mount(dir: &Path) -> bool {
@@ -206,11 +373,27 @@ fn terminate(child: &mut Child) {
 
 impl FsDriver for VmhaFsDriver {
     fn mount_writer(&self, module: &Module) -> Result<(), DriverError> {
-        self.spawn(module, true)
+        self.spawn(module, true, None)
     }
 
     fn mount_receiver(&self, module: &Module) -> Result<(), DriverError> {
-        self.spawn(module, false)
+        self.spawn(module, false, None)
+    }
+
+    fn mount_writer_at(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.spawn(module, true, generation)
+    }
+
+    fn mount_receiver_accepting(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.spawn(module, false, generation)
     }
 
     fn unmount(&self, module: &Module) -> Result<(), DriverError> {
@@ -246,12 +429,67 @@ impl FsDriver for VmhaFsDriver {
         FsHealth::Healthy
     }
 
-    fn start_resync(&self, _module: &Module, _full: bool) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported("resync".to_string()))
+    /// The writer pushes the copy ([`FsDriver::attach_peer`]): nothing to do
+    /// on the receiver beyond running.
+    fn start_resync(&self, module: &Module, _full: bool) -> Result<(), DriverError> {
+        match self.lock().get(&module.name) {
+            Some(running) if !running.writer => Ok(()),
+            _ => Err(DriverError::failed("resync", "the receiver is not running")),
+        }
     }
 
+    /// Restarts the receiver when it accepts another generation than the
+    /// writer's `generation`.
+    fn start_resync_from(
+        &self,
+        module: &Module,
+        full: bool,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        let restart = match self.lock().get(&module.name) {
+            Some(running) if !running.writer => running.generation.as_deref() != generation,
+            _ => return Err(DriverError::failed("resync", "the receiver is not running")),
+        };
+        if restart {
+            self.spawn(module, false, generation)?;
+        }
+        self.start_resync(module, full)
+    }
+
+    /// The receiver does not know: the daemon reads the writer's heartbeat.
     fn resync_state(&self, _module: &Module) -> Result<ResyncState, DriverError> {
         Ok(ResyncState::Idle)
+    }
+
+    fn attach_peer(&self, module: &Module, generation: Option<&str>) -> Result<(), DriverError> {
+        let dirs = self
+            .writer_state_dirs(module)
+            .ok_or_else(|| DriverError::failed("attach the peer", "no writer is running"))?;
+        for state in &dirs {
+            if let Some(generation) = generation {
+                write_generation(state, generation)?;
+            }
+            remove_if_present(&state.join(SYNC_FILE))?;
+        }
+        if let Some(running) = self.lock().get_mut(&module.name) {
+            running.generation = generation.map(str::to_string);
+        }
+        self.signal_writer(module, rustix::process::Signal::USR2, "attach the peer")
+    }
+
+    fn go_alone(&self, module: &Module) -> Result<(), DriverError> {
+        self.signal_writer(module, rustix::process::Signal::USR1, "go alone")?;
+        for state in self.writer_state_dirs(module).unwrap_or_default() {
+            remove_if_present(&state.join(SYNC_FILE))?;
+        }
+        Ok(())
+    }
+
+    fn writer_sync_state(&self, module: &Module) -> Result<ResyncState, DriverError> {
+        let Some(dirs) = self.writer_state_dirs(module) else {
+            return Ok(ResyncState::Idle);
+        };
+        combine(dirs.iter().map(|d| read_sync(d)).collect())
     }
 }
 
@@ -263,5 +501,85 @@ impl Drop for VmhaFsDriver {
                 terminate(child);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn sync_in(dir: &Path, json: &str) -> Result<ResyncState, DriverError> {
+        std::fs::write(dir.join(SYNC_FILE), json).unwrap();
+        read_sync(dir)
+    }
+
+    #[test]
+    fn sync_json_maps_to_resync_state() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_sync(dir.path()), Ok(ResyncState::Idle));
+        let p = Progress {
+            done_bytes: 5,
+            total_bytes: 10,
+        };
+        assert_eq!(
+            sync_in(
+                dir.path(),
+                r#"{"state":"syncing","done_bytes":5,"total_bytes":10,"error":null}"#
+            ),
+            Ok(ResyncState::Running(p))
+        );
+        assert_eq!(
+            sync_in(
+                dir.path(),
+                r#"{"state":"in_sync","done_bytes":10,"total_bytes":10,"error":null}"#
+            ),
+            Ok(ResyncState::Done)
+        );
+        assert_eq!(
+            sync_in(
+                dir.path(),
+                r#"{"state":"alone","done_bytes":0,"total_bytes":0,"error":null}"#
+            ),
+            Ok(ResyncState::Idle)
+        );
+        assert!(sync_in(
+            dir.path(),
+            r#"{"state":"alone","done_bytes":0,"total_bytes":0,"error":"refused"}"#
+        )
+        .is_err());
+        assert!(sync_in(dir.path(), "not json").is_err());
+    }
+
+    #[test]
+    fn directories_combine() {
+        let run = |d, t| {
+            Ok(ResyncState::Running(Progress {
+                done_bytes: d,
+                total_bytes: t,
+            }))
+        };
+        assert_eq!(combine(vec![]), Ok(ResyncState::Idle));
+        assert_eq!(
+            combine(vec![Ok(ResyncState::Done), Ok(ResyncState::Done)]),
+            Ok(ResyncState::Done)
+        );
+        assert_eq!(combine(vec![run(1, 4), run(2, 4)]), run(3, 8));
+        assert_eq!(combine(vec![Ok(ResyncState::Done), run(2, 4)]), run(2, 4));
+        assert!(combine(vec![
+            Ok(ResyncState::Done),
+            Err(DriverError::failed("x", "y"))
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn generation_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        write_generation(dir.path(), "00ab").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("generation")).unwrap(),
+            "00ab\n"
+        );
     }
 }
