@@ -35,6 +35,9 @@ const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// An idle link sends a ping this often so the receiver can tell a live primary.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least a peer being attached may stay silent (it may be emptying a large stale
+/// directory) before the attach is given up.
+const ATTACH_STALL_LIMIT: Duration = Duration::from_secs(60);
 
 /// Errors establishing the link.
 #[derive(Debug, thiserror::Error)]
@@ -715,7 +718,14 @@ impl PeerLink {
                 LinkState::Degraded => continue,
                 _ => {}
             }
-            if shared.busy() && shared.stall_since.elapsed() >= self.inner.lock_timeout {
+            // While attaching, nothing live waits for the peer (mutations complete
+            // locally) and the receiver may be emptying a large stale directory.
+            let limit = if shared.state == LinkState::Attaching {
+                self.inner.lock_timeout.saturating_mul(10).max(ATTACH_STALL_LIMIT)
+            } else {
+                self.inner.lock_timeout
+            };
+            if shared.busy() && shared.stall_since.elapsed() >= limit {
                 let unknown = shared.pending.len();
                 let epoch = shared.epoch;
                 let untrusted = shared.state.peer_untrusted();
