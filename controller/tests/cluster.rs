@@ -5,6 +5,8 @@
 // Test-only crate: its helpers panic on failure like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -136,34 +138,19 @@ impl Node {
     }
 
     async fn wait(&self, what: &str, cond: impl Fn(&Status) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = self.status();
-            if cond(&status) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{}: timed out waiting for {what}; status: {}\nlog:\n{}",
-                    self.name,
-                    serde_json::to_string_pretty(&status).unwrap(),
-                    self.daemon()
-                        .request(Request::Log { module: None })
-                        .await
-                        .lines
-                        .join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::wait_status(
+            self.name,
+            self.daemon(),
+            what,
+            Duration::from_secs(10),
+            cond,
+        )
+        .await;
     }
 
     async fn wait_role(&self, node: &str, role: Role, ready: bool) {
-        self.wait(&format!("{node} {role} ready={ready}"), |s| {
-            let n = &s.modules[0].nodes[node];
-            n.state == Some(role) && (!ready || n.ready)
-        })
-        .await;
+        let timeout = Duration::from_secs(10);
+        common::wait_role(self.name, self.daemon(), node, role, ready, timeout).await;
     }
 }
 

@@ -14,6 +14,8 @@
 // Test-only crate: its helpers panic on failure like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +27,6 @@ use vmha_controller::daemon::{Daemon, DaemonSpec};
 use vmha_controller::driver::fake::FakeVm;
 use vmha_controller::driver::vmha_fs::VmhaFsDriver;
 use vmha_controller::state::Role;
-use vmha_controller::status::Status;
 use vmha_fs::key::ClusterKey;
 
 fn vmha_fs_bin() -> PathBuf {
@@ -161,39 +162,9 @@ impl Node {
         self.daemon.as_ref().unwrap()
     }
 
-    fn status(&self) -> Status {
-        self.daemon().status()
-    }
-
-    async fn wait(&self, what: &str, secs: u64, cond: impl Fn(&Status) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let status = self.status();
-            if cond(&status) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{}: timed out waiting for {what}; status: {}\nlog:\n{}",
-                    self.name,
-                    serde_json::to_string_pretty(&status).unwrap(),
-                    self.daemon()
-                        .request(Request::Log { module: None })
-                        .await
-                        .lines
-                        .join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     async fn wait_role(&self, node: &str, role: Role, ready: bool) {
-        self.wait(&format!("{node} {role} ready={ready}"), 30, |s| {
-            let n = &s.modules[0].nodes[node];
-            n.state == Some(role) && (!ready || n.ready)
-        })
-        .await;
+        let timeout = Duration::from_secs(30);
+        common::wait_role(self.name, self.daemon(), node, role, ready, timeout).await;
     }
 }
 
