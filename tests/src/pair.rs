@@ -185,6 +185,25 @@ impl Pair {
     }
 
     /// Starts the primary, waits for `ready` and checks the mount is in place.
+    /// `vmha-fs primary --alone --peer <this pair's secondary>`: writes alone from the
+    /// start; SIGUSR2 later attaches the secondary with a full sync.
+    pub fn alone_primary_command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("primary")
+            .arg("--backing")
+            .arg(&self.pri_backing)
+            .arg("--mount")
+            .arg(&self.mount)
+            .arg("--alone")
+            .arg("--peer")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--state")
+            .arg(&self.pri_state)
+            .arg("--key-file")
+            .arg(&self.key_file);
+        c
+    }
+
     pub fn start_primary(&mut self) -> Result<()> {
         if self.primary.is_some() {
             bail!("primary already started");

@@ -4,7 +4,6 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -82,17 +81,7 @@ fn sigusr1_lets_a_waiting_write_proceed_alone() -> Result<()> {
 #[test]
 fn a_primary_started_alone_records_the_peer_outdated_before_writing() -> Result<()> {
     let pair = Pair::prepare(PairOptions::default())?;
-    let mut cmd = Command::new(pair.bin());
-    cmd.arg("primary")
-        .arg("--backing")
-        .arg(pair.primary_backing())
-        .arg("--mount")
-        .arg(pair.mount())
-        .arg("--alone")
-        .arg("--state")
-        .arg(pair.primary_state())
-        .arg("--key-file")
-        .arg(pair.key_file());
+    let cmd = pair.alone_primary_command();
     // Declared after `pair`: dropped (killed) first, then the pair unmounts.
     let mut primary = Child::spawn("primary-alone", cmd)?;
     primary.wait_ready(Duration::from_secs(20))?;

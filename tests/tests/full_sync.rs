@@ -4,7 +4,6 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,19 +61,7 @@ fn a_peer_attached_to_a_lone_writer_gets_a_full_copy_under_live_writes() -> Resu
     std::fs::write(stale.join("obsolete"), b"gone after the sync")?;
     pair.start_secondary()?;
 
-    let mut cmd = Command::new(pair.bin());
-    cmd.arg("primary")
-        .arg("--backing")
-        .arg(pair.primary_backing())
-        .arg("--mount")
-        .arg(pair.mount())
-        .arg("--alone")
-        .arg("--peer")
-        .arg(format!("127.0.0.1:{}", pair.port()))
-        .arg("--state")
-        .arg(pair.primary_state())
-        .arg("--key-file")
-        .arg(pair.key_file());
+    let cmd = pair.alone_primary_command();
     let mut primary = Child::spawn("primary-alone", cmd)?;
     primary.wait_ready(Duration::from_secs(20))?;
     assert!(pair.primary_state().join("peer-outdated").exists());
