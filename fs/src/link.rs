@@ -721,7 +721,10 @@ impl PeerLink {
             // While attaching, nothing live waits for the peer (mutations complete
             // locally) and the receiver may be emptying a large stale directory.
             let limit = if shared.state == LinkState::Attaching {
-                self.inner.lock_timeout.saturating_mul(10).max(ATTACH_STALL_LIMIT)
+                self.inner
+                    .lock_timeout
+                    .saturating_mul(10)
+                    .max(ATTACH_STALL_LIMIT)
             } else {
                 self.inner.lock_timeout
             };
