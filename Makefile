@@ -1,4 +1,4 @@
-.PHONY: deps build release test demo bench
+.PHONY: deps build release test demo demo-fs bench
 
 deps:
 	.ci/install-deps
@@ -14,7 +14,14 @@ release:
 test: deps build
 	cargo test --workspace -- --test-threads=2
 
-demo: deps release
+# Two simulated nodes (namespaces, own libvirtd), vmhad on both, the counter
+# guest on node1 replicated to node2; node1 crashes, node2 boots it without
+# losing an acknowledged write (scripts/demo.sh).
+demo: deps build
+	scripts/demo.sh
+
+# The replicated filesystem alone: primary + secondary over loopback.
+demo-fs: deps release
 	VMHA_FS_BIN=target/release/vmha-fs scripts/demo-fs.sh
 
 bench: deps release

@@ -1009,9 +1009,15 @@ impl Runner {
                 } else {
                     self.peer_generation()
                 };
+                // A ready SECOND with our generation (a swap) has all our data: the
+                // writer replicates to it from the first write instead of starting
+                // alone, which would leave it unattached while it counts as ready.
+                let connected = writer && self.peer_is_ready_second_in_sync();
                 let result = self
                     .blocking(move |_, fs, m| {
-                        if writer {
+                        if connected {
+                            fs.mount_writer_connected(m, generation.as_deref())
+                        } else if writer {
                             fs.mount_writer_at(m, generation.as_deref())
                         } else {
                             fs.mount_receiver_accepting(m, generation.as_deref())
@@ -1141,6 +1147,18 @@ impl Runner {
                 .map_or(ResyncState::Idle, resync_from_writer),
             _ => ResyncState::Idle,
         }
+    }
+
+    /// The peer is a ready SECOND whose current generation is ours.
+    fn peer_is_ready_second_in_sync(&self) -> bool {
+        let ready_second = matches!(
+            &*self.peer_rx.borrow(),
+            PeerView::Seen { beat, .. }
+                if beat.announce.role == Role::Second
+                    && beat.announce.readiness == Readiness::Ready
+        );
+        let mine = self.meta.history.current().map(|g| g.to_string());
+        ready_second && mine.is_some() && self.peer_generation() == mine
     }
 
     /// The peer's current generation as its last heartbeat showed it.

@@ -111,6 +111,16 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), DriverError> {
         self.mount_writer(module)
     }
+    /// [`FsDriver::mount_writer_at`], but replicating synchronously from the first
+    /// write: for a peer that is a ready SECOND with this node's generation (after a
+    /// swap), whose data is already identical. Fails if its receiver is not there.
+    fn mount_writer_connected(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.mount_writer_at(module, generation)
+    }
     /// [`FsDriver::mount_receiver`] serving only a writer that claims
     /// `generation` (fencing); `None`: any writer.
     fn mount_receiver_accepting(

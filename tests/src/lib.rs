@@ -5,6 +5,7 @@
 
 pub mod aligned;
 pub mod bin;
+pub mod cluster_vm;
 pub mod fsops;
 pub mod guest;
 pub mod mounts;

@@ -684,3 +684,11 @@ impl Cluster {
         Ok(())
     }
 }
+
+/// Two libvirt daemons and TCG guests per cluster saturate this machine's two CPUs:
+/// the cluster tests of one test binary hold this for their whole run, so they take
+/// turns even when the harness runs tests in parallel.
+pub fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

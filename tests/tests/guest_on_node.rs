@@ -154,6 +154,7 @@ fn guest_lifecycle() -> Result<()> {
 
 #[test]
 fn guest_counts_shuts_down_and_resumes_from_disk() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
     if let Err(e) = guest_lifecycle() {
         panic!("{e:#}");
     }
@@ -279,6 +280,7 @@ fn two_nodes() -> Result<()> {
 
 #[test]
 fn two_nodes_same_domain_name_and_independent_networks() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
     if let Err(e) = two_nodes() {
         panic!("{e:#}");
     }

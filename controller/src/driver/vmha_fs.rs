@@ -60,6 +60,19 @@ struct SyncFile {
     error: Option<String>,
 }
 
+/// What a vmha-fs child is started as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spawn {
+    /// `primary --alone`: writes alone until the peer is attached (full copy).
+    Writer,
+    /// `primary --peer`: replicates synchronously from the first write.
+    ConnectedWriter,
+    Receiver,
+}
+
+/// vmha-fs's record that the peer lacks data (fs/src/statedir.rs).
+const PEER_OUTDATED_FILE: &str = "peer-outdated";
+
 /// Spawns the `vmha-fs` binary.
 #[derive(Debug)]
 pub struct VmhaFsDriver {
@@ -108,9 +121,10 @@ impl VmhaFsDriver {
     fn spawn(
         &self,
         module: &Module,
-        writer: bool,
+        role: Spawn,
         generation: Option<&str>,
     ) -> Result<(), DriverError> {
+        let writer = role != Spawn::Receiver;
         self.unmount(module)?;
         let mut children = Vec::new();
         let result = (|| {
@@ -125,9 +139,14 @@ impl VmhaFsDriver {
                         .arg("--backing")
                         .arg(dir)
                         .arg("--mount")
-                        .arg(dir)
-                        .arg("--alone")
-                        .arg("--peer")
+                        .arg(dir);
+                    if role == Spawn::ConnectedWriter {
+                        // The controller established that the peer has all our data.
+                        remove_if_present(&state.join(PEER_OUTDATED_FILE))?;
+                    } else {
+                        cmd.arg("--alone");
+                    }
+                    cmd.arg("--peer")
                         .arg(self.address(self.local.peer(), module, i)?.to_string())
                         .arg("--lock-timeout-ms")
                         .arg(module.lock_timeout_ms.to_string());
@@ -373,11 +392,11 @@ fn terminate(child: &mut Child) {
 
 impl FsDriver for VmhaFsDriver {
     fn mount_writer(&self, module: &Module) -> Result<(), DriverError> {
-        self.spawn(module, true, None)
+        self.spawn(module, Spawn::Writer, None)
     }
 
     fn mount_receiver(&self, module: &Module) -> Result<(), DriverError> {
-        self.spawn(module, false, None)
+        self.spawn(module, Spawn::Receiver, None)
     }
 
     fn mount_writer_at(
@@ -385,7 +404,15 @@ impl FsDriver for VmhaFsDriver {
         module: &Module,
         generation: Option<&str>,
     ) -> Result<(), DriverError> {
-        self.spawn(module, true, generation)
+        self.spawn(module, Spawn::Writer, generation)
+    }
+
+    fn mount_writer_connected(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.spawn(module, Spawn::ConnectedWriter, generation)
     }
 
     fn mount_receiver_accepting(
@@ -393,7 +420,7 @@ impl FsDriver for VmhaFsDriver {
         module: &Module,
         generation: Option<&str>,
     ) -> Result<(), DriverError> {
-        self.spawn(module, false, generation)
+        self.spawn(module, Spawn::Receiver, generation)
     }
 
     fn unmount(&self, module: &Module) -> Result<(), DriverError> {
@@ -451,7 +478,7 @@ impl FsDriver for VmhaFsDriver {
             _ => return Err(DriverError::failed("resync", "the receiver is not running")),
         };
         if restart {
-            self.spawn(module, false, generation)?;
+            self.spawn(module, Spawn::Receiver, generation)?;
         }
         self.start_resync(module, full)
     }

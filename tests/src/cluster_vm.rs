@@ -1,0 +1,344 @@
+//! Two simulated nodes running `vmhad` with one module (`vm1`, the counter
+//! guest) replicated by `vmha-fs`: the setup of the end-to-end failover tests
+//! and of the demo.
+//!
+//! Every node keeps its private paths (DESIGN.md, "Testing on one machine"):
+//! the replicated directory [`REPLICATED`], the state directory, the key file
+//! and the control socket are the same paths on both nodes but distinct
+//! directories, so one configuration file serves both (its hash matches). The
+//! guest's console log ([`CONSOLE`]) is per node too and outside the
+//! replicated directory, since the nodes run the domain at different times.
+//!
+//! Teardown: the `vmhad` guards are dropped first (SIGKILL by PID), then the
+//! [`Cluster`] kills every process of each node (qemu, vmha-fs, libvirtd) and
+//! deletes its namespaces; the FUSE mounts live only in the nodes' mount
+//! namespaces and vanish with them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::guest::{build_guest, create_disk, domain_xml, DomainSpec, GuestImage};
+use crate::node::{run, Cluster, Network, Node};
+use crate::proc::Child;
+
+/// The module and libvirt domain name.
+pub const MODULE: &str = "vm1";
+/// The replicated directory (inside each node; private per node).
+pub const REPLICATED: &str = "/var/lib/libvirt/images/vm1";
+/// The guest's console log inside each node (private per node, not replicated).
+pub const CONSOLE: &str = "/var/log/libvirt/vm1-console.log";
+/// The controller's state directory inside each node (private per node).
+pub const STATE_DIR: &str = "/var/lib/libvirt/vmha-state";
+/// The cluster key inside each node (a copy per node).
+pub const KEY_FILE: &str = "/etc/libvirt/vmha/cluster.key";
+/// The control socket inside each node.
+pub const CONTROL_SOCKET: &str = "/run/vmha/vmhad.sock";
+
+const LIBVIRT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Timeouts of the test configuration.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// `heartbeat_interval_ms`.
+    pub heartbeat_interval_ms: u64,
+    /// `failover_timeout_ms`.
+    pub failover_timeout_ms: u64,
+    /// `start_wait_ms`.
+    pub start_wait_ms: u64,
+    /// `lock_timeout_ms` of the module.
+    pub lock_timeout_ms: u64,
+    /// `stop_timeout_s` of the module.
+    pub stop_timeout_s: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 200,
+            failover_timeout_ms: 2000,
+            start_wait_ms: 2000,
+            lock_timeout_ms: 3000,
+            stop_timeout_s: 30,
+        }
+    }
+}
+
+/// A binary of the workspace: `$<env>` if set, else `name` in the cargo profile
+/// directory this executable was built into (the parent of `deps/`).
+pub fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("{env}={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let profile_dir = exe
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "deps"))
+        .and_then(|deps| deps.parent())
+        .or_else(|| exe.parent())
+        .with_context(|| format!("cannot find the profile dir above {}", exe.display()))?;
+    let bin = profile_dir.join(name);
+    if !bin.is_file() {
+        bail!(
+            "{} does not exist: run `cargo build --workspace --bins` first (or set {env})",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The cluster configuration (identical on both nodes).
+pub fn config_toml(t: &Timing) -> String {
+    let addrs = |i: u8| {
+        format!(
+            "[\"{}\", \"{}\"]",
+            Network::Production.address(i),
+            Network::Dedicated.address(i)
+        )
+    };
+    format!(
+        r#"[cluster]
+name = "test"
+key_file = "{KEY_FILE}"
+state_dir = "{STATE_DIR}"
+control_socket = "{CONTROL_SOCKET}"
+heartbeat_port = 7100
+heartbeat_interval_ms = {hb}
+failover_timeout_ms = {fo}
+start_wait_ms = {sw}
+
+[[node]]
+name = "node1"
+addresses = {a1}
+
+[[node]]
+name = "node2"
+addresses = {a2}
+
+[[module]]
+name = "{MODULE}"
+domain = "{MODULE}"
+libvirt_uri = "qemu:///system"
+replicated = ["{REPLICATED}"]
+port = 7101
+replication_network = 1
+failover = true
+lock_timeout_ms = {lt}
+stop_timeout_s = {st}
+maxloop = 3
+loop_interval_s = 86400
+"#,
+        hb = t.heartbeat_interval_ms,
+        fo = t.failover_timeout_ms,
+        sw = t.start_wait_ms,
+        lt = t.lock_timeout_ms,
+        st = t.stop_timeout_s,
+        a1 = addrs(0),
+        a2 = addrs(1),
+    )
+}
+
+/// Two nodes with libvirt, the key, the configuration and the guest's disk and
+/// XML in node1's replicated directory; `vmhad` started per node on demand.
+#[derive(Debug)]
+pub struct VmCluster {
+    // Declared before `cluster`: the daemons' guards go first.
+    vmhad: Vec<Option<Child>>,
+    cluster: Cluster,
+    config: PathBuf,
+    vmhad_bin: PathBuf,
+    vmctl_bin: PathBuf,
+    vmha_fs_bin: PathBuf,
+    image: GuestImage,
+}
+
+impl VmCluster {
+    /// Builds (or reuses) the guest, creates both nodes, starts their libvirt,
+    /// writes the key, the configuration, and the guest's disk + `vm1.xml` into
+    /// node1's replicated directory (node2's is empty).
+    pub fn new(timing: &Timing) -> Result<Self> {
+        let vmhad_bin = workspace_bin("vmhad", "VMHAD_BIN")?;
+        let vmctl_bin = workspace_bin("vmctl", "VMCTL_BIN")?;
+        let vmha_fs_bin = crate::bin::vmha_fs_bin()?;
+        let image = build_guest()?;
+        let mut cluster = Cluster::new(2)?;
+        cluster.start_libvirt(LIBVIRT_TIMEOUT)?;
+
+        let key = cluster.dir().join("cluster.key");
+        run(std::process::Command::new(&vmha_fs_bin)
+            .arg("keygen")
+            .arg(&key))?;
+        let config = cluster.dir().join("vmha.toml");
+        fs::write(&config, config_toml(timing)).context("writing the configuration")?;
+        for node in cluster.nodes() {
+            let k = host_side(node, KEY_FILE)?;
+            if let Some(parent) = k.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::copy(&key, &k).with_context(|| format!("copying the key to {}", k.display()))?;
+            fs::create_dir_all(host_side(node, REPLICATED)?)?;
+        }
+        let dir1 = host_side(cluster.node(0), REPLICATED)?;
+        let disk = Path::new(REPLICATED).join(format!("{MODULE}.qcow2"));
+        create_disk(&dir1.join(format!("{MODULE}.qcow2")), 64)?;
+        let xml = domain_xml(&image, &DomainSpec::new(MODULE, &disk, CONSOLE));
+        fs::write(dir1.join(format!("{MODULE}.xml")), xml).context("writing vm1.xml")?;
+        Ok(Self {
+            vmhad: vec![None, None],
+            cluster,
+            config,
+            vmhad_bin,
+            vmctl_bin,
+            vmha_fs_bin,
+            image,
+        })
+    }
+
+    /// The simulated nodes.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Node `i` (0-based).
+    pub fn node(&self, i: usize) -> &Node {
+        self.cluster.node(i)
+    }
+
+    /// The guest image in use.
+    pub fn image(&self) -> &GuestImage {
+        &self.image
+    }
+
+    /// The configuration file (shared by both nodes, under /var/tmp).
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// Node `i`'s console log, read from the host.
+    pub fn console(&self, i: usize) -> Result<PathBuf> {
+        host_side(self.node(i), CONSOLE)
+    }
+
+    /// Node `i`'s backing copy of the replicated directory, read from the host
+    /// (under any FUSE mount of the node: the bytes on its own disk).
+    pub fn backing(&self, i: usize) -> Result<PathBuf> {
+        host_side(self.node(i), REPLICATED)
+    }
+
+    /// Starts `vmhad` on node `i` and waits until `vmctl status` answers there.
+    pub fn start_vmhad(&mut self, i: usize) -> Result<()> {
+        let node = self.cluster.node(i);
+        let name = node.name().to_string();
+        let mut cmd = node.command(&self.vmhad_bin);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(["--node", &name])
+            .arg("--vmha-fs")
+            .arg(&self.vmha_fs_bin)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null());
+        let child = Child::spawn(&format!("{name}-vmhad"), cmd)?;
+        if let Some(slot) = self.vmhad.get_mut(i) {
+            *slot = Some(child);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.vmctl(i, &["status", "--json"]) {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    if let Some(Some(c)) = self.vmhad.get_mut(i) {
+                        if let Some(st) = c.try_status()? {
+                            bail!("vmhad on {name} exited ({st}): {}", c.stderr_text());
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(e.context(format!("vmhad on {name} does not answer")));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `vmctl --config FILE args` inside node `i`: its stdout, or an error.
+    pub fn vmctl(&self, i: usize, args: &[&str]) -> Result<String> {
+        let mut cmd = self.node(i).command(&self.vmctl_bin);
+        cmd.arg("--config").arg(&self.config).args(args);
+        let out = run(&mut cmd).with_context(|| format!("vmctl on {}", self.node(i).name()))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Node crash: SIGKILL every process of node `i` (qemu, vmhad, vmha-fs,
+    /// libvirtd...) and reap its `vmhad`. Returns how many were killed.
+    pub fn crash(&mut self, i: usize) -> Result<usize> {
+        let killed = self.cluster.node_mut(i).kill_all()?;
+        if let Some(Some(mut c)) = self.vmhad.get_mut(i).map(Option::take) {
+            c.wait_exit(Duration::from_secs(5))?;
+            // Keep its stderr readable for diagnostics.
+            if let Some(slot) = self.vmhad.get_mut(i) {
+                *slot = Some(c);
+            }
+        }
+        Ok(killed)
+    }
+
+    /// Everything useful after a failure: per node `vmctl status`, `vmctl log`,
+    /// the tail of vmhad's stderr (which includes vmha-fs's) and of the qemu log.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for (i, node) in self.cluster.nodes().iter().enumerate() {
+            let name = node.name();
+            out.push_str(&format!("===== {name} =====\n"));
+            for args in [&["status"][..], &["log"][..]] {
+                let text = self
+                    .vmctl(i, args)
+                    .unwrap_or_else(|e| format!("(vmctl {args:?} failed: {e:#})"));
+                out.push_str(&format!("--- vmctl {} ---\n{text}\n", args.join(" ")));
+            }
+            if let Some(Some(c)) = self.vmhad.get(i) {
+                let lines = c.stderr_lines();
+                let skip = lines.len().saturating_sub(60);
+                out.push_str(&format!(
+                    "--- vmhad stderr (last {}) ---\n{}\n",
+                    lines.len() - skip,
+                    lines[skip..].join("\n")
+                ));
+            }
+            let qlog = node
+                .dir()
+                .join("var-log-libvirt/qemu")
+                .join(format!("{MODULE}.log"));
+            if let Ok(text) = fs::read_to_string(&qlog) {
+                let tail: Vec<&str> = text.lines().rev().take(10).collect();
+                out.push_str(&format!(
+                    "--- qemu log tail ---\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// `path` inside `node`, as a host path through the node's bind-mount sources
+/// (not through its FUSE mounts): valid for the paths under the node's private
+/// directories (`/run`, `/etc/libvirt`, `/var/lib/libvirt`, `/var/log/libvirt`).
+pub fn host_side(node: &Node, path: &str) -> Result<PathBuf> {
+    for (sub, target) in crate::node::NODE_MOUNTS {
+        if let Ok(rest) = Path::new(path).strip_prefix(target) {
+            return Ok(node.dir().join(sub).join(rest));
+        }
+    }
+    bail!("{path} is not under a private directory of {}", node.name())
+}
