@@ -431,6 +431,12 @@ async fn dispatch(
     let tick = Duration::from_millis((cluster.heartbeat_interval_ms / 2).max(5));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The peer is judged only on what this daemon could observe: after a
+    // stall of its own (SIGSTOP, a frozen VM or host), the heartbeats queued
+    // meanwhile are not read yet, so the silence is ours, not the peer's; the
+    // peer gets a full `timeout` from the resume to be heard again.
+    let mut last_tick = Instant::now();
+    let mut observing_since = last_tick;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -443,9 +449,19 @@ async fn dispatch(
                 }
             },
             _ = ticker.tick() => {
+                let now = Instant::now();
+                if now.saturating_duration_since(last_tick) > timeout / 2 {
+                    tracing::warn!(
+                        stalled_ms = now.saturating_duration_since(last_tick).as_millis() as u64,
+                        "this daemon was stalled; judging the peer from now on"
+                    );
+                    observing_since = now;
+                }
+                last_tick = now;
                 let lost_now = {
                     let mut link = shared.link();
-                    let silent = link.liveness.all_silent_for(Instant::now(), timeout);
+                    let silent = link.liveness.all_silent_for(now, timeout)
+                        && now.saturating_duration_since(observing_since) >= timeout;
                     let newly = silent && !link.lost;
                     if newly {
                         link.lost = true;

@@ -15,6 +15,7 @@
 //! namespaces and vanish with them.
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -53,6 +54,8 @@ pub struct Timing {
     pub lock_timeout_ms: u64,
     /// `stop_timeout_s` of the module.
     pub stop_timeout_s: u64,
+    /// `maxloop` of the module: local restarts of the guest before failing over.
+    pub maxloop: u32,
 }
 
 impl Default for Timing {
@@ -63,6 +66,7 @@ impl Default for Timing {
             start_wait_ms: 2000,
             lock_timeout_ms: 3000,
             stop_timeout_s: 30,
+            maxloop: 3,
         }
     }
 }
@@ -132,7 +136,7 @@ replication_network = 1
 failover = true
 lock_timeout_ms = {lt}
 stop_timeout_s = {st}
-maxloop = 3
+maxloop = {ml}
 loop_interval_s = 86400
 "#,
         hb = t.heartbeat_interval_ms,
@@ -140,6 +144,7 @@ loop_interval_s = 86400
         sw = t.start_wait_ms,
         lt = t.lock_timeout_ms,
         st = t.stop_timeout_s,
+        ml = t.maxloop,
         a1 = addrs(0),
         a2 = addrs(1),
     )
@@ -291,6 +296,27 @@ impl VmCluster {
             }
         }
         Ok(killed)
+    }
+
+    /// Host PIDs of node `i`'s processes whose command line holds `arg` as an
+    /// argument after the program (e.g. the `vmha-fs` writer: `"primary"`) and
+    /// whose program's file name is `program`.
+    pub fn pids_of(&self, i: usize, program: &str, arg: &str) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for pid in self.node(i).pids()? {
+            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue; // exited meanwhile
+            };
+            let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+            let Some(prog) = args.first() else { continue };
+            let prog = Path::new(std::ffi::OsStr::from_bytes(prog));
+            if prog.file_name().is_some_and(|n| n == program)
+                && args.iter().skip(1).any(|a| *a == arg.as_bytes())
+            {
+                out.push(pid);
+            }
+        }
+        Ok(out)
     }
 
     /// Everything useful after a failure: per node `vmctl status`, `vmctl log`,

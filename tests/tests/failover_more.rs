@@ -1,0 +1,628 @@
+//! More end-to-end failover scenarios on two simulated nodes (the setup of
+//! `failover.rs`): `vmctl stop` on the PRIM, guest killed behind the
+//! controller's back (`maxloop`), production network cut, `vmha-fs` of the
+//! PRIM killed, node frozen with SIGSTOP.
+//!
+//! Needs root, /dev/fuse, the packages of `.ci/install-deps` and the
+//! workspace binaries (`cargo build --workspace --bins`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
+use vmha_test_infra::guest::{wait_console, Console};
+use vmha_test_infra::node::Network;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The initial full copy of the 64 MiB qcow2 (sparse) and the guest's writes.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn status(vc: &VmCluster, i: usize) -> Result<Value> {
+    let text = vc.vmctl(i, &["status", "--json"])?;
+    serde_json::from_str(&text).with_context(|| format!("parsing status: {text}"))
+}
+
+/// The module's entry for `node` in a status document.
+fn entry<'a>(s: &'a Value, node: &str) -> &'a Value {
+    &s["modules"][0]["nodes"][node]
+}
+
+fn state<'a>(s: &'a Value, node: &str) -> Option<&'a str> {
+    entry(s, node)["state"].as_str()
+}
+
+fn ready(s: &Value, node: &str) -> bool {
+    entry(s, node)["readiness"].as_str() == Some("ready")
+}
+
+fn primary(s: &Value) -> Option<&str> {
+    s["modules"][0]["primary"].as_str()
+}
+
+/// A writer state: the node runs the module.
+fn writer(st: Option<&str>) -> bool {
+    matches!(st, Some("PRIM" | "ALONE"))
+}
+
+/// Polls `vmctl status --json` on node `i` until `pred` holds; on timeout the
+/// error carries the last status and the diagnostics of both nodes.
+fn wait_status(
+    vc: &VmCluster,
+    i: usize,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match status(vc, i) {
+            Ok(s) if pred(&s) => return Ok(s),
+            Ok(s) => s.to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} on {} waiting for {what}; last status: {last}\n{}",
+                vc.node(i).name(),
+                vc.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Adds the diagnostics of both nodes to an error.
+fn diag<T>(vc: &VmCluster, r: Result<T>) -> Result<T> {
+    r.map_err(|e| e.context(format!("diagnostics:\n{}", vc.diagnostics())))
+}
+
+/// Whether the domain runs on node `i` (per its libvirt).
+fn runs_vm(vc: &VmCluster, i: usize) -> Result<bool> {
+    let list = vc.node(i).virsh(&["list", "--name"])?;
+    Ok(list.lines().any(|l| l.trim() == MODULE))
+}
+
+/// Waits until node `i`'s console holds `n` more counters than it has now.
+fn more_counters(vc: &VmCluster, i: usize, n: usize, timeout: Duration) -> Result<Console> {
+    let console = vc.console(i)?;
+    let before = Console::read(&console)?.counters.len();
+    diag(
+        vc,
+        wait_console(
+            &console,
+            timeout,
+            &format!("{n} more counters on {}", vc.node(i).name()),
+            |c| c.counters.len() >= before + n,
+        ),
+    )
+}
+
+/// Both daemons started with `timing`, `vmctl prim --yes` on node1: vm1 PRIM
+/// on node1 with the guest counting, node2 SECOND ready after the initial copy.
+fn running_pair(timing: &Timing) -> Result<VmCluster> {
+    let t = Instant::now();
+    let mut vc = VmCluster::new(timing)?;
+    vc.start_vmhad(0)?;
+    vc.start_vmhad(1)?;
+    vc.vmctl(0, &["prim", "--yes"])?;
+    wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
+        state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
+    })?;
+    let c = diag(
+        &vc,
+        wait_console(&vc.console(0)?, BOOT_TIMEOUT, "counters on node1", |c| {
+            c.counters.len() >= 3
+        }),
+    )?;
+    ensure!(
+        c.boots == vec![0],
+        "node1 boots {:?} on a fresh disk",
+        c.boots
+    );
+    wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
+        state(s, "node2") == Some("SECOND") && ready(s, "node2")
+    })?;
+    eprintln!(
+        "[failover_more] vm1 PRIM on node1, node2 SECOND ready after {:?}",
+        t.elapsed()
+    );
+    Ok(vc)
+}
+
+/// Waits until the guest boots (once more than `boots_before`) on node `to`
+/// and counts there; checks it resumed from at least `acked` (the last counter
+/// acknowledged elsewhere) and that `to`'s counters never go back.
+fn boots_on(
+    vc: &VmCluster,
+    to: usize,
+    boots_before: usize,
+    counters_before: usize,
+    acked: u64,
+) -> Result<Console> {
+    let name = vc.node(to).name().to_string();
+    let c = diag(
+        vc,
+        wait_console(
+            &vc.console(to)?,
+            BOOT_TIMEOUT,
+            &format!("a new boot and counter on {name}"),
+            |c| c.boots.len() > boots_before && c.counters.len() > counters_before,
+        ),
+    )?;
+    let boot = c.boots[boots_before];
+    ensure!(
+        boot >= acked,
+        "acknowledged counter lost: {acked} was acknowledged, {name} booted from {boot}"
+    );
+    ensure!(
+        c.counters[counters_before] == boot + 1,
+        "{name} resumed at {} after booting from {boot}",
+        c.counters[counters_before]
+    );
+    c.check_monotonic()?;
+    ensure!(
+        c.errors.is_empty(),
+        "guest errors on {name}: {:?}",
+        c.errors
+    );
+    Ok(c)
+}
+
+// ---- 1. vmctl stop on the PRIM ----
+
+fn stop_on_prim() -> Result<()> {
+    let vc = running_pair(&Timing::default())?;
+    more_counters(&vc, 0, 3, Duration::from_secs(60))?;
+    let t = Instant::now();
+    let out = vc.vmctl(0, &["stop"])?;
+    eprintln!("[failover_more] vmctl stop on node1: {}", out.trim());
+    let s = wait_status(&vc, 1, "node2 writer", STATE_TIMEOUT, |s| {
+        writer(state(s, "node2")) && primary(s) == Some("node2")
+    })?;
+    eprintln!(
+        "[failover_more] node2 {:?} after {:?}; node1 {:?}",
+        state(&s, "node2"),
+        t.elapsed(),
+        state(&s, "node1")
+    );
+    ensure!(
+        !writer(state(&s, "node1")),
+        "node1 still {:?}",
+        state(&s, "node1")
+    );
+    // node1 stopped its guest before node2 started: its console is final.
+    let c1 = Console::read(&vc.console(0)?)?;
+    let acked = c1.last_counter().context("no counter on node1")?;
+    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    eprintln!(
+        "[failover_more] stop -> counting on node2 after {:?}: node1 acknowledged {acked}, node2 booted from {}",
+        t.elapsed(),
+        c2.boots[0]
+    );
+    ensure!(!runs_vm(&vc, 0)?, "vm1 still running on node1");
+    ensure!(runs_vm(&vc, 1)?, "vm1 not running on node2");
+    let c2 = more_counters(&vc, 1, 3, Duration::from_secs(60))?;
+    c2.check_monotonic()?;
+    Ok(())
+}
+
+#[test]
+fn stop_on_prim_hands_vm1_over_to_second() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
+    if let Err(e) = stop_on_prim() {
+        panic!("{e:#}");
+    }
+}
+
+// ---- 2. guest destroyed behind the controller's back ----
+
+fn destroyed_guest() -> Result<()> {
+    let maxloop = 2;
+    let timing = Timing {
+        maxloop,
+        ..Timing::default()
+    };
+    let vc = running_pair(&timing)?;
+    let console1 = vc.console(0)?;
+    // `maxloop` deaths are restarted in place on node1.
+    for death in 1..=maxloop {
+        let before = Console::read(&console1)?;
+        let acked = before.last_counter().context("no counter on node1")?;
+        let t = Instant::now();
+        vc.node(0).virsh(&["destroy", MODULE])?;
+        let c = boots_on(&vc, 0, before.boots.len(), before.counters.len(), acked)?;
+        eprintln!(
+            "[failover_more] death {death}: restarted on node1 after {:?} (acknowledged {acked}, booted from {})",
+            t.elapsed(),
+            c.boots[before.boots.len()]
+        );
+        let s = status(&vc, 0)?;
+        ensure!(
+            state(&s, "node1") == Some("PRIM") && primary(&s) == Some("node1"),
+            "after death {death}: {s}"
+        );
+        ensure!(
+            !runs_vm(&vc, 1)?,
+            "vm1 running on node2 after death {death}"
+        );
+        // node2 stays attached: SECOND ready again.
+        wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
+            state(s, "node2") == Some("SECOND") && ready(s, "node2")
+        })?;
+    }
+    // One more death: maxloop reached, the module fails over to node2.
+    let before = Console::read(&console1)?;
+    let t = Instant::now();
+    vc.node(0).virsh(&["destroy", MODULE])?;
+    wait_status(&vc, 1, "node2 writer", STATE_TIMEOUT, |s| {
+        writer(state(s, "node2")) && primary(s) == Some("node2")
+    })?;
+    let acked = Console::read(&console1)?
+        .last_counter()
+        .context("no counter on node1")?;
+    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    eprintln!(
+        "[failover_more] death {}: failover, counting on node2 after {:?} (acknowledged {acked}, booted from {})",
+        maxloop + 1,
+        t.elapsed(),
+        c2.boots[0]
+    );
+    let c1 = Console::read(&console1)?;
+    ensure!(
+        c1.boots.len() == before.boots.len(),
+        "node1 restarted its guest again: boots {:?}",
+        c1.boots
+    );
+    ensure!(!runs_vm(&vc, 0)?, "vm1 running on node1");
+    let s = status(&vc, 1)?;
+    ensure!(
+        !writer(state(&s, "node1")),
+        "node1 {:?} after giving up",
+        state(&s, "node1")
+    );
+    Ok(())
+}
+
+#[test]
+fn destroyed_guest_restarts_in_place_then_fails_over_after_maxloop() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
+    if let Err(e) = destroyed_guest() {
+        panic!("{e:#}");
+    }
+}
+
+// ---- 3. production network cut ----
+
+/// Brings node `i`'s end of `net` back up when dropped.
+struct LinkDown<'a> {
+    vc: &'a VmCluster,
+    i: usize,
+    net: Network,
+}
+
+impl<'a> LinkDown<'a> {
+    fn new(vc: &'a VmCluster, i: usize, net: Network) -> Result<Self> {
+        vc.node(i).set_link(net, false)?;
+        Ok(Self { vc, i, net })
+    }
+}
+
+impl Drop for LinkDown<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.vc.node(self.i).set_link(self.net, true) {
+            eprintln!("[failover_more] restoring the link: {e:#}");
+        }
+    }
+}
+
+fn production_cut() -> Result<()> {
+    let timing = Timing::default();
+    let vc = running_pair(&timing)?;
+    let console1 = vc.console(0)?;
+    let before = Console::read(&console1)?;
+    let hold = Duration::from_millis(timing.failover_timeout_ms * 3);
+    {
+        let _cut = LinkDown::new(&vc, 0, Network::Production)?;
+        ensure!(
+            !vc.node(0).ping(Network::Production.address(1))?,
+            "production network still answers"
+        );
+        let deadline = Instant::now() + hold;
+        let mut polls = 0;
+        while Instant::now() < deadline {
+            for i in 0..2 {
+                let s = status(&vc, i)?;
+                ensure!(
+                    state(&s, "node1") == Some("PRIM")
+                        && state(&s, "node2") == Some("SECOND")
+                        && ready(&s, "node2")
+                        && primary(&s) == Some("node1"),
+                    "production cut: {} sees {s}\n{}",
+                    vc.node(i).name(),
+                    vc.diagnostics()
+                );
+            }
+            polls += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let during = Console::read(&console1)?;
+        ensure!(
+            during.counters.len() >= before.counters.len() + 3,
+            "the guest's counter does not advance during the cut: {} -> {}",
+            before.counters.len(),
+            during.counters.len()
+        );
+        eprintln!(
+            "[failover_more] production cut {hold:?}: {polls} polls, node1 PRIM, node2 SECOND ready, counters {} -> {}",
+            before.last_counter().unwrap_or(0),
+            during.last_counter().unwrap_or(0)
+        );
+        ensure!(!runs_vm(&vc, 1)?, "vm1 running on node2");
+        // The cut is seen: node1 hears node2 only on the dedicated network.
+        let s = status(&vc, 0)?;
+        let hb = &entry(&s, "node2")["heartbeats"];
+        let prod2 = Network::Production.address(1).to_string();
+        ensure!(
+            hb[prod2.as_str()]
+                .as_u64()
+                .is_none_or(|ms| ms > timing.failover_timeout_ms),
+            "node1 still hears node2 on the production network: {hb}"
+        );
+        eprintln!("[failover_more] heartbeats seen by node1 during the cut: {hb}");
+    }
+    // Restored: node1 hears node2 on the production network again, nothing moved.
+    let t = Instant::now();
+    let prod2 = Network::Production.address(1).to_string();
+    let s = wait_status(
+        &vc,
+        0,
+        "heartbeats on the production network",
+        STATE_TIMEOUT,
+        |s| {
+            entry(s, "node2")["heartbeats"][prod2.as_str()]
+                .as_u64()
+                .is_some_and(|ms| ms < timing.failover_timeout_ms / 2)
+        },
+    )?;
+    ensure!(
+        state(&s, "node1") == Some("PRIM") && state(&s, "node2") == Some("SECOND"),
+        "after restore: {s}"
+    );
+    eprintln!(
+        "[failover_more] production heartbeats back after {:?}: {}",
+        t.elapsed(),
+        entry(&s, "node2")["heartbeats"]
+    );
+    let c = more_counters(&vc, 0, 3, Duration::from_secs(60))?;
+    c.check_monotonic()?;
+    ensure!(c.boots.len() == 1, "node1 rebooted: {:?}", c.boots);
+    Ok(())
+}
+
+#[test]
+fn production_network_cut_does_not_fail_over() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
+    if let Err(e) = production_cut() {
+        panic!("{e:#}");
+    }
+}
+
+// ---- 4. vmha-fs of the PRIM killed ----
+
+fn fs_killed() -> Result<()> {
+    let vc = running_pair(&Timing::default())?;
+    more_counters(&vc, 0, 3, Duration::from_secs(60))?;
+    let pids = vc.pids_of(0, "vmha-fs", "primary")?;
+    ensure!(
+        pids.len() == 1,
+        "vmha-fs primary on node1: {pids:?}\n{}",
+        vc.diagnostics()
+    );
+    let acked_at_kill = Console::read(&vc.console(0)?)?
+        .last_counter()
+        .context("no counter on node1")?;
+    let t = Instant::now();
+    for &p in &pids {
+        // SAFETY: kill(2) on a PID of node1 listed just above.
+        unsafe {
+            libc::kill(p as libc::pid_t, libc::SIGKILL);
+        }
+    }
+    eprintln!("[failover_more] SIGKILLed vmha-fs primary {pids:?} on node1 (acknowledged {acked_at_kill})");
+    wait_status(&vc, 1, "node2 writer", STATE_TIMEOUT, |s| {
+        writer(state(s, "node2")) && primary(s) == Some("node2")
+    })?;
+    let to_writer = t.elapsed();
+    let c2 = boots_on(&vc, 1, 0, 0, acked_at_kill)?;
+    // Whatever node1's guest printed after the kill was acknowledged too.
+    let acked = Console::read(&vc.console(0)?)?
+        .last_counter()
+        .context("no counter on node1")?;
+    ensure!(
+        c2.boots[0] >= acked,
+        "acknowledged counter lost: node1 printed {acked}, node2 booted from {}",
+        c2.boots[0]
+    );
+    eprintln!(
+        "[failover_more] kill -> node2 writer {to_writer:?}, -> counting on node2 {:?}; node1 acknowledged {acked}, node2 booted from {}",
+        t.elapsed(),
+        c2.boots[0]
+    );
+    ensure!(!runs_vm(&vc, 0)?, "vm1 still running on node1");
+    let s = status(&vc, 1)?;
+    ensure!(
+        !writer(state(&s, "node1")),
+        "node1 {:?} after its vmha-fs died",
+        state(&s, "node1")
+    );
+    more_counters(&vc, 1, 3, Duration::from_secs(60))?.check_monotonic()?;
+    Ok(())
+}
+
+#[test]
+fn vmha_fs_of_prim_killed_fails_over_without_losing_counters() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
+    if let Err(e) = fs_killed() {
+        panic!("{e:#}");
+    }
+}
+
+// ---- 5. node frozen ----
+
+/// SIGCONTs every process of node `i` when dropped (unless already thawed).
+struct Frozen<'a> {
+    vc: &'a VmCluster,
+    i: usize,
+    thawed: bool,
+}
+
+impl<'a> Frozen<'a> {
+    fn new(vc: &'a VmCluster, i: usize) -> Result<(Self, usize)> {
+        let stopped = vc.node(i).freeze()?;
+        Ok((
+            Self {
+                vc,
+                i,
+                thawed: false,
+            },
+            stopped.len(),
+        ))
+    }
+
+    fn thaw(&mut self) -> Result<()> {
+        self.thawed = true;
+        self.vc.node(self.i).thaw()
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if !self.thawed {
+            if let Err(e) = self.vc.node(self.i).thaw() {
+                eprintln!("[failover_more] thawing: {e:#}");
+            }
+        }
+    }
+}
+
+fn node_frozen() -> Result<()> {
+    let timing = Timing::default();
+    let vc = running_pair(&timing)?;
+    more_counters(&vc, 0, 3, Duration::from_secs(60))?;
+    let t = Instant::now();
+    let (mut frozen, n) = Frozen::new(&vc, 0)?;
+    let acked = Console::read(&vc.console(0)?)?
+        .last_counter()
+        .context("no counter on node1")?;
+    eprintln!("[failover_more] node1 frozen ({n} processes), acknowledged {acked}");
+    wait_status(&vc, 1, "node2 ALONE", STATE_TIMEOUT, |s| {
+        state(s, "node2") == Some("ALONE")
+    })?;
+    let to_alone = t.elapsed();
+    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    eprintln!(
+        "[failover_more] freeze -> node2 ALONE {to_alone:?}, -> counting on node2 {:?} (booted from {})",
+        t.elapsed(),
+        c2.boots[0]
+    );
+    more_counters(&vc, 1, 3, Duration::from_secs(60))?;
+    ensure!(
+        t.elapsed() > Duration::from_millis(timing.failover_timeout_ms),
+        "thawing before the failover timeout"
+    );
+    let t = Instant::now();
+    frozen.thaw()?;
+    // node1 comes back, sees node2 writing, stops its VM and waits.
+    let s = wait_status(&vc, 0, "node1 steps down", STATE_TIMEOUT, |s| {
+        matches!(state(s, "node1"), Some("WAIT" | "SECOND"))
+    })?;
+    eprintln!(
+        "[failover_more] thaw -> node1 {:?} after {:?}",
+        state(&s, "node1"),
+        t.elapsed()
+    );
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while runs_vm(&vc, 0)? {
+        if Instant::now() >= deadline {
+            bail!(
+                "vm1 still running on node1 after the thaw\n{}",
+                vc.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "[failover_more] thaw -> vm1 gone from node1 after {:?}",
+        t.elapsed()
+    );
+    // node1 must not have taken its own stall for the peer's death (it then
+    // went ALONE with a new generation and won over node2's newer data).
+    let log1 = vc.vmctl(0, &["log"])?;
+    ensure!(
+        !log1.contains("lost the peer"),
+        "node1 declared node2 lost after the thaw:\n{log1}\n{}",
+        vc.diagnostics()
+    );
+    for line in vc.diagnostics().lines() {
+        if line.contains("stalled") || line.contains("peer lost") {
+            eprintln!("[failover_more] vmhad: {line}");
+        }
+    }
+    // No split brain: everything node1's guest acknowledged (including what
+    // its console flushed only after the thaw) is in what node2 booted from.
+    let c1 = Console::read(&vc.console(0)?)?;
+    eprintln!(
+        "[failover_more] node1's console after the thaw: last counter {:?}, errors {:?}",
+        c1.last_counter(),
+        c1.errors
+    );
+    ensure!(
+        c1.last_counter().is_some_and(|n| n <= c2.boots[0]),
+        "node1's guest acknowledged {:?} after the thaw (node2 booted from {}): split brain",
+        c1.last_counter(),
+        c2.boots[0]
+    );
+    // node2 hears of it with node1's next heartbeat; from then on node2 keeps
+    // running vm1 and node1 never becomes a writer again.
+    wait_status(&vc, 1, "node2 sees node1 step down", STATE_TIMEOUT, |s| {
+        !writer(state(s, "node1"))
+    })?;
+    let c2_before = Console::read(&vc.console(1)?)?;
+    let settle = Instant::now() + Duration::from_millis(timing.failover_timeout_ms * 2);
+    while Instant::now() < settle {
+        for i in 0..2 {
+            let s = status(&vc, i)?;
+            ensure!(
+                !writer(state(&s, "node1")) && writer(state(&s, "node2")),
+                "after the thaw, {} sees {s}\n{}",
+                vc.node(i).name(),
+                vc.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(runs_vm(&vc, 1)?, "vm1 not running on node2");
+    let c2 = more_counters(&vc, 1, 3, Duration::from_secs(60))?;
+    c2.check_monotonic()?;
+    ensure!(
+        c2.boots == c2_before.boots && c2.boots.len() == 1,
+        "node2's guest rebooted: {:?}",
+        c2.boots
+    );
+    ensure!(
+        c2.errors.is_empty(),
+        "guest errors on node2: {:?}",
+        c2.errors
+    );
+    Ok(())
+}
+
+#[test]
+fn frozen_node1_fails_over_and_steps_down_when_thawed() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
+    if let Err(e) = node_frozen() {
+        panic!("{e:#}");
+    }
+}
