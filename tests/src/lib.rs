@@ -13,6 +13,7 @@ pub mod node;
 pub mod pair;
 pub mod proc;
 pub mod tree;
+pub mod vmctl_status;
 
 pub use aligned::AlignedBuf;
 pub use bin::vmha_fs_bin;

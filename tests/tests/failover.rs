@@ -13,6 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
+use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,60 +35,6 @@ fn show(vc: &VmCluster, i: usize, when: &str) {
             vc.node(i).name()
         );
     }
-}
-
-fn status(vc: &VmCluster, i: usize) -> Result<Value> {
-    let text = vc.vmctl(i, &["status", "--json"])?;
-    serde_json::from_str(&text).with_context(|| format!("parsing status: {text}"))
-}
-
-/// The module's entry for `node` in a status document.
-fn entry<'a>(s: &'a Value, node: &str) -> &'a Value {
-    &s["modules"][0]["nodes"][node]
-}
-
-fn state<'a>(s: &'a Value, node: &str) -> Option<&'a str> {
-    entry(s, node)["state"].as_str()
-}
-
-fn ready(s: &Value, node: &str) -> bool {
-    entry(s, node)["readiness"].as_str() == Some("ready")
-}
-
-fn primary(s: &Value) -> Option<&str> {
-    s["modules"][0]["primary"].as_str()
-}
-
-/// Polls `vmctl status --json` on node `i` until `pred` holds; on timeout the
-/// error carries the last status and the diagnostics of both nodes.
-fn wait_status(
-    vc: &VmCluster,
-    i: usize,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&Value) -> bool,
-) -> Result<Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match status(vc, i) {
-            Ok(s) if pred(&s) => return Ok(s),
-            Ok(s) => s.to_string(),
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() >= deadline {
-            bail!(
-                "timed out after {timeout:?} on {} waiting for {what}; last status: {last}\n{}",
-                vc.node(i).name(),
-                vc.diagnostics()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Adds the diagnostics of both nodes to an error.
-fn diag<T>(vc: &VmCluster, r: Result<T>) -> Result<T> {
-    r.map_err(|e| e.context(format!("diagnostics:\n{}", vc.diagnostics())))
 }
 
 /// Waits until node `i`'s own copy of the disk (its backing directory, i.e.
