@@ -299,42 +299,10 @@ impl Pair {
     pub fn stop(&mut self) -> Result<()> {
         let mut errors = Vec::new();
         if let Some(p) = self.primary.as_mut() {
-            match p.terminate(STOP_TIMEOUT) {
-                Ok((_, true)) => {
-                    errors.push(format!("primary ignored SIGTERM for {STOP_TIMEOUT:?}"))
-                }
-                Ok((st, false)) if !st.success() => {
-                    errors.push(format!("primary exited with {st} on SIGTERM"))
-                }
-                Ok(_) => {
-                    if is_mount_point(&self.mount)? {
-                        errors.push(format!(
-                            "primary exited 0 but {} is still mounted",
-                            self.mount.display()
-                        ));
-                    }
-                }
-                Err(e) => errors.push(format!("terminating primary: {e:#}")),
-            }
+            stop_child(p, "primary", &self.mount, &mut errors)?;
         }
         if let Some(s) = self.secondary.as_mut() {
-            match s.terminate(STOP_TIMEOUT) {
-                Ok((_, true)) => {
-                    errors.push(format!("secondary ignored SIGTERM for {STOP_TIMEOUT:?}"))
-                }
-                Ok((st, false)) if !st.success() => {
-                    errors.push(format!("secondary exited with {st} on SIGTERM"))
-                }
-                Ok(_) => {
-                    if is_mount_point(&self.sec_backing)? {
-                        errors.push(format!(
-                            "secondary exited 0 but {} is still mounted",
-                            self.sec_backing.display()
-                        ));
-                    }
-                }
-                Err(e) => errors.push(format!("terminating secondary: {e:#}")),
-            }
+            stop_child(s, "secondary", &self.sec_backing, &mut errors)?;
         }
         if errors.is_empty() {
             Ok(())
@@ -373,4 +341,30 @@ impl Drop for Pair {
         }
         // `dir` (TempDir) is removed after this, with nothing mounted inside.
     }
+}
+
+/// SIGTERM `child`; it must exit 0 within [`STOP_TIMEOUT`] and leave `mounted`
+/// unmounted. Problems are collected in `errors`.
+fn stop_child(
+    child: &mut Child,
+    what: &str,
+    mounted: &Path,
+    errors: &mut Vec<String>,
+) -> Result<()> {
+    match child.terminate(STOP_TIMEOUT) {
+        Ok((_, true)) => errors.push(format!("{what} ignored SIGTERM for {STOP_TIMEOUT:?}")),
+        Ok((st, false)) if !st.success() => {
+            errors.push(format!("{what} exited with {st} on SIGTERM"))
+        }
+        Ok(_) => {
+            if is_mount_point(mounted)? {
+                errors.push(format!(
+                    "{what} exited 0 but {} is still mounted",
+                    mounted.display()
+                ));
+            }
+        }
+        Err(e) => errors.push(format!("terminating {what}: {e:#}")),
+    }
+    Ok(())
 }
