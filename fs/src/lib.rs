@@ -13,4 +13,5 @@ pub mod op;
 pub mod receiver;
 pub mod resync;
 pub mod statedir;
+pub mod track;
 pub mod wire;
