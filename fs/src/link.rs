@@ -25,6 +25,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::apply::Errno;
 use crate::key::ClusterKey;
 use crate::op::Op;
+use crate::track::{Report, Tracker};
 use crate::wire::{self, FrameReader, FrameWriter, Message, WireError};
 
 /// Called once with the receiver's outcome of an operation.
@@ -148,6 +149,7 @@ struct Inner {
     readers: Mutex<Vec<JoinHandle<()>>>,
     lock_timeout: Duration,
     on_divergence: DivergenceHook,
+    tracker: std::sync::OnceLock<Arc<Tracker>>,
 }
 
 /// Handle to the replication link; cheap to clone.
@@ -173,6 +175,8 @@ struct Session {
     stream: TcpStream,
     writer: FrameWriter<BufWriter<TcpStream>>,
     reader: FrameReader<BufReader<TcpStream>>,
+    /// The receiver's report on its copy.
+    report: Option<Box<Report>>,
 }
 
 fn open_session(
@@ -196,15 +200,15 @@ fn open_session(
         .map_err(protocol)?;
     let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
     let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
-    match reader.recv().map_err(protocol)? {
-        Message::Welcome => {}
+    let report = match reader.recv().map_err(protocol)? {
+        Message::Welcome { report } => report,
         Message::Refused { reason } => return Err(protocol(WireError::Refused(reason))),
         other => {
             return Err(protocol(WireError::Malformed(format!(
                 "expected Welcome, got {other:?}"
             ))))
         }
-    }
+    };
     stream
         .set_read_timeout(None)
         .map_err(|e| protocol(e.into()))?;
@@ -212,6 +216,7 @@ fn open_session(
         stream,
         writer,
         reader,
+        report,
     })
 }
 
@@ -226,6 +231,7 @@ impl PeerLink {
                 readers: Mutex::new(Vec::new()),
                 lock_timeout,
                 on_divergence,
+                tracker: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -257,6 +263,7 @@ impl PeerLink {
             stream,
             writer,
             reader,
+            report: _,
         } = session;
         let epoch = {
             let mut shared = self.inner.shared.lock();
@@ -311,20 +318,28 @@ impl PeerLink {
 
     /// Takes a peer again while writing alone. The peer stays recorded as outdated;
     /// the caller gives it the namespace (`enqueue_sync`), then calls `begin_data`,
-    /// copies the data and calls `finish_sync`.
+    /// copies the data and calls `finish_sync`. Returns the peer's report on its copy.
     pub fn attach(
         &self,
         addr: SocketAddr,
         key: &ClusterKey,
         generation: Option<String>,
-    ) -> Result<(), LinkError> {
+    ) -> Result<Option<Box<Report>>, LinkError> {
         let state = self.state();
         if state != LinkState::Degraded {
             return Err(LinkError::NotAlone(state));
         }
-        let session = open_session(addr, key, generation)?;
+        let mut session = open_session(addr, key, generation)?;
+        let report = session.report.take();
         tracing::info!(%addr, "peer attached; bringing it up to date");
-        self.install(session, LinkState::Attaching)
+        self.install(session, LinkState::Attaching)?;
+        Ok(report)
+    }
+
+    /// From now on, when the peer stops receiving, what the activity log says may
+    /// be missing there moves to the dirty records before anything is acknowledged.
+    pub fn track(&self, tracker: Arc<Tracker>) {
+        let _ = self.inner.tracker.set(tracker);
     }
 
     /// The peer has the namespace: from now on every mutation travels to it too.
@@ -375,6 +390,21 @@ impl PeerLink {
         };
         self.inner.changed.notify_all();
         self.close_stream();
+        // What was in flight (and anything the activity log says may not have
+        // reached the peer) is recorded as dirty before it is acknowledged.
+        let recorded = match self.inner.tracker.get() {
+            Some(tracker) => tracker.degrade().map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        if let Err(e) = recorded {
+            tracing::error!("cannot record what the peer lacks: {e}; replication stopped");
+            self.inner.shared.lock().state = LinkState::Failed(e);
+            self.inner.changed.notify_all();
+            for (_, p) in pending {
+                (p.completion)(Err(Errno::IO));
+            }
+            return;
+        }
         for (_, p) in pending {
             (p.completion)(Ok(()));
         }

@@ -17,6 +17,7 @@ use vmha_fs::mounts::{self, ReadOnlyBind};
 use vmha_fs::receiver::ReceiverServer;
 use vmha_fs::resync::{SyncProgress, Syncer};
 use vmha_fs::statedir::StateDir;
+use vmha_fs::track::Tracker;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -76,6 +77,11 @@ enum Command {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
+        /// Activity-log size in 4 MiB extents: after a crash of this node while
+        /// connected, at most this many × 4 MiB are resent to the peer.
+        #[arg(long, default_value_t = vmha_fs::track::DEFAULT_AL_EXTENTS as u32,
+              value_parser = clap::value_parser!(u32).range(4..=65536))]
+        al_extents: u32,
     },
 }
 
@@ -92,6 +98,10 @@ enum CliError {
     Receiver(#[from] vmha_fs::receiver::ReceiverError),
     #[error(transparent)]
     Link(#[from] vmha_fs::link::LinkError),
+    #[error(transparent)]
+    Track(#[from] vmha_fs::track::TrackError),
+    #[error("refusing to start replicating at once: the records in {0} say the peer may lack changes made here; start with --alone and attach the peer (SIGUSR2) to resync them")]
+    NotInSync(PathBuf),
     #[error("{what} directory {path}: {reason}")]
     Dir {
         what: &'static str,
@@ -149,7 +159,9 @@ fn main() -> ExitCode {
             lock_timeout_ms,
             generation,
             threads,
+            al_extents,
         } => run_primary(PrimaryArgs {
+            al_extents: al_extents as usize,
             alone,
             generation,
             backing,
@@ -238,9 +250,12 @@ fn run_secondary(
 ) -> Result<(), CliError> {
     let key = ClusterKey::load(key_file)?;
     let backing = existing_dir("backing", backing)?;
-    let _state = StateDir::open(state)?;
+    let state_dir = StateDir::open(state)?;
+    let tracker = Tracker::open(state_dir.path(), vmha_fs::track::DEFAULT_AL_EXTENTS)?;
     let root = open_dir("backing", &backing)?;
-    let server = ReceiverServer::bind(listen, root, key)?.accept_only_generation(accept_generation);
+    let server = ReceiverServer::bind(listen, root, key)?
+        .accept_only_generation(accept_generation)
+        .with_tracker(tracker);
     // After the descriptor is open: only the receiver can write from now on.
     let _read_only = ReadOnlyBind::new(&backing)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -268,6 +283,7 @@ struct PrimaryArgs {
     key_file: PathBuf,
     lock_timeout: Duration,
     threads: usize,
+    al_extents: usize,
 }
 
 fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
@@ -295,6 +311,10 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         );
     }
     let root = open_dir("backing", &backing)?;
+    let tracker = Tracker::open(state.path(), args.al_extents)?;
+    if !args.alone && args.peer.is_some() && !tracker.is_clean() {
+        return Err(CliError::NotInSync(state.path().join("track")));
+    }
     let marker = state.clone();
     let record_outdated: vmha_fs::link::DivergenceHook = Box::new(move |reason| {
         if let Err(e) = marker.mark_peer_outdated(reason) {
@@ -313,8 +333,24 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         )?,
         _ => PeerLink::alone(args.lock_timeout, record_outdated)?,
     };
-    let fs = ReplicatedFs::new(root, link.clone())
+    let checkpoint_root = root
+        .try_clone()
+        .map_err(|e| CliError::Other(format!("cannot duplicate the backing descriptor: {e}")))?;
+    let fs = ReplicatedFs::new(root, link.clone(), tracker.clone())
         .map_err(|e| CliError::Other(format!("cannot read backing directory: {e}")))?;
+    let checkpoints = Checkpointer {
+        tracker: tracker.clone(),
+        link: link.clone(),
+        root: Arc::new(checkpoint_root),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let checkpoint_thread = {
+        let c = checkpoints.clone();
+        std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || c.run())
+            .map_err(|e| CliError::Other(format!("cannot start checkpoint thread: {e}")))?
+    };
     let progress = Arc::new(SyncProgress::default());
     let syncer = fs.syncer(progress.clone());
     let mut config = fuser::Config::default();
@@ -384,10 +420,76 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         "primary ready"
     );
     let served = session.run();
+    checkpoints.stop.store(true, Ordering::SeqCst);
+    let _ = checkpoint_thread.join();
+    // A clean stop leaves an empty activity log when the peer is reachable, so a
+    // later start may replicate at once (after a swap, say).
+    for _ in 0..3 {
+        if tracker.activity_len() == 0 || !checkpoints.once() {
+            break;
+        }
+    }
     link.shutdown(threads);
     served.map_err(|e| CliError::Other(format!("FUSE session failed: {e}")))?;
     tracing::info!("primary stopped");
     Ok(())
+}
+
+/// Retires activity-log entries once both copies are durable: every few seconds while
+/// the log is not empty, at once when it is full.
+#[derive(Clone)]
+struct Checkpointer {
+    tracker: Arc<Tracker>,
+    link: PeerLink,
+    root: Arc<std::os::fd::OwnedFd>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Checkpointer {
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn run(&self) {
+        let mut last = std::time::Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            let full = self
+                .tracker
+                .wait_checkpoint_request(Duration::from_millis(250));
+            if full || last.elapsed() >= Self::INTERVAL {
+                last = std::time::Instant::now();
+                self.once();
+            }
+        }
+    }
+
+    /// One checkpoint; false if it could not complete.
+    fn once(&self) -> bool {
+        use vmha_fs::link::LinkState;
+        if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
+            return false;
+        }
+        let Some((epoch, idle)) = self.tracker.checkpoint_begin() else {
+            return true;
+        };
+        if let Err(e) = rustix::fs::syncfs(&*self.root) {
+            tracing::warn!("checkpoint: local sync failed: {e}");
+            return false;
+        }
+        if let Err(e) = self.link.submit_wait(vmha_fs::op::Op::SyncAll) {
+            tracing::debug!("checkpoint: the peer did not sync: {e}");
+            return false;
+        }
+        // Still sending: the SyncAll really reached the peer (not completed locally).
+        if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
+            return false;
+        }
+        match self.tracker.checkpoint_end(epoch, idle) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("checkpoint: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// Attaches the configured peer to a link that writes alone and copies everything to
@@ -437,14 +539,16 @@ impl Joiner {
                     let outcome = link
                         .attach(peer, &key, generation)
                         .map_err(|e| e.to_string())
-                        .and_then(|()| syncer.run().map_err(|e| e.to_string()));
+                        .and_then(|report| syncer.run(report).map_err(|e| e.to_string()));
                     done.store(true, Ordering::SeqCst);
                     match outcome {
-                        Ok(bytes) => {
+                        Ok(outcome) => {
+                            let (bytes, incremental) =
+                                (outcome.data_bytes, outcome.incremental);
                             if let Err(e) = state.clear_peer_outdated() {
                                 tracing::error!("peer in sync, but the record says otherwise: {e}");
                             }
-                            tracing::info!(bytes, %peer, "full sync done: the peer is in sync");
+                            tracing::info!(bytes, incremental, %peer, "sync done: the peer is in sync");
                             state.write_sync_status("in_sync", &progress, None);
                         }
                         Err(e) => {

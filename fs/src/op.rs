@@ -288,9 +288,18 @@ pub enum Op {
     /// Full sync, receiver only: empty the directory (its content is outdated and
     /// about to be recreated) and forget every id but the root.
     Wipe,
-    /// Full sync, receiver only: sync the whole filesystem; acknowledged once every
-    /// earlier operation is applied and durable.
+    /// Receiver only: sync the whole filesystem; acknowledged once every earlier
+    /// operation is applied and durable (end of a sync, activity-log checkpoints).
     SyncAll,
+    /// Resync, receiver only: remove `parent/name`, and everything beneath it if it
+    /// is a directory (the writer has nothing there, or something of another kind).
+    Remove {
+        parent: NodeId,
+        name: Name,
+    },
+    /// Resync, receiver only: both copies are identical now (sent after an
+    /// acknowledged `SyncAll`); the receiver's own records start afresh.
+    InSync,
 }
 
 impl Op {

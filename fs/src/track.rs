@@ -786,15 +786,11 @@ impl Tracker {
         st.maps.clear();
         st.journal.clear();
         st.whole.clear();
-        st.pending = Pending::default();
-        // Entries in flight now are of writes the peer receives: keep those.
-        st.active.retain(|_, a| a.inflight > 0);
-        let al: Vec<u8> = st.active.keys().fold(Vec::new(), |mut out, e| {
-            record(&mut out, &encode_al(e));
-            out
-        });
-        crate::statedir::write_file_atomically(&self.dir.join(ACTIVITY), &al)
-            .map_err(io(&self.dir))?;
+        // The activity log stays: it covers writes the peer received but may not
+        // have made durable yet, a separate matter.
+        st.pending.pages.clear();
+        st.pending.journal.clear();
+        st.pending.whole.clear();
         crate::statedir::write_file_atomically(&self.dir.join(VALID), b"")
             .map_err(io(&self.dir))?;
         st.valid = true;
