@@ -893,7 +893,7 @@ impl Tracker {
             let batch = st.batch;
             st.batch += 1;
             let pending = std::mem::take(&mut st.pending);
-            let pages: Vec<(u64, Vec<(u64, Box<[u8]>)>)> = pending
+            let pages: Vec<MapPages> = pending
                 .pages
                 .iter()
                 .map(|(ino, nos)| {
@@ -929,7 +929,7 @@ impl Tracker {
 
     fn write_batch(
         &self,
-        pages: &[(u64, Vec<(u64, Box<[u8]>)>)],
+        pages: &[MapPages],
         pending: &Pending,
         activity: Option<&[AlEntry]>,
     ) -> Result<(), TrackError> {
@@ -999,6 +999,9 @@ impl Tracker {
         Ok(())
     }
 }
+
+/// Copies of one dirty map's changed pages: (inode, [(page number, bytes)]).
+type MapPages = (u64, Vec<(u64, Box<[u8]>)>);
 
 /// An activity-log entry noted by `checkpoint_begin`.
 #[derive(Debug, Clone)]
