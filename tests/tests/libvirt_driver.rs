@@ -2,7 +2,7 @@
 //! nodes (the setup of `failover.rs`). The domain XML kept in the replicated
 //! directory follows a redefinition on the PRIM (`virsh define`) and reaches
 //! the peer; a swap then starts the redefined domain there, replacing a stale
-//! definition with another UUID.
+//! definition with another UUID. A restarted libvirtd does not wedge vmhad.
 //!
 //! Needs root, /dev/fuse, the packages of `.ci/install-deps` and the
 //! workspace binaries (`cargo build --workspace --bins`).
@@ -205,6 +205,72 @@ fn redefine_then_swap() -> Result<()> {
 fn redefinition_on_prim_reaches_the_peer_and_the_swap_runs_it() {
     let _one = vmha_test_infra::node::one_cluster_at_a_time();
     if let Err(e) = redefine_then_swap() {
+        panic!("{e:#}");
+    }
+}
+
+/// Waits until node `i`'s guest booted more than `boots` times and counts.
+fn booted_again(vc: &VmCluster, i: usize, boots: usize) -> Result<Console> {
+    diag(
+        vc,
+        wait_console(
+            &vc.console(i)?,
+            BOOT_TIMEOUT,
+            &format!("a new boot on {}", vc.node(i).name()),
+            |c| {
+                c.boots.len() > boots
+                    && c.counters
+                        .last()
+                        .zip(c.boots.last())
+                        .is_some_and(|(n, b)| n > b)
+            },
+        ),
+    )
+}
+
+fn libvirtd_restart() -> Result<()> {
+    let mut vc = running_pair()?;
+    let t = Instant::now();
+    vc.restart_libvirtd(0)?;
+    eprintln!(
+        "[libvirt_driver] libvirtd on node1 restarted in {:?}",
+        t.elapsed()
+    );
+    // The guest survived the restart and goes on counting.
+    let domstate = vc.node(0).virsh(&["domstate", MODULE])?;
+    ensure!(
+        domstate.trim() == "running",
+        "vm1 on node1: {}",
+        domstate.trim()
+    );
+    let before = Console::read(&vc.console(0)?)?;
+    diag(
+        &vc,
+        wait_console(&vc.console(0)?, Duration::from_secs(30), "counters", |c| {
+            c.counters.len() >= before.counters.len() + 3
+        }),
+    )?;
+    // vmhad still watches the domain through libvirt: killed behind its back,
+    // it is restarted on node1.
+    let boots = Console::read(&vc.console(0)?)?.boots.len();
+    let t = Instant::now();
+    vc.node(0).virsh(&["destroy", MODULE])?;
+    booted_again(&vc, 0, boots)?;
+    eprintln!(
+        "[libvirt_driver] guest destroyed after the libvirtd restart: counting again on node1 after {:?}",
+        t.elapsed()
+    );
+    let s = wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
+        state(s, "node1") == Some("PRIM")
+    })?;
+    ensure!(primary(&s) == Some("node1"), "primary {:?}", primary(&s));
+    Ok(())
+}
+
+#[test]
+fn libvirtd_restart_on_the_prim_does_not_wedge_vmhad() {
+    let _one = vmha_test_infra::node::one_cluster_at_a_time();
+    if let Err(e) = libvirtd_restart() {
         panic!("{e:#}");
     }
 }
