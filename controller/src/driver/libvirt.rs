@@ -418,7 +418,16 @@ impl VmDriver for LibvirtDriver {
     }
 
     fn stop(&self, module: &Module) -> Result<(), DriverError> {
-        let state = self.state(module)?;
+        // libvirtd may be restarting: the stop is not given up at once (the
+        // caller unmounts the disks next).
+        let deadline = Instant::now() + DESTROY_TIMEOUT;
+        let state = loop {
+            match self.state(module) {
+                Ok(state) => break state,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(POLL),
+            }
+        };
         if state.is_down() {
             return Ok(());
         }
