@@ -229,6 +229,7 @@ impl Daemon {
                     attached: None,
                     attach_unsupported: false,
                     writer_sync: None,
+                    xml_refresh_failed: false,
                 },
                 cmd_rx,
             ));
@@ -767,6 +768,8 @@ struct Runner {
     attach_unsupported: bool,
     /// Writer: the copy to the peer, as published in heartbeats.
     writer_sync: Option<ResyncStatus>,
+    /// The last `refresh_xml` failed (logged once).
+    xml_refresh_failed: bool,
 }
 
 /// How long a failed attach waits before the writer tries again.
@@ -1294,6 +1297,32 @@ impl Runner {
         }
     }
 
+    /// Logs what [`VmDriver::refresh_xml`] did: a rewrite in the event log, a
+    /// failure once until it succeeds again.
+    async fn on_xml_refresh(&mut self, result: Option<Result<bool, crate::driver::DriverError>>) {
+        match result {
+            Some(Ok(rewritten)) => {
+                if self.xml_refresh_failed {
+                    self.xml_refresh_failed = false;
+                    tracing::info!(module = %self.module.name, "domain XML refresh works again");
+                }
+                if rewritten {
+                    let mut lines = Vec::new();
+                    self.record(
+                        "domain XML rewritten from libvirt's definition".into(),
+                        &mut lines,
+                    )
+                    .await;
+                }
+            }
+            Some(Err(e)) if !self.xml_refresh_failed => {
+                self.xml_refresh_failed = true;
+                tracing::warn!(module = %self.module.name, error = %e, "domain XML refresh failed");
+            }
+            Some(Err(_)) | None => {}
+        }
+    }
+
     /// The checkers: VM state, vmha-fs health, resync progress.
     async fn check(&mut self) {
         let role = self.state.role;
@@ -1303,13 +1332,15 @@ impl Runner {
         if role.is_writer() {
             self.writer_attach().await;
         }
-        let Some((vm, fs, resync, changed)) = self
+        let Some((vm, fs, resync, changed, xml)) = self
             .blocking(move |vm, fs, m| {
                 (
                     check_vm.then(|| vm.state(m)),
                     check_fs.then(|| fs.health(m)),
                     check_resync.then(|| fs.resync_state(m)),
                     fs.changed_bytes(m),
+                    // The writer keeps `<dir>/<domain>.xml` current.
+                    check_vm.then(|| vm.refresh_xml(m)),
                 )
             })
             .await
@@ -1317,6 +1348,7 @@ impl Runner {
             return;
         };
         self.changed_bytes = changed;
+        self.on_xml_refresh(xml).await;
         if let Some(Ok(state)) = vm {
             if state.is_down() {
                 let now_ms = self.now_ms();
