@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod buffer;
+pub mod compare;
 pub mod fuse_fs;
 pub mod inodes;
 pub mod joint;

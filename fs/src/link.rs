@@ -31,6 +31,24 @@ use crate::wire::{self, FrameReader, FrameWriter, Message, WireError};
 /// Called once with the receiver's outcome of an operation.
 pub type Completion = Box<dyn FnOnce(Result<(), Errno>) + Send>;
 
+/// A query in flight (see [`PeerLink::query`]).
+#[derive(Debug)]
+pub struct Query {
+    answer: crossbeam_channel::Receiver<Vec<u32>>,
+    done: crossbeam_channel::Receiver<Result<(), Errno>>,
+}
+
+impl Query {
+    /// The peer's answer; EIO when the peer went away without one.
+    pub fn wait(self) -> Result<Vec<u32>, Errno> {
+        match self.done.recv() {
+            Ok(Ok(())) => self.answer.try_recv().map_err(|_| Errno::IO),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Errno::IO),
+        }
+    }
+}
+
 /// Bytes of write data allowed in flight before submitters wait.
 const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// An idle link sends a ping this often so the receiver can tell a live primary.
@@ -112,6 +130,8 @@ struct Shared {
     /// Frames in sequence order, waiting for whoever holds the writer.
     outbox: Vec<Message>,
     last_send: Instant,
+    /// Where the answers of queries in flight (`Message::Differ`) go, by sequence.
+    queries: HashMap<u64, crossbeam_channel::Sender<Vec<u32>>>,
 }
 
 impl Shared {
@@ -130,6 +150,7 @@ impl Shared {
             stall_since: Instant::now(),
             outbox: Vec::new(),
             last_send: Instant::now(),
+            queries: HashMap::new(),
         }
     }
 }
@@ -272,6 +293,7 @@ impl PeerLink {
             // A new session numbers its operations from 1 again.
             shared.next_seq = 1;
             shared.outbox.clear();
+            shared.queries.clear();
             shared.stall_since = Instant::now();
             shared.epoch
         };
@@ -456,6 +478,32 @@ impl PeerLink {
         drop(shared);
         self.pump();
         Ok(())
+    }
+
+    /// Queues an operation whose answer is a list of block indexes (`Op::Compare`),
+    /// in any state that sends; wait for the answer with [`Query::wait`].
+    pub fn query(&self, op: Op) -> Result<Query, Errno> {
+        let mut shared = self.wait_until(|s| {
+            !s.state.sends() || s.inflight_bytes == 0 || s.inflight_bytes < MAX_INFLIGHT_BYTES
+        })?;
+        if !shared.state.sends() {
+            return Err(Errno::IO);
+        }
+        let (answer_tx, answer) = crossbeam_channel::bounded(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let seq = shared.next_seq;
+        shared.queries.insert(seq, answer_tx);
+        self.enqueue(
+            &mut shared,
+            op,
+            Box::new(move |r| {
+                let _ = done_tx.send(r);
+            }),
+            0,
+        );
+        drop(shared);
+        self.pump();
+        Ok(Query { answer, done })
     }
 
     /// Waits while the link is lost; fails once it has failed. Called before a local
@@ -701,6 +749,23 @@ impl PeerLink {
             let acks = match reader.recv() {
                 Ok(Message::Acks(acks)) => acks,
                 Ok(Message::Ping) => continue,
+                Ok(Message::Differ { seq, blocks }) => {
+                    let mut shared = self.inner.shared.lock();
+                    if shared.epoch != epoch {
+                        return;
+                    }
+                    match shared.queries.remove(&seq) {
+                        Some(tx) => {
+                            let _ = tx.send(blocks);
+                            continue;
+                        }
+                        None => {
+                            drop(shared);
+                            self.lost(epoch, &format!("an answer to no query ({seq})"));
+                            return;
+                        }
+                    }
+                }
                 Ok(other) => {
                     self.lost(
                         epoch,

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use rustix::fs::{FileType, OFlags};
 
 use crate::apply::{self, Applied, Errno, NodeTable};
+use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{NodeId, Op, ROOT};
 use crate::track::Tracker;
@@ -469,6 +470,30 @@ fn run_session(
             }
         } else if let Op::Remove { parent, name } = &op {
             table.remove(*parent, name)
+        } else if let Op::Compare {
+            id,
+            offset,
+            block,
+            hashes,
+        } = &op
+        {
+            let answer = table
+                .data_fd(*id)
+                .and_then(|fd| compare::differing(fd.as_fd(), *offset, *block, hashes));
+            match answer {
+                Ok(blocks) => {
+                    // The answer precedes the ack that completes the query.
+                    let mut w = writer.lock();
+                    if let Err(e) = w
+                        .send(&Message::Differ { seq, blocks })
+                        .and_then(|()| w.flush())
+                    {
+                        break Err(e);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         } else if matches!(op, Op::SyncAll) {
             table
                 .data_fd(ROOT)

@@ -35,6 +35,7 @@ use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use crate::apply::{self, Errno};
 use crate::buffer::{AlignedBuf, Payload};
+use crate::compare;
 use crate::inodes::{Inodes, Node};
 use crate::link::PeerLink;
 use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, XattrValue, ROOT};
@@ -77,6 +78,14 @@ enum Plan {
     Whole(Arc<Node>),
     /// The regions both nodes' records name (`path` keys the peer's report).
     Dirty(Arc<Node>, Vec<u8>),
+}
+
+/// How one file's data is brought up to date.
+#[derive(Debug)]
+enum Job {
+    Ranges(Arc<Node>, Vec<(u64, u64)>),
+    Copy(Arc<Node>),
+    Compare(Arc<Node>),
 }
 
 /// What a sync did.
@@ -131,13 +140,16 @@ impl Syncer {
         self.failed.store(false, Ordering::SeqCst);
         self.progress.done_bytes.store(0, Ordering::Relaxed);
         self.progress.total_bytes.store(0, Ordering::Relaxed);
-        let report = report.filter(|r| r.valid && self.tracker.is_valid());
-        let incremental = report.is_some();
+        let incremental = report
+            .as_ref()
+            .is_some_and(|r| r.valid && self.tracker.is_valid());
         if !incremental {
-            tracing::warn!("no complete history of both copies: copying everything");
+            tracing::warn!(
+                "no complete history of both copies: comparing everything block by block"
+            );
         }
         let mut held = Vec::new();
-        let outcome = self.copy_all(&mut held, report.as_deref());
+        let outcome = self.copy_all(&mut held, report.as_deref(), incremental);
         // The sync's own references on nodes; the kernel's stay.
         for id in held {
             if self.inodes.release_refs(id, 1) {
@@ -180,7 +192,12 @@ impl Syncer {
         }
     }
 
-    fn copy_all(&self, held: &mut Vec<NodeId>, report: Option<&Report>) -> Result<u64, SyncError> {
+    fn copy_all(
+        &self,
+        held: &mut Vec<NodeId>,
+        report: Option<&Report>,
+        incremental: bool,
+    ) -> Result<u64, SyncError> {
         let plans = {
             let _no_namespace_changes = self.namespace.write();
             let plans = match report {
@@ -206,36 +223,50 @@ impl Syncer {
                 peer_dirty.insert(e.path.as_slice(), e.dirty.as_slice());
             }
         }
+        // Per file: the regions to send, or None to compare every block (history
+        // unknown, or the name's binding changed), or copy all (new on the peer).
         let mut work = Vec::new();
         let mut total = 0u64;
         for plan in plans {
-            let (node, ranges) = match plan {
-                Plan::Dirty(node, path) if !suspect.iter().any(|n| track::is_beneath(&path, n)) => {
+            let job = match plan {
+                Plan::Whole(node) => Job::Copy(node),
+                Plan::Dirty(node, path)
+                    if incremental && !suspect.iter().any(|n| track::is_beneath(&path, n)) =>
+                {
                     let mine = self.tracker.ranges_of(node.ino());
                     if mine.whole {
-                        (node, None)
+                        Job::Compare(node)
                     } else {
                         let mut ranges = mine.ranges;
                         ranges.extend_from_slice(
                             peer_dirty.get(path.as_slice()).copied().unwrap_or(&[]),
                         );
-                        (node, Some(track::merge_ranges(ranges)))
+                        Job::Ranges(node, track::merge_ranges(ranges))
                     }
                 }
-                Plan::Dirty(node, _) | Plan::Whole(node) => (node, None),
+                Plan::Dirty(node, _) => Job::Compare(node),
             };
-            total += match &ranges {
-                Some(r) => r.iter().map(|(s, e)| e - s).sum(),
-                None => allocated(&node),
+            total += match &job {
+                Job::Ranges(_, r) => r.iter().map(|(s, e)| e - s).sum(),
+                Job::Copy(node) => allocated(node),
+                Job::Compare(node) => size_of(node),
             };
-            work.push((node, ranges));
+            work.push(job);
         }
         self.progress.total_bytes.store(total, Ordering::Relaxed);
         let mut bytes = 0;
-        for (node, ranges) in work {
-            bytes += match ranges {
-                Some(ranges) => self.copy_ranges(&node, &ranges)?,
-                None => self.copy_data(&node)?,
+        for job in work {
+            bytes += match job {
+                Job::Ranges(node, ranges) => self.copy_ranges(&node, &ranges)?,
+                Job::Copy(node) => self.copy_data(&node)?,
+                Job::Compare(node) => {
+                    let differing = self.compare_file(&node)?;
+                    let extra: u64 = differing.iter().map(|(s, e)| e - s).sum();
+                    self.progress
+                        .total_bytes
+                        .fetch_add(extra, Ordering::Relaxed);
+                    self.copy_ranges(&node, &differing)?
+                }
             };
         }
         // Barrier: acknowledged once everything before it is applied and synced.
@@ -425,6 +456,61 @@ impl Syncer {
                 Ok(Some(node.clone()))
             }
         }
+    }
+
+    /// Compares every block of a file with the peer's (blake3; only hashes travel,
+    /// several requests in flight); returns the differing regions. Each request is
+    /// hashed and queued under its range lock, so live writes order around it.
+    pub(crate) fn compare_file(&self, node: &Node) -> Result<Vec<(u64, u64)>, SyncError> {
+        let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
+        let size = rustix::fs::fstat(fd.as_fd())
+            .map_err(local("a file"))?
+            .st_size as u64;
+        let block = u64::from(compare::BLOCK);
+        let span = block * compare::MAX_BLOCKS as u64;
+        let mut inflight = VecDeque::new();
+        let mut differing = Vec::new();
+        let mut collect = |offset: u64, q: crate::link::Query| -> Result<(), SyncError> {
+            for i in q.wait().map_err(|_| SyncError::PeerGone)? {
+                let start = offset + u64::from(i) * block;
+                differing.push((start, start + block));
+            }
+            Ok(())
+        };
+        let mut offset = 0;
+        while offset < size {
+            let count = (size - offset)
+                .div_ceil(block)
+                .min(compare::MAX_BLOCKS as u64);
+            let query = {
+                let _order = node.ranges.lock(offset, offset + span);
+                let hashes =
+                    compare::hash_blocks(fd.as_fd(), offset, compare::BLOCK, count as usize)
+                        .map_err(local("a file"))?;
+                self.link
+                    .query(Op::Compare {
+                        id: node.id,
+                        offset,
+                        block: compare::BLOCK,
+                        hashes,
+                    })
+                    .map_err(|_| SyncError::PeerGone)?
+            };
+            self.progress
+                .done_bytes
+                .fetch_add((size - offset).min(span), Ordering::Relaxed);
+            inflight.push_back((offset, query));
+            if inflight.len() > 4 {
+                if let Some((at, q)) = inflight.pop_front() {
+                    collect(at, q)?;
+                }
+            }
+            offset += span;
+        }
+        while let Some((at, q)) = inflight.pop_front() {
+            collect(at, q)?;
+        }
+        Ok(track::merge_ranges(differing))
     }
 
     /// Sends the given regions of a file as they are now: data as writes, holes as
@@ -668,6 +754,11 @@ impl Syncer {
         })?;
         Ok(sent)
     }
+}
+
+/// Size of a file (what a compare reads).
+fn size_of(node: &Node) -> u64 {
+    rustix::fs::fstat(node.fd.as_fd()).map_or(0, |st| st.st_size as u64)
 }
 
 /// Allocated bytes of a file (what a whole copy sends).

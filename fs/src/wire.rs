@@ -81,6 +81,9 @@ pub enum Message {
     Op { seq: u64, op: Op },
     /// Operations the receiver finished.
     Acks(Vec<Ack>),
+    /// The receiver's answer to `Op::Compare` number `seq` (sent before its ack):
+    /// the indexes of the blocks whose content differs.
+    Differ { seq: u64, blocks: Vec<u32> },
     /// Keeps an idle session alive.
     Ping,
 }
