@@ -389,6 +389,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGUSR1,
         signal_hook::consts::SIGUSR2,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| CliError::Other(format!("cannot install signal handler: {e}")))?;
     let signal_thread = std::thread::Builder::new()
@@ -401,6 +402,10 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
                 }
                 if signal == signal_hook::consts::SIGUSR2 {
                     join.start();
+                    continue;
+                }
+                if signal == signal_hook::consts::SIGHUP {
+                    join.verify();
                     continue;
                 }
                 tracing::info!("signal received, unmounting");
@@ -506,6 +511,65 @@ struct Joiner {
 }
 
 impl Joiner {
+    /// Compares the peer's copy with ours (SIGHUP), changing nothing; the outcome
+    /// goes to `STATEDIR/verify.json`.
+    fn verify(&self) {
+        if self.running.swap(true, Ordering::SeqCst) {
+            tracing::warn!("SIGHUP: a sync or verify is already running");
+            return;
+        }
+        let (syncer, progress, state, running) = (
+            self.syncer.clone(),
+            self.progress.clone(),
+            self.state.clone(),
+            self.running.clone(),
+        );
+        let write =
+            move |status: &str, differing: &[vmha_fs::resync::Difference], error: Option<&str>| {
+                let json = serde_json::json!({
+                    "state": status,
+                    "done_bytes": progress.done_bytes.load(Ordering::Relaxed),
+                    "total_bytes": progress.total_bytes.load(Ordering::Relaxed),
+                    "differing": differing,
+                    "error": error,
+                });
+                if let Err(e) = vmha_fs::statedir::write_file_atomically(
+                    &state.path().join("verify.json"),
+                    format!("{json}\n").as_bytes(),
+                ) {
+                    tracing::warn!("cannot write verify.json: {e}");
+                }
+            };
+        let spawned = std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || {
+                write("running", &[], None);
+                let outcome = syncer.verify();
+                running.store(false, Ordering::SeqCst);
+                match outcome {
+                    Ok(differing) => {
+                        if differing.is_empty() {
+                            tracing::info!("verify: the peer's copy is identical");
+                        } else {
+                            tracing::error!(
+                                regions = differing.len(),
+                                "verify: the peer's copy differs"
+                            );
+                        }
+                        write("done", &differing, None);
+                    }
+                    Err(e) => {
+                        tracing::error!("verify failed: {e}");
+                        write("failed", &[], Some(&e.to_string()));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the verify thread: {e}");
+            self.running.store(false, Ordering::SeqCst);
+        }
+    }
+
     fn start(&self) {
         let Some(peer) = self.peer else {
             tracing::error!("SIGUSR2: no --peer to attach");
@@ -529,7 +593,7 @@ impl Joiner {
             .name("full-sync".into())
             .spawn(move || {
                 let done = AtomicBool::new(false);
-                std::thread::scope(|scope| {
+                let outcome = std::thread::scope(|scope| {
                     scope.spawn(|| {
                         while !done.load(Ordering::SeqCst) {
                             state.write_sync_status("syncing", &progress, None);
@@ -541,23 +605,25 @@ impl Joiner {
                         .map_err(|e| e.to_string())
                         .and_then(|report| syncer.run(report).map_err(|e| e.to_string()));
                     done.store(true, Ordering::SeqCst);
-                    match outcome {
-                        Ok(outcome) => {
-                            let (bytes, incremental) =
-                                (outcome.data_bytes, outcome.incremental);
-                            if let Err(e) = state.clear_peer_outdated() {
-                                tracing::error!("peer in sync, but the record says otherwise: {e}");
-                            }
-                            tracing::info!(bytes, incremental, %peer, "sync done: the peer is in sync");
-                            state.write_sync_status("in_sync", &progress, None);
-                        }
-                        Err(e) => {
-                            tracing::error!(%peer, "full sync failed: {e}; writing alone");
-                            state.write_sync_status("alone", &progress, Some(&e));
-                        }
-                    }
+                    outcome
                 });
+                // The progress writer has stopped: the final word is ours, and whoever
+                // reads it may start the next sync or verify at once.
                 running.store(false, Ordering::SeqCst);
+                match outcome {
+                    Ok(outcome) => {
+                        let (bytes, incremental) = (outcome.data_bytes, outcome.incremental);
+                        if let Err(e) = state.clear_peer_outdated() {
+                            tracing::error!("peer in sync, but the record says otherwise: {e}");
+                        }
+                        tracing::info!(bytes, incremental, %peer, "sync done: the peer is in sync");
+                        state.write_sync_status("in_sync", &progress, None);
+                    }
+                    Err(e) => {
+                        tracing::error!(%peer, "sync failed: {e}; writing alone");
+                        state.write_sync_status("alone", &progress, Some(&e));
+                    }
+                }
             });
         if let Err(e) = spawned {
             tracing::error!("cannot start the sync thread: {e}");

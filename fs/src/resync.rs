@@ -50,6 +50,8 @@ pub enum SyncError {
     Local { what: String, errno: Errno },
     #[error("the peer was lost or refused an operation; writing alone")]
     PeerGone,
+    #[error("verify needs a replicating link (it is {0:?})")]
+    NotConnected(crate::link::LinkState),
 }
 
 /// Bytes copied so far and to copy in all (allocated bytes of the files).
@@ -86,6 +88,14 @@ enum Job {
     Ranges(Arc<Node>, Vec<(u64, u64)>),
     Copy(Arc<Node>),
     Compare(Arc<Node>),
+}
+
+/// A region where the peer's copy differs (`len` = u64::MAX: the peer lacks the file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Difference {
+    pub path: String,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// What a sync did.
@@ -456,6 +466,102 @@ impl Syncer {
                 Ok(Some(node.clone()))
             }
         }
+    }
+
+    /// Compares the peer's copy with ours while replicating, changing nothing
+    /// (`vmctl verify`): every regular file, block by block. Returns the differing
+    /// regions and the files the peer lacks.
+    pub fn verify(&self) -> Result<Vec<Difference>, SyncError> {
+        let state = self.link.state();
+        if state != crate::link::LinkState::Connected {
+            return Err(SyncError::NotConnected(state));
+        }
+        self.progress.done_bytes.store(0, Ordering::Relaxed);
+        self.progress.total_bytes.store(0, Ordering::Relaxed);
+        let mut held = Vec::new();
+        let outcome = self.verify_all(&mut held);
+        for id in held {
+            if self.inodes.release_refs(id, 1) {
+                self.link.submit_nowait(Op::Forget { id });
+            }
+        }
+        outcome
+    }
+
+    fn verify_all(&self, held: &mut Vec<NodeId>) -> Result<Vec<Difference>, SyncError> {
+        let missing = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let mut binds = Vec::new();
+        // Name every file to the peer (as a lookup would), under the namespace lock.
+        let files = {
+            let _ns = self.namespace.read();
+            let mut files = Vec::new();
+            let root = self.inodes.get(ROOT).map_err(local("the root"))?;
+            let mut dirs = VecDeque::from([(root, Vec::new())]);
+            while let Some((dir, prefix)) = dirs.pop_front() {
+                for entry in track::walk_one(dir.fd.as_fd()).map_err(local("a directory"))? {
+                    let Ok(name) = Name::new(entry.path.clone()) else {
+                        continue;
+                    };
+                    let path = track::join(&prefix, name.as_bytes());
+                    let node = self
+                        .inodes
+                        .reference(entry.fd, |id| {
+                            let (missing, what) = (missing.clone(), path.clone());
+                            let bind = Op::Bind {
+                                id,
+                                parent: dir.id,
+                                name: name.clone(),
+                            };
+                            let (tx, rx) = crossbeam_channel::bounded(1);
+                            binds.push(rx);
+                            let done: crate::link::Completion = Box::new(move |r| {
+                                if r.is_err() {
+                                    missing.lock().push(what);
+                                }
+                                let _ = tx.send(());
+                            });
+                            if self.link.submit(bind, done).is_err() {
+                                tracing::warn!("verify: the peer went away");
+                            }
+                        })
+                        .map_err(local(format!("{name:?}")))?;
+                    held.push(node.id);
+                    match EntryKind::of(entry.st.st_mode) {
+                        EntryKind::Dir => dirs.push_back((node, path)),
+                        EntryKind::File => files.push((node, path)),
+                        _ => {}
+                    }
+                }
+            }
+            files
+        };
+        // Which names the peer lacks is known once it answered every one.
+        for rx in binds {
+            let _ = rx.recv();
+        }
+        let total = files.iter().map(|(n, _)| size_of(n)).sum();
+        self.progress.total_bytes.store(total, Ordering::Relaxed);
+        let mut out = Vec::new();
+        for (node, path) in files {
+            if missing.lock().contains(&path) {
+                continue;
+            }
+            for (start, end) in self.compare_file(&node)? {
+                out.push(Difference {
+                    path: String::from_utf8_lossy(&path).into_owned(),
+                    offset: start,
+                    len: end - start,
+                });
+            }
+        }
+        for path in missing.lock().iter() {
+            out.push(Difference {
+                path: String::from_utf8_lossy(path).into_owned(),
+                offset: 0,
+                len: u64::MAX,
+            });
+        }
+        Ok(out)
     }
 
     /// Compares every block of a file with the peer's (blake3; only hashes travel,

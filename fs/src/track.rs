@@ -316,6 +316,8 @@ impl EntryKind {
 pub struct WalkEntry {
     pub path: Vec<u8>,
     pub st: rustix::fs::Stat,
+    /// O_PATH descriptor of the entry.
+    pub fd: std::os::fd::OwnedFd,
 }
 
 /// Every entry beneath `root` (not the root itself), parents before children, never
@@ -324,31 +326,12 @@ pub fn walk(root: BorrowedFd<'_>) -> Result<Vec<WalkEntry>, Errno> {
     let mut out = Vec::new();
     let mut dirs = vec![(Vec::new(), apply::reopen(root, OFlags::PATH)?)];
     while let Some((prefix, dir)) = dirs.pop() {
-        let listing = apply::reopen(dir.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
-        let mut names = Vec::new();
-        for entry in rustix::fs::Dir::read_from(listing.as_fd())? {
-            let entry = entry?;
-            let raw = entry.file_name().to_bytes();
-            if raw != b"." && raw != b".." {
-                names.push(raw.to_vec());
+        for mut e in walk_one(dir.as_fd())? {
+            e.path = join(&prefix, &e.path);
+            if FileType::from_raw_mode(e.st.st_mode) == FileType::Directory {
+                dirs.push((e.path.clone(), apply::reopen(e.fd.as_fd(), OFlags::PATH)?));
             }
-        }
-        names.sort();
-        for raw in names {
-            let Ok(name) = Name::new(raw.clone()) else {
-                continue;
-            };
-            let fd = match apply::lookup_beneath(dir.as_fd(), &name) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT) => continue,
-                Err(e) => return Err(e),
-            };
-            let st = rustix::fs::fstat(fd.as_fd())?;
-            let path = join(&prefix, &raw);
-            if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-                dirs.push((path.clone(), fd));
-            }
-            out.push(WalkEntry { path, st });
+            out.push(e);
         }
     }
     // Parents before children: sort by path depth, then name.
@@ -362,6 +345,35 @@ pub fn walk(root: BorrowedFd<'_>) -> Result<Vec<WalkEntry>, Errno> {
 
 fn depth(path: &[u8]) -> usize {
     path.iter().filter(|&&b| b == b'/').count()
+}
+
+/// The entries of one directory (`path` = the name), sorted, never following a
+/// symlink.
+pub fn walk_one(dir: BorrowedFd<'_>) -> Result<Vec<WalkEntry>, Errno> {
+    let listing = apply::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(listing.as_fd())? {
+        let entry = entry?;
+        let raw = entry.file_name().to_bytes();
+        if raw != b"." && raw != b".." {
+            names.push(raw.to_vec());
+        }
+    }
+    names.sort();
+    let mut out = Vec::new();
+    for raw in names {
+        let Ok(name) = Name::new(raw.clone()) else {
+            continue;
+        };
+        let fd = match apply::lookup_beneath(dir, &name) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let st = rustix::fs::fstat(fd.as_fd())?;
+        out.push(WalkEntry { path: raw, st, fd });
+    }
+    Ok(out)
 }
 
 /// `prefix/name` (or `name` at the top).

@@ -458,3 +458,81 @@ fn a_first_join_with_data_sends_only_differing_blocks() -> Result<()> {
     assert_same_tree(&s.a.data, &s.b.data)?;
     Ok(())
 }
+
+/// `verify.json` after SIGHUP, once it says done.
+fn verify(primary: &Child, state: &Path) -> Result<serde_json::Value> {
+    let file = state.join("verify.json");
+    let _ = std::fs::remove_file(&file);
+    signal(primary.pid(), libc::SIGHUP)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
+                match s["state"].as_str() {
+                    Some("done") => return Ok(s),
+                    Some("failed") => bail!("verify failed: {s}"),
+                    _ => {}
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no verify result within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn verify_reports_differences_and_changes_nothing() -> Result<()> {
+    let s = Setup::new()?;
+    fill(&s.a.data)?;
+    let mut b = s.secondary(&s.b)?;
+    let mut a = s.primary_alone(&s.a, &[])?;
+    attach_and_wait(&a, &s.a.state)?;
+    let clean = verify(&a, &s.a.state)?;
+    assert_eq!(clean["differing"], serde_json::json!([]), "{clean}");
+
+    // Changes behind vmha-fs's back on node1 (bypassing the mount).
+    let img = OpenOptions::new()
+        .write(true)
+        .open(s.a.data.join("vm1/disk.img"))?;
+    img.write_all_at(&[1u8; 100], 5 * SLOT + 10)?;
+    img.write_all_at(&[2u8; 10], 700 * SLOT)?;
+    img.sync_all()?;
+    std::fs::write(s.a.data.join("vm1/bypass.txt"), b"not replicated")?;
+    let before = std::fs::read(s.b.data.join("vm1/disk.img"))?;
+    let report = verify(&a, &s.a.state)?;
+    let mut found: Vec<(String, u64, u64)> = report["differing"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no differing list: {report}"))?
+        .iter()
+        .map(|d| {
+            (
+                d["path"].as_str().unwrap_or_default().to_string(),
+                d["offset"].as_u64().unwrap_or_default(),
+                d["len"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            ("vm1/bypass.txt".to_string(), 0, u64::MAX),
+            ("vm1/disk.img".to_string(), 5 * SLOT, SLOT),
+            ("vm1/disk.img".to_string(), 700 * SLOT, SLOT),
+        ],
+        "{report}"
+    );
+    assert!(
+        std::fs::read(s.b.data.join("vm1/disk.img"))? == before,
+        "verify changed the peer"
+    );
+    assert!(!s.b.data.join("vm1/bypass.txt").exists());
+    // Replication goes on after a verify.
+    std::fs::write(s.a.mnt.join("vm1/after"), b"ok")?;
+    stop(&mut a)?;
+    stop(&mut b)?;
+    assert_eq!(std::fs::read(s.b.data.join("vm1/after"))?, b"ok");
+    Ok(())
+}
