@@ -2,6 +2,7 @@
 //! synchronously to a peer node before acknowledging it.
 
 pub mod apply;
+pub mod aside;
 pub mod buffer;
 pub mod compare;
 pub mod fuse_fs;

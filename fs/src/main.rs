@@ -47,6 +47,10 @@ enum Command {
         /// Fencing: serve only a primary claiming this data generation.
         #[arg(long, value_name = "HEX", value_parser = parse_generation)]
         accept_generation: Option<String>,
+        /// This node lost a split brain: before the resync overwrites or removes
+        /// anything, save it under STATEDIR/diverged/.
+        #[arg(long)]
+        save_aside: bool,
     },
     /// Serve DIR through a FUSE mount that replicates every change to the peer.
     Primary {
@@ -148,7 +152,15 @@ fn main() -> ExitCode {
             state,
             key_file,
             accept_generation,
-        } => run_secondary(&backing, listen, &state, &key_file, accept_generation),
+            save_aside,
+        } => run_secondary(SecondaryArgs {
+            backing,
+            listen,
+            state,
+            key_file,
+            accept_generation,
+            save_aside,
+        }),
         Command::Primary {
             backing,
             mount,
@@ -241,21 +253,38 @@ fn parse_generation(text: &str) -> Result<String, String> {
     }
 }
 
-fn run_secondary(
-    backing: &Path,
+struct SecondaryArgs {
+    backing: PathBuf,
     listen: SocketAddr,
-    state: &Path,
-    key_file: &Path,
+    state: PathBuf,
+    key_file: PathBuf,
     accept_generation: Option<String>,
-) -> Result<(), CliError> {
+    save_aside: bool,
+}
+
+fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
+    let SecondaryArgs {
+        backing,
+        listen,
+        state,
+        key_file,
+        accept_generation,
+        save_aside,
+    } = args;
+    let (state, key_file) = (state.as_path(), key_file.as_path());
     let key = ClusterKey::load(key_file)?;
-    let backing = existing_dir("backing", backing)?;
+    let backing = existing_dir("backing", &backing)?;
     let state_dir = StateDir::open(state)?;
     let tracker = Tracker::open(state_dir.path(), vmha_fs::track::DEFAULT_AL_EXTENTS)?;
     let root = open_dir("backing", &backing)?;
     let server = ReceiverServer::bind(listen, root, key)?
         .accept_only_generation(accept_generation)
         .with_tracker(tracker);
+    let server = if save_aside {
+        server.save_aside_to(state_dir.path().to_path_buf())
+    } else {
+        server
+    };
     // After the descriptor is open: only the receiver can write from now on.
     let _read_only = ReadOnlyBind::new(&backing)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use rustix::fs::{FileType, OFlags};
 
 use crate::apply::{self, Applied, Errno, NodeTable};
+use crate::aside::SaveAside;
 use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{NodeId, Op, ROOT};
@@ -183,6 +184,15 @@ pub struct ReceiverServer {
     /// This node's records of what its copy may lack (reported to a writer that
     /// attaches; reset when the copy is replaced or declared identical).
     tracker: Option<Arc<Tracker>>,
+    /// Split-brain loser: save what the next resync overwrites (see `aside`).
+    save_aside: Option<Arc<AsidePolicy>>,
+}
+
+/// Where a split-brain loser saves its diverged data, until one resync finished.
+#[derive(Debug)]
+pub struct AsidePolicy {
+    state: std::path::PathBuf,
+    done: AtomicBool,
 }
 
 impl ReceiverServer {
@@ -198,7 +208,18 @@ impl ReceiverServer {
             busy: Arc::new(AtomicBool::new(false)),
             accept_generation: None,
             tracker: None,
+            save_aside: None,
         })
+    }
+
+    /// Before the next resync overwrites or removes anything here, save it under
+    /// `state/diverged/` (this node lost a split brain).
+    pub fn save_aside_to(mut self, state: std::path::PathBuf) -> Self {
+        self.save_aside = Some(Arc::new(AsidePolicy {
+            state,
+            done: AtomicBool::new(false),
+        }));
+        self
     }
 
     /// Report this node's records to attaching writers and keep them current.
@@ -231,6 +252,7 @@ impl ReceiverServer {
                     let busy = self.busy.clone();
                     let accept = self.accept_generation.clone();
                     let tracker = self.tracker.clone();
+                    let aside = self.save_aside.clone();
                     let spawned = std::thread::Builder::new()
                         .name(format!("recv-{peer}"))
                         .spawn(move || {
@@ -242,6 +264,7 @@ impl ReceiverServer {
                                 busy,
                                 accept.as_deref(),
                                 tracker,
+                                aside,
                             )
                         });
                     if let Err(e) = spawned {
@@ -275,6 +298,7 @@ fn handle_connection(
     busy: Arc<AtomicBool>,
     accept_generation: Option<&str>,
     tracker: Option<Arc<Tracker>>,
+    aside: Option<Arc<AsidePolicy>>,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
@@ -345,7 +369,7 @@ fn handle_connection(
     }
     tracing::info!(%peer, ?claimed, "primary connected");
     let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
-    match run_session(reader, writer, root, tracker) {
+    match run_session(reader, writer, root, tracker, aside) {
         Ok(()) => tracing::info!(%peer, "primary disconnected"),
         Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),
     }
@@ -380,7 +404,9 @@ fn run_session(
     writer: FrameWriter<BufWriter<TcpStream>>,
     root: Arc<OwnedFd>,
     tracker: Option<Arc<Tracker>>,
+    aside_policy: Option<Arc<AsidePolicy>>,
 ) -> Result<(), WireError> {
+    let mut aside: Option<SaveAside> = None;
     let table = Arc::new(SessionTable::new(root));
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
     let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Arc<OwnedFd>, bool)>();
@@ -438,7 +464,15 @@ fn run_session(
             )));
         }
         expected += 1;
-        let outcome = if let Op::Fsync { id, datasync } = op {
+        let saved = match &aside_policy {
+            Some(policy) if !policy.done.load(Ordering::SeqCst) && destroys_data(&op) => {
+                save_before(&mut aside, policy, &table, &op)
+            }
+            _ => Ok(()),
+        };
+        let outcome = if let Err(e) = saved {
+            Err(e)
+        } else if let Op::Fsync { id, datasync } = op {
             match table.data_fd(id) {
                 // More input waiting: sync off the apply path so later operations
                 // need not wait for the disk.
@@ -461,6 +495,13 @@ fn run_session(
             }
         } else if matches!(op, Op::InSync) {
             tracing::info!("resync finished: this copy is identical to the writer's");
+            if let Some(policy) = &aside_policy {
+                // The split brain is resolved: later changes are ordinary replication.
+                policy.done.store(true, Ordering::SeqCst);
+                if let Some(a) = aside.take() {
+                    tracing::warn!(dir = %a.dir().display(), "this node's diverged data is saved there");
+                }
+            }
             match tracker.as_ref().map(|t| t.clear_all()).transpose() {
                 Ok(_) => Ok(()),
                 Err(e) => {
@@ -526,6 +567,40 @@ fn run_session(
         let _ = t.join();
     }
     result
+}
+
+/// Operations that may destroy bytes this node has.
+fn destroys_data(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Write { .. }
+            | Op::Fallocate { .. }
+            | Op::Truncate { .. }
+            | Op::Remove { .. }
+            | Op::Unlink { .. }
+    )
+}
+
+fn save_before(
+    aside: &mut Option<SaveAside>,
+    policy: &AsidePolicy,
+    table: &SessionTable,
+    op: &Op,
+) -> Result<(), Errno> {
+    if aside.is_none() {
+        let root = table.path_fd(ROOT)?;
+        match SaveAside::create(&policy.state, root.as_fd()) {
+            Ok(a) => *aside = Some(a),
+            Err(e) => {
+                tracing::error!("{e}");
+                return Err(Errno::IO);
+            }
+        }
+    }
+    match aside {
+        Some(a) => a.before(op, &|id| table.path_fd(id)),
+        None => Err(Errno::IO),
+    }
 }
 
 /// Starts writing out what was just applied, once its acknowledgements are sent: the

@@ -536,3 +536,118 @@ fn verify_reports_differences_and_changes_nothing() -> Result<()> {
     assert_eq!(std::fs::read(s.b.data.join("vm1/after"))?, b"ok");
     Ok(())
 }
+
+/// Parses `diverged/*/manifest.tsv` + `blocks.bin` into (path, offset, bytes).
+fn saved_aside(state: &Path) -> Result<Vec<(String, u64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for folder in std::fs::read_dir(state.join("diverged"))? {
+        let folder = folder?.path();
+        let blocks = std::fs::read(folder.join("blocks.bin"))?;
+        for line in std::fs::read_to_string(folder.join("manifest.tsv"))?.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let f: Vec<&str> = line.split('\t').collect();
+            let (off, len, at): (u64, usize, usize) = (f[1].parse()?, f[2].parse()?, f[3].parse()?);
+            out.push((f[0].to_string(), off, blocks[at..at + len].to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn a_split_brain_loser_saves_what_it_wrote_before_the_resync() -> Result<()> {
+    let s = Setup::new()?;
+    fill(&s.a.data)?;
+    let mut b = s.secondary(&s.b)?;
+    let mut a = s.primary_alone(&s.a, &[])?;
+    attach_and_wait(&a, &s.a.state)?;
+    // Partition: each side writes without the other.
+    b.kill()?;
+    lazy_unmount_all(&s.b.data)?;
+    signal(a.pid(), libc::SIGUSR1)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let write = |mnt: &Path, slot: u64, byte: u8| -> Result<()> {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(mnt.join("vm1/disk.img"))?;
+        f.write_all_at(&vec![byte; SLOT as usize], slot * SLOT)?;
+        f.sync_all()?;
+        Ok(())
+    };
+    write(&s.a.mnt, 10, 0xaa)?;
+    std::fs::write(s.a.mnt.join("vm1/a-only"), b"written by node1")?;
+    stop(&mut a)?;
+    let mut b = s.primary_alone(&s.b, &[])?;
+    write(&s.b.mnt, 10, 0xcc)?;
+    write(&s.b.mnt, 20, 0xbb)?;
+    std::fs::write(s.b.mnt.join("vm1/b-only"), b"written by node2")?;
+    stop(&mut b)?;
+
+    // node1 wins; node2 saves its diverged data aside, then takes node1's.
+    let mut b = {
+        let mut c = s.link.command(&s.bin);
+        c.arg("secondary")
+            .arg("--backing")
+            .arg(&s.b.data)
+            .arg("--listen")
+            .arg(s.peer().to_string())
+            .arg("--state")
+            .arg(&s.b.state)
+            .arg("--key-file")
+            .arg(&s.key)
+            .arg("--save-aside");
+        let mut child = Child::spawn("secondary", c)?;
+        child.wait_ready(READY_TIMEOUT)?;
+        child
+    };
+    let mut a = s.primary_alone(&s.a, &[])?;
+    let status = attach_and_wait(&a, &s.a.state)?;
+    assert!(
+        status["total_bytes"].as_u64().unwrap_or(u64::MAX) < 16 * SLOT,
+        "not incremental: {status}"
+    );
+    stop(&mut a)?;
+    stop(&mut b)?;
+    assert_same_tree(&s.a.data, &s.b.data)?;
+    let img = std::fs::read(s.b.data.join("vm1/disk.img"))?;
+    assert!(img[(10 * SLOT) as usize..(11 * SLOT) as usize]
+        .iter()
+        .all(|&x| x == 0xaa));
+
+    // What node2 wrote on its own is in its saved-aside folder, byte for byte.
+    let saved = saved_aside(&s.b.state)?;
+    for (slot, byte) in [(10u64, 0xccu8), (20, 0xbb)] {
+        let want = slot * SLOT..(slot + 1) * SLOT;
+        let mut covered = 0u64;
+        for (path, off, bytes) in &saved {
+            if path != "vm1/disk.img" {
+                continue;
+            }
+            let (s0, e0) = (*off, off + bytes.len() as u64);
+            let (lo, hi) = (s0.max(want.start), e0.min(want.end));
+            if lo < hi {
+                let part = &bytes[(lo - s0) as usize..(hi - s0) as usize];
+                assert!(
+                    part.iter().all(|&x| x == byte),
+                    "slot {slot}: saved bytes differ from what node2 wrote"
+                );
+                covered += hi - lo;
+            }
+        }
+        assert_eq!(
+            covered, SLOT,
+            "slot {slot} not fully saved aside: {saved:?}"
+        );
+    }
+    let folder = std::fs::read_dir(s.b.state.join("diverged"))?
+        .next()
+        .ok_or_else(|| anyhow!("no saved-aside folder"))??
+        .path();
+    assert_eq!(
+        std::fs::read(folder.join("removed/vm1/b-only"))?,
+        b"written by node2"
+    );
+    assert!(folder.join("journal").exists(), "node2's journal not saved");
+    Ok(())
+}
