@@ -86,6 +86,9 @@ enum Command {
         #[arg(long, default_value_t = vmha_fs::track::DEFAULT_AL_EXTENTS as u32,
               value_parser = clap::value_parser!(u32).range(4..=65536))]
         al_extents: u32,
+        /// Resync data rate limit in MB/s (0 = none); live writes are not limited.
+        #[arg(long, value_name = "MB_S", default_value_t = 0)]
+        rate_limit_mb_s: u64,
     },
 }
 
@@ -172,7 +175,9 @@ fn main() -> ExitCode {
             generation,
             threads,
             al_extents,
+            rate_limit_mb_s,
         } => run_primary(PrimaryArgs {
+            rate_limit: rate_limit_mb_s.checked_mul(1_000_000),
             al_extents: al_extents as usize,
             alone,
             generation,
@@ -313,6 +318,8 @@ struct PrimaryArgs {
     lock_timeout: Duration,
     threads: usize,
     al_extents: usize,
+    /// Resync bytes per second; None or 0 = unlimited.
+    rate_limit: Option<u64>,
 }
 
 fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
@@ -381,7 +388,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Other(format!("cannot start checkpoint thread: {e}")))?
     };
     let progress = Arc::new(SyncProgress::default());
-    let syncer = fs.syncer(progress.clone());
+    let syncer = fs.syncer(progress.clone()).with_rate_limit(args.rate_limit);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("vmha:{}", backing.display())),
@@ -402,6 +409,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         }
     };
     let mut unmounter = session.unmount_callable();
+    let mount_path = mount.clone();
     let degrade = link.clone();
     let join = Joiner {
         link: link.clone(),
@@ -439,7 +447,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
                 }
                 tracing::info!("signal received, unmounting");
                 if let Err(e) = unmounter.unmount() {
-                    tracing::error!("unmount failed: {e}");
+                    unmount_busy(&mount_path, &e);
                 }
                 break;
             }
@@ -467,6 +475,39 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     served.map_err(|e| CliError::Other(format!("FUSE session failed: {e}")))?;
     tracing::info!("primary stopped");
     Ok(())
+}
+
+/// The first unmount failed (typically EBUSY: a file released a moment ago, or a
+/// process still using the mount): retry for a few seconds, then detach it so the
+/// session ends once its last user is gone, rather than never.
+fn unmount_busy(mount: &Path, first: &std::io::Error) {
+    use rustix::mount::{unmount, UnmountFlags};
+    tracing::warn!("unmount of {} failed: {first}; retrying", mount.display());
+    // Only ever unmount our FUSE mount, never what it covers (mount over).
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    let ours = || rustix::fs::statfs(mount).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC);
+    for _ in 0..25 {
+        std::thread::sleep(Duration::from_millis(200));
+        if !ours() {
+            return;
+        }
+        match unmount(mount, UnmountFlags::empty()) {
+            Ok(()) => return,
+            // Gone already: the session ends by itself.
+            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => return,
+            Err(_) => {}
+        }
+    }
+    if !ours() {
+        return;
+    }
+    match unmount(mount, UnmountFlags::DETACH) {
+        Ok(()) => tracing::warn!(
+            "{} still busy: detached; vmha-fs exits when its last user closes it",
+            mount.display()
+        ),
+        Err(e) => tracing::error!("cannot unmount {}: {e}", mount.display()),
+    }
 }
 
 /// Retires activity-log entries once both copies are durable: every few seconds while
@@ -649,7 +690,7 @@ impl Joiner {
                         state.write_sync_status("in_sync", &progress, None);
                     }
                     Err(e) => {
-                        tracing::error!(%peer, "sync failed: {e}; writing alone");
+                        tracing::error!(%peer, "sync failed: {e}");
                         state.write_sync_status("alone", &progress, Some(&e));
                     }
                 }

@@ -247,26 +247,17 @@ impl ReceiverServer {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nonblocking(false);
-                    let root = self.root.clone();
-                    let key = self.key.clone();
-                    let busy = self.busy.clone();
-                    let accept = self.accept_generation.clone();
-                    let tracker = self.tracker.clone();
-                    let aside = self.save_aside.clone();
+                    let conn = Connection {
+                        root: self.root.clone(),
+                        key: self.key.clone(),
+                        busy: self.busy.clone(),
+                        accept_generation: self.accept_generation.clone(),
+                        tracker: self.tracker.clone(),
+                        aside: self.save_aside.clone(),
+                    };
                     let spawned = std::thread::Builder::new()
                         .name(format!("recv-{peer}"))
-                        .spawn(move || {
-                            handle_connection(
-                                stream,
-                                peer,
-                                root,
-                                key,
-                                busy,
-                                accept.as_deref(),
-                                tracker,
-                                aside,
-                            )
-                        });
+                        .spawn(move || handle_connection(stream, peer, conn));
                     if let Err(e) = spawned {
                         tracing::error!(%peer, "cannot start connection thread: {e}");
                     }
@@ -290,16 +281,26 @@ impl Drop for SessionSlot {
     }
 }
 
-fn handle_connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+/// What one connection needs from the server.
+struct Connection {
     root: Arc<OwnedFd>,
     key: ClusterKey,
     busy: Arc<AtomicBool>,
-    accept_generation: Option<&str>,
+    accept_generation: Option<String>,
     tracker: Option<Arc<Tracker>>,
     aside: Option<Arc<AsidePolicy>>,
-) {
+}
+
+fn handle_connection(mut stream: TcpStream, peer: SocketAddr, conn: Connection) {
+    let Connection {
+        root,
+        key,
+        busy,
+        accept_generation,
+        tracker,
+        aside,
+    } = conn;
+    let accept_generation = accept_generation.as_deref();
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let keys = match wire::server_handshake(&mut stream, &key) {

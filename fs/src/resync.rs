@@ -71,7 +71,14 @@ pub struct Syncer {
     /// An operation of the sync failed on the peer.
     failed: Arc<AtomicBool>,
     tracker: Arc<Tracker>,
+    /// Resync data rate limit (bytes/s), and the bytes sent since this start.
+    rate_limit: Option<u64>,
+    paced: parking_lot::Mutex<(std::time::Instant, u64)>,
 }
+
+/// Data sent between two durability points of a resync: marks of what came before
+/// are cleared then, so an interrupted resync resumes instead of starting over.
+const RESUME_STEP: u64 = 64 << 20;
 
 /// How one file's data reaches the peer.
 #[derive(Debug)]
@@ -125,6 +132,29 @@ impl Syncer {
             progress,
             failed: Arc::new(AtomicBool::new(false)),
             tracker,
+            rate_limit: None,
+            paced: parking_lot::Mutex::new((std::time::Instant::now(), 0)),
+        }
+    }
+
+    /// Limits resync data to `bytes_per_s` (live replication is never limited).
+    pub fn with_rate_limit(mut self, bytes_per_s: Option<u64>) -> Self {
+        self.rate_limit = bytes_per_s.filter(|&r| r > 0);
+        self
+    }
+
+    /// Waits, before taking any lock, until sending `len` more bytes keeps the
+    /// resync under its rate limit.
+    fn pace(&self, len: u64) {
+        let Some(rate) = self.rate_limit else { return };
+        let wait = {
+            let mut p = self.paced.lock();
+            p.1 += len;
+            let due = std::time::Duration::from_secs_f64(p.1 as f64 / rate as f64);
+            due.saturating_sub(p.0.elapsed())
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
         }
     }
 
@@ -150,6 +180,7 @@ impl Syncer {
         self.failed.store(false, Ordering::SeqCst);
         self.progress.done_bytes.store(0, Ordering::Relaxed);
         self.progress.total_bytes.store(0, Ordering::Relaxed);
+        *self.paced.lock() = (std::time::Instant::now(), 0);
         let incremental = report
             .as_ref()
             .is_some_and(|r| r.valid && self.tracker.is_valid());
@@ -221,6 +252,7 @@ impl Syncer {
             if !self.link.begin_data() {
                 return Err(SyncError::PeerGone);
             }
+            self.tracker.sync_window_begin();
             plans
         };
         // From here on live writes reach the peer; the records now hold everything
@@ -267,7 +299,7 @@ impl Syncer {
         let mut bytes = 0;
         for job in work {
             bytes += match job {
-                Job::Ranges(node, ranges) => self.copy_ranges(&node, &ranges)?,
+                Job::Ranges(node, ranges) => self.copy_resumable(&node, &ranges)?,
                 Job::Copy(node) => self.copy_data(&node)?,
                 Job::Compare(node) => {
                     let differing = self.compare_file(&node)?;
@@ -619,6 +651,33 @@ impl Syncer {
         Ok(track::merge_ranges(differing))
     }
 
+    /// [`Syncer::copy_ranges`] in steps; after each step is durable on the peer its
+    /// marks are cleared, so an interruption loses at most one step of work.
+    fn copy_resumable(&self, node: &Node, ranges: &[(u64, u64)]) -> Result<u64, SyncError> {
+        let mut sent = 0;
+        let mut step: Vec<(u64, u64)> = Vec::new();
+        let mut step_bytes = 0;
+        for (i, &r) in ranges.iter().enumerate() {
+            step.push(r);
+            step_bytes += r.1 - r.0;
+            if step_bytes >= RESUME_STEP || i + 1 == ranges.len() {
+                sent += self.copy_ranges(node, &step)?;
+                self.send_wait(Op::SyncAll)?;
+                match self.tracker.clear_synced(node.ino(), &step) {
+                    Ok(true) => {}
+                    Ok(false) => return Err(SyncError::PeerGone),
+                    Err(e) => tracing::warn!("resync: cannot clear synced marks: {e}"),
+                }
+                step.clear();
+                step_bytes = 0;
+            }
+        }
+        if ranges.is_empty() {
+            sent += self.copy_ranges(node, &[])?;
+        }
+        Ok(sent)
+    }
+
     /// Sends the given regions of a file as they are now: data as writes, holes as
     /// punched holes, each read and queued under the region's lock so that live
     /// writes are ordered around it; then the size.
@@ -629,6 +688,7 @@ impl Syncer {
             let mut pos = start;
             while pos < end {
                 let len = CHUNK.min(end - pos);
+                self.pace(len);
                 let _order = node.ranges.lock(pos, pos + len);
                 let data_at = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(pos)) {
                     Ok(p) => p,
@@ -830,6 +890,7 @@ impl Syncer {
             let mut pos = start;
             while pos < end {
                 let len = CHUNK.min(end - pos);
+                self.pace(len);
                 let _order = node.ranges.lock(pos, pos + len);
                 let mut buf = AlignedBuf::zeroed(len as usize);
                 let n = crate::fuse_fs::read_full(fd.as_fd(), buf.as_mut_slice(), pos)

@@ -129,6 +129,27 @@ impl Bitmap {
         changed
     }
 
+    /// Clears the blocks lying wholly inside `[start, end)`; returns changed pages.
+    fn clear(&mut self, start: u64, end: u64) -> Vec<u64> {
+        let mut changed = Vec::new();
+        let (first, last_excl) = (start.div_ceil(BLOCK), end / BLOCK);
+        for block in first..last_excl {
+            let page_no = block / BLOCKS_PER_PAGE;
+            let Some(page) = self.pages.get_mut(&page_no) else {
+                continue;
+            };
+            let bit = (block % BLOCKS_PER_PAGE) as usize;
+            let (byte, mask) = (bit / 8, 1u8 << (bit % 8));
+            if page[byte] & mask != 0 {
+                page[byte] &= !mask;
+                if changed.last() != Some(&page_no) {
+                    changed.push(page_no);
+                }
+            }
+        }
+        changed
+    }
+
     fn is_empty(&self) -> bool {
         self.pages.values().all(|p| p.iter().all(|&b| b == 0))
     }
@@ -230,6 +251,9 @@ struct State {
     broken: Option<String>,
     /// Someone waits for room in the activity log.
     want_checkpoint: bool,
+    /// Something was recorded as degraded since `sync_window_begin`: the link
+    /// stopped sending meanwhile, so no mark may be cleared.
+    degraded_since_window: bool,
 }
 
 /// See the module documentation.
@@ -530,6 +554,7 @@ impl Tracker {
                 flushing: false,
                 broken: None,
                 want_checkpoint: false,
+                degraded_since_window: false,
             }),
             changed: Condvar::new(),
             files: Mutex::new(HashMap::new()),
@@ -596,6 +621,7 @@ impl Tracker {
             if let Some(why) = &st.broken {
                 return Err(TrackError::Broken(why.clone()));
             }
+            st.degraded_since_window = true;
             for c in changes {
                 match c {
                     Change::Range { ino, start, end } => {
@@ -701,11 +727,43 @@ impl Tracker {
         Ok(guard)
     }
 
+    /// A resync starts sending data: from now on `clear_synced` may forget marks of
+    /// regions the peer has durably, unless something is recorded degraded meanwhile.
+    pub fn sync_window_begin(&self) {
+        self.state.lock().degraded_since_window = false;
+    }
+
+    /// The peer has `ranges` of `ino` durably (a resync sent them and a `SyncAll`
+    /// after them was acknowledged): their marks go, so an interrupted resync
+    /// resumes where it was. Refused (false) once the link stopped sending.
+    pub fn clear_synced(&self, ino: u64, ranges: &[(u64, u64)]) -> Result<bool, TrackError> {
+        let target = {
+            let mut st = self.state.lock();
+            if st.degraded_since_window {
+                return Ok(false);
+            }
+            let Some(map) = st.maps.get_mut(&ino) else {
+                return Ok(true);
+            };
+            let mut pages = Vec::new();
+            for &(s, e) in ranges {
+                pages.extend(map.clear(s, e));
+            }
+            if pages.is_empty() {
+                return Ok(true);
+            }
+            st.pending.pages.entry(ino).or_default().extend(pages);
+            st.batch
+        };
+        self.flush_until(target).map(|()| true)
+    }
+
     /// The link stopped sending (degraded): everything in the activity log may be
     /// missing on the peer; it moves to the dirty records, durably.
     pub fn degrade(&self) -> Result<(), TrackError> {
         let target = {
             let mut st = self.state.lock();
+            st.degraded_since_window = true;
             let entries: Vec<AlEntry> = st.active.drain().map(|(e, _)| e).collect();
             if entries.is_empty() {
                 return Ok(());
@@ -1139,6 +1197,25 @@ mod tests {
         );
         checkpointer.join().unwrap();
         assert_eq!(t.activity_len(), 1);
+    }
+
+    #[test]
+    fn synced_marks_clear_durably_unless_degraded_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        t.record_degraded(&[range(5, 0, 10 * BLOCK)]).unwrap();
+        t.sync_window_begin();
+        assert!(t.clear_synced(5, &[(0, 4 * BLOCK)]).unwrap());
+        assert_eq!(t.ranges_of(5).ranges, vec![(4 * BLOCK, 10 * BLOCK)]);
+        // The link dropped and a write was recorded: nothing more is cleared.
+        t.record_degraded(&[range(5, 0, 1)]).unwrap();
+        assert!(!t.clear_synced(5, &[(0, 10 * BLOCK)]).unwrap());
+        drop(t);
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        assert_eq!(
+            t.ranges_of(5).ranges,
+            vec![(0, BLOCK), (4 * BLOCK, 10 * BLOCK)]
+        );
     }
 
     #[test]

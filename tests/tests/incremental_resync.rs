@@ -651,3 +651,72 @@ fn a_split_brain_loser_saves_what_it_wrote_before_the_resync() -> Result<()> {
     assert!(folder.join("journal").exists(), "node2's journal not saved");
     Ok(())
 }
+
+#[test]
+fn an_interrupted_resync_resumes_and_keeps_its_rate_limit() -> Result<()> {
+    const LIMIT_MB_S: u64 = 40;
+    let s = Setup::new()?;
+    fill(&s.a.data)?;
+    let mut b = s.secondary(&s.b)?;
+    let limit = LIMIT_MB_S.to_string();
+    let mut a = s.primary_alone(&s.a, &["--rate-limit-mb-s", &limit])?;
+    attach_and_wait(&a, &s.a.state)?;
+    b.kill()?;
+    lazy_unmount_all(&s.b.data)?;
+    signal(a.pid(), libc::SIGUSR1)?;
+    std::thread::sleep(Duration::from_millis(300));
+    // 256 MiB rewritten while node2 is away.
+    {
+        let img = OpenOptions::new()
+            .write(true)
+            .open(s.a.mnt.join("vm1/disk.img"))?;
+        let buf = vec![0x5au8; 8 << 20];
+        for i in 0..32u64 {
+            img.write_all_at(&buf, i * 2 * (8 << 20))?;
+        }
+        img.sync_all()?;
+    }
+    let changed = 256u64 << 20;
+    // First attempt, rate-limited, cut off after a few seconds.
+    let mut b = s.secondary(&s.b)?;
+    let file = s.a.state.join("sync.json");
+    let _ = std::fs::remove_file(&file);
+    let started = Instant::now();
+    signal(a.pid(), libc::SIGUSR2)?;
+    std::thread::sleep(Duration::from_secs(4));
+    let progress: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
+    let done = progress["done_bytes"].as_u64().unwrap_or(0);
+    let rate = done as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "first attempt: {done} bytes in {:?} = {:.1} MB/s (limit {LIMIT_MB_S})",
+        started.elapsed(),
+        rate / 1e6
+    );
+    assert!(
+        rate <= LIMIT_MB_S as f64 * 1e6 * 1.25,
+        "rate limit not kept: {rate} B/s"
+    );
+    assert!(
+        done >= RESUME_STEP_BYTES,
+        "not even one step done: {progress}"
+    );
+    b.kill()?;
+    lazy_unmount_all(&s.b.data)?;
+    std::thread::sleep(Duration::from_millis(500));
+    // Second attempt: what was durably synced is not sent again.
+    let mut b = s.secondary(&s.b)?;
+    let status = attach_and_wait(&a, &s.a.state)?;
+    let total = status["total_bytes"].as_u64().unwrap_or(u64::MAX);
+    eprintln!("second attempt: {total} bytes to go of {changed}");
+    assert!(
+        total <= changed - RESUME_STEP_BYTES,
+        "the resync started over: {total} of {changed} bytes"
+    );
+    stop(&mut a)?;
+    stop(&mut b)?;
+    assert_same_tree(&s.a.data, &s.b.data)?;
+    Ok(())
+}
+
+/// vmha-fs clears synced marks every 64 MiB of a resync.
+const RESUME_STEP_BYTES: u64 = 64 << 20;
