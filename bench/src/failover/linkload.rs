@@ -72,6 +72,9 @@ pub struct LoadRun {
     pub max_last_seen_ms_node1: Option<u64>,
     /// Largest age of heartbeats on the dedicated link alone, node2's view.
     pub max_dedicated_hb_age_ms_node2: Option<u64>,
+    /// The same on the production link (≈ the scenario's length when it is
+    /// down, `null` if never heard: shows which links carried heartbeats).
+    pub max_production_hb_age_ms_node2: Option<u64>,
     /// Counters the guest wrote on node1 during fio, and its longest pause
     /// between two polls that both showed no new counter (its write latency
     /// behind fio's queue, at poll resolution).
@@ -247,10 +250,15 @@ fn problems(viewer: &str, s: &Value) -> Vec<String> {
     out
 }
 
-/// The peer's `last_seen_ms` and its heartbeat age on `addr`, in `s`.
-fn ages(s: &Value, peer: &str, addr: &str) -> (Option<u64>, Option<u64>) {
+/// The peer's `last_seen_ms` and its heartbeat ages on its dedicated and
+/// production addresses, in `s`.
+fn ages(s: &Value, peer: &str, ded: &str, prod: &str) -> [Option<u64>; 3] {
     let e = entry(s, peer);
-    (e["last_seen_ms"].as_u64(), e["heartbeats"][addr].as_u64())
+    [
+        e["last_seen_ms"].as_u64(),
+        e["heartbeats"][ded].as_u64(),
+        e["heartbeats"][prod].as_u64(),
+    ]
 }
 
 struct Poller<'a> {
@@ -260,6 +268,7 @@ struct Poller<'a> {
     errors: usize,
     max_seen: [Option<u64>; 2],
     max_ded_node2: Option<u64>,
+    max_prod_node2: Option<u64>,
 }
 
 impl<'a> Poller<'a> {
@@ -271,24 +280,28 @@ impl<'a> Poller<'a> {
             errors: 0,
             max_seen: [None, None],
             max_ded_node2: None,
+            max_prod_node2: None,
         }
     }
 
     fn poll(&mut self) {
         let node1_ded = Network::Dedicated.address(0).to_string();
         let node2_ded = Network::Dedicated.address(1).to_string();
+        let node1_prod = Network::Production.address(0).to_string();
+        let node2_prod = Network::Production.address(1).to_string();
         let mut problems_now = Vec::new();
-        for (i, viewer, peer, peer_ded) in [
-            (0usize, "node1", "node2", &node2_ded),
-            (1, "node2", "node1", &node1_ded),
+        for (i, viewer, peer, peer_ded, peer_prod) in [
+            (0usize, "node1", "node2", &node2_ded, &node2_prod),
+            (1, "node2", "node1", &node1_ded, &node1_prod),
         ] {
             match status(self.vc, i) {
                 Ok(s) => {
                     problems_now.extend(problems(viewer, &s));
-                    let (seen, ded) = ages(&s, peer, peer_ded);
+                    let [seen, ded, prod] = ages(&s, peer, peer_ded, peer_prod);
                     self.max_seen[i] = self.max_seen[i].max(seen);
                     if i == 1 {
                         self.max_ded_node2 = self.max_ded_node2.max(ded);
+                        self.max_prod_node2 = self.max_prod_node2.max(prod);
                     }
                 }
                 Err(e) => {
@@ -427,6 +440,7 @@ fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
     r.max_last_seen_ms_node1 = poller.max_seen[0];
     r.max_last_seen_ms_node2 = poller.max_seen[1];
     r.max_dedicated_hb_age_ms_node2 = poller.max_ded_node2;
+    r.max_production_hb_age_ms_node2 = poller.max_prod_node2;
     let mib_s = fio?;
     r.fio_mib_s = Some(mib_s);
     r.fio_over_rate = r

@@ -234,7 +234,7 @@ impl Results {
                 "samples",
                 "false failovers",
                 "max last_seen ms (node2 / node1)",
-                "max dedicated hb age ms (node2)",
+                "max hb age ms on dedicated / production (node2)",
                 "guest counters (max stall ms)",
                 "load avg start → end",
             ],
@@ -264,8 +264,13 @@ impl Results {
                         r.max_last_seen_ms_node1
                             .map_or("-".into(), |x| x.to_string())
                     ),
-                    r.max_dedicated_hb_age_ms_node2
-                        .map_or("-".into(), |x| x.to_string()),
+                    format!(
+                        "{} / {}",
+                        r.max_dedicated_hb_age_ms_node2
+                            .map_or("-".into(), |x| x.to_string()),
+                        r.max_production_hb_age_ms_node2
+                            .map_or("-".into(), |x| x.to_string())
+                    ),
                     format!("{} ({:.0})", r.guest_counters, r.guest_max_stall_ms),
                     format!("{} → {}", r.loadavg_start, r.loadavg_end),
                 ],
