@@ -29,6 +29,9 @@ pub struct CrashRun {
     pub to_alone_ms: Option<f64>,
     /// Time between that status call and the one before (the resolution).
     pub alone_resolution_ms: Option<f64>,
+    /// Kill → node2's first event-log line after the kill (the takeover
+    /// begins: a new data generation), i.e. the detection time.
+    pub to_takeover_ms: Option<f64>,
     /// Kill → `VMHA-BOOT` on node2's console (the guest read its disk).
     pub to_boot_ms: Option<f64>,
     /// Kill → the first `COUNTER` on node2's console (the guest writes again).
@@ -53,6 +56,7 @@ pub struct CrashRun {
 pub struct CrashResults {
     pub runs: Vec<CrashRun>,
     pub to_alone_ms: Option<Summary>,
+    pub to_takeover_ms: Option<Summary>,
     pub to_boot_ms: Option<Summary>,
     pub to_counter_ms: Option<Summary>,
     pub violations: usize,
@@ -86,6 +90,7 @@ pub fn run(n: usize, timing: &Timing) -> Result<CrashResults> {
     let summary = |f: fn(&CrashRun) -> Option<f64>| Summary::of(runs.iter().filter_map(f));
     Ok(CrashResults {
         to_alone_ms: summary(|r| r.to_alone_ms),
+        to_takeover_ms: summary(|r| r.to_takeover_ms),
         to_boot_ms: summary(|r| r.to_boot_ms),
         to_counter_ms: summary(|r| r.to_counter_ms),
         violations: runs.iter().filter(|r| r.violation.is_some()).count(),
@@ -164,6 +169,7 @@ fn one(timing: &Timing, r: &mut CrashRun) -> Result<()> {
                 (off >= 0).then(|| (off, text.to_string()))
             })
             .collect();
+        r.to_takeover_ms = r.events.first().map(|(at, _)| *at as f64);
     }
     if r.to_alone_ms.is_none() {
         // The guest ran before any status poll saw ALONE (cannot happen with a

@@ -33,6 +33,10 @@ const POLL: Duration = Duration::from_millis(250);
 const BASELINE: Duration = Duration::from_secs(3);
 /// Polling after fio ended: a failover triggered late still counts.
 const TAIL: Duration = Duration::from_secs(5);
+/// A guest pause worth listing (the counter normally advances every ~0.2 s).
+const LONG_STALL: Duration = Duration::from_secs(1);
+/// The fio file, written in full first.
+const FIO_SIZE: &str = "256M";
 /// fio's own start-up and JSON output, on top of its runtime.
 const FIO_SLACK: Duration = Duration::from_secs(60);
 
@@ -80,6 +84,9 @@ pub struct LoadRun {
     /// behind fio's queue, at poll resolution).
     pub guest_counters: u64,
     pub guest_max_stall_ms: f64,
+    /// Pauses of the guest's counter longer than [`LONG_STALL`]: (seconds
+    /// after fio's start when the pause began, its length in ms).
+    pub guest_long_stalls: Vec<(f64, f64)>,
     pub loadavg_start: String,
     pub loadavg_end: String,
     pub error: Option<String>,
@@ -326,6 +333,29 @@ impl<'a> Poller<'a> {
     }
 }
 
+/// Writes `file` in full through the mount (not measured, not polled).
+fn lay_out(node: &Node, file: &str) -> Result<()> {
+    let t = Instant::now();
+    node.run(
+        "fio",
+        &[
+            "--name=layout",
+            &format!("--filename={file}"),
+            "--rw=write",
+            "--bs=1M",
+            &format!("--size={FIO_SIZE}"),
+            "--direct=1",
+            "--fallocate=none",
+        ],
+    )
+    .context("laying out the fio file")?;
+    eprintln!(
+        "[failover] {FIO_SIZE} fio file laid out in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn parse_fio(out: &std::process::Output) -> Result<f64> {
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -373,13 +403,18 @@ fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
         "--iodepth=16".into(),
         "--ioengine=libaio".into(),
         "--direct=1".into(),
-        "--size=512M".into(),
+        format!("--size={FIO_SIZE}"),
+        "--overwrite=1".into(),
         "--fallocate=none".into(),
         "--time_based".into(),
         format!("--runtime={}", opts.fio_seconds),
         "--output-format=json".into(),
     ];
     r.fio_job = job[2..job.len() - 1].join(" ");
+    // Overwrites of a laid-out file for the whole measured run: FUSE makes
+    // an extending O_DIRECT write synchronous, so fio writing a new file
+    // would keep one write in flight instead of 16.
+    lay_out(vc.node(0), &file)?;
     let console1 = vc.console(0)?;
     let counters_before = Console::read(&console1)?.counters.len();
     let (_, drops0, over0) = tbf_stats(vc.node(0))?;
@@ -409,6 +444,12 @@ fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
         let n = Console::read(&console1)?.counters.len();
         let now = Instant::now();
         if n > counters_seen {
+            if now - last_new > LONG_STALL {
+                r.guest_long_stalls.push((
+                    last_new.saturating_duration_since(t0).as_secs_f64(),
+                    ms(now - last_new),
+                ));
+            }
             counters_seen = n;
             last_new = now;
         } else {

@@ -81,6 +81,14 @@ fn running_pair(timing: &Timing) -> Result<VmCluster> {
         "node2 sees node1 as {:?}",
         state(&s, "node1")
     );
+    // node1 learns node2's readiness from its next heartbeat.
+    wait_status(
+        &vc,
+        0,
+        "node1 sees node2 SECOND ready",
+        STATE_TIMEOUT,
+        |s| state(s, "node2") == Some("SECOND") && ready(s, "node2"),
+    )?;
     eprintln!(
         "[failover] vm1 PRIM on node1, node2 SECOND ready ({:.1} s)",
         t.elapsed().as_secs_f64()

@@ -146,7 +146,14 @@ impl Results {
         row(s, &["", "p50 ms", "max ms", "min ms", "runs"]);
         row(s, &["---", "---", "---", "---", "---"]);
         for (name, sum) in [
-            ("kill → node2 ALONE", c.to_alone_ms),
+            (
+                "kill → node2 takes over (first event in its log)",
+                c.to_takeover_ms,
+            ),
+            (
+                "kill → node2 ALONE (vmctl status, after `virsh start`)",
+                c.to_alone_ms,
+            ),
             ("kill → guest booted on node2", c.to_boot_ms),
             ("kill → first COUNTER on node2", c.to_counter_ms),
         ] {
@@ -180,8 +187,9 @@ impl Results {
             c.runs
                 .iter()
                 .map(|r| format!(
-                    "#{} ALONE {} / boot {} / counter {} (acked {}, booted from {}){}",
+                    "#{} takeover {} / ALONE {} / boot {} / counter {} (acked {}, booted from {}){}",
                     r.run,
+                    opt(r.to_takeover_ms),
                     opt(r.to_alone_ms),
                     opt(r.to_boot_ms),
                     opt(r.to_counter_ms),
@@ -279,6 +287,13 @@ impl Results {
         for r in &self.load {
             if !r.problems.is_empty() {
                 let _ = writeln!(s, "\n{} problems: {:?}", r.scenario, r.problems);
+            }
+            if !r.guest_long_stalls.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "\n{} guest pauses > 1 s (s after fio start, ms): {:?}",
+                    r.scenario, r.guest_long_stalls
+                );
             }
             if let Some(e) = &r.error {
                 let first = e.lines().next().unwrap_or_default();
