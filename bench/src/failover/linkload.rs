@@ -60,6 +60,9 @@ pub struct LoadRun {
     /// Packets tbf on node1's `ded0` dropped / delayed (overlimits) during the run.
     pub tbf_drops: Option<u64>,
     pub tbf_overlimits: Option<u64>,
+    /// Largest backlog of that tbf seen at the status polls, in bytes: what a
+    /// heartbeat from node1 queues behind.
+    pub tbf_max_backlog_bytes: Option<u64>,
     /// Status samples taken on each node.
     pub samples: usize,
     /// Healthy → unhealthy transitions seen on either node: any ALONE, the
@@ -80,8 +83,8 @@ pub struct LoadRun {
     /// down, `null` if never heard: shows which links carried heartbeats).
     pub max_production_hb_age_ms_node2: Option<u64>,
     /// Counters the guest wrote on node1 during fio, and its longest pause
-    /// between two polls that both showed no new counter (its write latency
-    /// behind fio's queue, at poll resolution).
+    /// without a new counter (its write latency behind fio's queue, at poll
+    /// resolution).
     pub guest_counters: u64,
     pub guest_max_stall_ms: f64,
     /// Pauses of the guest's counter longer than [`LONG_STALL`]: (seconds
@@ -155,8 +158,18 @@ fn shape(node: &Node, tbf: &str) -> Result<()> {
     Ok(())
 }
 
-/// node1's tbf on `ded0`: (rate in bytes/s, drops, overlimits).
-fn tbf_stats(node: &Node) -> Result<(Option<u64>, u64, u64)> {
+/// Counters of the tbf on a node's `ded0`.
+#[derive(Debug, Clone, Copy)]
+struct Tbf {
+    /// Bytes per second.
+    rate: Option<u64>,
+    drops: u64,
+    overlimits: u64,
+    /// Bytes queued now.
+    backlog: u64,
+}
+
+fn tbf_stats(node: &Node) -> Result<Tbf> {
     let out = run_cmd(Command::new("tc").args([
         "-s",
         "-j",
@@ -172,11 +185,12 @@ fn tbf_stats(node: &Node) -> Result<(Option<u64>, u64, u64)> {
         .as_array()
         .and_then(|a| a.iter().find(|q| q["kind"] == "tbf"))
         .context("no tbf qdisc on ded0")?;
-    Ok((
-        q["options"]["rate"].as_u64(),
-        q["drops"].as_u64().unwrap_or(0),
-        q["overlimits"].as_u64().unwrap_or(0),
-    ))
+    Ok(Tbf {
+        rate: q["options"]["rate"].as_u64(),
+        drops: q["drops"].as_u64().unwrap_or(0),
+        overlimits: q["overlimits"].as_u64().unwrap_or(0),
+        backlog: q["backlog"].as_u64().unwrap_or(0),
+    })
 }
 
 fn tx_bytes(node: &Node) -> Result<u64> {
@@ -417,7 +431,7 @@ fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
     lay_out(vc.node(0), &file)?;
     let console1 = vc.console(0)?;
     let counters_before = Console::read(&console1)?.counters.len();
-    let (_, drops0, over0) = tbf_stats(vc.node(0))?;
+    let tbf0 = tbf_stats(vc.node(0))?;
     let tx0 = tx_bytes(vc.node(0))?;
     r.loadavg_start = loadavg();
 
@@ -434,15 +448,21 @@ fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
     let mut counters_seen = counters_before;
     let mut last_new = Instant::now();
     let mut max_stall = Duration::ZERO;
+    let mut max_backlog = 0u64;
     while !waiter.is_finished() {
         if Instant::now() > deadline {
             // The cluster's teardown kills fio with every process of node1.
-            bail!("fio still running {deadline:?} after its start");
+            bail!("fio still running {:?} after its start", deadline - t0);
         }
         crate::interrupt::check()?;
         poller.poll();
+        // What a heartbeat queues behind on the saturated side.
+        if let Ok(t) = tbf_stats(vc.node(0)) {
+            max_backlog = max_backlog.max(t.backlog);
+        }
         let n = Console::read(&console1)?.counters.len();
         let now = Instant::now();
+        max_stall = max_stall.max(now - last_new);
         if n > counters_seen {
             if now - last_new > LONG_STALL {
                 r.guest_long_stalls.push((
@@ -452,8 +472,6 @@ fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
             }
             counters_seen = n;
             last_new = now;
-        } else {
-            max_stall = max_stall.max(now - last_new);
         }
         std::thread::sleep(POLL);
     }
@@ -465,10 +483,11 @@ fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
         .context("waiting for fio")?;
     r.guest_counters = u64::try_from(counters_seen - counters_before)?;
     r.guest_max_stall_ms = ms(max_stall);
-    let (rate, drops1, over1) = tbf_stats(vc.node(0))?;
-    r.tbf_drops = Some(drops1.saturating_sub(drops0));
-    r.tbf_overlimits = Some(over1.saturating_sub(over0));
-    r.rate_mbit_s = rate.map(|b| b as f64 * 8.0 / 1e6);
+    let tbf1 = tbf_stats(vc.node(0))?;
+    r.tbf_drops = Some(tbf1.drops.saturating_sub(tbf0.drops));
+    r.tbf_overlimits = Some(tbf1.overlimits.saturating_sub(tbf0.overlimits));
+    r.rate_mbit_s = tbf1.rate.map(|b| b as f64 * 8.0 / 1e6);
+    r.tbf_max_backlog_bytes = Some(max_backlog);
     r.link_tx_mbit_s = Some(tx1.saturating_sub(tx0) as f64 * 8.0 / 1e6 / fio_elapsed.as_secs_f64());
     let fio = parse_fio(&out);
     poller.poll_for(TAIL)?;

@@ -237,7 +237,7 @@ impl Results {
                 "fio MiB/s",
                 "fio / rate",
                 "link Mbit/s",
-                "tbf drops",
+                "tbf drops (max backlog KiB)",
                 "s",
                 "samples",
                 "false failovers",
@@ -257,7 +257,12 @@ impl Results {
                     opt2(r.fio_mib_s),
                     opt2(r.fio_over_rate),
                     opt2(r.link_tx_mbit_s),
-                    r.tbf_drops.map_or("-".into(), |d| d.to_string()),
+                    format!(
+                        "{} ({})",
+                        r.tbf_drops.map_or("-".into(), |d| d.to_string()),
+                        r.tbf_max_backlog_bytes
+                            .map_or("-".into(), |b| format!("{:.0}", b as f64 / 1024.0))
+                    ),
                     r.fio_seconds.to_string(),
                     r.samples.to_string(),
                     if r.error.is_some() {
