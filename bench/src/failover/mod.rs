@@ -111,7 +111,7 @@ fn ms(d: Duration) -> f64 {
 pub fn run(opts: &Opts) -> Result<Results> {
     crate::interrupt::install()?;
     let timing = design_timing();
-    let mut results = Results::new(opts, &timing);
+    let mut results = Results::new(&timing);
     if opts.fio_seconds > 0 {
         // The false-failover part first: the crash runs are the long part and
         // a saturated-link problem should show early.

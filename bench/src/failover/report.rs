@@ -10,7 +10,7 @@ use vmha_test_infra::cluster_vm::Timing;
 
 use super::crash::CrashResults;
 use super::linkload::LoadRun;
-use super::{loadavg, Opts};
+use super::loadavg;
 use crate::sysinfo;
 
 /// p50 and max of a set of times.
@@ -63,7 +63,7 @@ pub struct Results {
 }
 
 impl Results {
-    pub fn new(_opts: &Opts, t: &Timing) -> Self {
+    pub fn new(t: &Timing) -> Self {
         Self {
             date_utc: sysinfo::utc_rfc3339(sysinfo::unix_now()),
             kernel: sysinfo::kernel(),
