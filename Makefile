@@ -1,4 +1,4 @@
-.PHONY: deps build release test demo demo-fs bench
+.PHONY: deps build release test demo demo-fs bench bench-failover
 
 deps:
 	.ci/install-deps
@@ -26,3 +26,9 @@ demo-fs: deps release
 
 bench: deps release
 	./target/release/vmha-bench fio --out bench/results.json
+
+# Failover time after a node crash (5 runs) and false failovers while fio
+# saturates the tc-shaped replication link for 60 s (production link up, then
+# down), with DESIGN.md's default timeouts; prints the tables.
+bench-failover: deps release
+	./target/release/vmha-bench failover --out bench/results-failover.json

@@ -3,6 +3,7 @@
 
 mod child;
 mod diskstats;
+mod failover;
 mod fio_json;
 mod interrupt;
 mod jobs;
@@ -41,6 +42,66 @@ enum Cmd {
     /// Needs root (FUSE mounts, drop_caches), fio and bindfs; vmha-fs is
     /// taken from $VMHA_FS_BIN or from next to this binary.
     Fio(FioArgs),
+    /// Failover time after a node crash and false failovers under a saturated
+    /// replication link, on two simulated nodes running the counter guest
+    /// (the end-to-end test setup) with DESIGN.md's default timeouts.
+    ///
+    /// Link load: `tc tbf` on the dedicated link of both nodes, fio writing
+    /// sequentially through node1's replicated mount while both nodes'
+    /// `vmctl status` is polled every 250 ms; once with the production link
+    /// up, once with it down (heartbeats only over the saturated link).
+    /// Crash: per run a fresh cluster, SIGKILL of every process of node1, then
+    /// kill → ALONE on node2 and kill → first guest counter on node2, and
+    /// whether node2's guest resumed at or after node1's last acknowledged
+    /// counter. Exits non-zero on a lost counter, a false failover or an error.
+    /// Needs root, fio, tc and the packages of .ci/install-deps; vmhad, vmctl
+    /// and vmha-fs are taken from next to this binary.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Args)]
+struct FailoverArgs {
+    /// Write all numbers as JSON here.
+    #[arg(long, default_value = "bench/results-failover.json")]
+    out: PathBuf,
+    /// Crash runs (0: skip).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// fio seconds per link-load scenario (0: skip the link-load part).
+    #[arg(long, default_value_t = 60)]
+    fio_seconds: u64,
+    /// tbf rate of the dedicated link (tc syntax).
+    #[arg(long, default_value = "100mbit")]
+    rate: String,
+    /// tbf burst (tc syntax).
+    #[arg(long, default_value = "64kb")]
+    burst: String,
+    /// tbf latency: the longest a packet may wait in the shaper's queue.
+    #[arg(long, default_value = "50ms")]
+    latency: String,
+    /// Skip the scenario with the production link down.
+    #[arg(long)]
+    no_production_down: bool,
+}
+
+fn failover(args: FailoverArgs) -> Result<bool> {
+    // vmhad's info logs (forwarded to our stderr) would drown the progress lines.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let opts = failover::Opts {
+        out: args.out,
+        runs: args.runs,
+        fio_seconds: args.fio_seconds,
+        rate: args.rate,
+        burst: args.burst,
+        latency: args.latency,
+        production_down: !args.no_production_down,
+    };
+    let results = failover::run(&opts)?;
+    println!("{}", results.markdown());
+    eprintln!("vmha-bench: wrote {}", opts.out.display());
+    Ok(results.ok())
 }
 
 #[derive(Debug, Args)]
@@ -97,11 +158,12 @@ fn fio(args: FioArgs) -> Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let args = match cli.cmd {
-        Some(Cmd::Fio(a)) => a,
-        None => cli.fio,
+    let res = match cli.cmd {
+        Some(Cmd::Fio(a)) => fio(a),
+        Some(Cmd::Failover(a)) => failover(a),
+        None => fio(cli.fio),
     };
-    match fio(args) {
+    match res {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("vmha-bench: some runs failed (see the table)");
