@@ -66,8 +66,10 @@
 //!   goes ALONE on its own; the first start is `prim`.
 //! - **Degraded while connected**: the replication link down while heartbeats
 //!   arrive → the PRIM starts a new generation and marks the peer outdated; it
-//!   stays PRIM. The SECOND sees the newer generation, becomes not up to date
-//!   and asks for a resync (which resumes when the link returns).
+//!   stays PRIM, and its writes go on without the peer only once the peer
+//!   acknowledged (the driver's business, like PRIM → ALONE). The SECOND sees
+//!   the newer generation, becomes not up to date and asks for a resync (which
+//!   resumes when the link returns).
 
 use std::fmt;
 
