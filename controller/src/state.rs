@@ -902,7 +902,7 @@ impl Transition {
             self.s.peer_outdated = true;
             self.act(Action::NewGeneration);
             self.act(Action::MarkPeerOutdated);
-            self.log("replication link down: continuing degraded, the SECOND is outdated");
+            self.log("replication link down: marking the SECOND outdated, then writing without it");
         }
     }
 

@@ -255,6 +255,22 @@ async fn real_vmha_fs_pair_syncs_and_fails_over() {
     drop(cleanup);
 }
 
+/// SIGCONT on drop, if the process is still there and stopped.
+struct Thaw(u32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).unwrap_or_default();
+        // The state follows the command name in parentheses.
+        let stopped = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'));
+        if stopped {
+            kill(self.0, rustix::process::Signal::CONT);
+        }
+    }
+}
+
 /// Every file and directory under `root`, with file contents (symlinks as
 /// their targets), by relative path.
 fn tree(root: &Path) -> std::collections::BTreeMap<PathBuf, Option<Vec<u8>>> {
@@ -320,6 +336,19 @@ fn write_files(
     w
 }
 
+/// One pair at a time: the link-down tests assert write latencies.
+static ONE_PAIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How node2's receiver is taken out while its daemon keeps sending heartbeats.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// SIGKILL: the connection breaks at once (the link is lost).
+    Kill,
+    /// SIGSTOP: the connection stays open and silent (the link stalls, as when
+    /// the replication network is down); the controller restarts it.
+    Freeze,
+}
+
 /// Design, "Degraded mode": the replication link fails while heartbeats still
 /// arrive (here: node2's receiver process is killed). node1's controller marks
 /// node2 outdated over the heartbeats and vmha-fs goes on writing: no write
@@ -328,7 +357,19 @@ fn write_files(
 /// copy, and node2 is SECOND ready again with the same files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_link_down_while_heartbeats_arrive() {
+    link_down(Fault::Kill).await;
+}
+
+/// The same with a receiver that stops answering without closing the
+/// connection: vmha-fs reports the stall after half the lock timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_link_stalled_while_heartbeats_arrive() {
+    link_down(Fault::Freeze).await;
+}
+
+async fn link_down(fault: Fault) {
     use std::sync::atomic::{AtomicBool, Ordering};
+    let _one = ONE_PAIR.lock().await;
     if !rustix::process::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
         eprintln!("skipped: needs root and /dev/fuse");
         return;
@@ -378,7 +419,14 @@ async fn replication_link_down_while_heartbeats_arrive() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     *killed.lock().unwrap() = Some(Instant::now());
-    kill(receiver[0], rustix::process::Signal::KILL);
+    let _thaw = matches!(fault, Fault::Freeze).then(|| Thaw(receiver[0]));
+    kill(
+        receiver[0],
+        match fault {
+            Fault::Kill => rustix::process::Signal::KILL,
+            Fault::Freeze => rustix::process::Signal::STOP,
+        },
+    );
     let t = Instant::now();
     // Well past the lock timeout: writes go on, nobody changes roles.
     while t.elapsed() < lock_timeout * 4 {
@@ -407,7 +455,7 @@ async fn replication_link_down_while_heartbeats_arrive() {
     stop.store(true, Ordering::SeqCst);
     let writes = writer.join().unwrap();
     eprintln!(
-        "[link down] {} writes, {} after the kill, slowest {:?}",
+        "[link down, {fault:?}] {} writes, {} after the fault, slowest {:?}",
         writes.done, writes.after_kill, writes.slowest
     );
     assert!(writes.errors.is_empty(), "{:?}", writes.errors);
@@ -423,7 +471,8 @@ async fn replication_link_down_while_heartbeats_arrive() {
         .await
         .lines;
     assert!(
-        log1.iter().any(|l| l.contains("replication link down")),
+        log1.iter().any(|l| l.contains("replication link down"))
+            && log1.iter().any(|l| l.contains("knows it is outdated")),
         "node1's log: {log1:#?}"
     );
     assert_ne!(
@@ -436,7 +485,7 @@ async fn replication_link_down_while_heartbeats_arrive() {
     n2.wait_role("node2", Role::Second, true).await;
     n1.wait_role("node2", Role::Second, true).await;
     eprintln!(
-        "[link down] node2 SECOND ready again {:?} after the kill",
+        "[link down, {fault:?}] node2 SECOND ready again {:?} after the fault",
         t.elapsed()
     );
     assert_eq!(generation(&n2, "node2"), generation(&n1, "node1"));

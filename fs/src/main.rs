@@ -510,11 +510,17 @@ impl Joiner {
             .name("full-sync".into())
             .spawn(move || {
                 let done = AtomicBool::new(false);
-                std::thread::scope(|scope| {
+                // The final status is written once the progress writer has
+                // stopped: it could otherwise overwrite it with "syncing".
+                let outcome = std::thread::scope(|scope| {
                     scope.spawn(|| {
+                        let mut written: Option<std::time::Instant> = None;
                         while !done.load(Ordering::SeqCst) {
-                            state.write_sync_status("syncing", &progress, None);
-                            std::thread::sleep(Duration::from_millis(500));
+                            if written.is_none_or(|at| at.elapsed() >= Duration::from_millis(500)) {
+                                state.write_sync_status("syncing", &progress, None);
+                                written = Some(std::time::Instant::now());
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
                         }
                     });
                     let outcome = match link.attach(peer, &key, generation) {
@@ -528,20 +534,21 @@ impl Joiner {
                         }
                     };
                     done.store(true, Ordering::SeqCst);
-                    match outcome {
-                        Ok(bytes) => {
-                            if let Err(e) = state.clear_peer_outdated() {
-                                tracing::error!("peer in sync, but the record says otherwise: {e}");
-                            }
-                            tracing::info!(bytes, %peer, "full sync done: the peer is in sync");
-                            state.write_sync_status("in_sync", &progress, None);
-                        }
-                        Err(e) => {
-                            tracing::error!(%peer, "full sync failed: {e}; writing alone");
-                            state.write_sync_status("alone", &progress, Some(&e));
-                        }
-                    }
+                    outcome
                 });
+                match outcome {
+                    Ok(bytes) => {
+                        if let Err(e) = state.clear_peer_outdated() {
+                            tracing::error!("peer in sync, but the record says otherwise: {e}");
+                        }
+                        tracing::info!(bytes, %peer, "full sync done: the peer is in sync");
+                        state.write_sync_status("in_sync", &progress, None);
+                    }
+                    Err(e) => {
+                        tracing::error!(%peer, "full sync failed: {e}; writing alone");
+                        state.write_sync_status("alone", &progress, Some(&e));
+                    }
+                }
                 running.store(false, Ordering::SeqCst);
             });
         if let Err(e) = spawned {

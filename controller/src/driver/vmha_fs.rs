@@ -529,6 +529,8 @@ fn terminate(child: &mut Child) {
         .and_then(rustix::process::Pid::from_raw);
     if let Some(pid) = pid {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        // A stopped child (SIGSTOP) acts on SIGTERM only once continued.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
     while Instant::now() < deadline {
