@@ -361,6 +361,10 @@ pub struct ModuleState {
     /// Times (ms) of local restarts within the current loop interval.
     pub restarts: Vec<u64>,
     pub resync: Option<Progress>,
+    /// SECOND: learnt it is outdated from a peer that was not writing yet (its
+    /// writer start after our swap fell back to a new generation): resync
+    /// once it writes.
+    pub resync_wanted: bool,
     probe: Option<Probe>,
 }
 
@@ -384,6 +388,7 @@ impl ModuleState {
             changed_bytes: 0,
             restarts: Vec::new(),
             resync: None,
+            resync_wanted: false,
             probe: None,
         }
     }
@@ -637,11 +642,13 @@ impl Transition {
         if self.s.uptodate && behind {
             // The writer went on without us (replication link down).
             self.s.uptodate = false;
-            if peer.role.is_writer() {
-                let full = peer.relation != Relation::PeerNewer;
-                self.act(Action::StartResync { full });
-                self.log("the writer has a newer generation: resynchronising");
-            }
+            self.s.resync_wanted = true;
+        }
+        if self.s.resync_wanted && peer.role.is_writer() {
+            self.s.resync_wanted = false;
+            let full = peer.relation != Relation::PeerNewer;
+            self.act(Action::StartResync { full });
+            self.log("the writer has a newer generation: resynchronising");
         }
         match peer.role {
             Role::Prim | Role::Alone => {}
@@ -946,6 +953,7 @@ impl Transition {
         self.s.probe = None;
         self.s.request = None;
         self.s.resync = None;
+        self.s.resync_wanted = false;
         self.because(reason);
     }
 
@@ -960,6 +968,7 @@ impl Transition {
         self.s.uptodate = false;
         self.s.hold = false;
         self.s.resync = None;
+        self.s.resync_wanted = false;
         self.because(format!("following the peer {}", peer.role));
     }
 
@@ -976,6 +985,7 @@ impl Transition {
         self.s.vm_starting = false;
         self.s.probe = None;
         self.s.resync = None;
+        self.s.resync_wanted = false;
         self.because(reason);
     }
 
