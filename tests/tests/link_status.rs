@@ -51,7 +51,7 @@ fn wait_link(pair: &Pair, state: &str, timeout: Duration) -> Result<Value> {
 
 #[test]
 fn link_json_follows_the_replication_link() -> Result<()> {
-    let mut pair = Pair::prepare(PairOptions {
+    let pair = Pair::prepare(PairOptions {
         lock_timeout_ms: LOCK_TIMEOUT_MS,
         ..PairOptions::default()
     })?;
