@@ -256,6 +256,7 @@ impl Daemon {
                     receiver_restarted: None,
                     outdated: None,
                     judging_since: Arc::clone(&judging_since),
+                    xml_refresh_failed: false,
                 },
                 cmd_rx,
             ));
@@ -805,6 +806,8 @@ struct Runner {
     outdated: Option<Outdated>,
     /// Since when the dispatcher observes the peer without a stall of its own.
     judging_since: Arc<Mutex<Instant>>,
+    /// The last `refresh_xml` failed (logged once).
+    xml_refresh_failed: bool,
 }
 
 /// How `MarkPeerOutdated` ended.
@@ -1588,6 +1591,32 @@ impl Runner {
         }
     }
 
+    /// Logs what [`VmDriver::refresh_xml`] did: a rewrite in the event log, a
+    /// failure once until it succeeds again.
+    async fn on_xml_refresh(&mut self, result: Option<Result<bool, crate::driver::DriverError>>) {
+        match result {
+            Some(Ok(rewritten)) => {
+                if self.xml_refresh_failed {
+                    self.xml_refresh_failed = false;
+                    tracing::info!(module = %self.module.name, "domain XML refresh works again");
+                }
+                if rewritten {
+                    let mut lines = Vec::new();
+                    self.record(
+                        "domain XML rewritten from libvirt's definition".into(),
+                        &mut lines,
+                    )
+                    .await;
+                }
+            }
+            Some(Err(e)) if !self.xml_refresh_failed => {
+                self.xml_refresh_failed = true;
+                tracing::warn!(module = %self.module.name, error = %e, "domain XML refresh failed");
+            }
+            Some(Err(_)) | None => {}
+        }
+    }
+
     /// The checkers: VM state, vmha-fs health, resync progress.
     async fn check(&mut self) {
         let role = self.state.role;
@@ -1597,13 +1626,15 @@ impl Runner {
         if role.is_writer() {
             self.writer_attach().await;
         }
-        let Some((vm, fs, resync, changed)) = self
+        let Some((vm, fs, resync, changed, xml)) = self
             .blocking(move |vm, fs, m| {
                 (
                     check_vm.then(|| vm.state(m)),
                     check_fs.then(|| fs.health(m)),
                     check_resync.then(|| fs.resync_state(m)),
                     fs.changed_bytes(m),
+                    // The writer keeps `<dir>/<domain>.xml` current.
+                    check_vm.then(|| vm.refresh_xml(m)),
                 )
             })
             .await
@@ -1611,6 +1642,7 @@ impl Runner {
             return;
         };
         self.changed_bytes = changed;
+        self.on_xml_refresh(xml).await;
         if let Some(Ok(state)) = vm {
             if state.is_down() {
                 let now_ms = self.now_ms();

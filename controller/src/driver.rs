@@ -3,14 +3,14 @@
 //! the daemon runs them with `spawn_blocking`.
 //!
 //! Implementations: [`fake`] (recording, scriptable, for tests), [`vmha_fs`]
-//! (spawns the `vmha-fs` binary), [`virsh`] (libvirt through the `virsh`
-//! command line until a `virt`-crate driver replaces it).
+//! (spawns the `vmha-fs` binary), [`libvirt`] (libvirt through the `virt`
+//! crate).
 
 use crate::config::Module;
 use crate::state::Progress;
 
 pub mod fake;
-pub mod virsh;
+pub mod libvirt;
 pub mod vmha_fs;
 
 /// Errors of a driver call.
@@ -61,6 +61,13 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
     /// ACPI shutdown, wait `stop_timeout_s`, then destroy. Ok if already off.
     fn stop(&self, module: &Module) -> Result<(), DriverError>;
     fn state(&self, module: &Module) -> Result<VmState, DriverError>;
+    /// Writer: if libvirt's inactive XML of the domain differs from
+    /// `<first replicated dir>/<domain>.xml` (the domain was redefined here,
+    /// e.g. `virsh edit`), rewrites the file atomically so the peer defines
+    /// the same. `Ok(true)`: the file was rewritten.
+    fn refresh_xml(&self, _module: &Module) -> Result<bool, DriverError> {
+        Ok(false)
+    }
 }
 
 /// The health of a module's vmha-fs.

@@ -8,7 +8,7 @@ use clap::Parser;
 use vmha_controller::config::Config;
 use vmha_controller::daemon::{Daemon, DaemonSpec};
 use vmha_controller::driver::fake::{FakeFs, FakeVm};
-use vmha_controller::driver::virsh::VirshDriver;
+use vmha_controller::driver::libvirt::LibvirtDriver;
 use vmha_controller::driver::vmha_fs::VmhaFsDriver;
 use vmha_controller::driver::{FsDriver, VmDriver};
 use vmha_controller::heartbeat::DEFAULT_MAX_AGE;
@@ -30,9 +30,6 @@ struct Args {
     /// The vmha-fs binary (default: next to vmhad, else from PATH).
     #[arg(long, value_name = "PATH")]
     vmha_fs: Option<PathBuf>,
-    /// The virsh binary used to drive libvirt.
-    #[arg(long, value_name = "PATH", default_value = "virsh")]
-    virsh: String,
     /// Test only: fake VM and filesystem drivers (nothing is started).
     #[arg(long, hide = true)]
     fake_drivers: bool,
@@ -72,7 +69,7 @@ fn run(args: Args) -> Result<(), MainError> {
     } else {
         let binary = args.vmha_fs.unwrap_or_else(default_vmha_fs);
         (
-            Arc::new(VirshDriver { virsh: args.virsh }),
+            Arc::new(LibvirtDriver::new()),
             Arc::new(VmhaFsDriver::new(binary, config.clone(), node)),
         )
     };

@@ -392,7 +392,9 @@ pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
             rustix::fs::removexattr(proc_path(fd.as_fd()), name.as_os_str())?;
         }
         // Whole-directory operations of a full sync: the receiver's own business.
-        Op::Wipe | Op::SyncAll => return Err(Errno::INVAL),
+        Op::Wipe | Op::SyncAll | Op::Remove { .. } | Op::InSync | Op::Compare { .. } => {
+            return Err(Errno::INVAL)
+        }
         Op::Fsync { id, datasync } => {
             let fd = table.data_fd(*id)?;
             if *datasync {

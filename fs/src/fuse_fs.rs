@@ -27,8 +27,9 @@ use crate::apply::{self, Applied, Errno, NodeTable};
 use crate::buffer::{AlignedBuf, Payload};
 use crate::inodes::{Inodes, Node};
 use crate::joint::{Joint, Local};
-use crate::link::PeerLink;
+use crate::link::{LinkState, PeerLink};
 use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Time, XattrValue};
+use crate::track::{Change, InFlight, Tracker};
 
 const TTL: Duration = Duration::from_secs(1);
 const MAX_WRITE: u32 = 1 << 20;
@@ -122,6 +123,9 @@ pub struct ReplicatedFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
+    tracker: Arc<Tracker>,
+    /// The backing directory's path, to name journal entries relative to it.
+    root_path: Vec<u8>,
 }
 
 fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -187,6 +191,12 @@ fn name_of(name: &OsStr) -> Result<Name, Errno> {
 }
 
 /// `pread` until `buf` is full or end of file.
+/// The path the kernel gives for a descriptor (`/proc/self/fd/N`), as bytes.
+fn fd_path(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+    let link = rustix::fs::readlinkat(rustix::fs::CWD, apply::proc_path(fd), Vec::new())?;
+    Ok(link.into_bytes())
+}
+
 pub(crate) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
     let mut done = 0;
     while done < buf.len() {
@@ -201,7 +211,9 @@ pub(crate) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Resu
 }
 
 impl ReplicatedFs {
-    pub fn new(root: OwnedFd, link: PeerLink) -> Result<Self, Errno> {
+    pub fn new(root: OwnedFd, link: PeerLink, tracker: Arc<Tracker>) -> Result<Self, Errno> {
+        let root_path = fd_path(root.as_fd())?;
+        link.track(tracker.clone());
         Ok(Self {
             inodes: Arc::new(Inodes::new(root)?),
             link,
@@ -209,6 +221,97 @@ impl ReplicatedFs {
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            tracker,
+            root_path,
+        })
+    }
+
+    /// Records what `op` is about to change where the peer may not get it (design,
+    /// "Degraded mode"): in the dirty records while writing alone, in the activity
+    /// log while the peer receives. Durable before this returns; call it before the
+    /// local change.
+    fn record(&self, op: &Op) -> Result<InFlight, Errno> {
+        let changes = self.changes_of(op)?;
+        if changes.is_empty() {
+            return Ok(InFlight::none());
+        }
+        let alone = |s: &LinkState| matches!(s, LinkState::Degraded | LinkState::Attaching);
+        if alone(&self.link.state()) {
+            self.tracker.record_degraded(&changes)?;
+            return Ok(InFlight::none());
+        }
+        let inflight = self.tracker.record_active(&changes)?;
+        // The link may have stopped sending meanwhile, after the activity log moved
+        // to the dirty records: then this change belongs there too.
+        if alone(&self.link.state()) {
+            self.tracker.record_degraded(&changes)?;
+        }
+        Ok(inflight)
+    }
+
+    fn changes_of(&self, op: &Op) -> Result<Vec<Change>, Errno> {
+        let range = |id: NodeId, start: u64, len: u64| -> Result<Vec<Change>, Errno> {
+            let ino = self.inodes.get(id)?.ino();
+            Ok(vec![Change::Range {
+                ino,
+                start,
+                end: start.saturating_add(len),
+            }])
+        };
+        let name = |parent: NodeId, name: &Name| -> Result<Change, Errno> {
+            let dir = self.inodes.get(parent)?;
+            let path = fd_path(dir.fd.as_fd()).unwrap_or_default();
+            let root = self.root_path.as_slice();
+            let full = if path == root {
+                name.as_bytes().to_vec()
+            } else {
+                match path.strip_prefix(root).and_then(|r| r.strip_prefix(b"/")) {
+                    Some(prefix) => crate::track::join(prefix, name.as_bytes()),
+                    // Outside the root (a removed directory): everything is suspect.
+                    None => Vec::new(),
+                }
+            };
+            Ok(Change::Name(full))
+        };
+        Ok(match op {
+            Op::Write { id, offset, data } => range(*id, *offset, data.len() as u64)?,
+            Op::Fallocate {
+                id, offset, len, ..
+            } => range(*id, *offset, *len)?,
+            Op::CopyRange {
+                dst,
+                dst_offset,
+                len,
+                ..
+            } => range(*dst, *dst_offset, *len)?,
+            Op::Truncate { id, size } => {
+                let node = self.inodes.get(*id)?;
+                let old = rustix::fs::fstat(node.fd.as_fd())?.st_size as u64;
+                let (lo, hi) = (old.min(*size), old.max(*size));
+                range(*id, lo, hi - lo)?
+            }
+            Op::Create {
+                parent, name: n, ..
+            }
+            | Op::Mkdir {
+                parent, name: n, ..
+            }
+            | Op::Symlink {
+                parent, name: n, ..
+            }
+            | Op::Link {
+                parent, name: n, ..
+            }
+            | Op::Unlink { parent, name: n }
+            | Op::Rmdir { parent, name: n } => vec![name(*parent, n)?],
+            Op::Rename {
+                parent,
+                name: n,
+                new_parent,
+                new_name,
+                ..
+            } => vec![name(*parent, n)?, name(*new_parent, new_name)?],
+            _ => Vec::new(),
         })
     }
 
@@ -220,6 +323,7 @@ impl ReplicatedFs {
             self.namespace.clone(),
             self.link.clone(),
             progress,
+            self.tracker.clone(),
         )
     }
 
@@ -236,6 +340,7 @@ impl ReplicatedFs {
     /// orders it) is still held, then waits for the peer.
     fn replicate<G>(&self, op: Op, order: G) -> Result<Applied, Errno> {
         self.link.wait_usable()?;
+        let _inflight = self.record(&op)?;
         let applied = apply::apply(self.inodes.as_ref(), &op)?;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let what = format!("{op:?}");
@@ -422,34 +527,36 @@ impl ReplicatedFs {
         let buf = Payload::Aligned(Arc::new(AlignedBuf::copy_from(data)));
         let end = offset.saturating_add(data.len() as u64);
         let id = handle.node.id;
+        let op = Op::Write {
+            id,
+            offset,
+            data: buf.clone(),
+        };
+        let inflight = match self.record(&op) {
+            Ok(g) => g,
+            Err(e) => return reply.error(fuse_err(e)),
+        };
         let joint = Joint::new(
             &self.link,
             "write",
             if handle.sync { 2 } else { 1 },
-            Box::new(move |r: Result<usize, Errno>| match r {
-                Ok(n) => reply.written(n as u32),
-                Err(e) => reply.error(fuse_err(e)),
+            Box::new(move |r: Result<usize, Errno>| {
+                drop(inflight);
+                match r {
+                    Ok(n) => reply.written(n as u32),
+                    Err(e) => reply.error(fuse_err(e)),
+                }
             }),
         );
         let order = handle.node.ranges.lock(offset, end);
-        let queued = self
-            .link
-            .submit(
-                Op::Write {
-                    id,
-                    offset,
-                    data: buf.clone(),
-                },
-                joint.remote(),
-            )
-            .and_then(|()| {
-                if handle.sync {
-                    self.link
-                        .submit(Op::Fsync { id, datasync: true }, joint.remote())
-                } else {
-                    Ok(())
-                }
-            });
+        let queued = self.link.submit(op, joint.remote()).and_then(|()| {
+            if handle.sync {
+                self.link
+                    .submit(Op::Fsync { id, datasync: true }, joint.remote())
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = queued {
             drop(order);
             return joint.local(Local::NotApplied(e));
@@ -1080,6 +1187,13 @@ impl fuser::Filesystem for ReplicatedFs {
             let src_fd = self.inodes.data_fd(src.id)?;
             let dst_fd = self.inodes.data_fd(dst.id)?;
             self.link.wait_usable()?;
+            let _inflight = self.record(&Op::CopyRange {
+                src: src.id,
+                src_offset: offset_in,
+                dst: dst.id,
+                dst_offset: offset_out,
+                len,
+            })?;
             let copied =
                 apply::copy_range(src_fd.as_fd(), offset_in, dst_fd.as_fd(), offset_out, len)?;
             if copied == 0 {

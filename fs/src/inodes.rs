@@ -65,6 +65,13 @@ pub struct Node {
     key: (u64, u64),
 }
 
+impl Node {
+    /// The backing file's inode number (the key of its dirty map).
+    pub fn ino(&self) -> u64 {
+        self.key.1
+    }
+}
+
 #[derive(Debug, Default)]
 struct Maps {
     by_id: HashMap<NodeId, (Arc<Node>, u64)>,

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod buffer;
+pub mod compare;
 pub mod fuse_fs;
 pub mod inodes;
 pub mod joint;
@@ -13,4 +14,5 @@ pub mod op;
 pub mod receiver;
 pub mod resync;
 pub mod statedir;
+pub mod track;
 pub mod wire;

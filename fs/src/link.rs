@@ -25,10 +25,29 @@ use parking_lot::{Condvar, Mutex};
 use crate::apply::Errno;
 use crate::key::ClusterKey;
 use crate::op::Op;
+use crate::track::{Report, Tracker};
 use crate::wire::{self, FrameReader, FrameWriter, Message, WireError};
 
 /// Called once with the receiver's outcome of an operation.
 pub type Completion = Box<dyn FnOnce(Result<(), Errno>) + Send>;
+
+/// A query in flight (see [`PeerLink::query`]).
+#[derive(Debug)]
+pub struct Query {
+    answer: crossbeam_channel::Receiver<Vec<u32>>,
+    done: crossbeam_channel::Receiver<Result<(), Errno>>,
+}
+
+impl Query {
+    /// The peer's answer; EIO when the peer went away without one.
+    pub fn wait(self) -> Result<Vec<u32>, Errno> {
+        match self.done.recv() {
+            Ok(Ok(())) => self.answer.try_recv().map_err(|_| Errno::IO),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Errno::IO),
+        }
+    }
+}
 
 /// Bytes of write data allowed in flight before submitters wait.
 const MAX_INFLIGHT_BYTES: usize = 64 << 20;
@@ -111,6 +130,8 @@ struct Shared {
     /// Frames in sequence order, waiting for whoever holds the writer.
     outbox: Vec<Message>,
     last_send: Instant,
+    /// Where the answers of queries in flight (`Message::Differ`) go, by sequence.
+    queries: HashMap<u64, crossbeam_channel::Sender<Vec<u32>>>,
 }
 
 impl Shared {
@@ -129,6 +150,7 @@ impl Shared {
             stall_since: Instant::now(),
             outbox: Vec::new(),
             last_send: Instant::now(),
+            queries: HashMap::new(),
         }
     }
 }
@@ -148,6 +170,7 @@ struct Inner {
     readers: Mutex<Vec<JoinHandle<()>>>,
     lock_timeout: Duration,
     on_divergence: DivergenceHook,
+    tracker: std::sync::OnceLock<Arc<Tracker>>,
 }
 
 /// Handle to the replication link; cheap to clone.
@@ -173,6 +196,8 @@ struct Session {
     stream: TcpStream,
     writer: FrameWriter<BufWriter<TcpStream>>,
     reader: FrameReader<BufReader<TcpStream>>,
+    /// The receiver's report on its copy.
+    report: Option<Box<Report>>,
 }
 
 fn open_session(
@@ -196,15 +221,15 @@ fn open_session(
         .map_err(protocol)?;
     let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
     let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
-    match reader.recv().map_err(protocol)? {
-        Message::Welcome => {}
+    let report = match reader.recv().map_err(protocol)? {
+        Message::Welcome { report } => report,
         Message::Refused { reason } => return Err(protocol(WireError::Refused(reason))),
         other => {
             return Err(protocol(WireError::Malformed(format!(
                 "expected Welcome, got {other:?}"
             ))))
         }
-    }
+    };
     stream
         .set_read_timeout(None)
         .map_err(|e| protocol(e.into()))?;
@@ -212,6 +237,7 @@ fn open_session(
         stream,
         writer,
         reader,
+        report,
     })
 }
 
@@ -226,6 +252,7 @@ impl PeerLink {
                 readers: Mutex::new(Vec::new()),
                 lock_timeout,
                 on_divergence,
+                tracker: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -257,6 +284,7 @@ impl PeerLink {
             stream,
             writer,
             reader,
+            report: _,
         } = session;
         let epoch = {
             let mut shared = self.inner.shared.lock();
@@ -265,6 +293,7 @@ impl PeerLink {
             // A new session numbers its operations from 1 again.
             shared.next_seq = 1;
             shared.outbox.clear();
+            shared.queries.clear();
             shared.stall_since = Instant::now();
             shared.epoch
         };
@@ -311,20 +340,28 @@ impl PeerLink {
 
     /// Takes a peer again while writing alone. The peer stays recorded as outdated;
     /// the caller gives it the namespace (`enqueue_sync`), then calls `begin_data`,
-    /// copies the data and calls `finish_sync`.
+    /// copies the data and calls `finish_sync`. Returns the peer's report on its copy.
     pub fn attach(
         &self,
         addr: SocketAddr,
         key: &ClusterKey,
         generation: Option<String>,
-    ) -> Result<(), LinkError> {
+    ) -> Result<Option<Box<Report>>, LinkError> {
         let state = self.state();
         if state != LinkState::Degraded {
             return Err(LinkError::NotAlone(state));
         }
-        let session = open_session(addr, key, generation)?;
+        let mut session = open_session(addr, key, generation)?;
+        let report = session.report.take();
         tracing::info!(%addr, "peer attached; bringing it up to date");
-        self.install(session, LinkState::Attaching)
+        self.install(session, LinkState::Attaching)?;
+        Ok(report)
+    }
+
+    /// From now on, when the peer stops receiving, what the activity log says may
+    /// be missing there moves to the dirty records before anything is acknowledged.
+    pub fn track(&self, tracker: Arc<Tracker>) {
+        let _ = self.inner.tracker.set(tracker);
     }
 
     /// The peer has the namespace: from now on every mutation travels to it too.
@@ -375,6 +412,21 @@ impl PeerLink {
         };
         self.inner.changed.notify_all();
         self.close_stream();
+        // What was in flight (and anything the activity log says may not have
+        // reached the peer) is recorded as dirty before it is acknowledged.
+        let recorded = match self.inner.tracker.get() {
+            Some(tracker) => tracker.degrade().map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        if let Err(e) = recorded {
+            tracing::error!("cannot record what the peer lacks: {e}; replication stopped");
+            self.inner.shared.lock().state = LinkState::Failed(e);
+            self.inner.changed.notify_all();
+            for (_, p) in pending {
+                (p.completion)(Err(Errno::IO));
+            }
+            return;
+        }
         for (_, p) in pending {
             (p.completion)(Ok(()));
         }
@@ -436,6 +488,32 @@ impl PeerLink {
         drop(shared);
         self.pump();
         Ok(())
+    }
+
+    /// Queues an operation whose answer is a list of block indexes (`Op::Compare`),
+    /// in any state that sends; wait for the answer with [`Query::wait`].
+    pub fn query(&self, op: Op) -> Result<Query, Errno> {
+        let mut shared = self.wait_until(|s| {
+            !s.state.sends() || s.inflight_bytes == 0 || s.inflight_bytes < MAX_INFLIGHT_BYTES
+        })?;
+        if !shared.state.sends() {
+            return Err(Errno::IO);
+        }
+        let (answer_tx, answer) = crossbeam_channel::bounded(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let seq = shared.next_seq;
+        shared.queries.insert(seq, answer_tx);
+        self.enqueue(
+            &mut shared,
+            op,
+            Box::new(move |r| {
+                let _ = done_tx.send(r);
+            }),
+            0,
+        );
+        drop(shared);
+        self.pump();
+        Ok(Query { answer, done })
     }
 
     /// Waits while the link is lost; fails once it has failed. Called before a local
@@ -681,6 +759,23 @@ impl PeerLink {
             let acks = match reader.recv() {
                 Ok(Message::Acks(acks)) => acks,
                 Ok(Message::Ping) => continue,
+                Ok(Message::Differ { seq, blocks }) => {
+                    let mut shared = self.inner.shared.lock();
+                    if shared.epoch != epoch {
+                        return;
+                    }
+                    match shared.queries.remove(&seq) {
+                        Some(tx) => {
+                            let _ = tx.send(blocks);
+                            continue;
+                        }
+                        None => {
+                            drop(shared);
+                            self.lost(epoch, &format!("an answer to no query ({seq})"));
+                            return;
+                        }
+                    }
+                }
                 Ok(other) => {
                     self.lost(
                         epoch,

@@ -17,6 +17,7 @@ use vmha_fs::mounts::{self, ReadOnlyBind};
 use vmha_fs::receiver::ReceiverServer;
 use vmha_fs::resync::{SyncProgress, Syncer};
 use vmha_fs::statedir::StateDir;
+use vmha_fs::track::Tracker;
 use vmha_fs::wire::WireError;
 
 #[derive(Parser, Debug)]
@@ -77,6 +78,11 @@ enum Command {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
+        /// Activity-log size in 4 MiB extents: after a crash of this node while
+        /// connected, at most this many × 4 MiB are resent to the peer.
+        #[arg(long, default_value_t = vmha_fs::track::DEFAULT_AL_EXTENTS as u32,
+              value_parser = clap::value_parser!(u32).range(4..=65536))]
+        al_extents: u32,
     },
 }
 
@@ -93,6 +99,10 @@ enum CliError {
     Receiver(#[from] vmha_fs::receiver::ReceiverError),
     #[error(transparent)]
     Link(#[from] vmha_fs::link::LinkError),
+    #[error(transparent)]
+    Track(#[from] vmha_fs::track::TrackError),
+    #[error("refusing to start replicating at once: the records in {0} say the peer may lack changes made here; start with --alone and attach the peer (SIGUSR2) to resync them")]
+    NotInSync(PathBuf),
     #[error("{what} directory {path}: {reason}")]
     Dir {
         what: &'static str,
@@ -150,7 +160,9 @@ fn main() -> ExitCode {
             lock_timeout_ms,
             generation,
             threads,
+            al_extents,
         } => run_primary(PrimaryArgs {
+            al_extents: al_extents as usize,
             alone,
             generation,
             backing,
@@ -239,9 +251,12 @@ fn run_secondary(
 ) -> Result<(), CliError> {
     let key = ClusterKey::load(key_file)?;
     let backing = existing_dir("backing", backing)?;
-    let _state = StateDir::open(state)?;
+    let state_dir = StateDir::open(state)?;
+    let tracker = Tracker::open(state_dir.path(), vmha_fs::track::DEFAULT_AL_EXTENTS)?;
     let root = open_dir("backing", &backing)?;
-    let server = ReceiverServer::bind(listen, root, key)?.accept_only_generation(accept_generation);
+    let server = ReceiverServer::bind(listen, root, key)?
+        .accept_only_generation(accept_generation)
+        .with_tracker(tracker);
     // After the descriptor is open: only the receiver can write from now on.
     let _read_only = ReadOnlyBind::new(&backing)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -269,6 +284,7 @@ struct PrimaryArgs {
     key_file: PathBuf,
     lock_timeout: Duration,
     threads: usize,
+    al_extents: usize,
 }
 
 fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
@@ -296,6 +312,10 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         );
     }
     let root = open_dir("backing", &backing)?;
+    let tracker = Tracker::open(state.path(), args.al_extents)?;
+    if !args.alone && args.peer.is_some() && !tracker.is_clean() {
+        return Err(CliError::NotInSync(state.path().join("track")));
+    }
     let marker = state.clone();
     let record_outdated: vmha_fs::link::DivergenceHook = Box::new(move |reason| {
         if let Err(e) = marker.mark_peer_outdated(reason) {
@@ -314,8 +334,24 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         )?,
         _ => PeerLink::alone(args.lock_timeout, record_outdated)?,
     };
-    let fs = ReplicatedFs::new(root, link.clone())
+    let checkpoint_root = root
+        .try_clone()
+        .map_err(|e| CliError::Other(format!("cannot duplicate the backing descriptor: {e}")))?;
+    let fs = ReplicatedFs::new(root, link.clone(), tracker.clone())
         .map_err(|e| CliError::Other(format!("cannot read backing directory: {e}")))?;
+    let checkpoints = Checkpointer {
+        tracker: tracker.clone(),
+        link: link.clone(),
+        root: Arc::new(checkpoint_root),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let checkpoint_thread = {
+        let c = checkpoints.clone();
+        std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || c.run())
+            .map_err(|e| CliError::Other(format!("cannot start checkpoint thread: {e}")))?
+    };
     let progress = Arc::new(SyncProgress::default());
     let syncer = fs.syncer(progress.clone());
     let mut config = fuser::Config::default();
@@ -393,6 +429,15 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         "primary ready"
     );
     let served = session.run();
+    checkpoints.stop.store(true, Ordering::SeqCst);
+    let _ = checkpoint_thread.join();
+    // A clean stop leaves an empty activity log when the peer is reachable, so a
+    // later start may replicate at once (after a swap, say).
+    for _ in 0..3 {
+        if tracker.activity_len() == 0 || !checkpoints.once() {
+            break;
+        }
+    }
     link.shutdown(threads);
     served.map_err(|e| CliError::Other(format!("FUSE session failed: {e}")))?;
     tracing::info!("primary stopped");
@@ -470,6 +515,63 @@ fn stale_refusal(error: &LinkError) -> Option<String> {
     }
 }
 
+/// Retires activity-log entries once both copies are durable: every few seconds while
+/// the log is not empty, at once when it is full.
+#[derive(Clone)]
+struct Checkpointer {
+    tracker: Arc<Tracker>,
+    link: PeerLink,
+    root: Arc<std::os::fd::OwnedFd>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Checkpointer {
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn run(&self) {
+        let mut last = std::time::Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            let full = self
+                .tracker
+                .wait_checkpoint_request(Duration::from_millis(250));
+            if full || last.elapsed() >= Self::INTERVAL {
+                last = std::time::Instant::now();
+                self.once();
+            }
+        }
+    }
+
+    /// One checkpoint; false if it could not complete.
+    fn once(&self) -> bool {
+        use vmha_fs::link::LinkState;
+        if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
+            return false;
+        }
+        let Some((epoch, idle)) = self.tracker.checkpoint_begin() else {
+            return true;
+        };
+        if let Err(e) = rustix::fs::syncfs(&*self.root) {
+            tracing::warn!("checkpoint: local sync failed: {e}");
+            return false;
+        }
+        if let Err(e) = self.link.submit_wait(vmha_fs::op::Op::SyncAll) {
+            tracing::debug!("checkpoint: the peer did not sync: {e}");
+            return false;
+        }
+        // Still sending: the SyncAll really reached the peer (not completed locally).
+        if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
+            return false;
+        }
+        match self.tracker.checkpoint_end(epoch, idle) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("checkpoint: {e}");
+                false
+            }
+        }
+    }
+}
+
 /// Attaches the configured peer to a link that writes alone and copies everything to
 /// it (SIGUSR2), reporting progress in `STATEDIR/sync.json`.
 struct Joiner {
@@ -524,7 +626,7 @@ impl Joiner {
                         }
                     });
                     let outcome = match link.attach(peer, &key, generation) {
-                        Ok(()) => syncer.run().map_err(|e| e.to_string()),
+                        Ok(report) => syncer.run(report).map_err(|e| e.to_string()),
                         Err(e) => {
                             if let Some(reason) = stale_refusal(&e) {
                                 tracing::error!(%peer, reason, "fenced: the peer refused our generation");
@@ -537,11 +639,12 @@ impl Joiner {
                     outcome
                 });
                 match outcome {
-                    Ok(bytes) => {
+                    Ok(outcome) => {
+                        let (bytes, incremental) = (outcome.data_bytes, outcome.incremental);
                         if let Err(e) = state.clear_peer_outdated() {
                             tracing::error!("peer in sync, but the record says otherwise: {e}");
                         }
-                        tracing::info!(bytes, %peer, "full sync done: the peer is in sync");
+                        tracing::info!(bytes, incremental, %peer, "sync done: the peer is in sync");
                         state.write_sync_status("in_sync", &progress, None);
                     }
                     Err(e) => {

@@ -288,9 +288,27 @@ pub enum Op {
     /// Full sync, receiver only: empty the directory (its content is outdated and
     /// about to be recreated) and forget every id but the root.
     Wipe,
-    /// Full sync, receiver only: sync the whole filesystem; acknowledged once every
-    /// earlier operation is applied and durable.
+    /// Receiver only: sync the whole filesystem; acknowledged once every earlier
+    /// operation is applied and durable (end of a sync, activity-log checkpoints).
     SyncAll,
+    /// Receiver only, changes nothing: hash `block`-byte blocks of `id` from
+    /// `offset` (blake3; short at the end of the file, empty past it) and answer
+    /// (`Message::Differ`) which differ from `hashes`.
+    Compare {
+        id: NodeId,
+        offset: u64,
+        block: u32,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Resync, receiver only: remove `parent/name`, and everything beneath it if it
+    /// is a directory (the writer has nothing there, or something of another kind).
+    Remove {
+        parent: NodeId,
+        name: Name,
+    },
+    /// Resync, receiver only: both copies are identical now (sent after an
+    /// acknowledged `SyncAll`); the receiver's own records start afresh.
+    InSync,
 }
 
 impl Op {

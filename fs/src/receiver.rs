@@ -19,8 +19,10 @@ use parking_lot::Mutex;
 use rustix::fs::{FileType, OFlags};
 
 use crate::apply::{self, Applied, Errno, NodeTable};
+use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{NodeId, Op, ROOT};
+use crate::track::Tracker;
 use crate::wire::{self, Ack, FrameReader, FrameWriter, Message, WireError};
 
 /// How long the receiver waits for a frame before it considers the primary gone.
@@ -118,6 +120,27 @@ impl NodeTable for SessionTable {
 
 impl SessionTable {
     /// Full sync: empty the directory and forget every id but the root's.
+    /// Removes `parent/name` (recursively), forgetting the ids bound beneath.
+    fn remove(&self, parent: NodeId, name: &crate::op::Name) -> Result<(), Errno> {
+        let dir = self.path_fd(parent)?;
+        let child = match apply::lookup_beneath(dir.as_fd(), name) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let st = rustix::fs::fstat(child.as_fd())?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            remove_beneath(child.as_fd())?;
+            rustix::fs::unlinkat(
+                dir.as_fd(),
+                name.as_os_str(),
+                rustix::fs::AtFlags::REMOVEDIR,
+            )
+        } else {
+            rustix::fs::unlinkat(dir.as_fd(), name.as_os_str(), rustix::fs::AtFlags::empty())
+        }
+    }
+
     fn wipe(&self) -> Result<(), Errno> {
         let root = self.path_fd(ROOT)?;
         self.nodes.lock().retain(|id, _| *id == ROOT);
@@ -160,6 +183,9 @@ pub struct ReceiverServer {
     busy: Arc<AtomicBool>,
     /// Fencing: when set, only a primary claiming this data generation is served.
     accept_generation: Option<String>,
+    /// This node's records of what its copy may lack (reported to a writer that
+    /// attaches; reset when the copy is replaced or declared identical).
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl ReceiverServer {
@@ -174,7 +200,14 @@ impl ReceiverServer {
             key,
             busy: Arc::new(AtomicBool::new(false)),
             accept_generation: None,
+            tracker: None,
         })
+    }
+
+    /// Report this node's records to attaching writers and keep them current.
+    pub fn with_tracker(mut self, tracker: Arc<Tracker>) -> Self {
+        self.tracker = Some(tracker);
+        self
     }
 
     /// Serve only a primary that claims `generation` (its controller's current data
@@ -200,10 +233,19 @@ impl ReceiverServer {
                     let key = self.key.clone();
                     let busy = self.busy.clone();
                     let accept = self.accept_generation.clone();
+                    let tracker = self.tracker.clone();
                     let spawned = std::thread::Builder::new()
                         .name(format!("recv-{peer}"))
                         .spawn(move || {
-                            handle_connection(stream, peer, root, key, busy, accept.as_deref())
+                            handle_connection(
+                                stream,
+                                peer,
+                                root,
+                                key,
+                                busy,
+                                accept.as_deref(),
+                                tracker,
+                            )
                         });
                     if let Err(e) = spawned {
                         tracing::error!(%peer, "cannot start connection thread: {e}");
@@ -235,6 +277,7 @@ fn handle_connection(
     key: ClusterKey,
     busy: Arc<AtomicBool>,
     accept_generation: Option<&str>,
+    tracker: Option<Arc<Tracker>>,
 ) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
@@ -288,13 +331,24 @@ fn handle_connection(
         return;
     }
     let _slot = SessionSlot(busy);
-    if let Err(e) = writer.send(&Message::Welcome).and_then(|()| writer.flush()) {
+    let report = tracker.as_ref().and_then(|t| match t.report(root.as_fd()) {
+        Ok(r) => Some(Box::new(r)),
+        Err(e) => {
+            // Without a report the writer compares everything: slower, never wrong.
+            tracing::warn!("cannot report on this copy: {e}");
+            None
+        }
+    });
+    if let Err(e) = writer
+        .send(&Message::Welcome { report })
+        .and_then(|()| writer.flush())
+    {
         tracing::warn!(%peer, "session ended before it started: {e}");
         return;
     }
     tracing::info!(%peer, ?claimed, "primary connected");
     let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
-    match run_session(reader, writer, root) {
+    match run_session(reader, writer, root, tracker) {
         Ok(()) => tracing::info!(%peer, "primary disconnected"),
         Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),
     }
@@ -328,6 +382,7 @@ fn run_session(
     mut reader: FrameReader<BufReader<TcpStream>>,
     writer: FrameWriter<BufWriter<TcpStream>>,
     root: Arc<OwnedFd>,
+    tracker: Option<Arc<Tracker>>,
 ) -> Result<(), WireError> {
     let table = Arc::new(SessionTable::new(root));
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
@@ -399,7 +454,49 @@ fn run_session(
             }
         } else if matches!(op, Op::Wipe) {
             tracing::warn!("full sync: emptying the replicated directory");
-            table.wipe()
+            // Records of a copy being replaced wholesale say nothing any more.
+            match tracker.as_ref().map(|t| t.invalidate()).transpose() {
+                Ok(_) => table.wipe(),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    Err(Errno::IO)
+                }
+            }
+        } else if matches!(op, Op::InSync) {
+            tracing::info!("resync finished: this copy is identical to the writer's");
+            match tracker.as_ref().map(|t| t.clear_all()).transpose() {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    Err(Errno::IO)
+                }
+            }
+        } else if let Op::Remove { parent, name } = &op {
+            table.remove(*parent, name)
+        } else if let Op::Compare {
+            id,
+            offset,
+            block,
+            hashes,
+        } = &op
+        {
+            let answer = table
+                .data_fd(*id)
+                .and_then(|fd| compare::differing(fd.as_fd(), *offset, *block, hashes));
+            match answer {
+                Ok(blocks) => {
+                    // The answer precedes the ack that completes the query.
+                    let mut w = writer.lock();
+                    if let Err(e) = w
+                        .send(&Message::Differ { seq, blocks })
+                        .and_then(|()| w.flush())
+                    {
+                        break Err(e);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         } else if matches!(op, Op::SyncAll) {
             table
                 .data_fd(ROOT)

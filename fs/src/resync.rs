@@ -1,6 +1,14 @@
-//! Bringing a newly attached peer up to date while the VM keeps writing: a full copy
-//! that travels through the same ordered stream as live mutations.
+//! Bringing a newly attached peer up to date while the VM keeps writing, through the
+//! same ordered stream as live mutations.
 //!
+//! **Incremental** (both nodes' records valid, see `track`): the peer's namespace is
+//! reconciled in place (existing entries are bound to the writer's ids, missing ones
+//! created, extra ones removed) and only the regions that may differ travel — the
+//! union of the writer's dirty map and activity log and the peer's own report. A
+//! file reached through a name either side's journal recorded as changed, or new on
+//! the peer, is copied whole. Holes travel as punched holes.
+//!
+//! **Full** (no valid history on either side):
 //! 1. Under the namespace lock (no create/rename/unlink meanwhile) the receiver's
 //!    directory is wiped and the whole tree is recreated there — directories, files
 //!    with their size, symlinks, hard links, owners, modes, xattrs — with the same
@@ -27,9 +35,11 @@ use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use crate::apply::{self, Errno};
 use crate::buffer::{AlignedBuf, Payload};
+use crate::compare;
 use crate::inodes::{Inodes, Node};
 use crate::link::PeerLink;
 use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, XattrValue, ROOT};
+use crate::track::{self, EntryKind, Report, Tracker};
 
 const CHUNK: u64 = 1 << 20;
 
@@ -58,6 +68,31 @@ pub struct Syncer {
     progress: Arc<SyncProgress>,
     /// An operation of the sync failed on the peer.
     failed: Arc<AtomicBool>,
+    tracker: Arc<Tracker>,
+}
+
+/// How one file's data reaches the peer.
+#[derive(Debug)]
+enum Plan {
+    /// Everything allocated (new on the peer, or its binding is in doubt).
+    Whole(Arc<Node>),
+    /// The regions both nodes' records name (`path` keys the peer's report).
+    Dirty(Arc<Node>, Vec<u8>),
+}
+
+/// How one file's data is brought up to date.
+#[derive(Debug)]
+enum Job {
+    Ranges(Arc<Node>, Vec<(u64, u64)>),
+    Copy(Arc<Node>),
+    Compare(Arc<Node>),
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub incremental: bool,
+    pub data_bytes: u64,
 }
 
 fn local(what: impl Into<String>) -> impl FnOnce(Errno) -> SyncError {
@@ -71,6 +106,7 @@ impl Syncer {
         namespace: Arc<RwLock<()>>,
         link: PeerLink,
         progress: Arc<SyncProgress>,
+        tracker: Arc<Tracker>,
     ) -> Self {
         Self {
             inodes,
@@ -78,6 +114,7 @@ impl Syncer {
             link,
             progress,
             failed: Arc::new(AtomicBool::new(false)),
+            tracker,
         }
     }
 
@@ -98,55 +135,447 @@ impl Syncer {
             .map_err(|_| SyncError::PeerGone)
     }
 
-    /// Copies everything to the attached peer; returns the data bytes sent.
-    pub fn run(&self) -> Result<u64, SyncError> {
+    /// Brings the attached peer up to date, given its report on its copy.
+    pub fn run(&self, report: Option<Box<Report>>) -> Result<SyncOutcome, SyncError> {
         self.failed.store(false, Ordering::SeqCst);
         self.progress.done_bytes.store(0, Ordering::Relaxed);
         self.progress.total_bytes.store(0, Ordering::Relaxed);
+        let incremental = report
+            .as_ref()
+            .is_some_and(|r| r.valid && self.tracker.is_valid());
+        if !incremental {
+            tracing::warn!(
+                "no complete history of both copies: comparing everything block by block"
+            );
+        }
         let mut held = Vec::new();
-        let outcome = self.copy_all(&mut held);
+        let outcome = self.copy_all(&mut held, report.as_deref(), incremental);
         // The sync's own references on nodes; the kernel's stay.
         for id in held {
             if self.inodes.release_refs(id, 1) {
                 self.link.submit_nowait(Op::Forget { id });
             }
         }
-        let bytes = outcome?;
-        if self.failed.load(Ordering::SeqCst) || !self.link.finish_sync() {
+        let data_bytes = outcome?;
+        if self.failed.load(Ordering::SeqCst) {
             return Err(SyncError::PeerGone);
         }
-        Ok(bytes)
+        // Both copies are identical now: both nodes' records start afresh (the peer's
+        // first: if we stop in between, ours still say more than needed, never less).
+        self.send_wait(Op::InSync)?;
+        if let Err(e) = self.tracker.clear_all() {
+            tracing::error!("peer in sync, but clearing the records failed: {e}");
+        }
+        if !self.link.finish_sync() {
+            return Err(SyncError::PeerGone);
+        }
+        Ok(SyncOutcome {
+            incremental,
+            data_bytes,
+        })
     }
 
-    fn copy_all(&self, held: &mut Vec<NodeId>) -> Result<u64, SyncError> {
-        let files = {
-            let _no_namespace_changes = self.namespace.write();
-            let files = self.copy_namespace(held)?;
-            if !self.link.begin_data() {
-                return Err(SyncError::PeerGone);
-            }
-            files
-        };
-        let mut bytes = 0;
-        for node in files {
-            bytes += self.copy_data(&node)?;
-        }
-        // Barrier: acknowledged once everything before it is applied and synced.
+    /// Sends an op of the sync and waits for the peer's outcome.
+    fn send_wait(&self, op: Op) -> Result<(), SyncError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.link
             .enqueue_sync(
-                Op::SyncAll,
+                op,
                 Box::new(move |r| {
                     let _ = tx.send(r);
                 }),
             )
             .map_err(|_| SyncError::PeerGone)?;
         match rx.recv() {
-            Ok(Ok(())) => Ok(bytes),
+            Ok(Ok(())) => Ok(()),
             _ => Err(SyncError::PeerGone),
         }
     }
 
+    fn copy_all(
+        &self,
+        held: &mut Vec<NodeId>,
+        report: Option<&Report>,
+        incremental: bool,
+    ) -> Result<u64, SyncError> {
+        let plans = {
+            let _no_namespace_changes = self.namespace.write();
+            let plans = match report {
+                Some(report) => self.reconcile_namespace(held, report)?,
+                None => self
+                    .copy_namespace(held)?
+                    .into_iter()
+                    .map(Plan::Whole)
+                    .collect(),
+            };
+            if !self.link.begin_data() {
+                return Err(SyncError::PeerGone);
+            }
+            plans
+        };
+        // From here on live writes reach the peer; the records now hold everything
+        // written without it.
+        let mut suspect = self.tracker.names();
+        let mut peer_dirty = std::collections::HashMap::new();
+        if let Some(report) = report {
+            suspect.extend(report.names.iter().cloned());
+            for e in &report.entries {
+                peer_dirty.insert(e.path.as_slice(), e.dirty.as_slice());
+            }
+        }
+        // Per file: the regions to send, or None to compare every block (history
+        // unknown, or the name's binding changed), or copy all (new on the peer).
+        let mut work = Vec::new();
+        let mut total = 0u64;
+        for plan in plans {
+            let job = match plan {
+                Plan::Whole(node) => Job::Copy(node),
+                Plan::Dirty(node, path)
+                    if incremental && !suspect.iter().any(|n| track::is_beneath(&path, n)) =>
+                {
+                    let mine = self.tracker.ranges_of(node.ino());
+                    if mine.whole {
+                        Job::Compare(node)
+                    } else {
+                        let mut ranges = mine.ranges;
+                        ranges.extend_from_slice(
+                            peer_dirty.get(path.as_slice()).copied().unwrap_or(&[]),
+                        );
+                        Job::Ranges(node, track::merge_ranges(ranges))
+                    }
+                }
+                Plan::Dirty(node, _) => Job::Compare(node),
+            };
+            total += match &job {
+                Job::Ranges(_, r) => r.iter().map(|(s, e)| e - s).sum(),
+                Job::Copy(node) => allocated(node),
+                Job::Compare(node) => size_of(node),
+            };
+            work.push(job);
+        }
+        self.progress.total_bytes.store(total, Ordering::Relaxed);
+        let mut bytes = 0;
+        for job in work {
+            bytes += match job {
+                Job::Ranges(node, ranges) => self.copy_ranges(&node, &ranges)?,
+                Job::Copy(node) => self.copy_data(&node)?,
+                Job::Compare(node) => {
+                    let differing = self.compare_file(&node)?;
+                    let extra: u64 = differing.iter().map(|(s, e)| e - s).sum();
+                    self.progress
+                        .total_bytes
+                        .fetch_add(extra, Ordering::Relaxed);
+                    self.copy_ranges(&node, &differing)?
+                }
+            };
+        }
+        // Barrier: acknowledged once everything before it is applied and synced.
+        self.send_wait(Op::SyncAll)?;
+        Ok(bytes)
+    }
+
+    /// Makes the peer's namespace equal to ours without recreating what it already
+    /// has, binding our ids to its entries; returns how each file's data goes.
+    fn reconcile_namespace(
+        &self,
+        held: &mut Vec<NodeId>,
+        report: &Report,
+    ) -> Result<Vec<Plan>, SyncError> {
+        let theirs: std::collections::HashMap<&[u8], EntryKind> = report
+            .entries
+            .iter()
+            .map(|e| (e.path.as_slice(), e.kind))
+            .collect();
+        let mut their_children: std::collections::HashMap<&[u8], Vec<&[u8]>> =
+            std::collections::HashMap::new();
+        for e in &report.entries {
+            let (parent, name) = match e.path.iter().rposition(|&b| b == b'/') {
+                Some(i) => (&e.path[..i], &e.path[i + 1..]),
+                None => (&e.path[..0], e.path.as_slice()),
+            };
+            their_children.entry(parent).or_default().push(name);
+        }
+        let root = self.inodes.get(ROOT).map_err(local("the root"))?;
+        self.copy_attrs(&root)?;
+        let mut plans = Vec::new();
+        let mut seen = HashSet::from([ROOT]);
+        let mut dirs = VecDeque::from([(root, Vec::new())]);
+        while let Some((dir, prefix)) = dirs.pop_front() {
+            let dir_fd = apply::reopen(dir.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)
+                .map_err(local("a directory"))?;
+            let mut names = Vec::new();
+            let mut entries =
+                rustix::fs::Dir::read_from(dir_fd.as_fd()).map_err(local("a directory"))?;
+            while let Some(entry) = entries.read() {
+                let entry = entry.map_err(local("a directory"))?;
+                let raw = entry.file_name().to_bytes();
+                if raw != b"." && raw != b".." {
+                    if let Ok(name) = Name::new(raw) {
+                        names.push(name);
+                    }
+                }
+            }
+            // What the peer has here and we do not goes first.
+            let ours: HashSet<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
+            for extra in their_children.get(prefix.as_slice()).into_iter().flatten() {
+                if !ours.contains(extra) {
+                    if let Ok(name) = Name::new(*extra) {
+                        self.send(Op::Remove {
+                            parent: dir.id,
+                            name,
+                        })?;
+                    }
+                }
+            }
+            for name in names {
+                let path = track::join(&prefix, name.as_bytes());
+                let fd = match apply::lookup_beneath(dir.fd.as_fd(), &name) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(local(format!("{name:?}"))(e)),
+                };
+                let st = rustix::fs::fstat(fd.as_fd()).map_err(local(format!("{name:?}")))?;
+                let node = self
+                    .inodes
+                    .reference(fd, |_| {})
+                    .map_err(local(format!("{name:?}")))?;
+                held.push(node.id);
+                let their_kind = theirs.get(path.as_slice()).copied();
+                let kind = EntryKind::of(st.st_mode);
+                let parent = dir.id;
+                if !seen.insert(node.id) {
+                    // Another name of a node already bound: a hard link.
+                    if their_kind.is_some() {
+                        self.send(Op::Remove {
+                            parent,
+                            name: name.clone(),
+                        })?;
+                    }
+                    self.send(Op::Link {
+                        id: node.id,
+                        parent,
+                        name,
+                    })?;
+                    continue;
+                }
+                let keep =
+                    their_kind == Some(kind) && matches!(kind, EntryKind::File | EntryKind::Dir);
+                if keep {
+                    self.send(Op::Bind {
+                        id: node.id,
+                        parent,
+                        name,
+                    })?;
+                    self.copy_attrs(&node)?;
+                    if kind == EntryKind::Dir {
+                        dirs.push_back((node, path));
+                    } else {
+                        plans.push(Plan::Dirty(node, path));
+                    }
+                    continue;
+                }
+                if their_kind.is_some() {
+                    self.send(Op::Remove {
+                        parent,
+                        name: name.clone(),
+                    })?;
+                }
+                if let Some(node) = self.create(&node, parent, name, &st)? {
+                    if kind == EntryKind::Dir {
+                        dirs.push_back((node, path));
+                    } else {
+                        plans.push(Plan::Whole(node));
+                    }
+                }
+            }
+        }
+        Ok(plans)
+    }
+
+    /// Creates `node` as `parent/name` on the peer, like ours (attributes, xattrs,
+    /// size); returns it when it is a directory or a regular file (content follows).
+    fn create(
+        &self,
+        node: &Arc<Node>,
+        parent: NodeId,
+        name: Name,
+        st: &rustix::fs::Stat,
+    ) -> Result<Option<Arc<Node>>, SyncError> {
+        let new = NewNode {
+            id: node.id,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                self.send(Op::Mkdir {
+                    parent,
+                    name,
+                    node: new,
+                })?;
+                self.copy_xattrs(node)?;
+                Ok(Some(node.clone()))
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(node.fd.as_fd(), "", Vec::new())
+                    .map_err(local("a symlink"))?;
+                let target = LinkTarget::new(target.into_bytes())
+                    .map_err(|_| local("a symlink")(Errno::INVAL))?;
+                self.send(Op::Symlink {
+                    parent,
+                    name,
+                    node: new,
+                    target,
+                })?;
+                Ok(None)
+            }
+            kind => {
+                let kind = match kind {
+                    FileType::Fifo => NodeKind::Fifo,
+                    FileType::Socket => NodeKind::Socket,
+                    FileType::CharacterDevice => NodeKind::CharDevice,
+                    FileType::BlockDevice => NodeKind::BlockDevice,
+                    _ => NodeKind::Regular,
+                };
+                self.send(Op::Create {
+                    parent,
+                    name,
+                    node: new,
+                    kind,
+                    rdev: st.st_rdev,
+                })?;
+                self.copy_xattrs(node)?;
+                if kind != NodeKind::Regular {
+                    return Ok(None);
+                }
+                self.send(Op::Truncate {
+                    id: node.id,
+                    size: st.st_size as u64,
+                })?;
+                Ok(Some(node.clone()))
+            }
+        }
+    }
+
+    /// Compares every block of a file with the peer's (blake3; only hashes travel,
+    /// several requests in flight); returns the differing regions. Each request is
+    /// hashed and queued under its range lock, so live writes order around it.
+    pub(crate) fn compare_file(&self, node: &Node) -> Result<Vec<(u64, u64)>, SyncError> {
+        let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
+        let size = rustix::fs::fstat(fd.as_fd())
+            .map_err(local("a file"))?
+            .st_size as u64;
+        let block = u64::from(compare::BLOCK);
+        let span = block * compare::MAX_BLOCKS as u64;
+        let mut inflight = VecDeque::new();
+        let mut differing = Vec::new();
+        let mut collect = |offset: u64, q: crate::link::Query| -> Result<(), SyncError> {
+            for i in q.wait().map_err(|_| SyncError::PeerGone)? {
+                let start = offset + u64::from(i) * block;
+                differing.push((start, start + block));
+            }
+            Ok(())
+        };
+        let mut offset = 0;
+        while offset < size {
+            let count = (size - offset)
+                .div_ceil(block)
+                .min(compare::MAX_BLOCKS as u64);
+            let query = {
+                let _order = node.ranges.lock(offset, offset + span);
+                let hashes =
+                    compare::hash_blocks(fd.as_fd(), offset, compare::BLOCK, count as usize)
+                        .map_err(local("a file"))?;
+                self.link
+                    .query(Op::Compare {
+                        id: node.id,
+                        offset,
+                        block: compare::BLOCK,
+                        hashes,
+                    })
+                    .map_err(|_| SyncError::PeerGone)?
+            };
+            self.progress
+                .done_bytes
+                .fetch_add((size - offset).min(span), Ordering::Relaxed);
+            inflight.push_back((offset, query));
+            if inflight.len() > 4 {
+                if let Some((at, q)) = inflight.pop_front() {
+                    collect(at, q)?;
+                }
+            }
+            offset += span;
+        }
+        while let Some((at, q)) = inflight.pop_front() {
+            collect(at, q)?;
+        }
+        Ok(track::merge_ranges(differing))
+    }
+
+    /// Sends the given regions of a file as they are now: data as writes, holes as
+    /// punched holes, each read and queued under the region's lock so that live
+    /// writes are ordered around it; then the size.
+    fn copy_ranges(&self, node: &Node, ranges: &[(u64, u64)]) -> Result<u64, SyncError> {
+        let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
+        let mut sent = 0u64;
+        for &(start, end) in ranges {
+            let mut pos = start;
+            while pos < end {
+                let len = CHUNK.min(end - pos);
+                let _order = node.ranges.lock(pos, pos + len);
+                let data_at = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(pos)) {
+                    Ok(p) => p,
+                    Err(Errno::NXIO) => u64::MAX,
+                    Err(e) => return Err(local("a file")(e)),
+                };
+                if data_at > pos {
+                    // A hole (or past the end): the peer punches the same.
+                    let hole_len = data_at.min(pos + len) - pos;
+                    self.send(Op::Fallocate {
+                        id: node.id,
+                        mode: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+                        offset: pos,
+                        len: hole_len,
+                    })?;
+                    self.progress
+                        .done_bytes
+                        .fetch_add(hole_len, Ordering::Relaxed);
+                    pos += hole_len;
+                    continue;
+                }
+                let hole_at =
+                    rustix::fs::seek(fd.as_fd(), SeekFrom::Hole(pos)).map_err(local("a file"))?;
+                let n = len.min(hole_at - pos);
+                let mut buf = AlignedBuf::zeroed(n as usize);
+                let got = crate::fuse_fs::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
+                    .map_err(local("a file"))?;
+                if got == 0 {
+                    break;
+                }
+                buf.truncate(got);
+                self.send(Op::Write {
+                    id: node.id,
+                    offset: pos,
+                    data: Payload::Aligned(Arc::new(buf)),
+                })?;
+                self.progress
+                    .done_bytes
+                    .fetch_add(got as u64, Ordering::Relaxed);
+                sent += got as u64;
+                pos += got as u64;
+            }
+        }
+        let _whole = node.ranges.lock(0, u64::MAX);
+        let st = rustix::fs::fstat(fd.as_fd()).map_err(local("a file"))?;
+        self.send(Op::Truncate {
+            id: node.id,
+            size: st.st_size as u64,
+        })?;
+        Ok(sent)
+    }
+
+    /// Full sync: empties the peer's directory and recreates our namespace there.
     fn copy_namespace(&self, held: &mut Vec<NodeId>) -> Result<Vec<Arc<Node>>, SyncError> {
         self.send(Op::Wipe)?;
         let root = self.inodes.get(ROOT).map_err(local("the root"))?;
@@ -154,7 +583,6 @@ impl Syncer {
         let mut files = Vec::new();
         let mut seen = HashSet::from([ROOT]);
         let mut dirs = VecDeque::from([root]);
-        let mut total = 0u64;
         while let Some(dir) = dirs.pop_front() {
             let dir_fd = apply::reopen(dir.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)
                 .map_err(local("a directory"))?;
@@ -235,14 +663,12 @@ impl Syncer {
                         if kind == NodeKind::Regular {
                             let size = st.st_size as u64;
                             self.send(Op::Truncate { id: node.id, size })?;
-                            total += st.st_blocks as u64 * 512;
                             files.push(node);
                         }
                     }
                 }
             }
         }
-        self.progress.total_bytes.store(total, Ordering::Relaxed);
         Ok(files)
     }
 
@@ -282,6 +708,7 @@ impl Syncer {
         Ok(())
     }
 
+    /// Sends everything allocated in a file, then its size.
     fn copy_data(&self, node: &Node) -> Result<u64, SyncError> {
         let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
         let mut sent = 0u64;
@@ -327,4 +754,14 @@ impl Syncer {
         })?;
         Ok(sent)
     }
+}
+
+/// Size of a file (what a compare reads).
+fn size_of(node: &Node) -> u64 {
+    rustix::fs::fstat(node.fd.as_fd()).map_or(0, |st| st.st_size as u64)
+}
+
+/// Allocated bytes of a file (what a whole copy sends).
+fn allocated(node: &Node) -> u64 {
+    rustix::fs::fstat(node.fd.as_fd()).map_or(0, |st| st.st_blocks as u64 * 512)
 }

@@ -22,7 +22,7 @@ use crate::buffer::Payload;
 use crate::key::ClusterKey;
 use crate::op::Op;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -70,14 +70,20 @@ pub enum Message {
     /// The primary's first frame: the data generation it writes (set by its
     /// controller), so that a receiver can refuse a stale writer.
     Claim { generation: Option<String> },
-    /// The receiver accepts this primary.
-    Welcome,
+    /// The receiver accepts this primary, and reports on its copy (namespace and
+    /// the regions its own records say may differ) for an incremental resync.
+    Welcome {
+        report: Option<Box<crate::track::Report>>,
+    },
     /// The receiver refuses this primary (for example: it already serves one).
     Refused { reason: String },
     /// The next operation of the ordered stream.
     Op { seq: u64, op: Op },
     /// Operations the receiver finished.
     Acks(Vec<Ack>),
+    /// The receiver's answer to `Op::Compare` number `seq` (sent before its ack):
+    /// the indexes of the blocks whose content differs.
+    Differ { seq: u64, blocks: Vec<u32> },
     /// Keeps an idle session alive.
     Ping,
 }
@@ -399,7 +405,7 @@ mod tests {
 
     fn sample_ops() -> Vec<Message> {
         vec![
-            Message::Welcome,
+            Message::Welcome { report: None },
             Message::Claim {
                 generation: Some("00c0ffee".into()),
             },

@@ -300,6 +300,11 @@ impl VmCluster {
         bail!("{}: mounts at {REPLICATED} survive umount", node.name())
     }
 
+    /// Restarts node `i`'s libvirtd (its guests keep running).
+    pub fn restart_libvirtd(&mut self, i: usize) -> Result<()> {
+        self.cluster.node_mut(i).restart_libvirtd(LIBVIRT_TIMEOUT)
+    }
+
     /// Host PIDs of node `i`'s processes whose command line holds `arg` as an
     /// argument after the program (e.g. the `vmha-fs` writer: `"primary"`) and
     /// whose program's file name is `program`.

@@ -8,6 +8,7 @@ pub mod bin;
 pub mod cluster_vm;
 pub mod fsops;
 pub mod guest;
+pub mod hostlink;
 pub mod mounts;
 pub mod node;
 pub mod pair;

@@ -455,6 +455,42 @@ impl Node {
         }
     }
 
+    /// Restarts the node's `libvirtd` as `systemctl restart libvirtd` does:
+    /// SIGTERM (its guests keep running), then a new one; waits until `virsh
+    /// version` answers.
+    pub fn restart_libvirtd(&mut self, timeout: Duration) -> Result<()> {
+        let name = format!("{}-libvirtd", self.name);
+        let i = self
+            .daemons
+            .iter()
+            .position(|d| d.name() == name)
+            .ok_or_else(|| anyhow!("{}: libvirtd not started", self.name))?;
+        let mut old = self.daemons.remove(i);
+        // The child is nsenter, which does not forward signals: libvirtd is
+        // its (only) child.
+        let nsenter = old.pid();
+        let children = fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
+            .unwrap_or_default();
+        for pid in children.split_whitespace().filter_map(|p| p.parse().ok()) {
+            signal(pid, libc::SIGTERM);
+        }
+        old.wait_exit(Duration::from_secs(15))
+            .with_context(|| format!("stopping {name}"))?;
+        let mut cmd = self.command("libvirtd");
+        cmd.stdout(Stdio::null());
+        self.daemons.push(Child::spawn(&name, cmd)?);
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.virsh(&["version"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!("{name} not answering after {timeout:?}")))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     fn is_infrastructure(&self, pid: u32) -> bool {
         pid == self.holder_pid
             || self.unshare.as_ref().is_some_and(|u| u.pid() == pid)

@@ -41,7 +41,7 @@ impl Session {
         writer.flush()?;
         let mut reader = FrameReader::new(stream, keys.recv);
         match reader.recv() {
-            Ok(Message::Welcome) => {}
+            Ok(Message::Welcome { .. }) => {}
             Ok(Message::Refused { reason }) => return Ok(Err(WireError::Refused(reason))),
             Ok(other) => bail!("unexpected {other:?}"),
             Err(e) => return Ok(Err(e)),

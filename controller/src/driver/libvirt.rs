@@ -1,0 +1,732 @@
+//! libvirt through the `virt` crate (the C library's bindings).
+//!
+//! One connection per `libvirt_uri`, opened on first use and shared by the
+//! modules. A connection that fails (libvirtd restarted or stopped) is dropped
+//! and the call is retried once on a fresh one, so a restarted libvirtd never
+//! wedges the daemon. Every call blocks; the daemon runs them with
+//! `spawn_blocking`.
+//!
+//! The domain's definition lives in `<first replicated dir>/<domain>.xml`:
+//! [`VmDriver::define`] defines it from there, and on the writer
+//! [`VmDriver::refresh_xml`] writes libvirt's inactive XML back whenever the
+//! operator redefined the domain (`virsh edit`), so the peer defines the same.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::error::{Error as VirtError, ErrorNumber};
+use virt::sys;
+
+use super::{DriverError, VmDriver, VmState};
+use crate::config::Module;
+
+/// How long `start` waits for the domain to run.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `stop` waits after `destroy`.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(200);
+
+/// The XML the file is compared with and rewritten from: the persistent
+/// definition, with secrets (e.g. graphics passwords) so the peer's
+/// definition is complete, as `virsh edit` shows it.
+const XML_FLAGS: sys::virDomainXMLFlags = sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE;
+/// The flags undefine tries in turn: keep NVRAM and TPM state (the QEMU
+/// driver), then fewer for drivers that refuse them (e.g. the test driver).
+const UNDEFINE_FLAGS: [sys::virDomainUndefineFlagsValues; 3] = [
+    sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM,
+    sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM,
+    0,
+];
+
+/// The `virt`-crate driver. Cheap to create; connects on first use.
+#[derive(Debug)]
+pub struct LibvirtDriver {
+    conns: Mutex<HashMap<String, Connect>>,
+    /// Modules whose domain this driver defined from the replicated XML (the
+    /// last `define` succeeded): only their definition may overwrite the file,
+    /// a stale local definition must not.
+    defined: Mutex<HashSet<String>>,
+    start_timeout: Duration,
+}
+
+impl Default for LibvirtDriver {
+    fn default() -> Self {
+        LibvirtDriver::new()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether `e` means the connection itself is gone (rather than the call
+/// being refused): the connection is then reopened.
+fn is_connection_error(e: &VirtError) -> bool {
+    matches!(
+        e.code(),
+        Enum::Known(
+            ErrorNumber::SystemError
+                | ErrorNumber::Rpc
+                | ErrorNumber::NoConnect
+                | ErrorNumber::InvalidConn
+                | ErrorNumber::InternalError
+        )
+    )
+}
+
+fn is_no_domain(e: &VirtError) -> bool {
+    matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
+}
+
+/// The checker's view of a libvirt state; `active`: whether the domain has a
+/// running instance (for the states that do not say).
+pub fn map_state(state: Enum<DomainState, sys::virDomainState>, active: bool) -> VmState {
+    match state {
+        Enum::Known(DomainState::Running | DomainState::Blocked | DomainState::Shutdown) => {
+            VmState::Running
+        }
+        Enum::Known(DomainState::Paused | DomainState::PMSuspended) => VmState::Paused,
+        Enum::Known(DomainState::Shutoff) => VmState::ShutOff,
+        Enum::Known(DomainState::Crashed) => VmState::Crashed,
+        Enum::Known(DomainState::NoState) | Enum::Unknown(_) => {
+            if active {
+                VmState::Running
+            } else {
+                VmState::ShutOff
+            }
+        }
+    }
+}
+
+/// The domain UUID an XML definition names (the first `<uuid>` element),
+/// normalised to 32 lowercase hex digits; `None` if it names none.
+pub fn xml_uuid(xml: &str) -> Option<String> {
+    let start = xml.find("<uuid>")? + "<uuid>".len();
+    let len = xml[start..].find("</uuid>")?;
+    Some(normalise_uuid(&xml[start..start + len]))
+}
+
+/// `xml` with `<uuid>uuid</uuid>` as the root element's first child; `None`
+/// if the root element's opening tag is not found.
+pub fn with_uuid(xml: &str, uuid: &str) -> Option<String> {
+    let root = xml.find("<domain")?;
+    let end = root + xml[root..].find('>')? + 1;
+    Some(format!("{}<uuid>{uuid}</uuid>{}", &xml[..end], &xml[end..]))
+}
+
+/// libvirt accepts UUIDs with or without dashes, in either case.
+pub fn normalise_uuid(uuid: &str) -> String {
+    uuid.chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
+/// `<first replicated dir>/<domain>.xml`.
+pub fn xml_path(module: &Module) -> Result<PathBuf, DriverError> {
+    let dir = module.replicated.first().ok_or_else(|| {
+        DriverError::failed(
+            format!("the XML of {}", module.domain),
+            "no replicated directory",
+        )
+    })?;
+    Ok(dir.join(format!("{}.xml", module.domain)))
+}
+
+/// Replaces `path` with `bytes` atomically: a temporary file in the same
+/// directory, fsync, rename, fsync of the directory. Through the replicated
+/// mount the peer receives the new file whole. Keeps the old file's mode
+/// (0600 for a new one: the XML may hold secrets).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.vmha-tmp"));
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o600);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl LibvirtDriver {
+    pub fn new() -> LibvirtDriver {
+        // libvirt's default handler prints every error (e.g. "domain not
+        // found" for a missing domain) on stderr; they are returned instead.
+        virt::error::clear_error_callback();
+        LibvirtDriver {
+            conns: Mutex::new(HashMap::new()),
+            defined: Mutex::new(HashSet::new()),
+            start_timeout: START_TIMEOUT,
+        }
+    }
+
+    /// The driver with another bound for `start` (tests).
+    pub fn with_start_timeout(start_timeout: Duration) -> LibvirtDriver {
+        LibvirtDriver {
+            start_timeout,
+            ..LibvirtDriver::new()
+        }
+    }
+
+    /// The cached connection to `uri` if it is alive, else a new one.
+    fn connection(&self, uri: &str) -> Result<Connect, VirtError> {
+        let mut conns = lock(&self.conns);
+        if let Some(c) = conns.get(uri) {
+            if c.is_alive().unwrap_or(false) {
+                return Ok(c.clone());
+            }
+            tracing::info!(uri, "libvirt connection lost, reconnecting");
+            conns.remove(uri);
+        }
+        let c = Connect::open(Some(uri))?;
+        conns.insert(uri.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops the cached connection to `uri` (a broken one; if another call
+    /// already replaced it, that one is merely reopened next time).
+    fn forget(&self, uri: &str) {
+        lock(&self.conns).remove(uri);
+    }
+
+    /// Runs `f` on the module's connection; on a connection failure, once
+    /// more on a fresh connection.
+    fn with_conn<T>(
+        &self,
+        module: &Module,
+        what: &str,
+        mut f: impl FnMut(&Connect) -> Result<T, VirtError>,
+    ) -> Result<T, DriverError> {
+        let uri = module.libvirt_uri.as_str();
+        let mut retried = false;
+        loop {
+            let conn = self
+                .connection(uri)
+                .map_err(|e| DriverError::failed(format!("connecting to libvirt at {uri}"), e))?;
+            match f(&conn) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let broken = is_connection_error(&e) || !conn.is_alive().unwrap_or(false);
+                    if broken {
+                        self.forget(uri);
+                    }
+                    if broken && !retried {
+                        tracing::info!(uri, error = %e, "{what}: retrying on a new libvirt connection");
+                        retried = true;
+                        continue;
+                    }
+                    return Err(DriverError::failed(what, e));
+                }
+            }
+        }
+    }
+
+    fn lookup(conn: &Connect, module: &Module) -> Result<Option<Domain>, VirtError> {
+        match conn.lookup_domain_by_name(&module.domain) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if is_no_domain(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn domain_state(dom: &Domain) -> Result<VmState, VirtError> {
+        let info = dom.info()?;
+        let active = match info.state {
+            Enum::Known(DomainState::NoState) | Enum::Unknown(_) => dom.is_active()?,
+            _ => false,
+        };
+        Ok(map_state(info.state, active))
+    }
+
+    fn wait_for(&self, module: &Module, timeout: Duration, done: fn(VmState) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.state(module).is_ok_and(done) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Defines `xml`. A file without a UUID keeps the UUID of the domain
+    /// defined here. If libvirt refuses because the domain exists with
+    /// another UUID (re-created by an operator on one node), replaces the
+    /// existing definition when the domain is not running (its disks stay).
+    fn define_xml(conn: &Connect, module: &Module, xml: &str) -> Result<(), DefineError> {
+        let existing = Self::lookup(conn, module).map_err(DefineError::Virt)?;
+        let existing_uuid = match &existing {
+            Some(dom) => Some(normalise_uuid(
+                &dom.uuid_string().map_err(DefineError::Virt)?,
+            )),
+            None => None,
+        };
+        let wanted = xml_uuid(xml);
+        let adopted;
+        let xml = match (&existing, &wanted) {
+            (Some(dom), None) => {
+                adopted = with_uuid(xml, &dom.uuid_string().map_err(DefineError::Virt)?);
+                adopted.as_deref().unwrap_or(xml)
+            }
+            _ => xml,
+        };
+        let first = match conn.define_domain_xml(xml) {
+            Ok(dom) => return dom.set_autostart(false).map_err(DefineError::Virt),
+            Err(e) => e,
+        };
+        let (Some(existing), Some(existing_uuid), Some(wanted)) = (existing, existing_uuid, wanted)
+        else {
+            return Err(DefineError::Virt(first));
+        };
+        if is_connection_error(&first) || wanted == existing_uuid {
+            // Same domain: the refusal is about something else.
+            return Err(DefineError::Virt(first));
+        }
+        if existing.is_active().map_err(DefineError::Virt)? {
+            return Err(DefineError::Running {
+                existing: existing_uuid,
+                wanted,
+                cause: first,
+            });
+        }
+        let old = existing.xml_desc(XML_FLAGS).map_err(DefineError::Virt)?;
+        tracing::warn!(
+            domain = %module.domain,
+            existing = %existing_uuid,
+            wanted = %wanted,
+            "the domain is defined here with another UUID: replacing that definition (disks are kept)"
+        );
+        Self::undefine_keeping_storage(&existing).map_err(DefineError::Virt)?;
+        match conn.define_domain_xml(xml) {
+            Ok(dom) => dom.set_autostart(false).map_err(DefineError::Virt),
+            Err(e) => {
+                // Put the old definition back rather than leave none.
+                if let Err(restore) = conn.define_domain_xml(&old) {
+                    tracing::error!(domain = %module.domain, error = %restore, "restoring the previous definition failed");
+                }
+                Err(DefineError::Virt(e))
+            }
+        }
+    }
+
+    /// Undefines without removing anything else: NVRAM and TPM state are kept
+    /// (libvirt never removes disks on undefine). A driver that does not know
+    /// those flags has no such state: it gets fewer flags.
+    fn undefine_keeping_storage(dom: &Domain) -> Result<(), VirtError> {
+        let mut result = Ok(());
+        for flags in UNDEFINE_FLAGS {
+            result = dom.undefine_flags(flags);
+            match &result {
+                Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::InvalidArg)) => continue,
+                _ => break,
+            }
+        }
+        result
+    }
+}
+
+/// Why a define failed (kept apart so a connection failure is retried).
+#[derive(Debug, thiserror::Error)]
+enum DefineError {
+    #[error(transparent)]
+    Virt(VirtError),
+    #[error(
+        "the domain runs on this node with UUID {existing} while the replicated XML defines \
+         {wanted}; stop it here first ({cause})"
+    )]
+    Running {
+        existing: String,
+        wanted: String,
+        cause: VirtError,
+    },
+}
+
+impl VmDriver for LibvirtDriver {
+    fn define(&self, module: &Module) -> Result<(), DriverError> {
+        lock(&self.defined).remove(&module.name);
+        let path = xml_path(module)?;
+        let what = format!("define {} from {}", module.domain, path.display());
+        let xml = std::fs::read_to_string(&path).map_err(|e| DriverError::failed(&what, e))?;
+        let mut running = None;
+        let result = self.with_conn(module, &what, |conn| {
+            match Self::define_xml(conn, module, &xml) {
+                Ok(()) => Ok(()),
+                Err(DefineError::Virt(e)) => Err(e),
+                Err(e @ DefineError::Running { .. }) => {
+                    running = Some(e.to_string());
+                    Ok(())
+                }
+            }
+        });
+        result?;
+        if let Some(reason) = running {
+            return Err(DriverError::failed(what, reason));
+        }
+        lock(&self.defined).insert(module.name.clone());
+        Ok(())
+    }
+
+    fn start(&self, module: &Module) -> Result<(), DriverError> {
+        let what = format!("start {}", module.domain);
+        if self.state(module)? == VmState::Missing {
+            return Err(DriverError::failed(what, "the domain is not defined"));
+        }
+        self.with_conn(module, &what, |conn| {
+            let dom = conn.lookup_domain_by_name(&module.domain)?;
+            match Self::domain_state(&dom)? {
+                VmState::Running => Ok(()),
+                // Asked to run: a paused instance is resumed.
+                VmState::Paused => dom.resume(),
+                VmState::Crashed if dom.is_active()? => {
+                    dom.destroy()?;
+                    dom.create()
+                }
+                _ => dom.create(),
+            }
+        })?;
+        if self.wait_for(module, self.start_timeout, |s| s == VmState::Running) {
+            Ok(())
+        } else {
+            Err(DriverError::Timeout {
+                what: format!("start of {}", module.domain),
+                secs: self.start_timeout.as_secs(),
+            })
+        }
+    }
+
+    fn stop(&self, module: &Module) -> Result<(), DriverError> {
+        // libvirtd may be restarting: the stop is not given up at once (the
+        // caller unmounts the disks next).
+        let deadline = Instant::now() + DESTROY_TIMEOUT;
+        let state = loop {
+            match self.state(module) {
+                Ok(state) => break state,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(POLL),
+            }
+        };
+        if state.is_down() {
+            return Ok(());
+        }
+        // A paused guest cannot handle ACPI: destroy right away.
+        if state != VmState::Paused {
+            let what = format!("shutdown {}", module.domain);
+            // A guest without ACPI handling ignores this; destroy follows.
+            if let Err(e) =
+                self.with_conn(module, &what, |conn| match Self::lookup(conn, module)? {
+                    Some(dom) => dom.shutdown(),
+                    None => Ok(()),
+                })
+            {
+                tracing::info!(domain = %module.domain, error = %e, "ACPI shutdown refused");
+            }
+            let timeout = Duration::from_secs(module.stop_timeout_s);
+            if self.wait_for(module, timeout, VmState::is_down) {
+                return Ok(());
+            }
+            tracing::warn!(domain = %module.domain, secs = module.stop_timeout_s, "no ACPI shutdown in time: destroying");
+        }
+        let what = format!("destroy {}", module.domain);
+        let destroyed = self.with_conn(module, &what, |conn| match Self::lookup(conn, module)? {
+            Some(dom) => dom.destroy(),
+            None => Ok(()),
+        });
+        if self.wait_for(module, DESTROY_TIMEOUT, VmState::is_down) {
+            // Destroy may have raced with the end of the shutdown.
+            return Ok(());
+        }
+        destroyed?;
+        Err(DriverError::Timeout {
+            what: format!("destroy of {}", module.domain),
+            secs: DESTROY_TIMEOUT.as_secs(),
+        })
+    }
+
+    fn state(&self, module: &Module) -> Result<VmState, DriverError> {
+        let what = format!("state of {}", module.domain);
+        self.with_conn(module, &what, |conn| match Self::lookup(conn, module)? {
+            Some(dom) => Self::domain_state(&dom),
+            None => Ok(VmState::Missing),
+        })
+    }
+
+    fn refresh_xml(&self, module: &Module) -> Result<bool, DriverError> {
+        if !lock(&self.defined).contains(&module.name) {
+            return Ok(false);
+        }
+        let path = xml_path(module)?;
+        let what = format!("inactive XML of {}", module.domain);
+        let Some(xml) = self.with_conn(module, &what, |conn| {
+            Self::lookup(conn, module)?
+                .map(|dom| dom.xml_desc(XML_FLAGS))
+                .transpose()
+        })?
+        else {
+            return Ok(false);
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes == xml.as_bytes() => return Ok(false),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(DriverError::failed(
+                    format!("reading {}", path.display()),
+                    e,
+                ))
+            }
+        }
+        write_atomically(&path, xml.as_bytes())
+            .map_err(|e| DriverError::failed(format!("writing {}", path.display()), e))?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states() {
+        let k = |s| Enum::Known(s);
+        assert_eq!(map_state(k(DomainState::Running), true), VmState::Running);
+        assert_eq!(map_state(k(DomainState::Blocked), true), VmState::Running);
+        assert_eq!(map_state(k(DomainState::Shutdown), true), VmState::Running);
+        assert_eq!(map_state(k(DomainState::Paused), true), VmState::Paused);
+        assert_eq!(
+            map_state(k(DomainState::PMSuspended), true),
+            VmState::Paused
+        );
+        assert_eq!(map_state(k(DomainState::Shutoff), false), VmState::ShutOff);
+        assert_eq!(map_state(k(DomainState::Crashed), false), VmState::Crashed);
+        assert_eq!(map_state(k(DomainState::NoState), true), VmState::Running);
+        assert_eq!(map_state(k(DomainState::NoState), false), VmState::ShutOff);
+        assert_eq!(map_state(Enum::Unknown(99), false), VmState::ShutOff);
+    }
+
+    #[test]
+    fn uuids() {
+        let xml = "<domain type='kvm'>\n  <name>vm1</name>\n  \
+                   <uuid>1B4E28BA-2FA1-11D2-883F-0016D3CCA427</uuid>\n</domain>";
+        assert_eq!(
+            xml_uuid(xml).as_deref(),
+            Some("1b4e28ba2fa111d2883f0016d3cca427")
+        );
+        assert_eq!(
+            normalise_uuid("1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+            "1b4e28ba2fa111d2883f0016d3cca427"
+        );
+        assert_eq!(xml_uuid("<domain><name>vm1</name></domain>"), None);
+        let added = with_uuid(
+            "<?xml version='1.0'?>\n<domain type='kvm'><name>vm1</name></domain>",
+            "ab-cd",
+        )
+        .unwrap();
+        assert_eq!(
+            added,
+            "<?xml version='1.0'?>\n<domain type='kvm'><uuid>ab-cd</uuid><name>vm1</name></domain>"
+        );
+        assert_eq!(xml_uuid(&added).as_deref(), Some("abcd"));
+        assert_eq!(with_uuid("<vm/>", "x"), None);
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_keeps_the_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm1.xml");
+        write_atomically(&path, b"one").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomically(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // No temporary file left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("vm1.xml")]);
+    }
+
+    /// libvirt's in-process test driver: real API, no daemon.
+    const TEST_URI: &str = "test:///default";
+
+    fn module(domain: &str, dir: &Path) -> Module {
+        Module {
+            name: domain.to_string(),
+            domain: domain.to_string(),
+            libvirt_uri: TEST_URI.to_string(),
+            replicated: vec![dir.to_path_buf()],
+            port: 7101,
+            replication_network: 0,
+            default_primary: None,
+            failover: true,
+            lock_timeout_ms: 1000,
+            stop_timeout_s: 2,
+            rate_limit_mb_s: 0,
+            maxloop: 3,
+            loop_interval_s: 60,
+        }
+    }
+
+    fn test_xml(name: &str, uuid: Option<&str>, description: &str) -> String {
+        let uuid = uuid
+            .map(|u| format!("<uuid>{u}</uuid>"))
+            .unwrap_or_default();
+        format!(
+            "<domain type='test'><name>{name}</name>{uuid}<description>{description}</description>\
+             <memory>65536</memory><os><type>hvm</type></os></domain>"
+        )
+    }
+
+    fn write_xml(m: &Module, xml: &str) {
+        std::fs::write(xml_path(m).unwrap(), xml).unwrap();
+    }
+
+    fn uuid_of(m: &Module) -> String {
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        normalise_uuid(&dom.uuid_string().unwrap())
+    }
+
+    #[test]
+    fn define_start_stop_on_the_test_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-lifecycle", dir.path());
+        let d = LibvirtDriver::with_start_timeout(Duration::from_secs(5));
+        assert_eq!(d.state(&m).unwrap(), VmState::Missing);
+        assert!(d.start(&m).is_err(), "start of an undefined domain");
+        assert!(d.define(&m).is_err(), "no XML file yet");
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        d.define(&m).unwrap();
+        assert_eq!(d.state(&m).unwrap(), VmState::ShutOff);
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        assert!(!dom.autostart().unwrap(), "autostart stays off");
+        d.start(&m).unwrap();
+        assert_eq!(d.state(&m).unwrap(), VmState::Running);
+        d.start(&m).unwrap(); // already running: fine
+        dom.suspend().unwrap();
+        assert_eq!(d.state(&m).unwrap(), VmState::Paused);
+        d.stop(&m).unwrap();
+        assert_eq!(d.state(&m).unwrap(), VmState::ShutOff);
+        d.stop(&m).unwrap(); // already off: fine
+                             // Redefining the same domain (same UUID) while it runs is fine.
+        d.start(&m).unwrap();
+        d.define(&m).unwrap();
+        d.stop(&m).unwrap();
+        dom.undefine().unwrap();
+    }
+
+    #[test]
+    fn refresh_rewrites_the_file_only_when_libvirt_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-refresh", dir.path());
+        let d = LibvirtDriver::new();
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        assert!(!d.refresh_xml(&m).unwrap(), "not defined by the driver");
+        d.define(&m).unwrap();
+        // The first refresh writes libvirt's normalised form (with the UUID).
+        assert!(d.refresh_xml(&m).unwrap());
+        let text = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();
+        assert_eq!(xml_uuid(&text), Some(uuid_of(&m)));
+        assert!(!d.refresh_xml(&m).unwrap(), "unchanged: no rewrite");
+        assert!(!d.refresh_xml(&m).unwrap(), "unchanged: no rewrite");
+        // An operator redefines it (`virsh edit`).
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let edited = text.replace("<description>one", "<description>edited");
+        assert_ne!(edited, text);
+        conn.define_domain_xml(&edited).unwrap();
+        assert!(d.refresh_xml(&m).unwrap());
+        let now = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();
+        assert!(now.contains("<description>edited</description>"), "{now}");
+        assert!(!d.refresh_xml(&m).unwrap());
+        // After a failed define the local definition must not overwrite the file.
+        write_xml(&m, "not xml");
+        assert!(d.define(&m).is_err());
+        assert!(!d.refresh_xml(&m).unwrap());
+        assert_eq!(std::fs::read(xml_path(&m).unwrap()).unwrap(), b"not xml");
+        conn.lookup_domain_by_name(&m.domain)
+            .unwrap()
+            .undefine()
+            .unwrap();
+    }
+
+    #[test]
+    fn define_replaces_a_stopped_domain_with_another_uuid_but_not_a_running_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-uuid", dir.path());
+        let d = LibvirtDriver::with_start_timeout(Duration::from_secs(5));
+        let (u1, u2, u3) = (
+            "11111111-2222-3333-4444-555555555551",
+            "11111111-2222-3333-4444-555555555552",
+            "11111111-2222-3333-4444-555555555553",
+        );
+        write_xml(&m, &test_xml(&m.domain, Some(u1), "one"));
+        d.define(&m).unwrap();
+        assert_eq!(uuid_of(&m), normalise_uuid(u1));
+        // Re-created elsewhere: another UUID. Not running here: replaced.
+        write_xml(&m, &test_xml(&m.domain, Some(u2), "two"));
+        d.define(&m).unwrap();
+        assert_eq!(uuid_of(&m), normalise_uuid(u2));
+        // A file without a UUID keeps the UUID defined here.
+        write_xml(&m, &test_xml(&m.domain, None, "three"));
+        d.define(&m).unwrap();
+        assert_eq!(uuid_of(&m), normalise_uuid(u2));
+        // Running here: refused, the running definition stays.
+        write_xml(&m, &test_xml(&m.domain, Some(u2), "two"));
+        d.define(&m).unwrap();
+        d.start(&m).unwrap();
+        write_xml(&m, &test_xml(&m.domain, Some(u3), "four"));
+        let err = d.define(&m).unwrap_err().to_string();
+        assert!(err.contains("runs on this node"), "{err}");
+        assert_eq!(uuid_of(&m), normalise_uuid(u2));
+        assert_eq!(d.state(&m).unwrap(), VmState::Running);
+        // An invalid new definition leaves the old one in place.
+        d.stop(&m).unwrap();
+        write_xml(
+            &m,
+            &format!(
+                "<domain type='test'><name>{}</name><uuid>{u3}</uuid><memory>oops</memory></domain>",
+                m.domain
+            ),
+        );
+        assert!(d.define(&m).is_err());
+        assert_eq!(uuid_of(&m), normalise_uuid(u2));
+        Connect::open(Some(TEST_URI))
+            .unwrap()
+            .lookup_domain_by_name(&m.domain)
+            .unwrap()
+            .undefine()
+            .unwrap();
+    }
+}

@@ -1,0 +1,1151 @@
+//! A node's persistent record of what its peer may lack (design, "Degraded mode and
+//! dirty tracking"). The one place that owns it; everything lives in
+//! `STATEDIR/track/`:
+//!
+//! - **Dirty maps** (`map-<ino>`): one bit per 4 KiB block of a backing file, set
+//!   before a write that the peer does not receive is applied here (degraded mode).
+//!   The bit is durable before the caller goes on (write-ahead); concurrent callers
+//!   share one flush (group commit), and a write to blocks already marked costs
+//!   nothing.
+//! - **Journal** (`journal`): names whose binding changed without the peer (create,
+//!   unlink, rename, link…). A file reached through such a name is compared whole at
+//!   reintegration: its dirty map says nothing about what the peer has at that name.
+//! - **Activity log** (`activity`): while connected, the 4 MiB extents with recent
+//!   writes (and names with recent namespace changes). An extent enters before its
+//!   first write goes out and leaves only after a checkpoint made both nodes' copies
+//!   durable, so after a crash of either node the regions that may differ are known
+//!   and bounded by `capacity × 4 MiB`: a crashed primary never needs a full resync.
+//! - **valid**: the records are complete since the last time both copies were
+//!   identical (`clear_all` at the end of a resync). Without it, reintegration has to
+//!   compare everything.
+//!
+//! Keys are backing inode numbers (stable while the file exists); a reused number
+//! only inherits extra marks, which costs a few blocks, never a missed one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use rustix::fs::{FileType, OFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::apply::{self, Errno};
+use crate::op::Name;
+
+/// Granularity of the dirty maps.
+pub const BLOCK: u64 = 4096;
+/// Granularity of the activity log.
+pub const EXTENT: u64 = 4 << 20;
+/// Default number of activity-log extents (a crashed primary resends at most this
+/// many × 4 MiB, plus what was written degraded).
+pub const DEFAULT_AL_EXTENTS: usize = 256;
+/// The activity-log extent index that stands for a whole file.
+const WHOLE: u64 = u64::MAX;
+/// Bytes of bitmap per in-memory page (covers 128 MiB of file).
+const PAGE: usize = 4096;
+const BLOCKS_PER_PAGE: u64 = PAGE as u64 * 8;
+/// A range change wider than this many extents is logged as a name (compared whole)
+/// rather than flooding the activity log.
+const MAX_EXTENTS_PER_CHANGE: u64 = 8;
+/// The most ranges a report carries per file before nearby ranges are merged.
+const MAX_REPORT_RANGES: usize = 2048;
+
+const VALID: &str = "valid";
+const JOURNAL: &str = "journal";
+const ACTIVITY: &str = "activity";
+const MAP_PREFIX: &str = "map-";
+const WHOLE_PREFIX: &str = "whole-";
+
+/// What a mutation changes, as tracking sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Bytes `[start, end)` of the file with backing inode `ino`.
+    Range { ino: u64, start: u64, end: u64 },
+    /// A name (relative to the replicated directory) whose binding changes: it and
+    /// everything beneath it are compared whole at reintegration.
+    Name(Vec<u8>),
+}
+
+/// Errors of the tracking metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error("tracking metadata {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tracking metadata cannot be written ({0}); refusing unrecorded writes")]
+    Broken(String),
+}
+
+impl From<TrackError> for Errno {
+    fn from(_: TrackError) -> Errno {
+        Errno::IO
+    }
+}
+
+/// A sparse bitmap of blocks.
+#[derive(Debug, Default, Clone)]
+struct Bitmap {
+    pages: BTreeMap<u64, Box<[u8]>>,
+}
+
+impl Bitmap {
+    /// Sets the blocks covering bytes `[start, end)`; returns the pages that changed.
+    fn set(&mut self, start: u64, end: u64) -> Vec<u64> {
+        let mut changed = Vec::new();
+        if end <= start {
+            return changed;
+        }
+        let (first, last) = (start / BLOCK, (end - 1) / BLOCK);
+        let mut block = first;
+        while block <= last {
+            let page_no = block / BLOCKS_PER_PAGE;
+            let page = self
+                .pages
+                .entry(page_no)
+                .or_insert_with(|| vec![0u8; PAGE].into_boxed_slice());
+            let page_end = ((page_no + 1) * BLOCKS_PER_PAGE - 1).min(last);
+            let mut any = false;
+            for b in block..=page_end {
+                let bit = (b % BLOCKS_PER_PAGE) as usize;
+                let (byte, mask) = (bit / 8, 1u8 << (bit % 8));
+                if page[byte] & mask == 0 {
+                    page[byte] |= mask;
+                    any = true;
+                }
+            }
+            if any {
+                changed.push(page_no);
+            }
+            block = page_end + 1;
+        }
+        changed
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pages.values().all(|p| p.iter().all(|&b| b == 0))
+    }
+
+    /// The marked bytes as sorted, merged ranges.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (&page_no, page) in &self.pages {
+            for (i, &byte) in page.iter().enumerate() {
+                if byte == 0 {
+                    continue;
+                }
+                for bit in 0..8 {
+                    if byte & (1 << bit) == 0 {
+                        continue;
+                    }
+                    let block = page_no * BLOCKS_PER_PAGE + (i * 8 + bit) as u64;
+                    let (s, e) = (block * BLOCK, (block + 1) * BLOCK);
+                    match out.last_mut() {
+                        Some(last) if last.1 == s => last.1 = e,
+                        _ => out.push((s, e)),
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Merges sorted ranges; nearby ones too when there are too many (marking more is
+/// always safe).
+pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut gap = 0u64;
+    loop {
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for &(s, e) in &ranges {
+            match out.last_mut() {
+                Some(last) if s <= last.1.saturating_add(gap) => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        if out.len() <= MAX_REPORT_RANGES {
+            return out;
+        }
+        gap = if gap == 0 { 1 << 20 } else { gap * 4 };
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Active {
+    inflight: u32,
+    epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum AlEntry {
+    Extent { ino: u64, index: u64 },
+    Name(Vec<u8>),
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Map pages to write, per inode.
+    pages: BTreeMap<u64, BTreeSet<u64>>,
+    journal: Vec<Vec<u8>>,
+    whole: Vec<u64>,
+    activity: Vec<AlEntry>,
+    /// The activity log must be rewritten (compaction), not appended to.
+    rewrite_activity: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+            && self.journal.is_empty()
+            && self.whole.is_empty()
+            && self.activity.is_empty()
+            && !self.rewrite_activity
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    valid: bool,
+    maps: HashMap<u64, Bitmap>,
+    journal: BTreeSet<Vec<u8>>,
+    /// Files that may differ anywhere.
+    whole: BTreeSet<u64>,
+    active: HashMap<AlEntry, Active>,
+    /// Checkpoint epoch: extents touched in this epoch are not retired by the
+    /// checkpoint that began it.
+    epoch: u64,
+    pending: Pending,
+    /// The batch being filled; `durable` is the last one on disk.
+    batch: u64,
+    durable: u64,
+    flushing: bool,
+    broken: Option<String>,
+    /// Someone waits for room in the activity log.
+    want_checkpoint: bool,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Tracker {
+    dir: PathBuf,
+    capacity: usize,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Open map files, used only by the flushing thread.
+    files: Mutex<HashMap<u64, File>>,
+}
+
+/// Keeps an activity-log entry from retiring while its write is in flight.
+#[derive(Debug)]
+pub struct InFlight {
+    tracker: Option<Arc<Tracker>>,
+    entries: Vec<AlEntry>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(t) = self.tracker.take() {
+            let mut st = t.state.lock();
+            for e in &self.entries {
+                if let Some(a) = st.active.get_mut(e) {
+                    a.inflight = a.inflight.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+impl InFlight {
+    pub fn none() -> InFlight {
+        InFlight {
+            tracker: None,
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// What one node reports about its copy when a writer attaches it: the namespace it
+/// has and the regions its own records say may differ.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The records are complete since the last time both copies were identical.
+    pub valid: bool,
+    pub entries: Vec<ReportEntry>,
+    /// Names (and everything beneath) to compare whole.
+    pub names: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportEntry {
+    /// Relative path, components joined by `/`.
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    /// Byte ranges of a regular file that may differ.
+    pub dirty: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+impl EntryKind {
+    pub fn of(mode: u32) -> EntryKind {
+        match FileType::from_raw_mode(mode) {
+            FileType::RegularFile => EntryKind::File,
+            FileType::Directory => EntryKind::Dir,
+            FileType::Symlink => EntryKind::Symlink,
+            _ => EntryKind::Other,
+        }
+    }
+}
+
+/// One entry of a directory walk.
+#[derive(Debug)]
+pub struct WalkEntry {
+    pub path: Vec<u8>,
+    pub st: rustix::fs::Stat,
+}
+
+/// Every entry beneath `root` (not the root itself), parents before children, never
+/// following a symlink.
+pub fn walk(root: BorrowedFd<'_>) -> Result<Vec<WalkEntry>, Errno> {
+    let mut out = Vec::new();
+    let mut dirs = vec![(Vec::new(), apply::reopen(root, OFlags::PATH)?)];
+    while let Some((prefix, dir)) = dirs.pop() {
+        let listing = apply::reopen(dir.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(listing.as_fd())? {
+            let entry = entry?;
+            let raw = entry.file_name().to_bytes();
+            if raw != b"." && raw != b".." {
+                names.push(raw.to_vec());
+            }
+        }
+        names.sort();
+        for raw in names {
+            let Ok(name) = Name::new(raw.clone()) else {
+                continue;
+            };
+            let fd = match apply::lookup_beneath(dir.as_fd(), &name) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            let st = rustix::fs::fstat(fd.as_fd())?;
+            let path = join(&prefix, &raw);
+            if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                dirs.push((path.clone(), fd));
+            }
+            out.push(WalkEntry { path, st });
+        }
+    }
+    // Parents before children: sort by path depth, then name.
+    out.sort_by(|a, b| {
+        depth(&a.path)
+            .cmp(&depth(&b.path))
+            .then(a.path.cmp(&b.path))
+    });
+    Ok(out)
+}
+
+fn depth(path: &[u8]) -> usize {
+    path.iter().filter(|&&b| b == b'/').count()
+}
+
+/// `prefix/name` (or `name` at the top).
+pub fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = prefix.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+/// Whether `path` is `name` or beneath it.
+pub fn is_beneath(path: &[u8], name: &[u8]) -> bool {
+    name.is_empty()
+        || path == name
+        || (path.len() > name.len() && path.starts_with(name) && path[name.len()] == b'/')
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrackError + '_ {
+    move |source| TrackError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads length-prefixed records; a torn tail (crash in mid-append) is ignored: it
+/// was never reported durable.
+fn read_records(path: &Path) -> Result<Vec<Vec<u8>>, TrackError> {
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(mut f) => {
+            f.read_to_end(&mut bytes).map_err(io(path))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(path)(e)),
+    }
+    let mut out = Vec::new();
+    let mut rest = &bytes[..];
+    while rest.len() >= 4 {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if rest.len() < 4 + len {
+            break;
+        }
+        out.push(rest[4..4 + len].to_vec());
+        rest = &rest[4 + len..];
+    }
+    Ok(out)
+}
+
+fn record(out: &mut Vec<u8>, body: &[u8]) {
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+}
+
+fn encode_al(e: &AlEntry) -> Vec<u8> {
+    let mut b = Vec::new();
+    match e {
+        AlEntry::Extent { ino, index } => {
+            b.push(1);
+            b.extend_from_slice(&ino.to_le_bytes());
+            b.extend_from_slice(&index.to_le_bytes());
+        }
+        AlEntry::Name(name) => {
+            b.push(2);
+            b.extend_from_slice(name);
+        }
+    }
+    b
+}
+
+fn decode_al(b: &[u8]) -> Option<AlEntry> {
+    match b.split_first()? {
+        (1, rest) if rest.len() == 16 => Some(AlEntry::Extent {
+            ino: u64::from_le_bytes(rest[..8].try_into().ok()?),
+            index: u64::from_le_bytes(rest[8..].try_into().ok()?),
+        }),
+        (2, rest) => Some(AlEntry::Name(rest.to_vec())),
+        _ => None,
+    }
+}
+
+fn append(path: &Path, bytes: &[u8]) -> Result<(), TrackError> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_data().map_err(io(path))
+}
+
+impl Tracker {
+    /// Opens (creating) `state/track`. An activity log left by a previous run is
+    /// folded into the dirty maps: whether its writes reached the peer is unknown.
+    pub fn open(state: &Path, capacity: usize) -> Result<Arc<Tracker>, TrackError> {
+        let dir = state.join("track");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        let mut maps = HashMap::new();
+        let mut whole = BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            let name = entry.file_name();
+            if let Some(ino) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(WHOLE_PREFIX))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                whole.insert(ino);
+                continue;
+            }
+            let Some(ino) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(MAP_PREFIX))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let mut map = Bitmap::default();
+            for (page_no, chunk) in bytes.chunks(PAGE).enumerate() {
+                if chunk.iter().any(|&b| b != 0) {
+                    let mut page = vec![0u8; PAGE].into_boxed_slice();
+                    page[..chunk.len()].copy_from_slice(chunk);
+                    map.pages.insert(page_no as u64, page);
+                }
+            }
+            maps.insert(ino, map);
+        }
+        let journal = read_records(&dir.join(JOURNAL))?.into_iter().collect();
+        let leftover: Vec<AlEntry> = read_records(&dir.join(ACTIVITY))?
+            .iter()
+            .filter_map(|r| decode_al(r))
+            .collect();
+        let tracker = Arc::new(Tracker {
+            dir: dir.clone(),
+            capacity: capacity.max(4),
+            state: Mutex::new(State {
+                valid: dir.join(VALID).exists(),
+                maps,
+                journal,
+                whole,
+                active: HashMap::new(),
+                epoch: 1,
+                pending: Pending::default(),
+                batch: 1,
+                durable: 0,
+                flushing: false,
+                broken: None,
+                want_checkpoint: false,
+            }),
+            changed: Condvar::new(),
+            files: Mutex::new(HashMap::new()),
+        });
+        if !leftover.is_empty() {
+            tracing::warn!(
+                entries = leftover.len(),
+                "activity log of an unclean stop: its regions may differ on the peer"
+            );
+            let target = {
+                let mut st = tracker.state.lock();
+                for e in leftover {
+                    Self::fold(&mut st, &e);
+                }
+                st.pending.rewrite_activity = true;
+                st.batch
+            };
+            tracker.flush_until(target)?;
+        }
+        Ok(tracker)
+    }
+
+    /// Adds an activity-log entry to the dirty records (pending, not yet durable).
+    fn fold(st: &mut State, e: &AlEntry) {
+        match e {
+            AlEntry::Extent { ino, index: WHOLE } => {
+                if st.whole.insert(*ino) {
+                    st.pending.whole.push(*ino);
+                }
+            }
+            AlEntry::Extent { ino, index } => {
+                let pages = st
+                    .maps
+                    .entry(*ino)
+                    .or_default()
+                    .set(index * EXTENT, (index + 1) * EXTENT);
+                st.pending.pages.entry(*ino).or_default().extend(pages);
+            }
+            AlEntry::Name(name) => {
+                if st.journal.insert(name.clone()) {
+                    st.pending.journal.push(name.clone());
+                }
+            }
+        }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.state.lock().valid
+    }
+
+    /// Nothing is recorded: the peer lacks nothing this node knows of.
+    pub fn is_clean(&self) -> bool {
+        let st = self.state.lock();
+        st.journal.is_empty()
+            && st.whole.is_empty()
+            && st.active.is_empty()
+            && st.maps.values().all(|m| m.is_empty())
+    }
+
+    /// Degraded mode: records `changes` durably before returning (write-ahead).
+    pub fn record_degraded(&self, changes: &[Change]) -> Result<(), TrackError> {
+        let target = {
+            let mut st = self.state.lock();
+            if let Some(why) = &st.broken {
+                return Err(TrackError::Broken(why.clone()));
+            }
+            for c in changes {
+                match c {
+                    Change::Range { ino, start, end } => {
+                        let pages = st.maps.entry(*ino).or_default().set(*start, *end);
+                        if !pages.is_empty() {
+                            st.pending.pages.entry(*ino).or_default().extend(pages);
+                        }
+                    }
+                    Change::Name(name) => {
+                        if st.journal.insert(name.clone()) {
+                            st.pending.journal.push(name.clone());
+                        }
+                    }
+                }
+            }
+            // Even when nothing is new, an earlier batch that set these bits may
+            // still be on its way to disk.
+            if st.pending.is_empty() {
+                if st.flushing {
+                    st.batch - 1
+                } else {
+                    st.durable
+                }
+            } else {
+                st.batch
+            }
+        };
+        self.flush_until(target)
+    }
+
+    /// Connected: records the extents/names of `changes` in the activity log
+    /// (durably, before returning) and keeps them from retiring until the returned
+    /// guard is dropped (when the operation completed on both nodes).
+    pub fn record_active(self: &Arc<Self>, changes: &[Change]) -> Result<InFlight, TrackError> {
+        let mut entries = Vec::new();
+        for c in changes {
+            match c {
+                Change::Range { ino, start, end } if end > start => {
+                    let (first, last) = (start / EXTENT, (end - 1) / EXTENT);
+                    if last - first < MAX_EXTENTS_PER_CHANGE {
+                        entries.extend(
+                            (first..=last).map(|index| AlEntry::Extent { ino: *ino, index }),
+                        );
+                    } else {
+                        // Too wide for the log: the whole file is suspect.
+                        entries.push(AlEntry::Extent {
+                            ino: *ino,
+                            index: WHOLE,
+                        });
+                    }
+                }
+                Change::Range { .. } => {}
+                Change::Name(name) => entries.push(AlEntry::Name(name.clone())),
+            }
+        }
+        if entries.is_empty() {
+            return Ok(InFlight::none());
+        }
+        let target = {
+            let mut st = self.state.lock();
+            loop {
+                if let Some(why) = &st.broken {
+                    return Err(TrackError::Broken(why.clone()));
+                }
+                let new = entries
+                    .iter()
+                    .filter(|e| !st.active.contains_key(e))
+                    .count();
+                if new == 0 || st.active.len() + new <= self.capacity {
+                    break;
+                }
+                // Full: the checkpointer makes room.
+                st.want_checkpoint = true;
+                self.changed.notify_all();
+                self.changed.wait_for(&mut st, Duration::from_millis(200));
+            }
+            let epoch = st.epoch;
+            let mut added = false;
+            for e in &entries {
+                let a = st.active.entry(e.clone()).or_insert_with(|| {
+                    added = true;
+                    Active { inflight: 0, epoch }
+                });
+                a.inflight += 1;
+                a.epoch = epoch;
+            }
+            if added {
+                for e in &entries {
+                    st.pending.activity.push(e.clone());
+                }
+                st.batch
+            } else if st.flushing {
+                st.batch - 1
+            } else {
+                st.durable
+            }
+        };
+        let guard = InFlight {
+            tracker: Some(self.clone()),
+            entries,
+        };
+        self.flush_until(target)?;
+        Ok(guard)
+    }
+
+    /// The link stopped sending (degraded): everything in the activity log may be
+    /// missing on the peer; it moves to the dirty records, durably.
+    pub fn degrade(&self) -> Result<(), TrackError> {
+        let target = {
+            let mut st = self.state.lock();
+            let entries: Vec<AlEntry> = st.active.drain().map(|(e, _)| e).collect();
+            if entries.is_empty() {
+                return Ok(());
+            }
+            for e in &entries {
+                Self::fold(&mut st, e);
+            }
+            st.pending.rewrite_activity = true;
+            st.batch
+        };
+        self.changed.notify_all();
+        self.flush_until(target)
+    }
+
+    /// Starts a checkpoint; `Some(epoch)` if the activity log has anything to retire.
+    /// Between `checkpoint_begin` and `checkpoint_end` the caller makes everything
+    /// written so far durable on both nodes.
+    pub fn checkpoint_begin(&self) -> Option<(u64, Vec<AlEntryId>)> {
+        let mut st = self.state.lock();
+        if st.active.is_empty() {
+            st.want_checkpoint = false;
+            return None;
+        }
+        let epoch = st.epoch;
+        st.epoch += 1;
+        let idle = st
+            .active
+            .iter()
+            .filter(|(_, a)| a.inflight == 0)
+            .map(|(e, _)| AlEntryId(e.clone()))
+            .collect();
+        Some((epoch, idle))
+    }
+
+    /// Retires the entries that were idle at `checkpoint_begin` and not written since.
+    pub fn checkpoint_end(&self, epoch: u64, idle: Vec<AlEntryId>) -> Result<(), TrackError> {
+        let target = {
+            let mut st = self.state.lock();
+            let before = st.active.len();
+            for AlEntryId(e) in idle {
+                if st
+                    .active
+                    .get(&e)
+                    .is_some_and(|a| a.inflight == 0 && a.epoch <= epoch)
+                {
+                    st.active.remove(&e);
+                }
+            }
+            st.want_checkpoint = false;
+            if st.active.len() == before {
+                return Ok(());
+            }
+            st.pending.rewrite_activity = true;
+            st.batch
+        };
+        self.changed.notify_all();
+        self.flush_until(target)
+    }
+
+    /// Whether a checkpoint is due now (the log is full and someone waits).
+    pub fn wait_checkpoint_request(&self, timeout: Duration) -> bool {
+        let mut st = self.state.lock();
+        if !st.want_checkpoint {
+            self.changed.wait_for(&mut st, timeout);
+        }
+        st.want_checkpoint
+    }
+
+    pub fn activity_len(&self) -> usize {
+        self.state.lock().active.len()
+    }
+
+    /// Both copies are identical (a resync finished): forget every record and
+    /// declare them complete from here on.
+    pub fn clear_all(&self) -> Result<(), TrackError> {
+        let mut st = self.state.lock();
+        while st.flushing {
+            self.changed.wait(&mut st);
+        }
+        let mut files = self.files.lock();
+        files.clear();
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(MAP_PREFIX) || name.starts_with(WHOLE_PREFIX) || name == JOURNAL {
+                std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+            }
+        }
+        st.maps.clear();
+        st.journal.clear();
+        st.whole.clear();
+        // The activity log stays: it covers writes the peer received but may not
+        // have made durable yet, a separate matter.
+        st.pending.pages.clear();
+        st.pending.journal.clear();
+        st.pending.whole.clear();
+        crate::statedir::write_file_atomically(&self.dir.join(VALID), b"")
+            .map_err(io(&self.dir))?;
+        st.valid = true;
+        Ok(())
+    }
+
+    /// This copy is being replaced wholesale (full sync): its records say nothing.
+    pub fn invalidate(&self) -> Result<(), TrackError> {
+        let mut st = self.state.lock();
+        let path = self.dir.join(VALID);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        st.valid = false;
+        Ok(())
+    }
+
+    /// Dirty ranges of backing inode `ino` (dirty map and activity log).
+    pub fn ranges_of(&self, ino: u64) -> FileDirt {
+        let st = self.state.lock();
+        let mut ranges = st.maps.get(&ino).map(Bitmap::ranges).unwrap_or_default();
+        let mut whole = st.whole.contains(&ino);
+        for e in st.active.keys() {
+            if let AlEntry::Extent { ino: i, index } = e {
+                if *i == ino {
+                    if *index == WHOLE {
+                        whole = true;
+                    } else {
+                        ranges.push((index * EXTENT, (index + 1) * EXTENT));
+                    }
+                }
+            }
+        }
+        FileDirt {
+            whole,
+            ranges: merge_ranges(ranges),
+        }
+    }
+
+    /// Names recorded in the journal and the activity log.
+    pub fn names(&self) -> Vec<Vec<u8>> {
+        let st = self.state.lock();
+        let mut names: Vec<Vec<u8>> = st.journal.iter().cloned().collect();
+        for e in st.active.keys() {
+            if let AlEntry::Name(n) = e {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+
+    /// This node's report on the copy beneath `root`.
+    pub fn report(&self, root: BorrowedFd<'_>) -> Result<Report, Errno> {
+        let mut names = self.names();
+        let mut entries = Vec::new();
+        for e in walk(root)? {
+            let kind = EntryKind::of(e.st.st_mode);
+            let dirty = if kind == EntryKind::File {
+                let d = self.ranges_of(e.st.st_ino);
+                if d.whole {
+                    names.push(e.path.clone());
+                }
+                d.ranges
+            } else {
+                Vec::new()
+            };
+            entries.push(ReportEntry {
+                path: e.path,
+                kind,
+                dirty,
+            });
+        }
+        Ok(Report {
+            valid: self.is_valid(),
+            entries,
+            names,
+        })
+    }
+
+    /// Waits until batch `target` is durable, flushing it ourselves if nobody is.
+    fn flush_until(&self, target: u64) -> Result<(), TrackError> {
+        let mut st = self.state.lock();
+        loop {
+            if let Some(why) = &st.broken {
+                return Err(TrackError::Broken(why.clone()));
+            }
+            if st.durable >= target {
+                return Ok(());
+            }
+            if st.flushing {
+                self.changed.wait(&mut st);
+                continue;
+            }
+            st.flushing = true;
+            let batch = st.batch;
+            st.batch += 1;
+            let pending = std::mem::take(&mut st.pending);
+            let pages: Vec<MapPages> = pending
+                .pages
+                .iter()
+                .map(|(ino, nos)| {
+                    let map = st.maps.get(ino);
+                    let copies = nos
+                        .iter()
+                        .filter_map(|no| {
+                            map.and_then(|m| m.pages.get(no)).map(|p| (*no, p.clone()))
+                        })
+                        .collect();
+                    (*ino, copies)
+                })
+                .collect();
+            let activity = if pending.rewrite_activity {
+                Some(st.active.keys().cloned().collect::<Vec<_>>())
+            } else {
+                None
+            };
+            drop(st);
+            let outcome = self.write_batch(&pages, &pending, activity.as_deref());
+            st = self.state.lock();
+            st.flushing = false;
+            match outcome {
+                Ok(()) => st.durable = batch,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    st.broken = Some(e.to_string());
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    fn write_batch(
+        &self,
+        pages: &[MapPages],
+        pending: &Pending,
+        activity: Option<&[AlEntry]>,
+    ) -> Result<(), TrackError> {
+        let mut files = self.files.lock();
+        let mut created = false;
+        for (ino, copies) in pages {
+            let path = self.dir.join(format!("{MAP_PREFIX}{ino}"));
+            if !files.contains_key(ino) {
+                created |= !path.exists();
+                let f = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                files.insert(*ino, f);
+            }
+            let Some(f) = files.get(ino) else { continue };
+            for (no, page) in copies {
+                f.write_all_at(page, no * PAGE as u64).map_err(io(&path))?;
+            }
+            f.sync_data().map_err(io(&path))?;
+        }
+        for ino in &pending.whole {
+            let path = self.dir.join(format!("{WHOLE_PREFIX}{ino}"));
+            created = true;
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io(&path))?;
+        }
+        if !pending.journal.is_empty() {
+            let mut bytes = Vec::new();
+            for name in &pending.journal {
+                record(&mut bytes, name);
+            }
+            let path = self.dir.join(JOURNAL);
+            created |= !path.exists();
+            append(&path, &bytes)?;
+        }
+        let al_path = self.dir.join(ACTIVITY);
+        if let Some(all) = activity {
+            // Compaction: the current set, atomically. Appends of this batch are in it.
+            let mut bytes = Vec::new();
+            for e in all {
+                record(&mut bytes, &encode_al(e));
+            }
+            crate::statedir::write_file_atomically(&al_path, &bytes).map_err(io(&al_path))?;
+        } else if !pending.activity.is_empty() {
+            let mut bytes = Vec::new();
+            for e in &pending.activity {
+                record(&mut bytes, &encode_al(e));
+            }
+            created |= !al_path.exists();
+            append(&al_path, &bytes)?;
+        }
+        if created {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies of one dirty map's changed pages: (inode, [(page number, bytes)]).
+type MapPages = (u64, Vec<(u64, Box<[u8]>)>);
+
+/// An activity-log entry noted by `checkpoint_begin`.
+#[derive(Debug, Clone)]
+pub struct AlEntryId(AlEntry);
+
+/// What tracking knows may differ in one file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileDirt {
+    /// The whole file may differ.
+    pub whole: bool,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(ino: u64, start: u64, end: u64) -> Change {
+        Change::Range { ino, start, end }
+    }
+
+    #[test]
+    fn degraded_marks_survive_reopen_at_block_granularity() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let t = Tracker::open(dir.path(), 16).unwrap();
+            assert!(!t.is_valid());
+            t.record_degraded(&[range(7, 4096 * 3 + 10, 4096 * 5)])
+                .unwrap();
+            t.record_degraded(&[range(7, 1 << 30, (1 << 30) + 1)])
+                .unwrap();
+            t.record_degraded(&[Change::Name(b"a/b".to_vec())]).unwrap();
+        }
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        assert_eq!(
+            t.ranges_of(7).ranges,
+            vec![(4096 * 3, 4096 * 5), (1 << 30, (1 << 30) + 4096)]
+        );
+        assert_eq!(t.names(), vec![b"a/b".to_vec()]);
+        assert!(t.ranges_of(8).ranges.is_empty());
+        t.clear_all().unwrap();
+        assert!(t.is_clean());
+        drop(t);
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        assert!(t.is_valid() && t.is_clean());
+    }
+
+    #[test]
+    fn activity_log_of_an_unclean_stop_becomes_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let t = Tracker::open(dir.path(), 16).unwrap();
+            let g = t
+                .record_active(&[range(3, EXTENT + 5, EXTENT + 9)])
+                .unwrap();
+            drop(g);
+            // No checkpoint: the process "crashes" here.
+        }
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        assert_eq!(t.ranges_of(3).ranges, vec![(EXTENT, 2 * EXTENT)]);
+        assert_eq!(t.activity_len(), 0);
+    }
+
+    #[test]
+    fn checkpoint_retires_only_idle_entries_not_written_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        let busy = t.record_active(&[range(1, 0, 10)]).unwrap();
+        drop(t.record_active(&[range(2, 0, 10)]).unwrap());
+        drop(t.record_active(&[range(4, 0, 10)]).unwrap());
+        let (epoch, idle) = t.checkpoint_begin().unwrap();
+        // Written again after the checkpoint began: not covered by it.
+        drop(t.record_active(&[range(4, 0, 10)]).unwrap());
+        t.checkpoint_end(epoch, idle).unwrap();
+        assert_eq!(t.activity_len(), 2);
+        assert_eq!(t.ranges_of(1).ranges, vec![(0, EXTENT)]);
+        assert!(t.ranges_of(2).ranges.is_empty());
+        drop(busy);
+        drop(t);
+        // What was left in the log comes back as dirty after a restart.
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        assert_eq!(t.ranges_of(1).ranges, vec![(0, EXTENT)]);
+        assert_eq!(t.ranges_of(4).ranges, vec![(0, EXTENT)]);
+        assert!(t.ranges_of(2).ranges.is_empty());
+    }
+
+    #[test]
+    fn degrade_moves_the_activity_log_to_dirty_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        let g = t
+            .record_active(&[
+                range(9, 3 * EXTENT, 3 * EXTENT + 1),
+                Change::Name(b"x".to_vec()),
+            ])
+            .unwrap();
+        t.degrade().unwrap();
+        drop(g);
+        assert_eq!(t.activity_len(), 0);
+        assert_eq!(t.ranges_of(9).ranges, vec![(3 * EXTENT, 4 * EXTENT)]);
+        assert_eq!(t.names(), vec![b"x".to_vec()]);
+    }
+
+    #[test]
+    fn a_full_log_waits_for_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::open(dir.path(), 4).unwrap();
+        for i in 0..4 {
+            drop(
+                t.record_active(&[range(1, i * EXTENT, i * EXTENT + 1)])
+                    .unwrap(),
+            );
+        }
+        let t2 = t.clone();
+        let checkpointer = std::thread::spawn(move || {
+            assert!(t2.wait_checkpoint_request(Duration::from_secs(10)));
+            let (epoch, idle) = t2.checkpoint_begin().unwrap();
+            t2.checkpoint_end(epoch, idle).unwrap();
+        });
+        drop(
+            t.record_active(&[range(1, 9 * EXTENT, 9 * EXTENT + 1)])
+                .unwrap(),
+        );
+        checkpointer.join().unwrap();
+        assert_eq!(t.activity_len(), 1);
+    }
+
+    #[test]
+    fn too_many_ranges_are_merged_conservatively() {
+        let ranges: Vec<(u64, u64)> = (0..10_000u64)
+            .map(|i| (i * 8192, i * 8192 + 4096))
+            .collect();
+        let merged = merge_ranges(ranges.clone());
+        assert!(merged.len() <= MAX_REPORT_RANGES);
+        for (s, e) in ranges {
+            assert!(merged.iter().any(|&(ms, me)| ms <= s && e <= me));
+        }
+    }
+
+    #[test]
+    fn beneath_is_by_component() {
+        assert!(is_beneath(b"a/b", b"a"));
+        assert!(is_beneath(b"a", b"a"));
+        assert!(!is_beneath(b"ab", b"a"));
+        assert!(is_beneath(b"anything", b""));
+    }
+}
