@@ -18,7 +18,11 @@
 //! - `StartWaitElapsed` comes `start_wait_ms` after entering WAIT and is
 //!   repeated every `start_wait_ms` while the module stays WAIT;
 //! - `MarkPeerOutdated` completes once the peer's heartbeat shows our newer
-//!   generation, or the peer is lost, or after `failover_timeout_ms` (logged).
+//!   generation, or the peer is lost, or shows data that is not behind ours,
+//!   or after `failover_timeout_ms` (logged). Only the first outcome lets a
+//!   PRIM's vmha-fs write alone (SIGUSR1); otherwise its writes keep waiting
+//!   for the state machine (PeerLost, stepping down), bounded by the lock
+//!   timeout.
 //!
 //! Choices where the design is silent:
 //! - A failure to persist metadata, to mount, or to start a resync aborts the
@@ -31,6 +35,24 @@
 //!   simulates a crash (tasks aborted, nothing stopped).
 //! - A module the peer does not announce at all is treated as if the peer were
 //!   not seen for it (its status shows `module_config_match: false`).
+//! - Replication link down (vmha-fs reports its link lost, stalled or failed)
+//!   on a PRIM: `ReplicationLinkDown` only on fresh first-hand knowledge that
+//!   the peer is our SECOND (the dispatcher has been observing without a stall
+//!   of its own for the failover timeout, the peer's latest heartbeat shows a
+//!   SECOND with our data): a frozen PRIM waking up must not fork the history
+//!   from heartbeats queued while it slept. If the peer already shows it is
+//!   outdated, vmha-fs just writes alone.
+//! - "Fenced" from vmha-fs (the receiver refused our generation) while the
+//!   peer's heartbeat shows our data or an older state of it is not a fence: its
+//!   receiver still accepts an older generation of ours, and a SECOND restarts
+//!   its receiver for the writer's current generation when the writer's data
+//!   descends from its own ([`crate::driver::FsDriver::follow_writer`]).
+//! - A SECOND whose receiver died restarts it in place (at most once per
+//!   30 s, else `FsFailed`): what it received is intact, and the writer makes
+//!   it outdated before writing without it.
+//! - A connected writer start (after a swap) that fails falls back to starting
+//!   alone: new generation, the SECOND marked outdated (it must acknowledge),
+//!   then the usual attach with a full copy.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -171,6 +193,7 @@ impl Daemon {
         let mut handles = Vec::new();
         let mut runners = Vec::new();
         let started = Instant::now();
+        let judging_since = Arc::new(Mutex::new(started));
 
         for module in &config.modules {
             let state_dir = cluster.state_dir.clone();
@@ -229,6 +252,10 @@ impl Daemon {
                     attached: None,
                     attach_unsupported: false,
                     writer_sync: None,
+                    went_alone: None,
+                    receiver_restarted: None,
+                    outdated: None,
+                    judging_since: Arc::clone(&judging_since),
                     xml_refresh_failed: false,
                 },
                 cmd_rx,
@@ -279,6 +306,7 @@ impl Daemon {
             Arc::clone(&shared),
             in_rx,
             shutdown_rx.clone(),
+            judging_since,
         )));
         tasks.push(tokio::spawn(send_heartbeats(
             Arc::clone(&shared),
@@ -426,6 +454,7 @@ async fn dispatch(
     shared: Arc<Shared>,
     mut incoming: mpsc::Receiver<Incoming>,
     mut shutdown: watch::Receiver<bool>,
+    judging_since: Arc<Mutex<Instant>>,
 ) {
     let cluster = &shared.config.cluster;
     let timeout = Duration::from_millis(cluster.failover_timeout_ms);
@@ -457,6 +486,7 @@ async fn dispatch(
                         "this daemon was stalled; judging the peer from now on"
                     );
                     observing_since = now;
+                    *judging_since.lock().unwrap_or_else(|p| p.into_inner()) = now;
                 }
                 last_tick = now;
                 let lost_now = {
@@ -768,12 +798,36 @@ struct Runner {
     attach_unsupported: bool,
     /// Writer: the copy to the peer, as published in heartbeats.
     writer_sync: Option<ResyncStatus>,
+    /// Writer: when vmha-fs was last told to write alone.
+    went_alone: Option<Instant>,
+    /// SECOND: when its dead receiver was last restarted in place.
+    receiver_restarted: Option<Instant>,
+    /// The outcome of the current step's `MarkPeerOutdated`, if any.
+    outdated: Option<Outdated>,
+    /// Since when the dispatcher observes the peer without a stall of its own.
+    judging_since: Arc<Mutex<Instant>>,
     /// The last `refresh_xml` failed (logged once).
     xml_refresh_failed: bool,
 }
 
+/// How `MarkPeerOutdated` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outdated {
+    /// The peer's heartbeat shows it is behind us and not ready.
+    Acknowledged,
+    PeerLost,
+    /// The peer's heartbeat shows data that is not ours or older.
+    PeerAhead,
+    TimedOut,
+}
+
 /// How long a failed attach waits before the writer tries again.
 const ATTACH_RETRY: Duration = Duration::from_secs(3);
+/// After SIGUSR1, how long a link still reported down is taken for vmha-fs
+/// not having published its new state yet (it does within tens of ms).
+const GO_ALONE_SETTLE: Duration = Duration::from_secs(1);
+/// A SECOND's receiver that dies again within this is not restarted in place.
+const RECEIVER_RESTART_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The writer's copy to its peer as a heartbeat's `resync` field. Done is
 /// `done_bytes == total_bytes`; a running copy always shows
@@ -883,7 +937,17 @@ impl Runner {
             tracing::debug!(module = %self.module.name, ?event, "event");
             let before = self.state.role;
             let (next, actions) = step(&self.state, event);
+            // Losing readiness is announced at once, before the step's (maybe
+            // slow) actions: claiming less is always safe, and a writer waiting
+            // for us to know we are outdated must not wait on them.
+            let downgrade = next.role == self.state.role
+                && self.state.readiness() == Readiness::Ready
+                && next.readiness() == Readiness::NotUpToDate;
             self.state = next;
+            if downgrade {
+                self.publish();
+            }
+            self.outdated = None;
             for action in actions {
                 if self.execute(action, &mut queue, &mut lines).await.is_err() {
                     break;
@@ -891,16 +955,15 @@ impl Runner {
             }
             if before == Role::Prim && self.state.role == Role::Alone {
                 // The peer is dead: writes go on alone instead of waiting for it.
-                self.attached = None;
-                self.writer_sync = None;
-                match self.blocking(|_, fs, m| fs.go_alone(m)).await {
-                    Some(Ok(())) => self.record("vmha-fs writes alone".into(), &mut lines).await,
-                    Some(Err(e)) => {
-                        self.record(format!("error: go alone: {e}"), &mut lines)
-                            .await
-                    }
-                    None => {}
-                }
+                self.fs_go_alone(&mut lines).await;
+            } else if self.outdated == Some(Outdated::Acknowledged) && self.state.role == Role::Prim
+            {
+                // Replication link down: the peer now knows it is outdated, so
+                // writes go on without it (it is resynchronised when it asks).
+                // Without its acknowledgement they keep waiting: a lost peer is
+                // the state machine's (PeerLost, maybe through the witness), a
+                // newer one makes this node step down.
+                self.fs_go_alone(&mut lines).await;
             }
             if !self.state.role.is_writer() {
                 self.attached = None;
@@ -918,6 +981,105 @@ impl Runner {
             self.publish();
         }
         lines
+    }
+
+    /// Writer: vmha-fs stops waiting for the peer and writes alone (SIGUSR1).
+    async fn fs_go_alone(&mut self, lines: &mut Vec<String>) {
+        self.attached = None;
+        self.writer_sync = None;
+        self.went_alone = Some(Instant::now());
+        match self.blocking(|_, fs, m| fs.go_alone(m)).await {
+            Some(Ok(())) => self.record("vmha-fs writes alone".into(), lines).await,
+            Some(Err(e)) => self.record(format!("error: go alone: {e}"), lines).await,
+            None => {}
+        }
+    }
+
+    /// The replication link is down (vmha-fs reports it lost or failed) while
+    /// this node writes. Before vmha-fs may write alone, the peer must know it
+    /// is outdated: through a new generation in the heartbeats (the state
+    /// machine's `ReplicationLinkDown`), unless its heartbeat already shows it.
+    /// Returns whether a step ran.
+    async fn on_link_down(&mut self) -> bool {
+        if self
+            .went_alone
+            .is_some_and(|at| at.elapsed() < GO_ALONE_SETTLE)
+        {
+            // vmha-fs has not published the state SIGUSR1 put it in yet.
+            return false;
+        }
+        match self.state.role {
+            Role::Alone => {
+                let mut lines = Vec::new();
+                self.fs_go_alone(&mut lines).await;
+                false
+            }
+            // Only on fresh, first-hand knowledge that the peer is our SECOND:
+            // after a stall of this daemon (a frozen node), heartbeats queued
+            // meanwhile still describe the past, and the peer may have taken
+            // over since; a new generation here would fork the history.
+            Role::Prim if !self.judging_long_enough() || !self.peer_is_our_second() => false,
+            Role::Prim if self.peer_knows_outdated() => {
+                let mut lines = Vec::new();
+                self.record(
+                    "replication link down; the peer already knows it is outdated".into(),
+                    &mut lines,
+                )
+                .await;
+                self.fs_go_alone(&mut lines).await;
+                false
+            }
+            // Otherwise a heartbeat clearing `peer_outdated` is on its way:
+            // the next check decides.
+            Role::Prim if !self.state.peer_outdated => {
+                self.handle(Event::ReplicationLinkDown).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The dispatcher has been observing the peer without a stall of its own
+    /// for the failover timeout.
+    fn judging_long_enough(&self) -> bool {
+        let since = *self.judging_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.elapsed() >= self.failover_timeout
+    }
+
+    /// The peer's latest heartbeat shows a SECOND with our data or an older
+    /// state of it.
+    fn peer_is_our_second(&self) -> bool {
+        let second = matches!(
+            &*self.peer_rx.borrow(),
+            PeerView::Seen { beat, .. } if beat.announce.role == Role::Second
+        );
+        second && self.peer_follows_us()
+    }
+
+    /// The peer's latest heartbeat shows it is behind us and not ready: it
+    /// knows it is outdated.
+    fn peer_knows_outdated(&self) -> bool {
+        matches!(
+            &*self.peer_rx.borrow(),
+            PeerView::Seen { beat, .. }
+                if compare(&self.meta.history, &beat.history)
+                    == crate::generation::Relation::LocalNewer
+                    && beat.announce.readiness != Readiness::Ready
+        )
+    }
+
+    /// The peer's latest heartbeat shows our data or an older state of it: a
+    /// receiver refusing our generation then merely accepts an older one of
+    /// ours (it is being restarted for the current one), we are not stale.
+    fn peer_follows_us(&self) -> bool {
+        matches!(
+            &*self.peer_rx.borrow(),
+            PeerView::Seen { beat, .. }
+                if matches!(
+                    compare(&self.meta.history, &beat.history),
+                    crate::generation::Relation::LocalNewer | crate::generation::Relation::InSync
+                )
+        )
     }
 
     fn publish(&mut self) {
@@ -1043,6 +1205,17 @@ impl Runner {
                         }
                     })
                     .await;
+                let result = match result {
+                    Some(Err(e)) if connected => {
+                        self.record(
+                            format!("error: mount as writer replicating to the SECOND: {e}"),
+                            lines,
+                        )
+                        .await;
+                        self.mount_writer_alone_instead(lines).await
+                    }
+                    other => other,
+                };
                 match result {
                     Some(Ok(())) => self.record(format!("{what}: done"), lines).await,
                     Some(Err(e)) => return self.fail_step(what, e.to_string(), queue, lines).await,
@@ -1139,7 +1312,9 @@ impl Runner {
                     }
                 }
             }
-            Action::MarkPeerOutdated => self.mark_peer_outdated(lines).await,
+            Action::MarkPeerOutdated => {
+                self.outdated = Some(self.mark_peer_outdated(lines).await);
+            }
             Action::ProbeWitness => {
                 let witnesses = self.witnesses.clone();
                 let reachable = tokio::task::spawn_blocking(move || witness::probe(&witnesses))
@@ -1155,6 +1330,40 @@ impl Runner {
             }
         }
         Ok(())
+    }
+
+    /// The connected start failed (the SECOND's receiver is not there or refused
+    /// us): start alone instead. The SECOND counts as ready, so it must first
+    /// learn it is outdated (a new generation it sees in our heartbeats), as
+    /// when the replication link goes down; it then asks for a resync and is
+    /// attached with a full copy.
+    async fn mount_writer_alone_instead(
+        &mut self,
+        lines: &mut Vec<String>,
+    ) -> Option<Result<(), crate::driver::DriverError>> {
+        let mut id = None;
+        if let Err(e) = self.persist(|m| id = Some(m.history.start_new())).await {
+            return Some(Err(crate::driver::DriverError::failed(
+                "persist generation",
+                e,
+            )));
+        }
+        if let Some(id) = id {
+            self.record(
+                format!("new generation {id}: starting alone, the SECOND is outdated"),
+                lines,
+            )
+            .await;
+        }
+        if let Outdated::TimedOut | Outdated::PeerAhead = self.mark_peer_outdated(lines).await {
+            return Some(Err(crate::driver::DriverError::failed(
+                "start alone",
+                "the SECOND did not learn that it is outdated",
+            )));
+        }
+        let generation = self.meta.history.current().map(|g| g.to_string());
+        self.blocking(move |_, fs, m| fs.mount_writer_at(m, generation.as_deref()))
+            .await
     }
 
     /// A SECOND's resync as its writer's heartbeat reports it.
@@ -1266,34 +1475,119 @@ impl Runner {
 
     /// Publishes the new generation and waits until the peer shows it knows
     /// it is outdated, or is lost, bounded by the failover timeout.
-    async fn mark_peer_outdated(&mut self, lines: &mut Vec<String>) {
+    async fn mark_peer_outdated(&mut self, lines: &mut Vec<String>) -> Outdated {
         self.view
             .send_modify(|v| v.history = self.meta.history.clone());
         let deadline = Instant::now() + self.failover_timeout;
         loop {
-            let done = match &*self.peer_rx.borrow() {
-                PeerView::Seen { beat, .. } => {
-                    compare(&self.meta.history, &beat.history)
-                        == crate::generation::Relation::LocalNewer
-                        && beat.announce.readiness != Readiness::Ready
-                }
-                PeerView::Lost | PeerView::Unknown => true,
+            let seen = matches!(&*self.peer_rx.borrow(), PeerView::Seen { .. });
+            let outcome = if !seen {
+                Some(Outdated::PeerLost)
+            } else if self.peer_knows_outdated() {
+                Some(Outdated::Acknowledged)
+            } else if !self.peer_follows_us() {
+                Some(Outdated::PeerAhead)
+            } else {
+                None
             };
-            if done {
-                self.record("the peer knows it is outdated".into(), lines)
+            let line = match outcome {
+                Some(Outdated::Acknowledged) => "the peer knows it is outdated",
+                Some(Outdated::PeerLost) => "the peer is lost",
+                Some(Outdated::PeerAhead) => {
+                    "the peer is not behind this node: it does not take being outdated"
+                }
+                Some(Outdated::TimedOut) | None if Instant::now() >= deadline => {
+                    self.record(
+                        "the peer did not acknowledge being outdated within the failover timeout"
+                            .into(),
+                        lines,
+                    )
                     .await;
-                return;
-            }
-            if Instant::now() >= deadline {
+                    return Outdated::TimedOut;
+                }
+                Some(Outdated::TimedOut) | None => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            self.record(line.into(), lines).await;
+            return outcome.unwrap_or(Outdated::TimedOut);
+        }
+    }
+
+    /// A SECOND's receiver may be restarted in place unless it was already
+    /// restarted recently (then it keeps failing: the module steps down).
+    fn may_restart_receiver(&self) -> bool {
+        self.receiver_restarted
+            .is_none_or(|at| at.elapsed() >= RECEIVER_RESTART_INTERVAL)
+    }
+
+    /// Restarts a SECOND's dead receiver, accepting the writer's generation.
+    /// The data it received is intact (applied before each acknowledgement);
+    /// the writer, whose link broke, makes this node outdated before writing
+    /// without it. Returns whether the receiver runs again.
+    async fn restart_receiver(&mut self, reason: &str) -> bool {
+        self.receiver_restarted = Some(Instant::now());
+        let generation = self.peer_generation();
+        let mut lines = Vec::new();
+        match self
+            .blocking(move |_, fs, m| fs.mount_receiver_accepting(m, generation.as_deref()))
+            .await
+        {
+            Some(Ok(())) => {
                 self.record(
-                    "the peer did not acknowledge being outdated within the failover timeout"
-                        .into(),
-                    lines,
+                    format!("vmha-fs receiver failed ({reason}): restarted"),
+                    &mut lines,
                 )
                 .await;
-                return;
+                true
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some(Err(e)) => {
+                self.record(format!("error: restart the receiver: {e}"), &mut lines)
+                    .await;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// SECOND: the receiver accepts the writer's current generation when the
+    /// writer's data descends from ours (never a stale or diverged writer's:
+    /// that is the fencing).
+    async fn follow_writer(&mut self) {
+        let follows = match &*self.peer_rx.borrow() {
+            PeerView::Seen { beat, .. } if beat.announce.role.is_writer() => matches!(
+                compare(&self.meta.history, &beat.history),
+                crate::generation::Relation::PeerNewer | crate::generation::Relation::InSync
+            ),
+            _ => false,
+        };
+        let generation = self.peer_generation();
+        if !follows || generation.is_none() {
+            return;
+        }
+        let shown = generation.clone();
+        let mut lines = Vec::new();
+        match self
+            .blocking(move |_, fs, m| fs.follow_writer(m, generation.as_deref()))
+            .await
+        {
+            Some(Ok(true)) => {
+                self.record(
+                    format!(
+                        "receiver restarted for the writer's generation {}",
+                        shown.unwrap_or_default()
+                    ),
+                    &mut lines,
+                )
+                .await
+            }
+            Some(Ok(false)) | None => {}
+            Some(Err(e)) => {
+                self.record(format!("error: restart the receiver: {e}"), &mut lines)
+                    .await;
+                self.handle(Event::FsFailed).await;
+            }
         }
     }
 
@@ -1358,6 +1652,18 @@ impl Runner {
             }
         }
         match fs {
+            Some(FsHealth::Failed(reason))
+                if role == Role::Second && self.may_restart_receiver() =>
+            {
+                if self.restart_receiver(&reason).await {
+                    return;
+                }
+                let mut lines = Vec::new();
+                self.record(format!("vmha-fs failed: {reason}"), &mut lines)
+                    .await;
+                self.handle(Event::FsFailed).await;
+                return;
+            }
             Some(FsHealth::Failed(reason)) => {
                 let mut lines = Vec::new();
                 self.record(format!("vmha-fs failed: {reason}"), &mut lines)
@@ -1373,16 +1679,24 @@ impl Runner {
                 return;
             }
             Some(FsHealth::LinkDown) => {
-                if role == Role::Prim && !self.state.peer_outdated {
-                    self.handle(Event::ReplicationLinkDown).await;
+                if self.on_link_down().await {
                     return;
                 }
+            }
+            Some(FsHealth::Fenced) if self.peer_follows_us() => {
+                tracing::debug!(
+                    module = %self.module.name,
+                    "the peer's receiver accepts an older generation of ours: waiting for it"
+                );
             }
             Some(FsHealth::Fenced) => {
                 self.handle(Event::Fenced).await;
                 return;
             }
             Some(FsHealth::Healthy) | None => {}
+        }
+        if role == Role::Second {
+            self.follow_writer().await;
         }
         // The receiver of vmha-fs does not know how far the copy is: the
         // writer says so in its heartbeat.

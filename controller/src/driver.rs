@@ -147,6 +147,16 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), DriverError> {
         self.start_resync(module, full)
     }
+    /// SECOND: make the running receiver accept the writer's current
+    /// `generation`, restarting it if it accepts another one (the writer moved
+    /// on, e.g. after its replication link went down). Returns whether it did.
+    fn follow_writer(
+        &self,
+        _module: &Module,
+        _generation: Option<&str>,
+    ) -> Result<bool, DriverError> {
+        Ok(false)
+    }
     /// Writer: attach the peer's receiver and bring it up to date with a full
     /// copy while writes go on, claiming `generation`. Progress:
     /// [`FsDriver::writer_sync_state`].

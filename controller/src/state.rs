@@ -66,8 +66,10 @@
 //!   goes ALONE on its own; the first start is `prim`.
 //! - **Degraded while connected**: the replication link down while heartbeats
 //!   arrive → the PRIM starts a new generation and marks the peer outdated; it
-//!   stays PRIM. The SECOND sees the newer generation, becomes not up to date
-//!   and asks for a resync (which resumes when the link returns).
+//!   stays PRIM, and its writes go on without the peer only once the peer
+//!   acknowledged (the driver's business, like PRIM → ALONE). The SECOND sees
+//!   the newer generation, becomes not up to date and asks for a resync (which
+//!   resumes when the link returns).
 
 use std::fmt;
 
@@ -359,6 +361,10 @@ pub struct ModuleState {
     /// Times (ms) of local restarts within the current loop interval.
     pub restarts: Vec<u64>,
     pub resync: Option<Progress>,
+    /// SECOND: learnt it is outdated from a peer that was not writing yet (its
+    /// writer start after our swap fell back to a new generation): resync
+    /// once it writes.
+    pub resync_wanted: bool,
     probe: Option<Probe>,
 }
 
@@ -382,6 +388,7 @@ impl ModuleState {
             changed_bytes: 0,
             restarts: Vec::new(),
             resync: None,
+            resync_wanted: false,
             probe: None,
         }
     }
@@ -635,11 +642,13 @@ impl Transition {
         if self.s.uptodate && behind {
             // The writer went on without us (replication link down).
             self.s.uptodate = false;
-            if peer.role.is_writer() {
-                let full = peer.relation != Relation::PeerNewer;
-                self.act(Action::StartResync { full });
-                self.log("the writer has a newer generation: resynchronising");
-            }
+            self.s.resync_wanted = true;
+        }
+        if self.s.resync_wanted && peer.role.is_writer() {
+            self.s.resync_wanted = false;
+            let full = peer.relation != Relation::PeerNewer;
+            self.act(Action::StartResync { full });
+            self.log("the writer has a newer generation: resynchronising");
         }
         match peer.role {
             Role::Prim | Role::Alone => {}
@@ -900,7 +909,7 @@ impl Transition {
             self.s.peer_outdated = true;
             self.act(Action::NewGeneration);
             self.act(Action::MarkPeerOutdated);
-            self.log("replication link down: continuing degraded, the SECOND is outdated");
+            self.log("replication link down: marking the SECOND outdated, then writing without it");
         }
     }
 
@@ -944,6 +953,7 @@ impl Transition {
         self.s.probe = None;
         self.s.request = None;
         self.s.resync = None;
+        self.s.resync_wanted = false;
         self.because(reason);
     }
 
@@ -958,6 +968,7 @@ impl Transition {
         self.s.uptodate = false;
         self.s.hold = false;
         self.s.resync = None;
+        self.s.resync_wanted = false;
         self.because(format!("following the peer {}", peer.role));
     }
 
@@ -974,6 +985,7 @@ impl Transition {
         self.s.vm_starting = false;
         self.s.probe = None;
         self.s.resync = None;
+        self.s.resync_wanted = false;
         self.because(reason);
     }
 

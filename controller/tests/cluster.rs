@@ -258,6 +258,52 @@ async fn swap_moves_the_vm_and_back() {
     n2.daemon.unwrap().kill().await;
 }
 
+/// The new PRIM of a swap cannot replicate to its SECOND from the start (its
+/// receiver is not there): it starts alone under a new generation once the
+/// SECOND knows it is outdated, and the SECOND resynchronises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = running_pair(dir.path()).await;
+    let before = n1.status().modules[0].nodes["node1"].generation.clone();
+    n2.fs.set_failing("mount_writer_connected", true);
+    let r = n1.request(Request::Swap { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n2.wait_role("node2", Role::Prim, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    n1.wait_role("node1", Role::Second, true).await;
+    n2.wait_role("node1", Role::Second, true).await;
+    assert_eq!(n2.fs.count("mount_writer_connected"), 1);
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Writer));
+    let log = n2
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(
+        log.contains("the SECOND is outdated") && log.contains("the peer knows it is outdated"),
+        "{log}"
+    );
+    let s = n2.status();
+    let (g1, g2) = (
+        &s.modules[0].nodes["node1"].generation,
+        &s.modules[0].nodes["node2"].generation,
+    );
+    assert_ne!(g2, &before, "node2 wrote alone under the old generation");
+    assert_eq!(g1, g2, "node1 did not adopt node2's generation: {log}");
+    let log1 = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log1.contains("resynchronising"), "{log1}");
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_on_prim_hands_over_and_graceful_shutdown_too() {
     let dir = tempfile::tempdir().unwrap();

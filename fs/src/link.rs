@@ -442,6 +442,16 @@ impl PeerLink {
         self.inner.shared.lock().state.clone()
     }
 
+    /// How long a connected link has had work outstanding without any
+    /// acknowledgement (None: connected and idle or progressing, or another
+    /// state). The watchdog fails the link at the lock timeout; reporting the
+    /// stall earlier lets a controller act first.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let shared = self.inner.shared.lock();
+        (shared.state == LinkState::Connected && shared.busy())
+            .then(|| shared.stall_since.elapsed())
+    }
+
     /// Queues `op` for the peer; `completion` receives the peer's outcome. Waits while
     /// the link is lost or too much data is in flight; fails with EIO once the link
     /// has failed, before anything is applied.

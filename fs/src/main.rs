@@ -12,12 +12,13 @@ use clap::{Parser, Subcommand};
 use rustix::fs::{Mode, OFlags};
 use vmha_fs::fuse_fs::ReplicatedFs;
 use vmha_fs::key::ClusterKey;
-use vmha_fs::link::PeerLink;
+use vmha_fs::link::{LinkError, LinkState, PeerLink};
 use vmha_fs::mounts::{self, ReadOnlyBind};
 use vmha_fs::receiver::ReceiverServer;
 use vmha_fs::resync::{SyncProgress, Syncer};
 use vmha_fs::statedir::StateDir;
 use vmha_fs::track::Tracker;
+use vmha_fs::wire::WireError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -411,6 +412,13 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let mut unmounter = session.unmount_callable();
     let mount_path = mount.clone();
     let degrade = link.clone();
+    let fenced = Arc::new(parking_lot::Mutex::new(None));
+    publish_link_status(
+        link.clone(),
+        state.clone(),
+        fenced.clone(),
+        args.lock_timeout,
+    )?;
     let join = Joiner {
         link: link.clone(),
         syncer: Arc::new(syncer),
@@ -420,6 +428,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         key,
         generation: args.generation.clone(),
         running: Arc::new(AtomicBool::new(false)),
+        fenced,
     };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -510,6 +519,77 @@ fn unmount_busy(mount: &Path, first: &std::io::Error) {
     }
 }
 
+/// Set when the peer's receiver refused our generation (fencing); cleared by the
+/// next attach.
+type Fenced = Arc<parking_lot::Mutex<Option<String>>>;
+
+/// The link's state as `STATEDIR/link.json` names it; `stalled` when connected
+/// without any acknowledgement for `stall` while work waits (the replication
+/// network may be down: no error reaches us, writes just wait); `fenced` while
+/// the last attach was refused for a stale generation and the link writes alone.
+fn link_status(
+    link: &PeerLink,
+    fenced: &Fenced,
+    stall: Duration,
+) -> (&'static str, Option<String>) {
+    match link.state() {
+        LinkState::Connected if link.stalled_for().is_some_and(|d| d >= stall) => (
+            "stalled",
+            Some(format!(
+                "no acknowledgement for over {} ms",
+                stall.as_millis()
+            )),
+        ),
+        LinkState::Connected => ("connected", None),
+        LinkState::Lost => ("lost", None),
+        LinkState::Failed(reason) => ("failed", Some(reason)),
+        LinkState::Degraded => match fenced.lock().clone() {
+            Some(reason) => ("fenced", Some(reason)),
+            None => ("degraded", None),
+        },
+        LinkState::Attaching => ("attaching", None),
+        LinkState::Syncing => ("syncing", None),
+    }
+}
+
+/// Writes `link.json` now and on every change after (polled: the link's hot
+/// path stays free of file writes). A stall is reported after half the lock
+/// timeout, leaving the controller the other half to mark the peer outdated
+/// and send SIGUSR1. The thread ends with the process.
+fn publish_link_status(
+    link: PeerLink,
+    state: Arc<StateDir>,
+    fenced: Fenced,
+    lock_timeout: Duration,
+) -> Result<(), CliError> {
+    let stall = lock_timeout / 2;
+    let mut last = link_status(&link, &fenced, stall);
+    state.write_link_status(last.0, last.1.as_deref());
+    std::thread::Builder::new()
+        .name("link-status".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(25));
+            let now = link_status(&link, &fenced, stall);
+            if now != last {
+                state.write_link_status(now.0, now.1.as_deref());
+                last = now;
+            }
+        })
+        .map(drop)
+        .map_err(|e| CliError::Other(format!("cannot start link status thread: {e}")))
+}
+
+/// The receiver's reason when it refused us for claiming another generation.
+fn stale_refusal(error: &LinkError) -> Option<String> {
+    match error {
+        LinkError::Protocol {
+            source: WireError::Refused(reason),
+            ..
+        } if reason.starts_with(vmha_fs::receiver::STALE_WRITER) => Some(reason.clone()),
+        _ => None,
+    }
+}
+
 /// Retires activity-log entries once both copies are durable: every few seconds while
 /// the log is not empty, at once when it is full.
 #[derive(Clone)]
@@ -578,6 +658,7 @@ struct Joiner {
     key: ClusterKey,
     generation: Option<String>,
     running: Arc<AtomicBool>,
+    fenced: Fenced,
 }
 
 impl Joiner {
@@ -649,36 +730,48 @@ impl Joiner {
             tracing::warn!("SIGUSR2: a sync is already running");
             return;
         }
-        let (link, syncer, progress, state, key, running) = (
+        let (link, syncer, progress, state, key, running, fenced) = (
             self.link.clone(),
             self.syncer.clone(),
             self.progress.clone(),
             self.state.clone(),
             self.key.clone(),
             self.running.clone(),
+            self.fenced.clone(),
         );
+        *fenced.lock() = None;
         // The controller writes the current generation here when it changes.
         let generation = state.generation().or_else(|| self.generation.clone());
         let spawned = std::thread::Builder::new()
             .name("full-sync".into())
             .spawn(move || {
                 let done = AtomicBool::new(false);
+                // The final status is written once the progress writer has
+                // stopped: it could otherwise overwrite it with "syncing".
                 let outcome = std::thread::scope(|scope| {
                     scope.spawn(|| {
+                        let mut written: Option<std::time::Instant> = None;
                         while !done.load(Ordering::SeqCst) {
-                            state.write_sync_status("syncing", &progress, None);
-                            std::thread::sleep(Duration::from_millis(500));
+                            if written.is_none_or(|at| at.elapsed() >= Duration::from_millis(500)) {
+                                state.write_sync_status("syncing", &progress, None);
+                                written = Some(std::time::Instant::now());
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
                         }
                     });
-                    let outcome = link
-                        .attach(peer, &key, generation)
-                        .map_err(|e| e.to_string())
-                        .and_then(|report| syncer.run(report).map_err(|e| e.to_string()));
+                    let outcome = match link.attach(peer, &key, generation) {
+                        Ok(report) => syncer.run(report).map_err(|e| e.to_string()),
+                        Err(e) => {
+                            if let Some(reason) = stale_refusal(&e) {
+                                tracing::error!(%peer, reason, "fenced: the peer refused our generation");
+                                *fenced.lock() = Some(reason);
+                            }
+                            Err(e.to_string())
+                        }
+                    };
                     done.store(true, Ordering::SeqCst);
                     outcome
                 });
-                // The progress writer has stopped: the final word is ours, and whoever
-                // reads it may start the next sync or verify at once.
                 running.store(false, Ordering::SeqCst);
                 match outcome {
                     Ok(outcome) => {

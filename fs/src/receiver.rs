@@ -31,6 +31,9 @@ use crate::wire::{self, Ack, FrameReader, FrameWriter, Message, WireError};
 const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const FSYNC_WORKERS: usize = 4;
+/// How a refusal of a writer with another generation than the accepted one begins
+/// (fencing): the writer's side tells it from other refusals by it.
+pub const STALE_WRITER: &str = "stale writer";
 
 /// Errors starting the receiver.
 #[derive(Debug, thiserror::Error)]
@@ -336,7 +339,7 @@ fn handle_connection(mut stream: TcpStream, peer: SocketAddr, conn: Connection) 
             tracing::warn!(%peer, ?claimed, current, "refused a stale writer (fenced by generation)");
             let refusal = Message::Refused {
                 reason: format!(
-                    "stale writer: claims generation {}, current is {current}",
+                    "{STALE_WRITER}: claims generation {}, current is {current}",
                     claimed.as_deref().unwrap_or("none")
                 ),
             };

@@ -13,6 +13,7 @@ use rustix::fs::FlockOperation;
 
 const LOCK_FILE: &str = "lock";
 const PEER_OUTDATED: &str = "peer-outdated";
+const LINK_STATUS: &str = "link.json";
 
 /// Errors opening or writing the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +123,16 @@ impl StateDir {
         });
         if let Err(e) = self.write_atomically("sync.json", format!("{json}\n").as_bytes()) {
             tracing::warn!("cannot write sync status: {e}");
+        }
+    }
+
+    /// `link.json`: where the replication link stands, for the controller (it acts
+    /// on `lost`/`failed` while heartbeats still arrive, and on `fenced`). Written
+    /// whenever the state changes; the last state wins.
+    pub fn write_link_status(&self, state: &str, reason: Option<&str>) {
+        let json = serde_json::json!({ "state": state, "reason": reason });
+        if let Err(e) = self.write_atomically(LINK_STATUS, format!("{json}\n").as_bytes()) {
+            tracing::warn!("cannot write link status: {e}");
         }
     }
 

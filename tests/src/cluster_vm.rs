@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::guest::{build_guest, create_disk, domain_xml, DomainSpec, GuestImage};
 use crate::node::{run, Cluster, Network, Node};
@@ -271,6 +271,33 @@ impl VmCluster {
             }
         }
         Ok(killed)
+    }
+
+    /// Reboot of a crashed node `i` (after [`VmCluster::crash`]): what a real
+    /// reboot drops is dropped — the mounts left at the replicated directory
+    /// (a dead FUSE writer, a killed receiver's read-only bind) — and libvirt
+    /// starts again. Start `vmhad` with [`VmCluster::start_vmhad`] afterwards.
+    pub fn reboot(&mut self, i: usize) -> Result<()> {
+        let node = self.cluster.node(i);
+        ensure!(
+            node.pids()?.is_empty(),
+            "{} still runs processes: crash it first",
+            node.name()
+        );
+        let mountinfo = PathBuf::from(format!("/proc/{}/mountinfo", node.holder_pid()));
+        for _ in 0..16 {
+            let text = fs::read_to_string(&mountinfo)
+                .with_context(|| format!("reading {}", mountinfo.display()))?;
+            let stacked = text
+                .lines()
+                .filter(|l| l.split(' ').nth(4) == Some(REPLICATED))
+                .count();
+            if stacked == 0 {
+                return self.cluster.node_mut(i).start_libvirt(LIBVIRT_TIMEOUT);
+            }
+            node.run("umount", &["-l", REPLICATED])?;
+        }
+        bail!("{}: mounts at {REPLICATED} survive umount", node.name())
     }
 
     /// Restarts node `i`'s libvirtd (its guests keep running).

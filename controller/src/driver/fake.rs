@@ -241,6 +241,16 @@ impl FsDriver for FakeFs {
         Ok(())
     }
 
+    fn mount_writer_connected(
+        &self,
+        module: &Module,
+        _generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        let mut inner = self.call("mount_writer_connected", module)?;
+        inner.mounted.insert(module.name.clone(), Mounted::Writer);
+        Ok(())
+    }
+
     fn mount_receiver(&self, module: &Module) -> Result<(), DriverError> {
         let mut inner = self.call("mount_receiver", module)?;
         inner.mounted.insert(module.name.clone(), Mounted::Receiver);

@@ -23,6 +23,15 @@
 //!   read as the current one.
 //! - Children are kept and stopped by PID with SIGTERM (vmha-fs unmounts on
 //!   it), SIGKILL after [`STOP_TIMEOUT`].
+//! - A writer publishes its replication link in `<state>/link.json` (removed
+//!   before each start): `lost`, `stalled` (no acknowledgement for half the
+//!   lock timeout) or `failed` is [`FsHealth::LinkDown`] (the
+//!   controller marks the peer outdated, then sends SIGUSR1), `fenced` (the
+//!   peer's receiver refused our generation) is [`FsHealth::Fenced`].
+//! - What a killed vmha-fs leaves at a directory — its dead FUSE mount, or the
+//!   receiver's read-only bind of the directory over itself — is unmounted
+//!   before the next start there, unless a vmha-fs still holds the state
+//!   directory's lock (it may still serve the directory).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -58,6 +67,14 @@ struct SyncFile {
     total_bytes: u64,
     #[serde(default)]
     error: Option<String>,
+}
+
+/// `<state>/link.json` as vmha-fs writes it.
+#[derive(Debug, serde::Deserialize)]
+struct LinkFile {
+    state: String,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// What a vmha-fs child is started as.
@@ -133,6 +150,8 @@ impl VmhaFsDriver {
                 std::fs::create_dir_all(&state)
                     .map_err(|e| DriverError::failed(format!("mkdir {}", state.display()), e))?;
                 remove_if_present(&state.join(SYNC_FILE))?;
+                remove_if_present(&state.join(LINK_FILE))?;
+                clear_leftover_mounts(dir, &state)?;
                 let mut cmd = Command::new(&self.binary);
                 if writer {
                     cmd.arg("primary")
@@ -252,6 +271,7 @@ impl VmhaFsDriver {
 }
 
 const SYNC_FILE: &str = "sync.json";
+const LINK_FILE: &str = "link.json";
 
 fn remove_if_present(path: &Path) -> Result<(), DriverError> {
     match std::fs::remove_file(path) {
@@ -294,6 +314,137 @@ fn read_sync(state: &Path) -> Result<ResyncState, DriverError> {
             format!("unknown state `{other}`"),
         )),
     }
+}
+
+/// A writer's health from `<state>/link.json`: not written yet, or a state that
+/// needs nothing from the controller, is healthy.
+fn read_link(state: &Path) -> FsHealth {
+    let path = state.join(LINK_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return FsHealth::Healthy;
+    };
+    let link: LinkFile = match serde_json::from_str(&text) {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable link status");
+            return FsHealth::Healthy;
+        }
+    };
+    match link.state.as_str() {
+        "lost" | "stalled" | "failed" => {
+            tracing::debug!(state = link.state, reason = ?link.reason, "replication link down");
+            FsHealth::LinkDown
+        }
+        "fenced" => {
+            tracing::warn!(reason = ?link.reason, "the peer's receiver refused our generation");
+            FsHealth::Fenced
+        }
+        _ => FsHealth::Healthy,
+    }
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug)]
+struct MountLine {
+    id: String,
+    parent: String,
+    dev: String,
+    mount_point: PathBuf,
+    read_only: bool,
+    fs_type: String,
+}
+
+fn mount_table() -> Vec<MountLine> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some(MountLine {
+                id: f.first()?.to_string(),
+                parent: f.get(1)?.to_string(),
+                dev: f.get(2)?.to_string(),
+                mount_point: PathBuf::from(unescape_mountinfo(f.get(4)?)),
+                read_only: f.get(5)?.split(',').any(|o| o == "ro"),
+                fs_type: f.get(sep + 1)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|o| std::str::from_utf8(o).ok())
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(v)) => {
+                out.push(v);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `dir` made absolute without touching `dir` itself (a dead FUSE mount there
+/// answers ENOTCONN).
+fn absolute(dir: &Path) -> PathBuf {
+    match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| dir.to_path_buf()),
+        _ => dir.to_path_buf(),
+    }
+}
+
+/// Unmounts what a killed vmha-fs left at `dir`: its dead FUSE mount, or the
+/// receiver's read-only bind of the directory over itself (same device as the
+/// mount it sits on). Anything else is left alone; so is everything while a
+/// vmha-fs holds the lock of `state` (it may still serve `dir`).
+fn clear_leftover_mounts(dir: &Path, state: &Path) -> Result<(), DriverError> {
+    let lock = match std::fs::File::open(state.join("lock")) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(DriverError::failed("open the vmha-fs state lock", e)),
+    };
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Ok(());
+    }
+    let dir = absolute(dir);
+    for _ in 0..8 {
+        let table = mount_table();
+        let Some(top) = table.iter().rev().find(|m| m.mount_point == dir) else {
+            return Ok(());
+        };
+        let dead_fuse = top.fs_type == "fuse.vmha";
+        let read_only_bind = top.read_only
+            && !top.fs_type.starts_with("fuse")
+            && table.iter().any(|m| m.id == top.parent && m.dev == top.dev);
+        if !dead_fuse && !read_only_bind {
+            return Ok(());
+        }
+        tracing::warn!(dir = %dir.display(), fs_type = top.fs_type, "unmounting what a killed vmha-fs left");
+        rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
+            DriverError::failed(format!("unmount the leftover at {}", dir.display()), e)
+        })?;
+    }
+    Err(DriverError::failed(
+        format!("unmount the leftovers at {}", dir.display()),
+        "too many mounts",
+    ))
 }
 
 /// The state of a module's sync from those of its directories: done when all
@@ -378,6 +529,8 @@ fn terminate(child: &mut Child) {
         .and_then(rustix::process::Pid::from_raw);
     if let Some(pid) = pid {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        // A stopped child (SIGSTOP) acts on SIGTERM only once continued.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
     while Instant::now() < deadline {
@@ -453,7 +606,19 @@ impl FsDriver for VmhaFsDriver {
                 return FsHealth::Failed(format!("{} is no longer mounted", dir.display()));
             }
         }
-        FsHealth::Healthy
+        if !running.writer {
+            return FsHealth::Healthy;
+        }
+        let links: Vec<FsHealth> = (0..running.children.len())
+            .map(|i| read_link(&self.state_dir(module, i)))
+            .collect();
+        if links.contains(&FsHealth::Fenced) {
+            FsHealth::Fenced
+        } else if links.contains(&FsHealth::LinkDown) {
+            FsHealth::LinkDown
+        } else {
+            FsHealth::Healthy
+        }
     }
 
     /// The writer pushes the copy ([`FsDriver::attach_peer`]): nothing to do
@@ -481,6 +646,21 @@ impl FsDriver for VmhaFsDriver {
             self.spawn(module, Spawn::Receiver, generation)?;
         }
         self.start_resync(module, full)
+    }
+
+    fn follow_writer(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+    ) -> Result<bool, DriverError> {
+        let restart = match self.lock().get(&module.name) {
+            Some(running) if !running.writer => running.generation.as_deref() != generation,
+            _ => false,
+        };
+        if restart {
+            self.spawn(module, Spawn::Receiver, generation)?;
+        }
+        Ok(restart)
     }
 
     /// The receiver does not know: the daemon reads the writer's heartbeat.
@@ -598,6 +778,37 @@ mod tests {
             Err(DriverError::failed("x", "y"))
         ])
         .is_err());
+    }
+
+    #[test]
+    fn link_json_maps_to_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = |json: &str| {
+            std::fs::write(dir.path().join(LINK_FILE), json).unwrap();
+            read_link(dir.path())
+        };
+        assert_eq!(read_link(dir.path()), FsHealth::Healthy);
+        for healthy in ["connected", "degraded", "attaching", "syncing"] {
+            let json = format!(r#"{{"state":"{healthy}","reason":null}}"#);
+            assert_eq!(link(&json), FsHealth::Healthy, "{healthy}");
+        }
+        for down in ["lost", "stalled", "failed"] {
+            let json = format!(r#"{{"state":"{down}","reason":"x"}}"#);
+            assert_eq!(link(&json), FsHealth::LinkDown, "{down}");
+        }
+        assert_eq!(
+            link(
+                r#"{"state":"fenced","reason":"stale writer: claims generation 1, current is 2"}"#
+            ),
+            FsHealth::Fenced
+        );
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
+        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
     }
 
     #[test]

@@ -575,6 +575,49 @@ fn replication_link_down_degrades_without_promotion() {
 }
 
 #[test]
+fn swapped_second_outdated_before_the_new_writer_starts_resyncs_once_it_writes() {
+    // node1 was PRIM and handed over (swap): a ready SECOND asking TakeOver.
+    let (old_prim, _) = run(&prim(), &[Event::Swap]);
+    assert_eq!(old_prim.request, Some(Request::TakeOver));
+    // The new writer's connected start failed: it starts alone under a new
+    // generation, announced while it still shows SECOND.
+    let (s, actions) = run(
+        &old_prim,
+        &[seen(peer(
+            Role::Second,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(
+        (s.role, s.readiness()),
+        (Role::Second, Readiness::NotUpToDate)
+    );
+    assert!(actions.is_empty(), "{actions:?}");
+    let (s, actions) = run(
+        &s,
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(actions, [Action::StartResync { full: false }]);
+    // Once only.
+    let (s, actions) = run(
+        &s,
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert!(actions.is_empty(), "{actions:?}");
+    let (s, _) = run(&s, &[Event::ResyncDone]);
+    assert_eq!((s.role, s.readiness()), (Role::Second, Readiness::Ready));
+}
+
+#[test]
 fn prim_is_refused_while_the_peer_writes() {
     let (s, actions) = run(&second(), &[Event::PrimForced]);
     assert_eq!(s.role, Role::Second);
