@@ -502,8 +502,8 @@ fn run_session(
             if let Some(policy) = &aside_policy {
                 // The split brain is resolved: later changes are ordinary replication.
                 policy.done.store(true, Ordering::SeqCst);
-                if let Some(a) = aside.take() {
-                    tracing::warn!(dir = %a.dir().display(), "this node's diverged data is saved there");
+                if let Some(dir) = aside.take().and_then(SaveAside::finish) {
+                    tracing::warn!(dir = %dir.display(), "this node's diverged data is saved there");
                 }
             }
             match tracker.as_ref().map(|t| t.clear_all()).transpose() {
