@@ -359,10 +359,22 @@ fn handle_connection(mut stream: TcpStream, peer: SocketAddr, conn: Connection) 
     let report = tracker.as_ref().and_then(|t| match t.report(root.as_fd()) {
         Ok(r) => Some(Box::new(r)),
         Err(e) => {
-            // Without a report the writer compares everything: slower, never wrong.
+            // Without a report the writer copies everything: slower, never wrong.
             tracing::warn!("cannot report on this copy: {e}");
             None
         }
+    });
+    let report = report.filter(|r| {
+        let fits = wire::fits_in_frame(&Message::Welcome {
+            report: Some(r.clone()),
+        });
+        if !fits {
+            tracing::warn!(
+                entries = r.entries.len(),
+                "the report on this copy is too large for one frame; the writer will copy everything"
+            );
+        }
+        fits
     });
     if let Err(e) = writer
         .send(&Message::Welcome { report })
