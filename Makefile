@@ -26,3 +26,10 @@ demo-fs: deps release
 
 bench: deps release
 	./target/release/vmha-bench fio --out bench/results.json
+
+# Incremental resync of 1 % and 10 % of a 4 GiB image vs the full copy vs
+# `rsync --inplace --no-whole-file`, over a veth shaped to 1 Gbit/s (receiver in a
+# network namespace); needs ~13 GiB free in /var/tmp. Results: bench/RESULTS.md.
+.PHONY: bench-resync
+bench-resync: deps release
+	./target/release/vmha-bench-resync --out bench/results-resync.json
