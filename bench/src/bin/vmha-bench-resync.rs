@@ -80,6 +80,10 @@ struct Args {
     /// Machine-readable results.
     #[arg(long, default_value = "bench/results-resync.json")]
     out: PathBuf,
+    /// Leave the page cache as it is before the timed steps (default: every copy is
+    /// evicted first, so reads come from the disk); shows what the disk reads cost.
+    #[arg(long)]
+    keep_cache: bool,
     /// Also write the markdown tables here (they are always printed).
     #[arg(long)]
     markdown: Option<PathBuf>,
@@ -90,6 +94,8 @@ struct Results {
     started_utc: String,
     image_bytes: u64,
     rate_mbit: u32,
+    /// The page cache was not evicted before the timed steps (`--keep-cache`).
+    keep_cache: bool,
     /// TCP goodput over the veth before shaping, MB/s (10^6 bytes).
     unshaped_link_mbps: f64,
     /// TCP goodput over the shaped veth, MB/s: the throughput of the target.
@@ -198,6 +204,7 @@ struct Bench {
     r: PathBuf,
     link: HostLink,
     root: tempfile::TempDir,
+    keep_cache: bool,
 }
 
 impl Drop for Bench {
@@ -217,7 +224,7 @@ impl Drop for Bench {
 }
 
 impl Bench {
-    fn new(dir: &Path) -> Result<Bench> {
+    fn new(dir: &Path, keep_cache: bool) -> Result<Bench> {
         let bin = vmha_fs_bin()?;
         let root = tempfile::Builder::new()
             .prefix("vmha-bench-resync-")
@@ -238,6 +245,7 @@ impl Bench {
             bin,
             key,
             root,
+            keep_cache,
         })
     }
 
@@ -399,7 +407,9 @@ impl Bench {
 
     /// Times `f` with the veth's counters and the machine's CPU use around it.
     fn measure<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<(T, Transfer)> {
-        self.evict_all()?;
+        if !self.keep_cache {
+            self.evict_all()?;
+        }
         let loadavg_before = loadavg();
         let (tx, rx) = (self.link.host_tx_bytes()?, self.link.host_rx_bytes()?);
         let cpu = CpuTimes::read()?;
@@ -713,7 +723,7 @@ fn run(args: &Args) -> Result<bool> {
     let loadavg_start = loadavg();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    let mut b = Bench::new(&args.dir)?;
+    let mut b = Bench::new(&args.dir, args.keep_cache)?;
     let probe = args.probe_mib * MIB;
     let unshaped = probe_link(&b.link, probe)?;
     log(format!("unshaped veth: {unshaped:.0} MB/s"));
@@ -820,6 +830,7 @@ fn run(args: &Args) -> Result<bool> {
         started_utc,
         image_bytes: size,
         rate_mbit: args.rate_mbit,
+        keep_cache: args.keep_cache,
         unshaped_link_mbps: unshaped,
         link_mbps,
         shaping_is_bottleneck,
@@ -871,8 +882,13 @@ fn markdown(r: &Results) -> String {
     } else {
         format!("veth unshaped: {:.0} MB/s measured", r.link_mbps)
     };
+    let cache = if r.keep_cache {
+        "page cache kept (`--keep-cache`)"
+    } else {
+        "page cache evicted before each timed step"
+    };
     s.push_str(&format!(
-        "Run of {}, {} GiB image, {link}; full copy (first attach) {:.1} s, {:.0} MiB on the link ({} GiB / link = {:.1} s); loadavg {} → {} ({} CPUs).\n\n",
+        "Run of {}, {} GiB image, {link}, {cache}; full copy (first attach) {:.1} s, {:.0} MiB on the link ({} GiB / link = {:.1} s); loadavg {} → {} ({} CPUs).\n\n",
         r.started_utc,
         r.image_bytes / GIB,
         r.full_copy.seconds,
