@@ -91,6 +91,15 @@ enum Plan {
     Dirty(Arc<Node>, Vec<u8>),
 }
 
+/// What a copy does where the file has a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holes {
+    /// The peer's region may hold data: punch it.
+    Punch,
+    /// The peer's file is new: nothing to do.
+    Skip,
+}
+
 /// How one file's data is brought up to date.
 #[derive(Debug)]
 enum Job {
@@ -684,6 +693,10 @@ impl Syncer {
     /// punched holes, each read and queued under the region's lock so that live
     /// writes are ordered around it; then the size.
     fn copy_ranges(&self, node: &Node, ranges: &[(u64, u64)]) -> Result<u64, SyncError> {
+        self.copy(node, ranges, Holes::Punch)
+    }
+
+    fn copy(&self, node: &Node, ranges: &[(u64, u64)], holes: Holes) -> Result<u64, SyncError> {
         let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
         let mut sent = 0u64;
         // Scattered regions read one by one would wait for the disk each time: ask
@@ -716,6 +729,10 @@ impl Syncer {
                     Err(Errno::NXIO) => u64::MAX,
                     Err(e) => return Err(local("a file")(e)),
                 };
+                if data_at > pos && holes == Holes::Skip {
+                    pos = data_at.min(end);
+                    continue;
+                }
                 if data_at > pos {
                     // A hole (or past the end): the peer punches the same.
                     let hole_len = data_at.min(pos + len) - pos;
@@ -895,52 +912,10 @@ impl Syncer {
         Ok(())
     }
 
-    /// Sends everything allocated in a file, then its size.
+    /// Sends everything allocated in a file (new on the peer: its holes are holes
+    /// already), then its size.
     fn copy_data(&self, node: &Node) -> Result<u64, SyncError> {
-        let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
-        let mut sent = 0u64;
-        let mut offset = 0u64;
-        loop {
-            let start = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(offset)) {
-                Ok(pos) => pos,
-                Err(Errno::NXIO) => break,
-                Err(e) => return Err(local("a file")(e)),
-            };
-            let end =
-                rustix::fs::seek(fd.as_fd(), SeekFrom::Hole(start)).map_err(local("a file"))?;
-            let mut pos = start;
-            while pos < end {
-                let len = CHUNK.min(end - pos);
-                self.pace(len);
-                let _order = node.ranges.lock(pos, pos + len);
-                let mut buf = AlignedBuf::zeroed(len as usize);
-                let n = crate::fuse_fs::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
-                    .map_err(local("a file"))?;
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                self.send(Op::Write {
-                    id: node.id,
-                    offset: pos,
-                    data: Payload::Aligned(Arc::new(buf)),
-                })?;
-                self.progress
-                    .done_bytes
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                sent += n as u64;
-                pos += n as u64;
-            }
-            offset = end;
-        }
-        // The size as it is now, ordered with live truncates.
-        let _whole = node.ranges.lock(0, u64::MAX);
-        let st = rustix::fs::fstat(fd.as_fd()).map_err(local("a file"))?;
-        self.send(Op::Truncate {
-            id: node.id,
-            size: st.st_size as u64,
-        })?;
-        Ok(sent)
+        self.copy(node, &[(0, size_of(node))], Holes::Skip)
     }
 }
 
