@@ -148,6 +148,11 @@ impl Syncer {
         if self.failed.load(Ordering::SeqCst) {
             return Err(SyncError::PeerGone);
         }
+        // Our copy must be on disk too before the records of what the peer lacked
+        // are forgotten: after a power cut here it would differ from the peer's where
+        // nothing says so. (Later writes are in the activity log.)
+        let root = self.inodes.get(ROOT).map_err(local("the root"))?;
+        rustix::fs::syncfs(root.fd.as_fd()).map_err(local("sync of this copy"))?;
         // Both copies are identical now: both nodes' records start afresh (the peer's
         // first: if we stop in between, ours still say more than needed, never less).
         self.send_wait(Op::InSync)?;
