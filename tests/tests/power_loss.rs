@@ -953,3 +953,89 @@ fn power_loss_right_after_a_resync_leaves_no_unrecorded_difference() -> Result<(
     assert_eq!(std::fs::read(s.a.data().join("vm1/written-alone"))?, fresh);
     Ok(())
 }
+
+/// The peer is down and the primary writes alone (dirty maps), then the primary
+/// loses power too: its dirty maps survive, name every block where its copy differs
+/// from the peer's, and when it comes back and re-attaches the peer an incremental
+/// resync makes both identical with every fsync-acknowledged write on both.
+#[test]
+fn degraded_primary_power_loss_keeps_its_dirty_maps() -> Result<()> {
+    let mut s = Setup::new()?;
+    fill(&s.a.data())?;
+    let mut b = s.secondary(&s.b)?;
+    let mut a = s.primary_alone(&s.a)?;
+    attach_and_wait(&a, &s.a.state())?;
+
+    // B is gone (a plain crash), A is told so and writes alone...
+    b.kill()?;
+    lazy_unmount_all(&s.b.data())?;
+    signal(a.pid(), libc::SIGUSR1)?;
+    let hot = hot_slots(12, HOT_EXTENTS);
+    let writers = Writers::start(&s.a.mnt, &hot, 7, &WITH_UNSYNCED, false);
+    std::thread::sleep(Duration::from_secs(3));
+    let unsynced = unsynced_burst(&s.a.mnt, 8)?;
+    // ...and loses power.
+    s.a.fs.shutdown()?;
+    std::thread::sleep(Duration::from_millis(200));
+    a.kill()?;
+    let acked = writers.finish()?;
+    s.a.power_cycle()?;
+    eprintln!(
+        "A alone: {} writes acknowledged, {} by an fsync, {} errors",
+        acked.written.len(),
+        acked.synced.len(),
+        acked.errors
+    );
+    assert!(
+        acked.synced.len() >= 20,
+        "only {} fsync-acknowledged writes",
+        acked.synced.len()
+    );
+    check_writes(
+        &s.a.image(),
+        &acked.synced,
+        "A after its power cut, fsync-acknowledged",
+    )?;
+    let lost_log = count_missing(&s.a.log(), &unsynced)?;
+
+    let records = track_files(&s.a.state())?;
+    eprintln!("A's state/track after the power cut: {records:?}");
+    assert!(
+        records
+            .iter()
+            .any(|(n, len)| n.starts_with("map-") && *len > 0),
+        "A's dirty maps did not survive the power cut: {records:?}"
+    );
+    let (diff, dirty_bytes) = records_cover_differences(
+        &s.a.data(),
+        &s.b.data(),
+        &s.a.state(),
+        &s.root.path().join("a-state-copy"),
+    )?;
+    eprintln!(
+        "A's copy differs from B's in {diff} blocks (A lost {lost_log} of {} unsynced log \
+         writes), all in A's records ({dirty_bytes} bytes)",
+        unsynced.len()
+    );
+    assert!(diff > 0, "A's writes alone left no difference with B");
+
+    // A comes back writing alone, B returns, the resync carries what A's maps say.
+    let mut a = s.primary_alone(&s.a)?;
+    let mut b = s.secondary(&s.b)?;
+    let status = attach_and_wait(&a, &s.a.state())?;
+    let total = status["total_bytes"].as_u64().unwrap_or(u64::MAX);
+    eprintln!("resync A -> B: {total} bytes (A's records: {dirty_bytes} bytes)");
+    assert!(
+        last_sync_was_incremental(&a)?,
+        "the resync after the power cut was a full copy"
+    );
+    assert!(
+        total <= dirty_bytes + (1 << 20),
+        "resync of {total} bytes for {dirty_bytes} recorded"
+    );
+    stop(&mut a)?;
+    stop(&mut b)?;
+    assert_same_tree(&s.a.data(), &s.b.data()).context("after the resync")?;
+    check_writes(&s.b.image(), &acked.synced, "B after the resync")?;
+    Ok(())
+}
