@@ -10,9 +10,17 @@
 //!   where its copy now differs; the survivor takes over, the old primary returns as
 //!   its receiver and an incremental resync (bounded by the activity log) makes both
 //!   copies identical.
-//! - The secondary loses power under writes: the primary goes on alone, the
-//!   secondary returns, an incremental resync (with writes going on) makes both
-//!   identical, and every acknowledged write is on both.
+//! - The secondary loses power under writes: it keeps what an fsync acknowledged
+//!   before the cut; the primary goes on alone, its records name every block where
+//!   the copies differ (what the secondary lost included), the secondary returns, an
+//!   incremental resync (with writes going on) makes both identical, and every
+//!   acknowledged write is on both.
+//! - A primary writing alone loses power: its dirty maps survive and name every
+//!   difference; it comes back and resyncs the peer incrementally.
+//! - A writer loses power right after, or in the middle of, a resync of what it
+//!   wrote alone without fsync: no difference between the copies is left that no
+//!   record names (the resync makes the writer's own copy durable before it forgets
+//!   the records of what the peer lacked).
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
