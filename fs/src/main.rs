@@ -602,6 +602,7 @@ struct Checkpointer {
 
 impl Checkpointer {
     const INTERVAL: Duration = Duration::from_secs(5);
+    const RETRY: Duration = Duration::from_millis(100);
 
     fn run(&self) {
         let mut last = std::time::Instant::now();
@@ -611,7 +612,11 @@ impl Checkpointer {
                 .wait_checkpoint_request(Duration::from_millis(250));
             if full || last.elapsed() >= Self::INTERVAL {
                 last = std::time::Instant::now();
-                self.once();
+                if !self.once() {
+                    // A full log asks again at once: without a pause a failing disk
+                    // or a lost peer would make this loop spin.
+                    std::thread::sleep(Self::RETRY);
+                }
             }
         }
     }

@@ -212,6 +212,11 @@ impl Syncer {
         if self.failed.load(Ordering::SeqCst) {
             return Err(SyncError::PeerGone);
         }
+        // Our copy must be on disk too before the records of what the peer lacked
+        // are forgotten: after a power cut here it would differ from the peer's where
+        // nothing says so. (Later writes are in the activity log.)
+        let root = self.inodes.get(ROOT).map_err(local("the root"))?;
+        rustix::fs::syncfs(root.fd.as_fd()).map_err(local("sync of this copy"))?;
         // Both copies are identical now: both nodes' records start afresh (the peer's
         // first: if we stop in between, ours still say more than needed, never less).
         self.send_wait(Op::InSync)?;
@@ -674,6 +679,11 @@ impl Syncer {
             if step_bytes >= RESUME_STEP || i + 1 == ranges.len() {
                 sent += self.copy_ranges(node, &step)?;
                 self.send_wait(Op::SyncAll)?;
+                // Our copy of the step must be on disk too before its marks go: after
+                // a power cut it would differ from the peer's where nothing says so.
+                apply::reopen(node.fd.as_fd(), OFlags::RDONLY)
+                    .and_then(|fd| rustix::fs::fdatasync(fd.as_fd()))
+                    .map_err(local("sync of a file"))?;
                 match self.tracker.clear_synced(node.ino(), &step) {
                     Ok(true) => {}
                     Ok(false) => return Err(SyncError::PeerGone),

@@ -209,6 +209,8 @@ pub fn coarsen(mut ranges: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
 struct Active {
     inflight: u32,
     epoch: u64,
+    /// The batch that writes this entry to disk.
+    queued: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -704,26 +706,30 @@ impl Tracker {
                 self.changed.notify_all();
                 self.changed.wait_for(&mut st, Duration::from_millis(200));
             }
-            let epoch = st.epoch;
+            let (epoch, batch) = (st.epoch, st.batch);
             let mut added = false;
+            // An entry already in the log may still be on its way to disk in a batch
+            // another writer queued: wait for that batch, not only the one flushing.
+            let mut target = st.durable;
             for e in &entries {
                 let a = st.active.entry(e.clone()).or_insert_with(|| {
                     added = true;
-                    Active { inflight: 0, epoch }
+                    Active {
+                        inflight: 0,
+                        epoch,
+                        queued: batch,
+                    }
                 });
                 a.inflight += 1;
                 a.epoch = epoch;
+                target = target.max(a.queued);
             }
             if added {
                 for e in &entries {
                     st.pending.activity.push(e.clone());
                 }
-                st.batch
-            } else if st.flushing {
-                st.batch - 1
-            } else {
-                st.durable
             }
+            target
         };
         let guard = InFlight {
             tracker: Some(self.clone()),
@@ -1169,6 +1175,50 @@ mod tests {
         assert_eq!(t.ranges_of(1).ranges, vec![(0, EXTENT)]);
         assert_eq!(t.ranges_of(4).ranges, vec![(0, EXTENT)]);
         assert!(t.ranges_of(2).ranges.is_empty());
+    }
+
+    #[test]
+    fn an_entry_queued_by_another_writer_is_durable_before_returning() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        let wait_for = |what: &dyn Fn(&State) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !what(&t.state.lock()) {
+                assert!(std::time::Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // A first batch is being written (held up here)...
+        let files = t.files.lock();
+        let first = {
+            let t = t.clone();
+            std::thread::spawn(move || drop(t.record_active(&[range(1, 0, 10)]).unwrap()))
+        };
+        wait_for(&|st| st.flushing);
+        // ...when one writer queues a new extent for the next batch...
+        let queued = {
+            let t = t.clone();
+            std::thread::spawn(move || drop(t.record_active(&[range(2, 0, 10)]).unwrap()))
+        };
+        wait_for(&|st| !st.pending.activity.is_empty());
+        // ...and another writes to the same extent: it must not go on before the
+        // extent is on disk.
+        let second = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                drop(t.record_active(&[range(2, 20, 30)]).unwrap());
+                // The batch that carries the extent (the second) is on disk.
+                t.state.lock().durable >= 2
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        drop(files);
+        assert!(
+            second.join().unwrap(),
+            "returned before its extent was durable"
+        );
+        first.join().unwrap();
+        queued.join().unwrap();
     }
 
     #[test]

@@ -104,6 +104,31 @@ impl HostLink {
         &self.host_if
     }
 
+    /// Limits what the host sends into the namespace to `mbit` Mbit/s (`tc` `tbf`).
+    pub fn limit_host_tx(&self, mbit: u32) -> Result<()> {
+        run(Command::new("tc").args([
+            "qdisc",
+            "replace",
+            "dev",
+            &self.host_if,
+            "root",
+            "tbf",
+            "rate",
+            &format!("{mbit}mbit"),
+            "burst",
+            "256kb",
+            "latency",
+            "200ms",
+        ]))?;
+        Ok(())
+    }
+
+    /// Removes the limit of [`HostLink::limit_host_tx`].
+    pub fn unlimit_host_tx(&self) -> Result<()> {
+        run(Command::new("tc").args(["qdisc", "del", "dev", &self.host_if, "root"]))?;
+        Ok(())
+    }
+
     fn counter(&self, name: &str) -> Result<u64> {
         let path = format!("/sys/class/net/{}/statistics/{name}", self.host_if);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

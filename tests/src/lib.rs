@@ -9,6 +9,7 @@ pub mod cluster_vm;
 pub mod fsops;
 pub mod guest;
 pub mod hostlink;
+pub mod loopfs;
 pub mod mounts;
 pub mod node;
 pub mod pair;
@@ -18,6 +19,7 @@ pub mod vmctl_status;
 
 pub use aligned::AlignedBuf;
 pub use bin::vmha_fs_bin;
+pub use loopfs::LoopFs;
 pub use mounts::{is_mount_point, lazy_unmount_all, mounts_at_or_under, MountGuard};
 pub use pair::{Pair, PairOptions};
 pub use proc::Child;
