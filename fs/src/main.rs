@@ -735,6 +735,9 @@ impl Joiner {
             tracing::warn!("SIGUSR2: a sync is already running");
             return;
         }
+        // A new sync never shows the previous one's counters.
+        self.progress.done_bytes.store(0, Ordering::Relaxed);
+        self.progress.total_bytes.store(0, Ordering::Relaxed);
         let (link, syncer, progress, state, key, running, fenced) = (
             self.link.clone(),
             self.syncer.clone(),
