@@ -621,26 +621,36 @@ impl Checkpointer {
         }
     }
 
-    /// One checkpoint; false if it could not complete.
+    /// One checkpoint; false if it could not complete. Connected, both copies are
+    /// made durable first; writing alone, only the dirty maps' pending blocks.
     fn once(&self) -> bool {
         use vmha_fs::link::LinkState;
-        if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
-            return false;
-        }
-        let Some((epoch, idle)) = self.tracker.checkpoint_begin() else {
-            return true;
+        let connected = match self.link.state() {
+            LinkState::Connected | LinkState::Syncing => true,
+            LinkState::Degraded | LinkState::Attaching => false,
+            LinkState::Lost | LinkState::Failed(_) => return false,
         };
-        if let Err(e) = rustix::fs::syncfs(&*self.root) {
-            tracing::warn!("checkpoint: local sync failed: {e}");
-            return false;
-        }
-        if let Err(e) = self.link.submit_wait(vmha_fs::op::Op::SyncAll) {
-            tracing::debug!("checkpoint: the peer did not sync: {e}");
-            return false;
-        }
-        // Still sending: the SyncAll really reached the peer (not completed locally).
-        if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
-            return false;
+        let (epoch, idle) = match self.tracker.checkpoint_begin() {
+            Ok(Some(begun)) => begun,
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::error!("checkpoint: {e}");
+                return false;
+            }
+        };
+        if connected {
+            if let Err(e) = rustix::fs::syncfs(&*self.root) {
+                tracing::warn!("checkpoint: local sync failed: {e}");
+                return false;
+            }
+            if let Err(e) = self.link.submit_wait(vmha_fs::op::Op::SyncAll) {
+                tracing::debug!("checkpoint: the peer did not sync: {e}");
+                return false;
+            }
+            // Still sending: the SyncAll really reached the peer (not completed locally).
+            if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
+                return false;
+            }
         }
         match self.tracker.checkpoint_end(epoch, idle) {
             Ok(()) => true,

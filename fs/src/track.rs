@@ -211,6 +211,10 @@ struct Active {
     epoch: u64,
     /// The batch that writes this entry to disk.
     queued: u64,
+    /// Recorded for a write the peer receives (connected): if the peer stops
+    /// receiving, the whole extent may differ. Entries recorded only for degraded
+    /// writes stand for exact bits kept in memory until a checkpoint writes them.
+    coarse: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -230,16 +234,6 @@ struct Pending {
     rewrite_activity: bool,
 }
 
-impl Pending {
-    fn is_empty(&self) -> bool {
-        self.pages.is_empty()
-            && self.journal.is_empty()
-            && self.whole.is_empty()
-            && self.activity.is_empty()
-            && !self.rewrite_activity
-    }
-}
-
 #[derive(Debug)]
 struct State {
     valid: bool,
@@ -248,6 +242,9 @@ struct State {
     /// Files that may differ anywhere.
     whole: BTreeSet<u64>,
     active: HashMap<AlEntry, Active>,
+    /// Dirty-map pages changed by degraded writes, written at the next checkpoint
+    /// (until then their extents in the activity log cover them).
+    lazy_pages: BTreeMap<u64, BTreeSet<u64>>,
     /// Checkpoint epoch: extents touched in this epoch are not retired by the
     /// checkpoint that began it.
     epoch: u64,
@@ -555,6 +552,7 @@ impl Tracker {
                 journal,
                 whole,
                 active: HashMap::new(),
+                lazy_pages: BTreeMap::new(),
                 epoch: 1,
                 pending: Pending::default(),
                 batch: 1,
@@ -622,41 +620,49 @@ impl Tracker {
             && st.maps.values().all(|m| m.is_empty())
     }
 
-    /// Degraded mode: records `changes` durably before returning (write-ahead).
-    pub fn record_degraded(&self, changes: &[Change]) -> Result<(), TrackError> {
+    /// Degraded mode: records `changes` durably before returning (write-ahead). A
+    /// range's exact blocks are marked in memory and written at the next checkpoint;
+    /// what is durable at once is its 4 MiB extents in the activity log (DRBD's
+    /// scheme): a write into an extent already logged costs no disk write at all.
+    pub fn record_degraded(self: &Arc<Self>, changes: &[Change]) -> Result<(), TrackError> {
+        let mut ranges = Vec::new();
         let target = {
             let mut st = self.state.lock();
             if let Some(why) = &st.broken {
                 return Err(TrackError::Broken(why.clone()));
             }
             st.degraded_since_window = true;
+            let mut named = false;
             for c in changes {
                 match c {
                     Change::Range { ino, start, end } => {
                         let pages = st.maps.entry(*ino).or_default().set(*start, *end);
                         if !pages.is_empty() {
-                            st.pending.pages.entry(*ino).or_default().extend(pages);
+                            st.lazy_pages.entry(*ino).or_default().extend(pages);
                         }
+                        ranges.push(c.clone());
                     }
                     Change::Name(name) => {
                         if st.journal.insert(name.clone()) {
                             st.pending.journal.push(name.clone());
+                            named = true;
                         }
                     }
                 }
             }
-            // Even when nothing is new, an earlier batch that set these bits may
-            // still be on its way to disk.
-            if st.pending.is_empty() {
-                if st.flushing {
-                    st.batch - 1
-                } else {
-                    st.durable
-                }
-            } else {
+            // A name recorded by another writer may still be on its way to disk.
+            if named {
                 st.batch
+            } else if st.flushing {
+                st.batch - 1
+            } else {
+                st.durable
             }
         };
+        if !ranges.is_empty() {
+            // The guard is dropped at once: a degraded write waits for nobody.
+            drop(self.log_extents(&ranges, false)?);
+        }
         self.flush_until(target)
     }
 
@@ -664,6 +670,16 @@ impl Tracker {
     /// (durably, before returning) and keeps them from retiring until the returned
     /// guard is dropped (when the operation completed on both nodes).
     pub fn record_active(self: &Arc<Self>, changes: &[Change]) -> Result<InFlight, TrackError> {
+        self.log_extents(changes, true)
+    }
+
+    /// Puts the extents/names of `changes` in the activity log, durably; `coarse`:
+    /// for a write the peer receives.
+    fn log_extents(
+        self: &Arc<Self>,
+        changes: &[Change],
+        coarse: bool,
+    ) -> Result<InFlight, TrackError> {
         let mut entries = Vec::new();
         for c in changes {
             match c {
@@ -718,10 +734,12 @@ impl Tracker {
                         inflight: 0,
                         epoch,
                         queued: batch,
+                        coarse,
                     }
                 });
                 a.inflight += 1;
                 a.epoch = epoch;
+                a.coarse |= coarse;
                 target = target.max(a.queued);
             }
             if added {
@@ -776,9 +794,18 @@ impl Tracker {
         let target = {
             let mut st = self.state.lock();
             st.degraded_since_window = true;
-            let entries: Vec<AlEntry> = st.active.drain().map(|(e, _)| e).collect();
+            // Entries of degraded writes stay: their exact blocks are in memory.
+            let entries: Vec<AlEntry> = st
+                .active
+                .iter()
+                .filter(|(_, a)| a.coarse)
+                .map(|(e, _)| e.clone())
+                .collect();
             if entries.is_empty() {
                 return Ok(());
+            }
+            for e in &entries {
+                st.active.remove(e);
             }
             for e in &entries {
                 Self::fold(&mut st, e);
@@ -793,21 +820,36 @@ impl Tracker {
     /// Starts a checkpoint; `Some(epoch)` if the activity log has anything to retire.
     /// Between `checkpoint_begin` and `checkpoint_end` the caller makes everything
     /// written so far durable on both nodes.
-    pub fn checkpoint_begin(&self) -> Option<(u64, Vec<AlEntryId>)> {
-        let mut st = self.state.lock();
-        if st.active.is_empty() {
-            st.want_checkpoint = false;
-            return None;
-        }
-        let epoch = st.epoch;
-        st.epoch += 1;
-        let idle = st
-            .active
-            .iter()
-            .filter(|(_, a)| a.inflight == 0)
-            .map(|(e, _)| AlEntryId(e.clone()))
-            .collect();
-        Some((epoch, idle))
+    pub fn checkpoint_begin(&self) -> Result<Option<(u64, Vec<AlEntryId>)>, TrackError> {
+        let (epoch, idle, target) = {
+            let mut st = self.state.lock();
+            if st.active.is_empty() {
+                st.want_checkpoint = false;
+                return Ok(None);
+            }
+            let epoch = st.epoch;
+            st.epoch += 1;
+            let idle: Vec<AlEntryId> = st
+                .active
+                .iter()
+                .filter(|(_, a)| a.inflight == 0)
+                .map(|(e, _)| AlEntryId(e.clone()))
+                .collect();
+            // The exact blocks of degraded writes reach the disk before the extents
+            // that cover them can leave the log.
+            let lazy = std::mem::take(&mut st.lazy_pages);
+            let target = if lazy.is_empty() {
+                st.durable
+            } else {
+                st.batch
+            };
+            for (ino, pages) in lazy {
+                st.pending.pages.entry(ino).or_default().extend(pages);
+            }
+            (epoch, idle, target)
+        };
+        self.flush_until(target)?;
+        Ok(Some((epoch, idle)))
     }
 
     /// Retires the entries that were idle at `checkpoint_begin` and not written since.
@@ -873,6 +915,7 @@ impl Tracker {
         st.pending.pages.clear();
         st.pending.journal.clear();
         st.pending.whole.clear();
+        st.lazy_pages.clear();
         crate::statedir::write_file_atomically(&self.dir.join(VALID), b"")
             .map_err(io(&self.dir))?;
         st.valid = true;
@@ -900,7 +943,8 @@ impl Tracker {
         let st = self.state.lock();
         let mut ranges = st.maps.get(&ino).map(Bitmap::ranges).unwrap_or_default();
         let mut whole = st.whole.contains(&ino);
-        for e in st.active.keys() {
+        // Degraded writes' entries add nothing: their exact blocks are in the map.
+        for (e, _) in st.active.iter().filter(|(_, a)| a.coarse) {
             if let AlEntry::Extent { ino: i, index } = e {
                 if *i == ino {
                     if *index == WHOLE {
@@ -981,6 +1025,13 @@ impl Tracker {
             st.flushing = true;
             let batch = st.batch;
             st.batch += 1;
+            if st.pending.rewrite_activity {
+                // Entries may leave the log in this batch: the blocks they cover too.
+                let lazy = std::mem::take(&mut st.lazy_pages);
+                for (ino, pages) in lazy {
+                    st.pending.pages.entry(ino).or_default().extend(pages);
+                }
+            }
             let pending = std::mem::take(&mut st.pending);
             let pages: Vec<MapPages> = pending
                 .pages
@@ -1112,6 +1163,35 @@ mod tests {
         Change::Range { ino, start, end }
     }
 
+    fn checkpoint(t: &Tracker) {
+        if let Some((epoch, idle)) = t.checkpoint_begin().unwrap() {
+            t.checkpoint_end(epoch, idle).unwrap();
+        }
+    }
+
+    #[test]
+    fn degraded_marks_are_exact_in_memory_and_covered_by_extents_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let t = Tracker::open(dir.path(), 16).unwrap();
+            t.record_degraded(&[range(7, 4096 * 3 + 10, 4096 * 5)])
+                .unwrap();
+            t.record_degraded(&[range(7, 1 << 30, (1 << 30) + 1)])
+                .unwrap();
+            // Exact while running (what a resync sends).
+            assert_eq!(
+                t.ranges_of(7).ranges,
+                vec![(4096 * 3, 4096 * 5), (1 << 30, (1 << 30) + 4096)]
+            );
+            // Crash: the blocks were not written yet, only their extents.
+        }
+        let t = Tracker::open(dir.path(), 16).unwrap();
+        assert_eq!(
+            t.ranges_of(7).ranges,
+            vec![(0, EXTENT), (1 << 30, (1 << 30) + EXTENT)]
+        );
+    }
+
     #[test]
     fn degraded_marks_survive_reopen_at_block_granularity() {
         let dir = tempfile::tempdir().unwrap();
@@ -1123,6 +1203,9 @@ mod tests {
             t.record_degraded(&[range(7, 1 << 30, (1 << 30) + 1)])
                 .unwrap();
             t.record_degraded(&[Change::Name(b"a/b".to_vec())]).unwrap();
+            // A clean stop (or any checkpoint) writes the blocks.
+            checkpoint(&t);
+            assert_eq!(t.activity_len(), 0);
         }
         let t = Tracker::open(dir.path(), 16).unwrap();
         assert_eq!(
@@ -1161,7 +1244,7 @@ mod tests {
         let busy = t.record_active(&[range(1, 0, 10)]).unwrap();
         drop(t.record_active(&[range(2, 0, 10)]).unwrap());
         drop(t.record_active(&[range(4, 0, 10)]).unwrap());
-        let (epoch, idle) = t.checkpoint_begin().unwrap();
+        let (epoch, idle) = t.checkpoint_begin().unwrap().unwrap();
         // Written again after the checkpoint began: not covered by it.
         drop(t.record_active(&[range(4, 0, 10)]).unwrap());
         t.checkpoint_end(epoch, idle).unwrap();
@@ -1251,7 +1334,7 @@ mod tests {
         let t2 = t.clone();
         let checkpointer = std::thread::spawn(move || {
             assert!(t2.wait_checkpoint_request(Duration::from_secs(10)));
-            let (epoch, idle) = t2.checkpoint_begin().unwrap();
+            let (epoch, idle) = t2.checkpoint_begin().unwrap().unwrap();
             t2.checkpoint_end(epoch, idle).unwrap();
         });
         drop(
@@ -1273,6 +1356,7 @@ mod tests {
         // The link dropped and a write was recorded: nothing more is cleared.
         t.record_degraded(&[range(5, 0, 1)]).unwrap();
         assert!(!t.clear_synced(5, &[(0, 10 * BLOCK)]).unwrap());
+        checkpoint(&t);
         drop(t);
         let t = Tracker::open(dir.path(), 16).unwrap();
         assert_eq!(
