@@ -32,3 +32,10 @@ bench: deps release
 # down), with DESIGN.md's default timeouts; prints the tables.
 bench-failover: deps release
 	./target/release/vmha-bench failover --out bench/results-failover.json
+
+# Incremental resync of 1 % and 10 % of a 4 GiB image vs the full copy vs
+# `rsync --inplace --no-whole-file`, over a veth shaped to 1 Gbit/s (receiver in a
+# network namespace); needs ~13 GiB free in /var/tmp. Results: bench/RESULTS.md.
+.PHONY: bench-resync
+bench-resync: deps release
+	./target/release/vmha-bench-resync --out bench/results-resync.json

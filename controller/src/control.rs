@@ -81,6 +81,11 @@ pub enum Request {
         #[serde(default)]
         module: Option<String>,
     },
+    /// Compare the peer's copy block by block; report only.
+    Verify {
+        #[serde(default)]
+        module: Option<String>,
+    },
 }
 
 /// The answer line.

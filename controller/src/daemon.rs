@@ -129,6 +129,8 @@ enum PeerView {
 #[derive(Debug)]
 enum ModuleCommand {
     Event(Event, oneshot::Sender<Vec<String>>),
+    /// `vmctl verify`: compare the peer's copy, report only.
+    Verify(oneshot::Sender<Result<Vec<String>, String>>),
 }
 
 #[derive(Debug)]
@@ -603,6 +605,26 @@ async fn answer(shared: &Shared, request: Request) -> Response {
                 Err(e) => Response::error(e),
             }
         }
+        Request::Verify { module } => {
+            let handle = match resolve(shared, module.as_deref()) {
+                Ok(h) => h,
+                Err(e) => return Response::error(e),
+            };
+            let (reply, answer) = oneshot::channel();
+            if handle
+                .commands
+                .send(ModuleCommand::Verify(reply))
+                .await
+                .is_err()
+            {
+                return Response::error("the module is shutting down");
+            }
+            return match answer.await {
+                Ok(Ok(lines)) => Response::lines(true, lines),
+                Ok(Err(e)) => Response::error(e),
+                Err(_) => Response::error("the module is shutting down"),
+            };
+        }
         Request::Start { module } => (Event::Start, module),
         Request::Stop { module } => (Event::Stop, module),
         Request::Swap { module } => (Event::Swap, module),
@@ -883,6 +905,28 @@ impl Runner {
                     Some(ModuleCommand::Event(event, reply)) => {
                         let lines = self.handle(event).await;
                         let _ = reply.send(lines);
+                    }
+                    Some(ModuleCommand::Verify(reply)) => {
+                        // May take long (it reads everything): off the runner's loop.
+                        let (fs, module, log) =
+                            (Arc::clone(&self.fs), self.module.clone(), Arc::clone(&self.log));
+                        tokio::spawn(async move {
+                            let outcome = tokio::task::spawn_blocking(move || fs.verify(&module))
+                                .await
+                                .map_err(|e| format!("verify panicked: {e}"))
+                                .and_then(|r| r.map_err(|e| e.to_string()))
+                                .map(|report| report.lines());
+                            let record: Vec<String> = match &outcome {
+                                Ok(lines) => lines.iter().map(|l| format!("verify: {l}")).collect(),
+                                Err(e) => vec![format!("verify failed: {e}")],
+                            };
+                            for line in record {
+                                if let Err(e) = log.append(&line) {
+                                    tracing::warn!("event log: {e}");
+                                }
+                            }
+                            let _ = reply.send(outcome);
+                        });
                     }
                 },
                 changed = self.peer_rx.changed() => {

@@ -92,6 +92,50 @@ pub enum ResyncState {
     Done,
 }
 
+/// A region where the peer's copy differs from ours (`len` None: it lacks the file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Difference {
+    pub path: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// What `verify` found, per replicated directory.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyReport {
+    pub dirs: Vec<(std::path::PathBuf, Vec<Difference>)>,
+}
+
+impl VerifyReport {
+    /// One line per directory and per difference (`differs …` lines mark them).
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (dir, diffs) in &self.dirs {
+            if diffs.is_empty() {
+                out.push(format!("identical: {}", dir.display()));
+            }
+            for d in diffs {
+                if d.len == u64::MAX {
+                    out.push(format!(
+                        "differs: {}/{}: missing on the peer",
+                        dir.display(),
+                        d.path
+                    ));
+                } else {
+                    out.push(format!(
+                        "differs: {}/{}: {} bytes at offset {}",
+                        dir.display(),
+                        d.path,
+                        d.len,
+                        d.offset
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// vmha-fs, per module (all its replicated directories).
 pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     /// Mounts the replicated directories as the writer (`vmha-fs primary`).
@@ -104,6 +148,10 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     /// Starts receiving a resync from the peer; `full`: compare everything.
     fn start_resync(&self, module: &Module, full: bool) -> Result<(), DriverError>;
     fn resync_state(&self, module: &Module) -> Result<ResyncState, DriverError>;
+    /// Compares the peer's copy with ours while replicating; changes nothing.
+    fn verify(&self, _module: &Module) -> Result<VerifyReport, DriverError> {
+        Err(DriverError::Unsupported("verify".into()))
+    }
     /// Bytes written since the current generation began (split-brain rule).
     fn changed_bytes(&self, _module: &Module) -> u64 {
         0

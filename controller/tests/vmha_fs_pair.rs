@@ -230,6 +230,20 @@ async fn real_vmha_fs_pair_syncs_and_fails_over() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // `vmctl verify` on the PRIM: both copies compared block by block, identical.
+    let r = n1.daemon().request(Request::Verify { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    assert!(
+        !r.lines.is_empty() && r.lines.iter().all(|l| l.starts_with("identical")),
+        "{r:?}"
+    );
+    // Only the writer can compare.
+    let r = n2.daemon().request(Request::Verify { module: None }).await;
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("not the writer"),
+        "{r:?}"
+    );
+
     // node1 crashes: the daemon and its vmha-fs children die.
     let pids = n1.fs.pids("vm1");
     assert!(!pids.is_empty());

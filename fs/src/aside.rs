@@ -56,6 +56,7 @@ pub struct SaveAside {
     blocks_len: u64,
     /// (backing inode, block) already saved.
     saved: HashSet<(u64, u64)>,
+    removed: usize,
     root_path: Vec<u8>,
 }
 
@@ -106,12 +107,25 @@ impl SaveAside {
             manifest,
             blocks_len: 0,
             saved: HashSet::new(),
+            removed: 0,
             root_path,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The resync finished. Returns the folder, or None (and removes it) when
+    /// nothing had to be saved.
+    pub fn finish(self) -> Option<PathBuf> {
+        if self.blocks_len > 0 || self.removed > 0 {
+            return Some(self.dir);
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("removing empty {}: {e}", self.dir.display());
+        }
+        None
     }
 
     /// Saves what `op` is about to destroy. `path_fd`/`data_fd` look up nodes.
@@ -263,6 +277,7 @@ impl SaveAside {
                     );
                 let mut dst = File::create(&target).map_err(io(&target))?;
                 std::io::copy(&mut src, &mut dst).map_err(io(&target))?;
+                self.removed += 1;
                 dst.sync_all().map_err(io(&target))
             }
             FileType::Directory => {

@@ -359,10 +359,22 @@ fn handle_connection(mut stream: TcpStream, peer: SocketAddr, conn: Connection) 
     let report = tracker.as_ref().and_then(|t| match t.report(root.as_fd()) {
         Ok(r) => Some(Box::new(r)),
         Err(e) => {
-            // Without a report the writer compares everything: slower, never wrong.
+            // Without a report the writer copies everything: slower, never wrong.
             tracing::warn!("cannot report on this copy: {e}");
             None
         }
+    });
+    let report = report.filter(|r| {
+        let fits = wire::fits_in_frame(&Message::Welcome {
+            report: Some(r.clone()),
+        });
+        if !fits {
+            tracing::warn!(
+                entries = r.entries.len(),
+                "the report on this copy is too large for one frame; the writer will copy everything"
+            );
+        }
+        fits
     });
     if let Err(e) = writer
         .send(&Message::Welcome { report })
@@ -502,8 +514,8 @@ fn run_session(
             if let Some(policy) = &aside_policy {
                 // The split brain is resolved: later changes are ordinary replication.
                 policy.done.store(true, Ordering::SeqCst);
-                if let Some(a) = aside.take() {
-                    tracing::warn!(dir = %a.dir().display(), "this node's diverged data is saved there");
+                if let Some(dir) = aside.take().and_then(SaveAside::finish) {
+                    tracing::warn!(dir = %dir.display(), "this node's diverged data is saved there");
                 }
             }
             match tracker.as_ref().map(|t| t.clear_all()).transpose() {

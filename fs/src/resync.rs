@@ -42,6 +42,8 @@ use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, XattrValue, ROO
 use crate::track::{self, EntryKind, Report, Tracker};
 
 const CHUNK: u64 = 1 << 20;
+/// How far ahead scattered regions are read ahead.
+const READ_AHEAD: u64 = 32 << 20;
 
 /// Errors of a full sync.
 #[derive(Debug, thiserror::Error)]
@@ -684,7 +686,26 @@ impl Syncer {
     fn copy_ranges(&self, node: &Node, ranges: &[(u64, u64)]) -> Result<u64, SyncError> {
         let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
         let mut sent = 0u64;
-        for &(start, end) in ranges {
+        // Scattered regions read one by one would wait for the disk each time: ask
+        // the kernel to read ahead a window of the regions to come.
+        let mut advised = 0usize;
+        let mut ahead = 0u64;
+        for (i, &(start, end)) in ranges.iter().enumerate() {
+            if advised <= i {
+                (advised, ahead) = (i, 0);
+            }
+            while advised < ranges.len() && ahead < READ_AHEAD {
+                let (s, e) = ranges[advised];
+                let _ = rustix::fs::fadvise(
+                    fd.as_fd(),
+                    s,
+                    std::num::NonZeroU64::new(e - s),
+                    rustix::fs::Advice::WillNeed,
+                );
+                ahead += e - s;
+                advised += 1;
+            }
+            ahead = ahead.saturating_sub(end - start);
             let mut pos = start;
             while pos < end {
                 let len = CHUNK.min(end - pos);

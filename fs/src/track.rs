@@ -53,8 +53,9 @@ const BLOCKS_PER_PAGE: u64 = PAGE as u64 * 8;
 /// A range change wider than this many extents is logged as a name (compared whole)
 /// rather than flooding the activity log.
 const MAX_EXTENTS_PER_CHANGE: u64 = 8;
-/// The most ranges a report carries per file before nearby ranges are merged.
-const MAX_REPORT_RANGES: usize = 2048;
+/// The most ranges a report carries in all before nearby ranges are merged (a
+/// report travels in one frame header).
+const MAX_REPORT_RANGES: usize = 4096;
 
 const VALID: &str = "valid";
 const JOURNAL: &str = "journal";
@@ -179,9 +180,14 @@ impl Bitmap {
     }
 }
 
-/// Merges sorted ranges; nearby ones too when there are too many (marking more is
-/// always safe).
-pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+/// Sorts and merges overlapping or touching ranges (exactly: nothing is added).
+pub fn merge_ranges(ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    coarsen(ranges, usize::MAX)
+}
+
+/// Like [`merge_ranges`], then also merges across gaps until at most `max` ranges
+/// remain (marking more is always safe): keeps a report small on the wire.
+pub fn coarsen(mut ranges: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
     let mut gap = 0u64;
     loop {
@@ -192,7 +198,7 @@ pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
                 _ => out.push((s, e)),
             }
         }
-        if out.len() <= MAX_REPORT_RANGES {
+        if out.len() <= max.max(1) {
             return out;
         }
         gap = if gap == 0 { 1 << 20 } else { gap * 4 };
@@ -938,6 +944,13 @@ impl Tracker {
                 dirty,
             });
         }
+        let dirty_files = entries.iter().filter(|e| !e.dirty.is_empty()).count();
+        let per_file = MAX_REPORT_RANGES / dirty_files.max(1);
+        for e in &mut entries {
+            if e.dirty.len() > per_file {
+                e.dirty = coarsen(std::mem::take(&mut e.dirty), per_file);
+            }
+        }
         Ok(Report {
             valid: self.is_valid(),
             entries,
@@ -1223,7 +1236,8 @@ mod tests {
         let ranges: Vec<(u64, u64)> = (0..10_000u64)
             .map(|i| (i * 8192, i * 8192 + 4096))
             .collect();
-        let merged = merge_ranges(ranges.clone());
+        assert_eq!(merge_ranges(ranges.clone()), ranges);
+        let merged = coarsen(ranges.clone(), MAX_REPORT_RANGES);
         assert!(merged.len() <= MAX_REPORT_RANGES);
         for (s, e) in ranges {
             assert!(merged.iter().any(|&(ms, me)| ms <= s && e <= me));

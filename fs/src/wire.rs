@@ -216,6 +216,12 @@ pub fn server_handshake(
     })
 }
 
+/// Whether `msg`'s header fits in one frame.
+pub fn fits_in_frame(msg: &Message) -> bool {
+    bincode::serde::encode_to_vec(msg, bincode_config())
+        .is_ok_and(|m| m.len() <= MAX_META_LEN as usize)
+}
+
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MAX_META_LEN as usize }>()
 }

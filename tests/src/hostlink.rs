@@ -94,6 +94,16 @@ impl HostLink {
         c
     }
 
+    /// The namespace's name (`/run/netns/<name>`, `ip -n <name>`, `tc -n <name>`).
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// The host's end of the veth pair (the namespace's end is `eth0`).
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
     fn counter(&self, name: &str) -> Result<u64> {
         let path = format!("/sys/class/net/{}/statistics/{name}", self.host_if);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

@@ -54,6 +54,9 @@ enum Command {
     },
     /// Print the module's event log.
     Log { module: Option<String> },
+    /// Compare both nodes' copies online, block by block; changes nothing and
+    /// reports the regions that differ (exit status 1 if any do).
+    Verify { module: Option<String> },
 }
 
 /// Everything that makes vmctl exit non-zero (each printed as one line).
@@ -73,6 +76,8 @@ enum VmctlError {
     Input(std::io::Error),
     #[error("cannot print: {0}")]
     Output(std::io::Error),
+    #[error("the two copies differ")]
+    Differs,
 }
 
 fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
@@ -293,6 +298,14 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             print_lines(&call(&socket, &Request::Prim { module })?)
         }
         Command::Log { module } => print_lines(&call(&socket, &Request::Log { module })?),
+        Command::Verify { module } => {
+            let response = call(&socket, &Request::Verify { module })?;
+            print_lines(&response)?;
+            if response.lines.iter().any(|l| l.starts_with("differs")) {
+                return Err(VmctlError::Differs);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -40,7 +40,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{DriverError, FsDriver, FsHealth, ResyncState};
+use super::{Difference, DriverError, FsDriver, FsHealth, ResyncState, VerifyReport};
 use crate::config::{Config, Module, NodeIndex};
 use crate::state::Progress;
 
@@ -55,6 +55,8 @@ struct Running {
     /// Writer: the generation claimed; receiver: the generation accepted.
     generation: Option<String>,
     children: Vec<(PathBuf, Child)>,
+    /// Receiver started with `--save-aside`.
+    save_aside: bool,
 }
 
 /// `<state>/sync.json` as vmha-fs writes it.
@@ -85,6 +87,9 @@ enum Spawn {
     /// `primary --peer`: replicates synchronously from the first write.
     ConnectedWriter,
     Receiver,
+    /// `secondary --save-aside`: this node lost a split brain (or its history is
+    /// unknown); whatever the resync overwrites is saved first.
+    LoserReceiver,
 }
 
 /// vmha-fs's record that the peer lacks data (fs/src/statedir.rs).
@@ -141,7 +146,7 @@ impl VmhaFsDriver {
         role: Spawn,
         generation: Option<&str>,
     ) -> Result<(), DriverError> {
-        let writer = role != Spawn::Receiver;
+        let writer = !matches!(role, Spawn::Receiver | Spawn::LoserReceiver);
         self.unmount(module)?;
         let mut children = Vec::new();
         let result = (|| {
@@ -169,6 +174,10 @@ impl VmhaFsDriver {
                         .arg(self.address(self.local.peer(), module, i)?.to_string())
                         .arg("--lock-timeout-ms")
                         .arg(module.lock_timeout_ms.to_string());
+                    if module.rate_limit_mb_s > 0 {
+                        cmd.arg("--rate-limit-mb-s")
+                            .arg(module.rate_limit_mb_s.to_string());
+                    }
                     if let Some(generation) = generation {
                         write_generation(&state, generation)?;
                         cmd.arg("--generation").arg(generation);
@@ -181,6 +190,9 @@ impl VmhaFsDriver {
                         .arg(self.address(self.local, module, i)?.to_string());
                     if let Some(generation) = generation {
                         cmd.arg("--accept-generation").arg(generation);
+                    }
+                    if role == Spawn::LoserReceiver {
+                        cmd.arg("--save-aside");
                     }
                 }
                 cmd.arg("--state")
@@ -211,6 +223,7 @@ impl VmhaFsDriver {
                 writer,
                 generation: generation.map(str::to_string),
                 children,
+                save_aside: role == Spawn::LoserReceiver,
             },
         );
         Ok(())
@@ -271,6 +284,36 @@ impl VmhaFsDriver {
 }
 
 const SYNC_FILE: &str = "sync.json";
+const VERIFY_FILE: &str = "verify.json";
+/// Bound of one verify (it reads everything on both nodes).
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// `<state>/verify.json` once vmha-fs finished (None while it runs).
+fn read_verify(state: &Path) -> Result<Option<Vec<Difference>>, DriverError> {
+    #[derive(serde::Deserialize)]
+    struct VerifyFile {
+        state: String,
+        #[serde(default)]
+        differing: Vec<Difference>,
+        #[serde(default)]
+        error: Option<String>,
+    }
+    let path = state.join(VERIFY_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let Ok(file) = serde_json::from_str::<VerifyFile>(&text) else {
+        return Ok(None);
+    };
+    match file.state.as_str() {
+        "done" => Ok(Some(file.differing)),
+        "failed" => Err(DriverError::failed(
+            "verify",
+            file.error.unwrap_or_else(|| "failed".into()),
+        )),
+        _ => Ok(None),
+    }
+}
 const LINK_FILE: &str = "link.json";
 
 fn remove_if_present(path: &Path) -> Result<(), DriverError> {
@@ -638,12 +681,21 @@ impl FsDriver for VmhaFsDriver {
         full: bool,
         generation: Option<&str>,
     ) -> Result<(), DriverError> {
+        // A full resync may overwrite what this node wrote on its own (split brain):
+        // the receiver saves it aside first.
         let restart = match self.lock().get(&module.name) {
-            Some(running) if !running.writer => running.generation.as_deref() != generation,
+            Some(running) if !running.writer => {
+                running.generation.as_deref() != generation || (full && !running.save_aside)
+            }
             _ => return Err(DriverError::failed("resync", "the receiver is not running")),
         };
         if restart {
-            self.spawn(module, Spawn::Receiver, generation)?;
+            let role = if full {
+                Spawn::LoserReceiver
+            } else {
+                Spawn::Receiver
+            };
+            self.spawn(module, role, generation)?;
         }
         self.start_resync(module, full)
     }
@@ -653,12 +705,20 @@ impl FsDriver for VmhaFsDriver {
         module: &Module,
         generation: Option<&str>,
     ) -> Result<bool, DriverError> {
-        let restart = match self.lock().get(&module.name) {
-            Some(running) if !running.writer => running.generation.as_deref() != generation,
-            _ => false,
+        let (restart, save_aside) = match self.lock().get(&module.name) {
+            Some(running) if !running.writer => (
+                running.generation.as_deref() != generation,
+                running.save_aside,
+            ),
+            _ => (false, false),
         };
         if restart {
-            self.spawn(module, Spawn::Receiver, generation)?;
+            let role = if save_aside {
+                Spawn::LoserReceiver
+            } else {
+                Spawn::Receiver
+            };
+            self.spawn(module, role, generation)?;
         }
         Ok(restart)
     }
@@ -682,6 +742,36 @@ impl FsDriver for VmhaFsDriver {
             running.generation = generation.map(str::to_string);
         }
         self.signal_writer(module, rustix::process::Signal::USR2, "attach the peer")
+    }
+
+    /// SIGHUP to each writer: vmha-fs compares its directory with the peer's and
+    /// writes `verify.json`; waits for every one.
+    fn verify(&self, module: &Module) -> Result<VerifyReport, DriverError> {
+        let dirs = self
+            .writer_state_dirs(module)
+            .ok_or_else(|| DriverError::failed("verify", "this node is not the writer"))?;
+        for state in &dirs {
+            remove_if_present(&state.join(VERIFY_FILE))?;
+        }
+        self.signal_writer(module, rustix::process::Signal::HUP, "verify")?;
+        let mut report = VerifyReport::default();
+        for (state, dir) in dirs.iter().zip(&module.replicated) {
+            let deadline = Instant::now() + VERIFY_TIMEOUT;
+            let diffs = loop {
+                if let Some(v) = read_verify(state)? {
+                    break v;
+                }
+                if Instant::now() > deadline {
+                    return Err(DriverError::Timeout {
+                        what: "verify".into(),
+                        secs: VERIFY_TIMEOUT.as_secs(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            report.dirs.push((dir.clone(), diffs));
+        }
+        Ok(report)
     }
 
     fn go_alone(&self, module: &Module) -> Result<(), DriverError> {
