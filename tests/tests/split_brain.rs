@@ -174,6 +174,13 @@ fn split_brain() -> Result<()> {
     wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
         state(s, "node2") == Some("SECOND") && ready(s, "node2")
     })?;
+    // The first copy to an empty node overwrites nothing of node2's: nothing
+    // is saved aside (a folder here would hold a copy of the whole disk).
+    let first = diverged_dirs(&vc, 1)?;
+    ensure!(
+        first.is_empty(),
+        "the first join of an empty node2 saved data aside: {first:?}"
+    );
     more_counters(&vc, 0, 2, Duration::from_secs(60))?;
 
     // The partition: both go ALONE, both guests write.
