@@ -190,8 +190,7 @@ fn split_brain() -> Result<()> {
         .last_counter()
         .context("no counter on node1")?;
     eprintln!("[split_brain] both networks cut; node1's guest at {split}");
-    for i in 0..2 {
-        let name = NAMES[i];
+    for (i, &name) in NAMES.iter().enumerate() {
         wait_status(&vc, i, &format!("{name} ALONE"), STATE_TIMEOUT, |s| {
             state(s, name) == Some("ALONE") && primary(s) == Some(name)
         })?;
