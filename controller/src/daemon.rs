@@ -36,7 +36,8 @@
 //! - A module the peer does not announce at all is treated as if the peer were
 //!   not seen for it (its status shows `module_config_match: false`).
 //! - Replication link down (vmha-fs reports its link lost, stalled or failed)
-//!   on a PRIM: `ReplicationLinkDown` only on fresh first-hand knowledge that
+//!   on a PRIM: `ReplicationLinkDown` only while the peer's heartbeats still
+//!   arrive (last round within 3 intervals) and on fresh first-hand knowledge that
 //!   the peer is our SECOND (the dispatcher has been observing without a stall
 //!   of its own for the failover timeout, the peer's latest heartbeat shows a
 //!   SECOND with our data): a frozen PRIM waking up must not fork the history
@@ -242,6 +243,8 @@ impl Daemon {
                     view: view_tx,
                     peer_rx,
                     last_beat: None,
+                    last_beat_at: None,
+                    heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
                     peer_lost_sent: false,
                     started,
                     start_wait: None,
@@ -805,6 +808,9 @@ struct Runner {
     view: watch::Sender<ModuleView>,
     peer_rx: watch::Receiver<PeerView>,
     last_beat: Option<ModuleBeat>,
+    /// When the latest heartbeat round of the peer arrived.
+    last_beat_at: Option<Instant>,
+    heartbeat_interval: Duration,
     peer_lost_sent: bool,
     started: Instant,
     start_wait: Option<tokio::time::Instant>,
@@ -954,6 +960,7 @@ impl Runner {
                 let peer =
                     Peer::from_announce(beat.announce, relation, config_match, beat.changed_bytes);
                 self.last_beat = Some(*beat);
+                self.last_beat_at = Some(Instant::now());
                 self.handle(Event::PeerSeen {
                     peer,
                     local_changed_bytes: self.changed_bytes,
@@ -1062,7 +1069,13 @@ impl Runner {
             // after a stall of this daemon (a frozen node), heartbeats queued
             // meanwhile still describe the past, and the peer may have taken
             // over since; a new generation here would fork the history.
-            Role::Prim if !self.judging_long_enough() || !self.peer_is_our_second() => false,
+            Role::Prim
+                if !self.judging_long_enough()
+                    || !self.peer_is_our_second()
+                    || !self.heartbeats_arriving() =>
+            {
+                false
+            }
             Role::Prim if self.peer_knows_outdated() => {
                 let mut lines = Vec::new();
                 self.record(
@@ -1088,6 +1101,17 @@ impl Runner {
     fn judging_long_enough(&self) -> bool {
         let since = *self.judging_since.lock().unwrap_or_else(|p| p.into_inner());
         since.elapsed() >= self.failover_timeout
+    }
+
+    /// The peer's heartbeats still arrive (design: the replication link fails
+    /// *while heartbeats still arrive*). When they stopped a few intervals ago
+    /// the whole peer may be going away (a partition): `PeerLost` decides, maybe
+    /// through the witness. A new generation here would fork the history even
+    /// if this node then steps down without writing, and the heal would be
+    /// taken for a split brain.
+    fn heartbeats_arriving(&self) -> bool {
+        let fresh = (self.heartbeat_interval * 3).min(self.failover_timeout / 2);
+        self.last_beat_at.is_some_and(|at| at.elapsed() <= fresh)
     }
 
     /// The peer's latest heartbeat shows a SECOND with our data or an older

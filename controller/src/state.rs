@@ -40,7 +40,9 @@
 //!   default node is SECOND, ready and in sync.
 //! - **Hold**: a node that stepped down (gave up, fenced, vmha-fs failed,
 //!   witness unreachable) stays WAIT and only follows a writer peer (as
-//!   SECOND); it never promotes itself until `start` or `prim`.
+//!   SECOND); it never promotes itself until `start` or `prim`. On a split
+//!   brain it follows the writer even when the policy would let its data win
+//!   (unless `manual`): it would never take over, so nobody else would.
 //! - **Witness**: probed before any ALONE decided without seeing the peer (PRIM
 //!   or SECOND losing the peer, WAIT after the start-up wait). While probing a
 //!   PRIM keeps its VM (writes wait in vmha-fs, bounded by the lock timeout).
@@ -804,6 +806,13 @@ impl Transition {
                         match self.s.split_brain_loser(&peer) {
                             Some(Side::Local) => {
                                 self.log("split brain: discarding this node's changes");
+                                self.become_second(peer);
+                            }
+                            // A node that stepped down (e.g. it could not reach the
+                            // witness) never promotes itself, so the writer would wait
+                            // for it forever: it follows, its diverged blocks saved aside.
+                            Some(Side::Peer) if self.s.hold => {
+                                self.log("split brain: this node stepped down and does not take over: discarding its changes");
                                 self.become_second(peer);
                             }
                             Some(Side::Peer) => {

@@ -6,7 +6,7 @@
 //! dropped; nothing of that frame is applied and the current primary's session goes
 //! on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
@@ -423,6 +423,9 @@ fn run_session(
     aside_policy: Option<Arc<AsidePolicy>>,
 ) -> Result<(), WireError> {
     let mut aside: Option<SaveAside> = None;
+    // Files this session created: they hold nothing of this node's, so writes
+    // to them (a resync filling a file new here) are not saved aside.
+    let mut created: HashSet<NodeId> = HashSet::new();
     let table = Arc::new(SessionTable::new(root));
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
     let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Arc<OwnedFd>, bool)>();
@@ -481,8 +484,21 @@ fn run_session(
         }
         expected += 1;
         let saved = match &aside_policy {
-            Some(policy) if !policy.done.load(Ordering::SeqCst) && destroys_data(&op) => {
-                save_before(&mut aside, policy, &table, &op)
+            Some(policy) if !policy.done.load(Ordering::SeqCst) => {
+                match &op {
+                    Op::Create { node, .. } => {
+                        created.insert(node.id);
+                    }
+                    Op::Forget { id } => {
+                        created.remove(id);
+                    }
+                    _ => {}
+                }
+                if destroys_data(&op) && !targets_created(&op, &created) {
+                    save_before(&mut aside, policy, &table, &op)
+                } else {
+                    Ok(())
+                }
             }
             _ => Ok(()),
         };
@@ -595,6 +611,16 @@ fn destroys_data(op: &Op) -> bool {
             | Op::Remove { .. }
             | Op::Unlink { .. }
     )
+}
+
+/// Whether `op` changes the data of a file created in this session.
+fn targets_created(op: &Op, created: &HashSet<NodeId>) -> bool {
+    match op {
+        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Fallocate { id, .. } => {
+            created.contains(id)
+        }
+        _ => false,
+    }
 }
 
 fn save_before(

@@ -553,6 +553,39 @@ fn split_brain_least_changes_loses() {
     assert_eq!(run(&prefer, &[meet(0)]).0.role, Role::Alone);
 }
 
+/// The e2e witness scenario: the PRIM's replication link drops just before its
+/// heartbeats time out (a new generation nobody saw), the witness is
+/// unreachable, it steps down; the SECOND goes ALONE. At the heal the histories
+/// differ (split brain) and the held node's data would win the tie, but it never
+/// takes over: it must follow the writer, not wait for it forever.
+#[test]
+fn held_node_follows_the_writer_even_when_its_split_data_wins() {
+    let p = with_policy(prim(), |p| p.witness = true);
+    let (held, _) = run(
+        &p,
+        &[
+            Event::ReplicationLinkDown,
+            Event::PeerLost,
+            Event::WitnessResult { reachable: false },
+        ],
+    );
+    assert_eq!((held.role, held.hold), (Role::Wait, true));
+    let writer = peer(Role::Alone, Readiness::Ready, Relation::SplitBrain);
+    let (s, actions) = run(&held, &[seen(writer)]);
+    assert_eq!(s.role, Role::Second);
+    assert_eq!(
+        actions,
+        [Action::MountReceiver, Action::StartResync { full: true }]
+    );
+    // Not held (e.g. restarted by the operator): it still waits for the peer.
+    let mut free = held.clone();
+    free.hold = false;
+    assert_eq!(run(&free, &[seen(writer)]).0.role, Role::Wait);
+    // Manual: the operator decides, held or not.
+    let manual = with_policy(held, |p| p.split_brain = SplitBrainRule::Manual);
+    assert_eq!(run(&manual, &[seen(writer)]).0.role, Role::Wait);
+}
+
 #[test]
 fn replication_link_down_degrades_without_promotion() {
     let (s, actions) = run(&prim(), &[Event::ReplicationLinkDown]);
