@@ -80,6 +80,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, Module, NodeIndex, SplitBrainPolicy};
 use crate::generation::Relation;
 
+/// `discard-least-changes`: counts closer than this (or 10 %) are a tie.
+pub const SPLIT_BRAIN_TIE_BYTES: u64 = 64 << 20;
+
 /// Module states, as operators know them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -455,10 +458,19 @@ impl ModuleState {
             SplitBrainRule::Prefer(Side::Local) => Some(Side::Peer),
             SplitBrainRule::Prefer(Side::Peer) => Some(Side::Local),
             SplitBrainRule::DiscardLeastChanges => {
-                Some(match local_bytes.cmp(&peer.changed_bytes) {
-                    std::cmp::Ordering::Less => Side::Local,
-                    std::cmp::Ordering::Greater => Side::Peer,
-                    std::cmp::Ordering::Equal => tie,
+                // Both counts keep growing while the nodes compare (each sees the
+                // other's a heartbeat late): near-equal counts are a tie, decided
+                // the same way on both nodes. Since counts only grow, the two nodes
+                // can never both lose; both winning lasts until fresher counts.
+                let (a, b) = (local_bytes, peer.changed_bytes);
+                let band = SPLIT_BRAIN_TIE_BYTES.max(a.max(b) / 10);
+                // The loser is the node with fewer changes.
+                Some(if a.saturating_add(band) < b {
+                    Side::Local
+                } else if b.saturating_add(band) < a {
+                    Side::Peer
+                } else {
+                    tie
                 })
             }
         }

@@ -418,6 +418,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         state.clone(),
         fenced.clone(),
         args.lock_timeout,
+        tracker.clone(),
     )?;
     let join = Joiner {
         link: link.clone(),
@@ -561,10 +562,12 @@ fn publish_link_status(
     state: Arc<StateDir>,
     fenced: Fenced,
     lock_timeout: Duration,
+    tracker: Arc<Tracker>,
 ) -> Result<(), CliError> {
     let stall = lock_timeout / 2;
     let mut last = link_status(&link, &fenced, stall);
     state.write_link_status(last.0, last.1.as_deref());
+    let mut changed = (u64::MAX, std::time::Instant::now());
     std::thread::Builder::new()
         .name("link-status".into())
         .spawn(move || loop {
@@ -573,6 +576,15 @@ fn publish_link_status(
             if now != last {
                 state.write_link_status(now.0, now.1.as_deref());
                 last = now;
+            }
+            // Bytes changed without the peer, for the controller (at most once a
+            // second; informational, not fsynced).
+            if changed.1.elapsed() >= Duration::from_secs(1) {
+                let bytes = tracker.changed_bytes();
+                if bytes != changed.0 {
+                    state.write_changed_bytes(bytes);
+                }
+                changed = (bytes, std::time::Instant::now());
             }
         })
         .map(drop)

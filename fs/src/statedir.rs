@@ -136,6 +136,26 @@ impl StateDir {
         }
     }
 
+    /// `changed_bytes`: bytes the dirty records mark as differing from the peer.
+    /// Replaced by rename (never half-written); not fsynced: it is a report.
+    pub fn write_changed_bytes(&self, bytes: u64) {
+        let (tmp, path) = (
+            self.path.join(".changed_bytes.tmp"),
+            self.path.join("changed_bytes"),
+        );
+        let written = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(format!("{bytes}\n").as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+    }
+
     /// The reason recorded by `mark_peer_outdated`, if any.
     pub fn peer_outdated(&self) -> Option<String> {
         std::fs::read_to_string(self.path.join(PEER_OUTDATED)).ok()

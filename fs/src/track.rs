@@ -95,6 +95,8 @@ impl From<TrackError> for Errno {
 #[derive(Debug, Default, Clone)]
 struct Bitmap {
     pages: BTreeMap<u64, Box<[u8]>>,
+    /// Blocks set.
+    count: u64,
 }
 
 impl Bitmap {
@@ -120,6 +122,7 @@ impl Bitmap {
                 if page[byte] & mask == 0 {
                     page[byte] |= mask;
                     any = true;
+                    self.count += 1;
                 }
             }
             if any {
@@ -143,6 +146,7 @@ impl Bitmap {
             let (byte, mask) = (bit / 8, 1u8 << (bit % 8));
             if page[byte] & mask != 0 {
                 page[byte] &= !mask;
+                self.count -= 1;
                 if changed.last() != Some(&page_no) {
                     changed.push(page_no);
                 }
@@ -531,6 +535,7 @@ impl Tracker {
             let mut map = Bitmap::default();
             for (page_no, chunk) in bytes.chunks(PAGE).enumerate() {
                 if chunk.iter().any(|&b| b != 0) {
+                    map.count += chunk.iter().map(|b| u64::from(b.count_ones())).sum::<u64>();
                     let mut page = vec![0u8; PAGE].into_boxed_slice();
                     page[..chunk.len()].copy_from_slice(chunk);
                     map.pages.insert(page_no as u64, page);
@@ -609,6 +614,18 @@ impl Tracker {
 
     pub fn is_valid(&self) -> bool {
         self.state.lock().valid
+    }
+
+    /// Bytes marked as differing from the peer (the split-brain rule
+    /// `discard-least-changes` compares this between the nodes).
+    pub fn changed_bytes(&self) -> u64 {
+        self.state
+            .lock()
+            .maps
+            .values()
+            .map(|m| m.count)
+            .sum::<u64>()
+            * BLOCK
     }
 
     /// Nothing is recorded: the peer lacks nothing this node knows of.
@@ -1214,6 +1231,7 @@ mod tests {
         );
         assert_eq!(t.names(), vec![b"a/b".to_vec()]);
         assert!(t.ranges_of(8).ranges.is_empty());
+        assert_eq!(t.changed_bytes(), 3 * 4096);
         t.clear_all().unwrap();
         assert!(t.is_clean());
         drop(t);

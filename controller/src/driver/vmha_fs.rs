@@ -744,6 +744,17 @@ impl FsDriver for VmhaFsDriver {
         self.signal_writer(module, rustix::process::Signal::USR2, "attach the peer")
     }
 
+    /// What the writer's dirty records mark as changed without the peer, over all
+    /// the module's directories (`STATE/changed_bytes`, refreshed every second).
+    fn changed_bytes(&self, module: &Module) -> u64 {
+        self.writer_state_dirs(module)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|state| std::fs::read_to_string(state.join("changed_bytes")).ok())
+            .filter_map(|text| text.trim().parse::<u64>().ok())
+            .sum()
+    }
+
     /// SIGHUP to each writer: vmha-fs compares its directory with the peer's and
     /// writes `verify.json`; waits for every one.
     fn verify(&self, module: &Module) -> Result<VerifyReport, DriverError> {

@@ -515,13 +515,14 @@ fn equal_generations_at_start_tie_break() {
 #[test]
 fn split_brain_least_changes_loses() {
     let (alone, _) = run(&prim(), &[Event::PeerLost]);
+    const MIB: u64 = 1 << 20;
     let mut other = peer(Role::Alone, Readiness::Ready, Relation::SplitBrain);
-    other.changed_bytes = 100;
+    other.changed_bytes = 1000 * MIB;
     let meet = |local: u64| Event::PeerSeen {
         peer: other,
         local_changed_bytes: local,
     };
-    let (s, actions) = run(&alone, &[meet(10)]);
+    let (s, actions) = run(&alone, &[meet(10 * MIB)]);
     assert_eq!(s.role, Role::Second);
     assert_eq!(
         actions,
@@ -533,8 +534,16 @@ fn split_brain_least_changes_loses() {
             Action::StartResync { full: true }
         ]
     );
-    let (s, _) = run(&alone, &[meet(1000)]);
+    let (s, _) = run(&alone, &[meet(5000 * MIB)]);
     assert_eq!(s.role, Role::Alone);
+    // Near-equal counts (they move while the nodes compare) are a tie: decided by
+    // the tie-break, the same way on both nodes.
+    let near = |wins: bool, local: u64| {
+        let s = with_policy(alone.clone(), |p| p.wins_ties = wins);
+        run(&s, &[meet(local)]).0.role
+    };
+    assert_eq!(near(true, 950 * MIB), Role::Alone);
+    assert_eq!(near(false, 1050 * MIB), Role::Second);
     // Manual: the tie-break loser steps down but keeps its data until `prim`.
     let manual = with_policy(alone.clone(), |p| {
         p.split_brain = SplitBrainRule::Manual;
