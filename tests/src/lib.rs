@@ -14,6 +14,7 @@ pub mod mounts;
 pub mod node;
 pub mod pair;
 pub mod proc;
+pub mod scenario;
 pub mod tree;
 pub mod vmctl_status;
 

@@ -13,12 +13,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
+use vmha_test_infra::scenario::{running_pair, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT};
 use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The initial full copy of the 64 MiB qcow2 (sparse) and the guest's writes.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn demo() -> bool {
     std::env::var_os("VMHA_DEMO").is_some()
@@ -62,59 +58,8 @@ fn wait_copy_has(vc: &VmCluster, i: usize, acked: u64, timeout: Duration) -> Res
     }
 }
 
-/// Both daemons started, `vmctl prim --yes` on node1: vm1 PRIM on node1 with
-/// the guest counting, node2 SECOND ready after the initial copy.
-fn running_pair() -> Result<VmCluster> {
-    let t = Instant::now();
-    let mut vc = VmCluster::new(&Timing::default())?;
-    eprintln!("[failover] nodes + libvirt up in {:?}", t.elapsed());
-    vc.start_vmhad(0)?;
-    vc.start_vmhad(1)?;
-    show(&vc, 0, "both vmhad started");
-
-    let t = Instant::now();
-    let out = vc.vmctl(0, &["prim", "--yes"])?;
-    eprintln!("[failover] vmctl prim --yes: {}", out.trim());
-    let s = wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
-        state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
-    })?;
-    eprintln!(
-        "[failover] node1 PRIM after {:?} (node2: {:?})",
-        t.elapsed(),
-        state(&s, "node2")
-    );
-    let console1 = vc.console(0)?;
-    let c = diag(
-        &vc,
-        wait_console(&console1, BOOT_TIMEOUT, "counters on node1", |c| {
-            c.counters.len() >= 3
-        }),
-    )?;
-    ensure!(
-        c.boots == vec![0],
-        "node1 boots {:?} on a fresh disk",
-        c.boots
-    );
-    eprintln!("[failover] guest counting on node1 after {:?}", t.elapsed());
-
-    let s = wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
-        state(s, "node2") == Some("SECOND") && ready(s, "node2")
-    })?;
-    ensure!(
-        state(&s, "node1") == Some("PRIM"),
-        "node2 sees node1 as {:?}",
-        state(&s, "node1")
-    );
-    eprintln!(
-        "[failover] node2 SECOND ready after {:?} from prim",
-        t.elapsed()
-    );
-    show(&vc, 0, "vm1 PRIM on node1, node2 SECOND ready");
-    Ok(vc)
-}
-
 fn cluster_start() -> Result<()> {
-    let vc = running_pair()?;
+    let vc = running_pair(&Timing::default())?;
     // The guest keeps counting on node1 once node2 is attached.
     let console1 = vc.console(0)?;
     let before = Console::read(&console1)?.counters.len();
@@ -161,7 +106,7 @@ fn start_prim_on_node1_second_ready_on_node2() {
 }
 
 fn node_failure() -> Result<()> {
-    let mut vc = running_pair()?;
+    let mut vc = running_pair(&Timing::default())?;
     let console1 = vc.console(0)?;
     let console2 = vc.console(1)?;
     // A few counters replicated while node2 is SECOND.
@@ -322,7 +267,7 @@ fn swap(vc: &VmCluster, from: usize, to: usize) -> Result<()> {
 }
 
 fn swap_there_and_back() -> Result<()> {
-    let vc = running_pair()?;
+    let vc = running_pair(&Timing::default())?;
     swap(&vc, 0, 1)?;
     show(&vc, 1, "after swap to node2");
     swap(&vc, 1, 0)?;

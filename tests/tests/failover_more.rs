@@ -12,69 +12,14 @@ use anyhow::{bail, ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::{wait_console, Console};
 use vmha_test_infra::node::Network;
+use vmha_test_infra::scenario::{
+    more_counters, running_pair, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT,
+};
 use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The initial full copy of the 64 MiB qcow2 (sparse) and the guest's writes.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A writer state: the node runs the module.
 fn writer(st: Option<&str>) -> bool {
     matches!(st, Some("PRIM" | "ALONE"))
-}
-
-/// Whether the domain runs on node `i` (per its libvirt).
-fn runs_vm(vc: &VmCluster, i: usize) -> Result<bool> {
-    let list = vc.node(i).virsh(&["list", "--name"])?;
-    Ok(list.lines().any(|l| l.trim() == MODULE))
-}
-
-/// Waits until node `i`'s console holds `n` more counters than it has now.
-fn more_counters(vc: &VmCluster, i: usize, n: usize, timeout: Duration) -> Result<Console> {
-    let console = vc.console(i)?;
-    let before = Console::read(&console)?.counters.len();
-    diag(
-        vc,
-        wait_console(
-            &console,
-            timeout,
-            &format!("{n} more counters on {}", vc.node(i).name()),
-            |c| c.counters.len() >= before + n,
-        ),
-    )
-}
-
-/// Both daemons started with `timing`, `vmctl prim --yes` on node1: vm1 PRIM
-/// on node1 with the guest counting, node2 SECOND ready after the initial copy.
-fn running_pair(timing: &Timing) -> Result<VmCluster> {
-    let t = Instant::now();
-    let mut vc = VmCluster::new(timing)?;
-    vc.start_vmhad(0)?;
-    vc.start_vmhad(1)?;
-    vc.vmctl(0, &["prim", "--yes"])?;
-    wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
-        state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
-    })?;
-    let c = diag(
-        &vc,
-        wait_console(&vc.console(0)?, BOOT_TIMEOUT, "counters on node1", |c| {
-            c.counters.len() >= 3
-        }),
-    )?;
-    ensure!(
-        c.boots == vec![0],
-        "node1 boots {:?} on a fresh disk",
-        c.boots
-    );
-    wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
-        state(s, "node2") == Some("SECOND") && ready(s, "node2")
-    })?;
-    eprintln!(
-        "[failover_more] vm1 PRIM on node1, node2 SECOND ready after {:?}",
-        t.elapsed()
-    );
-    Ok(vc)
 }
 
 /// Waits until the guest boots (once more than `boots_before`) on node `to`

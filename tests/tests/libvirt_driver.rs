@@ -13,41 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE, REPLICATED};
 use vmha_test_infra::guest::{wait_console, Console};
-use vmha_test_infra::vmctl_status::{diag, primary, ready, state, wait_status};
+use vmha_test_infra::scenario::{running_pair, BOOT_TIMEOUT, STATE_TIMEOUT};
+use vmha_test_infra::vmctl_status::{diag, primary, state, wait_status};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The initial full copy of the 64 MiB qcow2 (sparse) and the guest's writes.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// How soon a redefinition on the PRIM must be in the replicated XML.
 const XML_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Both daemons started, `vmctl prim --yes` on node1: vm1 PRIM on node1 with
-/// the guest counting, node2 SECOND ready after the initial copy.
-fn running_pair() -> Result<VmCluster> {
-    let t = Instant::now();
-    let mut vc = VmCluster::new(&Timing::default())?;
-    vc.start_vmhad(0)?;
-    vc.start_vmhad(1)?;
-    vc.vmctl(0, &["prim", "--yes"])?;
-    wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
-        state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
-    })?;
-    diag(
-        &vc,
-        wait_console(&vc.console(0)?, BOOT_TIMEOUT, "counters on node1", |c| {
-            c.counters.len() >= 3
-        }),
-    )?;
-    wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
-        state(s, "node2") == Some("SECOND") && ready(s, "node2")
-    })?;
-    eprintln!(
-        "[libvirt_driver] vm1 PRIM on node1, node2 SECOND ready after {:?}",
-        t.elapsed()
-    );
-    Ok(vc)
-}
 
 /// `xml` with `<description>text</description>` after the domain's name
 /// (replacing any description).
@@ -88,7 +58,7 @@ fn uuid_of(vc: &VmCluster, i: usize) -> Result<String> {
 }
 
 fn redefine_then_swap() -> Result<()> {
-    let vc = running_pair()?;
+    let vc = running_pair(&Timing::default())?;
     let file = format!("{REPLICATED}/{MODULE}.xml");
     let uuid1 = uuid_of(&vc, 0)?;
     let current = vc.node(0).virsh(&["dumpxml", "--inactive", MODULE])?;
@@ -229,7 +199,7 @@ fn booted_again(vc: &VmCluster, i: usize, boots: usize) -> Result<Console> {
 }
 
 fn libvirtd_restart() -> Result<()> {
-    let mut vc = running_pair()?;
+    let mut vc = running_pair(&Timing::default())?;
     let t = Instant::now();
     vc.restart_libvirtd(0)?;
     eprintln!(

@@ -14,19 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
+use vmha_test_infra::scenario::{runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT};
 use vmha_test_infra::vmctl_status::{diag, primary, ready, state, status, wait_status};
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn writer(st: Option<&str>) -> bool {
     matches!(st, Some("PRIM" | "ALONE"))
-}
-
-fn runs_vm(vc: &VmCluster, i: usize) -> Result<bool> {
-    let list = vc.node(i).virsh(&["list", "--name"])?;
-    Ok(list.lines().any(|l| l.trim() == MODULE))
 }
 
 fn receiver_killed() -> Result<()> {

@@ -19,33 +19,12 @@ use serde_json::Value;
 use vmha_test_infra::cluster_vm::{host_side, Timing, VmCluster, MODULE, STATE_DIR};
 use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
 use vmha_test_infra::node::run;
+use vmha_test_infra::scenario::{more_counters, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT};
 use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(180);
 /// Data written into the disk before the start (guest offset 1 MiB on).
 const PREFILL_MIB: u64 = 56;
-
-fn runs_vm(vc: &VmCluster, i: usize) -> Result<bool> {
-    let list = vc.node(i).virsh(&["list", "--name"])?;
-    Ok(list.lines().any(|l| l.trim() == MODULE))
-}
-
-/// Waits until node `i`'s console holds `n` more counters than it has now.
-fn more_counters(vc: &VmCluster, i: usize, n: usize, timeout: Duration) -> Result<Console> {
-    let console = vc.console(i)?;
-    let before = Console::read(&console)?.counters.len();
-    diag(
-        vc,
-        wait_console(
-            &console,
-            timeout,
-            &format!("{n} more counters on {}", vc.node(i).name()),
-            |c| c.counters.len() >= before + n,
-        ),
-    )
-}
 
 /// The writer's `sync.json` for the module's only directory on node `i`.
 fn sync_json(vc: &VmCluster, i: usize) -> Result<Value> {

@@ -14,46 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::{wait_console, Console};
+use vmha_test_infra::scenario::{
+    more_counters, qemu_pids, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT,
+};
 use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
-
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The initial full copy of the 64 MiB qcow2 (sparse) and the guest's writes.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Whether the domain runs on node `i` (per its libvirt).
-fn runs_vm(vc: &VmCluster, i: usize) -> Result<bool> {
-    let list = vc.node(i).virsh(&["list", "--name"])?;
-    Ok(list.lines().any(|l| l.trim() == MODULE))
-}
-
-/// Host PIDs of node `i`'s QEMU processes.
-fn qemu_pids(vc: &VmCluster, i: usize) -> Result<Vec<u32>> {
-    Ok(vc
-        .node(i)
-        .pids()?
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.trim().starts_with("qemu-system"))
-        })
-        .collect())
-}
-
-/// Waits until node `i`'s console holds `n` more counters than it has now.
-fn more_counters(vc: &VmCluster, i: usize, n: usize, timeout: Duration) -> Result<Console> {
-    let console = vc.console(i)?;
-    let before = Console::read(&console)?.counters.len();
-    diag(
-        vc,
-        wait_console(
-            &console,
-            timeout,
-            &format!("{n} more counters on {}", vc.node(i).name()),
-            |c| c.counters.len() >= before + n,
-        ),
-    )
-}
 
 fn stale_node_waits() -> Result<()> {
     let timing = Timing::default();

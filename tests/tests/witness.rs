@@ -19,32 +19,12 @@ use anyhow::{ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
 use vmha_test_infra::node::Network;
+use vmha_test_infra::scenario::{qemu_pids, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT};
 use vmha_test_infra::vmctl_status::{diag, primary, ready, state, status, wait_status};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-const STATE_TIMEOUT: Duration = Duration::from_secs(60);
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// The witness: on node2's production interface, port 7 (nothing listens).
 const WITNESS_IP: &str = "10.200.1.254";
 const WITNESS: &str = "10.200.1.254:7";
-
-fn runs_vm(vc: &VmCluster, i: usize) -> Result<bool> {
-    let list = vc.node(i).virsh(&["list", "--name"])?;
-    Ok(list.lines().any(|l| l.trim() == MODULE))
-}
-
-/// Host PIDs of node `i`'s QEMU processes (from /proc: no libvirt round trip).
-fn qemu_pids(vc: &VmCluster, i: usize) -> Result<Vec<u32>> {
-    Ok(vc
-        .node(i)
-        .pids()?
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.trim().starts_with("qemu-system"))
-        })
-        .collect())
-}
 
 /// Brings node `i`'s links back up when dropped (the partition heals even
 /// when the test fails half-way).
