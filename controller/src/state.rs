@@ -51,7 +51,10 @@
 //!   or a frozen PRIM waking up): the one with older data (by generation) steps
 //!   down; on a split brain the policy picks the loser, which steps down and
 //!   resynchronises from the winner (a full compare; vmha-fs saves the
-//!   diverged blocks). `prim` on a node marks its data as the winner. With
+//!   diverged blocks). A *waiting* node facing a writer on a split brain follows
+//!   it whatever the policy says of the data (its changes are saved aside): it
+//!   never preempts a running VM, which would then run twice, and a writer only
+//!   steps down for another writer. `prim` on a node marks its data as the winner. With
 //!   `manual`, the node that loses the start tie-break steps down but keeps its
 //!   data: it waits until `prim` on the other node says which data wins.
 //! - **Restart loop**: an unexpected VM stop or a failed start counts as one
@@ -820,15 +823,13 @@ impl Transition {
                                 self.log("split brain: discarding this node's changes");
                                 self.become_second(peer);
                             }
-                            // A node that stepped down (e.g. it could not reach the
-                            // witness) never promotes itself, so the writer would wait
-                            // for it forever: it follows, its diverged blocks saved aside.
-                            Some(Side::Peer) if self.s.hold => {
-                                self.log("split brain: this node stepped down and does not take over: discarding its changes");
-                                self.become_second(peer);
-                            }
+                            // A waiting node never preempts a writer that runs the VM
+                            // (starting it here too would run it twice), and a writer
+                            // only steps down for another writer: it follows, its
+                            // diverged blocks saved aside (`vmctl prim` decides otherwise).
                             Some(Side::Peer) => {
-                                self.log("split brain: this node's data wins; waiting for the peer to step down")
+                                self.log("split brain: the peer runs the VM; this node follows and saves its own changes aside");
+                                self.become_second(peer);
                             }
                             None => self.log(
                                 "split brain: manual policy; run `vmctl prim` on the node whose data must win",
