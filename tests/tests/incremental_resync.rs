@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use vmha_test_infra::fsctl::{attach_and_wait, signal, stop, verify};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all, vmha_fs_bin, AlignedBuf, Child};
@@ -136,37 +137,6 @@ impl Drop for Setup {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
-    // SAFETY: signalling a child process we started, by PID.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-        bail!("kill {sig} {pid}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Attaches the peer (SIGUSR2) and waits for `in_sync`; returns sync.json.
-fn attach_and_wait(primary: &Child, state: &Path) -> Result<serde_json::Value> {
-    let file = state.join("sync.json");
-    let _ = std::fs::remove_file(&file);
-    signal(primary.pid(), libc::SIGUSR2)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
-                match s["state"].as_str() {
-                    Some("in_sync") => return Ok(s),
-                    Some("alone") => bail!("sync failed: {s}"),
-                    _ => {}
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("no sync within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A 1 GiB image of random bytes plus a few small files and directories.
 fn fill(data: &Path) -> Result<()> {
     std::fs::create_dir_all(data.join("vm1/snap"))?;
@@ -190,15 +160,6 @@ fn fill(data: &Path) -> Result<()> {
     std::fs::write(data.join("vm1/vm1.xml"), b"<domain type='kvm'/>")?;
     std::fs::write(data.join("vm1/old.txt"), b"to be renamed")?;
     std::fs::write(data.join("vm1/snap/s1"), vec![5u8; 100_000])?;
-    Ok(())
-}
-
-fn stop(child: &mut Child) -> Result<()> {
-    signal(child.pid(), libc::SIGTERM)?;
-    let st = child.wait_exit(Duration::from_secs(30))?;
-    if !st.success() {
-        bail!("{} exited {st}: {}", child.name(), child.stderr_text());
-    }
     Ok(())
 }
 
@@ -459,29 +420,6 @@ fn a_first_join_with_data_sends_only_differing_blocks() -> Result<()> {
     stop(&mut b)?;
     assert_same_tree(&s.a.data, &s.b.data)?;
     Ok(())
-}
-
-/// `verify.json` after SIGHUP, once it says done.
-fn verify(primary: &Child, state: &Path) -> Result<serde_json::Value> {
-    let file = state.join("verify.json");
-    let _ = std::fs::remove_file(&file);
-    signal(primary.pid(), libc::SIGHUP)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
-                match s["state"].as_str() {
-                    Some("done") => return Ok(s),
-                    Some("failed") => bail!("verify failed: {s}"),
-                    _ => {}
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("no verify result within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

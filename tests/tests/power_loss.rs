@@ -35,6 +35,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use vmha_test_infra::fsctl::{attach_and_wait, signal, stop};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all, vmha_fs_bin, AlignedBuf, Child, LoopFs};
@@ -193,37 +194,6 @@ impl Drop for Setup {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
-    // SAFETY: signalling a child process we started, by PID.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-        bail!("kill {sig} {pid}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// SIGUSR2 (attach the peer and resync) and wait for `in_sync`; returns sync.json.
-fn attach_and_wait(primary: &Child, state: &Path) -> Result<serde_json::Value> {
-    let file = state.join("sync.json");
-    let _ = std::fs::remove_file(&file);
-    signal(primary.pid(), libc::SIGUSR2)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
-                match s["state"].as_str() {
-                    Some("in_sync") => return Ok(s),
-                    Some("alone") => bail!("sync failed: {s}"),
-                    _ => {}
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("no sync within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The primary's own word on the last resync: `incremental=true` or `=false`.
 fn last_sync_was_incremental(primary: &Child) -> Result<bool> {
     let lines: Vec<String> = primary
@@ -261,15 +231,6 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
-}
-
-fn stop(child: &mut Child) -> Result<()> {
-    signal(child.pid(), libc::SIGTERM)?;
-    let st = child.wait_exit(Duration::from_secs(30))?;
-    if !st.success() {
-        bail!("{} exited {st}: {}", child.name(), child.stderr_text());
-    }
-    Ok(())
 }
 
 /// The image (every 4 KiB block distinct) and a few small files, synced.
