@@ -602,8 +602,8 @@ fn stale_refusal(error: &LinkError) -> Option<String> {
     }
 }
 
-/// Retires activity-log entries once both copies are durable: every few seconds while
-/// the log is not empty, at once when it is full.
+/// Retires activity-log entries once both copies are durable: when the log is full,
+/// at a clean stop, and every few seconds while writing alone.
 #[derive(Clone)]
 struct Checkpointer {
     tracker: Arc<Tracker>,
@@ -622,7 +622,15 @@ impl Checkpointer {
             let full = self
                 .tracker
                 .wait_checkpoint_request(Duration::from_millis(250));
-            if full || last.elapsed() >= Self::INTERVAL {
+            // Connected, extents leave the log only when it is full (DRBD's hot
+            // set): retiring hot extents on a timer would make every write to them
+            // log them again (measured: seqwrite 0.54× → 0.37× of local). Writing
+            // alone, a timer also writes the exact blocks, so a crash folds little.
+            let alone = matches!(
+                self.link.state(),
+                vmha_fs::link::LinkState::Degraded | vmha_fs::link::LinkState::Attaching
+            );
+            if full || (alone && last.elapsed() >= Self::INTERVAL) {
                 last = std::time::Instant::now();
                 if !self.once() {
                     // A full log asks again at once: without a pause a failing disk
