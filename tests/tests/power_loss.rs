@@ -969,11 +969,13 @@ fn degraded_primary_power_loss_keeps_its_dirty_maps() -> Result<()> {
 
     let records = track_files(&s.a.state())?;
     eprintln!("A's state/track after the power cut: {records:?}");
+    // Degraded writes are durable first as activity-log extents, their exact
+    // blocks reach the dirty maps at the next checkpoint: either must be there.
     assert!(
         records
             .iter()
-            .any(|(n, len)| n.starts_with("map-") && *len > 0),
-        "A's dirty maps did not survive the power cut: {records:?}"
+            .any(|(n, len)| (n.starts_with("map-") || n == "activity") && *len > 0),
+        "A's dirty records did not survive the power cut: {records:?}"
     );
     let (diff, dirty_bytes) = records_cover_differences(
         &s.a.data(),
