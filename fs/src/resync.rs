@@ -829,56 +829,11 @@ impl Syncer {
                     })?;
                     continue;
                 }
-                let new = NewNode {
-                    id: node.id,
-                    mode: st.st_mode & 0o7777,
-                    uid: st.st_uid,
-                    gid: st.st_gid,
-                };
-                let parent = dir.id;
-                match FileType::from_raw_mode(st.st_mode) {
-                    FileType::Directory => {
-                        self.send(Op::Mkdir {
-                            parent,
-                            name,
-                            node: new,
-                        })?;
-                        self.copy_xattrs(&node)?;
+                if let Some(node) = self.create(&node, dir.id, name, &st)? {
+                    if node.kind == FileType::Directory {
                         dirs.push_back(node);
-                    }
-                    FileType::Symlink => {
-                        let target = rustix::fs::readlinkat(node.fd.as_fd(), "", Vec::new())
-                            .map_err(local("a symlink"))?;
-                        let target = LinkTarget::new(target.into_bytes())
-                            .map_err(|_| local("a symlink")(Errno::INVAL))?;
-                        self.send(Op::Symlink {
-                            parent,
-                            name,
-                            node: new,
-                            target,
-                        })?;
-                    }
-                    kind => {
-                        let kind = match kind {
-                            FileType::Fifo => NodeKind::Fifo,
-                            FileType::Socket => NodeKind::Socket,
-                            FileType::CharacterDevice => NodeKind::CharDevice,
-                            FileType::BlockDevice => NodeKind::BlockDevice,
-                            _ => NodeKind::Regular,
-                        };
-                        self.send(Op::Create {
-                            parent,
-                            name,
-                            node: new,
-                            kind,
-                            rdev: st.st_rdev,
-                        })?;
-                        self.copy_xattrs(&node)?;
-                        if kind == NodeKind::Regular {
-                            let size = st.st_size as u64;
-                            self.send(Op::Truncate { id: node.id, size })?;
-                            files.push(node);
-                        }
+                    } else {
+                        files.push(node);
                     }
                 }
             }
