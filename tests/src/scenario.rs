@@ -20,16 +20,23 @@ pub const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// A fresh cluster with vm1 PRIM on node1 (guest counting on a fresh disk) and
 /// node2 SECOND and ready.
 pub fn running_pair(timing: &Timing) -> Result<VmCluster> {
-    let t = Instant::now();
     let mut vc = VmCluster::new(timing)?;
+    start_pair(&mut vc)?;
+    Ok(vc)
+}
+
+/// On a prepared cluster: both daemons started, `vmctl prim --yes` on node1, until
+/// vm1 runs there (guest counting on a fresh disk) and node2 is SECOND and ready.
+pub fn start_pair(vc: &mut VmCluster) -> Result<()> {
+    let t = Instant::now();
     vc.start_vmhad(0)?;
     vc.start_vmhad(1)?;
     vc.vmctl(0, &["prim", "--yes"])?;
-    wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
+    wait_status(vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
         state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
     })?;
     let c = diag(
-        &vc,
+        vc,
         wait_console(&vc.console(0)?, BOOT_TIMEOUT, "counters on node1", |c| {
             c.counters.len() >= 3
         }),
@@ -39,7 +46,7 @@ pub fn running_pair(timing: &Timing) -> Result<VmCluster> {
         "node1 boots {:?} on a fresh disk",
         c.boots
     );
-    let s = wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
+    let s = wait_status(vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
         state(s, "node2") == Some("SECOND") && ready(s, "node2")
     })?;
     ensure!(
@@ -51,7 +58,7 @@ pub fn running_pair(timing: &Timing) -> Result<VmCluster> {
         "[scenario] vm1 PRIM on node1, node2 SECOND ready after {:?}",
         t.elapsed()
     );
-    Ok(vc)
+    Ok(())
 }
 
 /// Whether node `i`'s libvirt runs the module's domain.

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
-use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
-use vmha_test_infra::scenario::{runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT};
-use vmha_test_infra::vmctl_status::{diag, primary, ready, state, status, wait_status};
+use vmha_test_infra::guest::{read_disk_counter, Console};
+use vmha_test_infra::scenario::{runs_vm, start_pair, SYNC_TIMEOUT};
+use vmha_test_infra::vmctl_status::{primary, ready, state, status, wait_status};
 
 fn writer(st: Option<&str>) -> bool {
     matches!(st, Some("PRIM" | "ALONE"))
@@ -24,22 +24,8 @@ fn writer(st: Option<&str>) -> bool {
 fn receiver_killed() -> Result<()> {
     let timing = Timing::default();
     let mut vc = VmCluster::new(&timing)?;
-    vc.start_vmhad(0)?;
-    vc.start_vmhad(1)?;
-    vc.vmctl(0, &["prim", "--yes"])?;
-    wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
-        state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
-    })?;
+    start_pair(&mut vc)?;
     let console = vc.console(0)?;
-    diag(
-        &vc,
-        wait_console(&console, BOOT_TIMEOUT, "counters on node1", |c| {
-            c.counters.len() >= 3
-        }),
-    )?;
-    wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
-        state(s, "node2") == Some("SECOND") && ready(s, "node2")
-    })?;
 
     let pids = vc.pids_of(1, "vmha-fs", "secondary")?;
     ensure!(

@@ -19,7 +19,7 @@ use serde_json::Value;
 use vmha_test_infra::cluster_vm::{host_side, Timing, VmCluster, MODULE, STATE_DIR};
 use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
 use vmha_test_infra::node::run;
-use vmha_test_infra::scenario::{more_counters, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT};
+use vmha_test_infra::scenario::{more_counters, runs_vm, start_pair, BOOT_TIMEOUT, STATE_TIMEOUT};
 use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(180);
@@ -49,22 +49,8 @@ fn reintegration() -> Result<()> {
     );
 
     let t = Instant::now();
-    vc.start_vmhad(0)?;
-    vc.start_vmhad(1)?;
-    vc.vmctl(0, &["prim", "--yes"])?;
-    wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
-        state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
-    })?;
+    start_pair(&mut vc)?;
     let console1 = vc.console(0)?;
-    diag(
-        &vc,
-        wait_console(&console1, BOOT_TIMEOUT, "counters on node1", |c| {
-            c.counters.len() >= 3
-        }),
-    )?;
-    wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
-        state(s, "node2") == Some("SECOND") && ready(s, "node2")
-    })?;
     let first = sync_json(&vc, 0)?;
     eprintln!(
         "[reintegration] node2 SECOND ready after {:?}; node1's initial copy: {first}",

@@ -19,8 +19,10 @@ use anyhow::{ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::{read_disk_counter, wait_console, Console};
 use vmha_test_infra::node::Network;
-use vmha_test_infra::scenario::{qemu_pids, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT};
-use vmha_test_infra::vmctl_status::{diag, primary, ready, state, status, wait_status};
+use vmha_test_infra::scenario::{
+    qemu_pids, runs_vm, start_pair, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT,
+};
+use vmha_test_infra::vmctl_status::{diag, primary, ready, state, status};
 
 /// The witness: on node2's production interface, port 7 (nothing listens).
 const WITNESS_IP: &str = "10.200.1.254";
@@ -101,23 +103,9 @@ fn witness_partition() -> Result<()> {
         Network::Production.ifname(),
     ])?;
 
-    vc.start_vmhad(0)?;
-    vc.start_vmhad(1)?;
-    vc.vmctl(0, &["prim", "--yes"])?;
-    wait_status(&vc, 0, "node1 PRIM", STATE_TIMEOUT, |s| {
-        state(s, "node1") == Some("PRIM") && primary(s) == Some("node1")
-    })?;
+    start_pair(&mut vc)?;
     let console1 = vc.console(0)?;
     let console2 = vc.console(1)?;
-    diag(
-        &vc,
-        wait_console(&console1, BOOT_TIMEOUT, "counters on node1", |c| {
-            c.counters.len() >= 3
-        }),
-    )?;
-    wait_status(&vc, 1, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
-        state(s, "node2") == Some("SECOND") && ready(s, "node2")
-    })?;
     ensure!(
         vc.node(0).ping(WITNESS_IP.parse()?)?,
         "node1 cannot reach the witness before the partition"
