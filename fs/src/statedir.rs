@@ -13,6 +13,10 @@ use rustix::fs::FlockOperation;
 
 const LOCK_FILE: &str = "lock";
 const PEER_OUTDATED: &str = "peer-outdated";
+/// This node's own copy is not up to date (its disk failed while it wrote):
+/// written by the primary, honoured by the receiver (full compare), removed when
+/// a resync made the copy identical again.
+pub const SELF_OUTDATED: &str = "self-outdated";
 const LINK_STATUS: &str = "link.json";
 
 /// Errors opening or writing the state directory.
@@ -83,8 +87,33 @@ impl StateDir {
 
     /// The peer is a replica again (a full sync finished).
     pub fn clear_peer_outdated(&self) -> Result<(), StateError> {
+        self.remove_marker(PEER_OUTDATED)
+    }
+
+    /// Records durably that this node's own copy is not up to date, and why (the
+    /// first reason is kept). Fails when the state directory's disk fails too:
+    /// the caller keeps the fact in memory and in its status then.
+    pub fn mark_self_outdated(&self, reason: &str) -> Result<(), StateError> {
         let _one_writer = self.writing.lock();
-        let path = self.path.join(PEER_OUTDATED);
+        if self.self_outdated().is_some() {
+            return Ok(());
+        }
+        self.write_atomically(SELF_OUTDATED, reason.as_bytes())
+    }
+
+    /// The reason recorded by `mark_self_outdated`, if any.
+    pub fn self_outdated(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join(SELF_OUTDATED)).ok()
+    }
+
+    /// This copy is identical to the writer's again (a resync finished).
+    pub fn clear_self_outdated(&self) -> Result<(), StateError> {
+        self.remove_marker(SELF_OUTDATED)
+    }
+
+    fn remove_marker(&self, name: &str) -> Result<(), StateError> {
+        let _one_writer = self.writing.lock();
+        let path = self.path.join(name);
         let io = |source| StateError::Io {
             path: path.clone(),
             source,
