@@ -362,9 +362,16 @@ struct PrimaryArgs {
 
 fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let key = ClusterKey::load(&args.key_file)?;
+    let state = Arc::new(StateDir::open(&args.state)?);
+    // First: a copy recorded as behind must not write, whatever its disk says now.
+    if let Some(reason) = state.self_outdated() {
+        return Err(CliError::SelfOutdated {
+            path: state.path().join(vmha_fs::statedir::SELF_OUTDATED),
+            reason: reason.trim().to_string(),
+        });
+    }
     let backing = existing_dir("backing", &args.backing)?;
     let mount = existing_dir("mount", &args.mount)?;
-    let state = Arc::new(StateDir::open(&args.state)?);
     if mounts::is_fuse_mounted(&mount)? {
         return Err(CliError::AlreadyMounted(mount));
     }
@@ -383,12 +390,6 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
             reason,
             "the peer was marked outdated earlier; its copy needs a resync"
         );
-    }
-    if let Some(reason) = state.self_outdated() {
-        return Err(CliError::SelfOutdated {
-            path: state.path().join(vmha_fs::statedir::SELF_OUTDATED),
-            reason: reason.trim().to_string(),
-        });
     }
     let root = open_dir("backing", &backing)?;
     let tracker = Tracker::open(state.path(), args.al_extents)?;
@@ -519,7 +520,15 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
                     continue;
                 }
                 if signal == signal_hook::consts::SIGUSR2 {
-                    join.start();
+                    match signal_disk.failure() {
+                        // A resync from a failed disk would copy a bad copy over
+                        // the good one.
+                        Some(failure) => tracing::error!(
+                            failure,
+                            "SIGUSR2 refused: this node's disk failed; it cannot be the source of a resync"
+                        ),
+                        None => join.start(),
+                    }
                     continue;
                 }
                 if signal == signal_hook::consts::SIGHUP {
