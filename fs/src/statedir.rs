@@ -1,5 +1,14 @@
 //! A node's persistent metadata directory: an exclusive lock, so that two vmha-fs
 //! processes never serve the same state, and the markers that must survive a crash.
+//!
+//! What vmhad reads here (the contract between the two processes):
+//! - `peer-outdated`: the peer's copy lacks changes made here (first reason kept);
+//! - `self-outdated`: this node's own copy is behind (its disk failed while it
+//!   wrote); a primary refuses to start on it, a secondary reports an unknown
+//!   history (full compare) and removes it once in sync;
+//! - `link.json`: `{"state", "reason"}` of the primary's link; `disk_failed` when
+//!   this node's disk failed (the module must run on the peer);
+//! - `sync.json`, `verify.json`, `changed_bytes`: progress and reports.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
