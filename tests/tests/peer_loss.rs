@@ -204,6 +204,9 @@ fn a_link_that_stalls_after_a_reattach_still_fails_writes_within_lock_timeout() 
     f.sync_all()?;
     signal_secondary(&pair, libc::SIGSTOP)?;
     expect_eio_within_bound(&f, 4096, "first freeze")?;
+    // The controller decides a while after the failure (the link's timers look
+    // every 50 ms).
+    std::thread::sleep(Duration::from_millis(500));
     let primary_pid = pair.primary_pid().ok_or_else(|| anyhow!("no primary"))?;
     vmha_test_infra::fsctl::signal(primary_pid, libc::SIGUSR1)?;
     std::thread::sleep(Duration::from_millis(300));
