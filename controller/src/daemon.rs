@@ -17,6 +17,12 @@
 //!   `failover_timeout_ms`;
 //! - `StartWaitElapsed` comes `start_wait_ms` after entering WAIT and is
 //!   repeated every `start_wait_ms` while the module stays WAIT;
+//! - `RetryWitness` probes again [`WITNESS_RETRY`] later, if the module still
+//!   wants the probe then. Every probe's outcome and errors are kept for
+//!   `status` (`witness`); a probe that could not run is logged in the event
+//!   log when its errors change, and with `tracing` at error level each time.
+//!   The witnesses are also probed once when the daemon starts, so that a
+//!   witness that cannot be probed shows before a failover needs it.
 //! - `MarkPeerOutdated` completes once the peer's heartbeat shows our newer
 //!   generation, or the peer is lost, or shows data that is not behind ours,
 //!   or after `failover_timeout_ms` (logged). Only the first outcome lets a
@@ -75,8 +81,9 @@ use crate::heartbeat::{
 };
 use crate::state::{
     step, Action, Announce, Colour, Event, ModuleState, Peer, Policy, Readiness, Role,
+    WitnessOutcome,
 };
-use crate::status::{ModuleStatus, NodeStatus, ResyncStatus, Status};
+use crate::status::{ModuleStatus, NodeStatus, ResyncStatus, Status, WitnessStatus};
 use crate::witness;
 
 /// Errors starting the daemon.
@@ -162,6 +169,40 @@ struct Shared {
     node: NodeIndex,
     modules: Vec<ModuleHandle>,
     link: Mutex<LinkState>,
+    witness: WitnessSlot,
+}
+
+/// The latest witness probe (of any module: they probe the same witnesses).
+#[derive(Debug, Clone)]
+struct WitnessView {
+    outcome: WitnessOutcome,
+    errors: Vec<String>,
+    at: Instant,
+}
+
+type WitnessSlot = Arc<Mutex<Option<WitnessView>>>;
+
+/// How long after a witness probe that could not run it is tried again.
+pub const WITNESS_RETRY: Duration = Duration::from_secs(2);
+
+/// Probes the witnesses off the async threads and keeps the result for `status`.
+async fn probe_witnesses(witnesses: &[Witness], slot: &WitnessSlot) -> witness::Report {
+    let list = witnesses.to_vec();
+    let report = tokio::task::spawn_blocking(move || witness::probe(&list))
+        .await
+        .unwrap_or_else(|e| witness::Report {
+            outcome: WitnessOutcome::CouldNotProbe,
+            errors: vec![format!("the probe task failed: {e}")],
+        });
+    for e in &report.errors {
+        tracing::error!(witness = %e, "a witness could not be probed");
+    }
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(WitnessView {
+        outcome: report.outcome,
+        errors: report.errors.clone(),
+        at: Instant::now(),
+    });
+    report
 }
 
 impl Shared {
@@ -197,6 +238,7 @@ impl Daemon {
         let mut runners = Vec::new();
         let started = Instant::now();
         let judging_since = Arc::new(Mutex::new(started));
+        let witness_slot: WitnessSlot = Arc::new(Mutex::new(None));
 
         for module in &config.modules {
             let state_dir = cluster.state_dir.clone();
@@ -251,6 +293,9 @@ impl Daemon {
                     start_wait_ms: cluster.start_wait_ms,
                     failover_timeout: Duration::from_millis(cluster.failover_timeout_ms),
                     witnesses: cluster.witness.clone(),
+                    witness_slot: Arc::clone(&witness_slot),
+                    witness_retry: None,
+                    witness_errors_logged: None,
                     changed_bytes: 0,
                     resync_rate: ResyncRate::default(),
                     resync_unsupported_logged: false,
@@ -296,7 +341,25 @@ impl Daemon {
             config: config.clone(),
             node,
             modules: handles,
+            witness: Arc::clone(&witness_slot),
         });
+        if !cluster.witness.is_empty() {
+            // A witness that cannot be probed must show now, not at the failover.
+            let witnesses = cluster.witness.clone();
+            let slot = Arc::clone(&witness_slot);
+            tasks.push(tokio::spawn(async move {
+                let report = probe_witnesses(&witnesses, &slot).await;
+                match report.outcome {
+                    WitnessOutcome::Reachable => tracing::info!("witness reachable"),
+                    WitnessOutcome::Unreachable => {
+                        tracing::warn!("no witness answers: a failover would not go ALONE")
+                    }
+                    WitnessOutcome::CouldNotProbe => tracing::error!(
+                        "witness could not be probed: a failover would wait until it can"
+                    ),
+                }
+            }));
+        }
 
         for (runner, commands) in runners {
             tasks.push(tokio::spawn(runner.run(
@@ -757,10 +820,26 @@ fn build_status(shared: &Shared) -> Status {
             }
         })
         .collect();
+    let witness = (!config.cluster.witness.is_empty()).then(|| {
+        let last = shared
+            .witness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        WitnessStatus {
+            addresses: config.cluster.witness.iter().map(witness::name).collect(),
+            last_probe: last.as_ref().map(|l| l.outcome),
+            last_probe_ms: last
+                .as_ref()
+                .map(|l| ms(now.saturating_duration_since(l.at))),
+            errors: last.map(|l| l.errors).unwrap_or_default(),
+        }
+    });
     Status {
         node: local_name,
         config_hash: config.hash().to_string(),
         modules,
+        witness,
     }
 }
 
@@ -817,6 +896,11 @@ struct Runner {
     start_wait_ms: u64,
     failover_timeout: Duration,
     witnesses: Vec<Witness>,
+    witness_slot: WitnessSlot,
+    /// When to run the `RetryWitness` asked for.
+    witness_retry: Option<tokio::time::Instant>,
+    /// The witness errors last written to the event log.
+    witness_errors_logged: Option<Vec<String>>,
     changed_bytes: u64,
     resync_rate: ResyncRate,
     resync_unsupported_logged: bool,
@@ -904,6 +988,7 @@ impl Runner {
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let start_wait = self.start_wait;
+            let witness_retry = self.witness_retry;
             tokio::select! {
                 _ = shutdown.changed() => return,
                 command = commands.recv() => match command {
@@ -944,6 +1029,14 @@ impl Runner {
                 _ = sleep_until(start_wait), if start_wait.is_some() => {
                     self.start_wait = None;
                     self.handle(Event::StartWaitElapsed).await;
+                }
+                _ = sleep_until(witness_retry), if witness_retry.is_some() => {
+                    self.witness_retry = None;
+                    if self.state.probing() {
+                        let mut lines = Vec::new();
+                        let outcome = self.probe_witness(&mut lines).await;
+                        self.handle(Event::WitnessResult(outcome)).await;
+                    }
                 }
                 _ = checks.tick() => self.check().await,
             }
@@ -1019,6 +1112,9 @@ impl Runner {
             if !self.state.role.is_writer() {
                 self.attached = None;
                 self.writer_sync = None;
+            }
+            if !self.state.probing() {
+                self.witness_retry = None;
             }
             if self.state.role == Role::Wait {
                 if self.start_wait.is_none() {
@@ -1384,20 +1480,41 @@ impl Runner {
                 self.outdated = Some(self.mark_peer_outdated(lines).await);
             }
             Action::ProbeWitness => {
-                let witnesses = self.witnesses.clone();
-                let reachable = tokio::task::spawn_blocking(move || witness::probe(&witnesses))
-                    .await
-                    .unwrap_or(false);
-                let word = if reachable {
-                    "reachable"
-                } else {
-                    "unreachable"
-                };
-                self.record(format!("witness {word}"), lines).await;
-                queue.push_back(Event::WitnessResult { reachable });
+                let outcome = self.probe_witness(lines).await;
+                queue.push_back(Event::WitnessResult(outcome));
+            }
+            Action::RetryWitness => {
+                self.witness_retry = Some(tokio::time::Instant::now() + WITNESS_RETRY);
             }
         }
         Ok(())
+    }
+
+    /// Probes the witnesses; records the outcome, and the errors when they
+    /// differ from the ones recorded last.
+    async fn probe_witness(&mut self, lines: &mut Vec<String>) -> WitnessOutcome {
+        let report = probe_witnesses(&self.witnesses, &self.witness_slot).await;
+        let errors = (!report.errors.is_empty()).then(|| report.errors.join("; "));
+        let new_errors =
+            report.errors.is_empty() || self.witness_errors_logged.as_ref() != Some(&report.errors);
+        let line = match (report.outcome, &errors) {
+            (WitnessOutcome::Reachable, None) => Some("witness reachable".to_string()),
+            (WitnessOutcome::Reachable, Some(e)) => Some(format!(
+                "witness reachable (others could not be probed: {e})"
+            )),
+            (WitnessOutcome::Unreachable, _) => Some("witness unreachable".to_string()),
+            (WitnessOutcome::CouldNotProbe, e) => new_errors.then(|| {
+                format!(
+                    "error: witness could not be probed: {}",
+                    e.as_deref().unwrap_or("?")
+                )
+            }),
+        };
+        self.witness_errors_logged = Some(report.errors);
+        if let Some(line) = line {
+            self.record(line, lines).await;
+        }
+        report.outcome
     }
 
     /// The connected start failed (the SECOND's receiver is not there or refused

@@ -16,6 +16,8 @@
 //! - `MarkPeerOutdated` completes once the peer's heartbeat shows it knows
 //!   (it reports a newer generation than its own, i.e. not up to date) or the
 //!   peer is lost; the writer holds degraded writes until then.
+//! - `RetryWitness` probes again after a pause (seconds), and only while
+//!   [`ModuleState::probing`] still says the probe is wanted.
 //! - `Unmount` takes down whatever the module has mounted (writer or receiver)
 //!   and with it any resync in progress.
 //!
@@ -46,7 +48,11 @@
 //! - **Witness**: probed before any ALONE decided without seeing the peer (PRIM
 //!   or SECOND losing the peer, WAIT after the start-up wait). While probing a
 //!   PRIM keeps its VM (writes wait in vmha-fs, bounded by the lock timeout).
-//!   A peer heartbeat arriving meanwhile cancels the probe.
+//!   A peer heartbeat arriving meanwhile cancels the probe. A probe that
+//!   could not run ([`WitnessOutcome::CouldNotProbe`]: no ICMP socket allowed,
+//!   ...) decides nothing: not ALONE (the peer may be alive), not a step down
+//!   (the peer may be unable to decide as well: total outage); the node keeps
+//!   its role and the probe is retried ([`Action::RetryWitness`]).
 //! - **Two writers that see each other** (after a partition without witness,
 //!   or a frozen PRIM waking up): the one with older data (by generation) steps
 //!   down; on a split brain the policy picks the loser, which steps down and
@@ -299,9 +305,22 @@ pub enum Event {
     ReplicationLinkDown,
     /// The peer's receiver refused our writes: our generation is stale.
     Fenced,
-    WitnessResult {
-        reachable: bool,
-    },
+    /// The outcome of a `ProbeWitness` or `RetryWitness`.
+    WitnessResult(WitnessOutcome),
+}
+
+/// What probing the witnesses found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WitnessOutcome {
+    /// A witness answered: the network on this side works.
+    Reachable,
+    /// No witness answered (or the network reports no route to them).
+    Unreachable,
+    /// No witness answered and some could not be probed at all (no
+    /// permission for an ICMP socket...): a fault of this node, no evidence
+    /// of a partition. Decides nothing: the probe is retried.
+    CouldNotProbe,
 }
 
 /// Outputs, executed in order by the driver.
@@ -332,14 +351,19 @@ pub enum Action {
     MarkPeerOutdated,
     /// Probe the witnesses; reports `WitnessResult`.
     ProbeWitness,
+    /// The last probe could not run: probe again after a pause, while the
+    /// probe is still wanted ([`ModuleState::probing`]); reports
+    /// `WitnessResult`.
+    RetryWitness,
     /// A line for the module's event log.
     Log(String),
 }
 
-/// Why a witness probe is running: what to do once it answers.
+/// A witness probe in progress, before going ALONE without the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Probe {
-    GoAlone,
+struct Probe {
+    /// A probe of this episode could not run (already logged).
+    failed: bool,
 }
 
 /// The state of one module on the local node.
@@ -399,6 +423,11 @@ impl ModuleState {
             resync_wanted: false,
             probe: None,
         }
+    }
+
+    /// A witness probe is wanted: its result decides whether to go ALONE.
+    pub fn probing(&self) -> bool {
+        self.probe.is_some()
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -561,7 +590,7 @@ impl Transition {
                     );
                 }
             }
-            Event::WitnessResult { reachable } => self.witness_result(reachable),
+            Event::WitnessResult(outcome) => self.witness_result(outcome),
         }
     }
 
@@ -779,13 +808,30 @@ impl Transition {
         }
     }
 
-    fn witness_result(&mut self, reachable: bool) {
-        if self.s.probe.take().is_none() {
+    fn witness_result(&mut self, outcome: WitnessOutcome) {
+        let Some(probe) = self.s.probe.take() else {
             return;
-        }
-        if reachable {
-            self.become_writer(Role::Alone, true, "witness reachable");
-            return;
+        };
+        match outcome {
+            WitnessOutcome::Reachable => {
+                self.become_writer(Role::Alone, true, "witness reachable");
+                return;
+            }
+            WitnessOutcome::CouldNotProbe => {
+                // Neither ALONE (the peer may be alive) nor a step down (the
+                // peer may be unable to decide too: total outage): keep
+                // probing until the probe runs or the peer is heard again.
+                self.s.probe = Some(Probe { failed: true });
+                self.act(Action::RetryWitness);
+                if !probe.failed {
+                    self.log(format!(
+                        "witness could not be probed: not deciding, retrying (still {})",
+                        self.s.role
+                    ));
+                }
+                return;
+            }
+            WitnessOutcome::Unreachable => {}
         }
         match self.s.role {
             Role::Prim | Role::Second => {
@@ -798,7 +844,7 @@ impl Transition {
     /// ALONE without seeing the peer: through the witness when there is one.
     fn go_alone(&mut self, reason: &str) {
         if self.s.policy.witness {
-            self.s.probe = Some(Probe::GoAlone);
+            self.s.probe = Some(Probe { failed: false });
             self.act(Action::ProbeWitness);
             self.log(format!("{reason}: probing the witness"));
         } else {

@@ -9,13 +9,18 @@
 //! - an unreachable peer keeps `generation` (last known), `last_seen_ms`
 //!   (`null` if never heard since this daemon started) and `heartbeats`
 //!   (`null` per address never heard); its `ready` is false and `readiness` /
-//!   `colour` are null.
+//!   `colour` are null;
+//! - `witness` at the top level, present only when witnesses are configured:
+//!   `addresses`, the latest probe's outcome `last_probe` (`"reachable"`,
+//!   `"unreachable"` or `"could_not_probe"`, `null` before the first probe),
+//!   `last_probe_ms` (its age) and `errors` (`"WITNESS: error"` per witness
+//!   that could not be probed: a failover waits until it can be).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Colour, Readiness, Role};
+use crate::state::{Colour, Readiness, Role, WitnessOutcome};
 
 /// The whole answer of `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +29,22 @@ pub struct Status {
     pub node: String,
     pub config_hash: String,
     pub modules: Vec<ModuleStatus>,
+    /// The split-brain witness, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<WitnessStatus>,
+}
+
+/// The witnesses and what this node's latest probe of them found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessStatus {
+    /// As configured (`IP` or `IP:PORT`).
+    pub addresses: Vec<String>,
+    /// `null` before the first probe.
+    pub last_probe: Option<WitnessOutcome>,
+    /// Milliseconds since that probe.
+    pub last_probe_ms: Option<u64>,
+    /// `"WITNESS: error"` for each witness that could not be probed.
+    pub errors: Vec<String>,
 }
 
 /// One module on both nodes.

@@ -17,6 +17,11 @@ fn free_port() -> u16 {
 }
 
 fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    config_with(dir, "")
+}
+
+/// The configuration with `extra` lines in `[cluster]`.
+fn config_with(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let key = dir.join("cluster.key");
     ClusterKey::generate_file(&key).unwrap();
     let text = format!(
@@ -30,6 +35,7 @@ heartbeat_port = {port}
 heartbeat_interval_ms = 50
 failover_timeout_ms = 400
 start_wait_ms = 200
+{extra}
 
 [[node]]
 name = "node1"
@@ -49,6 +55,7 @@ lock_timeout_ms = 1000
         state = dir.join("state").display(),
         socket = dir.join("vmhad.sock").display(),
         port = free_port(),
+        extra = extra,
     );
     let path = dir.join("vmha.toml");
     std::fs::write(&path, text).unwrap();
@@ -113,5 +120,53 @@ fn unknown_node_is_one_clear_line() {
         err.lines()
             .any(|l| l == "vmhad: node `node9` is not in the configuration (nodes: node1, node2)"),
         "{err}"
+    );
+}
+
+/// A witness vmhad cannot probe (here: no ICMP socket allowed, in a network
+/// namespace of its own without CAP_NET_RAW and with the default
+/// `ping_group_range`) is an error shown in `status`, not "unreachable".
+#[test]
+fn a_witness_that_cannot_be_probed_shows_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with(dir.path(), r#"witness = ["127.0.0.1"]"#);
+    let vmhad = env!("CARGO_BIN_EXE_vmhad");
+    let mut child = Command::new("unshare")
+        .args(["--net", "sh", "-c"])
+        .arg(r#"ip link set lo up && exec setpriv --bounding-set=-net_raw -- "$@""#)
+        .args(["sh", vmhad, "--config", cfg.to_str().unwrap()])
+        .args(["--node", "node1", "--fake-drivers"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = dir.path().join("vmhad.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Stopped before any assertion: nothing outlives the test.
+    let witness = loop {
+        let shown = Client::connect(&socket)
+            .ok()
+            .and_then(|mut c| c.call(&Request::Status).ok())
+            .and_then(|r| r.status)
+            .and_then(|s| s.witness)
+            .filter(|w| w.last_probe.is_some());
+        if shown.is_some() || Instant::now() >= deadline {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    child.wait().unwrap();
+    let witness = witness.expect("no witness probe shown in status");
+    assert_eq!(witness.addresses, ["127.0.0.1"]);
+    assert_eq!(
+        witness.last_probe,
+        Some(vmha_controller::state::WitnessOutcome::CouldNotProbe)
+    );
+    assert_eq!(witness.errors.len(), 1, "{witness:?}");
+    assert!(
+        witness.errors[0].starts_with("127.0.0.1: cannot open an ICMP socket"),
+        "{witness:?}"
     );
 }

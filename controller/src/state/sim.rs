@@ -45,7 +45,8 @@ enum Op {
     VmCrash(usize),
     FsFail(usize),
     Write(usize),
-    Witness(usize),
+    /// A node's witness probe ends; `true`: it could not run this time.
+    Witness(usize, bool),
     LinkDown,
 }
 
@@ -68,7 +69,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => node.clone().prop_map(Op::VmCrash),
         1 => node.clone().prop_map(Op::FsFail),
         4 => node.clone().prop_map(Op::Write),
-        1 => node.clone().prop_map(Op::Witness),
+        1 => (node.clone(), any::<bool>()).prop_map(|(i, fails)| Op::Witness(i, fails)),
         1 => Just(Op::LinkDown),
     ]
 }
@@ -77,7 +78,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Setup {
     failover: bool,
     witness: bool,
-    witness_ok: bool,
+    /// What a probe that runs finds.
+    witness_answer: WitnessOutcome,
     default_primary: Option<usize>,
     split_brain: u8,
 }
@@ -86,15 +88,19 @@ fn setup() -> impl Strategy<Value = Setup> {
     (
         any::<bool>(),
         any::<bool>(),
-        any::<bool>(),
+        prop_oneof![
+            Just(WitnessOutcome::Reachable),
+            Just(WitnessOutcome::Unreachable),
+            Just(WitnessOutcome::CouldNotProbe),
+        ],
         prop::option::of(0usize..2),
         0u8..4,
     )
         .prop_map(
-            |(failover, witness, witness_ok, default_primary, split_brain)| Setup {
+            |(failover, witness, witness_answer, default_primary, split_brain)| Setup {
                 failover,
                 witness,
-                witness_ok,
+                witness_answer,
                 default_primary,
                 split_brain,
             },
@@ -208,7 +214,7 @@ impl Sim {
                     n.changed = 0;
                 }
                 Action::SetPeerMayBeNewer(b) => n.flag = b,
-                Action::ProbeWitness => n.probing = true,
+                Action::ProbeWitness | Action::RetryWitness => n.probing = true,
                 Action::DefineDomain
                 | Action::StartResync { .. }
                 | Action::MarkPeerOutdated
@@ -313,11 +319,15 @@ impl Sim {
                 }
             }
             Op::Write(i) => self.write(i),
-            Op::Witness(i) => {
+            Op::Witness(i, fails) => {
                 if self.nodes[i].probing {
                     self.nodes[i].probing = false;
-                    let reachable = self.setup.witness_ok;
-                    self.deliver(i, Event::WitnessResult { reachable });
+                    let outcome = if fails {
+                        WitnessOutcome::CouldNotProbe
+                    } else {
+                        self.setup.witness_answer
+                    };
+                    self.deliver(i, Event::WitnessResult(outcome));
                 }
             }
             Op::LinkDown => {
@@ -446,7 +456,7 @@ fn life_cycle_through_the_simulator() {
     let setup = Setup {
         failover: true,
         witness: false,
-        witness_ok: true,
+        witness_answer: WitnessOutcome::Reachable,
         default_primary: Some(0),
         split_brain: 3,
     };
@@ -495,7 +505,7 @@ fn tie_break_winner_vanishing_loses_nothing() {
     let setup = Setup {
         failover: true,
         witness: false,
-        witness_ok: true,
+        witness_answer: WitnessOutcome::Reachable,
         default_primary: None,
         split_brain: 3,
     };

@@ -265,19 +265,25 @@ fn witness_decides_before_alone() {
         (Role::Second, Readiness::Transient)
     );
     assert_eq!(
-        run(&probing, &[Event::WitnessResult { reachable: true }])
+        run(&probing, &[Event::WitnessResult(WitnessOutcome::Reachable)])
             .0
             .role,
         Role::Alone
     );
-    let (s, actions) = run(&probing, &[Event::WitnessResult { reachable: false }]);
+    let (s, actions) = run(
+        &probing,
+        &[Event::WitnessResult(WitnessOutcome::Unreachable)],
+    );
     assert_eq!((s.role, s.hold), (Role::Wait, true));
     assert_eq!(actions, [Action::Unmount]);
     // PRIM: the VM stops when the witness is unreachable.
     let p = with_policy(prim(), |p| p.witness = true);
     let (s, actions) = run(
         &p,
-        &[Event::PeerLost, Event::WitnessResult { reachable: false }],
+        &[
+            Event::PeerLost,
+            Event::WitnessResult(WitnessOutcome::Unreachable),
+        ],
     );
     assert_eq!(s.role, Role::Wait);
     assert_eq!(
@@ -290,10 +296,50 @@ fn witness_decides_before_alone() {
         &[
             Event::PeerLost,
             seen(peer(Role::Second, Readiness::Ready, Relation::InSync)),
-            Event::WitnessResult { reachable: false },
+            Event::WitnessResult(WitnessOutcome::Unreachable),
         ],
     );
     assert_eq!((s.role, s.readiness()), (Role::Prim, Readiness::Ready));
+}
+
+/// A witness that could not be probed (no ICMP socket allowed...) is no
+/// evidence of a partition: no ALONE, no step down (with both nodes unable to
+/// probe, that was a total outage), the probe is retried until it runs.
+#[test]
+fn witness_that_cannot_be_probed_decides_nothing() {
+    let failed = Event::WitnessResult(WitnessOutcome::CouldNotProbe);
+    for start in [second(), prim()] {
+        let s = with_policy(start, |p| p.witness = true);
+        let role = s.role;
+        let (s, actions) = run(&s, &[Event::PeerLost, failed.clone()]);
+        assert_eq!(actions, [Action::ProbeWitness, Action::RetryWitness]);
+        assert_eq!((s.role, s.hold, s.probing()), (role, false, true));
+        assert_eq!(s.readiness(), Readiness::Transient);
+        // Failing again: still nothing decided, retried again, logged once.
+        let (again, actions) = step(&s, failed.clone());
+        assert_eq!(actions, [Action::RetryWitness]);
+        assert_eq!(again, s);
+        // Once the probe runs, its answer decides as usual.
+        let (alone, _) = run(&s, &[Event::WitnessResult(WitnessOutcome::Reachable)]);
+        assert_eq!(alone.role, Role::Alone);
+        let (held, _) = run(&s, &[Event::WitnessResult(WitnessOutcome::Unreachable)]);
+        assert_eq!((held.role, held.hold), (Role::Wait, true));
+        // The peer heard again ends the retries.
+        let (back, actions) = run(
+            &s,
+            &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+        );
+        assert!(!back.probing(), "{back:?}");
+        assert!(!actions.contains(&Action::RetryWitness));
+    }
+    // WAIT after the start-up wait: stays WAIT, not held, and the periodic
+    // start-up wait does not start a second probe beside the retries.
+    let w = with_policy(fresh(true, false), |p| p.witness = true);
+    let (s, actions) = run(&w, &[Event::Start, Event::StartWaitElapsed, failed]);
+    assert_eq!(actions, [Action::ProbeWitness, Action::RetryWitness]);
+    assert_eq!((s.role, s.hold, s.probing()), (Role::Wait, false, true));
+    let (_, actions) = run(&s, &[Event::StartWaitElapsed]);
+    assert_eq!(actions, []);
 }
 
 #[test]
@@ -575,7 +621,7 @@ fn a_waiting_node_follows_the_writer_even_when_its_split_data_wins() {
         &[
             Event::ReplicationLinkDown,
             Event::PeerLost,
-            Event::WitnessResult { reachable: false },
+            Event::WitnessResult(WitnessOutcome::Unreachable),
         ],
     );
     assert_eq!((held.role, held.hold), (Role::Wait, true));
@@ -787,6 +833,20 @@ fn states() -> Vec<ModuleState> {
                     s.start_wait_over = wait_over;
                     s.peer = *k;
                     s.changed_bytes = 5;
+                    // Probing (maybe after a probe that could not run), as
+                    // `go_alone` starts it: up to date, peer not in view.
+                    let probes = match role {
+                        Role::Prim | Role::Second => matches!(k, PeerKnowledge::Lost(_)),
+                        Role::Wait => !hold && wait_over && !matches!(k, PeerKnowledge::Seen(_)),
+                        Role::Alone | Role::Stop => false,
+                    };
+                    if policy.witness && probes && has_data && uptodate {
+                        for failed in [false, true] {
+                            let mut probing = s.clone();
+                            probing.probe = Some(Probe { failed });
+                            out.push(probing);
+                        }
+                    }
                     out.push(s);
                 }
             }
@@ -814,8 +874,9 @@ fn events() -> Vec<Event> {
         Event::FsFailed,
         Event::ReplicationLinkDown,
         Event::Fenced,
-        Event::WitnessResult { reachable: true },
-        Event::WitnessResult { reachable: false },
+        Event::WitnessResult(WitnessOutcome::Reachable),
+        Event::WitnessResult(WitnessOutcome::Unreachable),
+        Event::WitnessResult(WitnessOutcome::CouldNotProbe),
     ];
     for p in peers() {
         out.push(Event::PeerSeen {
@@ -958,6 +1019,19 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             after.colour() == Colour::Green,
             after.readiness() == Readiness::Ready
         ),
+    }
+    // A witness that could not be probed decides nothing: the role and the
+    // probe stay, nothing is mounted, stopped or unmounted.
+    if *event == Event::WitnessResult(WitnessOutcome::CouldNotProbe) {
+        assert_eq!(after.role, before.role, "{}", ctx());
+        assert_eq!(after.hold, before.hold, "{}", ctx());
+        assert_eq!(after.probing(), before.probing(), "{}", ctx());
+        let retry = before.probing().then_some(Action::RetryWitness);
+        let acts: Vec<&Action> = actions
+            .iter()
+            .filter(|a| !matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)))
+            .collect();
+        assert_eq!(acts, retry.iter().collect::<Vec<_>>(), "{}", ctx());
     }
     // A ready SECOND that loses its PRIM fails over (no witness, failover on).
     if *event == Event::PeerLost
