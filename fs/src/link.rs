@@ -54,6 +54,9 @@ const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// An idle link sends a ping this often so the receiver can tell a live primary.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the watchdog looks while work is outstanding, and while idle.
+const WATCHDOG_BUSY: Duration = Duration::from_millis(50);
+const WATCHDOG_IDLE: Duration = Duration::from_millis(250);
 /// The least a peer being attached may stay silent (it may be emptying a large stale
 /// directory) before the attach is given up.
 const ATTACH_STALL_LIMIT: Duration = Duration::from_secs(60);
@@ -458,6 +461,13 @@ impl PeerLink {
         self.inner.shared.lock().state.clone()
     }
 
+    /// Waits at most `timeout` for a change of the link (a state change, an
+    /// acknowledgement, room in flight): for observers that report the state.
+    pub fn wait_changed(&self, timeout: Duration) {
+        let mut shared = self.inner.shared.lock();
+        self.inner.changed.wait_for(&mut shared, timeout);
+    }
+
     /// How long a connected link has had work outstanding without any
     /// acknowledgement (None: connected and idle or progressing, or another
     /// state). The watchdog fails the link at the lock timeout; reporting the
@@ -750,21 +760,24 @@ impl PeerLink {
         self.inner.changed.notify_all();
     }
 
+    /// Sleeps until a ping is due (one interval after the last frame sent), so an
+    /// idle link wakes about once a second.
     fn ping_loop(&self) {
+        let mut wait = PING_INTERVAL;
         loop {
-            std::thread::sleep(PING_INTERVAL / 4);
+            std::thread::sleep(wait);
             {
                 let mut shared = self.inner.shared.lock();
                 if shared.stopping {
                     return;
                 }
-                if !shared.state.sends()
-                    || shared.last_send.elapsed() < PING_INTERVAL
-                    || !shared.outbox.is_empty()
-                {
+                let since = shared.last_send.elapsed();
+                if !shared.state.sends() || since < PING_INTERVAL || !shared.outbox.is_empty() {
+                    wait = PING_INTERVAL.saturating_sub(since).max(PING_INTERVAL / 4);
                     continue;
                 }
                 shared.outbox.push(Message::Ping);
+                wait = PING_INTERVAL;
             }
             self.pump();
         }
@@ -839,9 +852,13 @@ impl PeerLink {
     }
 
     fn watchdog_loop(&self) {
+        let mut busy = false;
         loop {
-            std::thread::sleep(Duration::from_millis(50));
+            // Idle, a slower look is enough (a stall is measured from when work
+            // began, so it is noticed at most one idle period late).
+            std::thread::sleep(if busy { WATCHDOG_BUSY } else { WATCHDOG_IDLE });
             let shared = self.inner.shared.lock();
+            busy = shared.busy();
             if shared.stopping {
                 return;
             }
