@@ -12,6 +12,8 @@ pub mod key;
 pub mod link;
 pub mod mounts;
 pub mod op;
+pub mod preauth;
+pub mod ratelog;
 pub mod receiver;
 pub mod resync;
 pub mod statedir;
