@@ -282,25 +282,25 @@ fn allowed(stream: &UnixStream) -> bool {
 }
 
 /// One request line as read.
-enum Line {
+enum ReadLine {
     Eof,
     TooLong,
-    Line(Vec<u8>),
+    Complete(Vec<u8>),
 }
 
 /// Reads up to a newline, never buffering more than [`MAX_LINE`] + 1 bytes.
-async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<Line> {
+async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<ReadLine> {
     let mut buf = Vec::new();
     let n = reader
         .take(MAX_LINE as u64 + 1)
         .read_until(b'\n', &mut buf)
         .await?;
     if n == 0 {
-        Ok(Line::Eof)
+        Ok(ReadLine::Eof)
     } else if buf.len() > MAX_LINE {
-        Ok(Line::TooLong)
+        Ok(ReadLine::TooLong)
     } else {
-        Ok(Line::Line(buf))
+        Ok(ReadLine::Complete(buf))
     }
 }
 
@@ -340,15 +340,15 @@ async fn connection(
                 );
                 return;
             }
-            Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
-            Ok(Ok(Line::TooLong)) => {
+            Ok(Err(_)) | Ok(Ok(ReadLine::Eof)) => return,
+            Ok(Ok(ReadLine::TooLong)) => {
                 lock(log).reject("too_long", &peer, "request line too long");
                 let _ = write
                     .write_all(&encode(&Response::error("request too long")))
                     .await;
                 return;
             }
-            Ok(Ok(Line::Line(line))) => line,
+            Ok(Ok(ReadLine::Complete(line))) => line,
         };
         let response = match decode_request(&line) {
             Err(e) => Response::error(e),
