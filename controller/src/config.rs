@@ -16,6 +16,8 @@
 //! - Replicated paths must be absolute, without `..`, and no two of them (in the
 //!   same module or across modules) may be equal or nested: each is mounted over
 //!   by exactly one module's filesystem.
+//! - Directory `i` of a module replicates on `port + i`: these ranges may not
+//!   overlap (between modules, or with the heartbeat port) nor pass 65535.
 //! - Two modules may not drive the same libvirt domain on the same URI.
 //! - A witness is `IP` (ICMP echo) or `IP:PORT` (TCP connect).
 //! - Zero modules is valid (a pair that only exchanges heartbeats).
@@ -99,6 +101,12 @@ pub enum ConfigError {
         port: u16,
         first: String,
         second: String,
+    },
+    #[error("module `{module}`: {dirs} replicated directories need ports {port} to {port} + {dirs} - 1, beyond 65535")]
+    PortRange {
+        module: String,
+        port: u16,
+        dirs: usize,
     },
     #[error("modules `{first}` and `{second}` drive the same libvirt domain `{domain}`")]
     DuplicateDomain {
@@ -705,13 +713,32 @@ fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigE
         if !names.insert(module.name.as_str()) {
             return Err(ConfigError::DuplicateModule(module.name.clone()));
         }
-        let owner = format!("module `{}`", module.name);
-        if let Some(first) = ports.insert(module.port, owner.clone()) {
-            return Err(ConfigError::DuplicatePort {
-                port: module.port,
-                first,
-                second: owner,
-            });
+        // Directory `i` of a module replicates on `port + i`.
+        for i in 0..module.replicated.len() {
+            let port = u16::try_from(usize::from(module.port) + i).map_err(|_| {
+                ConfigError::PortRange {
+                    module: module.name.clone(),
+                    port: module.port,
+                    dirs: module.replicated.len(),
+                }
+            })?;
+            let owner = if i == 0 {
+                format!("module `{}`", module.name)
+            } else {
+                format!(
+                    "module `{}` (directory {}: port {} + {i})",
+                    module.name,
+                    i + 1,
+                    module.port
+                )
+            };
+            if let Some(first) = ports.insert(port, owner.clone()) {
+                return Err(ConfigError::DuplicatePort {
+                    port,
+                    first,
+                    second: owner,
+                });
+            }
         }
         let key = (module.libvirt_uri.as_str(), module.domain.as_str());
         if let Some(first) = domains.insert(key, &module.name) {
@@ -1021,6 +1048,27 @@ default_primary = "node1"
         assert!(e.to_string().contains("vm1"), "{e}");
         let e = err(&edit("port = 7101", "port = 0"));
         assert!(matches!(e, ConfigError::ZeroPort { .. }), "{e}");
+        // A module with N directories uses port .. port + N - 1: ranges may not overlap.
+        let three = MINIMAL.replacen(
+            "replicated = [\"/var/lib/libvirt/images/vm1\"]",
+            "replicated = [\"/srv/vm1a\", \"/srv/vm1b\", \"/srv/vm1c\"]",
+            1,
+        );
+        let e = err(&format!(
+            "{three}\n[[module]]\nname = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7103\n"
+        ));
+        assert!(
+            matches!(&e, ConfigError::DuplicatePort { port: 7103, first, second } if first.contains("vm1") && first.contains("directory 3") && second.contains("vm2")),
+            "{e}"
+        );
+        let e = err(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/srv/vm2a\", \"/srv/vm2b\"]\nport = 65535",
+        ));
+        assert!(matches!(e, ConfigError::PortRange { dirs: 2, .. }), "{e}");
+        Config::from_toml_str(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/srv/vm2a\", \"/srv/vm2b\"]\nport = 7102",
+        ))
+        .unwrap();
         let e = err(&edit("port = 7101\n", ""));
         assert!(matches!(&e, ConfigError::NoPort(m) if m == "vm1"), "{e}");
     }

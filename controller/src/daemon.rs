@@ -535,6 +535,8 @@ async fn dispatch(
     // peer gets a full `timeout` from the resume to be heard again.
     let mut last_tick = Instant::now();
     let mut observing_since = last_tick;
+    // Anyone can send datagrams to the heartbeat port: at most one line a second.
+    let mut rejections = vmha_fs::ratelog::RateLog::new("heartbeat");
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -543,10 +545,15 @@ async fn dispatch(
                 Some(Incoming::Beat(received)) => on_beat(&shared, *received),
                 Some(Incoming::Rejected { network, from, reason }) => {
                     shared.link().rejected += 1;
-                    tracing::warn!(network, %from, %reason, "heartbeat rejected");
+                    rejections.reject(
+                        "heartbeat",
+                        &from,
+                        &format!("heartbeat on network {network}: {reason}"),
+                    );
                 }
             },
             _ = ticker.tick() => {
+                rejections.tick();
                 let now = Instant::now();
                 if now.saturating_duration_since(last_tick) > timeout / 2 {
                     tracing::warn!(

@@ -222,16 +222,19 @@ struct Session {
 fn open_session(
     addr: SocketAddr,
     key: &ClusterKey,
+    module: &str,
     generation: Option<String>,
 ) -> Result<Session, LinkError> {
     let protocol = |source| LinkError::Protocol { addr, source };
+    // The receiver of this module's directory listens on this port.
+    let binding = wire::Binding::new(module, addr.port()).map_err(protocol)?;
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .map_err(|source| LinkError::Connect { addr, source })?;
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(CONNECT_TIMEOUT))
         .map_err(|e| protocol(e.into()))?;
-    let keys = wire::client_handshake(&mut stream, key).map_err(protocol)?;
+    let keys = wire::client_handshake(&mut stream, key, &binding).map_err(protocol)?;
     let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
     let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
     writer
@@ -324,16 +327,17 @@ impl PeerLink {
         Ok(())
     }
 
-    /// Connects to the receiver, authenticates both ways, claims `generation` and
-    /// starts the link threads.
+    /// Connects to the receiver of `module`'s directory at `addr`, authenticates
+    /// both ways, claims `generation` and starts the link threads.
     pub fn connect(
         addr: SocketAddr,
         key: &ClusterKey,
+        module: &str,
         generation: Option<String>,
         lock_timeout: Duration,
         on_divergence: DivergenceHook,
     ) -> Result<(PeerLink, LinkThreads), LinkError> {
-        let session = open_session(addr, key, generation)?;
+        let session = open_session(addr, key, module, generation)?;
         let link = Self::with_state(
             LinkState::Failed("connecting".into()),
             lock_timeout,
@@ -364,13 +368,14 @@ impl PeerLink {
         &self,
         addr: SocketAddr,
         key: &ClusterKey,
+        module: &str,
         generation: Option<String>,
     ) -> Result<Option<Box<Report>>, LinkError> {
         let state = self.state();
         if state != LinkState::Degraded {
             return Err(LinkError::NotAlone(state));
         }
-        let mut session = open_session(addr, key, generation)?;
+        let mut session = open_session(addr, key, module, generation)?;
         let report = session.report.take();
         tracing::info!(%addr, "peer attached; bringing it up to date");
         self.install(session, LinkState::Attaching)?;

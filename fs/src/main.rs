@@ -42,6 +42,11 @@ enum Command {
         backing: PathBuf,
         #[arg(long, value_name = "ADDR:PORT")]
         listen: SocketAddr,
+        /// The module this directory belongs to (with the port, bound in the
+        /// handshake: a primary of another module is refused as "wrong module").
+        #[arg(long, value_name = "NAME", default_value = vmha_fs::wire::DEFAULT_MODULE,
+              value_parser = parse_module)]
+        module: String,
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
         #[arg(long, value_name = "FILE")]
@@ -63,6 +68,11 @@ enum Command {
         mount: PathBuf,
         #[arg(long, value_name = "ADDR:PORT", required_unless_present = "alone")]
         peer: Option<SocketAddr>,
+        /// The module this directory belongs to (with the port, bound in the
+        /// handshake: a primary of another module is refused as "wrong module").
+        #[arg(long, value_name = "NAME", default_value = vmha_fs::wire::DEFAULT_MODULE,
+              value_parser = parse_module)]
+        module: String,
         /// Write without a peer (the controller's ALONE state): the peer is recorded
         /// as outdated in --state before anything is written. With --peer, SIGUSR2
         /// later attaches that peer and brings it up to date with a full copy.
@@ -156,6 +166,7 @@ fn main() -> ExitCode {
         Command::Secondary {
             backing,
             listen,
+            module,
             state,
             key_file,
             accept_generation,
@@ -163,6 +174,7 @@ fn main() -> ExitCode {
         } => run_secondary(SecondaryArgs {
             backing,
             listen,
+            module,
             state,
             key_file,
             accept_generation,
@@ -172,6 +184,7 @@ fn main() -> ExitCode {
             backing,
             mount,
             peer,
+            module,
             alone,
             state,
             key_file,
@@ -188,6 +201,7 @@ fn main() -> ExitCode {
             backing,
             mount,
             peer,
+            module,
             state,
             key_file,
             lock_timeout: Duration::from_millis(lock_timeout_ms),
@@ -262,9 +276,22 @@ fn parse_generation(text: &str) -> Result<String, String> {
     }
 }
 
+/// A module name as the handshake carries it: 1 to 255 bytes.
+fn parse_module(text: &str) -> Result<String, String> {
+    if (1..=vmha_fs::wire::MAX_MODULE_NAME).contains(&text.len()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "expected 1 to {} bytes",
+            vmha_fs::wire::MAX_MODULE_NAME
+        ))
+    }
+}
+
 struct SecondaryArgs {
     backing: PathBuf,
     listen: SocketAddr,
+    module: String,
     state: PathBuf,
     key_file: PathBuf,
     accept_generation: Option<String>,
@@ -275,6 +302,7 @@ fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
     let SecondaryArgs {
         backing,
         listen,
+        module,
         state,
         key_file,
         accept_generation,
@@ -298,7 +326,7 @@ fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
         clear_self_outdated_when_in_sync(state_dir.clone(), tracker.clone())?;
     }
     let root = open_dir("backing", &backing)?;
-    let server = ReceiverServer::bind(listen, root, key)?
+    let server = ReceiverServer::bind(listen, root, key, &module)?
         .accept_only_generation(accept_generation)
         .with_tracker(tracker);
     let server = if save_aside {
@@ -348,6 +376,7 @@ struct PrimaryArgs {
     backing: PathBuf,
     mount: PathBuf,
     peer: Option<SocketAddr>,
+    module: String,
     /// Start writing alone (--peer, if given, is attached later on SIGUSR2).
     alone: bool,
     generation: Option<String>,
@@ -425,6 +454,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         (false, Some(peer)) => PeerLink::connect(
             peer,
             &key,
+            &args.module,
             args.generation.clone(),
             args.lock_timeout,
             record_outdated,
@@ -490,6 +520,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         progress,
         state: state.clone(),
         peer: args.peer,
+        module: args.module.clone(),
         key,
         generation: args.generation.clone(),
         running: Arc::new(AtomicBool::new(false)),
@@ -794,6 +825,7 @@ struct Joiner {
     progress: Arc<SyncProgress>,
     state: Arc<StateDir>,
     peer: Option<SocketAddr>,
+    module: String,
     key: ClusterKey,
     generation: Option<String>,
     running: Arc<AtomicBool>,
@@ -872,6 +904,7 @@ impl Joiner {
         // A new sync never shows the previous one's counters.
         self.progress.done_bytes.store(0, Ordering::Relaxed);
         self.progress.total_bytes.store(0, Ordering::Relaxed);
+        let module = self.module.clone();
         let (link, syncer, progress, state, key, running, fenced) = (
             self.link.clone(),
             self.syncer.clone(),
@@ -901,7 +934,7 @@ impl Joiner {
                             std::thread::sleep(Duration::from_millis(20));
                         }
                     });
-                    let outcome = match link.attach(peer, &key, generation) {
+                    let outcome = match link.attach(peer, &key, &module, generation) {
                         Ok(report) => syncer.run(report).map_err(|e| e.to_string()),
                         Err(e) => {
                             if let Some(reason) = stale_refusal(&e) {

@@ -18,6 +18,9 @@
 //!   restarts the receiver accepting it; the copy itself is pushed by the
 //!   writer, so the receiver's [`FsDriver::resync_state`] stays `Idle` and the
 //!   daemon takes the progress from the writer's heartbeat.
+//! - Both sides get `--module <name>`: the handshake binds the module name and
+//!   the port, so a writer that reaches another module's receiver is refused as
+//!   "wrong module" (a failed attach), never as a stale writer (fenced).
 //! - vmha-fs state lives in `<state_dir>/<module>/fs<i>`. `sync.json` is
 //!   removed before an attach and on `go_alone` so an old outcome is never
 //!   read as the current one.
@@ -195,7 +198,11 @@ impl VmhaFsDriver {
                         cmd.arg("--save-aside");
                     }
                 }
-                cmd.arg("--state")
+                // Bound in the handshake with the port: a port mix-up between
+                // modules is refused as "wrong module", never taken for fencing.
+                cmd.arg("--module")
+                    .arg(&module.name)
+                    .arg("--state")
                     .arg(&state)
                     .arg("--key-file")
                     .arg(&self.config.cluster.key_file)
