@@ -65,13 +65,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
+use crate::clock::WallClock;
 use crate::config::{Config, Digest, Module, NodeIndex, Witness};
 use crate::control::{self, Call, ControlError, Request, Response};
 use crate::driver::{FsDriver, FsHealth, ResyncState, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, GenerationError, History, Metadata};
 use crate::heartbeat::{
-    Endpoint, EndpointSpec, HeartbeatError, Incoming, Liveness, ModuleBeat, Payload, Received,
+    Endpoint, EndpointSpec, HeartbeatError, Liveness, ModuleBeat, Payload, Received, Rejections,
 };
 use crate::state::{
     step, Action, Announce, Colour, Event, ModuleState, Peer, Policy, Readiness, Role,
@@ -103,8 +104,9 @@ pub struct DaemonSpec {
     pub key: ClusterKey,
     pub vm: Arc<dyn VmDriver>,
     pub fs: Arc<dyn FsDriver>,
-    /// Tolerated clock difference between the nodes for heartbeats.
-    pub max_clock_skew: Duration,
+    /// The wall clock, for display only (event log timestamps); tests offset
+    /// it to show that nothing else depends on it.
+    pub clock: WallClock,
 }
 
 /// What a module task publishes (for heartbeats and status).
@@ -153,7 +155,6 @@ struct LinkState {
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
     peer_modules: HashMap<String, ModuleBeat>,
-    rejected: u64,
 }
 
 #[derive(Debug)]
@@ -162,6 +163,8 @@ struct Shared {
     node: NodeIndex,
     modules: Vec<ModuleHandle>,
     link: Mutex<LinkState>,
+    /// Heartbeat datagrams rejected, by kind (for `status`).
+    rejections: Rejections,
 }
 
 impl Shared {
@@ -214,7 +217,11 @@ impl Daemon {
                 meta.history.current().is_some(),
                 meta.peer_may_be_newer,
             );
-            let log = Arc::new(EventLog::new(&cluster.state_dir, &module.name));
+            let log = Arc::new(EventLog::with_clock(
+                &cluster.state_dir,
+                &module.name,
+                spec.clock.clone(),
+            ));
             let (view_tx, view_rx) = watch::channel(ModuleView {
                 announce: state.announce(),
                 history: meta.history.clone(),
@@ -280,7 +287,6 @@ impl Daemon {
             &spec.key,
         )
         .await?;
-        endpoint.set_max_age(spec.max_clock_skew);
         let server = control::Server::bind(&cluster.control_socket)?;
         let socket = server.path().to_path_buf();
 
@@ -291,8 +297,8 @@ impl Daemon {
                 peer_config_hash: None,
                 last_round: None,
                 peer_modules: HashMap::new(),
-                rejected: 0,
             }),
+            rejections: endpoint.rejections(),
             config: config.clone(),
             node,
             modules: handles,
@@ -405,7 +411,7 @@ async fn send_heartbeats(
     let interval = Duration::from_millis(shared.config.cluster.heartbeat_interval_ms.max(1));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let session: u64 = rand::random();
+    let session = endpoint.session();
     let node = shared.config.node(shared.node).name.clone();
     let mut round = 0u64;
     let mut failing = false;
@@ -457,7 +463,7 @@ async fn send_heartbeats(
 
 async fn dispatch(
     shared: Arc<Shared>,
-    mut incoming: mpsc::Receiver<Incoming>,
+    mut incoming: mpsc::Receiver<Received>,
     mut shutdown: watch::Receiver<bool>,
     judging_since: Arc<Mutex<Instant>>,
 ) {
@@ -477,11 +483,7 @@ async fn dispatch(
             _ = shutdown.changed() => return,
             message = incoming.recv() => match message {
                 None => return,
-                Some(Incoming::Beat(received)) => on_beat(&shared, *received),
-                Some(Incoming::Rejected { network, from, reason }) => {
-                    shared.link().rejected += 1;
-                    tracing::warn!(network, %from, %reason, "heartbeat rejected");
-                }
+                Some(received) => on_beat(&shared, received),
             },
             _ = ticker.tick() => {
                 let now = Instant::now();
@@ -520,6 +522,13 @@ fn on_beat(shared: &Shared, received: Received) {
     let fresh = {
         let mut link = shared.link();
         link.liveness.record(received.network, received.at);
+        if received.new_session {
+            tracing::info!(
+                network = received.network,
+                session = format_args!("{:016x}", payload.session),
+                "peer heartbeat session accepted (the peer or this daemon started)"
+            );
+        }
         if link.lost {
             tracing::info!(network = received.network, "peer heard again");
         }
@@ -760,6 +769,7 @@ fn build_status(shared: &Shared) -> Status {
     Status {
         node: local_name,
         config_hash: config.hash().to_string(),
+        heartbeats_rejected: shared.rejections.counts(),
         modules,
     }
 }

@@ -74,7 +74,7 @@ async fn daemon(config: &Path) -> Daemon {
         key: ClusterKey::from_bytes([1; 32]),
         vm: Arc::new(FakeVm::new()),
         fs: Arc::new(FakeFs::new()),
-        max_clock_skew: Duration::from_secs(30),
+        clock: vmha_controller::clock::WallClock::system(),
     })
     .await
     .unwrap()
