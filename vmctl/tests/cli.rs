@@ -8,7 +8,6 @@ use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use vmha_controller::config::Config;
 use vmha_controller::daemon::{Daemon, DaemonSpec};
