@@ -415,10 +415,19 @@ async fn send_heartbeats(
     let node = shared.config.node(shared.node).name.clone();
     let mut round = 0u64;
     let mut failing = false;
+    let mut last_prompted: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
+            _ = endpoint.prompted() => {
+                // One extra round per interval at most: replayed datagrams
+                // must not turn into a flood of our own.
+                if last_prompted.is_some_and(|t| t.elapsed() < interval) {
+                    continue;
+                }
+                last_prompted = Some(Instant::now());
+            }
         }
         round += 1;
         let modules = shared

@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
@@ -619,6 +619,8 @@ pub struct Endpoint {
     sealer: Sealer,
     opener: Arc<Mutex<Opener>>,
     rejections: Rejections,
+    /// Set when a challenge should reach the peer before the next tick.
+    prompt: Arc<Notify>,
 }
 
 impl Endpoint {
@@ -650,6 +652,7 @@ impl Endpoint {
             sealer: Sealer::new(key),
             opener: Arc::new(Mutex::new(Opener::new(key))),
             rejections: Rejections::default(),
+            prompt: Arc::new(Notify::new()),
         })
     }
 
@@ -665,6 +668,15 @@ impl Endpoint {
     /// The counts of rejected datagrams (shared with the receive tasks).
     pub fn rejections(&self) -> Rejections {
         self.rejections.clone()
+    }
+
+    /// Resolves when a heartbeat should go out before the next tick: an
+    /// unproven peer session arrived (it needs our challenge) or a new one was
+    /// just accepted (the peer needs its echo to accept ours). Sending then
+    /// makes the exchange after a restart take round trips, not intervals;
+    /// the sender limits these extra rounds (replays can cause them).
+    pub async fn prompted(&self) {
+        self.prompt.notified().await
     }
 
     /// Sends `payload` on network `network` only.
@@ -720,6 +732,7 @@ impl Endpoint {
                 let socket = Arc::clone(socket);
                 let opener = Arc::clone(&self.opener);
                 let rejections = self.rejections.clone();
+                let prompt = Arc::clone(&self.prompt);
                 let local = self.local.get(network).copied();
                 let expected = self.peer.get(network).map(|a| a.ip());
                 let peer_name = self.peer_name.clone();
@@ -742,6 +755,9 @@ impl Endpoint {
                         let datagram = buf.get(..len).unwrap_or_default();
                         match check(datagram, from, local, expected, &peer_name, &opener) {
                             Ok(opened) => {
+                                if opened.new_session {
+                                    prompt.notify_one();
+                                }
                                 let received = Received {
                                     network,
                                     from,
@@ -754,6 +770,9 @@ impl Endpoint {
                                 }
                             }
                             Err(reason) => {
+                                if reason == Rejection::Unproven {
+                                    prompt.notify_one();
+                                }
                                 rejections.record(network, from, &reason, at);
                             }
                         }
@@ -1230,6 +1249,40 @@ mod tests {
             t.abort();
         }
         while rx.try_recv().is_ok() {}
+    }
+
+    #[tokio::test]
+    async fn an_unproven_session_prompts_a_heartbeat_and_so_does_its_acceptance() {
+        let (a, b) = pair().await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let _tasks = a.spawn_receivers(tx);
+        let prompted = || tokio::time::timeout(Duration::from_secs(2), a.prompted());
+        // b's first heartbeat cannot echo a's challenge: a is prompted to
+        // send its challenge now.
+        b.send_on(0, &payload("node2", b.session(), 1))
+            .await
+            .unwrap();
+        prompted().await.unwrap();
+        assert_eq!(a.rejections().counts()["unproven"], 1);
+        // b answers with a's challenge (as b's receiver would have learnt it).
+        let hs = Handshake {
+            challenge: 5,
+            echo: a.opener.lock().unwrap().handshake().challenge,
+        };
+        let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
+        let d = b.sealer.seal(ip("127.0.0.1"), hs, &body).unwrap();
+        b.sockets[0]
+            .send_to(&d, a.sockets[0].local_addr().unwrap())
+            .await
+            .unwrap();
+        assert!(next(&mut rx).await.new_session);
+        prompted().await.unwrap();
+        // Nothing pending after that.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), a.prompted())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]

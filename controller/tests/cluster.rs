@@ -688,6 +688,18 @@ async fn peer_restarted_with_its_clock_behind_is_heard_again() {
         c2.set_offset(-behind_s);
         let restarted = Instant::now();
         n2.restart(node2).await;
+        // node1 hears the new daemon (its old one is dead: any heartbeat
+        // node1 accepts from now on is of the new session).
+        loop {
+            let s = n1.status();
+            let seen = s.modules[0].nodes["node2"].last_seen_ms.flatten();
+            if seen.is_some_and(|ms| u128::from(ms) < restarted.elapsed().as_millis()) {
+                break;
+            }
+            assert!(restarted.elapsed() < failover, "{why}: not heard again");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eprintln!("{why}: heard again after {:?}", restarted.elapsed());
         // Steady again, and for longer than the failover timeout since the
         // restart (node1 may first see the new node2 WAIT and write alone
         // for a moment: that is no peer loss).
