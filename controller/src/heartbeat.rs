@@ -58,8 +58,10 @@
 //! before, which is no older than a late one.
 //!
 //! Cost: after either daemon restarts, its first heartbeats are refused until
-//! the challenges have crossed, one or two heartbeat intervals, far below the
-//! failover timeout. An attacker replaying old datagrams to a node that trusts
+//! the challenges have crossed. An unproven datagram, and the acceptance of a
+//! new session, prompt one extra heartbeat ([`Endpoint::prompted`], at most
+//! one per interval), so that takes a few round trips (milliseconds on a
+//! LAN), not intervals. An attacker replaying old datagrams to a node that trusts
 //! no session yet can delay that exchange (it changes what the node echoes),
 //! as one dropping datagrams could; it cannot make anything stale accepted.
 //!
