@@ -71,13 +71,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
+use crate::clock::WallClock;
 use crate::config::{Config, Digest, Module, NodeIndex, Witness};
 use crate::control::{self, Call, ControlError, Request, Response};
 use crate::driver::{FsDriver, FsHealth, ResyncState, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, GenerationError, History, Metadata};
 use crate::heartbeat::{
-    Endpoint, EndpointSpec, HeartbeatError, Incoming, Liveness, ModuleBeat, Payload, Received,
+    Endpoint, EndpointSpec, HeartbeatError, Liveness, ModuleBeat, Payload, Received, Rejections,
 };
 use crate::state::{
     step, Action, Announce, Colour, Event, ModuleState, Peer, Policy, Readiness, Role,
@@ -110,8 +111,9 @@ pub struct DaemonSpec {
     pub key: ClusterKey,
     pub vm: Arc<dyn VmDriver>,
     pub fs: Arc<dyn FsDriver>,
-    /// Tolerated clock difference between the nodes for heartbeats.
-    pub max_clock_skew: Duration,
+    /// The wall clock, for display only (event log timestamps); tests offset
+    /// it to show that nothing else depends on it.
+    pub clock: WallClock,
 }
 
 /// What a module task publishes (for heartbeats and status).
@@ -160,7 +162,6 @@ struct LinkState {
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
     peer_modules: HashMap<String, ModuleBeat>,
-    rejected: u64,
 }
 
 #[derive(Debug)]
@@ -170,6 +171,8 @@ struct Shared {
     modules: Vec<ModuleHandle>,
     link: Mutex<LinkState>,
     witness: WitnessSlot,
+    /// Heartbeat datagrams rejected, by kind (for `status`).
+    rejections: Rejections,
 }
 
 /// The latest witness probe (of any module: they probe the same witnesses).
@@ -256,7 +259,11 @@ impl Daemon {
                 meta.history.current().is_some(),
                 meta.peer_may_be_newer,
             );
-            let log = Arc::new(EventLog::new(&cluster.state_dir, &module.name));
+            let log = Arc::new(EventLog::with_clock(
+                &cluster.state_dir,
+                &module.name,
+                spec.clock.clone(),
+            ));
             let (view_tx, view_rx) = watch::channel(ModuleView {
                 announce: state.announce(),
                 history: meta.history.clone(),
@@ -325,7 +332,6 @@ impl Daemon {
             &spec.key,
         )
         .await?;
-        endpoint.set_max_age(spec.max_clock_skew);
         let server = control::Server::bind(&cluster.control_socket)?;
         let socket = server.path().to_path_buf();
 
@@ -336,8 +342,8 @@ impl Daemon {
                 peer_config_hash: None,
                 last_round: None,
                 peer_modules: HashMap::new(),
-                rejected: 0,
             }),
+            rejections: endpoint.rejections(),
             config: config.clone(),
             node,
             modules: handles,
@@ -468,14 +474,23 @@ async fn send_heartbeats(
     let interval = Duration::from_millis(shared.config.cluster.heartbeat_interval_ms.max(1));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let session: u64 = rand::random();
+    let session = endpoint.session();
     let node = shared.config.node(shared.node).name.clone();
     let mut round = 0u64;
     let mut failing = false;
+    let mut last_prompted: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
+            _ = endpoint.prompted() => {
+                // One extra round per interval at most: replayed datagrams
+                // must not turn into a flood of our own.
+                if last_prompted.is_some_and(|t| t.elapsed() < interval) {
+                    continue;
+                }
+                last_prompted = Some(Instant::now());
+            }
         }
         round += 1;
         let modules = shared
@@ -520,7 +535,7 @@ async fn send_heartbeats(
 
 async fn dispatch(
     shared: Arc<Shared>,
-    mut incoming: mpsc::Receiver<Incoming>,
+    mut incoming: mpsc::Receiver<Received>,
     mut shutdown: watch::Receiver<bool>,
     judging_since: Arc<Mutex<Instant>>,
 ) {
@@ -542,15 +557,7 @@ async fn dispatch(
             _ = shutdown.changed() => return,
             message = incoming.recv() => match message {
                 None => return,
-                Some(Incoming::Beat(received)) => on_beat(&shared, *received),
-                Some(Incoming::Rejected { network, from, reason }) => {
-                    shared.link().rejected += 1;
-                    rejections.reject(
-                        "heartbeat",
-                        &from,
-                        &format!("heartbeat on network {network}: {reason}"),
-                    );
-                }
+                Some(received) => on_beat(&shared, received),
             },
             _ = ticker.tick() => {
                 rejections.tick();
@@ -590,6 +597,13 @@ fn on_beat(shared: &Shared, received: Received) {
     let fresh = {
         let mut link = shared.link();
         link.liveness.record(received.network, received.at);
+        if received.new_session {
+            tracing::info!(
+                network = received.network,
+                session = format_args!("{:016x}", payload.session),
+                "peer heartbeat session accepted (the peer or this daemon started)"
+            );
+        }
         if link.lost {
             tracing::info!(network = received.network, "peer heard again");
         }
@@ -845,6 +859,7 @@ fn build_status(shared: &Shared) -> Status {
     Status {
         node: local_name,
         config_hash: config.hash().to_string(),
+        heartbeats_rejected: shared.rejections.counts(),
         modules,
         witness,
     }

@@ -3,6 +3,8 @@
 //!
 //! Additions to the design's example (choices where it is silent):
 //! - `config_hash` at the top level (this node's [`crate::config::Config::hash`]);
+//! - `heartbeats_rejected` at the top level: rejected heartbeat datagrams by
+//!   kind since the daemon started (`{}` when none);
 //! - per peer node `config_match`: whether the peer's whole-configuration hash
 //!   equals ours (`null` until the peer has been heard), and per module node
 //!   `module_config_match` for that module's hash;
@@ -28,6 +30,10 @@ pub struct Status {
     /// The local node's name.
     pub node: String,
     pub config_hash: String,
+    /// Heartbeat datagrams this daemon rejected since it started, by kind
+    /// (`forged`, `replayed`, `unproven`, …; see `heartbeat::Rejection`).
+    #[serde(default)]
+    pub heartbeats_rejected: BTreeMap<String, u64>,
     pub modules: Vec<ModuleStatus>,
     /// The split-brain witness, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]

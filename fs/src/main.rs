@@ -695,10 +695,12 @@ fn publish_link_status(
             // never more than every 25 ms.
             let started = std::time::Instant::now();
             let busy = link.stalled_for().is_some();
+            // A stall begins without a wake-up (work is queued silently): the
+            // idle wait is short enough to see it well before it is reported.
             link.wait_changed(if busy {
                 LINK_STATUS_BUSY
             } else {
-                LINK_STATUS_IDLE
+                LINK_STATUS_IDLE.min(stall / 4)
             });
             std::thread::sleep(LINK_STATUS_BUSY.saturating_sub(started.elapsed()));
             let now = link_status(&link, &disk, &fenced, stall);
