@@ -67,6 +67,37 @@ pub fn reopen(path_fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd, Errno> 
     )
 }
 
+/// The largest file size the filesystem of directory `dir` accepts (its
+/// `s_maxbytes`: 16 TiB on ext4 with 4 KiB blocks, 8 EiB on XFS), found by growing an
+/// unnamed temporary file there (`O_TMPFILE`, gone when closed; nothing is written).
+/// Without `O_TMPFILE`, the kernel's limit for any file (2^63 − 1).
+pub fn max_file_size(dir: BorrowedFd<'_>) -> u64 {
+    const ANY: u64 = i64::MAX as u64;
+    let Ok(dir) = reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY) else {
+        return ANY;
+    };
+    let Ok(tmp) = rustix::fs::openat(
+        dir.as_fd(),
+        ".",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) else {
+        return ANY;
+    };
+    // Invariant: `ok` is accepted, `ok < bad` and `bad` is refused (or past any).
+    let (mut ok, mut bad) = (0u64, ANY + 1);
+    while bad - ok > 1 {
+        let mid = ok + (bad - ok) / 2;
+        match rustix::fs::ftruncate(tmp.as_fd(), mid) {
+            Ok(()) => ok = mid,
+            Err(Errno::FBIG) | Err(Errno::INVAL) => bad = mid,
+            Err(_) => return ANY,
+        }
+    }
+    let _ = rustix::fs::ftruncate(tmp.as_fd(), 0);
+    ok
+}
+
 /// `pwrite` until everything is written.
 pub fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> Result<usize, Errno> {
     let total = data.len();
@@ -405,4 +436,23 @@ pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
         }
     }
     Ok(Applied::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_file_size_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = rustix::fs::open(dir.path(), OFlags::PATH, Mode::empty()).unwrap();
+        let max = max_file_size(fd.as_fd());
+        // Accepted, and one byte more is not (unless it is the kernel's limit).
+        let f = tempfile::tempfile_in(dir.path()).unwrap();
+        f.set_len(max).unwrap();
+        if max < i64::MAX as u64 {
+            assert!(f.set_len(max + 1).is_err());
+        }
+        f.set_len(0).unwrap();
+    }
 }

@@ -126,6 +126,9 @@ pub struct ReplicatedFs {
     tracker: Arc<Tracker>,
     /// The backing directory's path, to name journal entries relative to it.
     root_path: Vec<u8>,
+    /// The largest file the backing filesystem accepts: a change reaching past it
+    /// fails with EFBIG before anything is recorded.
+    max_size: u64,
 }
 
 fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -213,6 +216,8 @@ pub(crate) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Resu
 impl ReplicatedFs {
     pub fn new(root: OwnedFd, link: PeerLink, tracker: Arc<Tracker>) -> Result<Self, Errno> {
         let root_path = fd_path(root.as_fd())?;
+        let max_size = apply::max_file_size(root.as_fd());
+        tracing::debug!(max_size, "largest file the backing filesystem accepts");
         link.track(tracker.clone());
         Ok(Self {
             inodes: Arc::new(Inodes::new(root)?),
@@ -223,6 +228,7 @@ impl ReplicatedFs {
             next_fh: AtomicU64::new(1),
             tracker,
             root_path,
+            max_size,
         })
     }
 
@@ -251,12 +257,12 @@ impl ReplicatedFs {
 
     fn changes_of(&self, op: &Op) -> Result<Vec<Change>, Errno> {
         let range = |id: NodeId, start: u64, len: u64| -> Result<Vec<Change>, Errno> {
+            let end = start.checked_add(len).ok_or(Errno::FBIG)?;
+            if end > self.max_size {
+                return Err(Errno::FBIG);
+            }
             let ino = self.inodes.get(id)?.ino();
-            Ok(vec![Change::Range {
-                ino,
-                start,
-                end: start.saturating_add(len),
-            }])
+            Ok(vec![Change::Range { ino, start, end }])
         };
         let name = |parent: NodeId, name: &Name| -> Result<Change, Errno> {
             let dir = self.inodes.get(parent)?;
