@@ -1331,19 +1331,22 @@ impl Tracker {
         for w in pages {
             let ino = w.ino;
             let path = self.dir.join(format!("{MAP_PREFIX}{ino}"));
-            if !files.contains_key(&ino) {
-                created |= !path.exists();
-                let f = OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .read(true)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(io(&path))?;
-                files.insert(ino, f);
-            }
-            let Some(f) = files.get(&ino) else { continue };
+            let f = match files.entry(ino) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    created |= !path.exists();
+                    e.insert(
+                        OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .read(true)
+                            .write(true)
+                            .mode(0o600)
+                            .open(&path)
+                            .map_err(io(&path))?,
+                    )
+                }
+            };
             // Marks added (or exact pages replacing a run) first, then the runs,
             // then the zeroing of pages a durable run now covers: a crash between
             // any two steps loses no mark.
@@ -1776,7 +1779,7 @@ mod tests {
                         model[b as usize] = false;
                     }
                 }
-                for (&no, _) in &map.pages {
+                for &no in map.pages.keys() {
                     proptest::prop_assert!(map.run_of(no).is_none(), "page {} in a run", no);
                 }
             }
