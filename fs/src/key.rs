@@ -173,7 +173,10 @@ mod tests {
             "{e:?}"
         );
         let text = e.map(|e| e.to_string()).unwrap_or_default();
-        assert!(text.contains("cluster.key") && text.contains("root"), "{text}");
+        assert!(
+            text.contains("cluster.key") && text.contains("root"),
+            "{text}"
+        );
         Ok(())
     }
 }
