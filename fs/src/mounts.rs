@@ -185,11 +185,11 @@ mod tests {
         let want = path.to_string_lossy();
         table
             .lines()
-            .filter_map(|line| {
+            .rev()
+            .find_map(|line| {
                 let f: Vec<&str> = line.split(' ').collect();
                 (f.len() > 5 && unescape(f[4]) == want).then(|| f[5].to_string())
             })
-            .last()
             .unwrap_or_default()
             .split(',')
             .map(str::to_string)
