@@ -6,7 +6,10 @@
 //!   before a write that the peer does not receive is applied here (degraded mode).
 //!   The bit is durable before the caller goes on (write-ahead); concurrent callers
 //!   share one flush (group commit), and a write to blocks already marked costs
-//!   nothing.
+//!   nothing. Pages (128 MiB of file) marked whole are kept as runs instead
+//!   (`runs-<ino>`), so the cost of a mark is bounded by the pages at its two ends
+//!   and the runs it meets, never by its length: a `truncate` to a petabyte is one
+//!   run. Offsets are capped at 2^63 (the kernel's largest file).
 //! - **Journal** (`journal`): names whose binding changed without the peer (create,
 //!   unlink, rename, link…). A file reached through such a name is compared whole at
 //!   reintegration: its dirty map says nothing about what the peer has at that name.
