@@ -37,6 +37,11 @@ use serde::{Deserialize, Serialize};
 
 /// The reference product's limit, kept: a pair serves at most this many modules.
 pub const MAX_MODULES: usize = 32;
+/// The longest failover timeout accepted (a day): beyond it a dead peer is never
+/// noticed in practice, and sums with it could overflow.
+pub const MAX_FAILOVER_TIMEOUT_MS: u64 = 86_400_000;
+/// The longest ACPI shutdown wait accepted (a day).
+pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 
 /// Problems loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +139,30 @@ pub enum ConfigError {
     ZeroMaxloop(String),
     #[error("module `{0}`: loop_interval_s must be at least 1")]
     ZeroLoopInterval(String),
+    #[error("cluster.state_dir = `{0}` must be an absolute path")]
+    RelativeStateDir(PathBuf),
+    #[error("cluster.state_dir = `{state_dir}` is inside replicated path `{path}` of module `{module}`: each node keeps its own state")]
+    StateDirReplicated {
+        state_dir: PathBuf,
+        module: String,
+        path: PathBuf,
+    },
+    #[error("cluster.control_socket = `{0}` must be an absolute path")]
+    RelativeControlSocket(PathBuf),
+    #[error("cluster.control_socket = `{socket}`: its directory `{dir}` is world-writable (anyone could put their own socket there)")]
+    ControlSocketDir { socket: PathBuf, dir: PathBuf },
+    #[error("address {address} is on both node `{first}` and node `{second}`")]
+    SameAddress {
+        address: IpAddr,
+        first: String,
+        second: String,
+    },
+    #[error("cluster.failover_timeout_ms = {failover_timeout_ms} is too large (at most {MAX_FAILOVER_TIMEOUT_MS}, a day)")]
+    FailoverTimeout { failover_timeout_ms: u64 },
+    #[error("module `{module}`: stop_timeout_s = {stop_timeout_s} is too large (at most {MAX_STOP_TIMEOUT_S}, a day)")]
+    StopTimeout { module: String, stop_timeout_s: u64 },
+    #[error("module `{0}`: lock_timeout_ms must be above 0")]
+    ZeroLockTimeout(String),
     #[error("cannot serialise the configuration for hashing: {0}")]
     Canonical(#[from] serde_json::Error),
 }
@@ -549,6 +578,17 @@ fn validate_nodes(raw: Vec<RawNode>) -> Result<[Node; 2], ConfigError> {
     if first.name == second.name {
         return Err(ConfigError::DuplicateNode(first.name));
     }
+    if let Some(address) = first
+        .addresses
+        .iter()
+        .find(|a| second.addresses.contains(a))
+    {
+        return Err(ConfigError::SameAddress {
+            address: *address,
+            first: first.name,
+            second: second.name,
+        });
+    }
     if first.addresses.len() != second.addresses.len() {
         return Err(ConfigError::AddressCountMismatch {
             first: first.name,
@@ -564,6 +604,11 @@ fn validate_cluster(
     raw: RawCluster,
     node_index: &dyn Fn(&str) -> Option<NodeIndex>,
 ) -> Result<Cluster, ConfigError> {
+    if raw.failover_timeout_ms > MAX_FAILOVER_TIMEOUT_MS {
+        return Err(ConfigError::FailoverTimeout {
+            failover_timeout_ms: raw.failover_timeout_ms,
+        });
+    }
     if raw.heartbeat_interval_ms == 0 || raw.heartbeat_interval_ms >= raw.failover_timeout_ms {
         return Err(ConfigError::HeartbeatInterval {
             interval_ms: raw.heartbeat_interval_ms,
@@ -585,6 +630,10 @@ fn validate_cluster(
             None => return Err(ConfigError::BadSplitBrain(raw.split_brain)),
         },
     };
+    if !raw.state_dir.is_absolute() {
+        return Err(ConfigError::RelativeStateDir(raw.state_dir));
+    }
+    check_control_socket(&raw.control_socket)?;
     let witness = raw
         .witness
         .iter()
@@ -670,7 +719,18 @@ impl RawModule {
                 }
             },
         };
-        let minimum = cluster.failover_timeout_ms + cluster.heartbeat_interval_ms;
+        if self.lock_timeout_ms == 0 {
+            return Err(ConfigError::ZeroLockTimeout(name));
+        }
+        if self.stop_timeout_s > MAX_STOP_TIMEOUT_S {
+            return Err(ConfigError::StopTimeout {
+                module: name,
+                stop_timeout_s: self.stop_timeout_s,
+            });
+        }
+        let minimum = cluster
+            .failover_timeout_ms
+            .saturating_add(cluster.heartbeat_interval_ms);
         if self.lock_timeout_ms <= minimum {
             return Err(ConfigError::LockTimeout {
                 module: name,
@@ -700,6 +760,27 @@ impl RawModule {
             loop_interval_s: self.loop_interval_s,
         })
     }
+}
+
+/// The control socket's path is absolute and its directory, if it exists already,
+/// not world-writable (vmhad creates a missing one itself, 0755).
+fn check_control_socket(socket: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !socket.is_absolute() {
+        return Err(ConfigError::RelativeControlSocket(socket.to_path_buf()));
+    }
+    let Some(dir) = socket.parent() else {
+        return Ok(());
+    };
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(ConfigError::ControlSocketDir {
+                socket: socket.to_path_buf(),
+                dir: dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks across modules: names, ports, domains, replicated paths.
@@ -759,6 +840,13 @@ fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigE
                     path: path.clone(),
                     other_module: (*other_module).into(),
                     other_path: other_path.to_path_buf(),
+                });
+            }
+            if cluster.state_dir.starts_with(path) {
+                return Err(ConfigError::StateDirReplicated {
+                    state_dir: cluster.state_dir.clone(),
+                    module: module.name.clone(),
+                    path: path.clone(),
                 });
             }
             paths.push((path, &module.name));
@@ -1252,6 +1340,111 @@ default_primary = "node1"
             matches!(&e, ConfigError::ZeroLoopInterval(m) if m == "vm1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn state_dir_must_be_absolute_and_outside_replicated_dirs() {
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nstate_dir = \"var/lib/vmha\"",
+        ));
+        assert!(matches!(&e, ConfigError::RelativeStateDir(_)), "{e}");
+        assert!(e.to_string().contains("state_dir"), "{e}");
+        for inside in [
+            "/var/lib/libvirt/images/vm1",
+            "/var/lib/libvirt/images/vm1/.vmha",
+        ] {
+            let e = err(&edit(
+                "name = \"pair1\"",
+                &format!("name = \"pair1\"\nstate_dir = \"{inside}\""),
+            ));
+            assert!(
+                matches!(&e, ConfigError::StateDirReplicated { module, .. } if module == "vm1"),
+                "{inside}: {e}"
+            );
+            assert!(e.to_string().contains("state_dir"), "{e}");
+        }
+        // Next to it (a common name prefix) is fine.
+        Config::from_toml_str(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nstate_dir = \"/var/lib/libvirt/images/vm1-state\"",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn control_socket_must_not_be_in_a_world_writable_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let with_socket = |socket: &Path| {
+            edit(
+                "name = \"pair1\"",
+                &format!(
+                    "name = \"pair1\"\ncontrol_socket = \"{}\"",
+                    socket.display()
+                ),
+            )
+        };
+        let socket = dir.path().join("vmhad.sock");
+        Config::from_toml_str(&with_socket(&socket)).unwrap();
+        for mode in [0o777, 0o1777, 0o733] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = err(&with_socket(&socket));
+            assert!(
+                matches!(&e, ConfigError::ControlSocketDir { .. }),
+                "{mode:o}: {e}"
+            );
+            assert!(e.to_string().contains("control_socket"), "{e}");
+        }
+        let e = err(&with_socket(Path::new("run/vmhad.sock")));
+        assert!(matches!(&e, ConfigError::RelativeControlSocket(_)), "{e}");
+        assert!(e.to_string().contains("control_socket"), "{e}");
+    }
+
+    #[test]
+    fn the_same_address_on_both_nodes_is_refused() {
+        let e = err(&edit("\"10.1.0.2\"", "\"10.1.0.1\""));
+        assert!(
+            matches!(&e, ConfigError::SameAddress { address, .. } if address.to_string() == "10.1.0.1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("10.1.0.1"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_have_bounds_named_by_their_keys() {
+        let e = err(&edit("port = 7101", "port = 7101\nstop_timeout_s = 86401"));
+        assert!(
+            matches!(&e, ConfigError::StopTimeout { module, stop_timeout_s: 86401 } if module == "vm1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("stop_timeout_s"), "{e}");
+        Config::from_toml_str(&edit("port = 7101", "port = 7101\nstop_timeout_s = 86400")).unwrap();
+
+        let e = err(&edit("port = 7101", "port = 7101\nlock_timeout_ms = 0"));
+        assert!(
+            matches!(&e, ConfigError::ZeroLockTimeout(m) if m == "vm1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("lock_timeout_ms"), "{e}");
+
+        for huge in [MAX_FAILOVER_TIMEOUT_MS + 1, u64::MAX / 2, i64::MAX as u64] {
+            let e = err(&edit(
+                "name = \"pair1\"",
+                &format!("name = \"pair1\"\nfailover_timeout_ms = {huge}"),
+            ));
+            assert!(
+                matches!(&e, ConfigError::FailoverTimeout { failover_timeout_ms } if *failover_timeout_ms == huge),
+                "{huge}: {e}"
+            );
+            assert!(e.to_string().contains("failover_timeout_ms"), "{e}");
+        }
+        // Large but allowed: lock_timeout_ms is then the key to raise.
+        let e = err(&edit(
+            "name = \"pair1\"",
+            &format!("name = \"pair1\"\nfailover_timeout_ms = {MAX_FAILOVER_TIMEOUT_MS}"),
+        ));
+        assert!(matches!(e, ConfigError::LockTimeout { .. }), "{e}");
     }
 
     #[test]

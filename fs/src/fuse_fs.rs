@@ -239,9 +239,13 @@ impl ReplicatedFs {
         disk: Arc<DiskHealth>,
     ) -> Result<Self, Errno> {
         let root_path = fd_path(root.as_fd())?;
+        // The largest file the backing filesystem accepts: a change reaching past
+        // it fails with EFBIG before anything is recorded.
+        let max_size = apply::max_file_size(root.as_fd());
+        tracing::debug!(max_size, "largest file the backing filesystem accepts");
         let inodes = Arc::new(Inodes::new(root)?);
         Ok(Self {
-            repl: Replicator::new(inodes.clone(), link, tracker, disk, root_path),
+            repl: Replicator::new(inodes.clone(), link, tracker, disk, root_path, max_size),
             inodes,
             namespace: Arc::new(RwLock::new(())),
             handles: RwLock::new(HashMap::new()),

@@ -211,6 +211,11 @@ fn tree_inodes(dir: &Path) -> HashSet<(u64, u64)> {
 
 /// The directory bind-mounted read-only over itself; unmounted on drop. Descriptors
 /// opened before the bind keep writing to the underlying (writable) mount.
+///
+/// A bind remount sets the mount's flags to exactly those given: the flags of the
+/// mount beneath (`nosuid`, `nodev`, `noexec`, atime handling…) are read and given
+/// again, or a hardened `nosuid,nodev,noexec` directory would lose them while it is a
+/// secondary.
 #[derive(Debug)]
 pub struct ReadOnlyBind {
     path: PathBuf,
@@ -226,10 +231,28 @@ impl ReadOnlyBind {
         let guard = Self {
             path: path.to_path_buf(),
         };
-        rustix::mount::mount_remount(path, MountFlags::BIND | MountFlags::RDONLY, "")
+        let kept = kept_flags(&rustix::fs::statvfs(path).map_err(err)?.f_flag);
+        rustix::mount::mount_remount(path, MountFlags::BIND | MountFlags::RDONLY | kept, "")
             .map_err(err)?;
         Ok(guard)
     }
+}
+
+/// The per-mount flags of a mount (as `statvfs` reports them) that a bind remount
+/// must repeat to keep.
+fn kept_flags(has: &rustix::fs::StatVfsMountFlags) -> MountFlags {
+    use rustix::fs::StatVfsMountFlags as S;
+    [
+        (S::NOSUID, MountFlags::NOSUID),
+        (S::NODEV, MountFlags::NODEV),
+        (S::NOEXEC, MountFlags::NOEXEC),
+        (S::NOATIME, MountFlags::NOATIME),
+        (S::NODIRATIME, MountFlags::NODIRATIME),
+        (S::RELATIME, MountFlags::RELATIME),
+    ]
+    .into_iter()
+    .filter(|(s, _)| has.contains(*s))
+    .fold(MountFlags::empty(), |all, (_, m)| all | m)
 }
 
 impl Drop for ReadOnlyBind {
@@ -249,6 +272,53 @@ mod tests {
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape("/x\\134y"), "/x\\y");
+    }
+
+    /// The per-mount options of the topmost mount at `path` (mountinfo field 6).
+    fn top_mount_options(path: &Path) -> Vec<String> {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let want = path.to_string_lossy();
+        table
+            .lines()
+            .rev()
+            .find_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                (f.len() > 5 && unescape(f[4]) == want).then(|| f[5].to_string())
+            })
+            .unwrap_or_default()
+            .split(',')
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_read_only_bind_keeps_nosuid_nodev_noexec() {
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = rustix::mount::unmount(&self.0, UnmountFlags::DETACH);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().canonicalize().unwrap();
+        // A hardened directory: a mount of its own with nosuid,nodev,noexec.
+        rustix::mount::mount(
+            "vmha-test",
+            &path,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            c"size=1m",
+        )
+        .unwrap();
+        let _tmpfs = Unmount(path.clone());
+        let ro = ReadOnlyBind::new(&path).unwrap();
+        let opts = top_mount_options(&path);
+        for want in ["ro", "nosuid", "nodev", "noexec"] {
+            assert!(opts.iter().any(|o| o == want), "{want} missing: {opts:?}");
+        }
+        assert!(std::fs::write(path.join("x"), b"x").is_err());
+        drop(ro);
+        assert!(top_mount_options(&path).iter().any(|o| o == "rw"));
     }
 
     #[test]

@@ -141,7 +141,7 @@ impl SessionTable {
         };
         let st = rustix::fs::fstat(child.as_fd())?;
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            remove_beneath(child.as_fd())?;
+            apply::remove_beneath(child.as_fd())?;
             rustix::fs::unlinkat(
                 dir.as_fd(),
                 name.as_os_str(),
@@ -155,34 +155,8 @@ impl SessionTable {
     fn wipe(&self) -> Result<(), Errno> {
         let root = self.path_fd(ROOT)?;
         self.nodes.lock().retain(|id, _| *id == ROOT);
-        remove_beneath(root.as_fd())
+        apply::remove_beneath(root.as_fd())
     }
-}
-
-/// Removes everything beneath the directory `dir` (an O_PATH descriptor is fine),
-/// never following a symlink: links are removed as links.
-fn remove_beneath(dir: std::os::fd::BorrowedFd<'_>) -> Result<(), Errno> {
-    let listing = apply::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
-    let mut names = Vec::new();
-    let mut entries = rustix::fs::Dir::read_from(listing.as_fd())?;
-    while let Some(entry) = entries.read() {
-        let entry = entry?;
-        let raw = entry.file_name().to_bytes();
-        if raw != b"." && raw != b".." {
-            names.push(crate::op::Name::new(raw).map_err(|_| Errno::INVAL)?);
-        }
-    }
-    for name in names {
-        let child = apply::lookup_beneath(dir, &name)?;
-        let st = rustix::fs::fstat(child.as_fd())?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            remove_beneath(child.as_fd())?;
-            rustix::fs::unlinkat(dir, name.as_os_str(), rustix::fs::AtFlags::REMOVEDIR)?;
-        } else {
-            rustix::fs::unlinkat(dir, name.as_os_str(), rustix::fs::AtFlags::empty())?;
-        }
-    }
-    Ok(())
 }
 
 /// A listening receiver for one replicated directory.

@@ -295,8 +295,19 @@ const VERIFY_FILE: &str = "verify.json";
 /// Bound of one verify (it reads everything on both nodes).
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
-/// `<state>/verify.json` once vmha-fs finished (None while it runs).
+/// `<state>/verify.json` once vmha-fs finished (None while it runs: the file is
+/// written atomically at the end, so it is absent until then).
 fn read_verify(state: &Path) -> Result<Option<Vec<Difference>>, DriverError> {
+    let path = state.join(VERIFY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_verify(&path, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DriverError::failed(format!("read {}", path.display()), e)),
+    }
+}
+
+/// The content of a `verify.json` (read from `path`).
+fn parse_verify(path: &Path, bytes: &[u8]) -> Result<Option<Vec<Difference>>, DriverError> {
     #[derive(serde::Deserialize)]
     struct VerifyFile {
         state: String,
@@ -305,20 +316,19 @@ fn read_verify(state: &Path) -> Result<Option<Vec<Difference>>, DriverError> {
         #[serde(default)]
         error: Option<String>,
     }
-    let path = state.join(VERIFY_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None);
-    };
-    let Ok(file) = serde_json::from_str::<VerifyFile>(&text) else {
-        return Ok(None);
-    };
+    let file: VerifyFile = serde_json::from_slice(bytes)
+        .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
     match file.state.as_str() {
         "done" => Ok(Some(file.differing)),
         "failed" => Err(DriverError::failed(
             "verify",
             file.error.unwrap_or_else(|| "failed".into()),
         )),
-        _ => Ok(None),
+        "running" => Ok(None),
+        other => Err(DriverError::failed(
+            format!("parse {}", path.display()),
+            format!("unknown state `{other}`"),
+        )),
     }
 }
 const LINK_FILE: &str = "link.json";
@@ -343,12 +353,16 @@ fn write_generation(state: &Path, generation: &str) -> Result<(), DriverError> {
 /// The state of one directory's sync from `<state>/sync.json`.
 fn read_sync(state: &Path) -> Result<ResyncState, DriverError> {
     let path = state.join(SYNC_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ResyncState::Idle),
-        Err(e) => return Err(DriverError::failed(format!("read {}", path.display()), e)),
-    };
-    let sync: SyncFile = serde_json::from_str(&text)
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_sync(&path, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ResyncState::Idle),
+        Err(e) => Err(DriverError::failed(format!("read {}", path.display()), e)),
+    }
+}
+
+/// The content of a `sync.json` (read from `path`).
+fn parse_sync(path: &Path, bytes: &[u8]) -> Result<ResyncState, DriverError> {
+    let sync: SyncFile = serde_json::from_slice(bytes)
         .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
     let progress = Progress {
         done_bytes: sync.done_bytes,
@@ -370,17 +384,23 @@ fn read_sync(state: &Path) -> Result<ResyncState, DriverError> {
 /// needs nothing from the controller, is healthy.
 fn read_link(state: &Path) -> FsHealth {
     let path = state.join(LINK_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let Ok(bytes) = std::fs::read(&path) else {
         return FsHealth::Healthy;
     };
-    let link: LinkFile = match serde_json::from_str(&text) {
-        Ok(link) => link,
+    match parse_link(&path, &bytes) {
+        Ok(health) => health,
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "unreadable link status");
-            return FsHealth::Healthy;
+            tracing::warn!("unreadable link status: {e}");
+            FsHealth::Healthy
         }
-    };
-    match link.state.as_str() {
+    }
+}
+
+/// The content of a `link.json` (read from `path`).
+fn parse_link(path: &Path, bytes: &[u8]) -> Result<FsHealth, DriverError> {
+    let link: LinkFile = serde_json::from_slice(bytes)
+        .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
+    Ok(match link.state.as_str() {
         "lost" | "stalled" | "failed" => {
             tracing::debug!(state = link.state, reason = ?link.reason, "replication link down");
             FsHealth::LinkDown
@@ -390,7 +410,24 @@ fn read_link(state: &Path) -> FsHealth {
             FsHealth::Fenced
         }
         _ => FsHealth::Healthy,
-    }
+    })
+}
+
+/// The content of a `changed_bytes` file: a decimal count of bytes.
+fn parse_changed_bytes(bytes: &[u8]) -> Result<u64, DriverError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .ok_or_else(|| DriverError::failed("parse changed_bytes", "not a decimal count of bytes"))
+}
+
+/// The module's changed bytes from its directories' files (unreadable ones count
+/// nothing; the sum saturates rather than overflow).
+fn sum_changed_bytes(files: &[Vec<u8>]) -> u64 {
+    files
+        .iter()
+        .filter_map(|b| parse_changed_bytes(b).ok())
+        .fold(0u64, u64::saturating_add)
 }
 
 /// One line of `/proc/self/mountinfo`.
@@ -408,6 +445,11 @@ fn mount_table() -> Vec<MountLine> {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
+    parse_mount_table(&text)
+}
+
+/// The lines of a mountinfo text that parse (others are skipped).
+fn parse_mount_table(text: &str) -> Vec<MountLine> {
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(' ').collect();
@@ -754,12 +796,13 @@ impl FsDriver for VmhaFsDriver {
     /// What the writer's dirty records mark as changed without the peer, over all
     /// the module's directories (`STATE/changed_bytes`, refreshed every second).
     fn changed_bytes(&self, module: &Module) -> u64 {
-        self.writer_state_dirs(module)
+        let files: Vec<Vec<u8>> = self
+            .writer_state_dirs(module)
             .unwrap_or_default()
             .iter()
-            .filter_map(|state| std::fs::read_to_string(state.join("changed_bytes")).ok())
-            .filter_map(|text| text.trim().parse::<u64>().ok())
-            .sum()
+            .filter_map(|state| std::fs::read(state.join("changed_bytes")).ok())
+            .collect();
+        sum_changed_bytes(&files)
     }
 
     /// SIGHUP to each writer: vmha-fs compares its directory with the peer's and
@@ -917,6 +960,97 @@ mod tests {
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
         assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
+    }
+
+    #[test]
+    fn changed_bytes_of_several_directories_saturate() {
+        let files = vec![
+            format!("{}\n", u64::MAX).into_bytes(),
+            b"12\n".to_vec(),
+            b"garbage".to_vec(),
+        ];
+        assert_eq!(sum_changed_bytes(&files), u64::MAX);
+        assert_eq!(sum_changed_bytes(&[b" 7\n".to_vec(), b"5".to_vec()]), 12);
+    }
+
+    #[test]
+    fn verify_json_that_does_not_parse_is_an_error_not_a_wait() {
+        let p = Path::new("verify.json");
+        assert!(parse_verify(p, b"{\"state\":\"done\"").is_err());
+        assert!(parse_verify(p, b"{\"state\":\"bogus\"}").is_err());
+        assert_eq!(parse_verify(p, b"{\"state\":\"running\"}"), Ok(None));
+        assert_eq!(
+            parse_verify(p, b"{\"state\":\"done\",\"differing\":[]}"),
+            Ok(Some(Vec::new()))
+        );
+    }
+
+    /// A state file's bytes: arbitrary, or JSON-shaped with the keys vmha-fs writes
+    /// (so that values of every type reach the field parsers), or a number.
+    fn state_file_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<u64>().prop_map(|v| v.to_string()),
+            "[a-z_]{0,12}".prop_map(|v| format!("\"{v}\"")),
+            Just("null".to_string()),
+            Just("[{\"path\":\"a\",\"offset\":1,\"len\":-1}]".to_string()),
+            Just("1e999".to_string()),
+            "\\PC{0,16}",
+        ];
+        let key = prop_oneof![
+            Just("state"),
+            Just("done_bytes"),
+            Just("total_bytes"),
+            Just("error"),
+            Just("differing"),
+            Just("reason"),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            proptest::collection::vec((key, value), 0..6).prop_map(|kv| {
+                let body: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", body.join(",")).into_bytes()
+            }),
+            any::<u64>().prop_map(|v| format!("{v}\n").into_bytes()),
+            "[0-9 +-]{0,30}".prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever another process left in a state file, the parsers neither panic
+        /// nor take it for a valid file unless it is one.
+        #[test]
+        fn state_file_parsers_take_any_bytes(
+            bytes in state_file_bytes(),
+            more in proptest::collection::vec(state_file_bytes(), 0..4),
+        ) {
+            let p = Path::new("state-file");
+            let sync = parse_sync(p, &bytes);
+            let link = parse_link(p, &bytes);
+            let verify = parse_verify(p, &bytes);
+            let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
+            let has_state = bytes.windows(7).any(|w| w == b"\"state\"");
+            if !is_json || !has_state {
+                proptest::prop_assert!(sync.is_err());
+                proptest::prop_assert!(link.is_err());
+                proptest::prop_assert!(verify.is_err());
+            }
+            let changed = parse_changed_bytes(&bytes);
+            let text = std::str::from_utf8(&bytes).ok();
+            proptest::prop_assert_eq!(
+                changed.ok(),
+                text.and_then(|t| t.trim().parse::<u64>().ok())
+            );
+            let mut all = more.clone();
+            all.push(bytes.clone());
+            let _ = sum_changed_bytes(&all);
+            let _ = combine(vec![sync, parse_sync(p, &bytes)]);
+            let _ = parse_mount_table(&String::from_utf8_lossy(&bytes));
+            let _ = unescape_mountinfo(&String::from_utf8_lossy(&bytes));
+        }
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Replicator {
     pub(crate) disk: Arc<DiskHealth>,
     /// The backing directory's path, to name journal entries relative to it.
     root_path: Vec<u8>,
+    /// The largest file the backing filesystem accepts: a change reaching past it
+    /// fails with EFBIG before anything is recorded.
+    max_size: u64,
 }
 
 impl Replicator {
@@ -54,6 +57,7 @@ impl Replicator {
         tracker: Arc<Tracker>,
         disk: Arc<DiskHealth>,
         root_path: Vec<u8>,
+        max_size: u64,
     ) -> Arc<Self> {
         link.track(tracker.clone());
         Arc::new(Self {
@@ -62,6 +66,7 @@ impl Replicator {
             tracker,
             disk,
             root_path,
+            max_size,
         })
     }
 
@@ -338,12 +343,12 @@ impl Replicator {
 
     fn changes_of(&self, op: &Op) -> Result<Vec<Change>, Errno> {
         let range = |id: NodeId, start: u64, len: u64| -> Result<Vec<Change>, Errno> {
+            let end = start.checked_add(len).ok_or(Errno::FBIG)?;
+            if end > self.max_size {
+                return Err(Errno::FBIG);
+            }
             let ino = self.inodes.get(id)?.ino();
-            Ok(vec![Change::Range {
-                ino,
-                start,
-                end: start.saturating_add(len),
-            }])
+            Ok(vec![Change::Range { ino, start, end }])
         };
         let name = |parent: NodeId, name: &Name| -> Result<Change, Errno> {
             let dir = self.inodes.get(parent)?;
