@@ -346,6 +346,7 @@ fn forged_beat(role: Role) -> Vec<u8> {
                 readiness: Readiness::Ready,
                 request: None,
                 forced: false,
+                disk: Default::default(),
             },
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,

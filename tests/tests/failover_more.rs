@@ -349,11 +349,33 @@ fn fs_killed() -> Result<()> {
         state(&s, "node1")
     );
     more_counters(&vc, 1, 3, Duration::from_secs(60))?.check_monotonic()?;
+    // node1 recovers on its own: the dead FUSE mount its vmha-fs left over the
+    // directory is detached, and node1 rejoins as SECOND with an incremental
+    // resync (its copy is intact: only a process died), then is ready again.
+    let t = Instant::now();
+    let s = wait_status(&vc, 1, "node1 SECOND and ready", SYNC_TIMEOUT, |s| {
+        state(s, "node1") == Some("SECOND") && ready(s, "node1")
+    })?;
+    ensure!(
+        primary(&s) == Some("node2"),
+        "primary {:?} after node1 rejoined",
+        primary(&s)
+    );
+    let log1 = vc.vmctl(0, &["log"])?;
+    ensure!(
+        log1.contains("incremental resync started") && !log1.contains("full resync started"),
+        "node1 did not rejoin by an incremental resync; its log:\n{log1}"
+    );
+    eprintln!(
+        "[failover_more] node1 SECOND and ready again {:?} after node2 took over",
+        t.elapsed()
+    );
+    more_counters(&vc, 1, 3, Duration::from_secs(60))?.check_monotonic()?;
     Ok(())
 }
 
 #[test]
-fn vmha_fs_of_prim_killed_fails_over_without_losing_counters() {
+fn vmha_fs_of_prim_killed_fails_over_and_the_node_rejoins_as_second() {
     let _one = vmha_test_infra::node::one_cluster_at_a_time();
     if let Err(e) = fs_killed() {
         panic!("{e:#}");
