@@ -10,55 +10,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
-use vmha_test_infra::guest::{wait_console, Console};
+use vmha_test_infra::guest::Console;
 use vmha_test_infra::node::Network;
 use vmha_test_infra::scenario::{
-    more_counters, running_pair, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT,
+    boots_on, more_counters, running_pair, runs_vm, STATE_TIMEOUT, SYNC_TIMEOUT,
 };
-use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
+use vmha_test_infra::vmctl_status::{entry, primary, ready, state, status, wait_status};
 
 /// A writer state: the node runs the module.
 fn writer(st: Option<&str>) -> bool {
     matches!(st, Some("PRIM" | "ALONE"))
-}
-
-/// Waits until the guest boots (once more than `boots_before`) on node `to`
-/// and counts there; checks it resumed from at least `acked` (the last counter
-/// acknowledged elsewhere) and that `to`'s counters never go back.
-fn boots_on(
-    vc: &VmCluster,
-    to: usize,
-    boots_before: usize,
-    counters_before: usize,
-    acked: u64,
-) -> Result<Console> {
-    let name = vc.node(to).name().to_string();
-    let c = diag(
-        vc,
-        wait_console(
-            &vc.console(to)?,
-            BOOT_TIMEOUT,
-            &format!("a new boot and counter on {name}"),
-            |c| c.boots.len() > boots_before && c.counters.len() > counters_before,
-        ),
-    )?;
-    let boot = c.boots[boots_before];
-    ensure!(
-        boot >= acked,
-        "acknowledged counter lost: {acked} was acknowledged, {name} booted from {boot}"
-    );
-    ensure!(
-        c.counters[counters_before] == boot + 1,
-        "{name} resumed at {} after booting from {boot}",
-        c.counters[counters_before]
-    );
-    c.check_monotonic()?;
-    ensure!(
-        c.errors.is_empty(),
-        "guest errors on {name}: {:?}",
-        c.errors
-    );
-    Ok(c)
 }
 
 // ---- 1. vmctl stop on the PRIM ----
