@@ -412,8 +412,8 @@ async fn local_disk_failure_fails_over_and_the_node_waits_until_start() {
         .lines
         .join("\n");
     let after = log
-        .splitn(2, "local disk failed")
-        .nth(1)
+        .split_once("local disk failed")
+        .map(|(_, rest)| rest)
         .unwrap_or_default();
     assert!(
         after.contains("PRIM -> WAIT: the local disk failed"),
