@@ -94,8 +94,20 @@ pub enum LinkState {
 }
 
 impl LinkState {
+    /// Mutations are applied here only; what they change goes to the dirty
+    /// records (the peer is recorded as outdated).
+    pub fn writes_alone(&self) -> bool {
+        matches!(self, LinkState::Degraded | LinkState::Attaching)
+    }
+
+    /// The peer receives every mutation and acknowledges it (a replica, or one
+    /// being brought up to date).
+    pub fn replicates(&self) -> bool {
+        matches!(self, LinkState::Connected | LinkState::Syncing)
+    }
+
     /// States in which operations travel to the peer.
-    fn sends(&self) -> bool {
+    pub fn sends(&self) -> bool {
         matches!(
             self,
             LinkState::Connected | LinkState::Attaching | LinkState::Syncing
@@ -132,6 +144,9 @@ struct Shared {
     last_send: Instant,
     /// Where the answers of queries in flight (`Message::Differ`) go, by sequence.
     queries: HashMap<u64, crossbeam_channel::Sender<Vec<u32>>>,
+    /// Set by `shutdown`: the timer threads end. A failed link keeps them, since
+    /// a later attach (after SIGUSR1) brings it back to life.
+    stopping: bool,
 }
 
 impl Shared {
@@ -151,6 +166,7 @@ impl Shared {
             outbox: Vec::new(),
             last_send: Instant::now(),
             queries: HashMap::new(),
+            stopping: false,
         }
     }
 }
@@ -459,10 +475,9 @@ impl PeerLink {
         let bytes = op.data_len();
         let mut shared = self.wait_until(|s| {
             let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
-            (matches!(s.state, LinkState::Connected | LinkState::Syncing) && room)
-                || matches!(s.state, LinkState::Degraded | LinkState::Attaching)
+            (s.state.replicates() && room) || s.state.writes_alone()
         })?;
-        if matches!(shared.state, LinkState::Degraded | LinkState::Attaching) {
+        if shared.state.writes_alone() {
             drop(shared);
             completion(Ok(()));
             return Ok(());
@@ -558,7 +573,7 @@ impl PeerLink {
     /// Used for Bind/Forget, which only matter to a connected peer.
     pub fn submit_nowait(&self, op: Op) {
         let mut shared = self.inner.shared.lock();
-        if matches!(shared.state, LinkState::Connected | LinkState::Syncing) {
+        if shared.state.replicates() {
             let link = self.clone();
             let what = format!("{op:?}");
             let completion: Completion = Box::new(move |result| {
@@ -693,6 +708,7 @@ impl PeerLink {
     pub fn shutdown(&self, threads: LinkThreads) {
         {
             let mut shared = self.inner.shared.lock();
+            shared.stopping = true;
             if !matches!(shared.state, LinkState::Failed(_)) {
                 shared.state = LinkState::Failed("shut down".into());
             }
@@ -739,7 +755,7 @@ impl PeerLink {
             std::thread::sleep(PING_INTERVAL / 4);
             {
                 let mut shared = self.inner.shared.lock();
-                if matches!(shared.state, LinkState::Failed(_)) {
+                if shared.stopping {
                     return;
                 }
                 if !shared.state.sends()
@@ -788,6 +804,14 @@ impl PeerLink {
                     return;
                 }
             };
+            // A peer-provided number: checked before it becomes an Errno.
+            if let Some(bad) = acks.iter().find(|a| !(0..4096).contains(&a.errno)) {
+                self.lost(
+                    epoch,
+                    &format!("the receiver sent an invalid error number {}", bad.errno),
+                );
+                return;
+            }
             let mut done = Vec::with_capacity(acks.len());
             {
                 let mut shared = self.inner.shared.lock();
@@ -818,9 +842,11 @@ impl PeerLink {
         loop {
             std::thread::sleep(Duration::from_millis(50));
             let shared = self.inner.shared.lock();
+            if shared.stopping {
+                return;
+            }
             match shared.state {
-                LinkState::Failed(_) => return,
-                LinkState::Degraded => continue,
+                LinkState::Failed(_) | LinkState::Degraded => continue,
                 _ => {}
             }
             // While attaching, nothing live waits for the peer (mutations complete

@@ -14,6 +14,7 @@ use vmha_fs::fuse_fs::ReplicatedFs;
 use vmha_fs::key::ClusterKey;
 use vmha_fs::link::{LinkError, LinkState, PeerLink};
 use vmha_fs::mounts::{self, ReadOnlyBind};
+use vmha_fs::primary::DiskHealth;
 use vmha_fs::receiver::ReceiverServer;
 use vmha_fs::resync::{SyncProgress, Syncer};
 use vmha_fs::statedir::StateDir;
@@ -130,6 +131,8 @@ enum CliError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("refusing to write: this node's copy is recorded as not up to date ({reason}); it must first be resynced as the secondary (remove {path} only if you know this copy is the one to keep)")]
+    SelfOutdated { path: PathBuf, reason: String },
     #[error("{0}")]
     Other(String),
 }
@@ -280,8 +283,20 @@ fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
     let (state, key_file) = (state.as_path(), key_file.as_path());
     let key = ClusterKey::load(key_file)?;
     let backing = existing_dir("backing", &backing)?;
-    let state_dir = StateDir::open(state)?;
+    let state_dir = Arc::new(StateDir::open(state)?);
     let tracker = Tracker::open(state_dir.path(), vmha_fs::track::DEFAULT_AL_EXTENTS)?;
+    if let Some(reason) = state_dir.self_outdated() {
+        // This copy's records say nothing reliable any more (its disk failed while
+        // it was the writer): the writer compares every block.
+        tracing::warn!(
+            reason = reason.trim(),
+            "this copy is recorded as not up to date; the writer will compare it block by block"
+        );
+        tracker
+            .invalidate()
+            .map_err(|e| CliError::Other(format!("cannot invalidate the records: {e}")))?;
+        clear_self_outdated_when_in_sync(state_dir.clone(), tracker.clone())?;
+    }
     let root = open_dir("backing", &backing)?;
     let server = ReceiverServer::bind(listen, root, key)?
         .accept_only_generation(accept_generation)
@@ -307,6 +322,28 @@ fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Removes `self-outdated` once a resync made this copy identical to the
+/// writer's (the records become valid only then).
+fn clear_self_outdated_when_in_sync(
+    state: Arc<StateDir>,
+    tracker: Arc<Tracker>,
+) -> Result<(), CliError> {
+    std::thread::Builder::new()
+        .name("self-outdated".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            if tracker.is_valid() {
+                match state.clear_self_outdated() {
+                    Ok(()) => tracing::info!("this copy is up to date again"),
+                    Err(e) => tracing::error!("cannot clear the self-outdated record: {e}"),
+                }
+                return;
+            }
+        })
+        .map(drop)
+        .map_err(|e| CliError::Other(format!("cannot start a thread: {e}")))
+}
+
 struct PrimaryArgs {
     backing: PathBuf,
     mount: PathBuf,
@@ -325,9 +362,16 @@ struct PrimaryArgs {
 
 fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let key = ClusterKey::load(&args.key_file)?;
+    let state = Arc::new(StateDir::open(&args.state)?);
+    // First: a copy recorded as behind must not write, whatever its disk says now.
+    if let Some(reason) = state.self_outdated() {
+        return Err(CliError::SelfOutdated {
+            path: state.path().join(vmha_fs::statedir::SELF_OUTDATED),
+            reason: reason.trim().to_string(),
+        });
+    }
     let backing = existing_dir("backing", &args.backing)?;
     let mount = existing_dir("mount", &args.mount)?;
-    let state = Arc::new(StateDir::open(&args.state)?);
     if mounts::is_fuse_mounted(&mount)? {
         return Err(CliError::AlreadyMounted(mount));
     }
@@ -353,7 +397,24 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         return Err(CliError::NotInSync(state.path().join("track")));
     }
     let marker = state.clone();
+    let disk = Arc::new(DiskHealth::new(Box::new(move |reason| {
+        if let Err(e) = marker.mark_self_outdated(reason) {
+            // Its disk may be the failed one: the status still says it.
+            tracing::error!("cannot record that this copy is outdated: {e}");
+        }
+    })));
+    let marker = state.clone();
+    let local_disk = disk.clone();
     let record_outdated: vmha_fs::link::DivergenceHook = Box::new(move |reason| {
+        if let Some(failure) = local_disk.failure() {
+            // The copy that is behind is ours, whatever the link saw afterwards.
+            tracing::error!(
+                reason,
+                failure,
+                "not recording the peer as outdated: this node's own disk failed"
+            );
+            return;
+        }
         if let Err(e) = marker.mark_peer_outdated(reason) {
             // Without the record, writing on would lose track of what the peer lacks.
             tracing::error!("cannot record that the peer is outdated: {e}; stopping");
@@ -373,11 +434,12 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let checkpoint_root = root
         .try_clone()
         .map_err(|e| CliError::Other(format!("cannot duplicate the backing descriptor: {e}")))?;
-    let fs = ReplicatedFs::new(root, link.clone(), tracker.clone())
+    let fs = ReplicatedFs::new(root, link.clone(), tracker.clone(), disk.clone())
         .map_err(|e| CliError::Other(format!("cannot read backing directory: {e}")))?;
     let checkpoints = Checkpointer {
         tracker: tracker.clone(),
         link: link.clone(),
+        disk: disk.clone(),
         root: Arc::new(checkpoint_root),
         stop: Arc::new(AtomicBool::new(false)),
     };
@@ -412,9 +474,11 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let mut unmounter = session.unmount_callable();
     let mount_path = mount.clone();
     let degrade = link.clone();
+    let signal_disk = disk.clone();
     let fenced = Arc::new(parking_lot::Mutex::new(None));
     publish_link_status(
         link.clone(),
+        disk.clone(),
         state.clone(),
         fenced.clone(),
         args.lock_timeout,
@@ -444,11 +508,27 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == signal_hook::consts::SIGUSR1 {
-                    degrade.go_degraded("the controller declared the peer dead");
+                    match signal_disk.failure() {
+                        // Writing alone on a failed disk would make the bad copy
+                        // the only one that moves on.
+                        Some(failure) => tracing::error!(
+                            failure,
+                            "SIGUSR1 refused: this node's disk failed; the module must run on the peer"
+                        ),
+                        None => degrade.go_degraded("the controller declared the peer dead"),
+                    }
                     continue;
                 }
                 if signal == signal_hook::consts::SIGUSR2 {
-                    join.start();
+                    match signal_disk.failure() {
+                        // A resync from a failed disk would copy a bad copy over
+                        // the good one.
+                        Some(failure) => tracing::error!(
+                            failure,
+                            "SIGUSR2 refused: this node's disk failed; it cannot be the source of a resync"
+                        ),
+                        None => join.start(),
+                    }
                     continue;
                 }
                 if signal == signal_hook::consts::SIGHUP {
@@ -530,9 +610,13 @@ type Fenced = Arc<parking_lot::Mutex<Option<String>>>;
 /// the last attach was refused for a stale generation and the link writes alone.
 fn link_status(
     link: &PeerLink,
+    disk: &DiskHealth,
     fenced: &Fenced,
     stall: Duration,
 ) -> (&'static str, Option<String>) {
+    if let Some(failure) = disk.failure() {
+        return ("disk_failed", Some(failure.to_string()));
+    }
     match link.state() {
         LinkState::Connected if link.stalled_for().is_some_and(|d| d >= stall) => (
             "stalled",
@@ -559,20 +643,21 @@ fn link_status(
 /// and send SIGUSR1. The thread ends with the process.
 fn publish_link_status(
     link: PeerLink,
+    disk: Arc<DiskHealth>,
     state: Arc<StateDir>,
     fenced: Fenced,
     lock_timeout: Duration,
     tracker: Arc<Tracker>,
 ) -> Result<(), CliError> {
     let stall = lock_timeout / 2;
-    let mut last = link_status(&link, &fenced, stall);
+    let mut last = link_status(&link, &disk, &fenced, stall);
     state.write_link_status(last.0, last.1.as_deref());
     let mut changed = (u64::MAX, std::time::Instant::now());
     std::thread::Builder::new()
         .name("link-status".into())
         .spawn(move || loop {
             std::thread::sleep(Duration::from_millis(25));
-            let now = link_status(&link, &fenced, stall);
+            let now = link_status(&link, &disk, &fenced, stall);
             if now != last {
                 state.write_link_status(now.0, now.1.as_deref());
                 last = now;
@@ -608,6 +693,7 @@ fn stale_refusal(error: &LinkError) -> Option<String> {
 struct Checkpointer {
     tracker: Arc<Tracker>,
     link: PeerLink,
+    disk: Arc<DiskHealth>,
     root: Arc<std::os::fd::OwnedFd>,
     stop: Arc<AtomicBool>,
 }
@@ -626,10 +712,7 @@ impl Checkpointer {
             // set): retiring hot extents on a timer would make every write to them
             // log them again (measured: seqwrite 0.54× → 0.37× of local). Writing
             // alone, a timer also writes the exact blocks, so a crash folds little.
-            let alone = matches!(
-                self.link.state(),
-                vmha_fs::link::LinkState::Degraded | vmha_fs::link::LinkState::Attaching
-            );
+            let alone = self.link.state().writes_alone();
             if full || (alone && last.elapsed() >= Self::INTERVAL) {
                 last = std::time::Instant::now();
                 if !self.once() {
@@ -645,6 +728,11 @@ impl Checkpointer {
     /// made durable first; writing alone, only the dirty maps' pending blocks.
     fn once(&self) -> bool {
         use vmha_fs::link::LinkState;
+        // A failed sync is never retried into success: on a failed disk the
+        // logged extents stay logged (the resync then compares everything anyway).
+        if self.disk.is_failed() {
+            return false;
+        }
         let connected = match self.link.state() {
             LinkState::Connected | LinkState::Syncing => true,
             LinkState::Degraded | LinkState::Attaching => false,
@@ -659,7 +747,10 @@ impl Checkpointer {
             }
         };
         if connected {
-            if let Err(e) = rustix::fs::syncfs(&*self.root) {
+            if let Err(e) = self
+                .disk
+                .watch("checkpoint sync", rustix::fs::syncfs(&*self.root))
+            {
                 tracing::warn!("checkpoint: local sync failed: {e}");
                 return false;
             }

@@ -1,151 +1,350 @@
-//! End-to-end: the writer's own disk fails (issue "fault hardening", item 1).
-//!
-//! node1's replicated directory lives on an XFS of its own on a loop device,
-//! mounted inside node1's mount namespace; vm1 runs on node1 with its guest
-//! counting, node2 is a ready SECOND. `xfs_io -x -c shutdown` on that XFS makes
-//! every later write and fsync on node1's copy fail with EIO, as a dying disk
-//! does. What the user relies on: node2 runs the VM (ALONE) with every
-//! acknowledged counter; node2's copy is never overwritten from node1 (node1
-//! never writes again and never marks node2 outdated: no `peer-outdated` on
-//! node1); node1 waits (WAIT, not up to date) and `status` shows its disk failed,
-//! on both nodes.
-//!
-//! Needs root, /dev/fuse, XFS tools, the packages of `.ci/install-deps` and the
-//! workspace binaries (`cargo build --workspace --bins`).
+//! A node's own disk fails or fills (issue "Real faults never turn against the
+//! good copy", item 1), on real XFS loop devices, real FUSE and TCP:
+//! - the primary's backing filesystem shuts down (`xfs_io -x -c shutdown`) while
+//!   fio and a checking writer write: every acknowledged write is on the peer, the
+//!   primary records itself (never the peer) as not up to date, reports
+//!   `disk_failed`, refuses to go alone (SIGUSR1) or to resync the peer from its
+//!   copy (SIGUSR2), fails every later change and fsync, and refuses to start
+//!   writing again on that state;
+//! - one side's filesystem is full: the writer gets ENOSPC, the two copies are
+//!   equal again before that, the link stays up, nobody is recorded outdated.
 
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use vmha_test_infra::cluster_vm::{host_side, Timing, VmCluster, MODULE, REPLICATED, STATE_DIR};
-use vmha_test_infra::guest::Console;
-use vmha_test_infra::scenario::{boots_on, more_counters, runs_vm, start_pair, STATE_TIMEOUT};
-use vmha_test_infra::vmctl_status::{entry, primary, state, status, wait_status};
-use vmha_test_infra::LoopFs;
+use anyhow::{bail, ensure, Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vmha_test_infra::aligned::AlignedBuf;
+use vmha_test_infra::loopfs::LoopFs;
+use vmha_test_infra::pair::{Pair, PairOptions};
+use vmha_test_infra::proc::Child;
 
-/// The vmha-fs state directory of node `i` for vm1's only directory.
-fn fs_state(vc: &VmCluster, i: usize) -> Result<std::path::PathBuf> {
-    Ok(host_side(vc.node(i), STATE_DIR)?.join(MODULE).join("fs0"))
+const LOOP_SIZE: u64 = 512 << 20;
+const BLOCK: usize = 64 << 10;
+const CHECKED_FILE: &str = "checked.img";
+const CHECKED_SIZE: u64 = 32 << 20;
+
+/// A block written: (slot, seed of its data).
+type Block = (u64, u64);
+
+fn link_state(state: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(state.join("link.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["state"].as_str().map(str::to_string)
 }
 
-fn disk_fails() -> Result<()> {
-    // Declared first, dropped last: the nodes (and node1's mount of it) go first.
-    let disk1 = LoopFs::new("disk-failure-node1", 512 << 20)?;
-    let mut vc = VmCluster::new(&Timing::default())?;
-    // The guest's disk and XML move onto the XFS, mounted over node1's directory.
-    let dir1 = vc.backing(0)?;
-    for name in [format!("{MODULE}.qcow2"), format!("{MODULE}.xml")] {
-        std::fs::copy(dir1.join(&name), disk1.path().join(&name))
-            .with_context(|| format!("copying {name} onto the XFS"))?;
+fn wait_link_state(state: &Path, want: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = link_state(state);
+        if now.as_deref() == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("link.json never said {want} (last: {now:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    vc.node(0).run("mount", &[disk1.device(), REPLICATED])?;
-    start_pair(&mut vc)?;
-    more_counters(&vc, 0, 3, Duration::from_secs(60))?;
-    let s = status(&vc, 1)?;
-    ensure!(
-        entry(&s, "node1")["disk"] == "ok" && entry(&s, "node2")["disk"] == "ok",
-        "disks before the failure: {s}"
-    );
-    let generation1 = entry(&s, "node1")["generation"].clone();
+}
 
-    let t = Instant::now();
-    disk1.shutdown()?;
-    eprintln!("[disk_failure] node1's XFS shut down");
-    wait_status(&vc, 1, "node2 ALONE, running vm1", STATE_TIMEOUT, |s| {
-        state(s, "node2") == Some("ALONE") && primary(s) == Some("node2")
+/// Data of the `i`-th acknowledged block of a writer.
+fn block_data(seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK];
+    StdRng::seed_from_u64(seed).fill(&mut v[..]);
+    v
+}
+
+/// Writes seeded 64 KiB blocks with O_DIRECT at random slots of `path`,
+/// fdatasync every 4, until an error or `stop`; returns (slot, seed) of every
+/// write whose `write` returned the full length, and of the one that failed (its
+/// range is undefined to the writer: either content may be there).
+fn checking_writer(path: PathBuf, stop: Arc<AtomicBool>) -> (Vec<Block>, Option<Block>) {
+    let mut acked = Vec::new();
+    let Ok(f) = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    else {
+        return (acked, None);
+    };
+    let Ok(mut buf) = AlignedBuf::new(BLOCK, 4096) else {
+        return (acked, None);
+    };
+    let slots = CHECKED_SIZE / BLOCK as u64;
+    let mut rng = StdRng::seed_from_u64(42);
+    for i in 0u64.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let slot = rng.random_range(0..slots);
+        let seed = 1000 + i;
+        buf[..].copy_from_slice(&block_data(seed));
+        if f.write_all_at(&buf, slot * BLOCK as u64).is_err() {
+            return (acked, Some((slot, seed)));
+        }
+        acked.push((slot, seed));
+        if i % 4 == 3 && f.sync_data().is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (acked, None)
+}
+
+fn create_file(path: &Path, size: u64) -> Result<()> {
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn fio_load(file: &Path) -> Result<Child> {
+    let mut c = Command::new("fio");
+    c.arg("--name=load")
+        .arg(format!("--filename={}", file.display()))
+        .args([
+            "--size=32M",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=psync",
+            "--fsync=8",
+            "--time_based",
+            "--runtime=60",
+        ]);
+    Child::spawn("fio", c)
+}
+
+#[test]
+fn primary_disk_failure_loses_nothing_and_never_blames_the_peer() -> Result<()> {
+    let disk = LoopFs::new("pri-disk", LOOP_SIZE)?;
+    let mut pair = Pair::start(PairOptions {
+        primary_backing_in: Some(disk.path().to_path_buf()),
+        ..PairOptions::default()
     })?;
-    let to_writer = t.elapsed();
-    // Whatever node1's guest printed was acknowledged: node2 boots from it.
-    let acked = Console::read(&vc.console(0)?)?
-        .last_counter()
-        .context("no counter on node1")?;
-    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
-    eprintln!(
-        "[disk_failure] shutdown -> node2 ALONE {to_writer:?}, -> counting on node2 {:?}; \
-         node1 acknowledged {acked}, node2 booted from {}",
-        t.elapsed(),
-        c2.boots[0]
-    );
-    ensure!(!runs_vm(&vc, 0)?, "vm1 still running on node1");
-
-    // node1: WAIT, not up to date, its disk failed — in both nodes' views.
-    let s1 = wait_status(
-        &vc,
-        0,
-        "node1 WAIT with its disk failed",
-        STATE_TIMEOUT,
-        |s| state(s, "node1") == Some("WAIT") && entry(s, "node1")["disk"] == "failed",
-    )?;
+    let checked = pair.mount().join(CHECKED_FILE);
+    create_file(&checked, CHECKED_SIZE)?;
+    let mut fio = fio_load(&pair.mount().join("fio.dat"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (checked.clone(), stop.clone());
+        std::thread::spawn(move || checking_writer(path, stop))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    disk.shutdown()?;
+    wait_link_state(pair.primary_state(), "disk_failed", Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let (acked, failed) = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    let _ = fio.kill();
     ensure!(
-        entry(&s1, "node1")["readiness"] == "not_uptodate",
-        "node1: {s1}"
-    );
-    ensure!(
-        entry(&s1, "node1")["generation"] == generation1,
-        "node1 started a generation on its failed disk: {s1}"
-    );
-    let s2 = wait_status(
-        &vc,
-        1,
-        "node1's disk failed in node2's view",
-        STATE_TIMEOUT,
-        |s| entry(s, "node1")["disk"] == "failed",
-    )?;
-    ensure!(entry(&s2, "node2")["disk"] == "ok", "node2: {s2}");
-
-    // node1 blamed itself, never its peer.
-    let state1 = fs_state(&vc, 0)?;
-    ensure!(
-        !state1.join("peer-outdated").exists(),
-        "node1 marked node2 outdated for its own disk failure"
-    );
-    ensure!(
-        state1.join("self-outdated").exists(),
-        "node1 did not record itself as outdated in {}",
-        state1.display()
+        acked.len() > 20,
+        "the writer got only {} writes acknowledged before the failure",
+        acked.len()
     );
 
-    // node2 keeps writing; node1 never writes again, so node2's copy is never
-    // overwritten from it: node1 stays WAIT, never a writer, never attached.
-    let c2 = more_counters(&vc, 1, 5, Duration::from_secs(60))?;
-    c2.check_monotonic()?;
-    let s = status(&vc, 0)?;
+    // Every acknowledged write is on the peer (the last write of a slot wins).
+    let mut last = std::collections::HashMap::new();
+    for (slot, seed) in &acked {
+        last.insert(*slot, *seed);
+    }
+    let replica = std::fs::File::open(pair.secondary_backing().join(CHECKED_FILE))?;
+    let mut buf = vec![0u8; BLOCK];
+    let mut missing = Vec::new();
+    for (slot, seed) in &last {
+        replica.read_exact_at(&mut buf, slot * BLOCK as u64)?;
+        let failed_here = failed.is_some_and(|(s, d)| s == *slot && buf == block_data(d));
+        if buf != block_data(*seed) && !failed_here {
+            let zero = buf.iter().all(|b| *b == 0);
+            let other = acked
+                .iter()
+                .find(|(s, d)| s == slot && buf == block_data(*d));
+            missing.push((*slot, *seed, zero, other.copied()));
+        }
+    }
     ensure!(
-        state(&s, "node1") == Some("WAIT") && primary(&s) == Some("node2"),
-        "after node2 counted on: {s}"
+        missing.is_empty(),
+        "{} of {} acknowledged blocks are not on the peer (slot, seed, zeros, older): {:?}; acked: {:?}",
+        missing.len(),
+        last.len(),
+        missing,
+        acked
     );
-    let log1 = vc.vmctl(0, &["log"])?;
-    let after = log1
-        .split_once("local disk failed")
-        .map(|(_, rest)| rest)
-        .context(format!("no disk failure in node1's log:\n{log1}"))?;
-    for never in [
-        "new generation",
-        "writes alone",
-        "-> ALONE",
-        "-> PRIM",
-        "-> SECOND",
-    ] {
+
+    // This node is the one behind; the peer is never recorded outdated.
+    let state = pair.primary_state().to_path_buf();
+    ensure!(
+        !state.join("peer-outdated").exists(),
+        "the node whose disk failed recorded the peer as outdated: {:?}",
+        std::fs::read_to_string(state.join("peer-outdated"))
+    );
+    let own = std::fs::read_to_string(state.join("self-outdated"))
+        .context("the primary did not record itself as outdated")?;
+    ensure!(own.contains("disk failed"), "self-outdated says {own:?}");
+
+    // No change and no fsync succeeds any more, and it does not go alone.
+    let pid = pair.primary_pid().context("no primary")?;
+    vmha_test_infra::fsctl::signal(pid, libc::SIGUSR1)?;
+    vmha_test_infra::fsctl::signal(pid, libc::SIGUSR2)?;
+    std::thread::sleep(Duration::from_millis(500));
+    // (Opening may already fail: the failed filesystem answers EIO to lookups.)
+    if let Ok(f) = OpenOptions::new().write(true).open(&checked) {
+        let write = f.write_all_at(&[1u8; 4096], 0);
+        ensure!(write.is_err(), "a write succeeded after the disk failed");
         ensure!(
-            !after.contains(never),
-            "node1 after its disk failed: `{never}`\n{log1}"
+            f.sync_all().is_err(),
+            "fsync succeeded after the disk failed"
         );
     }
-    let log2 = vc.vmctl(1, &["log"])?;
-    let took_over = log2
-        .rsplit_once("SECOND -> ALONE")
-        .map(|(_, rest)| rest)
-        .context(format!("no takeover in node2's log:\n{log2}"))?;
     ensure!(
-        !took_over.contains("attaching the SECOND"),
-        "node2 attached node1 after the failure:\n{log2}"
+        std::fs::write(pair.mount().join("new-file"), b"x").is_err(),
+        "a file was created after the disk failed"
+    );
+    ensure!(
+        link_state(&state).as_deref() == Some("disk_failed"),
+        "after SIGUSR1 link.json says {:?}",
+        link_state(&state)
+    );
+    ensure!(!state.join("peer-outdated").exists());
+    let log = pair.primary().context("no primary")?.stderr_text();
+    ensure!(log.contains("SIGUSR1 refused"), "no refusal logged:\n{log}");
+    ensure!(log.contains("SIGUSR2 refused"), "no refusal logged:\n{log}");
+
+    // The peer's copy still has every acknowledged write (nothing was resynced
+    // from the failed copy).
+    for (slot, seed) in &last {
+        replica.read_exact_at(&mut buf, slot * BLOCK as u64)?;
+        let failed_here = failed.is_some_and(|(s, d)| s == *slot && buf == block_data(d));
+        ensure!(
+            buf == block_data(*seed) || failed_here,
+            "block {slot} changed on the peer"
+        );
+    }
+
+    // A new writer on that state is refused with a clear message.
+    pair.kill_primary()?;
+    pair.cleanup_mounts()?;
+    let mut child = Child::spawn("primary-again", pair.primary_command())?;
+    let status = child.wait_exit(Duration::from_secs(20))?;
+    ensure!(
+        !status.success(),
+        "a primary started on a self-outdated copy"
+    );
+    ensure!(
+        child.stderr_text().contains("not up to date"),
+        "unclear refusal: {}",
+        child.stderr_text()
     );
     Ok(())
 }
 
-#[test]
-fn writer_disk_failure_fails_over_and_the_node_waits_with_disk_failed() {
-    let _one = vmha_test_infra::node::one_cluster_at_a_time();
-    if let Err(e) = disk_fails() {
-        panic!("{e:#}");
+/// Fills the filesystem at `dir` until less than `leave` bytes are free.
+fn fill(dir: &Path, leave: u64) -> Result<()> {
+    let st = rustix::fs::statvfs(dir)?;
+    let free = st.f_bavail * st.f_frsize;
+    let filler = dir.join("filler");
+    let f = std::fs::File::create(&filler)?;
+    let len = free.saturating_sub(leave);
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, len)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Writes 1 MiB blocks to a new file until an error; the error.
+fn write_until_error(path: &Path, max: u64) -> Result<std::io::Error> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    let block = vec![0xa5u8; 1 << 20];
+    for i in 0..max {
+        if let Err(e) = f.write_all_at(&block, i << 20) {
+            return Ok(e);
+        }
     }
+    bail!("{} MiB written without an error", max)
+}
+
+fn same_file(a: &Path, b: &Path) -> Result<()> {
+    let (x, y) = (std::fs::read(a)?, std::fs::read(b)?);
+    ensure!(
+        x.len() == y.len(),
+        "sizes differ: {} has {} bytes, {} has {}",
+        a.display(),
+        x.len(),
+        b.display(),
+        y.len()
+    );
+    let first = x.iter().zip(&y).position(|(p, q)| p != q);
+    ensure!(first.is_none(), "contents differ from byte {first:?}");
+    Ok(())
+}
+
+fn full_disk_on(primary_side: bool) -> Result<()> {
+    let disk = LoopFs::new(
+        if primary_side { "pri-full" } else { "sec-full" },
+        320 << 20,
+    )?;
+    let mut opts = PairOptions::default();
+    if primary_side {
+        opts.primary_backing_in = Some(disk.path().to_path_buf());
+    } else {
+        opts.secondary_backing_in = Some(disk.path().to_path_buf());
+    }
+    let mut pair = Pair::start(opts)?;
+    fill(disk.path(), 6 << 20)?;
+    let file = pair.mount().join("big.img");
+    let error = write_until_error(&file, 64)?;
+    ensure!(
+        error.raw_os_error() == Some(libc::ENOSPC),
+        "the writer got {error} instead of ENOSPC"
+    );
+    // Copies equal, link up, nobody outdated.
+    same_file(
+        &pair.primary_backing().join("big.img"),
+        &pair.secondary_backing().join("big.img"),
+    )?;
+    for state in [pair.primary_state(), pair.secondary_state()] {
+        for marker in ["peer-outdated", "self-outdated"] {
+            ensure!(
+                !state.join(marker).exists(),
+                "{marker} recorded after a full disk"
+            );
+        }
+    }
+    ensure!(
+        link_state(pair.primary_state()).as_deref() == Some("connected"),
+        "link is {:?} after a full disk",
+        link_state(pair.primary_state())
+    );
+    // Space again: writing goes on, replicated.
+    std::fs::remove_file(disk.path().join("filler"))?;
+    let f = OpenOptions::new().write(true).open(&file)?;
+    f.write_all_at(&[7u8; 1 << 20], 0)?;
+    f.sync_all()?;
+    drop(f);
+    same_file(
+        &pair.primary_backing().join("big.img"),
+        &pair.secondary_backing().join("big.img"),
+    )?;
+    pair.stop()
+}
+
+#[test]
+fn a_full_primary_disk_fails_the_write_with_enospc_and_keeps_the_copies_equal() -> Result<()> {
+    full_disk_on(true)
+}
+
+#[test]
+fn a_full_secondary_disk_fails_the_write_with_enospc_and_keeps_the_copies_equal() -> Result<()> {
+    full_disk_on(false)
 }
