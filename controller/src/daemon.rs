@@ -1767,6 +1767,7 @@ impl Runner {
         // restarted on it.
         if let Some(FsHealth::DiskFailed(reason)) = &fs {
             let mut lines = Vec::new();
+            let reason = reason.strip_prefix("local disk failed: ").unwrap_or(reason);
             self.record(format!("local disk failed: {reason}"), &mut lines)
                 .await;
             self.handle(Event::DiskFailed).await;

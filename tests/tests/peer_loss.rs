@@ -166,7 +166,9 @@ fn frozen_secondary_fails_writes_within_lock_timeout() -> Result<()> {
 }
 
 fn signal_secondary(pair: &Pair, sig: libc::c_int) -> Result<()> {
-    let pid = pair.secondary_pid().ok_or_else(|| anyhow!("no secondary"))?;
+    let pid = pair
+        .secondary_pid()
+        .ok_or_else(|| anyhow!("no secondary"))?;
     vmha_test_infra::fsctl::signal(pid, sig)
 }
 

@@ -1,4 +1,5 @@
-//! End-to-end: the writer's own disk fails (issue "fault hardening", item 1).
+//! End-to-end with VMs: the writer's own disk fails (issue "fault hardening",
+//! item 1; the fs-level cases are in `disk_failure.rs`).
 //!
 //! node1's replicated directory lives on an XFS of its own on a loop device,
 //! mounted inside node1's mount namespace; vm1 runs on node1 with its guest
