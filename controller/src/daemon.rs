@@ -34,7 +34,15 @@
 //! - A failure to persist metadata, to mount, or to start a resync aborts the
 //!   rest of the step and feeds `FsFailed` (the local disk or vmha-fs failed:
 //!   the module fails over); VM start failures feed `VmStartFailed`; stop and
-//!   unmount failures are logged and the step goes on.
+//!   unmount failures are logged and the step goes on. Every `StopVm` reports
+//!   `VmStopDone` or `VmStopFailed` (a swap hands over only after the first).
+//!   Persisting "self outdated" (`SetSelfOutdated(true)`) may fail when the
+//!   state directory shares the failed disk: logged, the step goes on, the
+//!   fact stays in memory.
+//! - vmha-fs reporting a local disk failure (`link.json` `disk_failed`, see
+//!   [`crate::driver::vmha_fs`]) feeds `DiskFailed`, checked before the VM's
+//!   state so a guest failing on that disk is not restarted there. The node's
+//!   `disk` is carried in its heartbeats' announcement (`status --json`).
 //! - Modules are started (`Start`) when the daemon starts.
 //! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
 //!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
@@ -258,7 +266,8 @@ impl Daemon {
                 policy,
                 meta.history.current().is_some(),
                 meta.peer_may_be_newer,
-            );
+            )
+            .with_self_outdated(meta.self_outdated);
             let log = Arc::new(EventLog::with_clock(
                 &cluster.state_dir,
                 &module.name,
@@ -731,7 +740,10 @@ async fn answer(shared: &Shared, request: Request) -> Response {
         return Response::error("vmhad is shutting down");
     }
     match lines.await {
-        Ok(lines) => match lines.iter().find(|l| l.contains("refused")) {
+        Ok(lines) => match lines
+            .iter()
+            .find(|l| l.contains("refused") || l.contains("aborted"))
+        {
             Some(refusal) => Response {
                 ok: false,
                 error: Some(refusal.clone()),
@@ -782,6 +794,7 @@ fn build_status(shared: &Shared) -> Status {
                 ready: view.announce.readiness == Readiness::Ready,
                 readiness: Some(view.announce.readiness),
                 colour: Some(colour_of(role, view.announce.readiness)),
+                disk: Some(view.announce.disk),
                 generation: view.history.current().map(|g| g.to_string()),
                 resync: view.resync,
                 last_seen_ms: None,
@@ -799,6 +812,7 @@ fn build_status(shared: &Shared) -> Status {
                     ready: beat.announce.readiness == Readiness::Ready,
                     readiness: Some(beat.announce.readiness),
                     colour: Some(colour_of(beat.announce.role, beat.announce.readiness)),
+                    disk: Some(beat.announce.disk),
                     generation: beat.history.current().map(|g| g.to_string()),
                     resync: beat.resync,
                     last_seen_ms: Some(last_seen),
@@ -813,6 +827,7 @@ fn build_status(shared: &Shared) -> Status {
                     ready: false,
                     readiness: None,
                     colour: None,
+                    disk: beat.map(|b| b.announce.disk),
                     generation: beat
                         .and_then(|b| b.history.current())
                         .map(|g| g.to_string()),
@@ -1434,11 +1449,23 @@ impl Runner {
                     });
                 }
             },
-            Action::StopVm => match self.blocking(|vm, _, m| vm.stop(m)).await {
-                Some(Ok(())) => self.record("VM stopped".into(), lines).await,
-                Some(Err(e)) => self.record(format!("error: stop VM: {e}"), lines).await,
-                None => self.record("error: stop VM: panicked".into(), lines).await,
-            },
+            Action::StopVm => {
+                let outcome = match self.blocking(|vm, _, m| vm.stop(m)).await {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("panicked".to_string()),
+                };
+                match outcome {
+                    Ok(()) => {
+                        self.record("VM stopped".into(), lines).await;
+                        queue.push_back(Event::VmStopDone);
+                    }
+                    Err(e) => {
+                        self.record(format!("error: stop VM: {e}"), lines).await;
+                        queue.push_back(Event::VmStopFailed);
+                    }
+                }
+            }
             Action::NewGeneration => {
                 let mut id = None;
                 let result = self.persist(|m| id = Some(m.history.start_new())).await;
@@ -1458,6 +1485,32 @@ impl Runner {
                 };
                 if let Err(e) = self.persist(|m| m.history.adopt(&history)).await {
                     return self.fail_step("persist generation", e, queue, lines).await;
+                }
+            }
+            Action::SetSelfOutdated(flag) => {
+                match self.persist(|m| m.self_outdated = flag).await {
+                    Ok(()) if flag => {
+                        self.record(
+                            "recorded: this node's own copy is not up to date".into(),
+                            lines,
+                        )
+                        .await
+                    }
+                    Ok(()) => {}
+                    // The state directory may sit on the failed disk: the module
+                    // still leaves this node (the fact stays in memory).
+                    Err(e) if flag => {
+                        self.record(
+                            format!("error: persist self-outdated: {e} (kept in memory)"),
+                            lines,
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        return self
+                            .fail_step("persist self-outdated", e, queue, lines)
+                            .await
+                    }
                 }
             }
             Action::SetPeerMayBeNewer(flag) => {
@@ -1849,6 +1902,16 @@ impl Runner {
             return;
         };
         self.changed_bytes = changed;
+        // Before the VM's state: a guest failing on the broken disk must not be
+        // restarted on it.
+        if let Some(FsHealth::DiskFailed(reason)) = &fs {
+            let mut lines = Vec::new();
+            let reason = reason.strip_prefix("local disk failed: ").unwrap_or(reason);
+            self.record(format!("local disk failed: {reason}"), &mut lines)
+                .await;
+            self.handle(Event::DiskFailed).await;
+            return;
+        }
         self.on_xml_refresh(xml).await;
         if let Some(Ok(state)) = vm {
             if state.is_down() {
@@ -1900,7 +1963,7 @@ impl Runner {
                 self.handle(Event::Fenced).await;
                 return;
             }
-            Some(FsHealth::Healthy) | None => {}
+            Some(FsHealth::Healthy | FsHealth::DiskFailed(_)) | None => {}
         }
         if role == Role::Second {
             self.follow_writer().await;

@@ -850,6 +850,7 @@ mod tests {
                     readiness: Readiness::Ready,
                     request: None,
                     forced: false,
+                    disk: Default::default(),
                 },
                 history: History::empty(),
                 changed_bytes: 0,

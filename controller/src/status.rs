@@ -17,12 +17,13 @@
 //!   `"unreachable"` or `"could_not_probe"`, `null` before the first probe),
 //!   `last_probe_ms` (its age) and `errors` (`"WITNESS: error"` per witness
 //!   that could not be probed: a failover waits until it can be).
+//! - per node `disk` (`ok`, `failed`, `diskless`), carried in heartbeats.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Colour, Readiness, Role, WitnessOutcome};
+use crate::state::{Colour, Disk, Readiness, Role, WitnessOutcome};
 
 /// The whole answer of `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +74,11 @@ pub struct NodeStatus {
     pub ready: bool,
     pub readiness: Option<Readiness>,
     pub colour: Option<Colour>,
+    /// The node's own disk: `ok`, `failed` (it waits until `vmctl start`
+    /// after repair) or `diskless` (reserved); an unreachable peer's last
+    /// known, `null` if never heard.
+    #[serde(default)]
+    pub disk: Option<Disk>,
     /// Current data generation (32 hex digits), `null` for a node without data.
     pub generation: Option<String>,
     pub resync: Option<ResyncStatus>,
@@ -154,6 +160,7 @@ mod tests {
             ready: true,
             readiness: Some(Readiness::Ready),
             colour: Some(Colour::Green),
+            disk: Some(Disk::Ok),
             generation: None,
             resync: None,
             last_seen_ms: None,
@@ -166,7 +173,8 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"reachable": true, "state": "PRIM", "ready": true,
-                "readiness": "ready", "colour": "green", "generation": null, "resync": null})
+                "readiness": "ready", "colour": "green", "disk": "ok", "generation": null,
+                "resync": null})
         );
     }
 
@@ -178,6 +186,7 @@ mod tests {
             ready: false,
             readiness: None,
             colour: None,
+            disk: Some(Disk::Failed),
             generation: None,
             resync: None,
             last_seen_ms: Some(Some(5000)),
@@ -189,6 +198,7 @@ mod tests {
         let json = serde_json::to_value(&node).unwrap();
         assert_eq!(json["state"], serde_json::Value::Null);
         assert_eq!(json["last_known_state"], "PRIM");
+        assert_eq!(json["disk"], "failed");
         assert_eq!(json["heartbeats"]["10.0.0.2"], serde_json::Value::Null);
         let back: NodeStatus = serde_json::from_value(json).unwrap();
         assert_eq!(back, node);

@@ -322,6 +322,152 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
     n2.daemon.unwrap().kill().await;
 }
 
+/// A swap whose VM will not stop is aborted: the VM stays where it runs, the
+/// writer keeps its mount, the SECOND stays SECOND, and the refusal is logged
+/// and returned to `vmctl`. Once the stop works, the operator's next swap does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_whose_vm_stop_fails_is_aborted_and_the_vm_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = running_pair(dir.path()).await;
+    n1.vm.set_failing("stop", true);
+    let r = n1.request(Request::Swap { module: None }).await;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .is_some_and(|e| e.contains("swap aborted")),
+        "{r:?}"
+    );
+    // Long enough for node2 to have taken over if node1 had handed over.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(n1.state_of("node1"), Some(Role::Prim));
+    assert_eq!(n2.state_of("node2"), Some(Role::Second));
+    assert_eq!(n2.state_of("node1"), Some(Role::Prim));
+    assert!(n1.vm.is_running("vm1"));
+    assert!(!n2.vm.is_running("vm1"), "the VM runs on both nodes");
+    assert_eq!(n1.fs.mounted("vm1"), Some(Mounted::Writer));
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Receiver));
+    assert_eq!(n1.vm.count("stop"), 1, "the failed swap was retried");
+    let log = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(
+        log.contains("error: stop VM") && log.contains("swap aborted"),
+        "{log}"
+    );
+    // The stop works again: the operator's swap goes through.
+    n1.vm.set_failing("stop", false);
+    let r = n1.request(Request::Swap { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n2.wait_role("node2", Role::Prim, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+/// The writer's own disk fails: node2 takes over at once; node1 stops its VM,
+/// unmounts, shows its disk failed (also in node2's view), never starts a
+/// generation and touches nothing, not even after a restart of both daemons
+/// (it persisted that its copy is outdated); `vmctl start` after the repair
+/// joins it with a full compare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_disk_failure_fails_over_and_the_node_waits_until_start() {
+    use vmha_controller::driver::FsHealth;
+    use vmha_controller::state::Disk;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut n1, mut n2, _) = running_pair(dir.path()).await;
+    let generation1 = n1.status().modules[0].nodes["node1"].generation.clone();
+    let writers = n1.fs.count("mount_writer");
+    n1.fs.set_health(
+        "vm1",
+        Some(FsHealth::DiskFailed("write: EIO (scripted)".into())),
+    );
+    n2.wait_role("node2", Role::Alone, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    n2.wait("node1's disk failed in node2's view", |s| {
+        s.modules[0].nodes["node1"].disk == Some(Disk::Failed)
+    })
+    .await;
+    let s = n1.status();
+    let me = &s.modules[0].nodes["node1"];
+    assert_eq!(
+        (me.state, me.readiness, me.disk),
+        (
+            Some(Role::Wait),
+            Some(Readiness::NotUpToDate),
+            Some(Disk::Failed)
+        )
+    );
+    assert_eq!(s.modules[0].nodes["node2"].disk, Some(Disk::Ok));
+    assert_eq!(me.generation, generation1, "node1 started a generation");
+    assert_eq!(n1.fs.mounted("vm1"), None);
+    // It touches nothing while node2 writes.
+    let receivers = n1.fs.count("mount_receiver");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(n1.state_of("node1"), Some(Role::Wait));
+    assert_eq!(n1.fs.count("mount_receiver"), receivers);
+    assert_eq!(n1.fs.count("mount_writer"), writers);
+    let meta = std::fs::read_to_string(
+        n1.config
+            .cluster
+            .state_dir
+            .join("vm1")
+            .join("generation.json"),
+    )
+    .unwrap();
+    assert!(meta.contains("\"self_outdated\": true"), "{meta}");
+    let log = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    let after = log
+        .split_once("local disk failed")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    assert!(
+        after.contains("PRIM -> WAIT: the local disk failed"),
+        "{log}"
+    );
+    assert!(!after.contains("new generation"), "{log}");
+
+    // Both daemons crash; node1 comes back first: its copy is outdated, so it
+    // waits instead of starting alone.
+    n1.fs.set_health("vm1", None);
+    n1.daemon.take().unwrap().kill().await;
+    n2.daemon.take().unwrap().kill().await;
+    n1.restart(NodeIndex::FIRST).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(n1.state_of("node1"), Some(Role::Wait));
+    assert!(!n1.vm.is_running("vm1"));
+    // node2 returns and runs the module; node1 joins with a full compare.
+    n2.restart(NodeIndex::SECOND).await;
+    n2.wait_role("node2", Role::Prim, true).await;
+    n1.wait_role("node1", Role::Second, true).await;
+    assert_eq!(n1.fs.count("resync_full"), 1);
+    assert_eq!(n1.fs.count("resync"), 0);
+    let meta = std::fs::read_to_string(
+        n1.config
+            .cluster
+            .state_dir
+            .join("vm1")
+            .join("generation.json"),
+    )
+    .unwrap();
+    assert!(!meta.contains("self_outdated"), "{meta}");
+    assert_eq!(n1.status().modules[0].nodes["node1"].disk, Some(Disk::Ok));
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_on_prim_hands_over_and_graceful_shutdown_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,6 +510,7 @@ fn forged_beat(role: Role) -> Vec<u8> {
                 readiness: Readiness::Ready,
                 request: None,
                 forced: false,
+                disk: Default::default(),
             },
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,

@@ -220,6 +220,12 @@ fn render(status: &Status) -> String {
                 resync,
                 heartbeats(node),
             ]);
+            if node.disk == Some(vmha_controller::state::Disk::Failed) {
+                warnings.push(format!(
+                    "warning: {name}'s disk failed (module {}): it waits; after the repair run `vmctl start` there",
+                    module.name
+                ));
+            }
             if node.config_match.flatten() == Some(false) {
                 warnings.push(format!(
                     "warning: the configuration differs from {name}'s (module {}: {})",

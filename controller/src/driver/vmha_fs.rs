@@ -31,10 +31,17 @@
 //!   lock timeout) or `failed` is [`FsHealth::LinkDown`] (the
 //!   controller marks the peer outdated, then sends SIGUSR1), `fenced` (the
 //!   peer's receiver refused our generation) is [`FsHealth::Fenced`].
-//! - What a killed vmha-fs leaves at a directory — its dead FUSE mount, or the
-//!   receiver's read-only bind of the directory over itself — is unmounted
-//!   before the next start there, unless a vmha-fs still holds the state
-//!   directory's lock (it may still serve the directory).
+//! - What a killed vmha-fs leaves at a directory — its dead FUSE mount
+//!   (ENOTCONN for everyone, QEMU and the next receiver alike), or the
+//!   receiver's read-only bind of the directory over itself — is detached
+//!   (lazy unmount) as soon as [`FsDriver::health`] finds the process gone,
+//!   after each [`FsDriver::unmount`], and before the next start there; never
+//!   while a vmha-fs still holds the state directory's lock (it may still serve
+//!   the directory). The FUSE mount is known by its source `vmha:<dir>`.
+//! - `link.json` `disk_failed` (vmha-fs found a media error on this node's own
+//!   copy) is [`FsHealth::DiskFailed`], checked before the process's exit, and
+//!   remembered for the running writer; so is a `link.json` that exists but
+//!   cannot be read (its disk failed too).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,6 +67,9 @@ struct Running {
     children: Vec<(PathBuf, Child)>,
     /// Receiver started with `--save-aside`.
     save_aside: bool,
+    /// Writer: vmha-fs reported a local disk failure (kept even if
+    /// `link.json` can no longer be read).
+    disk_failed: Option<String>,
 }
 
 /// `<state>/sync.json` as vmha-fs writes it.
@@ -231,6 +241,7 @@ impl VmhaFsDriver {
                 generation: generation.map(str::to_string),
                 children,
                 save_aside: role == Spawn::LoserReceiver,
+                disk_failed: None,
             },
         );
         Ok(())
@@ -384,8 +395,16 @@ fn parse_sync(path: &Path, bytes: &[u8]) -> Result<ResyncState, DriverError> {
 /// needs nothing from the controller, is healthy.
 fn read_link(state: &Path) -> FsHealth {
     let path = state.join(LINK_FILE);
-    let Ok(bytes) = std::fs::read(&path) else {
-        return FsHealth::Healthy;
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return FsHealth::Healthy,
+        Err(e) if e.raw_os_error() == Some(libc_eio()) => {
+            return FsHealth::DiskFailed(format!("reading {}: {e}", path.display()))
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable link status");
+            return FsHealth::Healthy;
+        }
     };
     match parse_link(&path, &bytes) {
         Ok(health) => health,
@@ -409,6 +428,10 @@ fn parse_link(path: &Path, bytes: &[u8]) -> Result<FsHealth, DriverError> {
             tracing::warn!(reason = ?link.reason, "the peer's receiver refused our generation");
             FsHealth::Fenced
         }
+        "disk_failed" => FsHealth::DiskFailed(
+            link.reason
+                .unwrap_or_else(|| "vmha-fs reports a local disk failure".into()),
+        ),
         _ => FsHealth::Healthy,
     })
 }
@@ -430,6 +453,11 @@ fn sum_changed_bytes(files: &[Vec<u8>]) -> u64 {
         .fold(0u64, u64::saturating_add)
 }
 
+/// EIO: the file exists but its disk cannot deliver it.
+fn libc_eio() -> i32 {
+    rustix::io::Errno::IO.raw_os_error()
+}
+
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug)]
 struct MountLine {
@@ -439,6 +467,8 @@ struct MountLine {
     mount_point: PathBuf,
     read_only: bool,
     fs_type: String,
+    /// The mount source (`vmha:<dir>` for vmha-fs).
+    source: String,
 }
 
 fn mount_table() -> Vec<MountLine> {
@@ -461,6 +491,10 @@ fn parse_mount_table(text: &str) -> Vec<MountLine> {
                 mount_point: PathBuf::from(unescape_mountinfo(f.get(4)?)),
                 read_only: f.get(5)?.split(',').any(|o| o == "ro"),
                 fs_type: f.get(sep + 1)?.to_string(),
+                source: f
+                    .get(sep + 2)
+                    .map(|x| unescape_mountinfo(x))
+                    .unwrap_or_default(),
             })
         })
         .collect()
@@ -521,7 +555,9 @@ fn clear_leftover_mounts(dir: &Path, state: &Path) -> Result<(), DriverError> {
         let Some(top) = table.iter().rev().find(|m| m.mount_point == dir) else {
             return Ok(());
         };
-        let dead_fuse = top.fs_type == "fuse.vmha";
+        // fuser mounts as type `fuse` (or `fuse.vmha`) with source `vmha:<dir>`.
+        let fuse = top.fs_type == "fuse" || top.fs_type.starts_with("fuse.");
+        let dead_fuse = top.fs_type == "fuse.vmha" || (fuse && top.source.starts_with("vmha:"));
         let read_only_bind = top.read_only
             && !top.fs_type.starts_with("fuse")
             && table.iter().any(|m| m.id == top.parent && m.dev == top.dev);
@@ -671,8 +707,13 @@ impl FsDriver for VmhaFsDriver {
     fn unmount(&self, module: &Module) -> Result<(), DriverError> {
         let running = self.lock().remove(&module.name);
         if let Some(mut running) = running {
-            for (_, child) in &mut running.children {
+            for (i, (dir, child)) in running.children.iter_mut().enumerate() {
                 terminate(child);
+                // A vmha-fs that could not unmount (killed, or its disk failed)
+                // leaves its mount behind: detach it now, not at the next start.
+                if let Err(e) = clear_leftover_mounts(dir, &self.state_dir(module, i)) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "leftover mount");
+                }
             }
         }
         Ok(())
@@ -683,14 +724,30 @@ impl FsDriver for VmhaFsDriver {
         let Some(running) = all.get_mut(&module.name) else {
             return FsHealth::Idle;
         };
-        for (dir, child) in &mut running.children {
+        if running.writer {
+            if let Some(reason) = &running.disk_failed {
+                return FsHealth::DiskFailed(reason.clone());
+            }
+            for i in 0..running.children.len() {
+                if let FsHealth::DiskFailed(reason) = read_link(&self.state_dir(module, i)) {
+                    running.disk_failed = Some(reason.clone());
+                    return FsHealth::DiskFailed(reason);
+                }
+            }
+        }
+        for (i, (dir, child)) in running.children.iter_mut().enumerate() {
             match child.try_wait() {
                 Ok(None) => {}
                 Ok(Some(status)) => {
+                    // Before anything else: its dead mount answers ENOTCONN to
+                    // everyone, the next receiver's start included.
+                    if let Err(e) = clear_leftover_mounts(dir, &self.state_dir(module, i)) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "leftover mount");
+                    }
                     return FsHealth::Failed(format!(
                         "vmha-fs for {} exited: {status}",
                         dir.display()
-                    ))
+                    ));
                 }
                 Err(e) => return FsHealth::Failed(e.to_string()),
             }
