@@ -172,6 +172,18 @@ impl VmhaFsDriver {
                 clear_leftover_mounts(dir, &state)?;
                 let mut cmd = Command::new(&self.binary);
                 if writer {
+                    // The state machine mounts a writer only on a copy it counts as
+                    // current (never while this disk is failed; `prim` is the
+                    // operator saying this copy wins): vmha-fs's own record of a
+                    // past disk failure must not refuse it.
+                    let own = state.join(vmha_fs::statedir::SELF_OUTDATED);
+                    if own.exists() {
+                        tracing::warn!(
+                            module = %module.name,
+                            "this copy was recorded as behind after a disk failure; writing on it as decided"
+                        );
+                        remove_if_present(&own)?;
+                    }
                     cmd.arg("primary")
                         .arg("--backing")
                         .arg(dir)
