@@ -236,6 +236,13 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Waits for every receiver (whatever it answers).
+async fn futures_join_all<T>(receivers: Vec<oneshot::Receiver<T>>) {
+    for r in receivers {
+        let _ = r.await;
+    }
+}
+
 impl Daemon {
     /// Loads the modules' metadata, binds the heartbeat sockets and the control
     /// socket, and starts every module.
@@ -400,12 +407,23 @@ impl Daemon {
         tasks.push(server.spawn(calls_tx.clone(), shutdown_rx.clone()));
         tasks.push(tokio::spawn(serve_calls(Arc::clone(&shared), calls_rx)));
 
+        // Started before this returns: `status` right after start shows each
+        // module's first state (WAIT), never the STOP it had before `start`.
+        let mut started = Vec::new();
         for handle in &shared.modules {
-            let (reply, _) = oneshot::channel();
+            let (reply, done) = oneshot::channel();
             let _ = handle
                 .commands
                 .send(ModuleCommand::Event(Event::Start, reply))
                 .await;
+            started.push(done);
+        }
+        let all_started = futures_join_all(started);
+        if tokio::time::timeout(Duration::from_secs(5), all_started)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some modules are still starting");
         }
         tracing::info!(node = %local.name, modules = shared.modules.len(), "vmhad started");
         Ok(Daemon {

@@ -16,6 +16,8 @@ pub mod primary;
 pub mod ratelog;
 pub mod receiver;
 pub mod resync;
+pub mod runtime;
+pub mod secondary;
 pub mod statedir;
 pub mod track;
 pub mod wire;

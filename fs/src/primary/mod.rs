@@ -7,11 +7,19 @@
 //!   that judges a disagreement (a pure function with a test per combination).
 //! - [`disk`]: this node's own disk; a local media error makes this node, never
 //!   the peer, the one that is behind.
+//! - the runtime around them: [`run`] (the FUSE session and the controller's
+//!   signals), `checkpoint` (activity-log retirement), `join` (attach and resync
+//!   the peer, verify), `status` (`link.json`).
 
+mod checkpoint;
 pub mod disk;
+mod join;
 pub mod joint;
 pub mod replicator;
+mod run;
+mod status;
 
 pub use disk::DiskHealth;
 pub use joint::Repair;
 pub use replicator::Replicator;
+pub use run::{run, PrimaryConfig};

@@ -1,0 +1,95 @@
+//! Retiring activity-log entries once both copies are durable.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::DiskHealth;
+use crate::link::PeerLink;
+use crate::track::Tracker;
+
+/// Retires activity-log entries once both copies are durable: when the log is full,
+/// at a clean stop, and every few seconds while writing alone.
+#[derive(Clone)]
+pub(crate) struct Checkpointer {
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) link: PeerLink,
+    pub(crate) disk: Arc<DiskHealth>,
+    pub(crate) root: Arc<std::os::fd::OwnedFd>,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+impl Checkpointer {
+    const INTERVAL: Duration = Duration::from_secs(5);
+    const RETRY: Duration = Duration::from_millis(100);
+
+    pub(crate) fn run(&self) {
+        let mut last = std::time::Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            let full = self
+                .tracker
+                .wait_checkpoint_request(Duration::from_millis(1000));
+            // Connected, extents leave the log only when it is full (DRBD's hot
+            // set): retiring hot extents on a timer would make every write to them
+            // log them again (measured: seqwrite 0.54× → 0.37× of local). Writing
+            // alone, a timer also writes the exact blocks, so a crash folds little.
+            let alone = self.link.state().writes_alone();
+            if full || (alone && last.elapsed() >= Self::INTERVAL) {
+                last = std::time::Instant::now();
+                if !self.once() {
+                    // A full log asks again at once: without a pause a failing disk
+                    // or a lost peer would make this loop spin.
+                    std::thread::sleep(Self::RETRY);
+                }
+            }
+        }
+    }
+
+    /// One checkpoint; false if it could not complete. Connected, both copies are
+    /// made durable first; writing alone, only the dirty maps' pending blocks.
+    pub(crate) fn once(&self) -> bool {
+        use crate::link::LinkState;
+        // A failed sync is never retried into success: on a failed disk the
+        // logged extents stay logged (the resync then compares everything anyway).
+        if self.disk.is_failed() {
+            return false;
+        }
+        let connected = match self.link.state() {
+            LinkState::Connected | LinkState::Syncing => true,
+            LinkState::Degraded | LinkState::Attaching => false,
+            LinkState::Lost | LinkState::Failed(_) => return false,
+        };
+        let (epoch, idle) = match self.tracker.checkpoint_begin() {
+            Ok(Some(begun)) => begun,
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::error!("checkpoint: {e}");
+                return false;
+            }
+        };
+        if connected {
+            if let Err(e) = self
+                .disk
+                .watch("checkpoint sync", rustix::fs::syncfs(&*self.root))
+            {
+                tracing::warn!("checkpoint: local sync failed: {e}");
+                return false;
+            }
+            if let Err(e) = self.link.submit_wait(crate::op::Op::SyncAll) {
+                tracing::debug!("checkpoint: the peer did not sync: {e}");
+                return false;
+            }
+            // Still sending: the SyncAll really reached the peer (not completed locally).
+            if !matches!(self.link.state(), LinkState::Connected | LinkState::Syncing) {
+                return false;
+            }
+        }
+        match self.tracker.checkpoint_end(epoch, idle) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("checkpoint: {e}");
+                false
+            }
+        }
+    }
+}

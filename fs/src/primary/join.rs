@@ -1,0 +1,177 @@
+//! Taking the peer back (SIGUSR2: attach and resync) and verifying it (SIGHUP).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::status::Fenced;
+use crate::key::ClusterKey;
+use crate::link::{LinkError, PeerLink};
+use crate::resync::{SyncProgress, Syncer};
+use crate::statedir::StateDir;
+use crate::wire::WireError;
+
+/// The receiver's reason when it refused us for claiming another generation.
+fn stale_refusal(error: &LinkError) -> Option<String> {
+    match error {
+        LinkError::Protocol {
+            source: WireError::Refused(reason),
+            ..
+        } if reason.starts_with(crate::receiver::STALE_WRITER) => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+/// Attaches the configured peer to a link that writes alone and copies everything to
+/// it (SIGUSR2), reporting progress in `STATEDIR/sync.json`.
+pub(crate) struct Joiner {
+    pub(crate) link: PeerLink,
+    pub(crate) syncer: Arc<Syncer>,
+    pub(crate) progress: Arc<SyncProgress>,
+    pub(crate) state: Arc<StateDir>,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) module: String,
+    pub(crate) key: ClusterKey,
+    pub(crate) generation: Option<String>,
+    pub(crate) running: Arc<AtomicBool>,
+    pub(crate) fenced: Fenced,
+}
+
+impl Joiner {
+    /// Compares the peer's copy with ours (SIGHUP), changing nothing; the outcome
+    /// goes to `STATEDIR/verify.json`.
+    pub(crate) fn verify(&self) {
+        if self.running.swap(true, Ordering::SeqCst) {
+            tracing::warn!("SIGHUP: a sync or verify is already running");
+            return;
+        }
+        let (syncer, progress, state, running) = (
+            self.syncer.clone(),
+            self.progress.clone(),
+            self.state.clone(),
+            self.running.clone(),
+        );
+        let write =
+            move |status: &str, differing: &[crate::resync::Difference], error: Option<&str>| {
+                let json = serde_json::json!({
+                    "state": status,
+                    "done_bytes": progress.done_bytes.load(Ordering::Relaxed),
+                    "total_bytes": progress.total_bytes.load(Ordering::Relaxed),
+                    "differing": differing,
+                    "error": error,
+                });
+                if let Err(e) = crate::statedir::write_file_atomically(
+                    &state.path().join("verify.json"),
+                    format!("{json}\n").as_bytes(),
+                ) {
+                    tracing::warn!("cannot write verify.json: {e}");
+                }
+            };
+        let spawned = std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || {
+                write("running", &[], None);
+                let outcome = syncer.verify();
+                running.store(false, Ordering::SeqCst);
+                match outcome {
+                    Ok(differing) => {
+                        if differing.is_empty() {
+                            tracing::info!("verify: the peer's copy is identical");
+                        } else {
+                            tracing::error!(
+                                regions = differing.len(),
+                                "verify: the peer's copy differs"
+                            );
+                        }
+                        write("done", &differing, None);
+                    }
+                    Err(e) => {
+                        tracing::error!("verify failed: {e}");
+                        write("failed", &[], Some(&e.to_string()));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the verify thread: {e}");
+            self.running.store(false, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn start(&self) {
+        let Some(peer) = self.peer else {
+            tracing::error!("SIGUSR2: no --peer to attach");
+            return;
+        };
+        if self.running.swap(true, Ordering::SeqCst) {
+            tracing::warn!("SIGUSR2: a sync is already running");
+            return;
+        }
+        // A new sync never shows the previous one's counters.
+        self.progress.done_bytes.store(0, Ordering::Relaxed);
+        self.progress.total_bytes.store(0, Ordering::Relaxed);
+        let module = self.module.clone();
+        let (link, syncer, progress, state, key, running, fenced) = (
+            self.link.clone(),
+            self.syncer.clone(),
+            self.progress.clone(),
+            self.state.clone(),
+            self.key.clone(),
+            self.running.clone(),
+            self.fenced.clone(),
+        );
+        *fenced.lock() = None;
+        // The controller writes the current generation here when it changes.
+        let generation = state.generation().or_else(|| self.generation.clone());
+        let spawned = std::thread::Builder::new()
+            .name("full-sync".into())
+            .spawn(move || {
+                let done = AtomicBool::new(false);
+                // The final status is written once the progress writer has
+                // stopped: it could otherwise overwrite it with "syncing".
+                let outcome = std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        let mut written: Option<std::time::Instant> = None;
+                        while !done.load(Ordering::SeqCst) {
+                            if written.is_none_or(|at| at.elapsed() >= Duration::from_millis(500)) {
+                                state.write_sync_status("syncing", &progress, None);
+                                written = Some(std::time::Instant::now());
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    });
+                    let outcome = match link.attach(peer, &key, &module, generation) {
+                        Ok(report) => syncer.run(report).map_err(|e| e.to_string()),
+                        Err(e) => {
+                            if let Some(reason) = stale_refusal(&e) {
+                                tracing::error!(%peer, reason, "fenced: the peer refused our generation");
+                                *fenced.lock() = Some(reason);
+                            }
+                            Err(e.to_string())
+                        }
+                    };
+                    done.store(true, Ordering::SeqCst);
+                    outcome
+                });
+                running.store(false, Ordering::SeqCst);
+                match outcome {
+                    Ok(outcome) => {
+                        let (bytes, incremental) = (outcome.data_bytes, outcome.incremental);
+                        if let Err(e) = state.clear_peer_outdated() {
+                            tracing::error!("peer in sync, but the record says otherwise: {e}");
+                        }
+                        tracing::info!(bytes, incremental, %peer, "sync done: the peer is in sync");
+                        state.write_sync_status("in_sync", &progress, None);
+                    }
+                    Err(e) => {
+                        tracing::error!(%peer, "sync failed: {e}");
+                        state.write_sync_status("alone", &progress, Some(&e));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the sync thread: {e}");
+            self.running.store(false, Ordering::SeqCst);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! `STATEDIR/link.json`: where the primary's link stands, for the controller.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::DiskHealth;
+use crate::link::{LinkState, PeerLink};
+use crate::runtime::RunError;
+use crate::statedir::StateDir;
+use crate::track::Tracker;
+
+/// Set when the peer's receiver refused our generation (fencing); cleared by the
+/// next attach.
+pub(crate) type Fenced = Arc<parking_lot::Mutex<Option<String>>>;
+
+/// The link's state as `STATEDIR/link.json` names it; `stalled` when connected
+/// without any acknowledgement for `stall` while work waits (the replication
+/// network may be down: no error reaches us, writes just wait); `fenced` while
+/// the last attach was refused for a stale generation and the link writes alone.
+fn link_status(
+    link: &PeerLink,
+    disk: &DiskHealth,
+    fenced: &Fenced,
+    stall: Duration,
+) -> (&'static str, Option<String>) {
+    if let Some(failure) = disk.failure() {
+        return ("disk_failed", Some(failure.to_string()));
+    }
+    match link.state() {
+        LinkState::Connected if link.stalled_for().is_some_and(|d| d >= stall) => (
+            "stalled",
+            Some(format!(
+                "no acknowledgement for over {} ms",
+                stall.as_millis()
+            )),
+        ),
+        LinkState::Connected => ("connected", None),
+        LinkState::Lost => ("lost", None),
+        LinkState::Failed(reason) => ("failed", Some(reason)),
+        LinkState::Degraded => match fenced.lock().clone() {
+            Some(reason) => ("fenced", Some(reason)),
+            None => ("degraded", None),
+        },
+        LinkState::Attaching => ("attaching", None),
+        LinkState::Syncing => ("syncing", None),
+    }
+}
+
+const LINK_STATUS_BUSY: Duration = Duration::from_millis(25);
+const LINK_STATUS_IDLE: Duration = Duration::from_millis(1000);
+
+/// Writes `link.json` now and on every change after (polled: the link's hot
+/// path stays free of file writes). A stall is reported after half the lock
+/// timeout, leaving the controller the other half to mark the peer outdated
+/// and send SIGUSR1. The thread ends with the process.
+pub(crate) fn publish_link_status(
+    link: PeerLink,
+    disk: Arc<DiskHealth>,
+    state: Arc<StateDir>,
+    fenced: Fenced,
+    lock_timeout: Duration,
+    tracker: Arc<Tracker>,
+) -> Result<(), RunError> {
+    let stall = lock_timeout / 2;
+    let mut last = link_status(&link, &disk, &fenced, stall);
+    state.write_link_status(last.0, last.1.as_deref());
+    let mut changed = (u64::MAX, std::time::Instant::now());
+    std::thread::Builder::new()
+        .name("link-status".into())
+        .spawn(move || loop {
+            // Woken by every change of the link; idle, about once a second. While
+            // work is outstanding, often enough to report a stall on time, and
+            // never more than every 25 ms.
+            let started = std::time::Instant::now();
+            let busy = link.stalled_for().is_some();
+            // A stall begins without a wake-up (work is queued silently): the
+            // idle wait is short enough to see it well before it is reported.
+            link.wait_changed(if busy {
+                LINK_STATUS_BUSY
+            } else {
+                LINK_STATUS_IDLE.min(stall / 4)
+            });
+            std::thread::sleep(LINK_STATUS_BUSY.saturating_sub(started.elapsed()));
+            let now = link_status(&link, &disk, &fenced, stall);
+            if now != last {
+                state.write_link_status(now.0, now.1.as_deref());
+                last = now;
+            }
+            // Bytes changed without the peer, for the controller (at most once a
+            // second; informational, not fsynced).
+            if changed.1.elapsed() >= Duration::from_secs(1) {
+                let bytes = tracker.changed_bytes();
+                if bytes != changed.0 {
+                    state.write_changed_bytes(bytes);
+                }
+                changed = (bytes, std::time::Instant::now());
+            }
+        })
+        .map(drop)
+        .map_err(|e| RunError::Other(format!("cannot start link status thread: {e}")))
+}

@@ -1,0 +1,102 @@
+//! The secondary: receives the primary's operations into its directory, which
+//! is made read-only for everyone else (`vmha-fs secondary`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::key::ClusterKey;
+use crate::mounts::ReadOnlyBind;
+use crate::receiver::ReceiverServer;
+use crate::runtime::{existing_dir, open_dir, RunError};
+use crate::statedir::StateDir;
+use crate::track::Tracker;
+
+/// What `vmha-fs secondary` was asked to do.
+#[derive(Debug, Clone)]
+pub struct SecondaryConfig {
+    pub backing: PathBuf,
+    pub listen: SocketAddr,
+    pub module: String,
+    pub state: PathBuf,
+    pub key_file: PathBuf,
+    pub accept_generation: Option<String>,
+    pub save_aside: bool,
+}
+
+/// Serves until SIGTERM or SIGINT.
+pub fn run(args: SecondaryConfig) -> Result<(), RunError> {
+    let SecondaryConfig {
+        backing,
+        listen,
+        module,
+        state,
+        key_file,
+        accept_generation,
+        save_aside,
+    } = args;
+    let (state, key_file) = (state.as_path(), key_file.as_path());
+    let key = ClusterKey::load(key_file)?;
+    let backing = existing_dir("backing", &backing)?;
+    let state_dir = Arc::new(StateDir::open(state)?);
+    let tracker = Tracker::open(state_dir.path(), crate::track::DEFAULT_AL_EXTENTS)?;
+    if let Some(reason) = state_dir.self_outdated() {
+        // This copy's records say nothing reliable any more (its disk failed while
+        // it was the writer): the writer compares every block.
+        tracing::warn!(
+            reason = reason.trim(),
+            "this copy is recorded as not up to date; the writer will compare it block by block"
+        );
+        tracker
+            .invalidate()
+            .map_err(|e| RunError::Other(format!("cannot invalidate the records: {e}")))?;
+        clear_self_outdated_when_in_sync(state_dir.clone(), tracker.clone())?;
+    }
+    let root = open_dir("backing", &backing)?;
+    let server = ReceiverServer::bind(listen, root, key, &module)?
+        .accept_only_generation(accept_generation)
+        .with_tracker(tracker);
+    let server = if save_aside {
+        server.save_aside_to(state_dir.path().to_path_buf())
+    } else {
+        server
+    };
+    // After the descriptor is open: only the receiver can write from now on.
+    let _read_only = ReadOnlyBind::new(&backing)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| RunError::Other(format!("cannot install signal handler: {e}")))?;
+    }
+    let addr = server.local_addr().map_or(listen, |a| a);
+    tracing::info!(backing = %backing.display(), %addr, "secondary ready");
+    server
+        .serve(&stop)
+        .map_err(|e| RunError::Other(format!("receiver failed: {e}")))?;
+    tracing::info!("secondary stopped");
+    Ok(())
+}
+
+/// Removes `self-outdated` once a resync made this copy identical to the
+/// writer's (the records become valid only then).
+fn clear_self_outdated_when_in_sync(
+    state: Arc<StateDir>,
+    tracker: Arc<Tracker>,
+) -> Result<(), RunError> {
+    std::thread::Builder::new()
+        .name("self-outdated".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            if tracker.is_valid() {
+                match state.clear_self_outdated() {
+                    Ok(()) => tracing::info!("this copy is up to date again"),
+                    Err(e) => tracing::error!("cannot clear the self-outdated record: {e}"),
+                }
+                return;
+            }
+        })
+        .map(drop)
+        .map_err(|e| RunError::Other(format!("cannot start a thread: {e}")))
+}
