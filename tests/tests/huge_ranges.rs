@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use vmha_test_infra::fsctl::{attach_and_wait, signal, verify};
 use vmha_test_infra::pair::READY_TIMEOUT;
+use vmha_test_infra::proc::strip_ansi;
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all, Child, Pair, PairOptions};
 
 const TIB: u64 = 1 << 40;
@@ -185,24 +186,6 @@ impl Nodes {
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| anyhow!("no bytes= in {line:?}"))
     }
-}
-
-/// `text` without terminal colour sequences (`ESC [ … m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[test]

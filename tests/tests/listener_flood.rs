@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use rand::RngCore;
 use vmha_fs::wire;
 use vmha_test_infra::pair::{Pair, PairOptions, READY_TIMEOUT};
+use vmha_test_infra::proc::strip_ansi;
 use vmha_test_infra::proc::Child;
 
 const CONNECTIONS: usize = 2_000;
@@ -156,24 +157,6 @@ fn thread_count(pid: u32) -> Result<usize> {
         .count())
 }
 
-/// Removes ANSI colour sequences.
-fn plain(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     let at = line.find(&format!(" {name}="))?;
     let rest = &line[at + name.len() + 2..];
@@ -280,7 +263,7 @@ fn flood_of_unauthenticated_connections_does_not_exhaust_the_receiver() -> Resul
     // 4. Rejection lines per kind.
     let mut per_kind: HashMap<String, usize> = HashMap::new();
     let mut reported = 0u64;
-    for line in lines.iter().map(|l| plain(l)) {
+    for line in lines.iter().map(|l| strip_ansi(l)) {
         if !line.to_ascii_lowercase().contains("reject") {
             continue;
         }

@@ -136,19 +136,7 @@ fn frozen_secondary_fails_writes_within_lock_timeout() -> Result<()> {
         .ok_or_else(|| anyhow!("no secondary"))?
         .send_signal(libc::SIGSTOP)?;
 
-    let (res, took) = timed_write_fsync(&f, 4096)?;
-    eprintln!("write+fsync against a frozen secondary: {res:?} after {took:?}");
-    match &res {
-        Ok(()) => bail!("write+fsync succeeded {took:?} while the secondary was frozen"),
-        Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
-        Err(e) => bail!(
-            "write+fsync failed with {} ({e}), expected EIO",
-            errno_name(e.raw_os_error().unwrap_or(0))
-        ),
-    }
-    if took > BOUND {
-        bail!("the failing write+fsync took {took:?}, bound {BOUND:?}");
-    }
+    let took = expect_eio_within_bound(&f, 4096, "frozen secondary")?;
     if took < Duration::from_millis(LOCK_TIMEOUT_MS) {
         bail!("EIO after {took:?}: before the lock timeout of {LOCK_TIMEOUT_MS} ms");
     }
@@ -173,17 +161,21 @@ fn signal_secondary(pair: &Pair, sig: libc::c_int) -> Result<()> {
 }
 
 /// Write + fsync against a frozen secondary must fail with EIO within [`BOUND`].
-fn expect_eio_within_bound(f: &File, off: u64, when: &str) -> Result<()> {
+fn expect_eio_within_bound(f: &File, off: u64, when: &str) -> Result<Duration> {
     let (res, took) = timed_write_fsync(f, off)?;
+    eprintln!("{when}: write+fsync: {res:?} after {took:?}");
     match &res {
         Ok(()) => bail!("{when}: write+fsync succeeded while the secondary was frozen"),
         Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
-        Err(e) => bail!("{when}: write+fsync failed with {e}, expected EIO"),
+        Err(e) => bail!(
+            "{when}: write+fsync failed with {} ({e}), expected EIO",
+            errno_name(e.raw_os_error().unwrap_or(0))
+        ),
     }
     if took > BOUND {
         bail!("{when}: the failing write+fsync took {took:?}, bound {BOUND:?}");
     }
-    Ok(())
+    Ok(took)
 }
 
 /// The link's timers (ping, watchdog) survive a failure: a link that failed, went

@@ -38,6 +38,7 @@ use rand::{Rng, SeedableRng};
 use vmha_test_infra::fsctl::{attach_and_wait, signal, stop};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
+use vmha_test_infra::proc::strip_ansi;
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all, vmha_fs_bin, AlignedBuf, Child, LoopFs};
 
 /// Size of each node's XFS (sparse).
@@ -213,24 +214,6 @@ fn last_sync_was_incremental(primary: &Child) -> Result<bool> {
     } else {
         bail!("cannot tell from {line:?}")
     }
-}
-
-/// `text` without terminal colour sequences (`ESC [ … m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The image (every 4 KiB block distinct) and a few small files, synced.
