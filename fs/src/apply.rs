@@ -4,6 +4,7 @@
 //! Every name is resolved as a single component beneath its parent's descriptor with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`; symlinks are created and replicated
 //! as links and never followed.
+#![deny(clippy::cast_possible_truncation)]
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -536,6 +537,7 @@ pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

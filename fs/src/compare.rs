@@ -1,6 +1,7 @@
 //! Block hashes for comparing two copies without sending their data (full compare
 //! when the history is unknown, and `verify`): both sides hash the same blocks with
 //! blake3, only the indexes of differing blocks come back.
+#![deny(clippy::cast_possible_truncation)]
 
 use std::os::fd::BorrowedFd;
 
@@ -49,11 +50,13 @@ pub fn differing(
         .zip(theirs)
         .enumerate()
         .filter(|(_, (a, b))| a != b)
-        .map(|(i, _)| i as u32)
+        // An index into one frame's hashes (a few thousand at most).
+        .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX))
         .collect())
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use std::io::Write;

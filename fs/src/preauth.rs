@@ -14,6 +14,7 @@
 //!
 //! The handshake is the byte-driven [`ServerHandshake`]: the loop reads at most what
 //! it asks for, so the primary's first frame stays in the socket for its session.
+#![deny(clippy::cast_possible_truncation)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -84,7 +85,7 @@ pub fn serve(
         pending.retain(|p| {
             let alive = now.saturating_duration_since(p.since) < limits.deadline;
             if !alive {
-                let ms = limits.deadline.as_millis() as u64;
+                let ms = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX);
                 log.reject("deadline", &p.peer, &WireError::Deadline(ms).to_string());
             }
             alive
