@@ -3,13 +3,14 @@
 //! both the local write and the network send.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 const ALIGN: usize = 4096;
 
-/// A heap buffer aligned to 4 KiB, immutable once filled.
+/// A heap buffer aligned to 4 KiB (for O_DIRECT). The one aligned buffer of the
+/// workspace: the tests use it too.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -43,6 +44,13 @@ impl AlignedBuf {
         Self { ptr, len, layout }
     }
 
+    /// An aligned buffer of `len` bytes, each `byte`.
+    pub fn filled(len: usize, byte: u8) -> Self {
+        let mut buf = Self::zeroed(len);
+        buf.as_mut_slice().fill(byte);
+        buf
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr is valid for layout.size() >= len bytes and uniquely borrowed.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
@@ -58,6 +66,12 @@ impl Deref for AlignedBuf {
     fn deref(&self) -> &[u8] {
         // SAFETY: ptr is valid for len bytes for the lifetime of self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
     }
 }
 

@@ -25,7 +25,7 @@ fn direct_io_write_read_fdatasync() -> Result<()> {
     ];
     let mut expected = vec![0u8; 4 << 20 | 4096];
     for &(off, len) in &layout {
-        let mut buf = AlignedBuf::new(len, 4096)?;
+        let mut buf = AlignedBuf::zeroed(len);
         rng.fill_bytes(&mut buf);
         f.write_all_at(&buf, off)
             .with_context(|| format!("O_DIRECT write of {len} at {off}"))?;
@@ -37,7 +37,7 @@ fn direct_io_write_read_fdatasync() -> Result<()> {
     let g = open_direct(&path, false).context("second O_DIRECT open")?;
     for file in [&f, &g] {
         for &(off, len) in &layout {
-            let mut buf = AlignedBuf::new(len, 4096)?;
+            let mut buf = AlignedBuf::zeroed(len);
             file.read_exact_at(&mut buf, off)
                 .with_context(|| format!("O_DIRECT read of {len} at {off}"))?;
             if buf[..] != expected[off as usize..off as usize + len] {
@@ -69,12 +69,12 @@ fn direct_io_survives_unaligned_request() -> Result<()> {
     let pair = Pair::start(PairOptions::default())?;
     let path = pair.mount().join("x");
     let f = open_direct(&path, true)?;
-    let buf = AlignedBuf::filled(8192, 7)?;
+    let buf = AlignedBuf::filled(8192, 7);
     f.write_all_at(&buf, 0)?;
     // Whatever the outcome of an unaligned write (FUSE may accept it), it must
     // return, and afterwards aligned I/O and replication still work.
     let _ = f.write_at(&buf[1..4097], 1);
-    let mut back = AlignedBuf::new(8192, 4096)?;
+    let mut back = AlignedBuf::zeroed(8192);
     f.read_exact_at(&mut back, 0)?;
     f.sync_all()?;
     let sec = std::fs::read(pair.secondary_backing().join("x"))?;

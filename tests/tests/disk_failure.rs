@@ -73,9 +73,7 @@ fn checking_writer(path: PathBuf, stop: Arc<AtomicBool>) -> (Vec<Block>, Option<
     else {
         return (acked, None);
     };
-    let Ok(mut buf) = AlignedBuf::new(BLOCK, 4096) else {
-        return (acked, None);
-    };
+    let mut buf = AlignedBuf::zeroed(BLOCK);
     let slots = CHECKED_SIZE / BLOCK as u64;
     let mut rng = StdRng::seed_from_u64(42);
     for i in 0u64.. {

@@ -247,9 +247,7 @@ fn direct_writer(
     else {
         return acked;
     };
-    let Ok(mut buf) = AlignedBuf::new(SLOT as usize, 4096) else {
-        return acked;
-    };
+    let mut buf = AlignedBuf::zeroed(SLOT as usize);
     for (i, slot) in slots.into_iter().enumerate() {
         if stop.load(Ordering::SeqCst) {
             break;

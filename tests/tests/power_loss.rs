@@ -325,7 +325,8 @@ fn writer(
     if kind.direct {
         opts.custom_flags(libc::O_DIRECT);
     }
-    let (Ok(f), Ok(mut buf)) = (opts.open(&path), AlignedBuf::new(SLOT as usize, 4096)) else {
+    let mut buf = AlignedBuf::zeroed(SLOT as usize);
+    let Ok(f) = opts.open(&path) else {
         acked.errors += 1;
         return acked;
     };

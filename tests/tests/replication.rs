@@ -497,7 +497,7 @@ fn writer(mount: &Path, t: usize) -> Result<Vec<u8>> {
     let mut model = Vec::new();
     for i in 0..ITERATIONS {
         let len = if rng.random_bool(0.5) { 4096 } else { 65536 };
-        let mut buf = AlignedBuf::new(len, 4096)?;
+        let mut buf = AlignedBuf::zeroed(len);
         rng.fill_bytes(&mut buf);
         buf[0] = t as u8;
         buf[1] = i as u8;
