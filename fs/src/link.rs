@@ -222,7 +222,8 @@ fn open_session(
     let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
     let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
     let report = match reader.recv().map_err(protocol)? {
-        Message::Welcome { report } => report,
+        Message::Welcome { report: false } => None,
+        Message::Welcome { report: true } => wire::read_report(&mut reader).map_err(protocol)?,
         Message::Refused { reason } => return Err(protocol(WireError::Refused(reason))),
         other => {
             return Err(protocol(WireError::Malformed(format!(

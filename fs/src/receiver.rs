@@ -356,30 +356,7 @@ fn handle_connection(mut stream: TcpStream, peer: SocketAddr, conn: Connection) 
         return;
     }
     let _slot = SessionSlot(busy);
-    let report = tracker.as_ref().and_then(|t| match t.report(root.as_fd()) {
-        Ok(r) => Some(Box::new(r)),
-        Err(e) => {
-            // Without a report the writer copies everything: slower, never wrong.
-            tracing::warn!("cannot report on this copy: {e}");
-            None
-        }
-    });
-    let report = report.filter(|r| {
-        let fits = wire::fits_in_frame(&Message::Welcome {
-            report: Some(r.clone()),
-        });
-        if !fits {
-            tracing::warn!(
-                entries = r.entries.len(),
-                "the report on this copy is too large for one frame; the writer will copy everything"
-            );
-        }
-        fits
-    });
-    if let Err(e) = writer
-        .send(&Message::Welcome { report })
-        .and_then(|()| writer.flush())
-    {
+    if let Err(e) = welcome(&mut writer, tracker.as_deref(), &root) {
         tracing::warn!(%peer, "session ended before it started: {e}");
         return;
     }
@@ -389,6 +366,63 @@ fn handle_connection(mut stream: TcpStream, peer: SocketAddr, conn: Connection) 
         Ok(()) => tracing::info!(%peer, "primary disconnected"),
         Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),
     }
+}
+
+/// What stopped a streamed report.
+enum ReportError {
+    /// Listing the copy failed: the report is incomplete (the writer is told).
+    Walk(Errno),
+    /// The connection failed.
+    Send(WireError),
+}
+
+impl From<Errno> for ReportError {
+    fn from(e: Errno) -> Self {
+        ReportError::Walk(e)
+    }
+}
+
+/// Accepts the primary: `Welcome`, then (with records) the report on this copy,
+/// streamed part by part as the tree is walked, so neither its size nor the
+/// number of files is limited by a frame or by memory.
+fn welcome(
+    writer: &mut FrameWriter<BufWriter<TcpStream>>,
+    tracker: Option<&Tracker>,
+    root: &OwnedFd,
+) -> Result<(), WireError> {
+    let Some(tracker) = tracker else {
+        writer.send(&Message::Welcome { report: false })?;
+        return writer.flush();
+    };
+    writer.send(&Message::Welcome { report: true })?;
+    let mut entries = 0u64;
+    let walked = tracker.report_each(root.as_fd(), |part| {
+        entries += part.entries.len() as u64;
+        writer
+            .send(&Message::ReportPart(part))
+            .and_then(|()| writer.flush())
+            .map_err(ReportError::Send)
+    });
+    let end = match walked {
+        Ok(valid) => Message::ReportEnd {
+            valid,
+            complete: true,
+            entries,
+        },
+        Err(ReportError::Walk(e)) => {
+            // Without a report the writer compares everything: slower, never wrong.
+            tracing::warn!("cannot report on this copy: {e}");
+            Message::ReportEnd {
+                valid: false,
+                complete: false,
+                entries,
+            }
+        }
+        Err(ReportError::Send(e)) => return Err(e),
+    };
+    tracing::info!(entries, "reported on this copy");
+    writer.send(&end)?;
+    writer.flush()
 }
 
 type SharedWriter = Arc<Mutex<FrameWriter<BufWriter<TcpStream>>>>;
@@ -606,19 +640,23 @@ fn destroys_data(op: &Op) -> bool {
     matches!(
         op,
         Op::Write { .. }
+            | Op::CopyRange { .. }
             | Op::Fallocate { .. }
             | Op::Truncate { .. }
             | Op::Remove { .. }
             | Op::Unlink { .. }
+            | Op::Rename { .. }
+            | Op::Wipe
     )
 }
 
 /// Whether `op` changes the data of a file created in this session.
 fn targets_created(op: &Op, created: &HashSet<NodeId>) -> bool {
     match op {
-        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Fallocate { id, .. } => {
-            created.contains(id)
-        }
+        Op::Write { id, .. }
+        | Op::Truncate { id, .. }
+        | Op::Fallocate { id, .. }
+        | Op::CopyRange { dst: id, .. } => created.contains(id),
         _ => false,
     }
 }
