@@ -656,4 +656,214 @@ mod tests {
             b"bye"
         );
     }
+
+    /// A backing directory with nodes bound by id, as a receiver's session has.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        ids: std::collections::HashMap<NodeId, Arc<OwnedFd>>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("data")).unwrap();
+            let root =
+                rustix::fs::open(dir.path().join("data"), OFlags::PATH, rustix::fs::Mode::empty())
+                    .unwrap();
+            let mut ids = std::collections::HashMap::new();
+            ids.insert(crate::op::ROOT, Arc::new(root));
+            Fixture { dir, ids }
+        }
+        fn data(&self) -> PathBuf {
+            self.dir.path().join("data")
+        }
+        fn bind(&mut self, id: NodeId, rel: &str) {
+            let fd = rustix::fs::open(self.data().join(rel), OFlags::PATH, rustix::fs::Mode::empty())
+                .unwrap();
+            self.ids.insert(id, Arc::new(fd));
+        }
+        fn aside(&self) -> SaveAside {
+            SaveAside::create(&self.dir.path().join("state"), self.ids[&crate::op::ROOT].as_fd())
+                .unwrap()
+        }
+        fn before(&self, aside: &mut SaveAside, op: &Op) {
+            let ids = &self.ids;
+            aside
+                .before(op, &|id| ids.get(&id).cloned().ok_or(Errno::STALE))
+                .unwrap();
+        }
+    }
+
+    fn name(s: &str) -> Name {
+        Name::new(s.as_bytes()).unwrap()
+    }
+
+    /// (path, offset, bytes) of every manifest line.
+    fn manifest(aside: &SaveAside) -> Vec<(String, u64, Vec<u8>)> {
+        let blocks = std::fs::read(aside.dir().join("blocks.bin")).unwrap();
+        std::fs::read_to_string(aside.dir().join("manifest.tsv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                let (off, len, at): (u64, usize, usize) =
+                    (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap());
+                (f[0].to_string(), off, blocks[at..at + len].to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn renames_over_copies_into_and_wipes_save_first() {
+        let mut fx = Fixture::new();
+        std::fs::create_dir_all(fx.data().join("d/e")).unwrap();
+        std::fs::write(fx.data().join("d/src"), b"new").unwrap();
+        std::fs::write(fx.data().join("d/victim"), b"old victim").unwrap();
+        std::fs::write(fx.data().join("d/e/deep"), b"deep").unwrap();
+        std::os::unix::fs::symlink("victim", fx.data().join("d/link")).unwrap();
+        std::fs::write(fx.data().join("target"), vec![7u8; 20000]).unwrap();
+        fx.bind(2, "d");
+        fx.bind(3, "target");
+        fx.bind(4, "d/src");
+        let mut aside = fx.aside();
+        // A rename over an existing file destroys it.
+        let rename = |flags| Op::Rename {
+            parent: 2,
+            name: name("src"),
+            new_parent: 2,
+            new_name: name("victim"),
+            flags,
+        };
+        fx.before(&mut aside, &rename(libc::RENAME_EXCHANGE));
+        assert!(!aside.dir().join("removed/d/victim").exists(), "exchange destroys nothing");
+        fx.before(&mut aside, &rename(0));
+        assert_eq!(
+            std::fs::read(aside.dir().join("removed/d/victim")).unwrap(),
+            b"old victim"
+        );
+        // Renaming a name onto another name of the same file destroys nothing.
+        std::fs::hard_link(fx.data().join("d/src"), fx.data().join("d/alias")).unwrap();
+        fx.before(
+            &mut aside,
+            &Op::Rename {
+                parent: 2,
+                name: name("src"),
+                new_parent: 2,
+                new_name: name("alias"),
+                flags: 0,
+            },
+        );
+        assert!(!aside.dir().join("removed/d/alias").exists());
+        // A copy into existing data.
+        fx.before(
+            &mut aside,
+            &Op::CopyRange {
+                src: 4,
+                src_offset: 0,
+                dst: 3,
+                dst_offset: 5000,
+                len: 3,
+            },
+        );
+        assert_eq!(manifest(&aside), vec![("target".into(), 4096, vec![7u8; 4096])]);
+        // A full sync empties everything: all of it is saved, symlinks as symlinks.
+        fx.before(&mut aside, &Op::Wipe);
+        let removed = aside.dir().join("removed");
+        assert_eq!(std::fs::read(removed.join("d/e/deep")).unwrap(), b"deep");
+        assert_eq!(std::fs::read(removed.join("target")).unwrap(), vec![7u8; 20000]);
+        assert_eq!(std::fs::read_link(removed.join("d/link")).unwrap(), Path::new("victim"));
+        // The victim saved earlier is kept; the wipe's copy of that path comes next to it.
+        assert_eq!(std::fs::read(removed.join("d/victim")).unwrap(), b"old victim");
+        assert_eq!(std::fs::read(removed.join("d/victim.1")).unwrap(), b"old victim");
+    }
+
+    #[test]
+    fn saved_aside_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut fx = Fixture::new();
+        std::fs::create_dir_all(fx.data().join("a/b")).unwrap();
+        std::fs::write(fx.data().join("a/b/f"), b"x").unwrap();
+        std::fs::write(fx.data().join("disk"), vec![1u8; 8192]).unwrap();
+        fx.bind(2, "disk");
+        let mut aside = fx.aside();
+        fx.before(&mut aside, &Op::Truncate { id: 2, size: 0 });
+        fx.before(&mut aside, &Op::Remove { parent: 1, name: name("a") });
+        let mut seen = 0;
+        crate::track::walk_each(
+            rustix::fs::open(fx.dir.path().join("state/diverged"), OFlags::PATH, rustix::fs::Mode::empty())
+                .unwrap()
+                .as_fd(),
+            |e: &crate::track::WalkEntry| {
+                let mode = e.st.st_mode & 0o7777;
+                let want = if FileType::from_raw_mode(e.st.st_mode) == FileType::Directory {
+                    0o700
+                } else {
+                    0o600
+                };
+                assert_eq!(mode, want, "{}", String::from_utf8_lossy(&e.path));
+                seen += 1;
+                Ok::<(), Errno>(())
+            },
+        )
+        .unwrap();
+        assert!(seen >= 8, "only {seen} entries");
+        let top = std::fs::metadata(fx.dir.path().join("state/diverged")).unwrap();
+        assert_eq!(top.permissions().mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn a_large_sparse_region_is_saved_sparse_and_in_ranges() {
+        use std::os::unix::fs::MetadataExt;
+        const GIB: u64 = 1 << 30;
+        let mut fx = Fixture::new();
+        let f = File::create(fx.data().join("disk")).unwrap();
+        f.set_len(8 * GIB).unwrap();
+        // Data at a few places of an 8 GiB sparse file.
+        for (i, at) in [0u64, 3 * GIB + 12345, 8 * GIB - 4096].iter().enumerate() {
+            f.write_all_at(&vec![i as u8 + 1; 4096], *at).unwrap();
+        }
+        fx.bind(2, "disk");
+        let mut aside = fx.aside();
+        // Punch all of it: 8 GiB would not fit a buffer; the holes stay holes.
+        fx.before(
+            &mut aside,
+            &Op::Fallocate {
+                id: 2,
+                mode: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+                offset: 0,
+                len: 8 * GIB,
+            },
+        );
+        let blocks = std::fs::metadata(aside.dir().join("blocks.bin")).unwrap();
+        assert_eq!(blocks.len(), 8 * GIB);
+        assert!(blocks.blocks() * 512 <= 64 << 10, "holes were filled: {}", blocks.blocks());
+        let bin = File::open(aside.dir().join("blocks.bin")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        bin.read_exact_at(&mut buf, 3 * GIB + 12345).unwrap();
+        assert_eq!(buf, vec![2u8; 4096]);
+        // Saved once: as one range, not millions of blocks.
+        assert_eq!(aside.saved[&f.metadata().unwrap().ino()], vec![(0, 8 * GIB)]);
+        fx.before(&mut aside, &Op::Truncate { id: 2, size: 0 });
+        assert_eq!(
+            std::fs::read_to_string(aside.dir().join("manifest.tsv")).unwrap().lines().count(),
+            2
+        );
+    }
+
+    #[test]
+    fn saved_ranges_merge_and_gaps_are_exact() {
+        let mut set = Vec::new();
+        insert(&mut set, 10, 20);
+        insert(&mut set, 30, 40);
+        assert_eq!(gaps(&set, 0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(gaps(&set, 12, 18), vec![]);
+        assert_eq!(gaps(&set, 15, 35), vec![(20, 30)]);
+        insert(&mut set, 20, 30);
+        assert_eq!(set, vec![(10, 40)]);
+        insert(&mut set, 0, 5);
+        insert(&mut set, 45, 50);
+        insert(&mut set, 4, 46);
+        assert_eq!(set, vec![(0, 50)]);
+    }
 }
