@@ -152,14 +152,21 @@ fn insert(set: &mut Vec<(u64, u64)>, from: u64, to: u64) {
 /// Copies `len` bytes from `src` at `from` to `dst` at `to`, in the kernel where it
 /// can (`copy_file_range`), else through a 1 MiB buffer. Stops early at the end of
 /// `src`; returns the bytes copied.
-fn copy_bytes(src: BorrowedFd<'_>, from: u64, dst: BorrowedFd<'_>, to: u64, len: u64) -> Result<u64, Errno> {
+fn copy_bytes(
+    src: BorrowedFd<'_>,
+    from: u64,
+    dst: BorrowedFd<'_>,
+    to: u64,
+    len: u64,
+) -> Result<u64, Errno> {
     let (mut off_in, mut off_out) = (from, to);
     let end = from + len;
     let mut buf: Vec<u8> = Vec::new();
     while off_in < end {
         let want = (end - off_in).min(PIECE) as usize;
         if buf.is_empty() {
-            match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
+            match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)
+            {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
@@ -182,7 +189,13 @@ fn copy_bytes(src: BorrowedFd<'_>, from: u64, dst: BorrowedFd<'_>, to: u64, len:
 
 /// Copies `[from, to)` of `src` to `dst` at `at`, data only: holes of `src` are
 /// left untouched in `dst` (holes there when `dst` is new there).
-fn copy_sparse(src: BorrowedFd<'_>, from: u64, to: u64, dst: BorrowedFd<'_>, at: u64) -> Result<(), Errno> {
+fn copy_sparse(
+    src: BorrowedFd<'_>,
+    from: u64,
+    to: u64,
+    dst: BorrowedFd<'_>,
+    at: u64,
+) -> Result<(), Errno> {
     let mut pos = from;
     while pos < to {
         let data = match rustix::fs::seek(src, SeekFrom::Data(pos)) {
@@ -401,7 +414,9 @@ impl SaveAside {
             insert(self.saved.entry(st.st_ino).or_default(), start, end);
         }
         // Trailing holes count too: the file ends where the saved data ends.
-        self.blocks.set_len(self.blocks_len).map_err(io(&self.dir))?;
+        self.blocks
+            .set_len(self.blocks_len)
+            .map_err(io(&self.dir))?;
         self.manifest.flush().map_err(io(&self.dir))?;
         self.blocks.sync_data().map_err(io(&self.dir))?;
         self.manifest.get_ref().sync_data().map_err(io(&self.dir))
@@ -667,9 +682,12 @@ mod tests {
         fn new() -> Fixture {
             let dir = tempfile::tempdir().unwrap();
             std::fs::create_dir_all(dir.path().join("data")).unwrap();
-            let root =
-                rustix::fs::open(dir.path().join("data"), OFlags::PATH, rustix::fs::Mode::empty())
-                    .unwrap();
+            let root = rustix::fs::open(
+                dir.path().join("data"),
+                OFlags::PATH,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
             let mut ids = std::collections::HashMap::new();
             ids.insert(crate::op::ROOT, Arc::new(root));
             Fixture { dir, ids }
@@ -678,13 +696,20 @@ mod tests {
             self.dir.path().join("data")
         }
         fn bind(&mut self, id: NodeId, rel: &str) {
-            let fd = rustix::fs::open(self.data().join(rel), OFlags::PATH, rustix::fs::Mode::empty())
-                .unwrap();
+            let fd = rustix::fs::open(
+                self.data().join(rel),
+                OFlags::PATH,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
             self.ids.insert(id, Arc::new(fd));
         }
         fn aside(&self) -> SaveAside {
-            SaveAside::create(&self.dir.path().join("state"), self.ids[&crate::op::ROOT].as_fd())
-                .unwrap()
+            SaveAside::create(
+                &self.dir.path().join("state"),
+                self.ids[&crate::op::ROOT].as_fd(),
+            )
+            .unwrap()
         }
         fn before(&self, aside: &mut SaveAside, op: &Op) {
             let ids = &self.ids;
@@ -707,8 +732,11 @@ mod tests {
             .skip(1)
             .map(|l| {
                 let f: Vec<&str> = l.split('\t').collect();
-                let (off, len, at): (u64, usize, usize) =
-                    (f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap());
+                let (off, len, at): (u64, usize, usize) = (
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                    f[3].parse().unwrap(),
+                );
                 (f[0].to_string(), off, blocks[at..at + len].to_vec())
             })
             .collect()
@@ -736,7 +764,10 @@ mod tests {
             flags,
         };
         fx.before(&mut aside, &rename(libc::RENAME_EXCHANGE));
-        assert!(!aside.dir().join("removed/d/victim").exists(), "exchange destroys nothing");
+        assert!(
+            !aside.dir().join("removed/d/victim").exists(),
+            "exchange destroys nothing"
+        );
         fx.before(&mut aside, &rename(0));
         assert_eq!(
             std::fs::read(aside.dir().join("removed/d/victim")).unwrap(),
@@ -766,16 +797,31 @@ mod tests {
                 len: 3,
             },
         );
-        assert_eq!(manifest(&aside), vec![("target".into(), 4096, vec![7u8; 4096])]);
+        assert_eq!(
+            manifest(&aside),
+            vec![("target".into(), 4096, vec![7u8; 4096])]
+        );
         // A full sync empties everything: all of it is saved, symlinks as symlinks.
         fx.before(&mut aside, &Op::Wipe);
         let removed = aside.dir().join("removed");
         assert_eq!(std::fs::read(removed.join("d/e/deep")).unwrap(), b"deep");
-        assert_eq!(std::fs::read(removed.join("target")).unwrap(), vec![7u8; 20000]);
-        assert_eq!(std::fs::read_link(removed.join("d/link")).unwrap(), Path::new("victim"));
+        assert_eq!(
+            std::fs::read(removed.join("target")).unwrap(),
+            vec![7u8; 20000]
+        );
+        assert_eq!(
+            std::fs::read_link(removed.join("d/link")).unwrap(),
+            Path::new("victim")
+        );
         // The victim saved earlier is kept; the wipe's copy of that path comes next to it.
-        assert_eq!(std::fs::read(removed.join("d/victim")).unwrap(), b"old victim");
-        assert_eq!(std::fs::read(removed.join("d/victim.1")).unwrap(), b"old victim");
+        assert_eq!(
+            std::fs::read(removed.join("d/victim")).unwrap(),
+            b"old victim"
+        );
+        assert_eq!(
+            std::fs::read(removed.join("d/victim.1")).unwrap(),
+            b"old victim"
+        );
     }
 
     #[test]
@@ -788,12 +834,22 @@ mod tests {
         fx.bind(2, "disk");
         let mut aside = fx.aside();
         fx.before(&mut aside, &Op::Truncate { id: 2, size: 0 });
-        fx.before(&mut aside, &Op::Remove { parent: 1, name: name("a") });
+        fx.before(
+            &mut aside,
+            &Op::Remove {
+                parent: 1,
+                name: name("a"),
+            },
+        );
         let mut seen = 0;
         crate::track::walk_each(
-            rustix::fs::open(fx.dir.path().join("state/diverged"), OFlags::PATH, rustix::fs::Mode::empty())
-                .unwrap()
-                .as_fd(),
+            rustix::fs::open(
+                fx.dir.path().join("state/diverged"),
+                OFlags::PATH,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap()
+            .as_fd(),
             |e: &crate::track::WalkEntry| {
                 let mode = e.st.st_mode & 0o7777;
                 let want = if FileType::from_raw_mode(e.st.st_mode) == FileType::Directory {
@@ -837,16 +893,26 @@ mod tests {
         );
         let blocks = std::fs::metadata(aside.dir().join("blocks.bin")).unwrap();
         assert_eq!(blocks.len(), 8 * GIB);
-        assert!(blocks.blocks() * 512 <= 64 << 10, "holes were filled: {}", blocks.blocks());
+        assert!(
+            blocks.blocks() * 512 <= 64 << 10,
+            "holes were filled: {}",
+            blocks.blocks()
+        );
         let bin = File::open(aside.dir().join("blocks.bin")).unwrap();
         let mut buf = vec![0u8; 4096];
         bin.read_exact_at(&mut buf, 3 * GIB + 12345).unwrap();
         assert_eq!(buf, vec![2u8; 4096]);
         // Saved once: as one range, not millions of blocks.
-        assert_eq!(aside.saved[&f.metadata().unwrap().ino()], vec![(0, 8 * GIB)]);
+        assert_eq!(
+            aside.saved[&f.metadata().unwrap().ino()],
+            vec![(0, 8 * GIB)]
+        );
         fx.before(&mut aside, &Op::Truncate { id: 2, size: 0 });
         assert_eq!(
-            std::fs::read_to_string(aside.dir().join("manifest.tsv")).unwrap().lines().count(),
+            std::fs::read_to_string(aside.dir().join("manifest.tsv"))
+                .unwrap()
+                .lines()
+                .count(),
             2
         );
     }

@@ -558,7 +558,9 @@ mod tests {
             let e = ReportEntry {
                 path: format!("dir{:03}/file{i:07}", i % 1000).into_bytes(),
                 kind: EntryKind::File,
-                dirty: (0..(i % 5) as u64).map(|j| (j << 20, (j << 20) + 4096)).collect(),
+                dirty: (0..(i % 5) as u64)
+                    .map(|j| (j << 20, (j << 20) + 4096))
+                    .collect(),
             };
             report.entries.push(e.clone());
             part.entries.push(e);
@@ -583,7 +585,10 @@ mod tests {
     fn a_report_of_a_hundred_thousand_files_streams_in_bounded_frames() {
         let (k, _) = keys();
         let (report, bytes, largest) = streamed(100_000, k);
-        assert!(bytes.len() > MAX_META_LEN as usize * 10, "not a large report");
+        assert!(
+            bytes.len() > MAX_META_LEN as usize * 10,
+            "not a large report"
+        );
         assert!(largest <= MAX_META_LEN as usize);
         let mut r = FrameReader::new(Cursor::new(bytes), k);
         assert!(matches!(r.recv(), Ok(Message::Welcome { report: true })));
