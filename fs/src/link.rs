@@ -759,7 +759,15 @@ impl PeerLink {
         loop {
             let acks = match reader.recv() {
                 Ok(Message::Acks(acks)) => acks,
-                Ok(Message::Ping) => continue,
+                Ok(Message::Ping) => {
+                    // The receiver is working on a long operation (saving a split
+                    // brain's data aside) and says so: progress, not a stall.
+                    let mut shared = self.inner.shared.lock();
+                    if shared.epoch == epoch {
+                        shared.stall_since = Instant::now();
+                    }
+                    continue;
+                }
                 Ok(Message::Differ { seq, blocks }) => {
                     let mut shared = self.inner.shared.lock();
                     if shared.epoch != epoch {

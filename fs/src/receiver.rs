@@ -529,7 +529,7 @@ fn run_session(
                     _ => {}
                 }
                 if destroys_data(&op) && !targets_created(&op, &created) {
-                    save_before(&mut aside, policy, &table, &op)
+                    save_before(&mut aside, policy, &table, &op, &writer)
                 } else {
                     Ok(())
                 }
@@ -666,11 +666,18 @@ fn save_before(
     policy: &AsidePolicy,
     table: &SessionTable,
     op: &Op,
+    writer: &SharedWriter,
 ) -> Result<(), Errno> {
     if aside.is_none() {
         let root = table.path_fd(ROOT)?;
+        let writer = writer.clone();
+        // A long save (a big tree removed) would look like a stalled peer.
+        let beat = Box::new(move || {
+            let mut w = writer.lock();
+            let _ = w.send(&Message::Ping).and_then(|()| w.flush());
+        });
         match SaveAside::create(&policy.state, root.as_fd()) {
-            Ok(a) => *aside = Some(a),
+            Ok(a) => *aside = Some(a.with_heartbeat(beat)),
             Err(e) => {
                 tracing::error!("{e}");
                 return Err(Errno::IO);
