@@ -16,6 +16,8 @@
 //! - Replicated paths must be absolute, without `..`, and no two of them (in the
 //!   same module or across modules) may be equal or nested: each is mounted over
 //!   by exactly one module's filesystem.
+//! - Directory `i` of a module replicates on `port + i`: these ranges may not
+//!   overlap (between modules, or with the heartbeat port) nor pass 65535.
 //! - Two modules may not drive the same libvirt domain on the same URI.
 //! - A witness is `IP` (ICMP echo) or `IP:PORT` (TCP connect).
 //! - Zero modules is valid (a pair that only exchanges heartbeats).
@@ -35,6 +37,11 @@ use serde::{Deserialize, Serialize};
 
 /// The reference product's limit, kept: a pair serves at most this many modules.
 pub const MAX_MODULES: usize = 32;
+/// The longest failover timeout accepted (a day): beyond it a dead peer is never
+/// noticed in practice, and sums with it could overflow.
+pub const MAX_FAILOVER_TIMEOUT_MS: u64 = 86_400_000;
+/// The longest ACPI shutdown wait accepted (a day).
+pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 
 /// Problems loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,12 @@ pub enum ConfigError {
         first: String,
         second: String,
     },
+    #[error("module `{module}`: {dirs} replicated directories need ports {port} to {port} + {dirs} - 1, beyond 65535")]
+    PortRange {
+        module: String,
+        port: u16,
+        dirs: usize,
+    },
     #[error("modules `{first}` and `{second}` drive the same libvirt domain `{domain}`")]
     DuplicateDomain {
         domain: String,
@@ -126,6 +139,30 @@ pub enum ConfigError {
     ZeroMaxloop(String),
     #[error("module `{0}`: loop_interval_s must be at least 1")]
     ZeroLoopInterval(String),
+    #[error("cluster.state_dir = `{0}` must be an absolute path")]
+    RelativeStateDir(PathBuf),
+    #[error("cluster.state_dir = `{state_dir}` is inside replicated path `{path}` of module `{module}`: each node keeps its own state")]
+    StateDirReplicated {
+        state_dir: PathBuf,
+        module: String,
+        path: PathBuf,
+    },
+    #[error("cluster.control_socket = `{0}` must be an absolute path")]
+    RelativeControlSocket(PathBuf),
+    #[error("cluster.control_socket = `{socket}`: its directory `{dir}` is world-writable (anyone could put their own socket there)")]
+    ControlSocketDir { socket: PathBuf, dir: PathBuf },
+    #[error("address {address} is on both node `{first}` and node `{second}`")]
+    SameAddress {
+        address: IpAddr,
+        first: String,
+        second: String,
+    },
+    #[error("cluster.failover_timeout_ms = {failover_timeout_ms} is too large (at most {MAX_FAILOVER_TIMEOUT_MS}, a day)")]
+    FailoverTimeout { failover_timeout_ms: u64 },
+    #[error("module `{module}`: stop_timeout_s = {stop_timeout_s} is too large (at most {MAX_STOP_TIMEOUT_S}, a day)")]
+    StopTimeout { module: String, stop_timeout_s: u64 },
+    #[error("module `{0}`: lock_timeout_ms must be above 0")]
+    ZeroLockTimeout(String),
     #[error("cannot serialise the configuration for hashing: {0}")]
     Canonical(#[from] serde_json::Error),
 }
@@ -541,6 +578,17 @@ fn validate_nodes(raw: Vec<RawNode>) -> Result<[Node; 2], ConfigError> {
     if first.name == second.name {
         return Err(ConfigError::DuplicateNode(first.name));
     }
+    if let Some(address) = first
+        .addresses
+        .iter()
+        .find(|a| second.addresses.contains(a))
+    {
+        return Err(ConfigError::SameAddress {
+            address: *address,
+            first: first.name,
+            second: second.name,
+        });
+    }
     if first.addresses.len() != second.addresses.len() {
         return Err(ConfigError::AddressCountMismatch {
             first: first.name,
@@ -556,6 +604,11 @@ fn validate_cluster(
     raw: RawCluster,
     node_index: &dyn Fn(&str) -> Option<NodeIndex>,
 ) -> Result<Cluster, ConfigError> {
+    if raw.failover_timeout_ms > MAX_FAILOVER_TIMEOUT_MS {
+        return Err(ConfigError::FailoverTimeout {
+            failover_timeout_ms: raw.failover_timeout_ms,
+        });
+    }
     if raw.heartbeat_interval_ms == 0 || raw.heartbeat_interval_ms >= raw.failover_timeout_ms {
         return Err(ConfigError::HeartbeatInterval {
             interval_ms: raw.heartbeat_interval_ms,
@@ -577,6 +630,10 @@ fn validate_cluster(
             None => return Err(ConfigError::BadSplitBrain(raw.split_brain)),
         },
     };
+    if !raw.state_dir.is_absolute() {
+        return Err(ConfigError::RelativeStateDir(raw.state_dir));
+    }
+    check_control_socket(&raw.control_socket)?;
     let witness = raw
         .witness
         .iter()
@@ -662,7 +719,18 @@ impl RawModule {
                 }
             },
         };
-        let minimum = cluster.failover_timeout_ms + cluster.heartbeat_interval_ms;
+        if self.lock_timeout_ms == 0 {
+            return Err(ConfigError::ZeroLockTimeout(name));
+        }
+        if self.stop_timeout_s > MAX_STOP_TIMEOUT_S {
+            return Err(ConfigError::StopTimeout {
+                module: name,
+                stop_timeout_s: self.stop_timeout_s,
+            });
+        }
+        let minimum = cluster
+            .failover_timeout_ms
+            .saturating_add(cluster.heartbeat_interval_ms);
         if self.lock_timeout_ms <= minimum {
             return Err(ConfigError::LockTimeout {
                 module: name,
@@ -694,6 +762,27 @@ impl RawModule {
     }
 }
 
+/// The control socket's path is absolute and its directory, if it exists already,
+/// not world-writable (vmhad creates a missing one itself, 0755).
+fn check_control_socket(socket: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !socket.is_absolute() {
+        return Err(ConfigError::RelativeControlSocket(socket.to_path_buf()));
+    }
+    let Some(dir) = socket.parent() else {
+        return Ok(());
+    };
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(ConfigError::ControlSocketDir {
+                socket: socket.to_path_buf(),
+                dir: dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks across modules: names, ports, domains, replicated paths.
 fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigError> {
     let mut names = HashSet::new();
@@ -705,13 +794,32 @@ fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigE
         if !names.insert(module.name.as_str()) {
             return Err(ConfigError::DuplicateModule(module.name.clone()));
         }
-        let owner = format!("module `{}`", module.name);
-        if let Some(first) = ports.insert(module.port, owner.clone()) {
-            return Err(ConfigError::DuplicatePort {
-                port: module.port,
-                first,
-                second: owner,
-            });
+        // Directory `i` of a module replicates on `port + i`.
+        for i in 0..module.replicated.len() {
+            let port = u16::try_from(usize::from(module.port) + i).map_err(|_| {
+                ConfigError::PortRange {
+                    module: module.name.clone(),
+                    port: module.port,
+                    dirs: module.replicated.len(),
+                }
+            })?;
+            let owner = if i == 0 {
+                format!("module `{}`", module.name)
+            } else {
+                format!(
+                    "module `{}` (directory {}: port {} + {i})",
+                    module.name,
+                    i + 1,
+                    module.port
+                )
+            };
+            if let Some(first) = ports.insert(port, owner.clone()) {
+                return Err(ConfigError::DuplicatePort {
+                    port,
+                    first,
+                    second: owner,
+                });
+            }
         }
         let key = (module.libvirt_uri.as_str(), module.domain.as_str());
         if let Some(first) = domains.insert(key, &module.name) {
@@ -732,6 +840,13 @@ fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigE
                     path: path.clone(),
                     other_module: (*other_module).into(),
                     other_path: other_path.to_path_buf(),
+                });
+            }
+            if cluster.state_dir.starts_with(path) {
+                return Err(ConfigError::StateDirReplicated {
+                    state_dir: cluster.state_dir.clone(),
+                    module: module.name.clone(),
+                    path: path.clone(),
                 });
             }
             paths.push((path, &module.name));
@@ -1021,6 +1136,27 @@ default_primary = "node1"
         assert!(e.to_string().contains("vm1"), "{e}");
         let e = err(&edit("port = 7101", "port = 0"));
         assert!(matches!(e, ConfigError::ZeroPort { .. }), "{e}");
+        // A module with N directories uses port .. port + N - 1: ranges may not overlap.
+        let three = MINIMAL.replacen(
+            "replicated = [\"/var/lib/libvirt/images/vm1\"]",
+            "replicated = [\"/srv/vm1a\", \"/srv/vm1b\", \"/srv/vm1c\"]",
+            1,
+        );
+        let e = err(&format!(
+            "{three}\n[[module]]\nname = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7103\n"
+        ));
+        assert!(
+            matches!(&e, ConfigError::DuplicatePort { port: 7103, first, second } if first.contains("vm1") && first.contains("directory 3") && second.contains("vm2")),
+            "{e}"
+        );
+        let e = err(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/srv/vm2a\", \"/srv/vm2b\"]\nport = 65535",
+        ));
+        assert!(matches!(e, ConfigError::PortRange { dirs: 2, .. }), "{e}");
+        Config::from_toml_str(&with_module(
+            "name = \"vm2\"\nreplicated = [\"/srv/vm2a\", \"/srv/vm2b\"]\nport = 7102",
+        ))
+        .unwrap();
         let e = err(&edit("port = 7101\n", ""));
         assert!(matches!(&e, ConfigError::NoPort(m) if m == "vm1"), "{e}");
     }
@@ -1204,6 +1340,111 @@ default_primary = "node1"
             matches!(&e, ConfigError::ZeroLoopInterval(m) if m == "vm1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn state_dir_must_be_absolute_and_outside_replicated_dirs() {
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nstate_dir = \"var/lib/vmha\"",
+        ));
+        assert!(matches!(&e, ConfigError::RelativeStateDir(_)), "{e}");
+        assert!(e.to_string().contains("state_dir"), "{e}");
+        for inside in [
+            "/var/lib/libvirt/images/vm1",
+            "/var/lib/libvirt/images/vm1/.vmha",
+        ] {
+            let e = err(&edit(
+                "name = \"pair1\"",
+                &format!("name = \"pair1\"\nstate_dir = \"{inside}\""),
+            ));
+            assert!(
+                matches!(&e, ConfigError::StateDirReplicated { module, .. } if module == "vm1"),
+                "{inside}: {e}"
+            );
+            assert!(e.to_string().contains("state_dir"), "{e}");
+        }
+        // Next to it (a common name prefix) is fine.
+        Config::from_toml_str(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nstate_dir = \"/var/lib/libvirt/images/vm1-state\"",
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn control_socket_must_not_be_in_a_world_writable_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let with_socket = |socket: &Path| {
+            edit(
+                "name = \"pair1\"",
+                &format!(
+                    "name = \"pair1\"\ncontrol_socket = \"{}\"",
+                    socket.display()
+                ),
+            )
+        };
+        let socket = dir.path().join("vmhad.sock");
+        Config::from_toml_str(&with_socket(&socket)).unwrap();
+        for mode in [0o777, 0o1777, 0o733] {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = err(&with_socket(&socket));
+            assert!(
+                matches!(&e, ConfigError::ControlSocketDir { .. }),
+                "{mode:o}: {e}"
+            );
+            assert!(e.to_string().contains("control_socket"), "{e}");
+        }
+        let e = err(&with_socket(Path::new("run/vmhad.sock")));
+        assert!(matches!(&e, ConfigError::RelativeControlSocket(_)), "{e}");
+        assert!(e.to_string().contains("control_socket"), "{e}");
+    }
+
+    #[test]
+    fn the_same_address_on_both_nodes_is_refused() {
+        let e = err(&edit("\"10.1.0.2\"", "\"10.1.0.1\""));
+        assert!(
+            matches!(&e, ConfigError::SameAddress { address, .. } if address.to_string() == "10.1.0.1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("10.1.0.1"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_have_bounds_named_by_their_keys() {
+        let e = err(&edit("port = 7101", "port = 7101\nstop_timeout_s = 86401"));
+        assert!(
+            matches!(&e, ConfigError::StopTimeout { module, stop_timeout_s: 86401 } if module == "vm1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("stop_timeout_s"), "{e}");
+        Config::from_toml_str(&edit("port = 7101", "port = 7101\nstop_timeout_s = 86400")).unwrap();
+
+        let e = err(&edit("port = 7101", "port = 7101\nlock_timeout_ms = 0"));
+        assert!(
+            matches!(&e, ConfigError::ZeroLockTimeout(m) if m == "vm1"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("lock_timeout_ms"), "{e}");
+
+        for huge in [MAX_FAILOVER_TIMEOUT_MS + 1, u64::MAX / 2, i64::MAX as u64] {
+            let e = err(&edit(
+                "name = \"pair1\"",
+                &format!("name = \"pair1\"\nfailover_timeout_ms = {huge}"),
+            ));
+            assert!(
+                matches!(&e, ConfigError::FailoverTimeout { failover_timeout_ms } if *failover_timeout_ms == huge),
+                "{huge}: {e}"
+            );
+            assert!(e.to_string().contains("failover_timeout_ms"), "{e}");
+        }
+        // Large but allowed: lock_timeout_ms is then the key to raise.
+        let e = err(&edit(
+            "name = \"pair1\"",
+            &format!("name = \"pair1\"\nfailover_timeout_ms = {MAX_FAILOVER_TIMEOUT_MS}"),
+        ));
+        assert!(matches!(e, ConfigError::LockTimeout { .. }), "{e}");
     }
 
     #[test]

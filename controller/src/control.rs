@@ -6,23 +6,59 @@
 //! The server only parses and forwards: each request goes to a channel as a
 //! [`Call`] with a oneshot for the answer, so it is testable without a daemon.
 //! [`Client`] is the blocking client `vmctl` uses.
+//!
+//! Bounded like every listener (issue 8): at most [`Limits::max_connections`]
+//! connections at once (one more is closed at once), each request line must be
+//! complete within [`Limits::request_deadline`] of the connection or of the
+//! previous answer (in total, however slowly its bytes arrive; the command itself
+//! may take as long as it needs), lines are read at most [`MAX_LINE`] bytes at a
+//! time, and rejections are logged at most once per second per kind
+//! (`vmha_fs::ratelog`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::io::BufReader as AsyncBufReader;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
+use vmha_fs::ratelog::RateLog;
 
 use crate::status::Status;
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
+
+/// Bounds of the control socket's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; one more is closed at once.
+    pub max_connections: usize,
+    /// Time for a whole request line, from the connection or the previous answer.
+    pub request_deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            request_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Decodes one request line (without or with its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+}
 
 /// Errors of the control socket (server and client).
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +167,7 @@ pub struct Call {
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    limits: Limits,
 }
 
 impl Server {
@@ -164,7 +201,14 @@ impl Server {
         Ok(Server {
             listener,
             path: path.to_path_buf(),
+            limits: Limits::default(),
         })
+    }
+
+    /// Other bounds than the default ones (tests).
+    pub fn with_limits(mut self, limits: Limits) -> Server {
+        self.limits = limits;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -177,16 +221,36 @@ impl Server {
         calls: mpsc::Sender<Call>,
         mut shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let log = Arc::new(Mutex::new(RateLog::new("control")));
+        let deadline = self.limits.request_deadline;
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => break,
+                    _ = tick.tick() => lock(&log).tick(),
                     accepted = self.listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            tokio::spawn(connection(stream, calls.clone()));
-                        }
+                        Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                let log = log.clone();
+                                let calls = calls.clone();
+                                tokio::spawn(async move {
+                                    connection(stream, calls, deadline, &log).await;
+                                    drop(slot);
+                                });
+                            }
+                            Err(_) => {
+                                // Dropping the stream closes it at once.
+                                lock(&log).reject(
+                                    "over_limit",
+                                    &peer_name(&stream),
+                                    "too many control connections at once",
+                                );
+                            }
+                        },
                         Err(e) => {
-                            tracing::warn!(error = %e, "control socket accept failed");
+                            lock(&log).reject("accept_failed", &"-", &e.to_string());
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -194,6 +258,18 @@ impl Server {
             }
             let _ = std::fs::remove_file(&self.path);
         })
+    }
+}
+
+fn lock(log: &Mutex<RateLog>) -> std::sync::MutexGuard<'_, RateLog> {
+    log.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The peer's pid and uid, for the log.
+fn peer_name(stream: &UnixStream) -> String {
+    match stream.peer_cred() {
+        Ok(cred) => format!("pid {:?} uid {}", cred.pid(), cred.uid()),
+        Err(_) => "unknown peer".into(),
     }
 }
 
@@ -205,8 +281,47 @@ fn allowed(stream: &UnixStream) -> bool {
     }
 }
 
-async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
+/// One request line as read.
+enum ReadLine {
+    Eof,
+    TooLong,
+    Complete(Vec<u8>),
+}
+
+/// Reads up to a newline, never buffering more than [`MAX_LINE`] + 1 bytes.
+async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<ReadLine> {
+    let mut buf = Vec::new();
+    let n = reader
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        Ok(ReadLine::Eof)
+    } else if buf.len() > MAX_LINE {
+        Ok(ReadLine::TooLong)
+    } else {
+        Ok(ReadLine::Complete(buf))
+    }
+}
+
+fn encode(response: &Response) -> Vec<u8> {
+    let mut out = match serde_json::to_vec(response) {
+        Ok(out) => out,
+        Err(e) => format!("{{\"ok\":false,\"error\":\"{e}\"}}").into_bytes(),
+    };
+    out.push(b'\n');
+    out
+}
+
+async fn connection(
+    stream: UnixStream,
+    calls: mpsc::Sender<Call>,
+    deadline: Duration,
+    log: &Mutex<RateLog>,
+) {
+    let peer = peer_name(&stream);
     if !allowed(&stream) {
+        lock(log).reject("permission_denied", &peer, "not root nor the daemon's user");
         let (_, mut write) = stream.into_split();
         let _ = write
             .write_all(b"{\"ok\":false,\"error\":\"permission denied\"}\n")
@@ -214,35 +329,41 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
         return;
     }
     let (read, mut write) = stream.into_split();
-    let mut lines = AsyncBufReader::new(read).lines();
+    let mut reader = AsyncBufReader::new(read);
     loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) | Err(_) => return,
+        let line = match tokio::time::timeout(deadline, read_line(&mut reader)).await {
+            Err(_) => {
+                lock(log).reject(
+                    "deadline",
+                    &peer,
+                    &format!("no complete request within {} ms", deadline.as_millis()),
+                );
+                return;
+            }
+            Ok(Err(_)) | Ok(Ok(ReadLine::Eof)) => return,
+            Ok(Ok(ReadLine::TooLong)) => {
+                lock(log).reject("too_long", &peer, "request line too long");
+                let _ = write
+                    .write_all(&encode(&Response::error("request too long")))
+                    .await;
+                return;
+            }
+            Ok(Ok(ReadLine::Complete(line))) => line,
         };
-        let response = if line.len() > MAX_LINE {
-            Response::error("request too long")
-        } else {
-            match serde_json::from_str::<Request>(&line) {
-                Err(e) => Response::error(format!("bad request: {e}")),
-                Ok(request) => {
-                    let (reply, answer) = oneshot::channel();
-                    if calls.send(Call { request, reply }).await.is_err() {
-                        Response::error("vmhad is shutting down")
-                    } else {
-                        answer
-                            .await
-                            .unwrap_or_else(|_| Response::error("vmhad is shutting down"))
-                    }
+        let response = match decode_request(&line) {
+            Err(e) => Response::error(e),
+            Ok(request) => {
+                let (reply, answer) = oneshot::channel();
+                if calls.send(Call { request, reply }).await.is_err() {
+                    Response::error("vmhad is shutting down")
+                } else {
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Response::error("vmhad is shutting down"))
                 }
             }
         };
-        let mut out = match serde_json::to_vec(&response) {
-            Ok(out) => out,
-            Err(e) => format!("{{\"ok\":false,\"error\":\"{e}\"}}").into_bytes(),
-        };
-        out.push(b'\n');
-        if write.write_all(&out).await.is_err() {
+        if write.write_all(&encode(&response)).await.is_err() {
             return;
         }
     }
@@ -302,6 +423,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn request_wire_format() {
@@ -358,6 +480,134 @@ mod tests {
             Client::connect(&path),
             Err(ControlError::NotRunning(_))
         ));
+    }
+
+    /// A server with small bounds, answering every request with its debug form.
+    fn small_server(dir: &Path, limits: Limits) -> (PathBuf, watch::Sender<bool>, JoinHandle<()>) {
+        let path = dir.join("c.sock");
+        let server = Server::bind(&path).unwrap().with_limits(limits);
+        let (tx, mut rx) = mpsc::channel::<Call>(4);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = server.spawn(tx, stop_rx);
+        tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                let _ = call
+                    .reply
+                    .send(Response::lines(true, vec![format!("{:?}", call.request)]));
+            }
+        });
+        (path, stop_tx, task)
+    }
+
+    /// Whether the server closes `s` within `within` (reading whatever it says).
+    async fn closed_within(s: &mut UnixStream, within: Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_and_requests_have_a_total_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_connections: 4,
+            request_deadline: Duration::from_millis(1500),
+        };
+        let (path, stop, task) = small_server(dir.path(), limits);
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        // Let the server take them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Over the cap: closed at once.
+        let mut extra = UnixStream::connect(&path).await.unwrap();
+        assert!(closed_within(&mut extra, Duration::from_millis(500)).await);
+        // A client trickling a byte every 300 ms (never a whole line) is closed by
+        // the total deadline, as are the silent ones.
+        let started = tokio::time::Instant::now();
+        let trickler = &mut idle[0];
+        let mut closed = false;
+        for _ in 0..20 {
+            if trickler.write_all(b" ").await.is_err() {
+                closed = true;
+                break;
+            }
+            if closed_within(trickler, Duration::from_millis(300)).await {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "a trickling client was never closed");
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            started.elapsed()
+        );
+        for s in &mut idle[1..] {
+            assert!(closed_within(s, Duration::from_millis(1000)).await);
+        }
+        // The slots are free again: a real client is served.
+        let client_path = path.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            Client::connect(&client_path)
+                .unwrap()
+                .call(&Request::Status)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(answer.ok);
+        // A request line longer than MAX_LINE is refused without being buffered whole.
+        let mut long = UnixStream::connect(&path).await.unwrap();
+        let _ = long.write_all(&vec![b'x'; MAX_LINE + 100]).await;
+        let mut answer = String::new();
+        let _ = tokio::io::BufReader::new(&mut long)
+            .read_line(&mut answer)
+            .await;
+        assert!(answer.contains("request too long"), "{answer}");
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never panic the request decoder.
+        #[test]
+        fn random_request_lines_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let _ = decode_request(&bytes);
+        }
+
+        /// Arbitrary JSON-ish text (a valid command name with random fields) never
+        /// panics and is decoded or refused with a message.
+        #[test]
+        fn json_like_requests_never_panic(
+            cmd in "(status|start|stop|swap|prim|log|verify|x)",
+            module in proptest::option::of("[ -~]{0,20}"),
+            extra in proptest::option::of("[a-z]{1,8}"),
+        ) {
+            let mut value = serde_json::json!({ "cmd": cmd });
+            if let Some(m) = module {
+                value["module"] = serde_json::Value::String(m);
+            }
+            if let Some(k) = extra {
+                value[k] = serde_json::Value::Bool(true);
+            }
+            let line = serde_json::to_vec(&value).unwrap();
+            match decode_request(&line) {
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert!(e.starts_with("bad request")),
+            }
+        }
     }
 
     #[test]

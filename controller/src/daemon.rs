@@ -17,6 +17,12 @@
 //!   `failover_timeout_ms`;
 //! - `StartWaitElapsed` comes `start_wait_ms` after entering WAIT and is
 //!   repeated every `start_wait_ms` while the module stays WAIT;
+//! - `RetryWitness` probes again [`WITNESS_RETRY`] later, if the module still
+//!   wants the probe then. Every probe's outcome and errors are kept for
+//!   `status` (`witness`); a probe that could not run is logged in the event
+//!   log when its errors change, and with `tracing` at error level each time.
+//!   The witnesses are also probed once when the daemon starts, so that a
+//!   witness that cannot be probed shows before a failover needs it.
 //! - `MarkPeerOutdated` completes once the peer's heartbeat shows our newer
 //!   generation, or the peer is lost, or shows data that is not behind ours,
 //!   or after `failover_timeout_ms` (logged). Only the first outcome lets a
@@ -28,7 +34,15 @@
 //! - A failure to persist metadata, to mount, or to start a resync aborts the
 //!   rest of the step and feeds `FsFailed` (the local disk or vmha-fs failed:
 //!   the module fails over); VM start failures feed `VmStartFailed`; stop and
-//!   unmount failures are logged and the step goes on.
+//!   unmount failures are logged and the step goes on. Every `StopVm` reports
+//!   `VmStopDone` or `VmStopFailed` (a swap hands over only after the first).
+//!   Persisting "self outdated" (`SetSelfOutdated(true)`) may fail when the
+//!   state directory shares the failed disk: logged, the step goes on, the
+//!   fact stays in memory.
+//! - vmha-fs reporting a local disk failure (`link.json` `disk_failed`, see
+//!   [`crate::driver::vmha_fs`]) feeds `DiskFailed`, checked before the VM's
+//!   state so a guest failing on that disk is not restarted there. The node's
+//!   `disk` is carried in its heartbeats' announcement (`status --json`).
 //! - Modules are started (`Start`) when the daemon starts.
 //! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
 //!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
@@ -65,18 +79,20 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
+use crate::clock::WallClock;
 use crate::config::{Config, Digest, Module, NodeIndex, Witness};
 use crate::control::{self, Call, ControlError, Request, Response};
 use crate::driver::{FsDriver, FsHealth, ResyncState, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, GenerationError, History, Metadata};
 use crate::heartbeat::{
-    Endpoint, EndpointSpec, HeartbeatError, Incoming, Liveness, ModuleBeat, Payload, Received,
+    Endpoint, EndpointSpec, HeartbeatError, Liveness, ModuleBeat, Payload, Received, Rejections,
 };
 use crate::state::{
     step, Action, Announce, Colour, Event, ModuleState, Peer, Policy, Readiness, Role,
+    WitnessOutcome,
 };
-use crate::status::{ModuleStatus, NodeStatus, ResyncStatus, Status};
+use crate::status::{ModuleStatus, NodeStatus, ResyncStatus, Status, WitnessStatus};
 use crate::witness;
 
 /// Errors starting the daemon.
@@ -103,8 +119,9 @@ pub struct DaemonSpec {
     pub key: ClusterKey,
     pub vm: Arc<dyn VmDriver>,
     pub fs: Arc<dyn FsDriver>,
-    /// Tolerated clock difference between the nodes for heartbeats.
-    pub max_clock_skew: Duration,
+    /// The wall clock, for display only (event log timestamps); tests offset
+    /// it to show that nothing else depends on it.
+    pub clock: WallClock,
 }
 
 /// What a module task publishes (for heartbeats and status).
@@ -153,7 +170,6 @@ struct LinkState {
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
     peer_modules: HashMap<String, ModuleBeat>,
-    rejected: u64,
 }
 
 #[derive(Debug)]
@@ -162,6 +178,42 @@ struct Shared {
     node: NodeIndex,
     modules: Vec<ModuleHandle>,
     link: Mutex<LinkState>,
+    witness: WitnessSlot,
+    /// Heartbeat datagrams rejected, by kind (for `status`).
+    rejections: Rejections,
+}
+
+/// The latest witness probe (of any module: they probe the same witnesses).
+#[derive(Debug, Clone)]
+struct WitnessView {
+    outcome: WitnessOutcome,
+    errors: Vec<String>,
+    at: Instant,
+}
+
+type WitnessSlot = Arc<Mutex<Option<WitnessView>>>;
+
+/// How long after a witness probe that could not run it is tried again.
+pub const WITNESS_RETRY: Duration = Duration::from_secs(2);
+
+/// Probes the witnesses off the async threads and keeps the result for `status`.
+async fn probe_witnesses(witnesses: &[Witness], slot: &WitnessSlot) -> witness::Report {
+    let list = witnesses.to_vec();
+    let report = tokio::task::spawn_blocking(move || witness::probe(&list))
+        .await
+        .unwrap_or_else(|e| witness::Report {
+            outcome: WitnessOutcome::CouldNotProbe,
+            errors: vec![format!("the probe task failed: {e}")],
+        });
+    for e in &report.errors {
+        tracing::error!(witness = %e, "a witness could not be probed");
+    }
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(WitnessView {
+        outcome: report.outcome,
+        errors: report.errors.clone(),
+        at: Instant::now(),
+    });
+    report
 }
 
 impl Shared {
@@ -197,6 +249,7 @@ impl Daemon {
         let mut runners = Vec::new();
         let started = Instant::now();
         let judging_since = Arc::new(Mutex::new(started));
+        let witness_slot: WitnessSlot = Arc::new(Mutex::new(None));
 
         for module in &config.modules {
             let state_dir = cluster.state_dir.clone();
@@ -213,8 +266,13 @@ impl Daemon {
                 policy,
                 meta.history.current().is_some(),
                 meta.peer_may_be_newer,
-            );
-            let log = Arc::new(EventLog::new(&cluster.state_dir, &module.name));
+            )
+            .with_self_outdated(meta.self_outdated);
+            let log = Arc::new(EventLog::with_clock(
+                &cluster.state_dir,
+                &module.name,
+                spec.clock.clone(),
+            ));
             let (view_tx, view_rx) = watch::channel(ModuleView {
                 announce: state.announce(),
                 history: meta.history.clone(),
@@ -251,6 +309,9 @@ impl Daemon {
                     start_wait_ms: cluster.start_wait_ms,
                     failover_timeout: Duration::from_millis(cluster.failover_timeout_ms),
                     witnesses: cluster.witness.clone(),
+                    witness_slot: Arc::clone(&witness_slot),
+                    witness_retry: None,
+                    witness_errors_logged: None,
                     changed_bytes: 0,
                     resync_rate: ResyncRate::default(),
                     resync_unsupported_logged: false,
@@ -280,7 +341,6 @@ impl Daemon {
             &spec.key,
         )
         .await?;
-        endpoint.set_max_age(spec.max_clock_skew);
         let server = control::Server::bind(&cluster.control_socket)?;
         let socket = server.path().to_path_buf();
 
@@ -291,12 +351,30 @@ impl Daemon {
                 peer_config_hash: None,
                 last_round: None,
                 peer_modules: HashMap::new(),
-                rejected: 0,
             }),
+            rejections: endpoint.rejections(),
             config: config.clone(),
             node,
             modules: handles,
+            witness: Arc::clone(&witness_slot),
         });
+        if !cluster.witness.is_empty() {
+            // A witness that cannot be probed must show now, not at the failover.
+            let witnesses = cluster.witness.clone();
+            let slot = Arc::clone(&witness_slot);
+            tasks.push(tokio::spawn(async move {
+                let report = probe_witnesses(&witnesses, &slot).await;
+                match report.outcome {
+                    WitnessOutcome::Reachable => tracing::info!("witness reachable"),
+                    WitnessOutcome::Unreachable => {
+                        tracing::warn!("no witness answers: a failover would not go ALONE")
+                    }
+                    WitnessOutcome::CouldNotProbe => tracing::error!(
+                        "witness could not be probed: a failover would wait until it can"
+                    ),
+                }
+            }));
+        }
 
         for (runner, commands) in runners {
             tasks.push(tokio::spawn(runner.run(
@@ -405,14 +483,23 @@ async fn send_heartbeats(
     let interval = Duration::from_millis(shared.config.cluster.heartbeat_interval_ms.max(1));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let session: u64 = rand::random();
+    let session = endpoint.session();
     let node = shared.config.node(shared.node).name.clone();
     let mut round = 0u64;
     let mut failing = false;
+    let mut last_prompted: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = ticker.tick() => {}
+            _ = endpoint.prompted() => {
+                // One extra round per interval at most: replayed datagrams
+                // must not turn into a flood of our own.
+                if last_prompted.is_some_and(|t| t.elapsed() < interval) {
+                    continue;
+                }
+                last_prompted = Some(Instant::now());
+            }
         }
         round += 1;
         let modules = shared
@@ -457,7 +544,7 @@ async fn send_heartbeats(
 
 async fn dispatch(
     shared: Arc<Shared>,
-    mut incoming: mpsc::Receiver<Incoming>,
+    mut incoming: mpsc::Receiver<Received>,
     mut shutdown: watch::Receiver<bool>,
     judging_since: Arc<Mutex<Instant>>,
 ) {
@@ -472,18 +559,17 @@ async fn dispatch(
     // peer gets a full `timeout` from the resume to be heard again.
     let mut last_tick = Instant::now();
     let mut observing_since = last_tick;
+    // Anyone can send datagrams to the heartbeat port: at most one line a second.
+    let mut rejections = vmha_fs::ratelog::RateLog::new("heartbeat");
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             message = incoming.recv() => match message {
                 None => return,
-                Some(Incoming::Beat(received)) => on_beat(&shared, *received),
-                Some(Incoming::Rejected { network, from, reason }) => {
-                    shared.link().rejected += 1;
-                    tracing::warn!(network, %from, %reason, "heartbeat rejected");
-                }
+                Some(received) => on_beat(&shared, received),
             },
             _ = ticker.tick() => {
+                rejections.tick();
                 let now = Instant::now();
                 if now.saturating_duration_since(last_tick) > timeout / 2 {
                     tracing::warn!(
@@ -520,6 +606,13 @@ fn on_beat(shared: &Shared, received: Received) {
     let fresh = {
         let mut link = shared.link();
         link.liveness.record(received.network, received.at);
+        if received.new_session {
+            tracing::info!(
+                network = received.network,
+                session = format_args!("{:016x}", payload.session),
+                "peer heartbeat session accepted (the peer or this daemon started)"
+            );
+        }
         if link.lost {
             tracing::info!(network = received.network, "peer heard again");
         }
@@ -647,7 +740,10 @@ async fn answer(shared: &Shared, request: Request) -> Response {
         return Response::error("vmhad is shutting down");
     }
     match lines.await {
-        Ok(lines) => match lines.iter().find(|l| l.contains("refused")) {
+        Ok(lines) => match lines
+            .iter()
+            .find(|l| l.contains("refused") || l.contains("aborted"))
+        {
             Some(refusal) => Response {
                 ok: false,
                 error: Some(refusal.clone()),
@@ -698,6 +794,7 @@ fn build_status(shared: &Shared) -> Status {
                 ready: view.announce.readiness == Readiness::Ready,
                 readiness: Some(view.announce.readiness),
                 colour: Some(colour_of(role, view.announce.readiness)),
+                disk: Some(view.announce.disk),
                 generation: view.history.current().map(|g| g.to_string()),
                 resync: view.resync,
                 last_seen_ms: None,
@@ -715,6 +812,7 @@ fn build_status(shared: &Shared) -> Status {
                     ready: beat.announce.readiness == Readiness::Ready,
                     readiness: Some(beat.announce.readiness),
                     colour: Some(colour_of(beat.announce.role, beat.announce.readiness)),
+                    disk: Some(beat.announce.disk),
                     generation: beat.history.current().map(|g| g.to_string()),
                     resync: beat.resync,
                     last_seen_ms: Some(last_seen),
@@ -729,6 +827,7 @@ fn build_status(shared: &Shared) -> Status {
                     ready: false,
                     readiness: None,
                     colour: None,
+                    disk: beat.map(|b| b.announce.disk),
                     generation: beat
                         .and_then(|b| b.history.current())
                         .map(|g| g.to_string()),
@@ -757,10 +856,27 @@ fn build_status(shared: &Shared) -> Status {
             }
         })
         .collect();
+    let witness = (!config.cluster.witness.is_empty()).then(|| {
+        let last = shared
+            .witness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        WitnessStatus {
+            addresses: config.cluster.witness.iter().map(witness::name).collect(),
+            last_probe: last.as_ref().map(|l| l.outcome),
+            last_probe_ms: last
+                .as_ref()
+                .map(|l| ms(now.saturating_duration_since(l.at))),
+            errors: last.map(|l| l.errors).unwrap_or_default(),
+        }
+    });
     Status {
         node: local_name,
         config_hash: config.hash().to_string(),
+        heartbeats_rejected: shared.rejections.counts(),
         modules,
+        witness,
     }
 }
 
@@ -817,6 +933,11 @@ struct Runner {
     start_wait_ms: u64,
     failover_timeout: Duration,
     witnesses: Vec<Witness>,
+    witness_slot: WitnessSlot,
+    /// When to run the `RetryWitness` asked for.
+    witness_retry: Option<tokio::time::Instant>,
+    /// The witness errors last written to the event log.
+    witness_errors_logged: Option<Vec<String>>,
     changed_bytes: u64,
     resync_rate: ResyncRate,
     resync_unsupported_logged: bool,
@@ -904,6 +1025,7 @@ impl Runner {
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let start_wait = self.start_wait;
+            let witness_retry = self.witness_retry;
             tokio::select! {
                 _ = shutdown.changed() => return,
                 command = commands.recv() => match command {
@@ -944,6 +1066,14 @@ impl Runner {
                 _ = sleep_until(start_wait), if start_wait.is_some() => {
                     self.start_wait = None;
                     self.handle(Event::StartWaitElapsed).await;
+                }
+                _ = sleep_until(witness_retry), if witness_retry.is_some() => {
+                    self.witness_retry = None;
+                    if self.state.probing() {
+                        let mut lines = Vec::new();
+                        let outcome = self.probe_witness(&mut lines).await;
+                        self.handle(Event::WitnessResult(outcome)).await;
+                    }
                 }
                 _ = checks.tick() => self.check().await,
             }
@@ -1019,6 +1149,9 @@ impl Runner {
             if !self.state.role.is_writer() {
                 self.attached = None;
                 self.writer_sync = None;
+            }
+            if !self.state.probing() {
+                self.witness_retry = None;
             }
             if self.state.role == Role::Wait {
                 if self.start_wait.is_none() {
@@ -1316,11 +1449,23 @@ impl Runner {
                     });
                 }
             },
-            Action::StopVm => match self.blocking(|vm, _, m| vm.stop(m)).await {
-                Some(Ok(())) => self.record("VM stopped".into(), lines).await,
-                Some(Err(e)) => self.record(format!("error: stop VM: {e}"), lines).await,
-                None => self.record("error: stop VM: panicked".into(), lines).await,
-            },
+            Action::StopVm => {
+                let outcome = match self.blocking(|vm, _, m| vm.stop(m)).await {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("panicked".to_string()),
+                };
+                match outcome {
+                    Ok(()) => {
+                        self.record("VM stopped".into(), lines).await;
+                        queue.push_back(Event::VmStopDone);
+                    }
+                    Err(e) => {
+                        self.record(format!("error: stop VM: {e}"), lines).await;
+                        queue.push_back(Event::VmStopFailed);
+                    }
+                }
+            }
             Action::NewGeneration => {
                 let mut id = None;
                 let result = self.persist(|m| id = Some(m.history.start_new())).await;
@@ -1340,6 +1485,32 @@ impl Runner {
                 };
                 if let Err(e) = self.persist(|m| m.history.adopt(&history)).await {
                     return self.fail_step("persist generation", e, queue, lines).await;
+                }
+            }
+            Action::SetSelfOutdated(flag) => {
+                match self.persist(|m| m.self_outdated = flag).await {
+                    Ok(()) if flag => {
+                        self.record(
+                            "recorded: this node's own copy is not up to date".into(),
+                            lines,
+                        )
+                        .await
+                    }
+                    Ok(()) => {}
+                    // The state directory may sit on the failed disk: the module
+                    // still leaves this node (the fact stays in memory).
+                    Err(e) if flag => {
+                        self.record(
+                            format!("error: persist self-outdated: {e} (kept in memory)"),
+                            lines,
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        return self
+                            .fail_step("persist self-outdated", e, queue, lines)
+                            .await
+                    }
                 }
             }
             Action::SetPeerMayBeNewer(flag) => {
@@ -1384,20 +1555,41 @@ impl Runner {
                 self.outdated = Some(self.mark_peer_outdated(lines).await);
             }
             Action::ProbeWitness => {
-                let witnesses = self.witnesses.clone();
-                let reachable = tokio::task::spawn_blocking(move || witness::probe(&witnesses))
-                    .await
-                    .unwrap_or(false);
-                let word = if reachable {
-                    "reachable"
-                } else {
-                    "unreachable"
-                };
-                self.record(format!("witness {word}"), lines).await;
-                queue.push_back(Event::WitnessResult { reachable });
+                let outcome = self.probe_witness(lines).await;
+                queue.push_back(Event::WitnessResult(outcome));
+            }
+            Action::RetryWitness => {
+                self.witness_retry = Some(tokio::time::Instant::now() + WITNESS_RETRY);
             }
         }
         Ok(())
+    }
+
+    /// Probes the witnesses; records the outcome, and the errors when they
+    /// differ from the ones recorded last.
+    async fn probe_witness(&mut self, lines: &mut Vec<String>) -> WitnessOutcome {
+        let report = probe_witnesses(&self.witnesses, &self.witness_slot).await;
+        let errors = (!report.errors.is_empty()).then(|| report.errors.join("; "));
+        let new_errors =
+            report.errors.is_empty() || self.witness_errors_logged.as_ref() != Some(&report.errors);
+        let line = match (report.outcome, &errors) {
+            (WitnessOutcome::Reachable, None) => Some("witness reachable".to_string()),
+            (WitnessOutcome::Reachable, Some(e)) => Some(format!(
+                "witness reachable (others could not be probed: {e})"
+            )),
+            (WitnessOutcome::Unreachable, _) => Some("witness unreachable".to_string()),
+            (WitnessOutcome::CouldNotProbe, e) => new_errors.then(|| {
+                format!(
+                    "error: witness could not be probed: {}",
+                    e.as_deref().unwrap_or("?")
+                )
+            }),
+        };
+        self.witness_errors_logged = Some(report.errors);
+        if let Some(line) = line {
+            self.record(line, lines).await;
+        }
+        report.outcome
     }
 
     /// The connected start failed (the SECOND's receiver is not there or refused
@@ -1710,6 +1902,16 @@ impl Runner {
             return;
         };
         self.changed_bytes = changed;
+        // Before the VM's state: a guest failing on the broken disk must not be
+        // restarted on it.
+        if let Some(FsHealth::DiskFailed(reason)) = &fs {
+            let mut lines = Vec::new();
+            let reason = reason.strip_prefix("local disk failed: ").unwrap_or(reason);
+            self.record(format!("local disk failed: {reason}"), &mut lines)
+                .await;
+            self.handle(Event::DiskFailed).await;
+            return;
+        }
         self.on_xml_refresh(xml).await;
         if let Some(Ok(state)) = vm {
             if state.is_down() {
@@ -1761,7 +1963,7 @@ impl Runner {
                 self.handle(Event::Fenced).await;
                 return;
             }
-            Some(FsHealth::Healthy) | None => {}
+            Some(FsHealth::Healthy | FsHealth::DiskFailed(_)) | None => {}
         }
         if role == Role::Second {
             self.follow_writer().await;

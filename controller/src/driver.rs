@@ -80,8 +80,11 @@ pub enum FsHealth {
     LinkDown,
     /// The peer's receiver refused our writes: our generation is stale.
     Fenced,
-    /// The process died, the mount stopped answering, or the disk failed.
+    /// The process died or the mount stopped answering.
     Failed(String),
+    /// The local disk failed under vmha-fs (a media error on this node's copy):
+    /// the copy can no longer be trusted.
+    DiskFailed(String),
 }
 
 /// The state of a resync this node receives.

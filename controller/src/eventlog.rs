@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::clock::WallClock;
+
 /// Lines kept in memory per module.
 pub const RING_LINES: usize = 1000;
 
@@ -28,6 +30,7 @@ pub enum EventLogError {
 pub struct EventLog {
     path: PathBuf,
     ring: Mutex<VecDeque<String>>,
+    clock: WallClock,
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` without a date crate.
@@ -57,9 +60,15 @@ pub fn timestamp(now: SystemTime) -> String {
 impl EventLog {
     /// The log of `module` under `state_dir` (the file is created on first write).
     pub fn new(state_dir: &Path, module: &str) -> EventLog {
+        EventLog::with_clock(state_dir, module, WallClock::system())
+    }
+
+    /// [`EventLog::new`] with timestamps from `clock`.
+    pub fn with_clock(state_dir: &Path, module: &str, clock: WallClock) -> EventLog {
         EventLog {
             path: state_dir.join(module).join("events.log"),
             ring: Mutex::new(VecDeque::with_capacity(RING_LINES)),
+            clock,
         }
     }
 
@@ -71,7 +80,7 @@ impl EventLog {
     /// from `spawn_blocking` in async code. The line is kept in memory even
     /// when the file cannot be written.
     pub fn append(&self, line: &str) -> Result<(), EventLogError> {
-        let line = format!("{} {}", timestamp(SystemTime::now()), line.trim_end());
+        let line = format!("{} {}", timestamp(self.clock.now()), line.trim_end());
         {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
             if ring.len() == RING_LINES {

@@ -203,6 +203,12 @@ pub struct Metadata {
     /// Set when the peer may have written without us (design, "Generations"):
     /// a node that boots alone with this flag waits instead of starting.
     pub peer_may_be_newer: bool,
+    /// This node's own copy is not up to date: its disk failed under vmha-fs.
+    /// Such a node is never promoted automatically and rejoins with a full
+    /// compare; cleared once that resync completes. Written only when set, so
+    /// files stay readable by older daemons otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_outdated: bool,
 }
 
 impl Metadata {

@@ -4,33 +4,81 @@
 //! sends, every `heartbeat_interval_ms`, one datagram from its address on
 //! network `i` to the peer's address on network `i`. The peer is dead only
 //! when all networks have been silent for `failover_timeout_ms`
-//! ([`Liveness::all_silent_for`]).
+//! ([`Liveness::all_silent_for`], monotonic time).
 //!
-//! Datagram (choices where the design is silent):
+//! Datagram, version 2 (choices where the design is silent):
 //! ```text
-//! "VMHB" | version u8 = 1 | counter u64 BE | destination IP (16 bytes, v6-mapped)
+//! "VMHB" | version u8 = 2 | session u64 BE | counter u64 BE
+//!        | challenge u64 BE | echo u64 BE | destination IP (16 bytes, v6-mapped)
 //!        | payload length u32 BE | payload (JSON) | MAC (32 bytes)
 //! ```
 //! The MAC is keyed blake3 over everything before it, with a key derived from
 //! the cluster key (`blake3::derive_key`, context "vmha heartbeat v1"), so the
-//! heartbeat MAC never doubles as a replication-link one. The counter is the
-//! sender's wall clock in microseconds, forced strictly increasing. The
-//! receiver rejects a datagram that is forged (bad MAC), not addressed to the
-//! address it arrived on (a datagram from one network replayed on another),
-//! from a source that is not the peer's address for that network, replayed
-//! (counter not above the last one accepted from that source), or stale (counter
-//! more than [`Opener::max_age`] away from the local clock: nodes must keep
-//! their clocks within that of each other, 30 s by default; NTP does).
+//! heartbeat MAC never doubles as a replication-link one. The receiver rejects
+//! a datagram that is forged (bad MAC), of another version, not addressed to
+//! the address it arrived on (a datagram from one network replayed on
+//! another), from a source that is not the peer's address for that network,
+//! replayed or unproven (below), whose payload does not decode, or that names
+//! another node than the peer. Version 1 (wall-clock counters) and version 2
+//! do not interoperate: upgrade both nodes together.
+//!
+//! # Freshness without clocks
+//!
+//! Version 1 numbered datagrams with the sender's wall clock and refused those
+//! more than 30 s away from the receiver's clock: an NTP step or a manual
+//! `date` on either node, or a peer restarting with its clock behind its
+//! previous counters, made authentic heartbeats look stale or replayed — a
+//! false failover, and without a witness a split brain. Version 2 reads no
+//! clock:
+//!
+//! - **session**: random, drawn at each daemon start; **counter**: 1, 2, … per
+//!   datagram within the session (one sequence for all networks; the receiver
+//!   keeps the last one per network, so reordering across networks is no
+//!   replay).
+//! - The receiver trusts one session of its peer at a time. A datagram of the
+//!   trusted session is accepted when its counter is above the last one
+//!   accepted on its network, else it is [`Rejection::Replayed`].
+//! - Every heartbeat carries the sender's **challenge**, a random value it
+//!   draws at start and again each time it trusts a new peer session, and an
+//!   **echo**: the challenge of the last datagram it accepted from the
+//!   session it trusts (trusting none yet: of the last authentic one).
+//! - A datagram of any other session is accepted, and its session becomes the
+//!   trusted one, only when its echo is the receiver's current challenge; else
+//!   it is [`Rejection::Unproven`] (the normal first heartbeats of a restarted
+//!   peer, or a replay).
+//!
+//! Why no replay is ever accepted (assuming one daemon per node at a time, so
+//! the peer's sessions follow one another): a datagram can echo a challenge
+//! only if it was made after the challenge was drawn. The receiver's current
+//! challenge was drawn when it started or when it trusted the peer's current
+//! session S. Every earlier session of the peer ended before S began, so
+//! before that draw, and none of its datagrams — whatever an attacker recorded
+//! — echoes it. Datagrams of S itself are held to its counters. So a replay is
+//! either refused or is a datagram of the peer's live session never accepted
+//! before, which is no older than a late one.
+//!
+//! Cost: after either daemon restarts, its first heartbeats are refused until
+//! the challenges have crossed. An unproven datagram, and the acceptance of a
+//! new session, prompt one extra heartbeat ([`Endpoint::prompted`], at most
+//! one per interval), so that takes a few round trips (milliseconds on a
+//! LAN), not intervals. An attacker replaying old datagrams to a node that trusts
+//! no session yet can delay that exchange (it changes what the node echoes),
+//! as one dropping datagrams could; it cannot make anything stale accepted.
+//!
+//! Rejected datagrams are counted by kind ([`Rejections`], shown in
+//! `vmctl status --json` as `heartbeats_rejected`) and logged at most once
+//! per [`REJECT_LOG_INTERVAL`] per kind, with the number left unlogged since
+//! — a flood of forged datagrams never writes a line each.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
@@ -40,13 +88,14 @@ use crate::state::Announce;
 use crate::status::ResyncStatus;
 
 const MAGIC: &[u8; 4] = b"VMHB";
-const VERSION: u8 = 1;
-const HEADER_LEN: usize = 4 + 1 + 8 + 16 + 4;
+/// The datagram format version (see the module documentation).
+pub const VERSION: u8 = 2;
+const HEADER_LEN: usize = 4 + 1 + 8 + 8 + 8 + 8 + 16 + 4;
 const MAC_LEN: usize = 32;
 /// Largest datagram accepted (and sent).
 pub const MAX_DATAGRAM: usize = 65_000;
-/// Default tolerance of clock differences between the nodes.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(30);
+/// Each kind of rejected datagram is logged at most once per this interval.
+pub const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Errors of the heartbeat layer.
 #[derive(Debug, thiserror::Error)]
@@ -76,20 +125,41 @@ pub enum HeartbeatError {
 pub enum Rejection {
     #[error("malformed datagram")]
     Malformed,
+    #[error("heartbeat format version {0}, this vmhad speaks {VERSION} (upgrade both nodes)")]
+    Version(u8),
     #[error("bad MAC (forged, or a different cluster key)")]
     Forged,
     #[error("addressed to {0}, not to this socket")]
     WrongDestination(IpAddr),
     #[error("source {0} is not the peer's address on this network")]
     WrongSource(IpAddr),
-    #[error("replayed (counter not increasing)")]
+    #[error("replayed (counter not above the last one of its session)")]
     Replayed,
-    #[error("stale or from the future (clocks more than the allowed skew apart?)")]
-    Stale,
+    #[error(
+        "new session not proven fresh yet (a peer that just started, or a replay of an old session)"
+    )]
+    Unproven,
     #[error("undecodable payload")]
     Payload,
     #[error("sent by `{0}`, not by the peer")]
     WrongNode(String),
+}
+
+impl Rejection {
+    /// A short name of the kind, for counts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::Malformed => "malformed",
+            Rejection::Version(_) => "version",
+            Rejection::Forged => "forged",
+            Rejection::WrongDestination(_) => "wrong_destination",
+            Rejection::WrongSource(_) => "wrong_source",
+            Rejection::Replayed => "replayed",
+            Rejection::Unproven => "unproven",
+            Rejection::Payload => "payload",
+            Rejection::WrongNode(_) => "wrong_node",
+        }
+    }
 }
 
 /// What one node says about one module in its heartbeats.
@@ -110,7 +180,9 @@ pub struct ModuleBeat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payload {
     pub node: String,
-    /// Random per daemon start: tells a restarted peer from a running one.
+    /// The sender's heartbeat session ([`Sealer::session`]): random per
+    /// daemon start, it tells a restarted peer from a running one. Must equal
+    /// the datagram's session.
     pub session: u64,
     /// Incremented per send round (the same round goes out on every network).
     pub round: u64,
@@ -118,15 +190,13 @@ pub struct Payload {
     pub modules: Vec<ModuleBeat>,
 }
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn mac_key(key: &ClusterKey) -> [u8; 32] {
     blake3::derive_key("vmha heartbeat v1", key.as_bytes())
+}
+
+/// A random value that is never 0 (0 means "none" in the echo field).
+fn nonce() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 fn ip_bytes(ip: IpAddr) -> [u8; 16] {
@@ -144,47 +214,75 @@ fn ip_from_bytes(bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-/// Builds authenticated datagrams.
+/// The receiver's side of the freshness exchange, carried by every datagram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handshake {
+    /// The sender's current challenge (the peer must echo it to open a new
+    /// session).
+    pub challenge: u64,
+    /// The peer's challenge, sent back (0: none known).
+    pub echo: u64,
+}
+
+/// The authenticated header of a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub session: u64,
+    pub counter: u64,
+    pub handshake: Handshake,
+    pub destination: IpAddr,
+}
+
+/// Builds authenticated datagrams of one session.
 #[derive(Debug)]
 pub struct Sealer {
     key: [u8; 32],
+    session: u64,
     counter: AtomicU64,
 }
 
 impl Sealer {
+    /// A new session (random id, counter from 1).
     pub fn new(key: &ClusterKey) -> Sealer {
+        Sealer::with_session(key, nonce())
+    }
+
+    /// A given session (tests).
+    pub fn with_session(key: &ClusterKey, session: u64) -> Sealer {
         Sealer {
             key: mac_key(key),
+            session,
             counter: AtomicU64::new(0),
         }
     }
 
-    fn next_counter(&self) -> u64 {
-        let now = now_micros();
-        let mut prev = self.counter.load(Ordering::Relaxed);
-        loop {
-            let next = now.max(prev.saturating_add(1));
-            match self
-                .counter
-                .compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return next,
-                Err(actual) => prev = actual,
-            }
-        }
+    pub fn session(&self) -> u64 {
+        self.session
     }
 
     /// One datagram carrying `payload` (already encoded) for `destination`.
-    pub fn seal(&self, destination: IpAddr, payload: &[u8]) -> Result<Vec<u8>, HeartbeatError> {
+    pub fn seal(
+        &self,
+        destination: IpAddr,
+        handshake: Handshake,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, HeartbeatError> {
         let total = HEADER_LEN + payload.len() + MAC_LEN;
         if total > MAX_DATAGRAM {
             return Err(HeartbeatError::TooLarge(total));
         }
         let len = u32::try_from(payload.len()).map_err(|_| HeartbeatError::TooLarge(total))?;
+        let counter = self
+            .counter
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.extend_from_slice(&self.next_counter().to_be_bytes());
+        out.extend_from_slice(&self.session.to_be_bytes());
+        out.extend_from_slice(&counter.to_be_bytes());
+        out.extend_from_slice(&handshake.challenge.to_be_bytes());
+        out.extend_from_slice(&handshake.echo.to_be_bytes());
         out.extend_from_slice(&ip_bytes(destination));
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(payload);
@@ -194,73 +292,246 @@ impl Sealer {
     }
 }
 
-/// Checks received datagrams: MAC, destination, replay, age.
+/// Checks the MAC and the format of `datagram`; no replay rules.
+pub fn decode<'a>(key: &[u8; 32], datagram: &'a [u8]) -> Result<(Header, &'a [u8]), Rejection> {
+    if datagram.len() < HEADER_LEN + MAC_LEN || datagram.len() > MAX_DATAGRAM {
+        return Err(Rejection::Malformed);
+    }
+    let (body, mac) = datagram.split_at(datagram.len() - MAC_LEN);
+    let mac: [u8; 32] = mac.try_into().map_err(|_| Rejection::Malformed)?;
+    // blake3::Hash compares in constant time.
+    if blake3::keyed_hash(key, body) != blake3::Hash::from_bytes(mac) {
+        return Err(Rejection::Forged);
+    }
+    let (head, payload) = body.split_at(HEADER_LEN);
+    if head.get(..4) != Some(MAGIC.as_slice()) {
+        return Err(Rejection::Malformed);
+    }
+    let mut fields = head.get(4..).unwrap_or_default();
+    let mut take = |n: usize| -> Result<&[u8], Rejection> {
+        let (field, rest) = fields.split_at_checked(n).ok_or(Rejection::Malformed)?;
+        fields = rest;
+        Ok(field)
+    };
+    let version = take(1)?.first().copied().ok_or(Rejection::Malformed)?;
+    if version != VERSION {
+        return Err(Rejection::Version(version));
+    }
+    let mut u64_field = || -> Result<u64, Rejection> {
+        Ok(u64::from_be_bytes(
+            take(8)?.try_into().map_err(|_| Rejection::Malformed)?,
+        ))
+    };
+    let session = u64_field()?;
+    let counter = u64_field()?;
+    let challenge = u64_field()?;
+    let echo = u64_field()?;
+    let destination: [u8; 16] = take(16)?.try_into().map_err(|_| Rejection::Malformed)?;
+    let len = u32::from_be_bytes(take(4)?.try_into().map_err(|_| Rejection::Malformed)?);
+    if usize::try_from(len).ok() != Some(payload.len()) {
+        return Err(Rejection::Malformed);
+    }
+    Ok((
+        Header {
+            session,
+            counter,
+            handshake: Handshake { challenge, echo },
+            destination: ip_from_bytes(destination),
+        },
+        payload,
+    ))
+}
+
+/// The peer session a receiver trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Trusted {
+    session: u64,
+    /// Last counter accepted per network (keyed by the local address).
+    last: HashMap<IpAddr, u64>,
+}
+
+/// Checks received datagrams: MAC, destination, replay (module docs).
 #[derive(Debug)]
 pub struct Opener {
     key: [u8; 32],
-    /// Highest counter accepted per source address.
-    last: HashMap<IpAddr, u64>,
-    pub max_age: Duration,
+    /// Ours: a new peer session must echo it.
+    challenge: u64,
+    /// The peer's challenge, to echo.
+    echo: u64,
+    trusted: Option<Trusted>,
+}
+
+/// A datagram that passed [`Opener::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened<T> {
+    pub session: u64,
+    /// The first datagram accepted of this session (the peer started, or
+    /// this daemon did).
+    pub new_session: bool,
+    pub payload: T,
 }
 
 impl Opener {
     pub fn new(key: &ClusterKey) -> Opener {
         Opener {
             key: mac_key(key),
-            last: HashMap::new(),
-            max_age: DEFAULT_MAX_AGE,
+            challenge: nonce(),
+            echo: 0,
+            trusted: None,
         }
     }
 
-    /// The payload of a genuine, fresh datagram from `source` to `local`.
-    pub fn open(
+    /// What to put in the next datagram to the peer.
+    pub fn handshake(&self) -> Handshake {
+        Handshake {
+            challenge: self.challenge,
+            echo: self.echo,
+        }
+    }
+
+    /// The peer session currently trusted.
+    pub fn trusted_session(&self) -> Option<u64> {
+        self.trusted.as_ref().map(|t| t.session)
+    }
+
+    /// Checks a datagram that arrived on the socket of `local`; `accept`
+    /// decodes and checks its payload. The receiver's state changes only for
+    /// a datagram that passes every check.
+    pub fn open<T>(
         &mut self,
         datagram: &[u8],
-        source: IpAddr,
         local: IpAddr,
-    ) -> Result<Vec<u8>, Rejection> {
-        if datagram.len() < HEADER_LEN + MAC_LEN {
-            return Err(Rejection::Malformed);
+        accept: impl FnOnce(&Header, &[u8]) -> Result<T, Rejection>,
+    ) -> Result<Opened<T>, Rejection> {
+        let (header, payload) = decode(&self.key, datagram)?;
+        if header.destination != local {
+            return Err(Rejection::WrongDestination(header.destination));
         }
-        let (body, mac) = datagram.split_at(datagram.len() - MAC_LEN);
-        let mac: [u8; 32] = mac.try_into().map_err(|_| Rejection::Malformed)?;
-        // blake3::Hash compares in constant time.
-        if blake3::keyed_hash(&self.key, body) != blake3::Hash::from_bytes(mac) {
-            return Err(Rejection::Forged);
+        match &mut self.trusted {
+            Some(trusted) if trusted.session == header.session => {
+                let last = trusted.last.get(&local).copied().unwrap_or(0);
+                if header.counter <= last {
+                    return Err(Rejection::Replayed);
+                }
+                let payload = accept(&header, payload)?;
+                trusted.last.insert(local, header.counter);
+                self.echo = header.handshake.challenge;
+                Ok(Opened {
+                    session: header.session,
+                    new_session: false,
+                    payload,
+                })
+            }
+            _ if header.handshake.echo == self.challenge => {
+                let payload = accept(&header, payload)?;
+                self.trusted = Some(Trusted {
+                    session: header.session,
+                    last: HashMap::from([(local, header.counter)]),
+                });
+                // Every datagram of an older session was made before this
+                // draw: none can echo the new challenge.
+                self.challenge = nonce();
+                self.echo = header.handshake.challenge;
+                Ok(Opened {
+                    session: header.session,
+                    new_session: true,
+                    payload,
+                })
+            }
+            trusted => {
+                // Trusting no session yet, answer the latest authentic
+                // challenge so that the peer can prove its session to us
+                // and we ours to it.
+                if trusted.is_none() && accept(&header, payload).is_ok() {
+                    self.echo = header.handshake.challenge;
+                }
+                Err(Rejection::Unproven)
+            }
         }
-        if &body[..4] != MAGIC || body[4] != VERSION {
-            return Err(Rejection::Malformed);
+    }
+}
+
+/// Rejected datagrams, counted by kind and logged at a bounded rate.
+/// Clones share the counts.
+#[derive(Debug, Clone, Default)]
+pub struct Rejections {
+    kinds: Arc<Mutex<BTreeMap<&'static str, KindLog>>>,
+}
+
+#[derive(Debug, Default)]
+struct KindLog {
+    total: u64,
+    /// Rejections since the last line of this kind, not logged.
+    unlogged: u64,
+    last_logged: Option<Instant>,
+}
+
+impl Rejections {
+    fn kinds(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, KindLog>> {
+        self.kinds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one rejection and logs it, unless its kind was logged less than
+    /// [`REJECT_LOG_INTERVAL`] before `now`. Returns whether it was logged.
+    pub fn record(
+        &self,
+        network: usize,
+        from: SocketAddr,
+        reason: &Rejection,
+        now: Instant,
+    ) -> bool {
+        let kind = reason.kind();
+        let (total, unlogged) = {
+            let mut kinds = self.kinds();
+            let entry = kinds.entry(kind).or_default();
+            entry.total = entry.total.saturating_add(1);
+            if entry
+                .last_logged
+                .is_some_and(|at| now.saturating_duration_since(at) < REJECT_LOG_INTERVAL)
+            {
+                entry.unlogged = entry.unlogged.saturating_add(1);
+                return false;
+            }
+            entry.last_logged = Some(now);
+            (entry.total, std::mem::take(&mut entry.unlogged))
+        };
+        if *reason == Rejection::Unproven {
+            // Expected once or twice each time the peer starts.
+            tracing::info!(network, %from, %reason, kind, total, unlogged, "heartbeat rejected");
+        } else {
+            tracing::warn!(network, %from, %reason, kind, total, unlogged, "heartbeat rejected");
         }
-        let field = |range: std::ops::Range<usize>| body.get(range).ok_or(Rejection::Malformed);
-        let counter =
-            u64::from_be_bytes(field(5..13)?.try_into().map_err(|_| Rejection::Malformed)?);
-        let dest: [u8; 16] = field(13..29)?
-            .try_into()
-            .map_err(|_| Rejection::Malformed)?;
-        let len = u32::from_be_bytes(
-            field(29..33)?
-                .try_into()
-                .map_err(|_| Rejection::Malformed)?,
-        );
-        let payload = field(HEADER_LEN..body.len())?;
-        if usize::try_from(len).ok() != Some(payload.len()) {
-            return Err(Rejection::Malformed);
+        true
+    }
+
+    /// Logs the count of every kind with rejections not logged yet and no
+    /// line for [`REJECT_LOG_INTERVAL`]. Returns the number of lines.
+    pub fn flush(&self, now: Instant) -> usize {
+        let due: Vec<(&'static str, u64, u64)> = self
+            .kinds()
+            .iter_mut()
+            .filter(|(_, k)| {
+                k.unlogged > 0
+                    && k.last_logged
+                        .is_none_or(|at| now.saturating_duration_since(at) >= REJECT_LOG_INTERVAL)
+            })
+            .map(|(kind, k)| {
+                k.last_logged = Some(now);
+                (*kind, std::mem::take(&mut k.unlogged), k.total)
+            })
+            .collect();
+        for (kind, count, total) in &due {
+            tracing::warn!(kind, count, total, "more heartbeats rejected");
         }
-        let dest = ip_from_bytes(dest);
-        if dest != local {
-            return Err(Rejection::WrongDestination(dest));
-        }
-        let now = now_micros();
-        let max_age = u64::try_from(self.max_age.as_micros()).unwrap_or(u64::MAX);
-        if counter.saturating_add(max_age) < now || counter > now.saturating_add(max_age) {
-            return Err(Rejection::Stale);
-        }
-        let last = self.last.entry(source).or_insert(0);
-        if counter <= *last {
-            return Err(Rejection::Replayed);
-        }
-        *last = counter;
-        Ok(payload.to_vec())
+        due.len()
+    }
+
+    /// Rejections so far, by kind.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.kinds()
+            .iter()
+            .map(|(kind, k)| ((*kind).to_string(), k.total))
+            .collect()
     }
 }
 
@@ -322,18 +593,9 @@ pub struct Received {
     pub network: usize,
     pub from: SocketAddr,
     pub at: Instant,
+    /// The first heartbeat accepted of a new peer session.
+    pub new_session: bool,
     pub payload: Payload,
-}
-
-/// What the receive tasks report.
-#[derive(Debug, Clone)]
-pub enum Incoming {
-    Beat(Box<Received>),
-    Rejected {
-        network: usize,
-        from: SocketAddr,
-        reason: Rejection,
-    },
 }
 
 /// Where a node sends and receives heartbeats.
@@ -358,10 +620,13 @@ pub struct Endpoint {
     peer_name: String,
     sealer: Sealer,
     opener: Arc<Mutex<Opener>>,
+    rejections: Rejections,
+    /// Set when a challenge should reach the peer before the next tick.
+    prompt: Arc<Notify>,
 }
 
 impl Endpoint {
-    /// Binds `address:port` for every local address.
+    /// Binds `address:port` for every local address; draws a new session.
     pub async fn bind(spec: EndpointSpec, key: &ClusterKey) -> Result<Endpoint, HeartbeatError> {
         if spec.local.len() != spec.peer.len() {
             return Err(HeartbeatError::NetworkCount {
@@ -388,6 +653,8 @@ impl Endpoint {
             peer_name: spec.peer_name,
             sealer: Sealer::new(key),
             opener: Arc::new(Mutex::new(Opener::new(key))),
+            rejections: Rejections::default(),
+            prompt: Arc::new(Notify::new()),
         })
     }
 
@@ -395,11 +662,23 @@ impl Endpoint {
         self.sockets.len()
     }
 
-    /// Sets the tolerated clock difference (tests use a short one).
-    pub fn set_max_age(&self, max_age: Duration) {
-        if let Ok(mut opener) = self.opener.lock() {
-            opener.max_age = max_age;
-        }
+    /// This daemon's heartbeat session (put it in [`Payload::session`]).
+    pub fn session(&self) -> u64 {
+        self.sealer.session()
+    }
+
+    /// The counts of rejected datagrams (shared with the receive tasks).
+    pub fn rejections(&self) -> Rejections {
+        self.rejections.clone()
+    }
+
+    /// Resolves when a heartbeat should go out before the next tick: an
+    /// unproven peer session arrived (it needs our challenge) or a new one was
+    /// just accepted (the peer needs its echo to accept ours). Sending then
+    /// makes the exchange after a restart take round trips, not intervals;
+    /// the sender limits these extra rounds (replays can cause them).
+    pub async fn prompted(&self) {
+        self.prompt.notified().await
     }
 
     /// Sends `payload` on network `network` only.
@@ -413,7 +692,12 @@ impl Endpoint {
             (Some(s), Some(p)) => (s, *p),
             _ => return Err(HeartbeatError::NoSuchNetwork(network)),
         };
-        let datagram = self.sealer.seal(peer.ip(), encoded)?;
+        let handshake = self
+            .opener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handshake();
+        let datagram = self.sealer.seal(peer.ip(), handshake, encoded)?;
         socket
             .send_to(&datagram, peer)
             .await
@@ -437,15 +721,20 @@ impl Endpoint {
         errors
     }
 
-    /// Spawns one receive task per socket, reporting to `tx`. The tasks end
-    /// when `tx`'s receiver is dropped or the handles are aborted.
-    pub fn spawn_receivers(&self, tx: mpsc::Sender<Incoming>) -> Vec<JoinHandle<()>> {
-        self.sockets
+    /// Spawns one receive task per socket, sending accepted heartbeats to
+    /// `tx` and counting rejected ones in [`Endpoint::rejections`], and a
+    /// task logging the rejection counts. The tasks end when `tx`'s receiver
+    /// is dropped or the handles are aborted.
+    pub fn spawn_receivers(&self, tx: mpsc::Sender<Received>) -> Vec<JoinHandle<()>> {
+        let mut tasks: Vec<JoinHandle<()>> = self
+            .sockets
             .iter()
             .enumerate()
             .map(|(network, socket)| {
                 let socket = Arc::clone(socket);
                 let opener = Arc::clone(&self.opener);
+                let rejections = self.rejections.clone();
+                let prompt = Arc::clone(&self.prompt);
                 let local = self.local.get(network).copied();
                 let expected = self.peer.get(network).map(|a| a.ip());
                 let peer_name = self.peer_name.clone();
@@ -466,70 +755,91 @@ impl Endpoint {
                         };
                         let at = Instant::now();
                         let datagram = buf.get(..len).unwrap_or_default();
-                        let result = check(datagram, from, local, expected, &peer_name, &opener);
-                        let incoming = match result {
-                            Ok(payload) => Incoming::Beat(Box::new(Received {
-                                network,
-                                from,
-                                at,
-                                payload,
-                            })),
-                            Err(reason) => Incoming::Rejected {
-                                network,
-                                from,
-                                reason,
-                            },
-                        };
-                        if tx.send(incoming).await.is_err() {
-                            return;
+                        match check(datagram, from, local, expected, &peer_name, &opener) {
+                            Ok(opened) => {
+                                if opened.new_session {
+                                    prompt.notify_one();
+                                }
+                                let received = Received {
+                                    network,
+                                    from,
+                                    at,
+                                    new_session: opened.new_session,
+                                    payload: opened.payload,
+                                };
+                                if tx.send(received).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(reason) => {
+                                if reason == Rejection::Unproven {
+                                    prompt.notify_one();
+                                }
+                                rejections.record(network, from, &reason, at);
+                            }
                         }
                     }
                 })
             })
-            .collect()
+            .collect();
+        let rejections = self.rejections.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(REJECT_LOG_INTERVAL);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if tx.is_closed() {
+                    return;
+                }
+                rejections.flush(Instant::now());
+            }
+        }));
+        tasks
     }
 }
 
-fn check(
+/// Every check of a datagram `from` arriving on the socket of `local`, whose
+/// peer address on that network is `expected`.
+pub fn check(
     datagram: &[u8],
     from: SocketAddr,
     local: IpAddr,
     expected: IpAddr,
     peer_name: &str,
     opener: &Mutex<Opener>,
-) -> Result<Payload, Rejection> {
-    if datagram.len() > MAX_DATAGRAM {
-        return Err(Rejection::Malformed);
-    }
+) -> Result<Opened<Payload>, Rejection> {
     if from.ip() != expected {
         // Checked before the MAC only to keep strangers cheap; a genuine
         // datagram from an unexpected address is still refused.
         return Err(Rejection::WrongSource(from.ip()));
     }
-    let bytes = {
-        let mut opener = opener.lock().map_err(|_| Rejection::Malformed)?;
-        opener.open(datagram, from.ip(), local)?
-    };
-    let payload: Payload = serde_json::from_slice(&bytes).map_err(|_| Rejection::Payload)?;
-    if payload.node != peer_name {
-        return Err(Rejection::WrongNode(payload.node));
-    }
-    Ok(payload)
+    let mut opener = opener.lock().unwrap_or_else(|p| p.into_inner());
+    opener.open(datagram, local, |header, bytes| {
+        let payload: Payload = serde_json::from_slice(bytes).map_err(|_| Rejection::Payload)?;
+        if payload.session != header.session {
+            return Err(Rejection::Payload);
+        }
+        if payload.node != peer_name {
+            return Err(Rejection::WrongNode(payload.node));
+        }
+        Ok(payload)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::{Readiness, Role};
+    use proptest::prelude::*;
 
     fn key(byte: u8) -> ClusterKey {
         ClusterKey::from_bytes([byte; 32])
     }
 
-    fn payload(node: &str, round: u64) -> Payload {
+    fn payload(node: &str, session: u64, round: u64) -> Payload {
         Payload {
             node: node.to_string(),
-            session: 7,
+            session,
             round,
             config_hash: Digest([1; 32]),
             modules: vec![ModuleBeat {
@@ -540,6 +850,7 @@ mod tests {
                     readiness: Readiness::Ready,
                     request: None,
                     forced: false,
+                    disk: Default::default(),
                 },
                 history: History::empty(),
                 changed_bytes: 0,
@@ -552,21 +863,134 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const A: &str = "10.0.0.1";
+
+    fn raw(
+        opener: &mut Opener,
+        datagram: &[u8],
+        local: &str,
+    ) -> Result<Opened<Vec<u8>>, Rejection> {
+        opener.open(datagram, ip(local), |_, bytes| Ok(bytes.to_vec()))
+    }
+
+    /// A sender's session plus what it echoes, as a peer daemon would.
+    struct Peer {
+        sealer: Sealer,
+        opener: Opener,
+    }
+
+    impl Peer {
+        fn new(k: u8) -> Peer {
+            Peer {
+                sealer: Sealer::new(&key(k)),
+                opener: Opener::new(&key(k)),
+            }
+        }
+
+        fn seal(&self, body: &[u8]) -> Vec<u8> {
+            self.sealer
+                .seal(ip(A), self.opener.handshake(), body)
+                .unwrap()
+        }
+    }
+
+    /// `a` and `b` exchange heartbeats until each trusts the other's session.
+    fn handshake(a: &mut Peer, b: &mut Peer) {
+        for _ in 0..3 {
+            let to_b = a.seal(b"a");
+            let _ = raw(&mut b.opener, &to_b, A);
+            let to_a = b.seal(b"b");
+            let _ = raw(&mut a.opener, &to_a, A);
+        }
+        assert_eq!(a.opener.trusted_session(), Some(b.sealer.session()));
+        assert_eq!(b.opener.trusted_session(), Some(a.sealer.session()));
+    }
+
     #[test]
-    fn seal_open_roundtrip_and_replay() {
-        let sealer = Sealer::new(&key(1));
-        let mut opener = Opener::new(&key(1));
-        let d = sealer.seal(ip("10.0.0.1"), b"hello").unwrap();
+    fn a_new_session_is_accepted_once_it_echoes_the_challenge() {
+        let mut me = Opener::new(&key(1));
+        let peer = Sealer::new(&key(1));
+        // Before it has heard our challenge: authentic, but unproven.
+        let first = peer.seal(ip(A), Handshake::default(), b"x").unwrap();
+        assert_eq!(raw(&mut me, &first, A), Err(Rejection::Unproven));
+        // Trusting nobody, we answer its challenge; it answers ours.
+        let answer = Handshake {
+            challenge: 99,
+            echo: me.handshake().challenge,
+        };
+        let second = peer.seal(ip(A), answer, b"y").unwrap();
+        let opened = raw(&mut me, &second, A).unwrap();
+        assert!(opened.new_session);
+        assert_eq!(opened.payload, b"y");
+        assert_eq!(me.trusted_session(), Some(peer.session()));
+        assert_eq!(me.handshake().echo, 99);
+        // The challenge changed: it never proves another session again.
+        assert_ne!(me.handshake().challenge, answer.echo);
+        // Later datagrams of the session need no echo, only counters.
+        let third = peer.seal(ip(A), Handshake::default(), b"z").unwrap();
+        let opened = raw(&mut me, &third, A).unwrap();
+        assert!(!opened.new_session);
+    }
+
+    #[test]
+    fn an_old_counter_of_the_trusted_session_is_replayed() {
+        let (mut a, mut b) = (Peer::new(1), Peer::new(1));
+        handshake(&mut a, &mut b);
+        let d1 = a.seal(b"1");
+        let d2 = a.seal(b"2");
+        assert!(raw(&mut b.opener, &d2, A).is_ok());
+        assert_eq!(raw(&mut b.opener, &d2, A), Err(Rejection::Replayed));
+        assert_eq!(raw(&mut b.opener, &d1, A), Err(Rejection::Replayed));
+        assert!(raw(&mut b.opener, &a.seal(b"3"), A).is_ok());
+    }
+
+    #[test]
+    fn counters_are_per_network() {
+        let (mut a, mut b) = (Peer::new(1), Peer::new(1));
+        handshake(&mut a, &mut b);
+        // One round: counter n to network 0, n+1 to network 1; network 1's
+        // arrives first.
+        let hs = a.opener.handshake();
+        let net0 = a.sealer.seal(ip("10.0.0.1"), hs, b"0").unwrap();
+        let net1 = a.sealer.seal(ip("10.1.0.1"), hs, b"1").unwrap();
+        assert!(raw(&mut b.opener, &net1, "10.1.0.1").is_ok());
+        assert!(raw(&mut b.opener, &net0, "10.0.0.1").is_ok());
         assert_eq!(
-            opener.open(&d, ip("10.0.0.2"), ip("10.0.0.1")).unwrap(),
-            b"hello"
+            raw(&mut b.opener, &net0, "10.1.0.1"),
+            Err(Rejection::WrongDestination(ip("10.0.0.1")))
         );
-        assert_eq!(
-            opener.open(&d, ip("10.0.0.2"), ip("10.0.0.1")),
-            Err(Rejection::Replayed)
-        );
-        let d2 = sealer.seal(ip("10.0.0.1"), b"again").unwrap();
-        assert!(opener.open(&d2, ip("10.0.0.2"), ip("10.0.0.1")).is_ok());
+    }
+
+    #[test]
+    fn a_restarted_peer_is_accepted_and_its_old_session_never_again() {
+        let (mut a, mut b) = (Peer::new(1), Peer::new(1));
+        handshake(&mut a, &mut b);
+        // Everything an attacker could record of a's first run, including
+        // datagrams echoing b's challenge of the time.
+        let recorded: Vec<Vec<u8>> = (0..3).map(|i| a.seal(&[i])).collect();
+        // a restarts: new session, counters from 1 (behind its old ones).
+        let mut a2 = Peer::new(1);
+        assert!(a2.sealer.session() != a.sealer.session());
+        handshake(&mut a2, &mut b);
+        // The old run's datagrams, replayed: refused, trust unchanged.
+        for d in &recorded {
+            assert_eq!(raw(&mut b.opener, d, A), Err(Rejection::Unproven));
+        }
+        assert_eq!(b.opener.trusted_session(), Some(a2.sealer.session()));
+        assert!(raw(&mut b.opener, &a2.seal(b"live"), A).is_ok());
+    }
+
+    #[test]
+    fn a_restarted_receiver_accepts_no_datagram_recorded_before() {
+        let (mut a, mut b) = (Peer::new(1), Peer::new(1));
+        handshake(&mut a, &mut b);
+        let recorded = a.seal(b"old");
+        // b restarts: it trusts nothing; the recording echoes its old challenge.
+        let mut b2 = Peer::new(1);
+        assert_eq!(raw(&mut b2.opener, &recorded, A), Err(Rejection::Unproven));
+        assert_eq!(b2.opener.trusted_session(), None);
+        // The live a (still trusting b's old session) and b2 find each other.
+        handshake(&mut a, &mut b2);
     }
 
     #[test]
@@ -574,39 +998,74 @@ mod tests {
         let good = Sealer::new(&key(1));
         let evil = Sealer::new(&key(2));
         let mut opener = Opener::new(&key(1));
-        let d = evil.seal(ip("10.0.0.1"), b"x").unwrap();
-        assert_eq!(
-            opener.open(&d, ip("10.0.0.2"), ip("10.0.0.1")),
-            Err(Rejection::Forged)
-        );
-        let mut d = good.seal(ip("10.0.0.1"), b"payload").unwrap();
+        let proof = Handshake {
+            challenge: 5,
+            echo: opener.handshake().challenge,
+        };
+        let d = evil.seal(ip(A), proof, b"x").unwrap();
+        assert_eq!(raw(&mut opener, &d, A), Err(Rejection::Forged));
+        let mut d = good.seal(ip(A), proof, b"payload").unwrap();
         d[HEADER_LEN] ^= 1;
-        assert_eq!(
-            opener.open(&d, ip("10.0.0.2"), ip("10.0.0.1")),
-            Err(Rejection::Forged)
-        );
-        assert_eq!(
-            opener.open(&[0u8; 10], ip("10.0.0.2"), ip("10.0.0.1")),
-            Err(Rejection::Malformed)
-        );
+        assert_eq!(raw(&mut opener, &d, A), Err(Rejection::Forged));
+        // A forged "session switch" header: the MAC covers session and echo.
+        let mut d = good.seal(ip(A), proof, b"payload").unwrap();
+        d[5] ^= 1;
+        assert_eq!(raw(&mut opener, &d, A), Err(Rejection::Forged));
+        assert_eq!(raw(&mut opener, &[0u8; 10], A), Err(Rejection::Malformed));
+        assert_eq!(opener.trusted_session(), None);
+        // The genuine one passes.
+        let d = good.seal(ip(A), proof, b"payload").unwrap();
+        assert!(raw(&mut opener, &d, A).is_ok());
     }
 
     #[test]
-    fn other_network_and_stale_are_rejected() {
-        let sealer = Sealer::new(&key(1));
+    fn other_versions_are_named() {
         let mut opener = Opener::new(&key(1));
-        let d = sealer.seal(ip("10.0.0.1"), b"x").unwrap();
-        assert_eq!(
-            opener.open(&d, ip("10.1.0.2"), ip("10.1.0.1")),
-            Err(Rejection::WrongDestination(ip("10.0.0.1")))
-        );
-        opener.max_age = Duration::from_millis(1);
-        let d = sealer.seal(ip("10.0.0.1"), b"x").unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(
-            opener.open(&d, ip("10.0.0.2"), ip("10.0.0.1")),
-            Err(Rejection::Stale)
-        );
+        let mut body = good_body(1, b"{}");
+        body[4] = 1;
+        let d = with_mac(&key(1), body);
+        assert_eq!(raw(&mut opener, &d, A), Err(Rejection::Version(1)));
+    }
+
+    #[test]
+    fn a_bad_payload_changes_no_trust() {
+        let mut opener = Opener::new(&key(1));
+        let sealer = Sealer::new(&key(1));
+        let proof = Handshake {
+            challenge: 5,
+            echo: opener.handshake().challenge,
+        };
+        let d = sealer.seal(ip(A), proof, b"x").unwrap();
+        let r = opener.open(&d, ip(A), |_, _| -> Result<(), _> {
+            Err(Rejection::WrongNode("node3".into()))
+        });
+        assert_eq!(r, Err(Rejection::WrongNode("node3".into())));
+        assert_eq!(opener.trusted_session(), None);
+        assert_eq!(opener.handshake().challenge, proof.echo);
+        assert!(raw(&mut opener, &d, A).is_ok());
+    }
+
+    #[test]
+    fn rejections_are_counted_and_logged_at_a_bounded_rate() {
+        let r = Rejections::default();
+        let from: SocketAddr = "10.0.0.2:7100".parse().unwrap();
+        let t0 = Instant::now();
+        let mut lines = 0;
+        for i in 0..1000u64 {
+            let at = t0 + Duration::from_micros(i * 100);
+            lines += usize::from(r.record(0, from, &Rejection::Forged, at));
+        }
+        lines += usize::from(r.record(0, from, &Rejection::Replayed, t0));
+        // One line per kind; the 999 other forged ones in one count line
+        // once the interval has passed, and not before.
+        assert_eq!(lines, 2);
+        assert_eq!(r.flush(t0 + Duration::from_millis(500)), 0);
+        assert_eq!(r.flush(t0 + REJECT_LOG_INTERVAL), 1);
+        assert_eq!(r.flush(t0 + REJECT_LOG_INTERVAL * 5), 0);
+        let counts = r.counts();
+        assert_eq!(counts["forged"], 1000);
+        assert_eq!(counts["replayed"], 1);
+        assert!(r.record(0, from, &Rejection::Forged, t0 + REJECT_LOG_INTERVAL * 3));
     }
 
     #[test]
@@ -623,6 +1082,95 @@ mod tests {
             l.ages_ms(t0 + Duration::from_millis(100)),
             vec![Some(100), Some(20)]
         );
+    }
+
+    /// A header (any session/counter/handshake) to `A` around `payload`.
+    fn good_body(session: u64, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(MAGIC);
+        body.push(VERSION);
+        for field in [session, 1, 2, 3] {
+            body.extend_from_slice(&field.to_be_bytes());
+        }
+        body.extend_from_slice(&ip_bytes(ip(A)));
+        body.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(payload);
+        body
+    }
+
+    fn with_mac(k: &ClusterKey, mut body: Vec<u8>) -> Vec<u8> {
+        let mac = blake3::keyed_hash(&mac_key(k), &body);
+        body.extend_from_slice(mac.as_bytes());
+        body
+    }
+
+    fn check_all(opener: &Mutex<Opener>, datagram: &[u8]) -> Result<Opened<Payload>, Rejection> {
+        check(
+            datagram,
+            "10.0.0.2:7100".parse().unwrap(),
+            ip(A),
+            ip("10.0.0.2"),
+            "node2",
+            opener,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never panic the decoder and are never accepted
+        /// without the key, whatever the receiver's state.
+        #[test]
+        fn arbitrary_datagrams_are_rejected(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            trusted in any::<bool>(),
+        ) {
+            let opener = Mutex::new(Opener::new(&key(1)));
+            if trusted {
+                opener.lock().unwrap().trusted = Some(Trusted { session: 1, last: HashMap::new() });
+            }
+            prop_assert!(check_all(&opener, &bytes).is_err());
+        }
+
+        /// Arbitrary headers and payloads under a valid MAC never panic the
+        /// decoder, and only a well-formed heartbeat of the trusted session
+        /// or one proving a new session is accepted.
+        #[test]
+        fn authenticated_arbitrary_content_never_panics(
+            mut head in proptest::collection::vec(any::<u8>(), HEADER_LEN..HEADER_LEN + 1),
+            payload in proptest::collection::vec(any::<u8>(), 0..512),
+            keep_magic in any::<bool>(),
+        ) {
+            if keep_magic {
+                head[..4].copy_from_slice(MAGIC);
+                head[4] = VERSION;
+            }
+            let mut body = head;
+            body.extend_from_slice(&payload);
+            let datagram = with_mac(&key(1), body);
+            let opener = Mutex::new(Opener::new(&key(1)));
+            let _ = check_all(&opener, &datagram);
+            let mut o = Opener::new(&key(1));
+            let _ = raw(&mut o, &datagram, A);
+        }
+
+        /// Arbitrary JSON-ish payloads in a proven, authentic datagram never
+        /// panic the payload decoder.
+        #[test]
+        fn authenticated_arbitrary_payloads_never_panic(
+            text in "\\PC{0,300}",
+            session in any::<u64>(),
+        ) {
+            let opener = Mutex::new(Opener::new(&key(1)));
+            let challenge = opener.lock().unwrap().handshake().challenge;
+            let sealer = Sealer::with_session(&key(1), session);
+            let hs = Handshake { challenge: 7, echo: challenge };
+            let d = sealer.seal(ip(A), hs, text.as_bytes()).unwrap();
+            let r = check_all(&opener, &d);
+            if let Ok(opened) = r {
+                prop_assert_eq!(opened.payload.session, session);
+            }
+        }
     }
 
     fn free_udp_port(ips: &[&str]) -> u16 {
@@ -669,11 +1217,75 @@ mod tests {
         (a, b)
     }
 
-    async fn next(rx: &mut mpsc::Receiver<Incoming>) -> Incoming {
+    async fn next(rx: &mut mpsc::Receiver<Received>) -> Received {
         tokio::time::timeout(Duration::from_secs(2), rx.recv())
             .await
             .unwrap()
             .unwrap()
+    }
+
+    /// `b` sends on every network until `a` accepts its session.
+    async fn introduce(a: &Endpoint, b: &Endpoint, rx: &mut mpsc::Receiver<Received>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (tx_b, mut rx_b) = mpsc::channel(64);
+        let tasks = b.spawn_receivers(tx_b);
+        let mut round = 0;
+        loop {
+            round += 1;
+            assert!(b
+                .send(&payload("node2", b.session(), round))
+                .await
+                .is_empty());
+            assert!(a
+                .send(&payload("node1", a.session(), round))
+                .await
+                .is_empty());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            while rx_b.try_recv().is_ok() {}
+            if let Ok(r) = rx.try_recv() {
+                assert!(r.new_session);
+                break;
+            }
+            assert!(Instant::now() < deadline, "no handshake");
+        }
+        for t in tasks {
+            t.abort();
+        }
+        while rx.try_recv().is_ok() {}
+    }
+
+    #[tokio::test]
+    async fn an_unproven_session_prompts_a_heartbeat_and_so_does_its_acceptance() {
+        let (a, b) = pair().await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let _tasks = a.spawn_receivers(tx);
+        let prompted = || tokio::time::timeout(Duration::from_secs(2), a.prompted());
+        // b's first heartbeat cannot echo a's challenge: a is prompted to
+        // send its challenge now.
+        b.send_on(0, &payload("node2", b.session(), 1))
+            .await
+            .unwrap();
+        prompted().await.unwrap();
+        assert_eq!(a.rejections().counts()["unproven"], 1);
+        // b answers with a's challenge (as b's receiver would have learnt it).
+        let hs = Handshake {
+            challenge: 5,
+            echo: a.opener.lock().unwrap().handshake().challenge,
+        };
+        let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
+        let d = b.sealer.seal(ip("127.0.0.1"), hs, &body).unwrap();
+        b.sockets[0]
+            .send_to(&d, a.sockets[0].local_addr().unwrap())
+            .await
+            .unwrap();
+        assert!(next(&mut rx).await.new_session);
+        prompted().await.unwrap();
+        // Nothing pending after that.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), a.prompted())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -681,64 +1293,64 @@ mod tests {
         let (a, b) = pair().await;
         let (tx, mut rx) = mpsc::channel(16);
         let _tasks = a.spawn_receivers(tx);
-        assert!(b.send(&payload("node2", 1)).await.is_empty());
+        introduce(&a, &b, &mut rx).await;
+        let beat = payload("node2", b.session(), 100);
+        assert!(b.send(&beat).await.is_empty());
         let mut networks = Vec::new();
         for _ in 0..2 {
-            match next(&mut rx).await {
-                Incoming::Beat(r) => {
-                    assert_eq!(r.payload, payload("node2", 1));
-                    networks.push(r.network);
-                }
-                other => panic!("{other:?}"),
-            }
+            let r = next(&mut rx).await;
+            assert_eq!(r.payload, beat);
+            assert!(!r.new_session);
+            networks.push(r.network);
         }
         networks.sort();
         assert_eq!(networks, vec![0, 1]);
     }
 
+    async fn wait_count(a: &Endpoint, kind: &str, at_least: u64) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while a.rejections().counts().get(kind).copied().unwrap_or(0) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{kind}: {:?}",
+                a.rejections().counts()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[tokio::test]
-    async fn forged_datagram_and_wrong_node_are_rejected() {
+    async fn forged_replayed_and_wrong_node_are_rejected_and_counted() {
         let (a, b) = pair().await;
         let (tx, mut rx) = mpsc::channel(16);
         let _tasks = a.spawn_receivers(tx);
-        // Right source address, wrong key.
-        let evil = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
-        let forged = Sealer::new(&key(3))
-            .seal(
-                ip("127.0.0.1"),
-                &serde_json::to_vec(&payload("node2", 1)).unwrap(),
-            )
-            .unwrap();
-        evil.send_to(&forged, a.sockets[0].local_addr().unwrap())
-            .unwrap();
-        match next(&mut rx).await {
-            Incoming::Rejected { reason, .. } => assert_eq!(reason, Rejection::Forged),
-            other => panic!("{other:?}"),
-        }
-        // Genuine key, but claims to be another node.
-        b.send_on(0, &payload("node3", 1)).await.unwrap();
-        match next(&mut rx).await {
-            Incoming::Rejected { reason, .. } => {
-                assert_eq!(reason, Rejection::WrongNode("node3".into()))
-            }
-            other => panic!("{other:?}"),
-        }
-        // Replay of a genuine datagram captured earlier.
-        let sealed = b
-            .sealer
-            .seal(
-                ip("127.0.0.1"),
-                &serde_json::to_vec(&payload("node2", 2)).unwrap(),
-            )
-            .unwrap();
+        introduce(&a, &b, &mut rx).await;
         let target = a.sockets[0].local_addr().unwrap();
-        b.sockets[0].send_to(&sealed, target).await.unwrap();
-        b.sockets[0].send_to(&sealed, target).await.unwrap();
-        assert!(matches!(next(&mut rx).await, Incoming::Beat(_)));
-        match next(&mut rx).await {
-            Incoming::Rejected { reason, .. } => assert_eq!(reason, Rejection::Replayed),
-            other => panic!("{other:?}"),
+        // Right source address, wrong key, proving nothing: a flood.
+        let evil = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+        let body = serde_json::to_vec(&payload("node2", 1, 1)).unwrap();
+        let forged = Sealer::with_session(&key(3), 1)
+            .seal(ip("127.0.0.1"), Handshake::default(), &body)
+            .unwrap();
+        for _ in 0..50 {
+            evil.send_to(&forged, target).unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        wait_count(&a, "forged", 50).await;
+        // Genuine key, but claims to be another node.
+        b.send_on(0, &payload("node3", b.session(), 1))
+            .await
+            .unwrap();
+        wait_count(&a, "wrong_node", 1).await;
+        // Replay of a genuine datagram captured earlier.
+        let hs = b.opener.lock().unwrap().handshake();
+        let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
+        let sealed = b.sealer.seal(ip("127.0.0.1"), hs, &body).unwrap();
+        b.sockets[0].send_to(&sealed, target).await.unwrap();
+        assert!(!next(&mut rx).await.new_session);
+        b.sockets[0].send_to(&sealed, target).await.unwrap();
+        wait_count(&a, "replayed", 1).await;
+        assert!(rx.try_recv().is_err());
     }
 
     #[tokio::test]
@@ -746,6 +1358,7 @@ mod tests {
         let (a, b) = pair().await;
         let (tx, mut rx) = mpsc::channel(64);
         let _tasks = a.spawn_receivers(tx);
+        introduce(&a, &b, &mut rx).await;
         let timeout = Duration::from_millis(300);
         let mut live = Liveness::new(2);
         let start = Instant::now();
@@ -753,10 +1366,11 @@ mod tests {
         // Network 1 goes silent: only network 0 carries heartbeats.
         while start.elapsed() < Duration::from_millis(600) {
             round += 1;
-            b.send_on(0, &payload("node2", round)).await.unwrap();
-            if let Incoming::Beat(r) = next(&mut rx).await {
-                live.record(r.network, r.at);
-            }
+            b.send_on(0, &payload("node2", b.session(), round))
+                .await
+                .unwrap();
+            let r = next(&mut rx).await;
+            live.record(r.network, r.at);
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         assert!(live.last_seen(1).is_none());

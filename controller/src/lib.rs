@@ -16,8 +16,10 @@
 //! - [`control`]: the control socket (JSON lines) and its client.
 //! - [`status`]: the `vmctl status --json` shape.
 //! - [`eventlog`]: the per-module event log.
+//! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
 
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -5,13 +5,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use vmha_controller::clock::WallClock;
 use vmha_controller::config::Config;
 use vmha_controller::daemon::{Daemon, DaemonSpec};
 use vmha_controller::driver::fake::{FakeFs, FakeVm};
 use vmha_controller::driver::libvirt::LibvirtDriver;
 use vmha_controller::driver::vmha_fs::VmhaFsDriver;
 use vmha_controller::driver::{FsDriver, VmDriver};
-use vmha_controller::heartbeat::DEFAULT_MAX_AGE;
 use vmha_fs::key::ClusterKey;
 
 #[derive(Parser, Debug)]
@@ -43,6 +43,8 @@ enum MainError {
     #[error(transparent)]
     Key(#[from] vmha_fs::key::KeyError),
     #[error(transparent)]
+    Clock(#[from] vmha_controller::clock::ClockError),
+    #[error(transparent)]
     Daemon(#[from] vmha_controller::daemon::DaemonError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -64,6 +66,14 @@ fn run(args: Args) -> Result<(), MainError> {
     let config = Config::load(&args.config)?;
     let node = config.local_node(&args.node)?;
     let key = ClusterKey::load(Path::new(&config.cluster.key_file))?;
+    let clock = WallClock::from_env()?;
+    if clock.offset_s() != 0 {
+        tracing::warn!(
+            offset_s = clock.offset_s(),
+            "test hook {}: the wall clock is offset",
+            vmha_controller::clock::OFFSET_ENV
+        );
+    }
     let (vm, fs): (Arc<dyn VmDriver>, Arc<dyn FsDriver>) = if args.fake_drivers {
         (Arc::new(FakeVm::new()), Arc::new(FakeFs::new()))
     } else {
@@ -88,7 +98,7 @@ fn run(args: Args) -> Result<(), MainError> {
             key,
             vm,
             fs,
-            max_clock_skew: DEFAULT_MAX_AGE,
+            clock,
         })
         .await?;
         tokio::select! {

@@ -16,6 +16,8 @@
 //! - `MarkPeerOutdated` completes once the peer's heartbeat shows it knows
 //!   (it reports a newer generation than its own, i.e. not up to date) or the
 //!   peer is lost; the writer holds degraded writes until then.
+//! - `RetryWitness` probes again after a pause (seconds), and only while
+//!   [`ModuleState::probing`] still says the probe is wanted.
 //! - `Unmount` takes down whatever the module has mounted (writer or receiver)
 //!   and with it any resync in progress.
 //!
@@ -46,7 +48,11 @@
 //! - **Witness**: probed before any ALONE decided without seeing the peer (PRIM
 //!   or SECOND losing the peer, WAIT after the start-up wait). While probing a
 //!   PRIM keeps its VM (writes wait in vmha-fs, bounded by the lock timeout).
-//!   A peer heartbeat arriving meanwhile cancels the probe.
+//!   A peer heartbeat arriving meanwhile cancels the probe. A probe that
+//!   could not run ([`WitnessOutcome::CouldNotProbe`]: no ICMP socket allowed,
+//!   ...) decides nothing: not ALONE (the peer may be alive), not a step down
+//!   (the peer may be unable to decide as well: total outage); the node keeps
+//!   its role and the probe is retried ([`Action::RetryWitness`]).
 //! - **Two writers that see each other** (after a partition without witness,
 //!   or a frozen PRIM waking up): the one with older data (by generation) steps
 //!   down; on a split brain the policy picks the loser, which steps down and
@@ -69,6 +75,24 @@
 //!   vanish before we hear of it.
 //! - **Nothing automatic without data**: a node with an empty history never
 //!   goes ALONE on its own; the first start is `prim`.
+//! - **Local disk failure** (`DiskFailed`: vmha-fs found a media error on this
+//!   node's own copy): the node records *itself* as not up to date (persisted
+//!   first, [`Action::SetSelfOutdated`]), stops its VM, unmounts and stays WAIT
+//!   (hold). It never promotes itself, never starts a generation, never marks
+//!   its peer outdated, and does not even follow a writer peer: its disk is not
+//!   touched until the operator says it is repaired (`start`). The peer takes
+//!   over as from any writer that steps down (`failover = true`). A node whose
+//!   copy is self-outdated (across restarts too) is never promoted
+//!   automatically and rejoins with a full compare (`StartResync { full: true
+//!   }`); the flag is lowered once that resync completes. `prim` is refused
+//!   while the disk is failed (after `start` it forces this copy as usual).
+//! - **vmha-fs died** (`FsFailed`): its mount is detached by the driver and the
+//!   copy is intact (what was acknowledged was applied, the activity log bounds
+//!   the rest): the node steps down and rejoins with an incremental resync.
+//! - **Swap** stops the VM first and hands over only once it stopped
+//!   (`VmStopDone`); a failed stop (`VmStopFailed`) aborts the swap: the VM
+//!   stays where it runs, and no automatic or requested swap is tried again
+//!   until the operator asks on this node (`swap` or `start`).
 //! - **Degraded while connected**: the replication link down while heartbeats
 //!   arrive → the PRIM starts a new generation and marks the peer outdated; it
 //!   stays PRIM, and its writes go on without the peer only once the peer
@@ -189,6 +213,18 @@ impl Policy {
     }
 }
 
+/// The state of a node's own disk for a module (`status --json` `disk`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Disk {
+    #[default]
+    Ok,
+    /// Running without a local copy (reserved: not produced in fallback mode).
+    Diskless,
+    /// The local disk failed; the node waits until `vmctl start` after repair.
+    Failed,
+}
+
 /// A request carried in heartbeats to swap the roles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Request {
@@ -206,6 +242,9 @@ pub struct Announce {
     pub request: Option<Request>,
     /// The operator forced this node primary: its data wins a split brain.
     pub forced: bool,
+    /// The node's own disk (absent in heartbeats of older daemons: ok).
+    #[serde(default)]
+    pub disk: Disk,
 }
 
 /// The peer as seen in its latest heartbeat.
@@ -292,16 +331,34 @@ pub enum Event {
     VmStartFailed {
         now_ms: u64,
     },
-    /// The module's vmha-fs died, its mount stopped answering, or the local
-    /// disk returned I/O errors.
+    /// The module's vmha-fs died or its mount stopped answering.
     FsFailed,
+    /// The local disk failed under vmha-fs (a media error on this node's copy).
+    DiskFailed,
+    /// A `StopVm` completed: the domain is off.
+    VmStopDone,
+    /// A `StopVm` failed: the domain may still run.
+    VmStopFailed,
     /// The replication link failed while heartbeats still arrive.
     ReplicationLinkDown,
     /// The peer's receiver refused our writes: our generation is stale.
     Fenced,
-    WitnessResult {
-        reachable: bool,
-    },
+    /// The outcome of a `ProbeWitness` or `RetryWitness`.
+    WitnessResult(WitnessOutcome),
+}
+
+/// What probing the witnesses found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WitnessOutcome {
+    /// A witness answered: the network on this side works.
+    Reachable,
+    /// No witness answered (or the network reports no route to them).
+    Unreachable,
+    /// No witness answered and some could not be probed at all (no
+    /// permission for an ICMP socket...): a fault of this node, no evidence
+    /// of a partition. Decides nothing: the probe is retried.
+    CouldNotProbe,
 }
 
 /// Outputs, executed in order by the driver.
@@ -318,7 +375,8 @@ pub enum Action {
     /// Start the domain and wait until it runs; reports `VmStarted` or
     /// `VmStartFailed`.
     StartVm,
-    /// ACPI shutdown, wait `stop_timeout_s`, destroy.
+    /// ACPI shutdown, wait `stop_timeout_s`, destroy; reports `VmStopDone`
+    /// or `VmStopFailed`.
     StopVm,
     /// Persist a new generation descending from the current one.
     NewGeneration,
@@ -326,20 +384,27 @@ pub enum Action {
     AdoptPeerHistory,
     /// Persist the "peer may be newer" flag.
     SetPeerMayBeNewer(bool),
+    /// Persist "this node's own copy is not up to date" (its disk failed).
+    SetSelfOutdated(bool),
     /// Receive a resync from the peer; `full`: compare everything.
     StartResync { full: bool },
     /// Tell the peer over the heartbeat channel its copy is outdated.
     MarkPeerOutdated,
     /// Probe the witnesses; reports `WitnessResult`.
     ProbeWitness,
+    /// The last probe could not run: probe again after a pause, while the
+    /// probe is still wanted ([`ModuleState::probing`]); reports
+    /// `WitnessResult`.
+    RetryWitness,
     /// A line for the module's event log.
     Log(String),
 }
 
-/// Why a witness probe is running: what to do once it answers.
+/// A witness probe in progress, before going ALONE without the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Probe {
-    GoAlone,
+struct Probe {
+    /// A probe of this episode could not run (already logged).
+    failed: bool,
 }
 
 /// The state of one module on the local node.
@@ -362,8 +427,15 @@ pub struct ModuleState {
     pub forced: bool,
     /// We marked the peer outdated (replication link down while connected).
     pub peer_outdated: bool,
-    /// Local data may be damaged (vmha-fs failed): the next resync is full.
-    pub suspect: bool,
+    /// Mirror of the persisted "this node's own copy is not up to date" (its
+    /// disk failed): never promoted automatically, the next resync is full.
+    pub self_outdated: bool,
+    /// The local disk failed: WAIT, touching nothing, until `start`.
+    pub disk_failed: bool,
+    /// A swap stopped the VM and waits for the outcome (`VmStopDone`).
+    pub swapping: bool,
+    /// A swap could not stop the VM: no further swap until the operator asks.
+    pub swap_refused: bool,
     /// Bytes this node wrote since its generation began (last `PeerSeen`).
     pub changed_bytes: u64,
     /// Times (ms) of local restarts within the current loop interval.
@@ -392,13 +464,28 @@ impl ModuleState {
             request: None,
             forced: false,
             peer_outdated: false,
-            suspect: false,
+            self_outdated: false,
+            disk_failed: false,
+            swapping: false,
+            swap_refused: false,
             changed_bytes: 0,
             restarts: Vec::new(),
             resync: None,
             resync_wanted: false,
             probe: None,
         }
+    }
+
+    /// A witness probe is wanted: its result decides whether to go ALONE.
+    pub fn probing(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    /// With the persisted "self outdated" flag: never counted up to date.
+    pub fn with_self_outdated(mut self, flag: bool) -> ModuleState {
+        self.self_outdated = flag;
+        self.uptodate = self.uptodate && !flag;
+        self
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -426,6 +513,11 @@ impl ModuleState {
             readiness: self.readiness(),
             request: self.request,
             forced: self.forced,
+            disk: if self.disk_failed {
+                Disk::Failed
+            } else {
+                Disk::Ok
+            },
         }
     }
 
@@ -550,6 +642,9 @@ impl Transition {
             Event::VmStopped { now_ms } => self.vm_failed(now_ms, "the VM stopped unexpectedly"),
             Event::VmStartFailed { now_ms } => self.vm_failed(now_ms, "the VM failed to start"),
             Event::FsFailed => self.fs_failed(),
+            Event::DiskFailed => self.disk_failed(),
+            Event::VmStopDone => self.vm_stop_done(),
+            Event::VmStopFailed => self.vm_stop_failed(),
             Event::ReplicationLinkDown => self.link_down(),
             Event::Fenced => {
                 if self.s.role.is_writer() {
@@ -561,13 +656,23 @@ impl Transition {
                     );
                 }
             }
-            Event::WitnessResult { reachable } => self.witness_result(reachable),
+            Event::WitnessResult(outcome) => self.witness_result(outcome),
         }
     }
 
     // ---- operator commands ----
 
     fn start(&mut self) {
+        if self.s.role == Role::Wait && self.s.disk_failed {
+            // The operator says the disk is repaired: rejoin (full compare).
+            self.s.disk_failed = false;
+            self.s.hold = false;
+            self.s.swap_refused = false;
+            self.s.restarts.clear();
+            self.log("start: the local disk is taken as repaired; rejoining with a full compare");
+            self.evaluate_wait();
+            return;
+        }
         if self.s.role != Role::Stop {
             self.log(format!("start ignored: already {}", self.s.role));
             return;
@@ -576,7 +681,9 @@ impl Transition {
         self.s.start_wait_over = false;
         self.s.hold = false;
         self.s.restarts.clear();
-        self.s.uptodate = self.s.has_data && !self.s.peer_may_be_newer;
+        self.s.swap_refused = false;
+        self.s.disk_failed = false;
+        self.s.uptodate = self.s.has_data && !self.s.peer_may_be_newer && !self.s.self_outdated;
         self.because("start");
         self.evaluate_wait();
     }
@@ -594,6 +701,8 @@ impl Transition {
     }
 
     fn swap(&mut self) {
+        // Asked again by the operator: a swap may be tried again.
+        self.s.swap_refused = false;
         match (self.s.role, self.s.peer) {
             (Role::Prim, PeerKnowledge::Seen(p))
                 if p.role == Role::Second && p.readiness == Readiness::Ready =>
@@ -612,7 +721,9 @@ impl Transition {
     }
 
     fn prim_forced(&mut self) {
-        if self.s.role.is_writer() {
+        if self.s.disk_failed {
+            self.log("prim refused: the local disk failed (repair it, then `vmctl start`)");
+        } else if self.s.role.is_writer() {
             self.s.forced = true;
             self.log("prim: this node's data wins any split brain");
         } else if self.peer_is_writer() {
@@ -620,6 +731,7 @@ impl Transition {
         } else {
             self.s.forced = true;
             self.s.has_data = true;
+            self.set_self_outdated(false);
             self.become_writer(Role::Alone, true, "forced primary by the operator");
         }
     }
@@ -663,7 +775,7 @@ impl Transition {
         }
         if self.s.resync_wanted && peer.role.is_writer() {
             self.s.resync_wanted = false;
-            let full = peer.relation != Relation::PeerNewer;
+            let full = peer.relation != Relation::PeerNewer || self.s.self_outdated;
             self.act(Action::StartResync { full });
             self.log("the writer has a newer generation: resynchronising");
         }
@@ -735,7 +847,9 @@ impl Transition {
                 }
                 let in_sync_ready =
                     peer.readiness == Readiness::Ready && peer.relation == Relation::InSync;
-                if in_sync_ready && peer.request == Some(Request::HandOver) {
+                if self.s.swap_refused || self.s.swapping {
+                    // A swap failed to stop the VM: only the operator retries.
+                } else if in_sync_ready && peer.request == Some(Request::HandOver) {
                     self.do_swap("swap asked by the SECOND");
                 } else if in_sync_ready
                     && peer.config_match
@@ -779,13 +893,30 @@ impl Transition {
         }
     }
 
-    fn witness_result(&mut self, reachable: bool) {
-        if self.s.probe.take().is_none() {
+    fn witness_result(&mut self, outcome: WitnessOutcome) {
+        let Some(probe) = self.s.probe.take() else {
             return;
-        }
-        if reachable {
-            self.become_writer(Role::Alone, true, "witness reachable");
-            return;
+        };
+        match outcome {
+            WitnessOutcome::Reachable => {
+                self.become_writer(Role::Alone, true, "witness reachable");
+                return;
+            }
+            WitnessOutcome::CouldNotProbe => {
+                // Neither ALONE (the peer may be alive) nor a step down (the
+                // peer may be unable to decide too: total outage): keep
+                // probing until the probe runs or the peer is heard again.
+                self.s.probe = Some(Probe { failed: true });
+                self.act(Action::RetryWitness);
+                if !probe.failed {
+                    self.log(format!(
+                        "witness could not be probed: not deciding, retrying (still {})",
+                        self.s.role
+                    ));
+                }
+                return;
+            }
+            WitnessOutcome::Unreachable => {}
         }
         match self.s.role {
             Role::Prim | Role::Second => {
@@ -798,7 +929,7 @@ impl Transition {
     /// ALONE without seeing the peer: through the witness when there is one.
     fn go_alone(&mut self, reason: &str) {
         if self.s.policy.witness {
-            self.s.probe = Some(Probe::GoAlone);
+            self.s.probe = Some(Probe { failed: false });
             self.act(Action::ProbeWitness);
             self.log(format!("{reason}: probing the witness"));
         } else {
@@ -808,6 +939,10 @@ impl Transition {
 
     /// The decisions of WAIT, from what is known of the peer.
     fn evaluate_wait(&mut self) {
+        if self.s.disk_failed {
+            // Nothing touches a failed disk until the operator's `start`.
+            return;
+        }
         match self.s.peer {
             PeerKnowledge::Seen(peer) if peer.role.is_writer() => {
                 if peer.relation != Relation::LocalNewer {
@@ -846,12 +981,15 @@ impl Transition {
             }
             PeerKnowledge::Seen(peer) => {
                 match peer.relation {
-                    Relation::InSync | Relation::LocalNewer => self.s.uptodate = self.s.has_data,
+                    Relation::InSync | Relation::LocalNewer => {
+                        self.s.uptodate = self.s.has_data && !self.s.self_outdated
+                    }
                     Relation::PeerNewer => self.s.uptodate = false,
                     Relation::SplitBrain | Relation::Unrelated => {}
                 }
                 let go = !self.s.hold
                     && self.s.has_data
+                    && !self.s.self_outdated
                     && peer.config_match
                     && match peer.relation {
                         Relation::LocalNewer => true,
@@ -876,6 +1014,7 @@ impl Transition {
             PeerKnowledge::Unknown | PeerKnowledge::Lost(_) => {
                 let can_start = !self.s.hold
                     && self.s.has_data
+                    && !self.s.self_outdated
                     && self.s.uptodate
                     && self.s.start_wait_over
                     && self.s.probe.is_none();
@@ -919,10 +1058,58 @@ impl Transition {
         match self.s.role {
             Role::Prim | Role::Alone | Role::Second => {
                 self.s.uptodate = false;
-                self.s.suspect = true;
                 self.step_down(Role::Wait, "vmha-fs failed");
             }
             Role::Wait | Role::Stop => {}
+        }
+    }
+
+    /// This node's own copy can no longer be trusted: hand the module to the
+    /// peer (which holds every acknowledged write) and touch nothing.
+    fn disk_failed(&mut self) {
+        let first = !self.s.disk_failed;
+        // Persisted before anything else: a restart must not promote this copy.
+        self.set_self_outdated(true);
+        self.s.disk_failed = true;
+        self.s.uptodate = false;
+        self.s.forced = false;
+        self.s.request = None;
+        let reason = "the local disk failed: this node's copy is not up to date";
+        match self.s.role {
+            Role::Prim | Role::Alone | Role::Second => self.step_down(Role::Wait, reason),
+            Role::Wait => {
+                self.s.hold = true;
+                self.s.probe = None;
+                if first {
+                    self.log(reason);
+                }
+            }
+            Role::Stop => {
+                if first {
+                    self.log(reason);
+                }
+            }
+        }
+    }
+
+    /// Swap, second half: the VM is off, hand over to the SECOND.
+    fn vm_stop_done(&mut self) {
+        if !std::mem::take(&mut self.s.swapping) || self.s.role != Role::Prim {
+            return;
+        }
+        self.act(Action::Unmount);
+        self.act(Action::MountReceiver);
+        self.s.role = Role::Second;
+        self.s.uptodate = true;
+        self.s.vm_starting = false;
+        self.s.request = Some(Request::TakeOver);
+        self.because("swap: the VM stopped, the peer takes over");
+    }
+
+    fn vm_stop_failed(&mut self) {
+        if std::mem::take(&mut self.s.swapping) && self.s.role == Role::Prim {
+            self.s.swap_refused = true;
+            self.log("swap aborted: the VM could not be stopped; it keeps running on this node");
         }
     }
 
@@ -939,10 +1126,18 @@ impl Transition {
         if self.s.role == Role::Second && !self.s.uptodate {
             self.s.uptodate = true;
             self.s.has_data = true;
-            self.s.suspect = false;
             self.s.resync = None;
             self.act(Action::AdoptPeerHistory);
+            self.set_self_outdated(false);
             self.log("resync done: SECOND up to date");
+        }
+    }
+
+    /// Changes the persisted "self outdated" flag (and its mirror) if needed.
+    fn set_self_outdated(&mut self, flag: bool) {
+        if self.s.self_outdated != flag {
+            self.s.self_outdated = flag;
+            self.act(Action::SetSelfOutdated(flag));
         }
     }
 
@@ -981,7 +1176,7 @@ impl Transition {
 
     fn become_second(&mut self, peer: Peer) {
         // Incremental only along one line of descent with intact local data.
-        let full = self.s.suspect
+        let full = self.s.self_outdated
             || !self.s.has_data
             || matches!(peer.relation, Relation::SplitBrain | Relation::Unrelated);
         self.act(Action::MountReceiver);
@@ -1005,21 +1200,19 @@ impl Transition {
         self.s.role = to;
         self.s.hold = to == Role::Wait;
         self.s.vm_starting = false;
+        self.s.swapping = false;
+        self.s.swap_refused = false;
         self.s.probe = None;
         self.s.resync = None;
         self.s.resync_wanted = false;
         self.because(reason);
     }
 
+    /// Swap, first half: stop the VM; the hand-over waits for `VmStopDone`.
     fn do_swap(&mut self, reason: &str) {
         self.act(Action::StopVm);
-        self.act(Action::Unmount);
-        self.act(Action::MountReceiver);
-        self.s.role = Role::Second;
-        self.s.uptodate = true;
-        self.s.vm_starting = false;
-        self.s.request = Some(Request::TakeOver);
-        self.because(reason);
+        self.s.swapping = true;
+        self.log(format!("{reason}: stopping the VM"));
     }
 
     /// Persists the flag (raised first, lowered last) and logs the change.

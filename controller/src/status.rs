@@ -3,19 +3,27 @@
 //!
 //! Additions to the design's example (choices where it is silent):
 //! - `config_hash` at the top level (this node's [`crate::config::Config::hash`]);
+//! - `heartbeats_rejected` at the top level: rejected heartbeat datagrams by
+//!   kind since the daemon started (`{}` when none);
 //! - per peer node `config_match`: whether the peer's whole-configuration hash
 //!   equals ours (`null` until the peer has been heard), and per module node
 //!   `module_config_match` for that module's hash;
 //! - an unreachable peer keeps `generation` (last known), `last_seen_ms`
 //!   (`null` if never heard since this daemon started) and `heartbeats`
 //!   (`null` per address never heard); its `ready` is false and `readiness` /
-//!   `colour` are null.
+//!   `colour` are null;
+//! - `witness` at the top level, present only when witnesses are configured:
+//!   `addresses`, the latest probe's outcome `last_probe` (`"reachable"`,
+//!   `"unreachable"` or `"could_not_probe"`, `null` before the first probe),
+//!   `last_probe_ms` (its age) and `errors` (`"WITNESS: error"` per witness
+//!   that could not be probed: a failover waits until it can be).
+//! - per node `disk` (`ok`, `failed`, `diskless`), carried in heartbeats.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Colour, Readiness, Role};
+use crate::state::{Colour, Disk, Readiness, Role, WitnessOutcome};
 
 /// The whole answer of `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,7 +31,27 @@ pub struct Status {
     /// The local node's name.
     pub node: String,
     pub config_hash: String,
+    /// Heartbeat datagrams this daemon rejected since it started, by kind
+    /// (`forged`, `replayed`, `unproven`, …; see `heartbeat::Rejection`).
+    #[serde(default)]
+    pub heartbeats_rejected: BTreeMap<String, u64>,
     pub modules: Vec<ModuleStatus>,
+    /// The split-brain witness, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<WitnessStatus>,
+}
+
+/// The witnesses and what this node's latest probe of them found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessStatus {
+    /// As configured (`IP` or `IP:PORT`).
+    pub addresses: Vec<String>,
+    /// `null` before the first probe.
+    pub last_probe: Option<WitnessOutcome>,
+    /// Milliseconds since that probe.
+    pub last_probe_ms: Option<u64>,
+    /// `"WITNESS: error"` for each witness that could not be probed.
+    pub errors: Vec<String>,
 }
 
 /// One module on both nodes.
@@ -46,6 +74,11 @@ pub struct NodeStatus {
     pub ready: bool,
     pub readiness: Option<Readiness>,
     pub colour: Option<Colour>,
+    /// The node's own disk: `ok`, `failed` (it waits until `vmctl start`
+    /// after repair) or `diskless` (reserved); an unreachable peer's last
+    /// known, `null` if never heard.
+    #[serde(default)]
+    pub disk: Option<Disk>,
     /// Current data generation (32 hex digits), `null` for a node without data.
     pub generation: Option<String>,
     pub resync: Option<ResyncStatus>,
@@ -127,6 +160,7 @@ mod tests {
             ready: true,
             readiness: Some(Readiness::Ready),
             colour: Some(Colour::Green),
+            disk: Some(Disk::Ok),
             generation: None,
             resync: None,
             last_seen_ms: None,
@@ -139,7 +173,8 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"reachable": true, "state": "PRIM", "ready": true,
-                "readiness": "ready", "colour": "green", "generation": null, "resync": null})
+                "readiness": "ready", "colour": "green", "disk": "ok", "generation": null,
+                "resync": null})
         );
     }
 
@@ -151,6 +186,7 @@ mod tests {
             ready: false,
             readiness: None,
             colour: None,
+            disk: Some(Disk::Failed),
             generation: None,
             resync: None,
             last_seen_ms: Some(Some(5000)),
@@ -162,6 +198,7 @@ mod tests {
         let json = serde_json::to_value(&node).unwrap();
         assert_eq!(json["state"], serde_json::Value::Null);
         assert_eq!(json["last_known_state"], "PRIM");
+        assert_eq!(json["disk"], "failed");
         assert_eq!(json["heartbeats"]["10.0.0.2"], serde_json::Value::Null);
         let back: NodeStatus = serde_json::from_value(json).unwrap();
         assert_eq!(back, node);

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vmha_controller::clock::WallClock;
 use vmha_controller::config::{Config, NodeIndex};
 use vmha_controller::control::{Client, Request, Response};
 use vmha_controller::daemon::{Daemon, DaemonSpec};
 use vmha_controller::driver::fake::{FakeFs, FakeVm, Mounted};
-use vmha_controller::heartbeat::{ModuleBeat, Payload, Sealer};
+use vmha_controller::heartbeat::{Handshake, ModuleBeat, Payload, Sealer};
 use vmha_controller::state::{Announce, Readiness, Role};
 use vmha_controller::status::Status;
 use vmha_fs::key::ClusterKey;
@@ -79,10 +80,21 @@ struct Node {
     fs: FakeFs,
     socket: PathBuf,
     config: Config,
+    /// This node's wall clock (test hook: offset, stepped).
+    clock: WallClock,
 }
 
 impl Node {
     async fn start(name: &'static str, text: &str, dir: &Path) -> Node {
+        Node::start_with_clock(name, text, dir, WallClock::system()).await
+    }
+
+    async fn start_with_clock(
+        name: &'static str,
+        text: &str,
+        dir: &Path,
+        clock: WallClock,
+    ) -> Node {
         let mut config = Config::from_toml_str(text).unwrap();
         let node = config.local_node(name).unwrap();
         // One file for both nodes; per-node paths overridden after hashing.
@@ -97,6 +109,7 @@ impl Node {
             fs,
             socket: config.cluster.control_socket.clone(),
             config,
+            clock,
         };
         n.restart(node).await;
         n
@@ -109,7 +122,7 @@ impl Node {
             key: key(),
             vm: Arc::new(self.vm.clone()),
             fs: Arc::new(self.fs.clone()),
-            max_clock_skew: Duration::from_secs(30),
+            clock: self.clock.clone(),
         })
         .await
         .unwrap();
@@ -165,6 +178,12 @@ async fn pair(dir: &Path) -> (Node, Node, u16) {
 /// `prim` on node1 and the steady state: node1 PRIM, node2 SECOND ready.
 async fn running_pair(dir: &Path) -> (Node, Node, u16) {
     let (n1, n2, port) = pair(dir).await;
+    steady(&n1, &n2).await;
+    (n1, n2, port)
+}
+
+/// From two fresh nodes: `prim` on node1, then node1 PRIM, node2 SECOND ready.
+async fn steady(n1: &Node, n2: &Node) {
     // Fresh nodes: nobody has data, both wait.
     n1.wait_role("node1", Role::Wait, false).await;
     n2.wait_role("node2", Role::Wait, false).await;
@@ -178,7 +197,6 @@ async fn running_pair(dir: &Path) -> (Node, Node, u16) {
     assert!(!n2.vm.is_running("vm1"));
     assert_eq!(n1.fs.mounted("vm1"), Some(Mounted::Writer));
     assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Receiver));
-    (n1, n2, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,6 +322,152 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
     n2.daemon.unwrap().kill().await;
 }
 
+/// A swap whose VM will not stop is aborted: the VM stays where it runs, the
+/// writer keeps its mount, the SECOND stays SECOND, and the refusal is logged
+/// and returned to `vmctl`. Once the stop works, the operator's next swap does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_whose_vm_stop_fails_is_aborted_and_the_vm_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = running_pair(dir.path()).await;
+    n1.vm.set_failing("stop", true);
+    let r = n1.request(Request::Swap { module: None }).await;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .is_some_and(|e| e.contains("swap aborted")),
+        "{r:?}"
+    );
+    // Long enough for node2 to have taken over if node1 had handed over.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(n1.state_of("node1"), Some(Role::Prim));
+    assert_eq!(n2.state_of("node2"), Some(Role::Second));
+    assert_eq!(n2.state_of("node1"), Some(Role::Prim));
+    assert!(n1.vm.is_running("vm1"));
+    assert!(!n2.vm.is_running("vm1"), "the VM runs on both nodes");
+    assert_eq!(n1.fs.mounted("vm1"), Some(Mounted::Writer));
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Receiver));
+    assert_eq!(n1.vm.count("stop"), 1, "the failed swap was retried");
+    let log = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(
+        log.contains("error: stop VM") && log.contains("swap aborted"),
+        "{log}"
+    );
+    // The stop works again: the operator's swap goes through.
+    n1.vm.set_failing("stop", false);
+    let r = n1.request(Request::Swap { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n2.wait_role("node2", Role::Prim, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+/// The writer's own disk fails: node2 takes over at once; node1 stops its VM,
+/// unmounts, shows its disk failed (also in node2's view), never starts a
+/// generation and touches nothing, not even after a restart of both daemons
+/// (it persisted that its copy is outdated); `vmctl start` after the repair
+/// joins it with a full compare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_disk_failure_fails_over_and_the_node_waits_until_start() {
+    use vmha_controller::driver::FsHealth;
+    use vmha_controller::state::Disk;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut n1, mut n2, _) = running_pair(dir.path()).await;
+    let generation1 = n1.status().modules[0].nodes["node1"].generation.clone();
+    let writers = n1.fs.count("mount_writer");
+    n1.fs.set_health(
+        "vm1",
+        Some(FsHealth::DiskFailed("write: EIO (scripted)".into())),
+    );
+    n2.wait_role("node2", Role::Alone, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    n2.wait("node1's disk failed in node2's view", |s| {
+        s.modules[0].nodes["node1"].disk == Some(Disk::Failed)
+    })
+    .await;
+    let s = n1.status();
+    let me = &s.modules[0].nodes["node1"];
+    assert_eq!(
+        (me.state, me.readiness, me.disk),
+        (
+            Some(Role::Wait),
+            Some(Readiness::NotUpToDate),
+            Some(Disk::Failed)
+        )
+    );
+    assert_eq!(s.modules[0].nodes["node2"].disk, Some(Disk::Ok));
+    assert_eq!(me.generation, generation1, "node1 started a generation");
+    assert_eq!(n1.fs.mounted("vm1"), None);
+    // It touches nothing while node2 writes.
+    let receivers = n1.fs.count("mount_receiver");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(n1.state_of("node1"), Some(Role::Wait));
+    assert_eq!(n1.fs.count("mount_receiver"), receivers);
+    assert_eq!(n1.fs.count("mount_writer"), writers);
+    let meta = std::fs::read_to_string(
+        n1.config
+            .cluster
+            .state_dir
+            .join("vm1")
+            .join("generation.json"),
+    )
+    .unwrap();
+    assert!(meta.contains("\"self_outdated\": true"), "{meta}");
+    let log = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    let after = log
+        .split_once("local disk failed")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    assert!(
+        after.contains("PRIM -> WAIT: the local disk failed"),
+        "{log}"
+    );
+    assert!(!after.contains("new generation"), "{log}");
+
+    // Both daemons crash; node1 comes back first: its copy is outdated, so it
+    // waits instead of starting alone.
+    n1.fs.set_health("vm1", None);
+    n1.daemon.take().unwrap().kill().await;
+    n2.daemon.take().unwrap().kill().await;
+    n1.restart(NodeIndex::FIRST).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(n1.state_of("node1"), Some(Role::Wait));
+    assert!(!n1.vm.is_running("vm1"));
+    // node2 returns and runs the module; node1 joins with a full compare.
+    n2.restart(NodeIndex::SECOND).await;
+    n2.wait_role("node2", Role::Prim, true).await;
+    n1.wait_role("node1", Role::Second, true).await;
+    assert_eq!(n1.fs.count("resync_full"), 1);
+    assert_eq!(n1.fs.count("resync"), 0);
+    let meta = std::fs::read_to_string(
+        n1.config
+            .cluster
+            .state_dir
+            .join("vm1")
+            .join("generation.json"),
+    )
+    .unwrap();
+    assert!(!meta.contains("self_outdated"), "{meta}");
+    assert_eq!(n1.status().modules[0].nodes["node1"].disk, Some(Disk::Ok));
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_on_prim_hands_over_and_graceful_shutdown_too() {
     let dir = tempfile::tempdir().unwrap();
@@ -346,6 +510,7 @@ fn forged_beat(role: Role) -> Vec<u8> {
                 readiness: Readiness::Ready,
                 request: None,
                 forced: false,
+                disk: Default::default(),
             },
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
@@ -355,6 +520,7 @@ fn forged_beat(role: Role) -> Vec<u8> {
     Sealer::new(&ClusterKey::from_bytes([7; 32]))
         .seal(
             "127.0.0.2".parse().unwrap(),
+            Handshake::default(),
             &serde_json::to_vec(&payload).unwrap(),
         )
         .unwrap()
@@ -389,6 +555,8 @@ async fn forged_heartbeats_change_nothing() {
     n2.wait_role("node2", Role::Alone, false).await;
     assert!(killed.elapsed() >= Duration::from_millis(FAILOVER_MS - 60));
     assert_ne!(n2.status().modules[0].nodes["node2"].generation, generation);
+    // Counted (and logged at a bounded rate), never acted on.
+    assert!(n2.status().heartbeats_rejected["forged"] >= 10);
     flood.abort();
     n2.daemon.unwrap().kill().await;
 }
@@ -549,6 +717,149 @@ async fn joining_second_shows_resync_progress_until_done() {
     n1.wait_role("node2", Role::Second, true).await;
     n1.wait_role("node1", Role::Prim, true).await;
     assert_eq!(n1.status().modules[0].nodes["node2"].resync, None);
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+impl Node {
+    async fn log(&self) -> Vec<String> {
+        self.request(Request::Log { module: None }).await.lines
+    }
+}
+
+/// Neither node lost its peer ("lost the peer", "lost the PRIM") in the log
+/// lines after `since` (their lengths before).
+async fn no_failover_since(n1: &Node, n2: &Node, since: [usize; 2], why: &str) {
+    for (n, from) in [(n1, since[0]), (n2, since[1])] {
+        let log = n.log().await;
+        let new = log.get(from..).unwrap_or_default();
+        assert!(
+            !new.iter().any(|l| l.contains("lost the")),
+            "{} failed over ({why}):\n{}",
+            n.name,
+            log.join("\n")
+        );
+    }
+}
+
+/// Whether `n` sees node1 PRIM and node2 SECOND, both ready and the peer
+/// reachable.
+fn is_steady(n: &Node) -> bool {
+    let s = n.status();
+    let peer = if n.name == "node1" { "node2" } else { "node1" };
+    let m = &s.modules[0].nodes;
+    m[peer].reachable
+        && m["node1"].state == Some(Role::Prim)
+        && m["node1"].ready
+        && m["node2"].state == Some(Role::Second)
+        && m["node2"].ready
+}
+
+/// Asserts for `period` that node1 stays PRIM and node2 SECOND, each hearing
+/// the other: no peer loss, no failover.
+async fn hold_steady(n1: &Node, n2: &Node, period: Duration, why: &str) {
+    let since = [n1.log().await.len(), n2.log().await.len()];
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        for n in [n1, n2] {
+            if !is_steady(n) {
+                panic!(
+                    "{} left the steady pair ({why}): {}\nlog:\n{}",
+                    n.name,
+                    serde_json::to_string_pretty(&n.status()).unwrap(),
+                    n.log().await.join("\n")
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    no_failover_since(n1, n2, since, why).await;
+}
+
+const TEN_MINUTES_S: i64 = 600;
+
+/// Issue 8, item 4: the nodes' wall clocks 20 minutes apart, then both
+/// stepped by 20 minutes while running (an NTP step, a manual `date`): the
+/// pair forms and stays PRIM/SECOND; nobody fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clocks_apart_and_stepping_cause_no_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = toml(port, "", 300);
+    let c1 = WallClock::with_offset(TEN_MINUTES_S);
+    let c2 = WallClock::with_offset(-TEN_MINUTES_S);
+    let n1 = Node::start_with_clock("node1", &text, dir.path(), c1.clone()).await;
+    let n2 = Node::start_with_clock("node2", &text, dir.path(), c2.clone()).await;
+    steady(&n1, &n2).await;
+    let hold = Duration::from_millis(FAILOVER_MS * 5);
+    hold_steady(&n1, &n2, hold, "node1 at +10 min, node2 at -10 min").await;
+    c1.set_offset(-TEN_MINUTES_S);
+    c2.set_offset(TEN_MINUTES_S);
+    hold_steady(&n1, &n2, hold, "both clocks stepped by 20 min").await;
+    // Only the displayed time moved: node1's log, written while its clock
+    // was 10 min ahead, shows it.
+    let last = n1.log().await.pop().unwrap();
+    let ahead = vmha_controller::eventlog::timestamp(
+        std::time::SystemTime::now() + Duration::from_secs(TEN_MINUTES_S as u64 - 60),
+    );
+    assert!(last.as_str() > ahead.as_str(), "{last} vs {ahead}");
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+/// Issue 8, item 4: the SECOND's daemon dies and starts again with its clock
+/// behind the one of its previous run (so behind every counter the PRIM has
+/// seen from it): the PRIM hears it again, never loses it, and the pair is
+/// PRIM/SECOND again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_restarted_with_its_clock_behind_is_heard_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // A failover timeout the restart fits in with room to spare.
+    let failover = Duration::from_millis(1500);
+    let text = toml(port, "", 300)
+        .replace(
+            &format!("failover_timeout_ms = {FAILOVER_MS}"),
+            &format!("failover_timeout_ms = {}", failover.as_millis()),
+        )
+        .replace("lock_timeout_ms = 1000", "lock_timeout_ms = 3000");
+    let c2 = WallClock::system();
+    let n1 = Node::start("node1", &text, dir.path()).await;
+    let mut n2 = Node::start_with_clock("node2", &text, dir.path(), c2.clone()).await;
+    steady(&n1, &n2).await;
+    let node2 = n2.config.local_node("node2").unwrap();
+    for behind_s in [5, TEN_MINUTES_S] {
+        let why = format!("node2 restarted {behind_s} s behind");
+        let since = [n1.log().await.len(), 0];
+        n2.daemon.take().unwrap().kill().await;
+        c2.set_offset(-behind_s);
+        let restarted = Instant::now();
+        n2.restart(node2).await;
+        // node1 hears the new daemon (its old one is dead: any heartbeat
+        // node1 accepts from now on is of the new session).
+        loop {
+            let s = n1.status();
+            let seen = s.modules[0].nodes["node2"].last_seen_ms.flatten();
+            if seen.is_some_and(|ms| u128::from(ms) < restarted.elapsed().as_millis()) {
+                break;
+            }
+            assert!(restarted.elapsed() < failover, "{why}: not heard again");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eprintln!("{why}: heard again after {:?}", restarted.elapsed());
+        // Steady again, and for longer than the failover timeout since the
+        // restart (node1 may first see the new node2 WAIT and write alone
+        // for a moment: that is no peer loss).
+        while !(is_steady(&n1) && is_steady(&n2) && restarted.elapsed() > failover * 2) {
+            assert!(
+                restarted.elapsed() < Duration::from_secs(15),
+                "{why}: not steady again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        no_failover_since(&n1, &n2, since, &why).await;
+        hold_steady(&n1, &n2, failover * 2, &why).await;
+    }
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
 }

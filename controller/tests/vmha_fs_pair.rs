@@ -149,7 +149,7 @@ impl Node {
             key: key(),
             vm: Arc::new(FakeVm::new()),
             fs: Arc::clone(&fs) as Arc<_>,
-            max_clock_skew: Duration::from_secs(30),
+            clock: vmha_controller::clock::WallClock::system(),
         })
         .await
         .unwrap();

@@ -26,10 +26,10 @@ use rustix::fs::{FileType, OFlags, SeekFrom};
 use crate::apply::{self, Applied, Errno, NodeTable};
 use crate::buffer::{AlignedBuf, Payload};
 use crate::inodes::{Inodes, Node};
-use crate::joint::{Joint, Local};
-use crate::link::{LinkState, PeerLink};
+use crate::link::PeerLink;
 use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Time, XattrValue};
-use crate::track::{Change, InFlight, Tracker};
+use crate::primary::{DiskHealth, Repair, Replicator};
+use crate::track::Tracker;
 
 const TTL: Duration = Duration::from_secs(1);
 const MAX_WRITE: u32 = 1 << 20;
@@ -118,14 +118,12 @@ type OpenDir = (Arc<Vec<DirItem>>, Arc<OwnedFd>);
 #[derive(Debug)]
 pub struct ReplicatedFs {
     inodes: Arc<Inodes>,
-    link: PeerLink,
+    /// Where every mutation goes (order, record, send, apply, join, settle).
+    repl: Arc<Replicator>,
     namespace: Arc<RwLock<()>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
-    tracker: Arc<Tracker>,
-    /// The backing directory's path, to name journal entries relative to it.
-    root_path: Vec<u8>,
 }
 
 fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -190,9 +188,32 @@ fn name_of(name: &OsStr) -> Result<Name, Errno> {
     Name::new(name.as_bytes()).map_err(|_| Errno::INVAL)
 }
 
+/// How a fallocate one side alone refused is undone: data modes (punch, zero)
+/// by zeroing the range on both sides, allocation by equal sizes; modes that
+/// shift data (collapse, insert) cannot be, so the failed side is behind.
+fn fallocate_repair(id: NodeId, mode: i32, offset: u64, len: u64) -> Repair {
+    let shifts = libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE;
+    let data = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+    if mode & shifts != 0 {
+        Repair::None
+    } else if mode & data != 0 {
+        Repair::Range { id, offset, len }
+    } else {
+        Repair::Size { id }
+    }
+}
+
+fn sync_fd(fd: BorrowedFd<'_>, datasync: bool) -> Result<(), Errno> {
+    if datasync {
+        rustix::fs::fdatasync(fd)
+    } else {
+        rustix::fs::fsync(fd)
+    }
+}
+
 /// `pread` until `buf` is full or end of file.
 /// The path the kernel gives for a descriptor (`/proc/self/fd/N`), as bytes.
-fn fd_path(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+pub(crate) fn fd_path(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
     let link = rustix::fs::readlinkat(rustix::fs::CWD, apply::proc_path(fd), Vec::new())?;
     Ok(link.into_bytes())
 }
@@ -211,107 +232,25 @@ pub(crate) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Resu
 }
 
 impl ReplicatedFs {
-    pub fn new(root: OwnedFd, link: PeerLink, tracker: Arc<Tracker>) -> Result<Self, Errno> {
+    pub fn new(
+        root: OwnedFd,
+        link: PeerLink,
+        tracker: Arc<Tracker>,
+        disk: Arc<DiskHealth>,
+    ) -> Result<Self, Errno> {
         let root_path = fd_path(root.as_fd())?;
-        link.track(tracker.clone());
+        // The largest file the backing filesystem accepts: a change reaching past
+        // it fails with EFBIG before anything is recorded.
+        let max_size = apply::max_file_size(root.as_fd());
+        tracing::debug!(max_size, "largest file the backing filesystem accepts");
+        let inodes = Arc::new(Inodes::new(root)?);
         Ok(Self {
-            inodes: Arc::new(Inodes::new(root)?),
-            link,
+            repl: Replicator::new(inodes.clone(), link, tracker, disk, root_path, max_size),
+            inodes,
             namespace: Arc::new(RwLock::new(())),
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            tracker,
-            root_path,
-        })
-    }
-
-    /// Records what `op` is about to change where the peer may not get it (design,
-    /// "Degraded mode"): in the dirty records while writing alone, in the activity
-    /// log while the peer receives. Durable before this returns; call it before the
-    /// local change.
-    fn record(&self, op: &Op) -> Result<InFlight, Errno> {
-        let changes = self.changes_of(op)?;
-        if changes.is_empty() {
-            return Ok(InFlight::none());
-        }
-        let alone = |s: &LinkState| matches!(s, LinkState::Degraded | LinkState::Attaching);
-        if alone(&self.link.state()) {
-            self.tracker.record_degraded(&changes)?;
-            return Ok(InFlight::none());
-        }
-        let inflight = self.tracker.record_active(&changes)?;
-        // The link may have stopped sending meanwhile, after the activity log moved
-        // to the dirty records: then this change belongs there too.
-        if alone(&self.link.state()) {
-            self.tracker.record_degraded(&changes)?;
-        }
-        Ok(inflight)
-    }
-
-    fn changes_of(&self, op: &Op) -> Result<Vec<Change>, Errno> {
-        let range = |id: NodeId, start: u64, len: u64| -> Result<Vec<Change>, Errno> {
-            let ino = self.inodes.get(id)?.ino();
-            Ok(vec![Change::Range {
-                ino,
-                start,
-                end: start.saturating_add(len),
-            }])
-        };
-        let name = |parent: NodeId, name: &Name| -> Result<Change, Errno> {
-            let dir = self.inodes.get(parent)?;
-            let path = fd_path(dir.fd.as_fd()).unwrap_or_default();
-            let root = self.root_path.as_slice();
-            let full = if path == root {
-                name.as_bytes().to_vec()
-            } else {
-                match path.strip_prefix(root).and_then(|r| r.strip_prefix(b"/")) {
-                    Some(prefix) => crate::track::join(prefix, name.as_bytes()),
-                    // Outside the root (a removed directory): everything is suspect.
-                    None => Vec::new(),
-                }
-            };
-            Ok(Change::Name(full))
-        };
-        Ok(match op {
-            Op::Write { id, offset, data } => range(*id, *offset, data.len() as u64)?,
-            Op::Fallocate {
-                id, offset, len, ..
-            } => range(*id, *offset, *len)?,
-            Op::CopyRange {
-                dst,
-                dst_offset,
-                len,
-                ..
-            } => range(*dst, *dst_offset, *len)?,
-            Op::Truncate { id, size } => {
-                let node = self.inodes.get(*id)?;
-                let old = rustix::fs::fstat(node.fd.as_fd())?.st_size as u64;
-                let (lo, hi) = (old.min(*size), old.max(*size));
-                range(*id, lo, hi - lo)?
-            }
-            Op::Create {
-                parent, name: n, ..
-            }
-            | Op::Mkdir {
-                parent, name: n, ..
-            }
-            | Op::Symlink {
-                parent, name: n, ..
-            }
-            | Op::Link {
-                parent, name: n, ..
-            }
-            | Op::Unlink { parent, name: n }
-            | Op::Rmdir { parent, name: n } => vec![name(*parent, n)?],
-            Op::Rename {
-                parent,
-                name: n,
-                new_parent,
-                new_name,
-                ..
-            } => vec![name(*parent, n)?, name(*new_parent, new_name)?],
-            _ => Vec::new(),
         })
     }
 
@@ -321,9 +260,9 @@ impl ReplicatedFs {
         crate::resync::Syncer::new(
             self.inodes.clone(),
             self.namespace.clone(),
-            self.link.clone(),
+            self.repl.link.clone(),
             progress,
-            self.tracker.clone(),
+            self.repl.tracker.clone(),
         )
     }
 
@@ -336,44 +275,9 @@ impl ReplicatedFs {
         Ok(attr_of(node.id, &st))
     }
 
-    /// Applies `op` locally, then queues it for the peer while `order` (the lock that
-    /// orders it) is still held, then waits for the peer.
-    fn replicate<G>(&self, op: Op, order: G) -> Result<Applied, Errno> {
-        self.link.wait_usable()?;
-        let _inflight = self.record(&op)?;
-        let applied = apply::apply(self.inodes.as_ref(), &op)?;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let what = format!("{op:?}");
-        let queued = self.link.submit(
-            op,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        drop(order);
-        if queued.is_err() {
-            let _ = self
-                .link
-                .diverged(&format!("{what} applied locally, could not be replicated"));
-            return Err(Errno::IO);
-        }
-        match rx.recv() {
-            Ok(Ok(())) => Ok(applied),
-            Ok(Err(e)) => {
-                let what = format!("{what} applied locally but failed on the peer: {e}");
-                if self.link.diverged(&what) {
-                    Ok(applied)
-                } else {
-                    Err(Errno::IO)
-                }
-            }
-            Err(_) => Err(Errno::IO),
-        }
-    }
-
-    fn replicate_namespace(&self, op: Op) -> Result<Applied, Errno> {
+    fn replicate_namespace(&self, what: &'static str, op: Op) -> Result<Applied, Errno> {
         let guard = self.namespace.write();
-        self.replicate(op, guard)
+        self.repl.apply_then_send(what, op, Repair::None, guard)
     }
 
     fn new_node(
@@ -432,7 +336,7 @@ impl ReplicatedFs {
                 }
             }
         };
-        self.replicate_namespace(op)?;
+        self.replicate_namespace("create", op)?;
         let node = self.inodes.get(node.id)?;
         let attr = self.entry_attr(&node)?;
         Ok((node, attr))
@@ -476,7 +380,7 @@ impl ReplicatedFs {
         let fd = apply::lookup_beneath(dir.fd.as_fd(), &name)?;
         let st = rustix::fs::fstat(fd.as_fd())?;
         let node = self.inodes.reference(fd, |id| {
-            self.link.submit_nowait(Op::Bind {
+            self.repl.bookkeeping(Op::Bind {
                 id,
                 parent: parent.0,
                 name: name.clone(),
@@ -497,7 +401,12 @@ impl ReplicatedFs {
         let node = self.inodes.get(ino.0)?;
         if let Some(size) = size {
             let whole_file = node.ranges.lock(0, u64::MAX);
-            self.replicate(Op::Truncate { id: node.id, size }, whole_file)?;
+            self.repl.apply_then_send(
+                "truncate",
+                Op::Truncate { id: node.id, size },
+                Repair::Size { id: node.id },
+                whole_file,
+            )?;
         }
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
             let now = SystemTime::now();
@@ -507,14 +416,17 @@ impl ReplicatedFs {
                     TimeOrNow::Now => to_time(now),
                 })
             };
-            self.replicate_namespace(Op::SetAttr {
-                id: node.id,
-                mode,
-                uid,
-                gid,
-                atime: resolve(atime),
-                mtime: resolve(mtime),
-            })?;
+            self.replicate_namespace(
+                "setattr",
+                Op::SetAttr {
+                    id: node.id,
+                    mode,
+                    uid,
+                    gid,
+                    atime: resolve(atime),
+                    mtime: resolve(mtime),
+                },
+            )?;
         }
         self.entry_attr(&node)
     }
@@ -525,52 +437,38 @@ impl ReplicatedFs {
             Err(e) => return reply.error(fuse_err(e)),
         };
         let buf = Payload::Aligned(Arc::new(AlignedBuf::copy_from(data)));
-        let end = offset.saturating_add(data.len() as u64);
+        let len = data.len() as u64;
         let id = handle.node.id;
-        let op = Op::Write {
+        let mut ops = vec![Op::Write {
             id,
             offset,
             data: buf.clone(),
-        };
-        let inflight = match self.record(&op) {
-            Ok(g) => g,
-            Err(e) => return reply.error(fuse_err(e)),
-        };
-        let joint = Joint::new(
-            &self.link,
-            "write",
-            if handle.sync { 2 } else { 1 },
-            Box::new(move |r: Result<usize, Errno>| {
-                drop(inflight);
-                match r {
-                    Ok(n) => reply.written(n as u32),
-                    Err(e) => reply.error(fuse_err(e)),
+        }];
+        if handle.sync {
+            ops.push(Op::Fsync { id, datasync: true });
+        }
+        let order = handle.node.ranges.lock(offset, offset.saturating_add(len));
+        let local = || {
+            handle.io_fd(offset, buf.len()).and_then(|io| {
+                match apply::write_all_at(io.fd(), &buf, offset) {
+                    Err(Errno::INVAL) if handle.direct => {
+                        apply::write_all_at(handle.buffered_fd()?.as_fd(), &buf, offset)
+                    }
+                    other => other,
                 }
+            })
+        };
+        self.repl.send_then_apply(
+            "write",
+            ops,
+            Repair::Range { id, offset, len },
+            order,
+            local,
+            Box::new(move |r: Result<usize, Errno>| match r {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(fuse_err(e)),
             }),
         );
-        let order = handle.node.ranges.lock(offset, end);
-        let queued = self.link.submit(op, joint.remote()).and_then(|()| {
-            if handle.sync {
-                self.link
-                    .submit(Op::Fsync { id, datasync: true }, joint.remote())
-            } else {
-                Ok(())
-            }
-        });
-        if let Err(e) = queued {
-            drop(order);
-            return joint.local(Local::NotApplied(e));
-        }
-        let written = handle.io_fd(offset, buf.len()).and_then(|io| {
-            match apply::write_all_at(io.fd(), &buf, offset) {
-                Err(Errno::INVAL) if handle.direct => {
-                    apply::write_all_at(handle.buffered_fd()?.as_fd(), &buf, offset)
-                }
-                other => other,
-            }
-        });
-        drop(order);
-        joint.local(Local::Applied(written));
     }
 
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<AlignedBuf, Errno> {
@@ -580,34 +478,35 @@ impl ReplicatedFs {
         let io = handle.io_fd(offset, buf.len())?;
         let n = match read_full(io.fd(), buf.as_mut_slice(), offset) {
             Err(Errno::INVAL) if handle.direct => {
-                read_full(handle.buffered_fd()?.as_fd(), buf.as_mut_slice(), offset)?
+                read_full(handle.buffered_fd()?.as_fd(), buf.as_mut_slice(), offset)
             }
-            other => other?,
+            other => other,
         };
+        // Reads are served here only: a media error on one is the disk failing.
+        let n = self.repl.watch("read", n)?;
         buf.truncate(n);
         Ok(buf)
     }
 
-    fn do_fsync(&self, id: NodeId, fd: Arc<OwnedFd>, datasync: bool, reply: ReplyEmpty) {
-        let joint = Joint::new(
-            &self.link,
+    /// Both nodes sync at the same time; the reply waits for the slower one.
+    fn do_fsync(
+        &self,
+        id: NodeId,
+        datasync: bool,
+        local: impl FnOnce() -> Result<(), Errno>,
+        reply: ReplyEmpty,
+    ) {
+        self.repl.send_then_apply(
             "fsync",
-            1,
+            vec![Op::Fsync { id, datasync }],
+            Repair::None,
+            (),
+            local,
             Box::new(move |r: Result<(), Errno>| match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fuse_err(e)),
             }),
         );
-        if let Err(e) = self.link.submit(Op::Fsync { id, datasync }, joint.remote()) {
-            return joint.local(Local::NotApplied(e));
-        }
-        // Both nodes sync at the same time; the reply waits for the slower one.
-        let local = if datasync {
-            rustix::fs::fdatasync(fd.as_fd())
-        } else {
-            rustix::fs::fsync(fd.as_fd())
-        };
-        joint.local(Local::Applied(local));
     }
 
     fn do_opendir(&self, ino: INodeNo) -> Result<u64, Errno> {
@@ -681,7 +580,7 @@ impl fuser::Filesystem for ReplicatedFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         if self.inodes.release_refs(ino.0, nlookup) {
-            self.link.submit_nowait(Op::Forget { id: ino.0 });
+            self.repl.bookkeeping(Op::Forget { id: ino.0 });
         }
     }
 
@@ -770,20 +669,26 @@ impl fuser::Filesystem for ReplicatedFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = name_of(name).and_then(|name| {
-            self.replicate_namespace(Op::Unlink {
-                parent: parent.0,
-                name,
-            })
+            self.replicate_namespace(
+                "unlink",
+                Op::Unlink {
+                    parent: parent.0,
+                    name,
+                },
+            )
         });
         reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = name_of(name).and_then(|name| {
-            self.replicate_namespace(Op::Rmdir {
-                parent: parent.0,
-                name,
-            })
+            self.replicate_namespace(
+                "rmdir",
+                Op::Rmdir {
+                    parent: parent.0,
+                    name,
+                },
+            )
         });
         reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
     }
@@ -816,13 +721,16 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEmpty,
     ) {
         let result = (|| {
-            self.replicate_namespace(Op::Rename {
-                parent: parent.0,
-                name: name_of(name)?,
-                new_parent: newparent.0,
-                new_name: name_of(newname)?,
-                flags: flags.bits(),
-            })
+            self.replicate_namespace(
+                "rename",
+                Op::Rename {
+                    parent: parent.0,
+                    name: name_of(name)?,
+                    new_parent: newparent.0,
+                    new_name: name_of(newname)?,
+                    flags: flags.bits(),
+                },
+            )
         })();
         reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
     }
@@ -836,11 +744,14 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEntry,
     ) {
         let result = (|| {
-            self.replicate_namespace(Op::Link {
-                id: ino.0,
-                parent: newparent.0,
-                name: name_of(newname)?,
-            })?;
+            self.replicate_namespace(
+                "link",
+                Op::Link {
+                    id: ino.0,
+                    parent: newparent.0,
+                    name: name_of(newname)?,
+                },
+            )?;
             self.inodes.add_reference(ino.0);
             let node = self.inodes.get(ino.0)?;
             self.entry_attr(&node)
@@ -924,13 +835,21 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEmpty,
     ) {
         match self.handle(fh) {
-            Ok(h) => {
-                let fd = match h.buffered_fd() {
-                    Ok(fd) => fd,
-                    Err(e) => return reply.error(fuse_err(e)),
-                };
-                self.do_fsync(h.node.id, fd, datasync, reply)
-            }
+            // Every descriptor this handle wrote through, the main one opened with
+            // the file first: a writeback error since then is reported there, never
+            // only to a descriptor opened after it (the fsync-after-EIO trap).
+            Ok(h) => self.do_fsync(
+                h.node.id,
+                datasync,
+                || {
+                    sync_fd(h.fd.as_fd(), datasync)?;
+                    match h.buffered.lock().as_ref() {
+                        Some(twin) => sync_fd(twin.as_fd(), datasync),
+                        None => Ok(()),
+                    }
+                },
+                reply,
+            ),
             Err(e) => reply.error(fuse_err(e)),
         }
     }
@@ -985,7 +904,9 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEmpty,
     ) {
         match self.dirs.lock().get(&fh.0).cloned() {
-            Some((_, fd)) => self.do_fsync(ino.0, fd, datasync, reply),
+            Some((_, fd)) => {
+                self.do_fsync(ino.0, datasync, || sync_fd(fd.as_fd(), datasync), reply)
+            }
             None => reply.error(fuser::Errno::EBADF),
         }
     }
@@ -1019,12 +940,15 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEmpty,
     ) {
         let result = (|| {
-            self.replicate_namespace(Op::SetXattr {
-                id: ino.0,
-                name: name_of(name)?,
-                value: XattrValue::new(value).map_err(|_| Errno::TOOBIG)?,
-                flags: flags as u32,
-            })
+            self.replicate_namespace(
+                "setxattr",
+                Op::SetXattr {
+                    id: ino.0,
+                    name: name_of(name)?,
+                    value: XattrValue::new(value).map_err(|_| Errno::TOOBIG)?,
+                    flags: flags as u32,
+                },
+            )
         })();
         reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
     }
@@ -1044,8 +968,9 @@ impl fuser::Filesystem for ReplicatedFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = name_of(name)
-            .and_then(|name| self.replicate_namespace(Op::RemoveXattr { id: ino.0, name }));
+        let result = name_of(name).and_then(|name| {
+            self.replicate_namespace("removexattr", Op::RemoveXattr { id: ino.0, name })
+        });
         reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
     }
 
@@ -1111,13 +1036,15 @@ impl fuser::Filesystem for ReplicatedFs {
                 u64::MAX
             };
             let order = node.ranges.lock(offset, end);
-            self.replicate(
+            self.repl.apply_then_send(
+                "fallocate",
                 Op::Fallocate {
                     id: node.id,
                     mode: mode as u32,
                     offset,
                     len: length,
                 },
+                fallocate_repair(node.id, mode, offset, length),
                 order,
             )
         });
@@ -1166,7 +1093,7 @@ impl fuser::Filesystem for ReplicatedFs {
             let len = len.min(u64::from(u32::MAX));
             // Source and destination ranges are held so that no write slips between
             // the local copy and its place in the stream; one lock per file.
-            let (_a, _b) = if src.id == dst.id {
+            let order = if src.id == dst.id {
                 let start = offset_in.min(offset_out);
                 let end = offset_in.max(offset_out).saturating_add(len);
                 (Some(dst.ranges.lock(start, end)), None)
@@ -1186,47 +1113,39 @@ impl fuser::Filesystem for ReplicatedFs {
             // The peer copies exactly what was copied here.
             let src_fd = self.inodes.data_fd(src.id)?;
             let dst_fd = self.inodes.data_fd(dst.id)?;
-            self.link.wait_usable()?;
-            let _inflight = self.record(&Op::CopyRange {
+            self.repl.ready_for_change()?;
+            let _inflight = self.repl.record(&Op::CopyRange {
                 src: src.id,
                 src_offset: offset_in,
                 dst: dst.id,
                 dst_offset: offset_out,
                 len,
             })?;
-            let copied =
-                apply::copy_range(src_fd.as_fd(), offset_in, dst_fd.as_fd(), offset_out, len)?;
+            let copied = self.repl.watch(
+                "copy_file_range",
+                apply::copy_range(src_fd.as_fd(), offset_in, dst_fd.as_fd(), offset_out, len),
+            )?;
             if copied == 0 {
                 return Ok(0);
             }
-            self.replicate_applied(Op::CopyRange {
-                src: src.id,
-                src_offset: offset_in,
-                dst: dst.id,
-                dst_offset: offset_out,
-                len: copied,
-            })?;
+            self.repl.send_applied(
+                "copy_file_range",
+                Op::CopyRange {
+                    src: src.id,
+                    src_offset: offset_in,
+                    dst: dst.id,
+                    dst_offset: offset_out,
+                    len: copied,
+                },
+                Repair::Range {
+                    id: dst.id,
+                    offset: offset_out,
+                    len: copied,
+                },
+                order,
+            )?;
             Ok(copied)
         })();
         reply_with!(reply, result, |r: ReplyWrite, n: u64| r.written(n as u32))
-    }
-}
-
-impl ReplicatedFs {
-    /// Replicates an op that was already applied locally (its local effect decided
-    /// what it says, like the byte count of a copy).
-    fn replicate_applied(&self, op: Op) -> Result<(), Errno> {
-        let what = format!("{op:?}");
-        match self.link.submit_wait(op) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let what = format!("{what} applied locally but not on the peer: {e}");
-                if self.link.diverged(&what) {
-                    Ok(())
-                } else {
-                    Err(Errno::IO)
-                }
-            }
-        }
     }
 }

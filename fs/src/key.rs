@@ -2,7 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -24,6 +24,8 @@ pub enum KeyError {
     Malformed(PathBuf),
     #[error("key file {0} is readable by group or others (mode must be 0600 or stricter)")]
     TooOpen(PathBuf),
+    #[error("key file {path} is owned by uid {uid}, not root: `chown root:root` it")]
+    NotRootOwned { path: PathBuf, uid: u32 },
 }
 
 /// The shared secret that authenticates the two nodes to each other.
@@ -80,6 +82,13 @@ impl ClusterKey {
         }
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(KeyError::TooOpen(path.to_path_buf()));
+        }
+        // Whoever owns the file can change it (and its mode): only root may.
+        if meta.uid() != 0 {
+            return Err(KeyError::NotRootOwned {
+                path: path.to_path_buf(),
+                uid: meta.uid(),
+            });
         }
         let text = std::fs::read_to_string(path).map_err(read_err)?;
         Self::from_hex(text.trim()).ok_or_else(|| KeyError::Malformed(path.to_path_buf()))
@@ -142,5 +151,32 @@ mod tests {
             ClusterKey::load(&dir.path().join("missing")),
             Err(KeyError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn a_key_not_owned_by_root_is_refused_by_name() -> Result<(), KeyError> {
+        let dir = tempfile::tempdir().map_err(|source| KeyError::Write {
+            path: PathBuf::from("tempdir"),
+            source,
+        })?;
+        let path = dir.path().join("cluster.key");
+        ClusterKey::generate_file(&path)?;
+        ClusterKey::load(&path)?;
+        // Tests run as root; hand the file to another user.
+        std::os::unix::fs::chown(&path, Some(65534), None).map_err(|source| KeyError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        let e = ClusterKey::load(&path).err();
+        assert!(
+            matches!(&e, Some(KeyError::NotRootOwned { uid: 65534, .. })),
+            "{e:?}"
+        );
+        let text = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            text.contains("cluster.key") && text.contains("root"),
+            "{text}"
+        );
+        Ok(())
     }
 }

@@ -54,6 +54,9 @@ const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// An idle link sends a ping this often so the receiver can tell a live primary.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the watchdog looks while work is outstanding, and while idle.
+const WATCHDOG_BUSY: Duration = Duration::from_millis(50);
+const WATCHDOG_IDLE: Duration = Duration::from_millis(250);
 /// The least a peer being attached may stay silent (it may be emptying a large stale
 /// directory) before the attach is given up.
 const ATTACH_STALL_LIMIT: Duration = Duration::from_secs(60);
@@ -94,8 +97,20 @@ pub enum LinkState {
 }
 
 impl LinkState {
+    /// Mutations are applied here only; what they change goes to the dirty
+    /// records (the peer is recorded as outdated).
+    pub fn writes_alone(&self) -> bool {
+        matches!(self, LinkState::Degraded | LinkState::Attaching)
+    }
+
+    /// The peer receives every mutation and acknowledges it (a replica, or one
+    /// being brought up to date).
+    pub fn replicates(&self) -> bool {
+        matches!(self, LinkState::Connected | LinkState::Syncing)
+    }
+
     /// States in which operations travel to the peer.
-    fn sends(&self) -> bool {
+    pub fn sends(&self) -> bool {
         matches!(
             self,
             LinkState::Connected | LinkState::Attaching | LinkState::Syncing
@@ -132,6 +147,9 @@ struct Shared {
     last_send: Instant,
     /// Where the answers of queries in flight (`Message::Differ`) go, by sequence.
     queries: HashMap<u64, crossbeam_channel::Sender<Vec<u32>>>,
+    /// Set by `shutdown`: the timer threads end. A failed link keeps them, since
+    /// a later attach (after SIGUSR1) brings it back to life.
+    stopping: bool,
 }
 
 impl Shared {
@@ -151,6 +169,7 @@ impl Shared {
             outbox: Vec::new(),
             last_send: Instant::now(),
             queries: HashMap::new(),
+            stopping: false,
         }
     }
 }
@@ -203,16 +222,19 @@ struct Session {
 fn open_session(
     addr: SocketAddr,
     key: &ClusterKey,
+    module: &str,
     generation: Option<String>,
 ) -> Result<Session, LinkError> {
     let protocol = |source| LinkError::Protocol { addr, source };
+    // The receiver of this module's directory listens on this port.
+    let binding = wire::Binding::new(module, addr.port()).map_err(protocol)?;
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .map_err(|source| LinkError::Connect { addr, source })?;
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(CONNECT_TIMEOUT))
         .map_err(|e| protocol(e.into()))?;
-    let keys = wire::client_handshake(&mut stream, key).map_err(protocol)?;
+    let keys = wire::client_handshake(&mut stream, key, &binding).map_err(protocol)?;
     let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
     let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
     writer
@@ -306,16 +328,17 @@ impl PeerLink {
         Ok(())
     }
 
-    /// Connects to the receiver, authenticates both ways, claims `generation` and
-    /// starts the link threads.
+    /// Connects to the receiver of `module`'s directory at `addr`, authenticates
+    /// both ways, claims `generation` and starts the link threads.
     pub fn connect(
         addr: SocketAddr,
         key: &ClusterKey,
+        module: &str,
         generation: Option<String>,
         lock_timeout: Duration,
         on_divergence: DivergenceHook,
     ) -> Result<(PeerLink, LinkThreads), LinkError> {
-        let session = open_session(addr, key, generation)?;
+        let session = open_session(addr, key, module, generation)?;
         let link = Self::with_state(
             LinkState::Failed("connecting".into()),
             lock_timeout,
@@ -346,13 +369,14 @@ impl PeerLink {
         &self,
         addr: SocketAddr,
         key: &ClusterKey,
+        module: &str,
         generation: Option<String>,
     ) -> Result<Option<Box<Report>>, LinkError> {
         let state = self.state();
         if state != LinkState::Degraded {
             return Err(LinkError::NotAlone(state));
         }
-        let mut session = open_session(addr, key, generation)?;
+        let mut session = open_session(addr, key, module, generation)?;
         let report = session.report.take();
         tracing::info!(%addr, "peer attached; bringing it up to date");
         self.install(session, LinkState::Attaching)?;
@@ -443,6 +467,13 @@ impl PeerLink {
         self.inner.shared.lock().state.clone()
     }
 
+    /// Waits at most `timeout` for a change of the link (a state change, an
+    /// acknowledgement, room in flight): for observers that report the state.
+    pub fn wait_changed(&self, timeout: Duration) {
+        let mut shared = self.inner.shared.lock();
+        self.inner.changed.wait_for(&mut shared, timeout);
+    }
+
     /// How long a connected link has had work outstanding without any
     /// acknowledgement (None: connected and idle or progressing, or another
     /// state). The watchdog fails the link at the lock timeout; reporting the
@@ -460,10 +491,9 @@ impl PeerLink {
         let bytes = op.data_len();
         let mut shared = self.wait_until(|s| {
             let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
-            (matches!(s.state, LinkState::Connected | LinkState::Syncing) && room)
-                || matches!(s.state, LinkState::Degraded | LinkState::Attaching)
+            (s.state.replicates() && room) || s.state.writes_alone()
         })?;
-        if matches!(shared.state, LinkState::Degraded | LinkState::Attaching) {
+        if shared.state.writes_alone() {
             drop(shared);
             completion(Ok(()));
             return Ok(());
@@ -559,7 +589,7 @@ impl PeerLink {
     /// Used for Bind/Forget, which only matter to a connected peer.
     pub fn submit_nowait(&self, op: Op) {
         let mut shared = self.inner.shared.lock();
-        if matches!(shared.state, LinkState::Connected | LinkState::Syncing) {
+        if shared.state.replicates() {
             let link = self.clone();
             let what = format!("{op:?}");
             let completion: Completion = Box::new(move |result| {
@@ -694,6 +724,7 @@ impl PeerLink {
     pub fn shutdown(&self, threads: LinkThreads) {
         {
             let mut shared = self.inner.shared.lock();
+            shared.stopping = true;
             if !matches!(shared.state, LinkState::Failed(_)) {
                 shared.state = LinkState::Failed("shut down".into());
             }
@@ -735,21 +766,24 @@ impl PeerLink {
         self.inner.changed.notify_all();
     }
 
+    /// Sleeps until a ping is due (one interval after the last frame sent), so an
+    /// idle link wakes about once a second.
     fn ping_loop(&self) {
+        let mut wait = PING_INTERVAL;
         loop {
-            std::thread::sleep(PING_INTERVAL / 4);
+            std::thread::sleep(wait);
             {
                 let mut shared = self.inner.shared.lock();
-                if matches!(shared.state, LinkState::Failed(_)) {
+                if shared.stopping {
                     return;
                 }
-                if !shared.state.sends()
-                    || shared.last_send.elapsed() < PING_INTERVAL
-                    || !shared.outbox.is_empty()
-                {
+                let since = shared.last_send.elapsed();
+                if !shared.state.sends() || since < PING_INTERVAL || !shared.outbox.is_empty() {
+                    wait = PING_INTERVAL.saturating_sub(since).max(PING_INTERVAL / 4);
                     continue;
                 }
                 shared.outbox.push(Message::Ping);
+                wait = PING_INTERVAL;
             }
             self.pump();
         }
@@ -797,6 +831,14 @@ impl PeerLink {
                     return;
                 }
             };
+            // A peer-provided number: checked before it becomes an Errno.
+            if let Some(bad) = acks.iter().find(|a| !(0..4096).contains(&a.errno)) {
+                self.lost(
+                    epoch,
+                    &format!("the receiver sent an invalid error number {}", bad.errno),
+                );
+                return;
+            }
             let mut done = Vec::with_capacity(acks.len());
             {
                 let mut shared = self.inner.shared.lock();
@@ -824,12 +866,18 @@ impl PeerLink {
     }
 
     fn watchdog_loop(&self) {
+        let mut busy = false;
         loop {
-            std::thread::sleep(Duration::from_millis(50));
+            // Idle, a slower look is enough (a stall is measured from when work
+            // began, so it is noticed at most one idle period late).
+            std::thread::sleep(if busy { WATCHDOG_BUSY } else { WATCHDOG_IDLE });
             let shared = self.inner.shared.lock();
+            busy = shared.busy();
+            if shared.stopping {
+                return;
+            }
             match shared.state {
-                LinkState::Failed(_) => return,
-                LinkState::Degraded => continue,
+                LinkState::Failed(_) | LinkState::Degraded => continue,
                 _ => {}
             }
             // While attaching, nothing live waits for the peer (mutations complete

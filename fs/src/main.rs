@@ -14,6 +14,7 @@ use vmha_fs::fuse_fs::ReplicatedFs;
 use vmha_fs::key::ClusterKey;
 use vmha_fs::link::{LinkError, LinkState, PeerLink};
 use vmha_fs::mounts::{self, ReadOnlyBind};
+use vmha_fs::primary::DiskHealth;
 use vmha_fs::receiver::ReceiverServer;
 use vmha_fs::resync::{SyncProgress, Syncer};
 use vmha_fs::statedir::StateDir;
@@ -41,6 +42,11 @@ enum Command {
         backing: PathBuf,
         #[arg(long, value_name = "ADDR:PORT")]
         listen: SocketAddr,
+        /// The module this directory belongs to (with the port, bound in the
+        /// handshake: a primary of another module is refused as "wrong module").
+        #[arg(long, value_name = "NAME", default_value = vmha_fs::wire::DEFAULT_MODULE,
+              value_parser = parse_module)]
+        module: String,
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
         #[arg(long, value_name = "FILE")]
@@ -62,6 +68,11 @@ enum Command {
         mount: PathBuf,
         #[arg(long, value_name = "ADDR:PORT", required_unless_present = "alone")]
         peer: Option<SocketAddr>,
+        /// The module this directory belongs to (with the port, bound in the
+        /// handshake: a primary of another module is refused as "wrong module").
+        #[arg(long, value_name = "NAME", default_value = vmha_fs::wire::DEFAULT_MODULE,
+              value_parser = parse_module)]
+        module: String,
         /// Write without a peer (the controller's ALONE state): the peer is recorded
         /// as outdated in --state before anything is written. With --peer, SIGUSR2
         /// later attaches that peer and brings it up to date with a full copy.
@@ -130,6 +141,8 @@ enum CliError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("refusing to write: this node's copy is recorded as not up to date ({reason}); it must first be resynced as the secondary (remove {path} only if you know this copy is the one to keep)")]
+    SelfOutdated { path: PathBuf, reason: String },
     #[error("{0}")]
     Other(String),
 }
@@ -154,6 +167,7 @@ fn main() -> ExitCode {
         Command::Secondary {
             backing,
             listen,
+            module,
             state,
             key_file,
             accept_generation,
@@ -161,6 +175,7 @@ fn main() -> ExitCode {
         } => run_secondary(SecondaryArgs {
             backing,
             listen,
+            module,
             state,
             key_file,
             accept_generation,
@@ -170,6 +185,7 @@ fn main() -> ExitCode {
             backing,
             mount,
             peer,
+            module,
             alone,
             state,
             key_file,
@@ -186,6 +202,7 @@ fn main() -> ExitCode {
             backing,
             mount,
             peer,
+            module,
             state,
             key_file,
             lock_timeout: Duration::from_millis(lock_timeout_ms),
@@ -260,9 +277,22 @@ fn parse_generation(text: &str) -> Result<String, String> {
     }
 }
 
+/// A module name as the handshake carries it: 1 to 255 bytes.
+fn parse_module(text: &str) -> Result<String, String> {
+    if (1..=vmha_fs::wire::MAX_MODULE_NAME).contains(&text.len()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "expected 1 to {} bytes",
+            vmha_fs::wire::MAX_MODULE_NAME
+        ))
+    }
+}
+
 struct SecondaryArgs {
     backing: PathBuf,
     listen: SocketAddr,
+    module: String,
     state: PathBuf,
     key_file: PathBuf,
     accept_generation: Option<String>,
@@ -273,6 +303,7 @@ fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
     let SecondaryArgs {
         backing,
         listen,
+        module,
         state,
         key_file,
         accept_generation,
@@ -281,10 +312,22 @@ fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
     let (state, key_file) = (state.as_path(), key_file.as_path());
     let key = ClusterKey::load(key_file)?;
     let backing = existing_dir("backing", &backing)?;
-    let state_dir = StateDir::open(state)?;
+    let state_dir = Arc::new(StateDir::open(state)?);
     let tracker = Tracker::open(state_dir.path(), vmha_fs::track::DEFAULT_AL_EXTENTS)?;
+    if let Some(reason) = state_dir.self_outdated() {
+        // This copy's records say nothing reliable any more (its disk failed while
+        // it was the writer): the writer compares every block.
+        tracing::warn!(
+            reason = reason.trim(),
+            "this copy is recorded as not up to date; the writer will compare it block by block"
+        );
+        tracker
+            .invalidate()
+            .map_err(|e| CliError::Other(format!("cannot invalidate the records: {e}")))?;
+        clear_self_outdated_when_in_sync(state_dir.clone(), tracker.clone())?;
+    }
     let root = open_dir("backing", &backing)?;
-    let server = ReceiverServer::bind(listen, root, key)?
+    let server = ReceiverServer::bind(listen, root, key, &module)?
         .accept_only_generation(accept_generation)
         .with_tracker(tracker);
     let server = if save_aside {
@@ -308,10 +351,33 @@ fn run_secondary(args: SecondaryArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Removes `self-outdated` once a resync made this copy identical to the
+/// writer's (the records become valid only then).
+fn clear_self_outdated_when_in_sync(
+    state: Arc<StateDir>,
+    tracker: Arc<Tracker>,
+) -> Result<(), CliError> {
+    std::thread::Builder::new()
+        .name("self-outdated".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            if tracker.is_valid() {
+                match state.clear_self_outdated() {
+                    Ok(()) => tracing::info!("this copy is up to date again"),
+                    Err(e) => tracing::error!("cannot clear the self-outdated record: {e}"),
+                }
+                return;
+            }
+        })
+        .map(drop)
+        .map_err(|e| CliError::Other(format!("cannot start a thread: {e}")))
+}
+
 struct PrimaryArgs {
     backing: PathBuf,
     mount: PathBuf,
     peer: Option<SocketAddr>,
+    module: String,
     /// Start writing alone (--peer, if given, is attached later on SIGUSR2).
     alone: bool,
     generation: Option<String>,
@@ -326,9 +392,16 @@ struct PrimaryArgs {
 
 fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let key = ClusterKey::load(&args.key_file)?;
+    let state = Arc::new(StateDir::open(&args.state)?);
+    // First: a copy recorded as behind must not write, whatever its disk says now.
+    if let Some(reason) = state.self_outdated() {
+        return Err(CliError::SelfOutdated {
+            path: state.path().join(vmha_fs::statedir::SELF_OUTDATED),
+            reason: reason.trim().to_string(),
+        });
+    }
     let backing = existing_dir("backing", &args.backing)?;
     let mount = existing_dir("mount", &args.mount)?;
-    let state = Arc::new(StateDir::open(&args.state)?);
     if mounts::is_fuse_mounted(&mount)? {
         return Err(CliError::AlreadyMounted(mount));
     }
@@ -354,7 +427,24 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         return Err(CliError::NotInSync(state.path().join("track")));
     }
     let marker = state.clone();
+    let disk = Arc::new(DiskHealth::new(Box::new(move |reason| {
+        if let Err(e) = marker.mark_self_outdated(reason) {
+            // Its disk may be the failed one: the status still says it.
+            tracing::error!("cannot record that this copy is outdated: {e}");
+        }
+    })));
+    let marker = state.clone();
+    let local_disk = disk.clone();
     let record_outdated: vmha_fs::link::DivergenceHook = Box::new(move |reason| {
+        if let Some(failure) = local_disk.failure() {
+            // The copy that is behind is ours, whatever the link saw afterwards.
+            tracing::error!(
+                reason,
+                failure,
+                "not recording the peer as outdated: this node's own disk failed"
+            );
+            return;
+        }
         if let Err(e) = marker.mark_peer_outdated(reason) {
             // Without the record, writing on would lose track of what the peer lacks.
             tracing::error!("cannot record that the peer is outdated: {e}; stopping");
@@ -365,6 +455,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         (false, Some(peer)) => PeerLink::connect(
             peer,
             &key,
+            &args.module,
             args.generation.clone(),
             args.lock_timeout,
             record_outdated,
@@ -374,11 +465,12 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let checkpoint_root = root
         .try_clone()
         .map_err(|e| CliError::Other(format!("cannot duplicate the backing descriptor: {e}")))?;
-    let fs = ReplicatedFs::new(root, link.clone(), tracker.clone())
+    let fs = ReplicatedFs::new(root, link.clone(), tracker.clone(), disk.clone())
         .map_err(|e| CliError::Other(format!("cannot read backing directory: {e}")))?;
     let checkpoints = Checkpointer {
         tracker: tracker.clone(),
         link: link.clone(),
+        disk: disk.clone(),
         root: Arc::new(checkpoint_root),
         stop: Arc::new(AtomicBool::new(false)),
     };
@@ -413,9 +505,11 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
     let mut unmounter = session.unmount_callable();
     let mount_path = mount.clone();
     let degrade = link.clone();
+    let signal_disk = disk.clone();
     let fenced = Arc::new(parking_lot::Mutex::new(None));
     publish_link_status(
         link.clone(),
+        disk.clone(),
         state.clone(),
         fenced.clone(),
         args.lock_timeout,
@@ -427,6 +521,7 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         progress,
         state: state.clone(),
         peer: args.peer,
+        module: args.module.clone(),
         key,
         generation: args.generation.clone(),
         running: Arc::new(AtomicBool::new(false)),
@@ -445,11 +540,27 @@ fn run_primary(args: PrimaryArgs) -> Result<(), CliError> {
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == signal_hook::consts::SIGUSR1 {
-                    degrade.go_degraded("the controller declared the peer dead");
+                    match signal_disk.failure() {
+                        // Writing alone on a failed disk would make the bad copy
+                        // the only one that moves on.
+                        Some(failure) => tracing::error!(
+                            failure,
+                            "SIGUSR1 refused: this node's disk failed; the module must run on the peer"
+                        ),
+                        None => degrade.go_degraded("the controller declared the peer dead"),
+                    }
                     continue;
                 }
                 if signal == signal_hook::consts::SIGUSR2 {
-                    join.start();
+                    match signal_disk.failure() {
+                        // A resync from a failed disk would copy a bad copy over
+                        // the good one.
+                        Some(failure) => tracing::error!(
+                            failure,
+                            "SIGUSR2 refused: this node's disk failed; it cannot be the source of a resync"
+                        ),
+                        None => join.start(),
+                    }
                     continue;
                 }
                 if signal == signal_hook::consts::SIGHUP {
@@ -531,9 +642,13 @@ type Fenced = Arc<parking_lot::Mutex<Option<String>>>;
 /// the last attach was refused for a stale generation and the link writes alone.
 fn link_status(
     link: &PeerLink,
+    disk: &DiskHealth,
     fenced: &Fenced,
     stall: Duration,
 ) -> (&'static str, Option<String>) {
+    if let Some(failure) = disk.failure() {
+        return ("disk_failed", Some(failure.to_string()));
+    }
     match link.state() {
         LinkState::Connected if link.stalled_for().is_some_and(|d| d >= stall) => (
             "stalled",
@@ -554,26 +669,42 @@ fn link_status(
     }
 }
 
+const LINK_STATUS_BUSY: Duration = Duration::from_millis(25);
+const LINK_STATUS_IDLE: Duration = Duration::from_millis(1000);
+
 /// Writes `link.json` now and on every change after (polled: the link's hot
 /// path stays free of file writes). A stall is reported after half the lock
 /// timeout, leaving the controller the other half to mark the peer outdated
 /// and send SIGUSR1. The thread ends with the process.
 fn publish_link_status(
     link: PeerLink,
+    disk: Arc<DiskHealth>,
     state: Arc<StateDir>,
     fenced: Fenced,
     lock_timeout: Duration,
     tracker: Arc<Tracker>,
 ) -> Result<(), CliError> {
     let stall = lock_timeout / 2;
-    let mut last = link_status(&link, &fenced, stall);
+    let mut last = link_status(&link, &disk, &fenced, stall);
     state.write_link_status(last.0, last.1.as_deref());
     let mut changed = (u64::MAX, std::time::Instant::now());
     std::thread::Builder::new()
         .name("link-status".into())
         .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(25));
-            let now = link_status(&link, &fenced, stall);
+            // Woken by every change of the link; idle, about once a second. While
+            // work is outstanding, often enough to report a stall on time, and
+            // never more than every 25 ms.
+            let started = std::time::Instant::now();
+            let busy = link.stalled_for().is_some();
+            // A stall begins without a wake-up (work is queued silently): the
+            // idle wait is short enough to see it well before it is reported.
+            link.wait_changed(if busy {
+                LINK_STATUS_BUSY
+            } else {
+                LINK_STATUS_IDLE.min(stall / 4)
+            });
+            std::thread::sleep(LINK_STATUS_BUSY.saturating_sub(started.elapsed()));
+            let now = link_status(&link, &disk, &fenced, stall);
             if now != last {
                 state.write_link_status(now.0, now.1.as_deref());
                 last = now;
@@ -609,6 +740,7 @@ fn stale_refusal(error: &LinkError) -> Option<String> {
 struct Checkpointer {
     tracker: Arc<Tracker>,
     link: PeerLink,
+    disk: Arc<DiskHealth>,
     root: Arc<std::os::fd::OwnedFd>,
     stop: Arc<AtomicBool>,
 }
@@ -622,15 +754,12 @@ impl Checkpointer {
         while !self.stop.load(Ordering::SeqCst) {
             let full = self
                 .tracker
-                .wait_checkpoint_request(Duration::from_millis(250));
+                .wait_checkpoint_request(Duration::from_millis(1000));
             // Connected, extents leave the log only when it is full (DRBD's hot
             // set): retiring hot extents on a timer would make every write to them
             // log them again (measured: seqwrite 0.54× → 0.37× of local). Writing
             // alone, a timer also writes the exact blocks, so a crash folds little.
-            let alone = matches!(
-                self.link.state(),
-                vmha_fs::link::LinkState::Degraded | vmha_fs::link::LinkState::Attaching
-            );
+            let alone = self.link.state().writes_alone();
             if full || (alone && last.elapsed() >= Self::INTERVAL) {
                 last = std::time::Instant::now();
                 if !self.once() {
@@ -646,6 +775,11 @@ impl Checkpointer {
     /// made durable first; writing alone, only the dirty maps' pending blocks.
     fn once(&self) -> bool {
         use vmha_fs::link::LinkState;
+        // A failed sync is never retried into success: on a failed disk the
+        // logged extents stay logged (the resync then compares everything anyway).
+        if self.disk.is_failed() {
+            return false;
+        }
         let connected = match self.link.state() {
             LinkState::Connected | LinkState::Syncing => true,
             LinkState::Degraded | LinkState::Attaching => false,
@@ -660,7 +794,10 @@ impl Checkpointer {
             }
         };
         if connected {
-            if let Err(e) = rustix::fs::syncfs(&*self.root) {
+            if let Err(e) = self
+                .disk
+                .watch("checkpoint sync", rustix::fs::syncfs(&*self.root))
+            {
                 tracing::warn!("checkpoint: local sync failed: {e}");
                 return false;
             }
@@ -691,6 +828,7 @@ struct Joiner {
     progress: Arc<SyncProgress>,
     state: Arc<StateDir>,
     peer: Option<SocketAddr>,
+    module: String,
     key: ClusterKey,
     generation: Option<String>,
     running: Arc<AtomicBool>,
@@ -769,6 +907,7 @@ impl Joiner {
         // A new sync never shows the previous one's counters.
         self.progress.done_bytes.store(0, Ordering::Relaxed);
         self.progress.total_bytes.store(0, Ordering::Relaxed);
+        let module = self.module.clone();
         let (link, syncer, progress, state, key, running, fenced) = (
             self.link.clone(),
             self.syncer.clone(),
@@ -798,7 +937,7 @@ impl Joiner {
                             std::thread::sleep(Duration::from_millis(20));
                         }
                     });
-                    let outcome = match link.attach(peer, &key, generation) {
+                    let outcome = match link.attach(peer, &key, &module, generation) {
                         Ok(report) => syncer.run(report).map_err(|e| e.to_string()),
                         Err(e) => {
                             if let Some(reason) = stale_refusal(&e) {

@@ -1,5 +1,7 @@
-//! Mount-table checks and the secondary's read-only bind mount.
+//! Mount-table checks, the open-files check before a mount over the data
+//! directory, and the secondary's read-only bind mount.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use rustix::mount::{MountFlags, UnmountFlags};
@@ -67,55 +69,153 @@ pub fn is_fuse_mounted(path: &Path) -> Result<bool, MountError> {
 pub struct OpenBeneath {
     pub pid: u32,
     pub command: String,
+    /// What the process has open, as it names it (in its own mount namespace).
     pub path: PathBuf,
 }
 
-/// Processes (other than this one) with a file, cwd or root beneath `dir`: their
-/// writes would bypass a mount placed over it.
+/// What one of a process's descriptors, its cwd or its root resolves to.
+#[derive(Debug)]
+struct Held {
+    pid: u32,
+    /// `/proc/PID/fd/N`, `/proc/PID/cwd` or `/proc/PID/root`.
+    link: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+/// Processes (other than this one) with a file, cwd or root beneath `dir`:
+/// their writes would bypass a mount placed over it.
+///
+/// Compared by device and inode, not by path: `stat` through
+/// `/proc/PID/{fd/N,cwd,root}` reaches the object itself whatever the
+/// process's mount namespace, so a process of another namespace (a container,
+/// a second node on the same host) holding a same-named path of another
+/// filesystem does not count, and one holding a file of `dir` through another
+/// path (a bind mount elsewhere) does. "Beneath" is membership in the set of
+/// (device, inode) of `dir`'s tree (crossing into filesystems mounted in it),
+/// walked only when some process holds something on `dir`'s filesystem or one
+/// mounted beneath it. A hard link of a file of `dir` held from elsewhere
+/// counts too: it is the same file.
 pub fn open_beneath(dir: &Path) -> Vec<OpenBeneath> {
-    let me = std::process::id();
-    let mut found = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
+    use std::os::unix::fs::MetadataExt;
+
+    let Ok(top) = std::fs::metadata(dir) else {
+        return Vec::new();
     };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
+    let held = held_by_others();
+    let mut devices: HashSet<u64> = submount_devices(dir);
+    devices.insert(top.dev());
+    if !held.iter().any(|h| devices.contains(&h.dev)) {
+        return Vec::new();
+    }
+    let tree = tree_inodes(dir);
+    let mut found: Vec<OpenBeneath> = Vec::new();
+    for h in held {
+        if found.last().is_some_and(|f| f.pid == h.pid) || !tree.contains(&(h.dev, h.ino)) {
             continue;
         }
-        let base = entry.path();
+        let base = Path::new("/proc").join(h.pid.to_string());
+        let command = std::fs::read_to_string(base.join("comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        let path = std::fs::read_link(&h.link).unwrap_or(h.link);
+        found.push(OpenBeneath {
+            pid: h.pid,
+            command,
+            path,
+        });
+    }
+    found
+}
+
+/// Every descriptor, cwd and root of the other processes, in PID order.
+fn held_by_others() -> Vec<Held> {
+    use std::os::unix::fs::MetadataExt;
+
+    let me = std::process::id();
+    let mut held = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return held;
+    };
+    let mut pids: Vec<u32> = procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .filter(|pid| *pid != me)
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let base = Path::new("/proc").join(pid.to_string());
         let mut links = vec![base.join("cwd"), base.join("root")];
         if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
             links.extend(fds.flatten().map(|fd| fd.path()));
         }
         for link in links {
-            let Ok(target) = std::fs::read_link(&link) else {
-                continue;
-            };
-            if target.starts_with(dir) && !(link.ends_with("root") && target == Path::new("/")) {
-                let command = std::fs::read_to_string(base.join("comm"))
-                    .map(|c| c.trim().to_string())
-                    .unwrap_or_default();
-                found.push(OpenBeneath {
+            // Follows the magic link to the object itself (a process that
+            // exited meanwhile, or a closed descriptor, is simply skipped).
+            if let Ok(meta) = std::fs::metadata(&link) {
+                held.push(Held {
                     pid,
-                    command,
-                    path: target,
+                    link,
+                    dev: meta.dev(),
+                    ino: meta.ino(),
                 });
-                break;
             }
         }
     }
-    found
+    held
+}
+
+/// Devices of the filesystems mounted beneath `dir` (in this namespace).
+fn submount_devices(dir: &Path) -> HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return HashSet::new();
+    };
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(unescape))
+        .map(PathBuf::from)
+        .filter(|point| point != dir && point.starts_with(dir))
+        .filter_map(|point| std::fs::metadata(point).ok())
+        .map(|meta| meta.dev())
+        .collect()
+}
+
+/// (device, inode) of `dir` and everything beneath it, symlinks not followed.
+fn tree_inodes(dir: &Path) -> HashSet<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+
+    let mut seen = HashSet::new();
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return seen;
+    };
+    seen.insert((top.dev(), top.ino()));
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            // DirEntry::metadata does not follow symlinks (lstat).
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if seen.insert((meta.dev(), meta.ino())) && meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    seen
 }
 
 /// The directory bind-mounted read-only over itself; unmounted on drop. Descriptors
 /// opened before the bind keep writing to the underlying (writable) mount.
+///
+/// A bind remount sets the mount's flags to exactly those given: the flags of the
+/// mount beneath (`nosuid`, `nodev`, `noexec`, atime handling…) are read and given
+/// again, or a hardened `nosuid,nodev,noexec` directory would lose them while it is a
+/// secondary.
 #[derive(Debug)]
 pub struct ReadOnlyBind {
     path: PathBuf,
@@ -131,10 +231,28 @@ impl ReadOnlyBind {
         let guard = Self {
             path: path.to_path_buf(),
         };
-        rustix::mount::mount_remount(path, MountFlags::BIND | MountFlags::RDONLY, "")
+        let kept = kept_flags(&rustix::fs::statvfs(path).map_err(err)?.f_flag);
+        rustix::mount::mount_remount(path, MountFlags::BIND | MountFlags::RDONLY | kept, "")
             .map_err(err)?;
         Ok(guard)
     }
+}
+
+/// The per-mount flags of a mount (as `statvfs` reports them) that a bind remount
+/// must repeat to keep.
+fn kept_flags(has: &rustix::fs::StatVfsMountFlags) -> MountFlags {
+    use rustix::fs::StatVfsMountFlags as S;
+    [
+        (S::NOSUID, MountFlags::NOSUID),
+        (S::NODEV, MountFlags::NODEV),
+        (S::NOEXEC, MountFlags::NOEXEC),
+        (S::NOATIME, MountFlags::NOATIME),
+        (S::NODIRATIME, MountFlags::NODIRATIME),
+        (S::RELATIME, MountFlags::RELATIME),
+    ]
+    .into_iter()
+    .filter(|(s, _)| has.contains(*s))
+    .fold(MountFlags::empty(), |all, (_, m)| all | m)
 }
 
 impl Drop for ReadOnlyBind {
@@ -154,6 +272,53 @@ mod tests {
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape("/x\\134y"), "/x\\y");
+    }
+
+    /// The per-mount options of the topmost mount at `path` (mountinfo field 6).
+    fn top_mount_options(path: &Path) -> Vec<String> {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let want = path.to_string_lossy();
+        table
+            .lines()
+            .rev()
+            .find_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                (f.len() > 5 && unescape(f[4]) == want).then(|| f[5].to_string())
+            })
+            .unwrap_or_default()
+            .split(',')
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_read_only_bind_keeps_nosuid_nodev_noexec() {
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = rustix::mount::unmount(&self.0, UnmountFlags::DETACH);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().canonicalize().unwrap();
+        // A hardened directory: a mount of its own with nosuid,nodev,noexec.
+        rustix::mount::mount(
+            "vmha-test",
+            &path,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            c"size=1m",
+        )
+        .unwrap();
+        let _tmpfs = Unmount(path.clone());
+        let ro = ReadOnlyBind::new(&path).unwrap();
+        let opts = top_mount_options(&path);
+        for want in ["ro", "nosuid", "nodev", "noexec"] {
+            assert!(opts.iter().any(|o| o == want), "{want} missing: {opts:?}");
+        }
+        assert!(std::fs::write(path.join("x"), b"x").is_err());
+        drop(ro);
+        assert!(top_mount_options(&path).iter().any(|o| o == "rw"));
     }
 
     #[test]

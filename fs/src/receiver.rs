@@ -1,6 +1,12 @@
 //! The secondary's receiver: accepts one authenticated primary at a time and applies
 //! its ordered operation stream to the replicated directory.
 //!
+//! Connections are accepted and authenticated by one thread (`preauth`): a bounded
+//! number at a time, each with one total handshake deadline, rejections logged at
+//! most once per second per kind. Only an authenticated primary gets a thread (and
+//! its session's fsync workers). The handshake binds the module and port: a primary
+//! meant for another module's directory is refused as "wrong module".
+//!
 //! A connection that fails authentication, speaks garbage or sends a frame that does
 //! not decode (including names that would leave the directory) is logged and
 //! dropped; nothing of that frame is applied and the current primary's session goes
@@ -23,13 +29,15 @@ use crate::aside::SaveAside;
 use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{NodeId, Op, ROOT};
+use crate::preauth::{self, Limits};
 use crate::track::Tracker;
-use crate::wire::{self, Ack, FrameReader, FrameWriter, Message, WireError};
+use crate::wire::{Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
 
 /// How long the receiver waits for a frame before it considers the primary gone.
 /// The primary pings every second when idle.
 const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an authenticated primary has to send its claim.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 const FSYNC_WORKERS: usize = 4;
 /// How a refusal of a writer with another generation than the accepted one begins
 /// (fencing): the writer's side tells it from other refusals by it.
@@ -45,6 +53,8 @@ pub enum ReceiverError {
     },
     #[error("cannot open backing directory: {0}")]
     Backing(std::io::Error),
+    #[error("module name: {0}")]
+    Module(WireError),
 }
 
 #[derive(Debug)]
@@ -131,7 +141,7 @@ impl SessionTable {
         };
         let st = rustix::fs::fstat(child.as_fd())?;
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            remove_beneath(child.as_fd())?;
+            apply::remove_beneath(child.as_fd())?;
             rustix::fs::unlinkat(
                 dir.as_fd(),
                 name.as_os_str(),
@@ -145,34 +155,8 @@ impl SessionTable {
     fn wipe(&self) -> Result<(), Errno> {
         let root = self.path_fd(ROOT)?;
         self.nodes.lock().retain(|id, _| *id == ROOT);
-        remove_beneath(root.as_fd())
+        apply::remove_beneath(root.as_fd())
     }
-}
-
-/// Removes everything beneath the directory `dir` (an O_PATH descriptor is fine),
-/// never following a symlink: links are removed as links.
-fn remove_beneath(dir: std::os::fd::BorrowedFd<'_>) -> Result<(), Errno> {
-    let listing = apply::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
-    let mut names = Vec::new();
-    let mut entries = rustix::fs::Dir::read_from(listing.as_fd())?;
-    while let Some(entry) = entries.read() {
-        let entry = entry?;
-        let raw = entry.file_name().to_bytes();
-        if raw != b"." && raw != b".." {
-            names.push(crate::op::Name::new(raw).map_err(|_| Errno::INVAL)?);
-        }
-    }
-    for name in names {
-        let child = apply::lookup_beneath(dir, &name)?;
-        let st = rustix::fs::fstat(child.as_fd())?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            remove_beneath(child.as_fd())?;
-            rustix::fs::unlinkat(dir, name.as_os_str(), rustix::fs::AtFlags::REMOVEDIR)?;
-        } else {
-            rustix::fs::unlinkat(dir, name.as_os_str(), rustix::fs::AtFlags::empty())?;
-        }
-    }
-    Ok(())
 }
 
 /// A listening receiver for one replicated directory.
@@ -181,6 +165,9 @@ pub struct ReceiverServer {
     listener: TcpListener,
     root: Arc<OwnedFd>,
     key: ClusterKey,
+    /// The module and port this receiver serves (checked in the handshake).
+    binding: Binding,
+    limits: Limits,
     busy: Arc<AtomicBool>,
     /// Fencing: when set, only a primary claiming this data generation is served.
     accept_generation: Option<String>,
@@ -199,15 +186,27 @@ pub struct AsidePolicy {
 }
 
 impl ReceiverServer {
-    /// Binds the listening socket. `root` is the directory descriptor, opened before
-    /// the directory was made read-only for everyone else.
-    pub fn bind(addr: SocketAddr, root: OwnedFd, key: ClusterKey) -> Result<Self, ReceiverError> {
+    /// Binds the listening socket for the directory of `module` served on this
+    /// port. `root` is the directory descriptor, opened before the directory was
+    /// made read-only for everyone else.
+    pub fn bind(
+        addr: SocketAddr,
+        root: OwnedFd,
+        key: ClusterKey,
+        module: &str,
+    ) -> Result<Self, ReceiverError> {
         let listener =
             TcpListener::bind(addr).map_err(|source| ReceiverError::Listen { addr, source })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| ReceiverError::Listen { addr, source })?
+            .port();
         Ok(Self {
             listener,
             root: Arc::new(root),
             key,
+            binding: Binding::new(module, port).map_err(ReceiverError::Module)?,
+            limits: Limits::default(),
             busy: Arc::new(AtomicBool::new(false)),
             accept_generation: None,
             tracker: None,
@@ -243,35 +242,36 @@ impl ReceiverServer {
         self.listener.local_addr()
     }
 
+    /// Bounds of the unauthenticated connections (see `preauth`).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Serves connections until `stop` becomes true.
     pub fn serve(&self, stop: &AtomicBool) -> std::io::Result<()> {
-        self.listener.set_nonblocking(true)?;
-        while !stop.load(Ordering::Relaxed) {
-            match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nonblocking(false);
-                    let conn = Connection {
-                        root: self.root.clone(),
-                        key: self.key.clone(),
-                        busy: self.busy.clone(),
-                        accept_generation: self.accept_generation.clone(),
-                        tracker: self.tracker.clone(),
-                        aside: self.save_aside.clone(),
-                    };
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("recv-{peer}"))
-                        .spawn(move || handle_connection(stream, peer, conn));
-                    if let Err(e) = spawned {
-                        tracing::error!(%peer, "cannot start connection thread: {e}");
-                    }
+        preauth::serve(
+            &self.listener,
+            &self.key,
+            &self.binding,
+            self.limits,
+            stop,
+            |stream, peer, keys| {
+                let conn = Connection {
+                    root: self.root.clone(),
+                    busy: self.busy.clone(),
+                    accept_generation: self.accept_generation.clone(),
+                    tracker: self.tracker.clone(),
+                    aside: self.save_aside.clone(),
+                };
+                let spawned = std::thread::Builder::new()
+                    .name(format!("recv-{peer}"))
+                    .spawn(move || handle_connection(stream, peer, keys, conn));
+                if let Err(e) = spawned {
+                    tracing::error!(%peer, "cannot start connection thread: {e}");
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => tracing::warn!("accept failed: {e}"),
-            }
-        }
-        Ok(())
+            },
+        )
     }
 }
 
@@ -287,32 +287,22 @@ impl Drop for SessionSlot {
 /// What one connection needs from the server.
 struct Connection {
     root: Arc<OwnedFd>,
-    key: ClusterKey,
     busy: Arc<AtomicBool>,
     accept_generation: Option<String>,
     tracker: Option<Arc<Tracker>>,
     aside: Option<Arc<AsidePolicy>>,
 }
 
-fn handle_connection(mut stream: TcpStream, peer: SocketAddr, conn: Connection) {
+fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, conn: Connection) {
     let Connection {
         root,
-        key,
         busy,
         accept_generation,
         tracker,
         aside,
     } = conn;
     let accept_generation = accept_generation.as_deref();
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let keys = match wire::server_handshake(&mut stream, &key) {
-        Ok(keys) => keys,
-        Err(e) => {
-            tracing::warn!(%peer, "rejected connection: {e}");
-            return;
-        }
-    };
+    let _ = stream.set_read_timeout(Some(CLAIM_TIMEOUT));
     let Ok(write_half) = stream.try_clone() else {
         return;
     };

@@ -744,8 +744,24 @@ impl Syncer {
                     continue;
                 }
                 if data_at > pos {
-                    // A hole (or past the end): the peer punches the same.
-                    let hole_len = data_at.min(pos + len) - pos;
+                    // A hole (or past the end): the peer punches the same. A hole
+                    // longer than a chunk goes in one punch: a huge sparse region (a
+                    // truncate to terabytes) must not cost one round per MiB.
+                    let mut hole_end = data_at.min(pos + len);
+                    let _wide;
+                    if data_at > pos + len && end > pos + len {
+                        drop(_order);
+                        _wide = node.ranges.lock(pos, end);
+                        hole_end = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(pos)) {
+                            Ok(p) => p.min(end),
+                            Err(Errno::NXIO) => end,
+                            Err(e) => return Err(local("a file")(e)),
+                        };
+                        if hole_end <= pos {
+                            continue;
+                        }
+                    }
+                    let hole_len = hole_end - pos;
                     self.send(Op::Fallocate {
                         id: node.id,
                         mode: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,

@@ -1,5 +1,14 @@
 //! A node's persistent metadata directory: an exclusive lock, so that two vmha-fs
 //! processes never serve the same state, and the markers that must survive a crash.
+//!
+//! What vmhad reads here (the contract between the two processes):
+//! - `peer-outdated`: the peer's copy lacks changes made here (first reason kept);
+//! - `self-outdated`: this node's own copy is behind (its disk failed while it
+//!   wrote); a primary refuses to start on it, a secondary reports an unknown
+//!   history (full compare) and removes it once in sync;
+//! - `link.json`: `{"state", "reason"}` of the primary's link; `disk_failed` when
+//!   this node's disk failed (the module must run on the peer);
+//! - `sync.json`, `verify.json`, `changed_bytes`: progress and reports.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -13,6 +22,10 @@ use rustix::fs::FlockOperation;
 
 const LOCK_FILE: &str = "lock";
 const PEER_OUTDATED: &str = "peer-outdated";
+/// This node's own copy is not up to date (its disk failed while it wrote):
+/// written by the primary, honoured by the receiver (full compare), removed when
+/// a resync made the copy identical again.
+pub const SELF_OUTDATED: &str = "self-outdated";
 const LINK_STATUS: &str = "link.json";
 
 /// Errors opening or writing the state directory.
@@ -83,8 +96,33 @@ impl StateDir {
 
     /// The peer is a replica again (a full sync finished).
     pub fn clear_peer_outdated(&self) -> Result<(), StateError> {
+        self.remove_marker(PEER_OUTDATED)
+    }
+
+    /// Records durably that this node's own copy is not up to date, and why (the
+    /// first reason is kept). Fails when the state directory's disk fails too:
+    /// the caller keeps the fact in memory and in its status then.
+    pub fn mark_self_outdated(&self, reason: &str) -> Result<(), StateError> {
         let _one_writer = self.writing.lock();
-        let path = self.path.join(PEER_OUTDATED);
+        if self.self_outdated().is_some() {
+            return Ok(());
+        }
+        self.write_atomically(SELF_OUTDATED, reason.as_bytes())
+    }
+
+    /// The reason recorded by `mark_self_outdated`, if any.
+    pub fn self_outdated(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join(SELF_OUTDATED)).ok()
+    }
+
+    /// This copy is identical to the writer's again (a resync finished).
+    pub fn clear_self_outdated(&self) -> Result<(), StateError> {
+        self.remove_marker(SELF_OUTDATED)
+    }
+
+    fn remove_marker(&self, name: &str) -> Result<(), StateError> {
+        let _one_writer = self.writing.lock();
+        let path = self.path.join(name);
         let io = |source| StateError::Io {
             path: path.clone(),
             source,

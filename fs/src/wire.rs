@@ -1,17 +1,28 @@
-//! The replication protocol: a versioned, mutually authenticated handshake, then
-//! length-prefixed frames, each with a keyed blake3 MAC over its direction's frame
-//! counter, so a frame cannot be forged, altered, replayed, dropped or reordered.
+//! The replication protocol: a versioned, mutually authenticated handshake bound
+//! to one module's directory, then length-prefixed frames, each with a keyed blake3
+//! MAC over its direction's frame counter, so a frame cannot be forged, altered,
+//! replayed, dropped or reordered.
 //!
 //! Handshake (fixed layout, little endian):
-//!   primary  -> receiver: "VMHA" version:u16 nonce_p:[32]
-//!   receiver -> primary : "VMHA" version:u16 status:u8 nonce_r:[32] proof_r:[32]
+//!   primary  -> receiver: "VMHA" version:u16 nonce_p:[32] binding
+//!   receiver -> primary : "VMHA" version:u16 status:u8, then by status:
+//!                         ok: nonce_r:[32] proof_r:[32]; wrong module: binding
 //!   primary  -> receiver: proof_p:[32]
-//! with proof_x = keyed_blake3(cluster_key, label_x || nonce_p || nonce_r); the first
-//! first framed message from the primary is `Claim` (which data generation it
-//! writes), the receiver's answer `Welcome` or `Refused`. A `Welcome` that
-//! announces a report is followed by any number of `ReportPart` frames and one
-//! `ReportEnd`: a report on a million files streams in frames of bounded size
-//! (each with its own MAC) instead of needing one frame for all of it.
+//! where binding = port:u16 name_len:u8 name[name_len] names the module and the
+//! replication port (one per replicated directory) the primary means to reach, and
+//! proof_x = keyed_blake3(cluster_key, label_x || nonce_p || nonce_r || binding).
+//! A receiver of another module (a port mix-up) answers "wrong module" instead of
+//! proving itself, so the primary reports the mix-up rather than being fenced; and
+//! because the binding is inside the proofs and session keys, nobody in between can
+//! rewrite it to steer a primary into another module's directory. The first framed
+//! message from the primary is `Claim` (which data generation it writes), the
+//! receiver's answer `Welcome` or `Refused`. A `Welcome` that announces a report is
+//! followed by any number of `ReportPart` frames and one `ReportEnd`: a report on a
+//! million files streams in frames of bounded size (each with its own MAC) instead
+//! of needing one frame for all of it.
+//!
+//! The receiver's side is a byte-driven state machine ([`ServerHandshake`]), so one
+//! thread can multiplex many unauthenticated connections (see `preauth`).
 //!
 //! Frame: meta_len:u32 data_len:u32 meta[meta_len] data[data_len] mac:[32]
 //! meta is a bincode-encoded `Message`; data is the payload of a `Write`.
@@ -25,8 +36,9 @@ use crate::buffer::Payload;
 use crate::key::ClusterKey;
 use crate::op::Op;
 
-/// 3: the receiver's report streams in `ReportPart` frames.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 3: the handshake binds the module and port; 4: the receiver's report streams
+/// in `ReportPart` frames.
+pub const PROTOCOL_VERSION: u16 = 4;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -35,6 +47,11 @@ pub const MAX_DATA_LEN: u32 = 4 << 20;
 const MAC_LEN: usize = 32;
 const STATUS_OK: u8 = 0;
 const STATUS_VERSION: u8 = 1;
+const STATUS_WRONG_MODULE: u8 = 2;
+/// Longest module name a binding carries.
+pub const MAX_MODULE_NAME: usize = 255;
+/// The module name both sides use when none is given (standalone use).
+pub const DEFAULT_MODULE: &str = "default";
 
 /// Errors of the replication protocol.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +64,8 @@ pub enum WireError {
     BadMagic,
     #[error("protocol version mismatch: ours {ours}, peer's {theirs}")]
     Version { ours: u16, theirs: u16 },
+    #[error("wrong module: this side is {ours}, the peer is {theirs} (check the modules' ports)")]
+    WrongModule { ours: Binding, theirs: Binding },
     #[error("authentication failed: the peer does not hold the cluster key")]
     AuthFailed,
     #[error("frame too large: {0} bytes")]
@@ -59,6 +78,83 @@ pub enum WireError {
     Refused(String),
     #[error("peer silent for {0} s")]
     Silent(u64),
+    #[error("handshake not finished within {0} ms")]
+    Deadline(u64),
+}
+
+impl WireError {
+    /// A short, stable name of the kind of error (for rate-limited logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WireError::Closed => "closed",
+            WireError::Io(_) => "io",
+            WireError::BadMagic => "bad_magic",
+            WireError::Version { .. } => "version",
+            WireError::WrongModule { .. } => "wrong_module",
+            WireError::AuthFailed => "auth_failed",
+            WireError::TooLarge(_) => "too_large",
+            WireError::BadMac => "bad_mac",
+            WireError::Malformed(_) => "malformed",
+            WireError::Refused(_) => "refused",
+            WireError::Silent(_) => "silent",
+            WireError::Deadline(_) => "deadline",
+        }
+    }
+}
+
+/// Which module's directory a session is for: the module's name and the
+/// replication port of the directory (a module's directory `i` uses `port + i`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    module: String,
+    port: u16,
+}
+
+impl Binding {
+    /// `module` must be 1 to [`MAX_MODULE_NAME`] bytes.
+    pub fn new(module: &str, port: u16) -> Result<Binding, WireError> {
+        if module.is_empty() || module.len() > MAX_MODULE_NAME {
+            return Err(WireError::Malformed(format!(
+                "module name must be 1 to {MAX_MODULE_NAME} bytes"
+            )));
+        }
+        Ok(Binding {
+            module: module.to_string(),
+            port,
+        })
+    }
+
+    pub fn module(&self) -> &str {
+        &self.module
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(3 + self.module.len());
+        out.extend_from_slice(&self.port.to_le_bytes());
+        // `new` keeps the name at most 255 bytes.
+        out.push(self.module.len() as u8);
+        out.extend_from_slice(self.module.as_bytes());
+        out
+    }
+
+    /// Decodes a binding from its port and name bytes (the name need not be UTF-8
+    /// on the wire; it is shown lossily).
+    fn decode(port: [u8; 2], name: &[u8]) -> Binding {
+        Binding {
+            module: String::from_utf8_lossy(name).into_owned(),
+            port: u16::from_le_bytes(port),
+        }
+    }
+}
+
+impl std::fmt::Display for Binding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "module `{}` port {}", self.module, self.port)
+    }
 }
 
 /// A receiver's acknowledgement of one operation: 0 or the errno it failed with.
@@ -122,8 +218,21 @@ fn mac(key: &[u8; 32], parts: &[&[u8]]) -> blake3::Hash {
     hasher.finalize()
 }
 
-fn derive(key: &ClusterKey, label: &[u8], nonce_p: &[u8; 32], nonce_r: &[u8; 32]) -> [u8; 32] {
-    *mac(key.as_bytes(), &[label, nonce_p, nonce_r]).as_bytes()
+/// The nonces and binding of one handshake, from which proofs and keys derive.
+struct Transcript {
+    nonce_p: [u8; 32],
+    nonce_r: [u8; 32],
+    binding: Vec<u8>,
+}
+
+impl Transcript {
+    fn derive(&self, key: &ClusterKey, label: &[u8]) -> [u8; 32] {
+        *mac(
+            key.as_bytes(),
+            &[label, &self.nonce_p, &self.nonce_r, &self.binding],
+        )
+        .as_bytes()
+    }
 }
 
 fn random_nonce() -> [u8; 32] {
@@ -139,94 +248,275 @@ fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireErr
     })
 }
 
-/// The primary's side of the handshake.
+/// The primary's side of the handshake, for the receiver of `binding`.
 pub fn client_handshake(
     stream: &mut (impl Read + Write),
     key: &ClusterKey,
+    binding: &Binding,
 ) -> Result<SessionKeys, WireError> {
     let nonce_p = random_nonce();
-    let mut hello = Vec::with_capacity(38);
+    let encoded = binding.encode();
+    let mut hello = Vec::with_capacity(38 + encoded.len());
     hello.extend_from_slice(MAGIC);
     hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     hello.extend_from_slice(&nonce_p);
+    hello.extend_from_slice(&encoded);
     stream.write_all(&hello)?;
     stream.flush()?;
 
-    let mut reply = [0u8; 4 + 2 + 1 + 32 + 32];
-    read_exact_or_closed(stream, &mut reply[..7])?;
-    if &reply[..4] != MAGIC {
+    let mut head = [0u8; 7];
+    read_exact_or_closed(stream, &mut head)?;
+    if &head[..4] != MAGIC {
         return Err(WireError::BadMagic);
     }
-    let theirs = u16::from_le_bytes([reply[4], reply[5]]);
-    if reply[6] != STATUS_OK || theirs != PROTOCOL_VERSION {
+    let theirs = u16::from_le_bytes([head[4], head[5]]);
+    if theirs != PROTOCOL_VERSION || head[6] == STATUS_VERSION {
         return Err(WireError::Version {
             ours: PROTOCOL_VERSION,
             theirs,
         });
     }
-    read_exact_or_closed(stream, &mut reply[7..])?;
+    match head[6] {
+        STATUS_OK => {}
+        STATUS_WRONG_MODULE => {
+            let mut fixed = [0u8; 3];
+            read_exact_or_closed(stream, &mut fixed)?;
+            let mut name = vec![0u8; usize::from(fixed[2])];
+            read_exact_or_closed(stream, &mut name)?;
+            return Err(WireError::WrongModule {
+                ours: binding.clone(),
+                theirs: Binding::decode([fixed[0], fixed[1]], &name),
+            });
+        }
+        other => {
+            return Err(WireError::Malformed(format!(
+                "unknown handshake status {other}"
+            )))
+        }
+    }
+    let mut rest = [0u8; 64];
+    read_exact_or_closed(stream, &mut rest)?;
     let mut nonce_r = [0u8; 32];
-    nonce_r.copy_from_slice(&reply[7..39]);
-    let expected = blake3::Hash::from(derive(key, b"vmha receiver proof", &nonce_p, &nonce_r));
+    nonce_r.copy_from_slice(&rest[..32]);
+    let transcript = Transcript {
+        nonce_p,
+        nonce_r,
+        binding: encoded,
+    };
+    let expected = blake3::Hash::from(transcript.derive(key, b"vmha receiver proof"));
     let mut proof_r = [0u8; 32];
-    proof_r.copy_from_slice(&reply[39..71]);
+    proof_r.copy_from_slice(&rest[32..]);
     // blake3::Hash compares in constant time.
     if expected != blake3::Hash::from(proof_r) {
         return Err(WireError::AuthFailed);
     }
-    stream.write_all(&derive(key, b"vmha primary proof", &nonce_p, &nonce_r))?;
+    stream.write_all(&transcript.derive(key, b"vmha primary proof"))?;
     stream.flush()?;
     Ok(SessionKeys {
-        send: derive(key, b"vmha frames to receiver", &nonce_p, &nonce_r),
-        recv: derive(key, b"vmha frames to primary", &nonce_p, &nonce_r),
+        send: transcript.derive(key, b"vmha frames to receiver"),
+        recv: transcript.derive(key, b"vmha frames to primary"),
     })
 }
 
-/// The receiver's side of the handshake.
+/// What the receiver's handshake asks for after a piece of input.
+#[derive(Debug)]
+pub enum Progress {
+    /// More input is needed: at most [`ServerHandshake::wants`] bytes.
+    More,
+    /// Send these bytes to the primary, then read on.
+    Send(Vec<u8>),
+    /// Send these bytes (best effort), then close: the handshake failed.
+    Refuse(Vec<u8>, WireError),
+    /// The primary is authenticated.
+    Done(SessionKeys),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Magic and version.
+    Head,
+    /// nonce_p, port and name length.
+    Fixed,
+    /// The module name.
+    Name,
+    /// The primary's proof.
+    Proof,
+    Finished,
+}
+
+/// The receiver's side of the handshake, fed bytes as they arrive. It never asks
+/// for more than the handshake holds, so what follows the proof (the primary's first
+/// frame) stays in the socket for the session.
+pub struct ServerHandshake {
+    key: ClusterKey,
+    binding: Binding,
+    stage: Stage,
+    /// The current piece, filled up to `need` bytes.
+    piece: Vec<u8>,
+    need: usize,
+    nonce_p: [u8; 32],
+    port: [u8; 2],
+    transcript: Option<Transcript>,
+}
+
+impl std::fmt::Debug for ServerHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerHandshake({:?}, {})", self.stage, self.binding)
+    }
+}
+
+impl ServerHandshake {
+    /// A handshake for the receiver of `binding`.
+    pub fn new(key: ClusterKey, binding: Binding) -> Self {
+        Self {
+            key,
+            binding,
+            stage: Stage::Head,
+            piece: Vec::with_capacity(64),
+            need: 6,
+            nonce_p: [0; 32],
+            port: [0; 2],
+            transcript: None,
+        }
+    }
+
+    /// How many more bytes the handshake needs now (0 once finished).
+    pub fn wants(&self) -> usize {
+        self.need - self.piece.len()
+    }
+
+    /// Whether the primary's hello arrived complete (a connection still sending
+    /// it is a first candidate for eviction).
+    pub fn hello_done(&self) -> bool {
+        matches!(self.stage, Stage::Proof | Stage::Finished)
+    }
+
+    /// Takes the next bytes of input (at most `wants()`; more is an error).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Progress, WireError> {
+        if bytes.len() > self.wants() || self.stage == Stage::Finished {
+            return Err(WireError::Malformed("handshake input overrun".into()));
+        }
+        self.piece.extend_from_slice(bytes);
+        if self.wants() > 0 {
+            return Ok(Progress::More);
+        }
+        let piece = std::mem::take(&mut self.piece);
+        match self.stage {
+            Stage::Head => {
+                if &piece[..4] != MAGIC {
+                    return Err(WireError::BadMagic);
+                }
+                let theirs = u16::from_le_bytes([piece[4], piece[5]]);
+                if theirs != PROTOCOL_VERSION {
+                    self.stage = Stage::Finished;
+                    self.need = 0;
+                    return Ok(Progress::Refuse(
+                        Self::reply_head(STATUS_VERSION),
+                        WireError::Version {
+                            ours: PROTOCOL_VERSION,
+                            theirs,
+                        },
+                    ));
+                }
+                self.next(Stage::Fixed, 35);
+                Ok(Progress::More)
+            }
+            Stage::Fixed => {
+                self.nonce_p.copy_from_slice(&piece[..32]);
+                self.port = [piece[32], piece[33]];
+                let len = usize::from(piece[34]);
+                if len == 0 {
+                    return Err(WireError::Malformed("empty module name".into()));
+                }
+                self.next(Stage::Name, len);
+                Ok(Progress::More)
+            }
+            Stage::Name => {
+                let theirs = Binding::decode(self.port, &piece);
+                if theirs != self.binding {
+                    self.stage = Stage::Finished;
+                    self.need = 0;
+                    let mut reply = Self::reply_head(STATUS_WRONG_MODULE);
+                    reply.extend_from_slice(&self.binding.encode());
+                    return Ok(Progress::Refuse(
+                        reply,
+                        WireError::WrongModule {
+                            ours: self.binding.clone(),
+                            theirs,
+                        },
+                    ));
+                }
+                let transcript = Transcript {
+                    nonce_p: self.nonce_p,
+                    nonce_r: random_nonce(),
+                    binding: self.binding.encode(),
+                };
+                let mut reply = Self::reply_head(STATUS_OK);
+                reply.extend_from_slice(&transcript.nonce_r);
+                reply.extend_from_slice(&transcript.derive(&self.key, b"vmha receiver proof"));
+                self.transcript = Some(transcript);
+                self.next(Stage::Proof, 32);
+                Ok(Progress::Send(reply))
+            }
+            Stage::Proof => {
+                self.stage = Stage::Finished;
+                self.need = 0;
+                let transcript = self.transcript.take().ok_or(WireError::AuthFailed)?;
+                let expected =
+                    blake3::Hash::from(transcript.derive(&self.key, b"vmha primary proof"));
+                let mut proof_p = [0u8; 32];
+                proof_p.copy_from_slice(&piece);
+                if expected != blake3::Hash::from(proof_p) {
+                    return Err(WireError::AuthFailed);
+                }
+                Ok(Progress::Done(SessionKeys {
+                    send: transcript.derive(&self.key, b"vmha frames to primary"),
+                    recv: transcript.derive(&self.key, b"vmha frames to receiver"),
+                }))
+            }
+            Stage::Finished => Err(WireError::Malformed("handshake input overrun".into())),
+        }
+    }
+
+    fn next(&mut self, stage: Stage, need: usize) {
+        self.stage = stage;
+        self.need = need;
+        self.piece.clear();
+    }
+
+    fn reply_head(status: u8) -> Vec<u8> {
+        let mut reply = Vec::with_capacity(71);
+        reply.extend_from_slice(MAGIC);
+        reply.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        reply.push(status);
+        reply
+    }
+}
+
+/// The receiver's side of the handshake on a blocking stream (the receiver itself
+/// multiplexes [`ServerHandshake`]s; this is for tests and simple tools).
 pub fn server_handshake(
     stream: &mut (impl Read + Write),
     key: &ClusterKey,
+    binding: &Binding,
 ) -> Result<SessionKeys, WireError> {
-    let mut hello = [0u8; 38];
-    read_exact_or_closed(stream, &mut hello[..6])?;
-    if &hello[..4] != MAGIC {
-        return Err(WireError::BadMagic);
+    let mut handshake = ServerHandshake::new(key.clone(), binding.clone());
+    loop {
+        let mut buf = vec![0u8; handshake.wants()];
+        read_exact_or_closed(stream, &mut buf)?;
+        match handshake.feed(&buf)? {
+            Progress::More => {}
+            Progress::Send(reply) => {
+                stream.write_all(&reply)?;
+                stream.flush()?;
+            }
+            Progress::Refuse(reply, error) => {
+                let _ = stream.write_all(&reply).and_then(|()| stream.flush());
+                return Err(error);
+            }
+            Progress::Done(keys) => return Ok(keys),
+        }
     }
-    let theirs = u16::from_le_bytes([hello[4], hello[5]]);
-    if theirs != PROTOCOL_VERSION {
-        let mut reply = Vec::with_capacity(7);
-        reply.extend_from_slice(MAGIC);
-        reply.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        reply.push(STATUS_VERSION);
-        let _ = stream.write_all(&reply);
-        return Err(WireError::Version {
-            ours: PROTOCOL_VERSION,
-            theirs,
-        });
-    }
-    read_exact_or_closed(stream, &mut hello[6..])?;
-    let mut nonce_p = [0u8; 32];
-    nonce_p.copy_from_slice(&hello[6..]);
-    let nonce_r = random_nonce();
-    let mut reply = Vec::with_capacity(71);
-    reply.extend_from_slice(MAGIC);
-    reply.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    reply.push(STATUS_OK);
-    reply.extend_from_slice(&nonce_r);
-    reply.extend_from_slice(&derive(key, b"vmha receiver proof", &nonce_p, &nonce_r));
-    stream.write_all(&reply)?;
-    stream.flush()?;
-
-    let mut proof_p = [0u8; 32];
-    read_exact_or_closed(stream, &mut proof_p)?;
-    let expected = blake3::Hash::from(derive(key, b"vmha primary proof", &nonce_p, &nonce_r));
-    if expected != blake3::Hash::from(proof_p) {
-        return Err(WireError::AuthFailed);
-    }
-    Ok(SessionKeys {
-        send: derive(key, b"vmha frames to primary", &nonce_p, &nonce_r),
-        recv: derive(key, b"vmha frames to receiver", &nonce_p, &nonce_r),
-    })
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -687,25 +977,44 @@ mod tests {
         }
     }
 
+    fn binding(module: &str, port: u16) -> Binding {
+        Binding::new(module, port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs a handshake over loopback TCP: (client's result, server's result).
+    fn handshake_over_tcp(
+        client_key: &ClusterKey,
+        client_binding: &Binding,
+        server_key: &ClusterKey,
+        server_binding: &Binding,
+    ) -> (
+        Result<SessionKeys, WireError>,
+        Result<SessionKeys, WireError>,
+    ) {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (server_key, server_binding) = (server_key.clone(), server_binding.clone());
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().map_err(WireError::Io)?;
+            server_handshake(&mut s, &server_key, &server_binding)
+        });
+        let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+        let client = client_handshake(&mut c, client_key, client_binding);
+        drop(c);
+        let server_result = server.join().unwrap_or_else(|_| panic!("server thread"));
+        (client, server_result)
+    }
+
     #[test]
     fn handshake_authenticates_both_ways() {
-        use std::net::{TcpListener, TcpStream};
         let key = ClusterKey::from_bytes([1; 32]);
+        let b = binding("vm1", 7789);
         for (client_key, ok) in [
             (key.clone(), true),
             (ClusterKey::from_bytes([2; 32]), false),
         ] {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-            let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-            let server_key = key.clone();
-            let server = std::thread::spawn(move || {
-                let (mut s, _) = listener.accept().map_err(WireError::Io)?;
-                server_handshake(&mut s, &server_key)
-            });
-            let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
-            let client = client_handshake(&mut c, &client_key);
-            drop(c);
-            let server_result = server.join().unwrap_or_else(|_| panic!("server thread"));
+            let (client, server_result) = handshake_over_tcp(&client_key, &b, &key, &b);
             if ok {
                 let ck = client.unwrap_or_else(|e| panic!("{e}"));
                 let sk = server_result.unwrap_or_else(|e| panic!("{e}"));
@@ -718,6 +1027,72 @@ mod tests {
                 assert!(server_result.is_err());
             }
         }
+    }
+
+    /// A primary that reaches another module's receiver (or another directory's
+    /// port of the same module) is told "wrong module" on both sides, naming both.
+    #[test]
+    fn another_modules_receiver_answers_wrong_module() {
+        let key = ClusterKey::from_bytes([1; 32]);
+        let receiver = binding("vm1", 7789);
+        for primary in [binding("vm2", 7789), binding("vm1", 7790)] {
+            let (client, server) = handshake_over_tcp(&key, &primary, &key, &receiver);
+            match client {
+                Err(WireError::WrongModule { ours, theirs }) => {
+                    assert_eq!(ours, primary);
+                    assert_eq!(theirs, receiver);
+                }
+                other => panic!("client: {other:?}"),
+            }
+            assert!(
+                matches!(server, Err(WireError::WrongModule { ref theirs, .. }) if *theirs == primary),
+                "server: {server:?}"
+            );
+        }
+    }
+
+    /// Session keys depend on the binding: the same nonces under another binding
+    /// give other proofs (nobody in between can rewrite it).
+    #[test]
+    fn binding_is_inside_the_proofs() {
+        let key = ClusterKey::from_bytes([1; 32]);
+        let t = |b: &Binding| Transcript {
+            nonce_p: [3; 32],
+            nonce_r: [4; 32],
+            binding: b.encode(),
+        };
+        let a = t(&binding("vm1", 7789)).derive(&key, b"vmha receiver proof");
+        let b = t(&binding("vm1", 7790)).derive(&key, b"vmha receiver proof");
+        let c = t(&binding("vm2", 7789)).derive(&key, b"vmha receiver proof");
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+    }
+
+    /// A stream whose reads come from a fixed buffer and whose writes are dropped.
+    struct Scripted(Cursor<Vec<u8>>);
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn valid_hello(b: &Binding) -> Vec<u8> {
+        let mut hello = Vec::new();
+        hello.extend_from_slice(MAGIC);
+        hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        hello.extend_from_slice(&[5; 32]);
+        hello.extend_from_slice(&b.encode());
+        hello
     }
 
     proptest! {
@@ -802,6 +1177,52 @@ mod tests {
             let want = Report { valid, entries, names: Vec::new() };
             let got = got.ok().flatten();
             prop_assert_eq!(got.as_deref(), Some(&want));
+        }
+
+        /// Arbitrary bytes, arriving in arbitrary pieces, never panic the
+        /// receiver's handshake and never authenticate anyone.
+        #[test]
+        fn server_handshake_rejects_random_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            cuts in proptest::collection::vec(1usize..64, 0..32),
+            valid_prefix in any::<bool>(),
+        ) {
+            let b = binding("vm1", 7789);
+            let mut input = if valid_prefix { valid_hello(&b) } else { Vec::new() };
+            input.extend_from_slice(&bytes);
+            let mut hs = ServerHandshake::new(ClusterKey::from_bytes([1; 32]), b);
+            let mut at = 0;
+            let mut cuts = cuts.into_iter().cycle();
+            while at < input.len() {
+                let n = cuts.next().unwrap_or(1).min(hs.wants()).min(input.len() - at);
+                if n == 0 {
+                    break;
+                }
+                match hs.feed(&input[at..at + n]) {
+                    Ok(Progress::More) | Ok(Progress::Send(_)) => {}
+                    Ok(Progress::Done(_)) => prop_assert!(false, "authenticated random bytes"),
+                    Ok(Progress::Refuse(..)) | Err(_) => break,
+                }
+                at += n;
+            }
+        }
+
+        /// Arbitrary replies never panic the primary's handshake and never
+        /// authenticate a receiver without the key.
+        #[test]
+        fn client_handshake_rejects_random_replies(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            valid_head in any::<bool>(),
+        ) {
+            let mut reply = Vec::new();
+            if valid_head {
+                reply.extend_from_slice(MAGIC);
+                reply.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            }
+            reply.extend_from_slice(&bytes);
+            let mut stream = Scripted(Cursor::new(reply));
+            let key = ClusterKey::from_bytes([1; 32]);
+            prop_assert!(client_handshake(&mut stream, &key, &binding("vm1", 7789)).is_err());
         }
 
         /// Flipping any bit of a valid frame is detected.

@@ -24,6 +24,11 @@ pub struct PairOptions {
     pub lock_timeout_ms: u64,
     /// Mount the primary over its backing directory (`--mount` = `--backing`).
     pub mount_over: bool,
+    /// A directory to create the primary's backing dir in (e.g. a [`crate::loopfs::LoopFs`]
+    /// whose disk a test fails or fills); default: the pair's temp dir.
+    pub primary_backing_in: Option<PathBuf>,
+    /// Likewise for the secondary's replica dir.
+    pub secondary_backing_in: Option<PathBuf>,
 }
 
 impl Default for PairOptions {
@@ -31,6 +36,8 @@ impl Default for PairOptions {
         Self {
             lock_timeout_ms: 3000,
             mount_over: false,
+            primary_backing_in: None,
+            secondary_backing_in: None,
         }
     }
 }
@@ -106,7 +113,14 @@ impl Pair {
             .tempdir_in("/var/tmp")
             .context("creating a temp dir in /var/tmp")?;
         let root = dir.path().to_path_buf();
-        let pri_backing = root.join("pri/data");
+        let pri_backing = match &opts.primary_backing_in {
+            Some(dir) => dir.join("pri-data"),
+            None => root.join("pri/data"),
+        };
+        let sec_backing = match &opts.secondary_backing_in {
+            Some(dir) => dir.join("sec-data"),
+            None => root.join("sec/data"),
+        };
         let mount = if opts.mount_over {
             pri_backing.clone()
         } else {
@@ -117,7 +131,7 @@ impl Pair {
             port: free_port()?,
             key_file: root.join("cluster.key"),
             pri_state: root.join("pri/state"),
-            sec_backing: root.join("sec/data"),
+            sec_backing,
             sec_state: root.join("sec/state"),
             pri_backing,
             mount,

@@ -21,6 +21,11 @@ fn connect(pair: &Pair) -> Result<TcpStream> {
     Ok(s)
 }
 
+/// The binding of the pair's receiver (standalone: the default module).
+fn binding(pair: &Pair) -> Result<wire::Binding> {
+    Ok(wire::Binding::new(wire::DEFAULT_MODULE, pair.port())?)
+}
+
 /// An authenticated session speaking the real protocol.
 struct Session {
     writer: FrameWriter<TcpStream>,
@@ -32,7 +37,7 @@ impl Session {
     fn open(pair: &Pair) -> Result<Result<Session, WireError>> {
         let mut stream = connect(pair)?;
         let key = ClusterKey::load(pair.key_file())?;
-        let keys = match wire::client_handshake(&mut stream, &key) {
+        let keys = match wire::client_handshake(&mut stream, &key, &binding(pair)?) {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
@@ -223,7 +228,7 @@ fn hostile_clients_change_nothing_outside_and_the_primary_keeps_working() -> Res
     let mut no_key = connect(&pair)?;
     let wrong = ClusterKey::generate();
     assert!(matches!(
-        wire::client_handshake(&mut no_key, &wrong),
+        wire::client_handshake(&mut no_key, &wrong, &binding(&pair)?),
         Err(WireError::AuthFailed)
     ));
     let mut garbage = connect(&pair)?;

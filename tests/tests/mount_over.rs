@@ -131,6 +131,97 @@ fn refuses_while_a_process_has_its_cwd_beneath() -> Result<()> {
     Ok(())
 }
 
+/// Starts `script` (sh, `$1` = `arg`) in a private mount namespace of its own
+/// (it goes with the process: nothing to unmount); waits until the process
+/// runs `sleep` with descriptor 3 open.
+fn holder_in_own_mount_namespace(script: &str, arg: &Path) -> Result<Child> {
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ])
+    .arg(arg);
+    let mut child = Child::spawn("holder", cmd)?;
+    let proc_dir = Path::new("/proc").join(child.pid().to_string());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+        if comm.trim() == "sleep" && proc_dir.join("fd/3").exists() {
+            return Ok(child);
+        }
+        if let Some(st) = child.try_status()? {
+            bail!("holder exited ({st}): {}", child.stderr_text());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("holder not ready: {}", child.stderr_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A process of another mount namespace (a container, a second node on the
+/// same host) that has a same-named path open, on another filesystem, does not
+/// hold the data: it must not block the mount (and so the failover).
+#[test]
+fn a_same_named_file_in_another_mount_namespace_does_not_block() -> Result<()> {
+    let mut pair = Pair::start_secondary_only(over())?;
+    let dir = pair.primary_backing().to_path_buf();
+    std::fs::create_dir(dir.join("sub"))?;
+    std::fs::write(dir.join("sub/held"), b"the real one")?;
+    // Its own tmpfs over the same path, the same names in it, cwd and a file
+    // open there.
+    let holder = holder_in_own_mount_namespace(
+        r#"mount -t tmpfs other "$1" && mkdir "$1/sub" && cd "$1/sub" && exec sleep 120 3>"$1/sub/held""#,
+        &dir,
+    )?;
+    let fd = std::fs::read_link(format!("/proc/{}/fd/3", holder.pid()))?;
+    if fd != dir.join("sub/held") {
+        bail!("the holder has {} open", fd.display());
+    }
+    pair.start_primary()
+        .context("a same-named file of another mount namespace blocked the mount")?;
+    if !is_mount_point(&dir)? {
+        bail!("{} is not mounted over", dir.display());
+    }
+    drop(holder);
+    Ok(())
+}
+
+/// A process that holds a file of the directory through another path (a bind
+/// mount elsewhere) would write beside the replication: the mount is refused,
+/// naming it.
+#[test]
+fn refuses_while_a_file_is_held_through_a_bind_mount_elsewhere() -> Result<()> {
+    let mut pair = Pair::start_secondary_only(over())?;
+    let dir = pair.primary_backing().to_path_buf();
+    std::fs::create_dir(dir.join("sub"))?;
+    std::fs::write(dir.join("sub/held"), b"data")?;
+    let elsewhere = tempfile::tempdir_in("/var/tmp")?;
+    // The bind mount lives in the holder's namespace only (gone with it).
+    let script = format!(
+        r#"mount --bind '{}' "$1" && exec sleep 120 3>>"$1/held""#,
+        dir.join("sub").display()
+    );
+    let mut holder = holder_in_own_mount_namespace(&script, elsewhere.path())?;
+    let fd = std::fs::read_link(format!("/proc/{}/fd/3", holder.pid()))?;
+    if fd.starts_with(&dir) {
+        bail!(
+            "the holder names the file {} (not another path)",
+            fd.display()
+        );
+    }
+    expect_refusal(&pair, &[holder.pid().to_string()])?;
+    holder.kill()?;
+    pair.start_primary()
+        .context("starting once the process is gone")?;
+    Ok(())
+}
+
 /// Data only the primary has (no initial sync happened) must never be silently
 /// skipped: each write through the mount either fails or reaches the secondary.
 #[test]

@@ -164,3 +164,65 @@ fn frozen_secondary_fails_writes_within_lock_timeout() -> Result<()> {
     }
     Ok(())
 }
+
+fn signal_secondary(pair: &Pair, sig: libc::c_int) -> Result<()> {
+    let pid = pair
+        .secondary_pid()
+        .ok_or_else(|| anyhow!("no secondary"))?;
+    vmha_test_infra::fsctl::signal(pid, sig)
+}
+
+/// Write + fsync against a frozen secondary must fail with EIO within [`BOUND`].
+fn expect_eio_within_bound(f: &File, off: u64, when: &str) -> Result<()> {
+    let (res, took) = timed_write_fsync(f, off)?;
+    match &res {
+        Ok(()) => bail!("{when}: write+fsync succeeded while the secondary was frozen"),
+        Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
+        Err(e) => bail!("{when}: write+fsync failed with {e}, expected EIO"),
+    }
+    if took > BOUND {
+        bail!("{when}: the failing write+fsync took {took:?}, bound {BOUND:?}");
+    }
+    Ok(())
+}
+
+/// The link's timers (ping, watchdog) survive a failure: a link that failed, went
+/// alone (SIGUSR1) and took the peer back (SIGUSR2) still fails writes within the
+/// lock timeout when the peer freezes again (they used to end with the first
+/// failure, and such a write then waited forever).
+#[test]
+fn a_link_that_stalls_after_a_reattach_still_fails_writes_within_lock_timeout() -> Result<()> {
+    let mut pair = Pair::start(PairOptions {
+        lock_timeout_ms: LOCK_TIMEOUT_MS,
+        ..PairOptions::default()
+    })?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(pair.mount().join("f"))?;
+    f.write_all_at(b"first", 0)?;
+    f.sync_all()?;
+    signal_secondary(&pair, libc::SIGSTOP)?;
+    expect_eio_within_bound(&f, 4096, "first freeze")?;
+    // The controller decides a while after the failure (the link's timers look
+    // every 50 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    let primary_pid = pair.primary_pid().ok_or_else(|| anyhow!("no primary"))?;
+    vmha_test_infra::fsctl::signal(primary_pid, libc::SIGUSR1)?;
+    std::thread::sleep(Duration::from_millis(300));
+    f.write_all_at(b"alone", 8192)
+        .context("a write after SIGUSR1 (alone)")?;
+    signal_secondary(&pair, libc::SIGCONT)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let state = pair.primary_state().to_path_buf();
+    let primary = pair.primary().ok_or_else(|| anyhow!("no primary"))?;
+    vmha_test_infra::fsctl::attach_and_wait(primary, &state)?;
+    f.write_all_at(b"replicated again", 12288)?;
+    f.sync_all()?;
+    signal_secondary(&pair, libc::SIGSTOP)?;
+    expect_eio_within_bound(&f, 16384, "freeze after the re-attach")?;
+    signal_secondary(&pair, libc::SIGCONT)?;
+    Ok(())
+}

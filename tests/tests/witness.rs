@@ -2,10 +2,12 @@
 //! node that reaches the witness goes ALONE; the other goes WAIT and stops its
 //! VM, so the guest never runs on both sides.
 //!
-//! Setup: the witness is a TCP address on node2's side of the production
-//! network (an extra address of node2's `prod0`, nothing listening: "refused"
-//! is an answer). node1 reaches it over the production network while that is
-//! up. The partition takes both of node1's links down: node1 (PRIM) loses
+//! Setup: the witness is an ICMP witness on node2's side of the production
+//! network (an extra address of node2's `prod0`), on hosts without `ping`: any
+//! `ping` binary is hidden in both nodes (they are their own mount namespaces),
+//! so the echo must come from vmhad's own socket (before, every probe
+//! "failed" there and both nodes went WAIT). node1 reaches the witness over
+//! the production network while that is up. The partition takes both of node1's links down: node1 (PRIM) loses
 //! node2 and the witness and goes WAIT; node2 (SECOND) loses node1, reaches the
 //! witness and goes ALONE. Then the links come back: node1 follows node2 as
 //! SECOND after a resync and nothing node2's guest acknowledged is lost.
@@ -24,9 +26,56 @@ use vmha_test_infra::scenario::{
 };
 use vmha_test_infra::vmctl_status::{diag, primary, ready, state, status};
 
-/// The witness: on node2's production interface, port 7 (nothing listens).
+/// The witness (ICMP echo): on node2's production interface.
 const WITNESS_IP: &str = "10.200.1.254";
-const WITNESS: &str = "10.200.1.254:7";
+
+/// Makes node `i` a host without `ping`: every `ping`, `ping4` and `ping6`
+/// on the PATH (or in the usual directories) is covered with `/dev/null` in
+/// the node's own mount namespace (gone with the node). Checks that `ping`
+/// cannot be executed there.
+fn hide_ping(vc: &VmCluster, i: usize) -> Result<()> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs = path
+        .split(':')
+        .chain(["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]);
+    for dir in dirs.filter(|d| !d.is_empty()) {
+        for name in ["ping", "ping4", "ping6"] {
+            let file = std::path::Path::new(dir).join(name);
+            // Bind over the file itself, not over a symlink to it.
+            let real = match file.canonicalize() {
+                Ok(real) => real,
+                Err(_) => continue,
+            };
+            let real = real.to_string_lossy().into_owned();
+            vc.node(i).run("mount", &["--bind", "/dev/null", &real])?;
+        }
+    }
+    let out = vc
+        .node(i)
+        .command("ping")
+        .args(["-c", "1", "-W", "1", "127.0.0.1"])
+        .output()
+        .context("running ping in the node")?;
+    // nsenter exits 126/127 when it cannot execute the program.
+    ensure!(
+        matches!(out.status.code(), Some(126 | 127)),
+        "ping still runs on node{}: {:?} {}",
+        i + 1,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The `witness` section of a status document: (last_probe, errors).
+fn witness_probe(s: &serde_json::Value) -> (Option<&str>, Vec<String>) {
+    let w = &s["witness"];
+    let errors = w["errors"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e.to_string()).collect())
+        .unwrap_or_default();
+    (w["last_probe"].as_str(), errors)
+}
 
 /// Brings node `i`'s links back up when dropped (the partition heals even
 /// when the test fails half-way).
@@ -91,7 +140,7 @@ fn witness_partition() -> Result<()> {
     let config = std::fs::read_to_string(vc.config())?;
     let config = config.replacen(
         "start_wait_ms",
-        &format!("witness = [\"{WITNESS}\"]\nstart_wait_ms"),
+        &format!("witness = [\"{WITNESS_IP}\"]\nstart_wait_ms"),
         1,
     );
     std::fs::write(vc.config(), config)?;
@@ -103,7 +152,20 @@ fn witness_partition() -> Result<()> {
         Network::Production.ifname(),
     ])?;
 
+    hide_ping(&vc, 0)?;
+    hide_ping(&vc, 1)?;
+
     start_pair(&mut vc)?;
+    // Probed once at start: both reach the witness, no error.
+    for i in 0..2 {
+        let s = status(&vc, i)?;
+        ensure!(
+            witness_probe(&s) == (Some("reachable"), vec![]),
+            "node{}'s witness at start: {}",
+            i + 1,
+            s["witness"]
+        );
+    }
     let console1 = vc.console(0)?;
     let console2 = vc.console(1)?;
     ensure!(
@@ -205,6 +267,22 @@ fn witness_partition() -> Result<()> {
     ensure!(log1.contains("witness unreachable"), "node1's log:\n{log1}");
     let log2 = vc.vmctl(1, &["log"])?;
     ensure!(log2.contains("witness reachable"), "node2's log:\n{log2}");
+    // Real answers, not probes that could not run.
+    ensure!(
+        !log1.contains("could not be probed") && !log2.contains("could not be probed"),
+        "node1's log:\n{log1}\nnode2's log:\n{log2}"
+    );
+    let (s1, s2) = (status(&vc, 0)?, status(&vc, 1)?);
+    ensure!(
+        witness_probe(&s1) == (Some("unreachable"), vec![]),
+        "node1's witness: {}",
+        s1["witness"]
+    );
+    ensure!(
+        witness_probe(&s2) == (Some("reachable"), vec![]),
+        "node2's witness: {}",
+        s2["witness"]
+    );
 
     // Heal: node1 follows node2 as SECOND after a resync.
     partition.heal()?;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vmha_controller::config::Config;
 use vmha_controller::control::{Client, ControlError, Request, Response};
+use vmha_controller::state::WitnessOutcome;
 use vmha_controller::status::{NodeStatus, Status};
 
 /// The configuration read when `--config` is not given.
@@ -219,6 +220,12 @@ fn render(status: &Status) -> String {
                 resync,
                 heartbeats(node),
             ]);
+            if node.disk == Some(vmha_controller::state::Disk::Failed) {
+                warnings.push(format!(
+                    "warning: {name}'s disk failed (module {}): it waits; after the repair run `vmctl start` there",
+                    module.name
+                ));
+            }
             if node.config_match.flatten() == Some(false) {
                 warnings.push(format!(
                     "warning: the configuration differs from {name}'s (module {}: {})",
@@ -248,6 +255,25 @@ fn render(status: &Status) -> String {
         out.push_str("(no module configured)\n");
     }
     out.push_str("* = runs the VM\n");
+    if let Some(w) = &status.witness {
+        let last = match (w.last_probe, w.last_probe_ms) {
+            (Some(outcome), Some(age)) => {
+                let word = match outcome {
+                    WitnessOutcome::Reachable => "reachable",
+                    WitnessOutcome::Unreachable => "unreachable",
+                    WitnessOutcome::CouldNotProbe => "could not be probed",
+                };
+                format!("{word} ({}s ago)", age / 1000)
+            }
+            _ => "not probed yet".to_string(),
+        };
+        out.push_str(&format!("witness {}: {last}\n", w.addresses.join(", ")));
+        for e in &w.errors {
+            warnings.push(format!(
+                "error: witness {e} (a failover waits until it can be probed)"
+            ));
+        }
+    }
     warnings.dedup();
     for w in warnings {
         out.push_str(&w);

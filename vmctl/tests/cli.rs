@@ -8,7 +8,6 @@ use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use vmha_controller::config::Config;
 use vmha_controller::daemon::{Daemon, DaemonSpec};
@@ -74,7 +73,7 @@ async fn daemon(config: &Path) -> Daemon {
         key: ClusterKey::from_bytes([1; 32]),
         vm: Arc::new(FakeVm::new()),
         fs: Arc::new(FakeFs::new()),
-        max_clock_skew: Duration::from_secs(30),
+        clock: vmha_controller::clock::WallClock::system(),
     })
     .await
     .unwrap()

@@ -18,6 +18,9 @@
 //!   restarts the receiver accepting it; the copy itself is pushed by the
 //!   writer, so the receiver's [`FsDriver::resync_state`] stays `Idle` and the
 //!   daemon takes the progress from the writer's heartbeat.
+//! - Both sides get `--module <name>`: the handshake binds the module name and
+//!   the port, so a writer that reaches another module's receiver is refused as
+//!   "wrong module" (a failed attach), never as a stale writer (fenced).
 //! - vmha-fs state lives in `<state_dir>/<module>/fs<i>`. `sync.json` is
 //!   removed before an attach and on `go_alone` so an old outcome is never
 //!   read as the current one.
@@ -28,10 +31,17 @@
 //!   lock timeout) or `failed` is [`FsHealth::LinkDown`] (the
 //!   controller marks the peer outdated, then sends SIGUSR1), `fenced` (the
 //!   peer's receiver refused our generation) is [`FsHealth::Fenced`].
-//! - What a killed vmha-fs leaves at a directory — its dead FUSE mount, or the
-//!   receiver's read-only bind of the directory over itself — is unmounted
-//!   before the next start there, unless a vmha-fs still holds the state
-//!   directory's lock (it may still serve the directory).
+//! - What a killed vmha-fs leaves at a directory — its dead FUSE mount
+//!   (ENOTCONN for everyone, QEMU and the next receiver alike), or the
+//!   receiver's read-only bind of the directory over itself — is detached
+//!   (lazy unmount) as soon as [`FsDriver::health`] finds the process gone,
+//!   after each [`FsDriver::unmount`], and before the next start there; never
+//!   while a vmha-fs still holds the state directory's lock (it may still serve
+//!   the directory). The FUSE mount is known by its source `vmha:<dir>`.
+//! - `link.json` `disk_failed` (vmha-fs found a media error on this node's own
+//!   copy) is [`FsHealth::DiskFailed`], checked before the process's exit, and
+//!   remembered for the running writer; so is a `link.json` that exists but
+//!   cannot be read (its disk failed too).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,6 +67,9 @@ struct Running {
     children: Vec<(PathBuf, Child)>,
     /// Receiver started with `--save-aside`.
     save_aside: bool,
+    /// Writer: vmha-fs reported a local disk failure (kept even if
+    /// `link.json` can no longer be read).
+    disk_failed: Option<String>,
 }
 
 /// `<state>/sync.json` as vmha-fs writes it.
@@ -159,6 +172,18 @@ impl VmhaFsDriver {
                 clear_leftover_mounts(dir, &state)?;
                 let mut cmd = Command::new(&self.binary);
                 if writer {
+                    // The state machine mounts a writer only on a copy it counts as
+                    // current (never while this disk is failed; `prim` is the
+                    // operator saying this copy wins): vmha-fs's own record of a
+                    // past disk failure must not refuse it.
+                    let own = state.join(vmha_fs::statedir::SELF_OUTDATED);
+                    if own.exists() {
+                        tracing::warn!(
+                            module = %module.name,
+                            "this copy was recorded as behind after a disk failure; writing on it as decided"
+                        );
+                        remove_if_present(&own)?;
+                    }
                     cmd.arg("primary")
                         .arg("--backing")
                         .arg(dir)
@@ -195,7 +220,11 @@ impl VmhaFsDriver {
                         cmd.arg("--save-aside");
                     }
                 }
-                cmd.arg("--state")
+                // Bound in the handshake with the port: a port mix-up between
+                // modules is refused as "wrong module", never taken for fencing.
+                cmd.arg("--module")
+                    .arg(&module.name)
+                    .arg("--state")
                     .arg(&state)
                     .arg("--key-file")
                     .arg(&self.config.cluster.key_file)
@@ -224,6 +253,7 @@ impl VmhaFsDriver {
                 generation: generation.map(str::to_string),
                 children,
                 save_aside: role == Spawn::LoserReceiver,
+                disk_failed: None,
             },
         );
         Ok(())
@@ -288,8 +318,19 @@ const VERIFY_FILE: &str = "verify.json";
 /// Bound of one verify (it reads everything on both nodes).
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
-/// `<state>/verify.json` once vmha-fs finished (None while it runs).
+/// `<state>/verify.json` once vmha-fs finished (None while it runs: the file is
+/// written atomically at the end, so it is absent until then).
 fn read_verify(state: &Path) -> Result<Option<Vec<Difference>>, DriverError> {
+    let path = state.join(VERIFY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_verify(&path, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DriverError::failed(format!("read {}", path.display()), e)),
+    }
+}
+
+/// The content of a `verify.json` (read from `path`).
+fn parse_verify(path: &Path, bytes: &[u8]) -> Result<Option<Vec<Difference>>, DriverError> {
     #[derive(serde::Deserialize)]
     struct VerifyFile {
         state: String,
@@ -298,20 +339,19 @@ fn read_verify(state: &Path) -> Result<Option<Vec<Difference>>, DriverError> {
         #[serde(default)]
         error: Option<String>,
     }
-    let path = state.join(VERIFY_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None);
-    };
-    let Ok(file) = serde_json::from_str::<VerifyFile>(&text) else {
-        return Ok(None);
-    };
+    let file: VerifyFile = serde_json::from_slice(bytes)
+        .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
     match file.state.as_str() {
         "done" => Ok(Some(file.differing)),
         "failed" => Err(DriverError::failed(
             "verify",
             file.error.unwrap_or_else(|| "failed".into()),
         )),
-        _ => Ok(None),
+        "running" => Ok(None),
+        other => Err(DriverError::failed(
+            format!("parse {}", path.display()),
+            format!("unknown state `{other}`"),
+        )),
     }
 }
 const LINK_FILE: &str = "link.json";
@@ -336,12 +376,16 @@ fn write_generation(state: &Path, generation: &str) -> Result<(), DriverError> {
 /// The state of one directory's sync from `<state>/sync.json`.
 fn read_sync(state: &Path) -> Result<ResyncState, DriverError> {
     let path = state.join(SYNC_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ResyncState::Idle),
-        Err(e) => return Err(DriverError::failed(format!("read {}", path.display()), e)),
-    };
-    let sync: SyncFile = serde_json::from_str(&text)
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_sync(&path, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ResyncState::Idle),
+        Err(e) => Err(DriverError::failed(format!("read {}", path.display()), e)),
+    }
+}
+
+/// The content of a `sync.json` (read from `path`).
+fn parse_sync(path: &Path, bytes: &[u8]) -> Result<ResyncState, DriverError> {
+    let sync: SyncFile = serde_json::from_slice(bytes)
         .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
     let progress = Progress {
         done_bytes: sync.done_bytes,
@@ -363,17 +407,31 @@ fn read_sync(state: &Path) -> Result<ResyncState, DriverError> {
 /// needs nothing from the controller, is healthy.
 fn read_link(state: &Path) -> FsHealth {
     let path = state.join(LINK_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return FsHealth::Healthy;
-    };
-    let link: LinkFile = match serde_json::from_str(&text) {
-        Ok(link) => link,
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return FsHealth::Healthy,
+        Err(e) if e.raw_os_error() == Some(libc_eio()) => {
+            return FsHealth::DiskFailed(format!("reading {}: {e}", path.display()))
+        }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "unreadable link status");
             return FsHealth::Healthy;
         }
     };
-    match link.state.as_str() {
+    match parse_link(&path, &bytes) {
+        Ok(health) => health,
+        Err(e) => {
+            tracing::warn!("unreadable link status: {e}");
+            FsHealth::Healthy
+        }
+    }
+}
+
+/// The content of a `link.json` (read from `path`).
+fn parse_link(path: &Path, bytes: &[u8]) -> Result<FsHealth, DriverError> {
+    let link: LinkFile = serde_json::from_slice(bytes)
+        .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
+    Ok(match link.state.as_str() {
         "lost" | "stalled" | "failed" => {
             tracing::debug!(state = link.state, reason = ?link.reason, "replication link down");
             FsHealth::LinkDown
@@ -382,8 +440,34 @@ fn read_link(state: &Path) -> FsHealth {
             tracing::warn!(reason = ?link.reason, "the peer's receiver refused our generation");
             FsHealth::Fenced
         }
+        "disk_failed" => FsHealth::DiskFailed(
+            link.reason
+                .unwrap_or_else(|| "vmha-fs reports a local disk failure".into()),
+        ),
         _ => FsHealth::Healthy,
-    }
+    })
+}
+
+/// The content of a `changed_bytes` file: a decimal count of bytes.
+fn parse_changed_bytes(bytes: &[u8]) -> Result<u64, DriverError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .ok_or_else(|| DriverError::failed("parse changed_bytes", "not a decimal count of bytes"))
+}
+
+/// The module's changed bytes from its directories' files (unreadable ones count
+/// nothing; the sum saturates rather than overflow).
+fn sum_changed_bytes(files: &[Vec<u8>]) -> u64 {
+    files
+        .iter()
+        .filter_map(|b| parse_changed_bytes(b).ok())
+        .fold(0u64, u64::saturating_add)
+}
+
+/// EIO: the file exists but its disk cannot deliver it.
+fn libc_eio() -> i32 {
+    rustix::io::Errno::IO.raw_os_error()
 }
 
 /// One line of `/proc/self/mountinfo`.
@@ -395,12 +479,19 @@ struct MountLine {
     mount_point: PathBuf,
     read_only: bool,
     fs_type: String,
+    /// The mount source (`vmha:<dir>` for vmha-fs).
+    source: String,
 }
 
 fn mount_table() -> Vec<MountLine> {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
+    parse_mount_table(&text)
+}
+
+/// The lines of a mountinfo text that parse (others are skipped).
+fn parse_mount_table(text: &str) -> Vec<MountLine> {
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(' ').collect();
@@ -412,6 +503,10 @@ fn mount_table() -> Vec<MountLine> {
                 mount_point: PathBuf::from(unescape_mountinfo(f.get(4)?)),
                 read_only: f.get(5)?.split(',').any(|o| o == "ro"),
                 fs_type: f.get(sep + 1)?.to_string(),
+                source: f
+                    .get(sep + 2)
+                    .map(|x| unescape_mountinfo(x))
+                    .unwrap_or_default(),
             })
         })
         .collect()
@@ -472,7 +567,9 @@ fn clear_leftover_mounts(dir: &Path, state: &Path) -> Result<(), DriverError> {
         let Some(top) = table.iter().rev().find(|m| m.mount_point == dir) else {
             return Ok(());
         };
-        let dead_fuse = top.fs_type == "fuse.vmha";
+        // fuser mounts as type `fuse` (or `fuse.vmha`) with source `vmha:<dir>`.
+        let fuse = top.fs_type == "fuse" || top.fs_type.starts_with("fuse.");
+        let dead_fuse = top.fs_type == "fuse.vmha" || (fuse && top.source.starts_with("vmha:"));
         let read_only_bind = top.read_only
             && !top.fs_type.starts_with("fuse")
             && table.iter().any(|m| m.id == top.parent && m.dev == top.dev);
@@ -622,8 +719,13 @@ impl FsDriver for VmhaFsDriver {
     fn unmount(&self, module: &Module) -> Result<(), DriverError> {
         let running = self.lock().remove(&module.name);
         if let Some(mut running) = running {
-            for (_, child) in &mut running.children {
+            for (i, (dir, child)) in running.children.iter_mut().enumerate() {
                 terminate(child);
+                // A vmha-fs that could not unmount (killed, or its disk failed)
+                // leaves its mount behind: detach it now, not at the next start.
+                if let Err(e) = clear_leftover_mounts(dir, &self.state_dir(module, i)) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "leftover mount");
+                }
             }
         }
         Ok(())
@@ -634,14 +736,30 @@ impl FsDriver for VmhaFsDriver {
         let Some(running) = all.get_mut(&module.name) else {
             return FsHealth::Idle;
         };
-        for (dir, child) in &mut running.children {
+        if running.writer {
+            if let Some(reason) = &running.disk_failed {
+                return FsHealth::DiskFailed(reason.clone());
+            }
+            for i in 0..running.children.len() {
+                if let FsHealth::DiskFailed(reason) = read_link(&self.state_dir(module, i)) {
+                    running.disk_failed = Some(reason.clone());
+                    return FsHealth::DiskFailed(reason);
+                }
+            }
+        }
+        for (i, (dir, child)) in running.children.iter_mut().enumerate() {
             match child.try_wait() {
                 Ok(None) => {}
                 Ok(Some(status)) => {
+                    // Before anything else: its dead mount answers ENOTCONN to
+                    // everyone, the next receiver's start included.
+                    if let Err(e) = clear_leftover_mounts(dir, &self.state_dir(module, i)) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "leftover mount");
+                    }
                     return FsHealth::Failed(format!(
                         "vmha-fs for {} exited: {status}",
                         dir.display()
-                    ))
+                    ));
                 }
                 Err(e) => return FsHealth::Failed(e.to_string()),
             }
@@ -747,12 +865,13 @@ impl FsDriver for VmhaFsDriver {
     /// What the writer's dirty records mark as changed without the peer, over all
     /// the module's directories (`STATE/changed_bytes`, refreshed every second).
     fn changed_bytes(&self, module: &Module) -> u64 {
-        self.writer_state_dirs(module)
+        let files: Vec<Vec<u8>> = self
+            .writer_state_dirs(module)
             .unwrap_or_default()
             .iter()
-            .filter_map(|state| std::fs::read_to_string(state.join("changed_bytes")).ok())
-            .filter_map(|text| text.trim().parse::<u64>().ok())
-            .sum()
+            .filter_map(|state| std::fs::read(state.join("changed_bytes")).ok())
+            .collect();
+        sum_changed_bytes(&files)
     }
 
     /// SIGHUP to each writer: vmha-fs compares its directory with the peer's and
@@ -910,6 +1029,97 @@ mod tests {
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
         assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
+    }
+
+    #[test]
+    fn changed_bytes_of_several_directories_saturate() {
+        let files = vec![
+            format!("{}\n", u64::MAX).into_bytes(),
+            b"12\n".to_vec(),
+            b"garbage".to_vec(),
+        ];
+        assert_eq!(sum_changed_bytes(&files), u64::MAX);
+        assert_eq!(sum_changed_bytes(&[b" 7\n".to_vec(), b"5".to_vec()]), 12);
+    }
+
+    #[test]
+    fn verify_json_that_does_not_parse_is_an_error_not_a_wait() {
+        let p = Path::new("verify.json");
+        assert!(parse_verify(p, b"{\"state\":\"done\"").is_err());
+        assert!(parse_verify(p, b"{\"state\":\"bogus\"}").is_err());
+        assert_eq!(parse_verify(p, b"{\"state\":\"running\"}"), Ok(None));
+        assert_eq!(
+            parse_verify(p, b"{\"state\":\"done\",\"differing\":[]}"),
+            Ok(Some(Vec::new()))
+        );
+    }
+
+    /// A state file's bytes: arbitrary, or JSON-shaped with the keys vmha-fs writes
+    /// (so that values of every type reach the field parsers), or a number.
+    fn state_file_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<u64>().prop_map(|v| v.to_string()),
+            "[a-z_]{0,12}".prop_map(|v| format!("\"{v}\"")),
+            Just("null".to_string()),
+            Just("[{\"path\":\"a\",\"offset\":1,\"len\":-1}]".to_string()),
+            Just("1e999".to_string()),
+            "\\PC{0,16}",
+        ];
+        let key = prop_oneof![
+            Just("state"),
+            Just("done_bytes"),
+            Just("total_bytes"),
+            Just("error"),
+            Just("differing"),
+            Just("reason"),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            proptest::collection::vec((key, value), 0..6).prop_map(|kv| {
+                let body: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", body.join(",")).into_bytes()
+            }),
+            any::<u64>().prop_map(|v| format!("{v}\n").into_bytes()),
+            "[0-9 +-]{0,30}".prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever another process left in a state file, the parsers neither panic
+        /// nor take it for a valid file unless it is one.
+        #[test]
+        fn state_file_parsers_take_any_bytes(
+            bytes in state_file_bytes(),
+            more in proptest::collection::vec(state_file_bytes(), 0..4),
+        ) {
+            let p = Path::new("state-file");
+            let sync = parse_sync(p, &bytes);
+            let link = parse_link(p, &bytes);
+            let verify = parse_verify(p, &bytes);
+            let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
+            let has_state = bytes.windows(7).any(|w| w == b"\"state\"");
+            if !is_json || !has_state {
+                proptest::prop_assert!(sync.is_err());
+                proptest::prop_assert!(link.is_err());
+                proptest::prop_assert!(verify.is_err());
+            }
+            let changed = parse_changed_bytes(&bytes);
+            let text = std::str::from_utf8(&bytes).ok();
+            proptest::prop_assert_eq!(
+                changed.ok(),
+                text.and_then(|t| t.trim().parse::<u64>().ok())
+            );
+            let mut all = more.clone();
+            all.push(bytes.clone());
+            let _ = sum_changed_bytes(&all);
+            let _ = combine(vec![sync, parse_sync(p, &bytes)]);
+            let _ = parse_mount_table(&String::from_utf8_lossy(&bytes));
+            let _ = unescape_mountinfo(&String::from_utf8_lossy(&bytes));
+        }
     }
 
     #[test]

@@ -16,12 +16,15 @@ struct Node {
     // Persisted.
     history: History,
     flag: bool,
+    self_outdated: bool,
     // Local facts the driver would own.
     changed: u64,
     writer: bool,
     receiver: bool,
     vm: bool,
     probing: bool,
+    /// The next `StopVm` fails (the VM keeps running).
+    stop_fails: bool,
     /// Counter values on this node's disk.
     data: BTreeSet<u64>,
 }
@@ -44,8 +47,13 @@ enum Op {
     Resync(usize),
     VmCrash(usize),
     FsFail(usize),
+    /// The local disk under a running vmha-fs fails: its copy is lost.
+    DiskFail(usize),
+    /// `vmctl swap` whose VM stop fails.
+    SwapStopFails(usize),
     Write(usize),
-    Witness(usize),
+    /// A node's witness probe ends; `true`: it could not run this time.
+    Witness(usize, bool),
     LinkDown,
 }
 
@@ -67,8 +75,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => node.clone().prop_map(Op::Resync),
         1 => node.clone().prop_map(Op::VmCrash),
         1 => node.clone().prop_map(Op::FsFail),
+        1 => node.clone().prop_map(Op::DiskFail),
+        1 => node.clone().prop_map(Op::SwapStopFails),
         4 => node.clone().prop_map(Op::Write),
-        1 => node.clone().prop_map(Op::Witness),
+        1 => (node.clone(), any::<bool>()).prop_map(|(i, fails)| Op::Witness(i, fails)),
         1 => Just(Op::LinkDown),
     ]
 }
@@ -77,7 +87,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Setup {
     failover: bool,
     witness: bool,
-    witness_ok: bool,
+    /// What a probe that runs finds.
+    witness_answer: WitnessOutcome,
     default_primary: Option<usize>,
     split_brain: u8,
 }
@@ -86,15 +97,19 @@ fn setup() -> impl Strategy<Value = Setup> {
     (
         any::<bool>(),
         any::<bool>(),
-        any::<bool>(),
+        prop_oneof![
+            Just(WitnessOutcome::Reachable),
+            Just(WitnessOutcome::Unreachable),
+            Just(WitnessOutcome::CouldNotProbe),
+        ],
         prop::option::of(0usize..2),
         0u8..4,
     )
         .prop_map(
-            |(failover, witness, witness_ok, default_primary, split_brain)| Setup {
+            |(failover, witness, witness_answer, default_primary, split_brain)| Setup {
                 failover,
                 witness,
-                witness_ok,
+                witness_answer,
                 default_primary,
                 split_brain,
             },
@@ -138,11 +153,13 @@ impl Sim {
             alive: true,
             history: History::empty(),
             flag: false,
+            self_outdated: false,
             changed: 0,
             writer: false,
             receiver: false,
             vm: false,
             probing: false,
+            stop_fails: false,
             data: BTreeSet::new(),
         };
         Sim {
@@ -175,6 +192,7 @@ impl Sim {
         }
         self.nodes[i].s = next;
         let mut started = false;
+        let mut stopped = None;
         for action in actions {
             let peer_history = self.nodes[1 - i].history.clone();
             let peer_data = self.nodes[1 - i].data.clone();
@@ -197,7 +215,13 @@ impl Sim {
                     n.vm = true;
                     started = true;
                 }
-                Action::StopVm => n.vm = false,
+                Action::StopVm => {
+                    let failed = std::mem::take(&mut n.stop_fails);
+                    if !failed {
+                        n.vm = false;
+                    }
+                    stopped = Some(failed);
+                }
                 Action::NewGeneration => {
                     n.history.start_new();
                     n.changed = 0;
@@ -208,7 +232,8 @@ impl Sim {
                     n.changed = 0;
                 }
                 Action::SetPeerMayBeNewer(b) => n.flag = b,
-                Action::ProbeWitness => n.probing = true,
+                Action::SetSelfOutdated(b) => n.self_outdated = b,
+                Action::ProbeWitness | Action::RetryWitness => n.probing = true,
                 Action::DefineDomain
                 | Action::StartResync { .. }
                 | Action::MarkPeerOutdated
@@ -217,6 +242,11 @@ impl Sim {
         }
         if started {
             self.deliver(i, Event::VmStarted);
+        }
+        match stopped {
+            Some(false) => self.deliver(i, Event::VmStopDone),
+            Some(true) => self.deliver(i, Event::VmStopFailed),
+            None => {}
         }
     }
 
@@ -280,7 +310,8 @@ impl Sim {
                         policy_of(self.setup, i),
                         n.history.current().is_some(),
                         n.flag,
-                    );
+                    )
+                    .with_self_outdated(n.self_outdated);
                     self.deliver(i, Event::Start);
                 }
             }
@@ -312,12 +343,29 @@ impl Sim {
                     self.deliver(i, Event::FsFailed);
                 }
             }
+            Op::DiskFail(i) => {
+                let n = &mut self.nodes[i];
+                if n.alive && (n.writer || n.receiver) {
+                    // Nothing on this disk can be trusted any more.
+                    n.data.clear();
+                    self.deliver(i, Event::DiskFailed);
+                }
+            }
+            Op::SwapStopFails(i) => {
+                self.nodes[i].stop_fails = true;
+                self.deliver(i, Event::Swap);
+                self.nodes[i].stop_fails = false;
+            }
             Op::Write(i) => self.write(i),
-            Op::Witness(i) => {
+            Op::Witness(i, fails) => {
                 if self.nodes[i].probing {
                     self.nodes[i].probing = false;
-                    let reachable = self.setup.witness_ok;
-                    self.deliver(i, Event::WitnessResult { reachable });
+                    let outcome = if fails {
+                        WitnessOutcome::CouldNotProbe
+                    } else {
+                        self.setup.witness_answer
+                    };
+                    self.deliver(i, Event::WitnessResult(outcome));
                 }
             }
             Op::LinkDown => {
@@ -370,6 +418,14 @@ impl Sim {
             );
             if n.alive {
                 assert_eq!(n.s.peer_may_be_newer, n.flag, "node {i}: flag mirror");
+                assert_eq!(
+                    n.s.self_outdated, n.self_outdated,
+                    "node {i}: self-outdated mirror"
+                );
+                // A failed disk is never written by a vmha-fs of this node.
+                if n.s.disk_failed {
+                    assert!(!n.writer && !n.receiver && !n.vm, "node {i}: {:?}", n.s);
+                }
                 assert_eq!(
                     n.writer,
                     n.s.role.is_writer(),
@@ -446,7 +502,7 @@ fn life_cycle_through_the_simulator() {
     let setup = Setup {
         failover: true,
         witness: false,
-        witness_ok: true,
+        witness_answer: WitnessOutcome::Reachable,
         default_primary: Some(0),
         split_brain: 3,
     };
@@ -495,7 +551,7 @@ fn tie_break_winner_vanishing_loses_nothing() {
     let setup = Setup {
         failover: true,
         witness: false,
-        witness_ok: true,
+        witness_answer: WitnessOutcome::Reachable,
         default_primary: None,
         split_brain: 3,
     };

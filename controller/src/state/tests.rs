@@ -35,7 +35,28 @@ fn seen(p: Peer) -> Event {
 }
 
 /// Runs events in order; returns the final state and every non-log action.
+/// Like the driver, a `StopVm` reports its outcome: `VmStopDone` (see
+/// [`run_exact`] for a failing stop).
 fn run(state: &ModuleState, events: &[Event]) -> (ModuleState, Vec<Action>) {
+    let mut state = state.clone();
+    let mut all = Vec::new();
+    for event in events {
+        let mut queue = vec![event.clone()];
+        while let Some(event) = queue.pop() {
+            let (next, actions) = step(&state, event.clone());
+            check_invariants(&state, &event, &next, &actions);
+            state = next;
+            if actions.contains(&Action::StopVm) {
+                queue.push(Event::VmStopDone);
+            }
+            all.extend(actions.into_iter().filter(|a| !matches!(a, Action::Log(_))));
+        }
+    }
+    (state, all)
+}
+
+/// [`run`] without completing anything: events exactly as given.
+fn run_exact(state: &ModuleState, events: &[Event]) -> (ModuleState, Vec<Action>) {
     let mut state = state.clone();
     let mut all = Vec::new();
     for event in events {
@@ -265,19 +286,25 @@ fn witness_decides_before_alone() {
         (Role::Second, Readiness::Transient)
     );
     assert_eq!(
-        run(&probing, &[Event::WitnessResult { reachable: true }])
+        run(&probing, &[Event::WitnessResult(WitnessOutcome::Reachable)])
             .0
             .role,
         Role::Alone
     );
-    let (s, actions) = run(&probing, &[Event::WitnessResult { reachable: false }]);
+    let (s, actions) = run(
+        &probing,
+        &[Event::WitnessResult(WitnessOutcome::Unreachable)],
+    );
     assert_eq!((s.role, s.hold), (Role::Wait, true));
     assert_eq!(actions, [Action::Unmount]);
     // PRIM: the VM stops when the witness is unreachable.
     let p = with_policy(prim(), |p| p.witness = true);
     let (s, actions) = run(
         &p,
-        &[Event::PeerLost, Event::WitnessResult { reachable: false }],
+        &[
+            Event::PeerLost,
+            Event::WitnessResult(WitnessOutcome::Unreachable),
+        ],
     );
     assert_eq!(s.role, Role::Wait);
     assert_eq!(
@@ -290,10 +317,50 @@ fn witness_decides_before_alone() {
         &[
             Event::PeerLost,
             seen(peer(Role::Second, Readiness::Ready, Relation::InSync)),
-            Event::WitnessResult { reachable: false },
+            Event::WitnessResult(WitnessOutcome::Unreachable),
         ],
     );
     assert_eq!((s.role, s.readiness()), (Role::Prim, Readiness::Ready));
+}
+
+/// A witness that could not be probed (no ICMP socket allowed...) is no
+/// evidence of a partition: no ALONE, no step down (with both nodes unable to
+/// probe, that was a total outage), the probe is retried until it runs.
+#[test]
+fn witness_that_cannot_be_probed_decides_nothing() {
+    let failed = Event::WitnessResult(WitnessOutcome::CouldNotProbe);
+    for start in [second(), prim()] {
+        let s = with_policy(start, |p| p.witness = true);
+        let role = s.role;
+        let (s, actions) = run(&s, &[Event::PeerLost, failed.clone()]);
+        assert_eq!(actions, [Action::ProbeWitness, Action::RetryWitness]);
+        assert_eq!((s.role, s.hold, s.probing()), (role, false, true));
+        assert_eq!(s.readiness(), Readiness::Transient);
+        // Failing again: still nothing decided, retried again, logged once.
+        let (again, actions) = step(&s, failed.clone());
+        assert_eq!(actions, [Action::RetryWitness]);
+        assert_eq!(again, s);
+        // Once the probe runs, its answer decides as usual.
+        let (alone, _) = run(&s, &[Event::WitnessResult(WitnessOutcome::Reachable)]);
+        assert_eq!(alone.role, Role::Alone);
+        let (held, _) = run(&s, &[Event::WitnessResult(WitnessOutcome::Unreachable)]);
+        assert_eq!((held.role, held.hold), (Role::Wait, true));
+        // The peer heard again ends the retries.
+        let (back, actions) = run(
+            &s,
+            &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+        );
+        assert!(!back.probing(), "{back:?}");
+        assert!(!actions.contains(&Action::RetryWitness));
+    }
+    // WAIT after the start-up wait: stays WAIT, not held, and the periodic
+    // start-up wait does not start a second probe beside the retries.
+    let w = with_policy(fresh(true, false), |p| p.witness = true);
+    let (s, actions) = run(&w, &[Event::Start, Event::StartWaitElapsed, failed]);
+    assert_eq!(actions, [Action::ProbeWitness, Action::RetryWitness]);
+    assert_eq!((s.role, s.hold, s.probing()), (Role::Wait, false, true));
+    let (_, actions) = run(&s, &[Event::StartWaitElapsed]);
+    assert_eq!(actions, []);
 }
 
 #[test]
@@ -419,7 +486,121 @@ fn fs_failure_on_prim_steps_down() {
         ))],
     );
     assert_eq!(s3.role, Role::Second);
-    assert!(actions.contains(&Action::StartResync { full: true }));
+    // Only a process died: the copy is intact, the resync incremental.
+    assert!(actions.contains(&Action::StartResync { full: false }));
+}
+
+#[test]
+fn swap_aborts_when_the_vm_does_not_stop() {
+    let (s, actions) = run_exact(&prim(), &[Event::Swap]);
+    // The hand-over waits for the VM to be off.
+    assert_eq!((s.role, s.swapping), (Role::Prim, true));
+    assert_eq!(actions, [Action::StopVm]);
+    let (s, actions) = run_exact(&s, &[Event::VmStopFailed]);
+    assert_eq!((s.role, s.request, s.swapping), (Role::Prim, None, false));
+    assert!(actions.is_empty(), "{actions:?}: nothing unmounted");
+    assert_eq!(s.readiness(), Readiness::Ready);
+    // No retry on the SECOND's request or the swap-back: only the operator's.
+    let mut hand = peer(Role::Second, Readiness::Ready, Relation::InSync);
+    hand.request = Some(Request::HandOver);
+    let (s, actions) = run_exact(&s, &[seen(hand)]);
+    assert_eq!(s.role, Role::Prim);
+    assert!(actions.is_empty(), "{actions:?}");
+    let back = with_policy(s.clone(), |p| p.default_primary = Some(Side::Peer));
+    let (_, actions) = run_exact(
+        &back,
+        &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+    );
+    assert!(actions.is_empty(), "{actions:?}");
+    // The operator asks again: it works this time.
+    let (s, actions) = run(&s, &[Event::Swap]);
+    assert_eq!((s.role, s.request), (Role::Second, Some(Request::TakeOver)));
+    assert_eq!(
+        actions,
+        [Action::StopVm, Action::Unmount, Action::MountReceiver]
+    );
+}
+
+#[test]
+fn local_disk_failure_hands_over_and_touches_nothing_until_start() {
+    let (s, actions) = run(&prim(), &[Event::DiskFailed]);
+    // Recorded first, then the VM stops and the mount goes; never a new
+    // generation, never the peer marked outdated, never alone.
+    assert_eq!(
+        actions,
+        [
+            Action::SetSelfOutdated(true),
+            Action::StopVm,
+            Action::Unmount
+        ]
+    );
+    assert_eq!(
+        (s.role, s.hold, s.uptodate, s.disk_failed, s.self_outdated),
+        (Role::Wait, true, false, true, true)
+    );
+    assert_eq!(s.announce().disk, Disk::Failed);
+    assert_eq!(s.readiness(), Readiness::NotUpToDate);
+    // The SECOND (failover = true) takes over from the writer that stepped down.
+    let (taker, _) = run(
+        &second(),
+        &[seen(peer(
+            Role::Wait,
+            Readiness::NotUpToDate,
+            Relation::InSync,
+        ))],
+    );
+    assert_eq!(taker.role, Role::Alone);
+    // The failed node follows nobody and never promotes itself.
+    let (s, actions) = run(
+        &s,
+        &[
+            seen(peer(Role::Alone, Readiness::Ready, Relation::PeerNewer)),
+            Event::StartWaitElapsed,
+            Event::PeerLost,
+            Event::StartWaitElapsed,
+            Event::PrimForced,
+        ],
+    );
+    assert_eq!(s.role, Role::Wait);
+    assert!(actions.is_empty(), "{actions:?}");
+    // A restart of vmhad: the persisted flag keeps it from promoting itself.
+    let restarted = ModuleState::new(policy(), true, false).with_self_outdated(true);
+    let (r, actions) = run(
+        &restarted,
+        &[
+            Event::Start,
+            Event::StartWaitElapsed,
+            seen(peer(Role::Wait, Readiness::Ready, Relation::InSync)),
+            seen(peer(Role::Stop, Readiness::Ready, Relation::LocalNewer)),
+        ],
+    );
+    assert_eq!((r.role, r.uptodate), (Role::Wait, false));
+    assert!(!actions.contains(&Action::MountWriter), "{actions:?}");
+    // `vmctl start` after the repair: it joins the writer with a full compare.
+    let (s, actions) = run(
+        &s,
+        &[
+            seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer)),
+            Event::Start,
+        ],
+    );
+    assert_eq!((s.role, s.disk_failed), (Role::Second, false));
+    assert_eq!(
+        actions,
+        [Action::MountReceiver, Action::StartResync { full: true }]
+    );
+    assert_eq!(s.announce().disk, Disk::Ok);
+    let (s, actions) = run(&s, &[Event::ResyncDone]);
+    assert_eq!(
+        actions,
+        [Action::AdoptPeerHistory, Action::SetSelfOutdated(false)]
+    );
+    assert_eq!((s.readiness(), s.self_outdated), (Readiness::Ready, false));
+    // An ALONE writer whose disk fails stops too: nobody runs the module.
+    let (alone, _) = run(&prim(), &[Event::PeerLost]);
+    let (s, actions) = run(&alone, &[Event::DiskFailed]);
+    assert_eq!(s.role, Role::Wait);
+    assert!(!actions.contains(&Action::NewGeneration));
 }
 
 #[test]
@@ -575,7 +756,7 @@ fn a_waiting_node_follows_the_writer_even_when_its_split_data_wins() {
         &[
             Event::ReplicationLinkDown,
             Event::PeerLost,
-            Event::WitnessResult { reachable: false },
+            Event::WitnessResult(WitnessOutcome::Unreachable),
         ],
     );
     assert_eq!((held.role, held.hold), (Role::Wait, true));
@@ -787,6 +968,40 @@ fn states() -> Vec<ModuleState> {
                     s.start_wait_over = wait_over;
                     s.peer = *k;
                     s.changed_bytes = 5;
+                    // Probing (maybe after a probe that could not run), as
+                    // `go_alone` starts it: up to date, peer not in view.
+                    let probes = match role {
+                        Role::Prim | Role::Second => matches!(k, PeerKnowledge::Lost(_)),
+                        Role::Wait => !hold && wait_over && !matches!(k, PeerKnowledge::Seen(_)),
+                        Role::Alone | Role::Stop => false,
+                    };
+                    if policy.witness && probes && has_data && uptodate {
+                        for failed in [false, true] {
+                            let mut probing = s.clone();
+                            probing.probe = Some(Probe { failed });
+                            out.push(probing);
+                        }
+                    }
+                    // The variants the machine reaches: a self-outdated copy
+                    // (never up to date), its failed disk (WAIT hold or STOP),
+                    // a swap waiting for its stop, a swap that failed.
+                    if !uptodate && !role.is_writer() {
+                        let mut o = s.clone();
+                        o.self_outdated = true;
+                        out.push(o.clone());
+                        if matches!(role, Role::Stop) || (role == Role::Wait && hold) {
+                            o.disk_failed = true;
+                            out.push(o);
+                        }
+                    }
+                    if role == Role::Prim {
+                        let mut w = s.clone();
+                        w.swapping = true;
+                        out.push(w);
+                        let mut r = s.clone();
+                        r.swap_refused = true;
+                        out.push(r);
+                    }
                     out.push(s);
                 }
             }
@@ -812,10 +1027,14 @@ fn events() -> Vec<Event> {
         Event::VmStopped { now_ms: 7 },
         Event::VmStartFailed { now_ms: 7 },
         Event::FsFailed,
+        Event::DiskFailed,
+        Event::VmStopDone,
+        Event::VmStopFailed,
         Event::ReplicationLinkDown,
         Event::Fenced,
-        Event::WitnessResult { reachable: true },
-        Event::WitnessResult { reachable: false },
+        Event::WitnessResult(WitnessOutcome::Reachable),
+        Event::WitnessResult(WitnessOutcome::Unreachable),
+        Event::WitnessResult(WitnessOutcome::CouldNotProbe),
     ];
     for p in peers() {
         out.push(Event::PeerSeen {
@@ -901,8 +1120,10 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             assert!(!before.policy.witness, "{}", ctx());
         }
     }
-    // Leaving the writer role stops the VM first, then unmounts.
-    if before.role.is_writer() && !after.role.is_writer() {
+    // Leaving the writer role stops the VM first, then unmounts (a swap's VM
+    // was stopped by the previous step, which reported `VmStopDone`).
+    let swap_done = before.swapping && *event == Event::VmStopDone;
+    if before.role.is_writer() && !after.role.is_writer() && !swap_done {
         let stop = index(actions, &Action::StopVm).unwrap_or_else(|| panic!("{}", ctx()));
         let unmount = index(actions, &Action::Unmount).unwrap_or_else(|| panic!("{}", ctx()));
         assert!(stop < unmount, "{}", ctx());
@@ -951,6 +1172,67 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
     if matches!(after.role, Role::Prim | Role::Second) {
         assert!(after.peer_may_be_newer, "{}", ctx());
     }
+    // A self-outdated copy is never up to date nor promoted but by the operator,
+    // and resyncs in full; the flag mirror follows what was persisted.
+    let persisted_self = actions.iter().rev().find_map(|a| match a {
+        Action::SetSelfOutdated(b) => Some(*b),
+        _ => None,
+    });
+    assert_eq!(
+        after.self_outdated,
+        persisted_self.unwrap_or(before.self_outdated),
+        "{}",
+        ctx()
+    );
+    if after.self_outdated {
+        assert!(!after.uptodate, "{}", ctx());
+    }
+    if promoted && *event != Event::PrimForced {
+        assert!(
+            !before.self_outdated,
+            "promoted a self-outdated copy: {}",
+            ctx()
+        );
+    }
+    if before.self_outdated && actions.contains(&Action::StartResync { full: false }) {
+        panic!("incremental resync of a self-outdated copy: {}", ctx());
+    }
+    // A failed disk: the module leaves this node, which touches nothing more
+    // and never blames its peer, until the operator's `start`.
+    if *event == Event::DiskFailed {
+        assert!(matches!(after.role, Role::Wait | Role::Stop), "{}", ctx());
+        assert!(after.disk_failed && after.self_outdated, "{}", ctx());
+        if !before.self_outdated {
+            let set = index(actions, &Action::SetSelfOutdated(true));
+            assert!(
+                set.is_some_and(|i| index(actions, &Action::StopVm).is_none_or(|s| i < s)),
+                "{}",
+                ctx()
+            );
+        }
+    }
+    if before.disk_failed && *event != Event::Start {
+        for a in actions {
+            assert!(
+                matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)),
+                "a failed disk touched: {}",
+                ctx()
+            );
+        }
+        assert!(after.disk_failed, "{}", ctx());
+    }
+    if matches!(event, Event::DiskFailed) || before.disk_failed {
+        assert!(!actions.contains(&Action::NewGeneration), "{}", ctx());
+        assert!(!actions.contains(&Action::MarkPeerOutdated), "{}", ctx());
+    }
+    // A swap hands over only once its VM stopped; a failed stop keeps it here.
+    if *event == Event::VmStopFailed && before.role == Role::Prim {
+        assert_eq!(after.role, Role::Prim, "{}", ctx());
+        assert!(!actions.contains(&Action::Unmount), "{}", ctx());
+    }
+    if after.role == Role::Second && before.role == Role::Prim && *event != Event::VmStopDone {
+        assert!(actions.contains(&Action::StopVm), "{}", ctx());
+    }
     // Colours as operators know them.
     match after.role {
         Role::Stop | Role::Wait => assert_eq!(after.colour(), Colour::Red),
@@ -958,6 +1240,19 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             after.colour() == Colour::Green,
             after.readiness() == Readiness::Ready
         ),
+    }
+    // A witness that could not be probed decides nothing: the role and the
+    // probe stay, nothing is mounted, stopped or unmounted.
+    if *event == Event::WitnessResult(WitnessOutcome::CouldNotProbe) {
+        assert_eq!(after.role, before.role, "{}", ctx());
+        assert_eq!(after.hold, before.hold, "{}", ctx());
+        assert_eq!(after.probing(), before.probing(), "{}", ctx());
+        let retry = before.probing().then_some(Action::RetryWitness);
+        let acts: Vec<&Action> = actions
+            .iter()
+            .filter(|a| !matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)))
+            .collect();
+        assert_eq!(acts, retry.iter().collect::<Vec<_>>(), "{}", ctx());
     }
     // A ready SECOND that loses its PRIM fails over (no witness, failover on).
     if *event == Event::PeerLost

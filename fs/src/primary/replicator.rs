@@ -1,0 +1,409 @@
+//! Submitting one mutation on the primary: order it, record it, send it, apply it
+//! locally, join both outcomes, settle a disagreement. Every mutation the FUSE
+//! layer serves goes through one of three doors, chosen by when the local effect
+//! can be known:
+//! - [`Replicator::send_then_apply`] (writes, fsync): queued for the peer first,
+//!   applied here while it travels; the reply waits for both (a [`Joint`]).
+//! - [`Replicator::apply_then_send`] (namespace and metadata): applied here first
+//!   (an EEXIST or ENOTEMPTY then never reaches the peer), queued while the lock
+//!   that orders it is still held, then the peer's outcome is awaited.
+//! - [`Replicator::send_applied`] (copy_file_range): the local effect decides
+//!   what is sent (the byte count copied).
+//!
+//! Whatever the door, the two outcomes are judged by [`super::joint::judge`] and
+//! settled here ([`Replicator::settle`]): the one place that decides what a
+//! disagreement means.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use rustix::fs::FallocateFlags;
+
+use super::disk::{is_media_error, DiskHealth};
+use super::joint::{judge, Joint, Local, Repair, Settled, Verdict};
+use crate::apply::{self, Applied, Errno, NodeTable};
+use crate::inodes::Inodes;
+use crate::link::PeerLink;
+use crate::op::{Name, NodeId, Op};
+use crate::track::{Change, InFlight, Tracker};
+
+type Finish<T> = Box<dyn FnOnce(Result<T, Errno>) + Send>;
+
+/// Which side a repair failed on.
+#[derive(Debug)]
+enum Side {
+    Local(Errno),
+    Peer(Errno),
+}
+
+/// The primary's submission pipeline (see the module doc).
+#[derive(Debug)]
+pub struct Replicator {
+    pub(crate) inodes: Arc<Inodes>,
+    pub(crate) link: PeerLink,
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) disk: Arc<DiskHealth>,
+    /// The backing directory's path, to name journal entries relative to it.
+    root_path: Vec<u8>,
+    /// The largest file the backing filesystem accepts: a change reaching past it
+    /// fails with EFBIG before anything is recorded.
+    max_size: u64,
+}
+
+impl Replicator {
+    pub fn new(
+        inodes: Arc<Inodes>,
+        link: PeerLink,
+        tracker: Arc<Tracker>,
+        disk: Arc<DiskHealth>,
+        root_path: Vec<u8>,
+        max_size: u64,
+    ) -> Arc<Self> {
+        link.track(tracker.clone());
+        Arc::new(Self {
+            inodes,
+            link,
+            tracker,
+            disk,
+            root_path,
+            max_size,
+        })
+    }
+
+    /// Queues `ops` for the peer while `order` (the lock that orders them) is
+    /// held, runs `local` meanwhile, and calls `finish` once both are in. The
+    /// first op says what is recorded (activity log or dirty records).
+    pub fn send_then_apply<T: Send + 'static, G>(
+        self: &Arc<Self>,
+        what: &'static str,
+        ops: Vec<Op>,
+        repair: Repair,
+        order: G,
+        local: impl FnOnce() -> Result<T, Errno>,
+        finish: Finish<T>,
+    ) {
+        if let Err(e) = self.disk.check() {
+            drop(order);
+            return finish(Err(e));
+        }
+        let inflight = match ops.first().map(|op| self.record(op)).transpose() {
+            Ok(inflight) => inflight,
+            Err(e) => {
+                drop(order);
+                return finish(Err(e));
+            }
+        };
+        let joint = Joint::new(
+            self,
+            what,
+            ops.len(),
+            repair,
+            Box::new(move |r| {
+                // Covered by the record until the reply is out.
+                drop(inflight);
+                finish(r)
+            }),
+        );
+        for op in ops {
+            if let Err(e) = self.link.submit(op, joint.remote()) {
+                drop(order);
+                return joint.local(Local::NotApplied(e));
+            }
+        }
+        let result = local();
+        drop(order);
+        joint.local(Local::Applied(result));
+    }
+
+    /// Applies `op` here, queues it for the peer while `order` is still held,
+    /// then waits for the peer.
+    pub fn apply_then_send<G>(
+        &self,
+        what: &'static str,
+        op: Op,
+        repair: Repair,
+        order: G,
+    ) -> Result<Applied, Errno> {
+        self.disk.check()?;
+        self.link.wait_usable()?;
+        let _inflight = self.record(&op)?;
+        let applied = match apply::apply(self.inodes.as_ref(), &op) {
+            Ok(applied) => applied,
+            // Not sent: the peer never sees a change that failed here.
+            Err(e) if is_media_error(e) => {
+                self.disk.fail(what, e);
+                return Err(Errno::IO);
+            }
+            Err(e) => return Err(e),
+        };
+        self.send_and_settle(what, op, repair, order, applied)
+    }
+
+    /// Replicates an op that was already applied here (its local effect decided
+    /// what it says, like the byte count of a copy).
+    pub fn send_applied<G>(
+        &self,
+        what: &'static str,
+        op: Op,
+        repair: Repair,
+        order: G,
+    ) -> Result<(), Errno> {
+        self.send_and_settle(what, op, repair, order, ())
+    }
+
+    /// Queues `op` (applied here with outcome `applied`) while `order` is held,
+    /// releases it, waits for the peer and settles the two outcomes.
+    fn send_and_settle<T, G>(
+        &self,
+        what: &'static str,
+        op: Op,
+        repair: Repair,
+        order: G,
+        applied: T,
+    ) -> Result<T, Errno> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let queued = self.link.submit(
+            op,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        // Before any repair, which takes the whole file's lock.
+        drop(order);
+        if queued.is_err() {
+            let _ = self
+                .link
+                .diverged(&format!("{what} applied locally, could not be replicated"));
+            return Err(Errno::IO);
+        }
+        let remote = rx.recv().unwrap_or(Err(Errno::IO)).err();
+        self.settle_blocking(
+            judge(Local::Applied(Ok(applied)), remote, repair),
+            what,
+            repair,
+        )
+    }
+
+    /// Queues a bookkeeping op (no data) if the link sends to the peer; never waits.
+    pub fn bookkeeping(&self, op: Op) {
+        self.link.submit_nowait(op);
+    }
+
+    /// Guards a local change that is not replicated by itself but must not happen
+    /// on a failed disk or while the peer is lost (the replicated op follows).
+    pub fn ready_for_change(&self) -> Result<(), Errno> {
+        self.disk.check()?;
+        self.link.wait_usable()
+    }
+
+    /// Passes a local result through, recording a media error as a disk failure.
+    pub fn watch<T>(&self, what: &str, result: Result<T, Errno>) -> Result<T, Errno> {
+        self.disk.watch(what, result)
+    }
+
+    fn settle_blocking<T>(
+        &self,
+        verdict: Verdict<T>,
+        what: &'static str,
+        repair: Repair,
+    ) -> Result<T, Errno> {
+        match self.settle(verdict, what) {
+            Settled::Now(r) => r,
+            Settled::AfterRepair(e) => self.make_equal(repair, e, what),
+        }
+    }
+
+    /// What a verdict does: the one place a disagreement is acted on.
+    pub(crate) fn settle<T>(&self, verdict: Verdict<T>, what: &'static str) -> Settled<T> {
+        match verdict {
+            Verdict::Agreed(r) => Settled::Now(r),
+            Verdict::LocalDiskFailed(e) => {
+                self.disk.fail(what, e);
+                Settled::Now(Err(Errno::IO))
+            }
+            Verdict::LocalBehind(e) => {
+                self.disk.fail(
+                    &format!("{what} failed here but was applied on the peer"),
+                    e,
+                );
+                Settled::Now(Err(e))
+            }
+            Verdict::PeerBehind { value, errno } => {
+                let why = format!("{what} applied locally but failed on the peer: {errno}");
+                if self.link.diverged(&why) {
+                    // The peer is recorded as outdated: the local result stands.
+                    Settled::Now(Ok(value))
+                } else {
+                    Settled::Now(Err(Errno::IO))
+                }
+            }
+            Verdict::BothFailedPeerBehind(e) => {
+                let _ = self.link.diverged(&format!(
+                    "{what} failed on both nodes, the peer's disk failed"
+                ));
+                Settled::Now(Err(e))
+            }
+            Verdict::MakeEqual(e) => Settled::AfterRepair(e),
+        }
+    }
+
+    /// Makes the copies equal after a change one side made alone, then answers
+    /// with the error the writer gets. Blocks on the peer: never call it on the
+    /// thread that reads acknowledgements.
+    pub(crate) fn make_equal<T>(
+        &self,
+        repair: Repair,
+        errno: Errno,
+        what: &str,
+    ) -> Result<T, Errno> {
+        match self.equalize(repair) {
+            Ok(()) => {
+                tracing::warn!(
+                    what,
+                    %errno,
+                    "one node refused a change the other made; the copies were made equal again"
+                );
+                Err(errno)
+            }
+            Err(Side::Local(e)) => {
+                self.disk.fail(
+                    &format!("{what}: cannot make this copy equal to the peer's after {errno}"),
+                    e,
+                );
+                Err(Errno::IO)
+            }
+            Err(Side::Peer(e)) => {
+                let why = format!("{what}: the peer cannot be made equal after {errno}: {e}");
+                if self.link.diverged(&why) {
+                    Err(errno)
+                } else {
+                    Err(Errno::IO)
+                }
+            }
+        }
+    }
+
+    /// Under the whole file's range lock (every earlier change of it has been
+    /// applied here and queued for the peer, no later one starts): punch the range
+    /// on both sides when its data differs, then give the peer this side's size.
+    fn equalize(&self, repair: Repair) -> Result<(), Side> {
+        let (id, range) = match repair {
+            Repair::Range { id, offset, len } => (id, Some((offset, len))),
+            Repair::Size { id } => (id, None),
+            Repair::None => return Ok(()),
+        };
+        let node = self.inodes.get(id).map_err(Side::Local)?;
+        let _whole_file = node.ranges.lock(0, u64::MAX);
+        let fd = self.inodes.data_fd(id).map_err(Side::Local)?;
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        if let Some((offset, len)) = range {
+            if len > 0 {
+                rustix::fs::fallocate(fd.as_fd(), punch, offset, len).map_err(Side::Local)?;
+            }
+        }
+        let size = rustix::fs::fstat(fd.as_fd()).map_err(Side::Local)?.st_size as u64;
+        if let Some((offset, len)) = range {
+            if len > 0 {
+                self.link
+                    .submit_wait(Op::Fallocate {
+                        id,
+                        mode: punch.bits(),
+                        offset,
+                        len,
+                    })
+                    .map_err(Side::Peer)?;
+            }
+        }
+        self.link
+            .submit_wait(Op::Truncate { id, size })
+            .map_err(Side::Peer)
+    }
+
+    /// Records what `op` is about to change where the peer may not get it (design,
+    /// "Degraded mode"): in the dirty records while writing alone, in the activity
+    /// log while the peer receives. Durable before this returns; call it before the
+    /// local change.
+    pub fn record(&self, op: &Op) -> Result<InFlight, Errno> {
+        let changes = self.changes_of(op)?;
+        if changes.is_empty() {
+            return Ok(InFlight::none());
+        }
+        if self.link.state().writes_alone() {
+            self.tracker.record_degraded(&changes)?;
+            return Ok(InFlight::none());
+        }
+        let inflight = self.tracker.record_active(&changes)?;
+        // The link may have stopped sending meanwhile, after the activity log moved
+        // to the dirty records: then this change belongs there too.
+        if self.link.state().writes_alone() {
+            self.tracker.record_degraded(&changes)?;
+        }
+        Ok(inflight)
+    }
+
+    fn changes_of(&self, op: &Op) -> Result<Vec<Change>, Errno> {
+        let range = |id: NodeId, start: u64, len: u64| -> Result<Vec<Change>, Errno> {
+            let end = start.checked_add(len).ok_or(Errno::FBIG)?;
+            if end > self.max_size {
+                return Err(Errno::FBIG);
+            }
+            let ino = self.inodes.get(id)?.ino();
+            Ok(vec![Change::Range { ino, start, end }])
+        };
+        let name = |parent: NodeId, name: &Name| -> Result<Change, Errno> {
+            let dir = self.inodes.get(parent)?;
+            let path = crate::fuse_fs::fd_path(dir.fd.as_fd()).unwrap_or_default();
+            let root = self.root_path.as_slice();
+            let full = if path == root {
+                name.as_bytes().to_vec()
+            } else {
+                match path.strip_prefix(root).and_then(|r| r.strip_prefix(b"/")) {
+                    Some(prefix) => crate::track::join(prefix, name.as_bytes()),
+                    // Outside the root (a removed directory): everything is suspect.
+                    None => Vec::new(),
+                }
+            };
+            Ok(Change::Name(full))
+        };
+        Ok(match op {
+            Op::Write { id, offset, data } => range(*id, *offset, data.len() as u64)?,
+            Op::Fallocate {
+                id, offset, len, ..
+            } => range(*id, *offset, *len)?,
+            Op::CopyRange {
+                dst,
+                dst_offset,
+                len,
+                ..
+            } => range(*dst, *dst_offset, *len)?,
+            Op::Truncate { id, size } => {
+                let node = self.inodes.get(*id)?;
+                let old = rustix::fs::fstat(node.fd.as_fd())?.st_size as u64;
+                let (lo, hi) = (old.min(*size), old.max(*size));
+                range(*id, lo, hi - lo)?
+            }
+            Op::Create {
+                parent, name: n, ..
+            }
+            | Op::Mkdir {
+                parent, name: n, ..
+            }
+            | Op::Symlink {
+                parent, name: n, ..
+            }
+            | Op::Link {
+                parent, name: n, ..
+            }
+            | Op::Unlink { parent, name: n }
+            | Op::Rmdir { parent, name: n } => vec![name(*parent, n)?],
+            Op::Rename {
+                parent,
+                name: n,
+                new_parent,
+                new_name,
+                ..
+            } => vec![name(*parent, n)?, name(*new_parent, new_name)?],
+            _ => Vec::new(),
+        })
+    }
+}
