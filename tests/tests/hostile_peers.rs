@@ -269,3 +269,49 @@ fn hostile_clients_change_nothing_outside_and_the_primary_keeps_working() -> Res
     pair.stop()?;
     Ok(())
 }
+
+/// A receiver that holds the key but answers with error numbers no kernel has
+/// (peer-provided numbers are checked before use): the primary drops the link
+/// and fails the write after the lock timeout, logged, never a panic.
+#[test]
+fn a_receiver_answering_an_invalid_errno_is_dropped_not_a_panic() -> Result<()> {
+    let mut pair = Pair::prepare(PairOptions::default())?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", pair.port()))?;
+    let key = ClusterKey::load(pair.key_file())?;
+    let bind = binding(&pair)?;
+    let fake = std::thread::spawn(move || -> Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let keys = wire::server_handshake(&mut stream, &key, &bind)?;
+        let mut reader = FrameReader::new(stream.try_clone()?, keys.recv);
+        let mut writer = FrameWriter::new(stream, keys.send);
+        match reader.recv()? {
+            Message::Claim { .. } => {}
+            other => bail!("expected Claim, got {other:?}"),
+        }
+        writer.send(&Message::Welcome { report: None })?;
+        writer.flush()?;
+        // Every operation "failed" with an error number outside 1..4095.
+        while let Ok(msg) = reader.recv() {
+            if let Message::Op { seq, .. } = msg {
+                writer.send(&Message::Acks(vec![wire::Ack { seq, errno: 99_999 }]))?;
+                writer.flush()?;
+            }
+        }
+        Ok(())
+    });
+    pair.start_primary()?;
+    let created = std::fs::write(pair.mount().join("f"), b"data");
+    let err = created.expect_err("a create acknowledged with an invalid errno succeeded");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let primary = pair.primary().context("no primary")?;
+    assert!(primary.try_status()?.is_none(), "the primary exited");
+    let log = primary.stderr_text();
+    assert!(!log.contains("panicked"), "the primary panicked:\n{log}");
+    assert!(
+        log.contains("invalid error number 99999"),
+        "the invalid answer is not logged:\n{log}"
+    );
+    drop(pair);
+    let _ = fake.join();
+    Ok(())
+}
