@@ -65,15 +65,9 @@ pub enum AsideError {
     },
 }
 
-/// Called while a long save goes on (at most once a second).
-pub type Heartbeat = Box<dyn FnMut() + Send>;
-
 /// Where one resync's overwritten data goes.
+#[derive(Debug)]
 pub struct SaveAside {
-    /// Tells the writer a long save is progressing (it would take the silence
-    /// for a stalled peer).
-    heartbeat: Option<Heartbeat>,
-    last_beat: std::time::Instant,
     dir: PathBuf,
     blocks: File,
     manifest: BufWriter<File>,
@@ -83,27 +77,6 @@ pub struct SaveAside {
     saved: HashMap<u64, Vec<(u64, u64)>>,
     removed: usize,
     root_path: Vec<u8>,
-}
-
-/// The heartbeat as a closure borrowing only its own fields.
-fn beater<'a>(
-    heartbeat: &'a mut Option<Heartbeat>,
-    last: &'a mut std::time::Instant,
-) -> impl FnMut() + 'a {
-    move || {
-        if last.elapsed() >= std::time::Duration::from_secs(1) {
-            *last = std::time::Instant::now();
-            if let Some(beat) = heartbeat.as_mut() {
-                beat();
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for SaveAside {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SaveAside({})", self.dir.display())
-    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AsideError + '_ {
@@ -185,13 +158,11 @@ fn copy_bytes(
     dst: BorrowedFd<'_>,
     to: u64,
     len: u64,
-    beat: &mut dyn FnMut(),
 ) -> Result<u64, Errno> {
     let (mut off_in, mut off_out) = (from, to);
     let end = from + len;
     let mut buf: Vec<u8> = Vec::new();
     while off_in < end {
-        beat();
         let want = (end - off_in).min(PIECE) as usize;
         if buf.is_empty() {
             match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)
@@ -224,7 +195,6 @@ fn copy_sparse(
     to: u64,
     dst: BorrowedFd<'_>,
     at: u64,
-    beat: &mut dyn FnMut(),
 ) -> Result<(), Errno> {
     let mut pos = from;
     while pos < to {
@@ -241,7 +211,7 @@ fn copy_sparse(
             Err(Errno::NXIO) => to,
             Err(e) => return Err(e),
         };
-        copy_bytes(src, data, dst, at + (data - from), hole - data, beat)?;
+        copy_bytes(src, data, dst, at + (data - from), hole - data)?;
         pos = hole;
     }
     Ok(())
@@ -288,8 +258,6 @@ impl SaveAside {
             .unwrap_or_default();
         tracing::warn!(dir = %dir.display(), "saving this node's diverged data aside before the resync overwrites it");
         let aside = SaveAside {
-            heartbeat: None,
-            last_beat: std::time::Instant::now(),
             dir,
             blocks,
             manifest,
@@ -300,16 +268,6 @@ impl SaveAside {
         };
         aside.sync()?;
         Ok(aside)
-    }
-
-    /// Calls `beat` (at most once a second) while a long save goes on.
-    pub fn with_heartbeat(mut self, beat: Heartbeat) -> Self {
-        self.heartbeat = Some(beat);
-        self
-    }
-
-    fn beat(&mut self) {
-        beater(&mut self.heartbeat, &mut self.last_beat)();
     }
 
     pub fn dir(&self) -> &Path {
@@ -448,16 +406,8 @@ impl SaveAside {
         for (start, end) in todo {
             let end_data = end.min(size);
             let at = round_up(self.blocks_len);
-            let mut beat = beater(&mut self.heartbeat, &mut self.last_beat);
-            copy_sparse(
-                file.as_fd(),
-                start,
-                end_data,
-                self.blocks.as_fd(),
-                at,
-                &mut beat,
-            )
-            .map_err(errno(&self.dir))?;
+            copy_sparse(file.as_fd(), start, end_data, self.blocks.as_fd(), at)
+                .map_err(errno(&self.dir))?;
             writeln!(self.manifest, "{path}\t{start}\t{}\t{at}", end_data - start)
                 .map_err(io(&self.dir))?;
             self.blocks_len = at + (end_data - start);
@@ -568,10 +518,7 @@ impl SaveAside {
                 let src = apply::reopen(fd, OFlags::RDONLY).map_err(errno(target))?;
                 let (dst, path) = unique(target, create_private)?;
                 let size = st.st_size as u64;
-                self.beat();
-                let mut beat = beater(&mut self.heartbeat, &mut self.last_beat);
-                copy_sparse(src.as_fd(), 0, size, dst.as_fd(), 0, &mut beat)
-                    .map_err(errno(&path))?;
+                copy_sparse(src.as_fd(), 0, size, dst.as_fd(), 0).map_err(errno(&path))?;
                 dst.set_len(size).map_err(io(&path))?;
                 self.removed += 1;
                 Ok(())

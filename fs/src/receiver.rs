@@ -11,6 +11,15 @@
 //! not decode (including names that would leave the directory) is logged and
 //! dropped; nothing of that frame is applied and the current primary's session goes
 //! on.
+//!
+//! Some operations are long by nature: saving a split brain's data aside (a whole
+//! tree copied and synced), removing a tree of 100,000 files, a wipe, a `syncfs`.
+//! Without acknowledgements for longer than its lock timeout the writer would take
+//! the peer for stalled and give up on it, so while one of these has run for more
+//! than [`KEEPALIVE_INTERVAL`] the session's keepalive thread sends a `Ping` every
+//! interval. The writer counts a receiver's `Ping` as progress only: it completes
+//! nothing (only `Acks` do). The pings stop after [`KEEPALIVE_LIMIT`] on one
+//! operation, so a receiver whose disk hangs is still given up on.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter};
@@ -18,10 +27,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver as ChannelRx;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rustix::fs::{FileType, OFlags};
 
 use crate::apply::{self, Applied, Errno, NodeTable};
@@ -39,6 +48,12 @@ const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an authenticated primary has to send its claim.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 const FSYNC_WORKERS: usize = 4;
+/// How often a long operation is announced to the writer (well below its default
+/// lock timeout of 5 s).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest one operation is kept alive; past it the writer's lock timeout
+/// decides (a hung disk must not hold the writer forever).
+pub const KEEPALIVE_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// How a refusal of a writer with another generation than the accepted one begins
 /// (fencing): the writer's side tells it from other refusals by it.
 pub const STALE_WRITER: &str = "stale writer";
@@ -417,6 +432,106 @@ fn welcome(
 
 type SharedWriter = Arc<Mutex<FrameWriter<BufWriter<TcpStream>>>>;
 
+/// What the keepalive thread watches.
+#[derive(Default)]
+struct KeepaliveState {
+    /// When the long operation running now began.
+    busy_since: Option<Instant>,
+    stop: bool,
+}
+
+/// Pings the writer while one long operation runs (see the module docs).
+struct Keepalive {
+    state: Arc<(Mutex<KeepaliveState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Marks a long operation for as long as it lives.
+struct Busy<'a>(Option<&'a Keepalive>);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.0 {
+            k.state.0.lock().busy_since = None;
+        }
+    }
+}
+
+impl Keepalive {
+    fn start(writer: SharedWriter) -> std::io::Result<Keepalive> {
+        let state: Arc<(Mutex<KeepaliveState>, Condvar)> = Arc::default();
+        let watched = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("recv-keepalive".into())
+            .spawn(move || keepalive_loop(&watched, &writer))?;
+        Ok(Keepalive {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts a long operation (ends when the guard drops).
+    fn busy(&self) -> Busy<'_> {
+        self.state.0.lock().busy_since = Some(Instant::now());
+        self.state.1.notify_one();
+        Busy(Some(self))
+    }
+}
+
+impl Drop for Keepalive {
+    fn drop(&mut self) {
+        self.state.0.lock().stop = true;
+        self.state.1.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn keepalive_loop(state: &(Mutex<KeepaliveState>, Condvar), writer: &SharedWriter) {
+    let (lock, changed) = state;
+    let mut last_ping: Option<(Instant, Instant)> = None;
+    let mut s = lock.lock();
+    loop {
+        if s.stop {
+            return;
+        }
+        let Some(since) = s.busy_since else {
+            // Idle: sleep until an operation starts.
+            changed.wait(&mut s);
+            continue;
+        };
+        let running = since.elapsed();
+        let pinged = last_ping
+            .filter(|(op, _)| *op == since)
+            .map(|(_, at)| at.elapsed());
+        if running > KEEPALIVE_LIMIT {
+            changed.wait(&mut s);
+            continue;
+        }
+        let due = match pinged {
+            Some(ago) => KEEPALIVE_INTERVAL.saturating_sub(ago),
+            None => KEEPALIVE_INTERVAL.saturating_sub(running),
+        };
+        if !due.is_zero() {
+            changed.wait_for(&mut s, due);
+            continue;
+        }
+        last_ping = Some((since, Instant::now()));
+        drop(s);
+        tracing::debug!(
+            running_ms = running.as_millis() as u64,
+            "long operation: keepalive ping"
+        );
+        {
+            let mut w = writer.lock();
+            // A failed send ends the session on the main thread's next send or read.
+            let _ = w.send(&Message::Ping).and_then(|()| w.flush());
+        }
+        s = lock.lock();
+    }
+}
+
 /// Acks owed to the primary, sent when the input runs dry or the batch grows.
 struct AckBatch {
     acks: Vec<Ack>,
@@ -464,6 +579,7 @@ fn run_session(
         );
     }
     drop(sync_rx);
+    let keepalive = Keepalive::start(writer.clone())?;
 
     let mut batch = AckBatch {
         acks: Vec::new(),
@@ -507,6 +623,11 @@ fn run_session(
             )));
         }
         expected += 1;
+        // Long by nature (see the module docs): the writer hears of it meanwhile.
+        let mut busy = Busy(None);
+        if matches!(op, Op::Remove { .. } | Op::Wipe | Op::SyncAll | Op::InSync) {
+            busy = keepalive.busy();
+        }
         let saved = match &aside_policy {
             Some(policy) if !policy.done.load(Ordering::SeqCst) => {
                 match &op {
@@ -519,7 +640,10 @@ fn run_session(
                     _ => {}
                 }
                 if destroys_data(&op) && !targets_created(&op, &created) {
-                    save_before(&mut aside, policy, &table, &op, &writer)
+                    if busy.0.is_none() {
+                        busy = keepalive.busy();
+                    }
+                    save_before(&mut aside, policy, &table, &op)
                 } else {
                     Ok(())
                 }
@@ -608,6 +732,7 @@ fn run_session(
                 (outcome, _) => outcome.map(|_| ()),
             }
         };
+        drop(busy);
         if let Err(errno) = outcome {
             tracing::warn!(seq, %errno, "operation failed on the secondary");
         }
@@ -618,6 +743,7 @@ fn run_session(
             }
         }
     };
+    drop(keepalive);
     drop(sync_tx);
     for t in threads {
         let _ = t.join();
@@ -656,18 +782,11 @@ fn save_before(
     policy: &AsidePolicy,
     table: &SessionTable,
     op: &Op,
-    writer: &SharedWriter,
 ) -> Result<(), Errno> {
     if aside.is_none() {
         let root = table.path_fd(ROOT)?;
-        let writer = writer.clone();
-        // A long save (a big tree removed) would look like a stalled peer.
-        let beat = Box::new(move || {
-            let mut w = writer.lock();
-            let _ = w.send(&Message::Ping).and_then(|()| w.flush());
-        });
         match SaveAside::create(&policy.state, root.as_fd()) {
-            Ok(a) => *aside = Some(a.with_heartbeat(beat)),
+            Ok(a) => *aside = Some(a),
             Err(e) => {
                 tracing::error!("{e}");
                 return Err(Errno::IO);
