@@ -244,7 +244,8 @@ fn open_session(
     let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
     let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
     let report = match reader.recv().map_err(protocol)? {
-        Message::Welcome { report } => report,
+        Message::Welcome { report: false } => None,
+        Message::Welcome { report: true } => wire::read_report(&mut reader).map_err(protocol)?,
         Message::Refused { reason } => return Err(protocol(WireError::Refused(reason))),
         other => {
             return Err(protocol(WireError::Malformed(format!(
@@ -792,7 +793,15 @@ impl PeerLink {
         loop {
             let acks = match reader.recv() {
                 Ok(Message::Acks(acks)) => acks,
-                Ok(Message::Ping) => continue,
+                Ok(Message::Ping) => {
+                    // The receiver is working on a long operation (saving a split
+                    // brain's data aside) and says so: progress, not a stall.
+                    let mut shared = self.inner.shared.lock();
+                    if shared.epoch == epoch {
+                        shared.stall_since = Instant::now();
+                    }
+                    continue;
+                }
                 Ok(Message::Differ { seq, blocks }) => {
                     let mut shared = self.inner.shared.lock();
                     if shared.epoch != epoch {

@@ -106,8 +106,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    // Modes arrive fully decided from the kernel or the primary.
-    rustix::process::umask(rustix::fs::Mode::empty());
+    // No umask games: replicated nodes get their exact mode by chmod after they
+    // are created (apply), and files of our own (state, saved-aside data) are
+    // created with explicit private modes, which a umask can only narrow.
     raise_fd_limit();
     let result = match cli.command {
         Command::Keygen { file } => ClusterKey::generate_file(&file)

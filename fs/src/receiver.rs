@@ -11,6 +11,15 @@
 //! not decode (including names that would leave the directory) is logged and
 //! dropped; nothing of that frame is applied and the current primary's session goes
 //! on.
+//!
+//! Some operations are long by nature: saving a split brain's data aside (a whole
+//! tree copied and synced), removing a tree of 100,000 files, a wipe, a `syncfs`.
+//! Without acknowledgements for longer than its lock timeout the writer would take
+//! the peer for stalled and give up on it, so while one of these has run for more
+//! than [`KEEPALIVE_INTERVAL`] the session's keepalive thread sends a `Ping` every
+//! interval. The writer counts a receiver's `Ping` as progress only: it completes
+//! nothing (only `Acks` do). The pings stop after [`KEEPALIVE_LIMIT`] on one
+//! operation, so a receiver whose disk hangs is still given up on.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter};
@@ -18,10 +27,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver as ChannelRx;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rustix::fs::{FileType, OFlags};
 
 use crate::apply::{self, Applied, Errno, NodeTable};
@@ -31,7 +40,7 @@ use crate::key::ClusterKey;
 use crate::op::{NodeId, Op, ROOT};
 use crate::preauth::{self, Limits};
 use crate::track::Tracker;
-use crate::wire::{self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
+use crate::wire::{Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
 
 /// How long the receiver waits for a frame before it considers the primary gone.
 /// The primary pings every second when idle.
@@ -39,6 +48,12 @@ const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an authenticated primary has to send its claim.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 const FSYNC_WORKERS: usize = 4;
+/// How often a long operation is announced to the writer (well below its default
+/// lock timeout of 5 s).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest one operation is kept alive; past it the writer's lock timeout
+/// decides (a hung disk must not hold the writer forever).
+pub const KEEPALIVE_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// How a refusal of a writer with another generation than the accepted one begins
 /// (fencing): the writer's side tells it from other refusals by it.
 pub const STALE_WRITER: &str = "stale writer";
@@ -346,30 +361,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
         return;
     }
     let _slot = SessionSlot(busy);
-    let report = tracker.as_ref().and_then(|t| match t.report(root.as_fd()) {
-        Ok(r) => Some(Box::new(r)),
-        Err(e) => {
-            // Without a report the writer copies everything: slower, never wrong.
-            tracing::warn!("cannot report on this copy: {e}");
-            None
-        }
-    });
-    let report = report.filter(|r| {
-        let fits = wire::fits_in_frame(&Message::Welcome {
-            report: Some(r.clone()),
-        });
-        if !fits {
-            tracing::warn!(
-                entries = r.entries.len(),
-                "the report on this copy is too large for one frame; the writer will copy everything"
-            );
-        }
-        fits
-    });
-    if let Err(e) = writer
-        .send(&Message::Welcome { report })
-        .and_then(|()| writer.flush())
-    {
+    if let Err(e) = welcome(&mut writer, tracker.as_deref(), &root) {
         tracing::warn!(%peer, "session ended before it started: {e}");
         return;
     }
@@ -381,7 +373,164 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     }
 }
 
+/// What stopped a streamed report.
+enum ReportError {
+    /// Listing the copy failed: the report is incomplete (the writer is told).
+    Walk(Errno),
+    /// The connection failed.
+    Send(WireError),
+}
+
+impl From<Errno> for ReportError {
+    fn from(e: Errno) -> Self {
+        ReportError::Walk(e)
+    }
+}
+
+/// Accepts the primary: `Welcome`, then (with records) the report on this copy,
+/// streamed part by part as the tree is walked, so neither its size nor the
+/// number of files is limited by a frame or by memory.
+fn welcome(
+    writer: &mut FrameWriter<BufWriter<TcpStream>>,
+    tracker: Option<&Tracker>,
+    root: &OwnedFd,
+) -> Result<(), WireError> {
+    let Some(tracker) = tracker else {
+        writer.send(&Message::Welcome { report: false })?;
+        return writer.flush();
+    };
+    writer.send(&Message::Welcome { report: true })?;
+    let mut entries = 0u64;
+    let walked = tracker.report_each(root.as_fd(), |part| {
+        entries += part.entries.len() as u64;
+        writer
+            .send(&Message::ReportPart(part))
+            .and_then(|()| writer.flush())
+            .map_err(ReportError::Send)
+    });
+    let end = match walked {
+        Ok(valid) => Message::ReportEnd {
+            valid,
+            complete: true,
+            entries,
+        },
+        Err(ReportError::Walk(e)) => {
+            // Without a report the writer compares everything: slower, never wrong.
+            tracing::warn!("cannot report on this copy: {e}");
+            Message::ReportEnd {
+                valid: false,
+                complete: false,
+                entries,
+            }
+        }
+        Err(ReportError::Send(e)) => return Err(e),
+    };
+    tracing::info!(entries, "reported on this copy");
+    writer.send(&end)?;
+    writer.flush()
+}
+
 type SharedWriter = Arc<Mutex<FrameWriter<BufWriter<TcpStream>>>>;
+
+/// What the keepalive thread watches.
+#[derive(Default)]
+struct KeepaliveState {
+    /// When the long operation running now began.
+    busy_since: Option<Instant>,
+    stop: bool,
+}
+
+/// Pings the writer while one long operation runs (see the module docs).
+struct Keepalive {
+    state: Arc<(Mutex<KeepaliveState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Marks a long operation for as long as it lives.
+struct Busy<'a>(Option<&'a Keepalive>);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.0 {
+            k.state.0.lock().busy_since = None;
+        }
+    }
+}
+
+impl Keepalive {
+    fn start(writer: SharedWriter) -> std::io::Result<Keepalive> {
+        let state: Arc<(Mutex<KeepaliveState>, Condvar)> = Arc::default();
+        let watched = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("recv-keepalive".into())
+            .spawn(move || keepalive_loop(&watched, &writer))?;
+        Ok(Keepalive {
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Starts a long operation (ends when the guard drops).
+    fn busy(&self) -> Busy<'_> {
+        self.state.0.lock().busy_since = Some(Instant::now());
+        self.state.1.notify_one();
+        Busy(Some(self))
+    }
+}
+
+impl Drop for Keepalive {
+    fn drop(&mut self) {
+        self.state.0.lock().stop = true;
+        self.state.1.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn keepalive_loop(state: &(Mutex<KeepaliveState>, Condvar), writer: &SharedWriter) {
+    let (lock, changed) = state;
+    let mut last_ping: Option<(Instant, Instant)> = None;
+    let mut s = lock.lock();
+    loop {
+        if s.stop {
+            return;
+        }
+        let Some(since) = s.busy_since else {
+            // Idle: sleep until an operation starts.
+            changed.wait(&mut s);
+            continue;
+        };
+        let running = since.elapsed();
+        let pinged = last_ping
+            .filter(|(op, _)| *op == since)
+            .map(|(_, at)| at.elapsed());
+        if running > KEEPALIVE_LIMIT {
+            changed.wait(&mut s);
+            continue;
+        }
+        let due = match pinged {
+            Some(ago) => KEEPALIVE_INTERVAL.saturating_sub(ago),
+            None => KEEPALIVE_INTERVAL.saturating_sub(running),
+        };
+        if !due.is_zero() {
+            changed.wait_for(&mut s, due);
+            continue;
+        }
+        last_ping = Some((since, Instant::now()));
+        drop(s);
+        tracing::debug!(
+            running_ms = running.as_millis() as u64,
+            "long operation: keepalive ping"
+        );
+        {
+            let mut w = writer.lock();
+            // A failed send ends the session on the main thread's next send or read.
+            let _ = w.send(&Message::Ping).and_then(|()| w.flush());
+        }
+        s = lock.lock();
+    }
+}
 
 /// Acks owed to the primary, sent when the input runs dry or the batch grows.
 struct AckBatch {
@@ -430,6 +579,7 @@ fn run_session(
         );
     }
     drop(sync_rx);
+    let keepalive = Keepalive::start(writer.clone())?;
 
     let mut batch = AckBatch {
         acks: Vec::new(),
@@ -473,6 +623,11 @@ fn run_session(
             )));
         }
         expected += 1;
+        // Long by nature (see the module docs): the writer hears of it meanwhile.
+        let mut busy = Busy(None);
+        if matches!(op, Op::Remove { .. } | Op::Wipe | Op::SyncAll | Op::InSync) {
+            busy = keepalive.busy();
+        }
         let saved = match &aside_policy {
             Some(policy) if !policy.done.load(Ordering::SeqCst) => {
                 match &op {
@@ -485,6 +640,9 @@ fn run_session(
                     _ => {}
                 }
                 if destroys_data(&op) && !targets_created(&op, &created) {
+                    if busy.0.is_none() {
+                        busy = keepalive.busy();
+                    }
                     save_before(&mut aside, policy, &table, &op)
                 } else {
                     Ok(())
@@ -574,6 +732,7 @@ fn run_session(
                 (outcome, _) => outcome.map(|_| ()),
             }
         };
+        drop(busy);
         if let Err(errno) = outcome {
             tracing::warn!(seq, %errno, "operation failed on the secondary");
         }
@@ -584,6 +743,7 @@ fn run_session(
             }
         }
     };
+    drop(keepalive);
     drop(sync_tx);
     for t in threads {
         let _ = t.join();
@@ -596,19 +756,23 @@ fn destroys_data(op: &Op) -> bool {
     matches!(
         op,
         Op::Write { .. }
+            | Op::CopyRange { .. }
             | Op::Fallocate { .. }
             | Op::Truncate { .. }
             | Op::Remove { .. }
             | Op::Unlink { .. }
+            | Op::Rename { .. }
+            | Op::Wipe
     )
 }
 
 /// Whether `op` changes the data of a file created in this session.
 fn targets_created(op: &Op, created: &HashSet<NodeId>) -> bool {
     match op {
-        Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Fallocate { id, .. } => {
-            created.contains(id)
-        }
+        Op::Write { id, .. }
+        | Op::Truncate { id, .. }
+        | Op::Fallocate { id, .. }
+        | Op::CopyRange { dst: id, .. } => created.contains(id),
         _ => false,
     }
 }

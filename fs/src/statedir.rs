@@ -55,7 +55,7 @@ impl StateDir {
             path: path.to_path_buf(),
             source,
         };
-        // Explicit modes: the process runs with umask 0 (modes come from the kernel).
+        // Explicit private modes (a umask can only narrow them).
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

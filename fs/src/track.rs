@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,9 +57,12 @@ const BLOCKS_PER_PAGE: u64 = PAGE as u64 * 8;
 /// A range change wider than this many extents is logged as a name (compared whole)
 /// rather than flooding the activity log.
 const MAX_EXTENTS_PER_CHANGE: u64 = 8;
-/// The most ranges a report carries in all before nearby ranges are merged (a
-/// report travels in one frame header).
-const MAX_REPORT_RANGES: usize = 4096;
+/// The most ranges one report entry carries before nearby ranges are merged (an
+/// entry travels whole in one frame header; more is copied then, never less).
+const MAX_ENTRY_RANGES: usize = 2048;
+/// Encoded size a report part aims at: with one largest entry on top it stays well
+/// under a frame header's limit (`wire::MAX_META_LEN`).
+const REPORT_PART_BYTES: usize = 48 << 10;
 
 const VALID: &str = "valid";
 const JOURNAL: &str = "journal";
@@ -505,6 +508,23 @@ pub struct Report {
     pub names: Vec<Vec<u8>>,
 }
 
+impl Report {
+    /// Appends one part of a streamed report.
+    pub fn add(&mut self, part: ReportPart) {
+        self.entries.extend(part.entries);
+        self.names.extend(part.names);
+    }
+}
+
+/// A piece of a streamed report (`wire::Message::ReportPart`), small enough for
+/// one frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportPart {
+    pub entries: Vec<ReportEntry>,
+    /// Names (and everything beneath) to compare whole.
+    pub names: Vec<Vec<u8>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportEntry {
     /// Relative path, components joined by `/`.
@@ -542,31 +562,64 @@ pub struct WalkEntry {
     pub fd: std::os::fd::OwnedFd,
 }
 
-/// Every entry beneath `root` (not the root itself), parents before children, never
-/// following a symlink.
-pub fn walk(root: BorrowedFd<'_>) -> Result<Vec<WalkEntry>, Errno> {
-    let mut out = Vec::new();
-    let mut dirs = vec![(Vec::new(), apply::reopen(root, OFlags::PATH)?)];
-    while let Some((prefix, dir)) = dirs.pop() {
-        for mut e in walk_one(dir.as_fd())? {
-            e.path = join(&prefix, &e.path);
-            if FileType::from_raw_mode(e.st.st_mode) == FileType::Directory {
-                dirs.push((e.path.clone(), apply::reopen(e.fd.as_fd(), OFlags::PATH)?));
-            }
-            out.push(e);
-        }
-    }
-    // Parents before children: sort by path depth, then name.
-    out.sort_by(|a, b| {
-        depth(&a.path)
-            .cmp(&depth(&b.path))
-            .then(a.path.cmp(&b.path))
-    });
-    Ok(out)
+/// One directory being listed by [`walk_each`].
+struct Level {
+    /// O_PATH descriptor of the directory (children are looked up beneath it).
+    dir: OwnedFd,
+    entries: rustix::fs::Dir,
+    prefix: Vec<u8>,
 }
 
-fn depth(path: &[u8]) -> usize {
-    path.iter().filter(|&&b| b == b'/').count()
+impl Level {
+    fn open(dir: OwnedFd, prefix: Vec<u8>) -> Result<Level, Errno> {
+        let listing = apply::reopen(dir.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+        Ok(Level {
+            dir,
+            entries: rustix::fs::Dir::new(listing)?,
+            prefix,
+        })
+    }
+}
+
+/// Calls `visit` on every entry beneath `root` (not the root itself), depth first,
+/// parents before children, never following a symlink. Holds two descriptors per
+/// level of depth (plus the visited entry's), never one per entry: a tree of a
+/// million files walks within any descriptor limit, in memory bounded by its depth.
+pub fn walk_each<E: From<Errno>>(
+    root: BorrowedFd<'_>,
+    mut visit: impl FnMut(&WalkEntry) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut stack = vec![Level::open(apply::reopen(root, OFlags::PATH)?, Vec::new())?];
+    while let Some(level) = stack.last_mut() {
+        let Some(entry) = level.entries.read() else {
+            stack.pop();
+            continue;
+        };
+        let entry = entry?;
+        let raw = entry.file_name().to_bytes();
+        if raw == b"." || raw == b".." {
+            continue;
+        }
+        let Ok(name) = Name::new(raw) else {
+            continue;
+        };
+        let fd = match apply::lookup_beneath(level.dir.as_fd(), &name) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let st = rustix::fs::fstat(fd.as_fd())?;
+        let e = WalkEntry {
+            path: join(&level.prefix, raw),
+            st,
+            fd,
+        };
+        visit(&e)?;
+        if FileType::from_raw_mode(e.st.st_mode) == FileType::Directory {
+            stack.push(Level::open(e.fd, e.path)?);
+        }
+    }
+    Ok(())
 }
 
 /// The entries of one directory (`path` = the name), sorted, never following a
@@ -1223,39 +1276,68 @@ impl Tracker {
         names
     }
 
-    /// This node's report on the copy beneath `root`.
-    pub fn report(&self, root: BorrowedFd<'_>) -> Result<Report, Errno> {
-        let mut names = self.names();
-        let mut entries = Vec::new();
-        for e in walk(root)? {
+    /// Streams this node's report on the copy beneath `root` in parts of about
+    /// [`REPORT_PART_BYTES`] encoded bytes (each fits one frame), walking the tree
+    /// with a bounded number of descriptors; returns whether the records are
+    /// valid (read last: records invalidated during the walk say so).
+    pub fn report_each<E: From<Errno>>(
+        &self,
+        root: BorrowedFd<'_>,
+        mut emit: impl FnMut(ReportPart) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let mut part = ReportPart::default();
+        let mut bytes = 0usize;
+        walk_each(root, |e: &WalkEntry| {
             let kind = EntryKind::of(e.st.st_mode);
             let dirty = if kind == EntryKind::File {
                 let d = self.ranges_of(e.st.st_ino);
                 if d.whole {
-                    names.push(e.path.clone());
+                    bytes += e.path.len() + 10;
+                    part.names.push(e.path.clone());
                 }
-                d.ranges
+                if d.ranges.len() > MAX_ENTRY_RANGES {
+                    coarsen(d.ranges, MAX_ENTRY_RANGES)
+                } else {
+                    d.ranges
+                }
             } else {
                 Vec::new()
             };
-            entries.push(ReportEntry {
-                path: e.path,
+            // Upper bound of the entry's bincode size (varints of at most 10 bytes).
+            bytes += e.path.len() + 21 + dirty.len() * 20;
+            part.entries.push(ReportEntry {
+                path: e.path.clone(),
                 kind,
                 dirty,
             });
-        }
-        let dirty_files = entries.iter().filter(|e| !e.dirty.is_empty()).count();
-        let per_file = MAX_REPORT_RANGES / dirty_files.max(1);
-        for e in &mut entries {
-            if e.dirty.len() > per_file {
-                e.dirty = coarsen(std::mem::take(&mut e.dirty), per_file);
+            if bytes >= REPORT_PART_BYTES {
+                bytes = 0;
+                emit(std::mem::take(&mut part))?;
+            }
+            Ok::<(), E>(())
+        })?;
+        for name in self.names() {
+            bytes += name.len() + 10;
+            part.names.push(name);
+            if bytes >= REPORT_PART_BYTES {
+                bytes = 0;
+                emit(std::mem::take(&mut part))?;
             }
         }
-        Ok(Report {
-            valid: self.is_valid(),
-            entries,
-            names,
-        })
+        if !part.entries.is_empty() || !part.names.is_empty() {
+            emit(part)?;
+        }
+        Ok(self.is_valid())
+    }
+
+    /// This node's whole report on the copy beneath `root` (see [`Tracker::report_each`]).
+    pub fn report(&self, root: BorrowedFd<'_>) -> Result<Report, Errno> {
+        let mut report = Report::default();
+        report.valid = self.report_each(root, |part| {
+            report.add(part);
+            Ok::<(), Errno>(())
+        })?;
+        Ok(report)
     }
 
     /// Waits until batch `target` is durable, flushing it ourselves if nobody is.
@@ -1675,8 +1757,8 @@ mod tests {
             .map(|i| (i * 8192, i * 8192 + 4096))
             .collect();
         assert_eq!(merge_ranges(ranges.clone()), ranges);
-        let merged = coarsen(ranges.clone(), MAX_REPORT_RANGES);
-        assert!(merged.len() <= MAX_REPORT_RANGES);
+        let merged = coarsen(ranges.clone(), MAX_ENTRY_RANGES);
+        assert!(merged.len() <= MAX_ENTRY_RANGES);
         for (s, e) in ranges {
             assert!(merged.iter().any(|&(ms, me)| ms <= s && e <= me));
         }

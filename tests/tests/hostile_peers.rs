@@ -1,12 +1,13 @@
 //! A receiver facing clients that are not its primary: no key, garbage, a second
 //! primary, and a key holder sending names and symlinks that lead out of the
 //! directory. None of them may change anything outside the secondary's directory or
-//! stop it from serving the real primary.
+//! stop it from serving the real primary. And the other way round, a primary facing
+//! a key-holding receiver that answers oddly (invalid error numbers, long pings).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -46,7 +47,13 @@ impl Session {
         writer.flush()?;
         let mut reader = FrameReader::new(stream, keys.recv);
         match reader.recv() {
-            Ok(Message::Welcome { .. }) => {}
+            Ok(Message::Welcome { report: false }) => {}
+            // The report on the receiver's copy streams after the welcome.
+            Ok(Message::Welcome { report: true }) => {
+                if let Err(e) = wire::read_report(&mut reader) {
+                    return Ok(Err(e));
+                }
+            }
             Ok(Message::Refused { reason }) => return Ok(Err(WireError::Refused(reason))),
             Ok(other) => bail!("unexpected {other:?}"),
             Err(e) => return Ok(Err(e)),
@@ -111,6 +118,7 @@ fn entries(dir: &Path) -> Vec<String> {
 /// the test can send what the validating `Name` type refuses to represent.
 #[derive(Serialize)]
 enum RawMessage {
+    _Claim,
     _Welcome,
     _Refused { reason: String },
     Op { seq: u64, op: RawOp },
@@ -288,7 +296,7 @@ fn a_receiver_answering_an_invalid_errno_is_dropped_not_a_panic() -> Result<()> 
             Message::Claim { .. } => {}
             other => bail!("expected Claim, got {other:?}"),
         }
-        writer.send(&Message::Welcome { report: None })?;
+        writer.send(&Message::Welcome { report: false })?;
         writer.flush()?;
         // Every operation "failed" with an error number outside 1..4095.
         while let Ok(msg) = reader.recv() {
@@ -311,6 +319,75 @@ fn a_receiver_answering_an_invalid_errno_is_dropped_not_a_panic() -> Result<()> 
         log.contains("invalid error number 99999"),
         "the invalid answer is not logged:\n{log}"
     );
+    drop(pair);
+    let _ = fake.join();
+    Ok(())
+}
+
+/// A receiver busy with one long operation (saving a split brain's tree aside,
+/// removing 100,000 files) pings instead of acknowledging. The pings are progress:
+/// the primary keeps waiting well past its lock timeout instead of failing the write
+/// with EIO. And they acknowledge nothing: the write completes only when its
+/// acknowledgement comes.
+#[test]
+fn a_receivers_pings_keep_a_long_operation_alive_and_acknowledge_nothing() -> Result<()> {
+    let opts = PairOptions::default();
+    let hold = Duration::from_millis(opts.lock_timeout_ms * 3);
+    let mut pair = Pair::prepare(opts)?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", pair.port()))?;
+    let key = ClusterKey::load(pair.key_file())?;
+    let bind = binding(&pair)?;
+    let fake = std::thread::spawn(move || -> Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let keys = wire::server_handshake(&mut stream, &key, &bind)?;
+        let mut reader = FrameReader::new(stream.try_clone()?, keys.recv);
+        let mut writer = FrameWriter::new(stream, keys.send);
+        match reader.recv()? {
+            Message::Claim { .. } => {}
+            other => bail!("expected Claim, got {other:?}"),
+        }
+        writer.send(&Message::Welcome { report: false })?;
+        writer.flush()?;
+        let mut held = false;
+        while let Ok(msg) = reader.recv() {
+            let Message::Op { seq, op } = msg else {
+                continue;
+            };
+            if matches!(op, Op::Write { .. }) && !held {
+                // The first write takes "long": a ping a second, then its ack.
+                held = true;
+                let began = Instant::now();
+                while began.elapsed() < hold {
+                    std::thread::sleep(Duration::from_secs(1));
+                    writer.send(&Message::Ping)?;
+                    writer.flush()?;
+                }
+            }
+            writer.send(&Message::Acks(vec![wire::Ack { seq, errno: 0 }]))?;
+            writer.flush()?;
+        }
+        Ok(())
+    });
+    pair.start_primary()?;
+    let began = Instant::now();
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(pair.mount().join("f"))?;
+        f.write_all(b"data")?;
+        f.sync_all()
+    })();
+    let took = began.elapsed();
+    let primary = pair.primary().context("no primary")?;
+    let log = primary.stderr_text();
+    written.with_context(|| format!("the write failed while the receiver pinged:\n{log}"))?;
+    assert!(
+        took >= hold,
+        "the write completed after {took:?}, before its acknowledgement ({hold:?})"
+    );
+    assert!(
+        !log.contains("no acknowledgement"),
+        "the primary took the pinging receiver for stalled:\n{log}"
+    );
+    assert_eq!(std::fs::read(pair.mount().join("f"))?, b"data");
     drop(pair);
     let _ = fake.join();
     Ok(())

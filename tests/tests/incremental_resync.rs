@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,6 +88,11 @@ impl Setup {
 
     /// A receiver for `d`, inside the namespace.
     fn secondary(&self, d: &Dirs) -> Result<Child> {
+        self.secondary_with(d, &[])
+    }
+
+    /// A receiver for `d` with `extra` options.
+    fn secondary_with(&self, d: &Dirs, extra: &[&str]) -> Result<Child> {
         let mut c = self.link.command(&self.bin);
         c.arg("secondary")
             .arg("--backing")
@@ -97,7 +102,8 @@ impl Setup {
             .arg("--state")
             .arg(&d.state)
             .arg("--key-file")
-            .arg(&self.key);
+            .arg(&self.key)
+            .args(extra);
         let mut child = Child::spawn("secondary", c)?;
         child.wait_ready(READY_TIMEOUT)?;
         Ok(child)
@@ -523,22 +529,7 @@ fn a_split_brain_loser_saves_what_it_wrote_before_the_resync() -> Result<()> {
     stop(&mut b)?;
 
     // node1 wins; node2 saves its diverged data aside, then takes node1's.
-    let mut b = {
-        let mut c = s.link.command(&s.bin);
-        c.arg("secondary")
-            .arg("--backing")
-            .arg(&s.b.data)
-            .arg("--listen")
-            .arg(s.peer().to_string())
-            .arg("--state")
-            .arg(&s.b.state)
-            .arg("--key-file")
-            .arg(&s.key)
-            .arg("--save-aside");
-        let mut child = Child::spawn("secondary", c)?;
-        child.wait_ready(READY_TIMEOUT)?;
-        child
-    };
+    let mut b = s.secondary_with(&s.b, &["--save-aside"])?;
     let mut a = s.primary_alone(&s.a, &[])?;
     let status = attach_and_wait(&a, &s.a.state)?;
     // Only what either side changed (a few 64 KiB slots; at worst a whole 4 MiB
@@ -589,6 +580,245 @@ fn a_split_brain_loser_saves_what_it_wrote_before_the_resync() -> Result<()> {
         b"written by node2"
     );
     assert!(folder.join("journal").exists(), "node2's journal not saved");
+    Ok(())
+}
+
+/// Files of the big split-brain test's tree.
+const MANY: usize = 100_000;
+/// The region the loser wrote on its own where the winner has a hole: the resync
+/// discards (punches) it there.
+const DISCARD: (u64, u64) = (256 << 20, (256 << 20) + (2 << 30));
+/// The receiver's peak resident memory allowed in that test (it saves 2 GiB aside
+/// and reports on 100,000 files).
+const RECEIVER_HWM_LIMIT_KIB: u64 = 192 << 10;
+
+fn many_path(i: usize) -> String {
+    format!("many/d{:03}/f{i:06}", i / 1000)
+}
+
+/// Peak resident memory of a process (kB).
+fn vm_hwm_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))
+}
+
+/// Each 4 KiB block of `buf` (to be written at `off`) gets its offset in front.
+fn stamp(buf: &mut [u8], off: u64) {
+    for (i, block) in buf.chunks_mut(4096).enumerate() {
+        block[..8].copy_from_slice(&(off + i as u64 * 4096).to_le_bytes());
+    }
+}
+
+/// (path, offset, length, offset in blocks.bin) of every manifest line of `folder`.
+fn manifest_lines(folder: &Path) -> Result<Vec<(String, u64, u64, u64)>> {
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string(folder.join("manifest.tsv"))?.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 4 {
+            bail!("bad manifest line {line:?}");
+        }
+        out.push((
+            f[0].to_string(),
+            f[1].parse()?,
+            f[2].parse()?,
+            f[3].parse()?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Every file and folder beneath `dir` (and `dir`) is 0600 / 0700.
+fn assert_private(dir: &Path) -> Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut seen = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d)?.permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+        seen += 1;
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let m = std::fs::symlink_metadata(e.path())?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                let mode = m.permissions().mode() & 0o7777;
+                assert_eq!(mode, 0o600, "{} is {mode:o}", e.path().display());
+                seen += 1;
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// Issue 8 item 2: a split-brain loser with 100,000 files and 2 GiB written on its
+/// own where the winner has a hole. Its report (far beyond one frame) streams, so
+/// the resync goes by the records (no wipe); every byte the resync punches or
+/// overwrites and every file it removes is in `diverged/`, private (0600/0700);
+/// the receiver's memory stays bounded (no buffer as large as the region).
+///
+/// The loser's 100,000 files (which the winner lacks) are made in its backing
+/// directory while it is down: through FUSE each created inode would stay cached
+/// by the kernel, and the writer holds a descriptor per cached inode — above this
+/// machine's NOFILE hard limit (20,000, not raisable here).
+#[test]
+#[ignore = "not yet seen passing: it failed when the writer gave up on the receiver (no acknowledgement for 5000 ms during the syncfs after saving a tree aside and the removal of 100,000 files); the receiver keepalive pings meant to fix that are not yet verified on this test (run with --ignored)"]
+fn a_split_brain_loser_with_100k_files_and_a_2_gib_discard_loses_no_byte() -> Result<()> {
+    let started = Instant::now();
+    let s = Setup::new()?;
+    std::fs::create_dir_all(s.a.data.join("vm1"))?;
+    std::fs::create_dir_all(s.a.data.join("small"))?;
+    for i in 0..100 {
+        std::fs::write(
+            s.a.data.join(format!("small/f{i:03}")),
+            format!("small {i}\n"),
+        )?;
+    }
+    let big = std::fs::File::create(s.a.data.join("vm1/big.img"))?;
+    big.set_len(DISCARD.1 + (64 << 20))?;
+    big.write_all_at(&[1u8; 4096], 0)?;
+    drop(big);
+    let mut b = s.secondary(&s.b)?;
+    let mut a = s.primary_alone(&s.a, &[])?;
+    attach_and_wait(&a, &s.a.state)?;
+
+    // Partition: node1 goes on alone a little, then node2 alone.
+    b.kill()?;
+    lazy_unmount_all(&s.b.data)?;
+    signal(a.pid(), libc::SIGUSR1)?;
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(s.a.mnt.join("small/f005"), b"node1 changed this\n")?;
+    stop(&mut a)?;
+    let mut b = s.primary_alone(&s.b, &[])?;
+    let at = Instant::now();
+    {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(s.b.mnt.join("vm1/big.img"))?;
+        let mut buf = vec![0xb2u8; 8 << 20];
+        let mut off = DISCARD.0;
+        while off < DISCARD.1 {
+            stamp(&mut buf, off);
+            f.write_all_at(&buf, off)?;
+            off += buf.len() as u64;
+        }
+        f.sync_all()?;
+    }
+    for i in 10..20 {
+        std::fs::write(
+            s.b.mnt.join(format!("small/f{i:03}")),
+            format!("node2 rewrote {i}\n"),
+        )?;
+    }
+    // Its stop checkpoints 2 GiB of records on a shared disk: more than `stop`'s 30 s.
+    let (st, killed) = b.terminate(Duration::from_secs(180))?;
+    assert!(st.success() && !killed, "node2 did not stop cleanly: {st}");
+    for d in 0..MANY / 1000 {
+        std::fs::create_dir_all(s.b.data.join(format!("many/d{d:03}")))?;
+    }
+    for i in 0..MANY {
+        std::fs::write(s.b.data.join(many_path(i)), format!("node2's file {i}\n"))?;
+    }
+    eprintln!(
+        "node2 wrote 2 GiB and 100,000 files alone: {:?}",
+        at.elapsed()
+    );
+
+    // node1 wins; node2 saves aside what it is about to lose.
+    let mut b = s.secondary_with(&s.b, &["--save-aside"])?;
+    let mut a = s.primary_alone(&s.a, &[])?;
+    let at = Instant::now();
+    let status = attach_and_wait(&a, &s.a.state)?;
+    eprintln!("resync: {:?}, {status}", at.elapsed());
+    let hwm = vm_hwm_kib(b.pid())?;
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", b.pid()))?;
+    assert_eq!(comm.trim(), "vmha-fs", "measured the wrong process");
+    stop(&mut a)?;
+    stop(&mut b)?;
+    let log = b.stderr_text();
+    assert!(
+        !log.contains("emptying the replicated directory"),
+        "the resync wiped the loser instead of using its records"
+    );
+    assert!(
+        status["total_bytes"].as_u64().unwrap_or(u64::MAX) <= DISCARD.1 - DISCARD.0 + (64 << 20),
+        "not by the records: {status}"
+    );
+    eprintln!("receiver VmHWM {hwm} kB");
+    assert!(
+        hwm <= RECEIVER_HWM_LIMIT_KIB,
+        "receiver peak memory {hwm} kB > {RECEIVER_HWM_LIMIT_KIB} kB"
+    );
+    assert_same_tree(&s.a.data, &s.b.data)?;
+
+    // Every byte node2 wrote alone and the resync took away is saved.
+    let folders: Vec<PathBuf> = std::fs::read_dir(s.b.state.join("diverged"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    assert_eq!(folders.len(), 1, "{folders:?}");
+    let folder = &folders[0];
+    let lines = manifest_lines(folder)?;
+    let blocks = std::fs::File::open(folder.join("blocks.bin"))?;
+    let mut covered = 0u64;
+    let mut want = vec![0xb2u8; 8 << 20];
+    let mut got = vec![0u8; 8 << 20];
+    for (path, off, len, at) in &lines {
+        if path != "vm1/big.img" {
+            continue;
+        }
+        let (lo, hi) = ((*off).max(DISCARD.0), (off + len).min(DISCARD.1));
+        let mut pos = lo;
+        while pos < hi {
+            let n = (hi - pos).min(want.len() as u64) as usize;
+            blocks.read_exact_at(&mut got[..n], at + (pos - off))?;
+            // Block-aligned: the region and the saved ranges start on 4 KiB.
+            stamp(&mut want[..n], pos);
+            if got[..n] != want[..n] {
+                bail!("saved bytes at {pos} of vm1/big.img differ from what node2 wrote");
+            }
+            pos += n as u64;
+        }
+        covered += hi.saturating_sub(lo);
+    }
+    assert_eq!(
+        covered,
+        DISCARD.1 - DISCARD.0,
+        "the discarded region is not all saved"
+    );
+    for i in 10..20 {
+        let path = format!("small/f{i:03}");
+        let rewrote = format!("node2 rewrote {i}\n");
+        let saved = lines.iter().any(|(p, off, len, at)| {
+            let mut buf = vec![0u8; *len as usize];
+            *p == path
+                && *off == 0
+                && blocks.read_exact_at(&mut buf, *at).is_ok()
+                && buf.starts_with(rewrote.as_bytes())
+        });
+        assert!(saved, "{path} as node2 wrote it is not saved");
+    }
+    let removed = folder.join("removed");
+    for i in 0..MANY {
+        let got = std::fs::read(removed.join(many_path(i)))
+            .with_context(|| format!("{} not saved", many_path(i)))?;
+        assert_eq!(got, format!("node2's file {i}\n").as_bytes());
+    }
+    // Holes stay holes: the folder holds about what was saved, not more.
+    let allocated = std::fs::metadata(folder.join("blocks.bin"))?.blocks() * 512;
+    assert!(
+        allocated <= (DISCARD.1 - DISCARD.0) + (16 << 20),
+        "blocks.bin allocates {allocated}"
+    );
+    let entries = assert_private(&s.b.state.join("diverged"))?;
+    assert!(entries > MANY, "{entries}");
+    eprintln!("whole test: {:?}", started.elapsed());
     Ok(())
 }
 
