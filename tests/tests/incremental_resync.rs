@@ -590,7 +590,8 @@ const MANY: usize = 100_000;
 const DISCARD: (u64, u64) = (256 << 20, (256 << 20) + (2 << 30));
 /// The receiver's peak resident memory allowed in that test (it saves 2 GiB aside
 /// and reports on 100,000 files).
-const RECEIVER_HWM_LIMIT_KIB: u64 = 192 << 10;
+/// Measured: about 10 MiB for 100,000 files and a 2 GiB discard (session 3).
+const RECEIVER_HWM_LIMIT_KIB: u64 = 64 << 10;
 
 fn many_path(i: usize) -> String {
     format!("many/d{:03}/f{i:06}", i / 1000)
@@ -669,7 +670,6 @@ fn assert_private(dir: &Path) -> Result<usize> {
 /// by the kernel, and the writer holds a descriptor per cached inode — above this
 /// machine's NOFILE hard limit (20,000, not raisable here).
 #[test]
-#[ignore = "not yet seen passing: it failed when the writer gave up on the receiver (no acknowledgement for 5000 ms during the syncfs after saving a tree aside and the removal of 100,000 files); the receiver keepalive pings meant to fix that are not yet verified on this test (run with --ignored)"]
 fn a_split_brain_loser_with_100k_files_and_a_2_gib_discard_loses_no_byte() -> Result<()> {
     let started = Instant::now();
     let s = Setup::new()?;
