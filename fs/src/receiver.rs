@@ -30,6 +30,7 @@ use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{NodeId, Op, ROOT};
 use crate::preauth::{self, Limits};
+use crate::refusal::Refusal;
 use crate::track::Tracker;
 use crate::wire::{self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
 
@@ -39,9 +40,6 @@ const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an authenticated primary has to send its claim.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 const FSYNC_WORKERS: usize = 4;
-/// How a refusal of a writer with another generation than the accepted one begins
-/// (fencing): the writer's side tells it from other refusals by it.
-pub const STALE_WRITER: &str = "stale writer";
 
 /// Errors starting the receiver.
 #[derive(Debug, thiserror::Error)]
@@ -328,10 +326,11 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
         if claimed.as_deref() != Some(current) {
             tracing::warn!(%peer, ?claimed, current, "refused a stale writer (fenced by generation)");
             let refusal = Message::Refused {
-                reason: format!(
-                    "{STALE_WRITER}: claims generation {}, current is {current}",
-                    claimed.as_deref().unwrap_or("none")
-                ),
+                reason: Refusal::StaleWriter {
+                    claimed: claimed.clone(),
+                    current: current.to_string(),
+                }
+                .to_string(),
             };
             let _ = writer.send(&refusal).and_then(|()| writer.flush());
             return;
@@ -340,7 +339,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     if busy.swap(true, Ordering::SeqCst) {
         tracing::warn!(%peer, "refused a second primary while one is connected");
         let refusal = Message::Refused {
-            reason: "this receiver already serves a primary".into(),
+            reason: Refusal::Busy.to_string(),
         };
         let _ = writer.send(&refusal).and_then(|()| writer.flush());
         return;
