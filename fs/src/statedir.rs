@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
 
+pub use crate::status::SELF_OUTDATED;
 use crate::status::{
     ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, SyncStatus, GENERATION, LOCK,
     PEER_OUTDATED,
 };
-pub use crate::status::SELF_OUTDATED;
 
 /// Errors opening or writing the state directory.
 #[derive(Debug, thiserror::Error)]

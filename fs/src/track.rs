@@ -1156,8 +1156,7 @@ impl Tracker {
         st.pending.journal.clear();
         st.pending.whole.clear();
         st.lazy_pages.clear();
-        crate::atomic::write(&self.dir.join(VALID), b"")
-            .map_err(io(&self.dir))?;
+        crate::atomic::write(&self.dir.join(VALID), b"").map_err(io(&self.dir))?;
         st.valid = true;
         Ok(())
     }
@@ -1359,8 +1358,7 @@ impl Tracker {
                         Err(e) => return Err(io(&runs_path)(e)),
                     }
                 } else {
-                    crate::atomic::write(&runs_path, runs)
-                        .map_err(io(&runs_path))?;
+                    crate::atomic::write(&runs_path, runs).map_err(io(&runs_path))?;
                 }
             }
             if !w.zeros.is_empty() {

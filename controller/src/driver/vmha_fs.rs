@@ -81,7 +81,6 @@ struct Running {
     disk_failed: Option<String>,
 }
 
-
 /// What a vmha-fs child is started as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spawn {

@@ -54,23 +54,24 @@ impl Joiner {
             self.state.clone(),
             self.running.clone(),
         );
-        let write =
-            move |phase: VerifyPhase, differing: &[crate::resync::Difference], error: Option<&str>| {
-                state.write_status(&VerifyStatus {
-                    state: phase,
-                    done_bytes: progress.done_bytes.load(Ordering::Relaxed),
-                    total_bytes: progress.total_bytes.load(Ordering::Relaxed),
-                    differing: differing
-                        .iter()
-                        .map(|d| crate::status::Difference {
-                            path: d.path.clone(),
-                            offset: d.offset,
-                            len: d.len,
-                        })
-                        .collect(),
-                    error: error.map(str::to_string),
-                });
-            };
+        let write = move |phase: VerifyPhase,
+                          differing: &[crate::resync::Difference],
+                          error: Option<&str>| {
+            state.write_status(&VerifyStatus {
+                state: phase,
+                done_bytes: progress.done_bytes.load(Ordering::Relaxed),
+                total_bytes: progress.total_bytes.load(Ordering::Relaxed),
+                differing: differing
+                    .iter()
+                    .map(|d| crate::status::Difference {
+                        path: d.path.clone(),
+                        offset: d.offset,
+                        len: d.len,
+                    })
+                    .collect(),
+                error: error.map(str::to_string),
+            });
+        };
         let spawned = std::thread::Builder::new()
             .name("verify".into())
             .spawn(move || {

@@ -18,12 +18,7 @@ pub(crate) type Fenced = Arc<parking_lot::Mutex<Option<String>>>;
 /// without any acknowledgement for `stall` while work waits (the replication
 /// network may be down: no error reaches us, writes just wait); `fenced` while
 /// the last attach was refused for a stale generation and the link writes alone.
-fn link_status(
-    link: &PeerLink,
-    disk: &DiskHealth,
-    fenced: &Fenced,
-    stall: Duration,
-) -> LinkStatus {
+fn link_status(link: &PeerLink, disk: &DiskHealth, fenced: &Fenced, stall: Duration) -> LinkStatus {
     let status = |state, reason| LinkStatus { state, reason };
     if let Some(failure) = disk.failure() {
         return status(LinkCondition::DiskFailed, Some(failure.to_string()));
