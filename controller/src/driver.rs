@@ -95,13 +95,9 @@ pub enum ResyncState {
     Done,
 }
 
-/// A region where the peer's copy differs from ours (`len` None: it lacks the file).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct Difference {
-    pub path: String,
-    pub offset: u64,
-    pub len: u64,
-}
+/// A region where the peer's copy differs from ours (`len` = `u64::MAX`: it
+/// lacks the file), as vmha-fs reports it in `verify.json`.
+pub use ::vmha_fs::status::Difference;
 
 /// What `verify` found, per replicated directory.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

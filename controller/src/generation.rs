@@ -83,6 +83,13 @@ impl<'de> Deserialize<'de> for GenerationId {
     }
 }
 
+/// The same id as vmha-fs takes it (`--generation`, `STATEDIR/generation`).
+impl From<GenerationId> for vmha_fs::status::GenerationId {
+    fn from(id: GenerationId) -> Self {
+        id.0.into()
+    }
+}
+
 /// A node's generations for one module: the current one and its predecessors,
 /// newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,7 +251,7 @@ impl Metadata {
             path: path.clone(),
             source,
         })?;
-        vmha_fs::statedir::write_file_atomically(&path, &json).map_err(io(&path))
+        vmha_fs::atomic::write(&path, &json).map_err(io(&path))
     }
 }
 

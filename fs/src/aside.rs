@@ -221,7 +221,7 @@ impl SaveAside {
     /// Creates `state/diverged/<now>/` (0700, with the journal, if any) for data
     /// under the directory `root`.
     pub fn create(state: &Path, root: BorrowedFd<'_>) -> Result<SaveAside, AsideError> {
-        let parent = state.join("diverged");
+        let parent = state.join(crate::status::DIVERGED);
         create_private_dirs(&parent).map_err(io(&parent))?;
         let stamp = humantime_stamp();
         // Two resyncs within one second get two folders.

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod aside;
+pub mod atomic;
 pub mod buffer;
 pub mod compare;
 pub mod fuse_fs;
@@ -15,9 +16,11 @@ pub mod preauth;
 pub mod primary;
 pub mod ratelog;
 pub mod receiver;
+pub mod refusal;
 pub mod resync;
 pub mod runtime;
 pub mod secondary;
 pub mod statedir;
+pub mod status;
 pub mod track;
 pub mod wire;

@@ -11,6 +11,7 @@ use vmha_fs::key::ClusterKey;
 use vmha_fs::primary::PrimaryConfig;
 use vmha_fs::runtime::{raise_fd_limit, RunError};
 use vmha_fs::secondary::SecondaryConfig;
+use vmha_fs::status::GenerationId;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,7 +45,7 @@ enum Command {
         key_file: PathBuf,
         /// Fencing: serve only a primary claiming this data generation.
         #[arg(long, value_name = "HEX", value_parser = parse_generation)]
-        accept_generation: Option<String>,
+        accept_generation: Option<GenerationId>,
         /// This node lost a split brain: before the resync overwrites or removes
         /// anything, save it under STATEDIR/diverged/.
         #[arg(long)]
@@ -80,7 +81,7 @@ enum Command {
         /// The data generation this primary writes (claimed to the receiver).
         /// (`STATEDIR/generation`, when present, overrides it for later attaches.)
         #[arg(long, value_name = "HEX", value_parser = parse_generation)]
-        generation: Option<String>,
+        generation: Option<GenerationId>,
         /// FUSE worker threads.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
@@ -169,12 +170,8 @@ fn main() -> ExitCode {
 }
 
 /// A data generation id as the controller writes it: 1 to 64 hex digits.
-fn parse_generation(text: &str) -> Result<String, String> {
-    if (1..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(text.to_ascii_lowercase())
-    } else {
-        Err("expected 1 to 64 hexadecimal digits".into())
-    }
+fn parse_generation(text: &str) -> Result<GenerationId, String> {
+    GenerationId::try_from(text).map_err(|_| "expected 1 to 64 hexadecimal digits".into())
 }
 
 /// A module name as the handshake carries it: 1 to 255 bytes.

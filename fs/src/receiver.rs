@@ -39,6 +39,7 @@ use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{NodeId, Op, ROOT};
 use crate::preauth::{self, Limits};
+use crate::refusal::Refusal;
 use crate::track::Tracker;
 use crate::wire::{Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
 
@@ -54,9 +55,6 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest one operation is kept alive; past it the writer's lock timeout
 /// decides (a hung disk must not hold the writer forever).
 pub const KEEPALIVE_LIMIT: Duration = Duration::from_secs(15 * 60);
-/// How a refusal of a writer with another generation than the accepted one begins
-/// (fencing): the writer's side tells it from other refusals by it.
-pub const STALE_WRITER: &str = "stale writer";
 
 /// Errors starting the receiver.
 #[derive(Debug, thiserror::Error)]
@@ -343,10 +341,11 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
         if claimed.as_deref() != Some(current) {
             tracing::warn!(%peer, ?claimed, current, "refused a stale writer (fenced by generation)");
             let refusal = Message::Refused {
-                reason: format!(
-                    "{STALE_WRITER}: claims generation {}, current is {current}",
-                    claimed.as_deref().unwrap_or("none")
-                ),
+                reason: Refusal::StaleWriter {
+                    claimed: claimed.clone(),
+                    current: current.to_string(),
+                }
+                .to_string(),
             };
             let _ = writer.send(&refusal).and_then(|()| writer.flush());
             return;
@@ -355,7 +354,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     if busy.swap(true, Ordering::SeqCst) {
         tracing::warn!(%peer, "refused a second primary while one is connected");
         let refusal = Message::Refused {
-            reason: "this receiver already serves a primary".into(),
+            reason: Refusal::Busy.to_string(),
         };
         let _ = writer.send(&refusal).and_then(|()| writer.flush());
         return;

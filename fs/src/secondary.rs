@@ -22,7 +22,7 @@ pub struct SecondaryConfig {
     pub module: String,
     pub state: PathBuf,
     pub key_file: PathBuf,
-    pub accept_generation: Option<String>,
+    pub accept_generation: Option<crate::status::GenerationId>,
     pub save_aside: bool,
 }
 
@@ -56,7 +56,7 @@ pub fn run(args: SecondaryConfig) -> Result<(), RunError> {
     }
     let root = open_dir("backing", &backing)?;
     let server = ReceiverServer::bind(listen, root, key, &module)?
-        .accept_only_generation(accept_generation)
+        .accept_only_generation(accept_generation.map(String::from))
         .with_tracker(tracker);
     let server = if save_aside {
         server.save_aside_to(state_dir.path().to_path_buf())

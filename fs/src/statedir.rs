@@ -1,7 +1,8 @@
 //! A node's persistent metadata directory: an exclusive lock, so that two vmha-fs
 //! processes never serve the same state, and the markers that must survive a crash.
 //!
-//! What vmhad reads here (the contract between the two processes):
+//! What vmhad reads here is the contract of [`crate::status`] (file names and
+//! content types, shared with the readers):
 //! - `peer-outdated`: the peer's copy lacks changes made here (first reason kept);
 //! - `self-outdated`: this node's own copy is behind (its disk failed while it
 //!   wrote); a primary refuses to start on it, a secondary reports an unknown
@@ -9,9 +10,10 @@
 //! - `link.json`: `{"state", "reason"}` of the primary's link; `disk_failed` when
 //!   this node's disk failed (the module must run on the peer);
 //! - `sync.json`, `verify.json`, `changed_bytes`: progress and reports.
+//!
+//! Every file is replaced whole through [`crate::atomic`].
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
@@ -20,13 +22,11 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::FlockOperation;
 
-const LOCK_FILE: &str = "lock";
-const PEER_OUTDATED: &str = "peer-outdated";
-/// This node's own copy is not up to date (its disk failed while it wrote):
-/// written by the primary, honoured by the receiver (full compare), removed when
-/// a resync made the copy identical again.
-pub const SELF_OUTDATED: &str = "self-outdated";
-const LINK_STATUS: &str = "link.json";
+pub use crate::status::SELF_OUTDATED;
+use crate::status::{
+    ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, SyncStatus, GENERATION, LOCK,
+    PEER_OUTDATED,
+};
 
 /// Errors opening or writing the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ impl StateDir {
             .truncate(false)
             .write(true)
             .mode(0o600)
-            .open(path.join(LOCK_FILE))
+            .open(path.join(LOCK))
             .map_err(io)?;
         match rustix::fs::flock(lock.as_fd(), FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
@@ -123,73 +123,53 @@ impl StateDir {
     fn remove_marker(&self, name: &str) -> Result<(), StateError> {
         let _one_writer = self.writing.lock();
         let path = self.path.join(name);
-        let io = |source| StateError::Io {
-            path: path.clone(),
-            source,
-        };
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io(e)),
-        }
-        File::open(&self.path)
-            .and_then(|d| d.sync_all())
-            .map_err(io)
+        crate::atomic::remove(&path).map_err(|source| StateError::Io { path, source })
     }
 
-    /// The data generation the controller wrote for this node, if any.
-    pub fn generation(&self) -> Option<String> {
-        let text = std::fs::read_to_string(self.path.join("generation")).ok()?;
-        let text = text.trim();
-        (!text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| text.to_ascii_lowercase())
+    /// The data generation the controller wrote for this node, if any (an
+    /// invalid file counts as none).
+    pub fn generation(&self) -> Option<GenerationId> {
+        let bytes = std::fs::read(self.path.join(GENERATION)).ok()?;
+        GenerationId::from_file(&bytes)
     }
 
     /// `sync.json`: where a full sync stands, for the controller.
     pub fn write_sync_status(
         &self,
-        state: &str,
+        state: SyncPhase,
         progress: &crate::resync::SyncProgress,
         error: Option<&str>,
     ) {
         use std::sync::atomic::Ordering::Relaxed;
-        let json = serde_json::json!({
-            "state": state,
-            "done_bytes": progress.done_bytes.load(Relaxed),
-            "total_bytes": progress.total_bytes.load(Relaxed),
-            "error": error,
-        });
-        if let Err(e) = self.write_atomically("sync.json", format!("{json}\n").as_bytes()) {
-            tracing::warn!("cannot write sync status: {e}");
-        }
+        let status = SyncStatus {
+            state,
+            done_bytes: progress.done_bytes.load(Relaxed),
+            total_bytes: progress.total_bytes.load(Relaxed),
+            error: error.map(str::to_string),
+        };
+        self.write_status(&status);
     }
 
     /// `link.json`: where the replication link stands, for the controller (it acts
     /// on `lost`/`failed` while heartbeats still arrive, and on `fenced`). Written
     /// whenever the state changes; the last state wins.
-    pub fn write_link_status(&self, state: &str, reason: Option<&str>) {
-        let json = serde_json::json!({ "state": state, "reason": reason });
-        if let Err(e) = self.write_atomically(LINK_STATUS, format!("{json}\n").as_bytes()) {
-            tracing::warn!("cannot write link status: {e}");
+    pub fn write_link_status(&self, status: &LinkStatus) {
+        self.write_status(status);
+    }
+
+    /// Writes one of the JSON status files durably (a failure is logged: the
+    /// reader keeps the previous state).
+    pub fn write_status<T: StatusFile>(&self, status: &T) {
+        if let Err(e) = self.write_atomically(T::FILE, &status.encode()) {
+            tracing::warn!("cannot write {}: {e}", T::FILE);
         }
     }
 
     /// `changed_bytes`: bytes the dirty records mark as differing from the peer.
     /// Replaced by rename (never half-written); not fsynced: it is a report.
     pub fn write_changed_bytes(&self, bytes: u64) {
-        let (tmp, path) = (
-            self.path.join(".changed_bytes.tmp"),
-            self.path.join("changed_bytes"),
-        );
-        let written = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(format!("{bytes}\n").as_bytes()))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
+        let path = self.path.join(ChangedBytes::FILE);
+        if let Err(e) = crate::atomic::write_report(&path, &ChangedBytes(bytes).encode()) {
             tracing::warn!("cannot write {}: {e}", path.display());
         }
     }
@@ -201,27 +181,8 @@ impl StateDir {
 
     fn write_atomically(&self, name: &str, content: &[u8]) -> Result<(), StateError> {
         let path = self.path.join(name);
-        write_file_atomically(&path, content).map_err(|source| StateError::Io { path, source })
+        crate::atomic::write(&path, content).map_err(|source| StateError::Io { path, source })
     }
-}
-
-/// The one way node metadata reaches the disk: write a temporary file (mode 0600),
-/// fsync it, rename it over `path`, fsync the directory. After a crash the file is
-/// either the old or the new one, never a mix.
-pub fn write_file_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

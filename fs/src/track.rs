@@ -1216,8 +1216,7 @@ impl Tracker {
         st.pending.journal.clear();
         st.pending.whole.clear();
         st.lazy_pages.clear();
-        crate::statedir::write_file_atomically(&self.dir.join(VALID), b"")
-            .map_err(io(&self.dir))?;
+        crate::atomic::write(&self.dir.join(VALID), b"").map_err(io(&self.dir))?;
         st.valid = true;
         Ok(())
     }
@@ -1226,14 +1225,7 @@ impl Tracker {
     pub fn invalidate(&self) -> Result<(), TrackError> {
         let mut st = self.state.lock();
         let path = self.dir.join(VALID);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&path)(e)),
-        }
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+        crate::atomic::remove(&path).map_err(io(&path))?;
         st.valid = false;
         Ok(())
     }
@@ -1455,8 +1447,7 @@ impl Tracker {
                         Err(e) => return Err(io(&runs_path)(e)),
                     }
                 } else {
-                    crate::statedir::write_file_atomically(&runs_path, runs)
-                        .map_err(io(&runs_path))?;
+                    crate::atomic::write(&runs_path, runs).map_err(io(&runs_path))?;
                 }
             }
             if !w.zeros.is_empty() {
@@ -1498,7 +1489,7 @@ impl Tracker {
             for e in all {
                 record(&mut bytes, &encode_al(e));
             }
-            crate::statedir::write_file_atomically(&al_path, &bytes).map_err(io(&al_path))?;
+            crate::atomic::write(&al_path, &bytes).map_err(io(&al_path))?;
         } else if !pending.activity.is_empty() {
             let mut bytes = Vec::new();
             for e in &pending.activity {

@@ -1,10 +1,12 @@
 //! Driving a running `vmha-fs` as its controller does: signals, and the status
-//! files it writes in its state directory (`sync.json`, `verify.json`).
+//! files it writes in its state directory (`sync.json`, `verify.json`), read
+//! through vmha-fs's own types ([`vmha_fs::status`]).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus, VerifyPhase, VerifyStatus};
 
 use crate::proc::Child;
 
@@ -20,58 +22,55 @@ pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
     Ok(())
 }
 
-/// Removes `state/file`, sends `sig` to `primary`, then waits until the file says
-/// `done_state` (returned) or `failed_state` (an error).
-fn signal_and_wait(
+/// Removes `state/T::FILE`, sends `sig` to `primary`, then waits until the file
+/// (decoded with vmha-fs's own type) is `done` (returned) or `failed` (an error).
+fn signal_and_wait<T: StatusFile + std::fmt::Debug>(
     primary: &Child,
     state: &Path,
     sig: libc::c_int,
-    file: &str,
-    done_state: &str,
-    failed_state: &str,
-) -> Result<serde_json::Value> {
-    let path = state.join(file);
-    let _ = std::fs::remove_file(&path);
+    done: impl Fn(&T) -> bool,
+    failed: impl Fn(&T) -> bool,
+) -> Result<T> {
+    let file = T::FILE;
+    let _ = std::fs::remove_file(state.join(file));
     signal(primary.pid(), sig)?;
     let deadline = Instant::now() + SYNC_FILE_TIMEOUT;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
-                match s["state"].as_str() {
-                    Some(x) if x == done_state => return Ok(s),
-                    Some(x) if x == failed_state => bail!("{file}: {s}"),
-                    _ => {}
-                }
+        // Absent until written, never half-written (replaced by rename).
+        if let Ok(Some(s)) = T::read_from(state) {
+            if done(&s) {
+                return Ok(s);
+            }
+            if failed(&s) {
+                bail!("{file}: {s:?}");
             }
         }
         if Instant::now() > deadline {
-            bail!("{file} not `{done_state}` within {SYNC_FILE_TIMEOUT:?}");
+            bail!("{file} not done within {SYNC_FILE_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// SIGUSR2 (attach the peer and resync) and wait for `in_sync`; returns sync.json.
-pub fn attach_and_wait(primary: &Child, state: &Path) -> Result<serde_json::Value> {
+pub fn attach_and_wait(primary: &Child, state: &Path) -> Result<SyncStatus> {
     signal_and_wait(
         primary,
         state,
         libc::SIGUSR2,
-        "sync.json",
-        "in_sync",
-        "alone",
+        |s: &SyncStatus| s.state == SyncPhase::InSync,
+        |s: &SyncStatus| s.state == SyncPhase::Alone,
     )
 }
 
 /// SIGHUP (compare with the peer, report only) and wait; returns verify.json.
-pub fn verify(primary: &Child, state: &Path) -> Result<serde_json::Value> {
+pub fn verify(primary: &Child, state: &Path) -> Result<VerifyStatus> {
     signal_and_wait(
         primary,
         state,
         libc::SIGHUP,
-        "verify.json",
-        "done",
-        "failed",
+        |s: &VerifyStatus| s.state == VerifyPhase::Done,
+        |s: &VerifyStatus| s.state == VerifyPhase::Failed,
     )
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use vmha_fs::status::{LinkCondition, LinkStatus, StatusFile, PEER_OUTDATED, SELF_OUTDATED};
 use vmha_test_infra::aligned::AlignedBuf;
 use vmha_test_infra::loopfs::LoopFs;
 use vmha_test_infra::pair::{Pair, PairOptions};
@@ -33,21 +34,19 @@ const CHECKED_SIZE: u64 = 32 << 20;
 /// A block written: (slot, seed of its data).
 type Block = (u64, u64);
 
-fn link_state(state: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(state.join("link.json")).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["state"].as_str().map(str::to_string)
+fn link_state(state: &Path) -> Option<LinkCondition> {
+    Some(LinkStatus::read_from(state).ok()??.state)
 }
 
-fn wait_link_state(state: &Path, want: &str, timeout: Duration) -> Result<()> {
+fn wait_link_state(state: &Path, want: LinkCondition, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let now = link_state(state);
-        if now.as_deref() == Some(want) {
+        if now == Some(want) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("link.json never said {want} (last: {now:?})");
+            bail!("link.json never said {want:?} (last: {now:?})");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -136,7 +135,11 @@ fn primary_disk_failure_loses_nothing_and_never_blames_the_peer() -> Result<()> 
     };
     std::thread::sleep(Duration::from_secs(2));
     disk.shutdown()?;
-    wait_link_state(pair.primary_state(), "disk_failed", Duration::from_secs(10))?;
+    wait_link_state(
+        pair.primary_state(),
+        LinkCondition::DiskFailed,
+        Duration::from_secs(10),
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
     let (acked, failed) = writer
@@ -180,11 +183,11 @@ fn primary_disk_failure_loses_nothing_and_never_blames_the_peer() -> Result<()> 
     // This node is the one behind; the peer is never recorded outdated.
     let state = pair.primary_state().to_path_buf();
     ensure!(
-        !state.join("peer-outdated").exists(),
+        !state.join(PEER_OUTDATED).exists(),
         "the node whose disk failed recorded the peer as outdated: {:?}",
-        std::fs::read_to_string(state.join("peer-outdated"))
+        std::fs::read_to_string(state.join(PEER_OUTDATED))
     );
-    let own = std::fs::read_to_string(state.join("self-outdated"))
+    let own = std::fs::read_to_string(state.join(SELF_OUTDATED))
         .context("the primary did not record itself as outdated")?;
     ensure!(own.contains("disk failed"), "self-outdated says {own:?}");
 
@@ -207,11 +210,11 @@ fn primary_disk_failure_loses_nothing_and_never_blames_the_peer() -> Result<()> 
         "a file was created after the disk failed"
     );
     ensure!(
-        link_state(&state).as_deref() == Some("disk_failed"),
+        link_state(&state) == Some(LinkCondition::DiskFailed),
         "after SIGUSR1 link.json says {:?}",
         link_state(&state)
     );
-    ensure!(!state.join("peer-outdated").exists());
+    ensure!(!state.join(PEER_OUTDATED).exists());
     let log = pair.primary().context("no primary")?.stderr_text();
     ensure!(log.contains("SIGUSR1 refused"), "no refusal logged:\n{log}");
     ensure!(log.contains("SIGUSR2 refused"), "no refusal logged:\n{log}");
@@ -312,7 +315,7 @@ fn full_disk_on(primary_side: bool) -> Result<()> {
         &pair.secondary_backing().join("big.img"),
     )?;
     for state in [pair.primary_state(), pair.secondary_state()] {
-        for marker in ["peer-outdated", "self-outdated"] {
+        for marker in [PEER_OUTDATED, SELF_OUTDATED] {
             ensure!(
                 !state.join(marker).exists(),
                 "{marker} recorded after a full disk"
@@ -320,7 +323,7 @@ fn full_disk_on(primary_side: bool) -> Result<()> {
         }
     }
     ensure!(
-        link_state(pair.primary_state()).as_deref() == Some("connected"),
+        link_state(pair.primary_state()) == Some(LinkCondition::Connected),
         "link is {:?} after a full disk",
         link_state(pair.primary_state())
     );

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus};
 use vmha_test_infra::proc::Child;
 use vmha_test_infra::{assert_same_tree, Pair, PairOptions};
 
@@ -22,9 +23,8 @@ fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
     Ok(())
 }
 
-fn sync_state(pair: &Pair) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(pair.primary_state().join("sync.json")).ok()?;
-    serde_json::from_str(&text).ok()
+fn sync_state(pair: &Pair) -> Option<SyncStatus> {
+    SyncStatus::read_from(pair.primary_state()).ok()?
 }
 
 #[test]
@@ -96,8 +96,8 @@ fn a_peer_attached_to_a_lone_writer_gets_a_full_copy_under_live_writes() -> Resu
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match sync_state(&pair) {
-            Some(s) if s["state"] == "in_sync" => break,
-            Some(s) if s["state"] == "alone" => bail!("sync failed: {s}"),
+            Some(s) if s.state == SyncPhase::InSync => break,
+            Some(s) if s.state == SyncPhase::Alone => bail!("sync failed: {s:?}"),
             _ => {}
         }
         if Instant::now() > deadline {

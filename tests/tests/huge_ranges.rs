@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
+use vmha_fs::status::ChangedBytes;
 use vmha_test_infra::fsctl::{attach_and_wait, signal, verify};
 use vmha_test_infra::pair::READY_TIMEOUT;
 use vmha_test_infra::proc::strip_ansi;
@@ -161,10 +162,10 @@ impl Nodes {
         self.sec.wait_ready(READY_TIMEOUT)?;
         let state = self.pair.primary_state();
         let sync = attach_and_wait(&self.pri, state)?;
-        eprintln!("resync: {sync}");
+        eprintln!("resync: {sync:?}");
         let v = verify(&self.pri, state)?;
-        if v["differing"].as_array().is_some_and(|d| !d.is_empty()) {
-            bail!("verify found differences: {v}");
+        if !v.differing.is_empty() {
+            bail!("verify found differences: {v:?}");
         }
         assert_same_tree(self.pair.primary_backing(), self.pair.secondary_backing())?;
         let lines: Vec<String> = self
@@ -194,13 +195,13 @@ fn huge_ranges_written_alone_cost_nothing_and_resync_exactly() -> Result<()> {
     n.go_alone()?;
     huge_calls(&n.pair, &[n.pri.pid()])?;
     // The dirty maps hold the terabytes (published within a second or two).
-    let changed = n.pair.primary_state().join("changed_bytes");
+    let changed = n.pair.primary_state().join(ChangedBytes::FILE);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let bytes: u64 = std::fs::read_to_string(&changed)
+        let bytes = std::fs::read(&changed)
             .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0);
+            .and_then(|b| ChangedBytes::decode(&b).ok())
+            .map_or(0, |c| c.0);
         if bytes >= 15 * TIB - 4 * MIB {
             break;
         }

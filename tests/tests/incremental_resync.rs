@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use vmha_fs::status::{StatusFile, SyncStatus};
 use vmha_test_infra::fsctl::{attach_and_wait, signal, stop, verify};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
@@ -219,14 +220,14 @@ fn a_returning_peer_gets_only_what_changed() -> Result<()> {
     let status = attach_and_wait(&a, &s.a.state)?;
     let sent = s.link.host_tx_bytes()? - tx;
     eprintln!(
-        "changed {changed} bytes; resync sent {sent} bytes on the interface ({:.2}×); sync.json {status}",
+        "changed {changed} bytes; resync sent {sent} bytes on the interface ({:.2}×); sync.json {status:?}",
         sent as f64 / changed as f64
     );
     assert!(
         sent <= 2 * changed,
         "resync sent {sent} bytes for {changed} changed bytes"
     );
-    assert!(status["total_bytes"].as_u64().unwrap_or(u64::MAX) <= 2 * changed);
+    assert!(status.total_bytes <= 2 * changed);
 
     // Replicating again, synchronously.
     std::fs::write(m.join("vm1/after"), b"replicated")?;
@@ -369,9 +370,9 @@ fn a_crashed_primary_resends_only_its_activity_log() -> Result<()> {
         "{} acknowledged writes before the crash; resync total {} bytes (bound {bound}), \
          {sent} bytes on the interface (live writes during it: {live} bytes)",
         acked.len(),
-        status["total_bytes"]
+        status.total_bytes
     );
-    let total = status["total_bytes"].as_u64().unwrap_or(u64::MAX);
+    let total = status.total_bytes;
     assert!(
         total <= bound,
         "resync of {total} bytes exceeds the bound {bound}"
@@ -434,7 +435,7 @@ fn verify_reports_differences_and_changes_nothing() -> Result<()> {
     let mut a = s.primary_alone(&s.a, &[])?;
     attach_and_wait(&a, &s.a.state)?;
     let clean = verify(&a, &s.a.state)?;
-    assert_eq!(clean["differing"], serde_json::json!([]), "{clean}");
+    assert_eq!(clean.differing, Vec::new(), "{clean:?}");
 
     // Changes behind vmha-fs's back on node1 (bypassing the mount).
     let img = OpenOptions::new()
@@ -446,17 +447,10 @@ fn verify_reports_differences_and_changes_nothing() -> Result<()> {
     std::fs::write(s.a.data.join("vm1/bypass.txt"), b"not replicated")?;
     let before = std::fs::read(s.b.data.join("vm1/disk.img"))?;
     let report = verify(&a, &s.a.state)?;
-    let mut found: Vec<(String, u64, u64)> = report["differing"]
-        .as_array()
-        .ok_or_else(|| anyhow!("no differing list: {report}"))?
+    let mut found: Vec<(String, u64, u64)> = report
+        .differing
         .iter()
-        .map(|d| {
-            (
-                d["path"].as_str().unwrap_or_default().to_string(),
-                d["offset"].as_u64().unwrap_or_default(),
-                d["len"].as_u64().unwrap_or_default(),
-            )
-        })
+        .map(|d| (d.path.clone(), d.offset, d.len))
         .collect();
     found.sort();
     assert_eq!(
@@ -466,7 +460,7 @@ fn verify_reports_differences_and_changes_nothing() -> Result<()> {
             ("vm1/disk.img".to_string(), 5 * SLOT, SLOT),
             ("vm1/disk.img".to_string(), 700 * SLOT, SLOT),
         ],
-        "{report}"
+        "{report:?}"
     );
     assert!(
         std::fs::read(s.b.data.join("vm1/disk.img"))? == before,
@@ -535,8 +529,8 @@ fn a_split_brain_loser_saves_what_it_wrote_before_the_resync() -> Result<()> {
     // Only what either side changed (a few 64 KiB slots; at worst a whole 4 MiB
     // extent when a record was still coarse), never the 1 GiB image.
     assert!(
-        status["total_bytes"].as_u64().unwrap_or(u64::MAX) <= 2 * (4 << 20),
-        "not incremental: {status}"
+        status.total_bytes <= 2 * (4 << 20),
+        "not incremental: {status:?}"
     );
     stop(&mut a)?;
     stop(&mut b)?;
@@ -736,7 +730,7 @@ fn a_split_brain_loser_with_100k_files_and_a_2_gib_discard_loses_no_byte() -> Re
     let mut a = s.primary_alone(&s.a, &[])?;
     let at = Instant::now();
     let status = attach_and_wait(&a, &s.a.state)?;
-    eprintln!("resync: {:?}, {status}", at.elapsed());
+    eprintln!("resync: {:?}, {status:?}", at.elapsed());
     let hwm = vm_hwm_kib(b.pid())?;
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", b.pid()))?;
     assert_eq!(comm.trim(), "vmha-fs", "measured the wrong process");
@@ -748,8 +742,8 @@ fn a_split_brain_loser_with_100k_files_and_a_2_gib_discard_loses_no_byte() -> Re
         "the resync wiped the loser instead of using its records"
     );
     assert!(
-        status["total_bytes"].as_u64().unwrap_or(u64::MAX) <= DISCARD.1 - DISCARD.0 + (64 << 20),
-        "not by the records: {status}"
+        status.total_bytes <= DISCARD.1 - DISCARD.0 + (64 << 20),
+        "not by the records: {status:?}"
     );
     eprintln!("receiver VmHWM {hwm} kB");
     assert!(
@@ -849,13 +843,12 @@ fn an_interrupted_resync_resumes_and_keeps_its_rate_limit() -> Result<()> {
     let changed = 256u64 << 20;
     // First attempt, rate-limited, cut off after a few seconds.
     let mut b = s.secondary(&s.b)?;
-    let file = s.a.state.join("sync.json");
-    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(s.a.state.join(SyncStatus::FILE));
     let started = Instant::now();
     signal(a.pid(), libc::SIGUSR2)?;
     std::thread::sleep(Duration::from_secs(4));
-    let progress: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
-    let done = progress["done_bytes"].as_u64().unwrap_or(0);
+    let progress = SyncStatus::read_from(&s.a.state)?.ok_or_else(|| anyhow!("no sync.json"))?;
+    let done = progress.done_bytes;
     let rate = done as f64 / started.elapsed().as_secs_f64();
     eprintln!(
         "first attempt: {done} bytes in {:?} = {:.1} MB/s (limit {LIMIT_MB_S})",
@@ -868,7 +861,7 @@ fn an_interrupted_resync_resumes_and_keeps_its_rate_limit() -> Result<()> {
     );
     assert!(
         done >= RESUME_STEP_BYTES,
-        "not even one step done: {progress}"
+        "not even one step done: {progress:?}"
     );
     b.kill()?;
     lazy_unmount_all(&s.b.data)?;
@@ -876,7 +869,7 @@ fn an_interrupted_resync_resumes_and_keeps_its_rate_limit() -> Result<()> {
     // Second attempt: what was durably synced is not sent again.
     let mut b = s.secondary(&s.b)?;
     let status = attach_and_wait(&a, &s.a.state)?;
-    let total = status["total_bytes"].as_u64().unwrap_or(u64::MAX);
+    let total = status.total_bytes;
     eprintln!("second attempt: {total} bytes to go of {changed}");
     assert!(
         total <= changed - RESUME_STEP_BYTES,

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use serde_json::Value;
+use vmha_fs::refusal::Refusal;
+use vmha_fs::status::{LinkCondition, LinkStatus, StatusFile};
 use vmha_test_infra::proc::Child;
 use vmha_test_infra::{lazy_unmount_all, Pair, PairOptions};
 
@@ -25,25 +26,24 @@ fn secondary_accepting(pair: &Pair, generation: &str) -> Result<Child> {
     Ok(child)
 }
 
-fn link(pair: &Pair) -> Result<Value> {
-    let path = pair.primary_state().join("link.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {text}"))
+fn link(pair: &Pair) -> Result<LinkStatus> {
+    LinkStatus::read_from(pair.primary_state())
+        .with_context(|| format!("reading {}", LinkStatus::FILE))?
+        .with_context(|| format!("no {}", LinkStatus::FILE))
 }
 
 /// Waits until `link.json` shows `state`; returns it.
-fn wait_link(pair: &Pair, state: &str, timeout: Duration) -> Result<Value> {
+fn wait_link(pair: &Pair, state: LinkCondition, timeout: Duration) -> Result<LinkStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         let last = link(pair);
         if let Ok(v) = &last {
-            if v["state"] == state {
+            if v.state == state {
                 return last;
             }
         }
         if Instant::now() >= deadline {
-            bail!("link.json is not `{state}` after {timeout:?}: {last:?}");
+            bail!("link.json is not `{state:?}` after {timeout:?}: {last:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -60,7 +60,7 @@ fn link_json_follows_the_replication_link() -> Result<()> {
     cmd.arg("--generation").arg(GENERATION);
     let mut primary = Child::spawn("primary", cmd)?;
     primary.wait_ready(Duration::from_secs(20))?;
-    wait_link(&pair, "connected", Duration::from_secs(2))?;
+    wait_link(&pair, LinkCondition::Connected, Duration::from_secs(2))?;
     std::fs::write(pair.mount().join("a"), b"replicated")?;
 
     // A frozen receiver: the write waits, the stall is reported before the
@@ -69,9 +69,13 @@ fn link_json_follows_the_replication_link() -> Result<()> {
     let t = Instant::now();
     let target = pair.mount().join("b");
     let write = std::thread::spawn(move || std::fs::write(target, b"waits"));
-    let v = wait_link(&pair, "stalled", Duration::from_millis(LOCK_TIMEOUT_MS))?;
+    let v = wait_link(
+        &pair,
+        LinkCondition::Stalled,
+        Duration::from_millis(LOCK_TIMEOUT_MS),
+    )?;
     let after = t.elapsed();
-    eprintln!("[link_status] stalled after {after:?}: {v}");
+    eprintln!("[link_status] stalled after {after:?}: {v:?}");
     ensure!(
         after >= Duration::from_millis(LOCK_TIMEOUT_MS / 2 - 100),
         "stalled reported after {after:?}, before half the lock timeout"
@@ -80,7 +84,7 @@ fn link_json_follows_the_replication_link() -> Result<()> {
 
     // The controller's answer: SIGUSR1, the write completes locally.
     primary.send_signal(libc::SIGUSR1)?;
-    wait_link(&pair, "degraded", Duration::from_secs(2))?;
+    wait_link(&pair, LinkCondition::Degraded, Duration::from_secs(2))?;
     write
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
@@ -96,13 +100,13 @@ fn link_json_follows_the_replication_link() -> Result<()> {
     // A receiver accepting another generation refuses the attach: fenced.
     let mut other = secondary_accepting(&pair, "11111111")?;
     primary.send_signal(libc::SIGUSR2)?;
-    let v = wait_link(&pair, "fenced", Duration::from_secs(10))?;
-    eprintln!("[link_status] {v}");
+    let v = wait_link(&pair, LinkCondition::Fenced, Duration::from_secs(10))?;
+    eprintln!("[link_status] {v:?}");
     ensure!(
-        v["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("stale writer")),
-        "{v}"
+        v.reason
+            .as_deref()
+            .is_some_and(|r| Refusal::parse(r).is_stale_writer()),
+        "{v:?}"
     );
     let (status, _) = other.terminate(Duration::from_secs(15))?;
     ensure!(status.success(), "secondary exited with {status}");
@@ -110,7 +114,7 @@ fn link_json_follows_the_replication_link() -> Result<()> {
     // A receiver accepting ours: attached, full copy, connected again.
     let mut secondary = secondary_accepting(&pair, GENERATION)?;
     primary.send_signal(libc::SIGUSR2)?;
-    wait_link(&pair, "connected", Duration::from_secs(20))?;
+    wait_link(&pair, LinkCondition::Connected, Duration::from_secs(20))?;
     std::fs::write(pair.mount().join("c"), b"again")?;
     for (name, data) in [("a", &b"replicated"[..]), ("b", b"waits"), ("c", b"again")] {
         assert_eq!(

@@ -35,6 +35,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus};
 use vmha_test_infra::fsctl::{attach_and_wait, signal, stop};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
@@ -626,7 +627,7 @@ fn primary_power_loss_then_incremental_resync_from_the_survivor() -> Result<()> 
     let mut b = s.secondary(&s.b)?;
     let mut a = s.primary_alone(&s.a)?;
     let first = attach_and_wait(&a, &s.a.state())?;
-    eprintln!("initial full sync: {first}");
+    eprintln!("initial full sync: {first:?}");
 
     // Writes through A's mount; mid-flight, A loses power.
     let hot = hot_slots(7, HOT_EXTENTS);
@@ -714,7 +715,7 @@ fn primary_power_loss_then_incremental_resync_from_the_survivor() -> Result<()> 
     let tx = s.link.host_tx_bytes()?;
     let status = attach_and_wait(&b, &s.b.state())?;
     let sent = s.link.host_tx_bytes()? - tx;
-    let total = status["total_bytes"].as_u64().unwrap_or(u64::MAX);
+    let total = status.total_bytes;
     // A's activity log plus the 4 KiB blocks B wrote alone.
     let bound = AL_EXTENTS * EXTENT + 64 * SLOT;
     eprintln!(
@@ -821,7 +822,7 @@ fn secondary_power_loss_then_incremental_resync_under_writes() -> Result<()> {
     let status = attach_and_wait(&a, &s.a.state())?;
     std::thread::sleep(Duration::from_secs(1));
     let after = after.finish()?;
-    let total = status["total_bytes"].as_u64().unwrap_or(u64::MAX);
+    let total = status.total_bytes;
     eprintln!(
         "while B was away and during the resync: {} writes acknowledged ({} by an fsync, \
          {} errors); resync {total} bytes of a {IMAGE}-byte image",
@@ -978,7 +979,7 @@ fn degraded_primary_power_loss_keeps_its_dirty_maps() -> Result<()> {
     let mut a = s.primary_alone(&s.a)?;
     let mut b = s.secondary(&s.b)?;
     let status = attach_and_wait(&a, &s.a.state())?;
-    let total = status["total_bytes"].as_u64().unwrap_or(u64::MAX);
+    let total = status.total_bytes;
     eprintln!("resync A -> B: {total} bytes (A's records: {dirty_bytes} bytes)");
     assert!(
         last_sync_was_incremental(&a)?,
@@ -1000,19 +1001,16 @@ fn degraded_primary_power_loss_keeps_its_dirty_maps() -> Result<()> {
 fn wait_sync_status(
     state: &Path,
     what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> Result<serde_json::Value> {
-    let file = state.join("sync.json");
+    done: impl Fn(&SyncStatus) -> bool,
+) -> Result<SyncStatus> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
-                if done(&s) {
-                    return Ok(s);
-                }
-                if matches!(s["state"].as_str(), Some("in_sync" | "alone")) {
-                    bail!("the sync ended before {what}: {s}");
-                }
+        if let Ok(Some(s)) = SyncStatus::read_from(state) {
+            if done(&s) {
+                return Ok(s);
+            }
+            if matches!(s.state, SyncPhase::InSync | SyncPhase::Alone) {
+                bail!("the sync ended before {what}: {s:?}");
             }
         }
         if Instant::now() > deadline {
@@ -1053,19 +1051,17 @@ fn power_loss_in_the_middle_of_a_resync_leaves_no_unrecorded_difference() -> Res
     // B returns over a slow link; A loses power when most of the resync is done.
     let mut b = s.secondary(&s.b)?;
     s.link.limit_host_tx(160)?;
-    let _ = std::fs::remove_file(s.a.state().join("sync.json"));
+    let _ = std::fs::remove_file(s.a.state().join(SyncStatus::FILE));
     signal(a.pid(), libc::SIGUSR2)?;
     // (total_bytes below the image's: not the counters of the first sync, which the
     // status shows until this one has counted its work.)
     let at = wait_sync_status(&s.a.state(), "80 MiB done", |st| {
-        st["state"] == "syncing"
-            && st["total_bytes"].as_u64().unwrap_or(u64::MAX) < IMAGE
-            && st["done_bytes"].as_u64().unwrap_or(0) >= 80 << 20
+        st.state == SyncPhase::Syncing && st.total_bytes < IMAGE && st.done_bytes >= 80 << 20
     })?;
     s.a.fs.shutdown()?;
     a.kill()?;
     s.link.unlimit_host_tx()?;
-    eprintln!("A lost power during the resync at {at}");
+    eprintln!("A lost power during the resync at {at:?}");
     stop(&mut b)?;
     s.a.power_cycle()?;
     let img = File::open(s.a.image())?;

@@ -12,8 +12,6 @@
 //! operator redefined the domain (`virsh edit`), so the peer defines the same.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -140,33 +138,12 @@ pub fn xml_path(module: &Module) -> Result<PathBuf, DriverError> {
     Ok(dir.join(format!("{}.xml", module.domain)))
 }
 
-/// Replaces `path` with `bytes` atomically: a temporary file in the same
-/// directory, fsync, rename, fsync of the directory. Through the replicated
-/// mount the peer receives the new file whole. Keeps the old file's mode
-/// (0600 for a new one: the XML may hold secrets).
+/// Replaces `path` with `bytes` atomically ([`vmha_fs::atomic`]: temporary
+/// file, fsync, rename, fsync of the directory). Through the replicated mount
+/// the peer receives the new file whole. Keeps the old file's mode (0600 for a
+/// new one: the XML may hold secrets).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.vmha-tmp"));
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o600);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    vmha_fs::atomic::write_keeping_mode(path, bytes)
 }
 
 impl LibvirtDriver {
@@ -507,6 +484,7 @@ impl VmDriver for LibvirtDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn states() {

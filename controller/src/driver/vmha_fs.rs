@@ -42,6 +42,9 @@
 //!   copy) is [`FsHealth::DiskFailed`], checked before the process's exit, and
 //!   remembered for the running writer; so is a `link.json` that exists but
 //!   cannot be read (its disk failed too).
+//! - The files are read through vmha-fs's own types ([`::vmha_fs::status`]),
+//!   generations cross to vmha-fs as [`GenerationId`] (validated here: an
+//!   invalid one is a driver error, never a vmha-fs usage error).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,6 +52,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use ::vmha_fs::status::{
+    ChangedBytes, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase, SyncStatus,
+    VerifyPhase, VerifyStatus, LINK as LINK_FILE, PEER_OUTDATED as PEER_OUTDATED_FILE,
+    SELF_OUTDATED, SYNC as SYNC_FILE, VERIFY as VERIFY_FILE,
+};
 
 use super::{Difference, DriverError, FsDriver, FsHealth, ResyncState, VerifyReport};
 use crate::config::{Config, Module, NodeIndex};
@@ -63,33 +72,13 @@ pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 struct Running {
     writer: bool,
     /// Writer: the generation claimed; receiver: the generation accepted.
-    generation: Option<String>,
+    generation: Option<GenerationId>,
     children: Vec<(PathBuf, Child)>,
     /// Receiver started with `--save-aside`.
     save_aside: bool,
     /// Writer: vmha-fs reported a local disk failure (kept even if
     /// `link.json` can no longer be read).
     disk_failed: Option<String>,
-}
-
-/// `<state>/sync.json` as vmha-fs writes it.
-#[derive(Debug, serde::Deserialize)]
-struct SyncFile {
-    state: String,
-    #[serde(default)]
-    done_bytes: u64,
-    #[serde(default)]
-    total_bytes: u64,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-/// `<state>/link.json` as vmha-fs writes it.
-#[derive(Debug, serde::Deserialize)]
-struct LinkFile {
-    state: String,
-    #[serde(default)]
-    reason: Option<String>,
 }
 
 /// What a vmha-fs child is started as.
@@ -105,8 +94,18 @@ enum Spawn {
     LoserReceiver,
 }
 
-/// vmha-fs's record that the peer lacks data (fs/src/statedir.rs).
-const PEER_OUTDATED_FILE: &str = "peer-outdated";
+/// A generation as the daemon passes it, checked before it reaches vmha-fs.
+fn generation_id(generation: Option<&str>) -> Result<Option<GenerationId>, DriverError> {
+    generation
+        .map(GenerationId::try_from)
+        .transpose()
+        .map_err(|e| DriverError::failed("generation", e))
+}
+
+/// Whether `running` holds `generation` (None: no generation).
+fn same_generation(running: Option<&GenerationId>, generation: Option<&str>) -> bool {
+    running.map(GenerationId::as_str) == generation
+}
 
 /// Spawns the `vmha-fs` binary.
 #[derive(Debug)]
@@ -159,6 +158,7 @@ impl VmhaFsDriver {
         role: Spawn,
         generation: Option<&str>,
     ) -> Result<(), DriverError> {
+        let generation = generation_id(generation)?;
         let writer = !matches!(role, Spawn::Receiver | Spawn::LoserReceiver);
         self.unmount(module)?;
         let mut children = Vec::new();
@@ -176,7 +176,7 @@ impl VmhaFsDriver {
                     // current (never while this disk is failed; `prim` is the
                     // operator saying this copy wins): vmha-fs's own record of a
                     // past disk failure must not refuse it.
-                    let own = state.join(vmha_fs::statedir::SELF_OUTDATED);
+                    let own = state.join(SELF_OUTDATED);
                     if own.exists() {
                         tracing::warn!(
                             module = %module.name,
@@ -203,9 +203,9 @@ impl VmhaFsDriver {
                         cmd.arg("--rate-limit-mb-s")
                             .arg(module.rate_limit_mb_s.to_string());
                     }
-                    if let Some(generation) = generation {
+                    if let Some(generation) = &generation {
                         write_generation(&state, generation)?;
-                        cmd.arg("--generation").arg(generation);
+                        cmd.arg("--generation").arg(generation.as_str());
                     }
                 } else {
                     cmd.arg("secondary")
@@ -213,8 +213,8 @@ impl VmhaFsDriver {
                         .arg(dir)
                         .arg("--listen")
                         .arg(self.address(self.local, module, i)?.to_string());
-                    if let Some(generation) = generation {
-                        cmd.arg("--accept-generation").arg(generation);
+                    if let Some(generation) = &generation {
+                        cmd.arg("--accept-generation").arg(generation.as_str());
                     }
                     if role == Spawn::LoserReceiver {
                         cmd.arg("--save-aside");
@@ -250,7 +250,7 @@ impl VmhaFsDriver {
             module.name.clone(),
             Running {
                 writer,
-                generation: generation.map(str::to_string),
+                generation,
                 children,
                 save_aside: role == Spawn::LoserReceiver,
                 disk_failed: None,
@@ -313,8 +313,6 @@ impl VmhaFsDriver {
     }
 }
 
-const SYNC_FILE: &str = "sync.json";
-const VERIFY_FILE: &str = "verify.json";
 /// Bound of one verify (it reads everything on both nodes).
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
@@ -331,30 +329,17 @@ fn read_verify(state: &Path) -> Result<Option<Vec<Difference>>, DriverError> {
 
 /// The content of a `verify.json` (read from `path`).
 fn parse_verify(path: &Path, bytes: &[u8]) -> Result<Option<Vec<Difference>>, DriverError> {
-    #[derive(serde::Deserialize)]
-    struct VerifyFile {
-        state: String,
-        #[serde(default)]
-        differing: Vec<Difference>,
-        #[serde(default)]
-        error: Option<String>,
-    }
-    let file: VerifyFile = serde_json::from_slice(bytes)
+    let file = VerifyStatus::decode(bytes)
         .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
-    match file.state.as_str() {
-        "done" => Ok(Some(file.differing)),
-        "failed" => Err(DriverError::failed(
+    match file.state {
+        VerifyPhase::Done => Ok(Some(file.differing)),
+        VerifyPhase::Failed => Err(DriverError::failed(
             "verify",
             file.error.unwrap_or_else(|| "failed".into()),
         )),
-        "running" => Ok(None),
-        other => Err(DriverError::failed(
-            format!("parse {}", path.display()),
-            format!("unknown state `{other}`"),
-        )),
+        VerifyPhase::Running => Ok(None),
     }
 }
-const LINK_FILE: &str = "link.json";
 
 fn remove_if_present(path: &Path) -> Result<(), DriverError> {
     match std::fs::remove_file(path) {
@@ -365,11 +350,9 @@ fn remove_if_present(path: &Path) -> Result<(), DriverError> {
 }
 
 /// `<state>/generation`, written atomically (vmha-fs reads it at attach time).
-fn write_generation(state: &Path, generation: &str) -> Result<(), DriverError> {
-    let path = state.join("generation");
-    let tmp = state.join("generation.tmp");
-    std::fs::write(&tmp, format!("{generation}\n"))
-        .and_then(|()| std::fs::rename(&tmp, &path))
+fn write_generation(state: &Path, generation: &GenerationId) -> Result<(), DriverError> {
+    let path = state.join(::vmha_fs::status::GENERATION);
+    ::vmha_fs::atomic::write(&path, &generation.to_file())
         .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))
 }
 
@@ -385,21 +368,17 @@ fn read_sync(state: &Path) -> Result<ResyncState, DriverError> {
 
 /// The content of a `sync.json` (read from `path`).
 fn parse_sync(path: &Path, bytes: &[u8]) -> Result<ResyncState, DriverError> {
-    let sync: SyncFile = serde_json::from_slice(bytes)
+    let sync = SyncStatus::decode(bytes)
         .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
     let progress = Progress {
         done_bytes: sync.done_bytes,
         total_bytes: sync.total_bytes,
     };
-    match (sync.state.as_str(), sync.error) {
-        ("syncing", _) => Ok(ResyncState::Running(progress)),
-        ("in_sync", _) => Ok(ResyncState::Done),
-        ("alone", Some(error)) => Err(DriverError::failed("sync to the peer", error)),
-        ("alone", None) => Ok(ResyncState::Idle),
-        (other, _) => Err(DriverError::failed(
-            format!("parse {}", path.display()),
-            format!("unknown state `{other}`"),
-        )),
+    match (sync.state, sync.error) {
+        (SyncPhase::Syncing, _) => Ok(ResyncState::Running(progress)),
+        (SyncPhase::InSync, _) => Ok(ResyncState::Done),
+        (SyncPhase::Alone, Some(error)) => Err(DriverError::failed("sync to the peer", error)),
+        (SyncPhase::Alone, None) => Ok(ResyncState::Idle),
     }
 }
 
@@ -429,18 +408,18 @@ fn read_link(state: &Path) -> FsHealth {
 
 /// The content of a `link.json` (read from `path`).
 fn parse_link(path: &Path, bytes: &[u8]) -> Result<FsHealth, DriverError> {
-    let link: LinkFile = serde_json::from_slice(bytes)
+    let link = LinkStatus::decode(bytes)
         .map_err(|e| DriverError::failed(format!("parse {}", path.display()), e))?;
-    Ok(match link.state.as_str() {
-        "lost" | "stalled" | "failed" => {
-            tracing::debug!(state = link.state, reason = ?link.reason, "replication link down");
+    Ok(match link.state {
+        state if state.is_down() => {
+            tracing::debug!(?state, reason = ?link.reason, "replication link down");
             FsHealth::LinkDown
         }
-        "fenced" => {
+        LinkCondition::Fenced => {
             tracing::warn!(reason = ?link.reason, "the peer's receiver refused our generation");
             FsHealth::Fenced
         }
-        "disk_failed" => FsHealth::DiskFailed(
+        LinkCondition::DiskFailed => FsHealth::DiskFailed(
             link.reason
                 .unwrap_or_else(|| "vmha-fs reports a local disk failure".into()),
         ),
@@ -450,10 +429,9 @@ fn parse_link(path: &Path, bytes: &[u8]) -> Result<FsHealth, DriverError> {
 
 /// The content of a `changed_bytes` file: a decimal count of bytes.
 fn parse_changed_bytes(bytes: &[u8]) -> Result<u64, DriverError> {
-    std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|t| t.trim().parse::<u64>().ok())
-        .ok_or_else(|| DriverError::failed("parse changed_bytes", "not a decimal count of bytes"))
+    ChangedBytes::decode(bytes)
+        .map(|c| c.0)
+        .map_err(|e| DriverError::failed("parse changed_bytes", e))
 }
 
 /// The module's changed bytes from its directories' files (unreadable ones count
@@ -803,7 +781,8 @@ impl FsDriver for VmhaFsDriver {
         // the receiver saves it aside first.
         let restart = match self.lock().get(&module.name) {
             Some(running) if !running.writer => {
-                running.generation.as_deref() != generation || (full && !running.save_aside)
+                !same_generation(running.generation.as_ref(), generation)
+                    || (full && !running.save_aside)
             }
             _ => return Err(DriverError::failed("resync", "the receiver is not running")),
         };
@@ -825,7 +804,7 @@ impl FsDriver for VmhaFsDriver {
     ) -> Result<bool, DriverError> {
         let (restart, save_aside) = match self.lock().get(&module.name) {
             Some(running) if !running.writer => (
-                running.generation.as_deref() != generation,
+                !same_generation(running.generation.as_ref(), generation),
                 running.save_aside,
             ),
             _ => (false, false),
@@ -847,17 +826,18 @@ impl FsDriver for VmhaFsDriver {
     }
 
     fn attach_peer(&self, module: &Module, generation: Option<&str>) -> Result<(), DriverError> {
+        let generation = generation_id(generation)?;
         let dirs = self
             .writer_state_dirs(module)
             .ok_or_else(|| DriverError::failed("attach the peer", "no writer is running"))?;
         for state in &dirs {
-            if let Some(generation) = generation {
+            if let Some(generation) = &generation {
                 write_generation(state, generation)?;
             }
             remove_if_present(&state.join(SYNC_FILE))?;
         }
         if let Some(running) = self.lock().get_mut(&module.name) {
-            running.generation = generation.map(str::to_string);
+            running.generation = generation;
         }
         self.signal_writer(module, rustix::process::Signal::USR2, "attach the peer")
     }
@@ -869,7 +849,7 @@ impl FsDriver for VmhaFsDriver {
             .writer_state_dirs(module)
             .unwrap_or_default()
             .iter()
-            .filter_map(|state| std::fs::read(state.join("changed_bytes")).ok())
+            .filter_map(|state| std::fs::read(state.join(ChangedBytes::FILE)).ok())
             .collect();
         sum_changed_bytes(&files)
     }
@@ -1122,10 +1102,58 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever vmha-fs writes (its own types encode it), the controller
+        /// reads with the meaning vmha-fs gave it.
+        #[test]
+        fn what_vmha_fs_writes_is_read_as_meant(
+            done in proptest::prelude::any::<u64>(),
+            total in proptest::prelude::any::<u64>(),
+            error in proptest::option::of("\\PC{0,20}"),
+            phase in 0..3usize,
+            changed in proptest::prelude::any::<u64>(),
+        ) {
+            let p = Path::new("state-file");
+            let state = [SyncPhase::Syncing, SyncPhase::InSync, SyncPhase::Alone][phase];
+            let sync = SyncStatus { state, done_bytes: done, total_bytes: total, error: error.clone() };
+            let read = parse_sync(p, &sync.encode());
+            match (state, &error) {
+                (SyncPhase::Syncing, _) => proptest::prop_assert_eq!(
+                    read,
+                    Ok(ResyncState::Running(Progress { done_bytes: done, total_bytes: total }))
+                ),
+                (SyncPhase::InSync, _) => proptest::prop_assert_eq!(read, Ok(ResyncState::Done)),
+                (SyncPhase::Alone, None) => proptest::prop_assert_eq!(read, Ok(ResyncState::Idle)),
+                (SyncPhase::Alone, Some(_)) => proptest::prop_assert!(read.is_err()),
+            }
+            let link = LinkStatus { state: LinkCondition::DiskFailed, reason: error.clone() };
+            proptest::prop_assert!(matches!(parse_link(p, &link.encode()), Ok(FsHealth::DiskFailed(_))));
+            let verify = VerifyStatus {
+                state: VerifyPhase::Done,
+                done_bytes: done,
+                total_bytes: total,
+                differing: vec![Difference { path: error.unwrap_or_default(), offset: done, len: total }],
+                error: None,
+            };
+            proptest::prop_assert_eq!(parse_verify(p, &verify.encode()), Ok(Some(verify.differing)));
+            proptest::prop_assert_eq!(parse_changed_bytes(&ChangedBytes(changed).encode()), Ok(changed));
+        }
+    }
+
+    #[test]
+    fn controller_generations_cross_to_vmha_fs_as_32_digits() {
+        let id = crate::generation::GenerationId(0xab);
+        let theirs = ::vmha_fs::status::GenerationId::from(id);
+        assert_eq!(theirs.as_str(), id.to_string());
+        assert_eq!(generation_id(Some(&id.to_string())), Ok(Some(theirs)));
+        assert!(generation_id(Some("not hex")).is_err());
+        assert!(same_generation(None, None));
+    }
+
     #[test]
     fn generation_file_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        write_generation(dir.path(), "00ab").unwrap();
+        write_generation(dir.path(), &GenerationId::try_from("00AB").unwrap()).unwrap();
         assert_eq!(
             std::fs::read_to_string(dir.path().join("generation")).unwrap(),
             "00ab\n"

@@ -8,8 +8,10 @@ use std::time::Duration;
 use super::status::Fenced;
 use crate::key::ClusterKey;
 use crate::link::{LinkError, PeerLink};
+use crate::refusal::Refusal;
 use crate::resync::{SyncProgress, Syncer};
 use crate::statedir::StateDir;
+use crate::status::{GenerationId, SyncPhase, VerifyPhase, VerifyStatus};
 use crate::wire::WireError;
 
 /// The receiver's reason when it refused us for claiming another generation.
@@ -18,7 +20,7 @@ fn stale_refusal(error: &LinkError) -> Option<String> {
         LinkError::Protocol {
             source: WireError::Refused(reason),
             ..
-        } if reason.starts_with(crate::receiver::STALE_WRITER) => Some(reason.clone()),
+        } if Refusal::parse(reason).is_stale_writer() => Some(reason.clone()),
         _ => None,
     }
 }
@@ -33,7 +35,7 @@ pub(crate) struct Joiner {
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) module: String,
     pub(crate) key: ClusterKey,
-    pub(crate) generation: Option<String>,
+    pub(crate) generation: Option<GenerationId>,
     pub(crate) running: Arc<AtomicBool>,
     pub(crate) fenced: Fenced,
 }
@@ -52,26 +54,28 @@ impl Joiner {
             self.state.clone(),
             self.running.clone(),
         );
-        let write =
-            move |status: &str, differing: &[crate::resync::Difference], error: Option<&str>| {
-                let json = serde_json::json!({
-                    "state": status,
-                    "done_bytes": progress.done_bytes.load(Ordering::Relaxed),
-                    "total_bytes": progress.total_bytes.load(Ordering::Relaxed),
-                    "differing": differing,
-                    "error": error,
-                });
-                if let Err(e) = crate::statedir::write_file_atomically(
-                    &state.path().join("verify.json"),
-                    format!("{json}\n").as_bytes(),
-                ) {
-                    tracing::warn!("cannot write verify.json: {e}");
-                }
-            };
+        let write = move |phase: VerifyPhase,
+                          differing: &[crate::resync::Difference],
+                          error: Option<&str>| {
+            state.write_status(&VerifyStatus {
+                state: phase,
+                done_bytes: progress.done_bytes.load(Ordering::Relaxed),
+                total_bytes: progress.total_bytes.load(Ordering::Relaxed),
+                differing: differing
+                    .iter()
+                    .map(|d| crate::status::Difference {
+                        path: d.path.clone(),
+                        offset: d.offset,
+                        len: d.len,
+                    })
+                    .collect(),
+                error: error.map(str::to_string),
+            });
+        };
         let spawned = std::thread::Builder::new()
             .name("verify".into())
             .spawn(move || {
-                write("running", &[], None);
+                write(VerifyPhase::Running, &[], None);
                 let outcome = syncer.verify();
                 running.store(false, Ordering::SeqCst);
                 match outcome {
@@ -84,11 +88,11 @@ impl Joiner {
                                 "verify: the peer's copy differs"
                             );
                         }
-                        write("done", &differing, None);
+                        write(VerifyPhase::Done, &differing, None);
                     }
                     Err(e) => {
                         tracing::error!("verify failed: {e}");
-                        write("failed", &[], Some(&e.to_string()));
+                        write(VerifyPhase::Failed, &[], Some(&e.to_string()));
                     }
                 }
             });
@@ -134,13 +138,13 @@ impl Joiner {
                         let mut written: Option<std::time::Instant> = None;
                         while !done.load(Ordering::SeqCst) {
                             if written.is_none_or(|at| at.elapsed() >= Duration::from_millis(500)) {
-                                state.write_sync_status("syncing", &progress, None);
+                                state.write_sync_status(SyncPhase::Syncing, &progress, None);
                                 written = Some(std::time::Instant::now());
                             }
                             std::thread::sleep(Duration::from_millis(20));
                         }
                     });
-                    let outcome = match link.attach(peer, &key, &module, generation) {
+                    let outcome = match link.attach(peer, &key, &module, generation.map(String::from)) {
                         Ok(report) => syncer.run(report).map_err(|e| e.to_string()),
                         Err(e) => {
                             if let Some(reason) = stale_refusal(&e) {
@@ -161,11 +165,11 @@ impl Joiner {
                             tracing::error!("peer in sync, but the record says otherwise: {e}");
                         }
                         tracing::info!(bytes, incremental, %peer, "sync done: the peer is in sync");
-                        state.write_sync_status("in_sync", &progress, None);
+                        state.write_sync_status(SyncPhase::InSync, &progress, None);
                     }
                     Err(e) => {
                         tracing::error!(%peer, "sync failed: {e}");
-                        state.write_sync_status("alone", &progress, Some(&e));
+                        state.write_sync_status(SyncPhase::Alone, &progress, Some(&e));
                     }
                 }
             });

@@ -31,7 +31,7 @@ pub struct PrimaryConfig {
     pub module: String,
     /// Start writing alone (--peer, if given, is attached later on SIGUSR2).
     pub alone: bool,
-    pub generation: Option<String>,
+    pub generation: Option<crate::status::GenerationId>,
     pub state: PathBuf,
     pub key_file: PathBuf,
     pub lock_timeout: Duration,
@@ -48,7 +48,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
     // First: a copy recorded as behind must not write, whatever its disk says now.
     if let Some(reason) = state.self_outdated() {
         return Err(RunError::SelfOutdated {
-            path: state.path().join(crate::statedir::SELF_OUTDATED),
+            path: state.path().join(crate::status::SELF_OUTDATED),
             reason: reason.trim().to_string(),
         });
     }
@@ -108,7 +108,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
             peer,
             &key,
             &args.module,
-            args.generation.clone(),
+            args.generation.clone().map(String::from),
             args.lock_timeout,
             record_outdated,
         )?,

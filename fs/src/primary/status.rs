@@ -7,6 +7,7 @@ use super::DiskHealth;
 use crate::link::{LinkState, PeerLink};
 use crate::runtime::RunError;
 use crate::statedir::StateDir;
+use crate::status::{LinkCondition, LinkStatus};
 use crate::track::Tracker;
 
 /// Set when the peer's receiver refused our generation (fencing); cleared by the
@@ -17,32 +18,28 @@ pub(crate) type Fenced = Arc<parking_lot::Mutex<Option<String>>>;
 /// without any acknowledgement for `stall` while work waits (the replication
 /// network may be down: no error reaches us, writes just wait); `fenced` while
 /// the last attach was refused for a stale generation and the link writes alone.
-fn link_status(
-    link: &PeerLink,
-    disk: &DiskHealth,
-    fenced: &Fenced,
-    stall: Duration,
-) -> (&'static str, Option<String>) {
+fn link_status(link: &PeerLink, disk: &DiskHealth, fenced: &Fenced, stall: Duration) -> LinkStatus {
+    let status = |state, reason| LinkStatus { state, reason };
     if let Some(failure) = disk.failure() {
-        return ("disk_failed", Some(failure.to_string()));
+        return status(LinkCondition::DiskFailed, Some(failure.to_string()));
     }
     match link.state() {
-        LinkState::Connected if link.stalled_for().is_some_and(|d| d >= stall) => (
-            "stalled",
+        LinkState::Connected if link.stalled_for().is_some_and(|d| d >= stall) => status(
+            LinkCondition::Stalled,
             Some(format!(
                 "no acknowledgement for over {} ms",
                 stall.as_millis()
             )),
         ),
-        LinkState::Connected => ("connected", None),
-        LinkState::Lost => ("lost", None),
-        LinkState::Failed(reason) => ("failed", Some(reason)),
+        LinkState::Connected => status(LinkCondition::Connected, None),
+        LinkState::Lost => status(LinkCondition::Lost, None),
+        LinkState::Failed(reason) => status(LinkCondition::Failed, Some(reason)),
         LinkState::Degraded => match fenced.lock().clone() {
-            Some(reason) => ("fenced", Some(reason)),
-            None => ("degraded", None),
+            Some(reason) => status(LinkCondition::Fenced, Some(reason)),
+            None => status(LinkCondition::Degraded, None),
         },
-        LinkState::Attaching => ("attaching", None),
-        LinkState::Syncing => ("syncing", None),
+        LinkState::Attaching => status(LinkCondition::Attaching, None),
+        LinkState::Syncing => status(LinkCondition::Syncing, None),
     }
 }
 
@@ -63,7 +60,7 @@ pub(crate) fn publish_link_status(
 ) -> Result<(), RunError> {
     let stall = lock_timeout / 2;
     let mut last = link_status(&link, &disk, &fenced, stall);
-    state.write_link_status(last.0, last.1.as_deref());
+    state.write_link_status(&last);
     let mut changed = (u64::MAX, std::time::Instant::now());
     std::thread::Builder::new()
         .name("link-status".into())
@@ -83,7 +80,7 @@ pub(crate) fn publish_link_status(
             std::thread::sleep(LINK_STATUS_BUSY.saturating_sub(started.elapsed()));
             let now = link_status(&link, &disk, &fenced, stall);
             if now != last {
-                state.write_link_status(now.0, now.1.as_deref());
+                state.write_link_status(&now);
                 last = now;
             }
             // Bytes changed without the peer, for the controller (at most once a

@@ -1,0 +1,378 @@
+//! The contract between vmha-fs and whoever reads its state directory (vmhad,
+//! the tests, the benchmarks): the files' names and their content as types.
+//! vmha-fs encodes with these types, the readers decode with them, so the two
+//! sides cannot drift apart.
+//!
+//! The files (`STATEDIR` is vmha-fs's `--state`; the README documents them):
+//! - [`PEER_OUTDATED`]: text, the first reason the peer's copy lacks changes made here;
+//! - [`SELF_OUTDATED`]: text, why this node's own copy is behind (its disk failed);
+//! - [`GENERATION`]: the controller's current [`GenerationId`], one line;
+//! - [`SYNC`]: [`SyncStatus`], where the last full sync (attach) stands;
+//! - [`LINK`]: [`LinkStatus`], where the primary's replication link stands;
+//! - [`VERIFY`]: [`VerifyStatus`], the outcome of a compare with the peer;
+//! - [`CHANGED_BYTES`]: [`ChangedBytes`], a decimal count, refreshed every second;
+//! - [`DIVERGED`]: a directory of data saved aside before a resync overwrote it.
+//!
+//! Typing them changes nothing on disk: the JSON keys are declared in the
+//! order `serde_json::json!` wrote them (alphabetical), `null` stays `null`.
+//! Decoding is lenient where the readers always were (missing counters are 0,
+//! an unknown link state is [`LinkCondition::Unknown`]); additions to a file
+//! must stay additions.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The state directory's exclusive lock (held by the running vmha-fs).
+pub const LOCK: &str = "lock";
+/// The peer's copy lacks changes made here; the content is the first reason.
+pub const PEER_OUTDATED: &str = "peer-outdated";
+/// This node's own copy is behind (its disk failed while it wrote): written by
+/// the primary, honoured by the receiver (full compare), removed when a resync
+/// made the copy identical again.
+pub const SELF_OUTDATED: &str = "self-outdated";
+/// The current data generation, written by the controller (`<hex>\n`).
+pub const GENERATION: &str = "generation";
+/// [`SyncStatus`].
+pub const SYNC: &str = "sync.json";
+/// [`LinkStatus`].
+pub const LINK: &str = "link.json";
+/// [`VerifyStatus`].
+pub const VERIFY: &str = "verify.json";
+/// [`ChangedBytes`].
+pub const CHANGED_BYTES: &str = "changed_bytes";
+/// Data saved aside before a resync overwrote it: `diverged/<UTC time>/`.
+pub const DIVERGED: &str = "diverged";
+
+/// Errors decoding a state-directory file.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("{file} does not parse: {source}")]
+    Json {
+        file: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("{file} is not a decimal count of bytes")]
+    NotACount { file: &'static str },
+    #[error("not a generation id (expected 1 to 64 hexadecimal digits): {0:?}")]
+    Generation(String),
+}
+
+/// A data generation as vmha-fs takes it (`--generation`,
+/// `--accept-generation`, `STATEDIR/generation`) and claims it in the
+/// handshake: 1 to 64 hexadecimal digits, kept in lowercase. Validated where it
+/// enters ([`TryFrom<&str>`]), so everything past the boundary holds a valid one.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GenerationId(String);
+
+/// Longest generation id, in hexadecimal digits.
+pub const MAX_GENERATION_DIGITS: usize = 64;
+
+impl GenerationId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The content of a `generation` file: the id on the first line (surrounding
+    /// white space ignored); None when it is not a valid id.
+    pub fn from_file(bytes: &[u8]) -> Option<GenerationId> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        GenerationId::try_from(text.trim()).ok()
+    }
+
+    /// The bytes of a `generation` file holding this id.
+    pub fn to_file(&self) -> Vec<u8> {
+        format!("{}\n", self.0).into_bytes()
+    }
+}
+
+impl TryFrom<&str> for GenerationId {
+    type Error = StatusError;
+
+    /// Uppercase digits are accepted and stored in lowercase.
+    fn try_from(text: &str) -> Result<Self, Self::Error> {
+        if (1..=MAX_GENERATION_DIGITS).contains(&text.len())
+            && text.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            Ok(GenerationId(text.to_ascii_lowercase()))
+        } else {
+            Err(StatusError::Generation(text.chars().take(80).collect()))
+        }
+    }
+}
+
+impl std::str::FromStr for GenerationId {
+    type Err = StatusError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        GenerationId::try_from(text)
+    }
+}
+
+/// A 128-bit id (the controller's) as 32 lowercase hexadecimal digits.
+impl From<u128> for GenerationId {
+    fn from(id: u128) -> GenerationId {
+        GenerationId(format!("{id:032x}"))
+    }
+}
+
+impl From<GenerationId> for String {
+    fn from(id: GenerationId) -> String {
+        id.0
+    }
+}
+
+impl AsRef<str> for GenerationId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GenerationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GenerationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GenerationId({})", self.0)
+    }
+}
+
+/// One JSON status file: encoded as one line, decoded from any bytes.
+pub trait StatusFile: Serialize + for<'de> Deserialize<'de> {
+    /// The file's name in the state directory.
+    const FILE: &'static str;
+
+    /// The file's content: the JSON object and a newline.
+    fn encode(&self) -> Vec<u8> {
+        // A struct of strings and integers always serializes.
+        let mut bytes = serde_json::to_vec(self).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes
+    }
+
+    /// Decodes a file's content.
+    fn decode(bytes: &[u8]) -> Result<Self, StatusError> {
+        serde_json::from_slice(bytes).map_err(|source| StatusError::Json {
+            file: Self::FILE,
+            source,
+        })
+    }
+
+    /// Reads the file from `state` (a state directory): None when it is absent.
+    /// An unreadable file is an I/O error, one that does not decode is
+    /// `InvalidData`.
+    fn read_from(state: &Path) -> std::io::Result<Option<Self>> {
+        match std::fs::read(state.join(Self::FILE)) {
+            Ok(bytes) => Self::decode(&bytes)
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Where a full sync (SIGUSR2: attach the peer and copy) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncPhase {
+    /// Copying; the counters move.
+    Syncing,
+    /// The peer is a replica.
+    InSync,
+    /// No peer attached: with `error`, the attach or the copy failed.
+    Alone,
+}
+
+/// `STATEDIR/sync.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    #[serde(default)]
+    pub done_bytes: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub state: SyncPhase,
+    #[serde(default)]
+    pub total_bytes: u64,
+}
+
+impl StatusFile for SyncStatus {
+    const FILE: &'static str = SYNC;
+}
+
+/// Where the primary's replication link stands, as `link.json` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkCondition {
+    Connected,
+    /// Writing alone (no peer attached).
+    Degraded,
+    Attaching,
+    Syncing,
+    /// Connected, but no acknowledgement for half the lock timeout.
+    Stalled,
+    Lost,
+    Failed,
+    /// The peer's receiver refused our generation (see [`crate::refusal`]).
+    Fenced,
+    /// This node's own disk failed: the module must run on the peer.
+    DiskFailed,
+    /// A state this reader does not know (a newer vmha-fs): needs nothing.
+    #[serde(other)]
+    Unknown,
+}
+
+impl LinkCondition {
+    /// The peer no longer receives our writes: the controller marks it outdated
+    /// and sends SIGUSR1.
+    pub fn is_down(self) -> bool {
+        matches!(
+            self,
+            LinkCondition::Lost | LinkCondition::Stalled | LinkCondition::Failed
+        )
+    }
+}
+
+/// `STATEDIR/link.json` (written whenever the state changes; the last one wins).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub state: LinkCondition,
+}
+
+impl StatusFile for LinkStatus {
+    const FILE: &'static str = LINK;
+}
+
+/// Where a verify (SIGHUP: compare with the peer, change nothing) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyPhase {
+    Running,
+    Done,
+    Failed,
+}
+
+/// A region where the peer's copy differs (`len` = `u64::MAX`: the peer lacks
+/// the file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    pub len: u64,
+    pub offset: u64,
+    pub path: String,
+}
+
+/// `STATEDIR/verify.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    #[serde(default)]
+    pub differing: Vec<Difference>,
+    #[serde(default)]
+    pub done_bytes: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub state: VerifyPhase,
+    #[serde(default)]
+    pub total_bytes: u64,
+}
+
+impl StatusFile for VerifyStatus {
+    const FILE: &'static str = VERIFY;
+}
+
+/// `STATEDIR/changed_bytes`: bytes the primary's dirty records mark as
+/// differing from the peer, as a decimal line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangedBytes(pub u64);
+
+impl ChangedBytes {
+    pub const FILE: &'static str = CHANGED_BYTES;
+
+    pub fn encode(self) -> Vec<u8> {
+        format!("{}\n", self.0).into_bytes()
+    }
+
+    /// A decimal count, surrounding white space ignored.
+    pub fn decode(bytes: &[u8]) -> Result<ChangedBytes, StatusError> {
+        std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map(ChangedBytes)
+            .ok_or(StatusError::NotACount {
+                file: CHANGED_BYTES,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// What vmha-fs wrote with `json!` before these types: the same bytes now.
+    #[test]
+    fn encoding_is_what_json_macro_wrote() {
+        let sync = SyncStatus {
+            state: SyncPhase::InSync,
+            done_bytes: 10,
+            total_bytes: 10,
+            error: None,
+        };
+        let old = serde_json::json!({
+            "state": "in_sync", "done_bytes": 10, "total_bytes": 10, "error": null,
+        });
+        assert_eq!(sync.encode(), format!("{old}\n").into_bytes());
+        let link = LinkStatus {
+            state: LinkCondition::DiskFailed,
+            reason: Some("EIO".into()),
+        };
+        let old = serde_json::json!({ "state": "disk_failed", "reason": "EIO" });
+        assert_eq!(link.encode(), format!("{old}\n").into_bytes());
+        let verify = VerifyStatus {
+            state: VerifyPhase::Done,
+            done_bytes: 1,
+            total_bytes: 2,
+            differing: vec![Difference {
+                path: "a".into(),
+                offset: 3,
+                len: u64::MAX,
+            }],
+            error: None,
+        };
+        let old = serde_json::json!({
+            "state": "done", "done_bytes": 1, "total_bytes": 2,
+            "differing": [{"path": "a", "offset": 3, "len": u64::MAX}], "error": null,
+        });
+        assert_eq!(verify.encode(), format!("{old}\n").into_bytes());
+        assert_eq!(ChangedBytes(7).encode(), b"7\n");
+    }
+
+    #[test]
+    fn decoding_is_lenient_where_readers_were() {
+        let sync = SyncStatus::decode(br#"{"state":"syncing"}"#).unwrap();
+        assert_eq!((sync.done_bytes, sync.error), (0, None));
+        let link = LinkStatus::decode(br#"{"state":"from_the_future","x":1}"#).unwrap();
+        assert_eq!(link.state, LinkCondition::Unknown);
+        assert!(SyncStatus::decode(br#"{"state":"bogus"}"#).is_err());
+        assert!(VerifyStatus::decode(b"{\"state\":\"done\"").is_err());
+        assert_eq!(ChangedBytes::decode(b" 12\n").unwrap(), ChangedBytes(12));
+        assert!(ChangedBytes::decode(b"-1").is_err());
+    }
+
+    #[test]
+    fn generation_ids_are_validated_and_lowercase() {
+        assert_eq!(GenerationId::try_from("00AB").unwrap().as_str(), "00ab");
+        for bad in ["", "xyz", " 1", &"a".repeat(65)] {
+            assert!(GenerationId::try_from(bad).is_err(), "{bad:?}");
+        }
+        assert!(GenerationId::try_from("f".repeat(64).as_str()).is_ok());
+        let id = GenerationId::from_file(b" 0F \n").unwrap();
+        assert_eq!(id.to_file(), b"0f\n");
+        assert_eq!(GenerationId::from_file(b"\n"), None);
+    }
+}
