@@ -161,15 +161,20 @@ struct ModuleHandle {
     log: Arc<EventLog>,
 }
 
+/// What the dispatcher knows of the peer node as a whole, from its heartbeats
+/// (not vmha-fs's replication link: that is [`FsHealth::LinkDown`]).
 #[derive(Debug)]
-struct LinkState {
-    liveness: Liveness,
+struct PeerLiveness {
+    /// When each network last carried a heartbeat.
+    networks: Liveness,
+    /// Every network silent for the failover timeout (`PeerLost` was sent).
     lost: bool,
-    peer_config_hash: Option<Digest>,
+    /// The peer's whole-configuration hash, from its latest heartbeat.
+    config_hash: Option<Digest>,
     /// (session, round) of the last payload dispatched.
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
-    peer_modules: HashMap<String, ModuleBeat>,
+    modules: HashMap<String, ModuleBeat>,
 }
 
 #[derive(Debug)]
@@ -177,7 +182,7 @@ struct Shared {
     config: Config,
     node: NodeIndex,
     modules: Vec<ModuleHandle>,
-    link: Mutex<LinkState>,
+    peer: Mutex<PeerLiveness>,
     witness: WitnessSlot,
     /// Heartbeat datagrams rejected, by kind (for `status`).
     rejections: Rejections,
@@ -217,8 +222,8 @@ async fn probe_witnesses(witnesses: &[Witness], slot: &WitnessSlot) -> witness::
 }
 
 impl Shared {
-    fn link(&self) -> std::sync::MutexGuard<'_, LinkState> {
-        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    fn peer(&self) -> std::sync::MutexGuard<'_, PeerLiveness> {
+        self.peer.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -352,12 +357,12 @@ impl Daemon {
         let socket = server.path().to_path_buf();
 
         let shared = Arc::new(Shared {
-            link: Mutex::new(LinkState {
-                liveness: Liveness::new(endpoint.networks()),
+            peer: Mutex::new(PeerLiveness {
+                networks: Liveness::new(endpoint.networks()),
                 lost: false,
-                peer_config_hash: None,
+                config_hash: None,
                 last_round: None,
-                peer_modules: HashMap::new(),
+                modules: HashMap::new(),
             }),
             rejections: endpoint.rejections(),
             config: config.clone(),
@@ -599,12 +604,12 @@ async fn dispatch(
                 }
                 last_tick = now;
                 let lost_now = {
-                    let mut link = shared.link();
-                    let silent = link.liveness.all_silent_for(now, timeout)
+                    let mut peer = shared.peer();
+                    let silent = peer.networks.all_silent_for(now, timeout)
                         && now.saturating_duration_since(observing_since) >= timeout;
-                    let newly = silent && !link.lost;
+                    let newly = silent && !peer.lost;
                     if newly {
-                        link.lost = true;
+                        peer.lost = true;
                     }
                     newly
                 };
@@ -622,8 +627,8 @@ async fn dispatch(
 fn on_beat(shared: &Shared, received: Received) {
     let payload = received.payload;
     let fresh = {
-        let mut link = shared.link();
-        link.liveness.record(received.network, received.at);
+        let mut peer = shared.peer();
+        peer.networks.record(received.network, received.at);
         if received.new_session {
             tracing::info!(
                 network = received.network,
@@ -631,19 +636,19 @@ fn on_beat(shared: &Shared, received: Received) {
                 "peer heartbeat session accepted (the peer or this daemon started)"
             );
         }
-        if link.lost {
+        if peer.lost {
             tracing::info!(network = received.network, "peer heard again");
         }
-        link.lost = false;
-        link.peer_config_hash = Some(payload.config_hash);
-        let fresh = match link.last_round {
+        peer.lost = false;
+        peer.config_hash = Some(payload.config_hash);
+        let fresh = match peer.last_round {
             Some((session, round)) => session != payload.session || payload.round > round,
             None => true,
         };
         if fresh {
-            link.last_round = Some((payload.session, payload.round));
+            peer.last_round = Some((payload.session, payload.round));
             for beat in &payload.modules {
-                link.peer_modules.insert(beat.name.clone(), beat.clone());
+                peer.modules.insert(beat.name.clone(), beat.clone());
             }
         }
         fresh
@@ -787,19 +792,19 @@ fn build_status(shared: &Shared) -> Status {
     let local_name = config.node(shared.node).name.clone();
     let peer_node = config.node(shared.node.peer());
     let now = Instant::now();
-    let link = shared.link();
-    let reachable = link.liveness.latest().is_some() && !link.lost;
-    let last_seen = link
-        .liveness
+    let peer = shared.peer();
+    let reachable = peer.networks.latest().is_some() && !peer.lost;
+    let last_seen = peer
+        .networks
         .latest()
         .map(|t| ms(now.saturating_duration_since(t)));
     let heartbeats: std::collections::BTreeMap<String, Option<u64>> = peer_node
         .addresses
         .iter()
-        .zip(link.liveness.ages_ms(now))
+        .zip(peer.networks.ages_ms(now))
         .map(|(ip, age): (&IpAddr, Option<u64>)| (ip.to_string(), age))
         .collect();
-    let config_match = link.peer_config_hash.map(|h| h == config.hash());
+    let config_match = peer.config_hash.map(|h| h == config.hash());
     let modules = shared
         .modules
         .iter()
@@ -821,7 +826,7 @@ fn build_status(shared: &Shared) -> Status {
                 config_match: None,
                 module_config_match: None,
             };
-            let beat = link.peer_modules.get(&handle.module.name);
+            let beat = peer.modules.get(&handle.module.name);
             let module_match = beat.map(|b| Some(b.module_hash) == handle.module_hash);
             let peer = match beat {
                 Some(beat) if reachable => NodeStatus {
