@@ -282,7 +282,38 @@ impl Runner {
                 }
             }
             Action::MarkPeerOutdated => {
-                self.outdated = Some(self.mark_peer_outdated(lines).await);
+                let outcome = self.mark_peer_outdated(lines).await;
+                queue.push_back(Event::PeerMarkedOutdated {
+                    acknowledged: outcome == Outdated::Acknowledged,
+                });
+            }
+            Action::WriteAlone => self.fs_go_alone(lines).await,
+            Action::RestartReceiver { reason } => {
+                let generation = self.peer_generation();
+                let result = self
+                    .blocking(move |_, fs, m| fs.mount_receiver_accepting(m, generation.as_deref()))
+                    .await;
+                match result {
+                    Some(Ok(())) => {
+                        self.record(
+                            format!("vmha-fs receiver failed ({reason}): restarted"),
+                            lines,
+                        )
+                        .await
+                    }
+                    other => {
+                        let e = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "panicked".to_string(),
+                        };
+                        self.record(format!("error: restart the receiver: {e}"), lines)
+                            .await;
+                        self.record(format!("vmha-fs failed: {reason}"), lines)
+                            .await;
+                        queue.push_front(Event::FsFailed);
+                        return Err(Abort);
+                    }
+                }
             }
             Action::ProbeWitness => {
                 let outcome = self.probe_witness(lines).await;
@@ -415,35 +446,6 @@ impl Runner {
             };
             self.record(line.into(), lines).await;
             return outcome.unwrap_or(Outdated::TimedOut);
-        }
-    }
-
-    /// Restarts a SECOND's dead receiver, accepting the writer's generation.
-    /// The data it received is intact (applied before each acknowledgement);
-    /// the writer, whose link broke, makes this node outdated before writing
-    /// without it. Returns whether the receiver runs again.
-    pub(super) async fn restart_receiver(&mut self, reason: &str) -> bool {
-        self.receiver_restarted = Some(Instant::now());
-        let generation = self.peer_generation();
-        let mut lines = Vec::new();
-        match self
-            .blocking(move |_, fs, m| fs.mount_receiver_accepting(m, generation.as_deref()))
-            .await
-        {
-            Some(Ok(())) => {
-                self.record(
-                    format!("vmha-fs receiver failed ({reason}): restarted"),
-                    &mut lines,
-                )
-                .await;
-                true
-            }
-            Some(Err(e)) => {
-                self.record(format!("error: restart the receiver: {e}"), &mut lines)
-                    .await;
-                false
-            }
-            None => false,
         }
     }
 }

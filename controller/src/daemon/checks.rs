@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::runner::{ResyncRate, Runner, ATTACH_RETRY, GO_ALONE_SETTLE, RECEIVER_RESTART_INTERVAL};
+use super::runner::{ResyncRate, Runner, ATTACH_RETRY, GO_ALONE_SETTLE};
 use super::PeerView;
 use crate::driver::{FsHealth, ResyncState};
 use crate::generation::compare;
@@ -51,54 +51,26 @@ pub(super) fn resync_from_writer(status: &ResyncStatus) -> ResyncState {
 }
 
 impl Runner {
-    /// The replication link is down (vmha-fs reports it lost or failed) while
-    /// this node writes. Before vmha-fs may write alone, the peer must know it
-    /// is outdated: through a new generation in the heartbeats (the state
-    /// machine's `ReplicationLinkDown`), unless its heartbeat already shows it.
-    /// Returns whether a step ran.
-    pub(super) async fn on_link_down(&mut self) -> bool {
+    /// vmha-fs reports the replication link down (lost, stalled or failed):
+    /// the state machine decides ([`Event::LinkDown`]) from first-hand facts
+    /// about the peer gathered here.
+    pub(super) async fn on_link_down(&mut self) {
         if self
             .went_alone
             .is_some_and(|at| at.elapsed() < GO_ALONE_SETTLE)
         {
             // vmha-fs has not published the state SIGUSR1 put it in yet.
-            return false;
+            return;
         }
-        match self.state.role {
-            Role::Alone => {
-                let mut lines = Vec::new();
-                self.fs_go_alone(&mut lines).await;
-                false
-            }
-            // Only on fresh, first-hand knowledge that the peer is our SECOND:
-            // after a stall of this daemon (a frozen node), heartbeats queued
-            // meanwhile still describe the past, and the peer may have taken
-            // over since; a new generation here would fork the history.
-            Role::Prim
-                if !self.judging_long_enough()
-                    || !self.peer_is_our_second()
-                    || !self.heartbeats_arriving() =>
-            {
-                false
-            }
-            Role::Prim if self.peer_knows_outdated() => {
-                let mut lines = Vec::new();
-                self.record(
-                    "replication link down; the peer already knows it is outdated".into(),
-                    &mut lines,
-                )
-                .await;
-                self.fs_go_alone(&mut lines).await;
-                false
-            }
-            // Otherwise a heartbeat clearing `peer_outdated` is on its way:
-            // the next check decides.
-            Role::Prim if !self.state.peer_outdated => {
-                self.handle(Event::ReplicationLinkDown).await;
-                true
-            }
-            _ => false,
-        }
+        // After a stall of this daemon (a frozen node), heartbeats queued
+        // meanwhile still describe the past, and the peer may have taken
+        // over since.
+        let event = Event::LinkDown {
+            heartbeats_fresh: self.judging_long_enough() && self.heartbeats_arriving(),
+            peer_is_second: self.peer_is_our_second(),
+            peer_knows_outdated: self.peer_knows_outdated(),
+        };
+        self.handle(event).await;
     }
 
     /// The dispatcher has been observing the peer without a stall of its own
@@ -242,13 +214,6 @@ impl Runner {
         }
     }
 
-    /// A SECOND's receiver may be restarted in place unless it was already
-    /// restarted recently (then it keeps failing: the module steps down).
-    pub(super) fn may_restart_receiver(&self) -> bool {
-        self.receiver_restarted
-            .is_none_or(|at| at.elapsed() >= RECEIVER_RESTART_INTERVAL)
-    }
-
     /// SECOND: the receiver accepts the writer's current generation when the
     /// writer's data descends from ours (never a stale or diverged writer's:
     /// that is the fencing).
@@ -363,23 +328,9 @@ impl Runner {
             }
         }
         match fs {
-            Some(FsHealth::Failed(reason))
-                if role == Role::Second && self.may_restart_receiver() =>
-            {
-                if self.restart_receiver(&reason).await {
-                    return;
-                }
-                let mut lines = Vec::new();
-                self.record(format!("vmha-fs failed: {reason}"), &mut lines)
-                    .await;
-                self.handle(Event::FsFailed).await;
-                return;
-            }
             Some(FsHealth::Failed(reason)) => {
-                let mut lines = Vec::new();
-                self.record(format!("vmha-fs failed: {reason}"), &mut lines)
-                    .await;
-                self.handle(Event::FsFailed).await;
+                let now_ms = self.now_ms();
+                self.handle(Event::FsDied { now_ms, reason }).await;
                 return;
             }
             Some(FsHealth::Idle) => {
@@ -389,20 +340,19 @@ impl Runner {
                 self.handle(Event::FsFailed).await;
                 return;
             }
-            Some(FsHealth::LinkDown) => {
-                if self.on_link_down().await {
+            Some(FsHealth::LinkDown) => self.on_link_down().await,
+            Some(FsHealth::Fenced) => {
+                let peer_follows_us = self.peer_follows_us();
+                if peer_follows_us {
+                    tracing::debug!(
+                        module = %self.module.name,
+                        "the peer's receiver accepts an older generation of ours: waiting for it"
+                    );
+                }
+                self.handle(Event::Fenced { peer_follows_us }).await;
+                if !peer_follows_us {
                     return;
                 }
-            }
-            Some(FsHealth::Fenced) if self.peer_follows_us() => {
-                tracing::debug!(
-                    module = %self.module.name,
-                    "the peer's receiver accepts an older generation of ours: waiting for it"
-                );
-            }
-            Some(FsHealth::Fenced) => {
-                self.handle(Event::Fenced).await;
-                return;
             }
             Some(FsHealth::Healthy | FsHealth::DiskFailed(_)) | None => {}
         }

@@ -1,7 +1,21 @@
 //! The daemon runtime around the pure state machine: one task per module
 //! feeding [`crate::state::step`] and executing its actions through the
 //! drivers, one heartbeat sender, one receive task per network, a dispatcher
-//! that tracks liveness, and the control socket.
+//! that tracks liveness, and the control socket. The daemon runs the state
+//! machine; it does not decide: what it observes becomes an event (with the
+//! facts the decision needs, e.g. [`Event::LinkDown`]), what is to be done
+//! comes back as actions.
+//!
+//! Layout:
+//! - this file: [`Daemon`] start and stop, the types the tasks share;
+//! - `runner`: the per-module event loop (events in, `step`, publish);
+//! - `actions`: executing each [`crate::state::Action`] through the drivers
+//!   and reporting its outcome as events;
+//! - `checks`: the checkers that poll the drivers and read the peer's latest
+//!   heartbeat, turning what they see into events;
+//! - `dispatch`: heartbeat sending and receiving ([`PeerLiveness`]), control
+//!   requests routed to their module;
+//! - `status`: the `status` answer.
 //!
 //! Driver contract of `state.rs`, as honoured here:
 //! - a step's actions run in order, each blocking driver call in
@@ -25,10 +39,12 @@
 //!   witness that cannot be probed shows before a failover needs it.
 //! - `MarkPeerOutdated` completes once the peer's heartbeat shows our newer
 //!   generation, or the peer is lost, or shows data that is not behind ours,
-//!   or after `failover_timeout_ms` (logged). Only the first outcome lets a
-//!   PRIM's vmha-fs write alone (SIGUSR1); otherwise its writes keep waiting
-//!   for the state machine (PeerLost, stepping down), bounded by the lock
-//!   timeout.
+//!   or after `failover_timeout_ms` (logged), and reports
+//!   `PeerMarkedOutdated { acknowledged }` (the first outcome only). The state
+//!   machine then lets a PRIM's vmha-fs write alone (`WriteAlone`: SIGUSR1);
+//!   otherwise its writes keep waiting for it (PeerLost, stepping down),
+//!   bounded by the lock timeout. It waits on the peer's heartbeats (a
+//!   channel), not by polling.
 //!
 //! Choices where the design is silent:
 //! - A failure to persist metadata, to mount, or to start a resync aborts the
@@ -50,21 +66,19 @@
 //! - A module the peer does not announce at all is treated as if the peer were
 //!   not seen for it (its status shows `module_config_match: false`).
 //! - Replication link down (vmha-fs reports its link lost, stalled or failed)
-//!   on a PRIM: `ReplicationLinkDown` only while the peer's heartbeats still
-//!   arrive (last round within 3 intervals) and on fresh first-hand knowledge that
-//!   the peer is our SECOND (the dispatcher has been observing without a stall
-//!   of its own for the failover timeout, the peer's latest heartbeat shows a
-//!   SECOND with our data): a frozen PRIM waking up must not fork the history
-//!   from heartbeats queued while it slept. If the peer already shows it is
-//!   outdated, vmha-fs just writes alone.
-//! - "Fenced" from vmha-fs (the receiver refused our generation) while the
-//!   peer's heartbeat shows our data or an older state of it is not a fence: its
-//!   receiver still accepts an older generation of ours, and a SECOND restarts
-//!   its receiver for the writer's current generation when the writer's data
+//!   feeds `LinkDown` with: `heartbeats_fresh` (the peer's last round within 3
+//!   intervals, and the dispatcher observing without a stall of its own for
+//!   the failover timeout), `peer_is_second` (its latest heartbeat shows a
+//!   SECOND with our data or an older state of it), `peer_knows_outdated`;
+//!   not within 1 s of a `WriteAlone` (vmha-fs has not published its new
+//!   state yet). The state machine decides (see `state.rs`).
+//! - "Fenced" from vmha-fs feeds `Fenced { peer_follows_us }` (the peer's
+//!   heartbeat shows our data or an older state of it); a SECOND restarts its
+//!   receiver for the writer's current generation when the writer's data
 //!   descends from its own ([`crate::driver::FsDriver::follow_writer`]).
-//! - A SECOND whose receiver died restarts it in place (at most once per
-//!   30 s, else `FsFailed`): what it received is intact, and the writer makes
-//!   it outdated before writing without it.
+//! - vmha-fs failing feeds `FsDied { now_ms, reason }` (`now_ms` since the
+//!   daemon started); `RestartReceiver` remounts a SECOND's receiver
+//!   accepting the writer's generation, a failure is `FsFailed`.
 //! - A connected writer start (after a swap) that fails falls back to starting
 //!   alone: new generation, the SECOND marked outdated (it must acknowledge),
 //!   then the usual attach with a full copy.
@@ -334,8 +348,6 @@ impl Daemon {
                     attach_unsupported: false,
                     writer_sync: None,
                     went_alone: None,
-                    receiver_restarted: None,
-                    outdated: None,
                     judging_since: Arc::clone(&judging_since),
                     xml_refresh_failed: false,
                 },

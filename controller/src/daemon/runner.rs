@@ -85,10 +85,6 @@ pub(super) struct Runner {
     pub(super) writer_sync: Option<ResyncStatus>,
     /// Writer: when vmha-fs was last told to write alone.
     pub(super) went_alone: Option<Instant>,
-    /// SECOND: when its dead receiver was last restarted in place.
-    pub(super) receiver_restarted: Option<Instant>,
-    /// The outcome of the current step's `MarkPeerOutdated`, if any.
-    pub(super) outdated: Option<Outdated>,
     /// Since when the dispatcher observes the peer without a stall of its own.
     pub(super) judging_since: Arc<Mutex<Instant>>,
     /// The last `refresh_xml` failed (logged once).
@@ -111,8 +107,6 @@ pub(super) const ATTACH_RETRY: Duration = Duration::from_secs(3);
 /// After SIGUSR1, how long a link still reported down is taken for vmha-fs
 /// not having published its new state yet (it does within tens of ms).
 pub(super) const GO_ALONE_SETTLE: Duration = Duration::from_secs(1);
-/// A SECOND's receiver that dies again within this is not restarted in place.
-pub(super) const RECEIVER_RESTART_INTERVAL: Duration = Duration::from_secs(30);
 
 impl Runner {
     pub(super) async fn run(
@@ -216,7 +210,6 @@ impl Runner {
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
-            let before = self.state.role;
             let (next, actions) = step(&self.state, event);
             // Losing readiness is announced at once, before the step's (maybe
             // slow) actions: claiming less is always safe, and a writer waiting
@@ -228,23 +221,10 @@ impl Runner {
             if downgrade {
                 self.publish();
             }
-            self.outdated = None;
             for action in actions {
                 if self.execute(action, &mut queue, &mut lines).await.is_err() {
                     break;
                 }
-            }
-            if before == Role::Prim && self.state.role == Role::Alone {
-                // The peer is dead: writes go on alone instead of waiting for it.
-                self.fs_go_alone(&mut lines).await;
-            } else if self.outdated == Some(Outdated::Acknowledged) && self.state.role == Role::Prim
-            {
-                // Replication link down: the peer now knows it is outdated, so
-                // writes go on without it (it is resynchronised when it asks).
-                // Without its acknowledgement they keep waiting: a lost peer is
-                // the state machine's (PeerLost, maybe through the witness), a
-                // newer one makes this node step down.
-                self.fs_go_alone(&mut lines).await;
             }
             if !self.state.role.is_writer() {
                 self.attached = None;
