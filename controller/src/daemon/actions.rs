@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::probe_witnesses;
 use super::runner::{Outdated, ResyncRate, Runner};
@@ -413,6 +413,9 @@ impl Runner {
         self.view
             .send_modify(|v| v.history = self.meta.history.clone());
         let deadline = Instant::now() + self.failover_timeout;
+        // Its own cursor on the peer's heartbeats: the runner's loop still
+        // sees every change it has not handled yet.
+        let mut peer_beats = self.peer_rx.clone();
         loop {
             let seen = matches!(&*self.peer_rx.borrow(), PeerView::Seen { .. });
             let outcome = if !seen {
@@ -440,7 +443,16 @@ impl Runner {
                     return Outdated::TimedOut;
                 }
                 Some(Outdated::TimedOut) | None => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let until = tokio::time::Instant::from_std(deadline);
+                    match tokio::time::timeout_at(until, peer_beats.changed()).await {
+                        // A new heartbeat (or the peer lost): look again.
+                        Ok(Ok(())) => {}
+                        // The dispatcher is gone (shutting down): nothing
+                        // more will come.
+                        Ok(Err(_)) => tokio::time::sleep_until(until).await,
+                        // Timed out: the next turn says so.
+                        Err(_) => {}
+                    }
                     continue;
                 }
             };
