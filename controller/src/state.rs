@@ -15,7 +15,11 @@
 //!   repeat it (e.g. to retry a witness that did not answer).
 //! - `MarkPeerOutdated` completes once the peer's heartbeat shows it knows
 //!   (it reports a newer generation than its own, i.e. not up to date) or the
-//!   peer is lost; the writer holds degraded writes until then.
+//!   peer is lost, and reports [`Event::PeerMarkedOutdated`]; the writer holds
+//!   degraded writes until the state machine says [`Action::WriteAlone`].
+//! - `LinkDown` comes from vmha-fs reporting its replication link down
+//!   (lost, stalled or failed), with the driver's first-hand facts about the
+//!   peer; `FsDied` from vmha-fs reporting it failed (its reason is logged).
 //! - `RetryWitness` probes again after a pause (seconds), and only while
 //!   [`ModuleState::probing`] still says the probe is wanted.
 //! - `Unmount` takes down whatever the module has mounted (writer or receiver)
@@ -95,10 +99,21 @@
 //!   until the operator asks on this node (`swap` or `start`).
 //! - **Degraded while connected**: the replication link down while heartbeats
 //!   arrive → the PRIM starts a new generation and marks the peer outdated; it
-//!   stays PRIM, and its writes go on without the peer only once the peer
-//!   acknowledged (the driver's business, like PRIM → ALONE). The SECOND sees
-//!   the newer generation, becomes not up to date and asks for a resync (which
-//!   resumes when the link returns).
+//!   stays PRIM, and its writes go on without the peer ([`Action::WriteAlone`])
+//!   only once the peer acknowledged (`PeerMarkedOutdated`), as they do at
+//!   PRIM → ALONE. Only on fresh first-hand knowledge that the peer is our
+//!   SECOND (`LinkDown` facts): a frozen PRIM waking up must not fork the
+//!   history from heartbeats queued while it slept. A peer that already shows
+//!   it is outdated is not marked again: the writer just writes alone. The
+//!   SECOND sees the newer generation, becomes not up to date and asks for a
+//!   resync (which resumes when the link returns).
+//! - **Fenced** (the peer's receiver refused our generation) while the peer's
+//!   heartbeat shows our data or an older state of it is not a fence: its
+//!   receiver still accepts an older generation of ours.
+//! - **A SECOND's receiver died** (`FsDied`): restarted in place
+//!   ([`Action::RestartReceiver`]) at most once per
+//!   [`RECEIVER_RESTART_INTERVAL_MS`], else the module steps down as for
+//!   `FsFailed`.
 
 use std::fmt;
 
@@ -109,6 +124,10 @@ use crate::generation::Relation;
 
 /// `discard-least-changes`: counts closer than this (or 10 %) are a tie.
 pub const SPLIT_BRAIN_TIE_BYTES: u64 = 64 << 20;
+
+/// A SECOND's receiver that dies again within this is not restarted in place
+/// (it keeps failing: the module steps down).
+pub const RECEIVER_RESTART_INTERVAL_MS: u64 = 30_000;
 
 /// Module states, as operators know them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -339,10 +358,42 @@ pub enum Event {
     VmStopDone,
     /// A `StopVm` failed: the domain may still run.
     VmStopFailed,
-    /// The replication link failed while heartbeats still arrive.
-    ReplicationLinkDown,
-    /// The peer's receiver refused our writes: our generation is stale.
-    Fenced,
+    /// vmha-fs reports its replication link down (lost, stalled or failed).
+    /// Only a PRIM that knows first-hand and freshly that the peer is its
+    /// SECOND marks it outdated: a frozen PRIM waking up must not fork the
+    /// history from heartbeats queued while it slept.
+    LinkDown {
+        /// The peer's heartbeats still arrive (the last round within 3
+        /// intervals) and this daemon has observed without a stall of its
+        /// own for the failover timeout.
+        heartbeats_fresh: bool,
+        /// The peer's latest heartbeat shows a SECOND with our data or an
+        /// older state of it.
+        peer_is_second: bool,
+        /// The peer's latest heartbeat shows data behind ours and not ready:
+        /// it already knows it is outdated.
+        peer_knows_outdated: bool,
+    },
+    /// The outcome of a `MarkPeerOutdated`: `acknowledged` when the peer's
+    /// heartbeat shows it knows (not when it was lost, is ahead, or did not
+    /// answer within the failover timeout).
+    PeerMarkedOutdated {
+        acknowledged: bool,
+    },
+    /// vmha-fs reports our writes refused: our generation is stale, unless
+    /// the peer's heartbeat shows our data or an older state of it
+    /// (`peer_follows_us`): its receiver then still accepts an older
+    /// generation of ours and is being restarted for the current one.
+    Fenced {
+        peer_follows_us: bool,
+    },
+    /// vmha-fs reports it failed (its process died, its mount is gone); a
+    /// SECOND's receiver is restarted in place at most once per
+    /// [`RECEIVER_RESTART_INTERVAL_MS`].
+    FsDied {
+        now_ms: u64,
+        reason: String,
+    },
     /// The outcome of a `ProbeWitness` or `RetryWitness`.
     WitnessResult(WitnessOutcome),
 }
@@ -388,8 +439,17 @@ pub enum Action {
     SetSelfOutdated(bool),
     /// Receive a resync from the peer; `full`: compare everything.
     StartResync { full: bool },
-    /// Tell the peer over the heartbeat channel its copy is outdated.
+    /// Tell the peer over the heartbeat channel its copy is outdated;
+    /// reports `PeerMarkedOutdated`.
     MarkPeerOutdated,
+    /// The writer's vmha-fs stops waiting for its peer and writes alone
+    /// (SIGUSR1): the peer is lost, or knows it is outdated.
+    WriteAlone,
+    /// Restart a SECOND's dead receiver in place, accepting the writer's
+    /// generation: what it received is intact (applied before each
+    /// acknowledgement) and the writer makes it outdated before writing
+    /// without it. A failure is `FsFailed`.
+    RestartReceiver { reason: String },
     /// Probe the witnesses; reports `WitnessResult`.
     ProbeWitness,
     /// The last probe could not run: probe again after a pause, while the
@@ -445,6 +505,8 @@ pub struct ModuleState {
     /// writer start after our swap fell back to a new generation): resync
     /// once it writes.
     pub resync_wanted: bool,
+    /// When (ms) a SECOND's dead receiver was last restarted in place.
+    pub receiver_restarted_ms: Option<u64>,
     probe: Option<Probe>,
 }
 
@@ -472,6 +534,7 @@ impl ModuleState {
             restarts: Vec::new(),
             resync: None,
             resync_wanted: false,
+            receiver_restarted_ms: None,
             probe: None,
         }
     }
@@ -645,9 +708,24 @@ impl Transition {
             Event::DiskFailed => self.disk_failed(),
             Event::VmStopDone => self.vm_stop_done(),
             Event::VmStopFailed => self.vm_stop_failed(),
-            Event::ReplicationLinkDown => self.link_down(),
-            Event::Fenced => {
-                if self.s.role.is_writer() {
+            Event::LinkDown {
+                heartbeats_fresh,
+                peer_is_second,
+                peer_knows_outdated,
+            } => self.link_down(heartbeats_fresh && peer_is_second, peer_knows_outdated),
+            Event::PeerMarkedOutdated { acknowledged } => {
+                // Replication link down: the peer now knows it is outdated, so
+                // writes go on without it (it is resynchronised when it asks).
+                // Without its acknowledgement they keep waiting: a lost peer is
+                // `PeerLost`'s (maybe through the witness), a newer one makes
+                // this node step down.
+                if acknowledged && self.s.role == Role::Prim {
+                    self.act(Action::WriteAlone);
+                }
+            }
+            Event::FsDied { now_ms, reason } => self.fs_died(now_ms, reason),
+            Event::Fenced { peer_follows_us } => {
+                if self.s.role.is_writer() && !peer_follows_us {
                     self.s.uptodate = false;
                     self.raise_flag = true;
                     self.step_down(
@@ -1113,12 +1191,48 @@ impl Transition {
         }
     }
 
-    fn link_down(&mut self) {
-        if self.s.role == Role::Prim && !self.s.peer_outdated {
-            self.s.peer_outdated = true;
-            self.act(Action::NewGeneration);
-            self.act(Action::MarkPeerOutdated);
-            self.log("replication link down: marking the SECOND outdated, then writing without it");
+    /// The replication link is down while this node writes. Before vmha-fs
+    /// may write alone, the peer must know it is outdated: through a new
+    /// generation in the heartbeats, unless its heartbeat already shows it.
+    /// `our_second_now`: fresh, first-hand knowledge that the peer is our
+    /// SECOND (see [`Event::LinkDown`]); without it the whole peer may be
+    /// going away (`PeerLost` decides), or the view is stale.
+    fn link_down(&mut self, our_second_now: bool, peer_knows_outdated: bool) {
+        match self.s.role {
+            // An ALONE writer has nobody to wait for.
+            Role::Alone => self.act(Action::WriteAlone),
+            Role::Prim if !our_second_now => {}
+            Role::Prim if peer_knows_outdated => {
+                self.log("replication link down; the peer already knows it is outdated");
+                self.act(Action::WriteAlone);
+            }
+            // Otherwise (marked already) a heartbeat clearing `peer_outdated`
+            // is on its way: the next report decides.
+            Role::Prim if !self.s.peer_outdated => {
+                self.s.peer_outdated = true;
+                self.act(Action::NewGeneration);
+                self.act(Action::MarkPeerOutdated);
+                self.log(
+                    "replication link down: marking the SECOND outdated, then writing without it",
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// vmha-fs failed: a SECOND restarts its receiver in place unless it did
+    /// so recently (then it keeps failing); anything else steps down.
+    fn fs_died(&mut self, now_ms: u64, reason: String) {
+        let restart_allowed = self
+            .s
+            .receiver_restarted_ms
+            .is_none_or(|t| now_ms.saturating_sub(t) >= RECEIVER_RESTART_INTERVAL_MS);
+        if self.s.role == Role::Second && restart_allowed {
+            self.s.receiver_restarted_ms = Some(now_ms);
+            self.act(Action::RestartReceiver { reason });
+        } else if matches!(self.s.role, Role::Prim | Role::Alone | Role::Second) {
+            self.log(format!("vmha-fs failed: {reason}"));
+            self.fs_failed();
         }
     }
 
@@ -1235,6 +1349,10 @@ impl Transition {
         if self.s.role != self.from {
             let line = format!("{} -> {}: {}", self.from, self.s.role, self.reason);
             self.actions.push(Action::Log(line));
+        }
+        if self.from == Role::Prim && self.s.role == Role::Alone {
+            // The peer is gone: writes go on alone instead of waiting for it.
+            self.actions.push(Action::WriteAlone);
         }
         (self.s, self.actions)
     }

@@ -23,6 +23,10 @@ struct Node {
     receiver: bool,
     vm: bool,
     probing: bool,
+    /// vmha-fs was told to write alone (`WriteAlone`) since the writer mount.
+    writes_alone: bool,
+    /// A `MarkPeerOutdated` waits for the peer's heartbeat showing it knows.
+    marking: bool,
     /// The next `StopVm` fails (the VM keeps running).
     stop_fails: bool,
     /// Counter values on this node's disk.
@@ -159,6 +163,8 @@ impl Sim {
             receiver: false,
             vm: false,
             probing: false,
+            writes_alone: false,
+            marking: false,
             stop_fails: false,
             data: BTreeSet::new(),
         };
@@ -209,7 +215,16 @@ impl Sim {
                 Action::Unmount => {
                     n.writer = false;
                     n.receiver = false;
+                    n.writes_alone = false;
                 }
+                Action::WriteAlone => {
+                    assert!(n.writer, "node {i}: writes alone without the writer mount");
+                    n.writes_alone = true;
+                }
+                Action::RestartReceiver { .. } => {
+                    assert!(n.receiver, "node {i}: restarts a receiver it does not run");
+                }
+                Action::MarkPeerOutdated => n.marking = true,
                 Action::StartVm => {
                     assert!(n.writer, "node {i}: VM started without the writer mount");
                     n.vm = true;
@@ -234,10 +249,7 @@ impl Sim {
                 Action::SetPeerMayBeNewer(b) => n.flag = b,
                 Action::SetSelfOutdated(b) => n.self_outdated = b,
                 Action::ProbeWitness | Action::RetryWitness => n.probing = true,
-                Action::DefineDomain
-                | Action::StartResync { .. }
-                | Action::MarkPeerOutdated
-                | Action::Log(_) => {}
+                Action::DefineDomain | Action::StartResync { .. } | Action::Log(_) => {}
             }
         }
         if started {
@@ -262,6 +274,12 @@ impl Sim {
                 local_changed_bytes,
             },
         );
+        // The peer's heartbeat shows it knows it is outdated.
+        let knows = relation == Relation::LocalNewer && peer.readiness != Readiness::Ready;
+        if self.nodes[to].marking && knows {
+            self.nodes[to].marking = false;
+            self.deliver(to, Event::PeerMarkedOutdated { acknowledged: true });
+        }
     }
 
     fn apply(&mut self, op: Op) {
@@ -301,6 +319,8 @@ impl Sim {
                 n.receiver = false;
                 n.vm = false;
                 n.probing = false;
+                n.writes_alone = false;
+                n.marking = false;
             }
             Op::Boot(i) => {
                 if !self.nodes[i].alive {
@@ -317,6 +337,14 @@ impl Sim {
             }
             Op::Lost(i) => {
                 if !self.see_each_other() {
+                    if std::mem::take(&mut self.nodes[i].marking) {
+                        self.deliver(
+                            i,
+                            Event::PeerMarkedOutdated {
+                                acknowledged: false,
+                            },
+                        );
+                    }
                     self.deliver(i, Event::PeerLost);
                 }
             }
@@ -340,7 +368,9 @@ impl Sim {
             Op::FsFail(i) => {
                 let n = &self.nodes[i];
                 if n.writer || n.receiver {
-                    self.deliver(i, Event::FsFailed);
+                    let now_ms = self.now;
+                    let reason = "vmha-fs died".to_string();
+                    self.deliver(i, Event::FsDied { now_ms, reason });
                 }
             }
             Op::DiskFail(i) => {
@@ -372,7 +402,19 @@ impl Sim {
                 if self.link_ok && self.see_each_other() {
                     self.link_ok = false;
                     for i in 0..2 {
-                        self.deliver(i, Event::ReplicationLinkDown);
+                        // First-hand: the nodes see each other right now.
+                        let relation = compare(&self.nodes[i].history, &self.nodes[1 - i].history);
+                        let peer = self.nodes[1 - i].s.announce();
+                        let follows = matches!(relation, Relation::LocalNewer | Relation::InSync);
+                        self.deliver(
+                            i,
+                            Event::LinkDown {
+                                heartbeats_fresh: true,
+                                peer_is_second: peer.role == Role::Second && follows,
+                                peer_knows_outdated: relation == Relation::LocalNewer
+                                    && peer.readiness != Readiness::Ready,
+                            },
+                        );
                     }
                 }
             }
@@ -391,7 +433,7 @@ impl Sim {
         let me = &self.nodes[i].s;
         let replicated =
             me.role == Role::Prim && self.see_each_other() && self.link_ok && peer.receiver;
-        let degraded_ok = me.role == Role::Alone || me.peer_outdated;
+        let degraded_ok = me.role == Role::Alone || self.nodes[i].writes_alone;
         if !replicated && !degraded_ok {
             // vmha-fs holds the write until the controller decides.
             return;

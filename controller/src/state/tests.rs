@@ -107,6 +107,24 @@ fn with_policy(mut s: ModuleState, f: impl FnOnce(&mut Policy)) -> ModuleState {
     s
 }
 
+/// vmha-fs's link down, with fresh first-hand knowledge of our SECOND.
+const LINK_DOWN: Event = Event::LinkDown {
+    heartbeats_fresh: true,
+    peer_is_second: true,
+    peer_knows_outdated: false,
+};
+
+const FENCED: Event = Event::Fenced {
+    peer_follows_us: false,
+};
+
+fn fs_died(now_ms: u64) -> Event {
+    Event::FsDied {
+        now_ms,
+        reason: "the process died".into(),
+    }
+}
+
 const WRITER_START: [Action; 4] = [
     Action::NewGeneration,
     Action::MountWriter,
@@ -232,7 +250,11 @@ fn prim_losing_its_peer_goes_alone_and_keeps_the_vm() {
     assert_eq!(s.role, Role::Alone);
     assert_eq!(
         actions,
-        [Action::NewGeneration, Action::SetPeerMayBeNewer(false)]
+        [
+            Action::NewGeneration,
+            Action::SetPeerMayBeNewer(false),
+            Action::WriteAlone
+        ]
     );
 }
 
@@ -606,7 +628,7 @@ fn local_disk_failure_hands_over_and_touches_nothing_until_start() {
 #[test]
 fn fenced_writer_stops_and_resyncs() {
     let (alone, _) = run(&prim(), &[Event::PeerLost]);
-    let (s, actions) = run(&alone, &[Event::Fenced]);
+    let (s, actions) = run(&alone, &[FENCED]);
     assert_eq!(s.role, Role::Wait);
     assert_eq!(
         actions,
@@ -754,7 +776,7 @@ fn a_waiting_node_follows_the_writer_even_when_its_split_data_wins() {
     let (held, _) = run(
         &p,
         &[
-            Event::ReplicationLinkDown,
+            LINK_DOWN,
             Event::PeerLost,
             Event::WitnessResult(WitnessOutcome::Unreachable),
         ],
@@ -779,7 +801,7 @@ fn a_waiting_node_follows_the_writer_even_when_its_split_data_wins() {
 
 #[test]
 fn replication_link_down_degrades_without_promotion() {
-    let (s, actions) = run(&prim(), &[Event::ReplicationLinkDown]);
+    let (s, actions) = run(&prim(), &[LINK_DOWN]);
     assert_eq!(s.role, Role::Prim);
     assert_eq!(actions, [Action::NewGeneration, Action::MarkPeerOutdated]);
     let (sec, actions) = run(
@@ -995,11 +1017,20 @@ fn states() -> Vec<ModuleState> {
                         }
                     }
                     if role == Role::Prim {
+                        let mut m = s.clone();
+                        m.peer_outdated = true;
+                        out.push(m);
                         let mut w = s.clone();
                         w.swapping = true;
                         out.push(w);
                         let mut r = s.clone();
                         r.swap_refused = true;
+                        out.push(r);
+                    }
+                    if role == Role::Second {
+                        // Its receiver was restarted in place at 0 ms.
+                        let mut r = s.clone();
+                        r.receiver_restarted_ms = Some(0);
                         out.push(r);
                     }
                     out.push(s);
@@ -1030,12 +1061,27 @@ fn events() -> Vec<Event> {
         Event::DiskFailed,
         Event::VmStopDone,
         Event::VmStopFailed,
-        Event::ReplicationLinkDown,
-        Event::Fenced,
+        Event::PeerMarkedOutdated { acknowledged: true },
+        Event::PeerMarkedOutdated {
+            acknowledged: false,
+        },
+        Event::Fenced {
+            peer_follows_us: true,
+        },
+        FENCED,
+        fs_died(7),
+        fs_died(RECEIVER_RESTART_INTERVAL_MS + 7),
         Event::WitnessResult(WitnessOutcome::Reachable),
         Event::WitnessResult(WitnessOutcome::Unreachable),
         Event::WitnessResult(WitnessOutcome::CouldNotProbe),
     ];
+    for bits in 0u8..8 {
+        out.push(Event::LinkDown {
+            heartbeats_fresh: bits & 1 != 0,
+            peer_is_second: bits & 2 != 0,
+            peer_knows_outdated: bits & 4 != 0,
+        });
+    }
     for p in peers() {
         out.push(Event::PeerSeen {
             peer: p,
@@ -1233,6 +1279,99 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
     if after.role == Role::Second && before.role == Role::Prim && *event != Event::VmStopDone {
         assert!(actions.contains(&Action::StopVm), "{}", ctx());
     }
+    // vmha-fs writes alone only for a writer whose peer is gone (PRIM ->
+    // ALONE, or ALONE already) or knows it is outdated, and always then.
+    if actions.contains(&Action::WriteAlone) {
+        assert!(after.role.is_writer(), "{}", ctx());
+        if after.role == Role::Prim {
+            assert!(
+                matches!(
+                    event,
+                    Event::PeerMarkedOutdated { acknowledged: true }
+                        | Event::LinkDown {
+                            heartbeats_fresh: true,
+                            peer_is_second: true,
+                            peer_knows_outdated: true,
+                        }
+                ),
+                "PRIM writing alone with a peer not known outdated: {}",
+                ctx()
+            );
+        }
+    }
+    if before.role == Role::Prim && after.role == Role::Alone {
+        assert_eq!(actions.last(), Some(&Action::WriteAlone), "{}", ctx());
+    }
+    // The link down forks the history only on fresh first-hand knowledge
+    // that the peer is our SECOND, and only once per episode.
+    if let Event::LinkDown {
+        heartbeats_fresh,
+        peer_is_second,
+        peer_knows_outdated,
+    } = *event
+    {
+        let marks = actions.contains(&Action::MarkPeerOutdated);
+        assert_eq!(
+            marks,
+            before.role == Role::Prim
+                && heartbeats_fresh
+                && peer_is_second
+                && !peer_knows_outdated
+                && !before.peer_outdated,
+            "{}",
+            ctx()
+        );
+        if marks {
+            assert_eq!(
+                actions
+                    .iter()
+                    .filter(|a| !matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)))
+                    .collect::<Vec<_>>(),
+                [&Action::NewGeneration, &Action::MarkPeerOutdated],
+                "{}",
+                ctx()
+            );
+        }
+        assert_eq!(after.role, before.role, "{}", ctx());
+    }
+    // A fence the peer's heartbeat explains away changes nothing.
+    if *event
+        == (Event::Fenced {
+            peer_follows_us: true,
+        })
+    {
+        assert_eq!(after.role, before.role, "{}", ctx());
+        assert!(
+            actions
+                .iter()
+                .all(|a| matches!(a, Action::SetPeerMayBeNewer(_))),
+            "{}",
+            ctx()
+        );
+    }
+    // A SECOND's receiver is restarted in place at most once per interval;
+    // else vmha-fs failing takes the module off this node.
+    if let Event::FsDied { now_ms, .. } = *event {
+        let restart = actions
+            .iter()
+            .any(|a| matches!(a, Action::RestartReceiver { .. }));
+        let allowed = before
+            .receiver_restarted_ms
+            .is_none_or(|t| now_ms - t >= RECEIVER_RESTART_INTERVAL_MS);
+        assert_eq!(restart, before.role == Role::Second && allowed, "{}", ctx());
+        if restart {
+            assert_eq!(after.role, Role::Second, "{}", ctx());
+            assert_eq!(after.receiver_restarted_ms, Some(now_ms), "{}", ctx());
+        } else if before.role != Role::Stop && before.role != Role::Wait {
+            assert_eq!(after.role, Role::Wait, "{}", ctx());
+        }
+    }
+    if actions
+        .iter()
+        .any(|a| matches!(a, Action::RestartReceiver { .. }))
+    {
+        assert!(matches!(event, Event::FsDied { .. }), "{}", ctx());
+    }
     // Colours as operators know them.
     match after.role {
         Role::Stop | Role::Wait => assert_eq!(after.colour(), Colour::Red),
@@ -1279,4 +1418,77 @@ fn every_state_and_event_keeps_the_invariants() {
         }
     }
     assert!(transitions > 1_000_000, "{transitions}");
+}
+
+/// The PRIM whose replication link goes down writes alone only once its
+/// SECOND acknowledged being outdated; a stale or second-hand view of the
+/// peer forks nothing.
+#[test]
+fn link_down_writes_alone_only_once_the_second_knows() {
+    let (s, actions) = run(&prim(), &[LINK_DOWN]);
+    assert_eq!(actions, [Action::NewGeneration, Action::MarkPeerOutdated]);
+    let (s2, actions) = run(
+        &s,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: false,
+        }],
+    );
+    assert_eq!((s2.role, actions), (Role::Prim, vec![]));
+    let (s2, actions) = run(&s, &[Event::PeerMarkedOutdated { acknowledged: true }]);
+    assert_eq!((s2.role, actions), (Role::Prim, vec![Action::WriteAlone]));
+    // Marked already: the next report waits for the heartbeat that clears it.
+    assert!(run(&s, &[LINK_DOWN]).1.is_empty());
+    for (fresh, second) in [(false, true), (true, false), (false, false)] {
+        let stale = Event::LinkDown {
+            heartbeats_fresh: fresh,
+            peer_is_second: second,
+            peer_knows_outdated: false,
+        };
+        assert!(run(&prim(), &[stale]).1.is_empty(), "{fresh} {second}");
+    }
+    // The peer already shows it is outdated: no new generation, write alone.
+    let knows = Event::LinkDown {
+        heartbeats_fresh: true,
+        peer_is_second: true,
+        peer_knows_outdated: true,
+    };
+    assert_eq!(run(&prim(), &[knows]).1, [Action::WriteAlone]);
+    // PRIM -> ALONE (the peer is lost) writes alone, last.
+    let (alone, actions) = run(&prim(), &[Event::PeerLost]);
+    assert_eq!(alone.role, Role::Alone);
+    assert_eq!(actions.last(), Some(&Action::WriteAlone));
+    assert_eq!(run(&alone, &[LINK_DOWN]).1, [Action::WriteAlone]);
+}
+
+#[test]
+fn a_fence_the_peer_explains_is_no_fence() {
+    let (alone, _) = run(&prim(), &[Event::PeerLost]);
+    let explained = Event::Fenced {
+        peer_follows_us: true,
+    };
+    assert_eq!(run(&alone, &[explained]), (alone.clone(), vec![]));
+    assert_eq!(run(&alone, &[FENCED]).0.role, Role::Wait);
+}
+
+#[test]
+fn a_seconds_dead_receiver_is_restarted_once_per_interval() {
+    let (s, actions) = run(&second(), &[fs_died(1_000)]);
+    assert_eq!(s.role, Role::Second);
+    assert_eq!(
+        actions,
+        [Action::RestartReceiver {
+            reason: "the process died".into()
+        }]
+    );
+    // Dying again within the interval: the module leaves this node.
+    let (again, actions) = run(&s, &[fs_died(1_000 + RECEIVER_RESTART_INTERVAL_MS - 1)]);
+    assert_eq!(again.role, Role::Wait);
+    assert!(actions.contains(&Action::Unmount));
+    // After the interval it is restarted again.
+    let later = fs_died(1_000 + RECEIVER_RESTART_INTERVAL_MS);
+    assert_eq!(run(&s, &[later]).0.role, Role::Second);
+    // A writer's vmha-fs failing is never restarted in place.
+    let (p, actions) = run(&prim(), &[fs_died(1_000)]);
+    assert_eq!(p.role, Role::Wait);
+    assert!(actions.contains(&Action::StopVm));
 }

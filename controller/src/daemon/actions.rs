@@ -1,0 +1,463 @@
+//! Action execution: what each [`Action`] of the state machine does
+//! through the drivers and the metadata file, and which events it reports
+//! back (VM started or not, stop done or failed, witness outcome, ...). The
+//! only place that calls the drivers for a decision; it decides nothing
+//! itself beyond how to carry an action out.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::probe_witnesses;
+use super::runner::{Outdated, ResyncRate, Runner};
+use super::{PeerView, WITNESS_RETRY};
+use crate::config::Module;
+use crate::driver::{FsDriver, VmDriver};
+use crate::generation::Metadata;
+use crate::state::{Action, Event, Readiness, Role, WitnessOutcome};
+
+/// Why the rest of a step's actions are skipped.
+#[derive(Debug)]
+pub(super) struct Abort;
+
+impl Runner {
+    /// Writer: vmha-fs stops waiting for the peer and writes alone (SIGUSR1).
+    pub(super) async fn fs_go_alone(&mut self, lines: &mut Vec<String>) {
+        self.attached = None;
+        self.writer_sync = None;
+        self.went_alone = Some(Instant::now());
+        match self.blocking(|_, fs, m| fs.go_alone(m)).await {
+            Some(Ok(())) => self.record("vmha-fs writes alone".into(), lines).await,
+            Some(Err(e)) => self.record(format!("error: go alone: {e}"), lines).await,
+            None => {}
+        }
+    }
+
+    pub(super) async fn record(&self, line: String, lines: &mut Vec<String>) {
+        tracing::info!(module = %self.module.name, "{line}");
+        let log = Arc::clone(&self.log);
+        let copy = line.clone();
+        match tokio::task::spawn_blocking(move || log.append(&copy)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(module = %self.module.name, error = %e, "event log"),
+            Err(e) => tracing::warn!(module = %self.module.name, error = %e, "event log task"),
+        }
+        lines.push(line);
+    }
+
+    pub(super) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn VmDriver, &dyn FsDriver, &Module) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (vm, fs, module) = (
+            Arc::clone(&self.vm),
+            Arc::clone(&self.fs),
+            self.module.clone(),
+        );
+        match tokio::task::spawn_blocking(move || f(vm.as_ref(), fs.as_ref(), &module)).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(module = %self.module.name, error = %e, "driver call panicked");
+                None
+            }
+        }
+    }
+
+    pub(super) async fn persist(
+        &mut self,
+        change: impl FnOnce(&mut Metadata),
+    ) -> Result<(), String> {
+        let before = self.meta.clone();
+        change(&mut self.meta);
+        let meta = self.meta.clone();
+        let dir = self.state_dir.clone();
+        let name = self.module.name.clone();
+        let result = tokio::task::spawn_blocking(move || meta.save(&dir, &name)).await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.meta = before;
+                Err(e.to_string())
+            }
+            Err(e) => {
+                self.meta = before;
+                Err(e.to_string())
+            }
+        }
+    }
+
+    pub(super) async fn fail_step(
+        &mut self,
+        what: &str,
+        error: String,
+        queue: &mut VecDeque<Event>,
+        lines: &mut Vec<String>,
+    ) -> Result<(), Abort> {
+        self.record(format!("error: {what}: {error}"), lines).await;
+        queue.push_front(Event::FsFailed);
+        Err(Abort)
+    }
+
+    pub(super) async fn execute(
+        &mut self,
+        action: Action,
+        queue: &mut VecDeque<Event>,
+        lines: &mut Vec<String>,
+    ) -> Result<(), Abort> {
+        tracing::debug!(module = %self.module.name, ?action, "action");
+        match action {
+            Action::Log(line) => self.record(line, lines).await,
+            Action::MountWriter | Action::MountReceiver => {
+                let writer = action == Action::MountWriter;
+                let what = if writer {
+                    "mount as writer"
+                } else {
+                    "start the receiver"
+                };
+                // The writer claims its generation; the receiver accepts only
+                // the writer's (fencing).
+                let generation = if writer {
+                    self.meta.history.current().map(|g| g.to_string())
+                } else {
+                    self.peer_generation()
+                };
+                // A ready SECOND with our generation (a swap) has all our data: the
+                // writer replicates to it from the first write instead of starting
+                // alone, which would leave it unattached while it counts as ready.
+                let connected = writer && self.peer_is_ready_second_in_sync();
+                let result = self
+                    .blocking(move |_, fs, m| {
+                        if connected {
+                            fs.mount_writer_connected(m, generation.as_deref())
+                        } else if writer {
+                            fs.mount_writer_at(m, generation.as_deref())
+                        } else {
+                            fs.mount_receiver_accepting(m, generation.as_deref())
+                        }
+                    })
+                    .await;
+                let result = match result {
+                    Some(Err(e)) if connected => {
+                        self.record(
+                            format!("error: mount as writer replicating to the SECOND: {e}"),
+                            lines,
+                        )
+                        .await;
+                        self.mount_writer_alone_instead(lines).await
+                    }
+                    other => other,
+                };
+                match result {
+                    Some(Ok(())) => self.record(format!("{what}: done"), lines).await,
+                    Some(Err(e)) => return self.fail_step(what, e.to_string(), queue, lines).await,
+                    None => return self.fail_step(what, "panicked".into(), queue, lines).await,
+                }
+            }
+            Action::Unmount => {
+                if let Some(Err(e)) = self.blocking(|_, fs, m| fs.unmount(m)).await {
+                    self.record(format!("error: unmount: {e}"), lines).await;
+                }
+            }
+            Action::DefineDomain => match self.blocking(|vm, _, m| vm.define(m)).await {
+                Some(Ok(())) => self.record("domain defined".into(), lines).await,
+                Some(Err(e)) => self.record(format!("error: define: {e}"), lines).await,
+                None => {}
+            },
+            Action::StartVm => match self.blocking(|vm, _, m| vm.start(m)).await {
+                Some(Ok(())) => {
+                    self.record("VM started".into(), lines).await;
+                    queue.push_back(Event::VmStarted);
+                }
+                other => {
+                    let e = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "panicked".to_string(),
+                    };
+                    self.record(format!("error: start VM: {e}"), lines).await;
+                    queue.push_back(Event::VmStartFailed {
+                        now_ms: self.now_ms(),
+                    });
+                }
+            },
+            Action::StopVm => {
+                let outcome = match self.blocking(|vm, _, m| vm.stop(m)).await {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("panicked".to_string()),
+                };
+                match outcome {
+                    Ok(()) => {
+                        self.record("VM stopped".into(), lines).await;
+                        queue.push_back(Event::VmStopDone);
+                    }
+                    Err(e) => {
+                        self.record(format!("error: stop VM: {e}"), lines).await;
+                        queue.push_back(Event::VmStopFailed);
+                    }
+                }
+            }
+            Action::NewGeneration => {
+                let mut id = None;
+                let result = self.persist(|m| id = Some(m.history.start_new())).await;
+                match (result, id) {
+                    (Ok(()), Some(id)) => self.record(format!("new generation {id}"), lines).await,
+                    (Err(e), _) => {
+                        return self.fail_step("persist generation", e, queue, lines).await
+                    }
+                    (Ok(()), None) => {}
+                }
+            }
+            Action::AdoptPeerHistory => {
+                let Some(history) = self.last_beat.as_ref().map(|b| b.history.clone()) else {
+                    self.record("error: no peer history to adopt".into(), lines)
+                        .await;
+                    return Ok(());
+                };
+                if let Err(e) = self.persist(|m| m.history.adopt(&history)).await {
+                    return self.fail_step("persist generation", e, queue, lines).await;
+                }
+            }
+            Action::SetSelfOutdated(flag) => {
+                match self.persist(|m| m.self_outdated = flag).await {
+                    Ok(()) if flag => {
+                        self.record(
+                            "recorded: this node's own copy is not up to date".into(),
+                            lines,
+                        )
+                        .await
+                    }
+                    Ok(()) => {}
+                    // The state directory may sit on the failed disk: the module
+                    // still leaves this node (the fact stays in memory).
+                    Err(e) if flag => {
+                        self.record(
+                            format!("error: persist self-outdated: {e} (kept in memory)"),
+                            lines,
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        return self
+                            .fail_step("persist self-outdated", e, queue, lines)
+                            .await
+                    }
+                }
+            }
+            Action::SetPeerMayBeNewer(flag) => {
+                if let Err(e) = self.persist(|m| m.peer_may_be_newer = flag).await {
+                    return self
+                        .fail_step("persist peer-may-be-newer", e, queue, lines)
+                        .await;
+                }
+            }
+            Action::StartResync { full } => {
+                self.resync_rate = ResyncRate::default();
+                let generation = self.peer_generation();
+                match self
+                    .blocking(move |_, fs, m| fs.start_resync_from(m, full, generation.as_deref()))
+                    .await
+                {
+                    Some(Ok(())) => {
+                        let kind = if full { "full" } else { "incremental" };
+                        self.record(format!("{kind} resync started"), lines).await;
+                    }
+                    Some(Err(crate::driver::DriverError::Unsupported(what))) => {
+                        if !self.resync_unsupported_logged {
+                            self.resync_unsupported_logged = true;
+                            self.record(
+                                format!("{what} is not available: this node stays not up to date"),
+                                lines,
+                            )
+                            .await;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        return self.fail_step("resync", e.to_string(), queue, lines).await
+                    }
+                    None => {
+                        return self
+                            .fail_step("resync", "panicked".into(), queue, lines)
+                            .await
+                    }
+                }
+            }
+            Action::MarkPeerOutdated => {
+                let outcome = self.mark_peer_outdated(lines).await;
+                queue.push_back(Event::PeerMarkedOutdated {
+                    acknowledged: outcome == Outdated::Acknowledged,
+                });
+            }
+            Action::WriteAlone => self.fs_go_alone(lines).await,
+            Action::RestartReceiver { reason } => {
+                let generation = self.peer_generation();
+                let result = self
+                    .blocking(move |_, fs, m| fs.mount_receiver_accepting(m, generation.as_deref()))
+                    .await;
+                match result {
+                    Some(Ok(())) => {
+                        self.record(
+                            format!("vmha-fs receiver failed ({reason}): restarted"),
+                            lines,
+                        )
+                        .await
+                    }
+                    other => {
+                        let e = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "panicked".to_string(),
+                        };
+                        self.record(format!("error: restart the receiver: {e}"), lines)
+                            .await;
+                        self.record(format!("vmha-fs failed: {reason}"), lines)
+                            .await;
+                        queue.push_front(Event::FsFailed);
+                        return Err(Abort);
+                    }
+                }
+            }
+            Action::ProbeWitness => {
+                let outcome = self.probe_witness(lines).await;
+                queue.push_back(Event::WitnessResult(outcome));
+            }
+            Action::RetryWitness => {
+                self.witness_retry = Some(tokio::time::Instant::now() + WITNESS_RETRY);
+            }
+        }
+        Ok(())
+    }
+
+    /// Probes the witnesses; records the outcome, and the errors when they
+    /// differ from the ones recorded last.
+    pub(super) async fn probe_witness(&mut self, lines: &mut Vec<String>) -> WitnessOutcome {
+        let report = probe_witnesses(&self.witnesses, &self.witness_slot).await;
+        let errors = (!report.errors.is_empty()).then(|| report.errors.join("; "));
+        let new_errors =
+            report.errors.is_empty() || self.witness_errors_logged.as_ref() != Some(&report.errors);
+        let line = match (report.outcome, &errors) {
+            (WitnessOutcome::Reachable, None) => Some("witness reachable".to_string()),
+            (WitnessOutcome::Reachable, Some(e)) => Some(format!(
+                "witness reachable (others could not be probed: {e})"
+            )),
+            (WitnessOutcome::Unreachable, _) => Some("witness unreachable".to_string()),
+            (WitnessOutcome::CouldNotProbe, e) => new_errors.then(|| {
+                format!(
+                    "error: witness could not be probed: {}",
+                    e.as_deref().unwrap_or("?")
+                )
+            }),
+        };
+        self.witness_errors_logged = Some(report.errors);
+        if let Some(line) = line {
+            self.record(line, lines).await;
+        }
+        report.outcome
+    }
+
+    /// The connected start failed (the SECOND's receiver is not there or refused
+    /// us): start alone instead. The SECOND counts as ready, so it must first
+    /// learn it is outdated (a new generation it sees in our heartbeats), as
+    /// when the replication link goes down; it then asks for a resync and is
+    /// attached with a full copy.
+    pub(super) async fn mount_writer_alone_instead(
+        &mut self,
+        lines: &mut Vec<String>,
+    ) -> Option<Result<(), crate::driver::DriverError>> {
+        let mut id = None;
+        if let Err(e) = self.persist(|m| id = Some(m.history.start_new())).await {
+            return Some(Err(crate::driver::DriverError::failed(
+                "persist generation",
+                e,
+            )));
+        }
+        if let Some(id) = id {
+            self.record(
+                format!("new generation {id}: starting alone, the SECOND is outdated"),
+                lines,
+            )
+            .await;
+        }
+        if let Outdated::TimedOut | Outdated::PeerAhead = self.mark_peer_outdated(lines).await {
+            return Some(Err(crate::driver::DriverError::failed(
+                "start alone",
+                "the SECOND did not learn that it is outdated",
+            )));
+        }
+        let generation = self.meta.history.current().map(|g| g.to_string());
+        self.blocking(move |_, fs, m| fs.mount_writer_at(m, generation.as_deref()))
+            .await
+    }
+
+    /// The peer is a ready SECOND whose current generation is ours.
+    pub(super) fn peer_is_ready_second_in_sync(&self) -> bool {
+        let ready_second = matches!(
+            &*self.peer_rx.borrow(),
+            PeerView::Seen { beat, .. }
+                if beat.announce.role == Role::Second
+                    && beat.announce.readiness == Readiness::Ready
+        );
+        let mine = self.meta.history.current().map(|g| g.to_string());
+        ready_second && mine.is_some() && self.peer_generation() == mine
+    }
+
+    /// The peer's current generation as its last heartbeat showed it.
+    pub(super) fn peer_generation(&self) -> Option<String> {
+        self.last_beat
+            .as_ref()
+            .and_then(|b| b.history.current())
+            .map(|g| g.to_string())
+    }
+
+    /// Publishes the new generation and waits until the peer shows it knows
+    /// it is outdated, or is lost, bounded by the failover timeout.
+    pub(super) async fn mark_peer_outdated(&mut self, lines: &mut Vec<String>) -> Outdated {
+        self.view
+            .send_modify(|v| v.history = self.meta.history.clone());
+        let deadline = Instant::now() + self.failover_timeout;
+        // Its own cursor on the peer's heartbeats: the runner's loop still
+        // sees every change it has not handled yet.
+        let mut peer_beats = self.peer_rx.clone();
+        loop {
+            let seen = matches!(&*self.peer_rx.borrow(), PeerView::Seen { .. });
+            let outcome = if !seen {
+                Some(Outdated::PeerLost)
+            } else if self.peer_knows_outdated() {
+                Some(Outdated::Acknowledged)
+            } else if !self.peer_follows_us() {
+                Some(Outdated::PeerAhead)
+            } else {
+                None
+            };
+            let line = match outcome {
+                Some(Outdated::Acknowledged) => "the peer knows it is outdated",
+                Some(Outdated::PeerLost) => "the peer is lost",
+                Some(Outdated::PeerAhead) => {
+                    "the peer is not behind this node: it does not take being outdated"
+                }
+                Some(Outdated::TimedOut) | None if Instant::now() >= deadline => {
+                    self.record(
+                        "the peer did not acknowledge being outdated within the failover timeout"
+                            .into(),
+                        lines,
+                    )
+                    .await;
+                    return Outdated::TimedOut;
+                }
+                Some(Outdated::TimedOut) | None => {
+                    let until = tokio::time::Instant::from_std(deadline);
+                    match tokio::time::timeout_at(until, peer_beats.changed()).await {
+                        // A new heartbeat (or the peer lost): look again.
+                        Ok(Ok(())) => {}
+                        // The dispatcher is gone (shutting down): nothing
+                        // more will come.
+                        Ok(Err(_)) => tokio::time::sleep_until(until).await,
+                        // Timed out: the next turn says so.
+                        Err(_) => {}
+                    }
+                    continue;
+                }
+            };
+            self.record(line.into(), lines).await;
+            return outcome.unwrap_or(Outdated::TimedOut);
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! The daemon runtime around the pure state machine: one task per module
+//! feeding [`crate::state::step`] and executing its actions through the
+//! drivers, one heartbeat sender, one receive task per network, a dispatcher
+//! that tracks liveness, and the control socket. The daemon runs the state
+//! machine; it does not decide: what it observes becomes an event (with the
+//! facts the decision needs, e.g. [`Event::LinkDown`]), what is to be done
+//! comes back as actions.
+//!
+//! Layout:
+//! - this file: [`Daemon`] start and stop, the types the tasks share;
+//! - `runner`: the per-module event loop (events in, `step`, publish);
+//! - `actions`: executing each [`crate::state::Action`] through the drivers
+//!   and reporting its outcome as events;
+//! - `checks`: the checkers that poll the drivers and read the peer's latest
+//!   heartbeat, turning what they see into events;
+//! - `dispatch`: heartbeat sending and receiving ([`PeerLiveness`]), control
+//!   requests routed to their module;
+//! - `status`: the `status` answer.
+//!
+//! Driver contract of `state.rs`, as honoured here:
+//! - a step's actions run in order, each blocking driver call in
+//!   `spawn_blocking`; the module's announcement (role, readiness, request) is
+//!   published for the heartbeats only after all of them finished. The
+//!   generation history is published with it, and also right before
+//!   `MarkPeerOutdated` waits (the peer must see the new generation to learn it
+//!   is outdated);
+//! - `PeerSeen` carries `compare(local history, peer history)` and whether the
+//!   module's configuration hashes match; heartbeats arriving on several
+//!   networks count once per send round;
+//! - `PeerLost` is sent once when all networks have been silent for
+//!   `failover_timeout_ms`;
+//! - `StartWaitElapsed` comes `start_wait_ms` after entering WAIT and is
+//!   repeated every `start_wait_ms` while the module stays WAIT;
+//! - `RetryWitness` probes again [`WITNESS_RETRY`] later, if the module still
+//!   wants the probe then. Every probe's outcome and errors are kept for
+//!   `status` (`witness`); a probe that could not run is logged in the event
+//!   log when its errors change, and with `tracing` at error level each time.
+//!   The witnesses are also probed once when the daemon starts, so that a
+//!   witness that cannot be probed shows before a failover needs it.
+//! - `MarkPeerOutdated` completes once the peer's heartbeat shows our newer
+//!   generation, or the peer is lost, or shows data that is not behind ours,
+//!   or after `failover_timeout_ms` (logged), and reports
+//!   `PeerMarkedOutdated { acknowledged }` (the first outcome only). The state
+//!   machine then lets a PRIM's vmha-fs write alone (`WriteAlone`: SIGUSR1);
+//!   otherwise its writes keep waiting for it (PeerLost, stepping down),
+//!   bounded by the lock timeout. It waits on the peer's heartbeats (a
+//!   channel), not by polling.
+//!
+//! Choices where the design is silent:
+//! - A failure to persist metadata, to mount, or to start a resync aborts the
+//!   rest of the step and feeds `FsFailed` (the local disk or vmha-fs failed:
+//!   the module fails over); VM start failures feed `VmStartFailed`; stop and
+//!   unmount failures are logged and the step goes on. Every `StopVm` reports
+//!   `VmStopDone` or `VmStopFailed` (a swap hands over only after the first).
+//!   Persisting "self outdated" (`SetSelfOutdated(true)`) may fail when the
+//!   state directory shares the failed disk: logged, the step goes on, the
+//!   fact stays in memory.
+//! - vmha-fs reporting a local disk failure (`link.json` `disk_failed`, see
+//!   [`crate::driver::vmha_fs`]) feeds `DiskFailed`, checked before the VM's
+//!   state so a guest failing on that disk is not restarted there. The node's
+//!   `disk` is carried in its heartbeats' announcement (`status --json`).
+//! - Modules are started (`Start`) when the daemon starts.
+//! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
+//!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
+//!   simulates a crash (tasks aborted, nothing stopped).
+//! - A module the peer does not announce at all is treated as if the peer were
+//!   not seen for it (its status shows `module_config_match: false`).
+//! - Replication link down (vmha-fs reports its link lost, stalled or failed)
+//!   feeds `LinkDown` with: `heartbeats_fresh` (the peer's last round within 3
+//!   intervals, and the dispatcher observing without a stall of its own for
+//!   the failover timeout), `peer_is_second` (its latest heartbeat shows a
+//!   SECOND with our data or an older state of it), `peer_knows_outdated`;
+//!   not within 1 s of a `WriteAlone` (vmha-fs has not published its new
+//!   state yet). The state machine decides (see `state.rs`).
+//! - "Fenced" from vmha-fs feeds `Fenced { peer_follows_us }` (the peer's
+//!   heartbeat shows our data or an older state of it); a SECOND restarts its
+//!   receiver for the writer's current generation when the writer's data
+//!   descends from its own ([`crate::driver::FsDriver::follow_writer`]).
+//! - vmha-fs failing feeds `FsDied { now_ms, reason }` (`now_ms` since the
+//!   daemon started); `RestartReceiver` remounts a SECOND's receiver
+//!   accepting the writer's generation, a failure is `FsFailed`.
+//! - A connected writer start (after a swap) that fails falls back to starting
+//!   alone: new generation, the SECOND marked outdated (it must acknowledge),
+//!   then the usual attach with a full copy.
+
+mod actions;
+mod checks;
+mod dispatch;
+mod runner;
+mod status;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use vmha_fs::key::ClusterKey;
+
+use self::dispatch::{dispatch, send_heartbeats, serve_calls};
+use self::runner::{ResyncRate, Runner};
+use self::status::build_status;
+use crate::clock::WallClock;
+use crate::config::{Config, Digest, Module, NodeIndex, Witness};
+use crate::control::{self, Call, ControlError, Request, Response};
+use crate::driver::{FsDriver, VmDriver};
+use crate::eventlog::EventLog;
+use crate::generation::{GenerationError, History, Metadata};
+use crate::heartbeat::{Endpoint, EndpointSpec, HeartbeatError, Liveness, ModuleBeat, Rejections};
+use crate::state::{Announce, Event, ModuleState, Policy, WitnessOutcome};
+use crate::status::{ResyncStatus, Status};
+use crate::witness;
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Heartbeat(#[from] HeartbeatError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("module `{module}`: {source}")]
+    Generation {
+        module: String,
+        source: GenerationError,
+    },
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// Everything a daemon needs.
+#[derive(Debug)]
+pub struct DaemonSpec {
+    pub config: Config,
+    pub node: NodeIndex,
+    pub key: ClusterKey,
+    pub vm: Arc<dyn VmDriver>,
+    pub fs: Arc<dyn FsDriver>,
+    /// The wall clock, for display only (event log timestamps); tests offset
+    /// it to show that nothing else depends on it.
+    pub clock: WallClock,
+}
+
+/// What a module task publishes (for heartbeats and status).
+#[derive(Debug, Clone)]
+struct ModuleView {
+    announce: Announce,
+    history: History,
+    changed_bytes: u64,
+    resync: Option<ResyncStatus>,
+}
+
+/// The peer as the dispatcher last saw it, for one module.
+#[derive(Debug, Clone)]
+enum PeerView {
+    Unknown,
+    Seen {
+        beat: Box<ModuleBeat>,
+        config_match: bool,
+    },
+    Lost,
+}
+
+#[derive(Debug)]
+enum ModuleCommand {
+    Event(Event, oneshot::Sender<Vec<String>>),
+    /// `vmctl verify`: compare the peer's copy, report only.
+    Verify(oneshot::Sender<Result<Vec<String>, String>>),
+}
+
+#[derive(Debug)]
+struct ModuleHandle {
+    module: Module,
+    module_hash: Option<Digest>,
+    commands: mpsc::Sender<ModuleCommand>,
+    view: watch::Receiver<ModuleView>,
+    peer: watch::Sender<PeerView>,
+    log: Arc<EventLog>,
+}
+
+/// What the dispatcher knows of the peer node as a whole, from its heartbeats
+/// (not vmha-fs's replication link: that is [`FsHealth::LinkDown`]).
+#[derive(Debug)]
+struct PeerLiveness {
+    /// When each network last carried a heartbeat.
+    networks: Liveness,
+    /// Every network silent for the failover timeout (`PeerLost` was sent).
+    lost: bool,
+    /// The peer's whole-configuration hash, from its latest heartbeat.
+    config_hash: Option<Digest>,
+    /// (session, round) of the last payload dispatched.
+    last_round: Option<(u64, u64)>,
+    /// The latest beat per module, kept after the peer is lost.
+    modules: HashMap<String, ModuleBeat>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    node: NodeIndex,
+    modules: Vec<ModuleHandle>,
+    peer: Mutex<PeerLiveness>,
+    witness: WitnessSlot,
+    /// Heartbeat datagrams rejected, by kind (for `status`).
+    rejections: Rejections,
+}
+
+/// The latest witness probe (of any module: they probe the same witnesses).
+#[derive(Debug, Clone)]
+struct WitnessView {
+    outcome: WitnessOutcome,
+    errors: Vec<String>,
+    at: Instant,
+}
+
+type WitnessSlot = Arc<Mutex<Option<WitnessView>>>;
+
+/// How long after a witness probe that could not run it is tried again.
+pub const WITNESS_RETRY: Duration = Duration::from_secs(2);
+
+/// Probes the witnesses off the async threads and keeps the result for `status`.
+async fn probe_witnesses(witnesses: &[Witness], slot: &WitnessSlot) -> witness::Report {
+    let list = witnesses.to_vec();
+    let report = tokio::task::spawn_blocking(move || witness::probe(&list))
+        .await
+        .unwrap_or_else(|e| witness::Report {
+            outcome: WitnessOutcome::CouldNotProbe,
+            errors: vec![format!("the probe task failed: {e}")],
+        });
+    for e in &report.errors {
+        tracing::error!(witness = %e, "a witness could not be probed");
+    }
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(WitnessView {
+        outcome: report.outcome,
+        errors: report.errors.clone(),
+        at: Instant::now(),
+    });
+    report
+}
+
+impl Shared {
+    fn peer(&self) -> std::sync::MutexGuard<'_, PeerLiveness> {
+        self.peer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running `vmhad`.
+#[derive(Debug)]
+pub struct Daemon {
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    calls: mpsc::Sender<Call>,
+    socket: PathBuf,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Waits for every receiver (whatever it answers).
+async fn futures_join_all<T>(receivers: Vec<oneshot::Receiver<T>>) {
+    for r in receivers {
+        let _ = r.await;
+    }
+}
+
+impl Daemon {
+    /// Loads the modules' metadata, binds the heartbeat sockets and the control
+    /// socket, and starts every module.
+    pub async fn start(spec: DaemonSpec) -> Result<Daemon, DaemonError> {
+        let config = spec.config;
+        let node = spec.node;
+        let cluster = &config.cluster;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut handles = Vec::new();
+        let mut runners = Vec::new();
+        let started = Instant::now();
+        let judging_since = Arc::new(Mutex::new(started));
+        let witness_slot: WitnessSlot = Arc::new(Mutex::new(None));
+
+        for module in &config.modules {
+            let state_dir = cluster.state_dir.clone();
+            let name = module.name.clone();
+            let meta = tokio::task::spawn_blocking(move || Metadata::load(&state_dir, &name))
+                .await
+                .map_err(|e| DaemonError::Task(e.to_string()))?
+                .map_err(|source| DaemonError::Generation {
+                    module: module.name.clone(),
+                    source,
+                })?;
+            let policy = Policy::new(&config, module, node);
+            let state = ModuleState::new(
+                policy,
+                meta.history.current().is_some(),
+                meta.peer_may_be_newer,
+            )
+            .with_self_outdated(meta.self_outdated);
+            let log = Arc::new(EventLog::with_clock(
+                &cluster.state_dir,
+                &module.name,
+                spec.clock.clone(),
+            ));
+            let (view_tx, view_rx) = watch::channel(ModuleView {
+                announce: state.announce(),
+                history: meta.history.clone(),
+                changed_bytes: 0,
+                resync: None,
+            });
+            let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
+            let (cmd_tx, cmd_rx) = mpsc::channel(16);
+            handles.push(ModuleHandle {
+                module: module.clone(),
+                module_hash: config.module_hash(&module.name),
+                commands: cmd_tx,
+                view: view_rx,
+                peer: peer_tx,
+                log: Arc::clone(&log),
+            });
+            runners.push((
+                Runner {
+                    module: module.clone(),
+                    state,
+                    meta,
+                    state_dir: cluster.state_dir.clone(),
+                    vm: Arc::clone(&spec.vm),
+                    fs: Arc::clone(&spec.fs),
+                    log,
+                    view: view_tx,
+                    peer_rx,
+                    last_beat: None,
+                    last_beat_at: None,
+                    heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
+                    peer_lost_sent: false,
+                    started,
+                    start_wait: None,
+                    start_wait_ms: cluster.start_wait_ms,
+                    failover_timeout: Duration::from_millis(cluster.failover_timeout_ms),
+                    witnesses: cluster.witness.clone(),
+                    witness_slot: Arc::clone(&witness_slot),
+                    witness_retry: None,
+                    witness_errors_logged: None,
+                    changed_bytes: 0,
+                    resync_rate: ResyncRate::default(),
+                    resync_unsupported_logged: false,
+                    attached: None,
+                    attach_unsupported: false,
+                    writer_sync: None,
+                    went_alone: None,
+                    judging_since: Arc::clone(&judging_since),
+                    xml_refresh_failed: false,
+                },
+                cmd_rx,
+            ));
+        }
+
+        let local = config.node(node);
+        let peer = config.node(node.peer());
+        let endpoint = Endpoint::bind(
+            EndpointSpec {
+                local: local.addresses.clone(),
+                port: cluster.heartbeat_port,
+                peer: peer.addresses.clone(),
+                peer_port: cluster.heartbeat_port,
+                peer_name: peer.name.clone(),
+            },
+            &spec.key,
+        )
+        .await?;
+        let server = control::Server::bind(&cluster.control_socket)?;
+        let socket = server.path().to_path_buf();
+
+        let shared = Arc::new(Shared {
+            peer: Mutex::new(PeerLiveness {
+                networks: Liveness::new(endpoint.networks()),
+                lost: false,
+                config_hash: None,
+                last_round: None,
+                modules: HashMap::new(),
+            }),
+            rejections: endpoint.rejections(),
+            config: config.clone(),
+            node,
+            modules: handles,
+            witness: Arc::clone(&witness_slot),
+        });
+        if !cluster.witness.is_empty() {
+            // A witness that cannot be probed must show now, not at the failover.
+            let witnesses = cluster.witness.clone();
+            let slot = Arc::clone(&witness_slot);
+            tasks.push(tokio::spawn(async move {
+                let report = probe_witnesses(&witnesses, &slot).await;
+                match report.outcome {
+                    WitnessOutcome::Reachable => tracing::info!("witness reachable"),
+                    WitnessOutcome::Unreachable => {
+                        tracing::warn!("no witness answers: a failover would not go ALONE")
+                    }
+                    WitnessOutcome::CouldNotProbe => tracing::error!(
+                        "witness could not be probed: a failover would wait until it can"
+                    ),
+                }
+            }));
+        }
+
+        for (runner, commands) in runners {
+            tasks.push(tokio::spawn(runner.run(
+                commands,
+                shutdown_rx.clone(),
+                Duration::from_millis(cluster.heartbeat_interval_ms),
+            )));
+        }
+        let (in_tx, in_rx) = mpsc::channel(256);
+        tasks.extend(endpoint.spawn_receivers(in_tx));
+        tasks.push(tokio::spawn(dispatch(
+            Arc::clone(&shared),
+            in_rx,
+            shutdown_rx.clone(),
+            judging_since,
+        )));
+        tasks.push(tokio::spawn(send_heartbeats(
+            Arc::clone(&shared),
+            endpoint,
+            shutdown_rx.clone(),
+        )));
+        let (calls_tx, calls_rx) = mpsc::channel(32);
+        tasks.push(server.spawn(calls_tx.clone(), shutdown_rx.clone()));
+        tasks.push(tokio::spawn(serve_calls(Arc::clone(&shared), calls_rx)));
+
+        // Started before this returns: `status` right after start shows each
+        // module's first state (WAIT), never the STOP it had before `start`.
+        let mut started = Vec::new();
+        for handle in &shared.modules {
+            let (reply, done) = oneshot::channel();
+            let _ = handle
+                .commands
+                .send(ModuleCommand::Event(Event::Start, reply))
+                .await;
+            started.push(done);
+        }
+        let all_started = futures_join_all(started);
+        if tokio::time::timeout(Duration::from_secs(5), all_started)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some modules are still starting");
+        }
+        tracing::info!(node = %local.name, modules = shared.modules.len(), "vmhad started");
+        Ok(Daemon {
+            shared,
+            shutdown,
+            tasks,
+            calls: calls_tx,
+            socket,
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Answers a request in-process, as the control socket would.
+    pub async fn request(&self, request: Request) -> Response {
+        let (reply, answer) = oneshot::channel();
+        if self.calls.send(Call { request, reply }).await.is_err() {
+            return Response::error("vmhad is shutting down");
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Response::error("vmhad is shutting down"))
+    }
+
+    /// The `status` answer.
+    pub fn status(&self) -> Status {
+        build_status(&self.shared)
+    }
+
+    /// Graceful shutdown: stops every module (a PRIM hands over), lets the
+    /// peer hear it, then ends every task.
+    pub async fn shutdown(self) {
+        for handle in &self.shared.modules {
+            let (reply, answer) = oneshot::channel();
+            if handle
+                .commands
+                .send(ModuleCommand::Event(Event::Stop, reply))
+                .await
+                .is_ok()
+            {
+                let _ = answer.await;
+            }
+        }
+        let interval = self.shared.config.cluster.heartbeat_interval_ms;
+        tokio::time::sleep(Duration::from_millis(interval.saturating_mul(3))).await;
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// A crash: every task stops at once; nothing is stopped or unmounted and
+    /// the control socket file stays behind.
+    pub async fn kill(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

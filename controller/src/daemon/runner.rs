@@ -1,0 +1,279 @@
+//! The per-module task: one event loop that turns what happens (operator
+//! requests, the peer's heartbeats, timers, the checkers) into events, feeds
+//! them to [`crate::state::step`] one at a time, has the actions executed
+//! ([`super::actions`]) and publishes the module's announcement. Kept apart
+//! from action execution and the checkers so the loop and its ordering rules
+//! (announce after a step's actions, events queued by actions run next) read
+//! on one page.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use super::{ms, ModuleCommand, ModuleView, PeerView, WitnessSlot};
+use crate::config::{Module, Witness};
+use crate::driver::{FsDriver, VmDriver};
+use crate::eventlog::EventLog;
+use crate::generation::{compare, Metadata};
+use crate::heartbeat::ModuleBeat;
+use crate::state::{step, Event, ModuleState, Peer, Readiness, Role};
+use crate::status::ResyncStatus;
+
+/// Resync rate from successive progress samples.
+#[derive(Debug, Default)]
+pub(super) struct ResyncRate {
+    pub(super) last: Option<(Instant, u64)>,
+    pub(super) rate: u64,
+}
+
+impl ResyncRate {
+    pub(super) fn sample(&mut self, done: u64) {
+        let now = Instant::now();
+        if let Some((at, before)) = self.last {
+            let dt = now.saturating_duration_since(at).as_secs_f64();
+            if dt > 0.0 && done >= before {
+                let instant = (done - before) as f64 / dt;
+                // Smoothed: a momentary stall does not zero the ETA.
+                self.rate = if self.rate == 0 {
+                    instant as u64
+                } else {
+                    (0.7 * self.rate as f64 + 0.3 * instant) as u64
+                };
+            }
+        }
+        self.last = Some((now, done));
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Runner {
+    pub(super) module: Module,
+    pub(super) state: ModuleState,
+    pub(super) meta: Metadata,
+    pub(super) state_dir: PathBuf,
+    pub(super) vm: Arc<dyn VmDriver>,
+    pub(super) fs: Arc<dyn FsDriver>,
+    pub(super) log: Arc<EventLog>,
+    pub(super) view: watch::Sender<ModuleView>,
+    pub(super) peer_rx: watch::Receiver<PeerView>,
+    pub(super) last_beat: Option<ModuleBeat>,
+    /// When the latest heartbeat round of the peer arrived.
+    pub(super) last_beat_at: Option<Instant>,
+    pub(super) heartbeat_interval: Duration,
+    pub(super) peer_lost_sent: bool,
+    pub(super) started: Instant,
+    pub(super) start_wait: Option<tokio::time::Instant>,
+    pub(super) start_wait_ms: u64,
+    pub(super) failover_timeout: Duration,
+    pub(super) witnesses: Vec<Witness>,
+    pub(super) witness_slot: WitnessSlot,
+    /// When to run the `RetryWitness` asked for.
+    pub(super) witness_retry: Option<tokio::time::Instant>,
+    /// The witness errors last written to the event log.
+    pub(super) witness_errors_logged: Option<Vec<String>>,
+    pub(super) changed_bytes: u64,
+    pub(super) resync_rate: ResyncRate,
+    pub(super) resync_unsupported_logged: bool,
+    /// Writer: when `attach_peer` was last called for the current peer
+    /// episode (reset when the peer is no longer a SECOND behind us).
+    pub(super) attached: Option<Instant>,
+    pub(super) attach_unsupported: bool,
+    /// Writer: the copy to the peer, as published in heartbeats.
+    pub(super) writer_sync: Option<ResyncStatus>,
+    /// Writer: when vmha-fs was last told to write alone.
+    pub(super) went_alone: Option<Instant>,
+    /// Since when the dispatcher observes the peer without a stall of its own.
+    pub(super) judging_since: Arc<Mutex<Instant>>,
+    /// The last `refresh_xml` failed (logged once).
+    pub(super) xml_refresh_failed: bool,
+}
+
+/// How `MarkPeerOutdated` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outdated {
+    /// The peer's heartbeat shows it is behind us and not ready.
+    Acknowledged,
+    PeerLost,
+    /// The peer's heartbeat shows data that is not ours or older.
+    PeerAhead,
+    TimedOut,
+}
+
+/// How long a failed attach waits before the writer tries again.
+pub(super) const ATTACH_RETRY: Duration = Duration::from_secs(3);
+/// After SIGUSR1, how long a link still reported down is taken for vmha-fs
+/// not having published its new state yet (it does within tens of ms).
+pub(super) const GO_ALONE_SETTLE: Duration = Duration::from_secs(1);
+
+impl Runner {
+    pub(super) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<ModuleCommand>,
+        mut shutdown: watch::Receiver<bool>,
+        check_every: Duration,
+    ) {
+        let mut checks = tokio::time::interval(check_every.max(Duration::from_millis(10)));
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let start_wait = self.start_wait;
+            let witness_retry = self.witness_retry;
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(ModuleCommand::Event(event, reply)) => {
+                        let lines = self.handle(event).await;
+                        let _ = reply.send(lines);
+                    }
+                    Some(ModuleCommand::Verify(reply)) => {
+                        // May take long (it reads everything): off the runner's loop.
+                        let (fs, module, log) =
+                            (Arc::clone(&self.fs), self.module.clone(), Arc::clone(&self.log));
+                        tokio::spawn(async move {
+                            let outcome = tokio::task::spawn_blocking(move || fs.verify(&module))
+                                .await
+                                .map_err(|e| format!("verify panicked: {e}"))
+                                .and_then(|r| r.map_err(|e| e.to_string()))
+                                .map(|report| report.lines());
+                            let record: Vec<String> = match &outcome {
+                                Ok(lines) => lines.iter().map(|l| format!("verify: {l}")).collect(),
+                                Err(e) => vec![format!("verify failed: {e}")],
+                            };
+                            for line in record {
+                                if let Err(e) = log.append(&line) {
+                                    tracing::warn!("event log: {e}");
+                                }
+                            }
+                            let _ = reply.send(outcome);
+                        });
+                    }
+                },
+                changed = self.peer_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.on_peer_view().await;
+                }
+                _ = sleep_until(start_wait), if start_wait.is_some() => {
+                    self.start_wait = None;
+                    self.handle(Event::StartWaitElapsed).await;
+                }
+                _ = sleep_until(witness_retry), if witness_retry.is_some() => {
+                    self.witness_retry = None;
+                    if self.state.probing() {
+                        let mut lines = Vec::new();
+                        let outcome = self.probe_witness(&mut lines).await;
+                        self.handle(Event::WitnessResult(outcome)).await;
+                    }
+                }
+                _ = checks.tick() => self.check().await,
+            }
+        }
+    }
+
+    pub(super) async fn on_peer_view(&mut self) {
+        let view = self.peer_rx.borrow_and_update().clone();
+        match view {
+            PeerView::Unknown => {}
+            PeerView::Seen { beat, config_match } => {
+                self.peer_lost_sent = false;
+                let relation = compare(&self.meta.history, &beat.history);
+                let peer =
+                    Peer::from_announce(beat.announce, relation, config_match, beat.changed_bytes);
+                self.last_beat = Some(*beat);
+                self.last_beat_at = Some(Instant::now());
+                self.handle(Event::PeerSeen {
+                    peer,
+                    local_changed_bytes: self.changed_bytes,
+                })
+                .await;
+            }
+            PeerView::Lost => {
+                if !self.peer_lost_sent {
+                    self.peer_lost_sent = true;
+                    self.handle(Event::PeerLost).await;
+                }
+            }
+        }
+    }
+
+    pub(super) fn now_ms(&self) -> u64 {
+        ms(self.started.elapsed())
+    }
+
+    /// Runs `first` and the events its actions produce; returns the log lines.
+    pub(super) async fn handle(&mut self, first: Event) -> Vec<String> {
+        let mut queue = VecDeque::from([first]);
+        let mut lines = Vec::new();
+        while let Some(event) = queue.pop_front() {
+            tracing::debug!(module = %self.module.name, ?event, "event");
+            let (next, actions) = step(&self.state, event);
+            // Losing readiness is announced at once, before the step's (maybe
+            // slow) actions: claiming less is always safe, and a writer waiting
+            // for us to know we are outdated must not wait on them.
+            let downgrade = next.role == self.state.role
+                && self.state.readiness() == Readiness::Ready
+                && next.readiness() == Readiness::NotUpToDate;
+            self.state = next;
+            if downgrade {
+                self.publish();
+            }
+            for action in actions {
+                if self.execute(action, &mut queue, &mut lines).await.is_err() {
+                    break;
+                }
+            }
+            if !self.state.role.is_writer() {
+                self.attached = None;
+                self.writer_sync = None;
+            }
+            if !self.state.probing() {
+                self.witness_retry = None;
+            }
+            if self.state.role == Role::Wait {
+                if self.start_wait.is_none() {
+                    self.start_wait = Some(
+                        tokio::time::Instant::now() + Duration::from_millis(self.start_wait_ms),
+                    );
+                }
+            } else {
+                self.start_wait = None;
+            }
+            self.publish();
+        }
+        lines
+    }
+
+    pub(super) fn publish(&mut self) {
+        let resync = self.state.resync.map(|p| {
+            let rate = self.resync_rate.rate;
+            ResyncStatus {
+                done_bytes: p.done_bytes,
+                total_bytes: p.total_bytes,
+                rate_bytes_per_s: rate,
+                eta_s: (rate > 0).then(|| p.total_bytes.saturating_sub(p.done_bytes) / rate),
+            }
+        });
+        let resync = if self.state.role.is_writer() {
+            self.writer_sync
+        } else {
+            resync
+        };
+        self.view.send_replace(ModuleView {
+            announce: self.state.announce(),
+            history: self.meta.history.clone(),
+            changed_bytes: self.changed_bytes,
+            resync,
+        });
+    }
+}
+
+pub(super) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
