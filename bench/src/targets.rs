@@ -2,7 +2,7 @@
 //! this machine, and bindfs as a plain FUSE pass-through reference.
 
 use crate::child::{Proc, STOP_GRACE};
-use crate::mounts::{fstype_at, lazy_unmount_all, UnmountGuard};
+use crate::mounts::{fstype_at, lazy_unmount_all, MountGuard};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fs::File;
@@ -81,13 +81,13 @@ struct VmhaPair {
     secondary: Proc,
     p_data: PathBuf,
     s_data: PathBuf,
-    _unmount: [UnmountGuard; 2],
+    _unmount: [MountGuard; 2],
 }
 
 #[derive(Debug)]
 struct Bindfs {
     proc: Proc,
-    _unmount: UnmountGuard,
+    _unmount: MountGuard,
 }
 
 #[derive(Debug)]
@@ -164,7 +164,10 @@ fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
     }
 
     // Guards first: whatever happens below, leftover mounts get detached.
-    let unmount = [UnmountGuard(p_mnt.clone()), UnmountGuard(s_data.clone())];
+    let unmount = [
+        MountGuard::new(p_mnt.clone()),
+        MountGuard::new(s_data.clone()),
+    ];
     let addr = format!("127.0.0.1:{}", free_port()?);
     let mut secondary = Proc::spawn(
         "vmha-fs secondary",
@@ -213,7 +216,7 @@ fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
 fn setup_bindfs(root: &Path) -> Result<(PathBuf, Bindfs)> {
     let (src, mnt) = (root.join("src"), root.join("mnt"));
     mkdirs(&[&src, &mnt])?;
-    let unmount = UnmountGuard(mnt.clone());
+    let unmount = MountGuard::new(mnt.clone());
     // Foreground (-f) so it is our child and stops by PID.
     let mut proc = Proc::spawn(
         "bindfs",

@@ -18,7 +18,9 @@ pub enum MountError {
     },
 }
 
-fn unescape(field: &str) -> String {
+/// Undoes mountinfo's octal escapes (space, tab, newline and backslash are
+/// written as `\ooo`).
+pub fn unescape(field: &str) -> String {
     // mountinfo escapes space, tab, newline and backslash as \ooo.
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -40,21 +42,54 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One line of `/proc/self/mountinfo` (proc(5)). The one parser of the mount
+/// table in the workspace: vmhad's driver, the tests and the benchmarks use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: String,
+    pub parent: String,
+    /// `major:minor` of the filesystem.
+    pub dev: String,
+    pub mount_point: PathBuf,
+    pub read_only: bool,
+    pub fs_type: String,
+    /// The mount source (`vmha:<dir>` for vmha-fs).
+    pub source: String,
+}
+
+/// The lines of a mountinfo text that parse, in mount order (lower mounts
+/// first); others are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some(MountEntry {
+                id: f.first()?.to_string(),
+                parent: f.get(1)?.to_string(),
+                dev: f.get(2)?.to_string(),
+                mount_point: PathBuf::from(unescape(f.get(4)?)),
+                read_only: f.get(5)?.split(',').any(|o| o == "ro"),
+                fs_type: unescape(f.get(sep + 1)?),
+                source: f.get(sep + 2).map(|x| unescape(x)).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// This mount namespace's mount table.
+pub fn mount_table() -> Result<Vec<MountEntry>, MountError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountTable)?;
+    Ok(parse_mountinfo(&text))
+}
+
 /// Filesystem types mounted exactly at `path`, bottom to top.
 pub fn mounts_at(path: &Path) -> Result<Vec<String>, MountError> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountTable)?;
-    let want = path.to_string_lossy();
-    let mut found = Vec::new();
-    for line in table.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        if fields.len() > sep + 1 && fields.len() > 4 && unescape(fields[4]) == want {
-            found.push(fields[sep + 1].to_string());
-        }
-    }
-    Ok(found)
+    Ok(mount_table()?
+        .into_iter()
+        .filter(|m| m.mount_point == path)
+        .map(|m| m.fs_type)
+        .collect())
 }
 
 /// True when the topmost mount at `path` is a FUSE filesystem.
@@ -169,13 +204,12 @@ fn held_by_others() -> Vec<Held> {
 fn submount_devices(dir: &Path) -> HashSet<u64> {
     use std::os::unix::fs::MetadataExt;
 
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(table) = mount_table() else {
         return HashSet::new();
     };
     table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(unescape))
-        .map(PathBuf::from)
+        .into_iter()
+        .map(|m| m.mount_point)
         .filter(|point| point != dir && point.starts_with(dir))
         .filter_map(|point| std::fs::metadata(point).ok())
         .map(|meta| meta.dev())
@@ -272,6 +306,23 @@ mod tests {
         assert_eq!(unescape("/a\\040b"), "/a b");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape("/x\\134y"), "/x\\y");
+        assert_eq!(unescape("/plain\\"), "/plain\\");
+    }
+
+    #[test]
+    fn mountinfo_lines_parse() {
+        let text = "22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                    42 27 0:39 / /var/tmp/a\\040b ro,nosuid - fuse vmha:/x rw,user_id=0\n\
+                    garbage\n";
+        let got = parse_mountinfo(text);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].mount_point, PathBuf::from("/var/tmp/a b"));
+        assert_eq!(
+            (got[1].fs_type.as_str(), got[1].source.as_str()),
+            ("fuse", "vmha:/x")
+        );
+        assert!(got[1].read_only && !got[0].read_only);
+        assert_eq!((got[1].id.as_str(), got[1].parent.as_str()), ("42", "27"));
     }
 
     /// The per-mount options of the topmost mount at `path` (mountinfo field 6).

@@ -155,7 +155,7 @@ impl Drop for LoopFs {
         // Lazy: a process of a failed test may still hold files open; the device is
         // released when the last of them goes.
         let unmounted = match lazy_unmount_all(&self.mountpoint) {
-            Ok(()) => true,
+            Ok(_) => true,
             Err(e) => {
                 eprintln!("[loopfs] {e:#}");
                 false

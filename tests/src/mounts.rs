@@ -5,56 +5,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use rustix::mount::{unmount, UnmountFlags};
 
-/// One line of `/proc/self/mountinfo`, the parts tests care about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    pub source: String,
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for space and so on).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let oct = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
-            if let Ok(v) = u8::from_str_radix(oct, 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// One line of `/proc/self/mountinfo`: vmha-fs's parser, the one of the workspace.
+pub use vmha_fs::mounts::MountEntry;
 
 /// Every mount of this mount namespace, in mountinfo order (lower mounts first).
 pub fn mount_table() -> Result<Vec<MountEntry>> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let (Some(mp), Some(fs_type), Some(source)) =
-            (fields.get(4), fields.get(sep + 1), fields.get(sep + 2))
-        else {
-            continue;
-        };
-        out.push(MountEntry {
-            mount_point: PathBuf::from(unescape(mp)),
-            fs_type: unescape(fs_type),
-            source: unescape(source),
-        });
-    }
-    Ok(out)
+    vmha_fs::mounts::mount_table().context("reading /proc/self/mountinfo")
 }
 
 /// Absolute form of `path` without touching `path` itself (a dead FUSE mount
@@ -101,13 +57,16 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
 
 /// Lazily unmounts (MNT_DETACH) every mount stacked exactly at `path`, topmost first,
 /// until `path` is no longer a mount point. Use only on paths that were plain
-/// directories before the test mounted something there.
-pub fn lazy_unmount_all(path: &Path) -> Result<()> {
+/// directories before the test mounted something there. Returns how many mounts
+/// were detached.
+pub fn lazy_unmount_all(path: &Path) -> Result<usize> {
     let p = absolute(path)?;
+    let mut detached = 0;
     for _ in 0..64 {
         if !is_mount_point(&p)? {
-            return Ok(());
+            return Ok(detached);
         }
+        detached += 1;
         if let Err(e) = unmount(&p, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
             // EINVAL: raced with another unmount; re-check the table.
             if e != rustix::io::Errno::INVAL {
@@ -119,7 +78,7 @@ pub fn lazy_unmount_all(path: &Path) -> Result<()> {
     if is_mount_point(&p)? {
         bail!("{} is still a mount point after 64 unmounts", p.display());
     }
-    Ok(())
+    Ok(detached)
 }
 
 /// Lazily unmounts everything at `path` when dropped.
@@ -140,8 +99,13 @@ impl MountGuard {
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        if let Err(e) = lazy_unmount_all(&self.path) {
-            eprintln!("MountGuard: {e:#}");
+        match lazy_unmount_all(&self.path) {
+            Ok(0) => {}
+            Ok(n) => eprintln!(
+                "MountGuard: {} was still mounted; detached {n} mount(s)",
+                self.path.display()
+            ),
+            Err(e) => eprintln!("MountGuard: {e:#}"),
         }
     }
 }
@@ -149,14 +113,6 @@ impl Drop for MountGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescape_octal() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape("/x\\134y"), "/x\\y");
-        assert_eq!(unescape("/end\\"), "/end\\");
-    }
 
     #[test]
     fn root_is_a_mount_point() -> Result<()> {

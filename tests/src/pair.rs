@@ -305,7 +305,7 @@ impl Pair {
     pub fn cleanup_mounts(&self) -> Result<()> {
         let a = lazy_unmount_all(&self.mount);
         let b = lazy_unmount_all(&self.sec_backing);
-        a.and(b)
+        a.and(b).map(drop)
     }
 
     /// SIGTERM the primary, then the secondary; each must exit 0 within

@@ -275,7 +275,7 @@ impl Bench {
             c.kill()?;
         }
         // The read-only bind a killed secondary leaves over its directory.
-        lazy_unmount_all(&self.b.data)
+        lazy_unmount_all(&self.b.data).map(drop)
     }
 
     fn start_writer(&mut self) -> Result<()> {

@@ -448,70 +448,8 @@ fn libc_eio() -> i32 {
     rustix::io::Errno::IO.raw_os_error()
 }
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug)]
-struct MountLine {
-    id: String,
-    parent: String,
-    dev: String,
-    mount_point: PathBuf,
-    read_only: bool,
-    fs_type: String,
-    /// The mount source (`vmha:<dir>` for vmha-fs).
-    source: String,
-}
-
-fn mount_table() -> Vec<MountLine> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    parse_mount_table(&text)
-}
-
-/// The lines of a mountinfo text that parse (others are skipped).
-fn parse_mount_table(text: &str) -> Vec<MountLine> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            Some(MountLine {
-                id: f.first()?.to_string(),
-                parent: f.get(1)?.to_string(),
-                dev: f.get(2)?.to_string(),
-                mount_point: PathBuf::from(unescape_mountinfo(f.get(4)?)),
-                read_only: f.get(5)?.split(',').any(|o| o == "ro"),
-                fs_type: f.get(sep + 1)?.to_string(),
-                source: f
-                    .get(sep + 2)
-                    .map(|x| unescape_mountinfo(x))
-                    .unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|o| std::str::from_utf8(o).ok())
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
-        match (bytes[i], octal) {
-            (b'\\', Some(v)) => {
-                out.push(v);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn mount_table() -> Vec<vmha_fs::mounts::MountEntry> {
+    vmha_fs::mounts::mount_table().unwrap_or_default()
 }
 
 /// `dir` made absolute without touching `dir` itself (a dead FUSE mount there
@@ -595,15 +533,7 @@ fn combine(states: Vec<Result<ResyncState, DriverError>>) -> Result<ResyncState,
 }
 
 fn is_fuse_mount(dir: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let dir = dir.to_string_lossy();
-    text.lines().any(|line| {
-        let mut fields = line.split(' ');
-        let mount_point = fields.nth(4);
-        mount_point == Some(&*dir) && line.contains(" - fuse")
-    })
+    vmha_fs::mounts::is_fuse_mounted(dir).unwrap_or(false)
 }
 
 fn wait_ready(child: &mut Child, dir: &Path, writer: bool) -> Result<(), DriverError> {
@@ -1005,13 +935,6 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
-        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
-    }
-
-    #[test]
     fn changed_bytes_of_several_directories_saturate() {
         let files = vec![
             format!("{}\n", u64::MAX).into_bytes(),
@@ -1097,8 +1020,8 @@ mod tests {
             all.push(bytes.clone());
             let _ = sum_changed_bytes(&all);
             let _ = combine(vec![sync, parse_sync(p, &bytes)]);
-            let _ = parse_mount_table(&String::from_utf8_lossy(&bytes));
-            let _ = unescape_mountinfo(&String::from_utf8_lossy(&bytes));
+            let _ = vmha_fs::mounts::parse_mountinfo(&String::from_utf8_lossy(&bytes));
+            let _ = vmha_fs::mounts::unescape(&String::from_utf8_lossy(&bytes));
         }
     }
 
