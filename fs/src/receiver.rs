@@ -20,6 +20,7 @@
 //! interval. The writer counts a receiver's `Ping` as progress only: it completes
 //! nothing (only `Acks` do). The pings stop after [`KEEPALIVE_LIMIT`] on one
 //! operation, so a receiver whose disk hangs is still given up on.
+#![deny(clippy::cast_possible_truncation)]
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter};
@@ -519,7 +520,7 @@ fn keepalive_loop(state: &(Mutex<KeepaliveState>, Condvar), writer: &SharedWrite
         last_ping = Some((since, Instant::now()));
         drop(s);
         tracing::debug!(
-            running_ms = running.as_millis() as u64,
+            running_ms = u64::try_from(running.as_millis()).unwrap_or(u64::MAX),
             "long operation: keepalive ping"
         );
         {

@@ -24,6 +24,7 @@
 //! Losing the peer at any point returns the link to writing alone; the peer stays
 //! recorded as outdated. Files unlinked while open (no name to recreate) are not
 //! copied: a later write to one makes the sync give up (never a silent gap).
+#![deny(clippy::cast_possible_truncation)]
 
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::AsFd;
@@ -639,7 +640,13 @@ impl Syncer {
             let query = {
                 let _order = node.ranges.lock(offset, offset + span);
                 let hashes =
-                    compare::hash_blocks(fd.as_fd(), offset, compare::BLOCK, count as usize)
+                    // At most MAX_BLOCKS (a usize constant).
+                    compare::hash_blocks(
+                        fd.as_fd(),
+                        offset,
+                        compare::BLOCK,
+                        usize::try_from(count).unwrap_or(compare::MAX_BLOCKS),
+                    )
                         .map_err(local("a file"))?;
                 self.link
                     .query(Op::Compare {
@@ -776,8 +783,12 @@ impl Syncer {
                 }
                 let hole_at =
                     rustix::fs::seek(fd.as_fd(), SeekFrom::Hole(pos)).map_err(local("a file"))?;
+                // At most one CHUNK: fits a buffer on any target.
                 let n = len.min(hole_at - pos);
-                let mut buf = AlignedBuf::zeroed(n as usize);
+                let Ok(n_usize) = usize::try_from(n) else {
+                    return Err(local("a file")(Errno::FBIG));
+                };
+                let mut buf = AlignedBuf::zeroed(n_usize);
                 let got = crate::fuse_fs::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
                     .map_err(local("a file"))?;
                 if got == 0 {

@@ -26,6 +26,7 @@
 //!
 //! Frame: meta_len:u32 data_len:u32 meta[meta_len] data[data_len] mac:[32]
 //! meta is a bincode-encoded `Message`; data is the payload of a `Write`.
+#![deny(clippy::cast_possible_truncation)]
 
 use std::io::{Read, Write};
 
@@ -136,7 +137,7 @@ impl Binding {
         let mut out = Vec::with_capacity(3 + self.module.len());
         out.extend_from_slice(&self.port.to_le_bytes());
         // `new` keeps the name at most 255 bytes.
-        out.push(self.module.len() as u8);
+        out.push(u8::try_from(self.module.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(self.module.as_bytes());
         out
     }
@@ -562,12 +563,17 @@ impl<W: Write> FrameWriter<W> {
     /// Sends an arbitrary header and data under a valid MAC. Used by `send`, and by
     /// tests that check what the receiver does with well-authenticated garbage.
     pub fn send_raw(&mut self, meta: &[u8], data: &[u8]) -> Result<(), WireError> {
-        if meta.len() > MAX_META_LEN as usize || data.len() > MAX_DATA_LEN as usize {
-            return Err(WireError::TooLarge((meta.len() + data.len()) as u64));
+        let too_large = || WireError::TooLarge((meta.len() + data.len()) as u64);
+        let (Ok(meta_len), Ok(data_len)) = (u32::try_from(meta.len()), u32::try_from(data.len()))
+        else {
+            return Err(too_large());
+        };
+        if meta_len > MAX_META_LEN || data_len > MAX_DATA_LEN {
+            return Err(too_large());
         }
         let mut header = [0u8; 8];
-        header[..4].copy_from_slice(&(meta.len() as u32).to_le_bytes());
-        header[4..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        header[..4].copy_from_slice(&meta_len.to_le_bytes());
+        header[4..].copy_from_slice(&data_len.to_le_bytes());
         let tag = mac(
             &self.key,
             &[&self.counter.to_le_bytes(), &header, meta, data],
@@ -734,6 +740,7 @@ pub fn decode_message(meta: &[u8], data: Vec<u8>) -> Result<Message, WireError> 
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::op::{Name, NewNode, NodeKind, Time, XattrValue};
