@@ -176,7 +176,7 @@ fn copy_bytes(
                 Err(e) => return Err(e),
             }
         }
-        let n = crate::fuse_fs::read_full(src, &mut buf[..want], off_in)?;
+        let n = crate::fdio::read_full(src, &mut buf[..want], off_in)?;
         if n == 0 {
             break;
         }

@@ -24,7 +24,7 @@ pub fn hash_blocks(
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let at = offset + i as u64 * u64::from(block);
-        let n = crate::fuse_fs::read_full(fd, &mut buf, at)?;
+        let n = crate::fdio::read_full(fd, &mut buf, at)?;
         let mut h = blake3::Hasher::new();
         // The length is part of the hash: a short block never equals a full one.
         h.update(&(n as u64).to_le_bytes());

@@ -6,7 +6,7 @@ pub mod aside;
 pub mod atomic;
 pub mod buffer;
 pub mod compare;
-pub mod fuse_fs;
+mod fdio;
 pub mod inodes;
 pub mod key;
 pub mod link;

@@ -28,7 +28,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -57,12 +57,7 @@ pub enum SyncError {
     NotConnected(crate::link::LinkState),
 }
 
-/// Bytes copied so far and to copy in all (allocated bytes of the files).
-#[derive(Debug, Default)]
-pub struct SyncProgress {
-    pub done_bytes: AtomicU64,
-    pub total_bytes: AtomicU64,
-}
+pub use crate::status::SyncProgress;
 
 /// Runs one full sync; see the module documentation.
 #[derive(Debug)]
@@ -789,7 +784,7 @@ impl Syncer {
                     return Err(local("a file")(Errno::FBIG));
                 };
                 let mut buf = AlignedBuf::zeroed(n_usize);
-                let got = crate::fuse_fs::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
+                let got = crate::fdio::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
                     .map_err(local("a file"))?;
                 if got == 0 {
                     break;

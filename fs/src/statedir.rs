@@ -24,8 +24,7 @@ use rustix::fs::FlockOperation;
 
 pub use crate::status::SELF_OUTDATED;
 use crate::status::{
-    ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, SyncStatus, GENERATION, LOCK,
-    PEER_OUTDATED,
+    ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, GENERATION, LOCK, PEER_OUTDATED,
 };
 
 /// Errors opening or writing the state directory.
@@ -137,17 +136,10 @@ impl StateDir {
     pub fn write_sync_status(
         &self,
         state: SyncPhase,
-        progress: &crate::resync::SyncProgress,
+        progress: &crate::status::SyncProgress,
         error: Option<&str>,
     ) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let status = SyncStatus {
-            state,
-            done_bytes: progress.done_bytes.load(Relaxed),
-            total_bytes: progress.total_bytes.load(Relaxed),
-            error: error.map(str::to_string),
-        };
-        self.write_status(&status);
+        self.write_status(&progress.status(state, error));
     }
 
     /// `link.json`: where the replication link stands, for the controller (it acts

@@ -200,6 +200,27 @@ pub struct SyncStatus {
     pub total_bytes: u64,
 }
 
+/// A running sync's counters (shared by the copy threads); what `sync.json`
+/// reports of them.
+#[derive(Debug, Default)]
+pub struct SyncProgress {
+    pub done_bytes: std::sync::atomic::AtomicU64,
+    pub total_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl SyncProgress {
+    /// The status file for this progress in `state`.
+    pub fn status(&self, state: SyncPhase, error: Option<&str>) -> SyncStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        SyncStatus {
+            state,
+            done_bytes: self.done_bytes.load(Relaxed),
+            total_bytes: self.total_bytes.load(Relaxed),
+            error: error.map(str::to_string),
+        }
+    }
+}
+
 impl StatusFile for SyncStatus {
     const FILE: &'static str = SYNC;
 }

@@ -1,7 +1,7 @@
 //! The primary's write pipeline: where a mutation's meaning is decided.
 //!
 //! - [`replicator`]: one type submits every mutation (order, record, send, apply
-//!   locally, join, settle); `fuse_fs` only translates FUSE requests into an
+//!   locally, join, settle); [`fuse`] only translates FUSE requests into an
 //!   [`crate::op::Op`] plus the lock that orders it.
 //! - [`joint`]: joins the local and the peer's outcome and is the only place
 //!   that judges a disagreement (a pure function with a test per combination).
@@ -13,6 +13,7 @@
 
 mod checkpoint;
 pub mod disk;
+pub mod fuse;
 mod join;
 pub mod joint;
 pub mod replicator;

@@ -353,7 +353,7 @@ impl Replicator {
         };
         let name = |parent: NodeId, name: &Name| -> Result<Change, Errno> {
             let dir = self.inodes.get(parent)?;
-            let path = crate::fuse_fs::fd_path(dir.fd.as_fd()).unwrap_or_default();
+            let path = crate::fdio::fd_path(dir.fd.as_fd()).unwrap_or_default();
             let root = self.root_path.as_slice();
             let full = if path == root {
                 name.as_bytes().to_vec()

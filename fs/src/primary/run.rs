@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::checkpoint::Checkpointer;
+use super::fuse::ReplicatedFs;
 use super::join::Joiner;
 use super::status::publish_link_status;
 use super::DiskHealth;
-use crate::fuse_fs::ReplicatedFs;
 use crate::key::ClusterKey;
 use crate::link::PeerLink;
 use crate::mounts;

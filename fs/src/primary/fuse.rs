@@ -25,6 +25,7 @@ use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use crate::apply::{self, Applied, Errno, NodeTable};
 use crate::buffer::{AlignedBuf, Payload};
+use crate::fdio::{fd_path, read_full, sync_fd};
 use crate::inodes::{Inodes, Node};
 use crate::link::PeerLink;
 use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Time, XattrValue};
@@ -201,34 +202,6 @@ fn fallocate_repair(id: NodeId, mode: i32, offset: u64, len: u64) -> Repair {
     } else {
         Repair::Size { id }
     }
-}
-
-fn sync_fd(fd: BorrowedFd<'_>, datasync: bool) -> Result<(), Errno> {
-    if datasync {
-        rustix::fs::fdatasync(fd)
-    } else {
-        rustix::fs::fsync(fd)
-    }
-}
-
-/// `pread` until `buf` is full or end of file.
-/// The path the kernel gives for a descriptor (`/proc/self/fd/N`), as bytes.
-pub(crate) fn fd_path(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
-    let link = rustix::fs::readlinkat(rustix::fs::CWD, apply::proc_path(fd), Vec::new())?;
-    Ok(link.into_bytes())
-}
-
-pub(crate) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
-    let mut done = 0;
-    while done < buf.len() {
-        match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 impl ReplicatedFs {
