@@ -166,6 +166,15 @@ impl Inodes {
         node
     }
 
+    /// Whether the node with status `st` has an id now (the kernel, an open file or
+    /// a sync holds a reference to it).
+    pub fn knows(&self, st: &rustix::fs::Stat) -> bool {
+        self.maps
+            .read()
+            .by_key
+            .contains_key(&(st.st_dev, st.st_ino))
+    }
+
     /// Takes one more kernel reference on a known node (hard link).
     pub fn add_reference(&self, id: NodeId) {
         if let Some((_, count)) = self.maps.write().by_id.get_mut(&id) {

@@ -2,11 +2,36 @@
 //! same ordered stream as live mutations.
 //!
 //! **Incremental** (both nodes' records valid, see `track`): the peer's namespace is
-//! reconciled in place (existing entries are bound to the writer's ids, missing ones
-//! created, extra ones removed) and only the regions that may differ travel — the
-//! union of the writer's dirty map and activity log and the peer's own report. A
-//! file reached through a name either side's journal recorded as changed, or new on
-//! the peer, is copied whole. Holes travel as punched holes.
+//! reconciled in place (missing entries created, extra ones removed) and only the
+//! regions that may differ travel — the union of the writer's dirty map and activity
+//! log and the peer's own report. A file reached through a name either side's
+//! journal recorded as changed, or new on the peer, is copied whole. Holes travel
+//! as punched holes.
+//!
+//! Only what the resync acts on gets an id (an O_PATH descriptor on each side): a
+//! file both copies have is bound only if a record names it (either node's ranges
+//! or names), its attributes differ (the report carries both copies' owner, mode
+//! and an xattr digest: attribute changes are not in the records), it has several
+//! names, or the kernel holds it; a directory only if the kernel holds it, its
+//! attributes differ, or something beneath it needs its id. A file is given back
+//! (`Forget` on both sides unless the kernel took it meanwhile) as soon as its
+//! data is done; the directories and metadata-only entries when the data phase
+//! begins. A tree of a million clean files thus costs no descriptor per file.
+//!
+//! Why passing over a clean entry is safe: the reconcile runs under the namespace
+//! lock, so no lookup runs (the kernel can learn no new node) and no name changes.
+//! A clean entry the kernel does not hold cannot be written either: writing needs
+//! an open file, and an open file is a node the kernel holds — those are all bound
+//! and get a data job whose ranges are read only after `begin_data`, so writes made
+//! while `Attaching` are covered. The link sends live operations (`begin_data`)
+//! before the lock is released; from then on a lookup of a passed-over entry takes
+//! a fresh id and queues its `Bind` under the inode-table lock, ordered after the
+//! whole reconcile, so the peer resolves the same name to the same (equal) file,
+//! and every later change of it travels live. Giving an id back races only with a
+//! lookup of the same node: either the lookup finds the id (the count stays above
+//! zero, no `Forget`), or it comes after the removal and takes a new id (ids are
+//! never reused, and the receiver keys by id, so a `Forget` of the old id queued
+//! after the new `Bind` harms nothing).
 //!
 //! **Full** (no valid history on either side):
 //! 1. Under the namespace lock (no create/rename/unlink meanwhile) the receiver's
@@ -26,7 +51,7 @@
 //! copied: a later write to one makes the sync give up (never a silent gap).
 #![deny(clippy::cast_possible_truncation)]
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -78,13 +103,57 @@ pub struct Syncer {
 /// are cleared then, so an interrupted resync resumes instead of starting over.
 const RESUME_STEP: u64 = 64 << 20;
 
+/// A node the sync took one reference on (an id on both sides). Dropping it gives
+/// the reference back: when nobody else holds the node (the kernel did not look it
+/// up meanwhile) the id is forgotten on both sides. Dropped only once the link
+/// sends live operations (`Syncing`): a `Forget` queued while `Attaching` would
+/// not reach the peer, which would keep the descriptor.
+#[derive(Debug)]
+struct Bound {
+    node: Arc<Node>,
+    inodes: Arc<Inodes>,
+    link: PeerLink,
+}
+
+impl Bound {
+    /// Takes over a reference the caller already took (`Inodes::reference`).
+    fn adopt(syncer: &Syncer, node: Arc<Node>) -> Bound {
+        Bound {
+            node,
+            inodes: syncer.inodes.clone(),
+            link: syncer.link.clone(),
+        }
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if self.inodes.release_refs(self.node.id, 1) {
+            self.link.submit_nowait(Op::Forget { id: self.node.id });
+        }
+    }
+}
+
 /// How one file's data reaches the peer.
 #[derive(Debug)]
 enum Plan {
     /// Everything allocated (new on the peer, or its binding is in doubt).
-    Whole(Arc<Node>),
+    Whole(Bound),
     /// The regions both nodes' records name (`path` keys the peer's report).
-    Dirty(Arc<Node>, Vec<u8>),
+    Dirty(Bound, Vec<u8>),
+}
+
+/// One directory of the reconcile walk.
+struct Level {
+    /// O_PATH descriptor of our directory (children are looked up beneath it).
+    dir: Arc<std::os::fd::OwnedFd>,
+    /// Its name in its parent (none for the root).
+    name: Option<Name>,
+    prefix: Vec<u8>,
+    /// Entries still to visit.
+    names: std::vec::IntoIter<Name>,
+    /// Its id on both sides, once something beneath it needed one.
+    node: Option<Arc<Node>>,
 }
 
 /// What a copy does where the file has a hole.
@@ -99,9 +168,9 @@ enum Holes {
 /// How one file's data is brought up to date.
 #[derive(Debug)]
 enum Job {
-    Ranges(Arc<Node>, Vec<(u64, u64)>),
-    Copy(Arc<Node>),
-    Compare(Arc<Node>),
+    Ranges(Bound, Vec<(u64, u64)>),
+    Copy(Bound),
+    Compare(Bound),
 }
 
 /// A region where the peer's copy differs (`len` = u64::MAX: the peer lacks the file).
@@ -253,18 +322,28 @@ impl Syncer {
     ) -> Result<u64, SyncError> {
         let plans = {
             let _no_namespace_changes = self.namespace.write();
-            let plans = match report {
-                Some(report) => self.reconcile_namespace(held, report)?,
-                None => self
-                    .copy_namespace(held)?
-                    .into_iter()
-                    .map(Plan::Whole)
-                    .collect(),
+            let (plans, walked) = match report {
+                Some(report) => self.reconcile_namespace(report, incremental)?,
+                None => {
+                    let files = self.copy_namespace(held)?;
+                    let plans = files
+                        .into_iter()
+                        .map(|node| {
+                            // The plan's own reference (`held` keeps the walk's).
+                            self.inodes.add_reference(node.id);
+                            Plan::Whole(Bound::adopt(self, node))
+                        })
+                        .collect();
+                    (plans, Vec::new())
+                }
             };
             if !self.link.begin_data() {
                 return Err(SyncError::PeerGone);
             }
             self.tracker.sync_window_begin();
+            // The directories and metadata-only entries the walk bound: their
+            // `Forget`s travel now that the link sends live operations.
+            drop(walked);
             plans
         };
         // From here on live writes reach the peer; the records now hold everything
@@ -287,7 +366,7 @@ impl Syncer {
                 Plan::Dirty(node, path)
                     if incremental && !suspect.iter().any(|n| track::is_beneath(&path, n)) =>
                 {
-                    let mine = self.tracker.ranges_of(node.ino());
+                    let mine = self.tracker.ranges_of(node.node.ino());
                     if mine.whole {
                         Job::Compare(node)
                     } else {
@@ -302,24 +381,27 @@ impl Syncer {
             };
             total += match &job {
                 Job::Ranges(_, r) => r.iter().map(|(s, e)| e - s).sum(),
-                Job::Copy(node) => allocated(node),
-                Job::Compare(node) => size_of(node),
+                Job::Copy(b) => allocated(&b.node),
+                Job::Compare(b) => size_of(&b.node),
             };
             work.push(job);
         }
         self.progress.total_bytes.store(total, Ordering::Relaxed);
         let mut bytes = 0;
+        // Each job's reference is given back as soon as its operations are queued
+        // (dropped at the end of its iteration): the sync holds one descriptor per
+        // file still to do, not one per file of the tree.
         for job in work {
             bytes += match job {
-                Job::Ranges(node, ranges) => self.copy_resumable(&node, &ranges)?,
-                Job::Copy(node) => self.copy_data(&node)?,
-                Job::Compare(node) => {
-                    let differing = self.compare_file(&node)?;
+                Job::Ranges(b, ranges) => self.copy_resumable(&b.node, &ranges)?,
+                Job::Copy(b) => self.copy_data(&b.node)?,
+                Job::Compare(b) => {
+                    let differing = self.compare_file(&b.node)?;
                     let extra: u64 = differing.iter().map(|(s, e)| e - s).sum();
                     self.progress
                         .total_bytes
                         .fetch_add(extra, Ordering::Relaxed);
-                    self.copy_ranges(&node, &differing)?
+                    self.copy_ranges(&b.node, &differing)?
                 }
             };
         }
@@ -329,16 +411,23 @@ impl Syncer {
     }
 
     /// Makes the peer's namespace equal to ours without recreating what it already
-    /// has, binding our ids to its entries; returns how each file's data goes.
+    /// has; returns how each file's data goes, and the references taken for
+    /// entries with no data to send (dropped once the link sends live operations).
+    ///
+    /// Only what must be acted on gets an id (see the module documentation): a
+    /// file or directory both copies have, that no record names, whose attributes
+    /// are equal and that the kernel does not hold, is passed over; a directory
+    /// is bound only when something beneath it needs its id. The walk holds one
+    /// directory descriptor per level of depth, plus the ids it took.
     fn reconcile_namespace(
         &self,
-        held: &mut Vec<NodeId>,
         report: &Report,
-    ) -> Result<Vec<Plan>, SyncError> {
-        let theirs: std::collections::HashMap<&[u8], EntryKind> = report
+        incremental: bool,
+    ) -> Result<(Vec<Plan>, Vec<Bound>), SyncError> {
+        let theirs: std::collections::HashMap<&[u8], &track::ReportEntry> = report
             .entries
             .iter()
-            .map(|e| (e.path.as_slice(), e.kind))
+            .map(|e| (e.path.as_slice(), e))
             .collect();
         let mut their_children: std::collections::HashMap<&[u8], Vec<&[u8]>> =
             std::collections::HashMap::new();
@@ -349,101 +438,245 @@ impl Syncer {
             };
             their_children.entry(parent).or_default().push(name);
         }
+        // Names either side changed (no namespace change runs meanwhile: the
+        // namespace lock is held).
+        let mut suspect = self.tracker.names();
+        suspect.extend(report.names.iter().cloned());
         let root = self.inodes.get(ROOT).map_err(local("the root"))?;
         self.copy_attrs(&root)?;
         let mut plans = Vec::new();
-        let mut seen = HashSet::from([ROOT]);
-        let mut dirs = VecDeque::from([(root, Vec::new())]);
-        while let Some((dir, prefix)) = dirs.pop_front() {
-            let dir_fd = apply::reopen(dir.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)
-                .map_err(local("a directory"))?;
-            let mut names = Vec::new();
-            let mut entries =
-                rustix::fs::Dir::read_from(dir_fd.as_fd()).map_err(local("a directory"))?;
-            while let Some(entry) = entries.read() {
-                let entry = entry.map_err(local("a directory"))?;
-                let raw = entry.file_name().to_bytes();
-                if raw != b"." && raw != b".." {
-                    if let Ok(name) = Name::new(raw) {
-                        names.push(name);
-                    }
-                }
-            }
-            // What the peer has here and we do not goes first.
-            let ours: HashSet<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
-            for extra in their_children.get(prefix.as_slice()).into_iter().flatten() {
-                if !ours.contains(extra) {
-                    if let Ok(name) = Name::new(*extra) {
-                        self.send(Op::Remove {
-                            parent: dir.id,
-                            name,
-                        })?;
-                    }
-                }
-            }
-            for name in names {
-                let path = track::join(&prefix, name.as_bytes());
-                let fd = match apply::lookup_beneath(dir.fd.as_fd(), &name) {
-                    Ok(fd) => fd,
-                    Err(Errno::NOENT) => continue,
-                    Err(e) => return Err(local(format!("{name:?}"))(e)),
-                };
-                let st = rustix::fs::fstat(fd.as_fd()).map_err(local(format!("{name:?}")))?;
-                let node = self
-                    .inodes
-                    .reference(fd, |_| {})
-                    .map_err(local(format!("{name:?}")))?;
-                held.push(node.id);
-                let their_kind = theirs.get(path.as_slice()).copied();
-                let kind = EntryKind::of(st.st_mode);
-                let parent = dir.id;
-                if !seen.insert(node.id) {
+        let mut walked = Vec::new();
+        // Files with several names: the id their first name got.
+        let mut links: std::collections::HashMap<(u64, u64), NodeId> =
+            std::collections::HashMap::new();
+        let mut passed = 0u64;
+        let mut stack = Vec::new();
+        let top = self.list(root.fd.clone(), None, Vec::new(), Some(root))?;
+        self.enter(&mut stack, top, &their_children, &mut walked)?;
+        while let Some(level) = stack.last_mut() {
+            let Some(name) = level.names.next() else {
+                // Its id (if it got one) is given back with the walk's.
+                stack.pop();
+                continue;
+            };
+            let path = track::join(&level.prefix, name.as_bytes());
+            let fd = match apply::lookup_beneath(level.dir.as_fd(), &name) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(local(format!("{name:?}"))(e)),
+            };
+            let st = rustix::fs::fstat(fd.as_fd()).map_err(local(format!("{name:?}")))?;
+            let their = theirs.get(path.as_slice()).copied();
+            let kind = EntryKind::of(st.st_mode);
+            let linked = kind != EntryKind::Dir && st.st_nlink > 1;
+            if linked {
+                if let Some(&id) = links.get(&(st.st_dev, st.st_ino)) {
                     // Another name of a node already bound: a hard link.
-                    if their_kind.is_some() {
+                    let parent = self.bind_path(&mut stack, &mut walked)?;
+                    if their.is_some() {
                         self.send(Op::Remove {
                             parent,
                             name: name.clone(),
                         })?;
                     }
-                    self.send(Op::Link {
-                        id: node.id,
-                        parent,
-                        name,
-                    })?;
+                    self.send(Op::Link { id, parent, name })?;
                     continue;
                 }
-                let keep =
-                    their_kind == Some(kind) && matches!(kind, EntryKind::File | EntryKind::Dir);
-                if keep {
-                    self.send(Op::Bind {
-                        id: node.id,
-                        parent,
-                        name,
-                    })?;
-                    self.copy_attrs(&node)?;
-                    if kind == EntryKind::Dir {
-                        dirs.push_back((node, path));
+            }
+            let keep = their.is_some_and(|t| t.kind == kind)
+                && matches!(kind, EntryKind::File | EntryKind::Dir);
+            if keep {
+                let attrs_differ =
+                    their.is_some_and(|t| t.attrs != track::Attrs::of(fd.as_fd(), &st));
+                // The kernel holds it: live operations may name its id (and an open
+                // file may be written until the data phase), so the peer must know it.
+                let known = self.inodes.knows(&st);
+                if kind == EntryKind::Dir {
+                    let (dir, node) = if known || attrs_differ {
+                        let parent = self.bind_path(&mut stack, &mut walked)?;
+                        let node = self.bind(fd, parent, name.clone(), &mut walked)?;
+                        self.copy_attrs(&node)?;
+                        (node.fd.clone(), Some(node))
                     } else {
-                        plans.push(Plan::Dirty(node, path));
-                    }
+                        (Arc::new(fd), None)
+                    };
+                    let level = self.list(dir, Some(name), path, node)?;
+                    self.enter(&mut stack, level, &their_children, &mut walked)?;
                     continue;
                 }
-                if their_kind.is_some() {
-                    self.send(Op::Remove {
-                        parent,
-                        name: name.clone(),
-                    })?;
+                let dirty_here = || {
+                    let mine = self.tracker.ranges_of(st.st_ino);
+                    mine.whole
+                        || !mine.ranges.is_empty()
+                        || their.is_some_and(|t| !t.dirty.is_empty())
+                        || suspect.iter().any(|n| track::is_beneath(&path, n))
+                };
+                let data = known || linked || !incremental || dirty_here();
+                if !data && !attrs_differ {
+                    // Clean and equal: no id; a later lookup binds it.
+                    passed += 1;
+                    continue;
                 }
-                if let Some(node) = self.create(&node, parent, name, &st)? {
-                    if kind == EntryKind::Dir {
-                        dirs.push_back((node, path));
-                    } else {
-                        plans.push(Plan::Whole(node));
+                let parent = self.bind_path(&mut stack, &mut walked)?;
+                let node = self.bind(fd, parent, name, &mut walked)?;
+                self.copy_attrs(&node)?;
+                if linked {
+                    links.insert((st.st_dev, st.st_ino), node.id);
+                }
+                if data {
+                    // The walk's reference moves to the plan: it is given back as
+                    // soon as the file's data is done.
+                    if let Some(b) = walked.pop() {
+                        plans.push(Plan::Dirty(b, path));
                     }
+                }
+                continue;
+            }
+            let parent = self.bind_path(&mut stack, &mut walked)?;
+            if their.is_some() {
+                self.send(Op::Remove {
+                    parent,
+                    name: name.clone(),
+                })?;
+            }
+            let node = self
+                .inodes
+                .reference(fd, |_| {})
+                .map_err(local(format!("{name:?}")))?;
+            let bound = Bound::adopt(self, node.clone());
+            if linked {
+                links.insert((st.st_dev, st.st_ino), node.id);
+            }
+            match self.create(&node, parent, name.clone(), &st)? {
+                Some(_) if kind == EntryKind::Dir => {
+                    walked.push(bound);
+                    let dir = node.fd.clone();
+                    // New on the peer: nothing of theirs beneath it to remove.
+                    stack.push(self.list(dir, Some(name), path, Some(node))?);
+                }
+                Some(_) => plans.push(Plan::Whole(bound)),
+                None => walked.push(bound),
+            }
+        }
+        tracing::info!(
+            bound = plans.len() + walked.len(),
+            passed_over = passed,
+            "namespace reconciled: ids taken only for what the resync acts on"
+        );
+        Ok((plans, walked))
+    }
+
+    /// Lists our entries of directory `dir` (the walk visits them next).
+    fn list(
+        &self,
+        dir: Arc<std::os::fd::OwnedFd>,
+        name: Option<Name>,
+        prefix: Vec<u8>,
+        node: Option<Arc<Node>>,
+    ) -> Result<Level, SyncError> {
+        let listing = apply::reopen(dir.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)
+            .map_err(local("a directory"))?;
+        let mut names = Vec::new();
+        let mut entries =
+            rustix::fs::Dir::read_from(listing.as_fd()).map_err(local("a directory"))?;
+        while let Some(entry) = entries.read() {
+            let entry = entry.map_err(local("a directory"))?;
+            let raw = entry.file_name().to_bytes();
+            if raw != b"." && raw != b".." {
+                if let Ok(name) = Name::new(raw) {
+                    names.push(name);
                 }
             }
         }
-        Ok(plans)
+        Ok(Level {
+            dir,
+            name,
+            prefix,
+            names: names.into_iter(),
+            node,
+        })
+    }
+
+    /// Starts visiting a directory both copies have: what the peer has there and
+    /// we do not is removed first (the directory gets an id for that).
+    fn enter(
+        &self,
+        stack: &mut Vec<Level>,
+        level: Level,
+        their_children: &HashMap<&[u8], Vec<&[u8]>>,
+        walked: &mut Vec<Bound>,
+    ) -> Result<(), SyncError> {
+        let ours: HashSet<&[u8]> = level
+            .names
+            .as_slice()
+            .iter()
+            .map(|n| n.as_bytes())
+            .collect();
+        let extras: Vec<Name> = their_children
+            .get(level.prefix.as_slice())
+            .into_iter()
+            .flatten()
+            .filter(|extra| !ours.contains(**extra))
+            .filter_map(|extra| Name::new(*extra).ok())
+            .collect();
+        drop(ours);
+        stack.push(level);
+        if !extras.is_empty() {
+            let parent = self.bind_path(stack, walked)?;
+            for name in extras {
+                self.send(Op::Remove { parent, name })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every directory of the walk's current path an id on both sides (from
+    /// the top down: each `Bind` names its parent's id); returns the deepest one's.
+    fn bind_path(&self, stack: &mut [Level], walked: &mut Vec<Bound>) -> Result<NodeId, SyncError> {
+        let from = stack
+            .iter()
+            .rposition(|l| l.node.is_some())
+            .map_or(0, |i| i + 1);
+        for i in from..stack.len() {
+            let parent = match i.checked_sub(1).and_then(|p| stack[p].node.as_ref()) {
+                Some(p) => p.id,
+                None => ROOT,
+            };
+            let name = stack[i].name.clone().ok_or(SyncError::Local {
+                what: "the root".into(),
+                errno: Errno::INVAL,
+            })?;
+            let fd = apply::reopen(stack[i].dir.as_fd(), OFlags::PATH)
+                .map_err(local(format!("{name:?}")))?;
+            let node = self.bind(fd, parent, name, walked)?;
+            stack[i].node = Some(node);
+        }
+        Ok(stack
+            .last()
+            .and_then(|l| l.node.as_ref())
+            .map_or(ROOT, |n| n.id))
+    }
+
+    /// Takes an id for the entry behind `fd` (ours, the kernel's if it has one) and
+    /// names it to the peer as `parent/name`; the reference goes to `walked`.
+    fn bind(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        parent: NodeId,
+        name: Name,
+        walked: &mut Vec<Bound>,
+    ) -> Result<Arc<Node>, SyncError> {
+        let node = self
+            .inodes
+            .reference(fd, |_| {})
+            .map_err(local(format!("{name:?}")))?;
+        walked.push(Bound::adopt(self, node.clone()));
+        self.send(Op::Bind {
+            id: node.id,
+            parent,
+            name,
+        })?;
+        Ok(node)
     }
 
     /// Creates `node` as `parent/name` on the peer, like ours (attributes, xattrs,

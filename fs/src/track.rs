@@ -532,6 +532,58 @@ pub struct ReportEntry {
     pub kind: EntryKind,
     /// Byte ranges of a regular file that may differ.
     pub dirty: Vec<(u64, u64)>,
+    /// Owner, permissions and extended attributes (files and directories).
+    pub attrs: Attrs,
+}
+
+/// What a resync compares to tell whether an entry's metadata differs without
+/// taking an id for it: attribute changes are not in the records (only ranges and
+/// names are), so both copies' attributes are compared instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attrs {
+    /// Permission bits (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Digest of the extended attributes' names and values (0: none readable).
+    pub xattrs: u64,
+}
+
+impl Attrs {
+    /// The attributes of the file or directory behind the O_PATH descriptor `fd`
+    /// (`st` its status); other kinds have none that a resync compares.
+    pub fn of(fd: BorrowedFd<'_>, st: &rustix::fs::Stat) -> Attrs {
+        if !matches!(EntryKind::of(st.st_mode), EntryKind::File | EntryKind::Dir) {
+            return Attrs::default();
+        }
+        let path = apply::proc_path(fd);
+        let list = apply::read_sized(|buf| rustix::fs::listxattr(&path, buf)).unwrap_or_default();
+        let mut names: Vec<&[u8]> = list.split(|&b| b == 0).filter(|n| !n.is_empty()).collect();
+        let xattrs = if names.is_empty() {
+            0
+        } else {
+            names.sort_unstable();
+            let mut h = blake3::Hasher::new();
+            for name in names {
+                let key: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(name);
+                let value = apply::read_sized(|buf| rustix::fs::getxattr(&path, key, buf))
+                    .unwrap_or_default();
+                h.update(&(name.len() as u64).to_le_bytes());
+                h.update(name);
+                h.update(&(value.len() as u64).to_le_bytes());
+                h.update(&value);
+            }
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+            u64::from_le_bytes(first) | 1
+        };
+        Attrs {
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            xattrs,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1296,11 +1348,12 @@ impl Tracker {
                 Vec::new()
             };
             // Upper bound of the entry's bincode size (varints of at most 10 bytes).
-            bytes += e.path.len() + 21 + dirty.len() * 20;
+            bytes += e.path.len() + 21 + 25 + dirty.len() * 20;
             part.entries.push(ReportEntry {
                 path: e.path.clone(),
                 kind,
                 dirty,
+                attrs: Attrs::of(e.fd.as_fd(), &e.st),
             });
             if bytes >= REPORT_PART_BYTES {
                 bytes = 0;

@@ -777,6 +777,7 @@ mod tests {
                     path: b"vm1/disk.img".to_vec(),
                     kind: EntryKind::File,
                     dirty: vec![(0, 4096), (1 << 30, (1 << 30) + 65536)],
+                    attrs: crate::track::Attrs::default(),
                 }],
                 names: vec![b"vm1/new".to_vec()],
             }),
@@ -858,6 +859,7 @@ mod tests {
                 dirty: (0..(i % 5) as u64)
                     .map(|j| (j << 20, (j << 20) + 4096))
                     .collect(),
+                attrs: crate::track::Attrs::default(),
             };
             report.entries.push(e.clone());
             part.entries.push(e);
@@ -1166,7 +1168,12 @@ mod tests {
             let (k, _) = keys();
             let entries: Vec<ReportEntry> = entries
                 .into_iter()
-                .map(|(path, dirty)| ReportEntry { path, kind: EntryKind::File, dirty })
+                .map(|(path, dirty)| ReportEntry {
+                    path,
+                    kind: EntryKind::File,
+                    dirty,
+                    attrs: crate::track::Attrs::default(),
+                })
                 .collect();
             let mut w = FrameWriter::new(Vec::new(), k);
             for chunk in entries.chunks(split) {

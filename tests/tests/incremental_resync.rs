@@ -61,6 +61,8 @@ struct Setup {
     port: u16,
     a: Dirs,
     b: Dirs,
+    /// The hard (and soft) RLIMIT_NOFILE both processes start with, if lowered.
+    nofile: Option<u64>,
     _root: tempfile::TempDir,
 }
 
@@ -77,10 +79,33 @@ impl Setup {
             b: Dirs::new(root.path(), "b")?,
             link: HostLink::new()?,
             port: free_port()?,
+            nofile: None,
             bin,
             key,
             _root: root,
         })
+    }
+
+    /// Starts `c` with the open-file limit lowered to `self.nofile` (vmha-fs raises
+    /// its soft limit to the hard one, so the hard one is what counts).
+    fn limit(&self, c: &mut Command) {
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else
+            // between fork and exec.
+            unsafe {
+                c.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
     }
 
     fn peer(&self) -> SocketAddr {
@@ -105,6 +130,7 @@ impl Setup {
             .arg("--key-file")
             .arg(&self.key)
             .args(extra);
+        self.limit(&mut c);
         let mut child = Child::spawn("secondary", c)?;
         child.wait_ready(READY_TIMEOUT)?;
         Ok(child)
@@ -126,6 +152,7 @@ impl Setup {
             .arg("--key-file")
             .arg(&self.key)
             .args(extra);
+        self.limit(&mut c);
         let mut child = Child::spawn("primary", c)?;
         child.wait_ready(READY_TIMEOUT)?;
         Ok(child)
@@ -883,3 +910,127 @@ fn an_interrupted_resync_resumes_and_keeps_its_rate_limit() -> Result<()> {
 
 /// vmha-fs clears synced marks every 64 MiB of a resync.
 const RESUME_STEP_BYTES: u64 = 64 << 20;
+
+/// Files both nodes share in the descriptor-limit test: above the open-file limit
+/// both processes get ([`SHARED_NOFILE`]).
+const SHARED: usize = 30_000;
+const SHARED_NOFILE: u64 = 4096;
+
+fn shared_path(i: usize) -> String {
+    format!("tree/d{:02}/f{i:05}", i / 1000)
+}
+
+fn shared_content(i: usize, round: u32) -> Vec<u8> {
+    format!("file {i} round {round}\n").repeat(8).into_bytes()
+}
+
+/// Reintegration holds descriptors for what it acts on, not one per shared file
+/// (issue 8): 30,000 files both nodes have, both processes limited to 4,096 open
+/// files, a peer loss with 1 % of the files changed and a few created and removed
+/// alone. Both resyncs (first all clean, then the changes) go by the records — no
+/// wipe, no full compare, no EMFILE — and the trees end identical.
+#[test]
+fn reintegration_of_a_tree_larger_than_the_descriptor_limit() -> Result<()> {
+    let started = Instant::now();
+    let mut s = Setup::new()?;
+    s.nofile = Some(SHARED_NOFILE);
+    // A first join of the empty trees: both records valid and clean.
+    let mut b = s.secondary(&s.b)?;
+    let mut a = s.primary_alone(&s.a, &[])?;
+    attach_and_wait(&a, &s.a.state)?;
+    stop(&mut a)?;
+    stop(&mut b)?;
+    // The same files appear on both (as if both had been synced): nothing to send.
+    for data in [&s.a.data, &s.b.data] {
+        for d in 0..SHARED.div_ceil(1000) {
+            std::fs::create_dir_all(data.join(format!("tree/d{d:02}")))?;
+        }
+        for i in 0..SHARED {
+            std::fs::write(data.join(shared_path(i)), shared_content(i, 0))?;
+        }
+    }
+    eprintln!("{SHARED} files on both nodes: {:?}", started.elapsed());
+
+    let mut b = s.secondary(&s.b)?;
+    let mut a = s.primary_alone(&s.a, &[])?;
+    let at = Instant::now();
+    let status = attach_and_wait(&a, &s.a.state)?;
+    eprintln!("clean resync: {:?}, {status:?}", at.elapsed());
+    assert_eq!(status.total_bytes, 0, "clean files were copied: {status:?}");
+
+    // node2 goes down; node1 changes 1 % of the files, creates and removes a few.
+    b.kill()?;
+    lazy_unmount_all(&s.b.data)?;
+    signal(a.pid(), libc::SIGUSR1)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let m = &s.a.mnt;
+    let mut changed = 0u64;
+    let mut files = 0u64;
+    for i in (0..SHARED).step_by(100) {
+        files += 1;
+        let content = shared_content(i, 1);
+        changed += content.len() as u64;
+        std::fs::write(m.join(shared_path(i)), content)?;
+    }
+    for i in 0..10 {
+        std::fs::remove_file(m.join(shared_path(i * 1000 + 7)))?;
+        let content = format!("new file {i}\n").into_bytes();
+        changed += content.len() as u64;
+        files += 1;
+        std::fs::write(m.join(format!("tree/d{:02}/new{i}", i)), content)?;
+    }
+    std::fs::create_dir(m.join("tree/newdir"))?;
+    std::fs::write(m.join("tree/newdir/x"), b"in a new directory\n")?;
+    changed += 19;
+    files += 1;
+
+    // node2 is back: only the changes travel.
+    let mut b = s.secondary(&s.b)?;
+    let at = Instant::now();
+    let status = attach_and_wait(&a, &s.a.state)?;
+    let resync = at.elapsed();
+    eprintln!("resync after the loss: {resync:?}, {status:?}; changed {changed} bytes");
+    std::fs::write(m.join("tree/after"), b"replicated")?;
+    stop(&mut a)?;
+    stop(&mut b)?;
+    for (who, log) in [("node1", a.stderr_text()), ("node2", b.stderr_text())] {
+        for bad in [
+            "Too many open files",
+            "EMFILE",
+            "emptying the replicated directory",
+            "comparing everything",
+        ] {
+            assert!(!log.contains(bad), "{who}'s log says {bad:?}");
+        }
+    }
+    // The records count whole 4 KiB blocks; comparing everything would be
+    // 30,000 files' bytes (over 5 MB).
+    assert!(
+        status.total_bytes <= 2 * files * 4096,
+        "not by the records: {status:?} for {files} changed files ({changed} bytes)"
+    );
+    // Ids (descriptors) were taken for what changed, not for the shared files.
+    let bound: Vec<u64> = a
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("namespace reconciled"))
+        .filter_map(|l| {
+            l.split("bound=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    eprintln!("entries bound by each reconcile: {bound:?}");
+    assert_eq!(bound.len(), 2, "two reconciles expected: {bound:?}");
+    assert!(
+        bound.iter().all(|&n| n < 2000),
+        "the reconcile bound a shared file each: {bound:?}"
+    );
+    assert_same_tree(&s.a.data, &s.b.data)?;
+    assert_eq!(std::fs::read(s.b.data.join("tree/after"))?, b"replicated");
+    eprintln!("test took {:?}", started.elapsed());
+    Ok(())
+}
