@@ -278,16 +278,17 @@ fn hostile_clients_change_nothing_outside_and_the_primary_keeps_working() -> Res
     Ok(())
 }
 
-/// A receiver that holds the key but answers with error numbers no kernel has
-/// (peer-provided numbers are checked before use): the primary drops the link
-/// and fails the write after the lock timeout, logged, never a panic.
-#[test]
-fn a_receiver_answering_an_invalid_errno_is_dropped_not_a_panic() -> Result<()> {
-    let mut pair = Pair::prepare(PairOptions::default())?;
+/// A receiver of the pair's port that holds the key, accepts the primary's claim
+/// and then lets `serve` answer its frames (in a thread: join it after the pair
+/// is gone).
+fn fake_receiver(
+    pair: &Pair,
+    serve: impl FnOnce(FrameReader<TcpStream>, FrameWriter<TcpStream>) -> Result<()> + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<()>>> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", pair.port()))?;
     let key = ClusterKey::load(pair.key_file())?;
-    let bind = binding(&pair)?;
-    let fake = std::thread::spawn(move || -> Result<()> {
+    let bind = binding(pair)?;
+    Ok(std::thread::spawn(move || -> Result<()> {
         let (mut stream, _) = listener.accept()?;
         let keys = wire::server_handshake(&mut stream, &key, &bind)?;
         let mut reader = FrameReader::new(stream.try_clone()?, keys.recv);
@@ -298,7 +299,18 @@ fn a_receiver_answering_an_invalid_errno_is_dropped_not_a_panic() -> Result<()> 
         }
         writer.send(&Message::Welcome { report: false })?;
         writer.flush()?;
-        // Every operation "failed" with an error number outside 1..4095.
+        serve(reader, writer)
+    }))
+}
+
+/// A receiver that holds the key but answers with error numbers no kernel has
+/// (peer-provided numbers are checked before use): the primary drops the link
+/// and fails the write after the lock timeout, logged, never a panic.
+#[test]
+fn a_receiver_answering_an_invalid_errno_is_dropped_not_a_panic() -> Result<()> {
+    let mut pair = Pair::prepare(PairOptions::default())?;
+    // Every operation "failed" with an error number outside 1..4095.
+    let fake = fake_receiver(&pair, |mut reader, mut writer| {
         while let Ok(msg) = reader.recv() {
             if let Message::Op { seq, .. } = msg {
                 writer.send(&Message::Acks(vec![wire::Ack { seq, errno: 99_999 }]))?;
@@ -306,7 +318,7 @@ fn a_receiver_answering_an_invalid_errno_is_dropped_not_a_panic() -> Result<()> 
             }
         }
         Ok(())
-    });
+    })?;
     pair.start_primary()?;
     let created = std::fs::write(pair.mount().join("f"), b"data");
     let err = created.expect_err("a create acknowledged with an invalid errno succeeded");
@@ -334,20 +346,7 @@ fn a_receivers_pings_keep_a_long_operation_alive_and_acknowledge_nothing() -> Re
     let opts = PairOptions::default();
     let hold = Duration::from_millis(opts.lock_timeout_ms * 3);
     let mut pair = Pair::prepare(opts)?;
-    let listener = std::net::TcpListener::bind(("127.0.0.1", pair.port()))?;
-    let key = ClusterKey::load(pair.key_file())?;
-    let bind = binding(&pair)?;
-    let fake = std::thread::spawn(move || -> Result<()> {
-        let (mut stream, _) = listener.accept()?;
-        let keys = wire::server_handshake(&mut stream, &key, &bind)?;
-        let mut reader = FrameReader::new(stream.try_clone()?, keys.recv);
-        let mut writer = FrameWriter::new(stream, keys.send);
-        match reader.recv()? {
-            Message::Claim { .. } => {}
-            other => bail!("expected Claim, got {other:?}"),
-        }
-        writer.send(&Message::Welcome { report: false })?;
-        writer.flush()?;
+    let fake = fake_receiver(&pair, move |mut reader, mut writer| {
         let mut held = false;
         while let Ok(msg) = reader.recv() {
             let Message::Op { seq, op } = msg else {
@@ -367,7 +366,7 @@ fn a_receivers_pings_keep_a_long_operation_alive_and_acknowledge_nothing() -> Re
             writer.flush()?;
         }
         Ok(())
-    });
+    })?;
     pair.start_primary()?;
     let began = Instant::now();
     let written = (|| -> std::io::Result<()> {
