@@ -40,6 +40,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{keygen, READY_TIMEOUT};
 use vmha_test_infra::{lazy_unmount_all, vmha_fs_bin, Child};
@@ -303,20 +304,18 @@ impl Bench {
     }
 
     /// SIGUSR2 and wait for `in_sync`; returns sync.json and the time it took.
-    fn attach_and_wait(&mut self) -> Result<(serde_json::Value, Duration)> {
-        let file = self.a.state.join("sync.json");
-        let _ = std::fs::remove_file(&file);
+    fn attach_and_wait(&mut self) -> Result<(SyncStatus, Duration)> {
+        let _ = std::fs::remove_file(self.a.state.join(SyncStatus::FILE));
         let start = Instant::now();
         self.writer()?.send_signal(libc::SIGUSR2)?;
         let deadline = start + Duration::from_secs(1800);
         loop {
-            if let Ok(text) = std::fs::read_to_string(&file) {
-                if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
-                    match s["state"].as_str() {
-                        Some("in_sync") => return Ok((s, start.elapsed())),
-                        Some("alone") => bail!("the resync failed: {s}"),
-                        _ => {}
-                    }
+            // Read through vmha-fs's own type (the state-directory contract).
+            if let Ok(Some(s)) = SyncStatus::read_from(&self.a.state) {
+                match s.state {
+                    SyncPhase::InSync => return Ok((s, start.elapsed())),
+                    SyncPhase::Alone => bail!("the resync failed: {s:?}"),
+                    _ => {}
                 }
             }
             if Instant::now() > deadline {
@@ -756,7 +755,7 @@ fn run(args: &Args) -> Result<bool> {
     log("full copy (first attach)");
     let ((status, _), full_copy) = b.measure(|b| b.attach_and_wait())?;
     log(format!(
-        "full copy: {:.1} s, {} MiB on the link; sync.json {status}",
+        "full copy: {:.1} s, {} MiB on the link; sync.json {status:?}",
         full_copy.seconds,
         full_copy.tx_bytes / MIB
     ));
@@ -773,7 +772,7 @@ fn run(args: &Args) -> Result<bool> {
         let changed_bytes = chunks * CHUNK;
         b.start_receiver()?;
         let ((status, _), vmha) = b.measure(|b| b.attach_and_wait())?;
-        let vmha_planned_bytes = status["total_bytes"].as_u64().unwrap_or(0);
+        let vmha_planned_bytes = status.total_bytes;
         log(format!(
             "vmha resync of {} MiB: {:.2} s, {} MiB on the link",
             changed_bytes / MIB,
