@@ -270,6 +270,8 @@ impl SaveAside {
         Ok(aside)
     }
 
+    /// Where this save goes (the tests read it back).
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -1,26 +1,33 @@
 //! vmha-fs: a FUSE filesystem that replicates every mutation of a directory
 //! synchronously to a peer node before acknowledging it.
+//!
+//! Public: what the binary, vmhad, the tests and the benchmarks use — the two
+//! roles ([`primary::run`], [`secondary::run`]), the wire protocol and the
+//! operation type (for protocol tests), the typed state-directory contract
+//! ([`status`], [`atomic`], [`refusal`]), keys, mounts, tracking records. The
+//! machinery behind them (link, receiver, resync, apply, save-aside, ...) is
+//! crate-private.
 
-pub mod apply;
-pub mod aside;
+pub(crate) mod apply;
+pub(crate) mod aside;
 pub mod atomic;
 pub mod buffer;
-pub mod compare;
+pub(crate) mod compare;
 mod fdio;
-pub mod inodes;
+pub(crate) mod inodes;
 pub mod key;
-pub mod link;
+pub(crate) mod link;
 pub mod mounts;
 pub mod op;
-pub mod preauth;
+pub(crate) mod preauth;
 pub mod primary;
 pub mod ratelog;
-pub mod receiver;
+pub(crate) mod receiver;
 pub mod refusal;
-pub mod resync;
+pub(crate) mod resync;
 pub mod runtime;
 pub mod secondary;
-pub mod statedir;
+pub(crate) mod statedir;
 pub mod status;
 pub mod track;
 pub mod wire;

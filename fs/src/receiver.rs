@@ -256,12 +256,6 @@ impl ReceiverServer {
         self.listener.local_addr()
     }
 
-    /// Bounds of the unauthenticated connections (see `preauth`).
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
     /// Serves connections until `stop` becomes true.
     pub fn serve(&self, stop: &AtomicBool) -> std::io::Result<()> {
         preauth::serve(
