@@ -520,10 +520,6 @@ pub fn apply(table: &dyn NodeTable, op: &Op) -> Result<Applied, Errno> {
             let fd = xattr_target(table, *id)?;
             rustix::fs::removexattr(proc_path(fd.as_fd()), name.as_os_str())?;
         }
-        // Whole-directory operations of a full sync: the receiver's own business.
-        Op::Wipe | Op::SyncAll | Op::Remove { .. } | Op::InSync | Op::Compare { .. } => {
-            return Err(Errno::INVAL)
-        }
         Op::Fsync { id, datasync } => {
             let fd = table.data_fd(*id)?;
             if *datasync {

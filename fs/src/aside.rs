@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FileType, OFlags, SeekFrom};
 
 use crate::apply::{self, Errno};
-use crate::op::{Name, NodeId, Op};
+use crate::op::{Control, Name, NodeId, Op, Request};
 
 const BLOCK: u64 = 4096;
 /// Largest piece one copy call moves (and the fallback buffer's size).
@@ -288,72 +288,78 @@ impl SaveAside {
         None
     }
 
-    /// Saves what `op` is about to destroy. `path_fd` looks up nodes.
+    /// Saves what `request` is about to destroy (a mutation, or a sync's `Remove` or
+    /// `Wipe`). `path_fd` looks up nodes.
     pub fn before(
         &mut self,
-        op: &Op,
+        request: &Request,
         path_fd: &dyn Fn(NodeId) -> Result<std::sync::Arc<OwnedFd>, Errno>,
     ) -> Result<(), Errno> {
-        let outcome = match op {
-            Op::Write { id, offset, data } => {
-                self.save_range(path_fd(*id)?.as_fd(), *offset, data.len() as u64)
-            }
-            Op::CopyRange {
-                dst,
-                dst_offset,
-                len,
-                ..
-            } => self.save_range(path_fd(*dst)?.as_fd(), *dst_offset, *len),
-            Op::Fallocate {
-                id,
-                mode,
-                offset,
-                len,
-            } => {
-                let destroys = (libc::FALLOC_FL_PUNCH_HOLE
-                    | libc::FALLOC_FL_ZERO_RANGE
-                    | libc::FALLOC_FL_COLLAPSE_RANGE
-                    | libc::FALLOC_FL_INSERT_RANGE) as u32;
-                if mode & destroys == 0 {
-                    return Ok(());
-                }
-                let fd = path_fd(*id)?;
-                // Collapse/insert shift the rest of the file: save all of it.
-                let shifts = (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) as u32;
-                let len = if mode & shifts != 0 {
-                    u64::MAX - offset
-                } else {
-                    *len
-                };
-                self.save_range(fd.as_fd(), *offset, len)
-            }
-            Op::Truncate { id, size } => {
-                let fd = path_fd(*id)?;
-                self.save_range(fd.as_fd(), *size, u64::MAX - size)
-            }
-            Op::Remove { parent, name } | Op::Unlink { parent, name } => {
+        let outcome = match request {
+            Request::Control(Control::Remove { parent, name }) => {
                 self.save_removed(path_fd(*parent)?.as_fd(), name)
             }
-            Op::Rename {
-                parent,
-                name,
-                new_parent,
-                new_name,
-                flags,
-            } => {
-                // Exchange keeps both entries; no-replace fails rather than replace.
-                if flags & (libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 {
-                    return Ok(());
+            Request::Control(Control::Wipe) => self.save_tree(path_fd(crate::op::ROOT)?.as_fd()),
+            Request::Control(_) => return Ok(()),
+            Request::Op(op) => match op {
+                Op::Write { id, offset, data } => {
+                    self.save_range(path_fd(*id)?.as_fd(), *offset, data.len() as u64)
                 }
-                self.save_replaced(
-                    path_fd(*parent)?.as_fd(),
+                Op::CopyRange {
+                    dst,
+                    dst_offset,
+                    len,
+                    ..
+                } => self.save_range(path_fd(*dst)?.as_fd(), *dst_offset, *len),
+                Op::Fallocate {
+                    id,
+                    mode,
+                    offset,
+                    len,
+                } => {
+                    let destroys = (libc::FALLOC_FL_PUNCH_HOLE
+                        | libc::FALLOC_FL_ZERO_RANGE
+                        | libc::FALLOC_FL_COLLAPSE_RANGE
+                        | libc::FALLOC_FL_INSERT_RANGE) as u32;
+                    if mode & destroys == 0 {
+                        return Ok(());
+                    }
+                    let fd = path_fd(*id)?;
+                    // Collapse/insert shift the rest of the file: save all of it.
+                    let shifts =
+                        (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) as u32;
+                    let len = if mode & shifts != 0 {
+                        u64::MAX - offset
+                    } else {
+                        *len
+                    };
+                    self.save_range(fd.as_fd(), *offset, len)
+                }
+                Op::Truncate { id, size } => {
+                    let fd = path_fd(*id)?;
+                    self.save_range(fd.as_fd(), *size, u64::MAX - size)
+                }
+                Op::Unlink { parent, name } => self.save_removed(path_fd(*parent)?.as_fd(), name),
+                Op::Rename {
+                    parent,
                     name,
-                    path_fd(*new_parent)?.as_fd(),
+                    new_parent,
                     new_name,
-                )
-            }
-            Op::Wipe => self.save_tree(path_fd(crate::op::ROOT)?.as_fd()),
-            _ => return Ok(()),
+                    flags,
+                } => {
+                    // Exchange keeps both entries; no-replace fails rather than replace.
+                    if flags & (libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 {
+                        return Ok(());
+                    }
+                    self.save_replaced(
+                        path_fd(*parent)?.as_fd(),
+                        name,
+                        path_fd(*new_parent)?.as_fd(),
+                        new_name,
+                    )
+                }
+                _ => return Ok(()),
+            },
         };
         outcome.map_err(|e| {
             tracing::error!("{e}");
@@ -648,18 +654,19 @@ mod tests {
             offset,
             data: crate::buffer::Payload::Aligned(Arc::new(crate::buffer::AlignedBuf::zeroed(len))),
         };
-        aside.before(&write(100, 50), &lookup).unwrap();
+        aside.before(&write(100, 50).into(), &lookup).unwrap();
         // The same block again: already saved.
-        aside.before(&write(200, 50), &lookup).unwrap();
+        aside.before(&write(200, 50).into(), &lookup).unwrap();
         aside
-            .before(&Op::Truncate { id: 2, size: 8192 }, &lookup)
+            .before(&Op::Truncate { id: 2, size: 8192 }.into(), &lookup)
             .unwrap();
         aside
             .before(
-                &Op::Remove {
+                &Control::Remove {
                     parent: 1,
                     name: Name::new(&b"sub"[..]).unwrap(),
-                },
+                }
+                .into(),
                 &lookup,
             )
             .unwrap();
@@ -713,10 +720,10 @@ mod tests {
             )
             .unwrap()
         }
-        fn before(&self, aside: &mut SaveAside, op: &Op) {
+        fn before(&self, aside: &mut SaveAside, op: impl Into<Request>) {
             let ids = &self.ids;
             aside
-                .before(op, &|id| ids.get(&id).cloned().ok_or(Errno::STALE))
+                .before(&op.into(), &|id| ids.get(&id).cloned().ok_or(Errno::STALE))
                 .unwrap();
         }
     }
@@ -765,12 +772,12 @@ mod tests {
             new_name: name("victim"),
             flags,
         };
-        fx.before(&mut aside, &rename(libc::RENAME_EXCHANGE));
+        fx.before(&mut aside, rename(libc::RENAME_EXCHANGE));
         assert!(
             !aside.dir().join("removed/d/victim").exists(),
             "exchange destroys nothing"
         );
-        fx.before(&mut aside, &rename(0));
+        fx.before(&mut aside, rename(0));
         assert_eq!(
             std::fs::read(aside.dir().join("removed/d/victim")).unwrap(),
             b"old victim"
@@ -779,7 +786,7 @@ mod tests {
         std::fs::hard_link(fx.data().join("d/src"), fx.data().join("d/alias")).unwrap();
         fx.before(
             &mut aside,
-            &Op::Rename {
+            Op::Rename {
                 parent: 2,
                 name: name("src"),
                 new_parent: 2,
@@ -791,7 +798,7 @@ mod tests {
         // A copy into existing data.
         fx.before(
             &mut aside,
-            &Op::CopyRange {
+            Op::CopyRange {
                 src: 4,
                 src_offset: 0,
                 dst: 3,
@@ -804,7 +811,7 @@ mod tests {
             vec![("target".into(), 4096, vec![7u8; 4096])]
         );
         // A full sync empties everything: all of it is saved, symlinks as symlinks.
-        fx.before(&mut aside, &Op::Wipe);
+        fx.before(&mut aside, Control::Wipe);
         let removed = aside.dir().join("removed");
         assert_eq!(std::fs::read(removed.join("d/e/deep")).unwrap(), b"deep");
         assert_eq!(
@@ -835,10 +842,10 @@ mod tests {
         std::fs::write(fx.data().join("disk"), vec![1u8; 8192]).unwrap();
         fx.bind(2, "disk");
         let mut aside = fx.aside();
-        fx.before(&mut aside, &Op::Truncate { id: 2, size: 0 });
+        fx.before(&mut aside, Op::Truncate { id: 2, size: 0 });
         fx.before(
             &mut aside,
-            &Op::Remove {
+            Control::Remove {
                 parent: 1,
                 name: name("a"),
             },
@@ -886,7 +893,7 @@ mod tests {
         // Punch all of it: 8 GiB would not fit a buffer; the holes stay holes.
         fx.before(
             &mut aside,
-            &Op::Fallocate {
+            Op::Fallocate {
                 id: 2,
                 mode: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
                 offset: 0,
@@ -909,7 +916,7 @@ mod tests {
             aside.saved[&f.metadata().unwrap().ino()],
             vec![(0, 8 * GIB)]
         );
-        fx.before(&mut aside, &Op::Truncate { id: 2, size: 0 });
+        fx.before(&mut aside, Op::Truncate { id: 2, size: 0 });
         assert_eq!(
             std::fs::read_to_string(aside.dir().join("manifest.tsv"))
                 .unwrap()

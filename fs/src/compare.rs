@@ -9,7 +9,7 @@ use crate::apply::Errno;
 
 /// Block size of a compare.
 pub const BLOCK: u32 = 64 << 10;
-/// Blocks per `Op::Compare` (its hashes fit a frame header comfortably).
+/// Blocks per `Control::Compare` (its hashes fit a frame header comfortably).
 pub const MAX_BLOCKS: usize = 2048;
 
 /// Hashes `count` blocks of `block` bytes from `offset`: the bytes present (short at
@@ -34,7 +34,7 @@ pub fn hash_blocks(
     Ok(out)
 }
 
-/// The receiver's side of `Op::Compare`: which of `theirs` differ from our blocks.
+/// The receiver's side of `Control::Compare`: which of `theirs` differ from our blocks.
 pub fn differing(
     fd: BorrowedFd<'_>,
     offset: u64,

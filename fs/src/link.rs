@@ -24,7 +24,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::apply::Errno;
 use crate::key::ClusterKey;
-use crate::op::Op;
+use crate::op::{Control, Op, Request};
 use crate::track::{Report, Tracker};
 use crate::wire::{self, FrameReader, FrameWriter, Message, WireError};
 
@@ -487,7 +487,8 @@ impl PeerLink {
     /// Queues `op` for the peer; `completion` receives the peer's outcome. Waits while
     /// the link is lost or too much data is in flight; fails with EIO once the link
     /// has failed, before anything is applied.
-    pub fn submit(&self, op: Op, completion: Completion) -> Result<(), Errno> {
+    pub fn submit(&self, op: impl Into<Request>, completion: Completion) -> Result<(), Errno> {
+        let op = op.into();
         let bytes = op.data_len();
         let mut shared = self.wait_until(|s| {
             let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
@@ -506,7 +507,12 @@ impl PeerLink {
 
     /// Queues an operation of the sync itself, in any state that sends; EIO once the
     /// peer is gone again (the sync is over).
-    pub fn enqueue_sync(&self, op: Op, completion: Completion) -> Result<(), Errno> {
+    pub fn enqueue_sync(
+        &self,
+        op: impl Into<Request>,
+        completion: Completion,
+    ) -> Result<(), Errno> {
+        let op = op.into();
         let bytes = op.data_len();
         let mut shared = self.wait_until(|s| {
             let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
@@ -521,9 +527,9 @@ impl PeerLink {
         Ok(())
     }
 
-    /// Queues an operation whose answer is a list of block indexes (`Op::Compare`),
-    /// in any state that sends; wait for the answer with [`Query::wait`].
-    pub fn query(&self, op: Op) -> Result<Query, Errno> {
+    /// Queues a `Control::Compare`, whose answer is a list of block indexes, in any
+    /// state that sends; wait for the answer with [`Query::wait`].
+    pub fn query(&self, compare: Control) -> Result<Query, Errno> {
         let mut shared = self.wait_until(|s| {
             !s.state.sends() || s.inflight_bytes == 0 || s.inflight_bytes < MAX_INFLIGHT_BYTES
         })?;
@@ -536,7 +542,7 @@ impl PeerLink {
         shared.queries.insert(seq, answer_tx);
         self.enqueue(
             &mut shared,
-            op,
+            compare.into(),
             Box::new(move |r| {
                 let _ = done_tx.send(r);
             }),
@@ -597,14 +603,14 @@ impl PeerLink {
                     link.diverged(&format!("peer failed {what}: {errno}"));
                 }
             });
-            self.enqueue(&mut shared, op, completion, 0);
+            self.enqueue(&mut shared, op.into(), completion, 0);
             drop(shared);
             self.pump();
         }
     }
 
     /// Submits `op` and waits for the peer's outcome.
-    pub fn submit_wait(&self, op: Op) -> Result<(), Errno> {
+    pub fn submit_wait(&self, op: impl Into<Request>) -> Result<(), Errno> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.submit(
             op,
@@ -615,7 +621,7 @@ impl PeerLink {
         rx.recv().unwrap_or(Err(Errno::IO))
     }
 
-    fn enqueue(&self, shared: &mut Shared, op: Op, completion: Completion, bytes: usize) {
+    fn enqueue(&self, shared: &mut Shared, request: Request, completion: Completion, bytes: usize) {
         let seq = shared.next_seq;
         shared.next_seq += 1;
         if !shared.busy() {
@@ -624,7 +630,10 @@ impl PeerLink {
         shared.pending.insert(seq, Pending { completion, bytes });
         shared.inflight_bytes += bytes;
         // Queued while holding the lock: outbox order is sequence order.
-        shared.outbox.push(Message::Op { seq, op });
+        shared.outbox.push(match request {
+            Request::Op(op) => Message::Op { seq, op },
+            Request::Control(control) => Message::Control { seq, control },
+        });
     }
 
     /// Writes out the outbox unless another thread is already doing so (it will pick

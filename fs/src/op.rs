@@ -1,6 +1,12 @@
 //! The replicated operation: one type that says everything needed to replay a mutation.
 //! The primary applies an `Op` to its directory and ships the same value; the receiver
 //! applies it with the same function (`apply`).
+//!
+//! A sync also sends the receiver instructions that are not mutations the primary
+//! made (`Control`: empty the directory, remove a stale entry, compare blocks, ...).
+//! They travel in the same ordered stream, sharing its sequence numbers and acks, but
+//! are a separate type so that `Op` is exactly "a replicated mutation" and `apply`
+//! never sees one. A `Request` is either, as queued on the link.
 
 use serde::{Deserialize, Serialize};
 
@@ -285,30 +291,6 @@ pub enum Op {
         id: NodeId,
         datasync: bool,
     },
-    /// Full sync, receiver only: empty the directory (its content is outdated and
-    /// about to be recreated) and forget every id but the root.
-    Wipe,
-    /// Receiver only: sync the whole filesystem; acknowledged once every earlier
-    /// operation is applied and durable (end of a sync, activity-log checkpoints).
-    SyncAll,
-    /// Receiver only, changes nothing: hash `block`-byte blocks of `id` from
-    /// `offset` (blake3; short at the end of the file, empty past it) and answer
-    /// (`Message::Differ`) which differ from `hashes`.
-    Compare {
-        id: NodeId,
-        offset: u64,
-        block: u32,
-        hashes: Vec<[u8; 32]>,
-    },
-    /// Resync, receiver only: remove `parent/name`, and everything beneath it if it
-    /// is a directory (the writer has nothing there, or something of another kind).
-    Remove {
-        parent: NodeId,
-        name: Name,
-    },
-    /// Resync, receiver only: both copies are identical now (sent after an
-    /// acknowledged `SyncAll`); the receiver's own records start afresh.
-    InSync,
 }
 
 impl Op {
@@ -328,6 +310,72 @@ impl Op {
         match self {
             Op::Write { data, .. } => data.len(),
             _ => 0,
+        }
+    }
+}
+
+/// An instruction of the sync to the receiver: not a mutation the primary made, but
+/// part of the same ordered stream (same sequence numbers and acks as `Op`s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Control {
+    /// Full sync: empty the directory (its content is outdated and about to be
+    /// recreated) and forget every id but the root.
+    Wipe,
+    /// Sync the whole filesystem; acknowledged once every earlier operation is
+    /// applied and durable (end of a sync, activity-log checkpoints).
+    SyncAll,
+    /// Changes nothing: hash `block`-byte blocks of `id` from `offset` (blake3; short
+    /// at the end of the file, empty past it) and answer (`Message::Differ`) which
+    /// differ from `hashes`.
+    Compare {
+        id: NodeId,
+        offset: u64,
+        block: u32,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Resync: remove `parent/name`, and everything beneath it if it is a directory
+    /// (the writer has nothing there, or something of another kind).
+    Remove { parent: NodeId, name: Name },
+    /// Resync: both copies are identical now (sent after an acknowledged `SyncAll`);
+    /// the receiver's own records start afresh.
+    InSync,
+}
+
+/// One entry of the ordered stream to the receiver: a mutation or a control.
+#[derive(Clone, PartialEq)]
+pub enum Request {
+    Op(Op),
+    Control(Control),
+}
+
+impl Request {
+    /// Bytes of file data this request carries (for flow control).
+    pub fn data_len(&self) -> usize {
+        match self {
+            Request::Op(op) => op.data_len(),
+            Request::Control(_) => 0,
+        }
+    }
+}
+
+impl From<Op> for Request {
+    fn from(op: Op) -> Self {
+        Request::Op(op)
+    }
+}
+
+impl From<Control> for Request {
+    fn from(control: Control) -> Self {
+        Request::Control(control)
+    }
+}
+
+/// Shows the inner value only (divergence reasons name the operation as before).
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Op(op) => op.fmt(f),
+            Request::Control(control) => control.fmt(f),
         }
     }
 }

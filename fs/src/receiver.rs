@@ -1,6 +1,11 @@
 //! The secondary's receiver: accepts one authenticated primary at a time and applies
 //! its ordered operation stream to the replicated directory.
 //!
+//! The stream has two kinds of entries under one sequence (and one ack stream):
+//! replicated mutations (`Message::Op`), replayed with `apply` exactly as the primary
+//! applied them, and a sync's instructions to this side (`Message::Control`: wipe,
+//! remove, compare blocks, sync all, in sync), which only the receiver carries out.
+//!
 //! Connections are accepted and authenticated by one thread (`preauth`): a bounded
 //! number at a time, each with one total handshake deadline, rejections logged at
 //! most once per second per kind. Only an authenticated primary gets a thread (and
@@ -38,7 +43,7 @@ use crate::apply::{self, Applied, Errno, NodeTable};
 use crate::aside::SaveAside;
 use crate::compare;
 use crate::key::ClusterKey;
-use crate::op::{NodeId, Op, ROOT};
+use crate::op::{Control, NodeId, Op, Request, ROOT};
 use crate::preauth::{self, Limits};
 use crate::refusal::Refusal;
 use crate::track::Tracker;
@@ -602,8 +607,9 @@ fn run_session(
             }
             Err(e) => break Err(e),
         };
-        let (seq, op) = match msg {
-            Message::Op { seq, op } => (seq, op),
+        let (seq, request) = match msg {
+            Message::Op { seq, op } => (seq, Request::Op(op)),
+            Message::Control { seq, control } => (seq, Request::Control(control)),
             Message::Ping => continue,
             other => {
                 break Err(WireError::Malformed(format!(
@@ -619,35 +625,39 @@ fn run_session(
         expected += 1;
         // Long by nature (see the module docs): the writer hears of it meanwhile.
         let mut busy = Busy(None);
-        if matches!(op, Op::Remove { .. } | Op::Wipe | Op::SyncAll | Op::InSync) {
+        if matches!(
+            request,
+            Request::Control(
+                Control::Remove { .. } | Control::Wipe | Control::SyncAll | Control::InSync
+            )
+        ) {
             busy = keepalive.busy();
         }
         let saved = match &aside_policy {
             Some(policy) if !policy.done.load(Ordering::SeqCst) => {
-                match &op {
-                    Op::Create { node, .. } => {
+                match &request {
+                    Request::Op(Op::Create { node, .. }) => {
                         created.insert(node.id);
                     }
-                    Op::Forget { id } => {
+                    Request::Op(Op::Forget { id }) => {
                         created.remove(id);
                     }
                     _ => {}
                 }
-                if destroys_data(&op) && !targets_created(&op, &created) {
+                if destroys_data(&request) && !targets_created(&request, &created) {
                     if busy.0.is_none() {
                         busy = keepalive.busy();
                     }
-                    save_before(&mut aside, policy, &table, &op)
+                    save_before(&mut aside, policy, &table, &request)
                 } else {
                     Ok(())
                 }
             }
             _ => Ok(()),
         };
-        let outcome = if let Err(e) = saved {
-            Err(e)
-        } else if let Op::Fsync { id, datasync } = op {
-            match table.data_fd(id) {
+        let outcome = match (saved, request) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Request::Op(Op::Fsync { id, datasync })) => match table.data_fd(id) {
                 // More input waiting: sync off the apply path so later operations
                 // need not wait for the disk.
                 Ok(fd) if reader.buffered() > 0 => {
@@ -656,75 +666,83 @@ fn run_session(
                 }
                 Ok(fd) => sync(&fd, datasync),
                 Err(errno) => Err(errno),
-            }
-        } else if matches!(op, Op::Wipe) {
-            tracing::warn!("full sync: emptying the replicated directory");
-            // Records of a copy being replaced wholesale say nothing any more.
-            match tracker.as_ref().map(|t| t.invalidate()).transpose() {
-                Ok(_) => table.wipe(),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    Err(Errno::IO)
-                }
-            }
-        } else if matches!(op, Op::InSync) {
-            tracing::info!("resync finished: this copy is identical to the writer's");
-            if let Some(policy) = &aside_policy {
-                // The split brain is resolved: later changes are ordinary replication.
-                policy.done.store(true, Ordering::SeqCst);
-                if let Some(dir) = aside.take().and_then(SaveAside::finish) {
-                    tracing::warn!(dir = %dir.display(), "this node's diverged data is saved there");
-                }
-            }
-            match tracker.as_ref().map(|t| t.clear_all()).transpose() {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    Err(Errno::IO)
-                }
-            }
-        } else if let Op::Remove { parent, name } = &op {
-            table.remove(*parent, name)
-        } else if let Op::Compare {
-            id,
-            offset,
-            block,
-            hashes,
-        } = &op
-        {
-            let answer = table
-                .data_fd(*id)
-                .and_then(|fd| compare::differing(fd.as_fd(), *offset, *block, hashes));
-            match answer {
-                Ok(blocks) => {
-                    // The answer precedes the ack that completes the query.
-                    let mut w = writer.lock();
-                    if let Err(e) = w
-                        .send(&Message::Differ { seq, blocks })
-                        .and_then(|()| w.flush())
-                    {
-                        break Err(e);
+            },
+            (Ok(()), Request::Op(op)) => {
+                batch.bytes += op.data_len();
+                if let Op::Write { id, offset, data } = &op {
+                    if let Ok(fd) = table.data_fd(*id) {
+                        written.push((fd, *offset, data.len()));
                     }
-                    Ok(())
                 }
-                Err(e) => Err(e),
+                match (apply::apply(table.as_ref(), &op), &op) {
+                    // The primary sends the byte count it copied; anything else differs.
+                    (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => {
+                        Err(Errno::IO)
+                    }
+                    (outcome, _) => outcome.map(|_| ()),
+                }
             }
-        } else if matches!(op, Op::SyncAll) {
-            table
+            (Ok(()), Request::Control(Control::Wipe)) => {
+                tracing::warn!("full sync: emptying the replicated directory");
+                // Records of a copy being replaced wholesale say nothing any more.
+                match tracker.as_ref().map(|t| t.invalidate()).transpose() {
+                    Ok(_) => table.wipe(),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        Err(Errno::IO)
+                    }
+                }
+            }
+            (Ok(()), Request::Control(Control::InSync)) => {
+                tracing::info!("resync finished: this copy is identical to the writer's");
+                if let Some(policy) = &aside_policy {
+                    // The split brain is resolved: later changes are ordinary replication.
+                    policy.done.store(true, Ordering::SeqCst);
+                    if let Some(dir) = aside.take().and_then(SaveAside::finish) {
+                        tracing::warn!(dir = %dir.display(), "this node's diverged data is saved there");
+                    }
+                }
+                match tracker.as_ref().map(|t| t.clear_all()).transpose() {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        Err(Errno::IO)
+                    }
+                }
+            }
+            (Ok(()), Request::Control(Control::Remove { parent, name })) => {
+                table.remove(parent, &name)
+            }
+            (
+                Ok(()),
+                Request::Control(Control::Compare {
+                    id,
+                    offset,
+                    block,
+                    hashes,
+                }),
+            ) => {
+                let answer = table
+                    .data_fd(id)
+                    .and_then(|fd| compare::differing(fd.as_fd(), offset, block, &hashes));
+                match answer {
+                    Ok(blocks) => {
+                        // The answer precedes the ack that completes the query.
+                        let mut w = writer.lock();
+                        if let Err(e) = w
+                            .send(&Message::Differ { seq, blocks })
+                            .and_then(|()| w.flush())
+                        {
+                            break Err(e);
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            (Ok(()), Request::Control(Control::SyncAll)) => table
                 .data_fd(ROOT)
-                .and_then(|root| rustix::fs::syncfs(root.as_fd()))
-        } else {
-            batch.bytes += op.data_len();
-            if let Op::Write { id, offset, data } = &op {
-                if let Ok(fd) = table.data_fd(*id) {
-                    written.push((fd, *offset, data.len()));
-                }
-            }
-            match (apply::apply(table.as_ref(), &op), &op) {
-                // The primary sends the byte count it copied; anything else differs.
-                (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => Err(Errno::IO),
-                (outcome, _) => outcome.map(|_| ()),
-            }
+                .and_then(|root| rustix::fs::syncfs(root.as_fd())),
         };
         drop(busy);
         if let Err(errno) = outcome {
@@ -745,28 +763,30 @@ fn run_session(
     result
 }
 
-/// Operations that may destroy bytes this node has.
-fn destroys_data(op: &Op) -> bool {
+/// Requests that may destroy bytes this node has.
+fn destroys_data(request: &Request) -> bool {
     matches!(
-        op,
-        Op::Write { .. }
-            | Op::CopyRange { .. }
-            | Op::Fallocate { .. }
-            | Op::Truncate { .. }
-            | Op::Remove { .. }
-            | Op::Unlink { .. }
-            | Op::Rename { .. }
-            | Op::Wipe
+        request,
+        Request::Op(
+            Op::Write { .. }
+                | Op::CopyRange { .. }
+                | Op::Fallocate { .. }
+                | Op::Truncate { .. }
+                | Op::Unlink { .. }
+                | Op::Rename { .. }
+        ) | Request::Control(Control::Remove { .. } | Control::Wipe)
     )
 }
 
-/// Whether `op` changes the data of a file created in this session.
-fn targets_created(op: &Op, created: &HashSet<NodeId>) -> bool {
-    match op {
-        Op::Write { id, .. }
-        | Op::Truncate { id, .. }
-        | Op::Fallocate { id, .. }
-        | Op::CopyRange { dst: id, .. } => created.contains(id),
+/// Whether `request` changes the data of a file created in this session.
+fn targets_created(request: &Request, created: &HashSet<NodeId>) -> bool {
+    match request {
+        Request::Op(
+            Op::Write { id, .. }
+            | Op::Truncate { id, .. }
+            | Op::Fallocate { id, .. }
+            | Op::CopyRange { dst: id, .. },
+        ) => created.contains(id),
         _ => false,
     }
 }
@@ -775,7 +795,7 @@ fn save_before(
     aside: &mut Option<SaveAside>,
     policy: &AsidePolicy,
     table: &SessionTable,
-    op: &Op,
+    request: &Request,
 ) -> Result<(), Errno> {
     if aside.is_none() {
         let root = table.path_fd(ROOT)?;
@@ -788,7 +808,7 @@ fn save_before(
         }
     }
     match aside {
-        Some(a) => a.before(op, &|id| table.path_fd(id)),
+        Some(a) => a.before(request, &|id| table.path_fd(id)),
         None => Err(Errno::IO),
     }
 }

@@ -64,7 +64,9 @@ use crate::buffer::{AlignedBuf, Payload};
 use crate::compare;
 use crate::inodes::{Inodes, Node};
 use crate::link::PeerLink;
-use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, XattrValue, ROOT};
+use crate::op::{
+    Control, LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Request, XattrValue, ROOT,
+};
 use crate::track::{self, EntryKind, Report, Tracker};
 
 const CHUNK: u64 = 1 << 20;
@@ -234,7 +236,8 @@ impl Syncer {
         }
     }
 
-    fn send(&self, op: Op) -> Result<(), SyncError> {
+    fn send(&self, op: impl Into<Request>) -> Result<(), SyncError> {
+        let op = op.into();
         let failed = self.failed.clone();
         let link = self.link.clone();
         let what = format!("{op:?}");
@@ -284,7 +287,7 @@ impl Syncer {
         rustix::fs::syncfs(root.fd.as_fd()).map_err(local("sync of this copy"))?;
         // Both copies are identical now: both nodes' records start afresh (the peer's
         // first: if we stop in between, ours still say more than needed, never less).
-        self.send_wait(Op::InSync)?;
+        self.send_wait(Control::InSync)?;
         if let Err(e) = self.tracker.clear_all() {
             tracing::error!("peer in sync, but clearing the records failed: {e}");
         }
@@ -298,7 +301,7 @@ impl Syncer {
     }
 
     /// Sends an op of the sync and waits for the peer's outcome.
-    fn send_wait(&self, op: Op) -> Result<(), SyncError> {
+    fn send_wait(&self, op: impl Into<Request>) -> Result<(), SyncError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.link
             .enqueue_sync(
@@ -406,7 +409,7 @@ impl Syncer {
             };
         }
         // Barrier: acknowledged once everything before it is applied and synced.
-        self.send_wait(Op::SyncAll)?;
+        self.send_wait(Control::SyncAll)?;
         Ok(bytes)
     }
 
@@ -474,7 +477,7 @@ impl Syncer {
                     // Another name of a node already bound: a hard link.
                     let parent = self.bind_path(&mut stack, &mut walked)?;
                     if their.is_some() {
-                        self.send(Op::Remove {
+                        self.send(Control::Remove {
                             parent,
                             name: name.clone(),
                         })?;
@@ -534,7 +537,7 @@ impl Syncer {
             }
             let parent = self.bind_path(&mut stack, &mut walked)?;
             if their.is_some() {
-                self.send(Op::Remove {
+                self.send(Control::Remove {
                     parent,
                     name: name.clone(),
                 })?;
@@ -624,7 +627,7 @@ impl Syncer {
         if !extras.is_empty() {
             let parent = self.bind_path(stack, walked)?;
             for name in extras {
-                self.send(Op::Remove { parent, name })?;
+                self.send(Control::Remove { parent, name })?;
             }
         }
         Ok(())
@@ -877,7 +880,7 @@ impl Syncer {
                     )
                         .map_err(local("a file"))?;
                 self.link
-                    .query(Op::Compare {
+                    .query(Control::Compare {
                         id: node.id,
                         offset,
                         block: compare::BLOCK,
@@ -913,7 +916,7 @@ impl Syncer {
             step_bytes += r.1 - r.0;
             if step_bytes >= RESUME_STEP || i + 1 == ranges.len() {
                 sent += self.copy_ranges(node, &step)?;
-                self.send_wait(Op::SyncAll)?;
+                self.send_wait(Control::SyncAll)?;
                 // Our copy of the step must be on disk too before its marks go: after
                 // a power cut it would differ from the peer's where nothing says so.
                 apply::reopen(node.fd.as_fd(), OFlags::RDONLY)
@@ -1046,7 +1049,7 @@ impl Syncer {
 
     /// Full sync: empties the peer's directory and recreates our namespace there.
     fn copy_namespace(&self, held: &mut Vec<NodeId>) -> Result<Vec<Arc<Node>>, SyncError> {
-        self.send(Op::Wipe)?;
+        self.send(Control::Wipe)?;
         let root = self.inodes.get(ROOT).map_err(local("the root"))?;
         self.copy_attrs(&root)?;
         let mut files = Vec::new();

@@ -35,11 +35,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::Payload;
 use crate::key::ClusterKey;
-use crate::op::Op;
+use crate::op::{Control, Op};
 
 /// 3: the handshake binds the module and port; 4: the receiver's report streams
-/// in `ReportPart` frames.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// in `ReportPart` frames; 5: the sync's instructions travel as `Control`, apart
+/// from the replicated `Op`s.
+pub const PROTOCOL_VERSION: u16 = 5;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -179,9 +180,12 @@ pub enum Message {
     Refused { reason: String },
     /// The next operation of the ordered stream.
     Op { seq: u64, op: Op },
+    /// The next entry of the same ordered stream, when it is an instruction of the
+    /// sync rather than a replicated mutation (shares `seq` and acks with `Op`).
+    Control { seq: u64, control: Control },
     /// Operations the receiver finished.
     Acks(Vec<Ack>),
-    /// The receiver's answer to `Op::Compare` number `seq` (sent before its ack):
+    /// The receiver's answer to `Control::Compare` number `seq` (sent before its ack):
     /// the indexes of the blocks whose content differs.
     Differ { seq: u64, blocks: Vec<u32> },
     /// Keeps an idle session alive.
@@ -704,6 +708,7 @@ impl Message {
             Message::Welcome { .. } => "Welcome",
             Message::Refused { .. } => "Refused",
             Message::Op { .. } => "Op",
+            Message::Control { .. } => "Control",
             Message::Acks(_) => "Acks",
             Message::Differ { .. } => "Differ",
             Message::Ping => "Ping",
@@ -832,6 +837,26 @@ mod tests {
                     flags: 0,
                 },
             },
+            Message::Control {
+                seq: 5,
+                control: Control::Remove {
+                    parent: 1,
+                    name: name("stale"),
+                },
+            },
+            Message::Control {
+                seq: 6,
+                control: Control::Compare {
+                    id: 5,
+                    offset: 0,
+                    block: 65536,
+                    hashes: vec![[3u8; 32], [4u8; 32]],
+                },
+            },
+            Message::Control {
+                seq: 7,
+                control: Control::Wipe,
+            },
             Message::Acks(vec![Ack { seq: 1, errno: 0 }, Ack { seq: 2, errno: 5 }]),
             Message::Ping,
         ]
@@ -953,36 +978,90 @@ mod tests {
     #[test]
     fn authenticated_but_escaping_names_are_malformed() {
         let (k, _) = keys();
-        // Encode a Bind whose name is "../../etc/x" by hand: the validating type refuses
-        // to represent it, so build the bincode of the same shape from raw bytes.
+        // Encode a Bind or Remove whose name is "../../etc/x" by hand: the validating
+        // type refuses to represent it, so build the bincode of the same shape from raw
+        // bytes.
         #[derive(Serialize)]
         enum RawMessage {
-            _Welcome,
+            _Claim { generation: Option<String> },
+            _Welcome { report: bool },
             _Refused { reason: String },
             Op { seq: u64, op: RawOp },
+            Control { seq: u64, control: RawControl },
         }
         #[derive(Serialize)]
         enum RawOp {
             Bind { id: u64, parent: u64, name: Vec<u8> },
         }
-        for bad in [&b"../../etc/x"[..], b"..", b"/etc/passwd", b"a\0b", b""] {
-            let msg = RawMessage::Op {
+        #[derive(Serialize)]
+        enum RawControl {
+            _Wipe,
+            _SyncAll,
+            _Compare {
+                id: u64,
+                offset: u64,
+                block: u32,
+                hashes: Vec<[u8; 32]>,
+            },
+            Remove {
+                parent: u64,
+                name: Vec<u8>,
+            },
+        }
+        let frame = |msg: &RawMessage| {
+            let meta = bincode::serde::encode_to_vec(msg, bincode_config())
+                .unwrap_or_else(|_| unreachable!());
+            let mut w = FrameWriter::new(Vec::new(), k);
+            assert!(w.send_raw(&meta, &[]).is_ok());
+            FrameReader::new(Cursor::new(w.inner), k).recv()
+        };
+        // The raw shapes match the real ones: with a good name they decode.
+        for good in [
+            RawMessage::Op {
                 seq: 1,
                 op: RawOp::Bind {
                     id: 9,
                     parent: 1,
-                    name: bad.to_vec(),
+                    name: b"ok".to_vec(),
                 },
-            };
-            let meta = bincode::serde::encode_to_vec(&msg, bincode_config())
-                .unwrap_or_else(|_| unreachable!());
-            let mut w = FrameWriter::new(Vec::new(), k);
-            assert!(w.send_raw(&meta, &[]).is_ok());
-            let mut r = FrameReader::new(Cursor::new(w.inner), k);
-            assert!(
-                matches!(r.recv(), Err(WireError::Malformed(_))),
-                "{bad:?} accepted"
-            );
+            },
+            RawMessage::Control {
+                seq: 1,
+                control: RawControl::Remove {
+                    parent: 1,
+                    name: b"ok".to_vec(),
+                },
+            },
+        ] {
+            assert!(matches!(
+                frame(&good),
+                Ok(Message::Op {
+                    op: Op::Bind { .. },
+                    ..
+                } | Message::Control {
+                    control: Control::Remove { .. },
+                    ..
+                })
+            ));
+        }
+        let bad_names = [&b"../../etc/x"[..], b"..", b"/etc/passwd", b"a\0b", b""];
+        let bind = bad_names.iter().map(|bad| RawMessage::Op {
+            seq: 1,
+            op: RawOp::Bind {
+                id: 9,
+                parent: 1,
+                name: bad.to_vec(),
+            },
+        });
+        let remove = bad_names.iter().map(|bad| RawMessage::Control {
+            seq: 1,
+            control: RawControl::Remove {
+                parent: 1,
+                name: bad.to_vec(),
+            },
+        });
+        for msg in bind.chain(remove) {
+            assert!(matches!(frame(&msg), Err(WireError::Malformed(_))));
         }
     }
 
@@ -1241,7 +1320,7 @@ mod tests {
 
         /// Flipping any bit of a valid frame is detected.
         #[test]
-        fn any_bit_flip_is_detected(which in 0usize..11, bit in any::<usize>()) {
+        fn any_bit_flip_is_detected(which in 0usize..14, bit in any::<usize>()) {
             let (k, _) = keys();
             let msgs = sample_ops();
             let which = which % msgs.len();

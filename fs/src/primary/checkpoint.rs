@@ -75,7 +75,7 @@ impl Checkpointer {
                 tracing::warn!("checkpoint: local sync failed: {e}");
                 return false;
             }
-            if let Err(e) = self.link.submit_wait(crate::op::Op::SyncAll) {
+            if let Err(e) = self.link.submit_wait(crate::op::Control::SyncAll) {
                 tracing::debug!("checkpoint: the peer did not sync: {e}");
                 return false;
             }
