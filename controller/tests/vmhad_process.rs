@@ -24,6 +24,18 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
 fn config_with(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let key = dir.join("cluster.key");
     ClusterKey::generate_file(&key).unwrap();
+    write_config(dir, &key, free_port(), extra)
+}
+
+/// `base/vmha.toml`: a two-node cluster on 127.0.0.1/127.0.0.2 with one module,
+/// short timeouts, state and control socket under `base`, `extra` lines in
+/// `[cluster]`.
+fn write_config(
+    base: &std::path::Path,
+    key: &std::path::Path,
+    port: u16,
+    extra: &str,
+) -> std::path::PathBuf {
     let text = format!(
         r#"
 [cluster]
@@ -52,12 +64,10 @@ port = 7101
 lock_timeout_ms = 1000
 "#,
         key = key.display(),
-        state = dir.join("state").display(),
-        socket = dir.join("vmhad.sock").display(),
-        port = free_port(),
-        extra = extra,
+        state = base.join("state").display(),
+        socket = base.join("vmhad.sock").display(),
     );
-    let path = dir.join("vmha.toml");
+    let path = base.join("vmha.toml");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -181,39 +191,7 @@ fn pair_config(
 ) -> std::path::PathBuf {
     let base = dir.join(node);
     std::fs::create_dir_all(&base).unwrap();
-    let text = format!(
-        r#"
-[cluster]
-name = "proc"
-key_file = "{key}"
-state_dir = "{state}"
-control_socket = "{socket}"
-heartbeat_port = {port}
-heartbeat_interval_ms = 50
-failover_timeout_ms = 400
-start_wait_ms = 200
-
-[[node]]
-name = "node1"
-addresses = ["127.0.0.1"]
-
-[[node]]
-name = "node2"
-addresses = ["127.0.0.2"]
-
-[[module]]
-name = "vm1"
-replicated = ["/srv/proc/vm1"]
-port = 7101
-lock_timeout_ms = 1000
-"#,
-        key = key.display(),
-        state = base.join("state").display(),
-        socket = base.join("vmhad.sock").display(),
-    );
-    let path = base.join("vmha.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    write_config(&base, key, port, "")
 }
 
 /// A `vmhad` child, killed (by its PID) when dropped.
