@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus, VerifyPhase, VerifyStatus};
 
 use crate::proc::Child;
@@ -82,4 +82,27 @@ pub fn stop(child: &mut Child) -> Result<()> {
         bail!("{} exited {st}: {}", child.name(), child.stderr_text());
     }
     Ok(())
+}
+
+/// The primary's last `sync done` log line, colour codes removed.
+pub fn last_sync_line(primary: &Child) -> Result<String> {
+    primary
+        .stderr_lines()
+        .iter()
+        .rev()
+        .map(|l| crate::proc::strip_ansi(l))
+        .find(|l| l.contains("sync done"))
+        .ok_or_else(|| anyhow!("the primary logged no `sync done`"))
+}
+
+/// The primary's own word on the last resync: `incremental=true` or `=false`.
+pub fn last_sync_was_incremental(primary: &Child) -> Result<bool> {
+    let line = last_sync_line(primary)?;
+    if line.contains("incremental=true") {
+        Ok(true)
+    } else if line.contains("incremental=false") {
+        Ok(false)
+    } else {
+        bail!("cannot tell from {line:?}")
+    }
 }

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use vmha_fs::status::ChangedBytes;
-use vmha_test_infra::fsctl::{attach_and_wait, signal, verify};
+use vmha_test_infra::fsctl::{
+    attach_and_wait, last_sync_line, last_sync_was_incremental, signal, verify,
+};
 use vmha_test_infra::pair::READY_TIMEOUT;
-use vmha_test_infra::proc::strip_ansi;
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all, Child, Pair, PairOptions};
 
 const TIB: u64 = 1 << 40;
@@ -168,18 +169,8 @@ impl Nodes {
             bail!("verify found differences: {v:?}");
         }
         assert_same_tree(self.pair.primary_backing(), self.pair.secondary_backing())?;
-        let lines: Vec<String> = self
-            .pri
-            .stderr_lines()
-            .iter()
-            .map(|l| strip_ansi(l))
-            .collect();
-        let line = lines
-            .iter()
-            .rev()
-            .find(|l| l.contains("sync done"))
-            .ok_or_else(|| anyhow!("the primary logged no `sync done`"))?;
-        if !line.contains("incremental=true") {
+        let line = last_sync_line(&self.pri)?;
+        if !last_sync_was_incremental(&self.pri)? {
             bail!("the resync was not incremental: {line}");
         }
         line.split_whitespace()

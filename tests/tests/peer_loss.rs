@@ -124,14 +124,7 @@ fn frozen_secondary_fails_writes_within_lock_timeout() -> Result<()> {
         lock_timeout_ms: LOCK_TIMEOUT_MS,
         ..PairOptions::default()
     })?;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(pair.mount().join("f"))?;
-    f.write_all_at(b"before the freeze", 0)?;
-    f.sync_all()?;
+    let f = synced_file(&pair, b"before the freeze")?;
     pair.secondary()
         .ok_or_else(|| anyhow!("no secondary"))?
         .send_signal(libc::SIGSTOP)?;
@@ -151,6 +144,19 @@ fn frozen_secondary_fails_writes_within_lock_timeout() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `f` under the mount, holding `content`, fsynced (on both nodes).
+fn synced_file(pair: &Pair, content: &[u8]) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(pair.mount().join("f"))?;
+    f.write_all_at(content, 0)?;
+    f.sync_all()?;
+    Ok(f)
 }
 
 fn signal_secondary(pair: &Pair, sig: libc::c_int) -> Result<()> {
@@ -188,14 +194,7 @@ fn a_link_that_stalls_after_a_reattach_still_fails_writes_within_lock_timeout() 
         lock_timeout_ms: LOCK_TIMEOUT_MS,
         ..PairOptions::default()
     })?;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(pair.mount().join("f"))?;
-    f.write_all_at(b"first", 0)?;
-    f.sync_all()?;
+    let f = synced_file(&pair, b"first")?;
     signal_secondary(&pair, libc::SIGSTOP)?;
     expect_eio_within_bound(&f, 4096, "first freeze")?;
     // The controller decides a while after the failure (the link's timers look

@@ -36,10 +36,9 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus};
-use vmha_test_infra::fsctl::{attach_and_wait, signal, stop};
+use vmha_test_infra::fsctl::{attach_and_wait, last_sync_was_incremental, signal, stop};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
-use vmha_test_infra::proc::strip_ansi;
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all, vmha_fs_bin, AlignedBuf, Child, LoopFs};
 
 /// Size of each node's XFS (sparse).
@@ -193,27 +192,6 @@ impl Drop for Setup {
                 eprintln!("cleanup {}: {e:#}", d.display());
             }
         }
-    }
-}
-
-/// The primary's own word on the last resync: `incremental=true` or `=false`.
-fn last_sync_was_incremental(primary: &Child) -> Result<bool> {
-    let lines: Vec<String> = primary
-        .stderr_lines()
-        .iter()
-        .map(|l| strip_ansi(l))
-        .collect();
-    let line = lines
-        .iter()
-        .rev()
-        .find(|l| l.contains("sync done"))
-        .ok_or_else(|| anyhow!("the primary logged no `sync done`"))?;
-    if line.contains("incremental=true") {
-        Ok(true)
-    } else if line.contains("incremental=false") {
-        Ok(false)
-    } else {
-        bail!("cannot tell from {line:?}")
     }
 }
 
