@@ -19,6 +19,9 @@
 //! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
 
+// Durations, sizes and wire fields narrow only explicitly and checked.
+#![deny(clippy::cast_possible_truncation)]
+
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -49,7 +49,6 @@
 //! Losing the peer at any point returns the link to writing alone; the peer stays
 //! recorded as outdated. Files unlinked while open (no name to recreate) are not
 //! copied: a later write to one makes the sync give up (never a silent gap).
-#![deny(clippy::cast_possible_truncation)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;

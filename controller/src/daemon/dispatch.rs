@@ -115,7 +115,7 @@ pub(super) async fn dispatch(
                 let now = Instant::now();
                 if now.saturating_duration_since(last_tick) > timeout / 2 {
                     tracing::warn!(
-                        stalled_ms = now.saturating_duration_since(last_tick).as_millis() as u64,
+                        stalled_ms = super::ms(now.saturating_duration_since(last_tick)),
                         "this daemon was stalled; judging the peer from now on"
                     );
                     observing_since = now;

@@ -37,11 +37,15 @@ impl ResyncRate {
             if dt > 0.0 && done >= before {
                 let instant = (done - before) as f64 / dt;
                 // Smoothed: a momentary stall does not zero the ETA.
-                self.rate = if self.rate == 0 {
-                    instant as u64
+                let smoothed = if self.rate == 0 {
+                    instant
                 } else {
-                    (0.7 * self.rate as f64 + 0.3 * instant) as u64
+                    0.7 * self.rate as f64 + 0.3 * instant
                 };
+                // Float to integer `as` saturates (and maps NaN to 0).
+                #[allow(clippy::cast_possible_truncation)]
+                let rate = smoothed as u64;
+                self.rate = rate;
             }
         }
         self.last = Some((now, done));
