@@ -24,7 +24,7 @@ struct Args {
     /// The cluster configuration (identical on both nodes).
     #[arg(long, value_name = "FILE", default_value = "/etc/vmha/vmha.toml")]
     config: PathBuf,
-    /// This node's name, as in a [[node]] section.
+    /// This node's name, as in a `[[node]]` section.
     #[arg(long, value_name = "NAME")]
     node: String,
     /// The vmha-fs binary (default: next to vmhad, else from PATH).

@@ -24,6 +24,11 @@
 //!   [`ModuleState::probing`] still says the probe is wanted.
 //! - `Unmount` takes down whatever the module has mounted (writer or receiver)
 //!   and with it any resync in progress.
+//! - `MountWriterConnected` that fails aborts the rest of its step and
+//!   reports [`Event::ConnectedMountFailed`] (before any other event).
+//! - `AttachPeer` that fails (or leaves no trace in vmha-fs), and a copy to
+//!   the SECOND that fails later, report [`Event::AttachFailed`];
+//!   `RetryAttach` reports `AttachRetryDue` after a pause (seconds).
 //!
 //! # Choices where the design is silent
 //! - **Peer may be newer** is persisted *true* whenever the peer writes or may
@@ -110,6 +115,20 @@
 //! - **Fenced** (the peer's receiver refused our generation) while the peer's
 //!   heartbeat shows our data or an older state of it is not a fence: its
 //!   receiver still accepts an older generation of ours.
+//! - **Connected start** (a swap: the SECOND holds all our data and is ready):
+//!   the writer replicates to it from the first write
+//!   ([`Action::MountWriterConnected`]). If its receiver does not take us
+//!   (`ConnectedMountFailed`) the writer starts alone instead, but the SECOND
+//!   counts as ready, so first it must learn it is outdated: a new
+//!   generation and `MarkPeerOutdated`; only once acknowledged (or the peer is
+//!   lost) is the writer mounted alone and the VM started, otherwise the
+//!   module steps down as when vmha-fs fails.
+//! - **Attaching a SECOND** that is not up to date (its receiver runs: it
+//!   announces SECOND only once it does): the writer asks vmha-fs to attach it
+//!   and copy what it lacks ([`Action::AttachPeer`]), once per episode; a
+//!   failed attach is retried after a pause ([`Action::RetryAttach`]). The
+//!   episode ends when the peer is no longer a SECOND behind us, and whenever
+//!   vmha-fs is told to write alone (it drops the peer).
 //! - **A SECOND's receiver died** (`FsDied`): restarted in place
 //!   ([`Action::RestartReceiver`]) at most once per
 //!   [`RECEIVER_RESTART_INTERVAL_MS`], else the module steps down as for
@@ -376,10 +395,19 @@ pub enum Event {
     },
     /// The outcome of a `MarkPeerOutdated`: `acknowledged` when the peer's
     /// heartbeat shows it knows (not when it was lost, is ahead, or did not
-    /// answer within the failover timeout).
+    /// answer within the failover timeout); `peer_lost` when it was lost.
     PeerMarkedOutdated {
         acknowledged: bool,
+        peer_lost: bool,
     },
+    /// A `MountWriterConnected` failed (the SECOND's receiver is not there or
+    /// refused us): nothing is mounted.
+    ConnectedMountFailed,
+    /// An `AttachPeer` failed or left no trace, or the copy to the SECOND
+    /// failed.
+    AttachFailed,
+    /// The pause after `RetryAttach` is over.
+    AttachRetryDue,
     /// vmha-fs reports our writes refused: our generation is stale, unless
     /// the peer's heartbeat shows our data or an older state of it
     /// (`peer_follows_us`): its receiver then still accepts an older
@@ -415,8 +443,17 @@ pub enum WitnessOutcome {
 /// Outputs, executed in order by the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Mount the replicated directories with vmha-fs as the writer.
+    /// Mount the replicated directories with vmha-fs as the writer, alone
+    /// (it replicates once the peer is attached).
     MountWriter,
+    /// Mount as the writer replicating to the ready, in-sync SECOND from the
+    /// first write; a failure reports `ConnectedMountFailed`.
+    MountWriterConnected,
+    /// Writer: attach the SECOND that is behind (vmha-fs copies what it lacks,
+    /// writes going on); a failure reports `AttachFailed`.
+    AttachPeer,
+    /// Report `AttachRetryDue` after a pause.
+    RetryAttach,
     /// Run the vmha-fs receiver (directories read-only locally).
     MountReceiver,
     /// Take down the writer or receiver (and any resync).
@@ -507,7 +544,24 @@ pub struct ModuleState {
     pub resync_wanted: bool,
     /// When (ms) a SECOND's dead receiver was last restarted in place.
     pub receiver_restarted_ms: Option<u64>,
+    /// Writer: the connected start failed; the writer mounts alone once the
+    /// SECOND knows it is outdated (`PeerMarkedOutdated`).
+    pub pending_alone_mount: bool,
+    /// Writer: attaching the SECOND that is behind.
+    pub attach: Attach,
     probe: Option<Probe>,
+}
+
+/// Writer: where attaching a SECOND that is behind stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Attach {
+    /// No SECOND behind us, or not asked yet.
+    #[default]
+    Idle,
+    /// vmha-fs was asked to attach it (and copies to it).
+    Asked,
+    /// The attach failed; `AttachRetryDue` asks again.
+    Failed,
 }
 
 impl ModuleState {
@@ -535,6 +589,8 @@ impl ModuleState {
             resync: None,
             resync_wanted: false,
             receiver_restarted_ms: None,
+            pending_alone_mount: false,
+            attach: Attach::Idle,
             probe: None,
         }
     }
@@ -713,14 +769,25 @@ impl Transition {
                 peer_is_second,
                 peer_knows_outdated,
             } => self.link_down(heartbeats_fresh && peer_is_second, peer_knows_outdated),
-            Event::PeerMarkedOutdated { acknowledged } => {
-                // Replication link down: the peer now knows it is outdated, so
-                // writes go on without it (it is resynchronised when it asks).
-                // Without its acknowledgement they keep waiting: a lost peer is
-                // `PeerLost`'s (maybe through the witness), a newer one makes
-                // this node step down.
-                if acknowledged && self.s.role == Role::Prim {
-                    self.act(Action::WriteAlone);
+            Event::PeerMarkedOutdated {
+                acknowledged,
+                peer_lost,
+            } => self.peer_marked_outdated(acknowledged, peer_lost),
+            Event::ConnectedMountFailed => self.connected_mount_failed(),
+            Event::AttachFailed => {
+                if self.s.role.is_writer() && self.s.attach == Attach::Asked {
+                    self.s.attach = Attach::Failed;
+                    self.act(Action::RetryAttach);
+                }
+            }
+            Event::AttachRetryDue => {
+                if self.s.attach == Attach::Failed {
+                    self.s.attach = Attach::Idle;
+                    if let PeerKnowledge::Seen(peer) = self.s.peer {
+                        if self.s.role.is_writer() {
+                            self.attach_if_behind(peer);
+                        }
+                    }
                 }
             }
             Event::FsDied { now_ms, reason } => self.fs_died(now_ms, reason),
@@ -923,6 +990,7 @@ impl Transition {
                     self.s.role = Role::Prim;
                     self.because("the peer is SECOND");
                 }
+                self.attach_if_behind(peer);
                 let in_sync_ready =
                     peer.readiness == Readiness::Ready && peer.relation == Relation::InSync;
                 if self.s.swap_refused || self.s.swapping {
@@ -938,6 +1006,7 @@ impl Transition {
                 }
             }
             _ => {
+                self.s.attach = Attach::Idle;
                 if self.s.role == Role::Prim {
                     self.s.role = Role::Alone;
                     self.act(Action::NewGeneration);
@@ -945,6 +1014,70 @@ impl Transition {
                 }
             }
         }
+    }
+
+    /// Writer: a SECOND behind us is attached once per episode; the episode
+    /// ends when the peer is no longer a SECOND behind us.
+    fn attach_if_behind(&mut self, peer: Peer) {
+        let behind = peer.role == Role::Second && peer.readiness == Readiness::NotUpToDate;
+        match (behind, self.s.attach) {
+            (true, Attach::Idle) if !self.s.pending_alone_mount => {
+                self.s.attach = Attach::Asked;
+                self.act(Action::AttachPeer);
+            }
+            (true, _) => {}
+            // A failed attach keeps its retry; anything else ends the episode.
+            (false, Attach::Failed) if peer.role == Role::Second => {}
+            (false, _) => self.s.attach = Attach::Idle,
+        }
+    }
+
+    /// vmha-fs is told to write alone: it drops the peer, whose next attach
+    /// is a new episode.
+    fn write_alone(&mut self) {
+        self.s.attach = Attach::Idle;
+        self.act(Action::WriteAlone);
+    }
+
+    fn peer_marked_outdated(&mut self, acknowledged: bool, peer_lost: bool) {
+        if std::mem::take(&mut self.s.pending_alone_mount) {
+            if self.s.role != Role::Prim {
+                return;
+            }
+            if self.peer_is_writer() {
+                self.step_down(Role::Wait, "the peer writes: not starting alone");
+                self.evaluate_wait();
+            } else if acknowledged || peer_lost {
+                self.act(Action::MountWriter);
+                self.act(Action::DefineDomain);
+                self.act(Action::StartVm);
+                self.s.vm_starting = true;
+            } else {
+                self.log("start alone: the SECOND did not learn that it is outdated");
+                self.fs_failed();
+            }
+            return;
+        }
+        // Replication link down: the peer now knows it is outdated, so
+        // writes go on without it (it is resynchronised when it asks).
+        // Without its acknowledgement they keep waiting: a lost peer is
+        // `PeerLost`'s (maybe through the witness), a newer one makes
+        // this node step down.
+        if acknowledged && self.s.role == Role::Prim {
+            self.write_alone();
+        }
+    }
+
+    /// The connected start failed: start alone, once the SECOND (which counts
+    /// as ready) knows it is outdated.
+    fn connected_mount_failed(&mut self) {
+        if self.s.role != Role::Prim || self.s.pending_alone_mount {
+            return;
+        }
+        self.s.pending_alone_mount = true;
+        self.act(Action::NewGeneration);
+        self.act(Action::MarkPeerOutdated);
+        self.log("the SECOND did not take the connected start: new generation, starting alone once it knows it is outdated");
     }
 
     fn peer_lost(&mut self) {
@@ -1177,6 +1310,7 @@ impl Transition {
         }
         self.act(Action::Unmount);
         self.act(Action::MountReceiver);
+        self.s.attach = Attach::Idle;
         self.s.role = Role::Second;
         self.s.uptodate = true;
         self.s.vm_starting = false;
@@ -1200,11 +1334,11 @@ impl Transition {
     fn link_down(&mut self, our_second_now: bool, peer_knows_outdated: bool) {
         match self.s.role {
             // An ALONE writer has nobody to wait for.
-            Role::Alone => self.act(Action::WriteAlone),
+            Role::Alone => self.write_alone(),
             Role::Prim if !our_second_now => {}
             Role::Prim if peer_knows_outdated => {
                 self.log("replication link down; the peer already knows it is outdated");
-                self.act(Action::WriteAlone);
+                self.write_alone();
             }
             // Otherwise (marked already) a heartbeat clearing `peer_outdated`
             // is on its way: the next report decides.
@@ -1273,7 +1407,19 @@ impl Transition {
             self.s.has_data = true;
         }
         if !was_writer {
-            self.act(Action::MountWriter);
+            // A ready SECOND with our generation (a swap) has all our data: the
+            // writer replicates to it from the first write instead of starting
+            // alone, which would leave it unattached while it counts as ready.
+            let connected = !new_generation
+                && matches!(self.s.peer, PeerKnowledge::Seen(p)
+                    if p.role == Role::Second
+                        && p.readiness == Readiness::Ready
+                        && p.relation == Relation::InSync);
+            self.act(if connected {
+                Action::MountWriterConnected
+            } else {
+                Action::MountWriter
+            });
             self.act(Action::DefineDomain);
             self.act(Action::StartVm);
             self.s.vm_starting = true;
@@ -1285,6 +1431,7 @@ impl Transition {
         self.s.request = None;
         self.s.resync = None;
         self.s.resync_wanted = false;
+        self.s.attach = Attach::Idle;
         self.because(reason);
     }
 
@@ -1319,6 +1466,8 @@ impl Transition {
         self.s.probe = None;
         self.s.resync = None;
         self.s.resync_wanted = false;
+        self.s.pending_alone_mount = false;
+        self.s.attach = Attach::Idle;
         self.because(reason);
     }
 
@@ -1352,6 +1501,7 @@ impl Transition {
         }
         if self.from == Role::Prim && self.s.role == Role::Alone {
             // The peer is gone: writes go on alone instead of waiting for it.
+            self.s.attach = Attach::Idle;
             self.actions.push(Action::WriteAlone);
         }
         (self.s, self.actions)

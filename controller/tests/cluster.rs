@@ -301,9 +301,15 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
         .await
         .lines
         .join("\n");
+    let log1 = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
     assert!(
-        log.contains("the SECOND is outdated") && log.contains("the peer knows it is outdated"),
-        "{log}"
+        log.contains("starting alone once it knows it is outdated")
+            && log.contains("the peer knows it is outdated"),
+        "{log}\nnode1:\n{log1}"
     );
     let s = n2.status();
     let (g1, g2) = (
@@ -312,11 +318,6 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
     );
     assert_ne!(g2, &before, "node2 wrote alone under the old generation");
     assert_eq!(g1, g2, "node1 did not adopt node2's generation: {log}");
-    let log1 = n1
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
     assert!(log1.contains("resynchronising"), "{log1}");
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;

@@ -13,7 +13,7 @@
 //!   and reporting its outcome as events;
 //! - `checks`: the checkers that poll the drivers and read the peer's latest
 //!   heartbeat, turning what they see into events;
-//! - `dispatch`: heartbeat sending and receiving ([`PeerLiveness`]), control
+//! - `dispatch`: heartbeat sending and receiving (`PeerLiveness`), control
 //!   requests routed to their module;
 //! - `status`: the `status` answer.
 //!
@@ -79,9 +79,16 @@
 //! - vmha-fs failing feeds `FsDied { now_ms, reason }` (`now_ms` since the
 //!   daemon started); `RestartReceiver` remounts a SECOND's receiver
 //!   accepting the writer's generation, a failure is `FsFailed`.
-//! - A connected writer start (after a swap) that fails falls back to starting
-//!   alone: new generation, the SECOND marked outdated (it must acknowledge),
-//!   then the usual attach with a full copy.
+//! - `MountWriterConnected` that fails aborts the step and feeds
+//!   `ConnectedMountFailed` first (the state machine then starts alone once
+//!   the SECOND knows it is outdated). `AttachPeer` is SIGUSR2 through
+//!   [`crate::driver::FsDriver::attach_peer`]; the checker follows the copy
+//!   (progress in the heartbeats) and feeds `AttachFailed` when the attach or
+//!   the copy failed, or the attach left no trace for 6 s; `RetryAttach`
+//!   feeds `AttachRetryDue` [`ATTACH_RETRY`] later.
+//! - The checkers poll the drivers once per heartbeat interval (the VM's
+//!   state from libvirt, vmha-fs's status files): observing only, every
+//!   decision they lead to is an event.
 
 mod actions;
 mod checks;
@@ -99,6 +106,7 @@ use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
 use self::dispatch::{dispatch, send_heartbeats, serve_calls};
+pub use self::runner::ATTACH_RETRY;
 use self::runner::{ResyncRate, Runner};
 use self::status::build_status;
 use crate::clock::WallClock;
@@ -344,7 +352,8 @@ impl Daemon {
                     changed_bytes: 0,
                     resync_rate: ResyncRate::default(),
                     resync_unsupported_logged: false,
-                    attached: None,
+                    attached_at: None,
+                    attach_retry: None,
                     attach_unsupported: false,
                     writer_sync: None,
                     went_alone: None,

@@ -19,7 +19,7 @@ use crate::driver::{FsDriver, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, Metadata};
 use crate::heartbeat::ModuleBeat;
-use crate::state::{step, Event, ModuleState, Peer, Readiness, Role};
+use crate::state::{step, Attach, Event, ModuleState, Peer, Readiness, Role};
 use crate::status::ResyncStatus;
 
 /// Resync rate from successive progress samples.
@@ -81,9 +81,11 @@ pub(super) struct Runner {
     pub(super) changed_bytes: u64,
     pub(super) resync_rate: ResyncRate,
     pub(super) resync_unsupported_logged: bool,
-    /// Writer: when `attach_peer` was last called for the current peer
-    /// episode (reset when the peer is no longer a SECOND behind us).
-    pub(super) attached: Option<Instant>,
+    /// Writer: when vmha-fs last attached the SECOND (`AttachPeer`), while
+    /// the state machine counts it attached.
+    pub(super) attached_at: Option<Instant>,
+    /// When to report `AttachRetryDue` (after `RetryAttach`).
+    pub(super) attach_retry: Option<tokio::time::Instant>,
     pub(super) attach_unsupported: bool,
     /// Writer: the copy to the peer, as published in heartbeats.
     pub(super) writer_sync: Option<ResyncStatus>,
@@ -107,7 +109,7 @@ pub(super) enum Outdated {
 }
 
 /// How long a failed attach waits before the writer tries again.
-pub(super) const ATTACH_RETRY: Duration = Duration::from_secs(3);
+pub const ATTACH_RETRY: Duration = Duration::from_secs(3);
 /// After SIGUSR1, how long a link still reported down is taken for vmha-fs
 /// not having published its new state yet (it does within tens of ms).
 pub(super) const GO_ALONE_SETTLE: Duration = Duration::from_secs(1);
@@ -124,6 +126,7 @@ impl Runner {
         loop {
             let start_wait = self.start_wait;
             let witness_retry = self.witness_retry;
+            let attach_retry = self.attach_retry;
             tokio::select! {
                 _ = shutdown.changed() => return,
                 command = commands.recv() => match command {
@@ -172,6 +175,10 @@ impl Runner {
                         let outcome = self.probe_witness(&mut lines).await;
                         self.handle(Event::WitnessResult(outcome)).await;
                     }
+                }
+                _ = sleep_until(attach_retry), if attach_retry.is_some() => {
+                    self.attach_retry = None;
+                    self.handle(Event::AttachRetryDue).await;
                 }
                 _ = checks.tick() => self.check().await,
             }
@@ -230,9 +237,12 @@ impl Runner {
                     break;
                 }
             }
-            if !self.state.role.is_writer() {
-                self.attached = None;
+            if self.state.attach != Attach::Asked {
+                self.attached_at = None;
                 self.writer_sync = None;
+            }
+            if self.state.attach != Attach::Failed {
+                self.attach_retry = None;
             }
             if !self.state.probing() {
                 self.witness_retry = None;

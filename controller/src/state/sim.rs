@@ -189,7 +189,7 @@ impl Sim {
         }
         let (next, actions) = step(&self.nodes[i].s, event.clone());
         for action in &actions {
-            if *action == Action::MountWriter {
+            if matches!(action, Action::MountWriter | Action::MountWriterConnected) {
                 assert!(
                     !next.peer_is_writer(),
                     "node {i} mounts as writer beside a writer\n{event:?}\n{next:?}"
@@ -199,6 +199,8 @@ impl Sim {
         self.nodes[i].s = next;
         let mut started = false;
         let mut stopped = None;
+        let mut failed = None;
+        let peer_receives = self.see_each_other() && self.link_ok && self.nodes[1 - i].receiver;
         for action in actions {
             let peer_history = self.nodes[1 - i].history.clone();
             let peer_data = self.nodes[1 - i].data.clone();
@@ -206,6 +208,15 @@ impl Sim {
             match action {
                 Action::MountWriter => {
                     assert!(!n.receiver && !n.writer, "node {i}: double mount");
+                    n.writer = true;
+                }
+                Action::MountWriterConnected => {
+                    assert!(!n.receiver && !n.writer, "node {i}: double mount");
+                    if !peer_receives {
+                        // The driver aborts the rest of the step.
+                        failed = Some(Event::ConnectedMountFailed);
+                        break;
+                    }
                     n.writer = true;
                 }
                 Action::MountReceiver => {
@@ -249,8 +260,16 @@ impl Sim {
                 Action::SetPeerMayBeNewer(b) => n.flag = b,
                 Action::SetSelfOutdated(b) => n.self_outdated = b,
                 Action::ProbeWitness | Action::RetryWitness => n.probing = true,
-                Action::DefineDomain | Action::StartResync { .. } | Action::Log(_) => {}
+                Action::DefineDomain
+                | Action::StartResync { .. }
+                | Action::AttachPeer
+                | Action::RetryAttach
+                | Action::Log(_) => {}
             }
+        }
+        if let Some(event) = failed {
+            self.deliver(i, event);
+            return;
         }
         if started {
             self.deliver(i, Event::VmStarted);
@@ -278,7 +297,13 @@ impl Sim {
         let knows = relation == Relation::LocalNewer && peer.readiness != Readiness::Ready;
         if self.nodes[to].marking && knows {
             self.nodes[to].marking = false;
-            self.deliver(to, Event::PeerMarkedOutdated { acknowledged: true });
+            self.deliver(
+                to,
+                Event::PeerMarkedOutdated {
+                    acknowledged: true,
+                    peer_lost: false,
+                },
+            );
         }
     }
 
@@ -342,6 +367,7 @@ impl Sim {
                             i,
                             Event::PeerMarkedOutdated {
                                 acknowledged: false,
+                                peer_lost: true,
                             },
                         );
                     }
@@ -468,9 +494,11 @@ impl Sim {
                 if n.s.disk_failed {
                     assert!(!n.writer && !n.receiver && !n.vm, "node {i}: {:?}", n.s);
                 }
+                // A writer whose connected start failed is mounted once
+                // its SECOND knows it is outdated.
                 assert_eq!(
                     n.writer,
-                    n.s.role.is_writer(),
+                    n.s.role.is_writer() && !n.s.pending_alone_mount,
                     "node {i}: mount vs role {:?}",
                     n.s
                 );

@@ -426,11 +426,44 @@ fn swap_from_either_side() {
         actions,
         [
             Action::Unmount,
-            Action::MountWriter,
+            Action::MountWriterConnected,
             Action::DefineDomain,
             Action::StartVm
         ]
     );
+    // Its receiver does not take the connected start: alone, once the old
+    // PRIM knows it is outdated (never before).
+    let (failed, actions) = run(&new, &[Event::ConnectedMountFailed]);
+    assert_eq!(failed.role, Role::Prim);
+    assert!(failed.pending_alone_mount);
+    assert!(!actions.contains(&Action::MountWriter));
+    assert_eq!(
+        index(&actions, &Action::NewGeneration).map(|g| g + 1),
+        index(&actions, &Action::MarkPeerOutdated)
+    );
+    let (alone, actions) = run(
+        &failed,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(
+        (alone.role, actions),
+        (
+            Role::Prim,
+            vec![Action::MountWriter, Action::DefineDomain, Action::StartVm]
+        )
+    );
+    let (gave_up, actions) = run(
+        &failed,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: false,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(gave_up.role, Role::Wait);
+    assert!(!actions.contains(&Action::MountWriter));
     // The old PRIM sees the new one: request done.
     let (old, _) = run(
         &old,
@@ -1020,12 +1053,25 @@ fn states() -> Vec<ModuleState> {
                         let mut m = s.clone();
                         m.peer_outdated = true;
                         out.push(m);
+                        // A connected start that failed, waiting for the
+                        // SECOND to know it is outdated.
+                        let mut p = s.clone();
+                        p.pending_alone_mount = true;
+                        p.vm_starting = true;
+                        out.push(p);
                         let mut w = s.clone();
                         w.swapping = true;
                         out.push(w);
                         let mut r = s.clone();
                         r.swap_refused = true;
                         out.push(r);
+                    }
+                    if role.is_writer() {
+                        for attach in [Attach::Asked, Attach::Failed] {
+                            let mut a = s.clone();
+                            a.attach = attach;
+                            out.push(a);
+                        }
                     }
                     if role == Role::Second {
                         // Its receiver was restarted in place at 0 ms.
@@ -1061,10 +1107,21 @@ fn events() -> Vec<Event> {
         Event::DiskFailed,
         Event::VmStopDone,
         Event::VmStopFailed,
-        Event::PeerMarkedOutdated { acknowledged: true },
+        Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        },
         Event::PeerMarkedOutdated {
             acknowledged: false,
+            peer_lost: false,
         },
+        Event::PeerMarkedOutdated {
+            acknowledged: false,
+            peer_lost: true,
+        },
+        Event::ConnectedMountFailed,
+        Event::AttachFailed,
+        Event::AttachRetryDue,
         Event::Fenced {
             peer_follows_us: true,
         },
@@ -1098,8 +1155,48 @@ fn index(actions: &[Action], wanted: &Action) -> Option<usize> {
 /// The invariants every transition keeps.
 fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, actions: &[Action]) {
     let ctx = || format!("{before:?}\n  --{event:?}-->\n{after:?}\n  actions {actions:?}");
-    let mount_writer = index(actions, &Action::MountWriter);
+    let mount_writer = index(actions, &Action::MountWriter)
+        .or_else(|| index(actions, &Action::MountWriterConnected));
     let promoted = !before.role.is_writer() && after.role.is_writer();
+    // The writer mount after a failed connected start comes once the SECOND
+    // knows it is outdated or is lost, never otherwise.
+    let alone_after_connected = before.pending_alone_mount
+        && after.role.is_writer()
+        && matches!(
+            event,
+            Event::PeerMarkedOutdated { acknowledged, peer_lost } if *acknowledged || *peer_lost
+        );
+    if before.pending_alone_mount && !after.pending_alone_mount && after.role.is_writer() {
+        assert!(alone_after_connected, "{}", ctx());
+        assert!(mount_writer.is_some(), "{}", ctx());
+    }
+    // Connected only to a ready SECOND in sync with us.
+    if actions.contains(&Action::MountWriterConnected) {
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second
+                    && p.readiness == Readiness::Ready
+                    && p.relation == Relation::InSync),
+            "{}",
+            ctx()
+        );
+    }
+    // Attach only a SECOND behind us, from a writer, once per episode.
+    if actions.contains(&Action::AttachPeer) {
+        assert!(after.role.is_writer(), "{}", ctx());
+        assert_ne!(before.attach, Attach::Asked, "{}", ctx());
+        assert_eq!(after.attach, Attach::Asked, "{}", ctx());
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second && p.readiness == Readiness::NotUpToDate),
+            "{}",
+            ctx()
+        );
+    }
+    if !after.role.is_writer() {
+        assert_eq!(after.attach, Attach::Idle, "{}", ctx());
+        assert!(!after.pending_alone_mount, "{}", ctx());
+    }
     // Never two writers: no writer mount while the peer is known to write.
     if mount_writer.is_some() {
         assert!(
@@ -1111,7 +1208,7 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
         assert!(!actions.contains(&Action::ProbeWitness), "{}", ctx());
     }
     assert_eq!(
-        promoted,
+        promoted || alone_after_connected,
         mount_writer.is_some(),
         "promotion = writer mount: {}",
         ctx()
@@ -1287,12 +1384,14 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             assert!(
                 matches!(
                     event,
-                    Event::PeerMarkedOutdated { acknowledged: true }
-                        | Event::LinkDown {
-                            heartbeats_fresh: true,
-                            peer_is_second: true,
-                            peer_knows_outdated: true,
-                        }
+                    Event::PeerMarkedOutdated {
+                        acknowledged: true,
+                        peer_lost: false
+                    } | Event::LinkDown {
+                        heartbeats_fresh: true,
+                        peer_is_second: true,
+                        peer_knows_outdated: true,
+                    }
                 ),
                 "PRIM writing alone with a peer not known outdated: {}",
                 ctx()
@@ -1431,10 +1530,17 @@ fn link_down_writes_alone_only_once_the_second_knows() {
         &s,
         &[Event::PeerMarkedOutdated {
             acknowledged: false,
+            peer_lost: false,
         }],
     );
     assert_eq!((s2.role, actions), (Role::Prim, vec![]));
-    let (s2, actions) = run(&s, &[Event::PeerMarkedOutdated { acknowledged: true }]);
+    let (s2, actions) = run(
+        &s,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
     assert_eq!((s2.role, actions), (Role::Prim, vec![Action::WriteAlone]));
     // Marked already: the next report waits for the heartbeat that clears it.
     assert!(run(&s, &[LINK_DOWN]).1.is_empty());
@@ -1491,4 +1597,58 @@ fn a_seconds_dead_receiver_is_restarted_once_per_interval() {
     let (p, actions) = run(&prim(), &[fs_died(1_000)]);
     assert_eq!(p.role, Role::Wait);
     assert!(actions.contains(&Action::StopVm));
+}
+
+/// A SECOND behind the writer is attached once per episode; a failed attach
+/// is retried after a pause, not at every heartbeat; a ready SECOND ends the
+/// episode, and writing alone starts a new one.
+#[test]
+fn a_second_behind_is_attached_once_and_retried_after_failure() {
+    let behind = seen(peer(
+        Role::Second,
+        Readiness::NotUpToDate,
+        Relation::LocalNewer,
+    ));
+    let (s, actions) = run(&prim(), std::slice::from_ref(&behind));
+    assert_eq!(actions, [Action::AttachPeer]);
+    assert_eq!(s.attach, Attach::Asked);
+    // More heartbeats of the same episode: nothing more.
+    assert!(run(&s, std::slice::from_ref(&behind)).1.is_empty());
+    let (s, actions) = run(&s, &[Event::AttachFailed]);
+    assert_eq!(
+        (s.attach, actions),
+        (Attach::Failed, vec![Action::RetryAttach])
+    );
+    assert!(run(&s, std::slice::from_ref(&behind)).1.is_empty());
+    let (s, actions) = run(&s, &[Event::AttachRetryDue]);
+    assert_eq!(
+        (s.attach, actions),
+        (Attach::Asked, vec![Action::AttachPeer])
+    );
+    // In sync and ready: episode over; behind again later: a new attach.
+    let (s, _) = run(
+        &s,
+        &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(s.attach, Attach::Idle);
+    let (s, actions) = run(&s, std::slice::from_ref(&behind));
+    assert_eq!(actions, [Action::AttachPeer]);
+    // Writing alone drops the peer in vmha-fs: the next attach is new.
+    let (s, actions) = run(&s, &[LINK_DOWN]);
+    assert!(actions.contains(&Action::MarkPeerOutdated));
+    let (s, actions) = run(
+        &s,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(
+        (s.attach, actions),
+        (Attach::Idle, vec![Action::WriteAlone])
+    );
+    // A retry that comes after the episode ended asks nothing.
+    let mut ended = s.clone();
+    ended.attach = Attach::Idle;
+    assert!(run(&ended, &[Event::AttachRetryDue]).1.is_empty());
 }
