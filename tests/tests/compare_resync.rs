@@ -77,8 +77,14 @@ fn a_compare_resync_repairs_a_replica_changed_behind_vmhas_back_under_live_write
     std::fs::write(pair.mount().join("vm.xml"), b"<domain/>")?;
     assert_same_tree(pair.primary_backing(), pair.secondary_backing())?;
 
-    let junk = tamper(&pair)?;
     let state = pair.primary_state().to_path_buf();
+    // One resync first: from then on both nodes' records are valid and complete,
+    // so an ordinary resync is incremental and trusts them.
+    let primary = pair.primary().ok_or_else(|| anyhow!("no primary"))?;
+    fsctl::go_alone_and_wait(primary, &state)?;
+    fsctl::attach_and_wait(primary, &state)?;
+
+    let junk = tamper(&pair)?;
     let (backing, replica) = (
         pair.primary_backing().to_path_buf(),
         pair.secondary_backing().to_path_buf(),
@@ -100,7 +106,7 @@ fn a_compare_resync_repairs_a_replica_changed_behind_vmhas_back_under_live_write
         b"test: replica changed behind vmha's back\n",
     )?;
     let primary = pair.primary().ok_or_else(|| anyhow!("no primary"))?;
-    fsctl::signal(primary.pid(), libc::SIGUSR1)?;
+    fsctl::go_alone_and_wait(primary, &state)?;
     let sync = fsctl::attach_and_wait(primary, &state)?;
     // Writes after the repair replicate as usual.
     std::thread::sleep(Duration::from_millis(300));
