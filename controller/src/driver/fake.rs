@@ -291,6 +291,22 @@ impl FsDriver for FakeFs {
         Ok(())
     }
 
+    fn request_compare(&self, module: &Module, _reason: &str) -> Result<(), DriverError> {
+        let inner = self.call("request_compare", module)?;
+        match inner.mounted.get(&module.name) {
+            Some(Mounted::Writer) => Ok(()),
+            _ => Err(DriverError::failed("resync --compare", "no writer is running")),
+        }
+    }
+
+    fn invalidate(&self, module: &Module, _reason: &str) -> Result<(), DriverError> {
+        let inner = self.call("invalidate", module)?;
+        match inner.mounted.get(&module.name) {
+            Some(Mounted::Receiver) => Ok(()),
+            _ => Err(DriverError::failed("invalidate", "no receiver is running")),
+        }
+    }
+
     fn resync_state(&self, module: &Module) -> Result<ResyncState, DriverError> {
         Ok(lock(&self.0)
             .resync

@@ -59,6 +59,10 @@ enum Op {
     /// A node's witness probe ends; `true`: it could not run this time.
     Witness(usize, bool),
     LinkDown,
+    /// `vmctl resync --compare` on a node.
+    Compare(usize),
+    /// `vmctl invalidate` on a node.
+    Invalidate(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -84,6 +88,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => node.clone().prop_map(Op::Write),
         1 => (node.clone(), any::<bool>()).prop_map(|(i, fails)| Op::Witness(i, fails)),
         1 => Just(Op::LinkDown),
+        1 => node.clone().prop_map(Op::Compare),
+        1 => node.clone().prop_map(Op::Invalidate),
     ]
 }
 
@@ -249,7 +255,11 @@ impl Sim {
                 Action::SetPeerMayBeNewer(b) => n.flag = b,
                 Action::SetSelfOutdated(b) => n.self_outdated = b,
                 Action::ProbeWitness | Action::RetryWitness => n.probing = true,
-                Action::DefineDomain | Action::StartResync { .. } | Action::Log(_) => {}
+                Action::DefineDomain
+                | Action::StartResync { .. }
+                | Action::RequestCompare
+                | Action::InvalidateCopy
+                | Action::Log(_) => {}
             }
         }
         if started {
@@ -289,6 +299,8 @@ impl Sim {
             Op::Stop(i) => self.deliver(i, Event::Stop),
             Op::Swap(i) => self.deliver(i, Event::Swap),
             Op::Prim(i) => self.deliver(i, Event::PrimForced),
+            Op::Compare(i) => self.deliver(i, Event::ResyncCompare),
+            Op::Invalidate(i) => self.deliver(i, Event::Invalidate),
             Op::Exchange => {
                 if self.see_each_other() {
                     self.heartbeat(0);
