@@ -300,9 +300,13 @@ impl FsDriver for FakeFs {
     }
 
     fn invalidate(&self, module: &Module, _reason: &str) -> Result<(), DriverError> {
-        let inner = self.call("invalidate", module)?;
+        let mut inner = self.call("invalidate", module)?;
         match inner.mounted.get(&module.name) {
-            Some(Mounted::Receiver) => Ok(()),
+            Some(Mounted::Receiver) => {
+                // The copy is discarded: no earlier resync counts any more.
+                inner.resync.remove(&module.name);
+                Ok(())
+            }
             _ => Err(DriverError::failed("invalidate", "no receiver is running")),
         }
     }
