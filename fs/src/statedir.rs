@@ -24,8 +24,8 @@ use rustix::fs::FlockOperation;
 
 pub use crate::status::SELF_OUTDATED;
 use crate::status::{
-    ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, GENERATION, LOCK, PEER_OUTDATED,
-    COMPARE_RESYNC,
+    ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, COMPARE_RESYNC, GENERATION,
+    LOCK, PEER_OUTDATED,
 };
 
 /// Errors opening or writing the state directory.

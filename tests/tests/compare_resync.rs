@@ -68,8 +68,7 @@ fn writer(pair: &Pair, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Result<
 }
 
 #[test]
-fn a_compare_resync_repairs_a_replica_changed_behind_vmhas_back_under_live_writes() -> Result<()>
-{
+fn a_compare_resync_repairs_a_replica_changed_behind_vmhas_back_under_live_writes() -> Result<()> {
     let mut pair = Pair::start(PairOptions::default())?;
     let mut image = vec![0u8; IMAGE as usize];
     StdRng::seed_from_u64(3).fill(&mut image[..]);

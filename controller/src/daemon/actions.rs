@@ -290,7 +290,10 @@ impl Runner {
             Action::WriteAlone => self.fs_go_alone(lines).await,
             Action::RequestCompare => {
                 let reason = "the operator asked for a compare resync";
-                match self.blocking(move |_, fs, m| fs.request_compare(m, reason)).await {
+                match self
+                    .blocking(move |_, fs, m| fs.request_compare(m, reason))
+                    .await
+                {
                     Some(Ok(())) => {
                         self.record("the next resync compares every block".into(), lines)
                             .await
@@ -306,7 +309,10 @@ impl Runner {
             }
             Action::InvalidateCopy => {
                 let reason = "invalidated by the operator (vmctl invalidate)";
-                match self.blocking(move |_, fs, m| fs.invalidate(m, reason)).await {
+                match self
+                    .blocking(move |_, fs, m| fs.invalidate(m, reason))
+                    .await
+                {
                     Some(Ok(())) => {
                         self.record("this copy's records are discarded".into(), lines)
                             .await

@@ -295,7 +295,10 @@ impl FsDriver for FakeFs {
         let inner = self.call("request_compare", module)?;
         match inner.mounted.get(&module.name) {
             Some(Mounted::Writer) => Ok(()),
-            _ => Err(DriverError::failed("resync --compare", "no writer is running")),
+            _ => Err(DriverError::failed(
+                "resync --compare",
+                "no writer is running",
+            )),
         }
     }
 

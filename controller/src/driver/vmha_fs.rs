@@ -60,8 +60,8 @@ use std::time::{Duration, Instant};
 
 use ::vmha_fs::status::{
     ChangedBytes, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase, SyncStatus,
-    VerifyPhase, VerifyStatus, COMPARE_RESYNC as COMPARE_RESYNC_FILE, LINK as LINK_FILE, PEER_OUTDATED as PEER_OUTDATED_FILE,
-    SELF_OUTDATED, SYNC as SYNC_FILE, VERIFY as VERIFY_FILE,
+    VerifyPhase, VerifyStatus, COMPARE_RESYNC as COMPARE_RESYNC_FILE, LINK as LINK_FILE,
+    PEER_OUTDATED as PEER_OUTDATED_FILE, SELF_OUTDATED, SYNC as SYNC_FILE, VERIFY as VERIFY_FILE,
 };
 
 use super::{Difference, DriverError, FsDriver, FsHealth, ResyncState, VerifyReport};

@@ -1533,7 +1533,11 @@ fn resync_compare_on_the_prim_makes_the_second_outdated_then_compares() {
     let (s, acts) = run(&s, &[Event::PeerMarkedOutdated { acknowledged: true }]);
     assert_eq!(acts, vec![Action::WriteAlone]);
     // A second request while the SECOND is behind is refused, not stacked.
-    let behind = seen(peer(Role::Second, Readiness::NotUpToDate, Relation::LocalNewer));
+    let behind = seen(peer(
+        Role::Second,
+        Readiness::NotUpToDate,
+        Relation::LocalNewer,
+    ));
     let (s, _) = run(&s, &[behind]);
     let (_, actions, log) = log_of(&s, Event::ResyncCompare);
     assert!(log.contains("refused"), "{log}");
@@ -1544,10 +1548,17 @@ fn resync_compare_on_the_prim_makes_the_second_outdated_then_compares() {
 fn the_second_sees_the_compare_as_a_resync_and_is_ready_at_its_end() {
     let (s, acts) = run(
         &second(),
-        &[seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer))],
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
     );
     assert_eq!(s.readiness(), Readiness::NotUpToDate);
-    assert!(acts.contains(&Action::StartResync { full: false }), "{acts:?}");
+    assert!(
+        acts.contains(&Action::StartResync { full: false }),
+        "{acts:?}"
+    );
     let (s, acts) = run(&s, &[Event::ResyncDone]);
     assert_eq!(s.readiness(), Readiness::Ready);
     assert!(acts.contains(&Action::AdoptPeerHistory));
@@ -1572,10 +1583,17 @@ fn resync_compare_on_a_ready_second_asks_the_prim() {
     // Once the PRIM's generation is newer, the SECOND's request is answered.
     let (s, acts) = run(
         &s,
-        &[seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer))],
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
     );
     assert_eq!(s.request, None);
-    assert!(acts.contains(&Action::StartResync { full: false }), "{acts:?}");
+    assert!(
+        acts.contains(&Action::StartResync { full: false }),
+        "{acts:?}"
+    );
 }
 
 #[test]
@@ -1583,7 +1601,9 @@ fn invalidate_on_a_second_discards_its_copy_and_takes_a_full_compare() {
     let (s, actions, log) = log_of(&second(), Event::Invalidate);
     assert!(!log.contains("refused"), "{log}");
     // Persisted before the copy is touched.
-    let first = actions.iter().position(|a| *a == Action::SetSelfOutdated(true));
+    let first = actions
+        .iter()
+        .position(|a| *a == Action::SetSelfOutdated(true));
     let inval = actions.iter().position(|a| *a == Action::InvalidateCopy);
     assert!(first.is_some() && first < inval, "{actions:?}");
     assert_eq!(s.readiness(), Readiness::NotUpToDate);
@@ -1601,9 +1621,16 @@ fn invalidate_on_a_second_discards_its_copy_and_takes_a_full_compare() {
     // Its new generation starts a full resync here; the end makes it ready.
     let (s, acts) = run(
         &s,
-        &[seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer))],
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
     );
-    assert!(acts.contains(&Action::StartResync { full: true }), "{acts:?}");
+    assert!(
+        acts.contains(&Action::StartResync { full: true }),
+        "{acts:?}"
+    );
     let (s, acts) = run(&s, &[Event::ResyncDone]);
     assert_eq!(s.readiness(), Readiness::Ready);
     assert!(!s.self_outdated);
@@ -1613,15 +1640,27 @@ fn invalidate_on_a_second_discards_its_copy_and_takes_a_full_compare() {
 #[test]
 fn invalidate_and_resync_compare_are_refused_where_they_make_no_sense() {
     let stop = fresh(true, false);
-    let alone = run(&fresh(true, false), &[Event::Start, Event::StartWaitElapsed]).0;
+    let alone = run(
+        &fresh(true, false),
+        &[Event::Start, Event::StartWaitElapsed],
+    )
+    .0;
     assert_eq!(alone.role, Role::Alone);
     let wait = run(&fresh(false, false), &[Event::Start]).0;
     assert_eq!(wait.role, Role::Wait);
-    for (name, state) in [("PRIM", prim()), ("STOP", stop), ("ALONE", alone), ("WAIT", wait)] {
+    for (name, state) in [
+        ("PRIM", prim()),
+        ("STOP", stop),
+        ("ALONE", alone),
+        ("WAIT", wait),
+    ] {
         let (next, actions, log) = log_of(&state, Event::Invalidate);
         assert!(log.contains("invalidate refused"), "{name}: {log}");
         assert!(log.contains(name), "{name}: {log}");
-        assert!(actions.iter().all(|a| matches!(a, Action::Log(_))), "{name}");
+        assert!(
+            actions.iter().all(|a| matches!(a, Action::Log(_))),
+            "{name}"
+        );
         assert_eq!(next, state, "{name}");
         if name != "PRIM" {
             let (next, _, log) = log_of(&state, Event::ResyncCompare);
