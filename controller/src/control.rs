@@ -122,6 +122,22 @@ pub enum Request {
         #[serde(default)]
         module: Option<String>,
     },
+    /// `vmctl resync --compare`: compare both copies block by block and repair
+    /// the SECOND from the PRIM while the VM writes (on the PRIM, or on a ready
+    /// SECOND, which asks its PRIM). `compare` must be true: an incremental
+    /// resync runs by itself whenever the SECOND is behind.
+    Resync {
+        #[serde(default)]
+        module: Option<String>,
+        #[serde(default)]
+        compare: bool,
+    },
+    /// `vmctl invalidate` on a SECOND: discard its copy's records and take a
+    /// full compare resync from the PRIM.
+    Invalidate {
+        #[serde(default)]
+        module: Option<String>,
+    },
 }
 
 /// The answer line.

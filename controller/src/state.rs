@@ -270,6 +270,9 @@ pub enum Request {
     TakeOver,
     /// "Let me be PRIM" (swap asked on the SECOND).
     HandOver,
+    /// "Compare every block of my copy with yours and repair it" (`vmctl resync
+    /// --compare` or `vmctl invalidate` on the SECOND).
+    Compare,
 }
 
 /// What a node puts in its heartbeats about one module.
@@ -424,6 +427,12 @@ pub enum Event {
     },
     /// The outcome of a `ProbeWitness` or `RetryWitness`.
     WitnessResult(WitnessOutcome),
+    /// `vmctl resync --compare`: compare both copies block by block and repair
+    /// the SECOND from the PRIM while the VM writes.
+    ResyncCompare,
+    /// `vmctl invalidate` on a SECOND: discard this copy's records and take a
+    /// full compare resync from the PRIM.
+    Invalidate,
 }
 
 /// What probing the witnesses found.
@@ -493,6 +502,12 @@ pub enum Action {
     /// probe is still wanted ([`ModuleState::probing`]); reports
     /// `WitnessResult`.
     RetryWitness,
+    /// Writer: the next attach of the peer compares every block whatever the
+    /// records say (`STATEDIR/compare-resync`).
+    RequestCompare,
+    /// Receiver: record this copy as not up to date so that its records are
+    /// discarded when the receiver starts for the resync (`self-outdated`).
+    InvalidateCopy,
     /// A line for the module's event log.
     Log(String),
 }
@@ -802,7 +817,72 @@ impl Transition {
                 }
             }
             Event::WitnessResult(outcome) => self.witness_result(outcome),
+            Event::ResyncCompare => self.resync_compare(),
+            Event::Invalidate => self.invalidate(),
         }
+    }
+
+    /// `resync --compare`: on the PRIM of a ready SECOND, the compare resync
+    /// starts here; on a ready SECOND, the PRIM is asked in the heartbeats.
+    fn resync_compare(&mut self) {
+        match (self.s.role, self.s.peer) {
+            (Role::Prim, PeerKnowledge::Seen(p))
+                if p.role == Role::Second
+                    && p.readiness == Readiness::Ready
+                    && p.relation == Relation::InSync
+                    && !self.s.peer_outdated =>
+            {
+                self.start_compare("resync --compare requested");
+            }
+            (Role::Prim, PeerKnowledge::Seen(p)) if p.role == Role::Second => self.log(
+                "resync --compare refused: the SECOND is being resynchronised already (retry once it is ready)",
+            ),
+            (Role::Second, PeerKnowledge::Seen(p)) if p.role == Role::Prim && self.s.uptodate => {
+                self.s.request = Some(Request::Compare);
+                self.log("resync --compare: asking the PRIM to compare and repair this copy");
+            }
+            (Role::Second, _) => self.log(
+                "resync --compare refused: this SECOND is not up to date or sees no PRIM (use `vmctl invalidate` to discard its copy)",
+            ),
+            (role, _) => self.log(format!(
+                "resync --compare refused: needs a PRIM with its SECOND (this node is {role})"
+            )),
+        }
+    }
+
+    /// `invalidate` on a SECOND (DRBD's invalidate): this copy is not up to
+    /// date from now on (persisted first), its records are discarded, and the
+    /// PRIM is asked for a compare resync, which compares every block.
+    fn invalidate(&mut self) {
+        match self.s.role {
+            Role::Second if self.peer_is_writer() => {
+                self.set_self_outdated(true);
+                self.act(Action::InvalidateCopy);
+                self.s.uptodate = false;
+                self.s.request = Some(Request::Compare);
+                self.log("invalidate: this copy is discarded; asking the PRIM for a full compare resync");
+            }
+            Role::Second => self.log(
+                "invalidate refused: no PRIM to resynchronise from is seen",
+            ),
+            role => self.log(format!(
+                "invalidate refused: only a SECOND discards its copy (this node is {role}; on the PRIM use `vmctl resync --compare`)"
+            )),
+        }
+    }
+
+    /// The PRIM starts a compare resync of its SECOND: the next attach compares
+    /// every block; the SECOND learns it is outdated (a new generation it must
+    /// acknowledge, as when the replication link goes down) before the writer
+    /// writes alone, then it is attached again and repaired while the VM writes.
+    fn start_compare(&mut self, reason: &str) {
+        self.s.peer_outdated = true;
+        self.act(Action::RequestCompare);
+        self.act(Action::NewGeneration);
+        self.act(Action::MarkPeerOutdated);
+        self.log(format!(
+            "{reason}: marking the SECOND outdated, then comparing every block"
+        ));
     }
 
     // ---- operator commands ----
@@ -894,7 +974,9 @@ impl Transition {
         }
         match self.s.request {
             Some(Request::TakeOver) if peer.role.is_writer() => self.s.request = None,
-            Some(Request::HandOver) if peer.role != Role::Prim => self.s.request = None,
+            Some(Request::HandOver | Request::Compare) if peer.role != Role::Prim => {
+                self.s.request = None
+            }
             _ => {}
         }
         if self.s.forced && peer.relation == Relation::InSync && peer.role == Role::Second {
@@ -915,6 +997,15 @@ impl Transition {
         let behind = !matches!(peer.relation, Relation::InSync | Relation::LocalNewer);
         if self.s.uptodate && behind {
             // The writer went on without us (replication link down).
+            self.s.uptodate = false;
+            self.s.resync_wanted = true;
+        }
+        if self.s.request == Some(Request::Compare)
+            && peer.role.is_writer()
+            && peer.relation == Relation::PeerNewer
+        {
+            // The PRIM started the compare resync we asked for.
+            self.s.request = None;
             self.s.uptodate = false;
             self.s.resync_wanted = true;
         }
@@ -989,6 +1080,14 @@ impl Transition {
                 if self.s.role == Role::Alone {
                     self.s.role = Role::Prim;
                     self.because("the peer is SECOND");
+                }
+                if peer.request == Some(Request::Compare)
+                    && self.s.role == Role::Prim
+                    && peer.relation == Relation::InSync
+                    && !self.s.peer_outdated
+                {
+                    self.start_compare("the SECOND asked for a compare resync");
+                    return;
                 }
                 self.attach_if_behind(peer);
                 let in_sync_ready =

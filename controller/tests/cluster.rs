@@ -864,3 +864,61 @@ async fn peer_restarted_with_its_clock_behind_is_heard_again() {
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
 }
+
+/// `vmctl resync --compare` on the PRIM and `vmctl invalidate` on the SECOND,
+/// through the control socket: refusals where they make no sense; otherwise the
+/// SECOND is made outdated (a new generation), resynchronised with a compare,
+/// and ready again at the end with the PRIM's generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_compare_and_invalidate_repair_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = running_pair(dir.path()).await;
+    let generation = |s: &Status, node: &str| s.modules[0].nodes[node].generation.clone();
+    let before = generation(&n1.status(), "node1");
+
+    let r = n1.request(Request::Invalidate { module: None }).await;
+    assert!(!r.ok, "{r:?}");
+    assert!(r.error.unwrap_or_default().contains("invalidate refused"));
+    let r = n1
+        .request(Request::Resync {
+            module: None,
+            compare: false,
+        })
+        .await;
+    assert!(!r.ok, "{r:?}");
+    let resyncs = n2.fs.count("resync");
+    let r = n1
+        .request(Request::Resync {
+            module: None,
+            compare: true,
+        })
+        .await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(n1.fs.count("request_compare"), 1);
+    n1.wait("the SECOND repaired and ready", |s| {
+        let (g1, g2) = (generation(s, "node1"), generation(s, "node2"));
+        g1 != before && g1 == g2 && s.modules[0].nodes["node2"].ready
+    })
+    .await;
+    assert!(n2.fs.count("resync") > resyncs, "{:?}", n2.fs.calls());
+    let log = n1.log().await.join("\n");
+    assert!(log.contains("comparing every block"), "{log}");
+
+    let before = generation(&n1.status(), "node1");
+    let full = n2.fs.count("resync_full");
+    let r = n2.request(Request::Invalidate { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(n2.fs.count("invalidate"), 1);
+    n1.wait("the SECOND's request reached the PRIM", |_| {
+        n1.fs.count("request_compare") == 2
+    })
+    .await;
+    n2.wait("the invalidated SECOND resynced and ready", |s| {
+        let (g1, g2) = (generation(s, "node1"), generation(s, "node2"));
+        g1 != before && g1 == g2 && s.modules[0].nodes["node2"].ready
+    })
+    .await;
+    assert_eq!(n2.fs.count("resync_full"), full + 1, "{:?}", n2.fs.calls());
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}

@@ -58,6 +58,20 @@ enum Command {
     /// Compare both nodes' copies online, block by block; changes nothing and
     /// reports the regions that differ (exit status 1 if any do).
     Verify { module: Option<String> },
+    /// Compare both copies block by block and repair the SECOND from the PRIM
+    /// while the VM runs (after a copy was changed outside vmha, or to be sure).
+    /// On the PRIM, or on a ready SECOND (which asks its PRIM). The SECOND is
+    /// not up to date until the repair ends; progress shows in `status`.
+    Resync {
+        module: Option<String>,
+        /// Compare every block whatever the records say (required: an
+        /// incremental resync runs by itself whenever the SECOND is behind).
+        #[arg(long, required = true)]
+        compare: bool,
+    },
+    /// On a SECOND: discard this node's copy (its records) and take a full
+    /// compare resync from the PRIM. Refused on a PRIM, STOP, WAIT or ALONE node.
+    Invalidate { module: Option<String> },
 }
 
 /// Everything that makes vmctl exit non-zero (each printed as one line).
@@ -324,6 +338,12 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             print_lines(&call(&socket, &Request::Prim { module })?)
         }
         Command::Log { module } => print_lines(&call(&socket, &Request::Log { module })?),
+        Command::Resync { module, compare } => {
+            print_lines(&call(&socket, &Request::Resync { module, compare })?)
+        }
+        Command::Invalidate { module } => {
+            print_lines(&call(&socket, &Request::Invalidate { module })?)
+        }
         Command::Verify { module } => {
             let response = call(&socket, &Request::Verify { module })?;
             print_lines(&response)?;

@@ -314,6 +314,39 @@ impl Runner {
             Action::RetryAttach => {
                 self.attach_retry = Some(tokio::time::Instant::now() + ATTACH_RETRY);
             }
+            Action::RequestCompare => {
+                let reason = "the operator asked for a compare resync";
+                match self
+                    .blocking(move |_, fs, m| fs.request_compare(m, reason))
+                    .await
+                {
+                    Some(Ok(())) => {
+                        self.record("the next resync compares every block".into(), lines)
+                            .await
+                    }
+                    Some(Err(e)) => {
+                        // The SECOND is still made outdated and resynced: an
+                        // incremental resync, which the log says.
+                        self.record(format!("error: resync --compare: {e}"), lines)
+                            .await
+                    }
+                    None => {}
+                }
+            }
+            Action::InvalidateCopy => {
+                let reason = "invalidated by the operator (vmctl invalidate)";
+                match self
+                    .blocking(move |_, fs, m| fs.invalidate(m, reason))
+                    .await
+                {
+                    Some(Ok(())) => {
+                        self.record("this copy's records are discarded".into(), lines)
+                            .await
+                    }
+                    Some(Err(e)) => self.record(format!("error: invalidate: {e}"), lines).await,
+                    None => {}
+                }
+            }
             Action::RestartReceiver { reason } => {
                 let generation = self.peer_generation();
                 let result = self

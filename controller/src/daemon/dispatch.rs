@@ -270,6 +270,19 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
         Request::Stop { module } => (Event::Stop, module),
         Request::Swap { module } => (Event::Swap, module),
         Request::Prim { module } => (Event::PrimForced, module),
+        Request::Resync {
+            compare: false,
+            module: _,
+        } => {
+            return Response::error(
+                "resync: only `--compare` is available (an incremental resync runs by itself whenever the SECOND is behind)",
+            )
+        }
+        Request::Resync {
+            module,
+            compare: true,
+        } => (Event::ResyncCompare, module),
+        Request::Invalidate { module } => (Event::Invalidate, module),
     };
     let handle = match resolve(shared, module.as_deref()) {
         Ok(h) => h,

@@ -59,6 +59,10 @@ enum Op {
     /// A node's witness probe ends; `true`: it could not run this time.
     Witness(usize, bool),
     LinkDown,
+    /// `vmctl resync --compare` on a node.
+    Compare(usize),
+    /// `vmctl invalidate` on a node.
+    Invalidate(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -84,6 +88,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => node.clone().prop_map(Op::Write),
         1 => (node.clone(), any::<bool>()).prop_map(|(i, fails)| Op::Witness(i, fails)),
         1 => Just(Op::LinkDown),
+        1 => node.clone().prop_map(Op::Compare),
+        1 => node.clone().prop_map(Op::Invalidate),
     ]
 }
 
@@ -264,6 +270,8 @@ impl Sim {
                 | Action::StartResync { .. }
                 | Action::AttachPeer
                 | Action::RetryAttach
+                | Action::RequestCompare
+                | Action::InvalidateCopy
                 | Action::Log(_) => {}
             }
         }
@@ -314,6 +322,8 @@ impl Sim {
             Op::Stop(i) => self.deliver(i, Event::Stop),
             Op::Swap(i) => self.deliver(i, Event::Swap),
             Op::Prim(i) => self.deliver(i, Event::PrimForced),
+            Op::Compare(i) => self.deliver(i, Event::ResyncCompare),
+            Op::Invalidate(i) => self.deliver(i, Event::Invalidate),
             Op::Exchange => {
                 if self.see_each_other() {
                     self.heartbeat(0);

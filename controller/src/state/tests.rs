@@ -1131,6 +1131,8 @@ fn events() -> Vec<Event> {
         Event::WitnessResult(WitnessOutcome::Reachable),
         Event::WitnessResult(WitnessOutcome::Unreachable),
         Event::WitnessResult(WitnessOutcome::CouldNotProbe),
+        Event::ResyncCompare,
+        Event::Invalidate,
     ];
     for bits in 0u8..8 {
         out.push(Event::LinkDown {
@@ -1597,6 +1599,187 @@ fn a_seconds_dead_receiver_is_restarted_once_per_interval() {
     let (p, actions) = run(&prim(), &[fs_died(1_000)]);
     assert_eq!(p.role, Role::Wait);
     assert!(actions.contains(&Action::StopVm));
+}
+
+// ---- operator repairs: resync --compare, invalidate ----
+
+fn log_of(state: &ModuleState, event: Event) -> (ModuleState, Vec<Action>, String) {
+    let (next, actions) = step(state, event);
+    let log = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Log(l) => Some(l.clone()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    (next, actions, log)
+}
+
+#[test]
+fn resync_compare_on_the_prim_makes_the_second_outdated_then_compares() {
+    let (s, actions, log) = log_of(&prim(), Event::ResyncCompare);
+    let acts: Vec<_> = actions
+        .into_iter()
+        .filter(|a| !matches!(a, Action::Log(_)))
+        .collect();
+    assert_eq!(
+        acts,
+        vec![
+            Action::RequestCompare,
+            Action::NewGeneration,
+            Action::MarkPeerOutdated
+        ],
+        "{log}"
+    );
+    assert!(!log.contains("refused"), "{log}");
+    assert!(s.peer_outdated);
+    assert_eq!(s.role, Role::Prim);
+    // Writes go alone only once the SECOND knows; then it is attached again.
+    let (s, acts) = run(
+        &s,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(acts, vec![Action::WriteAlone]);
+    // A second request while the SECOND is behind is refused, not stacked.
+    let behind = seen(peer(
+        Role::Second,
+        Readiness::NotUpToDate,
+        Relation::LocalNewer,
+    ));
+    let (s, _) = run(&s, &[behind]);
+    let (_, actions, log) = log_of(&s, Event::ResyncCompare);
+    assert!(log.contains("refused"), "{log}");
+    assert!(actions.iter().all(|a| matches!(a, Action::Log(_))));
+}
+
+#[test]
+fn the_second_sees_the_compare_as_a_resync_and_is_ready_at_its_end() {
+    let (s, acts) = run(
+        &second(),
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(s.readiness(), Readiness::NotUpToDate);
+    assert!(
+        acts.contains(&Action::StartResync { full: false }),
+        "{acts:?}"
+    );
+    let (s, acts) = run(&s, &[Event::ResyncDone]);
+    assert_eq!(s.readiness(), Readiness::Ready);
+    assert!(acts.contains(&Action::AdoptPeerHistory));
+}
+
+#[test]
+fn resync_compare_on_a_ready_second_asks_the_prim() {
+    let (s, _, log) = log_of(&second(), Event::ResyncCompare);
+    assert_eq!(s.request, Some(Request::Compare), "{log}");
+    assert_eq!(s.announce().request, Some(Request::Compare));
+    // The PRIM answers a SECOND's request like its own command.
+    let asking = Peer {
+        request: Some(Request::Compare),
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (p, acts) = run(&prim(), &[seen(asking)]);
+    assert!(p.peer_outdated);
+    assert!(
+        acts.contains(&Action::RequestCompare) && acts.contains(&Action::MarkPeerOutdated),
+        "{acts:?}"
+    );
+    // Once the PRIM's generation is newer, the SECOND's request is answered.
+    let (s, acts) = run(
+        &s,
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(s.request, None);
+    assert!(
+        acts.contains(&Action::StartResync { full: false }),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn invalidate_on_a_second_discards_its_copy_and_takes_a_full_compare() {
+    let (s, actions, log) = log_of(&second(), Event::Invalidate);
+    assert!(!log.contains("refused"), "{log}");
+    // Persisted before the copy is touched.
+    let first = actions
+        .iter()
+        .position(|a| *a == Action::SetSelfOutdated(true));
+    let inval = actions.iter().position(|a| *a == Action::InvalidateCopy);
+    assert!(first.is_some() && first < inval, "{actions:?}");
+    assert_eq!(s.readiness(), Readiness::NotUpToDate);
+    assert_eq!(s.request, Some(Request::Compare));
+    // Not promoted if the PRIM dies now: the copy is discarded.
+    let (lost, _) = run(&s, &[Event::PeerLost]);
+    assert_eq!(lost.role, Role::Wait);
+    // The PRIM starts the compare for a not-ready SECOND that asks.
+    let asking = Peer {
+        request: Some(Request::Compare),
+        ..peer(Role::Second, Readiness::NotUpToDate, Relation::InSync)
+    };
+    let (_, acts) = run(&prim(), &[seen(asking)]);
+    assert!(acts.contains(&Action::NewGeneration), "{acts:?}");
+    // Its new generation starts a full resync here; the end makes it ready.
+    let (s, acts) = run(
+        &s,
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert!(
+        acts.contains(&Action::StartResync { full: true }),
+        "{acts:?}"
+    );
+    let (s, acts) = run(&s, &[Event::ResyncDone]);
+    assert_eq!(s.readiness(), Readiness::Ready);
+    assert!(!s.self_outdated);
+    assert!(acts.contains(&Action::SetSelfOutdated(false)));
+}
+
+#[test]
+fn invalidate_and_resync_compare_are_refused_where_they_make_no_sense() {
+    let stop = fresh(true, false);
+    let alone = run(
+        &fresh(true, false),
+        &[Event::Start, Event::StartWaitElapsed],
+    )
+    .0;
+    assert_eq!(alone.role, Role::Alone);
+    let wait = run(&fresh(false, false), &[Event::Start]).0;
+    assert_eq!(wait.role, Role::Wait);
+    for (name, state) in [
+        ("PRIM", prim()),
+        ("STOP", stop),
+        ("ALONE", alone),
+        ("WAIT", wait),
+    ] {
+        let (next, actions, log) = log_of(&state, Event::Invalidate);
+        assert!(log.contains("invalidate refused"), "{name}: {log}");
+        assert!(log.contains(name), "{name}: {log}");
+        assert!(
+            actions.iter().all(|a| matches!(a, Action::Log(_))),
+            "{name}"
+        );
+        assert_eq!(next, state, "{name}");
+        if name != "PRIM" {
+            let (next, _, log) = log_of(&state, Event::ResyncCompare);
+            assert!(log.contains("resync --compare refused"), "{name}: {log}");
+            assert_eq!(next, state, "{name}");
+        }
+    }
 }
 
 /// A SECOND behind the writer is attached once per episode; a failed attach
