@@ -544,7 +544,7 @@ fn logs_go_to_journald_with_fields_under_systemd() {
     let is_started = |f: &[(String, String)]| message(f, &|m| m == "vmhad started");
     let is_transition = |f: &[(String, String)]| message(f, &|m| m.contains("STOP -> WAIT"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut records: Vec<Vec<(String, String)>> = Vec::new();
+    let mut records: Vec<Vec<Field>> = Vec::new();
     while !(records.iter().any(|f| is_started(f)) && records.iter().any(|f| is_transition(f))) {
         if let Some(raw) = socket.next_raw() {
             records.push(journal_fields(&raw));
@@ -555,9 +555,8 @@ fn logs_go_to_journald_with_fields_under_systemd() {
             std::fs::read_to_string(&err).unwrap_or_default()
         );
     }
-    let record = |what: &dyn Fn(&[(String, String)]) -> bool| {
-        records.iter().find(|f| what(f)).unwrap().clone()
-    };
+    let record =
+        |what: &dyn Fn(&[Field]) -> bool| records.iter().find(|f| what(f)).unwrap().clone();
     let has = |fields: &[(String, String)], name: &str, value: &str| {
         fields.iter().any(|(k, v)| k == name && v == value)
     };
@@ -576,9 +575,12 @@ fn logs_go_to_journald_with_fields_under_systemd() {
     );
 }
 
+/// A journald field: name and value.
+type Field = (String, String);
+
 /// The fields of one journald native-protocol datagram: `NAME=value` lines,
 /// or `NAME`, a newline, a 64-bit little-endian length, the value, a newline.
-fn journal_fields(mut raw: &[u8]) -> Vec<(String, String)> {
+fn journal_fields(mut raw: &[u8]) -> Vec<Field> {
     let mut fields = Vec::new();
     while let Some(end) = raw.iter().position(|&b| b == b'\n' || b == b'=') {
         let name = String::from_utf8_lossy(&raw[..end]).into_owned();
