@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use vmha_controller::clock::WallClock;
 use vmha_controller::config::Config;
 use vmha_controller::daemon::{Daemon, DaemonSpec};
@@ -101,10 +101,16 @@ fn run(args: Args) -> Result<(), MainError> {
             clock,
         })
         .await?;
+        // The control socket answers and every module got its start: ready.
+        let status = daemon.status();
+        vmha_controller::systemd::ready(&status);
+        let summary = vmha_controller::systemd::summary(&status);
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping the modules"),
             _ = int.recv() => tracing::info!("SIGINT: stopping the modules"),
+            () = vmha_controller::systemd::keep_alive(&daemon, summary) => {}
         }
+        vmha_controller::systemd::stopping();
         daemon.shutdown().await;
         tracing::info!("vmhad stopped");
         Ok(())
@@ -112,16 +118,15 @@ fn run(args: Args) -> Result<(), MainError> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal only: logs and journald get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Args::parse()) {
+    if let Some(code) = vmha_cli::docs::run_if_asked(Args::command) {
+        return code;
+    }
+    let args = Args::parse();
+    vmha_cli::logging::init(vmha_cli::logging::Fields {
+        node: Some(&args.node),
+        module: None,
+    });
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmhad: {e}");

@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vmha_controller::config::Config;
 use vmha_controller::control::{Client, ControlError, Request, Response};
 use vmha_controller::state::WitnessOutcome;
@@ -356,6 +356,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = vmha_cli::docs::run_if_asked(Cli::command) {
+        return code;
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
