@@ -309,6 +309,48 @@ pub struct Config {
     hash: Digest,
     #[serde(skip)]
     module_hashes: Vec<Digest>,
+    #[serde(skip)]
+    cluster_keys: KeyDigests,
+    #[serde(skip)]
+    module_keys: Vec<KeyDigests>,
+}
+
+/// Per-key short digests of a section (see [`Config::cluster_key_digests`]).
+pub type KeyDigests = std::collections::BTreeMap<String, String>;
+
+/// Short digest (8 bytes, hex) of each top-level field of `value`'s JSON form,
+/// named `prefix` + field.
+fn key_digests<T: Serialize>(
+    prefix: &str,
+    value: &T,
+    out: &mut KeyDigests,
+) -> Result<(), serde_json::Error> {
+    if let serde_json::Value::Object(fields) = serde_json::to_value(value)? {
+        for (key, field) in fields {
+            let digest = Digest::of_json("vmha key v1", &field)?;
+            let short: String = digest.to_string().chars().take(16).collect();
+            out.insert(format!("{prefix}{key}"), short);
+        }
+    }
+    Ok(())
+}
+
+/// The keys whose digests differ between two [`KeyDigests`] (or that only one
+/// side has), each prefixed with `prefix`, sorted.
+pub fn differing_keys(prefix: &str, local: &KeyDigests, peer: &KeyDigests) -> Vec<String> {
+    let mut keys: Vec<String> = local
+        .iter()
+        .filter(|(k, v)| peer.get(*k) != Some(*v))
+        .map(|(k, _)| format!("{prefix}{k}"))
+        .chain(
+            peer.keys()
+                .filter(|k| !local.contains_key(*k))
+                .map(|k| format!("{prefix}{k}")),
+        )
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// The part of the cluster a module's failover decisions depend on.
@@ -378,8 +420,36 @@ impl Config {
         self.module_hashes.get(index).copied()
     }
 
+    /// Short digests of each cluster-wide key, named `cluster.KEY` and
+    /// `node[I].KEY`: carried in heartbeats so that the peers name the keys
+    /// that differ, not only that something does.
+    pub fn cluster_key_digests(&self) -> &KeyDigests {
+        &self.cluster_keys
+    }
+
+    /// Short digests of each key of one module's section, named by the key
+    /// alone (`lock_timeout_ms`, …).
+    pub fn module_key_digests(&self, module: &str) -> Option<&KeyDigests> {
+        let index = self.modules.iter().position(|m| m.name == module)?;
+        self.module_keys.get(index)
+    }
+
     fn with_hashes(mut self) -> Result<Config, ConfigError> {
         self.hash = Digest::of_json("vmha config v1", &self)?;
+        let mut cluster_keys = KeyDigests::new();
+        key_digests("cluster.", &self.cluster, &mut cluster_keys)?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            key_digests(&format!("node[{i}]."), node, &mut cluster_keys)?;
+        }
+        self.cluster_keys = cluster_keys;
+        self.module_keys = self
+            .modules
+            .iter()
+            .map(|m| {
+                let mut keys = KeyDigests::new();
+                key_digests("", m, &mut keys).map(|()| keys)
+            })
+            .collect::<Result<_, _>>()?;
         self.module_hashes = self
             .modules
             .iter()
@@ -882,6 +952,8 @@ impl RawConfig {
             modules: modules.into_iter().map(|(_, m)| m).collect(),
             hash: Digest([0; 32]),
             module_hashes: Vec::new(),
+            cluster_keys: KeyDigests::new(),
+            module_keys: Vec::new(),
         })
     }
 }

@@ -82,7 +82,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
-use crate::config::Digest;
+use crate::config::{Digest, KeyDigests};
 use crate::generation::History;
 use crate::state::Announce;
 use crate::status::ResyncStatus;
@@ -174,6 +174,10 @@ pub struct ModuleBeat {
     /// Bytes the sender wrote since its current generation began.
     pub changed_bytes: u64,
     pub resync: Option<ResyncStatus>,
+    /// [`crate::config::Config::module_key_digests`] on the sender: the peer
+    /// names the keys of this module that differ (absent from older senders).
+    #[serde(default)]
+    pub keys: KeyDigests,
 }
 
 /// The authenticated content of a heartbeat.
@@ -188,6 +192,11 @@ pub struct Payload {
     pub round: u64,
     pub config_hash: Digest,
     pub modules: Vec<ModuleBeat>,
+    /// [`crate::config::Config::cluster_key_digests`] on the sender (16 hex
+    /// digits per key: with 32 modules of 13 keys the payload stays far
+    /// below [`MAX_DATAGRAM`]).
+    #[serde(default)]
+    pub config_keys: KeyDigests,
 }
 
 fn mac_key(key: &ClusterKey) -> [u8; 32] {
@@ -855,7 +864,9 @@ mod tests {
                 history: History::empty(),
                 changed_bytes: 0,
                 resync: None,
+                keys: Default::default(),
             }],
+            config_keys: Default::default(),
         }
     }
 

@@ -19,8 +19,10 @@
 //! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
 
+pub mod check;
 pub mod clock;
 pub mod config;
+pub mod config_diff;
 pub mod control;
 pub mod daemon;
 pub mod driver;
