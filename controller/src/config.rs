@@ -315,6 +315,14 @@ pub struct Config {
     module_keys: Vec<KeyDigests>,
 }
 
+/// Cluster keys that name paths on the node itself: not compared between
+/// the nodes (each may have its own), still compared by a reload.
+pub const NODE_LOCAL_KEYS: [&str; 3] = [
+    "cluster.key_file",
+    "cluster.state_dir",
+    "cluster.control_socket",
+];
+
 /// Per-key short digests of a section (see [`Config::cluster_key_digests`]).
 pub type KeyDigests = std::collections::BTreeMap<String, String>;
 
@@ -421,7 +429,7 @@ impl Config {
     }
 
     /// Short digests of each cluster-wide key, named `cluster.KEY` and
-    /// `node[I].KEY`: carried in heartbeats so that the peers name the keys
+    /// `node[I].KEY` (without [`NODE_LOCAL_KEYS`]): carried in heartbeats so that the peers name the keys
     /// that differ, not only that something does.
     pub fn cluster_key_digests(&self) -> &KeyDigests {
         &self.cluster_keys
@@ -438,6 +446,10 @@ impl Config {
         self.hash = Digest::of_json("vmha config v1", &self)?;
         let mut cluster_keys = KeyDigests::new();
         key_digests("cluster.", &self.cluster, &mut cluster_keys)?;
+        // Paths on the node itself: each node may have its own.
+        for local in NODE_LOCAL_KEYS {
+            cluster_keys.remove(local);
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             key_digests(&format!("node[{i}]."), node, &mut cluster_keys)?;
         }

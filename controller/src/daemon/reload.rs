@@ -157,12 +157,21 @@ fn plan(shared: &Shared, text: &str, path: &Path) -> Result<Plan, Vec<String>> {
     let mut reasons = Vec::new();
 
     let cluster_changes = differing_keys("", old.cluster_key_digests(), new.cluster_key_digests());
-    for key in &cluster_changes {
-        if RESTART_KEYS.contains(&key.as_str()) || key.starts_with("node[") {
-            reasons.push(format!(
-                "{key} changed: it cannot change in a running vmhad, restart vmhad to use it"
-            ));
-        }
+    let (a, b) = (&old.cluster, &new.cluster);
+    let local_changes = [
+        ("cluster.key_file", a.key_file != b.key_file),
+        ("cluster.state_dir", a.state_dir != b.state_dir),
+        ("cluster.control_socket", a.control_socket != b.control_socket),
+    ];
+    let restart = cluster_changes
+        .iter()
+        .map(String::as_str)
+        .filter(|k| RESTART_KEYS.contains(k) || k.starts_with("node["))
+        .chain(local_changes.iter().filter(|(_, c)| *c).map(|(k, _)| *k));
+    for key in restart {
+        reasons.push(format!(
+            "{key} changed: it cannot change in a running vmhad, restart vmhad to use it"
+        ));
     }
     let modules = shared.modules();
     let role_of = |name: &str| -> Option<Role> {
