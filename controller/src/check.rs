@@ -61,10 +61,7 @@ impl Report {
 
     /// The closing line.
     pub fn summary(&self) -> String {
-        format!(
-            "{} error(s), {} warning(s)",
-            self.errors, self.warnings
-        )
+        format!("{} error(s), {} warning(s)", self.errors, self.warnings)
     }
 }
 
@@ -92,7 +89,11 @@ pub fn check_file(path: &Path, node: Option<&str>) -> Report {
     let running = running_status(&config);
     let name = match node {
         Some(name) => name.to_string(),
-        None => match running.as_ref().map(|s| s.node.clone()).or_else(|| guess_node(&config)) {
+        None => match running
+            .as_ref()
+            .map(|s| s.node.clone())
+            .or_else(|| guess_node(&config))
+        {
             Some(name) => name,
             None => {
                 report.add(
@@ -163,7 +164,10 @@ fn host_checks(
         if !is_local(*address) {
             report.add(
                 Severity::Error,
-                format!("node[{}].addresses[{i}]: {address} is not an address of this host", node.get()),
+                format!(
+                    "node[{}].addresses[{i}]: {address} is not an address of this host",
+                    node.get()
+                ),
             );
             continue;
         }

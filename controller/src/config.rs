@@ -807,7 +807,9 @@ fn tables<T: serde::de::DeserializeOwned>(
 }
 
 fn top<'a, 'i>(root: &'a DeTable<'i>, key: &str) -> Option<&'a Spanned<DeValue<'i>>> {
-    root.iter().find(|(k, _)| k.get_ref() == key).map(|(_, v)| v)
+    root.iter()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(_, v)| v)
 }
 
 /// The span of `path` in the document, or of the deepest part of it present.
@@ -857,7 +859,9 @@ fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
         }
     }
     let cluster = match top(root.get_ref(), "cluster") {
-        Some(value) => section::<RawCluster>(value.clone(), &KeyPath::default().key("cluster"), out),
+        Some(value) => {
+            section::<RawCluster>(value.clone(), &KeyPath::default().key("cluster"), out)
+        }
         None => {
             out.push(Problem {
                 error: ConfigError::NoCluster,
@@ -936,10 +940,8 @@ impl RawConfig {
             self.cluster.failover_timeout_ms,
             self.cluster.heartbeat_interval_ms,
         );
-        let (heartbeat_port, state_dir) = (
-            self.cluster.heartbeat_port,
-            self.cluster.state_dir.clone(),
-        );
+        let (heartbeat_port, state_dir) =
+            (self.cluster.heartbeat_port, self.cluster.state_dir.clone());
         let cluster = validate_cluster(self.cluster, &node_index, problems);
         if self.modules.len() > MAX_MODULES {
             problems.push(
@@ -1064,8 +1066,7 @@ fn validate_cluster(
             },
             KeyPath::cluster("failover_timeout_ms"),
         );
-    } else if raw.heartbeat_interval_ms == 0
-        || raw.heartbeat_interval_ms >= raw.failover_timeout_ms
+    } else if raw.heartbeat_interval_ms == 0 || raw.heartbeat_interval_ms >= raw.failover_timeout_ms
     {
         problems.push(
             ConfigError::HeartbeatInterval {
@@ -1235,7 +1236,10 @@ impl RawModule {
             },
         };
         if self.lock_timeout_ms == 0 {
-            problems.push(ConfigError::ZeroLockTimeout(name.clone()), at("lock_timeout_ms"));
+            problems.push(
+                ConfigError::ZeroLockTimeout(name.clone()),
+                at("lock_timeout_ms"),
+            );
         } else {
             let minimum = timing.0.saturating_add(timing.1);
             if self.lock_timeout_ms <= minimum {
@@ -1262,7 +1266,10 @@ impl RawModule {
             problems.push(ConfigError::ZeroMaxloop(name.clone()), at("maxloop"));
         }
         if self.loop_interval_s == 0 {
-            problems.push(ConfigError::ZeroLoopInterval(name.clone()), at("loop_interval_s"));
+            problems.push(
+                ConfigError::ZeroLoopInterval(name.clone()),
+                at("loop_interval_s"),
+            );
         }
         // Returned even when invalid: the checks across modules still see it.
         Module {
@@ -1320,7 +1327,10 @@ fn check_uniqueness(
     for (index, module) in modules {
         let at = |key: &str| KeyPath::module(*index).key(key);
         if !names.insert(module.name.as_str()) {
-            problems.push(ConfigError::DuplicateModule(module.name.clone()), at("name"));
+            problems.push(
+                ConfigError::DuplicateModule(module.name.clone()),
+                at("name"),
+            );
         }
         // Directory `i` of a module replicates on `port + i` (0: reported already).
         for i in 0..module.replicated.len() * usize::from(module.port != 0) {
@@ -2084,7 +2094,11 @@ rate_limit = 3
         for (position, key, words) in [
             ("vmha.toml:4:12", "cluster.witness[0]", "router"),
             ("vmha.toml:18:19", "module[0].default_primary", "node9"),
-            ("vmha.toml:23:8", "module[1].port", "port 7101 is used by both"),
+            (
+                "vmha.toml:23:8",
+                "module[1].port",
+                "port 7101 is used by both",
+            ),
         ] {
             assert!(
                 rendered

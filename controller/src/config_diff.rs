@@ -29,7 +29,9 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>
             }
         }
         // `[[node]]` and `[[module]]`: each table named by its `name`.
-        toml::Value::Array(items) if items.iter().all(toml::Value::is_table) && !items.is_empty() => {
+        toml::Value::Array(items)
+            if items.iter().all(toml::Value::is_table) && !items.is_empty() =>
+        {
             let section = match prefix {
                 "module" => "modules",
                 other => other,
@@ -98,7 +100,10 @@ port = 7101
     #[test]
     fn names_added_removed_and_changed_keys() {
         let new = OLD
-            .replace("failover_timeout_ms = 3000", "failover_timeout_ms = 4000 # slower")
+            .replace(
+                "failover_timeout_ms = 3000",
+                "failover_timeout_ms = 4000 # slower",
+            )
             .replace("port = 7101", "port = 7101\nlock_timeout_ms = 9000")
             + "\n[[module]]\nname = \"vm2\"\nport = 7102\n";
         let lines = diff(OLD, &new).unwrap();

@@ -131,7 +131,9 @@ pub enum Request {
     /// (atomically) and reload. Refused, file untouched, when the reload
     /// would be.
     #[serde(rename = "config-apply")]
-    ConfigApply { text: String },
+    ConfigApply {
+        text: String,
+    },
     /// The text of the configuration file vmhad was started with (in
     /// `text`): what `vmctl config push` compares and sends.
     #[serde(rename = "config-text")]

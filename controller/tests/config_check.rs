@@ -105,13 +105,21 @@ impl Drop for Vmhad {
 impl Vmhad {
     fn start(s: &Setup) -> Vmhad {
         let child = Command::new(env!("CARGO_BIN_EXE_vmhad"))
-            .args(["--config", s.file.to_str().unwrap(), "--node", "node1", "--fake-drivers"])
+            .args([
+                "--config",
+                s.file.to_str().unwrap(),
+                "--node",
+                "node1",
+                "--fake-drivers",
+            ])
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(s.dir.path().join("vmhad.err")).unwrap())
             .spawn()
             .unwrap();
         let v = Vmhad(child);
-        wait_for("vmhad to answer", || call(&s.socket, &Request::Status).is_some());
+        wait_for("vmhad to answer", || {
+            call(&s.socket, &Request::Status).is_some()
+        });
         v
     }
 
@@ -146,7 +154,13 @@ fn modules(socket: &Path) -> Vec<String> {
 
 fn check(file: &Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vmhad"))
-        .args(["--check-config", "--config", file.to_str().unwrap(), "--node", "node1"])
+        .args([
+            "--check-config",
+            "--config",
+            file.to_str().unwrap(),
+            "--node",
+            "node1",
+        ])
         .output()
         .unwrap();
     (
@@ -192,7 +206,10 @@ fn sighup_reloads_and_never_kills() {
     assert!(out.status.success());
     let r = call(&s.socket, &Request::Reload).unwrap();
     assert!(!r.ok);
-    assert!(r.error.unwrap().contains("vmha.toml:1:"), "reload error names the position");
+    assert!(
+        r.error.unwrap().contains("vmha.toml:1:"),
+        "reload error names the position"
+    );
 }
 
 #[test]
@@ -211,7 +228,12 @@ fn check_config_reports_every_error_with_its_position() {
     let file = s.file.display().to_string();
     // 1-based line of the last line starting with `start`.
     let line_of = |text: &str, start: &str| {
-        text.lines().collect::<Vec<_>>().iter().rposition(|l| l.starts_with(start)).unwrap() + 1
+        text.lines()
+            .collect::<Vec<_>>()
+            .iter()
+            .rposition(|l| l.starts_with(start))
+            .unwrap()
+            + 1
     };
     for expected in [
         format!(
@@ -262,19 +284,31 @@ fn check_config_on_a_live_node() {
     // Before vmhad runs every module counts as started: vm2's host problems are errors.
     let (ok, out) = check(&s.file);
     assert!(!ok, "{out}");
-    assert!(out.contains(&format!("error: modules.vm2.replicated[0]: {missing}")), "{out}");
+    assert!(
+        out.contains(&format!("error: modules.vm2.replicated[0]: {missing}")),
+        "{out}"
+    );
     assert!(out.contains("error: modules.vm2.domain: `nope`"), "{out}");
     assert!(!out.contains("modules.vm1"), "{out}");
 
     // Live: vmhad holds the heartbeat port (free for the check); vm2 stopped
     // makes its problems warnings.
     let _vmhad = Vmhad::start(&s);
-    let r = call(&s.socket, &Request::Stop { module: Some("vm2".into()) }).unwrap();
+    let r = call(
+        &s.socket,
+        &Request::Stop {
+            module: Some("vm2".into()),
+        },
+    )
+    .unwrap();
     assert!(r.ok, "{r:?}");
     let (ok, out) = check(&s.file);
     assert!(ok, "{out}");
     assert!(!out.contains("heartbeat_port"), "{out}");
-    assert!(out.contains(&format!("warning: modules.vm2.replicated[0]: {missing}")), "{out}");
+    assert!(
+        out.contains(&format!("warning: modules.vm2.replicated[0]: {missing}")),
+        "{out}"
+    );
     assert!(out.contains("(module not started)"), "{out}");
 
     // A foreign process on vm1's port, a key file others can read: errors.
@@ -282,8 +316,17 @@ fn check_config_on_a_live_node() {
     std::fs::set_permissions(&s.key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (ok, out) = check(&s.file);
     assert!(!ok, "{out}");
-    assert!(out.contains(&format!("error: modules.vm1.port: 127.0.0.1:{} (TCP) is not free", s.vm1_port)), "{out}");
-    assert!(out.contains("error: cluster.key_file:") && out.contains("mode 644"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "error: modules.vm1.port: 127.0.0.1:{} (TCP) is not free",
+            s.vm1_port
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("error: cluster.key_file:") && out.contains("mode 644"),
+        "{out}"
+    );
     assert!(out.contains("2 error(s)"), "{out}");
     drop(squatter);
 }

@@ -157,8 +157,8 @@ impl Node {
 async fn running_pair(dir: &Path, port: u16) -> (Node, Node) {
     let n1 = Node::start("node1", dir, &text(dir, "node1", port, 1000, "")).await;
     let n2 = Node::start("node2", dir, &text(dir, "node2", port, 1000, "")).await;
-    n1.wait("vm1 WAIT", |s| s.modules[0].nodes["node1"].state == Some(Role::Wait))
-        .await;
+    let timeout = Duration::from_secs(10);
+    common::wait_role("node1", &n1.daemon, "node1", Role::Wait, false, timeout).await;
     let r = n1.request(Request::Prim { module: None }).await;
     assert!(r.ok, "{r:?}");
     n1.wait("vm1 PRIM/SECOND", |s| {
@@ -233,10 +233,15 @@ async fn reload_adds_a_module_without_touching_the_running_one() {
     assert!(n1.vm.is_running("vm2"));
 
     // A running module is not removed; a stopped one is.
-    let r = n2.reload_with(&text(dir.path(), "node2", port, 1000, "")).await;
+    let r = n2
+        .reload_with(&text(dir.path(), "node2", port, 1000, ""))
+        .await;
     assert!(!r.ok, "{r:?}");
     let error = r.error.unwrap();
-    assert!(error.contains("nothing changed") && error.contains("vm2") && error.contains("SECOND"), "{error}");
+    assert!(
+        error.contains("nothing changed") && error.contains("vm2") && error.contains("SECOND"),
+        "{error}"
+    );
     assert!(n2.state("vm2", "node2").is_some());
     n1.daemon.kill().await;
     n2.daemon.kill().await;
@@ -267,14 +272,21 @@ async fn a_reload_with_errors_changes_nothing_and_names_every_reason() {
 
     // Valid file, but refused: keys a running daemon cannot take, a running
     // module removed, a running module's port changed — all named at once.
-    let refused = good
-        .replace("/state\"", "/state2\"")
-        .replace(&format!("port = {}", port + 1), &format!("port = {}", port + 5));
+    let refused = good.replace("/state\"", "/state2\"").replace(
+        &format!("port = {}", port + 1),
+        &format!("port = {}", port + 5),
+    );
     let r = n1.reload_with(&refused).await;
     assert!(!r.ok, "{r:?}");
     let error = r.error.unwrap();
-    assert!(error.contains("cluster.state_dir") && error.contains("restart"), "{error}");
-    assert!(error.contains("modules.vm1.port") && error.contains("vmctl stop vm1"), "{error}");
+    assert!(
+        error.contains("cluster.state_dir") && error.contains("restart"),
+        "{error}"
+    );
+    assert!(
+        error.contains("modules.vm1.port") && error.contains("vmctl stop vm1"),
+        "{error}"
+    );
     let without_vm1 = good.replace("[[module]]\nname = \"vm1\"", "[[module]]\nname = \"vm9\"");
     let r = n1.reload_with(&without_vm1).await;
     assert!(!r.ok, "{r:?}");
@@ -291,10 +303,14 @@ async fn a_reload_with_errors_changes_nothing_and_names_every_reason() {
     assert!(n1.vm.is_running("vm1"));
 
     // A live key on one node only: applied here, and named by both nodes.
-    let r = n1.reload_with(&text(dir.path(), "node1", port, 1500, "")).await;
+    let r = n1
+        .reload_with(&text(dir.path(), "node1", port, 1500, ""))
+        .await;
     assert!(r.ok, "{r:?}");
     assert!(
-        r.lines.iter().any(|l| l.contains("vm1") && l.contains("lock_timeout_ms")),
+        r.lines
+            .iter()
+            .any(|l| l.contains("vm1") && l.contains("lock_timeout_ms")),
         "{r:?}"
     );
     for n in [&n1, &n2] {

@@ -60,10 +60,18 @@ fn add_module_while_vm1_runs() -> Result<()> {
     }
     for i in 0..2 {
         let name = format!("node{}", i + 1);
-        wait_status(&vc, i, "vm2 listed, configurations equal", STATE_TIMEOUT, |s| {
-            module_state(s, "vm2", &name) == Some("STOP")
-                && s["config_differences"].as_array().is_some_and(Vec::is_empty)
-        })?;
+        wait_status(
+            &vc,
+            i,
+            "vm2 listed, configurations equal",
+            STATE_TIMEOUT,
+            |s| {
+                module_state(s, "vm2", &name) == Some("STOP")
+                    && s["config_differences"]
+                        .as_array()
+                        .is_some_and(Vec::is_empty)
+            },
+        )?;
     }
 
     // vm2 starts like any module: WAIT on both, then `prim` on node1.

@@ -106,7 +106,9 @@ enum VmctlError {
     Differs,
     #[error("the configuration check found {0} error(s)")]
     Check(usize),
-    #[error("`config push` replaces the peer's configuration: confirm on a terminal or pass --yes")]
+    #[error(
+        "`config push` replaces the peer's configuration: confirm on a terminal or pass --yes"
+    )]
     PushNeedsConfirmation,
     #[error(transparent)]
     Diff(#[from] vmha_controller::config_diff::DiffError),
@@ -195,7 +197,9 @@ fn config_push(socket: &Path, yes: bool) -> Result<(), VmctlError> {
             if !stdin.is_terminal() {
                 return Err(VmctlError::PushNeedsConfirmation);
             }
-            eprint!("Replace the peer's configuration and reload both nodes? Type `yes` to go on: ");
+            eprint!(
+                "Replace the peer's configuration and reload both nodes? Type `yes` to go on: "
+            );
             let _ = std::io::stderr().flush();
             let mut answer = String::new();
             stdin

@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::status::build_status;
 use super::{ModuleCommand, ModuleHandle, PeerView, Shared};
+use crate::config::differing_keys;
 use crate::control::{Call, Request, Response};
 use crate::heartbeat::{Endpoint, ModuleBeat, Payload, Received};
-use crate::config::differing_keys;
 use crate::state::Event;
 
 // ---- heartbeats ----
@@ -242,7 +242,11 @@ pub(super) fn config_differences(shared: &Shared) -> Vec<String> {
     for name in &local {
         let ours = config.module_key_digests(name).cloned().unwrap_or_default();
         match peer.modules.get(name) {
-            Some(beat) => keys.extend(differing_keys(&format!("modules.{name}."), &ours, &beat.keys)),
+            Some(beat) => keys.extend(differing_keys(
+                &format!("modules.{name}."),
+                &ours,
+                &beat.keys,
+            )),
             None => keys.push(format!("modules.{name}")),
         }
     }
@@ -296,10 +300,7 @@ fn log_differences(shared: &Shared) {
     }
 }
 
-pub(super) fn resolve(
-    shared: &Shared,
-    module: Option<&str>,
-) -> Result<Arc<ModuleHandle>, String> {
+pub(super) fn resolve(shared: &Shared, module: Option<&str>) -> Result<Arc<ModuleHandle>, String> {
     let modules = shared.modules();
     let names = || {
         modules

@@ -596,7 +596,11 @@ impl Daemon {
         let interval = self.shared.config().cluster.heartbeat_interval_ms;
         tokio::time::sleep(Duration::from_millis(interval.saturating_mul(3))).await;
         let _ = self.shutdown.send(true);
-        for task in self.tasks.into_iter().chain(take_module_tasks(&self.shared)) {
+        for task in self
+            .tasks
+            .into_iter()
+            .chain(take_module_tasks(&self.shared))
+        {
             task.abort();
             let _ = task.await;
         }

@@ -73,10 +73,7 @@ fn config_path(shared: &Shared) -> Option<PathBuf> {
 }
 
 fn refused(mut reasons: Vec<String>) -> Response {
-    reasons.insert(
-        0,
-        "reload refused, nothing changed:".to_string(),
-    );
+    reasons.insert(0, "reload refused, nothing changed:".to_string());
     Response {
         ok: false,
         error: Some(reasons.join("\n  ")),
@@ -88,7 +85,9 @@ fn refused(mut reasons: Vec<String>) -> Response {
 /// `reload`: re-reads the file vmhad was started with and applies it.
 pub(super) async fn reload_file(shared: &Shared) -> Response {
     let Some(path) = config_path(shared) else {
-        return Response::error("vmhad was not started from a configuration file: nothing to reload");
+        return Response::error(
+            "vmhad was not started from a configuration file: nothing to reload",
+        );
     };
     let _one = shared.reloading.lock().await;
     let source = path.clone();
@@ -151,8 +150,12 @@ pub(super) async fn config_text(shared: &Shared) -> Response {
 /// be applied, or what applying it does.
 fn plan(shared: &Shared, text: &str, path: &Path) -> Result<Plan, Vec<String>> {
     let file = path.display().to_string();
-    let new = check_text(text)
-        .map_err(|problems| problems.iter().map(|p| p.render(&file, text)).collect::<Vec<_>>())?;
+    let new = check_text(text).map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| p.render(&file, text))
+            .collect::<Vec<_>>()
+    })?;
     let old = shared.config();
     let mut reasons = Vec::new();
 
@@ -161,7 +164,10 @@ fn plan(shared: &Shared, text: &str, path: &Path) -> Result<Plan, Vec<String>> {
     let local_changes = [
         ("cluster.key_file", a.key_file != b.key_file),
         ("cluster.state_dir", a.state_dir != b.state_dir),
-        ("cluster.control_socket", a.control_socket != b.control_socket),
+        (
+            "cluster.control_socket",
+            a.control_socket != b.control_socket,
+        ),
     ];
     let restart = cluster_changes
         .iter()

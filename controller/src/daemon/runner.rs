@@ -215,9 +215,8 @@ impl Runner {
     /// Takes a reload's settings; the state (role, generation, counters) stays.
     fn reconfigure(&mut self, settings: Settings) {
         if settings.start_wait_ms != self.start_wait_ms && self.start_wait.is_some() {
-            self.start_wait = Some(
-                tokio::time::Instant::now() + Duration::from_millis(settings.start_wait_ms),
-            );
+            self.start_wait =
+                Some(tokio::time::Instant::now() + Duration::from_millis(settings.start_wait_ms));
         }
         self.module = settings.module;
         self.state.policy = settings.policy;
