@@ -211,12 +211,13 @@ fn config_push(socket: &Path, yes: bool) -> Result<(), VmctlError> {
             }
         }
     }
+    // This node first: a file its own vmhad refuses is sent nowhere.
+    print_lines(&call(socket, &Request::Reload)?)?;
     let applied = peer_call(socket, &Request::ConfigApply { text: ours })?;
     if !applied.ok {
         return Err(VmctlError::Peer(applied.error.unwrap_or_default()));
     }
-    print_lines(&applied)?;
-    print_lines(&call(socket, &Request::Reload)?)
+    print_lines(&applied)
 }
 
 fn config_check(cli: &Cli, node: Option<&str>) -> Result<(), VmctlError> {
