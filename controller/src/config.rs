@@ -1,9 +1,16 @@
 //! The cluster configuration: one TOML file, identical on both nodes
 //! (design, "Interfaces"), parsed strictly and validated before anything runs.
 //!
-//! Parsing rejects unknown keys (`deny_unknown_fields`, the TOML error names the
-//! key and its line). Validation then reports the first problem found, each as
-//! its own [`ConfigError`] variant naming the node, module or key.
+//! Parsing rejects unknown keys (`deny_unknown_fields`). [`check_text`] reports
+//! every problem at once, each a [`ConfigError`] variant naming the node, module
+//! or key, with its [`KeyPath`] and position (`FILE:LINE:COLUMN`): every syntax
+//! error (`toml::de::DeTable::parse_recoverable`), every refused key (each
+//! section is deserialized on its own; a failing key is taken out and the
+//! section tried again), then every semantic check. [`Config::from_toml_str`]
+//! and [`Config::load`] return the first.
+//! [`Config::cluster_key_digests`] / [`Config::module_key_digests`] give a short
+//! digest per key, carried in heartbeats so that the nodes name the keys that
+//! differ.
 //!
 //! Choices where the design is silent:
 //! - Required keys: `cluster.name`, every node's `name` and `addresses`, every
