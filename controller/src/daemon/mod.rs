@@ -62,7 +62,7 @@
 //! - Modules are started (`Start`) when the daemon starts; a module added by a
 //!   reload (`reload.rs`) is not (STOP until `vmctl start`). The configuration
 //!   and the module list change at a reload, so the tasks read them through
-//!   [`Shared::config`] and [`Shared::modules`] each time.
+//!   `Shared::config` and `Shared::modules` each time.
 //! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
 //!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
 //!   simulates a crash (tasks aborted, nothing stopped).
