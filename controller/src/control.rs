@@ -138,6 +138,22 @@ pub enum Request {
         #[serde(default)]
         module: Option<String>,
     },
+    /// Re-read the configuration file vmhad was started with and apply it
+    /// (`vmctl reload`, SIGHUP): `ok` once in effect, else every reason in
+    /// `lines` and nothing changed.
+    Reload,
+    /// `vmctl config push`, peer side: check `text` as this node's
+    /// configuration, write it over the file vmhad was started with
+    /// (atomically) and reload. Refused, file untouched, when the reload
+    /// would be.
+    #[serde(rename = "config-apply")]
+    ConfigApply {
+        text: String,
+    },
+    /// The text of the configuration file vmhad was started with (in
+    /// `text`): what `vmctl config push` compares and sends.
+    #[serde(rename = "config-text")]
+    ConfigText,
 }
 
 /// The answer line.
@@ -151,6 +167,9 @@ pub struct Response {
     /// Event-log lines produced by a command, or the whole log for `log`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<String>,
+    /// `config-text`: the configuration file's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 impl Response {

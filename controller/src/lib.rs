@@ -23,8 +23,10 @@
 // Durations, sizes and wire fields narrow only explicitly and checked.
 #![deny(clippy::cast_possible_truncation)]
 
+pub mod check;
 pub mod clock;
 pub mod config;
+pub mod config_diff;
 pub mod control;
 pub mod daemon;
 pub mod driver;

@@ -18,6 +18,10 @@
 //!   `last_probe_ms` (its age) and `errors` (`"WITNESS: error"` per witness
 //!   that could not be probed: a failover waits until it can be).
 //! - per node `disk` (`ok`, `failed`, `diskless`), carried in heartbeats.
+//! - `config_differences` at the top level: the configuration keys whose
+//!   values differ between this node and the peer (its latest heartbeat), as
+//!   `cluster.KEY`, `node[I].KEY`, `modules.NAME.KEY`, or `modules.NAME` for
+//!   a module only one node has; `[]` when equal or the peer was never heard.
 
 use std::collections::BTreeMap;
 
@@ -36,6 +40,9 @@ pub struct Status {
     #[serde(default)]
     pub heartbeats_rejected: BTreeMap<String, u64>,
     pub modules: Vec<ModuleStatus>,
+    /// Configuration keys that differ from the peer's (see the module docs).
+    #[serde(default)]
+    pub config_differences: Vec<String>,
     /// The split-brain witness, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub witness: Option<WitnessStatus>,

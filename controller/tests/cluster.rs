@@ -516,7 +516,9 @@ fn forged_beat(role: Role) -> Vec<u8> {
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
             resync: None,
+            keys: Default::default(),
         }],
+        config_keys: Default::default(),
     };
     Sealer::new(&ClusterKey::from_bytes([7; 32]))
         .seal(

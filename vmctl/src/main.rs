@@ -72,6 +72,31 @@ enum Command {
     /// On a SECOND: discard this node's copy (its records) and take a full
     /// compare resync from the PRIM. Refused on a PRIM, STOP, WAIT or ALONE node.
     Invalidate { module: Option<String> },
+    /// Re-read vmhad's configuration file and apply it on this node (exit 0
+    /// once in effect; with errors nothing changes and every reason is shown).
+    Reload,
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Check the file (every error with file:line:column and key) and this
+    /// host; exit 0 only when no error remains.
+    Check {
+        /// This node's name (default: the running vmhad's, else the node
+        /// whose addresses are here).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+    },
+    /// Send vmhad's configuration file to the peer and reload both, after
+    /// showing the differences and asking.
+    Push {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Everything that makes vmctl exit non-zero (each printed as one line).
@@ -93,6 +118,16 @@ enum VmctlError {
     Output(std::io::Error),
     #[error("the two copies differ")]
     Differs,
+    #[error("the configuration check found {0} error(s)")]
+    Check(usize),
+    #[error(
+        "`config push` replaces the peer's configuration: confirm on a terminal or pass --yes"
+    )]
+    PushNeedsConfirmation,
+    #[error(transparent)]
+    Diff(#[from] vmha_controller::config_diff::DiffError),
+    #[error("cannot reach the peer's vmhad: {0}")]
+    Peer(String),
 }
 
 fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
@@ -142,6 +177,79 @@ fn confirm(module: Option<&str>) -> Result<(), VmctlError> {
         Ok(())
     } else {
         Err(VmctlError::NotConfirmed)
+    }
+}
+
+/// Runs `request` on the peer's vmhad. The transport is the authenticated
+/// daemon channel between the two vmhad (issue 10, item 5); until it exists
+/// this is where it plugs in, and `config push` stops here with a clear error.
+fn peer_call(_socket: &Path, request: &Request) -> Result<Response, VmctlError> {
+    let _ = request;
+    Err(VmctlError::Peer(
+        "the daemon channel between the two vmhad is not available in this build: copy the file to the peer and run `vmctl reload` there".to_string(),
+    ))
+}
+
+/// `config push`: this node's vmhad file to the peer, then both reload.
+fn config_push(socket: &Path, yes: bool) -> Result<(), VmctlError> {
+    let ours = call(socket, &Request::ConfigText)?
+        .text
+        .ok_or_else(|| VmctlError::Daemon("vmhad sent no configuration text".into()))?;
+    let theirs = peer_call(socket, &Request::ConfigText)?
+        .text
+        .ok_or_else(|| VmctlError::Peer("the peer sent no configuration text".into()))?;
+    let lines = vmha_controller::config_diff::diff(&theirs, &ours)?;
+    if lines.is_empty() {
+        print("the peer's configuration says the same: reloading both\n")?;
+    } else {
+        print(&format!(
+            "the peer's configuration will change (- removed, + added, ~ changed):\n{}\n",
+            lines.join("\n")
+        ))?;
+        if !yes {
+            let stdin = std::io::stdin();
+            if !stdin.is_terminal() {
+                return Err(VmctlError::PushNeedsConfirmation);
+            }
+            eprint!(
+                "Replace the peer's configuration and reload both nodes? Type `yes` to go on: "
+            );
+            let _ = std::io::stderr().flush();
+            let mut answer = String::new();
+            stdin
+                .lock()
+                .read_line(&mut answer)
+                .map_err(VmctlError::Input)?;
+            if answer.trim() != "yes" {
+                return Err(VmctlError::NotConfirmed);
+            }
+        }
+    }
+    // This node first: a file its own vmhad refuses is sent nowhere.
+    print_lines(&call(socket, &Request::Reload)?)?;
+    let applied = peer_call(socket, &Request::ConfigApply { text: ours })?;
+    if !applied.ok {
+        return Err(VmctlError::Peer(applied.error.unwrap_or_default()));
+    }
+    print_lines(&applied)
+}
+
+fn config_check(cli: &Cli, node: Option<&str>) -> Result<(), VmctlError> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let report = vmha_controller::check::check_file(&path, node);
+    let mut text = report.lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(&report.summary());
+    text.push('\n');
+    print(&text)?;
+    match report.errors {
+        0 => Ok(()),
+        n => Err(VmctlError::Check(n)),
     }
 }
 
@@ -288,6 +396,12 @@ fn render(status: &Status) -> String {
             ));
         }
     }
+    if !status.config_differences.is_empty() {
+        warnings.push(format!(
+            "warning: configuration keys that differ from the peer's: {}",
+            status.config_differences.join(", ")
+        ));
+    }
     warnings.dedup();
     for w in warnings {
         out.push_str(&w);
@@ -313,6 +427,10 @@ fn print_lines(response: &Response) -> Result<(), VmctlError> {
 }
 
 fn run(cli: Cli) -> Result<(), VmctlError> {
+    if let Command::Config(ConfigCommand::Check { node }) = &cli.command {
+        // Reports a file that does not load instead of failing on it.
+        return config_check(&cli, node.as_deref());
+    }
     let socket = socket_path(&cli)?;
     match cli.command {
         Command::Status { json } => {
@@ -352,6 +470,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             }
             Ok(())
         }
+        Command::Reload => print_lines(&call(&socket, &Request::Reload)?),
+        Command::Config(ConfigCommand::Push { yes }) => config_push(&socket, yes),
+        Command::Config(ConfigCommand::Check { .. }) => Ok(()),
     }
 }
 

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::{ms, ModuleCommand, ModuleView, PeerView, WitnessSlot};
-use crate::config::{Module, Witness};
+use crate::config::{Config, Module, NodeIndex, Witness};
 use crate::driver::{FsDriver, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, Metadata};
 use crate::heartbeat::ModuleBeat;
-use crate::state::{step, Attach, Event, ModuleState, Peer, Readiness, Role};
+use crate::state::{step, Attach, Event, ModuleState, Peer, Policy, Readiness, Role};
 use crate::status::ResyncStatus;
 
 /// Resync rate from successive progress samples.
@@ -97,6 +97,33 @@ pub(super) struct Runner {
     pub(super) xml_refresh_failed: bool,
 }
 
+/// A module's settings that a reload may change while its task runs. What
+/// vmha-fs was started with (lock timeout, rate limit) applies at its next
+/// start; what the VM driver reads (stop timeout) at its next call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Settings {
+    pub(super) module: Module,
+    pub(super) policy: Policy,
+    pub(super) heartbeat_interval: Duration,
+    pub(super) start_wait_ms: u64,
+    pub(super) failover_timeout: Duration,
+    pub(super) witnesses: Vec<Witness>,
+}
+
+impl Settings {
+    pub(super) fn of(config: &Config, module: &Module, node: NodeIndex) -> Settings {
+        let cluster = &config.cluster;
+        Settings {
+            module: module.clone(),
+            policy: Policy::new(config, module, node),
+            heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
+            start_wait_ms: cluster.start_wait_ms,
+            failover_timeout: Duration::from_millis(cluster.failover_timeout_ms),
+            witnesses: cluster.witness.clone(),
+        }
+    }
+}
+
 /// How `MarkPeerOutdated` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outdated {
@@ -134,6 +161,17 @@ impl Runner {
                     Some(ModuleCommand::Event(event, reply)) => {
                         let lines = self.handle(event).await;
                         let _ = reply.send(lines);
+                    }
+                    Some(ModuleCommand::Reconfigure(settings, reply)) => {
+                        let every = settings.heartbeat_interval;
+                        if every != self.heartbeat_interval {
+                            checks = tokio::time::interval(every.max(Duration::from_millis(10)));
+                            checks.set_missed_tick_behavior(
+                                tokio::time::MissedTickBehavior::Delay,
+                            );
+                        }
+                        self.reconfigure(*settings);
+                        let _ = reply.send(());
                     }
                     Some(ModuleCommand::Verify(reply)) => {
                         // May take long (it reads everything): off the runner's loop.
@@ -183,6 +221,21 @@ impl Runner {
                 _ = checks.tick() => self.check().await,
             }
         }
+    }
+
+    /// Takes a reload's settings; the state (role, generation, counters) stays.
+    fn reconfigure(&mut self, settings: Settings) {
+        if settings.start_wait_ms != self.start_wait_ms && self.start_wait.is_some() {
+            self.start_wait =
+                Some(tokio::time::Instant::now() + Duration::from_millis(settings.start_wait_ms));
+        }
+        self.module = settings.module;
+        self.state.policy = settings.policy;
+        self.heartbeat_interval = settings.heartbeat_interval;
+        self.start_wait_ms = settings.start_wait_ms;
+        self.failover_timeout = settings.failover_timeout;
+        self.witnesses = settings.witnesses;
+        self.publish();
     }
 
     pub(super) async fn on_peer_view(&mut self) {
