@@ -511,6 +511,8 @@ fn forged_beat(role: Role) -> Vec<u8> {
                 request: None,
                 forced: false,
                 disk: Default::default(),
+                maintenance: false,
+                left: false,
             },
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
