@@ -18,6 +18,7 @@
 //! - [`eventlog`]: the per-module event log.
 //! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
+//! - [`leave`]: the node's persisted leave (`vmctl leave` / `join`).
 
 pub mod clock;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod driver;
 pub mod eventlog;
 pub mod generation;
 pub mod heartbeat;
+pub mod leave;
 pub mod state;
 pub mod status;
 pub mod witness;

@@ -86,6 +86,7 @@
 mod actions;
 mod checks;
 mod dispatch;
+mod operations;
 mod runner;
 mod status;
 
@@ -126,6 +127,8 @@ pub enum DaemonError {
     },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Leave(#[from] crate::leave::LeaveError),
 }
 
 /// Everything a daemon needs.
@@ -279,6 +282,32 @@ impl Daemon {
         let started = Instant::now();
         let judging_since = Arc::new(Mutex::new(started));
         let witness_slot: WitnessSlot = Arc::new(Mutex::new(None));
+        let left = {
+            let dir = cluster.state_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let boot = crate::leave::current_boot_id();
+                if let Err(e) = &boot {
+                    tracing::warn!("{e}: a leave at shutdown is taken as still in effect");
+                }
+                crate::leave::load(&dir, boot.ok().as_deref())
+            })
+            .await
+            .map_err(|e| DaemonError::Task(e.to_string()))??
+        };
+        let left = match left {
+            crate::leave::Leave::In => false,
+            crate::leave::Leave::EndedAtBoot => {
+                tracing::info!("the leave done at the last shutdown ended with the reboot");
+                false
+            }
+            crate::leave::Leave::Out { until_boot } => {
+                tracing::warn!(
+                    until_boot,
+                    "this node left the cluster: no module starts until `vmctl join`"
+                );
+                true
+            }
+        };
 
         for module in &config.modules {
             let state_dir = cluster.state_dir.clone();
@@ -296,7 +325,9 @@ impl Daemon {
                 meta.history.current().is_some(),
                 meta.peer_may_be_newer,
             )
-            .with_self_outdated(meta.self_outdated);
+            .with_self_outdated(meta.self_outdated)
+            .with_maintenance(meta.maintenance)
+            .with_left(left);
             let log = Arc::new(EventLog::with_clock(
                 &cluster.state_dir,
                 &module.name,
