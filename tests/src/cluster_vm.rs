@@ -251,6 +251,19 @@ impl VmCluster {
         }
     }
 
+    /// Ends `vmhad` on node `i` with SIGTERM (by PID; SIGKILL after 60 s) and
+    /// waits for its exit; what it leaves running stays (start it again with
+    /// [`VmCluster::start_vmhad`]).
+    pub fn stop_vmhad(&mut self, i: usize) -> Result<()> {
+        let name = self.node(i).name().to_string();
+        if let Some(Some(c)) = self.vmhad.get_mut(i) {
+            let (status, killed) = c.terminate(Duration::from_secs(60))?;
+            ensure!(!killed, "vmhad on {name} ignored SIGTERM for 60 s");
+            ensure!(status.success(), "vmhad on {name} exited with {status}");
+        }
+        Ok(())
+    }
+
     /// `vmctl --config FILE args` inside node `i`: its stdout, or an error.
     pub fn vmctl(&self, i: usize, args: &[&str]) -> Result<String> {
         let mut cmd = self.node(i).command(&self.vmctl_bin);
