@@ -15,7 +15,8 @@
 //!   heartbeat, turning what they see into events;
 //! - `dispatch`: heartbeat sending and receiving ([`PeerLiveness`]), control
 //!   requests routed to their module;
-//! - `status`: the `status` answer.
+//! - `status`: the `status` answer;
+//! - `operations`: `leave` (with its wait), `join`, `maintenance`.
 //!
 //! Driver contract of `state.rs`, as honoured here:
 //! - a step's actions run in order, each blocking driver call in
@@ -59,7 +60,13 @@
 //!   [`crate::driver::vmha_fs`]) feeds `DiskFailed`, checked before the VM's
 //!   state so a guest failing on that disk is not restarted there. The node's
 //!   `disk` is carried in its heartbeats' announcement (`status --json`).
-//! - Modules are started (`Start`) when the daemon starts.
+//! - Modules are started (`Start`) when the daemon starts; a node that left
+//!   (`state_dir/left.json`, see [`crate::leave`]) starts them left, so that
+//!   `Start` is refused until `vmctl join`. `leave`, `join` and `maintenance`
+//!   are node-wide requests sent to every module at once (`operations`).
+//! - In maintenance the checkers keep polling and report as usual (the state
+//!   machine holds the reaction back and logs it once); their own per-check
+//!   event-log lines (disk failed, nothing mounted) are left out meanwhile.
 //! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
 //!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
 //!   simulates a crash (tasks aborted, nothing stopped).
