@@ -154,6 +154,25 @@ pub enum Request {
     /// `text`): what `vmctl config push` compares and sends.
     #[serde(rename = "config-text")]
     ConfigText,
+    /// Hand every module over to the peer and stay out until `join`
+    /// (persisted; `until_boot`: only until the next boot, for host shutdown).
+    /// With `wait_s`, answers once every module is handed over (the peer runs
+    /// it, or it is stopped here and the peer will not), or fails after that
+    /// many seconds.
+    Leave {
+        #[serde(default)]
+        until_boot: bool,
+        #[serde(default)]
+        wait_s: Option<u64>,
+    },
+    /// End a leave: every module starts as at daemon start.
+    Join,
+    /// Maintenance of one module, or of every module when `module` is omitted.
+    Maintenance {
+        on: bool,
+        #[serde(default)]
+        module: Option<String>,
+    },
 }
 
 /// The answer line.
@@ -474,6 +493,34 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"log"}"#).unwrap();
         assert_eq!(r, Request::Log { module: None });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"cmd":"leave"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Leave {
+                until_boot: false,
+                wait_s: None
+            }
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"leave","until_boot":true,"wait_s":90}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Leave {
+                until_boot: true,
+                wait_s: Some(90)
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"join"}"#).unwrap();
+        assert_eq!(r, Request::Join);
+        let r: Request = serde_json::from_str(r#"{"cmd":"maintenance","on":true}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Maintenance {
+                on: true,
+                module: None
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"maintenance"}"#).is_err());
     }
 
     #[tokio::test]

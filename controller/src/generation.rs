@@ -216,6 +216,11 @@ pub struct Metadata {
     /// files stay readable by older daemons otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub self_outdated: bool,
+    /// The module is in maintenance on this node (`vmctl maintenance on`):
+    /// kept across daemon restarts until `vmctl maintenance off`. Written only
+    /// when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
 }
 
 impl Metadata {

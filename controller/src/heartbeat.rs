@@ -895,6 +895,8 @@ mod tests {
                     request: None,
                     forced: false,
                     disk: Default::default(),
+                    maintenance: false,
+                    left: false,
                 },
                 history: History::empty(),
                 changed_bytes: 0,

@@ -19,6 +19,7 @@
 //! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
 //! - [`systemd`]: readiness, status and watchdog for `Type=notify`.
+//! - [`leave`]: the node's persisted leave (`vmctl leave` / `join`).
 
 // Durations, sizes and wire fields narrow only explicitly and checked.
 #![deny(clippy::cast_possible_truncation)]
@@ -33,6 +34,7 @@ pub mod driver;
 pub mod eventlog;
 pub mod generation;
 pub mod heartbeat;
+pub mod leave;
 pub mod state;
 pub mod status;
 pub mod systemd;

@@ -133,6 +133,29 @@
 //!   ([`Action::RestartReceiver`]) at most once per
 //!   [`RECEIVER_RESTART_INTERVAL_MS`], else the module steps down as for
 //!   `FsFailed`.
+//! - **Leave** (`vmctl leave`, also at host shutdown): every role hands over
+//!   as `stop` does (a PRIM stops its VM and unmounts; its ready SECOND takes
+//!   over), and the module stays STOP: `start` and `prim` are refused until
+//!   `Join`, which starts it as the daemon does. The driver persists the
+//!   node-wide leave and restores it with [`ModuleState::with_left`]. An ALONE
+//!   module has nobody to hand over to: its VM is stopped.
+//! - **Maintenance** (per module, persisted through [`Action::SetMaintenance`],
+//!   announced in heartbeats): in effect when this node *or the peer* announces
+//!   it ([`ModuleState::in_maintenance`]; the peer's last announcement counts
+//!   even once it is lost, so a peer whose controller restarts during
+//!   maintenance is never failed over; `vmctl prim` is the way out). While in
+//!   effect nothing automatic happens: no VM restart (`VmStopped`,
+//!   `VmStartFailed`), no step down on vmha-fs or disk failure or fencing, no
+//!   failover (lost PRIM, PRIM stepped down), no start of a WAIT module, no
+//!   witness, no swap-back; each is logged once ([`HeldBack`]). A PRIM that
+//!   loses its peer keeps its VM and writes alone (ALONE, no witness: the peer
+//!   does not take over either). Still done: operator commands (`stop`,
+//!   `swap`, `prim`, `leave`, `join`), explicit hand-overs they cause on the
+//!   peer (a SECOND takes over from a writer that announced STOP or asked
+//!   `TakeOver`), following a writer as SECOND, two writers resolving, and the
+//!   replication link handling (`LinkDown`), which keeps the VM's writes
+//!   going. When it ends the module decides on what it knows now, and the
+//!   checkers report again by themselves.
 
 use std::fmt;
 
@@ -286,6 +309,14 @@ pub struct Announce {
     /// The node's own disk (absent in heartbeats of older daemons: ok).
     #[serde(default)]
     pub disk: Disk,
+    /// The module is in maintenance on this node: no automatic reaction on
+    /// either node (absent in heartbeats of older daemons: false).
+    #[serde(default)]
+    pub maintenance: bool,
+    /// This node left the cluster (`vmctl leave`): it runs nothing until
+    /// `vmctl join` (absent in heartbeats of older daemons: false).
+    #[serde(default)]
+    pub left: bool,
 }
 
 /// The peer as seen in its latest heartbeat.
@@ -301,6 +332,8 @@ pub struct Peer {
     pub config_match: bool,
     /// Bytes the peer wrote since its current generation began.
     pub changed_bytes: u64,
+    /// The peer announces the module in maintenance.
+    pub maintenance: bool,
 }
 
 impl Peer {
@@ -319,6 +352,7 @@ impl Peer {
             relation,
             config_match,
             changed_bytes,
+            maintenance: announce.maintenance,
         }
     }
 }
@@ -433,6 +467,13 @@ pub enum Event {
     /// `vmctl invalidate` on a SECOND: discard this copy's records and take a
     /// full compare resync from the PRIM.
     Invalidate,
+    /// `vmctl leave` (also at host shutdown): hand over what runs here and
+    /// stay out (STOP, `Start` refused) until `Join`.
+    Leave,
+    /// `vmctl join`: the node is back; the module starts as at daemon start.
+    Join,
+    /// `vmctl maintenance on|off`: no automatic reaction while on.
+    Maintenance(bool),
 }
 
 /// What probing the witnesses found.
@@ -508,8 +549,27 @@ pub enum Action {
     /// Receiver: record this copy as not up to date so that its records are
     /// discarded when the receiver starts for the resync (`self-outdated`).
     InvalidateCopy,
+    /// Persist the module's maintenance flag (survives daemon restarts).
+    SetMaintenance(bool),
     /// A line for the module's event log.
     Log(String),
+}
+
+/// An automatic reaction held back by maintenance, logged once per episode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldBack {
+    /// The VM stopped or failed to start: not restarted.
+    VmDown,
+    /// vmha-fs failed or the local disk failed: no step down.
+    FsFailed,
+    /// Our writes were refused by the peer: no step down.
+    Fenced,
+    /// The peer was lost: no failover, no witness.
+    PeerLost,
+    /// The writer peer stepped down: no failover.
+    Failover,
+    /// WAIT would start the module here: not started.
+    SelfStart,
 }
 
 /// A witness probe in progress, before going ALONE without the peer.
@@ -564,6 +624,13 @@ pub struct ModuleState {
     pub pending_alone_mount: bool,
     /// Writer: attaching the SECOND that is behind.
     pub attach: Attach,
+    /// Mirror of the persisted per-module maintenance flag of this node.
+    pub maintenance: bool,
+    /// This node left the cluster (node-wide, persisted by the driver): STOP
+    /// and `Start` refused until `Join`.
+    pub left: bool,
+    /// What maintenance held back in this episode (logged once each).
+    pub held_back: Vec<HeldBack>,
     probe: Option<Probe>,
 }
 
@@ -606,8 +673,30 @@ impl ModuleState {
             receiver_restarted_ms: None,
             pending_alone_mount: false,
             attach: Attach::Idle,
+            maintenance: false,
+            left: false,
+            held_back: Vec::new(),
             probe: None,
         }
+    }
+
+    /// With the persisted maintenance flag.
+    pub fn with_maintenance(mut self, flag: bool) -> ModuleState {
+        self.maintenance = flag;
+        self
+    }
+
+    /// With the node's persisted leave: the module stays STOP until `Join`.
+    pub fn with_left(mut self, left: bool) -> ModuleState {
+        self.left = left;
+        self
+    }
+
+    /// Maintenance in effect for this module: on this node, or announced by
+    /// the peer (its latest heartbeat, even once lost: a peer whose controller
+    /// restarts during maintenance must not be failed over).
+    pub fn in_maintenance(&self) -> bool {
+        self.maintenance || self.last_peer().is_some_and(|p| p.maintenance)
     }
 
     /// A witness probe is wanted: its result decides whether to go ALONE.
@@ -652,6 +741,8 @@ impl ModuleState {
             } else {
                 Disk::Ok
             },
+            maintenance: self.maintenance,
+            left: self.left,
         }
     }
 
@@ -743,6 +834,9 @@ impl Transition {
     }
 
     fn handle(&mut self, event: Event) {
+        if self.s.in_maintenance() && self.held_back(&event) {
+            return;
+        }
         match event {
             Event::Start => self.start(),
             Event::Stop => self.stop(),
@@ -819,6 +913,158 @@ impl Transition {
             Event::WitnessResult(outcome) => self.witness_result(outcome),
             Event::ResyncCompare => self.resync_compare(),
             Event::Invalidate => self.invalidate(),
+            Event::Leave => self.leave(),
+            Event::Join => self.join(),
+            Event::Maintenance(on) => self.set_maintenance(on),
+        }
+    }
+
+    // ---- maintenance and leave ----
+
+    /// Logs what maintenance held back, once per kind and episode.
+    fn note(&mut self, kind: HeldBack, line: &str) {
+        if !self.s.held_back.contains(&kind) {
+            self.s.held_back.push(kind);
+            self.log(format!("maintenance: {line}"));
+        }
+    }
+
+    /// In maintenance: the automatic reactions to checkers and to a lost peer
+    /// are held back (true: the event was handled here).
+    fn held_back(&mut self, event: &Event) -> bool {
+        match event {
+            Event::VmStopped { .. } | Event::VmStartFailed { .. } => {
+                if self.s.role.is_writer() {
+                    self.s.vm_starting = false;
+                    self.note(HeldBack::VmDown, "the VM is down; not restarting it");
+                }
+                true
+            }
+            Event::FsFailed | Event::DiskFailed | Event::FsDied { .. } => {
+                if !matches!(self.s.role, Role::Stop | Role::Wait) {
+                    self.note(
+                        HeldBack::FsFailed,
+                        "vmha-fs or the local disk failed; not acting",
+                    );
+                }
+                true
+            }
+            Event::Fenced {
+                peer_follows_us: false,
+            } => {
+                if self.s.role.is_writer() {
+                    self.note(HeldBack::Fenced, "the peer refused our writes; not acting");
+                }
+                true
+            }
+            Event::WitnessResult(_) => {
+                // A probe decides a failover or a step down: dropped.
+                if self.s.probe.take().is_some() && matches!(self.s.peer, PeerKnowledge::Lost(_)) {
+                    self.maintenance_peer_lost();
+                }
+                true
+            }
+            Event::PeerLost => {
+                if let Some(last) = self.s.last_peer() {
+                    self.s.peer = PeerKnowledge::Lost(last);
+                    self.maintenance_peer_lost();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The peer is lost during maintenance: nobody fails over (the peer does
+    /// not either: it knows of the maintenance); a PRIM keeps its VM running
+    /// and writes alone, without the witness (a step down would stop the VM).
+    fn maintenance_peer_lost(&mut self) {
+        match self.s.role {
+            Role::Prim => self.become_writer(
+                Role::Alone,
+                true,
+                "lost the peer during maintenance: writing alone, the VM keeps running",
+            ),
+            Role::Second | Role::Wait => {
+                self.note(HeldBack::PeerLost, "lost the peer; not failing over")
+            }
+            Role::Alone | Role::Stop => {}
+        }
+    }
+
+    fn set_maintenance(&mut self, on: bool) {
+        if self.s.maintenance == on {
+            self.log(format!(
+                "maintenance already {}",
+                if on { "on" } else { "off" }
+            ));
+            return;
+        }
+        self.s.maintenance = on;
+        self.act(Action::SetMaintenance(on));
+        if on {
+            self.log("maintenance on: no failover, no restart, no checker reaction until `vmctl maintenance off`");
+            // A witness probe decides a failover or a step down: dropped.
+            if self.s.probe.take().is_some() && matches!(self.s.peer, PeerKnowledge::Lost(_)) {
+                self.maintenance_peer_lost();
+            }
+        } else {
+            self.s.held_back.clear();
+            self.log("maintenance off: the controller acts again");
+            if self.s.in_maintenance() {
+                self.log(
+                    "the peer is still in maintenance: no automatic reaction until it ends there",
+                );
+            } else {
+                self.reconsider();
+            }
+        }
+    }
+
+    /// Maintenance ended: decide on what is known of the peer now (checkers
+    /// report again by themselves).
+    fn reconsider(&mut self) {
+        match (self.s.peer, self.s.role) {
+            (PeerKnowledge::Lost(_), _) => self.peer_lost(),
+            (PeerKnowledge::Seen(_), Role::Stop) => {}
+            (PeerKnowledge::Seen(_), Role::Wait) => self.evaluate_wait(),
+            (PeerKnowledge::Seen(peer), Role::Second) => self.second_sees(peer),
+            (PeerKnowledge::Seen(peer), Role::Prim | Role::Alone) => self.writer_sees(peer),
+            (PeerKnowledge::Unknown, Role::Wait) => self.evaluate_wait(),
+            (PeerKnowledge::Unknown, _) => {}
+        }
+    }
+
+    /// Hands over what runs here (as `stop`) and stays out until `Join`.
+    fn leave(&mut self) {
+        if self.s.left {
+            self.log("leave: this node is already out");
+            return;
+        }
+        self.s.left = true;
+        self.s.request = None;
+        match self.s.role {
+            Role::Prim | Role::Alone | Role::Second => {
+                self.step_down(Role::Stop, "this node leaves the cluster: handing over")
+            }
+            Role::Wait => {
+                self.s.probe = None;
+                self.s.role = Role::Stop;
+                self.because("this node leaves the cluster");
+            }
+            Role::Stop => self.log("this node leaves the cluster"),
+        }
+    }
+
+    fn join(&mut self) {
+        if !self.s.left {
+            self.log("join: this node is not out");
+            return;
+        }
+        self.s.left = false;
+        self.log("this node joins the cluster again");
+        if self.s.role == Role::Stop {
+            self.start();
         }
     }
 
@@ -888,6 +1134,10 @@ impl Transition {
     // ---- operator commands ----
 
     fn start(&mut self) {
+        if self.s.left {
+            self.log("start refused: this node left the cluster (`vmctl join` first)");
+            return;
+        }
         if self.s.role == Role::Wait && self.s.disk_failed {
             // The operator says the disk is repaired: rejoin (full compare).
             self.s.disk_failed = false;
@@ -946,7 +1196,9 @@ impl Transition {
     }
 
     fn prim_forced(&mut self) {
-        if self.s.disk_failed {
+        if self.s.left {
+            self.log("prim refused: this node left the cluster (`vmctl join` first)");
+        } else if self.s.disk_failed {
             self.log("prim refused: the local disk failed (repair it, then `vmctl start`)");
         } else if self.s.role.is_writer() {
             self.s.forced = true;
@@ -984,6 +1236,9 @@ impl Transition {
         }
         if self.s.peer_outdated && peer.relation == Relation::InSync {
             self.s.peer_outdated = false;
+        }
+        if !self.s.in_maintenance() {
+            self.s.held_back.clear();
         }
         match self.s.role {
             Role::Stop => {}
@@ -1025,6 +1280,12 @@ impl Transition {
             }
             Role::Stop if self.s.uptodate => {
                 self.become_writer(Role::Alone, true, "the PRIM stopped: taking over");
+            }
+            Role::Wait if self.s.in_maintenance() => {
+                self.note(
+                    HeldBack::Failover,
+                    "the writer stepped down; not failing over",
+                );
             }
             Role::Wait if self.s.uptodate && self.s.policy.failover && peer.config_match => {
                 self.become_writer(Role::Alone, true, "the PRIM stepped down: failing over");
@@ -1100,6 +1361,7 @@ impl Transition {
                     && peer.config_match
                     && self.s.request.is_none()
                     && self.s.policy.default_primary == Some(Side::Peer)
+                    && !self.s.in_maintenance()
                 {
                     self.do_swap("swap back to the default primary");
                 }
@@ -1309,7 +1571,9 @@ impl Transition {
                             self.s.split_brain_loser(&peer) == Some(Side::Peer)
                         }
                     };
-                if go {
+                if go && self.s.in_maintenance() {
+                    self.note(HeldBack::SelfStart, "not starting the module here");
+                } else if go {
                     self.become_writer(Role::Alone, true, "the most up-to-date node starts");
                 } else {
                     // The peer may start instead: if it vanishes later, it may
@@ -1328,7 +1592,9 @@ impl Transition {
                     && self.s.uptodate
                     && self.s.start_wait_over
                     && self.s.probe.is_none();
-                if can_start {
+                if can_start && self.s.in_maintenance() {
+                    self.note(HeldBack::SelfStart, "not starting the module here");
+                } else if can_start {
                     self.go_alone("no peer; local data up to date");
                 }
             }

@@ -22,6 +22,10 @@
 //!   values differ between this node and the peer (its latest heartbeat), as
 //!   `cluster.KEY`, `node[I].KEY`, `modules.NAME.KEY`, or `modules.NAME` for
 //!   a module only one node has; `[]` when equal or the peer was never heard.
+//! - per node `maintenance` (`vmctl maintenance on`: no automatic reaction
+//!   for the module, on either node) and `left` (`vmctl leave`: the node runs
+//!   nothing until `vmctl join`), carried in heartbeats; an unreachable
+//!   peer's are its last known (false if never heard).
 
 use std::collections::BTreeMap;
 
@@ -86,6 +90,12 @@ pub struct NodeStatus {
     /// known, `null` if never heard.
     #[serde(default)]
     pub disk: Option<Disk>,
+    /// The module is in maintenance on this node (`vmctl maintenance on`).
+    #[serde(default)]
+    pub maintenance: bool,
+    /// The node left the cluster (`vmctl leave`) until `vmctl join`.
+    #[serde(default)]
+    pub left: bool,
     /// Current data generation (32 hex digits), `null` for a node without data.
     pub generation: Option<String>,
     pub resync: Option<ResyncStatus>,
@@ -168,6 +178,8 @@ mod tests {
             readiness: Some(Readiness::Ready),
             colour: Some(Colour::Green),
             disk: Some(Disk::Ok),
+            maintenance: false,
+            left: false,
             generation: None,
             resync: None,
             last_seen_ms: None,
@@ -180,7 +192,8 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"reachable": true, "state": "PRIM", "ready": true,
-                "readiness": "ready", "colour": "green", "disk": "ok", "generation": null,
+                "readiness": "ready", "colour": "green", "disk": "ok", "maintenance": false,
+                "left": false, "generation": null,
                 "resync": null})
         );
     }
@@ -194,6 +207,8 @@ mod tests {
             readiness: None,
             colour: None,
             disk: Some(Disk::Failed),
+            maintenance: true,
+            left: false,
             generation: None,
             resync: None,
             last_seen_ms: Some(Some(5000)),
@@ -206,6 +221,7 @@ mod tests {
         assert_eq!(json["state"], serde_json::Value::Null);
         assert_eq!(json["last_known_state"], "PRIM");
         assert_eq!(json["disk"], "failed");
+        assert_eq!(json["maintenance"], true);
         assert_eq!(json["heartbeats"]["10.0.0.2"], serde_json::Value::Null);
         let back: NodeStatus = serde_json::from_value(json).unwrap();
         assert_eq!(back, node);

@@ -512,6 +512,8 @@ fn forged_beat(role: Role) -> Vec<u8> {
                 request: None,
                 forced: false,
                 disk: Default::default(),
+                maintenance: false,
+                left: false,
             },
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
@@ -923,4 +925,114 @@ async fn resync_compare_and_invalidate_repair_the_second() {
     assert_eq!(n2.fs.count("resync_full"), full + 1, "{:?}", n2.fs.calls());
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_hands_over_and_stays_out_across_a_restart_until_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut n1, n2, _) = running_pair(dir.path()).await;
+    let r = n1
+        .request(Request::Leave {
+            until_boot: false,
+            wait_s: Some(10),
+        })
+        .await;
+    assert!(r.ok, "{r:?}");
+    // --wait answered only once node2 runs it.
+    assert!(n2.vm.is_running("vm1"), "{r:?}");
+    assert!(!n1.vm.is_running("vm1"));
+    assert!(
+        r.lines
+            .iter()
+            .any(|l| l.contains("handed over, node2 runs it")),
+        "{r:?}"
+    );
+    let s = n2.status();
+    assert!(s.modules[0].nodes["node1"].left);
+    assert!(dir.path().join("node1/state/left.json").exists());
+    // Out: start is refused, and a restarted vmhad keeps the node out.
+    let r = n1.request(Request::Start { module: None }).await;
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("join"),
+        "{r:?}"
+    );
+    n1.daemon.take().unwrap().kill().await;
+    n1.restart(NodeIndex::FIRST).await;
+    n1.wait("node2 heard", |s| {
+        s.modules[0].nodes["node2"].state == Some(Role::Alone)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(n1.state_of("node1"), Some(Role::Stop));
+    assert!(n1.status().modules[0].nodes["node1"].left);
+    assert_eq!(n1.fs.mounted("vm1"), None);
+    // Join: node1 follows node2 as SECOND.
+    let r = n1.request(Request::Join).await;
+    assert!(r.ok, "{r:?}");
+    n1.wait_role("node1", Role::Second, true).await;
+    n2.wait_role("node2", Role::Prim, true).await;
+    assert!(!n1.status().modules[0].nodes["node1"].left);
+    assert!(!dir.path().join("node1/state/left.json").exists());
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_holds_the_controller_on_both_nodes_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut n1, mut n2, _) = running_pair(dir.path()).await;
+    let r = n1
+        .request(Request::Maintenance {
+            on: true,
+            module: None,
+        })
+        .await;
+    assert!(r.ok, "{r:?}");
+    n2.wait("node2 sees node1's maintenance", |s| {
+        s.modules[0].nodes["node1"].maintenance
+    })
+    .await;
+    // The VM killed on node1: not restarted, no failover.
+    let starts = n1.vm.count("start");
+    n1.vm.kill("vm1");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(n1.vm.count("start"), starts);
+    assert_eq!(n1.state_of("node1"), Some(Role::Prim));
+    assert_eq!(n2.state_of("node2"), Some(Role::Second));
+    // Persisted: a restarted vmhad is still in maintenance.
+    n1.daemon.take().unwrap().kill().await;
+    n1.restart(NodeIndex::FIRST).await;
+    assert!(n1.status().modules[0].nodes["node1"].maintenance);
+    // node1's vmhad is down longer than the failover timeout: node2 does not
+    // fail over onto itself (node1 is in maintenance).
+    n1.daemon.take().unwrap().kill().await;
+    tokio::time::sleep(Duration::from_millis(FAILOVER_MS * 3)).await;
+    assert_eq!(n2.state_of("node2"), Some(Role::Second));
+    assert!(!n2.vm.is_running("vm1"));
+    n1.restart(NodeIndex::FIRST).await;
+    // Off: the controller reacts (here node1 restarted WAIT and holds; node2
+    // fails over from it or node1 starts: the VM runs again somewhere).
+    let r = n1
+        .request(Request::Maintenance {
+            on: false,
+            module: Some("vm1".into()),
+        })
+        .await;
+    assert!(r.ok, "{r:?}");
+    n2.wait("the VM runs again", |_| {
+        n1.vm.is_running("vm1") || n2.vm.is_running("vm1")
+    })
+    .await;
+    assert!(!n1.status().modules[0].nodes["node1"].maintenance);
+    let r = n2
+        .request(Request::Maintenance {
+            on: true,
+            module: Some("nope".into()),
+        })
+        .await;
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("unknown module"),
+        "{r:?}"
+    );
+    n1.daemon.take().unwrap().kill().await;
+    n2.daemon.take().unwrap().kill().await;
 }

@@ -251,6 +251,29 @@ impl VmCluster {
         }
     }
 
+    /// Ends `vmhad` on node `i` with SIGTERM and waits for its exit (60 s at
+    /// most); what it leaves running stays (start it again with
+    /// [`VmCluster::start_vmhad`]). The signal goes to vmhad itself, by the PID
+    /// found in the node's process list: the guard's process is `nsenter`,
+    /// which does not forward signals.
+    pub fn stop_vmhad(&mut self, i: usize) -> Result<()> {
+        let name = self.node(i).name().to_string();
+        let pids = self.pids_of(i, "vmhad", "--config")?;
+        ensure!(pids.len() == 1, "vmhad processes on {name}: {pids:?}");
+        let pid = libc::pid_t::try_from(pids[0]).context("pid out of range")?;
+        // SAFETY: plain syscall on the PID of node i's vmhad, just read from the
+        // node's own process list; its parent (our nsenter guard) has not reaped
+        // it, so the PID cannot have been reused.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            bail!("kill({pid}, SIGTERM): {}", std::io::Error::last_os_error());
+        }
+        if let Some(Some(c)) = self.vmhad.get_mut(i) {
+            let status = c.wait_exit(Duration::from_secs(60))?;
+            ensure!(status.success(), "vmhad on {name} exited with {status}");
+        }
+        Ok(())
+    }
+
     /// `vmctl --config FILE args` inside node `i`: its stdout, or an error.
     pub fn vmctl(&self, i: usize, args: &[&str]) -> Result<String> {
         let mut cmd = self.node(i).command(&self.vmctl_bin);

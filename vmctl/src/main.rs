@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use vmha_controller::config::Config;
 use vmha_controller::control::{Client, ControlError, Request, Response};
 use vmha_controller::state::WitnessOutcome;
@@ -78,6 +78,32 @@ enum Command {
     /// The configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Hand every module of this node over to the peer (as `stop` on a PRIM)
+    /// and keep this node out, across vmhad restarts, until `vmctl join`.
+    Leave {
+        /// Return only once every module is handed over (the peer runs it, or
+        /// it is stopped here and the peer will not run it).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up (exit status 1) after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        timeout: u64,
+        /// The leave ends at the next boot (host shutdown, see
+        /// vmha-shutdown.service) instead of at `vmctl join`.
+        #[arg(long)]
+        until_boot: bool,
+    },
+    /// End `vmctl leave`: every module starts again on this node.
+    Join,
+    /// Maintenance: the controller takes no automatic action for the module
+    /// (no failover, no VM restart, no checker reaction) on either node, while
+    /// the VM and the replication keep running. Every module when MODULE is
+    /// omitted. Kept across vmhad restarts.
+    Maintenance {
+        #[arg(value_enum)]
+        mode: OnOff,
+        module: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +123,12 @@ enum ConfigCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 /// Everything that makes vmctl exit non-zero (each printed as one line).
@@ -313,9 +345,16 @@ fn render(status: &Status) -> String {
     ];
     let mut rows: Vec<[String; 8]> = vec![header.map(str::to_string)];
     let mut warnings = Vec::new();
+    let mut banners: Vec<String> = Vec::new();
     for module in &status.modules {
         for (i, (name, node)) in module.nodes.iter().enumerate() {
-            let [state, readiness, colour, generation] = cell(node);
+            let [mut state, readiness, colour, generation] = cell(node);
+            if node.maintenance {
+                state.push_str(" MAINT");
+            }
+            if node.left {
+                state.push_str(" LEFT");
+            }
             let resync = node
                 .resync
                 .map(|r| match r.eta_s {
@@ -342,6 +381,17 @@ fn render(status: &Status) -> String {
                 resync,
                 heartbeats(node),
             ]);
+            if node.maintenance {
+                banners.push(format!(
+                    "!!! MAINTENANCE: module {} on {name}: no failover, no restart, no checker reaction on either node (`vmctl maintenance off` on {name})",
+                    module.name
+                ));
+            }
+            if node.left {
+                banners.push(format!(
+                    "!!! {name} LEFT the cluster: it runs no module until `vmctl join` there"
+                ));
+            }
             if node.disk == Some(vmha_controller::state::Disk::Failed) {
                 warnings.push(format!(
                     "warning: {name}'s disk failed (module {}): it waits; after the repair run `vmctl start` there",
@@ -360,6 +410,12 @@ fn render(status: &Status) -> String {
                 ));
             }
         }
+    }
+    // Loud, first: the operator must not miss that the controller is held.
+    banners.dedup();
+    for b in &banners {
+        out.push_str(b);
+        out.push('\n');
     }
     let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
@@ -462,6 +518,35 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         Command::Invalidate { module } => {
             print_lines(&call(&socket, &Request::Invalidate { module })?)
         }
+        Command::Leave {
+            wait,
+            timeout,
+            until_boot,
+        } => {
+            let request = Request::Leave {
+                until_boot,
+                wait_s: wait.then_some(timeout),
+            };
+            let response = Client::connect(&socket)?.call(&request)?;
+            print_lines(&response)?;
+            if response.ok {
+                Ok(())
+            } else {
+                Err(VmctlError::Daemon(
+                    response
+                        .error
+                        .unwrap_or_else(|| "vmhad refused the request".to_string()),
+                ))
+            }
+        }
+        Command::Join => print_lines(&call(&socket, &Request::Join)?),
+        Command::Maintenance { mode, module } => print_lines(&call(
+            &socket,
+            &Request::Maintenance {
+                on: mode == OnOff::On,
+                module,
+            },
+        )?),
         Command::Verify { module } => {
             let response = call(&socket, &Request::Verify { module })?;
             print_lines(&response)?;

@@ -209,6 +209,19 @@ impl Runner {
                     return self.fail_step("persist generation", e, queue, lines).await;
                 }
             }
+            Action::SetMaintenance(flag) => {
+                if let Err(e) = self.persist(|m| m.maintenance = flag).await {
+                    // In effect until vmhad restarts; the operator sees the line.
+                    self.record(
+                        format!(
+                            "error: persist maintenance {}: {e} (in effect until vmhad restarts)",
+                            if flag { "on" } else { "off" }
+                        ),
+                        lines,
+                    )
+                    .await;
+                }
+            }
             Action::SetSelfOutdated(flag) => {
                 match self.persist(|m| m.self_outdated = flag).await {
                     Ok(()) if flag => {

@@ -273,10 +273,14 @@ impl Runner {
         // Before the VM's state: a guest failing on the broken disk must not be
         // restarted on it.
         if let Some(FsHealth::DiskFailed(reason)) = &fs {
-            let mut lines = Vec::new();
-            let reason = reason.strip_prefix("local disk failed: ").unwrap_or(reason);
-            self.record(format!("local disk failed: {reason}"), &mut lines)
-                .await;
+            // In maintenance the state machine holds it back and says so once:
+            // no line per check.
+            if !self.state.in_maintenance() {
+                let mut lines = Vec::new();
+                let reason = reason.strip_prefix("local disk failed: ").unwrap_or(reason);
+                self.record(format!("local disk failed: {reason}"), &mut lines)
+                    .await;
+            }
             self.handle(Event::DiskFailed).await;
             return;
         }
@@ -296,9 +300,11 @@ impl Runner {
                 return;
             }
             Some(FsHealth::Idle) => {
-                let mut lines = Vec::new();
-                self.record("vmha-fs failed: nothing is mounted".into(), &mut lines)
-                    .await;
+                if !self.state.in_maintenance() {
+                    let mut lines = Vec::new();
+                    self.record("vmha-fs failed: nothing is mounted".into(), &mut lines)
+                        .await;
+                }
                 self.handle(Event::FsFailed).await;
                 return;
             }

@@ -364,6 +364,13 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
         Request::Reload => return super::reload::reload_file(shared).await,
         Request::ConfigApply { text } => return super::reload::apply_text(shared, &text).await,
         Request::ConfigText => return super::reload::config_text(shared).await,
+        Request::Leave { until_boot, wait_s } => {
+            return super::operations::leave(shared, until_boot, wait_s).await
+        }
+        Request::Join => return super::operations::join(shared).await,
+        Request::Maintenance { on, module } => {
+            return super::operations::maintenance(shared, on, module.as_deref()).await
+        }
         Request::Start { module } => (Event::Start, module),
         Request::Stop { module } => (Event::Stop, module),
         Request::Swap { module } => (Event::Swap, module),

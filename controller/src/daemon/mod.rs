@@ -15,7 +15,8 @@
 //!   heartbeat, turning what they see into events;
 //! - `dispatch`: heartbeat sending and receiving (`PeerLiveness`), control
 //!   requests routed to their module;
-//! - `status`: the `status` answer.
+//! - `status`: the `status` answer;
+//! - `operations`: `leave` (with its wait), `join`, `maintenance`.
 //!
 //! Driver contract of `state.rs`, as honoured here:
 //! - a step's actions run in order, each blocking driver call in
@@ -63,6 +64,13 @@
 //!   reload (`reload.rs`) is not (STOP until `vmctl start`). The configuration
 //!   and the module list change at a reload, so the tasks read them through
 //!   `Shared::config` and `Shared::modules` each time.
+//! - Modules are started (`Start`) when the daemon starts; a node that left
+//!   (`state_dir/left.json`, see [`crate::leave`]) starts them left, so that
+//!   `Start` is refused until `vmctl join`. `leave`, `join` and `maintenance`
+//!   are node-wide requests sent to every module at once (`operations`).
+//! - In maintenance the checkers keep polling and report as usual (the state
+//!   machine holds the reaction back and logs it once); their own per-check
+//!   event-log lines (disk failed, nothing mounted) are left out meanwhile.
 //! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
 //!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
 //!   simulates a crash (tasks aborted, nothing stopped).
@@ -96,6 +104,7 @@
 mod actions;
 mod checks;
 mod dispatch;
+mod operations;
 mod reload;
 mod runner;
 mod status;
@@ -138,6 +147,8 @@ pub enum DaemonError {
     },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Leave(#[from] crate::leave::LeaveError),
 }
 
 /// Everything a daemon needs.
@@ -248,6 +259,9 @@ struct Factory {
     judging_since: Arc<Mutex<Instant>>,
     witness_slot: WitnessSlot,
     shutdown: watch::Receiver<bool>,
+    /// The node left the cluster (`vmctl leave`): modules built now, at start
+    /// or added by a reload, start left too.
+    left: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Factory {
@@ -275,7 +289,9 @@ impl Factory {
             meta.history.current().is_some(),
             meta.peer_may_be_newer,
         )
-        .with_self_outdated(meta.self_outdated);
+        .with_self_outdated(meta.self_outdated)
+        .with_maintenance(meta.maintenance)
+        .with_left(self.left.load(std::sync::atomic::Ordering::SeqCst));
         let log = Arc::new(EventLog::with_clock(
             &cluster.state_dir,
             &module.name,
@@ -431,6 +447,32 @@ impl Daemon {
         let started = Instant::now();
         let judging_since = Arc::new(Mutex::new(started));
         let witness_slot: WitnessSlot = Arc::new(Mutex::new(None));
+        let left = {
+            let dir = cluster.state_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let boot = crate::leave::current_boot_id();
+                if let Err(e) = &boot {
+                    tracing::warn!("{e}: a leave at shutdown is taken as still in effect");
+                }
+                crate::leave::load(&dir, boot.ok().as_deref())
+            })
+            .await
+            .map_err(|e| DaemonError::Task(e.to_string()))??
+        };
+        let left = match left {
+            crate::leave::Leave::In => false,
+            crate::leave::Leave::EndedAtBoot => {
+                tracing::info!("the leave done at the last shutdown ended with the reboot");
+                false
+            }
+            crate::leave::Leave::Out { until_boot } => {
+                tracing::warn!(
+                    until_boot,
+                    "this node left the cluster: no module starts until `vmctl join`"
+                );
+                true
+            }
+        };
 
         let factory = Factory {
             vm: Arc::clone(&spec.vm),
@@ -440,6 +482,7 @@ impl Daemon {
             judging_since: Arc::clone(&judging_since),
             witness_slot: Arc::clone(&witness_slot),
             shutdown: shutdown_rx.clone(),
+            left: Arc::new(std::sync::atomic::AtomicBool::new(left)),
         };
         for module in &config.modules {
             let (runner, commands, handle) = factory.build(&config, module, node).await?;

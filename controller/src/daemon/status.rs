@@ -50,6 +50,8 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                 readiness: Some(view.announce.readiness),
                 colour: Some(colour_of(role, view.announce.readiness)),
                 disk: Some(view.announce.disk),
+                maintenance: view.announce.maintenance,
+                left: view.announce.left,
                 generation: view.history.current().map(|g| g.to_string()),
                 resync: view.resync,
                 last_seen_ms: None,
@@ -68,6 +70,8 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                     readiness: Some(beat.announce.readiness),
                     colour: Some(colour_of(beat.announce.role, beat.announce.readiness)),
                     disk: Some(beat.announce.disk),
+                    maintenance: beat.announce.maintenance,
+                    left: beat.announce.left,
                     generation: beat.history.current().map(|g| g.to_string()),
                     resync: beat.resync,
                     last_seen_ms: Some(last_seen),
@@ -83,6 +87,8 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                     readiness: None,
                     colour: None,
                     disk: beat.map(|b| b.announce.disk),
+                    maintenance: beat.is_some_and(|b| b.announce.maintenance),
+                    left: beat.is_some_and(|b| b.announce.left),
                     generation: beat
                         .and_then(|b| b.history.current())
                         .map(|g| g.to_string()),

@@ -17,6 +17,9 @@ struct Node {
     history: History,
     flag: bool,
     self_outdated: bool,
+    maintenance: bool,
+    /// The node left the cluster (the driver's node-wide file).
+    left: bool,
     // Local facts the driver would own.
     changed: u64,
     writer: bool,
@@ -63,6 +66,9 @@ enum Op {
     Compare(usize),
     /// `vmctl invalidate` on a node.
     Invalidate(usize),
+    Leave(usize),
+    Join(usize),
+    Maintenance(usize, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -90,6 +96,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::LinkDown),
         1 => node.clone().prop_map(Op::Compare),
         1 => node.clone().prop_map(Op::Invalidate),
+        1 => node.clone().prop_map(Op::Leave),
+        1 => node.clone().prop_map(Op::Join),
+        1 => (node.clone(), any::<bool>()).prop_map(|(i, on)| Op::Maintenance(i, on)),
     ]
 }
 
@@ -164,6 +173,8 @@ impl Sim {
             history: History::empty(),
             flag: false,
             self_outdated: false,
+            maintenance: false,
+            left: false,
             changed: 0,
             writer: false,
             receiver: false,
@@ -265,6 +276,7 @@ impl Sim {
                 }
                 Action::SetPeerMayBeNewer(b) => n.flag = b,
                 Action::SetSelfOutdated(b) => n.self_outdated = b,
+                Action::SetMaintenance(b) => n.maintenance = b,
                 Action::ProbeWitness | Action::RetryWitness => n.probing = true,
                 Action::DefineDomain
                 | Action::StartResync { .. }
@@ -366,7 +378,9 @@ impl Sim {
                         n.history.current().is_some(),
                         n.flag,
                     )
-                    .with_self_outdated(n.self_outdated);
+                    .with_self_outdated(n.self_outdated)
+                    .with_maintenance(n.maintenance)
+                    .with_left(n.left);
                     self.deliver(i, Event::Start);
                 }
             }
@@ -423,6 +437,20 @@ impl Sim {
                 self.nodes[i].stop_fails = false;
             }
             Op::Write(i) => self.write(i),
+            Op::Leave(i) => {
+                if self.nodes[i].alive {
+                    // The driver persists the leave before the modules act.
+                    self.nodes[i].left = true;
+                    self.deliver(i, Event::Leave);
+                }
+            }
+            Op::Join(i) => {
+                if self.nodes[i].alive {
+                    self.nodes[i].left = false;
+                    self.deliver(i, Event::Join);
+                }
+            }
+            Op::Maintenance(i, on) => self.deliver(i, Event::Maintenance(on)),
             Op::Witness(i, fails) => {
                 if self.nodes[i].probing {
                     self.nodes[i].probing = false;
@@ -500,6 +528,19 @@ impl Sim {
                     n.s.self_outdated, n.self_outdated,
                     "node {i}: self-outdated mirror"
                 );
+                assert_eq!(
+                    n.s.maintenance, n.maintenance,
+                    "node {i}: maintenance mirror"
+                );
+                // A node that left runs nothing until it joins.
+                assert_eq!(n.s.left, n.left, "node {i}: left mirror");
+                if n.left {
+                    assert!(
+                        n.s.role == Role::Stop && !n.writer && !n.receiver && !n.vm,
+                        "node {i} left but {:?}",
+                        n.s
+                    );
+                }
                 // A failed disk is never written by a vmha-fs of this node.
                 if n.s.disk_failed {
                     assert!(!n.writer && !n.receiver && !n.vm, "node {i}: {:?}", n.s);
@@ -520,6 +561,7 @@ impl Sim {
                 && s.readiness() == Readiness::Ready
                 && s.policy.failover
                 && !s.policy.witness
+                && !s.in_maintenance()
             {
                 let (after, _) = step(s, Event::PeerLost);
                 assert_eq!(after.role, Role::Alone, "node {i}: no failover from {s:?}");
@@ -563,6 +605,11 @@ proptest! {
         sim.apply(Op::Prim(first));
         for op in ops {
             if matches!(op, Op::Partition | Op::Prim(_) | Op::LinkDown) {
+                continue;
+            }
+            // In maintenance a failed disk is the operator's to handle: the VM
+            // stays on it (vmha-fs fails its I/O, it never serves lost data).
+            if matches!(op, Op::DiskFail(i) if sim.nodes[i].s.in_maintenance()) {
                 continue;
             }
             sim.apply(op);
@@ -664,4 +711,60 @@ fn tie_break_winner_vanishing_loses_nothing() {
     }
     assert_eq!(sim.nodes[1].s.role, Role::Wait);
     assert!(!sim.nodes[1].vm);
+}
+
+/// Leave through the simulator: the PRIM hands over, stays out across a
+/// reboot, and comes back as SECOND on `join`; maintenance holds a failover.
+#[test]
+fn leave_and_maintenance_through_the_simulator() {
+    let setup = Setup {
+        failover: true,
+        witness: false,
+        witness_answer: WitnessOutcome::Reachable,
+        default_primary: None,
+        split_brain: 3,
+    };
+    let mut sim = Sim::new(setup);
+    for op in [
+        Op::Start(0),
+        Op::Start(1),
+        Op::Prim(0),
+        Op::Exchange,
+        Op::Exchange,
+        Op::Write(0),
+        Op::Resync(1),
+        Op::Exchange,
+    ] {
+        sim.apply(op);
+    }
+    let roles = |sim: &Sim| (sim.nodes[0].s.role, sim.nodes[1].s.role);
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+    assert_eq!(sim.nodes[1].s.readiness(), Readiness::Ready);
+    sim.apply(Op::Leave(0));
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Stop, Role::Alone));
+    assert!(sim.acked.is_subset(&sim.nodes[1].data));
+    sim.apply(Op::Write(1));
+    for op in [
+        Op::Crash(0),
+        Op::Boot(0),
+        Op::StartWait(0),
+        Op::Exchange,
+        Op::Exchange,
+    ] {
+        sim.apply(op);
+    }
+    assert_eq!(sim.nodes[0].s.role, Role::Stop, "a reboot ended the leave");
+    sim.apply(Op::Join(0));
+    sim.apply(Op::Exchange);
+    sim.apply(Op::Resync(0));
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Second, Role::Prim));
+    // Maintenance on the PRIM's node: its crash is not failed over.
+    sim.apply(Op::Maintenance(1, true));
+    sim.apply(Op::Exchange);
+    sim.apply(Op::Crash(1));
+    sim.apply(Op::Lost(0));
+    assert_eq!(sim.nodes[0].s.role, Role::Second);
+    assert!(!sim.nodes[0].vm);
 }

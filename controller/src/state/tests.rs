@@ -24,6 +24,7 @@ fn peer(role: Role, readiness: Readiness, relation: Relation) -> Peer {
         relation,
         config_match: true,
         changed_bytes: 0,
+        maintenance: false,
     }
 }
 
@@ -952,10 +953,15 @@ fn peers() -> Vec<Peer> {
                     relation,
                     config_match: true,
                     changed_bytes: 5,
+                    maintenance: false,
                 };
                 out.push(base);
                 match relation {
                     Relation::InSync => {
+                        out.push(Peer {
+                            maintenance: true,
+                            ..base
+                        });
                         out.push(Peer {
                             config_match: false,
                             ..base
@@ -1030,7 +1036,8 @@ fn states() -> Vec<ModuleState> {
                         Role::Wait => !hold && wait_over && !matches!(k, PeerKnowledge::Seen(_)),
                         Role::Alone | Role::Stop => false,
                     };
-                    if policy.witness && probes && has_data && uptodate {
+                    // (Never in maintenance: no probe starts, a running one is dropped.)
+                    if policy.witness && probes && has_data && uptodate && !s.in_maintenance() {
                         for failed in [false, true] {
                             let mut probing = s.clone();
                             probing.probe = Some(Probe { failed });
@@ -1078,6 +1085,23 @@ fn states() -> Vec<ModuleState> {
                         let mut r = s.clone();
                         r.receiver_restarted_ms = Some(0);
                         out.push(r);
+                    }
+                    // In maintenance on this node (some of it already held back),
+                    // or out of the cluster (always STOP).
+                    // (Not doubled where the peer's announcement already puts
+                    // it in maintenance, nor without failover: kept fast.)
+                    if policy.failover && !s.in_maintenance() {
+                        let mut m = s.clone();
+                        m.maintenance = true;
+                        m.held_back = vec![HeldBack::VmDown];
+                        out.push(m);
+                    }
+                    if role == Role::Stop {
+                        let mut l = s.clone();
+                        l.left = true;
+                        out.push(l.clone());
+                        l.maintenance = true;
+                        out.push(l);
                     }
                     out.push(s);
                 }
@@ -1133,6 +1157,10 @@ fn events() -> Vec<Event> {
         Event::WitnessResult(WitnessOutcome::CouldNotProbe),
         Event::ResyncCompare,
         Event::Invalidate,
+        Event::Leave,
+        Event::Join,
+        Event::Maintenance(true),
+        Event::Maintenance(false),
     ];
     for bits in 0u8..8 {
         out.push(Event::LinkDown {
@@ -1253,7 +1281,7 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
                     ctx()
                 );
             }
-            (Event::Start, _) => assert!(!before.peer_may_be_newer, "{}", ctx()),
+            (Event::Start | Event::Join, _) => assert!(!before.peer_may_be_newer, "{}", ctx()),
             _ => assert!(before.uptodate, "promoted stale data: {}", ctx()),
         }
         if *event == Event::PeerLost {
@@ -1344,7 +1372,7 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
     }
     // A failed disk: the module leaves this node, which touches nothing more
     // and never blames its peer, until the operator's `start`.
-    if *event == Event::DiskFailed {
+    if *event == Event::DiskFailed && !before.in_maintenance() {
         assert!(matches!(after.role, Role::Wait | Role::Stop), "{}", ctx());
         assert!(after.disk_failed && after.self_outdated, "{}", ctx());
         if !before.self_outdated {
@@ -1356,10 +1384,13 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             );
         }
     }
-    if before.disk_failed && *event != Event::Start {
+    if before.disk_failed && *event != Event::Start && *event != Event::Join {
         for a in actions {
             assert!(
-                matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)),
+                matches!(
+                    a,
+                    Action::Log(_) | Action::SetPeerMayBeNewer(_) | Action::SetMaintenance(_)
+                ),
                 "a failed disk touched: {}",
                 ctx()
             );
@@ -1459,11 +1490,17 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
         let allowed = before
             .receiver_restarted_ms
             .is_none_or(|t| now_ms - t >= RECEIVER_RESTART_INTERVAL_MS);
-        assert_eq!(restart, before.role == Role::Second && allowed, "{}", ctx());
+        let maintenance = before.in_maintenance();
+        assert_eq!(
+            restart,
+            before.role == Role::Second && allowed && !maintenance,
+            "{}",
+            ctx()
+        );
         if restart {
             assert_eq!(after.role, Role::Second, "{}", ctx());
             assert_eq!(after.receiver_restarted_ms, Some(now_ms), "{}", ctx());
-        } else if before.role != Role::Stop && before.role != Role::Wait {
+        } else if before.role != Role::Stop && before.role != Role::Wait && !maintenance {
             assert_eq!(after.role, Role::Wait, "{}", ctx());
         }
     }
@@ -1501,8 +1538,142 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
         && before.policy.failover
         && !before.policy.witness
         && before.last_peer().is_some_and(|p| p.config_match)
+        && !before.in_maintenance()
     {
         assert_eq!(after.role, Role::Alone, "{}", ctx());
+    }
+    check_leave_and_maintenance(before, event, after, actions);
+}
+
+/// Leave: the node hands over and runs nothing until it joins. Maintenance:
+/// nothing automatic happens, only what an operator asked for.
+fn check_leave_and_maintenance(
+    before: &ModuleState,
+    event: &Event,
+    after: &ModuleState,
+    actions: &[Action],
+) {
+    let ctx = || format!("{before:?}\n  --{event:?}-->\n{after:?}\n  actions {actions:?}");
+    let acts: Vec<&Action> = actions
+        .iter()
+        .filter(|a| !matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)))
+        .collect();
+    // ---- leave ----
+    if *event == Event::Leave {
+        assert_eq!(after.role, Role::Stop, "{}", ctx());
+        assert!(after.left, "{}", ctx());
+        if before.role.is_writer() {
+            assert_eq!(acts, [&Action::StopVm, &Action::Unmount], "{}", ctx());
+        }
+    }
+    if after.left {
+        assert_eq!(after.role, Role::Stop, "a node that left runs: {}", ctx());
+        assert!(after.announce().left, "{}", ctx());
+    }
+    if before.left && *event != Event::Join {
+        assert!(after.left, "{}", ctx());
+        for a in &acts {
+            // Recording facts is not acting (a disk failure, a maintenance).
+            assert!(
+                matches!(a, Action::SetMaintenance(_) | Action::SetSelfOutdated(_)),
+                "a node that left acted: {}",
+                ctx()
+            );
+        }
+    }
+    if *event == Event::Join {
+        assert!(!after.left, "{}", ctx());
+    }
+    // ---- maintenance ----
+    if let Event::Maintenance(on) = *event {
+        assert_eq!(after.maintenance, on, "{}", ctx());
+        assert_eq!(after.announce().maintenance, on, "{}", ctx());
+        let persisted = actions.contains(&Action::SetMaintenance(on));
+        assert_eq!(persisted, before.maintenance != on, "{}", ctx());
+        if on {
+            assert!(!after.probing(), "{}", ctx());
+            // Turning it on never stops, starts or moves anything.
+            for a in &acts {
+                assert!(
+                    matches!(
+                        a,
+                        Action::SetMaintenance(_) | Action::NewGeneration | Action::WriteAlone
+                    ),
+                    "{}",
+                    ctx()
+                );
+            }
+        }
+    } else {
+        assert_eq!(after.maintenance, before.maintenance, "{}", ctx());
+    }
+    if !before.in_maintenance() {
+        return;
+    }
+    let operator = matches!(
+        event,
+        Event::Start
+            | Event::Stop
+            | Event::Swap
+            | Event::PrimForced
+            | Event::Leave
+            | Event::Join
+            | Event::Maintenance(false)
+    );
+    // Checkers change nothing: no restart, no step down, no receiver restart.
+    if matches!(
+        event,
+        Event::VmStopped { .. }
+            | Event::VmStartFailed { .. }
+            | Event::FsFailed
+            | Event::DiskFailed
+            | Event::FsDied { .. }
+            | Event::Fenced { .. }
+    ) {
+        assert_eq!(after.role, before.role, "{}", ctx());
+        assert!(acts.is_empty(), "maintenance acted on a checker: {}", ctx());
+    }
+    // A lost peer: nobody fails over, no witness; a PRIM keeps its VM alone.
+    if *event == Event::PeerLost {
+        let expected = if before.role == Role::Prim && before.last_peer().is_some() {
+            Role::Alone
+        } else {
+            before.role
+        };
+        assert_eq!(after.role, expected, "{}", ctx());
+        assert!(!acts.contains(&&Action::ProbeWitness), "{}", ctx());
+        assert!(!acts.contains(&&Action::StopVm), "{}", ctx());
+        assert!(!acts.contains(&&Action::MountWriter), "{}", ctx());
+    }
+    // Promotion only by the operator or an explicit hand-over of the peer.
+    let promoted = !before.role.is_writer() && after.role.is_writer();
+    if promoted && after.in_maintenance() && !operator {
+        match event {
+            Event::PeerSeen { peer, .. } => assert!(
+                peer.role == Role::Stop || peer.request == Some(Request::TakeOver),
+                "maintenance promoted without a hand-over: {}",
+                ctx()
+            ),
+            _ => panic!("maintenance promoted: {}", ctx()),
+        }
+    }
+    // No VM start but with the writer mount of an operator's or hand-over's promotion.
+    // (A connected start that fell back to alone finishes its hand-over.)
+    if actions.contains(&Action::StartVm) && !operator {
+        assert!(
+            promoted || before.pending_alone_mount,
+            "maintenance restarted the VM: {}",
+            ctx()
+        );
+    }
+    // No automatic swap-back.
+    // (A connected start whose fallback failed never started its VM.)
+    if actions.contains(&Action::StopVm) && !operator && !before.pending_alone_mount {
+        assert!(
+            matches!(event, Event::PeerSeen { peer, .. } if peer.request == Some(Request::HandOver) || peer.role.is_writer() || peer.relation == Relation::PeerNewer),
+            "maintenance stopped the VM: {}",
+            ctx()
+        );
     }
 }
 
@@ -1834,4 +2005,146 @@ fn a_second_behind_is_attached_once_and_retried_after_failure() {
     let mut ended = s.clone();
     ended.attach = Attach::Idle;
     assert!(run(&ended, &[Event::AttachRetryDue]).1.is_empty());
+}
+
+fn logs(actions: &[Action]) -> Vec<&str> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Log(l) => Some(l.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn leave_hands_over_and_stays_out_until_join() {
+    let (s, actions) = run(&prim(), &[Event::Leave]);
+    assert_eq!((s.role, s.left), (Role::Stop, true));
+    assert_eq!(actions, [Action::StopVm, Action::Unmount]);
+    assert!(s.announce().left);
+    // The ready SECOND sees the STOP and takes over, as after `vmctl stop`.
+    let (peer_side, actions) = run(
+        &second(),
+        &[seen(peer(Role::Stop, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(peer_side.role, Role::Alone);
+    assert!(actions.contains(&Action::StartVm));
+    // Out: `start` (also the daemon's at restart) and `prim` are refused, and
+    // neither the peer writing nor the peer lost brings the module back.
+    for event in [Event::Start, Event::PrimForced] {
+        let (after, actions) = step(&s, event);
+        assert_eq!(after.role, Role::Stop);
+        assert!(
+            logs(&actions).iter().any(|l| l.contains("refused")),
+            "{actions:?}"
+        );
+    }
+    let writer = seen(peer(Role::Alone, Readiness::Ready, Relation::PeerNewer));
+    let (after, actions) = run(
+        &s,
+        &[writer.clone(), Event::PeerLost, Event::StartWaitElapsed],
+    );
+    assert_eq!(after.role, Role::Stop);
+    assert!(actions.is_empty(), "{actions:?}");
+    // A restart keeps it out (the driver restores the persisted leave).
+    let restarted = ModuleState::new(policy(), true, true).with_left(true);
+    let (after, _) = run(&restarted, &[Event::Start, writer.clone()]);
+    assert_eq!(after.role, Role::Stop);
+    // `join`: starts as the daemon does and follows the writer.
+    let (after, actions) = run(&s, &[Event::Join, writer]);
+    assert!(!after.left);
+    assert_eq!(after.role, Role::Second);
+    assert!(actions.contains(&Action::MountReceiver));
+    // Leave from every role ends STOP; an ALONE's VM is stopped (nobody to
+    // hand over to), a SECOND's receiver is stopped.
+    let (alone, _) = run(&prim(), &[Event::PeerLost]);
+    assert_eq!(alone.role, Role::Alone);
+    let (after, actions) = run(&alone, &[Event::Leave]);
+    assert_eq!(
+        (after.role, actions),
+        (Role::Stop, vec![Action::StopVm, Action::Unmount])
+    );
+    let (after, actions) = run(&second(), &[Event::Leave]);
+    assert_eq!((after.role, actions), (Role::Stop, vec![Action::Unmount]));
+}
+
+#[test]
+fn maintenance_holds_back_every_automatic_reaction() {
+    let (p, actions) = run(&prim(), &[Event::Maintenance(true)]);
+    assert_eq!(actions, [Action::SetMaintenance(true)]);
+    assert!(p.announce().maintenance);
+    // The VM stops behind the controller's back: not restarted, logged once.
+    let (after, actions) = run_exact(&p, &[Event::VmStopped { now_ms: 1 }]);
+    assert_eq!(after.role, Role::Prim);
+    assert!(actions.is_empty(), "{actions:?}");
+    let (_, again) = step(&after, Event::VmStopped { now_ms: 2 });
+    assert!(again.is_empty(), "logged twice: {again:?}");
+    // vmha-fs or the disk failing, a fence: nothing.
+    for event in [Event::FsFailed, Event::DiskFailed, fs_died(3), FENCED] {
+        let (a, actions) = run_exact(&after, &[event]);
+        assert_eq!(a.role, Role::Prim);
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+    // Off: the checker's next report restarts the VM.
+    let (off, actions) = run(&after, &[Event::Maintenance(false)]);
+    assert_eq!(actions, [Action::SetMaintenance(false)]);
+    let (_, actions) = run_exact(&off, &[Event::VmStopped { now_ms: 4 }]);
+    assert_eq!(actions, [Action::StartVm]);
+
+    // A SECOND in maintenance does not fail over; once it ends, it does.
+    let (s, _) = run(&second(), &[Event::Maintenance(true), Event::PeerLost]);
+    assert_eq!(s.role, Role::Second);
+    let (s, actions) = run(&s, &[Event::Maintenance(false)]);
+    assert_eq!(s.role, Role::Alone);
+    assert!(actions.contains(&Action::StartVm));
+    // Nor does it take over from a writer that stepped down.
+    let (s, _) = run(
+        &second(),
+        &[
+            Event::Maintenance(true),
+            seen(peer(Role::Wait, Readiness::Ready, Relation::InSync)),
+        ],
+    );
+    assert_eq!(s.role, Role::Second);
+    // An explicit hand-over (the peer's operator stopped it) is still taken.
+    let (s, _) = run(
+        &second(),
+        &[
+            Event::Maintenance(true),
+            seen(peer(Role::Stop, Readiness::Ready, Relation::InSync)),
+        ],
+    );
+    assert_eq!(s.role, Role::Alone);
+}
+
+#[test]
+fn the_peers_maintenance_holds_this_node_back_too() {
+    let in_maintenance = Peer {
+        maintenance: true,
+        ..peer(Role::Prim, Readiness::Ready, Relation::InSync)
+    };
+    // The PRIM's node is in maintenance: its SECOND does not fail over when
+    // it goes silent (its controller may be restarting), only by `prim`.
+    let (s, _) = run(&second(), &[seen(in_maintenance), Event::PeerLost]);
+    assert_eq!(s.role, Role::Second);
+    assert!(s.in_maintenance() && !s.maintenance);
+    let (s, _) = run(&s, &[Event::PrimForced]);
+    assert_eq!(s.role, Role::Alone);
+    // The SECOND's node is in maintenance: the PRIM losing it keeps its VM and
+    // writes alone without asking the witness (the SECOND does not take over).
+    let p = with_policy(prim(), |p| p.witness = true);
+    let second_in_maintenance = Peer {
+        maintenance: true,
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (p, actions) = run(&p, &[seen(second_in_maintenance), Event::PeerLost]);
+    assert_eq!(p.role, Role::Alone);
+    assert!(!actions.contains(&Action::ProbeWitness), "{actions:?}");
+    assert_eq!(actions.last(), Some(&Action::WriteAlone));
+    // The peer ending its maintenance lets this node act again.
+    let (s, _) = run(&second(), &[seen(in_maintenance)]);
+    let back = peer(Role::Wait, Readiness::Ready, Relation::InSync);
+    let (s, _) = run(&s, &[seen(back)]);
+    assert_eq!(s.role, Role::Alone, "{s:?}");
 }
