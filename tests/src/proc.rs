@@ -128,7 +128,8 @@ pub struct Child {
     status: Option<ExitStatus>,
     shared: Arc<Shared>,
     readers: Vec<JoinHandle<()>>,
-    opts: SpawnOptions,
+    // Boxed: a `Child` stays small in the enums and structs that hold one.
+    opts: Box<SpawnOptions>,
 }
 
 /// True if `line` contains `word` (ASCII case-insensitive) delimited by
@@ -233,7 +234,7 @@ impl Child {
             status: None,
             shared,
             readers: Vec::new(),
-            opts,
+            opts: Box::new(opts),
         };
         for (what, stream) in streams {
             let sink = Sink {
