@@ -1,7 +1,6 @@
 //! vmha-bench: the same fio job set on a local directory, a vmha-fs pair on
 //! this machine and bindfs (a plain FUSE pass-through), all on one disk.
 
-mod child;
 mod diskstats;
 mod failover;
 mod fio_json;

@@ -1,18 +1,19 @@
 //! The benchmark run: set up targets, run every job on every target
 //! (interleaved per job), collect results.
 
-use crate::child::Proc;
 use crate::diskstats;
 use crate::fio_json::{self, Metrics};
 use crate::interrupt;
 use crate::jobs::{self, Job};
 use crate::report::{Meta, Prefill, Results, RunResult};
 use crate::sysinfo;
-use crate::targets::{find_vmha_fs, Kind, Target};
+use crate::targets::{spawn_logged, Kind, Target};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vmha_test_infra::proc::Child;
+use vmha_test_infra::vmha_fs_bin;
 
 #[derive(Debug)]
 pub struct Opts {
@@ -33,7 +34,7 @@ const PREFILL_MIN_RATE: u64 = 2 << 20;
 
 /// SIGKILLs fio and its job processes; if they are stuck in a FUSE request,
 /// only the daemon's death frees them, so the target is aborted then.
-fn kill_fio(fio: &mut Proc, target: &mut Target) {
+fn kill_fio(fio: &mut Child, target: &mut Target) {
     if fio.kill_group().is_err() {
         target.abort();
         if let Err(e) = fio.kill_group() {
@@ -51,14 +52,11 @@ fn run_fio(
     timeout: Duration,
 ) -> Result<Metrics> {
     let out = jobfile.with_extension("json");
-    let mut fio = Proc::spawn(
-        "fio",
-        Command::new("fio")
-            .arg("--output-format=json")
-            .arg(format!("--output={}", out.display()))
-            .arg(jobfile),
-        &jobfile.with_extension("log"),
-    )?;
+    let mut cmd = Command::new("fio");
+    cmd.arg("--output-format=json")
+        .arg(format!("--output={}", out.display()))
+        .arg(jobfile);
+    let mut fio = spawn_logged("fio", cmd, &jobfile.with_extension("log"))?;
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(st) = fio.wait_timeout(Duration::from_millis(200))? {
@@ -79,7 +77,6 @@ fn run_fio(
             bail!("fio still running after {timeout:?}; killed it and aborted the target; daemon logs:\n{logs}");
         }
     };
-    fio.settle_readers();
     if !status.success() {
         bail!("fio failed ({status}):\n{}", fio.log_tail(15));
     }
@@ -190,7 +187,7 @@ fn check_tools(targets: &[Kind]) -> Result<Option<PathBuf>> {
     if !targets.contains(&Kind::Vmha) {
         return Ok(None);
     }
-    let bin = find_vmha_fs()?;
+    let bin = vmha_fs_bin()?;
     let help = Command::new(&bin)
         .arg("--help")
         .output()

@@ -1,19 +1,39 @@
 //! The directories fio runs in: a plain local directory, a vmha-fs pair on
 //! this machine, and bindfs as a plain FUSE pass-through reference.
 
-use crate::child::{Proc, STOP_GRACE};
 use crate::mounts::{fstype_at, lazy_unmount_all, MountGuard};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fs::File;
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vmha_test_infra::pair::{free_port, keygen};
+use vmha_test_infra::proc::{Child, SpawnOptions};
 
 /// How long a daemon may take to report ready / mount.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a child gets to exit after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How long to wait for a SIGKILLed child to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Starts a child of the benchmark (the test crate's process guard): stdout and
+/// stderr go to `log`; its own process group, so a Ctrl-C at the terminal reaches
+/// only us and we stop the children in order (primary before secondary, then
+/// unmount); SIGTERM with [`STOP_GRACE`] before SIGKILL when dropped; a bounded
+/// wait after SIGKILL (a process stuck in a FUSE request may never die); our
+/// SIGINT flag ends a wait for `ready`.
+pub fn spawn_logged(name: &str, cmd: Command, log: &Path) -> Result<Child> {
+    let opts = SpawnOptions::new()
+        .log_file(log)
+        .own_process_group()
+        .kill_wait(KILL_WAIT)
+        .stop_on_drop(STOP_GRACE)
+        .interrupt_check(crate::interrupt::check);
+    Child::spawn_with(name, cmd, opts)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -57,28 +77,12 @@ impl Kind {
     }
 }
 
-/// The vmha-fs binary: $VMHA_FS_BIN, else next to this executable.
-pub fn find_vmha_fs() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("VMHA_FS_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().context("locate own executable")?;
-    let p = exe.with_file_name("vmha-fs");
-    if !p.is_file() {
-        bail!(
-            "vmha-fs not found at {} (build it, or set VMHA_FS_BIN)",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 #[derive(Debug)]
 struct VmhaPair {
     // Field order is drop order: primary (unmounts P/mnt) before secondary,
     // then the leftover-mount cleanup.
-    primary: Proc,
-    secondary: Proc,
+    primary: Child,
+    secondary: Child,
     p_data: PathBuf,
     s_data: PathBuf,
     _unmount: [MountGuard; 2],
@@ -86,7 +90,7 @@ struct VmhaPair {
 
 #[derive(Debug)]
 struct Bindfs {
-    proc: Proc,
+    proc: Child,
     _unmount: MountGuard,
 }
 
@@ -115,7 +119,7 @@ fn mkdirs(dirs: &[&Path]) -> Result<()> {
 }
 
 /// Waits until a FUSE filesystem is mounted at `mnt`, while `proc` lives.
-fn wait_fuse_mounted(proc: &mut Proc, mnt: &Path) -> Result<()> {
+fn wait_fuse_mounted(proc: &mut Child, mnt: &Path) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(t) = fstype_at(mnt)? {
@@ -137,12 +141,6 @@ fn wait_fuse_mounted(proc: &mut Proc, mnt: &Path) -> Result<()> {
     }
 }
 
-/// A port that was free a moment ago (the secondary binds it right after).
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind an ephemeral port")?;
-    Ok(l.local_addr()?.port())
-}
-
 fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
     let key = root.join("cluster.key");
     let (p, s) = (root.join("p"), root.join("s"));
@@ -150,18 +148,7 @@ fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
     let (s_data, s_state) = (s.join("data"), s.join("state"));
     mkdirs(&[&p_data, &p_mnt, &p_state, &s_data, &s_state])?;
 
-    let out = Command::new(bin)
-        .arg("keygen")
-        .arg(&key)
-        .output()
-        .with_context(|| format!("run {} keygen", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "vmha-fs keygen failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    keygen(bin, &key)?;
 
     // Guards first: whatever happens below, leftover mounts get detached.
     let unmount = [
@@ -169,35 +156,29 @@ fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
         MountGuard::new(s_data.clone()),
     ];
     let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut secondary = Proc::spawn(
-        "vmha-fs secondary",
-        Command::new(bin)
-            .arg("secondary")
-            .arg("--backing")
-            .arg(&s_data)
-            .args(["--listen", &addr])
-            .arg("--state")
-            .arg(&s_state)
-            .arg("--key-file")
-            .arg(&key),
-        &root.join("secondary.log"),
-    )?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("secondary")
+        .arg("--backing")
+        .arg(&s_data)
+        .args(["--listen", &addr])
+        .arg("--state")
+        .arg(&s_state)
+        .arg("--key-file")
+        .arg(&key);
+    let mut secondary = spawn_logged("vmha-fs secondary", cmd, &root.join("secondary.log"))?;
     secondary.wait_ready(READY_TIMEOUT)?;
-    let mut primary = Proc::spawn(
-        "vmha-fs primary",
-        Command::new(bin)
-            .arg("primary")
-            .arg("--backing")
-            .arg(&p_data)
-            .arg("--mount")
-            .arg(&p_mnt)
-            .args(["--peer", &addr])
-            .arg("--state")
-            .arg(&p_state)
-            .arg("--key-file")
-            .arg(&key),
-        &root.join("primary.log"),
-    )?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("primary")
+        .arg("--backing")
+        .arg(&p_data)
+        .arg("--mount")
+        .arg(&p_mnt)
+        .args(["--peer", &addr])
+        .arg("--state")
+        .arg(&p_state)
+        .arg("--key-file")
+        .arg(&key);
+    let mut primary = spawn_logged("vmha-fs primary", cmd, &root.join("primary.log"))?;
     primary.wait_ready(READY_TIMEOUT)?;
     // "ready" must mean mounted: otherwise fio would write into the bare dir.
     wait_fuse_mounted(&mut primary, &p_mnt)?;
@@ -218,11 +199,9 @@ fn setup_bindfs(root: &Path) -> Result<(PathBuf, Bindfs)> {
     mkdirs(&[&src, &mnt])?;
     let unmount = MountGuard::new(mnt.clone());
     // Foreground (-f) so it is our child and stops by PID.
-    let mut proc = Proc::spawn(
-        "bindfs",
-        Command::new("bindfs").arg("-f").arg(&src).arg(&mnt),
-        &root.join("bindfs.log"),
-    )?;
+    let mut cmd = Command::new("bindfs");
+    cmd.arg("-f").arg(&src).arg(&mnt);
+    let mut proc = spawn_logged("bindfs", cmd, &root.join("bindfs.log"))?;
     wait_fuse_mounted(&mut proc, &mnt)?;
     Ok((
         mnt,
@@ -339,7 +318,7 @@ impl Target {
 
     /// The daemons' last log lines, for error reports.
     pub fn log_tails(&self, lines: usize) -> String {
-        let procs: Vec<&Proc> = match &self.backend {
+        let procs: Vec<&Child> = match &self.backend {
             Backend::Local => vec![],
             Backend::Vmha(v) => vec![&v.primary, &v.secondary],
             Backend::Bindfs(b) => vec![&b.proc],
@@ -354,7 +333,7 @@ impl Target {
     /// Kills the daemons at once (a hung FUSE request keeps fio unkillable
     /// until the daemon's /dev/fuse closes), then detaches the mounts.
     pub fn abort(&mut self) {
-        let procs: Vec<&mut Proc> = match &mut self.backend {
+        let procs: Vec<&mut Child> = match &mut self.backend {
             Backend::Local => vec![],
             Backend::Vmha(v) => vec![&mut v.primary, &mut v.secondary],
             Backend::Bindfs(b) => vec![&mut b.proc],
@@ -376,8 +355,8 @@ impl Target {
             notes.push(format!("{name}: daemons were SIGKILLed after a hung run"));
             return notes;
         }
-        let mut stop = |p: &mut Proc, mnt: &Path| {
-            match p.stop(STOP_GRACE) {
+        let mut stop = |p: &mut Child, mnt: &Path| {
+            match p.terminate(STOP_GRACE) {
                 Ok((st, killed)) => {
                     if killed {
                         notes.push(format!(

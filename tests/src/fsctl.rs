@@ -17,8 +17,13 @@ pub const SYNC_FILE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Sends `sig` to `pid` (a process the test started).
 pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+    // Never 0 or negative: kill(2) would signal a whole process group (ours).
+    let id = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| anyhow!("not a process id: {pid}"))?;
     // SAFETY: kill(2) on a PID of a child the test started; no memory is involved.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+    if unsafe { libc::kill(id, sig) } != 0 {
         bail!("kill {sig} {pid}: {}", std::io::Error::last_os_error());
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Test infrastructure for vmha: a replicated pair (primary FUSE mount + secondary
 //! receiver) on one machine, process and mount guards, and tree snapshots to compare
-//! the two replicas; simulated libvirt nodes in namespaces ([`node`]) and the tiny
+//! the two replicas; a writer/receiver pair across a veth for resync tests and the
+//! resync benchmark ([`resync`]); simulated libvirt nodes in namespaces ([`node`]) and the tiny
 //! counter guest ([`guest`]).
 
 pub mod aligned;
@@ -15,6 +16,7 @@ pub mod mounts;
 pub mod node;
 pub mod pair;
 pub mod proc;
+pub mod resync;
 pub mod scenario;
 pub mod tree;
 pub mod vmctl_status;

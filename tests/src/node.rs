@@ -147,14 +147,9 @@ fn netns_id(path: &Path) -> Result<String> {
     Ok(format!("net:[{}]", md.ino()))
 }
 
+/// Best effort: the process may be gone already.
 fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) with a PID we just found in /proc; no memory is involved.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+    let _ = crate::fsctl::signal(pid, sig);
 }
 
 /// Process state letter from /proc/PID/stat (R, S, D, T, Z, ...).

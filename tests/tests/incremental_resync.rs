@@ -12,10 +12,8 @@
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
-use std::net::SocketAddr;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,171 +24,16 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use vmha_fs::status::{StatusFile, SyncStatus};
 use vmha_test_infra::fsctl::{attach_and_wait, signal, stop, verify};
-use vmha_test_infra::hostlink::HostLink;
-use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
-use vmha_test_infra::{assert_same_tree, lazy_unmount_all, vmha_fs_bin, AlignedBuf, Child};
+use vmha_test_infra::resync::{fill_image, ResyncSetup as Setup};
+use vmha_test_infra::{assert_same_tree, lazy_unmount_all, AlignedBuf};
 
 const IMAGE: u64 = 1 << 30;
 const SLOT: u64 = 64 << 10;
 
-/// One node's directories.
-struct Dirs {
-    data: PathBuf,
-    state: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Dirs {
-    fn new(root: &Path, name: &str) -> Result<Dirs> {
-        let d = Dirs {
-            data: root.join(name).join("data"),
-            state: root.join(name).join("state"),
-            mnt: root.join(name).join("mnt"),
-        };
-        for p in [&d.data, &d.state, &d.mnt] {
-            std::fs::create_dir_all(p)?;
-        }
-        Ok(d)
-    }
-}
-
-struct Setup {
-    bin: PathBuf,
-    key: PathBuf,
-    link: HostLink,
-    port: u16,
-    a: Dirs,
-    b: Dirs,
-    /// The hard (and soft) RLIMIT_NOFILE both processes start with, if lowered.
-    nofile: Option<u64>,
-    _root: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new() -> Result<Setup> {
-        let bin = vmha_fs_bin()?;
-        let root = tempfile::Builder::new()
-            .prefix("vmha-incr-")
-            .tempdir_in("/var/tmp")?;
-        let key = root.path().join("cluster.key");
-        keygen(&bin, &key)?;
-        Ok(Setup {
-            a: Dirs::new(root.path(), "a")?,
-            b: Dirs::new(root.path(), "b")?,
-            link: HostLink::new()?,
-            port: free_port()?,
-            nofile: None,
-            bin,
-            key,
-            _root: root,
-        })
-    }
-
-    /// Starts `c` with the open-file limit lowered to `self.nofile` (vmha-fs raises
-    /// its soft limit to the hard one, so the hard one is what counts).
-    fn limit(&self, c: &mut Command) {
-        if let Some(n) = self.nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else
-            // between fork and exec.
-            unsafe {
-                c.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-    }
-
-    fn peer(&self) -> SocketAddr {
-        SocketAddr::new(self.link.ns_addr.into(), self.port)
-    }
-
-    /// A receiver for `d`, inside the namespace.
-    fn secondary(&self, d: &Dirs) -> Result<Child> {
-        self.secondary_with(d, &[])
-    }
-
-    /// A receiver for `d` with `extra` options.
-    fn secondary_with(&self, d: &Dirs, extra: &[&str]) -> Result<Child> {
-        let mut c = self.link.command(&self.bin);
-        c.arg("secondary")
-            .arg("--backing")
-            .arg(&d.data)
-            .arg("--listen")
-            .arg(self.peer().to_string())
-            .arg("--state")
-            .arg(&d.state)
-            .arg("--key-file")
-            .arg(&self.key)
-            .args(extra);
-        self.limit(&mut c);
-        let mut child = Child::spawn("secondary", c)?;
-        child.wait_ready(READY_TIMEOUT)?;
-        Ok(child)
-    }
-
-    /// A writer for `d` on the host, starting alone, `--peer` the namespace.
-    fn primary_alone(&self, d: &Dirs, extra: &[&str]) -> Result<Child> {
-        let mut c = Command::new(&self.bin);
-        c.arg("primary")
-            .arg("--backing")
-            .arg(&d.data)
-            .arg("--mount")
-            .arg(&d.mnt)
-            .arg("--alone")
-            .arg("--peer")
-            .arg(self.peer().to_string())
-            .arg("--state")
-            .arg(&d.state)
-            .arg("--key-file")
-            .arg(&self.key)
-            .args(extra);
-        self.limit(&mut c);
-        let mut child = Child::spawn("primary", c)?;
-        child.wait_ready(READY_TIMEOUT)?;
-        Ok(child)
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        // The processes are gone by now (declared later, dropped first): remove what
-        // they left mounted, before the directories go.
-        for d in [&self.a.mnt, &self.b.mnt, &self.a.data, &self.b.data] {
-            if let Err(e) = lazy_unmount_all(d) {
-                eprintln!("cleanup {}: {e:#}", d.display());
-            }
-        }
-    }
-}
-
 /// A 1 GiB image of random bytes plus a few small files and directories.
 fn fill(data: &Path) -> Result<()> {
     std::fs::create_dir_all(data.join("vm1/snap"))?;
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(data.join("vm1/disk.img"))?;
-    let mut buf = vec![0u8; 8 << 20];
-    StdRng::seed_from_u64(1).fill(&mut buf[..]);
-    let mut off = 0;
-    while off < IMAGE {
-        // Every 4 KiB block distinct (its offset in front) without generating 1 GiB.
-        for (i, block) in buf.chunks_mut(4096).enumerate() {
-            block[..8].copy_from_slice(&(off + i as u64 * 4096).to_le_bytes());
-        }
-        f.write_all_at(&buf, off)?;
-        off += buf.len() as u64;
-    }
-    f.sync_all()?;
+    fill_image(&data.join("vm1/disk.img"), IMAGE, || Ok(()))?;
     std::fs::write(data.join("vm1/vm1.xml"), b"<domain type='kvm'/>")?;
     std::fs::write(data.join("vm1/old.txt"), b"to be renamed")?;
     std::fs::write(data.join("vm1/snap/s1"), vec![5u8; 100_000])?;

@@ -42,8 +42,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus};
 use vmha_test_infra::hostlink::HostLink;
-use vmha_test_infra::pair::{keygen, READY_TIMEOUT};
-use vmha_test_infra::{lazy_unmount_all, vmha_fs_bin, Child};
+use vmha_test_infra::resync::{fill_image, ResyncSetup};
+use vmha_test_infra::{lazy_unmount_all, Child};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -52,7 +52,6 @@ const CHUNK: u64 = 64 << 10;
 /// Read size of the hashing pass.
 const HASH_READ: usize = 64 << 10;
 /// Ports inside the fresh namespace (nothing else listens there).
-const VMHA_PORT: u16 = 7789;
 const RSYNC_PORT: u16 = 8730;
 const PROBE_PORT: u16 = 5001;
 const IMAGE: &str = "vm1/disk.img";
@@ -168,106 +167,38 @@ fn log(msg: impl AsRef<str>) {
     eprintln!("[bench-resync] {}", msg.as_ref());
 }
 
-/// One node's directories.
-#[derive(Debug)]
-struct Dirs {
-    data: PathBuf,
-    state: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Dirs {
-    fn new(root: &Path, name: &str) -> Result<Dirs> {
-        let d = Dirs {
-            data: root.join(name).join("data"),
-            state: root.join(name).join("state"),
-            mnt: root.join(name).join("mnt"),
-        };
-        for p in [&d.data, &d.state, &d.mnt] {
-            std::fs::create_dir_all(p).with_context(|| format!("mkdir {}", p.display()))?;
-        }
-        Ok(d)
-    }
-}
-
-/// Everything the run creates. Drop order: children (killed by PID), then the
-/// mounts they leave, then the namespace (field `link`), then the directory.
+/// Everything the run creates. Field order is drop order: the children (killed by
+/// PID), then the setup (the mounts they leave, the namespace, the directory).
 #[derive(Debug)]
 struct Bench {
     writer: Option<Child>,
     receiver: Option<Child>,
     rsyncd: Option<Child>,
-    bin: PathBuf,
-    key: PathBuf,
-    a: Dirs,
-    b: Dirs,
+    /// The test crate's writer ("a", host) / receiver ("b", namespace) setup: the
+    /// one `tests/tests/incremental_resync.rs` uses.
+    s: ResyncSetup,
     /// The rsync destination (module `bench` of the daemon).
     r: PathBuf,
-    link: HostLink,
-    root: tempfile::TempDir,
     keep_cache: bool,
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        for c in [self.writer.take(), self.receiver.take(), self.rsyncd.take()]
-            .into_iter()
-            .flatten()
-        {
-            drop(c);
-        }
-        for d in [&self.a.mnt, &self.b.data, &self.a.data] {
-            if let Err(e) = lazy_unmount_all(d) {
-                log(format!("cleanup {}: {e:#}", d.display()));
-            }
-        }
-    }
 }
 
 impl Bench {
     fn new(dir: &Path, keep_cache: bool) -> Result<Bench> {
-        let bin = vmha_fs_bin()?;
-        let root = tempfile::Builder::new()
-            .prefix("vmha-bench-resync-")
-            .tempdir_in(dir)
-            .with_context(|| format!("temp dir in {}", dir.display()))?;
-        let key = root.path().join("cluster.key");
-        keygen(&bin, &key)?;
-        let r = root.path().join("r");
+        let s = ResyncSetup::in_dir(dir, "vmha-bench-resync-")?;
+        let r = s.root().join("r");
         std::fs::create_dir_all(&r)?;
         Ok(Bench {
             writer: None,
             receiver: None,
             rsyncd: None,
-            a: Dirs::new(root.path(), "a")?,
-            b: Dirs::new(root.path(), "b")?,
+            s,
             r,
-            link: HostLink::new()?,
-            bin,
-            key,
-            root,
             keep_cache,
         })
     }
 
-    fn peer(&self) -> SocketAddr {
-        SocketAddr::new(self.link.ns_addr.into(), VMHA_PORT)
-    }
-
     fn start_receiver(&mut self) -> Result<()> {
-        let mut c = self.link.command(&self.bin);
-        c.arg("secondary")
-            .arg("--backing")
-            .arg(&self.b.data)
-            .arg("--listen")
-            .arg(self.peer().to_string())
-            .arg("--state")
-            .arg(&self.b.state)
-            .arg("--key-file")
-            .arg(&self.key);
-        let mut child = Child::spawn("secondary", c)?;
-        child.wait_ready(READY_TIMEOUT)?;
-        self.receiver = Some(child);
+        self.receiver = Some(self.s.secondary(&self.s.b)?);
         Ok(())
     }
 
@@ -276,26 +207,11 @@ impl Bench {
             c.kill()?;
         }
         // The read-only bind a killed secondary leaves over its directory.
-        lazy_unmount_all(&self.b.data).map(drop)
+        lazy_unmount_all(&self.s.b.data).map(drop)
     }
 
     fn start_writer(&mut self) -> Result<()> {
-        let mut c = Command::new(&self.bin);
-        c.arg("primary")
-            .arg("--backing")
-            .arg(&self.a.data)
-            .arg("--mount")
-            .arg(&self.a.mnt)
-            .arg("--alone")
-            .arg("--peer")
-            .arg(self.peer().to_string())
-            .arg("--state")
-            .arg(&self.a.state)
-            .arg("--key-file")
-            .arg(&self.key);
-        let mut child = Child::spawn("primary", c)?;
-        child.wait_ready(READY_TIMEOUT)?;
-        self.writer = Some(child);
+        self.writer = Some(self.s.primary_alone(&self.s.a, &[])?);
         Ok(())
     }
 
@@ -305,13 +221,13 @@ impl Bench {
 
     /// SIGUSR2 and wait for `in_sync`; returns sync.json and the time it took.
     fn attach_and_wait(&mut self) -> Result<(SyncStatus, Duration)> {
-        let _ = std::fs::remove_file(self.a.state.join(SyncStatus::FILE));
+        let _ = std::fs::remove_file(self.s.a.state.join(SyncStatus::FILE));
         let start = Instant::now();
         self.writer()?.send_signal(libc::SIGUSR2)?;
         let deadline = start + Duration::from_secs(1800);
         loop {
             // Read through vmha-fs's own type (the state-directory contract).
-            if let Ok(Some(s)) = SyncStatus::read_from(&self.a.state) {
+            if let Ok(Some(s)) = SyncStatus::read_from(&self.s.a.state) {
                 match s.state {
                     SyncPhase::InSync => return Ok((s, start.elapsed())),
                     SyncPhase::Alone => bail!("the resync failed: {s:?}"),
@@ -330,7 +246,7 @@ impl Bench {
     }
 
     fn start_rsyncd(&mut self) -> Result<()> {
-        let conf = self.root.path().join("rsyncd.conf");
+        let conf = self.s.root().join("rsyncd.conf");
         std::fs::write(
             &conf,
             format!(
@@ -338,18 +254,18 @@ impl Bench {
                 self.r.display()
             ),
         )?;
-        let mut c = self.link.command("rsync");
+        let mut c = self.s.link.command("rsync");
         c.arg("--daemon")
             .arg("--no-detach")
             .arg(format!("--config={}", conf.display()))
-            .arg(format!("--address={}", self.link.ns_addr))
+            .arg(format!("--address={}", self.s.link.ns_addr))
             .arg(format!("--port={RSYNC_PORT}"))
             .arg(format!(
                 "--log-file={}",
-                self.root.path().join("rsyncd.log").display()
+                self.s.root().join("rsyncd.log").display()
             ));
         let mut child = Child::spawn("rsyncd", c)?;
-        let addr = SocketAddr::new(self.link.ns_addr.into(), RSYNC_PORT);
+        let addr = SocketAddr::new(self.s.link.ns_addr.into(), RSYNC_PORT);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             if let Some(st) = child.try_status()? {
@@ -367,8 +283,11 @@ impl Bench {
     /// `rsync --inplace --no-whole-file` of the writer's image onto the copy in the
     /// namespace; returns rsync's `--stats` output.
     fn rsync(&self) -> Result<String> {
-        let src = self.a.data.join(IMAGE);
-        let dst = format!("rsync://{}:{RSYNC_PORT}/bench/disk.img", self.link.ns_addr);
+        let src = self.s.a.data.join(IMAGE);
+        let dst = format!(
+            "rsync://{}:{RSYNC_PORT}/bench/disk.img",
+            self.s.link.ns_addr
+        );
         let out = Command::new("rsync")
             .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
             .arg(&src)
@@ -389,8 +308,8 @@ impl Bench {
 
     fn images(&self) -> [PathBuf; 3] {
         [
-            self.a.data.join(IMAGE),
-            self.b.data.join(IMAGE),
+            self.s.a.data.join(IMAGE),
+            self.s.b.data.join(IMAGE),
             self.r.join("disk.img"),
         ]
     }
@@ -410,7 +329,7 @@ impl Bench {
             self.evict_all()?;
         }
         let loadavg_before = loadavg();
-        let (tx, rx) = (self.link.host_tx_bytes()?, self.link.host_rx_bytes()?);
+        let (tx, rx) = (self.s.link.host_tx_bytes()?, self.s.link.host_rx_bytes()?);
         let cpu = CpuTimes::read()?;
         let start = Instant::now();
         let value = f(self)?;
@@ -420,8 +339,8 @@ impl Bench {
             value,
             Transfer {
                 seconds,
-                tx_bytes: self.link.host_tx_bytes()? - tx,
-                rx_bytes: self.link.host_rx_bytes()? - rx,
+                tx_bytes: self.s.link.host_tx_bytes()? - tx,
+                rx_bytes: self.s.link.host_rx_bytes()? - rx,
                 machine_cpu_busy_pct: busy,
                 loadavg_before,
             },
@@ -577,33 +496,6 @@ fn probe_link(link: &HostLink, bytes: u64) -> Result<f64> {
     Ok(bytes as f64 / (end - start).as_secs_f64() / 1e6)
 }
 
-/// Writes `size` bytes of distinct data (every 4 KiB block carries its offset).
-fn fill(path: &Path, size: u64) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    let mut buf = vec![0u8; 8 << 20];
-    StdRng::seed_from_u64(1).fill(&mut buf[..]);
-    let mut off = 0;
-    while off < size {
-        interrupt::check()?;
-        let n = (size - off).min(buf.len() as u64) as usize;
-        for (i, block) in buf[..n].chunks_mut(4096).enumerate() {
-            block[..8].copy_from_slice(&(off + i as u64 * 4096).to_le_bytes());
-        }
-        f.write_all_at(&buf[..n], off)?;
-        off += n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
 /// Rewrites `percent` % of the file through `path` (the writer's mount) in distinct
 /// random 64 KiB-aligned chunks; returns the number of chunks.
 fn rewrite(path: &Path, size: u64, percent: u32, seed: u64) -> Result<u64> {
@@ -724,11 +616,11 @@ fn run(args: &Args) -> Result<bool> {
 
     let mut b = Bench::new(&args.dir, args.keep_cache)?;
     let probe = args.probe_mib * MIB;
-    let unshaped = probe_link(&b.link, probe)?;
+    let unshaped = probe_link(&b.s.link, probe)?;
     log(format!("unshaped veth: {unshaped:.0} MB/s"));
     let link_mbps = if args.rate_mbit > 0 {
-        shape(&b.link, args.rate_mbit)?;
-        let shaped = probe_link(&b.link, probe)?;
+        shape(&b.s.link, args.rate_mbit)?;
+        let shaped = probe_link(&b.s.link, probe)?;
         log(format!(
             "shaped to {} Mbit/s: {shaped:.1} MB/s",
             args.rate_mbit
@@ -744,8 +636,8 @@ fn run(args: &Args) -> Result<bool> {
     let bps = link_mbps * 1e6;
 
     log(format!("writing a {} GiB image", args.size_gib));
-    let image = b.a.data.join(IMAGE);
-    fill(&image, size)?;
+    let image = b.s.a.data.join(IMAGE);
+    fill_image(&image, size, interrupt::check)?;
     // The rsync destination starts as the image before any change.
     std::fs::copy(&image, b.r.join("disk.img")).context("copying the rsync destination")?;
     std::fs::File::open(b.r.join("disk.img"))?.sync_all()?;
@@ -768,7 +660,7 @@ fn run(args: &Args) -> Result<bool> {
         b.kill_receiver()?;
         b.writer()?.send_signal(libc::SIGUSR1)?;
         std::thread::sleep(Duration::from_millis(500));
-        let chunks = rewrite(&b.a.mnt.join(IMAGE), size, percent, 100 + i as u64)?;
+        let chunks = rewrite(&b.s.a.mnt.join(IMAGE), size, percent, 100 + i as u64)?;
         let changed_bytes = chunks * CHUNK;
         b.start_receiver()?;
         let ((status, _), vmha) = b.measure(|b| b.attach_and_wait())?;
@@ -807,8 +699,8 @@ fn run(args: &Args) -> Result<bool> {
     if let Some(mut r) = b.receiver.take() {
         r.terminate(Duration::from_secs(60))?;
     }
-    lazy_unmount_all(&b.a.mnt)?;
-    lazy_unmount_all(&b.b.data)?;
+    lazy_unmount_all(&b.s.a.mnt)?;
+    lazy_unmount_all(&b.s.b.data)?;
     b.evict_all()?;
     let mut hashes = Vec::new();
     let mut cold = Vec::new();
