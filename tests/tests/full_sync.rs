@@ -12,16 +12,9 @@ use anyhow::{anyhow, bail, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus};
+use vmha_test_infra::fsctl::signal;
 use vmha_test_infra::proc::Child;
 use vmha_test_infra::{assert_same_tree, Pair, PairOptions};
-
-fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
-    // SAFETY: signalling a child process we started, by PID.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-        bail!("kill {sig} {pid}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 fn sync_state(pair: &Pair) -> Option<SyncStatus> {
     SyncStatus::read_from(pair.primary_state()).ok()?

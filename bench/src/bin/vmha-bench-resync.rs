@@ -35,6 +35,11 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+// Host facts shared with `vmha-bench` (its module, compiled into this binary too).
+#[path = "../sysinfo.rs"]
+#[allow(dead_code)]
+mod sysinfo;
 use clap::Parser;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -328,7 +333,7 @@ impl Bench {
         if !self.keep_cache {
             self.evict_all()?;
         }
-        let loadavg_before = loadavg();
+        let loadavg_before = sysinfo::loadavg();
         let (tx, rx) = (self.s.link.host_tx_bytes()?, self.s.link.host_rx_bytes()?);
         let cpu = CpuTimes::read()?;
         let start = Instant::now();
@@ -358,12 +363,6 @@ fn evict(path: &Path) -> Result<()> {
     rustix::fs::fadvise(f.as_fd(), 0, None, rustix::fs::Advice::DontNeed)
         .with_context(|| format!("fadvise {}", path.display()))?;
     Ok(())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 /// Aggregate jiffies from /proc/stat.
@@ -550,14 +549,6 @@ fn rsync_stat(stats: &str, label: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn utc_now() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 fn check_tools() -> Result<()> {
     for (tool, arg) in [
         ("rsync", "--version"),
@@ -610,8 +601,8 @@ fn run(args: &Args) -> Result<bool> {
     }
     let size = args.size_gib * GIB;
     check_space(&args.dir, size)?;
-    let started_utc = utc_now();
-    let loadavg_start = loadavg();
+    let started_utc = sysinfo::utc_rfc3339(sysinfo::unix_now());
+    let loadavg_start = sysinfo::loadavg();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let mut b = Bench::new(&args.dir, args.keep_cache)?;
@@ -734,7 +725,7 @@ fn run(args: &Args) -> Result<bool> {
         },
         copies_identical,
         loadavg_start,
-        loadavg_end: loadavg(),
+        loadavg_end: sysinfo::loadavg(),
         cpus,
     };
     drop(b);

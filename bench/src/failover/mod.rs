@@ -97,11 +97,7 @@ fn running_pair(timing: &Timing) -> Result<VmCluster> {
 }
 
 /// `/proc/loadavg`'s first three fields.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
+pub(crate) use crate::sysinfo::loadavg;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
