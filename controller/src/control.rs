@@ -124,12 +124,90 @@ pub enum Request {
     },
 }
 
+/// What kind of failure (or notable outcome) an answer reports, for scripts
+/// and for `vmctl`'s exit status (`vmctl/src/exit.rs` maps each to one code).
+/// JSON: `"kind": "refused"` etc. next to `"error"`. An answer without `kind`
+/// (an older daemon) counts as `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// vmhad would not do it in the module's present state (nothing done):
+    /// "swap refused: ...", "prim refused: ...", an aborted swap.
+    Refused,
+    /// No such module, none configured, or several and none named.
+    UnknownModule,
+    /// The command ran and found the two copies different (`verify`,
+    /// compares). Comes with `ok: true`: the command itself worked.
+    Differs,
+    /// vmhad is shutting down (as good as not running).
+    ShuttingDown,
+    /// The request line was not understood, or not allowed.
+    BadRequest,
+    /// Anything else that failed (a driver, the disk, ...).
+    Failed,
+    /// A kind this client does not know (a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    /// The kind of an error message given without one: how every
+    /// [`Response::error`] gets its kind, so request handlers that only have
+    /// a message still answer with the right kind. Recognises the messages of
+    /// [`UnknownModule`], the state machine's refusals ("refused",
+    /// "aborted") and "shutting down".
+    pub fn of_message(message: &str) -> ErrorKind {
+        if UnknownModule::matches(message) {
+            ErrorKind::UnknownModule
+        } else if message.contains("shutting down") {
+            ErrorKind::ShuttingDown
+        } else if message.contains("refused") || message.contains("aborted") {
+            ErrorKind::Refused
+        } else if message.starts_with("bad request") || message == "permission denied" {
+            ErrorKind::BadRequest
+        } else {
+            ErrorKind::Failed
+        }
+    }
+}
+
+/// A request named no module that exists (or named none when several do):
+/// the one source of these messages, so [`ErrorKind::of_message`] knows them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownModule {
+    #[error("unknown module `{name}` (modules: {known})")]
+    Unknown { name: String, known: String },
+    #[error("no module is configured")]
+    NoneConfigured,
+    #[error("several modules are configured ({known}): name one")]
+    NotNamed { known: String },
+}
+
+impl UnknownModule {
+    fn matches(message: &str) -> bool {
+        message.starts_with("unknown module `")
+            || message == "no module is configured"
+            || (message.starts_with("several modules are configured (")
+                && message.ends_with("): name one"))
+    }
+}
+
+impl From<UnknownModule> for String {
+    fn from(e: UnknownModule) -> String {
+        e.to_string()
+    }
+}
+
 /// The answer line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Machine-readable kind of `error` (and `differs` on a successful
+    /// compare); absent on plain success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
     /// Event-log lines produced by a command, or the whole log for `log`.
@@ -138,11 +216,30 @@ pub struct Response {
 }
 
 impl Response {
+    /// A failure; its kind is taken from the message
+    /// ([`ErrorKind::of_message`]).
     pub fn error(message: impl Into<String>) -> Response {
+        let message = message.into();
+        Response::failure(ErrorKind::of_message(&message), message)
+    }
+
+    /// A failure of a known kind.
+    pub fn failure(kind: ErrorKind, message: impl Into<String>) -> Response {
         Response {
             ok: false,
             error: Some(message.into()),
+            kind: Some(kind),
             ..Response::default()
+        }
+    }
+
+    /// The kind a client acts on: `kind`, or `failed` for a failure without
+    /// one (older daemon), `None` for a plain success.
+    pub fn effective_kind(&self) -> Option<ErrorKind> {
+        match (self.ok, self.kind) {
+            (_, Some(kind)) => Some(kind),
+            (false, None) => Some(ErrorKind::Failed),
+            (true, None) => None,
         }
     }
 
@@ -324,7 +421,7 @@ async fn connection(
         lock(log).reject("permission_denied", &peer, "not root nor the daemon's user");
         let (_, mut write) = stream.into_split();
         let _ = write
-            .write_all(b"{\"ok\":false,\"error\":\"permission denied\"}\n")
+            .write_all(b"{\"ok\":false,\"error\":\"permission denied\",\"kind\":\"bad_request\"}\n")
             .await;
         return;
     }
@@ -439,6 +536,40 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"log"}"#).unwrap();
         assert_eq!(r, Request::Log { module: None });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn error_kinds_on_the_wire() {
+        let unknown = UnknownModule::Unknown {
+            name: "x".into(),
+            known: "vm1".into(),
+        };
+        let r = Response::error(unknown);
+        assert_eq!(r.kind, Some(ErrorKind::UnknownModule));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["kind"], "unknown_module");
+        assert_eq!(
+            Response::error(UnknownModule::NotNamed { known: "a, b".into() }).kind,
+            Some(ErrorKind::UnknownModule)
+        );
+        assert_eq!(
+            Response::error("swap refused: no peer").kind,
+            Some(ErrorKind::Refused)
+        );
+        assert_eq!(
+            Response::error("vmhad is shutting down").kind,
+            Some(ErrorKind::ShuttingDown)
+        );
+        assert_eq!(Response::error("disk on fire").kind, Some(ErrorKind::Failed));
+        // Old daemons send no kind; new daemons may send kinds we do not know.
+        let old: Response = serde_json::from_str(r#"{"ok":false,"error":"x"}"#).unwrap();
+        assert_eq!(old.effective_kind(), Some(ErrorKind::Failed));
+        let newer: Response =
+            serde_json::from_str(r#"{"ok":false,"error":"x","kind":"martian"}"#).unwrap();
+        assert_eq!(newer.kind, Some(ErrorKind::Other));
+        let ok = Response::lines(true, vec![]);
+        assert_eq!(ok.effective_kind(), None);
+        assert!(serde_json::to_value(&ok).unwrap().get("kind").is_none());
     }
 
     #[tokio::test]

@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use exit::Exit;
 use vmha_controller::config::Config;
-use vmha_controller::control::{Client, ControlError, Request, Response};
+use vmha_controller::control::{Client, ControlError, ErrorKind, Request, Response};
 use vmha_controller::state::WitnessOutcome;
 use vmha_controller::status::{NodeStatus, Status};
+
+mod exit;
 
 /// The configuration read when `--config` is not given.
 const DEFAULT_CONFIG: &str = "/etc/vmha/vmha.toml";
@@ -67,8 +70,9 @@ enum VmctlError {
     Config(#[from] vmha_controller::config::ConfigError),
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error("{0}")]
-    Daemon(String),
+    /// vmhad answered with a failure (its message and kind).
+    #[error("{message}")]
+    Daemon { kind: ErrorKind, message: String },
     #[error("`prim` discards the other node's newer changes if there are any: confirm on a terminal or pass --yes")]
     NeedsConfirmation,
     #[error("not confirmed: nothing done")]
@@ -79,6 +83,33 @@ enum VmctlError {
     Output(std::io::Error),
     #[error("the two copies differ")]
     Differs,
+}
+
+impl VmctlError {
+    /// The exit status for this error (the table in `exit.rs`).
+    fn exit(&self) -> Exit {
+        match self {
+            VmctlError::Config(_) | VmctlError::Input(_) | VmctlError::Output(_) => Exit::Failed,
+            VmctlError::NotConfirmed => Exit::Failed,
+            VmctlError::NeedsConfirmation => Exit::Usage,
+            VmctlError::Differs => Exit::Differs,
+            VmctlError::Daemon { kind, .. } => Exit::of_kind(*kind),
+            VmctlError::Control(e) => match e {
+                ControlError::NotRunning(_)
+                | ControlError::Refused(_)
+                | ControlError::NoAnswer
+                | ControlError::Io { .. } => Exit::NotRunning,
+                _ => Exit::Failed,
+            },
+        }
+    }
+
+    fn daemon(message: impl Into<String>) -> VmctlError {
+        VmctlError::Daemon {
+            kind: ErrorKind::Failed,
+            message: message.into(),
+        }
+    }
 }
 
 fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
@@ -99,11 +130,12 @@ fn call(socket: &Path, request: &Request) -> Result<Response, VmctlError> {
     if response.ok {
         Ok(response)
     } else {
-        Err(VmctlError::Daemon(
-            response
+        Err(VmctlError::Daemon {
+            kind: response.effective_kind().unwrap_or(ErrorKind::Failed),
+            message: response
                 .error
                 .unwrap_or_else(|| "vmhad refused the request".to_string()),
-        ))
+        })
     }
 }
 
@@ -305,10 +337,10 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             let response = call(&socket, &Request::Status)?;
             let status = response
                 .status
-                .ok_or_else(|| VmctlError::Daemon("vmhad sent no status".to_string()))?;
+                .ok_or_else(|| VmctlError::daemon("vmhad sent no status"))?;
             if json {
                 let text = serde_json::to_string_pretty(&status)
-                    .map_err(|e| VmctlError::Daemon(e.to_string()))?;
+                    .map_err(|e| VmctlError::daemon(e.to_string()))?;
                 print(&format!("{text}\n"))
             } else {
                 print(&render(&status))
@@ -327,7 +359,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         Command::Verify { module } => {
             let response = call(&socket, &Request::Verify { module })?;
             print_lines(&response)?;
-            if response.lines.iter().any(|l| l.starts_with("differs")) {
+            if response.kind == Some(ErrorKind::Differs)
+                || response.lines.iter().any(|l| l.starts_with("differs"))
+            {
                 return Err(VmctlError::Differs);
             }
             Ok(())
@@ -340,7 +374,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmctl: {e}");
-            ExitCode::FAILURE
+            e.exit().into()
         }
     }
 }

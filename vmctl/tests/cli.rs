@@ -140,7 +140,7 @@ async fn prim_needs_confirmation_then_runs() {
     let d = daemon(&config).await;
     let cfg = config.to_str().unwrap();
     let out = vmctl(&["--config", cfg, "prim"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
     assert_eq!(
         d.status().modules[0].nodes["node1"]
@@ -160,9 +160,9 @@ async fn prim_needs_confirmation_then_runs() {
     );
     assert_eq!(s.modules[0].primary.as_deref(), Some("node1"));
 
-    // Swap without a peer is refused: non-zero exit, the reason on stderr.
+    // Swap without a peer is refused: exit 3, the reason on stderr.
     let out = vmctl(&["--config", cfg, "swap"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("swap refused"), "{}", stderr(&out));
 
     let out = vmctl(&["--config", cfg, "log", "vm1"]).await;
@@ -182,14 +182,19 @@ async fn module_errors() {
     let d = daemon(&config).await;
     let cfg = config.to_str().unwrap();
     let out = vmctl(&["--config", cfg, "log", "nope"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5));
     assert_eq!(
         stderr(&out).trim(),
         "vmctl: unknown module `nope` (modules: vm1, vm2)"
     );
     let out = vmctl(&["--config", cfg, "stop"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5));
     assert!(stderr(&out).contains("name one"), "{}", stderr(&out));
+    let out = vmctl(&["--config", cfg, "start", "nope"]).await;
+    assert_eq!(out.status.code(), Some(5));
+    // Usage errors are clap's 2.
+    let out = vmctl(&["--config", cfg, "stop", "--bogus"]).await;
+    assert_eq!(out.status.code(), Some(2));
     let out = vmctl(&["--config", cfg, "stop", "vm2"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     d.kill().await;
@@ -201,7 +206,7 @@ async fn daemon_not_running_and_bad_config() {
     let config = write_config(dir.path(), &["vm1"]);
     let cfg = config.to_str().unwrap();
     let out = vmctl(&["--config", cfg, "status"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(4));
     let err = stderr(&out);
     assert!(err.starts_with("vmctl: vmhad is not running"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -210,7 +215,7 @@ async fn daemon_not_running_and_bad_config() {
     let sock = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let out = vmctl(&["--socket", sock.to_str().unwrap(), "status"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(4));
     assert!(
         stderr(&out).contains("refuses connections"),
         "{}",
@@ -219,7 +224,7 @@ async fn daemon_not_running_and_bad_config() {
 
     let missing = dir.path().join("missing.toml");
     let out = vmctl(&["--config", missing.to_str().unwrap(), "status"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("cannot read configuration"),
         "{}",

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::status::build_status;
 use super::{ModuleCommand, ModuleHandle, PeerView, Shared};
-use crate::control::{Call, Request, Response};
+use crate::control::{Call, ErrorKind, Request, Response, UnknownModule};
 use crate::heartbeat::{Endpoint, ModuleBeat, Payload, Received};
 use crate::state::Event;
 
@@ -205,7 +205,7 @@ pub(super) async fn serve_calls(shared: Arc<Shared>, mut calls: mpsc::Receiver<C
 pub(super) fn resolve<'a>(
     shared: &'a Shared,
     module: Option<&str>,
-) -> Result<&'a ModuleHandle, String> {
+) -> Result<&'a ModuleHandle, UnknownModule> {
     let names = || {
         shared
             .modules
@@ -219,14 +219,14 @@ pub(super) fn resolve<'a>(
             .modules
             .iter()
             .find(|h| h.module.name == name)
-            .ok_or_else(|| format!("unknown module `{name}` (modules: {})", names())),
+            .ok_or_else(|| UnknownModule::Unknown {
+                name: name.to_string(),
+                known: names(),
+            }),
         None => match shared.modules.as_slice() {
             [only] => Ok(only),
-            [] => Err("no module is configured".to_string()),
-            _ => Err(format!(
-                "several modules are configured ({}): name one",
-                names()
-            )),
+            [] => Err(UnknownModule::NoneConfigured),
+            _ => Err(UnknownModule::NotNamed { known: names() }),
         },
     }
 }
@@ -261,7 +261,13 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
                 return Response::error("the module is shutting down");
             }
             return match answer.await {
-                Ok(Ok(lines)) => Response::lines(true, lines),
+                Ok(Ok(lines)) => {
+                    let differs = lines.iter().any(|l| l.starts_with("differs"));
+                    Response {
+                        kind: differs.then_some(ErrorKind::Differs),
+                        ..Response::lines(true, lines)
+                    }
+                }
                 Ok(Err(e)) => Response::error(e),
                 Err(_) => Response::error("the module is shutting down"),
             };
@@ -290,10 +296,9 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
             .find(|l| l.contains("refused") || l.contains("aborted"))
         {
             Some(refusal) => Response {
-                ok: false,
                 error: Some(refusal.clone()),
-                lines,
-                status: None,
+                kind: Some(ErrorKind::Refused),
+                ..Response::lines(false, lines)
             },
             None => Response::lines(true, lines),
         },
