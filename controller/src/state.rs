@@ -551,8 +551,12 @@ impl ModuleState {
         self
     }
 
+    /// `ready` only for a copy known current: a STOP or WAIT node whose data
+    /// is not known up to date (no data, behind its peer, its disk failed) is
+    /// `not_uptodate`, as DRBD shows "Outdated" on a stopped resource.
     pub fn readiness(&self) -> Readiness {
         match self.role {
+            Role::Stop if !self.uptodate => Readiness::NotUpToDate,
             Role::Stop => Readiness::Ready,
             _ if self.probe.is_some() => Readiness::Transient,
             Role::Wait | Role::Second if !self.uptodate => Readiness::NotUpToDate,
@@ -837,7 +841,16 @@ impl Transition {
             self.s.peer_outdated = false;
         }
         match self.s.role {
-            Role::Stop => {}
+            Role::Stop => {
+                // Shown, not acted on: a stopped node behind its peer (or
+                // beside a writer, which may write at any moment) is no longer
+                // known current (`start` recomputes it from the persisted flag).
+                if peer.role.is_writer()
+                    || matches!(peer.relation, Relation::PeerNewer | Relation::SplitBrain)
+                {
+                    self.s.uptodate = false;
+                }
+            }
             Role::Wait => self.evaluate_wait(),
             Role::Second => self.second_sees(peer),
             Role::Prim | Role::Alone => self.writer_sees(peer),

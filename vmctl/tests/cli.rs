@@ -197,6 +197,13 @@ async fn module_errors() {
     assert_eq!(out.status.code(), Some(2));
     let out = vmctl(&["--config", cfg, "stop", "vm2"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
+    // A STOP node without data is not ready: its copy is not known current.
+    let out = vmctl(&["--config", cfg, "status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let vm2 = &v["modules"][1]["nodes"]["node1"];
+    assert_eq!(vm2["state"], "STOP");
+    assert_eq!(vm2["ready"], false);
+    assert_eq!(vm2["readiness"], "not_uptodate");
     d.kill().await;
 }
 

@@ -386,6 +386,35 @@ fn witness_that_cannot_be_probed_decides_nothing() {
 }
 
 #[test]
+fn ready_only_for_a_copy_known_current_even_in_stop_and_wait() {
+    // STOP with current data: ready; without data or maybe behind: not.
+    assert_eq!(fresh(true, false).readiness(), Readiness::Ready);
+    assert_eq!(fresh(false, false).readiness(), Readiness::NotUpToDate);
+    assert_eq!(fresh(true, true).readiness(), Readiness::NotUpToDate);
+    // A stopped node that sees its peer writing newer data is outdated.
+    let stopped = fresh(true, false);
+    let (s, _) = run(
+        &stopped,
+        &[seen(peer(Role::Alone, Readiness::Ready, Relation::PeerNewer))],
+    );
+    assert_eq!(
+        (s.role, s.readiness(), s.colour()),
+        (Role::Stop, Readiness::NotUpToDate, Colour::Red)
+    );
+    // A stopped node whose own disk failed (self outdated).
+    assert_eq!(
+        fresh(true, false).with_self_outdated(true).readiness(),
+        Readiness::NotUpToDate
+    );
+    // Whatever the state: a STOP or WAIT node is ready only when up to date.
+    for st in states() {
+        if matches!(st.role, Role::Stop | Role::Wait) && st.readiness() == Readiness::Ready {
+            assert!(st.uptodate, "{st:?}");
+        }
+    }
+}
+
+#[test]
 fn stop_on_prim_hands_over() {
     let (s, actions) = run(&prim(), &[Event::Stop]);
     assert_eq!(s.role, Role::Stop);
