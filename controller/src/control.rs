@@ -117,6 +117,20 @@ pub enum Request {
         #[serde(default)]
         module: Option<String>,
     },
+    /// `log` with bounds (`vmctl log -n N`, `-f`); a separate command so
+    /// that `log` keeps its shape.
+    #[serde(rename = "log_tail")]
+    LogTail {
+        #[serde(default)]
+        module: Option<String>,
+        /// Only the last N lines (`vmctl log -n N`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last: Option<usize>,
+        /// Only lines numbered this or later (`log_next` of a previous
+        /// answer: `vmctl log -f`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
+    },
     /// Compare the peer's copy block by block; report only.
     Verify {
         #[serde(default)]
@@ -213,6 +227,9 @@ pub struct Response {
     /// Event-log lines produced by a command, or the whole log for `log`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<String>,
+    /// `log` only: the number of the next line, for `after` (following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_next: Option<u64>,
 }
 
 impl Response {
@@ -257,6 +274,58 @@ impl Response {
 pub struct Call {
     pub request: Request,
     pub reply: oneshot::Sender<Response>,
+    /// Who sent it (SO_PEERCRED), for the event log; `None` in-process.
+    pub caller: Option<Caller>,
+}
+
+/// The process on the other end of a control connection (SO_PEERCRED).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    /// The user name of `uid` (from the password database), if known.
+    pub user: Option<String>,
+}
+
+impl Caller {
+    /// The credentials of `stream`'s peer.
+    pub fn of(stream: &UnixStream) -> Option<Caller> {
+        let cred = stream.peer_cred().ok()?;
+        Some(Caller {
+            uid: cred.uid(),
+            pid: cred.pid(),
+            user: user_name(cred.uid()),
+        })
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.user {
+            Some(user) => write!(f, "{user} (uid {})", self.uid)?,
+            None => write!(f, "uid {}", self.uid)?,
+        }
+        if let Some(pid) = self.pid {
+            write!(f, " pid {pid}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `uid`'s name from `/etc/passwd` (local accounts: root and the operators
+/// who may use the socket); `None` when it is not there.
+pub fn user_name(uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd_name(&text, uid)
+}
+
+fn passwd_name(text: &str, uid: u32) -> Option<String> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?;
+        (id.parse::<u32>().ok()? == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 /// A bound control socket.
@@ -417,6 +486,7 @@ async fn connection(
     log: &Mutex<RateLog>,
 ) {
     let peer = peer_name(&stream);
+    let caller = Caller::of(&stream);
     if !allowed(&stream) {
         lock(log).reject("permission_denied", &peer, "not root nor the daemon's user");
         let (_, mut write) = stream.into_split();
@@ -451,7 +521,12 @@ async fn connection(
             Err(e) => Response::error(e),
             Ok(request) => {
                 let (reply, answer) = oneshot::channel();
-                if calls.send(Call { request, reply }).await.is_err() {
+                let call = Call {
+                    request,
+                    reply,
+                    caller: caller.clone(),
+                };
+                if calls.send(call).await.is_err() {
                     Response::error("vmhad is shutting down")
                 } else {
                     answer
@@ -535,7 +610,30 @@ mod tests {
         assert_eq!(r, Request::Status);
         let r: Request = serde_json::from_str(r#"{"cmd":"log"}"#).unwrap();
         assert_eq!(r, Request::Log { module: None });
+        let r: Request = serde_json::from_str(r#"{"cmd":"log_tail","last":3}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::LogTail {
+                module: None,
+                last: Some(3),
+                after: None
+            }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn user_names_from_passwd() {
+        let text = "root:x:0:0:root:/root:/bin/bash\nop:x:1000:1000::/home/op:/bin/sh\n";
+        assert_eq!(passwd_name(text, 0).as_deref(), Some("root"));
+        assert_eq!(passwd_name(text, 1000).as_deref(), Some("op"));
+        assert_eq!(passwd_name(text, 7), None);
+        let c = Caller {
+            uid: 0,
+            pid: Some(42),
+            user: Some("root".into()),
+        };
+        assert_eq!(c.to_string(), "root (uid 0) pid 42");
     }
 
     #[test]
@@ -588,6 +686,7 @@ mod tests {
         let task = server.spawn(tx, stop_rx);
         tokio::spawn(async move {
             while let Some(call) = rx.recv().await {
+                assert!(call.caller.is_some());
                 let _ = call
                     .reply
                     .send(Response::lines(true, vec![format!("{:?}", call.request)]));

@@ -19,6 +19,7 @@
 //! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
 
+pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod control;

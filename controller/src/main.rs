@@ -101,11 +101,14 @@ fn run(args: Args) -> Result<(), MainError> {
             clock,
         })
         .await?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping the modules"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping the modules"),
-        }
-        daemon.shutdown().await;
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{signal}: stopping the modules");
+        daemon
+            .shutdown_because(&format!("signal {signal}: vmhad stop"))
+            .await;
         tracing::info!("vmhad stopped");
         Ok(())
     })

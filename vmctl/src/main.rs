@@ -8,10 +8,10 @@ use clap::{Parser, Subcommand};
 use exit::Exit;
 use vmha_controller::config::Config;
 use vmha_controller::control::{Client, ControlError, ErrorKind, Request, Response};
-use vmha_controller::state::WitnessOutcome;
-use vmha_controller::status::{NodeStatus, Status};
+use std::time::{Duration, SystemTime};
 
 mod exit;
+mod render;
 
 /// The configuration read when `--config` is not given.
 const DEFAULT_CONFIG: &str = "/etc/vmha/vmha.toml";
@@ -42,6 +42,13 @@ enum Command {
         /// Machine-readable output (stable for scripts).
         #[arg(long)]
         json: bool,
+        /// Refresh every --interval seconds (in place on a terminal) until
+        /// interrupted.
+        #[arg(short, long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between two refreshes of --watch.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
     },
     /// Start the module on this node.
     Start { module: Option<String> },
@@ -56,8 +63,20 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Print the module's event log.
-    Log { module: Option<String> },
+    /// Print the module's event log (each line says what caused it).
+    Log {
+        module: Option<String>,
+        /// Only the last N events.
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<usize>,
+        /// Only events since TIME: a duration ago ("10m", "1h 30m") or a
+        /// UTC time ("2026-12-05 20:00:00").
+        #[arg(long, value_name = "TIME", value_parser = parse_since)]
+        since: Option<SystemTime>,
+        /// Keep printing events as they happen (Ctrl-C ends).
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Compare both nodes' copies online, block by block; changes nothing and
     /// reports the regions that differ (exit status 1 if any do).
     Verify { module: Option<String> },
@@ -126,7 +145,11 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
 }
 
 fn call(socket: &Path, request: &Request) -> Result<Response, VmctlError> {
-    let response = Client::connect(socket)?.call(request)?;
+    check(Client::connect(socket)?.call(request)?)
+}
+
+/// A failed answer as an error (with its kind, for the exit status).
+fn check(response: Response) -> Result<Response, VmctlError> {
     if response.ok {
         Ok(response)
     } else {
@@ -163,155 +186,76 @@ fn confirm(module: Option<&str>) -> Result<(), VmctlError> {
     }
 }
 
-fn cell(node: &NodeStatus) -> [String; 4] {
-    let state = match (node.state, node.last_known_state.flatten()) {
-        (Some(state), _) => state.to_string(),
-        (None, Some(last)) => format!("? (was {last})"),
-        (None, None) => "?".to_string(),
-    };
-    let readiness = if node.reachable || node.state.is_some() {
-        node.readiness
-            .map(|r| {
-                serde_json::to_value(r)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            })
-            .unwrap_or_else(|| "-".to_string())
-    } else {
-        "unreachable".to_string()
-    };
-    let colour = node
-        .colour
-        .and_then(|c| serde_json::to_value(c).ok())
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "-".to_string());
-    let generation = node
-        .generation
-        .as_deref()
-        .map(|g| g.get(..8).unwrap_or(g).to_string())
-        .unwrap_or_else(|| "-".to_string());
-    [state, readiness, colour, generation]
+/// `--since`: a duration ago, or a UTC time.
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("`{text}` reaches before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!(
+            "`{text}` is neither a duration (\"10m\", \"1h 30m\") nor a time (\"2026-12-05 20:00:00\", UTC)"
+        )
+    })
 }
 
-fn heartbeats(node: &NodeStatus) -> String {
-    match &node.heartbeats {
-        None => String::new(),
-        Some(map) => map
-            .iter()
-            .map(|(addr, age)| match age {
-                Some(ms) => format!("{addr} {ms}ms"),
-                None => format!("{addr} never"),
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
+/// Event-log lines start with their UTC timestamp (`eventlog::timestamp`),
+/// which sorts as text.
+fn since_filter(since: Option<SystemTime>) -> impl Fn(&String) -> bool {
+    let from = since.map(vmha_controller::eventlog::timestamp);
+    move |line: &String| match &from {
+        Some(from) => line.get(..from.len()).is_some_and(|t| t >= from.as_str()),
+        None => true,
     }
 }
 
-/// The human status table.
-fn render(status: &Status) -> String {
-    let mut out = format!("node {} (this node)\n", status.node);
-    let header = [
-        "MODULE",
-        "NODE",
-        "STATE",
-        "READINESS",
-        "COLOUR",
-        "GENERATION",
-        "RESYNC",
-        "HEARTBEATS",
-    ];
-    let mut rows: Vec<[String; 8]> = vec![header.map(str::to_string)];
-    let mut warnings = Vec::new();
-    for module in &status.modules {
-        for (i, (name, node)) in module.nodes.iter().enumerate() {
-            let [state, readiness, colour, generation] = cell(node);
-            let resync = node
-                .resync
-                .map(|r| match r.eta_s {
-                    Some(eta) => format!("{}% eta {eta}s", r.percent()),
-                    None => format!("{}%", r.percent()),
-                })
-                .unwrap_or_else(|| "-".to_string());
-            let marker = if module.primary.as_deref() == Some(name) {
-                " *"
-            } else {
-                ""
-            };
-            rows.push([
-                if i == 0 {
-                    module.name.clone()
-                } else {
-                    String::new()
-                },
-                format!("{name}{marker}"),
-                state,
-                readiness,
-                colour,
-                generation,
-                resync,
-                heartbeats(node),
-            ]);
-            if node.disk == Some(vmha_controller::state::Disk::Failed) {
-                warnings.push(format!(
-                    "warning: {name}'s disk failed (module {}): it waits; after the repair run `vmctl start` there",
-                    module.name
-                ));
-            }
-            if node.config_match.flatten() == Some(false) {
-                warnings.push(format!(
-                    "warning: the configuration differs from {name}'s (module {}: {})",
-                    module.name,
-                    if node.module_config_match.flatten() == Some(false) {
-                        "differs, automatic failover blocked"
-                    } else {
-                        "same"
-                    }
-                ));
-            }
+fn log(
+    socket: &Path,
+    module: Option<String>,
+    lines: Option<usize>,
+    since: Option<SystemTime>,
+    follow: bool,
+) -> Result<(), VmctlError> {
+    let keep = since_filter(since);
+    let mut client = Client::connect(socket)?;
+    let mut after = None;
+    let mut last = lines;
+    loop {
+        let response = client.call(&Request::LogTail {
+            module: module.clone(),
+            last,
+            after,
+        })?;
+        let response = check(response)?;
+        let shown: Vec<String> = response.lines.into_iter().filter(|l| keep(l)).collect();
+        let mut text = shown.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
         }
-    }
-    let widths: Vec<usize> = (0..8)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(text, w)| format!("{text:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    if status.modules.is_empty() {
-        out.push_str("(no module configured)\n");
-    }
-    out.push_str("* = runs the VM\n");
-    if let Some(w) = &status.witness {
-        let last = match (w.last_probe, w.last_probe_ms) {
-            (Some(outcome), Some(age)) => {
-                let word = match outcome {
-                    WitnessOutcome::Reachable => "reachable",
-                    WitnessOutcome::Unreachable => "unreachable",
-                    WitnessOutcome::CouldNotProbe => "could not be probed",
-                };
-                format!("{word} ({}s ago)", age / 1000)
-            }
-            _ => "not probed yet".to_string(),
-        };
-        out.push_str(&format!("witness {}: {last}\n", w.addresses.join(", ")));
-        for e in &w.errors {
-            warnings.push(format!(
-                "error: witness {e} (a failover waits until it can be probed)"
-            ));
+        print(&text)?;
+        if !follow {
+            return Ok(());
         }
+        let next = response.log_next.unwrap_or(0);
+        // A restarted vmhad numbers from its start again: go on from there.
+        after = Some(next);
+        last = None;
+        std::thread::sleep(Duration::from_millis(500));
     }
-    warnings.dedup();
-    for w in warnings {
-        out.push_str(&w);
-        out.push('\n');
+}
+
+fn watch(socket: &Path, interval: f64) -> Result<(), VmctlError> {
+    let terminal = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let pause = Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(1));
+    loop {
+        let status = call(socket, &Request::Status)?
+            .status
+            .ok_or_else(|| VmctlError::daemon("vmhad sent no status"))?;
+        let now = vmha_controller::eventlog::timestamp(SystemTime::now());
+        print(&render::watch_frame(&status, terminal, &now))?;
+        std::thread::sleep(pause);
     }
-    out
 }
 
 fn print(text: &str) -> Result<(), VmctlError> {
@@ -333,7 +277,12 @@ fn print_lines(response: &Response) -> Result<(), VmctlError> {
 fn run(cli: Cli) -> Result<(), VmctlError> {
     let socket = socket_path(&cli)?;
     match cli.command {
-        Command::Status { json } => {
+        Command::Status {
+            watch: true,
+            interval,
+            ..
+        } => watch(&socket, interval),
+        Command::Status { json, .. } => {
             let response = call(&socket, &Request::Status)?;
             let status = response
                 .status
@@ -343,7 +292,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
                     .map_err(|e| VmctlError::daemon(e.to_string()))?;
                 print(&format!("{text}\n"))
             } else {
-                print(&render(&status))
+                let colour =
+                    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+                print(&render::render(&status, colour))
             }
         }
         Command::Start { module } => print_lines(&call(&socket, &Request::Start { module })?),
@@ -355,7 +306,12 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             }
             print_lines(&call(&socket, &Request::Prim { module })?)
         }
-        Command::Log { module } => print_lines(&call(&socket, &Request::Log { module })?),
+        Command::Log {
+            module,
+            lines,
+            since,
+            follow,
+        } => log(&socket, module, lines, since, follow),
         Command::Verify { module } => {
             let response = call(&socket, &Request::Verify { module })?;
             print_lines(&response)?;

@@ -33,10 +33,22 @@ impl Runner {
         }
     }
 
+    /// Logs `line` (tracing and the event log, prefixed with the cause) and
+    /// adds it to the command's answer.
     pub(super) async fn record(&self, line: String, lines: &mut Vec<String>) {
-        tracing::info!(module = %self.module.name, "{line}");
+        let logged = format!("[{}] {line}", self.cause);
+        {
+            let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(held) = quiet.as_mut() {
+                tracing::debug!(module = %self.module.name, cause = %self.cause, "{line}");
+                held.push(logged);
+                lines.push(line);
+                return;
+            }
+        }
+        tracing::info!(module = %self.module.name, cause = %self.cause, "{line}");
         let log = Arc::clone(&self.log);
-        let copy = line.clone();
+        let copy = logged;
         match tokio::task::spawn_blocking(move || log.append(&copy)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(module = %self.module.name, error = %e, "event log"),
@@ -147,10 +159,48 @@ impl Runner {
                     }
                     other => other,
                 };
-                match result {
-                    Some(Ok(())) => self.record(format!("{what}: done"), lines).await,
-                    Some(Err(e)) => return self.fail_step(what, e.to_string(), queue, lines).await,
-                    None => return self.fail_step(what, "panicked".into(), queue, lines).await,
+                let failed = match result {
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => Some(e.to_string()),
+                    None => Some("panicked".to_string()),
+                };
+                if writer {
+                    match failed {
+                        None => self.record(format!("{what}: done"), lines).await,
+                        Some(e) => return self.fail_step(what, e, queue, lines).await,
+                    }
+                } else {
+                    match failed {
+                        None => {
+                            let after = self.receiver_backoff.succeed();
+                            // The lines of this retry are written after all.
+                            self.set_quiet(false);
+                            match after {
+                                Some(n) => {
+                                    self.record(
+                                        format!("{what}: done, after {n} failed attempts"),
+                                        lines,
+                                    )
+                                    .await
+                                }
+                                None => self.record(format!("{what}: done"), lines).await,
+                            }
+                        }
+                        Some(e) => {
+                            if self.receiver_backoff.fail(Instant::now()) {
+                                self.record(
+                                    format!(
+                                        "{what} failed; retrying with back-off ({} s, doubling up to {} s), logged again once it works",
+                                        self.receiver_backoff.delay().as_secs(),
+                                        super::runner::RETRY_MAX.as_secs()
+                                    ),
+                                    lines,
+                                )
+                                .await;
+                            }
+                            return self.fail_step(what, e, queue, lines).await;
+                        }
+                    }
                 }
             }
             Action::Unmount => {

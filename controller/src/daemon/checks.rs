@@ -155,6 +155,9 @@ impl Runner {
             return;
         }
         if self.attached.is_none() && !self.attach_unsupported {
+            if !self.attach_backoff.ready(Instant::now()) {
+                return;
+            }
             let generation = self.meta.history.current().map(|g| g.to_string());
             let mut lines = Vec::new();
             match self
@@ -164,16 +167,28 @@ impl Runner {
                 Some(Ok(())) => {
                     self.attached = Some(Instant::now());
                     self.resync_rate = ResyncRate::default();
-                    self.record("attaching the SECOND: full copy started".into(), &mut lines)
-                        .await;
+                    let line = match self.attach_backoff.succeed() {
+                        Some(n) => format!(
+                            "attaching the SECOND: full copy started (after {n} failed attempts)"
+                        ),
+                        None => "attaching the SECOND: full copy started".into(),
+                    };
+                    self.record(line, &mut lines).await;
                 }
                 Some(Err(crate::driver::DriverError::Unsupported(_))) => {
                     self.attach_unsupported = true;
                 }
                 Some(Err(e)) => {
-                    self.attached = Some(Instant::now());
-                    self.record(format!("error: attach the SECOND: {e}"), &mut lines)
+                    // Retried with back-off; logged when it starts failing.
+                    if self.attach_backoff.fail(Instant::now()) {
+                        self.record(
+                            format!("error: attach the SECOND: {e} (retrying with back-off)"),
+                            &mut lines,
+                        )
                         .await;
+                    } else {
+                        tracing::debug!(module = %self.module.name, error = %e, "attach the SECOND");
+                    }
                 }
                 None => {}
             }
@@ -193,12 +208,14 @@ impl Runner {
             Some(Ok(ResyncState::Idle)) | None => None,
             Some(Err(e)) => {
                 if since.elapsed() >= ATTACH_RETRY {
-                    let mut lines = Vec::new();
-                    self.record(
-                        format!("sync to the SECOND failed: {e}; retrying"),
-                        &mut lines,
-                    )
-                    .await;
+                    if self.attach_backoff.fail(Instant::now()) {
+                        let mut lines = Vec::new();
+                        self.record(
+                            format!("sync to the SECOND failed: {e}; retrying with back-off"),
+                            &mut lines,
+                        )
+                        .await;
+                    }
                     self.attached = None;
                 }
                 None

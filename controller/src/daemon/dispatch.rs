@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::status::build_status;
 use super::{ModuleCommand, ModuleHandle, PeerView, Shared};
-use crate::control::{Call, ErrorKind, Request, Response, UnknownModule};
+use crate::control::{Call, Caller, ErrorKind, Request, Response, UnknownModule};
 use crate::heartbeat::{Endpoint, ModuleBeat, Payload, Received};
 use crate::state::Event;
 
@@ -167,6 +167,14 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
         if fresh {
             peer.last_round = Some((payload.session, payload.round));
             for beat in &payload.modules {
+                let role = beat.announce.role;
+                match peer.role_since.get(&beat.name) {
+                    Some((known, _)) if *known == role => {}
+                    _ => {
+                        peer.role_since
+                            .insert(beat.name.clone(), (role, received.at));
+                    }
+                }
                 peer.modules.insert(beat.name.clone(), beat.clone());
             }
         }
@@ -196,9 +204,22 @@ pub(super) async fn serve_calls(shared: Arc<Shared>, mut calls: mpsc::Receiver<C
     while let Some(call) = calls.recv().await {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let response = answer(&shared, call.request).await;
+            let response = answer(&shared, call.request, call.caller).await;
             let _ = call.reply.send(response);
         });
+    }
+}
+
+/// The command word of a request, for the event log.
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Status => "status",
+        Request::Start { .. } => "start",
+        Request::Stop { .. } => "stop",
+        Request::Swap { .. } => "swap",
+        Request::Prim { .. } => "prim",
+        Request::Log { .. } | Request::LogTail { .. } => "log",
+        Request::Verify { .. } => "verify",
     }
 }
 
@@ -231,7 +252,12 @@ pub(super) fn resolve<'a>(
     }
 }
 
-pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
+pub(super) async fn answer(shared: &Shared, request: Request, caller: Option<Caller>) -> Response {
+    let cause = |cmd: &str| match &caller {
+        Some(c) => format!("vmctl {cmd} by {c}"),
+        None => format!("{cmd} requested in-process"),
+    };
+    let command = request_name(&request);
     let (event, module) = match request {
         Request::Status => {
             return Response {
@@ -242,7 +268,29 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
         }
         Request::Log { module } => {
             return match resolve(shared, module.as_deref()) {
-                Ok(handle) => Response::lines(true, handle.log.lines()),
+                Ok(handle) => {
+                    let tail = handle.log.tail(None, None);
+                    Response {
+                        log_next: Some(tail.next),
+                        ..Response::lines(true, tail.lines)
+                    }
+                }
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::LogTail {
+            module,
+            last,
+            after,
+        } => {
+            return match resolve(shared, module.as_deref()) {
+                Ok(handle) => {
+                    let tail = handle.log.tail(after, last);
+                    Response {
+                        log_next: Some(tail.next),
+                        ..Response::lines(true, tail.lines)
+                    }
+                }
                 Err(e) => Response::error(e),
             }
         }
@@ -284,7 +332,7 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
     let (reply, lines) = oneshot::channel();
     if handle
         .commands
-        .send(ModuleCommand::Event(event, reply))
+        .send(ModuleCommand::Caused(event, cause(command), reply))
         .await
         .is_err()
     {

@@ -99,7 +99,8 @@ use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
 use self::dispatch::{dispatch, send_heartbeats, serve_calls};
-use self::runner::{ResyncRate, Runner};
+use self::runner::{ResyncRate, Runner, ATTACH_RETRY, RECEIVER_RETRY_FIRST, RETRY_MAX};
+use crate::backoff::Backoff;
 use self::status::build_status;
 use crate::clock::WallClock;
 use crate::config::{Config, Digest, Module, NodeIndex, Witness};
@@ -145,6 +146,8 @@ pub struct DaemonSpec {
 #[derive(Debug, Clone)]
 struct ModuleView {
     announce: Announce,
+    /// When the module entered its present role.
+    since: Instant,
     history: History,
     changed_bytes: u64,
     resync: Option<ResyncStatus>,
@@ -163,7 +166,12 @@ enum PeerView {
 
 #[derive(Debug)]
 enum ModuleCommand {
+    /// An event caused by vmhad itself.
+    #[allow(dead_code)]
     Event(Event, oneshot::Sender<Vec<String>>),
+    /// An event with what caused it, for the event log ("vmctl stop by
+    /// root (uid 0)", "vmhad start"); plain `Event` says "vmhad".
+    Caused(Event, String, oneshot::Sender<Vec<String>>),
     /// `vmctl verify`: compare the peer's copy, report only.
     Verify(oneshot::Sender<Result<Vec<String>, String>>),
 }
@@ -192,6 +200,8 @@ struct PeerLiveness {
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
     modules: HashMap<String, ModuleBeat>,
+    /// Per module: the role the peer announces and since when we see it.
+    role_since: HashMap<String, (crate::state::Role, Instant)>,
 }
 
 #[derive(Debug)]
@@ -304,6 +314,7 @@ impl Daemon {
             ));
             let (view_tx, view_rx) = watch::channel(ModuleView {
                 announce: state.announce(),
+                since: Instant::now(),
                 history: meta.history.clone(),
                 changed_bytes: 0,
                 resync: None,
@@ -350,6 +361,10 @@ impl Daemon {
                     went_alone: None,
                     judging_since: Arc::clone(&judging_since),
                     xml_refresh_failed: false,
+                    cause: "vmhad".into(),
+                    quiet: Mutex::new(None),
+                    receiver_backoff: Backoff::new(RECEIVER_RETRY_FIRST, RETRY_MAX),
+                    attach_backoff: Backoff::new(ATTACH_RETRY, RETRY_MAX),
                 },
                 cmd_rx,
             ));
@@ -378,6 +393,7 @@ impl Daemon {
                 config_hash: None,
                 last_round: None,
                 modules: HashMap::new(),
+                role_since: HashMap::new(),
             }),
             rejections: endpoint.rejections(),
             config: config.clone(),
@@ -434,7 +450,11 @@ impl Daemon {
             let (reply, done) = oneshot::channel();
             let _ = handle
                 .commands
-                .send(ModuleCommand::Event(Event::Start, reply))
+                .send(ModuleCommand::Caused(
+                    Event::Start,
+                    "vmhad start".into(),
+                    reply,
+                ))
                 .await;
             started.push(done);
         }
@@ -462,7 +482,12 @@ impl Daemon {
     /// Answers a request in-process, as the control socket would.
     pub async fn request(&self, request: Request) -> Response {
         let (reply, answer) = oneshot::channel();
-        if self.calls.send(Call { request, reply }).await.is_err() {
+        let call = Call {
+            request,
+            reply,
+            caller: None,
+        };
+        if self.calls.send(call).await.is_err() {
             return Response::error("vmhad is shutting down");
         }
         answer
@@ -478,11 +503,17 @@ impl Daemon {
     /// Graceful shutdown: stops every module (a PRIM hands over), lets the
     /// peer hear it, then ends every task.
     pub async fn shutdown(self) {
+        self.shutdown_because("vmhad stop").await;
+    }
+
+    /// [`Daemon::shutdown`], with its cause for the event log (e.g.
+    /// "signal SIGTERM").
+    pub async fn shutdown_because(self, cause: &str) {
         for handle in &self.shared.modules {
             let (reply, answer) = oneshot::channel();
             if handle
                 .commands
-                .send(ModuleCommand::Event(Event::Stop, reply))
+                .send(ModuleCommand::Caused(Event::Stop, cause.to_string(), reply))
                 .await
                 .is_ok()
             {

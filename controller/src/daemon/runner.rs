@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::{ms, ModuleCommand, ModuleView, PeerView, WitnessSlot};
+use crate::backoff::Backoff;
 use crate::config::{Module, Witness};
 use crate::driver::{FsDriver, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, Metadata};
 use crate::heartbeat::ModuleBeat;
-use crate::state::{step, Event, ModuleState, Peer, Readiness, Role};
+use crate::state::{step, Action, Event, ModuleState, Peer, Readiness, Role};
 use crate::status::ResyncStatus;
 
 /// Resync rate from successive progress samples.
@@ -89,6 +90,17 @@ pub(super) struct Runner {
     pub(super) judging_since: Arc<Mutex<Instant>>,
     /// The last `refresh_xml` failed (logged once).
     pub(super) xml_refresh_failed: bool,
+    /// What caused the event being handled ("peer lost", "vmctl stop by
+    /// root (uid 0)", ...): every event-log line says it.
+    pub(super) cause: String,
+    /// While a retry that failed before is attempted again: its lines, kept
+    /// out of the event log unless it succeeds (a failing retry is logged
+    /// once, when it starts failing).
+    pub(super) quiet: Mutex<Option<Vec<String>>>,
+    /// Starting the receiver (following a writer) failed: retried with back-off.
+    pub(super) receiver_backoff: Backoff,
+    /// Attaching the SECOND (or its sync) failed: retried with back-off.
+    pub(super) attach_backoff: Backoff,
 }
 
 /// How `MarkPeerOutdated` ended.
@@ -102,8 +114,14 @@ pub(super) enum Outdated {
     TimedOut,
 }
 
-/// How long a failed attach waits before the writer tries again.
+/// How long a failed attach waits before the writer tries again (doubling
+/// up to [`RETRY_MAX`]).
 pub(super) const ATTACH_RETRY: Duration = Duration::from_secs(3);
+/// After a failed receiver start, the first wait before following the
+/// writer again (doubling up to [`RETRY_MAX`]).
+pub(super) const RECEIVER_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts of a failing retry loop.
+pub(super) const RETRY_MAX: Duration = Duration::from_secs(60);
 /// After SIGUSR1, how long a link still reported down is taken for vmha-fs
 /// not having published its new state yet (it does within tens of ms).
 pub(super) const GO_ALONE_SETTLE: Duration = Duration::from_secs(1);
@@ -125,6 +143,12 @@ impl Runner {
                 command = commands.recv() => match command {
                     None => return,
                     Some(ModuleCommand::Event(event, reply)) => {
+                        self.cause = "vmhad".into();
+                        let lines = self.handle(event).await;
+                        let _ = reply.send(lines);
+                    }
+                    Some(ModuleCommand::Caused(event, cause, reply)) => {
+                        self.cause = cause;
                         let lines = self.handle(event).await;
                         let _ = reply.send(lines);
                     }
@@ -139,8 +163,8 @@ impl Runner {
                                 .and_then(|r| r.map_err(|e| e.to_string()))
                                 .map(|report| report.lines());
                             let record: Vec<String> = match &outcome {
-                                Ok(lines) => lines.iter().map(|l| format!("verify: {l}")).collect(),
-                                Err(e) => vec![format!("verify failed: {e}")],
+                                Ok(lines) => lines.iter().map(|l| format!("[vmctl verify] verify: {l}")).collect(),
+                                Err(e) => vec![format!("[vmctl verify] verify failed: {e}")],
                             };
                             for line in record {
                                 if let Err(e) = log.append(&line) {
@@ -159,17 +183,22 @@ impl Runner {
                 }
                 _ = sleep_until(start_wait), if start_wait.is_some() => {
                     self.start_wait = None;
+                    self.cause = "start-up wait over".into();
                     self.handle(Event::StartWaitElapsed).await;
                 }
                 _ = sleep_until(witness_retry), if witness_retry.is_some() => {
                     self.witness_retry = None;
+                    self.cause = "witness retry".into();
                     if self.state.probing() {
                         let mut lines = Vec::new();
                         let outcome = self.probe_witness(&mut lines).await;
                         self.handle(Event::WitnessResult(outcome)).await;
                     }
                 }
-                _ = checks.tick() => self.check().await,
+                _ = checks.tick() => {
+                    self.cause = "checker".into();
+                    self.check().await;
+                }
             }
         }
     }
@@ -179,6 +208,13 @@ impl Runner {
         match view {
             PeerView::Unknown => {}
             PeerView::Seen { beat, config_match } => {
+                self.cause = if self.peer_lost_sent {
+                    "peer joined again".into()
+                } else if self.last_beat.is_none() {
+                    "peer joined".into()
+                } else {
+                    "peer heartbeat".into()
+                };
                 self.peer_lost_sent = false;
                 let relation = compare(&self.meta.history, &beat.history);
                 let peer =
@@ -194,6 +230,7 @@ impl Runner {
             PeerView::Lost => {
                 if !self.peer_lost_sent {
                     self.peer_lost_sent = true;
+                    self.cause = "peer lost".into();
                     self.handle(Event::PeerLost).await;
                 }
             }
@@ -210,7 +247,17 @@ impl Runner {
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
+            let automatic = matches!(event, Event::PeerSeen { .. });
             let (next, actions) = step(&self.state, event);
+            if actions.contains(&Action::MountReceiver) && self.receiver_backoff.failing() {
+                if automatic && !self.receiver_backoff.ready(Instant::now()) {
+                    // Backing off: as if this heartbeat had not come (the
+                    // step is pure); a later one tries again.
+                    continue;
+                }
+                // A retry: logged only if it succeeds.
+                self.set_quiet(true);
+            }
             // Losing readiness is announced at once, before the step's (maybe
             // slow) actions: claiming less is always safe, and a writer waiting
             // for us to know we are outdated must not wait on them.
@@ -244,7 +291,36 @@ impl Runner {
             }
             self.publish();
         }
+        self.set_quiet(false);
         lines
+    }
+
+    /// Turns quiet logging on, or off: the lines held meanwhile are written
+    /// if the retry succeeded, else dropped (the failure was logged when it
+    /// started).
+    pub(super) fn set_quiet(&mut self, on: bool) {
+        let held = {
+            let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+            if on {
+                quiet.get_or_insert_with(Vec::new);
+                return;
+            }
+            quiet.take()
+        };
+        if let Some(held) = held {
+            if !self.receiver_backoff.failing() {
+                for line in held {
+                    self.append_log(&line);
+                }
+            }
+        }
+    }
+
+    /// Writes one line (already prefixed with its cause) to the event log.
+    pub(super) fn append_log(&self, line: &str) {
+        if let Err(e) = self.log.append(line) {
+            tracing::warn!(module = %self.module.name, error = %e, "event log");
+        }
     }
 
     pub(super) fn publish(&mut self) {
@@ -262,8 +338,18 @@ impl Runner {
         } else {
             resync
         };
+        let announce = self.state.announce();
+        let since = {
+            let view = self.view.borrow();
+            if view.announce.role == announce.role {
+                view.since
+            } else {
+                Instant::now()
+            }
+        };
         self.view.send_replace(ModuleView {
-            announce: self.state.announce(),
+            since,
+            announce,
             history: self.meta.history.clone(),
             changed_bytes: self.changed_bytes,
             resync,
