@@ -247,12 +247,22 @@ impl Runner {
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
-            let automatic = matches!(event, Event::PeerSeen { .. });
+            // Not an operator's command: a heartbeat, a timer, a checker.
+            let automatic = !matches!(
+                event,
+                Event::Start | Event::Stop | Event::Swap | Event::PrimForced
+            );
             let (next, actions) = step(&self.state, event);
             if actions.contains(&Action::MountReceiver) && self.receiver_backoff.failing() {
                 if automatic && !self.receiver_backoff.ready(Instant::now()) {
-                    // Backing off: as if this heartbeat had not come (the
-                    // step is pure); a later one tries again.
+                    // Backing off: as if this event had not come (the step
+                    // is pure); a later one tries again.
+                    if self.state.role == Role::Wait && self.start_wait.is_none() {
+                        self.start_wait = Some(
+                            tokio::time::Instant::now()
+                                + Duration::from_millis(self.start_wait_ms),
+                        );
+                    }
                     continue;
                 }
                 // A retry: logged only if it succeeds.
