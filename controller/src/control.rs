@@ -68,8 +68,10 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("another vmhad is already listening on {0}")]
+    #[error("vmhad is already running (its control socket {0} answers)")]
     InUse(PathBuf),
+    #[error("control socket path {0} exists and is not a socket (a file is in the way; left as it is)")]
+    NotASocket(PathBuf),
     #[error("cannot listen on {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -352,7 +354,12 @@ impl Server {
                     })?;
             }
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                // Never remove what is not a socket: it may be someone's file.
+                return Err(ControlError::NotASocket(path.to_path_buf()));
+            }
             if StdUnixStream::connect(path).is_ok() {
                 return Err(ControlError::InUse(path.to_path_buf()));
             }
@@ -541,6 +548,11 @@ async fn connection(
     }
 }
 
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
 /// A blocking client (for `vmctl`).
 #[derive(Debug)]
 pub struct Client {
@@ -552,6 +564,9 @@ impl Client {
     pub fn connect(path: &Path) -> Result<Client, ControlError> {
         let stream = StdUnixStream::connect(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => ControlError::NotRunning(path.to_path_buf()),
+            std::io::ErrorKind::ConnectionRefused if !is_socket(path) => {
+                ControlError::NotASocket(path.to_path_buf())
+            }
             std::io::ErrorKind::ConnectionRefused => ControlError::Refused(path.to_path_buf()),
             std::io::ErrorKind::PermissionDenied => {
                 ControlError::PermissionDenied(path.to_path_buf())
@@ -679,8 +694,10 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let parent = std::fs::metadata(dir.path().join("sub")).unwrap();
         assert_eq!(parent.permissions().mode() & 0o777, 0o700);
-        // A second daemon on the same socket is refused.
-        assert!(matches!(Server::bind(&path), Err(ControlError::InUse(_))));
+        // A second daemon on the same socket is refused: "already running".
+        let second = Server::bind(&path).unwrap_err();
+        assert!(matches!(second, ControlError::InUse(_)));
+        assert!(second.to_string().contains("already running"), "{second}");
         let (tx, mut rx) = mpsc::channel::<Call>(4);
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = server.spawn(tx, stop_rx);
@@ -838,6 +855,23 @@ mod tests {
                 Err(e) => proptest::prop_assert!(e.starts_with("bad request")),
             }
         }
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_named_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmhad.sock");
+        std::fs::write(&path, b"precious").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt.block_on(async { Server::bind(&path).unwrap_err() });
+        assert!(matches!(err, ControlError::NotASocket(_)), "{err}");
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        let err = Client::connect(&path).unwrap_err();
+        assert!(matches!(err, ControlError::NotASocket(_)), "{err}");
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl VmctlError {
             VmctlError::Control(e) => match e {
                 ControlError::NotRunning(_)
                 | ControlError::Refused(_)
+                | ControlError::NotASocket(_)
                 | ControlError::NoAnswer
                 | ControlError::Io { .. } => Exit::NotRunning,
                 _ => Exit::Failed,

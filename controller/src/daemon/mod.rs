@@ -372,7 +372,11 @@ impl Daemon {
 
         let local = config.node(node);
         let peer = config.node(node.peer());
-        let endpoint = Endpoint::bind(
+        // The control socket first: a second vmhad is told "already running",
+        // not that the heartbeat port is in use.
+        let server = control::Server::bind(&cluster.control_socket)?;
+        let socket = server.path().to_path_buf();
+        let endpoint = match Endpoint::bind(
             EndpointSpec {
                 local: local.addresses.clone(),
                 port: cluster.heartbeat_port,
@@ -382,9 +386,15 @@ impl Daemon {
             },
             &spec.key,
         )
-        .await?;
-        let server = control::Server::bind(&cluster.control_socket)?;
-        let socket = server.path().to_path_buf();
+        .await
+        {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                drop(server);
+                let _ = std::fs::remove_file(&socket);
+                return Err(e.into());
+            }
+        };
 
         let shared = Arc::new(Shared {
             peer: Mutex::new(PeerLiveness {
