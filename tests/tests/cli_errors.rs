@@ -295,3 +295,39 @@ fn peer_that_is_not_a_vmha_secondary() -> Result<()> {
     }
     Ok(())
 }
+
+/// Host names are accepted where addresses are (`--listen`, `--peer`); one
+/// that does not resolve is a clear usage error.
+#[test]
+fn host_names_where_addresses_go() -> Result<()> {
+    let fx = Fixture::new()?;
+    let port = free_port()?;
+    let mut args = secondary_args(&fx.p("data"), port, &fx.p("state"), &fx.p("key"));
+    let listen = args
+        .iter()
+        .position(|a| a == "--listen")
+        .context("--listen")?;
+    args[listen + 1] = format!("localhost:{port}").into();
+    let mut cmd = Command::new(vmha_fs_bin()?);
+    cmd.args(&args);
+    let mut child = Child::spawn("secondary on localhost", cmd)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the secondary never listened on localhost:{port}: {}",
+                child.stderr_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.terminate(Duration::from_secs(5))?;
+
+    args[listen + 1] = format!("nohost.invalid:{port}").into();
+    expect_failure(
+        "secondary on a name that does not resolve",
+        args,
+        &["nor host:port with a host name that resolves"],
+        &[fx.dir.path()],
+    )
+}
