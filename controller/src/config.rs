@@ -59,7 +59,9 @@ pub enum ConfigError {
     DuplicateNode(String),
     #[error("node `{0}` has no addresses")]
     NoAddresses(String),
-    #[error("node `{node}`: address `{address}` is neither an IP address nor a host name that resolves")]
+    #[error(
+        "node `{node}`: address `{address}` is neither an IP address nor a host name that resolves"
+    )]
     BadAddress { node: String, address: String },
     #[error("node `{first}` has {first_count} addresses but node `{second}` has {second_count}: one per network on both")]
     AddressCountMismatch {
@@ -556,7 +558,11 @@ fn resolve_host(text: &str) -> Option<IpAddr> {
         return None;
     }
     use std::net::ToSocketAddrs;
-    let all: Vec<IpAddr> = (text, 0u16).to_socket_addrs().ok()?.map(|a| a.ip()).collect();
+    let all: Vec<IpAddr> = (text, 0u16)
+        .to_socket_addrs()
+        .ok()?
+        .map(|a| a.ip())
+        .collect();
     all.iter()
         .copied()
         .find(IpAddr::is_ipv4)

@@ -70,7 +70,9 @@ pub enum ControlError {
     },
     #[error("vmhad is already running (its control socket {0} answers)")]
     InUse(PathBuf),
-    #[error("control socket path {0} exists and is not a socket (a file is in the way; left as it is)")]
+    #[error(
+        "control socket path {0} exists and is not a socket (a file is in the way; left as it is)"
+    )]
     NotASocket(PathBuf),
     #[error("cannot listen on {path}: {source}")]
     Bind {
@@ -662,7 +664,10 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["kind"], "unknown_module");
         assert_eq!(
-            Response::error(UnknownModule::NotNamed { known: "a, b".into() }).kind,
+            Response::error(UnknownModule::NotNamed {
+                known: "a, b".into()
+            })
+            .kind,
             Some(ErrorKind::UnknownModule)
         );
         assert_eq!(
@@ -673,7 +678,10 @@ mod tests {
             Response::error("vmhad is shutting down").kind,
             Some(ErrorKind::ShuttingDown)
         );
-        assert_eq!(Response::error("disk on fire").kind, Some(ErrorKind::Failed));
+        assert_eq!(
+            Response::error("disk on fire").kind,
+            Some(ErrorKind::Failed)
+        );
         // Old daemons send no kind; new daemons may send kinds we do not know.
         let old: Response = serde_json::from_str(r#"{"ok":false,"error":"x"}"#).unwrap();
         assert_eq!(old.effective_kind(), Some(ErrorKind::Failed));

@@ -169,7 +169,9 @@ impl EventLog {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         let first = ring.next - ring.lines.len() as u64;
         let from = after.map_or(0, |a| a.saturating_sub(first));
-        let from = usize::try_from(from).unwrap_or(usize::MAX).min(ring.lines.len());
+        let from = usize::try_from(from)
+            .unwrap_or(usize::MAX)
+            .min(ring.lines.len());
         let mut lines: Vec<String> = ring.lines.iter().skip(from).cloned().collect();
         if let Some(n) = last {
             lines.drain(..lines.len().saturating_sub(n));

@@ -114,7 +114,10 @@ fn starts_answers_and_stops_on_sigterm() {
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("vmhad: vmhad is already running"), "{err}");
-    assert!(Client::connect(&socket).is_ok(), "the first one lost its socket");
+    assert!(
+        Client::connect(&socket).is_ok(),
+        "the first one lost its socket"
+    );
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -132,7 +135,10 @@ fn starts_answers_and_stops_on_sigterm() {
     assert!(log.contains("WAIT -> STOP: stop requested"), "{log}");
     // Each line says what caused it: the start, the signal.
     assert!(log.contains("[vmhad start] STOP -> WAIT: start"), "{log}");
-    assert!(log.contains("[signal SIGTERM: vmhad stop] WAIT -> STOP"), "{log}");
+    assert!(
+        log.contains("[signal SIGTERM: vmhad stop] WAIT -> STOP"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -103,7 +103,8 @@ fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
         return Ok(addr);
     }
     use std::net::ToSocketAddrs;
-    let bad = || format!("`{text}` is neither IP:PORT nor HOST:PORT with a host name that resolves");
+    let bad =
+        || format!("`{text}` is neither IP:PORT nor HOST:PORT with a host name that resolves");
     let all: Vec<SocketAddr> = text.to_socket_addrs().map_err(|_| bad())?.collect();
     all.iter()
         .copied()

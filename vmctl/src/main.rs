@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use exit::Exit;
+use std::time::{Duration, SystemTime};
 use vmha_controller::config::Config;
 use vmha_controller::control::{Client, ControlError, ErrorKind, Request, Response};
-use std::time::{Duration, SystemTime};
 
 mod exit;
 mod render;

@@ -157,8 +157,7 @@ pub fn render(status: &Status, colour: bool) -> String {
         "RESYNC",
         "HEARTBEATS",
     ];
-    let mut rows: Vec<([String; COLUMNS], Option<&str>)> =
-        vec![(head.map(str::to_string), None)];
+    let mut rows: Vec<([String; COLUMNS], Option<&str>)> = vec![(head.map(str::to_string), None)];
     for module in &status.modules {
         for (i, (name, node)) in module.nodes.iter().enumerate() {
             let marker = if module.primary.as_deref() == Some(name) {
@@ -328,7 +327,10 @@ mod tests {
             text.starts_with("node node1 (this node)   split brain: discard-least-changes\n"),
             "{text}"
         );
-        assert!(text.contains("witness 10.0.0.9: reachable (2s ago)"), "{text}");
+        assert!(
+            text.contains("witness 10.0.0.9: reachable (2s ago)"),
+            "{text}"
+        );
         assert!(text.contains("3m 12s"), "{text}");
         assert!(
             text.contains("37% 3.0 GiB/8.0 GiB 100.0 MiB/s eta 1h 2m 5s"),

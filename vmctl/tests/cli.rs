@@ -270,13 +270,13 @@ async fn log_lines_since_follow_and_causes() {
         "{all:?}"
     );
     let me = rustix::process::geteuid().as_raw();
-    let who = format!("[vmctl prim by ");
+    let who = "[vmctl prim by ";
     let forced = all
         .iter()
         .find(|l| l.contains("forced primary by the operator"))
         .unwrap();
     assert!(
-        forced.contains(&who) && forced.contains(&format!("(uid {me})")),
+        forced.contains(who) && forced.contains(&format!("(uid {me})")),
         "{forced}"
     );
     if me == 0 {
@@ -297,7 +297,11 @@ async fn log_lines_since_follow_and_causes() {
     assert_eq!(stdout(&out).lines().count(), all.len());
     let out = vmctl(&["--config", cfg, "log", "--since", "yesterday-ish"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("neither a duration"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("neither a duration"),
+        "{}",
+        stderr(&out)
+    );
 
     // -f: prints what happens next, with its cause.
     let mut follow = Command::new(env!("CARGO_BIN_EXE_vmctl"))

@@ -100,8 +100,8 @@ use vmha_fs::key::ClusterKey;
 
 use self::dispatch::{dispatch, send_heartbeats, serve_calls};
 use self::runner::{ResyncRate, Runner, ATTACH_RETRY, RECEIVER_RETRY_FIRST, RETRY_MAX};
-use crate::backoff::Backoff;
 use self::status::build_status;
+use crate::backoff::Backoff;
 use crate::clock::WallClock;
 use crate::config::{Config, Digest, Module, NodeIndex, Witness};
 use crate::control::{self, Call, ControlError, Request, Response};

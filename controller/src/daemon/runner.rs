@@ -259,8 +259,7 @@ impl Runner {
                     // is pure); a later one tries again.
                     if self.state.role == Role::Wait && self.start_wait.is_none() {
                         self.start_wait = Some(
-                            tokio::time::Instant::now()
-                                + Duration::from_millis(self.start_wait_ms),
+                            tokio::time::Instant::now() + Duration::from_millis(self.start_wait_ms),
                         );
                     }
                     continue;

@@ -395,7 +395,11 @@ fn ready_only_for_a_copy_known_current_even_in_stop_and_wait() {
     let stopped = fresh(true, false);
     let (s, _) = run(
         &stopped,
-        &[seen(peer(Role::Alone, Readiness::Ready, Relation::PeerNewer))],
+        &[seen(peer(
+            Role::Alone,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
     );
     assert_eq!(
         (s.role, s.readiness(), s.colour()),
