@@ -1,4 +1,4 @@
-.PHONY: deps build release test demo demo-fs bench bench-failover
+.PHONY: deps build release test demo demo-fs bench bench-failover deb
 
 deps:
 	.ci/install-deps
@@ -39,3 +39,19 @@ bench-failover: deps release
 .PHONY: bench-resync
 bench-resync: deps release
 	./target/release/vmha-bench-resync --out bench/results-resync.json
+
+# Debian package target/vmha_<version>-1_amd64.deb (cargo-deb): the three
+# binaries, the systemd units, /etc/vmha/vmha.toml (commented example), man
+# pages and bash/zsh completions generated from the binaries' clap definitions
+# (`BINARY --generate-docs DIR`), logrotate for the event logs. Release build
+# by default; CI packs the debug binaries it already built:
+# `make deb DEB_PROFILE=dev DEB_FLAGS="--fast --strip"`.
+DEB_PROFILE ?= release
+DEB_FLAGS ?=
+DEB_BIN_DIR = target/$(if $(filter dev,$(DEB_PROFILE)),debug,$(DEB_PROFILE))
+deb: deps
+	cargo build --profile $(DEB_PROFILE) -p vmha-fs -p vmha-controller -p vmctl --bins
+	rm -rf $(DEB_BIN_DIR)/vmha-docs target/vmha_*.deb
+	for bin in vmhad vmha-fs vmctl; do $(DEB_BIN_DIR)/$$bin --generate-docs $(DEB_BIN_DIR)/vmha-docs || exit 1; done
+	gzip -9n $(DEB_BIN_DIR)/vmha-docs/man/*.1
+	cargo deb -p vmha-controller --no-build --profile $(DEB_PROFILE) $(DEB_FLAGS) -o target/

@@ -1,9 +1,16 @@
 //! The cluster configuration: one TOML file, identical on both nodes
 //! (design, "Interfaces"), parsed strictly and validated before anything runs.
 //!
-//! Parsing rejects unknown keys (`deny_unknown_fields`, the TOML error names the
-//! key and its line). Validation then reports the first problem found, each as
-//! its own [`ConfigError`] variant naming the node, module or key.
+//! Parsing rejects unknown keys (`deny_unknown_fields`). [`check_text`] reports
+//! every problem at once, each a [`ConfigError`] variant naming the node, module
+//! or key, with its [`KeyPath`] and position (`FILE:LINE:COLUMN`): every syntax
+//! error (`toml::de::DeTable::parse_recoverable`), every refused key (each
+//! section is deserialized on its own; a failing key is taken out and the
+//! section tried again), then every semantic check. [`Config::from_toml_str`]
+//! and [`Config::load`] return the first.
+//! [`Config::cluster_key_digests`] / [`Config::module_key_digests`] give a short
+//! digest per key, carried in heartbeats so that the nodes name the keys that
+//! differ.
 //!
 //! Choices where the design is silent:
 //! - Required keys: `cluster.name`, every node's `name` and `addresses`, every
@@ -165,6 +172,12 @@ pub enum ConfigError {
     StopTimeout { module: String, stop_timeout_s: u64 },
     #[error("module `{0}`: lock_timeout_ms must be above 0")]
     ZeroLockTimeout(String),
+    #[error("unknown top-level key `{0}` (expected [cluster], [[node]], [[module]])")]
+    UnknownTopLevel(String),
+    #[error("the [cluster] section is missing")]
+    NoCluster,
+    #[error("`{0}` must be [[{0}]] tables")]
+    NotTables(String),
     #[error("cannot serialise the configuration for hashing: {0}")]
     Canonical(#[from] serde_json::Error),
 }
@@ -305,6 +318,56 @@ pub struct Config {
     hash: Digest,
     #[serde(skip)]
     module_hashes: Vec<Digest>,
+    #[serde(skip)]
+    cluster_keys: KeyDigests,
+    #[serde(skip)]
+    module_keys: Vec<KeyDigests>,
+}
+
+/// Cluster keys that name paths on the node itself: not compared between
+/// the nodes (each may have its own), still compared by a reload.
+pub const NODE_LOCAL_KEYS: [&str; 3] = [
+    "cluster.key_file",
+    "cluster.state_dir",
+    "cluster.control_socket",
+];
+
+/// Per-key short digests of a section (see [`Config::cluster_key_digests`]).
+pub type KeyDigests = std::collections::BTreeMap<String, String>;
+
+/// Short digest (8 bytes, hex) of each top-level field of `value`'s JSON form,
+/// named `prefix` + field.
+fn key_digests<T: Serialize>(
+    prefix: &str,
+    value: &T,
+    out: &mut KeyDigests,
+) -> Result<(), serde_json::Error> {
+    if let serde_json::Value::Object(fields) = serde_json::to_value(value)? {
+        for (key, field) in fields {
+            let digest = Digest::of_json("vmha key v1", &field)?;
+            let short: String = digest.to_string().chars().take(16).collect();
+            out.insert(format!("{prefix}{key}"), short);
+        }
+    }
+    Ok(())
+}
+
+/// The keys whose digests differ between two [`KeyDigests`] (or that only one
+/// side has), each prefixed with `prefix`, sorted.
+pub fn differing_keys(prefix: &str, local: &KeyDigests, peer: &KeyDigests) -> Vec<String> {
+    let mut keys: Vec<String> = local
+        .iter()
+        .filter(|(k, v)| peer.get(*k) != Some(*v))
+        .map(|(k, _)| format!("{prefix}{k}"))
+        .chain(
+            peer.keys()
+                .filter(|k| !local.contains_key(*k))
+                .map(|k| format!("{prefix}{k}")),
+        )
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// The part of the cluster a module's failover decisions depend on.
@@ -330,9 +393,12 @@ impl Config {
     }
 
     /// Parses and validates a configuration held in memory.
+    /// The first problem is returned; [`check_text`] reports them all.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)?;
-        raw.validate()
+        check_text(text).map_err(|problems| match problems.into_iter().next() {
+            Some(first) => first.error,
+            None => ConfigError::NoCluster,
+        })
     }
 
     /// The index of the node called `name` (the `--node` argument).
@@ -371,8 +437,40 @@ impl Config {
         self.module_hashes.get(index).copied()
     }
 
+    /// Short digests of each cluster-wide key, named `cluster.KEY` and
+    /// `node[I].KEY` (without [`NODE_LOCAL_KEYS`]): carried in heartbeats so that the peers name the keys
+    /// that differ, not only that something does.
+    pub fn cluster_key_digests(&self) -> &KeyDigests {
+        &self.cluster_keys
+    }
+
+    /// Short digests of each key of one module's section, named by the key
+    /// alone (`lock_timeout_ms`, …).
+    pub fn module_key_digests(&self, module: &str) -> Option<&KeyDigests> {
+        let index = self.modules.iter().position(|m| m.name == module)?;
+        self.module_keys.get(index)
+    }
+
     fn with_hashes(mut self) -> Result<Config, ConfigError> {
         self.hash = Digest::of_json("vmha config v1", &self)?;
+        let mut cluster_keys = KeyDigests::new();
+        key_digests("cluster.", &self.cluster, &mut cluster_keys)?;
+        // Paths on the node itself: each node may have its own.
+        for local in NODE_LOCAL_KEYS {
+            cluster_keys.remove(local);
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            key_digests(&format!("node[{i}]."), node, &mut cluster_keys)?;
+        }
+        self.cluster_keys = cluster_keys;
+        self.module_keys = self
+            .modules
+            .iter()
+            .map(|m| {
+                let mut keys = KeyDigests::new();
+                key_digests("", m, &mut keys).map(|()| keys)
+            })
+            .collect::<Result<_, _>>()?;
         self.module_hashes = self
             .modules
             .iter()
@@ -397,13 +495,10 @@ impl Config {
 
 // ---- the file as written, before validation ----
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The sections as written (each deserialized on its own, see [`check_text`]).
 struct RawConfig {
     cluster: RawCluster,
-    #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
-    #[serde(default, rename = "module")]
     modules: Vec<RawModule>,
 }
 
@@ -512,38 +607,37 @@ mod defaults {
     }
 }
 
-impl RawConfig {
-    fn validate(self) -> Result<Config, ConfigError> {
-        let nodes = validate_nodes(self.nodes)?;
-        let node_index = |name: &str| {
-            nodes.iter().position(|n| n.name == name).map(|i| {
-                if i == 0 {
-                    NodeIndex::FIRST
-                } else {
-                    NodeIndex::SECOND
-                }
-            })
-        };
-        let cluster = validate_cluster(self.cluster, &node_index)?;
-        if self.modules.len() > MAX_MODULES {
-            return Err(ConfigError::TooManyModules {
-                count: self.modules.len(),
-            });
-        }
-        let networks = nodes[0].addresses.len();
-        let mut modules = Vec::with_capacity(self.modules.len());
-        for raw in self.modules {
-            modules.push(raw.validate(&cluster, networks, &node_index)?);
-        }
-        check_uniqueness(&cluster, &modules)?;
-        Config {
-            cluster,
-            nodes,
-            modules,
-            hash: Digest([0; 32]),
-            module_hashes: Vec::new(),
-        }
-        .with_hashes()
+// ---- where a problem is ----
+
+/// One step of a [`KeyPath`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySeg {
+    Key(String),
+    Index(usize),
+}
+
+/// Where a problem is in the file: keys and array indices (from 0, in file
+/// order), shown as `module[1].port`. Empty: the file as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyPath(pub Vec<KeySeg>);
+
+impl KeyPath {
+    pub fn key(mut self, key: &str) -> KeyPath {
+        self.0.push(KeySeg::Key(key.to_string()));
+        self
+    }
+    pub fn index(mut self, index: usize) -> KeyPath {
+        self.0.push(KeySeg::Index(index));
+        self
+    }
+    fn cluster(key: &str) -> KeyPath {
+        KeyPath::default().key("cluster").key(key)
+    }
+    fn node(index: usize) -> KeyPath {
+        KeyPath::default().key("node").index(index)
+    }
+    fn module(index: usize) -> KeyPath {
+        KeyPath::default().key("module").index(index)
     }
 }
 
@@ -576,113 +670,512 @@ fn resolve_host_port(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(resolve_host(host)?, port))
 }
 
-fn validate_nodes(raw: Vec<RawNode>) -> Result<[Node; 2], ConfigError> {
-    let count = raw.len();
-    let mut nodes = Vec::with_capacity(count);
-    for node in raw {
-        if node.addresses.is_empty() {
-            return Err(ConfigError::NoAddresses(node.name));
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("(file)");
         }
-        let addresses = node
-            .addresses
-            .iter()
-            .map(|a| {
-                resolve_host(a).ok_or_else(|| ConfigError::BadAddress {
-                    node: node.name.clone(),
-                    address: a.clone(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                KeySeg::Key(k) if i == 0 => f.write_str(k)?,
+                KeySeg::Key(k) => write!(f, ".{k}")?,
+                KeySeg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One problem of a configuration file, with the key it concerns and, when
+/// known, the byte range in the text (of the value, else of the nearest
+/// enclosing item that exists).
+#[derive(Debug)]
+pub struct Problem {
+    pub error: ConfigError,
+    pub key: KeyPath,
+    pub span: Option<std::ops::Range<usize>>,
+}
+
+impl Problem {
+    /// The message without the position (a TOML error's own text, not its
+    /// multi-line excerpt).
+    pub fn message(&self) -> String {
+        match &self.error {
+            ConfigError::Parse(e) => e.message().trim().to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// 1-based line and column (in characters) of the problem in `text`.
+    pub fn line_column(&self, text: &str) -> Option<(usize, usize)> {
+        let start = self.span.as_ref()?.start.min(text.len());
+        let before = text.get(..start)?;
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before.get(line_start..)?.chars().count() + 1;
+        Some((line, column))
+    }
+
+    /// `FILE:LINE:COLUMN: KEY: MESSAGE`, as `--check-config` prints it.
+    pub fn render(&self, file: &str, text: &str) -> String {
+        let at = match self.line_column(text) {
+            Some((line, column)) => format!("{file}:{line}:{column}"),
+            None => file.to_string(),
+        };
+        format!("{at}: {}: {}", self.key, self.message())
+    }
+}
+
+/// Collects problems while validation goes on (every error is reported, not
+/// the first).
+#[derive(Debug, Default)]
+struct Problems(Vec<(ConfigError, KeyPath)>);
+
+impl Problems {
+    fn push(&mut self, error: ConfigError, key: KeyPath) {
+        self.0.push((error, key));
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+// ---- parsing: syntax, then each section on its own ----
+
+type DeTable<'i> = toml::de::DeTable<'i>;
+type DeValue<'i> = toml::de::DeValue<'i>;
+type Spanned<T> = toml::Spanned<T>;
+
+fn overlaps(a: &std::ops::Range<usize>, b: &std::ops::Range<usize>) -> bool {
+    a.start <= b.start && b.start < a.end.max(a.start + 1)
+}
+
+/// Deserializes one section. A key the section refuses (unknown, wrong type)
+/// is reported and taken out, and the section tried again, so that every bad
+/// key of it is reported, not only the first.
+fn section<T: serde::de::DeserializeOwned>(
+    mut value: Spanned<DeValue<'_>>,
+    path: &KeyPath,
+    out: &mut Vec<Problem>,
+) -> Option<T> {
+    use serde::de::IntoDeserializer;
+    let mut removed: Vec<String> = Vec::new();
+    let mut failed = false;
+    let whole = value.span();
+    for _ in 0..256 {
+        let error = match T::deserialize(value.clone().into_deserializer()) {
+            Ok(t) => return (!failed).then_some(t),
+            Err(e) => e,
+        };
+        failed = true;
+        let span = error.span();
+        let DeValue::Table(table) = value.get_mut() else {
+            out.push(Problem {
+                span: span.or(Some(whole)),
+                error: ConfigError::Parse(error),
+                key: path.clone(),
+            });
+            return None;
+        };
+        let hit = span.as_ref().and_then(|s| {
+            table
+                .iter()
+                .find(|(k, v)| overlaps(&k.span(), s) || overlaps(&v.span(), s))
+                .map(|(k, _)| k.clone())
+        });
+        match hit {
+            Some(key) => {
+                let name = key.get_ref().to_string();
+                table.remove(&key);
+                out.push(Problem {
+                    span,
+                    error: ConfigError::Parse(error),
+                    key: path.clone().key(&name),
+                });
+                removed.push(name);
+            }
+            None => {
+                // A required key taken out above is not "missing" as well.
+                let consequence = removed
+                    .iter()
+                    .any(|k| error.message().contains(&format!("`{k}`")));
+                if !consequence {
+                    out.push(Problem {
+                        span: span.or(Some(whole)),
+                        error: ConfigError::Parse(error),
+                        key: path.clone(),
+                    });
+                }
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// The `[[name]]` tables of the document, each deserialized on its own.
+fn tables<T: serde::de::DeserializeOwned>(
+    value: Option<&Spanned<DeValue<'_>>>,
+    name: &str,
+    out: &mut Vec<Problem>,
+) -> Option<Vec<T>> {
+    let Some(value) = value else {
+        return Some(Vec::new());
+    };
+    let DeValue::Array(items) = value.get_ref() else {
+        out.push(Problem {
+            error: ConfigError::NotTables(name.to_string()),
+            key: KeyPath::default().key(name),
+            span: Some(value.span()),
+        });
+        return None;
+    };
+    let mut all = Some(Vec::new());
+    for (i, item) in items.iter().enumerate() {
+        match section::<T>(item.clone(), &KeyPath::default().key(name).index(i), out) {
+            Some(t) => {
+                if let Some(all) = all.as_mut() {
+                    all.push(t);
+                }
+            }
+            None => all = None,
+        }
+    }
+    all
+}
+
+fn top<'a, 'i>(root: &'a DeTable<'i>, key: &str) -> Option<&'a Spanned<DeValue<'i>>> {
+    root.iter()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(_, v)| v)
+}
+
+/// The span of `path` in the document, or of the deepest part of it present.
+fn locate(root: &Spanned<DeTable<'_>>, path: &KeyPath) -> Option<std::ops::Range<usize>> {
+    let mut best = None;
+    let mut current: Option<&DeValue<'_>> = None;
+    for (i, seg) in path.0.iter().enumerate() {
+        let next = match (seg, current) {
+            (KeySeg::Key(k), None) if i == 0 => top(root.get_ref(), k),
+            (KeySeg::Key(k), Some(DeValue::Table(t))) => top(t, k),
+            (KeySeg::Index(n), Some(DeValue::Array(a))) => a.get(*n),
+            _ => None,
+        };
+        match next {
+            Some(v) => {
+                best = Some(v.span());
+                current = Some(v.get_ref());
+            }
+            None => break,
+        }
+    }
+    best
+}
+
+/// Parses `text` into the sections as written; every problem found goes to `out`.
+fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
+    let (root, errors) = toml::de::DeTable::parse_recoverable(text);
+    if !errors.is_empty() {
+        // Positions in a document that does not parse are not worth guessing.
+        for error in errors {
+            out.push(Problem {
+                span: error.span(),
+                error: ConfigError::Parse(error),
+                key: KeyPath::default(),
+            });
+        }
+        return None;
+    }
+    let before = out.len();
+    for (key, _) in root.get_ref().iter() {
+        if !["cluster", "node", "module"].contains(&key.get_ref().as_ref()) {
+            out.push(Problem {
+                error: ConfigError::UnknownTopLevel(key.get_ref().to_string()),
+                key: KeyPath::default().key(key.get_ref()),
+                span: Some(key.span()),
+            });
+        }
+    }
+    let cluster = match top(root.get_ref(), "cluster") {
+        Some(value) => {
+            section::<RawCluster>(value.clone(), &KeyPath::default().key("cluster"), out)
+        }
+        None => {
+            out.push(Problem {
+                error: ConfigError::NoCluster,
+                key: KeyPath::default().key("cluster"),
+                span: Some(0..0),
+            });
+            None
+        }
+    };
+    let nodes = tables::<RawNode>(top(root.get_ref(), "node"), "node", out);
+    let modules = tables::<RawModule>(top(root.get_ref(), "module"), "module", out);
+    if out.len() != before {
+        return None;
+    }
+    Some(RawConfig {
+        cluster: cluster?,
+        nodes: nodes?,
+        modules: modules?,
+    })
+}
+
+/// Parses and validates `text`, reporting every problem found (each with its
+/// key and position). The configuration comes back only when there is none.
+pub fn check_text(text: &str) -> Result<Config, Vec<Problem>> {
+    let mut out = Vec::new();
+    let Some(raw) = parse_raw(text, &mut out) else {
+        return Err(out);
+    };
+    let mut problems = Problems::default();
+    let config = raw.validate(&mut problems);
+    if problems.len() == 0 {
+        if let Some(config) = config {
+            return config.with_hashes().map_err(|e| {
+                vec![Problem {
+                    error: e,
+                    key: KeyPath::default(),
+                    span: None,
+                }]
+            });
+        }
+    }
+    // Positions come from the document again (it parsed above).
+    let root = toml::de::DeTable::parse(text).ok();
+    Err(problems
+        .0
+        .into_iter()
+        .map(|(error, key)| Problem {
+            span: root.as_ref().and_then(|r| locate(r, &key)),
+            error,
+            key,
+        })
+        .collect())
+}
+
+// ---- validation: every check runs, each problem is collected ----
+
+impl RawConfig {
+    fn validate(self, problems: &mut Problems) -> Option<Config> {
+        let before = problems.len();
+        let nodes = validate_nodes(self.nodes, problems);
+        let names: Option<[String; 2]> = nodes
+            .as_ref()
+            .map(|n| [n[0].name.clone(), n[1].name.clone()]);
+        // Without valid nodes, names are not checked (that would only repeat it).
+        let node_index = |name: &str| -> Result<Option<NodeIndex>, ()> {
+            match &names {
+                None => Ok(None),
+                Some(names) => match names.iter().position(|n| n == name) {
+                    Some(0) => Ok(Some(NodeIndex::FIRST)),
+                    Some(_) => Ok(Some(NodeIndex::SECOND)),
+                    None => Err(()),
+                },
+            }
+        };
+        let timing = (
+            self.cluster.failover_timeout_ms,
+            self.cluster.heartbeat_interval_ms,
+        );
+        let (heartbeat_port, state_dir) =
+            (self.cluster.heartbeat_port, self.cluster.state_dir.clone());
+        let cluster = validate_cluster(self.cluster, &node_index, problems);
+        if self.modules.len() > MAX_MODULES {
+            problems.push(
+                ConfigError::TooManyModules {
+                    count: self.modules.len(),
+                },
+                KeyPath::module(MAX_MODULES),
+            );
+        }
+        let networks = nodes.as_ref().map(|n| n[0].addresses.len());
+        let mut modules = Vec::with_capacity(self.modules.len());
+        for (i, raw) in self.modules.into_iter().enumerate() {
+            modules.push((i, raw.validate(i, timing, networks, &node_index, problems)));
+        }
+        check_uniqueness(heartbeat_port, &state_dir, &modules, problems);
+        if problems.len() != before {
+            return None;
+        }
+        Some(Config {
+            cluster: cluster?,
+            nodes: nodes?,
+            modules: modules.into_iter().map(|(_, m)| m).collect(),
+            hash: Digest([0; 32]),
+            module_hashes: Vec::new(),
+            cluster_keys: KeyDigests::new(),
+            module_keys: Vec::new(),
+        })
+    }
+}
+
+fn validate_nodes(raw: Vec<RawNode>, problems: &mut Problems) -> Option<[Node; 2]> {
+    let count = raw.len();
+    let before = problems.len();
+    let mut nodes = Vec::with_capacity(count);
+    for (i, node) in raw.into_iter().enumerate() {
+        if node.addresses.is_empty() {
+            problems.push(
+                ConfigError::NoAddresses(node.name.clone()),
+                KeyPath::node(i).key("addresses"),
+            );
+        }
+        let mut addresses = Vec::new();
+        for (j, a) in node.addresses.iter().enumerate() {
+            match resolve_host(a) {
+                Some(ip) => addresses.push(ip),
+                None => problems.push(
+                    ConfigError::BadAddress {
+                        node: node.name.clone(),
+                        address: a.clone(),
+                    },
+                    KeyPath::node(i).key("addresses").index(j),
+                ),
+            }
+        }
+        if node.name.is_empty() {
+            problems.push(
+                ConfigError::DuplicateNode(node.name.clone()),
+                KeyPath::node(i).key("name"),
+            );
+        }
         nodes.push(Node {
             name: node.name,
             addresses,
         });
     }
-    let [first, second]: [Node; 2] = nodes
-        .try_into()
-        .map_err(|_| ConfigError::NodeCount(count))?;
-    for name in [&first.name, &second.name] {
-        if name.is_empty() {
-            return Err(ConfigError::DuplicateNode(name.clone()));
-        }
+    let Ok([first, second]) = <[Node; 2]>::try_from(nodes) else {
+        problems.push(
+            ConfigError::NodeCount(count),
+            if count > 2 {
+                KeyPath::node(2)
+            } else {
+                KeyPath::default().key("node")
+            },
+        );
+        return None;
+    };
+    if first.name == second.name && !first.name.is_empty() {
+        problems.push(
+            ConfigError::DuplicateNode(first.name.clone()),
+            KeyPath::node(1).key("name"),
+        );
     }
-    if first.name == second.name {
-        return Err(ConfigError::DuplicateNode(first.name));
-    }
-    if let Some(address) = first
+    if let Some((j, address)) = second
         .addresses
         .iter()
-        .find(|a| second.addresses.contains(a))
+        .enumerate()
+        .find(|(_, a)| first.addresses.contains(a))
     {
-        return Err(ConfigError::SameAddress {
-            address: *address,
-            first: first.name,
-            second: second.name,
-        });
+        problems.push(
+            ConfigError::SameAddress {
+                address: *address,
+                first: first.name.clone(),
+                second: second.name.clone(),
+            },
+            KeyPath::node(1).key("addresses").index(j),
+        );
     }
-    if first.addresses.len() != second.addresses.len() {
-        return Err(ConfigError::AddressCountMismatch {
-            first: first.name,
-            first_count: first.addresses.len(),
-            second: second.name,
-            second_count: second.addresses.len(),
-        });
+    if first.addresses.len() != second.addresses.len() && problems.len() == before {
+        problems.push(
+            ConfigError::AddressCountMismatch {
+                first: first.name.clone(),
+                first_count: first.addresses.len(),
+                second: second.name.clone(),
+                second_count: second.addresses.len(),
+            },
+            KeyPath::node(1).key("addresses"),
+        );
     }
-    Ok([first, second])
+    (problems.len() == before).then_some([first, second])
 }
 
 fn validate_cluster(
     raw: RawCluster,
-    node_index: &dyn Fn(&str) -> Option<NodeIndex>,
-) -> Result<Cluster, ConfigError> {
+    node_index: &dyn Fn(&str) -> Result<Option<NodeIndex>, ()>,
+    problems: &mut Problems,
+) -> Option<Cluster> {
+    let before = problems.len();
     if raw.failover_timeout_ms > MAX_FAILOVER_TIMEOUT_MS {
-        return Err(ConfigError::FailoverTimeout {
-            failover_timeout_ms: raw.failover_timeout_ms,
-        });
-    }
-    if raw.heartbeat_interval_ms == 0 || raw.heartbeat_interval_ms >= raw.failover_timeout_ms {
-        return Err(ConfigError::HeartbeatInterval {
-            interval_ms: raw.heartbeat_interval_ms,
-            failover_ms: raw.failover_timeout_ms,
-        });
+        problems.push(
+            ConfigError::FailoverTimeout {
+                failover_timeout_ms: raw.failover_timeout_ms,
+            },
+            KeyPath::cluster("failover_timeout_ms"),
+        );
+    } else if raw.heartbeat_interval_ms == 0 || raw.heartbeat_interval_ms >= raw.failover_timeout_ms
+    {
+        problems.push(
+            ConfigError::HeartbeatInterval {
+                interval_ms: raw.heartbeat_interval_ms,
+                failover_ms: raw.failover_timeout_ms,
+            },
+            KeyPath::cluster("heartbeat_interval_ms"),
+        );
     }
     if raw.heartbeat_port == 0 {
-        return Err(ConfigError::ZeroPort {
-            owner: "cluster heartbeat_port".into(),
-        });
+        problems.push(
+            ConfigError::ZeroPort {
+                owner: "cluster heartbeat_port".into(),
+            },
+            KeyPath::cluster("heartbeat_port"),
+        );
     }
     let split_brain = match raw.split_brain.as_str() {
-        "discard-least-changes" => SplitBrainPolicy::DiscardLeastChanges,
-        "manual" => SplitBrainPolicy::Manual,
+        "discard-least-changes" => Some(SplitBrainPolicy::DiscardLeastChanges),
+        "manual" => Some(SplitBrainPolicy::Manual),
         other => match other.strip_prefix("prefer:") {
-            Some(node) => SplitBrainPolicy::Prefer(
-                node_index(node).ok_or_else(|| ConfigError::UnknownPreferredNode(node.into()))?,
-            ),
-            None => return Err(ConfigError::BadSplitBrain(raw.split_brain)),
+            Some(node) => match node_index(node) {
+                Ok(Some(index)) => Some(SplitBrainPolicy::Prefer(index)),
+                Ok(None) => None,
+                Err(()) => {
+                    problems.push(
+                        ConfigError::UnknownPreferredNode(node.into()),
+                        KeyPath::cluster("split_brain"),
+                    );
+                    None
+                }
+            },
+            None => {
+                problems.push(
+                    ConfigError::BadSplitBrain(raw.split_brain.clone()),
+                    KeyPath::cluster("split_brain"),
+                );
+                None
+            }
         },
     };
     if !raw.state_dir.is_absolute() {
-        return Err(ConfigError::RelativeStateDir(raw.state_dir));
+        problems.push(
+            ConfigError::RelativeStateDir(raw.state_dir.clone()),
+            KeyPath::cluster("state_dir"),
+        );
     }
-    check_control_socket(&raw.control_socket)?;
-    let witness = raw
-        .witness
-        .iter()
-        .map(|w| {
-            if let Ok(ip) = w.parse::<IpAddr>() {
-                Ok(Witness::Icmp(ip))
-            } else if let Ok(sock) = w.parse::<SocketAddr>() {
-                Ok(Witness::Tcp(sock))
-            } else if let Some(sock) = resolve_host_port(w) {
-                Ok(Witness::Tcp(sock))
-            } else if let Some(ip) = resolve_host(w) {
-                Ok(Witness::Icmp(ip))
-            } else {
-                Err(ConfigError::BadWitness(w.clone()))
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(Cluster {
+    if let Err(e) = check_control_socket(&raw.control_socket) {
+        problems.push(e, KeyPath::cluster("control_socket"));
+    }
+    let mut witness = Vec::new();
+    for (i, w) in raw.witness.iter().enumerate() {
+        if let Ok(ip) = w.parse::<IpAddr>() {
+            witness.push(Witness::Icmp(ip));
+        } else if let Ok(sock) = w.parse::<SocketAddr>() {
+            witness.push(Witness::Tcp(sock));
+        } else if let Some(sock) = resolve_host_port(w) {
+            witness.push(Witness::Tcp(sock));
+        } else if let Some(ip) = resolve_host(w) {
+            witness.push(Witness::Icmp(ip));
+        } else {
+            problems.push(
+                ConfigError::BadWitness(w.clone()),
+                KeyPath::cluster("witness").index(i),
+            );
+        }
+    }
+    if problems.len() != before {
+        return None;
+    }
+    Some(Cluster {
         name: raw.name,
         key_file: raw.key_file,
         state_dir: raw.state_dir,
@@ -692,17 +1185,22 @@ fn validate_cluster(
         failover_timeout_ms: raw.failover_timeout_ms,
         start_wait_ms: raw.start_wait_ms,
         witness,
-        split_brain,
+        split_brain: split_brain?,
     })
 }
 
 impl RawModule {
+    /// `timing`: the cluster's (failover_timeout_ms, heartbeat_interval_ms) as
+    /// written; `networks`: the nodes' address count, when the nodes are valid.
     fn validate(
         self,
-        cluster: &Cluster,
-        networks: usize,
-        node_index: &dyn Fn(&str) -> Option<NodeIndex>,
-    ) -> Result<Module, ConfigError> {
+        index: usize,
+        timing: (u64, u64),
+        networks: Option<usize>,
+        node_index: &dyn Fn(&str) -> Result<Option<NodeIndex>, ()>,
+        problems: &mut Problems,
+    ) -> Module {
+        let at = |key: &str| KeyPath::module(index).key(key);
         let name = self.name;
         let valid_name = !name.is_empty()
             && !name.starts_with('.')
@@ -710,76 +1208,113 @@ impl RawModule {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
         if !valid_name {
-            return Err(ConfigError::BadModuleName(name));
+            problems.push(ConfigError::BadModuleName(name.clone()), at("name"));
         }
-        let replicated = match self.replicated {
-            Some(paths) if !paths.is_empty() => paths,
-            _ => return Err(ConfigError::NoReplicated(name)),
-        };
-        for path in &replicated {
+        let replicated = self.replicated.unwrap_or_default();
+        if replicated.is_empty() {
+            problems.push(ConfigError::NoReplicated(name.clone()), at("replicated"));
+        }
+        for (i, path) in replicated.iter().enumerate() {
             let clean = path.is_absolute()
                 && path
                     .components()
                     .all(|c| !matches!(c, Component::ParentDir | Component::CurDir));
             if !clean {
-                return Err(ConfigError::RelativeReplicated {
-                    module: name,
-                    path: path.clone(),
-                });
+                problems.push(
+                    ConfigError::RelativeReplicated {
+                        module: name.clone(),
+                        path: path.clone(),
+                    },
+                    at("replicated").index(i),
+                );
             }
         }
         let port = match self.port {
             Some(0) => {
-                return Err(ConfigError::ZeroPort {
-                    owner: format!("module `{name}`"),
-                })
+                problems.push(
+                    ConfigError::ZeroPort {
+                        owner: format!("module `{name}`"),
+                    },
+                    at("port"),
+                );
+                0
             }
             Some(port) => port,
-            None => return Err(ConfigError::NoPort(name)),
+            None => {
+                problems.push(ConfigError::NoPort(name.clone()), at("port"));
+                0
+            }
         };
-        let replication_network = self.replication_network.unwrap_or(networks - 1);
-        if replication_network >= networks {
-            return Err(ConfigError::ReplicationNetwork {
-                module: name,
-                index: replication_network,
-                networks,
-            });
+        let mut replication_network = self.replication_network.unwrap_or(0);
+        if let Some(networks) = networks {
+            replication_network = self
+                .replication_network
+                .unwrap_or(networks.saturating_sub(1));
+            if replication_network >= networks {
+                problems.push(
+                    ConfigError::ReplicationNetwork {
+                        module: name.clone(),
+                        index: replication_network,
+                        networks,
+                    },
+                    at("replication_network"),
+                );
+            }
         }
         let default_primary = match self.default_primary {
             None => None,
             Some(node) => match node_index(&node) {
-                Some(index) => Some(index),
-                None => {
-                    return Err(ConfigError::UnknownDefaultPrimary { module: name, node });
+                Ok(index) => index,
+                Err(()) => {
+                    problems.push(
+                        ConfigError::UnknownDefaultPrimary {
+                            module: name.clone(),
+                            node,
+                        },
+                        at("default_primary"),
+                    );
+                    None
                 }
             },
         };
         if self.lock_timeout_ms == 0 {
-            return Err(ConfigError::ZeroLockTimeout(name));
+            problems.push(
+                ConfigError::ZeroLockTimeout(name.clone()),
+                at("lock_timeout_ms"),
+            );
+        } else {
+            let minimum = timing.0.saturating_add(timing.1);
+            if self.lock_timeout_ms <= minimum {
+                problems.push(
+                    ConfigError::LockTimeout {
+                        module: name.clone(),
+                        lock_timeout_ms: self.lock_timeout_ms,
+                        minimum,
+                    },
+                    at("lock_timeout_ms"),
+                );
+            }
         }
         if self.stop_timeout_s > MAX_STOP_TIMEOUT_S {
-            return Err(ConfigError::StopTimeout {
-                module: name,
-                stop_timeout_s: self.stop_timeout_s,
-            });
-        }
-        let minimum = cluster
-            .failover_timeout_ms
-            .saturating_add(cluster.heartbeat_interval_ms);
-        if self.lock_timeout_ms <= minimum {
-            return Err(ConfigError::LockTimeout {
-                module: name,
-                lock_timeout_ms: self.lock_timeout_ms,
-                minimum,
-            });
+            problems.push(
+                ConfigError::StopTimeout {
+                    module: name.clone(),
+                    stop_timeout_s: self.stop_timeout_s,
+                },
+                at("stop_timeout_s"),
+            );
         }
         if self.maxloop == 0 {
-            return Err(ConfigError::ZeroMaxloop(name));
+            problems.push(ConfigError::ZeroMaxloop(name.clone()), at("maxloop"));
         }
         if self.loop_interval_s == 0 {
-            return Err(ConfigError::ZeroLoopInterval(name));
+            problems.push(
+                ConfigError::ZeroLoopInterval(name.clone()),
+                at("loop_interval_s"),
+            );
         }
-        Ok(Module {
+        // Returned even when invalid: the checks across modules still see it.
+        Module {
             domain: self.domain.unwrap_or_else(|| name.clone()),
             name,
             libvirt_uri: self.libvirt_uri,
@@ -793,7 +1328,7 @@ impl RawModule {
             rate_limit_mb_s: self.rate_limit_mb_s,
             maxloop: self.maxloop,
             loop_interval_s: self.loop_interval_s,
-        })
+        }
     }
 }
 
@@ -818,26 +1353,40 @@ fn check_control_socket(socket: &Path) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Checks across modules: names, ports, domains, replicated paths.
-fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigError> {
+/// Checks across modules: names, ports, domains, replicated paths. `modules`
+/// are the valid ones, each with its index in the file.
+fn check_uniqueness(
+    heartbeat_port: u16,
+    state_dir: &Path,
+    modules: &[(usize, Module)],
+    problems: &mut Problems,
+) {
     let mut names = HashSet::new();
     let mut ports: HashMap<u16, String> = HashMap::new();
-    ports.insert(cluster.heartbeat_port, "cluster heartbeat_port".into());
+    ports.insert(heartbeat_port, "cluster heartbeat_port".into());
     let mut domains: HashMap<(&str, &str), &str> = HashMap::new();
     let mut paths: Vec<(&Path, &str)> = Vec::new();
-    for module in modules {
+    for (index, module) in modules {
+        let at = |key: &str| KeyPath::module(*index).key(key);
         if !names.insert(module.name.as_str()) {
-            return Err(ConfigError::DuplicateModule(module.name.clone()));
+            problems.push(
+                ConfigError::DuplicateModule(module.name.clone()),
+                at("name"),
+            );
         }
-        // Directory `i` of a module replicates on `port + i`.
-        for i in 0..module.replicated.len() {
-            let port = u16::try_from(usize::from(module.port) + i).map_err(|_| {
-                ConfigError::PortRange {
-                    module: module.name.clone(),
-                    port: module.port,
-                    dirs: module.replicated.len(),
-                }
-            })?;
+        // Directory `i` of a module replicates on `port + i` (0: reported already).
+        for i in 0..module.replicated.len() * usize::from(module.port != 0) {
+            let Ok(port) = u16::try_from(usize::from(module.port) + i) else {
+                problems.push(
+                    ConfigError::PortRange {
+                        module: module.name.clone(),
+                        port: module.port,
+                        dirs: module.replicated.len(),
+                    },
+                    at("port"),
+                );
+                break;
+            };
             let owner = if i == 0 {
                 format!("module `{}`", module.name)
             } else {
@@ -849,45 +1398,56 @@ fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigE
                 )
             };
             if let Some(first) = ports.insert(port, owner.clone()) {
-                return Err(ConfigError::DuplicatePort {
-                    port,
-                    first,
-                    second: owner,
-                });
+                problems.push(
+                    ConfigError::DuplicatePort {
+                        port,
+                        first,
+                        second: owner,
+                    },
+                    at("port"),
+                );
             }
         }
         let key = (module.libvirt_uri.as_str(), module.domain.as_str());
         if let Some(first) = domains.insert(key, &module.name) {
-            return Err(ConfigError::DuplicateDomain {
-                domain: module.domain.clone(),
-                first: first.into(),
-                second: module.name.clone(),
-            });
+            problems.push(
+                ConfigError::DuplicateDomain {
+                    domain: module.domain.clone(),
+                    first: first.into(),
+                    second: module.name.clone(),
+                },
+                at("domain"),
+            );
         }
-        for path in &module.replicated {
+        for (i, path) in module.replicated.iter().enumerate() {
             // Component-wise: /a/b is inside /a, /ab is not.
             if let Some((other_path, other_module)) = paths
                 .iter()
                 .find(|(other, _)| path.starts_with(other) || other.starts_with(path))
             {
-                return Err(ConfigError::OverlappingReplicated {
-                    module: module.name.clone(),
-                    path: path.clone(),
-                    other_module: (*other_module).into(),
-                    other_path: other_path.to_path_buf(),
-                });
+                problems.push(
+                    ConfigError::OverlappingReplicated {
+                        module: module.name.clone(),
+                        path: path.clone(),
+                        other_module: (*other_module).into(),
+                        other_path: other_path.to_path_buf(),
+                    },
+                    at("replicated").index(i),
+                );
             }
-            if cluster.state_dir.starts_with(path) {
-                return Err(ConfigError::StateDirReplicated {
-                    state_dir: cluster.state_dir.clone(),
-                    module: module.name.clone(),
-                    path: path.clone(),
-                });
+            if state_dir.starts_with(path) {
+                problems.push(
+                    ConfigError::StateDirReplicated {
+                        state_dir: state_dir.to_path_buf(),
+                        module: module.name.clone(),
+                        path: path.clone(),
+                    },
+                    at("replicated").index(i),
+                );
             }
             paths.push((path, &module.name));
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1069,7 +1629,10 @@ default_primary = "node1"
             ("[cluster]", "[clutser]\n[cluster]", "clutser"),
         ] {
             let e = err(&edit(from, to));
-            assert!(matches!(e, ConfigError::Parse(_)), "{e}");
+            assert!(
+                matches!(e, ConfigError::Parse(_) | ConfigError::UnknownTopLevel(_)),
+                "{e}"
+            );
             assert!(e.to_string().contains(key), "{e}");
         }
     }
@@ -1531,5 +2094,96 @@ default_primary = "node1"
             matches!(&e, ConfigError::BadWitness(w) if w == "router.invalid"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    const SEVERAL: &str = r#"[cluster]
+name = "pair1"
+heartbeat_prot = 7100
+witness = ["router"]
+
+[[node]]
+name = "node1"
+addresses = ["10.0.0.1"]
+
+[[node]]
+name = "node2"
+addresses = ["10.0.0.2"]
+
+[[module]]
+name = "vm1"
+replicated = ["/srv/vm1"]
+port = 7101
+default_primary = "node9"
+
+[[module]]
+name = "vm2"
+replicated = ["/srv/vm2"]
+port = 7101
+maxloop = "three"
+rate_limit = 3
+"#;
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_and_position() {
+        let problems = check_text(SEVERAL).unwrap_err();
+        let rendered: Vec<String> = problems
+            .iter()
+            .map(|p| p.render("vmha.toml", SEVERAL))
+            .collect();
+        let text = rendered.join("\n");
+        for (position, key, words) in [
+            ("vmha.toml:3:1", "cluster.heartbeat_prot", "unknown field"),
+            ("vmha.toml:24:11", "module[1].maxloop", "invalid type"),
+            ("vmha.toml:25:1", "module[1].rate_limit", "unknown field"),
+        ] {
+            assert!(
+                rendered
+                    .iter()
+                    .any(|l| l.starts_with(&format!("{position}: {key}: ")) && l.contains(words)),
+                "{position} {key}:\n{text}"
+            );
+        }
+        // The syntax is fine but the sections are not: semantic checks wait
+        // for them. Fix them and the semantic problems all show, located.
+        let fixed = SEVERAL
+            .replace("heartbeat_prot", "heartbeat_port")
+            .replace("maxloop = \"three\"", "maxloop = 3")
+            .replace("rate_limit = 3", "rate_limit_mb_s = 3");
+        let problems = check_text(&fixed).unwrap_err();
+        let rendered: Vec<String> = problems
+            .iter()
+            .map(|p| p.render("vmha.toml", &fixed))
+            .collect();
+        let text = rendered.join("\n");
+        for (position, key, words) in [
+            ("vmha.toml:4:12", "cluster.witness[0]", "router"),
+            ("vmha.toml:18:19", "module[0].default_primary", "node9"),
+            (
+                "vmha.toml:23:8",
+                "module[1].port",
+                "port 7101 is used by both",
+            ),
+        ] {
+            assert!(
+                rendered
+                    .iter()
+                    .any(|l| l.starts_with(&format!("{position}: {key}: ")) && l.contains(words)),
+                "{position} {key}:\n{text}"
+            );
+        }
+        assert_eq!(problems.len(), 3, "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_are_all_reported() {
+        let text = "[cluster]\nname = \"pair1\nport = = 3\n[[node]]\nname = 1 2\n";
+        let problems = check_text(text).unwrap_err();
+        assert!(problems.len() >= 2, "{problems:?}");
+        assert!(problems.iter().all(|p| p.line_column(text).is_some()));
     }
 }

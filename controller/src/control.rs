@@ -140,6 +140,38 @@ pub enum Request {
         #[serde(default)]
         module: Option<String>,
     },
+    /// `vmctl resync --compare`: compare both copies block by block and repair
+    /// the SECOND from the PRIM while the VM writes (on the PRIM, or on a ready
+    /// SECOND, which asks its PRIM). `compare` must be true: an incremental
+    /// resync runs by itself whenever the SECOND is behind.
+    Resync {
+        #[serde(default)]
+        module: Option<String>,
+        #[serde(default)]
+        compare: bool,
+    },
+    /// `vmctl invalidate` on a SECOND: discard its copy's records and take a
+    /// full compare resync from the PRIM.
+    Invalidate {
+        #[serde(default)]
+        module: Option<String>,
+    },
+    /// Re-read the configuration file vmhad was started with and apply it
+    /// (`vmctl reload`, SIGHUP): `ok` once in effect, else every reason in
+    /// `lines` and nothing changed.
+    Reload,
+    /// `vmctl config push`, peer side: check `text` as this node's
+    /// configuration, write it over the file vmhad was started with
+    /// (atomically) and reload. Refused, file untouched, when the reload
+    /// would be.
+    #[serde(rename = "config-apply")]
+    ConfigApply {
+        text: String,
+    },
+    /// The text of the configuration file vmhad was started with (in
+    /// `text`): what `vmctl config push` compares and sends.
+    #[serde(rename = "config-text")]
+    ConfigText,
 }
 
 /// What kind of failure (or notable outcome) an answer reports, for scripts
@@ -234,6 +266,9 @@ pub struct Response {
     /// `log` only: the number of the next line, for `after` (following).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_next: Option<u64>,
+    /// `config-text`: the configuration file's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 impl Response {

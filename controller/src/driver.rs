@@ -214,6 +214,19 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     fn go_alone(&self, _module: &Module) -> Result<(), DriverError> {
         Ok(())
     }
+    /// Writer: the next [`FsDriver::attach_peer`] compares every block of both
+    /// copies whatever their records say (`vmctl resync --compare`); the request
+    /// lasts until such a resync finished. `reason` is logged by vmha-fs.
+    fn request_compare(&self, _module: &Module, _reason: &str) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("resync --compare".to_string()))
+    }
+    /// Receiver (`vmctl invalidate`): record this copy as not up to date, so that
+    /// the receiver discards its records when it starts for the next resync
+    /// (which then compares every block); removed by vmha-fs once a resync made
+    /// the copy identical.
+    fn invalidate(&self, _module: &Module, _reason: &str) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("invalidate".to_string()))
+    }
     /// Writer: where the copy to the peer started by
     /// [`FsDriver::attach_peer`] stands. `Idle`: none running (or the peer is
     /// not attached); an error: the last attach failed.

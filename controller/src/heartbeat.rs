@@ -82,7 +82,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
-use crate::config::Digest;
+use crate::config::{Digest, KeyDigests};
 use crate::generation::History;
 use crate::state::Announce;
 use crate::status::ResyncStatus;
@@ -174,6 +174,10 @@ pub struct ModuleBeat {
     /// Bytes the sender wrote since its current generation began.
     pub changed_bytes: u64,
     pub resync: Option<ResyncStatus>,
+    /// [`crate::config::Config::module_key_digests`] on the sender: the peer
+    /// names the keys of this module that differ (absent from older senders).
+    #[serde(default)]
+    pub keys: KeyDigests,
 }
 
 /// The authenticated content of a heartbeat.
@@ -188,6 +192,11 @@ pub struct Payload {
     pub round: u64,
     pub config_hash: Digest,
     pub modules: Vec<ModuleBeat>,
+    /// [`crate::config::Config::cluster_key_digests`] on the sender (16 hex
+    /// digits per key: with 32 modules of 13 keys the payload is about 24 KB
+    /// plus the histories, below [`MAX_DATAGRAM`]; see the test).
+    #[serde(default)]
+    pub config_keys: KeyDigests,
 }
 
 fn mac_key(key: &ClusterKey) -> [u8; 32] {
@@ -832,6 +841,41 @@ mod tests {
     use crate::state::{Readiness, Role};
     use proptest::prelude::*;
 
+    /// The per-key digests of the largest configuration (32 modules, every
+    /// key spelled out) stay far below the datagram limit.
+    #[test]
+    fn per_key_digests_of_32_modules_fit_in_a_datagram() {
+        let mut text = String::from(
+            "[cluster]\nname = \"pair1\"\nwitness = [\"10.0.0.254\", \"10.0.0.253:22\"]\n\n[[node]]\nname = \"node1\"\naddresses = [\"10.0.0.1\", \"10.1.0.1\"]\n\n[[node]]\nname = \"node2\"\naddresses = [\"10.0.0.2\", \"10.1.0.2\"]\n",
+        );
+        for i in 0..crate::config::MAX_MODULES {
+            text.push_str(&format!(
+                "\n[[module]]\nname = \"a-rather-long-module-name-{i:02}\"\nreplicated = [\"/var/lib/libvirt/images/a-rather-long-directory-{i:02}\"]\nport = {}\ndefault_primary = \"node1\"\n",
+                7200 + i
+            ));
+        }
+        let config = crate::config::Config::from_toml_str(&text).unwrap();
+        let mut beat = payload("node1", 1, 1);
+        beat.config_keys = config.cluster_key_digests().clone();
+        let template = beat.modules[0].clone();
+        beat.modules = config
+            .modules
+            .iter()
+            .map(|m| ModuleBeat {
+                name: m.name.clone(),
+                keys: config.module_key_digests(&m.name).unwrap().clone(),
+                ..template.clone()
+            })
+            .collect();
+        let bytes = serde_json::to_vec(&beat).unwrap();
+        eprintln!(
+            "payload of 32 modules with per-key digests: {} bytes",
+            bytes.len()
+        );
+        assert!(bytes.len() < MAX_DATAGRAM / 2, "{} bytes", bytes.len());
+        assert_eq!(beat.modules[0].keys.len(), 13);
+    }
+
     fn key(byte: u8) -> ClusterKey {
         ClusterKey::from_bytes([byte; 32])
     }
@@ -855,7 +899,9 @@ mod tests {
                 history: History::empty(),
                 changed_bytes: 0,
                 resync: None,
+                keys: Default::default(),
             }],
+            config_keys: Default::default(),
         }
     }
 

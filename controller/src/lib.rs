@@ -18,10 +18,16 @@
 //! - [`eventlog`]: the per-module event log.
 //! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
+//! - [`systemd`]: readiness, status and watchdog for `Type=notify`.
+
+// Durations, sizes and wire fields narrow only explicitly and checked.
+#![deny(clippy::cast_possible_truncation)]
 
 pub mod backoff;
+pub mod check;
 pub mod clock;
 pub mod config;
+pub mod config_diff;
 pub mod control;
 pub mod daemon;
 pub mod driver;
@@ -30,4 +36,5 @@ pub mod generation;
 pub mod heartbeat;
 pub mod state;
 pub mod status;
+pub mod systemd;
 pub mod witness;

@@ -1,10 +1,12 @@
 //! `vmhad --config FILE --node NAME`: the vmha controller daemon.
+//! `vmhad --check-config [--config FILE] [--node NAME]`: check the file and
+//! this host, print every problem, exit 0 only when there is no error.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use vmha_controller::clock::WallClock;
 use vmha_controller::config::Config;
 use vmha_controller::daemon::{Daemon, DaemonSpec};
@@ -24,9 +26,15 @@ struct Args {
     /// The cluster configuration (identical on both nodes).
     #[arg(long, value_name = "FILE", default_value = "/etc/vmha/vmha.toml")]
     config: PathBuf,
-    /// This node's name, as in a [[node]] section.
+    /// This node's name, as in a `[[node]]` section (required to run; for
+    /// --check-config the running vmhad's, or the node whose addresses are here).
     #[arg(long, value_name = "NAME")]
-    node: String,
+    node: Option<String>,
+    /// Check the configuration file (every error with file:line:column and
+    /// key) and this host (addresses, directories, ports, libvirt, witness,
+    /// key file), then exit: 0 only when no error remains.
+    #[arg(long)]
+    check_config: bool,
     /// The vmha-fs binary (default: next to vmhad, else from PATH).
     #[arg(long, value_name = "PATH")]
     vmha_fs: Option<PathBuf>,
@@ -50,6 +58,10 @@ enum MainError {
     Runtime(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
+    #[error("--node NAME is required (this node's name, as in a [[node]] section)")]
+    NoNode,
+    #[error("the configuration check found {0} error(s)")]
+    Check(usize),
 }
 
 fn default_vmha_fs() -> PathBuf {
@@ -62,9 +74,27 @@ fn default_vmha_fs() -> PathBuf {
     }
 }
 
+fn check_config(args: &Args) -> Result<(), MainError> {
+    let report = vmha_controller::check::check_file(&args.config, args.node.as_deref());
+    for line in &report.lines {
+        println!("{line}");
+    }
+    println!("{}", report.summary());
+    match report.errors {
+        0 => Ok(()),
+        n => Err(MainError::Check(n)),
+    }
+}
+
 fn run(args: Args) -> Result<(), MainError> {
+    if args.check_config {
+        return check_config(&args);
+    }
+    let node_name = args.node.clone().ok_or(MainError::NoNode)?;
+    // Absolute: what a reload re-reads does not depend on the working directory.
+    let config_file = std::path::absolute(&args.config).unwrap_or_else(|_| args.config.clone());
     let config = Config::load(&args.config)?;
-    let node = config.local_node(&args.node)?;
+    let node = config.local_node(&node_name)?;
     let key = ClusterKey::load(Path::new(&config.cluster.key_file))?;
     let clock = WallClock::from_env()?;
     if clock.offset_s() != 0 {
@@ -92,6 +122,8 @@ fn run(args: Args) -> Result<(), MainError> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).map_err(MainError::Signal)?;
         let mut int = signal(SignalKind::interrupt()).map_err(MainError::Signal)?;
+        // Installed before the daemon runs: a SIGHUP never kills vmhad.
+        let mut hup = signal(SignalKind::hangup()).map_err(MainError::Signal)?;
         let daemon = Daemon::start(DaemonSpec {
             config,
             node,
@@ -101,11 +133,36 @@ fn run(args: Args) -> Result<(), MainError> {
             clock,
         })
         .await?;
-        let signal = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        daemon.set_config_file(&config_file);
+        // The control socket answers and every module got its start: ready.
+        let status = daemon.status();
+        vmha_controller::systemd::ready(&status);
+        let summary = vmha_controller::systemd::summary(&status);
+        let signal = {
+            let keep_alive = vmha_controller::systemd::keep_alive(&daemon, summary);
+            tokio::pin!(keep_alive);
+            let mut kept = false;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break "SIGTERM",
+                    _ = int.recv() => break "SIGINT",
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading {}", config_file.display());
+                        let answer = daemon.reload().await;
+                        if answer.ok {
+                            for line in &answer.lines {
+                                tracing::info!("{line}");
+                            }
+                        } else {
+                            tracing::error!("{}", answer.error.unwrap_or_default());
+                        }
+                    }
+                    () = &mut keep_alive, if !kept => kept = true,
+                }
+            }
         };
         tracing::info!("{signal}: stopping the modules");
+        vmha_controller::systemd::stopping();
         daemon
             .shutdown_because(&format!("signal {signal}: vmhad stop"))
             .await;
@@ -115,16 +172,15 @@ fn run(args: Args) -> Result<(), MainError> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal only: logs and journald get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Args::parse()) {
+    if let Some(code) = vmha_cli::docs::run_if_asked(Args::command) {
+        return code;
+    }
+    let args = Args::parse();
+    vmha_cli::logging::init(vmha_cli::logging::Fields {
+        node: args.node.as_deref(),
+        module: None,
+    });
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmhad: {e}");

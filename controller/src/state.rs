@@ -24,6 +24,15 @@
 //!   [`ModuleState::probing`] still says the probe is wanted.
 //! - `Unmount` takes down whatever the module has mounted (writer or receiver)
 //!   and with it any resync in progress.
+//! - `MountWriterConnected` that fails aborts the rest of its step and
+//!   reports [`Event::ConnectedMountFailed`] (before any other event).
+//! - `AttachPeer` that fails (or leaves no trace in vmha-fs), and a copy to
+//!   the SECOND that fails later, report [`Event::AttachFailed`];
+//!   `RetryAttach` reports `AttachRetryDue` after a pause (seconds).
+//! - `MountReceiver` that fails aborts the rest of its step and reports
+//!   [`Event::ReceiverFailed`] (before any other event); `RetryReceiver`
+//!   reports `ReceiverRetryDue` after a pause (seconds, growing while the
+//!   starts keep failing).
 //!
 //! # Choices where the design is silent
 //! - **Peer may be newer** is persisted *true* whenever the peer writes or may
@@ -110,6 +119,25 @@
 //! - **Fenced** (the peer's receiver refused our generation) while the peer's
 //!   heartbeat shows our data or an older state of it is not a fence: its
 //!   receiver still accepts an older generation of ours.
+//! - **Connected start** (a swap: the SECOND holds all our data and is ready):
+//!   the writer replicates to it from the first write
+//!   ([`Action::MountWriterConnected`]). If its receiver does not take us
+//!   (`ConnectedMountFailed`) the writer starts alone instead, but the SECOND
+//!   counts as ready, so first it must learn it is outdated: a new
+//!   generation and `MarkPeerOutdated`; only once acknowledged (or the peer is
+//!   lost) is the writer mounted alone and the VM started, otherwise the
+//!   module steps down as when vmha-fs fails.
+//! - **Attaching a SECOND** that is not up to date (its receiver runs: it
+//!   announces SECOND only once it does): the writer asks vmha-fs to attach it
+//!   and copy what it lacks ([`Action::AttachPeer`]), once per episode; a
+//!   failed attach is retried after a pause ([`Action::RetryAttach`]). The
+//!   episode ends when the peer is no longer a SECOND behind us, and whenever
+//!   vmha-fs is told to write alone (it drops the peer).
+//! - **A receiver that does not start** (`ReceiverFailed`: becoming SECOND
+//!   failed) steps down to WAIT as when vmha-fs fails, and holds: it follows
+//!   a writer again only once the pause asked for by
+//!   [`Action::RetryReceiver`] is over (`ReceiverRetryDue`), not at the next
+//!   heartbeat. The operator's `start` or `stop` ends the pause.
 //! - **A SECOND's receiver died** (`FsDied`): restarted in place
 //!   ([`Action::RestartReceiver`]) at most once per
 //!   [`RECEIVER_RESTART_INTERVAL_MS`], else the module steps down as for
@@ -251,6 +279,9 @@ pub enum Request {
     TakeOver,
     /// "Let me be PRIM" (swap asked on the SECOND).
     HandOver,
+    /// "Compare every block of my copy with yours and repair it" (`vmctl resync
+    /// --compare` or `vmctl invalidate` on the SECOND).
+    Compare,
 }
 
 /// What a node puts in its heartbeats about one module.
@@ -376,10 +407,24 @@ pub enum Event {
     },
     /// The outcome of a `MarkPeerOutdated`: `acknowledged` when the peer's
     /// heartbeat shows it knows (not when it was lost, is ahead, or did not
-    /// answer within the failover timeout).
+    /// answer within the failover timeout); `peer_lost` when it was lost.
     PeerMarkedOutdated {
         acknowledged: bool,
+        peer_lost: bool,
     },
+    /// A `MountWriterConnected` failed (the SECOND's receiver is not there or
+    /// refused us): nothing is mounted.
+    ConnectedMountFailed,
+    /// An `AttachPeer` failed or left no trace, or the copy to the SECOND
+    /// failed.
+    AttachFailed,
+    /// The pause after `RetryAttach` is over.
+    AttachRetryDue,
+    /// A `MountReceiver` failed (the receiver did not start): nothing is
+    /// mounted.
+    ReceiverFailed,
+    /// The pause after `RetryReceiver` is over.
+    ReceiverRetryDue,
     /// vmha-fs reports our writes refused: our generation is stale, unless
     /// the peer's heartbeat shows our data or an older state of it
     /// (`peer_follows_us`): its receiver then still accepts an older
@@ -396,6 +441,12 @@ pub enum Event {
     },
     /// The outcome of a `ProbeWitness` or `RetryWitness`.
     WitnessResult(WitnessOutcome),
+    /// `vmctl resync --compare`: compare both copies block by block and repair
+    /// the SECOND from the PRIM while the VM writes.
+    ResyncCompare,
+    /// `vmctl invalidate` on a SECOND: discard this copy's records and take a
+    /// full compare resync from the PRIM.
+    Invalidate,
 }
 
 /// What probing the witnesses found.
@@ -415,10 +466,22 @@ pub enum WitnessOutcome {
 /// Outputs, executed in order by the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Mount the replicated directories with vmha-fs as the writer.
+    /// Mount the replicated directories with vmha-fs as the writer, alone
+    /// (it replicates once the peer is attached).
     MountWriter,
-    /// Run the vmha-fs receiver (directories read-only locally).
+    /// Mount as the writer replicating to the ready, in-sync SECOND from the
+    /// first write; a failure reports `ConnectedMountFailed`.
+    MountWriterConnected,
+    /// Writer: attach the SECOND that is behind (vmha-fs copies what it lacks,
+    /// writes going on); a failure reports `AttachFailed`.
+    AttachPeer,
+    /// Report `AttachRetryDue` after a pause.
+    RetryAttach,
+    /// Run the vmha-fs receiver (directories read-only locally); a failure
+    /// reports `ReceiverFailed`.
     MountReceiver,
+    /// Report `ReceiverRetryDue` after a pause.
+    RetryReceiver,
     /// Take down the writer or receiver (and any resync).
     Unmount,
     /// Define the libvirt domain from `<dir>/<domain>.xml`, autostart off.
@@ -456,6 +519,12 @@ pub enum Action {
     /// probe is still wanted ([`ModuleState::probing`]); reports
     /// `WitnessResult`.
     RetryWitness,
+    /// Writer: the next attach of the peer compares every block whatever the
+    /// records say (`STATEDIR/compare-resync`).
+    RequestCompare,
+    /// Receiver: record this copy as not up to date so that its records are
+    /// discarded when the receiver starts for the resync (`self-outdated`).
+    InvalidateCopy,
     /// A line for the module's event log.
     Log(String),
 }
@@ -507,7 +576,27 @@ pub struct ModuleState {
     pub resync_wanted: bool,
     /// When (ms) a SECOND's dead receiver was last restarted in place.
     pub receiver_restarted_ms: Option<u64>,
+    /// Writer: the connected start failed; the writer mounts alone once the
+    /// SECOND knows it is outdated (`PeerMarkedOutdated`).
+    pub pending_alone_mount: bool,
+    /// Writer: attaching the SECOND that is behind.
+    pub attach: Attach,
+    /// WAIT: the receiver did not start; a writer is followed again only
+    /// after `ReceiverRetryDue`.
+    pub receiver_retry: bool,
     probe: Option<Probe>,
+}
+
+/// Writer: where attaching a SECOND that is behind stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Attach {
+    /// No SECOND behind us, or not asked yet.
+    #[default]
+    Idle,
+    /// vmha-fs was asked to attach it (and copies to it).
+    Asked,
+    /// The attach failed; `AttachRetryDue` asks again.
+    Failed,
 }
 
 impl ModuleState {
@@ -535,6 +624,9 @@ impl ModuleState {
             resync: None,
             resync_wanted: false,
             receiver_restarted_ms: None,
+            pending_alone_mount: false,
+            attach: Attach::Idle,
+            receiver_retry: false,
             probe: None,
         }
     }
@@ -717,14 +809,31 @@ impl Transition {
                 peer_is_second,
                 peer_knows_outdated,
             } => self.link_down(heartbeats_fresh && peer_is_second, peer_knows_outdated),
-            Event::PeerMarkedOutdated { acknowledged } => {
-                // Replication link down: the peer now knows it is outdated, so
-                // writes go on without it (it is resynchronised when it asks).
-                // Without its acknowledgement they keep waiting: a lost peer is
-                // `PeerLost`'s (maybe through the witness), a newer one makes
-                // this node step down.
-                if acknowledged && self.s.role == Role::Prim {
-                    self.act(Action::WriteAlone);
+            Event::PeerMarkedOutdated {
+                acknowledged,
+                peer_lost,
+            } => self.peer_marked_outdated(acknowledged, peer_lost),
+            Event::ConnectedMountFailed => self.connected_mount_failed(),
+            Event::AttachFailed => {
+                if self.s.role.is_writer() && self.s.attach == Attach::Asked {
+                    self.s.attach = Attach::Failed;
+                    self.act(Action::RetryAttach);
+                }
+            }
+            Event::AttachRetryDue => {
+                if self.s.attach == Attach::Failed {
+                    self.s.attach = Attach::Idle;
+                    if let PeerKnowledge::Seen(peer) = self.s.peer {
+                        if self.s.role.is_writer() {
+                            self.attach_if_behind(peer);
+                        }
+                    }
+                }
+            }
+            Event::ReceiverFailed => self.receiver_failed(),
+            Event::ReceiverRetryDue => {
+                if std::mem::take(&mut self.s.receiver_retry) && self.s.role == Role::Wait {
+                    self.evaluate_wait();
                 }
             }
             Event::FsDied { now_ms, reason } => self.fs_died(now_ms, reason),
@@ -739,12 +848,79 @@ impl Transition {
                 }
             }
             Event::WitnessResult(outcome) => self.witness_result(outcome),
+            Event::ResyncCompare => self.resync_compare(),
+            Event::Invalidate => self.invalidate(),
         }
+    }
+
+    /// `resync --compare`: on the PRIM of a ready SECOND, the compare resync
+    /// starts here; on a ready SECOND, the PRIM is asked in the heartbeats.
+    fn resync_compare(&mut self) {
+        match (self.s.role, self.s.peer) {
+            (Role::Prim, PeerKnowledge::Seen(p))
+                if p.role == Role::Second
+                    && p.readiness == Readiness::Ready
+                    && p.relation == Relation::InSync
+                    && !self.s.peer_outdated =>
+            {
+                self.start_compare("resync --compare requested");
+            }
+            (Role::Prim, PeerKnowledge::Seen(p)) if p.role == Role::Second => self.log(
+                "resync --compare refused: the SECOND is being resynchronised already (retry once it is ready)",
+            ),
+            (Role::Second, PeerKnowledge::Seen(p)) if p.role == Role::Prim && self.s.uptodate => {
+                self.s.request = Some(Request::Compare);
+                self.log("resync --compare: asking the PRIM to compare and repair this copy");
+            }
+            (Role::Second, _) => self.log(
+                "resync --compare refused: this SECOND is not up to date or sees no PRIM (use `vmctl invalidate` to discard its copy)",
+            ),
+            (role, _) => self.log(format!(
+                "resync --compare refused: needs a PRIM with its SECOND (this node is {role})"
+            )),
+        }
+    }
+
+    /// `invalidate` on a SECOND (DRBD's invalidate): this copy is not up to
+    /// date from now on (persisted first), its records are discarded, and the
+    /// PRIM is asked for a compare resync, which compares every block.
+    fn invalidate(&mut self) {
+        match self.s.role {
+            Role::Second if self.peer_is_writer() => {
+                self.set_self_outdated(true);
+                self.act(Action::InvalidateCopy);
+                self.s.uptodate = false;
+                self.s.request = Some(Request::Compare);
+                self.log("invalidate: this copy is discarded; asking the PRIM for a full compare resync");
+            }
+            Role::Second => self.log(
+                "invalidate refused: no PRIM to resynchronise from is seen",
+            ),
+            role => self.log(format!(
+                "invalidate refused: only a SECOND discards its copy (this node is {role}; on the PRIM use `vmctl resync --compare`)"
+            )),
+        }
+    }
+
+    /// The PRIM starts a compare resync of its SECOND: the next attach compares
+    /// every block; the SECOND learns it is outdated (a new generation it must
+    /// acknowledge, as when the replication link goes down) before the writer
+    /// writes alone, then it is attached again and repaired while the VM writes.
+    fn start_compare(&mut self, reason: &str) {
+        self.s.peer_outdated = true;
+        self.act(Action::RequestCompare);
+        self.act(Action::NewGeneration);
+        self.act(Action::MarkPeerOutdated);
+        self.log(format!(
+            "{reason}: marking the SECOND outdated, then comparing every block"
+        ));
     }
 
     // ---- operator commands ----
 
     fn start(&mut self) {
+        // The operator asks now: a receiver start is tried at once.
+        self.s.receiver_retry = false;
         if self.s.role == Role::Wait && self.s.disk_failed {
             // The operator says the disk is repaired: rejoin (full compare).
             self.s.disk_failed = false;
@@ -771,6 +947,7 @@ impl Transition {
     }
 
     fn stop(&mut self) {
+        self.s.receiver_retry = false;
         match self.s.role {
             Role::Stop => self.log("stop ignored: already STOP"),
             Role::Prim | Role::Alone | Role::Second => self.step_down(Role::Stop, "stop requested"),
@@ -831,7 +1008,9 @@ impl Transition {
         }
         match self.s.request {
             Some(Request::TakeOver) if peer.role.is_writer() => self.s.request = None,
-            Some(Request::HandOver) if peer.role != Role::Prim => self.s.request = None,
+            Some(Request::HandOver | Request::Compare) if peer.role != Role::Prim => {
+                self.s.request = None
+            }
             _ => {}
         }
         if self.s.forced && peer.relation == Relation::InSync && peer.role == Role::Second {
@@ -861,6 +1040,15 @@ impl Transition {
         let behind = !matches!(peer.relation, Relation::InSync | Relation::LocalNewer);
         if self.s.uptodate && behind {
             // The writer went on without us (replication link down).
+            self.s.uptodate = false;
+            self.s.resync_wanted = true;
+        }
+        if self.s.request == Some(Request::Compare)
+            && peer.role.is_writer()
+            && peer.relation == Relation::PeerNewer
+        {
+            // The PRIM started the compare resync we asked for.
+            self.s.request = None;
             self.s.uptodate = false;
             self.s.resync_wanted = true;
         }
@@ -936,6 +1124,15 @@ impl Transition {
                     self.s.role = Role::Prim;
                     self.because("the peer is SECOND");
                 }
+                if peer.request == Some(Request::Compare)
+                    && self.s.role == Role::Prim
+                    && peer.relation == Relation::InSync
+                    && !self.s.peer_outdated
+                {
+                    self.start_compare("the SECOND asked for a compare resync");
+                    return;
+                }
+                self.attach_if_behind(peer);
                 let in_sync_ready =
                     peer.readiness == Readiness::Ready && peer.relation == Relation::InSync;
                 if self.s.swap_refused || self.s.swapping {
@@ -951,6 +1148,7 @@ impl Transition {
                 }
             }
             _ => {
+                self.s.attach = Attach::Idle;
                 if self.s.role == Role::Prim {
                     self.s.role = Role::Alone;
                     self.act(Action::NewGeneration);
@@ -958,6 +1156,70 @@ impl Transition {
                 }
             }
         }
+    }
+
+    /// Writer: a SECOND behind us is attached once per episode; the episode
+    /// ends when the peer is no longer a SECOND behind us.
+    fn attach_if_behind(&mut self, peer: Peer) {
+        let behind = peer.role == Role::Second && peer.readiness == Readiness::NotUpToDate;
+        match (behind, self.s.attach) {
+            (true, Attach::Idle) if !self.s.pending_alone_mount => {
+                self.s.attach = Attach::Asked;
+                self.act(Action::AttachPeer);
+            }
+            (true, _) => {}
+            // A failed attach keeps its retry; anything else ends the episode.
+            (false, Attach::Failed) if peer.role == Role::Second => {}
+            (false, _) => self.s.attach = Attach::Idle,
+        }
+    }
+
+    /// vmha-fs is told to write alone: it drops the peer, whose next attach
+    /// is a new episode.
+    fn write_alone(&mut self) {
+        self.s.attach = Attach::Idle;
+        self.act(Action::WriteAlone);
+    }
+
+    fn peer_marked_outdated(&mut self, acknowledged: bool, peer_lost: bool) {
+        if std::mem::take(&mut self.s.pending_alone_mount) {
+            if self.s.role != Role::Prim {
+                return;
+            }
+            if self.peer_is_writer() {
+                self.step_down(Role::Wait, "the peer writes: not starting alone");
+                self.evaluate_wait();
+            } else if acknowledged || peer_lost {
+                self.act(Action::MountWriter);
+                self.act(Action::DefineDomain);
+                self.act(Action::StartVm);
+                self.s.vm_starting = true;
+            } else {
+                self.log("start alone: the SECOND did not learn that it is outdated");
+                self.fs_failed();
+            }
+            return;
+        }
+        // Replication link down: the peer now knows it is outdated, so
+        // writes go on without it (it is resynchronised when it asks).
+        // Without its acknowledgement they keep waiting: a lost peer is
+        // `PeerLost`'s (maybe through the witness), a newer one makes
+        // this node step down.
+        if acknowledged && self.s.role == Role::Prim {
+            self.write_alone();
+        }
+    }
+
+    /// The connected start failed: start alone, once the SECOND (which counts
+    /// as ready) knows it is outdated.
+    fn connected_mount_failed(&mut self) {
+        if self.s.role != Role::Prim || self.s.pending_alone_mount {
+            return;
+        }
+        self.s.pending_alone_mount = true;
+        self.act(Action::NewGeneration);
+        self.act(Action::MarkPeerOutdated);
+        self.log("the SECOND did not take the connected start: new generation, starting alone once it knows it is outdated");
     }
 
     fn peer_lost(&mut self) {
@@ -1038,6 +1300,10 @@ impl Transition {
             PeerKnowledge::Seen(peer) if peer.role.is_writer() => {
                 if peer.relation != Relation::LocalNewer {
                     self.s.uptodate = false;
+                }
+                if self.s.receiver_retry {
+                    // The receiver did not start: `ReceiverRetryDue` follows.
+                    return;
                 }
                 match peer.relation {
                     Relation::InSync | Relation::PeerNewer => self.become_second(peer),
@@ -1145,6 +1411,21 @@ impl Transition {
         }
     }
 
+    /// Becoming SECOND failed (the receiver did not start): WAIT as when
+    /// vmha-fs fails, following the writer again only after a pause.
+    fn receiver_failed(&mut self) {
+        if self.s.role != Role::Second {
+            return;
+        }
+        self.s.uptodate = false;
+        self.step_down(
+            Role::Wait,
+            "the receiver did not start: following the writer again after a pause",
+        );
+        self.s.receiver_retry = true;
+        self.act(Action::RetryReceiver);
+    }
+
     fn fs_failed(&mut self) {
         match self.s.role {
             Role::Prim | Role::Alone | Role::Second => {
@@ -1190,6 +1471,7 @@ impl Transition {
         }
         self.act(Action::Unmount);
         self.act(Action::MountReceiver);
+        self.s.attach = Attach::Idle;
         self.s.role = Role::Second;
         self.s.uptodate = true;
         self.s.vm_starting = false;
@@ -1213,11 +1495,11 @@ impl Transition {
     fn link_down(&mut self, our_second_now: bool, peer_knows_outdated: bool) {
         match self.s.role {
             // An ALONE writer has nobody to wait for.
-            Role::Alone => self.act(Action::WriteAlone),
+            Role::Alone => self.write_alone(),
             Role::Prim if !our_second_now => {}
             Role::Prim if peer_knows_outdated => {
                 self.log("replication link down; the peer already knows it is outdated");
-                self.act(Action::WriteAlone);
+                self.write_alone();
             }
             // Otherwise (marked already) a heartbeat clearing `peer_outdated`
             // is on its way: the next report decides.
@@ -1286,7 +1568,19 @@ impl Transition {
             self.s.has_data = true;
         }
         if !was_writer {
-            self.act(Action::MountWriter);
+            // A ready SECOND with our generation (a swap) has all our data: the
+            // writer replicates to it from the first write instead of starting
+            // alone, which would leave it unattached while it counts as ready.
+            let connected = !new_generation
+                && matches!(self.s.peer, PeerKnowledge::Seen(p)
+                    if p.role == Role::Second
+                        && p.readiness == Readiness::Ready
+                        && p.relation == Relation::InSync);
+            self.act(if connected {
+                Action::MountWriterConnected
+            } else {
+                Action::MountWriter
+            });
             self.act(Action::DefineDomain);
             self.act(Action::StartVm);
             self.s.vm_starting = true;
@@ -1298,6 +1592,8 @@ impl Transition {
         self.s.request = None;
         self.s.resync = None;
         self.s.resync_wanted = false;
+        self.s.attach = Attach::Idle;
+        self.s.receiver_retry = false;
         self.because(reason);
     }
 
@@ -1332,6 +1628,8 @@ impl Transition {
         self.s.probe = None;
         self.s.resync = None;
         self.s.resync_wanted = false;
+        self.s.pending_alone_mount = false;
+        self.s.attach = Attach::Idle;
         self.because(reason);
     }
 
@@ -1365,6 +1663,7 @@ impl Transition {
         }
         if self.from == Role::Prim && self.s.role == Role::Alone {
             // The peer is gone: writes go on alone instead of waiting for it.
+            self.s.attach = Attach::Idle;
             self.actions.push(Action::WriteAlone);
         }
         (self.s, self.actions)

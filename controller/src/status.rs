@@ -25,6 +25,10 @@
 //!   file (`"discard-least-changes"`, `"manual"`, `"prefer:NODE"`).
 //! - `ready` is true only for a copy known current, in every state: a STOP
 //!   node without data or behind its peer is `not_uptodate` too.
+//! - `config_differences` at the top level: the configuration keys whose
+//!   values differ between this node and the peer (its latest heartbeat), as
+//!   `cluster.KEY`, `node[I].KEY`, `modules.NAME.KEY`, or `modules.NAME` for
+//!   a module only one node has; `[]` when equal or the peer was never heard.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +50,9 @@ pub struct Status {
     /// The split-brain policy, as configured.
     #[serde(default)]
     pub split_brain: Option<String>,
+    /// Configuration keys that differ from the peer's (see the module docs).
+    #[serde(default)]
+    pub config_differences: Vec<String>,
     /// The split-brain witness, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub witness: Option<WitnessStatus>,

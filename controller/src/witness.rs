@@ -167,7 +167,8 @@ fn checksum(data: &[u8]) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    // Folded above: at most 0xffff.
+    !u16::try_from(sum).unwrap_or(u16::MAX)
 }
 
 /// An echo request: type, code, checksum, identifier, sequence, payload.

@@ -301,9 +301,15 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
         .await
         .lines
         .join("\n");
+    let log1 = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
     assert!(
-        log.contains("the SECOND is outdated") && log.contains("the peer knows it is outdated"),
-        "{log}"
+        log.contains("starting alone once it knows it is outdated")
+            && log.contains("the peer knows it is outdated"),
+        "{log}\nnode1:\n{log1}"
     );
     let s = n2.status();
     let (g1, g2) = (
@@ -312,11 +318,6 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
     );
     assert_ne!(g2, &before, "node2 wrote alone under the old generation");
     assert_eq!(g1, g2, "node1 did not adopt node2's generation: {log}");
-    let log1 = n1
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
     assert!(log1.contains("resynchronising"), "{log1}");
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
@@ -515,7 +516,9 @@ fn forged_beat(role: Role) -> Vec<u8> {
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
             resync: None,
+            keys: Default::default(),
         }],
+        config_keys: Default::default(),
     };
     Sealer::new(&ClusterKey::from_bytes([7; 32]))
         .seal(
@@ -903,6 +906,64 @@ async fn failing_receiver_start_backs_off_and_logs_once() {
             .any(|l| l.contains("start the receiver: done, after")),
         "{log:#?}"
     );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+/// `vmctl resync --compare` on the PRIM and `vmctl invalidate` on the SECOND,
+/// through the control socket: refusals where they make no sense; otherwise the
+/// SECOND is made outdated (a new generation), resynchronised with a compare,
+/// and ready again at the end with the PRIM's generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_compare_and_invalidate_repair_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = running_pair(dir.path()).await;
+    let generation = |s: &Status, node: &str| s.modules[0].nodes[node].generation.clone();
+    let before = generation(&n1.status(), "node1");
+
+    let r = n1.request(Request::Invalidate { module: None }).await;
+    assert!(!r.ok, "{r:?}");
+    assert!(r.error.unwrap_or_default().contains("invalidate refused"));
+    let r = n1
+        .request(Request::Resync {
+            module: None,
+            compare: false,
+        })
+        .await;
+    assert!(!r.ok, "{r:?}");
+    let resyncs = n2.fs.count("resync");
+    let r = n1
+        .request(Request::Resync {
+            module: None,
+            compare: true,
+        })
+        .await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(n1.fs.count("request_compare"), 1);
+    n1.wait("the SECOND repaired and ready", |s| {
+        let (g1, g2) = (generation(s, "node1"), generation(s, "node2"));
+        g1 != before && g1 == g2 && s.modules[0].nodes["node2"].ready
+    })
+    .await;
+    assert!(n2.fs.count("resync") > resyncs, "{:?}", n2.fs.calls());
+    let log = n1.log().await.join("\n");
+    assert!(log.contains("comparing every block"), "{log}");
+
+    let before = generation(&n1.status(), "node1");
+    let full = n2.fs.count("resync_full");
+    let r = n2.request(Request::Invalidate { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(n2.fs.count("invalidate"), 1);
+    n1.wait("the SECOND's request reached the PRIM", |_| {
+        n1.fs.count("request_compare") == 2
+    })
+    .await;
+    n2.wait("the invalidated SECOND resynced and ready", |s| {
+        let (g1, g2) = (generation(s, "node1"), generation(s, "node2"));
+        g1 != before && g1 == g2 && s.modules[0].nodes["node2"].ready
+    })
+    .await;
+    assert_eq!(n2.fs.count("resync_full"), full + 1, "{:?}", n2.fs.calls());
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
 }

@@ -375,3 +375,279 @@ fn a_bad_clock_offset_is_one_clear_line() {
         "{err}"
     );
 }
+
+// ---- issue 10, item 7: vmhad under systemd (Type=notify, watchdog, journald) ----
+
+/// A datagram socket in `dir` standing in for systemd's `NOTIFY_SOCKET` or
+/// journald's socket: what vmhad sends there, one message per datagram.
+struct Listener(std::os::unix::net::UnixDatagram);
+
+impl Listener {
+    fn bind(path: &std::path::Path) -> Listener {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Listener(socket)
+    }
+
+    /// The next message, or `None` after the read timeout.
+    fn next_raw(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        let n = self.0.recv(&mut buf).ok()?;
+        buf.truncate(n);
+        Some(buf)
+    }
+
+    fn next(&self) -> Option<String> {
+        self.next_raw()
+            .map(|m| String::from_utf8_lossy(&m).into_owned())
+    }
+
+    /// Messages until one satisfies `what` (returned with all seen before it);
+    /// panics after `timeout`.
+    fn until(&self, timeout: Duration, what: impl Fn(&str) -> bool) -> (String, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            if let Some(m) = self.next() {
+                if what(&m) {
+                    return (m, seen);
+                }
+                seen.push(m);
+            }
+            assert!(Instant::now() < deadline, "not received; got {seen:?}");
+        }
+    }
+}
+
+fn spawn_notify(
+    cfg: &std::path::Path,
+    notify: &std::path::Path,
+    watchdog_usec: Option<&str>,
+) -> Vmhad {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vmhad"));
+    command
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--node",
+            "node1",
+            "--fake-drivers",
+        ])
+        .env("NOTIFY_SOCKET", notify)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(cfg.with_file_name("vmhad.err")).unwrap());
+    if let Some(usec) = watchdog_usec {
+        command.env("WATCHDOG_USEC", usec);
+    }
+    Vmhad(command.spawn().unwrap())
+}
+
+/// `Type=notify`: READY=1 comes once the control socket answers, with a
+/// STATUS line summarising the modules; the STATUS line follows a state
+/// change; WATCHDOG=1 comes again and again when WATCHDOG_USEC is set (at
+/// half of it); STOPPING=1 on SIGTERM.
+#[test]
+fn notifies_systemd_ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let notify = Listener::bind(&dir.path().join("notify"));
+    let vmhad = spawn_notify(&cfg, &dir.path().join("notify"), Some("400000"));
+    let (ready, before) = notify.until(Duration::from_secs(10), |m| {
+        m.lines().any(|l| l == "READY=1")
+    });
+    // READY means vmctl works now: the control socket answers at once.
+    let status = call(&dir.path().join("vmhad.sock"), &Request::Status)
+        .expect("the control socket does not answer at READY=1");
+    assert!(status.ok);
+    assert!(before.is_empty(), "sent before READY: {before:?}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l == "STATUS=vm1: WAIT, node2 unreachable"),
+        "{ready:?}"
+    );
+    // Pings at ~200 ms: at least 5 within a generous 10 s.
+    let start = Instant::now();
+    for _ in 0..5 {
+        notify.until(Duration::from_secs(10), |m| {
+            m.lines().any(|l| l == "WATCHDOG=1")
+        });
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+    // A state change shows in the next STATUS line.
+    let r = call(
+        &dir.path().join("vmhad.sock"),
+        &Request::Stop { module: None },
+    )
+    .unwrap();
+    assert!(r.ok, "{r:?}");
+    notify.until(Duration::from_secs(10), |m| {
+        m.lines()
+            .any(|l| l == "STATUS=vm1: STOP, node2 unreachable")
+    });
+    let pid = rustix::process::Pid::from_raw(i32::try_from(vmhad.0.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    notify.until(Duration::from_secs(10), |m| {
+        m.lines().any(|l| l == "STOPPING=1")
+    });
+}
+
+/// Without WATCHDOG_USEC, READY comes but no watchdog pings.
+#[test]
+fn no_watchdog_pings_unless_systemd_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let notify = Listener::bind(&dir.path().join("notify"));
+    let _vmhad = spawn_notify(&cfg, &dir.path().join("notify"), None);
+    notify.until(Duration::from_secs(10), |m| {
+        m.lines().any(|l| l == "READY=1")
+    });
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2) {
+        if let Some(m) = notify.next() {
+            assert!(!m.contains("WATCHDOG=1"), "{m:?}");
+        }
+    }
+}
+
+/// Log lines on a stderr that is a file: plain text, no colour codes, even
+/// with JOURNAL_STREAM inherited from somewhere else.
+#[test]
+fn logs_on_a_file_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let err = dir.path().join("vmhad.err");
+    let child = Vmhad(
+        Command::new(env!("CARGO_BIN_EXE_vmhad"))
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "--node",
+                "node1",
+                "--fake-drivers",
+            ])
+            .env("JOURNAL_STREAM", "8:12345")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&dir.path().join("vmhad.sock"), &Request::Status).is_none() {
+        assert!(Instant::now() < deadline, "vmhad did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(child);
+    let text = std::fs::read_to_string(&err).unwrap();
+    assert!(text.contains("vmhad started"), "{text}");
+    assert!(!text.contains('\x1b'), "colour codes in a file: {text:?}");
+}
+
+/// Under systemd (JOURNAL_STREAM names vmhad's stderr) the lines go to
+/// journald's socket with structured fields: VMHA_NODE on every record,
+/// VMHA_MODULE on a module's. journald is stood in for by a socket the test
+/// listens on, bind-mounted at /run/systemd/journal in a mount namespace of
+/// vmhad's own (nothing changes on the host).
+#[test]
+fn logs_go_to_journald_with_fields_under_systemd() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let journal = dir.path().join("journal");
+    std::fs::create_dir(&journal).unwrap();
+    let socket = Listener::bind(&journal.join("socket"));
+    let err = dir.path().join("vmhad.err");
+    let stderr = std::fs::File::create(&err).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let vmhad = env!("CARGO_BIN_EXE_vmhad");
+    let child = Vmhad(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(
+                r#"mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal &&
+                   mount --bind "$0" /run/systemd/journal && exec "$@""#,
+            )
+            .arg(&journal)
+            .args([
+                vmhad,
+                "--config",
+                cfg.to_str().unwrap(),
+                "--node",
+                "node1",
+                "--fake-drivers",
+            ])
+            .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap(),
+    );
+    // Every record (as its fields) until one of each kind below arrived.
+    let message = |fields: &[(String, String)], what: &dyn Fn(&str) -> bool| {
+        fields.iter().any(|(k, v)| k == "MESSAGE" && what(v))
+    };
+    let is_started = |f: &[(String, String)]| message(f, &|m| m == "vmhad started");
+    let is_transition = |f: &[(String, String)]| message(f, &|m| m.contains("STOP -> WAIT"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut records: Vec<Vec<Field>> = Vec::new();
+    while !(records.iter().any(|f| is_started(f)) && records.iter().any(|f| is_transition(f))) {
+        if let Some(raw) = socket.next_raw() {
+            records.push(journal_fields(&raw));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records: {records:?}\nstderr: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+    }
+    let record =
+        |what: &dyn Fn(&[Field]) -> bool| records.iter().find(|f| what(f)).unwrap().clone();
+    let has = |fields: &[(String, String)], name: &str, value: &str| {
+        fields.iter().any(|(k, v)| k == name && v == value)
+    };
+    let started = record(&is_started);
+    assert!(has(&started, "VMHA_NODE", "node1"), "{started:?}");
+    assert!(has(&started, "PRIORITY", "5"), "{started:?}");
+    assert!(has(&started, "SYSLOG_IDENTIFIER", "vmhad"), "{started:?}");
+    let transition = record(&is_transition);
+    assert!(has(&transition, "VMHA_MODULE", "vm1"), "{transition:?}");
+    assert!(has(&transition, "VMHA_NODE", "node1"), "{transition:?}");
+    drop(child);
+    let text = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        !text.contains("vmhad started"),
+        "logged to stderr too: {text}"
+    );
+}
+
+/// A journald field: name and value.
+type Field = (String, String);
+
+/// The fields of one journald native-protocol datagram: `NAME=value` lines,
+/// or `NAME`, a newline, a 64-bit little-endian length, the value, a newline.
+fn journal_fields(mut raw: &[u8]) -> Vec<Field> {
+    let mut fields = Vec::new();
+    while let Some(end) = raw.iter().position(|&b| b == b'\n' || b == b'=') {
+        let name = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let value;
+        if raw[end] == b'=' {
+            let rest = &raw[end + 1..];
+            let stop = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            value = &rest[..stop];
+            raw = rest.get(stop + 1..).unwrap_or_default();
+        } else {
+            let rest = &raw[end + 1..];
+            let len = usize::try_from(u64::from_le_bytes(rest[..8].try_into().unwrap())).unwrap();
+            value = &rest[8..8 + len];
+            raw = rest.get(8 + len + 1..).unwrap_or_default();
+        }
+        fields.push((name, String::from_utf8_lossy(value).into_owned()));
+    }
+    fields
+}

@@ -4,7 +4,6 @@
 //! Every name is resolved as a single component beneath its parent's descriptor with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`; symlinks are created and replicated
 //! as links and never followed.
-#![deny(clippy::cast_possible_truncation)]
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;

@@ -46,7 +46,8 @@ use crate::op::{Control, Name, NodeId, Op, Request};
 
 const BLOCK: u64 = 4096;
 /// Largest piece one copy call moves (and the fallback buffer's size).
-const PIECE: u64 = 1 << 20;
+const PIECE_LEN: usize = 1 << 20;
+const PIECE: u64 = PIECE_LEN as u64;
 const README: &str = "This node lost a split brain: a resync from the other node replaced its data.\n\
 Before any of its bytes were overwritten or removed they were saved here.\n\
 manifest.tsv: path, offset, length, offset in blocks.bin (tab separated).\n\
@@ -170,7 +171,7 @@ fn copy_bytes(
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
-                    buf = vec![0u8; PIECE as usize];
+                    buf = vec![0u8; PIECE_LEN];
                 }
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e),
@@ -583,34 +584,16 @@ fn unique<T>(
     Err(io(path)(std::io::ErrorKind::AlreadyExists.into()))
 }
 
-/// `20261126T024900Z`, from the system clock.
+/// `20261126T024900Z`, from the system clock (RFC 3339 without separators:
+/// a folder name that sorts by time).
 fn humantime_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = secs / 86400;
-    let rem = secs % 86400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    stamp_of(std::time::SystemTime::now())
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+fn stamp_of(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace(['-', ':'], "")
 }
 
 #[cfg(test)]
@@ -620,10 +603,11 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn dates_are_civil() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_418), (2025, 11, 26));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    fn stamps_are_utc_and_sortable() {
+        let at = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        assert_eq!(stamp_of(at(0)), "19700101T000000Z");
+        assert_eq!(stamp_of(at(1_764_125_340)), "20251126T024900Z");
+        assert_eq!(stamp_of(at(1_709_164_800)), "20240229T000000Z");
     }
 
     #[test]
@@ -886,7 +870,8 @@ mod tests {
         f.set_len(8 * GIB).unwrap();
         // Data at a few places of an 8 GiB sparse file.
         for (i, at) in [0u64, 3 * GIB + 12345, 8 * GIB - 4096].iter().enumerate() {
-            f.write_all_at(&vec![i as u8 + 1; 4096], *at).unwrap();
+            f.write_all_at(&vec![u8::try_from(i).unwrap() + 1; 4096], *at)
+                .unwrap();
         }
         fx.bind(2, "disk");
         let mut aside = fx.aside();

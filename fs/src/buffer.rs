@@ -130,7 +130,7 @@ mod tests {
     #[test]
     fn aligned_buffer_is_aligned_and_keeps_data() {
         for len in [0usize, 1, 4095, 4096, 4097, 1 << 20] {
-            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect();
             let buf = AlignedBuf::copy_from(&data);
             assert_eq!(buf.as_ptr() as usize % ALIGN, 0);
             assert_eq!(&*buf, &data[..]);

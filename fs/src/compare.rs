@@ -1,7 +1,6 @@
 //! Block hashes for comparing two copies without sending their data (full compare
 //! when the history is unknown, and `verify`): both sides hash the same blocks with
 //! blake3, only the indexes of differing blocks come back.
-#![deny(clippy::cast_possible_truncation)]
 
 use std::os::fd::BorrowedFd;
 

@@ -2,7 +2,6 @@
 //! replication stream. Each node holds an O_PATH descriptor of its backing file, so a
 //! rename or unlink never changes which file an id names, and the backing inode number
 //! cannot be reused while the kernel still knows the node.
-#![deny(clippy::cast_possible_truncation)]
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};

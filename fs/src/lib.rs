@@ -8,6 +8,10 @@
 //! machinery behind them (link, receiver, resync, apply, save-aside, ...) is
 //! crate-private.
 
+// Offsets, lengths and counts cross between u64 (wire, files), usize
+// (memory) and u32 (FUSE): every narrowing is explicit and checked.
+#![deny(clippy::cast_possible_truncation)]
+
 pub(crate) mod apply;
 pub(crate) mod aside;
 pub mod atomic;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vmha_fs::key::ClusterKey;
 use vmha_fs::primary::PrimaryConfig;
 use vmha_fs::runtime::{raise_fd_limit, RunError};
@@ -114,16 +114,18 @@ fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = vmha_cli::docs::run_if_asked(Cli::command) {
+        return code;
+    }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours for a person at a terminal only: logs and journald get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let module = match &cli.command {
+        Command::Primary { module, .. } | Command::Secondary { module, .. } => Some(module.clone()),
+        Command::Keygen { .. } => None,
+    };
+    vmha_cli::logging::init(vmha_cli::logging::Fields {
+        node: None,
+        module: module.as_deref(),
+    });
     // No umask games: replicated nodes get their exact mode by chmod after they
     // are created (apply), and files of our own (state, saved-aside data) are
     // created with explicit private modes, which a umask can only narrow.

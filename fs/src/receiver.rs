@@ -25,7 +25,6 @@
 //! interval. The writer counts a receiver's `Ping` as progress only: it completes
 //! nothing (only `Acks` do). The pings stop after [`KEEPALIVE_LIMIT`] on one
 //! operation, so a receiver whose disk hangs is still given up on.
-#![deny(clippy::cast_possible_truncation)]
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter};

@@ -24,7 +24,8 @@ use rustix::fs::FlockOperation;
 
 pub use crate::status::SELF_OUTDATED;
 use crate::status::{
-    ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, GENERATION, LOCK, PEER_OUTDATED,
+    ChangedBytes, GenerationId, LinkStatus, StatusFile, SyncPhase, COMPARE_RESYNC, GENERATION,
+    LOCK, PEER_OUTDATED,
 };
 
 /// Errors opening or writing the state directory.
@@ -117,6 +118,16 @@ impl StateDir {
     /// This copy is identical to the writer's again (a resync finished).
     pub fn clear_self_outdated(&self) -> Result<(), StateError> {
         self.remove_marker(SELF_OUTDATED)
+    }
+
+    /// Why the next attach must compare every block (`COMPARE_RESYNC`), if asked.
+    pub fn compare_requested(&self) -> Option<String> {
+        std::fs::read_to_string(self.path.join(COMPARE_RESYNC)).ok()
+    }
+
+    /// A compare resync finished: later attaches trust the records again.
+    pub fn clear_compare_request(&self) -> Result<(), StateError> {
+        self.remove_marker(COMPARE_RESYNC)
     }
 
     fn remove_marker(&self, name: &str) -> Result<(), StateError> {

@@ -32,6 +32,12 @@ pub const PEER_OUTDATED: &str = "peer-outdated";
 /// the primary, honoured by the receiver (full compare), removed when a resync
 /// made the copy identical again.
 pub const SELF_OUTDATED: &str = "self-outdated";
+/// The operator asked for a compare resync (`vmctl resync --compare`, `vmctl
+/// invalidate`): the primary's next attach compares every block with the peer,
+/// whatever both nodes' records say, and removes the file once that resync
+/// finished (an interrupted one compares again). Written by the controller or
+/// by hand; its content is the reason, for the log.
+pub const COMPARE_RESYNC: &str = "compare-resync";
 /// The current data generation, written by the controller (`<hex>\n`).
 pub const GENERATION: &str = "generation";
 /// [`SyncStatus`].

@@ -24,7 +24,6 @@
 //!
 //! Keys are backing inode numbers (stable while the file exists); a reused number
 //! only inherits extra marks, which costs a few blocks, never a missed one.
-#![deny(clippy::cast_possible_truncation)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};

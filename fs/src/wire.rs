@@ -26,7 +26,6 @@
 //!
 //! Frame: meta_len:u32 data_len:u32 meta[meta_len] data[data_len] mac:[32]
 //! meta is a bincode-encoded `Message`; data is the payload of a `Write`.
-#![deny(clippy::cast_possible_truncation)]
 
 use std::io::{Read, Write};
 

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus, VerifyPhase, VerifyStatus};
+use vmha_fs::status::{
+    LinkCondition, LinkStatus, StatusFile, SyncPhase, SyncStatus, VerifyPhase, VerifyStatus,
+};
 
 use crate::proc::Child;
 
@@ -49,6 +51,25 @@ fn signal_and_wait<T: StatusFile + std::fmt::Debug>(
             bail!("{file} not done within {SYNC_FILE_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGUSR1 (the peer is declared dead: write alone) and wait until `link.json`
+/// says so (signals that arrive together may be handled in any order: a SIGUSR2
+/// sent right after must not overtake it).
+pub fn go_alone_and_wait(primary: &Child, state: &Path) -> Result<()> {
+    signal(primary.pid(), libc::SIGUSR1)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(link)) = LinkStatus::read_from(state) {
+            if link.state == LinkCondition::Degraded {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("link.json not degraded 30 s after SIGUSR1");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

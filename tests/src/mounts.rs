@@ -81,6 +81,23 @@ pub fn lazy_unmount_all(path: &Path) -> Result<usize> {
     Ok(detached)
 }
 
+/// A writable view of `dir` as it is underneath whatever is mounted on it (the
+/// receiver's read-only bind of its replica over itself), at `at`: the parent of
+/// `dir` bind-mounted there without its submounts. For tests that change a copy
+/// behind vmha's back, as an operator (root) can. The guard unmounts it.
+pub fn beneath_mounts(dir: &Path, at: &Path) -> Result<(MountGuard, PathBuf)> {
+    let dir = absolute(dir)?;
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        bail!("{} has no parent to bind", dir.display());
+    };
+    std::fs::create_dir_all(at).with_context(|| format!("mkdir {}", at.display()))?;
+    let guard = MountGuard::new(at);
+    // Not recursive: the mounts beneath `parent` (the read-only bind) stay out.
+    rustix::mount::mount_bind(parent, at)
+        .with_context(|| format!("bind {} at {}", parent.display(), at.display()))?;
+    Ok((guard, at.join(name)))
+}
+
 /// Lazily unmounts everything at `path` when dropped.
 #[derive(Debug)]
 pub struct MountGuard {

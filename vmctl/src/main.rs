@@ -4,7 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use exit::Exit;
 use std::time::{Duration, SystemTime};
 use vmha_controller::config::Config;
@@ -78,8 +78,47 @@ enum Command {
         follow: bool,
     },
     /// Compare both nodes' copies online, block by block; changes nothing and
-    /// reports the regions that differ (exit status 1 if any do).
+    /// reports the regions that differ (exit status 6 if any do).
     Verify { module: Option<String> },
+    /// Compare both copies block by block and repair the SECOND from the PRIM
+    /// while the VM runs (after a copy was changed outside vmha, or to be sure).
+    /// On the PRIM, or on a ready SECOND (which asks its PRIM). The SECOND is
+    /// not up to date until the repair ends; progress shows in `status`.
+    Resync {
+        module: Option<String>,
+        /// Compare every block whatever the records say (required: an
+        /// incremental resync runs by itself whenever the SECOND is behind).
+        #[arg(long, required = true)]
+        compare: bool,
+    },
+    /// On a SECOND: discard this node's copy (its records) and take a full
+    /// compare resync from the PRIM. Refused on a PRIM, STOP, WAIT or ALONE node.
+    Invalidate { module: Option<String> },
+    /// Re-read vmhad's configuration file and apply it on this node (exit 0
+    /// once in effect; with errors nothing changes and every reason is shown).
+    Reload,
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Check the file (every error with file:line:column and key) and this
+    /// host; exit 0 only when no error remains.
+    Check {
+        /// This node's name (default: the running vmhad's, else the node
+        /// whose addresses are here).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+    },
+    /// Send vmhad's configuration file to the peer and reload both, after
+    /// showing the differences and asking.
+    Push {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Everything that makes vmctl exit non-zero (each printed as one line).
@@ -102,6 +141,16 @@ enum VmctlError {
     Output(std::io::Error),
     #[error("the two copies differ")]
     Differs,
+    #[error("the configuration check found {0} error(s)")]
+    Check(usize),
+    #[error(
+        "`config push` replaces the peer's configuration: confirm on a terminal or pass --yes"
+    )]
+    PushNeedsConfirmation,
+    #[error(transparent)]
+    Diff(#[from] vmha_controller::config_diff::DiffError),
+    #[error("cannot reach the peer's vmhad: {0}")]
+    Peer(String),
 }
 
 impl VmctlError {
@@ -109,8 +158,11 @@ impl VmctlError {
     fn exit(&self) -> Exit {
         match self {
             VmctlError::Config(_) | VmctlError::Input(_) | VmctlError::Output(_) => Exit::Failed,
-            VmctlError::NotConfirmed => Exit::Failed,
-            VmctlError::NeedsConfirmation => Exit::Usage,
+            VmctlError::NotConfirmed
+            | VmctlError::Check(_)
+            | VmctlError::Diff(_)
+            | VmctlError::Peer(_) => Exit::Failed,
+            VmctlError::NeedsConfirmation | VmctlError::PushNeedsConfirmation => Exit::Usage,
             VmctlError::Differs => Exit::Differs,
             VmctlError::Daemon { kind, .. } => Exit::of_kind(*kind),
             VmctlError::Control(e) => match e {
@@ -201,6 +253,79 @@ fn parse_since(text: &str) -> Result<SystemTime, String> {
     })
 }
 
+/// Runs `request` on the peer's vmhad. The transport is the authenticated
+/// daemon channel between the two vmhad (issue 10, item 5); until it exists
+/// this is where it plugs in, and `config push` stops here with a clear error.
+fn peer_call(_socket: &Path, request: &Request) -> Result<Response, VmctlError> {
+    let _ = request;
+    Err(VmctlError::Peer(
+        "the daemon channel between the two vmhad is not available in this build: copy the file to the peer and run `vmctl reload` there".to_string(),
+    ))
+}
+
+/// `config push`: this node's vmhad file to the peer, then both reload.
+fn config_push(socket: &Path, yes: bool) -> Result<(), VmctlError> {
+    let ours = call(socket, &Request::ConfigText)?
+        .text
+        .ok_or_else(|| VmctlError::daemon("vmhad sent no configuration text"))?;
+    let theirs = peer_call(socket, &Request::ConfigText)?
+        .text
+        .ok_or_else(|| VmctlError::Peer("the peer sent no configuration text".into()))?;
+    let lines = vmha_controller::config_diff::diff(&theirs, &ours)?;
+    if lines.is_empty() {
+        print("the peer's configuration says the same: reloading both\n")?;
+    } else {
+        print(&format!(
+            "the peer's configuration will change (- removed, + added, ~ changed):\n{}\n",
+            lines.join("\n")
+        ))?;
+        if !yes {
+            let stdin = std::io::stdin();
+            if !stdin.is_terminal() {
+                return Err(VmctlError::PushNeedsConfirmation);
+            }
+            eprint!(
+                "Replace the peer's configuration and reload both nodes? Type `yes` to go on: "
+            );
+            let _ = std::io::stderr().flush();
+            let mut answer = String::new();
+            stdin
+                .lock()
+                .read_line(&mut answer)
+                .map_err(VmctlError::Input)?;
+            if answer.trim() != "yes" {
+                return Err(VmctlError::NotConfirmed);
+            }
+        }
+    }
+    // This node first: a file its own vmhad refuses is sent nowhere.
+    print_lines(&call(socket, &Request::Reload)?)?;
+    let applied = peer_call(socket, &Request::ConfigApply { text: ours })?;
+    if !applied.ok {
+        return Err(VmctlError::Peer(applied.error.unwrap_or_default()));
+    }
+    print_lines(&applied)
+}
+
+fn config_check(cli: &Cli, node: Option<&str>) -> Result<(), VmctlError> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let report = vmha_controller::check::check_file(&path, node);
+    let mut text = report.lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(&report.summary());
+    text.push('\n');
+    print(&text)?;
+    match report.errors {
+        0 => Ok(()),
+        n => Err(VmctlError::Check(n)),
+    }
+}
+
 /// Event-log lines start with their UTC timestamp (`eventlog::timestamp`),
 /// which sorts as text.
 fn since_filter(since: Option<SystemTime>) -> impl Fn(&String) -> bool {
@@ -276,6 +401,10 @@ fn print_lines(response: &Response) -> Result<(), VmctlError> {
 }
 
 fn run(cli: Cli) -> Result<(), VmctlError> {
+    if let Command::Config(ConfigCommand::Check { node }) = &cli.command {
+        // Reports a file that does not load instead of failing on it.
+        return config_check(&cli, node.as_deref());
+    }
     let socket = socket_path(&cli)?;
     match cli.command {
         Command::Status {
@@ -313,6 +442,12 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             since,
             follow,
         } => log(&socket, module, lines, since, follow),
+        Command::Resync { module, compare } => {
+            print_lines(&call(&socket, &Request::Resync { module, compare })?)
+        }
+        Command::Invalidate { module } => {
+            print_lines(&call(&socket, &Request::Invalidate { module })?)
+        }
         Command::Verify { module } => {
             let response = call(&socket, &Request::Verify { module })?;
             print_lines(&response)?;
@@ -323,10 +458,16 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             }
             Ok(())
         }
+        Command::Reload => print_lines(&call(&socket, &Request::Reload)?),
+        Command::Config(ConfigCommand::Push { yes }) => config_push(&socket, yes),
+        Command::Config(ConfigCommand::Check { .. }) => Ok(()),
     }
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = vmha_cli::docs::run_if_asked(Cli::command) {
+        return code;
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

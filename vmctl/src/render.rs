@@ -239,6 +239,12 @@ pub fn render(status: &Status, colour: bool) -> String {
         out.push_str("(no module configured)\n");
     }
     out.push_str("* = runs the VM\n");
+    if !status.config_differences.is_empty() {
+        warnings.push(format!(
+            "warning: configuration keys that differ from the peer's: {}",
+            status.config_differences.join(", ")
+        ));
+    }
     warnings.dedup();
     for w in warnings {
         out.push_str(&paint(&w, Some(RED), colour));
@@ -311,6 +317,7 @@ mod tests {
                 ]),
             }],
             split_brain: Some("discard-least-changes".into()),
+            config_differences: vec![],
             witness: Some(WitnessStatus {
                 addresses: vec!["10.0.0.9".into()],
                 last_probe: Some(WitnessOutcome::Reachable),

@@ -381,3 +381,75 @@ async fn verify_differs_and_refusals_have_their_codes() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     server.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_config_check_and_push_without_the_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &["vm1"]);
+    let cfg = config.to_str().unwrap();
+    let d = daemon(&config).await;
+    d.set_config_file(&config);
+
+    // `config check`: every problem, with its position, and a non-zero exit.
+    let good = std::fs::read_to_string(&config).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        good.replace("start_wait_ms = 200", "start_wait_ms = -1\nwitnes = []"),
+    )
+    .unwrap();
+    let out = vmctl(&[
+        "--config",
+        bad.to_str().unwrap(),
+        "config",
+        "check",
+        "--node",
+        "node1",
+    ])
+    .await;
+    assert!(!out.status.success());
+    let text = stdout(&out);
+    let file = bad.display().to_string();
+    assert!(
+        text.contains(&format!("error: {file}:9:17: cluster.start_wait_ms:")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("error: {file}:10:1: cluster.witnes:")),
+        "{text}"
+    );
+    assert!(text.contains("2 error(s)"), "{text}");
+
+    // `reload`: a new module, listed at once; a broken file changes nothing.
+    std::fs::write(
+        &config,
+        format!("{good}[[module]]\nname = \"vm2\"\nreplicated = [\"/srv/cli/vm2\"]\nport = 20001\nlock_timeout_ms = 1000\n"),
+    )
+    .unwrap();
+    let out = vmctl(&["--config", cfg, "reload"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("vm2: added"), "{}", stdout(&out));
+    assert_eq!(d.status().modules.len(), 2);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("name = \"vm2\"", "name = \"vm/2\"")).unwrap();
+    let out = vmctl(&[
+        "--socket",
+        dir.path().join("run/vmhad.sock").to_str().unwrap(),
+        "reload",
+    ])
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("nothing changed") && stderr(&out).contains("module[1].name"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(d.status().modules.len(), 2);
+    std::fs::write(&config, text).unwrap();
+
+    // `config push` without the daemon channel: says so, changes nothing.
+    let out = vmctl(&["--config", cfg, "config", "push", "--yes"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("daemon channel"), "{}", stderr(&out));
+    d.kill().await;
+}

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::probe_witnesses;
-use super::runner::{Outdated, ResyncRate, Runner};
+use super::runner::{Outdated, ResyncRate, Runner, RETRY_MAX};
 use super::{PeerView, WITNESS_RETRY};
 use crate::config::Module;
 use crate::driver::{FsDriver, VmDriver};
 use crate::generation::Metadata;
-use crate::state::{Action, Event, Readiness, Role, WitnessOutcome};
+use crate::state::{Action, Event, WitnessOutcome};
 
 /// Why the rest of a step's actions are skipped.
 #[derive(Debug)]
@@ -23,7 +23,6 @@ pub(super) struct Abort;
 impl Runner {
     /// Writer: vmha-fs stops waiting for the peer and writes alone (SIGUSR1).
     pub(super) async fn fs_go_alone(&mut self, lines: &mut Vec<String>) {
-        self.attached = None;
         self.writer_sync = None;
         self.went_alone = Some(Instant::now());
         match self.blocking(|_, fs, m| fs.go_alone(m)).await {
@@ -119,9 +118,12 @@ impl Runner {
         tracing::debug!(module = %self.module.name, ?action, "action");
         match action {
             Action::Log(line) => self.record(line, lines).await,
-            Action::MountWriter | Action::MountReceiver => {
-                let writer = action == Action::MountWriter;
-                let what = if writer {
+            Action::MountWriter | Action::MountWriterConnected | Action::MountReceiver => {
+                let writer = action != Action::MountReceiver;
+                let connected = action == Action::MountWriterConnected;
+                let what = if connected {
+                    "mount as writer replicating to the SECOND"
+                } else if writer {
                     "mount as writer"
                 } else {
                     "start the receiver"
@@ -133,10 +135,6 @@ impl Runner {
                 } else {
                     self.peer_generation()
                 };
-                // A ready SECOND with our generation (a swap) has all our data: the
-                // writer replicates to it from the first write instead of starting
-                // alone, which would leave it unattached while it counts as ready.
-                let connected = writer && self.peer_is_ready_second_in_sync();
                 let result = self
                     .blocking(move |_, fs, m| {
                         if connected {
@@ -148,58 +146,48 @@ impl Runner {
                         }
                     })
                     .await;
-                let result = match result {
-                    Some(Err(e)) if connected => {
-                        self.record(
-                            format!("error: mount as writer replicating to the SECOND: {e}"),
-                            lines,
-                        )
-                        .await;
-                        self.mount_writer_alone_instead(lines).await
-                    }
-                    other => other,
-                };
                 let failed = match result {
+                    Some(Err(e)) if connected => {
+                        self.record(format!("error: {what}: {e}"), lines).await;
+                        queue.push_front(Event::ConnectedMountFailed);
+                        return Err(Abort);
+                    }
                     Some(Ok(())) => None,
                     Some(Err(e)) => Some(e.to_string()),
                     None => Some("panicked".to_string()),
                 };
-                if writer {
-                    match failed {
-                        None => self.record(format!("{what}: done"), lines).await,
-                        Some(e) => return self.fail_step(what, e, queue, lines).await,
+                match failed {
+                    None if writer => self.record(format!("{what}: done"), lines).await,
+                    Some(e) if writer => return self.fail_step(what, e, queue, lines).await,
+                    None => {
+                        let after = self.receiver_backoff.succeed();
+                        // The held lines of this retry are written after all.
+                        self.set_quiet(false);
+                        let line = match after {
+                            Some(n) => format!("{what}: done, after {n} failed attempts"),
+                            None => format!("{what}: done"),
+                        };
+                        self.record(line, lines).await;
                     }
-                } else {
-                    match failed {
-                        None => {
-                            let after = self.receiver_backoff.succeed();
-                            // The lines of this retry are written after all.
-                            self.set_quiet(false);
-                            match after {
-                                Some(n) => {
-                                    self.record(
-                                        format!("{what}: done, after {n} failed attempts"),
-                                        lines,
-                                    )
-                                    .await
-                                }
-                                None => self.record(format!("{what}: done"), lines).await,
-                            }
+                    Some(e) => {
+                        // The state machine holds, then retries after the
+                        // pause `RetryReceiver` asks for (`ReceiverRetryDue`).
+                        if self.receiver_backoff.fail(Instant::now()) {
+                            self.record(format!("error: {what}: {e}"), lines).await;
+                            self.record(
+                                format!(
+                                    "{what} failed; retrying with back-off ({} s, doubling up to {} s), logged again once it works",
+                                    self.receiver_backoff.delay().as_secs(),
+                                    RETRY_MAX.as_secs()
+                                ),
+                                lines,
+                            )
+                            .await;
+                        } else {
+                            tracing::debug!(module = %self.module.name, error = %e, "{what}");
                         }
-                        Some(e) => {
-                            if self.receiver_backoff.fail(Instant::now()) {
-                                self.record(
-                                    format!(
-                                        "{what} failed; retrying with back-off ({} s, doubling up to {} s), logged again once it works",
-                                        self.receiver_backoff.delay().as_secs(),
-                                        super::runner::RETRY_MAX.as_secs()
-                                    ),
-                                    lines,
-                                )
-                                .await;
-                            }
-                            return self.fail_step(what, e, queue, lines).await;
-                        }
+                        queue.push_front(Event::ReceiverFailed);
+                        return Err(Abort);
                     }
                 }
             }
@@ -335,9 +323,95 @@ impl Runner {
                 let outcome = self.mark_peer_outdated(lines).await;
                 queue.push_back(Event::PeerMarkedOutdated {
                     acknowledged: outcome == Outdated::Acknowledged,
+                    peer_lost: outcome == Outdated::PeerLost,
                 });
             }
             Action::WriteAlone => self.fs_go_alone(lines).await,
+            Action::AttachPeer => {
+                let generation = self.meta.history.current().map(|g| g.to_string());
+                match self
+                    .blocking(move |_, fs, m| fs.attach_peer(m, generation.as_deref()))
+                    .await
+                {
+                    Some(Ok(())) => {
+                        self.attached_at = Some(Instant::now());
+                        self.resync_rate = ResyncRate::default();
+                        let line = match self.attach_backoff.succeed() {
+                            Some(n) => format!(
+                                "attaching the SECOND: full copy started (after {n} failed attempts)"
+                            ),
+                            None => "attaching the SECOND: full copy started".into(),
+                        };
+                        self.record(line, lines).await;
+                    }
+                    Some(Err(crate::driver::DriverError::Unsupported(what))) => {
+                        // Nothing to retry: this driver cannot attach.
+                        if !self.attach_unsupported {
+                            self.attach_unsupported = true;
+                            tracing::info!(module = %self.module.name, "{what} is not available");
+                        }
+                    }
+                    other => {
+                        let e = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "panicked".to_string(),
+                        };
+                        // Retried by the state machine after the back-off
+                        // pause; logged when a series of failures starts.
+                        if self.attach_backoff.fail(Instant::now()) {
+                            self.record(
+                                format!("error: attach the SECOND: {e} (retrying with back-off)"),
+                                lines,
+                            )
+                            .await;
+                        } else {
+                            tracing::debug!(module = %self.module.name, error = %e, "attach the SECOND");
+                        }
+                        queue.push_back(Event::AttachFailed);
+                    }
+                }
+            }
+            Action::RetryAttach => {
+                let pause = self.attach_backoff.delay();
+                self.attach_retry = Some(tokio::time::Instant::now() + pause);
+            }
+            Action::RetryReceiver => {
+                let pause = self.receiver_backoff.delay();
+                self.receiver_retry = Some(tokio::time::Instant::now() + pause);
+            }
+            Action::RequestCompare => {
+                let reason = "the operator asked for a compare resync";
+                match self
+                    .blocking(move |_, fs, m| fs.request_compare(m, reason))
+                    .await
+                {
+                    Some(Ok(())) => {
+                        self.record("the next resync compares every block".into(), lines)
+                            .await
+                    }
+                    Some(Err(e)) => {
+                        // The SECOND is still made outdated and resynced: an
+                        // incremental resync, which the log says.
+                        self.record(format!("error: resync --compare: {e}"), lines)
+                            .await
+                    }
+                    None => {}
+                }
+            }
+            Action::InvalidateCopy => {
+                let reason = "invalidated by the operator (vmctl invalidate)";
+                match self
+                    .blocking(move |_, fs, m| fs.invalidate(m, reason))
+                    .await
+                {
+                    Some(Ok(())) => {
+                        self.record("this copy's records are discarded".into(), lines)
+                            .await
+                    }
+                    Some(Err(e)) => self.record(format!("error: invalidate: {e}"), lines).await,
+                    None => {}
+                }
+            }
             Action::RestartReceiver { reason } => {
                 let generation = self.peer_generation();
                 let result = self
@@ -401,52 +475,6 @@ impl Runner {
             self.record(line, lines).await;
         }
         report.outcome
-    }
-
-    /// The connected start failed (the SECOND's receiver is not there or refused
-    /// us): start alone instead. The SECOND counts as ready, so it must first
-    /// learn it is outdated (a new generation it sees in our heartbeats), as
-    /// when the replication link goes down; it then asks for a resync and is
-    /// attached with a full copy.
-    pub(super) async fn mount_writer_alone_instead(
-        &mut self,
-        lines: &mut Vec<String>,
-    ) -> Option<Result<(), crate::driver::DriverError>> {
-        let mut id = None;
-        if let Err(e) = self.persist(|m| id = Some(m.history.start_new())).await {
-            return Some(Err(crate::driver::DriverError::failed(
-                "persist generation",
-                e,
-            )));
-        }
-        if let Some(id) = id {
-            self.record(
-                format!("new generation {id}: starting alone, the SECOND is outdated"),
-                lines,
-            )
-            .await;
-        }
-        if let Outdated::TimedOut | Outdated::PeerAhead = self.mark_peer_outdated(lines).await {
-            return Some(Err(crate::driver::DriverError::failed(
-                "start alone",
-                "the SECOND did not learn that it is outdated",
-            )));
-        }
-        let generation = self.meta.history.current().map(|g| g.to_string());
-        self.blocking(move |_, fs, m| fs.mount_writer_at(m, generation.as_deref()))
-            .await
-    }
-
-    /// The peer is a ready SECOND whose current generation is ours.
-    pub(super) fn peer_is_ready_second_in_sync(&self) -> bool {
-        let ready_second = matches!(
-            &*self.peer_rx.borrow(),
-            PeerView::Seen { beat, .. }
-                if beat.announce.role == Role::Second
-                    && beat.announce.readiness == Readiness::Ready
-        );
-        let mine = self.meta.history.current().map(|g| g.to_string());
-        ready_second && mine.is_some() && self.peer_generation() == mine
     }
 
     /// The peer's current generation as its last heartbeat showed it.

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::runner::{ResyncRate, Runner, ATTACH_RETRY, GO_ALONE_SETTLE};
+use super::runner::{Runner, ATTACH_RETRY, GO_ALONE_SETTLE};
 use super::PeerView;
 use crate::driver::{FsHealth, ResyncState};
 use crate::generation::compare;
@@ -138,96 +138,50 @@ impl Runner {
         }
     }
 
-    /// Writer: attaches a SECOND that is not up to date (its receiver runs:
-    /// it announces SECOND only once it does) and follows the copy to it.
-    pub(super) async fn writer_attach(&mut self) {
-        let peer_behind = matches!(
-            &*self.peer_rx.borrow(),
-            PeerView::Seen { beat, .. }
-                if beat.announce.role == Role::Second
-                    && beat.announce.readiness == Readiness::NotUpToDate
-        );
-        if !peer_behind {
-            if self.attached.take().is_some() || self.writer_sync.is_some() {
-                self.writer_sync = None;
-                self.publish();
-            }
-            return;
-        }
-        if self.attached.is_none() && !self.attach_unsupported {
-            if !self.attach_backoff.ready(Instant::now()) {
-                return;
-            }
-            let generation = self.meta.history.current().map(|g| g.to_string());
-            let mut lines = Vec::new();
-            match self
-                .blocking(move |_, fs, m| fs.attach_peer(m, generation.as_deref()))
-                .await
-            {
-                Some(Ok(())) => {
-                    self.attached = Some(Instant::now());
-                    self.resync_rate = ResyncRate::default();
-                    let line = match self.attach_backoff.succeed() {
-                        Some(n) => format!(
-                            "attaching the SECOND: full copy started (after {n} failed attempts)"
-                        ),
-                        None => "attaching the SECOND: full copy started".into(),
-                    };
-                    self.record(line, &mut lines).await;
-                }
-                Some(Err(crate::driver::DriverError::Unsupported(_))) => {
-                    self.attach_unsupported = true;
-                }
-                Some(Err(e)) => {
-                    // Retried with back-off; logged when it starts failing.
-                    if self.attach_backoff.fail(Instant::now()) {
-                        self.record(
-                            format!("error: attach the SECOND: {e} (retrying with back-off)"),
-                            &mut lines,
-                        )
-                        .await;
-                    } else {
-                        tracing::debug!(module = %self.module.name, error = %e, "attach the SECOND");
-                    }
-                }
-                None => {}
-            }
-            return;
-        }
-        let Some(since) = self.attached else {
+    /// Writer: follows the copy to the SECOND that `AttachPeer` attached
+    /// (progress for the heartbeats); a copy that failed, or an attach that
+    /// left no trace, is `AttachFailed` (the state machine retries).
+    pub(super) async fn follow_attach(&mut self) {
+        let Some(since) = self.attached_at else {
             return;
         };
         let state = self.blocking(|_, fs, m| fs.writer_sync_state(m)).await;
-        let idle = matches!(state, Some(Ok(ResyncState::Idle)));
+        let mut failed = None;
         let sync = match state {
             Some(Ok(ResyncState::Running(p))) => {
                 self.resync_rate.sample(p.done_bytes);
                 writer_resync_status(ResyncState::Running(p), self.resync_rate.rate)
             }
             Some(Ok(ResyncState::Done)) => writer_resync_status(ResyncState::Done, 0),
-            Some(Ok(ResyncState::Idle)) | None => None,
+            Some(Ok(ResyncState::Idle)) => {
+                if since.elapsed() >= ATTACH_RETRY * 2 {
+                    failed = Some("the attach left no trace in vmha-fs".to_string());
+                }
+                None
+            }
+            None => None,
             Some(Err(e)) => {
                 if since.elapsed() >= ATTACH_RETRY {
-                    if self.attach_backoff.fail(Instant::now()) {
-                        let mut lines = Vec::new();
-                        self.record(
-                            format!("sync to the SECOND failed: {e}; retrying with back-off"),
-                            &mut lines,
-                        )
-                        .await;
-                    }
-                    self.attached = None;
+                    failed = Some(format!("sync to the SECOND failed: {e}"));
                 }
                 None
             }
         };
-        if self.attached.is_some() && idle && since.elapsed() >= ATTACH_RETRY * 2 {
-            // SIGUSR2 left no trace: try again.
-            self.attached = None;
-        }
         if sync != self.writer_sync {
             self.writer_sync = sync;
             self.publish();
+        }
+        if let Some(why) = failed {
+            // Logged when a series of failures starts; the state machine
+            // retries after the back-off pause.
+            if self.attach_backoff.fail(Instant::now()) {
+                let mut lines = Vec::new();
+                self.record(format!("{why}; retrying with back-off"), &mut lines)
+                    .await;
+            } else {
+                tracing::debug!(module = %self.module.name, "{why}");
+            }
+            self.handle(Event::AttachFailed).await;
         }
     }
 
@@ -307,7 +261,7 @@ impl Runner {
         let check_fs = role.is_writer() || role == Role::Second;
         let check_resync = role == Role::Second && !self.state.uptodate;
         if role.is_writer() {
-            self.writer_attach().await;
+            self.follow_attach().await;
         }
         let Some((vm, fs, resync, changed, xml)) = self
             .blocking(move |vm, fs, m| {

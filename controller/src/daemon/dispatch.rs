@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::status::build_status;
 use super::{ModuleCommand, ModuleHandle, PeerView, Shared};
+use crate::config::differing_keys;
 use crate::control::{Call, Caller, ErrorKind, Request, Response, UnknownModule};
 use crate::heartbeat::{Endpoint, ModuleBeat, Payload, Received};
 use crate::state::Event;
@@ -22,11 +23,14 @@ pub(super) async fn send_heartbeats(
     endpoint: Endpoint,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let interval = Duration::from_millis(shared.config.cluster.heartbeat_interval_ms.max(1));
+    let interval_of = |shared: &Shared| {
+        Duration::from_millis(shared.config().cluster.heartbeat_interval_ms.max(1))
+    };
+    let mut interval = interval_of(&shared);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let session = endpoint.session();
-    let node = shared.config.node(shared.node).name.clone();
+    let node = shared.config().node(shared.node).name.clone();
     let mut round = 0u64;
     let mut failing = false;
     let mut last_prompted: Option<Instant> = None;
@@ -43,9 +47,16 @@ pub(super) async fn send_heartbeats(
                 last_prompted = Some(Instant::now());
             }
         }
+        // A reload may have changed the interval.
+        if interval_of(&shared) != interval {
+            interval = interval_of(&shared);
+            ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         round += 1;
+        let config = shared.config();
         let modules = shared
-            .modules
+            .modules()
             .iter()
             .filter_map(|h| {
                 let view = h.view.borrow();
@@ -56,6 +67,7 @@ pub(super) async fn send_heartbeats(
                     history: view.history.clone(),
                     changed_bytes: view.changed_bytes,
                     resync: view.resync,
+                    keys: h.keys.clone(),
                 })
             })
             .collect();
@@ -63,8 +75,9 @@ pub(super) async fn send_heartbeats(
             node: node.clone(),
             session,
             round,
-            config_hash: shared.config.hash(),
+            config_hash: config.hash(),
             modules,
+            config_keys: config.cluster_key_digests().clone(),
         };
         let errors = endpoint.send(&payload).await;
         // One log line per change of condition, not per interval.
@@ -90,9 +103,14 @@ pub(super) async fn dispatch(
     mut shutdown: watch::Receiver<bool>,
     judging_since: Arc<Mutex<Instant>>,
 ) {
-    let cluster = &shared.config.cluster;
-    let timeout = Duration::from_millis(cluster.failover_timeout_ms);
-    let tick = Duration::from_millis((cluster.heartbeat_interval_ms / 2).max(5));
+    let timing = |shared: &Shared| {
+        let config = shared.config();
+        (
+            Duration::from_millis(config.cluster.failover_timeout_ms),
+            Duration::from_millis((config.cluster.heartbeat_interval_ms / 2).max(5)),
+        )
+    };
+    let (mut timeout, mut tick) = timing(&shared);
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The peer is judged only on what this daemon could observe: after a
@@ -111,11 +129,17 @@ pub(super) async fn dispatch(
                 Some(received) => on_beat(&shared, received),
             },
             _ = ticker.tick() => {
+                // A reload may have changed the timing.
+                if timing(&shared) != (timeout, tick) {
+                    (timeout, tick) = timing(&shared);
+                    ticker = tokio::time::interval(tick);
+                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
                 rejections.tick();
                 let now = Instant::now();
                 if now.saturating_duration_since(last_tick) > timeout / 2 {
                     tracing::warn!(
-                        stalled_ms = now.saturating_duration_since(last_tick).as_millis() as u64,
+                        stalled_ms = super::ms(now.saturating_duration_since(last_tick)),
                         "this daemon was stalled; judging the peer from now on"
                     );
                     observing_since = now;
@@ -134,7 +158,7 @@ pub(super) async fn dispatch(
                 };
                 if lost_now {
                     tracing::warn!("peer lost: every network silent for {} ms", timeout.as_millis());
-                    for handle in &shared.modules {
+                    for handle in shared.modules() {
                         handle.peer.send_replace(PeerView::Lost);
                     }
                 }
@@ -160,6 +184,7 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
         }
         peer.lost = false;
         peer.config_hash = Some(payload.config_hash);
+        peer.config_keys = payload.config_keys.clone();
         let fresh = match peer.last_round {
             Some((session, round)) => session != payload.session || payload.round > round,
             None => true,
@@ -183,7 +208,8 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
     if !fresh {
         return;
     }
-    for handle in &shared.modules {
+    log_differences(shared);
+    for handle in shared.modules() {
         if let Some(beat) = payload
             .modules
             .iter()
@@ -220,32 +246,109 @@ fn request_name(request: &Request) -> &'static str {
         Request::Prim { .. } => "prim",
         Request::Log { .. } | Request::LogTail { .. } => "log",
         Request::Verify { .. } => "verify",
+        Request::Reload => "reload",
+        Request::ConfigApply { .. } => "config apply",
+        Request::ConfigText => "config text",
+        Request::Resync { .. } => "resync",
+        Request::Invalidate { .. } => "invalidate",
     }
 }
 
-pub(super) fn resolve<'a>(
-    shared: &'a Shared,
+/// The configuration keys that differ between this node and the peer (as
+/// of its latest heartbeat): `cluster.KEY`, `node[I].KEY`,
+/// `modules.NAME.KEY`, and `modules.NAME` for a module only one side has.
+pub(super) fn config_differences(shared: &Shared) -> Vec<String> {
+    let config = shared.config();
+    let peer = shared.peer();
+    if peer.last_round.is_none() {
+        return Vec::new();
+    }
+    let mut keys = differing_keys("", config.cluster_key_digests(), &peer.config_keys);
+    let local: Vec<String> = config.modules.iter().map(|m| m.name.clone()).collect();
+    for name in &local {
+        let ours = config.module_key_digests(name).cloned().unwrap_or_default();
+        match peer.modules.get(name) {
+            Some(beat) => keys.extend(differing_keys(
+                &format!("modules.{name}."),
+                &ours,
+                &beat.keys,
+            )),
+            None => keys.push(format!("modules.{name}")),
+        }
+    }
+    keys.extend(
+        peer.modules
+            .keys()
+            .filter(|name| !local.contains(name))
+            .map(|name| format!("modules.{name}")),
+    );
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Writes the differing keys to the event log of each module they concern
+/// (cluster keys: every module) when the set changes.
+fn log_differences(shared: &Shared) {
+    let now = config_differences(shared);
+    for handle in shared.modules() {
+        let own = format!("modules.{}", handle.module.name);
+        let concern: Vec<String> = now
+            .iter()
+            .filter(|k| {
+                !k.starts_with("modules.") || **k == own || k.starts_with(&format!("{own}."))
+            })
+            .cloned()
+            .collect();
+        {
+            let mut peer = shared.peer();
+            let logged = peer
+                .differences_logged
+                .entry(handle.module.name.clone())
+                .or_default();
+            if *logged == concern {
+                continue;
+            }
+            *logged = concern.clone();
+        }
+        let line = if concern.is_empty() {
+            "configuration now the same as the peer's".to_string()
+        } else {
+            format!(
+                "configuration differs from the peer's: {}",
+                concern.join(", ")
+            )
+        };
+        tracing::warn!(module = %handle.module.name, "{line}");
+        if let Err(e) = handle.log.append(&format!("[peer heartbeat] {line}")) {
+            tracing::warn!("event log: {e}");
+        }
+    }
+}
+
+pub(super) fn resolve(
+    shared: &Shared,
     module: Option<&str>,
-) -> Result<&'a ModuleHandle, UnknownModule> {
+) -> Result<Arc<ModuleHandle>, UnknownModule> {
+    let modules = shared.modules();
     let names = || {
-        shared
-            .modules
+        modules
             .iter()
             .map(|h| h.module.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     };
     match module {
-        Some(name) => shared
-            .modules
+        Some(name) => modules
             .iter()
             .find(|h| h.module.name == name)
+            .cloned()
             .ok_or_else(|| UnknownModule::Unknown {
                 name: name.to_string(),
                 known: names(),
             }),
-        None => match shared.modules.as_slice() {
-            [only] => Ok(only),
+        None => match modules.as_slice() {
+            [only] => Ok(Arc::clone(only)),
             [] => Err(UnknownModule::NoneConfigured),
             _ => Err(UnknownModule::NotNamed { known: names() }),
         },
@@ -320,10 +423,26 @@ pub(super) async fn answer(shared: &Shared, request: Request, caller: Option<Cal
                 Err(_) => Response::error("the module is shutting down"),
             };
         }
+        Request::Reload => return super::reload::reload_file(shared).await,
+        Request::ConfigApply { text } => return super::reload::apply_text(shared, &text).await,
+        Request::ConfigText => return super::reload::config_text(shared).await,
         Request::Start { module } => (Event::Start, module),
         Request::Stop { module } => (Event::Stop, module),
         Request::Swap { module } => (Event::Swap, module),
         Request::Prim { module } => (Event::PrimForced, module),
+        Request::Resync {
+            compare: false,
+            module: _,
+        } => {
+            return Response::error(
+                "resync: only `--compare` is available (an incremental resync runs by itself whenever the SECOND is behind)",
+            )
+        }
+        Request::Resync {
+            module,
+            compare: true,
+        } => (Event::ResyncCompare, module),
+        Request::Invalidate { module } => (Event::Invalidate, module),
     };
     let handle = match resolve(shared, module.as_deref()) {
         Ok(h) => h,

@@ -13,7 +13,7 @@
 //!   and reporting its outcome as events;
 //! - `checks`: the checkers that poll the drivers and read the peer's latest
 //!   heartbeat, turning what they see into events;
-//! - `dispatch`: heartbeat sending and receiving ([`PeerLiveness`]), control
+//! - `dispatch`: heartbeat sending and receiving (`PeerLiveness`), control
 //!   requests routed to their module;
 //! - `status`: the `status` answer.
 //!
@@ -59,7 +59,10 @@
 //!   [`crate::driver::vmha_fs`]) feeds `DiskFailed`, checked before the VM's
 //!   state so a guest failing on that disk is not restarted there. The node's
 //!   `disk` is carried in its heartbeats' announcement (`status --json`).
-//! - Modules are started (`Start`) when the daemon starts.
+//! - Modules are started (`Start`) when the daemon starts; a module added by a
+//!   reload (`reload.rs`) is not (STOP until `vmctl start`). The configuration
+//!   and the module list change at a reload, so the tasks read them through
+//!   `Shared::config` and `Shared::modules` each time.
 //! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
 //!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
 //!   simulates a crash (tasks aborted, nothing stopped).
@@ -79,19 +82,32 @@
 //! - vmha-fs failing feeds `FsDied { now_ms, reason }` (`now_ms` since the
 //!   daemon started); `RestartReceiver` remounts a SECOND's receiver
 //!   accepting the writer's generation, a failure is `FsFailed`.
-//! - A connected writer start (after a swap) that fails falls back to starting
-//!   alone: new generation, the SECOND marked outdated (it must acknowledge),
-//!   then the usual attach with a full copy.
+//! - `MountWriterConnected` that fails aborts the step and feeds
+//!   `ConnectedMountFailed` first (the state machine then starts alone once
+//!   the SECOND knows it is outdated). `AttachPeer` is SIGUSR2 through
+//!   [`crate::driver::FsDriver::attach_peer`]; the checker follows the copy
+//!   (progress in the heartbeats) and feeds `AttachFailed` when the attach or
+//!   the copy failed, or the attach left no trace for 6 s; `RetryAttach`
+//!   feeds `AttachRetryDue` after the attach back-off ([`ATTACH_RETRY`],
+//!   doubling up to 60 s, reset once an attach works or the episode ends).
+//! - `MountReceiver` that fails aborts the step and feeds `ReceiverFailed`
+//!   first; `RetryReceiver` feeds `ReceiverRetryDue` after the receiver
+//!   back-off (1 s doubling up to 60 s). A failing series is logged once: a
+//!   retry's lines reach the event log only if it works (`Runner::quiet`).
+//! - The checkers poll the drivers once per heartbeat interval (the VM's
+//!   state from libvirt, vmha-fs's status files): observing only, every
+//!   decision they lead to is an event.
 
 mod actions;
 mod checks;
 mod dispatch;
+mod reload;
 mod runner;
 mod status;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -99,11 +115,12 @@ use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
 
 use self::dispatch::{dispatch, send_heartbeats, serve_calls};
-use self::runner::{ResyncRate, Runner, ATTACH_RETRY, RECEIVER_RETRY_FIRST, RETRY_MAX};
+pub use self::runner::ATTACH_RETRY;
+use self::runner::{ResyncRate, Runner, RECEIVER_RETRY_FIRST, RETRY_MAX};
 use self::status::build_status;
 use crate::backoff::Backoff;
 use crate::clock::WallClock;
-use crate::config::{Config, Digest, Module, NodeIndex, Witness};
+use crate::config::{Config, Digest, KeyDigests, Module, NodeIndex, Witness};
 use crate::control::{self, Call, ControlError, Request, Response};
 use crate::driver::{FsDriver, VmDriver};
 use crate::eventlog::EventLog;
@@ -172,17 +189,23 @@ enum ModuleCommand {
     /// An event with what caused it, for the event log ("vmctl stop by
     /// root (uid 0)", "vmhad start"); plain `Event` says "vmhad".
     Caused(Event, String, oneshot::Sender<Vec<String>>),
+    /// A reload changed this module's settings: use them from now on.
+    Reconfigure(Box<runner::Settings>, oneshot::Sender<()>),
     /// `vmctl verify`: compare the peer's copy, report only.
     Verify(oneshot::Sender<Result<Vec<String>, String>>),
 }
 
+/// A module as the shared tasks see it. Immutable: a reload that changes
+/// the module's settings replaces the handle (same channels, same task).
 #[derive(Debug)]
 struct ModuleHandle {
     module: Module,
     module_hash: Option<Digest>,
+    /// [`Config::module_key_digests`], for the heartbeats.
+    keys: KeyDigests,
     commands: mpsc::Sender<ModuleCommand>,
     view: watch::Receiver<ModuleView>,
-    peer: watch::Sender<PeerView>,
+    peer: Arc<watch::Sender<PeerView>>,
     log: Arc<EventLog>,
 }
 
@@ -202,17 +225,144 @@ struct PeerLiveness {
     modules: HashMap<String, ModuleBeat>,
     /// Per module: the role the peer announces and since when we see it.
     role_since: HashMap<String, (crate::state::Role, Instant)>,
+    /// The peer's per-key cluster digests, from its latest heartbeat.
+    config_keys: KeyDigests,
+    /// The differing keys last written to each module's event log.
+    differences_logged: HashMap<String, Vec<String>>,
 }
 
+/// What the tasks share. The configuration and the module list change at a
+/// reload (`reload.rs`): readers take a snapshot ([`Shared::config`],
+/// [`Shared::modules`]) and never hold the lock across an await.
 #[derive(Debug)]
 struct Shared {
-    config: Config,
+    config: RwLock<Arc<Config>>,
     node: NodeIndex,
-    modules: Vec<ModuleHandle>,
+    modules: RwLock<Vec<Arc<ModuleHandle>>>,
     peer: Mutex<PeerLiveness>,
     witness: WitnessSlot,
     /// Heartbeat datagrams rejected, by kind (for `status`).
     rejections: Rejections,
+    /// What building a module's task needs (at start and at a reload).
+    factory: Factory,
+    /// Each module's task, by name (aborted by [`Daemon::kill`]).
+    module_tasks: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// The file vmhad was started with (what `reload` re-reads).
+    config_path: Mutex<Option<PathBuf>>,
+}
+
+/// Everything needed to build a module's task besides its configuration.
+#[derive(Debug, Clone)]
+struct Factory {
+    vm: Arc<dyn VmDriver>,
+    fs: Arc<dyn FsDriver>,
+    clock: WallClock,
+    started: Instant,
+    judging_since: Arc<Mutex<Instant>>,
+    witness_slot: WitnessSlot,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Factory {
+    /// Loads the module's metadata and builds its task (not spawned) and
+    /// its handle.
+    async fn build(
+        &self,
+        config: &Config,
+        module: &Module,
+        node: NodeIndex,
+    ) -> Result<(Runner, mpsc::Receiver<ModuleCommand>, ModuleHandle), DaemonError> {
+        let cluster = &config.cluster;
+        let state_dir = cluster.state_dir.clone();
+        let name = module.name.clone();
+        let meta = tokio::task::spawn_blocking(move || Metadata::load(&state_dir, &name))
+            .await
+            .map_err(|e| DaemonError::Task(e.to_string()))?
+            .map_err(|source| DaemonError::Generation {
+                module: module.name.clone(),
+                source,
+            })?;
+        let policy = Policy::new(config, module, node);
+        let state = ModuleState::new(
+            policy,
+            meta.history.current().is_some(),
+            meta.peer_may_be_newer,
+        )
+        .with_self_outdated(meta.self_outdated);
+        let log = Arc::new(EventLog::with_clock(
+            &cluster.state_dir,
+            &module.name,
+            self.clock.clone(),
+        ));
+        let (view_tx, view_rx) = watch::channel(ModuleView {
+            announce: state.announce(),
+            since: Instant::now(),
+            history: meta.history.clone(),
+            changed_bytes: 0,
+            resync: None,
+        });
+        let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let handle = ModuleHandle {
+            module: module.clone(),
+            module_hash: config.module_hash(&module.name),
+            keys: config
+                .module_key_digests(&module.name)
+                .cloned()
+                .unwrap_or_default(),
+            commands: cmd_tx,
+            view: view_rx,
+            peer: Arc::new(peer_tx),
+            log: Arc::clone(&log),
+        };
+        let runner = Runner {
+            module: module.clone(),
+            state,
+            meta,
+            state_dir: cluster.state_dir.clone(),
+            vm: Arc::clone(&self.vm),
+            fs: Arc::clone(&self.fs),
+            log,
+            view: view_tx,
+            peer_rx,
+            last_beat: None,
+            last_beat_at: None,
+            heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
+            peer_lost_sent: false,
+            started: self.started,
+            start_wait: None,
+            start_wait_ms: cluster.start_wait_ms,
+            failover_timeout: Duration::from_millis(cluster.failover_timeout_ms),
+            witnesses: cluster.witness.clone(),
+            witness_slot: Arc::clone(&self.witness_slot),
+            witness_retry: None,
+            witness_errors_logged: None,
+            changed_bytes: 0,
+            resync_rate: ResyncRate::default(),
+            resync_unsupported_logged: false,
+            attached_at: None,
+            attach_retry: None,
+            attach_unsupported: false,
+            writer_sync: None,
+            went_alone: None,
+            judging_since: Arc::clone(&self.judging_since),
+            xml_refresh_failed: false,
+            cause: "vmhad".into(),
+            quiet: Mutex::new(None),
+            receiver_retry: None,
+            receiver_backoff: Backoff::new(RECEIVER_RETRY_FIRST, RETRY_MAX),
+            attach_backoff: Backoff::new(ATTACH_RETRY, RETRY_MAX),
+        };
+        Ok((runner, cmd_rx, handle))
+    }
+
+    /// Runs a module's task.
+    fn spawn(&self, runner: Runner, commands: mpsc::Receiver<ModuleCommand>) -> JoinHandle<()> {
+        let every = runner.heartbeat_interval;
+        tokio::spawn(runner.run(commands, self.shutdown.clone(), every))
+    }
 }
 
 /// The latest witness probe (of any module: they probe the same witnesses).
@@ -252,6 +402,19 @@ impl Shared {
     fn peer(&self) -> std::sync::MutexGuard<'_, PeerLiveness> {
         self.peer.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The configuration in effect.
+    fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The modules in effect, in configuration order.
+    fn modules(&self) -> Vec<Arc<ModuleHandle>> {
+        self.modules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// A running `vmhad`.
@@ -290,84 +453,19 @@ impl Daemon {
         let judging_since = Arc::new(Mutex::new(started));
         let witness_slot: WitnessSlot = Arc::new(Mutex::new(None));
 
+        let factory = Factory {
+            vm: Arc::clone(&spec.vm),
+            fs: Arc::clone(&spec.fs),
+            clock: spec.clock.clone(),
+            started,
+            judging_since: Arc::clone(&judging_since),
+            witness_slot: Arc::clone(&witness_slot),
+            shutdown: shutdown_rx.clone(),
+        };
         for module in &config.modules {
-            let state_dir = cluster.state_dir.clone();
-            let name = module.name.clone();
-            let meta = tokio::task::spawn_blocking(move || Metadata::load(&state_dir, &name))
-                .await
-                .map_err(|e| DaemonError::Task(e.to_string()))?
-                .map_err(|source| DaemonError::Generation {
-                    module: module.name.clone(),
-                    source,
-                })?;
-            let policy = Policy::new(&config, module, node);
-            let state = ModuleState::new(
-                policy,
-                meta.history.current().is_some(),
-                meta.peer_may_be_newer,
-            )
-            .with_self_outdated(meta.self_outdated);
-            let log = Arc::new(EventLog::with_clock(
-                &cluster.state_dir,
-                &module.name,
-                spec.clock.clone(),
-            ));
-            let (view_tx, view_rx) = watch::channel(ModuleView {
-                announce: state.announce(),
-                since: Instant::now(),
-                history: meta.history.clone(),
-                changed_bytes: 0,
-                resync: None,
-            });
-            let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
-            let (cmd_tx, cmd_rx) = mpsc::channel(16);
-            handles.push(ModuleHandle {
-                module: module.clone(),
-                module_hash: config.module_hash(&module.name),
-                commands: cmd_tx,
-                view: view_rx,
-                peer: peer_tx,
-                log: Arc::clone(&log),
-            });
-            runners.push((
-                Runner {
-                    module: module.clone(),
-                    state,
-                    meta,
-                    state_dir: cluster.state_dir.clone(),
-                    vm: Arc::clone(&spec.vm),
-                    fs: Arc::clone(&spec.fs),
-                    log,
-                    view: view_tx,
-                    peer_rx,
-                    last_beat: None,
-                    last_beat_at: None,
-                    heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
-                    peer_lost_sent: false,
-                    started,
-                    start_wait: None,
-                    start_wait_ms: cluster.start_wait_ms,
-                    failover_timeout: Duration::from_millis(cluster.failover_timeout_ms),
-                    witnesses: cluster.witness.clone(),
-                    witness_slot: Arc::clone(&witness_slot),
-                    witness_retry: None,
-                    witness_errors_logged: None,
-                    changed_bytes: 0,
-                    resync_rate: ResyncRate::default(),
-                    resync_unsupported_logged: false,
-                    attached: None,
-                    attach_unsupported: false,
-                    writer_sync: None,
-                    went_alone: None,
-                    judging_since: Arc::clone(&judging_since),
-                    xml_refresh_failed: false,
-                    cause: "vmhad".into(),
-                    quiet: Mutex::new(None),
-                    receiver_backoff: Backoff::new(RECEIVER_RETRY_FIRST, RETRY_MAX),
-                    attach_backoff: Backoff::new(ATTACH_RETRY, RETRY_MAX),
-                },
-                cmd_rx,
-            ));
+            let (runner, commands, handle) = factory.build(&config, module, node).await?;
+            handles.push(Arc::new(handle));
+            runners.push((runner, commands));
         }
 
         let local = config.node(node);
@@ -404,12 +502,18 @@ impl Daemon {
                 last_round: None,
                 modules: HashMap::new(),
                 role_since: HashMap::new(),
+                config_keys: KeyDigests::new(),
+                differences_logged: HashMap::new(),
             }),
             rejections: endpoint.rejections(),
-            config: config.clone(),
+            config: RwLock::new(Arc::new(config.clone())),
             node,
-            modules: handles,
+            modules: RwLock::new(handles),
             witness: Arc::clone(&witness_slot),
+            factory,
+            module_tasks: Mutex::new(HashMap::new()),
+            reloading: tokio::sync::Mutex::new(()),
+            config_path: Mutex::new(None),
         });
         if !cluster.witness.is_empty() {
             // A witness that cannot be probed must show now, not at the failover.
@@ -430,11 +534,13 @@ impl Daemon {
         }
 
         for (runner, commands) in runners {
-            tasks.push(tokio::spawn(runner.run(
-                commands,
-                shutdown_rx.clone(),
-                Duration::from_millis(cluster.heartbeat_interval_ms),
-            )));
+            let name = runner.module.name.clone();
+            let task = shared.factory.spawn(runner, commands);
+            shared
+                .module_tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name, task);
         }
         let (in_tx, in_rx) = mpsc::channel(256);
         tasks.extend(endpoint.spawn_receivers(in_tx));
@@ -456,7 +562,7 @@ impl Daemon {
         // Started before this returns: `status` right after start shows each
         // module's first state (WAIT), never the STOP it had before `start`.
         let mut started = Vec::new();
-        for handle in &shared.modules {
+        for handle in shared.modules() {
             let (reply, done) = oneshot::channel();
             let _ = handle
                 .commands
@@ -475,7 +581,7 @@ impl Daemon {
         {
             tracing::warn!("some modules are still starting");
         }
-        tracing::info!(node = %local.name, modules = shared.modules.len(), "vmhad started");
+        tracing::info!(node = %local.name, modules = shared.modules().len(), "vmhad started");
         Ok(Daemon {
             shared,
             shutdown,
@@ -487,6 +593,22 @@ impl Daemon {
 
     pub fn socket_path(&self) -> &Path {
         &self.socket
+    }
+
+    /// The configuration file this daemon was started with: what `reload`
+    /// (SIGHUP, `vmctl reload`) re-reads. Without it, `reload` is refused.
+    pub fn set_config_file(&self, path: &Path) {
+        *self
+            .shared
+            .config_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
+    }
+
+    /// Re-reads the configuration file and applies it (see `reload.rs`):
+    /// the lines say what changed, or every reason nothing did.
+    pub async fn reload(&self) -> Response {
+        reload::reload_file(&self.shared).await
     }
 
     /// Answers a request in-process, as the control socket would.
@@ -519,7 +641,7 @@ impl Daemon {
     /// [`Daemon::shutdown`], with its cause for the event log (e.g.
     /// "signal SIGTERM").
     pub async fn shutdown_because(self, cause: &str) {
-        for handle in &self.shared.modules {
+        for handle in self.shared.modules() {
             let (reply, answer) = oneshot::channel();
             if handle
                 .commands
@@ -530,10 +652,14 @@ impl Daemon {
                 let _ = answer.await;
             }
         }
-        let interval = self.shared.config.cluster.heartbeat_interval_ms;
+        let interval = self.shared.config().cluster.heartbeat_interval_ms;
         tokio::time::sleep(Duration::from_millis(interval.saturating_mul(3))).await;
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
+        for task in self
+            .tasks
+            .into_iter()
+            .chain(take_module_tasks(&self.shared))
+        {
             task.abort();
             let _ = task.await;
         }
@@ -543,11 +669,26 @@ impl Daemon {
     /// A crash: every task stops at once; nothing is stopped or unmounted and
     /// the control socket file stays behind.
     pub async fn kill(self) {
-        for task in &self.tasks {
+        let tasks: Vec<_> = self
+            .tasks
+            .into_iter()
+            .chain(take_module_tasks(&self.shared))
+            .collect();
+        for task in &tasks {
             task.abort();
         }
-        for task in self.tasks {
+        for task in tasks {
             let _ = task.await;
         }
     }
+}
+
+fn take_module_tasks(shared: &Shared) -> Vec<JoinHandle<()>> {
+    shared
+        .module_tasks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .map(|(_, task)| task)
+        .collect()
 }

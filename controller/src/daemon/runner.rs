@@ -15,12 +15,12 @@ use tokio::sync::{mpsc, watch};
 
 use super::{ms, ModuleCommand, ModuleView, PeerView, WitnessSlot};
 use crate::backoff::Backoff;
-use crate::config::{Module, Witness};
+use crate::config::{Config, Module, NodeIndex, Witness};
 use crate::driver::{FsDriver, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, Metadata};
 use crate::heartbeat::ModuleBeat;
-use crate::state::{step, Action, Event, ModuleState, Peer, Readiness, Role};
+use crate::state::{step, Action, Attach, Event, ModuleState, Peer, Policy, Readiness, Role};
 use crate::status::ResyncStatus;
 
 /// Resync rate from successive progress samples.
@@ -38,11 +38,15 @@ impl ResyncRate {
             if dt > 0.0 && done >= before {
                 let instant = (done - before) as f64 / dt;
                 // Smoothed: a momentary stall does not zero the ETA.
-                self.rate = if self.rate == 0 {
-                    instant as u64
+                let smoothed = if self.rate == 0 {
+                    instant
                 } else {
-                    (0.7 * self.rate as f64 + 0.3 * instant) as u64
+                    0.7 * self.rate as f64 + 0.3 * instant
                 };
+                // Float to integer `as` saturates (and maps NaN to 0).
+                #[allow(clippy::cast_possible_truncation)]
+                let rate = smoothed as u64;
+                self.rate = rate;
             }
         }
         self.last = Some((now, done));
@@ -78,9 +82,15 @@ pub(super) struct Runner {
     pub(super) changed_bytes: u64,
     pub(super) resync_rate: ResyncRate,
     pub(super) resync_unsupported_logged: bool,
-    /// Writer: when `attach_peer` was last called for the current peer
-    /// episode (reset when the peer is no longer a SECOND behind us).
-    pub(super) attached: Option<Instant>,
+    /// Writer: when vmha-fs last attached the SECOND (`AttachPeer`), while
+    /// the state machine counts it attached.
+    pub(super) attached_at: Option<Instant>,
+    /// When to report `AttachRetryDue` (after `RetryAttach`, the pause from
+    /// [`Runner::attach_backoff`]).
+    pub(super) attach_retry: Option<tokio::time::Instant>,
+    /// When to report `ReceiverRetryDue` (after `RetryReceiver`, the pause
+    /// from [`Runner::receiver_backoff`]).
+    pub(super) receiver_retry: Option<tokio::time::Instant>,
     pub(super) attach_unsupported: bool,
     /// Writer: the copy to the peer, as published in heartbeats.
     pub(super) writer_sync: Option<ResyncStatus>,
@@ -103,6 +113,33 @@ pub(super) struct Runner {
     pub(super) attach_backoff: Backoff,
 }
 
+/// A module's settings that a reload may change while its task runs. What
+/// vmha-fs was started with (lock timeout, rate limit) applies at its next
+/// start; what the VM driver reads (stop timeout) at its next call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Settings {
+    pub(super) module: Module,
+    pub(super) policy: Policy,
+    pub(super) heartbeat_interval: Duration,
+    pub(super) start_wait_ms: u64,
+    pub(super) failover_timeout: Duration,
+    pub(super) witnesses: Vec<Witness>,
+}
+
+impl Settings {
+    pub(super) fn of(config: &Config, module: &Module, node: NodeIndex) -> Settings {
+        let cluster = &config.cluster;
+        Settings {
+            module: module.clone(),
+            policy: Policy::new(config, module, node),
+            heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
+            start_wait_ms: cluster.start_wait_ms,
+            failover_timeout: Duration::from_millis(cluster.failover_timeout_ms),
+            witnesses: cluster.witness.clone(),
+        }
+    }
+}
+
 /// How `MarkPeerOutdated` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outdated {
@@ -114,13 +151,13 @@ pub(super) enum Outdated {
     TimedOut,
 }
 
-/// How long a failed attach waits before the writer tries again (doubling
-/// up to [`RETRY_MAX`]).
-pub(super) const ATTACH_RETRY: Duration = Duration::from_secs(3);
-/// After a failed receiver start, the first wait before following the
+/// How long a failed attach waits before the writer tries again (the
+/// first pause of [`Runner::attach_backoff`], doubling up to [`RETRY_MAX`]).
+pub const ATTACH_RETRY: Duration = Duration::from_secs(3);
+/// After a failed receiver start, the first pause before following the
 /// writer again (doubling up to [`RETRY_MAX`]).
 pub(super) const RECEIVER_RETRY_FIRST: Duration = Duration::from_secs(1);
-/// The longest wait between two attempts of a failing retry loop.
+/// The longest pause between two attempts of a failing retry loop.
 pub(super) const RETRY_MAX: Duration = Duration::from_secs(60);
 /// After SIGUSR1, how long a link still reported down is taken for vmha-fs
 /// not having published its new state yet (it does within tens of ms).
@@ -138,6 +175,8 @@ impl Runner {
         loop {
             let start_wait = self.start_wait;
             let witness_retry = self.witness_retry;
+            let attach_retry = self.attach_retry;
+            let receiver_retry = self.receiver_retry;
             tokio::select! {
                 _ = shutdown.changed() => return,
                 command = commands.recv() => match command {
@@ -151,6 +190,17 @@ impl Runner {
                         self.cause = cause;
                         let lines = self.handle(event).await;
                         let _ = reply.send(lines);
+                    }
+                    Some(ModuleCommand::Reconfigure(settings, reply)) => {
+                        let every = settings.heartbeat_interval;
+                        if every != self.heartbeat_interval {
+                            checks = tokio::time::interval(every.max(Duration::from_millis(10)));
+                            checks.set_missed_tick_behavior(
+                                tokio::time::MissedTickBehavior::Delay,
+                            );
+                        }
+                        self.reconfigure(*settings);
+                        let _ = reply.send(());
                     }
                     Some(ModuleCommand::Verify(reply)) => {
                         // May take long (it reads everything): off the runner's loop.
@@ -195,12 +245,37 @@ impl Runner {
                         self.handle(Event::WitnessResult(outcome)).await;
                     }
                 }
+                _ = sleep_until(attach_retry), if attach_retry.is_some() => {
+                    self.attach_retry = None;
+                    self.cause = "attach retry".into();
+                    self.handle(Event::AttachRetryDue).await;
+                }
+                _ = sleep_until(receiver_retry), if receiver_retry.is_some() => {
+                    self.receiver_retry = None;
+                    self.cause = "receiver retry".into();
+                    self.handle(Event::ReceiverRetryDue).await;
+                }
                 _ = checks.tick() => {
                     self.cause = "checker".into();
                     self.check().await;
                 }
             }
         }
+    }
+
+    /// Takes a reload's settings; the state (role, generation, counters) stays.
+    fn reconfigure(&mut self, settings: Settings) {
+        if settings.start_wait_ms != self.start_wait_ms && self.start_wait.is_some() {
+            self.start_wait =
+                Some(tokio::time::Instant::now() + Duration::from_millis(settings.start_wait_ms));
+        }
+        self.module = settings.module;
+        self.state.policy = settings.policy;
+        self.heartbeat_interval = settings.heartbeat_interval;
+        self.start_wait_ms = settings.start_wait_ms;
+        self.failover_timeout = settings.failover_timeout;
+        self.witnesses = settings.witnesses;
+        self.publish();
     }
 
     pub(super) async fn on_peer_view(&mut self) {
@@ -247,24 +322,11 @@ impl Runner {
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
-            // Not an operator's command: a heartbeat, a timer, a checker.
-            let automatic = !matches!(
-                event,
-                Event::Start | Event::Stop | Event::Swap | Event::PrimForced
-            );
             let (next, actions) = step(&self.state, event);
             if actions.contains(&Action::MountReceiver) && self.receiver_backoff.failing() {
-                if automatic && !self.receiver_backoff.ready(Instant::now()) {
-                    // Backing off: as if this event had not come (the step
-                    // is pure); a later one tries again.
-                    if self.state.role == Role::Wait && self.start_wait.is_none() {
-                        self.start_wait = Some(
-                            tokio::time::Instant::now() + Duration::from_millis(self.start_wait_ms),
-                        );
-                    }
-                    continue;
-                }
-                // A retry: logged only if it succeeds.
+                // A retry of a receiver start that failed before: its lines
+                // reach the event log only if it succeeds (the failure was
+                // logged when it started). Every action still runs.
                 self.set_quiet(true);
             }
             // Losing readiness is announced at once, before the step's (maybe
@@ -282,9 +344,25 @@ impl Runner {
                     break;
                 }
             }
-            if !self.state.role.is_writer() {
-                self.attached = None;
+            if self.state.attach != Attach::Asked {
+                self.attached_at = None;
                 self.writer_sync = None;
+            }
+            if self.state.attach != Attach::Failed {
+                self.attach_retry = None;
+            }
+            if self.state.attach == Attach::Idle {
+                // The episode is over: the next SECOND behind us starts a
+                // new series (its first failure is logged again).
+                self.attach_backoff.succeed();
+            }
+            if !self.state.receiver_retry {
+                self.receiver_retry = None;
+                if self.state.role != Role::Second {
+                    // Given up by the state machine (stopped, writing, or no
+                    // writer to follow when the pause ended): a new series.
+                    self.receiver_backoff.succeed();
+                }
             }
             if !self.state.probing() {
                 self.witness_retry = None;

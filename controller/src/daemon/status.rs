@@ -19,7 +19,8 @@ pub(super) fn colour_of(role: Role, readiness: Readiness) -> Colour {
 }
 
 pub(super) fn build_status(shared: &Shared) -> Status {
-    let config = &shared.config;
+    let config = shared.config();
+    let differences = super::dispatch::config_differences(shared);
     let local_name = config.node(shared.node).name.clone();
     let peer_node = config.node(shared.node.peer());
     let now = Instant::now();
@@ -37,7 +38,7 @@ pub(super) fn build_status(shared: &Shared) -> Status {
         .collect();
     let config_match = peer.config_hash.map(|h| h == config.hash());
     let modules = shared
-        .modules
+        .modules()
         .iter()
         .map(|handle| {
             let view = handle.view.borrow().clone();
@@ -136,7 +137,8 @@ pub(super) fn build_status(shared: &Shared) -> Status {
         config_hash: config.hash().to_string(),
         heartbeats_rejected: shared.rejections.counts(),
         modules,
-        split_brain: Some(split_brain_name(config)),
+        split_brain: Some(split_brain_name(&config)),
+        config_differences: differences,
         witness,
     }
 }

@@ -291,6 +291,29 @@ impl FsDriver for FakeFs {
         Ok(())
     }
 
+    fn request_compare(&self, module: &Module, _reason: &str) -> Result<(), DriverError> {
+        let inner = self.call("request_compare", module)?;
+        match inner.mounted.get(&module.name) {
+            Some(Mounted::Writer) => Ok(()),
+            _ => Err(DriverError::failed(
+                "resync --compare",
+                "no writer is running",
+            )),
+        }
+    }
+
+    fn invalidate(&self, module: &Module, _reason: &str) -> Result<(), DriverError> {
+        let mut inner = self.call("invalidate", module)?;
+        match inner.mounted.get(&module.name) {
+            Some(Mounted::Receiver) => {
+                // The copy is discarded: no earlier resync counts any more.
+                inner.resync.remove(&module.name);
+                Ok(())
+            }
+            _ => Err(DriverError::failed("invalidate", "no receiver is running")),
+        }
+    }
+
     fn resync_state(&self, module: &Module) -> Result<ResyncState, DriverError> {
         Ok(lock(&self.0)
             .resync

@@ -38,6 +38,11 @@
 //!   after each [`FsDriver::unmount`], and before the next start there; never
 //!   while a vmha-fs still holds the state directory's lock (it may still serve
 //!   the directory). The FUSE mount is known by its source `vmha:<dir>`.
+//! - `resync --compare` writes `<state>/compare-resync` for the writer (its
+//!   next SIGUSR2 compares every block; vmha-fs removes the file when that
+//!   compare finished); `invalidate` writes `<state>/self-outdated` for the
+//!   receiver (the receiver started for the resync invalidates its records;
+//!   it removes the file once the copy is identical again).
 //! - `link.json` `disk_failed` (vmha-fs found a media error on this node's own
 //!   copy) is [`FsHealth::DiskFailed`], checked before the process's exit, and
 //!   remembered for the running writer; so is a `link.json` that exists but
@@ -56,8 +61,8 @@ use std::time::{Duration, Instant};
 
 use ::vmha_fs::status::{
     ChangedBytes, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase, SyncStatus,
-    VerifyPhase, VerifyStatus, LINK as LINK_FILE, PEER_OUTDATED as PEER_OUTDATED_FILE,
-    SELF_OUTDATED, SYNC as SYNC_FILE, VERIFY as VERIFY_FILE,
+    VerifyPhase, VerifyStatus, COMPARE_RESYNC as COMPARE_RESYNC_FILE, LINK as LINK_FILE,
+    PEER_OUTDATED as PEER_OUTDATED_FILE, SELF_OUTDATED, SYNC as SYNC_FILE, VERIFY as VERIFY_FILE,
 };
 
 use super::{Difference, DriverError, FsDriver, FsHealth, ResyncState, VerifyReport};
@@ -843,6 +848,38 @@ impl FsDriver for VmhaFsDriver {
             report.dirs.push((dir.clone(), diffs));
         }
         Ok(report)
+    }
+
+    /// `<state>/compare-resync` in each writer state dir: read by vmha-fs at
+    /// the next SIGUSR2 (attach), removed by it once that compare finished.
+    fn request_compare(&self, module: &Module, reason: &str) -> Result<(), DriverError> {
+        let dirs = self
+            .writer_state_dirs(module)
+            .ok_or_else(|| DriverError::failed("resync --compare", "no writer is running"))?;
+        for state in &dirs {
+            let path = state.join(COMPARE_RESYNC_FILE);
+            ::vmha_fs::atomic::write(&path, format!("{reason}\n").as_bytes())
+                .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// `<state>/self-outdated` in each of the module's state dirs: the receiver
+    /// started for the resync (the writer's new generation restarts it)
+    /// invalidates its records, so the writer compares every block; the
+    /// receiver removes the file once the copy is identical again.
+    fn invalidate(&self, module: &Module, reason: &str) -> Result<(), DriverError> {
+        match self.lock().get(&module.name) {
+            Some(running) if !running.writer => {}
+            _ => return Err(DriverError::failed("invalidate", "no receiver is running")),
+        }
+        for i in 0..module.replicated.len() {
+            let state = self.state_dir(module, i);
+            let path = state.join(SELF_OUTDATED);
+            ::vmha_fs::atomic::write(&path, format!("{reason}\n").as_bytes())
+                .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))?;
+        }
+        Ok(())
     }
 
     fn go_alone(&self, module: &Module) -> Result<(), DriverError> {

@@ -29,6 +29,10 @@ struct Node {
     marking: bool,
     /// The next `StopVm` fails (the VM keeps running).
     stop_fails: bool,
+    /// The next `MountReceiver` fails (the receiver does not start).
+    receiver_fails: bool,
+    /// A `RetryReceiver` pause runs (its end is `ReceiverRetryDue`).
+    receiver_retry: bool,
     /// Counter values on this node's disk.
     data: BTreeSet<u64>,
 }
@@ -59,6 +63,14 @@ enum Op {
     /// A node's witness probe ends; `true`: it could not run this time.
     Witness(usize, bool),
     LinkDown,
+    /// `vmctl resync --compare` on a node.
+    Compare(usize),
+    /// `vmctl invalidate` on a node.
+    Invalidate(usize),
+    /// The node's next receiver start fails.
+    ReceiverFails(usize),
+    /// The node's `RetryReceiver` pause ends.
+    ReceiverRetry(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -84,6 +96,10 @@ fn op() -> impl Strategy<Value = Op> {
         4 => node.clone().prop_map(Op::Write),
         1 => (node.clone(), any::<bool>()).prop_map(|(i, fails)| Op::Witness(i, fails)),
         1 => Just(Op::LinkDown),
+        1 => node.clone().prop_map(Op::Compare),
+        1 => node.clone().prop_map(Op::Invalidate),
+        1 => node.clone().prop_map(Op::ReceiverFails),
+        2 => node.clone().prop_map(Op::ReceiverRetry),
     ]
 }
 
@@ -166,6 +182,8 @@ impl Sim {
             writes_alone: false,
             marking: false,
             stop_fails: false,
+            receiver_fails: false,
+            receiver_retry: false,
             data: BTreeSet::new(),
         };
         Sim {
@@ -189,7 +207,7 @@ impl Sim {
         }
         let (next, actions) = step(&self.nodes[i].s, event.clone());
         for action in &actions {
-            if *action == Action::MountWriter {
+            if matches!(action, Action::MountWriter | Action::MountWriterConnected) {
                 assert!(
                     !next.peer_is_writer(),
                     "node {i} mounts as writer beside a writer\n{event:?}\n{next:?}"
@@ -199,6 +217,8 @@ impl Sim {
         self.nodes[i].s = next;
         let mut started = false;
         let mut stopped = None;
+        let mut failed = None;
+        let peer_receives = self.see_each_other() && self.link_ok && self.nodes[1 - i].receiver;
         for action in actions {
             let peer_history = self.nodes[1 - i].history.clone();
             let peer_data = self.nodes[1 - i].data.clone();
@@ -208,10 +228,25 @@ impl Sim {
                     assert!(!n.receiver && !n.writer, "node {i}: double mount");
                     n.writer = true;
                 }
+                Action::MountWriterConnected => {
+                    assert!(!n.receiver && !n.writer, "node {i}: double mount");
+                    if !peer_receives {
+                        // The driver aborts the rest of the step.
+                        failed = Some(Event::ConnectedMountFailed);
+                        break;
+                    }
+                    n.writer = true;
+                }
                 Action::MountReceiver => {
                     assert!(!n.receiver && !n.writer, "node {i}: double mount");
+                    if std::mem::take(&mut n.receiver_fails) {
+                        // The driver aborts the rest of the step.
+                        failed = Some(Event::ReceiverFailed);
+                        break;
+                    }
                     n.receiver = true;
                 }
+                Action::RetryReceiver => n.receiver_retry = true,
                 Action::Unmount => {
                     n.writer = false;
                     n.receiver = false;
@@ -249,8 +284,18 @@ impl Sim {
                 Action::SetPeerMayBeNewer(b) => n.flag = b,
                 Action::SetSelfOutdated(b) => n.self_outdated = b,
                 Action::ProbeWitness | Action::RetryWitness => n.probing = true,
-                Action::DefineDomain | Action::StartResync { .. } | Action::Log(_) => {}
+                Action::DefineDomain
+                | Action::StartResync { .. }
+                | Action::AttachPeer
+                | Action::RetryAttach
+                | Action::RequestCompare
+                | Action::InvalidateCopy
+                | Action::Log(_) => {}
             }
+        }
+        if let Some(event) = failed {
+            self.deliver(i, event);
+            return;
         }
         if started {
             self.deliver(i, Event::VmStarted);
@@ -278,7 +323,13 @@ impl Sim {
         let knows = relation == Relation::LocalNewer && peer.readiness != Readiness::Ready;
         if self.nodes[to].marking && knows {
             self.nodes[to].marking = false;
-            self.deliver(to, Event::PeerMarkedOutdated { acknowledged: true });
+            self.deliver(
+                to,
+                Event::PeerMarkedOutdated {
+                    acknowledged: true,
+                    peer_lost: false,
+                },
+            );
         }
     }
 
@@ -289,6 +340,8 @@ impl Sim {
             Op::Stop(i) => self.deliver(i, Event::Stop),
             Op::Swap(i) => self.deliver(i, Event::Swap),
             Op::Prim(i) => self.deliver(i, Event::PrimForced),
+            Op::Compare(i) => self.deliver(i, Event::ResyncCompare),
+            Op::Invalidate(i) => self.deliver(i, Event::Invalidate),
             Op::Exchange => {
                 if self.see_each_other() {
                     self.heartbeat(0);
@@ -321,6 +374,7 @@ impl Sim {
                 n.probing = false;
                 n.writes_alone = false;
                 n.marking = false;
+                n.receiver_retry = false;
             }
             Op::Boot(i) => {
                 if !self.nodes[i].alive {
@@ -342,6 +396,7 @@ impl Sim {
                             i,
                             Event::PeerMarkedOutdated {
                                 acknowledged: false,
+                                peer_lost: true,
                             },
                         );
                     }
@@ -387,6 +442,12 @@ impl Sim {
                 self.nodes[i].stop_fails = false;
             }
             Op::Write(i) => self.write(i),
+            Op::ReceiverFails(i) => self.nodes[i].receiver_fails = true,
+            Op::ReceiverRetry(i) => {
+                if std::mem::take(&mut self.nodes[i].receiver_retry) {
+                    self.deliver(i, Event::ReceiverRetryDue);
+                }
+            }
             Op::Witness(i, fails) => {
                 if self.nodes[i].probing {
                     self.nodes[i].probing = false;
@@ -468,9 +529,27 @@ impl Sim {
                 if n.s.disk_failed {
                     assert!(!n.writer && !n.receiver && !n.vm, "node {i}: {:?}", n.s);
                 }
+                // A SECOND runs its receiver; a pause after a failed
+                // receiver start holds in WAIT, with its retry pending.
+                if n.s.role == Role::Second {
+                    assert!(
+                        n.receiver,
+                        "node {i}: SECOND without its receiver {:?}",
+                        n.s
+                    );
+                }
+                if n.s.receiver_retry {
+                    assert!(
+                        n.s.role == Role::Wait && n.receiver_retry,
+                        "node {i}: {:?}",
+                        n.s
+                    );
+                }
+                // A writer whose connected start failed is mounted once
+                // its SECOND knows it is outdated.
                 assert_eq!(
                     n.writer,
-                    n.s.role.is_writer(),
+                    n.s.role.is_writer() && !n.s.pending_alone_mount,
                     "node {i}: mount vs role {:?}",
                     n.s
                 );

@@ -459,11 +459,44 @@ fn swap_from_either_side() {
         actions,
         [
             Action::Unmount,
-            Action::MountWriter,
+            Action::MountWriterConnected,
             Action::DefineDomain,
             Action::StartVm
         ]
     );
+    // Its receiver does not take the connected start: alone, once the old
+    // PRIM knows it is outdated (never before).
+    let (failed, actions) = run(&new, &[Event::ConnectedMountFailed]);
+    assert_eq!(failed.role, Role::Prim);
+    assert!(failed.pending_alone_mount);
+    assert!(!actions.contains(&Action::MountWriter));
+    assert_eq!(
+        index(&actions, &Action::NewGeneration).map(|g| g + 1),
+        index(&actions, &Action::MarkPeerOutdated)
+    );
+    let (alone, actions) = run(
+        &failed,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(
+        (alone.role, actions),
+        (
+            Role::Prim,
+            vec![Action::MountWriter, Action::DefineDomain, Action::StartVm]
+        )
+    );
+    let (gave_up, actions) = run(
+        &failed,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: false,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(gave_up.role, Role::Wait);
+    assert!(!actions.contains(&Action::MountWriter));
     // The old PRIM sees the new one: request done.
     let (old, _) = run(
         &old,
@@ -1053,11 +1086,30 @@ fn states() -> Vec<ModuleState> {
                         let mut m = s.clone();
                         m.peer_outdated = true;
                         out.push(m);
+                        // A connected start that failed, waiting for the
+                        // SECOND to know it is outdated.
+                        let mut p = s.clone();
+                        p.pending_alone_mount = true;
+                        p.vm_starting = true;
+                        out.push(p);
                         let mut w = s.clone();
                         w.swapping = true;
                         out.push(w);
                         let mut r = s.clone();
                         r.swap_refused = true;
+                        out.push(r);
+                    }
+                    if role.is_writer() {
+                        for attach in [Attach::Asked, Attach::Failed] {
+                            let mut a = s.clone();
+                            a.attach = attach;
+                            out.push(a);
+                        }
+                    }
+                    if role == Role::Wait && hold {
+                        // Its receiver did not start: the pause runs.
+                        let mut r = s.clone();
+                        r.receiver_retry = true;
                         out.push(r);
                     }
                     if role == Role::Second {
@@ -1094,10 +1146,23 @@ fn events() -> Vec<Event> {
         Event::DiskFailed,
         Event::VmStopDone,
         Event::VmStopFailed,
-        Event::PeerMarkedOutdated { acknowledged: true },
+        Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        },
         Event::PeerMarkedOutdated {
             acknowledged: false,
+            peer_lost: false,
         },
+        Event::PeerMarkedOutdated {
+            acknowledged: false,
+            peer_lost: true,
+        },
+        Event::ConnectedMountFailed,
+        Event::AttachFailed,
+        Event::AttachRetryDue,
+        Event::ReceiverFailed,
+        Event::ReceiverRetryDue,
         Event::Fenced {
             peer_follows_us: true,
         },
@@ -1107,6 +1172,8 @@ fn events() -> Vec<Event> {
         Event::WitnessResult(WitnessOutcome::Reachable),
         Event::WitnessResult(WitnessOutcome::Unreachable),
         Event::WitnessResult(WitnessOutcome::CouldNotProbe),
+        Event::ResyncCompare,
+        Event::Invalidate,
     ];
     for bits in 0u8..8 {
         out.push(Event::LinkDown {
@@ -1131,8 +1198,69 @@ fn index(actions: &[Action], wanted: &Action) -> Option<usize> {
 /// The invariants every transition keeps.
 fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, actions: &[Action]) {
     let ctx = || format!("{before:?}\n  --{event:?}-->\n{after:?}\n  actions {actions:?}");
-    let mount_writer = index(actions, &Action::MountWriter);
+    let mount_writer = index(actions, &Action::MountWriter)
+        .or_else(|| index(actions, &Action::MountWriterConnected));
     let promoted = !before.role.is_writer() && after.role.is_writer();
+    // The writer mount after a failed connected start comes once the SECOND
+    // knows it is outdated or is lost, never otherwise.
+    let alone_after_connected = before.pending_alone_mount
+        && after.role.is_writer()
+        && matches!(
+            event,
+            Event::PeerMarkedOutdated { acknowledged, peer_lost } if *acknowledged || *peer_lost
+        );
+    if before.pending_alone_mount && !after.pending_alone_mount && after.role.is_writer() {
+        assert!(alone_after_connected, "{}", ctx());
+        assert!(mount_writer.is_some(), "{}", ctx());
+    }
+    // Connected only to a ready SECOND in sync with us.
+    if actions.contains(&Action::MountWriterConnected) {
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second
+                    && p.readiness == Readiness::Ready
+                    && p.relation == Relation::InSync),
+            "{}",
+            ctx()
+        );
+    }
+    // Attach only a SECOND behind us, from a writer, once per episode.
+    if actions.contains(&Action::AttachPeer) {
+        assert!(after.role.is_writer(), "{}", ctx());
+        assert_ne!(before.attach, Attach::Asked, "{}", ctx());
+        assert_eq!(after.attach, Attach::Asked, "{}", ctx());
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second && p.readiness == Readiness::NotUpToDate),
+            "{}",
+            ctx()
+        );
+    }
+    // A receiver that did not start: WAIT, retried only after the pause
+    // (or when the operator asks), and the pause only after a failure.
+    if after.receiver_retry {
+        assert_eq!(after.role, Role::Wait, "{}", ctx());
+    }
+    if before.receiver_retry && actions.contains(&Action::MountReceiver) {
+        assert!(
+            matches!(event, Event::ReceiverRetryDue | Event::Start),
+            "{}",
+            ctx()
+        );
+    }
+    if actions.contains(&Action::RetryReceiver) {
+        assert_eq!(*event, Event::ReceiverFailed, "{}", ctx());
+        assert!(after.receiver_retry, "{}", ctx());
+    }
+    if *event == Event::ReceiverFailed && before.role == Role::Second {
+        assert_eq!(after.role, Role::Wait, "{}", ctx());
+        assert!(actions.contains(&Action::RetryReceiver), "{}", ctx());
+        assert!(!after.uptodate, "{}", ctx());
+    }
+    if !after.role.is_writer() {
+        assert_eq!(after.attach, Attach::Idle, "{}", ctx());
+        assert!(!after.pending_alone_mount, "{}", ctx());
+    }
     // Never two writers: no writer mount while the peer is known to write.
     if mount_writer.is_some() {
         assert!(
@@ -1144,7 +1272,7 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
         assert!(!actions.contains(&Action::ProbeWitness), "{}", ctx());
     }
     assert_eq!(
-        promoted,
+        promoted || alone_after_connected,
         mount_writer.is_some(),
         "promotion = writer mount: {}",
         ctx()
@@ -1320,12 +1448,14 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             assert!(
                 matches!(
                     event,
-                    Event::PeerMarkedOutdated { acknowledged: true }
-                        | Event::LinkDown {
-                            heartbeats_fresh: true,
-                            peer_is_second: true,
-                            peer_knows_outdated: true,
-                        }
+                    Event::PeerMarkedOutdated {
+                        acknowledged: true,
+                        peer_lost: false
+                    } | Event::LinkDown {
+                        heartbeats_fresh: true,
+                        peer_is_second: true,
+                        peer_knows_outdated: true,
+                    }
                 ),
                 "PRIM writing alone with a peer not known outdated: {}",
                 ctx()
@@ -1464,10 +1594,17 @@ fn link_down_writes_alone_only_once_the_second_knows() {
         &s,
         &[Event::PeerMarkedOutdated {
             acknowledged: false,
+            peer_lost: false,
         }],
     );
     assert_eq!((s2.role, actions), (Role::Prim, vec![]));
-    let (s2, actions) = run(&s, &[Event::PeerMarkedOutdated { acknowledged: true }]);
+    let (s2, actions) = run(
+        &s,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
     assert_eq!((s2.role, actions), (Role::Prim, vec![Action::WriteAlone]));
     // Marked already: the next report waits for the heartbeat that clears it.
     assert!(run(&s, &[LINK_DOWN]).1.is_empty());
@@ -1524,4 +1661,275 @@ fn a_seconds_dead_receiver_is_restarted_once_per_interval() {
     let (p, actions) = run(&prim(), &[fs_died(1_000)]);
     assert_eq!(p.role, Role::Wait);
     assert!(actions.contains(&Action::StopVm));
+}
+
+// ---- operator repairs: resync --compare, invalidate ----
+
+fn log_of(state: &ModuleState, event: Event) -> (ModuleState, Vec<Action>, String) {
+    let (next, actions) = step(state, event);
+    let log = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Log(l) => Some(l.clone()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    (next, actions, log)
+}
+
+#[test]
+fn resync_compare_on_the_prim_makes_the_second_outdated_then_compares() {
+    let (s, actions, log) = log_of(&prim(), Event::ResyncCompare);
+    let acts: Vec<_> = actions
+        .into_iter()
+        .filter(|a| !matches!(a, Action::Log(_)))
+        .collect();
+    assert_eq!(
+        acts,
+        vec![
+            Action::RequestCompare,
+            Action::NewGeneration,
+            Action::MarkPeerOutdated
+        ],
+        "{log}"
+    );
+    assert!(!log.contains("refused"), "{log}");
+    assert!(s.peer_outdated);
+    assert_eq!(s.role, Role::Prim);
+    // Writes go alone only once the SECOND knows; then it is attached again.
+    let (s, acts) = run(
+        &s,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(acts, vec![Action::WriteAlone]);
+    // A second request while the SECOND is behind is refused, not stacked.
+    let behind = seen(peer(
+        Role::Second,
+        Readiness::NotUpToDate,
+        Relation::LocalNewer,
+    ));
+    let (s, _) = run(&s, &[behind]);
+    let (_, actions, log) = log_of(&s, Event::ResyncCompare);
+    assert!(log.contains("refused"), "{log}");
+    assert!(actions.iter().all(|a| matches!(a, Action::Log(_))));
+}
+
+#[test]
+fn the_second_sees_the_compare_as_a_resync_and_is_ready_at_its_end() {
+    let (s, acts) = run(
+        &second(),
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(s.readiness(), Readiness::NotUpToDate);
+    assert!(
+        acts.contains(&Action::StartResync { full: false }),
+        "{acts:?}"
+    );
+    let (s, acts) = run(&s, &[Event::ResyncDone]);
+    assert_eq!(s.readiness(), Readiness::Ready);
+    assert!(acts.contains(&Action::AdoptPeerHistory));
+}
+
+#[test]
+fn resync_compare_on_a_ready_second_asks_the_prim() {
+    let (s, _, log) = log_of(&second(), Event::ResyncCompare);
+    assert_eq!(s.request, Some(Request::Compare), "{log}");
+    assert_eq!(s.announce().request, Some(Request::Compare));
+    // The PRIM answers a SECOND's request like its own command.
+    let asking = Peer {
+        request: Some(Request::Compare),
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (p, acts) = run(&prim(), &[seen(asking)]);
+    assert!(p.peer_outdated);
+    assert!(
+        acts.contains(&Action::RequestCompare) && acts.contains(&Action::MarkPeerOutdated),
+        "{acts:?}"
+    );
+    // Once the PRIM's generation is newer, the SECOND's request is answered.
+    let (s, acts) = run(
+        &s,
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(s.request, None);
+    assert!(
+        acts.contains(&Action::StartResync { full: false }),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn invalidate_on_a_second_discards_its_copy_and_takes_a_full_compare() {
+    let (s, actions, log) = log_of(&second(), Event::Invalidate);
+    assert!(!log.contains("refused"), "{log}");
+    // Persisted before the copy is touched.
+    let first = actions
+        .iter()
+        .position(|a| *a == Action::SetSelfOutdated(true));
+    let inval = actions.iter().position(|a| *a == Action::InvalidateCopy);
+    assert!(first.is_some() && first < inval, "{actions:?}");
+    assert_eq!(s.readiness(), Readiness::NotUpToDate);
+    assert_eq!(s.request, Some(Request::Compare));
+    // Not promoted if the PRIM dies now: the copy is discarded.
+    let (lost, _) = run(&s, &[Event::PeerLost]);
+    assert_eq!(lost.role, Role::Wait);
+    // The PRIM starts the compare for a not-ready SECOND that asks.
+    let asking = Peer {
+        request: Some(Request::Compare),
+        ..peer(Role::Second, Readiness::NotUpToDate, Relation::InSync)
+    };
+    let (_, acts) = run(&prim(), &[seen(asking)]);
+    assert!(acts.contains(&Action::NewGeneration), "{acts:?}");
+    // Its new generation starts a full resync here; the end makes it ready.
+    let (s, acts) = run(
+        &s,
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert!(
+        acts.contains(&Action::StartResync { full: true }),
+        "{acts:?}"
+    );
+    let (s, acts) = run(&s, &[Event::ResyncDone]);
+    assert_eq!(s.readiness(), Readiness::Ready);
+    assert!(!s.self_outdated);
+    assert!(acts.contains(&Action::SetSelfOutdated(false)));
+}
+
+#[test]
+fn invalidate_and_resync_compare_are_refused_where_they_make_no_sense() {
+    let stop = fresh(true, false);
+    let alone = run(
+        &fresh(true, false),
+        &[Event::Start, Event::StartWaitElapsed],
+    )
+    .0;
+    assert_eq!(alone.role, Role::Alone);
+    let wait = run(&fresh(false, false), &[Event::Start]).0;
+    assert_eq!(wait.role, Role::Wait);
+    for (name, state) in [
+        ("PRIM", prim()),
+        ("STOP", stop),
+        ("ALONE", alone),
+        ("WAIT", wait),
+    ] {
+        let (next, actions, log) = log_of(&state, Event::Invalidate);
+        assert!(log.contains("invalidate refused"), "{name}: {log}");
+        assert!(log.contains(name), "{name}: {log}");
+        assert!(
+            actions.iter().all(|a| matches!(a, Action::Log(_))),
+            "{name}"
+        );
+        assert_eq!(next, state, "{name}");
+        if name != "PRIM" {
+            let (next, _, log) = log_of(&state, Event::ResyncCompare);
+            assert!(log.contains("resync --compare refused"), "{name}: {log}");
+            assert_eq!(next, state, "{name}");
+        }
+    }
+}
+
+/// A SECOND behind the writer is attached once per episode; a failed attach
+/// is retried after a pause, not at every heartbeat; a ready SECOND ends the
+/// episode, and writing alone starts a new one.
+#[test]
+fn a_second_behind_is_attached_once_and_retried_after_failure() {
+    let behind = seen(peer(
+        Role::Second,
+        Readiness::NotUpToDate,
+        Relation::LocalNewer,
+    ));
+    let (s, actions) = run(&prim(), std::slice::from_ref(&behind));
+    assert_eq!(actions, [Action::AttachPeer]);
+    assert_eq!(s.attach, Attach::Asked);
+    // More heartbeats of the same episode: nothing more.
+    assert!(run(&s, std::slice::from_ref(&behind)).1.is_empty());
+    let (s, actions) = run(&s, &[Event::AttachFailed]);
+    assert_eq!(
+        (s.attach, actions),
+        (Attach::Failed, vec![Action::RetryAttach])
+    );
+    assert!(run(&s, std::slice::from_ref(&behind)).1.is_empty());
+    let (s, actions) = run(&s, &[Event::AttachRetryDue]);
+    assert_eq!(
+        (s.attach, actions),
+        (Attach::Asked, vec![Action::AttachPeer])
+    );
+    // In sync and ready: episode over; behind again later: a new attach.
+    let (s, _) = run(
+        &s,
+        &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(s.attach, Attach::Idle);
+    let (s, actions) = run(&s, std::slice::from_ref(&behind));
+    assert_eq!(actions, [Action::AttachPeer]);
+    // Writing alone drops the peer in vmha-fs: the next attach is new.
+    let (s, actions) = run(&s, &[LINK_DOWN]);
+    assert!(actions.contains(&Action::MarkPeerOutdated));
+    let (s, actions) = run(
+        &s,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert_eq!(
+        (s.attach, actions),
+        (Attach::Idle, vec![Action::WriteAlone])
+    );
+    // A retry that comes after the episode ended asks nothing.
+    let mut ended = s.clone();
+    ended.attach = Attach::Idle;
+    assert!(run(&ended, &[Event::AttachRetryDue]).1.is_empty());
+}
+
+/// A receiver that does not start: the node steps down to WAIT and holds —
+/// the writer's heartbeats do not retry it — until the pause asked for by
+/// `RetryReceiver` is over; then it follows the writer again. The operator's
+/// `stop` ends the pause, and `start` follows at once.
+#[test]
+fn a_receiver_that_does_not_start_is_retried_after_a_pause() {
+    let writer = seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer));
+    let (s, actions) = run(&fresh(true, false), &[Event::Start, writer.clone()]);
+    assert!(actions.contains(&Action::MountReceiver));
+    assert_eq!(s.role, Role::Second);
+    let (s, actions) = run(&s, &[Event::ReceiverFailed]);
+    assert_eq!(actions, [Action::Unmount, Action::RetryReceiver]);
+    assert_eq!(
+        (s.role, s.readiness(), s.receiver_retry),
+        (Role::Wait, Readiness::NotUpToDate, true)
+    );
+    // Heartbeats meanwhile change nothing.
+    let (held, actions) = run(&s, &[writer.clone(), writer.clone()]);
+    assert!(actions.is_empty(), "{actions:?}");
+    assert_eq!(held, s);
+    let (s, actions) = run(&held, &[Event::ReceiverRetryDue]);
+    assert_eq!(
+        actions,
+        [Action::MountReceiver, Action::StartResync { full: false }]
+    );
+    assert_eq!((s.role, s.receiver_retry), (Role::Second, false));
+    // A late retry asks nothing; neither does a second failure elsewhere.
+    assert!(run(&s, &[Event::ReceiverRetryDue]).1.is_empty());
+    // The operator's stop ends the pause; start follows at once.
+    let (s, _) = run(&held, &[Event::Stop]);
+    assert_eq!((s.role, s.receiver_retry), (Role::Stop, false));
+    let (s, actions) = run(&s, &[Event::Start, writer]);
+    assert!(actions.contains(&Action::MountReceiver), "{actions:?}");
+    assert_eq!(s.role, Role::Second);
 }

@@ -127,9 +127,16 @@ pub struct ReplicatedFs {
     next_fh: AtomicU64,
 }
 
+/// A count FUSE carries in 32 bits. Writes and copies are bounded far below
+/// (the kernel caps a request at `UINT_MAX & PAGE_MASK`); sizes the kernel
+/// would not take saturate rather than wrap.
+fn clamp_u32<T: TryInto<u32>>(v: T) -> u32 {
+    v.try_into().unwrap_or(u32::MAX)
+}
+
 fn to_system_time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
-        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+        UNIX_EPOCH + Duration::new(sec.unsigned_abs(), u32::try_from(nsec).unwrap_or(0))
     } else {
         UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
     }
@@ -175,12 +182,14 @@ fn attr_of(id: NodeId, st: &rustix::fs::Stat) -> FileAttr {
         ctime: to_system_time(st.st_ctime, st.st_ctime_nsec as i64),
         crtime: UNIX_EPOCH,
         kind: fuse_kind(FileType::from_raw_mode(st.st_mode)),
-        perm: (st.st_mode & 0o7777) as u16,
-        nlink: st.st_nlink as u32,
+        perm: u16::try_from(st.st_mode & 0o7777).unwrap_or(0),
+        nlink: clamp_u32(st.st_nlink),
         uid: st.st_uid,
         gid: st.st_gid,
-        rdev: st.st_rdev as u32,
-        blksize: st.st_blksize as u32,
+        // The kernel's dev_t is 32 bits (12-bit major, 20-bit minor), and for
+        // those glibc's 64-bit encoding keeps the same low 32 bits.
+        rdev: u32::try_from(st.st_rdev & 0xffff_ffff).unwrap_or(0),
+        blksize: clamp_u32(st.st_blksize),
         flags: 0,
     }
 }
@@ -438,7 +447,7 @@ impl ReplicatedFs {
             order,
             local,
             Box::new(move |r: Result<usize, Errno>| match r {
-                Ok(n) => reply.written(n as u32),
+                Ok(n) => reply.written(clamp_u32(n)),
                 Err(e) => reply.error(fuse_err(e)),
             }),
         );
@@ -502,7 +511,7 @@ impl ReplicatedFs {
 
     fn xattr_reply(value: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
         match value {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if size == 0 => reply.size(clamp_u32(v.len())),
             Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
             Ok(v) => reply.data(&v),
             Err(e) => reply.error(fuse_err(e)),
@@ -843,7 +852,11 @@ impl fuser::Filesystem for ReplicatedFs {
         let Some((items, _)) = self.dirs.lock().get(&fh.0).cloned() else {
             return reply.error(fuser::Errno::EBADF);
         };
-        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+        for (i, item) in items
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        {
             if reply.add(
                 INodeNo(item.ino),
                 i as u64 + 1,
@@ -896,9 +909,9 @@ impl fuser::Filesystem for ReplicatedFs {
                 s.f_bavail,
                 s.f_files,
                 s.f_ffree,
-                s.f_bsize as u32,
-                s.f_namemax as u32,
-                s.f_frsize as u32
+                clamp_u32(s.f_bsize),
+                clamp_u32(s.f_namemax),
+                clamp_u32(s.f_frsize)
             ))
     }
 
@@ -1119,6 +1132,7 @@ impl fuser::Filesystem for ReplicatedFs {
             )?;
             Ok(copied)
         })();
-        reply_with!(reply, result, |r: ReplyWrite, n: u64| r.written(n as u32))
+        reply_with!(reply, result, |r: ReplyWrite, n: u64| r
+            .written(clamp_u32(n)))
     }
 }

@@ -1,4 +1,10 @@
 //! Taking the peer back (SIGUSR2: attach and resync) and verifying it (SIGHUP).
+//!
+//! A compare resync (the operator's repair of a copy changed behind vmha's back)
+//! is an attach whose sync compares every block: `STATEDIR/compare-resync`
+//! present at the attach. The writer goes alone first (SIGUSR1, after the
+//! controller told the peer it is outdated), so the repair runs through the same
+//! ordered stream and range locks as every resync while the VM writes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,8 +150,17 @@ impl Joiner {
                             std::thread::sleep(Duration::from_millis(20));
                         }
                     });
+                    // Read before the attach: a request made later is served by
+                    // the next one (the marker stays until a compare finished).
+                    let compare = state.compare_requested();
+                    if let Some(reason) = &compare {
+                        tracing::warn!(reason = reason.trim(), "compare resync requested");
+                    }
                     let outcome = match link.attach(peer, &key, &module, generation.map(String::from)) {
-                        Ok(report) => syncer.run(report).map_err(|e| e.to_string()),
+                        Ok(report) => syncer
+                            .run_with(report, compare.is_some())
+                            .map(|outcome| (outcome, compare.is_some()))
+                            .map_err(|e| e.to_string()),
                         Err(e) => {
                             if let Some(reason) = stale_refusal(&e) {
                                 tracing::error!(%peer, reason, "fenced: the peer refused our generation");
@@ -159,12 +174,17 @@ impl Joiner {
                 });
                 running.store(false, Ordering::SeqCst);
                 match outcome {
-                    Ok(outcome) => {
+                    Ok((outcome, compared)) => {
                         let (bytes, incremental) = (outcome.data_bytes, outcome.incremental);
                         if let Err(e) = state.clear_peer_outdated() {
                             tracing::error!("peer in sync, but the record says otherwise: {e}");
                         }
-                        tracing::info!(bytes, incremental, %peer, "sync done: the peer is in sync");
+                        if compared {
+                            if let Err(e) = state.clear_compare_request() {
+                                tracing::error!("compare resync done, but its request stays: {e}");
+                            }
+                        }
+                        tracing::info!(bytes, incremental, compared, %peer, "sync done: the peer is in sync");
                         state.write_sync_status(SyncPhase::InSync, &progress, None);
                     }
                     Err(e) => {

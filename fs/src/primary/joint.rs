@@ -12,7 +12,6 @@
 //!   to the writer ([`Repair`]); only if that fails is the failed side behind;
 //! - applied here, refused by the peer: the peer is behind (the link records it
 //!   outdated and decides whether writing goes on alone).
-#![deny(clippy::cast_possible_truncation)]
 
 use std::sync::Arc;
 

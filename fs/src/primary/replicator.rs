@@ -13,7 +13,6 @@
 //! Whatever the door, the two outcomes are judged by [`super::joint::judge`] and
 //! settled here ([`Replicator::settle`]): the one place that decides what a
 //! disagreement means.
-#![deny(clippy::cast_possible_truncation)]
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
