@@ -66,7 +66,9 @@ pub enum ConfigError {
     DuplicateNode(String),
     #[error("node `{0}` has no addresses")]
     NoAddresses(String),
-    #[error("node `{node}`: address `{address}` is not an IP address")]
+    #[error(
+        "node `{node}`: address `{address}` is neither an IP address nor a host name that resolves"
+    )]
     BadAddress { node: String, address: String },
     #[error("node `{first}` has {first_count} addresses but node `{second}` has {second_count}: one per network on both")]
     AddressCountMismatch {
@@ -83,7 +85,7 @@ pub enum ConfigError {
     BadSplitBrain(String),
     #[error("cluster.split_brain = `prefer:{0}` names an unknown node")]
     UnknownPreferredNode(String),
-    #[error("cluster.witness `{0}` is neither IP nor IP:PORT")]
+    #[error("cluster.witness `{0}` is neither IP, HOST, IP:PORT nor HOST:PORT (a host name must resolve)")]
     BadWitness(String),
     #[error("{count} modules configured, at most {MAX_MODULES} are supported")]
     TooManyModules { count: usize },
@@ -639,6 +641,35 @@ impl KeyPath {
     }
 }
 
+/// An IP address, or a host name resolved once, when the file is read (its
+/// first address, IPv4 first: the one a peer is most likely configured to
+/// use). Names that do not resolve are errors, not skipped.
+fn resolve_host(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if text.is_empty() || text.contains(':') {
+        return None;
+    }
+    use std::net::ToSocketAddrs;
+    let all: Vec<IpAddr> = (text, 0u16)
+        .to_socket_addrs()
+        .ok()?
+        .map(|a| a.ip())
+        .collect();
+    all.iter()
+        .copied()
+        .find(IpAddr::is_ipv4)
+        .or_else(|| all.first().copied())
+}
+
+/// `HOST:PORT` with a host name, resolved as [`resolve_host`].
+fn resolve_host_port(text: &str) -> Option<SocketAddr> {
+    let (host, port) = text.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?;
+    Some(SocketAddr::new(resolve_host(host)?, port))
+}
+
 impl fmt::Display for KeyPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
@@ -992,9 +1023,9 @@ fn validate_nodes(raw: Vec<RawNode>, problems: &mut Problems) -> Option<[Node; 2
         }
         let mut addresses = Vec::new();
         for (j, a) in node.addresses.iter().enumerate() {
-            match a.parse::<IpAddr>() {
-                Ok(ip) => addresses.push(ip),
-                Err(_) => problems.push(
+            match resolve_host(a) {
+                Some(ip) => addresses.push(ip),
+                None => problems.push(
                     ConfigError::BadAddress {
                         node: node.name.clone(),
                         address: a.clone(),
@@ -1130,6 +1161,10 @@ fn validate_cluster(
             witness.push(Witness::Icmp(ip));
         } else if let Ok(sock) = w.parse::<SocketAddr>() {
             witness.push(Witness::Tcp(sock));
+        } else if let Some(sock) = resolve_host_port(w) {
+            witness.push(Witness::Tcp(sock));
+        } else if let Some(ip) = resolve_host(w) {
+            witness.push(Witness::Icmp(ip));
         } else {
             problems.push(
                 ConfigError::BadWitness(w.clone()),
@@ -1771,9 +1806,9 @@ default_primary = "node1"
             ),
             "{e}"
         );
-        let e = err(&edit("\"10.1.0.2\"", "\"node2.example\""));
+        let e = err(&edit("\"10.1.0.2\"", "\"node2.invalid\""));
         assert!(
-            matches!(&e, ConfigError::BadAddress { node, address } if node == "node2" && address == "node2.example"),
+            matches!(&e, ConfigError::BadAddress { node, address } if node == "node2" && address == "node2.invalid"),
             "{e}"
         );
         let e = err(&edit("[\"10.0.0.2\", \"10.1.0.2\"]", "[]"));
@@ -2011,6 +2046,33 @@ default_primary = "node1"
     }
 
     #[test]
+    fn host_names_where_addresses_go() {
+        // `localhost` is in every /etc/hosts.
+        let config = Config::from_toml_str(&edit("\"10.1.0.2\"", "\"localhost\"")).unwrap();
+        assert!(config.nodes[1].addresses[1].is_loopback());
+        let config = Config::from_toml_str(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nwitness = [\"localhost\", \"localhost:22\"]",
+        ))
+        .unwrap();
+        assert!(
+            matches!(config.cluster.witness[0], Witness::Icmp(ip) if ip.is_loopback()),
+            "{:?}",
+            config.cluster.witness
+        );
+        assert!(
+            matches!(config.cluster.witness[1], Witness::Tcp(s) if s.ip().is_loopback() && s.port() == 22),
+            "{:?}",
+            config.cluster.witness
+        );
+        let e = err(&edit("\"10.1.0.2\"", "\"no-such-host.invalid\""));
+        assert!(
+            e.to_string().contains("nor a host name that resolves"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn witnesses() {
         let config = Config::from_toml_str(&edit(
             "name = \"pair1\"",
@@ -2026,10 +2088,10 @@ default_primary = "node1"
         );
         let e = err(&edit(
             "name = \"pair1\"",
-            "name = \"pair1\"\nwitness = [\"router\"]",
+            "name = \"pair1\"\nwitness = [\"router.invalid\"]",
         ));
         assert!(
-            matches!(&e, ConfigError::BadWitness(w) if w == "router"),
+            matches!(&e, ConfigError::BadWitness(w) if w == "router.invalid"),
             "{e}"
         );
     }

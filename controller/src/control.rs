@@ -68,8 +68,12 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("another vmhad is already listening on {0}")]
+    #[error("vmhad is already running (its control socket {0} answers)")]
     InUse(PathBuf),
+    #[error(
+        "control socket path {0} exists and is not a socket (a file is in the way; left as it is)"
+    )]
+    NotASocket(PathBuf),
     #[error("cannot listen on {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -116,6 +120,20 @@ pub enum Request {
     Log {
         #[serde(default)]
         module: Option<String>,
+    },
+    /// `log` with bounds (`vmctl log -n N`, `-f`); a separate command so
+    /// that `log` keeps its shape.
+    #[serde(rename = "log_tail")]
+    LogTail {
+        #[serde(default)]
+        module: Option<String>,
+        /// Only the last N lines (`vmctl log -n N`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last: Option<usize>,
+        /// Only lines numbered this or later (`log_next` of a previous
+        /// answer: `vmctl log -f`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
     },
     /// Compare the peer's copy block by block; report only.
     Verify {
@@ -175,28 +193,128 @@ pub enum Request {
     },
 }
 
+/// What kind of failure (or notable outcome) an answer reports, for scripts
+/// and for `vmctl`'s exit status (`vmctl/src/exit.rs` maps each to one code).
+/// JSON: `"kind": "refused"` etc. next to `"error"`. An answer without `kind`
+/// (an older daemon) counts as `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// vmhad would not do it in the module's present state (nothing done):
+    /// "swap refused: ...", "prim refused: ...", an aborted swap.
+    Refused,
+    /// No such module, none configured, or several and none named.
+    UnknownModule,
+    /// The command ran and found the two copies different (`verify`,
+    /// compares). Comes with `ok: true`: the command itself worked.
+    Differs,
+    /// vmhad is shutting down (as good as not running).
+    ShuttingDown,
+    /// The request line was not understood, or not allowed.
+    BadRequest,
+    /// Anything else that failed (a driver, the disk, ...).
+    Failed,
+    /// A kind this client does not know (a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    /// The kind of an error message given without one: how every
+    /// [`Response::error`] gets its kind, so request handlers that only have
+    /// a message still answer with the right kind. Recognises the messages of
+    /// [`UnknownModule`], the state machine's refusals ("refused",
+    /// "aborted") and "shutting down".
+    pub fn of_message(message: &str) -> ErrorKind {
+        if UnknownModule::matches(message) {
+            ErrorKind::UnknownModule
+        } else if message.contains("shutting down") {
+            ErrorKind::ShuttingDown
+        } else if message.contains("refused") || message.contains("aborted") {
+            ErrorKind::Refused
+        } else if message.starts_with("bad request") || message == "permission denied" {
+            ErrorKind::BadRequest
+        } else {
+            ErrorKind::Failed
+        }
+    }
+}
+
+/// A request named no module that exists (or named none when several do):
+/// the one source of these messages, so [`ErrorKind::of_message`] knows them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownModule {
+    #[error("unknown module `{name}` (modules: {known})")]
+    Unknown { name: String, known: String },
+    #[error("no module is configured")]
+    NoneConfigured,
+    #[error("several modules are configured ({known}): name one")]
+    NotNamed { known: String },
+}
+
+impl UnknownModule {
+    fn matches(message: &str) -> bool {
+        message.starts_with("unknown module `")
+            || message == "no module is configured"
+            || (message.starts_with("several modules are configured (")
+                && message.ends_with("): name one"))
+    }
+}
+
+impl From<UnknownModule> for String {
+    fn from(e: UnknownModule) -> String {
+        e.to_string()
+    }
+}
+
 /// The answer line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Machine-readable kind of `error` (and `differs` on a successful
+    /// compare); absent on plain success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ErrorKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
     /// Event-log lines produced by a command, or the whole log for `log`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<String>,
+    /// `log` only: the number of the next line, for `after` (following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_next: Option<u64>,
     /// `config-text`: the configuration file's text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
 }
 
 impl Response {
+    /// A failure; its kind is taken from the message
+    /// ([`ErrorKind::of_message`]).
     pub fn error(message: impl Into<String>) -> Response {
+        let message = message.into();
+        Response::failure(ErrorKind::of_message(&message), message)
+    }
+
+    /// A failure of a known kind.
+    pub fn failure(kind: ErrorKind, message: impl Into<String>) -> Response {
         Response {
             ok: false,
             error: Some(message.into()),
+            kind: Some(kind),
             ..Response::default()
+        }
+    }
+
+    /// The kind a client acts on: `kind`, or `failed` for a failure without
+    /// one (older daemon), `None` for a plain success.
+    pub fn effective_kind(&self) -> Option<ErrorKind> {
+        match (self.ok, self.kind) {
+            (_, Some(kind)) => Some(kind),
+            (false, None) => Some(ErrorKind::Failed),
+            (true, None) => None,
         }
     }
 
@@ -214,6 +332,58 @@ impl Response {
 pub struct Call {
     pub request: Request,
     pub reply: oneshot::Sender<Response>,
+    /// Who sent it (SO_PEERCRED), for the event log; `None` in-process.
+    pub caller: Option<Caller>,
+}
+
+/// The process on the other end of a control connection (SO_PEERCRED).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    /// The user name of `uid` (from the password database), if known.
+    pub user: Option<String>,
+}
+
+impl Caller {
+    /// The credentials of `stream`'s peer.
+    pub fn of(stream: &UnixStream) -> Option<Caller> {
+        let cred = stream.peer_cred().ok()?;
+        Some(Caller {
+            uid: cred.uid(),
+            pid: cred.pid(),
+            user: user_name(cred.uid()),
+        })
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.user {
+            Some(user) => write!(f, "{user} (uid {})", self.uid)?,
+            None => write!(f, "uid {}", self.uid)?,
+        }
+        if let Some(pid) = self.pid {
+            write!(f, " pid {pid}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `uid`'s name from `/etc/passwd` (local accounts: root and the operators
+/// who may use the socket); `None` when it is not there.
+pub fn user_name(uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd_name(&text, uid)
+}
+
+fn passwd_name(text: &str, uid: u32) -> Option<String> {
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?;
+        (id.parse::<u32>().ok()? == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 /// A bound control socket.
@@ -240,7 +410,12 @@ impl Server {
                     })?;
             }
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                // Never remove what is not a socket: it may be someone's file.
+                return Err(ControlError::NotASocket(path.to_path_buf()));
+            }
             if StdUnixStream::connect(path).is_ok() {
                 return Err(ControlError::InUse(path.to_path_buf()));
             }
@@ -374,11 +549,12 @@ async fn connection(
     log: &Mutex<RateLog>,
 ) {
     let peer = peer_name(&stream);
+    let caller = Caller::of(&stream);
     if !allowed(&stream) {
         lock(log).reject("permission_denied", &peer, "not root nor the daemon's user");
         let (_, mut write) = stream.into_split();
         let _ = write
-            .write_all(b"{\"ok\":false,\"error\":\"permission denied\"}\n")
+            .write_all(b"{\"ok\":false,\"error\":\"permission denied\",\"kind\":\"bad_request\"}\n")
             .await;
         return;
     }
@@ -408,7 +584,12 @@ async fn connection(
             Err(e) => Response::error(e),
             Ok(request) => {
                 let (reply, answer) = oneshot::channel();
-                if calls.send(Call { request, reply }).await.is_err() {
+                let call = Call {
+                    request,
+                    reply,
+                    caller: caller.clone(),
+                };
+                if calls.send(call).await.is_err() {
                     Response::error("vmhad is shutting down")
                 } else {
                     answer
@@ -423,6 +604,11 @@ async fn connection(
     }
 }
 
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
 /// A blocking client (for `vmctl`).
 #[derive(Debug)]
 pub struct Client {
@@ -434,6 +620,9 @@ impl Client {
     pub fn connect(path: &Path) -> Result<Client, ControlError> {
         let stream = StdUnixStream::connect(path).map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => ControlError::NotRunning(path.to_path_buf()),
+            std::io::ErrorKind::ConnectionRefused if !is_socket(path) => {
+                ControlError::NotASocket(path.to_path_buf())
+            }
             std::io::ErrorKind::ConnectionRefused => ControlError::Refused(path.to_path_buf()),
             std::io::ErrorKind::PermissionDenied => {
                 ControlError::PermissionDenied(path.to_path_buf())
@@ -492,6 +681,15 @@ mod tests {
         assert_eq!(r, Request::Status);
         let r: Request = serde_json::from_str(r#"{"cmd":"log"}"#).unwrap();
         assert_eq!(r, Request::Log { module: None });
+        let r: Request = serde_json::from_str(r#"{"cmd":"log_tail","last":3}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::LogTail {
+                module: None,
+                last: Some(3),
+                after: None
+            }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         let r: Request = serde_json::from_str(r#"{"cmd":"leave"}"#).unwrap();
         assert_eq!(
@@ -523,6 +721,60 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"maintenance"}"#).is_err());
     }
 
+    #[test]
+    fn user_names_from_passwd() {
+        let text = "root:x:0:0:root:/root:/bin/bash\nop:x:1000:1000::/home/op:/bin/sh\n";
+        assert_eq!(passwd_name(text, 0).as_deref(), Some("root"));
+        assert_eq!(passwd_name(text, 1000).as_deref(), Some("op"));
+        assert_eq!(passwd_name(text, 7), None);
+        let c = Caller {
+            uid: 0,
+            pid: Some(42),
+            user: Some("root".into()),
+        };
+        assert_eq!(c.to_string(), "root (uid 0) pid 42");
+    }
+
+    #[test]
+    fn error_kinds_on_the_wire() {
+        let unknown = UnknownModule::Unknown {
+            name: "x".into(),
+            known: "vm1".into(),
+        };
+        let r = Response::error(unknown);
+        assert_eq!(r.kind, Some(ErrorKind::UnknownModule));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["kind"], "unknown_module");
+        assert_eq!(
+            Response::error(UnknownModule::NotNamed {
+                known: "a, b".into()
+            })
+            .kind,
+            Some(ErrorKind::UnknownModule)
+        );
+        assert_eq!(
+            Response::error("swap refused: no peer").kind,
+            Some(ErrorKind::Refused)
+        );
+        assert_eq!(
+            Response::error("vmhad is shutting down").kind,
+            Some(ErrorKind::ShuttingDown)
+        );
+        assert_eq!(
+            Response::error("disk on fire").kind,
+            Some(ErrorKind::Failed)
+        );
+        // Old daemons send no kind; new daemons may send kinds we do not know.
+        let old: Response = serde_json::from_str(r#"{"ok":false,"error":"x"}"#).unwrap();
+        assert_eq!(old.effective_kind(), Some(ErrorKind::Failed));
+        let newer: Response =
+            serde_json::from_str(r#"{"ok":false,"error":"x","kind":"martian"}"#).unwrap();
+        assert_eq!(newer.kind, Some(ErrorKind::Other));
+        let ok = Response::lines(true, vec![]);
+        assert_eq!(ok.effective_kind(), None);
+        assert!(serde_json::to_value(&ok).unwrap().get("kind").is_none());
+    }
+
     #[tokio::test]
     async fn serves_over_a_temp_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -532,13 +784,16 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let parent = std::fs::metadata(dir.path().join("sub")).unwrap();
         assert_eq!(parent.permissions().mode() & 0o777, 0o700);
-        // A second daemon on the same socket is refused.
-        assert!(matches!(Server::bind(&path), Err(ControlError::InUse(_))));
+        // A second daemon on the same socket is refused: "already running".
+        let second = Server::bind(&path).unwrap_err();
+        assert!(matches!(second, ControlError::InUse(_)));
+        assert!(second.to_string().contains("already running"), "{second}");
         let (tx, mut rx) = mpsc::channel::<Call>(4);
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = server.spawn(tx, stop_rx);
         tokio::spawn(async move {
             while let Some(call) = rx.recv().await {
+                assert!(call.caller.is_some());
                 let _ = call
                     .reply
                     .send(Response::lines(true, vec![format!("{:?}", call.request)]));
@@ -690,6 +945,23 @@ mod tests {
                 Err(e) => proptest::prop_assert!(e.starts_with("bad request")),
             }
         }
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_named_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmhad.sock");
+        std::fs::write(&path, b"precious").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let err = rt.block_on(async { Server::bind(&path).unwrap_err() });
+        assert!(matches!(err, ControlError::NotASocket(_)), "{err}");
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        let err = Client::connect(&path).unwrap_err();
+        assert!(matches!(err, ControlError::NotASocket(_)), "{err}");
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! The per-module event log (design, "Interfaces"): state changes with their
-//! reasons, driver output and errors. Kept in a ring buffer for `vmctl log`
-//! and appended to `<state_dir>/<module>/events.log` (mode 0600).
+//! reasons, driver output and errors, each line prefixed with what caused it
+//! (`[vmctl stop by root (uid 0) pid 12]`, `[peer lost]`, `[checker]`, ...).
+//! Kept in a ring buffer for `vmctl log` and appended to
+//! `<state_dir>/<module>/events.log` (mode 0600). The ring starts with the
+//! file's last lines, so `vmctl log` shows what happened before a restart.
+//! Lines are numbered (from the daemon's start) so `vmctl log -f` asks only
+//! for the lines after the last one it printed.
 
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
@@ -29,8 +34,48 @@ pub enum EventLogError {
 #[derive(Debug)]
 pub struct EventLog {
     path: PathBuf,
-    ring: Mutex<VecDeque<String>>,
+    ring: Mutex<Ring>,
     clock: WallClock,
+}
+
+/// The lines in memory and the number the next one gets.
+#[derive(Debug, Default)]
+struct Ring {
+    lines: VecDeque<String>,
+    next: u64,
+}
+
+/// The lines asked for and the number to ask `after` next time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tail {
+    pub lines: Vec<String>,
+    pub next: u64,
+}
+
+/// The last `n` lines of the file at `path` (read from its end).
+fn file_tail(path: &Path, n: usize) -> VecDeque<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return VecDeque::new();
+    };
+    // Lines are short: 256 bytes each is plenty for the ring.
+    let want = u64::try_from(n).unwrap_or(u64::MAX).saturating_mul(256);
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(want);
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return VecDeque::new();
+    }
+    let mut bytes = Vec::new();
+    if file.read_to_end(&mut bytes).is_err() {
+        return VecDeque::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0); // maybe cut in the middle
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines[skip..].iter().map(|l| l.to_string()).collect()
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` (RFC 3339, UTC, milliseconds).
@@ -46,9 +91,12 @@ impl EventLog {
 
     /// [`EventLog::new`] with timestamps from `clock`.
     pub fn with_clock(state_dir: &Path, module: &str, clock: WallClock) -> EventLog {
+        let path = state_dir.join(module).join("events.log");
+        let lines = file_tail(&path, RING_LINES);
+        let next = u64::try_from(lines.len()).unwrap_or(0);
         EventLog {
-            path: state_dir.join(module).join("events.log"),
-            ring: Mutex::new(VecDeque::with_capacity(RING_LINES)),
+            path,
+            ring: Mutex::new(Ring { lines, next }),
             clock,
         }
     }
@@ -64,10 +112,11 @@ impl EventLog {
         let line = format!("{} {}", timestamp(self.clock.now()), line.trim_end());
         {
             let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-            if ring.len() == RING_LINES {
-                ring.pop_front();
+            if ring.lines.len() == RING_LINES {
+                ring.lines.pop_front();
             }
-            ring.push_back(line.clone());
+            ring.lines.push_back(line.clone());
+            ring.next += 1;
         }
         let err = |source| EventLogError::Write {
             path: self.path.clone(),
@@ -92,7 +141,26 @@ impl EventLog {
     /// The lines in memory, oldest first.
     pub fn lines(&self) -> Vec<String> {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.iter().cloned().collect()
+        ring.lines.iter().cloned().collect()
+    }
+
+    /// The lines numbered `after` and later (all kept when `None`), at most
+    /// the `last` of them.
+    pub fn tail(&self, after: Option<u64>, last: Option<usize>) -> Tail {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let first = ring.next - ring.lines.len() as u64;
+        let from = after.map_or(0, |a| a.saturating_sub(first));
+        let from = usize::try_from(from)
+            .unwrap_or(usize::MAX)
+            .min(ring.lines.len());
+        let mut lines: Vec<String> = ring.lines.iter().skip(from).cloned().collect();
+        if let Some(n) = last {
+            lines.drain(..lines.len().saturating_sub(n));
+        }
+        Tail {
+            lines,
+            next: ring.next,
+        }
     }
 }
 
@@ -116,6 +184,27 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(log.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn tail_by_number_and_count_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::new(dir.path(), "vm1");
+        for i in 0..5 {
+            log.append(&format!("line {i}")).unwrap();
+        }
+        let t = log.tail(None, Some(2));
+        assert_eq!(t.next, 5);
+        assert!(t.lines[0].ends_with("line 3") && t.lines[1].ends_with("line 4"));
+        assert!(log.tail(Some(5), None).lines.is_empty());
+        log.append("line 5").unwrap();
+        let t = log.tail(Some(5), None);
+        assert_eq!(t.lines.len(), 1);
+        assert!(t.lines[0].ends_with("line 5"));
+        // A new daemon starts with the file's lines.
+        let again = EventLog::new(dir.path(), "vm1");
+        assert_eq!(again.lines().len(), 6);
+        assert!(again.lines()[0].ends_with("line 0"));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 // Durations, sizes and wire fields narrow only explicitly and checked.
 #![deny(clippy::cast_possible_truncation)]
 
+pub mod backoff;
 pub mod check;
 pub mod clock;
 pub mod config;

@@ -138,20 +138,14 @@ fn run(args: Args) -> Result<(), MainError> {
         let status = daemon.status();
         vmha_controller::systemd::ready(&status);
         let summary = vmha_controller::systemd::summary(&status);
-        {
+        let signal = {
             let keep_alive = vmha_controller::systemd::keep_alive(&daemon, summary);
             tokio::pin!(keep_alive);
             let mut kept = false;
             loop {
                 tokio::select! {
-                    _ = term.recv() => {
-                        tracing::info!("SIGTERM: stopping the modules");
-                        break;
-                    }
-                    _ = int.recv() => {
-                        tracing::info!("SIGINT: stopping the modules");
-                        break;
-                    }
+                    _ = term.recv() => break "SIGTERM",
+                    _ = int.recv() => break "SIGINT",
                     _ = hup.recv() => {
                         tracing::info!("SIGHUP: reloading {}", config_file.display());
                         let answer = daemon.reload().await;
@@ -166,9 +160,12 @@ fn run(args: Args) -> Result<(), MainError> {
                     () = &mut keep_alive, if !kept => kept = true,
                 }
             }
-        }
+        };
+        tracing::info!("{signal}: stopping the modules");
         vmha_controller::systemd::stopping();
-        daemon.shutdown().await;
+        daemon
+            .shutdown_because(&format!("signal {signal}: vmhad stop"))
+            .await;
         tracing::info!("vmhad stopped");
         Ok(())
     })

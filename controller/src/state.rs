@@ -29,6 +29,10 @@
 //! - `AttachPeer` that fails (or leaves no trace in vmha-fs), and a copy to
 //!   the SECOND that fails later, report [`Event::AttachFailed`];
 //!   `RetryAttach` reports `AttachRetryDue` after a pause (seconds).
+//! - `MountReceiver` that fails aborts the rest of its step and reports
+//!   [`Event::ReceiverFailed`] (before any other event); `RetryReceiver`
+//!   reports `ReceiverRetryDue` after a pause (seconds, growing while the
+//!   starts keep failing).
 //!
 //! # Choices where the design is silent
 //! - **Peer may be newer** is persisted *true* whenever the peer writes or may
@@ -129,6 +133,11 @@
 //!   failed attach is retried after a pause ([`Action::RetryAttach`]). The
 //!   episode ends when the peer is no longer a SECOND behind us, and whenever
 //!   vmha-fs is told to write alone (it drops the peer).
+//! - **A receiver that does not start** (`ReceiverFailed`: becoming SECOND
+//!   failed) steps down to WAIT as when vmha-fs fails, and holds: it follows
+//!   a writer again only once the pause asked for by
+//!   [`Action::RetryReceiver`] is over (`ReceiverRetryDue`), not at the next
+//!   heartbeat. The operator's `start` or `stop` ends the pause.
 //! - **A SECOND's receiver died** (`FsDied`): restarted in place
 //!   ([`Action::RestartReceiver`]) at most once per
 //!   [`RECEIVER_RESTART_INTERVAL_MS`], else the module steps down as for
@@ -445,6 +454,11 @@ pub enum Event {
     AttachFailed,
     /// The pause after `RetryAttach` is over.
     AttachRetryDue,
+    /// A `MountReceiver` failed (the receiver did not start): nothing is
+    /// mounted.
+    ReceiverFailed,
+    /// The pause after `RetryReceiver` is over.
+    ReceiverRetryDue,
     /// vmha-fs reports our writes refused: our generation is stale, unless
     /// the peer's heartbeat shows our data or an older state of it
     /// (`peer_follows_us`): its receiver then still accepts an older
@@ -504,8 +518,11 @@ pub enum Action {
     AttachPeer,
     /// Report `AttachRetryDue` after a pause.
     RetryAttach,
-    /// Run the vmha-fs receiver (directories read-only locally).
+    /// Run the vmha-fs receiver (directories read-only locally); a failure
+    /// reports `ReceiverFailed`.
     MountReceiver,
+    /// Report `ReceiverRetryDue` after a pause.
+    RetryReceiver,
     /// Take down the writer or receiver (and any resync).
     Unmount,
     /// Define the libvirt domain from `<dir>/<domain>.xml`, autostart off.
@@ -631,6 +648,9 @@ pub struct ModuleState {
     pub left: bool,
     /// What maintenance held back in this episode (logged once each).
     pub held_back: Vec<HeldBack>,
+    /// WAIT: the receiver did not start; a writer is followed again only
+    /// after `ReceiverRetryDue`.
+    pub receiver_retry: bool,
     probe: Option<Probe>,
 }
 
@@ -676,6 +696,7 @@ impl ModuleState {
             maintenance: false,
             left: false,
             held_back: Vec::new(),
+            receiver_retry: false,
             probe: None,
         }
     }
@@ -711,8 +732,12 @@ impl ModuleState {
         self
     }
 
+    /// `ready` only for a copy known current: a STOP or WAIT node whose data
+    /// is not known up to date (no data, behind its peer, its disk failed) is
+    /// `not_uptodate`, as DRBD shows "Outdated" on a stopped resource.
     pub fn readiness(&self) -> Readiness {
         match self.role {
+            Role::Stop if !self.uptodate => Readiness::NotUpToDate,
             Role::Stop => Readiness::Ready,
             _ if self.probe.is_some() => Readiness::Transient,
             Role::Wait | Role::Second if !self.uptodate => Readiness::NotUpToDate,
@@ -899,6 +924,12 @@ impl Transition {
                     }
                 }
             }
+            Event::ReceiverFailed => self.receiver_failed(),
+            Event::ReceiverRetryDue => {
+                if std::mem::take(&mut self.s.receiver_retry) && self.s.role == Role::Wait {
+                    self.evaluate_wait();
+                }
+            }
             Event::FsDied { now_ms, reason } => self.fs_died(now_ms, reason),
             Event::Fenced { peer_follows_us } => {
                 if self.s.role.is_writer() && !peer_follows_us {
@@ -1043,6 +1074,8 @@ impl Transition {
         }
         self.s.left = true;
         self.s.request = None;
+        // Out of the cluster: no receiver start is pending any more.
+        self.s.receiver_retry = false;
         match self.s.role {
             Role::Prim | Role::Alone | Role::Second => {
                 self.step_down(Role::Stop, "this node leaves the cluster: handing over")
@@ -1138,6 +1171,8 @@ impl Transition {
             self.log("start refused: this node left the cluster (`vmctl join` first)");
             return;
         }
+        // The operator asks now: a receiver start is tried at once.
+        self.s.receiver_retry = false;
         if self.s.role == Role::Wait && self.s.disk_failed {
             // The operator says the disk is repaired: rejoin (full compare).
             self.s.disk_failed = false;
@@ -1164,6 +1199,7 @@ impl Transition {
     }
 
     fn stop(&mut self) {
+        self.s.receiver_retry = false;
         match self.s.role {
             Role::Stop => self.log("stop ignored: already STOP"),
             Role::Prim | Role::Alone | Role::Second => self.step_down(Role::Stop, "stop requested"),
@@ -1241,7 +1277,16 @@ impl Transition {
             self.s.held_back.clear();
         }
         match self.s.role {
-            Role::Stop => {}
+            Role::Stop => {
+                // Shown, not acted on: a stopped node behind its peer (or
+                // beside a writer, which may write at any moment) is no longer
+                // known current (`start` recomputes it from the persisted flag).
+                if peer.role.is_writer()
+                    || matches!(peer.relation, Relation::PeerNewer | Relation::SplitBrain)
+                {
+                    self.s.uptodate = false;
+                }
+            }
             Role::Wait => self.evaluate_wait(),
             Role::Second => self.second_sees(peer),
             Role::Prim | Role::Alone => self.writer_sees(peer),
@@ -1520,6 +1565,10 @@ impl Transition {
                 if peer.relation != Relation::LocalNewer {
                     self.s.uptodate = false;
                 }
+                if self.s.receiver_retry {
+                    // The receiver did not start: `ReceiverRetryDue` follows.
+                    return;
+                }
                 match peer.relation {
                     Relation::InSync | Relation::PeerNewer => self.become_second(peer),
                     Relation::LocalNewer => self
@@ -1628,6 +1677,21 @@ impl Transition {
                 format!("{what}: maxloop reached and no peer to fail over to"),
             );
         }
+    }
+
+    /// Becoming SECOND failed (the receiver did not start): WAIT as when
+    /// vmha-fs fails, following the writer again only after a pause.
+    fn receiver_failed(&mut self) {
+        if self.s.role != Role::Second {
+            return;
+        }
+        self.s.uptodate = false;
+        self.step_down(
+            Role::Wait,
+            "the receiver did not start: following the writer again after a pause",
+        );
+        self.s.receiver_retry = true;
+        self.act(Action::RetryReceiver);
     }
 
     fn fs_failed(&mut self) {
@@ -1797,6 +1861,7 @@ impl Transition {
         self.s.resync = None;
         self.s.resync_wanted = false;
         self.s.attach = Attach::Idle;
+        self.s.receiver_retry = false;
         self.because(reason);
     }
 

@@ -18,6 +18,13 @@
 //!   `last_probe_ms` (its age) and `errors` (`"WITNESS: error"` per witness
 //!   that could not be probed: a failover waits until it can be).
 //! - per node `disk` (`ok`, `failed`, `diskless`), carried in heartbeats.
+//! - per node `since_ms`: how long it has been in its present state (this
+//!   node: since its state machine entered it; the peer: since this daemon
+//!   saw its heartbeats announce it; `null` while unknown).
+//! - `split_brain` at the top level: the configured policy as written in the
+//!   file (`"discard-least-changes"`, `"manual"`, `"prefer:NODE"`).
+//! - `ready` is true only for a copy known current, in every state: a STOP
+//!   node without data or behind its peer is `not_uptodate` too.
 //! - `config_differences` at the top level: the configuration keys whose
 //!   values differ between this node and the peer (its latest heartbeat), as
 //!   `cluster.KEY`, `node[I].KEY`, `modules.NAME.KEY`, or `modules.NAME` for
@@ -44,6 +51,9 @@ pub struct Status {
     #[serde(default)]
     pub heartbeats_rejected: BTreeMap<String, u64>,
     pub modules: Vec<ModuleStatus>,
+    /// The split-brain policy, as configured.
+    #[serde(default)]
+    pub split_brain: Option<String>,
     /// Configuration keys that differ from the peer's (see the module docs).
     #[serde(default)]
     pub config_differences: Vec<String>,
@@ -99,6 +109,9 @@ pub struct NodeStatus {
     /// Current data generation (32 hex digits), `null` for a node without data.
     pub generation: Option<String>,
     pub resync: Option<ResyncStatus>,
+    /// Milliseconds in the present state (`null` while unknown).
+    #[serde(default)]
+    pub since_ms: Option<u64>,
     /// Peer only: milliseconds since the last heartbeat on any network.
     #[serde(
         default,
@@ -182,6 +195,7 @@ mod tests {
             left: false,
             generation: None,
             resync: None,
+            since_ms: None,
             last_seen_ms: None,
             heartbeats: None,
             last_known_state: None,
@@ -194,7 +208,7 @@ mod tests {
             serde_json::json!({"reachable": true, "state": "PRIM", "ready": true,
                 "readiness": "ready", "colour": "green", "disk": "ok", "maintenance": false,
                 "left": false, "generation": null,
-                "resync": null})
+                "resync": null, "since_ms": null})
         );
     }
 
@@ -211,6 +225,7 @@ mod tests {
             left: false,
             generation: None,
             resync: None,
+            since_ms: None,
             last_seen_ms: Some(Some(5000)),
             heartbeats: Some(BTreeMap::from([("10.0.0.2".to_string(), None)])),
             last_known_state: Some(Some(Role::Prim)),

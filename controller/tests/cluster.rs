@@ -869,6 +869,49 @@ async fn peer_restarted_with_its_clock_behind_is_heard_again() {
     n2.daemon.unwrap().kill().await;
 }
 
+/// A receiver that cannot start is retried with back-off (1 s, doubling),
+/// not at every heartbeat, and logged when it starts failing and when it
+/// works again, not at each attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_receiver_start_backs_off_and_logs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, _) = pair(dir.path()).await;
+    n1.wait_role("node1", Role::Wait, false).await;
+    n2.wait_role("node2", Role::Wait, false).await;
+    n2.fs.set_failing("mount_receiver", true);
+    let r = n1.request(Request::Prim { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n1.wait_role("node1", Role::Alone, true).await;
+    // 3.5 s of heartbeats every 50 ms: attempts at 0, ~1 s, ~3 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let attempts = n2.fs.count("mount_receiver");
+    assert!(
+        (2..=4).contains(&attempts),
+        "{attempts} receiver starts in 3.5 s"
+    );
+    let log = n2.log().await;
+    let errors = log
+        .iter()
+        .filter(|l| l.contains("error: start the receiver"))
+        .count();
+    assert_eq!(errors, 1, "{log:#?}");
+    assert_eq!(
+        log.iter().filter(|l| l.contains("SECOND -> WAIT")).count(),
+        1,
+        "{log:#?}"
+    );
+    n2.fs.set_failing("mount_receiver", false);
+    n2.wait_role("node2", Role::Second, true).await;
+    let log = n2.log().await;
+    assert!(
+        log.iter()
+            .any(|l| l.contains("start the receiver: done, after")),
+        "{log:#?}"
+    );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
 /// `vmctl resync --compare` on the PRIM and `vmctl invalidate` on the SECOND,
 /// through the control socket: refusals where they make no sense; otherwise the
 /// SECOND is made outdated (a new generation), resynchronised with a compare,

@@ -133,10 +133,25 @@ struct Node {
 
 impl Node {
     async fn start(name: &'static str, text: &str, base: &Path, key_file: &Path) -> Node {
+        Node::start_with(name, text, base, key_file, true).await
+    }
+
+    /// `with_dir: false`: the replicated directory does not exist.
+    async fn start_with(
+        name: &'static str,
+        text: &str,
+        base: &Path,
+        key_file: &Path,
+        with_dir: bool,
+    ) -> Node {
         let mut config = Config::from_toml_str(text).unwrap();
         let node: NodeIndex = config.local_node(name).unwrap();
         let dir = base.join(name).join("vm1");
-        std::fs::create_dir_all(&dir).unwrap();
+        if with_dir {
+            std::fs::create_dir_all(&dir).unwrap();
+        } else {
+            std::fs::create_dir_all(base.join(name)).unwrap();
+        }
         // Per-node paths, overridden after hashing (one host, two nodes).
         config.cluster.state_dir = base.join(name).join("state");
         config.cluster.control_socket = base.join(name).join("run/vmhad.sock");
@@ -268,6 +283,48 @@ async fn real_vmha_fs_pair_syncs_and_fails_over() {
         d.shutdown().await;
     }
     // Dropping the drivers stops whatever children are left (SIGTERM).
+    drop(n1);
+    drop(n2);
+    drop(cleanup);
+}
+
+/// A replicated directory missing on the node that becomes SECOND is created
+/// there and filled by the resync (it used to fail the receiver and retry
+/// every heartbeat, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_replicated_dir_on_the_second_is_created() {
+    let _one = ONE_PAIR.lock().await;
+    if !rustix::process::geteuid().is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("vmha-fs-pair")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let base = tmp.path();
+    let key_file = base.join("cluster.key");
+    ClusterKey::generate_file(&key_file).unwrap();
+    let text = toml(free_port());
+    let n1 = Node::start("node1", &text, base, &key_file).await;
+    let n2 = Node::start_with("node2", &text, base, &key_file, false).await;
+    let mut cleanup = Cleanup {
+        dirs: vec![n1.dir.clone(), n2.dir.clone()],
+        pids: Vec::new(),
+    };
+    assert!(!n2.dir.exists());
+    std::fs::write(n1.dir.join("disk.img"), vec![5u8; 1 << 20]).unwrap();
+    n2.wait_role("node2", Role::Wait, false).await;
+    let r = n1.daemon().request(Request::Prim { module: None }).await;
+    assert!(r.ok, "{r:?}");
+    n1.wait_role("node1", Role::Prim, true).await;
+    n2.wait_role("node2", Role::Second, true).await;
+    cleanup.pids.extend(n1.fs.pids("vm1"));
+    cleanup.pids.extend(n2.fs.pids("vm1"));
+    assert_eq!(
+        std::fs::read(n2.dir.join("disk.img")).unwrap(),
+        vec![5u8; 1 << 20]
+    );
     drop(n1);
     drop(n2);
     drop(cleanup);

@@ -99,6 +99,25 @@ fn starts_answers_and_stops_on_sigterm() {
     };
     assert!(status.ok);
     assert_eq!(status.status.unwrap().node, "node1");
+    // A second vmhad with the same configuration says the first runs.
+    let second = Command::new(env!("CARGO_BIN_EXE_vmhad"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--node",
+            "node1",
+            "--fake-drivers",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("vmhad: vmhad is already running"), "{err}");
+    assert!(
+        Client::connect(&socket).is_ok(),
+        "the first one lost its socket"
+    );
     let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -114,6 +133,38 @@ fn starts_answers_and_stops_on_sigterm() {
     let log = std::fs::read_to_string(dir.path().join("state/vm1/events.log")).unwrap();
     assert!(log.contains("STOP -> WAIT: start"), "{log}");
     assert!(log.contains("WAIT -> STOP: stop requested"), "{log}");
+    // Each line says what caused it: the start, the signal.
+    assert!(log.contains("[vmhad start] STOP -> WAIT: start"), "{log}");
+    assert!(
+        log.contains("[signal SIGTERM: vmhad stop] WAIT -> STOP"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_file_where_the_control_socket_goes_is_named_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let socket = dir.path().join("vmhad.sock");
+    std::fs::write(&socket, b"not a socket").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmhad"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--node",
+            "node1",
+            "--fake-drivers",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exists and is not a socket") && err.contains("vmhad.sock"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&socket).unwrap(), b"not a socket");
 }
 
 #[test]

@@ -32,7 +32,7 @@ enum Command {
     Secondary {
         #[arg(long, value_name = "DIR")]
         backing: PathBuf,
-        #[arg(long, value_name = "ADDR:PORT")]
+        #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
         listen: SocketAddr,
         /// The module this directory belongs to (with the port, bound in the
         /// handshake: a primary of another module is refused as "wrong module").
@@ -58,7 +58,8 @@ enum Command {
         /// Mount point; equal to --backing to mount over the directory itself.
         #[arg(long, value_name = "DIR")]
         mount: PathBuf,
-        #[arg(long, value_name = "ADDR:PORT", required_unless_present = "alone")]
+        #[arg(long, value_name = "ADDR:PORT", required_unless_present = "alone",
+              value_parser = parse_socket_addr)]
         peer: Option<SocketAddr>,
         /// The module this directory belongs to (with the port, bound in the
         /// handshake: a primary of another module is refused as "wrong module").
@@ -94,6 +95,22 @@ enum Command {
         #[arg(long, value_name = "MB_S", default_value_t = 0)]
         rate_limit_mb_s: u64,
     },
+}
+
+/// `IP:PORT` or `HOST:PORT` (a host name is resolved once, IPv4 first).
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    let bad =
+        || format!("`{text}` is neither IP:PORT nor HOST:PORT with a host name that resolves");
+    let all: Vec<SocketAddr> = text.to_socket_addrs().map_err(|_| bad())?.collect();
+    all.iter()
+        .copied()
+        .find(SocketAddr::is_ipv4)
+        .or_else(|| all.first().copied())
+        .ok_or_else(bad)
 }
 
 fn main() -> ExitCode {

@@ -63,6 +63,9 @@ pub enum WireError {
     Io(#[from] std::io::Error),
     #[error("not a vmha peer (bad magic)")]
     BadMagic,
+    /// The client's view: what listens there is not a vmha-fs secondary.
+    #[error("not a vmha-fs secondary: {0}")]
+    NotVmha(&'static str),
     #[error("protocol version mismatch: ours {ours}, peer's {theirs}")]
     Version { ours: u16, theirs: u16 },
     #[error("wrong module: this side is {ours}, the peer is {theirs} (check the modules' ports)")]
@@ -89,7 +92,7 @@ impl WireError {
         match self {
             WireError::Closed => "closed",
             WireError::Io(_) => "io",
-            WireError::BadMagic => "bad_magic",
+            WireError::BadMagic | WireError::NotVmha(_) => "bad_magic",
             WireError::Version { .. } => "version",
             WireError::WrongModule { .. } => "wrong_module",
             WireError::AuthFailed => "auth_failed",
@@ -265,13 +268,40 @@ pub fn client_handshake(
     hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     hello.extend_from_slice(&nonce_p);
     hello.extend_from_slice(&encoded);
-    stream.write_all(&hello)?;
-    stream.flush()?;
-
+    // Whatever listens there but is not a receiver (a web server, a socket
+    // that closes) is named as such, not as a raw read error.
+    let not_vmha = |e: WireError| match e {
+        WireError::Closed => {
+            WireError::NotVmha("it closed the connection without answering the vmha handshake")
+        }
+        WireError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            WireError::NotVmha("it accepted the connection but did not answer the vmha handshake")
+        }
+        WireError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            WireError::NotVmha("it reset the connection without answering the vmha handshake")
+        }
+        other => other,
+    };
+    stream
+        .write_all(&hello)
+        .and_then(|()| stream.flush())
+        .map_err(|e| not_vmha(e.into()))?;
     let mut head = [0u8; 7];
-    read_exact_or_closed(stream, &mut head)?;
+    read_exact_or_closed(stream, &mut head).map_err(not_vmha)?;
     if &head[..4] != MAGIC {
-        return Err(WireError::BadMagic);
+        return Err(WireError::NotVmha(
+            "it answered something else than the vmha handshake",
+        ));
     }
     let theirs = u16::from_le_bytes([head[4], head[5]]);
     if theirs != PROTOCOL_VERSION || head[6] == STATUS_VERSION {

@@ -86,12 +86,22 @@ fn mounts_under(roots: &[&Path]) -> Result<Vec<MountEntry>> {
 /// within [`EXIT_WITHIN`], a short stderr containing one of `words`, and the mounts
 /// under `roots` unchanged.
 fn expect_failure(what: &str, args: Vec<OsString>, words: &[&str], roots: &[&Path]) -> Result<()> {
+    expect_failure_within(what, args, words, roots, EXIT_WITHIN)
+}
+
+fn expect_failure_within(
+    what: &str,
+    args: Vec<OsString>,
+    words: &[&str],
+    roots: &[&Path],
+    within: Duration,
+) -> Result<()> {
     let before = mounts_under(roots)?;
     let mut cmd = Command::new(vmha_fs_bin()?);
     cmd.args(&args).env("RUST_BACKTRACE", "0");
     let mut child = Child::spawn(what, cmd)?;
     let status = child
-        .wait_exit(EXIT_WITHIN)
+        .wait_exit(within)
         .with_context(|| format!("{what}: must exit on its own"))?;
     let err = child.stderr_text();
     let after = mounts_under(roots)?;
@@ -241,4 +251,83 @@ fn listen_port_in_use() -> Result<()> {
     )?;
     drop(taken);
     Ok(())
+}
+
+/// A primary pointed at something that is not a vmha-fs secondary (a server
+/// that waits for more, like a web server; a socket that closes at once)
+/// says so, instead of a raw "Resource temporarily unavailable".
+#[test]
+fn peer_that_is_not_a_vmha_secondary() -> Result<()> {
+    for closes in [false, true] {
+        let fx = Fixture::new()?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        listener.set_nonblocking(true)?;
+        let server = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) if !closes => held.push(conn),
+                    Ok((conn, _)) => drop(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        // The silent one is given up after the handshake timeout.
+        let outcome = expect_failure_within(
+            "primary whose peer is not vmha",
+            primary_args(
+                &fx.p("data"),
+                &fx.p("mnt"),
+                port,
+                &fx.p("state"),
+                &fx.p("key"),
+            ),
+            &["not a vmha-fs secondary"],
+            &[fx.dir.path()],
+            Duration::from_secs(20),
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = server.join();
+        outcome?;
+    }
+    Ok(())
+}
+
+/// Host names are accepted where addresses are (`--listen`, `--peer`); one
+/// that does not resolve is a clear usage error.
+#[test]
+fn host_names_where_addresses_go() -> Result<()> {
+    let fx = Fixture::new()?;
+    let port = free_port()?;
+    let mut args = secondary_args(&fx.p("data"), port, &fx.p("state"), &fx.p("key"));
+    let listen = args
+        .iter()
+        .position(|a| a == "--listen")
+        .context("--listen")?;
+    args[listen + 1] = format!("localhost:{port}").into();
+    let mut cmd = Command::new(vmha_fs_bin()?);
+    cmd.args(&args);
+    let mut child = Child::spawn("secondary on localhost", cmd)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the secondary never listened on localhost:{port}: {}",
+                child.stderr_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.terminate(Duration::from_secs(5))?;
+
+    args[listen + 1] = format!("nohost.invalid:{port}").into();
+    expect_failure(
+        "secondary on a name that does not resolve",
+        args,
+        &["nor host:port with a host name that resolves"],
+        &[fx.dir.path()],
+    )
 }

@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use exit::Exit;
+use std::time::{Duration, SystemTime};
 use vmha_controller::config::Config;
-use vmha_controller::control::{Client, ControlError, Request, Response};
-use vmha_controller::state::WitnessOutcome;
-use vmha_controller::status::{NodeStatus, Status};
+use vmha_controller::control::{Client, ControlError, ErrorKind, Request, Response};
+
+mod exit;
+mod render;
 
 /// The configuration read when `--config` is not given.
 const DEFAULT_CONFIG: &str = "/etc/vmha/vmha.toml";
@@ -39,6 +42,13 @@ enum Command {
         /// Machine-readable output (stable for scripts).
         #[arg(long)]
         json: bool,
+        /// Refresh every --interval seconds (in place on a terminal) until
+        /// interrupted.
+        #[arg(short, long, conflicts_with = "json")]
+        watch: bool,
+        /// Seconds between two refreshes of --watch.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
     },
     /// Start the module on this node.
     Start { module: Option<String> },
@@ -53,10 +63,22 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Print the module's event log.
-    Log { module: Option<String> },
+    /// Print the module's event log (each line says what caused it).
+    Log {
+        module: Option<String>,
+        /// Only the last N events.
+        #[arg(short = 'n', long = "lines", value_name = "N")]
+        lines: Option<usize>,
+        /// Only events since TIME: a duration ago ("10m", "1h 30m") or a
+        /// UTC time ("2026-12-05 20:00:00").
+        #[arg(long, value_name = "TIME", value_parser = parse_since)]
+        since: Option<SystemTime>,
+        /// Keep printing events as they happen (Ctrl-C ends).
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Compare both nodes' copies online, block by block; changes nothing and
-    /// reports the regions that differ (exit status 1 if any do).
+    /// reports the regions that differ (exit status 6 if any do).
     Verify { module: Option<String> },
     /// Compare both copies block by block and repair the SECOND from the PRIM
     /// while the VM runs (after a copy was changed outside vmha, or to be sure).
@@ -138,8 +160,9 @@ enum VmctlError {
     Config(#[from] vmha_controller::config::ConfigError),
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error("{0}")]
-    Daemon(String),
+    /// vmhad answered with a failure (its message and kind).
+    #[error("{message}")]
+    Daemon { kind: ErrorKind, message: String },
     #[error("`prim` discards the other node's newer changes if there are any: confirm on a terminal or pass --yes")]
     NeedsConfirmation,
     #[error("not confirmed: nothing done")]
@@ -162,6 +185,37 @@ enum VmctlError {
     Peer(String),
 }
 
+impl VmctlError {
+    /// The exit status for this error (the table in `exit.rs`).
+    fn exit(&self) -> Exit {
+        match self {
+            VmctlError::Config(_) | VmctlError::Input(_) | VmctlError::Output(_) => Exit::Failed,
+            VmctlError::NotConfirmed
+            | VmctlError::Check(_)
+            | VmctlError::Diff(_)
+            | VmctlError::Peer(_) => Exit::Failed,
+            VmctlError::NeedsConfirmation | VmctlError::PushNeedsConfirmation => Exit::Usage,
+            VmctlError::Differs => Exit::Differs,
+            VmctlError::Daemon { kind, .. } => Exit::of_kind(*kind),
+            VmctlError::Control(e) => match e {
+                ControlError::NotRunning(_)
+                | ControlError::Refused(_)
+                | ControlError::NotASocket(_)
+                | ControlError::NoAnswer
+                | ControlError::Io { .. } => Exit::NotRunning,
+                _ => Exit::Failed,
+            },
+        }
+    }
+
+    fn daemon(message: impl Into<String>) -> VmctlError {
+        VmctlError::Daemon {
+            kind: ErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+}
+
 fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
     if let Some(socket) = &cli.socket {
         return Ok(socket.clone());
@@ -176,15 +230,20 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
 }
 
 fn call(socket: &Path, request: &Request) -> Result<Response, VmctlError> {
-    let response = Client::connect(socket)?.call(request)?;
+    check(Client::connect(socket)?.call(request)?)
+}
+
+/// A failed answer as an error (with its kind, for the exit status).
+fn check(response: Response) -> Result<Response, VmctlError> {
     if response.ok {
         Ok(response)
     } else {
-        Err(VmctlError::Daemon(
-            response
+        Err(VmctlError::Daemon {
+            kind: response.effective_kind().unwrap_or(ErrorKind::Failed),
+            message: response
                 .error
                 .unwrap_or_else(|| "vmhad refused the request".to_string()),
-        ))
+        })
     }
 }
 
@@ -212,6 +271,20 @@ fn confirm(module: Option<&str>) -> Result<(), VmctlError> {
     }
 }
 
+/// `--since`: a duration ago, or a UTC time.
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("`{text}` reaches before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!(
+            "`{text}` is neither a duration (\"10m\", \"1h 30m\") nor a time (\"2026-12-05 20:00:00\", UTC)"
+        )
+    })
+}
+
 /// Runs `request` on the peer's vmhad. The transport is the authenticated
 /// daemon channel between the two vmhad (issue 10, item 5); until it exists
 /// this is where it plugs in, and `config push` stops here with a clear error.
@@ -226,7 +299,7 @@ fn peer_call(_socket: &Path, request: &Request) -> Result<Response, VmctlError> 
 fn config_push(socket: &Path, yes: bool) -> Result<(), VmctlError> {
     let ours = call(socket, &Request::ConfigText)?
         .text
-        .ok_or_else(|| VmctlError::Daemon("vmhad sent no configuration text".into()))?;
+        .ok_or_else(|| VmctlError::daemon("vmhad sent no configuration text"))?;
     let theirs = peer_call(socket, &Request::ConfigText)?
         .text
         .ok_or_else(|| VmctlError::Peer("the peer sent no configuration text".into()))?;
@@ -285,185 +358,62 @@ fn config_check(cli: &Cli, node: Option<&str>) -> Result<(), VmctlError> {
     }
 }
 
-fn cell(node: &NodeStatus) -> [String; 4] {
-    let state = match (node.state, node.last_known_state.flatten()) {
-        (Some(state), _) => state.to_string(),
-        (None, Some(last)) => format!("? (was {last})"),
-        (None, None) => "?".to_string(),
-    };
-    let readiness = if node.reachable || node.state.is_some() {
-        node.readiness
-            .map(|r| {
-                serde_json::to_value(r)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            })
-            .unwrap_or_else(|| "-".to_string())
-    } else {
-        "unreachable".to_string()
-    };
-    let colour = node
-        .colour
-        .and_then(|c| serde_json::to_value(c).ok())
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "-".to_string());
-    let generation = node
-        .generation
-        .as_deref()
-        .map(|g| g.get(..8).unwrap_or(g).to_string())
-        .unwrap_or_else(|| "-".to_string());
-    [state, readiness, colour, generation]
-}
-
-fn heartbeats(node: &NodeStatus) -> String {
-    match &node.heartbeats {
-        None => String::new(),
-        Some(map) => map
-            .iter()
-            .map(|(addr, age)| match age {
-                Some(ms) => format!("{addr} {ms}ms"),
-                None => format!("{addr} never"),
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
+/// Event-log lines start with their UTC timestamp (`eventlog::timestamp`),
+/// which sorts as text.
+fn since_filter(since: Option<SystemTime>) -> impl Fn(&String) -> bool {
+    let from = since.map(vmha_controller::eventlog::timestamp);
+    move |line: &String| match &from {
+        Some(from) => line.get(..from.len()).is_some_and(|t| t >= from.as_str()),
+        None => true,
     }
 }
 
-/// The human status table.
-fn render(status: &Status) -> String {
-    let mut out = format!("node {} (this node)\n", status.node);
-    let header = [
-        "MODULE",
-        "NODE",
-        "STATE",
-        "READINESS",
-        "COLOUR",
-        "GENERATION",
-        "RESYNC",
-        "HEARTBEATS",
-    ];
-    let mut rows: Vec<[String; 8]> = vec![header.map(str::to_string)];
-    let mut warnings = Vec::new();
-    let mut banners: Vec<String> = Vec::new();
-    for module in &status.modules {
-        for (i, (name, node)) in module.nodes.iter().enumerate() {
-            let [mut state, readiness, colour, generation] = cell(node);
-            if node.maintenance {
-                state.push_str(" MAINT");
-            }
-            if node.left {
-                state.push_str(" LEFT");
-            }
-            let resync = node
-                .resync
-                .map(|r| match r.eta_s {
-                    Some(eta) => format!("{}% eta {eta}s", r.percent()),
-                    None => format!("{}%", r.percent()),
-                })
-                .unwrap_or_else(|| "-".to_string());
-            let marker = if module.primary.as_deref() == Some(name) {
-                " *"
-            } else {
-                ""
-            };
-            rows.push([
-                if i == 0 {
-                    module.name.clone()
-                } else {
-                    String::new()
-                },
-                format!("{name}{marker}"),
-                state,
-                readiness,
-                colour,
-                generation,
-                resync,
-                heartbeats(node),
-            ]);
-            if node.maintenance {
-                banners.push(format!(
-                    "!!! MAINTENANCE: module {} on {name}: no failover, no restart, no checker reaction on either node (`vmctl maintenance off` on {name})",
-                    module.name
-                ));
-            }
-            if node.left {
-                banners.push(format!(
-                    "!!! {name} LEFT the cluster: it runs no module until `vmctl join` there"
-                ));
-            }
-            if node.disk == Some(vmha_controller::state::Disk::Failed) {
-                warnings.push(format!(
-                    "warning: {name}'s disk failed (module {}): it waits; after the repair run `vmctl start` there",
-                    module.name
-                ));
-            }
-            if node.config_match.flatten() == Some(false) {
-                warnings.push(format!(
-                    "warning: the configuration differs from {name}'s (module {}: {})",
-                    module.name,
-                    if node.module_config_match.flatten() == Some(false) {
-                        "differs, automatic failover blocked"
-                    } else {
-                        "same"
-                    }
-                ));
-            }
+fn log(
+    socket: &Path,
+    module: Option<String>,
+    lines: Option<usize>,
+    since: Option<SystemTime>,
+    follow: bool,
+) -> Result<(), VmctlError> {
+    let keep = since_filter(since);
+    let mut client = Client::connect(socket)?;
+    let mut after = None;
+    let mut last = lines;
+    loop {
+        let response = client.call(&Request::LogTail {
+            module: module.clone(),
+            last,
+            after,
+        })?;
+        let response = check(response)?;
+        let shown: Vec<String> = response.lines.into_iter().filter(|l| keep(l)).collect();
+        let mut text = shown.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
         }
-    }
-    // Loud, first: the operator must not miss that the controller is held.
-    banners.dedup();
-    for b in &banners {
-        out.push_str(b);
-        out.push('\n');
-    }
-    let widths: Vec<usize> = (0..8)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(text, w)| format!("{text:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    if status.modules.is_empty() {
-        out.push_str("(no module configured)\n");
-    }
-    out.push_str("* = runs the VM\n");
-    if let Some(w) = &status.witness {
-        let last = match (w.last_probe, w.last_probe_ms) {
-            (Some(outcome), Some(age)) => {
-                let word = match outcome {
-                    WitnessOutcome::Reachable => "reachable",
-                    WitnessOutcome::Unreachable => "unreachable",
-                    WitnessOutcome::CouldNotProbe => "could not be probed",
-                };
-                format!("{word} ({}s ago)", age / 1000)
-            }
-            _ => "not probed yet".to_string(),
-        };
-        out.push_str(&format!("witness {}: {last}\n", w.addresses.join(", ")));
-        for e in &w.errors {
-            warnings.push(format!(
-                "error: witness {e} (a failover waits until it can be probed)"
-            ));
+        print(&text)?;
+        if !follow {
+            return Ok(());
         }
+        let next = response.log_next.unwrap_or(0);
+        // A restarted vmhad numbers from its start again: go on from there.
+        after = Some(next);
+        last = None;
+        std::thread::sleep(Duration::from_millis(500));
     }
-    if !status.config_differences.is_empty() {
-        warnings.push(format!(
-            "warning: configuration keys that differ from the peer's: {}",
-            status.config_differences.join(", ")
-        ));
+}
+
+fn watch(socket: &Path, interval: f64) -> Result<(), VmctlError> {
+    let terminal = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let pause = Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(1));
+    loop {
+        let status = call(socket, &Request::Status)?
+            .status
+            .ok_or_else(|| VmctlError::daemon("vmhad sent no status"))?;
+        let now = vmha_controller::eventlog::timestamp(SystemTime::now());
+        print(&render::watch_frame(&status, terminal, &now))?;
+        std::thread::sleep(pause);
     }
-    warnings.dedup();
-    for w in warnings {
-        out.push_str(&w);
-        out.push('\n');
-    }
-    out
 }
 
 fn print(text: &str) -> Result<(), VmctlError> {
@@ -489,17 +439,24 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
     }
     let socket = socket_path(&cli)?;
     match cli.command {
-        Command::Status { json } => {
+        Command::Status {
+            watch: true,
+            interval,
+            ..
+        } => watch(&socket, interval),
+        Command::Status { json, .. } => {
             let response = call(&socket, &Request::Status)?;
             let status = response
                 .status
-                .ok_or_else(|| VmctlError::Daemon("vmhad sent no status".to_string()))?;
+                .ok_or_else(|| VmctlError::daemon("vmhad sent no status"))?;
             if json {
                 let text = serde_json::to_string_pretty(&status)
-                    .map_err(|e| VmctlError::Daemon(e.to_string()))?;
+                    .map_err(|e| VmctlError::daemon(e.to_string()))?;
                 print(&format!("{text}\n"))
             } else {
-                print(&render(&status))
+                let colour =
+                    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+                print(&render::render(&status, colour))
             }
         }
         Command::Start { module } => print_lines(&call(&socket, &Request::Start { module })?),
@@ -511,7 +468,12 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             }
             print_lines(&call(&socket, &Request::Prim { module })?)
         }
-        Command::Log { module } => print_lines(&call(&socket, &Request::Log { module })?),
+        Command::Log {
+            module,
+            lines,
+            since,
+            follow,
+        } => log(&socket, module, lines, since, follow),
         Command::Resync { module, compare } => {
             print_lines(&call(&socket, &Request::Resync { module, compare })?)
         }
@@ -529,15 +491,7 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             };
             let response = Client::connect(&socket)?.call(&request)?;
             print_lines(&response)?;
-            if response.ok {
-                Ok(())
-            } else {
-                Err(VmctlError::Daemon(
-                    response
-                        .error
-                        .unwrap_or_else(|| "vmhad refused the request".to_string()),
-                ))
-            }
+            check(response).map(|_| ())
         }
         Command::Join => print_lines(&call(&socket, &Request::Join)?),
         Command::Maintenance { mode, module } => print_lines(&call(
@@ -550,7 +504,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         Command::Verify { module } => {
             let response = call(&socket, &Request::Verify { module })?;
             print_lines(&response)?;
-            if response.lines.iter().any(|l| l.starts_with("differs")) {
+            if response.kind == Some(ErrorKind::Differs)
+                || response.lines.iter().any(|l| l.starts_with("differs"))
+            {
                 return Err(VmctlError::Differs);
             }
             Ok(())
@@ -569,7 +525,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmctl: {e}");
-            ExitCode::FAILURE
+            e.exit().into()
         }
     }
 }

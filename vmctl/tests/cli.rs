@@ -140,7 +140,7 @@ async fn prim_needs_confirmation_then_runs() {
     let d = daemon(&config).await;
     let cfg = config.to_str().unwrap();
     let out = vmctl(&["--config", cfg, "prim"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
     assert_eq!(
         d.status().modules[0].nodes["node1"]
@@ -160,9 +160,9 @@ async fn prim_needs_confirmation_then_runs() {
     );
     assert_eq!(s.modules[0].primary.as_deref(), Some("node1"));
 
-    // Swap without a peer is refused: non-zero exit, the reason on stderr.
+    // Swap without a peer is refused: exit 3, the reason on stderr.
     let out = vmctl(&["--config", cfg, "swap"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("swap refused"), "{}", stderr(&out));
 
     let out = vmctl(&["--config", cfg, "log", "vm1"]).await;
@@ -182,16 +182,28 @@ async fn module_errors() {
     let d = daemon(&config).await;
     let cfg = config.to_str().unwrap();
     let out = vmctl(&["--config", cfg, "log", "nope"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5));
     assert_eq!(
         stderr(&out).trim(),
         "vmctl: unknown module `nope` (modules: vm1, vm2)"
     );
     let out = vmctl(&["--config", cfg, "stop"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5));
     assert!(stderr(&out).contains("name one"), "{}", stderr(&out));
+    let out = vmctl(&["--config", cfg, "start", "nope"]).await;
+    assert_eq!(out.status.code(), Some(5));
+    // Usage errors are clap's 2.
+    let out = vmctl(&["--config", cfg, "stop", "--bogus"]).await;
+    assert_eq!(out.status.code(), Some(2));
     let out = vmctl(&["--config", cfg, "stop", "vm2"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
+    // A STOP node without data is not ready: its copy is not known current.
+    let out = vmctl(&["--config", cfg, "status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let vm2 = &v["modules"][1]["nodes"]["node1"];
+    assert_eq!(vm2["state"], "STOP");
+    assert_eq!(vm2["ready"], false);
+    assert_eq!(vm2["readiness"], "not_uptodate");
     d.kill().await;
 }
 
@@ -201,7 +213,7 @@ async fn daemon_not_running_and_bad_config() {
     let config = write_config(dir.path(), &["vm1"]);
     let cfg = config.to_str().unwrap();
     let out = vmctl(&["--config", cfg, "status"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(4));
     let err = stderr(&out);
     assert!(err.starts_with("vmctl: vmhad is not running"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -210,7 +222,7 @@ async fn daemon_not_running_and_bad_config() {
     let sock = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let out = vmctl(&["--socket", sock.to_str().unwrap(), "status"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(4));
     assert!(
         stderr(&out).contains("refuses connections"),
         "{}",
@@ -219,7 +231,7 @@ async fn daemon_not_running_and_bad_config() {
 
     let missing = dir.path().join("missing.toml");
     let out = vmctl(&["--config", missing.to_str().unwrap(), "status"]).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("cannot read configuration"),
         "{}",
@@ -236,6 +248,138 @@ async fn daemon_not_running_and_bad_config() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_since_follow_and_causes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &["vm1"]);
+    let d = daemon(&config).await;
+    let cfg = config.to_str().unwrap();
+    let out = vmctl(&["--config", cfg, "prim", "--yes"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Every line says what caused it: the daemon's start, the operator with
+    // the user the control socket saw.
+    let out = vmctl(&["--config", cfg, "log"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert!(all.len() >= 3, "{all:?}");
+    assert!(
+        all.iter().any(|l| l.contains("[vmhad start] STOP -> WAIT")),
+        "{all:?}"
+    );
+    let me = rustix::process::geteuid().as_raw();
+    let who = "[vmctl prim by ";
+    let forced = all
+        .iter()
+        .find(|l| l.contains("forced primary by the operator"))
+        .unwrap();
+    assert!(
+        forced.contains(who) && forced.contains(&format!("(uid {me})")),
+        "{forced}"
+    );
+    if me == 0 {
+        assert!(forced.contains("by root (uid 0)"), "{forced}");
+    }
+
+    // -n N: the last N.
+    let out = vmctl(&["--config", cfg, "log", "-n", "2"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let two: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(two, all[all.len() - 2..].to_vec());
+
+    // --since: a time after every line shows none; a duration ago shows all.
+    let out = vmctl(&["--config", cfg, "log", "--since", "2999-01-01 00:00:00"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    let out = vmctl(&["--config", cfg, "log", "--since", "1h"]).await;
+    assert_eq!(stdout(&out).lines().count(), all.len());
+    let out = vmctl(&["--config", cfg, "log", "--since", "yesterday-ish"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("neither a duration"),
+        "{}",
+        stderr(&out)
+    );
+
+    // -f: prints what happens next, with its cause.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_vmctl"))
+        .args(["--config", cfg, "log", "-f", "-n", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout_pipe = follow.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout_pipe).lines() {
+            let line = line.unwrap();
+            let done = line.contains("ALONE -> STOP");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let out = vmctl(&["--config", cfg, "stop"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(reader.is_finished(), "log -f did not show the stop");
+    let followed = reader.join().unwrap();
+    assert!(
+        followed
+            .iter()
+            .all(|l| !l.contains("forced primary by the operator")),
+        "-n 0 printed old lines: {followed:?}"
+    );
+    let stop = followed.last().unwrap();
+    assert!(stop.contains("[vmctl stop by "), "{followed:?}");
+    d.kill().await;
+}
+
+/// Exit status of `verify` when the copies differ is 6, and the wire carries
+/// `"kind": "differs"` (through a fake vmhad on a socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_differs_and_refusals_have_their_codes() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let server = tokio::spawn(async move {
+        for answer in [
+            r#"{"ok":true,"kind":"differs","lines":["differs: disk.img 0..4096"]}"#,
+            r#"{"ok":false,"error":"vmhad is shutting down","kind":"shutting_down"}"#,
+            r#"{"ok":false,"error":"what now","kind":"a_kind_from_the_future"}"#,
+        ] {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            tokio::io::BufReader::new(read)
+                .read_line(&mut line)
+                .await
+                .unwrap();
+            write.write_all(answer.as_bytes()).await.unwrap();
+            write.write_all(b"\n").await.unwrap();
+        }
+    });
+    let s = sock.to_str().unwrap();
+    let out = vmctl(&["--socket", s, "verify"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stdout(&out).contains("differs: disk.img"));
+    let out = vmctl(&["--socket", s, "start"]).await;
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let out = vmctl(&["--socket", s, "start"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    server.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::probe_witnesses;
-use super::runner::{Outdated, ResyncRate, Runner, ATTACH_RETRY};
+use super::runner::{Outdated, ResyncRate, Runner, RETRY_MAX};
 use super::{PeerView, WITNESS_RETRY};
 use crate::config::Module;
 use crate::driver::{FsDriver, VmDriver};
@@ -32,10 +32,22 @@ impl Runner {
         }
     }
 
+    /// Logs `line` (tracing and the event log, prefixed with the cause) and
+    /// adds it to the command's answer.
     pub(super) async fn record(&self, line: String, lines: &mut Vec<String>) {
-        tracing::info!(module = %self.module.name, "{line}");
+        let logged = format!("[{}] {line}", self.cause);
+        {
+            let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(held) = quiet.as_mut() {
+                tracing::debug!(module = %self.module.name, cause = %self.cause, "{line}");
+                held.push(logged);
+                lines.push(line);
+                return;
+            }
+        }
+        tracing::info!(module = %self.module.name, cause = %self.cause, "{line}");
         let log = Arc::clone(&self.log);
-        let copy = line.clone();
+        let copy = logged;
         match tokio::task::spawn_blocking(move || log.append(&copy)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(module = %self.module.name, error = %e, "event log"),
@@ -134,15 +146,49 @@ impl Runner {
                         }
                     })
                     .await;
-                match result {
+                let failed = match result {
                     Some(Err(e)) if connected => {
                         self.record(format!("error: {what}: {e}"), lines).await;
                         queue.push_front(Event::ConnectedMountFailed);
                         return Err(Abort);
                     }
-                    Some(Ok(())) => self.record(format!("{what}: done"), lines).await,
-                    Some(Err(e)) => return self.fail_step(what, e.to_string(), queue, lines).await,
-                    None => return self.fail_step(what, "panicked".into(), queue, lines).await,
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => Some(e.to_string()),
+                    None => Some("panicked".to_string()),
+                };
+                match failed {
+                    None if writer => self.record(format!("{what}: done"), lines).await,
+                    Some(e) if writer => return self.fail_step(what, e, queue, lines).await,
+                    None => {
+                        let after = self.receiver_backoff.succeed();
+                        // The held lines of this retry are written after all.
+                        self.set_quiet(false);
+                        let line = match after {
+                            Some(n) => format!("{what}: done, after {n} failed attempts"),
+                            None => format!("{what}: done"),
+                        };
+                        self.record(line, lines).await;
+                    }
+                    Some(e) => {
+                        // The state machine holds, then retries after the
+                        // pause `RetryReceiver` asks for (`ReceiverRetryDue`).
+                        if self.receiver_backoff.fail(Instant::now()) {
+                            self.record(format!("error: {what}: {e}"), lines).await;
+                            self.record(
+                                format!(
+                                    "{what} failed; retrying with back-off ({} s, doubling up to {} s), logged again once it works",
+                                    self.receiver_backoff.delay().as_secs(),
+                                    RETRY_MAX.as_secs()
+                                ),
+                                lines,
+                            )
+                            .await;
+                        } else {
+                            tracing::debug!(module = %self.module.name, error = %e, "{what}");
+                        }
+                        queue.push_front(Event::ReceiverFailed);
+                        return Err(Abort);
+                    }
                 }
             }
             Action::Unmount => {
@@ -303,8 +349,13 @@ impl Runner {
                     Some(Ok(())) => {
                         self.attached_at = Some(Instant::now());
                         self.resync_rate = ResyncRate::default();
-                        self.record("attaching the SECOND: full copy started".into(), lines)
-                            .await;
+                        let line = match self.attach_backoff.succeed() {
+                            Some(n) => format!(
+                                "attaching the SECOND: full copy started (after {n} failed attempts)"
+                            ),
+                            None => "attaching the SECOND: full copy started".into(),
+                        };
+                        self.record(line, lines).await;
                     }
                     Some(Err(crate::driver::DriverError::Unsupported(what))) => {
                         // Nothing to retry: this driver cannot attach.
@@ -318,14 +369,28 @@ impl Runner {
                             Some(Err(e)) => e.to_string(),
                             _ => "panicked".to_string(),
                         };
-                        self.record(format!("error: attach the SECOND: {e}"), lines)
+                        // Retried by the state machine after the back-off
+                        // pause; logged when a series of failures starts.
+                        if self.attach_backoff.fail(Instant::now()) {
+                            self.record(
+                                format!("error: attach the SECOND: {e} (retrying with back-off)"),
+                                lines,
+                            )
                             .await;
+                        } else {
+                            tracing::debug!(module = %self.module.name, error = %e, "attach the SECOND");
+                        }
                         queue.push_back(Event::AttachFailed);
                     }
                 }
             }
             Action::RetryAttach => {
-                self.attach_retry = Some(tokio::time::Instant::now() + ATTACH_RETRY);
+                let pause = self.attach_backoff.delay();
+                self.attach_retry = Some(tokio::time::Instant::now() + pause);
+            }
+            Action::RetryReceiver => {
+                let pause = self.receiver_backoff.delay();
+                self.receiver_retry = Some(tokio::time::Instant::now() + pause);
             }
             Action::RequestCompare => {
                 let reason = "the operator asked for a compare resync";

@@ -5,6 +5,8 @@
 //! and from action execution because they are the daemon's sensors: they
 //! observe and report, the state machine decides.
 
+use std::time::Instant;
+
 use super::runner::{Runner, ATTACH_RETRY, GO_ALONE_SETTLE};
 use super::PeerView;
 use crate::driver::{FsHealth, ResyncState};
@@ -170,8 +172,15 @@ impl Runner {
             self.publish();
         }
         if let Some(why) = failed {
-            let mut lines = Vec::new();
-            self.record(format!("{why}; retrying"), &mut lines).await;
+            // Logged when a series of failures starts; the state machine
+            // retries after the back-off pause.
+            if self.attach_backoff.fail(Instant::now()) {
+                let mut lines = Vec::new();
+                self.record(format!("{why}; retrying with back-off"), &mut lines)
+                    .await;
+            } else {
+                tracing::debug!(module = %self.module.name, "{why}");
+            }
             self.handle(Event::AttachFailed).await;
         }
     }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::status::build_status;
 use super::{ModuleCommand, ModuleHandle, PeerView, Shared};
 use crate::config::differing_keys;
-use crate::control::{Call, Request, Response};
+use crate::control::{Call, Caller, ErrorKind, Request, Response, UnknownModule};
 use crate::heartbeat::{Endpoint, ModuleBeat, Payload, Received};
 use crate::state::Event;
 
@@ -192,6 +192,14 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
         if fresh {
             peer.last_round = Some((payload.session, payload.round));
             for beat in &payload.modules {
+                let role = beat.announce.role;
+                match peer.role_since.get(&beat.name) {
+                    Some((known, _)) if *known == role => {}
+                    _ => {
+                        peer.role_since
+                            .insert(beat.name.clone(), (role, received.at));
+                    }
+                }
                 peer.modules.insert(beat.name.clone(), beat.clone());
             }
         }
@@ -222,9 +230,30 @@ pub(super) async fn serve_calls(shared: Arc<Shared>, mut calls: mpsc::Receiver<C
     while let Some(call) = calls.recv().await {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let response = answer(&shared, call.request).await;
+            let response = answer(&shared, call.request, call.caller).await;
             let _ = call.reply.send(response);
         });
+    }
+}
+
+/// The command word of a request, for the event log.
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Status => "status",
+        Request::Start { .. } => "start",
+        Request::Stop { .. } => "stop",
+        Request::Swap { .. } => "swap",
+        Request::Prim { .. } => "prim",
+        Request::Log { .. } | Request::LogTail { .. } => "log",
+        Request::Verify { .. } => "verify",
+        Request::Reload => "reload",
+        Request::ConfigApply { .. } => "config apply",
+        Request::ConfigText => "config text",
+        Request::Resync { .. } => "resync",
+        Request::Invalidate { .. } => "invalidate",
+        Request::Leave { .. } => "leave",
+        Request::Join => "join",
+        Request::Maintenance { .. } => "maintenance",
     }
 }
 
@@ -294,13 +323,16 @@ fn log_differences(shared: &Shared) {
             )
         };
         tracing::warn!(module = %handle.module.name, "{line}");
-        if let Err(e) = handle.log.append(&line) {
+        if let Err(e) = handle.log.append(&format!("[peer heartbeat] {line}")) {
             tracing::warn!("event log: {e}");
         }
     }
 }
 
-pub(super) fn resolve(shared: &Shared, module: Option<&str>) -> Result<Arc<ModuleHandle>, String> {
+pub(super) fn resolve(
+    shared: &Shared,
+    module: Option<&str>,
+) -> Result<Arc<ModuleHandle>, UnknownModule> {
     let modules = shared.modules();
     let names = || {
         modules
@@ -314,19 +346,24 @@ pub(super) fn resolve(shared: &Shared, module: Option<&str>) -> Result<Arc<Modul
             .iter()
             .find(|h| h.module.name == name)
             .cloned()
-            .ok_or_else(|| format!("unknown module `{name}` (modules: {})", names())),
+            .ok_or_else(|| UnknownModule::Unknown {
+                name: name.to_string(),
+                known: names(),
+            }),
         None => match modules.as_slice() {
             [only] => Ok(Arc::clone(only)),
-            [] => Err("no module is configured".to_string()),
-            _ => Err(format!(
-                "several modules are configured ({}): name one",
-                names()
-            )),
+            [] => Err(UnknownModule::NoneConfigured),
+            _ => Err(UnknownModule::NotNamed { known: names() }),
         },
     }
 }
 
-pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
+pub(super) async fn answer(shared: &Shared, request: Request, caller: Option<Caller>) -> Response {
+    let cause = |cmd: &str| match &caller {
+        Some(c) => format!("vmctl {cmd} by {c}"),
+        None => format!("{cmd} requested in-process"),
+    };
+    let command = request_name(&request);
     let (event, module) = match request {
         Request::Status => {
             return Response {
@@ -337,7 +374,29 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
         }
         Request::Log { module } => {
             return match resolve(shared, module.as_deref()) {
-                Ok(handle) => Response::lines(true, handle.log.lines()),
+                Ok(handle) => {
+                    let tail = handle.log.tail(None, None);
+                    Response {
+                        log_next: Some(tail.next),
+                        ..Response::lines(true, tail.lines)
+                    }
+                }
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::LogTail {
+            module,
+            last,
+            after,
+        } => {
+            return match resolve(shared, module.as_deref()) {
+                Ok(handle) => {
+                    let tail = handle.log.tail(after, last);
+                    Response {
+                        log_next: Some(tail.next),
+                        ..Response::lines(true, tail.lines)
+                    }
+                }
                 Err(e) => Response::error(e),
             }
         }
@@ -356,7 +415,13 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
                 return Response::error("the module is shutting down");
             }
             return match answer.await {
-                Ok(Ok(lines)) => Response::lines(true, lines),
+                Ok(Ok(lines)) => {
+                    let differs = lines.iter().any(|l| l.starts_with("differs"));
+                    Response {
+                        kind: differs.then_some(ErrorKind::Differs),
+                        ..Response::lines(true, lines)
+                    }
+                }
                 Ok(Err(e)) => Response::error(e),
                 Err(_) => Response::error("the module is shutting down"),
             };
@@ -365,11 +430,12 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
         Request::ConfigApply { text } => return super::reload::apply_text(shared, &text).await,
         Request::ConfigText => return super::reload::config_text(shared).await,
         Request::Leave { until_boot, wait_s } => {
-            return super::operations::leave(shared, until_boot, wait_s).await
+            return super::operations::leave(shared, until_boot, wait_s, &cause("leave")).await
         }
-        Request::Join => return super::operations::join(shared).await,
+        Request::Join => return super::operations::join(shared, &cause("join")).await,
         Request::Maintenance { on, module } => {
-            return super::operations::maintenance(shared, on, module.as_deref()).await
+            return super::operations::maintenance(shared, on, module.as_deref(), &cause("maintenance"))
+                .await
         }
         Request::Start { module } => (Event::Start, module),
         Request::Stop { module } => (Event::Stop, module),
@@ -396,7 +462,7 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
     let (reply, lines) = oneshot::channel();
     if handle
         .commands
-        .send(ModuleCommand::Event(event, reply))
+        .send(ModuleCommand::Caused(event, cause(command), reply))
         .await
         .is_err()
     {
@@ -408,11 +474,9 @@ pub(super) async fn answer(shared: &Shared, request: Request) -> Response {
             .find(|l| l.contains("refused") || l.contains("aborted"))
         {
             Some(refusal) => Response {
-                ok: false,
                 error: Some(refusal.clone()),
-                lines,
-                status: None,
-                text: None,
+                kind: Some(ErrorKind::Refused),
+                ..Response::lines(false, lines)
             },
             None => Response::lines(true, lines),
         },

@@ -96,7 +96,12 @@
 //!   [`crate::driver::FsDriver::attach_peer`]; the checker follows the copy
 //!   (progress in the heartbeats) and feeds `AttachFailed` when the attach or
 //!   the copy failed, or the attach left no trace for 6 s; `RetryAttach`
-//!   feeds `AttachRetryDue` [`ATTACH_RETRY`] later.
+//!   feeds `AttachRetryDue` after the attach back-off ([`ATTACH_RETRY`],
+//!   doubling up to 60 s, reset once an attach works or the episode ends).
+//! - `MountReceiver` that fails aborts the step and feeds `ReceiverFailed`
+//!   first; `RetryReceiver` feeds `ReceiverRetryDue` after the receiver
+//!   back-off (1 s doubling up to 60 s). A failing series is logged once: a
+//!   retry's lines reach the event log only if it works (`Runner::quiet`).
 //! - The checkers poll the drivers once per heartbeat interval (the VM's
 //!   state from libvirt, vmha-fs's status files): observing only, every
 //!   decision they lead to is an event.
@@ -120,8 +125,9 @@ use vmha_fs::key::ClusterKey;
 
 use self::dispatch::{dispatch, send_heartbeats, serve_calls};
 pub use self::runner::ATTACH_RETRY;
-use self::runner::{ResyncRate, Runner};
+use self::runner::{ResyncRate, Runner, RECEIVER_RETRY_FIRST, RETRY_MAX};
 use self::status::build_status;
+use crate::backoff::Backoff;
 use crate::clock::WallClock;
 use crate::config::{Config, Digest, KeyDigests, Module, NodeIndex, Witness};
 use crate::control::{self, Call, ControlError, Request, Response};
@@ -168,6 +174,8 @@ pub struct DaemonSpec {
 #[derive(Debug, Clone)]
 struct ModuleView {
     announce: Announce,
+    /// When the module entered its present role.
+    since: Instant,
     history: History,
     changed_bytes: u64,
     resync: Option<ResyncStatus>,
@@ -186,7 +194,12 @@ enum PeerView {
 
 #[derive(Debug)]
 enum ModuleCommand {
+    /// An event caused by vmhad itself.
+    #[allow(dead_code)]
     Event(Event, oneshot::Sender<Vec<String>>),
+    /// An event with what caused it, for the event log ("vmctl stop by
+    /// root (uid 0)", "vmhad start"); plain `Event` says "vmhad".
+    Caused(Event, String, oneshot::Sender<Vec<String>>),
     /// A reload changed this module's settings: use them from now on.
     Reconfigure(Box<runner::Settings>, oneshot::Sender<()>),
     /// `vmctl verify`: compare the peer's copy, report only.
@@ -221,6 +234,8 @@ struct PeerLiveness {
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
     modules: HashMap<String, ModuleBeat>,
+    /// Per module: the role the peer announces and since when we see it.
+    role_since: HashMap<String, (crate::state::Role, Instant)>,
     /// The peer's per-key cluster digests, from its latest heartbeat.
     config_keys: KeyDigests,
     /// The differing keys last written to each module's event log.
@@ -299,6 +314,7 @@ impl Factory {
         ));
         let (view_tx, view_rx) = watch::channel(ModuleView {
             announce: state.announce(),
+            since: Instant::now(),
             history: meta.history.clone(),
             changed_bytes: 0,
             resync: None,
@@ -349,6 +365,11 @@ impl Factory {
             went_alone: None,
             judging_since: Arc::clone(&self.judging_since),
             xml_refresh_failed: false,
+            cause: "vmhad".into(),
+            quiet: Mutex::new(None),
+            receiver_retry: None,
+            receiver_backoff: Backoff::new(RECEIVER_RETRY_FIRST, RETRY_MAX),
+            attach_backoff: Backoff::new(ATTACH_RETRY, RETRY_MAX),
         };
         Ok((runner, cmd_rx, handle))
     }
@@ -492,7 +513,11 @@ impl Daemon {
 
         let local = config.node(node);
         let peer = config.node(node.peer());
-        let endpoint = Endpoint::bind(
+        // The control socket first: a second vmhad is told "already running",
+        // not that the heartbeat port is in use.
+        let server = control::Server::bind(&cluster.control_socket)?;
+        let socket = server.path().to_path_buf();
+        let endpoint = match Endpoint::bind(
             EndpointSpec {
                 local: local.addresses.clone(),
                 port: cluster.heartbeat_port,
@@ -502,9 +527,15 @@ impl Daemon {
             },
             &spec.key,
         )
-        .await?;
-        let server = control::Server::bind(&cluster.control_socket)?;
-        let socket = server.path().to_path_buf();
+        .await
+        {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                drop(server);
+                let _ = std::fs::remove_file(&socket);
+                return Err(e.into());
+            }
+        };
 
         let shared = Arc::new(Shared {
             peer: Mutex::new(PeerLiveness {
@@ -513,6 +544,7 @@ impl Daemon {
                 config_hash: None,
                 last_round: None,
                 modules: HashMap::new(),
+                role_since: HashMap::new(),
                 config_keys: KeyDigests::new(),
                 differences_logged: HashMap::new(),
             }),
@@ -577,7 +609,11 @@ impl Daemon {
             let (reply, done) = oneshot::channel();
             let _ = handle
                 .commands
-                .send(ModuleCommand::Event(Event::Start, reply))
+                .send(ModuleCommand::Caused(
+                    Event::Start,
+                    "vmhad start".into(),
+                    reply,
+                ))
                 .await;
             started.push(done);
         }
@@ -621,7 +657,12 @@ impl Daemon {
     /// Answers a request in-process, as the control socket would.
     pub async fn request(&self, request: Request) -> Response {
         let (reply, answer) = oneshot::channel();
-        if self.calls.send(Call { request, reply }).await.is_err() {
+        let call = Call {
+            request,
+            reply,
+            caller: None,
+        };
+        if self.calls.send(call).await.is_err() {
             return Response::error("vmhad is shutting down");
         }
         answer
@@ -637,11 +678,17 @@ impl Daemon {
     /// Graceful shutdown: stops every module (a PRIM hands over), lets the
     /// peer hear it, then ends every task.
     pub async fn shutdown(self) {
+        self.shutdown_because("vmhad stop").await;
+    }
+
+    /// [`Daemon::shutdown`], with its cause for the event log (e.g.
+    /// "signal SIGTERM").
+    pub async fn shutdown_because(self, cause: &str) {
         for handle in self.shared.modules() {
             let (reply, answer) = oneshot::channel();
             if handle
                 .commands
-                .send(ModuleCommand::Event(Event::Stop, reply))
+                .send(ModuleCommand::Caused(Event::Stop, cause.to_string(), reply))
                 .await
                 .is_ok()
             {

@@ -22,13 +22,21 @@ use crate::leave;
 use crate::state::{Event, Role};
 
 /// Sends `event` to every handle at once and gathers their log lines.
-async fn to_modules(handles: &[&ModuleHandle], event: &Event) -> Result<Vec<String>, String> {
+async fn to_modules(
+    handles: &[&ModuleHandle],
+    event: &Event,
+    cause: &str,
+) -> Result<Vec<String>, String> {
     let mut waiting = Vec::new();
     for handle in handles {
         let (reply, answer) = oneshot::channel();
         handle
             .commands
-            .send(ModuleCommand::Event(event.clone(), reply))
+            .send(ModuleCommand::Caused(
+                event.clone(),
+                cause.to_string(),
+                reply,
+            ))
             .await
             .map_err(|_| "vmhad is shutting down".to_string())?;
         waiting.push((handle.module.name.clone(), answer));
@@ -47,7 +55,12 @@ fn state_dir(shared: &Shared) -> PathBuf {
     shared.config().cluster.state_dir.clone()
 }
 
-pub(super) async fn leave(shared: &Shared, until_boot: bool, wait_s: Option<u64>) -> Response {
+pub(super) async fn leave(
+    shared: &Shared,
+    until_boot: bool,
+    wait_s: Option<u64>,
+    cause: &str,
+) -> Response {
     let dir = state_dir(shared);
     // Persisted first: a daemon restarted from here on keeps the node out.
     let saved = tokio::task::spawn_blocking(move || {
@@ -77,7 +90,7 @@ pub(super) async fn leave(shared: &Shared, until_boot: bool, wait_s: Option<u64>
     let modules = shared.modules();
     let handles: Vec<&ModuleHandle> = modules.iter().map(|h| h.as_ref()).collect();
     let mut lines = vec![format!("this node leaves the cluster {how}")];
-    match to_modules(&handles, &Event::Leave).await {
+    match to_modules(&handles, &Event::Leave, cause).await {
         Ok(more) => lines.extend(more),
         Err(e) => return Response::error(e),
     }
@@ -140,7 +153,7 @@ fn handed_over(shared: &Shared) -> (Vec<String>, Vec<String>) {
     (pending, done)
 }
 
-pub(super) async fn join(shared: &Shared) -> Response {
+pub(super) async fn join(shared: &Shared, cause: &str) -> Response {
     let dir = state_dir(shared);
     match tokio::task::spawn_blocking(move || leave::remove(&dir)).await {
         Ok(Ok(())) => {}
@@ -154,13 +167,18 @@ pub(super) async fn join(shared: &Shared) -> Response {
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let modules = shared.modules();
     let handles: Vec<&ModuleHandle> = modules.iter().map(|h| h.as_ref()).collect();
-    match to_modules(&handles, &Event::Join).await {
+    match to_modules(&handles, &Event::Join, cause).await {
         Ok(lines) => Response::lines(true, lines),
         Err(e) => Response::error(e),
     }
 }
 
-pub(super) async fn maintenance(shared: &Shared, on: bool, module: Option<&str>) -> Response {
+pub(super) async fn maintenance(
+    shared: &Shared,
+    on: bool,
+    module: Option<&str>,
+    cause: &str,
+) -> Response {
     let modules: Vec<Arc<ModuleHandle>> = match module {
         Some(_) => match super::dispatch::resolve(shared, module) {
             Ok(h) => vec![h],
@@ -172,7 +190,7 @@ pub(super) async fn maintenance(shared: &Shared, on: bool, module: Option<&str>)
     if handles.is_empty() {
         return Response::error("no module is configured");
     }
-    match to_modules(&handles, &Event::Maintenance(on)).await {
+    match to_modules(&handles, &Event::Maintenance(on), cause).await {
         Ok(lines) => Response::lines(true, lines),
         Err(e) => Response::error(e),
     }

@@ -278,7 +278,7 @@ async fn apply(shared: &Shared, plan: Plan) -> Response {
             let _ = done.await;
         }
         let line = format!("configuration reloaded: {} changed", keys.join(", "));
-        if let Err(e) = old.log.append(&line) {
+        if let Err(e) = old.log.append(&format!("[configuration reload] {line}")) {
             tracing::warn!("event log: {e}");
         }
         lines.push(format!("{}: {}", module.name, line));
@@ -298,7 +298,7 @@ async fn apply(shared: &Shared, plan: Plan) -> Response {
     let mut fresh = Vec::new();
     for (runner, commands, handle) in built {
         let line = "added by a configuration reload (STOP until `vmctl start`)".to_string();
-        if let Err(e) = handle.log.append(&line) {
+        if let Err(e) = handle.log.append(&format!("[configuration reload] {line}")) {
             tracing::warn!("event log: {e}");
         }
         lines.push(format!("{}: {line}", handle.module.name));
@@ -306,7 +306,10 @@ async fn apply(shared: &Shared, plan: Plan) -> Response {
     }
     for name in &removed {
         if let Some(old) = old_handles.iter().find(|h| &h.module.name == name) {
-            if let Err(e) = old.log.append("removed from the configuration by a reload") {
+            if let Err(e) = old
+                .log
+                .append("[configuration reload] removed from the configuration by a reload")
+            {
                 tracing::warn!("event log: {e}");
             }
         }

@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::{ms, ModuleCommand, ModuleView, PeerView, WitnessSlot};
+use crate::backoff::Backoff;
 use crate::config::{Config, Module, NodeIndex, Witness};
 use crate::driver::{FsDriver, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{compare, Metadata};
 use crate::heartbeat::ModuleBeat;
-use crate::state::{step, Attach, Event, ModuleState, Peer, Policy, Readiness, Role};
+use crate::state::{step, Action, Attach, Event, ModuleState, Peer, Policy, Readiness, Role};
 use crate::status::ResyncStatus;
 
 /// Resync rate from successive progress samples.
@@ -84,8 +85,12 @@ pub(super) struct Runner {
     /// Writer: when vmha-fs last attached the SECOND (`AttachPeer`), while
     /// the state machine counts it attached.
     pub(super) attached_at: Option<Instant>,
-    /// When to report `AttachRetryDue` (after `RetryAttach`).
+    /// When to report `AttachRetryDue` (after `RetryAttach`, the pause from
+    /// [`Runner::attach_backoff`]).
     pub(super) attach_retry: Option<tokio::time::Instant>,
+    /// When to report `ReceiverRetryDue` (after `RetryReceiver`, the pause
+    /// from [`Runner::receiver_backoff`]).
+    pub(super) receiver_retry: Option<tokio::time::Instant>,
     pub(super) attach_unsupported: bool,
     /// Writer: the copy to the peer, as published in heartbeats.
     pub(super) writer_sync: Option<ResyncStatus>,
@@ -95,6 +100,17 @@ pub(super) struct Runner {
     pub(super) judging_since: Arc<Mutex<Instant>>,
     /// The last `refresh_xml` failed (logged once).
     pub(super) xml_refresh_failed: bool,
+    /// What caused the event being handled ("peer lost", "vmctl stop by
+    /// root (uid 0)", ...): every event-log line says it.
+    pub(super) cause: String,
+    /// While a retry that failed before is attempted again: its lines, kept
+    /// out of the event log unless it succeeds (a failing retry is logged
+    /// once, when it starts failing).
+    pub(super) quiet: Mutex<Option<Vec<String>>>,
+    /// Starting the receiver (following a writer) failed: retried with back-off.
+    pub(super) receiver_backoff: Backoff,
+    /// Attaching the SECOND (or its sync) failed: retried with back-off.
+    pub(super) attach_backoff: Backoff,
 }
 
 /// A module's settings that a reload may change while its task runs. What
@@ -135,8 +151,14 @@ pub(super) enum Outdated {
     TimedOut,
 }
 
-/// How long a failed attach waits before the writer tries again.
+/// How long a failed attach waits before the writer tries again (the
+/// first pause of [`Runner::attach_backoff`], doubling up to [`RETRY_MAX`]).
 pub const ATTACH_RETRY: Duration = Duration::from_secs(3);
+/// After a failed receiver start, the first pause before following the
+/// writer again (doubling up to [`RETRY_MAX`]).
+pub(super) const RECEIVER_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest pause between two attempts of a failing retry loop.
+pub(super) const RETRY_MAX: Duration = Duration::from_secs(60);
 /// After SIGUSR1, how long a link still reported down is taken for vmha-fs
 /// not having published its new state yet (it does within tens of ms).
 pub(super) const GO_ALONE_SETTLE: Duration = Duration::from_secs(1);
@@ -154,11 +176,18 @@ impl Runner {
             let start_wait = self.start_wait;
             let witness_retry = self.witness_retry;
             let attach_retry = self.attach_retry;
+            let receiver_retry = self.receiver_retry;
             tokio::select! {
                 _ = shutdown.changed() => return,
                 command = commands.recv() => match command {
                     None => return,
                     Some(ModuleCommand::Event(event, reply)) => {
+                        self.cause = "vmhad".into();
+                        let lines = self.handle(event).await;
+                        let _ = reply.send(lines);
+                    }
+                    Some(ModuleCommand::Caused(event, cause, reply)) => {
+                        self.cause = cause;
                         let lines = self.handle(event).await;
                         let _ = reply.send(lines);
                     }
@@ -184,8 +213,8 @@ impl Runner {
                                 .and_then(|r| r.map_err(|e| e.to_string()))
                                 .map(|report| report.lines());
                             let record: Vec<String> = match &outcome {
-                                Ok(lines) => lines.iter().map(|l| format!("verify: {l}")).collect(),
-                                Err(e) => vec![format!("verify failed: {e}")],
+                                Ok(lines) => lines.iter().map(|l| format!("[vmctl verify] verify: {l}")).collect(),
+                                Err(e) => vec![format!("[vmctl verify] verify failed: {e}")],
                             };
                             for line in record {
                                 if let Err(e) = log.append(&line) {
@@ -204,10 +233,12 @@ impl Runner {
                 }
                 _ = sleep_until(start_wait), if start_wait.is_some() => {
                     self.start_wait = None;
+                    self.cause = "start-up wait over".into();
                     self.handle(Event::StartWaitElapsed).await;
                 }
                 _ = sleep_until(witness_retry), if witness_retry.is_some() => {
                     self.witness_retry = None;
+                    self.cause = "witness retry".into();
                     if self.state.probing() {
                         let mut lines = Vec::new();
                         let outcome = self.probe_witness(&mut lines).await;
@@ -216,9 +247,18 @@ impl Runner {
                 }
                 _ = sleep_until(attach_retry), if attach_retry.is_some() => {
                     self.attach_retry = None;
+                    self.cause = "attach retry".into();
                     self.handle(Event::AttachRetryDue).await;
                 }
-                _ = checks.tick() => self.check().await,
+                _ = sleep_until(receiver_retry), if receiver_retry.is_some() => {
+                    self.receiver_retry = None;
+                    self.cause = "receiver retry".into();
+                    self.handle(Event::ReceiverRetryDue).await;
+                }
+                _ = checks.tick() => {
+                    self.cause = "checker".into();
+                    self.check().await;
+                }
             }
         }
     }
@@ -243,6 +283,13 @@ impl Runner {
         match view {
             PeerView::Unknown => {}
             PeerView::Seen { beat, config_match } => {
+                self.cause = if self.peer_lost_sent {
+                    "peer joined again".into()
+                } else if self.last_beat.is_none() {
+                    "peer joined".into()
+                } else {
+                    "peer heartbeat".into()
+                };
                 self.peer_lost_sent = false;
                 let relation = compare(&self.meta.history, &beat.history);
                 let peer =
@@ -258,6 +305,7 @@ impl Runner {
             PeerView::Lost => {
                 if !self.peer_lost_sent {
                     self.peer_lost_sent = true;
+                    self.cause = "peer lost".into();
                     self.handle(Event::PeerLost).await;
                 }
             }
@@ -275,6 +323,12 @@ impl Runner {
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
             let (next, actions) = step(&self.state, event);
+            if actions.contains(&Action::MountReceiver) && self.receiver_backoff.failing() {
+                // A retry of a receiver start that failed before: its lines
+                // reach the event log only if it succeeds (the failure was
+                // logged when it started). Every action still runs.
+                self.set_quiet(true);
+            }
             // Losing readiness is announced at once, before the step's (maybe
             // slow) actions: claiming less is always safe, and a writer waiting
             // for us to know we are outdated must not wait on them.
@@ -297,6 +351,19 @@ impl Runner {
             if self.state.attach != Attach::Failed {
                 self.attach_retry = None;
             }
+            if self.state.attach == Attach::Idle {
+                // The episode is over: the next SECOND behind us starts a
+                // new series (its first failure is logged again).
+                self.attach_backoff.succeed();
+            }
+            if !self.state.receiver_retry {
+                self.receiver_retry = None;
+                if self.state.role != Role::Second {
+                    // Given up by the state machine (stopped, writing, or no
+                    // writer to follow when the pause ended): a new series.
+                    self.receiver_backoff.succeed();
+                }
+            }
             if !self.state.probing() {
                 self.witness_retry = None;
             }
@@ -311,7 +378,36 @@ impl Runner {
             }
             self.publish();
         }
+        self.set_quiet(false);
         lines
+    }
+
+    /// Turns quiet logging on, or off: the lines held meanwhile are written
+    /// if the retry succeeded, else dropped (the failure was logged when it
+    /// started).
+    pub(super) fn set_quiet(&mut self, on: bool) {
+        let held = {
+            let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+            if on {
+                quiet.get_or_insert_with(Vec::new);
+                return;
+            }
+            quiet.take()
+        };
+        if let Some(held) = held {
+            if !self.receiver_backoff.failing() {
+                for line in held {
+                    self.append_log(&line);
+                }
+            }
+        }
+    }
+
+    /// Writes one line (already prefixed with its cause) to the event log.
+    pub(super) fn append_log(&self, line: &str) {
+        if let Err(e) = self.log.append(line) {
+            tracing::warn!(module = %self.module.name, error = %e, "event log");
+        }
     }
 
     pub(super) fn publish(&mut self) {
@@ -329,8 +425,18 @@ impl Runner {
         } else {
             resync
         };
+        let announce = self.state.announce();
+        let since = {
+            let view = self.view.borrow();
+            if view.announce.role == announce.role {
+                view.since
+            } else {
+                Instant::now()
+            }
+        };
         self.view.send_replace(ModuleView {
-            announce: self.state.announce(),
+            since,
+            announce,
             history: self.meta.history.clone(),
             changed_bytes: self.changed_bytes,
             resync,

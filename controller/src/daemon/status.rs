@@ -54,6 +54,7 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                 left: view.announce.left,
                 generation: view.history.current().map(|g| g.to_string()),
                 resync: view.resync,
+                since_ms: Some(ms(now.saturating_duration_since(view.since))),
                 last_seen_ms: None,
                 heartbeats: None,
                 last_known_state: None,
@@ -74,6 +75,10 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                     left: beat.announce.left,
                     generation: beat.history.current().map(|g| g.to_string()),
                     resync: beat.resync,
+                    since_ms: peer
+                        .role_since
+                        .get(&handle.module.name)
+                        .map(|(_, at)| ms(now.saturating_duration_since(*at))),
                     last_seen_ms: Some(last_seen),
                     heartbeats: Some(heartbeats.clone()),
                     last_known_state: None,
@@ -93,6 +98,7 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                         .and_then(|b| b.history.current())
                         .map(|g| g.to_string()),
                     resync: None,
+                    since_ms: None,
                     last_seen_ms: Some(last_seen),
                     heartbeats: Some(heartbeats.clone()),
                     last_known_state: Some(beat.map(|b| b.announce.role)),
@@ -137,7 +143,18 @@ pub(super) fn build_status(shared: &Shared) -> Status {
         config_hash: config.hash().to_string(),
         heartbeats_rejected: shared.rejections.counts(),
         modules,
+        split_brain: Some(split_brain_name(&config)),
         config_differences: differences,
         witness,
+    }
+}
+
+/// The split-brain policy as written in the configuration.
+fn split_brain_name(config: &crate::config::Config) -> String {
+    use crate::config::SplitBrainPolicy;
+    match &config.cluster.split_brain {
+        SplitBrainPolicy::DiscardLeastChanges => "discard-least-changes".into(),
+        SplitBrainPolicy::Manual => "manual".into(),
+        SplitBrainPolicy::Prefer(node) => format!("prefer:{}", config.node(*node).name),
     }
 }

@@ -53,6 +53,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -174,6 +175,9 @@ impl VmhaFsDriver {
                     .map_err(|e| DriverError::failed(format!("mkdir {}", state.display()), e))?;
                 remove_if_present(&state.join(SYNC_FILE))?;
                 remove_if_present(&state.join(LINK_FILE))?;
+                if !writer {
+                    create_replica_dir(&module.name, dir)?;
+                }
                 clear_leftover_mounts(dir, &state)?;
                 let mut cmd = Command::new(&self.binary);
                 if writer {
@@ -535,6 +539,33 @@ fn combine(states: Vec<Result<ResyncState, DriverError>>) -> Result<ResyncState,
     } else {
         ResyncState::Idle
     })
+}
+
+/// A SECOND's replicated directory is a replica target: when missing it is
+/// created (the resync fills it), not a reason to fail and retry forever. A
+/// writer's missing directory stays an error (its data would be missing).
+fn create_replica_dir(module: &str, dir: &Path) -> Result<(), DriverError> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(DriverError::failed(
+            format!("replicated directory {}", dir.display()),
+            "exists and is not a directory",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(|e| DriverError::failed(format!("mkdir {}", dir.display()), e))?;
+            tracing::info!(
+                module,
+                dir = %dir.display(),
+                "replicated directory missing on this SECOND: created (the resync fills it)"
+            );
+            Ok(())
+        }
+        Err(e) => Err(DriverError::failed(format!("stat {}", dir.display()), e)),
+    }
 }
 
 fn is_fuse_mount(dir: &Path) -> bool {

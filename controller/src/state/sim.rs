@@ -32,6 +32,10 @@ struct Node {
     marking: bool,
     /// The next `StopVm` fails (the VM keeps running).
     stop_fails: bool,
+    /// The next `MountReceiver` fails (the receiver does not start).
+    receiver_fails: bool,
+    /// A `RetryReceiver` pause runs (its end is `ReceiverRetryDue`).
+    receiver_retry: bool,
     /// Counter values on this node's disk.
     data: BTreeSet<u64>,
 }
@@ -69,6 +73,10 @@ enum Op {
     Leave(usize),
     Join(usize),
     Maintenance(usize, bool),
+    /// The node's next receiver start fails.
+    ReceiverFails(usize),
+    /// The node's `RetryReceiver` pause ends.
+    ReceiverRetry(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -99,6 +107,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => node.clone().prop_map(Op::Leave),
         1 => node.clone().prop_map(Op::Join),
         1 => (node.clone(), any::<bool>()).prop_map(|(i, on)| Op::Maintenance(i, on)),
+        1 => node.clone().prop_map(Op::ReceiverFails),
+        2 => node.clone().prop_map(Op::ReceiverRetry),
     ]
 }
 
@@ -183,6 +193,8 @@ impl Sim {
             writes_alone: false,
             marking: false,
             stop_fails: false,
+            receiver_fails: false,
+            receiver_retry: false,
             data: BTreeSet::new(),
         };
         Sim {
@@ -238,8 +250,14 @@ impl Sim {
                 }
                 Action::MountReceiver => {
                     assert!(!n.receiver && !n.writer, "node {i}: double mount");
+                    if std::mem::take(&mut n.receiver_fails) {
+                        // The driver aborts the rest of the step.
+                        failed = Some(Event::ReceiverFailed);
+                        break;
+                    }
                     n.receiver = true;
                 }
+                Action::RetryReceiver => n.receiver_retry = true,
                 Action::Unmount => {
                     n.writer = false;
                     n.receiver = false;
@@ -368,6 +386,7 @@ impl Sim {
                 n.probing = false;
                 n.writes_alone = false;
                 n.marking = false;
+                n.receiver_retry = false;
             }
             Op::Boot(i) => {
                 if !self.nodes[i].alive {
@@ -451,6 +470,12 @@ impl Sim {
                 }
             }
             Op::Maintenance(i, on) => self.deliver(i, Event::Maintenance(on)),
+            Op::ReceiverFails(i) => self.nodes[i].receiver_fails = true,
+            Op::ReceiverRetry(i) => {
+                if std::mem::take(&mut self.nodes[i].receiver_retry) {
+                    self.deliver(i, Event::ReceiverRetryDue);
+                }
+            }
             Op::Witness(i, fails) => {
                 if self.nodes[i].probing {
                     self.nodes[i].probing = false;
@@ -544,6 +569,22 @@ impl Sim {
                 // A failed disk is never written by a vmha-fs of this node.
                 if n.s.disk_failed {
                     assert!(!n.writer && !n.receiver && !n.vm, "node {i}: {:?}", n.s);
+                }
+                // A SECOND runs its receiver; a pause after a failed
+                // receiver start holds in WAIT, with its retry pending.
+                if n.s.role == Role::Second {
+                    assert!(
+                        n.receiver,
+                        "node {i}: SECOND without its receiver {:?}",
+                        n.s
+                    );
+                }
+                if n.s.receiver_retry {
+                    assert!(
+                        n.s.role == Role::Wait && n.receiver_retry,
+                        "node {i}: {:?}",
+                        n.s
+                    );
                 }
                 // A writer whose connected start failed is mounted once
                 // its SECOND knows it is outdated.

@@ -387,6 +387,39 @@ fn witness_that_cannot_be_probed_decides_nothing() {
 }
 
 #[test]
+fn ready_only_for_a_copy_known_current_even_in_stop_and_wait() {
+    // STOP with current data: ready; without data or maybe behind: not.
+    assert_eq!(fresh(true, false).readiness(), Readiness::Ready);
+    assert_eq!(fresh(false, false).readiness(), Readiness::NotUpToDate);
+    assert_eq!(fresh(true, true).readiness(), Readiness::NotUpToDate);
+    // A stopped node that sees its peer writing newer data is outdated.
+    let stopped = fresh(true, false);
+    let (s, _) = run(
+        &stopped,
+        &[seen(peer(
+            Role::Alone,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(
+        (s.role, s.readiness(), s.colour()),
+        (Role::Stop, Readiness::NotUpToDate, Colour::Red)
+    );
+    // A stopped node whose own disk failed (self outdated).
+    assert_eq!(
+        fresh(true, false).with_self_outdated(true).readiness(),
+        Readiness::NotUpToDate
+    );
+    // Whatever the state: a STOP or WAIT node is ready only when up to date.
+    for st in states() {
+        if matches!(st.role, Role::Stop | Role::Wait) && st.readiness() == Readiness::Ready {
+            assert!(st.uptodate, "{st:?}");
+        }
+    }
+}
+
+#[test]
 fn stop_on_prim_hands_over() {
     let (s, actions) = run(&prim(), &[Event::Stop]);
     assert_eq!(s.role, Role::Stop);
@@ -1080,6 +1113,12 @@ fn states() -> Vec<ModuleState> {
                             out.push(a);
                         }
                     }
+                    if role == Role::Wait && hold {
+                        // Its receiver did not start: the pause runs.
+                        let mut r = s.clone();
+                        r.receiver_retry = true;
+                        out.push(r);
+                    }
                     if role == Role::Second {
                         // Its receiver was restarted in place at 0 ms.
                         let mut r = s.clone();
@@ -1146,6 +1185,8 @@ fn events() -> Vec<Event> {
         Event::ConnectedMountFailed,
         Event::AttachFailed,
         Event::AttachRetryDue,
+        Event::ReceiverFailed,
+        Event::ReceiverRetryDue,
         Event::Fenced {
             peer_follows_us: true,
         },
@@ -1222,6 +1263,27 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             "{}",
             ctx()
         );
+    }
+    // A receiver that did not start: WAIT, retried only after the pause
+    // (or when the operator asks), and the pause only after a failure.
+    if after.receiver_retry {
+        assert_eq!(after.role, Role::Wait, "{}", ctx());
+    }
+    if before.receiver_retry && actions.contains(&Action::MountReceiver) {
+        assert!(
+            matches!(event, Event::ReceiverRetryDue | Event::Start),
+            "{}",
+            ctx()
+        );
+    }
+    if actions.contains(&Action::RetryReceiver) {
+        assert_eq!(*event, Event::ReceiverFailed, "{}", ctx());
+        assert!(after.receiver_retry, "{}", ctx());
+    }
+    if *event == Event::ReceiverFailed && before.role == Role::Second {
+        assert_eq!(after.role, Role::Wait, "{}", ctx());
+        assert!(actions.contains(&Action::RetryReceiver), "{}", ctx());
+        assert!(!after.uptodate, "{}", ctx());
     }
     if !after.role.is_writer() {
         assert_eq!(after.attach, Attach::Idle, "{}", ctx());
@@ -2147,4 +2209,40 @@ fn the_peers_maintenance_holds_this_node_back_too() {
     let back = peer(Role::Wait, Readiness::Ready, Relation::InSync);
     let (s, _) = run(&s, &[seen(back)]);
     assert_eq!(s.role, Role::Alone, "{s:?}");
+}
+
+/// A receiver that does not start: the node steps down to WAIT and holds —
+/// the writer's heartbeats do not retry it — until the pause asked for by
+/// `RetryReceiver` is over; then it follows the writer again. The operator's
+/// `stop` ends the pause, and `start` follows at once.
+#[test]
+fn a_receiver_that_does_not_start_is_retried_after_a_pause() {
+    let writer = seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer));
+    let (s, actions) = run(&fresh(true, false), &[Event::Start, writer.clone()]);
+    assert!(actions.contains(&Action::MountReceiver));
+    assert_eq!(s.role, Role::Second);
+    let (s, actions) = run(&s, &[Event::ReceiverFailed]);
+    assert_eq!(actions, [Action::Unmount, Action::RetryReceiver]);
+    assert_eq!(
+        (s.role, s.readiness(), s.receiver_retry),
+        (Role::Wait, Readiness::NotUpToDate, true)
+    );
+    // Heartbeats meanwhile change nothing.
+    let (held, actions) = run(&s, &[writer.clone(), writer.clone()]);
+    assert!(actions.is_empty(), "{actions:?}");
+    assert_eq!(held, s);
+    let (s, actions) = run(&held, &[Event::ReceiverRetryDue]);
+    assert_eq!(
+        actions,
+        [Action::MountReceiver, Action::StartResync { full: false }]
+    );
+    assert_eq!((s.role, s.receiver_retry), (Role::Second, false));
+    // A late retry asks nothing; neither does a second failure elsewhere.
+    assert!(run(&s, &[Event::ReceiverRetryDue]).1.is_empty());
+    // The operator's stop ends the pause; start follows at once.
+    let (s, _) = run(&held, &[Event::Stop]);
+    assert_eq!((s.role, s.receiver_retry), (Role::Stop, false));
+    let (s, actions) = run(&s, &[Event::Start, writer]);
+    assert!(actions.contains(&Action::MountReceiver), "{actions:?}");
+    assert_eq!(s.role, Role::Second);
 }
