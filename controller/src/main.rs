@@ -80,7 +80,8 @@ fn run(args: Args) -> Result<(), MainError> {
         let binary = args.vmha_fs.unwrap_or_else(default_vmha_fs);
         (
             Arc::new(LibvirtDriver::new()),
-            Arc::new(VmhaFsDriver::new(binary, config.clone(), node)),
+            // vmha-fs outlives vmhad: the next vmhad adopts it.
+            Arc::new(VmhaFsDriver::new(binary, config.clone(), node).detached()),
         )
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -101,11 +102,14 @@ fn run(args: Args) -> Result<(), MainError> {
             clock,
         })
         .await?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping the modules"),
-            _ = int.recv() => tracing::info!("SIGINT: stopping the modules"),
-        }
-        daemon.shutdown().await;
+        // vmhad ends alone: vmha-fs and the VMs keep running (`vmctl stop`
+        // hands a module over).
+        let why = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{why}: vmhad stops; vmha-fs and the VMs keep running");
+        daemon.shutdown(why).await;
         tracing::info!("vmhad stopped");
         Ok(())
     })

@@ -469,7 +469,7 @@ async fn local_disk_failure_fails_over_and_the_node_waits_until_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stop_on_prim_hands_over_and_graceful_shutdown_too() {
+async fn stop_on_prim_hands_over_and_a_daemon_shutdown_leaves_the_vm_running() {
     let dir = tempfile::tempdir().unwrap();
     let (n1, mut n2, _) = running_pair(dir.path()).await;
     let r = n1.request(Request::Stop { module: None }).await;
@@ -486,13 +486,10 @@ async fn stop_on_prim_hands_over_and_graceful_shutdown_too() {
     assert!(r.ok, "{r:?}");
     n1.wait_role("node1", Role::Second, true).await;
     n2.wait_role("node2", Role::Prim, true).await;
-    // A graceful daemon shutdown on the PRIM hands over without a timeout.
-    let stopped = Instant::now();
-    n2.daemon.take().unwrap().shutdown().await;
-    n1.wait_role("node1", Role::Alone, false).await;
-    assert!(n1.vm.is_running("vm1"));
-    assert!(!n2.vm.is_running("vm1"));
-    assert!(stopped.elapsed() < Duration::from_secs(5));
+    // A daemon shutdown (SIGTERM) on the PRIM ends vmhad alone: its VM keeps
+    // running (`vmctl stop` hands over, as above).
+    n2.daemon.take().unwrap().shutdown("test").await;
+    assert!(n2.vm.is_running("vm1"));
     n1.daemon.unwrap().kill().await;
 }
 

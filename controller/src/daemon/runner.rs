@@ -194,10 +194,26 @@ impl Runner {
             PeerView::Lost => {
                 if !self.peer_lost_sent {
                     self.peer_lost_sent = true;
-                    self.handle(Event::PeerLost).await;
+                    let event = if matches!(self.state.role, Role::Prim | Role::Second)
+                        && self.data_path_alive().await
+                    {
+                        Event::ControllerLost
+                    } else {
+                        Event::PeerLost
+                    };
+                    self.handle(event).await;
                 }
             }
         }
+    }
+
+    /// The module's replication link carried something within the failover
+    /// timeout (see [`crate::driver::FsDriver::data_path_alive`]).
+    pub(super) async fn data_path_alive(&self) -> bool {
+        let within = self.failover_timeout;
+        self.blocking(move |_, fs, m| fs.data_path_alive(m, within))
+            .await
+            .unwrap_or(false)
     }
 
     pub(super) fn now_ms(&self) -> u64 {
@@ -267,6 +283,7 @@ impl Runner {
             history: self.meta.history.clone(),
             changed_bytes: self.changed_bytes,
             resync,
+            peer_controller_down: self.state.peer_controller_down,
         });
     }
 }
