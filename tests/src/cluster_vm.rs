@@ -259,6 +259,20 @@ impl VmCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Ends node `i`'s `vmhad` alone with `signal` (SIGKILL: a crash of the
+    /// daemon; SIGTERM or SIGINT: a stop) and reaps it; the rest of the node
+    /// (vmha-fs, libvirt, QEMU) runs on. Its stderr stays readable.
+    pub fn signal_vmhad(&mut self, i: usize, signal: libc::c_int) -> Result<()> {
+        let name = self.node(i).name().to_string();
+        let Some(Some(c)) = self.vmhad.get_mut(i) else {
+            bail!("no vmhad runs on {name}");
+        };
+        c.send_signal(signal)?;
+        let status = c.wait_exit(Duration::from_secs(20))?;
+        eprintln!("[cluster] vmhad on {name} ended by signal {signal}: {status}");
+        Ok(())
+    }
+
     /// Node crash: SIGKILL every process of node `i` (qemu, vmhad, vmha-fs,
     /// libvirtd...) and reap its `vmhad`. Returns how many were killed.
     pub fn crash(&mut self, i: usize) -> Result<usize> {
