@@ -1094,9 +1094,8 @@ impl Transition {
             PeerKnowledge::Unknown => {
                 match self.s.role {
                     Role::Prim => self.go_alone("the peer was not heard since this vmhad started"),
-                    Role::Second if self.s.uptodate && self.s.policy.failover => {
-                        self.go_alone("the PRIM was not heard since this vmhad started: failing over")
-                    }
+                    Role::Second if self.s.uptodate && self.s.policy.failover => self
+                        .go_alone("the PRIM was not heard since this vmhad started: failing over"),
                     Role::Second => self.step_down(
                         Role::Wait,
                         "the PRIM was not heard since this vmhad started",

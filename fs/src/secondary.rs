@@ -70,7 +70,11 @@ pub fn run(args: SecondaryConfig) -> Result<(), RunError> {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(|e| RunError::Other(format!("cannot install signal handler: {e}")))?;
     }
-    publish_writer_heard(state_dir.path().to_path_buf(), server.writer_heard(), stop.clone())?;
+    publish_writer_heard(
+        state_dir.path().to_path_buf(),
+        server.writer_heard(),
+        stop.clone(),
+    )?;
     let addr = server.local_addr().map_or(listen, |a| a);
     tracing::info!(backing = %backing.display(), %addr, "secondary ready");
     server

@@ -538,7 +538,10 @@ fn controller_gone_changes_nothing(
     );
     ensure!(!runs_vm(vc, 1)?, "{how}: node2 runs the guest too");
     let now = qemu_pids(vc, 0)?;
-    ensure!(now == qemu, "{how}: node1's QEMU changed: {qemu:?} -> {now:?}");
+    ensure!(
+        now == qemu,
+        "{how}: node1's QEMU changed: {qemu:?} -> {now:?}"
+    );
     let log = vc.vmctl(1, &["log"])?;
     ensure!(
         log.contains("the peer's controller is down (heartbeats silent), its data path is alive"),
@@ -565,7 +568,10 @@ fn restarted_adopts(vc: &mut VmCluster, qemu: &[u32], gen: &str, how: &str) -> R
         entry(&s, "node2")
     );
     let now = qemu_pids(vc, 0)?;
-    ensure!(now == qemu, "{how}: node1's QEMU changed: {qemu:?} -> {now:?}");
+    ensure!(
+        now == qemu,
+        "{how}: node1's QEMU changed: {qemu:?} -> {now:?}"
+    );
     let log = vc.vmctl(0, &["log"])?;
     ensure!(
         log.contains("adopted the running writer and VM a previous vmhad started"),
@@ -631,9 +637,7 @@ fn vmhad_restarts() -> Result<()> {
     drop(thaw);
     // Thawed, node1 learns it lost (fenced, or sees the newer writer).
     wait_status(&vc, 1, "node1 no longer a writer", STATE_TIMEOUT, |s| {
-        state(s, "node1").is_some()
-            && !writer(state(s, "node1"))
-            && writer(state(s, "node2"))
+        state(s, "node1").is_some() && !writer(state(s, "node1")) && writer(state(s, "node2"))
     })?;
     Ok(())
 }

@@ -283,9 +283,9 @@ async fn find_running(
     let found = tokio::task::spawn_blocking(move || {
         let found = fs.find_running(&m);
         let vm_running = match &found {
-            Ok(Some(f)) if f.writer => vm
-                .state(&m)
-                .is_ok_and(|s| s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused),
+            Ok(Some(f)) if f.writer => vm.state(&m).is_ok_and(|s| {
+                s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused
+            }),
             _ => false,
         };
         (found, vm_running)

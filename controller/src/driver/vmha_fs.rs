@@ -1023,7 +1023,9 @@ impl FsDriver for VmhaFsDriver {
                 (false, true) => Spawn::LoserReceiver,
                 (false, false) => Spawn::Receiver,
             };
-            let expected = self.command(module, i, dir, role, None).map(|c| settings_of(&c));
+            let expected = self
+                .command(module, i, dir, role, None)
+                .map(|c| settings_of(&c));
             settings_match &= record.writer == writer
                 && record.generation == generation
                 && expected.as_deref() == Ok(record.settings.as_str());
@@ -1047,7 +1049,10 @@ impl FsDriver for VmhaFsDriver {
                 )
             })
             .collect();
-        let generation_id = generation.as_deref().map(GenerationId::try_from).and_then(Result::ok);
+        let generation_id = generation
+            .as_deref()
+            .map(GenerationId::try_from)
+            .and_then(Result::ok);
         self.lock().insert(
             module.name.clone(),
             Running {
@@ -1086,7 +1091,9 @@ impl FsDriver for VmhaFsDriver {
                     .is_some_and(|l| {
                         matches!(
                             l.state,
-                            LinkCondition::Connected | LinkCondition::Syncing | LinkCondition::Attaching
+                            LinkCondition::Connected
+                                | LinkCondition::Syncing
+                                | LinkCondition::Attaching
                         )
                     })
             } else {

@@ -1180,12 +1180,19 @@ fn a_new_vmhad_adopts_the_running_receiver() {
         ..receiver
     };
     let (s, actions) = run(&fresh(true, true), &[Event::Adopt(behind)]);
-    assert_eq!((s.role, s.readiness()), (Role::Second, Readiness::NotUpToDate));
+    assert_eq!(
+        (s.role, s.readiness()),
+        (Role::Second, Readiness::NotUpToDate)
+    );
     assert_eq!(actions, vec![]);
     // Its writer is heard: it goes on as SECOND, no resync started.
     let (s, actions) = run(
         &s,
-        &[seen(peer(Role::Prim, Readiness::Ready, Relation::PeerNewer))],
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
     );
     assert_eq!(s.role, Role::Second);
     assert!(!actions.contains(&Action::MountReceiver));
