@@ -429,7 +429,9 @@ pub struct Found {
     pub writer: bool,
     /// It runs with the settings this configuration gives it.
     pub settings_match: bool,
-    /// Writer: it claims this node's current generation. Receiver: it accepts
+    /// Writer: it claims this node's current generation, or an earlier one of
+    /// this node's history (a writer that went ALONE keeps its first claim
+    /// until it attaches the peer with the current one). Receiver: it accepts
     /// this node's current generation (a resync to the writer's generation
     /// completed: the copy is up to date).
     pub generation_current: bool,

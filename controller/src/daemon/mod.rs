@@ -277,7 +277,7 @@ async fn find_running(
     vm: &Arc<dyn VmDriver>,
     fs: &Arc<dyn FsDriver>,
     module: &Module,
-    current: Option<String>,
+    history: &History,
 ) -> Event {
     let (vm, fs, m) = (Arc::clone(vm), Arc::clone(fs), module.clone());
     let found = tokio::task::spawn_blocking(move || {
@@ -293,7 +293,15 @@ async fn find_running(
     .await;
     match found {
         Ok((Ok(Some(f)), vm_running)) => {
-            let generation_current = f.generation.is_some() && f.generation == current;
+            let current = history.current().map(|g| g.to_string());
+            // A writer keeps the generation it started with until it attaches
+            // the peer (going ALONE persists a new one without restarting it):
+            // any generation of this node's line is ours.
+            let ours = |g: &String| {
+                Some(g) == current.as_ref()
+                    || (f.writer && history.previous().iter().any(|p| p.to_string() == *g))
+            };
+            let generation_current = f.generation.as_ref().is_some_and(ours);
             tracing::info!(
                 module = %module.name,
                 writer = f.writer,
@@ -367,15 +375,7 @@ impl Daemon {
                 &module.name,
                 spec.clock.clone(),
             ));
-            first_events.push(
-                find_running(
-                    &spec.vm,
-                    &spec.fs,
-                    module,
-                    meta.history.current().map(|g| g.to_string()),
-                )
-                .await,
-            );
+            first_events.push(find_running(&spec.vm, &spec.fs, module, &meta.history).await);
             let (view_tx, view_rx) = watch::channel(ModuleView {
                 announce: state.announce(),
                 history: meta.history.clone(),
