@@ -565,8 +565,14 @@ async fn config_hash_mismatch_is_reported() {
     // Whole-config mismatch only (start_wait_ms is not a module setting).
     let n1 = Node::start("node1", &toml(port, "", 300), dir.path()).await;
     let n2 = Node::start("node2", &toml(port, "", 301), dir.path()).await;
-    n1.wait("peer heard", |s| s.modules[0].nodes["node2"].reachable)
-        .await;
+    // A module is in the heartbeats once started: wait for its beat.
+    n1.wait("peer's module heard", |s| {
+        s.modules[0].nodes["node2"]
+            .module_config_match
+            .flatten()
+            .is_some()
+    })
+    .await;
     let json = serde_json::to_value(n1.status()).unwrap();
     assert_eq!(json["modules"][0]["nodes"]["node2"]["config_match"], false);
     assert_eq!(
@@ -581,8 +587,13 @@ async fn config_hash_mismatch_is_reported() {
     let port = free_port();
     let n1 = Node::start("node1", &toml(port, "", 300), dir.path()).await;
     let n2 = Node::start("node2", &toml(port, "stop_timeout_s = 5", 300), dir.path()).await;
-    n2.wait("peer heard", |s| s.modules[0].nodes["node1"].reachable)
-        .await;
+    n2.wait("peer's module heard", |s| {
+        s.modules[0].nodes["node1"]
+            .module_config_match
+            .flatten()
+            .is_some()
+    })
+    .await;
     let json = serde_json::to_value(n2.status()).unwrap();
     assert_eq!(json["modules"][0]["nodes"]["node1"]["config_match"], false);
     assert_eq!(

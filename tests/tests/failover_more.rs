@@ -607,6 +607,35 @@ fn vmhad_restarts() -> Result<()> {
         eprintln!("[failover_more] vmhad {how} on the PRIM: invisible to the guest");
     }
 
+    // vmhad on the SECOND killed: node1 stays PRIM replicating to it (no new
+    // generation), and the new vmhad adopts the receiver (SECOND, ready).
+    vc.signal_vmhad(1, libc::SIGKILL)?;
+    std::thread::sleep(Duration::from_millis(timing.failover_timeout_ms * 3));
+    more_counters(&vc, 0, 2, Duration::from_secs(60))?;
+    let s = status(&vc, 0)?;
+    ensure!(
+        state(&s, "node1") == Some("PRIM")
+            && generation(&s, "node1").as_deref() == Some(gen.as_str())
+            && entry(&s, "node2")["controller"] == "down"
+            && entry(&s, "node2")["data_path"] == "alive",
+        "vmhad killed on the SECOND: node1 shows {s}"
+    );
+    vc.start_vmhad(1)?;
+    let s = wait_status(&vc, 1, "node2 SECOND again", STATE_TIMEOUT, |s| {
+        state(s, "node2") == Some("SECOND") && state(s, "node1") == Some("PRIM")
+    })?;
+    ensure!(
+        ready(&s, "node2") && generation(&s, "node2").as_deref() == Some(gen.as_str()),
+        "node2 adopted its receiver but is not a ready SECOND at {gen}: {}",
+        entry(&s, "node2")
+    );
+    let log = vc.vmctl(1, &["log"])?;
+    ensure!(
+        log.contains("adopted the running receiver a previous vmhad started (up to date)"),
+        "node2's log:\n{log}"
+    );
+    more_counters(&vc, 0, 2, Duration::from_secs(60))?;
+
     // A frozen writer (its vmhad and vmha-fs stopped; QEMU runs on) is still
     // failed over: no heartbeats and no pings.
     let mut frozen = Vec::new();

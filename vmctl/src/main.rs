@@ -146,6 +146,9 @@ fn cell(node: &NodeStatus) -> [String; 4] {
                     .unwrap_or_default()
             })
             .unwrap_or_else(|| "-".to_string())
+    } else if node.data_path == Some(Some(vmha_controller::status::DataPath::Alive)) {
+        // Its vmhad is down, its vmha-fs and VM run on: not failed over.
+        "controller down, data path alive".to_string()
     } else {
         "unreachable".to_string()
     };

@@ -49,6 +49,9 @@ pub(super) async fn send_heartbeats(
             .iter()
             .filter_map(|h| {
                 let view = h.view.borrow();
+                if !view.announced {
+                    return None;
+                }
                 Some(ModuleBeat {
                     name: h.module.name.clone(),
                     module_hash: h.module_hash?,

@@ -160,6 +160,10 @@ struct ModuleView {
     resync: Option<ResyncStatus>,
     /// The peer's controller is down while its data path is alive.
     peer_controller_down: bool,
+    /// The module's first event (`Start` or `Adopt`) was handled: until then
+    /// it is not in our heartbeats (its initial STOP would make a SECOND take
+    /// over a writer that is about to be adopted).
+    announced: bool,
 }
 
 /// The peer as the dispatcher last saw it, for one module.
@@ -382,6 +386,7 @@ impl Daemon {
                 changed_bytes: 0,
                 resync: None,
                 peer_controller_down: false,
+                announced: false,
             });
             let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
             let (cmd_tx, cmd_rx) = mpsc::channel(16);
@@ -425,6 +430,7 @@ impl Daemon {
                     went_alone: None,
                     judging_since: Arc::clone(&judging_since),
                     xml_refresh_failed: false,
+                    announced: false,
                 },
                 cmd_rx,
             ));

@@ -89,6 +89,8 @@ pub(super) struct Runner {
     pub(super) judging_since: Arc<Mutex<Instant>>,
     /// The last `refresh_xml` failed (logged once).
     pub(super) xml_refresh_failed: bool,
+    /// The first `Start` or `Adopt` was handled: the module is in heartbeats.
+    pub(super) announced: bool,
 }
 
 /// How `MarkPeerOutdated` ended.
@@ -222,6 +224,9 @@ impl Runner {
 
     /// Runs `first` and the events its actions produce; returns the log lines.
     pub(super) async fn handle(&mut self, first: Event) -> Vec<String> {
+        if matches!(first, Event::Start | Event::Adopt(_)) {
+            self.announced = true;
+        }
         let mut queue = VecDeque::from([first]);
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
@@ -284,6 +289,7 @@ impl Runner {
             changed_bytes: self.changed_bytes,
             resync,
             peer_controller_down: self.state.peer_controller_down,
+            announced: self.announced,
         });
     }
 }
