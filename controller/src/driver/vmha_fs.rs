@@ -25,7 +25,19 @@
 //!   removed before an attach and on `go_alone` so an old outcome is never
 //!   read as the current one.
 //! - Children are kept and stopped by PID with SIGTERM (vmha-fs unmounts on
-//!   it), SIGKILL after [`STOP_TIMEOUT`].
+//!   it), SIGKILL after [`STOP_TIMEOUT`]. Each runs in its own process group
+//!   (a terminal's SIGINT does not reach it) and outlives vmhad: the driver
+//!   made [`VmhaFsDriver::detached`] stops nothing when dropped.
+//! - Each child is recorded in `<state>/process.json` ([`PROCESS_FILE`]: PID,
+//!   start time, role, generation, a digest of its settings). A new vmhad's
+//!   [`FsDriver::find_running`] reads them, takes the processes that still run
+//!   in charge as adopted processes (watched by PID and start time, stopped by
+//!   [`FsDriver::unmount`]) and reports whether they run with the settings
+//!   this configuration gives them: the command line without the program, the
+//!   generation and the start mode. The state machine decides (`Adopt`).
+//! - [`FsDriver::data_path_alive`]: a receiver's `heard.json` shows a writer
+//!   session and a frame within the window; a writer's `link.json` is
+//!   connected, syncing or attaching.
 //! - A writer publishes its replication link in `<state>/link.json` (removed
 //!   before each start): `lost`, `stalled` (no acknowledgement for half the
 //!   lock timeout) or `failed` is [`FsHealth::LinkDown`] (the
