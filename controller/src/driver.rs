@@ -87,6 +87,19 @@ pub enum FsHealth {
     DiskFailed(String),
 }
 
+/// A module's vmha-fs that a previous vmhad started and that still runs
+/// ([`FsDriver::find_running`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundFs {
+    pub writer: bool,
+    /// Every directory runs with the settings this configuration gives it.
+    pub settings_match: bool,
+    /// The generation claimed (writer) or accepted (receiver), if any.
+    pub generation: Option<String>,
+    /// Writer: it writes alone (not replicating to the peer).
+    pub alone: bool,
+}
+
 /// The state of a resync this node receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResyncState {
@@ -226,6 +239,18 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     /// the copy identical.
     fn invalidate(&self, _module: &Module, _reason: &str) -> Result<(), DriverError> {
         Err(DriverError::Unsupported("invalidate".to_string()))
+    }
+    /// At daemon start: this module's vmha-fs that a previous vmhad started and
+    /// that still runs, if any. The driver takes it in charge: `unmount` stops
+    /// it, `health` watches it.
+    fn find_running(&self, _module: &Module) -> Result<Option<FoundFs>, DriverError> {
+        Ok(None)
+    }
+    /// The replication link with the peer is alive: a receiver heard its
+    /// writer (an operation or a ping) within `within`; a writer's link is
+    /// connected.
+    fn data_path_alive(&self, _module: &Module, _within: std::time::Duration) -> bool {
+        false
     }
     /// Writer: where the copy to the peer started by
     /// [`FsDriver::attach_peer`] stands. `Idle`: none running (or the peer is

@@ -110,7 +110,8 @@ fn run(args: Args) -> Result<(), MainError> {
         let binary = args.vmha_fs.unwrap_or_else(default_vmha_fs);
         (
             Arc::new(LibvirtDriver::new()),
-            Arc::new(VmhaFsDriver::new(binary, config.clone(), node)),
+            // vmha-fs outlives vmhad: the next vmhad adopts it.
+            Arc::new(VmhaFsDriver::new(binary, config.clone(), node).detached()),
         )
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,11 +162,11 @@ fn run(args: Args) -> Result<(), MainError> {
                 }
             }
         };
-        tracing::info!("{signal}: stopping the modules");
+        // vmhad ends alone: vmha-fs and the VMs keep running (`vmctl stop`
+        // hands a module over, `vmctl leave` every module of the node).
+        tracing::info!("{signal}: vmhad stops; vmha-fs and the VMs keep running");
         vmha_controller::systemd::stopping();
-        daemon
-            .shutdown_because(&format!("signal {signal}: vmhad stop"))
-            .await;
+        daemon.shutdown(signal).await;
         tracing::info!("vmhad stopped");
         Ok(())
     })

@@ -165,6 +165,19 @@
 //!   replication link handling (`LinkDown`), which keeps the VM's writes
 //!   going. When it ends the module decides on what it knows now, and the
 //!   checkers report again by themselves.
+//! - **A new vmhad adopts** (`Adopt`, sent instead of `Start` when the
+//!   previous vmhad's vmha-fs still runs): a writer claiming this node's
+//!   current generation, with the settings this configuration gives it, is
+//!   taken over as it is — PRIM (ALONE when it writes alone), same VM, no
+//!   new generation, no resync; a receiver becomes SECOND, up to date when it
+//!   accepts this node's current generation. Anything else is stopped (VM
+//!   first) and the module starts as usual.
+//! - **A peer whose controller is down** (`ControllerLost`: its heartbeats
+//!   stopped, the replication link is alive) is not failed over and a PRIM
+//!   does not go ALONE: the roles stay until the link dies too
+//!   (`DataPathLost`, or a PRIM's `LinkDown`), then it is `PeerLost`.
+//! - **Never heard since this daemon started**: `PeerLost` then matters only to
+//!   an adopted PRIM (goes ALONE) or SECOND (fails over when up to date).
 
 use std::fmt;
 
@@ -488,6 +501,36 @@ pub enum Event {
     Join,
     /// `vmctl maintenance on|off`: no automatic reaction while on.
     Maintenance(bool),
+    /// Every network silent for the failover timeout, but the replication
+    /// link to the peer is alive (frames or pings within the failover
+    /// timeout): its controller is down, its vmha-fs (and VM) run on.
+    ControllerLost,
+    /// After [`Event::ControllerLost`]: the replication link went silent too
+    /// (nothing received within the failover timeout): the peer is lost.
+    DataPathLost,
+    /// At daemon start, before `Start`: the vmha-fs of this module that a
+    /// previous vmhad started still runs ([`Found`]).
+    Adopt(Found),
+}
+
+/// What a new vmhad found running of a module at its start (a previous vmhad
+/// ended, or crashed, leaving its vmha-fs and VM running).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    /// The writer (`vmha-fs primary`), else the receiver.
+    pub writer: bool,
+    /// It runs with the settings this configuration gives it.
+    pub settings_match: bool,
+    /// Writer: it claims this node's current generation, or an earlier one of
+    /// this node's history (a writer that went ALONE keeps its first claim
+    /// until it attaches the peer with the current one). Receiver: it accepts
+    /// this node's current generation (a resync to the writer's generation
+    /// completed: the copy is up to date).
+    pub generation_current: bool,
+    /// Writer: it writes alone (ALONE), not replicating to the peer (PRIM).
+    pub alone: bool,
+    /// Writer: the module's domain runs.
+    pub vm_running: bool,
 }
 
 /// What probing the witnesses found.
@@ -651,6 +694,10 @@ pub struct ModuleState {
     /// WAIT: the receiver did not start; a writer is followed again only
     /// after `ReceiverRetryDue`.
     pub receiver_retry: bool,
+    /// The peer's heartbeats stopped while its replication link is alive
+    /// ([`Event::ControllerLost`]): its controller is down, the data path is
+    /// alive. Cleared when it is heard again or the data path dies.
+    pub peer_controller_down: bool,
     probe: Option<Probe>,
 }
 
@@ -697,6 +744,7 @@ impl ModuleState {
             left: false,
             held_back: Vec::new(),
             receiver_retry: false,
+            peer_controller_down: false,
             probe: None,
         }
     }
@@ -947,6 +995,103 @@ impl Transition {
             Event::Leave => self.leave(),
             Event::Join => self.join(),
             Event::Maintenance(on) => self.set_maintenance(on),
+            Event::ControllerLost => self.controller_lost(),
+            Event::DataPathLost => {
+                if std::mem::take(&mut self.s.peer_controller_down) {
+                    self.log("the peer's replication link is silent too: the peer is lost");
+                    self.peer_lost();
+                }
+            }
+            Event::Adopt(found) => self.adopt(found),
+        }
+    }
+
+    // ---- a new vmhad ----
+
+    /// A previous vmhad left this module's vmha-fs (and VM) running: take it
+    /// over as it is when it is what this configuration and the persisted
+    /// generation expect, else stop it and start as usual.
+    fn adopt(&mut self, found: Found) {
+        // Only at daemon start (a fresh state: STOP, disk not failed).
+        if self.s.role != Role::Stop || self.s.disk_failed {
+            return;
+        }
+        let kind = if found.writer { "writer" } else { "receiver" };
+        let refusal = if self.s.left {
+            Some("this node left the cluster")
+        } else if !found.settings_match && !self.s.in_maintenance() {
+            Some("its settings differ from this configuration's")
+        } else if found.writer && !(found.generation_current && self.s.has_data) {
+            Some("it does not claim this node's current generation")
+        } else if found.writer && self.s.self_outdated {
+            Some("this node's copy is recorded as not up to date")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            self.log(format!(
+                "found the {kind} a previous vmhad started, not adopted ({why}): stopping it"
+            ));
+            if found.writer && found.vm_running {
+                self.act(Action::StopVm);
+            }
+            self.act(Action::Unmount);
+            self.start();
+            return;
+        }
+        if !found.settings_match {
+            // Maintenance (an upgrade, say): the VM is not stopped for a
+            // setting; the new one applies at its next start.
+            self.log(format!(
+                "maintenance: adopting the {kind} although its settings differ from this configuration's (they apply at its next start)"
+            ));
+        }
+        self.s.hold = false;
+        self.s.start_wait_over = true;
+        self.s.restarts.clear();
+        if found.writer {
+            self.s.role = if found.alone { Role::Alone } else { Role::Prim };
+            self.s.uptodate = true;
+            if !found.vm_running {
+                self.act(Action::DefineDomain);
+                self.act(Action::StartVm);
+                self.s.vm_starting = true;
+            }
+            self.because(if found.vm_running {
+                "adopted the running writer and VM a previous vmhad started"
+            } else {
+                "adopted the running writer a previous vmhad started; its VM is not running: starting it"
+            });
+        } else {
+            self.s.role = Role::Second;
+            self.s.uptodate = found.generation_current && self.s.has_data && !self.s.self_outdated;
+            self.because(if self.s.uptodate {
+                "adopted the running receiver a previous vmhad started (up to date)"
+            } else {
+                "adopted the running receiver a previous vmhad started (not up to date)"
+            });
+        }
+    }
+
+    /// The peer's heartbeats stopped but its replication link is alive: its
+    /// controller is down, not the node. A writer whose data path is alive is
+    /// never failed over; the roles stay until the link dies too
+    /// ([`Event::DataPathLost`]) or the peer is heard again.
+    fn controller_lost(&mut self) {
+        match self.s.role {
+            Role::Prim | Role::Second => {
+                if let PeerKnowledge::Seen(p) = self.s.peer {
+                    self.s.peer = PeerKnowledge::Lost(p);
+                }
+                if !self.s.peer_controller_down {
+                    self.s.peer_controller_down = true;
+                    self.log(format!(
+                        "the peer's controller is down (heartbeats silent), its data path is alive: staying {}",
+                        self.s.role
+                    ));
+                }
+            }
+            _ => self.peer_lost(),
         }
     }
 
@@ -1257,6 +1402,9 @@ impl Transition {
 
     fn peer_seen(&mut self, peer: Peer) {
         self.s.peer = PeerKnowledge::Seen(peer);
+        if std::mem::take(&mut self.s.peer_controller_down) {
+            self.log("the peer's controller is back");
+        }
         if self.s.probe.take().is_some() {
             self.log("peer heard again: witness probe abandoned");
         }
@@ -1487,9 +1635,25 @@ impl Transition {
     }
 
     fn peer_lost(&mut self) {
+        self.s.peer_controller_down = false;
         let last = match self.s.peer {
             PeerKnowledge::Seen(p) | PeerKnowledge::Lost(p) => p,
-            PeerKnowledge::Unknown => return,
+            // Not heard since this daemon started: only an adopted PRIM or
+            // SECOND has anything to decide (the peer may have died while
+            // no controller ran here).
+            PeerKnowledge::Unknown => {
+                match self.s.role {
+                    Role::Prim => self.go_alone("the peer was not heard since this vmhad started"),
+                    Role::Second if self.s.uptodate && self.s.policy.failover => self
+                        .go_alone("the PRIM was not heard since this vmhad started: failing over"),
+                    Role::Second => self.step_down(
+                        Role::Wait,
+                        "the PRIM was not heard since this vmhad started",
+                    ),
+                    _ => {}
+                }
+                return;
+            }
         };
         self.s.peer = PeerKnowledge::Lost(last);
         match self.s.role {
@@ -1764,6 +1928,12 @@ impl Transition {
         match self.s.role {
             // An ALONE writer has nobody to wait for.
             Role::Alone => self.write_alone(),
+            // The peer's controller is down and now its receiver too.
+            Role::Prim if self.s.peer_controller_down => {
+                self.s.peer_controller_down = false;
+                self.log("the peer's replication link is down too: the peer is lost");
+                self.peer_lost();
+            }
             Role::Prim if !our_second_now => {}
             Role::Prim if peer_knows_outdated => {
                 self.log("replication link down; the peer already knows it is outdated");
@@ -1890,6 +2060,7 @@ impl Transition {
         }
         self.s.role = to;
         self.s.hold = to == Role::Wait;
+        self.s.peer_controller_down = false;
         self.s.vm_starting = false;
         self.s.swapping = false;
         self.s.swap_refused = false;

@@ -33,6 +33,11 @@
 //!   for the module, on either node) and `left` (`vmctl leave`: the node runs
 //!   nothing until `vmctl join`), carried in heartbeats; an unreachable
 //!   peer's are its last known (false if never heard).
+//! - per peer node `controller`: `"up"` while its heartbeats arrive, `"down"`
+//!   otherwise; and `data_path`: `"alive"` while its controller is down but the
+//!   module's replication link still carries its frames or pings (its vmha-fs
+//!   and VM run on: it is not failed over), `"down"` when the controller is
+//!   down and the link is not known alive, `null` while the controller is up.
 
 use std::collections::BTreeMap;
 
@@ -147,6 +152,34 @@ pub struct NodeStatus {
         deserialize_with = "present"
     )]
     pub module_config_match: Option<Option<bool>>,
+    /// Peer only: whether its controller (vmhad) is heard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<Controller>,
+    /// Peer only: the module's data path while its controller is down.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub data_path: Option<Option<DataPath>>,
+}
+
+/// The peer's controller as heard through its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Controller {
+    Up,
+    Down,
+}
+
+/// A module's replication link with the peer, while the peer's controller is
+/// down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// Frames or pings within the failover timeout: not failed over.
+    Alive,
+    Down,
 }
 
 /// A key that is present (even `null`) is `Some`: `Some(None)` round-trips.
@@ -201,6 +234,8 @@ mod tests {
             last_known_state: None,
             config_match: None,
             module_config_match: None,
+            controller: None,
+            data_path: None,
         };
         let json = serde_json::to_value(&node).unwrap();
         assert_eq!(
@@ -231,9 +266,13 @@ mod tests {
             last_known_state: Some(Some(Role::Prim)),
             config_match: Some(None),
             module_config_match: Some(None),
+            controller: Some(Controller::Down),
+            data_path: Some(Some(DataPath::Alive)),
         };
         let json = serde_json::to_value(&node).unwrap();
         assert_eq!(json["state"], serde_json::Value::Null);
+        assert_eq!(json["controller"], "down");
+        assert_eq!(json["data_path"], "alive");
         assert_eq!(json["last_known_state"], "PRIM");
         assert_eq!(json["disk"], "failed");
         assert_eq!(json["maintenance"], true);

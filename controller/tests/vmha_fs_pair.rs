@@ -280,7 +280,7 @@ async fn real_vmha_fs_pair_syncs_and_fails_over() {
     std::fs::write(n2.dir.join("alone.txt"), b"alone\n").unwrap();
 
     if let Some(d) = n2.daemon.take() {
-        d.shutdown().await;
+        d.shutdown("test end").await;
     }
     // Dropping the drivers stops whatever children are left (SIGTERM).
     drop(n1);
@@ -592,10 +592,10 @@ async fn link_down(fault: Fault) {
     );
 
     if let Some(d) = n1.daemon.take() {
-        d.shutdown().await;
+        d.shutdown("test end").await;
     }
     if let Some(d) = n2.daemon.take() {
-        d.shutdown().await;
+        d.shutdown("test end").await;
     }
     drop(n1);
     drop(n2);

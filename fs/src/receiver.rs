@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -187,6 +187,8 @@ pub struct ReceiverServer {
     binding: Binding,
     limits: Limits,
     busy: Arc<AtomicBool>,
+    /// [`crate::status::monotonic_ms`] of the last frame from a writer (0: never).
+    heard: Arc<AtomicU64>,
     /// Fencing: when set, only a primary claiming this data generation is served.
     accept_generation: Option<String>,
     /// This node's records of what its copy may lack (reported to a writer that
@@ -226,6 +228,7 @@ impl ReceiverServer {
             binding: Binding::new(module, port).map_err(ReceiverError::Module)?,
             limits: Limits::default(),
             busy: Arc::new(AtomicBool::new(false)),
+            heard: Arc::new(AtomicU64::new(0)),
             accept_generation: None,
             tracker: None,
             save_aside: None,
@@ -260,6 +263,15 @@ impl ReceiverServer {
         self.listener.local_addr()
     }
 
+    /// When a writer was last heard and whether its session is open (what the
+    /// secondary publishes in `heard.json`).
+    pub fn writer_heard(&self) -> WriterHeardProbe {
+        WriterHeardProbe {
+            busy: self.busy.clone(),
+            heard: self.heard.clone(),
+        }
+    }
+
     /// Serves connections until `stop` becomes true.
     pub fn serve(&self, stop: &AtomicBool) -> std::io::Result<()> {
         preauth::serve(
@@ -272,6 +284,7 @@ impl ReceiverServer {
                 let conn = Connection {
                     root: self.root.clone(),
                     busy: self.busy.clone(),
+                    heard: self.heard.clone(),
                     accept_generation: self.accept_generation.clone(),
                     tracker: self.tracker.clone(),
                     aside: self.save_aside.clone(),
@@ -284,6 +297,22 @@ impl ReceiverServer {
                 }
             },
         )
+    }
+}
+
+/// A view of the receiver's session for `heard.json`.
+#[derive(Debug, Clone)]
+pub struct WriterHeardProbe {
+    busy: Arc<AtomicBool>,
+    heard: Arc<AtomicU64>,
+}
+
+impl WriterHeardProbe {
+    pub fn now(&self) -> crate::status::WriterHeard {
+        crate::status::WriterHeard {
+            connected: self.busy.load(Ordering::SeqCst),
+            last_frame_ms: self.heard.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -300,6 +329,7 @@ impl Drop for SessionSlot {
 struct Connection {
     root: Arc<OwnedFd>,
     busy: Arc<AtomicBool>,
+    heard: Arc<AtomicU64>,
     accept_generation: Option<String>,
     tracker: Option<Arc<Tracker>>,
     aside: Option<Arc<AsidePolicy>>,
@@ -309,6 +339,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     let Connection {
         root,
         busy,
+        heard,
         accept_generation,
         tracker,
         aside,
@@ -364,8 +395,9 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
         return;
     }
     tracing::info!(%peer, ?claimed, "primary connected");
+    heard.store(crate::status::monotonic_ms(), Ordering::Relaxed);
     let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
-    match run_session(reader, writer, root, tracker, aside) {
+    match run_session(reader, writer, root, tracker, aside, &heard) {
         Ok(()) => tracing::info!(%peer, "primary disconnected"),
         Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),
     }
@@ -558,6 +590,7 @@ fn run_session(
     root: Arc<OwnedFd>,
     tracker: Option<Arc<Tracker>>,
     aside_policy: Option<Arc<AsidePolicy>>,
+    heard: &AtomicU64,
 ) -> Result<(), WireError> {
     let mut aside: Option<SaveAside> = None;
     // Files this session created: they hold nothing of this node's, so writes
@@ -593,7 +626,11 @@ fn run_session(
             start_writeback(&mut written);
         }
         let msg = match reader.recv() {
-            Ok(msg) => msg,
+            Ok(msg) => {
+                // The writer's data path is alive (its controller may not be).
+                heard.store(crate::status::monotonic_ms(), Ordering::Relaxed);
+                msg
+            }
             Err(WireError::Closed) => break Ok(()),
             Err(WireError::Io(e))
                 if matches!(

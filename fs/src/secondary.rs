@@ -70,6 +70,11 @@ pub fn run(args: SecondaryConfig) -> Result<(), RunError> {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(|e| RunError::Other(format!("cannot install signal handler: {e}")))?;
     }
+    publish_writer_heard(
+        state_dir.path().to_path_buf(),
+        server.writer_heard(),
+        stop.clone(),
+    )?;
     let addr = server.local_addr().map_or(listen, |a| a);
     tracing::info!(backing = %backing.display(), %addr, "secondary ready");
     server
@@ -77,6 +82,49 @@ pub fn run(args: SecondaryConfig) -> Result<(), RunError> {
         .map_err(|e| RunError::Other(format!("receiver failed: {e}")))?;
     tracing::info!("secondary stopped");
     Ok(())
+}
+
+/// How often `heard.json` is refreshed (when it changed).
+const HEARD_EVERY: Duration = Duration::from_millis(200);
+
+/// Keeps `STATEDIR/heard.json` current: when the writer was last heard (its
+/// operations or its pings, sent every second when idle). Written with a
+/// rename, not synced: it is about liveness, and the reader is on this host.
+fn publish_writer_heard(
+    state: PathBuf,
+    probe: crate::receiver::WriterHeardProbe,
+    stop: Arc<AtomicBool>,
+) -> Result<(), RunError> {
+    use crate::status::StatusFile;
+    std::thread::Builder::new()
+        .name("writer-heard".into())
+        .spawn(move || {
+            let path = state.join(crate::status::HEARD);
+            let tmp = state.join(format!("{}.tmp", crate::status::HEARD));
+            let mut last = None;
+            let mut failing = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = probe.now();
+                if last != Some(now) {
+                    let written = std::fs::write(&tmp, now.encode())
+                        .and_then(|()| std::fs::rename(&tmp, &path));
+                    match written {
+                        Ok(()) => {
+                            last = Some(now);
+                            failing = false;
+                        }
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!(path = %path.display(), "cannot publish heard.json: {e}");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                std::thread::sleep(HEARD_EVERY);
+            }
+        })
+        .map(drop)
+        .map_err(|e| RunError::Other(format!("cannot start a thread: {e}")))
 }
 
 /// Removes `self-outdated` once a resync made this copy identical to the

@@ -11,7 +11,10 @@
 //! - [`LINK`]: [`LinkStatus`], where the primary's replication link stands;
 //! - [`VERIFY`]: [`VerifyStatus`], the outcome of a compare with the peer;
 //! - [`CHANGED_BYTES`]: [`ChangedBytes`], a decimal count, refreshed every second;
-//! - [`DIVERGED`]: a directory of data saved aside before a resync overwrote it.
+//! - [`DIVERGED`]: a directory of data saved aside before a resync overwrote it;
+//! - [`HEARD`]: [`WriterHeard`], when the secondary last received a frame (an
+//!   operation or the writer's ping) from its writer, refreshed several times a
+//!   second (not synced to disk: it is about liveness, not durable state).
 //!
 //! Typing them changes nothing on disk: the JSON keys are declared in the
 //! order `serde_json::json!` wrote them (alphabetical), `null` stays `null`.
@@ -50,6 +53,46 @@ pub const VERIFY: &str = "verify.json";
 pub const CHANGED_BYTES: &str = "changed_bytes";
 /// Data saved aside before a resync overwrote it: `diverged/<UTC time>/`.
 pub const DIVERGED: &str = "diverged";
+/// [`WriterHeard`].
+pub const HEARD: &str = "heard.json";
+
+/// Milliseconds of `CLOCK_MONOTONIC`: a clock every process of the host shares
+/// and that no wall-clock step moves (the unit of [`WriterHeard`]).
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists
+    // on Linux, so the call cannot fail (ts stays zero if it somehow did).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1000).saturating_add(nanos / 1_000_000)
+}
+
+/// `STATEDIR/heard.json` of a secondary: when it last heard its writer. The
+/// controller of that node tells a writer whose controller went quiet but whose
+/// data path is alive (never failed over) from a dead or frozen one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterHeard {
+    /// A writer's session is open.
+    pub connected: bool,
+    /// [`monotonic_ms`] of the last frame received from a writer (0: never).
+    pub last_frame_ms: u64,
+}
+
+impl WriterHeard {
+    /// Milliseconds since the last frame at `now_ms` ([`monotonic_ms`]); None
+    /// when no writer was ever heard.
+    pub fn age_ms(&self, now_ms: u64) -> Option<u64> {
+        (self.last_frame_ms > 0).then(|| now_ms.saturating_sub(self.last_frame_ms))
+    }
+}
+
+impl StatusFile for WriterHeard {
+    const FILE: &'static str = HEARD;
+}
 
 /// Errors decoding a state-directory file.
 #[derive(Debug, thiserror::Error)]

@@ -282,6 +282,27 @@ impl VmCluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Ends node `i`'s `vmhad` alone with `signal` (SIGKILL: a crash of the
+    /// daemon; SIGTERM or SIGINT: a stop) and reaps it; the rest of the node
+    /// (vmha-fs, libvirt, QEMU) runs on. Its stderr stays readable.
+    pub fn signal_vmhad(&mut self, i: usize, signal: libc::c_int) -> Result<()> {
+        let name = self.node(i).name().to_string();
+        // The child is `nsenter`: the daemon is its child inside the node.
+        let pids = self.pids_of(i, "vmhad", "--node")?;
+        ensure!(pids.len() == 1, "vmhad on {name}: PIDs {pids:?}");
+        for pid in pids {
+            let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+            // SAFETY: plain syscall on the PID of this node's vmhad, listed just before.
+            unsafe { libc::kill(pid, signal) };
+        }
+        let Some(Some(c)) = self.vmhad.get_mut(i) else {
+            bail!("no vmhad runs on {name}");
+        };
+        let status = c.wait_exit(Duration::from_secs(20))?;
+        eprintln!("[cluster] vmhad on {name} ended by signal {signal}: {status}");
+        Ok(())
+    }
+
     /// Node crash: SIGKILL every process of node `i` (qemu, vmhad, vmha-fs,
     /// libvirtd...) and reap its `vmhad`. Returns how many were killed.
     pub fn crash(&mut self, i: usize) -> Result<usize> {

@@ -1,7 +1,8 @@
 //! More end-to-end failover scenarios on two simulated nodes (the setup of
 //! `failover.rs`): `vmctl stop` on the PRIM, guest killed behind the
 //! controller's back (`maxloop`), production network cut, `vmha-fs` of the
-//! PRIM killed, node frozen with SIGSTOP.
+//! PRIM killed, node frozen with SIGSTOP; vmhad killed or stopped on the PRIM
+//! (invisible to the guest, adopted by the next vmhad) and a frozen writer.
 //!
 //! Needs root, /dev/fuse, the packages of `.ci/install-deps` and the
 //! workspace binaries (`cargo build --workspace --bins`).
@@ -13,7 +14,7 @@ use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::Console;
 use vmha_test_infra::node::Network;
 use vmha_test_infra::scenario::{
-    boots_on, more_counters, running_pair, runs_vm, STATE_TIMEOUT, SYNC_TIMEOUT,
+    boots_on, more_counters, qemu_pids, running_pair, runs_vm, STATE_TIMEOUT, SYNC_TIMEOUT,
 };
 use vmha_test_infra::vmctl_status::{entry, primary, ready, state, status, wait_status};
 
@@ -497,6 +498,201 @@ fn node_frozen() -> Result<()> {
 fn frozen_node1_fails_over_and_steps_down_when_thawed() {
     let _one = vmha_test_infra::node::one_cluster_at_a_time();
     if let Err(e) = node_frozen() {
+        panic!("{e:#}");
+    }
+}
+
+// ---- 6. vmhad restarts are invisible to the VMs (issue 10, item 1) ----
+
+/// The module's generation on `node` in a status document.
+fn generation(s: &serde_json::Value, node: &str) -> Option<String> {
+    entry(s, node)["generation"].as_str().map(str::to_string)
+}
+
+/// node1's vmhad is gone (killed or stopped) for longer than the failover
+/// timeout: the guest keeps writing on node1 through the same QEMU, node2 stays
+/// a ready SECOND and shows node1's controller down with its data path alive.
+fn controller_gone_changes_nothing(
+    vc: &VmCluster,
+    timing: &Timing,
+    qemu: &[u32],
+    how: &str,
+) -> Result<()> {
+    std::thread::sleep(Duration::from_millis(timing.failover_timeout_ms * 3));
+    more_counters(vc, 0, 3, Duration::from_secs(60)).context(how.to_string())?;
+    let s = status(vc, 1)?;
+    ensure!(
+        state(&s, "node2") == Some("SECOND") && ready(&s, "node2"),
+        "{how}: node2 is {:?} (ready {}), not a ready SECOND",
+        state(&s, "node2"),
+        ready(&s, "node2")
+    );
+    let n1 = entry(&s, "node1");
+    ensure!(
+        n1["reachable"] == false
+            && n1["state"].is_null()
+            && n1["last_known_state"] == "PRIM"
+            && n1["controller"] == "down"
+            && n1["data_path"] == "alive",
+        "{how}: node2 shows node1 as {n1}"
+    );
+    ensure!(!runs_vm(vc, 1)?, "{how}: node2 runs the guest too");
+    let now = qemu_pids(vc, 0)?;
+    ensure!(
+        now == qemu,
+        "{how}: node1's QEMU changed: {qemu:?} -> {now:?}"
+    );
+    let log = vc.vmctl(1, &["log"])?;
+    ensure!(
+        log.contains("the peer's controller is down (heartbeats silent), its data path is alive"),
+        "{how}: node2's log does not say so:\n{log}"
+    );
+    Ok(())
+}
+
+/// vmhad on node1 starts again: it adopts the writer, PRIM again with the same
+/// generation and the same QEMU, node2 still a ready SECOND (no resync).
+fn restarted_adopts(vc: &mut VmCluster, qemu: &[u32], gen: &str, how: &str) -> Result<()> {
+    vc.start_vmhad(0)?;
+    let s = wait_status(vc, 0, "node1 PRIM again", STATE_TIMEOUT, |s| {
+        state(s, "node1") == Some("PRIM") && state(s, "node2") == Some("SECOND")
+    })?;
+    ensure!(
+        generation(&s, "node1").as_deref() == Some(gen),
+        "{how}: node1's generation changed: {gen} -> {:?}",
+        generation(&s, "node1")
+    );
+    ensure!(
+        ready(&s, "node2") && generation(&s, "node2").as_deref() == Some(gen),
+        "{how}: node2 is not a ready SECOND at {gen} (no resync expected): {}",
+        entry(&s, "node2")
+    );
+    let now = qemu_pids(vc, 0)?;
+    ensure!(
+        now == qemu,
+        "{how}: node1's QEMU changed: {qemu:?} -> {now:?}"
+    );
+    let log = vc.vmctl(0, &["log"])?;
+    ensure!(
+        log.contains("adopted the running writer and VM a previous vmhad started"),
+        "{how}: node1's log:\n{log}"
+    );
+    ensure!(
+        !log.contains("resync started"),
+        "{how}: a resync on node1:\n{log}"
+    );
+    more_counters(vc, 0, 2, Duration::from_secs(60))?;
+    let s2 = status(vc, 1)?;
+    ensure!(
+        entry(&s2, "node1")["controller"] == "up",
+        "{how}: node2 does not hear node1's controller again: {}",
+        entry(&s2, "node1")
+    );
+    Ok(())
+}
+
+fn vmhad_restarts() -> Result<()> {
+    let timing = Timing::default();
+    let mut vc = running_pair(&timing)?;
+    more_counters(&vc, 0, 2, Duration::from_secs(60))?;
+    let qemu = qemu_pids(&vc, 0)?;
+    ensure!(!qemu.is_empty(), "no QEMU on node1");
+    let gen = generation(&status(&vc, 0)?, "node1").context("node1 has no generation")?;
+
+    // A crash of vmhad alone, then a stop (SIGTERM): each time nothing moves.
+    for (signal, how) in [(libc::SIGKILL, "SIGKILL"), (libc::SIGTERM, "SIGTERM")] {
+        vc.signal_vmhad(0, signal)?;
+        controller_gone_changes_nothing(&vc, &timing, &qemu, how)?;
+        restarted_adopts(&mut vc, &qemu, &gen, how)?;
+        eprintln!("[failover_more] vmhad {how} on the PRIM: invisible to the guest");
+    }
+
+    // vmhad on the SECOND killed: node1 stays PRIM replicating to it (no new
+    // generation), and the new vmhad adopts the receiver (SECOND, ready).
+    vc.signal_vmhad(1, libc::SIGKILL)?;
+    std::thread::sleep(Duration::from_millis(timing.failover_timeout_ms * 3));
+    more_counters(&vc, 0, 2, Duration::from_secs(60))?;
+    let s = status(&vc, 0)?;
+    ensure!(
+        state(&s, "node1") == Some("PRIM")
+            && generation(&s, "node1").as_deref() == Some(gen.as_str())
+            && entry(&s, "node2")["controller"] == "down"
+            && entry(&s, "node2")["data_path"] == "alive",
+        "vmhad killed on the SECOND: node1 shows {s}"
+    );
+    vc.start_vmhad(1)?;
+    let s = wait_status(&vc, 1, "node2 SECOND again", STATE_TIMEOUT, |s| {
+        state(s, "node2") == Some("SECOND") && state(s, "node1") == Some("PRIM")
+    })?;
+    ensure!(
+        ready(&s, "node2") && generation(&s, "node2").as_deref() == Some(gen.as_str()),
+        "node2 adopted its receiver but is not a ready SECOND at {gen}: {}",
+        entry(&s, "node2")
+    );
+    let log = vc.vmctl(1, &["log"])?;
+    ensure!(
+        log.contains("adopted the running receiver a previous vmhad started (up to date)"),
+        "node2's log:\n{log}"
+    );
+    more_counters(&vc, 0, 2, Duration::from_secs(60))?;
+
+    // A frozen writer (its vmhad and vmha-fs stopped; QEMU runs on) is still
+    // failed over: no heartbeats and no pings.
+    let mut frozen = Vec::new();
+    for program in ["vmhad", "vmha-fs"] {
+        for arg in ["--node", "primary"] {
+            frozen.extend(vc.pids_of(0, program, arg)?);
+        }
+    }
+    frozen.sort_unstable();
+    frozen.dedup();
+    let thaw = ThawPids(frozen.clone());
+    let acked = Console::read(&vc.console(0)?)?
+        .last_counter()
+        .context("no counter on node1")?;
+    for p in &frozen {
+        signal_pid(*p, libc::SIGSTOP);
+    }
+    let t = Instant::now();
+    wait_status(&vc, 1, "node2 ALONE", STATE_TIMEOUT, |s| {
+        state(s, "node2") == Some("ALONE")
+    })?;
+    eprintln!(
+        "[failover_more] frozen writer ({} processes) failed over after {:?}",
+        frozen.len(),
+        t.elapsed()
+    );
+    boots_on(&vc, 1, 0, 0, acked)?;
+    drop(thaw);
+    // Thawed, node1 learns it lost (fenced, or sees the newer writer).
+    wait_status(&vc, 1, "node1 no longer a writer", STATE_TIMEOUT, |s| {
+        state(s, "node1").is_some() && !writer(state(s, "node1")) && writer(state(s, "node2"))
+    })?;
+    Ok(())
+}
+
+/// SIGCONT to the PIDs on drop.
+struct ThawPids(Vec<u32>);
+
+impl Drop for ThawPids {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            signal_pid(*p, libc::SIGCONT);
+        }
+    }
+}
+
+fn signal_pid(pid: u32, sig: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: plain syscall on a PID of this test's node, listed just before.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+#[test]
+fn vmhad_killed_or_stopped_on_the_prim_is_invisible_and_a_frozen_writer_still_fails_over() {
+    let _g = vmha_test_infra::node::one_cluster_at_a_time();
+    if let Err(e) = vmhad_restarts() {
         panic!("{e:#}");
     }
 }

@@ -76,6 +76,9 @@ fn state_cell(node: &NodeStatus) -> String {
 fn readiness_cell(node: &NodeStatus) -> String {
     if node.reachable || node.state.is_some() {
         node.readiness.map(word).unwrap_or_else(|| "-".to_string())
+    } else if node.data_path == Some(Some(vmha_controller::status::DataPath::Alive)) {
+        // Its vmhad is down, its vmha-fs and VM run on: not failed over.
+        "controller down, data path alive".to_string()
     } else {
         "unreachable".to_string()
     }
@@ -317,6 +320,8 @@ mod tests {
             last_known_state: None,
             config_match: None,
             module_config_match: None,
+            controller: None,
+            data_path: None,
         }
     }
 

@@ -254,8 +254,12 @@ impl Runner {
         }
     }
 
-    /// The checkers: VM state, vmha-fs health, resync progress.
+    /// The checkers: VM state, vmha-fs health, resync progress, and the data
+    /// path of a peer whose controller is down.
     pub(super) async fn check(&mut self) {
+        if self.state.peer_controller_down && !self.data_path_alive().await {
+            self.handle(Event::DataPathLost).await;
+        }
         let role = self.state.role;
         let check_vm = role.is_writer() && !self.state.vm_starting;
         let check_fs = role.is_writer() || role == Role::Second;

@@ -60,6 +60,9 @@ pub(super) async fn send_heartbeats(
             .iter()
             .filter_map(|h| {
                 let view = h.view.borrow();
+                if !view.announced {
+                    return None;
+                }
                 Some(ModuleBeat {
                     name: h.module.name.clone(),
                     module_hash: h.module_hash?,
@@ -148,7 +151,11 @@ pub(super) async fn dispatch(
                 last_tick = now;
                 let lost_now = {
                     let mut peer = shared.peer();
-                    let silent = peer.networks.all_silent_for(now, timeout)
+                    // Never heard since this daemon started counts as silent
+                    // from the start (an adopted PRIM or SECOND must be able
+                    // to lose a peer that died while no vmhad ran here).
+                    let silent = (peer.networks.latest().is_none()
+                        || peer.networks.all_silent_for(now, timeout))
                         && now.saturating_duration_since(observing_since) >= timeout;
                     let newly = silent && !peer.lost;
                     if newly {

@@ -60,20 +60,31 @@
 //!   [`crate::driver::vmha_fs`]) feeds `DiskFailed`, checked before the VM's
 //!   state so a guest failing on that disk is not restarted there. The node's
 //!   `disk` is carried in its heartbeats' announcement (`status --json`).
-//! - Modules are started (`Start`) when the daemon starts; a module added by a
-//!   reload (`reload.rs`) is not (STOP until `vmctl start`). The configuration
+//! - Modules are started (`Start`) when the daemon starts, or adopted
+//!   (`Adopt`) when the vmha-fs a previous vmhad started still runs
+//!   ([`FsDriver::find_running`]: its process record, PID and start time, the
+//!   settings its command line carries, its generation; the VM's state).
+//! - SIGTERM and SIGINT end vmhad alone ([`Daemon::shutdown`]): nothing is
+//!   stopped, vmha-fs and the VMs run on; [`Daemon::kill`] simulates a crash
+//!   (tasks aborted, nothing stopped, the socket file left).
+//! - All networks silent for the failover timeout while the module's
+//!   replication link is alive ([`FsDriver::data_path_alive`]: the receiver
+//!   heard its writer within the failover timeout; the writer's link is
+//!   connected) feeds `ControllerLost` instead of `PeerLost` to a PRIM or
+//!   SECOND; the checker then feeds `DataPathLost` once the link is silent
+//!   too. A peer never heard since this daemon started counts as silent from
+//!   the start (an adopted module must be able to lose it).
+//! - A module added by a reload (`reload.rs`) is not started (STOP until
+//!   `vmctl start`). The configuration
 //!   and the module list change at a reload, so the tasks read them through
 //!   `Shared::config` and `Shared::modules` each time.
-//! - Modules are started (`Start`) when the daemon starts; a node that left
+//! - A node that left
 //!   (`state_dir/left.json`, see [`crate::leave`]) starts them left, so that
 //!   `Start` is refused until `vmctl join`. `leave`, `join` and `maintenance`
 //!   are node-wide requests sent to every module at once (`operations`).
 //! - In maintenance the checkers keep polling and report as usual (the state
 //!   machine holds the reaction back and logs it once); their own per-check
 //!   event-log lines (disk failed, nothing mounted) are left out meanwhile.
-//! - A graceful shutdown (SIGTERM) stops every module (a PRIM hands over),
-//!   announces it for a few heartbeat intervals, then exits; [`Daemon::kill`]
-//!   simulates a crash (tasks aborted, nothing stopped).
 //! - A module the peer does not announce at all is treated as if the peer were
 //!   not seen for it (its status shows `module_config_match: false`).
 //! - Replication link down (vmha-fs reports its link lost, stalled or failed)
@@ -135,7 +146,7 @@ use crate::driver::{FsDriver, VmDriver};
 use crate::eventlog::EventLog;
 use crate::generation::{GenerationError, History, Metadata};
 use crate::heartbeat::{Endpoint, EndpointSpec, HeartbeatError, Liveness, ModuleBeat, Rejections};
-use crate::state::{Announce, Event, ModuleState, Policy, WitnessOutcome};
+use crate::state::{Announce, Event, Found, ModuleState, Policy, WitnessOutcome};
 use crate::status::{ResyncStatus, Status};
 use crate::witness;
 
@@ -179,6 +190,12 @@ struct ModuleView {
     history: History,
     changed_bytes: u64,
     resync: Option<ResyncStatus>,
+    /// The peer's controller is down while its data path is alive.
+    peer_controller_down: bool,
+    /// The module's first event (`Start` or `Adopt`) was handled: until then
+    /// it is not in our heartbeats (its initial STOP would make a SECOND take
+    /// over a writer that is about to be adopted).
+    announced: bool,
 }
 
 /// The peer as the dispatcher last saw it, for one module.
@@ -287,6 +304,11 @@ impl Factory {
         config: &Config,
         module: &Module,
         node: NodeIndex,
+        // In heartbeats from the start: a module added by a reload is STOP
+        // in truth; at daemon start a module is announced only once its
+        // first `Start` or `Adopt` was handled (a previous vmhad's module may
+        // still run).
+        announced: bool,
     ) -> Result<(Runner, mpsc::Receiver<ModuleCommand>, ModuleHandle), DaemonError> {
         let cluster = &config.cluster;
         let state_dir = cluster.state_dir.clone();
@@ -318,6 +340,8 @@ impl Factory {
             history: meta.history.clone(),
             changed_bytes: 0,
             resync: None,
+            peer_controller_down: false,
+            announced,
         });
         let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
@@ -370,6 +394,7 @@ impl Factory {
             receiver_retry: None,
             receiver_backoff: Backoff::new(RECEIVER_RETRY_FIRST, RETRY_MAX),
             attach_backoff: Backoff::new(ATTACH_RETRY, RETRY_MAX),
+            announced,
         };
         Ok((runner, cmd_rx, handle))
     }
@@ -447,6 +472,66 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The first event of a module at daemon start: [`Event::Adopt`] when a
+/// previous vmhad's vmha-fs still runs for it (the facts the state machine
+/// decides on), else [`Event::Start`].
+async fn find_running(
+    vm: &Arc<dyn VmDriver>,
+    fs: &Arc<dyn FsDriver>,
+    module: &Module,
+    history: &History,
+) -> Event {
+    let (vm, fs, m) = (Arc::clone(vm), Arc::clone(fs), module.clone());
+    let found = tokio::task::spawn_blocking(move || {
+        let found = fs.find_running(&m);
+        let vm_running = match &found {
+            Ok(Some(f)) if f.writer => vm.state(&m).is_ok_and(|s| {
+                s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused
+            }),
+            _ => false,
+        };
+        (found, vm_running)
+    })
+    .await;
+    match found {
+        Ok((Ok(Some(f)), vm_running)) => {
+            let current = history.current().map(|g| g.to_string());
+            // A writer keeps the generation it started with until it attaches
+            // the peer (going ALONE persists a new one without restarting it):
+            // any generation of this node's line is ours.
+            let ours = |g: &String| {
+                Some(g) == current.as_ref()
+                    || (f.writer && history.previous().iter().any(|p| p.to_string() == *g))
+            };
+            let generation_current = f.generation.as_ref().is_some_and(ours);
+            tracing::info!(
+                module = %module.name,
+                writer = f.writer,
+                settings_match = f.settings_match,
+                generation_current,
+                vm_running,
+                "found the vmha-fs a previous vmhad started"
+            );
+            Event::Adopt(Found {
+                writer: f.writer,
+                settings_match: f.settings_match,
+                generation_current,
+                alone: f.alone,
+                vm_running,
+            })
+        }
+        Ok((Ok(None), _)) => Event::Start,
+        Ok((Err(e), _)) => {
+            tracing::warn!(module = %module.name, error = %e, "looking for a running vmha-fs");
+            Event::Start
+        }
+        Err(e) => {
+            tracing::warn!(module = %module.name, error = %e, "looking for a running vmha-fs");
+            Event::Start
+        }
+    }
+}
+
 /// Waits for every receiver (whatever it answers).
 async fn futures_join_all<T>(receivers: Vec<oneshot::Receiver<T>>) {
     for r in receivers {
@@ -505,8 +590,10 @@ impl Daemon {
             shutdown: shutdown_rx.clone(),
             left: Arc::new(std::sync::atomic::AtomicBool::new(left)),
         };
+        let mut first_events = Vec::new();
         for module in &config.modules {
-            let (runner, commands, handle) = factory.build(&config, module, node).await?;
+            let (runner, commands, handle) = factory.build(&config, module, node, false).await?;
+            first_events.push(find_running(&spec.vm, &spec.fs, module, &runner.meta.history).await);
             handles.push(Arc::new(handle));
             runners.push((runner, commands));
         }
@@ -605,15 +692,11 @@ impl Daemon {
         // Started before this returns: `status` right after start shows each
         // module's first state (WAIT), never the STOP it had before `start`.
         let mut started = Vec::new();
-        for handle in shared.modules() {
+        for (handle, first) in shared.modules().into_iter().zip(first_events) {
             let (reply, done) = oneshot::channel();
             let _ = handle
                 .commands
-                .send(ModuleCommand::Caused(
-                    Event::Start,
-                    "vmhad start".into(),
-                    reply,
-                ))
+                .send(ModuleCommand::Caused(first, "vmhad start".into(), reply))
                 .await;
             started.push(done);
         }
@@ -675,28 +758,21 @@ impl Daemon {
         build_status(&self.shared)
     }
 
-    /// Graceful shutdown: stops every module (a PRIM hands over), lets the
-    /// peer hear it, then ends every task.
-    pub async fn shutdown(self) {
-        self.shutdown_because("vmhad stop").await;
-    }
-
-    /// [`Daemon::shutdown`], with its cause for the event log (e.g.
-    /// "signal SIGTERM").
-    pub async fn shutdown_because(self, cause: &str) {
+    /// Ends this vmhad alone (SIGTERM, SIGINT): every module's vmha-fs and VM
+    /// keep running, for the next vmhad to adopt; the peer sees this
+    /// controller go quiet while its data path stays alive, and fails nothing
+    /// over. `why` goes to each module's event log. Handing a module over is
+    /// `vmctl stop` (or leaving the node), not this.
+    pub async fn shutdown(self, why: &str) {
         for handle in self.shared.modules() {
-            let (reply, answer) = oneshot::channel();
-            if handle
-                .commands
-                .send(ModuleCommand::Caused(Event::Stop, cause.to_string(), reply))
-                .await
-                .is_ok()
-            {
-                let _ = answer.await;
-            }
+            let line = format!(
+                "vmhad stopping ({why}): the module's vmha-fs and VM keep running (was {})",
+                handle.view.borrow().announce.role
+            );
+            tracing::info!(module = %handle.module.name, "{line}");
+            let log = Arc::clone(&handle.log);
+            let _ = tokio::task::spawn_blocking(move || log.append(&line)).await;
         }
-        let interval = self.shared.config().cluster.heartbeat_interval_ms;
-        tokio::time::sleep(Duration::from_millis(interval.saturating_mul(3))).await;
         let _ = self.shutdown.send(true);
         for task in self
             .tasks

@@ -255,7 +255,11 @@ async fn apply(shared: &Shared, plan: Plan) -> Response {
     } = plan;
     let mut built = Vec::new();
     for module in &added {
-        match shared.factory.build(&config, module, shared.node).await {
+        match shared
+            .factory
+            .build(&config, module, shared.node, true)
+            .await
+        {
             Ok(parts) => built.push(parts),
             Err(e) => return refused(vec![e.to_string()]),
         }

@@ -111,6 +111,8 @@ pub(super) struct Runner {
     pub(super) receiver_backoff: Backoff,
     /// Attaching the SECOND (or its sync) failed: retried with back-off.
     pub(super) attach_backoff: Backoff,
+    /// The first `Start` or `Adopt` was handled: the module is in heartbeats.
+    pub(super) announced: bool,
 }
 
 /// A module's settings that a reload may change while its task runs. What
@@ -305,11 +307,28 @@ impl Runner {
             PeerView::Lost => {
                 if !self.peer_lost_sent {
                     self.peer_lost_sent = true;
-                    self.cause = "peer lost".into();
-                    self.handle(Event::PeerLost).await;
+                    let event = if matches!(self.state.role, Role::Prim | Role::Second)
+                        && self.data_path_alive().await
+                    {
+                        self.cause = "peer heartbeats silent, data path alive".into();
+                        Event::ControllerLost
+                    } else {
+                        self.cause = "peer lost".into();
+                        Event::PeerLost
+                    };
+                    self.handle(event).await;
                 }
             }
         }
+    }
+
+    /// The module's replication link carried something within the failover
+    /// timeout (see [`crate::driver::FsDriver::data_path_alive`]).
+    pub(super) async fn data_path_alive(&self) -> bool {
+        let within = self.failover_timeout;
+        self.blocking(move |_, fs, m| fs.data_path_alive(m, within))
+            .await
+            .unwrap_or(false)
     }
 
     pub(super) fn now_ms(&self) -> u64 {
@@ -318,6 +337,9 @@ impl Runner {
 
     /// Runs `first` and the events its actions produce; returns the log lines.
     pub(super) async fn handle(&mut self, first: Event) -> Vec<String> {
+        if matches!(first, Event::Start | Event::Adopt(_)) {
+            self.announced = true;
+        }
         let mut queue = VecDeque::from([first]);
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
@@ -440,6 +462,8 @@ impl Runner {
             history: self.meta.history.clone(),
             changed_bytes: self.changed_bytes,
             resync,
+            peer_controller_down: self.state.peer_controller_down,
+            announced: self.announced,
         });
     }
 }

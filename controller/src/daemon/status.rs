@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::{ms, Shared};
 use crate::state::{Colour, Readiness, Role};
-use crate::status::{ModuleStatus, NodeStatus, Status, WitnessStatus};
+use crate::status::{Controller, DataPath, ModuleStatus, NodeStatus, Status, WitnessStatus};
 use crate::witness;
 
 pub(super) fn colour_of(role: Role, readiness: Readiness) -> Colour {
@@ -60,6 +60,8 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                 last_known_state: None,
                 config_match: None,
                 module_config_match: None,
+                controller: None,
+                data_path: None,
             };
             let beat = peer.modules.get(&handle.module.name);
             let module_match = beat.map(|b| Some(b.module_hash) == handle.module_hash);
@@ -84,6 +86,8 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                     last_known_state: None,
                     config_match: Some(config_match),
                     module_config_match: Some(module_match),
+                    controller: Some(Controller::Up),
+                    data_path: Some(None),
                 },
                 _ => NodeStatus {
                     reachable,
@@ -104,6 +108,16 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                     last_known_state: Some(beat.map(|b| b.announce.role)),
                     config_match: Some(config_match),
                     module_config_match: Some(module_match),
+                    controller: Some(if reachable {
+                        Controller::Up
+                    } else {
+                        Controller::Down
+                    }),
+                    data_path: Some((!reachable).then_some(if view.peer_controller_down {
+                        DataPath::Alive
+                    } else {
+                        DataPath::Down
+                    })),
                 },
             };
             let primary = if role.is_writer() {

@@ -25,7 +25,19 @@
 //!   removed before an attach and on `go_alone` so an old outcome is never
 //!   read as the current one.
 //! - Children are kept and stopped by PID with SIGTERM (vmha-fs unmounts on
-//!   it), SIGKILL after [`STOP_TIMEOUT`].
+//!   it), SIGKILL after [`STOP_TIMEOUT`]. Each runs in its own process group
+//!   (a terminal's SIGINT does not reach it) and outlives vmhad: the driver
+//!   made [`VmhaFsDriver::detached`] stops nothing when dropped.
+//! - Each child is recorded in `<state>/process.json` ([`PROCESS_FILE`]: PID,
+//!   start time, role, generation, a digest of its settings). A new vmhad's
+//!   [`FsDriver::find_running`] reads them, takes the processes that still run
+//!   in charge as adopted processes (watched by PID and start time, stopped by
+//!   [`FsDriver::unmount`]) and reports whether they run with the settings
+//!   this configuration gives them: the command line without the program, the
+//!   generation and the start mode. The state machine decides (`Adopt`).
+//! - [`FsDriver::data_path_alive`]: a receiver's `heard.json` shows a writer
+//!   session and a frame within the window; a writer's `link.json` is
+//!   connected, syncing or attaching.
 //! - A writer publishes its replication link in `<state>/link.json` (removed
 //!   before each start): `lost`, `stalled` (no acknowledgement for half the
 //!   lock timeout) or `failed` is [`FsHealth::LinkDown`] (the
@@ -61,11 +73,12 @@ use std::time::{Duration, Instant};
 
 use ::vmha_fs::status::{
     ChangedBytes, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase, SyncStatus,
-    VerifyPhase, VerifyStatus, COMPARE_RESYNC as COMPARE_RESYNC_FILE, LINK as LINK_FILE,
-    PEER_OUTDATED as PEER_OUTDATED_FILE, SELF_OUTDATED, SYNC as SYNC_FILE, VERIFY as VERIFY_FILE,
+    VerifyPhase, VerifyStatus, WriterHeard, COMPARE_RESYNC as COMPARE_RESYNC_FILE,
+    LINK as LINK_FILE, PEER_OUTDATED as PEER_OUTDATED_FILE, SELF_OUTDATED, SYNC as SYNC_FILE,
+    VERIFY as VERIFY_FILE,
 };
 
-use super::{Difference, DriverError, FsDriver, FsHealth, ResyncState, VerifyReport};
+use super::{Difference, DriverError, FoundFs, FsDriver, FsHealth, ResyncState, VerifyReport};
 use crate::config::{Config, Module, NodeIndex};
 use crate::state::Progress;
 
@@ -73,13 +86,16 @@ use crate::state::Progress;
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a writer may take to mount.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
+/// In each vmha-fs state directory: the [`ProcessRecord`] of the process this
+/// driver started there (written by the controller, read by the next vmhad).
+pub const PROCESS_FILE: &str = "process.json";
 
 #[derive(Debug)]
 struct Running {
     writer: bool,
     /// Writer: the generation claimed; receiver: the generation accepted.
     generation: Option<GenerationId>,
-    children: Vec<(PathBuf, Child)>,
+    children: Vec<(PathBuf, Proc)>,
     /// Receiver started with `--save-aside`.
     save_aside: bool,
     /// Writer: vmha-fs reported a local disk failure (kept even if
@@ -120,6 +136,8 @@ pub struct VmhaFsDriver {
     config: Config,
     local: NodeIndex,
     running: Mutex<HashMap<String, Running>>,
+    /// Children outlive this driver (vmhad): dropping it stops nothing.
+    detached: bool,
 }
 
 impl VmhaFsDriver {
@@ -129,6 +147,28 @@ impl VmhaFsDriver {
             config,
             local,
             running: Mutex::new(HashMap::new()),
+            detached: false,
+        }
+    }
+
+    /// The children outlive the driver (and vmhad): dropping it leaves them
+    /// running, for the next vmhad to adopt. Without it (tests running a
+    /// daemon in-process) they are stopped when the driver is dropped.
+    pub fn detached(mut self) -> VmhaFsDriver {
+        self.detached = true;
+        self
+    }
+
+    /// Rewrites the records of the module's processes with `generation`.
+    fn record_generation(&self, module: &Module, generation: Option<&GenerationId>) {
+        for i in 0..module.replicated.len() {
+            let state = self.state_dir(module, i);
+            if let Some(mut record) = ProcessRecord::read(&state) {
+                record.generation = generation.map(|g| g.as_str().to_string());
+                if let Err(e) = record.write(&state) {
+                    tracing::warn!(module = %module.name, error = %e, "process record");
+                }
+            }
         }
     }
 
@@ -158,6 +198,62 @@ impl VmhaFsDriver {
             .join(format!("fs{dir}"))
     }
 
+    /// The `vmha-fs` command for directory `i` of `module` in `role`.
+    fn command(
+        &self,
+        module: &Module,
+        i: usize,
+        dir: &Path,
+        role: Spawn,
+        generation: Option<&GenerationId>,
+    ) -> Result<Command, DriverError> {
+        let state = self.state_dir(module, i);
+        let mut cmd = Command::new(&self.binary);
+        if !matches!(role, Spawn::Receiver | Spawn::LoserReceiver) {
+            cmd.arg("primary")
+                .arg("--backing")
+                .arg(dir)
+                .arg("--mount")
+                .arg(dir);
+            if role != Spawn::ConnectedWriter {
+                cmd.arg("--alone");
+            }
+            cmd.arg("--peer")
+                .arg(self.address(self.local.peer(), module, i)?.to_string())
+                .arg("--lock-timeout-ms")
+                .arg(module.lock_timeout_ms.to_string());
+            if module.rate_limit_mb_s > 0 {
+                cmd.arg("--rate-limit-mb-s")
+                    .arg(module.rate_limit_mb_s.to_string());
+            }
+            if let Some(generation) = generation {
+                cmd.arg("--generation").arg(generation.as_str());
+            }
+        } else {
+            cmd.arg("secondary")
+                .arg("--backing")
+                .arg(dir)
+                .arg("--listen")
+                .arg(self.address(self.local, module, i)?.to_string());
+            if let Some(generation) = generation {
+                cmd.arg("--accept-generation").arg(generation.as_str());
+            }
+            if role == Spawn::LoserReceiver {
+                cmd.arg("--save-aside");
+            }
+        }
+        // Bound in the handshake with the port: a port mix-up between
+        // modules is refused as "wrong module", never taken for fencing.
+        cmd.arg("--module")
+            .arg(&module.name)
+            .arg("--state")
+            .arg(&state)
+            .arg("--key-file")
+            .arg(&self.config.cluster.key_file)
+            .stdin(Stdio::null());
+        Ok(cmd)
+    }
+
     fn spawn(
         &self,
         module: &Module,
@@ -178,8 +274,8 @@ impl VmhaFsDriver {
                 if !writer {
                     create_replica_dir(&module.name, dir)?;
                 }
+                remove_if_present(&state.join(PROCESS_FILE))?;
                 clear_leftover_mounts(dir, &state)?;
-                let mut cmd = Command::new(&self.binary);
                 if writer {
                     // The state machine mounts a writer only on a copy it counts as
                     // current (never while this disk is failed; `prim` is the
@@ -193,65 +289,42 @@ impl VmhaFsDriver {
                         );
                         remove_if_present(&own)?;
                     }
-                    cmd.arg("primary")
-                        .arg("--backing")
-                        .arg(dir)
-                        .arg("--mount")
-                        .arg(dir);
                     if role == Spawn::ConnectedWriter {
                         // The controller established that the peer has all our data.
                         remove_if_present(&state.join(PEER_OUTDATED_FILE))?;
-                    } else {
-                        cmd.arg("--alone");
-                    }
-                    cmd.arg("--peer")
-                        .arg(self.address(self.local.peer(), module, i)?.to_string())
-                        .arg("--lock-timeout-ms")
-                        .arg(module.lock_timeout_ms.to_string());
-                    if module.rate_limit_mb_s > 0 {
-                        cmd.arg("--rate-limit-mb-s")
-                            .arg(module.rate_limit_mb_s.to_string());
                     }
                     if let Some(generation) = &generation {
                         write_generation(&state, generation)?;
-                        cmd.arg("--generation").arg(generation.as_str());
-                    }
-                } else {
-                    cmd.arg("secondary")
-                        .arg("--backing")
-                        .arg(dir)
-                        .arg("--listen")
-                        .arg(self.address(self.local, module, i)?.to_string());
-                    if let Some(generation) = &generation {
-                        cmd.arg("--accept-generation").arg(generation.as_str());
-                    }
-                    if role == Spawn::LoserReceiver {
-                        cmd.arg("--save-aside");
                     }
                 }
-                // Bound in the handshake with the port: a port mix-up between
-                // modules is refused as "wrong module", never taken for fencing.
-                cmd.arg("--module")
-                    .arg(&module.name)
-                    .arg("--state")
-                    .arg(&state)
-                    .arg("--key-file")
-                    .arg(&self.config.cluster.key_file)
-                    .stdin(Stdio::null());
+                let mut cmd = self.command(module, i, dir, role, generation.as_ref())?;
+                let settings = settings_of(&cmd);
+                // Its own process group: a terminal's SIGINT (or anything sent
+                // to vmhad's group) does not reach it; it outlives vmhad.
+                std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
                 let child = cmd.spawn().map_err(|e| {
                     DriverError::failed(format!("spawn {}", self.binary.display()), e)
                 })?;
-                children.push((dir.clone(), child));
+                children.push((dir.clone(), Proc::Spawned(child)));
                 let last = children
                     .last_mut()
                     .ok_or_else(|| DriverError::failed("spawn", "lost child"))?;
                 wait_ready(&mut last.1, &last.0, writer)?;
+                let record = ProcessRecord {
+                    pid: last.1.id(),
+                    start_time: start_time(last.1.id()).unwrap_or(0),
+                    writer,
+                    save_aside: role == Spawn::LoserReceiver,
+                    generation: generation.as_ref().map(|g| g.as_str().to_string()),
+                    settings,
+                };
+                record.write(&state)?;
             }
             Ok(())
         })();
         if let Err(e) = result {
             for (_, child) in &mut children {
-                terminate(child);
+                child.terminate();
             }
             return Err(e);
         }
@@ -289,17 +362,9 @@ impl VmhaFsDriver {
             .filter(|r| r.writer)
             .ok_or_else(|| DriverError::failed(what, "no writer is running"))?;
         for (dir, child) in &mut running.children {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return Err(DriverError::failed(
-                    what,
-                    format!("vmha-fs for {} is not running", dir.display()),
-                ));
-            }
-            let pid = i32::try_from(child.id())
-                .ok()
-                .and_then(rustix::process::Pid::from_raw)
-                .ok_or_else(|| DriverError::failed(what, "bad child pid"))?;
-            rustix::process::kill_process(pid, signal).map_err(|e| DriverError::failed(what, e))?;
+            child.signal(signal).map_err(|e| {
+                DriverError::failed(what, format!("vmha-fs for {}: {e}", dir.display()))
+            })?;
         }
         Ok(())
     }
@@ -572,7 +637,7 @@ fn is_fuse_mount(dir: &Path) -> bool {
     vmha_fs::mounts::is_fuse_mounted(dir).unwrap_or(false)
 }
 
-fn wait_ready(child: &mut Child, dir: &Path, writer: bool) -> Result<(), DriverError> {
+fn wait_ready(child: &mut Proc, dir: &Path, writer: bool) -> Result<(), DriverError> {
     let deadline = Instant::now()
         + if writer {
             MOUNT_TIMEOUT
@@ -603,28 +668,144 @@ fn wait_ready(child: &mut Child, dir: &Path, writer: bool) -> Result<(), DriverE
     }
 }
 
-/// SIGTERM, bounded wait, SIGKILL.
-fn terminate(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+/// The record of a vmha-fs process this driver started, in its state directory
+/// ([`PROCESS_FILE`]): what a later vmhad needs to find it and check it is the
+/// one it expects before adopting it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ProcessRecord {
+    pid: u32,
+    /// Field 22 of `/proc/PID/stat`: a reused PID is not this process.
+    start_time: u64,
+    writer: bool,
+    save_aside: bool,
+    /// Writer: the generation claimed; receiver: the one accepted.
+    generation: Option<String>,
+    /// [`settings_of`] its command line.
+    settings: String,
+}
+
+impl ProcessRecord {
+    fn write(&self, state: &Path) -> Result<(), DriverError> {
+        let path = state.join(PROCESS_FILE);
+        let bytes = serde_json::to_vec(self)
+            .map_err(|e| DriverError::failed(format!("encode {}", path.display()), e))?;
+        ::vmha_fs::atomic::write(&path, &bytes)
+            .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))
     }
-    let pid = i32::try_from(child.id())
-        .ok()
-        .and_then(rustix::process::Pid::from_raw);
-    if let Some(pid) = pid {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        // A stopped child (SIGSTOP) acts on SIGTERM only once continued.
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+
+    /// None when absent or unreadable (then there is nothing to adopt).
+    fn read(state: &Path) -> Option<ProcessRecord> {
+        let bytes = std::fs::read(state.join(PROCESS_FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
+}
+
+/// A digest of the settings a vmha-fs runs with: its command line without the
+/// program (an upgraded binary still adopts), the generation (compared on its
+/// own) and the start mode (`--alone`, `--save-aside`). Keys of the
+/// configuration that do not reach vmha-fs do not change it.
+fn settings_of(cmd: &Command) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"vmha-fs settings v1\0");
+    let mut args = cmd.get_args();
+    while let Some(arg) = args.next() {
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(arg);
+        match bytes {
+            b"--generation" | b"--accept-generation" => {
+                args.next();
+            }
+            b"--alone" | b"--save-aside" => {}
+            _ => {
+                hasher.update(bytes);
+                hasher.update(&[0]);
+            }
+        }
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+/// State letter and start time (fields 3 and 22) of `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// The process `pid` started at `start` still runs (a zombie does not).
+fn alive(pid: u32, start: u64) -> bool {
+    matches!(proc_stat(pid), Some((state, t)) if t == start && state != 'Z' && state != 'X')
+}
+
+/// A vmha-fs process: started by this driver, or adopted from a previous
+/// vmhad (not our child: known by PID and start time, never reaped here).
+#[derive(Debug)]
+enum Proc {
+    Spawned(Child),
+    Adopted { pid: u32, start_time: u64 },
+}
+
+impl Proc {
+    fn id(&self) -> u32 {
+        match self {
+            Proc::Spawned(child) => child.id(),
+            Proc::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// `Some(how)` once it exited.
+    fn try_wait(&mut self) -> std::io::Result<Option<String>> {
+        match self {
+            Proc::Spawned(child) => Ok(child.try_wait()?.map(|s| s.to_string())),
+            Proc::Adopted { pid, start_time } => {
+                Ok((!alive(*pid, *start_time)).then(|| "exited (adopted process)".to_string()))
+            }
+        }
+    }
+
+    fn signal(&mut self, signal: rustix::process::Signal) -> Result<(), String> {
+        if !matches!(self.try_wait(), Ok(None)) {
+            return Err("not running".into());
+        }
+        let pid = i32::try_from(self.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or("bad pid")?;
+        rustix::process::kill_process(pid, signal).map_err(|e| e.to_string())
+    }
+
+    /// SIGTERM, bounded wait, SIGKILL.
+    fn terminate(&mut self) {
+        if !matches!(self.try_wait(), Ok(None)) {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let _ = self.signal(rustix::process::Signal::TERM);
+        // A stopped child (SIGSTOP) acts on SIGTERM only once continued.
+        let _ = self.signal(rustix::process::Signal::CONT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if !matches!(self.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.signal(rustix::process::Signal::KILL);
+        if let Proc::Spawned(child) = self {
+            let _ = child.wait();
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while matches!(self.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 impl FsDriver for VmhaFsDriver {
@@ -664,7 +845,8 @@ impl FsDriver for VmhaFsDriver {
         let running = self.lock().remove(&module.name);
         if let Some(mut running) = running {
             for (i, (dir, child)) in running.children.iter_mut().enumerate() {
-                terminate(child);
+                child.terminate();
+                let _ = remove_if_present(&self.state_dir(module, i).join(PROCESS_FILE));
                 // A vmha-fs that could not unmount (killed, or its disk failed)
                 // leaves its mount behind: detach it now, not at the next start.
                 if let Err(e) = clear_leftover_mounts(dir, &self.state_dir(module, i)) {
@@ -802,6 +984,7 @@ impl FsDriver for VmhaFsDriver {
             }
             remove_if_present(&state.join(SYNC_FILE))?;
         }
+        self.record_generation(module, generation.as_ref());
         if let Some(running) = self.lock().get_mut(&module.name) {
             running.generation = generation;
         }
@@ -890,6 +1073,119 @@ impl FsDriver for VmhaFsDriver {
         Ok(())
     }
 
+    /// Reads each directory's [`ProcessRecord`]; when every directory has one
+    /// whose process still runs, takes them in charge (as adopted processes,
+    /// stopped by [`FsDriver::unmount`]) and says what they are. A partial set
+    /// (some directory's process died) is taken in charge too, reported with
+    /// `settings_match: false` so that it is stopped.
+    fn find_running(&self, module: &Module) -> Result<Option<FoundFs>, DriverError> {
+        let mut found: Vec<(PathBuf, ProcessRecord)> = Vec::new();
+        for (i, dir) in module.replicated.iter().enumerate() {
+            let state = self.state_dir(module, i);
+            if let Some(record) = ProcessRecord::read(&state) {
+                if alive(record.pid, record.start_time) {
+                    found.push((dir.clone(), record));
+                    continue;
+                }
+                tracing::info!(module = %module.name, pid = record.pid, "the vmha-fs recorded here is gone");
+                let _ = remove_if_present(&state.join(PROCESS_FILE));
+            }
+        }
+        let Some((_, first)) = found.first() else {
+            return Ok(None);
+        };
+        let writer = first.writer;
+        let generation = first.generation.clone();
+        let save_aside = first.save_aside;
+        let mut settings_match = found.len() == module.replicated.len();
+        for (i, (dir, record)) in found.iter().enumerate() {
+            let role = match (record.writer, record.save_aside) {
+                (true, _) => Spawn::Writer,
+                (false, true) => Spawn::LoserReceiver,
+                (false, false) => Spawn::Receiver,
+            };
+            let expected = self
+                .command(module, i, dir, role, None)
+                .map(|c| settings_of(&c));
+            settings_match &= record.writer == writer
+                && record.generation == generation
+                && expected.as_deref() == Ok(record.settings.as_str());
+        }
+        let alone = writer
+            && (0..found.len()).all(|i| {
+                LinkStatus::read_from(&self.state_dir(module, i))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|l| l.state == LinkCondition::Degraded)
+            });
+        let children = found
+            .into_iter()
+            .map(|(dir, r)| {
+                (
+                    dir,
+                    Proc::Adopted {
+                        pid: r.pid,
+                        start_time: r.start_time,
+                    },
+                )
+            })
+            .collect();
+        let generation_id = generation
+            .as_deref()
+            .map(GenerationId::try_from)
+            .and_then(Result::ok);
+        self.lock().insert(
+            module.name.clone(),
+            Running {
+                writer,
+                generation: generation_id,
+                children,
+                save_aside,
+                disk_failed: None,
+            },
+        );
+        Ok(Some(FoundFs {
+            writer,
+            settings_match,
+            generation,
+            alone,
+        }))
+    }
+
+    /// Receiver: every directory's `heard.json` shows a writer's session and a
+    /// frame within `within`. Writer: every directory's link is connected (or
+    /// copying to the peer): a receiver that stops answering turns it
+    /// `stalled` within half the lock timeout.
+    fn data_path_alive(&self, module: &Module, within: Duration) -> bool {
+        let writer = match self.lock().get(&module.name) {
+            Some(running) => running.writer,
+            None => return false,
+        };
+        let now = ::vmha_fs::status::monotonic_ms();
+        let within = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+        (0..module.replicated.len()).all(|i| {
+            let state = self.state_dir(module, i);
+            if writer {
+                LinkStatus::read_from(&state)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|l| {
+                        matches!(
+                            l.state,
+                            LinkCondition::Connected
+                                | LinkCondition::Syncing
+                                | LinkCondition::Attaching
+                        )
+                    })
+            } else {
+                WriterHeard::read_from(&state)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|h| h.connected && h.age_ms(now).is_some_and(|age| age < within))
+            }
+        })
+    }
+
     fn writer_sync_state(&self, module: &Module) -> Result<ResyncState, DriverError> {
         let Some(dirs) = self.writer_state_dirs(module) else {
             return Ok(ResyncState::Idle);
@@ -900,10 +1196,13 @@ impl FsDriver for VmhaFsDriver {
 
 impl Drop for VmhaFsDriver {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         let mut all = self.lock();
         for (_, mut running) in all.drain() {
             for (_, child) in &mut running.children {
-                terminate(child);
+                child.terminate();
             }
         }
     }

@@ -53,6 +53,9 @@ enum Op {
     Heal,
     Crash(usize),
     Boot(usize),
+    /// vmhad alone dies and starts again (vmha-fs, VM and data untouched):
+    /// the new one adopts what runs.
+    Restart(usize),
     Lost(usize),
     StartWait(usize),
     Resync(usize),
@@ -92,6 +95,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Heal),
         1 => node.clone().prop_map(Op::Crash),
         1 => node.clone().prop_map(Op::Boot),
+        1 => node.clone().prop_map(Op::Restart),
         2 => node.clone().prop_map(Op::Lost),
         1 => node.clone().prop_map(Op::StartWait),
         2 => node.clone().prop_map(Op::Resync),
@@ -401,6 +405,37 @@ impl Sim {
                     .with_maintenance(n.maintenance)
                     .with_left(n.left);
                     self.deliver(i, Event::Start);
+                }
+            }
+            Op::Restart(i) => {
+                if self.nodes[i].alive {
+                    let n = &mut self.nodes[i];
+                    let found = Found {
+                        writer: n.writer,
+                        settings_match: true,
+                        generation_current: n.writer || n.s.readiness() == Readiness::Ready,
+                        alone: n.writer && n.writes_alone,
+                        vm_running: n.vm,
+                    };
+                    let had = n.writer || n.receiver;
+                    n.probing = false;
+                    n.marking = false;
+                    n.s = ModuleState::new(
+                        policy_of(self.setup, i),
+                        n.history.current().is_some(),
+                        n.flag,
+                    )
+                    .with_self_outdated(n.self_outdated)
+                    .with_maintenance(n.maintenance)
+                    .with_left(n.left);
+                    self.deliver(
+                        i,
+                        if had {
+                            Event::Adopt(found)
+                        } else {
+                            Event::Start
+                        },
+                    );
                 }
             }
             Op::Lost(i) => {

@@ -1210,6 +1210,11 @@ fn events() -> Vec<Event> {
             peer_knows_outdated: bits & 4 != 0,
         });
     }
+    out.push(Event::ControllerLost);
+    out.push(Event::DataPathLost);
+    for bits in 0u8..32 {
+        out.push(Event::Adopt(found(bits)));
+    }
     for p in peers() {
         out.push(Event::PeerSeen {
             peer: p,
@@ -1217,6 +1222,160 @@ fn events() -> Vec<Event> {
         });
     }
     out
+}
+
+fn found(bits: u8) -> Found {
+    Found {
+        writer: bits & 1 != 0,
+        settings_match: bits & 2 != 0,
+        generation_current: bits & 4 != 0,
+        alone: bits & 8 != 0,
+        vm_running: bits & 16 != 0,
+    }
+}
+
+const WRITER_FOUND: Found = Found {
+    writer: true,
+    settings_match: true,
+    generation_current: true,
+    alone: false,
+    vm_running: true,
+};
+
+#[test]
+fn a_new_vmhad_adopts_the_running_writer_without_touching_it() {
+    // The metadata a PRIM persists: data, "peer may be newer" raised.
+    let (s, actions) = run(&fresh(true, true), &[Event::Adopt(WRITER_FOUND)]);
+    assert_eq!((s.role, s.readiness()), (Role::Prim, Readiness::Ready));
+    // No mount, no VM start, no new generation, no resync.
+    assert_eq!(actions, vec![]);
+    // The SECOND is seen again: it stays PRIM, nothing else happens.
+    let (s, actions) = run(
+        &s,
+        &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(s.role, Role::Prim);
+    assert_eq!(actions, vec![]);
+    // Writing alone: ALONE.
+    let alone = Found {
+        alone: true,
+        ..WRITER_FOUND
+    };
+    let (s, actions) = run(&fresh(true, true), &[Event::Adopt(alone)]);
+    assert_eq!(s.role, Role::Alone);
+    assert_eq!(actions, vec![Action::SetPeerMayBeNewer(false)]);
+    // Its VM is gone: started again, nothing else.
+    let no_vm = Found {
+        vm_running: false,
+        ..WRITER_FOUND
+    };
+    let (s, actions) = run(&fresh(true, true), &[Event::Adopt(no_vm)]);
+    assert_eq!(s.role, Role::Prim);
+    assert_eq!(actions, vec![Action::DefineDomain, Action::StartVm]);
+}
+
+#[test]
+fn a_writer_that_is_not_the_expected_one_is_stopped_and_the_module_starts() {
+    for found in [
+        Found {
+            settings_match: false,
+            ..WRITER_FOUND
+        },
+        Found {
+            generation_current: false,
+            ..WRITER_FOUND
+        },
+    ] {
+        let (s, actions) = run(&fresh(true, true), &[Event::Adopt(found)]);
+        assert_eq!(s.role, Role::Wait, "{found:?}");
+        assert_eq!(actions[..2], [Action::StopVm, Action::Unmount], "{found:?}");
+        assert!(!actions.contains(&Action::MountWriter), "{found:?}");
+    }
+}
+
+#[test]
+fn a_new_vmhad_adopts_the_running_receiver() {
+    let receiver = Found {
+        writer: false,
+        vm_running: false,
+        ..WRITER_FOUND
+    };
+    let (s, actions) = run(&fresh(true, true), &[Event::Adopt(receiver)]);
+    assert_eq!((s.role, s.readiness()), (Role::Second, Readiness::Ready));
+    assert_eq!(actions, vec![]);
+    let behind = Found {
+        generation_current: false,
+        ..receiver
+    };
+    let (s, actions) = run(&fresh(true, true), &[Event::Adopt(behind)]);
+    assert_eq!(
+        (s.role, s.readiness()),
+        (Role::Second, Readiness::NotUpToDate)
+    );
+    assert_eq!(actions, vec![]);
+    // Its writer is heard: it goes on as SECOND, no resync started.
+    let (s, actions) = run(
+        &s,
+        &[seen(peer(
+            Role::Prim,
+            Readiness::Ready,
+            Relation::PeerNewer,
+        ))],
+    );
+    assert_eq!(s.role, Role::Second);
+    assert!(!actions.contains(&Action::MountReceiver));
+}
+
+#[test]
+fn a_peer_whose_controller_is_down_but_data_path_alive_is_not_failed_over() {
+    let (s, actions) = run(&second(), &[Event::ControllerLost]);
+    assert_eq!((s.role, s.readiness()), (Role::Second, Readiness::Ready));
+    assert!(s.peer_controller_down);
+    assert_eq!(actions, vec![]);
+    // Its controller comes back: nothing happened.
+    let (back, actions) = run(
+        &s,
+        &[seen(peer(Role::Prim, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(back.role, Role::Second);
+    assert!(!back.peer_controller_down);
+    assert_eq!(actions, vec![]);
+    // The data path dies too (a dead or frozen writer): failover as today.
+    let (s, actions) = run(&s, &[Event::DataPathLost]);
+    assert_eq!(s.role, Role::Alone);
+    assert!(actions.contains(&Action::StartVm));
+    // A PRIM whose SECOND's controller is down keeps replicating to it.
+    let (p, actions) = run(&prim(), &[Event::ControllerLost]);
+    assert_eq!(p.role, Role::Prim);
+    assert_eq!(actions, vec![]);
+    // ... until its replication link goes down: ALONE, as at PeerLost.
+    let (alone, actions) = run(
+        &p,
+        &[Event::LinkDown {
+            heartbeats_fresh: false,
+            peer_is_second: false,
+            peer_knows_outdated: false,
+        }],
+    );
+    assert_eq!(alone.role, Role::Alone);
+    assert!(actions.contains(&Action::NewGeneration));
+    assert!(actions.contains(&Action::WriteAlone));
+}
+
+#[test]
+fn an_adopted_node_that_never_hears_its_peer_decides_at_peer_lost() {
+    let (p, _) = run(&fresh(true, true), &[Event::Adopt(WRITER_FOUND)]);
+    let (alone, actions) = run(&p, &[Event::PeerLost]);
+    assert_eq!(alone.role, Role::Alone);
+    assert!(actions.contains(&Action::WriteAlone));
+    let receiver = Found {
+        writer: false,
+        ..WRITER_FOUND
+    };
+    let (sec, _) = run(&fresh(true, true), &[Event::Adopt(receiver)]);
+    let (s, actions) = run(&sec, &[Event::PeerLost]);
+    assert_eq!(s.role, Role::Alone);
+    assert!(actions.contains(&Action::MountWriter));
 }
 
 fn index(actions: &[Action], wanted: &Action) -> Option<usize> {
@@ -1299,23 +1458,47 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
         assert!(after.role.is_writer(), "{}", ctx());
         assert!(!actions.contains(&Action::ProbeWitness), "{}", ctx());
     }
-    assert_eq!(
-        promoted || alone_after_connected,
-        mount_writer.is_some(),
-        "promotion = writer mount: {}",
-        ctx()
-    );
+    // Adoption takes over a running writer: promoted without a mount.
+    // `Adopt` found what a previous vmhad left: adopted as it runs, or stopped
+    // (`Unmount`) and the module started as by `Start`.
+    let adopting = matches!(event, Event::Adopt(_)) && before.role == Role::Stop;
+    let adopted = adopting && !actions.contains(&Action::Unmount);
+    if adopted {
+        assert!(mount_writer.is_none(), "{}", ctx());
+    } else {
+        assert_eq!(
+            promoted || alone_after_connected,
+            mount_writer.is_some(),
+            "promotion = writer mount: {}",
+            ctx()
+        );
+    }
+    if let (true, Event::Adopt(found)) = (adopted, event) {
+        if after.role.is_writer() {
+            // Settings may differ only in maintenance (the VM is not stopped
+            // for a setting then).
+            assert!(found.writer && found.generation_current, "{}", ctx());
+            assert!(found.settings_match || before.in_maintenance(), "{}", ctx());
+            assert!(before.has_data && !before.self_outdated, "{}", ctx());
+            assert!(!actions.contains(&Action::NewGeneration), "{}", ctx());
+        }
+        if after.role == Role::Second {
+            assert!(!found.writer, "{}", ctx());
+            assert!(found.settings_match || before.in_maintenance(), "{}", ctx());
+            assert!(!actions.contains(&Action::MountReceiver), "{}", ctx());
+        }
+    }
     // StartVm only with the writer mount in place.
     if let Some(start) = index(actions, &Action::StartVm) {
         assert!(after.role.is_writer(), "{}", ctx());
         assert!(
-            before.role.is_writer() || mount_writer.is_some_and(|m| m < start),
+            before.role.is_writer() || adopted || mount_writer.is_some_and(|m| m < start),
             "{}",
             ctx()
         );
     }
     // No promotion of data not known up to date, except by the operator.
-    if promoted && *event != Event::PrimForced {
+    if promoted && *event != Event::PrimForced && !adopted {
         assert!(before.has_data, "promoted without data: {}", ctx());
         match (event, after.peer) {
             (Event::PeerSeen { peer, .. }, _) => {
@@ -1343,7 +1526,9 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
                     ctx()
                 );
             }
-            (Event::Start | Event::Join, _) => assert!(!before.peer_may_be_newer, "{}", ctx()),
+            (Event::Start | Event::Join | Event::Adopt(_), _) => {
+                assert!(!before.peer_may_be_newer, "{}", ctx())
+            }
             _ => assert!(before.uptodate, "promoted stale data: {}", ctx()),
         }
         if *event == Event::PeerLost {
@@ -1363,12 +1548,13 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
         let unmount = index(actions, &Action::Unmount).unwrap_or_else(|| panic!("{}", ctx()));
         assert!(stop < unmount, "{}", ctx());
     }
+    // A found writer that is not adopted is stopped: its VM, then its mount.
     if actions.contains(&Action::StopVm) {
-        assert!(before.role.is_writer(), "{}", ctx());
+        assert!(before.role.is_writer() || adopting, "{}", ctx());
     }
     if actions.contains(&Action::Unmount) {
         assert!(
-            matches!(before.role, Role::Prim | Role::Alone | Role::Second),
+            adopting || matches!(before.role, Role::Prim | Role::Alone | Role::Second),
             "{}",
             ctx()
         );
@@ -1526,7 +1712,22 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
                 ctx()
             );
         }
+        // Except a PRIM whose peer's controller was down: its receiver is
+        // gone too, the peer is lost.
+        if !(before.role == Role::Prim && before.peer_controller_down) {
+            assert_eq!(after.role, before.role, "{}", ctx());
+        }
+    }
+    // A peer whose data path is alive is never failed over.
+    if *event == Event::ControllerLost && matches!(before.role, Role::Prim | Role::Second) {
         assert_eq!(after.role, before.role, "{}", ctx());
+        assert!(
+            actions
+                .iter()
+                .all(|a| matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_))),
+            "{}",
+            ctx()
+        );
     }
     // A fence the peer's heartbeat explains away changes nothing.
     if *event
@@ -1636,8 +1837,11 @@ fn check_leave_and_maintenance(
         assert!(after.left, "{}", ctx());
         for a in &acts {
             // Recording facts is not acting (a disk failure, a maintenance).
+            // A new vmhad of a node that left stops what it finds running.
+            let stops_found =
+                matches!(event, Event::Adopt(_)) && matches!(a, Action::StopVm | Action::Unmount);
             assert!(
-                matches!(a, Action::SetMaintenance(_) | Action::SetSelfOutdated(_)),
+                stops_found || matches!(a, Action::SetMaintenance(_) | Action::SetSelfOutdated(_)),
                 "a node that left acted: {}",
                 ctx()
             );
@@ -1716,6 +1920,8 @@ fn check_leave_and_maintenance(
                 "maintenance promoted without a hand-over: {}",
                 ctx()
             ),
+            // A new vmhad takes over what runs: nothing changes for the VM.
+            Event::Adopt(_) => {}
             _ => panic!("maintenance promoted: {}", ctx()),
         }
     }
@@ -1730,7 +1936,10 @@ fn check_leave_and_maintenance(
     }
     // No automatic swap-back.
     // (A connected start whose fallback failed never started its VM.)
-    if actions.contains(&Action::StopVm) && !operator && !before.pending_alone_mount {
+    // (A daemon start stops what it must not adopt: a stale writer.)
+    let unadoptable = matches!(event, Event::Adopt(_)) && !after.role.is_writer();
+    if actions.contains(&Action::StopVm) && !operator && !before.pending_alone_mount && !unadoptable
+    {
         assert!(
             matches!(event, Event::PeerSeen { peer, .. } if peer.request == Some(Request::HandOver) || peer.role.is_writer() || peer.relation == Relation::PeerNewer),
             "maintenance stopped the VM: {}",
@@ -2245,4 +2454,35 @@ fn a_receiver_that_does_not_start_is_retried_after_a_pause() {
     let (s, actions) = run(&s, &[Event::Start, writer]);
     assert!(actions.contains(&Action::MountReceiver), "{actions:?}");
     assert_eq!(s.role, Role::Second);
+}
+
+/// In maintenance (an upgrade, say) a new vmhad adopts the running writer
+/// even when its settings differ: the VM is not stopped for a setting. A
+/// writer that does not claim the current generation is still stopped.
+#[test]
+fn maintenance_adopts_a_writer_whose_settings_differ() {
+    let mut s = ModuleState::new(policy(), true, false).with_maintenance(true);
+    s.changed_bytes = 0;
+    let found = Found {
+        writer: true,
+        settings_match: false,
+        generation_current: true,
+        alone: false,
+        vm_running: true,
+    };
+    let (a, actions) = run(&s, &[Event::Adopt(found)]);
+    assert_eq!(a.role, Role::Prim, "{actions:?}");
+    assert!(!actions.contains(&Action::StopVm), "{actions:?}");
+    // Out of maintenance the same writer is stopped and started anew.
+    let plain = ModuleState::new(policy(), true, false);
+    let (_, actions) = run(&plain, &[Event::Adopt(found)]);
+    assert!(actions.contains(&Action::StopVm), "{actions:?}");
+    // A stale writer is stopped even in maintenance.
+    let stale = Found {
+        generation_current: false,
+        settings_match: true,
+        ..found
+    };
+    let (_, actions) = run(&s, &[Event::Adopt(stale)]);
+    assert!(actions.contains(&Action::StopVm), "{actions:?}");
 }
