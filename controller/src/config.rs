@@ -1,9 +1,11 @@
 //! The cluster configuration: one TOML file, identical on both nodes
 //! (design, "Interfaces"), parsed strictly and validated before anything runs.
 //!
-//! Parsing rejects unknown keys (`deny_unknown_fields`, the TOML error names the
-//! key and its line). Validation then reports the first problem found, each as
-//! its own [`ConfigError`] variant naming the node, module or key.
+//! An unknown key is a warning with its line and column ([`unknown_keys`], logged
+//! by [`Config::load`]), not an error: a file written for a newer release (which
+//! added a key with a default) still starts an older vmhad during a rolling
+//! upgrade. Validation then reports the first problem found, each as its own
+//! [`ConfigError`] variant naming the node, module or key.
 //!
 //! Choices where the design is silent:
 //! - Required keys: `cluster.name`, every node's `name` and `addresses`, every
@@ -261,6 +263,8 @@ pub struct Cluster {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub heartbeat_port: u16,
+    /// TCP port of vmhad's daemon channel (`crate::channel`), on every address.
+    pub channel_port: u16,
     pub heartbeat_interval_ms: u64,
     pub failover_timeout_ms: u64,
     pub start_wait_ms: u64,
@@ -324,7 +328,11 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::from_toml_str(&text)
+        let config = Config::from_toml_str(&text)?;
+        for unknown in unknown_keys(&text) {
+            tracing::warn!(file = %path.display(), "{}:{unknown}", path.display());
+        }
+        Ok(config)
     }
 
     /// Parses and validates a configuration held in memory.
@@ -395,8 +403,111 @@ impl Config {
 
 // ---- the file as written, before validation ----
 
+/// The keys this release knows, per table (kept next to the `Raw*` structs below;
+/// `the_design_example_has_no_unknown_keys` checks them against a full file).
+const TOP_KEYS: &[&str] = &["cluster", "node", "module"];
+const CLUSTER_KEYS: &[&str] = &[
+    "name",
+    "key_file",
+    "state_dir",
+    "control_socket",
+    "heartbeat_port",
+    "channel_port",
+    "heartbeat_interval_ms",
+    "failover_timeout_ms",
+    "start_wait_ms",
+    "witness",
+    "split_brain",
+];
+const NODE_KEYS: &[&str] = &["name", "addresses"];
+const MODULE_KEYS: &[&str] = &[
+    "name",
+    "domain",
+    "libvirt_uri",
+    "replicated",
+    "port",
+    "replication_network",
+    "default_primary",
+    "failover",
+    "lock_timeout_ms",
+    "stop_timeout_s",
+    "rate_limit_mb_s",
+    "maxloop",
+    "loop_interval_s",
+];
+
+/// A key this release does not know (ignored, with a warning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKey {
+    /// Dotted path, e.g. `cluster.foo` or `module[1].bar`.
+    pub key: String,
+    /// 1-based line and column of the key in the file.
+    pub line: usize,
+    pub column: usize,
+}
+
+impl std::fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: unknown key `{}` ignored (written for a newer vmha, or a typo)",
+            self.line, self.column, self.key
+        )
+    }
+}
+
+/// The keys of `text` this release does not know, in file order. A file that
+/// does not parse has none (the parse error says what is wrong).
+pub fn unknown_keys(text: &str) -> Vec<UnknownKey> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(doc) = DeTable::parse(text) else {
+        return Vec::new();
+    };
+    let position = |offset: usize| {
+        let before = text.get(..offset).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    };
+    let mut out = Vec::new();
+    let mut check = |table: &DeTable<'_>, known: &[&str], prefix: &str| {
+        for (key, _) in table.iter() {
+            if !known.contains(&key.get_ref().as_ref()) {
+                let (line, column) = position(key.span().start);
+                out.push(UnknownKey {
+                    key: format!("{prefix}{}", key.get_ref()),
+                    line,
+                    column,
+                });
+            }
+        }
+    };
+    let top = doc.get_ref();
+    check(top, TOP_KEYS, "");
+    for (key, value) in top.iter() {
+        let known = match key.get_ref().as_ref() {
+            "cluster" => CLUSTER_KEYS,
+            "node" => NODE_KEYS,
+            "module" => MODULE_KEYS,
+            _ => continue,
+        };
+        match value.get_ref() {
+            DeValue::Table(table) => check(table, known, &format!("{}.", key.get_ref())),
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let DeValue::Table(table) = item.get_ref() {
+                        check(table, known, &format!("{}[{i}].", key.get_ref()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out.sort_by_key(|u| (u.line, u.column));
+    out
+}
+
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     cluster: RawCluster,
     #[serde(default, rename = "node")]
@@ -406,7 +517,6 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawCluster {
     name: String,
     #[serde(default = "defaults::key_file")]
@@ -417,6 +527,8 @@ struct RawCluster {
     control_socket: PathBuf,
     #[serde(default = "defaults::heartbeat_port")]
     heartbeat_port: u16,
+    #[serde(default = "defaults::channel_port")]
+    channel_port: u16,
     #[serde(default = "defaults::heartbeat_interval_ms")]
     heartbeat_interval_ms: u64,
     #[serde(default = "defaults::failover_timeout_ms")]
@@ -430,14 +542,12 @@ struct RawCluster {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawNode {
     name: String,
     addresses: Vec<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawModule {
     name: String,
     domain: Option<String>,
@@ -477,6 +587,9 @@ mod defaults {
     }
     pub fn heartbeat_port() -> u16 {
         7100
+    }
+    pub fn channel_port() -> u16 {
+        7099
     }
     pub fn heartbeat_interval_ms() -> u64 {
         500
@@ -620,6 +733,11 @@ fn validate_cluster(
             owner: "cluster heartbeat_port".into(),
         });
     }
+    if raw.channel_port == 0 {
+        return Err(ConfigError::ZeroPort {
+            owner: "cluster channel_port".into(),
+        });
+    }
     let split_brain = match raw.split_brain.as_str() {
         "discard-least-changes" => SplitBrainPolicy::DiscardLeastChanges,
         "manual" => SplitBrainPolicy::Manual,
@@ -653,6 +771,7 @@ fn validate_cluster(
         state_dir: raw.state_dir,
         control_socket: raw.control_socket,
         heartbeat_port: raw.heartbeat_port,
+        channel_port: raw.channel_port,
         heartbeat_interval_ms: raw.heartbeat_interval_ms,
         failover_timeout_ms: raw.failover_timeout_ms,
         start_wait_ms: raw.start_wait_ms,
@@ -788,6 +907,13 @@ fn check_uniqueness(cluster: &Cluster, modules: &[Module]) -> Result<(), ConfigE
     let mut names = HashSet::new();
     let mut ports: HashMap<u16, String> = HashMap::new();
     ports.insert(cluster.heartbeat_port, "cluster heartbeat_port".into());
+    if let Some(first) = ports.insert(cluster.channel_port, "cluster channel_port".into()) {
+        return Err(ConfigError::DuplicatePort {
+            port: cluster.channel_port,
+            first,
+            second: "cluster channel_port".into(),
+        });
+    }
     let mut domains: HashMap<(&str, &str), &str> = HashMap::new();
     let mut paths: Vec<(&Path, &str)> = Vec::new();
     for module in modules {
@@ -1017,26 +1143,70 @@ default_primary = "node1"
         assert!(e.to_string().contains("nope.toml"), "{e}");
     }
 
+    /// A key this release does not know is a warning naming it with its line and
+    /// column, not a refusal (a file written for a newer vmha still loads).
     #[test]
-    fn unknown_keys_are_named() {
+    fn unknown_keys_are_warnings_with_their_position() {
         for (from, to, key) in [
             (
                 "name = \"pair1\"",
                 "name = \"pair1\"\nheartbeat_prot = 1",
-                "heartbeat_prot",
+                "cluster.heartbeat_prot",
             ),
-            ("port = 7101", "port = 7101\nfailvoer = true", "failvoer"),
+            (
+                "port = 7101",
+                "port = 7101\nfailvoer = true",
+                "module[0].failvoer",
+            ),
             (
                 "name = \"node1\"",
                 "name = \"node1\"\naddress = []",
-                "address",
+                "node[0].address",
             ),
             ("[cluster]", "[clutser]\n[cluster]", "clutser"),
         ] {
-            let e = err(&edit(from, to));
-            assert!(matches!(e, ConfigError::Parse(_)), "{e}");
-            assert!(e.to_string().contains(key), "{e}");
+            let text = edit(from, to);
+            assert!(Config::from_toml_str(&text).is_ok(), "{key}");
+            let unknown = unknown_keys(&text);
+            assert_eq!(unknown.len(), 1, "{unknown:?}");
+            let u = &unknown[0];
+            assert_eq!(u.key, key);
+            let line = text.lines().nth(u.line - 1).unwrap_or_default();
+            let name = key.rsplit(['.', ']']).next().unwrap_or(key);
+            assert_eq!(&line[u.column - 1..u.column - 1 + name.len()], name, "{u}");
+            assert!(u.to_string().contains("unknown key"), "{u}");
         }
+    }
+
+    /// The design's example sets nearly every key: none is reported unknown.
+    #[test]
+    fn the_design_example_has_no_unknown_keys() {
+        assert_eq!(unknown_keys(DESIGN_EXAMPLE), Vec::new());
+        let text = DESIGN_EXAMPLE.replacen(
+            "heartbeat_port = 7100",
+            "heartbeat_port = 7100\nchannel_port = 7099",
+            1,
+        );
+        assert_eq!(unknown_keys(&text), Vec::new());
+    }
+
+    #[test]
+    fn the_channel_port_defaults_and_may_not_collide() {
+        let config = Config::from_toml_str(DESIGN_EXAMPLE).unwrap();
+        assert_eq!(config.cluster.channel_port, 7099);
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nchannel_port = 7101",
+        ));
+        assert!(
+            matches!(&e, ConfigError::DuplicatePort { port: 7101, .. }),
+            "{e}"
+        );
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nchannel_port = 0",
+        ));
+        assert!(matches!(e, ConfigError::ZeroPort { .. }), "{e}");
     }
 
     #[test]

@@ -348,8 +348,9 @@ pub fn client_handshake_versions(
         );
         return Err(WireError::Version {
             ours: versions,
-            theirs: Versions::new(min, max)
-                .ok_or_else(|| WireError::Malformed(format!("empty version range {min}..={max}")))?,
+            theirs: Versions::new(min, max).ok_or_else(|| {
+                WireError::Malformed(format!("empty version range {min}..={max}"))
+            })?,
         });
     }
     match head[6] {
