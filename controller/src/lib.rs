@@ -14,11 +14,14 @@
 //! - [`daemon`]: per-module tasks running the state machine, the dispatcher,
 //!   the heartbeat sender.
 //! - [`control`]: the control socket (JSON lines) and its client.
+//! - [`channel`]: the authenticated TCP channel between the two daemons (peer
+//!   status, remote commands, config push), version-negotiated.
 //! - [`status`]: the `vmctl status --json` shape.
 //! - [`eventlog`]: the per-module event log.
 //! - [`clock`]: the wall clock, for display only (and its test offset).
 //! - [`witness`]: the split-brain witness probe.
 
+pub mod channel;
 pub mod clock;
 pub mod config;
 pub mod control;

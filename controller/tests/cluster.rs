@@ -516,6 +516,7 @@ fn forged_beat(role: Role) -> Vec<u8> {
             changed_bytes: 0,
             resync: None,
         }],
+        software: None,
     };
     Sealer::new(&ClusterKey::from_bytes([7; 32]))
         .seal(

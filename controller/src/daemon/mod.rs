@@ -126,6 +126,8 @@ pub enum DaemonError {
     },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Channel(#[from] crate::channel::ChannelError),
 }
 
 /// Everything a daemon needs.
@@ -192,6 +194,8 @@ struct PeerLiveness {
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
     modules: HashMap<String, ModuleBeat>,
+    /// The peer's vmhad version (heartbeat version 3 on).
+    software: Option<String>,
 }
 
 #[derive(Debug)]
@@ -203,6 +207,8 @@ struct Shared {
     witness: WitnessSlot,
     /// Heartbeat datagrams rejected, by kind (for `status`).
     rejections: Rejections,
+    /// Heartbeat versions: ours, the peer's, in use (for `status`).
+    heartbeat_versions: crate::heartbeat::VersionView,
 }
 
 /// The latest witness probe (of any module: they probe the same witnesses).
@@ -252,6 +258,8 @@ pub struct Daemon {
     tasks: Vec<JoinHandle<()>>,
     calls: mpsc::Sender<Call>,
     socket: PathBuf,
+    /// The daemon channel's listener (`crate::channel`).
+    channel: crate::channel::Server,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -378,8 +386,10 @@ impl Daemon {
                 config_hash: None,
                 last_round: None,
                 modules: HashMap::new(),
+                software: None,
             }),
             rejections: endpoint.rejections(),
+            heartbeat_versions: endpoint.version_view(),
             config: config.clone(),
             node,
             modules: handles,
@@ -426,6 +436,13 @@ impl Daemon {
         let (calls_tx, calls_rx) = mpsc::channel(32);
         tasks.push(server.spawn(calls_tx.clone(), shutdown_rx.clone()));
         tasks.push(tokio::spawn(serve_calls(Arc::clone(&shared), calls_rx)));
+        // The peer's requests go through the same queue as the control socket's.
+        let channel = crate::channel::Server::spawn(
+            &local.addresses,
+            cluster.channel_port,
+            &spec.key,
+            Arc::new(crate::channel::CallHandler::new(calls_tx.clone())),
+        )?;
 
         // Started before this returns: `status` right after start shows each
         // module's first state (WAIT), never the STOP it had before `start`.
@@ -452,6 +469,7 @@ impl Daemon {
             tasks,
             calls: calls_tx,
             socket,
+            channel,
         })
     }
 
@@ -491,6 +509,7 @@ impl Daemon {
         }
         let interval = self.shared.config.cluster.heartbeat_interval_ms;
         tokio::time::sleep(Duration::from_millis(interval.saturating_mul(3))).await;
+        self.channel.stop();
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             task.abort();
@@ -502,6 +521,7 @@ impl Daemon {
     /// A crash: every task stops at once; nothing is stopped or unmounted and
     /// the control socket file stays behind.
     pub async fn kill(self) {
+        self.channel.stop();
         for task in &self.tasks {
             task.abort();
         }

@@ -131,5 +131,22 @@ pub(super) fn build_status(shared: &Shared) -> Status {
         heartbeats_rejected: shared.rejections.counts(),
         modules,
         witness,
+        protocols: Some(protocols(shared)),
+    }
+}
+
+fn protocols(shared: &Shared) -> crate::status::Protocols {
+    use crate::status::ProtocolStatus;
+    let hb = &shared.heartbeat_versions;
+    let peer = hb.peer();
+    crate::status::Protocols {
+        replication: ProtocolStatus::ours(vmha_fs::wire::replication_versions()),
+        heartbeat: ProtocolStatus {
+            ours: hb.ours().to_string(),
+            peer: peer.map(|p| p.to_string()),
+            in_use: peer.map(|_| u16::from(hb.in_use())),
+            peer_software: shared.peer().software.clone(),
+        },
+        channel: ProtocolStatus::ours(crate::channel::advertised()),
     }
 }
