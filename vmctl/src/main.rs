@@ -28,6 +28,10 @@ struct Cli {
     /// The control socket (overrides the configuration).
     #[arg(long, value_name = "PATH", global = true)]
     socket: Option<PathBuf>,
+    /// Run the command on node NAME (as in a [[node]] section), through the
+    /// authenticated daemon channel to its vmhad instead of the local socket.
+    #[arg(long, value_name = "NAME", global = true)]
+    node: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,6 +83,45 @@ enum VmctlError {
     Output(std::io::Error),
     #[error("the two copies differ")]
     Differs,
+    #[error(transparent)]
+    Channel(#[from] vmha_controller::channel::ChannelError),
+    #[error(transparent)]
+    Key(#[from] vmha_fs::key::KeyError),
+    #[error("no node `{0}` in the configuration")]
+    UnknownNode(String),
+}
+
+/// Where a command runs: the local vmhad, or another node's over the channel.
+enum Target {
+    Local(PathBuf),
+    Node {
+        addr: std::net::SocketAddr,
+        key: vmha_fs::key::ClusterKey,
+    },
+}
+
+fn target(cli: &Cli) -> Result<Target, VmctlError> {
+    let Some(name) = &cli.node else {
+        return Ok(Target::Local(socket_path(cli)?));
+    };
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config = Config::load(&path)?;
+    let node = config
+        .nodes
+        .iter()
+        .find(|n| &n.name == name)
+        .ok_or_else(|| VmctlError::UnknownNode(name.clone()))?;
+    let ip = *node
+        .addresses
+        .first()
+        .ok_or_else(|| VmctlError::UnknownNode(name.clone()))?;
+    Ok(Target::Node {
+        addr: std::net::SocketAddr::new(ip, config.cluster.channel_port),
+        key: vmha_fs::key::ClusterKey::load(&config.cluster.key_file)?,
+    })
 }
 
 fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
@@ -94,8 +137,13 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
     }
 }
 
-fn call(socket: &Path, request: &Request) -> Result<Response, VmctlError> {
-    let response = Client::connect(socket)?.call(request)?;
+fn call(target: &Target, request: &Request) -> Result<Response, VmctlError> {
+    let response = match target {
+        Target::Local(socket) => Client::connect(socket)?.call(request)?,
+        Target::Node { addr, key } => {
+            vmha_controller::channel::Client::connect(*addr, key)?.command(request.clone())?
+        }
+    };
     if response.ok {
         Ok(response)
     } else {
@@ -299,10 +347,10 @@ fn print_lines(response: &Response) -> Result<(), VmctlError> {
 }
 
 fn run(cli: Cli) -> Result<(), VmctlError> {
-    let socket = socket_path(&cli)?;
+    let target = target(&cli)?;
     match cli.command {
         Command::Status { json } => {
-            let response = call(&socket, &Request::Status)?;
+            let response = call(&target, &Request::Status)?;
             let status = response
                 .status
                 .ok_or_else(|| VmctlError::Daemon("vmhad sent no status".to_string()))?;
@@ -314,18 +362,18 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
                 print(&render(&status))
             }
         }
-        Command::Start { module } => print_lines(&call(&socket, &Request::Start { module })?),
-        Command::Stop { module } => print_lines(&call(&socket, &Request::Stop { module })?),
-        Command::Swap { module } => print_lines(&call(&socket, &Request::Swap { module })?),
+        Command::Start { module } => print_lines(&call(&target, &Request::Start { module })?),
+        Command::Stop { module } => print_lines(&call(&target, &Request::Stop { module })?),
+        Command::Swap { module } => print_lines(&call(&target, &Request::Swap { module })?),
         Command::Prim { module, yes } => {
             if !yes {
                 confirm(module.as_deref())?;
             }
-            print_lines(&call(&socket, &Request::Prim { module })?)
+            print_lines(&call(&target, &Request::Prim { module })?)
         }
-        Command::Log { module } => print_lines(&call(&socket, &Request::Log { module })?),
+        Command::Log { module } => print_lines(&call(&target, &Request::Log { module })?),
         Command::Verify { module } => {
-            let response = call(&socket, &Request::Verify { module })?;
+            let response = call(&target, &Request::Verify { module })?;
             print_lines(&response)?;
             if response.lines.iter().any(|l| l.starts_with("differs")) {
                 return Err(VmctlError::Differs);
