@@ -96,6 +96,7 @@ fn spawn(config: &Path, node: &str, env: &[(&str, &str)]) -> Vmhad {
         "--fake-drivers",
     ])
     .stdin(Stdio::null())
+    .stdout(Stdio::null())
     .stderr(std::fs::File::create(&err).unwrap());
     for (k, v) in env {
         cmd.env(k, v);
@@ -150,7 +151,11 @@ impl Pair {
     }
 
     fn channel_addr(&self, node: &str) -> SocketAddr {
-        let ip = if node == "node1" { "127.0.0.1" } else { "127.0.0.2" };
+        let ip = if node == "node1" {
+            "127.0.0.1"
+        } else {
+            "127.0.0.2"
+        };
         SocketAddr::new(ip.parse().unwrap(), self.channel_port)
     }
 
@@ -215,7 +220,11 @@ fn remote_status_and_command_over_the_channel() {
         .output();
     if let Ok(out) = out {
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let s: vmha_controller::status::Status = serde_json::from_str(&text).unwrap();
         assert_eq!(s.node, "node2");
     }
@@ -247,13 +256,17 @@ fn channel_authentication_and_preauth_limits() {
     });
     // 200 silent connections (more than the 64 pending allowed): the real
     // client still gets in, at once.
-    let flood: Vec<TcpStream> = (0..200).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+    let flood: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
     let started = Instant::now();
     let mut client = channel::Client::connect(addr, &pair.key).unwrap();
     assert_eq!(client.status().unwrap().node, "node2");
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(flood);
-    pair.wait("evictions logged", |p| p.n2.log().contains("closed the oldest"));
+    pair.wait("evictions logged", |p| {
+        p.n2.log().contains("closed the oldest")
+    });
 }
 
 /// node2 advertises only the older versions of every protocol (the test hooks),
@@ -307,7 +320,17 @@ fn a_pair_on_different_versions_talks_at_the_lower_one() {
     let r = client.command(Request::Status).unwrap();
     assert!(r.ok);
     let e = client.config_push("x".into()).unwrap_err();
-    assert!(matches!(e, ChannelError::Unsupported { version: 1, needs: 2, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ChannelError::Unsupported {
+                version: 1,
+                needs: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
     // And the other way: node2's range against node1's server.
     let mut back = channel::Client::connect_versions(
         pair.channel_addr("node1"),
@@ -343,8 +366,11 @@ fn disjoint_heartbeat_ranges_are_refused_clearly() {
         &[("VMHA_TEST_HEARTBEAT_VERSIONS", "2")],
     );
     pair.wait("the version refusal logged on both sides", |p| {
-        p.n1.log().contains("heartbeat format version 2 (the peer reads 2), this vmhad reads 3: no common version")
-            && p.n2.log().contains("heartbeat format version 3 (the peer reads 3), this vmhad reads 2: no common version")
+        p.n1.log().contains(
+            "heartbeat format version 2 (the peer reads 2), this vmhad reads 3: no common version",
+        ) && p.n2.log().contains(
+            "heartbeat format version 3 (the peer reads 3), this vmhad reads 2: no common version",
+        )
     });
     for node in ["node1", "node2"] {
         let s = pair.local_status(node).unwrap();
@@ -364,14 +390,22 @@ fn a_bad_version_hook_is_one_clear_line() {
     ClusterKey::generate_file(&key).unwrap();
     let c = node_config(dir.path(), "node1", &key, free_port(), free_tcp_port());
     let out = Command::new(env!("CARGO_BIN_EXE_vmhad"))
-        .args(["--config", c.to_str().unwrap(), "--node", "node1", "--fake-drivers"])
+        .args([
+            "--config",
+            c.to_str().unwrap(),
+            "--node",
+            "node1",
+            "--fake-drivers",
+        ])
         .env("VMHA_TEST_CHANNEL_VERSIONS", "9")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("vmhad: VMHA_TEST_CHANNEL_VERSIONS = `9` is not within the supported versions 1..=2"),
+        err.contains(
+            "vmhad: VMHA_TEST_CHANNEL_VERSIONS = `9` is not within the supported versions 1..=2"
+        ),
         "{err}"
     );
 }

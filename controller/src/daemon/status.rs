@@ -131,11 +131,12 @@ pub(super) fn build_status(shared: &Shared) -> Status {
         heartbeats_rejected: shared.rejections.counts(),
         modules,
         witness,
-        protocols: Some(protocols(shared)),
+        protocols: Some(protocols(shared, peer.software.clone())),
     }
 }
 
-fn protocols(shared: &Shared) -> crate::status::Protocols {
+/// `peer_software` from the peer state the caller holds locked.
+fn protocols(shared: &Shared, peer_software: Option<String>) -> crate::status::Protocols {
     use crate::status::ProtocolStatus;
     let hb = &shared.heartbeat_versions;
     let peer = hb.peer();
@@ -145,7 +146,7 @@ fn protocols(shared: &Shared) -> crate::status::Protocols {
             ours: hb.ours().to_string(),
             peer: peer.map(|p| p.to_string()),
             in_use: peer.map(|_| u16::from(hb.in_use())),
-            peer_software: shared.peer().software.clone(),
+            peer_software,
         },
         channel: ProtocolStatus::ours(crate::channel::advertised()),
     }
