@@ -117,7 +117,7 @@ pub enum Message {
     /// v1. Runs a control request on the peer, as its local `vmctl` would.
     Command { request: Request },
     /// v1. Answer to `Command` (and to `ConfigPush`).
-    Reply { response: Response },
+    Reply { response: Box<Response> },
     /// v2. The sender's configuration file: the peer writes it in place of its
     /// own and reloads (`vmctl config push`).
     ConfigPush { text: String },
@@ -384,11 +384,11 @@ fn serve_session(
                 Err(message) => Message::Error { message },
             },
             Ok(Message::Command { request }) => Message::Reply {
-                response: handler.command(request),
+                response: Box::new(handler.command(request)),
             },
             Ok(Message::ConfigPush { text }) if keys.version >= CONFIG_PUSH_SINCE => {
                 Message::Reply {
-                    response: handler.config_push(text),
+                    response: Box::new(handler.config_push(text)),
                 }
             }
             Ok(other) => Message::Error {
@@ -477,7 +477,7 @@ impl Client {
     /// Runs `request` on the peer and returns its answer.
     pub fn command(&mut self, request: Request) -> Result<Response, ChannelError> {
         match self.ask(&Message::Command { request })? {
-            Message::Reply { response } => Ok(response),
+            Message::Reply { response } => Ok(*response),
             other => Err(ChannelError::Unexpected(other.kind().into())),
         }
     }
@@ -492,7 +492,7 @@ impl Client {
             });
         }
         match self.ask(&Message::ConfigPush { text })? {
-            Message::Reply { response } => Ok(response),
+            Message::Reply { response } => Ok(*response),
             other => Err(ChannelError::Unexpected(other.kind().into())),
         }
     }
@@ -513,7 +513,7 @@ mod tests {
                 },
             },
             Message::Reply {
-                response: Response::error("no"),
+                response: Box::new(Response::error("no")),
             },
             Message::ConfigPush {
                 text: "[cluster]\nname = \"x\"\n".into(),
