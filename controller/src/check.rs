@@ -77,6 +77,11 @@ pub fn check_file(path: &Path, node: Option<&str>) -> Report {
             return report;
         }
     };
+    // A key this release does not know: a warning (a file written for a
+    // newer vmha, during a rolling upgrade), or a typo.
+    for unknown in crate::config::unknown_keys(&text) {
+        report.add(Severity::Warning, format!("{file}:{unknown}"));
+    }
     let config = match check_text(&text) {
         Ok(config) => config,
         Err(problems) => {

@@ -1,7 +1,10 @@
 //! The cluster configuration: one TOML file, identical on both nodes
 //! (design, "Interfaces"), parsed strictly and validated before anything runs.
 //!
-//! Parsing rejects unknown keys (`deny_unknown_fields`). [`check_text`] reports
+//! An unknown key is a warning with its line and column ([`unknown_keys`],
+//! logged by [`Config::load`] and printed by `--check-config`), not an error:
+//! a file written for a newer release (which added a key with a default)
+//! still starts an older vmhad during a rolling upgrade. [`check_text`] reports
 //! every problem at once, each a [`ConfigError`] variant naming the node, module
 //! or key, with its [`KeyPath`] and position (`FILE:LINE:COLUMN`): every syntax
 //! error (`toml::de::DeTable::parse_recoverable`), every refused key (each
@@ -276,6 +279,8 @@ pub struct Cluster {
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
     pub heartbeat_port: u16,
+    /// TCP port of vmhad's daemon channel (`crate::channel`), on every address.
+    pub channel_port: u16,
     pub heartbeat_interval_ms: u64,
     pub failover_timeout_ms: u64,
     pub start_wait_ms: u64,
@@ -389,7 +394,11 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::from_toml_str(&text)
+        let config = Config::from_toml_str(&text)?;
+        for unknown in unknown_keys(&text) {
+            tracing::warn!(file = %path.display(), "{}:{unknown}", path.display());
+        }
+        Ok(config)
     }
 
     /// Parses and validates a configuration held in memory.
@@ -495,6 +504,112 @@ impl Config {
 
 // ---- the file as written, before validation ----
 
+/// The keys this release knows, per table (kept next to the `Raw*` structs below;
+/// `the_design_example_has_no_unknown_keys` checks them against a full file).
+const TOP_KEYS: &[&str] = &["cluster", "node", "module"];
+const CLUSTER_KEYS: &[&str] = &[
+    "name",
+    "key_file",
+    "state_dir",
+    "control_socket",
+    "heartbeat_port",
+    "channel_port",
+    "heartbeat_interval_ms",
+    "failover_timeout_ms",
+    "start_wait_ms",
+    "witness",
+    "split_brain",
+];
+const NODE_KEYS: &[&str] = &["name", "addresses"];
+const MODULE_KEYS: &[&str] = &[
+    "name",
+    "domain",
+    "libvirt_uri",
+    "replicated",
+    "port",
+    "replication_network",
+    "default_primary",
+    "failover",
+    "lock_timeout_ms",
+    "stop_timeout_s",
+    "rate_limit_mb_s",
+    "maxloop",
+    "loop_interval_s",
+];
+
+/// A key this release does not know (ignored, with a warning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKey {
+    /// Dotted path, e.g. `cluster.foo` or `module[1].bar`.
+    pub key: String,
+    /// 1-based line and column of the key in the file.
+    pub line: usize,
+    pub column: usize,
+}
+
+impl std::fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: unknown key `{}` ignored (written for a newer vmha, or a typo)",
+            self.line, self.column, self.key
+        )
+    }
+}
+
+/// The keys of `text` this release does not know, in file order. A file that
+/// does not parse has none (the parse error says what is wrong).
+pub fn unknown_keys(text: &str) -> Vec<UnknownKey> {
+    use toml::de::{DeTable, DeValue};
+    let Ok(doc) = DeTable::parse(text) else {
+        return Vec::new();
+    };
+    let position = |offset: usize| {
+        let before = text.get(..offset).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    };
+    let mut out = Vec::new();
+    let mut check = |table: &DeTable<'_>, known: &[&str], prefix: &str| {
+        for (key, _) in table.iter() {
+            if !known.contains(&key.get_ref().as_ref()) {
+                let (line, column) = position(key.span().start);
+                out.push(UnknownKey {
+                    key: format!("{prefix}{}", key.get_ref()),
+                    line,
+                    column,
+                });
+            }
+        }
+    };
+    let top = doc.get_ref();
+    check(top, TOP_KEYS, "");
+    for (key, value) in top.iter() {
+        let known = match key.get_ref().as_ref() {
+            "cluster" => CLUSTER_KEYS,
+            "node" => NODE_KEYS,
+            "module" => MODULE_KEYS,
+            _ => continue,
+        };
+        match value.get_ref() {
+            DeValue::Table(table) => check(table, known, &format!("{}.", key.get_ref())),
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let DeValue::Table(table) = item.get_ref() {
+                        check(table, known, &format!("{}[{i}].", key.get_ref()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out.sort_by_key(|u| (u.line, u.column));
+    out
+}
+
+#[derive(Deserialize)]
+
 /// The sections as written (each deserialized on its own, see [`check_text`]).
 struct RawConfig {
     cluster: RawCluster,
@@ -503,7 +618,6 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawCluster {
     name: String,
     #[serde(default = "defaults::key_file")]
@@ -514,6 +628,9 @@ struct RawCluster {
     control_socket: PathBuf,
     #[serde(default = "defaults::heartbeat_port")]
     heartbeat_port: u16,
+    /// Default: `heartbeat_port - 1` (7099 with the default heartbeat port).
+    #[serde(default)]
+    channel_port: Option<u16>,
     #[serde(default = "defaults::heartbeat_interval_ms")]
     heartbeat_interval_ms: u64,
     #[serde(default = "defaults::failover_timeout_ms")]
@@ -526,15 +643,21 @@ struct RawCluster {
     split_brain: String,
 }
 
+impl RawCluster {
+    /// The channel's port: as written, else next to the heartbeat port.
+    fn channel_port(&self) -> u16 {
+        self.channel_port
+            .unwrap_or_else(|| self.heartbeat_port.saturating_sub(1))
+    }
+}
+
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawNode {
     name: String,
     addresses: Vec<String>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawModule {
     name: String,
     domain: Option<String>,
@@ -887,15 +1010,7 @@ fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
         return None;
     }
     let before = out.len();
-    for (key, _) in root.get_ref().iter() {
-        if !["cluster", "node", "module"].contains(&key.get_ref().as_ref()) {
-            out.push(Problem {
-                error: ConfigError::UnknownTopLevel(key.get_ref().to_string()),
-                key: KeyPath::default().key(key.get_ref()),
-                span: Some(key.span()),
-            });
-        }
-    }
+    // Unknown keys and tables are warnings ([`unknown_keys`]), not problems.
     let cluster = match top(root.get_ref(), "cluster") {
         Some(value) => {
             section::<RawCluster>(value.clone(), &KeyPath::default().key("cluster"), out)
@@ -978,8 +1093,11 @@ impl RawConfig {
             self.cluster.failover_timeout_ms,
             self.cluster.heartbeat_interval_ms,
         );
-        let (heartbeat_port, state_dir) =
-            (self.cluster.heartbeat_port, self.cluster.state_dir.clone());
+        let (heartbeat_port, channel_port, state_dir) = (
+            self.cluster.heartbeat_port,
+            self.cluster.channel_port(),
+            self.cluster.state_dir.clone(),
+        );
         let cluster = validate_cluster(self.cluster, &node_index, problems);
         if self.modules.len() > MAX_MODULES {
             problems.push(
@@ -994,7 +1112,7 @@ impl RawConfig {
         for (i, raw) in self.modules.into_iter().enumerate() {
             modules.push((i, raw.validate(i, timing, networks, &node_index, problems)));
         }
-        check_uniqueness(heartbeat_port, &state_dir, &modules, problems);
+        check_uniqueness(heartbeat_port, channel_port, &state_dir, &modules, problems);
         if problems.len() != before {
             return None;
         }
@@ -1122,6 +1240,14 @@ fn validate_cluster(
             KeyPath::cluster("heartbeat_port"),
         );
     }
+    if raw.channel_port() == 0 {
+        problems.push(
+            ConfigError::ZeroPort {
+                owner: "cluster channel_port".into(),
+            },
+            KeyPath::cluster("channel_port"),
+        );
+    }
     let split_brain = match raw.split_brain.as_str() {
         "discard-least-changes" => Some(SplitBrainPolicy::DiscardLeastChanges),
         "manual" => Some(SplitBrainPolicy::Manual),
@@ -1175,12 +1301,14 @@ fn validate_cluster(
     if problems.len() != before {
         return None;
     }
+    let channel_port = raw.channel_port();
     Some(Cluster {
         name: raw.name,
         key_file: raw.key_file,
         state_dir: raw.state_dir,
         control_socket: raw.control_socket,
         heartbeat_port: raw.heartbeat_port,
+        channel_port,
         heartbeat_interval_ms: raw.heartbeat_interval_ms,
         failover_timeout_ms: raw.failover_timeout_ms,
         start_wait_ms: raw.start_wait_ms,
@@ -1357,6 +1485,7 @@ fn check_control_socket(socket: &Path) -> Result<(), ConfigError> {
 /// are the valid ones, each with its index in the file.
 fn check_uniqueness(
     heartbeat_port: u16,
+    channel_port: u16,
     state_dir: &Path,
     modules: &[(usize, Module)],
     problems: &mut Problems,
@@ -1364,6 +1493,16 @@ fn check_uniqueness(
     let mut names = HashSet::new();
     let mut ports: HashMap<u16, String> = HashMap::new();
     ports.insert(heartbeat_port, "cluster heartbeat_port".into());
+    if let Some(first) = ports.insert(channel_port, "cluster channel_port".into()) {
+        problems.push(
+            ConfigError::DuplicatePort {
+                port: channel_port,
+                first,
+                second: "cluster channel_port".into(),
+            },
+            KeyPath::cluster("channel_port"),
+        );
+    }
     let mut domains: HashMap<(&str, &str), &str> = HashMap::new();
     let mut paths: Vec<(&Path, &str)> = Vec::new();
     for (index, module) in modules {
@@ -1612,29 +1751,70 @@ default_primary = "node1"
         assert!(e.to_string().contains("nope.toml"), "{e}");
     }
 
+    /// A key this release does not know is a warning naming it with its line and
+    /// column, not a refusal (a file written for a newer vmha still loads).
     #[test]
-    fn unknown_keys_are_named() {
+    fn unknown_keys_are_warnings_with_their_position() {
         for (from, to, key) in [
             (
                 "name = \"pair1\"",
                 "name = \"pair1\"\nheartbeat_prot = 1",
-                "heartbeat_prot",
+                "cluster.heartbeat_prot",
             ),
-            ("port = 7101", "port = 7101\nfailvoer = true", "failvoer"),
+            (
+                "port = 7101",
+                "port = 7101\nfailvoer = true",
+                "module[0].failvoer",
+            ),
             (
                 "name = \"node1\"",
                 "name = \"node1\"\naddress = []",
-                "address",
+                "node[0].address",
             ),
             ("[cluster]", "[clutser]\n[cluster]", "clutser"),
         ] {
-            let e = err(&edit(from, to));
-            assert!(
-                matches!(e, ConfigError::Parse(_) | ConfigError::UnknownTopLevel(_)),
-                "{e}"
-            );
-            assert!(e.to_string().contains(key), "{e}");
+            let text = edit(from, to);
+            assert!(Config::from_toml_str(&text).is_ok(), "{key}");
+            let unknown = unknown_keys(&text);
+            assert_eq!(unknown.len(), 1, "{unknown:?}");
+            let u = &unknown[0];
+            assert_eq!(u.key, key);
+            let line = text.lines().nth(u.line - 1).unwrap_or_default();
+            let name = key.rsplit(['.', ']']).next().unwrap_or(key);
+            assert_eq!(&line[u.column - 1..u.column - 1 + name.len()], name, "{u}");
+            assert!(u.to_string().contains("unknown key"), "{u}");
         }
+    }
+
+    /// The design's example sets nearly every key: none is reported unknown.
+    #[test]
+    fn the_design_example_has_no_unknown_keys() {
+        assert_eq!(unknown_keys(DESIGN_EXAMPLE), Vec::new());
+        let text = DESIGN_EXAMPLE.replacen(
+            "heartbeat_port = 7100",
+            "heartbeat_port = 7100\nchannel_port = 7099",
+            1,
+        );
+        assert_eq!(unknown_keys(&text), Vec::new());
+    }
+
+    #[test]
+    fn the_channel_port_defaults_and_may_not_collide() {
+        let config = Config::from_toml_str(DESIGN_EXAMPLE).unwrap();
+        assert_eq!(config.cluster.channel_port, 7099);
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nchannel_port = 7101",
+        ));
+        assert!(
+            matches!(&e, ConfigError::DuplicatePort { port: 7101, .. }),
+            "{e}"
+        );
+        let e = err(&edit(
+            "name = \"pair1\"",
+            "name = \"pair1\"\nchannel_port = 0",
+        ));
+        assert!(matches!(e, ConfigError::ZeroPort { .. }), "{e}");
     }
 
     #[test]
@@ -2136,18 +2316,27 @@ rate_limit = 3
             .map(|p| p.render("vmha.toml", SEVERAL))
             .collect();
         let text = rendered.join("\n");
-        for (position, key, words) in [
-            ("vmha.toml:3:1", "cluster.heartbeat_prot", "unknown field"),
-            ("vmha.toml:24:11", "module[1].maxloop", "invalid type"),
-            ("vmha.toml:25:1", "module[1].rate_limit", "unknown field"),
-        ] {
-            assert!(
-                rendered
-                    .iter()
-                    .any(|l| l.starts_with(&format!("{position}: {key}: ")) && l.contains(words)),
-                "{position} {key}:\n{text}"
-            );
-        }
+        // Unknown keys are warnings with their position, not problems.
+        let unknown: Vec<String> = unknown_keys(SEVERAL)
+            .iter()
+            .map(|u| u.to_string())
+            .collect();
+        assert_eq!(unknown.len(), 2, "{unknown:?}");
+        assert!(
+            unknown[0].starts_with("3:1: unknown key `cluster.heartbeat_prot`"),
+            "{unknown:?}"
+        );
+        assert!(
+            unknown[1].starts_with("25:1: unknown key `module[1].rate_limit`"),
+            "{unknown:?}"
+        );
+        assert!(
+            rendered
+                .iter()
+                .any(|l| l.starts_with("vmha.toml:24:11: module[1].maxloop: ")
+                    && l.contains("invalid type")),
+            "{text}"
+        );
         // The syntax is fine but the sections are not: semantic checks wait
         // for them. Fix them and the semantic problems all show, located.
         let fixed = SEVERAL

@@ -6,9 +6,9 @@
 //! when all networks have been silent for `failover_timeout_ms`
 //! ([`Liveness::all_silent_for`], monotonic time).
 //!
-//! Datagram, version 2 (choices where the design is silent):
+//! Datagram, versions 2 and 3 (choices where the design is silent):
 //! ```text
-//! "VMHB" | version u8 = 2 | session u64 BE | counter u64 BE
+//! "VMHB" | version u8 | min u8 | max u8 | session u64 BE | counter u64 BE
 //!        | challenge u64 BE | echo u64 BE | destination IP (16 bytes, v6-mapped)
 //!        | payload length u32 BE | payload (JSON) | MAC (32 bytes)
 //! ```
@@ -19,8 +19,19 @@
 //! the address it arrived on (a datagram from one network replayed on
 //! another), from a source that is not the peer's address for that network,
 //! replayed or unproven (below), whose payload does not decode, or that names
-//! another node than the peer. Version 1 (wall-clock counters) and version 2
-//! do not interoperate: upgrade both nodes together.
+//! another node than the peer.
+//!
+//! # Versions
+//!
+//! `version` is the format of this datagram, `min..=max` the versions the sender
+//! reads ([`VERSIONS`]; the test hook [`VERSIONS_ENV`] narrows them). Everything
+//! up to the payload, and the MAC, is laid out the same in every version, so a
+//! receiver learns the peer's range from any authentic datagram it can read and
+//! from then on sends the highest version both read ([`Opener::send_version`]);
+//! before it knows, it sends its newest. A datagram of a version outside the
+//! receiver's range is [`Rejection::Version`], naming both ranges. Version 3
+//! adds `software` (the sender's vmhad version) to the payload; version 1
+//! (wall-clock counters) is gone.
 //!
 //! # Freshness without clocks
 //!
@@ -81,6 +92,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use vmha_fs::key::ClusterKey;
+use vmha_fs::version::{VersionError, Versions};
 
 use crate::config::{Digest, KeyDigests};
 use crate::generation::History;
@@ -88,9 +100,31 @@ use crate::state::Announce;
 use crate::status::ResyncStatus;
 
 const MAGIC: &[u8; 4] = b"VMHB";
-/// The datagram format version (see the module documentation).
-pub const VERSION: u8 = 2;
-const HEADER_LEN: usize = 4 + 1 + 8 + 8 + 8 + 8 + 16 + 4;
+/// The datagram format versions this build reads and writes.
+pub const VERSIONS: Versions = Versions { min: 2, max: 3 };
+/// The newest datagram format version.
+pub const VERSION: u8 = 3;
+/// The first version whose payload carries `software`.
+pub const SOFTWARE_SINCE: u8 = 3;
+/// Test only: narrows the advertised heartbeat versions (`MAX` or `MIN..=MAX`).
+pub const VERSIONS_ENV: &str = "VMHA_TEST_HEARTBEAT_VERSIONS";
+const HEADER_LEN: usize = 4 + 1 + 1 + 1 + 8 + 8 + 8 + 8 + 16 + 4;
+
+/// The heartbeat versions this process advertises: [`VERSIONS`] narrowed by
+/// [`VERSIONS_ENV`] (vmhad refuses to start on an invalid value, [`check_env`]).
+pub fn advertised() -> Versions {
+    static ADVERTISED: std::sync::OnceLock<Versions> = std::sync::OnceLock::new();
+    *ADVERTISED.get_or_init(|| VERSIONS.from_env(VERSIONS_ENV).unwrap_or(VERSIONS))
+}
+
+/// Validates the heartbeat test hook (a one-line error at start).
+pub fn check_env() -> Result<Versions, VersionError> {
+    VERSIONS.from_env(VERSIONS_ENV)
+}
+
+fn wire_version(v: u16) -> u8 {
+    u8::try_from(v).unwrap_or(u8::MAX)
+}
 const MAC_LEN: usize = 32;
 /// Largest datagram accepted (and sent).
 pub const MAX_DATAGRAM: usize = 65_000;
@@ -125,8 +159,12 @@ pub enum HeartbeatError {
 pub enum Rejection {
     #[error("malformed datagram")]
     Malformed,
-    #[error("heartbeat format version {0}, this vmhad speaks {VERSION} (upgrade both nodes)")]
-    Version(u8),
+    #[error("heartbeat format version {version} (the peer reads {theirs}), this vmhad reads {ours}: no common version, upgrade the older node")]
+    Version {
+        version: u8,
+        theirs: Versions,
+        ours: Versions,
+    },
     #[error("bad MAC (forged, or a different cluster key)")]
     Forged,
     #[error("addressed to {0}, not to this socket")]
@@ -150,7 +188,7 @@ impl Rejection {
     pub fn kind(&self) -> &'static str {
         match self {
             Rejection::Malformed => "malformed",
-            Rejection::Version(_) => "version",
+            Rejection::Version { .. } => "version",
             Rejection::Forged => "forged",
             Rejection::WrongDestination(_) => "wrong_destination",
             Rejection::WrongSource(_) => "wrong_source",
@@ -197,6 +235,9 @@ pub struct Payload {
     /// plus the histories, below [`MAX_DATAGRAM`]; see the test).
     #[serde(default)]
     pub config_keys: KeyDigests,
+    /// Version 3 on: the sender's vmhad version (absent at version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub software: Option<String>,
 }
 
 fn mac_key(key: &ClusterKey) -> [u8; 32] {
@@ -236,6 +277,9 @@ pub struct Handshake {
 /// The authenticated header of a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The format of this datagram and the versions its sender reads.
+    pub version: u8,
+    pub sender: Versions,
     pub session: u64,
     pub counter: u64,
     pub handshake: Handshake,
@@ -248,6 +292,7 @@ pub struct Sealer {
     key: [u8; 32],
     session: u64,
     counter: AtomicU64,
+    versions: Versions,
 }
 
 impl Sealer {
@@ -262,16 +307,45 @@ impl Sealer {
             key: mac_key(key),
             session,
             counter: AtomicU64::new(0),
+            versions: advertised(),
         }
+    }
+
+    /// This sealer advertising `versions` (tests).
+    pub fn with_versions(mut self, versions: Versions) -> Sealer {
+        self.versions = versions;
+        self
+    }
+
+    /// The versions this sealer advertises.
+    pub fn versions(&self) -> Versions {
+        self.versions
     }
 
     pub fn session(&self) -> u64 {
         self.session
     }
 
-    /// One datagram carrying `payload` (already encoded) for `destination`.
+    /// One datagram carrying `payload` (already encoded) for `destination`, in
+    /// the newest format.
     pub fn seal(
         &self,
+        destination: IpAddr,
+        handshake: Handshake,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, HeartbeatError> {
+        self.seal_version(
+            wire_version(self.versions.max),
+            destination,
+            handshake,
+            payload,
+        )
+    }
+
+    /// [`Sealer::seal`] in format `version`.
+    pub fn seal_version(
+        &self,
+        version: u8,
         destination: IpAddr,
         handshake: Handshake,
         payload: &[u8],
@@ -287,7 +361,9 @@ impl Sealer {
             .saturating_add(1);
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(MAGIC);
-        out.push(VERSION);
+        out.push(version);
+        out.push(wire_version(self.versions.min));
+        out.push(wire_version(self.versions.max));
         out.extend_from_slice(&self.session.to_be_bytes());
         out.extend_from_slice(&counter.to_be_bytes());
         out.extend_from_slice(&handshake.challenge.to_be_bytes());
@@ -301,8 +377,13 @@ impl Sealer {
     }
 }
 
-/// Checks the MAC and the format of `datagram`; no replay rules.
-pub fn decode<'a>(key: &[u8; 32], datagram: &'a [u8]) -> Result<(Header, &'a [u8]), Rejection> {
+/// Checks the MAC and the format of `datagram` (of a version in `ours`); no
+/// replay rules.
+pub fn decode<'a>(
+    key: &[u8; 32],
+    ours: Versions,
+    datagram: &'a [u8],
+) -> Result<(Header, &'a [u8]), Rejection> {
     if datagram.len() < HEADER_LEN + MAC_LEN || datagram.len() > MAX_DATAGRAM {
         return Err(Rejection::Malformed);
     }
@@ -322,9 +403,16 @@ pub fn decode<'a>(key: &[u8; 32], datagram: &'a [u8]) -> Result<(Header, &'a [u8
         fields = rest;
         Ok(field)
     };
-    let version = take(1)?.first().copied().ok_or(Rejection::Malformed)?;
-    if version != VERSION {
-        return Err(Rejection::Version(version));
+    let mut byte = || take(1)?.first().copied().ok_or(Rejection::Malformed);
+    let version = byte()?;
+    let (min, max) = (byte()?, byte()?);
+    let sender = Versions::new(u16::from(min), u16::from(max)).ok_or(Rejection::Malformed)?;
+    if !ours.contains(u16::from(version)) {
+        return Err(Rejection::Version {
+            version,
+            theirs: sender,
+            ours,
+        });
     }
     let mut u64_field = || -> Result<u64, Rejection> {
         Ok(u64::from_be_bytes(
@@ -342,6 +430,8 @@ pub fn decode<'a>(key: &[u8; 32], datagram: &'a [u8]) -> Result<(Header, &'a [u8
     }
     Ok((
         Header {
+            version,
+            sender,
             session,
             counter,
             handshake: Handshake { challenge, echo },
@@ -363,6 +453,10 @@ struct Trusted {
 #[derive(Debug)]
 pub struct Opener {
     key: [u8; 32],
+    /// The versions this side reads.
+    ours: Versions,
+    /// The peer's range, from its latest authentic, readable datagram.
+    peer: Option<Versions>,
     /// Ours: a new peer session must echo it.
     challenge: u64,
     /// The peer's challenge, to echo.
@@ -384,6 +478,8 @@ impl Opener {
     pub fn new(key: &ClusterKey) -> Opener {
         Opener {
             key: mac_key(key),
+            ours: advertised(),
+            peer: None,
             challenge: nonce(),
             echo: 0,
             trusted: None,
@@ -396,6 +492,28 @@ impl Opener {
             challenge: self.challenge,
             echo: self.echo,
         }
+    }
+
+    /// This opener reading `versions` (tests).
+    pub fn with_versions(mut self, versions: Versions) -> Opener {
+        self.ours = versions;
+        self
+    }
+
+    /// The peer's advertised range, once an authentic datagram showed it.
+    pub fn peer_versions(&self) -> Option<Versions> {
+        self.peer
+    }
+
+    /// The format to send in: the highest version both read; our newest until
+    /// the peer's range is known (or when there is none in common: the peer
+    /// then logs the refusal with both ranges).
+    pub fn send_version(&self) -> u8 {
+        let v = self
+            .peer
+            .and_then(|p| self.ours.highest_common(p))
+            .unwrap_or(self.ours.max);
+        wire_version(v)
     }
 
     /// The peer session currently trusted.
@@ -412,7 +530,20 @@ impl Opener {
         local: IpAddr,
         accept: impl FnOnce(&Header, &[u8]) -> Result<T, Rejection>,
     ) -> Result<Opened<T>, Rejection> {
-        let (header, payload) = decode(&self.key, datagram)?;
+        let (header, payload) = match decode(&self.key, self.ours, datagram) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                if let Rejection::Version { theirs, .. } = &e {
+                    // Authentic (the MAC passed): the range is the peer's.
+                    self.peer = Some(*theirs);
+                }
+                return Err(e);
+            }
+        };
+        // Authentic and readable: the peer reads this range. (A replayed old
+        // datagram can only name a range the peer once had; we then send an
+        // older format it still reads, until its next datagram.)
+        self.peer = Some(header.sender);
         if header.destination != local {
             return Err(Rejection::WrongDestination(header.destination));
         }
@@ -607,6 +738,43 @@ pub struct Received {
     pub payload: Payload,
 }
 
+/// The payload as format `version` carries it (no `software` before version 3).
+fn encode_for(payload: &Payload, version: u8) -> Result<Vec<u8>, HeartbeatError> {
+    if version < SOFTWARE_SINCE && payload.software.is_some() {
+        let mut older = payload.clone();
+        older.software = None;
+        return Ok(serde_json::to_vec(&older)?);
+    }
+    Ok(serde_json::to_vec(payload)?)
+}
+
+/// The heartbeat versions as `status` shows them.
+#[derive(Debug, Clone)]
+pub struct VersionView {
+    opener: Arc<Mutex<Opener>>,
+}
+
+impl VersionView {
+    fn opener(&self) -> std::sync::MutexGuard<'_, Opener> {
+        self.opener.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The versions this side reads.
+    pub fn ours(&self) -> Versions {
+        self.opener().ours
+    }
+
+    /// The peer's range, once heard.
+    pub fn peer(&self) -> Option<Versions> {
+        self.opener().peer_versions()
+    }
+
+    /// The format this side sends in now.
+    pub fn in_use(&self) -> u8 {
+        self.opener().send_version()
+    }
+}
+
 /// Where a node sends and receives heartbeats.
 #[derive(Debug)]
 pub struct EndpointSpec {
@@ -692,11 +860,24 @@ impl Endpoint {
 
     /// Sends `payload` on network `network` only.
     pub async fn send_on(&self, network: usize, payload: &Payload) -> Result<(), HeartbeatError> {
-        let encoded = serde_json::to_vec(payload)?;
-        self.send_encoded(network, &encoded).await
+        let version = self.version_view().in_use();
+        let encoded = encode_for(payload, version)?;
+        self.send_encoded(network, version, &encoded).await
     }
 
-    async fn send_encoded(&self, network: usize, encoded: &[u8]) -> Result<(), HeartbeatError> {
+    /// What status shows of the heartbeat versions (shares the receiver's state).
+    pub fn version_view(&self) -> VersionView {
+        VersionView {
+            opener: Arc::clone(&self.opener),
+        }
+    }
+
+    async fn send_encoded(
+        &self,
+        network: usize,
+        version: u8,
+        encoded: &[u8],
+    ) -> Result<(), HeartbeatError> {
         let (socket, peer) = match (self.sockets.get(network), self.peer.get(network)) {
             (Some(s), Some(p)) => (s, *p),
             _ => return Err(HeartbeatError::NoSuchNetwork(network)),
@@ -706,7 +887,9 @@ impl Endpoint {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .handshake();
-        let datagram = self.sealer.seal(peer.ip(), handshake, encoded)?;
+        let datagram = self
+            .sealer
+            .seal_version(version, peer.ip(), handshake, encoded)?;
         socket
             .send_to(&datagram, peer)
             .await
@@ -717,13 +900,14 @@ impl Endpoint {
     /// Sends `payload` on every network; returns the errors (a network that is
     /// down must not keep the others from being used).
     pub async fn send(&self, payload: &Payload) -> Vec<HeartbeatError> {
-        let encoded = match serde_json::to_vec(payload) {
+        let version = self.version_view().in_use();
+        let encoded = match encode_for(payload, version) {
             Ok(e) => e,
-            Err(e) => return vec![HeartbeatError::Encode(e)],
+            Err(e) => return vec![e],
         };
         let mut errors = Vec::new();
         for network in 0..self.sockets.len() {
-            if let Err(e) = self.send_encoded(network, &encoded).await {
+            if let Err(e) = self.send_encoded(network, version, &encoded).await {
                 errors.push(e);
             }
         }
@@ -904,6 +1088,7 @@ mod tests {
                 keys: Default::default(),
             }],
             config_keys: Default::default(),
+            software: None,
         }
     }
 
@@ -1068,11 +1253,62 @@ mod tests {
 
     #[test]
     fn other_versions_are_named() {
-        let mut opener = Opener::new(&key(1));
+        let mut opener = Opener::new(&key(1)).with_versions(VERSIONS);
         let mut body = good_body(1, b"{}");
-        body[4] = 1;
+        body[4] = 7;
+        body[5] = 7;
+        body[6] = 8;
         let d = with_mac(&key(1), body);
-        assert_eq!(raw(&mut opener, &d, A), Err(Rejection::Version(1)));
+        let e = raw(&mut opener, &d, A);
+        assert_eq!(
+            e,
+            Err(Rejection::Version {
+                version: 7,
+                theirs: Versions { min: 7, max: 8 },
+                ours: VERSIONS
+            })
+        );
+        assert_eq!(
+            e.err().map(|e| e.to_string()).unwrap_or_default(),
+            "heartbeat format version 7 (the peer reads 7..=8), this vmhad reads 2..=3: no common version, upgrade the older node"
+        );
+    }
+
+    /// Each side sends the highest format both read once it has heard the other;
+    /// an older peer's datagrams are read, and its range learnt, at once.
+    #[test]
+    fn the_highest_common_format_is_sent() {
+        let new = Sealer::new(&key(1)).with_versions(Versions { min: 2, max: 3 });
+        let old = Sealer::new(&key(1)).with_versions(Versions { min: 2, max: 2 });
+        let mut at_new = Opener::new(&key(1)).with_versions(new.versions());
+        let mut at_old = Opener::new(&key(1)).with_versions(old.versions());
+        assert_eq!(at_new.send_version(), 3);
+        // The new side's first datagram (format 3) is refused by the old one,
+        // naming both ranges.
+        let d = new.seal(ip(A), at_new.handshake(), b"x").unwrap();
+        assert!(matches!(
+            raw(&mut at_old, &d, A),
+            Err(Rejection::Version { version: 3, .. })
+        ));
+        // The old side's datagram (format 2) is read by the new one.
+        let d = old.seal(ip(A), at_old.handshake(), b"x").unwrap();
+        assert_eq!(d[4], 2);
+        let _ = raw(&mut at_new, &d, A);
+        assert_eq!(at_new.peer_versions(), Some(Versions { min: 2, max: 2 }));
+        assert_eq!(at_new.send_version(), 2);
+        let d = new
+            .seal_version(at_new.send_version(), ip(A), at_new.handshake(), b"x")
+            .unwrap();
+        assert_ne!(
+            raw(&mut at_old, &d, A).err().map(|e| e.kind()),
+            Some("version")
+        );
+        // Version 2 payloads carry no `software`.
+        let mut p = payload("node2", 1, 1);
+        p.software = Some("9.9".into());
+        let v2 = String::from_utf8(encode_for(&p, 2).unwrap()).unwrap();
+        let v3 = String::from_utf8(encode_for(&p, 3).unwrap()).unwrap();
+        assert!(!v2.contains("software") && v3.contains("\"software\":\"9.9\""));
     }
 
     #[test]
@@ -1136,7 +1372,7 @@ mod tests {
     fn good_body(session: u64, payload: &[u8]) -> Vec<u8> {
         let mut body = Vec::new();
         body.extend_from_slice(MAGIC);
-        body.push(VERSION);
+        body.extend_from_slice(&[VERSION, 2, VERSION]);
         for field in [session, 1, 2, 3] {
             body.extend_from_slice(&field.to_be_bytes());
         }
@@ -1192,6 +1428,8 @@ mod tests {
             if keep_magic {
                 head[..4].copy_from_slice(MAGIC);
                 head[4] = VERSION;
+                head[5] = 2;
+                head[6] = VERSION;
             }
             let mut body = head;
             body.extend_from_slice(&payload);

@@ -14,6 +14,8 @@
 //! - [`daemon`]: per-module tasks running the state machine, the dispatcher,
 //!   the heartbeat sender.
 //! - [`control`]: the control socket (JSON lines) and its client.
+//! - [`channel`]: the authenticated TCP channel between the two daemons (peer
+//!   status, remote commands, config push), version-negotiated.
 //! - [`status`]: the `vmctl status --json` shape.
 //! - [`eventlog`]: the per-module event log.
 //! - [`clock`]: the wall clock, for display only (and its test offset).
@@ -25,6 +27,7 @@
 #![deny(clippy::cast_possible_truncation)]
 
 pub mod backoff;
+pub mod channel;
 pub mod check;
 pub mod clock;
 pub mod config;

@@ -62,6 +62,8 @@ enum MainError {
     NoNode,
     #[error("the configuration check found {0} error(s)")]
     Check(usize),
+    #[error(transparent)]
+    Version(#[from] vmha_fs::version::VersionError),
 }
 
 fn default_vmha_fs() -> PathBuf {
@@ -97,6 +99,11 @@ fn run(args: Args) -> Result<(), MainError> {
     let node = config.local_node(&node_name)?;
     let key = ClusterKey::load(Path::new(&config.cluster.key_file))?;
     let clock = WallClock::from_env()?;
+    // Test hooks narrowing the advertised protocol versions: a bad value is an
+    // error, never silently the full range (vmha-fs children inherit theirs).
+    vmha_controller::channel::check_env()?;
+    vmha_controller::heartbeat::check_env()?;
+    vmha_fs::wire::REPLICATION.from_env(vmha_fs::version::REPLICATION_ENV)?;
     if clock.offset_s() != 0 {
         tracing::warn!(
             offset_s = clock.offset_s(),

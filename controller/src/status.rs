@@ -38,6 +38,11 @@
 //!   module's replication link still carries its frames or pings (its vmha-fs
 //!   and VM run on: it is not failed over), `"down"` when the controller is
 //!   down and the link is not known alive, `null` while the controller is up.
+//! - `protocols` at the top level: per protocol between the nodes
+//!   (`replication`, `heartbeat`, `channel`) the range this node advertises
+//!   (`"ours": "5..=6"`); for heartbeats also the peer's range once heard
+//!   (`"peer"`, else `null`), the version in use (`"in_use"`) and the peer's
+//!   vmhad version (`"peer_software"`, heartbeat version 3 on).
 
 use std::collections::BTreeMap;
 
@@ -65,6 +70,44 @@ pub struct Status {
     /// The split-brain witness, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub witness: Option<WitnessStatus>,
+    /// Protocol versions between the nodes (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Protocols>,
+}
+
+/// The protocol versions a node advertises and uses (rolling upgrades).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protocols {
+    pub replication: ProtocolStatus,
+    pub heartbeat: ProtocolStatus,
+    pub channel: ProtocolStatus,
+}
+
+/// One protocol: ranges as `MIN..=MAX` (or one number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtocolStatus {
+    pub ours: String,
+    /// The peer's range, when this node knows it.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// The version this node sends in now, when known.
+    #[serde(default)]
+    pub in_use: Option<u16>,
+    /// The peer's software version, when it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_software: Option<String>,
+}
+
+impl ProtocolStatus {
+    /// Only this node's range known.
+    pub fn ours(versions: vmha_fs::version::Versions) -> ProtocolStatus {
+        ProtocolStatus {
+            ours: versions.to_string(),
+            peer: None,
+            in_use: None,
+            peer_software: None,
+        }
+    }
 }
 
 /// The witnesses and what this node's latest probe of them found.

@@ -518,6 +518,7 @@ fn forged_beat(role: Role) -> Vec<u8> {
             keys: Default::default(),
         }],
         config_keys: Default::default(),
+        software: None,
     };
     Sealer::new(&ClusterKey::from_bytes([7; 32]))
         .seal(

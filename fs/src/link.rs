@@ -243,6 +243,31 @@ fn open_session(
         .map_err(protocol)?;
     let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
     let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
+    if keys.version >= wire::SOFTWARE_SINCE {
+        match reader.recv().map_err(protocol)? {
+            Message::Software { version } => tracing::info!(
+                %addr,
+                protocol = keys.version,
+                peer_software = %version,
+                "replication session: protocol {}, the receiver runs vmha-fs {version}",
+                keys.version
+            ),
+            other => {
+                return Err(protocol(WireError::Malformed(format!(
+                    "expected Software (protocol {}), got {}",
+                    keys.version,
+                    other.kind()
+                ))))
+            }
+        }
+    } else {
+        tracing::info!(
+            %addr,
+            protocol = keys.version,
+            "replication session: protocol {}",
+            keys.version
+        );
+    }
     let report = match reader.recv().map_err(protocol)? {
         Message::Welcome { report: false } => None,
         Message::Welcome { report: true } => wire::read_report(&mut reader).map_err(protocol)?,

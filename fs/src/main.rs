@@ -130,6 +130,12 @@ fn main() -> ExitCode {
     // are created (apply), and files of our own (state, saved-aside data) are
     // created with explicit private modes, which a umask can only narrow.
     raise_fd_limit();
+    // The test hook that narrows the advertised replication versions: a bad value
+    // is one clear line, never silently the full range.
+    if let Err(e) = vmha_fs::wire::REPLICATION.from_env(vmha_fs::version::REPLICATION_ENV) {
+        eprintln!("vmha-fs: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Keygen { file } => ClusterKey::generate_file(&file)
             .map(|_| ())

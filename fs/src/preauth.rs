@@ -14,6 +14,9 @@
 //!
 //! The handshake is the byte-driven [`ServerHandshake`]: the loop reads at most what
 //! it asks for, so the primary's first frame stays in the socket for its session.
+//!
+//! Public because vmhad's daemon channel (`vmha_controller::channel`) is guarded by
+//! the same loop, with its own binding and version range ([`Door`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,6 +27,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::key::ClusterKey;
 use crate::ratelog::RateLog;
+use crate::version::Versions;
 use crate::wire::{Binding, Progress, ServerHandshake, SessionKeys, WireError};
 
 /// Bounds of the unauthenticated part of a listener.
@@ -64,18 +68,48 @@ enum Turn {
     Authenticated(SessionKeys),
 }
 
+/// What a listener admits: peers holding `key`, for `binding`, speaking a version
+/// in `versions`; `name` names the listener in the rejection log.
+#[derive(Debug, Clone)]
+pub struct Door {
+    pub name: &'static str,
+    pub key: ClusterKey,
+    pub binding: Binding,
+    pub versions: Versions,
+    pub limits: Limits,
+}
+
 /// Accepts connections on `listener` until `stop`, runs their handshakes for
 /// `binding` and hands every authenticated one to `on_auth` (in blocking mode).
+/// The replication receiver's listener (replication versions).
 pub fn serve(
     listener: &TcpListener,
     key: &ClusterKey,
     binding: &Binding,
     limits: Limits,
     stop: &AtomicBool,
+    on_auth: impl FnMut(TcpStream, SocketAddr, SessionKeys),
+) -> std::io::Result<()> {
+    let door = Door {
+        name: "replication",
+        key: key.clone(),
+        binding: binding.clone(),
+        versions: crate::wire::replication_versions(),
+        limits,
+    };
+    serve_door(listener, &door, stop, on_auth)
+}
+
+/// [`serve`] for any [`Door`].
+pub fn serve_door(
+    listener: &TcpListener,
+    door: &Door,
+    stop: &AtomicBool,
     mut on_auth: impl FnMut(TcpStream, SocketAddr, SessionKeys),
 ) -> std::io::Result<()> {
+    let limits = door.limits;
     listener.set_nonblocking(true)?;
-    let mut log = RateLog::new("replication");
+    let mut log = RateLog::new(door.name);
     // Oldest first.
     let mut pending: Vec<Pending> = Vec::new();
     let mut accept_paused_until: Option<Instant> = None;
@@ -173,7 +207,11 @@ pub fn serve(
                 stream,
                 peer,
                 since: Instant::now(),
-                handshake: ServerHandshake::new(key.clone(), binding.clone()),
+                handshake: ServerHandshake::with_versions(
+                    door.key.clone(),
+                    door.binding.clone(),
+                    door.versions,
+                ),
             });
             // Its hello is often there already.
             let last = pending.len() - 1;

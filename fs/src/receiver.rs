@@ -46,7 +46,7 @@ use crate::op::{Control, NodeId, Op, Request, ROOT};
 use crate::preauth::{self, Limits};
 use crate::refusal::Refusal;
 use crate::track::Tracker;
-use crate::wire::{Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
+use crate::wire::{self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
 
 /// How long the receiver waits for a frame before it considers the primary gone.
 /// The primary pings every second when idle.
@@ -367,6 +367,16 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
             return;
         }
     };
+    // Protocol 6 on: this side names its software before anything else.
+    if keys.version >= wire::SOFTWARE_SINCE {
+        let software = Message::Software {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        if let Err(e) = writer.send(&software) {
+            tracing::warn!(%peer, "session ended before it started: {e}");
+            return;
+        }
+    }
     if let Some(current) = accept_generation {
         if claimed.as_deref() != Some(current) {
             tracing::warn!(%peer, ?claimed, current, "refused a stale writer (fenced by generation)");
@@ -394,7 +404,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
         tracing::warn!(%peer, "session ended before it started: {e}");
         return;
     }
-    tracing::info!(%peer, ?claimed, "primary connected");
+    tracing::info!(%peer, ?claimed, protocol = keys.version, "primary connected (replication protocol {})", keys.version);
     heard.store(crate::status::monotonic_ms(), Ordering::Relaxed);
     let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
     match run_session(reader, writer, root, tracker, aside, &heard) {

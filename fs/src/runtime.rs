@@ -24,6 +24,7 @@ pub enum RunError {
     Link(#[from] crate::link::LinkError),
     #[error(transparent)]
     Track(#[from] crate::track::TrackError),
+
     #[error("refusing to start replicating at once: the records in {0} say the peer may lack changes made here; start with --alone and attach the peer (SIGUSR2) to resync them")]
     NotInSync(PathBuf),
     #[error("{what} directory {path}: {reason}")]

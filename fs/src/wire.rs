@@ -4,13 +4,24 @@
 //! replayed, dropped or reordered.
 //!
 //! Handshake (fixed layout, little endian):
-//!   primary  -> receiver: "VMHA" version:u16 nonce_p:[32] binding
+//!   primary  -> receiver: "VMHA" min:u16 max:u16 nonce_p:[32] binding
 //!   receiver -> primary : "VMHA" version:u16 status:u8, then by status:
-//!                         ok: nonce_r:[32] proof_r:[32]; wrong module: binding
+//!                         ok: nonce_r:[32] proof_r:[32]; wrong module: binding;
+//!                         version: min:u16 max:u16 (the receiver's range)
 //!   primary  -> receiver: proof_p:[32]
-//! where binding = port:u16 name_len:u8 name[name_len] names the module and the
-//! replication port (one per replicated directory) the primary means to reach, and
-//! proof_x = keyed_blake3(cluster_key, label_x || nonce_p || nonce_r || binding).
+//! where min..=max is the range of protocol versions the primary speaks and
+//! `version` the highest one both speak (see [`crate::version`]; no common one is
+//! refused, naming both ranges), binding = port:u16 name_len:u8 name[name_len]
+//! names the module and the replication port (one per replicated directory) the
+//! primary means to reach, and proof_x = keyed_blake3(cluster_key, label_x ||
+//! nonce_p || nonce_r || binding || min || max || version). The primary's range and
+//! the chosen version are inside the proofs, so nobody in between can rewrite them
+//! to force an older version.
+//!
+//! The same handshake authenticates vmhad's daemon channel (its own port, binding
+//! and version range, `vmha_controller::channel`): [`client_handshake_versions`],
+//! [`ServerHandshake::with_versions`], and frames read with
+//! [`FrameReader::recv_raw`].
 //! A receiver of another module (a port mix-up) answers "wrong module" instead of
 //! proving itself, so the primary reports the mix-up rather than being fenced; and
 //! because the binding is inside the proofs and session keys, nobody in between can
@@ -35,11 +46,18 @@ use serde::{Deserialize, Serialize};
 use crate::buffer::Payload;
 use crate::key::ClusterKey;
 use crate::op::{Control, Op};
+use crate::version::Versions;
 
-/// 3: the handshake binds the module and port; 4: the receiver's report streams
-/// in `ReportPart` frames; 5: the sync's instructions travel as `Control`, apart
-/// from the replicated `Op`s.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// The replication protocol versions this build speaks. History: 3: the handshake
+/// binds the module and port; 4: the receiver's report streams in `ReportPart`
+/// frames; 5: the sync's instructions travel as `Control`, apart from the replicated
+/// `Op`s (and, from this release on, the handshake negotiates the version); 6: the
+/// receiver names its software version first ([`Message::Software`]).
+pub const REPLICATION: Versions = Versions { min: 5, max: 6 };
+/// The newest replication protocol version.
+pub const PROTOCOL_VERSION: u16 = REPLICATION.max;
+/// The first version whose receiver sends [`Message::Software`].
+pub const SOFTWARE_SINCE: u16 = 6;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -66,8 +84,8 @@ pub enum WireError {
     /// The client's view: what listens there is not a vmha-fs secondary.
     #[error("not a vmha-fs secondary: {0}")]
     NotVmha(&'static str),
-    #[error("protocol version mismatch: ours {ours}, peer's {theirs}")]
-    Version { ours: u16, theirs: u16 },
+    #[error("no common protocol version: this side speaks {ours}, the peer {theirs} (upgrade the older node)")]
+    Version { ours: Versions, theirs: Versions },
     #[error("wrong module: this side is {ours}, the peer is {theirs} (check the modules' ports)")]
     WrongModule { ours: Binding, theirs: Binding },
     #[error("authentication failed: the peer does not hold the cluster key")]
@@ -202,6 +220,9 @@ pub enum Message {
         complete: bool,
         entries: u64,
     },
+    /// Protocol 6 on: the receiver's first frame, naming its software version
+    /// (logged by the primary, so a mixed pair during an upgrade shows who runs what).
+    Software { version: String },
 }
 
 /// Per-direction MAC keys of an authenticated session.
@@ -209,6 +230,8 @@ pub enum Message {
 pub struct SessionKeys {
     pub send: [u8; 32],
     pub recv: [u8; 32],
+    /// The protocol version both sides chose (the highest common one).
+    pub version: u16,
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -230,16 +253,44 @@ struct Transcript {
     nonce_p: [u8; 32],
     nonce_r: [u8; 32],
     binding: Vec<u8>,
+    /// The primary's range and the chosen version: min, max, version.
+    versions: [u8; 6],
 }
 
 impl Transcript {
     fn derive(&self, key: &ClusterKey, label: &[u8]) -> [u8; 32] {
         *mac(
             key.as_bytes(),
-            &[label, &self.nonce_p, &self.nonce_r, &self.binding],
+            &[
+                label,
+                &self.nonce_p,
+                &self.nonce_r,
+                &self.binding,
+                &self.versions,
+            ],
         )
         .as_bytes()
     }
+}
+
+fn transcript_versions(client: Versions, chosen: u16) -> [u8; 6] {
+    let mut out = [0u8; 6];
+    out[..2].copy_from_slice(&client.min.to_le_bytes());
+    out[2..4].copy_from_slice(&client.max.to_le_bytes());
+    out[4..].copy_from_slice(&chosen.to_le_bytes());
+    out
+}
+
+/// The replication versions this process advertises: [`REPLICATION`], narrowed by
+/// the test hook [`crate::version::REPLICATION_ENV`] when it is set and valid
+/// (`vmha-fs` refuses to start on an invalid value).
+pub fn replication_versions() -> Versions {
+    static VERSIONS: std::sync::OnceLock<Versions> = std::sync::OnceLock::new();
+    *VERSIONS.get_or_init(|| {
+        REPLICATION
+            .from_env(crate::version::REPLICATION_ENV)
+            .unwrap_or(REPLICATION)
+    })
 }
 
 fn random_nonce() -> [u8; 32] {
@@ -255,17 +306,30 @@ fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireErr
     })
 }
 
-/// The primary's side of the handshake, for the receiver of `binding`.
+/// The primary's side of the handshake, for the receiver of `binding`, offering
+/// [`replication_versions`].
 pub fn client_handshake(
     stream: &mut (impl Read + Write),
     key: &ClusterKey,
     binding: &Binding,
 ) -> Result<SessionKeys, WireError> {
+    client_handshake_versions(stream, key, binding, replication_versions())
+}
+
+/// The client's side of the handshake offering `versions` (the replication
+/// primary's, or vmhad's daemon channel with its own range).
+pub fn client_handshake_versions(
+    stream: &mut (impl Read + Write),
+    key: &ClusterKey,
+    binding: &Binding,
+    versions: Versions,
+) -> Result<SessionKeys, WireError> {
     let nonce_p = random_nonce();
     let encoded = binding.encode();
-    let mut hello = Vec::with_capacity(38 + encoded.len());
+    let mut hello = Vec::with_capacity(40 + encoded.len());
     hello.extend_from_slice(MAGIC);
-    hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hello.extend_from_slice(&versions.min.to_le_bytes());
+    hello.extend_from_slice(&versions.max.to_le_bytes());
     hello.extend_from_slice(&nonce_p);
     hello.extend_from_slice(&encoded);
     // Whatever listens there but is not a receiver (a web server, a socket
@@ -303,11 +367,19 @@ pub fn client_handshake(
             "it answered something else than the vmha handshake",
         ));
     }
-    let theirs = u16::from_le_bytes([head[4], head[5]]);
-    if theirs != PROTOCOL_VERSION || head[6] == STATUS_VERSION {
+    let chosen = u16::from_le_bytes([head[4], head[5]]);
+    if head[6] == STATUS_VERSION {
+        let mut range = [0u8; 4];
+        read_exact_or_closed(stream, &mut range)?;
+        let (min, max) = (
+            u16::from_le_bytes([range[0], range[1]]),
+            u16::from_le_bytes([range[2], range[3]]),
+        );
         return Err(WireError::Version {
-            ours: PROTOCOL_VERSION,
-            theirs,
+            ours: versions,
+            theirs: Versions::new(min, max).ok_or_else(|| {
+                WireError::Malformed(format!("empty version range {min}..={max}"))
+            })?,
         });
     }
     match head[6] {
@@ -328,6 +400,11 @@ pub fn client_handshake(
             )))
         }
     }
+    if !versions.contains(chosen) {
+        return Err(WireError::Malformed(format!(
+            "the peer chose protocol version {chosen}, not among ours ({versions})"
+        )));
+    }
     let mut rest = [0u8; 64];
     read_exact_or_closed(stream, &mut rest)?;
     let mut nonce_r = [0u8; 32];
@@ -336,6 +413,7 @@ pub fn client_handshake(
         nonce_p,
         nonce_r,
         binding: encoded,
+        versions: transcript_versions(versions, chosen),
     };
     let expected = blake3::Hash::from(transcript.derive(key, b"vmha receiver proof"));
     let mut proof_r = [0u8; 32];
@@ -349,6 +427,7 @@ pub fn client_handshake(
     Ok(SessionKeys {
         send: transcript.derive(key, b"vmha frames to receiver"),
         recv: transcript.derive(key, b"vmha frames to primary"),
+        version: chosen,
     })
 }
 
@@ -384,6 +463,10 @@ enum Stage {
 pub struct ServerHandshake {
     key: ClusterKey,
     binding: Binding,
+    versions: Versions,
+    /// The client's range and the version chosen, once known.
+    client: Versions,
+    chosen: u16,
     stage: Stage,
     /// The current piece, filled up to `need` bytes.
     piece: Vec<u8>,
@@ -400,14 +483,22 @@ impl std::fmt::Debug for ServerHandshake {
 }
 
 impl ServerHandshake {
-    /// A handshake for the receiver of `binding`.
+    /// A handshake for the receiver of `binding`, speaking [`replication_versions`].
     pub fn new(key: ClusterKey, binding: Binding) -> Self {
+        Self::with_versions(key, binding, replication_versions())
+    }
+
+    /// A handshake for the server of `binding` speaking `versions`.
+    pub fn with_versions(key: ClusterKey, binding: Binding, versions: Versions) -> Self {
         Self {
             key,
             binding,
+            versions,
+            client: versions,
+            chosen: versions.max,
             stage: Stage::Head,
             piece: Vec::with_capacity(64),
-            need: 6,
+            need: 8,
             nonce_p: [0; 32],
             port: [0; 2],
             transcript: None,
@@ -440,18 +531,29 @@ impl ServerHandshake {
                 if &piece[..4] != MAGIC {
                     return Err(WireError::BadMagic);
                 }
-                let theirs = u16::from_le_bytes([piece[4], piece[5]]);
-                if theirs != PROTOCOL_VERSION {
+                let (min, max) = (
+                    u16::from_le_bytes([piece[4], piece[5]]),
+                    u16::from_le_bytes([piece[6], piece[7]]),
+                );
+                let theirs = Versions::new(min, max).ok_or_else(|| {
+                    WireError::Malformed(format!("empty version range {min}..={max}"))
+                })?;
+                let Some(chosen) = self.versions.highest_common(theirs) else {
                     self.stage = Stage::Finished;
                     self.need = 0;
+                    let mut reply = self.reply_head(STATUS_VERSION);
+                    reply.extend_from_slice(&self.versions.min.to_le_bytes());
+                    reply.extend_from_slice(&self.versions.max.to_le_bytes());
                     return Ok(Progress::Refuse(
-                        Self::reply_head(STATUS_VERSION),
+                        reply,
                         WireError::Version {
-                            ours: PROTOCOL_VERSION,
+                            ours: self.versions,
                             theirs,
                         },
                     ));
-                }
+                };
+                self.client = theirs;
+                self.chosen = chosen;
                 self.next(Stage::Fixed, 35);
                 Ok(Progress::More)
             }
@@ -470,7 +572,7 @@ impl ServerHandshake {
                 if theirs != self.binding {
                     self.stage = Stage::Finished;
                     self.need = 0;
-                    let mut reply = Self::reply_head(STATUS_WRONG_MODULE);
+                    let mut reply = self.reply_head(STATUS_WRONG_MODULE);
                     reply.extend_from_slice(&self.binding.encode());
                     return Ok(Progress::Refuse(
                         reply,
@@ -484,8 +586,9 @@ impl ServerHandshake {
                     nonce_p: self.nonce_p,
                     nonce_r: random_nonce(),
                     binding: self.binding.encode(),
+                    versions: transcript_versions(self.client, self.chosen),
                 };
-                let mut reply = Self::reply_head(STATUS_OK);
+                let mut reply = self.reply_head(STATUS_OK);
                 reply.extend_from_slice(&transcript.nonce_r);
                 reply.extend_from_slice(&transcript.derive(&self.key, b"vmha receiver proof"));
                 self.transcript = Some(transcript);
@@ -506,6 +609,7 @@ impl ServerHandshake {
                 Ok(Progress::Done(SessionKeys {
                     send: transcript.derive(&self.key, b"vmha frames to primary"),
                     recv: transcript.derive(&self.key, b"vmha frames to receiver"),
+                    version: self.chosen,
                 }))
             }
             Stage::Finished => Err(WireError::Malformed("handshake input overrun".into())),
@@ -518,10 +622,10 @@ impl ServerHandshake {
         self.piece.clear();
     }
 
-    fn reply_head(status: u8) -> Vec<u8> {
+    fn reply_head(&self, status: u8) -> Vec<u8> {
         let mut reply = Vec::with_capacity(71);
         reply.extend_from_slice(MAGIC);
-        reply.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        reply.extend_from_slice(&self.chosen.to_le_bytes());
         reply.push(status);
         reply
     }
@@ -665,11 +769,24 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads the next message. Any error leaves the stream unusable: drop the connection.
     pub fn recv(&mut self) -> Result<Message, WireError> {
+        let (meta, data) = self.recv_raw(MAX_META_LEN, MAX_DATA_LEN)?;
+        decode_message(&meta, data)
+    }
+
+    /// Reads the next authenticated frame's header and data sections, refusing
+    /// (before reading them) sections longer than the given bounds (at most the
+    /// protocol's [`MAX_META_LEN`] and [`MAX_DATA_LEN`]). For protocols that carry
+    /// their own messages in these frames (vmhad's daemon channel).
+    pub fn recv_raw(
+        &mut self,
+        max_meta: u32,
+        max_data: u32,
+    ) -> Result<(Vec<u8>, Vec<u8>), WireError> {
         let mut header = [0u8; 8];
         read_exact_or_closed(&mut self.inner, &mut header)?;
         let meta_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let data_len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if meta_len > MAX_META_LEN || data_len > MAX_DATA_LEN {
+        if meta_len > max_meta.min(MAX_META_LEN) || data_len > max_data.min(MAX_DATA_LEN) {
             return Err(WireError::TooLarge(
                 u64::from(meta_len) + u64::from(data_len),
             ));
@@ -688,7 +805,7 @@ impl<R: Read> FrameReader<R> {
             return Err(WireError::BadMac);
         }
         self.counter += 1;
-        decode_message(&meta, data)
+        Ok((meta, data))
     }
 }
 
@@ -743,6 +860,7 @@ impl Message {
             Message::Ping => "Ping",
             Message::ReportPart(_) => "ReportPart",
             Message::ReportEnd { .. } => "ReportEnd",
+            Message::Software { .. } => "Software",
         }
     }
 }
@@ -1146,6 +1264,117 @@ mod tests {
         }
     }
 
+    /// Runs a handshake where each side speaks its own range.
+    fn negotiate(
+        client: Versions,
+        server: Versions,
+    ) -> (
+        Result<SessionKeys, WireError>,
+        Result<SessionKeys, WireError>,
+    ) {
+        use std::net::{TcpListener, TcpStream};
+        let key = ClusterKey::from_bytes([1; 32]);
+        let b = binding("vm1", 7789);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (server_key, server_binding) = (key.clone(), b.clone());
+        let server_thread = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().map_err(WireError::Io)?;
+            let mut hs = ServerHandshake::with_versions(server_key, server_binding, server);
+            loop {
+                let mut buf = vec![0u8; hs.wants()];
+                read_exact_or_closed(&mut s, &mut buf)?;
+                match hs.feed(&buf)? {
+                    Progress::More => {}
+                    Progress::Send(reply) => s.write_all(&reply)?,
+                    Progress::Refuse(reply, error) => {
+                        let _ = s.write_all(&reply);
+                        return Err(error);
+                    }
+                    Progress::Done(keys) => return Ok(keys),
+                }
+            }
+        });
+        let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{e}"));
+        let client_result = client_handshake_versions(&mut c, &key, &b, client);
+        drop(c);
+        let server_result = server_thread
+            .join()
+            .unwrap_or_else(|_| panic!("server thread"));
+        (client_result, server_result)
+    }
+
+    fn v(min: u16, max: u16) -> Versions {
+        Versions::new(min, max).unwrap_or_else(|| panic!("empty range"))
+    }
+
+    /// Both sides use the highest version they share, whichever side is newer.
+    #[test]
+    fn the_highest_common_version_is_used() {
+        for (client, server, want) in [
+            (v(5, 6), v(5, 6), 6),
+            (v(5, 5), v(5, 6), 5),
+            (v(5, 6), v(5, 5), 5),
+            (v(6, 9), v(5, 6), 6),
+        ] {
+            let (c, s) = negotiate(client, server);
+            let (c, s) = (
+                c.unwrap_or_else(|e| panic!("{client} vs {server}: {e}")),
+                s.unwrap_or_else(|e| panic!("{client} vs {server}: {e}")),
+            );
+            assert_eq!((c.version, s.version), (want, want));
+            assert_eq!(c.send, s.recv);
+        }
+    }
+
+    /// Disjoint ranges: both sides refuse, naming both ranges.
+    #[test]
+    fn disjoint_ranges_are_refused_naming_both() {
+        let (c, s) = negotiate(v(5, 5), v(6, 6));
+        let c = c.err().map(|e| e.to_string()).unwrap_or_default();
+        let s = s.err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            c,
+            "no common protocol version: this side speaks 5, the peer 6 (upgrade the older node)"
+        );
+        assert_eq!(
+            s,
+            "no common protocol version: this side speaks 6, the peer 5 (upgrade the older node)"
+        );
+    }
+
+    /// Someone in between who narrows the primary's range to force an older
+    /// version breaks the proofs: the range is inside them.
+    #[test]
+    fn a_rewritten_range_fails_authentication() {
+        let key = ClusterKey::from_bytes([1; 32]);
+        let b = binding("vm1", 7789);
+        let mut hs = ServerHandshake::with_versions(key, b.clone(), v(5, 6));
+        let mut hello = valid_hello(&b);
+        // The primary offered 5..=6; the hello now says 5..=5.
+        hello[6..8].copy_from_slice(&5u16.to_le_bytes());
+        let mut at = 0;
+        let mut reply = Vec::new();
+        while hs.wants() > 0 && at < hello.len() {
+            let n = hs.wants().min(hello.len() - at);
+            if let Ok(Progress::Send(r)) = hs.feed(&hello[at..at + n]) {
+                reply = r;
+            }
+            at += n;
+        }
+        assert_eq!(u16::from_le_bytes([reply[4], reply[5]]), 5);
+        // The primary (which offered 5..=6) checks the receiver's proof over
+        // what it sent: it does not match.
+        let transcript = Transcript {
+            nonce_p: [5; 32],
+            nonce_r: reply[7..39].try_into().unwrap_or([0; 32]),
+            binding: b.encode(),
+            versions: transcript_versions(v(5, 6), 5),
+        };
+        let expected = transcript.derive(&ClusterKey::from_bytes([1; 32]), b"vmha receiver proof");
+        assert_ne!(&expected[..], &reply[39..71]);
+    }
+
     /// A primary that reaches another module's receiver (or another directory's
     /// port of the same module) is told "wrong module" on both sides, naming both.
     #[test]
@@ -1177,6 +1406,7 @@ mod tests {
             nonce_p: [3; 32],
             nonce_r: [4; 32],
             binding: b.encode(),
+            versions: transcript_versions(REPLICATION, 6),
         };
         let a = t(&binding("vm1", 7789)).derive(&key, b"vmha receiver proof");
         let b = t(&binding("vm1", 7790)).derive(&key, b"vmha receiver proof");
@@ -1206,7 +1436,8 @@ mod tests {
     fn valid_hello(b: &Binding) -> Vec<u8> {
         let mut hello = Vec::new();
         hello.extend_from_slice(MAGIC);
-        hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        hello.extend_from_slice(&REPLICATION.min.to_le_bytes());
+        hello.extend_from_slice(&REPLICATION.max.to_le_bytes());
         hello.extend_from_slice(&[5; 32]);
         hello.extend_from_slice(&b.encode());
         hello
@@ -1340,6 +1571,7 @@ mod tests {
             if valid_head {
                 reply.extend_from_slice(MAGIC);
                 reply.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                reply.push(bytes.first().map_or(0, |b| b % 3));
             }
             reply.extend_from_slice(&bytes);
             let mut stream = Scripted(Cursor::new(reply));

@@ -46,6 +46,14 @@ impl Session {
         writer.send(&Message::Claim { generation: None })?;
         writer.flush()?;
         let mut reader = FrameReader::new(stream, keys.recv);
+        // Protocol 6 on, the receiver names its software first.
+        if keys.version >= wire::SOFTWARE_SINCE {
+            match reader.recv() {
+                Ok(Message::Software { .. }) => {}
+                Ok(other) => bail!("expected Software, got {other:?}"),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
         match reader.recv() {
             Ok(Message::Welcome { report: false }) => {}
             // The report on the receiver's copy streams after the welcome.
@@ -296,6 +304,11 @@ fn fake_receiver(
         match reader.recv()? {
             Message::Claim { .. } => {}
             other => bail!("expected Claim, got {other:?}"),
+        }
+        if keys.version >= wire::SOFTWARE_SINCE {
+            writer.send(&Message::Software {
+                version: "fake".into(),
+            })?;
         }
         writer.send(&Message::Welcome { report: false })?;
         writer.flush()?;

@@ -33,7 +33,8 @@ const MAX_THREADS: usize = 32;
 /// The bytes a trickling client sends: a well-formed hello (never completed).
 fn hello_prefix() -> Vec<u8> {
     let mut hello = b"VMHA".to_vec();
-    hello.extend_from_slice(&wire::PROTOCOL_VERSION.to_le_bytes());
+    hello.extend_from_slice(&wire::REPLICATION.min.to_le_bytes());
+    hello.extend_from_slice(&wire::REPLICATION.max.to_le_bytes());
     hello.extend_from_slice(&[7u8; 32]);
     hello
 }

@@ -31,6 +31,10 @@ struct Cli {
     /// The control socket (overrides the configuration).
     #[arg(long, value_name = "PATH", global = true)]
     socket: Option<PathBuf>,
+    /// Run the command on node NAME (as in a [[node]] section), through the
+    /// authenticated daemon channel to its vmhad instead of the local socket.
+    #[arg(long, value_name = "NAME", global = true)]
+    node: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,6 +187,12 @@ enum VmctlError {
     Diff(#[from] vmha_controller::config_diff::DiffError),
     #[error("cannot reach the peer's vmhad: {0}")]
     Peer(String),
+    #[error(transparent)]
+    Channel(#[from] vmha_controller::channel::ChannelError),
+    #[error(transparent)]
+    Key(#[from] vmha_fs::key::KeyError),
+    #[error("no node `{0}` in the configuration")]
+    UnknownNode(String),
 }
 
 impl VmctlError {
@@ -193,7 +203,10 @@ impl VmctlError {
             VmctlError::NotConfirmed
             | VmctlError::Check(_)
             | VmctlError::Diff(_)
-            | VmctlError::Peer(_) => Exit::Failed,
+            | VmctlError::Peer(_)
+            | VmctlError::Key(_)
+            | VmctlError::UnknownNode(_) => Exit::Failed,
+            VmctlError::Channel(_) => Exit::NotRunning,
             VmctlError::NeedsConfirmation | VmctlError::PushNeedsConfirmation => Exit::Usage,
             VmctlError::Differs => Exit::Differs,
             VmctlError::Daemon { kind, .. } => Exit::of_kind(*kind),
@@ -216,6 +229,53 @@ impl VmctlError {
     }
 }
 
+/// Where a command runs: the local vmhad, or another node's over the channel.
+enum Target {
+    Local(PathBuf),
+    Node {
+        addr: std::net::SocketAddr,
+        key: vmha_fs::key::ClusterKey,
+    },
+}
+
+fn target(cli: &Cli) -> Result<Target, VmctlError> {
+    match &cli.node {
+        None => Ok(Target::Local(socket_path(cli)?)),
+        Some(name) => node_target(cli, |n| n == name.as_str(), name),
+    }
+}
+
+/// The daemon channel of the first node whose name `pick` accepts.
+fn node_target(cli: &Cli, pick: impl Fn(&str) -> bool, what: &str) -> Result<Target, VmctlError> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config = Config::load(&path)?;
+    let node = config
+        .nodes
+        .iter()
+        .find(|n| pick(&n.name))
+        .ok_or_else(|| VmctlError::UnknownNode(what.to_string()))?;
+    let ip = *node
+        .addresses
+        .first()
+        .ok_or_else(|| VmctlError::UnknownNode(what.to_string()))?;
+    Ok(Target::Node {
+        addr: std::net::SocketAddr::new(ip, config.cluster.channel_port),
+        key: vmha_fs::key::ClusterKey::load(&config.cluster.key_file)?,
+    })
+}
+
+/// The peer of the node `local` reaches, over the daemon channel.
+fn peer_target(cli: &Cli, local: &Target) -> Result<Target, VmctlError> {
+    let status = call(local, &Request::Status)?
+        .status
+        .ok_or_else(|| VmctlError::daemon("vmhad sent no status"))?;
+    let this = status.node.clone();
+    node_target(cli, |n| n != this, &format!("peer of {this}"))
+}
+
 fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
     if let Some(socket) = &cli.socket {
         return Ok(socket.clone());
@@ -229,8 +289,18 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, VmctlError> {
     }
 }
 
-fn call(socket: &Path, request: &Request) -> Result<Response, VmctlError> {
-    check(Client::connect(socket)?.call(request)?)
+/// Sends `request` to `target` and returns its answer as it is.
+fn ask(target: &Target, request: &Request) -> Result<Response, VmctlError> {
+    Ok(match target {
+        Target::Local(socket) => Client::connect(socket)?.call(request)?,
+        Target::Node { addr, key } => {
+            vmha_controller::channel::Client::connect(*addr, key)?.command(request.clone())?
+        }
+    })
+}
+
+fn call(target: &Target, request: &Request) -> Result<Response, VmctlError> {
+    check(ask(target, request)?)
 }
 
 /// A failed answer as an error (with its kind, for the exit status).
@@ -288,19 +358,17 @@ fn parse_since(text: &str) -> Result<SystemTime, String> {
 /// Runs `request` on the peer's vmhad. The transport is the authenticated
 /// daemon channel between the two vmhad (issue 10, item 5); until it exists
 /// this is where it plugs in, and `config push` stops here with a clear error.
-fn peer_call(_socket: &Path, request: &Request) -> Result<Response, VmctlError> {
-    let _ = request;
-    Err(VmctlError::Peer(
-        "the daemon channel between the two vmhad is not available in this build: copy the file to the peer and run `vmctl reload` there".to_string(),
-    ))
+fn peer_call(peer: &Target, request: &Request) -> Result<Response, VmctlError> {
+    ask(peer, request)
 }
 
 /// `config push`: this node's vmhad file to the peer, then both reload.
-fn config_push(socket: &Path, yes: bool) -> Result<(), VmctlError> {
+fn config_push(cli: &Cli, socket: &Target, yes: bool) -> Result<(), VmctlError> {
+    let peer = peer_target(cli, socket)?;
     let ours = call(socket, &Request::ConfigText)?
         .text
         .ok_or_else(|| VmctlError::daemon("vmhad sent no configuration text"))?;
-    let theirs = peer_call(socket, &Request::ConfigText)?
+    let theirs = peer_call(&peer, &Request::ConfigText)?
         .text
         .ok_or_else(|| VmctlError::Peer("the peer sent no configuration text".into()))?;
     let lines = vmha_controller::config_diff::diff(&theirs, &ours)?;
@@ -332,7 +400,7 @@ fn config_push(socket: &Path, yes: bool) -> Result<(), VmctlError> {
     }
     // This node first: a file its own vmhad refuses is sent nowhere.
     print_lines(&call(socket, &Request::Reload)?)?;
-    let applied = peer_call(socket, &Request::ConfigApply { text: ours })?;
+    let applied = peer_call(&peer, &Request::ConfigApply { text: ours })?;
     if !applied.ok {
         return Err(VmctlError::Peer(applied.error.unwrap_or_default()));
     }
@@ -369,22 +437,24 @@ fn since_filter(since: Option<SystemTime>) -> impl Fn(&String) -> bool {
 }
 
 fn log(
-    socket: &Path,
+    socket: &Target,
     module: Option<String>,
     lines: Option<usize>,
     since: Option<SystemTime>,
     follow: bool,
 ) -> Result<(), VmctlError> {
     let keep = since_filter(since);
-    let mut client = Client::connect(socket)?;
     let mut after = None;
     let mut last = lines;
     loop {
-        let response = client.call(&Request::LogTail {
-            module: module.clone(),
-            last,
-            after,
-        })?;
+        let response = ask(
+            socket,
+            &Request::LogTail {
+                module: module.clone(),
+                last,
+                after,
+            },
+        )?;
         let response = check(response)?;
         let shown: Vec<String> = response.lines.into_iter().filter(|l| keep(l)).collect();
         let mut text = shown.join("\n");
@@ -403,7 +473,7 @@ fn log(
     }
 }
 
-fn watch(socket: &Path, interval: f64) -> Result<(), VmctlError> {
+fn watch(socket: &Target, interval: f64) -> Result<(), VmctlError> {
     let terminal = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let pause = Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(1));
     loop {
@@ -437,15 +507,15 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         // Reports a file that does not load instead of failing on it.
         return config_check(&cli, node.as_deref());
     }
-    let socket = socket_path(&cli)?;
+    let target = target(&cli)?;
     match cli.command {
         Command::Status {
             watch: true,
             interval,
             ..
-        } => watch(&socket, interval),
+        } => watch(&target, interval),
         Command::Status { json, .. } => {
-            let response = call(&socket, &Request::Status)?;
+            let response = call(&target, &Request::Status)?;
             let status = response
                 .status
                 .ok_or_else(|| VmctlError::daemon("vmhad sent no status"))?;
@@ -459,26 +529,26 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
                 print(&render::render(&status, colour))
             }
         }
-        Command::Start { module } => print_lines(&call(&socket, &Request::Start { module })?),
-        Command::Stop { module } => print_lines(&call(&socket, &Request::Stop { module })?),
-        Command::Swap { module } => print_lines(&call(&socket, &Request::Swap { module })?),
+        Command::Start { module } => print_lines(&call(&target, &Request::Start { module })?),
+        Command::Stop { module } => print_lines(&call(&target, &Request::Stop { module })?),
+        Command::Swap { module } => print_lines(&call(&target, &Request::Swap { module })?),
         Command::Prim { module, yes } => {
             if !yes {
                 confirm(module.as_deref())?;
             }
-            print_lines(&call(&socket, &Request::Prim { module })?)
+            print_lines(&call(&target, &Request::Prim { module })?)
         }
         Command::Log {
             module,
             lines,
             since,
             follow,
-        } => log(&socket, module, lines, since, follow),
+        } => log(&target, module, lines, since, follow),
         Command::Resync { module, compare } => {
-            print_lines(&call(&socket, &Request::Resync { module, compare })?)
+            print_lines(&call(&target, &Request::Resync { module, compare })?)
         }
         Command::Invalidate { module } => {
-            print_lines(&call(&socket, &Request::Invalidate { module })?)
+            print_lines(&call(&target, &Request::Invalidate { module })?)
         }
         Command::Leave {
             wait,
@@ -489,20 +559,20 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
                 until_boot,
                 wait_s: wait.then_some(timeout),
             };
-            let response = Client::connect(&socket)?.call(&request)?;
+            let response = ask(&target, &request)?;
             print_lines(&response)?;
             check(response).map(|_| ())
         }
-        Command::Join => print_lines(&call(&socket, &Request::Join)?),
+        Command::Join => print_lines(&call(&target, &Request::Join)?),
         Command::Maintenance { mode, module } => print_lines(&call(
-            &socket,
+            &target,
             &Request::Maintenance {
                 on: mode == OnOff::On,
                 module,
             },
         )?),
         Command::Verify { module } => {
-            let response = call(&socket, &Request::Verify { module })?;
+            let response = call(&target, &Request::Verify { module })?;
             print_lines(&response)?;
             if response.kind == Some(ErrorKind::Differs)
                 || response.lines.iter().any(|l| l.starts_with("differs"))
@@ -511,8 +581,8 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             }
             Ok(())
         }
-        Command::Reload => print_lines(&call(&socket, &Request::Reload)?),
-        Command::Config(ConfigCommand::Push { yes }) => config_push(&socket, yes),
+        Command::Reload => print_lines(&call(&target, &Request::Reload)?),
+        Command::Config(ConfigCommand::Push { yes }) => config_push(&cli, &target, yes),
         Command::Config(ConfigCommand::Check { .. }) => Ok(()),
     }
 }

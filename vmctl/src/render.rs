@@ -338,6 +338,7 @@ mod tests {
             node: "node1".into(),
             config_hash: "h".into(),
             heartbeats_rejected: BTreeMap::new(),
+            protocols: None,
             modules: vec![ModuleStatus {
                 name: "vm1".into(),
                 domain: "vm1".into(),

@@ -81,6 +81,7 @@ pub(super) async fn send_heartbeats(
             config_hash: config.hash(),
             modules,
             config_keys: config.cluster_key_digests().clone(),
+            software: Some(env!("CARGO_PKG_VERSION").to_string()),
         };
         let errors = endpoint.send(&payload).await;
         // One log line per change of condition, not per interval.
@@ -183,9 +184,12 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
             tracing::info!(
                 network = received.network,
                 session = format_args!("{:016x}", payload.session),
+                peer_software = payload.software.as_deref().unwrap_or("unknown"),
+                heartbeat_version = shared.heartbeat_versions.in_use(),
                 "peer heartbeat session accepted (the peer or this daemon started)"
             );
         }
+        peer.software.clone_from(&payload.software);
         if peer.lost {
             tracing::info!(network = received.network, "peer heard again");
         }

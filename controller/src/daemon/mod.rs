@@ -166,6 +166,8 @@ pub enum DaemonError {
     Task(String),
     #[error(transparent)]
     Leave(#[from] crate::leave::LeaveError),
+    #[error(transparent)]
+    Channel(#[from] crate::channel::ChannelError),
 }
 
 /// Everything a daemon needs.
@@ -257,6 +259,8 @@ struct PeerLiveness {
     config_keys: KeyDigests,
     /// The differing keys last written to each module's event log.
     differences_logged: HashMap<String, Vec<String>>,
+    /// The peer's vmhad version (heartbeat version 3 on).
+    software: Option<String>,
 }
 
 /// What the tasks share. The configuration and the module list change at a
@@ -271,6 +275,8 @@ struct Shared {
     witness: WitnessSlot,
     /// Heartbeat datagrams rejected, by kind (for `status`).
     rejections: Rejections,
+    /// Heartbeat versions: ours, the peer's, in use (for `status`).
+    heartbeat_versions: crate::heartbeat::VersionView,
     /// What building a module's task needs (at start and at a reload).
     factory: Factory,
     /// Each module's task, by name (aborted by [`Daemon::kill`]).
@@ -466,6 +472,8 @@ pub struct Daemon {
     tasks: Vec<JoinHandle<()>>,
     calls: mpsc::Sender<Call>,
     socket: PathBuf,
+    /// The daemon channel's listener (`crate::channel`).
+    channel: Arc<crate::channel::Server>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -634,8 +642,10 @@ impl Daemon {
                 role_since: HashMap::new(),
                 config_keys: KeyDigests::new(),
                 differences_logged: HashMap::new(),
+                software: None,
             }),
             rejections: endpoint.rejections(),
+            heartbeat_versions: endpoint.version_view(),
             config: RwLock::new(Arc::new(config.clone())),
             node,
             modules: RwLock::new(handles),
@@ -688,6 +698,13 @@ impl Daemon {
         let (calls_tx, calls_rx) = mpsc::channel(32);
         tasks.push(server.spawn(calls_tx.clone(), shutdown_rx.clone()));
         tasks.push(tokio::spawn(serve_calls(Arc::clone(&shared), calls_rx)));
+        // The peer's requests go through the same queue as the control socket's.
+        let channel = crate::channel::Server::spawn(
+            &local.addresses,
+            cluster.channel_port,
+            &spec.key,
+            Arc::new(crate::channel::CallHandler::new(calls_tx.clone())),
+        )?;
 
         // Started before this returns: `status` right after start shows each
         // module's first state (WAIT), never the STOP it had before `start`.
@@ -714,6 +731,7 @@ impl Daemon {
             tasks,
             calls: calls_tx,
             socket,
+            channel: Arc::new(channel),
         })
     }
 
@@ -773,6 +791,8 @@ impl Daemon {
             let log = Arc::clone(&handle.log);
             let _ = tokio::task::spawn_blocking(move || log.append(&line)).await;
         }
+        let channel = Arc::clone(&self.channel);
+        let _ = tokio::task::spawn_blocking(move || channel.stop()).await;
         let _ = self.shutdown.send(true);
         for task in self
             .tasks
@@ -788,6 +808,8 @@ impl Daemon {
     /// A crash: every task stops at once; nothing is stopped or unmounted and
     /// the control socket file stays behind.
     pub async fn kill(self) {
+        let channel = Arc::clone(&self.channel);
+        let _ = tokio::task::spawn_blocking(move || channel.stop()).await;
         let tasks: Vec<_> = self
             .tasks
             .into_iter()

@@ -160,6 +160,24 @@ pub(super) fn build_status(shared: &Shared) -> Status {
         split_brain: Some(split_brain_name(&config)),
         config_differences: differences,
         witness,
+        protocols: Some(protocols(shared, peer.software.clone())),
+    }
+}
+
+/// `peer_software` from the peer state the caller holds locked.
+fn protocols(shared: &Shared, peer_software: Option<String>) -> crate::status::Protocols {
+    use crate::status::ProtocolStatus;
+    let hb = &shared.heartbeat_versions;
+    let peer = hb.peer();
+    crate::status::Protocols {
+        replication: ProtocolStatus::ours(vmha_fs::wire::replication_versions()),
+        heartbeat: ProtocolStatus {
+            ours: hb.ours().to_string(),
+            peer: peer.map(|p| p.to_string()),
+            in_use: peer.map(|_| u16::from(hb.in_use())),
+            peer_software,
+        },
+        channel: ProtocolStatus::ours(crate::channel::advertised()),
     }
 }
 
