@@ -53,6 +53,8 @@ pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 /// Problems loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("[web]: cert_file and key_file go together (neither = a self-signed certificate)")]
+    WebCertPair,
     #[error("cannot read configuration {path}: {source}")]
     Read {
         path: PathBuf,
@@ -170,7 +172,7 @@ pub enum ConfigError {
     StopTimeout { module: String, stop_timeout_s: u64 },
     #[error("module `{0}`: lock_timeout_ms must be above 0")]
     ZeroLockTimeout(String),
-    #[error("unknown top-level key `{0}` (expected [cluster], [[node]], [[module]])")]
+    #[error("unknown top-level key `{0}` (expected [cluster], [[node]], [[module]], [web])")]
     UnknownTopLevel(String),
     #[error("the [cluster] section is missing")]
     NoCluster,
@@ -306,12 +308,53 @@ pub struct Module {
     pub loop_interval_s: u64,
 }
 
+/// The `[web]` section: the HTTPS console and `/metrics` (see `crate::web`).
+/// Absent means enabled on port [`Web::DEFAULT_PORT`] of every address of
+/// this node, with a self-signed certificate kept in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Web {
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// `ADDR:PORT` to listen on; empty = every address of this node, port 9010.
+    #[serde(default)]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// PEM certificate chain and key; both or neither (self-signed then).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// `/metrics` requires a login (session cookie or basic auth).
+    #[serde(default)]
+    pub metrics_auth: bool,
+}
+
+impl Web {
+    pub const DEFAULT_PORT: u16 = 9010;
+}
+
+impl Default for Web {
+    fn default() -> Self {
+        Web {
+            enabled: true,
+            listen: Vec::new(),
+            cert_file: None,
+            key_file: None,
+            metrics_auth: false,
+        }
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
     pub cluster: Cluster,
     pub nodes: [Node; 2],
     pub modules: Vec<Module>,
+    /// The `[web]` section (console and metrics). Node-local (each node
+    /// listens on its own addresses): not part of the hashes nor compared.
+    #[serde(skip)]
+    pub web: Web,
     #[serde(skip)]
     hash: Digest,
     #[serde(skip)]
@@ -498,6 +541,7 @@ struct RawConfig {
     cluster: RawCluster,
     nodes: Vec<RawNode>,
     modules: Vec<RawModule>,
+    web: Web,
 }
 
 #[derive(Deserialize)]
@@ -560,6 +604,10 @@ struct RawModule {
 /// Defaults: the values of the design's example.
 mod defaults {
     use std::path::PathBuf;
+
+    pub fn yes() -> bool {
+        true
+    }
 
     pub fn key_file() -> PathBuf {
         "/etc/vmha/cluster.key".into()
@@ -857,7 +905,7 @@ fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
     }
     let before = out.len();
     for (key, _) in root.get_ref().iter() {
-        if !["cluster", "node", "module"].contains(&key.get_ref().as_ref()) {
+        if !["cluster", "node", "module", "web"].contains(&key.get_ref().as_ref()) {
             out.push(Problem {
                 error: ConfigError::UnknownTopLevel(key.get_ref().to_string()),
                 key: KeyPath::default().key(key.get_ref()),
@@ -880,6 +928,10 @@ fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
     };
     let nodes = tables::<RawNode>(top(root.get_ref(), "node"), "node", out);
     let modules = tables::<RawModule>(top(root.get_ref(), "module"), "module", out);
+    let web = match top(root.get_ref(), "web") {
+        Some(value) => section::<Web>(value.clone(), &KeyPath::default().key("web"), out),
+        None => Some(Web::default()),
+    };
     if out.len() != before {
         return None;
     }
@@ -887,6 +939,7 @@ fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
         cluster: cluster?,
         nodes: nodes?,
         modules: modules?,
+        web: web?,
     })
 }
 
@@ -947,6 +1000,9 @@ impl RawConfig {
             self.cluster.failover_timeout_ms,
             self.cluster.heartbeat_interval_ms,
         );
+        if self.web.cert_file.is_some() != self.web.key_file.is_some() {
+            problems.push(ConfigError::WebCertPair, KeyPath::default().key("web"));
+        }
         let (heartbeat_port, state_dir) =
             (self.cluster.heartbeat_port, self.cluster.state_dir.clone());
         let cluster = validate_cluster(self.cluster, &node_index, problems);
@@ -971,6 +1027,7 @@ impl RawConfig {
             cluster: cluster?,
             nodes: nodes?,
             modules: modules.into_iter().map(|(_, m)| m).collect(),
+            web: self.web,
             hash: Digest([0; 32]),
             module_hashes: Vec::new(),
             cluster_keys: KeyDigests::new(),

@@ -95,6 +95,14 @@ enum Command {
     },
     /// End `vmctl leave`: every module starts again on this node.
     Join,
+    /// Set the web console's admin password (stored as an argon2 hash in the
+    /// state directory, mode 0600). Asks on the terminal (twice), or reads
+    /// one line from standard input with --stdin. vmhad need not run.
+    WebPassword {
+        /// Read the password from standard input (one line).
+        #[arg(long)]
+        stdin: bool,
+    },
     /// Maintenance: the controller takes no automatic action for the module
     /// (no failover, no VM restart, no checker reaction) on either node, while
     /// the VM and the replication keep running. Every module when MODULE is
@@ -487,6 +495,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         // Reports a file that does not load instead of failing on it.
         return config_check(&cli, node.as_deref());
     }
+    if let Command::WebPassword { stdin } = &cli.command {
+        return web_password(&cli, *stdin);
+    }
     let socket = socket_path(&cli)?;
     match cli.command {
         Command::Status { json } => {
@@ -559,6 +570,58 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         Command::Config(ConfigCommand::Push { yes }) => config_push(&socket, yes),
         Command::Config(ConfigCommand::Check { .. }) => Ok(()),
     }
+}
+
+/// `vmctl web-password`: the state directory comes from the configuration.
+fn web_password(cli: &Cli, from_stdin: bool) -> Result<(), VmctlError> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config = Config::load(&path)?;
+    let password = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(VmctlError::Input)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        if !std::io::stdin().is_terminal() {
+            return Err(VmctlError::Daemon(
+                "no terminal to ask the password on: pass --stdin".to_string(),
+            ));
+        }
+        let first = read_hidden("New web console password: ")?;
+        let second = read_hidden("Again: ")?;
+        if first != second {
+            return Err(VmctlError::Daemon("the passwords differ: nothing changed".to_string()));
+        }
+        first
+    };
+    let written = vmha_controller::web::set_password(&config.cluster.state_dir, &password)
+        .map_err(|e| VmctlError::Daemon(e.to_string()))?;
+    print(&format!(
+        "web console password set ({}); log in as `admin`\n",
+        written.display()
+    ))
+}
+
+/// Reads a line from the terminal without echoing it.
+fn read_hidden(prompt: &str) -> Result<String, VmctlError> {
+    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    eprint!("{prompt}");
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin).map_err(|e| VmctlError::Input(e.into()))?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    tcsetattr(&stdin, OptionalActions::Now, &quiet).map_err(|e| VmctlError::Input(e.into()))?;
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    let _ = tcsetattr(&stdin, OptionalActions::Now, &saved);
+    eprintln!();
+    read.map_err(VmctlError::Input)?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn main() -> ExitCode {

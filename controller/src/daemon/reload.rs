@@ -293,6 +293,7 @@ async fn apply(shared: &Shared, plan: Plan) -> Response {
             view: old.view.clone(),
             peer: Arc::clone(&old.peer),
             log: Arc::clone(&old.log),
+            counters: Arc::clone(&old.counters),
         }));
     }
     let mut fresh = Vec::new();

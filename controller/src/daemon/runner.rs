@@ -95,6 +95,8 @@ pub(super) struct Runner {
     pub(super) judging_since: Arc<Mutex<Instant>>,
     /// The last `refresh_xml` failed (logged once).
     pub(super) xml_refresh_failed: bool,
+    /// Failovers, split brains, checker failures (for `/metrics`).
+    pub(super) counters: Arc<super::ModuleCounters>,
 }
 
 /// A module's settings that a reload may change while its task runs. What
@@ -274,7 +276,8 @@ impl Runner {
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
-            let (next, actions) = step(&self.state, event);
+            let (next, actions) = step(&self.state, event.clone());
+            self.counters.count(&event, self.state.role, next.role);
             // Losing readiness is announced at once, before the step's (maybe
             // slow) actions: claiming less is always safe, and a writer waiting
             // for us to know we are outdated must not wait on them.
