@@ -550,6 +550,8 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
                 ))
             }
         }
+        // Answered above, before the socket is looked for.
+        Command::WebPassword { .. } => Ok(()),
         Command::Join => print_lines(&call(&socket, &Request::Join)?),
         Command::Maintenance { mode, module } => print_lines(&call(
             &socket,
