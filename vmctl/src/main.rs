@@ -597,7 +597,9 @@ fn web_password(cli: &Cli, from_stdin: bool) -> Result<(), VmctlError> {
         let first = read_hidden("New web console password: ")?;
         let second = read_hidden("Again: ")?;
         if first != second {
-            return Err(VmctlError::Daemon("the passwords differ: nothing changed".to_string()));
+            return Err(VmctlError::Daemon(
+                "the passwords differ: nothing changed".to_string(),
+            ));
         }
         first
     };

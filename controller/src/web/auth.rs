@@ -116,8 +116,7 @@ fn token() -> String {
 /// Compares without an early exit (tokens are secrets).
 pub fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -252,7 +251,10 @@ mod tests {
         assert_eq!(check_password(dir.path(), "s3cret"), Some(true));
         assert_eq!(check_password(dir.path(), "wrong"), Some(false));
         assert!(!std::fs::read_to_string(&path).unwrap().contains("s3cret"));
-        assert!(matches!(set_password(dir.path(), ""), Err(AuthError::Empty)));
+        assert!(matches!(
+            set_password(dir.path(), ""),
+            Err(AuthError::Empty)
+        ));
     }
 
     #[test]

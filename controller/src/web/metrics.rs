@@ -43,7 +43,13 @@ fn i(v: u64) -> i64 {
 }
 
 /// Every role a module can have, for `vmha_module_role`.
-const ROLES: [Role; 5] = [Role::Stop, Role::Wait, Role::Alone, Role::Prim, Role::Second];
+const ROLES: [Role; 5] = [
+    Role::Stop,
+    Role::Wait,
+    Role::Alone,
+    Role::Prim,
+    Role::Second,
+];
 
 /// Renders the metrics of `status` and `counters` (this node's, per module).
 pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms: u64) -> String {
@@ -82,8 +88,9 @@ pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms
             let l = labels(&base);
             ready.get_or_create(&l).set(b(n.ready));
             reachable.get_or_create(&l).set(b(n.reachable));
-            connected.get_or_create(&l).set(b(n.reachable
-                && matches!(n.state, Some(Role::Prim) | Some(Role::Second))));
+            connected.get_or_create(&l).set(b(
+                n.reachable && matches!(n.state, Some(Role::Prim) | Some(Role::Second))
+            ));
             maintenance.get_or_create(&l).set(b(n.maintenance));
             disk_failed
                 .get_or_create(&l)
@@ -99,9 +106,7 @@ pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms
             resync_done.get_or_create(&l).set(i(done));
             resync_rate.get_or_create(&l).set(i(rate));
             if let Some(mm) = n.module_config_match {
-                module_mismatch
-                    .get_or_create(&l)
-                    .set(b(mm == Some(false)));
+                module_mismatch.get_or_create(&l).set(b(mm == Some(false)));
             }
             if node != local && peer_seen.is_none() {
                 peer_seen = Some((node.clone(), n.clone()));
@@ -133,36 +138,98 @@ pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms
     }
     if let Some(w) = &status.witness {
         witness.get_or_create(&labels(&[("node", local)])).set(b(
-            w.last_probe == Some(crate::state::WitnessOutcome::Reachable),
+            w.last_probe == Some(crate::state::WitnessOutcome::Reachable)
         ));
     }
     for (module, c) in counters {
         let l = labels(&[("module", module), ("node", local)]);
         failovers.get_or_create(&l).inc_by(c.failovers);
         split_brains.get_or_create(&l).inc_by(c.split_brains);
-        checker_failures.get_or_create(&l).inc_by(c.checker_failures);
+        checker_failures
+            .get_or_create(&l)
+            .inc_by(c.checker_failures);
     }
     registry.register(
         "vmha_module_role",
         "1 for the role the node has for the module (STOP, WAIT, ALONE, PRIM, SECOND), 0 for the others; all 0 for an unreachable peer",
         role,
     );
-    registry.register("vmha_module_ready", "1 when the node's copy is ready (green)", ready);
-    registry.register("vmha_node_reachable", "1 when the node answers heartbeats (always 1 for the local node)", reachable);
-    registry.register("vmha_module_connected", "1 when the node replicates with its peer (PRIM or SECOND)", connected);
-    registry.register("vmha_module_maintenance", "1 when the module is in maintenance on the node", maintenance);
-    registry.register("vmha_module_disk_failed", "1 when the node's own disk failed", disk_failed);
-    registry.register("vmha_peer_outofsync_bytes", "Bytes the resync of this copy still has to copy (0 when none runs)", outofsync);
-    registry.register("vmha_resync_done_bytes", "Bytes the running resync has copied", resync_done);
-    registry.register("vmha_resync_rate_bytes_per_second", "Rate of the running resync", resync_rate);
-    registry.register("vmha_module_config_mismatch", "1 when the module's configuration differs between the nodes (peer only)", module_mismatch);
-    registry.register("vmha_peer_last_seen_seconds", "Seconds since the peer's last heartbeat on any network", last_seen);
-    registry.register("vmha_peer_heartbeat_age_seconds", "Seconds since the peer's last heartbeat on this network (address)", hb_age);
-    registry.register("vmha_peer_heartbeat_up", "1 when heartbeats arrive on this network within the failover timeout", hb_up);
-    registry.register("vmha_config_mismatch", "1 when the peer's whole configuration hash differs from this node's", config_mismatch);
-    registry.register("vmha_witness_reachable", "1 when the latest witness probe reached a witness (only with witnesses)", witness);
+    registry.register(
+        "vmha_module_ready",
+        "1 when the node's copy is ready (green)",
+        ready,
+    );
+    registry.register(
+        "vmha_node_reachable",
+        "1 when the node answers heartbeats (always 1 for the local node)",
+        reachable,
+    );
+    registry.register(
+        "vmha_module_connected",
+        "1 when the node replicates with its peer (PRIM or SECOND)",
+        connected,
+    );
+    registry.register(
+        "vmha_module_maintenance",
+        "1 when the module is in maintenance on the node",
+        maintenance,
+    );
+    registry.register(
+        "vmha_module_disk_failed",
+        "1 when the node's own disk failed",
+        disk_failed,
+    );
+    registry.register(
+        "vmha_peer_outofsync_bytes",
+        "Bytes the resync of this copy still has to copy (0 when none runs)",
+        outofsync,
+    );
+    registry.register(
+        "vmha_resync_done_bytes",
+        "Bytes the running resync has copied",
+        resync_done,
+    );
+    registry.register(
+        "vmha_resync_rate_bytes_per_second",
+        "Rate of the running resync",
+        resync_rate,
+    );
+    registry.register(
+        "vmha_module_config_mismatch",
+        "1 when the module's configuration differs between the nodes (peer only)",
+        module_mismatch,
+    );
+    registry.register(
+        "vmha_peer_last_seen_seconds",
+        "Seconds since the peer's last heartbeat on any network",
+        last_seen,
+    );
+    registry.register(
+        "vmha_peer_heartbeat_age_seconds",
+        "Seconds since the peer's last heartbeat on this network (address)",
+        hb_age,
+    );
+    registry.register(
+        "vmha_peer_heartbeat_up",
+        "1 when heartbeats arrive on this network within the failover timeout",
+        hb_up,
+    );
+    registry.register(
+        "vmha_config_mismatch",
+        "1 when the peer's whole configuration hash differs from this node's",
+        config_mismatch,
+    );
+    registry.register(
+        "vmha_witness_reachable",
+        "1 when the latest witness probe reached a witness (only with witnesses)",
+        witness,
+    );
     registry.register("vmha_module_failovers", "Times this node took the module over from a lost peer (SECOND to ALONE) since vmhad started", failovers);
-    registry.register("vmha_module_split_brains", "Split brains this node detected for the module since vmhad started", split_brains);
+    registry.register(
+        "vmha_module_split_brains",
+        "Split brains this node detected for the module since vmhad started",
+        split_brains,
+    );
     registry.register("vmha_module_checker_failures", "Checker failures (VM stopped or failed to start, vmha-fs failed or died, disk failed) since vmhad started", checker_failures);
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &registry) {

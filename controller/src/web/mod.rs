@@ -263,14 +263,16 @@ async fn serve(
                 }
             };
             drop(pending);
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(Client(peer));
-                let mut router = router.clone();
-                async move {
-                    use tower::Service;
-                    router.call(request).await
-                }
-            });
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(Client(peer));
+                    let mut router = router.clone();
+                    async move {
+                        use tower::Service;
+                        router.call(request).await
+                    }
+                },
+            );
             let io = hyper_util::rt::TokioIo::new(tls);
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -309,8 +311,14 @@ async fn security_headers(mut response: Response) -> Response {
         ),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
@@ -436,7 +444,9 @@ async fn login(
     if !verify(&app, form.password, ip, "login").await {
         return (
             StatusCode::UNAUTHORIZED,
-            Html(login_page("Wrong password (or none set yet: `vmctl web-password`).")),
+            Html(login_page(
+                "Wrong password (or none set yet: `vmctl web-password`).",
+            )),
         )
             .into_response();
     }
@@ -470,17 +480,27 @@ async fn logout(
     let mut r = Redirect::to("/login").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("vmha_session=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_static(
+            "vmha_session=; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
     );
     r
 }
 
 async fn app_js() -> Response {
-    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        APP_JS,
+    )
+        .into_response()
 }
 
 async fn style_css() -> Response {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE_CSS).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        STYLE_CSS,
+    )
+        .into_response()
 }
 
 /// What the page shows: this node's status, the peer's own (when the

@@ -73,7 +73,10 @@ pub fn ensure_self_signed(
             source,
         }
     })?;
-    tracing::info!("generated a self-signed console certificate in {}", cert.display());
+    tracing::info!(
+        "generated a self-signed console certificate in {}",
+        cert.display()
+    );
     Ok((cert, key))
 }
 
@@ -102,11 +105,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
             source,
         })?
         .ok_or_else(|| TlsError::NoKey(key.to_path_buf()))?;
-    let mut config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key_der)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key_der)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
