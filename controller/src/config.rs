@@ -56,6 +56,8 @@ pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 /// Problems loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("[web]: cert_file and key_file go together (neither = a self-signed certificate)")]
+    WebCertPair,
     #[error("cannot read configuration {path}: {source}")]
     Read {
         path: PathBuf,
@@ -175,7 +177,7 @@ pub enum ConfigError {
     StopTimeout { module: String, stop_timeout_s: u64 },
     #[error("module `{0}`: lock_timeout_ms must be above 0")]
     ZeroLockTimeout(String),
-    #[error("unknown top-level key `{0}` (expected [cluster], [[node]], [[module]])")]
+    #[error("unknown top-level key `{0}` (expected [cluster], [[node]], [[module]], [web])")]
     UnknownTopLevel(String),
     #[error("the [cluster] section is missing")]
     NoCluster,
@@ -313,12 +315,53 @@ pub struct Module {
     pub loop_interval_s: u64,
 }
 
+/// The `[web]` section: the HTTPS console and `/metrics` (see `crate::web`).
+/// Absent means enabled on port [`Web::DEFAULT_PORT`] of every address of
+/// this node, with a self-signed certificate kept in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Web {
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// `ADDR:PORT` to listen on; empty = every address of this node, port 9010.
+    #[serde(default)]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// PEM certificate chain and key; both or neither (self-signed then).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// `/metrics` requires a login (session cookie or basic auth).
+    #[serde(default)]
+    pub metrics_auth: bool,
+}
+
+impl Web {
+    pub const DEFAULT_PORT: u16 = 9010;
+}
+
+impl Default for Web {
+    fn default() -> Self {
+        Web {
+            enabled: true,
+            listen: Vec::new(),
+            cert_file: None,
+            key_file: None,
+            metrics_auth: false,
+        }
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
     pub cluster: Cluster,
     pub nodes: [Node; 2],
     pub modules: Vec<Module>,
+    /// The `[web]` section (console and metrics). Node-local (each node
+    /// listens on its own addresses): not part of the hashes nor compared.
+    #[serde(skip)]
+    pub web: Web,
     #[serde(skip)]
     hash: Digest,
     #[serde(skip)]
@@ -506,7 +549,7 @@ impl Config {
 
 /// The keys this release knows, per table (kept next to the `Raw*` structs below;
 /// `the_design_example_has_no_unknown_keys` checks them against a full file).
-const TOP_KEYS: &[&str] = &["cluster", "node", "module"];
+const TOP_KEYS: &[&str] = &["cluster", "node", "module", "web"];
 const CLUSTER_KEYS: &[&str] = &[
     "name",
     "key_file",
@@ -615,6 +658,7 @@ struct RawConfig {
     cluster: RawCluster,
     nodes: Vec<RawNode>,
     modules: Vec<RawModule>,
+    web: Web,
 }
 
 #[derive(Deserialize)]
@@ -685,6 +729,10 @@ struct RawModule {
 /// Defaults: the values of the design's example.
 mod defaults {
     use std::path::PathBuf;
+
+    pub fn yes() -> bool {
+        true
+    }
 
     pub fn key_file() -> PathBuf {
         "/etc/vmha/cluster.key".into()
@@ -1026,6 +1074,10 @@ fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
     };
     let nodes = tables::<RawNode>(top(root.get_ref(), "node"), "node", out);
     let modules = tables::<RawModule>(top(root.get_ref(), "module"), "module", out);
+    let web = match top(root.get_ref(), "web") {
+        Some(value) => section::<Web>(value.clone(), &KeyPath::default().key("web"), out),
+        None => Some(Web::default()),
+    };
     if out.len() != before {
         return None;
     }
@@ -1033,6 +1085,7 @@ fn parse_raw(text: &str, out: &mut Vec<Problem>) -> Option<RawConfig> {
         cluster: cluster?,
         nodes: nodes?,
         modules: modules?,
+        web: web?,
     })
 }
 
@@ -1093,6 +1146,9 @@ impl RawConfig {
             self.cluster.failover_timeout_ms,
             self.cluster.heartbeat_interval_ms,
         );
+        if self.web.cert_file.is_some() != self.web.key_file.is_some() {
+            problems.push(ConfigError::WebCertPair, KeyPath::default().key("web"));
+        }
         let (heartbeat_port, channel_port, state_dir) = (
             self.cluster.heartbeat_port,
             self.cluster.channel_port(),
@@ -1120,6 +1176,7 @@ impl RawConfig {
             cluster: cluster?,
             nodes: nodes?,
             modules: modules.into_iter().map(|(_, m)| m).collect(),
+            web: self.web,
             hash: Digest([0; 32]),
             module_hashes: Vec::new(),
             cluster_keys: KeyDigests::new(),

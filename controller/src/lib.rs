@@ -42,4 +42,5 @@ pub mod leave;
 pub mod state;
 pub mod status;
 pub mod systemd;
+pub mod web;
 pub mod witness;

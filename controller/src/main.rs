@@ -142,6 +142,19 @@ fn run(args: Args) -> Result<(), MainError> {
         })
         .await?;
         daemon.set_config_file(&config_file);
+        // The console is not needed for HA: a failure to serve it is logged.
+        let _web = match vmha_controller::web::start(
+            daemon.handle(),
+            Arc::new(vmha_controller::web::NoPeer),
+        )
+        .await
+        {
+            Ok(web) => web,
+            Err(e) => {
+                tracing::error!("web console not started: {e}");
+                None
+            }
+        };
         // The control socket answers and every module got its start: ready.
         let status = daemon.status();
         vmha_controller::systemd::ready(&status);

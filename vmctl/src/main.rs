@@ -121,6 +121,14 @@ enum Command {
     },
     /// End `vmctl leave`: every module starts again on this node.
     Join,
+    /// Set the web console's admin password (stored as an argon2 hash in the
+    /// state directory, mode 0600). Asks on the terminal (twice), or reads
+    /// one line from standard input with --stdin. vmhad need not run.
+    WebPassword {
+        /// Read the password from standard input (one line).
+        #[arg(long)]
+        stdin: bool,
+    },
     /// Maintenance: the controller takes no automatic action for the module
     /// (no failover, no VM restart, no checker reaction) on either node, while
     /// the VM and the replication keep running. Every module when MODULE is
@@ -193,6 +201,10 @@ enum VmctlError {
     Key(#[from] vmha_fs::key::KeyError),
     #[error("no node `{0}` in the configuration")]
     UnknownNode(String),
+    #[error("{0}")]
+    NeedsTerminal(&'static str),
+    #[error("{0}")]
+    NotConfirmedBecause(&'static str),
 }
 
 impl VmctlError {
@@ -207,7 +219,10 @@ impl VmctlError {
             | VmctlError::Key(_)
             | VmctlError::UnknownNode(_) => Exit::Failed,
             VmctlError::Channel(_) => Exit::NotRunning,
-            VmctlError::NeedsConfirmation | VmctlError::PushNeedsConfirmation => Exit::Usage,
+            VmctlError::NeedsConfirmation
+            | VmctlError::PushNeedsConfirmation
+            | VmctlError::NeedsTerminal(_) => Exit::Usage,
+            VmctlError::NotConfirmedBecause(_) => Exit::Failed,
             VmctlError::Differs => Exit::Differs,
             VmctlError::Daemon { kind, .. } => Exit::of_kind(*kind),
             VmctlError::Control(e) => match e {
@@ -507,6 +522,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         // Reports a file that does not load instead of failing on it.
         return config_check(&cli, node.as_deref());
     }
+    if let Command::WebPassword { stdin } = &cli.command {
+        return web_password(&cli, *stdin);
+    }
     let target = target(&cli)?;
     match cli.command {
         Command::Status {
@@ -563,6 +581,8 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             print_lines(&response)?;
             check(response).map(|_| ())
         }
+        // Answered above, before the socket is looked for.
+        Command::WebPassword { .. } => Ok(()),
         Command::Join => print_lines(&call(&target, &Request::Join)?),
         Command::Maintenance { mode, module } => print_lines(&call(
             &target,
@@ -585,6 +605,60 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         Command::Config(ConfigCommand::Push { yes }) => config_push(&cli, &target, yes),
         Command::Config(ConfigCommand::Check { .. }) => Ok(()),
     }
+}
+
+/// `vmctl web-password`: the state directory comes from the configuration.
+fn web_password(cli: &Cli, from_stdin: bool) -> Result<(), VmctlError> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config = Config::load(&path)?;
+    let password = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(VmctlError::Input)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        if !std::io::stdin().is_terminal() {
+            return Err(VmctlError::NeedsTerminal(
+                "no terminal to ask the password on: pass --stdin",
+            ));
+        }
+        let first = read_hidden("New web console password: ")?;
+        let second = read_hidden("Again: ")?;
+        if first != second {
+            return Err(VmctlError::NotConfirmedBecause(
+                "the passwords differ: nothing changed",
+            ));
+        }
+        first
+    };
+    let written = vmha_controller::web::set_password(&config.cluster.state_dir, &password)
+        .map_err(|e| VmctlError::daemon(e.to_string()))?;
+    print(&format!(
+        "web console password set ({}); log in as `admin`\n",
+        written.display()
+    ))
+}
+
+/// Reads a line from the terminal without echoing it.
+fn read_hidden(prompt: &str) -> Result<String, VmctlError> {
+    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    eprint!("{prompt}");
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin).map_err(|e| VmctlError::Input(e.into()))?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    tcsetattr(&stdin, OptionalActions::Now, &quiet).map_err(|e| VmctlError::Input(e.into()))?;
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    let _ = tcsetattr(&stdin, OptionalActions::Now, &saved);
+    eprintln!();
+    read.map_err(VmctlError::Input)?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn main() -> ExitCode {

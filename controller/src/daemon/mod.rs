@@ -127,6 +127,7 @@ mod status;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -225,6 +226,49 @@ enum ModuleCommand {
     Verify(oneshot::Sender<Result<Vec<String>, String>>),
 }
 
+/// What happened to a module since the daemon started, counted by its task
+/// for `/metrics` (see `crate::web::metrics`).
+#[derive(Debug, Default)]
+pub struct ModuleCounters {
+    /// This node took the module over from a lost peer (SECOND → ALONE).
+    pub failovers: AtomicU64,
+    /// Heartbeats showed a split brain (counted once per episode).
+    pub split_brains: AtomicU64,
+    /// A checker reported a failure: the VM stopped unexpectedly or failed
+    /// to start, vmha-fs failed or died, the local disk failed.
+    pub checker_failures: AtomicU64,
+    /// The last `PeerSeen` was a split brain (for counting episodes).
+    in_split_brain: std::sync::atomic::AtomicBool,
+}
+
+impl ModuleCounters {
+    /// Counts what `event` and the role change `before` → `after` mean.
+    fn count(&self, event: &Event, before: crate::state::Role, after: crate::state::Role) {
+        use crate::state::Role;
+        match event {
+            Event::PeerSeen { peer, .. } => {
+                let split = peer.relation == crate::generation::Relation::SplitBrain;
+                if split && !self.in_split_brain.swap(true, Ordering::Relaxed) {
+                    self.split_brains.fetch_add(1, Ordering::Relaxed);
+                } else if !split {
+                    self.in_split_brain.store(false, Ordering::Relaxed);
+                }
+            }
+            Event::VmStopped { .. }
+            | Event::VmStartFailed { .. }
+            | Event::FsFailed
+            | Event::DiskFailed
+            | Event::FsDied { .. } => {
+                self.checker_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if before == Role::Second && after == Role::Alone {
+            self.failovers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A module as the shared tasks see it. Immutable: a reload that changes
 /// the module's settings replaces the handle (same channels, same task).
 #[derive(Debug)]
@@ -237,6 +281,7 @@ struct ModuleHandle {
     view: watch::Receiver<ModuleView>,
     peer: Arc<watch::Sender<PeerView>>,
     log: Arc<EventLog>,
+    counters: Arc<ModuleCounters>,
 }
 
 /// What the dispatcher knows of the peer node as a whole, from its heartbeats
@@ -351,6 +396,7 @@ impl Factory {
         });
         let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let counters = Arc::new(ModuleCounters::default());
         let handle = ModuleHandle {
             module: module.clone(),
             module_hash: config.module_hash(&module.name),
@@ -362,6 +408,7 @@ impl Factory {
             view: view_rx,
             peer: Arc::new(peer_tx),
             log: Arc::clone(&log),
+            counters: Arc::clone(&counters),
         };
         let runner = Runner {
             module: module.clone(),
@@ -401,6 +448,7 @@ impl Factory {
             receiver_backoff: Backoff::new(RECEIVER_RETRY_FIRST, RETRY_MAX),
             attach_backoff: Backoff::new(ATTACH_RETRY, RETRY_MAX),
             announced,
+            counters,
         };
         Ok((runner, cmd_rx, handle))
     }
@@ -776,6 +824,15 @@ impl Daemon {
         build_status(&self.shared)
     }
 
+    /// A cheap handle for other tasks (the web console): status, requests,
+    /// counters and event logs, valid while the daemon runs.
+    pub fn handle(&self) -> DaemonHandle {
+        DaemonHandle {
+            shared: Arc::clone(&self.shared),
+            calls: self.calls.clone(),
+        }
+    }
+
     /// Ends this vmhad alone (SIGTERM, SIGINT): every module's vmha-fs and VM
     /// keep running, for the next vmhad to adopt; the peer sees this
     /// controller go quiet while its data path stays alive, and fails nothing
@@ -821,6 +878,131 @@ impl Daemon {
         for task in tasks {
             let _ = task.await;
         }
+    }
+}
+
+/// What the web console needs of the daemon (see [`Daemon::handle`]).
+#[derive(Debug, Clone)]
+pub struct DaemonHandle {
+    shared: Arc<Shared>,
+    calls: mpsc::Sender<Call>,
+}
+
+/// A snapshot of one module's [`ModuleCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterValues {
+    pub failovers: u64,
+    pub split_brains: u64,
+    pub checker_failures: u64,
+}
+
+impl DaemonHandle {
+    /// The `status` answer.
+    pub fn status(&self) -> Status {
+        build_status(&self.shared)
+    }
+
+    /// Answers a request as the control socket would. `who` (e.g.
+    /// `web:admin from 10.0.0.5:51234`) is written to the module's event log
+    /// (every module's for node-wide requests) with the request, and the
+    /// outcome after it.
+    pub async fn request_as(&self, request: Request, who: &str) -> Response {
+        let what = serde_json::to_string(&request).unwrap_or_default();
+        let logs = self.logs_for(&request);
+        let first = format!("{who} asked {what}");
+        tracing::info!("{first}");
+        let append = |logs: Vec<Arc<EventLog>>, line: String| async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                for log in logs {
+                    if let Err(e) = log.append(&line) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            })
+            .await;
+        };
+        append(logs.clone(), first).await;
+        let (reply, answer) = oneshot::channel();
+        // The web console's user runs as vmhad (root): the cause names them.
+        let caller = Some(crate::control::Caller {
+            uid: 0,
+            pid: None,
+            user: Some(who.to_string()),
+        });
+        let call = Call {
+            request,
+            reply,
+            caller,
+        };
+        let response = if self.calls.send(call).await.is_err() {
+            Response::error("vmhad is shutting down")
+        } else {
+            answer
+                .await
+                .unwrap_or_else(|_| Response::error("vmhad is shutting down"))
+        };
+        let outcome = match (&response.ok, &response.error) {
+            (true, _) => format!("{who}: done"),
+            (false, e) => format!("{who}: refused: {}", e.clone().unwrap_or_default()),
+        };
+        append(logs, outcome).await;
+        response
+    }
+
+    fn logs_for(&self, request: &Request) -> Vec<Arc<EventLog>> {
+        let module = match request {
+            Request::Start { module }
+            | Request::Stop { module }
+            | Request::Swap { module }
+            | Request::Prim { module }
+            | Request::Verify { module }
+            | Request::Maintenance { module, .. } => module.clone(),
+            _ => None,
+        };
+        self.shared
+            .modules()
+            .iter()
+            .filter(|h| module.as_deref().is_none_or(|m| m == h.module.name))
+            .map(|h| Arc::clone(&h.log))
+            .collect()
+    }
+
+    /// The latest event-log lines of a module (oldest first), if it exists.
+    pub fn log_lines(&self, module: &str) -> Option<Vec<String>> {
+        self.shared
+            .modules()
+            .iter()
+            .find(|h| h.module.name == module)
+            .map(|h| h.log.lines())
+    }
+
+    /// Each module's counters, in configuration order.
+    pub fn counters(&self) -> Vec<(String, CounterValues)> {
+        self.shared
+            .modules()
+            .iter()
+            .map(|h| {
+                let c = &h.counters;
+                (
+                    h.module.name.clone(),
+                    CounterValues {
+                        failovers: c.failovers.load(Ordering::Relaxed),
+                        split_brains: c.split_brains.load(Ordering::Relaxed),
+                        checker_failures: c.checker_failures.load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config()
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeIndex {
+        self.shared.node
     }
 }
 

@@ -96,10 +96,26 @@ pub(super) async fn reload_file(shared: &Shared) -> Response {
         Ok(Err(e)) => return refused(vec![format!("cannot read {}: {e}", path.display())]),
         Err(e) => return refused(vec![format!("cannot read {}: {e}", path.display())]),
     };
+    let warnings = unknown_key_warnings(&path, &text);
     match plan(shared, &text, &path) {
-        Err(reasons) => refused(reasons),
-        Ok(plan) => apply(shared, plan).await,
+        Err(reasons) => refused(warnings.into_iter().chain(reasons).collect()),
+        Ok(plan) => with_warnings(warnings, apply(shared, plan).await),
     }
+}
+
+/// Keys this release does not know: ignored, each named with its place.
+fn unknown_key_warnings(path: &Path, text: &str) -> Vec<String> {
+    crate::config::unknown_keys(text)
+        .into_iter()
+        .map(|u| format!("warning: {}:{u}", path.display()))
+        .collect()
+}
+
+fn with_warnings(warnings: Vec<String>, mut response: Response) -> Response {
+    if !warnings.is_empty() {
+        response.lines.splice(0..0, warnings);
+    }
+    response
 }
 
 /// The peer side of `vmctl config push`: `text` becomes this node's
@@ -113,8 +129,9 @@ pub(super) async fn apply_text(shared: &Shared, text: &str) -> Response {
         );
     };
     let _one = shared.reloading.lock().await;
+    let warnings = unknown_key_warnings(&path, text);
     let plan = match plan(shared, text, &path) {
-        Err(reasons) => return refused(reasons),
+        Err(reasons) => return refused(warnings.into_iter().chain(reasons).collect()),
         Ok(plan) => plan,
     };
     let (target, content) = (path.clone(), text.as_bytes().to_vec());
@@ -126,7 +143,7 @@ pub(super) async fn apply_text(shared: &Shared, text: &str) -> Response {
         Ok(Err(e)) => return refused(vec![format!("cannot write {}: {e}", path.display())]),
         Err(e) => return refused(vec![format!("cannot write {}: {e}", path.display())]),
     }
-    apply(shared, plan).await
+    with_warnings(warnings, apply(shared, plan).await)
 }
 
 /// `config-text`: the file vmhad was started with, as it is now.
@@ -297,6 +314,7 @@ async fn apply(shared: &Shared, plan: Plan) -> Response {
             view: old.view.clone(),
             peer: Arc::clone(&old.peer),
             log: Arc::clone(&old.log),
+            counters: Arc::clone(&old.counters),
         }));
     }
     let mut fresh = Vec::new();

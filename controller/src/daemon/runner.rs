@@ -113,6 +113,8 @@ pub(super) struct Runner {
     pub(super) attach_backoff: Backoff,
     /// The first `Start` or `Adopt` was handled: the module is in heartbeats.
     pub(super) announced: bool,
+    /// Failovers, split brains, checker failures (for `/metrics`).
+    pub(super) counters: Arc<super::ModuleCounters>,
 }
 
 /// A module's settings that a reload may change while its task runs. What
@@ -344,7 +346,8 @@ impl Runner {
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
             tracing::debug!(module = %self.module.name, ?event, "event");
-            let (next, actions) = step(&self.state, event);
+            let (next, actions) = step(&self.state, event.clone());
+            self.counters.count(&event, self.state.role, next.role);
             if actions.contains(&Action::MountReceiver) && self.receiver_backoff.failing() {
                 // A retry of a receiver start that failed before: its lines
                 // reach the event log only if it succeeds (the failure was
