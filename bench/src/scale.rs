@@ -90,6 +90,10 @@ pub struct Results {
     pub vmhad: ProcTotals,
     pub vmha_fs: ProcTotals,
     pub qemu: ProcTotals,
+    /// Both libvirtds (not vmha's, but they answer vmhad's state polls).
+    pub libvirtd: ProcTotals,
+    /// vmhad's CPU % of one core on node1, node2 (node1 holds the writers).
+    pub vmhad_cpu_percent_per_node: Vec<f64>,
     pub packets: Vec<IfPackets>,
     /// Modules moved by the crash.
     pub moved: usize,
@@ -103,6 +107,8 @@ pub struct Results {
     pub vm_started_ms: BTreeMap<String, f64>,
     /// node2's first event after the kill per moved module (the takeover begins).
     pub takeover_begins_ms: BTreeMap<String, f64>,
+    /// node2's event log per moved module after the kill: (ms, event).
+    pub events: BTreeMap<String, Vec<(f64, String)>>,
     pub error: Option<String>,
 }
 
@@ -155,6 +161,7 @@ fn classify(vc: &VmCluster) -> Result<BTreeMap<&'static str, Vec<u32>>> {
             let class = match comm.trim() {
                 "vmhad" => "vmhad",
                 "vmha-fs" => "vmha-fs",
+                "libvirtd" => "libvirtd",
                 c if c.starts_with("qemu-system") => "qemu",
                 _ => continue,
             };
@@ -398,6 +405,12 @@ fn idle_and_crash(
     r.vmhad = totals(&get("vmhad"), &before, window);
     r.vmha_fs = totals(&get("vmha-fs"), &before, window);
     r.qemu = totals(&get("qemu"), &before, window);
+    r.libvirtd = totals(&get("libvirtd"), &before, window);
+    for i in 0..2 {
+        let pids = vc.pids_of(i, "vmhad", "--config")?;
+        r.vmhad_cpu_percent_per_node
+            .push(totals(&pids, &before, window).cpu_percent);
+    }
     for i in 0..2 {
         for (ifname, (p1, b1)) in &net_after[i] {
             let (p0, b0) = net_before[i].get(ifname).copied().unwrap_or((0, 0));
@@ -514,6 +527,10 @@ fn events_after(vc: &VmCluster, name: &str, kill: std::time::SystemTime, r: &mut
             continue;
         }
         r.takeover_begins_ms.entry(name.to_string()).or_insert(rel);
+        r.events
+            .entry(name.to_string())
+            .or_default()
+            .push(((rel * 10.0).round() / 10.0, text.to_string()));
         if text.contains("VM started") {
             r.vm_started_ms.entry(name.to_string()).or_insert(rel);
         }
@@ -556,6 +573,7 @@ impl Results {
             ("vmha-fs", &self.vmha_fs),
             ("**vmha total**", &own),
             ("qemu (idle domains, not vmha's)", &self.qemu),
+            ("libvirtd (2, not vmha's)", &self.libvirtd),
         ] {
             s.push_str(&format!(
                 "| {name} | {} | {:.2} | {:.3} | {:.0} | {:.1} | {:.0} | {} |\n",
@@ -568,6 +586,10 @@ impl Results {
                 t.threads
             ));
         }
+        s.push_str(&format!(
+            "\nvmhad per node (CPU % of one core): {:?}\n",
+            self.vmhad_cpu_percent_per_node
+        ));
         s.push_str("\n| node | interface | packets/s (rx+tx) | per module | bytes/s |\n|---|---|---|---|---|\n");
         for p in &self.packets {
             s.push_str(&format!(

@@ -1,7 +1,10 @@
 //! libvirt through the `virt` crate (the C library's bindings).
 //!
-//! One connection per `libvirt_uri`, opened on first use and shared by the
-//! modules. A connection that fails (libvirtd restarted or stopped) is dropped
+//! One connection per module (and `libvirt_uri`), opened on first use. Not one
+//! shared by all modules: libvirtd serves at most `max_client_requests` (5 by
+//! default) calls of one connection at a time and queues the rest, so 32
+//! modules failing over at once would start their domains five at a time
+//! behind each other's state polls. A connection that fails (libvirtd restarted or stopped) is dropped
 //! and the call is retried once on a fresh one, so a restarted libvirtd never
 //! wedges the daemon. Every call blocks; the daemon runs them with
 //! `spawn_blocking`.
@@ -46,7 +49,8 @@ const UNDEFINE_FLAGS: [sys::virDomainUndefineFlagsValues; 3] = [
 /// The `virt`-crate driver. Cheap to create; connects on first use.
 #[derive(Debug)]
 pub struct LibvirtDriver {
-    conns: Mutex<HashMap<String, Connect>>,
+    /// By (uri, module name).
+    conns: Mutex<HashMap<(String, String), Connect>>,
     /// Modules whose domain this driver defined from the replicated XML (the
     /// last `define` succeeded): only their definition may overwrite the file,
     /// a stale local definition must not.
@@ -62,6 +66,10 @@ impl Default for LibvirtDriver {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn conn_key(module: &Module) -> (String, String) {
+    (module.libvirt_uri.clone(), module.name.clone())
 }
 
 /// Whether `e` means the connection itself is gone (rather than the call
@@ -166,25 +174,36 @@ impl LibvirtDriver {
         }
     }
 
-    /// The cached connection to `uri` if it is alive, else a new one.
-    fn connection(&self, uri: &str) -> Result<Connect, VirtError> {
-        let mut conns = lock(&self.conns);
-        if let Some(c) = conns.get(uri) {
-            if c.is_alive().unwrap_or(false) {
-                return Ok(c.clone());
+    /// The module's cached connection to its `libvirt_uri` if it is alive,
+    /// else a new one.
+    fn connection(&self, module: &Module) -> Result<Connect, VirtError> {
+        let key = conn_key(module);
+        {
+            let mut conns = lock(&self.conns);
+            if let Some(c) = conns.get(&key) {
+                if c.is_alive().unwrap_or(false) {
+                    return Ok(c.clone());
+                }
+                tracing::info!(uri = %key.0, module = %key.1, "libvirt connection lost, reconnecting");
+                conns.remove(&key);
             }
-            tracing::info!(uri, "libvirt connection lost, reconnecting");
-            conns.remove(uri);
         }
-        let c = Connect::open(Some(uri))?;
-        conns.insert(uri.to_string(), c.clone());
+        // Opened without the lock: a libvirtd slow to accept must not hold up
+
+        let c = Connect::open(Some(&key.0))?;
+        lock(&self.conns).insert(key, c.clone());
         Ok(c)
     }
 
-    /// Drops the cached connection to `uri` (a broken one; if another call
+    /// Drops the module's cached connection (a broken one; if another call
     /// already replaced it, that one is merely reopened next time).
-    fn forget(&self, uri: &str) {
-        lock(&self.conns).remove(uri);
+    fn forget(&self, module: &Module) {
+        lock(&self.conns).remove(&conn_key(module));
+    }
+
+    /// How many connections are open (tests).
+    pub fn connections(&self) -> usize {
+        lock(&self.conns).len()
     }
 
     /// Runs `f` on the module's connection; on a connection failure, once
@@ -199,14 +218,14 @@ impl LibvirtDriver {
         let mut retried = false;
         loop {
             let conn = self
-                .connection(uri)
+                .connection(module)
                 .map_err(|e| DriverError::failed(format!("connecting to libvirt at {uri}"), e))?;
             match f(&conn) {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let broken = is_connection_error(&e) || !conn.is_alive().unwrap_or(false);
                     if broken {
-                        self.forget(uri);
+                        self.forget(module);
                     }
                     if broken && !retried {
                         tracing::info!(uri, error = %e, "{what}: retrying on a new libvirt connection");
@@ -623,6 +642,22 @@ mod tests {
         d.define(&m).unwrap();
         d.stop(&m).unwrap();
         dom.undefine().unwrap();
+    }
+
+    /// Each module calls libvirt on its own connection, so libvirtd's
+    /// per-connection request limit (`max_client_requests`) does not queue
+    /// one module's start behind another's.
+    #[test]
+    fn one_connection_per_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = module("vmha-conn-a", dir.path());
+        let b = module("vmha-conn-b", dir.path());
+        let d = LibvirtDriver::new();
+        assert_eq!(d.state(&a).unwrap(), VmState::Missing);
+        assert_eq!(d.state(&a).unwrap(), VmState::Missing);
+        assert_eq!(d.connections(), 1, "a module reuses its connection");
+        assert_eq!(d.state(&b).unwrap(), VmState::Missing);
+        assert_eq!(d.connections(), 2, "another module has its own");
     }
 
     #[test]
