@@ -425,7 +425,10 @@ fn idle_and_crash(
     }
     eprintln!(
         "[scale] idle {window:.0} s: vmhad {:.2} % {} KiB, vmha-fs {:.2} % {} KiB ({} processes)",
-        r.vmhad.cpu_percent, r.vmhad.rss_kib, r.vmha_fs.cpu_percent, r.vmha_fs.rss_kib,
+        r.vmhad.cpu_percent,
+        r.vmhad.rss_kib,
+        r.vmha_fs.cpu_percent,
+        r.vmha_fs.rss_kib,
         r.vmha_fs.processes
     );
 
@@ -434,10 +437,10 @@ fn idle_and_crash(
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let w = writers.writes();
-        if modules
-            .iter()
-            .all(|m| w.get(&(m.data_on, m.name.clone())).is_some_and(|v| v.len() >= 2))
-        {
+        if modules.iter().all(|m| {
+            w.get(&(m.data_on, m.name.clone()))
+                .is_some_and(|v| v.len() >= 2)
+        }) {
             break;
         }
         if Instant::now() >= deadline {

@@ -308,7 +308,10 @@ impl VmCluster {
 
     /// Node `i`'s console log of module `name`'s guest, read from the host.
     pub fn console_of(&self, i: usize, name: &str) -> Result<PathBuf> {
-        host_side(self.node(i), &format!("/var/log/libvirt/{name}-console.log"))
+        host_side(
+            self.node(i),
+            &format!("/var/log/libvirt/{name}-console.log"),
+        )
     }
 
     /// Host PID of node `i`'s QEMU running domain `name` (libvirt's pid
@@ -473,7 +476,10 @@ impl VmCluster {
                 node.run("umount", &["-l", m])?;
             }
         }
-        bail!("{}: mounts at the replicated directories survive umount", node.name())
+        bail!(
+            "{}: mounts at the replicated directories survive umount",
+            node.name()
+        )
     }
 
     /// Restarts node `i`'s libvirtd (its guests keep running).
@@ -524,7 +530,11 @@ impl VmCluster {
                     lines[skip..].join("\n")
                 ));
             }
-            for m in self.modules.iter().filter(|m| m.kind == DomainKind::Counter) {
+            for m in self
+                .modules
+                .iter()
+                .filter(|m| m.kind == DomainKind::Counter)
+            {
                 let qlog = node
                     .dir()
                     .join("var-log-libvirt/qemu")

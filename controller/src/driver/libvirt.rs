@@ -56,7 +56,17 @@ pub struct LibvirtDriver {
     /// a stale local definition must not.
     defined: Mutex<HashSet<String>>,
     start_timeout: Duration,
+    /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
+    xml_checked: Mutex<HashMap<String, Instant>>,
+    xml_every: Duration,
 }
+
+/// How often the writer compares libvirt's XML with the replicated file.
+/// Not at every check (every heartbeat interval): fetching the XML and
+/// reading the file through the FUSE mount for 32 modules twice a second
+/// was the largest part of an idle vmhad's and libvirtd's CPU; an operator's
+/// `virsh edit` reaches the file within this.
+pub const XML_REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 impl Default for LibvirtDriver {
     fn default() -> Self {
@@ -163,6 +173,8 @@ impl LibvirtDriver {
             conns: Mutex::new(HashMap::new()),
             defined: Mutex::new(HashSet::new()),
             start_timeout: START_TIMEOUT,
+            xml_checked: Mutex::new(HashMap::new()),
+            xml_every: XML_REFRESH_EVERY,
         }
     }
 
@@ -171,6 +183,14 @@ impl LibvirtDriver {
         LibvirtDriver {
             start_timeout,
             ..LibvirtDriver::new()
+        }
+    }
+
+    /// The driver comparing the XML at every `refresh_xml` call (tests).
+    pub fn with_xml_refresh_every(self, every: Duration) -> LibvirtDriver {
+        LibvirtDriver {
+            xml_every: every,
+            ..self
         }
     }
 
@@ -473,6 +493,17 @@ impl VmDriver for LibvirtDriver {
         if !lock(&self.defined).contains(&module.name) {
             return Ok(false);
         }
+        {
+            let mut checked = lock(&self.xml_checked);
+            let now = Instant::now();
+            if checked
+                .get(&module.name)
+                .is_some_and(|at| now.saturating_duration_since(*at) < self.xml_every)
+            {
+                return Ok(false);
+            }
+            checked.insert(module.name.clone(), now);
+        }
         let path = xml_path(module)?;
         let what = format!("inactive XML of {}", module.domain);
         let Some(xml) = self.with_conn(module, &what, |conn| {
@@ -660,11 +691,36 @@ mod tests {
         assert_eq!(d.connections(), 2, "another module has its own");
     }
 
+    /// Comparing libvirt's XML with the file costs an RPC and a read through
+    /// the mount: at most once per `xml_every` per module.
+    #[test]
+    fn refresh_compares_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-refresh-rate", dir.path());
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::from_secs(3600));
+        d.define(&m).unwrap();
+        assert!(
+            d.refresh_xml(&m).unwrap(),
+            "the first compare writes libvirt's XML"
+        );
+        std::fs::write(xml_path(&m).unwrap(), "stale").unwrap();
+        assert!(
+            !d.refresh_xml(&m).unwrap(),
+            "no second compare within the interval"
+        );
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        conn.lookup_domain_by_name(&m.domain)
+            .unwrap()
+            .undefine()
+            .unwrap();
+    }
+
     #[test]
     fn refresh_rewrites_the_file_only_when_libvirt_differs() {
         let dir = tempfile::tempdir().unwrap();
         let m = module("vmha-refresh", dir.path());
-        let d = LibvirtDriver::new();
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::ZERO);
         write_xml(&m, &test_xml(&m.domain, None, "one"));
         assert!(!d.refresh_xml(&m).unwrap(), "not defined by the driver");
         d.define(&m).unwrap();
