@@ -314,18 +314,25 @@ impl VmCluster {
         )
     }
 
-    /// Host PID of node `i`'s QEMU running domain `name` (libvirt's pid
-    /// file), if it runs.
+    /// Host PID of node `i`'s QEMU running domain `name`, if it runs: found
+    /// by libvirt's `-name guest=NAME,…` argument (libvirt's pid file holds
+    /// the PID inside the node's PID namespace).
     pub fn qemu_pid_of(&self, i: usize, name: &str) -> Result<Option<u32>> {
-        let file = host_side(self.node(i), &format!("/run/libvirt/qemu/{name}.pid"))?;
-        let Ok(text) = fs::read_to_string(&file) else {
-            return Ok(None);
-        };
-        let pid: u32 = text
-            .trim()
-            .parse()
-            .with_context(|| format!("{}: {text:?}", file.display()))?;
-        Ok(Path::new(&format!("/proc/{pid}")).exists().then_some(pid))
+        let want = format!("guest={name},");
+        for pid in self.node(i).pids()? {
+            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue; // exited meanwhile
+            };
+            let mut args = raw.split(|b| *b == 0);
+            let Some(prog) = args.next() else { continue };
+            let is_qemu = Path::new(std::ffi::OsStr::from_bytes(prog))
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"qemu-system"));
+            if is_qemu && args.any(|a| a.starts_with(want.as_bytes())) {
+                return Ok(Some(pid));
+            }
+        }
+        Ok(None)
     }
 
     /// Host PID of node `i`'s `vmhad`, if it runs.
