@@ -262,7 +262,7 @@ impl Writers {
 }
 
 fn is_fuse(dir: &Path) -> bool {
-    rustix::fs::statfs(dir).is_ok_and(|s| i64::from(s.f_type) == FUSE_SUPER_MAGIC)
+    rustix::fs::statfs(dir).is_ok_and(|s| s.f_type == FUSE_SUPER_MAGIC)
 }
 
 /// 4 KiB with the counter at the start, written and fdatasync'ed; the file is
