@@ -40,6 +40,13 @@ bench-failover: deps release
 bench-resync: deps release
 	./target/release/vmha-bench-resync --out bench/results-resync.json
 
+# 32 modules on the two simulated nodes (idle QEMU domains, a writer thread per
+# module): idle CPU, memory, threads and packets per module; then node1 crashes
+# and every module fails over at once (kill -> ALONE, kill -> writes again).
+.PHONY: bench-scale
+bench-scale: deps release
+	./target/release/vmha-bench scale --out bench/results-scale.json
+
 # Debian package target/vmha_<version>-1_amd64.deb (cargo-deb): the three
 # binaries, the systemd units, /etc/vmha/vmha.toml (commented example), man
 # pages and bash/zsh completions generated from the binaries' clap definitions

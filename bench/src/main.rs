@@ -9,6 +9,7 @@ mod jobs;
 mod mounts;
 mod report;
 mod run;
+mod scale;
 mod sysinfo;
 mod targets;
 
@@ -56,6 +57,59 @@ enum Cmd {
     /// Needs root, fio, tc and the packages of .ci/install-deps; vmhad, vmctl
     /// and vmha-fs are taken from next to this binary.
     Failover(FailoverArgs),
+    /// Many modules on one pair (issue 12, item 2): idle cost per module
+    /// (CPU, RSS/PSS, threads of vmhad and vmha-fs, packets per interface)
+    /// and a node1 crash failing its modules over at once (kill → ALONE,
+    /// kill → the module's writer writes again on node2).
+    ///
+    /// Two simulated nodes (the end-to-end setup), DESIGN.md's default
+    /// timeouts; each module's domain is an idle QEMU (no disk, no kernel),
+    /// its data written by a writer thread of this benchmark through the
+    /// node's mount. Needs root and the packages of .ci/install-deps; vmhad,
+    /// vmctl and vmha-fs are taken from next to this binary.
+    Scale(ScaleArgs),
+}
+
+#[derive(Debug, Args)]
+struct ScaleArgs {
+    /// Write all numbers as JSON here.
+    #[arg(long, default_value = "bench/results-scale.json")]
+    out: PathBuf,
+    /// Modules on the pair.
+    #[arg(long, default_value_t = 32)]
+    modules: usize,
+    /// Idle measurement window in seconds.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+    /// Home half of the modules on node2 (active/active) instead of all on
+    /// node1; the crash of node1 then moves only half.
+    #[arg(long)]
+    split: bool,
+    /// Pause between a module writer's writes.
+    #[arg(long, default_value_t = 200)]
+    write_interval_ms: u64,
+}
+
+fn scale(args: ScaleArgs) -> Result<bool> {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    anyhow::ensure!(
+        (1..=32).contains(&args.modules),
+        "--modules must be 1 to 32 (the configuration's limit), not {}",
+        args.modules
+    );
+    let opts = scale::Opts {
+        out: args.out,
+        modules: args.modules,
+        idle_seconds: args.idle_seconds,
+        all_on_node1: !args.split,
+        write_interval_ms: args.write_interval_ms,
+    };
+    let results = scale::run(&opts, &failover::design_timing())?;
+    println!("{}", results.markdown());
+    eprintln!("vmha-bench: wrote {}", opts.out.display());
+    Ok(results.error.is_none())
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +214,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Some(Cmd::Fio(a)) => fio(a),
         Some(Cmd::Failover(a)) => failover(a),
+        Some(Cmd::Scale(a)) => scale(a),
         None => fio(cli.fio),
     };
     match res {

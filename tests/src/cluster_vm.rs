@@ -73,8 +73,119 @@ impl Default for Timing {
 
 pub use crate::bin::workspace_bin;
 
-/// The cluster configuration (identical on both nodes).
+/// What runs as a module's libvirt domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainKind {
+    /// The counter guest (TCG, direct kernel boot) on a qcow2 disk in the
+    /// module's replicated directory; its console is [`ClusterModule::console`].
+    Counter,
+    /// A domain with no disk, no kernel and 32 MiB of RAM: QEMU sits idle in
+    /// its firmware (no bootable device). For benchmarks with more modules
+    /// than TCG guests fit on the machine; the module's data is then written
+    /// by a process outside the domain.
+    Idle,
+}
+
+/// One `[[module]]` of the test cluster: its libvirt domain has the same name,
+/// its replicated directory is `/var/lib/libvirt/images/NAME`.
+#[derive(Debug, Clone)]
+pub struct ClusterModule {
+    /// Module and domain name.
+    pub name: String,
+    /// Replication port.
+    pub port: u16,
+    /// `default_primary` (a node index), if any.
+    pub default_primary: Option<usize>,
+    /// The node whose replicated directory holds the initial data (the disk
+    /// and `NAME.xml`): the first `vmctl prim` goes there.
+    pub data_on: usize,
+    /// What the domain runs.
+    pub kind: DomainKind,
+}
+
+impl ClusterModule {
+    /// A module with its data on node `data_on` and no `default_primary`.
+    pub fn new(name: &str, port: u16, data_on: usize, kind: DomainKind) -> Self {
+        Self {
+            name: name.to_string(),
+            port,
+            default_primary: None,
+            data_on,
+            kind,
+        }
+    }
+
+    /// The module's replicated directory inside each node.
+    pub fn dir(&self) -> String {
+        format!("/var/lib/libvirt/images/{}", self.name)
+    }
+
+    /// The guest's console log inside each node.
+    pub fn console(&self) -> String {
+        format!("/var/log/libvirt/{}-console.log", self.name)
+    }
+
+    fn toml(&self, t: &Timing) -> String {
+        let default_primary = self
+            .default_primary
+            .map(|i| format!("default_primary = \"node{}\"\n", i + 1))
+            .unwrap_or_default();
+        format!(
+            r#"
+[[module]]
+name = "{name}"
+domain = "{name}"
+libvirt_uri = "qemu:///system"
+replicated = ["{dir}"]
+port = {port}
+replication_network = 1
+{default_primary}failover = true
+lock_timeout_ms = {lt}
+stop_timeout_s = {st}
+maxloop = {ml}
+loop_interval_s = 86400
+"#,
+            name = self.name,
+            dir = self.dir(),
+            port = self.port,
+            lt = t.lock_timeout_ms,
+            st = t.stop_timeout_s,
+            ml = t.maxloop,
+        )
+    }
+}
+
+/// The module of [`VmCluster::new`]: `vm1`, the counter guest, data on node1.
+pub fn default_module() -> ClusterModule {
+    ClusterModule::new(MODULE, 7101, 0, DomainKind::Counter)
+}
+
+/// The libvirt domain of a [`DomainKind::Idle`] module.
+pub fn idle_domain_xml(name: &str) -> String {
+    format!(
+        r#"<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"#
+    )
+}
+
+/// The cluster configuration (identical on both nodes) with module `vm1`.
 pub fn config_toml(t: &Timing) -> String {
+    config_toml_with(t, &[default_module()])
+}
+
+/// The cluster configuration (identical on both nodes) with `modules`.
+pub fn config_toml_with(t: &Timing, modules: &[ClusterModule]) -> String {
     let addrs = |i: u8| {
         format!(
             "[\"{}\", \"{}\"]",
@@ -82,7 +193,7 @@ pub fn config_toml(t: &Timing) -> String {
             Network::Dedicated.address(i)
         )
     };
-    format!(
+    let mut text = format!(
         r#"[cluster]
 name = "test"
 key_file = "{KEY_FILE}"
@@ -101,28 +212,17 @@ addresses = {a1}
 name = "node2"
 addresses = {a2}
 
-[[module]]
-name = "{MODULE}"
-domain = "{MODULE}"
-libvirt_uri = "qemu:///system"
-replicated = ["{REPLICATED}"]
-port = 7101
-replication_network = 1
-failover = true
-lock_timeout_ms = {lt}
-stop_timeout_s = {st}
-maxloop = {ml}
-loop_interval_s = 86400
 "#,
         hb = t.heartbeat_interval_ms,
         fo = t.failover_timeout_ms,
         sw = t.start_wait_ms,
-        lt = t.lock_timeout_ms,
-        st = t.stop_timeout_s,
-        ml = t.maxloop,
         a1 = addrs(0),
         a2 = addrs(1),
-    )
+    );
+    for m in modules {
+        text.push_str(&m.toml(t));
+    }
+    text
 }
 
 /// Two nodes with libvirt, the key, the configuration and the guest's disk and
@@ -137,6 +237,7 @@ pub struct VmCluster {
     vmctl_bin: PathBuf,
     vmha_fs_bin: PathBuf,
     image: GuestImage,
+    modules: Vec<ClusterModule>,
 }
 
 impl VmCluster {
@@ -144,6 +245,13 @@ impl VmCluster {
     /// writes the key, the configuration, and the guest's disk + `vm1.xml` into
     /// node1's replicated directory (node2's is empty).
     pub fn new(timing: &Timing) -> Result<Self> {
+        Self::with_modules(timing, vec![default_module()])
+    }
+
+    /// Like [`VmCluster::new`] with `modules`: each one's directory exists on
+    /// both nodes, its data (disk and XML, or only the XML of an idle domain)
+    /// in the directory of its `data_on` node.
+    pub fn with_modules(timing: &Timing, modules: Vec<ClusterModule>) -> Result<Self> {
         let vmhad_bin = workspace_bin("vmhad", "VMHAD_BIN")?;
         let vmctl_bin = workspace_bin("vmctl", "VMCTL_BIN")?;
         let vmha_fs_bin = crate::bin::vmha_fs_bin()?;
@@ -156,20 +264,31 @@ impl VmCluster {
             .arg("keygen")
             .arg(&key))?;
         let config = cluster.dir().join("vmha.toml");
-        fs::write(&config, config_toml(timing)).context("writing the configuration")?;
+        fs::write(&config, config_toml_with(timing, &modules))
+            .context("writing the configuration")?;
         for node in cluster.nodes() {
             let k = host_side(node, KEY_FILE)?;
             if let Some(parent) = k.parent() {
                 fs::create_dir_all(parent)?;
             }
             fs::copy(&key, &k).with_context(|| format!("copying the key to {}", k.display()))?;
-            fs::create_dir_all(host_side(node, REPLICATED)?)?;
+            for m in &modules {
+                fs::create_dir_all(host_side(node, &m.dir())?)?;
+            }
         }
-        let dir1 = host_side(cluster.node(0), REPLICATED)?;
-        let disk = Path::new(REPLICATED).join(format!("{MODULE}.qcow2"));
-        create_disk(&dir1.join(format!("{MODULE}.qcow2")), 64)?;
-        let xml = domain_xml(&image, &DomainSpec::new(MODULE, &disk, CONSOLE));
-        fs::write(dir1.join(format!("{MODULE}.xml")), xml).context("writing vm1.xml")?;
+        for m in &modules {
+            let dir = host_side(cluster.node(m.data_on), &m.dir())?;
+            let xml = match m.kind {
+                DomainKind::Counter => {
+                    let disk = Path::new(&m.dir()).join(format!("{}.qcow2", m.name));
+                    create_disk(&dir.join(format!("{}.qcow2", m.name)), 64)?;
+                    domain_xml(&image, &DomainSpec::new(&m.name, &disk, m.console()))
+                }
+                DomainKind::Idle => idle_domain_xml(&m.name),
+            };
+            fs::write(dir.join(format!("{}.xml", m.name)), xml)
+                .with_context(|| format!("writing {}.xml", m.name))?;
+        }
         Ok(Self {
             vmhad: vec![None, None],
             cluster,
@@ -178,7 +297,47 @@ impl VmCluster {
             vmctl_bin,
             vmha_fs_bin,
             image,
+            modules,
         })
+    }
+
+    /// The configured modules.
+    pub fn modules(&self) -> &[ClusterModule] {
+        &self.modules
+    }
+
+    /// Node `i`'s console log of module `name`'s guest, read from the host.
+    pub fn console_of(&self, i: usize, name: &str) -> Result<PathBuf> {
+        host_side(
+            self.node(i),
+            &format!("/var/log/libvirt/{name}-console.log"),
+        )
+    }
+
+    /// Host PID of node `i`'s QEMU running domain `name`, if it runs: found
+    /// by libvirt's `-name guest=NAME,…` argument (libvirt's pid file holds
+    /// the PID inside the node's PID namespace).
+    pub fn qemu_pid_of(&self, i: usize, name: &str) -> Result<Option<u32>> {
+        let want = format!("guest={name},");
+        for pid in self.node(i).pids()? {
+            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue; // exited meanwhile
+            };
+            let mut args = raw.split(|b| *b == 0);
+            let Some(prog) = args.next() else { continue };
+            let is_qemu = Path::new(std::ffi::OsStr::from_bytes(prog))
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"qemu-system"));
+            if is_qemu && args.any(|a| a.starts_with(want.as_bytes())) {
+                return Ok(Some(pid));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Host PID of node `i`'s `vmhad`, if it runs.
+    pub fn vmhad_pid(&self, i: usize) -> Result<Option<u32>> {
+        Ok(self.pids_of(i, "vmhad", "--config")?.first().copied())
     }
 
     /// The simulated nodes.
@@ -332,16 +491,23 @@ impl VmCluster {
         for _ in 0..16 {
             let text = fs::read_to_string(&mountinfo)
                 .with_context(|| format!("reading {}", mountinfo.display()))?;
-            let stacked = text
+            let dirs: Vec<String> = self.modules.iter().map(ClusterModule::dir).collect();
+            let stacked: Vec<&str> = text
                 .lines()
-                .filter(|l| l.split(' ').nth(4) == Some(REPLICATED))
-                .count();
-            if stacked == 0 {
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| dirs.iter().any(|d| d == m))
+                .collect();
+            if stacked.is_empty() {
                 return self.cluster.node_mut(i).start_libvirt(LIBVIRT_TIMEOUT);
             }
-            node.run("umount", &["-l", REPLICATED])?;
+            for m in stacked {
+                node.run("umount", &["-l", m])?;
+            }
         }
-        bail!("{}: mounts at {REPLICATED} survive umount", node.name())
+        bail!(
+            "{}: mounts at the replicated directories survive umount",
+            node.name()
+        )
     }
 
     /// Restarts node `i`'s libvirtd (its guests keep running).
@@ -392,16 +558,23 @@ impl VmCluster {
                     lines[skip..].join("\n")
                 ));
             }
-            let qlog = node
-                .dir()
-                .join("var-log-libvirt/qemu")
-                .join(format!("{MODULE}.log"));
-            if let Ok(text) = fs::read_to_string(&qlog) {
-                let tail: Vec<&str> = text.lines().rev().take(10).collect();
-                out.push_str(&format!(
-                    "--- qemu log tail ---\n{}\n",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                ));
+            for m in self
+                .modules
+                .iter()
+                .filter(|m| m.kind == DomainKind::Counter)
+            {
+                let qlog = node
+                    .dir()
+                    .join("var-log-libvirt/qemu")
+                    .join(format!("{}.log", m.name));
+                if let Ok(text) = fs::read_to_string(&qlog) {
+                    let tail: Vec<&str> = text.lines().rev().take(10).collect();
+                    out.push_str(&format!(
+                        "--- qemu log tail of {} ---\n{}\n",
+                        m.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    ));
+                }
             }
         }
         out

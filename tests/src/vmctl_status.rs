@@ -64,3 +64,24 @@ pub fn wait_status(
 pub fn diag<T>(vc: &VmCluster, r: Result<T>) -> Result<T> {
     r.map_err(|e| e.context(format!("diagnostics:\n{}", vc.diagnostics())))
 }
+
+/// Module `name`'s entry in a status document.
+pub fn module<'a>(s: &'a Value, name: &str) -> Option<&'a Value> {
+    s["modules"].as_array()?.iter().find(|m| m["name"] == name)
+}
+
+/// Module `name`'s state on `node` (PRIM, SECOND, …), None when unreachable
+/// or not listed.
+pub fn module_state<'a>(s: &'a Value, name: &str, node: &str) -> Option<&'a str> {
+    module(s, name)?["nodes"][node]["state"].as_str()
+}
+
+/// Whether module `name` is ready (green) on `node`.
+pub fn module_ready(s: &Value, name: &str, node: &str) -> bool {
+    module(s, name).is_some_and(|m| m["nodes"][node]["readiness"].as_str() == Some("ready"))
+}
+
+/// The node running module `name`, if any.
+pub fn module_primary<'a>(s: &'a Value, name: &str) -> Option<&'a str> {
+    module(s, name)?["primary"].as_str()
+}

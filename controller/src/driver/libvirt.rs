@@ -1,7 +1,10 @@
 //! libvirt through the `virt` crate (the C library's bindings).
 //!
-//! One connection per `libvirt_uri`, opened on first use and shared by the
-//! modules. A connection that fails (libvirtd restarted or stopped) is dropped
+//! One connection per module (and `libvirt_uri`), opened on first use. Not one
+//! shared by all modules: libvirtd serves at most `max_client_requests` (5 by
+//! default) calls of one connection at a time and queues the rest, so 32
+//! modules failing over at once would start their domains five at a time
+//! behind each other's state polls. A connection that fails (libvirtd restarted or stopped) is dropped
 //! and the call is retried once on a fresh one, so a restarted libvirtd never
 //! wedges the daemon. Every call blocks; the daemon runs them with
 //! `spawn_blocking`.
@@ -46,13 +49,24 @@ const UNDEFINE_FLAGS: [sys::virDomainUndefineFlagsValues; 3] = [
 /// The `virt`-crate driver. Cheap to create; connects on first use.
 #[derive(Debug)]
 pub struct LibvirtDriver {
-    conns: Mutex<HashMap<String, Connect>>,
+    /// By (uri, module name).
+    conns: Mutex<HashMap<(String, String), Connect>>,
     /// Modules whose domain this driver defined from the replicated XML (the
     /// last `define` succeeded): only their definition may overwrite the file,
     /// a stale local definition must not.
     defined: Mutex<HashSet<String>>,
     start_timeout: Duration,
+    /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
+    xml_checked: Mutex<HashMap<String, Instant>>,
+    xml_every: Duration,
 }
+
+/// How often the writer compares libvirt's XML with the replicated file.
+/// Not at every check (every heartbeat interval): fetching the XML and
+/// reading the file through the FUSE mount for 32 modules twice a second
+/// was the largest part of an idle vmhad's and libvirtd's CPU; an operator's
+/// `virsh edit` reaches the file within this.
+pub const XML_REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 impl Default for LibvirtDriver {
     fn default() -> Self {
@@ -62,6 +76,10 @@ impl Default for LibvirtDriver {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn conn_key(module: &Module) -> (String, String) {
+    (module.libvirt_uri.clone(), module.name.clone())
 }
 
 /// Whether `e` means the connection itself is gone (rather than the call
@@ -155,6 +173,8 @@ impl LibvirtDriver {
             conns: Mutex::new(HashMap::new()),
             defined: Mutex::new(HashSet::new()),
             start_timeout: START_TIMEOUT,
+            xml_checked: Mutex::new(HashMap::new()),
+            xml_every: XML_REFRESH_EVERY,
         }
     }
 
@@ -166,25 +186,44 @@ impl LibvirtDriver {
         }
     }
 
-    /// The cached connection to `uri` if it is alive, else a new one.
-    fn connection(&self, uri: &str) -> Result<Connect, VirtError> {
-        let mut conns = lock(&self.conns);
-        if let Some(c) = conns.get(uri) {
-            if c.is_alive().unwrap_or(false) {
-                return Ok(c.clone());
-            }
-            tracing::info!(uri, "libvirt connection lost, reconnecting");
-            conns.remove(uri);
+    /// The driver comparing the XML at every `refresh_xml` call (tests).
+    pub fn with_xml_refresh_every(self, every: Duration) -> LibvirtDriver {
+        LibvirtDriver {
+            xml_every: every,
+            ..self
         }
-        let c = Connect::open(Some(uri))?;
-        conns.insert(uri.to_string(), c.clone());
+    }
+
+    /// The module's cached connection to its `libvirt_uri` if it is alive,
+    /// else a new one.
+    fn connection(&self, module: &Module) -> Result<Connect, VirtError> {
+        let key = conn_key(module);
+        {
+            let mut conns = lock(&self.conns);
+            if let Some(c) = conns.get(&key) {
+                if c.is_alive().unwrap_or(false) {
+                    return Ok(c.clone());
+                }
+                tracing::info!(uri = %key.0, module = %key.1, "libvirt connection lost, reconnecting");
+                conns.remove(&key);
+            }
+        }
+        // Opened without the lock: a libvirtd slow to accept must not hold up
+
+        let c = Connect::open(Some(&key.0))?;
+        lock(&self.conns).insert(key, c.clone());
         Ok(c)
     }
 
-    /// Drops the cached connection to `uri` (a broken one; if another call
+    /// Drops the module's cached connection (a broken one; if another call
     /// already replaced it, that one is merely reopened next time).
-    fn forget(&self, uri: &str) {
-        lock(&self.conns).remove(uri);
+    fn forget(&self, module: &Module) {
+        lock(&self.conns).remove(&conn_key(module));
+    }
+
+    /// How many connections are open (tests).
+    pub fn connections(&self) -> usize {
+        lock(&self.conns).len()
     }
 
     /// Runs `f` on the module's connection; on a connection failure, once
@@ -199,14 +238,14 @@ impl LibvirtDriver {
         let mut retried = false;
         loop {
             let conn = self
-                .connection(uri)
+                .connection(module)
                 .map_err(|e| DriverError::failed(format!("connecting to libvirt at {uri}"), e))?;
             match f(&conn) {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let broken = is_connection_error(&e) || !conn.is_alive().unwrap_or(false);
                     if broken {
-                        self.forget(uri);
+                        self.forget(module);
                     }
                     if broken && !retried {
                         tracing::info!(uri, error = %e, "{what}: retrying on a new libvirt connection");
@@ -454,6 +493,17 @@ impl VmDriver for LibvirtDriver {
         if !lock(&self.defined).contains(&module.name) {
             return Ok(false);
         }
+        {
+            let mut checked = lock(&self.xml_checked);
+            let now = Instant::now();
+            if checked
+                .get(&module.name)
+                .is_some_and(|at| now.saturating_duration_since(*at) < self.xml_every)
+            {
+                return Ok(false);
+            }
+            checked.insert(module.name.clone(), now);
+        }
         let path = xml_path(module)?;
         let what = format!("inactive XML of {}", module.domain);
         let Some(xml) = self.with_conn(module, &what, |conn| {
@@ -625,11 +675,52 @@ mod tests {
         dom.undefine().unwrap();
     }
 
+    /// Each module calls libvirt on its own connection, so libvirtd's
+    /// per-connection request limit (`max_client_requests`) does not queue
+    /// one module's start behind another's.
+    #[test]
+    fn one_connection_per_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = module("vmha-conn-a", dir.path());
+        let b = module("vmha-conn-b", dir.path());
+        let d = LibvirtDriver::new();
+        assert_eq!(d.state(&a).unwrap(), VmState::Missing);
+        assert_eq!(d.state(&a).unwrap(), VmState::Missing);
+        assert_eq!(d.connections(), 1, "a module reuses its connection");
+        assert_eq!(d.state(&b).unwrap(), VmState::Missing);
+        assert_eq!(d.connections(), 2, "another module has its own");
+    }
+
+    /// Comparing libvirt's XML with the file costs an RPC and a read through
+    /// the mount: at most once per `xml_every` per module.
+    #[test]
+    fn refresh_compares_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-refresh-rate", dir.path());
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::from_secs(3600));
+        d.define(&m).unwrap();
+        assert!(
+            d.refresh_xml(&m).unwrap(),
+            "the first compare writes libvirt's XML"
+        );
+        std::fs::write(xml_path(&m).unwrap(), "stale").unwrap();
+        assert!(
+            !d.refresh_xml(&m).unwrap(),
+            "no second compare within the interval"
+        );
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        conn.lookup_domain_by_name(&m.domain)
+            .unwrap()
+            .undefine()
+            .unwrap();
+    }
+
     #[test]
     fn refresh_rewrites_the_file_only_when_libvirt_differs() {
         let dir = tempfile::tempdir().unwrap();
         let m = module("vmha-refresh", dir.path());
-        let d = LibvirtDriver::new();
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::ZERO);
         write_xml(&m, &test_xml(&m.domain, None, "one"));
         assert!(!d.refresh_xml(&m).unwrap(), "not defined by the driver");
         d.define(&m).unwrap();
