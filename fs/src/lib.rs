@@ -35,3 +35,5 @@ pub(crate) mod statedir;
 pub mod status;
 pub mod track;
 pub mod wire;
+
+pub use link::Protocol;

@@ -199,6 +199,12 @@ pub enum Message {
         complete: bool,
         entries: u64,
     },
+    /// Like `Op`, and the receiver confirms receipt (`Received`) before it
+    /// applies it: a write of protocol B.
+    OpReceipt { seq: u64, op: Op },
+    /// The receiver has read every operation up to `upto` (it applies them
+    /// whatever happens to the connection now).
+    Received { upto: u64 },
 }
 
 /// Per-direction MAC keys of an authenticated session.
@@ -557,6 +563,10 @@ impl<W: Write> FrameWriter<W> {
             Message::Op {
                 op: Op::Write { data, .. },
                 ..
+            }
+            | Message::OpReceipt {
+                op: Op::Write { data, .. },
+                ..
             } => data,
             _ => &[],
         };
@@ -713,6 +723,8 @@ impl Message {
             Message::Ping => "Ping",
             Message::ReportPart(_) => "ReportPart",
             Message::ReportEnd { .. } => "ReportEnd",
+            Message::OpReceipt { .. } => "OpReceipt",
+            Message::Received { .. } => "Received",
         }
     }
 }
@@ -730,6 +742,10 @@ pub fn decode_message(meta: &[u8], data: Vec<u8>) -> Result<Message, WireError> 
     }
     match &mut msg {
         Message::Op {
+            op: Op::Write { data: payload, .. },
+            ..
+        }
+        | Message::OpReceipt {
             op: Op::Write { data: payload, .. },
             ..
         } => *payload = Payload::Owned(std::sync::Arc::new(data)),
