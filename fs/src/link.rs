@@ -34,7 +34,7 @@ pub type Completion = Box<dyn FnOnce(Result<(), Errno>) + Send>;
 /// When a data write is acknowledged to the writer (the module's `protocol`,
 /// named after DRBD's). Namespace and metadata changes always wait for the
 /// peer's outcome; an fsync always waits until both nodes synced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     /// A write returns once applied on both nodes (in the peer's page cache).
     #[default]
@@ -47,6 +47,7 @@ pub enum Protocol {
     /// every fsync/fdatasync and every O_SYNC/O_DSYNC write returns only when
     /// both nodes synced everything before it: the contract of a disk with a
     /// volatile write cache. Writes not yet on the peer stay in the activity log.
+    #[serde(rename = "flush")]
     Flush,
 }
 

@@ -203,7 +203,9 @@ impl VmhaFsDriver {
                     cmd.arg("--peer")
                         .arg(self.address(self.local.peer(), module, i)?.to_string())
                         .arg("--lock-timeout-ms")
-                        .arg(module.lock_timeout_ms.to_string());
+                        .arg(module.lock_timeout_ms.to_string())
+                        .arg("--protocol")
+                        .arg(module.protocol.name());
                     if module.rate_limit_mb_s > 0 {
                         cmd.arg("--rate-limit-mb-s")
                             .arg(module.rate_limit_mb_s.to_string());
