@@ -29,6 +29,8 @@ pub struct PairOptions {
     pub primary_backing_in: Option<PathBuf>,
     /// Likewise for the secondary's replica dir.
     pub secondary_backing_in: Option<PathBuf>,
+    /// `--protocol` of the primary (`None`: not passed, the default C).
+    pub protocol: Option<&'static str>,
 }
 
 impl Default for PairOptions {
@@ -38,6 +40,7 @@ impl Default for PairOptions {
             mount_over: false,
             primary_backing_in: None,
             secondary_backing_in: None,
+            protocol: None,
         }
     }
 }
@@ -195,6 +198,9 @@ impl Pair {
             .arg(&self.key_file)
             .arg("--lock-timeout-ms")
             .arg(self.opts.lock_timeout_ms.to_string());
+        if let Some(protocol) = self.opts.protocol {
+            c.args(["--protocol", protocol]);
+        }
         c
     }
 
