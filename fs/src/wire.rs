@@ -38,8 +38,8 @@ use crate::op::{Control, Op};
 
 /// 3: the handshake binds the module and port; 4: the receiver's report streams
 /// in `ReportPart` frames; 5: the sync's instructions travel as `Control`, apart
-/// from the replicated `Op`s.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// from the replicated `Op`s; 6: `OpReceipt` / `Received` (protocol B).
+pub const PROTOCOL_VERSION: u16 = 6;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
