@@ -400,8 +400,9 @@ mod tests {
         };
         res.compute_ratios();
         let two = res.runs[2].vs_two_copies.clone();
-        assert!(two.is_some_and(|v| (v.throughput - 0.5).abs() < 1e-9
-            && v.durable_write_time == Some(2.0)));
+        assert!(two.is_some_and(
+            |v| (v.throughput - 0.5).abs() < 1e-9 && v.durable_write_time == Some(2.0)
+        ));
         assert!(res.runs[1].vs_two_copies.is_none());
         let v = res.runs[2].vs_local.clone();
         assert!(v

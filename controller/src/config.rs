@@ -1532,8 +1532,8 @@ default_primary = "node1"
     #[test]
     fn protocol_is_per_module_defaults_to_c_and_rejects_unknown_names() {
         let vm2 = "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102";
-        let config = Config::from_toml_str(&with_module(&format!("{vm2}\nprotocol = \"flush\"")))
-            .unwrap();
+        let config =
+            Config::from_toml_str(&with_module(&format!("{vm2}\nprotocol = \"flush\""))).unwrap();
         assert_eq!(config.module("vm1").unwrap().protocol, vmha_fs::Protocol::C);
         assert_eq!(
             config.module("vm2").unwrap().protocol,
@@ -1543,7 +1543,10 @@ default_primary = "node1"
         assert_eq!(b.module("vm2").unwrap().protocol, vmha_fs::Protocol::B);
         let bad = with_module(&format!("{vm2}\nprotocol = \"A\""));
         let problems = check_text(&bad).unwrap_err();
-        let text: Vec<String> = problems.iter().map(|p| p.render("vmha.toml", &bad)).collect();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| p.render("vmha.toml", &bad))
+            .collect();
         assert!(
             text.iter()
                 .any(|l| l.contains("module[1].protocol") && l.contains("flush")),

@@ -74,7 +74,9 @@ impl std::str::FromStr for Protocol {
             "C" => Ok(Protocol::C),
             "B" => Ok(Protocol::B),
             "flush" => Ok(Protocol::Flush),
-            other => Err(format!("unknown protocol {other:?}; expected C, B or flush")),
+            other => Err(format!(
+                "unknown protocol {other:?}; expected C, B or flush"
+            )),
         }
     }
 }
@@ -255,7 +257,10 @@ impl Shared {
 
 /// Whether the operation `seq` just queued waits for a receipt.
 fn p_receipt_wanted(shared: &Shared, seq: u64) -> bool {
-    shared.pending.get(&seq).is_some_and(|p| p.receipt.is_some())
+    shared
+        .pending
+        .get(&seq)
+        .is_some_and(|p| p.receipt.is_some())
 }
 
 /// Called when the link fails with operations whose outcome on the peer is unknown.

@@ -592,10 +592,7 @@ fn run_session(
             // A receipt still owed (the input ended with a ping).
             if let Some(upto) = receipt.take() {
                 let mut w = writer.lock();
-                if let Err(e) = w
-                    .send(&Message::Received { upto })
-                    .and_then(|()| w.flush())
-                {
+                if let Err(e) = w.send(&Message::Received { upto }).and_then(|()| w.flush()) {
                     break Err(e);
                 }
             }
@@ -645,10 +642,7 @@ fn run_session(
             if reader.buffered() == 0 {
                 receipt = None;
                 let mut w = writer.lock();
-                if let Err(e) = w
-                    .send(&Message::Received { upto })
-                    .and_then(|()| w.flush())
-                {
+                if let Err(e) = w.send(&Message::Received { upto }).and_then(|()| w.flush()) {
                     break Err(e);
                 }
             }

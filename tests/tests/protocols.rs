@@ -115,7 +115,11 @@ fn primary_kill_keeps(protocol: &'static str, every_acknowledged: bool) -> Resul
     let pair = write_then_kill_primary(protocol)?;
     let replica = pair.secondary_backing().join("disk.img");
     expect_on_survivor(&replica, 0..N, &format!("{protocol}: fsynced writes"))?;
-    expect_on_survivor(&replica, 2 * N..3 * N, &format!("{protocol}: O_DSYNC writes"))?;
+    expect_on_survivor(
+        &replica,
+        2 * N..3 * N,
+        &format!("{protocol}: O_DSYNC writes"),
+    )?;
     if every_acknowledged {
         expect_on_survivor(
             &replica,
@@ -151,7 +155,10 @@ fn an_unknown_protocol_is_refused_with_a_clear_message() -> Result<()> {
         .context("run vmha-fs primary")?;
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || !err.contains("expected C, B or flush") {
-        bail!("expected a refusal naming C, B, flush; got {}: {err}", out.status);
+        bail!(
+            "expected a refusal naming C, B, flush; got {}: {err}",
+            out.status
+        );
     }
     Ok(())
 }
