@@ -109,7 +109,12 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         error: None,
     };
     let (size_bytes, work) = (ctx.size_bytes, &ctx.work);
-    let copies = target.kind.copies();
+    // Reads come from one copy: the two-copies baseline of a read is local's.
+    let copies = if job.writes() {
+        target.kind.copies()
+    } else {
+        1
+    };
     let file_name = format!("{}.dat", job.name);
     let file = target.dir.join(&file_name);
     let stem = work.join(format!("{}-{}", job.name, target.kind.name()));
