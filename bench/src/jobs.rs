@@ -25,13 +25,22 @@ impl Job {
 }
 
 /// All jobs, in run order.
-pub const ALL: [Job; 5] = [
+pub const ALL: [Job; 6] = [
     Job {
         name: "seqwrite",
         rw: "write",
         bs: "1M",
         iodepth: 4,
         ioengine: "libaio",
+        fdatasync: false,
+    },
+    // One 1 MiB write at a time: the latency of a large write, no overlap.
+    Job {
+        name: "seqwrite-qd1",
+        rw: "write",
+        bs: "1M",
+        iodepth: 1,
+        ioengine: "psync",
         fdatasync: false,
     },
     Job {
@@ -94,10 +103,37 @@ pub fn select(list: Option<&str>) -> Result<Vec<Job>> {
         .collect())
 }
 
+/// The files one job writes: `file` itself, and with `copies` = 2 a twin next to
+/// it written at the same time (the "two copies on one disk" baseline).
+pub fn copy_files(file: &Path, copies: u32) -> Vec<std::path::PathBuf> {
+    (0..copies.max(1))
+        .map(|i| {
+            if i == 0 {
+                file.to_path_buf()
+            } else {
+                let mut name = file.as_os_str().to_owned();
+                name.push(format!(".copy{i}"));
+                name.into()
+            }
+        })
+        .collect()
+}
+
+/// One job section per copy, each on its own file, all running at once.
+fn sections(out: &mut String, name: &str, file: &Path, copies: u32) {
+    for (i, f) in copy_files(file, copies).iter().enumerate() {
+        if i == 0 {
+            let _ = writeln!(out, "[{name}]");
+        } else {
+            let _ = writeln!(out, "[{name}-copy{i}]");
+        }
+        let _ = writeln!(out, "filename={}", f.display());
+    }
+}
+
 /// Options shared by the measured job and the prefill.
-fn global(out: &mut String, file: &Path, size: &str) {
+fn global(out: &mut String, size: &str) {
     let _ = writeln!(out, "[global]");
-    let _ = writeln!(out, "filename={}", file.display());
     let _ = writeln!(out, "size={size}");
     // The file is prefilled; never let fio preallocate or re-lay it out
     // (FUSE fallocate support differs between targets).
@@ -106,14 +142,15 @@ fn global(out: &mut String, file: &Path, size: &str) {
     let _ = writeln!(out, "group_reporting=1");
 }
 
-/// The measured job: time based, O_DIRECT.
-pub fn job_file(job: &Job, file: &Path, size: &str, runtime_s: u64) -> String {
+/// The measured job: time based, O_DIRECT. With `copies` > 1 the same job runs
+/// that many times at once, each on its own file (fio sums them: divide by
+/// `copies` for the rate of one copy).
+pub fn job_file(job: &Job, file: &Path, size: &str, runtime_s: u64, copies: u32) -> String {
     let mut s = String::new();
-    global(&mut s, file, size);
+    global(&mut s, size);
     let _ = writeln!(s, "time_based=1");
     let _ = writeln!(s, "runtime={runtime_s}");
     let _ = writeln!(s, "direct=1");
-    let _ = writeln!(s, "[{}]", job.name);
     let _ = writeln!(s, "rw={}", job.rw);
     let _ = writeln!(s, "bs={}", job.bs);
     let _ = writeln!(s, "iodepth={}", job.iodepth);
@@ -121,19 +158,20 @@ pub fn job_file(job: &Job, file: &Path, size: &str, runtime_s: u64) -> String {
     if job.fdatasync {
         let _ = writeln!(s, "fdatasync=1");
     }
+    sections(&mut s, job.name, file, copies);
     s
 }
 
 /// Writes the whole file once before timing, so every target measures
 /// overwrites/reads of allocated data, not hole filling.
-pub fn prefill_file(file: &Path, size: &str) -> String {
+pub fn prefill_file(file: &Path, size: &str, copies: u32) -> String {
     let mut s = String::new();
-    global(&mut s, file, size);
-    let _ = writeln!(s, "[prefill]");
+    global(&mut s, size);
     let _ = writeln!(s, "rw=write");
     let _ = writeln!(s, "bs=1M");
     let _ = writeln!(s, "ioengine=psync");
     let _ = writeln!(s, "end_fsync=1");
+    sections(&mut s, "prefill", file, copies);
     s
 }
 
@@ -154,9 +192,29 @@ mod tests {
     }
 
     #[test]
+    fn two_copies_run_two_jobs_on_two_files_at_once() {
+        let job = ALL[2];
+        let text = job_file(&job, Path::new("/x/y.dat"), "1G", 20, 2);
+        assert!(text.contains("[randwrite-sync]\nfilename=/x/y.dat\n"));
+        assert!(text.contains("[randwrite-sync-copy1]\nfilename=/x/y.dat.copy1\n"));
+        // Concurrent: no stonewall between them.
+        assert!(!text.contains("stonewall"));
+        let prefill = prefill_file(Path::new("/x/y.dat"), "1G", 2);
+        assert!(prefill.contains("filename=/x/y.dat.copy1\n"));
+        let one = job_file(&job, Path::new("/x/y.dat"), "1G", 20, 1);
+        assert!(!one.contains("copy1"));
+    }
+
+    #[test]
+    fn qd1_sequential_job_is_psync_1m() {
+        let job = select(Some("seqwrite-qd1")).unwrap_or_default()[0];
+        assert_eq!((job.bs, job.iodepth, job.ioengine), ("1M", 1, "psync"));
+    }
+
+    #[test]
     fn sync_job_file_has_fdatasync_and_psync() {
-        let job = ALL[1];
-        let text = job_file(&job, Path::new("/x/y.dat"), "1G", 20);
+        let job = ALL[2];
+        let text = job_file(&job, Path::new("/x/y.dat"), "1G", 20, 1);
         assert!(text.contains("fdatasync=1\n"));
         assert!(text.contains("ioengine=psync\n"));
         assert!(text.contains("filename=/x/y.dat\n"));

@@ -35,10 +35,13 @@ enum Cmd {
     /// percentiles and the ratio to `local`.
     ///
     /// Jobs (all direct=1, time based, one file per job written fully first):
-    /// seqwrite (1M qd4 libaio), randwrite-sync (4k qd1 psync + fdatasync
-    /// after each write), randwrite-qd16, randread-qd16 (4k libaio), seqread
-    /// (1M qd4). For each job the targets run back to back (local, vmha,
-    /// bindfs), with the page cache dropped before every measured run.
+    /// seqwrite (1M qd4 libaio), seqwrite-qd1 (1M qd1 psync), randwrite-sync
+    /// (4k qd1 psync + fdatasync after each write), randwrite-qd16,
+    /// randread-qd16 (4k libaio), seqread (1M qd4). For each job the targets
+    /// run back to back (local, two-copies, vmha with each protocol, bindfs),
+    /// with the page cache dropped before every measured run. `two-copies`
+    /// runs the job twice at once on two local files (rates per copy): the
+    /// best any two-copy system reaches on this one disk.
     /// Needs root (FUSE mounts, drop_caches), fio and bindfs; vmha-fs is
     /// taken from $VMHA_FS_BIN or from next to this binary.
     Fio(FioArgs),
@@ -168,12 +171,14 @@ struct FioArgs {
     /// Measured seconds per job and target.
     #[arg(long, default_value_t = 20)]
     runtime: u64,
-    /// Comma list of jobs: seqwrite,randwrite-sync,randwrite-qd16,randread-qd16,seqread
+    /// Comma list of jobs: seqwrite,seqwrite-qd1,randwrite-sync,randwrite-qd16,randread-qd16,seqread
     /// [default: all]
     #[arg(long)]
     jobs: Option<String>,
-    /// Comma list of targets: local,vmha,bindfs.
-    #[arg(long, default_value = "local,vmha,bindfs")]
+    /// Comma list of targets: local, two-copies (two jobs on two local files at
+    /// once: the two-copy limit of this disk), vmha (protocol C), vmha-B,
+    /// vmha-flush, bindfs.
+    #[arg(long, default_value = "local,two-copies,vmha,vmha-B,vmha-flush,bindfs")]
     targets: String,
     /// Parent of the scratch directory (on the disk to measure; not a tmpfs).
     #[arg(long, default_value = "/var/tmp")]

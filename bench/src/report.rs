@@ -51,6 +51,9 @@ pub struct RunResult {
     pub prefill: Option<Prefill>,
     pub metrics: Option<Metrics>,
     pub vs_local: Option<Ratio>,
+    /// Relative to `two-copies` (the limit of any two-copy system on this disk),
+    /// same job, same run.
+    pub vs_two_copies: Option<Ratio>,
     /// vmha only: secondary's copy compared with the primary's backing file.
     pub replica_check: Option<String>,
     /// Block-device traffic during the measured run (device-wide).
@@ -67,30 +70,39 @@ pub struct Results {
 }
 
 impl Results {
-    /// Fills `vs_local` from the local run of the same job.
+    /// Fills `vs_local` and `vs_two_copies` from the local and two-copies runs
+    /// of the same job.
     pub fn compute_ratios(&mut self) {
-        let locals: Vec<(&'static str, Metrics)> = self
-            .runs
-            .iter()
-            .filter(|r| r.target == Kind::Local)
-            .filter_map(|r| Some((r.job, r.metrics.clone()?)))
-            .collect();
-        for r in &mut self.runs {
-            let (Some(m), Some((_, base))) = (&r.metrics, locals.iter().find(|(j, _)| *j == r.job))
-            else {
-                continue;
-            };
-            if r.target == Kind::Local || base.iops <= 0.0 {
-                continue;
+        let bases = |kind: Kind| -> Vec<(&'static str, Metrics)> {
+            self.runs
+                .iter()
+                .filter(|r| r.target == kind)
+                .filter_map(|r| Some((r.job, r.metrics.clone()?)))
+                .collect()
+        };
+        let (locals, twos) = (bases(Kind::Local), bases(Kind::TwoCopies));
+        let ratio = |m: &Metrics, job: &str, bases: &[(&'static str, Metrics)]| {
+            let (_, base) = bases.iter().find(|(j, _)| *j == job)?;
+            if base.iops <= 0.0 {
+                return None;
             }
             let durable_write_time = match (m.durable_write_us, base.durable_write_us) {
                 (Some(d), Some(b)) if b > 0.0 => Some(d / b),
                 _ => None,
             };
-            r.vs_local = Some(Ratio {
+            Some(Ratio {
                 throughput: m.iops / base.iops,
                 durable_write_time,
-            });
+            })
+        };
+        for r in &mut self.runs {
+            let Some(m) = &r.metrics else { continue };
+            if r.target != Kind::Local {
+                r.vs_local = ratio(m, r.job, &locals);
+            }
+            if !matches!(r.target, Kind::Local | Kind::TwoCopies) {
+                r.vs_two_copies = ratio(m, r.job, &twos);
+            }
         }
     }
 
@@ -173,6 +185,9 @@ impl Results {
             if *k != Kind::Local {
                 head.push(format!("{n} ×local"));
             }
+            if self.has_two_copies() && !matches!(k, Kind::Local | Kind::TwoCopies) {
+                head.push(format!("{n} ×two-copies"));
+            }
         }
         table_row(s, &head);
         table_row(s, &vec!["---".to_owned(); head.len()]);
@@ -196,21 +211,32 @@ impl Results {
                         row.extend([why.to_owned(), "–".into(), "–".into(), "–".into()]);
                     }
                 }
+                let cell = |v: Option<&Ratio>| {
+                    v.map_or("–".into(), |v| match v.durable_write_time {
+                        Some(d) => format!("{:.2}× (durable {:.2}× slower)", v.throughput, d),
+                        None => format!("{:.2}×", v.throughput),
+                    })
+                };
                 if *k != Kind::Local {
-                    row.push(r.and_then(|r| r.vs_local.as_ref()).map_or("–".into(), |v| {
-                        match v.durable_write_time {
-                            Some(d) => format!("{:.2}× (durable {:.2}× slower)", v.throughput, d),
-                            None => format!("{:.2}×", v.throughput),
-                        }
-                    }));
+                    row.push(cell(r.and_then(|r| r.vs_local.as_ref())));
+                }
+                if self.has_two_copies() && !matches!(k, Kind::Local | Kind::TwoCopies) {
+                    row.push(cell(r.and_then(|r| r.vs_two_copies.as_ref())));
                 }
             }
             table_row(s, &row);
         }
         let _ = writeln!(
             s,
-            "\n×local = IOPS (= bandwidth) relative to local; p50/p99 = fio completion latency (clat)."
+            "\n×local = IOPS (= bandwidth) relative to local; ×two-copies = relative to two fio \
+             jobs writing two files on the same disk at once (rates per copy: the best any two-copy \
+             system reaches on this one disk); all from the same run. p50/p99 = fio completion \
+             latency (clat)."
         );
+    }
+
+    fn has_two_copies(&self) -> bool {
+        self.meta.targets.contains(&Kind::TwoCopies)
     }
 
     fn durable_table(&self, s: &mut String) {
@@ -228,6 +254,7 @@ impl Results {
             "fdatasync p99",
             "durable write (mean)",
             "×local time",
+            "×two-copies time",
         ]
         .map(str::to_owned)
         .to_vec();
@@ -251,6 +278,12 @@ impl Results {
                     .and_then(|v| v.durable_write_time)
                     .map_or("–".into(), |d| format!("{d:.2}×"))
             });
+            row.push(
+                r.vs_two_copies
+                    .as_ref()
+                    .and_then(|v| v.durable_write_time)
+                    .map_or("–".into(), |d| format!("{d:.2}×")),
+            );
             table_row(s, &row);
         }
     }
@@ -325,12 +358,13 @@ mod tests {
 
     fn run(target: Kind, m: Metrics) -> RunResult {
         RunResult {
-            job: ALL[1].name,
+            job: ALL[2].name,
             target,
-            spec: ALL[1],
+            spec: ALL[2],
             prefill: None,
             metrics: Some(m),
             vs_local: None,
+            vs_two_copies: None,
             replica_check: None,
             disk: None,
             error: None,
@@ -350,8 +384,8 @@ mod tests {
                 size: "1G".into(),
                 size_bytes: 1 << 30,
                 runtime_s: 20,
-                targets: vec![Kind::Local, Kind::Vmha],
-                jobs: vec![ALL[1].name.into()],
+                targets: vec![Kind::Local, Kind::TwoCopies, Kind::Vmha],
+                jobs: vec![ALL[2].name.into()],
                 scratch_dir: String::new(),
                 vmha_fs_bin: None,
                 vmha_fs_mtime_unix: None,
@@ -359,12 +393,18 @@ mod tests {
             },
             runs: vec![
                 run(Kind::Local, metrics(1000.0, Some(100.0))),
+                run(Kind::TwoCopies, metrics(500.0, Some(200.0))),
                 run(Kind::Vmha, metrics(250.0, Some(400.0))),
             ],
             notes: vec![],
         };
         res.compute_ratios();
-        let v = res.runs[1].vs_local.clone();
+        let two = res.runs[2].vs_two_copies.clone();
+        assert!(two.is_some_and(
+            |v| (v.throughput - 0.5).abs() < 1e-9 && v.durable_write_time == Some(2.0)
+        ));
+        assert!(res.runs[1].vs_two_copies.is_none());
+        let v = res.runs[2].vs_local.clone();
         assert!(v
             .as_ref()
             .is_some_and(|v| (v.throughput - 0.25).abs() < 1e-9));
@@ -372,6 +412,8 @@ mod tests {
         assert!(res.runs[0].vs_local.is_none());
         let md = res.markdown();
         assert!(md.contains("0.25× (durable 4.00× slower)"));
+        assert!(md.contains("0.50× (durable 2.00× slower)"));
+        assert!(md.contains("vmha ×two-copies"));
         assert!(md.contains("| vmha | 10.0 | 9.00 | 20.0 |"));
     }
 }

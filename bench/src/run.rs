@@ -103,11 +103,18 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         prefill: None,
         metrics: None,
         vs_local: None,
+        vs_two_copies: None,
         replica_check: None,
         disk: None,
         error: None,
     };
     let (size_bytes, work) = (ctx.size_bytes, &ctx.work);
+    // Reads come from one copy: the two-copies baseline of a read is local's.
+    let copies = if job.writes() {
+        target.kind.copies()
+    } else {
+        1
+    };
     let file_name = format!("{}.dat", job.name);
     let file = target.dir.join(&file_name);
     let stem = work.join(format!("{}-{}", job.name, target.kind.name()));
@@ -118,7 +125,7 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
     let measured = (|| -> Result<()> {
         target.ensure_healthy()?;
         let prefill_job = stem.with_extension("prefill.fio");
-        std::fs::write(&prefill_job, jobs::prefill_file(&file, &opts.size))?;
+        std::fs::write(&prefill_job, jobs::prefill_file(&file, &opts.size, copies))?;
         let t0 = Instant::now();
         let prefill_timeout = Duration::from_secs(60 + size_bytes / PREFILL_MIN_RATE);
         let m = run_fio(target, &prefill_job, true, prefill_timeout).context("prefill")?;
@@ -130,11 +137,15 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         let job_file = stem.with_extension("fio");
         std::fs::write(
             &job_file,
-            jobs::job_file(job, &file, &opts.size, opts.runtime_s),
+            jobs::job_file(job, &file, &opts.size, opts.runtime_s, copies),
         )?;
         let timeout = Duration::from_secs(opts.runtime_s) + FIO_SLACK;
         let before = ctx.dev.and_then(diskstats::read);
-        res.metrics = Some(run_fio(target, &job_file, job.writes(), timeout)?);
+        let mut m = run_fio(target, &job_file, job.writes(), timeout)?;
+        // fio sums the copies: the rate of one copy is what a replicated write gets.
+        m.iops /= f64::from(copies);
+        m.mib_s /= f64::from(copies);
+        res.metrics = Some(m);
         let after = ctx.dev.and_then(diskstats::read);
         res.disk = before.zip(after).map(|(b, a)| diskstats::delta(b, a));
         target.ensure_healthy().context("after the run")?;
@@ -147,10 +158,12 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         res.error = Some(format!("{e:#}"));
     }
     // One file at a time keeps the disk need at ~3x size (vmha stores two).
-    if !target.is_aborted() && file.exists() {
-        if let Err(e) = std::fs::remove_file(&file) {
-            let msg = format!("remove {}: {e}", file.display());
-            res.error = Some(res.error.map_or(msg.clone(), |old| format!("{old}; {msg}")));
+    for file in jobs::copy_files(&file, copies) {
+        if !target.is_aborted() && file.exists() {
+            if let Err(e) = std::fs::remove_file(&file) {
+                let msg = format!("remove {}: {e}", file.display());
+                res.error = Some(res.error.map_or(msg.clone(), |old| format!("{old}; {msg}")));
+            }
         }
     }
     res
@@ -184,7 +197,7 @@ fn check_tools(targets: &[Kind]) -> Result<Option<PathBuf>> {
             bail!("bindfs target selected but `bindfs --version` fails");
         }
     }
-    if !targets.contains(&Kind::Vmha) {
+    if !targets.iter().any(|k| k.is_vmha()) {
         return Ok(None);
     }
     let bin = vmha_fs_bin()?;

@@ -39,19 +39,62 @@ pub fn spawn_logged(name: &str, cmd: Command, log: &Path) -> Result<Child> {
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Local,
+    /// Two fio jobs writing two files of a local directory at once: the best any
+    /// two-copy system on this one disk can reach (rates are per copy).
+    #[serde(rename = "two-copies")]
+    TwoCopies,
+    /// vmha-fs with the default protocol C.
     Vmha,
+    #[serde(rename = "vmha-B")]
+    VmhaB,
+    #[serde(rename = "vmha-flush")]
+    VmhaFlush,
     Bindfs,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Local, Kind::Vmha, Kind::Bindfs];
+    const ALL: [Kind; 6] = [
+        Kind::Local,
+        Kind::TwoCopies,
+        Kind::Vmha,
+        Kind::VmhaB,
+        Kind::VmhaFlush,
+        Kind::Bindfs,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Local => "local",
+            Kind::TwoCopies => "two-copies",
             Kind::Vmha => "vmha",
+            Kind::VmhaB => "vmha-B",
+            Kind::VmhaFlush => "vmha-flush",
             Kind::Bindfs => "bindfs",
         }
+    }
+
+    /// How many files each job writes at once on this target.
+    pub fn copies(self) -> u32 {
+        if self == Kind::TwoCopies {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The `--protocol` of a vmha target.
+    fn protocol(self) -> Option<&'static str> {
+        match self {
+            Kind::Vmha => Some("C"),
+            Kind::VmhaB => Some("B"),
+            Kind::VmhaFlush => Some("flush"),
+            _ => None,
+        }
+    }
+
+    /// A vmha-fs pair.
+    pub fn is_vmha(self) -> bool {
+        self.protocol().is_some()
     }
 
     /// Targets named in a comma list, in canonical order (local first: the
@@ -64,7 +107,8 @@ impl Kind {
             .collect();
         for w in &wanted {
             if !Self::ALL.iter().any(|k| k.name() == *w) {
-                bail!("unknown target {w:?}; known: local,vmha,bindfs");
+                let known: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                bail!("unknown target {w:?}; known: {}", known.join(","));
             }
         }
         if wanted.is_empty() {
@@ -141,7 +185,7 @@ fn wait_fuse_mounted(proc: &mut Child, mnt: &Path) -> Result<()> {
     }
 }
 
-fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
+fn setup_vmha(root: &Path, bin: &Path, protocol: &str) -> Result<(PathBuf, VmhaPair)> {
     let key = root.join("cluster.key");
     let (p, s) = (root.join("p"), root.join("s"));
     let (p_data, p_mnt, p_state) = (p.join("data"), p.join("mnt"), p.join("state"));
@@ -177,7 +221,8 @@ fn setup_vmha(root: &Path, bin: &Path) -> Result<(PathBuf, VmhaPair)> {
         .arg("--state")
         .arg(&p_state)
         .arg("--key-file")
-        .arg(&key);
+        .arg(&key)
+        .args(["--protocol", protocol]);
     let mut primary = spawn_logged("vmha-fs primary", cmd, &root.join("primary.log"))?;
     primary.wait_ready(READY_TIMEOUT)?;
     // "ready" must mean mounted: otherwise fio would write into the bare dir.
@@ -246,14 +291,15 @@ impl Target {
     pub fn setup(kind: Kind, root: &Path, vmha_fs: Option<&Path>) -> Result<Self> {
         mkdirs(&[root])?;
         let (dir, backend) = match kind {
-            Kind::Local => {
+            Kind::Local | Kind::TwoCopies => {
                 let dir = root.join("dir");
                 mkdirs(&[&dir])?;
                 (dir, Backend::Local)
             }
-            Kind::Vmha => {
+            Kind::Vmha | Kind::VmhaB | Kind::VmhaFlush => {
                 let bin = vmha_fs.context("vmha target needs the vmha-fs binary")?;
-                let (dir, pair) = setup_vmha(root, bin)?;
+                let protocol = kind.protocol().unwrap_or("C");
+                let (dir, pair) = setup_vmha(root, bin, protocol)?;
                 (dir, Backend::Vmha(pair))
             }
             Kind::Bindfs => {
@@ -406,6 +452,16 @@ mod tests {
             [Kind::Local, Kind::Bindfs]
         );
         assert!(Kind::parse_list("nfs").is_err());
+        assert_eq!(
+            Kind::parse_list("vmha-flush,two-copies,local,vmha-B,vmha")?,
+            [
+                Kind::Local,
+                Kind::TwoCopies,
+                Kind::Vmha,
+                Kind::VmhaB,
+                Kind::VmhaFlush
+            ]
+        );
         Ok(())
     }
 

@@ -311,6 +311,8 @@ pub struct Module {
     pub lock_timeout_ms: u64,
     pub stop_timeout_s: u64,
     pub rate_limit_mb_s: u64,
+    /// When a write returns (vmha-fs `--protocol`): "C", "B" or "flush".
+    pub protocol: vmha_fs::Protocol,
     pub maxloop: u32,
     pub loop_interval_s: u64,
 }
@@ -720,6 +722,8 @@ struct RawModule {
     stop_timeout_s: u64,
     #[serde(default)]
     rate_limit_mb_s: u64,
+    #[serde(default)]
+    protocol: vmha_fs::Protocol,
     #[serde(default = "defaults::maxloop")]
     maxloop: u32,
     #[serde(default = "defaults::loop_interval_s")]
@@ -1511,6 +1515,7 @@ impl RawModule {
             lock_timeout_ms: self.lock_timeout_ms,
             stop_timeout_s: self.stop_timeout_s,
             rate_limit_mb_s: self.rate_limit_mb_s,
+            protocol: self.protocol,
             maxloop: self.maxloop,
             loop_interval_s: self.loop_interval_s,
         }
@@ -1686,6 +1691,7 @@ failover = true
 lock_timeout_ms = 5000                # > failover_timeout_ms + heartbeat_interval_ms
 stop_timeout_s = 60                   # ACPI shutdown wait before destroy
 rate_limit_mb_s = 0                   # resync rate limit, 0 = none
+protocol = "C"                        # when a write returns: C, B or flush (README)
 maxloop = 3
 loop_interval_s = 86400
 "#;
@@ -1752,6 +1758,31 @@ default_primary = "node1"
         assert_eq!((vm1.maxloop, vm1.loop_interval_s), (3, 86_400));
         assert_eq!(config.local_node("node2").unwrap(), NodeIndex::SECOND);
         assert_eq!(NodeIndex::SECOND.peer(), NodeIndex::FIRST);
+    }
+
+    #[test]
+    fn protocol_is_per_module_defaults_to_c_and_rejects_unknown_names() {
+        let vm2 = "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102";
+        let config =
+            Config::from_toml_str(&with_module(&format!("{vm2}\nprotocol = \"flush\""))).unwrap();
+        assert_eq!(config.module("vm1").unwrap().protocol, vmha_fs::Protocol::C);
+        assert_eq!(
+            config.module("vm2").unwrap().protocol,
+            vmha_fs::Protocol::Flush
+        );
+        let b = Config::from_toml_str(&with_module(&format!("{vm2}\nprotocol = \"B\""))).unwrap();
+        assert_eq!(b.module("vm2").unwrap().protocol, vmha_fs::Protocol::B);
+        let bad = with_module(&format!("{vm2}\nprotocol = \"A\""));
+        let problems = check_text(&bad).unwrap_err();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| p.render("vmha.toml", &bad))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|l| l.contains("module[1].protocol") && l.contains("flush")),
+            "{text:?}"
+        );
     }
 
     #[test]

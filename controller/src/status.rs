@@ -40,7 +40,7 @@
 //!   down and the link is not known alive, `null` while the controller is up.
 //! - `protocols` at the top level: per protocol between the nodes
 //!   (`replication`, `heartbeat`, `channel`) the range this node advertises
-//!   (`"ours": "5..=6"`); for heartbeats also the peer's range once heard
+//!   (`"ours": "5..=7"`); for heartbeats also the peer's range once heard
 //!   (`"peer"`, else `null`), the version in use (`"in_use"`) and the peer's
 //!   vmhad version (`"peer_software"`, heartbeat version 3 on).
 

@@ -36,3 +36,5 @@ pub mod status;
 pub mod track;
 pub mod version;
 pub mod wire;
+
+pub use link::Protocol;

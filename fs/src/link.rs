@@ -31,6 +31,56 @@ use crate::wire::{self, FrameReader, FrameWriter, Message, WireError};
 /// Called once with the receiver's outcome of an operation.
 pub type Completion = Box<dyn FnOnce(Result<(), Errno>) + Send>;
 
+/// When a data write is acknowledged to the writer (the module's `protocol`,
+/// named after DRBD's). Namespace and metadata changes always wait for the
+/// peer's outcome; an fsync always waits until both nodes synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Protocol {
+    /// A write returns once applied on both nodes (in the peer's page cache).
+    #[default]
+    C,
+    /// A write returns once applied here and received by the peer (not yet
+    /// applied there); every fsync waits until both nodes synced everything
+    /// before it.
+    B,
+    /// A write returns once applied here and queued, in order, for the peer;
+    /// every fsync/fdatasync and every O_SYNC/O_DSYNC write returns only when
+    /// both nodes synced everything before it: the contract of a disk with a
+    /// volatile write cache. Writes not yet on the peer stay in the activity log.
+    #[serde(rename = "flush")]
+    Flush,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::C => "C",
+            Protocol::B => "B",
+            Protocol::Flush => "flush",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "C" => Ok(Protocol::C),
+            "B" => Ok(Protocol::B),
+            "flush" => Ok(Protocol::Flush),
+            other => Err(format!(
+                "unknown protocol {other:?}; expected C, B or flush"
+            )),
+        }
+    }
+}
+
 /// A query in flight (see [`PeerLink::query`]).
 #[derive(Debug)]
 pub struct Query {
@@ -129,6 +179,12 @@ impl LinkState {
 struct Pending {
     completion: Completion,
     bytes: usize,
+    /// Protocol B: called when the peer confirms receipt (`Message::Received`),
+    /// or with the outcome if the acknowledgement comes first.
+    receipt: Option<Completion>,
+    /// Completed only once every earlier operation is acknowledged too (an
+    /// fsync under protocols B and flush: it covers everything before it).
+    barrier: bool,
 }
 
 struct Shared {
@@ -138,6 +194,9 @@ struct Shared {
     epoch: u64,
     next_seq: u64,
     pending: HashMap<u64, Pending>,
+    /// Barriers acknowledged before some earlier operation: completed (with
+    /// their own outcome) once nothing earlier is pending.
+    held: std::collections::BTreeMap<u64, (Completion, Result<(), Errno>)>,
     inflight_bytes: usize,
     waiters: usize,
     /// Start of the current period without progress while work is outstanding.
@@ -147,8 +206,11 @@ struct Shared {
     last_send: Instant,
     /// Where the answers of queries in flight (`Message::Differ`) go, by sequence.
     queries: HashMap<u64, crossbeam_channel::Sender<Vec<u32>>>,
+    protocol: Protocol,
     /// Set by `shutdown`: the timer threads end. A failed link keeps them, since
     /// a later attach (after SIGUSR1) brings it back to life.
+    /// The replication protocol version of the current session.
+    session_version: u16,
     stopping: bool,
 }
 
@@ -157,21 +219,51 @@ impl Shared {
         !self.pending.is_empty() || self.waiters > 0
     }
 
+    /// Everything in flight, drained: pending operations (receipt first) and
+    /// held barriers, in sequence order.
+    fn drain(&mut self) -> Vec<Completion> {
+        let mut all: Vec<(u64, Completion)> = Vec::new();
+        for (seq, p) in std::mem::take(&mut self.pending) {
+            if let Some(r) = p.receipt {
+                all.push((seq, r));
+            }
+            all.push((seq, p.completion));
+        }
+        all.extend(
+            std::mem::take(&mut self.held)
+                .into_iter()
+                .map(|(seq, (c, _))| (seq, c)),
+        );
+        all.sort_by_key(|(seq, _)| *seq);
+        all.into_iter().map(|(_, c)| c).collect()
+    }
+
     fn new(state: LinkState) -> Self {
         Shared {
             state,
             epoch: 0,
             next_seq: 1,
             pending: HashMap::new(),
+            held: std::collections::BTreeMap::new(),
             inflight_bytes: 0,
             waiters: 0,
             stall_since: Instant::now(),
             outbox: Vec::new(),
             last_send: Instant::now(),
             queries: HashMap::new(),
+            protocol: Protocol::C,
+            session_version: wire::PROTOCOL_VERSION,
             stopping: false,
         }
     }
+}
+
+/// Whether the operation `seq` just queued waits for a receipt.
+fn p_receipt_wanted(shared: &Shared, seq: u64) -> bool {
+    shared
+        .pending
+        .get(&seq)
+        .is_some_and(|p| p.receipt.is_some())
 }
 
 /// Called when the link fails with operations whose outcome on the peer is unknown.
@@ -217,6 +309,8 @@ struct Session {
     reader: FrameReader<BufReader<TcpStream>>,
     /// The receiver's report on its copy.
     report: Option<Box<Report>>,
+    /// The replication protocol version both sides chose.
+    version: u16,
 }
 
 fn open_session(
@@ -286,6 +380,7 @@ fn open_session(
         writer,
         reader,
         report,
+        version: keys.version,
     })
 }
 
@@ -333,10 +428,12 @@ impl PeerLink {
             writer,
             reader,
             report: _,
+            version,
         } = session;
         let epoch = {
             let mut shared = self.inner.shared.lock();
             shared.epoch += 1;
+            shared.session_version = version;
             shared.state = state;
             // A new session numbers its operations from 1 again.
             shared.next_seq = 1;
@@ -458,7 +555,7 @@ impl PeerLink {
             shared.state = LinkState::Degraded;
             shared.inflight_bytes = 0;
             shared.outbox.clear();
-            std::mem::take(&mut shared.pending)
+            shared.drain()
         };
         self.inner.changed.notify_all();
         self.close_stream();
@@ -472,13 +569,13 @@ impl PeerLink {
             tracing::error!("cannot record what the peer lacks: {e}; replication stopped");
             self.inner.shared.lock().state = LinkState::Failed(e);
             self.inner.changed.notify_all();
-            for (_, p) in pending {
-                (p.completion)(Err(Errno::IO));
+            for completion in pending {
+                completion(Err(Errno::IO));
             }
             return;
         }
-        for (_, p) in pending {
-            (p.completion)(Ok(()));
+        for completion in pending {
+            completion(Ok(()));
         }
     }
 
@@ -513,7 +610,38 @@ impl PeerLink {
     /// the link is lost or too much data is in flight; fails with EIO once the link
     /// has failed, before anything is applied.
     pub fn submit(&self, op: impl Into<Request>, completion: Completion) -> Result<(), Errno> {
-        let op = op.into();
+        self.submit_with(op.into(), completion, None, false)
+    }
+
+    /// Like [`Self::submit`], and `receipt` is called as soon as the peer has
+    /// received the operation (before applying it): protocol B.
+    pub fn submit_received(
+        &self,
+        op: impl Into<Request>,
+        receipt: Completion,
+        completion: Completion,
+    ) -> Result<(), Errno> {
+        self.submit_with(op.into(), completion, Some(receipt), false)
+    }
+
+    /// Like [`Self::submit`], but `completion` runs only once every operation
+    /// queued before this one is acknowledged too: an fsync that covers all the
+    /// writes before it (protocols B and flush).
+    pub fn submit_barrier(
+        &self,
+        op: impl Into<Request>,
+        completion: Completion,
+    ) -> Result<(), Errno> {
+        self.submit_with(op.into(), completion, None, true)
+    }
+
+    fn submit_with(
+        &self,
+        op: Request,
+        completion: Completion,
+        receipt: Option<Completion>,
+        barrier: bool,
+    ) -> Result<(), Errno> {
         let bytes = op.data_len();
         let mut shared = self.wait_until(|s| {
             let room = s.inflight_bytes == 0 || s.inflight_bytes + bytes <= MAX_INFLIGHT_BYTES;
@@ -521,10 +649,25 @@ impl PeerLink {
         })?;
         if shared.state.writes_alone() {
             drop(shared);
+            if let Some(receipt) = receipt {
+                receipt(Ok(()));
+            }
             completion(Ok(()));
             return Ok(());
         }
-        self.enqueue(&mut shared, op, completion, bytes);
+        let seq = self.enqueue(&mut shared, op, completion, bytes);
+        if let Some(p) = shared.pending.get_mut(&seq) {
+            p.barrier = barrier;
+            p.receipt = receipt;
+        }
+        // A receiver older than protocol 7 never confirms receipt: the
+        // receipt then comes with the acknowledgement (B runs as C).
+        if p_receipt_wanted(&shared, seq) && shared.session_version >= wire::RECEIPT_SINCE {
+            // The receiver confirms receipt of this one before applying it.
+            if let Some(Message::Op { seq, op }) = shared.outbox.pop() {
+                shared.outbox.push(Message::OpReceipt { seq, op });
+            }
+        }
         drop(shared);
         self.pump();
         Ok(())
@@ -646,19 +789,34 @@ impl PeerLink {
         rx.recv().unwrap_or(Err(Errno::IO))
     }
 
-    fn enqueue(&self, shared: &mut Shared, request: Request, completion: Completion, bytes: usize) {
+    fn enqueue(
+        &self,
+        shared: &mut Shared,
+        request: Request,
+        completion: Completion,
+        bytes: usize,
+    ) -> u64 {
         let seq = shared.next_seq;
         shared.next_seq += 1;
         if !shared.busy() {
             shared.stall_since = Instant::now();
         }
-        shared.pending.insert(seq, Pending { completion, bytes });
+        shared.pending.insert(
+            seq,
+            Pending {
+                completion,
+                bytes,
+                receipt: None,
+                barrier: false,
+            },
+        );
         shared.inflight_bytes += bytes;
         // Queued while holding the lock: outbox order is sequence order.
         shared.outbox.push(match request {
             Request::Op(op) => Message::Op { seq, op },
             Request::Control(control) => Message::Control { seq, control },
         });
+        seq
     }
 
     /// Writes out the outbox unless another thread is already doing so (it will pick
@@ -745,12 +903,12 @@ impl PeerLink {
             }
             shared.state = LinkState::Failed(reason);
             shared.inflight_bytes = 0;
-            std::mem::take(&mut shared.pending)
+            shared.drain()
         };
         self.inner.changed.notify_all();
         self.close_stream();
-        for (_, p) in pending {
-            (p.completion)(Err(Errno::IO));
+        for completion in pending {
+            completion(Err(Errno::IO));
         }
     }
 
@@ -827,6 +985,27 @@ impl PeerLink {
         loop {
             let acks = match reader.recv() {
                 Ok(Message::Acks(acks)) => acks,
+                Ok(Message::Received { upto }) => {
+                    let receipts: Vec<Completion> = {
+                        let mut shared = self.inner.shared.lock();
+                        if shared.epoch != epoch {
+                            return;
+                        }
+                        shared.stall_since = Instant::now();
+                        let mut due: Vec<(u64, Completion)> = shared
+                            .pending
+                            .iter_mut()
+                            .filter(|(seq, _)| **seq <= upto)
+                            .filter_map(|(seq, p)| Some((*seq, p.receipt.take()?)))
+                            .collect();
+                        due.sort_by_key(|(seq, _)| *seq);
+                        due.into_iter().map(|(_, r)| r).collect()
+                    };
+                    for receipt in receipts {
+                        receipt(Ok(()));
+                    }
+                    continue;
+                }
                 Ok(Message::Ping) => {
                     // The receiver is working on a long operation (saving a split
                     // brain's data aside) and says so: progress, not a stall.
@@ -887,8 +1066,22 @@ impl PeerLink {
                         } else {
                             Err(Errno::from_raw_os_error(ack.errno))
                         };
-                        done.push((p.completion, result));
+                        if let Some(receipt) = p.receipt {
+                            done.push((receipt, result));
+                        }
+                        let earlier = p.barrier && shared.pending.keys().any(|s| *s < ack.seq);
+                        if earlier {
+                            shared.held.insert(ack.seq, (p.completion, result));
+                        } else {
+                            done.push((p.completion, result));
+                        }
                     }
+                }
+                if !shared.held.is_empty() {
+                    let first_pending = shared.pending.keys().min().copied().unwrap_or(u64::MAX);
+                    let rest = shared.held.split_off(&first_pending);
+                    let ready = std::mem::replace(&mut shared.held, rest);
+                    done.extend(ready.into_values());
                 }
                 shared.stall_since = Instant::now();
             }
@@ -897,6 +1090,16 @@ impl PeerLink {
                 completion(result);
             }
         }
+    }
+
+    /// The protocol the link was set up with (see [`Protocol`]).
+    pub fn protocol(&self) -> Protocol {
+        self.inner.shared.lock().protocol
+    }
+
+    /// Sets the protocol; call before the first write.
+    pub fn set_protocol(&self, protocol: Protocol) {
+        self.inner.shared.lock().protocol = protocol;
     }
 
     fn watchdog_loop(&self) {

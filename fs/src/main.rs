@@ -94,6 +94,13 @@ enum Command {
         /// Resync data rate limit in MB/s (0 = none); live writes are not limited.
         #[arg(long, value_name = "MB_S", default_value_t = 0)]
         rate_limit_mb_s: u64,
+        /// When a write returns: C = applied on both nodes; B = applied here and
+        /// received by the peer; flush = applied here and queued for the peer
+        /// (fsync, fdatasync and O_SYNC/O_DSYNC writes always return only once
+        /// both nodes synced everything before them).
+        #[arg(long, value_name = "C|B|flush", default_value = "C",
+              value_parser = parse_protocol)]
+        protocol: vmha_fs::Protocol,
     },
 }
 
@@ -170,7 +177,9 @@ fn main() -> ExitCode {
             threads,
             al_extents,
             rate_limit_mb_s,
+            protocol,
         } => vmha_fs::primary::run(PrimaryConfig {
+            protocol,
             rate_limit: rate_limit_mb_s.checked_mul(1_000_000),
             al_extents: al_extents as usize,
             alone,
@@ -197,6 +206,10 @@ fn main() -> ExitCode {
 /// A data generation id as the controller writes it: 1 to 64 hex digits.
 fn parse_generation(text: &str) -> Result<GenerationId, String> {
     GenerationId::try_from(text).map_err(|_| "expected 1 to 64 hexadecimal digits".into())
+}
+
+fn parse_protocol(text: &str) -> Result<vmha_fs::Protocol, String> {
+    text.parse()
 }
 
 /// A module name as the handshake carries it: 1 to 255 bytes.

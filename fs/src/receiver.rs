@@ -628,8 +628,17 @@ fn run_session(
     };
     let mut written: Vec<(Arc<OwnedFd>, u64, usize)> = Vec::new();
     let mut expected = 1u64;
+    // The last operation read whose receipt is still owed (protocol B).
+    let mut receipt: Option<u64> = None;
     let result = loop {
         if reader.buffered() == 0 {
+            // A receipt still owed (the input ended with a ping).
+            if let Some(upto) = receipt.take() {
+                let mut w = writer.lock();
+                if let Err(e) = w.send(&Message::Received { upto }).and_then(|()| w.flush()) {
+                    break Err(e);
+                }
+            }
             if let Err(e) = batch.send(&writer) {
                 break Err(e);
             }
@@ -655,6 +664,13 @@ fn run_session(
         };
         let (seq, request) = match msg {
             Message::Op { seq, op } => (seq, Request::Op(op)),
+            Message::OpReceipt { seq, op } => {
+                // Protocol B: the writer may answer once we hold it. Confirmed
+                // before applying, once the input is drained (a receipt covers
+                // everything read before it).
+                receipt = Some(seq);
+                (seq, Request::Op(op))
+            }
             Message::Control { seq, control } => (seq, Request::Control(control)),
             Message::Ping => continue,
             other => {
@@ -669,6 +685,15 @@ fn run_session(
             )));
         }
         expected += 1;
+        if let Some(upto) = receipt {
+            if reader.buffered() == 0 {
+                receipt = None;
+                let mut w = writer.lock();
+                if let Err(e) = w.send(&Message::Received { upto }).and_then(|()| w.flush()) {
+                    break Err(e);
+                }
+            }
+        }
         // Long by nature (see the module docs): the writer hears of it meanwhile.
         let mut busy = Busy(None);
         if matches!(

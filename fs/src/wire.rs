@@ -52,12 +52,16 @@ use crate::version::Versions;
 /// binds the module and port; 4: the receiver's report streams in `ReportPart`
 /// frames; 5: the sync's instructions travel as `Control`, apart from the replicated
 /// `Op`s (and, from this release on, the handshake negotiates the version); 6: the
-/// receiver names its software version first ([`Message::Software`]).
-pub const REPLICATION: Versions = Versions { min: 5, max: 6 };
+/// receiver names its software version first ([`Message::Software`]); 7:
+/// `OpReceipt` / `Received` (protocol B).
+pub const REPLICATION: Versions = Versions { min: 5, max: 7 };
 /// The newest replication protocol version.
 pub const PROTOCOL_VERSION: u16 = REPLICATION.max;
 /// The first version whose receiver sends [`Message::Software`].
 pub const SOFTWARE_SINCE: u16 = 6;
+/// The first version whose receiver confirms receipt (`OpReceipt` /
+/// `Received`): with an older peer, protocol B runs as C.
+pub const RECEIPT_SINCE: u16 = 7;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -223,6 +227,12 @@ pub enum Message {
     /// Protocol 6 on: the receiver's first frame, naming its software version
     /// (logged by the primary, so a mixed pair during an upgrade shows who runs what).
     Software { version: String },
+    /// Like `Op`, and the receiver confirms receipt (`Received`) before it
+    /// applies it: a write of protocol B.
+    OpReceipt { seq: u64, op: Op },
+    /// The receiver has read every operation up to `upto` (it applies them
+    /// whatever happens to the connection now).
+    Received { upto: u64 },
 }
 
 /// Per-direction MAC keys of an authenticated session.
@@ -691,6 +701,10 @@ impl<W: Write> FrameWriter<W> {
             Message::Op {
                 op: Op::Write { data, .. },
                 ..
+            }
+            | Message::OpReceipt {
+                op: Op::Write { data, .. },
+                ..
             } => data,
             _ => &[],
         };
@@ -861,6 +875,8 @@ impl Message {
             Message::ReportPart(_) => "ReportPart",
             Message::ReportEnd { .. } => "ReportEnd",
             Message::Software { .. } => "Software",
+            Message::OpReceipt { .. } => "OpReceipt",
+            Message::Received { .. } => "Received",
         }
     }
 }
@@ -878,6 +894,10 @@ pub fn decode_message(meta: &[u8], data: Vec<u8>) -> Result<Message, WireError> 
     }
     match &mut msg {
         Message::Op {
+            op: Op::Write { data: payload, .. },
+            ..
+        }
+        | Message::OpReceipt {
             op: Op::Write { data: payload, .. },
             ..
         } => *payload = Payload::Owned(std::sync::Arc::new(data)),

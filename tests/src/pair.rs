@@ -29,6 +29,11 @@ pub struct PairOptions {
     pub primary_backing_in: Option<PathBuf>,
     /// Likewise for the secondary's replica dir.
     pub secondary_backing_in: Option<PathBuf>,
+    /// `--protocol` of the primary (`None`: not passed, the default C).
+    pub protocol: Option<&'static str>,
+    /// The replication protocol versions the secondary advertises (its
+    /// `VMHA_TEST_REPLICATION_VERSIONS`, e.g. `"5..=6"`: an older peer).
+    pub secondary_versions: Option<&'static str>,
 }
 
 impl Default for PairOptions {
@@ -38,6 +43,8 @@ impl Default for PairOptions {
             mount_over: false,
             primary_backing_in: None,
             secondary_backing_in: None,
+            protocol: None,
+            secondary_versions: None,
         }
     }
 }
@@ -176,6 +183,9 @@ impl Pair {
             .arg(&self.sec_state)
             .arg("--key-file")
             .arg(&self.key_file);
+        if let Some(versions) = self.opts.secondary_versions {
+            c.env(vmha_fs::version::REPLICATION_ENV, versions);
+        }
         c
     }
 
@@ -195,6 +205,9 @@ impl Pair {
             .arg(&self.key_file)
             .arg("--lock-timeout-ms")
             .arg(self.opts.lock_timeout_ms.to_string());
+        if let Some(protocol) = self.opts.protocol {
+            c.args(["--protocol", protocol]);
+        }
         c
     }
 

@@ -271,6 +271,12 @@ impl VmhaFsDriver {
                 cmd.arg("--rate-limit-mb-s")
                     .arg(module.rate_limit_mb_s.to_string());
             }
+            // Only when not the default: the command line is what adoption
+            // compares, and a vmha-fs started before the setting existed
+            // runs protocol C.
+            if module.protocol != ::vmha_fs::Protocol::default() {
+                cmd.arg("--protocol").arg(module.protocol.name());
+            }
             if let Some(generation) = generation {
                 cmd.arg("--generation").arg(generation.as_str());
             }

@@ -23,7 +23,7 @@ use super::disk::{is_media_error, DiskHealth};
 use super::joint::{judge, Joint, Local, Repair, Settled, Verdict};
 use crate::apply::{self, Applied, Errno, NodeTable};
 use crate::inodes::Inodes;
-use crate::link::PeerLink;
+use crate::link::{Completion, LinkState, PeerLink, Protocol};
 use crate::op::{Name, NodeId, Op};
 use crate::track::{Change, InFlight, Tracker};
 
@@ -73,6 +73,14 @@ impl Replicator {
     /// Queues `ops` for the peer while `order` (the lock that orders them) is
     /// held, runs `local` meanwhile, and calls `finish` once both are in. The
     /// first op says what is recorded (activity log or dirty records).
+    ///
+    /// What "in" means for the peer depends on the link's [`Protocol`]: with C a
+    /// write waits until the peer applied it; with B until the peer received it;
+    /// with flush only until it is queued. Under B and flush the activity-log
+    /// record stays until the peer applied the write (a peer lost meanwhile
+    /// moves it to the dirty records), a peer's refusal of a write already
+    /// answered makes the peer outdated, and an fsync waits for every earlier
+    /// operation's acknowledgement (a barrier).
     pub fn send_then_apply<T: Send + 'static, G>(
         self: &Arc<Self>,
         what: &'static str,
@@ -86,13 +94,18 @@ impl Replicator {
             drop(order);
             return finish(Err(e));
         }
-        let inflight = match ops.first().map(|op| self.record(op)).transpose() {
+        let mut inflight = match ops.first().map(|op| self.record(op)).transpose() {
             Ok(inflight) => inflight,
             Err(e) => {
                 drop(order);
                 return finish(Err(e));
             }
         };
+        let protocol = self.link.protocol();
+        // Under B and flush a write's record outlives the reply: it goes with
+        // the peer's acknowledgement of the write.
+        let early_write = protocol != Protocol::C && matches!(ops.first(), Some(Op::Write { .. }));
+        let write_record = if early_write { inflight.take() } else { None };
         let joint = Joint::new(
             self,
             what,
@@ -104,8 +117,52 @@ impl Replicator {
                 finish(r)
             }),
         );
+        let mut write_record = write_record;
         for op in ops {
-            if let Err(e) = self.link.submit(op, joint.remote()) {
+            let queued = match (&op, protocol) {
+                (Op::Write { .. }, Protocol::B | Protocol::Flush) => {
+                    let record = write_record.take();
+                    let link = self.link.clone();
+                    let applied: Completion = Box::new(move |result| {
+                        if let Err(errno) = result {
+                            // Already answered: the copies differ, the peer is behind.
+                            link.diverged(&format!(
+                                "{what} acknowledged before the peer applied it failed there: {errno}"
+                            ));
+                        }
+                        drop(record);
+                    });
+                    if protocol == Protocol::B {
+                        self.link.submit_received(op, joint.remote(), applied)
+                    } else {
+                        let queued = self.link.submit(op, applied);
+                        if queued.is_ok() {
+                            (joint.remote())(Ok(()));
+                        }
+                        queued
+                    }
+                }
+                (Op::Fsync { .. }, Protocol::B | Protocol::Flush) => {
+                    let link = self.link.clone();
+                    let remote = joint.remote();
+                    self.link.submit_barrier(
+                        op,
+                        Box::new(move |result| {
+                            // An earlier write refused by the peer stopped the link:
+                            // this sync does not cover it.
+                            let result = match result {
+                                Ok(()) if matches!(link.state(), LinkState::Failed(_)) => {
+                                    Err(Errno::IO)
+                                }
+                                other => other,
+                            };
+                            remote(result)
+                        }),
+                    )
+                }
+                _ => self.link.submit(op, joint.remote()),
+            };
+            if let Err(e) = queued {
                 drop(order);
                 return joint.local(Local::NotApplied(e));
             }

@@ -39,6 +39,8 @@ pub struct PrimaryConfig {
     pub al_extents: usize,
     /// Resync bytes per second; None or 0 = unlimited.
     pub rate_limit: Option<u64>,
+    /// When a write returns (see [`crate::link::Protocol`]).
+    pub protocol: crate::link::Protocol,
 }
 
 /// Serves the mount until SIGTERM or SIGINT, then unmounts.
@@ -114,6 +116,8 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
         )?,
         _ => PeerLink::alone(args.lock_timeout, record_outdated)?,
     };
+    link.set_protocol(args.protocol);
+    tracing::info!(protocol = %args.protocol, "replication protocol");
     let checkpoint_root = root
         .try_clone()
         .map_err(|e| RunError::Other(format!("cannot duplicate the backing descriptor: {e}")))?;
