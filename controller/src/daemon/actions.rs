@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::probe_witnesses;
 use super::runner::{Outdated, ResyncRate, Runner, RETRY_MAX};
-use super::{PeerView, WITNESS_RETRY};
+use super::PeerView;
 use crate::config::Module;
 use crate::driver::{FsDriver, VmDriver};
 use crate::generation::Metadata;
@@ -457,7 +457,9 @@ impl Runner {
                 queue.push_back(Event::WitnessResult(outcome));
             }
             Action::RetryWitness => {
-                self.witness_retry = Some(tokio::time::Instant::now() + WITNESS_RETRY);
+                self.witness_backoff.fail(Instant::now());
+                let delay = self.witness_backoff.delay();
+                self.witness_retry = Some(tokio::time::Instant::now() + delay);
             }
         }
         Ok(())

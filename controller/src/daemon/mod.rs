@@ -32,7 +32,8 @@
 //!   `failover_timeout_ms`;
 //! - `StartWaitElapsed` comes `start_wait_ms` after entering WAIT and is
 //!   repeated every `start_wait_ms` while the module stays WAIT;
-//! - `RetryWitness` probes again [`WITNESS_RETRY`] later, if the module still
+//! - `RetryWitness` probes again [`WITNESS_RETRY`] later (doubling while it
+//!   keeps failing, up to [`WITNESS_RETRY_MAX`]), if the module still
 //!   wants the probe then. Every probe's outcome and errors are kept for
 //!   `status` (`witness`); a probe that could not run is logged in the event
 //!   log when its errors change, and with `tracing` at error level each time.
@@ -447,6 +448,7 @@ impl Factory {
             receiver_retry: None,
             receiver_backoff: Backoff::new(RECEIVER_RETRY_FIRST, RETRY_MAX),
             attach_backoff: Backoff::new(ATTACH_RETRY, RETRY_MAX),
+            witness_backoff: Backoff::new(WITNESS_RETRY, WITNESS_RETRY_MAX),
             announced,
             counters,
         };
@@ -472,6 +474,9 @@ type WitnessSlot = Arc<Mutex<Option<WitnessView>>>;
 
 /// How long after a witness probe that could not run it is tried again.
 pub const WITNESS_RETRY: Duration = Duration::from_secs(2);
+/// The longest pause between two probes that could not run (the probe is
+/// what a failover waits for: the pause stays short).
+pub const WITNESS_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Probes the witnesses off the async threads and keeps the result for `status`.
 async fn probe_witnesses(witnesses: &[Witness], slot: &WitnessSlot) -> witness::Report {

@@ -111,6 +111,9 @@ pub(super) struct Runner {
     pub(super) receiver_backoff: Backoff,
     /// Attaching the SECOND (or its sync) failed: retried with back-off.
     pub(super) attach_backoff: Backoff,
+    /// A witness probe that could not run: retried with back-off (from
+    /// [`super::WITNESS_RETRY`] up to [`super::WITNESS_RETRY_MAX`]).
+    pub(super) witness_backoff: Backoff,
     /// The first `Start` or `Adopt` was handled: the module is in heartbeats.
     pub(super) announced: bool,
     /// Failovers, split brains, checker failures (for `/metrics`).
@@ -391,6 +394,8 @@ impl Runner {
             }
             if !self.state.probing() {
                 self.witness_retry = None;
+                // The episode is over: the next one starts at the first delay.
+                self.witness_backoff.succeed();
             }
             if self.state.role == Role::Wait {
                 if self.start_wait.is_none() {
