@@ -580,6 +580,7 @@ const MODULE_KEYS: &[&str] = &[
     "rate_limit_mb_s",
     "maxloop",
     "loop_interval_s",
+    "protocol",
 ];
 
 /// A key this release does not know (ignored, with a warning).

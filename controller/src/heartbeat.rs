@@ -1057,7 +1057,8 @@ mod tests {
             bytes.len()
         );
         assert!(bytes.len() < MAX_DATAGRAM / 2, "{} bytes", bytes.len());
-        assert_eq!(beat.modules[0].keys.len(), 13);
+        // One digest per module setting (14 with `protocol`).
+        assert_eq!(beat.modules[0].keys.len(), 14);
     }
 
     fn key(byte: u8) -> ClusterKey {
