@@ -6,6 +6,7 @@
 
 pub mod aligned;
 pub mod bin;
+pub mod browser;
 pub mod cluster_vm;
 pub mod fsctl;
 pub mod fsops;
