@@ -204,7 +204,9 @@ impl Browser {
             let left = deadline.saturating_duration_since(Instant::now());
             let v = match self.from_browser.recv_timeout(left) {
                 Ok(v) => v,
-                Err(RecvTimeoutError::Timeout) => bail!("{method}: no answer in {COMMAND_TIMEOUT:?}"),
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!("{method}: no answer in {COMMAND_TIMEOUT:?}")
+                }
                 Err(RecvTimeoutError::Disconnected) => bail!(
                     "{method}: Chromium closed its DevTools pipe: {}",
                     self.child.log_tail(20)
@@ -349,7 +351,8 @@ impl Browser {
         std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Uncaught page exceptions and `console.error` calls seen so far (each
+    /// Uncaught page exceptions, `console.error` calls and error log entries
+    /// other than network ones seen so far (each
     /// as a one-line description), after draining the events already received.
     pub fn js_errors(&mut self) -> Vec<String> {
         while let Ok(v) = self.from_browser.try_recv() {
@@ -372,7 +375,11 @@ impl Browser {
                 Some("Runtime.consoleAPICalled") if p["type"] == "error" => {
                     errors.push(format!("console.error: {}", p["args"]));
                 }
-                Some("Log.entryAdded") if p["entry"]["level"] == "error" => {
+                // Network entries (a refused login's 401, the favicon's 404)
+                // are the server's answers, not page errors.
+                Some("Log.entryAdded")
+                    if p["entry"]["level"] == "error" && p["entry"]["source"] != "network" =>
+                {
                     errors.push(format!(
                         "log: {} ({})",
                         p["entry"]["text"], p["entry"]["url"]

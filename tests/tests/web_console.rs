@@ -10,16 +10,14 @@
 //! docs/console.png in the README is one of them.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use serde_json::Value;
 
 use vmha_test_infra::browser::Browser;
-use vmha_test_infra::cluster_vm::{
-    default_module, workspace_bin, ClusterModule, Timing, VmCluster, MODULE,
-};
+use vmha_test_infra::cluster_vm::{default_module, ClusterModule, Timing, VmCluster, MODULE};
+use vmha_test_infra::console_demo::set_web_password;
 use vmha_test_infra::guest::{wait_console, Console};
 use vmha_test_infra::node::Network;
 use vmha_test_infra::scenario::{BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT};
@@ -33,38 +31,7 @@ const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
 fn screenshot_dir() -> PathBuf {
     std::env::var_os("VMHA_SCREENSHOT_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/web-console")
-        })
-}
-
-/// `vmctl web-password --stdin` inside node `i`.
-fn set_password(vc: &VmCluster, i: usize, password: &str) -> Result<()> {
-    use std::io::Write as _;
-    let vmctl = workspace_bin("vmctl", "VMCTL_BIN")?;
-    let mut child = vc
-        .node(i)
-        .command(&vmctl)
-        .arg("--config")
-        .arg(vc.config())
-        .args(["web-password", "--stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning vmctl web-password")?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(format!("{password}\n").as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "vmctl web-password: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/web-console"))
 }
 
 /// The state cell's text of `node`'s row in vm1's table (None: no such row yet).
@@ -122,7 +89,7 @@ fn console_in_chromium() -> Result<()> {
     let mut vc = VmCluster::with_modules(&Timing::default(), vec![module])?;
     vc.start_vmhad(0)?;
     vc.start_vmhad(1)?;
-    set_password(&vc, 1, PASSWORD)?;
+    set_web_password(&vc, 1, PASSWORD)?;
     vc.vmctl(1, &["prim", "--yes"])?;
     wait_status(&vc, 1, "node2 PRIM", STATE_TIMEOUT, |s| {
         state(s, "node2") == Some("PRIM") && primary(s) == Some("node2")
@@ -139,11 +106,12 @@ fn console_in_chromium() -> Result<()> {
 
     let t = Instant::now();
     let mut b = Browser::launch(Some(vc.node(1).holder_pid()))?;
-    let base = format!(
-        "https://{}:9010",
-        vc.node(1).address(Network::Production)
+    let base = format!("https://{}:9010", vc.node(1).address(Network::Production));
+    eprintln!(
+        "[web] chromium {} up in {:?}, opening {base}/",
+        b.pid(),
+        t.elapsed()
     );
-    eprintln!("[web] chromium {} up in {:?}, opening {base}/", b.pid(), t.elapsed());
 
     // Anonymous: the login form, nothing of the cluster.
     b.navigate(&format!("{base}/"))?;
@@ -167,7 +135,9 @@ fn console_in_chromium() -> Result<()> {
     b.click("button[type=submit]")?;
     b.wait_selector(&format!("table[data-module=\"{MODULE}\"]"), PAGE_TIMEOUT)?;
     b.wait_for("the live indicator", PAGE_TIMEOUT, |b| {
-        Ok(b.eval("document.getElementById('live').innerText")?.as_str() == Some("live"))
+        Ok(b.eval("document.getElementById('live').innerText")?
+            .as_str()
+            == Some("live"))
     })?;
     wait_page_states(&mut b, "SECOND", "PRIM")?;
     let text = b.text()?;
@@ -216,9 +186,11 @@ fn console_in_chromium() -> Result<()> {
     let t = Instant::now();
     let killed = vc.crash(0)?;
     eprintln!("[web] node1 crashed ({killed} processes killed)");
-    b.wait_for("node2 ALONE and node1 greyed on the page", Duration::from_secs(60), |b| {
-        Ok(page_state(b, "node2")?.as_deref() == Some("ALONE") && page_row_stale(b, "node1")?)
-    })?;
+    b.wait_for(
+        "node2 ALONE and node1 greyed on the page",
+        Duration::from_secs(60),
+        |b| Ok(page_state(b, "node2")?.as_deref() == Some("ALONE") && page_row_stale(b, "node1")?),
+    )?;
     b.wait_for("vm1's primary node2 on the page", PAGE_TIMEOUT, |b| {
         Ok(b.text()?.contains("primary: node2"))
     })?;
@@ -226,14 +198,20 @@ fn console_in_chromium() -> Result<()> {
     page_not_reloaded(&mut b)?;
     diag(
         &vc,
-        wait_console(&vc.console(1)?, BOOT_TIMEOUT, "vm1 boots again on node2", |c| {
-            c.boots.len() > boots_before
-        }),
+        wait_console(
+            &vc.console(1)?,
+            BOOT_TIMEOUT,
+            "vm1 boots again on node2",
+            |c| c.boots.len() > boots_before,
+        ),
     )?;
     b.screenshot(&shots.join("04-failover.png"))?;
 
     let errors = b.js_errors();
-    ensure!(errors.is_empty(), "JavaScript errors in the console page: {errors:#?}");
+    ensure!(
+        errors.is_empty(),
+        "JavaScript errors in the console page: {errors:#?}"
+    );
     eprintln!("[web] screenshots in {}", shots.display());
     b.close()?;
     Ok(())
