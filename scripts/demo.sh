@@ -9,7 +9,11 @@
 #
 # The story is the end-to-end test `node1_crash_fails_over_to_node2_without_losing_counters`
 # (tests/tests/failover.rs) run with VMHA_DEMO=1, which prints `vmctl status`
-# before and after, the counters and the failover timings. Everything it
+# before and after, the counters and the failover timings. At the end it
+# prints the web console's URL (node2's console, forwarded from
+# https://127.0.0.1:9010/, or another local port if 9010 is taken) with the
+# admin password it set, and keeps the cluster up until Enter is pressed;
+# when standard input is not a terminal it does not wait. Everything it
 # creates (namespaces, daemons, FUSE mounts, the cluster directory under
 # /var/tmp) is torn down when it ends, fails, or is interrupted.
 #
@@ -71,7 +75,10 @@ exe=$(cargo test -p vmha-test-infra --test failover --no-run 2>&1 |
 
 echo
 echo "== two nodes, vm1 on node1, node1 crashes, node2 takes over =="
-"$exe" --exact "$TEST" --nocapture --test-threads=1 &
+# Standard input goes to the test explicitly (a background job's would be
+# /dev/null): it waits for Enter there when it is a terminal.
+exec 3<&0
+"$exe" --exact "$TEST" --nocapture --test-threads=1 <&3 3<&- &
 runner=$!
 wait "$runner"
 runner=

@@ -6,7 +6,10 @@
 
 pub mod aligned;
 pub mod bin;
+pub mod browser;
 pub mod cluster_vm;
+pub mod console_demo;
+pub mod forward;
 pub mod fsctl;
 pub mod fsops;
 pub mod guest;

@@ -183,6 +183,7 @@ fn node_failure() -> Result<()> {
             c2.counters
         );
         eprintln!("### timings: kill -> ALONE {to_alone:?}, kill -> first counter on node2 {to_counter:?}");
+        vmha_test_infra::console_demo::console_until_enter(&vc, 1)?;
     }
     Ok(())
 }
