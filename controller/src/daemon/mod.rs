@@ -751,7 +751,15 @@ impl Daemon {
             &local.addresses,
             cluster.channel_port,
             &spec.key,
-            Arc::new(crate::channel::CallHandler::new(calls_tx.clone())),
+            Arc::new(
+                crate::channel::CallHandler::new(calls_tx.clone()).with_daemon(
+                    DaemonHandle {
+                        shared: Arc::clone(&shared),
+                        calls: calls_tx.clone(),
+                    },
+                    tokio::runtime::Handle::current(),
+                ),
+            ),
         )?;
 
         // Started before this returns: `status` right after start shows each
@@ -965,6 +973,15 @@ impl DaemonHandle {
             .filter(|h| module.as_deref().is_none_or(|m| m == h.module.name))
             .map(|h| Arc::clone(&h.log))
             .collect()
+    }
+
+    /// The configuration file this daemon was started with, if known.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        self.shared
+            .config_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The latest event-log lines of a module (oldest first), if it exists.
