@@ -957,6 +957,26 @@ impl DaemonHandle {
         response
     }
 
+    /// Writes `line` to `module`'s event log (every module's when `None`).
+    pub async fn log_event(&self, module: Option<&str>, line: String) {
+        tracing::info!("{line}");
+        let logs: Vec<Arc<EventLog>> = self
+            .shared
+            .modules()
+            .iter()
+            .filter(|h| module.is_none_or(|m| m == h.module.name))
+            .map(|h| Arc::clone(&h.log))
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for log in logs {
+                if let Err(e) = log.append(&line) {
+                    tracing::warn!("{e}");
+                }
+            }
+        })
+        .await;
+    }
+
     fn logs_for(&self, request: &Request) -> Vec<Arc<EventLog>> {
         let module = match request {
             Request::Start { module }
