@@ -575,6 +575,11 @@ fn status_all(cli: &Cli, target: &Target, json: bool) -> Result<(), VmctlError> 
 
 /// `report`: this node's part collected here, the peer's over the channel.
 fn report(cli: &Cli, target: &Target, out: Option<PathBuf>) -> Result<(), VmctlError> {
+    if cli.node.is_some() {
+        return Err(VmctlError::daemon(
+            "report: run it without --node (it covers both nodes: this one's part is read here)",
+        ));
+    }
     let config_file = cli
         .config
         .clone()
@@ -618,7 +623,8 @@ fn report(cli: &Cli, target: &Target, out: Option<PathBuf>) -> Result<(), VmctlE
         let now = vmha_controller::eventlog::timestamp(SystemTime::now()).replace(':', "");
         PathBuf::from(format!("vmha-report-{}-{now}.tar.gz", config.cluster.name))
     });
-    let file = std::fs::File::create(&path).map_err(VmctlError::Output)?;
+    let file = std::fs::File::create(&path)
+        .map_err(|e| VmctlError::daemon(format!("cannot write {}: {e}", path.display())))?;
     vmha_controller::report::write_tar_gz(std::io::BufWriter::new(file), &parts, &notes)
         .map_err(|e| VmctlError::daemon(format!("{}: {e}", path.display())))?;
     let nodes: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
