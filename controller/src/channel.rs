@@ -662,6 +662,17 @@ mod tests {
             Message::Error {
                 message: "x".into(),
             },
+            Message::CommandAs {
+                request: Request::Swap { module: None },
+                user: "web:admin from 10.0.0.5:1 on node1's console".into(),
+            },
+            Message::Report,
+            Message::ReportPart {
+                files: vec![crate::report::ReportFile {
+                    path: "status.json".into(),
+                    text: "{}".into(),
+                }],
+            },
         ] {
             let json = serde_json::to_vec(&m).unwrap_or_default();
             assert_eq!(decode(&json), Ok(m));
@@ -717,7 +728,7 @@ mod tests {
 
         /// JSON-shaped garbage reaches the field decoders without panicking.
         #[test]
-        fn json_shaped_garbage_never_panics(text in "\\{\"type\":\"(status|command|reply|config_push|status_view|error)\"\\PC{0,200}") {
+        fn json_shaped_garbage_never_panics(text in "\\{\"type\":\"(status|command|reply|config_push|status_view|error|command_as|report|report_part)\"\\PC{0,200}") {
             let _ = decode(text.as_bytes());
         }
     }
