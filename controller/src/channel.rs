@@ -136,7 +136,9 @@ pub enum Message {
     Report,
     /// v3. Answer to `Report`: the files, bounded so the message fits in
     /// [`MAX_MESSAGE`].
-    ReportPart { files: Vec<crate::report::ReportFile> },
+    ReportPart {
+        files: Vec<crate::report::ReportFile>,
+    },
 }
 
 impl Message {

@@ -145,16 +145,16 @@ fn run(args: Args) -> Result<(), MainError> {
         daemon.set_config_file(&config_file);
         // The console is not needed for HA: a failure to serve it is logged.
         // The peer's view comes over the daemon channel.
-        let peer: Arc<dyn vmha_controller::web::PeerSource> = if daemon.handle().config().web.enabled {
-            match vmha_controller::web::ChannelPeer::start(daemon.handle(), peer_key) {
-                Some(p) => Arc::new(p),
-                None => Arc::new(vmha_controller::web::NoPeer),
-            }
-        } else {
-            Arc::new(vmha_controller::web::NoPeer)
-        };
-        let _web = match vmha_controller::web::start(daemon.handle(), peer).await
-        {
+        let peer: Arc<dyn vmha_controller::web::PeerSource> =
+            if daemon.handle().config().web.enabled {
+                match vmha_controller::web::ChannelPeer::start(daemon.handle(), peer_key) {
+                    Some(p) => Arc::new(p),
+                    None => Arc::new(vmha_controller::web::NoPeer),
+                }
+            } else {
+                Arc::new(vmha_controller::web::NoPeer)
+            };
+        let _web = match vmha_controller::web::start(daemon.handle(), peer).await {
             Ok(web) => web,
             Err(e) => {
                 tracing::error!("web console not started: {e}");

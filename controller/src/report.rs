@@ -183,10 +183,7 @@ pub fn collect(source: &Source<'_>) -> Vec<ReportFile> {
         if let Some(first) = module.replicated.first() {
             let xml = first.join(format!("{}.xml", module.domain));
             match read_lossy(&xml) {
-                Ok(text) => add(
-                    format!("{}/domain.xml", module.name),
-                    tail(text, FILE_CAP),
-                ),
+                Ok(text) => add(format!("{}/domain.xml", module.name), tail(text, FILE_CAP)),
                 Err(e) => errors.push(format!("{}: {e}", xml.display())),
             }
         }
@@ -251,7 +248,9 @@ fn state_files(
     entries.sort_by_key(std::fs::DirEntry::file_name);
     for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Ok(kind) = entry.file_type() else { continue };
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         let path = format!("{prefix}/{name}");
         if kind.is_dir() && depth < 1 {
             state_files(&entry.path(), &path, depth + 1, out, errors);

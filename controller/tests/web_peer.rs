@@ -261,7 +261,10 @@ async fn wait_view(
         if cond(&v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {v:#}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {v:#}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -314,22 +317,27 @@ async fn console_shows_the_peers_own_status_and_acts_there() {
         .status
         .unwrap();
     assert!(own.modules[0].nodes["node2"].maintenance, "{own:?}");
-    wait_view("node2 in maintenance on the page", &client, &url, &cookie, |v| {
-        v["peer"]["modules"][0]["nodes"]["node2"]["maintenance"] == true
-    })
+    wait_view(
+        "node2 in maintenance on the page",
+        &client,
+        &url,
+        &cookie,
+        |v| v["peer"]["modules"][0]["nodes"]["node2"]["maintenance"] == true,
+    )
     .await;
     // Both event logs name the user and the node.
     let theirs = log_of(&pair.dir2());
     assert!(
-        theirs
-            .iter()
-            .any(|l| l.contains("web:admin") && l.contains("node1's console") && l.contains("maintenance")),
+        theirs.iter().any(|l| l.contains("web:admin")
+            && l.contains("node1's console")
+            && l.contains("maintenance")),
         "node2's log: {theirs:#?}"
     );
     let ours = log_of(&pair.n1.dir);
     assert!(
-        ours.iter()
-            .any(|l| l.contains("web:admin") && l.contains("on node2") && l.contains("maintenance")),
+        ours.iter().any(|l| l.contains("web:admin")
+            && l.contains("on node2")
+            && l.contains("maintenance")),
         "node1's log: {ours:#?}"
     );
     // The log view merges both nodes by time.
@@ -449,7 +457,10 @@ fn check_report(archive: &[u8], key_file: &Path) {
             assert_eq!(s["node"], "node2");
         }
         if path.ends_with("versions.txt") {
-            assert!(text.contains("vmhad") && text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+            assert!(
+                text.contains("vmhad") && text.contains(env!("CARGO_PKG_VERSION")),
+                "{text}"
+            );
         }
     }
 }
@@ -470,7 +481,11 @@ async fn report_covers_both_nodes_without_key_material() {
     check_report(&std::fs::read(&out_file).unwrap(), &pair.key_file);
 
     let (client, url, cookie) = pair.login().await;
-    let anonymous = client.get(format!("{url}/api/report")).send().await.unwrap();
+    let anonymous = client
+        .get(format!("{url}/api/report"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     let r = client
         .get(format!("{url}/api/report"))

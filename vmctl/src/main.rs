@@ -543,7 +543,8 @@ fn status_all(cli: &Cli, target: &Target, json: bool) -> Result<(), VmctlError> 
         if let Some(map) = value.as_object_mut() {
             match &peer {
                 Ok((_, p)) => {
-                    let p = serde_json::to_value(p).map_err(|e| VmctlError::daemon(e.to_string()))?;
+                    let p =
+                        serde_json::to_value(p).map_err(|e| VmctlError::daemon(e.to_string()))?;
                     map.insert("peer_status".into(), p);
                 }
                 Err(e) => {
@@ -610,7 +611,9 @@ fn report(cli: &Cli, target: &Target, out: Option<PathBuf>) -> Result<(), VmctlE
                     .iter()
                     .find(|n| n.name != node)
                     .map_or_else(|| "peer".to_string(), |n| n.name.clone());
-                match vmha_controller::channel::Client::connect(addr, &key).and_then(|mut c| c.report()) {
+                match vmha_controller::channel::Client::connect(addr, &key)
+                    .and_then(|mut c| c.report())
+                {
                     Ok(files) => parts.push((peer, files)),
                     Err(e) => notes.push(format!("{peer}: no part: {e}")),
                 }
@@ -666,7 +669,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             interval,
             ..
         } => watch(&target, interval),
-        Command::Status { json, all: true, .. } => status_all(&cli, &target, json),
+        Command::Status {
+            json, all: true, ..
+        } => status_all(&cli, &target, json),
         Command::Report { ref out } => report(&cli, &target, out.clone()),
         Command::Status { json, .. } => {
             let response = call(&target, &Request::Status)?;

@@ -54,8 +54,8 @@ pub use self::peer::{ChannelPeer, PeerLink};
 pub use self::tls::{self_signed_paths, TlsError};
 use crate::config::Web;
 use crate::control::{Request, Response as Answer};
-use crate::report::ReportFile;
 use crate::daemon::DaemonHandle;
+use crate::report::ReportFile;
 use crate::status::Status;
 
 /// TLS handshakes pending at once; one more connection is closed at once.
@@ -690,7 +690,11 @@ async fn api_log(
     let node = app.daemon.status().node;
     let mut lines: Vec<(String, String)> = local.into_iter().map(|l| (node.clone(), l)).collect();
     if let Some(peer) = app.peer.peer_name() {
-        match app.peer.log(q.module.clone(), crate::eventlog::RING_LINES).await {
+        match app
+            .peer
+            .log(q.module.clone(), crate::eventlog::RING_LINES)
+            .await
+        {
             Ok(theirs) => lines.extend(theirs.into_iter().map(|l| (peer.clone(), l))),
             Err(e) => lines.push((
                 peer.clone(),
@@ -797,9 +801,7 @@ async fn api_action(
         Some(n) if app.peer.peer_name().as_deref() == Some(n) => {
             peer_action(&app, request, &who, n, &this).await
         }
-        Some(n) => {
-            return (StatusCode::BAD_REQUEST, format!("unknown node `{n}`")).into_response()
-        }
+        Some(n) => return (StatusCode::BAD_REQUEST, format!("unknown node `{n}`")).into_response(),
     };
     Json(ActionAnswer {
         ok: r.ok,
@@ -835,7 +837,10 @@ async fn peer_action(app: &App, request: Request, who: &str, peer: &str, this: &
     };
     let outcome = match (&response.ok, &response.error) {
         (true, _) => format!("{who}: done on {peer}"),
-        (false, e) => format!("{who}: refused on {peer}: {}", e.clone().unwrap_or_default()),
+        (false, e) => format!(
+            "{who}: refused on {peer}: {}",
+            e.clone().unwrap_or_default()
+        ),
     };
     log(outcome).await;
     response
