@@ -429,6 +429,10 @@ fn entries(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
 fn check_report(archive: &[u8], key_file: &Path) {
     let files = entries(archive);
     let names: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+    assert!(
+        names.contains(&"vmha-report/node2/vm1/fs0/sync.json"),
+        "{names:#?}"
+    );
     for node in ["node1", "node2"] {
         for f in [
             "vmha.toml",
@@ -470,6 +474,12 @@ fn check_report(archive: &[u8], key_file: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_covers_both_nodes_without_key_material() {
     let pair = Pair::start(3);
+    // A vmha-fs state file of node2 (fake drivers write none) and a key-like
+    // file that must stay out.
+    let fs0 = pair.dir2().join("state/vm1/fs0");
+    std::fs::create_dir_all(&fs0).unwrap();
+    std::fs::write(fs0.join("sync.json"), r#"{"phase":"done"}"#).unwrap();
+    std::fs::copy(&pair.key_file, fs0.join("copied.key")).unwrap();
     let out_file = pair.n1.dir.join("report.tar.gz");
     let out = pair.vmctl(
         &pair.n1.dir,
