@@ -26,7 +26,10 @@
 //! answer ([`Message::Error`]) instead of breaking the stream.
 //!
 //! Versions ([`CHANNEL`], negotiated in the handshake like replication): 1 has
-//! status and remote commands; 2 adds [`Message::ConfigPush`]. A client asks for
+//! status and remote commands; 2 adds [`Message::ConfigPush`]; 3 adds
+//! [`Message::CommandAs`] (a command logged in the peer's event log with the
+//! user who asked: the web console) and [`Message::Report`] (the peer's part
+//! of `vmctl report`). A client asks for
 //! a feature only when the session's version has it, and says which version the
 //! peer speaks otherwise. Test hook: [`CHANNEL_ENV`]
 //! (`VMHA_TEST_CHANNEL_VERSIONS`, see `vmha_fs::version`) narrows the advertised
@@ -54,9 +57,11 @@ use crate::control::{Call, Request, Response};
 use crate::status::Status;
 
 /// The daemon-channel versions this build speaks.
-pub const CHANNEL: Versions = Versions { min: 1, max: 2 };
+pub const CHANNEL: Versions = Versions { min: 1, max: 3 };
 /// The first version with [`Message::ConfigPush`].
 pub const CONFIG_PUSH_SINCE: u16 = 2;
+/// The first version with [`Message::CommandAs`] and [`Message::Report`].
+pub const CONSOLE_SINCE: u16 = 3;
 /// Test only: narrows the advertised channel versions (`MAX` or `MIN..=MAX`).
 pub const CHANNEL_ENV: &str = "VMHA_TEST_CHANNEL_VERSIONS";
 /// Largest message (JSON bytes) either side accepts.
@@ -123,6 +128,17 @@ pub enum Message {
     ConfigPush { text: String },
     /// v1. The request could not be served (unknown kind, undecodable, ...).
     Error { message: String },
+    /// v3. As `Command`, written to the peer's event log with `user` (who
+    /// asked, e.g. `web:admin from 10.0.0.5:51234 on node1's console`) and
+    /// the outcome. Answered with `Reply`.
+    CommandAs { request: Request, user: String },
+    /// v3. Asks for the peer's part of the diagnostic report.
+    Report,
+    /// v3. Answer to `Report`: the files, bounded so the message fits in
+    /// [`MAX_MESSAGE`].
+    ReportPart {
+        files: Vec<crate::report::ReportFile>,
+    },
 }
 
 impl Message {
@@ -134,6 +150,9 @@ impl Message {
             Message::Reply { .. } => "reply",
             Message::ConfigPush { .. } => "config_push",
             Message::Error { .. } => "error",
+            Message::CommandAs { .. } => "command_as",
+            Message::Report => "report",
+            Message::ReportPart { .. } => "report_part",
         }
     }
 }
@@ -147,6 +166,15 @@ pub trait PeerHandler: Send + Sync {
     fn command(&self, request: Request) -> Response;
     /// Writes `text` as this node's configuration file and reloads.
     fn config_push(&self, text: String) -> Response;
+    /// Runs `request` with `user` written to the event log (who asked).
+    fn command_as(&self, request: Request, user: String) -> Response {
+        let _ = user;
+        self.command(request)
+    }
+    /// This node's part of the diagnostic report (bounded).
+    fn report(&self) -> Result<Vec<crate::report::ReportFile>, String> {
+        Err("this vmhad cannot make a report".into())
+    }
 }
 
 /// The channel versions this process advertises: [`CHANNEL`] narrowed by
@@ -171,11 +199,28 @@ fn binding(port: u16) -> Result<Binding, WireError> {
 #[derive(Debug, Clone)]
 pub struct CallHandler {
     calls: mpsc::Sender<Call>,
+    /// The daemon (event logs with the user, report) and its runtime; without
+    /// it `command_as` is `command` and there is no report.
+    daemon: Option<(crate::daemon::DaemonHandle, tokio::runtime::Handle)>,
 }
 
 impl CallHandler {
     pub fn new(calls: mpsc::Sender<Call>) -> CallHandler {
-        CallHandler { calls }
+        CallHandler {
+            calls,
+            daemon: None,
+        }
+    }
+
+    /// With the daemon behind `calls`: `command_as` logs who asked, `report`
+    /// collects this node's part.
+    pub fn with_daemon(
+        mut self,
+        daemon: crate::daemon::DaemonHandle,
+        runtime: tokio::runtime::Handle,
+    ) -> CallHandler {
+        self.daemon = Some((daemon, runtime));
+        self
     }
 }
 
@@ -218,6 +263,42 @@ impl PeerHandler for CallHandler {
     /// vmhad was started with and reloads (`Request::ConfigApply`).
     fn config_push(&self, text: String) -> Response {
         self.command(Request::ConfigApply { text })
+    }
+
+    fn command_as(&self, request: Request, user: String) -> Response {
+        match &self.daemon {
+            // A session thread is not a runtime thread: blocking on it is fine.
+            Some((daemon, runtime)) => runtime.block_on(daemon.request_as(request, &user)),
+            None => self.command(request),
+        }
+    }
+
+    fn report(&self) -> Result<Vec<crate::report::ReportFile>, String> {
+        let Some((daemon, _)) = &self.daemon else {
+            return Err("this vmhad cannot make a report".into());
+        };
+        let config = daemon.config();
+        let node = config.node(daemon.node()).name.clone();
+        let status = daemon.status();
+        let mut budget = crate::report::PEER_BUDGET;
+        loop {
+            let files = crate::report::collect(&crate::report::Source {
+                config: &config,
+                config_file: daemon.config_file().as_deref(),
+                node: &node,
+                status: Some(&status),
+                budget,
+            });
+            let size = serde_json::to_vec(&Message::ReportPart {
+                files: files.clone(),
+            })
+            .map(|j| j.len())
+            .unwrap_or(usize::MAX);
+            if size <= MAX_MESSAGE as usize || budget < 4096 {
+                return Ok(files);
+            }
+            budget /= 2;
+        }
     }
 }
 
@@ -413,6 +494,15 @@ fn serve_session(
                     response: Box::new(handler.config_push(text)),
                 }
             }
+            Ok(Message::CommandAs { request, user }) if keys.version >= CONSOLE_SINCE => {
+                Message::Reply {
+                    response: Box::new(handler.command_as(request, user)),
+                }
+            }
+            Ok(Message::Report) if keys.version >= CONSOLE_SINCE => match handler.report() {
+                Ok(files) => Message::ReportPart { files },
+                Err(message) => Message::Error { message },
+            },
             Ok(other) => Message::Error {
                 message: format!(
                     "`{}` is not a request of daemon-channel version {}",
@@ -504,6 +594,37 @@ impl Client {
         }
     }
 
+    /// Runs `request` on the peer with `user` in its event log (channel
+    /// version 3; an older peer runs it as `command`, without the user).
+    pub fn command_as(&mut self, request: Request, user: &str) -> Result<Response, ChannelError> {
+        if self.version < CONSOLE_SINCE {
+            return self.command(request);
+        }
+        let message = Message::CommandAs {
+            request,
+            user: user.to_string(),
+        };
+        match self.ask(&message)? {
+            Message::Reply { response } => Ok(*response),
+            other => Err(ChannelError::Unexpected(other.kind().into())),
+        }
+    }
+
+    /// The peer's part of the diagnostic report (channel version 3).
+    pub fn report(&mut self) -> Result<Vec<crate::report::ReportFile>, ChannelError> {
+        if self.version < CONSOLE_SINCE {
+            return Err(ChannelError::Unsupported {
+                what: "report",
+                version: self.version,
+                needs: CONSOLE_SINCE,
+            });
+        }
+        match self.ask(&Message::Report)? {
+            Message::ReportPart { files } => Ok(files),
+            other => Err(ChannelError::Unexpected(other.kind().into())),
+        }
+    }
+
     /// Sends a configuration file for the peer to write and reload.
     pub fn config_push(&mut self, text: String) -> Result<Response, ChannelError> {
         if self.version < CONFIG_PUSH_SINCE {
@@ -542,6 +663,17 @@ mod tests {
             },
             Message::Error {
                 message: "x".into(),
+            },
+            Message::CommandAs {
+                request: Request::Swap { module: None },
+                user: "web:admin from 10.0.0.5:1 on node1's console".into(),
+            },
+            Message::Report,
+            Message::ReportPart {
+                files: vec![crate::report::ReportFile {
+                    path: "status.json".into(),
+                    text: "{}".into(),
+                }],
             },
         ] {
             let json = serde_json::to_vec(&m).unwrap_or_default();
@@ -598,7 +730,7 @@ mod tests {
 
         /// JSON-shaped garbage reaches the field decoders without panicking.
         #[test]
-        fn json_shaped_garbage_never_panics(text in "\\{\"type\":\"(status|command|reply|config_push|status_view|error)\"\\PC{0,200}") {
+        fn json_shaped_garbage_never_panics(text in "\\{\"type\":\"(status|command|reply|config_push|status_view|error|command_as|report|report_part)\"\\PC{0,200}") {
             let _ = decode(text.as_bytes());
         }
     }

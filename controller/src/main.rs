@@ -132,6 +132,7 @@ fn run(args: Args) -> Result<(), MainError> {
         let mut int = signal(SignalKind::interrupt()).map_err(MainError::Signal)?;
         // Installed before the daemon runs: a SIGHUP never kills vmhad.
         let mut hup = signal(SignalKind::hangup()).map_err(MainError::Signal)?;
+        let peer_key = key.clone();
         let daemon = Daemon::start(DaemonSpec {
             config,
             node,
@@ -143,12 +144,17 @@ fn run(args: Args) -> Result<(), MainError> {
         .await?;
         daemon.set_config_file(&config_file);
         // The console is not needed for HA: a failure to serve it is logged.
-        let _web = match vmha_controller::web::start(
-            daemon.handle(),
-            Arc::new(vmha_controller::web::NoPeer),
-        )
-        .await
-        {
+        // The peer's view comes over the daemon channel.
+        let peer: Arc<dyn vmha_controller::web::PeerSource> =
+            if daemon.handle().config().web.enabled {
+                match vmha_controller::web::ChannelPeer::start(daemon.handle(), peer_key) {
+                    Some(p) => Arc::new(p),
+                    None => Arc::new(vmha_controller::web::NoPeer),
+                }
+            } else {
+                Arc::new(vmha_controller::web::NoPeer)
+            };
+        let _web = match vmha_controller::web::start(daemon.handle(), peer).await {
             Ok(web) => web,
             Err(e) => {
                 tracing::error!("web console not started: {e}");

@@ -53,6 +53,21 @@ enum Command {
         /// Seconds between two refreshes of --watch.
         #[arg(long, value_name = "SECS", default_value_t = 1.0)]
         interval: f64,
+        /// Also the peer's own full view, from its vmhad over the daemon
+        /// channel (said when it cannot be reached). With --json: added as
+        /// `peer_status` (or `peer_error`).
+        #[arg(long, conflicts_with = "watch")]
+        all: bool,
+    },
+    /// Write a diagnostic report of both nodes (configuration with key
+    /// material redacted, versions, status, event logs, vmha-fs state files,
+    /// domain XMLs, vmhad's journal, mounts, kernel) as one tar.gz; the
+    /// peer's part comes over the daemon channel.
+    Report {
+        /// The archive to write (default: vmha-report-CLUSTER-TIME.tar.gz
+        /// in the current directory).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Start the module on this node.
     Start { module: Option<String> },
@@ -501,6 +516,128 @@ fn watch(socket: &Target, interval: f64) -> Result<(), VmctlError> {
     }
 }
 
+/// The peer's own status over the daemon channel, or why not.
+fn peer_status(
+    cli: &Cli,
+    target: &Target,
+) -> Result<(String, vmha_controller::status::Status), String> {
+    let peer = peer_target(cli, target).map_err(|e| e.to_string())?;
+    let Target::Node { addr, key } = &peer else {
+        return Err("no peer".into());
+    };
+    let status = vmha_controller::channel::Client::connect(*addr, key)
+        .and_then(|mut c| c.status())
+        .map_err(|e| e.to_string())?;
+    Ok((status.node.clone(), status))
+}
+
+/// `status --all`: this node's view, then the peer's own.
+fn status_all(cli: &Cli, target: &Target, json: bool) -> Result<(), VmctlError> {
+    let status = call(target, &Request::Status)?
+        .status
+        .ok_or_else(|| VmctlError::daemon("vmhad sent no status"))?;
+    let peer = peer_status(cli, target);
+    if json {
+        let mut value =
+            serde_json::to_value(&status).map_err(|e| VmctlError::daemon(e.to_string()))?;
+        if let Some(map) = value.as_object_mut() {
+            match &peer {
+                Ok((_, p)) => {
+                    let p =
+                        serde_json::to_value(p).map_err(|e| VmctlError::daemon(e.to_string()))?;
+                    map.insert("peer_status".into(), p);
+                }
+                Err(e) => {
+                    map.insert("peer_error".into(), serde_json::Value::String(e.clone()));
+                }
+            }
+        }
+        let text =
+            serde_json::to_string_pretty(&value).map_err(|e| VmctlError::daemon(e.to_string()))?;
+        return print(&format!("{text}\n"));
+    }
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut text = format!("== {} (this node's view)\n", status.node);
+    text.push_str(&render::render(&status, colour));
+    match peer {
+        Ok((name, p)) => {
+            text.push_str(&format!(
+                "\n== {name} (its own view, from its vmhad over the daemon channel)\n"
+            ));
+            text.push_str(&render::render(&p, colour));
+        }
+        Err(e) => text.push_str(&format!(
+            "\nthe peer's own view is not available (its vmhad cannot be reached over the daemon channel: {e}); above is {}'s view of it\n",
+            status.node
+        )),
+    }
+    print(&text)
+}
+
+/// `report`: this node's part collected here, the peer's over the channel.
+fn report(cli: &Cli, target: &Target, out: Option<PathBuf>) -> Result<(), VmctlError> {
+    if cli.node.is_some() {
+        return Err(VmctlError::daemon(
+            "report: run it without --node (it covers both nodes: this one's part is read here)",
+        ));
+    }
+    let config_file = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let config = Config::load(&config_file)?;
+    let status = ask(target, &Request::Status).ok().and_then(|r| r.status);
+    let mut notes = Vec::new();
+    let node = match &status {
+        Some(s) => s.node.clone(),
+        None => {
+            notes.push("this node's vmhad did not answer: no status, no peer part".to_string());
+            cli.node.clone().unwrap_or_else(|| "local".to_string())
+        }
+    };
+    let source = vmha_controller::report::Source {
+        config: &config,
+        config_file: Some(&config_file),
+        node: &node,
+        status: status.as_ref(),
+        budget: vmha_controller::report::LOCAL_BUDGET,
+    };
+    let mut parts = vec![(node.clone(), vmha_controller::report::collect(&source))];
+    if status.is_some() {
+        match peer_target(cli, target) {
+            Ok(Target::Node { addr, key }) => {
+                let peer = config
+                    .nodes
+                    .iter()
+                    .find(|n| n.name != node)
+                    .map_or_else(|| "peer".to_string(), |n| n.name.clone());
+                match vmha_controller::channel::Client::connect(addr, &key)
+                    .and_then(|mut c| c.report())
+                {
+                    Ok(files) => parts.push((peer, files)),
+                    Err(e) => notes.push(format!("{peer}: no part: {e}")),
+                }
+            }
+            Ok(Target::Local(_)) => {}
+            Err(e) => notes.push(format!("the peer: no part: {e}")),
+        }
+    }
+    let path = out.unwrap_or_else(|| {
+        let now = vmha_controller::eventlog::timestamp(SystemTime::now()).replace(':', "");
+        PathBuf::from(format!("vmha-report-{}-{now}.tar.gz", config.cluster.name))
+    });
+    let file = std::fs::File::create(&path)
+        .map_err(|e| VmctlError::daemon(format!("cannot write {}: {e}", path.display())))?;
+    vmha_controller::report::write_tar_gz(std::io::BufWriter::new(file), &parts, &notes)
+        .map_err(|e| VmctlError::daemon(format!("{}: {e}", path.display())))?;
+    let nodes: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+    let mut text = format!("{} (nodes: {})\n", path.display(), nodes.join(", "));
+    for n in &notes {
+        text.push_str(&format!("note: {n}\n"));
+    }
+    print(&text)
+}
+
 fn print(text: &str) -> Result<(), VmctlError> {
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -532,6 +669,10 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
             interval,
             ..
         } => watch(&target, interval),
+        Command::Status {
+            json, all: true, ..
+        } => status_all(&cli, &target, json),
+        Command::Report { ref out } => report(&cli, &target, out.clone()),
         Command::Status { json, .. } => {
             let response = call(&target, &Request::Status)?;
             let status = response

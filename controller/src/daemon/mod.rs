@@ -756,7 +756,15 @@ impl Daemon {
             &local.addresses,
             cluster.channel_port,
             &spec.key,
-            Arc::new(crate::channel::CallHandler::new(calls_tx.clone())),
+            Arc::new(
+                crate::channel::CallHandler::new(calls_tx.clone()).with_daemon(
+                    DaemonHandle {
+                        shared: Arc::clone(&shared),
+                        calls: calls_tx.clone(),
+                    },
+                    tokio::runtime::Handle::current(),
+                ),
+            ),
         )?;
 
         // Started before this returns: `status` right after start shows each
@@ -954,6 +962,26 @@ impl DaemonHandle {
         response
     }
 
+    /// Writes `line` to `module`'s event log (every module's when `None`).
+    pub async fn log_event(&self, module: Option<&str>, line: String) {
+        tracing::info!("{line}");
+        let logs: Vec<Arc<EventLog>> = self
+            .shared
+            .modules()
+            .iter()
+            .filter(|h| module.is_none_or(|m| m == h.module.name))
+            .map(|h| Arc::clone(&h.log))
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for log in logs {
+                if let Err(e) = log.append(&line) {
+                    tracing::warn!("{e}");
+                }
+            }
+        })
+        .await;
+    }
+
     fn logs_for(&self, request: &Request) -> Vec<Arc<EventLog>> {
         let module = match request {
             Request::Start { module }
@@ -970,6 +998,15 @@ impl DaemonHandle {
             .filter(|h| module.as_deref().is_none_or(|m| m == h.module.name))
             .map(|h| Arc::clone(&h.log))
             .collect()
+    }
+
+    /// The configuration file this daemon was started with, if known.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        self.shared
+            .config_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The latest event-log lines of a module (oldest first), if it exists.

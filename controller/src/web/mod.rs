@@ -8,9 +8,13 @@
 //!   heartbeats show it) and issues the control socket's requests through
 //!   [`DaemonHandle::request_as`], so the page can do nothing `vmctl` cannot
 //!   and every action lands in the event log with who asked.
-//! - The peer's own view will come over the authenticated channel between
-//!   the daemons ([`PeerSource`]); until it exists, [`NoPeer`] answers `None`
-//!   and the page shows the peer as this node's heartbeats know it.
+//! - The peer's own view comes over the authenticated channel between the
+//!   daemons ([`PeerSource`], vmhad's is [`ChannelPeer`]): its full status,
+//!   its event log (merged with this node's by time), actions run there with
+//!   the user who asked in both event logs, its part of the report. An
+//!   unreachable peer is shown as last known, greyed, with its age.
+//! - `/api/report` serves the same tar.gz as `vmctl report` (a GET: it
+//!   changes nothing, so the session cookie, `SameSite=Strict`, is enough).
 //! - Pre-authentication limits as for the other listeners (issue 8): at most
 //!   [`MAX_HANDSHAKES`] TLS handshakes pending (one more is dropped at once),
 //!   each done within [`HANDSHAKE_DEADLINE`]; at most [`MAX_CONNECTIONS`]
@@ -23,6 +27,7 @@
 
 mod auth;
 pub mod metrics;
+pub mod peer;
 mod tls;
 
 use std::future::Future;
@@ -45,10 +50,12 @@ use tokio::task::JoinHandle;
 use vmha_fs::ratelog::RateLog;
 
 pub use self::auth::{check_password, password_path, set_password, AuthError};
+pub use self::peer::{ChannelPeer, PeerLink};
 pub use self::tls::{self_signed_paths, TlsError};
 use crate::config::Web;
-use crate::control::Request;
+use crate::control::{Request, Response as Answer};
 use crate::daemon::DaemonHandle;
+use crate::report::ReportFile;
 use crate::status::Status;
 
 /// TLS handshakes pending at once; one more connection is closed at once.
@@ -75,19 +82,45 @@ pub enum WebError {
     NoListener(String),
 }
 
-/// The peer's own status, from the peer's vmhad (the channel between the
-/// daemons). `None` when unknown: the page then shows the peer as this
-/// node's heartbeats know it.
+/// A boxed future (the [`PeerSource`] methods are object-safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The peer's vmhad as the console reaches it (the channel between the
+/// daemons).
 pub trait PeerSource: Send + Sync + std::fmt::Debug {
-    fn peer_status(&self) -> Pin<Box<dyn Future<Output = Option<Status>> + Send + '_>>;
+    /// The peer's own (last known) status. `None` when unknown: the page
+    /// then shows the peer as this node's heartbeats know it.
+    fn peer_status(&self) -> BoxFuture<'_, Option<Status>>;
+    /// Whether that status is fresh, and its age.
+    fn peer_link(&self) -> Option<PeerLink> {
+        None
+    }
+    /// The peer's node name, when there is a channel to it.
+    fn peer_name(&self) -> Option<String> {
+        None
+    }
+    /// Runs `request` on the peer, `user` in its event log.
+    fn command(&self, request: Request, user: String) -> BoxFuture<'_, Result<Answer, String>> {
+        let _ = (request, user);
+        Box::pin(async { Err("no channel to the peer".to_string()) })
+    }
+    /// The last `last` lines of the peer's event log of `module`.
+    fn log(&self, module: String, last: usize) -> BoxFuture<'_, Result<Vec<String>, String>> {
+        let _ = (module, last);
+        Box::pin(async { Err("no channel to the peer".to_string()) })
+    }
+    /// The peer's part of the diagnostic report.
+    fn report(&self) -> BoxFuture<'_, Result<Vec<ReportFile>, String>> {
+        Box::pin(async { Err("no channel to the peer".to_string()) })
+    }
 }
 
-/// No channel to the peer (yet): always `None`.
+/// No channel to the peer: always `None`.
 #[derive(Debug, Default)]
 pub struct NoPeer;
 
 impl PeerSource for NoPeer {
-    fn peer_status(&self) -> Pin<Box<dyn Future<Output = Option<Status>> + Send + '_>> {
+    fn peer_status(&self) -> BoxFuture<'_, Option<Status>> {
         Box::pin(async { None })
     }
 }
@@ -297,6 +330,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/api/events", get(api_events))
         .route("/api/log", get(api_log))
         .route("/api/action", post(api_action))
+        .route("/api/report", get(api_report))
         .route("/metrics", get(metrics_handler))
         .with_state(app)
         .layer(axum::middleware::map_response(security_headers))
@@ -504,17 +538,21 @@ async fn style_css() -> Response {
 }
 
 /// What the page shows: this node's status, the peer's own (when the
-/// channel gives it), the latest event-log lines per module.
+/// channel gives it: last known, with `peer_link` saying whether it is
+/// fresh and how old), the latest event-log lines per module.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 struct View {
     local: Status,
     peer: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_link: Option<PeerLink>,
     events: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 async fn view(app: &App) -> View {
     let local = app.daemon.status();
     let peer = app.peer.peer_status().await;
+    let peer_link = app.peer.peer_link();
     let events = local
         .modules
         .iter()
@@ -527,6 +565,7 @@ async fn view(app: &App) -> View {
     View {
         local,
         peer,
+        peer_link,
         events,
     }
 }
@@ -559,7 +598,15 @@ async fn api_status(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
 /// whether an update is worth sending at once.
 fn steady(view: &View) -> View {
     let mut v = view.clone();
-    for m in &mut v.local.modules {
+    if let Some(link) = &mut v.peer_link {
+        link.age_ms = None;
+    }
+    for m in v
+        .local
+        .modules
+        .iter_mut()
+        .chain(v.peer.iter_mut().flat_map(|p| p.modules.iter_mut()))
+    {
         for n in m.nodes.values_mut() {
             if n.last_seen_ms.is_some() {
                 n.last_seen_ms = Some(None);
@@ -571,7 +618,10 @@ fn steady(view: &View) -> View {
             }
         }
     }
-    if let Some(w) = &mut v.local.witness {
+    for w in std::iter::once(&mut v.local.witness)
+        .chain(v.peer.iter_mut().map(|p| &mut p.witness))
+        .flatten()
+    {
         w.last_probe_ms = None;
     }
     v
@@ -634,10 +684,45 @@ async fn api_log(
     if session(&app, &headers).is_none() {
         return unauthorized();
     }
-    match app.daemon.log_lines(&q.module) {
-        Some(lines) => Json(lines).into_response(),
-        None => (StatusCode::NOT_FOUND, "no such module").into_response(),
+    let Some(local) = app.daemon.log_lines(&q.module) else {
+        return (StatusCode::NOT_FOUND, "no such module").into_response();
+    };
+    let node = app.daemon.status().node;
+    let mut lines: Vec<(String, String)> = local.into_iter().map(|l| (node.clone(), l)).collect();
+    if let Some(peer) = app.peer.peer_name() {
+        match app
+            .peer
+            .log(q.module.clone(), crate::eventlog::RING_LINES)
+            .await
+        {
+            Ok(theirs) => lines.extend(theirs.into_iter().map(|l| (peer.clone(), l))),
+            Err(e) => lines.push((
+                peer.clone(),
+                format!("(the peer's event log cannot be read now: {e})"),
+            )),
+        }
     }
+    Json(merge_by_time(lines)).into_response()
+}
+
+/// Both nodes' lines as `NODE | LINE`, by time (each line starts with its
+/// RFC 3339 UTC timestamp; a line without one keeps its place after the
+/// line before it).
+fn merge_by_time(lines: Vec<(String, String)>) -> Vec<String> {
+    let mut keyed: Vec<(String, String, String)> = Vec::with_capacity(lines.len());
+    let mut last = String::new();
+    for (node, line) in lines {
+        let stamp = line.split_whitespace().next().unwrap_or_default();
+        if stamp.len() >= 20 && stamp.as_bytes().first().is_some_and(u8::is_ascii_digit) {
+            last = stamp.to_string();
+        }
+        keyed.push((last.clone(), node, line));
+    }
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    keyed
+        .into_iter()
+        .map(|(_, node, line)| format!("{node} | {line}"))
+        .collect()
 }
 
 /// An action of the page.
@@ -649,6 +734,10 @@ struct ActionBody {
     /// `prim` only: the module's name typed by the operator.
     #[serde(default)]
     confirm: Option<String>,
+    /// The node to run it on (this node when omitted); the peer's actions go
+    /// over the daemon channel.
+    #[serde(default)]
+    node: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -704,14 +793,102 @@ async fn api_action(
             return (StatusCode::BAD_REQUEST, format!("unknown action `{other}`")).into_response()
         }
     };
+    let this = app.daemon.status().node;
     let who = format!("web:{} from {from}", s.user);
-    let r = app.daemon.request_as(request, &who).await;
+    let r = match body.node.as_deref() {
+        None => app.daemon.request_as(request, &who).await,
+        Some(n) if n == this => app.daemon.request_as(request, &who).await,
+        Some(n) if app.peer.peer_name().as_deref() == Some(n) => {
+            peer_action(&app, request, &who, n, &this).await
+        }
+        Some(n) => return (StatusCode::BAD_REQUEST, format!("unknown node `{n}`")).into_response(),
+    };
     Json(ActionAnswer {
         ok: r.ok,
         error: r.error,
         lines: r.lines,
     })
     .into_response()
+}
+
+/// An action for the peer: run there over the channel (its event log names
+/// the user and this console), and written to this node's event log too.
+async fn peer_action(app: &App, request: Request, who: &str, peer: &str, this: &str) -> Answer {
+    let what = serde_json::to_string(&request).unwrap_or_default();
+    let logs = match &request {
+        Request::Start { module }
+        | Request::Stop { module }
+        | Request::Swap { module }
+        | Request::Prim { module }
+        | Request::Verify { module }
+        | Request::Maintenance { module, .. } => module.clone(),
+        _ => None,
+    };
+    let log = |line: String| {
+        let daemon = app.daemon.clone();
+        let module = logs.clone();
+        async move { daemon.log_event(module.as_deref(), line).await }
+    };
+    log(format!("{who} asked {what} on {peer}")).await;
+    let user = format!("{who} on {this}'s console");
+    let response = match app.peer.command(request, user).await {
+        Ok(r) => r,
+        Err(e) => Answer::error(format!("{peer} cannot be reached: {e}")),
+    };
+    let outcome = match (&response.ok, &response.error) {
+        (true, _) => format!("{who}: done on {peer}"),
+        (false, e) => format!(
+            "{who}: refused on {peer}: {}",
+            e.clone().unwrap_or_default()
+        ),
+    };
+    log(outcome).await;
+    response
+}
+
+/// The diagnostic report of both nodes (as `vmctl report`).
+async fn api_report(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if session(&app, &headers).is_none() {
+        return unauthorized();
+    }
+    let config = app.daemon.config();
+    let status = app.daemon.status();
+    let node = status.node.clone();
+    let config_file = app.daemon.config_file();
+    let local = tokio::task::spawn_blocking(move || {
+        crate::report::collect(&crate::report::Source {
+            config: &config,
+            config_file: config_file.as_deref(),
+            node: &status.node,
+            status: Some(&status),
+            budget: crate::report::LOCAL_BUDGET,
+        })
+    })
+    .await
+    .unwrap_or_default();
+    let mut parts = vec![(node.clone(), local)];
+    let mut notes = vec![format!("made by {node}'s console")];
+    if let Some(peer) = app.peer.peer_name() {
+        match app.peer.report().await {
+            Ok(files) => parts.push((peer, files)),
+            Err(e) => notes.push(format!("{peer}: no part: {e}")),
+        }
+    }
+    let mut buf = Vec::new();
+    if let Err(e) = crate::report::write_tar_gz(&mut buf, &parts, &notes) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    let name = format!(
+        "vmha-report-{}-{}.tar.gz",
+        app.daemon.config().cluster.name,
+        crate::eventlog::timestamp(std::time::SystemTime::now()).replace(':', "")
+    );
+    let disposition = format!("attachment; filename=\"{name}\"");
+    let mut r = ([(header::CONTENT_TYPE, "application/gzip")], buf).into_response();
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
 }
 
 async fn metrics_handler(

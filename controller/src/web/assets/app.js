@@ -34,7 +34,7 @@ function age(ms) {
 
 function stateCell(n) {
   if (!n.reachable) {
-    const last = n.last_known_state || "?";
+    const last = n.last_known_state || n.state || "?";
     return el("span", { class: "state grey", title: "unreachable: last known state" }, last);
   }
   return el("span", { class: "state " + (n.colour || "grey") }, n.state || "?");
@@ -53,10 +53,10 @@ function heartbeatsCell(n) {
   return Object.entries(n.heartbeats).map(([a, ms]) => a + ": " + age(ms)).join(", ");
 }
 
-async function act(action, module) {
-  const body = { action, module };
+async function act(action, module, node) {
+  const body = { action, module, node: node || localNode };
   if (action === "prim") {
-    const typed = window.prompt("Force " + module + " primary on " + localNode +
+    const typed = window.prompt("Force " + module + " primary on " + body.node +
       " with its local data? Changes the other node made since the last sync would be discarded.\nType the module's name to confirm:");
     if (typed === null) return;
     body.confirm = typed;
@@ -72,7 +72,7 @@ async function act(action, module) {
   try {
     const a = await r.json();
     ok = ok && a.ok;
-    text = action + " " + module + ": " + (a.ok ? "done" : "refused: " + (a.error || "")) +
+    text = action + " " + module + " on " + body.node + ": " + (a.ok ? "done" : "refused: " + (a.error || "")) +
       (a.lines && a.lines.length ? "\n" + a.lines.join("\n") : "");
   } catch (e) {
     text = action + " " + module + ": HTTP " + r.status;
@@ -89,7 +89,7 @@ async function showLog(module) {
   if (!r.ok) return;
   const lines = await r.json();
   document.getElementById("log").hidden = false;
-  document.getElementById("log-title").textContent = "Event log: " + module + " (" + localNode + ")";
+  document.getElementById("log-title").textContent = "Event log: " + module + " (both nodes, by time)";
   document.getElementById("log-lines").textContent = lines.join("\n");
 }
 
@@ -104,20 +104,29 @@ function render(view) {
       ...["node", "state", "readiness", "generation", "resync", "heartbeats", "maintenance", "actions"].map(h => el("th", {}, h)));
     const rows = [head];
     const peerStatus = view.peer;
+    const link = view.peer_link;
     for (const [name, n0] of Object.entries(m.nodes)) {
       let n = n0;
-      // The peer's own answer, when the channel between the daemons gives it.
-      if (name !== status.node && peerStatus) {
-        const pm = peerStatus.modules.find(x => x.name === m.name);
-        if (pm && pm.nodes[name]) n = Object.assign({}, pm.nodes[name], { heartbeats: n0.heartbeats, last_seen_ms: n0.last_seen_ms });
-      }
       const local = name === status.node;
-      const actions = local ? el("td", { class: "actions" },
+      // The peer's own answer (last known), over the channel between the daemons.
+      let stale = false;
+      let from = "";
+      if (!local && peerStatus) {
+        const pm = peerStatus.modules.find(x => x.name === m.name);
+        if (pm && pm.nodes[name]) {
+          n = Object.assign({}, pm.nodes[name], { heartbeats: n0.heartbeats, last_seen_ms: n0.last_seen_ms });
+          stale = !!link && !link.reachable;
+          from = stale ? " (last known " + age(link.age_ms) + " ago, its vmhad unreachable)" : " (its own view)";
+          if (stale) n.reachable = false;
+        }
+      }
+      const remote = !local && !!link;
+      const actions = (local || remote) ? el("td", { class: "actions" },
         ...["start", "stop", "swap", "prim", "verify", "maintenance-on", "maintenance-off"].map(a =>
-          el("button", { type: "button", "data-action": a, "data-module": m.name, onclick: () => act(a, m.name) }, a)),
-        el("button", { type: "button", onclick: () => showLog(m.name) }, "log")) : el("td", {});
-      const seen = local ? "" : " (seen " + age(n.last_seen_ms) + " ago)";
-      rows.push(el("tr", { class: n.reachable ? "" : "stale", "data-node": name },
+          el("button", { type: "button", "data-action": a, "data-module": m.name, "data-node": name, onclick: () => act(a, m.name, name) }, a)),
+        local ? el("button", { type: "button", onclick: () => showLog(m.name) }, "log") : null) : el("td", {});
+      const seen = local ? "" : " (seen " + age(n.last_seen_ms) + " ago)" + from;
+      rows.push(el("tr", { class: (n.reachable && !stale) ? "" : "stale", "data-node": name },
         el("td", {}, name + (local ? " (this node)" : "") + seen),
         el("td", { class: "state-cell" }, stateCell(n)),
         el("td", {}, n.readiness || "unknown"),
