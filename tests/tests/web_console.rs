@@ -150,8 +150,9 @@ fn console_in_chromium() -> Result<()> {
 
     // Swap from the page: vm1 moves to node1 and the page follows.
     let t = Instant::now();
+    // The button of node2's row: this console's own node, the PRIM.
     b.click(&format!(
-        "button[data-action=\"swap\"][data-module=\"{MODULE}\"]"
+        "button[data-action=\"swap\"][data-module=\"{MODULE}\"][data-node=\"node2\"]"
     ))?;
     b.wait_for("the swap's result", PAGE_TIMEOUT, |b| {
         Ok(b
