@@ -243,9 +243,24 @@ fn run(args: &Args) -> Result<()> {
         rlim_max: NOFILE,
     };
     // SAFETY: plain syscall on a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        bail!("setrlimit: {}", std::io::Error::last_os_error());
-    }
+    let nofile = if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        NOFILE
+    } else {
+        // Without CAP_SYS_RESOURCE: the hard limit we were given (vmha-fs raises
+        // its soft limit to it).
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscall writing into a valid struct.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+        log(format!(
+            "cannot raise RLIMIT_NOFILE to {NOFILE}: {}; the nodes run with {}",
+            std::io::Error::last_os_error(),
+            cur.rlim_max
+        ));
+        cur.rlim_max
+    };
     let started = sysinfo::utc_rfc3339(sysinfo::unix_now());
     let s = ResyncSetup::in_dir(&args.dir, "vmha-bigdata-")?;
     let mut b = Bench {
@@ -253,7 +268,7 @@ fn run(args: &Args) -> Result<()> {
         writer: None,
         receiver: None,
     };
-    let mut r = json!({"started_utc": started, "loadavg_start": sysinfo::loadavg(), "nofile": NOFILE});
+    let mut r = json!({"started_utc": started, "loadavg_start": sysinfo::loadavg(), "nofile": nofile});
     let link = netprobe::probe_link(&b.s.link, 512 * MIB)?;
     log(format!("unshaped veth: {link:.0} MB/s"));
     r["link_mbps"] = json!(link);
