@@ -86,4 +86,3 @@ pub fn evict(path: &Path) -> Result<()> {
         .with_context(|| format!("fadvise {}", path.display()))?;
     Ok(())
 }
-

@@ -51,7 +51,10 @@ const GIB: u64 = 1 << 30;
 const NOFILE: u64 = 524_288;
 
 #[derive(Parser, Debug)]
-#[command(name = "vmha-bench-bigdata", about = "vmha-fs with many files / huge images")]
+#[command(
+    name = "vmha-bench-bigdata",
+    about = "vmha-fs with many files / huge images"
+)]
 struct Args {
     /// Where the nodes' directories go.
     #[arg(long, default_value = "/var/tmp")]
@@ -268,7 +271,8 @@ fn run(args: &Args) -> Result<()> {
         writer: None,
         receiver: None,
     };
-    let mut r = json!({"started_utc": started, "loadavg_start": sysinfo::loadavg(), "nofile": nofile});
+    let mut r =
+        json!({"started_utc": started, "loadavg_start": sysinfo::loadavg(), "nofile": nofile});
     let link = netprobe::probe_link(&b.s.link, 512 * MIB)?;
     log(format!("unshaped veth: {link:.0} MB/s"));
     r["link_mbps"] = json!(link);
@@ -299,7 +303,9 @@ fn run(args: &Args) -> Result<()> {
 
 fn files(b: &mut Bench, r: &mut Value, count: u64, file_bytes: u64) -> Result<()> {
     let root = b.s.a.data.join("files");
-    log(format!("creating {count} files of {file_bytes} B in the backing dir"));
+    log(format!(
+        "creating {count} files of {file_bytes} B in the backing dir"
+    ));
     let start = Instant::now();
     let mut buf = vec![0u8; file_bytes as usize];
     StdRng::seed_from_u64(1).fill(&mut buf[..]);
@@ -324,7 +330,10 @@ fn files(b: &mut Bench, r: &mut Value, count: u64, file_bytes: u64) -> Result<()
     std::fs::write(b.s.a.mnt.join("first-write"), b"x")?;
     r["mount_ready_s"] = json!(ready);
     r["mount_first_write_s"] = json!(start.elapsed().as_secs_f64());
-    log(format!("first write after {:.2} s", start.elapsed().as_secs_f64()));
+    log(format!(
+        "first write after {:.2} s",
+        start.elapsed().as_secs_f64()
+    ));
     r["writer_mem_after_mount"] = mem(b.writer()?)?;
 
     log("initial sync");
@@ -353,21 +362,36 @@ fn files(b: &mut Bench, r: &mut Value, count: u64, file_bytes: u64) -> Result<()
     b.start_receiver()?;
     log("reintegration");
     let (st, step) = b.measure(Bench::attach)?;
-    log(format!("reintegration {:.2} s, {} B →, {} B ←", step.seconds, step.tx_bytes, step.rx_bytes));
-    r["reintegration"] = json!({"step": step, "total_bytes": st.total_bytes, "changed_bytes": changed * file_bytes});
+    log(format!(
+        "reintegration {:.2} s, {} B →, {} B ←",
+        step.seconds, step.tx_bytes, step.rx_bytes
+    ));
+    r["reintegration"] =
+        json!({"step": step, "total_bytes": st.total_bytes, "changed_bytes": changed * file_bytes});
     r["writer_mem_after_reintegration"] = mem(b.writer()?)?;
     r["receiver_mem_after_reintegration"] = mem(b.receiver.as_ref().context("receiver")?)?;
 
     log("verify");
     let (v, step) = b.measure(Bench::verify)?;
-    log(format!("verify {:.1} s, {} differing", step.seconds, v.differing.len()));
-    r["verify"] = json!({"step": step, "total_bytes": v.total_bytes, "differing": v.differing.len()});
+    log(format!(
+        "verify {:.1} s, {} differing",
+        step.seconds,
+        v.differing.len()
+    ));
+    r["verify"] =
+        json!({"step": step, "total_bytes": v.total_bytes, "differing": v.differing.len()});
     r["writer_mem_end"] = mem(b.writer()?)?;
     r["receiver_mem_end"] = mem(b.receiver.as_ref().context("receiver")?)?;
     Ok(())
 }
 
-fn sparse(b: &mut Bench, r: &mut Value, size_gib: u64, written_mib: u64, verify: bool) -> Result<()> {
+fn sparse(
+    b: &mut Bench,
+    r: &mut Value,
+    size_gib: u64,
+    written_mib: u64,
+    verify: bool,
+) -> Result<()> {
     let size = size_gib * GIB;
     let image = b.s.a.data.join("vm1/disk.img");
     std::fs::create_dir_all(image.parent().context("parent")?)?;
@@ -382,13 +406,18 @@ fn sparse(b: &mut Bench, r: &mut Value, size_gib: u64, written_mib: u64, verify:
     b.writer = Some(b.s.primary_alone(&b.s.a, &[])?);
     r["writer_mem_start"] = mem(b.writer()?)?;
     let (_, step) = b.measure(Bench::attach)?;
-    log(format!("full copy of the sparse image {:.2} s", step.seconds));
+    log(format!(
+        "full copy of the sparse image {:.2} s",
+        step.seconds
+    ));
     r["initial_sync"] = json!(step);
 
     // Connected: 1 MiB pieces spread evenly (every one a new activity-log extent).
     let pieces = written_mib;
     let stride = (size / pieces) & !(MIB - 1);
-    let f = OpenOptions::new().write(true).open(b.s.a.mnt.join("vm1/disk.img"))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(b.s.a.mnt.join("vm1/disk.img"))?;
     let mut buf = vec![0u8; MIB as usize];
     let mut rng = StdRng::seed_from_u64(1);
     let start = Instant::now();
@@ -399,10 +428,15 @@ fn sparse(b: &mut Bench, r: &mut Value, size_gib: u64, written_mib: u64, verify:
     }
     f.sync_all()?;
     let secs = start.elapsed().as_secs_f64();
-    log(format!("{written_mib} MiB written connected in {secs:.1} s"));
-    r["written_connected"] = json!({"bytes": pieces * MIB, "pieces": pieces, "stride": stride, "seconds": secs});
+    log(format!(
+        "{written_mib} MiB written connected in {secs:.1} s"
+    ));
+    r["written_connected"] =
+        json!({"bytes": pieces * MIB, "pieces": pieces, "stride": stride, "seconds": secs});
     r["writer_mem_after_connected_writes"] = mem(b.writer()?)?;
-    r["activity_file_bytes"] = json!(std::fs::metadata(b.s.a.state.join("track/activity")).map(|m| m.len()).unwrap_or(0));
+    r["activity_file_bytes"] = json!(std::fs::metadata(b.s.a.state.join("track/activity"))
+        .map(|m| m.len())
+        .unwrap_or(0));
 
     // Degraded: 1 % of the written portion in 4 KiB pieces scattered over it.
     b.lose_peer()?;
@@ -426,21 +460,32 @@ fn sparse(b: &mut Bench, r: &mut Value, size_gib: u64, written_mib: u64, verify:
         .take(small as usize)
         .map(|s| (s / (MIB / 4096)) * stride / (128 * MIB))
         .collect();
-    log(format!("{small} scattered 4 KiB writes degraded in {secs:.1} s"));
+    log(format!(
+        "{small} scattered 4 KiB writes degraded in {secs:.1} s"
+    ));
     r["written_degraded"] = json!({"bytes": small * 4096, "writes": small, "seconds": secs, "map_pages_touched": pages.len()});
     r["writer_mem_degraded_after"] = mem(b.writer()?)?;
     r["track_dir_bytes"] = json!(du_bytes(&b.s.a.state.join("track")));
 
     b.start_receiver()?;
     let (st, step) = b.measure(Bench::attach)?;
-    log(format!("reintegration {:.2} s, {} B on the link", step.seconds, step.tx_bytes));
-    r["reintegration"] = json!({"step": step, "total_bytes": st.total_bytes, "changed_bytes": small * 4096});
+    log(format!(
+        "reintegration {:.2} s, {} B on the link",
+        step.seconds, step.tx_bytes
+    ));
+    r["reintegration"] =
+        json!({"step": step, "total_bytes": st.total_bytes, "changed_bytes": small * 4096});
     r["writer_mem_after_reintegration"] = mem(b.writer()?)?;
     r["receiver_mem_after_reintegration"] = mem(b.receiver.as_ref().context("receiver")?)?;
     if verify {
         let (v, step) = b.measure(Bench::verify)?;
-        log(format!("verify {:.1} s, {} differing", step.seconds, v.differing.len()));
-        r["verify"] = json!({"step": step, "total_bytes": v.total_bytes, "differing": v.differing.len()});
+        log(format!(
+            "verify {:.1} s, {} differing",
+            step.seconds,
+            v.differing.len()
+        ));
+        r["verify"] =
+            json!({"step": step, "total_bytes": v.total_bytes, "differing": v.differing.len()});
         r["writer_mem_end"] = mem(b.writer()?)?;
     }
     Ok(())
