@@ -62,3 +62,14 @@ deb: deps
 	for bin in vmhad vmha-fs vmctl; do $(DEB_BIN_DIR)/$$bin --generate-docs $(DEB_BIN_DIR)/vmha-docs || exit 1; done
 	gzip -9n $(DEB_BIN_DIR)/vmha-docs/man/*.1
 	cargo deb -p vmha-controller --no-build --profile $(DEB_PROFILE) $(DEB_FLAGS) -o target/
+
+# Issue 12 items 3 and 4: a million small files (created in the backing dir before
+# the mount: first write, full sync, 1 % changed while the peer is down,
+# reintegration, verify, VmHWM) and a 2 TiB sparse image (2 GiB spread over it,
+# 1 % of that rewritten degraded, dirty-map/activity-log memory, reintegration).
+# The million-file run needs RLIMIT_NOFILE > 2 M (see README "Scale bounds").
+.PHONY: bench-files bench-bigimage
+bench-files: deps release
+	./target/release/vmha-bench-bigdata --out bench/results-files-1m.json files --count 1000000
+bench-bigimage: deps release
+	./target/release/vmha-bench-bigdata --out bench/results-sparse-2t.json sparse --size-gib 2048 --written-mib 2048
