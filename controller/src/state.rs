@@ -1051,6 +1051,14 @@ impl Transition {
         self.s.restarts.clear();
         if found.writer {
             self.s.role = if found.alone { Role::Alone } else { Role::Prim };
+            if found.alone {
+                // It writes without its peer: whatever the peer last showed,
+                // it must count itself outdated and be copied to again.
+                self.act(Action::NewGeneration);
+                self.log(
+                    "the adopted writer writes alone: new generation, the peer resynchronises",
+                );
+            }
             self.s.uptodate = true;
             if !found.vm_running {
                 self.act(Action::DefineDomain);

@@ -459,6 +459,9 @@ impl Sim {
                 // only a PRIM can bring its SECOND up to date.
                 let replicating = src.writer && src.s.role == Role::Prim;
                 if self.see_each_other() && self.link_ok && replicating && self.nodes[i].receiver {
+                    // The copy done, the writer's vmha-fs replicates again
+                    // (it was attached to the SECOND for it).
+                    self.nodes[1 - i].writes_alone = false;
                     self.deliver(i, Event::ResyncDone);
                 }
             }
