@@ -13,8 +13,21 @@
 //! [`VmDriver::define`] defines it from there, and on the writer
 //! [`VmDriver::refresh_xml`] writes libvirt's inactive XML back whenever the
 //! operator redefined the domain (`virsh edit`), so the peer defines the same.
+//!
+//! Snapshots: qcow2 holds an internal snapshot's data, an external one's
+//! overlay is a file (best in one of the module's replicated directories), but
+//! libvirt keeps the snapshot *metadata* (`virsh snapshot-list`, what
+//! `snapshot-revert` needs) in its own per-node files, which vmha-fs does not
+//! replicate. So the writer also exports every snapshot's XML to
+//! `<first replicated dir>/<domain>.snapshots/<snapshot>.xml` (see
+//! [`snapshot_dir`]; in [`VmDriver::refresh_xml`], when the set of snapshot
+//! names changed), and [`VmDriver::define`] redefines them from there
+//! (`virDomainSnapshotCreateXML` with `REDEFINE`, parents first) — what
+//! operators of the product we replace do by hand with
+//! `virsh snapshot-create --redefine` on the other node.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -59,6 +72,9 @@ pub struct LibvirtDriver {
     /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
     xml_checked: Mutex<HashMap<String, Instant>>,
     xml_every: Duration,
+    /// Per module, the sorted snapshot names last exported to
+    /// [`snapshot_dir`]: the files are compared again only when they change.
+    snapshots_exported: Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// How often the writer compares libvirt's XML with the replicated file.
@@ -164,6 +180,72 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     vmha_fs::atomic::write_keeping_mode(path, bytes)
 }
 
+/// `<first replicated dir>/<domain>.snapshots`: the XML of each of the
+/// domain's libvirt snapshots as `<snapshot name>.xml`, written by the writer,
+/// redefined by the node that defines the domain.
+pub fn snapshot_dir(module: &Module) -> Result<PathBuf, DriverError> {
+    let xml = xml_path(module)?;
+    Ok(xml.with_file_name(format!("{}.snapshots", module.domain)))
+}
+
+/// The file name of snapshot `name`'s XML, or `None` for a name that cannot
+/// be one safely (empty, hidden, with a `/` or NUL).
+pub fn snapshot_file_name(name: &str) -> Option<String> {
+    let bad = name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']);
+    (!bad).then(|| format!("{name}.xml"))
+}
+
+/// The parent a snapshot's XML names (`<parent><name>…</name></parent>`,
+/// before the embedded `<domain>`), if any.
+pub fn snapshot_parent(xml: &str) -> Option<&str> {
+    let head = &xml[..xml.find("<domain").unwrap_or(xml.len())];
+    let parent = &head[head.find("<parent>")? + "<parent>".len()..];
+    let parent = &parent[..parent.find("</parent>")?];
+    let start = parent.find("<name>")? + "<name>".len();
+    let len = parent[start..].find("</name>")?;
+    Some(parent[start..start + len].trim())
+}
+
+/// `snapshots` (name, XML) in an order where each parent comes before its
+/// children (libvirt's redefine wants the parent known); a parent that is
+/// not in the set counts as known, a cycle keeps the input order.
+pub fn parents_first(mut snapshots: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut done: Vec<(String, String)> = Vec::with_capacity(snapshots.len());
+    while !snapshots.is_empty() {
+        let ready = snapshots.iter().position(|(_, xml)| {
+            snapshot_parent(xml).is_none_or(|p| {
+                done.iter().any(|(n, _)| n == p) || !snapshots.iter().any(|(n, _)| n == p)
+            })
+        });
+        done.push(snapshots.remove(ready.unwrap_or(0)));
+    }
+    done
+}
+
+/// The snapshots saved in `dir` as (name, XML); `None` if `dir` does not
+/// exist (nothing was ever exported: local metadata is then kept).
+fn read_snapshot_dir(dir: &Path) -> std::io::Result<Option<Vec<(String, String)>>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let file = entry.file_name();
+        let Some(name) = file.to_str().and_then(|f| f.strip_suffix(".xml")) else {
+            continue;
+        };
+        if snapshot_file_name(name).is_none() {
+            continue;
+        }
+        out.push((name.to_string(), std::fs::read_to_string(entry.path())?));
+    }
+    out.sort();
+    Ok(Some(out))
+}
+
 impl LibvirtDriver {
     pub fn new() -> LibvirtDriver {
         // libvirt's default handler prints every error (e.g. "domain not
@@ -175,6 +257,7 @@ impl LibvirtDriver {
             start_timeout: START_TIMEOUT,
             xml_checked: Mutex::new(HashMap::new()),
             xml_every: XML_REFRESH_EVERY,
+            snapshots_exported: Mutex::new(HashMap::new()),
         }
     }
 
@@ -401,6 +484,8 @@ impl VmDriver for LibvirtDriver {
         if let Some(reason) = running {
             return Err(DriverError::failed(what, reason));
         }
+        lock(&self.snapshots_exported).remove(&module.name);
+        self.redefine_snapshots(module);
         lock(&self.defined).insert(module.name.clone());
         Ok(())
     }
@@ -504,6 +589,15 @@ impl VmDriver for LibvirtDriver {
             }
             checked.insert(module.name.clone(), now);
         }
+        let xml = self.refresh_domain_xml(module)?;
+        let snapshots = self.export_snapshots(module)?;
+        Ok(xml || snapshots)
+    }
+}
+
+impl LibvirtDriver {
+    /// [`VmDriver::refresh_xml`] for `<domain>.xml`.
+    fn refresh_domain_xml(&self, module: &Module) -> Result<bool, DriverError> {
         let path = xml_path(module)?;
         let what = format!("inactive XML of {}", module.domain);
         let Some(xml) = self.with_conn(module, &what, |conn| {
@@ -528,6 +622,138 @@ impl VmDriver for LibvirtDriver {
         write_atomically(&path, xml.as_bytes())
             .map_err(|e| DriverError::failed(format!("writing {}", path.display()), e))?;
         Ok(true)
+    }
+
+    /// Writer: exports the domain's snapshots to [`snapshot_dir`] when the
+    /// set of their names changed since the last export (after a define:
+    /// compares every file). A file is removed only for a snapshot deleted
+    /// here since the last export, so a snapshot whose redefinition failed
+    /// keeps its file. `Ok(true)`: a file changed.
+    fn export_snapshots(&self, module: &Module) -> Result<bool, DriverError> {
+        let what = format!("snapshots of {}", module.domain);
+        let last = lock(&self.snapshots_exported).get(&module.name).cloned();
+        let found = self.with_conn(module, &what, |conn| {
+            let Some(dom) = Self::lookup(conn, module)? else {
+                return Ok(None);
+            };
+            let snaps = dom.list_all_snapshots(0)?;
+            let mut names = snaps
+                .iter()
+                .map(|s| s.name())
+                .collect::<Result<Vec<_>, _>>()?;
+            names.sort();
+            if last.as_ref() == Some(&names) {
+                return Ok(None);
+            }
+            let xmls = snaps
+                .iter()
+                .map(|s| Ok((s.name()?, s.xml_desc(sys::VIR_DOMAIN_SNAPSHOT_XML_SECURE)?)))
+                .collect::<Result<Vec<_>, VirtError>>()?;
+            Ok(Some((names, xmls)))
+        })?;
+        let Some((names, xmls)) = found else {
+            return Ok(false);
+        };
+        let dir = snapshot_dir(module)?;
+        let io = |what: &str, path: &Path, e: std::io::Error| {
+            DriverError::failed(format!("{what} {}", path.display()), e)
+        };
+        let mut changed = false;
+        if !xmls.is_empty() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| io("creating", &dir, e))?;
+        }
+        for (name, xml) in &xmls {
+            let Some(file) = snapshot_file_name(name) else {
+                tracing::warn!(domain = %module.domain, snapshot = %name, "snapshot name unfit for a file name: not exported");
+                continue;
+            };
+            let path = dir.join(file);
+            match std::fs::read(&path) {
+                Ok(bytes) if bytes == xml.as_bytes() => continue,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("reading", &path, e)),
+            }
+            write_atomically(&path, xml.as_bytes()).map_err(|e| io("writing", &path, e))?;
+            tracing::info!(domain = %module.domain, snapshot = %name, path = %path.display(), "snapshot XML exported");
+            changed = true;
+        }
+        for gone in last.iter().flatten().filter(|n| !names.contains(n)) {
+            let Some(file) = snapshot_file_name(gone) else {
+                continue;
+            };
+            let path = dir.join(file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(domain = %module.domain, snapshot = %gone, "snapshot deleted: its XML removed");
+                    changed = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("removing", &path, e)),
+            }
+        }
+        lock(&self.snapshots_exported).insert(module.name.clone(), names);
+        Ok(changed)
+    }
+
+    /// After a define: redefines the snapshots saved in [`snapshot_dir`]
+    /// (parents first) and drops the local metadata of snapshots no longer
+    /// there (metadata only: no disk data is touched). Without the directory
+    /// (never exported) the local metadata stays. Failures are logged, never
+    /// fatal: the VM must start without its snapshot metadata too.
+    fn redefine_snapshots(&self, module: &Module) {
+        let saved = match snapshot_dir(module).and_then(|dir| {
+            read_snapshot_dir(&dir)
+                .map_err(|e| DriverError::failed(format!("reading {}", dir.display()), e))
+        }) {
+            Ok(Some(saved)) => parents_first(saved),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined");
+                return;
+            }
+        };
+        let what = format!("redefine the snapshots of {}", module.domain);
+        let result = self.with_conn(module, &what, |conn| {
+            let mut redefined = Vec::new();
+            let mut failed = Vec::new();
+            let mut dropped = Vec::new();
+            let Some(dom) = Self::lookup(conn, module)? else {
+                return Ok((redefined, failed, dropped));
+            };
+            for (name, xml) in &saved {
+                match dom.create_snapshot_xml(xml, sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE) {
+                    Ok(_) => redefined.push(name.clone()),
+                    Err(e) if !conn.is_alive().unwrap_or(false) => return Err(e),
+                    Err(e) => failed.push(format!("{name}: {e}")),
+                }
+            }
+            for snap in dom.list_all_snapshots(0)? {
+                let name = snap.name()?;
+                if saved.iter().all(|(n, _)| *n != name) {
+                    match snap.delete(sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY) {
+                        Ok(()) => dropped.push(name),
+                        Err(e) => failed.push(format!("dropping the metadata of {name}: {e}")),
+                    }
+                }
+            }
+            Ok((redefined, failed, dropped))
+        });
+        match result {
+            Ok((redefined, failed, dropped)) => {
+                if !redefined.is_empty() || !dropped.is_empty() {
+                    tracing::info!(domain = %module.domain, ?redefined, ?dropped, "snapshots redefined from the replicated XML");
+                }
+                if !failed.is_empty() {
+                    tracing::warn!(domain = %module.domain, ?failed, "some snapshots could not be redefined");
+                }
+            }
+            Err(e) => tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined"),
+        }
     }
 }
 
