@@ -198,7 +198,9 @@ pub fn snapshot_file_name(name: &str) -> Option<String> {
 /// The parent a snapshot's XML names (`<parent><name>…</name></parent>`,
 /// before the embedded `<domain>`), if any.
 pub fn snapshot_parent(xml: &str) -> Option<&str> {
-    let head = &xml[..xml.find("<domain").unwrap_or(xml.len())];
+    // Past the root element `<domainsnapshot`, up to the embedded `<domain`.
+    let body = xml.find("<domainsnapshot").map_or(0, |i| i + "<domainsnapshot".len());
+    let head = &xml[body..body + xml[body..].find("<domain").unwrap_or(xml.len() - body)];
     let parent = &head[head.find("<parent>")? + "<parent>".len()..];
     let parent = &parent[..parent.find("</parent>")?];
     let start = parent.find("<name>")? + "<name>".len();
@@ -974,6 +976,107 @@ mod tests {
         conn.lookup_domain_by_name(&m.domain)
             .unwrap()
             .undefine()
+            .unwrap();
+    }
+
+    #[test]
+    fn snapshot_names_parents_and_order() {
+        assert_eq!(snapshot_file_name("int1").as_deref(), Some("int1.xml"));
+        for bad in ["", ".hidden", "a/b", "a\0b"] {
+            assert_eq!(snapshot_file_name(bad), None, "{bad:?}");
+        }
+        let snap = |name: &str, parent: Option<&str>| {
+            let parent = parent
+                .map(|p| format!("<parent>\n    <name>{p}</name>\n  </parent>"))
+                .unwrap_or_default();
+            format!(
+                "<domainsnapshot>\n  <name>{name}</name>\n  {parent}\n  \
+                 <domain type='qemu'><name>vm1</name><devices><parent><name>x</name></parent>\
+                 </devices></domain>\n</domainsnapshot>"
+            )
+        };
+        assert_eq!(snapshot_parent(&snap("a", Some("b"))), Some("b"));
+        // A `<parent>` inside the embedded domain is not the snapshot's.
+        assert_eq!(snapshot_parent(&snap("a", None)), None);
+        let input = vec![
+            ("a-grandchild".to_string(), snap("a-grandchild", Some("b-child"))),
+            ("b-child".to_string(), snap("b-child", Some("c-root"))),
+            ("c-root".to_string(), snap("c-root", None)),
+            ("d-orphan".to_string(), snap("d-orphan", Some("gone"))),
+        ];
+        let order: Vec<String> = parents_first(input).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(order, ["c-root", "b-child", "a-grandchild", "d-orphan"]);
+        // A cycle does not hang.
+        let cycle = vec![
+            ("x".to_string(), snap("x", Some("y"))),
+            ("y".to_string(), snap("y", Some("x"))),
+        ];
+        assert_eq!(parents_first(cycle).len(), 2);
+    }
+
+    fn snapshot_names(dom: &Domain) -> Vec<String> {
+        let mut names: Vec<String> = dom
+            .list_all_snapshots(0)
+            .unwrap()
+            .iter()
+            .map(|s| s.name().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The writer exports each snapshot's XML beside the domain XML; the node
+    /// that defines the domain from there gets the same snapshots (parents
+    /// first, so `b-parent` before `a-child`), and a deletion on the writer
+    /// removes the file.
+    #[test]
+    fn snapshots_are_exported_and_redefined() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-snapshots", dir.path());
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::ZERO);
+        d.define(&m).unwrap();
+        d.refresh_xml(&m).unwrap();
+        let sdir = snapshot_dir(&m).unwrap();
+        assert_eq!(sdir, dir.path().join("vmha-snapshots.snapshots"));
+        assert!(!sdir.exists(), "no snapshots: no directory");
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        for name in ["b-parent", "a-child"] {
+            let xml = format!("<domainsnapshot><name>{name}</name></domainsnapshot>");
+            dom.create_snapshot_xml(&xml, 0).unwrap();
+        }
+        assert!(d.refresh_xml(&m).unwrap(), "new snapshots exported");
+        let child = std::fs::read_to_string(sdir.join("a-child.xml")).unwrap();
+        assert_eq!(snapshot_parent(&child), Some("b-parent"));
+        assert!(sdir.join("b-parent.xml").is_file());
+        assert!(!d.refresh_xml(&m).unwrap(), "unchanged: nothing written");
+
+        // The other node: the domain defined from the replicated XML, without
+        // snapshot metadata (here: undefined with it, then defined again).
+        // (Dropping stale local metadata needs `DELETE_METADATA_ONLY`, which
+        // the test driver lacks: the qemu driver has it.)
+        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            .unwrap();
+        d.define(&m).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        assert_eq!(snapshot_names(&dom), ["a-child", "b-parent"]);
+        let parent = Domain::lookup_snapshot_by_name(&dom, "a-child", 0)
+            .unwrap()
+            .parent(0)
+            .unwrap();
+        assert_eq!(parent.name().unwrap(), "b-parent");
+
+        // Deleted on the writer: its file goes, the other stays.
+        assert!(!d.refresh_xml(&m).unwrap(), "the files are libvirt's XML");
+        Domain::lookup_snapshot_by_name(&dom, "a-child", 0)
+            .unwrap()
+            .delete(0)
+            .unwrap();
+        assert!(d.refresh_xml(&m).unwrap());
+        assert!(!sdir.join("a-child.xml").exists());
+        assert!(sdir.join("b-parent.xml").is_file());
+        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
             .unwrap();
     }
 
