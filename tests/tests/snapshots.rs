@@ -161,9 +161,12 @@ fn snapshots_survive_failover() -> Result<()> {
             |c| c.counters.len() >= seen + 3,
         ),
     )?;
+    // The guest resumes at the counter it held when int1 was taken (printed
+    // between `before` and `after`), or one more; one more again if the
+    // revert cut a console line, which then does not parse.
     let resumed = c.counters[seen];
     ensure!(
-        (before..=after + 1).contains(&resumed),
+        (before..=after + 2).contains(&resumed) && resumed < latest,
         "after the revert to int1 (taken at counters {before}..={after}) the guest counts from \
          {resumed} (it was at {latest})"
     );

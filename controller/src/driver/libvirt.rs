@@ -199,7 +199,9 @@ pub fn snapshot_file_name(name: &str) -> Option<String> {
 /// before the embedded `<domain>`), if any.
 pub fn snapshot_parent(xml: &str) -> Option<&str> {
     // Past the root element `<domainsnapshot`, up to the embedded `<domain`.
-    let body = xml.find("<domainsnapshot").map_or(0, |i| i + "<domainsnapshot".len());
+    let body = xml
+        .find("<domainsnapshot")
+        .map_or(0, |i| i + "<domainsnapshot".len());
     let head = &xml[body..body + xml[body..].find("<domain").unwrap_or(xml.len() - body)];
     let parent = &head[head.find("<parent>")? + "<parent>".len()..];
     let parent = &parent[..parent.find("</parent>")?];
@@ -754,7 +756,9 @@ impl LibvirtDriver {
                     tracing::warn!(domain = %module.domain, ?failed, "some snapshots could not be redefined");
                 }
             }
-            Err(e) => tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined"),
+            Err(e) => {
+                tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined")
+            }
         }
     }
 }
@@ -999,7 +1003,10 @@ mod tests {
         // A `<parent>` inside the embedded domain is not the snapshot's.
         assert_eq!(snapshot_parent(&snap("a", None)), None);
         let input = vec![
-            ("a-grandchild".to_string(), snap("a-grandchild", Some("b-child"))),
+            (
+                "a-grandchild".to_string(),
+                snap("a-grandchild", Some("b-child")),
+            ),
             ("b-child".to_string(), snap("b-child", Some("c-root"))),
             ("c-root".to_string(), snap("c-root", None)),
             ("d-orphan".to_string(), snap("d-orphan", Some("gone"))),
