@@ -8,7 +8,7 @@
 //! it, in the overlay). node1 crashes. On node2 the guest boots from the
 //! overlay without losing an acknowledged counter (both directories
 //! replicated, the domain XML follows the new disk), `virsh snapshot-list`
-//! shows both snapshots (vmhad redefined them from
+//! shows both snapshots, int1 the current one (vmhad redefined them from
 //! `vm1/vm1.snapshots/*.xml`), and reverting to `int1` takes the guest back
 //! to its counter at the snapshot.
 //!
@@ -144,6 +144,11 @@ fn snapshots_survive_failover() -> Result<()> {
     );
     let parent = vc.node(1).virsh(&["snapshot-parent", "vm1", "int1"])?;
     ensure!(parent.trim() == "ext1", "int1's parent on node2: {parent}");
+    let current = vc.node(1).virsh(&["snapshot-current", "vm1", "--name"])?;
+    ensure!(
+        current.trim() == "int1",
+        "current snapshot on node2: {current}"
+    );
 
     // Revert to int1 on node2: the guest is back at its counter of then.
     let c2 = more(&vc, 1, 2).unwrap_or(c2);

@@ -21,7 +21,8 @@
 //! replicate. So the writer also exports every snapshot's XML to
 //! `<first replicated dir>/<domain>.snapshots/<snapshot>.xml` (see
 //! [`snapshot_dir`]; in [`VmDriver::refresh_xml`], when the set of snapshot
-//! names changed), and [`VmDriver::define`] redefines them from there
+//! names or the current snapshot changed; `current` names the current one),
+//! and [`VmDriver::define`] redefines them from there
 //! (`virDomainSnapshotCreateXML` with `REDEFINE`, parents first) — what
 //! operators of the product we replace do by hand with
 //! `virsh snapshot-create --redefine` on the other node.
@@ -72,9 +73,10 @@ pub struct LibvirtDriver {
     /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
     xml_checked: Mutex<HashMap<String, Instant>>,
     xml_every: Duration,
-    /// Per module, the sorted snapshot names last exported to
-    /// [`snapshot_dir`]: the files are compared again only when they change.
-    snapshots_exported: Mutex<HashMap<String, Vec<String>>>,
+    /// Per module, the sorted snapshot names and the current snapshot last
+    /// exported to [`snapshot_dir`]: the files are compared again only when
+    /// they change.
+    snapshots_exported: Mutex<HashMap<String, Exported>>,
 }
 
 /// How often the writer compares libvirt's XML with the replicated file.
@@ -179,6 +181,13 @@ pub fn xml_path(module: &Module) -> Result<PathBuf, DriverError> {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     vmha_fs::atomic::write_keeping_mode(path, bytes)
 }
+
+/// Snapshot names (sorted) and the current snapshot, as last exported.
+type Exported = (Vec<String>, Option<String>);
+
+/// The file in [`snapshot_dir`] naming the current snapshot (no `.xml`: it
+/// cannot be a snapshot's file).
+pub const CURRENT_FILE: &str = "current";
 
 /// `<first replicated dir>/<domain>.snapshots`: the XML of each of the
 /// domain's libvirt snapshots as `<snapshot name>.xml`, written by the writer,
@@ -646,18 +655,25 @@ impl LibvirtDriver {
                 .map(|s| s.name())
                 .collect::<Result<Vec<_>, _>>()?;
             names.sort();
-            if last.as_ref() == Some(&names) {
+            let current = match dom.current_snapshot(0) {
+                Ok(snap) => Some(snap.name()?),
+                Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoDomainSnapshot)) => None,
+                Err(e) => return Err(e),
+            };
+            let now = (names, current);
+            if last.as_ref() == Some(&now) {
                 return Ok(None);
             }
             let xmls = snaps
                 .iter()
                 .map(|s| Ok((s.name()?, s.xml_desc(sys::VIR_DOMAIN_SNAPSHOT_XML_SECURE)?)))
                 .collect::<Result<Vec<_>, VirtError>>()?;
-            Ok(Some((names, xmls)))
+            Ok(Some((now, xmls)))
         })?;
-        let Some((names, xmls)) = found else {
+        let Some((now, xmls)) = found else {
             return Ok(false);
         };
+        let (names, current) = &now;
         let dir = snapshot_dir(module)?;
         let io = |what: &str, path: &Path, e: std::io::Error| {
             DriverError::failed(format!("{what} {}", path.display()), e)
@@ -686,7 +702,22 @@ impl LibvirtDriver {
             tracing::info!(domain = %module.domain, snapshot = %name, path = %path.display(), "snapshot XML exported");
             changed = true;
         }
-        for gone in last.iter().flatten().filter(|n| !names.contains(n)) {
+        let current_path = dir.join(CURRENT_FILE);
+        match current {
+            Some(name) if std::fs::read(&current_path).ok().as_deref() != Some(name.as_bytes()) => {
+                write_atomically(&current_path, name.as_bytes())
+                    .map_err(|e| io("writing", &current_path, e))?;
+                changed = true;
+            }
+            None if current_path.exists() => {
+                std::fs::remove_file(&current_path)
+                    .map_err(|e| io("removing", &current_path, e))?;
+                changed = true;
+            }
+            _ => {}
+        }
+        let gone_names = last.iter().flat_map(|(names, _)| names);
+        for gone in gone_names.filter(|n| !names.contains(n)) {
             let Some(file) = snapshot_file_name(gone) else {
                 continue;
             };
@@ -700,7 +731,7 @@ impl LibvirtDriver {
                 Err(e) => return Err(io("removing", &path, e)),
             }
         }
-        lock(&self.snapshots_exported).insert(module.name.clone(), names);
+        lock(&self.snapshots_exported).insert(module.name.clone(), now);
         Ok(changed)
     }
 
@@ -710,11 +741,18 @@ impl LibvirtDriver {
     /// (never exported) the local metadata stays. Failures are logged, never
     /// fatal: the VM must start without its snapshot metadata too.
     fn redefine_snapshots(&self, module: &Module) {
-        let saved = match snapshot_dir(module).and_then(|dir| {
-            read_snapshot_dir(&dir)
-                .map_err(|e| DriverError::failed(format!("reading {}", dir.display()), e))
-        }) {
-            Ok(Some(saved)) => parents_first(saved),
+        let read = snapshot_dir(module).and_then(|dir| {
+            let failed = |e| DriverError::failed(format!("reading {}", dir.display()), e);
+            let saved = read_snapshot_dir(&dir).map_err(failed)?;
+            let current = match std::fs::read_to_string(dir.join(CURRENT_FILE)) {
+                Ok(name) => Some(name),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(failed(e)),
+            };
+            Ok(saved.map(|saved| (saved, current)))
+        });
+        let (saved, current) = match read {
+            Ok(Some((saved, current))) => (parents_first(saved), current),
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined");
@@ -730,7 +768,11 @@ impl LibvirtDriver {
                 return Ok((redefined, failed, dropped));
             };
             for (name, xml) in &saved {
-                match dom.create_snapshot_xml(xml, sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE) {
+                let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE;
+                if current.as_deref() == Some(name.as_str()) {
+                    flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT;
+                }
+                match dom.create_snapshot_xml(xml, flags) {
                     Ok(_) => redefined.push(name.clone()),
                     Err(e) if !conn.is_alive().unwrap_or(false) => return Err(e),
                     Err(e) => failed.push(format!("{name}: {e}")),
@@ -1054,6 +1096,10 @@ mod tests {
             dom.create_snapshot_xml(&xml, 0).unwrap();
         }
         assert!(d.refresh_xml(&m).unwrap(), "new snapshots exported");
+        assert_eq!(
+            std::fs::read_to_string(sdir.join(CURRENT_FILE)).unwrap(),
+            "a-child"
+        );
         let child = std::fs::read_to_string(sdir.join("a-child.xml")).unwrap();
         assert_eq!(snapshot_parent(&child), Some("b-parent"));
         assert!(sdir.join("b-parent.xml").is_file());
@@ -1073,6 +1119,7 @@ mod tests {
             .parent(0)
             .unwrap();
         assert_eq!(parent.name().unwrap(), "b-parent");
+        assert_eq!(dom.current_snapshot(0).unwrap().name().unwrap(), "a-child");
 
         // Deleted on the writer: its file goes, the other stays.
         assert!(!d.refresh_xml(&m).unwrap(), "the files are libvirt's XML");
