@@ -739,8 +739,9 @@ impl LibvirtDriver {
     /// (parents first) and drops the local metadata of snapshots no longer
     /// there (metadata only: no disk data is touched). Without the directory
     /// (never exported) the local metadata stays. Failures are logged, never
-    /// fatal: the VM must start without its snapshot metadata too.
-    fn redefine_snapshots(&self, module: &Module) {
+    /// fatal: the VM must start without its snapshot metadata too. Returns
+    /// what failed (for tests).
+    fn redefine_snapshots(&self, module: &Module) -> Vec<String> {
         let read = snapshot_dir(module).and_then(|dir| {
             let failed = |e| DriverError::failed(format!("reading {}", dir.display()), e);
             let saved = read_snapshot_dir(&dir).map_err(failed)?;
@@ -753,10 +754,10 @@ impl LibvirtDriver {
         });
         let (saved, current) = match read {
             Ok(Some((saved, current))) => (parents_first(saved), current),
-            Ok(None) => return,
+            Ok(None) => return Vec::new(),
             Err(e) => {
                 tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined");
-                return;
+                return vec![e.to_string()];
             }
         };
         let what = format!("redefine the snapshots of {}", module.domain);
@@ -797,9 +798,11 @@ impl LibvirtDriver {
                 if !failed.is_empty() {
                     tracing::warn!(domain = %module.domain, ?failed, "some snapshots could not be redefined");
                 }
+                failed
             }
             Err(e) => {
-                tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined")
+                tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined");
+                vec![e.to_string()]
             }
         }
     }
@@ -1120,6 +1123,18 @@ mod tests {
             .unwrap();
         assert_eq!(parent.name().unwrap(), "b-parent");
         assert_eq!(dom.current_snapshot(0).unwrap().name().unwrap(), "a-child");
+        // Redefining over the same metadata (the node that ran the domain
+        // before takes it back) is fine.
+        assert_eq!(d.redefine_snapshots(&m), Vec::<String>::new());
+        assert_eq!(snapshot_names(&dom), ["a-child", "b-parent"]);
+        // A file libvirt refuses is reported, the others are redefined.
+        std::fs::write(sdir.join("broken.xml"), "<domainsnapshot>").unwrap();
+        let failed = d.redefine_snapshots(&m);
+        assert!(
+            failed.len() == 1 && failed[0].starts_with("broken: "),
+            "{failed:?}"
+        );
+        std::fs::remove_file(sdir.join("broken.xml")).unwrap();
 
         // Deleted on the writer: its file goes, the other stays.
         assert!(!d.refresh_xml(&m).unwrap(), "the files are libvirt's XML");
