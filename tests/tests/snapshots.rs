@@ -108,11 +108,15 @@ fn snapshots_survive_failover() -> Result<()> {
     let overlay = host_side(n2, OVERLAY)?;
     wait_copy(
         &vc,
-        "vm1.snapshots/{ext1,int1}.xml, vm1.xml on the overlay",
+        "vm1.snapshots/{ext1,int1}.xml, current = int1, vm1.xml on the overlay",
         Duration::from_secs(30),
         || {
             snaps.join("ext1.xml").is_file()
                 && snaps.join("int1.xml").is_file()
+                // Written last in vmhad's export (every 2 s): a pass during
+                // the snapshot's creation may see int1 listed while ext1 is
+                // still current.
+                && std::fs::read_to_string(snaps.join("current")).is_ok_and(|c| c == "int1")
                 && overlay.is_file()
                 && std::fs::read_to_string(&domain_xml).is_ok_and(|x| x.contains(OVERLAY))
         },
