@@ -655,10 +655,17 @@ impl LibvirtDriver {
                 .map(|s| s.name())
                 .collect::<Result<Vec<_>, _>>()?;
             names.sort();
-            let current = match dom.current_snapshot(0) {
-                Ok(snap) => Some(snap.name()?),
-                Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoDomainSnapshot)) => None,
-                Err(e) => return Err(e),
+            // Without snapshots (the usual case) one RPC per check, not two.
+            let current = if names.is_empty() {
+                None
+            } else {
+                match dom.current_snapshot(0) {
+                    Ok(snap) => Some(snap.name()?),
+                    Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoDomainSnapshot)) => {
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             };
             let now = (names, current);
             if last.as_ref() == Some(&now) {
