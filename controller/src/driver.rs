@@ -54,7 +54,9 @@ impl VmState {
 
 /// libvirt, per module (`module.domain` on `module.libvirt_uri`).
 pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
-    /// Defines the domain from `<first replicated dir>/<domain>.xml`, autostart off.
+    /// Defines the domain from `<first replicated dir>/<domain>.xml`, autostart
+    /// off, then (libvirt driver) redefines its snapshots from
+    /// `<first replicated dir>/<domain>.snapshots/*.xml`.
     fn define(&self, module: &Module) -> Result<(), DriverError>;
     /// Starts the domain and waits (bounded) until it runs.
     fn start(&self, module: &Module) -> Result<(), DriverError>;
@@ -64,7 +66,8 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
     /// Writer: if libvirt's inactive XML of the domain differs from
     /// `<first replicated dir>/<domain>.xml` (the domain was redefined here,
     /// e.g. `virsh edit`), rewrites the file atomically so the peer defines
-    /// the same. `Ok(true)`: the file was rewritten.
+    /// the same; likewise the snapshots' XML (`<domain>.snapshots/`) when the
+    /// domain's snapshots changed. `Ok(true)`: a file was rewritten.
     fn refresh_xml(&self, _module: &Module) -> Result<bool, DriverError> {
         Ok(false)
     }

@@ -101,6 +101,9 @@ pub struct ClusterModule {
     pub data_on: usize,
     /// What the domain runs.
     pub kind: DomainKind,
+    /// More replicated directories after [`ClusterModule::dir`] (e.g. a
+    /// snapshot directory); directory `i` replicates on `port + i`.
+    pub extra_dirs: Vec<String>,
 }
 
 impl ClusterModule {
@@ -112,7 +115,16 @@ impl ClusterModule {
             default_primary: None,
             data_on,
             kind,
+            extra_dirs: Vec::new(),
         }
+    }
+
+    /// Every replicated directory of the module inside each node: its own
+    /// ([`ClusterModule::dir`]) first, then the extra ones.
+    pub fn dirs(&self) -> Vec<String> {
+        let mut dirs = vec![self.dir()];
+        dirs.extend(self.extra_dirs.iter().cloned());
+        dirs
     }
 
     /// The module's replicated directory inside each node.
@@ -136,7 +148,7 @@ impl ClusterModule {
 name = "{name}"
 domain = "{name}"
 libvirt_uri = "qemu:///system"
-replicated = ["{dir}"]
+replicated = [{dirs}]
 port = {port}
 replication_network = 1
 {default_primary}failover = true
@@ -146,7 +158,12 @@ maxloop = {ml}
 loop_interval_s = 86400
 "#,
             name = self.name,
-            dir = self.dir(),
+            dirs = self
+                .dirs()
+                .iter()
+                .map(|d| format!("\"{d}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             port = self.port,
             lt = t.lock_timeout_ms,
             st = t.stop_timeout_s,
@@ -272,8 +289,8 @@ impl VmCluster {
                 fs::create_dir_all(parent)?;
             }
             fs::copy(&key, &k).with_context(|| format!("copying the key to {}", k.display()))?;
-            for m in &modules {
-                fs::create_dir_all(host_side(node, &m.dir())?)?;
+            for dir in modules.iter().flat_map(ClusterModule::dirs) {
+                fs::create_dir_all(host_side(node, &dir)?)?;
             }
         }
         for m in &modules {
@@ -491,7 +508,7 @@ impl VmCluster {
         for _ in 0..16 {
             let text = fs::read_to_string(&mountinfo)
                 .with_context(|| format!("reading {}", mountinfo.display()))?;
-            let dirs: Vec<String> = self.modules.iter().map(ClusterModule::dir).collect();
+            let dirs: Vec<String> = self.modules.iter().flat_map(ClusterModule::dirs).collect();
             let stacked: Vec<&str> = text
                 .lines()
                 .filter_map(|l| l.split(' ').nth(4))

@@ -13,8 +13,22 @@
 //! [`VmDriver::define`] defines it from there, and on the writer
 //! [`VmDriver::refresh_xml`] writes libvirt's inactive XML back whenever the
 //! operator redefined the domain (`virsh edit`), so the peer defines the same.
+//!
+//! Snapshots: qcow2 holds an internal snapshot's data, an external one's
+//! overlay is a file (best in one of the module's replicated directories), but
+//! libvirt keeps the snapshot *metadata* (`virsh snapshot-list`, what
+//! `snapshot-revert` needs) in its own per-node files, which vmha-fs does not
+//! replicate. So the writer also exports every snapshot's XML to
+//! `<first replicated dir>/<domain>.snapshots/<snapshot>.xml` (see
+//! [`snapshot_dir`]; in [`VmDriver::refresh_xml`], when the set of snapshot
+//! names or the current snapshot changed; `current` names the current one),
+//! and [`VmDriver::define`] redefines them from there
+//! (`virDomainSnapshotCreateXML` with `REDEFINE`, parents first) — what
+//! operators of the product we replace do by hand with
+//! `virsh snapshot-create --redefine` on the other node.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -59,6 +73,10 @@ pub struct LibvirtDriver {
     /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
     xml_checked: Mutex<HashMap<String, Instant>>,
     xml_every: Duration,
+    /// Per module, the sorted snapshot names and the current snapshot last
+    /// exported to [`snapshot_dir`]: the files are compared again only when
+    /// they change.
+    snapshots_exported: Mutex<HashMap<String, Exported>>,
 }
 
 /// How often the writer compares libvirt's XML with the replicated file.
@@ -164,6 +182,83 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     vmha_fs::atomic::write_keeping_mode(path, bytes)
 }
 
+/// Snapshot names (sorted) and the current snapshot, as last exported.
+type Exported = (Vec<String>, Option<String>);
+
+/// The file in [`snapshot_dir`] naming the current snapshot (no `.xml`: it
+/// cannot be a snapshot's file).
+pub const CURRENT_FILE: &str = "current";
+
+/// `<first replicated dir>/<domain>.snapshots`: the XML of each of the
+/// domain's libvirt snapshots as `<snapshot name>.xml`, written by the writer,
+/// redefined by the node that defines the domain.
+pub fn snapshot_dir(module: &Module) -> Result<PathBuf, DriverError> {
+    let xml = xml_path(module)?;
+    Ok(xml.with_file_name(format!("{}.snapshots", module.domain)))
+}
+
+/// The file name of snapshot `name`'s XML, or `None` for a name that cannot
+/// be one safely (empty, hidden, with a `/` or NUL).
+pub fn snapshot_file_name(name: &str) -> Option<String> {
+    let bad = name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']);
+    (!bad).then(|| format!("{name}.xml"))
+}
+
+/// The parent a snapshot's XML names (`<parent><name>…</name></parent>`,
+/// before the embedded `<domain>`), if any.
+pub fn snapshot_parent(xml: &str) -> Option<&str> {
+    // Past the root element `<domainsnapshot`, up to the embedded `<domain`.
+    let body = xml
+        .find("<domainsnapshot")
+        .map_or(0, |i| i + "<domainsnapshot".len());
+    let head = &xml[body..body + xml[body..].find("<domain").unwrap_or(xml.len() - body)];
+    let parent = &head[head.find("<parent>")? + "<parent>".len()..];
+    let parent = &parent[..parent.find("</parent>")?];
+    let start = parent.find("<name>")? + "<name>".len();
+    let len = parent[start..].find("</name>")?;
+    Some(parent[start..start + len].trim())
+}
+
+/// `snapshots` (name, XML) in an order where each parent comes before its
+/// children (libvirt's redefine wants the parent known); a parent that is
+/// not in the set counts as known, a cycle keeps the input order.
+pub fn parents_first(mut snapshots: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut done: Vec<(String, String)> = Vec::with_capacity(snapshots.len());
+    while !snapshots.is_empty() {
+        let ready = snapshots.iter().position(|(_, xml)| {
+            snapshot_parent(xml).is_none_or(|p| {
+                done.iter().any(|(n, _)| n == p) || !snapshots.iter().any(|(n, _)| n == p)
+            })
+        });
+        done.push(snapshots.remove(ready.unwrap_or(0)));
+    }
+    done
+}
+
+/// The snapshots saved in `dir` as (name, XML); `None` if `dir` does not
+/// exist (nothing was ever exported: local metadata is then kept).
+fn read_snapshot_dir(dir: &Path) -> std::io::Result<Option<Vec<(String, String)>>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let file = entry.file_name();
+        let Some(name) = file.to_str().and_then(|f| f.strip_suffix(".xml")) else {
+            continue;
+        };
+        if snapshot_file_name(name).is_none() {
+            continue;
+        }
+        out.push((name.to_string(), std::fs::read_to_string(entry.path())?));
+    }
+    out.sort();
+    Ok(Some(out))
+}
+
 impl LibvirtDriver {
     pub fn new() -> LibvirtDriver {
         // libvirt's default handler prints every error (e.g. "domain not
@@ -175,6 +270,7 @@ impl LibvirtDriver {
             start_timeout: START_TIMEOUT,
             xml_checked: Mutex::new(HashMap::new()),
             xml_every: XML_REFRESH_EVERY,
+            snapshots_exported: Mutex::new(HashMap::new()),
         }
     }
 
@@ -401,6 +497,8 @@ impl VmDriver for LibvirtDriver {
         if let Some(reason) = running {
             return Err(DriverError::failed(what, reason));
         }
+        lock(&self.snapshots_exported).remove(&module.name);
+        self.redefine_snapshots(module);
         lock(&self.defined).insert(module.name.clone());
         Ok(())
     }
@@ -504,6 +602,15 @@ impl VmDriver for LibvirtDriver {
             }
             checked.insert(module.name.clone(), now);
         }
+        let xml = self.refresh_domain_xml(module)?;
+        let snapshots = self.export_snapshots(module)?;
+        Ok(xml || snapshots)
+    }
+}
+
+impl LibvirtDriver {
+    /// [`VmDriver::refresh_xml`] for `<domain>.xml`.
+    fn refresh_domain_xml(&self, module: &Module) -> Result<bool, DriverError> {
         let path = xml_path(module)?;
         let what = format!("inactive XML of {}", module.domain);
         let Some(xml) = self.with_conn(module, &what, |conn| {
@@ -528,6 +635,183 @@ impl VmDriver for LibvirtDriver {
         write_atomically(&path, xml.as_bytes())
             .map_err(|e| DriverError::failed(format!("writing {}", path.display()), e))?;
         Ok(true)
+    }
+
+    /// Writer: exports the domain's snapshots to [`snapshot_dir`] when the
+    /// set of their names changed since the last export (after a define:
+    /// compares every file). A file is removed only for a snapshot deleted
+    /// here since the last export, so a snapshot whose redefinition failed
+    /// keeps its file. `Ok(true)`: a file changed.
+    fn export_snapshots(&self, module: &Module) -> Result<bool, DriverError> {
+        let what = format!("snapshots of {}", module.domain);
+        let last = lock(&self.snapshots_exported).get(&module.name).cloned();
+        let found = self.with_conn(module, &what, |conn| {
+            let Some(dom) = Self::lookup(conn, module)? else {
+                return Ok(None);
+            };
+            let snaps = dom.list_all_snapshots(0)?;
+            let mut names = snaps
+                .iter()
+                .map(|s| s.name())
+                .collect::<Result<Vec<_>, _>>()?;
+            names.sort();
+            // Without snapshots (the usual case) one RPC per check, not two.
+            let current = if names.is_empty() {
+                None
+            } else {
+                match dom.current_snapshot(0) {
+                    Ok(snap) => Some(snap.name()?),
+                    Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoDomainSnapshot)) => {
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let now = (names, current);
+            if last.as_ref() == Some(&now) {
+                return Ok(None);
+            }
+            let xmls = snaps
+                .iter()
+                .map(|s| Ok((s.name()?, s.xml_desc(sys::VIR_DOMAIN_SNAPSHOT_XML_SECURE)?)))
+                .collect::<Result<Vec<_>, VirtError>>()?;
+            Ok(Some((now, xmls)))
+        })?;
+        let Some((now, xmls)) = found else {
+            return Ok(false);
+        };
+        let (names, current) = &now;
+        let dir = snapshot_dir(module)?;
+        let io = |what: &str, path: &Path, e: std::io::Error| {
+            DriverError::failed(format!("{what} {}", path.display()), e)
+        };
+        let mut changed = false;
+        if !xmls.is_empty() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| io("creating", &dir, e))?;
+        }
+        for (name, xml) in &xmls {
+            let Some(file) = snapshot_file_name(name) else {
+                tracing::warn!(domain = %module.domain, snapshot = %name, "snapshot name unfit for a file name: not exported");
+                continue;
+            };
+            let path = dir.join(file);
+            match std::fs::read(&path) {
+                Ok(bytes) if bytes == xml.as_bytes() => continue,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("reading", &path, e)),
+            }
+            write_atomically(&path, xml.as_bytes()).map_err(|e| io("writing", &path, e))?;
+            tracing::info!(domain = %module.domain, snapshot = %name, path = %path.display(), "snapshot XML exported");
+            changed = true;
+        }
+        let current_path = dir.join(CURRENT_FILE);
+        match current {
+            Some(name) if std::fs::read(&current_path).ok().as_deref() != Some(name.as_bytes()) => {
+                write_atomically(&current_path, name.as_bytes())
+                    .map_err(|e| io("writing", &current_path, e))?;
+                changed = true;
+            }
+            None if current_path.exists() => {
+                std::fs::remove_file(&current_path)
+                    .map_err(|e| io("removing", &current_path, e))?;
+                changed = true;
+            }
+            _ => {}
+        }
+        let gone_names = last.iter().flat_map(|(names, _)| names);
+        for gone in gone_names.filter(|n| !names.contains(n)) {
+            let Some(file) = snapshot_file_name(gone) else {
+                continue;
+            };
+            let path = dir.join(file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(domain = %module.domain, snapshot = %gone, "snapshot deleted: its XML removed");
+                    changed = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("removing", &path, e)),
+            }
+        }
+        lock(&self.snapshots_exported).insert(module.name.clone(), now);
+        Ok(changed)
+    }
+
+    /// After a define: redefines the snapshots saved in [`snapshot_dir`]
+    /// (parents first) and drops the local metadata of snapshots no longer
+    /// there (metadata only: no disk data is touched). Without the directory
+    /// (never exported) the local metadata stays. Failures are logged, never
+    /// fatal: the VM must start without its snapshot metadata too. Returns
+    /// what failed (for tests).
+    fn redefine_snapshots(&self, module: &Module) -> Vec<String> {
+        let read = snapshot_dir(module).and_then(|dir| {
+            let failed = |e| DriverError::failed(format!("reading {}", dir.display()), e);
+            let saved = read_snapshot_dir(&dir).map_err(failed)?;
+            let current = match std::fs::read_to_string(dir.join(CURRENT_FILE)) {
+                Ok(name) => Some(name),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(failed(e)),
+            };
+            Ok(saved.map(|saved| (saved, current)))
+        });
+        let (saved, current) = match read {
+            Ok(Some((saved, current))) => (parents_first(saved), current),
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined");
+                return vec![e.to_string()];
+            }
+        };
+        let what = format!("redefine the snapshots of {}", module.domain);
+        let result = self.with_conn(module, &what, |conn| {
+            let mut redefined = Vec::new();
+            let mut failed = Vec::new();
+            let mut dropped = Vec::new();
+            let Some(dom) = Self::lookup(conn, module)? else {
+                return Ok((redefined, failed, dropped));
+            };
+            for (name, xml) in &saved {
+                let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE;
+                if current.as_deref() == Some(name.as_str()) {
+                    flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT;
+                }
+                match dom.create_snapshot_xml(xml, flags) {
+                    Ok(_) => redefined.push(name.clone()),
+                    Err(e) if !conn.is_alive().unwrap_or(false) => return Err(e),
+                    Err(e) => failed.push(format!("{name}: {e}")),
+                }
+            }
+            for snap in dom.list_all_snapshots(0)? {
+                let name = snap.name()?;
+                if saved.iter().all(|(n, _)| *n != name) {
+                    match snap.delete(sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY) {
+                        Ok(()) => dropped.push(name),
+                        Err(e) => failed.push(format!("dropping the metadata of {name}: {e}")),
+                    }
+                }
+            }
+            Ok((redefined, failed, dropped))
+        });
+        match result {
+            Ok((redefined, failed, dropped)) => {
+                if !redefined.is_empty() || !dropped.is_empty() {
+                    tracing::info!(domain = %module.domain, ?redefined, ?dropped, "snapshots redefined from the replicated XML");
+                }
+                if !failed.is_empty() {
+                    tracing::warn!(domain = %module.domain, ?failed, "some snapshots could not be redefined");
+                }
+                failed
+            }
+            Err(e) => {
+                tracing::warn!(domain = %module.domain, error = %e, "snapshots not redefined");
+                vec![e.to_string()]
+            }
+        }
     }
 }
 
@@ -748,6 +1032,127 @@ mod tests {
         conn.lookup_domain_by_name(&m.domain)
             .unwrap()
             .undefine()
+            .unwrap();
+    }
+
+    #[test]
+    fn snapshot_names_parents_and_order() {
+        assert_eq!(snapshot_file_name("int1").as_deref(), Some("int1.xml"));
+        for bad in ["", ".hidden", "a/b", "a\0b"] {
+            assert_eq!(snapshot_file_name(bad), None, "{bad:?}");
+        }
+        let snap = |name: &str, parent: Option<&str>| {
+            let parent = parent
+                .map(|p| format!("<parent>\n    <name>{p}</name>\n  </parent>"))
+                .unwrap_or_default();
+            format!(
+                "<domainsnapshot>\n  <name>{name}</name>\n  {parent}\n  \
+                 <domain type='qemu'><name>vm1</name><devices><parent><name>x</name></parent>\
+                 </devices></domain>\n</domainsnapshot>"
+            )
+        };
+        assert_eq!(snapshot_parent(&snap("a", Some("b"))), Some("b"));
+        // A `<parent>` inside the embedded domain is not the snapshot's.
+        assert_eq!(snapshot_parent(&snap("a", None)), None);
+        let input = vec![
+            (
+                "a-grandchild".to_string(),
+                snap("a-grandchild", Some("b-child")),
+            ),
+            ("b-child".to_string(), snap("b-child", Some("c-root"))),
+            ("c-root".to_string(), snap("c-root", None)),
+            ("d-orphan".to_string(), snap("d-orphan", Some("gone"))),
+        ];
+        let order: Vec<String> = parents_first(input).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(order, ["c-root", "b-child", "a-grandchild", "d-orphan"]);
+        // A cycle does not hang.
+        let cycle = vec![
+            ("x".to_string(), snap("x", Some("y"))),
+            ("y".to_string(), snap("y", Some("x"))),
+        ];
+        assert_eq!(parents_first(cycle).len(), 2);
+    }
+
+    fn snapshot_names(dom: &Domain) -> Vec<String> {
+        let mut names: Vec<String> = dom
+            .list_all_snapshots(0)
+            .unwrap()
+            .iter()
+            .map(|s| s.name().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The writer exports each snapshot's XML beside the domain XML; the node
+    /// that defines the domain from there gets the same snapshots (parents
+    /// first, so `b-parent` before `a-child`), and a deletion on the writer
+    /// removes the file.
+    #[test]
+    fn snapshots_are_exported_and_redefined() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-snapshots", dir.path());
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::ZERO);
+        d.define(&m).unwrap();
+        d.refresh_xml(&m).unwrap();
+        let sdir = snapshot_dir(&m).unwrap();
+        assert_eq!(sdir, dir.path().join("vmha-snapshots.snapshots"));
+        assert!(!sdir.exists(), "no snapshots: no directory");
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        for name in ["b-parent", "a-child"] {
+            let xml = format!("<domainsnapshot><name>{name}</name></domainsnapshot>");
+            dom.create_snapshot_xml(&xml, 0).unwrap();
+        }
+        assert!(d.refresh_xml(&m).unwrap(), "new snapshots exported");
+        assert_eq!(
+            std::fs::read_to_string(sdir.join(CURRENT_FILE)).unwrap(),
+            "a-child"
+        );
+        let child = std::fs::read_to_string(sdir.join("a-child.xml")).unwrap();
+        assert_eq!(snapshot_parent(&child), Some("b-parent"));
+        assert!(sdir.join("b-parent.xml").is_file());
+        assert!(!d.refresh_xml(&m).unwrap(), "unchanged: nothing written");
+
+        // The other node: the domain defined from the replicated XML, without
+        // snapshot metadata (here: undefined with it, then defined again).
+        // (Dropping stale local metadata needs `DELETE_METADATA_ONLY`, which
+        // the test driver lacks: the qemu driver has it.)
+        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            .unwrap();
+        d.define(&m).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        assert_eq!(snapshot_names(&dom), ["a-child", "b-parent"]);
+        let parent = Domain::lookup_snapshot_by_name(&dom, "a-child", 0)
+            .unwrap()
+            .parent(0)
+            .unwrap();
+        assert_eq!(parent.name().unwrap(), "b-parent");
+        assert_eq!(dom.current_snapshot(0).unwrap().name().unwrap(), "a-child");
+        // Redefining over the same metadata (the node that ran the domain
+        // before takes it back) is fine.
+        assert_eq!(d.redefine_snapshots(&m), Vec::<String>::new());
+        assert_eq!(snapshot_names(&dom), ["a-child", "b-parent"]);
+        // A file libvirt refuses is reported, the others are redefined.
+        std::fs::write(sdir.join("broken.xml"), "<domainsnapshot>").unwrap();
+        let failed = d.redefine_snapshots(&m);
+        assert!(
+            failed.len() == 1 && failed[0].starts_with("broken: "),
+            "{failed:?}"
+        );
+        std::fs::remove_file(sdir.join("broken.xml")).unwrap();
+
+        // Deleted on the writer: its file goes, the other stays.
+        assert!(!d.refresh_xml(&m).unwrap(), "the files are libvirt's XML");
+        Domain::lookup_snapshot_by_name(&dom, "a-child", 0)
+            .unwrap()
+            .delete(0)
+            .unwrap();
+        assert!(d.refresh_xml(&m).unwrap());
+        assert!(!sdir.join("a-child.xml").exists());
+        assert!(sdir.join("b-parent.xml").is_file());
+        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
             .unwrap();
     }
 
