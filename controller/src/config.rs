@@ -750,11 +750,13 @@ mod defaults {
     pub fn heartbeat_port() -> u16 {
         7100
     }
+    /// 200 / 1500 ms (DESIGN.md: 500 / 3000): a failover in about 2 s, with
+    /// the heartbeat path isolated from load (`heartbeat` module docs).
     pub fn heartbeat_interval_ms() -> u64 {
-        500
+        200
     }
     pub fn failover_timeout_ms() -> u64 {
-        3000
+        1500
     }
     pub fn start_wait_ms() -> u64 {
         10_000

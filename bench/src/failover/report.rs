@@ -252,7 +252,11 @@ impl Results {
             row(
                 s,
                 &[
-                    r.scenario.clone(),
+                    if r.cpu_hogs > 0 {
+                        format!("{} ({} busy loops)", r.scenario, r.cpu_hogs)
+                    } else {
+                        r.scenario.clone()
+                    },
                     r.tbf.clone(),
                     opt2(r.fio_mib_s),
                     opt2(r.fio_over_rate),
