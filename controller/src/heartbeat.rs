@@ -1156,7 +1156,7 @@ mod tests {
             bytes.len()
         );
         assert!(bytes.len() < MAX_DATAGRAM / 2, "{} bytes", bytes.len());
-        assert_eq!(beat.modules[0].keys.len(), 13);
+        assert_eq!(beat.modules[0].keys.len(), 14);
     }
 
     fn key(byte: u8) -> ClusterKey {
@@ -1669,7 +1669,10 @@ mod tests {
                     .unwrap();
                 rt.block_on(async {
                     for round in 100..110 {
-                        assert!(b.send(&payload("node2", b.session(), round)).await.is_empty());
+                        assert!(b
+                            .send(&payload("node2", b.session(), round))
+                            .await
+                            .is_empty());
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 });
