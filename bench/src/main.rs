@@ -138,6 +138,16 @@ struct FailoverArgs {
     /// Skip the scenario with the production link down.
     #[arg(long)]
     no_production_down: bool,
+    /// Busy-loop processes of the `cpu-loaded` scenario (production down,
+    /// link saturated, every core busy); 0: skip it.
+    #[arg(long, default_value_t = 4)]
+    cpu_hogs: usize,
+    /// The cluster's heartbeat interval (vmhad's default).
+    #[arg(long, default_value_t = 200)]
+    heartbeat_interval_ms: u64,
+    /// The cluster's failover timeout (vmhad's default).
+    #[arg(long, default_value_t = 1500)]
+    failover_timeout_ms: u64,
 }
 
 fn failover(args: FailoverArgs) -> Result<bool> {
@@ -153,6 +163,9 @@ fn failover(args: FailoverArgs) -> Result<bool> {
         burst: args.burst,
         latency: args.latency,
         production_down: !args.no_production_down,
+        cpu_hogs: args.cpu_hogs,
+        heartbeat_interval_ms: args.heartbeat_interval_ms,
+        failover_timeout_ms: args.failover_timeout_ms,
     };
     let results = failover::run(&opts)?;
     println!("{}", results.markdown());

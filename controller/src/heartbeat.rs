@@ -76,6 +76,25 @@
 //! no session yet can delay that exchange (it changes what the node echoes),
 //! as one dropping datagrams could; it cannot make anything stale accepted.
 //!
+//! # Heartbeats never wait behind other work
+//!
+//! A late heartbeat is a false failover, so the heartbeat path is isolated
+//! from everything else the node does ([`runtime`]):
+//! - every heartbeat socket, its receive tasks, the sender and the dispatcher
+//!   that judges the peer's silence run on their own tokio runtime (one worker
+//!   thread, `vmhad-heartbeat`), never queued behind a module task, a `virsh`
+//!   call or a control request on the main runtime;
+//! - that thread runs at nice [`THREAD_NICE`]: the scheduler wakes it ahead of
+//!   the replication, FUSE and QEMU threads (nice 0) on a loaded CPU. Not
+//!   `SCHED_RR` (corosync's choice): anyone can send datagrams to the
+//!   heartbeat port, and a real-time thread checking the MAC of a flood of
+//!   forged ones would take a whole core from the node;
+//! - its datagrams carry DSCP CS6 (network control, `IP_TOS` 0xc0 /
+//!   `IPV6_TCLASS`) for the switches and `SO_PRIORITY` [`SOCKET_PRIORITY`]
+//!   (interactive) for the local queueing discipline, so a priority-aware
+//!   qdisc (the default `pfifo_fast`, `prio`, the `mq`/`fq_codel` flows) sends
+//!   them ahead of the replication stream's bulk traffic.
+//!
 //! Rejected datagrams are counted by kind ([`Rejections`], shown in
 //! `vmctl status --json` as `heartbeats_rejected`) and logged at most once
 //! per [`REJECT_LOG_INTERVAL`] per kind, with the number left unlogged since
@@ -134,6 +153,8 @@ pub const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Errors of the heartbeat layer.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
+    #[error("cannot start the heartbeat thread: {0}")]
+    Runtime(String),
     #[error("cannot bind heartbeat socket {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -788,6 +809,70 @@ pub struct EndpointSpec {
     pub peer_name: String,
 }
 
+/// Nice value of the heartbeat thread (see the module docs).
+pub const THREAD_NICE: i32 = -10;
+/// `SO_PRIORITY` of the heartbeat sockets: `TC_PRIO_INTERACTIVE`, the highest
+/// an unprivileged socket may set.
+pub const SOCKET_PRIORITY: u32 = 6;
+/// DSCP CS6 (network control) in the IPv4 TOS / IPv6 traffic class byte.
+pub const DSCP_CS6_TOS: u32 = 0xc0;
+
+/// The heartbeat runtime: one worker thread at nice [`THREAD_NICE`], shared
+/// by every daemon of the process, never shut down. Heartbeat sockets are
+/// registered with its reactor and every heartbeat task runs on it.
+pub fn runtime() -> Result<tokio::runtime::Handle, HeartbeatError> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    let built = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .thread_name("vmhad-heartbeat")
+            .on_thread_start(raise_priority)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    match built {
+        Ok(rt) => Ok(rt.handle().clone()),
+        Err(e) => Err(HeartbeatError::Runtime(e.clone())),
+    }
+}
+
+/// Runs on the heartbeat thread at its start: nice [`THREAD_NICE`] for this
+/// thread only (Linux applies `setpriority` to a thread id). Without
+/// `CAP_SYS_NICE` it stays at the process's value, which is logged.
+fn raise_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), THREAD_NICE) {
+        tracing::warn!(
+            error = %e,
+            nice = THREAD_NICE,
+            "cannot raise the heartbeat thread's priority; heartbeats may be delayed on a busy CPU"
+        );
+    }
+}
+
+/// A non-blocking UDP socket bound to `addr`, its datagrams marked DSCP CS6
+/// and `SO_PRIORITY` [`SOCKET_PRIORITY`]. The marks are best effort (logged):
+/// an unmarked heartbeat still works, only without precedence.
+fn heartbeat_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // The TOS first: setting it resets SO_PRIORITY from its old TOS bits.
+    let marked = if addr.is_ipv4() {
+        socket.set_tos_v4(DSCP_CS6_TOS)
+    } else {
+        socket.set_tclass_v6(DSCP_CS6_TOS)
+    };
+    if let Err(e) = marked.and_then(|()| socket.set_priority(SOCKET_PRIORITY)) {
+        tracing::warn!(%addr, error = %e, "cannot mark heartbeat datagrams as network control");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// The heartbeat sockets of one node.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -800,10 +885,14 @@ pub struct Endpoint {
     rejections: Rejections,
     /// Set when a challenge should reach the peer before the next tick.
     prompt: Arc<Notify>,
+    /// The heartbeat [`runtime`], whose reactor serves `sockets`.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Endpoint {
     /// Binds `address:port` for every local address; draws a new session.
+    /// The sockets belong to the heartbeat [`runtime`]: spawn the tasks that
+    /// use them there ([`Endpoint::spawn_receivers`] does).
     pub async fn bind(spec: EndpointSpec, key: &ClusterKey) -> Result<Endpoint, HeartbeatError> {
         if spec.local.len() != spec.peer.len() {
             return Err(HeartbeatError::NetworkCount {
@@ -811,11 +900,13 @@ impl Endpoint {
                 peer: spec.peer.len(),
             });
         }
+        let handle = runtime()?;
+        let _in_heartbeat_runtime = handle.enter();
         let mut sockets = Vec::with_capacity(spec.local.len());
         for ip in &spec.local {
             let addr = SocketAddr::new(*ip, spec.port);
-            let socket = UdpSocket::bind(addr)
-                .await
+            let socket = heartbeat_socket(addr)
+                .and_then(UdpSocket::from_std)
                 .map_err(|source| HeartbeatError::Bind { addr, source })?;
             sockets.push(Arc::new(socket));
         }
@@ -832,7 +923,13 @@ impl Endpoint {
             opener: Arc::new(Mutex::new(Opener::new(key))),
             rejections: Rejections::default(),
             prompt: Arc::new(Notify::new()),
+            runtime: handle.clone(),
         })
+    }
+
+    /// The heartbeat [`runtime`]: spawn every task using this endpoint there.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
     }
 
     pub fn networks(&self) -> usize {
@@ -917,8 +1014,10 @@ impl Endpoint {
     /// Spawns one receive task per socket, sending accepted heartbeats to
     /// `tx` and counting rejected ones in [`Endpoint::rejections`], and a
     /// task logging the rejection counts. The tasks end when `tx`'s receiver
-    /// is dropped or the handles are aborted.
+    /// is dropped or the handles are aborted. They run on the heartbeat
+    /// [`runtime`].
     pub fn spawn_receivers(&self, tx: mpsc::Sender<Received>) -> Vec<JoinHandle<()>> {
+        let handle = &self.runtime;
         let mut tasks: Vec<JoinHandle<()>> = self
             .sockets
             .iter()
@@ -932,7 +1031,7 @@ impl Endpoint {
                 let expected = self.peer.get(network).map(|a| a.ip());
                 let peer_name = self.peer_name.clone();
                 let tx = tx.clone();
-                tokio::spawn(async move {
+                handle.spawn(async move {
                     let (Some(local), Some(expected)) = (local, expected) else {
                         return;
                     };
@@ -976,7 +1075,7 @@ impl Endpoint {
             })
             .collect();
         let rejections = self.rejections.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(handle.spawn(async move {
             let mut ticker = tokio::time::interval(REJECT_LOG_INTERVAL);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -1539,6 +1638,59 @@ mod tests {
             t.abort();
         }
         while rx.try_recv().is_ok() {}
+    }
+
+    #[tokio::test]
+    async fn heartbeat_datagrams_are_marked_network_control() {
+        let (a, b) = pair().await;
+        for socket in a.sockets.iter().chain(&b.sockets) {
+            let socket = socket2::SockRef::from(socket.as_ref());
+            assert_eq!(socket.tos_v4().unwrap(), DSCP_CS6_TOS);
+            assert_eq!(socket.priority().unwrap(), SOCKET_PRIORITY);
+        }
+    }
+
+    /// Busy work on the caller's runtime (a module task, a slow call) does
+    /// not delay heartbeats: they are read, and time-stamped, on the
+    /// heartbeat thread meanwhile, so the silence is never the reader's.
+    #[tokio::test(flavor = "current_thread")]
+    async fn heartbeats_are_received_while_the_callers_runtime_is_blocked() {
+        let (a, b) = pair().await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let _tasks = a.spawn_receivers(tx);
+        introduce(&a, &b, &mut rx).await;
+        let b = Arc::new(b);
+        let sender = {
+            let b = Arc::clone(&b);
+            // The peer is another host: its own thread and runtime.
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    for round in 100..110 {
+                        assert!(b
+                            .send(&payload("node2", b.session(), round))
+                            .await
+                            .is_empty());
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                });
+            })
+        };
+        let blocked_at = Instant::now();
+        // Blocks this (single-threaded) runtime, as a busy task would.
+        std::thread::sleep(Duration::from_millis(1500));
+        let resumed = Instant::now();
+        sender.join().unwrap();
+        let first = next(&mut rx).await;
+        assert!(
+            first.at + Duration::from_millis(700) < resumed,
+            "the first heartbeat was read {:?} after the block began, {:?} before it ended",
+            first.at - blocked_at,
+            resumed.saturating_duration_since(first.at)
+        );
     }
 
     #[tokio::test]

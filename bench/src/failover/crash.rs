@@ -32,6 +32,8 @@ pub struct CrashRun {
     /// Kill → node2's first event-log line after the kill (the takeover
     /// begins: a new data generation), i.e. the detection time.
     pub to_takeover_ms: Option<f64>,
+    /// Kill → node2's event-log line `VM started` (`virsh start` returned).
+    pub to_vm_started_ms: Option<f64>,
     /// Kill → `VMHA-BOOT` on node2's console (the guest read its disk).
     pub to_boot_ms: Option<f64>,
     /// Kill → the first `COUNTER` on node2's console (the guest writes again).
@@ -57,6 +59,7 @@ pub struct CrashResults {
     pub runs: Vec<CrashRun>,
     pub to_alone_ms: Option<Summary>,
     pub to_takeover_ms: Option<Summary>,
+    pub to_vm_started_ms: Option<Summary>,
     pub to_boot_ms: Option<Summary>,
     pub to_counter_ms: Option<Summary>,
     pub violations: usize,
@@ -91,6 +94,7 @@ pub fn run(n: usize, timing: &Timing) -> Result<CrashResults> {
     Ok(CrashResults {
         to_alone_ms: summary(|r| r.to_alone_ms),
         to_takeover_ms: summary(|r| r.to_takeover_ms),
+        to_vm_started_ms: summary(|r| r.to_vm_started_ms),
         to_boot_ms: summary(|r| r.to_boot_ms),
         to_counter_ms: summary(|r| r.to_counter_ms),
         violations: runs.iter().filter(|r| r.violation.is_some()).count(),
@@ -170,6 +174,11 @@ fn one(timing: &Timing, r: &mut CrashRun) -> Result<()> {
             })
             .collect();
         r.to_takeover_ms = r.events.first().map(|(at, _)| *at as f64);
+        r.to_vm_started_ms = r
+            .events
+            .iter()
+            .find(|(_, e)| e.contains("VM started"))
+            .map(|(at, _)| *at as f64);
     }
     if r.to_alone_ms.is_none() {
         // The guest ran before any status poll saw ALONE (cannot happen with a

@@ -10,6 +10,9 @@
 //! - `production-down`: the same with node1's production link down, so the
 //!   heartbeats only travel over the saturated dedicated link, in the same
 //!   queue as the replication traffic: the real stress test of detection.
+//! - `cpu-loaded`: `production-down` with every core busy as well (`--cpu-hogs`
+//!   busy-loop processes on the host, nice 0, like the guests' and
+//!   vmha-fs's threads): heartbeats must not starve behind busy threads.
 //!
 //! Shaping production as well is not a separate case: with production down
 //! its heartbeats are lost entirely, which is harsher than any shaping.
@@ -48,6 +51,8 @@ pub struct LoadRun {
     pub tbf: String,
     /// The tbf rate as tc reports it, in Mbit/s.
     pub rate_mbit_s: Option<f64>,
+    /// Busy-loop processes running during the scenario.
+    pub cpu_hogs: usize,
     pub fio_job: String,
     pub fio_seconds: u64,
     pub fio_mib_s: Option<f64>,
@@ -99,6 +104,9 @@ pub fn run(opts: &Opts, timing: &Timing) -> Result<Vec<LoadRun>> {
     let mut scenarios = vec!["replication-saturated"];
     if opts.production_down {
         scenarios.push("production-down");
+    }
+    if opts.cpu_hogs > 0 {
+        scenarios.push("cpu-loaded");
     }
     let mut out = Vec::new();
     let vc = match running_pair(timing) {
@@ -384,15 +392,51 @@ fn parse_fio(out: &std::process::Output) -> Result<f64> {
 }
 
 fn scenario(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {
-    let prod_down = r.scenario == "production-down";
+    let prod_down = matches!(r.scenario.as_str(), "production-down" | "cpu-loaded");
     if prod_down {
         vc.node(0).set_link(Network::Production, false)?;
     }
+    let hogs = if r.scenario == "cpu-loaded" {
+        r.cpu_hogs = opts.cpu_hogs;
+        Some(Hogs::start(opts.cpu_hogs)?)
+    } else {
+        None
+    };
     let res = load(vc, opts, r);
+    drop(hogs);
     if prod_down {
         vc.node(0).set_link(Network::Production, true)?;
     }
     res
+}
+
+/// Busy-loop processes, killed (by PID) and reaped on drop.
+struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    fn start(n: usize) -> Result<Hogs> {
+        let mut hogs = Hogs(Vec::with_capacity(n));
+        for _ in 0..n {
+            let child = Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a busy loop")?;
+            hogs.0.push(child);
+        }
+        Ok(hogs)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn load(vc: &VmCluster, opts: &Opts, r: &mut LoadRun) -> Result<()> {

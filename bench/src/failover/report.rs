@@ -118,7 +118,7 @@ impl Results {
         let _ = writeln!(
             s,
             "Timeouts: heartbeat_interval_ms {}, failover_timeout_ms {}, lock_timeout_ms {} \
-             (DESIGN.md defaults). {} UTC, {} CPUs, load average {} at the start, {} at the end.\n",
+             (vmhad's defaults unless given). {} UTC, {} CPUs, load average {} at the start, {} at the end.\n",
             t.heartbeat_interval_ms,
             t.failover_timeout_ms,
             t.lock_timeout_ms,
@@ -151,8 +151,12 @@ impl Results {
                 c.to_takeover_ms,
             ),
             (
-                "kill → node2 ALONE (vmctl status, after `virsh start`)",
+                "kill → node2 ALONE (vmctl status: writer mounted, VM starting)",
                 c.to_alone_ms,
+            ),
+            (
+                "kill → `virsh start` returned on node2 (event log)",
+                c.to_vm_started_ms,
             ),
             ("kill → guest booted on node2", c.to_boot_ms),
             ("kill → first COUNTER on node2", c.to_counter_ms),
@@ -252,7 +256,11 @@ impl Results {
             row(
                 s,
                 &[
-                    r.scenario.clone(),
+                    if r.cpu_hogs > 0 {
+                        format!("{} ({} busy loops)", r.scenario, r.cpu_hogs)
+                    } else {
+                        r.scenario.clone()
+                    },
                     r.tbf.clone(),
                     opt2(r.fio_mib_s),
                     opt2(r.fio_over_rate),

@@ -201,22 +201,30 @@ impl Runner {
                 Some(Err(e)) => self.record(format!("error: define: {e}"), lines).await,
                 None => {}
             },
-            Action::StartVm => match self.blocking(|vm, _, m| vm.start(m)).await {
-                Some(Ok(())) => {
-                    self.record("VM started".into(), lines).await;
-                    queue.push_back(Event::VmStarted);
+            Action::StartVm => {
+                // The writer mount before it in the step succeeded (its
+                // failure ends the step), so the new role is true now.
+                // Shown at once, with readiness `transient` while `virsh
+                // start` runs (0.5-2 s): a takeover is visible, and announced
+                // to a returning peer, when the data is writable here.
+                self.publish();
+                match self.blocking(|vm, _, m| vm.start(m)).await {
+                    Some(Ok(())) => {
+                        self.record("VM started".into(), lines).await;
+                        queue.push_back(Event::VmStarted);
+                    }
+                    other => {
+                        let e = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "panicked".to_string(),
+                        };
+                        self.record(format!("error: start VM: {e}"), lines).await;
+                        queue.push_back(Event::VmStartFailed {
+                            now_ms: self.now_ms(),
+                        });
+                    }
                 }
-                other => {
-                    let e = match other {
-                        Some(Err(e)) => e.to_string(),
-                        _ => "panicked".to_string(),
-                    };
-                    self.record(format!("error: start VM: {e}"), lines).await;
-                    queue.push_back(Event::VmStartFailed {
-                        now_ms: self.now_ms(),
-                    });
-                }
-            },
+            }
             Action::StopVm => {
                 let outcome = match self.blocking(|vm, _, m| vm.stop(m)).await {
                     Some(Ok(())) => Ok(()),

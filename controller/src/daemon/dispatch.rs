@@ -111,7 +111,8 @@ pub(super) async fn dispatch(
         let config = shared.config();
         (
             Duration::from_millis(config.cluster.failover_timeout_ms),
-            Duration::from_millis((config.cluster.heartbeat_interval_ms / 2).max(5)),
+            // A quarter interval: the judgement adds at most that to the timeout.
+            Duration::from_millis((config.cluster.heartbeat_interval_ms / 4).max(5)),
         )
     };
     let (mut timeout, mut tick) = timing(&shared);

@@ -736,14 +736,17 @@ impl Daemon {
                 .insert(name, task);
         }
         let (in_tx, in_rx) = mpsc::channel(256);
+        // The whole heartbeat path (receive, judge, send) on the heartbeat
+        // runtime: never queued behind module work (`heartbeat` module docs).
+        let heartbeat_runtime = endpoint.runtime().clone();
         tasks.extend(endpoint.spawn_receivers(in_tx));
-        tasks.push(tokio::spawn(dispatch(
+        tasks.push(heartbeat_runtime.spawn(dispatch(
             Arc::clone(&shared),
             in_rx,
             shutdown_rx.clone(),
             judging_since,
         )));
-        tasks.push(tokio::spawn(send_heartbeats(
+        tasks.push(heartbeat_runtime.spawn(send_heartbeats(
             Arc::clone(&shared),
             endpoint,
             shutdown_rx.clone(),

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::{ModuleCommand, ModuleHandle, Shared};
 use crate::control::Response;
 use crate::leave;
-use crate::state::{Event, Role};
+use crate::state::{Event, Readiness, Role};
 
 /// Sends `event` to every handle at once and gathers their log lines.
 async fn to_modules(
@@ -135,17 +135,23 @@ fn handed_over(shared: &Shared) -> (Vec<String>, Vec<String>) {
             continue;
         }
         let beat = peer.modules.get(name).filter(|_| !peer.lost);
-        match beat.map(|b| b.announce.role) {
+        // A writer announces its role once it is mounted, before `virsh
+        // start` returns (readiness transient meanwhile): it runs the VM
+        // only after that.
+        match beat.map(|b| (b.announce.role, b.announce.readiness)) {
             None => done.push(format!(
                 "{name}: stopped here; {peer_name} is not reachable: nobody runs it"
             )),
-            Some(Role::Second) => {
+            Some((Role::Second, _)) => {
                 pending.push(format!("{name}: {peer_name} is still SECOND"));
             }
-            Some(r) if r.is_writer() => {
+            Some((r, Readiness::Transient)) if r.is_writer() => {
+                pending.push(format!("{name}: {peer_name} is {r}, starting the VM"));
+            }
+            Some((r, _)) if r.is_writer() => {
                 done.push(format!("{name}: handed over, {peer_name} runs it ({r})"))
             }
-            Some(r) => done.push(format!(
+            Some((r, _)) => done.push(format!(
                 "{name}: stopped here; {peer_name} is {r}: nobody runs it"
             )),
         }
