@@ -73,7 +73,8 @@ pub struct LibvirtDriver {
     defined: Mutex<HashSet<String>>,
     start_timeout: Duration,
     /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
-    xml_checked: Mutex<HashMap<String, Instant>>,
+    /// With the domain's event count then.
+    xml_checked: Mutex<HashMap<String, (Instant, u64)>>,
     xml_every: Duration,
 }
 
@@ -83,6 +84,10 @@ pub struct LibvirtDriver {
 /// was the largest part of an idle vmhad's and libvirtd's CPU; an operator's
 /// `virsh edit` reaches the file within this.
 pub const XML_REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// With lifecycle events delivered, the XML is compared after an event of
+/// the domain (a redefinition is one) and otherwise only this often.
+pub const XML_REFRESH_FALLBACK: Duration = Duration::from_secs(30);
 
 /// How often the checker asks libvirt for a domain's state when no lifecycle
 /// event came (a fixed period, whatever the heartbeat interval): an event
@@ -797,15 +802,20 @@ impl VmDriver for LibvirtDriver {
             return Ok(false);
         }
         {
+            // A redefinition (`virsh edit`) is a lifecycle event ("defined"):
+            // with events, compare after one, else every XML_REFRESH_FALLBACK.
+            let delivered = self.connection_events(module).is_ok_and(|(_, d)| d);
+            let events = self.events.count(module);
             let mut checked = lock(&self.xml_checked);
             let now = Instant::now();
-            if checked
-                .get(&module.name)
-                .is_some_and(|at| now.saturating_duration_since(*at) < self.xml_every)
-            {
+            if checked.get(&module.name).is_some_and(|&(at, seen)| {
+                let since = now.saturating_duration_since(at);
+                since < self.xml_every
+                    || (delivered && seen == events && since < XML_REFRESH_FALLBACK)
+            }) {
                 return Ok(false);
             }
-            checked.insert(module.name.clone(), now);
+            checked.insert(module.name.clone(), (now, events));
         }
         let path = xml_path(module)?;
         let what = format!("inactive XML of {}", module.domain);
@@ -1087,6 +1097,38 @@ mod tests {
             .unwrap();
     }
 
+    /// With events, a redefinition is compared after its event, not at
+    /// every interval: no compare while nothing happens.
+    #[test]
+    fn refresh_compares_after_a_redefinition_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-refresh-event", dir.path());
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::ZERO);
+        d.define(&m).unwrap();
+        assert!(d.refresh_xml(&m).unwrap(), "the first compare writes");
+        // The define's own event arrives asynchronously: let it be compared.
+        std::thread::sleep(Duration::from_millis(500));
+        d.refresh_xml(&m).unwrap();
+        // Nothing happened: no compare, even of a file changed behind its back.
+        std::fs::write(xml_path(&m).unwrap(), "stale").unwrap();
+        assert!(!d.refresh_xml(&m).unwrap(), "no event: no compare");
+        // `virsh edit`: a "defined" event, then a compare.
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        let text = dom.xml_desc(XML_FLAGS).unwrap();
+        conn.define_domain_xml(&text.replace("<description>one", "<description>edited"))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.refresh_xml(&m).unwrap() {
+            assert!(Instant::now() < deadline, "the redefinition was not compared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let now = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();
+        assert!(now.contains("<description>edited</description>"), "{now}");
+        dom.undefine().unwrap();
+    }
+
     #[test]
     fn refresh_rewrites_the_file_only_when_libvirt_differs() {
         let dir = tempfile::tempdir().unwrap();
@@ -1106,7 +1148,12 @@ mod tests {
         let edited = text.replace("<description>one", "<description>edited");
         assert_ne!(edited, text);
         conn.define_domain_xml(&edited).unwrap();
-        assert!(d.refresh_xml(&m).unwrap());
+        // Compared once its lifecycle event arrived.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.refresh_xml(&m).unwrap() {
+            assert!(Instant::now() < deadline, "the redefinition was not compared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let now = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();
         assert!(now.contains("<description>edited</description>"), "{now}");
         assert!(!d.refresh_xml(&m).unwrap());
