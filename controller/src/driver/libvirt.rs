@@ -170,11 +170,19 @@ impl Events {
     }
 
     fn count(&self, module: &Module) -> u64 {
-        lock(&self.domains).entry(dom_key(module)).or_default().count
+        lock(&self.domains)
+            .entry(dom_key(module))
+            .or_default()
+            .count
     }
 
     fn notify(&self, module: &Module) -> Arc<Notify> {
-        Arc::clone(&lock(&self.domains).entry(dom_key(module)).or_default().notify)
+        Arc::clone(
+            &lock(&self.domains)
+                .entry(dom_key(module))
+                .or_default()
+                .notify,
+        )
     }
 }
 
@@ -1121,7 +1129,10 @@ mod tests {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !d.refresh_xml(&m).unwrap() {
-            assert!(Instant::now() < deadline, "the redefinition was not compared");
+            assert!(
+                Instant::now() < deadline,
+                "the redefinition was not compared"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let now = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();
@@ -1151,7 +1162,10 @@ mod tests {
         // Compared once its lifecycle event arrived.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !d.refresh_xml(&m).unwrap() {
-            assert!(Instant::now() < deadline, "the redefinition was not compared");
+            assert!(
+                Instant::now() < deadline,
+                "the redefinition was not compared"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let now = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();

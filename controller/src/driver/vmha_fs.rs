@@ -1132,8 +1132,9 @@ impl FsDriver for VmhaFsDriver {
             .unwrap_or_default()
             .iter()
             .filter_map(|state| {
-                self.changed
-                    .get(&state.join(ChangedBytes::FILE), |path| std::fs::read(path).ok())
+                self.changed.get(&state.join(ChangedBytes::FILE), |path| {
+                    std::fs::read(path).ok()
+                })
             })
             .collect();
         sum_changed_bytes(&files)
@@ -1429,7 +1430,11 @@ mod tests {
         };
         assert_eq!(get(), None, "absent");
         assert_eq!(get(), None);
-        assert_eq!(reads.load(Ordering::SeqCst), 2, "an absent file is tried every time");
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            2,
+            "an absent file is tried every time"
+        );
         vmha_fs::atomic::write_report(&path, b"10").unwrap();
         assert_eq!(get().as_deref(), Some(&b"10"[..]));
         assert_eq!(get().as_deref(), Some(&b"10"[..]));
