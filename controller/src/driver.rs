@@ -63,6 +63,17 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
     /// ACPI shutdown, wait `stop_timeout_s`, then destroy. Ok if already off.
     fn stop(&self, module: &Module) -> Result<(), DriverError>;
     fn state(&self, module: &Module) -> Result<VmState, DriverError>;
+    /// The checker's view of the state: may answer from what the driver
+    /// already knows (libvirt's lifecycle events) instead of asking.
+    fn watch_state(&self, module: &Module) -> Result<VmState, DriverError> {
+        self.state(module)
+    }
+    /// Woken when the domain's state may have changed (a lifecycle event),
+    /// so the checker looks at once; `None`: no such notice, the checker's
+    /// period alone.
+    fn state_changes(&self, _module: &Module) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
     /// Writer: if libvirt's inactive XML of the domain differs from
     /// `<first replicated dir>/<domain>.xml` (the domain was redefined here,
     /// e.g. `virsh edit`), rewrites the file atomically so the peer defines

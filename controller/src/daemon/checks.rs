@@ -1,5 +1,6 @@
 //! The checkers: what the module task polls from the drivers every
-//! heartbeat interval (VM state, vmha-fs health, resync progress, the
+//! [`super::runner::check_period`] and when the VM driver reports a change
+//! (VM state, vmha-fs health, resync progress, the
 //! writer's copy to its SECOND) and the facts it reads from the peer's latest
 //! heartbeat, turned into events for the state machine. Apart from the loop
 //! and from action execution because they are the daemon's sensors: they
@@ -270,7 +271,7 @@ impl Runner {
         let Some((vm, fs, resync, changed, xml)) = self
             .blocking(move |vm, fs, m| {
                 (
-                    check_vm.then(|| vm.state(m)),
+                    check_vm.then(|| vm.watch_state(m)),
                     check_fs.then(|| fs.health(m)),
                     check_resync.then(|| fs.resync_state(m)),
                     fs.changed_bytes(m),

@@ -170,15 +170,42 @@ pub(super) const RETRY_MAX: Duration = Duration::from_secs(60);
 /// not having published its new state yet (it does within tens of ms).
 pub(super) const GO_ALONE_SETTLE: Duration = Duration::from_secs(1);
 
+/// The shortest period of the checkers. Not the heartbeat interval itself:
+/// the checks' cost (32 modules on a node) must not grow when heartbeats are
+/// made more frequent for a faster failover. A VM's stop is seen at once
+/// through the VM driver's change notice ([`VmDriver::state_changes`]); a
+/// vmha-fs that died or lost its link within this.
+pub const CHECK_EVERY_MIN: Duration = Duration::from_millis(500);
+
+/// How often a module's checkers run: every heartbeat interval, but not
+/// more often than [`CHECK_EVERY_MIN`].
+pub fn check_period(heartbeat_interval: Duration) -> Duration {
+    heartbeat_interval.max(CHECK_EVERY_MIN)
+}
+
+fn check_timer(heartbeat_interval: Duration) -> tokio::time::Interval {
+    let mut checks = tokio::time::interval(check_period(heartbeat_interval));
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    checks
+}
+
+/// Waits for `notify`, or forever without one.
+async fn notified(notify: Option<&Arc<tokio::sync::Notify>>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Runner {
     pub(super) async fn run(
         mut self,
         mut commands: mpsc::Receiver<ModuleCommand>,
         mut shutdown: watch::Receiver<bool>,
-        check_every: Duration,
+        heartbeat_interval: Duration,
     ) {
-        let mut checks = tokio::time::interval(check_every.max(Duration::from_millis(10)));
-        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checks = check_timer(heartbeat_interval);
+        let mut vm_changes = self.vm.state_changes(&self.module);
         loop {
             let start_wait = self.start_wait;
             let witness_retry = self.witness_retry;
@@ -200,13 +227,11 @@ impl Runner {
                     }
                     Some(ModuleCommand::Reconfigure(settings, reply)) => {
                         let every = settings.heartbeat_interval;
-                        if every != self.heartbeat_interval {
-                            checks = tokio::time::interval(every.max(Duration::from_millis(10)));
-                            checks.set_missed_tick_behavior(
-                                tokio::time::MissedTickBehavior::Delay,
-                            );
+                        if check_period(every) != check_period(self.heartbeat_interval) {
+                            checks = check_timer(every);
                         }
                         self.reconfigure(*settings);
+                        vm_changes = self.vm.state_changes(&self.module);
                         let _ = reply.send(());
                     }
                     Some(ModuleCommand::Verify(reply)) => {
@@ -263,6 +288,11 @@ impl Runner {
                     self.handle(Event::ReceiverRetryDue).await;
                 }
                 _ = checks.tick() => {
+                    self.cause = "checker".into();
+                    self.check().await;
+                }
+                _ = notified(vm_changes.as_ref()) => {
+                    // A lifecycle event of the domain: look now, not at the next tick.
                     self.cause = "checker".into();
                     self.check().await;
                 }

@@ -26,12 +26,23 @@
 //! (`virDomainSnapshotCreateXML` with `REDEFINE`, parents first) — what
 //! operators of the product we replace do by hand with
 //! `virsh snapshot-create --redefine` on the other node.
+//!
+//! The checker's view of a domain ([`VmDriver::watch_state`]) follows
+//! libvirt's lifecycle events (libvirt's default event loop, one thread per
+//! process, a callback on each module's connection): libvirt is asked for the
+//! state when an event arrived for the domain, and otherwise at most every
+//! [`VM_POLL_EVERY`]. Asking every domain's state at every check (two RPCs per
+//! module twice a second) was most of an idle vmhad's CPU with 32 modules and
+//! grew with the heartbeat frequency.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::{c_int, c_void, CStr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
@@ -63,15 +74,23 @@ const UNDEFINE_FLAGS: [sys::virDomainUndefineFlagsValues; 3] = [
 /// The `virt`-crate driver. Cheap to create; connects on first use.
 #[derive(Debug)]
 pub struct LibvirtDriver {
-    /// By (uri, module name).
-    conns: Mutex<HashMap<(String, String), Connect>>,
+    /// By (uri, module name): the connection and its lifecycle callback.
+    conns: Mutex<HashMap<(String, String), Conn>>,
+    /// Lifecycle events seen, by domain.
+    events: Arc<Events>,
+    /// The checker's last answer per module ([`VmDriver::watch_state`]).
+    watched: Mutex<HashMap<String, Watched>>,
+    vm_poll_every: Duration,
     /// Modules whose domain this driver defined from the replicated XML (the
     /// last `define` succeeded): only their definition may overwrite the file,
     /// a stale local definition must not.
     defined: Mutex<HashSet<String>>,
     start_timeout: Duration,
     /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
-    xml_checked: Mutex<HashMap<String, Instant>>,
+    /// With the domain's event count then.
+    xml_checked: Mutex<HashMap<String, (Instant, u64)>>,
+    /// When each module's snapshots were last listed.
+    snapshots_checked: Mutex<HashMap<String, Instant>>,
     xml_every: Duration,
     /// Per module, the sorted snapshot names and the current snapshot last
     /// exported to [`snapshot_dir`]: the files are compared again only when
@@ -85,6 +104,219 @@ pub struct LibvirtDriver {
 /// was the largest part of an idle vmhad's and libvirtd's CPU; an operator's
 /// `virsh edit` reaches the file within this.
 pub const XML_REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// With lifecycle events delivered, the XML is compared after an event of
+/// the domain (a redefinition is one) and otherwise only this often.
+pub const XML_REFRESH_FALLBACK: Duration = Duration::from_secs(30);
+
+/// How often the checker asks libvirt for a domain's state when no lifecycle
+/// event came (a fixed period, whatever the heartbeat interval): an event
+/// lost or not delivered (a connection that could not register) is noticed
+/// within this. Without events the state is asked at every check.
+pub const VM_POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// A module's connection; `callback`: its lifecycle registration, if any.
+#[derive(Debug)]
+struct Conn {
+    conn: Connect,
+    callback: Option<c_int>,
+}
+
+impl Conn {
+    /// Ends the lifecycle registration (it holds a reference on the
+    /// connection, which would otherwise never close).
+    fn deregister(&self) {
+        if let Some(id) = self.callback {
+            // SAFETY: `conn` is valid (owned by `self`); `id` came from
+            // `register_events` on it. A failure (a dead connection) is ignored.
+            unsafe {
+                sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), id);
+            }
+        }
+    }
+}
+
+/// The checker's last answer for a module: the state, when it was asked,
+/// and how many events of the domain had been seen before asking.
+#[derive(Debug, Clone, Copy)]
+struct Watched {
+    state: VmState,
+    at: Instant,
+    events: u64,
+}
+
+/// Whether the checker may answer from `last` instead of asking libvirt:
+/// events are delivered on the connection, none came for the domain since
+/// `last` was asked, and `last` is younger than `every`.
+fn answer_from_cache(
+    last: Option<&Watched>,
+    events_delivered: bool,
+    events_now: u64,
+    now: Instant,
+    every: Duration,
+) -> Option<VmState> {
+    let last = last?;
+    (events_delivered
+        && last.events == events_now
+        && now.saturating_duration_since(last.at) < every)
+        .then_some(last.state)
+}
+
+/// Domain lifecycle events (started, stopped, crashed, defined, ...) from
+/// libvirt's event loop, so the checker need not ask every domain's state at
+/// every check: it asks when an event arrived for the domain and at most every
+/// [`VM_POLL_EVERY`] otherwise (a lost event, or a connection that could not
+/// register, still ends up seen).
+#[derive(Debug, Default)]
+struct Events {
+    /// By (uri, domain name): the events seen, and the task waiting for them.
+    domains: Mutex<HashMap<(String, String), DomainEvents>>,
+}
+
+#[derive(Debug, Default)]
+struct DomainEvents {
+    count: u64,
+    notify: Arc<Notify>,
+}
+
+impl Events {
+    /// An event for `domain` on `uri` (libvirt's event-loop thread).
+    fn record(&self, uri: &str, domain: &str) {
+        let mut domains = lock(&self.domains);
+        if let Some(d) = domains.get_mut(&(uri.to_string(), domain.to_string())) {
+            d.count += 1;
+            d.notify.notify_one();
+        }
+    }
+
+    fn count(&self, module: &Module) -> u64 {
+        lock(&self.domains)
+            .entry(dom_key(module))
+            .or_default()
+            .count
+    }
+
+    fn notify(&self, module: &Module) -> Arc<Notify> {
+        Arc::clone(
+            &lock(&self.domains)
+                .entry(dom_key(module))
+                .or_default()
+                .notify,
+        )
+    }
+}
+
+fn dom_key(module: &Module) -> (String, String) {
+    (module.libvirt_uri.clone(), module.domain.clone())
+}
+
+/// What the lifecycle callback of one connection gets: whom to tell, and for
+/// which URI.
+struct CallbackData {
+    events: Arc<Events>,
+    uri: String,
+}
+
+/// libvirt's default event loop, registered once per process before the
+/// first connection (remote connections deliver events only through it) and
+/// run by a thread of its own. `false`: no event loop, the checker polls.
+fn event_loop() -> bool {
+    static STARTED: OnceLock<bool> = OnceLock::new();
+    *STARTED.get_or_init(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!(error = %e, "no libvirt event loop: domain states are polled");
+            return false;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| loop {
+                if let Err(e) = virt::event::event_run_default_impl() {
+                    tracing::warn!(error = %e, "libvirt event loop");
+                    std::thread::sleep(POLL);
+                }
+            });
+        match spawned {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "no libvirt event thread: domain states are polled");
+                false
+            }
+        }
+    })
+}
+
+/// Called by libvirt on its event-loop thread for every lifecycle event of
+/// any domain on the connection.
+extern "C" fn on_lifecycle(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _event: c_int,
+    _detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    // SAFETY: `opaque` is the `Box<CallbackData>` leaked at registration;
+    // libvirt frees it (`free_callback_data`) only after the last call.
+    let data = unsafe { &*(opaque as *const CallbackData) };
+    // SAFETY: `dom` is valid for the duration of the call; the name it
+    // returns lives as long as the domain object.
+    let name = unsafe { sys::virDomainGetName(dom) };
+    if !name.is_null() {
+        // SAFETY: non-null, NUL-terminated by libvirt.
+        let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
+        data.events.record(&data.uri, &name);
+    }
+    0
+}
+
+/// libvirt's `freecb`: drops the callback data when the registration ends.
+extern "C" fn free_callback_data(opaque: *mut c_void) {
+    if !opaque.is_null() {
+        // SAFETY: the pointer came from `Box::into_raw` in `register_events`
+        // and libvirt calls this once.
+        drop(unsafe { Box::from_raw(opaque as *mut CallbackData) });
+    }
+}
+
+/// Registers the lifecycle callback on `conn` for every domain; the
+/// callback's id, or `None` when libvirt refused (the checker then polls).
+fn register_events(conn: &Connect, uri: &str, events: &Arc<Events>) -> Option<c_int> {
+    let data = Box::into_raw(Box::new(CallbackData {
+        events: Arc::clone(events),
+        uri: uri.to_string(),
+    }));
+    type Lifecycle = unsafe extern "C" fn(
+        sys::virConnectPtr,
+        sys::virDomainPtr,
+        c_int,
+        c_int,
+        *mut c_void,
+    ) -> c_int;
+    type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
+    // SAFETY: libvirt's VIR_DOMAIN_EVENT_CALLBACK cast: for
+    // VIR_DOMAIN_EVENT_ID_LIFECYCLE libvirt calls the generic pointer with the
+    // lifecycle signature (`virConnectDomainEventCallback`), which is
+    // `on_lifecycle`'s.
+    let generic = unsafe { std::mem::transmute::<Lifecycle, Generic>(on_lifecycle as Lifecycle) };
+    // SAFETY: `conn` is an open connection; a null domain means every
+    // domain; `data` stays valid until libvirt calls `free_callback_data`.
+    let id = unsafe {
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
+            Some(generic),
+            data.cast(),
+            Some(free_callback_data),
+        )
+    };
+    if id < 0 {
+        // SAFETY: libvirt did not take `data` (registration failed).
+        drop(unsafe { Box::from_raw(data) });
+        tracing::info!(uri, error = %VirtError::last_error(), "no domain events: states are polled");
+        return None;
+    }
+    Some(id)
+}
 
 impl Default for LibvirtDriver {
     fn default() -> Self {
@@ -264,11 +496,18 @@ impl LibvirtDriver {
         // libvirt's default handler prints every error (e.g. "domain not
         // found" for a missing domain) on stderr; they are returned instead.
         virt::error::clear_error_callback();
+        // Before the first connection: remote connections deliver events
+        // only through an event loop registered when they open.
+        event_loop();
         LibvirtDriver {
             conns: Mutex::new(HashMap::new()),
+            events: Arc::new(Events::default()),
+            watched: Mutex::new(HashMap::new()),
+            vm_poll_every: VM_POLL_EVERY,
             defined: Mutex::new(HashSet::new()),
             start_timeout: START_TIMEOUT,
             xml_checked: Mutex::new(HashMap::new()),
+            snapshots_checked: Mutex::new(HashMap::new()),
             xml_every: XML_REFRESH_EVERY,
             snapshots_exported: Mutex::new(HashMap::new()),
         }
@@ -290,31 +529,70 @@ impl LibvirtDriver {
         }
     }
 
+    /// The driver asking libvirt for a watched state at most every `every`
+    /// when no event came (tests).
+    pub fn with_vm_poll_every(self, every: Duration) -> LibvirtDriver {
+        LibvirtDriver {
+            vm_poll_every: every,
+            ..self
+        }
+    }
+
     /// The module's cached connection to its `libvirt_uri` if it is alive,
-    /// else a new one.
-    fn connection(&self, module: &Module) -> Result<Connect, VirtError> {
+    /// else a new one; with it, whether lifecycle events are delivered on it.
+    fn connection_events(&self, module: &Module) -> Result<(Connect, bool), VirtError> {
         let key = conn_key(module);
         {
             let mut conns = lock(&self.conns);
             if let Some(c) = conns.get(&key) {
-                if c.is_alive().unwrap_or(false) {
-                    return Ok(c.clone());
+                if c.conn.is_alive().unwrap_or(false) {
+                    return Ok((c.conn.clone(), c.callback.is_some()));
                 }
                 tracing::info!(uri = %key.0, module = %key.1, "libvirt connection lost, reconnecting");
-                conns.remove(&key);
+                if let Some(old) = conns.remove(&key) {
+                    old.deregister();
+                }
             }
         }
         // Opened without the lock: a libvirtd slow to accept must not hold up
+        // the other modules.
+        let conn = Connect::open(Some(&key.0))?;
+        let callback = if event_loop() {
+            register_events(&conn, &key.0, &self.events)
+        } else {
+            None
+        };
+        let events = callback.is_some();
+        if let Some(old) = lock(&self.conns).insert(
+            key,
+            Conn {
+                conn: conn.clone(),
+                callback,
+            },
+        ) {
+            old.deregister();
+        }
+        Ok((conn, events))
+    }
 
-        let c = Connect::open(Some(&key.0))?;
-        lock(&self.conns).insert(key, c.clone());
-        Ok(c)
+    /// The module's cached connection to its `libvirt_uri` if it is alive,
+    /// else a new one.
+    fn connection(&self, module: &Module) -> Result<Connect, VirtError> {
+        self.connection_events(module).map(|(c, _)| c)
     }
 
     /// Drops the module's cached connection (a broken one; if another call
     /// already replaced it, that one is merely reopened next time).
     fn forget(&self, module: &Module) {
-        lock(&self.conns).remove(&conn_key(module));
+        if let Some(old) = lock(&self.conns).remove(&conn_key(module)) {
+            old.deregister();
+        }
+    }
+
+    /// The next watched state is asked from libvirt (after an action of
+    /// ours on the domain).
+    fn unwatch(&self, module: &Module) {
+        lock(&self.watched).remove(&module.name);
     }
 
     /// How many connections are open (tests).
@@ -478,6 +756,7 @@ enum DefineError {
 
 impl VmDriver for LibvirtDriver {
     fn define(&self, module: &Module) -> Result<(), DriverError> {
+        self.unwatch(module);
         lock(&self.defined).remove(&module.name);
         let path = xml_path(module)?;
         let what = format!("define {} from {}", module.domain, path.display());
@@ -504,6 +783,7 @@ impl VmDriver for LibvirtDriver {
     }
 
     fn start(&self, module: &Module) -> Result<(), DriverError> {
+        self.unwatch(module);
         let what = format!("start {}", module.domain);
         if self.state(module)? == VmState::Missing {
             return Err(DriverError::failed(what, "the domain is not defined"));
@@ -532,6 +812,7 @@ impl VmDriver for LibvirtDriver {
     }
 
     fn stop(&self, module: &Module) -> Result<(), DriverError> {
+        self.unwatch(module);
         // libvirtd may be restarting: the stop is not given up at once (the
         // caller unmounts the disks next).
         let deadline = Instant::now() + DESTROY_TIMEOUT;
@@ -587,23 +868,87 @@ impl VmDriver for LibvirtDriver {
         })
     }
 
+    fn watch_state(&self, module: &Module) -> Result<VmState, DriverError> {
+        let delivered = match self.connection_events(module) {
+            Ok((_, delivered)) => delivered,
+            Err(_) => false, // `state` reports the failure
+        };
+        // Read before asking: an event during the call makes the next check ask again.
+        let events = self.events.count(module);
+        let now = Instant::now();
+        if let Some(state) = answer_from_cache(
+            lock(&self.watched).get(&module.name),
+            delivered,
+            events,
+            now,
+            self.vm_poll_every,
+        ) {
+            return Ok(state);
+        }
+        let result = self.state(module);
+        match &result {
+            Ok(state) => {
+                lock(&self.watched).insert(
+                    module.name.clone(),
+                    Watched {
+                        state: *state,
+                        at: now,
+                        events,
+                    },
+                );
+            }
+            Err(_) => self.unwatch(module),
+        }
+        result
+    }
+
+    fn state_changes(&self, module: &Module) -> Option<Arc<Notify>> {
+        event_loop().then(|| self.events.notify(module))
+    }
+
     fn refresh_xml(&self, module: &Module) -> Result<bool, DriverError> {
         if !lock(&self.defined).contains(&module.name) {
             return Ok(false);
         }
-        {
+        let now = Instant::now();
+        let xml_due = {
+            // A redefinition (`virsh edit`) is a lifecycle event ("defined"):
+            // with events, compare after one, else every XML_REFRESH_FALLBACK.
+            let delivered = self.connection_events(module).is_ok_and(|(_, d)| d);
+            let events = self.events.count(module);
             let mut checked = lock(&self.xml_checked);
-            let now = Instant::now();
-            if checked
-                .get(&module.name)
-                .is_some_and(|at| now.saturating_duration_since(*at) < self.xml_every)
-            {
-                return Ok(false);
+            let skip = checked.get(&module.name).is_some_and(|&(at, seen)| {
+                let since = now.saturating_duration_since(at);
+                since < self.xml_every
+                    || (delivered && seen == events && since < XML_REFRESH_FALLBACK)
+            });
+            if !skip {
+                checked.insert(module.name.clone(), (now, events));
             }
-            checked.insert(module.name.clone(), now);
-        }
-        let xml = self.refresh_domain_xml(module)?;
-        let snapshots = self.export_snapshots(module)?;
+            !skip
+        };
+        // Taking a snapshot is no lifecycle event: its names are listed every
+        // `xml_every` (one RPC; the files are compared only on a change).
+        let snapshots_due = {
+            let mut checked = lock(&self.snapshots_checked);
+            let skip = checked
+                .get(&module.name)
+                .is_some_and(|at| now.saturating_duration_since(*at) < self.xml_every);
+            if !skip {
+                checked.insert(module.name.clone(), now);
+            }
+            !skip
+        };
+        let xml = if xml_due {
+            self.refresh_domain_xml(module)?
+        } else {
+            false
+        };
+        let snapshots = if snapshots_due {
+            self.export_snapshots(module)?
+        } else {
+            false
+        };
         Ok(xml || snapshots)
     }
 }
@@ -976,6 +1321,73 @@ mod tests {
         assert_eq!(d.connections(), 2, "another module has its own");
     }
 
+    #[test]
+    fn watched_state_is_answered_from_the_cache_only_without_news() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(2);
+        let last = Watched {
+            state: VmState::Running,
+            at: t0,
+            events: 3,
+        };
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(
+            answer_from_cache(Some(&last), true, 3, at(1999), every),
+            Some(VmState::Running)
+        );
+        assert_eq!(
+            answer_from_cache(Some(&last), true, 4, at(10), every),
+            None,
+            "an event came: ask"
+        );
+        assert_eq!(
+            answer_from_cache(Some(&last), true, 3, at(2000), every),
+            None,
+            "the fixed period is over: ask"
+        );
+        assert_eq!(
+            answer_from_cache(Some(&last), false, 3, at(10), every),
+            None,
+            "no events on the connection: ask at every check"
+        );
+        assert_eq!(answer_from_cache(None, true, 3, at(10), every), None);
+    }
+
+    /// The checker's view follows lifecycle events: with a poll period of an
+    /// hour, a domain destroyed behind the driver's back is still seen down,
+    /// and the module's change notice fires.
+    #[test]
+    fn watched_state_follows_lifecycle_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-events", dir.path());
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        let d = LibvirtDriver::with_start_timeout(Duration::from_secs(5))
+            .with_vm_poll_every(Duration::from_secs(3600));
+        d.define(&m).unwrap();
+        d.start(&m).unwrap();
+        let changes = d.state_changes(&m).expect("an event loop");
+        assert_eq!(d.watch_state(&m).unwrap(), VmState::Running);
+        assert_eq!(d.watch_state(&m).unwrap(), VmState::Running);
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        dom.destroy().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), changes.notified())
+                .await
+                .expect("a change notice after the destroy");
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.watch_state(&m).unwrap() != VmState::ShutOff {
+            assert!(Instant::now() < deadline, "the destroy was not seen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        dom.undefine().unwrap();
+    }
+
     /// Comparing libvirt's XML with the file costs an RPC and a read through
     /// the mount: at most once per `xml_every` per module.
     #[test]
@@ -1001,6 +1413,41 @@ mod tests {
             .unwrap();
     }
 
+    /// With events, a redefinition is compared after its event, not at
+    /// every interval: no compare while nothing happens.
+    #[test]
+    fn refresh_compares_after_a_redefinition_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = module("vmha-refresh-event", dir.path());
+        write_xml(&m, &test_xml(&m.domain, None, "one"));
+        let d = LibvirtDriver::new().with_xml_refresh_every(Duration::ZERO);
+        d.define(&m).unwrap();
+        assert!(d.refresh_xml(&m).unwrap(), "the first compare writes");
+        // The define's own event arrives asynchronously: let it be compared.
+        std::thread::sleep(Duration::from_millis(500));
+        d.refresh_xml(&m).unwrap();
+        // Nothing happened: no compare, even of a file changed behind its back.
+        std::fs::write(xml_path(&m).unwrap(), "stale").unwrap();
+        assert!(!d.refresh_xml(&m).unwrap(), "no event: no compare");
+        // `virsh edit`: a "defined" event, then a compare.
+        let conn = Connect::open(Some(TEST_URI)).unwrap();
+        let dom = conn.lookup_domain_by_name(&m.domain).unwrap();
+        let text = dom.xml_desc(XML_FLAGS).unwrap();
+        conn.define_domain_xml(&text.replace("<description>one", "<description>edited"))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.refresh_xml(&m).unwrap() {
+            assert!(
+                Instant::now() < deadline,
+                "the redefinition was not compared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let now = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();
+        assert!(now.contains("<description>edited</description>"), "{now}");
+        dom.undefine().unwrap();
+    }
+
     #[test]
     fn refresh_rewrites_the_file_only_when_libvirt_differs() {
         let dir = tempfile::tempdir().unwrap();
@@ -1020,7 +1467,15 @@ mod tests {
         let edited = text.replace("<description>one", "<description>edited");
         assert_ne!(edited, text);
         conn.define_domain_xml(&edited).unwrap();
-        assert!(d.refresh_xml(&m).unwrap());
+        // Compared once its lifecycle event arrived.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.refresh_xml(&m).unwrap() {
+            assert!(
+                Instant::now() < deadline,
+                "the redefinition was not compared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let now = std::fs::read_to_string(xml_path(&m).unwrap()).unwrap();
         assert!(now.contains("<description>edited</description>"), "{now}");
         assert!(!d.refresh_xml(&m).unwrap());

@@ -141,6 +141,79 @@ pub struct VmhaFsDriver {
     /// The last read of this namespace's mount table, shared by the health
     /// checks of every module (see [`VmhaFsDriver::fuse_mounted`]).
     mount_table: Mutex<Option<(Instant, Vec<vmha_fs::mounts::MountEntry>)>>,
+    /// `link.json` health per state directory, re-read only when the file changed.
+    links: StampCache<FsHealth>,
+    /// `changed_bytes` per state directory, re-read only when the file changed.
+    changed: StampCache<Option<Vec<u8>>>,
+}
+
+/// A file's version: vmha-fs replaces its status files by rename (a new
+/// inode each time), so the same device, inode, size and mtime mean the same
+/// content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+}
+
+/// What was made of status files, by path, with the file's [`Stamp`] when it
+/// was read. The health checks of 32 modules read and parsed `link.json` twice
+/// and `changed_bytes` once per check each, though vmha-fs rewrites them only
+/// when something changes: a `stat` now tells whether to read again.
+#[derive(Debug)]
+struct StampCache<T> {
+    entries: Mutex<HashMap<PathBuf, (Stamp, T)>>,
+}
+
+impl<T> Default for StampCache<T> {
+    fn default() -> Self {
+        StampCache {
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> StampCache<T> {
+    /// `read(path)`, or its earlier result if the file is the same version
+    /// as then. A file that cannot be stat'ed (absent) is read every time.
+    fn get(&self, path: &Path, read: impl FnOnce(&Path) -> T) -> T {
+        let lock = || {
+            self.entries
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        let stamp = match std::fs::metadata(path) {
+            Ok(meta) => Stamp::of(&meta),
+            Err(_) => {
+                lock().remove(path);
+                return read(path);
+            }
+        };
+        if let Some((seen, value)) = lock().get(path) {
+            if *seen == stamp {
+                return value.clone();
+            }
+        }
+        // Replaced between the stat and the read: the newer content is kept
+        // under the older stamp, so the next call reads again.
+        let value = read(path);
+        lock().insert(path.to_path_buf(), (stamp, value.clone()));
+        value
+    }
 }
 
 /// How long one read of the mount table answers "still mounted" for the
@@ -167,6 +240,8 @@ impl VmhaFsDriver {
             running: Mutex::new(HashMap::new()),
             detached: false,
             mount_table: Mutex::new(None),
+            links: StampCache::default(),
+            changed: StampCache::default(),
         }
     }
 
@@ -176,6 +251,13 @@ impl VmhaFsDriver {
     pub fn detached(mut self) -> VmhaFsDriver {
         self.detached = true;
         self
+    }
+
+    /// [`read_link`] of `state`, re-read only when `link.json` changed.
+    fn link_health(&self, state: &Path) -> FsHealth {
+        self.links.get(&state.join(LINK_FILE), |path| {
+            read_link(path.parent().unwrap_or(state))
+        })
     }
 
     /// Rewrites the records of the module's processes with `generation`.
@@ -918,7 +1000,7 @@ impl FsDriver for VmhaFsDriver {
                 return FsHealth::DiskFailed(reason.clone());
             }
             for i in 0..running.children.len() {
-                if let FsHealth::DiskFailed(reason) = read_link(&self.state_dir(module, i)) {
+                if let FsHealth::DiskFailed(reason) = self.link_health(&self.state_dir(module, i)) {
                     running.disk_failed = Some(reason.clone());
                     return FsHealth::DiskFailed(reason);
                 }
@@ -948,7 +1030,7 @@ impl FsDriver for VmhaFsDriver {
             return FsHealth::Healthy;
         }
         let links: Vec<FsHealth> = (0..running.children.len())
-            .map(|i| read_link(&self.state_dir(module, i)))
+            .map(|i| self.link_health(&self.state_dir(module, i)))
             .collect();
         if links.contains(&FsHealth::Fenced) {
             FsHealth::Fenced
@@ -1049,7 +1131,11 @@ impl FsDriver for VmhaFsDriver {
             .writer_state_dirs(module)
             .unwrap_or_default()
             .iter()
-            .filter_map(|state| std::fs::read(state.join(ChangedBytes::FILE)).ok())
+            .filter_map(|state| {
+                self.changed.get(&state.join(ChangedBytes::FILE), |path| {
+                    std::fs::read(path).ok()
+                })
+            })
             .collect();
         sum_changed_bytes(&files)
     }
@@ -1326,6 +1412,39 @@ mod tests {
             Err(DriverError::failed("x", "y"))
         ])
         .is_err());
+    }
+
+    /// A status file is read again only when vmha-fs replaced it.
+    #[test]
+    fn status_files_are_read_again_only_when_replaced() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("changed_bytes");
+        let cache: StampCache<Option<Vec<u8>>> = StampCache::default();
+        let reads = AtomicUsize::new(0);
+        let get = || {
+            cache.get(&path, |p| {
+                reads.fetch_add(1, Ordering::SeqCst);
+                std::fs::read(p).ok()
+            })
+        };
+        assert_eq!(get(), None, "absent");
+        assert_eq!(get(), None);
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            2,
+            "an absent file is tried every time"
+        );
+        vmha_fs::atomic::write_report(&path, b"10").unwrap();
+        assert_eq!(get().as_deref(), Some(&b"10"[..]));
+        assert_eq!(get().as_deref(), Some(&b"10"[..]));
+        assert_eq!(reads.load(Ordering::SeqCst), 3, "unchanged: not read again");
+        // Same size, replaced by rename (as vmha-fs writes it): read again.
+        vmha_fs::atomic::write_report(&path, b"20").unwrap();
+        assert_eq!(get().as_deref(), Some(&b"20"[..]));
+        assert_eq!(reads.load(Ordering::SeqCst), 4);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(get(), None, "removed: seen at once");
     }
 
     #[test]
