@@ -72,8 +72,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ::vmha_fs::status::{
-    ChangedBytes, FsMetrics, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase, SyncStatus,
-    VerifyPhase, VerifyStatus, WriterHeard, COMPARE_RESYNC as COMPARE_RESYNC_FILE,
+    ChangedBytes, FsMetrics, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase,
+    SyncStatus, VerifyPhase, VerifyStatus, WriterHeard, COMPARE_RESYNC as COMPARE_RESYNC_FILE,
     LINK as LINK_FILE, PEER_OUTDATED as PEER_OUTDATED_FILE, SELF_OUTDATED, SYNC as SYNC_FILE,
     VERIFY as VERIFY_FILE,
 };
@@ -1066,10 +1066,9 @@ impl FsDriver for VmhaFsDriver {
     /// directory whose file is missing or unreadable adds nothing).
     fn fs_metrics(&self, module: &Module) -> Option<FsMetrics> {
         let dirs = self.writer_state_dirs(module)?;
-        Some(sum_fs_metrics(
-            dirs.iter()
-                .filter_map(|state| FsMetrics::read_from(state).ok().flatten()),
-        ))
+        Some(sum_fs_metrics(dirs.iter().filter_map(|state| {
+            FsMetrics::read_from(state).ok().flatten()
+        })))
     }
 
     /// SIGHUP to each writer: vmha-fs compares its directory with the peer's and

@@ -10,12 +10,12 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
-use vmha_fs::status::{FsMetrics, Latencies, LATENCY_BOUNDS_US};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use vmha_fs::status::{FsMetrics, Latencies, LATENCY_BOUNDS_US};
 
 use crate::daemon::CounterValues;
 use crate::state::Role;
@@ -61,12 +61,9 @@ impl EncodeMetric for Latency {
                 .chain(std::iter::once(f64::MAX))
                 .zip(l.buckets.iter().copied().chain(std::iter::repeat(0)))
                 .collect();
-            encoder.encode_family(labels)?.encode_histogram::<NoLabelSet>(
-                l.sum_us as f64 / 1e6,
-                l.count,
-                &buckets,
-                None,
-            )?;
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(l.sum_us as f64 / 1e6, l.count, &buckets, None)?;
         }
         Ok(())
     }
@@ -331,8 +328,10 @@ mod tests {
     use super::*;
 
     fn status() -> Status {
-        serde_json::from_value(serde_json::json!({"node": "node1", "config_hash": "", "modules": []}))
-            .unwrap_or_else(|_| panic!("a minimal status"))
+        serde_json::from_value(
+            serde_json::json!({"node": "node1", "config_hash": "", "modules": []}),
+        )
+        .unwrap_or_else(|_| panic!("a minimal status"))
     }
 
     /// vmha-fs's counters and pre-bucketed histograms come out as Prometheus

@@ -10,14 +10,14 @@
 //! - the runtime around them: [`run`] (the FUSE session and the controller's
 //!   signals), `checkpoint` (activity-log retirement), `join` (attach and resync
 //!   the peer, verify), `status` (`link.json`, `metrics.json`), [`metrics`] (the counters
-//! behind `metrics.json`).
+//!   behind `metrics.json`).
 
 mod checkpoint;
 pub mod disk;
 pub mod fuse;
 mod join;
-pub mod metrics;
 pub mod joint;
+pub mod metrics;
 pub mod replicator;
 mod run;
 mod status;
