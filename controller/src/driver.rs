@@ -182,6 +182,11 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     fn changed_bytes(&self, _module: &Module) -> u64 {
         0
     }
+    /// The running writer's counters and latency histograms (`metrics.json`),
+    /// summed over the module's directories; None when no writer runs here.
+    fn fs_metrics(&self, _module: &Module) -> Option<::vmha_fs::status::FsMetrics> {
+        None
+    }
     /// [`FsDriver::mount_writer`] claiming `generation` (hex) to the peer's
     /// receiver. The writer starts alone; [`FsDriver::attach_peer`] attaches
     /// the peer later.

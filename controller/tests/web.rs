@@ -378,6 +378,13 @@ async fn metrics_have_the_documented_series() {
         "vmha_module_split_brains_total{module=\"vm1\",node=\"node1\"} 0",
         "vmha_module_checker_failures_total{module=\"vm1\",node=\"node1\"} 0",
         "vmha_peer_heartbeat_up{node=\"node2\",address=\"127.0.0.2\"} 0",
+        // vmha-fs's own series (values only where a writer runs).
+        "# TYPE vmha_replicated_bytes counter",
+        "# TYPE vmha_replicated_ops counter",
+        "# TYPE vmha_write_latency_seconds histogram",
+        "# TYPE vmha_fsync_latency_seconds histogram",
+        "# TYPE vmha_activity_log_writes counter",
+        "# TYPE vmha_dirty_bytes gauge",
     ] {
         assert!(text.contains(series), "missing `{series}` in\n{text}");
     }

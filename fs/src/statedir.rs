@@ -168,6 +168,15 @@ impl StateDir {
         }
     }
 
+    /// A JSON status file that is a report (`metrics.json`): replaced by
+    /// rename, never half-written, not fsynced (a failure is logged).
+    pub fn write_report<T: StatusFile>(&self, status: &T) {
+        let path = self.path.join(T::FILE);
+        if let Err(e) = crate::atomic::write_report(&path, &status.encode()) {
+            tracing::warn!("cannot write {}: {e}", path.display());
+        }
+    }
+
     /// `changed_bytes`: bytes the dirty records mark as differing from the peer.
     /// Replaced by rename (never half-written); not fsynced: it is a report.
     pub fn write_changed_bytes(&self, bytes: u64) {

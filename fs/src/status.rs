@@ -11,6 +11,8 @@
 //! - [`LINK`]: [`LinkStatus`], where the primary's replication link stands;
 //! - [`VERIFY`]: [`VerifyStatus`], the outcome of a compare with the peer;
 //! - [`CHANGED_BYTES`]: [`ChangedBytes`], a decimal count, refreshed every second;
+//! - [`METRICS`]: [`FsMetrics`], the primary's counters and latency histograms
+//!   since it started, at most once a second and only when they changed;
 //! - [`DIVERGED`]: a directory of data saved aside before a resync overwrote it;
 //! - [`HEARD`]: [`WriterHeard`], when the secondary last received a frame (an
 //!   operation or the writer's ping) from its writer, refreshed several times a
@@ -51,6 +53,8 @@ pub const LINK: &str = "link.json";
 pub const VERIFY: &str = "verify.json";
 /// [`ChangedBytes`].
 pub const CHANGED_BYTES: &str = "changed_bytes";
+/// [`FsMetrics`].
+pub const METRICS: &str = "metrics.json";
 /// Data saved aside before a resync overwrote it: `diverged/<UTC time>/`.
 pub const DIVERGED: &str = "diverged";
 /// [`WriterHeard`].
@@ -379,6 +383,89 @@ impl ChangedBytes {
     }
 }
 
+/// Upper bounds (inclusive, microseconds) of the latency histograms' buckets;
+/// a last, unbounded bucket takes what is slower than 5 s.
+pub const LATENCY_BOUNDS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 10_000, 50_000, 100_000, 500_000, 1_000_000, 5_000_000,
+];
+
+/// The bucket of [`LATENCY_BOUNDS_US`] (or the last, unbounded one) a latency
+/// of `us` microseconds falls in.
+pub fn latency_bucket(us: u64) -> usize {
+    LATENCY_BOUNDS_US.partition_point(|&bound| bound < us)
+}
+
+/// A latency histogram as `metrics.json` carries it: per-bucket counts (not
+/// cumulative), one per [`LATENCY_BOUNDS_US`] and a last for the slower ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latencies {
+    #[serde(default)]
+    pub buckets: Vec<u64>,
+    #[serde(default)]
+    pub count: u64,
+    /// Sum of the observed latencies, microseconds.
+    #[serde(default)]
+    pub sum_us: u64,
+}
+
+impl Latencies {
+    /// Adds `other`'s observations (another directory of the same module);
+    /// saturates rather than overflow.
+    pub fn add(&mut self, other: &Latencies) {
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+            *mine = mine.saturating_add(*theirs);
+        }
+        self.count = self.count.saturating_add(other.count);
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+    }
+}
+
+/// `STATEDIR/metrics.json` of a primary: what only vmha-fs knows, for
+/// `/metrics`. Counters run since the process started (a restart resets them,
+/// as Prometheus counters may).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsMetrics {
+    /// Activity-log updates written durably (appends and compactions).
+    #[serde(default)]
+    pub activity_log_writes: u64,
+    /// Bytes the dirty records mark as written while alone (as `changed_bytes`).
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// Latency of fsync requests, as the application sees it.
+    #[serde(default)]
+    pub fsync_latency: Latencies,
+    /// Bytes of written data sent to a replicating peer.
+    #[serde(default)]
+    pub replicated_bytes: u64,
+    /// Operations sent to a replicating peer.
+    #[serde(default)]
+    pub replicated_ops: u64,
+    /// Latency of write requests, as the application sees it.
+    #[serde(default)]
+    pub write_latency: Latencies,
+}
+
+impl FsMetrics {
+    /// Adds `other` (another directory of the same module); saturating.
+    pub fn add(&mut self, other: &FsMetrics) {
+        self.activity_log_writes = self
+            .activity_log_writes
+            .saturating_add(other.activity_log_writes);
+        self.dirty_bytes = self.dirty_bytes.saturating_add(other.dirty_bytes);
+        self.replicated_bytes = self.replicated_bytes.saturating_add(other.replicated_bytes);
+        self.replicated_ops = self.replicated_ops.saturating_add(other.replicated_ops);
+        self.write_latency.add(&other.write_latency);
+        self.fsync_latency.add(&other.fsync_latency);
+    }
+}
+
+impl StatusFile for FsMetrics {
+    const FILE: &'static str = METRICS;
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -432,6 +519,49 @@ mod tests {
         assert!(VerifyStatus::decode(b"{\"state\":\"done\"").is_err());
         assert_eq!(ChangedBytes::decode(b" 12\n").unwrap(), ChangedBytes(12));
         assert!(ChangedBytes::decode(b"-1").is_err());
+    }
+
+    #[test]
+    fn latencies_fall_in_their_buckets() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(50), 0, "bounds are inclusive");
+        assert_eq!(latency_bucket(51), 1);
+        assert_eq!(latency_bucket(999), 4);
+        assert_eq!(latency_bucket(1_000), 4);
+        assert_eq!(latency_bucket(5_000_000), LATENCY_BOUNDS_US.len() - 1);
+        assert_eq!(latency_bucket(5_000_001), LATENCY_BOUNDS_US.len());
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BOUNDS_US.len());
+    }
+
+    #[test]
+    fn metrics_round_trip_and_add_up() {
+        let mut buckets = vec![0; LATENCY_BOUNDS_US.len() + 1];
+        buckets[2] = 3;
+        let m = FsMetrics {
+            activity_log_writes: 4,
+            dirty_bytes: 4096,
+            replicated_bytes: 1 << 20,
+            replicated_ops: 17,
+            write_latency: Latencies {
+                buckets,
+                count: 3,
+                sum_us: 600,
+            },
+            fsync_latency: Latencies::default(),
+        };
+        let back = FsMetrics::decode(&m.encode()).unwrap();
+        assert_eq!(back, m);
+        assert!(m.encode().ends_with(b"\n"));
+        // Missing fields (an older writer) are zero.
+        assert_eq!(FsMetrics::decode(b"{}").unwrap(), FsMetrics::default());
+        let mut sum = m.clone();
+        sum.add(&m);
+        assert_eq!(sum.replicated_ops, 34);
+        assert_eq!(sum.write_latency.buckets[2], 6);
+        assert_eq!(sum.write_latency.sum_us, 1200);
+        let mut empty = FsMetrics::default();
+        empty.add(&m);
+        assert_eq!(empty, m);
     }
 
     #[test]

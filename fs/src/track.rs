@@ -465,6 +465,8 @@ pub struct Tracker {
     changed: Condvar,
     /// Open map files, used only by the flushing thread.
     files: Mutex<HashMap<u64, File>>,
+    /// Activity-log updates written durably (for `metrics.json`).
+    al_writes: std::sync::atomic::AtomicU64,
 }
 
 /// Keeps an activity-log entry from retiring while its write is in flight.
@@ -898,6 +900,7 @@ impl Tracker {
             }),
             changed: Condvar::new(),
             files: Mutex::new(HashMap::new()),
+            al_writes: std::sync::atomic::AtomicU64::new(0),
         });
         if !leftover.is_empty() || !absorbed.is_empty() {
             if !leftover.is_empty() {
@@ -956,6 +959,11 @@ impl Tracker {
             .values()
             .fold(0u64, |sum, m| sum.saturating_add(m.count))
             .saturating_mul(BLOCK)
+    }
+
+    /// Activity-log updates written durably since the tracker opened.
+    pub fn activity_log_writes(&self) -> u64 {
+        self.al_writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Nothing is recorded: the peer lacks nothing this node knows of.
@@ -1542,6 +1550,8 @@ impl Tracker {
                 record(&mut bytes, &encode_al(e));
             }
             crate::atomic::write(&al_path, &bytes).map_err(io(&al_path))?;
+            self.al_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else if !pending.activity.is_empty() {
             let mut bytes = Vec::new();
             for e in &pending.activity {
@@ -1549,6 +1559,8 @@ impl Tracker {
             }
             created |= !al_path.exists();
             append(&al_path, &bytes)?;
+            self.al_writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if created {
             File::open(&self.dir)

@@ -1040,6 +1040,19 @@ impl DaemonHandle {
             .collect()
     }
 
+    /// The vmha-fs counters of each module whose writer runs on this node
+    /// (`metrics.json`, for `/metrics`).
+    pub fn fs_metrics(&self) -> Vec<(String, ::vmha_fs::status::FsMetrics)> {
+        self.shared
+            .modules()
+            .iter()
+            .filter_map(|h| {
+                let m = self.shared.factory.fs.fs_metrics(&h.module)?;
+                Some((h.module.name.clone(), m))
+            })
+            .collect()
+    }
+
     /// The configuration in effect.
     pub fn config(&self) -> Arc<Config> {
         self.shared.config()

@@ -72,8 +72,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ::vmha_fs::status::{
-    ChangedBytes, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase, SyncStatus,
-    VerifyPhase, VerifyStatus, WriterHeard, COMPARE_RESYNC as COMPARE_RESYNC_FILE,
+    ChangedBytes, FsMetrics, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase,
+    SyncStatus, VerifyPhase, VerifyStatus, WriterHeard, COMPARE_RESYNC as COMPARE_RESYNC_FILE,
     LINK as LINK_FILE, PEER_OUTDATED as PEER_OUTDATED_FILE, SELF_OUTDATED, SYNC as SYNC_FILE,
     VERIFY as VERIFY_FILE,
 };
@@ -641,6 +641,14 @@ fn parse_changed_bytes(bytes: &[u8]) -> Result<u64, DriverError> {
         .map_err(|e| DriverError::failed("parse changed_bytes", e))
 }
 
+/// One module's metrics from its directories' `metrics.json`.
+fn sum_fs_metrics(files: impl Iterator<Item = FsMetrics>) -> FsMetrics {
+    files.fold(FsMetrics::default(), |mut sum, m| {
+        sum.add(&m);
+        sum
+    })
+}
+
 /// The module's changed bytes from its directories' files (unreadable ones count
 /// nothing; the sum saturates rather than overflow).
 fn sum_changed_bytes(files: &[Vec<u8>]) -> u64 {
@@ -1140,6 +1148,15 @@ impl FsDriver for VmhaFsDriver {
         sum_changed_bytes(&files)
     }
 
+    /// The writer's `STATE/metrics.json` of every directory, summed (a
+    /// directory whose file is missing or unreadable adds nothing).
+    fn fs_metrics(&self, module: &Module) -> Option<FsMetrics> {
+        let dirs = self.writer_state_dirs(module)?;
+        Some(sum_fs_metrics(dirs.iter().filter_map(|state| {
+            FsMetrics::read_from(state).ok().flatten()
+        })))
+    }
+
     /// SIGHUP to each writer: vmha-fs compares its directory with the peer's and
     /// writes `verify.json`; waits for every one.
     fn verify(&self, module: &Module) -> Result<VerifyReport, DriverError> {
@@ -1469,6 +1486,22 @@ mod tests {
             ),
             FsHealth::Fenced
         );
+    }
+
+    #[test]
+    fn metrics_of_several_directories_add_up() {
+        let mut one = FsMetrics {
+            replicated_ops: 3,
+            replicated_bytes: 4096,
+            dirty_bytes: 1,
+            ..FsMetrics::default()
+        };
+        one.write_latency.buckets = vec![1, 2];
+        one.write_latency.count = 3;
+        let sum = sum_fs_metrics([one.clone(), one.clone()].into_iter());
+        assert_eq!((sum.replicated_ops, sum.replicated_bytes), (6, 8192));
+        assert_eq!(sum.write_latency.buckets, vec![2, 4]);
+        assert_eq!(sum.dirty_bytes, 2);
     }
 
     #[test]

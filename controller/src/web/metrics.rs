@@ -4,13 +4,18 @@
 //! the per-module counters of the daemon; every per-module series carries
 //! `module` and `node` (the node the value is about: this one, or the peer
 //! as its heartbeats describe it). Each series is documented in the README
-//! ("Metrics").
+//! ("Metrics"). What only vmha-fs knows (replicated bytes, latencies, the
+//! activity log) comes from the running writer's `metrics.json`; its latency
+//! histograms arrive already bucketed, so [`Latency`] encodes them as they are.
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use vmha_fs::status::{FsMetrics, Latencies, LATENCY_BOUNDS_US};
 
 use crate::daemon::CounterValues;
 use crate::state::Role;
@@ -42,6 +47,32 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Histograms bucketed by vmha-fs ([`LATENCY_BOUNDS_US`]), one per label set,
+/// in seconds.
+#[derive(Debug, Default)]
+struct Latency(Vec<(Labels, Latencies)>);
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, l) in &self.0 {
+            let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_US
+                .iter()
+                .map(|&us| us as f64 / 1e6)
+                .chain(std::iter::once(f64::MAX))
+                .zip(l.buckets.iter().copied().chain(std::iter::repeat(0)))
+                .collect();
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(l.sum_us as f64 / 1e6, l.count, &buckets, None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// Every role a module can have, for `vmha_module_role`.
 const ROLES: [Role; 5] = [
     Role::Stop,
@@ -51,8 +82,14 @@ const ROLES: [Role; 5] = [
     Role::Second,
 ];
 
-/// Renders the metrics of `status` and `counters` (this node's, per module).
-pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms: u64) -> String {
+/// Renders the metrics of `status`, `counters` and `fs` (this node's, per
+/// module; `fs` for the modules whose writer runs here).
+pub fn render(
+    status: &Status,
+    counters: &[(String, CounterValues)],
+    fs: &[(String, FsMetrics)],
+    failover_ms: u64,
+) -> String {
     let mut registry = Registry::default();
     let role = Gauges::default();
     let ready = Gauges::default();
@@ -72,6 +109,12 @@ pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms
     let failovers = Family::<Labels, Counter>::default();
     let split_brains = Family::<Labels, Counter>::default();
     let checker_failures = Family::<Labels, Counter>::default();
+    let replicated_bytes = Family::<Labels, Counter>::default();
+    let replicated_ops = Family::<Labels, Counter>::default();
+    let al_writes = Family::<Labels, Counter>::default();
+    let dirty = Gauges::default();
+    let mut write_latency = Latency::default();
+    let mut fsync_latency = Latency::default();
     let local = status.node.as_str();
     let mut peer_seen = None;
     for m in &status.modules {
@@ -148,6 +191,17 @@ pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms
         checker_failures
             .get_or_create(&l)
             .inc_by(c.checker_failures);
+    }
+    for (module, m) in fs {
+        let l = labels(&[("module", module), ("node", local)]);
+        replicated_bytes
+            .get_or_create(&l)
+            .inc_by(m.replicated_bytes);
+        replicated_ops.get_or_create(&l).inc_by(m.replicated_ops);
+        al_writes.get_or_create(&l).inc_by(m.activity_log_writes);
+        dirty.get_or_create(&l).set(i(m.dirty_bytes));
+        write_latency.0.push((l.clone(), m.write_latency.clone()));
+        fsync_latency.0.push((l, m.fsync_latency.clone()));
     }
     registry.register(
         "vmha_module_role",
@@ -231,9 +285,91 @@ pub fn render(status: &Status, counters: &[(String, CounterValues)], failover_ms
         split_brains,
     );
     registry.register("vmha_module_checker_failures", "Checker failures (VM stopped or failed to start, vmha-fs failed or died, disk failed) since vmhad started", checker_failures);
+    registry.register(
+        "vmha_replicated_bytes",
+        "Bytes of written data the module's writer on this node sent to a replicating peer since vmha-fs started",
+        replicated_bytes,
+    );
+    registry.register(
+        "vmha_replicated_ops",
+        "Operations the module's writer on this node sent to a replicating peer since vmha-fs started",
+        replicated_ops,
+    );
+    registry.register(
+        "vmha_write_latency_seconds",
+        "Latency of writes through the module's writer on this node, as the VM sees it",
+        write_latency,
+    );
+    registry.register(
+        "vmha_fsync_latency_seconds",
+        "Latency of fsyncs through the module's writer on this node, as the VM sees it",
+        fsync_latency,
+    );
+    registry.register(
+        "vmha_activity_log_writes",
+        "Activity-log updates the module's writer on this node wrote durably since vmha-fs started",
+        al_writes,
+    );
+    registry.register(
+        "vmha_dirty_bytes",
+        "Bytes the module's writer on this node marked as written while alone (the peer lacks them)",
+        dirty,
+    );
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &registry) {
         tracing::error!("cannot encode the metrics: {e}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn status() -> Status {
+        serde_json::from_value(
+            serde_json::json!({"node": "node1", "config_hash": "", "modules": []}),
+        )
+        .unwrap_or_else(|_| panic!("a minimal status"))
+    }
+
+    /// vmha-fs's counters and pre-bucketed histograms come out as Prometheus
+    /// counters and cumulative histogram buckets, in seconds.
+    #[test]
+    fn fs_metrics_are_exported() {
+        let mut buckets = vec![0; LATENCY_BOUNDS_US.len() + 1];
+        buckets[0] = 2; // <= 50 µs
+        buckets[4] = 1; // <= 1 ms
+        *buckets.last_mut().unwrap() = 1; // > 5 s
+        let fs = FsMetrics {
+            replicated_bytes: 8192,
+            replicated_ops: 3,
+            activity_log_writes: 5,
+            dirty_bytes: 4096,
+            write_latency: Latencies {
+                buckets,
+                count: 4,
+                sum_us: 6_000_900,
+            },
+            fsync_latency: Latencies::default(),
+        };
+        let text = render(&status(), &[], &[("vm1".into(), fs)], 3000);
+        for series in [
+            "vmha_replicated_bytes_total{module=\"vm1\",node=\"node1\"} 8192",
+            "vmha_replicated_ops_total{module=\"vm1\",node=\"node1\"} 3",
+            "vmha_activity_log_writes_total{module=\"vm1\",node=\"node1\"} 5",
+            "vmha_dirty_bytes{module=\"vm1\",node=\"node1\"} 4096",
+            "# TYPE vmha_write_latency_seconds histogram",
+            "vmha_write_latency_seconds_sum{module=\"vm1\",node=\"node1\"} 6.0009",
+            "vmha_write_latency_seconds_count{module=\"vm1\",node=\"node1\"} 4",
+            "vmha_write_latency_seconds_bucket{le=\"0.00005\",module=\"vm1\",node=\"node1\"} 2",
+            "vmha_write_latency_seconds_bucket{le=\"0.001\",module=\"vm1\",node=\"node1\"} 3",
+            "vmha_write_latency_seconds_bucket{le=\"5.0\",module=\"vm1\",node=\"node1\"} 3",
+            "vmha_write_latency_seconds_bucket{le=\"+Inf\",module=\"vm1\",node=\"node1\"} 4",
+            "vmha_fsync_latency_seconds_count{module=\"vm1\",node=\"node1\"} 0",
+        ] {
+            assert!(text.contains(series), "missing `{series}` in\n{text}");
+        }
+    }
 }

@@ -909,7 +909,8 @@ async fn metrics_handler(
     }
     let status = app.daemon.status();
     let failover_ms = app.daemon.config().cluster.failover_timeout_ms;
-    let text = metrics::render(&status, &app.daemon.counters(), failover_ms);
+    let fs = app.daemon.fs_metrics();
+    let text = metrics::render(&status, &app.daemon.counters(), &fs, failover_ms);
     (
         [(
             header::CONTENT_TYPE,

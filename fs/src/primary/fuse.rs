@@ -238,6 +238,11 @@ impl ReplicatedFs {
 
     /// What a full sync of a newly attached peer needs: the same inode table and
     /// namespace lock as the filesystem, so that the copy is ordered with live I/O.
+    /// The write path's counters (published in `metrics.json`).
+    pub(crate) fn metrics(&self) -> Arc<super::metrics::PrimaryMetrics> {
+        self.repl.metrics.clone()
+    }
+
     pub fn syncer(&self, progress: Arc<crate::resync::SyncProgress>) -> crate::resync::Syncer {
         crate::resync::Syncer::new(
             self.inodes.clone(),
@@ -430,6 +435,7 @@ impl ReplicatedFs {
             ops.push(Op::Fsync { id, datasync: true });
         }
         let order = handle.node.ranges.lock(offset, offset.saturating_add(len));
+        let (started, metrics) = (std::time::Instant::now(), self.repl.metrics.clone());
         let local = || {
             handle.io_fd(offset, buf.len()).and_then(|io| {
                 match apply::write_all_at(io.fd(), &buf, offset) {
@@ -446,9 +452,12 @@ impl ReplicatedFs {
             Repair::Range { id, offset, len },
             order,
             local,
-            Box::new(move |r: Result<usize, Errno>| match r {
-                Ok(n) => reply.written(clamp_u32(n)),
-                Err(e) => reply.error(fuse_err(e)),
+            Box::new(move |r: Result<usize, Errno>| {
+                metrics.write_latency.observe(started.elapsed());
+                match r {
+                    Ok(n) => reply.written(clamp_u32(n)),
+                    Err(e) => reply.error(fuse_err(e)),
+                }
             }),
         );
     }
@@ -478,15 +487,19 @@ impl ReplicatedFs {
         local: impl FnOnce() -> Result<(), Errno>,
         reply: ReplyEmpty,
     ) {
+        let (started, metrics) = (std::time::Instant::now(), self.repl.metrics.clone());
         self.repl.send_then_apply(
             "fsync",
             vec![Op::Fsync { id, datasync }],
             Repair::None,
             (),
             local,
-            Box::new(move |r: Result<(), Errno>| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fuse_err(e)),
+            Box::new(move |r: Result<(), Errno>| {
+                metrics.fsync_latency.observe(started.elapsed());
+                match r {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(fuse_err(e)),
+                }
             }),
         );
     }

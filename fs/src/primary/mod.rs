@@ -9,13 +9,15 @@
 //!   the peer, the one that is behind.
 //! - the runtime around them: [`run`] (the FUSE session and the controller's
 //!   signals), `checkpoint` (activity-log retirement), `join` (attach and resync
-//!   the peer, verify), `status` (`link.json`).
+//!   the peer, verify), `status` (`link.json`, `metrics.json`), [`metrics`] (the counters
+//!   behind `metrics.json`).
 
 mod checkpoint;
 pub mod disk;
 pub mod fuse;
 mod join;
 pub mod joint;
+pub mod metrics;
 pub mod replicator;
 mod run;
 mod status;

@@ -36,6 +36,14 @@ enum Side {
     Peer(Errno),
 }
 
+/// Bytes of data `op` carries to the peer (a write's payload; 0 for the others).
+fn op_bytes(op: &Op) -> u64 {
+    match op {
+        Op::Write { data, .. } => data.len() as u64,
+        _ => 0,
+    }
+}
+
 /// The primary's submission pipeline (see the module doc).
 #[derive(Debug)]
 pub struct Replicator {
@@ -43,6 +51,8 @@ pub struct Replicator {
     pub(crate) link: PeerLink,
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) disk: Arc<DiskHealth>,
+    /// Counters for `metrics.json`.
+    pub(crate) metrics: Arc<super::metrics::PrimaryMetrics>,
     /// The backing directory's path, to name journal entries relative to it.
     root_path: Vec<u8>,
     /// The largest file the backing filesystem accepts: a change reaching past it
@@ -65,6 +75,7 @@ impl Replicator {
             link,
             tracker,
             disk,
+            metrics: Arc::default(),
             root_path,
             max_size,
         })
@@ -118,7 +129,9 @@ impl Replicator {
             }),
         );
         let mut write_record = write_record;
+        let replicates = self.link.state().replicates();
         for op in ops {
+            let sent = replicates.then(|| op_bytes(&op));
             let queued = match (&op, protocol) {
                 (Op::Write { .. }, Protocol::B | Protocol::Flush) => {
                     let record = write_record.take();
@@ -165,6 +178,9 @@ impl Replicator {
             if let Err(e) = queued {
                 drop(order);
                 return joint.local(Local::NotApplied(e));
+            }
+            if let Some(bytes) = sent {
+                self.metrics.replicated(bytes);
             }
         }
         let result = local();
@@ -219,6 +235,7 @@ impl Replicator {
         applied: T,
     ) -> Result<T, Errno> {
         let (tx, rx) = crossbeam_channel::bounded(1);
+        let sent = self.link.state().replicates().then(|| op_bytes(&op));
         let queued = self.link.submit(
             op,
             Box::new(move |r| {
@@ -232,6 +249,9 @@ impl Replicator {
                 .link
                 .diverged(&format!("{what} applied locally, could not be replicated"));
             return Err(Errno::IO);
+        }
+        if let Some(bytes) = sent {
+            self.metrics.replicated(bytes);
         }
         let remote = rx.recv().unwrap_or(Err(Errno::IO)).err();
         self.settle_blocking(

@@ -139,6 +139,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
     };
     let progress = Arc::new(SyncProgress::default());
     let syncer = fs.syncer(progress.clone()).with_rate_limit(args.rate_limit);
+    let metrics = fs.metrics();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("vmha:{}", backing.display())),
@@ -170,6 +171,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
         fenced.clone(),
         args.lock_timeout,
         tracker.clone(),
+        metrics,
     )?;
     let join = Joiner {
         link: link.clone(),

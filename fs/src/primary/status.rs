@@ -1,8 +1,11 @@
-//! `STATEDIR/link.json`: where the primary's link stands, for the controller.
+//! `STATEDIR/link.json`: where the primary's link stands, for the controller;
+//! and, from the same thread, `changed_bytes` and `metrics.json` (the write
+//! path's counters, for `/metrics`) at most once a second.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::metrics::PrimaryMetrics;
 use super::DiskHealth;
 use crate::link::{LinkState, PeerLink};
 use crate::runtime::RunError;
@@ -57,11 +60,13 @@ pub(crate) fn publish_link_status(
     fenced: Fenced,
     lock_timeout: Duration,
     tracker: Arc<Tracker>,
+    metrics: Arc<PrimaryMetrics>,
 ) -> Result<(), RunError> {
     let stall = lock_timeout / 2;
     let mut last = link_status(&link, &disk, &fenced, stall);
     state.write_link_status(&last);
     let mut changed = (u64::MAX, std::time::Instant::now());
+    let mut published: Option<crate::status::FsMetrics> = None;
     std::thread::Builder::new()
         .name("link-status".into())
         .spawn(move || loop {
@@ -91,6 +96,13 @@ pub(crate) fn publish_link_status(
                     state.write_changed_bytes(bytes);
                 }
                 changed = (bytes, std::time::Instant::now());
+                // The write path's counters, only when they moved (a report:
+                // replaced by rename, not fsynced).
+                let now = metrics.snapshot(tracker.activity_log_writes(), bytes);
+                if published.as_ref() != Some(&now) {
+                    state.write_report(&now);
+                    published = Some(now);
+                }
             }
         })
         .map(drop)

@@ -1,0 +1,86 @@
+//! The primary's `STATEDIR/metrics.json`, which vmhad exports on `/metrics`:
+//! writes and fsyncs through a connected primary grow the replicated bytes and
+//! operations, the latency histograms and the activity-log writes; once the
+//! primary writes alone, the dirty bytes count what the peer lacks.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use vmha_fs::status::{FsMetrics, StatusFile};
+use vmha_test_infra::{Pair, PairOptions};
+
+/// Waits (the file is refreshed at most once a second) until `metrics.json`
+/// satisfies `ok`; returns it.
+fn wait_metrics(pair: &Pair, what: &str, ok: impl Fn(&FsMetrics) -> bool) -> Result<FsMetrics> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = FsMetrics::read_from(pair.primary_state());
+        if let Ok(Some(m)) = &last {
+            if ok(m) {
+                return Ok(m.clone());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("metrics.json never showed {what}: {last:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_json_counts_what_the_primary_replicates() -> Result<()> {
+    let mut pair = Pair::start(PairOptions::default())?;
+    let path = pair.mount().join("disk.img");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    const MIB: u64 = 1 << 20;
+    for i in 0..16u64 {
+        f.write_all_at(&[7u8; 65536], i * 65536)?;
+    }
+    f.sync_all()?;
+    let connected = wait_metrics(&pair, "the replicated MiB and an fsync", |m| {
+        m.replicated_bytes >= MIB && m.fsync_latency.count >= 1
+    })?;
+    eprintln!("[fs_metrics] connected: {connected:?}");
+    assert!(
+        connected.replicated_ops >= 17,
+        "16 writes and an fsync: {connected:?}"
+    );
+    assert!(connected.write_latency.count >= 16, "{connected:?}");
+    assert_eq!(
+        connected.write_latency.buckets.iter().sum::<u64>(),
+        connected.write_latency.count,
+        "every write in a bucket"
+    );
+    assert!(connected.write_latency.sum_us > 0);
+    assert!(
+        connected.activity_log_writes >= 1,
+        "writes while connected go through the activity log: {connected:?}"
+    );
+    assert_eq!(connected.dirty_bytes, 0, "nothing written alone yet");
+
+    // Alone: the controller declared the peer dead. What is written now is
+    // marked dirty and no longer counted as replicated.
+    pair.kill_secondary()?;
+    let pid = pair.primary_pid().ok_or_else(|| anyhow!("no primary"))?;
+    // SAFETY: signalling a child process we started, by PID.
+    if unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) } != 0 {
+        bail!("kill -USR1 {pid}: {}", std::io::Error::last_os_error());
+    }
+    f.write_all_at(&[9u8; 8192], 0)?;
+    f.sync_all()?;
+    let alone = wait_metrics(&pair, "dirty bytes", |m| m.dirty_bytes >= 8192)?;
+    eprintln!("[fs_metrics] alone: {alone:?}");
+    assert_eq!(
+        alone.replicated_bytes, connected.replicated_bytes,
+        "nothing is replicated while alone"
+    );
+    assert!(alone.write_latency.count > connected.write_latency.count);
+    Ok(())
+}
