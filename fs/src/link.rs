@@ -101,8 +101,10 @@ impl Query {
 
 /// Bytes of write data allowed in flight before submitters wait.
 const MAX_INFLIGHT_BYTES: usize = 64 << 20;
-/// An idle link sends a ping this often so the receiver can tell a live primary.
-const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// An idle link sends a ping this often so the receiver can tell a live primary
+/// (vmhad's "data path alive" needs one within the failover timeout, 1.5 s by
+/// default; the receiver publishes what it heard every 200 ms).
+const PING_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the watchdog looks while work is outstanding, and while idle.
 const WATCHDOG_BUSY: Duration = Duration::from_millis(50);
