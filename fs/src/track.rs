@@ -1069,7 +1069,10 @@ impl Tracker {
                     .iter()
                     .filter(|e| !st.active.contains_key(e))
                     .count();
-                if new == 0 || st.active.len() + new <= self.capacity {
+                // An empty log takes any one change (at most
+                // MAX_EXTENTS_PER_CHANGE entries per range), even beyond a
+                // smaller capacity: waiting could never make room for it.
+                if new == 0 || st.active.len() + new <= self.capacity || st.active.is_empty() {
                     break;
                 }
                 // Full: the checkpointer makes room.
@@ -1947,6 +1950,9 @@ mod tests {
                 t.sync_window_begin();
                 for &(set, start, len) in &ops {
                     if set {
+                        // What the primary's checkpointer does when the log is
+                        // full (this test has no checkpointer thread).
+                        checkpoint(&t);
                         t.record_degraded(&[range(1, start, start + len)]).unwrap();
                     } else {
                         checkpoint(&t);
@@ -1959,6 +1965,20 @@ mod tests {
             let t = Tracker::open(dir.path(), 16).unwrap();
             proptest::prop_assert_eq!(t.ranges_of(1).ranges, expected);
         }
+    }
+
+    #[test]
+    fn a_change_wider_than_the_whole_log_is_taken_by_an_empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::open(dir.path(), 4).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = t.clone();
+        std::thread::spawn(move || {
+            // Eight extents, twice the capacity: no checkpoint can make room.
+            let guard = writer.record_active(&[range(1, 0, 8 * EXTENT)]);
+            drop(tx.send(guard.is_ok()));
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(true));
     }
 
     #[test]
