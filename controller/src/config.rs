@@ -1893,6 +1893,57 @@ default_primary = "node1"
         assert_eq!(unknown_keys(&text), Vec::new());
     }
 
+    /// The field names a struct's `Deserialize` asks for (serde passes them to
+    /// `deserialize_struct`): the known-key lists are checked against them.
+    fn fields_of<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+        use serde::de::{self, Visitor};
+        struct Introspect(Vec<&'static str>);
+        impl<'de> de::Deserializer<'de> for &mut Introspect {
+            type Error = de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0.extend(fields);
+                Err(de::Error::custom("introspected"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+                bytes byte_buf option unit unit_struct newtype_struct seq tuple
+                tuple_struct map enum identifier ignored_any
+            }
+        }
+        let mut introspect = Introspect(Vec::new());
+        let _ = T::deserialize(&mut introspect);
+        let mut fields = introspect.0;
+        fields.sort_unstable();
+        fields
+    }
+
+    /// A key added to a `Raw*` struct but not to its list would be warned about
+    /// as unknown while it works; one only in the list would be silently ignored.
+    #[test]
+    fn the_known_key_lists_are_the_raw_structs_fields() {
+        let sorted = |keys: &[&'static str]| {
+            let mut keys = keys.to_vec();
+            keys.sort_unstable();
+            keys
+        };
+        assert_eq!(sorted(CLUSTER_KEYS), fields_of::<RawCluster>());
+        assert_eq!(sorted(NODE_KEYS), fields_of::<RawNode>());
+        assert_eq!(sorted(MODULE_KEYS), fields_of::<RawModule>());
+        // The top level is read section by section: its keys are the file's
+        // table names.
+        assert_eq!(sorted(TOP_KEYS), vec!["cluster", "module", "node", "web"]);
+        // [web] refuses unknown keys outright (deny_unknown_fields).
+        assert!(!fields_of::<Web>().is_empty());
+    }
+
     #[test]
     fn the_channel_port_defaults_and_may_not_collide() {
         let config = Config::from_toml_str(DESIGN_EXAMPLE).unwrap();
