@@ -409,7 +409,7 @@ fn a_bad_version_hook_is_one_clear_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(
-            "vmhad: VMHA_TEST_CHANNEL_VERSIONS = `9` is not within the supported versions 1..=3"
+            "vmhad: VMHA_TEST_CHANNEL_VERSIONS = `9` is not within the supported versions 1..=4"
         ),
         "{err}"
     );
