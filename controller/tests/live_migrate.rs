@@ -100,6 +100,13 @@ fn node_helper() {
                 Err(e) => say(format!("REFUSED {e}")),
             }
             guest.replicated = vec![shared.join("sub/..")];
+            // A migration overdue is aborted: the call fails, the domain
+            // runs on here.
+            let hasty = LibvirtDriver::new().with_migrate_timeout(Duration::from_millis(200));
+            match hasty.migrate_live(&guest, f.socket()) {
+                Ok(()) => say("ABORTED no".into()),
+                Err(e) => say(format!("ABORTED {e}")),
+            }
             let started = Instant::now();
             match driver.migrate_live(&guest, f.socket()) {
                 Ok(()) => say(format!("MIGRATED ok {} ms", started.elapsed().as_millis())),
@@ -267,6 +274,18 @@ fn live_migration_through_the_daemon_channel() -> Result<()> {
         domstate(&vc, 0).starts_with("running"),
         "{}",
         domstate(&vc, 0)
+    );
+    let aborted = mig.result("ABORTED")?;
+    assert_eq!(aborted, "live migration of mig timed out after 0 s");
+    assert!(
+        domstate(&vc, 0).starts_with("running"),
+        "{}",
+        domstate(&vc, 0)
+    );
+    assert!(
+        !domstate(&vc, 1).starts_with("running"),
+        "{}",
+        domstate(&vc, 1)
     );
     let migrated = mig.result("MIGRATED")?;
     assert!(

@@ -79,6 +79,9 @@ pub const MIGRATE_FLAGS: u32 = sys::VIR_MIGRATE_LIVE
     | sys::VIR_MIGRATE_PAUSED
     | sys::VIR_MIGRATE_UNSAFE;
 
+/// How often an overdue migration is asked again to abort.
+const ABORT_RETRY: Duration = Duration::from_millis(500);
+
 /// The first libvirt (`major * 1_000_000 + minor * 1000 + micro`) whose
 /// `qemu.conf` knows `shared_filesystems`.
 pub const SHARED_FILESYSTEMS_SINCE: u32 = 10_008_000;
@@ -991,13 +994,23 @@ impl VmDriver for LibvirtDriver {
                     return false;
                 }
                 tracing::warn!(%domain, secs = timeout.as_secs(), "live migration still running: aborting it");
-                // SAFETY: `watched` is a live domain handle (a reference
-                // of its own, freed when it drops after this call);
-                // virDomainAbortJob takes it and no other pointer.
-                if unsafe { sys::virDomainAbortJob(watched.as_ptr()) } < 0 {
-                    tracing::warn!(%domain, "aborting the live migration failed: {}", VirtError::last_error());
+                // Again until the call returns: a job in a phase that
+                // cannot be aborted yet (or not started yet) refuses.
+                let mut logged = false;
+                loop {
+                    // SAFETY: `watched` is a live domain handle (a reference
+                    // of its own, freed when it drops after this thread);
+                    // virDomainAbortJob takes it and no other pointer.
+                    if unsafe { sys::virDomainAbortJob(watched.as_ptr()) } < 0 && !logged {
+                        logged = true;
+                        tracing::info!(%domain, "aborting the live migration: {}", VirtError::last_error());
+                    }
+                    if finished.recv_timeout(ABORT_RETRY)
+                        != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    {
+                        return true;
+                    }
                 }
-                true
             })
             .map_err(|e| DriverError::failed(&what, e))?;
         let started = Instant::now();
