@@ -70,7 +70,7 @@ pub const CONSOLE_SINCE: u16 = 3;
 /// The first version with [`Message::LibvirtStream`] (live swap).
 pub const LIBVIRT_STREAM_SINCE: u16 = 4;
 /// Largest chunk of a libvirt stream in one frame.
-const STREAM_CHUNK: usize = 64 * 1024;
+const STREAM_CHUNK: u32 = 64 * 1024;
 /// Test only: narrows the advertised channel versions (`MAX` or `MIN..=MAX`).
 pub const CHANNEL_ENV: &str = "VMHA_TEST_CHANNEL_VERSIONS";
 /// Largest message (JSON bytes) either side accepts.
@@ -598,7 +598,7 @@ fn pump(
         .spawn(move || -> Result<(), WireError> {
             let mut out = &unix_out;
             let result = loop {
-                match reader.recv_raw(0, STREAM_CHUNK as u32) {
+                match reader.recv_raw(0, STREAM_CHUNK) {
                     Ok((_, data)) if data.is_empty() => break Ok(()),
                     Ok((_, data)) => {
                         if let Err(e) = out.write_all(&data) {
@@ -613,7 +613,7 @@ fn pump(
             let _ = unix_out.shutdown(Shutdown::Both);
             result
         })?;
-    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut buf = vec![0u8; STREAM_CHUNK as usize];
     let outbound = loop {
         match unix_in.read(&mut buf) {
             Ok(0) => break Ok(()),

@@ -1019,7 +1019,7 @@ impl VmDriver for LibvirtDriver {
         let aborted = watchdog.join().unwrap_or(false);
         match result {
             Ok(()) => {
-                tracing::info!(domain = %module.domain, ms = started.elapsed().as_millis() as u64, "live migration done: the domain is paused on the peer");
+                tracing::info!(domain = %module.domain, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "live migration done: the domain is paused on the peer");
                 Ok(())
             }
             Err(_) if aborted => Err(DriverError::Timeout {
