@@ -35,6 +35,7 @@ use vmha_fs::key::ClusterKey;
 
 use crate::channel::{ChannelError, Client};
 use crate::config::{Config, Module, NodeIndex};
+use crate::driver::{DriverError, VmDriver};
 
 /// The system libvirtd's socket (`qemu:///system`, monolithic daemon).
 pub const LIBVIRTD_SOCKET: &str = "/run/libvirt/libvirt-sock";
@@ -65,6 +66,12 @@ pub enum MigrateError {
     },
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    #[error(
+        "the peer has no address on network {network} (module {module}'s replication network)"
+    )]
+    NoPeerAddress { module: String, network: usize },
+    #[error(transparent)]
+    Driver(#[from] DriverError),
 }
 
 /// The local unix socket of a libvirt URI, for the peer's side of the
@@ -259,6 +266,32 @@ pub fn peer_channel_addr(
         .get(module.replication_network)
         .or_else(|| config.node(peer).addresses.first())?;
     Some(std::net::SocketAddr::new(*ip, config.cluster.channel_port))
+}
+
+/// The libvirt side of a live swap on the source, in one call: forwards the
+/// peer's libvirt for the duration of the call ([`Forwarder`], to the peer's
+/// vmhad on `module`'s replication network) and live-migrates `module`'s
+/// domain there with [`VmDriver::migrate_live`] (disk check, then
+/// `LIVE | PEER2PEER | TUNNELLED | PAUSED | UNSAFE`). On success the domain
+/// is paused on the peer and gone here. Blocks: run it where the daemon runs
+/// driver calls (`spawn_blocking`); bounded by the driver's migration timeout
+/// (the migration is aborted then) plus the channel's connect timeout.
+pub fn live_migrate(
+    vm: &dyn VmDriver,
+    config: &Config,
+    key: &ClusterKey,
+    peer: NodeIndex,
+    module: &Module,
+) -> Result<(), MigrateError> {
+    let addr =
+        peer_channel_addr(config, peer, module).ok_or_else(|| MigrateError::NoPeerAddress {
+            module: module.name.clone(),
+            network: module.replication_network,
+        })?;
+    let forwarder = Forwarder::start(&run_dir(config), addr, key, &module.name)?;
+    let result = vm.migrate_live(module, forwarder.socket());
+    drop(forwarder);
+    Ok(result?)
 }
 
 /// A private unix socket that leads to the peer's libvirt: every connection

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use vmha_controller::channel::{self, ChannelError};
 use vmha_controller::control::{Client, Request};
+use vmha_controller::driver::VmDriver;
 use vmha_fs::key::ClusterKey;
 use vmha_fs::version::Versions;
 
@@ -509,10 +510,38 @@ fn libvirt_is_forwarded_over_the_channel_and_an_older_peer_is_refused() {
         std::fs::read_dir(&run).unwrap().next().is_none(),
         "nothing left in the run dir"
     );
+
+    // The one-call form the daemon uses: forward, migrate (a fake driver
+    // here: it records the socket), stop forwarding.
+    let config =
+        vmha_controller::config::Config::load(&pair.dir.path().join("node1/vmha.toml")).unwrap();
+    let vm = vmha_controller::driver::fake::FakeVm::new();
+    let module = config.modules[0].clone();
+    vm.define(&module).unwrap();
+    vm.start(&module).unwrap();
+    let peer = vmha_controller::config::NodeIndex::FIRST.peer();
+    vmha_controller::migrate::live_migrate(&vm, &config, &pair.key, peer, &module).unwrap();
+    let used = vm.migrated_to();
+    assert_eq!(used.len(), 1);
+    assert!(
+        used[0].starts_with(pair.dir.path().join("node1")),
+        "{used:?}"
+    );
+    assert!(!used[0].exists());
     drop(pair);
 
     // node2 capped to channel version 3: no forward, a clear error.
     let old = Pair::start(&[], &[("VMHA_TEST_CHANNEL_VERSIONS", "1..=3")]);
+    let config =
+        vmha_controller::config::Config::load(&old.dir.path().join("node1/vmha.toml")).unwrap();
+    let e =
+        vmha_controller::migrate::live_migrate(&vm, &config, &old.key, peer, &module).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("peer vmhad too old for live swap"),
+        "{e}"
+    );
+    assert_eq!(vm.migrated_to().len(), 1, "no migration tried");
     let run = old.dir.path().join("node1/run");
     let e = Forwarder::start(&run, old.channel_addr("node2"), &old.key, "vm1").unwrap_err();
     assert!(

@@ -107,8 +107,12 @@ fn node_helper() {
                 Ok(()) => say("ABORTED no".into()),
                 Err(e) => say(format!("ABORTED {e}")),
             }
+            drop(f);
+            // As the daemon does it: forward for this call, migrate.
+            let key = ClusterKey::load(&config.cluster.key_file).unwrap();
+            let peer = NodeIndex::FIRST.peer();
             let started = Instant::now();
-            match driver.migrate_live(&guest, f.socket()) {
+            match migrate::live_migrate(&driver, &config, &key, peer, &guest) {
                 Ok(()) => say(format!("MIGRATED ok {} ms", started.elapsed().as_millis())),
                 Err(e) => say(format!("MIGRATED {e}")),
             }
@@ -295,9 +299,15 @@ fn live_migration_through_the_daemon_channel() -> Result<()> {
     );
     mig.finish()?;
     eprintln!("live migration: {migrated}");
+    assert!(!vc.node(0).host_path(&socket).exists());
+    let left: Vec<_> = std::fs::read_dir(vc.node(0).host_path("/run/vmha"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("migrate-"))
+        .collect();
     assert!(
-        !vc.node(0).host_path(&socket).exists(),
-        "the forwarded socket is removed after the migration"
+        left.is_empty(),
+        "forwarded sockets left after the migration: {left:?}"
     );
     // The source's QEMU is gone; the domain stays defined on both nodes.
     assert!(
