@@ -100,13 +100,24 @@ fn node_helper() {
                 Err(e) => say(format!("REFUSED {e}")),
             }
             guest.replicated = vec![shared.join("sub/..")];
-            // A migration overdue is aborted: the call fails, the domain
-            // runs on here.
-            let hasty = LibvirtDriver::new().with_migrate_timeout(Duration::from_millis(200));
+            // A migration overdue (slowed to 1 MiB/s) is aborted: the call
+            // fails, the domain runs on here.
+            let virsh = |args: &[&str]| {
+                let out = std::process::Command::new("virsh")
+                    .args(["-c", "qemu:///system"])
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "virsh {args:?}: {out:?}");
+            };
+            virsh(&["migrate-setspeed", GUEST, "1"]);
+            say("SLOW started".into());
+            let hasty = LibvirtDriver::new().with_migrate_timeout(Duration::from_secs(6));
             match hasty.migrate_live(&guest, f.socket()) {
                 Ok(()) => say("ABORTED no".into()),
                 Err(e) => say(format!("ABORTED {e}")),
             }
+            virsh(&["migrate-setspeed", GUEST, "100000"]);
             drop(f);
             // As the daemon does it: forward for this call, migrate.
             let key = ClusterKey::load(&config.cluster.key_file).unwrap();
@@ -279,8 +290,27 @@ fn live_migration_through_the_daemon_channel() -> Result<()> {
         "{}",
         domstate(&vc, 0)
     );
+    // While the slowed migration runs, node2 tells it is paused by it.
+    mig.result("SLOW")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let mut p = Helper::spawn(&vc, 1, "paused", &[])?;
+        let state = p.result("PAUSED")?;
+        p.finish()?;
+        if state == "Ok(Some(IncomingMigration))" {
+            seen.push(state);
+            break;
+        }
+        seen.push(state);
+    }
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("Ok(Some(IncomingMigration))"),
+        "{seen:?}"
+    );
     let aborted = mig.result("ABORTED")?;
-    assert_eq!(aborted, "live migration of mig timed out after 0 s");
+    assert_eq!(aborted, "live migration of mig timed out after 6 s");
     assert!(
         domstate(&vc, 0).starts_with("running"),
         "{}",
