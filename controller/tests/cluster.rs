@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,23 +21,9 @@ use vmha_controller::heartbeat::{Handshake, ModuleBeat, Payload, Sealer};
 use vmha_controller::state::{Announce, Readiness, Role};
 use vmha_controller::status::Status;
 use vmha_fs::key::ClusterKey;
+use vmha_test_infra::ports::free_cluster_port;
 
 const FAILOVER_MS: u64 = 400;
-
-fn free_port() -> u16 {
-    'outer: for _ in 0..100 {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = s.local_addr().unwrap().port();
-        drop(s);
-        for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"] {
-            if UdpSocket::bind((ip, port)).is_err() {
-                continue 'outer;
-            }
-        }
-        return port;
-    }
-    panic!("no free port");
-}
 
 fn toml(port: u16, extra_module: &str, start_wait_ms: u64) -> String {
     format!(
@@ -168,7 +153,7 @@ impl Node {
 }
 
 async fn pair(dir: &Path) -> (Node, Node, u16) {
-    let port = free_port();
+    let port = free_cluster_port();
     let text = toml(port, "", 300);
     let n1 = Node::start("node1", &text, dir).await;
     let n2 = Node::start("node2", &text, dir).await;
@@ -537,7 +522,7 @@ async fn forged_heartbeats_change_nothing() {
     // Kill node1 and take its address: forged datagrams (wrong key) claiming
     // node1 is STOP, then that it still runs. Neither must count.
     n1.daemon.take().unwrap().kill().await;
-    let evil = UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let evil = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
     let target = ("127.0.0.2", port);
     let killed = Instant::now();
     let mut saw_second_after_timeout = false;
@@ -567,7 +552,7 @@ async fn forged_heartbeats_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_hash_mismatch_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     // Whole-config mismatch only (start_wait_ms is not a module setting).
     let n1 = Node::start("node1", &toml(port, "", 300), dir.path()).await;
     let n2 = Node::start("node2", &toml(port, "", 301), dir.path()).await;
@@ -590,7 +575,7 @@ async fn config_hash_mismatch_is_reported() {
 
     // A module setting differs: the module's hash differs too.
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let n1 = Node::start("node1", &toml(port, "", 300), dir.path()).await;
     let n2 = Node::start("node2", &toml(port, "stop_timeout_s = 5", 300), dir.path()).await;
     n2.wait("peer's module heard", |s| {
@@ -670,7 +655,7 @@ async fn status_json_has_the_design_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_killed_behind_the_back_is_restarted_then_fails_over() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let text = toml(port, "maxloop = 2", 300);
     let n1 = Node::start("node1", &text, dir.path()).await;
     let n2 = Node::start("node2", &text, dir.path()).await;
@@ -798,7 +783,7 @@ const TEN_MINUTES_S: i64 = 600;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clocks_apart_and_stepping_cause_no_failover() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let text = toml(port, "", 300);
     let c1 = WallClock::with_offset(TEN_MINUTES_S);
     let c2 = WallClock::with_offset(-TEN_MINUTES_S);
@@ -828,7 +813,7 @@ async fn clocks_apart_and_stepping_cause_no_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_restarted_with_its_clock_behind_is_heard_again() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     // A failover timeout the restart fits in with room to spare.
     let failover = Duration::from_millis(1500);
     let text = toml(port, "", 300)

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,11 +16,7 @@ use vmha_controller::control::{Client, Request};
 use vmha_controller::driver::VmDriver;
 use vmha_fs::key::ClusterKey;
 use vmha_fs::version::Versions;
-
-fn free_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
+use vmha_test_infra::ports::free_cluster_port;
 
 fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
@@ -123,7 +119,7 @@ impl Pair {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("cluster.key");
         let key = ClusterKey::generate_file(&key_file).unwrap();
-        let (hb, channel_port) = (free_port(), free_tcp_port());
+        let (hb, channel_port) = (free_cluster_port(), free_tcp_port());
         let c1 = node_config(dir.path(), "node1", &key_file, hb, channel_port);
         let c2 = node_config(dir.path(), "node2", &key_file, hb, channel_port);
         let n1 = spawn(&c1, "node1", env1);
@@ -396,7 +392,13 @@ fn a_bad_version_hook_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
     ClusterKey::generate_file(&key).unwrap();
-    let c = node_config(dir.path(), "node1", &key, free_port(), free_tcp_port());
+    let c = node_config(
+        dir.path(),
+        "node1",
+        &key,
+        free_cluster_port(),
+        free_tcp_port(),
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_vmhad"))
         .args([
             "--config",

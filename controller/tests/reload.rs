@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,21 +20,7 @@ use vmha_controller::driver::fake::{FakeFs, FakeVm};
 use vmha_controller::state::Role;
 use vmha_controller::status::Status;
 use vmha_fs::key::ClusterKey;
-
-fn free_port() -> u16 {
-    'outer: for _ in 0..100 {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = s.local_addr().unwrap().port();
-        drop(s);
-        for ip in ["127.0.0.1", "127.0.0.2"] {
-            if UdpSocket::bind((ip, port)).is_err() {
-                continue 'outer;
-            }
-        }
-        return port;
-    }
-    panic!("no free port");
-}
+use vmha_test_infra::ports::free_cluster_port;
 
 /// One node's file: the same cluster, with this node's state dir and socket.
 fn text(dir: &Path, node: &str, port: u16, lock_timeout_ms: u64, modules: &str) -> String {
@@ -173,7 +158,7 @@ async fn running_pair(dir: &Path, port: u16) -> (Node, Node) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_a_module_without_touching_the_running_one() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let (n1, n2) = running_pair(dir.path(), port).await;
     let vm1_log = n1.log("vm1").await;
     let starts = n1.vm.count("start");
@@ -250,7 +235,7 @@ async fn reload_adds_a_module_without_touching_the_running_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_errors_changes_nothing_and_names_every_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let (n1, n2) = running_pair(dir.path(), port).await;
     let before = n1.status();
     let good = text(dir.path(), "node1", port, 1000, "");

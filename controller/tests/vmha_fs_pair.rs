@@ -16,7 +16,6 @@
 
 mod common;
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +27,7 @@ use vmha_controller::driver::fake::FakeVm;
 use vmha_controller::driver::vmha_fs::VmhaFsDriver;
 use vmha_controller::state::Role;
 use vmha_fs::key::ClusterKey;
+use vmha_test_infra::ports::free_cluster_port;
 
 fn vmha_fs_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("VMHA_FS_BIN") {
@@ -41,26 +41,6 @@ fn vmha_fs_bin() -> PathBuf {
         .unwrap()
         .to_path_buf();
     profile.join("vmha-fs")
-}
-
-fn free_port() -> u16 {
-    'outer: for _ in 0..100 {
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = s.local_addr().unwrap().port();
-        drop(s);
-        if port > 65000 {
-            continue;
-        }
-        for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"] {
-            if UdpSocket::bind((ip, port)).is_err()
-                || std::net::TcpListener::bind((ip, port + 1)).is_err()
-            {
-                continue 'outer;
-            }
-        }
-        return port;
-    }
-    panic!("no free port");
 }
 
 fn toml(port: u16) -> String {
@@ -206,7 +186,7 @@ async fn real_vmha_fs_pair_syncs_and_fails_over() {
     let base = tmp.path();
     let key_file = base.join("cluster.key");
     ClusterKey::generate_file(&key_file).unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let text = toml(port);
     let mut n1 = Node::start("node1", &text, base, &key_file).await;
     let mut n2 = Node::start("node2", &text, base, &key_file).await;
@@ -305,7 +285,7 @@ async fn missing_replicated_dir_on_the_second_is_created() {
     let base = tmp.path();
     let key_file = base.join("cluster.key");
     ClusterKey::generate_file(&key_file).unwrap();
-    let text = toml(free_port());
+    let text = toml(free_cluster_port());
     let n1 = Node::start("node1", &text, base, &key_file).await;
     let n2 = Node::start_with("node2", &text, base, &key_file, false).await;
     let mut cleanup = Cleanup {
@@ -455,7 +435,7 @@ async fn link_down(fault: Fault) {
     let base = tmp.path();
     let key_file = base.join("cluster.key");
     ClusterKey::generate_file(&key_file).unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let text = toml(port);
     let lock_timeout = Duration::from_millis(1000);
     assert!(text.contains("lock_timeout_ms = 1000"));

@@ -4,17 +4,12 @@
 // Test-only crate: its helpers panic on failure like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
-use std::net::UdpSocket;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmha_controller::control::{Client, Request};
 use vmha_fs::key::ClusterKey;
-
-fn free_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
+use vmha_test_infra::ports::free_cluster_port;
 
 fn config(dir: &std::path::Path) -> std::path::PathBuf {
     config_with(dir, "")
@@ -24,7 +19,7 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
 fn config_with(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     let key = dir.join("cluster.key");
     ClusterKey::generate_file(&key).unwrap();
-    write_config(dir, &key, free_port(), extra)
+    write_config(dir, &key, free_cluster_port(), extra)
 }
 
 /// `base/vmha.toml`: a two-node cluster on 127.0.0.1/127.0.0.2 with one module,
@@ -298,7 +293,7 @@ fn a_pair_twenty_minutes_apart_forms_and_holds() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("cluster.key");
     ClusterKey::generate_file(&key).unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let c1 = pair_config(dir.path(), "node1", &key, port);
     let c2 = pair_config(dir.path(), "node2", &key, port);
     let (s1, s2) = (

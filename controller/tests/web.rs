@@ -7,7 +7,6 @@
 // Test-only crate: its helpers panic on failure like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,17 +15,13 @@ use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::StatusCode;
 use vmha_controller::control::{Client, Request};
 use vmha_fs::key::ClusterKey;
+use vmha_test_infra::ports::free_cluster_port;
 
 /// A loopback address of its own per test (127.X.Y.1), so that port 9010
 /// is free for it.
 fn own_address(salt: u8) -> String {
     let pid = std::process::id();
     format!("127.{}.{}.1", 100 + (pid % 100), salt)
-}
-
-fn free_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
 }
 
 /// vmhad as a child process, stopped (SIGTERM, then SIGKILL) on drop.
@@ -86,7 +81,7 @@ lock_timeout_ms = 1000
         key = key.display(),
         state = dir.join("state").display(),
         socket = dir.join("vmhad.sock").display(),
-        port = free_port(),
+        port = free_cluster_port(),
     );
     let path = dir.join("vmha.toml");
     std::fs::write(&path, text).unwrap();
@@ -399,7 +394,7 @@ async fn metrics_have_the_documented_series() {
     // metrics_auth: a login (here basic auth) is required.
     drop(_vmhad);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let web = format!("[web]\nlisten = [\"127.0.0.1:{port}\"]\nmetrics_auth = true\n");
     let vmhad = start_vmhad(dir.path(), &own_address(5), &web);
     set_password(&vmhad, "pw");

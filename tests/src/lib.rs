@@ -18,6 +18,7 @@ pub mod loopfs;
 pub mod mounts;
 pub mod node;
 pub mod pair;
+pub mod ports;
 pub mod proc;
 pub mod resync;
 pub mod scenario;
