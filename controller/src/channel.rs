@@ -269,12 +269,7 @@ impl PeerHandler for CallHandler {
 
     fn command(&self, request: Request) -> Response {
         let (reply, answer) = oneshot::channel();
-        // Only root reads the cluster key the peer authenticated with.
-        let caller = Some(crate::control::Caller {
-            uid: 0,
-            pid: None,
-            user: Some("the peer's vmctl over the daemon channel".into()),
-        });
+        let caller = Some(crate::control::Caller::Peer);
         if self
             .calls
             .blocking_send(Call {

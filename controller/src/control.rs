@@ -336,20 +336,30 @@ pub struct Call {
     pub caller: Option<Caller>,
 }
 
-/// The process on the other end of a control connection (SO_PEERCRED).
+/// Who asked, for the event log: the cause of what a request does.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub uid: u32,
-    pub pid: Option<i32>,
-    /// The user name of `uid` (from the password database), if known.
-    pub user: Option<String>,
+pub enum Caller {
+    /// A process on the control socket (SO_PEERCRED).
+    Local {
+        uid: u32,
+        pid: Option<i32>,
+        /// The user name of `uid` (from the password database), if known.
+        user: Option<String>,
+    },
+    /// The peer node's vmctl over the authenticated daemon channel (only
+    /// root reads the cluster key it authenticated with).
+    Peer,
+    /// A named principal vmhad answers for itself: a web console user
+    /// (`web:admin from 10.0.0.5:51234`) or a request the peer relayed for
+    /// one of its users.
+    Named(String),
 }
 
 impl Caller {
     /// The credentials of `stream`'s peer.
     pub fn of(stream: &UnixStream) -> Option<Caller> {
         let cred = stream.peer_cred().ok()?;
-        Some(Caller {
+        Some(Caller::Local {
             uid: cred.uid(),
             pid: cred.pid(),
             user: user_name(cred.uid()),
@@ -359,14 +369,20 @@ impl Caller {
 
 impl std::fmt::Display for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.user {
-            Some(user) => write!(f, "{user} (uid {})", self.uid)?,
-            None => write!(f, "uid {}", self.uid)?,
+        match self {
+            Caller::Local { uid, pid, user } => {
+                match user {
+                    Some(user) => write!(f, "{user} (uid {uid})")?,
+                    None => write!(f, "uid {uid}")?,
+                }
+                if let Some(pid) = pid {
+                    write!(f, " pid {pid}")?;
+                }
+                Ok(())
+            }
+            Caller::Peer => f.write_str("the peer's vmctl over the daemon channel"),
+            Caller::Named(who) => f.write_str(who),
         }
-        if let Some(pid) = self.pid {
-            write!(f, " pid {pid}")?;
-        }
-        Ok(())
     }
 }
 
@@ -727,12 +743,16 @@ mod tests {
         assert_eq!(passwd_name(text, 0).as_deref(), Some("root"));
         assert_eq!(passwd_name(text, 1000).as_deref(), Some("op"));
         assert_eq!(passwd_name(text, 7), None);
-        let c = Caller {
+        let c = Caller::Local {
             uid: 0,
             pid: Some(42),
             user: Some("root".into()),
         };
         assert_eq!(c.to_string(), "root (uid 0) pid 42");
+        assert_eq!(
+            Caller::Named("web:admin from 10.0.0.5:51234".into()).to_string(),
+            "web:admin from 10.0.0.5:51234"
+        );
     }
 
     #[test]

@@ -372,6 +372,7 @@ pub(super) fn resolve(
 
 pub(super) async fn answer(shared: &Shared, request: Request, caller: Option<Caller>) -> Response {
     let cause = |cmd: &str| match &caller {
+        Some(c @ Caller::Named(_)) => format!("{cmd} by {c}"),
         Some(c) => format!("vmctl {cmd} by {c}"),
         None => format!("{cmd} requested in-process"),
     };

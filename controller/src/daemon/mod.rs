@@ -939,12 +939,8 @@ impl DaemonHandle {
         };
         append(logs.clone(), first).await;
         let (reply, answer) = oneshot::channel();
-        // The web console's user runs as vmhad (root): the cause names them.
-        let caller = Some(crate::control::Caller {
-            uid: 0,
-            pid: None,
-            user: Some(who.to_string()),
-        });
+        // Not a local process: the cause names the principal itself.
+        let caller = Some(crate::control::Caller::Named(who.to_string()));
         let call = Call {
             request,
             reply,
