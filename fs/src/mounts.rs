@@ -253,6 +253,41 @@ fn tree_inodes(dir: &Path) -> HashSet<(u64, u64)> {
 #[derive(Debug)]
 pub struct ReadOnlyBind {
     path: PathBuf,
+    /// The bind's mount id (mountinfo): only this mount is ever unmounted.
+    id: Option<String>,
+}
+
+/// The id of the topmost mount at `path`.
+fn top_mount_id(path: &Path) -> Option<String> {
+    mount_table()
+        .ok()?
+        .into_iter()
+        .rfind(|m| m.mount_point == path)
+        .map(|m| m.id)
+}
+
+/// A standby mount (`vmha-fs primary --standby`) takes the directory over from
+/// this node's receiver, which still runs: the receiver's read-only bind at
+/// `path` (the topmost mount there, read-only, not FUSE) is removed, so the
+/// standby opens the directory writable (for after its activation) and its own
+/// mount, which refuses every change while in standby, covers it instead.
+/// Returns whether a bind was removed.
+pub fn take_over_read_only(path: &Path) -> Result<bool, MountError> {
+    let top = mount_table()?.into_iter().rfind(|m| m.mount_point == path);
+    match top {
+        Some(m) if m.read_only && !m.fs_type.starts_with("fuse") => {
+            rustix::mount::unmount(path, UnmountFlags::empty()).map_err(|e| {
+                MountError::ReadOnly {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(format!(
+                        "cannot remove the receiver's read-only bind: {e}"
+                    )),
+                }
+            })?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
 }
 
 impl ReadOnlyBind {
@@ -264,6 +299,7 @@ impl ReadOnlyBind {
         rustix::mount::mount_bind(path, path).map_err(err)?;
         let guard = Self {
             path: path.to_path_buf(),
+            id: top_mount_id(path),
         };
         let kept = kept_flags(&rustix::fs::statvfs(path).map_err(err)?.f_flag);
         rustix::mount::mount_remount(path, MountFlags::BIND | MountFlags::RDONLY | kept, "")
@@ -291,6 +327,14 @@ fn kept_flags(has: &rustix::fs::StatVfsMountFlags) -> MountFlags {
 
 impl Drop for ReadOnlyBind {
     fn drop(&mut self) {
+        // Only our own bind, and only while it is the topmost mount there: a
+        // standby mount over the directory (a live swap) removed it and must
+        // not be unmounted in its place.
+        let top = top_mount_id(&self.path);
+        if self.id.is_none() || top != self.id {
+            tracing::info!(path = %self.path.display(), "read-only bind gone or covered (a standby mount took over): left alone");
+            return;
+        }
         if let Err(e) = rustix::mount::unmount(&self.path, UnmountFlags::DETACH) {
             tracing::warn!(path = %self.path.display(), "cannot remove read-only bind: {e}");
         }
