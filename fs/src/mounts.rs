@@ -253,17 +253,6 @@ fn tree_inodes(dir: &Path) -> HashSet<(u64, u64)> {
 #[derive(Debug)]
 pub struct ReadOnlyBind {
     path: PathBuf,
-    /// The bind's mount id (mountinfo): only this mount is ever unmounted.
-    id: Option<String>,
-}
-
-/// The id of the topmost mount at `path`.
-fn top_mount_id(path: &Path) -> Option<String> {
-    mount_table()
-        .ok()?
-        .into_iter()
-        .rfind(|m| m.mount_point == path)
-        .map(|m| m.id)
 }
 
 /// A standby mount (`vmha-fs primary --standby`) takes the directory over from
@@ -272,6 +261,9 @@ fn top_mount_id(path: &Path) -> Option<String> {
 /// standby opens the directory writable (for after its activation) and its own
 /// mount, which refuses every change while in standby, covers it instead.
 /// Returns whether a bind was removed.
+///
+/// A standby mount that stops without having been activated puts the bind
+/// back ([`restore_read_only`]): the receiver goes on, still protected.
 pub fn take_over_read_only(path: &Path) -> Result<bool, MountError> {
     let top = mount_table()?.into_iter().rfind(|m| m.mount_point == path);
     match top {
@@ -290,6 +282,13 @@ pub fn take_over_read_only(path: &Path) -> Result<bool, MountError> {
     }
 }
 
+/// Puts back the read-only bind a standby mount took over (it stops without
+/// having been activated); the receiver removes it when it stops.
+pub fn restore_read_only(path: &Path) -> Result<(), MountError> {
+    std::mem::forget(ReadOnlyBind::new(path)?);
+    Ok(())
+}
+
 impl ReadOnlyBind {
     pub fn new(path: &Path) -> Result<Self, MountError> {
         let err = |source: rustix::io::Errno| MountError::ReadOnly {
@@ -299,7 +298,6 @@ impl ReadOnlyBind {
         rustix::mount::mount_bind(path, path).map_err(err)?;
         let guard = Self {
             path: path.to_path_buf(),
-            id: top_mount_id(path),
         };
         let kept = kept_flags(&rustix::fs::statvfs(path).map_err(err)?.f_flag);
         rustix::mount::mount_remount(path, MountFlags::BIND | MountFlags::RDONLY | kept, "")
@@ -327,11 +325,18 @@ fn kept_flags(has: &rustix::fs::StatVfsMountFlags) -> MountFlags {
 
 impl Drop for ReadOnlyBind {
     fn drop(&mut self) {
-        // Only our own bind, and only while it is the topmost mount there: a
-        // standby mount over the directory (a live swap) removed it and must
-        // not be unmounted in its place.
-        let top = top_mount_id(&self.path);
-        if self.id.is_none() || top != self.id {
+        // Only a read-only bind that is the topmost mount there: a standby
+        // mount over the directory (a live swap) removed ours and must not be
+        // unmounted in its place (mount ids are reused at once: no use). A
+        // bind a standby mount put back when it stopped unactivated
+        // (`restore_read_only`) is this receiver's too.
+        let top = mount_table()
+            .ok()
+            .and_then(|t| t.into_iter().rfind(|m| m.mount_point == self.path));
+        let ours = top
+            .as_ref()
+            .is_some_and(|m| m.read_only && !m.fs_type.starts_with("fuse"));
+        if !ours {
             tracing::info!(path = %self.path.display(), "read-only bind gone or covered (a standby mount took over): left alone");
             return;
         }

@@ -309,7 +309,8 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
             });
         }
     }
-    if args.standby && mounts::take_over_read_only(&backing)? {
+    let took_over = args.standby && mounts::take_over_read_only(&backing)?;
+    if took_over {
         tracing::info!(backing = %backing.display(), "took over from the receiver's read-only bind");
     }
     let root = open_dir("backing", &backing)?;
@@ -367,6 +368,10 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
             if let Some(w) = writer.lock().take() {
                 w.checkpoints.stop.store(true, Ordering::SeqCst);
                 w.link.shutdown(w.threads);
+            } else if took_over {
+                if let Err(e) = mounts::restore_read_only(&backing) {
+                    tracing::error!("cannot give the receiver its read-only bind back: {e}");
+                }
             }
             return Err(RunError::Fuse {
                 path: mount,
@@ -414,9 +419,16 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
         "primary ready"
     );
     let served = session.run();
-    // A standby mount never activated stops here, having written nothing.
-    if let Some(w) = writer.lock().take() {
-        stop_writer(w);
+    // A standby mount never activated stops here, having written nothing; the
+    // receiver it covered gets its read-only protection back.
+    match writer.lock().take() {
+        Some(w) => stop_writer(w),
+        None if took_over => {
+            if let Err(e) = mounts::restore_read_only(&backing) {
+                tracing::error!("cannot give the receiver its read-only bind back: {e}");
+            }
+        }
+        None => {}
     }
     served.map_err(|e| RunError::Other(format!("FUSE session failed: {e}")))?;
     tracing::info!("primary stopped");
