@@ -454,8 +454,7 @@ fn standby_flip_after_protocol_flush_writes_without_fsync_loses_nothing() -> Res
     })
     .with_context(|| standby.stderr_text())?;
     std::fs::write(b.join("after"), b"flush")?;
-    let f = File::open(b.join("after"))?;
-    f.sync_all()?;
+    File::open(b.join("after"))?.sync_all()?;
     ensure!(std::fs::read(p.primary_backing().join("after"))? == b"flush");
     ensure!(std::fs::read(p.primary_backing().join(IMAGE))? == expected);
     stop(&mut standby)?;
