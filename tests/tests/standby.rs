@@ -460,3 +460,58 @@ fn standby_flip_after_protocol_flush_writes_without_fsync_loses_nothing() -> Res
     stop(&mut standby)?;
     Ok(())
 }
+
+/// `--standby` needs `--peer` and excludes `--alone`: a clear one-line error,
+/// a non-zero exit, nothing mounted.
+#[test]
+fn standby_flags_that_contradict_are_refused() -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("vmha-standby-cli-")
+        .tempdir_in("/var/tmp")?;
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data)?;
+    let bin = vmha_test_infra::vmha_fs_bin()?;
+    vmha_test_infra::pair::keygen(&bin, &dir.path().join("key"))?;
+    let base = |extra: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.arg("primary")
+            .arg("--standby")
+            .arg("--backing")
+            .arg(&data)
+            .arg("--mount")
+            .arg(&data)
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .arg("--key-file")
+            .arg(dir.path().join("key"))
+            .args(extra)
+            .env("RUST_BACKTRACE", "0");
+        c
+    };
+    for (what, extra, word) in [
+        ("without --peer", &[][..], "--peer"),
+        (
+            "with --alone",
+            &["--alone", "--peer", "127.0.0.1:9"][..],
+            "--alone",
+        ),
+    ] {
+        let out = base(extra).output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            matches!(out.status.code(), Some(c) if c != 0 && c != 101),
+            "--standby {what}: {:?}",
+            out.status
+        );
+        ensure!(err.contains(word), "--standby {what}: {err}");
+        ensure!(
+            !is_mount_point(&data)?,
+            "--standby {what} mounted something"
+        );
+    }
+    ensure!(
+        !dir.path().join("state").exists(),
+        "a refused start created the state directory"
+    );
+    Ok(())
+}
