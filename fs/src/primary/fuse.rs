@@ -270,6 +270,17 @@ impl Activation {
         );
         if link.state().replicates() {
             let bound = self.bind_held(&link)?;
+            let held = self.inodes.len().saturating_sub(1);
+            if bound < held {
+                // Unlinked while open, or renamed underneath: not reachable by
+                // a name, so the peer cannot resolve it; a change to one fails
+                // there (the peer is then outdated, as for any divergence).
+                tracing::warn!(
+                    bound,
+                    held,
+                    "some nodes the kernel holds have no name to bind"
+                );
+            }
             tracing::info!(bound, "named the nodes the kernel holds to the peer");
         }
         let _ = self.writer.set(repl.clone());

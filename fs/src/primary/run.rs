@@ -99,6 +99,12 @@ impl Context {
     /// Opens the state directory and the records, connects (or records the
     /// peer as outdated) and installs the writer in the filesystem.
     fn start(&self, how: Start, opened: Option<StateDir>) -> Result<Writer, RunError> {
+        // A standby mount whose disk failed on a read must not become the writer.
+        if let Some(failure) = self.disk.failure() {
+            return Err(RunError::Other(format!(
+                "this node's disk failed: {failure}"
+            )));
+        }
         let state = Arc::new(match opened {
             Some(state) => state,
             None => StateDir::open(&self.args.state)?,
