@@ -244,6 +244,31 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
         "O_DIRECT read of the appended part"
     );
     ensure!(std::fs::read(b.join(IMAGE))?[2 * MIB..] == more[..]);
+    // A overwrites in place: the standby descriptor reads the new bytes.
+    let over = pattern(8192, 6);
+    OpenOptions::new()
+        .write(true)
+        .open(a.join(IMAGE))?
+        .write_all_at(&over, 0)?;
+    let n = rw.read_at(aligned.as_mut_slice(), 0)?;
+    ensure!(
+        n == MIB && aligned[..8192] == over[..],
+        "stale data through the standby fd"
+    );
+    // The receiver works through its own directory descriptor: the mount over
+    // the directory does not disturb A's namespace changes reaching B.
+    std::fs::create_dir(a.join("d2"))?;
+    std::fs::write(a.join("d2/x"), b"x")?;
+    std::fs::rename(a.join("d2/x"), a.join("d2/y"))?;
+    std::os::unix::fs::symlink("y", a.join("d2/sym"))?;
+    std::fs::hard_link(a.join("d2/y"), a.join("d2/hard"))?;
+    std::fs::write(a.join("gone"), b"soon")?;
+    std::fs::remove_file(a.join("gone"))?;
+    ensure!(
+        !b.join("gone").exists(),
+        "a name removed on A is still seen through B"
+    );
+    vmha_test_infra::assert_same_tree(&a, &b)?;
     // Every change fails and changes nothing.
     let before = listing(&b)?;
     every_change_is_erofs(&b, &rw)?;
@@ -472,14 +497,14 @@ fn standby_flags_that_contradict_are_refused() -> Result<()> {
     std::fs::create_dir(&data)?;
     let bin = vmha_test_infra::vmha_fs_bin()?;
     vmha_test_infra::pair::keygen(&bin, &dir.path().join("key"))?;
-    let base = |extra: &[&str]| {
+    let base = |mount: &Path, extra: &[&str]| {
         let mut c = Command::new(&bin);
         c.arg("primary")
             .arg("--standby")
             .arg("--backing")
             .arg(&data)
             .arg("--mount")
-            .arg(&data)
+            .arg(mount)
             .arg("--state")
             .arg(dir.path().join("state"))
             .arg("--key-file")
@@ -496,7 +521,7 @@ fn standby_flags_that_contradict_are_refused() -> Result<()> {
             "--alone",
         ),
     ] {
-        let out = base(extra).output()?;
+        let out = base(&data, extra).output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(
             matches!(out.status.code(), Some(c) if c != 0 && c != 101),
@@ -509,9 +534,55 @@ fn standby_flags_that_contradict_are_refused() -> Result<()> {
             "--standby {what} mounted something"
         );
     }
+    // Mounted elsewhere than over the receiver's directory: refused.
+    let elsewhere = dir.path().join("mnt");
+    std::fs::create_dir(&elsewhere)?;
+    let out = base(&elsewhere, &["--peer", "127.0.0.1:9"]).output()?;
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("--mount must equal --backing"),
+        "--standby mounted elsewhere: {out:?}"
+    );
+    ensure!(!is_mount_point(&elsewhere)?);
     ensure!(
         !dir.path().join("state").exists(),
         "a refused start created the state directory"
     );
+    Ok(())
+}
+
+/// The receiver stops while the standby mount is there, and the mount is then
+/// stopped without activation: no read-only bind is left behind (a receiver
+/// started next opens the directory, not a stale bind), and a receiver is
+/// refused while the standby mount covers the directory.
+#[test]
+fn standby_stopped_after_its_receiver_leaves_the_directory_to_the_next_receiver() -> Result<()> {
+    let mut p = pair(None)?;
+    let b = p.secondary_backing().to_path_buf();
+    std::fs::write(p.mount().join(IMAGE), pattern(MIB, 7))?;
+    let mut standby = start_standby(&p, free_port()?, None)?;
+    stop(p.secondary().context("no secondary")?)?;
+    // A receiver under the standby mount would open the mount: refused.
+    let out = p.secondary_command().output()?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already mounted"),
+        "a receiver started under the standby mount: {out:?}"
+    );
+    stop(&mut standby)?;
+    ensure!(
+        !is_mount_point(&b)?,
+        "something is left mounted at {}",
+        b.display()
+    );
+    // The node's receiver comes back (a swap aborted): it receives and its
+    // directory is read-only for everyone else.
+    let mut again = Child::spawn("secondary-again", p.secondary_command())?;
+    again.wait_ready(READY_TIMEOUT)?;
+    match std::fs::write(b.join("intruder"), b"x") {
+        Err(e) if e.kind() == ErrorKind::ReadOnlyFilesystem => {}
+        other => bail!("B's directory is writable under its receiver: {other:?}"),
+    }
+    stop(&mut again)?;
+    ensure!(!is_mount_point(&b)?, "the receiver left its bind");
     Ok(())
 }

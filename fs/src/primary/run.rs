@@ -278,6 +278,13 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
     }
     let backing = existing_dir("backing", &args.backing)?;
     let mount = existing_dir("mount", &args.mount)?;
+    if args.standby && mount != backing {
+        // Mounted elsewhere, the receiver's directory would stay open to
+        // everyone's writes, or (read-only) not writable after activation.
+        return Err(RunError::Other(
+            "--standby mounts over the receiver's directory: --mount must equal --backing".into(),
+        ));
+    }
     let state_slot: Arc<OnceLock<Arc<StateDir>>> = Arc::default();
     // A normal start takes the state directory first (its lock, the
     // self-outdated check); a standby mount only when it is activated.
@@ -375,9 +382,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
                 w.checkpoints.stop.store(true, Ordering::SeqCst);
                 w.link.shutdown(w.threads);
             } else if took_over {
-                if let Err(e) = mounts::restore_read_only(&backing) {
-                    tracing::error!("cannot give the receiver its read-only bind back: {e}");
-                }
+                give_back_read_only(&backing, &ctx.args.state);
             }
             return Err(RunError::Fuse {
                 path: mount,
@@ -429,16 +434,28 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
     // receiver it covered gets its read-only protection back.
     match writer.lock().take() {
         Some(w) => stop_writer(w),
-        None if took_over => {
-            if let Err(e) = mounts::restore_read_only(&backing) {
-                tracing::error!("cannot give the receiver its read-only bind back: {e}");
-            }
-        }
+        None if took_over => give_back_read_only(&backing, &ctx.args.state),
         None => {}
     }
     served.map_err(|e| RunError::Other(format!("FUSE session failed: {e}")))?;
     tracing::info!("primary stopped");
     Ok(())
+}
+
+/// A standby mount stopped without activation: the receiver it covered gets
+/// its read-only bind back, if it still runs (it holds the state directory's
+/// lock). A receiver that stopped meanwhile gets none: it would remove only
+/// its own, and the next process on the directory would open it read-only.
+fn give_back_read_only(backing: &Path, state: &Path) {
+    match StateDir::open(state) {
+        Err(crate::statedir::StateError::Locked(_)) => match mounts::restore_read_only(backing) {
+            Ok(()) => tracing::info!("the receiver's read-only bind is back"),
+            Err(e) => {
+                tracing::error!("cannot give the receiver its read-only bind back: {e}")
+            }
+        },
+        _ => tracing::info!("the receiver stopped: no read-only bind to give back"),
+    }
 }
 
 /// SIGUSR1, SIGUSR2, SIGHUP: for a standby mount, activations; for a writer,
