@@ -381,6 +381,20 @@ fn standby_activation_that_fails_stays_standby_and_sigusr1_writes_alone() -> Res
         "no log line for the failed activation"
     );
     is_erofs("pwrite after a failed activation", rw.write_at(b"x", 0))?;
+    // A receiver there that serves another generation refuses us (fencing).
+    let _receiver_a = start_receiver_a(&p, unreachable, "5")?;
+    let _ = std::fs::remove_file(p.secondary_state().join(LinkStatus::FILE));
+    signal(standby.pid(), libc::SIGUSR2)?;
+    let link = wait_link(p.secondary_state(), "a refused activation", |l| {
+        l.activation.is_some()
+    })?;
+    ensure!(link.standby, "{link:?}");
+    let reason = link.activation.unwrap_or_default();
+    ensure!(
+        reason.starts_with("failed: ") && reason.contains("generation"),
+        "{reason}"
+    );
+    is_erofs("pwrite after a refused activation", rw.write_at(b"x", 0))?;
     ensure!(
         !p.secondary_state().join("peer-outdated").exists(),
         "a failed activation recorded the peer outdated"
@@ -444,11 +458,21 @@ fn standby_sigterm_unmounts_writes_nothing_and_gives_the_receiver_its_protection
 /// the source's clean exit drains them all to B before it ends.
 #[test]
 fn standby_flip_after_protocol_flush_writes_without_fsync_loses_nothing() -> Result<()> {
-    let mut p = pair(Some("flush"))?;
+    flip_after_writes_without_fsync("flush")
+}
+
+/// Protocol B: writes acknowledged when received.
+#[test]
+fn standby_flip_after_protocol_b_writes_without_fsync_loses_nothing() -> Result<()> {
+    flip_after_writes_without_fsync("B")
+}
+
+fn flip_after_writes_without_fsync(protocol: &'static str) -> Result<()> {
+    let mut p = pair(Some(protocol))?;
     let a = p.mount().to_path_buf();
     let b = p.secondary_backing().to_path_buf();
     let a_port = free_port()?;
-    let mut standby = start_standby(&p, a_port, Some("flush"))?;
+    let mut standby = start_standby(&p, a_port, Some(protocol))?;
     let mut expected = Vec::new();
     {
         let f = File::create(a.join(IMAGE))?;
@@ -478,9 +502,9 @@ fn standby_flip_after_protocol_flush_writes_without_fsync_loses_nothing() -> Res
         l.state == LinkCondition::Connected
     })
     .with_context(|| standby.stderr_text())?;
-    std::fs::write(b.join("after"), b"flush")?;
+    std::fs::write(b.join("after"), protocol)?;
     File::open(b.join("after"))?.sync_all()?;
-    ensure!(std::fs::read(p.primary_backing().join("after"))? == b"flush");
+    ensure!(std::fs::read(p.primary_backing().join("after"))? == protocol.as_bytes());
     ensure!(std::fs::read(p.primary_backing().join(IMAGE))? == expected);
     stop(&mut standby)?;
     Ok(())
