@@ -188,6 +188,30 @@ fn listing(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
+/// Waits until someone holds `state`'s lock (the standby, once the receiver
+/// exited).
+fn wait_state_locked(state: &Path) -> Result<()> {
+    let lock = OpenOptions::new()
+        .write(true)
+        .open(state.join(vmha_fs::status::LOCK))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(()),
+            Ok(()) => {
+                rustix::fs::flock(&lock, rustix::fs::FlockOperation::Unlock)?;
+            }
+            Err(e) => bail!("flock: {e}"),
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "nobody holds {} after the receiver exited",
+            state.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn metrics(state: &Path) -> Result<FsMetrics> {
     FsMetrics::read_from(state)?.context("no metrics.json")
 }
@@ -291,11 +315,13 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
     );
     let sec = p.secondary().context("no secondary")?;
     stop(sec)?;
-    // The receiver's exit left the standby mount alone.
+    // The receiver's exit left the standby mount alone, and the standby
+    // holds the state directory from then on (nobody may clean it up).
     ensure!(
         vmha_fs::mounts::is_fuse_mounted(&b)?,
         "stopping B's receiver unmounted the standby mount"
     );
+    wait_state_locked(p.secondary_state())?;
     let _receiver_a = start_receiver_a(&p, a_port, "2")?;
     write_generation(p.secondary_state(), "2")?;
     signal(standby.pid(), libc::SIGUSR2)?;
