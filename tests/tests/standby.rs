@@ -153,6 +153,22 @@ fn every_change_is_erofs(dir: &Path, rw: &File) -> Result<()> {
         rustix::fs::setxattr(&image, "user.vmha", b"1", rustix::fs::XattrFlags::empty())
             .map_err(std::io::Error::from),
     )?;
+    // libvirt's remembered owner: "not supported" in standby (libvirt then
+    // skips remembering instead of failing the incoming migration).
+    for r in [
+        rustix::fs::setxattr(
+            &image,
+            "trusted.libvirt.security.ref_dac",
+            b"2",
+            rustix::fs::XattrFlags::empty(),
+        ),
+        rustix::fs::getxattr(&image, "trusted.libvirt.security.ref_dac", &mut [0u8; 16]).map(drop),
+    ] {
+        ensure!(
+            r == Err(rustix::io::Errno::NOTSUP),
+            "libvirt's label xattr in standby: {r:?}"
+        );
+    }
     let mode = std::fs::metadata(&image)?.permissions().mode() & 0o7777;
     is_erofs(
         "chmod to another mode",
@@ -226,6 +242,13 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
     std::fs::write(a.join(IMAGE), &first)?;
     std::fs::create_dir(a.join("sub"))?;
     std::fs::write(a.join("sub/f"), b"in sub")?;
+    // What libvirt remembers on the writer (a real xattr there).
+    rustix::fs::setxattr(
+        &a.join(IMAGE),
+        "trusted.libvirt.security.ref_dac",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )?;
     let a_port = free_port()?;
     let mut standby = start_standby(&p, a_port, None)?;
     let link = LinkStatus::read_from(p.secondary_state())?.context("no link.json in standby")?;
