@@ -260,11 +260,13 @@ impl Context {
             return;
         }
         tracing::info!(?how, "activating the standby mount");
+        let began = std::time::Instant::now();
         match self.start(how, None) {
             Ok(w) => {
                 tracing::info!(
                     ?how,
                     link = ?w.link.state(),
+                    elapsed_ms = began.elapsed().as_millis(),
                     "standby mount activated: writing"
                 );
                 *slot = Some(w);
