@@ -25,6 +25,9 @@ use vmha_test_infra::{is_mount_point, Child, Pair, PairOptions};
 
 const IMAGE: &str = "disk.img";
 const MIB: usize = 1 << 20;
+/// What B writes after the flip: a block, "written by B", "nested", "in a
+/// held directory".
+const NEW_BYTES: u64 = 4096 + 12 + 6 + 19;
 
 /// Bytes unique to `salt` (and position).
 fn pattern(len: usize, salt: u8) -> Vec<u8> {
@@ -316,6 +319,11 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
         "a name removed on A is still seen through B"
     );
     vmha_test_infra::assert_same_tree(&a, &b)?;
+    // A nested file held open from standby (its directory bound first).
+    let nested = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.join("d2/y"))?;
     // Every change fails and changes nothing.
     let before = listing(&b)?;
     every_change_is_erofs(&b, &rw)?;
@@ -358,18 +366,25 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
         .context("write through the fd opened in standby")?;
     rw.sync_all()?;
     std::fs::write(b.join("after"), b"written by B")?;
+    nested.write_all_at(b"nested", 0)?;
+    nested.sync_all()?;
+    drop(nested);
+    std::fs::write(b.join("d2/new"), b"in a held directory")?;
     let on_a = std::fs::read(p.primary_backing().join(IMAGE))?;
     ensure!(
         on_a[4096..8192] == pattern(4096, 3)[..],
         "B's write did not arrive on A"
     );
     ensure!(std::fs::read(p.primary_backing().join("after"))? == b"written by B");
+    ensure!(std::fs::read(p.primary_backing().join("d2/y"))? == b"nested");
+    ensure!(std::fs::read(p.primary_backing().join("d2/hard"))? == b"nested");
+    ensure!(std::fs::read(p.primary_backing().join("d2/new"))? == b"in a held directory");
     // No resync: only the writes since the activation went to A.
     let deadline = Instant::now() + Duration::from_secs(10);
     let m = loop {
         let m = metrics(p.secondary_state());
         if let Ok(m) = &m {
-            if m.replicated_bytes >= 4096 + 12 {
+            if m.replicated_bytes >= NEW_BYTES {
                 break m.clone();
             }
         }
@@ -377,7 +392,7 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
         std::thread::sleep(Duration::from_millis(100));
     };
     ensure!(
-        m.replicated_bytes == 4096 + 12,
+        m.replicated_bytes == NEW_BYTES,
         "more than the new writes travelled: {m:?}"
     );
     ensure!(

@@ -295,9 +295,11 @@ impl Activation {
     fn bind_held(&self, link: &PeerLink) -> Result<usize, Errno> {
         use rustix::fs::{AtFlags, Mode};
         let mut bound = std::collections::HashSet::new();
-        let mut dirs = vec![crate::op::ROOT];
-        while let Some(dir_id) = dirs.pop() {
-            let dir = self.inodes.get(dir_id)?;
+        // Nodes, not ids: a directory the kernel forgets meanwhile is still
+        // walked (its Bind went out before its Forget).
+        let mut dirs = vec![self.inodes.get(crate::op::ROOT)?];
+        while let Some(dir) = dirs.pop() {
+            let dir_id = dir.id;
             let listing = apply::reopen(dir.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
             let mut names = Vec::new();
             let mut entries = rustix::fs::Dir::read_from(listing.as_fd())?;
@@ -337,7 +339,7 @@ impl Activation {
                         name,
                     });
                     if node.kind == FileType::Directory {
-                        dirs.push(node.id);
+                        dirs.push(node.clone());
                     }
                 }
                 if self.inodes.release_refs(node.id, 1) {
