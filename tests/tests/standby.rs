@@ -247,7 +247,7 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
     std::fs::write(a.join("sub/f"), b"in sub")?;
     // What libvirt remembers on the writer (a real xattr there).
     rustix::fs::setxattr(
-        &a.join(IMAGE),
+        a.join(IMAGE),
         "trusted.libvirt.security.ref_dac",
         b"1",
         rustix::fs::XattrFlags::empty(),
