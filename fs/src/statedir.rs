@@ -8,7 +8,10 @@
 //!   wrote); a primary refuses to start on it, a secondary reports an unknown
 //!   history (full compare) and removes it once in sync;
 //! - `link.json`: `{"state", "reason"}` of the primary's link; `disk_failed` when
-//!   this node's disk failed (the module must run on the peer);
+//!   this node's disk failed (the module must run on the peer); a standby mount
+//!   writes `{"standby": true, "state": "standby"}` there (and `activation`
+//!   after a failed one) without this type, since the receiver holds the lock
+//!   until it exits ([`StateDir::wait_for_lock`] takes it over then);
 //! - `sync.json`, `verify.json`, `changed_bytes`: progress and reports.
 //!
 //! Every file is replaced whole through [`crate::atomic`].
