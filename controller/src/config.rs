@@ -315,6 +315,28 @@ pub struct Module {
     pub protocol: vmha_fs::Protocol,
     pub maxloop: u32,
     pub loop_interval_s: u64,
+    /// What `vmctl swap` does: stop/start (default) or a live migration
+    /// first. Left out of the hashes when `stop`: the configurations of
+    /// daemons that predate it still match.
+    #[serde(skip_serializing_if = "SwapMode::is_stop")]
+    pub swap: SwapMode,
+}
+
+/// A module's `swap` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwapMode {
+    /// Stop the VM, start it on the peer.
+    #[default]
+    Stop,
+    /// Live-migrate it; stop/start when the migration is refused (logged).
+    Live,
+}
+
+impl SwapMode {
+    pub fn is_stop(&self) -> bool {
+        *self == SwapMode::Stop
+    }
 }
 
 /// The `[web]` section: the HTTPS console and `/metrics` (see `crate::web`).
@@ -729,6 +751,8 @@ struct RawModule {
     maxloop: u32,
     #[serde(default = "defaults::loop_interval_s")]
     loop_interval_s: u64,
+    #[serde(default)]
+    swap: SwapMode,
 }
 
 /// Defaults: the values of the design's example.
@@ -1521,6 +1545,7 @@ impl RawModule {
             protocol: self.protocol,
             maxloop: self.maxloop,
             loop_interval_s: self.loop_interval_s,
+            swap: self.swap,
         }
     }
 }

@@ -52,6 +52,20 @@ impl VmState {
     }
 }
 
+/// Why a domain is paused ([`VmDriver::paused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paused {
+    /// An incoming migration is in progress here (libvirt's reason
+    /// `migration`): this instance must not run until the migration ended.
+    IncomingMigration,
+    /// Paused on request (libvirt's reason `user`): among others, a domain
+    /// that arrived by a live migration with `VIR_MIGRATE_PAUSED` and was not
+    /// resumed yet.
+    User,
+    /// Any other reason (I/O error, watchdog, snapshot, ...).
+    Other,
+}
+
 /// libvirt, per module (`module.domain` on `module.libvirt_uri`).
 pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
     /// Defines the domain from `<first replicated dir>/<domain>.xml`, autostart
@@ -81,6 +95,34 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
     /// domain's snapshots changed. `Ok(true)`: a file was rewritten.
     fn refresh_xml(&self, _module: &Module) -> Result<bool, DriverError> {
         Ok(false)
+    }
+    /// Live swap, on the source: checks that every disk of the running
+    /// domain lies in the module's replicated directories with
+    /// `cache='none'` (`crate::migrate::check_disks`), then live-migrates it
+    /// peer-to-peer and tunnelled to the libvirt behind `dest` (the socket of
+    /// a `crate::migrate::Forwarder`), treating the disks as shared storage
+    /// (`VIR_MIGRATE_LIVE | PEER2PEER | TUNNELLED | PAUSED | UNSAFE`; never
+    /// `NON_SHARED_*`, `PERSIST_DEST` or `UNDEFINE_SOURCE`: the domain stays
+    /// defined on both nodes). On success the source's QEMU is gone and the
+    /// destination's domain is paused ([`Paused::User`] there) until
+    /// [`VmDriver::resume`]. Bounded: a migration still running after the
+    /// driver's migration timeout is aborted (`virDomainAbortJob`) and the
+    /// call fails with [`DriverError::Timeout`]; the domain then still runs
+    /// here. Any failure leaves the domain running here.
+    fn migrate_live(&self, _module: &Module, _dest: &std::path::Path) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("live migration".into()))
+    }
+    /// Resumes a paused domain (the destination of a live swap once the
+    /// write direction flipped). Ok if it already runs.
+    fn resume(&self, _module: &Module) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("resume".into()))
+    }
+    /// Why the domain here is paused; `None` when it is not paused (running,
+    /// shut off, not defined). A paused instance that must not run (a live
+    /// swap given up) is ended with [`VmDriver::stop`], which destroys a
+    /// paused domain at once (no ACPI wait).
+    fn paused(&self, _module: &Module) -> Result<Option<Paused>, DriverError> {
+        Ok(None)
     }
 }
 
@@ -276,5 +318,27 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     /// not attached); an error: the last attach failed.
     fn writer_sync_state(&self, _module: &Module) -> Result<ResyncState, DriverError> {
         Ok(ResyncState::Idle)
+    }
+    /// SECOND, live swap: mounts the replicated directories in standby
+    /// (`vmha-fs primary --standby`) over the receiver, which keeps
+    /// applying: opens and reads work, every change fails with EROFS.
+    fn mount_standby(&self, _module: &Module) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("standby mount".into()))
+    }
+    /// Live swap: turns the standby mount into the writer claiming
+    /// `generation`: replicating to the peer's receiver (`connected`; this
+    /// node's receiver is stopped first) or alone. On failure the standby
+    /// stays (and nothing else is mounted).
+    fn activate_standby(
+        &self,
+        _module: &Module,
+        _generation: Option<&str>,
+        _connected: bool,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("standby activation".into()))
+    }
+    /// Takes the standby mount down (the receiver stays). Ok if none runs.
+    fn drop_standby(&self, _module: &Module) -> Result<(), DriverError> {
+        Ok(())
     }
 }

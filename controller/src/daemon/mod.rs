@@ -121,6 +121,7 @@
 mod actions;
 mod checks;
 mod dispatch;
+mod live;
 mod operations;
 mod reload;
 mod runner;
@@ -346,6 +347,8 @@ struct Factory {
     /// The node left the cluster (`vmctl leave`): modules built now, at start
     /// or added by a reload, start left too.
     left: Arc<std::sync::atomic::AtomicBool>,
+    /// The cluster key (a live swap's forwarded libvirt rides the channel).
+    key: ClusterKey,
 }
 
 impl Factory {
@@ -451,6 +454,7 @@ impl Factory {
             witness_backoff: Backoff::new(WITNESS_RETRY, WITNESS_RETRY_MAX),
             announced,
             counters,
+            live_target: live::LiveTarget::of(config, module, node, &self.key),
         };
         Ok((runner, cmd_rx, handle))
     }
@@ -650,6 +654,7 @@ impl Daemon {
             witness_slot: Arc::clone(&witness_slot),
             shutdown: shutdown_rx.clone(),
             left: Arc::new(std::sync::atomic::AtomicBool::new(left)),
+            key: spec.key.clone(),
         };
         let mut first_events = Vec::new();
         for module in &config.modules {

@@ -12,6 +12,7 @@ pub(super) fn policy() -> Policy {
         split_brain: SplitBrainRule::DiscardLeastChanges,
         maxloop: 3,
         loop_interval_ms: 86_400_000,
+        live_swap: false,
     }
 }
 
@@ -25,6 +26,8 @@ fn peer(role: Role, readiness: Readiness, relation: Relation) -> Peer {
         config_match: true,
         changed_bytes: 0,
         maintenance: false,
+        live_swap: true,
+        swap_phase: None,
     }
 }
 
@@ -987,6 +990,8 @@ fn peers() -> Vec<Peer> {
                     config_match: true,
                     changed_bytes: 5,
                     maintenance: false,
+                    live_swap: true,
+                    swap_phase: None,
                 };
                 out.push(base);
                 match relation {
