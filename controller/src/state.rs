@@ -1593,7 +1593,8 @@ impl Transition {
         let can_fall_back = self.s.role == Role::Prim
             && matches!(self.s.peer, PeerKnowledge::Seen(p)
                 if p.role == Role::Second && p.readiness == Readiness::Ready);
-        if fallback && can_fall_back {
+        // (Maintenance came meanwhile: nothing is stopped automatically.)
+        if fallback && can_fall_back && !self.s.in_maintenance() {
             self.log(format!(
                 "live swap aborted ({why}): falling back to stop/start"
             ));
@@ -1759,7 +1760,11 @@ impl Transition {
             self.drop_standby("this copy is no longer up to date");
         } else if self.s.live.is_some() && !asks_prepare && !hands_over_live {
             self.drop_standby("the PRIM no longer asks for a live swap");
-        } else if asks_prepare && self.s.live.is_none() && self.s.uptodate && !self.s.in_maintenance() {
+        } else if asks_prepare
+            && self.s.live.is_none()
+            && self.s.uptodate
+            && !self.s.in_maintenance()
+        {
             self.s.live = Some(SwapPhase::StandbyMounting);
             self.act(Action::MountStandby);
             self.log("live swap asked by the PRIM: mounting in standby");
@@ -1777,7 +1782,11 @@ impl Transition {
                 // No standby to activate (it failed or went): the paused
                 // instance goes, the VM starts here as after a stop/start swap.
                 self.drop_standby("it is not ready to take the VM over");
-                self.become_writer(Role::Prim, false, "swap: the peer handed over (the VM restarts)");
+                self.become_writer(
+                    Role::Prim,
+                    false,
+                    "swap: the peer handed over (the VM restarts)",
+                );
             }
             Role::Second if peer.request == Some(Request::TakeOver) && self.s.uptodate => {
                 self.become_writer(Role::Prim, false, "swap: the peer handed over");

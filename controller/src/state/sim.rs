@@ -298,7 +298,10 @@ impl Sim {
                     n.writes_alone = false;
                 }
                 Action::MountStandby => {
-                    assert!(n.receiver && !n.standby, "node {i}: standby without receiver");
+                    assert!(
+                        n.receiver && !n.standby,
+                        "node {i}: standby without receiver"
+                    );
                     if std::mem::take(&mut n.standby_fails) {
                         later.push(Event::StandbyFailed);
                     } else {
@@ -950,4 +953,136 @@ fn leave_and_maintenance_through_the_simulator() {
     sim.apply(Op::Lost(0));
     assert_eq!(sim.nodes[0].s.role, Role::Second);
     assert!(!sim.nodes[0].vm);
+}
+
+/// PRIM and ready SECOND, node 0 PRIM, with one acknowledged write.
+fn pair(live_swap: bool) -> Sim {
+    let setup = Setup {
+        failover: true,
+        witness: false,
+        witness_answer: WitnessOutcome::Reachable,
+        default_primary: None,
+        split_brain: 3,
+        live_swap,
+    };
+    let mut sim = Sim::new(setup);
+    for op in [
+        Op::Start(0),
+        Op::Start(1),
+        Op::Prim(0),
+        Op::Exchange,
+        Op::Exchange,
+        Op::Write(0),
+        Op::Resync(1),
+        Op::Exchange,
+        Op::Write(0),
+    ] {
+        sim.apply(op);
+    }
+    assert_eq!(sim.nodes[1].s.readiness(), Readiness::Ready);
+    sim
+}
+
+fn roles(sim: &Sim) -> (Role, Role) {
+    (sim.nodes[0].s.role, sim.nodes[1].s.role)
+}
+
+/// A live swap there and back: the VM moves without a restart, is never
+/// resumed before the old writer is gone, and every acknowledged write is
+/// on the node that runs it.
+#[test]
+fn live_swap_there_and_back_through_the_simulator() {
+    let mut sim = pair(false);
+    for (from, to) in [(0, 1), (1, 0)] {
+        sim.apply(Op::SwapLive(from));
+        assert_eq!(sim.nodes[from].s.live, Some(SwapPhase::Preparing));
+        // The SECOND mounts in standby; the PRIM migrates and hands over;
+        // the SECOND activates and resumes.
+        sim.apply(Op::Heartbeat(to));
+        assert!(sim.nodes[to].standby);
+        sim.apply(Op::Heartbeat(from));
+        assert!(!sim.nodes[from].vm && sim.nodes[to].incoming);
+        assert_eq!(sim.nodes[from].s.role, Role::Second);
+        assert!(sim.nodes[from].receiver && !sim.nodes[from].writer);
+        sim.apply(Op::Heartbeat(to));
+        assert!(sim.nodes[to].vm && sim.nodes[to].writer && !sim.nodes[to].standby);
+        assert_eq!(sim.nodes[to].s.role, Role::Prim);
+        assert_eq!(sim.nodes[to].s.live, None);
+        sim.apply(Op::Exchange);
+        sim.apply(Op::Write(to));
+        assert!(sim.acked.is_subset(&sim.nodes[to].data));
+        assert!(sim.acked.is_subset(&sim.nodes[from].data));
+        // No new generation: no resync follows.
+        assert_eq!(
+            compare(&sim.nodes[0].history, &sim.nodes[1].history),
+            Relation::InSync
+        );
+        assert_eq!(sim.nodes[from].s.readiness(), Readiness::Ready);
+    }
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+}
+
+/// Abort points: the migration refused, the standby mount failed, the
+/// source lost after the migration, the destination lost in standby.
+#[test]
+fn live_swap_aborts_leave_the_vm_on_one_node_through_the_simulator() {
+    // Migration refused: the VM stays on the PRIM, the SECOND drops its standby.
+    let mut sim = pair(false);
+    sim.apply(Op::MigrateFails(0));
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    assert!(sim.nodes[0].vm);
+    assert_eq!(sim.nodes[0].s.live_outcome.0, 1);
+    assert!(sim.nodes[0].s.live_outcome.1.is_some());
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+    assert!(!sim.nodes[1].standby && !sim.nodes[1].incoming);
+
+    // With `swap = "live"`, a plain swap falls back to stop/start.
+    let mut sim = pair(true);
+    sim.apply(Op::MigrateFails(0));
+    sim.apply(Op::Swap(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    sim.apply(Op::Exchange);
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Second, Role::Prim));
+    assert!(sim.nodes[1].vm && !sim.nodes[1].standby);
+
+    // The standby mount fails: the PRIM keeps the VM.
+    let mut sim = pair(false);
+    sim.apply(Op::StandbyFails(1));
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Exchange);
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+    assert!(sim.nodes[0].vm && sim.nodes[0].s.live.is_none());
+    assert_eq!(sim.nodes[1].s.live, None);
+
+    // The source dies once the VM left it: the destination drops the paused
+    // instance and fails over with every acknowledged write.
+    let mut sim = pair(false);
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    assert!(sim.nodes[1].incoming);
+    sim.apply(Op::Crash(0));
+    sim.apply(Op::Lost(1));
+    assert_eq!(sim.nodes[1].s.role, Role::Alone);
+    assert!(sim.nodes[1].vm && !sim.nodes[1].standby);
+    assert!(sim.acked.is_subset(&sim.nodes[1].data));
+
+    // The destination dies in standby: the PRIM's migration fails, it goes
+    // ALONE and keeps the VM.
+    let mut sim = pair(false);
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Crash(1));
+    sim.apply(Op::Heartbeat(0));
+    sim.apply(Op::Lost(0));
+    assert_eq!(sim.nodes[0].s.role, Role::Alone);
+    assert!(sim.nodes[0].vm);
+    sim.apply(Op::Write(0));
+    assert!(sim.acked.is_subset(&sim.nodes[0].data));
 }
