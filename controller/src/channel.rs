@@ -29,7 +29,10 @@
 //! status and remote commands; 2 adds [`Message::ConfigPush`]; 3 adds
 //! [`Message::CommandAs`] (a command logged in the peer's event log with the
 //! user who asked: the web console) and [`Message::Report`] (the peer's part
-//! of `vmctl report`). A client asks for
+//! of `vmctl report`); 4 adds [`Message::LibvirtStream`]: the session becomes
+//! a byte stream to the serving node's local libvirt socket (live swap: the
+//! source's libvirtd reaches the destination's through this authenticated
+//! channel, see `crate::migrate`). A client asks for
 //! a feature only when the session's version has it, and says which version the
 //! peer speaks otherwise. Test hook: [`CHANNEL_ENV`]
 //! (`VMHA_TEST_CHANNEL_VERSIONS`, see `vmha_fs::version`) narrows the advertised
@@ -41,7 +44,9 @@
 //! block.
 
 use std::io::{BufReader, BufWriter};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,11 +62,15 @@ use crate::control::{Call, Request, Response};
 use crate::status::Status;
 
 /// The daemon-channel versions this build speaks.
-pub const CHANNEL: Versions = Versions { min: 1, max: 3 };
+pub const CHANNEL: Versions = Versions { min: 1, max: 4 };
 /// The first version with [`Message::ConfigPush`].
 pub const CONFIG_PUSH_SINCE: u16 = 2;
 /// The first version with [`Message::CommandAs`] and [`Message::Report`].
 pub const CONSOLE_SINCE: u16 = 3;
+/// The first version with [`Message::LibvirtStream`] (live swap).
+pub const LIBVIRT_STREAM_SINCE: u16 = 4;
+/// Largest chunk of a libvirt stream in one frame.
+const STREAM_CHUNK: u32 = 64 * 1024;
 /// Test only: narrows the advertised channel versions (`MAX` or `MIN..=MAX`).
 pub const CHANNEL_ENV: &str = "VMHA_TEST_CHANNEL_VERSIONS";
 /// Largest message (JSON bytes) either side accepts.
@@ -99,6 +108,13 @@ pub enum ChannelError {
         what: &'static str,
         version: u16,
         needs: u16,
+    },
+    #[error("peer vmhad too old for live swap: it speaks daemon-channel version {version}, live swap needs version {needs} (upgrade it)")]
+    TooOldForLiveSwap { version: u16, needs: u16 },
+    #[error("daemon channel of {addr}: libvirt stream: {source}")]
+    Stream {
+        addr: SocketAddr,
+        source: std::io::Error,
     },
     #[error("the peer's vmhad answered: {0}")]
     Peer(String),
@@ -139,6 +155,14 @@ pub enum Message {
     ReportPart {
         files: Vec<crate::report::ReportFile>,
     },
+    /// v4. Connect to this node's local libvirt socket, the one of `module`'s
+    /// `libvirt_uri`, and turn the session into a byte stream to it.
+    LibvirtStream { module: String },
+    /// v4. Answer to `LibvirtStream`: connected. From here on every frame in
+    /// either direction is raw bytes of the libvirt connection (still
+    /// authenticated frame by frame); an empty frame or the end of the
+    /// connection closes it.
+    StreamReady,
 }
 
 impl Message {
@@ -153,6 +177,8 @@ impl Message {
             Message::CommandAs { .. } => "command_as",
             Message::Report => "report",
             Message::ReportPart { .. } => "report_part",
+            Message::LibvirtStream { .. } => "libvirt_stream",
+            Message::StreamReady => "stream_ready",
         }
     }
 }
@@ -174,6 +200,12 @@ pub trait PeerHandler: Send + Sync {
     /// This node's part of the diagnostic report (bounded).
     fn report(&self) -> Result<Vec<crate::report::ReportFile>, String> {
         Err("this vmhad cannot make a report".into())
+    }
+    /// The local libvirt unix socket of `module`'s `libvirt_uri` (live swap).
+    fn libvirt_socket(&self, module: &str) -> Result<std::path::PathBuf, String> {
+        Err(format!(
+            "this vmhad does not forward libvirt (module `{module}`)"
+        ))
     }
 }
 
@@ -271,6 +303,17 @@ impl PeerHandler for CallHandler {
             Some((daemon, runtime)) => runtime.block_on(daemon.request_as(request, &user)),
             None => self.command(request),
         }
+    }
+
+    fn libvirt_socket(&self, module: &str) -> Result<std::path::PathBuf, String> {
+        let Some((daemon, _)) = &self.daemon else {
+            return Err("this vmhad does not forward libvirt".into());
+        };
+        let config = daemon.config();
+        let Some(m) = config.modules.iter().find(|m| m.name == module) else {
+            return Err(format!("no module `{module}` on this node"));
+        };
+        crate::migrate::libvirt_socket(&m.libvirt_uri).map_err(|e| e.to_string())
     }
 
     fn report(&self) -> Result<Vec<crate::report::ReportFile>, String> {
@@ -503,6 +546,29 @@ fn serve_session(
                 Ok(files) => Message::ReportPart { files },
                 Err(message) => Message::Error { message },
             },
+            Ok(Message::LibvirtStream { module }) if keys.version >= LIBVIRT_STREAM_SINCE => {
+                let socket = match handler.libvirt_socket(&module) {
+                    Ok(socket) => socket,
+                    Err(message) => {
+                        send(&mut writer, &Message::Error { message })?;
+                        continue;
+                    }
+                };
+                let unix = match UnixStream::connect(&socket) {
+                    Ok(unix) => unix,
+                    Err(e) => {
+                        let message =
+                            format!("cannot connect to libvirt at {}: {e}", socket.display());
+                        send(&mut writer, &Message::Error { message })?;
+                        continue;
+                    }
+                };
+                tracing::info!(%module, socket = %socket.display(), "daemon channel session becomes a libvirt stream");
+                send(&mut writer, &Message::StreamReady)?;
+                // libvirt's keepalive keeps an open stream busy; no idle limit.
+                reader.get_ref().get_ref().set_read_timeout(None)?;
+                return pump(reader, writer, unix);
+            }
             Ok(other) => Message::Error {
                 message: format!(
                     "`{}` is not a request of daemon-channel version {}",
@@ -513,6 +579,64 @@ fn serve_session(
         };
         send(&mut writer, &answer)?;
     }
+}
+
+/// Copies a libvirt connection both ways over an authenticated session until
+/// either side closes: frames from the channel to `unix` on a thread of its
+/// own, `unix` to frames here. An empty frame says "closed" (half-close is not
+/// needed by libvirt's RPC: either end closing ends the connection).
+fn pump(
+    mut reader: FrameReader<BufReader<TcpStream>>,
+    mut writer: FrameWriter<BufWriter<TcpStream>>,
+    unix: UnixStream,
+) -> Result<(), WireError> {
+    let tcp = reader.get_ref().get_ref().try_clone()?;
+    let mut unix_in = unix.try_clone()?;
+    let unix_out = unix;
+    let inbound = std::thread::Builder::new()
+        .name("channel-stream".into())
+        .spawn(move || -> Result<(), WireError> {
+            let mut out = &unix_out;
+            let result = loop {
+                match reader.recv_raw(0, STREAM_CHUNK) {
+                    Ok((_, data)) if data.is_empty() => break Ok(()),
+                    Ok((_, data)) => {
+                        if let Err(e) = out.write_all(&data) {
+                            break Err(e.into());
+                        }
+                    }
+                    Err(WireError::Closed) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            // The channel side ended: so does the libvirt side (wakes the reader below).
+            let _ = unix_out.shutdown(Shutdown::Both);
+            result
+        })?;
+    let mut buf = vec![0u8; STREAM_CHUNK as usize];
+    let outbound = loop {
+        match unix_in.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                if let Err(e) = writer
+                    .send_raw(&[], &buf[..n])
+                    .and_then(|()| writer.flush())
+                {
+                    break Err(e);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e.into()),
+        }
+    };
+    // Tell the other end, then close: its reader and ours both wake.
+    let _ = writer.send_raw(&[], &[]).and_then(|()| writer.flush());
+    let _ = tcp.shutdown(Shutdown::Both);
+    let _ = unix_in.shutdown(Shutdown::Both);
+    let inbound = inbound
+        .join()
+        .unwrap_or_else(|_| Err(WireError::Malformed("stream thread panicked".into())));
+    outbound.and(inbound)
 }
 
 /// A client session (the peer's vmhad, or `vmctl --node NAME`).
@@ -625,6 +749,38 @@ impl Client {
         }
     }
 
+    /// Turns this session into a byte stream to the peer's local libvirt
+    /// socket (the one of `module`'s `libvirt_uri` in the peer's
+    /// configuration) and copies `local` to and from it until either side
+    /// closes (blocks; channel version 4). A peer on an older version:
+    /// [`ChannelError::TooOldForLiveSwap`].
+    pub fn libvirt_stream(mut self, module: &str, local: UnixStream) -> Result<(), ChannelError> {
+        let addr = self.addr;
+        self.check_libvirt_stream()?;
+        let message = Message::LibvirtStream {
+            module: module.to_string(),
+        };
+        match self.ask(&message)? {
+            Message::StreamReady => {}
+            other => return Err(ChannelError::Unexpected(other.kind().into())),
+        }
+        pump(self.reader, self.writer, local).map_err(|source| match source {
+            WireError::Io(source) => ChannelError::Stream { addr, source },
+            source => ChannelError::Wire { addr, source },
+        })
+    }
+
+    /// Whether the peer can serve [`Client::libvirt_stream`].
+    pub fn check_libvirt_stream(&self) -> Result<(), ChannelError> {
+        if self.version < LIBVIRT_STREAM_SINCE {
+            return Err(ChannelError::TooOldForLiveSwap {
+                version: self.version,
+                needs: LIBVIRT_STREAM_SINCE,
+            });
+        }
+        Ok(())
+    }
+
     /// Sends a configuration file for the peer to write and reload.
     pub fn config_push(&mut self, text: String) -> Result<Response, ChannelError> {
         if self.version < CONFIG_PUSH_SINCE {
@@ -669,6 +825,10 @@ mod tests {
                 user: "web:admin from 10.0.0.5:1 on node1's console".into(),
             },
             Message::Report,
+            Message::LibvirtStream {
+                module: "vm1".into(),
+            },
+            Message::StreamReady,
             Message::ReportPart {
                 files: vec![crate::report::ReportFile {
                     path: "status.json".into(),
@@ -730,7 +890,7 @@ mod tests {
 
         /// JSON-shaped garbage reaches the field decoders without panicking.
         #[test]
-        fn json_shaped_garbage_never_panics(text in "\\{\"type\":\"(status|command|reply|config_push|status_view|error|command_as|report|report_part)\"\\PC{0,200}") {
+        fn json_shaped_garbage_never_panics(text in "\\{\"type\":\"(status|command|reply|config_push|status_view|error|command_as|report|report_part|libvirt_stream|stream_ready)\"\\PC{0,200}") {
             let _ = decode(text.as_bytes());
         }
     }

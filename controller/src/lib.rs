@@ -39,6 +39,7 @@ pub mod eventlog;
 pub mod generation;
 pub mod heartbeat;
 pub mod leave;
+pub mod migrate;
 pub mod report;
 pub mod state;
 pub mod status;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use vmha_controller::channel::{self, ChannelError};
 use vmha_controller::control::{Client, Request};
+use vmha_controller::driver::VmDriver;
 use vmha_fs::key::ClusterKey;
 use vmha_fs::version::Versions;
 
@@ -56,7 +57,9 @@ name = "vm1"
 replicated = ["/srv/chan/vm1"]
 port = 7101
 lock_timeout_ms = 1000
+libvirt_uri = "qemu+unix:///system?socket={libvirt}"
 "#,
+        libvirt = base.join("libvirt-sock").display(),
         key = key.display(),
         state = base.join("state").display(),
         socket = base.join("vmhad.sock").display(),
@@ -409,8 +412,151 @@ fn a_bad_version_hook_is_one_clear_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(
-            "vmhad: VMHA_TEST_CHANNEL_VERSIONS = `9` is not within the supported versions 1..=3"
+            "vmhad: VMHA_TEST_CHANNEL_VERSIONS = `9` is not within the supported versions 1..=4"
         ),
         "{err}"
     );
+}
+
+/// Live swap's libvirt forward: a connection to node1's forwarded socket
+/// reaches the unix socket of node2's `libvirt_uri` (here an echo server
+/// standing in for libvirtd) through node2's vmhad, bytes both ways, several
+/// connections at once; the socket is private and gone after the forward.
+/// A peer capped to channel version 3 is refused with a clear error.
+#[test]
+fn libvirt_is_forwarded_over_the_channel_and_an_older_peer_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use vmha_controller::migrate::{Forwarder, MigrateError};
+
+    let pair = Pair::start(&[], &[]);
+    // node2's "libvirtd": echoes every byte, upper-cased.
+    let listener = UnixListener::bind(pair.dir.path().join("node2/libvirt-sock")).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            buf[..n].make_ascii_uppercase();
+                            if conn.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let run = pair.dir.path().join("node1/run");
+    let fwd = Forwarder::start(&run, pair.channel_addr("node2"), &pair.key, "vm1").unwrap();
+    let socket = fwd.socket().to_path_buf();
+    assert!(socket.starts_with(&run));
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(socket.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    assert_eq!(
+        fwd.uri(),
+        format!("qemu+unix:///system?socket={}", socket.display())
+    );
+    let mut a = UnixStream::connect(&socket).unwrap();
+    let mut b = UnixStream::connect(&socket).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // More than one frame's worth (64 KiB chunks) through `a`.
+    let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let writer = {
+        let mut a = a.try_clone().unwrap();
+        let big = big.clone();
+        std::thread::spawn(move || a.write_all(&big).unwrap())
+    };
+    b.write_all(b"hello libvirt").unwrap();
+    let mut got = [0u8; 13];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"HELLO LIBVIRT");
+    let mut back = vec![0u8; big.len()];
+    a.read_exact(&mut back).unwrap();
+    writer.join().unwrap();
+    assert_eq!(back, big.to_ascii_uppercase());
+    // The forward ends with the value: socket and directory gone, the open
+    // connections closed.
+    drop(fwd);
+    assert!(!socket.exists());
+    assert!(!socket.parent().unwrap().exists());
+    let mut rest = Vec::new();
+    assert_eq!(a.read_to_end(&mut rest).unwrap_or(0), 0);
+    assert!(UnixStream::connect(&socket).is_err());
+
+    // A peer whose module has no such name answers an error on connect.
+    let fwd = Forwarder::start(&run, pair.channel_addr("node2"), &pair.key, "nope").unwrap();
+    let mut c = UnixStream::connect(fwd.socket()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(c.read_to_end(&mut rest).unwrap_or(0), 0, "closed at once");
+    drop(fwd);
+    assert!(
+        std::fs::read_dir(&run).unwrap().next().is_none(),
+        "nothing left in the run dir"
+    );
+
+    // The one-call form the daemon uses: forward, migrate (a fake driver
+    // here: it records the socket), stop forwarding.
+    let config =
+        vmha_controller::config::Config::load(&pair.dir.path().join("node1/vmha.toml")).unwrap();
+    let vm = vmha_controller::driver::fake::FakeVm::new();
+    let module = config.modules[0].clone();
+    vm.define(&module).unwrap();
+    vm.start(&module).unwrap();
+    let peer = vmha_controller::config::NodeIndex::FIRST.peer();
+    vmha_controller::migrate::live_migrate(&vm, &config, &pair.key, peer, &module).unwrap();
+    let used = vm.migrated_to();
+    assert_eq!(used.len(), 1);
+    assert!(
+        used[0].starts_with(pair.dir.path().join("node1")),
+        "{used:?}"
+    );
+    assert!(!used[0].exists());
+    drop(pair);
+
+    // node2 capped to channel version 3: no forward, a clear error.
+    let old = Pair::start(&[], &[("VMHA_TEST_CHANNEL_VERSIONS", "1..=3")]);
+    let config =
+        vmha_controller::config::Config::load(&old.dir.path().join("node1/vmha.toml")).unwrap();
+    let e =
+        vmha_controller::migrate::live_migrate(&vm, &config, &old.key, peer, &module).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("peer vmhad too old for live swap"),
+        "{e}"
+    );
+    assert_eq!(vm.migrated_to().len(), 1, "no migration tried");
+    let run = old.dir.path().join("node1/run");
+    let e = Forwarder::start(&run, old.channel_addr("node2"), &old.key, "vm1").unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrateError::Channel(ChannelError::TooOldForLiveSwap {
+                version: 3,
+                needs: 4
+            })
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "peer vmhad too old for live swap: it speaks daemon-channel version 3, live swap needs version 4 (upgrade it)"
+    );
+    assert!(!run.exists() || std::fs::read_dir(&run).unwrap().next().is_none());
 }

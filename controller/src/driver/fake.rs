@@ -2,10 +2,10 @@
 //! fail on demand.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use super::{DriverError, FsDriver, FsHealth, ResyncState, VmDriver, VmState};
+use super::{DriverError, FsDriver, FsHealth, Paused, ResyncState, VmDriver, VmState};
 use crate::config::Module;
 
 /// One recorded call: (call name, module name).
@@ -17,6 +17,12 @@ struct VmInner {
     states: HashMap<String, VmState>,
     failing: HashSet<&'static str>,
     start_delay: Duration,
+    /// Why each paused domain is paused.
+    paused: HashMap<String, Paused>,
+    /// Where `migrate_live` moves a domain (the other node's fake).
+    peer: Option<Weak<Mutex<VmInner>>>,
+    /// The destination socket of each `migrate_live` call.
+    migrated_to: Vec<std::path::PathBuf>,
 }
 
 /// A fake libvirt. Cloning shares the state (keep a clone to inspect it).
@@ -74,6 +80,26 @@ impl FakeVm {
             .insert(module.to_string(), VmState::ShutOff);
     }
 
+    /// `migrate_live` moves the domain to `peer` (the other node's fake
+    /// libvirt): it shuts off here and arrives paused ([`Paused::User`])
+    /// there. Without a peer the domain merely shuts off here.
+    pub fn set_migration_peer(&self, peer: &FakeVm) {
+        lock(&self.0).peer = Some(Arc::downgrade(&peer.0));
+    }
+
+    /// The `dest` socket of every `migrate_live` call, in order.
+    pub fn migrated_to(&self) -> Vec<std::path::PathBuf> {
+        lock(&self.0).migrated_to.clone()
+    }
+
+    /// The domain is paused here for `reason` (e.g. an incoming migration
+    /// in progress).
+    pub fn pause(&self, module: &str, reason: Paused) {
+        let mut inner = lock(&self.0);
+        inner.states.insert(module.to_string(), VmState::Paused);
+        inner.paused.insert(module.to_string(), reason);
+    }
+
     /// `start` takes this long.
     pub fn set_start_delay(&self, delay: Duration) {
         lock(&self.0).start_delay = delay;
@@ -122,6 +148,7 @@ impl VmDriver for FakeVm {
     fn stop(&self, module: &Module) -> Result<(), DriverError> {
         self.call("stop", module)?;
         let mut inner = lock(&self.0);
+        inner.paused.remove(&module.name);
         if let Some(state) = inner.states.get_mut(&module.name) {
             if *state != VmState::Missing {
                 *state = VmState::ShutOff;
@@ -141,6 +168,57 @@ impl VmDriver for FakeVm {
             .get(&module.name)
             .copied()
             .unwrap_or(VmState::Missing))
+    }
+
+    fn migrate_live(&self, module: &Module, dest: &std::path::Path) -> Result<(), DriverError> {
+        self.call("migrate_live", module)?;
+        let peer = {
+            let mut inner = lock(&self.0);
+            inner.migrated_to.push(dest.to_path_buf());
+            if inner.states.get(&module.name) != Some(&VmState::Running) {
+                return Err(DriverError::failed(
+                    "live migration",
+                    "the domain is not running here",
+                ));
+            }
+            inner.peer.clone()
+        };
+        if let Some(peer) = peer.and_then(|p| p.upgrade()) {
+            let mut there = lock(&peer);
+            there.states.insert(module.name.clone(), VmState::Paused);
+            there.paused.insert(module.name.clone(), Paused::User);
+        }
+        let mut inner = lock(&self.0);
+        inner.states.insert(module.name.clone(), VmState::ShutOff);
+        inner.paused.remove(&module.name);
+        Ok(())
+    }
+
+    fn resume(&self, module: &Module) -> Result<(), DriverError> {
+        self.call("resume", module)?;
+        let mut inner = lock(&self.0);
+        match inner.states.get(&module.name) {
+            Some(VmState::Paused) | Some(VmState::Running) => {
+                inner.states.insert(module.name.clone(), VmState::Running);
+                inner.paused.remove(&module.name);
+                Ok(())
+            }
+            _ => Err(DriverError::failed("resume", "the domain is not active")),
+        }
+    }
+
+    fn paused(&self, module: &Module) -> Result<Option<Paused>, DriverError> {
+        let inner = lock(&self.0);
+        if inner.states.get(&module.name) != Some(&VmState::Paused) {
+            return Ok(None);
+        }
+        Ok(Some(
+            inner
+                .paused
+                .get(&module.name)
+                .copied()
+                .unwrap_or(Paused::User),
+        ))
     }
 }
 
@@ -359,6 +437,29 @@ port = 7101
         vm.set_failing("start", true);
         assert!(vm.start(&m).is_err());
         assert_eq!(vm.count("start"), 3);
+    }
+
+    #[test]
+    fn fake_vm_migrates_to_its_peer_paused() {
+        let (a, b) = (FakeVm::new(), FakeVm::new());
+        a.set_migration_peer(&b);
+        let m = module();
+        let dest = std::path::Path::new("/run/vmha/x/libvirt.sock");
+        assert!(a.migrate_live(&m, dest).is_err(), "not running");
+        a.define(&m).unwrap();
+        b.define(&m).unwrap();
+        a.start(&m).unwrap();
+        a.migrate_live(&m, dest).unwrap();
+        assert_eq!(a.vm_state("vm1"), VmState::ShutOff);
+        assert_eq!(b.paused(&m).unwrap(), Some(Paused::User));
+        b.resume(&m).unwrap();
+        assert!(b.is_running("vm1"));
+        assert_eq!(b.paused(&m).unwrap(), None);
+        assert_eq!(a.migrated_to(), vec![dest.to_path_buf(); 2]);
+        b.pause("vm1", Paused::IncomingMigration);
+        assert_eq!(b.paused(&m).unwrap(), Some(Paused::IncomingMigration));
+        b.stop(&m).unwrap();
+        assert_eq!(b.paused(&m).unwrap(), None);
     }
 
     #[test]

@@ -50,11 +50,42 @@ use virt::enumutil::Enum;
 use virt::error::{Error as VirtError, ErrorNumber};
 use virt::sys;
 
-use super::{DriverError, VmDriver, VmState};
+use super::{DriverError, Paused, VmDriver, VmState};
 use crate::config::Module;
 
 /// How long `start` waits for the domain to run.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a live migration may take before it is aborted
+/// ([`VmDriver::migrate_live`]; [`LibvirtDriver::with_migrate_timeout`]).
+pub const MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The flags of a live swap's migration: live, peer-to-peer and tunnelled
+/// (the source's libvirtd opens the destination's libvirt through the
+/// forwarded socket and sends the migration stream inside that connection,
+/// so inside vmha's daemon channel), the destination left paused (never two
+/// writers), and the disks taken as shared storage that libvirt cannot
+/// recognise (`UNSAFE`: vmhad checked them, `crate::migrate::check_disks`).
+/// Never `NON_SHARED_*` (the data is already on the peer), nor
+/// `PERSIST_DEST`/`UNDEFINE_SOURCE` (the domain stays defined on both nodes).
+///
+/// libvirt 10.x has `shared_filesystems` in `qemu.conf`: where the
+/// operator lists the module's mount there, libvirt itself treats the disks
+/// as shared and `UNSAFE` is unnecessary (and harmless). A client cannot
+/// read the daemon's `qemu.conf`, so the flag is always passed; the
+/// version is only logged ([`SHARED_FILESYSTEMS_SINCE`]).
+pub const MIGRATE_FLAGS: u32 = sys::VIR_MIGRATE_LIVE
+    | sys::VIR_MIGRATE_PEER2PEER
+    | sys::VIR_MIGRATE_TUNNELLED
+    | sys::VIR_MIGRATE_PAUSED
+    | sys::VIR_MIGRATE_UNSAFE;
+
+/// How often an overdue migration is asked again to abort.
+const ABORT_RETRY: Duration = Duration::from_millis(500);
+
+/// The first libvirt (`major * 1_000_000 + minor * 1000 + micro`) whose
+/// `qemu.conf` knows `shared_filesystems`.
+pub const SHARED_FILESYSTEMS_SINCE: u32 = 10_008_000;
+
 /// How long `stop` waits after `destroy`.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(200);
@@ -86,6 +117,7 @@ pub struct LibvirtDriver {
     /// a stale local definition must not.
     defined: Mutex<HashSet<String>>,
     start_timeout: Duration,
+    migrate_timeout: Duration,
     /// When each module's XML was last compared ([`VmDriver::refresh_xml`]).
     /// With the domain's event count then.
     xml_checked: Mutex<HashMap<String, (Instant, u64)>>,
@@ -506,6 +538,7 @@ impl LibvirtDriver {
             vm_poll_every: VM_POLL_EVERY,
             defined: Mutex::new(HashSet::new()),
             start_timeout: START_TIMEOUT,
+            migrate_timeout: MIGRATE_TIMEOUT,
             xml_checked: Mutex::new(HashMap::new()),
             snapshots_checked: Mutex::new(HashMap::new()),
             xml_every: XML_REFRESH_EVERY,
@@ -518,6 +551,15 @@ impl LibvirtDriver {
         LibvirtDriver {
             start_timeout,
             ..LibvirtDriver::new()
+        }
+    }
+
+    /// The driver aborting a live migration after `timeout` instead of
+    /// [`MIGRATE_TIMEOUT`].
+    pub fn with_migrate_timeout(self, timeout: Duration) -> LibvirtDriver {
+        LibvirtDriver {
+            migrate_timeout: timeout,
+            ..self
         }
     }
 
@@ -904,6 +946,123 @@ impl VmDriver for LibvirtDriver {
 
     fn state_changes(&self, module: &Module) -> Option<Arc<Notify>> {
         event_loop().then(|| self.events.notify(module))
+    }
+
+    fn migrate_live(&self, module: &Module, dest: &Path) -> Result<(), DriverError> {
+        self.unwatch(module);
+        let what = format!("live migration of {}", module.domain);
+        let uri = module.libvirt_uri.as_str();
+        // Not through `with_conn`: a migration is never retried behind the
+        // caller's back.
+        let conn = self
+            .connection(module)
+            .map_err(|e| DriverError::failed(format!("connecting to libvirt at {uri}"), e))?;
+        let dom = Self::lookup(&conn, module)
+            .map_err(|e| DriverError::failed(&what, e))?
+            .ok_or_else(|| DriverError::failed(&what, "the domain is not defined here"))?;
+        match Self::domain_state(&dom).map_err(|e| DriverError::failed(&what, e))? {
+            VmState::Running => {}
+            state => {
+                return Err(DriverError::failed(
+                    &what,
+                    format!("the domain is {state:?} here, not running"),
+                ))
+            }
+        }
+        let xml = dom.xml_desc(0).map_err(|e| DriverError::failed(&what, e))?;
+        crate::migrate::check_disks(&module.domain, &xml, &module.replicated)
+            .map_err(|e| DriverError::failed(&what, e))?;
+        if let Ok(version) = conn.lib_version() {
+            if version >= SHARED_FILESYSTEMS_SINCE {
+                tracing::debug!(version, "libvirt knows qemu.conf's shared_filesystems; migrating with VIR_MIGRATE_UNSAFE all the same");
+            }
+        }
+        let dconnuri = format!("qemu+unix:///system?socket={}", dest.display());
+        tracing::info!(domain = %module.domain, %dconnuri, flags = MIGRATE_FLAGS, "live migration starts");
+        // A hung migration (a peer gone silent) must not hang vmhad: after
+        // the timeout the job is aborted, which makes the call return.
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watched = dom.clone();
+        let timeout = self.migrate_timeout;
+        let domain = module.domain.clone();
+        let watchdog = std::thread::Builder::new()
+            .name("migrate-watchdog".into())
+            .spawn(move || {
+                if finished.recv_timeout(timeout)
+                    != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return false;
+                }
+                tracing::warn!(%domain, secs = timeout.as_secs(), "live migration still running: aborting it");
+                // Again until the call returns: a job in a phase that
+                // cannot be aborted yet (or not started yet) refuses.
+                let mut logged = false;
+                loop {
+                    // SAFETY: `watched` is a live domain handle (a reference
+                    // of its own, freed when it drops after this thread);
+                    // virDomainAbortJob takes it and no other pointer.
+                    if unsafe { sys::virDomainAbortJob(watched.as_ptr()) } < 0 && !logged {
+                        logged = true;
+                        tracing::info!(%domain, "aborting the live migration: {}", VirtError::last_error());
+                    }
+                    if finished.recv_timeout(ABORT_RETRY)
+                        != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    {
+                        return true;
+                    }
+                }
+            })
+            .map_err(|e| DriverError::failed(&what, e))?;
+        let started = Instant::now();
+        let result = dom.migrate_to_uri2(Some(&dconnuri), None, None, MIGRATE_FLAGS, None, 0);
+        let _ = done.send(());
+        let aborted = watchdog.join().unwrap_or(false);
+        match result {
+            Ok(()) => {
+                tracing::info!(domain = %module.domain, ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "live migration done: the domain is paused on the peer");
+                Ok(())
+            }
+            Err(_) if aborted => Err(DriverError::Timeout {
+                what,
+                secs: timeout.as_secs(),
+            }),
+            Err(e) => Err(DriverError::failed(what, e)),
+        }
+    }
+
+    fn resume(&self, module: &Module) -> Result<(), DriverError> {
+        self.unwatch(module);
+        let what = format!("resume {}", module.domain);
+        self.with_conn(module, &what, |conn| {
+            let dom = conn.lookup_domain_by_name(&module.domain)?;
+            match Self::domain_state(&dom)? {
+                VmState::Running => Ok(()),
+                _ => dom.resume(),
+            }
+        })
+    }
+
+    fn paused(&self, module: &Module) -> Result<Option<Paused>, DriverError> {
+        use virt::domain::{DomainPausedReason, DomainStateReason};
+        let what = format!("state of {}", module.domain);
+        self.with_conn(module, &what, |conn| {
+            let Some(dom) = Self::lookup(conn, module)? else {
+                return Ok(None);
+            };
+            let (state, reason) = dom.state()?;
+            if state != Enum::Known(DomainState::Paused) {
+                return Ok(None);
+            }
+            Ok(Some(match reason {
+                Enum::Known(DomainStateReason::Paused(Enum::Known(
+                    DomainPausedReason::Migration,
+                ))) => Paused::IncomingMigration,
+                Enum::Known(DomainStateReason::Paused(Enum::Known(DomainPausedReason::User))) => {
+                    Paused::User
+                }
+                _ => Paused::Other,
+            }))
+        })
     }
 
     fn refresh_xml(&self, module: &Module) -> Result<bool, DriverError> {
