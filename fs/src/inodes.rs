@@ -174,6 +174,11 @@ impl Inodes {
             .contains_key(&(st.st_dev, st.st_ino))
     }
 
+    /// How many nodes have an id (the root included).
+    pub fn len(&self) -> usize {
+        self.maps.read().by_id.len()
+    }
+
     /// Takes one more kernel reference on a known node (hard link).
     pub fn add_reference(&self, id: NodeId) {
         if let Some((_, count)) = self.maps.write().by_id.get_mut(&id) {

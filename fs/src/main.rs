@@ -71,6 +71,14 @@ enum Command {
         /// later attaches that peer and brings it up to date with a full copy.
         #[arg(long)]
         alone: bool,
+        /// Live swap destination: mount over the directory while this node's
+        /// receiver (`vmha-fs secondary`, same --backing and --state) still
+        /// applies the writer's changes. Opens and reads work, every change
+        /// fails with EROFS, nothing is written to --state and the peer is not
+        /// contacted until SIGUSR2 (become a connected writer, nothing copied)
+        /// or SIGUSR1 (write alone) activates it in place; SIGTERM unmounts.
+        #[arg(long, requires = "peer", conflicts_with = "alone")]
+        standby: bool,
         #[arg(long, value_name = "DIR")]
         state: PathBuf,
         #[arg(long, value_name = "FILE")]
@@ -170,6 +178,7 @@ fn main() -> ExitCode {
             peer,
             module,
             alone,
+            standby,
             state,
             key_file,
             lock_timeout_ms,
@@ -183,6 +192,7 @@ fn main() -> ExitCode {
             rate_limit: rate_limit_mb_s.checked_mul(1_000_000),
             al_extents: al_extents as usize,
             alone,
+            standby,
             generation,
             backing,
             mount,

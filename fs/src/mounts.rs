@@ -255,6 +255,40 @@ pub struct ReadOnlyBind {
     path: PathBuf,
 }
 
+/// A standby mount (`vmha-fs primary --standby`) takes the directory over from
+/// this node's receiver, which still runs: the receiver's read-only bind at
+/// `path` (the topmost mount there, read-only, not FUSE) is removed, so the
+/// standby opens the directory writable (for after its activation) and its own
+/// mount, which refuses every change while in standby, covers it instead.
+/// Returns whether a bind was removed.
+///
+/// A standby mount that stops without having been activated puts the bind
+/// back ([`restore_read_only`]): the receiver goes on, still protected.
+pub fn take_over_read_only(path: &Path) -> Result<bool, MountError> {
+    let top = mount_table()?.into_iter().rfind(|m| m.mount_point == path);
+    match top {
+        Some(m) if m.read_only && !m.fs_type.starts_with("fuse") => {
+            rustix::mount::unmount(path, UnmountFlags::empty()).map_err(|e| {
+                MountError::ReadOnly {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other(format!(
+                        "cannot remove the receiver's read-only bind: {e}"
+                    )),
+                }
+            })?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Puts back the read-only bind a standby mount took over (it stops without
+/// having been activated); the receiver removes it when it stops.
+pub fn restore_read_only(path: &Path) -> Result<(), MountError> {
+    std::mem::forget(ReadOnlyBind::new(path)?);
+    Ok(())
+}
+
 impl ReadOnlyBind {
     pub fn new(path: &Path) -> Result<Self, MountError> {
         let err = |source: rustix::io::Errno| MountError::ReadOnly {
@@ -291,6 +325,21 @@ fn kept_flags(has: &rustix::fs::StatVfsMountFlags) -> MountFlags {
 
 impl Drop for ReadOnlyBind {
     fn drop(&mut self) {
+        // Only a read-only bind that is the topmost mount there: a standby
+        // mount over the directory (a live swap) removed ours and must not be
+        // unmounted in its place (mount ids are reused at once: no use). A
+        // bind a standby mount put back when it stopped unactivated
+        // (`restore_read_only`) is this receiver's too.
+        let top = mount_table()
+            .ok()
+            .and_then(|t| t.into_iter().rfind(|m| m.mount_point == self.path));
+        let ours = top
+            .as_ref()
+            .is_some_and(|m| m.read_only && !m.fs_type.starts_with("fuse"));
+        if !ours {
+            tracing::info!(path = %self.path.display(), "read-only bind gone or covered (a standby mount took over): left alone");
+            return;
+        }
         if let Err(e) = rustix::mount::unmount(&self.path, UnmountFlags::DETACH) {
             tracing::warn!(path = %self.path.display(), "cannot remove read-only bind: {e}");
         }

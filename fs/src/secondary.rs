@@ -40,6 +40,11 @@ pub fn run(args: SecondaryConfig) -> Result<(), RunError> {
     let (state, key_file) = (state.as_path(), key_file.as_path());
     let key = ClusterKey::load(key_file)?;
     let backing = existing_dir("backing", &backing)?;
+    // A FUSE mount over the directory (a standby mount of a live swap, a
+    // writer's): the receiver would open the mount instead of the directory.
+    if crate::mounts::is_fuse_mounted(&backing)? {
+        return Err(RunError::AlreadyMounted(backing));
+    }
     let state_dir = Arc::new(StateDir::open(state)?);
     let tracker = Tracker::open(state_dir.path(), crate::track::DEFAULT_AL_EXTENTS)?;
     if let Some(reason) = state_dir.self_outdated() {

@@ -295,6 +295,8 @@ pub enum LinkCondition {
     Fenced,
     /// This node's own disk failed: the module must run on the peer.
     DiskFailed,
+    /// A mount in standby (a live swap's destination): no writer, no link yet.
+    Standby,
     /// A state this reader does not know (a newer vmha-fs): needs nothing.
     #[serde(other)]
     Unknown,
@@ -312,11 +314,34 @@ impl LinkCondition {
 }
 
 /// `STATEDIR/link.json` (written whenever the state changes; the last one wins).
+///
+/// A mount in standby (`vmha-fs primary --standby`, the destination of a live
+/// swap) writes `{"standby": true, "state": "standby"}`, with `"activation":
+/// "failed: <reason>"` after an activation (SIGUSR2) that failed; once it
+/// writes, the file is a writer's like any other (`standby` absent = false).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkStatus {
+    /// Set when the last activation of a standby mount failed (`failed: ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// The mount is in standby: opens and reads only, every change EROFS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
     pub state: LinkCondition,
+}
+
+impl LinkStatus {
+    /// A writer's link status (not in standby).
+    pub fn writer(state: LinkCondition, reason: Option<String>) -> Self {
+        LinkStatus {
+            activation: None,
+            reason,
+            standby: false,
+            state,
+        }
+    }
 }
 
 impl StatusFile for LinkStatus {
@@ -484,12 +509,23 @@ mod tests {
             "state": "in_sync", "done_bytes": 10, "total_bytes": 10, "error": null,
         });
         assert_eq!(sync.encode(), format!("{old}\n").into_bytes());
-        let link = LinkStatus {
-            state: LinkCondition::DiskFailed,
-            reason: Some("EIO".into()),
-        };
+        let link = LinkStatus::writer(LinkCondition::DiskFailed, Some("EIO".into()));
         let old = serde_json::json!({ "state": "disk_failed", "reason": "EIO" });
         assert_eq!(link.encode(), format!("{old}\n").into_bytes());
+        // A standby mount adds its fields; an old file reads as not in standby.
+        let standby = LinkStatus {
+            activation: Some("failed: connection refused".into()),
+            reason: None,
+            standby: true,
+            state: LinkCondition::Standby,
+        };
+        let text = serde_json::json!({
+            "activation": "failed: connection refused", "reason": null,
+            "standby": true, "state": "standby",
+        });
+        assert_eq!(standby.encode(), format!("{text}\n").into_bytes());
+        assert_eq!(LinkStatus::decode(&standby.encode()).unwrap(), standby);
+        assert!(!LinkStatus::decode(&link.encode()).unwrap().standby);
         let verify = VerifyStatus {
             state: VerifyPhase::Done,
             done_bytes: 1,

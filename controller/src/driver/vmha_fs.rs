@@ -1619,7 +1619,7 @@ mod tests {
                 (SyncPhase::Alone, None) => proptest::prop_assert_eq!(read, Ok(ResyncState::Idle)),
                 (SyncPhase::Alone, Some(_)) => proptest::prop_assert!(read.is_err()),
             }
-            let link = LinkStatus { state: LinkCondition::DiskFailed, reason: error.clone() };
+            let link = LinkStatus::writer(LinkCondition::DiskFailed, error.clone());
             proptest::prop_assert!(matches!(parse_link(p, &link.encode()), Ok(FsHealth::DiskFailed(_))));
             let verify = VerifyStatus {
                 state: VerifyPhase::Done,

@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -115,13 +115,37 @@ struct DirItem {
 /// for fsyncdir.
 type OpenDir = (Arc<Vec<DirItem>>, Arc<OwnedFd>);
 
+/// The writer behind a mount, set once. Absent while the mount is in standby
+/// (`vmha-fs primary --standby`: the destination of a live swap, whose
+/// receiver still applies the old writer's changes underneath): then opens
+/// and reads are served, and every change fails with EROFS.
+pub type WriterSlot = Arc<OnceLock<Arc<Replicator>>>;
+
+/// What turns a standby mount into a writer in place ([`Activation::install`]):
+/// the filesystem's own inode table, namespace lock and writer slot, shared
+/// with the FUSE session, so handles opened in standby stay valid.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    inodes: Arc<Inodes>,
+    namespace: Arc<RwLock<()>>,
+    writer: WriterSlot,
+    metrics: Arc<super::metrics::PrimaryMetrics>,
+    root_path: Vec<u8>,
+    max_size: u64,
+}
+
 /// The replicated filesystem.
 #[derive(Debug)]
 pub struct ReplicatedFs {
     inodes: Arc<Inodes>,
-    /// Where every mutation goes (order, record, send, apply, join, settle).
-    repl: Arc<Replicator>,
+    /// Where every mutation goes (order, record, send, apply, join, settle);
+    /// empty while in standby.
+    writer: WriterSlot,
+    /// The write path's counters (the replicator's, kept from the start).
+    metrics: Arc<super::metrics::PrimaryMetrics>,
     namespace: Arc<RwLock<()>>,
+    root_path: Vec<u8>,
+    max_size: u64,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
@@ -213,6 +237,131 @@ fn fallocate_repair(id: NodeId, mode: i32, offset: u64, len: u64) -> Repair {
     }
 }
 
+impl Activation {
+    /// Whether the mount is still in standby.
+    pub fn is_standby(&self) -> bool {
+        self.writer.get().is_none()
+    }
+
+    /// Makes the mount a writer through `link` (connected or alone), in place.
+    /// Connected, every node the kernel holds is first named to the peer's
+    /// receiver (`Bind`, top down) under the namespace lock, so operations on
+    /// handles opened in standby name the same files there; nothing else is
+    /// sent (the copies are identical: the caller guarantees it). Returns the
+    /// writer, or the one installed before.
+    pub fn install(
+        &self,
+        link: PeerLink,
+        tracker: Arc<Tracker>,
+        disk: Arc<DiskHealth>,
+    ) -> Result<Arc<Replicator>, Errno> {
+        let _no_lookups = self.namespace.write();
+        if let Some(writer) = self.writer.get() {
+            return Ok(writer.clone());
+        }
+        let repl = Replicator::new(
+            self.inodes.clone(),
+            link.clone(),
+            tracker,
+            disk,
+            self.root_path.clone(),
+            self.max_size,
+            self.metrics.clone(),
+        );
+        if link.state().replicates() {
+            let bound = self.bind_held(&link)?;
+            let held = self.inodes.len().saturating_sub(1);
+            if bound < held {
+                // Unlinked while open, or renamed underneath: not reachable by
+                // a name, so the peer cannot resolve it; a change to one fails
+                // there (the peer is then outdated, as for any divergence).
+                tracing::warn!(
+                    bound,
+                    held,
+                    "some nodes the kernel holds have no name to bind"
+                );
+            }
+            tracing::info!(bound, "named the nodes the kernel holds to the peer");
+        }
+        let _ = self.writer.set(repl.clone());
+        Ok(repl)
+    }
+
+    /// Walks the tree from the root into the directories the kernel holds and
+    /// binds every node it holds (its parent first). Called with the namespace
+    /// lock held: no lookup, so no new node, meanwhile.
+    fn bind_held(&self, link: &PeerLink) -> Result<usize, Errno> {
+        use rustix::fs::{AtFlags, Mode};
+        let mut bound = std::collections::HashSet::new();
+        let mut dirs = vec![crate::op::ROOT];
+        while let Some(dir_id) = dirs.pop() {
+            let dir = self.inodes.get(dir_id)?;
+            let listing = apply::reopen(dir.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+            let mut names = Vec::new();
+            let mut entries = rustix::fs::Dir::read_from(listing.as_fd())?;
+            while let Some(entry) = entries.read() {
+                let raw = entry?.file_name().to_bytes().to_vec();
+                if raw != b"." && raw != b".." {
+                    names.push(raw);
+                }
+            }
+            for raw in names {
+                let Ok(st) =
+                    rustix::fs::statat(dir.fd.as_fd(), raw.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                else {
+                    continue;
+                };
+                if !self.inodes.knows(&st) {
+                    continue;
+                }
+                let Ok(name) = Name::new(raw.clone()) else {
+                    continue;
+                };
+                let Ok(fd) = rustix::fs::openat(
+                    dir.fd.as_fd(),
+                    raw.as_slice(),
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) else {
+                    continue;
+                };
+                // A reference of our own while the Bind is queued: a forget
+                // meanwhile cannot send its Forget before our Bind.
+                let node = self.inodes.reference(fd, |_| {})?;
+                if bound.insert(node.id) {
+                    link.submit_nowait(Op::Bind {
+                        id: node.id,
+                        parent: dir_id,
+                        name,
+                    });
+                    if node.kind == FileType::Directory {
+                        dirs.push(node.id);
+                    }
+                }
+                if self.inodes.release_refs(node.id, 1) {
+                    link.submit_nowait(Op::Forget { id: node.id });
+                }
+            }
+        }
+        Ok(bound.len())
+    }
+
+    /// A syncer (attach, resync, verify) for the installed writer.
+    pub fn syncer(
+        &self,
+        repl: &Replicator,
+        progress: Arc<crate::resync::SyncProgress>,
+    ) -> crate::resync::Syncer {
+        crate::resync::Syncer::new(
+            self.inodes.clone(),
+            self.namespace.clone(),
+            repl.link.clone(),
+            progress,
+            repl.tracker.clone(),
+        )
+    }
+}
+
 impl ReplicatedFs {
     pub fn new(
         root: OwnedFd,
@@ -220,6 +369,15 @@ impl ReplicatedFs {
         tracker: Arc<Tracker>,
         disk: Arc<DiskHealth>,
     ) -> Result<Self, Errno> {
+        let fs = Self::standby(root)?;
+        fs.activation().install(link, tracker, disk)?;
+        Ok(fs)
+    }
+
+    /// A filesystem in standby: opens and reads are served from the backing
+    /// directory (which the node's receiver keeps changing), every change
+    /// fails with EROFS until [`Activation::install`].
+    pub fn standby(root: OwnedFd) -> Result<Self, Errno> {
         let root_path = fd_path(root.as_fd())?;
         // The largest file the backing filesystem accepts: a change reaching past
         // it fails with EFBIG before anything is recorded.
@@ -227,8 +385,11 @@ impl ReplicatedFs {
         tracing::debug!(max_size, "largest file the backing filesystem accepts");
         let inodes = Arc::new(Inodes::new(root)?);
         Ok(Self {
-            repl: Replicator::new(inodes.clone(), link, tracker, disk, root_path, max_size),
+            writer: Arc::default(),
+            metrics: Arc::default(),
             inodes,
+            root_path,
+            max_size,
             namespace: Arc::new(RwLock::new(())),
             handles: RwLock::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -236,21 +397,64 @@ impl ReplicatedFs {
         })
     }
 
-    /// What a full sync of a newly attached peer needs: the same inode table and
-    /// namespace lock as the filesystem, so that the copy is ordered with live I/O.
-    /// The write path's counters (published in `metrics.json`).
-    pub(crate) fn metrics(&self) -> Arc<super::metrics::PrimaryMetrics> {
-        self.repl.metrics.clone()
+    /// The handle that activates this filesystem (shared with it).
+    pub fn activation(&self) -> Activation {
+        Activation {
+            inodes: self.inodes.clone(),
+            namespace: self.namespace.clone(),
+            writer: self.writer.clone(),
+            metrics: self.metrics.clone(),
+            root_path: self.root_path.clone(),
+            max_size: self.max_size,
+        }
     }
 
-    pub fn syncer(&self, progress: Arc<crate::resync::SyncProgress>) -> crate::resync::Syncer {
-        crate::resync::Syncer::new(
-            self.inodes.clone(),
-            self.namespace.clone(),
-            self.repl.link.clone(),
-            progress,
-            self.repl.tracker.clone(),
-        )
+    /// The write path's counters (published in `metrics.json`).
+    pub(crate) fn metrics(&self) -> Arc<super::metrics::PrimaryMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The writer; EROFS while in standby (no change may happen then).
+    fn repl(&self) -> Result<&Arc<Replicator>, Errno> {
+        self.writer.get().ok_or(Errno::ROFS)
+    }
+
+    /// How long the kernel may keep names and attributes: not at all in
+    /// standby, where the receiver changes files underneath (sizes grow while
+    /// the old writer writes).
+    fn ttl(&self) -> Duration {
+        if self.writer.get().is_some() {
+            TTL
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// A setattr in standby: allowed only when it changes nothing (libvirt
+    /// relabels an image by chown/chmod to what it already is).
+    fn standby_setattr(&self, node: &Node, change: &AttrChange) -> Result<FileAttr, Errno> {
+        let st = rustix::fs::fstat(node.fd.as_fd())?;
+        let same_time = |t: Option<TimeOrNow>, sec: i64, nsec: i64| match t {
+            None => true,
+            Some(TimeOrNow::Now) => false,
+            Some(TimeOrNow::SpecificTime(t)) => {
+                let t = to_time(t);
+                t.sec == sec && i64::from(t.nsec) == nsec
+            }
+        };
+        let unchanged = change
+            .mode
+            .is_none_or(|m| m & 0o7777 == st.st_mode & 0o7777)
+            && change.uid.is_none_or(|u| u == st.st_uid)
+            && change.gid.is_none_or(|g| g == st.st_gid)
+            && change.size.is_none_or(|s| s == st.st_size as u64)
+            && same_time(change.atime, st.st_atime, st.st_atime_nsec as i64)
+            && same_time(change.mtime, st.st_mtime, st.st_mtime_nsec as i64);
+        if unchanged {
+            Ok(attr_of(node.id, &st))
+        } else {
+            Err(Errno::ROFS)
+        }
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -263,8 +467,9 @@ impl ReplicatedFs {
     }
 
     fn replicate_namespace(&self, what: &'static str, op: Op) -> Result<Applied, Errno> {
+        let repl = self.repl()?;
         let guard = self.namespace.write();
-        self.repl.apply_then_send(what, op, Repair::None, guard)
+        repl.apply_then_send(what, op, Repair::None, guard)
     }
 
     fn new_node(
@@ -299,6 +504,7 @@ impl ReplicatedFs {
         umask: u32,
         entry: NewEntry,
     ) -> Result<(Arc<Node>, FileAttr), Errno> {
+        self.repl()?;
         let name = name_of(name)?;
         let dir = self.inodes.get(parent.0)?;
         let is_dir = matches!(entry, NewEntry::Dir);
@@ -354,6 +560,9 @@ impl ReplicatedFs {
         self.handles.write().insert(fh, handle);
         let open_flags = if direct {
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        } else if self.writer.get().is_none() {
+            // Standby: no page cache, every read sees what the receiver applied.
+            FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::empty()
         };
@@ -367,16 +576,24 @@ impl ReplicatedFs {
         let fd = apply::lookup_beneath(dir.fd.as_fd(), &name)?;
         let st = rustix::fs::fstat(fd.as_fd())?;
         let node = self.inodes.reference(fd, |id| {
-            self.repl.bookkeeping(Op::Bind {
-                id,
-                parent: parent.0,
-                name: name.clone(),
-            })
+            // In standby nobody receives it: the activation binds what the
+            // kernel holds then.
+            if let Some(repl) = self.writer.get() {
+                repl.bookkeeping(Op::Bind {
+                    id,
+                    parent: parent.0,
+                    name: name.clone(),
+                })
+            }
         })?;
         Ok(attr_of(node.id, &st))
     }
 
     fn do_setattr(&self, ino: INodeNo, change: AttrChange) -> Result<FileAttr, Errno> {
+        let node = self.inodes.get(ino.0)?;
+        let Some(repl) = self.writer.get() else {
+            return self.standby_setattr(&node, &change);
+        };
         let AttrChange {
             mode,
             uid,
@@ -385,10 +602,9 @@ impl ReplicatedFs {
             atime,
             mtime,
         } = change;
-        let node = self.inodes.get(ino.0)?;
         if let Some(size) = size {
             let whole_file = node.ranges.lock(0, u64::MAX);
-            self.repl.apply_then_send(
+            repl.apply_then_send(
                 "truncate",
                 Op::Truncate { id: node.id, size },
                 Repair::Size { id: node.id },
@@ -419,6 +635,10 @@ impl ReplicatedFs {
     }
 
     fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let repl = match self.repl() {
+            Ok(r) => r,
+            Err(e) => return reply.error(fuse_err(e)),
+        };
         let handle = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(fuse_err(e)),
@@ -435,7 +655,7 @@ impl ReplicatedFs {
             ops.push(Op::Fsync { id, datasync: true });
         }
         let order = handle.node.ranges.lock(offset, offset.saturating_add(len));
-        let (started, metrics) = (std::time::Instant::now(), self.repl.metrics.clone());
+        let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
         let local = || {
             handle.io_fd(offset, buf.len()).and_then(|io| {
                 match apply::write_all_at(io.fd(), &buf, offset) {
@@ -446,7 +666,7 @@ impl ReplicatedFs {
                 }
             })
         };
-        self.repl.send_then_apply(
+        repl.send_then_apply(
             "write",
             ops,
             Repair::Range { id, offset, len },
@@ -474,7 +694,10 @@ impl ReplicatedFs {
             other => other,
         };
         // Reads are served here only: a media error on one is the disk failing.
-        let n = self.repl.watch("read", n)?;
+        let n = match self.writer.get() {
+            Some(repl) => repl.watch("read", n)?,
+            None => n?,
+        };
         buf.truncate(n);
         Ok(buf)
     }
@@ -487,8 +710,15 @@ impl ReplicatedFs {
         local: impl FnOnce() -> Result<(), Errno>,
         reply: ReplyEmpty,
     ) {
-        let (started, metrics) = (std::time::Instant::now(), self.repl.metrics.clone());
-        self.repl.send_then_apply(
+        let Some(repl) = self.writer.get() else {
+            // Standby: not a change; this copy's own sync (the receiver's data).
+            return match local() {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fuse_err(e)),
+            };
+        };
+        let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
+        repl.send_then_apply(
             "fsync",
             vec![Op::Fsync { id, datasync }],
             Repair::None,
@@ -536,9 +766,9 @@ impl ReplicatedFs {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, result: Result<FileAttr, Errno>) {
+fn reply_entry(reply: ReplyEntry, ttl: Duration, result: Result<FileAttr, Errno>) {
     match result {
-        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Ok(attr) => reply.entry(&ttl, &attr, Generation(0)),
         Err(e) => reply.error(fuse_err(e)),
     }
 }
@@ -570,18 +800,20 @@ impl fuser::Filesystem for ReplicatedFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.do_lookup(parent, name));
+        reply_entry(reply, self.ttl(), self.do_lookup(parent, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         if self.inodes.release_refs(ino.0, nlookup) {
-            self.repl.bookkeeping(Op::Forget { id: ino.0 });
+            if let Some(repl) = self.writer.get() {
+                repl.bookkeeping(Op::Forget { id: ino.0 });
+            }
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let attr = self.inodes.get(ino.0).and_then(|n| self.entry_attr(&n));
-        reply_with!(reply, attr, |r: ReplyAttr, a| r.attr(&TTL, &a))
+        reply_with!(reply, attr, |r: ReplyAttr, a| r.attr(&self.ttl(), &a))
     }
 
     fn setattr(
@@ -611,7 +843,7 @@ impl fuser::Filesystem for ReplicatedFs {
             mtime,
         };
         let attr = self.do_setattr(ino, change);
-        reply_with!(reply, attr, |r: ReplyAttr, a| r.attr(&TTL, &a))
+        reply_with!(reply, attr, |r: ReplyAttr, a| r.attr(&self.ttl(), &a))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -646,7 +878,7 @@ impl fuser::Filesystem for ReplicatedFs {
             let entry = NewEntry::File { kind, rdev };
             self.create_entry(req, parent, name, mode, umask, entry)
         });
-        reply_entry(reply, result.map(|(_, attr)| attr));
+        reply_entry(reply, self.ttl(), result.map(|(_, attr)| attr));
     }
 
     fn mkdir(
@@ -659,7 +891,7 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEntry,
     ) {
         let result = self.create_entry(req, parent, name, mode, umask, NewEntry::Dir);
-        reply_entry(reply, result.map(|(_, attr)| attr));
+        reply_entry(reply, self.ttl(), result.map(|(_, attr)| attr));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -702,7 +934,7 @@ impl fuser::Filesystem for ReplicatedFs {
                 let entry = NewEntry::Symlink(target);
                 self.create_entry(req, parent, link_name, 0o777, 0, entry)
             });
-        reply_entry(reply, result.map(|(_, attr)| attr));
+        reply_entry(reply, self.ttl(), result.map(|(_, attr)| attr));
     }
 
     fn rename(
@@ -751,7 +983,7 @@ impl fuser::Filesystem for ReplicatedFs {
             let node = self.inodes.get(ino.0)?;
             self.entry_attr(&node)
         })();
-        reply_entry(reply, result);
+        reply_entry(reply, self.ttl(), result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -994,7 +1226,7 @@ impl fuser::Filesystem for ReplicatedFs {
                 Ok((attr, fh, open_flags))
             });
         reply_with!(reply, result, |r: ReplyCreate, (a, fh, f)| r.created(
-            &TTL,
+            &self.ttl(),
             &a,
             Generation(0),
             FileHandle(fh),
@@ -1027,7 +1259,8 @@ impl fuser::Filesystem for ReplicatedFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let result = self.inodes.get(ino.0).and_then(|node| {
+        let result = self.repl().and_then(|repl| {
+            let node = self.inodes.get(ino.0)?;
             let keeps_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
             let end = if keeps_size {
                 offset.saturating_add(length)
@@ -1035,7 +1268,7 @@ impl fuser::Filesystem for ReplicatedFs {
                 u64::MAX
             };
             let order = node.ranges.lock(offset, end);
-            self.repl.apply_then_send(
+            repl.apply_then_send(
                 "fallocate",
                 Op::Fallocate {
                     id: node.id,
@@ -1087,6 +1320,7 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyWrite,
     ) {
         let result = (|| {
+            let repl = self.repl()?;
             let src = self.inodes.get(ino_in.0)?;
             let dst = self.inodes.get(ino_out.0)?;
             let len = len.min(u64::from(u32::MAX));
@@ -1112,22 +1346,22 @@ impl fuser::Filesystem for ReplicatedFs {
             // The peer copies exactly what was copied here.
             let src_fd = self.inodes.data_fd(src.id)?;
             let dst_fd = self.inodes.data_fd(dst.id)?;
-            self.repl.ready_for_change()?;
-            let _inflight = self.repl.record(&Op::CopyRange {
+            repl.ready_for_change()?;
+            let _inflight = repl.record(&Op::CopyRange {
                 src: src.id,
                 src_offset: offset_in,
                 dst: dst.id,
                 dst_offset: offset_out,
                 len,
             })?;
-            let copied = self.repl.watch(
+            let copied = repl.watch(
                 "copy_file_range",
                 apply::copy_range(src_fd.as_fd(), offset_in, dst_fd.as_fd(), offset_out, len),
             )?;
             if copied == 0 {
                 return Ok(0);
             }
-            self.repl.send_applied(
+            repl.send_applied(
                 "copy_file_range",
                 Op::CopyRange {
                     src: src.id,

@@ -68,6 +68,7 @@ impl Replicator {
         disk: Arc<DiskHealth>,
         root_path: Vec<u8>,
         max_size: u64,
+        metrics: Arc<super::metrics::PrimaryMetrics>,
     ) -> Arc<Self> {
         link.track(tracker.clone());
         Arc::new(Self {
@@ -75,7 +76,7 @@ impl Replicator {
             link,
             tracker,
             disk,
-            metrics: Arc::default(),
+            metrics,
             root_path,
             max_size,
         })

@@ -22,7 +22,7 @@ pub(crate) type Fenced = Arc<parking_lot::Mutex<Option<String>>>;
 /// network may be down: no error reaches us, writes just wait); `fenced` while
 /// the last attach was refused for a stale generation and the link writes alone.
 fn link_status(link: &PeerLink, disk: &DiskHealth, fenced: &Fenced, stall: Duration) -> LinkStatus {
-    let status = |state, reason| LinkStatus { state, reason };
+    let status = LinkStatus::writer;
     if let Some(failure) = disk.failure() {
         return status(LinkCondition::DiskFailed, Some(failure.to_string()));
     }
