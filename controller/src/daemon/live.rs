@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use vmha_fs::key::ClusterKey;
 
 use crate::config::{Config, Module, NodeIndex};
-use crate::driver::{DriverError, VmDriver};
+use crate::driver::VmDriver;
 
 /// Where the peer's libvirt is reached from this node for a module.
 #[derive(Clone)]
@@ -33,35 +33,28 @@ impl std::fmt::Debug for LiveTarget {
 
 impl LiveTarget {
     pub(super) fn of(config: &Config, module: &Module, node: NodeIndex, key: &ClusterKey) -> Self {
-        let run_dir = config
-            .cluster
-            .control_socket
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("/run/vmha"));
-        let peer_node = config.node(node.peer());
-        let peer = peer_node
-            .addresses
-            .get(module.replication_network)
-            .or_else(|| peer_node.addresses.first())
-            .map(|ip| SocketAddr::new(*ip, config.cluster.channel_port));
         LiveTarget {
-            run_dir,
-            peer,
+            run_dir: crate::migrate::run_dir(config),
+            peer: crate::migrate::peer_channel_addr(config, node.peer(), module),
             key: key.clone(),
         }
     }
 }
 
 /// Live-migrates the module's domain to the peer through a forwarded
-/// libvirt socket that lives as long as the migration.
-pub(super) fn migrate(
-    target: &LiveTarget,
-    vm: &dyn VmDriver,
-    module: &Module,
-) -> Result<(), DriverError> {
-    let _ = (target, vm, module);
-    Err(DriverError::Unsupported(
-        "live migration through the daemon channel".into(),
-    ))
+/// libvirt socket ([`crate::migrate::Forwarder`]) that lives as long as the
+/// migration. The driver checks the disks first (in the module's mount,
+/// `cache='none'`).
+pub(super) fn migrate(target: &LiveTarget, vm: &dyn VmDriver, module: &Module) -> Result<(), String> {
+    let peer = target.peer.ok_or_else(|| {
+        format!(
+            "no address of the peer on replication network {}",
+            module.replication_network
+        )
+    })?;
+    let forwarder = crate::migrate::Forwarder::start(&target.run_dir, peer, &target.key, &module.name)
+        .map_err(|e| e.to_string())?;
+    let result = vm.migrate_live(module, forwarder.socket());
+    drop(forwarder);
+    result.map_err(|e| e.to_string())
 }
