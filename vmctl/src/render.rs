@@ -312,6 +312,7 @@ mod tests {
             disk: Some(Disk::Ok),
             maintenance: false,
             left: false,
+            swap_phase: None,
             generation: Some("0123456789abcdef0123456789abcdef".into()),
             resync: None,
             since_ms: Some(192_000),

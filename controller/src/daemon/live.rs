@@ -45,15 +45,20 @@ impl LiveTarget {
 /// libvirt socket ([`crate::migrate::Forwarder`]) that lives as long as the
 /// migration. The driver checks the disks first (in the module's mount,
 /// `cache='none'`).
-pub(super) fn migrate(target: &LiveTarget, vm: &dyn VmDriver, module: &Module) -> Result<(), String> {
+pub(super) fn migrate(
+    target: &LiveTarget,
+    vm: &dyn VmDriver,
+    module: &Module,
+) -> Result<(), String> {
     let peer = target.peer.ok_or_else(|| {
         format!(
             "no address of the peer on replication network {}",
             module.replication_network
         )
     })?;
-    let forwarder = crate::migrate::Forwarder::start(&target.run_dir, peer, &target.key, &module.name)
-        .map_err(|e| e.to_string())?;
+    let forwarder =
+        crate::migrate::Forwarder::start(&target.run_dir, peer, &target.key, &module.name)
+            .map_err(|e| e.to_string())?;
     let result = vm.migrate_live(module, forwarder.socket());
     drop(forwarder);
     result.map_err(|e| e.to_string())

@@ -197,6 +197,8 @@ struct ModuleView {
     resync: Option<ResyncStatus>,
     /// The peer's controller is down while its data path is alive.
     peer_controller_down: bool,
+    /// The last live swap started here: its number and, when it failed, why.
+    live_outcome: (u32, Option<String>),
     /// The module's first event (`Start` or `Adopt`) was handled: until then
     /// it is not in our heartbeats (its initial STOP would make a SECOND take
     /// over a writer that is about to be adopted).
@@ -396,6 +398,7 @@ impl Factory {
             changed_bytes: 0,
             resync: None,
             peer_controller_down: false,
+            live_outcome: (0, None),
             announced,
         });
         let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
@@ -994,7 +997,7 @@ impl DaemonHandle {
         let module = match request {
             Request::Start { module }
             | Request::Stop { module }
-            | Request::Swap { module }
+            | Request::Swap { module, .. }
             | Request::Prim { module }
             | Request::Verify { module }
             | Request::Maintenance { module, .. } => module.clone(),

@@ -503,6 +503,7 @@ impl Runner {
             changed_bytes: self.changed_bytes,
             resync,
             peer_controller_down: self.state.peer_controller_down,
+            live_outcome: self.state.live_outcome.clone(),
             announced: self.announced,
         });
     }

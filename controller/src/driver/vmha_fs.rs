@@ -257,7 +257,12 @@ impl VmhaFsDriver {
 
     /// The standby's command for directory `i`: `primary --standby` with
     /// the writer's settings and this node's receiver's state directory.
-    fn standby_command(&self, module: &Module, i: usize, dir: &Path) -> Result<Command, DriverError> {
+    fn standby_command(
+        &self,
+        module: &Module,
+        i: usize,
+        dir: &Path,
+    ) -> Result<Command, DriverError> {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("primary")
             .arg("--standby")
@@ -867,7 +872,10 @@ fn wait_activated(child: &mut Proc, state: &Path, dir: &Path) -> Result<(), Driv
     let deadline = Instant::now() + MOUNT_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(DriverError::failed(what, format!("vmha-fs exited: {status}")));
+            return Err(DriverError::failed(
+                what,
+                format!("vmha-fs exited: {status}"),
+            ));
         }
         if let Ok(bytes) = std::fs::read(state.join(LINK_FILE)) {
             if let Ok(link) = serde_json::from_slice::<LinkStatus>(&bytes) {
