@@ -11,17 +11,26 @@
 //!   non-zero, never falls back, and the VM keeps running on the PRIM with
 //!   its SECOND back to plain SECOND (no standby, no paused instance).
 //!
-//! Both in one cluster start (CI time): the refusal comes last since the
+//! - the source node killed mid-migration (its SECOND in standby, the
+//!   migration running or about to): the destination drops its standby and
+//!   any paused instance and fails over as from any lost PRIM, booting the
+//!   guest from a disk holding every acknowledged counter; the killed node
+//!   comes back as SECOND.
+//!
+//! All in one cluster start (CI time): the refusal comes last since the
 //! hot-plugged disk cannot be removed from this guest again.
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use vmha_test_infra::cluster_vm::{Timing, VmCluster, MODULE};
+use vmha_test_infra::cluster_vm::{workspace_bin, Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::Console;
 use vmha_test_infra::node::one_cluster_at_a_time;
-use vmha_test_infra::scenario::{more_counters, qemu_pids, running_pair, runs_vm, STATE_TIMEOUT};
+use vmha_test_infra::scenario::{
+    more_counters, qemu_pids, running_pair, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT,
+};
 use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
 
 const NODES: [&str; 2] = ["node1", "node2"];
@@ -131,16 +140,104 @@ fn live_swap(vc: &VmCluster, from: usize, to: usize) -> Result<()> {
     Ok(())
 }
 
+/// `swap --live` on node1 (PRIM), node1 killed once node2 is in standby.
+fn source_killed_mid_migration(vc: &mut VmCluster) -> Result<()> {
+    more_counters(vc, 0, 3, Duration::from_secs(60))?;
+    // What node2's console holds now: the part the guest ran there before
+    // (its last line may be cut by the migration back: parsed apart).
+    let dst_console = vc.console(1)?;
+    let dst_offset = std::fs::metadata(&dst_console)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let vmctl = workspace_bin("vmctl", "VMCTL_BIN")?;
+    let mut swap = vc
+        .node(0)
+        .command(&vmctl)
+        .arg("--config")
+        .arg(vc.config())
+        .args(["swap", "--live"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn vmctl swap --live")?;
+    let standby = wait_status(vc, 1, "node2 in standby", STATE_TIMEOUT, |s| {
+        entry(s, "node2")["swap_phase"].as_str() == Some("standby")
+    });
+    // The last counter node1 acknowledged before it dies.
+    let acked = Console::read(&vc.console(0)?)?
+        .last_counter()
+        .context("no counter on node1")?;
+    let killed = vc.crash(0)?;
+    let _ = swap.wait();
+    standby?;
+    eprintln!("[live_swap] node1 killed mid-migration ({killed} processes), last counter {acked}");
+    wait_status(vc, 1, "node2 ALONE", STATE_TIMEOUT, |s| {
+        state(s, "node2") == Some("ALONE") && primary(s) == Some("node2")
+    })?;
+    // Failed over: the guest boots on node2 from a disk holding every
+    // acknowledged counter (the migrated instance, if any, was dropped).
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let c = loop {
+        let text = std::fs::read(&dst_console).unwrap_or_default();
+        let tail = text.get(usize::try_from(dst_offset)?..).unwrap_or_default();
+        let c = Console::parse(&format!("\n{}", String::from_utf8_lossy(tail)));
+        if !c.boots.is_empty() && c.counters.len() >= 2 {
+            break c;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no boot and counters on node2 after the failover: {c:?}\n{}",
+                vc.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(c.boots.len() == 1, "boots on node2: {:?}", c.boots);
+    let boot = c.boots[0];
+    ensure!(
+        boot >= acked,
+        "acknowledged counter lost: {acked} acknowledged, node2 booted from {boot}"
+    );
+    ensure!(
+        c.counters[0] == boot + 1,
+        "node2 resumed at {} after booting from {boot}",
+        c.counters[0]
+    );
+    c.check_monotonic()?;
+    ensure!(
+        qemu_pids(vc, 1)?.len() == 1,
+        "QEMU on node2: {:?}",
+        qemu_pids(vc, 1)?
+    );
+    eprintln!("[live_swap] node2 booted from {:?}", c.boots.last());
+    // node1 comes back as node2's SECOND.
+    vc.reboot(0)?;
+    vc.start_vmhad(0)?;
+    wait_status(vc, 1, "node1 SECOND ready", SYNC_TIMEOUT, |s| {
+        state(s, "node1") == Some("SECOND")
+            && ready(s, "node1")
+            && state(s, "node2") == Some("PRIM")
+    })?;
+    Ok(())
+}
+
 #[test]
-fn live_swap_there_and_back_and_a_refused_migration() -> Result<()> {
+fn live_swap_there_and_back_and_its_abort_points() -> Result<()> {
     let _one = one_cluster_at_a_time();
-    let vc = running_pair(&Timing::default())?;
+    let mut vc = running_pair(&Timing::default())?;
 
     live_swap(&vc, 0, 1)?;
     live_swap(&vc, 1, 0)?;
+    source_killed_mid_migration(&mut vc)?;
+    refused(&vc, 1)
+}
 
-    // Refused: a disk outside the module's directories.
-    let node = vc.node(0);
+/// A disk outside the module's directories refuses the live swap from
+/// node `prim`: exit non-zero, the VM stays, the SECOND is plain SECOND.
+fn refused(vc: &VmCluster, prim: usize) -> Result<()> {
+    let second = 1 - prim;
+    let (p, q) = (NODES[prim], NODES[second]);
+    let node = vc.node(prim);
     node.run(
         "qemu-img",
         &["create", "-q", "-f", "raw", "/var/tmp/outside.img", "1M"],
@@ -154,9 +251,10 @@ fn live_swap_there_and_back_and_a_refused_migration() -> Result<()> {
         "--cache",
         "none",
     ])?;
-    let counters = Console::read(&vc.console(0)?)?.counters.len();
+    let counters = Console::read(&vc.console(prim)?)?.counters.len();
+    let boots = Console::read(&vc.console(prim)?)?.boots;
     let t = Instant::now();
-    let refused = vc.vmctl(0, &["swap", "--live"]);
+    let refused = vc.vmctl(prim, &["swap", "--live"]);
     let err = match refused {
         Ok(out) => bail!("swap --live with a disk outside the mount succeeded: {out}"),
         Err(e) => format!("{e:#}"),
@@ -167,20 +265,26 @@ fn live_swap_there_and_back_and_a_refused_migration() -> Result<()> {
         err.contains("outside.img"),
         "the error does not name the disk: {err}"
     );
-    // The VM runs on node1 and goes on counting; node2 is a plain SECOND.
-    ensure!(runs_vm(&vc, 0)?, "{MODULE} no longer runs on node1");
-    let c = more_counters(&vc, 0, 3, Duration::from_secs(60))?;
+    // The VM runs on the PRIM and goes on counting; the SECOND is plain.
+    ensure!(runs_vm(vc, prim)?, "{MODULE} no longer runs on {p}");
+    let c = more_counters(vc, prim, 3, Duration::from_secs(60))?;
     ensure!(c.counters.len() >= counters + 3);
-    ensure!(c.boots == vec![0], "the guest rebooted: {:?}", c.boots);
-    let s = wait_status(&vc, 0, "node2 plain SECOND again", STATE_TIMEOUT, |s| {
-        state(s, "node1") == Some("PRIM")
-            && state(s, "node2") == Some("SECOND")
-            && ready(s, "node2")
-            && entry(s, "node1")["swap_phase"].is_null()
-            && entry(s, "node2")["swap_phase"].is_null()
-    })?;
-    ensure!(primary(&s) == Some("node1"), "{s}");
-    ensure!(!runs_vm(&vc, 1)?, "a {MODULE} instance is left on node2");
-    ensure!(qemu_pids(&vc, 1)?.is_empty(), "QEMU left on node2");
+    ensure!(c.boots == boots, "the guest rebooted: {:?}", c.boots);
+    let s = wait_status(
+        vc,
+        prim,
+        &format!("{q} plain SECOND again"),
+        STATE_TIMEOUT,
+        |s| {
+            state(s, p) == Some("PRIM")
+                && state(s, q) == Some("SECOND")
+                && ready(s, q)
+                && entry(s, p)["swap_phase"].is_null()
+                && entry(s, q)["swap_phase"].is_null()
+        },
+    )?;
+    ensure!(primary(&s) == Some(p), "{s}");
+    ensure!(!runs_vm(vc, second)?, "a {MODULE} instance is left on {q}");
+    ensure!(qemu_pids(vc, second)?.is_empty(), "QEMU left on {q}");
     Ok(())
 }
