@@ -246,7 +246,12 @@ async fn prim_then_failover_when_node1_dies() {
 async fn swap_moves_the_vm_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let (n1, n2, _) = running_pair(dir.path()).await;
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n2.wait_role("node2", Role::Prim, true).await;
     n2.wait_role("node1", Role::Second, true).await;
@@ -256,7 +261,12 @@ async fn swap_moves_the_vm_and_back() {
     .await;
     // Swap asked on the SECOND this time (once it knows node2 is PRIM).
     n1.wait_role("node2", Role::Prim, true).await;
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n1.wait_role("node1", Role::Prim, true).await;
     n1.wait_role("node2", Role::Second, true).await;
@@ -268,6 +278,7 @@ async fn swap_moves_the_vm_and_back() {
     let r = n1
         .request(Request::Swap {
             module: Some("nope".into()),
+            live: false,
         })
         .await;
     assert!(!r.ok);
@@ -285,7 +296,12 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
     let (n1, n2, _) = running_pair(dir.path()).await;
     let before = n1.status().modules[0].nodes["node1"].generation.clone();
     n2.fs.set_failing("mount_writer_connected", true);
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n2.wait_role("node2", Role::Prim, true).await;
     n2.wait("VM on node2 only", |_| {
@@ -331,7 +347,12 @@ async fn swap_whose_vm_stop_fails_is_aborted_and_the_vm_stays() {
     let dir = tempfile::tempdir().unwrap();
     let (n1, n2, _) = running_pair(dir.path()).await;
     n1.vm.set_failing("stop", true);
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(!r.ok, "{r:?}");
     assert!(
         r.error
@@ -360,7 +381,12 @@ async fn swap_whose_vm_stop_fails_is_aborted_and_the_vm_stays() {
     );
     // The stop works again: the operator's swap goes through.
     n1.vm.set_failing("stop", false);
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n2.wait_role("node2", Role::Prim, true).await;
     n2.wait("VM on node2 only", |_| {
@@ -511,6 +537,8 @@ fn forged_beat(role: Role) -> Vec<u8> {
                 disk: Default::default(),
                 maintenance: false,
                 left: false,
+                live_swap: false,
+                swap_phase: None,
             },
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
