@@ -1814,6 +1814,31 @@ default_primary = "node1"
     }
 
     #[test]
+    fn swap_is_per_module_defaults_to_stop_and_rejects_unknown_modes() {
+        let vm2 = "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102";
+        let plain = Config::from_toml_str(&with_module(vm2)).unwrap();
+        let config =
+            Config::from_toml_str(&with_module(&format!("{vm2}\nswap = \"live\""))).unwrap();
+        assert_eq!(config.module("vm1").unwrap().swap, SwapMode::Stop);
+        assert_eq!(config.module("vm2").unwrap().swap, SwapMode::Live);
+        // `stop` written out hashes as the key left out (older daemons).
+        let stop = Config::from_toml_str(&with_module(&format!("{vm2}\nswap = \"stop\""))).unwrap();
+        assert_eq!(stop.hash(), plain.hash());
+        assert_ne!(config.hash(), plain.hash());
+        let bad = with_module(&format!("{vm2}\nswap = \"fast\""));
+        let problems = check_text(&bad).unwrap_err();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| p.render("vmha.toml", &bad))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|l| l.contains("swap") && l.contains("live")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
     fn defaults_equal_the_design_example_and_hash_alike() {
         // Except the failover timing (issue 11: 200 / 1500 ms, not 500 / 3000).
         let example = DESIGN_EXAMPLE
