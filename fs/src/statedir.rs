@@ -8,7 +8,10 @@
 //!   wrote); a primary refuses to start on it, a secondary reports an unknown
 //!   history (full compare) and removes it once in sync;
 //! - `link.json`: `{"state", "reason"}` of the primary's link; `disk_failed` when
-//!   this node's disk failed (the module must run on the peer);
+//!   this node's disk failed (the module must run on the peer); a standby mount
+//!   writes `{"standby": true, "state": "standby"}` there (and `activation`
+//!   after a failed one) without this type, since the receiver holds the lock
+//!   until it exits ([`StateDir::wait_for_lock`] takes it over then);
 //! - `sync.json`, `verify.json`, `changed_bytes`: progress and reports.
 //!
 //! Every file is replaced whole through [`crate::atomic`].
@@ -19,6 +22,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 
 use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::FlockOperation;
 
@@ -38,6 +42,37 @@ pub enum StateError {
     },
     #[error("state directory {0} is in use by another vmha-fs process")]
     Locked(PathBuf),
+}
+
+/// The state directory's lock, awaited ([`StateDir::wait_for_lock`]).
+#[derive(Debug)]
+pub struct LockWaiter {
+    path: PathBuf,
+    held: Arc<std::sync::OnceLock<File>>,
+}
+
+impl LockWaiter {
+    /// Whether the lock is held (the receiver exited).
+    pub fn is_held(&self) -> bool {
+        self.held.get().is_some()
+    }
+
+    /// The state directory, once the lock is held (it stays held by the
+    /// waiter whatever becomes of the returned value); `Locked` before.
+    pub fn open(&self) -> Result<StateDir, StateError> {
+        let Some(lock) = self.held.get() else {
+            return Err(StateError::Locked(self.path.clone()));
+        };
+        let lock = lock.try_clone().map_err(|source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(StateDir {
+            path: self.path.clone(),
+            _lock: lock,
+            writing: Mutex::new(()),
+        })
+    }
 }
 
 /// An opened, exclusively locked state directory.
@@ -82,6 +117,51 @@ impl StateDir {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Waits in a thread of its own for the state directory's lock (held by
+    /// this node's receiver while a standby mount serves the directory): taken
+    /// as soon as the receiver exits, and kept until this process ends, so the
+    /// directory is never without a vmha-fs holding it (the controller cleans
+    /// up a mount only when nobody holds the lock). Opening the lock file
+    /// writes nothing.
+    pub fn wait_for_lock(path: &Path) -> Result<LockWaiter, StateError> {
+        let io = |source| StateError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path.join(LOCK))
+            .map_err(io)?;
+        let held: Arc<std::sync::OnceLock<File>> = Arc::default();
+        let slot = held.clone();
+        let shown = path.display().to_string();
+        std::thread::Builder::new()
+            .name("state-lock".into())
+            .spawn(
+                move || match rustix::fs::flock(lock.as_fd(), FlockOperation::LockExclusive) {
+                    Ok(()) => {
+                        tracing::info!(
+                            state = shown,
+                            "the receiver released the state directory; holding its lock"
+                        );
+                        let _ = slot.set(lock);
+                    }
+                    Err(e) => tracing::error!(
+                        state = shown,
+                        "cannot wait for the state directory's lock: {e}"
+                    ),
+                },
+            )
+            .map_err(io)?;
+        Ok(LockWaiter {
+            path: path.to_path_buf(),
+            held,
+        })
     }
 
     /// Records durably that the peer's copy can no longer be trusted, and why.

@@ -25,6 +25,9 @@ use vmha_test_infra::{is_mount_point, Child, Pair, PairOptions};
 
 const IMAGE: &str = "disk.img";
 const MIB: usize = 1 << 20;
+/// What B writes after the flip: a block, "written by B", "nested", "in a
+/// held directory".
+const NEW_BYTES: u64 = 4096 + 12 + 6 + 19;
 
 /// Bytes unique to `salt` (and position).
 fn pattern(len: usize, salt: u8) -> Vec<u8> {
@@ -153,6 +156,22 @@ fn every_change_is_erofs(dir: &Path, rw: &File) -> Result<()> {
         rustix::fs::setxattr(&image, "user.vmha", b"1", rustix::fs::XattrFlags::empty())
             .map_err(std::io::Error::from),
     )?;
+    // libvirt's remembered owner: "not supported" in standby (libvirt then
+    // skips remembering instead of failing the incoming migration).
+    for r in [
+        rustix::fs::setxattr(
+            &image,
+            "trusted.libvirt.security.ref_dac",
+            b"2",
+            rustix::fs::XattrFlags::empty(),
+        ),
+        rustix::fs::getxattr(&image, "trusted.libvirt.security.ref_dac", &mut [0u8; 16]).map(drop),
+    ] {
+        ensure!(
+            r == Err(rustix::io::Errno::NOTSUP),
+            "libvirt's label xattr in standby: {r:?}"
+        );
+    }
     let mode = std::fs::metadata(&image)?.permissions().mode() & 0o7777;
     is_erofs(
         "chmod to another mode",
@@ -188,6 +207,30 @@ fn listing(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
+/// Waits until someone holds `state`'s lock (the standby, once the receiver
+/// exited).
+fn wait_state_locked(state: &Path) -> Result<()> {
+    let lock = OpenOptions::new()
+        .write(true)
+        .open(state.join(vmha_fs::status::LOCK))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(()),
+            Ok(()) => {
+                rustix::fs::flock(&lock, rustix::fs::FlockOperation::Unlock)?;
+            }
+            Err(e) => bail!("flock: {e}"),
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "nobody holds {} after the receiver exited",
+            state.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn metrics(state: &Path) -> Result<FsMetrics> {
     FsMetrics::read_from(state)?.context("no metrics.json")
 }
@@ -202,6 +245,13 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
     std::fs::write(a.join(IMAGE), &first)?;
     std::fs::create_dir(a.join("sub"))?;
     std::fs::write(a.join("sub/f"), b"in sub")?;
+    // What libvirt remembers on the writer (a real xattr there).
+    rustix::fs::setxattr(
+        a.join(IMAGE),
+        "trusted.libvirt.security.ref_dac",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )?;
     let a_port = free_port()?;
     let mut standby = start_standby(&p, a_port, None)?;
     let link = LinkStatus::read_from(p.secondary_state())?.context("no link.json in standby")?;
@@ -269,6 +319,11 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
         "a name removed on A is still seen through B"
     );
     vmha_test_infra::assert_same_tree(&a, &b)?;
+    // A nested file held open from standby (its directory bound first).
+    let nested = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.join("d2/y"))?;
     // Every change fails and changes nothing.
     let before = listing(&b)?;
     every_change_is_erofs(&b, &rw)?;
@@ -291,11 +346,13 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
     );
     let sec = p.secondary().context("no secondary")?;
     stop(sec)?;
-    // The receiver's exit left the standby mount alone.
+    // The receiver's exit left the standby mount alone, and the standby
+    // holds the state directory from then on (nobody may clean it up).
     ensure!(
         vmha_fs::mounts::is_fuse_mounted(&b)?,
         "stopping B's receiver unmounted the standby mount"
     );
+    wait_state_locked(p.secondary_state())?;
     let _receiver_a = start_receiver_a(&p, a_port, "2")?;
     write_generation(p.secondary_state(), "2")?;
     signal(standby.pid(), libc::SIGUSR2)?;
@@ -309,18 +366,25 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
         .context("write through the fd opened in standby")?;
     rw.sync_all()?;
     std::fs::write(b.join("after"), b"written by B")?;
+    nested.write_all_at(b"nested", 0)?;
+    nested.sync_all()?;
+    drop(nested);
+    std::fs::write(b.join("d2/new"), b"in a held directory")?;
     let on_a = std::fs::read(p.primary_backing().join(IMAGE))?;
     ensure!(
         on_a[4096..8192] == pattern(4096, 3)[..],
         "B's write did not arrive on A"
     );
     ensure!(std::fs::read(p.primary_backing().join("after"))? == b"written by B");
+    ensure!(std::fs::read(p.primary_backing().join("d2/y"))? == b"nested");
+    ensure!(std::fs::read(p.primary_backing().join("d2/hard"))? == b"nested");
+    ensure!(std::fs::read(p.primary_backing().join("d2/new"))? == b"in a held directory");
     // No resync: only the writes since the activation went to A.
     let deadline = Instant::now() + Duration::from_secs(10);
     let m = loop {
         let m = metrics(p.secondary_state());
         if let Ok(m) = &m {
-            if m.replicated_bytes >= 4096 + 12 {
+            if m.replicated_bytes >= NEW_BYTES {
                 break m.clone();
             }
         }
@@ -328,7 +392,7 @@ fn standby_mount_serves_the_receivers_copy_refuses_changes_and_flips_in_place() 
         std::thread::sleep(Duration::from_millis(100));
     };
     ensure!(
-        m.replicated_bytes == 4096 + 12,
+        m.replicated_bytes == NEW_BYTES,
         "more than the new writes travelled: {m:?}"
     );
     ensure!(
@@ -381,6 +445,20 @@ fn standby_activation_that_fails_stays_standby_and_sigusr1_writes_alone() -> Res
         "no log line for the failed activation"
     );
     is_erofs("pwrite after a failed activation", rw.write_at(b"x", 0))?;
+    // A receiver there that serves another generation refuses us (fencing).
+    let _receiver_a = start_receiver_a(&p, unreachable, "5")?;
+    let _ = std::fs::remove_file(p.secondary_state().join(LinkStatus::FILE));
+    signal(standby.pid(), libc::SIGUSR2)?;
+    let link = wait_link(p.secondary_state(), "a refused activation", |l| {
+        l.activation.is_some()
+    })?;
+    ensure!(link.standby, "{link:?}");
+    let reason = link.activation.unwrap_or_default();
+    ensure!(
+        reason.starts_with("failed: ") && reason.contains("generation"),
+        "{reason}"
+    );
+    is_erofs("pwrite after a refused activation", rw.write_at(b"x", 0))?;
     ensure!(
         !p.secondary_state().join("peer-outdated").exists(),
         "a failed activation recorded the peer outdated"
@@ -444,11 +522,21 @@ fn standby_sigterm_unmounts_writes_nothing_and_gives_the_receiver_its_protection
 /// the source's clean exit drains them all to B before it ends.
 #[test]
 fn standby_flip_after_protocol_flush_writes_without_fsync_loses_nothing() -> Result<()> {
-    let mut p = pair(Some("flush"))?;
+    flip_after_writes_without_fsync("flush")
+}
+
+/// Protocol B: writes acknowledged when received.
+#[test]
+fn standby_flip_after_protocol_b_writes_without_fsync_loses_nothing() -> Result<()> {
+    flip_after_writes_without_fsync("B")
+}
+
+fn flip_after_writes_without_fsync(protocol: &'static str) -> Result<()> {
+    let mut p = pair(Some(protocol))?;
     let a = p.mount().to_path_buf();
     let b = p.secondary_backing().to_path_buf();
     let a_port = free_port()?;
-    let mut standby = start_standby(&p, a_port, Some("flush"))?;
+    let mut standby = start_standby(&p, a_port, Some(protocol))?;
     let mut expected = Vec::new();
     {
         let f = File::create(a.join(IMAGE))?;
@@ -478,9 +566,9 @@ fn standby_flip_after_protocol_flush_writes_without_fsync_loses_nothing() -> Res
         l.state == LinkCondition::Connected
     })
     .with_context(|| standby.stderr_text())?;
-    std::fs::write(b.join("after"), b"flush")?;
+    std::fs::write(b.join("after"), protocol)?;
     File::open(b.join("after"))?.sync_all()?;
-    ensure!(std::fs::read(p.primary_backing().join("after"))? == b"flush");
+    ensure!(std::fs::read(p.primary_backing().join("after"))? == protocol.as_bytes());
     ensure!(std::fs::read(p.primary_backing().join(IMAGE))? == expected);
     stop(&mut standby)?;
     Ok(())

@@ -33,6 +33,8 @@ use crate::primary::{DiskHealth, Repair, Replicator};
 use crate::track::Tracker;
 
 const TTL: Duration = Duration::from_secs(1);
+/// The xattrs where libvirt remembers a file's original owner.
+const LIBVIRT_LABELS: &[u8] = b"trusted.libvirt.security.";
 const MAX_WRITE: u32 = 1 << 20;
 const DIRECT_ALIGN: u64 = 512;
 
@@ -293,9 +295,11 @@ impl Activation {
     fn bind_held(&self, link: &PeerLink) -> Result<usize, Errno> {
         use rustix::fs::{AtFlags, Mode};
         let mut bound = std::collections::HashSet::new();
-        let mut dirs = vec![crate::op::ROOT];
-        while let Some(dir_id) = dirs.pop() {
-            let dir = self.inodes.get(dir_id)?;
+        // Nodes, not ids: a directory the kernel forgets meanwhile is still
+        // walked (its Bind went out before its Forget).
+        let mut dirs = vec![self.inodes.get(crate::op::ROOT)?];
+        while let Some(dir) = dirs.pop() {
+            let dir_id = dir.id;
             let listing = apply::reopen(dir.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
             let mut names = Vec::new();
             let mut entries = rustix::fs::Dir::read_from(listing.as_fd())?;
@@ -335,7 +339,7 @@ impl Activation {
                         name,
                     });
                     if node.kind == FileType::Directory {
-                        dirs.push(node.id);
+                        dirs.push(node.clone());
                     }
                 }
                 if self.inodes.release_refs(node.id, 1) {
@@ -427,6 +431,19 @@ impl ReplicatedFs {
             TTL
         } else {
             Duration::ZERO
+        }
+    }
+
+    /// In standby, libvirt's remembered-owner attributes
+    /// (`trusted.libvirt.security.*`, `remember_owner = 1`, Debian's default)
+    /// are "not supported" (ENOTSUP): the destination's libvirt then skips
+    /// remembering (its refcount would be a change, EROFS, and fail the
+    /// incoming migration) and relabels to the owner the file already has.
+    fn hide_libvirt_label(&self, name: &OsStr) -> Result<(), Errno> {
+        if self.writer.get().is_none() && name.as_bytes().starts_with(LIBVIRT_LABELS) {
+            Err(Errno::NOTSUP)
+        } else {
+            Ok(())
         }
     }
 
@@ -1171,6 +1188,7 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEmpty,
     ) {
         let result = (|| {
+            self.hide_libvirt_label(name)?;
             self.replicate_namespace(
                 "setxattr",
                 Op::SetXattr {
@@ -1186,7 +1204,8 @@ impl fuser::Filesystem for ReplicatedFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let value = self
-            .node_proc_path(ino)
+            .hide_libvirt_label(name)
+            .and_then(|()| self.node_proc_path(ino))
             .and_then(|p| apply::read_sized(|buf| rustix::fs::getxattr(&p, name, buf)));
         Self::xattr_reply(value, size, reply);
     }
@@ -1199,9 +1218,12 @@ impl fuser::Filesystem for ReplicatedFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = name_of(name).and_then(|name| {
-            self.replicate_namespace("removexattr", Op::RemoveXattr { id: ino.0, name })
-        });
+        let result = self
+            .hide_libvirt_label(name)
+            .and_then(|()| name_of(name))
+            .and_then(|name| {
+                self.replicate_namespace("removexattr", Op::RemoveXattr { id: ino.0, name })
+            });
         reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
     }
 

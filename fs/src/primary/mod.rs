@@ -8,7 +8,8 @@
 //! - [`disk`]: this node's own disk; a local media error makes this node, never
 //!   the peer, the one that is behind.
 //! - the runtime around them: [`run`] (the FUSE session and the controller's
-//!   signals), `checkpoint` (activity-log retirement), `join` (attach and resync
+//!   signals; a standby mount, whose writer slot in [`fuse`] stays empty until
+//!   a signal activates it in place), `checkpoint` (activity-log retirement), `join` (attach and resync
 //!   the peer, verify), `status` (`link.json`, `metrics.json`), [`metrics`] (the counters
 //!   behind `metrics.json`).
 

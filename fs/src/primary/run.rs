@@ -83,6 +83,8 @@ struct Context {
     disk: Arc<DiskHealth>,
     /// The state directory once this process writes (its lock taken).
     state: Arc<OnceLock<Arc<StateDir>>>,
+    /// Standby: the state directory's lock, taken once the receiver exits.
+    lock: Option<crate::statedir::LockWaiter>,
     checkpoint_root: Arc<OwnedFd>,
 }
 
@@ -105,9 +107,16 @@ impl Context {
                 "this node's disk failed: {failure}"
             )));
         }
-        let state = Arc::new(match opened {
-            Some(state) => state,
-            None => StateDir::open(&self.args.state)?,
+        let state = Arc::new(match (opened, &self.lock) {
+            (Some(state), _) => state,
+            (None, Some(lock)) => lock.open().map_err(|e| match e {
+                crate::statedir::StateError::Locked(path) => RunError::Other(format!(
+                    "this node's receiver still runs (it holds the lock of {})",
+                    path.display()
+                )),
+                other => other.into(),
+            })?,
+            (None, None) => StateDir::open(&self.args.state)?,
         });
         // A copy recorded as behind must not write, whatever its disk says now.
         if let Some(reason) = state.self_outdated() {
@@ -251,11 +260,13 @@ impl Context {
             return;
         }
         tracing::info!(?how, "activating the standby mount");
+        let began = std::time::Instant::now();
         match self.start(how, None) {
             Ok(w) => {
                 tracing::info!(
                     ?how,
                     link = ?w.link.state(),
+                    elapsed_ms = began.elapsed().as_millis(),
                     "standby mount activated: writing"
                 );
                 *slot = Some(w);
@@ -322,6 +333,12 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
             });
         }
     }
+    // Standby: the state directory's lock is taken over when the receiver
+    // releases it (never a moment with nobody holding the directory).
+    let lock = match args.standby {
+        true => Some(StateDir::wait_for_lock(&args.state)?),
+        false => None,
+    };
     let took_over = args.standby && mounts::take_over_read_only(&backing)?;
     if took_over {
         tracing::info!(backing = %backing.display(), "took over from the receiver's read-only bind");
@@ -352,6 +369,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
         metrics: fs.metrics(),
         disk: disk.clone(),
         state: state_slot,
+        lock,
         checkpoint_root: Arc::new(checkpoint_root),
         args,
     });
@@ -382,7 +400,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
                 w.checkpoints.stop.store(true, Ordering::SeqCst);
                 w.link.shutdown(w.threads);
             } else if took_over {
-                give_back_read_only(&backing, &ctx.args.state);
+                give_back_read_only(&backing, &ctx);
             }
             return Err(RunError::Fuse {
                 path: mount,
@@ -434,7 +452,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
     // receiver it covered gets its read-only protection back.
     match writer.lock().take() {
         Some(w) => stop_writer(w),
-        None if took_over => give_back_read_only(&backing, &ctx.args.state),
+        None if took_over => give_back_read_only(&backing, &ctx),
         None => {}
     }
     served.map_err(|e| RunError::Other(format!("FUSE session failed: {e}")))?;
@@ -446,15 +464,14 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
 /// its read-only bind back, if it still runs (it holds the state directory's
 /// lock). A receiver that stopped meanwhile gets none: it would remove only
 /// its own, and the next process on the directory would open it read-only.
-fn give_back_read_only(backing: &Path, state: &Path) {
-    match StateDir::open(state) {
-        Err(crate::statedir::StateError::Locked(_)) => match mounts::restore_read_only(backing) {
-            Ok(()) => tracing::info!("the receiver's read-only bind is back"),
-            Err(e) => {
-                tracing::error!("cannot give the receiver its read-only bind back: {e}")
-            }
-        },
-        _ => tracing::info!("the receiver stopped: no read-only bind to give back"),
+fn give_back_read_only(backing: &Path, ctx: &Context) {
+    if ctx.lock.as_ref().is_some_and(|l| l.is_held()) {
+        tracing::info!("the receiver stopped: no read-only bind to give back");
+        return;
+    }
+    match mounts::restore_read_only(backing) {
+        Ok(()) => tracing::info!("the receiver's read-only bind is back"),
+        Err(e) => tracing::error!("cannot give the receiver its read-only bind back: {e}"),
     }
 }
 
