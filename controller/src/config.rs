@@ -603,6 +603,7 @@ const MODULE_KEYS: &[&str] = &[
     "protocol",
     "maxloop",
     "loop_interval_s",
+    "swap",
 ];
 
 /// A key this release does not know (ignored, with a warning).
