@@ -1116,3 +1116,70 @@ async fn maintenance_holds_the_controller_on_both_nodes_and_persists() {
     n1.daemon.take().unwrap().kill().await;
     n2.daemon.take().unwrap().kill().await;
 }
+
+/// Live swap through the daemons, with drivers that cannot mount a standby
+/// (the fake vmha-fs): `swap --live` answers only once the live swap ended,
+/// with an error (never a fallback) and the VM where it was; with `swap =
+/// "live"` a plain swap tries the live swap, then falls back to stop/start
+/// (logged); on a SECOND `swap --live` is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_swap_never_falls_back_but_swap_live_config_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = toml(port, "swap = \"live\"", 300);
+    let n1 = Node::start("node1", &text, dir.path()).await;
+    let n2 = Node::start("node2", &text, dir.path()).await;
+    steady(&n1, &n2).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: true,
+        })
+        .await;
+    assert!(!r.ok, "{r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("live swap aborted") && error.contains("standby"),
+        "{r:?}"
+    );
+    assert!(n1.vm.is_running("vm1") && !n2.vm.is_running("vm1"));
+    assert_eq!(n1.state_of("node1"), Some(Role::Prim));
+    n2.wait("node2 drops the live swap", |s| {
+        s.modules[0].nodes["node2"].swap_phase.is_none()
+    })
+    .await;
+    // `swap = "live"`: the plain swap falls back to stop/start.
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
+    assert!(r.ok, "{r:?}");
+    n2.wait_role("node2", Role::Prim, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    let log = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log.contains("falling back to stop/start"), "{log}");
+    // On the SECOND: refused at once.
+    n1.wait_role("node1", Role::Second, true).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: true,
+        })
+        .await;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.error.unwrap_or_default().contains("live swap refused"),
+        "refusal"
+    );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
