@@ -33,6 +33,14 @@
 //!   [`Event::ReceiverFailed`] (before any other event); `RetryReceiver`
 //!   reports `ReceiverRetryDue` after a pause (seconds, growing while the
 //!   starts keep failing).
+//! - Live swap: `MountStandby` reports `StandbyMounted` or `StandbyFailed`;
+//!   `MigrateVm` reports `MigrateDone` (the VM left, paused on the peer) or
+//!   `MigrateFailed` (it still runs here) and runs within its step (no other
+//!   event of the module meanwhile); `ActivateStandby { connected: true }`
+//!   that fails aborts the rest of its step and reports
+//!   `ConnectedMountFailed` (the standby stays); `ResumeVm` reports
+//!   `VmStarted` or `VmStartFailed` (the paused instance destroyed);
+//!   `DropStandby` also destroys a paused incoming instance of the domain.
 //!
 //! # Choices where the design is silent
 //! - **Peer may be newer** is persisted *true* whenever the peer writes or may

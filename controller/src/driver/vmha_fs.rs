@@ -62,6 +62,13 @@
 //! - The files are read through vmha-fs's own types ([`::vmha_fs::status`]),
 //!   generations cross to vmha-fs as [`GenerationId`] (validated here: an
 //!   invalid one is a driver error, never a vmha-fs usage error).
+//! - Live swap: the standby (`primary --standby`, one per directory, over the
+//!   running receiver and with its state directory) is kept apart from the
+//!   module's writer/receiver until activated: activation stops the receiver,
+//!   writes the generation, signals (SIGUSR2 connected, SIGUSR1 alone) and
+//!   waits for `link.json` to show the writer (or `activation: failed`); the
+//!   activated processes then are the module's writer, recorded for adoption
+//!   as a writer started so would be. `unmount` stops a standby first.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
