@@ -73,3 +73,9 @@ bench-files: deps release
 	./target/release/vmha-bench-bigdata --out bench/results-files-1m.json files --count 1000000
 bench-bigimage: deps release
 	./target/release/vmha-bench-bigdata --out bench/results-sparse-2t.json sparse --size-gib 2048 --written-mib 2048
+
+# Guest downtime of a swap, live vs stop/start, 5 runs each, on two simulated
+# nodes running the counter guest (needs root). Results: bench/RESULTS.md.
+.PHONY: bench-swap
+bench-swap: deps release
+	./target/release/vmha-bench swap --out bench/results-swap.json

@@ -10,6 +10,7 @@ mod mounts;
 mod report;
 mod run;
 mod scale;
+mod swap;
 mod sysinfo;
 mod targets;
 
@@ -60,6 +61,12 @@ enum Cmd {
     /// Needs root, fio, tc and the packages of .ci/install-deps; vmhad, vmctl
     /// and vmha-fs are taken from next to this binary.
     Failover(FailoverArgs),
+    /// Guest downtime of a swap (issue 14): `vmctl swap --live` against
+    /// stop/start, alternating direction on one pair of simulated nodes
+    /// running the counter guest; last counter on the source to first
+    /// counter on the destination, from the consoles polled every 10 ms.
+    /// Needs root and the packages of .ci/install-deps.
+    Swap(SwapArgs),
     /// Many modules on one pair (issue 12, item 2): idle cost per module
     /// (CPU, RSS/PSS, threads of vmhad and vmha-fs, packets per interface)
     /// and a node1 crash failing its modules over at once (kill → ALONE,
@@ -174,6 +181,26 @@ fn failover(args: FailoverArgs) -> Result<bool> {
 }
 
 #[derive(Debug, Args)]
+struct SwapArgs {
+    /// Write all numbers as JSON here.
+    #[arg(long, default_value = "bench/results-swap.json")]
+    out: PathBuf,
+    /// Swaps of each kind.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+fn swap_bench(args: SwapArgs) -> Result<bool> {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let results = swap::run(args.runs, &args.out)?;
+    println!("{}", results.markdown());
+    eprintln!("vmha-bench: wrote {}", args.out.display());
+    Ok(true)
+}
+
+#[derive(Debug, Args)]
 struct FioArgs {
     /// Write all numbers as JSON here.
     #[arg(long, default_value = "bench/results.json")]
@@ -232,6 +259,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Some(Cmd::Fio(a)) => fio(a),
         Some(Cmd::Failover(a)) => failover(a),
+        Some(Cmd::Swap(a)) => swap_bench(a),
         Some(Cmd::Scale(a)) => scale(a),
         None => fio(cli.fio),
     };

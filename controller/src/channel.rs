@@ -816,7 +816,10 @@ mod tests {
                 message: "x".into(),
             },
             Message::CommandAs {
-                request: Request::Swap { module: None },
+                request: Request::Swap {
+                    module: None,
+                    live: false,
+                },
                 user: "web:admin from 10.0.0.5:1 on node1's console".into(),
             },
             Message::Report,

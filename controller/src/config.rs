@@ -315,6 +315,28 @@ pub struct Module {
     pub protocol: vmha_fs::Protocol,
     pub maxloop: u32,
     pub loop_interval_s: u64,
+    /// What `vmctl swap` does: stop/start (default) or a live migration
+    /// first. Left out of the hashes when `stop`: the configurations of
+    /// daemons that predate it still match.
+    #[serde(skip_serializing_if = "SwapMode::is_stop")]
+    pub swap: SwapMode,
+}
+
+/// A module's `swap` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwapMode {
+    /// Stop the VM, start it on the peer.
+    #[default]
+    Stop,
+    /// Live-migrate it; stop/start when the migration is refused (logged).
+    Live,
+}
+
+impl SwapMode {
+    pub fn is_stop(&self) -> bool {
+        *self == SwapMode::Stop
+    }
 }
 
 /// The `[web]` section: the HTTPS console and `/metrics` (see `crate::web`).
@@ -581,6 +603,7 @@ const MODULE_KEYS: &[&str] = &[
     "protocol",
     "maxloop",
     "loop_interval_s",
+    "swap",
 ];
 
 /// A key this release does not know (ignored, with a warning).
@@ -729,6 +752,8 @@ struct RawModule {
     maxloop: u32,
     #[serde(default = "defaults::loop_interval_s")]
     loop_interval_s: u64,
+    #[serde(default)]
+    swap: SwapMode,
 }
 
 /// Defaults: the values of the design's example.
@@ -1521,6 +1546,7 @@ impl RawModule {
             protocol: self.protocol,
             maxloop: self.maxloop,
             loop_interval_s: self.loop_interval_s,
+            swap: self.swap,
         }
     }
 }
@@ -1784,6 +1810,31 @@ default_primary = "node1"
         assert!(
             text.iter()
                 .any(|l| l.contains("module[1].protocol") && l.contains("flush")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn swap_is_per_module_defaults_to_stop_and_rejects_unknown_modes() {
+        let vm2 = "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102";
+        let plain = Config::from_toml_str(&with_module(vm2)).unwrap();
+        let config =
+            Config::from_toml_str(&with_module(&format!("{vm2}\nswap = \"live\""))).unwrap();
+        assert_eq!(config.module("vm1").unwrap().swap, SwapMode::Stop);
+        assert_eq!(config.module("vm2").unwrap().swap, SwapMode::Live);
+        // `stop` written out hashes as the key left out (older daemons).
+        let stop = Config::from_toml_str(&with_module(&format!("{vm2}\nswap = \"stop\""))).unwrap();
+        assert_eq!(stop.hash(), plain.hash());
+        assert_ne!(config.hash(), plain.hash());
+        let bad = with_module(&format!("{vm2}\nswap = \"fast\""));
+        let problems = check_text(&bad).unwrap_err();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| p.render("vmha.toml", &bad))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|l| l.contains("swap") && l.contains("live")),
             "{text:?}"
         );
     }

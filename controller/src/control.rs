@@ -112,6 +112,10 @@ pub enum Request {
     Swap {
         #[serde(default)]
         module: Option<String>,
+        /// `swap --live`: live-migrate, never fall back (absent: false; an
+        /// older vmhad refuses the field rather than stop the VM).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        live: bool,
     },
     Prim {
         #[serde(default)]
@@ -690,7 +694,8 @@ mod tests {
         assert_eq!(
             r,
             Request::Swap {
-                module: Some("vm1".into())
+                module: Some("vm1".into()),
+                live: false,
             }
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();

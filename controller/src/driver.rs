@@ -319,4 +319,26 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     fn writer_sync_state(&self, _module: &Module) -> Result<ResyncState, DriverError> {
         Ok(ResyncState::Idle)
     }
+    /// SECOND, live swap: mounts the replicated directories in standby
+    /// (`vmha-fs primary --standby`) over the receiver, which keeps
+    /// applying: opens and reads work, every change fails with EROFS.
+    fn mount_standby(&self, _module: &Module) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("standby mount".into()))
+    }
+    /// Live swap: turns the standby mount into the writer claiming
+    /// `generation`: replicating to the peer's receiver (`connected`; this
+    /// node's receiver is stopped first) or alone. On failure the standby
+    /// stays (and nothing else is mounted).
+    fn activate_standby(
+        &self,
+        _module: &Module,
+        _generation: Option<&str>,
+        _connected: bool,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("standby activation".into()))
+    }
+    /// Takes the standby mount down (the receiver stays). Ok if none runs.
+    fn drop_standby(&self, _module: &Module) -> Result<(), DriverError> {
+        Ok(())
+    }
 }

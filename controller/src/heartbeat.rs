@@ -1181,6 +1181,8 @@ mod tests {
                     disk: Default::default(),
                     maintenance: false,
                     left: false,
+                    live_swap: true,
+                    swap_phase: None,
                 },
                 history: History::empty(),
                 changed_bytes: 0,

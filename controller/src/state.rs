@@ -33,6 +33,14 @@
 //!   [`Event::ReceiverFailed`] (before any other event); `RetryReceiver`
 //!   reports `ReceiverRetryDue` after a pause (seconds, growing while the
 //!   starts keep failing).
+//! - Live swap: `MountStandby` reports `StandbyMounted` or `StandbyFailed`;
+//!   `MigrateVm` reports `MigrateDone` (the VM left, paused on the peer) or
+//!   `MigrateFailed` (it still runs here) and runs within its step (no other
+//!   event of the module meanwhile); `ActivateStandby { connected: true }`
+//!   that fails aborts the rest of its step and reports
+//!   `ConnectedMountFailed` (the standby stays); `ResumeVm` reports
+//!   `VmStarted` or `VmStartFailed` (the paused instance destroyed);
+//!   `DropStandby` also destroys a paused incoming instance of the domain.
 //!
 //! # Choices where the design is silent
 //! - **Peer may be newer** is persisted *true* whenever the peer writes or may
@@ -176,6 +184,26 @@
 //!   stopped, the replication link is alive) is not failed over and a PRIM
 //!   does not go ALONE: the roles stay until the link dies too
 //!   (`DataPathLost`, or a PRIM's `LinkDown`), then it is `PeerLost`.
+//! - **Live swap** (`vmctl swap --live`, or `swap = "live"`): the PRIM of a
+//!   ready, in-sync SECOND whose vmhad announces it can ([`Announce::live_swap`];
+//!   older daemons never see the new requests) asks it to prepare
+//!   ([`Request::PrepareLive`]); the SECOND mounts in standby beside its
+//!   receiver ([`Action::MountStandby`]: reads only, changes fail with EROFS)
+//!   and announces [`SwapPhase::Standby`]; the PRIM then live-migrates the VM
+//!   ([`Action::MigrateVm`], the destination left paused). `MigrateDone` acts
+//!   as a swap's `VmStopDone`: unmount (the writer drains everything
+//!   acknowledged), SECOND, [`Request::TakeOverLive`]. The SECOND seeing it
+//!   flips its standby into the writer replicating to the peer
+//!   ([`Action::ActivateStandby`], same generation as a stop/start swap: the
+//!   old writer is gone) and only then resumes the VM ([`Action::ResumeVm`]):
+//!   never two writers. A failed activation takes the connected start's path
+//!   (new generation, peer marked outdated, then activated alone). Aborts: a
+//!   refused or failed migration keeps the VM on the PRIM (with `swap =
+//!   "live"` a plain swap then stops and starts it, logged), its SECOND drops
+//!   the standby and any paused incoming instance ([`Action::DropStandby`])
+//!   once the PRIM no longer asks; a SECOND that loses its PRIM mid-way drops
+//!   them and fails over as usual; a PRIM whose peer dies mid-way sees the
+//!   migration fail and goes ALONE as usual.
 //! - **Never heard since this daemon started**: `PeerLost` then matters only to
 //!   an adopted PRIM (goes ALONE) or SECOND (fails over when up to date).
 
@@ -268,6 +296,8 @@ pub struct Policy {
     pub split_brain: SplitBrainRule,
     pub maxloop: u32,
     pub loop_interval_ms: u64,
+    /// `swap = "live"`: a plain swap tries a live migration first.
+    pub live_swap: bool,
 }
 
 impl Policy {
@@ -292,6 +322,7 @@ impl Policy {
             },
             maxloop: module.maxloop,
             loop_interval_ms: module.loop_interval_s.saturating_mul(1000),
+            live_swap: module.swap == crate::config::SwapMode::Live,
         }
     }
 }
@@ -318,6 +349,44 @@ pub enum Request {
     /// "Compare every block of my copy with yours and repair it" (`vmctl resync
     /// --compare` or `vmctl invalidate` on the SECOND).
     Compare,
+    /// "Mount in standby: I am about to live-migrate the VM to you" (live
+    /// swap, from the PRIM; sent only to a peer announcing `live_swap`).
+    PrepareLive,
+    /// "My VM migrated to you and I am your SECOND, drained: activate your
+    /// standby and resume it" (live swap, from the old PRIM).
+    TakeOverLive,
+}
+
+/// Where a live swap stands on this node (`status --json` `swap_phase`,
+/// announced in heartbeats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwapPhase {
+    /// PRIM: the SECOND was asked to mount in standby.
+    Preparing,
+    /// PRIM: the VM is being live-migrated to the SECOND.
+    Migrating,
+    /// SECOND: mounting in standby.
+    StandbyMounting,
+    /// SECOND: in standby, ready for the incoming VM.
+    Standby,
+    /// SECOND: the standby mount failed (the PRIM gives the live swap up).
+    StandbyFailed,
+    /// New PRIM: the standby was activated (or is being); resuming the VM.
+    Resuming,
+}
+
+impl fmt::Display for SwapPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SwapPhase::Preparing => "preparing",
+            SwapPhase::Migrating => "migrating",
+            SwapPhase::StandbyMounting => "standby_mounting",
+            SwapPhase::Standby => "standby",
+            SwapPhase::StandbyFailed => "standby_failed",
+            SwapPhase::Resuming => "resuming",
+        })
+    }
 }
 
 /// What a node puts in its heartbeats about one module.
@@ -339,6 +408,13 @@ pub struct Announce {
     /// `vmctl join` (absent in heartbeats of older daemons: false).
     #[serde(default)]
     pub left: bool,
+    /// This vmhad takes part in live swaps (absent in heartbeats of older
+    /// daemons: false; they are never sent the live swap requests).
+    #[serde(default)]
+    pub live_swap: bool,
+    /// Where a live swap stands on this node (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_phase: Option<SwapPhase>,
 }
 
 /// The peer as seen in its latest heartbeat.
@@ -356,6 +432,10 @@ pub struct Peer {
     pub changed_bytes: u64,
     /// The peer announces the module in maintenance.
     pub maintenance: bool,
+    /// The peer's vmhad takes part in live swaps.
+    pub live_swap: bool,
+    /// Where a live swap stands on the peer.
+    pub swap_phase: Option<SwapPhase>,
 }
 
 impl Peer {
@@ -375,6 +455,8 @@ impl Peer {
             config_match,
             changed_bytes,
             maintenance: announce.maintenance,
+            live_swap: announce.live_swap,
+            swap_phase: announce.swap_phase,
         }
     }
 }
@@ -405,6 +487,18 @@ pub enum Event {
     Stop,
     /// `vmctl swap`.
     Swap,
+    /// `vmctl swap --live`: live-migrate, never fall back to stop/start.
+    SwapLive,
+    /// A `MountStandby` completed: the standby mount is up.
+    StandbyMounted,
+    /// A `MountStandby` failed: nothing was mounted.
+    StandbyFailed,
+    /// A `MigrateVm` completed: the VM runs (paused) on the peer, not here.
+    MigrateDone,
+    /// A `MigrateVm` failed or was refused: the VM still runs here.
+    MigrateFailed {
+        reason: String,
+    },
     /// `vmctl prim`: force this node to run the module with its data.
     PrimForced,
     /// A heartbeat from the peer; `local_changed_bytes` are the bytes this node
@@ -611,6 +705,23 @@ pub enum Action {
     InvalidateCopy,
     /// Persist the module's maintenance flag (survives daemon restarts).
     SetMaintenance(bool),
+    /// SECOND: mount in standby beside the receiver (opens and reads work,
+    /// changes fail with EROFS); reports `StandbyMounted` or `StandbyFailed`.
+    MountStandby,
+    /// SECOND: take the standby mount down and destroy any paused incoming
+    /// instance of the domain (a live swap given up).
+    DropStandby,
+    /// PRIM: live-migrate the domain to the peer, left paused there;
+    /// reports `MigrateDone` or `MigrateFailed`.
+    MigrateVm,
+    /// Turn the standby mount into the writer, replicating to the peer's
+    /// receiver (`connected`; this node's receiver stops first) or alone.
+    /// A connected activation that fails aborts the step and reports
+    /// `ConnectedMountFailed`; the standby stays.
+    ActivateStandby { connected: bool },
+    /// Resume the migrated (paused) domain; reports `VmStarted`, or
+    /// `VmStartFailed` (the paused instance is destroyed).
+    ResumeVm,
     /// A line for the module's event log.
     Log(String),
 }
@@ -668,6 +779,14 @@ pub struct ModuleState {
     pub swapping: bool,
     /// A swap could not stop the VM: no further swap until the operator asks.
     pub swap_refused: bool,
+    /// Where a live swap stands on this node.
+    pub live: Option<SwapPhase>,
+    /// PRIM: a live swap that fails falls back to stop/start (`swap = "live"`).
+    pub live_fallback: bool,
+    /// The outcome of the last live swap started here: its number (counted
+    /// from 1 at each start) and, when it failed, why (`vmctl swap --live`
+    /// waits for it).
+    pub live_outcome: (u32, Option<String>),
     /// Bytes this node wrote since its generation began (last `PeerSeen`).
     pub changed_bytes: u64,
     /// Times (ms) of local restarts within the current loop interval.
@@ -733,6 +852,9 @@ impl ModuleState {
             disk_failed: false,
             swapping: false,
             swap_refused: false,
+            live: None,
+            live_fallback: false,
+            live_outcome: (0, None),
             changed_bytes: 0,
             restarts: Vec::new(),
             resync: None,
@@ -816,6 +938,8 @@ impl ModuleState {
             },
             maintenance: self.maintenance,
             left: self.left,
+            live_swap: true,
+            swap_phase: self.live,
         }
     }
 
@@ -914,6 +1038,25 @@ impl Transition {
             Event::Start => self.start(),
             Event::Stop => self.stop(),
             Event::Swap => self.swap(),
+            Event::SwapLive => self.swap_live(),
+            Event::StandbyMounted => {
+                if self.s.role == Role::Second && self.s.live == Some(SwapPhase::StandbyMounting) {
+                    self.s.live = Some(SwapPhase::Standby);
+                    self.log("live swap: standby mounted, ready for the incoming VM");
+                }
+            }
+            Event::StandbyFailed => {
+                if self.s.role == Role::Second && self.s.live == Some(SwapPhase::StandbyMounting) {
+                    self.s.live = Some(SwapPhase::StandbyFailed);
+                    self.log("live swap: the standby mount failed; the PRIM keeps the VM");
+                }
+            }
+            Event::MigrateDone => self.migrate_done(),
+            Event::MigrateFailed { reason } => {
+                if self.s.live == Some(SwapPhase::Migrating) {
+                    self.live_abort(&format!("the migration failed: {reason}"));
+                }
+            }
             Event::PrimForced => self.prim_forced(),
             Event::PeerSeen {
                 peer,
@@ -938,6 +1081,10 @@ impl Transition {
             Event::VmStarted => {
                 if self.s.role.is_writer() {
                     self.s.vm_starting = false;
+                    if self.s.live == Some(SwapPhase::Resuming) {
+                        self.s.live = None;
+                        self.log("live swap done: the VM resumed on this node");
+                    }
                 }
             }
             Event::VmStopped { now_ms } => self.vm_failed(now_ms, "the VM stopped unexpectedly"),
@@ -1367,6 +1514,10 @@ impl Transition {
     fn swap(&mut self) {
         // Asked again by the operator: a swap may be tried again.
         self.s.swap_refused = false;
+        if self.s.live.is_some() || self.s.swapping {
+            self.log("swap refused: a swap is in progress");
+            return;
+        }
         match (self.s.role, self.s.peer) {
             (Role::Prim, PeerKnowledge::Seen(p))
                 if p.role == Role::Second && p.readiness == Readiness::Ready =>
@@ -1381,6 +1532,142 @@ impl Transition {
                 "swap refused: needs PRIM and a ready SECOND (this node is {})",
                 self.s.role
             )),
+        }
+    }
+
+    /// `swap --live`: on the PRIM only, never falling back to stop/start.
+    fn swap_live(&mut self) {
+        self.s.swap_refused = false;
+        match self.live_refusal() {
+            Some(why) => self.log(format!("live swap refused: {why}")),
+            None => self.start_live(false, "live swap requested"),
+        }
+    }
+
+    /// Why a live swap cannot start now (`None`: it can).
+    fn live_refusal(&self) -> Option<String> {
+        if self.s.live.is_some() || self.s.swapping {
+            return Some("a swap is in progress".into());
+        }
+        if self.s.role != Role::Prim {
+            return Some(format!(
+                "run it on the PRIM with a ready SECOND (this node is {})",
+                self.s.role
+            ));
+        }
+        let PeerKnowledge::Seen(p) = self.s.peer else {
+            return Some("the peer is not in view".into());
+        };
+        if !(p.role == Role::Second
+            && p.readiness == Readiness::Ready
+            && p.relation == Relation::InSync)
+            || self.s.peer_outdated
+        {
+            return Some("needs a ready SECOND in sync with this PRIM".into());
+        }
+        if !p.live_swap {
+            return Some("the peer's vmhad does not take part in live swaps (upgrade it)".into());
+        }
+        if self.s.vm_starting {
+            return Some("the VM is starting".into());
+        }
+        if self.s.in_maintenance() {
+            return Some("the module is in maintenance".into());
+        }
+        None
+    }
+
+    /// Live swap, first half: the SECOND is asked to mount in standby.
+    fn start_live(&mut self, fallback: bool, reason: &str) {
+        self.s.live = Some(SwapPhase::Preparing);
+        self.s.live_fallback = fallback;
+        self.s.live_outcome = (self.s.live_outcome.0.wrapping_add(1), None);
+        self.s.request = Some(Request::PrepareLive);
+        self.log(format!(
+            "{reason}: live swap, asking the SECOND to mount in standby"
+        ));
+    }
+
+    /// The PRIM gives a live swap up: the VM stays here; the SECOND drops its
+    /// standby once it no longer sees the request. With `swap = "live"` a
+    /// plain swap then stops and starts the VM.
+    fn live_abort(&mut self, why: &str) {
+        let fallback = std::mem::take(&mut self.s.live_fallback);
+        self.s.live = None;
+        if self.s.request == Some(Request::PrepareLive) {
+            self.s.request = None;
+        }
+        self.s.live_outcome.1 = Some(why.to_string());
+        let can_fall_back = self.s.role == Role::Prim
+            && matches!(self.s.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second && p.readiness == Readiness::Ready);
+        // (Maintenance came meanwhile: nothing is stopped automatically.)
+        if fallback && can_fall_back && !self.s.in_maintenance() {
+            self.log(format!(
+                "live swap aborted ({why}): falling back to stop/start"
+            ));
+            self.do_stop_swap("swap");
+        } else {
+            self.log(format!(
+                "live swap aborted: {why}; the VM keeps running on this node"
+            ));
+        }
+    }
+
+    /// Live swap, second half on the PRIM: the VM left for the peer, paused
+    /// there; hand over as after a swap's stop, asking for a live takeover.
+    fn migrate_done(&mut self) {
+        if self.s.live != Some(SwapPhase::Migrating) {
+            return;
+        }
+        self.s.live = None;
+        self.s.live_fallback = false;
+        if self.s.role != Role::Prim {
+            // The peer was lost meanwhile (never in the driver: a migration
+            // runs within one step): the VM is not here any more.
+            self.s.live_outcome.1 = Some("the peer was lost after the migration".into());
+            self.s.vm_starting = false;
+            self.step_down(
+                Role::Wait,
+                "live swap: the VM migrated to a peer that is now lost",
+            );
+            return;
+        }
+        self.act(Action::Unmount);
+        self.act(Action::MountReceiver);
+        self.s.attach = Attach::Idle;
+        self.s.role = Role::Second;
+        self.s.uptodate = true;
+        self.s.vm_starting = false;
+        self.s.request = Some(Request::TakeOverLive);
+        self.because("live swap: the VM migrated, the peer resumes it");
+    }
+
+    /// Live swap on the SECOND: the standby becomes the writer replicating to
+    /// the old PRIM (now our drained SECOND), then the migrated VM resumes.
+    fn take_over_live(&mut self) {
+        self.act(Action::ActivateStandby { connected: true });
+        self.act(Action::ResumeVm);
+        self.s.live = Some(SwapPhase::Resuming);
+        self.s.vm_starting = true;
+        self.s.role = Role::Prim;
+        self.s.uptodate = true;
+        self.s.hold = false;
+        self.s.probe = None;
+        self.s.request = None;
+        self.s.resync = None;
+        self.s.resync_wanted = false;
+        self.s.attach = Attach::Idle;
+        self.s.receiver_retry = false;
+        self.because("live swap: the peer handed over, the VM resumes here");
+    }
+
+    /// SECOND: a live swap is given up (the PRIM no longer asks, this copy
+    /// fell behind): the standby and any paused incoming VM go.
+    fn drop_standby(&mut self, why: &str) {
+        if self.s.live.take().is_some() {
+            self.act(Action::DropStandby);
+            self.log(format!("live swap: dropping the standby ({why})"));
         }
     }
 
@@ -1417,7 +1704,9 @@ impl Transition {
             self.log("peer heard again: witness probe abandoned");
         }
         match self.s.request {
-            Some(Request::TakeOver) if peer.role.is_writer() => self.s.request = None,
+            Some(Request::TakeOver | Request::TakeOverLive) if peer.role.is_writer() => {
+                self.s.request = None
+            }
             Some(Request::HandOver | Request::Compare) if peer.role != Role::Prim => {
                 self.s.request = None
             }
@@ -1471,12 +1760,51 @@ impl Transition {
             self.act(Action::StartResync { full });
             self.log("the writer has a newer generation: resynchronising");
         }
+        // Live swap on the SECOND side.
+        let asks_prepare = peer.role == Role::Prim && peer.request == Some(Request::PrepareLive);
+        let hands_over_live =
+            peer.role == Role::Second && peer.request == Some(Request::TakeOverLive);
+        if self.s.live.is_some() && !self.s.uptodate {
+            self.drop_standby("this copy is no longer up to date");
+        } else if self.s.live.is_some() && !asks_prepare && !hands_over_live {
+            self.drop_standby("the PRIM no longer asks for a live swap");
+        } else if asks_prepare
+            && self.s.live.is_none()
+            && self.s.uptodate
+            && !self.s.in_maintenance()
+        {
+            self.s.live = Some(SwapPhase::StandbyMounting);
+            self.act(Action::MountStandby);
+            self.log("live swap asked by the PRIM: mounting in standby");
+        }
         match peer.role {
             Role::Prim | Role::Alone => {}
+            Role::Second
+                if hands_over_live
+                    && self.s.uptodate
+                    && self.s.live == Some(SwapPhase::Standby) =>
+            {
+                self.take_over_live();
+            }
+            Role::Second if hands_over_live && self.s.uptodate => {
+                // No standby to activate (it failed or went): the paused
+                // instance goes, the VM starts here as after a stop/start swap.
+                self.drop_standby("it is not ready to take the VM over");
+                self.become_writer(
+                    Role::Prim,
+                    false,
+                    "swap: the peer handed over (the VM restarts)",
+                );
+            }
             Role::Second if peer.request == Some(Request::TakeOver) && self.s.uptodate => {
                 self.become_writer(Role::Prim, false, "swap: the peer handed over");
             }
-            Role::Second if self.s.request == Some(Request::TakeOver) => {
+            Role::Second
+                if matches!(
+                    self.s.request,
+                    Some(Request::TakeOver | Request::TakeOverLive)
+                ) =>
+            {
                 // Our own swap request is on its way.
             }
             Role::Stop if self.s.uptodate => {
@@ -1499,6 +1827,22 @@ impl Transition {
     }
 
     fn writer_sees(&mut self, peer: Peer) {
+        if self.s.live == Some(SwapPhase::Preparing) {
+            let in_sync_ready = peer.role == Role::Second
+                && peer.readiness == Readiness::Ready
+                && peer.relation == Relation::InSync
+                && !self.s.peer_outdated;
+            if !in_sync_ready {
+                self.live_abort("the SECOND is no longer ready and in sync");
+            } else if peer.swap_phase == Some(SwapPhase::StandbyFailed) {
+                self.live_abort("the SECOND could not mount in standby");
+            } else if peer.swap_phase == Some(SwapPhase::Standby) && self.s.role == Role::Prim {
+                self.s.live = Some(SwapPhase::Migrating);
+                self.act(Action::MigrateVm);
+                self.log("live swap: the SECOND is in standby; migrating the VM");
+                return;
+            }
+        }
         if peer.role.is_writer() {
             // Two writers that see each other: one steps down now.
             let local_loses = match peer.relation {
@@ -1554,7 +1898,7 @@ impl Transition {
                 self.attach_if_behind(peer);
                 let in_sync_ready =
                     peer.readiness == Readiness::Ready && peer.relation == Relation::InSync;
-                if self.s.swap_refused || self.s.swapping {
+                if self.s.swap_refused || self.s.swapping || self.s.live.is_some() {
                     // A swap failed to stop the VM: only the operator retries.
                 } else if in_sync_ready && peer.request == Some(Request::HandOver) {
                     self.do_swap("swap asked by the SECOND");
@@ -1609,6 +1953,12 @@ impl Transition {
             if self.peer_is_writer() {
                 self.step_down(Role::Wait, "the peer writes: not starting alone");
                 self.evaluate_wait();
+            } else if (acknowledged || peer_lost) && self.s.live == Some(SwapPhase::Resuming) {
+                // Live swap: the standby becomes the writer alone, the
+                // migrated VM resumes.
+                self.act(Action::ActivateStandby { connected: false });
+                self.act(Action::ResumeVm);
+                self.s.vm_starting = true;
             } else if acknowledged || peer_lost {
                 self.act(Action::MountWriter);
                 self.act(Action::DefineDomain);
@@ -1664,6 +2014,9 @@ impl Transition {
             }
         };
         self.s.peer = PeerKnowledge::Lost(last);
+        if self.s.live == Some(SwapPhase::Preparing) {
+            self.live_abort("the peer was lost");
+        }
         match self.s.role {
             Role::Prim => self.go_alone("lost the peer"),
             Role::Second => {
@@ -2006,6 +2359,7 @@ impl Transition {
         }
         let was_writer = self.s.role.is_writer();
         if self.s.role == Role::Second {
+            self.drop_standby("this node takes over");
             self.act(Action::Unmount);
         }
         // Persisted before the first write without the peer.
@@ -2063,6 +2417,16 @@ impl Transition {
         if self.s.role.is_writer() {
             self.act(Action::StopVm);
         }
+        if self.s.role == Role::Second {
+            self.drop_standby("stepping down");
+        }
+        if self.s.live.take().is_some() || self.s.request == Some(Request::PrepareLive) {
+            self.s.request = None;
+            self.s.live_fallback = false;
+            if self.s.live_outcome.1.is_none() {
+                self.s.live_outcome.1 = Some("the module left this node's role".into());
+            }
+        }
         if self.s.role != Role::Wait && self.s.role != Role::Stop {
             self.act(Action::Unmount);
         }
@@ -2080,8 +2444,22 @@ impl Transition {
         self.because(reason);
     }
 
-    /// Swap, first half: stop the VM; the hand-over waits for `VmStopDone`.
+    /// Swap, first half: live when `swap = "live"` allows it now (falling
+    /// back to stop/start if the migration fails), else stop the VM.
     fn do_swap(&mut self, reason: &str) {
+        if self.s.policy.live_swap {
+            match self.live_refusal() {
+                None => return self.start_live(true, reason),
+                Some(why) => self.log(format!(
+                    "live swap not possible ({why}): stopping and starting the VM instead"
+                )),
+            }
+        }
+        self.do_stop_swap(reason);
+    }
+
+    /// Swap, first half: stop the VM; the hand-over waits for `VmStopDone`.
+    fn do_stop_swap(&mut self, reason: &str) {
         self.act(Action::StopVm);
         self.s.swapping = true;
         self.log(format!("{reason}: stopping the VM"));

@@ -154,6 +154,11 @@ pub struct NodeStatus {
     /// The node left the cluster (`vmctl leave`) until `vmctl join`.
     #[serde(default)]
     pub left: bool,
+    /// Where a live swap stands on this node (`preparing`, `migrating`,
+    /// `standby_mounting`, `standby`, `standby_failed`, `resuming`); absent
+    /// when none runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_phase: Option<crate::state::SwapPhase>,
     /// Current data generation (32 hex digits), `null` for a node without data.
     pub generation: Option<String>,
     pub resync: Option<ResyncStatus>,
@@ -269,6 +274,7 @@ mod tests {
             disk: Some(Disk::Ok),
             maintenance: false,
             left: false,
+            swap_phase: None,
             generation: None,
             resync: None,
             since_ms: None,
@@ -301,6 +307,7 @@ mod tests {
             disk: Some(Disk::Failed),
             maintenance: true,
             left: false,
+            swap_phase: None,
             generation: None,
             resync: None,
             since_ms: None,

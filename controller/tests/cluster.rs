@@ -231,7 +231,12 @@ async fn prim_then_failover_when_node1_dies() {
 async fn swap_moves_the_vm_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let (n1, n2, _) = running_pair(dir.path()).await;
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n2.wait_role("node2", Role::Prim, true).await;
     n2.wait_role("node1", Role::Second, true).await;
@@ -241,7 +246,12 @@ async fn swap_moves_the_vm_and_back() {
     .await;
     // Swap asked on the SECOND this time (once it knows node2 is PRIM).
     n1.wait_role("node2", Role::Prim, true).await;
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n1.wait_role("node1", Role::Prim, true).await;
     n1.wait_role("node2", Role::Second, true).await;
@@ -253,6 +263,7 @@ async fn swap_moves_the_vm_and_back() {
     let r = n1
         .request(Request::Swap {
             module: Some("nope".into()),
+            live: false,
         })
         .await;
     assert!(!r.ok);
@@ -270,7 +281,12 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
     let (n1, n2, _) = running_pair(dir.path()).await;
     let before = n1.status().modules[0].nodes["node1"].generation.clone();
     n2.fs.set_failing("mount_writer_connected", true);
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n2.wait_role("node2", Role::Prim, true).await;
     n2.wait("VM on node2 only", |_| {
@@ -316,7 +332,12 @@ async fn swap_whose_vm_stop_fails_is_aborted_and_the_vm_stays() {
     let dir = tempfile::tempdir().unwrap();
     let (n1, n2, _) = running_pair(dir.path()).await;
     n1.vm.set_failing("stop", true);
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(!r.ok, "{r:?}");
     assert!(
         r.error
@@ -345,7 +366,12 @@ async fn swap_whose_vm_stop_fails_is_aborted_and_the_vm_stays() {
     );
     // The stop works again: the operator's swap goes through.
     n1.vm.set_failing("stop", false);
-    let r = n1.request(Request::Swap { module: None }).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
     assert!(r.ok, "{r:?}");
     n2.wait_role("node2", Role::Prim, true).await;
     n2.wait("VM on node2 only", |_| {
@@ -496,6 +522,8 @@ fn forged_beat(role: Role) -> Vec<u8> {
                 disk: Default::default(),
                 maintenance: false,
                 left: false,
+                live_swap: false,
+                swap_phase: None,
             },
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
@@ -1072,4 +1100,71 @@ async fn maintenance_holds_the_controller_on_both_nodes_and_persists() {
     );
     n1.daemon.take().unwrap().kill().await;
     n2.daemon.take().unwrap().kill().await;
+}
+
+/// Live swap through the daemons, with drivers that cannot mount a standby
+/// (the fake vmha-fs): `swap --live` answers only once the live swap ended,
+/// with an error (never a fallback) and the VM where it was; with `swap =
+/// "live"` a plain swap tries the live swap, then falls back to stop/start
+/// (logged); on a SECOND `swap --live` is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_swap_never_falls_back_but_swap_live_config_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = toml(port, "swap = \"live\"", 300);
+    let n1 = Node::start("node1", &text, dir.path()).await;
+    let n2 = Node::start("node2", &text, dir.path()).await;
+    steady(&n1, &n2).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: true,
+        })
+        .await;
+    assert!(!r.ok, "{r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("live swap aborted") && error.contains("standby"),
+        "{r:?}"
+    );
+    assert!(n1.vm.is_running("vm1") && !n2.vm.is_running("vm1"));
+    assert_eq!(n1.state_of("node1"), Some(Role::Prim));
+    n2.wait("node2 drops the live swap", |s| {
+        s.modules[0].nodes["node2"].swap_phase.is_none()
+    })
+    .await;
+    // `swap = "live"`: the plain swap falls back to stop/start.
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: false,
+        })
+        .await;
+    assert!(r.ok, "{r:?}");
+    n2.wait_role("node2", Role::Prim, true).await;
+    n2.wait("VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    let log = n1
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log.contains("falling back to stop/start"), "{log}");
+    // On the SECOND: refused at once.
+    n1.wait_role("node1", Role::Second, true).await;
+    let r = n1
+        .request(Request::Swap {
+            module: None,
+            live: true,
+        })
+        .await;
+    assert!(!r.ok, "{r:?}");
+    assert!(
+        r.error.unwrap_or_default().contains("live swap refused"),
+        "refusal"
+    );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
 }

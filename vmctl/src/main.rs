@@ -73,8 +73,15 @@ enum Command {
     Start { module: Option<String> },
     /// Stop the module on this node (a PRIM hands over to its SECOND).
     Stop { module: Option<String> },
-    /// Move the module to the other node.
-    Swap { module: Option<String> },
+    /// Move the module to the other node (stop/start, or live per the
+    /// module's `swap` setting).
+    Swap {
+        module: Option<String>,
+        /// Live-migrate the running VM (no reboot); refused (non-zero exit)
+        /// rather than falling back to stop/start.
+        #[arg(long)]
+        live: bool,
+    },
     /// Force this node to run the module with its local data.
     Prim {
         module: Option<String>,
@@ -690,7 +697,9 @@ fn run(cli: Cli) -> Result<(), VmctlError> {
         }
         Command::Start { module } => print_lines(&call(&target, &Request::Start { module })?),
         Command::Stop { module } => print_lines(&call(&target, &Request::Stop { module })?),
-        Command::Swap { module } => print_lines(&call(&target, &Request::Swap { module })?),
+        Command::Swap { module, live } => {
+            print_lines(&call(&target, &Request::Swap { module, live })?)
+        }
         Command::Prim { module, yes } => {
             if !yes {
                 confirm(module.as_deref())?;

@@ -75,7 +75,12 @@ fn state_cell(node: &NodeStatus) -> String {
 
 fn readiness_cell(node: &NodeStatus) -> String {
     if node.reachable || node.state.is_some() {
-        node.readiness.map(word).unwrap_or_else(|| "-".to_string())
+        let readiness = node.readiness.map(word).unwrap_or_else(|| "-".to_string());
+        // A live swap in progress shows its phase.
+        match node.swap_phase {
+            Some(phase) => format!("{readiness} (live swap: {phase})"),
+            None => readiness,
+        }
     } else if node.data_path == Some(Some(vmha_controller::status::DataPath::Alive)) {
         // Its vmhad is down, its vmha-fs and VM run on: not failed over.
         "controller down, data path alive".to_string()
@@ -312,6 +317,7 @@ mod tests {
             disk: Some(Disk::Ok),
             maintenance: false,
             left: false,
+            swap_phase: None,
             generation: Some("0123456789abcdef0123456789abcdef".into()),
             resync: None,
             since_ms: Some(192_000),

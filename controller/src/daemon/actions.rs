@@ -460,6 +460,122 @@ impl Runner {
                     }
                 }
             }
+            Action::MountStandby => match self.blocking(|_, fs, m| fs.mount_standby(m)).await {
+                Some(Ok(())) => {
+                    self.record("standby mounted".into(), lines).await;
+                    queue.push_back(Event::StandbyMounted);
+                }
+                other => {
+                    let e = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "panicked".to_string(),
+                    };
+                    self.record(format!("error: standby mount: {e}"), lines)
+                        .await;
+                    queue.push_back(Event::StandbyFailed);
+                }
+            },
+            Action::DropStandby => {
+                if let Some(Err(e)) = self.blocking(|_, fs, m| fs.drop_standby(m)).await {
+                    self.record(format!("error: drop the standby: {e}"), lines)
+                        .await;
+                }
+                // A paused incoming instance (the migration completed, the
+                // swap did not): it must never run here; `stop` destroys a
+                // paused domain at once.
+                let paused = self.blocking(|vm, _, m| vm.paused(m)).await;
+                if let Some(Ok(Some(_))) = paused {
+                    match self.blocking(|vm, _, m| vm.stop(m)).await {
+                        Some(Ok(())) => {
+                            self.record("the paused incoming VM was destroyed".into(), lines)
+                                .await
+                        }
+                        Some(Err(e)) => {
+                            self.record(format!("error: destroy the paused VM: {e}"), lines)
+                                .await
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Action::MigrateVm => {
+                let target = self.live_target.clone();
+                let started = Instant::now();
+                let outcome = self
+                    .blocking(move |vm, _, m| super::live::migrate(&target, vm, m))
+                    .await;
+                match outcome {
+                    Some(Ok(())) => {
+                        self.record(
+                            format!(
+                                "VM migrated to the peer in {} ms (paused there)",
+                                started.elapsed().as_millis()
+                            ),
+                            lines,
+                        )
+                        .await;
+                        queue.push_back(Event::MigrateDone);
+                    }
+                    other => {
+                        let reason = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "panicked".to_string(),
+                        };
+                        self.record(format!("error: live migration: {reason}"), lines)
+                            .await;
+                        queue.push_back(Event::MigrateFailed { reason });
+                    }
+                }
+            }
+            Action::ActivateStandby { connected } => {
+                let generation = self.meta.history.current().map(|g| g.to_string());
+                let result = self
+                    .blocking(move |_, fs, m| {
+                        fs.activate_standby(m, generation.as_deref(), connected)
+                    })
+                    .await;
+                let what = if connected {
+                    "activate the standby as writer replicating to the SECOND"
+                } else {
+                    "activate the standby as writer alone"
+                };
+                match result {
+                    Some(Ok(())) => self.record(format!("{what}: done"), lines).await,
+                    Some(Err(e)) if connected => {
+                        self.record(format!("error: {what}: {e}"), lines).await;
+                        queue.push_front(Event::ConnectedMountFailed);
+                        return Err(Abort);
+                    }
+                    Some(Err(e)) => return self.fail_step(what, e.to_string(), queue, lines).await,
+                    None => return self.fail_step(what, "panicked".into(), queue, lines).await,
+                }
+            }
+            Action::ResumeVm => {
+                // The writer is active (its failure ended the step): the new
+                // role is true now.
+                self.publish();
+                match self.blocking(|vm, _, m| vm.resume(m)).await {
+                    Some(Ok(())) => {
+                        self.record("VM resumed".into(), lines).await;
+                        queue.push_back(Event::VmStarted);
+                    }
+                    other => {
+                        let e = match other {
+                            Some(Err(e)) => e.to_string(),
+                            _ => "panicked".to_string(),
+                        };
+                        self.record(format!("error: resume VM: {e}"), lines).await;
+                        // The paused instance goes: the restart starts it anew.
+                        if let Some(Err(e)) = self.blocking(|vm, _, m| vm.stop(m)).await {
+                            self.record(format!("error: destroy the paused VM: {e}"), lines)
+                                .await;
+                        }
+                        queue.push_back(Event::VmStartFailed {
+                            now_ms: self.now_ms(),
+                        });
+                    }
+                }
+            }
             Action::ProbeWitness => {
                 let outcome = self.probe_witness(lines).await;
                 queue.push_back(Event::WitnessResult(outcome));

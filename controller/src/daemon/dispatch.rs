@@ -14,7 +14,7 @@ use super::{ModuleCommand, ModuleHandle, PeerView, Shared};
 use crate::config::differing_keys;
 use crate::control::{Call, Caller, ErrorKind, Request, Response, UnknownModule};
 use crate::heartbeat::{Endpoint, ModuleBeat, Payload, Received};
-use crate::state::Event;
+use crate::state::{Event, Role};
 
 // ---- heartbeats ----
 
@@ -238,6 +238,97 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
 
 // ---- control requests ----
 
+/// How long `swap --live` waits for the migration's outcome.
+const LIVE_SWAP_WAIT: Duration = Duration::from_secs(900);
+/// After the migration, how long it waits for the peer to resume the VM.
+const LIVE_RESUME_WAIT: Duration = Duration::from_secs(60);
+
+/// `swap --live`: asks the module on this node (the PRIM) and answers once
+/// the live swap ended: an error when it was refused or aborted (the VM
+/// then runs where it ran), else once the peer runs the VM.
+async fn live_swap(shared: &Shared, module: Option<&str>, cause: String) -> Response {
+    let handle = match resolve(shared, module) {
+        Ok(h) => h,
+        Err(e) => return Response::error(e),
+    };
+    let mut view = handle.view.clone();
+    let number = view.borrow_and_update().live_outcome.0;
+    let (reply, answer) = oneshot::channel();
+    if handle
+        .commands
+        .send(ModuleCommand::Caused(Event::SwapLive, cause, reply))
+        .await
+        .is_err()
+    {
+        return Response::error("vmhad is shutting down");
+    }
+    let Ok(mut lines) = answer.await else {
+        return Response::error("vmhad is shutting down");
+    };
+    if let Some(refusal) = lines.iter().find(|l| l.contains("refused")).cloned() {
+        return Response {
+            error: Some(refusal),
+            kind: Some(ErrorKind::Refused),
+            ..Response::lines(false, lines)
+        };
+    }
+    // The migration runs in later steps (when the SECOND shows its standby).
+    let ended = tokio::time::timeout(LIVE_SWAP_WAIT, async {
+        loop {
+            {
+                let v = view.borrow_and_update();
+                if v.live_outcome.0 != number && v.announce.swap_phase.is_none() {
+                    return v.live_outcome.1.clone();
+                }
+            }
+            if view.changed().await.is_err() {
+                return Some("the module is shutting down".to_string());
+            }
+        }
+    })
+    .await;
+    let failure = match ended {
+        Ok(failure) => failure,
+        Err(_) => Some(format!(
+            "no outcome within {} s (see `vmctl log`)",
+            LIVE_SWAP_WAIT.as_secs()
+        )),
+    };
+    if let Some(why) = failure {
+        let error = format!("live swap aborted: {why}; the VM keeps running where it ran");
+        lines.push(error.clone());
+        return Response {
+            error: Some(error),
+            kind: Some(ErrorKind::Refused),
+            ..Response::lines(false, lines)
+        };
+    }
+    lines.push("the VM migrated to the peer".into());
+    // The peer activates its standby and resumes the VM: shown in its
+    // heartbeats as PRIM without a swap phase.
+    let name = handle.module.name.clone();
+    let deadline = tokio::time::Instant::now() + LIVE_RESUME_WAIT;
+    loop {
+        let resumed = shared
+            .peer()
+            .modules
+            .get(&name)
+            .is_some_and(|b| b.announce.role == Role::Prim && b.announce.swap_phase.is_none());
+        if resumed {
+            lines.push("live swap done: the peer runs the VM".into());
+            return Response::lines(true, lines);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            lines.push(format!(
+                "the peer did not show the VM resumed within {} s (see `vmctl status`)",
+                LIVE_RESUME_WAIT.as_secs()
+            ));
+            return Response::lines(true, lines);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub(super) async fn serve_calls(shared: Arc<Shared>, mut calls: mpsc::Receiver<Call>) {
     while let Some(call) = calls.recv().await {
         let shared = Arc::clone(&shared);
@@ -452,7 +543,13 @@ pub(super) async fn answer(shared: &Shared, request: Request, caller: Option<Cal
         }
         Request::Start { module } => (Event::Start, module),
         Request::Stop { module } => (Event::Stop, module),
-        Request::Swap { module } => (Event::Swap, module),
+        Request::Swap {
+            module,
+            live: false,
+        } => (Event::Swap, module),
+        Request::Swap { module, live: true } => {
+            return live_swap(shared, module.as_deref(), cause(command)).await
+        }
         Request::Prim { module } => (Event::PrimForced, module),
         Request::Resync {
             compare: false,

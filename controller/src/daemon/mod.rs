@@ -121,6 +121,7 @@
 mod actions;
 mod checks;
 mod dispatch;
+mod live;
 mod operations;
 mod reload;
 mod runner;
@@ -196,6 +197,8 @@ struct ModuleView {
     resync: Option<ResyncStatus>,
     /// The peer's controller is down while its data path is alive.
     peer_controller_down: bool,
+    /// The last live swap started here: its number and, when it failed, why.
+    live_outcome: (u32, Option<String>),
     /// The module's first event (`Start` or `Adopt`) was handled: until then
     /// it is not in our heartbeats (its initial STOP would make a SECOND take
     /// over a writer that is about to be adopted).
@@ -346,6 +349,8 @@ struct Factory {
     /// The node left the cluster (`vmctl leave`): modules built now, at start
     /// or added by a reload, start left too.
     left: Arc<std::sync::atomic::AtomicBool>,
+    /// The cluster key (a live swap's forwarded libvirt rides the channel).
+    key: ClusterKey,
 }
 
 impl Factory {
@@ -393,6 +398,7 @@ impl Factory {
             changed_bytes: 0,
             resync: None,
             peer_controller_down: false,
+            live_outcome: (0, None),
             announced,
         });
         let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
@@ -451,6 +457,7 @@ impl Factory {
             witness_backoff: Backoff::new(WITNESS_RETRY, WITNESS_RETRY_MAX),
             announced,
             counters,
+            live_target: live::LiveTarget::of(config, module, node, &self.key),
         };
         Ok((runner, cmd_rx, handle))
     }
@@ -650,6 +657,7 @@ impl Daemon {
             witness_slot: Arc::clone(&witness_slot),
             shutdown: shutdown_rx.clone(),
             left: Arc::new(std::sync::atomic::AtomicBool::new(left)),
+            key: spec.key.clone(),
         };
         let mut first_events = Vec::new();
         for module in &config.modules {
@@ -985,7 +993,7 @@ impl DaemonHandle {
         let module = match request {
             Request::Start { module }
             | Request::Stop { module }
-            | Request::Swap { module }
+            | Request::Swap { module, .. }
             | Request::Prim { module }
             | Request::Verify { module }
             | Request::Maintenance { module, .. } => module.clone(),

@@ -118,6 +118,8 @@ pub(super) struct Runner {
     pub(super) announced: bool,
     /// Failovers, split brains, checker failures (for `/metrics`).
     pub(super) counters: Arc<super::ModuleCounters>,
+    /// Where the peer's libvirt is reached for a live swap.
+    pub(super) live_target: super::live::LiveTarget,
 }
 
 /// A module's settings that a reload may change while its task runs. What
@@ -501,6 +503,7 @@ impl Runner {
             changed_bytes: self.changed_bytes,
             resync,
             peer_controller_down: self.state.peer_controller_down,
+            live_outcome: self.state.live_outcome.clone(),
             announced: self.announced,
         });
     }

@@ -52,6 +52,7 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                 disk: Some(view.announce.disk),
                 maintenance: view.announce.maintenance,
                 left: view.announce.left,
+                swap_phase: view.announce.swap_phase,
                 generation: view.history.current().map(|g| g.to_string()),
                 resync: view.resync,
                 since_ms: Some(ms(now.saturating_duration_since(view.since))),
@@ -75,6 +76,7 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                     disk: Some(beat.announce.disk),
                     maintenance: beat.announce.maintenance,
                     left: beat.announce.left,
+                    swap_phase: beat.announce.swap_phase,
                     generation: beat.history.current().map(|g| g.to_string()),
                     resync: beat.resync,
                     since_ms: peer
@@ -98,6 +100,7 @@ pub(super) fn build_status(shared: &Shared) -> Status {
                     disk: beat.map(|b| b.announce.disk),
                     maintenance: beat.is_some_and(|b| b.announce.maintenance),
                     left: beat.is_some_and(|b| b.announce.left),
+                    swap_phase: None,
                     generation: beat
                         .and_then(|b| b.history.current())
                         .map(|g| g.to_string()),

@@ -1412,6 +1412,7 @@ mod tests {
             protocol: vmha_fs::Protocol::C,
             maxloop: 3,
             loop_interval_s: 60,
+            swap: Default::default(),
         }
     }
 

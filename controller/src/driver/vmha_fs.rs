@@ -62,6 +62,13 @@
 //! - The files are read through vmha-fs's own types ([`::vmha_fs::status`]),
 //!   generations cross to vmha-fs as [`GenerationId`] (validated here: an
 //!   invalid one is a driver error, never a vmha-fs usage error).
+//! - Live swap: the standby (`primary --standby`, one per directory, over the
+//!   running receiver and with its state directory) is kept apart from the
+//!   module's writer/receiver until activated: activation stops the receiver,
+//!   writes the generation, signals (SIGUSR2 connected, SIGUSR1 alone) and
+//!   waits for `link.json` to show the writer (or `activation: failed`); the
+//!   activated processes then are the module's writer, recorded for adoption
+//!   as a writer started so would be. `unmount` stops a standby first.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -145,6 +152,9 @@ pub struct VmhaFsDriver {
     links: StampCache<FsHealth>,
     /// `changed_bytes` per state directory, re-read only when the file changed.
     changed: StampCache<Option<Vec<u8>>>,
+    /// Live swap: the standby mounts (`primary --standby`) over a module's
+    /// receiving directories, until activated or dropped.
+    standby: Mutex<HashMap<String, Vec<(PathBuf, Proc)>>>,
 }
 
 /// A file's version: vmha-fs replaces its status files by rename (a new
@@ -242,6 +252,59 @@ impl VmhaFsDriver {
             mount_table: Mutex::new(None),
             links: StampCache::default(),
             changed: StampCache::default(),
+            standby: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn standby_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(PathBuf, Proc)>>> {
+        self.standby
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The standby's command for directory `i`: `primary --standby` with
+    /// the writer's settings and this node's receiver's state directory.
+    fn standby_command(
+        &self,
+        module: &Module,
+        i: usize,
+        dir: &Path,
+    ) -> Result<Command, DriverError> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("primary")
+            .arg("--standby")
+            .arg("--backing")
+            .arg(dir)
+            .arg("--mount")
+            .arg(dir)
+            .arg("--peer")
+            .arg(self.address(self.local.peer(), module, i)?.to_string())
+            .arg("--lock-timeout-ms")
+            .arg(module.lock_timeout_ms.to_string());
+        if module.rate_limit_mb_s > 0 {
+            cmd.arg("--rate-limit-mb-s")
+                .arg(module.rate_limit_mb_s.to_string());
+        }
+        if module.protocol != ::vmha_fs::Protocol::default() {
+            cmd.arg("--protocol").arg(module.protocol.name());
+        }
+        cmd.arg("--module")
+            .arg(&module.name)
+            .arg("--state")
+            .arg(self.state_dir(module, i))
+            .arg("--key-file")
+            .arg(&self.config.cluster.key_file)
+            .stdin(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        Ok(cmd)
+    }
+
+    /// Stops the module's standby mounts, if any.
+    fn stop_standby(&self, module: &Module) {
+        let children = self.standby_lock().remove(&module.name);
+        for (dir, mut child) in children.into_iter().flatten() {
+            child.terminate();
+            tracing::info!(module = %module.name, dir = %dir.display(), "standby mount stopped");
         }
     }
 
@@ -809,6 +872,38 @@ fn wait_ready(child: &mut Proc, dir: &Path, writer: bool) -> Result<(), DriverEr
     }
 }
 
+/// Waits until the standby in `dir` reports its activation in `link.json`:
+/// a writer (no longer `standby`), or `activation: failed: ...`.
+fn wait_activated(child: &mut Proc, state: &Path, dir: &Path) -> Result<(), DriverError> {
+    let what = "standby activation";
+    let deadline = Instant::now() + MOUNT_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(DriverError::failed(
+                what,
+                format!("vmha-fs exited: {status}"),
+            ));
+        }
+        if let Ok(bytes) = std::fs::read(state.join(LINK_FILE)) {
+            if let Ok(link) = serde_json::from_slice::<LinkStatus>(&bytes) {
+                if let Some(failed) = link.activation {
+                    return Err(DriverError::failed(what, failed));
+                }
+                if !link.standby {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(DriverError::Timeout {
+                what: format!("activation of the standby on {}", dir.display()),
+                secs: MOUNT_TIMEOUT.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The record of a vmha-fs process this driver started, in its state directory
 /// ([`PROCESS_FILE`]): what a later vmhad needs to find it and check it is the
 /// one it expects before adopting it.
@@ -983,6 +1078,8 @@ impl FsDriver for VmhaFsDriver {
     }
 
     fn unmount(&self, module: &Module) -> Result<(), DriverError> {
+        // The standby is mounted over the receiver's directory: first.
+        self.stop_standby(module);
         let running = self.lock().remove(&module.name);
         if let Some(mut running) = running {
             for (i, (dir, child)) in running.children.iter_mut().enumerate() {
@@ -1340,6 +1437,126 @@ impl FsDriver for VmhaFsDriver {
         })
     }
 
+    fn mount_standby(&self, module: &Module) -> Result<(), DriverError> {
+        let receiving = self.lock().get(&module.name).is_some_and(|r| !r.writer);
+        if !receiving {
+            return Err(DriverError::failed(
+                "standby mount",
+                "no receiver runs for this module",
+            ));
+        }
+        self.stop_standby(module);
+        let mut children: Vec<(PathBuf, Proc)> = Vec::new();
+        let result = (|| {
+            for (i, dir) in module.replicated.iter().enumerate() {
+                let mut cmd = self.standby_command(module, i, dir)?;
+                let child = cmd.spawn().map_err(|e| {
+                    DriverError::failed(format!("spawn {}", self.binary.display()), e)
+                })?;
+                children.push((dir.clone(), Proc::Spawned(child)));
+                let last = children
+                    .last_mut()
+                    .ok_or_else(|| DriverError::failed("spawn", "lost child"))?;
+                wait_ready(&mut last.1, &last.0, true)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (_, child) in &mut children {
+                child.terminate();
+            }
+            return Err(e);
+        }
+        self.standby_lock().insert(module.name.clone(), children);
+        Ok(())
+    }
+
+    fn activate_standby(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+        connected: bool,
+    ) -> Result<(), DriverError> {
+        let what = "standby activation";
+        let generation = generation_id(generation)?;
+        let Some(mut children) = self.standby_lock().remove(&module.name) else {
+            return Err(DriverError::failed(what, "no standby mount runs"));
+        };
+        // The receiver applied everything (the old writer drained before it
+        // handed over): it stops, releasing the state directories.
+        let receiver = self.lock().remove(&module.name).filter(|r| !r.writer);
+        if let Some(mut receiver) = receiver {
+            for (i, (_, child)) in receiver.children.iter_mut().enumerate() {
+                child.terminate();
+                let _ = remove_if_present(&self.state_dir(module, i).join(PROCESS_FILE));
+            }
+        }
+        let signal = if connected {
+            rustix::process::Signal::USR2
+        } else {
+            rustix::process::Signal::USR1
+        };
+        let result = (|| {
+            for (i, (dir, child)) in children.iter_mut().enumerate() {
+                let state = self.state_dir(module, i);
+                if let Some(generation) = &generation {
+                    write_generation(&state, generation)?;
+                }
+                if connected {
+                    remove_if_present(&state.join(PEER_OUTDATED_FILE))?;
+                }
+                remove_if_present(&state.join(LINK_FILE))?;
+                child.signal(signal).map_err(|e| {
+                    DriverError::failed(what, format!("vmha-fs for {}: {e}", dir.display()))
+                })?;
+            }
+            for (i, (dir, child)) in children.iter_mut().enumerate() {
+                wait_activated(child, &self.state_dir(module, i), dir)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // The standby stays (refused activations leave it in standby);
+            // the module's next step decides.
+            self.standby_lock().insert(module.name.clone(), children);
+            return Err(e);
+        }
+        for (i, (dir, child)) in children.iter().enumerate() {
+            // Recorded as the writer it now is, so that a later vmhad adopts it.
+            let role = if connected {
+                Spawn::ConnectedWriter
+            } else {
+                Spawn::Writer
+            };
+            let settings = settings_of(&self.command(module, i, dir, role, generation.as_ref())?);
+            let record = ProcessRecord {
+                pid: child.id(),
+                start_time: start_time(child.id()).unwrap_or(0),
+                writer: true,
+                save_aside: false,
+                generation: generation.as_ref().map(|g| g.as_str().to_string()),
+                settings,
+            };
+            record.write(&self.state_dir(module, i))?;
+        }
+        self.lock().insert(
+            module.name.clone(),
+            Running {
+                writer: true,
+                generation,
+                children,
+                save_aside: false,
+                disk_failed: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn drop_standby(&self, module: &Module) -> Result<(), DriverError> {
+        self.stop_standby(module);
+        Ok(())
+    }
+
     fn writer_sync_state(&self, module: &Module) -> Result<ResyncState, DriverError> {
         let Some(dirs) = self.writer_state_dirs(module) else {
             return Ok(ResyncState::Idle);
@@ -1352,6 +1569,11 @@ impl Drop for VmhaFsDriver {
     fn drop(&mut self) {
         if self.detached {
             return;
+        }
+        for (_, children) in self.standby_lock().drain() {
+            for (_, mut child) in children {
+                child.terminate();
+            }
         }
         let mut all = self.lock();
         for (_, mut running) in all.drain() {

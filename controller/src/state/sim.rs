@@ -38,6 +38,14 @@ struct Node {
     receiver_retry: bool,
     /// Counter values on this node's disk.
     data: BTreeSet<u64>,
+    /// The standby mount (live swap) is up.
+    standby: bool,
+    /// A migrated domain waits here, paused.
+    incoming: bool,
+    /// The next `MountStandby` fails.
+    standby_fails: bool,
+    /// The next `MigrateVm` fails (libvirt refuses or aborts it).
+    migrate_fails: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +88,12 @@ enum Op {
     ReceiverFails(usize),
     /// The node's `RetryReceiver` pause ends.
     ReceiverRetry(usize),
+    /// `vmctl swap --live` on a node.
+    SwapLive(usize),
+    /// The node's next standby mount fails.
+    StandbyFails(usize),
+    /// The node's next migration fails.
+    MigrateFails(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -113,6 +127,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (node.clone(), any::<bool>()).prop_map(|(i, on)| Op::Maintenance(i, on)),
         1 => node.clone().prop_map(Op::ReceiverFails),
         2 => node.clone().prop_map(Op::ReceiverRetry),
+        2 => node.clone().prop_map(Op::SwapLive),
+        1 => node.clone().prop_map(Op::StandbyFails),
+        1 => node.clone().prop_map(Op::MigrateFails),
     ]
 }
 
@@ -124,6 +141,8 @@ struct Setup {
     witness_answer: WitnessOutcome,
     default_primary: Option<usize>,
     split_brain: u8,
+    /// `swap = "live"`.
+    live_swap: bool,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -137,14 +156,16 @@ fn setup() -> impl Strategy<Value = Setup> {
         ],
         prop::option::of(0usize..2),
         0u8..4,
+        any::<bool>(),
     )
         .prop_map(
-            |(failover, witness, witness_answer, default_primary, split_brain)| Setup {
+            |(failover, witness, witness_answer, default_primary, split_brain, live_swap)| Setup {
                 failover,
                 witness,
                 witness_answer,
                 default_primary,
                 split_brain,
+                live_swap,
             },
         )
 }
@@ -165,6 +186,7 @@ fn policy_of(setup: Setup, me: usize) -> Policy {
         },
         maxloop: 2,
         loop_interval_ms: 1_000_000,
+        live_swap: setup.live_swap,
     }
 }
 
@@ -200,6 +222,10 @@ impl Sim {
             receiver_fails: false,
             receiver_retry: false,
             data: BTreeSet::new(),
+            standby: false,
+            incoming: false,
+            standby_fails: false,
+            migrate_fails: false,
         };
         Sim {
             setup,
@@ -233,7 +259,10 @@ impl Sim {
         let mut started = false;
         let mut stopped = None;
         let mut failed = None;
+        let mut later = Vec::new();
         let peer_receives = self.see_each_other() && self.link_ok && self.nodes[1 - i].receiver;
+        let peer_takes_vm = peer_receives && self.nodes[1 - i].standby;
+        let peer_vm = self.nodes[1 - i].vm;
         for action in actions {
             let peer_history = self.nodes[1 - i].history.clone();
             let peer_data = self.nodes[1 - i].data.clone();
@@ -265,7 +294,57 @@ impl Sim {
                 Action::Unmount => {
                     n.writer = false;
                     n.receiver = false;
+                    n.standby = false;
                     n.writes_alone = false;
+                }
+                Action::MountStandby => {
+                    assert!(
+                        n.receiver && !n.standby,
+                        "node {i}: standby without receiver"
+                    );
+                    if std::mem::take(&mut n.standby_fails) {
+                        later.push(Event::StandbyFailed);
+                    } else {
+                        n.standby = true;
+                        later.push(Event::StandbyMounted);
+                    }
+                }
+                Action::DropStandby => {
+                    n.standby = false;
+                    n.incoming = false;
+                }
+                Action::MigrateVm => {
+                    assert!(n.writer && n.vm, "node {i}: migrates a VM it does not run");
+                    if std::mem::take(&mut n.migrate_fails) || !peer_takes_vm {
+                        later.push(Event::MigrateFailed {
+                            reason: "refused".into(),
+                        });
+                    } else {
+                        n.vm = false;
+                        self.nodes[1 - i].incoming = true;
+                        later.push(Event::MigrateDone);
+                    }
+                }
+                Action::ActivateStandby { connected } => {
+                    assert!(n.standby && !n.writer, "node {i}: activates no standby");
+                    // The receiver stops first.
+                    n.receiver = false;
+                    if connected && !peer_receives {
+                        failed = Some(Event::ConnectedMountFailed);
+                        break;
+                    }
+                    n.standby = false;
+                    n.writer = true;
+                }
+                Action::ResumeVm => {
+                    assert!(n.writer, "node {i}: VM resumed without the writer mount");
+                    assert!(!peer_vm, "node {i}: VM resumed while the peer runs it");
+                    if std::mem::take(&mut n.incoming) {
+                        n.vm = true;
+                        started = true;
+                    } else {
+                        later.push(Event::VmStartFailed { now_ms: 0 });
+                    }
                 }
                 Action::WriteAlone => {
                     assert!(n.writer, "node {i}: writes alone without the writer mount");
@@ -282,6 +361,8 @@ impl Sim {
                 }
                 Action::StopVm => {
                     let failed = std::mem::take(&mut n.stop_fails);
+                    // A paused incoming instance is destroyed at once.
+                    n.incoming = false;
                     if !failed {
                         n.vm = false;
                     }
@@ -320,6 +401,9 @@ impl Sim {
             Some(false) => self.deliver(i, Event::VmStopDone),
             Some(true) => self.deliver(i, Event::VmStopFailed),
             None => {}
+        }
+        for event in later {
+            self.deliver(i, event);
         }
     }
 
@@ -391,6 +475,8 @@ impl Sim {
                 n.writes_alone = false;
                 n.marking = false;
                 n.receiver_retry = false;
+                n.standby = false;
+                n.incoming = false;
             }
             Op::Boot(i) => {
                 if !self.nodes[i].alive {
@@ -419,6 +505,10 @@ impl Sim {
                     };
                     let had = n.writer || n.receiver;
                     n.probing = false;
+                    // A standby and a paused incoming instance are taken
+                    // down by the new vmhad's driver (no live swap runs).
+                    n.standby = false;
+                    n.incoming = false;
                     n.marking = false;
                     n.s = ModuleState::new(
                         policy_of(self.setup, i),
@@ -509,6 +599,9 @@ impl Sim {
             }
             Op::Maintenance(i, on) => self.deliver(i, Event::Maintenance(on)),
             Op::ReceiverFails(i) => self.nodes[i].receiver_fails = true,
+            Op::SwapLive(i) => self.deliver(i, Event::SwapLive),
+            Op::StandbyFails(i) => self.nodes[i].standby_fails = true,
+            Op::MigrateFails(i) => self.nodes[i].migrate_fails = true,
             Op::ReceiverRetry(i) => {
                 if std::mem::take(&mut self.nodes[i].receiver_retry) {
                     self.deliver(i, Event::ReceiverRetryDue);
@@ -576,7 +669,18 @@ impl Sim {
     }
 
     fn check(&self) {
+        // A paused instance never waits beside the running VM.
         for (i, n) in self.nodes.iter().enumerate() {
+            assert!(!(n.vm && n.incoming), "node {i}: VM and a paused instance");
+            // The standby only beside the receiver of a SECOND (or of a
+            // PRIM whose connected activation failed and waits).
+            if n.standby && n.alive {
+                assert!(
+                    n.s.live.is_some() && !n.writer,
+                    "node {i}: standby outside a live swap {:?}",
+                    n.s
+                );
+            }
             assert!(
                 !(n.writer && n.receiver),
                 "node {i} both writer and receiver"
@@ -711,6 +815,7 @@ fn life_cycle_through_the_simulator() {
         witness_answer: WitnessOutcome::Reachable,
         default_primary: Some(0),
         split_brain: 3,
+        live_swap: false,
     };
     let mut sim = Sim::new(setup);
     for op in [
@@ -760,6 +865,7 @@ fn tie_break_winner_vanishing_loses_nothing() {
         witness_answer: WitnessOutcome::Reachable,
         default_primary: None,
         split_brain: 3,
+        live_swap: false,
     };
     let mut sim = Sim::new(setup);
     for op in [
@@ -802,6 +908,7 @@ fn leave_and_maintenance_through_the_simulator() {
         witness_answer: WitnessOutcome::Reachable,
         default_primary: None,
         split_brain: 3,
+        live_swap: false,
     };
     let mut sim = Sim::new(setup);
     for op in [
@@ -846,4 +953,136 @@ fn leave_and_maintenance_through_the_simulator() {
     sim.apply(Op::Lost(0));
     assert_eq!(sim.nodes[0].s.role, Role::Second);
     assert!(!sim.nodes[0].vm);
+}
+
+/// PRIM and ready SECOND, node 0 PRIM, with one acknowledged write.
+fn pair(live_swap: bool) -> Sim {
+    let setup = Setup {
+        failover: true,
+        witness: false,
+        witness_answer: WitnessOutcome::Reachable,
+        default_primary: None,
+        split_brain: 3,
+        live_swap,
+    };
+    let mut sim = Sim::new(setup);
+    for op in [
+        Op::Start(0),
+        Op::Start(1),
+        Op::Prim(0),
+        Op::Exchange,
+        Op::Exchange,
+        Op::Write(0),
+        Op::Resync(1),
+        Op::Exchange,
+        Op::Write(0),
+    ] {
+        sim.apply(op);
+    }
+    assert_eq!(sim.nodes[1].s.readiness(), Readiness::Ready);
+    sim
+}
+
+fn roles(sim: &Sim) -> (Role, Role) {
+    (sim.nodes[0].s.role, sim.nodes[1].s.role)
+}
+
+/// A live swap there and back: the VM moves without a restart, is never
+/// resumed before the old writer is gone, and every acknowledged write is
+/// on the node that runs it.
+#[test]
+fn live_swap_there_and_back_through_the_simulator() {
+    let mut sim = pair(false);
+    for (from, to) in [(0, 1), (1, 0)] {
+        sim.apply(Op::SwapLive(from));
+        assert_eq!(sim.nodes[from].s.live, Some(SwapPhase::Preparing));
+        // The SECOND mounts in standby; the PRIM migrates and hands over;
+        // the SECOND activates and resumes.
+        sim.apply(Op::Heartbeat(to));
+        assert!(sim.nodes[to].standby);
+        sim.apply(Op::Heartbeat(from));
+        assert!(!sim.nodes[from].vm && sim.nodes[to].incoming);
+        assert_eq!(sim.nodes[from].s.role, Role::Second);
+        assert!(sim.nodes[from].receiver && !sim.nodes[from].writer);
+        sim.apply(Op::Heartbeat(to));
+        assert!(sim.nodes[to].vm && sim.nodes[to].writer && !sim.nodes[to].standby);
+        assert_eq!(sim.nodes[to].s.role, Role::Prim);
+        assert_eq!(sim.nodes[to].s.live, None);
+        sim.apply(Op::Exchange);
+        sim.apply(Op::Write(to));
+        assert!(sim.acked.is_subset(&sim.nodes[to].data));
+        assert!(sim.acked.is_subset(&sim.nodes[from].data));
+        // No new generation: no resync follows.
+        assert_eq!(
+            compare(&sim.nodes[0].history, &sim.nodes[1].history),
+            Relation::InSync
+        );
+        assert_eq!(sim.nodes[from].s.readiness(), Readiness::Ready);
+    }
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+}
+
+/// Abort points: the migration refused, the standby mount failed, the
+/// source lost after the migration, the destination lost in standby.
+#[test]
+fn live_swap_aborts_leave_the_vm_on_one_node_through_the_simulator() {
+    // Migration refused: the VM stays on the PRIM, the SECOND drops its standby.
+    let mut sim = pair(false);
+    sim.apply(Op::MigrateFails(0));
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    assert!(sim.nodes[0].vm);
+    assert_eq!(sim.nodes[0].s.live_outcome.0, 1);
+    assert!(sim.nodes[0].s.live_outcome.1.is_some());
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+    assert!(!sim.nodes[1].standby && !sim.nodes[1].incoming);
+
+    // With `swap = "live"`, a plain swap falls back to stop/start.
+    let mut sim = pair(true);
+    sim.apply(Op::MigrateFails(0));
+    sim.apply(Op::Swap(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    sim.apply(Op::Exchange);
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Second, Role::Prim));
+    assert!(sim.nodes[1].vm && !sim.nodes[1].standby);
+
+    // The standby mount fails: the PRIM keeps the VM.
+    let mut sim = pair(false);
+    sim.apply(Op::StandbyFails(1));
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Exchange);
+    sim.apply(Op::Exchange);
+    assert_eq!(roles(&sim), (Role::Prim, Role::Second));
+    assert!(sim.nodes[0].vm && sim.nodes[0].s.live.is_none());
+    assert_eq!(sim.nodes[1].s.live, None);
+
+    // The source dies once the VM left it: the destination drops the paused
+    // instance and fails over with every acknowledged write.
+    let mut sim = pair(false);
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    assert!(sim.nodes[1].incoming);
+    sim.apply(Op::Crash(0));
+    sim.apply(Op::Lost(1));
+    assert_eq!(sim.nodes[1].s.role, Role::Alone);
+    assert!(sim.nodes[1].vm && !sim.nodes[1].standby);
+    assert!(sim.acked.is_subset(&sim.nodes[1].data));
+
+    // The destination dies in standby: the PRIM's migration fails, it goes
+    // ALONE and keeps the VM.
+    let mut sim = pair(false);
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Crash(1));
+    sim.apply(Op::Heartbeat(0));
+    sim.apply(Op::Lost(0));
+    assert_eq!(sim.nodes[0].s.role, Role::Alone);
+    assert!(sim.nodes[0].vm);
+    sim.apply(Op::Write(0));
+    assert!(sim.acked.is_subset(&sim.nodes[0].data));
 }

@@ -12,6 +12,7 @@ pub(super) fn policy() -> Policy {
         split_brain: SplitBrainRule::DiscardLeastChanges,
         maxloop: 3,
         loop_interval_ms: 86_400_000,
+        live_swap: false,
     }
 }
 
@@ -25,6 +26,8 @@ fn peer(role: Role, readiness: Readiness, relation: Relation) -> Peer {
         config_match: true,
         changed_bytes: 0,
         maintenance: false,
+        live_swap: true,
+        swap_phase: None,
     }
 }
 
@@ -987,6 +990,8 @@ fn peers() -> Vec<Peer> {
                     config_match: true,
                     changed_bytes: 5,
                     maintenance: false,
+                    live_swap: true,
+                    swap_phase: None,
                 };
                 out.push(base);
                 match relation {
@@ -1006,6 +1011,30 @@ fn peers() -> Vec<Peer> {
                             });
                             out.push(Peer {
                                 request: Some(Request::HandOver),
+                                ..base
+                            });
+                            // Live swap: the old PRIM hands over; the
+                            // SECOND in standby, or whose standby failed;
+                            // a peer of an older vmhad.
+                            out.push(Peer {
+                                request: Some(Request::TakeOverLive),
+                                ..base
+                            });
+                            for phase in [SwapPhase::Standby, SwapPhase::StandbyFailed] {
+                                out.push(Peer {
+                                    swap_phase: Some(phase),
+                                    ..base
+                                });
+                            }
+                            out.push(Peer {
+                                live_swap: false,
+                                ..base
+                            });
+                        }
+                        if role == Role::Prim {
+                            out.push(Peer {
+                                request: Some(Request::PrepareLive),
+                                swap_phase: Some(SwapPhase::Preparing),
                                 ..base
                             });
                         }
@@ -1036,12 +1065,17 @@ fn states() -> Vec<ModuleState> {
             knowledge.push(PeerKnowledge::Lost(p));
         }
     }
-    let policies =
-        [(true, false), (false, false), (true, true)].map(|(failover, witness)| Policy {
-            failover,
-            witness,
-            ..policy()
-        });
+    let policies = [
+        (true, false, false),
+        (false, false, true),
+        (true, true, true),
+    ]
+    .map(|(failover, witness, live_swap)| Policy {
+        failover,
+        witness,
+        live_swap,
+        ..policy()
+    });
     let mut out = Vec::new();
     for policy in &policies {
         for role in ROLES {
@@ -1105,6 +1139,43 @@ fn states() -> Vec<ModuleState> {
                         let mut r = s.clone();
                         r.swap_refused = true;
                         out.push(r);
+                        // A live swap preparing (with or without the
+                        // fallback to stop/start) or migrating; the new
+                        // PRIM resuming (maybe after its connected
+                        // activation failed).
+                        for (phase, fallback) in [
+                            (SwapPhase::Preparing, false),
+                            (SwapPhase::Preparing, true),
+                            (SwapPhase::Migrating, false),
+                            (SwapPhase::Migrating, true),
+                        ] {
+                            let mut l = s.clone();
+                            l.live = Some(phase);
+                            l.live_fallback = fallback;
+                            l.request = Some(Request::PrepareLive);
+                            out.push(l);
+                        }
+                        let mut l = s.clone();
+                        l.live = Some(SwapPhase::Resuming);
+                        l.vm_starting = true;
+                        out.push(l.clone());
+                        l.pending_alone_mount = true;
+                        out.push(l);
+                    }
+                    if role == Role::Second && uptodate {
+                        for phase in [
+                            SwapPhase::StandbyMounting,
+                            SwapPhase::Standby,
+                            SwapPhase::StandbyFailed,
+                        ] {
+                            let mut l = s.clone();
+                            l.live = Some(phase);
+                            out.push(l);
+                        }
+                        // The old PRIM, handed over live.
+                        let mut l = s.clone();
+                        l.request = Some(Request::TakeOverLive);
+                        out.push(l);
                     }
                     if role.is_writer() {
                         for attach in [Attach::Asked, Attach::Failed] {
@@ -1202,6 +1273,13 @@ fn events() -> Vec<Event> {
         Event::Join,
         Event::Maintenance(true),
         Event::Maintenance(false),
+        Event::SwapLive,
+        Event::StandbyMounted,
+        Event::StandbyFailed,
+        Event::MigrateDone,
+        Event::MigrateFailed {
+            reason: "refused".into(),
+        },
     ];
     for bits in 0u8..8 {
         out.push(Event::LinkDown {
@@ -1388,7 +1466,9 @@ fn index(actions: &[Action], wanted: &Action) -> Option<usize> {
 fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, actions: &[Action]) {
     let ctx = || format!("{before:?}\n  --{event:?}-->\n{after:?}\n  actions {actions:?}");
     let mount_writer = index(actions, &Action::MountWriter)
-        .or_else(|| index(actions, &Action::MountWriterConnected));
+        .or_else(|| index(actions, &Action::MountWriterConnected))
+        .or_else(|| index(actions, &Action::ActivateStandby { connected: true }))
+        .or_else(|| index(actions, &Action::ActivateStandby { connected: false }));
     let promoted = !before.role.is_writer() && after.role.is_writer();
     // The writer mount after a failed connected start comes once the SECOND
     // knows it is outdated or is lost, never otherwise.
@@ -1550,7 +1630,10 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
     }
     // Leaving the writer role stops the VM first, then unmounts (a swap's VM
     // was stopped by the previous step, which reported `VmStopDone`).
-    let swap_done = before.swapping && *event == Event::VmStopDone;
+    let migrated = before.role == Role::Prim
+        && before.live == Some(SwapPhase::Migrating)
+        && *event == Event::MigrateDone;
+    let swap_done = (before.swapping && *event == Event::VmStopDone) || migrated;
     if before.role.is_writer() && !after.role.is_writer() && !swap_done {
         let stop = index(actions, &Action::StopVm).unwrap_or_else(|| panic!("{}", ctx()));
         let unmount = index(actions, &Action::Unmount).unwrap_or_else(|| panic!("{}", ctx()));
@@ -1662,7 +1745,11 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
         assert_eq!(after.role, Role::Prim, "{}", ctx());
         assert!(!actions.contains(&Action::Unmount), "{}", ctx());
     }
-    if after.role == Role::Second && before.role == Role::Prim && *event != Event::VmStopDone {
+    if after.role == Role::Second
+        && before.role == Role::Prim
+        && *event != Event::VmStopDone
+        && !migrated
+    {
         assert!(actions.contains(&Action::StopVm), "{}", ctx());
     }
     // vmha-fs writes alone only for a writer whose peer is gone (PRIM ->
@@ -1813,7 +1900,151 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
     {
         assert_eq!(after.role, Role::Alone, "{}", ctx());
     }
+    check_live_swap(before, event, after, actions);
     check_leave_and_maintenance(before, event, after, actions);
+}
+
+/// Live swap: the VM moves only to a SECOND in standby and in sync, resumes
+/// only once the old writer handed over (never two writers), and every
+/// abort leaves it running on one node.
+fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, actions: &[Action]) {
+    let ctx = || format!("{before:?}\n  --{event:?}-->\n{after:?}\n  actions {actions:?}");
+    if actions.contains(&Action::MigrateVm) {
+        assert_eq!(before.role, Role::Prim, "{}", ctx());
+        assert_eq!(before.live, Some(SwapPhase::Preparing), "{}", ctx());
+        assert_eq!(after.live, Some(SwapPhase::Migrating), "{}", ctx());
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second
+                    && p.readiness == Readiness::Ready
+                    && p.relation == Relation::InSync
+                    && p.swap_phase == Some(SwapPhase::Standby)),
+            "migrating to a peer not in standby: {}",
+            ctx()
+        );
+        assert!(!before.peer_outdated, "{}", ctx());
+        // The VM keeps running here until the migration reports.
+        assert!(!actions.contains(&Action::StopVm), "{}", ctx());
+        assert!(!actions.contains(&Action::Unmount), "{}", ctx());
+    }
+    if actions.contains(&Action::MountStandby) {
+        assert_eq!(after.role, Role::Second, "{}", ctx());
+        assert!(after.uptodate, "{}", ctx());
+        assert_eq!(after.live, Some(SwapPhase::StandbyMounting), "{}", ctx());
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Prim && p.request == Some(Request::PrepareLive)),
+            "{}",
+            ctx()
+        );
+    }
+    // The standby becomes the writer only when the old PRIM handed over
+    // (its writer unmounted, drained) with this node in standby and up to
+    // date; the alone activation only after the peer knows it is outdated.
+    if actions.contains(&Action::ActivateStandby { connected: true }) {
+        assert_eq!(before.role, Role::Second, "{}", ctx());
+        assert_eq!(before.live, Some(SwapPhase::Standby), "{}", ctx());
+        assert!(before.uptodate, "{}", ctx());
+        assert!(
+            matches!(event, Event::PeerSeen { peer, .. }
+                if peer.role == Role::Second && peer.request == Some(Request::TakeOverLive)),
+            "{}",
+            ctx()
+        );
+    }
+    if actions.contains(&Action::ActivateStandby { connected: false }) {
+        assert!(before.pending_alone_mount, "{}", ctx());
+        assert_eq!(before.live, Some(SwapPhase::Resuming), "{}", ctx());
+    }
+    // Resumed only after the activation, as the writer, beside no writer.
+    if let Some(resume) = index(actions, &Action::ResumeVm) {
+        let activate = index(actions, &Action::ActivateStandby { connected: true })
+            .or_else(|| index(actions, &Action::ActivateStandby { connected: false }));
+        assert!(activate.is_some_and(|a| a < resume), "{}", ctx());
+        assert!(after.role.is_writer(), "{}", ctx());
+        assert!(!after.peer_is_writer(), "{}", ctx());
+    }
+    // A SECOND leaving its standby takes it down (or activates it), before
+    // any unmount.
+    if before.role == Role::Second
+        && before.live.is_some()
+        && (after.role != Role::Second || after.live.is_none())
+    {
+        let activated = actions.contains(&Action::ActivateStandby { connected: true });
+        let dropped = index(actions, &Action::DropStandby);
+        assert!(activated || dropped.is_some(), "standby left up: {}", ctx());
+        if let (Some(d), Some(u)) = (dropped, index(actions, &Action::Unmount)) {
+            assert!(d < u, "{}", ctx());
+        }
+    }
+    if actions.contains(&Action::DropStandby) {
+        assert_eq!(before.role, Role::Second, "{}", ctx());
+        assert!(before.live.is_some(), "{}", ctx());
+    }
+    // A failed or refused migration: the VM stays, so does the role.
+    if matches!(event, Event::MigrateFailed { .. }) {
+        assert_eq!(after.role, before.role, "{}", ctx());
+        assert!(!actions.contains(&Action::Unmount), "{}", ctx());
+        if before.live == Some(SwapPhase::Migrating) {
+            assert_eq!(after.live, None, "{}", ctx());
+            assert!(after.live_outcome.1.is_some(), "{}", ctx());
+            // Falls back to stop/start only with `swap = "live"`'s swap.
+            assert_eq!(
+                actions.contains(&Action::StopVm),
+                before.live_fallback
+                    && before.role == Role::Prim
+                    && !before.in_maintenance()
+                    && matches!(before.peer, PeerKnowledge::Seen(p) if p.role == Role::Second && p.readiness == Readiness::Ready),
+                "{}",
+                ctx()
+            );
+        }
+    }
+    // The migration done: the old PRIM is a drained SECOND asking the peer
+    // to resume (no stop, no new generation).
+    if *event == Event::MigrateDone
+        && before.live == Some(SwapPhase::Migrating)
+        && before.role == Role::Prim
+    {
+        assert_eq!(after.role, Role::Second, "{}", ctx());
+        assert_eq!(after.request, Some(Request::TakeOverLive), "{}", ctx());
+        assert!(!actions.contains(&Action::StopVm), "{}", ctx());
+        assert!(!actions.contains(&Action::NewGeneration), "{}", ctx());
+        let u = index(actions, &Action::Unmount);
+        let r = index(actions, &Action::MountReceiver);
+        assert!(u.is_some() && u < r, "{}", ctx());
+    }
+    // Live requests only to a peer that takes part in live swaps.
+    if after.request == Some(Request::PrepareLive) && before.request != Some(Request::PrepareLive) {
+        assert!(
+            matches!(
+                event,
+                Event::SwapLive | Event::Swap | Event::PeerSeen { .. } | Event::Maintenance(false)
+            ),
+            "{}",
+            ctx()
+        );
+        if *event != Event::SwapLive {
+            assert!(before.policy.live_swap, "{}", ctx());
+        }
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p) if p.live_swap),
+            "{}",
+            ctx()
+        );
+    }
+    if *event == Event::SwapLive && !matches!(after.live, Some(SwapPhase::Preparing)) {
+        // Refused: nothing moves, and the answer says so.
+        assert_eq!(after.role, before.role, "{}", ctx());
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Log(l) if l.contains("refused"))),
+            "{}",
+            ctx()
+        );
+        assert!(!actions.contains(&Action::StopVm), "{}", ctx());
+    }
 }
 
 /// Leave: the node hands over and runs nothing until it joins. Maintenance:
@@ -1924,7 +2155,11 @@ fn check_leave_and_maintenance(
     if promoted && after.in_maintenance() && !operator {
         match event {
             Event::PeerSeen { peer, .. } => assert!(
-                peer.role == Role::Stop || peer.request == Some(Request::TakeOver),
+                peer.role == Role::Stop
+                    || matches!(
+                        peer.request,
+                        Some(Request::TakeOver | Request::TakeOverLive)
+                    ),
                 "maintenance promoted without a hand-over: {}",
                 ctx()
             ),
@@ -1946,7 +2181,14 @@ fn check_leave_and_maintenance(
     // (A connected start whose fallback failed never started its VM.)
     // (A daemon start stops what it must not adopt: a stale writer.)
     let unadoptable = matches!(event, Event::Adopt(_)) && !after.role.is_writer();
-    if actions.contains(&Action::StopVm) && !operator && !before.pending_alone_mount && !unadoptable
+    // (An operator's swap whose live migration failed falls back to
+    // stop/start once maintenance is over.)
+    let live_fallback = before.live_fallback && !after.in_maintenance();
+    if actions.contains(&Action::StopVm)
+        && !operator
+        && !before.pending_alone_mount
+        && !unadoptable
+        && !live_fallback
     {
         assert!(
             matches!(event, Event::PeerSeen { peer, .. } if peer.request == Some(Request::HandOver) || peer.role.is_writer() || peer.relation == Relation::PeerNewer),
@@ -2493,4 +2735,118 @@ fn maintenance_adopts_a_writer_whose_settings_differ() {
     };
     let (_, actions) = run(&s, &[Event::Adopt(stale)]);
     assert!(actions.contains(&Action::StopVm), "{actions:?}");
+}
+
+// ---- live swap ----
+
+fn quiet(actions: &[Action]) -> Vec<&Action> {
+    actions
+        .iter()
+        .filter(|a| !matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)))
+        .collect()
+}
+
+/// The live swap's actions in order on both sides: prepare, standby,
+/// migrate, hand over (drained), activate, resume; no stop, no new
+/// generation.
+#[test]
+fn live_swap_moves_the_running_vm_in_order() {
+    let (p, actions, line) = log_of(&prim(), Event::SwapLive);
+    assert!(quiet(&actions).is_empty(), "{actions:?}");
+    assert!(line.contains("live swap"), "{line}");
+    assert_eq!(p.announce().request, Some(Request::PrepareLive));
+    // The SECOND sees the request: standby.
+    let asking = Peer {
+        request: Some(Request::PrepareLive),
+        ..peer(Role::Prim, Readiness::Ready, Relation::InSync)
+    };
+    let (s, actions) = run_exact(&second(), &[seen(asking)]);
+    assert_eq!(actions, [Action::MountStandby]);
+    let (s, _) = run_exact(&s, &[Event::StandbyMounted]);
+    assert_eq!(s.announce().swap_phase, Some(SwapPhase::Standby));
+    // The PRIM sees the standby: migrate; done: hand over.
+    let standby = Peer {
+        swap_phase: Some(SwapPhase::Standby),
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (p, actions) = run_exact(&p, &[seen(standby)]);
+    assert_eq!(actions, [Action::MigrateVm]);
+    let (p, actions) = run_exact(&p, &[Event::MigrateDone]);
+    assert_eq!(actions, [Action::Unmount, Action::MountReceiver]);
+    assert_eq!(
+        (p.role, p.announce().request),
+        (Role::Second, Some(Request::TakeOverLive))
+    );
+    // The SECOND takes over: activate, then resume.
+    let handed = Peer {
+        request: Some(Request::TakeOverLive),
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (s, actions) = run_exact(&s, &[seen(handed)]);
+    assert_eq!(
+        actions,
+        [
+            Action::ActivateStandby { connected: true },
+            Action::ResumeVm
+        ]
+    );
+    assert_eq!(s.role, Role::Prim);
+    let (s, _) = run_exact(&s, &[Event::VmStarted]);
+    assert_eq!((s.live, s.readiness()), (None, Readiness::Ready));
+}
+
+/// `swap --live` is refused (and says so) where it cannot run, and never
+/// falls back; a peer whose vmhad predates live swaps is never asked.
+#[test]
+fn live_swap_is_refused_without_falling_back() {
+    let old_peer = Peer {
+        live_swap: false,
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (p, _) = run_exact(&prim(), &[seen(old_peer)]);
+    let (p, actions, line) = log_of(&p, Event::SwapLive);
+    assert!(quiet(&actions).is_empty() && line.contains("refused") && line.contains("upgrade"));
+    assert_eq!((p.role, p.request), (Role::Prim, None));
+    let (_, actions, line) = log_of(&second(), Event::SwapLive);
+    assert!(
+        quiet(&actions).is_empty() && line.contains("refused"),
+        "{line}"
+    );
+    // A failed migration keeps the VM; the answer says it was aborted.
+    let (p, _) = run_exact(&prim(), &[Event::SwapLive]);
+    let standby = Peer {
+        swap_phase: Some(SwapPhase::Standby),
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (p, _) = run_exact(&p, &[seen(standby)]);
+    let (p, actions, line) = log_of(
+        &p,
+        Event::MigrateFailed {
+            reason: "disk not cache=none".into(),
+        },
+    );
+    assert!(quiet(&actions).is_empty(), "{actions:?}");
+    assert!(
+        line.contains("aborted") && line.contains("cache=none"),
+        "{line}"
+    );
+    assert_eq!((p.role, p.live, p.request), (Role::Prim, None, None));
+    assert_eq!(p.live_outcome.0, 1);
+    // The SECOND drops its standby once the PRIM no longer asks.
+    let (s, _) = run_exact(
+        &second(),
+        &[
+            seen(Peer {
+                request: Some(Request::PrepareLive),
+                ..peer(Role::Prim, Readiness::Ready, Relation::InSync)
+            }),
+            Event::StandbyMounted,
+        ],
+    );
+    let (s, actions) = run_exact(
+        &s,
+        &[seen(peer(Role::Prim, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(actions, [Action::DropStandby]);
+    assert_eq!((s.role, s.live), (Role::Second, None));
 }

@@ -771,7 +771,10 @@ async fn api_action(
     let request = match body.action.as_str() {
         "start" => Request::Start { module },
         "stop" => Request::Stop { module },
-        "swap" => Request::Swap { module },
+        "swap" => Request::Swap {
+            module,
+            live: false,
+        },
         "verify" => Request::Verify { module },
         "maintenance-on" => Request::Maintenance { on: true, module },
         "maintenance-off" => Request::Maintenance { on: false, module },
@@ -818,7 +821,7 @@ async fn peer_action(app: &App, request: Request, who: &str, peer: &str, this: &
     let logs = match &request {
         Request::Start { module }
         | Request::Stop { module }
-        | Request::Swap { module }
+        | Request::Swap { module, .. }
         | Request::Prim { module }
         | Request::Verify { module }
         | Request::Maintenance { module, .. } => module.clone(),

@@ -1,0 +1,290 @@
+//! Live swap end to end on two simulated nodes (own namespaces and libvirtd,
+//! TCG counter guest, both vmhad running; issue 14):
+//!
+//! - `vmctl swap --live` there and back while the guest counts: the guest
+//!   never reboots (no new `VMHA-BOOT` line on either console), its counter
+//!   goes on across the move with no acknowledged value lost, no QEMU is
+//!   left on the source, the roles flip (PRIM/SECOND, both ready) under the
+//!   same generation and no resync follows;
+//! - a migration refused by vmhad's disk check (a disk outside the module's
+//!   directories, hot-plugged into the running guest): `swap --live` exits
+//!   non-zero, never falls back, and the VM keeps running on the PRIM with
+//!   its SECOND back to plain SECOND (no standby, no paused instance).
+//!
+//! - the source node killed mid-migration (its SECOND in standby, the
+//!   migration running or about to): the destination drops its standby and
+//!   any paused instance and fails over as from any lost PRIM, booting the
+//!   guest from a disk holding every acknowledged counter; the killed node
+//!   comes back as SECOND.
+//!
+//! All in one cluster start (CI time): the refusal comes last since the
+//! hot-plugged disk cannot be removed from this guest again.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use vmha_test_infra::cluster_vm::{workspace_bin, Timing, VmCluster, MODULE};
+use vmha_test_infra::guest::Console;
+use vmha_test_infra::node::one_cluster_at_a_time;
+use vmha_test_infra::scenario::{
+    more_counters, qemu_pids, running_pair, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT,
+};
+use vmha_test_infra::vmctl_status::{diag, entry, primary, ready, state, status, wait_status};
+
+const NODES: [&str; 2] = ["node1", "node2"];
+
+/// The module's generation on `node` as `s` shows it.
+fn generation(s: &Value, node: &str) -> Option<String> {
+    entry(s, node)["generation"].as_str().map(str::to_string)
+}
+
+/// The event log of node `i` (`vmctl log`).
+fn log(vc: &VmCluster, i: usize) -> Result<String> {
+    vc.vmctl(i, &["log"])
+}
+
+/// One live swap from node `from` to node `to` while the guest counts, and
+/// every promise the swap makes.
+fn live_swap(vc: &VmCluster, from: usize, to: usize) -> Result<()> {
+    let (src, dst) = (NODES[from], NODES[to]);
+    more_counters(vc, from, 3, Duration::from_secs(60))?;
+    let before_src = Console::read(&vc.console(from)?)?;
+    let before_dst = Console::read(&vc.console(to)?)?;
+    let generation_before = generation(&status(vc, from)?, src);
+    let logs_before = [log(vc, 0)?.lines().count(), log(vc, 1)?.lines().count()];
+
+    let t = Instant::now();
+    let out = diag(
+        vc,
+        vc.vmctl(from, &["swap", "--live"])
+            .with_context(|| format!("vmctl swap --live on {src}")),
+    )?;
+    eprintln!(
+        "[live_swap] {src} -> {dst}: vmctl answered in {:?}:\n{out}",
+        t.elapsed()
+    );
+    ensure!(out.contains("live swap done"), "answer: {out}");
+
+    let s = wait_status(
+        vc,
+        to,
+        &format!("{dst} PRIM, {src} SECOND ready"),
+        STATE_TIMEOUT,
+        |s| {
+            state(s, dst) == Some("PRIM")
+                && state(s, src) == Some("SECOND")
+                && ready(s, src)
+                && ready(s, dst)
+                && primary(s) == Some(dst)
+        },
+    )?;
+    // The same generation on both: the SECOND holds everything, nothing to copy.
+    ensure!(
+        generation(&s, dst) == generation_before && generation(&s, src) == generation_before,
+        "generations after the swap: {s}"
+    );
+    ensure!(entry(&s, dst)["swap_phase"].is_null(), "{s}");
+    ensure!(entry(&s, src)["swap_phase"].is_null(), "{s}");
+
+    // The guest goes on counting on the destination, without a reboot.
+    let c = more_counters(vc, to, 5, Duration::from_secs(60))?;
+    ensure!(
+        c.boots == before_dst.boots,
+        "the guest booted on {dst}: boots {:?} before, {:?} after",
+        before_dst.boots,
+        c.boots
+    );
+    let after_src = Console::read(&vc.console(from)?)?;
+    ensure!(
+        after_src.boots == before_src.boots,
+        "the guest booted again on {src}: {:?}",
+        after_src.boots
+    );
+    let last_src = after_src
+        .last_counter()
+        .context("no counter on the source")?;
+    let first_dst = c.counters[before_dst.counters.len()];
+    // The next counter, or the one after if the line printed across the
+    // switch-over was split between the two consoles.
+    ensure!(
+        first_dst == last_src + 1 || first_dst == last_src + 2,
+        "counter went from {last_src} on {src} to {first_dst} on {dst}"
+    );
+    c.check_monotonic()?;
+    ensure!(c.errors.is_empty(), "guest errors: {:?}", c.errors);
+    eprintln!("[live_swap] counter {last_src} on {src}, then {first_dst} on {dst}");
+
+    // Nothing left on the source.
+    ensure!(
+        qemu_pids(vc, from)?.is_empty(),
+        "QEMU left on {src}: {:?}",
+        qemu_pids(vc, from)?
+    );
+    ensure!(!runs_vm(vc, from)?, "{MODULE} still listed on {src}");
+
+    // No resync, no attach after the swap, on either node.
+    for (i, before) in logs_before.iter().enumerate() {
+        let text = log(vc, i)?;
+        let new: Vec<&str> = text.lines().skip(*before).collect();
+        for line in &new {
+            ensure!(
+                !line.contains("resync started") && !line.contains("attaching the SECOND"),
+                "{} resynchronised after the live swap: {line}\n{}",
+                NODES[i],
+                new.join("\n")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `swap --live` on node1 (PRIM), node1 killed once node2 is in standby.
+fn source_killed_mid_migration(vc: &mut VmCluster) -> Result<()> {
+    more_counters(vc, 0, 3, Duration::from_secs(60))?;
+    // What node2's console holds now: the part the guest ran there before
+    // (its last line may be cut by the migration back: parsed apart).
+    let dst_console = vc.console(1)?;
+    let dst_offset = std::fs::metadata(&dst_console)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let vmctl = workspace_bin("vmctl", "VMCTL_BIN")?;
+    let mut swap = vc
+        .node(0)
+        .command(&vmctl)
+        .arg("--config")
+        .arg(vc.config())
+        .args(["swap", "--live"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn vmctl swap --live")?;
+    let standby = wait_status(vc, 1, "node2 in standby", STATE_TIMEOUT, |s| {
+        entry(s, "node2")["swap_phase"].as_str() == Some("standby")
+    });
+    // The last counter node1 acknowledged before it dies.
+    let acked = Console::read(&vc.console(0)?)?
+        .last_counter()
+        .context("no counter on node1")?;
+    let killed = vc.crash(0)?;
+    let _ = swap.wait();
+    standby?;
+    eprintln!("[live_swap] node1 killed mid-migration ({killed} processes), last counter {acked}");
+    wait_status(vc, 1, "node2 ALONE", STATE_TIMEOUT, |s| {
+        state(s, "node2") == Some("ALONE") && primary(s) == Some("node2")
+    })?;
+    // Failed over: the guest boots on node2 from a disk holding every
+    // acknowledged counter (the migrated instance, if any, was dropped).
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let c = loop {
+        let text = std::fs::read(&dst_console).unwrap_or_default();
+        let tail = text.get(usize::try_from(dst_offset)?..).unwrap_or_default();
+        let c = Console::parse(&format!("\n{}", String::from_utf8_lossy(tail)));
+        if !c.boots.is_empty() && c.counters.len() >= 2 {
+            break c;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no boot and counters on node2 after the failover: {c:?}\n{}",
+                vc.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(c.boots.len() == 1, "boots on node2: {:?}", c.boots);
+    let boot = c.boots[0];
+    ensure!(
+        boot >= acked,
+        "acknowledged counter lost: {acked} acknowledged, node2 booted from {boot}"
+    );
+    ensure!(
+        c.counters[0] == boot + 1,
+        "node2 resumed at {} after booting from {boot}",
+        c.counters[0]
+    );
+    c.check_monotonic()?;
+    ensure!(
+        qemu_pids(vc, 1)?.len() == 1,
+        "QEMU on node2: {:?}",
+        qemu_pids(vc, 1)?
+    );
+    eprintln!("[live_swap] node2 booted from {:?}", c.boots.last());
+    // node1 comes back as node2's SECOND.
+    vc.reboot(0)?;
+    vc.start_vmhad(0)?;
+    wait_status(vc, 1, "node1 SECOND ready", SYNC_TIMEOUT, |s| {
+        state(s, "node1") == Some("SECOND")
+            && ready(s, "node1")
+            && state(s, "node2") == Some("PRIM")
+    })?;
+    Ok(())
+}
+
+#[test]
+fn live_swap_there_and_back_and_its_abort_points() -> Result<()> {
+    let _one = one_cluster_at_a_time();
+    let mut vc = running_pair(&Timing::default())?;
+
+    live_swap(&vc, 0, 1)?;
+    live_swap(&vc, 1, 0)?;
+    source_killed_mid_migration(&mut vc)?;
+    refused(&vc, 1)
+}
+
+/// A disk outside the module's directories refuses the live swap from
+/// node `prim`: exit non-zero, the VM stays, the SECOND is plain SECOND.
+fn refused(vc: &VmCluster, prim: usize) -> Result<()> {
+    let second = 1 - prim;
+    let (p, q) = (NODES[prim], NODES[second]);
+    let node = vc.node(prim);
+    node.run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "/var/tmp/outside.img", "1M"],
+    )?;
+    node.virsh(&[
+        "attach-disk",
+        MODULE,
+        "/var/tmp/outside.img",
+        "vdb",
+        "--live",
+        "--cache",
+        "none",
+    ])?;
+    let counters = Console::read(&vc.console(prim)?)?.counters.len();
+    let boots = Console::read(&vc.console(prim)?)?.boots;
+    let t = Instant::now();
+    let refused = vc.vmctl(prim, &["swap", "--live"]);
+    let err = match refused {
+        Ok(out) => bail!("swap --live with a disk outside the mount succeeded: {out}"),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!("[live_swap] refused in {:?}: {err}", t.elapsed());
+    ensure!(err.contains("live swap aborted"), "error: {err}");
+    ensure!(
+        err.contains("outside.img"),
+        "the error does not name the disk: {err}"
+    );
+    // The VM runs on the PRIM and goes on counting; the SECOND is plain.
+    ensure!(runs_vm(vc, prim)?, "{MODULE} no longer runs on {p}");
+    let c = more_counters(vc, prim, 3, Duration::from_secs(60))?;
+    ensure!(c.counters.len() >= counters + 3);
+    ensure!(c.boots == boots, "the guest rebooted: {:?}", c.boots);
+    let s = wait_status(
+        vc,
+        prim,
+        &format!("{q} plain SECOND again"),
+        STATE_TIMEOUT,
+        |s| {
+            state(s, p) == Some("PRIM")
+                && state(s, q) == Some("SECOND")
+                && ready(s, q)
+                && entry(s, p)["swap_phase"].is_null()
+                && entry(s, q)["swap_phase"].is_null()
+        },
+    )?;
+    ensure!(primary(&s) == Some(p), "{s}");
+    ensure!(!runs_vm(vc, second)?, "a {MODULE} instance is left on {q}");
+    ensure!(qemu_pids(vc, second)?.is_empty(), "QEMU left on {q}");
+    Ok(())
+}
