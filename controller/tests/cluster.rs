@@ -1110,7 +1110,7 @@ async fn maintenance_holds_the_controller_on_both_nodes_and_persists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_swap_never_falls_back_but_swap_live_config_does() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = free_cluster_port();
     let text = toml(port, "swap = \"live\"", 300);
     let n1 = Node::start("node1", &text, dir.path()).await;
     let n2 = Node::start("node2", &text, dir.path()).await;

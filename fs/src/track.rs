@@ -1976,7 +1976,7 @@ mod tests {
         std::thread::spawn(move || {
             // Eight extents, twice the capacity: no checkpoint can make room.
             let guard = writer.record_active(&[range(1, 0, 8 * EXTENT)]);
-            drop(tx.send(guard.is_ok()));
+            let _ = tx.send(guard.is_ok());
         });
         assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(true));
     }
