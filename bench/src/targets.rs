@@ -129,6 +129,8 @@ struct VmhaPair {
     secondary: Child,
     p_data: PathBuf,
     s_data: PathBuf,
+    /// The primary's state dir (its `metrics.json`).
+    p_state: PathBuf,
     _unmount: [MountGuard; 2],
 }
 
@@ -234,6 +236,7 @@ fn setup_vmha(root: &Path, bin: &Path, protocol: &str) -> Result<(PathBuf, VmhaP
             secondary,
             p_data,
             s_data,
+            p_state,
             _unmount: unmount,
         },
     ))
@@ -333,6 +336,17 @@ impl Target {
                 self.dir.display()
             ),
         }
+    }
+
+    /// For vmha: the primary's `metrics.json` now (None for other targets, or
+    /// when unreadable). It is rewritten at most once a second: wait that long
+    /// after the operations to count.
+    pub fn fs_metrics(&self) -> Option<vmha_fs::status::FsMetrics> {
+        let Backend::Vmha(v) = &self.backend else {
+            return None;
+        };
+        let text = std::fs::read(v.p_state.join(vmha_fs::status::METRICS)).ok()?;
+        serde_json::from_slice(&text).ok()
     }
 
     /// For vmha: whether the secondary's copy of `name` equals the

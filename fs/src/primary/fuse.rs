@@ -419,6 +419,7 @@ impl ReplicatedFs {
     }
 
     fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let started = std::time::Instant::now();
         let handle = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(fuse_err(e)),
@@ -435,7 +436,7 @@ impl ReplicatedFs {
             ops.push(Op::Fsync { id, datasync: true });
         }
         let order = handle.node.ranges.lock(offset, offset.saturating_add(len));
-        let (started, metrics) = (std::time::Instant::now(), self.repl.metrics.clone());
+        let metrics = self.repl.metrics.clone();
         let local = || {
             handle.io_fd(offset, buf.len()).and_then(|io| {
                 match apply::write_all_at(io.fd(), &buf, offset) {
@@ -451,6 +452,7 @@ impl ReplicatedFs {
             ops,
             Repair::Range { id, offset, len },
             order,
+            started,
             local,
             Box::new(move |r: Result<usize, Errno>| {
                 metrics.write_latency.observe(started.elapsed());
@@ -493,6 +495,7 @@ impl ReplicatedFs {
             vec![Op::Fsync { id, datasync }],
             Repair::None,
             (),
+            started,
             local,
             Box::new(move |r: Result<(), Errno>| {
                 metrics.fsync_latency.observe(started.elapsed());
