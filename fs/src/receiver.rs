@@ -56,6 +56,11 @@ const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an authenticated primary has to send its claim.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 const FSYNC_WORKERS: usize = 4;
+/// Written bytes from which the writeback hint goes to its own thread.
+const WRITEBACK_HANDOFF_BYTES: usize = 256 << 10;
+
+/// A range just written: file, offset, length.
+type Written = (Arc<OwnedFd>, u64, usize);
 /// How often a long operation is announced to the writer (well below its default
 /// lock timeout of 5 s).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -627,13 +632,24 @@ fn run_session(
     }
     drop(sync_rx);
     let keepalive = Keepalive::start(writer.clone())?;
+    // Large writebacks are started by their own thread (see `start_writeback`).
+    let (writeback_tx, writeback_rx) = crossbeam_channel::unbounded::<Vec<Written>>();
+    threads.push(
+        std::thread::Builder::new()
+            .name("recv-writeback".into())
+            .spawn(move || {
+                for mut batch in writeback_rx {
+                    start_writeback(&mut batch);
+                }
+            })?,
+    );
 
     let mut batch = AckBatch {
         acks: Vec::new(),
         bytes: 0,
         timed,
     };
-    let mut written: Vec<(Arc<OwnedFd>, u64, usize)> = Vec::new();
+    let mut written: Vec<Written> = Vec::new();
     let mut expected = 1u64;
     // The last operation read whose receipt is still owed (protocol B).
     let mut receipt: Option<u64> = None;
@@ -649,7 +665,14 @@ fn run_session(
             if let Err(e) = batch.send(&writer) {
                 break Err(e);
             }
-            start_writeback(&mut written);
+            // A big batch (a stream of 1 MiB writes) may wait in the block
+            // layer: off this thread, which should be reading the next write.
+            // A small one (before an fsync) is started here, at once.
+            if written.iter().map(|w| w.2).sum::<usize>() >= WRITEBACK_HANDOFF_BYTES {
+                let _ = writeback_tx.send(std::mem::take(&mut written));
+            } else {
+                start_writeback(&mut written);
+            }
         }
         let msg = match reader.recv() {
             Ok(msg) => {
@@ -836,6 +859,7 @@ fn run_session(
     };
     drop(keepalive);
     drop(sync_tx);
+    drop(writeback_tx);
     for t in threads {
         let _ = t.join();
     }
@@ -896,7 +920,7 @@ fn save_before(
 /// fsync that usually follows then finds its data on the way to disk and only has to
 /// wait and flush, in parallel with the primary's own fsync. Also keeps dirty memory
 /// low under a stream of writes.
-fn start_writeback(written: &mut Vec<(Arc<OwnedFd>, u64, usize)>) {
+fn start_writeback(written: &mut Vec<Written>) {
     for (fd, offset, len) in written.drain(..) {
         // SAFETY: plain syscall on a valid descriptor; no memory is passed.
         let rc = unsafe {

@@ -821,8 +821,14 @@ impl<R: Read> FrameReader<R> {
         }
         let mut meta = vec![0u8; meta_len as usize];
         read_exact_or_closed(&mut self.inner, &mut meta)?;
-        let mut data = vec![0u8; data_len as usize];
-        read_exact_or_closed(&mut self.inner, &mut data)?;
+        // Read into spare capacity: a 1 MiB payload is not zeroed first.
+        let mut data = Vec::with_capacity(data_len as usize);
+        let read = (&mut self.inner)
+            .take(u64::from(data_len))
+            .read_to_end(&mut data)?;
+        if read != data_len as usize {
+            return Err(WireError::Closed);
+        }
         let mut tag = [0u8; MAC_LEN];
         read_exact_or_closed(&mut self.inner, &mut tag)?;
         let expected = mac(
