@@ -50,6 +50,9 @@ struct Handle {
     /// Opened with O_SYNC/O_DSYNC: every write is also synced on the peer.
     sync: bool,
     buffered: Mutex<Option<Arc<OwnedFd>>>,
+    /// Where the last write through this handle ended: a write starting there
+    /// is sequential (its next extents go into the activity log with it).
+    write_end: AtomicU64,
 }
 
 impl Handle {
@@ -350,6 +353,7 @@ impl ReplicatedFs {
             direct,
             sync,
             buffered: Mutex::new(None),
+            write_end: AtomicU64::new(0),
         });
         self.handles.write().insert(fh, handle);
         let open_flags = if direct {
@@ -435,7 +439,9 @@ impl ReplicatedFs {
         if handle.sync {
             ops.push(Op::Fsync { id, datasync: true });
         }
-        let order = handle.node.ranges.lock(offset, offset.saturating_add(len));
+        let end = offset.saturating_add(len);
+        let sequential = handle.write_end.swap(end, Ordering::Relaxed) == offset && offset > 0;
+        let order = handle.node.ranges.lock(offset, end);
         let metrics = self.repl.metrics.clone();
         let local = || {
             handle.io_fd(offset, buf.len()).and_then(|io| {
@@ -453,6 +459,7 @@ impl ReplicatedFs {
             Repair::Range { id, offset, len },
             order,
             started,
+            sequential,
             local,
             Box::new(move |r: Result<usize, Errno>| {
                 metrics.write_latency.observe(started.elapsed());
@@ -496,6 +503,7 @@ impl ReplicatedFs {
             Repair::None,
             (),
             started,
+            false,
             local,
             Box::new(move |r: Result<(), Errno>| {
                 metrics.fsync_latency.observe(started.elapsed());
