@@ -70,6 +70,8 @@ pub struct RunResult {
 pub struct StageReport {
     pub write: vmha_fs::status::Stages,
     pub fsync: vmha_fs::status::Stages,
+    /// CPU time and context switches of both daemons during the measured run.
+    pub daemons: Option<crate::targets::Usage>,
 }
 
 #[derive(Debug, Serialize)]
@@ -365,6 +367,31 @@ impl Results {
                 ));
                 table_row(s, &row);
             }
+        }
+        let _ = writeln!(
+            s,
+            "\nBoth daemons together, per replicated operation (writes + fsyncs) of the run: CPU µs, voluntary / involuntary context switches.\n"
+        );
+        table_row(s, &["job / target", "ops", "CPU µs/op", "voluntary/op", "involuntary/op"].map(str::to_owned));
+        table_row(s, &vec!["---".to_owned(); 5]);
+        for r in &self.runs {
+            let Some(st) = &r.stages else { continue };
+            let Some(u) = st.daemons else { continue };
+            let ops = st.write.count + st.fsync.count;
+            if ops == 0 {
+                continue;
+            }
+            let per = |v: u64| format!("{:.2}", v as f64 / ops as f64);
+            table_row(
+                s,
+                &[
+                    format!("{} / {}", r.job, r.target.name()),
+                    ops.to_string(),
+                    format!("{:.0}", u.cpu_us as f64 / ops as f64),
+                    per(u.voluntary_switches),
+                    per(u.involuntary_switches),
+                ],
+            );
         }
     }
 }

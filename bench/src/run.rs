@@ -150,7 +150,12 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
             std::thread::sleep(METRICS_SETTLE);
             target.fs_metrics().unwrap_or(m)
         });
+        let usage_before = target.daemon_usage();
         let mut m = run_fio(target, &job_file, job.writes(), timeout)?;
+        let usage = target
+            .daemon_usage()
+            .zip(usage_before)
+            .map(|(a, b)| a.since(&b));
         // fio sums the copies: the rate of one copy is what a replicated write gets.
         m.iops /= f64::from(copies);
         m.mib_s /= f64::from(copies);
@@ -163,6 +168,7 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
                 res.stages = Some(StageReport {
                     write: a.write_stages.since(&b.write_stages),
                     fsync: a.fsync_stages.since(&b.fsync_stages),
+                    daemons: usage,
                 });
             }
         }
