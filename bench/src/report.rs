@@ -345,8 +345,16 @@ impl Results {
             "\n#### vmha write path, mean µs per operation by stage (record → send → max(local, peer) → reply; peer_busy = receiver's own time; peer last = share of ops that waited for the peer)\n"
         );
         let head = [
-            "job / target / op", "ops", "record", "send", "local", "peer", "peer_busy", "reply",
-            "total", "peer last",
+            "job / target / op",
+            "ops",
+            "record",
+            "send",
+            "local",
+            "peer",
+            "peer_busy",
+            "reply",
+            "total",
+            "peer last",
         ];
         table_row(s, &head.map(str::to_owned));
         table_row(s, &vec!["---".to_owned(); head.len()]);
@@ -360,7 +368,12 @@ impl Results {
                     format!("{} / {} / {op}", r.job, r.target.name()),
                     stages.count.to_string(),
                 ];
-                row.extend(stages.means_us().into_iter().map(|(_, us)| format!("{us:.1}")));
+                row.extend(
+                    stages
+                        .means_us()
+                        .into_iter()
+                        .map(|(_, us)| format!("{us:.1}")),
+                );
                 row.push(format!(
                     "{:.0} %",
                     100.0 * stages.peer_last as f64 / stages.count as f64
@@ -372,7 +385,17 @@ impl Results {
             s,
             "\nBoth daemons together, per replicated operation (writes + fsyncs) of the run: CPU µs, voluntary / involuntary context switches.\n"
         );
-        table_row(s, &["job / target", "ops", "CPU µs/op", "voluntary/op", "involuntary/op"].map(str::to_owned));
+        table_row(
+            s,
+            &[
+                "job / target",
+                "ops",
+                "CPU µs/op",
+                "voluntary/op",
+                "involuntary/op",
+            ]
+            .map(str::to_owned),
+        );
         table_row(s, &vec!["---".to_owned(); 5]);
         for r in &self.runs {
             let Some(st) = &r.stages else { continue };

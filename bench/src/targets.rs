@@ -527,7 +527,8 @@ impl Usage {
         // Fields after the command name (which may hold spaces), 1-based from 3.
         let rest = stat.rsplit_once(')')?.1;
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
         // SAFETY: sysconf only reads a system constant.
         let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
             .ok()
@@ -536,7 +537,10 @@ impl Usage {
             cpu_us: ticks * 1_000_000 / hz,
             ..Usage::default()
         };
-        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
             let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
                 continue;
             };

@@ -72,13 +72,19 @@ fn metrics_json_counts_what_the_primary_replicates() -> Result<()> {
     assert!(w.count >= 16 && s.count >= 1, "{connected:?}");
     for st in [w, s] {
         assert!(st.total_ns > 0 && st.peer_ns > 0, "{st:?}");
-        assert!(st.peer_busy_ns > 0, "the receiver's time is reported: {st:?}");
+        assert!(
+            st.peer_busy_ns > 0,
+            "the receiver's time is reported: {st:?}"
+        );
         assert!(st.peer_busy_ns <= st.peer_ns, "{st:?}");
         // Per operation, total = record + send + max(local, peer) + reply:
         // summed, the total lies between the sums with the larger of local and
         // peer and with both.
         let serial = st.record_ns + st.send_ns + st.reply_ns;
-        assert!(st.total_ns >= serial + st.local_ns.max(st.peer_ns), "{st:?}");
+        assert!(
+            st.total_ns >= serial + st.local_ns.max(st.peer_ns),
+            "{st:?}"
+        );
         assert!(st.total_ns <= serial + st.local_ns + st.peer_ns, "{st:?}");
         assert!(st.peer_last <= st.count);
     }

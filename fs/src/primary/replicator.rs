@@ -613,7 +613,9 @@ mod tests {
         // The last MiB of the group: the next group comes along.
         let got = with_lookahead(vec![range(group - (1 << 20), group)], size);
         assert_eq!(got.len(), 2);
-        assert!(matches!(got[1], Change::Range { ino: 9, start, end } if start == group && end == 2 * group));
+        assert!(
+            matches!(got[1], Change::Range { ino: 9, start, end } if start == group && end == 2 * group)
+        );
         // Never past the end of the file.
         let got = with_lookahead(vec![range(group - (1 << 20), group)], group + 5);
         assert!(matches!(got[1], Change::Range { end, .. } if end == group + 5));
