@@ -58,7 +58,20 @@ pub struct RunResult {
     pub replica_check: Option<String>,
     /// Block-device traffic during the measured run (device-wide).
     pub disk: Option<Traffic>,
+    /// vmha only: where the time of the replicated writes and fsyncs of the
+    /// measured run went, stage by stage (the primary's `metrics.json`
+    /// `write_stages` / `fsync_stages`, difference over the run).
+    pub stages: Option<StageReport>,
     pub error: Option<String>,
+}
+
+/// Per-stage sums of one run (see `vmha_fs::status::Stages`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub write: vmha_fs::status::Stages,
+    pub fsync: vmha_fs::status::Stages,
+    /// CPU time and context switches of both daemons during the measured run.
+    pub daemons: Option<crate::targets::Usage>,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,6 +149,9 @@ impl Results {
         }
         if self.runs.iter().any(|r| r.disk.is_some()) {
             self.disk_table(&mut s);
+        }
+        if self.runs.iter().any(|r| r.stages.is_some()) {
+            self.stage_table(&mut s);
         }
         let extra: Vec<String> = self
             .runs
@@ -320,6 +336,89 @@ impl Results {
     }
 }
 
+impl Results {
+    /// Mean µs per operation of each stage of vmha's write path, per job and
+    /// target (writes, then fsyncs).
+    fn stage_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "\n#### vmha write path, mean µs per operation by stage (record → send → max(local, peer) → reply; peer_busy = receiver's own time; peer last = share of ops that waited for the peer)\n"
+        );
+        let head = [
+            "job / target / op",
+            "ops",
+            "record",
+            "send",
+            "local",
+            "peer",
+            "peer_busy",
+            "reply",
+            "total",
+            "peer last",
+        ];
+        table_row(s, &head.map(str::to_owned));
+        table_row(s, &vec!["---".to_owned(); head.len()]);
+        for r in &self.runs {
+            let Some(st) = &r.stages else { continue };
+            for (op, stages) in [("write", &st.write), ("fsync", &st.fsync)] {
+                if stages.count == 0 {
+                    continue;
+                }
+                let mut row = vec![
+                    format!("{} / {} / {op}", r.job, r.target.name()),
+                    stages.count.to_string(),
+                ];
+                row.extend(
+                    stages
+                        .means_us()
+                        .into_iter()
+                        .map(|(_, us)| format!("{us:.1}")),
+                );
+                row.push(format!(
+                    "{:.0} %",
+                    100.0 * stages.peer_last as f64 / stages.count as f64
+                ));
+                table_row(s, &row);
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nBoth daemons together, per replicated operation (writes + fsyncs) of the run: CPU µs, voluntary / involuntary context switches.\n"
+        );
+        table_row(
+            s,
+            &[
+                "job / target",
+                "ops",
+                "CPU µs/op",
+                "voluntary/op",
+                "involuntary/op",
+            ]
+            .map(str::to_owned),
+        );
+        table_row(s, &vec!["---".to_owned(); 5]);
+        for r in &self.runs {
+            let Some(st) = &r.stages else { continue };
+            let Some(u) = st.daemons else { continue };
+            let ops = st.write.count + st.fsync.count;
+            if ops == 0 {
+                continue;
+            }
+            let per = |v: u64| format!("{:.2}", v as f64 / ops as f64);
+            table_row(
+                s,
+                &[
+                    format!("{} / {}", r.job, r.target.name()),
+                    ops.to_string(),
+                    format!("{:.0}", u.cpu_us as f64 / ops as f64),
+                    per(u.voluntary_switches),
+                    per(u.involuntary_switches),
+                ],
+            );
+        }
+    }
+}
+
 fn table_row(s: &mut String, cells: &[String]) {
     let _ = writeln!(s, "| {} |", cells.join(" | "));
 }
@@ -367,6 +466,7 @@ mod tests {
             vs_two_copies: None,
             replica_check: None,
             disk: None,
+            stages: None,
             error: None,
         }
     }

@@ -5,7 +5,7 @@ use crate::diskstats;
 use crate::fio_json::{self, Metrics};
 use crate::interrupt;
 use crate::jobs::{self, Job};
-use crate::report::{Meta, Prefill, Results, RunResult};
+use crate::report::{Meta, Prefill, Results, RunResult, StageReport};
 use crate::sysinfo;
 use crate::targets::{spawn_logged, Kind, Target};
 use anyhow::{bail, Context, Result};
@@ -29,6 +29,8 @@ pub struct Opts {
 
 /// Slack over the nominal runtime before a fio run counts as hung.
 const FIO_SLACK: Duration = Duration::from_secs(120);
+/// Longer than the primary's metrics.json period (1 s).
+const METRICS_SETTLE: Duration = Duration::from_millis(1500);
 /// Prefill must manage at least this rate (bytes/s) before counting as hung.
 const PREFILL_MIN_RATE: u64 = 2 << 20;
 
@@ -106,6 +108,7 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         vs_two_copies: None,
         replica_check: None,
         disk: None,
+        stages: None,
         error: None,
     };
     let (size_bytes, work) = (ctx.size_bytes, &ctx.work);
@@ -141,13 +144,34 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         )?;
         let timeout = Duration::from_secs(opts.runtime_s) + FIO_SLACK;
         let before = ctx.dev.and_then(diskstats::read);
+        let metrics_before = target.fs_metrics().map(|m| {
+            // metrics.json is rewritten at most once a second: let the
+            // prefill's operations land in it first.
+            std::thread::sleep(METRICS_SETTLE);
+            target.fs_metrics().unwrap_or(m)
+        });
+        let usage_before = target.daemon_usage();
         let mut m = run_fio(target, &job_file, job.writes(), timeout)?;
+        let usage = target
+            .daemon_usage()
+            .zip(usage_before)
+            .map(|(a, b)| a.since(&b));
         // fio sums the copies: the rate of one copy is what a replicated write gets.
         m.iops /= f64::from(copies);
         m.mib_s /= f64::from(copies);
         res.metrics = Some(m);
         let after = ctx.dev.and_then(diskstats::read);
         res.disk = before.zip(after).map(|(b, a)| diskstats::delta(b, a));
+        if let Some(b) = metrics_before {
+            std::thread::sleep(METRICS_SETTLE);
+            if let Some(a) = target.fs_metrics() {
+                res.stages = Some(StageReport {
+                    write: a.write_stages.since(&b.write_stages),
+                    fsync: a.fsync_stages.since(&b.fsync_stages),
+                    daemons: usage,
+                });
+            }
+        }
         target.ensure_healthy().context("after the run")?;
         if opts.verify {
             res.replica_check = target.replica_check(&file_name);

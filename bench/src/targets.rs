@@ -129,6 +129,8 @@ struct VmhaPair {
     secondary: Child,
     p_data: PathBuf,
     s_data: PathBuf,
+    /// The primary's state dir (its `metrics.json`).
+    p_state: PathBuf,
     _unmount: [MountGuard; 2],
 }
 
@@ -234,6 +236,7 @@ fn setup_vmha(root: &Path, bin: &Path, protocol: &str) -> Result<(PathBuf, VmhaP
             secondary,
             p_data,
             s_data,
+            p_state,
             _unmount: unmount,
         },
     ))
@@ -333,6 +336,30 @@ impl Target {
                 self.dir.display()
             ),
         }
+    }
+
+    /// For vmha: CPU time and context switches of both daemons so far (every
+    /// thread of the primary and the secondary).
+    pub fn daemon_usage(&self) -> Option<Usage> {
+        let Backend::Vmha(v) = &self.backend else {
+            return None;
+        };
+        let mut total = Usage::default();
+        for pid in [v.primary.pid(), v.secondary.pid()] {
+            total.add(&Usage::of(pid)?);
+        }
+        Some(total)
+    }
+
+    /// For vmha: the primary's `metrics.json` now (None for other targets, or
+    /// when unreadable). It is rewritten at most once a second: wait that long
+    /// after the operations to count.
+    pub fn fs_metrics(&self) -> Option<vmha_fs::status::FsMetrics> {
+        let Backend::Vmha(v) = &self.backend else {
+            return None;
+        };
+        let text = std::fs::read(v.p_state.join(vmha_fs::status::METRICS)).ok()?;
+        serde_json::from_slice(&text).ok()
     }
 
     /// For vmha: whether the secondary's copy of `name` equals the
@@ -478,5 +505,73 @@ mod tests {
             Some("content differs at offset 6")
         );
         Ok(())
+    }
+}
+
+/// CPU time and context switches of processes (see [`Target::daemon_usage`]).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    /// User + system CPU time, microseconds (clock-tick resolution).
+    pub cpu_us: u64,
+    /// Voluntary context switches (a thread blocked: a wake-up follows).
+    pub voluntary_switches: u64,
+    /// Involuntary ones (a thread preempted).
+    pub involuntary_switches: u64,
+}
+
+impl Usage {
+    /// Of process `pid`: CPU from `/proc/PID/stat` (all its threads, live or
+    /// ended), switches summed over its live threads' `status`.
+    pub fn of(pid: u32) -> Option<Usage> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces), 1-based from 3.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf only reads a system constant.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+            .ok()
+            .filter(|h| *h > 0)?;
+        let mut u = Usage {
+            cpu_us: ticks * 1_000_000 / hz,
+            ..Usage::default()
+        };
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            for line in status.lines() {
+                let value = |l: &str| l.split_whitespace().nth(1)?.parse::<u64>().ok();
+                if line.starts_with("voluntary_ctxt_switches:") {
+                    u.voluntary_switches += value(line).unwrap_or(0);
+                } else if line.starts_with("nonvoluntary_ctxt_switches:") {
+                    u.involuntary_switches += value(line).unwrap_or(0);
+                }
+            }
+        }
+        Some(u)
+    }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.cpu_us += other.cpu_us;
+        self.voluntary_switches += other.voluntary_switches;
+        self.involuntary_switches += other.involuntary_switches;
+    }
+
+    /// What was added since `earlier`.
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            cpu_us: self.cpu_us.saturating_sub(earlier.cpu_us),
+            voluntary_switches: self
+                .voluntary_switches
+                .saturating_sub(earlier.voluntary_switches),
+            involuntary_switches: self
+                .involuntary_switches
+                .saturating_sub(earlier.involuntary_switches),
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use vmha_fs::key::ClusterKey;
 use vmha_fs::primary::PrimaryConfig;
-use vmha_fs::runtime::{raise_fd_limit, RunError};
+use vmha_fs::runtime::{raise_data_path_priority, raise_fd_limit, RunError};
 use vmha_fs::secondary::SecondaryConfig;
 use vmha_fs::status::GenerationId;
 
@@ -145,6 +145,10 @@ fn main() -> ExitCode {
     // are created (apply), and files of our own (state, saved-aside data) are
     // created with explicit private modes, which a umask can only narrow.
     raise_fd_limit();
+    if module.is_some() {
+        // Before any thread of the data path starts: they inherit it.
+        raise_data_path_priority();
+    }
     // The test hook that narrows the advertised replication versions: a bad value
     // is one clear line, never silently the full range.
     if let Err(e) = vmha_fs::wire::REPLICATION.from_env(vmha_fs::version::REPLICATION_ENV) {

@@ -46,7 +46,9 @@ use crate::op::{Control, NodeId, Op, Request, ROOT};
 use crate::preauth::{self, Limits};
 use crate::refusal::Refusal;
 use crate::track::Tracker;
-use crate::wire::{self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, WireError};
+use crate::wire::{
+    self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, TimedAck, WireError,
+};
 
 /// How long the receiver waits for a frame before it considers the primary gone.
 /// The primary pings every second when idle.
@@ -54,6 +56,11 @@ const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an authenticated primary has to send its claim.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 const FSYNC_WORKERS: usize = 4;
+/// Written bytes from which the writeback hint goes to its own thread.
+const WRITEBACK_HANDOFF_BYTES: usize = 256 << 10;
+
+/// A range just written: file, offset, length.
+type Written = (Arc<OwnedFd>, u64, usize);
 /// How often a long operation is announced to the writer (well below its default
 /// lock timeout of 5 s).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -407,7 +414,8 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     tracing::info!(%peer, ?claimed, protocol = keys.version, "primary connected (replication protocol {})", keys.version);
     heard.store(crate::status::monotonic_ms(), Ordering::Relaxed);
     let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
-    match run_session(reader, writer, root, tracker, aside, &heard) {
+    let timed = keys.version >= wire::TIMED_ACKS_SINCE;
+    match run_session(reader, writer, root, tracker, aside, &heard, timed) {
         Ok(()) => tracing::info!(%peer, "primary disconnected"),
         Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),
     }
@@ -574,8 +582,10 @@ fn keepalive_loop(state: &(Mutex<KeepaliveState>, Condvar), writer: &SharedWrite
 
 /// Acks owed to the primary, sent when the input runs dry or the batch grows.
 struct AckBatch {
-    acks: Vec<Ack>,
+    acks: Vec<TimedAck>,
     bytes: usize,
+    /// The writer speaks protocol 8: acks carry the time spent (`TimedAcks`).
+    timed: bool,
 }
 
 impl AckBatch {
@@ -589,7 +599,7 @@ impl AckBatch {
         let acks = std::mem::take(&mut self.acks);
         self.bytes = 0;
         let mut w = writer.lock();
-        w.send(&Message::Acks(acks))?;
+        w.send(&acks_message(acks, self.timed))?;
         w.flush()
     }
 }
@@ -601,6 +611,7 @@ fn run_session(
     tracker: Option<Arc<Tracker>>,
     aside_policy: Option<Arc<AsidePolicy>>,
     heard: &AtomicU64,
+    timed: bool,
 ) -> Result<(), WireError> {
     let mut aside: Option<SaveAside> = None;
     // Files this session created: they hold nothing of this node's, so writes
@@ -608,7 +619,7 @@ fn run_session(
     let mut created: HashSet<NodeId> = HashSet::new();
     let table = Arc::new(SessionTable::new(root));
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
-    let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Arc<OwnedFd>, bool)>();
+    let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<SyncJob>();
     let mut threads = Vec::new();
     for _ in 0..FSYNC_WORKERS {
         let rx = sync_rx.clone();
@@ -616,17 +627,29 @@ fn run_session(
         threads.push(
             std::thread::Builder::new()
                 .name("recv-fsync".into())
-                .spawn(move || fsync_loop(rx, w))?,
+                .spawn(move || fsync_loop(rx, w, timed))?,
         );
     }
     drop(sync_rx);
     let keepalive = Keepalive::start(writer.clone())?;
+    // Large writebacks are started by their own thread (see `start_writeback`).
+    let (writeback_tx, writeback_rx) = crossbeam_channel::unbounded::<Vec<Written>>();
+    threads.push(
+        std::thread::Builder::new()
+            .name("recv-writeback".into())
+            .spawn(move || {
+                for mut batch in writeback_rx {
+                    start_writeback(&mut batch);
+                }
+            })?,
+    );
 
     let mut batch = AckBatch {
         acks: Vec::new(),
         bytes: 0,
+        timed,
     };
-    let mut written: Vec<(Arc<OwnedFd>, u64, usize)> = Vec::new();
+    let mut written: Vec<Written> = Vec::new();
     let mut expected = 1u64;
     // The last operation read whose receipt is still owed (protocol B).
     let mut receipt: Option<u64> = None;
@@ -642,7 +665,14 @@ fn run_session(
             if let Err(e) = batch.send(&writer) {
                 break Err(e);
             }
-            start_writeback(&mut written);
+            // A big batch (a stream of 1 MiB writes) may wait in the block
+            // layer: off this thread, which should be reading the next write.
+            // A small one (before an fsync) is started here, at once.
+            if written.iter().map(|w| w.2).sum::<usize>() >= WRITEBACK_HANDOFF_BYTES {
+                let _ = writeback_tx.send(std::mem::take(&mut written));
+            } else {
+                start_writeback(&mut written);
+            }
         }
         let msg = match reader.recv() {
             Ok(msg) => {
@@ -685,6 +715,7 @@ fn run_session(
             )));
         }
         expected += 1;
+        let began = Instant::now();
         if let Some(upto) = receipt {
             if reader.buffered() == 0 {
                 receipt = None;
@@ -732,7 +763,7 @@ fn run_session(
                 // More input waiting: sync off the apply path so later operations
                 // need not wait for the disk.
                 Ok(fd) if reader.buffered() > 0 => {
-                    let _ = sync_tx.send((seq, fd, datasync));
+                    let _ = sync_tx.send((seq, fd, datasync, began));
                     continue;
                 }
                 Ok(fd) => sync(&fd, datasync),
@@ -819,7 +850,7 @@ fn run_session(
         if let Err(errno) = outcome {
             tracing::warn!(seq, %errno, "operation failed on the secondary");
         }
-        batch.acks.push(ack(seq, outcome));
+        batch.acks.push(ack(seq, outcome, began));
         if batch.acks.len() >= AckBatch::MAX_ACKS || batch.bytes >= AckBatch::MAX_BYTES {
             if let Err(e) = batch.send(&writer) {
                 break Err(e);
@@ -828,6 +859,7 @@ fn run_session(
     };
     drop(keepalive);
     drop(sync_tx);
+    drop(writeback_tx);
     for t in threads {
         let _ = t.join();
     }
@@ -888,7 +920,7 @@ fn save_before(
 /// fsync that usually follows then finds its data on the way to disk and only has to
 /// wait and flush, in parallel with the primary's own fsync. Also keeps dirty memory
 /// low under a stream of writes.
-fn start_writeback(written: &mut Vec<(Arc<OwnedFd>, u64, usize)>) {
+fn start_writeback(written: &mut Vec<Written>) {
     for (fd, offset, len) in written.drain(..) {
         // SAFETY: plain syscall on a valid descriptor; no memory is passed.
         let rc = unsafe {
@@ -914,16 +946,37 @@ fn sync(fd: &OwnedFd, datasync: bool) -> Result<(), Errno> {
     }
 }
 
-fn ack(seq: u64, outcome: Result<(), Errno>) -> Ack {
-    Ack {
+/// The acknowledgement of operation `seq`, begun at `began`.
+fn ack(seq: u64, outcome: Result<(), Errno>, began: Instant) -> TimedAck {
+    TimedAck {
         seq,
         errno: outcome.err().map_or(0, |e| e.raw_os_error()),
+        busy_ns: u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX),
     }
 }
 
-fn fsync_loop(rx: ChannelRx<(u64, Arc<OwnedFd>, bool)>, writer: SharedWriter) {
-    for (seq, fd, datasync) in rx {
-        let acks = Message::Acks(vec![ack(seq, sync(&fd, datasync))]);
+/// `TimedAcks` for a writer of protocol 8 on, plain `Acks` for an older one.
+fn acks_message(acks: Vec<TimedAck>, timed: bool) -> Message {
+    if timed {
+        Message::TimedAcks(acks)
+    } else {
+        Message::Acks(
+            acks.into_iter()
+                .map(|a| Ack {
+                    seq: a.seq,
+                    errno: a.errno,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// A sync handed to the fsync workers: sequence, file, datasync, when read.
+type SyncJob = (u64, Arc<OwnedFd>, bool, Instant);
+
+fn fsync_loop(rx: ChannelRx<SyncJob>, writer: SharedWriter, timed: bool) {
+    for (seq, fd, datasync, began) in rx {
+        let acks = acks_message(vec![ack(seq, sync(&fd, datasync), began)], timed);
         let mut w = writer.lock();
         if w.send(&acks).and_then(|()| w.flush()).is_err() {
             // The reader notices the broken connection and ends the session.

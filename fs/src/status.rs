@@ -471,6 +471,119 @@ pub struct FsMetrics {
     /// Latency of write requests, as the application sees it.
     #[serde(default)]
     pub write_latency: Latencies,
+    /// Where the time of replicated writes goes, stage by stage.
+    #[serde(default)]
+    pub write_stages: Stages,
+    /// Where the time of replicated fsyncs goes, stage by stage.
+    #[serde(default)]
+    pub fsync_stages: Stages,
+}
+
+/// Sums of the per-stage durations (nanoseconds) of the replicated operations
+/// of one kind, since the process started: divided by `count` (or the
+/// difference of two snapshots), the mean time of each stage. The stages of
+/// one operation, in the order it meets them on the writer:
+/// - `record`: FUSE request received → its change recorded (activity log);
+/// - `send`: recorded → queued and written to the replication socket (by
+///   this thread, or by the one already writing);
+/// - `local`: sent → applied on this node (runs while the peer works);
+/// - `peer`: sent → the peer's acknowledgement read by the link thread
+///   (network both ways + the peer's queueing and work);
+/// - `peer_busy`: of `peer`, the time the receiver spent on the operation
+///   itself (apply, or sync), as its acknowledgement reports it (0 from a
+///   receiver older than replication protocol 8);
+/// - `reply`: the later of local and peer → the reply written to the kernel;
+/// - `total`: FUSE request received → reply written.
+///
+/// `total` ≈ record + send + max(local, peer) + reply; `peer_last` counts the
+/// operations that waited for the peer (its acknowledgement came after the
+/// local apply). Only operations that replicated while the link was
+/// connected are counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stages {
+    #[serde(default)]
+    pub count: u64,
+    #[serde(default)]
+    pub peer_last: u64,
+    #[serde(default)]
+    pub record_ns: u64,
+    #[serde(default)]
+    pub send_ns: u64,
+    #[serde(default)]
+    pub local_ns: u64,
+    #[serde(default)]
+    pub peer_ns: u64,
+    #[serde(default)]
+    pub peer_busy_ns: u64,
+    #[serde(default)]
+    pub reply_ns: u64,
+    #[serde(default)]
+    pub total_ns: u64,
+}
+
+impl Stages {
+    /// Adds `other`'s sums; saturating.
+    pub fn add(&mut self, other: &Stages) {
+        for (mine, theirs) in self.fields_mut().into_iter().zip(other.fields()) {
+            *mine = mine.saturating_add(theirs);
+        }
+    }
+
+    /// What was added since `earlier` (a snapshot of the same process).
+    pub fn since(&self, earlier: &Stages) -> Stages {
+        let mut d = self.clone();
+        for (mine, theirs) in d.fields_mut().into_iter().zip(earlier.fields()) {
+            *mine = mine.saturating_sub(theirs);
+        }
+        d
+    }
+
+    fn fields(&self) -> [u64; 9] {
+        [
+            self.count,
+            self.peer_last,
+            self.record_ns,
+            self.send_ns,
+            self.local_ns,
+            self.peer_ns,
+            self.peer_busy_ns,
+            self.reply_ns,
+            self.total_ns,
+        ]
+    }
+
+    fn fields_mut(&mut self) -> [&mut u64; 9] {
+        [
+            &mut self.count,
+            &mut self.peer_last,
+            &mut self.record_ns,
+            &mut self.send_ns,
+            &mut self.local_ns,
+            &mut self.peer_ns,
+            &mut self.peer_busy_ns,
+            &mut self.reply_ns,
+            &mut self.total_ns,
+        ]
+    }
+
+    /// Mean microseconds per operation of each stage, named, in stage order
+    /// (empty without operations).
+    pub fn means_us(&self) -> Vec<(&'static str, f64)> {
+        if self.count == 0 {
+            return Vec::new();
+        }
+        let n = self.count as f64;
+        let us = |ns: u64| ns as f64 / n / 1000.0;
+        vec![
+            ("record", us(self.record_ns)),
+            ("send", us(self.send_ns)),
+            ("local", us(self.local_ns)),
+            ("peer", us(self.peer_ns)),
+            ("peer_busy", us(self.peer_busy_ns)),
+            ("reply", us(self.reply_ns)),
+            ("total", us(self.total_ns)),
+        ]
+    }
 }
 
 impl FsMetrics {
@@ -484,6 +597,8 @@ impl FsMetrics {
         self.replicated_ops = self.replicated_ops.saturating_add(other.replicated_ops);
         self.write_latency.add(&other.write_latency);
         self.fsync_latency.add(&other.fsync_latency);
+        self.write_stages.add(&other.write_stages);
+        self.fsync_stages.add(&other.fsync_stages);
     }
 }
 
@@ -584,6 +699,18 @@ mod tests {
                 sum_us: 600,
             },
             fsync_latency: Latencies::default(),
+            write_stages: Stages {
+                count: 2,
+                peer_last: 1,
+                record_ns: 10,
+                send_ns: 20,
+                local_ns: 30,
+                peer_ns: 40,
+                peer_busy_ns: 5,
+                reply_ns: 6,
+                total_ns: 100,
+            },
+            fsync_stages: Stages::default(),
         };
         let back = FsMetrics::decode(&m.encode()).unwrap();
         assert_eq!(back, m);
@@ -594,6 +721,9 @@ mod tests {
         sum.add(&m);
         assert_eq!(sum.replicated_ops, 34);
         assert_eq!(sum.write_latency.buckets[2], 6);
+        assert_eq!(sum.write_stages.total_ns, 200);
+        assert_eq!(sum.write_stages.since(&m.write_stages), m.write_stages);
+        assert_eq!(m.write_stages.means_us()[6], ("total", 0.05));
         assert_eq!(sum.write_latency.sum_us, 1200);
         let mut empty = FsMetrics::default();
         empty.add(&m);

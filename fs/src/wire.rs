@@ -53,8 +53,9 @@ use crate::version::Versions;
 /// frames; 5: the sync's instructions travel as `Control`, apart from the replicated
 /// `Op`s (and, from this release on, the handshake negotiates the version); 6: the
 /// receiver names its software version first ([`Message::Software`]); 7:
-/// `OpReceipt` / `Received` (protocol B).
-pub const REPLICATION: Versions = Versions { min: 5, max: 7 };
+/// `OpReceipt` / `Received` (protocol B); 8: `TimedAcks` (the receiver's time on
+/// each operation, for the writer's per-stage metrics).
+pub const REPLICATION: Versions = Versions { min: 5, max: 8 };
 /// The newest replication protocol version.
 pub const PROTOCOL_VERSION: u16 = REPLICATION.max;
 /// The first version whose receiver sends [`Message::Software`].
@@ -62,6 +63,8 @@ pub const SOFTWARE_SINCE: u16 = 6;
 /// The first version whose receiver confirms receipt (`OpReceipt` /
 /// `Received`): with an older peer, protocol B runs as C.
 pub const RECEIPT_SINCE: u16 = 7;
+/// The first version whose receiver acknowledges with [`Message::TimedAcks`].
+pub const TIMED_ACKS_SINCE: u16 = 8;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -190,6 +193,15 @@ pub struct Ack {
     pub errno: i32,
 }
 
+/// An [`Ack`] with the receiver's own time on the operation (applying it, or
+/// syncing), in nanoseconds: the writer's `peer_busy` stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimedAck {
+    pub seq: u64,
+    pub errno: i32,
+    pub busy_ns: u64,
+}
+
 /// Everything that travels in a frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
@@ -233,6 +245,8 @@ pub enum Message {
     /// The receiver has read every operation up to `upto` (it applies them
     /// whatever happens to the connection now).
     Received { upto: u64 },
+    /// Protocol 8 on: `Acks`, each with the receiver's time on the operation.
+    TimedAcks(Vec<TimedAck>),
 }
 
 /// Per-direction MAC keys of an authenticated session.
@@ -807,8 +821,14 @@ impl<R: Read> FrameReader<R> {
         }
         let mut meta = vec![0u8; meta_len as usize];
         read_exact_or_closed(&mut self.inner, &mut meta)?;
-        let mut data = vec![0u8; data_len as usize];
-        read_exact_or_closed(&mut self.inner, &mut data)?;
+        // Read into spare capacity: a 1 MiB payload is not zeroed first.
+        let mut data = Vec::with_capacity(data_len as usize);
+        let read = (&mut self.inner)
+            .take(u64::from(data_len))
+            .read_to_end(&mut data)?;
+        if read != data_len as usize {
+            return Err(WireError::Closed);
+        }
         let mut tag = [0u8; MAC_LEN];
         read_exact_or_closed(&mut self.inner, &mut tag)?;
         let expected = mac(
@@ -877,6 +897,7 @@ impl Message {
             Message::Software { .. } => "Software",
             Message::OpReceipt { .. } => "OpReceipt",
             Message::Received { .. } => "Received",
+            Message::TimedAcks(_) => "TimedAcks",
         }
     }
 }
@@ -1025,6 +1046,11 @@ mod tests {
                 control: Control::Wipe,
             },
             Message::Acks(vec![Ack { seq: 1, errno: 0 }, Ack { seq: 2, errno: 5 }]),
+            Message::TimedAcks(vec![TimedAck {
+                seq: 3,
+                errno: 0,
+                busy_ns: 12_345,
+            }]),
             Message::Ping,
         ]
     }

@@ -1,7 +1,8 @@
 //! The primary's `STATEDIR/metrics.json`, which vmhad exports on `/metrics`:
 //! writes and fsyncs through a connected primary grow the replicated bytes and
-//! operations, the latency histograms and the activity-log writes; once the
-//! primary writes alone, the dirty bytes count what the peer lacks.
+//! operations, the latency histograms, the per-stage sums and the activity-log
+//! writes; once the primary writes alone, the dirty bytes count what the peer
+//! lacks.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -64,6 +65,29 @@ fn metrics_json_counts_what_the_primary_replicates() -> Result<()> {
         "writes while connected go through the activity log: {connected:?}"
     );
     assert_eq!(connected.dirty_bytes, 0, "nothing written alone yet");
+    // Where the time went, stage by stage: every replicated write and fsync
+    // is counted, the stages add up to no more than the total, and the
+    // receiver reports its own time in its acknowledgements.
+    let (w, s) = (&connected.write_stages, &connected.fsync_stages);
+    assert!(w.count >= 16 && s.count >= 1, "{connected:?}");
+    for st in [w, s] {
+        assert!(st.total_ns > 0 && st.peer_ns > 0, "{st:?}");
+        assert!(
+            st.peer_busy_ns > 0,
+            "the receiver's time is reported: {st:?}"
+        );
+        assert!(st.peer_busy_ns <= st.peer_ns, "{st:?}");
+        // Per operation, total = record + send + max(local, peer) + reply:
+        // summed, the total lies between the sums with the larger of local and
+        // peer and with both.
+        let serial = st.record_ns + st.send_ns + st.reply_ns;
+        assert!(
+            st.total_ns >= serial + st.local_ns.max(st.peer_ns),
+            "{st:?}"
+        );
+        assert!(st.total_ns <= serial + st.local_ns + st.peer_ns, "{st:?}");
+        assert!(st.peer_last <= st.count);
+    }
 
     // Alone: the controller declared the peer dead. What is written now is
     // marked dirty and no longer counted as replicated.

@@ -353,6 +353,7 @@ mod tests {
                 sum_us: 6_000_900,
             },
             fsync_latency: Latencies::default(),
+            ..FsMetrics::default()
         };
         let text = render(&status(), &[], &[("vm1".into(), fs)], 3000);
         for series in [

@@ -52,6 +52,9 @@ struct Handle {
     /// Opened with O_SYNC/O_DSYNC: every write is also synced on the peer.
     sync: bool,
     buffered: Mutex<Option<Arc<OwnedFd>>>,
+    /// Where the last write through this handle ended: a write starting there
+    /// is sequential (its next extents go into the activity log with it).
+    write_end: AtomicU64,
 }
 
 impl Handle {
@@ -573,6 +576,7 @@ impl ReplicatedFs {
             direct,
             sync,
             buffered: Mutex::new(None),
+            write_end: AtomicU64::new(0),
         });
         self.handles.write().insert(fh, handle);
         let open_flags = if direct {
@@ -652,6 +656,7 @@ impl ReplicatedFs {
     }
 
     fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let started = std::time::Instant::now();
         let repl = match self.repl() {
             Ok(r) => r,
             Err(e) => return reply.error(fuse_err(e)),
@@ -671,8 +676,10 @@ impl ReplicatedFs {
         if handle.sync {
             ops.push(Op::Fsync { id, datasync: true });
         }
-        let order = handle.node.ranges.lock(offset, offset.saturating_add(len));
-        let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
+        let end = offset.saturating_add(len);
+        let sequential = handle.write_end.swap(end, Ordering::Relaxed) == offset && offset > 0;
+        let order = handle.node.ranges.lock(offset, end);
+        let metrics = self.metrics.clone();
         let local = || {
             handle.io_fd(offset, buf.len()).and_then(|io| {
                 match apply::write_all_at(io.fd(), &buf, offset) {
@@ -688,6 +695,8 @@ impl ReplicatedFs {
             ops,
             Repair::Range { id, offset, len },
             order,
+            started,
+            sequential,
             local,
             Box::new(move |r: Result<usize, Errno>| {
                 metrics.write_latency.observe(started.elapsed());
@@ -740,6 +749,8 @@ impl ReplicatedFs {
             vec![Op::Fsync { id, datasync }],
             Repair::None,
             (),
+            started,
+            false,
             local,
             Box::new(move |r: Result<(), Errno>| {
                 metrics.fsync_latency.observe(started.elapsed());

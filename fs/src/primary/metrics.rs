@@ -3,9 +3,9 @@
 //! add or two and never a lock; the status thread reads them once a second.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::status::{latency_bucket, Latencies, LATENCY_BOUNDS_US};
+use crate::status::{latency_bucket, Latencies, Stages, LATENCY_BOUNDS_US};
 
 /// A latency histogram with the fixed buckets of [`LATENCY_BOUNDS_US`].
 #[derive(Debug, Default)]
@@ -41,6 +41,112 @@ pub struct PrimaryMetrics {
     replicated_ops: AtomicU64,
     pub write_latency: LatencyHistogram,
     pub fsync_latency: LatencyHistogram,
+    /// Per-stage sums of replicated writes and fsyncs.
+    pub write_stages: StageSums,
+    pub fsync_stages: StageSums,
+}
+
+/// Per-stage duration sums of one kind of operation (see [`Stages`]).
+#[derive(Debug, Default)]
+pub struct StageSums {
+    count: AtomicU64,
+    peer_last: AtomicU64,
+    record: AtomicU64,
+    send: AtomicU64,
+    local: AtomicU64,
+    peer: AtomicU64,
+    peer_busy: AtomicU64,
+    reply: AtomicU64,
+    total: AtomicU64,
+}
+
+impl StageSums {
+    pub fn snapshot(&self) -> Stages {
+        Stages {
+            count: self.count.load(Relaxed),
+            peer_last: self.peer_last.load(Relaxed),
+            record_ns: self.record.load(Relaxed),
+            send_ns: self.send.load(Relaxed),
+            local_ns: self.local.load(Relaxed),
+            peer_ns: self.peer.load(Relaxed),
+            peer_busy_ns: self.peer_busy.load(Relaxed),
+            reply_ns: self.reply.load(Relaxed),
+            total_ns: self.total.load(Relaxed),
+        }
+    }
+}
+
+/// The timestamps of one replicated operation on its way through the writer,
+/// in nanoseconds since the FUSE request arrived: a few relaxed stores per
+/// operation, added to a [`StageSums`] when the reply is out.
+#[derive(Debug)]
+pub struct Trace {
+    started: Instant,
+    recorded: AtomicU64,
+    sent: AtomicU64,
+    local: AtomicU64,
+    /// The last of the operation's acknowledgements.
+    acked: AtomicU64,
+    /// The receiver's own time on the operation, as its acknowledgements say.
+    peer_busy: AtomicU64,
+}
+
+impl Trace {
+    pub fn new(started: Instant) -> Self {
+        Self {
+            started,
+            recorded: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            local: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            peer_busy: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn recorded(&self) {
+        self.recorded.store(self.now(), Relaxed);
+    }
+
+    pub fn sent(&self) {
+        self.sent.store(self.now(), Relaxed);
+    }
+
+    pub fn local_done(&self) {
+        self.local.store(self.now(), Relaxed);
+    }
+
+    /// One of the peer's acknowledgements arrived; the receiver spent
+    /// `busy_ns` on it.
+    pub fn acked(&self, busy_ns: u64) {
+        self.acked.fetch_max(self.now(), Relaxed);
+        self.peer_busy.fetch_add(busy_ns, Relaxed);
+    }
+
+    /// The reply is out: adds this operation's stages to `sums`.
+    pub fn replied(&self, sums: &StageSums) {
+        let end = self.now();
+        let recorded = self.recorded.load(Relaxed);
+        let sent = self.sent.load(Relaxed).max(recorded);
+        let local = self.local.load(Relaxed).max(sent);
+        let acked = self.acked.load(Relaxed).max(sent);
+        let both = local.max(acked);
+        sums.count.fetch_add(1, Relaxed);
+        if acked > local {
+            sums.peer_last.fetch_add(1, Relaxed);
+        }
+        sums.record.fetch_add(recorded, Relaxed);
+        sums.send.fetch_add(sent - recorded, Relaxed);
+        sums.local.fetch_add(local - sent, Relaxed);
+        sums.peer.fetch_add(acked - sent, Relaxed);
+        sums.peer_busy
+            .fetch_add(self.peer_busy.load(Relaxed), Relaxed);
+        sums.reply.fetch_add(end.saturating_sub(both), Relaxed);
+        sums.total.fetch_add(end, Relaxed);
+    }
 }
 
 impl PrimaryMetrics {
@@ -59,6 +165,8 @@ impl PrimaryMetrics {
             replicated_bytes: self.replicated_bytes.load(Relaxed),
             replicated_ops: self.replicated_ops.load(Relaxed),
             write_latency: self.write_latency.snapshot(),
+            write_stages: self.write_stages.snapshot(),
+            fsync_stages: self.fsync_stages.snapshot(),
         }
     }
 }
@@ -89,5 +197,24 @@ mod tests {
         let f = m.snapshot(2, 8192);
         assert_eq!((f.replicated_ops, f.replicated_bytes), (2, 4096));
         assert_eq!((f.activity_log_writes, f.dirty_bytes), (2, 8192));
+    }
+
+    #[test]
+    fn a_trace_adds_each_stage_once() {
+        let sums = StageSums::default();
+        let t = Trace::new(Instant::now());
+        t.recorded();
+        t.sent();
+        std::thread::sleep(Duration::from_millis(2));
+        t.local_done();
+        std::thread::sleep(Duration::from_millis(2));
+        t.acked(1000);
+        t.replied(&sums);
+        let s = sums.snapshot();
+        assert_eq!((s.count, s.peer_last, s.peer_busy_ns), (1, 1, 1000));
+        // The peer came last: total = record + send + peer + reply.
+        assert_eq!(s.total_ns, s.record_ns + s.send_ns + s.peer_ns + s.reply_ns);
+        assert!(s.peer_ns >= 4_000_000 && s.local_ns >= 2_000_000);
+        assert!(s.local_ns < s.peer_ns);
     }
 }
