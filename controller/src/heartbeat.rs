@@ -118,13 +118,18 @@ use crate::generation::History;
 use crate::state::Announce;
 use crate::status::ResyncStatus;
 
+pub mod compact;
+
 const MAGIC: &[u8; 4] = b"VMHB";
 /// The datagram format versions this build reads and writes.
-pub const VERSIONS: Versions = Versions { min: 2, max: 3 };
+pub const VERSIONS: Versions = Versions { min: 2, max: 4 };
 /// The newest datagram format version.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// The first version whose payload carries `software`.
 pub const SOFTWARE_SINCE: u8 = 3;
+/// The first version whose payload is a binary [`compact::Frame`] (a summary
+/// per round, full module beats only when they change), not JSON.
+pub const COMPACT_SINCE: u8 = 4;
 /// Test only: narrows the advertised heartbeat versions (`MAX` or `MIN..=MAX`).
 pub const VERSIONS_ENV: &str = "VMHA_TEST_HEARTBEAT_VERSIONS";
 const HEADER_LEN: usize = 4 + 1 + 1 + 1 + 8 + 8 + 8 + 8 + 16 + 4;
@@ -164,6 +169,8 @@ pub enum HeartbeatError {
     NetworkCount { local: usize, peer: usize },
     #[error("cannot encode heartbeat: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("cannot encode heartbeat: {0}")]
+    Compact(String),
     #[error("heartbeat payload of {0} bytes exceeds the datagram limit")]
     TooLarge(usize),
     #[error("no network index {0}")]
@@ -882,6 +889,10 @@ pub struct Endpoint {
     peer_name: String,
     sealer: Sealer,
     opener: Arc<Mutex<Opener>>,
+    /// Version 4: the peer's last full module beats (shared with the
+    /// receive tasks) and what we last sent ([`compact`]).
+    beats: Arc<Mutex<compact::PeerBeats>>,
+    sent: Mutex<compact::SendState>,
     rejections: Rejections,
     /// Set when a challenge should reach the peer before the next tick.
     prompt: Arc<Notify>,
@@ -921,6 +932,8 @@ impl Endpoint {
             peer_name: spec.peer_name,
             sealer: Sealer::new(key),
             opener: Arc::new(Mutex::new(Opener::new(key))),
+            beats: Arc::new(Mutex::new(compact::PeerBeats::default())),
+            sent: Mutex::new(compact::SendState::default()),
             rejections: Rejections::default(),
             prompt: Arc::new(Notify::new()),
             runtime: handle.clone(),
@@ -958,8 +971,26 @@ impl Endpoint {
     /// Sends `payload` on network `network` only.
     pub async fn send_on(&self, network: usize, payload: &Payload) -> Result<(), HeartbeatError> {
         let version = self.version_view().in_use();
-        let encoded = encode_for(payload, version)?;
-        self.send_encoded(network, version, &encoded).await
+        for frame in self.encode(payload, version)? {
+            self.send_encoded(network, version, &frame).await?;
+        }
+        Ok(())
+    }
+
+    /// The datagram payloads of one round in format `version`, in sending
+    /// order: one JSON payload before version 4, else the [`compact`] frames.
+    fn encode(&self, payload: &Payload, version: u8) -> Result<Vec<Vec<u8>>, HeartbeatError> {
+        if version < COMPACT_SINCE {
+            return Ok(vec![encode_for(payload, version)?]);
+        }
+        let (peer_wants, our_wants) = {
+            let beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+            (beats.peer_wants().to_vec(), beats.our_wants())
+        };
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .frames(payload, &peer_wants, our_wants)
     }
 
     /// What status shows of the heartbeat versions (shares the receiver's state).
@@ -998,14 +1029,18 @@ impl Endpoint {
     /// down must not keep the others from being used).
     pub async fn send(&self, payload: &Payload) -> Vec<HeartbeatError> {
         let version = self.version_view().in_use();
-        let encoded = match encode_for(payload, version) {
-            Ok(e) => e,
+        let frames = match self.encode(payload, version) {
+            Ok(f) => f,
             Err(e) => return vec![e],
         };
         let mut errors = Vec::new();
         for network in 0..self.sockets.len() {
-            if let Err(e) = self.send_encoded(network, version, &encoded).await {
-                errors.push(e);
+            for frame in &frames {
+                if let Err(e) = self.send_encoded(network, version, frame).await {
+                    // The network is down: the rest of the round would fail too.
+                    errors.push(e);
+                    break;
+                }
             }
         }
         errors
@@ -1025,6 +1060,7 @@ impl Endpoint {
             .map(|(network, socket)| {
                 let socket = Arc::clone(socket);
                 let opener = Arc::clone(&self.opener);
+                let beats = Arc::clone(&self.beats);
                 let rejections = self.rejections.clone();
                 let prompt = Arc::clone(&self.prompt);
                 let local = self.local.get(network).copied();
@@ -1047,17 +1083,22 @@ impl Endpoint {
                         };
                         let at = Instant::now();
                         let datagram = buf.get(..len).unwrap_or_default();
-                        match check(datagram, from, local, expected, &peer_name, &opener) {
+                        match check(datagram, from, local, expected, &peer_name, &opener, &beats) {
                             Ok(opened) => {
                                 if opened.new_session {
                                     prompt.notify_one();
                                 }
+                                let Some(payload) = opened.payload else {
+                                    // Full module beats of version 4: kept
+                                    // until the round's summary arrives.
+                                    continue;
+                                };
                                 let received = Received {
                                     network,
                                     from,
                                     at,
                                     new_session: opened.new_session,
-                                    payload: opened.payload,
+                                    payload,
                                 };
                                 if tx.send(received).await.is_err() {
                                     return;
@@ -1090,8 +1131,16 @@ impl Endpoint {
     }
 }
 
+/// A payload as its version carries it.
+enum Decoded {
+    Json(Payload),
+    Compact(compact::Frame),
+}
+
 /// Every check of a datagram `from` arriving on the socket of `local`, whose
-/// peer address on that network is `expected`.
+/// peer address on that network is `expected`. The payload is `None` for a
+/// version-4 datagram of full module beats: they are kept in `beats` and
+/// delivered with the round's summary.
 pub fn check(
     datagram: &[u8],
     from: SocketAddr,
@@ -1099,22 +1148,57 @@ pub fn check(
     expected: IpAddr,
     peer_name: &str,
     opener: &Mutex<Opener>,
-) -> Result<Opened<Payload>, Rejection> {
+    beats: &Mutex<compact::PeerBeats>,
+) -> Result<Opened<Option<Payload>>, Rejection> {
     if from.ip() != expected {
         // Checked before the MAC only to keep strangers cheap; a genuine
         // datagram from an unexpected address is still refused.
         return Err(Rejection::WrongSource(from.ip()));
     }
-    let mut opener = opener.lock().unwrap_or_else(|p| p.into_inner());
-    opener.open(datagram, local, |header, bytes| {
-        let payload: Payload = serde_json::from_slice(bytes).map_err(|_| Rejection::Payload)?;
-        if payload.session != header.session {
-            return Err(Rejection::Payload);
+    let opened = {
+        let mut opener = opener.lock().unwrap_or_else(|p| p.into_inner());
+        opener.open(datagram, local, |header, bytes| {
+            if header.version >= COMPACT_SINCE {
+                return Ok(Decoded::Compact(compact::accept(
+                    bytes,
+                    header.session,
+                    peer_name,
+                )?));
+            }
+            let payload: Payload =
+                serde_json::from_slice(bytes).map_err(|_| Rejection::Payload)?;
+            if payload.session != header.session {
+                return Err(Rejection::Payload);
+            }
+            if payload.node != peer_name {
+                return Err(Rejection::WrongNode(payload.node));
+            }
+            Ok(Decoded::Json(payload))
+        })?
+    };
+    // Only now, the datagram having passed every check, does the kept state
+    // change (an unproven or replayed frame changes nothing).
+    Ok(match opened.payload {
+        Decoded::Json(payload) => Opened {
+            session: opened.session,
+            new_session: opened.new_session,
+            payload: Some(payload),
+        },
+        Decoded::Compact(frame) => {
+            let mut beats = beats.lock().unwrap_or_else(|p| p.into_inner());
+            match beats.apply(frame, opened.session, opened.new_session) {
+                Some((payload, new_session)) => Opened {
+                    session: opened.session,
+                    new_session,
+                    payload: Some(payload),
+                },
+                None => Opened {
+                    session: opened.session,
+                    new_session: opened.new_session,
+                    payload: None,
+                },
+            }
         }
-        if payload.node != peer_name {
-            return Err(Rejection::WrongNode(payload.node));
-        }
-        Ok(payload)
     })
 }
 
@@ -1370,7 +1454,7 @@ mod tests {
         );
         assert_eq!(
             e.err().map(|e| e.to_string()).unwrap_or_default(),
-            "heartbeat format version 7 (the peer reads 7..=8), this vmhad reads 2..=3: no common version, upgrade the older node"
+            "heartbeat format version 7 (the peer reads 7..=8), this vmhad reads 2..=4: no common version, upgrade the older node"
         );
     }
 
@@ -1488,7 +1572,11 @@ mod tests {
         body
     }
 
-    fn check_all(opener: &Mutex<Opener>, datagram: &[u8]) -> Result<Opened<Payload>, Rejection> {
+    fn check_all(
+        opener: &Mutex<Opener>,
+        datagram: &[u8],
+    ) -> Result<Opened<Option<Payload>>, Rejection> {
+        let beats = Mutex::new(compact::PeerBeats::default());
         check(
             datagram,
             "10.0.0.2:7100".parse().unwrap(),
@@ -1496,6 +1584,7 @@ mod tests {
             ip("10.0.0.2"),
             "node2",
             opener,
+            &beats,
         )
     }
 
@@ -1553,8 +1642,8 @@ mod tests {
             let hs = Handshake { challenge: 7, echo: challenge };
             let d = sealer.seal(ip(A), hs, text.as_bytes()).unwrap();
             let r = check_all(&opener, &d);
-            if let Ok(opened) = r {
-                prop_assert_eq!(opened.payload.session, session);
+            if let Ok(Opened { payload: Some(payload), .. }) = r {
+                prop_assert_eq!(payload.session, session);
             }
         }
     }
@@ -1705,14 +1794,16 @@ mod tests {
             .await
             .unwrap();
         prompted().await.unwrap();
-        assert_eq!(a.rejections().counts()["unproven"], 1);
+        // (Version 4: the round's full beats and its summary, each unproven.)
+        assert!(a.rejections().counts()["unproven"] >= 1);
         // b answers with a's challenge (as b's receiver would have learnt it).
         let hs = Handshake {
             challenge: 5,
             echo: a.opener.lock().unwrap().handshake().challenge,
         };
+        // A version-3 (JSON) datagram: the opener's rules are the same.
         let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
-        let d = b.sealer.seal(ip("127.0.0.1"), hs, &body).unwrap();
+        let d = b.sealer.seal_version(3, ip("127.0.0.1"), hs, &body).unwrap();
         b.sockets[0]
             .send_to(&d, a.sockets[0].local_addr().unwrap())
             .await
@@ -1784,7 +1875,7 @@ mod tests {
         // Replay of a genuine datagram captured earlier.
         let hs = b.opener.lock().unwrap().handshake();
         let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
-        let sealed = b.sealer.seal(ip("127.0.0.1"), hs, &body).unwrap();
+        let sealed = b.sealer.seal_version(3, ip("127.0.0.1"), hs, &body).unwrap();
         b.sockets[0].send_to(&sealed, target).await.unwrap();
         assert!(!next(&mut rx).await.new_session);
         b.sockets[0].send_to(&sealed, target).await.unwrap();

@@ -297,7 +297,7 @@ fn a_pair_on_different_versions_talks_at_the_lower_one() {
     });
     let s1 = pair.local_status("node1").unwrap();
     let p1 = s1.protocols.unwrap();
-    assert_eq!(p1.heartbeat.ours, "2..=3");
+    assert_eq!(p1.heartbeat.ours, "2..=4");
     assert_eq!(p1.heartbeat.peer.as_deref(), Some("2"));
     // Version 2 payloads do not carry the software version.
     assert_eq!(p1.heartbeat.peer_software, None);
