@@ -305,6 +305,9 @@ struct PeerLiveness {
     config_keys: KeyDigests,
     /// The differing keys last written to each module's event log.
     differences_logged: HashMap<String, Vec<String>>,
+    /// Our configuration hash when the differences were last computed: they
+    /// are computed again only when it or the peer's key digests change.
+    differences_for: Option<Digest>,
     /// The peer's vmhad version (heartbeat version 3 on).
     software: Option<String>,
 }
@@ -423,6 +426,7 @@ impl Factory {
             peer_rx,
             last_beat: None,
             last_beat_at: None,
+            idle_peer_seen: None,
             heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
             peer_lost_sent: false,
             started: self.started,
@@ -695,6 +699,7 @@ impl Daemon {
                 role_since: HashMap::new(),
                 config_keys: KeyDigests::new(),
                 differences_logged: HashMap::new(),
+                differences_for: None,
                 software: None,
             }),
             rejections: endpoint.rejections(),
