@@ -620,8 +620,21 @@ fn idle_and_crash(
         .flat_map(|v| v.windows(2).map(|p| p[1].duration_since(p[0])))
         .max()
         .map(ms);
-    for m in &moved {
-        events_after(vc, &m.name, wall_kill, r);
+    // Since issue 11 a module is ALONE once its writer mounts, before libvirt
+    // starts its domain: wait (up to 120 s) for every `VM started` too.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        for m in &moved {
+            if !r.vm_started_ms.contains_key(&m.name) {
+                r.events.remove(&m.name);
+                r.takeover_begins_ms.remove(&m.name);
+                events_after(vc, &m.name, wall_kill, r);
+            }
+        }
+        if r.vm_started_ms.len() == moved.len() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
 }
