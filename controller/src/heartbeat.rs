@@ -763,7 +763,23 @@ pub struct Received {
     pub at: Instant,
     /// The first heartbeat accepted of a new peer session.
     pub new_session: bool,
+    /// The payload, its `modules` moved to [`Received::modules`].
     pub payload: Payload,
+    /// The modules' beats, shared: an unchanged beat of version 4 is the
+    /// one kept from before, not a copy (five rounds a second of 32 modules).
+    pub modules: Vec<Arc<ModuleBeat>>,
+}
+
+/// A round's payload and its module beats apart ([`Received::modules`]).
+pub type Round = (Payload, Vec<Arc<ModuleBeat>>);
+
+/// Moves a JSON payload's modules out into shared beats.
+fn split(mut payload: Payload) -> Round {
+    let modules = std::mem::take(&mut payload.modules)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    (payload, modules)
 }
 
 /// The payload as format `version` carries it (no `software` before version 3).
@@ -1088,7 +1104,7 @@ impl Endpoint {
                                 if opened.new_session {
                                     prompt.notify_one();
                                 }
-                                let Some(payload) = opened.payload else {
+                                let Some((payload, modules)) = opened.payload else {
                                     // Full module beats of version 4: kept
                                     // until the round's summary arrives.
                                     continue;
@@ -1099,6 +1115,7 @@ impl Endpoint {
                                     at,
                                     new_session: opened.new_session,
                                     payload,
+                                    modules,
                                 };
                                 if tx.send(received).await.is_err() {
                                     return;
@@ -1149,7 +1166,7 @@ pub fn check(
     peer_name: &str,
     opener: &Mutex<Opener>,
     beats: &Mutex<compact::PeerBeats>,
-) -> Result<Opened<Option<Payload>>, Rejection> {
+) -> Result<Opened<Option<Round>>, Rejection> {
     if from.ip() != expected {
         // Checked before the MAC only to keep strangers cheap; a genuine
         // datagram from an unexpected address is still refused.
@@ -1182,15 +1199,15 @@ pub fn check(
         Decoded::Json(payload) => Opened {
             session: opened.session,
             new_session: opened.new_session,
-            payload: Some(payload),
+            payload: Some(split(payload)),
         },
         Decoded::Compact(frame) => {
             let mut beats = beats.lock().unwrap_or_else(|p| p.into_inner());
             match beats.apply(frame, opened.session, opened.new_session) {
-                Some((payload, new_session)) => Opened {
+                Some((payload, modules, new_session)) => Opened {
                     session: opened.session,
                     new_session,
-                    payload: Some(payload),
+                    payload: Some((payload, modules)),
                 },
                 None => Opened {
                     session: opened.session,
@@ -1575,7 +1592,7 @@ mod tests {
     fn check_all(
         opener: &Mutex<Opener>,
         datagram: &[u8],
-    ) -> Result<Opened<Option<Payload>>, Rejection> {
+    ) -> Result<Opened<Option<Round>>, Rejection> {
         let beats = Mutex::new(compact::PeerBeats::default());
         check(
             datagram,
@@ -1642,7 +1659,7 @@ mod tests {
             let hs = Handshake { challenge: 7, echo: challenge };
             let d = sealer.seal(ip(A), hs, text.as_bytes()).unwrap();
             let r = check_all(&opener, &d);
-            if let Ok(Opened { payload: Some(payload), .. }) = r {
+            if let Ok(Opened { payload: Some((payload, _)), .. }) = r {
                 prop_assert_eq!(payload.session, session);
             }
         }
@@ -1829,7 +1846,9 @@ mod tests {
         let mut networks = Vec::new();
         for _ in 0..2 {
             let r = next(&mut rx).await;
-            assert_eq!(r.payload, beat);
+            let mut got = r.payload.clone();
+            got.modules = r.modules.iter().map(|b| (**b).clone()).collect();
+            assert_eq!(got, beat);
             assert!(!r.new_session);
             networks.push(r.network);
         }

@@ -178,6 +178,7 @@ pub(super) async fn dispatch(
 
 pub(super) fn on_beat(shared: &Shared, received: Received) {
     let payload = received.payload;
+    let modules = received.modules;
     let (fresh, keys_changed) = {
         let mut peer = shared.peer();
         peer.networks.record(received.network, received.at);
@@ -207,7 +208,7 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
                 peer.config_keys = payload.config_keys.clone();
                 keys_changed = true;
             }
-            for beat in &payload.modules {
+            for beat in &modules {
                 let role = beat.announce.role;
                 match peer.role_since.get(&beat.name) {
                     Some((known, _)) if *known == role => {}
@@ -217,10 +218,10 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
                     }
                 }
                 match peer.modules.get(&beat.name) {
-                    Some(known) if known == beat => {}
+                    Some(known) if Arc::ptr_eq(known, beat) || known == beat => {}
                     known => {
                         keys_changed |= known.is_none_or(|k| k.keys != beat.keys);
-                        peer.modules.insert(beat.name.clone(), beat.clone());
+                        peer.modules.insert(beat.name.clone(), Arc::clone(beat));
                     }
                 }
             }
@@ -239,16 +240,13 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
         // Only when something they depend on changed: not per heartbeat.
         log_differences(shared);
     }
-    let beats: std::collections::HashMap<&str, &ModuleBeat> = payload
-        .modules
-        .iter()
-        .map(|b| (b.name.as_str(), b))
-        .collect();
+    let beats: std::collections::HashMap<&str, &Arc<ModuleBeat>> =
+        modules.iter().map(|b| (b.name.as_str(), b)).collect();
     for handle in shared.modules() {
         if let Some(beat) = beats.get(handle.module.name.as_str()).copied() {
             let config_match = handle.module_hash == Some(beat.module_hash);
             handle.peer.send_replace(PeerView::Seen {
-                beat: Box::new(beat.clone()),
+                beat: Arc::clone(beat),
                 config_match,
             });
         }

@@ -207,7 +207,7 @@ struct ModuleView {
 enum PeerView {
     Unknown,
     Seen {
-        beat: Box<ModuleBeat>,
+        beat: Arc<ModuleBeat>,
         config_match: bool,
     },
     Lost,
@@ -298,7 +298,7 @@ struct PeerLiveness {
     /// (session, round) of the last payload dispatched.
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
-    modules: HashMap<String, ModuleBeat>,
+    modules: HashMap<String, Arc<ModuleBeat>>,
     /// Per module: the role the peer announces and since when we see it.
     role_since: HashMap<String, (crate::state::Role, Instant)>,
     /// The peer's per-key cluster digests, from its latest heartbeat.

@@ -64,7 +64,7 @@ pub(super) struct Runner {
     pub(super) log: Arc<EventLog>,
     pub(super) view: watch::Sender<ModuleView>,
     pub(super) peer_rx: watch::Receiver<PeerView>,
-    pub(super) last_beat: Option<ModuleBeat>,
+    pub(super) last_beat: Option<Arc<ModuleBeat>>,
     /// When the latest heartbeat round of the peer arrived.
     pub(super) last_beat_at: Option<Instant>,
     /// The last `PeerSeen` step that changed nothing (the state it met, the
@@ -336,7 +336,7 @@ impl Runner {
                 let relation = compare(&self.meta.history, &beat.history);
                 let peer =
                     Peer::from_announce(beat.announce, relation, config_match, beat.changed_bytes);
-                self.last_beat = Some(*beat);
+                self.last_beat = Some(beat);
                 self.last_beat_at = Some(Instant::now());
                 let event = Event::PeerSeen {
                     peer,

@@ -35,6 +35,7 @@
 //! [`super`]): every frame is a datagram of its own with its own counter.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -283,7 +284,7 @@ impl SendState {
 #[derive(Debug, Default)]
 pub struct PeerBeats {
     session: Option<u64>,
-    beats: HashMap<u64, (u64, ModuleBeat)>,
+    beats: HashMap<u64, (u64, Arc<ModuleBeat>)>,
     config_keys: Option<(u64, KeyDigests)>,
     /// The peer's latest summary's `want` (what to send it in full).
     peer_wants: Vec<u64>,
@@ -307,14 +308,15 @@ impl PeerBeats {
     /// Takes an authentic frame of `session` (accepted by the opener, so not
     /// replayed); returns the round's payload for a summary, in the shape of
     /// versions 2 and 3: the modules it could resolve, the cluster key
-    /// digests last received; and whether this or an earlier frame since the
-    /// last summary opened a new peer session.
+    /// digests last received (its `modules` empty: the resolved beats come
+    /// apart, shared, not copied); and whether this or an earlier frame since
+    /// the last summary opened a new peer session.
     pub fn apply(
         &mut self,
         frame: Frame,
         session: u64,
         new_session: bool,
-    ) -> Option<(Payload, bool)> {
+    ) -> Option<(Payload, Vec<Arc<ModuleBeat>>, bool)> {
         if self.session != Some(session) {
             *self = PeerBeats {
                 session: Some(session),
@@ -328,7 +330,8 @@ impl PeerBeats {
                     // A beat that does not encode is not kept (never asked
                     // for again in vain: the summary's digest cannot match).
                     if let Ok(digest) = beat_digest(&beat) {
-                        self.beats.insert(module_id(&beat.name), (digest, beat));
+                        self.beats
+                            .insert(module_id(&beat.name), (digest, Arc::new(beat)));
                     }
                 }
                 None
@@ -346,7 +349,7 @@ impl PeerBeats {
                 let mut modules = Vec::with_capacity(s.modules.len());
                 for (id, digest) in &s.modules {
                     match self.beats.get(id) {
-                        Some((d, beat)) if d == digest => modules.push(beat.clone()),
+                        Some((d, beat)) if d == digest => modules.push(Arc::clone(beat)),
                         _ => want.push(*id),
                     }
                 }
@@ -368,10 +371,11 @@ impl PeerBeats {
                     session: s.session,
                     round: s.round,
                     config_hash: Digest(s.config_hash),
-                    modules,
+                    modules: Vec::new(),
                     config_keys,
                     software: s.software,
                     },
+                    modules,
                     new_session,
                 ))
             }
@@ -443,7 +447,8 @@ mod tests {
                 continue;
             }
             let frame = accept(&bytes, 42, "node1").unwrap();
-            if let Some((p, _)) = rx.apply(frame, 42, false) {
+            if let Some((mut p, modules, _)) = rx.apply(frame, 42, false) {
+                p.modules = modules.iter().map(|b| (**b).clone()).collect();
                 out = Some(p);
             }
         }
@@ -544,9 +549,9 @@ mod tests {
             panic!("not a summary")
         };
         s.session = 43;
-        let (got, new_session) = rx.apply(Frame::Summary(s), 43, true).unwrap();
+        let (_, got, new_session) = rx.apply(Frame::Summary(s), 43, true).unwrap();
         assert!(new_session);
-        assert!(got.modules.is_empty());
+        assert!(got.is_empty());
         assert_eq!(rx.our_wants().len(), 4, "3 modules and the cluster keys");
     }
 
