@@ -1182,8 +1182,7 @@ pub fn check(
                     peer_name,
                 )?));
             }
-            let payload: Payload =
-                serde_json::from_slice(bytes).map_err(|_| Rejection::Payload)?;
+            let payload: Payload = serde_json::from_slice(bytes).map_err(|_| Rejection::Payload)?;
             if payload.session != header.session {
                 return Err(Rejection::Payload);
             }
@@ -1820,7 +1819,10 @@ mod tests {
         };
         // A version-3 (JSON) datagram: the opener's rules are the same.
         let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
-        let d = b.sealer.seal_version(3, ip("127.0.0.1"), hs, &body).unwrap();
+        let d = b
+            .sealer
+            .seal_version(3, ip("127.0.0.1"), hs, &body)
+            .unwrap();
         b.sockets[0]
             .send_to(&d, a.sockets[0].local_addr().unwrap())
             .await
@@ -1894,7 +1896,10 @@ mod tests {
         // Replay of a genuine datagram captured earlier.
         let hs = b.opener.lock().unwrap().handshake();
         let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
-        let sealed = b.sealer.seal_version(3, ip("127.0.0.1"), hs, &body).unwrap();
+        let sealed = b
+            .sealer
+            .seal_version(3, ip("127.0.0.1"), hs, &body)
+            .unwrap();
         b.sockets[0].send_to(&sealed, target).await.unwrap();
         assert!(!next(&mut rx).await.new_session);
         b.sockets[0].send_to(&sealed, target).await.unwrap();

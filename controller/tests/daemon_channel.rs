@@ -367,14 +367,16 @@ fn a_pair_on_different_versions_talks_at_the_lower_one() {
 /// same pair.
 #[test]
 fn a_version_3_peer_and_a_version_4_pair_both_form() {
-    for (env2, version) in [(&[("VMHA_TEST_HEARTBEAT_VERSIONS", "2..=3")][..], 3), (&[][..], 4)] {
+    for (env2, version) in [
+        (&[("VMHA_TEST_HEARTBEAT_VERSIONS", "2..=3")][..], 3),
+        (&[][..], 4),
+    ] {
         let pair = Pair::start(&[], env2);
         pair.wait(&format!("heartbeats at version {version} both ways"), |p| {
             ["node1", "node2"].iter().all(|n| {
                 p.local_status(n).is_some_and(|s| {
                     let hb = &s.protocols.as_ref().unwrap().heartbeat;
-                    hb.in_use == Some(version)
-                        && s.modules[0].nodes.values().all(|n| n.reachable)
+                    hb.in_use == Some(version) && s.modules[0].nodes.values().all(|n| n.reachable)
                 })
             })
         });
@@ -388,13 +390,16 @@ fn a_version_3_peer_and_a_version_4_pair_both_form() {
             .unwrap();
         assert!(r.ok, "{r:?}");
         for node in ["node1", "node2"] {
-            pair.wait(&format!("v{version}: node1 PRIM / node2 SECOND seen by {node}"), |p| {
-                p.local_status(node).is_some_and(|s| {
-                    let n = &s.modules[0].nodes;
-                    n["node1"].state == Some(vmha_controller::state::Role::Prim)
-                        && n["node2"].state == Some(vmha_controller::state::Role::Second)
-                })
-            });
+            pair.wait(
+                &format!("v{version}: node1 PRIM / node2 SECOND seen by {node}"),
+                |p| {
+                    p.local_status(node).is_some_and(|s| {
+                        let n = &s.modules[0].nodes;
+                        n["node1"].state == Some(vmha_controller::state::Role::Prim)
+                            && n["node2"].state == Some(vmha_controller::state::Role::Second)
+                    })
+                },
+            );
         }
     }
 }

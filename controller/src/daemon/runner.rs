@@ -342,8 +342,7 @@ impl Runner {
                     peer,
                     local_changed_bytes: self.changed_bytes,
                 };
-                if matches!(&self.idle_peer_seen, Some((s, e)) if *s == self.state && *e == event)
-                {
+                if matches!(&self.idle_peer_seen, Some((s, e)) if *s == self.state && *e == event) {
                     // The same step changed nothing before: it would again
                     // (no action, no state change, nothing to publish).
                     return;

@@ -1332,7 +1332,8 @@ impl FsDriver for VmhaFsDriver {
                         )
                     })
             } else {
-                ::vmha_fs::status::read_heard(&state).is_some_and(|h| h.connected && h.age_ms(now).is_some_and(|age| age < within))
+                ::vmha_fs::status::read_heard(&state)
+                    .is_some_and(|h| h.connected && h.age_ms(now).is_some_and(|age| age < within))
             }
         })
     }

@@ -367,13 +367,13 @@ impl PeerBeats {
                 let new_session = std::mem::take(&mut self.new_session_pending);
                 Some((
                     Payload {
-                    node: s.node,
-                    session: s.session,
-                    round: s.round,
-                    config_hash: Digest(s.config_hash),
-                    modules: Vec::new(),
-                    config_keys,
-                    software: s.software,
+                        node: s.node,
+                        session: s.session,
+                        round: s.round,
+                        config_hash: Digest(s.config_hash),
+                        modules: Vec::new(),
+                        config_keys,
+                        software: s.software,
                     },
                     modules,
                     new_session,
@@ -525,9 +525,7 @@ mod tests {
             at_sender.apply(accept(&bytes, 42, "node2").unwrap(), 42, false);
         }
         p.round = 20;
-        let frames = tx
-            .frames(&p, at_sender.peer_wants(), Vec::new())
-            .unwrap();
+        let frames = tx.frames(&p, at_sender.peer_wants(), Vec::new()).unwrap();
         assert_eq!(frames.len(), 2);
         assert_eq!(deliver(&mut rx, frames, |_| true).unwrap(), p);
         assert!(rx.our_wants().is_empty());
@@ -593,7 +591,13 @@ mod tests {
         (
             "[a-z0-9-]{1,40}",
             any::<u64>(),
-            prop::sample::select(vec![Role::Stop, Role::Wait, Role::Alone, Role::Prim, Role::Second]),
+            prop::sample::select(vec![
+                Role::Stop,
+                Role::Wait,
+                Role::Alone,
+                Role::Prim,
+                Role::Second,
+            ]),
             any::<bool>(),
             proptest::collection::vec(any::<u128>(), 0..4),
             proptest::collection::btree_map("[a-z_]{1,20}", "[0-9a-f]{16}", 0..4),
