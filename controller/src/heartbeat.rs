@@ -6,12 +6,15 @@
 //! when all networks have been silent for `failover_timeout_ms`
 //! ([`Liveness::all_silent_for`], monotonic time).
 //!
-//! Datagram, versions 2 and 3 (choices where the design is silent):
+//! Datagram, versions 2 to 4 (choices where the design is silent):
 //! ```text
 //! "VMHB" | version u8 | min u8 | max u8 | session u64 BE | counter u64 BE
 //!        | challenge u64 BE | echo u64 BE | destination IP (16 bytes, v6-mapped)
-//!        | payload length u32 BE | payload (JSON) | MAC (32 bytes)
+//!        | payload length u32 BE | payload | MAC (32 bytes)
 //! ```
+//! The payload is JSON ([`Payload`]) in versions 2 and 3, and a binary
+//! [`compact::Frame`] from version 4 on: a small summary per round, the
+//! modules' full announcements only when they change ([`compact`]).
 //! The MAC is keyed blake3 over everything before it, with a key derived from
 //! the cluster key (`blake3::derive_key`, context "vmha heartbeat v1"), so the
 //! heartbeat MAC never doubles as a replication-link one. The receiver rejects
@@ -30,8 +33,8 @@
 //! from then on sends the highest version both read ([`Opener::send_version`]);
 //! before it knows, it sends its newest. A datagram of a version outside the
 //! receiver's range is [`Rejection::Version`], naming both ranges. Version 3
-//! adds `software` (the sender's vmhad version) to the payload; version 1
-//! (wall-clock counters) is gone.
+//! adds `software` (the sender's vmhad version) to the payload; version 4 the
+//! compact payload ([`compact`]); version 1 (wall-clock counters) is gone.
 //!
 //! # Freshness without clocks
 //!
