@@ -41,8 +41,9 @@ bench-resync: deps release
 	./target/release/vmha-bench-resync --out bench/results-resync.json
 
 # 32 modules on the two simulated nodes (idle QEMU domains, a writer thread per
-# module): idle CPU, memory, threads and packets per module; then node1 crashes
-# and every module fails over at once (kill -> ALONE, kill -> writes again).
+# module), vmhad's default timing (200 ms heartbeats): idle CPU (three windows),
+# memory, threads and packets per module; then node1 crashes and every module
+# fails over at once (kill -> ALONE, kill -> writes again, kill -> VM started).
 .PHONY: bench-scale
 bench-scale: deps release
 	./target/release/vmha-bench scale --out bench/results-scale.json

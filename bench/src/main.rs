@@ -72,8 +72,8 @@ enum Cmd {
     /// and a node1 crash failing its modules over at once (kill → ALONE,
     /// kill → the module's writer writes again on node2).
     ///
-    /// Two simulated nodes (the end-to-end setup), DESIGN.md's default
-    /// timeouts; each module's domain is an idle QEMU (no disk, no kernel),
+    /// Two simulated nodes (the end-to-end setup), vmhad's default
+    /// heartbeat (200 ms) and failover timeout (1500 ms); each module's domain is an idle QEMU (no disk, no kernel),
     /// its data written by a writer thread of this benchmark through the
     /// node's mount. Needs root and the packages of .ci/install-deps; vmhad,
     /// vmctl and vmha-fs are taken from next to this binary.
@@ -98,6 +98,16 @@ struct ScaleArgs {
     /// Pause between a module writer's writes.
     #[arg(long, default_value_t = 200)]
     write_interval_ms: u64,
+    /// Idle windows measured one after the other (the spread between them
+    /// shows the noise of the shared machine).
+    #[arg(long, default_value_t = 3)]
+    idle_windows: usize,
+    /// `[cluster] heartbeat_interval_ms` (vmhad's default).
+    #[arg(long, default_value_t = 200)]
+    heartbeat_ms: u64,
+    /// `[cluster] failover_timeout_ms` (vmhad's default).
+    #[arg(long, default_value_t = 1500)]
+    failover_ms: u64,
 }
 
 fn scale(args: ScaleArgs) -> Result<bool> {
@@ -115,8 +125,10 @@ fn scale(args: ScaleArgs) -> Result<bool> {
         idle_seconds: args.idle_seconds,
         all_on_node1: !args.split,
         write_interval_ms: args.write_interval_ms,
+        idle_windows: args.idle_windows.max(1),
     };
-    let results = scale::run(&opts, &failover::design_timing())?;
+    let timing = failover::default_timing(args.heartbeat_ms, args.failover_ms);
+    let results = scale::run(&opts, &timing)?;
     println!("{}", results.markdown());
     eprintln!("vmha-bench: wrote {}", opts.out.display());
     Ok(results.error.is_none())

@@ -6,12 +6,15 @@
 //! when all networks have been silent for `failover_timeout_ms`
 //! ([`Liveness::all_silent_for`], monotonic time).
 //!
-//! Datagram, versions 2 and 3 (choices where the design is silent):
+//! Datagram, versions 2 to 4 (choices where the design is silent):
 //! ```text
 //! "VMHB" | version u8 | min u8 | max u8 | session u64 BE | counter u64 BE
 //!        | challenge u64 BE | echo u64 BE | destination IP (16 bytes, v6-mapped)
-//!        | payload length u32 BE | payload (JSON) | MAC (32 bytes)
+//!        | payload length u32 BE | payload | MAC (32 bytes)
 //! ```
+//! The payload is JSON ([`Payload`]) in versions 2 and 3, and a binary
+//! [`compact::Frame`] from version 4 on: a small summary per round, the
+//! modules' full announcements only when they change ([`compact`]).
 //! The MAC is keyed blake3 over everything before it, with a key derived from
 //! the cluster key (`blake3::derive_key`, context "vmha heartbeat v1"), so the
 //! heartbeat MAC never doubles as a replication-link one. The receiver rejects
@@ -30,8 +33,8 @@
 //! from then on sends the highest version both read ([`Opener::send_version`]);
 //! before it knows, it sends its newest. A datagram of a version outside the
 //! receiver's range is [`Rejection::Version`], naming both ranges. Version 3
-//! adds `software` (the sender's vmhad version) to the payload; version 1
-//! (wall-clock counters) is gone.
+//! adds `software` (the sender's vmhad version) to the payload; version 4 the
+//! compact payload ([`compact`]); version 1 (wall-clock counters) is gone.
 //!
 //! # Freshness without clocks
 //!
@@ -118,13 +121,18 @@ use crate::generation::History;
 use crate::state::Announce;
 use crate::status::ResyncStatus;
 
+pub mod compact;
+
 const MAGIC: &[u8; 4] = b"VMHB";
 /// The datagram format versions this build reads and writes.
-pub const VERSIONS: Versions = Versions { min: 2, max: 3 };
+pub const VERSIONS: Versions = Versions { min: 2, max: 4 };
 /// The newest datagram format version.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// The first version whose payload carries `software`.
 pub const SOFTWARE_SINCE: u8 = 3;
+/// The first version whose payload is a binary [`compact::Frame`] (a summary
+/// per round, full module beats only when they change), not JSON.
+pub const COMPACT_SINCE: u8 = 4;
 /// Test only: narrows the advertised heartbeat versions (`MAX` or `MIN..=MAX`).
 pub const VERSIONS_ENV: &str = "VMHA_TEST_HEARTBEAT_VERSIONS";
 const HEADER_LEN: usize = 4 + 1 + 1 + 1 + 8 + 8 + 8 + 8 + 16 + 4;
@@ -164,6 +172,8 @@ pub enum HeartbeatError {
     NetworkCount { local: usize, peer: usize },
     #[error("cannot encode heartbeat: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("cannot encode heartbeat: {0}")]
+    Compact(String),
     #[error("heartbeat payload of {0} bytes exceeds the datagram limit")]
     TooLarge(usize),
     #[error("no network index {0}")]
@@ -756,7 +766,23 @@ pub struct Received {
     pub at: Instant,
     /// The first heartbeat accepted of a new peer session.
     pub new_session: bool,
+    /// The payload, its `modules` moved to [`Received::modules`].
     pub payload: Payload,
+    /// The modules' beats, shared: an unchanged beat of version 4 is the
+    /// one kept from before, not a copy (five rounds a second of 32 modules).
+    pub modules: Vec<Arc<ModuleBeat>>,
+}
+
+/// A round's payload and its module beats apart ([`Received::modules`]).
+pub type Round = (Payload, Vec<Arc<ModuleBeat>>);
+
+/// Moves a JSON payload's modules out into shared beats.
+fn split(mut payload: Payload) -> Round {
+    let modules = std::mem::take(&mut payload.modules)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    (payload, modules)
 }
 
 /// The payload as format `version` carries it (no `software` before version 3).
@@ -882,6 +908,10 @@ pub struct Endpoint {
     peer_name: String,
     sealer: Sealer,
     opener: Arc<Mutex<Opener>>,
+    /// Version 4: the peer's last full module beats (shared with the
+    /// receive tasks) and what we last sent ([`compact`]).
+    beats: Arc<Mutex<compact::PeerBeats>>,
+    sent: Mutex<compact::SendState>,
     rejections: Rejections,
     /// Set when a challenge should reach the peer before the next tick.
     prompt: Arc<Notify>,
@@ -921,6 +951,8 @@ impl Endpoint {
             peer_name: spec.peer_name,
             sealer: Sealer::new(key),
             opener: Arc::new(Mutex::new(Opener::new(key))),
+            beats: Arc::new(Mutex::new(compact::PeerBeats::default())),
+            sent: Mutex::new(compact::SendState::default()),
             rejections: Rejections::default(),
             prompt: Arc::new(Notify::new()),
             runtime: handle.clone(),
@@ -958,8 +990,26 @@ impl Endpoint {
     /// Sends `payload` on network `network` only.
     pub async fn send_on(&self, network: usize, payload: &Payload) -> Result<(), HeartbeatError> {
         let version = self.version_view().in_use();
-        let encoded = encode_for(payload, version)?;
-        self.send_encoded(network, version, &encoded).await
+        for frame in self.encode(payload, version)? {
+            self.send_encoded(network, version, &frame).await?;
+        }
+        Ok(())
+    }
+
+    /// The datagram payloads of one round in format `version`, in sending
+    /// order: one JSON payload before version 4, else the [`compact`] frames.
+    fn encode(&self, payload: &Payload, version: u8) -> Result<Vec<Vec<u8>>, HeartbeatError> {
+        if version < COMPACT_SINCE {
+            return Ok(vec![encode_for(payload, version)?]);
+        }
+        let (peer_wants, our_wants) = {
+            let beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+            (beats.peer_wants().to_vec(), beats.our_wants())
+        };
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .frames(payload, &peer_wants, our_wants)
     }
 
     /// What status shows of the heartbeat versions (shares the receiver's state).
@@ -998,14 +1048,18 @@ impl Endpoint {
     /// down must not keep the others from being used).
     pub async fn send(&self, payload: &Payload) -> Vec<HeartbeatError> {
         let version = self.version_view().in_use();
-        let encoded = match encode_for(payload, version) {
-            Ok(e) => e,
+        let frames = match self.encode(payload, version) {
+            Ok(f) => f,
             Err(e) => return vec![e],
         };
         let mut errors = Vec::new();
         for network in 0..self.sockets.len() {
-            if let Err(e) = self.send_encoded(network, version, &encoded).await {
-                errors.push(e);
+            for frame in &frames {
+                if let Err(e) = self.send_encoded(network, version, frame).await {
+                    // The network is down: the rest of the round would fail too.
+                    errors.push(e);
+                    break;
+                }
             }
         }
         errors
@@ -1025,6 +1079,7 @@ impl Endpoint {
             .map(|(network, socket)| {
                 let socket = Arc::clone(socket);
                 let opener = Arc::clone(&self.opener);
+                let beats = Arc::clone(&self.beats);
                 let rejections = self.rejections.clone();
                 let prompt = Arc::clone(&self.prompt);
                 let local = self.local.get(network).copied();
@@ -1047,17 +1102,23 @@ impl Endpoint {
                         };
                         let at = Instant::now();
                         let datagram = buf.get(..len).unwrap_or_default();
-                        match check(datagram, from, local, expected, &peer_name, &opener) {
+                        match check(datagram, from, local, expected, &peer_name, &opener, &beats) {
                             Ok(opened) => {
                                 if opened.new_session {
                                     prompt.notify_one();
                                 }
+                                let Some((payload, modules)) = opened.payload else {
+                                    // Full module beats of version 4: kept
+                                    // until the round's summary arrives.
+                                    continue;
+                                };
                                 let received = Received {
                                     network,
                                     from,
                                     at,
                                     new_session: opened.new_session,
-                                    payload: opened.payload,
+                                    payload,
+                                    modules,
                                 };
                                 if tx.send(received).await.is_err() {
                                     return;
@@ -1090,8 +1151,16 @@ impl Endpoint {
     }
 }
 
+/// A payload as its version carries it.
+enum Decoded {
+    Json(Payload),
+    Compact(compact::Frame),
+}
+
 /// Every check of a datagram `from` arriving on the socket of `local`, whose
-/// peer address on that network is `expected`.
+/// peer address on that network is `expected`. The payload is `None` for a
+/// version-4 datagram of full module beats: they are kept in `beats` and
+/// delivered with the round's summary.
 pub fn check(
     datagram: &[u8],
     from: SocketAddr,
@@ -1099,22 +1168,56 @@ pub fn check(
     expected: IpAddr,
     peer_name: &str,
     opener: &Mutex<Opener>,
-) -> Result<Opened<Payload>, Rejection> {
+    beats: &Mutex<compact::PeerBeats>,
+) -> Result<Opened<Option<Round>>, Rejection> {
     if from.ip() != expected {
         // Checked before the MAC only to keep strangers cheap; a genuine
         // datagram from an unexpected address is still refused.
         return Err(Rejection::WrongSource(from.ip()));
     }
-    let mut opener = opener.lock().unwrap_or_else(|p| p.into_inner());
-    opener.open(datagram, local, |header, bytes| {
-        let payload: Payload = serde_json::from_slice(bytes).map_err(|_| Rejection::Payload)?;
-        if payload.session != header.session {
-            return Err(Rejection::Payload);
+    let opened = {
+        let mut opener = opener.lock().unwrap_or_else(|p| p.into_inner());
+        opener.open(datagram, local, |header, bytes| {
+            if header.version >= COMPACT_SINCE {
+                return Ok(Decoded::Compact(compact::accept(
+                    bytes,
+                    header.session,
+                    peer_name,
+                )?));
+            }
+            let payload: Payload = serde_json::from_slice(bytes).map_err(|_| Rejection::Payload)?;
+            if payload.session != header.session {
+                return Err(Rejection::Payload);
+            }
+            if payload.node != peer_name {
+                return Err(Rejection::WrongNode(payload.node));
+            }
+            Ok(Decoded::Json(payload))
+        })?
+    };
+    // Only now, the datagram having passed every check, does the kept state
+    // change (an unproven or replayed frame changes nothing).
+    Ok(match opened.payload {
+        Decoded::Json(payload) => Opened {
+            session: opened.session,
+            new_session: opened.new_session,
+            payload: Some(split(payload)),
+        },
+        Decoded::Compact(frame) => {
+            let mut beats = beats.lock().unwrap_or_else(|p| p.into_inner());
+            match beats.apply(frame, opened.session, opened.new_session) {
+                Some((payload, modules, new_session)) => Opened {
+                    session: opened.session,
+                    new_session,
+                    payload: Some((payload, modules)),
+                },
+                None => Opened {
+                    session: opened.session,
+                    new_session: opened.new_session,
+                    payload: None,
+                },
+            }
         }
-        if payload.node != peer_name {
-            return Err(Rejection::WrongNode(payload.node));
-        }
-        Ok(payload)
     })
 }
 
@@ -1372,7 +1475,7 @@ mod tests {
         );
         assert_eq!(
             e.err().map(|e| e.to_string()).unwrap_or_default(),
-            "heartbeat format version 7 (the peer reads 7..=8), this vmhad reads 2..=3: no common version, upgrade the older node"
+            "heartbeat format version 7 (the peer reads 7..=8), this vmhad reads 2..=4: no common version, upgrade the older node"
         );
     }
 
@@ -1490,7 +1593,11 @@ mod tests {
         body
     }
 
-    fn check_all(opener: &Mutex<Opener>, datagram: &[u8]) -> Result<Opened<Payload>, Rejection> {
+    fn check_all(
+        opener: &Mutex<Opener>,
+        datagram: &[u8],
+    ) -> Result<Opened<Option<Round>>, Rejection> {
+        let beats = Mutex::new(compact::PeerBeats::default());
         check(
             datagram,
             "10.0.0.2:7100".parse().unwrap(),
@@ -1498,6 +1605,7 @@ mod tests {
             ip("10.0.0.2"),
             "node2",
             opener,
+            &beats,
         )
     }
 
@@ -1555,8 +1663,8 @@ mod tests {
             let hs = Handshake { challenge: 7, echo: challenge };
             let d = sealer.seal(ip(A), hs, text.as_bytes()).unwrap();
             let r = check_all(&opener, &d);
-            if let Ok(opened) = r {
-                prop_assert_eq!(opened.payload.session, session);
+            if let Ok(Opened { payload: Some((payload, _)), .. }) = r {
+                prop_assert_eq!(payload.session, session);
             }
         }
     }
@@ -1707,14 +1815,19 @@ mod tests {
             .await
             .unwrap();
         prompted().await.unwrap();
-        assert_eq!(a.rejections().counts()["unproven"], 1);
+        // (Version 4: the round's full beats and its summary, each unproven.)
+        assert!(a.rejections().counts()["unproven"] >= 1);
         // b answers with a's challenge (as b's receiver would have learnt it).
         let hs = Handshake {
             challenge: 5,
             echo: a.opener.lock().unwrap().handshake().challenge,
         };
+        // A version-3 (JSON) datagram: the opener's rules are the same.
         let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
-        let d = b.sealer.seal(ip("127.0.0.1"), hs, &body).unwrap();
+        let d = b
+            .sealer
+            .seal_version(3, ip("127.0.0.1"), hs, &body)
+            .unwrap();
         b.sockets[0]
             .send_to(&d, a.sockets[0].local_addr().unwrap())
             .await
@@ -1740,7 +1853,9 @@ mod tests {
         let mut networks = Vec::new();
         for _ in 0..2 {
             let r = next(&mut rx).await;
-            assert_eq!(r.payload, beat);
+            let mut got = r.payload.clone();
+            got.modules = r.modules.iter().map(|b| (**b).clone()).collect();
+            assert_eq!(got, beat);
             assert!(!r.new_session);
             networks.push(r.network);
         }
@@ -1786,7 +1901,10 @@ mod tests {
         // Replay of a genuine datagram captured earlier.
         let hs = b.opener.lock().unwrap().handshake();
         let body = serde_json::to_vec(&payload("node2", b.session(), 2)).unwrap();
-        let sealed = b.sealer.seal(ip("127.0.0.1"), hs, &body).unwrap();
+        let sealed = b
+            .sealer
+            .seal_version(3, ip("127.0.0.1"), hs, &body)
+            .unwrap();
         b.sockets[0].send_to(&sealed, target).await.unwrap();
         assert!(!next(&mut rx).await.new_session);
         b.sockets[0].send_to(&sealed, target).await.unwrap();

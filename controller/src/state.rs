@@ -413,7 +413,9 @@ pub struct Announce {
     #[serde(default)]
     pub live_swap: bool,
     /// Where a live swap stands on this node (absent: none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Never skipped when `None`: heartbeat version 4 encodes announcements
+    // with bincode, which has no field names to tell a skipped field.
+    #[serde(default)]
     pub swap_phase: Option<SwapPhase>,
 }
 

@@ -218,12 +218,21 @@ async fn prim_then_failover_when_node1_dies() {
     assert_eq!(s.modules[0].primary.as_deref(), Some("node2"));
     // node2 began a new generation: it is now newer than node1's copy.
     assert_ne!(s.modules[0].nodes["node2"].generation, generation);
-    let log = n2
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
-    assert!(log.contains("SECOND -> ALONE"), "{log}");
+    // ALONE is published once the writer mounts, before the step's
+    // transition line is written: wait for the line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = n2
+            .request(Request::Log { module: None })
+            .await
+            .lines
+            .join("\n");
+        if log.contains("SECOND -> ALONE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     n2.daemon.unwrap().kill().await;
 }
 

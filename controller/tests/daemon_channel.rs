@@ -296,7 +296,7 @@ fn a_pair_on_different_versions_talks_at_the_lower_one() {
     });
     let s1 = pair.local_status("node1").unwrap();
     let p1 = s1.protocols.unwrap();
-    assert_eq!(p1.heartbeat.ours, "2..=3");
+    assert_eq!(p1.heartbeat.ours, "2..=4");
     assert_eq!(p1.heartbeat.peer.as_deref(), Some("2"));
     // Version 2 payloads do not carry the software version.
     assert_eq!(p1.heartbeat.peer_software, None);
@@ -358,6 +358,49 @@ fn a_pair_on_different_versions_talks_at_the_lower_one() {
             pair.channel_addr("node2")
         )
     );
+}
+
+/// The compact heartbeat (version 4) against a peer of the previous release
+/// (versions 2..=3, JSON): both send version 3, the pair forms and each side
+/// follows the other's role; two current daemons use version 4 and form the
+/// same pair.
+#[test]
+fn a_version_3_peer_and_a_version_4_pair_both_form() {
+    for (env2, version) in [
+        (&[("VMHA_TEST_HEARTBEAT_VERSIONS", "2..=3")][..], 3),
+        (&[][..], 4),
+    ] {
+        let pair = Pair::start(&[], env2);
+        pair.wait(&format!("heartbeats at version {version} both ways"), |p| {
+            ["node1", "node2"].iter().all(|n| {
+                p.local_status(n).is_some_and(|s| {
+                    let hb = &s.protocols.as_ref().unwrap().heartbeat;
+                    hb.in_use == Some(version) && s.modules[0].nodes.values().all(|n| n.reachable)
+                })
+            })
+        });
+        let p1 = pair.local_status("node1").unwrap().protocols.unwrap();
+        assert_eq!(p1.heartbeat.ours, "2..=4");
+        // Both versions carry the software version.
+        assert!(p1.heartbeat.peer_software.is_some());
+        let r = Client::connect(&pair.socket("node1"))
+            .unwrap()
+            .call(&Request::Prim { module: None })
+            .unwrap();
+        assert!(r.ok, "{r:?}");
+        for node in ["node1", "node2"] {
+            pair.wait(
+                &format!("v{version}: node1 PRIM / node2 SECOND seen by {node}"),
+                |p| {
+                    p.local_status(node).is_some_and(|s| {
+                        let n = &s.modules[0].nodes;
+                        n["node1"].state == Some(vmha_controller::state::Role::Prim)
+                            && n["node2"].state == Some(vmha_controller::state::Role::Second)
+                    })
+                },
+            );
+        }
+    }
 }
 
 /// Heartbeat ranges with nothing in common: each side logs the refusal naming

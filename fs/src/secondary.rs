@@ -91,38 +91,70 @@ pub fn run(args: SecondaryConfig) -> Result<(), RunError> {
 
 /// How often `heard.json` is refreshed (when it changed).
 const HEARD_EVERY: Duration = Duration::from_millis(200);
+/// `heard.json`'s fixed length: the JSON object padded with spaces (valid
+/// JSON whitespace) and a newline, so that it can be overwritten in place.
+const HEARD_LEN: usize = 96;
+
+/// [`WriterHeard`](crate::status::WriterHeard)'s JSON padded to [`HEARD_LEN`].
+fn heard_bytes(now: crate::status::WriterHeard) -> Vec<u8> {
+    use crate::status::StatusFile;
+    let mut bytes = now.encode();
+    bytes.pop(); // the newline, put back at the end
+    if bytes.len() < HEARD_LEN - 1 {
+        bytes.resize(HEARD_LEN - 1, b' ');
+    }
+    bytes.push(b'\n');
+    bytes
+}
 
 /// Keeps `STATEDIR/heard.json` current: when the writer was last heard (its
-/// operations or its pings, sent every second when idle). Written with a
-/// rename, not synced: it is about liveness, and the reader is on this host.
+/// operations or its pings, sent every 500 ms when idle). Created once with
+/// a rename, then overwritten in place (one `pwrite` of a fixed length, not
+/// synced) each time it changes: with every idle module's writer pinging
+/// twice a second, creating and renaming a file per ping cost each node
+/// about 0.8 % of a core for 32 modules (issue 12, item 2). A reader may
+/// meet a write half done: it reads until two reads agree
+/// ([`crate::status::read_heard`]); the reader is on this host.
 fn publish_writer_heard(
     state: PathBuf,
     probe: crate::receiver::WriterHeardProbe,
     stop: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
-    use crate::status::StatusFile;
+    use std::os::unix::fs::FileExt;
     std::thread::Builder::new()
         .name("writer-heard".into())
         .spawn(move || {
             let path = state.join(crate::status::HEARD);
             let tmp = state.join(format!("{}.tmp", crate::status::HEARD));
+            let mut file: Option<std::fs::File> = None;
             let mut last = None;
             let mut failing = false;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let now = probe.now();
                 if last != Some(now) {
-                    let written = std::fs::write(&tmp, now.encode())
-                        .and_then(|()| std::fs::rename(&tmp, &path));
+                    let bytes = heard_bytes(now);
+                    let written = match &file {
+                        Some(f) => f.write_all_at(&bytes, 0),
+                        None => std::fs::write(&tmp, &bytes)
+                            .and_then(|()| std::fs::rename(&tmp, &path))
+                            .and_then(|()| {
+                                file = Some(std::fs::OpenOptions::new().write(true).open(&path)?);
+                                Ok(())
+                            }),
+                    };
                     match written {
                         Ok(()) => {
                             last = Some(now);
                             failing = false;
                         }
-                        Err(e) if !failing => {
-                            failing = true;
-                            tracing::warn!(path = %path.display(), "cannot publish heard.json: {e}");
+                        Err(e) => {
+                            // Created again by the next try.
+                            file = None;
+                            if !failing {
+                                failing = true;
+                                tracing::warn!(path = %path.display(), "cannot publish heard.json: {e}");
+                            }
                         }
-                        Err(_) => {}
                     }
                 }
                 std::thread::sleep(HEARD_EVERY);
@@ -152,4 +184,45 @@ fn clear_self_outdated_when_in_sync(
         })
         .map(drop)
         .map_err(|e| RunError::Other(format!("cannot start a thread: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::status::{read_heard, WriterHeard};
+    use std::os::unix::fs::FileExt;
+
+    /// Every value has the same length, so an overwrite in place never
+    /// leaves a longer value's tail behind, and reads back as written.
+    #[test]
+    fn heard_json_is_overwritten_in_place_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = [
+            WriterHeard {
+                connected: false,
+                last_frame_ms: u64::MAX,
+            },
+            WriterHeard {
+                connected: true,
+                last_frame_ms: 7,
+            },
+            WriterHeard {
+                connected: false,
+                last_frame_ms: 0,
+            },
+        ];
+        let path = dir.path().join(crate::status::HEARD);
+        std::fs::write(&path, heard_bytes(values[0])).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        for v in values {
+            let bytes = heard_bytes(v);
+            assert_eq!(bytes.len(), HEARD_LEN);
+            f.write_all_at(&bytes, 0).unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), HEARD_LEN as u64);
+            assert_eq!(read_heard(dir.path()), Some(v));
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read_heard(dir.path()), None);
+    }
 }

@@ -98,6 +98,21 @@ impl StatusFile for WriterHeard {
     const FILE: &'static str = HEARD;
 }
 
+/// Reads `heard.json` from `state` until two reads agree (at most 4 reads):
+/// the secondary overwrites it in place, so one read may meet a write half
+/// done. None when absent, unreadable or never stable.
+pub fn read_heard(state: &Path) -> Option<WriterHeard> {
+    let mut previous = WriterHeard::read_from(state).ok().flatten();
+    for _ in 0..3 {
+        let again = WriterHeard::read_from(state).ok().flatten();
+        if again.is_some() && again == previous {
+            return again;
+        }
+        previous = again;
+    }
+    None
+}
+
 /// Errors decoding a state-directory file.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {

@@ -178,7 +178,8 @@ pub(super) async fn dispatch(
 
 pub(super) fn on_beat(shared: &Shared, received: Received) {
     let payload = received.payload;
-    let fresh = {
+    let modules = received.modules;
+    let (fresh, keys_changed) = {
         let mut peer = shared.peer();
         peer.networks.record(received.network, received.at);
         if received.new_session {
@@ -196,14 +197,18 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
         }
         peer.lost = false;
         peer.config_hash = Some(payload.config_hash);
-        peer.config_keys = payload.config_keys.clone();
+        let mut keys_changed = false;
         let fresh = match peer.last_round {
             Some((session, round)) => session != payload.session || payload.round > round,
             None => true,
         };
         if fresh {
             peer.last_round = Some((payload.session, payload.round));
-            for beat in &payload.modules {
+            if peer.config_keys != payload.config_keys {
+                peer.config_keys = payload.config_keys.clone();
+                keys_changed = true;
+            }
+            for beat in &modules {
                 let role = beat.announce.role;
                 match peer.role_since.get(&beat.name) {
                     Some((known, _)) if *known == role => {}
@@ -212,24 +217,36 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
                             .insert(beat.name.clone(), (role, received.at));
                     }
                 }
-                peer.modules.insert(beat.name.clone(), beat.clone());
+                match peer.modules.get(&beat.name) {
+                    Some(known) if Arc::ptr_eq(known, beat) || known == beat => {}
+                    known => {
+                        keys_changed |= known.is_none_or(|k| k.keys != beat.keys);
+                        peer.modules.insert(beat.name.clone(), Arc::clone(beat));
+                    }
+                }
+            }
+            let ours = shared.config().hash();
+            if peer.differences_for != Some(ours) {
+                peer.differences_for = Some(ours);
+                keys_changed = true;
             }
         }
-        fresh
+        (fresh, keys_changed)
     };
     if !fresh {
         return;
     }
-    log_differences(shared);
+    if keys_changed {
+        // Only when something they depend on changed: not per heartbeat.
+        log_differences(shared);
+    }
+    let beats: std::collections::HashMap<&str, &Arc<ModuleBeat>> =
+        modules.iter().map(|b| (b.name.as_str(), b)).collect();
     for handle in shared.modules() {
-        if let Some(beat) = payload
-            .modules
-            .iter()
-            .find(|b| b.name == handle.module.name)
-        {
+        if let Some(beat) = beats.get(handle.module.name.as_str()).copied() {
             let config_match = handle.module_hash == Some(beat.module_hash);
             handle.peer.send_replace(PeerView::Seen {
-                beat: Box::new(beat.clone()),
+                beat: Arc::clone(beat),
                 config_match,
             });
         }

@@ -210,7 +210,7 @@ struct ModuleView {
 enum PeerView {
     Unknown,
     Seen {
-        beat: Box<ModuleBeat>,
+        beat: Arc<ModuleBeat>,
         config_match: bool,
     },
     Lost,
@@ -301,13 +301,16 @@ struct PeerLiveness {
     /// (session, round) of the last payload dispatched.
     last_round: Option<(u64, u64)>,
     /// The latest beat per module, kept after the peer is lost.
-    modules: HashMap<String, ModuleBeat>,
+    modules: HashMap<String, Arc<ModuleBeat>>,
     /// Per module: the role the peer announces and since when we see it.
     role_since: HashMap<String, (crate::state::Role, Instant)>,
     /// The peer's per-key cluster digests, from its latest heartbeat.
     config_keys: KeyDigests,
     /// The differing keys last written to each module's event log.
     differences_logged: HashMap<String, Vec<String>>,
+    /// Our configuration hash when the differences were last computed: they
+    /// are computed again only when it or the peer's key digests change.
+    differences_for: Option<Digest>,
     /// The peer's vmhad version (heartbeat version 3 on).
     software: Option<String>,
 }
@@ -429,6 +432,7 @@ impl Factory {
             peer_rx,
             last_beat: None,
             last_beat_at: None,
+            idle_peer_seen: None,
             heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
             peer_lost_sent: false,
             started: self.started,
@@ -703,6 +707,7 @@ impl Daemon {
                 role_since: HashMap::new(),
                 config_keys: KeyDigests::new(),
                 differences_logged: HashMap::new(),
+                differences_for: None,
                 software: None,
             }),
             rejections: endpoint.rejections(),

@@ -64,9 +64,14 @@ pub(super) struct Runner {
     pub(super) log: Arc<EventLog>,
     pub(super) view: watch::Sender<ModuleView>,
     pub(super) peer_rx: watch::Receiver<PeerView>,
-    pub(super) last_beat: Option<ModuleBeat>,
+    pub(super) last_beat: Option<Arc<ModuleBeat>>,
     /// When the latest heartbeat round of the peer arrived.
     pub(super) last_beat_at: Option<Instant>,
+    /// The last `PeerSeen` step that changed nothing (the state it met, the
+    /// event): the state machine is a function of the two, so an identical
+    /// repetition — every heartbeat of an idle module — is skipped
+    /// (`on_peer_view`).
+    pub(super) idle_peer_seen: Option<(ModuleState, Event)>,
     pub(super) heartbeat_interval: Duration,
     pub(super) peer_lost_sent: bool,
     pub(super) started: Instant,
@@ -333,13 +338,18 @@ impl Runner {
                 let relation = compare(&self.meta.history, &beat.history);
                 let peer =
                     Peer::from_announce(beat.announce, relation, config_match, beat.changed_bytes);
-                self.last_beat = Some(*beat);
+                self.last_beat = Some(beat);
                 self.last_beat_at = Some(Instant::now());
-                self.handle(Event::PeerSeen {
+                let event = Event::PeerSeen {
                     peer,
                     local_changed_bytes: self.changed_bytes,
-                })
-                .await;
+                };
+                if matches!(&self.idle_peer_seen, Some((s, e)) if *s == self.state && *e == event) {
+                    // The same step changed nothing before: it would again
+                    // (no action, no state change, nothing to publish).
+                    return;
+                }
+                self.handle(event).await;
             }
             PeerView::Lost => {
                 if !self.peer_lost_sent {
@@ -383,6 +393,10 @@ impl Runner {
             tracing::debug!(module = %self.module.name, ?event, "event");
             let (next, actions) = step(&self.state, event.clone());
             self.counters.count(&event, self.state.role, next.role);
+            self.idle_peer_seen = (matches!(event, Event::PeerSeen { .. })
+                && actions.is_empty()
+                && next == self.state)
+                .then(|| (next.clone(), event.clone()));
             if actions.contains(&Action::MountReceiver) && self.receiver_backoff.failing() {
                 // A retry of a receiver start that failed before: its lines
                 // reach the event log only if it succeeds (the failure was

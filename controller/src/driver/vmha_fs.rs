@@ -80,7 +80,7 @@ use std::time::{Duration, Instant};
 
 use ::vmha_fs::status::{
     ChangedBytes, FsMetrics, GenerationId, LinkCondition, LinkStatus, StatusFile, SyncPhase,
-    SyncStatus, VerifyPhase, VerifyStatus, WriterHeard, COMPARE_RESYNC as COMPARE_RESYNC_FILE,
+    SyncStatus, VerifyPhase, VerifyStatus, COMPARE_RESYNC as COMPARE_RESYNC_FILE,
     LINK as LINK_FILE, PEER_OUTDATED as PEER_OUTDATED_FILE, SELF_OUTDATED, SYNC as SYNC_FILE,
     VERIFY as VERIFY_FILE,
 };
@@ -1429,9 +1429,7 @@ impl FsDriver for VmhaFsDriver {
                         )
                     })
             } else {
-                WriterHeard::read_from(&state)
-                    .ok()
-                    .flatten()
+                ::vmha_fs::status::read_heard(&state)
                     .is_some_and(|h| h.connected && h.age_ms(now).is_some_and(|age| age < within))
             }
         })
