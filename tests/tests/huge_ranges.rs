@@ -19,6 +19,7 @@ use vmha_fs::status::ChangedBytes;
 use vmha_test_infra::fsctl::{
     attach_and_wait, last_sync_line, last_sync_was_incremental, signal, verify,
 };
+use vmha_test_infra::mounts::beneath_mounts;
 use vmha_test_infra::pair::READY_TIMEOUT;
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all, Child, Pair, PairOptions};
 
@@ -231,5 +232,66 @@ fn huge_ranges_written_connected_cost_nothing_and_survive_a_link_loss() -> Resul
     f.sync_all()?;
     drop(f);
     n.reattach()?;
+    Ok(())
+}
+
+/// A verify of a 1 TiB sparse image reads its data, not its size (issue 12, item
+/// 4): `verify.json`'s `read_bytes` (what the writer read from its disk to hash)
+/// stays near the 5 MiB of data although 1 TiB is compared; zeros written on the
+/// receiver where the writer has a hole compare equal (they read the same), and a
+/// byte changed inside such a hole is still found. The old code read every hole:
+/// the verify took the 1 TiB at the hashing rate and had no `read_bytes`.
+#[test]
+fn verify_of_a_sparse_terabyte_reads_its_data_not_its_size() -> Result<()> {
+    let pair = Pair::prepare(PairOptions::default())?;
+    let img = pair.primary_backing().join("disk.img");
+    let f = File::create(&img)?;
+    f.set_len(TIB)?;
+    f.write_all_at(&vec![3u8; 4 * MIB as usize], 0)?;
+    f.write_all_at(&vec![4u8; MIB as usize], 512 << 30)?;
+    f.sync_all()?;
+    drop(f);
+    let mut sec = Child::spawn("secondary", pair.secondary_command())?;
+    sec.wait_ready(READY_TIMEOUT)?;
+    let mut pri = Child::spawn("primary", pair.alone_primary_command())?;
+    pri.wait_ready(READY_TIMEOUT)?;
+    attach_and_wait(&pri, pair.primary_state())?;
+    let state = pair.primary_state();
+
+    // Zeros written on the receiver's copy where the writer's has a hole (beneath
+    // the receiver's read-only bind).
+    let (guard, replica) = beneath_mounts(pair.secondary_backing(), &pair.root().join("beneath"))?;
+    let theirs = OpenOptions::new()
+        .write(true)
+        .open(replica.join("disk.img"))?;
+    theirs.write_all_at(&vec![0u8; 8 * MIB as usize], 100 << 30)?;
+    theirs.sync_all()?;
+    let v = verify(&pri, state)?;
+    eprintln!("verify: {v:?}");
+    if !v.differing.is_empty() {
+        bail!("zeros against a hole reported as a difference: {v:?}");
+    }
+    assert_eq!(v.total_bytes, TIB, "the verify covers the whole image");
+    assert!(
+        v.read_bytes >= 5 * MIB && v.read_bytes < 64 * MIB,
+        "the verify read {} bytes from disk for 5 MiB of data in a 1 TiB image",
+        v.read_bytes
+    );
+
+    // A byte changed behind vmha's back inside a hole of the writer's copy.
+    let at = (300 << 30) + 12345;
+    theirs.write_all_at(&[1u8], at)?;
+    theirs.sync_all()?;
+    drop(theirs);
+    drop(guard);
+    let v = verify(&pri, state)?;
+    eprintln!("verify: {v:?}");
+    match v.differing.as_slice() {
+        [d] if d.path == "disk.img" && d.offset <= at && at < d.offset + d.len && d.len <= MIB => {}
+        other => bail!("expected the one changed MiB at {at}, got {other:?}"),
+    }
+    assert!(v.read_bytes < 64 * MIB, "read {} bytes", v.read_bytes);
+    drop(pri);
+    drop(sec);
     Ok(())
 }
