@@ -154,10 +154,16 @@ impl Request {
     }
 }
 
-/// The requests that compare `[0, size)` given the regions with data on this side
-/// (`data`, in order): [`BLOCK`]s over the data (widened to whole blocks), up to
-/// [`HOLE_BLOCK`]s over the holes; at most [`MAX_BLOCKS`] blocks per request.
-pub fn plan(size: u64, data: &[(u64, u64)]) -> Vec<Request> {
+/// Bytes of a file planned at a time (one request of hole blocks): the sender
+/// holds the data regions of one window, not of the whole file.
+pub const WINDOW: u64 = HOLE_BLOCK as u64 * MAX_BLOCKS as u64;
+
+/// The requests that compare `[start, size)` given the regions with data on this
+/// side there (`data`, in order): [`BLOCK`]s over the data (widened to whole
+/// blocks), up to [`HOLE_BLOCK`]s over the holes; at most [`MAX_BLOCKS`] blocks per
+/// request. `start` is a multiple of [`BLOCK`] (or the requests of two calls
+/// would not line up with the blocks of data).
+pub fn plan(start: u64, size: u64, data: &[(u64, u64)]) -> Vec<Request> {
     let small = u64::from(BLOCK);
     let big = u64::from(HOLE_BLOCK);
     let mut out = Vec::new();
@@ -174,7 +180,7 @@ pub fn plan(size: u64, data: &[(u64, u64)]) -> Vec<Request> {
             offset += count * step;
         }
     };
-    let mut pos = 0;
+    let mut pos = start;
     let mut segments = data.iter().peekable();
     while pos < size {
         // The next data region, widened to whole small blocks, merged with the
@@ -292,7 +298,7 @@ mod tests {
         assert!(data
             .iter()
             .all(|&(s, e)| s <= 5 << 20 && e >= 6 << 20 && e - s < 64 << 20));
-        let reqs = plan(len, &data);
+        let reqs = plan(0, len, &data);
         let mut read_elsewhere = 0;
         for r in &reqs {
             let mine = hash_blocks(sparse.as_fd(), r.offset, r.block, r.count).unwrap();
@@ -326,7 +332,7 @@ mod tests {
     fn plans_cover_the_file_with_big_blocks_over_holes() {
         let (small, big) = (u64::from(BLOCK), u64::from(HOLE_BLOCK));
         let check = |size: u64, data: &[(u64, u64)]| {
-            let reqs = plan(size, data);
+            let reqs = plan(0, size, data);
             let mut pos = 0;
             for r in &reqs {
                 assert_eq!(r.offset, pos, "{reqs:?}");
@@ -395,6 +401,11 @@ mod tests {
             }
         );
         assert_eq!(reqs[3].block, BLOCK);
+        // From a window's start (a later window of the same file).
+        let reqs = plan(WINDOW, WINDOW + 2 * big, &[(WINDOW + big, WINDOW + big + 1)]);
+        assert_eq!(reqs[0], Request { offset: WINDOW, block: HOLE_BLOCK, count: 1 });
+        assert_eq!(reqs[1], Request { offset: WINDOW + big, block: BLOCK, count: 1 });
+        assert_eq!(reqs[2].offset, WINDOW + big + small);
         // All data: small blocks only, up to MAX_BLOCKS each.
         let reqs = check(300 << 20, &[(0, 300 << 20)]);
         assert!(reqs.iter().all(|r| r.block == BLOCK));

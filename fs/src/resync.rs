@@ -869,9 +869,6 @@ impl Syncer {
         let size = rustix::fs::fstat(fd.as_fd())
             .map_err(local("a file"))?
             .st_size as u64;
-        // Only picks the block sizes: a region that gains data meanwhile is still
-        // read (hash_blocks looks again under the range lock).
-        let data = compare::data_segments(fd.as_fd(), 0, size).map_err(local("a file"))?;
         let read_before = compare::read_bytes();
         let mut inflight = VecDeque::new();
         let mut differing = Vec::new();
@@ -884,29 +881,40 @@ impl Syncer {
                 }
                 Ok(())
             };
-        for req in compare::plan(size, &data) {
-            let query = {
-                let _order = node.ranges.lock(req.offset, req.offset + req.len());
-                let hashes = compare::hash_blocks(fd.as_fd(), req.offset, req.block, req.count)
-                    .map_err(local("a file"))?;
-                self.link
-                    .query(Control::Compare {
-                        id: node.id,
-                        offset: req.offset,
-                        block: req.block,
-                        hashes,
-                    })
-                    .map_err(|_| SyncError::PeerGone)?
-            };
-            self.progress
-                .done_bytes
-                .fetch_add(req.len().min(size - req.offset), Ordering::Relaxed);
-            inflight.push_back((req.offset, req.block, query));
-            if inflight.len() > 4 {
-                if let Some((at, block, q)) = inflight.pop_front() {
-                    collect(at, block, q)?;
+        // The layout only picks the block sizes: a region that gains data meanwhile
+        // is still read (hash_blocks looks again under the range lock). One window
+        // at a time: a file with millions of extents is not listed whole.
+        let mut window = 0;
+        while window < size {
+            let end = window.saturating_add(compare::WINDOW).min(size);
+            let data =
+                compare::data_segments(fd.as_fd(), window, end).map_err(local("a file"))?;
+            for req in compare::plan(window, end, &data) {
+                let query = {
+                    let _order = node.ranges.lock(req.offset, req.offset + req.len());
+                    let hashes =
+                        compare::hash_blocks(fd.as_fd(), req.offset, req.block, req.count)
+                            .map_err(local("a file"))?;
+                    self.link
+                        .query(Control::Compare {
+                            id: node.id,
+                            offset: req.offset,
+                            block: req.block,
+                            hashes,
+                        })
+                        .map_err(|_| SyncError::PeerGone)?
+                };
+                self.progress
+                    .done_bytes
+                    .fetch_add(req.len().min(size - req.offset), Ordering::Relaxed);
+                inflight.push_back((req.offset, req.block, query));
+                if inflight.len() > 4 {
+                    if let Some((at, block, q)) = inflight.pop_front() {
+                        collect(at, block, q)?;
+                    }
                 }
             }
+            window = end;
         }
         while let Some((at, block, q)) = inflight.pop_front() {
             collect(at, block, q)?;
