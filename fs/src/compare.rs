@@ -402,9 +402,27 @@ mod tests {
         );
         assert_eq!(reqs[3].block, BLOCK);
         // From a window's start (a later window of the same file).
-        let reqs = plan(WINDOW, WINDOW + 2 * big, &[(WINDOW + big, WINDOW + big + 1)]);
-        assert_eq!(reqs[0], Request { offset: WINDOW, block: HOLE_BLOCK, count: 1 });
-        assert_eq!(reqs[1], Request { offset: WINDOW + big, block: BLOCK, count: 1 });
+        let reqs = plan(
+            WINDOW,
+            WINDOW + 2 * big,
+            &[(WINDOW + big, WINDOW + big + 1)],
+        );
+        assert_eq!(
+            reqs[0],
+            Request {
+                offset: WINDOW,
+                block: HOLE_BLOCK,
+                count: 1
+            }
+        );
+        assert_eq!(
+            reqs[1],
+            Request {
+                offset: WINDOW + big,
+                block: BLOCK,
+                count: 1
+            }
+        );
         assert_eq!(reqs[2].offset, WINDOW + big + small);
         // All data: small blocks only, up to MAX_BLOCKS each.
         let reqs = check(300 << 20, &[(0, 300 << 20)]);

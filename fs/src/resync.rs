@@ -887,14 +887,12 @@ impl Syncer {
         let mut window = 0;
         while window < size {
             let end = window.saturating_add(compare::WINDOW).min(size);
-            let data =
-                compare::data_segments(fd.as_fd(), window, end).map_err(local("a file"))?;
+            let data = compare::data_segments(fd.as_fd(), window, end).map_err(local("a file"))?;
             for req in compare::plan(window, end, &data) {
                 let query = {
                     let _order = node.ranges.lock(req.offset, req.offset + req.len());
-                    let hashes =
-                        compare::hash_blocks(fd.as_fd(), req.offset, req.block, req.count)
-                            .map_err(local("a file"))?;
+                    let hashes = compare::hash_blocks(fd.as_fd(), req.offset, req.block, req.count)
+                        .map_err(local("a file"))?;
                     self.link
                         .query(Control::Compare {
                             id: node.id,

@@ -589,6 +589,9 @@ fn sparse(
         json!({"bytes": pieces * MIB, "pieces": pieces, "stride": stride, "seconds": secs});
     r["writer_mem_after_connected_writes"] = mem(b.writer()?)?;
     r["mem_after_connected_writes"] = mems(b)?;
+    // Idle past the writer's trim delay (10 s without writes).
+    std::thread::sleep(IDLE_WAIT);
+    r["mem_idle_after_connected_writes"] = mems(b)?;
     r["activity_file_bytes"] = json!(std::fs::metadata(b.s.a.state.join("track/activity"))
         .map(|m| m.len())
         .unwrap_or(0));
@@ -638,8 +641,13 @@ fn sparse(
         r["verify"] = measured_verify(b)?;
         r["mem_after_verify"] = mems(b)?;
     }
+    std::thread::sleep(IDLE_WAIT);
+    r["mem_idle_end"] = mems(b)?;
     Ok(())
 }
+
+/// Longer than the writer's idle delay before it returns free memory (10 s).
+const IDLE_WAIT: Duration = Duration::from_secs(13);
 
 /// Free space that must stay on the shared disk after the image and its copy.
 const KEEP_FREE: u64 = 15 * GIB;
@@ -698,5 +706,7 @@ fn filled(b: &mut Bench, r: &mut Value, size_gib: u64) -> Result<()> {
     // From the page cache (what is left of it after the first one): the CPU's rate.
     r["verify_cached"] = measured_verify(b)?;
     r["mem_after_verify"] = mems(b)?;
+    std::thread::sleep(IDLE_WAIT);
+    r["mem_idle_end"] = mems(b)?;
     Ok(())
 }
