@@ -295,3 +295,49 @@ fn verify_of_a_sparse_terabyte_reads_its_data_not_its_size() -> Result<()> {
     drop(sec);
     Ok(())
 }
+
+/// `VmRSS` (resident set now) of a process, KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// A burst of writes grows the writer's resident memory by the replication
+/// window's buffers (~100 MiB, kept by the allocator); once idle it gives them
+/// back (issue 12, item 4: 32 modules idle after their VMs wrote must not cost
+/// 32 × that). The old code kept its peak for good.
+#[test]
+fn an_idle_writer_gives_back_the_memory_of_a_write_burst() -> Result<()> {
+    let mut pair = Pair::start(PairOptions::default())?;
+    let pid = pair.primary().ok_or_else(|| anyhow!("no primary"))?.pid();
+    let start = rss_kib(pid)?;
+    let f = File::create(pair.mount().join("disk.img"))?;
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..512u64 {
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all_at(&buf, i * 8 * MIB)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    let burst = rss_kib(pid)?;
+    eprintln!("writer RSS: {start} KiB at start, {burst} KiB after 512 MiB written");
+    let limit = start + (40 << 10);
+    // The writer waits 10 s without writes; then within its next status round.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = rss_kib(pid)?;
+        if now <= limit {
+            eprintln!("writer RSS {now} KiB once idle");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the idle writer still holds {now} KiB (start {start} KiB, after the burst {burst} KiB)");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
