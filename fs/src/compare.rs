@@ -142,8 +142,10 @@ pub fn hash_blocks(
             out.push(h);
         } else {
             // The short block at the end (at most one per request), or none past it.
-            zeros.resize(n as usize, 0);
-            out.push(hash_of(&zeros[..n as usize]));
+            // n < block, a u32.
+            let n = usize::try_from(n).unwrap_or(0);
+            zeros.resize(n, 0);
+            out.push(hash_of(&zeros[..n]));
         }
     }
     Ok(out)
