@@ -72,8 +72,13 @@ deb: deps
 .PHONY: bench-files bench-bigimage
 bench-files: deps release
 	./target/release/vmha-bench-bigdata --out bench/results-files-1m.json files --count 1000000
+# Item 4: a 2 TiB sparse image, the same writes on a 16 GiB one (memory does not
+# follow the image size), an 8 GiB filled image (needs 31 GiB free: two copies +
+# 15 GiB kept free; deleted afterwards).
 bench-bigimage: deps release
 	./target/release/vmha-bench-bigdata --out bench/results-sparse-2t.json sparse --size-gib 2048 --written-mib 2048
+	./target/release/vmha-bench-bigdata --out bench/results-sparse-16g.json sparse --size-gib 16 --written-mib 2048
+	./target/release/vmha-bench-bigdata --out bench/results-filled-8g.json filled --size-gib 8
 
 # Guest downtime of a swap, live vs stop/start, 5 runs each, on two simulated
 # nodes running the counter guest (needs root). Results: bench/RESULTS.md.

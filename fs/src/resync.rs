@@ -772,6 +772,7 @@ impl Syncer {
         }
         self.progress.done_bytes.store(0, Ordering::Relaxed);
         self.progress.total_bytes.store(0, Ordering::Relaxed);
+        self.progress.read_bytes.store(0, Ordering::Relaxed);
         let mut held = Vec::new();
         let outcome = self.verify_all(&mut held);
         for id in held {
@@ -861,61 +862,65 @@ impl Syncer {
     /// Compares every block of a file with the peer's (blake3; only hashes travel,
     /// several requests in flight); returns the differing regions. Each request is
     /// hashed and queued under its range lock, so live writes order around it.
+    /// Holes are neither read nor hashed block by block ([`compare`]'s module docs):
+    /// the cost is that of the data.
     pub(crate) fn compare_file(&self, node: &Node) -> Result<Vec<(u64, u64)>, SyncError> {
         let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
         let size = rustix::fs::fstat(fd.as_fd())
             .map_err(local("a file"))?
             .st_size as u64;
-        let block = u64::from(compare::BLOCK);
-        let span = block * compare::MAX_BLOCKS as u64;
+        let read_before = compare::read_bytes();
         let mut inflight = VecDeque::new();
         let mut differing = Vec::new();
-        let mut collect = |offset: u64, q: crate::link::Query| -> Result<(), SyncError> {
-            for i in q.wait().map_err(|_| SyncError::PeerGone)? {
-                let start = offset + u64::from(i) * block;
-                differing.push((start, start + block));
-            }
-            Ok(())
-        };
-        let mut offset = 0;
-        while offset < size {
-            let count = (size - offset)
-                .div_ceil(block)
-                .min(compare::MAX_BLOCKS as u64);
-            let query = {
-                let _order = node.ranges.lock(offset, offset + span);
-                let hashes =
-                    // At most MAX_BLOCKS (a usize constant).
-                    compare::hash_blocks(
-                        fd.as_fd(),
-                        offset,
-                        compare::BLOCK,
-                        usize::try_from(count).unwrap_or(compare::MAX_BLOCKS),
-                    )
-                        .map_err(local("a file"))?;
-                self.link
-                    .query(Control::Compare {
-                        id: node.id,
-                        offset,
-                        block: compare::BLOCK,
-                        hashes,
-                    })
-                    .map_err(|_| SyncError::PeerGone)?
+        let mut collect =
+            |offset: u64, block: u32, q: crate::link::Query| -> Result<(), SyncError> {
+                let block = u64::from(block);
+                for i in q.wait().map_err(|_| SyncError::PeerGone)? {
+                    let start = offset + u64::from(i) * block;
+                    differing.push((start, start + block));
+                }
+                Ok(())
             };
-            self.progress
-                .done_bytes
-                .fetch_add((size - offset).min(span), Ordering::Relaxed);
-            inflight.push_back((offset, query));
-            if inflight.len() > 4 {
-                if let Some((at, q)) = inflight.pop_front() {
-                    collect(at, q)?;
+        // The layout only picks the block sizes: a region that gains data meanwhile
+        // is still read (hash_blocks looks again under the range lock). One window
+        // at a time: a file with millions of extents is not listed whole.
+        let mut window = 0;
+        while window < size {
+            let end = window.saturating_add(compare::WINDOW).min(size);
+            let data = compare::data_segments(fd.as_fd(), window, end).map_err(local("a file"))?;
+            for req in compare::plan(window, end, &data) {
+                let query = {
+                    let _order = node.ranges.lock(req.offset, req.offset + req.len());
+                    let hashes = compare::hash_blocks(fd.as_fd(), req.offset, req.block, req.count)
+                        .map_err(local("a file"))?;
+                    self.link
+                        .query(Control::Compare {
+                            id: node.id,
+                            offset: req.offset,
+                            block: req.block,
+                            hashes,
+                        })
+                        .map_err(|_| SyncError::PeerGone)?
+                };
+                self.progress
+                    .done_bytes
+                    .fetch_add(req.len().min(size - req.offset), Ordering::Relaxed);
+                inflight.push_back((req.offset, req.block, query));
+                if inflight.len() > 4 {
+                    if let Some((at, block, q)) = inflight.pop_front() {
+                        collect(at, block, q)?;
+                    }
                 }
             }
-            offset += span;
+            window = end;
         }
-        while let Some((at, q)) = inflight.pop_front() {
-            collect(at, q)?;
+        while let Some((at, block, q)) = inflight.pop_front() {
+            collect(at, block, q)?;
         }
+        self.progress.read_bytes.fetch_add(
+            compare::read_bytes().saturating_sub(read_before),
+            Ordering::Relaxed,
+        );
         Ok(track::merge_ranges(differing))
     }
 

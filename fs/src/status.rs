@@ -274,6 +274,8 @@ pub struct SyncStatus {
 pub struct SyncProgress {
     pub done_bytes: std::sync::atomic::AtomicU64,
     pub total_bytes: std::sync::atomic::AtomicU64,
+    /// Bytes the compares read from disk to hash them (holes are not read).
+    pub read_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl SyncProgress {
@@ -390,6 +392,10 @@ pub struct VerifyStatus {
     pub done_bytes: u64,
     #[serde(default)]
     pub error: Option<String>,
+    /// Bytes this node read from its disk to hash them (holes are not read): a
+    /// verify of a sparse image reads its data, not its size.
+    #[serde(default)]
+    pub read_bytes: u64,
     pub state: VerifyPhase,
     #[serde(default)]
     pub total_bytes: u64,
@@ -666,10 +672,12 @@ mod tests {
                 len: u64::MAX,
             }],
             error: None,
+            read_bytes: 5,
         };
         let old = serde_json::json!({
             "state": "done", "done_bytes": 1, "total_bytes": 2,
             "differing": [{"path": "a", "offset": 3, "len": u64::MAX}], "error": null,
+            "read_bytes": 5,
         });
         assert_eq!(verify.encode(), format!("{old}\n").into_bytes());
         assert_eq!(ChangedBytes(7).encode(), b"7\n");

@@ -14,8 +14,17 @@
 //!   activity log sees every extent), then the peer killed and 1 % of the written
 //!   portion rewritten in 4 KiB pieces scattered over it (dirty maps), the
 //!   reintegration; VmRSS of the writer before and after each step, the size of the
-//!   records in the state directory; optionally a verify (`--verify`: it reads the
-//!   holes too, so it takes size ÷ hashing rate).
+//!   records in the state directory; a verify (it reads only the data: holes are
+//!   skipped on both sides), with `read_bytes` and both processes' CPU time. VmRSS
+//!   of both processes idle after the first copy, after the writes, after the
+//!   reintegration and after the verify, with the writer's resident memory by
+//!   mapping kind (heap, anonymous, stacks, files).
+//! - `filled --size-gib S`: an image of S GiB of data written in the backing
+//!   directory (disk write rate), read back from disk (disk read rate), BLAKE3 of
+//!   1 GiB in memory on one core; the full copy on first attach (rate against the
+//!   link and the disk), a verify from disk and a verify from the page cache (rate,
+//!   bytes read, CPU seconds per side: the verify rate per core). The image is
+//!   deleted at the end.
 //!
 //! Everything is torn down at the end and on error or SIGINT/SIGTERM.
 
@@ -82,8 +91,14 @@ enum What {
         size_gib: u64,
         #[arg(long, default_value_t = 4096)]
         written_mib: u64,
+        /// Skip the verify at the end (it reads only the data: seconds).
         #[arg(long)]
-        verify: bool,
+        no_verify: bool,
+    },
+    /// An image filled with data (see the module docs).
+    Filled {
+        #[arg(long, default_value_t = 8)]
+        size_gib: u64,
     },
 }
 
@@ -118,6 +133,154 @@ fn mem_kib(pid: u32, field: &str) -> Result<u64> {
 
 fn mem(c: &Child) -> Result<Value> {
     Ok(json!({"hwm_kib": mem_kib(c.pid(), "VmHWM:")?, "rss_kib": mem_kib(c.pid(), "VmRSS:")?}))
+}
+
+/// User + system CPU seconds of a process so far (all its threads).
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = text.rsplit_once(')').context("bad /proc/pid/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after ')'.
+    let ticks: u64 =
+        f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Ok(ticks as f64 / hz as f64)
+}
+
+/// Resident KiB by mapping kind (`/proc/PID/smaps`): the heap (brk), anonymous
+/// mappings (malloc arenas, large buffers, thread stacks without a name), stacks,
+/// file-backed mappings (the binary, libraries).
+fn smaps(pid: u32) -> Result<Value> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut heap, mut anon, mut stack, mut file, mut big) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut kind = 0;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: address range, perms, offset, dev, inode, [name].
+            let name = line.split_whitespace().nth(5).unwrap_or("");
+            kind = match name {
+                "[heap]" => 0,
+                "" => 1,
+                n if n.starts_with("[stack") => 2,
+                n if n.starts_with('/') => 3,
+                _ => 4,
+            };
+        } else if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            match kind {
+                0 => heap += kib,
+                1 => {
+                    anon += kib;
+                    if kib >= 16 << 10 {
+                        big += kib;
+                    }
+                }
+                2 => stack += kib,
+                3 => file += kib,
+                _ => {}
+            }
+        }
+    }
+    Ok(
+        json!({"heap_kib": heap, "anon_kib": anon, "anon_in_mappings_of_16mib_or_more_kib": big, "stack_kib": stack, "file_kib": file}),
+    )
+}
+
+fn mems(b: &Bench) -> Result<Value> {
+    let w = b.writer.as_ref().context("writer")?;
+    let mut v = json!({"writer": mem(w)?, "writer_smaps": smaps(w.pid())?});
+    if let Some(rc) = b.receiver.as_ref() {
+        v["receiver"] = mem(rc)?;
+    }
+    Ok(v)
+}
+
+/// `count` bytes read from `path` (after dropping it from the page cache), MB/s.
+fn disk_read_mbps(path: &Path, count: u64) -> Result<f64> {
+    use std::io::Read;
+    netprobe::evict(path)?;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 8 << 20];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < count {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+/// CPU seconds of the calling thread.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// BLAKE3 on one core over 1 GiB in memory (64 KiB blocks, as a compare hashes),
+/// MB per CPU second of this thread (the machine is shared: wall time would count
+/// the waits for a core).
+fn blake3_one_core_mbps() -> f64 {
+    let mut buf = vec![0u8; 64 << 20];
+    StdRng::seed_from_u64(9).fill(&mut buf[..]);
+    let start = thread_cpu_secs();
+    let mut acc = 0u8;
+    for _ in 0..16 {
+        for block in buf.chunks(64 << 10) {
+            acc ^= blake3::hash(block).as_bytes()[0];
+        }
+    }
+    let secs = thread_cpu_secs() - start;
+    std::hint::black_box(acc);
+    (16u64 * (64 << 20)) as f64 / secs / 1e6
+}
+
+/// A verify measured: time, link bytes, what the writer read, both sides' CPU.
+fn measured_verify(b: &mut Bench) -> Result<Value> {
+    let (wp, rp) = (
+        b.writer()?.pid(),
+        b.receiver.as_ref().context("receiver")?.pid(),
+    );
+    let (wc, rc) = (cpu_secs(wp)?, cpu_secs(rp)?);
+    let (v, step) = b.measure(Bench::verify)?;
+    let (wc, rc) = (cpu_secs(wp)? - wc, cpu_secs(rp)? - rc);
+    log(format!(
+        "verify {:.2} s, read {} B, cpu writer {:.2} s / receiver {:.2} s, {} differing",
+        step.seconds,
+        v.read_bytes,
+        wc,
+        rc,
+        v.differing.len()
+    ));
+    let per_core = |cpu: f64| {
+        if cpu > 0.0 {
+            v.read_bytes as f64 / cpu / 1e6
+        } else {
+            0.0
+        }
+    };
+    Ok(json!({
+        "step": step,
+        "total_bytes": v.total_bytes,
+        "read_bytes": v.read_bytes,
+        "differing": v.differing.len(),
+        "writer_cpu_s": wc,
+        "receiver_cpu_s": rc,
+        "mbps": v.total_bytes as f64 / step.seconds / 1e6,
+        "writer_read_mb_per_cpu_s": per_core(wc),
+        "receiver_mb_per_cpu_s": per_core(rc),
+    }))
 }
 
 fn du_bytes(p: &Path) -> u64 {
@@ -281,8 +444,9 @@ fn run(args: &Args) -> Result<()> {
         What::Sparse {
             size_gib,
             written_mib,
-            verify,
-        } => sparse(&mut b, &mut r, *size_gib, *written_mib, *verify),
+            no_verify,
+        } => sparse(&mut b, &mut r, *size_gib, *written_mib, !*no_verify),
+        What::Filled { size_gib } => filled(&mut b, &mut r, *size_gib),
     };
     r["loadavg_end"] = json!(sysinfo::loadavg());
     if let Some(mut w) = b.writer.take() {
@@ -411,6 +575,9 @@ fn sparse(
         step.seconds
     ));
     r["initial_sync"] = json!(step);
+    // Idle, connected, the image copied: what a 2 TiB image costs at rest.
+    std::thread::sleep(Duration::from_secs(2));
+    r["mem_idle_after_full_copy"] = mems(b)?;
 
     // Connected: 1 MiB pieces spread evenly (every one a new activity-log extent).
     let pieces = written_mib;
@@ -434,6 +601,10 @@ fn sparse(
     r["written_connected"] =
         json!({"bytes": pieces * MIB, "pieces": pieces, "stride": stride, "seconds": secs});
     r["writer_mem_after_connected_writes"] = mem(b.writer()?)?;
+    r["mem_after_connected_writes"] = mems(b)?;
+    // Idle past the writer's trim delay (10 s without writes).
+    std::thread::sleep(IDLE_WAIT);
+    r["mem_idle_after_connected_writes"] = mems(b)?;
     r["activity_file_bytes"] = json!(std::fs::metadata(b.s.a.state.join("track/activity"))
         .map(|m| m.len())
         .unwrap_or(0));
@@ -465,6 +636,7 @@ fn sparse(
     ));
     r["written_degraded"] = json!({"bytes": small * 4096, "writes": small, "seconds": secs, "map_pages_touched": pages.len()});
     r["writer_mem_degraded_after"] = mem(b.writer()?)?;
+    r["mem_degraded_after"] = mems(b)?;
     r["track_dir_bytes"] = json!(du_bytes(&b.s.a.state.join("track")));
 
     b.start_receiver()?;
@@ -477,16 +649,77 @@ fn sparse(
         json!({"step": step, "total_bytes": st.total_bytes, "changed_bytes": small * 4096});
     r["writer_mem_after_reintegration"] = mem(b.writer()?)?;
     r["receiver_mem_after_reintegration"] = mem(b.receiver.as_ref().context("receiver")?)?;
+    r["mem_after_reintegration"] = mems(b)?;
     if verify {
-        let (v, step) = b.measure(Bench::verify)?;
-        log(format!(
-            "verify {:.1} s, {} differing",
-            step.seconds,
-            v.differing.len()
-        ));
-        r["verify"] =
-            json!({"step": step, "total_bytes": v.total_bytes, "differing": v.differing.len()});
-        r["writer_mem_end"] = mem(b.writer()?)?;
+        r["verify"] = measured_verify(b)?;
+        r["mem_after_verify"] = mems(b)?;
     }
+    std::thread::sleep(IDLE_WAIT);
+    r["mem_idle_end"] = mems(b)?;
+    Ok(())
+}
+
+/// Longer than the writer's idle delay before it returns free memory (10 s).
+const IDLE_WAIT: Duration = Duration::from_secs(13);
+
+/// Free space that must stay on the shared disk after the image and its copy.
+const KEEP_FREE: u64 = 15 * GIB;
+
+fn filled(b: &mut Bench, r: &mut Value, size_gib: u64) -> Result<()> {
+    let size = size_gib * GIB;
+    let free = sysinfo::free_bytes(b.s.root())?;
+    if free < 2 * size + KEEP_FREE {
+        bail!(
+            "{size_gib} GiB filled needs {} GiB free (two copies + {} GiB kept free), {} GiB free",
+            (2 * size + KEEP_FREE) / GIB,
+            KEEP_FREE / GIB,
+            free / GIB
+        );
+    }
+    r["image_bytes"] = json!(size);
+    r["free_bytes_before"] = json!(free);
+    r["blake3_one_core_mbps"] = json!(blake3_one_core_mbps());
+    let image = b.s.a.data.join("vm1/disk.img");
+    let start = Instant::now();
+    vmha_test_infra::resync::fill_image(&image, size, interrupt::check)?;
+    let secs = start.elapsed().as_secs_f64();
+    r["disk_write_mbps"] = json!(size as f64 / secs / 1e6);
+    log(format!("{size_gib} GiB written in {secs:.1} s"));
+    let read = disk_read_mbps(&image, size.min(4 * GIB))?;
+    r["disk_read_mbps"] = json!(read);
+    log(format!("disk read {read:.0} MB/s"));
+    netprobe::evict(&image)?;
+
+    b.start_receiver()?;
+    b.writer = Some(b.s.primary_alone(&b.s.a, &[])?);
+    let (wp, rp) = (
+        b.writer()?.pid(),
+        b.receiver.as_ref().context("receiver")?.pid(),
+    );
+    let (wc, rc) = (cpu_secs(wp)?, cpu_secs(rp)?);
+    let (st, step) = b.measure(Bench::attach)?;
+    let mbps = size as f64 / step.seconds / 1e6;
+    log(format!(
+        "full copy of {size_gib} GiB filled: {:.1} s = {mbps:.0} MB/s",
+        step.seconds
+    ));
+    r["full_copy"] = json!({
+        "step": step,
+        "total_bytes": st.total_bytes,
+        "mbps": mbps,
+        "writer_cpu_s": cpu_secs(wp)? - wc,
+        "receiver_cpu_s": cpu_secs(rp)? - rc,
+    });
+    r["mem_after_full_copy"] = mems(b)?;
+
+    // From disk: both copies out of the page cache first.
+    netprobe::evict(&image)?;
+    netprobe::evict(&b.s.b.data.join("vm1/disk.img"))?;
+    r["verify_from_disk"] = measured_verify(b)?;
+    // From the page cache (what is left of it after the first one): the CPU's rate.
+    r["verify_cached"] = measured_verify(b)?;
+    r["mem_after_verify"] = mems(b)?;
+    std::thread::sleep(IDLE_WAIT);
+    r["mem_idle_end"] = mems(b)?;
     Ok(())
 }

@@ -1847,6 +1847,7 @@ mod tests {
                 total_bytes: total,
                 differing: vec![Difference { path: error.unwrap_or_default(), offset: done, len: total }],
                 error: None,
+                read_bytes: done,
             };
             proptest::prop_assert_eq!(parse_verify(p, &verify.encode()), Ok(Some(verify.differing)));
             proptest::prop_assert_eq!(parse_changed_bytes(&ChangedBytes(changed).encode()), Ok(changed));

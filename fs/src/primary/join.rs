@@ -67,6 +67,7 @@ impl Joiner {
                 state: phase,
                 done_bytes: progress.done_bytes.load(Ordering::Relaxed),
                 total_bytes: progress.total_bytes.load(Ordering::Relaxed),
+                read_bytes: progress.read_bytes.load(Ordering::Relaxed),
                 differing: differing
                     .iter()
                     .map(|d| crate::status::Difference {
