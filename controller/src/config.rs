@@ -177,6 +177,12 @@ pub enum ConfigError {
     StopTimeout { module: String, stop_timeout_s: u64 },
     #[error("module `{0}`: lock_timeout_ms must be above 0")]
     ZeroLockTimeout(String),
+    #[error("module `{module}`: resync_streams = {resync_streams} is too large (at most {max})")]
+    ResyncStreams {
+        module: String,
+        resync_streams: u32,
+        max: usize,
+    },
     #[error("unknown top-level key `{0}` (expected [cluster], [[node]], [[module]], [web])")]
     UnknownTopLevel(String),
     #[error("the [cluster] section is missing")]
@@ -311,6 +317,8 @@ pub struct Module {
     pub lock_timeout_ms: u64,
     pub stop_timeout_s: u64,
     pub rate_limit_mb_s: u64,
+    /// Reader threads of a resync (vmha-fs `--resync-streams`); 0 = vmha-fs's default.
+    pub resync_streams: u32,
     /// When a write returns (vmha-fs `--protocol`): "C", "B" or "flush".
     pub protocol: vmha_fs::Protocol,
     pub maxloop: u32,
@@ -578,6 +586,7 @@ const MODULE_KEYS: &[&str] = &[
     "lock_timeout_ms",
     "stop_timeout_s",
     "rate_limit_mb_s",
+    "resync_streams",
     "protocol",
     "maxloop",
     "loop_interval_s",
@@ -723,6 +732,8 @@ struct RawModule {
     stop_timeout_s: u64,
     #[serde(default)]
     rate_limit_mb_s: u64,
+    #[serde(default)]
+    resync_streams: u32,
     #[serde(default)]
     protocol: vmha_fs::Protocol,
     #[serde(default = "defaults::maxloop")]
@@ -1469,6 +1480,16 @@ impl RawModule {
                 }
             },
         };
+        if self.resync_streams as usize > vmha_fs::MAX_RESYNC_STREAMS {
+            problems.push(
+                ConfigError::ResyncStreams {
+                    module: name.clone(),
+                    resync_streams: self.resync_streams,
+                    max: vmha_fs::MAX_RESYNC_STREAMS,
+                },
+                at("resync_streams"),
+            );
+        }
         if self.lock_timeout_ms == 0 {
             problems.push(
                 ConfigError::ZeroLockTimeout(name.clone()),
@@ -1518,6 +1539,7 @@ impl RawModule {
             lock_timeout_ms: self.lock_timeout_ms,
             stop_timeout_s: self.stop_timeout_s,
             rate_limit_mb_s: self.rate_limit_mb_s,
+            resync_streams: self.resync_streams,
             protocol: self.protocol,
             maxloop: self.maxloop,
             loop_interval_s: self.loop_interval_s,
@@ -1694,6 +1716,7 @@ failover = true
 lock_timeout_ms = 5000                # > failover_timeout_ms + heartbeat_interval_ms
 stop_timeout_s = 60                   # ACPI shutdown wait before destroy
 rate_limit_mb_s = 0                   # resync rate limit, 0 = none
+resync_streams = 4                    # files/regions a resync reads at once
 protocol = "C"                        # when a write returns: C, B or flush (README)
 maxloop = 3
 loop_interval_s = 86400
@@ -2165,6 +2188,18 @@ default_primary = "node1"
             "{e}"
         );
         Config::from_toml_str(&edit("port = 7101", "port = 7101\nlock_timeout_ms = 1701")).unwrap();
+    }
+
+    #[test]
+    fn resync_streams_bounds() {
+        let c =
+            Config::from_toml_str(&edit("port = 7101", "port = 7101\nresync_streams = 8")).unwrap();
+        assert_eq!(c.modules[0].resync_streams, 8);
+        let e = err(&edit("port = 7101", "port = 7101\nresync_streams = 65"));
+        assert!(
+            matches!(&e, ConfigError::ResyncStreams { module, resync_streams: 65, .. } if module == "vm1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -608,7 +608,7 @@ fn run_session(
     let mut created: HashSet<NodeId> = HashSet::new();
     let table = Arc::new(SessionTable::new(root));
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
-    let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Arc<OwnedFd>, bool)>();
+    let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Arc<OwnedFd>, SyncKind)>();
     let mut threads = Vec::new();
     for _ in 0..FSYNC_WORKERS {
         let rx = sync_rx.clone();
@@ -732,10 +732,10 @@ fn run_session(
                 // More input waiting: sync off the apply path so later operations
                 // need not wait for the disk.
                 Ok(fd) if reader.buffered() > 0 => {
-                    let _ = sync_tx.send((seq, fd, datasync));
+                    let _ = sync_tx.send((seq, fd, SyncKind::file(datasync)));
                     continue;
                 }
-                Ok(fd) => sync(&fd, datasync),
+                Ok(fd) => sync(&fd, SyncKind::file(datasync)),
                 Err(errno) => Err(errno),
             },
             (Ok(()), Request::Op(op)) => {
@@ -811,9 +811,21 @@ fn run_session(
                     Err(e) => Err(e),
                 }
             }
-            (Ok(()), Request::Control(Control::SyncAll)) => table
-                .data_fd(ROOT)
-                .and_then(|root| rustix::fs::syncfs(root.as_fd())),
+            (Ok(()), Request::Control(Control::SyncAll)) => match table.data_fd(ROOT) {
+                // A resync's durability point with more of it waiting: sync off the
+                // apply path, so the stream keeps being applied while the disk
+                // flushes. The acknowledgements of everything before it go first:
+                // its own then means all of them succeeded and are on disk.
+                Ok(root) if reader.buffered() > 0 => {
+                    if let Err(e) = batch.send(&writer) {
+                        break Err(e);
+                    }
+                    let _ = sync_tx.send((seq, root, SyncKind::Fs));
+                    continue;
+                }
+                Ok(root) => sync(&root, SyncKind::Fs),
+                Err(errno) => Err(errno),
+            },
         };
         drop(busy);
         if let Err(errno) = outcome {
@@ -906,11 +918,32 @@ fn start_writeback(written: &mut Vec<(Arc<OwnedFd>, u64, usize)>) {
     }
 }
 
-fn sync(fd: &OwnedFd, datasync: bool) -> Result<(), Errno> {
-    if datasync {
-        rustix::fs::fdatasync(fd.as_fd())
-    } else {
-        rustix::fs::fsync(fd.as_fd())
+/// What a sync off the apply path flushes.
+#[derive(Debug, Clone, Copy)]
+enum SyncKind {
+    /// `fdatasync` of the file.
+    Data,
+    /// `fsync` of the file.
+    Full,
+    /// `syncfs` of the replicated directory's filesystem (`Control::SyncAll`).
+    Fs,
+}
+
+impl SyncKind {
+    fn file(datasync: bool) -> Self {
+        if datasync {
+            SyncKind::Data
+        } else {
+            SyncKind::Full
+        }
+    }
+}
+
+fn sync(fd: &OwnedFd, kind: SyncKind) -> Result<(), Errno> {
+    match kind {
+        SyncKind::Data => rustix::fs::fdatasync(fd.as_fd()),
+        SyncKind::Full => rustix::fs::fsync(fd.as_fd()),
+        SyncKind::Fs => rustix::fs::syncfs(fd.as_fd()),
     }
 }
 
@@ -921,9 +954,9 @@ fn ack(seq: u64, outcome: Result<(), Errno>) -> Ack {
     }
 }
 
-fn fsync_loop(rx: ChannelRx<(u64, Arc<OwnedFd>, bool)>, writer: SharedWriter) {
-    for (seq, fd, datasync) in rx {
-        let acks = Message::Acks(vec![ack(seq, sync(&fd, datasync))]);
+fn fsync_loop(rx: ChannelRx<(u64, Arc<OwnedFd>, SyncKind)>, writer: SharedWriter) {
+    for (seq, fd, kind) in rx {
+        let acks = Message::Acks(vec![ack(seq, sync(&fd, kind))]);
         let mut w = writer.lock();
         if w.send(&acks).and_then(|()| w.flush()).is_err() {
             // The reader notices the broken connection and ends the session.

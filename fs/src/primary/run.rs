@@ -39,6 +39,8 @@ pub struct PrimaryConfig {
     pub al_extents: usize,
     /// Resync bytes per second; None or 0 = unlimited.
     pub rate_limit: Option<u64>,
+    /// Reader threads of a resync (`resync::Syncer::with_streams`).
+    pub resync_streams: usize,
     /// When a write returns (see [`crate::link::Protocol`]).
     pub protocol: crate::link::Protocol,
 }
@@ -138,7 +140,10 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
             .map_err(|e| RunError::Other(format!("cannot start checkpoint thread: {e}")))?
     };
     let progress = Arc::new(SyncProgress::default());
-    let syncer = fs.syncer(progress.clone()).with_rate_limit(args.rate_limit);
+    let syncer = fs
+        .syncer(progress.clone())
+        .with_rate_limit(args.rate_limit)
+        .with_streams(args.resync_streams);
     let metrics = fs.metrics();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
