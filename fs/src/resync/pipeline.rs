@@ -45,10 +45,13 @@ const MAX_STEPS: usize = 4;
 /// Pieces read ahead of the readers (bounds descriptors held for small files).
 const MAX_AHEAD_PIECES: usize = 256;
 
+/// A file's inode (the key of its dirty map) and regions of it.
+type Regions = (u64, Vec<(u64, u64)>);
+
 /// One durability step: what its acknowledgement lets us clear.
 struct Step {
-    /// (inode, regions) brought up to date by this step.
-    files: Mutex<Vec<(u64, Vec<(u64, u64)>)>>,
+    /// The regions brought up to date by this step.
+    files: Mutex<Vec<Regions>>,
     /// Segments not yet fully queued, plus one while the dispatcher adds to it.
     open: AtomicUsize,
 }
@@ -461,7 +464,7 @@ impl Syncer {
     /// marks are cleared.
     fn retire_step(
         &self,
-        files: &[(u64, Vec<(u64, u64)>)],
+        files: &[Regions],
         result: Result<(), Errno>,
     ) -> Result<(), SyncError> {
         if result.is_err() || self.failed.load(Ordering::SeqCst) {
