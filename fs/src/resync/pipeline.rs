@@ -462,11 +462,7 @@ impl Syncer {
 
     /// The peer acknowledged a step's `SyncAll`: once our copy is on disk too, its
     /// marks are cleared.
-    fn retire_step(
-        &self,
-        files: &[Regions],
-        result: Result<(), Errno>,
-    ) -> Result<(), SyncError> {
+    fn retire_step(&self, files: &[Regions], result: Result<(), Errno>) -> Result<(), SyncError> {
         if result.is_err() || self.failed.load(Ordering::SeqCst) {
             return Err(SyncError::PeerGone);
         }
