@@ -151,6 +151,9 @@ struct Round {
     vmha_planned_bytes: u64,
     /// Bytes on the link host → namespace ÷ resync time, MB/s (10^6 bytes).
     vmha_link_mbps: f64,
+    /// CPU seconds (user + system) the writer / receiver process used during it.
+    writer_cpu_s: f64,
+    receiver_cpu_s: f64,
     /// None with `--skip-rsync`.
     rsync: Option<Transfer>,
     rsync_literal_bytes: Option<u64>,
@@ -236,6 +239,23 @@ impl Bench {
         let extra: Vec<&str> = self.writer_args.iter().map(String::as_str).collect();
         self.writer = Some(self.s.primary_alone(&self.s.a, &extra)?);
         Ok(())
+    }
+
+    /// CPU seconds used so far by the writer and the receiver process.
+    fn vmha_cpu_s(&self) -> Result<(f64, f64)> {
+        let of = |c: &Option<Child>| -> Result<f64> {
+            let Some(c) = c else { return Ok(0.0) };
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid()))?;
+            // Fields after the command (which may hold spaces) end with ')'.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+                + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            // SAFETY: sysconf only reads a constant of the system.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            Ok(ticks / hz.max(1.0))
+        };
+        Ok((of(&self.writer)?, of(&self.receiver)?))
     }
 
     fn writer(&mut self) -> Result<&mut Child> {
@@ -607,7 +627,14 @@ fn run(args: &Args) -> Result<bool> {
         let chunks = rewrite(&b.s.a.mnt.join(IMAGE), size, percent, 100 + i as u64)?;
         let changed_bytes = chunks * CHUNK;
         b.start_receiver()?;
+        let cpu_before = b.vmha_cpu_s()?;
         let ((status, _), vmha) = b.measure(|b| b.attach_and_wait())?;
+        let cpu_after = b.vmha_cpu_s()?;
+        let (writer_cpu_s, receiver_cpu_s) =
+            (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1);
+        log(format!(
+            "vmha-fs CPU during the resync: writer {writer_cpu_s:.2} s, receiver {receiver_cpu_s:.2} s"
+        ));
         let vmha_planned_bytes = status.total_bytes;
         log(format!(
             "vmha resync of {} MiB: {:.2} s, {} MiB on the link",
@@ -633,6 +660,8 @@ fn run(args: &Args) -> Result<bool> {
             chunks,
             pass: vmha.seconds <= target_s,
             vmha_link_mbps: vmha.tx_bytes as f64 / vmha.seconds / 1e6,
+            writer_cpu_s,
+            receiver_cpu_s,
             vmha,
             vmha_planned_bytes,
             rsync_literal_bytes: rsync_stat(&stats, "Literal data"),
