@@ -12,6 +12,13 @@
 //! its session's fsync workers). The handshake binds the module and port: a primary
 //! meant for another module's directory is refused as "wrong module".
 //!
+//! A `SyncAll` (a resync's durability point) with more of the stream already
+//! received is synced by those workers too (`syncfs`), so applying goes on while
+//! the disk flushes; the acknowledgements of everything before it are sent first,
+//! so its own acknowledgement still means "all before me applied, succeeded and
+//! on disk". The last `SyncAll` of a resync (nothing more received) is synced in
+//! line, under the keepalive.
+//!
 //! A connection that fails authentication, speaks garbage or sends a frame that does
 //! not decode (including names that would leave the directory) is logged and
 //! dropped; nothing of that frame is applied and the current primary's session goes

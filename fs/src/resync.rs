@@ -46,6 +46,10 @@
 //! 3. A `SyncAll` barrier: when it is acknowledged, the receiver has applied and
 //!    synced everything before it. The peer is a replica again (`finish_sync`).
 //!
+//! **Data phase** (both kinds): `pipeline` sends the files' data with several
+//! reader threads (`--resync-streams`), several files and regions in flight, and
+//! retires durability steps of the records as the peer acknowledges them.
+//!
 //! Losing the peer at any point returns the link to writing alone; the peer stays
 //! recorded as outdated. Files unlinked while open (no name to recreate) are not
 //! copied: a later write to one makes the sync give up (never a silent gap).
