@@ -296,6 +296,10 @@ pub struct Cluster {
     pub split_brain: SplitBrainPolicy,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// One `[[node]]`: its addresses, one per network, production first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
@@ -318,6 +322,8 @@ pub struct Module {
     pub stop_timeout_s: u64,
     pub rate_limit_mb_s: u64,
     /// Reader threads of a resync (vmha-fs `--resync-streams`); 0 = vmha-fs's default.
+    /// Left out of the digests when 0, so a node without this key hashes alike.
+    #[serde(skip_serializing_if = "is_zero")]
     pub resync_streams: u32,
     /// When a write returns (vmha-fs `--protocol`): "C", "B" or "flush".
     pub protocol: vmha_fs::Protocol,
@@ -1716,7 +1722,7 @@ failover = true
 lock_timeout_ms = 5000                # > failover_timeout_ms + heartbeat_interval_ms
 stop_timeout_s = 60                   # ACPI shutdown wait before destroy
 rate_limit_mb_s = 0                   # resync rate limit, 0 = none
-resync_streams = 4                    # files/regions a resync reads at once
+resync_streams = 0                    # resync reader threads, 0 = vmha-fs default (4)
 protocol = "C"                        # when a write returns: C, B or flush (README)
 maxloop = 3
 loop_interval_s = 86400
