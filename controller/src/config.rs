@@ -177,6 +177,12 @@ pub enum ConfigError {
     StopTimeout { module: String, stop_timeout_s: u64 },
     #[error("module `{0}`: lock_timeout_ms must be above 0")]
     ZeroLockTimeout(String),
+    #[error("module `{module}`: resync_streams = {resync_streams} is too large (at most {max})")]
+    ResyncStreams {
+        module: String,
+        resync_streams: u32,
+        max: usize,
+    },
     #[error("unknown top-level key `{0}` (expected [cluster], [[node]], [[module]], [web])")]
     UnknownTopLevel(String),
     #[error("the [cluster] section is missing")]
@@ -290,6 +296,10 @@ pub struct Cluster {
     pub split_brain: SplitBrainPolicy,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// One `[[node]]`: its addresses, one per network, production first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Node {
@@ -311,6 +321,10 @@ pub struct Module {
     pub lock_timeout_ms: u64,
     pub stop_timeout_s: u64,
     pub rate_limit_mb_s: u64,
+    /// Reader threads of a resync (vmha-fs `--resync-streams`); 0 = vmha-fs's default.
+    /// Left out of the digests when 0, so a node without this key hashes alike.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resync_streams: u32,
     /// When a write returns (vmha-fs `--protocol`): "C", "B" or "flush".
     pub protocol: vmha_fs::Protocol,
     pub maxloop: u32,
@@ -600,6 +614,7 @@ const MODULE_KEYS: &[&str] = &[
     "lock_timeout_ms",
     "stop_timeout_s",
     "rate_limit_mb_s",
+    "resync_streams",
     "protocol",
     "maxloop",
     "loop_interval_s",
@@ -746,6 +761,8 @@ struct RawModule {
     stop_timeout_s: u64,
     #[serde(default)]
     rate_limit_mb_s: u64,
+    #[serde(default)]
+    resync_streams: u32,
     #[serde(default)]
     protocol: vmha_fs::Protocol,
     #[serde(default = "defaults::maxloop")]
@@ -1494,6 +1511,16 @@ impl RawModule {
                 }
             },
         };
+        if self.resync_streams as usize > vmha_fs::MAX_RESYNC_STREAMS {
+            problems.push(
+                ConfigError::ResyncStreams {
+                    module: name.clone(),
+                    resync_streams: self.resync_streams,
+                    max: vmha_fs::MAX_RESYNC_STREAMS,
+                },
+                at("resync_streams"),
+            );
+        }
         if self.lock_timeout_ms == 0 {
             problems.push(
                 ConfigError::ZeroLockTimeout(name.clone()),
@@ -1543,6 +1570,7 @@ impl RawModule {
             lock_timeout_ms: self.lock_timeout_ms,
             stop_timeout_s: self.stop_timeout_s,
             rate_limit_mb_s: self.rate_limit_mb_s,
+            resync_streams: self.resync_streams,
             protocol: self.protocol,
             maxloop: self.maxloop,
             loop_interval_s: self.loop_interval_s,
@@ -1720,6 +1748,7 @@ failover = true
 lock_timeout_ms = 5000                # > failover_timeout_ms + heartbeat_interval_ms
 stop_timeout_s = 60                   # ACPI shutdown wait before destroy
 rate_limit_mb_s = 0                   # resync rate limit, 0 = none
+resync_streams = 0                    # resync reader threads, 0 = vmha-fs default (4)
 protocol = "C"                        # when a write returns: C, B or flush (README)
 maxloop = 3
 loop_interval_s = 86400
@@ -2267,6 +2296,18 @@ default_primary = "node1"
             "{e}"
         );
         Config::from_toml_str(&edit("port = 7101", "port = 7101\nlock_timeout_ms = 1701")).unwrap();
+    }
+
+    #[test]
+    fn resync_streams_bounds() {
+        let c =
+            Config::from_toml_str(&edit("port = 7101", "port = 7101\nresync_streams = 8")).unwrap();
+        assert_eq!(c.modules[0].resync_streams, 8);
+        let e = err(&edit("port = 7101", "port = 7101\nresync_streams = 65"));
+        assert!(
+            matches!(&e, ConfigError::ResyncStreams { module, resync_streams: 65, .. } if module == "vm1"),
+            "{e}"
+        );
     }
 
     #[test]

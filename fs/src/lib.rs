@@ -38,3 +38,4 @@ pub mod version;
 pub mod wire;
 
 pub use link::Protocol;
+pub use resync::{DEFAULT_STREAMS as DEFAULT_RESYNC_STREAMS, MAX_STREAMS as MAX_RESYNC_STREAMS};

@@ -102,6 +102,11 @@ enum Command {
         /// Resync data rate limit in MB/s (0 = none); live writes are not limited.
         #[arg(long, value_name = "MB_S", default_value_t = 0)]
         rate_limit_mb_s: u64,
+        /// Reader threads of a resync: how many files and regions are read and
+        /// queued for the peer at once (the rate limit covers them together).
+        #[arg(long, value_name = "N", default_value_t = vmha_fs::DEFAULT_RESYNC_STREAMS as u32,
+              value_parser = clap::value_parser!(u32).range(1..=vmha_fs::MAX_RESYNC_STREAMS as i64))]
+        resync_streams: u32,
         /// When a write returns: C = applied on both nodes; B = applied here and
         /// received by the peer; flush = applied here and queued for the peer
         /// (fsync, fdatasync and O_SYNC/O_DSYNC writes always return only once
@@ -190,8 +195,10 @@ fn main() -> ExitCode {
             threads,
             al_extents,
             rate_limit_mb_s,
+            resync_streams,
             protocol,
         } => vmha_fs::primary::run(PrimaryConfig {
+            resync_streams: resync_streams as usize,
             protocol,
             rate_limit: rate_limit_mb_s.checked_mul(1_000_000),
             al_extents: al_extents as usize,

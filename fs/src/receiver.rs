@@ -12,6 +12,13 @@
 //! its session's fsync workers). The handshake binds the module and port: a primary
 //! meant for another module's directory is refused as "wrong module".
 //!
+//! A `SyncAll` (a resync's durability point) with more of the stream already
+//! received is synced by those workers too (`syncfs`), so applying goes on while
+//! the disk flushes; the acknowledgements of everything before it are sent first,
+//! so its own acknowledgement still means "all before me applied, succeeded and
+//! on disk". The last `SyncAll` of a resync (nothing more received) is synced in
+//! line, under the keepalive.
+//!
 //! A connection that fails authentication, speaks garbage or sends a frame that does
 //! not decode (including names that would leave the directory) is logged and
 //! dropped; nothing of that frame is applied and the current primary's session goes
@@ -763,10 +770,10 @@ fn run_session(
                 // More input waiting: sync off the apply path so later operations
                 // need not wait for the disk.
                 Ok(fd) if reader.buffered() > 0 => {
-                    let _ = sync_tx.send((seq, fd, datasync, began));
+                    let _ = sync_tx.send((seq, fd, SyncKind::file(datasync), began));
                     continue;
                 }
-                Ok(fd) => sync(&fd, datasync),
+                Ok(fd) => sync(&fd, SyncKind::file(datasync)),
                 Err(errno) => Err(errno),
             },
             (Ok(()), Request::Op(op)) => {
@@ -842,9 +849,21 @@ fn run_session(
                     Err(e) => Err(e),
                 }
             }
-            (Ok(()), Request::Control(Control::SyncAll)) => table
-                .data_fd(ROOT)
-                .and_then(|root| rustix::fs::syncfs(root.as_fd())),
+            (Ok(()), Request::Control(Control::SyncAll)) => match table.data_fd(ROOT) {
+                // A resync's durability point with more of it waiting: sync off the
+                // apply path, so the stream keeps being applied while the disk
+                // flushes. The acknowledgements of everything before it go first:
+                // its own then means all of them succeeded and are on disk.
+                Ok(root) if reader.buffered() > 0 => {
+                    if let Err(e) = batch.send(&writer) {
+                        break Err(e);
+                    }
+                    let _ = sync_tx.send((seq, root, SyncKind::Fs, began));
+                    continue;
+                }
+                Ok(root) => sync(&root, SyncKind::Fs),
+                Err(errno) => Err(errno),
+            },
         };
         drop(busy);
         if let Err(errno) = outcome {
@@ -938,11 +957,32 @@ fn start_writeback(written: &mut Vec<Written>) {
     }
 }
 
-fn sync(fd: &OwnedFd, datasync: bool) -> Result<(), Errno> {
-    if datasync {
-        rustix::fs::fdatasync(fd.as_fd())
-    } else {
-        rustix::fs::fsync(fd.as_fd())
+/// What a sync off the apply path flushes.
+#[derive(Debug, Clone, Copy)]
+enum SyncKind {
+    /// `fdatasync` of the file.
+    Data,
+    /// `fsync` of the file.
+    Full,
+    /// `syncfs` of the replicated directory's filesystem (`Control::SyncAll`).
+    Fs,
+}
+
+impl SyncKind {
+    fn file(datasync: bool) -> Self {
+        if datasync {
+            SyncKind::Data
+        } else {
+            SyncKind::Full
+        }
+    }
+}
+
+fn sync(fd: &OwnedFd, kind: SyncKind) -> Result<(), Errno> {
+    match kind {
+        SyncKind::Data => rustix::fs::fdatasync(fd.as_fd()),
+        SyncKind::Full => rustix::fs::fsync(fd.as_fd()),
+        SyncKind::Fs => rustix::fs::syncfs(fd.as_fd()),
     }
 }
 
@@ -971,12 +1011,12 @@ fn acks_message(acks: Vec<TimedAck>, timed: bool) -> Message {
     }
 }
 
-/// A sync handed to the fsync workers: sequence, file, datasync, when read.
-type SyncJob = (u64, Arc<OwnedFd>, bool, Instant);
+/// A sync handed to the fsync workers: sequence, file, what to sync, when read.
+type SyncJob = (u64, Arc<OwnedFd>, SyncKind, Instant);
 
 fn fsync_loop(rx: ChannelRx<SyncJob>, writer: SharedWriter, timed: bool) {
-    for (seq, fd, datasync, began) in rx {
-        let acks = acks_message(vec![ack(seq, sync(&fd, datasync), began)], timed);
+    for (seq, fd, kind, began) in rx {
+        let acks = acks_message(vec![ack(seq, sync(&fd, kind), began)], timed);
         let mut w = writer.lock();
         if w.send(&acks).and_then(|()| w.flush()).is_err() {
             // The reader notices the broken connection and ends the session.

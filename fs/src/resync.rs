@@ -46,6 +46,10 @@
 //! 3. A `SyncAll` barrier: when it is acknowledged, the receiver has applied and
 //!    synced everything before it. The peer is a replica again (`finish_sync`).
 //!
+//! **Data phase** (both kinds): `pipeline` sends the files' data with several
+//! reader threads (`--resync-streams`), several files and regions in flight, and
+//! retires durability steps of the records as the peer acknowledges them.
+//!
 //! Losing the peer at any point returns the link to writing alone; the peer stays
 //! recorded as outdated. Files unlinked while open (no name to recreate) are not
 //! copied: a later write to one makes the sync give up (never a silent gap).
@@ -67,6 +71,9 @@ use crate::op::{
     Control, LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Request, XattrValue, ROOT,
 };
 use crate::track::{self, EntryKind, Report, Tracker};
+
+mod pipeline;
+pub use pipeline::{DEFAULT_STREAMS, MAX_STREAMS};
 
 const CHUNK: u64 = 1 << 20;
 /// How far ahead scattered regions are read ahead.
@@ -98,6 +105,8 @@ pub struct Syncer {
     /// Resync data rate limit (bytes/s), and the bytes sent since this start.
     rate_limit: Option<u64>,
     paced: parking_lot::Mutex<(std::time::Instant, u64)>,
+    /// Reader threads of the data phase (`pipeline`).
+    streams: usize,
 }
 
 /// Data sent between two durability points of a resync: marks of what came before
@@ -211,12 +220,19 @@ impl Syncer {
             tracker,
             rate_limit: None,
             paced: parking_lot::Mutex::new((std::time::Instant::now(), 0)),
+            streams: DEFAULT_STREAMS,
         }
     }
 
     /// Limits resync data to `bytes_per_s` (live replication is never limited).
     pub fn with_rate_limit(mut self, bytes_per_s: Option<u64>) -> Self {
         self.rate_limit = bytes_per_s.filter(|&r| r > 0);
+        self
+    }
+
+    /// Reads and queues the data with `streams` threads (clamped to 1..=MAX_STREAMS).
+    pub fn with_streams(mut self, streams: usize) -> Self {
+        self.streams = streams.clamp(1, MAX_STREAMS);
         self
     }
 
@@ -404,24 +420,10 @@ impl Syncer {
             work.push(job);
         }
         self.progress.total_bytes.store(total, Ordering::Relaxed);
-        let mut bytes = 0;
         // Each job's reference is given back as soon as its operations are queued
-        // (dropped at the end of its iteration): the sync holds one descriptor per
-        // file still to do, not one per file of the tree.
-        for job in work {
-            bytes += match job {
-                Job::Ranges(b, ranges) => self.copy_resumable(&b.node, &ranges)?,
-                Job::Copy(b) => self.copy_data(&b.node)?,
-                Job::Compare(b) => {
-                    let differing = self.compare_file(&b.node)?;
-                    let extra: u64 = differing.iter().map(|(s, e)| e - s).sum();
-                    self.progress
-                        .total_bytes
-                        .fetch_add(extra, Ordering::Relaxed);
-                    self.copy_ranges(&b.node, &differing)?
-                }
-            };
-        }
+        // (when its pipeline segment is done): the sync holds one descriptor per
+        // file in flight, not one per file of the tree.
+        let bytes = self.pipeline(work)?;
         // Barrier: acknowledged once everything before it is applied and synced.
         self.send_wait(Control::SyncAll)?;
         Ok(bytes)
@@ -924,146 +926,100 @@ impl Syncer {
         Ok(track::merge_ranges(differing))
     }
 
-    /// [`Syncer::copy_ranges`] in steps; after each step is durable on the peer its
-    /// marks are cleared, so an interruption loses at most one step of work.
-    fn copy_resumable(&self, node: &Node, ranges: &[(u64, u64)]) -> Result<u64, SyncError> {
-        let mut sent = 0;
-        let mut step: Vec<(u64, u64)> = Vec::new();
-        let mut step_bytes = 0;
-        for (i, &r) in ranges.iter().enumerate() {
-            step.push(r);
-            step_bytes += r.1 - r.0;
-            if step_bytes >= RESUME_STEP || i + 1 == ranges.len() {
-                sent += self.copy_ranges(node, &step)?;
-                self.send_wait(Control::SyncAll)?;
-                // Our copy of the step must be on disk too before its marks go: after
-                // a power cut it would differ from the peer's where nothing says so.
-                apply::reopen(node.fd.as_fd(), OFlags::RDONLY)
-                    .and_then(|fd| rustix::fs::fdatasync(fd.as_fd()))
-                    .map_err(local("sync of a file"))?;
-                match self.tracker.clear_synced(node.ino(), &step) {
-                    Ok(true) => {}
-                    Ok(false) => return Err(SyncError::PeerGone),
-                    Err(e) => tracing::warn!("resync: cannot clear synced marks: {e}"),
-                }
-                step.clear();
-                step_bytes = 0;
+    /// Sends one piece `[start, end)` of a file as it is now: data as writes, holes
+    /// as punched holes (or nothing, `Holes::Skip`), each chunk read and queued
+    /// under its range lock so that live writes are ordered around it.
+    fn copy_piece(
+        &self,
+        node: &Node,
+        fd: &std::os::fd::OwnedFd,
+        start: u64,
+        end: u64,
+        holes: Holes,
+    ) -> Result<u64, SyncError> {
+        let mut sent = 0u64;
+        let mut pos = start;
+        while pos < end {
+            let len = CHUNK.min(end - pos);
+            self.pace(len);
+            let _order = node.ranges.lock(pos, pos + len);
+            let data_at = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(pos)) {
+                Ok(p) => p,
+                Err(Errno::NXIO) => u64::MAX,
+                Err(e) => return Err(local("a file")(e)),
+            };
+            if data_at > pos && holes == Holes::Skip {
+                pos = data_at.min(end);
+                continue;
             }
-        }
-        if ranges.is_empty() {
-            sent += self.copy_ranges(node, &[])?;
+            if data_at > pos {
+                // A hole (or past the end): the peer punches the same. A hole
+                // longer than a chunk goes in one punch: a huge sparse region (a
+                // truncate to terabytes) must not cost one round per MiB.
+                let mut hole_end = data_at.min(pos + len);
+                let _wide;
+                if data_at > pos + len && end > pos + len {
+                    drop(_order);
+                    _wide = node.ranges.lock(pos, end);
+                    hole_end = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(pos)) {
+                        Ok(p) => p.min(end),
+                        Err(Errno::NXIO) => end,
+                        Err(e) => return Err(local("a file")(e)),
+                    };
+                    if hole_end <= pos {
+                        continue;
+                    }
+                }
+                let hole_len = hole_end - pos;
+                self.send(Op::Fallocate {
+                    id: node.id,
+                    mode: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+                    offset: pos,
+                    len: hole_len,
+                })?;
+                self.progress
+                    .done_bytes
+                    .fetch_add(hole_len, Ordering::Relaxed);
+                pos += hole_len;
+                continue;
+            }
+            let hole_at =
+                rustix::fs::seek(fd.as_fd(), SeekFrom::Hole(pos)).map_err(local("a file"))?;
+            // At most one CHUNK: fits a buffer on any target.
+            let n = len.min(hole_at - pos);
+            let Ok(n_usize) = usize::try_from(n) else {
+                return Err(local("a file")(Errno::FBIG));
+            };
+            let mut buf = AlignedBuf::zeroed(n_usize);
+            let got = crate::fdio::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
+                .map_err(local("a file"))?;
+            if got == 0 {
+                break;
+            }
+            buf.truncate(got);
+            self.send(Op::Write {
+                id: node.id,
+                offset: pos,
+                data: Payload::Aligned(Arc::new(buf)),
+            })?;
+            self.progress
+                .done_bytes
+                .fetch_add(got as u64, Ordering::Relaxed);
+            sent += got as u64;
+            pos += got as u64;
         }
         Ok(sent)
     }
 
-    /// Sends the given regions of a file as they are now: data as writes, holes as
-    /// punched holes, each read and queued under the region's lock so that live
-    /// writes are ordered around it; then the size.
-    fn copy_ranges(&self, node: &Node, ranges: &[(u64, u64)]) -> Result<u64, SyncError> {
-        self.copy(node, ranges, Holes::Punch)
-    }
-
-    fn copy(&self, node: &Node, ranges: &[(u64, u64)], holes: Holes) -> Result<u64, SyncError> {
-        let fd = apply::reopen(node.fd.as_fd(), OFlags::RDONLY).map_err(local("a file"))?;
-        let mut sent = 0u64;
-        // Scattered regions read one by one would wait for the disk each time: ask
-        // the kernel to read ahead a window of the regions to come.
-        let mut advised = 0usize;
-        let mut ahead = 0u64;
-        for (i, &(start, end)) in ranges.iter().enumerate() {
-            if advised <= i {
-                (advised, ahead) = (i, 0);
-            }
-            while advised < ranges.len() && ahead < READ_AHEAD {
-                let (s, e) = ranges[advised];
-                let _ = rustix::fs::fadvise(
-                    fd.as_fd(),
-                    s,
-                    std::num::NonZeroU64::new(e - s),
-                    rustix::fs::Advice::WillNeed,
-                );
-                ahead += e - s;
-                advised += 1;
-            }
-            ahead = ahead.saturating_sub(end - start);
-            let mut pos = start;
-            while pos < end {
-                let len = CHUNK.min(end - pos);
-                self.pace(len);
-                let _order = node.ranges.lock(pos, pos + len);
-                let data_at = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(pos)) {
-                    Ok(p) => p,
-                    Err(Errno::NXIO) => u64::MAX,
-                    Err(e) => return Err(local("a file")(e)),
-                };
-                if data_at > pos && holes == Holes::Skip {
-                    pos = data_at.min(end);
-                    continue;
-                }
-                if data_at > pos {
-                    // A hole (or past the end): the peer punches the same. A hole
-                    // longer than a chunk goes in one punch: a huge sparse region (a
-                    // truncate to terabytes) must not cost one round per MiB.
-                    let mut hole_end = data_at.min(pos + len);
-                    let _wide;
-                    if data_at > pos + len && end > pos + len {
-                        drop(_order);
-                        _wide = node.ranges.lock(pos, end);
-                        hole_end = match rustix::fs::seek(fd.as_fd(), SeekFrom::Data(pos)) {
-                            Ok(p) => p.min(end),
-                            Err(Errno::NXIO) => end,
-                            Err(e) => return Err(local("a file")(e)),
-                        };
-                        if hole_end <= pos {
-                            continue;
-                        }
-                    }
-                    let hole_len = hole_end - pos;
-                    self.send(Op::Fallocate {
-                        id: node.id,
-                        mode: (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
-                        offset: pos,
-                        len: hole_len,
-                    })?;
-                    self.progress
-                        .done_bytes
-                        .fetch_add(hole_len, Ordering::Relaxed);
-                    pos += hole_len;
-                    continue;
-                }
-                let hole_at =
-                    rustix::fs::seek(fd.as_fd(), SeekFrom::Hole(pos)).map_err(local("a file"))?;
-                // At most one CHUNK: fits a buffer on any target.
-                let n = len.min(hole_at - pos);
-                let Ok(n_usize) = usize::try_from(n) else {
-                    return Err(local("a file")(Errno::FBIG));
-                };
-                let mut buf = AlignedBuf::zeroed(n_usize);
-                let got = crate::fdio::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
-                    .map_err(local("a file"))?;
-                if got == 0 {
-                    break;
-                }
-                buf.truncate(got);
-                self.send(Op::Write {
-                    id: node.id,
-                    offset: pos,
-                    data: Payload::Aligned(Arc::new(buf)),
-                })?;
-                self.progress
-                    .done_bytes
-                    .fetch_add(got as u64, Ordering::Relaxed);
-                sent += got as u64;
-                pos += got as u64;
-            }
-        }
+    /// Sends the file's size as it is now, under the whole-file lock (after every
+    /// piece of it was queued).
+    fn send_size(&self, node: &Node, fd: &std::os::fd::OwnedFd) -> Result<(), SyncError> {
         let _whole = node.ranges.lock(0, u64::MAX);
         let st = rustix::fs::fstat(fd.as_fd()).map_err(local("a file"))?;
         self.send(Op::Truncate {
             id: node.id,
             size: st.st_size as u64,
-        })?;
-        Ok(sent)
+        })
     }
 
     /// Full sync: empties the peer's directory and recreates our namespace there.
@@ -1152,12 +1108,6 @@ impl Syncer {
             })?;
         }
         Ok(())
-    }
-
-    /// Sends everything allocated in a file (new on the peer: its holes are holes
-    /// already), then its size.
-    fn copy_data(&self, node: &Node) -> Result<u64, SyncError> {
-        self.copy(node, &[(0, size_of(node))], Holes::Skip)
     }
 }
 

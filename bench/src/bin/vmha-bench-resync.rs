@@ -95,6 +95,13 @@ struct Args {
     /// Also write the markdown tables here (they are always printed).
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Time vmha only (no rsync copy, no rsync rounds): for repeated resync runs.
+    #[arg(long)]
+    skip_rsync: bool,
+    /// Extra argument for the writer (`vmha-fs primary`), repeatable, e.g.
+    /// `--writer-arg=--resync-streams=4`.
+    #[arg(long, allow_hyphen_values = true)]
+    writer_arg: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -102,6 +109,8 @@ struct Results {
     started_utc: String,
     image_bytes: u64,
     rate_mbit: u32,
+    /// Extra arguments the writer ran with (`--writer-arg`).
+    writer_args: Vec<String>,
     /// The page cache was not evicted before the timed steps (`--keep-cache`).
     keep_cache: bool,
     /// TCP goodput over the veth before shaping, MB/s (10^6 bytes).
@@ -140,7 +149,13 @@ struct Round {
     vmha: Transfer,
     /// `sync.json`'s total_bytes: what the writer decided to send.
     vmha_planned_bytes: u64,
-    rsync: Transfer,
+    /// Bytes on the link host → namespace ÷ resync time, MB/s (10^6 bytes).
+    vmha_link_mbps: f64,
+    /// CPU seconds (user + system) the writer / receiver process used during it.
+    writer_cpu_s: f64,
+    receiver_cpu_s: f64,
+    /// None with `--skip-rsync`.
+    rsync: Option<Transfer>,
     rsync_literal_bytes: Option<u64>,
     rsync_matched_bytes: Option<u64>,
     /// 1.5 × changed / link throughput + 1 s.
@@ -188,6 +203,7 @@ struct Bench {
     /// The rsync destination (module `bench` of the daemon).
     r: PathBuf,
     keep_cache: bool,
+    writer_args: Vec<String>,
 }
 
 impl Bench {
@@ -202,6 +218,7 @@ impl Bench {
             s,
             r,
             keep_cache,
+            writer_args: Vec::new(),
         })
     }
 
@@ -219,8 +236,26 @@ impl Bench {
     }
 
     fn start_writer(&mut self) -> Result<()> {
-        self.writer = Some(self.s.primary_alone(&self.s.a, &[])?);
+        let extra: Vec<&str> = self.writer_args.iter().map(String::as_str).collect();
+        self.writer = Some(self.s.primary_alone(&self.s.a, &extra)?);
         Ok(())
+    }
+
+    /// CPU seconds used so far by the writer and the receiver process.
+    fn vmha_cpu_s(&self) -> Result<(f64, f64)> {
+        let of = |c: &Option<Child>| -> Result<f64> {
+            let Some(c) = c else { return Ok(0.0) };
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid()))?;
+            // Fields after the command (which may hold spaces) end with ')'.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+                + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            // SAFETY: sysconf only reads a constant of the system.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            Ok(ticks / hz.max(1.0))
+        };
+        Ok((of(&self.writer)?, of(&self.receiver)?))
     }
 
     fn writer(&mut self) -> Result<&mut Child> {
@@ -539,6 +574,7 @@ fn run(args: &Args) -> Result<bool> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let mut b = Bench::new(&args.dir, args.keep_cache)?;
+    b.writer_args.clone_from(&args.writer_arg);
     let probe = args.probe_mib * MIB;
     let unshaped = probe_link(&b.s.link, probe)?;
     log(format!("unshaped veth: {unshaped:.0} MB/s"));
@@ -562,9 +598,11 @@ fn run(args: &Args) -> Result<bool> {
     log(format!("writing a {} GiB image", args.size_gib));
     let image = b.s.a.data.join(IMAGE);
     fill_image(&image, size, interrupt::check)?;
-    // The rsync destination starts as the image before any change.
-    std::fs::copy(&image, b.r.join("disk.img")).context("copying the rsync destination")?;
-    std::fs::File::open(b.r.join("disk.img"))?.sync_all()?;
+    if !args.skip_rsync {
+        // The rsync destination starts as the image before any change.
+        std::fs::copy(&image, b.r.join("disk.img")).context("copying the rsync destination")?;
+        std::fs::File::open(b.r.join("disk.img"))?.sync_all()?;
+    }
 
     b.start_receiver()?;
     b.start_writer()?;
@@ -576,7 +614,9 @@ fn run(args: &Args) -> Result<bool> {
         full_copy.tx_bytes / MIB
     ));
     let full_copy_expected_s = size as f64 / bps;
-    b.start_rsyncd()?;
+    if !args.skip_rsync {
+        b.start_rsyncd()?;
+    }
 
     let mut rounds = Vec::new();
     for (i, &percent) in args.percents.iter().enumerate() {
@@ -587,7 +627,14 @@ fn run(args: &Args) -> Result<bool> {
         let chunks = rewrite(&b.s.a.mnt.join(IMAGE), size, percent, 100 + i as u64)?;
         let changed_bytes = chunks * CHUNK;
         b.start_receiver()?;
+        let cpu_before = b.vmha_cpu_s()?;
         let ((status, _), vmha) = b.measure(|b| b.attach_and_wait())?;
+        let cpu_after = b.vmha_cpu_s()?;
+        let (writer_cpu_s, receiver_cpu_s) =
+            (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1);
+        log(format!(
+            "vmha-fs CPU during the resync: writer {writer_cpu_s:.2} s, receiver {receiver_cpu_s:.2} s"
+        ));
         let vmha_planned_bytes = status.total_bytes;
         log(format!(
             "vmha resync of {} MiB: {:.2} s, {} MiB on the link",
@@ -595,18 +642,26 @@ fn run(args: &Args) -> Result<bool> {
             vmha.seconds,
             vmha.tx_bytes / MIB
         ));
-        let (stats, rsync) = b.measure(|b| b.rsync())?;
-        log(format!(
-            "rsync: {:.2} s, {} MiB on the link",
-            rsync.seconds,
-            (rsync.tx_bytes + rsync.rx_bytes) / MIB
-        ));
+        let (stats, rsync) = if args.skip_rsync {
+            (String::new(), None)
+        } else {
+            let (stats, rsync) = b.measure(|b| b.rsync())?;
+            log(format!(
+                "rsync: {:.2} s, {} MiB on the link",
+                rsync.seconds,
+                (rsync.tx_bytes + rsync.rx_bytes) / MIB
+            ));
+            (stats, Some(rsync))
+        };
         let target_s = 1.5 * changed_bytes as f64 / bps + 1.0;
         rounds.push(Round {
             percent,
             changed_bytes,
             chunks,
             pass: vmha.seconds <= target_s,
+            vmha_link_mbps: vmha.tx_bytes as f64 / vmha.seconds / 1e6,
+            writer_cpu_s,
+            receiver_cpu_s,
             vmha,
             vmha_planned_bytes,
             rsync_literal_bytes: rsync_stat(&stats, "Literal data"),
@@ -628,7 +683,7 @@ fn run(args: &Args) -> Result<bool> {
     b.evict_all()?;
     let mut hashes = Vec::new();
     let mut cold = Vec::new();
-    for p in b.images() {
+    for p in b.images().into_iter().filter(|p| p.exists()) {
         let (h, rate) = hash_file(&p)?;
         log(format!(
             "blake3 {}: {rate:.0} MiB/s (from disk)",
@@ -645,6 +700,7 @@ fn run(args: &Args) -> Result<bool> {
         started_utc,
         image_bytes: size,
         rate_mbit: args.rate_mbit,
+        writer_args: args.writer_arg.clone(),
         keep_cache: args.keep_cache,
         unshaped_link_mbps: unshaped,
         link_mbps,
@@ -724,7 +780,15 @@ fn markdown(r: &Results) -> String {
     s.push_str("| N | changed MiB | vmha resync s | vmha MiB on link | full copy s | rsync s | rsync MiB on link (→/←) | link MB/s | target s | vmha vs target | BLAKE3 MiB/s (disk, median of 3 copies / cached) | loadavg (1 min) before resync / rsync | CPU busy resync / rsync |\n");
     s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     let cold = median(&r.hashing.cold_mibps);
+    let none = Transfer {
+        seconds: f64::NAN,
+        tx_bytes: 0,
+        rx_bytes: 0,
+        machine_cpu_busy_pct: f64::NAN,
+        loadavg_before: "-".into(),
+    };
     for x in &r.rounds {
+        let rsync = x.rsync.as_ref().unwrap_or(&none);
         s.push_str(&format!(
             "| {}% | {:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} | {:.1} | {:.2} | {} | {:.0} / {:.0} | {} / {} | {:.0}% / {:.0}% |\n",
             x.percent,
@@ -732,18 +796,18 @@ fn markdown(r: &Results) -> String {
             x.vmha.seconds,
             mib(x.vmha.tx_bytes + x.vmha.rx_bytes),
             r.full_copy.seconds,
-            x.rsync.seconds,
-            mib(x.rsync.tx_bytes),
-            mib(x.rsync.rx_bytes),
+            rsync.seconds,
+            mib(rsync.tx_bytes),
+            mib(rsync.rx_bytes),
             r.link_mbps,
             x.target_s,
             if x.pass { "PASS" } else { "**FAIL**" },
             cold,
             r.hashing.cached_mibps,
             first_word(&x.vmha.loadavg_before),
-            first_word(&x.rsync.loadavg_before),
+            first_word(&rsync.loadavg_before),
             x.vmha.machine_cpu_busy_pct,
-            x.rsync.machine_cpu_busy_pct,
+            rsync.machine_cpu_busy_pct,
         ));
     }
     s.push_str(&format!(

@@ -1409,6 +1409,7 @@ mod tests {
             lock_timeout_ms: 1000,
             stop_timeout_s: 2,
             rate_limit_mb_s: 0,
+            resync_streams: 0,
             protocol: vmha_fs::Protocol::C,
             maxloop: 3,
             loop_interval_s: 60,

@@ -416,6 +416,10 @@ impl VmhaFsDriver {
                 cmd.arg("--rate-limit-mb-s")
                     .arg(module.rate_limit_mb_s.to_string());
             }
+            if module.resync_streams > 0 {
+                cmd.arg("--resync-streams")
+                    .arg(module.resync_streams.to_string());
+            }
             // Only when not the default: the command line is what adoption
             // compares, and a vmha-fs started before the setting existed
             // runs protocol C.

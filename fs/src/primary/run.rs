@@ -59,6 +59,8 @@ pub struct PrimaryConfig {
     pub al_extents: usize,
     /// Resync bytes per second; None or 0 = unlimited.
     pub rate_limit: Option<u64>,
+    /// Reader threads of a resync (`resync::Syncer::with_streams`).
+    pub resync_streams: usize,
     /// When a write returns (see [`crate::link::Protocol`]).
     pub protocol: crate::link::Protocol,
 }
@@ -204,7 +206,8 @@ impl Context {
         let syncer = self
             .activation
             .syncer(&repl, progress.clone())
-            .with_rate_limit(args.rate_limit);
+            .with_rate_limit(args.rate_limit)
+            .with_streams(args.resync_streams);
         let fenced = Arc::new(parking_lot::Mutex::new(None));
         publish_link_status(
             link.clone(),
