@@ -33,7 +33,16 @@
 //! never reused, and the receiver keys by id, so a `Forget` of the old id queued
 //! after the new `Bind` harms nothing).
 //!
-//! **Full** (no valid history on either side):
+//! **Bounded descriptors**: a file created on the peer (or to be compared) that the
+//! kernel does not hold and that has one name gives its id back at once, in the
+//! sync's own stream (`Forget` right after its creation), and is kept as a path
+//! and inode number (~50 bytes). Its data phase binds it again by name, as a
+//! lookup would (under the namespace lock, the `Bind` live), copies it and gives it
+//! back: one file at a time. A file renamed before its turn (the name leads
+//! elsewhere) is searched for by inode number once the rest is done, under the
+//! namespace write lock. Directories hold their id while the walk is beneath them.
+//!
+//! **Full** (no report from the peer):
 //! 1. Under the namespace lock (no create/rename/unlink meanwhile) the receiver's
 //!    directory is wiped and the whole tree is recreated there — directories, files
 //!    with their size, symlinks, hard links, owners, modes, xattrs — with the same
