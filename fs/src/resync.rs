@@ -222,6 +222,9 @@ struct Level {
     names: std::vec::IntoIter<Name>,
     /// Its id on both sides, once something beneath it needed one.
     node: Option<Arc<Node>>,
+    /// The walk's reference when it created the directory on the peer: given
+    /// back (in the sync's stream) once the walk leaves it.
+    own: Option<Bound>,
 }
 
 /// What a copy does where the file has a hole.
@@ -533,8 +536,11 @@ impl Syncer {
         self.enter(&mut stack, top, &their_children, &mut walked)?;
         while let Some(level) = stack.last_mut() {
             let Some(name) = level.names.next() else {
-                // Its id (if it got one) is given back with the walk's.
-                stack.pop();
+                // Its id (if it got one) is given back with the walk's, or now
+                // if the walk created it.
+                if let Some(own) = stack.pop().and_then(|done| done.own) {
+                    own.give_back_in_stream(self)?;
+                }
                 continue;
             };
             let path = track::join(&level.prefix, name.as_bytes());
@@ -639,10 +645,15 @@ impl Syncer {
             }
             match self.create(&node, parent, name.clone(), &st)? {
                 Some(_) if kind == EntryKind::Dir => {
-                    walked.push(bound);
                     let dir = node.fd.clone();
                     // New on the peer: nothing of theirs beneath it to remove.
-                    stack.push(self.list(dir, Some(name), path, Some(node))?);
+                    let mut level = self.list(dir, Some(name), path, Some(node))?;
+                    if known {
+                        walked.push(bound);
+                    } else {
+                        level.own = Some(bound);
+                    }
+                    stack.push(level);
                 }
                 Some(_) if !known && !linked => {
                     listed.bytes += st.st_blocks as u64 * 512;
@@ -691,6 +702,7 @@ impl Syncer {
             prefix,
             names: names.into_iter(),
             node,
+            own: None,
         })
     }
 
