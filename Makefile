@@ -65,13 +65,14 @@ deb: deps
 	cargo deb -p vmha-controller --no-build --profile $(DEB_PROFILE) $(DEB_FLAGS) -o target/
 
 # Issue 12 items 3 and 4: a million small files (created in the backing dir before
-# the mount: first write, full sync, 1 % changed while the peer is down,
-# reintegration, verify, VmHWM) and a 2 TiB sparse image (2 GiB spread over it,
-# 1 % of that rewritten degraded, dirty-map/activity-log memory, reintegration).
-# The million-file run needs RLIMIT_NOFILE > 2 M (see README "Scale bounds").
+# the mount, both nodes on an 8 GiB sparse XFS loop image with 1 KiB blocks, deleted
+# afterwards: first write, full sync, 1 % changed while the peer is down,
+# reintegration, verify, VmHWM and open descriptors) and a 2 TiB sparse image
+# (2 GiB spread over it, 1 % of that rewritten degraded, dirty-map/activity-log
+# memory, reintegration). Needs ~4 GB free in /var/tmp.
 .PHONY: bench-files bench-bigimage
 bench-files: deps release
-	./target/release/vmha-bench-bigdata --out bench/results-files-1m.json files --count 1000000
+	./target/release/vmha-bench-bigdata --out bench/results-files-1m.json files --count 1000000 --xfs-gib 8
 # Item 4: a 2 TiB sparse image, the same writes on a 16 GiB one (memory does not
 # follow the image size), an 8 GiB filled image (needs 31 GiB free: two copies +
 # 15 GiB kept free; deleted afterwards).

@@ -781,6 +781,11 @@ fn run_session(
                 if let Op::Write { id, offset, data } = &op {
                     if let Ok(fd) = table.data_fd(*id) {
                         written.push((fd, *offset, data.len()));
+                        // Each entry keeps its file open: a stream of writes to many
+                        // files (a resync) must not hold one descriptor per file.
+                        if written.len() >= MAX_WRITEBACK {
+                            start_writeback(&mut written);
+                        }
                     }
                 }
                 match (apply::apply(table.as_ref(), &op), &op) {
@@ -934,6 +939,9 @@ fn save_before(
         None => Err(Errno::IO),
     }
 }
+
+/// Writes whose writeback waits for a pause in the input, at most.
+const MAX_WRITEBACK: usize = 256;
 
 /// Starts writing out what was just applied, once its acknowledgements are sent: the
 /// fsync that usually follows then finds its data on the way to disk and only has to

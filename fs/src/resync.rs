@@ -33,7 +33,16 @@
 //! never reused, and the receiver keys by id, so a `Forget` of the old id queued
 //! after the new `Bind` harms nothing).
 //!
-//! **Full** (no valid history on either side):
+//! **Bounded descriptors**: a file created on the peer (or to be compared) that the
+//! kernel does not hold and that has one name gives its id back at once, in the
+//! sync's own stream (`Forget` right after its creation), and is kept as a path
+//! and inode number (~50 bytes). Its data phase binds it again by name, as a
+//! lookup would (under the namespace lock, the `Bind` live), copies it and gives it
+//! back: one file at a time. A file renamed before its turn (the name leads
+//! elsewhere) is searched for by inode number once the rest is done, under the
+//! namespace write lock. Directories hold their id while the walk is beneath them.
+//!
+//! **Full** (no report from the peer):
 //! 1. Under the namespace lock (no create/rename/unlink meanwhile) the receiver's
 //!    directory is wiped and the whole tree is recreated there — directories, files
 //!    with their size, symlinks, hard links, owners, modes, xattrs — with the same
@@ -109,6 +118,9 @@ pub struct Syncer {
     streams: usize,
 }
 
+/// Files a verify names to the peer before comparing them (ids held at once).
+const VERIFY_BATCH: usize = 256;
+
 /// Data sent between two durability points of a resync: marks of what came before
 /// are cleared then, so an interrupted resync resumes instead of starting over.
 const RESUME_STEP: u64 = 64 << 20;
@@ -123,6 +135,8 @@ struct Bound {
     node: Arc<Node>,
     inodes: Arc<Inodes>,
     link: PeerLink,
+    /// Already given back by [`Bound::give_back_in_stream`].
+    given: bool,
 }
 
 impl Bound {
@@ -132,13 +146,21 @@ impl Bound {
             node,
             inodes: syncer.inodes.clone(),
             link: syncer.link.clone(),
+            given: false,
         }
+    }
+
+    /// Gives the reference back while the link is `Attaching`: the `Forget` goes
+    /// in the sync's own stream (a live one would not be sent yet).
+    fn give_back_in_stream(mut self, syncer: &Syncer) -> Result<(), SyncError> {
+        self.given = true;
+        syncer.give_back_in_stream(self.node.id)
     }
 }
 
 impl Drop for Bound {
     fn drop(&mut self) {
-        if self.inodes.release_refs(self.node.id, 1) {
+        if !self.given && self.inodes.release_refs(self.node.id, 1) {
             self.link.submit_nowait(Op::Forget { id: self.node.id });
         }
     }
@@ -153,6 +175,51 @@ enum Plan {
     Dirty(Bound, Vec<u8>),
 }
 
+/// Regular files a full copy created on the peer without keeping their ids: their
+/// path and inode number (about 50 bytes each), and their allocated bytes in all.
+#[derive(Debug, Default)]
+struct Listed {
+    /// Path, inode number, and whether it is new on the peer (else its data
+    /// goes by the records, or compared).
+    files: Vec<(Vec<u8>, u64, bool)>,
+    bytes: u64,
+}
+
+/// One directory of a depth-first walk that holds its id: its node, its path and
+/// the names still to visit (listed at once; no descriptor stays open for them).
+struct Walked {
+    node: Arc<Node>,
+    prefix: Vec<u8>,
+    names: std::vec::IntoIter<Name>,
+}
+
+impl Walked {
+    fn list(node: Arc<Node>, prefix: Vec<u8>) -> Result<Walked, SyncError> {
+        let names = names_in(node.fd.as_fd()).map_err(local("a directory"))?;
+        Ok(Walked {
+            node,
+            prefix,
+            names: names.into_iter(),
+        })
+    }
+}
+
+/// The names in a directory (O_PATH descriptor `dir`), without `.` and `..`.
+fn names_in(dir: std::os::fd::BorrowedFd<'_>) -> Result<Vec<Name>, Errno> {
+    let listing = apply::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(listing.as_fd())? {
+        let entry = entry?;
+        let raw = entry.file_name().to_bytes();
+        if raw != b"." && raw != b".." {
+            if let Ok(name) = Name::new(raw) {
+                names.push(name);
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// One directory of the reconcile walk.
 struct Level {
     /// O_PATH descriptor of our directory (children are looked up beneath it).
@@ -164,6 +231,9 @@ struct Level {
     names: std::vec::IntoIter<Name>,
     /// Its id on both sides, once something beneath it needed one.
     node: Option<Arc<Node>>,
+    /// The walk's reference when it created the directory on the peer: given
+    /// back (in the sync's stream) once the walk leaves it.
+    own: Option<Bound>,
 }
 
 /// What a copy does where the file has a hole.
@@ -174,6 +244,10 @@ enum Holes {
     /// The peer's file is new: nothing to do.
     Skip,
 }
+
+/// Files bound again by name (full copy) go through the pipeline this many at a
+/// time: one descriptor each while in flight.
+const LISTED_BATCH: usize = 256;
 
 /// How one file's data is brought up to date.
 #[derive(Debug)]
@@ -298,15 +372,7 @@ impl Syncer {
                 "no complete history of both copies: comparing everything block by block"
             );
         }
-        let mut held = Vec::new();
-        let outcome = self.copy_all(&mut held, report.as_deref(), incremental);
-        // The sync's own references on nodes; the kernel's stay.
-        for id in held {
-            if self.inodes.release_refs(id, 1) {
-                self.link.submit_nowait(Op::Forget { id });
-            }
-        }
-        let data_bytes = outcome?;
+        let data_bytes = self.copy_all(report.as_deref(), incremental)?;
         if self.failed.load(Ordering::SeqCst) {
             return Err(SyncError::PeerGone);
         }
@@ -347,28 +413,13 @@ impl Syncer {
         }
     }
 
-    fn copy_all(
-        &self,
-        held: &mut Vec<NodeId>,
-        report: Option<&Report>,
-        incremental: bool,
-    ) -> Result<u64, SyncError> {
-        let plans = {
+    fn copy_all(&self, report: Option<&Report>, incremental: bool) -> Result<u64, SyncError> {
+        // `listed`: files whose ids were given back, bound again by name later.
+        let (plans, listed) = {
             let _no_namespace_changes = self.namespace.write();
-            let (plans, walked) = match report {
+            let (plans, walked, listed) = match report {
                 Some(report) => self.reconcile_namespace(report, incremental)?,
-                None => {
-                    let files = self.copy_namespace(held)?;
-                    let plans = files
-                        .into_iter()
-                        .map(|node| {
-                            // The plan's own reference (`held` keeps the walk's).
-                            self.inodes.add_reference(node.id);
-                            Plan::Whole(Bound::adopt(self, node))
-                        })
-                        .collect();
-                    (plans, Vec::new())
-                }
+                None => self.copy_namespace()?,
             };
             if !self.link.begin_data() {
                 return Err(SyncError::PeerGone);
@@ -377,7 +428,7 @@ impl Syncer {
             // The directories and metadata-only entries the walk bound: their
             // `Forget`s travel now that the link sends live operations.
             drop(walked);
-            plans
+            (plans, listed)
         };
         // From here on live writes reach the peer; the records now hold everything
         // written without it.
@@ -391,39 +442,52 @@ impl Syncer {
         }
         // Per file: the regions to send, or None to compare every block (history
         // unknown, or the name's binding changed), or copy all (new on the peer).
+        let job_of = |plan: Plan| match plan {
+            Plan::Whole(node) => Job::Copy(node),
+            Plan::Dirty(node, path)
+                if incremental && !suspect.iter().any(|n| track::is_beneath(&path, n)) =>
+            {
+                let mine = self.tracker.ranges_of(node.node.ino());
+                if mine.whole {
+                    Job::Compare(node)
+                } else {
+                    let mut ranges = mine.ranges;
+                    ranges
+                        .extend_from_slice(peer_dirty.get(path.as_slice()).copied().unwrap_or(&[]));
+                    Job::Ranges(node, track::merge_ranges(ranges))
+                }
+            }
+            Plan::Dirty(node, _) => Job::Compare(node),
+        };
+        let size_of_job = |job: &Job| match job {
+            Job::Ranges(_, r) => r.iter().map(|(s, e)| e - s).sum(),
+            Job::Copy(b) => allocated(&b.node),
+            Job::Compare(b) => size_of(&b.node),
+        };
         let mut work = Vec::new();
         let mut total = 0u64;
         for plan in plans {
-            let job = match plan {
-                Plan::Whole(node) => Job::Copy(node),
-                Plan::Dirty(node, path)
-                    if incremental && !suspect.iter().any(|n| track::is_beneath(&path, n)) =>
-                {
-                    let mine = self.tracker.ranges_of(node.node.ino());
-                    if mine.whole {
-                        Job::Compare(node)
-                    } else {
-                        let mut ranges = mine.ranges;
-                        ranges.extend_from_slice(
-                            peer_dirty.get(path.as_slice()).copied().unwrap_or(&[]),
-                        );
-                        Job::Ranges(node, track::merge_ranges(ranges))
-                    }
-                }
-                Plan::Dirty(node, _) => Job::Compare(node),
-            };
-            total += match &job {
-                Job::Ranges(_, r) => r.iter().map(|(s, e)| e - s).sum(),
-                Job::Copy(b) => allocated(&b.node),
-                Job::Compare(b) => size_of(&b.node),
-            };
+            let job = job_of(plan);
+            total += size_of_job(&job);
             work.push(job);
         }
+        total += listed.bytes;
         self.progress.total_bytes.store(total, Ordering::Relaxed);
         // Each job's reference is given back as soon as its operations are queued
         // (when its pipeline segment is done): the sync holds one descriptor per
         // file in flight, not one per file of the tree.
-        let bytes = self.pipeline(work)?;
+        let mut bytes = self.pipeline(work)?;
+        // The files whose ids were given back, bound again a batch at a time.
+        bytes += self.copy_listed(listed, &|plan| {
+            let job = job_of(plan);
+            if !matches!(job, Job::Copy(_)) {
+                // A new file's bytes are counted already.
+                self.progress
+                    .total_bytes
+                    .fetch_add(size_of_job(&job), Ordering::Relaxed);
+            }
+            job
+        })?;
         // Barrier: acknowledged once everything before it is applied and synced.
         self.send_wait(Control::SyncAll)?;
         Ok(bytes)
@@ -442,7 +506,7 @@ impl Syncer {
         &self,
         report: &Report,
         incremental: bool,
-    ) -> Result<(Vec<Plan>, Vec<Bound>), SyncError> {
+    ) -> Result<(Vec<Plan>, Vec<Bound>, Listed), SyncError> {
         let theirs: std::collections::HashMap<&[u8], &track::ReportEntry> = report
             .entries
             .iter()
@@ -465,6 +529,7 @@ impl Syncer {
         self.copy_attrs(&root)?;
         let mut plans = Vec::new();
         let mut walked = Vec::new();
+        let mut listed = Listed::default();
         // Files with several names: the id their first name got.
         let mut links: std::collections::HashMap<(u64, u64), NodeId> =
             std::collections::HashMap::new();
@@ -474,8 +539,11 @@ impl Syncer {
         self.enter(&mut stack, top, &their_children, &mut walked)?;
         while let Some(level) = stack.last_mut() {
             let Some(name) = level.names.next() else {
-                // Its id (if it got one) is given back with the walk's.
-                stack.pop();
+                // Its id (if it got one) is given back with the walk's, or now
+                // if the walk created it.
+                if let Some(own) = stack.pop().and_then(|done| done.own) {
+                    own.give_back_in_stream(self)?;
+                }
                 continue;
             };
             let path = track::join(&level.prefix, name.as_bytes());
@@ -542,6 +610,17 @@ impl Syncer {
                 if linked {
                     links.insert((st.st_dev, st.st_ino), node.id);
                 }
+                if !known && !linked {
+                    // Nobody else names it until the data phase: its id goes back
+                    // now, its data follows by name.
+                    if let Some(b) = walked.pop() {
+                        b.give_back_in_stream(self)?;
+                    }
+                    if data {
+                        listed.files.push((path, st.st_ino, false));
+                    }
+                    continue;
+                }
                 if data {
                     // The walk's reference moves to the plan: it is given back as
                     // soon as the file's data is done.
@@ -558,6 +637,7 @@ impl Syncer {
                     name: name.clone(),
                 })?;
             }
+            let known = self.inodes.knows(&st);
             let node = self
                 .inodes
                 .reference(fd, |_| {})
@@ -568,21 +648,33 @@ impl Syncer {
             }
             match self.create(&node, parent, name.clone(), &st)? {
                 Some(_) if kind == EntryKind::Dir => {
-                    walked.push(bound);
                     let dir = node.fd.clone();
                     // New on the peer: nothing of theirs beneath it to remove.
-                    stack.push(self.list(dir, Some(name), path, Some(node))?);
+                    let mut level = self.list(dir, Some(name), path, Some(node))?;
+                    if known {
+                        walked.push(bound);
+                    } else {
+                        level.own = Some(bound);
+                    }
+                    stack.push(level);
+                }
+                Some(_) if !known && !linked => {
+                    listed.bytes += st.st_blocks as u64 * 512;
+                    listed.files.push((path, st.st_ino, true));
+                    bound.give_back_in_stream(self)?;
                 }
                 Some(_) => plans.push(Plan::Whole(bound)),
+                None if !known && !linked => bound.give_back_in_stream(self)?,
                 None => walked.push(bound),
             }
         }
         tracing::info!(
             bound = plans.len() + walked.len(),
+            by_name = listed.files.len(),
             passed_over = passed,
             "namespace reconciled: ids taken only for what the resync acts on"
         );
-        Ok((plans, walked))
+        Ok((plans, walked, listed))
     }
 
     /// Lists our entries of directory `dir` (the walk visits them next).
@@ -613,6 +705,7 @@ impl Syncer {
             prefix,
             names: names.into_iter(),
             node,
+            own: None,
         })
     }
 
@@ -775,75 +868,114 @@ impl Syncer {
         self.progress.done_bytes.store(0, Ordering::Relaxed);
         self.progress.total_bytes.store(0, Ordering::Relaxed);
         self.progress.read_bytes.store(0, Ordering::Relaxed);
-        let mut held = Vec::new();
-        let outcome = self.verify_all(&mut held);
-        for id in held {
-            if self.inodes.release_refs(id, 1) {
-                self.link.submit_nowait(Op::Forget { id });
-            }
-        }
-        outcome
+        self.verify_all()
     }
 
-    fn verify_all(&self, held: &mut Vec<NodeId>) -> Result<Vec<Difference>, SyncError> {
-        let missing = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let mut binds = Vec::new();
-        // Name every file to the peer (as a lookup would), under the namespace lock.
-        let files = {
-            let _ns = self.namespace.read();
-            let mut files = Vec::new();
-            let root = self.inodes.get(ROOT).map_err(local("the root"))?;
-            let mut dirs = VecDeque::from([(root, Vec::new())]);
-            while let Some((dir, prefix)) = dirs.pop_front() {
-                for entry in track::walk_one(dir.fd.as_fd()).map_err(local("a directory"))? {
-                    let Ok(name) = Name::new(entry.path.clone()) else {
-                        continue;
-                    };
-                    let path = track::join(&prefix, name.as_bytes());
-                    let node = self
-                        .inodes
-                        .reference(entry.fd, |id| {
-                            let (missing, what) = (missing.clone(), path.clone());
-                            let bind = Op::Bind {
-                                id,
-                                parent: dir.id,
-                                name: name.clone(),
-                            };
-                            let (tx, rx) = crossbeam_channel::bounded(1);
-                            binds.push(rx);
-                            let done: crate::link::Completion = Box::new(move |r| {
-                                if r.is_err() {
-                                    missing.lock().push(what);
-                                }
-                                let _ = tx.send(());
-                            });
-                            if self.link.submit(bind, done).is_err() {
-                                tracing::warn!("verify: the peer went away");
-                            }
-                        })
-                        .map_err(local(format!("{name:?}")))?;
-                    held.push(node.id);
-                    match EntryKind::of(entry.st.st_mode) {
-                        EntryKind::Dir => dirs.push_back((node, path)),
-                        EntryKind::File => files.push((node, path)),
-                        _ => {}
+    /// Walks the tree depth first naming every entry to the peer as a lookup would
+    /// (one entry at a time under the namespace lock) and compares the files in
+    /// batches of [`VERIFY_BATCH`] once the peer answered their names: the walk
+    /// holds one id per level of depth plus one per file of the batch, never one
+    /// per file of the tree.
+    fn verify_all(&self) -> Result<Vec<Difference>, SyncError> {
+        let root = self.inodes.get(ROOT).map_err(local("the root"))?;
+        let mut out = Vec::new();
+        let mut missing = Vec::new();
+        let mut batch = Vec::new();
+        let mut stack = vec![Walked::list(root, Vec::new())?];
+        // The directories' ids: given back when their walk is done.
+        let mut dirs: Vec<Bound> = Vec::new();
+        while let Some(level) = stack.last_mut() {
+            let Some(name) = level.names.next() else {
+                stack.pop();
+                dirs.pop();
+                continue;
+            };
+            let path = track::join(&level.prefix, name.as_bytes());
+            let parent = level.node.id;
+            let (bound, kind, answer) = {
+                let _ns = self.namespace.read();
+                let fd = match apply::lookup_beneath(level.node.fd.as_fd(), &name) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(local(format!("{name:?}"))(e)),
+                };
+                let st = rustix::fs::fstat(fd.as_fd()).map_err(local(format!("{name:?}")))?;
+                let mut answer = None;
+                let node = self
+                    .inodes
+                    .reference(fd, |id| {
+                        let (tx, rx) = crossbeam_channel::bounded(1);
+                        answer = Some(rx);
+                        let done: crate::link::Completion = Box::new(move |r| {
+                            let _ = tx.send(r.is_ok());
+                        });
+                        let bind = Op::Bind {
+                            id,
+                            parent,
+                            name: name.clone(),
+                        };
+                        if self.link.submit(bind, done).is_err() {
+                            tracing::warn!("verify: the peer went away");
+                        }
+                    })
+                    .map_err(local(format!("{name:?}")))?;
+                (Bound::adopt(self, node), EntryKind::of(st.st_mode), answer)
+            };
+            match kind {
+                EntryKind::Dir => {
+                    // The peer lacking a directory lacks everything beneath it: the
+                    // entries say so one by one, as before.
+                    if answer
+                        .as_ref()
+                        .is_some_and(|rx| !rx.recv().unwrap_or(false))
+                    {
+                        missing.push(path.clone());
+                    }
+                    stack.push(Walked::list(bound.node.clone(), path)?);
+                    dirs.push(bound);
+                }
+                EntryKind::File => {
+                    self.progress
+                        .total_bytes
+                        .fetch_add(size_of(&bound.node), Ordering::Relaxed);
+                    batch.push((bound, path, answer));
+                    if batch.len() >= VERIFY_BATCH {
+                        self.verify_batch(&mut batch, &mut out, &mut missing)?;
+                    }
+                }
+                _ => {
+                    if answer.is_some_and(|rx| !rx.recv().unwrap_or(false)) {
+                        missing.push(path);
                     }
                 }
             }
-            files
-        };
-        // Which names the peer lacks is known once it answered every one.
-        for rx in binds {
-            let _ = rx.recv();
         }
-        let total = files.iter().map(|(n, _)| size_of(n)).sum();
-        self.progress.total_bytes.store(total, Ordering::Relaxed);
-        let mut out = Vec::new();
-        for (node, path) in files {
-            if missing.lock().contains(&path) {
+        self.verify_batch(&mut batch, &mut out, &mut missing)?;
+        drop(dirs);
+        for path in missing {
+            out.push(Difference {
+                path: String::from_utf8_lossy(&path).into_owned(),
+                offset: 0,
+                len: u64::MAX,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Compares the files of a verify batch the peer has (their names answered).
+    #[allow(clippy::type_complexity)]
+    fn verify_batch(
+        &self,
+        batch: &mut Vec<(Bound, Vec<u8>, Option<crossbeam_channel::Receiver<bool>>)>,
+        out: &mut Vec<Difference>,
+        missing: &mut Vec<Vec<u8>>,
+    ) -> Result<(), SyncError> {
+        for (bound, path, answer) in batch.drain(..) {
+            if answer.is_some_and(|rx| !rx.recv().unwrap_or(false)) {
+                missing.push(path);
                 continue;
             }
-            for (start, end) in self.compare_file(&node)? {
+            for (start, end) in self.compare_file(&bound.node)? {
                 out.push(Difference {
                     path: String::from_utf8_lossy(&path).into_owned(),
                     offset: start,
@@ -851,14 +983,7 @@ impl Syncer {
                 });
             }
         }
-        for path in missing.lock().iter() {
-            out.push(Difference {
-                path: String::from_utf8_lossy(path).into_owned(),
-                offset: 0,
-                len: u64::MAX,
-            });
-        }
-        Ok(out)
+        Ok(())
     }
 
     /// Compares every block of a file with the peer's (blake3; only hashes travel,
@@ -1022,56 +1147,265 @@ impl Syncer {
         })
     }
 
-    /// Full sync: empties the peer's directory and recreates our namespace there.
-    fn copy_namespace(&self, held: &mut Vec<NodeId>) -> Result<Vec<Arc<Node>>, SyncError> {
+    /// Full sync: empties the peer's directory and recreates our namespace there,
+    /// depth first. Returns the plans of the files whose ids stay taken (the kernel
+    /// holds them, or they have several names), the other references to keep until
+    /// the link sends live operations (hard-linked non-files), and the regular files
+    /// whose ids were given back right after their creation (`Forget` in the same
+    /// stream): their data follows by name ([`Syncer::copy_listed`]). The walk holds
+    /// one directory id and descriptor per level of depth, never one per file.
+    fn copy_namespace(&self) -> Result<(Vec<Plan>, Vec<Bound>, Listed), SyncError> {
         self.send(Control::Wipe)?;
         let root = self.inodes.get(ROOT).map_err(local("the root"))?;
         self.copy_attrs(&root)?;
-        let mut files = Vec::new();
-        let mut seen = HashSet::from([ROOT]);
-        let mut dirs = VecDeque::from([root]);
-        while let Some(dir) = dirs.pop_front() {
-            let dir_fd = apply::reopen(dir.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)
-                .map_err(local("a directory"))?;
-            let mut entries =
-                rustix::fs::Dir::read_from(dir_fd.as_fd()).map_err(local("a directory"))?;
-            while let Some(entry) = entries.read() {
-                let entry = entry.map_err(local("a directory"))?;
-                let raw = entry.file_name().to_bytes();
-                if raw == b"." || raw == b".." {
-                    continue;
+        let mut plans = Vec::new();
+        let mut pinned = Vec::new();
+        let mut listed = Listed::default();
+        // Files with several names: the id their first name got (kept taken).
+        let mut links: HashMap<(u64, u64), NodeId> = HashMap::new();
+        let mut stack = vec![Walked::list(root, Vec::new())?];
+        while let Some(level) = stack.last_mut() {
+            let Some(name) = level.names.next() else {
+                if let Some(done) = stack.pop() {
+                    self.give_back_in_stream(done.node.id)?;
                 }
-                let Ok(name) = Name::new(raw) else { continue };
-                let fd = match apply::lookup_beneath(dir.fd.as_fd(), &name) {
-                    Ok(fd) => fd,
-                    Err(Errno::NOENT) => continue,
-                    Err(e) => return Err(local(format!("{name:?}"))(e)),
-                };
-                let st = rustix::fs::fstat(fd.as_fd()).map_err(local(format!("{name:?}")))?;
-                let node = self
-                    .inodes
-                    .reference(fd, |_| {})
-                    .map_err(local(format!("{name:?}")))?;
-                held.push(node.id);
-                if !seen.insert(node.id) {
-                    // Another name of a node already created: a hard link.
-                    self.send(Op::Link {
-                        id: node.id,
-                        parent: dir.id,
-                        name,
-                    })?;
-                    continue;
+                continue;
+            };
+            let dir = level.node.clone();
+            let path = track::join(&level.prefix, name.as_bytes());
+            let fd = match apply::lookup_beneath(dir.fd.as_fd(), &name) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(local(format!("{name:?}"))(e)),
+            };
+            let st = rustix::fs::fstat(fd.as_fd()).map_err(local(format!("{name:?}")))?;
+            let key = (st.st_dev, st.st_ino);
+            let linked = EntryKind::of(st.st_mode) != EntryKind::Dir && st.st_nlink > 1;
+            if let Some(&id) = links.get(&key).filter(|_| linked) {
+                // Another name of a node already created: a hard link.
+                self.send(Op::Link {
+                    id,
+                    parent: dir.id,
+                    name,
+                })?;
+                continue;
+            }
+            // The kernel holds it: live operations may name its id meanwhile.
+            let known = self.inodes.knows(&st);
+            let node = self
+                .inodes
+                .reference(fd, |_| {})
+                .map_err(local(format!("{name:?}")))?;
+            if linked {
+                links.insert(key, node.id);
+            }
+            match self.create(&node, dir.id, name, &st)? {
+                Some(node) if node.kind == FileType::Directory => {
+                    stack.push(Walked::list(node, path)?);
                 }
-                if let Some(node) = self.create(&node, dir.id, name, &st)? {
-                    if node.kind == FileType::Directory {
-                        dirs.push_back(node);
-                    } else {
-                        files.push(node);
-                    }
+                Some(node) if known || linked => {
+                    listed.bytes += st.st_blocks as u64 * 512;
+                    plans.push(Plan::Whole(Bound::adopt(self, node)));
+                }
+                Some(node) => {
+                    listed.bytes += st.st_blocks as u64 * 512;
+                    listed.files.push((path, st.st_ino, true));
+                    self.give_back_in_stream(node.id)?;
+                }
+                None if linked => pinned.push(Bound::adopt(self, node)),
+                None => self.give_back_in_stream(node.id)?,
+            }
+        }
+        tracing::info!(
+            kept = plans.len() + pinned.len(),
+            by_name = listed.files.len(),
+            "namespace copied: ids kept only for what the kernel holds and hard links"
+        );
+        Ok((plans, pinned, listed))
+    }
+
+    /// Gives the walk's reference on `id` back while the link is `Attaching`: a
+    /// `Forget` in the sync's own stream (a live one would not be sent yet).
+    fn give_back_in_stream(&self, id: NodeId) -> Result<(), SyncError> {
+        if self.inodes.release_refs(id, 1) {
+            self.send(Op::Forget { id })?;
+        }
+        Ok(())
+    }
+
+    /// The data phase of the files [`Syncer::copy_namespace`] gave back: each is
+    /// bound again by its name (under the namespace lock, so both sides resolve it
+    /// to the same file), copied and given back, one at a time. A file renamed or
+    /// replaced meanwhile (its name no longer leads to it) is searched for once the
+    /// rest is done, with no namespace change running ([`Syncer::copy_lost`]).
+    fn copy_listed(&self, listed: Listed, job_of: &dyn Fn(Plan) -> Job) -> Result<u64, SyncError> {
+        let mut bytes = 0;
+        let mut lost = HashSet::new();
+        let mut chain = Vec::new();
+        let mut batch = Vec::new();
+        for (path, ino, whole) in listed.files {
+            let found = {
+                let _ns = self.namespace.read();
+                self.bind_named(&mut chain, &path)?
+            };
+            let Some(file) = found else {
+                lost.insert(ino);
+                continue;
+            };
+            if file.node.ino() != ino {
+                // Another file took the name (its own changes travel live; copying
+                // it again harms nothing); ours is elsewhere.
+                lost.insert(ino);
+                let size = size_of(&file.node);
+                batch.push(Job::Ranges(file, vec![(0, size)]));
+            } else {
+                batch.push(job_of(if whole {
+                    Plan::Whole(file)
+                } else {
+                    Plan::Dirty(file, path)
+                }));
+            }
+            if batch.len() >= LISTED_BATCH {
+                bytes += self.pipeline(std::mem::take(&mut batch))?;
+            }
+        }
+        if !batch.is_empty() {
+            bytes += self.pipeline(batch)?;
+        }
+        drop(chain);
+        if !lost.is_empty() {
+            bytes += self.copy_lost(&lost)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Copies the files of `lost` (inode numbers) wherever they are now, walking
+    /// the tree under the namespace write lock (no rename can hide one again). Only
+    /// after a rename during a full copy.
+    fn copy_lost(&self, lost: &HashSet<u64>) -> Result<u64, SyncError> {
+        tracing::info!(
+            files = lost.len(),
+            "full copy: files renamed meanwhile, searching for them"
+        );
+        let _no_namespace_changes = self.namespace.write();
+        let root = self.inodes.get(ROOT).map_err(local("the root"))?;
+        let mut paths = Vec::new();
+        track::walk_each(root.fd.as_fd(), |e: &track::WalkEntry| {
+            if EntryKind::of(e.st.st_mode) == EntryKind::File && lost.contains(&e.st.st_ino) {
+                paths.push(e.path.clone());
+            }
+            Ok::<(), Errno>(())
+        })
+        .map_err(local("a directory"))?;
+        let mut bytes = 0;
+        let mut chain = Vec::new();
+        let mut batch = Vec::new();
+        for path in paths {
+            if let Some(file) = self.bind_named(&mut chain, &path)? {
+                // The peer's copy may hold anything (holes are punched).
+                let size = size_of(&file.node);
+                batch.push(Job::Ranges(file, vec![(0, size)]));
+                if batch.len() >= LISTED_BATCH {
+                    bytes += self.pipeline(std::mem::take(&mut batch))?;
                 }
             }
         }
-        Ok(files)
+        if !batch.is_empty() {
+            bytes += self.pipeline(batch)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Binds the regular file at `path` (and the directories above it, kept in
+    /// `chain` for the next file) as a lookup would: an id on both sides, the
+    /// `Bind` sent live. None if the name leads to no regular file (any more).
+    /// Called under the namespace lock.
+    fn bind_named(
+        &self,
+        chain: &mut Vec<(Vec<u8>, Bound)>,
+        path: &[u8],
+    ) -> Result<Option<Bound>, SyncError> {
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], path),
+        };
+        while chain
+            .last()
+            .is_some_and(|(p, _)| !track::is_beneath(parent, p))
+        {
+            chain.pop();
+        }
+        let from = chain.last().map_or(0, |(p, _)| p.len() + 1);
+        let mut names: Vec<&[u8]> = Vec::new();
+        if from < parent.len() {
+            names.extend(parent[from..].split(|&b| b == b'/'));
+        }
+        names.push(name);
+        let last = names.len() - 1;
+        for (i, raw) in names.into_iter().enumerate() {
+            let dir = match chain.last() {
+                Some((_, b)) => b.node.clone(),
+                None => self.inodes.get(ROOT).map_err(local("the root"))?,
+            };
+            let Ok(name) = Name::new(raw) else {
+                return Ok(None);
+            };
+            let fd = match apply::lookup_beneath(dir.fd.as_fd(), &name) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT | Errno::NOTDIR) => return Ok(None),
+                Err(e) => return Err(local(format!("{name:?}"))(e)),
+            };
+            let st = rustix::fs::fstat(fd.as_fd()).map_err(local(format!("{name:?}")))?;
+            let want = if i == last {
+                EntryKind::File
+            } else {
+                EntryKind::Dir
+            };
+            if EntryKind::of(st.st_mode) != want {
+                return Ok(None);
+            }
+            let bound = self.bind_live(fd, dir.id, name)?;
+            if i == last {
+                return Ok(Some(bound));
+            }
+            let prefix = track::join(chain.last().map_or(&[][..], |(p, _)| p), raw);
+            chain.push((prefix, bound));
+        }
+        Ok(None)
+    }
+
+    /// Takes an id for the entry behind `fd` as a lookup does: a new id is named
+    /// to the peer (`parent/name`) by a live `Bind` queued under the inode table's
+    /// lock, so it is ordered with every other operation naming it.
+    fn bind_live(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        parent: NodeId,
+        name: Name,
+    ) -> Result<Bound, SyncError> {
+        let mut gone = false;
+        let node = self
+            .inodes
+            .reference(fd, |id| {
+                let (failed, link) = (self.failed.clone(), self.link.clone());
+                let what = format!("{name:?}");
+                let done: crate::link::Completion = Box::new(move |r| {
+                    if let Err(errno) = r {
+                        failed.store(true, Ordering::SeqCst);
+                        link.diverged(&format!("sync: peer failed to bind {what}: {errno}"));
+                    }
+                });
+                gone = self
+                    .link
+                    .submit(Op::Bind { id, parent, name }, done)
+                    .is_err();
+            })
+            .map_err(local("a file"))?;
+        let bound = Bound::adopt(self, node);
+        if gone {
+            return Err(SyncError::PeerGone);
+        }
+        Ok(bound)
     }
 
     fn copy_attrs(&self, node: &Node) -> Result<(), SyncError> {

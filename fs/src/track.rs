@@ -456,6 +456,10 @@ struct State {
     degraded_since_window: bool,
 }
 
+/// Dirty-map files kept open by the flushing thread at most (the others are
+/// reopened when written again).
+const MAX_OPEN_MAPS: usize = 256;
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Tracker {
@@ -1478,6 +1482,13 @@ impl Tracker {
         for w in pages {
             let ino = w.ino;
             let path = self.dir.join(format!("{MAP_PREFIX}{ino}"));
+            if files.len() >= MAX_OPEN_MAPS && !files.contains_key(&ino) {
+                // A bounded cache: a degraded run over many files must not hold
+                // one descriptor per file changed.
+                if let Some(&old) = files.keys().next() {
+                    files.remove(&old);
+                }
+            }
             let f = match files.entry(ino) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {

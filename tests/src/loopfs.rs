@@ -34,6 +34,12 @@ impl LoopFs {
     /// A fresh XFS of `size` bytes (sparse; at least 300 MiB for mkfs.xfs), mounted
     /// at `<tempdir>/mnt`. `name` prefixes the temp dir.
     pub fn new(name: &str, size: u64) -> Result<LoopFs> {
+        Self::with_mkfs(name, size, &[])
+    }
+
+    /// [`LoopFs::new`] with extra `mkfs.xfs` options (e.g. `-b size=1024` for a
+    /// million small files in little space).
+    pub fn with_mkfs(name: &str, size: u64, mkfs: &[&str]) -> Result<LoopFs> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("vmha-loopfs-{name}-"))
             .tempdir_in("/var/tmp")
@@ -52,7 +58,10 @@ impl LoopFs {
             attached: vec![device],
             dir,
         };
-        run(Command::new("mkfs.xfs").args(["-q", &fs.device]))?;
+        run(Command::new("mkfs.xfs")
+            .arg("-q")
+            .args(mkfs)
+            .arg(&fs.device))?;
         fs.mount_device(false)?;
         Ok(fs)
     }

@@ -84,6 +84,11 @@ enum What {
         /// Bytes per file.
         #[arg(long, default_value_t = 1024)]
         file_bytes: u64,
+        /// Put both nodes on an XFS loop image of this many GiB (1 KiB blocks: a
+        /// million 1 KiB files take ~1.5 GiB per node) instead of `--dir`'s disk;
+        /// the image is deleted at the end.
+        #[arg(long)]
+        xfs_gib: Option<u64>,
     },
     /// A sparse image (see the module docs).
     Sparse {
@@ -132,7 +137,13 @@ fn mem_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 fn mem(c: &Child) -> Result<Value> {
-    Ok(json!({"hwm_kib": mem_kib(c.pid(), "VmHWM:")?, "rss_kib": mem_kib(c.pid(), "VmRSS:")?}))
+    // Open descriptors too: they must not grow with the number of files.
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", c.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    Ok(
+        json!({"hwm_kib": mem_kib(c.pid(), "VmHWM:")?, "rss_kib": mem_kib(c.pid(), "VmRSS:")?, "fds": fds}),
+    )
 }
 
 /// User + system CPU seconds of a process so far (all its threads).
@@ -428,7 +439,19 @@ fn run(args: &Args) -> Result<()> {
         cur.rlim_max
     };
     let started = sysinfo::utc_rfc3339(sysinfo::unix_now());
-    let s = ResyncSetup::in_dir(&args.dir, "vmha-bigdata-")?;
+    // Dropped last (after the nodes' directories and mounts beneath it).
+    let xfs = match &args.what {
+        What::Files {
+            xfs_gib: Some(gib), ..
+        } => Some(vmha_test_infra::loopfs::LoopFs::with_mkfs(
+            "bigdata",
+            gib * GIB,
+            &["-b", "size=1024"],
+        )?),
+        _ => None,
+    };
+    let dir = xfs.as_ref().map_or(args.dir.as_path(), |x| x.path());
+    let s = ResyncSetup::in_dir(dir, "vmha-bigdata-")?;
     let mut b = Bench {
         s,
         writer: None,
@@ -440,7 +463,9 @@ fn run(args: &Args) -> Result<()> {
     log(format!("unshaped veth: {link:.0} MB/s"));
     r["link_mbps"] = json!(link);
     let res = match &args.what {
-        What::Files { count, file_bytes } => files(&mut b, &mut r, *count, *file_bytes),
+        What::Files {
+            count, file_bytes, ..
+        } => files(&mut b, &mut r, *count, *file_bytes),
         What::Sparse {
             size_gib,
             written_mib,
