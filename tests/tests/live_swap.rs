@@ -15,7 +15,19 @@
 //!   migration running or about to): the destination drops its standby and
 //!   any paused instance and fails over as from any lost PRIM, booting the
 //!   guest from a disk holding every acknowledged counter; the killed node
-//!   comes back as SECOND.
+//!   comes back as SECOND;
+//! - the destination node killed while the migration runs (slowed to 1 MiB/s
+//!   with `virsh migrate-setspeed`, so that it surely runs): `swap --live`
+//!   fails, the guest keeps running on the source without a reboot, past the
+//!   last acknowledged counter, the source goes ALONE, and the killed node
+//!   comes back as its SECOND, both nodes agreeing;
+//! - the replication network cut at the destination while the migration
+//!   runs: the source aborts the migration as soon as its writer reports the
+//!   link stalled, the guest keeps running there (a write in flight at the
+//!   cut may fail with EIO and is retried by the guest: never an
+//!   acknowledged one), the destination drops its standby and paused
+//!   instance, and once the link is back the nodes agree (source PRIM, the
+//!   other SECOND after a resync).
 //!
 //! All in one cluster start (CI time): the refusal comes last since the
 //! hot-plugged disk cannot be removed from this guest again.
