@@ -449,6 +449,35 @@ fn accept_loop(
     }
 }
 
+/// Cuts a [`Forwarder`]'s connections from another thread: the migration
+/// using it then fails at once (libvirt sees its connection closed) instead
+/// of waiting for libvirt's keepalive on a link that went silent.
+#[derive(Clone, Debug)]
+pub struct ForwardCut {
+    stop: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl ForwardCut {
+    /// Accepts no more connections and shuts down every open one.
+    pub fn cut(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for conn in lock(&self.open).iter() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Forwarder {
+    /// A handle that cuts this forward ([`ForwardCut::cut`]).
+    pub fn cutter(&self) -> ForwardCut {
+        ForwardCut {
+            stop: Arc::clone(&self.stop),
+            open: Arc::clone(&self.open),
+        }
+    }
+}
+
 impl Drop for Forwarder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

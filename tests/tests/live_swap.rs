@@ -15,7 +15,19 @@
 //!   migration running or about to): the destination drops its standby and
 //!   any paused instance and fails over as from any lost PRIM, booting the
 //!   guest from a disk holding every acknowledged counter; the killed node
-//!   comes back as SECOND.
+//!   comes back as SECOND;
+//! - the destination node killed while the migration runs (slowed to 1 MiB/s
+//!   with `virsh migrate-setspeed`, so that it surely runs): `swap --live`
+//!   fails, the guest keeps running on the source without a reboot, past the
+//!   last acknowledged counter, the source goes ALONE, and the killed node
+//!   comes back as its SECOND, both nodes agreeing;
+//! - the replication network cut at the destination while the migration
+//!   runs: the source aborts the migration as soon as its writer reports the
+//!   link stalled, the guest keeps running there (a write in flight at the
+//!   cut may fail with EIO and is retried by the guest: never an
+//!   acknowledged one), the destination drops its standby and paused
+//!   instance, and once the link is back the nodes agree (source PRIM, the
+//!   other SECOND after a resync).
 //!
 //! All in one cluster start (CI time): the refusal comes last since the
 //! hot-plugged disk cannot be removed from this guest again.
@@ -27,7 +39,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use vmha_test_infra::cluster_vm::{workspace_bin, Timing, VmCluster, MODULE};
 use vmha_test_infra::guest::Console;
-use vmha_test_infra::node::one_cluster_at_a_time;
+use vmha_test_infra::node::{one_cluster_at_a_time, Network};
 use vmha_test_infra::scenario::{
     more_counters, qemu_pids, running_pair, runs_vm, BOOT_TIMEOUT, STATE_TIMEOUT, SYNC_TIMEOUT,
 };
@@ -229,7 +241,224 @@ fn live_swap_there_and_back_and_its_abort_points() -> Result<()> {
     live_swap(&vc, 0, 1)?;
     live_swap(&vc, 1, 0)?;
     source_killed_mid_migration(&mut vc)?;
-    refused(&vc, 1)
+    // node2 is PRIM now; its migrations are slowed down from here on so
+    // that they are surely running when the destination dies or the link
+    // goes (the refusal below does not migrate).
+    vc.node(1).virsh(&["migrate-setspeed", MODULE, "1"])?;
+    destination_killed_mid_migration(&mut vc, 1)?;
+    let prim = link_cut_mid_migration(&mut vc, 1)?;
+    refused(&vc, prim)
+}
+
+/// Starts `vmctl swap --live` on node `prim` in the background and waits
+/// until the migration runs (the SECOND in standby, the PRIM migrating).
+fn start_slow_live_swap(vc: &VmCluster, prim: usize) -> Result<std::process::Child> {
+    let (p, q) = (NODES[prim], NODES[1 - prim]);
+    let vmctl = workspace_bin("vmctl", "VMCTL_BIN")?;
+    let mut swap = vc
+        .node(prim)
+        .command(&vmctl)
+        .arg("--config")
+        .arg(vc.config())
+        .args(["swap", "--live"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn vmctl swap --live")?;
+    // The PRIM shows no phase while it migrates (one step): the incoming
+    // instance listed on the SECOND shows the migration runs.
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        if runs_vm(vc, 1 - prim)? {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = swap.kill();
+            let _ = swap.wait();
+            bail!(
+                "no incoming {MODULE} on {q}: no migration from {p}\n{}",
+                vc.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Into the migration (1 MiB/s: it lasts far longer than this).
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(swap)
+}
+
+/// The guest on node `prim` went on counting through an aborted live swap:
+/// no reboot, counters monotonic and past `acked`; no I/O error unless
+/// `eio_allowed` (a write never acknowledged, retried by the guest).
+fn kept_running(
+    vc: &VmCluster,
+    prim: usize,
+    boots: &[u64],
+    acked: u64,
+    eio_allowed: bool,
+) -> Result<()> {
+    let c = more_counters(vc, prim, 3, Duration::from_secs(90))?;
+    ensure!(
+        c.boots == boots,
+        "the guest rebooted on {}: boots {boots:?} before, {:?} after",
+        NODES[prim],
+        c.boots
+    );
+    c.check_monotonic()?;
+    ensure!(
+        c.errors.is_empty()
+            || eio_allowed && c.errors.iter().all(|e| e.contains("Input/output error")),
+        "guest errors: {:?}",
+        c.errors
+    );
+    let last = c.last_counter().context("no counter")?;
+    ensure!(last > acked, "counter {last} after {acked} acknowledged");
+    ensure!(
+        qemu_pids(vc, prim)?.len() == 1,
+        "QEMU on {}: {:?}",
+        NODES[prim],
+        qemu_pids(vc, prim)?
+    );
+    Ok(())
+}
+
+/// Both nodes agree: `prim` PRIM, the other SECOND ready, no live swap
+/// phase left, the VM only on `prim`.
+fn agreed(vc: &VmCluster, prim: usize, timeout: Duration) -> Result<()> {
+    let (p, q) = (NODES[prim], NODES[1 - prim]);
+    for i in [prim, 1 - prim] {
+        wait_status(
+            vc,
+            i,
+            &format!("{p} PRIM, {q} SECOND ready (as {} sees it)", NODES[i]),
+            timeout,
+            |s| {
+                state(s, p) == Some("PRIM")
+                    && state(s, q) == Some("SECOND")
+                    && ready(s, q)
+                    && primary(s) == Some(p)
+                    && entry(s, p)["swap_phase"].is_null()
+                    && entry(s, q)["swap_phase"].is_null()
+            },
+        )?;
+    }
+    ensure!(
+        !runs_vm(vc, 1 - prim)?,
+        "a {MODULE} instance is left on {q}"
+    );
+    ensure!(qemu_pids(vc, 1 - prim)?.is_empty(), "QEMU left on {q}");
+    Ok(())
+}
+
+/// `swap --live` on `prim`, its SECOND's node crashed while the migration
+/// runs: the VM keeps running on `prim`, which goes ALONE; the crashed node
+/// comes back as its SECOND.
+fn destination_killed_mid_migration(vc: &mut VmCluster, prim: usize) -> Result<()> {
+    let second = 1 - prim;
+    let (p, q) = (NODES[prim], NODES[second]);
+    more_counters(vc, prim, 3, Duration::from_secs(60))?;
+    let boots = Console::read(&vc.console(prim)?)?.boots;
+    let mut swap = start_slow_live_swap(vc, prim)?;
+    let acked = Console::read(&vc.console(prim)?)?
+        .last_counter()
+        .context("no counter")?;
+    let killed = vc.crash(second)?;
+    let t = Instant::now();
+    let swapped = wait_child(&mut swap, Duration::from_secs(120))?;
+    eprintln!(
+        "[live_swap] {q} killed mid-migration ({killed} processes), last counter {acked}; \
+         vmctl swap --live ended after {:?}: {swapped}",
+        t.elapsed()
+    );
+    ensure!(!swapped.success(), "swap --live succeeded with {q} dead");
+    wait_status(vc, prim, &format!("{p} ALONE"), STATE_TIMEOUT, |s| {
+        state(s, p) == Some("ALONE") && primary(s) == Some(p) && entry(s, p)["swap_phase"].is_null()
+    })?;
+    kept_running(vc, prim, &boots, acked, false)?;
+    vc.reboot(second)?;
+    vc.start_vmhad(second)?;
+    agreed(vc, prim, SYNC_TIMEOUT)?;
+    kept_running(vc, prim, &boots, acked, false)
+}
+
+/// `swap --live` on `prim`, the replication network cut at the SECOND
+/// while the migration runs: the VM ends up running on exactly one node
+/// with every acknowledged counter, and once the link is back the nodes
+/// agree. Returns the node the VM runs on.
+fn link_cut_mid_migration(vc: &mut VmCluster, prim: usize) -> Result<usize> {
+    let second = 1 - prim;
+    let q = NODES[second];
+    more_counters(vc, prim, 3, Duration::from_secs(60))?;
+    let boots = Console::read(&vc.console(prim)?)?.boots;
+    let mut swap = start_slow_live_swap(vc, prim)?;
+    let acked = Console::read(&vc.console(prim)?)?
+        .last_counter()
+        .context("no counter")?;
+    let t = Instant::now();
+    let cut = LinkDown::new(vc, second, Network::Dedicated);
+    let swapped = wait_child(&mut swap, Duration::from_secs(120));
+    eprintln!(
+        "[live_swap] replication link of {q} cut mid-migration, last counter {acked}; \
+         vmctl swap --live ended after {:?}: {swapped:?}",
+        t.elapsed()
+    );
+    let cut = cut?;
+    // The migration was aborted: the VM keeps running on the PRIM, which
+    // writes on without its SECOND. (A write in flight at the cut may fail
+    // with EIO: the stall shows at half the lock timeout, and libvirt takes
+    // about a second to end the aborted migration; never an acknowledged
+    // one, the guest retries it.)
+    ensure!(
+        !swapped?.success(),
+        "swap --live succeeded with the link cut"
+    );
+    kept_running(vc, prim, &boots, acked, true)?;
+    ensure!(!runs_vm(vc, second)?, "a {MODULE} instance is left on {q}");
+    drop(cut);
+    agreed(vc, prim, SYNC_TIMEOUT)?;
+    kept_running(vc, prim, &boots, acked, true)?;
+    Ok(prim)
+}
+
+/// Waits for `child` (`vmctl swap --live`) to exit, killing it after `timeout`.
+fn wait_child(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().context("vmctl swap --live")? {
+            return Ok(st);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("vmctl swap --live still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Brings node `i`'s end of `net` back up when dropped.
+struct LinkDown<'a> {
+    vc: &'a VmCluster,
+    i: usize,
+    net: Network,
+}
+
+impl<'a> LinkDown<'a> {
+    fn new(vc: &'a VmCluster, i: usize, net: Network) -> Result<Self> {
+        vc.node(i).set_link(net, false)?;
+        Ok(Self { vc, i, net })
+    }
+}
+
+impl Drop for LinkDown<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.vc.node(self.i).set_link(self.net, true) {
+            eprintln!("[live_swap] restoring the link: {e:#}");
+        }
+    }
 }
 
 /// A disk outside the module's directories refuses the live swap from

@@ -5,16 +5,26 @@
 //! itself beyond how to carry an action out.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::probe_witnesses;
 use super::runner::{Outdated, ResyncRate, Runner, RETRY_MAX};
 use super::PeerView;
 use crate::config::Module;
-use crate::driver::{FsDriver, VmDriver};
+use crate::driver::{FsDriver, FsHealth, VmDriver};
 use crate::generation::Metadata;
 use crate::state::{Action, Event, WitnessOutcome};
+
+/// How often the replication link is looked at while a live migration runs
+/// (the writer reports a stall at half its lock timeout).
+const MIGRATION_WATCH: Duration = Duration::from_millis(100);
+
+/// How long an aborted live migration may take to end before the module's
+/// task goes on without it: the link's loss must be handled before the
+/// writer's lock timeout (the stall shows at half of it).
+const MIGRATION_ABORT_GRACE: Duration = Duration::from_millis(300);
 
 /// Why the rest of a step's actions are skipped.
 #[derive(Debug)]
@@ -476,13 +486,10 @@ impl Runner {
                 }
             },
             Action::DropStandby => {
-                if let Some(Err(e)) = self.blocking(|_, fs, m| fs.drop_standby(m)).await {
-                    self.record(format!("error: drop the standby: {e}"), lines)
-                        .await;
-                }
-                // A paused incoming instance (the migration completed, the
-                // swap did not): it must never run here; `stop` destroys a
-                // paused domain at once.
+                // A paused incoming instance (the migration completed or
+                // still runs, the swap did not): it must never run here;
+                // `stop` destroys a paused domain at once. First: its open
+                // files would hold the standby mount's unmount.
                 let paused = self.blocking(|vm, _, m| vm.paused(m)).await;
                 if let Some(Ok(Some(_))) = paused {
                     match self.blocking(|vm, _, m| vm.stop(m)).await {
@@ -497,13 +504,78 @@ impl Runner {
                         None => {}
                     }
                 }
+                if let Some(Err(e)) = self.blocking(|_, fs, m| fs.drop_standby(m)).await {
+                    self.record(format!("error: drop the standby: {e}"), lines)
+                        .await;
+                }
             }
             Action::MigrateVm => {
                 let target = self.live_target.clone();
                 let started = Instant::now();
-                let outcome = self
-                    .blocking(move |vm, _, m| super::live::migrate(&target, vm, m))
+                // The migration runs within this step: the replication link
+                // going down meanwhile (stalled, lost) aborts it, so that the
+                // step ends and the link's loss is handled before the
+                // writer's lock timeout fails the guest's writes.
+                let abort = Arc::new(AtomicBool::new(false));
+                let flag = Arc::clone(&abort);
+                let (vm, module) = (Arc::clone(&self.vm), self.module.clone());
+                let mut migration = tokio::task::spawn_blocking(move || {
+                    super::live::migrate(&target, vm.as_ref(), &module, flag)
+                });
+                let mut watch = tokio::time::interval(MIGRATION_WATCH);
+                let mut give_up: Option<tokio::time::Instant> = None;
+                // None: given up while still running (ends in the background).
+                let joined = loop {
+                    tokio::select! {
+                        joined = &mut migration => break Some(joined),
+                        _ = watch.tick(), if give_up.is_none() => {
+                            let health = self.blocking(|_, fs, m| fs.health(m)).await;
+                            if matches!(health, Some(FsHealth::LinkDown | FsHealth::Failed(_))) {
+                                abort.store(true, Ordering::Relaxed);
+                                give_up = Some(tokio::time::Instant::now() + MIGRATION_ABORT_GRACE);
+                            }
+                        }
+                        _ = super::runner::sleep_until(give_up) => break None,
+                    }
+                };
+                let outcome = match joined {
+                    Some(Ok(result)) => Some(result),
+                    Some(Err(e)) => {
+                        tracing::error!(module = %self.module.name, error = %e, "live migration panicked");
+                        None
+                    }
+                    None => {
+                        // The cut forward fails it soon; whatever it ends
+                        // with is logged (a migration that had already
+                        // handed the VM over leaves it paused on the peer,
+                        // which drops it with its standby, and shows as
+                        // the VM stopped here).
+                        let name = self.module.name.clone();
+                        tokio::spawn(async move {
+                            match migration.await {
+                                Ok(Ok(())) => {
+                                    tracing::error!(module = %name, "the aborted live migration completed after all: the VM left this node")
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::info!(module = %name, "the aborted live migration ended: {e}")
+                                }
+                                Err(e) => {
+                                    tracing::error!(module = %name, error = %e, "live migration panicked")
+                                }
+                            }
+                        });
+                        Some(Err(
+                            "the replication link went down: migration aborted".to_string()
+                        ))
+                    }
+                };
+                if give_up.is_some() {
+                    self.record(
+                        "replication link down during the live migration: migration aborted".into(),
+                        lines,
+                    )
                     .await;
+                }
                 match outcome {
                     Some(Ok(())) => {
                         self.record(

@@ -6,11 +6,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
 
 use vmha_fs::key::ClusterKey;
 
 use crate::config::{Config, Module, NodeIndex};
 use crate::driver::VmDriver;
+
+/// How often a running migration looks at its abort flag.
+const ABORT_POLL: Duration = Duration::from_millis(50);
 
 /// Where the peer's libvirt is reached from this node for a module.
 #[derive(Clone)]
@@ -44,11 +51,14 @@ impl LiveTarget {
 /// Live-migrates the module's domain to the peer through a forwarded
 /// libvirt socket ([`crate::migrate::Forwarder`]) that lives as long as the
 /// migration. The driver checks the disks first (in the module's mount,
-/// `cache='none'`).
+/// `cache='none'`). Setting `abort` cuts the forward: the migration fails
+/// at once and the VM runs on here (a replication link gone silent must not
+/// hold the module's task until libvirt's keepalive gives up).
 pub(super) fn migrate(
     target: &LiveTarget,
     vm: &dyn VmDriver,
     module: &Module,
+    abort: Arc<AtomicBool>,
 ) -> Result<(), String> {
     let peer = target.peer.ok_or_else(|| {
         format!(
@@ -59,7 +69,23 @@ pub(super) fn migrate(
     let forwarder =
         crate::migrate::Forwarder::start(&target.run_dir, peer, &target.key, &module.name)
             .map_err(|e| e.to_string())?;
+    let cut = forwarder.cutter();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watcher = std::thread::Builder::new()
+        .name("migrate-abort".into())
+        .spawn(move || loop {
+            if abort.load(Ordering::Relaxed) {
+                cut.cut();
+                return;
+            }
+            if finished.recv_timeout(ABORT_POLL) != Err(RecvTimeoutError::Timeout) {
+                return;
+            }
+        })
+        .map_err(|e| format!("cannot start the migration's abort watcher: {e}"))?;
     let result = vm.migrate_live(module, forwarder.socket());
+    let _ = done.send(());
+    let _ = watcher.join();
     drop(forwarder);
     result.map_err(|e| e.to_string())
 }
