@@ -165,10 +165,10 @@ impl Nodes {
         let state = self.pair.primary_state();
         let sync = attach_and_wait(&self.pri, state)?;
         eprintln!("resync: {sync:?}");
-        let v = verify(&self.pri, state)?;
-        if !v.differing.is_empty() {
-            bail!("verify found differences: {v:?}");
-        }
+        // Identity is checked on the backing trees, extent by extent. Not with
+        // `vmctl verify`: it hashes every MiB of the 15 TiB (holes as zeros,
+        // unread, but one block each: minutes in a debug build); verify over a
+        // sparse terabyte is its own test below.
         assert_same_tree(self.pair.primary_backing(), self.pair.secondary_backing())?;
         let line = last_sync_line(&self.pri)?;
         if !last_sync_was_incremental(&self.pri)? {
