@@ -290,15 +290,6 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
             "--standby needs --peer and excludes --alone".into(),
         ));
     }
-    let backing = existing_dir("backing", &args.backing)?;
-    let mount = existing_dir("mount", &args.mount)?;
-    if args.standby && mount != backing {
-        // Mounted elsewhere, the receiver's directory would stay open to
-        // everyone's writes, or (read-only) not writable after activation.
-        return Err(RunError::Other(
-            "--standby mounts over the receiver's directory: --mount must equal --backing".into(),
-        ));
-    }
     let state_slot: Arc<OnceLock<Arc<StateDir>>> = Arc::default();
     // A normal start takes the state directory first (its lock, the
     // self-outdated check); a standby mount only when it is activated.
@@ -321,6 +312,17 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
         }
         Some(state)
     };
+    // After the state's verdict: a copy recorded as not up to date is refused
+    // as such even when its disk no longer answers at all.
+    let backing = existing_dir("backing", &args.backing)?;
+    let mount = existing_dir("mount", &args.mount)?;
+    if args.standby && mount != backing {
+        // Mounted elsewhere, the receiver's directory would stay open to
+        // everyone's writes, or (read-only) not writable after activation.
+        return Err(RunError::Other(
+            "--standby mounts over the receiver's directory: --mount must equal --backing".into(),
+        ));
+    }
     if mounts::is_fuse_mounted(&mount)? {
         return Err(RunError::AlreadyMounted(mount));
     }
