@@ -45,6 +45,10 @@ const MAX_STEPS: usize = 4;
 /// Pieces read ahead of the readers (bounds descriptors held for small files).
 const MAX_AHEAD_PIECES: usize = 256;
 
+/// What a hole of a dirty region counts toward a step (it is one punch on the
+/// peer, whatever its length).
+const HOLE_WEIGHT: u64 = 64 << 10;
+
 /// A file's inode (the key of its dirty map) and regions of it.
 type Regions = (u64, Vec<(u64, u64)>);
 
@@ -420,14 +424,33 @@ impl Syncer {
                     if ranges.is_empty() {
                         d.segment(&file, &[], holes, true)?;
                     }
-                    // Cut at step boundaries: a step is cleared as a whole.
+                    // Cut at step boundaries: a step is cleared as a whole. A step
+                    // is RESUME_STEP bytes of data; a hole (one punch on the peer)
+                    // weighs HOLE_WEIGHT whatever its length, so a terabyte marked
+                    // but never written is a few steps, not one per 64 MiB.
                     let mut group = Vec::new();
                     for (mut start, end) in ranges {
                         while start < end {
-                            let room = RESUME_STEP.saturating_sub(d.step_bytes).max(1);
-                            let cut = end.min(start.saturating_add(room));
+                            let data_at =
+                                match rustix::fs::seek(file.fd.as_fd(), SeekFrom::Data(start)) {
+                                    Ok(p) => p.min(end),
+                                    Err(Errno::NXIO) => end,
+                                    Err(e) => return Err(local("a file")(e)),
+                                };
+                            let cut = if data_at > start {
+                                d.step_bytes += HOLE_WEIGHT;
+                                data_at
+                            } else {
+                                let hole_at =
+                                    rustix::fs::seek(file.fd.as_fd(), SeekFrom::Hole(start))
+                                        .map_err(local("a file"))?
+                                        .min(end);
+                                let room = RESUME_STEP.saturating_sub(d.step_bytes).max(1);
+                                let cut = hole_at.min(start.saturating_add(room));
+                                d.step_bytes += cut - start;
+                                cut
+                            };
                             group.push((start, cut));
-                            d.step_bytes += cut - start;
                             start = cut;
                             if d.step_bytes >= RESUME_STEP {
                                 d.segment(&file, &std::mem::take(&mut group), holes, true)?;
