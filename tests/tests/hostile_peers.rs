@@ -85,6 +85,12 @@ impl Session {
                         return Ok(a.errno);
                     }
                 }
+                // Replication version 8 on: the same, with the receiver's time.
+                Message::TimedAcks(acks) => {
+                    if let Some(a) = acks.iter().find(|a| a.seq == self.seq) {
+                        return Ok(a.errno);
+                    }
+                }
                 Message::Ping => {}
                 other => bail!("unexpected {other:?}"),
             }
