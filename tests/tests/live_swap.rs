@@ -374,11 +374,14 @@ fn destination_killed_mid_migration(vc: &mut VmCluster, prim: usize) -> Result<(
     wait_status(vc, prim, &format!("{p} ALONE"), STATE_TIMEOUT, |s| {
         state(s, p) == Some("ALONE") && primary(s) == Some(p) && entry(s, p)["swap_phase"].is_null()
     })?;
-    kept_running(vc, prim, &boots, acked, false)?;
+    // As with a cut link: a guest write in flight when the peer died may fail
+    // with EIO (never an acknowledged one) while the module's step still waits
+    // for libvirt to give up the migration (issue 14, left open).
+    kept_running(vc, prim, &boots, acked, true)?;
     vc.reboot(second)?;
     vc.start_vmhad(second)?;
     agreed(vc, prim, SYNC_TIMEOUT)?;
-    kept_running(vc, prim, &boots, acked, false)
+    kept_running(vc, prim, &boots, acked, true)
 }
 
 /// `swap --live` on `prim`, the replication network cut at the SECOND
