@@ -565,6 +565,12 @@ impl Node {
         Ok(())
     }
 
+    /// Takes this node's end of `net` down until the returned guard is dropped.
+    pub fn link_down(&self, net: Network) -> Result<LinkDown<'_>> {
+        self.set_link(net, false)?;
+        Ok(LinkDown { node: self, net })
+    }
+
     /// One ICMP echo to `addr` from inside the node (busybox ping), within 1 s.
     pub fn ping(&self, addr: Ipv4Addr) -> Result<bool> {
         let st = self
@@ -722,4 +728,20 @@ impl Cluster {
 pub fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A network cut on one node ([`Node::link_down`]): the link comes back up
+/// when this is dropped, whatever the test did meanwhile.
+#[derive(Debug)]
+pub struct LinkDown<'a> {
+    node: &'a Node,
+    net: Network,
+}
+
+impl Drop for LinkDown<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.node.set_link(self.net, true) {
+            eprintln!("[{}] restoring the link: {e:#}", self.node.name);
+        }
+    }
 }

@@ -148,28 +148,6 @@ fn destroyed_guest_restarts_in_place_then_fails_over_after_maxloop() {
 
 // ---- 3. production network cut ----
 
-/// Brings node `i`'s end of `net` back up when dropped.
-struct LinkDown<'a> {
-    vc: &'a VmCluster,
-    i: usize,
-    net: Network,
-}
-
-impl<'a> LinkDown<'a> {
-    fn new(vc: &'a VmCluster, i: usize, net: Network) -> Result<Self> {
-        vc.node(i).set_link(net, false)?;
-        Ok(Self { vc, i, net })
-    }
-}
-
-impl Drop for LinkDown<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.vc.node(self.i).set_link(self.net, true) {
-            eprintln!("[failover_more] restoring the link: {e:#}");
-        }
-    }
-}
-
 fn production_cut() -> Result<()> {
     let timing = Timing::default();
     let vc = running_pair(&timing)?;
@@ -177,7 +155,7 @@ fn production_cut() -> Result<()> {
     let before = Console::read(&console1)?;
     let hold = Duration::from_millis(timing.failover_timeout_ms * 3);
     {
-        let _cut = LinkDown::new(&vc, 0, Network::Production)?;
+        let _cut = vc.node(0).link_down(Network::Production)?;
         ensure!(
             !vc.node(0).ping(Network::Production.address(1))?,
             "production network still answers"

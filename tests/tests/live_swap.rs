@@ -161,17 +161,7 @@ fn source_killed_mid_migration(vc: &mut VmCluster) -> Result<()> {
     let dst_offset = std::fs::metadata(&dst_console)
         .map(|m| m.len())
         .unwrap_or(0);
-    let vmctl = workspace_bin("vmctl", "VMCTL_BIN")?;
-    let mut swap = vc
-        .node(0)
-        .command(&vmctl)
-        .arg("--config")
-        .arg(vc.config())
-        .args(["swap", "--live"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn vmctl swap --live")?;
+    let mut swap = spawn_live_swap(vc, 0)?;
     let standby = wait_status(vc, 1, "node2 in standby", STATE_TIMEOUT, |s| {
         entry(s, "node2")["swap_phase"].as_str() == Some("standby")
     });
@@ -250,13 +240,10 @@ fn live_swap_there_and_back_and_its_abort_points() -> Result<()> {
     refused(&vc, prim)
 }
 
-/// Starts `vmctl swap --live` on node `prim` in the background and waits
-/// until the migration runs (the SECOND in standby, the PRIM migrating).
-fn start_slow_live_swap(vc: &VmCluster, prim: usize) -> Result<std::process::Child> {
-    let (p, q) = (NODES[prim], NODES[1 - prim]);
+/// `vmctl swap --live` on node `prim`, in the background (output discarded).
+fn spawn_live_swap(vc: &VmCluster, prim: usize) -> Result<std::process::Child> {
     let vmctl = workspace_bin("vmctl", "VMCTL_BIN")?;
-    let mut swap = vc
-        .node(prim)
+    vc.node(prim)
         .command(&vmctl)
         .arg("--config")
         .arg(vc.config())
@@ -264,7 +251,14 @@ fn start_slow_live_swap(vc: &VmCluster, prim: usize) -> Result<std::process::Chi
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("spawn vmctl swap --live")?;
+        .context("spawn vmctl swap --live")
+}
+
+/// Starts `vmctl swap --live` on node `prim` in the background and waits
+/// until the migration runs (the SECOND in standby, the PRIM migrating).
+fn start_slow_live_swap(vc: &VmCluster, prim: usize) -> Result<std::process::Child> {
+    let (p, q) = (NODES[prim], NODES[1 - prim]);
+    let mut swap = spawn_live_swap(vc, prim)?;
     // The PRIM shows no phase while it migrates (one step): the incoming
     // instance listed on the SECOND shows the migration runs.
     let deadline = Instant::now() + STATE_TIMEOUT;
@@ -398,7 +392,7 @@ fn link_cut_mid_migration(vc: &mut VmCluster, prim: usize) -> Result<usize> {
         .last_counter()
         .context("no counter")?;
     let t = Instant::now();
-    let cut = LinkDown::new(vc, second, Network::Dedicated);
+    let cut = vc.node(second).link_down(Network::Dedicated);
     let swapped = wait_child(&mut swap, Duration::from_secs(120));
     eprintln!(
         "[live_swap] replication link of {q} cut mid-migration, last counter {acked}; \
@@ -439,28 +433,6 @@ fn wait_child(
             bail!("vmctl swap --live still running after {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Brings node `i`'s end of `net` back up when dropped.
-struct LinkDown<'a> {
-    vc: &'a VmCluster,
-    i: usize,
-    net: Network,
-}
-
-impl<'a> LinkDown<'a> {
-    fn new(vc: &'a VmCluster, i: usize, net: Network) -> Result<Self> {
-        vc.node(i).set_link(net, false)?;
-        Ok(Self { vc, i, net })
-    }
-}
-
-impl Drop for LinkDown<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.vc.node(self.i).set_link(self.net, true) {
-            eprintln!("[live_swap] restoring the link: {e:#}");
-        }
     }
 }
 
