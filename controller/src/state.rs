@@ -1635,14 +1635,10 @@ impl Transition {
             );
             return;
         }
-        self.act(Action::Unmount);
-        self.act(Action::MountReceiver);
-        self.s.attach = Attach::Idle;
-        self.s.role = Role::Second;
-        self.s.uptodate = true;
-        self.s.vm_starting = false;
-        self.s.request = Some(Request::TakeOverLive);
-        self.because("live swap: the VM migrated, the peer resumes it");
+        self.become_ready_second(
+            Request::TakeOverLive,
+            "live swap: the VM migrated, the peer resumes it",
+        );
     }
 
     /// Live swap on the SECOND: the standby becomes the writer replicating to
@@ -2264,14 +2260,24 @@ impl Transition {
         if !std::mem::take(&mut self.s.swapping) || self.s.role != Role::Prim {
             return;
         }
+        self.become_ready_second(
+            Request::TakeOver,
+            "swap: the VM stopped, the peer takes over",
+        );
+    }
+
+    /// A swap's hand-over once our VM is off this node (stopped or migrated):
+    /// the writer goes (its unmount drains to the peer), this node becomes the
+    /// peer's up-to-date SECOND and asks it, with `request`, to take over.
+    fn become_ready_second(&mut self, request: Request, why: &str) {
         self.act(Action::Unmount);
         self.act(Action::MountReceiver);
         self.s.attach = Attach::Idle;
         self.s.role = Role::Second;
         self.s.uptodate = true;
         self.s.vm_starting = false;
-        self.s.request = Some(Request::TakeOver);
-        self.because("swap: the VM stopped, the peer takes over");
+        self.s.request = Some(request);
+        self.because(why);
     }
 
     fn vm_stop_failed(&mut self) {
