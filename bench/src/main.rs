@@ -229,8 +229,12 @@ struct FioArgs {
     jobs: Option<String>,
     /// Comma list of targets: local, two-copies (two jobs on two local files at
     /// once: the two-copy limit of this disk), vmha (protocol C), vmha-B,
-    /// vmha-flush, bindfs.
-    #[arg(long, default_value = "local,two-copies,vmha,vmha-B,vmha-flush,bindfs")]
+    /// vmha-flush, vmha-alone (vmha-fs primary with no peer: the FUSE path
+    /// without replication, the ceiling of any protocol), bindfs.
+    #[arg(
+        long,
+        default_value = "local,two-copies,vmha,vmha-B,vmha-flush,vmha-alone,bindfs"
+    )]
     targets: String,
     /// Parent of the scratch directory (on the disk to measure; not a tmpfs).
     #[arg(long, default_value = "/var/tmp")]

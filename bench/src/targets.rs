@@ -49,16 +49,22 @@ pub enum Kind {
     VmhaB,
     #[serde(rename = "vmha-flush")]
     VmhaFlush,
+    /// vmha-fs primary with no peer (the ALONE state): the FUSE path, the
+    /// activity log and the dirty map without replication, i.e. the ceiling
+    /// any replication protocol over this FUSE path can reach.
+    #[serde(rename = "vmha-alone")]
+    VmhaAlone,
     Bindfs,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Local,
         Kind::TwoCopies,
         Kind::Vmha,
         Kind::VmhaB,
         Kind::VmhaFlush,
+        Kind::VmhaAlone,
         Kind::Bindfs,
     ];
 
@@ -69,6 +75,7 @@ impl Kind {
             Kind::Vmha => "vmha",
             Kind::VmhaB => "vmha-B",
             Kind::VmhaFlush => "vmha-flush",
+            Kind::VmhaAlone => "vmha-alone",
             Kind::Bindfs => "bindfs",
         }
     }
@@ -88,6 +95,8 @@ impl Kind {
             Kind::Vmha => Some("C"),
             Kind::VmhaB => Some("B"),
             Kind::VmhaFlush => Some("flush"),
+            // Nothing is replicated: the protocol does not matter.
+            Kind::VmhaAlone => Some("C"),
             _ => None,
         }
     }
@@ -126,7 +135,8 @@ struct VmhaPair {
     // Field order is drop order: primary (unmounts P/mnt) before secondary,
     // then the leftover-mount cleanup.
     primary: Child,
-    secondary: Child,
+    /// None for `vmha-alone`.
+    secondary: Option<Child>,
     p_data: PathBuf,
     s_data: PathBuf,
     /// The primary's state dir (its `metrics.json`).
@@ -187,7 +197,7 @@ fn wait_fuse_mounted(proc: &mut Child, mnt: &Path) -> Result<()> {
     }
 }
 
-fn setup_vmha(root: &Path, bin: &Path, protocol: &str) -> Result<(PathBuf, VmhaPair)> {
+fn setup_vmha(root: &Path, bin: &Path, protocol: &str, alone: bool) -> Result<(PathBuf, VmhaPair)> {
     let key = root.join("cluster.key");
     let (p, s) = (root.join("p"), root.join("s"));
     let (p_data, p_mnt, p_state) = (p.join("data"), p.join("mnt"), p.join("state"));
@@ -202,25 +212,34 @@ fn setup_vmha(root: &Path, bin: &Path, protocol: &str) -> Result<(PathBuf, VmhaP
         MountGuard::new(s_data.clone()),
     ];
     let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut cmd = Command::new(bin);
-    cmd.arg("secondary")
-        .arg("--backing")
-        .arg(&s_data)
-        .args(["--listen", &addr])
-        .arg("--state")
-        .arg(&s_state)
-        .arg("--key-file")
-        .arg(&key);
-    let mut secondary = spawn_logged("vmha-fs secondary", cmd, &root.join("secondary.log"))?;
-    secondary.wait_ready(READY_TIMEOUT)?;
+    let secondary = if alone {
+        None
+    } else {
+        let mut cmd = Command::new(bin);
+        cmd.arg("secondary")
+            .arg("--backing")
+            .arg(&s_data)
+            .args(["--listen", &addr])
+            .arg("--state")
+            .arg(&s_state)
+            .arg("--key-file")
+            .arg(&key);
+        let mut secondary = spawn_logged("vmha-fs secondary", cmd, &root.join("secondary.log"))?;
+        secondary.wait_ready(READY_TIMEOUT)?;
+        Some(secondary)
+    };
     let mut cmd = Command::new(bin);
     cmd.arg("primary")
         .arg("--backing")
         .arg(&p_data)
         .arg("--mount")
-        .arg(&p_mnt)
-        .args(["--peer", &addr])
-        .arg("--state")
+        .arg(&p_mnt);
+    if alone {
+        cmd.arg("--alone");
+    } else {
+        cmd.args(["--peer", &addr]);
+    }
+    cmd.arg("--state")
         .arg(&p_state)
         .arg("--key-file")
         .arg(&key)
@@ -299,10 +318,10 @@ impl Target {
                 mkdirs(&[&dir])?;
                 (dir, Backend::Local)
             }
-            Kind::Vmha | Kind::VmhaB | Kind::VmhaFlush => {
+            Kind::Vmha | Kind::VmhaB | Kind::VmhaFlush | Kind::VmhaAlone => {
                 let bin = vmha_fs.context("vmha target needs the vmha-fs binary")?;
                 let protocol = kind.protocol().unwrap_or("C");
-                let (dir, pair) = setup_vmha(root, bin, protocol)?;
+                let (dir, pair) = setup_vmha(root, bin, protocol, kind == Kind::VmhaAlone)?;
                 (dir, Backend::Vmha(pair))
             }
             Kind::Bindfs => {
@@ -323,7 +342,9 @@ impl Target {
         match &mut self.backend {
             Backend::Local => return Ok(()),
             Backend::Vmha(v) => {
-                v.secondary.ensure_running()?;
+                if let Some(s) = &mut v.secondary {
+                    s.ensure_running()?;
+                }
                 v.primary.ensure_running()?;
             }
             Backend::Bindfs(b) => b.proc.ensure_running()?,
@@ -345,8 +366,8 @@ impl Target {
             return None;
         };
         let mut total = Usage::default();
-        for pid in [v.primary.pid(), v.secondary.pid()] {
-            total.add(&Usage::of(pid)?);
+        for p in std::iter::once(&v.primary).chain(&v.secondary) {
+            total.add(&Usage::of(p.pid())?);
         }
         Some(total)
     }
@@ -368,6 +389,9 @@ impl Target {
         let Backend::Vmha(v) = &self.backend else {
             return None;
         };
+        if v.secondary.is_none() {
+            return None;
+        }
         let (p, s) = (v.p_data.join(name), v.s_data.join(name));
         if !p.exists() || !s.exists() {
             return Some(format!(
@@ -393,7 +417,7 @@ impl Target {
     pub fn log_tails(&self, lines: usize) -> String {
         let procs: Vec<&Child> = match &self.backend {
             Backend::Local => vec![],
-            Backend::Vmha(v) => vec![&v.primary, &v.secondary],
+            Backend::Vmha(v) => std::iter::once(&v.primary).chain(&v.secondary).collect(),
             Backend::Bindfs(b) => vec![&b.proc],
         };
         procs
@@ -408,7 +432,9 @@ impl Target {
     pub fn abort(&mut self) {
         let procs: Vec<&mut Child> = match &mut self.backend {
             Backend::Local => vec![],
-            Backend::Vmha(v) => vec![&mut v.primary, &mut v.secondary],
+            Backend::Vmha(v) => std::iter::once(&mut v.primary)
+                .chain(&mut v.secondary)
+                .collect(),
             Backend::Bindfs(b) => vec![&mut b.proc],
         };
         for p in procs {
@@ -460,7 +486,9 @@ impl Target {
             Backend::Local => {}
             Backend::Vmha(v) => {
                 stop(&mut v.primary, &self.dir);
-                stop(&mut v.secondary, &v.s_data);
+                if let Some(s) = &mut v.secondary {
+                    stop(s, &v.s_data);
+                }
             }
             Backend::Bindfs(b) => stop(&mut b.proc, &self.dir),
         }
