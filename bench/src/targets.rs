@@ -389,9 +389,8 @@ impl Target {
         let Backend::Vmha(v) = &self.backend else {
             return None;
         };
-        if v.secondary.is_none() {
-            return None;
-        }
+        // vmha-alone: no replica to compare.
+        v.secondary.as_ref()?;
         let (p, s) = (v.p_data.join(name), v.s_data.join(name));
         if !p.exists() || !s.exists() {
             return Some(format!(
