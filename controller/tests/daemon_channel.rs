@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmha_controller::channel::{self, ChannelError};
@@ -18,6 +18,9 @@ use vmha_fs::key::ClusterKey;
 use vmha_fs::version::Versions;
 use vmha_test_infra::ports::free_cluster_port;
 
+mod common;
+use common::vmhad::{NodeConfig, Vmhad};
+
 fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
     l.local_addr().unwrap().port()
@@ -26,84 +29,16 @@ fn free_tcp_port() -> u16 {
 /// `dir/<node>/vmha.toml` of a pair on 127.0.0.1 / 127.0.0.2.
 fn node_config(dir: &Path, node: &str, key: &Path, hb: u16, channel: u16) -> PathBuf {
     let base = dir.join(node);
-    std::fs::create_dir_all(&base).unwrap();
-    let text = format!(
-        r#"
-[cluster]
-name = "chan"
-key_file = "{key}"
-state_dir = "{state}"
-control_socket = "{socket}"
-heartbeat_port = {hb}
-channel_port = {channel}
-heartbeat_interval_ms = 50
-failover_timeout_ms = 400
-start_wait_ms = 200
-
-[[node]]
-name = "node1"
-addresses = ["127.0.0.1"]
-
-[[node]]
-name = "node2"
-addresses = ["127.0.0.2"]
-
-[[module]]
-name = "vm1"
-replicated = ["/srv/chan/vm1"]
-port = 7101
-lock_timeout_ms = 1000
-libvirt_uri = "qemu+unix:///system?socket={libvirt}"
-"#,
-        libvirt = base.join("libvirt-sock").display(),
-        key = key.display(),
-        state = base.join("state").display(),
-        socket = base.join("vmhad.sock").display(),
+    let libvirt = format!(
+        "libvirt_uri = \"qemu+unix:///system?socket={}\"",
+        base.join("libvirt-sock").display()
     );
-    let path = base.join("vmha.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// A `vmhad` child, killed (by its PID) when dropped.
-struct Vmhad {
-    child: std::process::Child,
-    err: PathBuf,
-}
-
-impl Vmhad {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
+    NodeConfig {
+        channel_port: Some(channel),
+        module_extra: &libvirt,
+        ..NodeConfig::new("chan", &base, key, hb)
     }
-}
-
-impl Drop for Vmhad {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(config: &Path, node: &str, env: &[(&str, &str)]) -> Vmhad {
-    let err = config.with_file_name("vmhad.err");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmhad"));
-    cmd.args([
-        "--config",
-        config.to_str().unwrap(),
-        "--node",
-        node,
-        "--fake-drivers",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&err).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Vmhad {
-        child: cmd.spawn().unwrap(),
-        err,
-    }
+    .write()
 }
 
 struct Pair {
@@ -122,8 +57,8 @@ impl Pair {
         let (hb, channel_port) = (free_cluster_port(), free_tcp_port());
         let c1 = node_config(dir.path(), "node1", &key_file, hb, channel_port);
         let c2 = node_config(dir.path(), "node2", &key_file, hb, channel_port);
-        let n1 = spawn(&c1, "node1", env1);
-        let n2 = spawn(&c2, "node2", env2);
+        let n1 = Vmhad::spawn(&c1, "node1", env1);
+        let n2 = Vmhad::spawn(&c2, "node2", env2);
         let pair = Pair {
             dir,
             key,

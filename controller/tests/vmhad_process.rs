@@ -11,6 +11,9 @@ use vmha_controller::control::{Client, Request};
 use vmha_fs::key::ClusterKey;
 use vmha_test_infra::ports::free_cluster_port;
 
+mod common;
+use common::vmhad::{call, NodeConfig, Vmhad};
+
 fn config(dir: &std::path::Path) -> std::path::PathBuf {
     config_with(dir, "")
 }
@@ -31,40 +34,11 @@ fn write_config(
     port: u16,
     extra: &str,
 ) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[cluster]
-name = "proc"
-key_file = "{key}"
-state_dir = "{state}"
-control_socket = "{socket}"
-heartbeat_port = {port}
-heartbeat_interval_ms = 50
-failover_timeout_ms = 400
-start_wait_ms = 200
-{extra}
-
-[[node]]
-name = "node1"
-addresses = ["127.0.0.1"]
-
-[[node]]
-name = "node2"
-addresses = ["127.0.0.2"]
-
-[[module]]
-name = "vm1"
-replicated = ["/srv/proc/vm1"]
-port = 7101
-lock_timeout_ms = 1000
-"#,
-        key = key.display(),
-        state = base.join("state").display(),
-        socket = base.join("vmhad.sock").display(),
-    );
-    let path = base.join("vmha.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    NodeConfig {
+        cluster_extra: extra,
+        ..NodeConfig::new("proc", base, key, port)
+    }
+    .write()
 }
 
 #[test]
@@ -241,36 +215,9 @@ fn pair_config(
     write_config(&base, key, port, "")
 }
 
-/// A `vmhad` child, killed (by its PID) when dropped.
-struct Vmhad(std::process::Child);
-
-impl Drop for Vmhad {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn_vmhad(config: &std::path::Path, node: &str, offset_s: i64) -> Vmhad {
-    Vmhad(
-        Command::new(env!("CARGO_BIN_EXE_vmhad"))
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--node",
-                node,
-                "--fake-drivers",
-            ])
-            .env("VMHA_TEST_CLOCK_OFFSET_S", offset_s.to_string())
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(config.with_file_name("vmhad.err")).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn call(socket: &std::path::Path, request: &Request) -> Option<vmha_controller::control::Response> {
-    Client::connect(socket).ok()?.call(request).ok()
+    let offset = offset_s.to_string();
+    Vmhad::spawn(config, node, &[("VMHA_TEST_CLOCK_OFFSET_S", &offset)])
 }
 
 /// Whether `socket`'s daemon sees node1 PRIM and node2 SECOND, both ready.
@@ -318,8 +265,8 @@ fn a_pair_twenty_minutes_apart_forms_and_holds() {
             "the daemons did not hear each other: {:?}\n{:?}\n{}\n{}",
             call(&s1, &Request::Status),
             call(&s2, &Request::Status),
-            std::fs::read_to_string(dir.path().join("node1/vmhad.err")).unwrap_or_default(),
-            std::fs::read_to_string(dir.path().join("node2/vmhad.err")).unwrap_or_default()
+            std::fs::read_to_string(dir.path().join("node1/vmhad.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.path().join("node2/vmhad.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -435,11 +382,11 @@ fn spawn_notify(
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
-        .stderr(std::fs::File::create(cfg.with_file_name("vmhad.err")).unwrap());
+        .stderr(std::fs::File::create(cfg.with_file_name("vmhad.log")).unwrap());
     if let Some(usec) = watchdog_usec {
         command.env("WATCHDOG_USEC", usec);
     }
-    Vmhad(command.spawn().unwrap())
+    Vmhad::adopt(command.spawn().unwrap(), cfg)
 }
 
 /// `Type=notify`: READY=1 comes once the control socket answers, with a
@@ -451,7 +398,7 @@ fn notifies_systemd_ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let notify = Listener::bind(&dir.path().join("notify"));
-    let vmhad = spawn_notify(&cfg, &dir.path().join("notify"), Some("400000"));
+    let mut vmhad = spawn_notify(&cfg, &dir.path().join("notify"), Some("400000"));
     let (ready, before) = notify.until(Duration::from_secs(10), |m| {
         m.lines().any(|l| l == "READY=1")
     });
@@ -485,8 +432,8 @@ fn notifies_systemd_ready_status_watchdog_and_stopping() {
         m.lines()
             .any(|l| l == "STATUS=vm1: STOP, node2 unreachable")
     });
-    let pid = rustix::process::Pid::from_raw(i32::try_from(vmhad.0.id()).unwrap()).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    // SIGTERM, without waiting for the exit yet.
+    let _ = vmhad.terminate(Duration::ZERO);
     notify.until(Duration::from_secs(10), |m| {
         m.lines().any(|l| l == "STOPPING=1")
     });
@@ -516,8 +463,8 @@ fn no_watchdog_pings_unless_systemd_asks() {
 fn logs_on_a_file_are_plain_text() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let err = dir.path().join("vmhad.err");
-    let child = Vmhad(
+    let err = dir.path().join("vmhad.log");
+    let child = Vmhad::adopt(
         Command::new(env!("CARGO_BIN_EXE_vmhad"))
             .args([
                 "--config",
@@ -532,6 +479,7 @@ fn logs_on_a_file_are_plain_text() {
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
             .unwrap(),
+        &cfg,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while call(&dir.path().join("vmhad.sock"), &Request::Status).is_none() {
@@ -565,11 +513,11 @@ fn logs_go_to_journald_with_fields_under_systemd() {
     let journal = dir.path().join("journal");
     std::fs::create_dir(&journal).unwrap();
     let socket = Listener::bind(&journal.join("socket"));
-    let err = dir.path().join("vmhad.err");
+    let err = dir.path().join("vmhad.log");
     let stderr = std::fs::File::create(&err).unwrap();
     let meta = stderr.metadata().unwrap();
     let vmhad = env!("CARGO_BIN_EXE_vmhad");
-    let child = Vmhad(
+    let child = Vmhad::adopt(
         Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(
@@ -591,6 +539,7 @@ fn logs_go_to_journald_with_fields_under_systemd() {
             .stderr(stderr)
             .spawn()
             .unwrap(),
+        &cfg,
     );
     // Every record (as its fields) until one of each kind below arrived.
     let message = |fields: &[(String, String)], what: &dyn Fn(&str) -> bool| {

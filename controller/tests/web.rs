@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
@@ -17,6 +17,9 @@ use vmha_controller::control::{Client, Request};
 use vmha_fs::key::ClusterKey;
 use vmha_test_infra::ports::free_cluster_port;
 
+mod common;
+use common::vmhad::{call, NodeConfig, Vmhad};
+
 /// A loopback address of its own per test (127.X.Y.1), so that port 9010
 /// is free for it.
 fn own_address(salt: u8) -> String {
@@ -24,96 +27,25 @@ fn own_address(salt: u8) -> String {
     format!("127.{}.{}.1", 100 + (pid % 100), salt)
 }
 
-/// vmhad as a child process, stopped (SIGTERM, then SIGKILL) on drop.
-struct Vmhad {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Vmhad {
-    fn drop(&mut self) {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn write_config(dir: &Path, address: &str, web: &str) -> PathBuf {
     let key = dir.join("cluster.key");
     if !key.exists() {
         ClusterKey::generate_file(&key).unwrap();
     }
-    let text = format!(
-        r#"
-[cluster]
-name = "web"
-key_file = "{key}"
-state_dir = "{state}"
-control_socket = "{socket}"
-heartbeat_port = {port}
-heartbeat_interval_ms = 50
-failover_timeout_ms = 400
-start_wait_ms = 200
-
-[[node]]
-name = "node1"
-addresses = ["{address}"]
-
-[[node]]
-name = "node2"
-addresses = ["127.0.0.2"]
-
-[[module]]
-name = "vm1"
-replicated = ["/srv/web/vm1"]
-port = 7101
-lock_timeout_ms = 1000
-{web}
-"#,
-        key = key.display(),
-        state = dir.join("state").display(),
-        socket = dir.join("vmhad.sock").display(),
-        port = free_cluster_port(),
-    );
-    let path = dir.join("vmha.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    NodeConfig {
+        addresses: [address, "127.0.0.2"],
+        sections: web,
+        ..NodeConfig::new("web", dir, &key, free_cluster_port())
+    }
+    .write()
 }
 
 fn start_vmhad(dir: &Path, address: &str, web: &str) -> Vmhad {
     let cfg = write_config(dir, address, web);
-    let child = Command::new(env!("CARGO_BIN_EXE_vmhad"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--node",
-            "node1",
-            "--fake-drivers",
-        ])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("vmhad.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let guard = Vmhad {
-        child,
-        dir: dir.to_path_buf(),
-    };
+    let guard = Vmhad::spawn(&cfg, "node1", &[]);
     let socket = dir.join("vmhad.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut client) = Client::connect(&socket) {
-            if client.call(&Request::Status).map(|r| r.ok).unwrap_or(false) {
-                break;
-            }
-        }
+    while !call(&socket, &Request::Status).is_some_and(|r| r.ok) {
         assert!(Instant::now() < deadline, "vmhad did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -132,7 +64,7 @@ fn set_password(vmhad: &Vmhad, password: &str) {
     let mut child = Command::new(vmctl())
         .args([
             "--config",
-            vmhad.dir.join("vmha.toml").to_str().unwrap(),
+            vmhad.config().to_str().unwrap(),
             "web-password",
             "--stdin",
         ])

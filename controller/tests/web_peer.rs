@@ -10,9 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read;
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{COOKIE, SET_COOKIE};
@@ -20,6 +19,10 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use vmha_controller::control::{Client, Request};
 use vmha_fs::key::ClusterKey;
+use vmha_test_infra::ports::free_cluster_port;
+
+mod common;
+use common::vmhad::{NodeConfig, Vmhad};
 
 /// Loopback addresses of their own per test (127.X.Y.1 and .2), so that
 /// port 9010 is free on both.
@@ -29,108 +32,28 @@ fn own_addresses(salt: u8) -> (String, String) {
     (format!("{net}.1"), format!("{net}.2"))
 }
 
-fn free_udp_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
-
 fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-/// vmhad as a child process, stopped (SIGTERM, then SIGKILL) on drop.
-struct Vmhad {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Vmhad {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("vmhad.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Vmhad {
-    fn drop(&mut self) {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 struct Pair {
     _tmp: tempfile::TempDir,
     key_file: PathBuf,
     a1: String,
+    /// node1's configuration, state and socket.
+    dir1: PathBuf,
     n1: Vmhad,
     n2: Option<Vmhad>,
 }
 
 fn config(dir: &Path, key: &Path, a1: &str, a2: &str, hb: u16, channel: u16) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let text = format!(
-        r#"
-[cluster]
-name = "webpeer"
-key_file = "{key}"
-state_dir = "{state}"
-control_socket = "{socket}"
-heartbeat_port = {hb}
-channel_port = {channel}
-heartbeat_interval_ms = 50
-failover_timeout_ms = 400
-start_wait_ms = 200
-
-[[node]]
-name = "node1"
-addresses = ["{a1}"]
-
-[[node]]
-name = "node2"
-addresses = ["{a2}"]
-
-[[module]]
-name = "vm1"
-replicated = ["/srv/webpeer/vm1"]
-port = 7101
-lock_timeout_ms = 1000
-"#,
-        key = key.display(),
-        state = dir.join("state").display(),
-        socket = dir.join("vmhad.sock").display(),
-    );
-    let path = dir.join("vmha.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn spawn(dir: &Path, node: &str) -> Vmhad {
-    let child = Command::new(env!("CARGO_BIN_EXE_vmhad"))
-        .args([
-            "--config",
-            dir.join("vmha.toml").to_str().unwrap(),
-            "--node",
-            node,
-            "--fake-drivers",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("vmhad.log")).unwrap())
-        .spawn()
-        .unwrap();
-    Vmhad {
-        child,
-        dir: dir.to_path_buf(),
+    NodeConfig {
+        channel_port: Some(channel),
+        addresses: [a1, a2],
+        ..NodeConfig::new("webpeer", dir, key, hb)
     }
+    .write()
 }
 
 fn local(dir: &Path, request: &Request) -> Option<vmha_controller::control::Response> {
@@ -159,28 +82,29 @@ impl Pair {
         let key_file = tmp.path().join("cluster.key");
         ClusterKey::generate_file(&key_file).unwrap();
         let (a1, a2) = own_addresses(salt);
-        let (hb, channel) = (free_udp_port(), free_tcp_port());
-        for node in ["node1", "node2"] {
-            config(&tmp.path().join(node), &key_file, &a1, &a2, hb, channel);
-        }
-        let n1 = spawn(&tmp.path().join("node1"), "node1");
-        let n2 = spawn(&tmp.path().join("node2"), "node2");
+        let (hb, channel) = (free_cluster_port(), free_tcp_port());
+        let dir1 = tmp.path().join("node1");
+        let c1 = config(&dir1, &key_file, &a1, &a2, hb, channel);
+        let c2 = config(&tmp.path().join("node2"), &key_file, &a1, &a2, hb, channel);
+        let n1 = Vmhad::spawn(&c1, "node1", &[]);
+        let n2 = Vmhad::spawn(&c2, "node2", &[]);
         let pair = Pair {
             _tmp: tmp,
             key_file,
             a1,
+            dir1,
             n1,
             n2: Some(n2),
         };
         wait("both daemons answer", &pair, || {
-            local(&pair.n1.dir, &Request::Status).is_some()
+            local(&pair.dir1, &Request::Status).is_some()
                 && local(&pair.dir2(), &Request::Status).is_some()
         });
         pair
     }
 
     fn dir2(&self) -> PathBuf {
-        self.n1.dir.with_file_name("node2")
+        self.dir1.with_file_name("node2")
     }
 
     fn vmctl(&self, node_dir: &Path, args: &[&str]) -> std::process::Output {
@@ -205,7 +129,7 @@ impl Pair {
 
     /// Sets node1's console password and logs in: the client and cookie.
     async fn login(&self) -> (reqwest::Client, String, String) {
-        let out = self.vmctl(&self.n1.dir, &["web-password", "--stdin"]);
+        let out = self.vmctl(&self.dir1, &["web-password", "--stdin"]);
         assert!(out.status.success(), "{out:?}");
         let client = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
@@ -333,7 +257,7 @@ async fn console_shows_the_peers_own_status_and_acts_there() {
             && l.contains("maintenance")),
         "node2's log: {theirs:#?}"
     );
-    let ours = log_of(&pair.n1.dir);
+    let ours = log_of(&pair.dir1);
     assert!(
         ours.iter().any(|l| l.contains("web:admin")
             && l.contains("on node2")
@@ -361,16 +285,16 @@ async fn console_shows_the_peers_own_status_and_acts_there() {
     assert_eq!(stamps, sorted, "merged by time");
 
     // vmctl status --all: node2's own view, said so; --json adds peer_status.
-    let out = pair.vmctl(&pair.n1.dir, &["status", "--all"]);
+    let out = pair.vmctl(&pair.dir1, &["status", "--all"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("node2 (its own view"), "{text}");
-    let out = pair.vmctl(&pair.n1.dir, &["status", "--all", "--json"]);
+    let out = pair.vmctl(&pair.dir1, &["status", "--all", "--json"]);
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["node"], "node1");
     assert_eq!(json["peer_status"]["node"], "node2");
     let plain: Value =
-        serde_json::from_slice(&pair.vmctl(&pair.n1.dir, &["status", "--json"]).stdout).unwrap();
+        serde_json::from_slice(&pair.vmctl(&pair.dir1, &["status", "--json"]).stdout).unwrap();
     assert!(plain.get("peer_status").is_none() && plain["node"] == "node1");
 }
 
@@ -480,11 +404,8 @@ async fn report_covers_both_nodes_without_key_material() {
     std::fs::create_dir_all(&fs0).unwrap();
     std::fs::write(fs0.join("sync.json"), r#"{"phase":"done"}"#).unwrap();
     std::fs::copy(&pair.key_file, fs0.join("copied.key")).unwrap();
-    let out_file = pair.n1.dir.join("report.tar.gz");
-    let out = pair.vmctl(
-        &pair.n1.dir,
-        &["report", "--out", out_file.to_str().unwrap()],
-    );
+    let out_file = pair.dir1.join("report.tar.gz");
+    let out = pair.vmctl(&pair.dir1, &["report", "--out", out_file.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("nodes: node1, node2"), "{text}");

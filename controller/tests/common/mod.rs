@@ -1,5 +1,10 @@
 //! Helpers shared by the controller's integration tests.
 
+// Each test crate includes this module and uses a part of it.
+#![allow(dead_code)]
+
+pub mod vmhad;
+
 use std::time::{Duration, Instant};
 
 use vmha_controller::control::Request;
