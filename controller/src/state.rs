@@ -1935,7 +1935,9 @@ impl Transition {
             }
             _ => {
                 self.s.attach = Attach::Idle;
-                if self.s.role == Role::Prim {
+                // (A writer mount still pending waits for the outcome of
+                // marking the peer outdated: it mounts first.)
+                if self.s.role == Role::Prim && !self.s.pending_alone_mount {
                     self.s.role = Role::Alone;
                     self.act(Action::NewGeneration);
                     self.because(format!("the peer is {}: writing alone", peer.role));

@@ -548,7 +548,10 @@ impl Sim {
             Op::Exchange => {
                 if self.see_each_other() {
                     self.heartbeat(0);
-                    self.heartbeat(1);
+                    // (Unless node 0 died of what it heard.)
+                    if self.see_each_other() {
+                        self.heartbeat(1);
+                    }
                     let [a, b] = &self.nodes;
                     assert!(
                         !(a.writer && b.writer),

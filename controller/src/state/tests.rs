@@ -1957,11 +1957,12 @@ fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, act
     // persists it only between its drain and its receiver.
     if let Some(adopt) = index(actions, &Action::AdoptFlip) {
         let claim = index(actions, &Action::ActivateStandby { connected: true })
-            .or_else(|| index(actions, &Action::MountWriterConnected));
+            .or_else(|| index(actions, &Action::MountWriterConnected))
+            .or_else(|| index(actions, &Action::MountWriter));
         assert!(claim.is_some_and(|c| adopt < c), "{}", ctx());
         assert!(
-            matches!(event, Event::PeerSeen { peer, .. }
-                if peer.role == Role::Second && peer.request == Some(Request::TakeOverLive)),
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second && p.request == Some(Request::TakeOverLive)),
             "{}",
             ctx()
         );
