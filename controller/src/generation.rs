@@ -65,10 +65,7 @@ impl GenerationId {
     /// random, so that either node recognises it as "`parent`, flipped" from
     /// the ids alone (no new field in the history file nor the heartbeats).
     pub fn flip_of(parent: GenerationId) -> GenerationId {
-        let key = blake3::derive_key(
-            "vmha generation: live swap flip",
-            &parent.0.to_be_bytes(),
-        );
+        let key = blake3::derive_key("vmha generation: live swap flip", &parent.0.to_be_bytes());
         let mut id = [0u8; 16];
         id.copy_from_slice(&key[..16]);
         GenerationId(u128::from_be_bytes(id))

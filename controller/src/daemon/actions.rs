@@ -294,7 +294,8 @@ impl Runner {
                 let mut adopted = false;
                 let before = self.meta.history.current();
                 let result = if crate::generation::flip_ahead(&self.meta.history, &peer) {
-                    self.persist(|m| adopted = m.history.adopt_flip(&peer)).await
+                    self.persist(|m| adopted = m.history.adopt_flip(&peer))
+                        .await
                 } else {
                     Ok(())
                 };

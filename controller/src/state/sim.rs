@@ -506,8 +506,8 @@ impl Sim {
         let relation = compare(&self.nodes[to].history, &from.history);
         // The driver's `follow_writer`: a receiver accepts the generation of
         // a writer whose data descends from ours.
-        let follows = from.s.role.is_writer()
-            && matches!(relation, Relation::PeerNewer | Relation::InSync);
+        let follows =
+            from.s.role.is_writer() && matches!(relation, Relation::PeerNewer | Relation::InSync);
         let writer_generation = from.history.current();
         if self.nodes[to].receiver && follows {
             self.nodes[to].accepts = writer_generation;
@@ -1269,10 +1269,7 @@ fn live_swap_survives_a_crash_at_every_point_of_the_flip() {
             sim.apply(Op::Write(survivor));
             sim.check_no_lost_write();
             sim.apply(Op::Boot(victim));
-            let relation = compare(
-                &sim.nodes[victim].history,
-                &sim.nodes[survivor].history,
-            );
+            let relation = compare(&sim.nodes[victim].history, &sim.nodes[survivor].history);
             assert_eq!(relation, Relation::PeerNewer, "{case}");
             for op in [
                 Op::StartWait(victim),
