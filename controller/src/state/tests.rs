@@ -492,6 +492,28 @@ fn swap_from_either_side() {
             vec![Action::MountWriter, Action::DefineDomain, Action::StartVm]
         )
     );
+    // The old PRIM shows up WAIT (it rebooted) before the marking ended:
+    // the writer is not mounted yet, so it neither goes ALONE nor tells
+    // vmha-fs to write alone; it mounts once the marking ends.
+    let (waiting, actions) = run(
+        &failed,
+        &[seen(peer(
+            Role::Wait,
+            Readiness::NotUpToDate,
+            Relation::LocalNewer,
+        ))],
+    );
+    assert_eq!(waiting.role, Role::Prim);
+    assert!(waiting.pending_alone_mount, "{actions:?}");
+    assert!(!actions.contains(&Action::WriteAlone), "{actions:?}");
+    let (_, actions) = run(
+        &waiting,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert!(actions.contains(&Action::MountWriter), "{actions:?}");
     let (gave_up, actions) = run(
         &failed,
         &[Event::PeerMarkedOutdated {
