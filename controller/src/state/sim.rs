@@ -598,7 +598,8 @@ impl Sim {
                     let found = Found {
                         writer: n.writer,
                         settings_match: true,
-                        generation_current: n.writer || n.s.readiness() == Readiness::Ready,
+                        generation_current: n.writer
+                            || (n.accepts.is_some() && n.accepts == n.history.current()),
                         alone: n.writer && n.writes_alone,
                         vm_running: n.vm,
                     };
