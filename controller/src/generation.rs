@@ -13,6 +13,15 @@
 //!   one. A peer whose current generation has fallen out of the window is
 //!   indistinguishable from an unrelated one: treated as such (full compare,
 //!   split-brain rules), never as in sync.
+//! - **Live flip** (issue 14, the live swap's switch-over): the old PRIM,
+//!   drained (every write of its generation G is on its peer), persists the
+//!   *flip* of G, a child whose id is derived from G ([`GenerationId::flip_of`]),
+//!   before its receiver starts accepting only that id; the new writer adopts
+//!   it ([`History::adopt_flip`]) before it claims it. So a writer only ever
+//!   writes under a flip generation when both nodes know it, and a flip
+//!   generation that only one node knows was never written under: [`compare`]
+//!   counts such a current generation as its parent (the one rule that makes a
+//!   crash between the two persists neither a false split brain nor a resync).
 //! - The file is `<state_dir>/<module>/generation.json`, mode 0600, written
 //!   with write + fsync + rename + fsync(dir). A missing file means a fresh
 //!   node; a corrupt one is an error (never silently "fresh").
@@ -50,6 +59,16 @@ pub struct GenerationId(pub u128);
 impl GenerationId {
     pub fn random() -> GenerationId {
         GenerationId(rand::random())
+    }
+
+    /// The generation a live swap's flip starts from `parent`: derived, not
+    /// random, so that either node recognises it as "`parent`, flipped" from
+    /// the ids alone (no new field in the history file nor the heartbeats).
+    pub fn flip_of(parent: GenerationId) -> GenerationId {
+        let key = blake3::derive_key("vmha generation: live swap flip", &parent.0.to_be_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&key[..16]);
+        GenerationId(u128::from_be_bytes(id))
     }
 }
 
@@ -135,8 +154,49 @@ impl History {
         *self = source.clone();
     }
 
+    /// Live swap, the old PRIM after its drain: starts the flip of the
+    /// current generation (`None` without one).
+    pub fn start_flip(&mut self) -> Option<GenerationId> {
+        let id = GenerationId::flip_of(self.current?);
+        self.push(id);
+        Some(id)
+    }
+
+    /// Live swap, the new writer before it claims: takes the peer's flip of
+    /// our current generation when `peer` shows exactly that (true then).
+    /// Anything else changes nothing (an older peer keeps the generation).
+    pub fn adopt_flip(&mut self, peer: &History) -> bool {
+        if !flip_ahead(self, peer) {
+            return false;
+        }
+        self.start_flip().is_some()
+    }
+
+    /// The current generation is the flip of the one before it.
+    pub fn current_is_flip(&self) -> bool {
+        match (self.current, self.previous.first()) {
+            (Some(current), Some(parent)) => current == GenerationId::flip_of(*parent),
+            _ => false,
+        }
+    }
+
     fn contains(&self, id: GenerationId) -> bool {
         self.current == Some(id) || self.previous.contains(&id)
+    }
+
+    /// This history as [`compare`] judges it against `other`: a current flip
+    /// generation that `other` does not know stands for its parent (nothing
+    /// was written under it, see the module docs).
+    fn as_seen_by(&self, other: &History) -> std::borrow::Cow<'_, History> {
+        match self.current {
+            Some(current) if self.current_is_flip() && !other.contains(current) => {
+                std::borrow::Cow::Owned(History {
+                    current: self.previous.first().copied(),
+                    previous: self.previous[1..].to_vec(),
+                })
+            }
+            _ => std::borrow::Cow::Borrowed(self),
+        }
     }
 
     /// The newest generation both histories know, if any.
@@ -175,8 +235,35 @@ impl Relation {
     }
 }
 
-/// Decides who is up to date from the two histories alone.
+/// Decides who is up to date from the two histories alone. A current flip
+/// generation only one side knows counts as its parent (module docs): the
+/// old PRIM that persisted it and crashed before its peer adopted it holds
+/// the same data as its peer, in sync, not a branch of its own.
 pub fn compare(local: &History, peer: &History) -> Relation {
+    compare_exact(&local.as_seen_by(peer), &peer.as_seen_by(local))
+}
+
+/// `peer` is `local` plus exactly the flip of `local`'s current generation:
+/// the old PRIM of a live swap whose flip the new writer adopts.
+pub fn flip_ahead(local: &History, peer: &History) -> bool {
+    match (local.current, peer.current) {
+        (Some(l), Some(p)) => p == GenerationId::flip_of(l) && peer.previous.first() == Some(&l),
+        _ => false,
+    }
+}
+
+/// The generation a receiver on the `local` node accepts from a writer on the
+/// peer: the peer's current one, or our own when it is the flip of the peer's
+/// (the old PRIM of a live swap: the new writer adopts it before it claims).
+pub fn receiver_accepts(local: &History, peer: &History) -> Option<GenerationId> {
+    if flip_ahead(peer, local) {
+        local.current
+    } else {
+        peer.current
+    }
+}
+
+fn compare_exact(local: &History, peer: &History) -> Relation {
     match (local.current, peer.current) {
         (None, None) => Relation::Unrelated,
         (None, Some(_)) => Relation::PeerNewer,
@@ -380,7 +467,96 @@ mod tests {
         h
     }
 
+    /// The live swap's flip, persisted by the old PRIM first, adopted by the
+    /// new writer second: every state in between (either node crashing
+    /// between the two persists) is judged without a split brain or a resync.
+    #[test]
+    fn a_live_flip_is_judged_right_at_every_point() {
+        let g = GenerationId(7);
+        let flip = GenerationId::flip_of(g);
+        assert_ne!(flip, g);
+        assert_eq!(flip, GenerationId::flip_of(GenerationId(7)), "derived");
+        assert_ne!(flip, GenerationId::flip_of(GenerationId(8)));
+        let base = history(&[7, 3]);
+        // The old PRIM after its drain.
+        let mut old = base.clone();
+        assert_eq!(old.start_flip(), Some(flip));
+        assert!(old.current_is_flip() && !base.current_is_flip());
+        assert_eq!(old.previous()[..2], [g, GenerationId(3)]);
+        // Only the old PRIM knows the flip: same data, in sync both ways,
+        // and its receiver accepts the flip (the peer adopts it first).
+        assert_eq!(compare(&old, &base), Relation::InSync);
+        assert_eq!(compare(&base, &old), Relation::InSync);
+        assert!(flip_ahead(&base, &old) && !flip_ahead(&old, &base));
+        assert_eq!(receiver_accepts(&old, &base), Some(flip));
+        assert_eq!(receiver_accepts(&base, &old), Some(flip));
+        // The new writer adopts it: the very same generation, no resync.
+        let mut new = base.clone();
+        assert!(new.adopt_flip(&old));
+        assert_eq!(new.current(), Some(flip));
+        assert_eq!(compare(&new, &old), Relation::InSync);
+        assert!(!new.adopt_flip(&old), "adopted once");
+        // An older peer that kept the generation: nothing to adopt.
+        let mut same = base.clone();
+        assert!(!same.adopt_flip(&base));
+        assert_eq!(same, base);
+        // The old PRIM died before the adoption; the peer failed over: the
+        // peer is newer, not a split brain (nothing was written under the
+        // flip), and an incremental resync (a common ancestor).
+        let mut failed_over = base.clone();
+        failed_over.push(GenerationId(9));
+        assert_eq!(compare(&old, &failed_over), Relation::PeerNewer);
+        assert_eq!(compare(&failed_over, &old), Relation::LocalNewer);
+        assert!(!needs_full_resync(&old, &failed_over));
+        assert_eq!(receiver_accepts(&old, &failed_over), Some(GenerationId(9)));
+        // The new writer died after the adoption (or after writing under
+        // the flip, replicated): the old PRIM fails over from the flip.
+        let mut took_over = old.clone();
+        took_over.push(GenerationId(10));
+        assert_eq!(compare(&took_over, &new), Relation::LocalNewer);
+        assert_eq!(compare(&new, &took_over), Relation::PeerNewer);
+        // The adopted flip activated alone (connected start failed): a new
+        // generation on top, the old PRIM resyncs incrementally.
+        let mut alone = new.clone();
+        alone.push(GenerationId(11));
+        assert_eq!(compare(&old, &alone), Relation::PeerNewer);
+        // Both wrote after all (the flip's node forced later): a real split.
+        let mut forced = old.clone();
+        forced.push(GenerationId(12));
+        assert_eq!(compare(&forced, &failed_over), Relation::SplitBrain);
+        // A plain (random) child is no flip: still newer, as before.
+        let mut child = base.clone();
+        child.push(GenerationId(13));
+        assert_eq!(compare(&base, &child), Relation::PeerNewer);
+        assert!(!flip_ahead(&base, &child));
+        assert_eq!(receiver_accepts(&child, &base), Some(g));
+        // Two fresh nodes still know nothing.
+        assert!(!History::empty().adopt_flip(&old));
+        assert_eq!(History::empty().start_flip(), None);
+    }
+
     proptest! {
+        /// A flip only one node knows never changes the verdict: the node
+        /// that persisted it judges (and is judged) as from its parent.
+        #[test]
+        fn an_unshared_flip_counts_as_its_parent(
+            ids in lineage(40),
+            common in 1usize..10,
+            left in 0usize..10,
+            right in 0usize..10,
+        ) {
+            let mut a = ids[..common].to_vec();
+            a.extend_from_slice(&ids[10..10 + left]);
+            let mut b = ids[..common].to_vec();
+            b.extend_from_slice(&ids[20..20 + right]);
+            let (a, b) = (through(&a), through(&b));
+            let mut flipped = a.clone();
+            flipped.start_flip();
+            prop_assert_eq!(compare(&flipped, &b), compare(&a, &b));
+            prop_assert_eq!(compare(&b, &flipped), compare(&b, &a));
+            prop_assert_eq!(compare(&flipped, &b), compare(&b, &flipped).mirrored());
+        }
+
         /// Two points on one line of descent are ordered correctly; too far
         /// apart, they are unrelated, never in sync.
         #[test]

@@ -40,7 +40,11 @@
 //!   that fails aborts the rest of its step and reports
 //!   `ConnectedMountFailed` (the standby stays); `ResumeVm` reports
 //!   `VmStarted` or `VmStartFailed` (the paused instance destroyed);
-//!   `DropStandby` also destroys a paused incoming instance of the domain.
+//!   `DropStandby` also destroys a paused incoming instance of the domain;
+//!   `FlipGeneration` and `AdoptFlip` persist before the next action runs
+//!   (a failure is `FsFailed`); a receiver (`MountReceiver`,
+//!   `RestartReceiver`) accepts [`crate::generation::receiver_accepts`]: the
+//!   peer's current generation, or our own flip of it.
 //!
 //! # Choices where the design is silent
 //! - **Peer may be newer** is persisted *true* whenever the peer writes or may
@@ -192,12 +196,19 @@
 //!   and announces [`SwapPhase::Standby`]; the PRIM then live-migrates the VM
 //!   ([`Action::MigrateVm`], the destination left paused). `MigrateDone` acts
 //!   as a swap's `VmStopDone`: unmount (the writer drains everything
-//!   acknowledged), SECOND, [`Request::TakeOverLive`]. The SECOND seeing it
-//!   flips its standby into the writer replicating to the peer
-//!   ([`Action::ActivateStandby`], same generation as a stop/start swap: the
-//!   old writer is gone) and only then resumes the VM ([`Action::ResumeVm`]):
-//!   never two writers. A failed activation takes the connected start's path
-//!   (new generation, peer marked outdated, then activated alone). Aborts: a
+//!   acknowledged), persist the flip of the generation
+//!   ([`Action::FlipGeneration`]: a new generation G' derived from G), start
+//!   the receiver accepting only G', SECOND, [`Request::TakeOverLive`]. The
+//!   SECOND seeing it adopts G' ([`Action::AdoptFlip`]), flips its standby
+//!   into the writer claiming G' and replicating to the peer
+//!   ([`Action::ActivateStandby`]) and only then resumes the VM
+//!   ([`Action::ResumeVm`]): never two writers, and the old writer is fenced
+//!   (its peer now accepts G' alone). No resync: a flip only one node knows
+//!   counts as its parent ([`crate::generation::compare`]), so either node
+//!   crashing between the two persists leaves the nodes in sync or one
+//!   simply newer, never split. A failed activation takes the connected
+//!   start's path (new generation, peer marked outdated, then activated
+//!   alone: an incremental resync). Aborts: a
 //!   refused or failed migration keeps the VM on the PRIM (with `swap =
 //!   "live"` a plain swap then stops and starts it, logged), its SECOND drops
 //!   the standby and any paused incoming instance ([`Action::DropStandby`])
@@ -676,6 +687,16 @@ pub enum Action {
     NewGeneration,
     /// Persist the peer's history as ours: a resync from it completed.
     AdoptPeerHistory,
+    /// Live swap, the old PRIM after its drain: persist the flip of the
+    /// current generation ([`crate::generation::GenerationId::flip_of`]),
+    /// which the receiver started next accepts alone. A failure is
+    /// `FsFailed`.
+    FlipGeneration,
+    /// Live swap, the new writer before it claims: persist the peer's flip
+    /// of our current generation when its heartbeat shows exactly that
+    /// (else nothing: an older peer keeps the generation). A failure is
+    /// `FsFailed`.
+    AdoptFlip,
     /// Persist the "peer may be newer" flag.
     SetPeerMayBeNewer(bool),
     /// Persist "this node's own copy is not up to date" (its disk failed).
@@ -1644,6 +1665,7 @@ impl Transition {
     /// Live swap on the SECOND: the standby becomes the writer replicating to
     /// the old PRIM (now our drained SECOND), then the migrated VM resumes.
     fn take_over_live(&mut self) {
+        self.act(Action::AdoptFlip);
         self.act(Action::ActivateStandby { connected: true });
         self.act(Action::ResumeVm);
         self.s.live = Some(SwapPhase::Resuming);
@@ -1788,6 +1810,8 @@ impl Transition {
                 // No standby to activate (it failed or went): the paused
                 // instance goes, the VM starts here as after a stop/start swap.
                 self.drop_standby("it is not ready to take the VM over");
+                // The old PRIM's receiver accepts only its flip.
+                self.act(Action::AdoptFlip);
                 self.become_writer(
                     Role::Prim,
                     false,
@@ -1911,7 +1935,9 @@ impl Transition {
             }
             _ => {
                 self.s.attach = Attach::Idle;
-                if self.s.role == Role::Prim {
+                // (A writer mount still pending waits for the outcome of
+                // marking the peer outdated: it mounts first.)
+                if self.s.role == Role::Prim && !self.s.pending_alone_mount {
                     self.s.role = Role::Alone;
                     self.act(Action::NewGeneration);
                     self.because(format!("the peer is {}: writing alone", peer.role));
@@ -2271,6 +2297,11 @@ impl Transition {
     /// peer's up-to-date SECOND and asks it, with `request`, to take over.
     fn become_ready_second(&mut self, request: Request, why: &str) {
         self.act(Action::Unmount);
+        if request == Request::TakeOverLive {
+            // Drained: the peer holds every write of our generation. The
+            // flip is persisted before the receiver that accepts only it.
+            self.act(Action::FlipGeneration);
+        }
         self.act(Action::MountReceiver);
         self.s.attach = Attach::Idle;
         self.s.role = Role::Second;

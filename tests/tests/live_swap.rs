@@ -4,8 +4,8 @@
 //! - `vmctl swap --live` there and back while the guest counts: the guest
 //!   never reboots (no new `VMHA-BOOT` line on either console), its counter
 //!   goes on across the move with no acknowledged value lost, no QEMU is
-//!   left on the source, the roles flip (PRIM/SECOND, both ready) under the
-//!   same generation and no resync follows;
+//!   left on the source, the roles flip (PRIM/SECOND, both ready) under a
+//!   new generation, the same on both, and no resync follows;
 //! - a migration refused by vmhad's disk check (a disk outside the module's
 //!   directories, hot-plugged into the running guest): `swap --live` exits
 //!   non-zero, never falls back, and the VM keeps running on the PRIM with
@@ -92,10 +92,18 @@ fn live_swap(vc: &VmCluster, from: usize, to: usize) -> Result<()> {
                 && primary(s) == Some(dst)
         },
     )?;
-    // The same generation on both: the SECOND holds everything, nothing to copy.
+    // A new generation (the flip), the same on both: the SECOND holds
+    // everything, nothing to copy.
+    let generation_after = generation(&s, dst);
     ensure!(
-        generation(&s, dst) == generation_before && generation(&s, src) == generation_before,
-        "generations after the swap: {s}"
+        generation_after.is_some()
+            && generation_after != generation_before
+            && generation(&s, src) == generation_after,
+        "generations after the swap (before: {generation_before:?}): {s}"
+    );
+    ensure!(
+        entry(&s, dst)["resync"].is_null() && entry(&s, src)["resync"].is_null(),
+        "a resync after the swap: {s}"
     );
     ensure!(entry(&s, dst)["swap_phase"].is_null(), "{s}");
     ensure!(entry(&s, src)["swap_phase"].is_null(), "{s}");

@@ -139,11 +139,11 @@ impl Runner {
                     "start the receiver"
                 };
                 // The writer claims its generation; the receiver accepts only
-                // the writer's (fencing).
+                // the writer's (fencing), or our own live flip of it.
                 let generation = if writer {
                     self.meta.history.current().map(|g| g.to_string())
                 } else {
-                    self.peer_generation()
+                    self.receiver_generation()
                 };
                 let result = self
                     .blocking(move |_, fs, m| {
@@ -271,6 +271,54 @@ impl Runner {
                 };
                 if let Err(e) = self.persist(|m| m.history.adopt(&history)).await {
                     return self.fail_step("persist generation", e, queue, lines).await;
+                }
+            }
+            Action::FlipGeneration => {
+                let mut id = None;
+                let result = self.persist(|m| id = m.history.start_flip()).await;
+                match (result, id) {
+                    (Ok(()), Some(id)) => {
+                        self.record(format!("live swap: new generation {id} (the flip)"), lines)
+                            .await
+                    }
+                    (Err(e), _) => {
+                        return self.fail_step("persist generation", e, queue, lines).await
+                    }
+                    (Ok(()), None) => {}
+                }
+            }
+            Action::AdoptFlip => {
+                let Some(peer) = self.last_beat.as_ref().map(|b| b.history.clone()) else {
+                    return Ok(());
+                };
+                let mut adopted = false;
+                let before = self.meta.history.current();
+                let result = if crate::generation::flip_ahead(&self.meta.history, &peer) {
+                    self.persist(|m| adopted = m.history.adopt_flip(&peer))
+                        .await
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = result {
+                    return self.fail_step("persist generation", e, queue, lines).await;
+                }
+                match (adopted, self.meta.history.current()) {
+                    (true, Some(id)) => {
+                        self.record(
+                            format!("live swap: took the peer's new generation {id} (the flip)"),
+                            lines,
+                        )
+                        .await
+                    }
+                    // An older peer keeps the generation (the same on both).
+                    _ if peer.current() == before => {}
+                    _ => {
+                        self.record(
+                            "live swap: the peer's generation is not the flip of ours; claiming ours".into(),
+                            lines,
+                        )
+                        .await
+                    }
                 }
             }
             Action::SetMaintenance(flag) => {
@@ -444,7 +492,7 @@ impl Runner {
                 }
             }
             Action::RestartReceiver { reason } => {
-                let generation = self.peer_generation();
+                let generation = self.receiver_generation();
                 let result = self
                     .blocking(move |_, fs, m| fs.mount_receiver_accepting(m, generation.as_deref()))
                     .await;
@@ -686,6 +734,15 @@ impl Runner {
             self.record(line, lines).await;
         }
         report.outcome
+    }
+
+    /// What a receiver on this node accepts: the peer's current generation
+    /// (its last heartbeat), or our own when it is the live flip of the
+    /// peer's ([`crate::generation::receiver_accepts`]).
+    pub(super) fn receiver_generation(&self) -> Option<String> {
+        let peer = self.last_beat.as_ref()?;
+        crate::generation::receiver_accepts(&self.meta.history, &peer.history)
+            .map(|g| g.to_string())
     }
 
     /// The peer's current generation as its last heartbeat showed it.

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use proptest::prelude::*;
 
 use super::*;
-use crate::generation::{compare, History};
+use crate::generation::{compare, receiver_accepts, GenerationId, History};
 
 #[derive(Debug, Clone)]
 struct Node {
@@ -46,6 +46,11 @@ struct Node {
     standby_fails: bool,
     /// The next `MigrateVm` fails (libvirt refuses or aborts it).
     migrate_fails: bool,
+    /// The generation the receiver accepts (fencing), while it runs.
+    accepts: Option<GenerationId>,
+    /// The node dies after this many actions of its next step of a live
+    /// swap's flip (`FlipGeneration`, `AdoptFlip`).
+    crash_in_flip: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -94,6 +99,8 @@ enum Op {
     StandbyFails(usize),
     /// The node's next migration fails.
     MigrateFails(usize),
+    /// The node dies after this many actions of its next flip step.
+    CrashInFlip(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -130,6 +137,28 @@ fn op() -> impl Strategy<Value = Op> {
         2 => node.clone().prop_map(Op::SwapLive),
         1 => node.clone().prop_map(Op::StandbyFails),
         1 => node.clone().prop_map(Op::MigrateFails),
+        2 => (node.clone(), 0usize..4).prop_map(|(i, k)| Op::CrashInFlip(i, k)),
+    ]
+}
+
+/// The operations around a live swap: its steps, writes, and crashes at any
+/// point of the flip, with what recovery needs (boots, resyncs, losses).
+fn flip_op() -> impl Strategy<Value = Op> {
+    let node = 0usize..2;
+    prop_oneof![
+        3 => node.clone().prop_map(Op::SwapLive),
+        6 => Just(Op::Exchange),
+        6 => node.clone().prop_map(Op::Heartbeat),
+        3 => node.clone().prop_map(Op::Write),
+        3 => (node.clone(), 0usize..4).prop_map(|(i, k)| Op::CrashInFlip(i, k)),
+        1 => node.clone().prop_map(Op::Crash),
+        2 => node.clone().prop_map(Op::Boot),
+        1 => node.clone().prop_map(Op::Restart),
+        2 => node.clone().prop_map(Op::Lost),
+        1 => node.clone().prop_map(Op::StartWait),
+        2 => node.clone().prop_map(Op::Resync),
+        1 => node.clone().prop_map(Op::MigrateFails),
+        1 => node.clone().prop_map(Op::StandbyFails),
     ]
 }
 
@@ -199,6 +228,8 @@ struct Sim {
     counter: u64,
     /// Counters acknowledged to the guest.
     acked: BTreeSet<u64>,
+    /// Generations started by a writer (`NewGeneration`), not by a flip.
+    writer_started: BTreeSet<GenerationId>,
 }
 
 impl Sim {
@@ -226,6 +257,8 @@ impl Sim {
             incoming: false,
             standby_fails: false,
             migrate_fails: false,
+            accepts: None,
+            crash_in_flip: None,
         };
         Sim {
             setup,
@@ -235,7 +268,25 @@ impl Sim {
             now: 0,
             counter: 0,
             acked: BTreeSet::new(),
+            writer_started: BTreeSet::new(),
         }
+    }
+
+    /// The node dies: its mounts, VM and everything in memory go.
+    fn crash(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.alive = false;
+        n.writer = false;
+        n.receiver = false;
+        n.vm = false;
+        n.probing = false;
+        n.writes_alone = false;
+        n.marking = false;
+        n.receiver_retry = false;
+        n.standby = false;
+        n.incoming = false;
+        n.accepts = None;
+        n.crash_in_flip = None;
     }
 
     fn see_each_other(&self) -> bool {
@@ -263,10 +314,31 @@ impl Sim {
         let peer_receives = self.see_each_other() && self.link_ok && self.nodes[1 - i].receiver;
         let peer_takes_vm = peer_receives && self.nodes[1 - i].standby;
         let peer_vm = self.nodes[1 - i].vm;
+        let peer_accepts = self.nodes[1 - i].accepts;
+        let flip_step = actions
+            .iter()
+            .any(|a| matches!(a, Action::FlipGeneration | Action::AdoptFlip));
+        let crash_at = if flip_step {
+            self.nodes[i].crash_in_flip.take()
+        } else {
+            None
+        };
+        let mut done = 0;
         for action in actions {
+            if matches!(action, Action::Log(_)) {
+                continue;
+            }
+            if crash_at == Some(done) {
+                self.crash(i);
+                return;
+            }
+            done += 1;
             let peer_history = self.nodes[1 - i].history.clone();
             let peer_data = self.nodes[1 - i].data.clone();
             let n = &mut self.nodes[i];
+            // A connected writer's claim: the peer's receiver runs and
+            // accepts exactly our generation.
+            let claim_taken = peer_receives && peer_accepts == n.history.current();
             match action {
                 Action::MountWriter => {
                     assert!(!n.receiver && !n.writer, "node {i}: double mount");
@@ -274,7 +346,7 @@ impl Sim {
                 }
                 Action::MountWriterConnected => {
                     assert!(!n.receiver && !n.writer, "node {i}: double mount");
-                    if !peer_receives {
+                    if !claim_taken {
                         // The driver aborts the rest of the step.
                         failed = Some(Event::ConnectedMountFailed);
                         break;
@@ -289,11 +361,13 @@ impl Sim {
                         break;
                     }
                     n.receiver = true;
+                    n.accepts = receiver_accepts(&n.history, &peer_history);
                 }
                 Action::RetryReceiver => n.receiver_retry = true,
                 Action::Unmount => {
                     n.writer = false;
                     n.receiver = false;
+                    n.accepts = None;
                     n.standby = false;
                     n.writes_alone = false;
                 }
@@ -329,7 +403,8 @@ impl Sim {
                     assert!(n.standby && !n.writer, "node {i}: activates no standby");
                     // The receiver stops first.
                     n.receiver = false;
-                    if connected && !peer_receives {
+                    n.accepts = None;
+                    if connected && !claim_taken {
                         failed = Some(Event::ConnectedMountFailed);
                         break;
                     }
@@ -352,6 +427,7 @@ impl Sim {
                 }
                 Action::RestartReceiver { .. } => {
                     assert!(n.receiver, "node {i}: restarts a receiver it does not run");
+                    n.accepts = receiver_accepts(&n.history, &peer_history);
                 }
                 Action::MarkPeerOutdated => n.marking = true,
                 Action::StartVm => {
@@ -369,8 +445,21 @@ impl Sim {
                     stopped = Some(failed);
                 }
                 Action::NewGeneration => {
-                    n.history.start_new();
+                    let id = n.history.start_new();
+                    self.writer_started.insert(id);
                     n.changed = 0;
+                }
+                Action::FlipGeneration => {
+                    // After the drain (the writer gone), before the receiver.
+                    assert!(!n.writer && !n.receiver, "node {i}: flips while mounted");
+                    assert!(!n.vm, "node {i}: flips while running the VM");
+                    n.history.start_flip();
+                    n.changed = 0;
+                }
+                Action::AdoptFlip => {
+                    if n.history.adopt_flip(&peer_history) {
+                        n.changed = 0;
+                    }
                 }
                 Action::AdoptPeerHistory => {
                     n.history.adopt(&peer_history);
@@ -389,6 +478,11 @@ impl Sim {
                 | Action::InvalidateCopy
                 | Action::Log(_) => {}
             }
+        }
+        if crash_at.is_some() {
+            // After the whole step (or what ran of it).
+            self.crash(i);
+            return;
         }
         if let Some(event) = failed {
             self.deliver(i, event);
@@ -410,6 +504,15 @@ impl Sim {
     fn heartbeat(&mut self, to: usize) {
         let from = &self.nodes[1 - to];
         let relation = compare(&self.nodes[to].history, &from.history);
+        // The driver's `follow_writer`: a receiver accepts the generation of
+        // a writer whose data descends from ours.
+        let follows =
+            from.s.role.is_writer() && matches!(relation, Relation::PeerNewer | Relation::InSync);
+        let writer_generation = from.history.current();
+        if self.nodes[to].receiver && follows {
+            self.nodes[to].accepts = writer_generation;
+        }
+        let from = &self.nodes[1 - to];
         let peer = Peer::from_announce(from.s.announce(), relation, true, from.changed);
         let local_changed_bytes = self.nodes[to].changed;
         self.deliver(
@@ -445,7 +548,10 @@ impl Sim {
             Op::Exchange => {
                 if self.see_each_other() {
                     self.heartbeat(0);
-                    self.heartbeat(1);
+                    // (Unless node 0 died of what it heard.)
+                    if self.see_each_other() {
+                        self.heartbeat(1);
+                    }
                     let [a, b] = &self.nodes;
                     assert!(
                         !(a.writer && b.writer),
@@ -465,18 +571,11 @@ impl Sim {
                 self.connected = true;
                 self.link_ok = true;
             }
-            Op::Crash(i) => {
-                let n = &mut self.nodes[i];
-                n.alive = false;
-                n.writer = false;
-                n.receiver = false;
-                n.vm = false;
-                n.probing = false;
-                n.writes_alone = false;
-                n.marking = false;
-                n.receiver_retry = false;
-                n.standby = false;
-                n.incoming = false;
+            Op::Crash(i) => self.crash(i),
+            Op::CrashInFlip(i, k) => {
+                if self.nodes[i].alive {
+                    self.nodes[i].crash_in_flip = Some(k);
+                }
             }
             Op::Boot(i) => {
                 if !self.nodes[i].alive {
@@ -499,7 +598,8 @@ impl Sim {
                     let found = Found {
                         writer: n.writer,
                         settings_match: true,
-                        generation_current: n.writer || n.s.readiness() == Readiness::Ready,
+                        generation_current: n.writer
+                            || (n.accepts.is_some() && n.accepts == n.history.current()),
                         alone: n.writer && n.writes_alone,
                         vm_running: n.vm,
                     };
@@ -668,7 +768,47 @@ impl Sim {
         self.acked.insert(value);
     }
 
+    /// No false split brain: the histories diverge only when both branches
+    /// above their common generation hold one a writer started (a flip
+    /// generation alone is no branch: nothing was written under it without
+    /// both nodes knowing it).
+    fn check_split_brain(&self) {
+        let [a, b] = [&self.nodes[0].history, &self.nodes[1].history];
+        if compare(a, b) != Relation::SplitBrain {
+            return;
+        }
+        let Some(common) = a.common_ancestor(b) else {
+            return;
+        };
+        for h in [a, b] {
+            let branch: Vec<_> = h
+                .current()
+                .iter()
+                .chain(h.previous())
+                .take_while(|g| **g != common)
+                .copied()
+                .collect();
+            assert!(
+                branch.iter().any(|g| self.writer_started.contains(g)),
+                "false split brain: {a:?} vs {b:?}\n{:?}\n{:?}",
+                self.nodes[0].s,
+                self.nodes[1].s
+            );
+        }
+    }
+
+    /// Every acknowledged counter is on the node that runs the VM.
+    fn check_no_lost_write(&self) {
+        for n in &self.nodes {
+            if n.alive && n.vm {
+                let missing: Vec<_> = self.acked.difference(&n.data).collect();
+                assert!(missing.is_empty(), "lost {:?} on {:?}", missing, n.s);
+            }
+        }
+    }
+
     fn check(&self) {
+        self.check_split_brain();
         // A paused instance never waits beside the running VM.
         for (i, n) in self.nodes.iter().enumerate() {
             assert!(!(n.vm && n.incoming), "node {i}: VM and a paused instance");
@@ -796,12 +936,23 @@ proptest! {
                 continue;
             }
             sim.apply(op);
-            for n in &sim.nodes {
-                if n.alive && n.vm {
-                    let missing: Vec<_> = sim.acked.difference(&n.data).collect();
-                    prop_assert!(missing.is_empty(), "lost {:?} on {:?}", missing, n.s);
-                }
-            }
+            sim.check_no_lost_write();
+        }
+    }
+
+    /// Live swaps with either node crashing at any point of the flip (and
+    /// what follows: boots, losses, resyncs, more swaps): no acknowledged
+    /// write is lost, and no split brain is declared where only one node
+    /// wrote (`check`, after every operation).
+    #[test]
+    fn live_swaps_crashing_anywhere_in_the_flip_lose_nothing(
+        setup in setup(),
+        ops in prop::collection::vec(flip_op(), 1..120),
+    ) {
+        let mut sim = pair_with(Setup { witness: false, ..setup });
+        for op in ops {
+            sim.apply(op);
+            sim.check_no_lost_write();
         }
     }
 }
@@ -957,14 +1108,20 @@ fn leave_and_maintenance_through_the_simulator() {
 
 /// PRIM and ready SECOND, node 0 PRIM, with one acknowledged write.
 fn pair(live_swap: bool) -> Sim {
-    let setup = Setup {
+    let sim = pair_with(Setup {
         failover: true,
         witness: false,
         witness_answer: WitnessOutcome::Reachable,
         default_primary: None,
         split_brain: 3,
         live_swap,
-    };
+    });
+    assert_eq!(sim.nodes[1].s.readiness(), Readiness::Ready);
+    sim
+}
+
+/// [`pair`] under `setup`.
+fn pair_with(setup: Setup) -> Sim {
     let mut sim = Sim::new(setup);
     for op in [
         Op::Start(0),
@@ -979,7 +1136,6 @@ fn pair(live_swap: bool) -> Sim {
     ] {
         sim.apply(op);
     }
-    assert_eq!(sim.nodes[1].s.readiness(), Readiness::Ready);
     sim
 }
 
@@ -994,6 +1150,7 @@ fn roles(sim: &Sim) -> (Role, Role) {
 fn live_swap_there_and_back_through_the_simulator() {
     let mut sim = pair(false);
     for (from, to) in [(0, 1), (1, 0)] {
+        let before = sim.nodes[from].history.current().unwrap();
         sim.apply(Op::SwapLive(from));
         assert_eq!(sim.nodes[from].s.live, Some(SwapPhase::Preparing));
         // The SECOND mounts in standby; the PRIM migrates and hands over;
@@ -1012,11 +1169,12 @@ fn live_swap_there_and_back_through_the_simulator() {
         sim.apply(Op::Write(to));
         assert!(sim.acked.is_subset(&sim.nodes[to].data));
         assert!(sim.acked.is_subset(&sim.nodes[from].data));
-        // No new generation: no resync follows.
-        assert_eq!(
-            compare(&sim.nodes[0].history, &sim.nodes[1].history),
-            Relation::InSync
-        );
+        // A new generation on both, the flip of the one before: the same,
+        // so no resync follows.
+        assert_eq!(sim.nodes[0].history, sim.nodes[1].history);
+        let h = &sim.nodes[to].history;
+        assert!(h.current_is_flip(), "{h:?}");
+        assert_eq!(h.previous()[0], before);
         assert_eq!(sim.nodes[from].s.readiness(), Readiness::Ready);
     }
     assert_eq!(roles(&sim), (Role::Prim, Role::Second));
@@ -1085,4 +1243,71 @@ fn live_swap_aborts_leave_the_vm_on_one_node_through_the_simulator() {
     assert!(sim.nodes[0].vm);
     sim.apply(Op::Write(0));
     assert!(sim.acked.is_subset(&sim.nodes[0].data));
+}
+
+/// Either node crashing at each point of the flip (before or after the old
+/// PRIM's drain, its flip persisted, its receiver started; before or after
+/// the new writer adopted the flip, activated, resumed): the survivor runs
+/// the VM with every acknowledged write, and the crashed node comes back as
+/// its SECOND through an incremental resync (its data an ancestor of the
+/// survivor's, never a split brain).
+#[test]
+fn live_swap_survives_a_crash_at_every_point_of_the_flip() {
+    for victim in 0..2 {
+        for k in 0..4 {
+            let mut sim = pair(false);
+            sim.apply(Op::CrashInFlip(victim, k));
+            sim.apply(Op::SwapLive(0));
+            sim.apply(Op::Heartbeat(1));
+            sim.apply(Op::Heartbeat(0));
+            sim.apply(Op::Heartbeat(1));
+            let survivor = 1 - victim;
+            let case = format!("victim {victim} after {k} actions");
+            assert!(!sim.nodes[victim].alive, "{case}: no crash");
+            sim.apply(Op::Lost(survivor));
+            assert_eq!(sim.nodes[survivor].s.role, Role::Alone, "{case}");
+            assert!(sim.nodes[survivor].vm, "{case}");
+            sim.apply(Op::Write(survivor));
+            sim.check_no_lost_write();
+            sim.apply(Op::Boot(victim));
+            let relation = compare(&sim.nodes[victim].history, &sim.nodes[survivor].history);
+            assert_eq!(relation, Relation::PeerNewer, "{case}");
+            for op in [
+                Op::StartWait(victim),
+                Op::Exchange,
+                Op::Exchange,
+                Op::Resync(victim),
+                Op::Exchange,
+            ] {
+                sim.apply(op);
+            }
+            assert_eq!(sim.nodes[survivor].s.role, Role::Prim, "{case}");
+            assert_eq!(
+                (sim.nodes[victim].s.role, sim.nodes[victim].s.readiness()),
+                (Role::Second, Readiness::Ready),
+                "{case}"
+            );
+            assert!(sim.acked.is_subset(&sim.nodes[victim].data), "{case}");
+        }
+    }
+}
+
+/// Judged with the plain rule (no flip counted as its parent), the old PRIM
+/// that crashed right after persisting its flip would be a split brain with
+/// the SECOND that failed over: what the flip rule prevents.
+#[test]
+fn an_unshared_flip_is_no_split_brain() {
+    let mut sim = pair(false);
+    sim.apply(Op::CrashInFlip(0, 2));
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    assert!(!sim.nodes[0].alive);
+    let old = sim.nodes[0].history.clone();
+    assert!(old.current_is_flip(), "{old:?}");
+    sim.apply(Op::Lost(1));
+    let new = sim.nodes[1].history.clone();
+    assert!(!new.previous().contains(&old.current().unwrap()));
+    assert_eq!(new.previous()[0], old.previous()[0]);
+    assert_eq!(compare(&old, &new), Relation::PeerNewer);
 }

@@ -492,6 +492,28 @@ fn swap_from_either_side() {
             vec![Action::MountWriter, Action::DefineDomain, Action::StartVm]
         )
     );
+    // The old PRIM shows up WAIT (it rebooted) before the marking ended:
+    // the writer is not mounted yet, so it neither goes ALONE nor tells
+    // vmha-fs to write alone; it mounts once the marking ends.
+    let (waiting, actions) = run(
+        &failed,
+        &[seen(peer(
+            Role::Wait,
+            Readiness::NotUpToDate,
+            Relation::LocalNewer,
+        ))],
+    );
+    assert_eq!(waiting.role, Role::Prim);
+    assert!(waiting.pending_alone_mount, "{actions:?}");
+    assert!(!actions.contains(&Action::WriteAlone), "{actions:?}");
+    let (_, actions) = run(
+        &waiting,
+        &[Event::PeerMarkedOutdated {
+            acknowledged: true,
+            peer_lost: false,
+        }],
+    );
+    assert!(actions.contains(&Action::MountWriter), "{actions:?}");
     let (gave_up, actions) = run(
         &failed,
         &[Event::PeerMarkedOutdated {
@@ -1952,6 +1974,33 @@ fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, act
             ctx()
         );
     }
+    // The live flip: the new writer takes the old PRIM's flip (when it shows
+    // one) right before it claims, connected, and only then; the old PRIM
+    // persists it only between its drain and its receiver.
+    if let Some(adopt) = index(actions, &Action::AdoptFlip) {
+        let claim = index(actions, &Action::ActivateStandby { connected: true })
+            .or_else(|| index(actions, &Action::MountWriterConnected))
+            .or_else(|| index(actions, &Action::MountWriter));
+        assert!(claim.is_some_and(|c| adopt < c), "{}", ctx());
+        assert!(
+            matches!(after.peer, PeerKnowledge::Seen(p)
+                if p.role == Role::Second && p.request == Some(Request::TakeOverLive)),
+            "{}",
+            ctx()
+        );
+        assert!(!actions.contains(&Action::NewGeneration), "{}", ctx());
+    }
+    if actions.contains(&Action::ActivateStandby { connected: true }) {
+        assert!(actions.contains(&Action::AdoptFlip), "{}", ctx());
+    }
+    if let Some(flip) = index(actions, &Action::FlipGeneration) {
+        assert_eq!(*event, Event::MigrateDone, "{}", ctx());
+        let u = index(actions, &Action::Unmount);
+        let r = index(actions, &Action::MountReceiver);
+        assert!(u.is_some_and(|u| u < flip), "{}", ctx());
+        assert!(r.is_some_and(|r| flip < r), "{}", ctx());
+        assert_eq!(after.request, Some(Request::TakeOverLive), "{}", ctx());
+    }
     if actions.contains(&Action::ActivateStandby { connected: false }) {
         assert!(before.pending_alone_mount, "{}", ctx());
         assert_eq!(before.live, Some(SwapPhase::Resuming), "{}", ctx());
@@ -2013,6 +2062,7 @@ fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, act
         let u = index(actions, &Action::Unmount);
         let r = index(actions, &Action::MountReceiver);
         assert!(u.is_some() && u < r, "{}", ctx());
+        assert!(actions.contains(&Action::FlipGeneration), "{}", ctx());
     }
     // Live requests only to a peer that takes part in live swaps.
     if after.request == Some(Request::PrepareLive) && before.request != Some(Request::PrepareLive) {
@@ -2772,7 +2822,15 @@ fn live_swap_moves_the_running_vm_in_order() {
     let (p, actions) = run_exact(&p, &[seen(standby)]);
     assert_eq!(actions, [Action::MigrateVm]);
     let (p, actions) = run_exact(&p, &[Event::MigrateDone]);
-    assert_eq!(actions, [Action::Unmount, Action::MountReceiver]);
+    // Drained, then the flip persisted before the receiver accepting it.
+    assert_eq!(
+        actions,
+        [
+            Action::Unmount,
+            Action::FlipGeneration,
+            Action::MountReceiver
+        ]
+    );
     assert_eq!(
         (p.role, p.announce().request),
         (Role::Second, Some(Request::TakeOverLive))
@@ -2783,9 +2841,11 @@ fn live_swap_moves_the_running_vm_in_order() {
         ..peer(Role::Second, Readiness::Ready, Relation::InSync)
     };
     let (s, actions) = run_exact(&s, &[seen(handed)]);
+    // The flip adopted before the claim, then activate, then resume.
     assert_eq!(
         actions,
         [
+            Action::AdoptFlip,
             Action::ActivateStandby { connected: true },
             Action::ResumeVm
         ]
@@ -2793,6 +2853,33 @@ fn live_swap_moves_the_running_vm_in_order() {
     assert_eq!(s.role, Role::Prim);
     let (s, _) = run_exact(&s, &[Event::VmStarted]);
     assert_eq!((s.live, s.readiness()), (None, Readiness::Ready));
+}
+
+/// The old PRIM hands over live to a SECOND whose standby is gone: the flip
+/// is still adopted before the connected claim (the old PRIM's receiver
+/// accepts only it), and the VM restarts here.
+#[test]
+fn live_hand_over_without_standby_adopts_the_flip_before_the_connected_start() {
+    let handed = Peer {
+        request: Some(Request::TakeOverLive),
+        ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+    };
+    let (s, actions) = run_exact(&second(), &[seen(handed)]);
+    let adopt = index(&actions, &Action::AdoptFlip);
+    let claim = index(&actions, &Action::MountWriterConnected);
+    assert!(adopt.is_some() && adopt < claim, "{actions:?}");
+    assert!(!actions.contains(&Action::NewGeneration), "{actions:?}");
+    assert!(actions.contains(&Action::StartVm), "{actions:?}");
+    assert_eq!(s.role, Role::Prim);
+    // Its claim refused all the same (an old PRIM that flipped differently,
+    // say): the connected start's fallback, a new generation on top.
+    let (s, actions) = run_exact(&s, &[Event::ConnectedMountFailed]);
+    assert_eq!(
+        actions[..2],
+        [Action::NewGeneration, Action::MarkPeerOutdated],
+        "{actions:?}"
+    );
+    assert!(s.pending_alone_mount);
 }
 
 /// `swap --live` is refused (and says so) where it cannot run, and never
