@@ -383,6 +383,10 @@ pub struct Console {
     pub counters: Vec<u64>,
     /// Every `VMHA-BOOT n` (the counter read from disk at each boot), in order.
     pub boots: Vec<u64>,
+    /// For each boot, how many counters were printed before its line: a
+    /// guest killed while the test reads its console may print one more
+    /// counter first, so the boot's first counter is found from here.
+    pub boot_at: Vec<usize>,
     /// Number of `VMHA-POWEROFF` lines (ACPI power button handled).
     pub poweroffs: usize,
     /// `VMHA-ERROR ...` lines.
@@ -399,6 +403,7 @@ impl Console {
                 c.counters.push(n);
             } else if let Some(n) = line.strip_prefix("VMHA-BOOT ").and_then(|n| n.parse().ok()) {
                 c.boots.push(n);
+                c.boot_at.push(c.counters.len());
             } else if line == "VMHA-POWEROFF" {
                 c.poweroffs += 1;
             } else if line.starts_with("VMHA-ERROR") {
@@ -415,6 +420,12 @@ impl Console {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+
+    /// The first counter printed after boot `i` (where it resumed), once
+    /// printed.
+    pub fn first_after_boot(&self, i: usize) -> Option<u64> {
+        self.counters.get(*self.boot_at.get(i)?).copied()
     }
 
     /// The last acknowledged counter.
@@ -465,6 +476,19 @@ pub fn wait_console(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_boot_resumes_at_the_counter_printed_after_its_line() {
+        // The guest printed COUNTER 5 after the test read its console and
+        // before it was killed: the second boot's first counter is 6, not 5.
+        let c = Console::parse("VMHA-BOOT 3\nCOUNTER 4\nCOUNTER 5\nVMHA-BOOT 5\n");
+        assert_eq!(c.boot_at, [0, 2]);
+        assert_eq!(c.first_after_boot(0), Some(4));
+        assert_eq!(c.first_after_boot(1), None);
+        let c = Console::parse("VMHA-BOOT 3\nCOUNTER 4\nCOUNTER 5\nVMHA-BOOT 5\nCOUNTER 6\n");
+        assert_eq!(c.first_after_boot(1), Some(6));
+        assert_eq!(c.first_after_boot(2), None);
+    }
 
     #[test]
     fn parses_console() {

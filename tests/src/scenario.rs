@@ -98,13 +98,7 @@ pub fn more_counters(vc: &VmCluster, i: usize, n: usize, timeout: Duration) -> R
 /// Waits until the guest boots (once more than `boots_before`) on node `to`
 /// and counts there; checks it resumed from at least `acked` (the last counter
 /// acknowledged elsewhere) and that `to`'s counters never go back.
-pub fn boots_on(
-    vc: &VmCluster,
-    to: usize,
-    boots_before: usize,
-    counters_before: usize,
-    acked: u64,
-) -> Result<Console> {
+pub fn boots_on(vc: &VmCluster, to: usize, boots_before: usize, acked: u64) -> Result<Console> {
     let name = vc.node(to).name().to_string();
     let c = diag(
         vc,
@@ -112,7 +106,7 @@ pub fn boots_on(
             &vc.console(to)?,
             BOOT_TIMEOUT,
             &format!("a new boot and counter on {name}"),
-            |c| c.boots.len() > boots_before && c.counters.len() > counters_before,
+            |c| c.boots.len() > boots_before && c.first_after_boot(boots_before).is_some(),
         ),
     )?;
     let boot = c.boots[boots_before];
@@ -120,10 +114,10 @@ pub fn boots_on(
         boot >= acked,
         "acknowledged counter lost: {acked} was acknowledged, {name} booted from {boot}"
     );
+    let resumed = c.first_after_boot(boots_before);
     ensure!(
-        c.counters[counters_before] == boot + 1,
-        "{name} resumed at {} after booting from {boot}",
-        c.counters[counters_before]
+        resumed == Some(boot + 1),
+        "{name} resumed at {resumed:?} after booting from {boot}"
     );
     c.check_monotonic()?;
     ensure!(

@@ -91,7 +91,7 @@ fn active_active() -> Result<()> {
     })?;
     ensure!(module_primary(&s, "vm2") == Some("node2"), "{s}");
     // `boots_on` follows vm1's console: booted from at least `acked`.
-    let vm1_on_2 = boots_on(&vc, 1, 0, 0, acked)?;
+    let vm1_on_2 = boots_on(&vc, 1, 0, acked)?;
     ensure!(
         vm1_on_2.boots.len() == 1,
         "vm1 boots on node2: {:?}",
@@ -128,13 +128,7 @@ fn active_active() -> Result<()> {
     let last_on_2 = Console::read(&vc.console_of(1, "vm1")?)?
         .last_counter()
         .context("no vm1 counter on node2")?;
-    boots_on(
-        &vc,
-        0,
-        vm1_boots_1.boots.len(),
-        vm1_boots_1.counters.len(),
-        last_on_2,
-    )?;
+    boots_on(&vc, 0, vm1_boots_1.boots.len(), last_on_2)?;
     home(&vc, 0, "the same in node1's view")?;
     ensure!(
         vc.qemu_pid_of(1, "vm1")?.is_none(),

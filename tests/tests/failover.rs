@@ -212,14 +212,13 @@ fn swap(vc: &VmCluster, from: usize, to: usize) -> Result<()> {
         state(s, &nt) == Some("PRIM") && primary(s) == Some(nt.as_str())
     })?;
     let boots = ct.boots.len();
-    let counters = ct.counters.len();
     let c = diag(
         vc,
         wait_console(
             &vc.console(to)?,
             BOOT_TIMEOUT,
             &format!("counters on {nt}"),
-            |c| c.boots.len() > boots && c.counters.len() > counters,
+            |c| c.boots.len() > boots && c.first_after_boot(boots).is_some(),
         ),
     )?;
     eprintln!(
@@ -237,11 +236,8 @@ fn swap(vc: &VmCluster, from: usize, to: usize) -> Result<()> {
         boot >= last_from,
         "swap {nf} -> {nt}: {nf} acknowledged {last_from}, {nt} booted from {boot}"
     );
-    ensure!(
-        c.counters[counters] == boot + 1,
-        "resumed at {}",
-        c.counters[counters]
-    );
+    let resumed = c.first_after_boot(boots);
+    ensure!(resumed == Some(boot + 1), "resumed at {resumed:?}");
     c.check_monotonic()?;
     // The new SECOND's disk receives what the guest acknowledges on the new PRIM.
     let c = diag(
@@ -250,7 +246,7 @@ fn swap(vc: &VmCluster, from: usize, to: usize) -> Result<()> {
             &vc.console(to)?,
             Duration::from_secs(60),
             &format!("more counters on {nt}"),
-            |c| c.counters.len() >= counters + 5,
+            |c| c.counters.len() >= ct.counters.len() + 5,
         ),
     )?;
     let acked = c.last_counter().context("no counter")?;

@@ -48,7 +48,7 @@ fn stop_on_prim() -> Result<()> {
     // node1 stopped its guest before node2 started: its console is final.
     let c1 = Console::read(&vc.console(0)?)?;
     let acked = c1.last_counter().context("no counter on node1")?;
-    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    let c2 = boots_on(&vc, 1, 0, acked)?;
     eprintln!(
         "[failover_more] stop -> counting on node2 after {:?}: node1 acknowledged {acked}, node2 booted from {}",
         t.elapsed(),
@@ -85,7 +85,7 @@ fn destroyed_guest() -> Result<()> {
         let acked = before.last_counter().context("no counter on node1")?;
         let t = Instant::now();
         vc.node(0).virsh(&["destroy", MODULE])?;
-        let c = boots_on(&vc, 0, before.boots.len(), before.counters.len(), acked)?;
+        let c = boots_on(&vc, 0, before.boots.len(), acked)?;
         eprintln!(
             "[failover_more] death {death}: restarted on node1 after {:?} (acknowledged {acked}, booted from {})",
             t.elapsed(),
@@ -115,7 +115,7 @@ fn destroyed_guest() -> Result<()> {
     let acked = Console::read(&console1)?
         .last_counter()
         .context("no counter on node1")?;
-    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    let c2 = boots_on(&vc, 1, 0, acked)?;
     eprintln!(
         "[failover_more] death {}: failover, counting on node2 after {:?} (acknowledged {acked}, booted from {})",
         maxloop + 1,
@@ -266,7 +266,7 @@ fn fs_killed() -> Result<()> {
         writer(state(s, "node2")) && primary(s) == Some("node2")
     })?;
     let to_writer = t.elapsed();
-    let c2 = boots_on(&vc, 1, 0, 0, acked_at_kill)?;
+    let c2 = boots_on(&vc, 1, 0, acked_at_kill)?;
     // Whatever node1's guest printed after the kill was acknowledged too.
     let acked = Console::read(&vc.console(0)?)?
         .last_counter()
@@ -374,7 +374,7 @@ fn node_frozen() -> Result<()> {
         state(s, "node2") == Some("ALONE")
     })?;
     let to_alone = t.elapsed();
-    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    let c2 = boots_on(&vc, 1, 0, acked)?;
     eprintln!(
         "[failover_more] freeze -> node2 ALONE {to_alone:?}, -> counting on node2 {:?} (booted from {})",
         t.elapsed(),
@@ -640,7 +640,7 @@ fn vmhad_restarts() -> Result<()> {
         frozen.len(),
         t.elapsed()
     );
-    boots_on(&vc, 1, 0, 0, acked)?;
+    boots_on(&vc, 1, 0, acked)?;
     drop(thaw);
     // Thawed, node1 learns it lost (fenced, or sees the newer writer).
     wait_status(&vc, 1, "node1 no longer a writer", STATE_TIMEOUT, |s| {

@@ -150,7 +150,7 @@ fn shutdown_leave(vc: &mut VmCluster) -> Result<()> {
     let acked = Console::read(&vc.console(0)?)?
         .last_counter()
         .context("no counter on node1")?;
-    boots_on(vc, 1, 0, 0, acked)?;
+    boots_on(vc, 1, 0, acked)?;
 
     // A vmhad restart on node1 keeps it out (the leave is in its state dir).
     vc.stop_vmhad(0)?;
@@ -230,7 +230,7 @@ fn maintenance(vc: &mut VmCluster) -> Result<()> {
         .last_counter()
         .context("no counter on node2")?;
     vc.vmctl(1, &["maintenance", "off"])?;
-    let c = boots_on(vc, 1, before.boots.len(), before.counters.len(), acked)?;
+    let c = boots_on(vc, 1, before.boots.len(), acked)?;
     eprintln!(
         "[operations] maintenance off: vm1 restarted on node2 from {}",
         c.boots[before.boots.len()]

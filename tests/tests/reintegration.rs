@@ -181,19 +181,18 @@ fn reintegration() -> Result<()> {
         boot >= last2,
         "node2 acknowledged {last2}, node1 booted from {boot} after the swap"
     );
-    ensure!(
-        c1.counters[before1.counters.len()] == boot + 1,
-        "node1 resumed at {}",
-        c1.counters[before1.counters.len()]
-    );
+    let resumed = c1.first_after_boot(before1.boots.len());
+    ensure!(resumed == Some(boot + 1), "node1 resumed at {resumed:?}");
     ensure!(!runs_vm(&vc, 1)?, "vm1 still runs on node2 after the swap");
     wait_status(&vc, 0, "node2 SECOND ready", SYNC_TIMEOUT, |s| {
         state(s, "node2") == Some("SECOND") && ready(s, "node2")
     })?;
     // Never back: node1's first life, node2's, node1's second, in order.
-    let mut all = before1.counters.clone();
+    let c1 = Console::read(&console1)?;
+    let back = c1.boot_at[before1.boots.len()];
+    let mut all = c1.counters[..back].to_vec();
     all.extend(&c2.counters);
-    all.extend(&Console::read(&console1)?.counters[before1.counters.len()..]);
+    all.extend(&c1.counters[back..]);
     Console {
         counters: all,
         ..Console::default()

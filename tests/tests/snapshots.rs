@@ -138,7 +138,7 @@ fn snapshots_survive_failover() -> Result<()> {
         state(s, "node2") == Some("ALONE")
     })?;
     // The guest boots from the overlay replicated in the snapshot directory.
-    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    let c2 = boots_on(&vc, 1, 0, acked)?;
     let disk = vc.node(1).virsh(&["domblklist", "vm1"])?;
     ensure!(disk.contains(OVERLAY), "vm1's disk on node2: {disk}");
     let list = vc.node(1).virsh(&["snapshot-list", "vm1", "--name"])?;

@@ -59,7 +59,7 @@ fn disk_fails() -> Result<()> {
     let acked = Console::read(&vc.console(0)?)?
         .last_counter()
         .context("no counter on node1")?;
-    let c2 = boots_on(&vc, 1, 0, 0, acked)?;
+    let c2 = boots_on(&vc, 1, 0, acked)?;
     eprintln!(
         "[disk_failure] shutdown -> node2 ALONE {to_writer:?}, -> counting on node2 {:?}; \
          node1 acknowledged {acked}, node2 booted from {}",
