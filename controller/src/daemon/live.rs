@@ -162,7 +162,9 @@ fn abort_job(vm: Arc<dyn VmDriver>, module: Module) {
         .spawn(move || {
             let result = vm.abort_migration(&module);
             match &result {
-                Ok(()) => tracing::info!(module = %module.name, "libvirt aborted the migration job"),
+                Ok(()) => {
+                    tracing::info!(module = %module.name, "libvirt aborted the migration job")
+                }
                 Err(e) => tracing::info!(module = %module.name, "aborting the migration job: {e}"),
             }
             let _ = answered.send(());

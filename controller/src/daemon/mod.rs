@@ -580,7 +580,13 @@ async fn find_running(
             // paused incoming instance never runs here (the PRIM keeps or
             // restarts the VM; a swap handed over meanwhile restarts it
             // here), and the standby mount goes, after it.
-            drop_live_leftovers(vm.as_ref(), fs.as_ref(), &m, matches!(&found, Ok(Some(f)) if !f.writer), &mut lines);
+            drop_live_leftovers(
+                vm.as_ref(),
+                fs.as_ref(),
+                &m,
+                matches!(&found, Ok(Some(f)) if !f.writer),
+                &mut lines,
+            );
         }
         let vm_running = writer
             && vm.state(&m).is_ok_and(|s| {
@@ -653,7 +659,10 @@ fn settle_migration(vm: &dyn VmDriver, module: &Module, lines: &mut Vec<String>)
     }
     let deadline = Instant::now() + MIGRATION_SETTLE;
     let mut waited = false;
-    while matches!(vm.paused(module), Ok(Some(crate::driver::Paused::IncomingMigration))) {
+    while matches!(
+        vm.paused(module),
+        Ok(Some(crate::driver::Paused::IncomingMigration))
+    ) {
         if Instant::now() >= deadline {
             lines.push(format!(
                 "the VM is still paused for a migration after {} s",
@@ -691,7 +700,8 @@ fn drop_live_leftovers(
     if incoming {
         match vm.stop(module) {
             Ok(()) => lines.push(
-                "destroyed the paused incoming VM a live swap left (vmhad restarted mid-way)".into(),
+                "destroyed the paused incoming VM a live swap left (vmhad restarted mid-way)"
+                    .into(),
             ),
             Err(e) => lines.push(format!(
                 "error: destroy the paused incoming VM a live swap left: {e}"
@@ -703,7 +713,9 @@ fn drop_live_leftovers(
         Ok(n) => lines.push(format!(
             "stopped the standby mount a live swap left ({n} directories; vmhad restarted mid-way)"
         )),
-        Err(e) => lines.push(format!("error: stop the standby mount a live swap left: {e}")),
+        Err(e) => lines.push(format!(
+            "error: stop the standby mount a live swap left: {e}"
+        )),
     }
 }
 

@@ -1986,9 +1986,12 @@ fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, act
     // receiver under it.
     if let (Some(d), Some(r)) = (
         index(actions, &Action::DropStandby),
-        actions
-            .iter()
-            .position(|a| matches!(a, Action::StartResync { .. } | Action::RestartReceiver { .. })),
+        actions.iter().position(|a| {
+            matches!(
+                a,
+                Action::StartResync { .. } | Action::RestartReceiver { .. }
+            )
+        }),
     ) {
         assert!(d < r, "{}", ctx());
     }
@@ -2010,7 +2013,11 @@ fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, act
         ctx()
     );
     assert!(
-        actions.iter().filter(|a| **a == Action::AbortMigration).count() <= 1,
+        actions
+            .iter()
+            .filter(|a| **a == Action::AbortMigration)
+            .count()
+            <= 1,
         "{}",
         ctx()
     );
@@ -2881,11 +2888,18 @@ fn a_running_migration_is_aborted_at_once() {
         peer_knows_outdated: false,
     };
     let (p, actions) = run_exact(&migrating(), &[down]);
-    assert_eq!(actions.first(), Some(&Action::AbortMigration), "{actions:?}");
+    assert_eq!(
+        actions.first(),
+        Some(&Action::AbortMigration),
+        "{actions:?}"
+    );
     assert!(actions.contains(&Action::MarkPeerOutdated), "{actions:?}");
     assert_eq!((p.role, p.live, p.request), (Role::Prim, None, None));
     assert!(
-        p.live_outcome.1.as_deref().is_some_and(|w| w.contains("link")),
+        p.live_outcome
+            .1
+            .as_deref()
+            .is_some_and(|w| w.contains("link")),
         "{:?}",
         p.live_outcome
     );
@@ -2902,7 +2916,11 @@ fn a_running_migration_is_aborted_at_once() {
     }
     // The peer lost: aborted, then ALONE.
     let (p, actions) = run_exact(&migrating(), &[Event::PeerLost]);
-    assert_eq!(actions.first(), Some(&Action::AbortMigration), "{actions:?}");
+    assert_eq!(
+        actions.first(),
+        Some(&Action::AbortMigration),
+        "{actions:?}"
+    );
     assert_eq!((p.role, p.live), (Role::Alone, None));
     // The SECOND's vmhad restarted (no standby any more): aborted.
     let (p, actions) = run_exact(
@@ -2917,7 +2935,11 @@ fn a_running_migration_is_aborted_at_once() {
     assert_eq!(p.live, Some(SwapPhase::Migrating));
     // An operator's stop: aborted before the VM is stopped.
     let (_, actions) = run_exact(&migrating(), &[Event::Stop]);
-    assert_eq!(actions.first(), Some(&Action::AbortMigration), "{actions:?}");
+    assert_eq!(
+        actions.first(),
+        Some(&Action::AbortMigration),
+        "{actions:?}"
+    );
     assert!(actions.contains(&Action::StopVm), "{actions:?}");
 }
 
