@@ -355,9 +355,9 @@ fn live_config_falls_back(vc: &VmCluster, prim: usize) -> Result<()> {
         vc.config(),
         text.replacen(anchor, &format!("{anchor}swap = \"live\"\n"), 1),
     )?;
-    for i in 0..2 {
+    for (i, node) in NODES.iter().enumerate() {
         let out = vc.vmctl(i, &["reload"]).context("vmctl reload")?;
-        ensure!(out.contains("swap"), "reload on {}: {out}", NODES[i]);
+        ensure!(out.contains("swap"), "reload on {node}: {out}");
     }
     let before = Console::read(&vc.console(second)?)?;
     let logged = log(vc, prim)?.lines().count();
