@@ -112,6 +112,14 @@ pub trait VmDriver: Send + Sync + std::fmt::Debug + 'static {
     fn migrate_live(&self, _module: &Module, _dest: &std::path::Path) -> Result<(), DriverError> {
         Err(DriverError::Unsupported("live migration".into()))
     }
+    /// Aborts the domain's running migration job (libvirt's
+    /// `virDomainAbortJob`; from another thread while
+    /// [`VmDriver::migrate_live`] runs, which then fails and leaves the
+    /// domain running here unless it had already handed it over). Ok when
+    /// no job runs.
+    fn abort_migration(&self, _module: &Module) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("aborting a live migration".into()))
+    }
     /// Resumes a paused domain (the destination of a live swap once the
     /// write direction flipped). Ok if it already runs.
     fn resume(&self, _module: &Module) -> Result<(), DriverError> {
@@ -340,5 +348,12 @@ pub trait FsDriver: Send + Sync + std::fmt::Debug + 'static {
     /// Takes the standby mount down (the receiver stays). Ok if none runs.
     fn drop_standby(&self, _module: &Module) -> Result<(), DriverError> {
         Ok(())
+    }
+    /// At daemon start: stops the standby mounts a previous vmhad started
+    /// for a live swap and left behind (it was killed mid-way); how many.
+    /// Called after any paused incoming instance was destroyed (its open
+    /// files would hold the unmount).
+    fn drop_orphan_standby(&self, _module: &Module) -> Result<usize, DriverError> {
+        Ok(0)
     }
 }

@@ -35,8 +35,14 @@
 //!   starts keep failing).
 //! - Live swap: `MountStandby` reports `StandbyMounted` or `StandbyFailed`;
 //!   `MigrateVm` reports `MigrateDone` (the VM left, paused on the peer) or
-//!   `MigrateFailed` (it still runs here) and runs within its step (no other
-//!   event of the module meanwhile); `ActivateStandby { connected: true }`
+//!   `MigrateFailed` (it still runs here); it runs in the background, so the
+//!   module's other events (heartbeats, link health, operator requests) are
+//!   handled meanwhile. `AbortMigration` ends a running migration at once
+//!   (libvirt's job aborted, the forwarded connection cut) and reports
+//!   nothing: a late outcome of an aborted migration is never fed back (a
+//!   VM that left after all shows as stopped to the checker and restarts
+//!   here; the peer destroys its paused copy with its standby).
+//!   `ActivateStandby { connected: true }`
 //!   that fails aborts the rest of its step and reports
 //!   `ConnectedMountFailed` (the standby stays); `ResumeVm` reports
 //!   `VmStarted` or `VmStartFailed` (the paused instance destroyed);
@@ -213,8 +219,11 @@
 //!   "live"` a plain swap then stops and starts it, logged), its SECOND drops
 //!   the standby and any paused incoming instance ([`Action::DropStandby`])
 //!   once the PRIM no longer asks; a SECOND that loses its PRIM mid-way drops
-//!   them and fails over as usual; a PRIM whose peer dies mid-way sees the
-//!   migration fail and goes ALONE as usual.
+//!   them and fails over as usual. While the migration runs, anything that
+//!   takes the PRIM out of it (the peer lost, the replication link down, the
+//!   SECOND leaving its standby, a step down) aborts it first
+//!   ([`Action::AbortMigration`]) and is then handled as usual (ALONE, link
+//!   down, ...); a VM stop seen meanwhile is the migration's, not a crash.
 //! - **Never heard since this daemon started**: `PeerLost` then matters only to
 //!   an adopted PRIM (goes ALONE) or SECOND (fails over when up to date).
 
@@ -734,9 +743,14 @@ pub enum Action {
     /// SECOND: take the standby mount down and destroy any paused incoming
     /// instance of the domain (a live swap given up).
     DropStandby,
-    /// PRIM: live-migrate the domain to the peer, left paused there;
-    /// reports `MigrateDone` or `MigrateFailed`.
+    /// PRIM: live-migrate the domain to the peer, left paused there, in the
+    /// background; reports `MigrateDone` or `MigrateFailed` when it ends.
     MigrateVm,
+    /// PRIM: abort the running live migration (libvirt's
+    /// `virDomainAbortJob`, the forwarded libvirt connection cut); nothing
+    /// is reported for it any more (the VM stays here, or, if it left all
+    /// the same, the checker sees it stopped).
+    AbortMigration,
     /// Turn the standby mount into the writer, replicating to the peer's
     /// receiver (`connected`; this node's receiver stops first) or alone.
     /// A connected activation that fails aborts the step and reports
@@ -1023,8 +1037,11 @@ pub fn step(state: &ModuleState, event: Event) -> (ModuleState, Vec<Action>) {
         s: state.clone(),
         actions: Vec::new(),
         from: state.role,
+        from_live: state.live,
         reason: String::new(),
         raise_flag: false,
+        migration_reported: false,
+        migration_aborted: false,
     };
     t.handle(event);
     t.finish()
@@ -1035,9 +1052,15 @@ struct Transition {
     s: ModuleState,
     actions: Vec<Action>,
     from: Role,
+    /// Where a live swap stood before the event.
+    from_live: Option<SwapPhase>,
     reason: String,
     /// Persist "peer may be newer" even in WAIT/STOP.
     raise_flag: bool,
+    /// The event is the running migration's own outcome (no abort then).
+    migration_reported: bool,
+    /// This step gave the running migration up: no swap starts in it.
+    migration_aborted: bool,
 }
 
 impl Transition {
@@ -1074,8 +1097,12 @@ impl Transition {
                     self.log("live swap: the standby mount failed; the PRIM keeps the VM");
                 }
             }
-            Event::MigrateDone => self.migrate_done(),
+            Event::MigrateDone => {
+                self.migration_reported = true;
+                self.migrate_done();
+            }
             Event::MigrateFailed { reason } => {
+                self.migration_reported = true;
                 if self.s.live == Some(SwapPhase::Migrating) {
                     self.live_abort(&format!("the migration failed: {reason}"));
                 }
@@ -1333,6 +1360,9 @@ impl Transition {
     /// not either: it knows of the maintenance); a PRIM keeps its VM running
     /// and writes alone, without the witness (a step down would stop the VM).
     fn maintenance_peer_lost(&mut self) {
+        if self.s.live == Some(SwapPhase::Migrating) {
+            self.migration_abort("the peer was lost");
+        }
         match self.s.role {
             Role::Prim => self.become_writer(
                 Role::Alone,
@@ -1637,6 +1667,15 @@ impl Transition {
         }
     }
 
+    /// The running migration is given up for `why` (no fallback to
+    /// stop/start: something else is wrong); [`Transition::finish`] adds
+    /// the `AbortMigration`.
+    fn migration_abort(&mut self, why: &str) {
+        self.migration_aborted = true;
+        self.s.live_fallback = false;
+        self.live_abort(&format!("{why} during the migration"));
+    }
+
     /// Live swap, second half on the PRIM: the VM left for the peer, paused
     /// there; hand over as after a swap's stop, asking for a live takeover.
     fn migrate_done(&mut self) {
@@ -1646,8 +1685,9 @@ impl Transition {
         self.s.live = None;
         self.s.live_fallback = false;
         if self.s.role != Role::Prim {
-            // The peer was lost meanwhile (never in the driver: a migration
-            // runs within one step): the VM is not here any more.
+            // The PRIM role was left meanwhile (never in the driver: leaving
+            // it aborts the migration, whose outcome is then not reported):
+            // the VM is not here any more.
             self.s.live_outcome.1 = Some("the peer was lost after the migration".into());
             self.s.vm_starting = false;
             self.step_down(
@@ -1774,13 +1814,9 @@ impl Transition {
             self.s.uptodate = false;
             self.s.resync_wanted = true;
         }
-        if self.s.resync_wanted && peer.role.is_writer() {
-            self.s.resync_wanted = false;
-            let full = peer.relation != Relation::PeerNewer || self.s.self_outdated;
-            self.act(Action::StartResync { full });
-            self.log("the writer has a newer generation: resynchronising");
-        }
-        // Live swap on the SECOND side.
+        // Live swap on the SECOND side. A standby given up goes before the
+        // resync below: the receiver's restart would wait on the standby's
+        // unmount, which the paused incoming VM's open files hold.
         let asks_prepare = peer.role == Role::Prim && peer.request == Some(Request::PrepareLive);
         let hands_over_live =
             peer.role == Role::Second && peer.request == Some(Request::TakeOverLive);
@@ -1796,6 +1832,12 @@ impl Transition {
             self.s.live = Some(SwapPhase::StandbyMounting);
             self.act(Action::MountStandby);
             self.log("live swap asked by the PRIM: mounting in standby");
+        }
+        if self.s.resync_wanted && peer.role.is_writer() {
+            self.s.resync_wanted = false;
+            let full = peer.relation != Relation::PeerNewer || self.s.self_outdated;
+            self.act(Action::StartResync { full });
+            self.log("the writer has a newer generation: resynchronising");
         }
         match peer.role {
             Role::Prim | Role::Alone => {}
@@ -1849,6 +1891,13 @@ impl Transition {
     }
 
     fn writer_sees(&mut self, peer: Peer) {
+        if self.s.live == Some(SwapPhase::Migrating)
+            && !(peer.role == Role::Second && peer.swap_phase == Some(SwapPhase::Standby))
+        {
+            // Its vmhad restarted, it stepped down or it took over: nothing
+            // may arrive there any more.
+            self.migration_abort("the SECOND is no longer in standby");
+        }
         if self.s.live == Some(SwapPhase::Preparing) {
             let in_sync_ready = peer.role == Role::Second
                 && peer.readiness == Readiness::Ready
@@ -1920,8 +1969,13 @@ impl Transition {
                 self.attach_if_behind(peer);
                 let in_sync_ready =
                     peer.readiness == Readiness::Ready && peer.relation == Relation::InSync;
-                if self.s.swap_refused || self.s.swapping || self.s.live.is_some() {
-                    // A swap failed to stop the VM: only the operator retries.
+                if self.s.swap_refused
+                    || self.s.swapping
+                    || self.s.live.is_some()
+                    || self.migration_aborted
+                {
+                    // A swap failed to stop the VM: only the operator retries
+                    // (nor while a migration given up here is still ending).
                 } else if in_sync_ready && peer.request == Some(Request::HandOver) {
                     self.do_swap("swap asked by the SECOND");
                 } else if in_sync_ready
@@ -2018,6 +2072,9 @@ impl Transition {
 
     fn peer_lost(&mut self) {
         self.s.peer_controller_down = false;
+        if self.s.live == Some(SwapPhase::Migrating) {
+            self.migration_abort("the peer was lost");
+        }
         let last = match self.s.peer {
             PeerKnowledge::Seen(p) | PeerKnowledge::Lost(p) => p,
             // Not heard since this daemon started: only an adopted PRIM or
@@ -2202,7 +2259,8 @@ impl Transition {
     // ---- checkers ----
 
     fn vm_failed(&mut self, now_ms: u64, what: &str) {
-        if !self.s.role.is_writer() {
+        if !self.s.role.is_writer() || self.s.live == Some(SwapPhase::Migrating) {
+            // (While it migrates, its outcome says where the VM is.)
             return;
         }
         let window = self.s.policy.loop_interval_ms;
@@ -2325,6 +2383,11 @@ impl Transition {
     /// SECOND (see [`Event::LinkDown`]); without it the whole peer may be
     /// going away (`PeerLost` decides), or the view is stale.
     fn link_down(&mut self, our_second_now: bool, peer_knows_outdated: bool) {
+        if self.s.live == Some(SwapPhase::Migrating) {
+            // The migration goes over this link: it ends now, then the link's
+            // loss is handled as always (before the writer's lock timeout).
+            self.migration_abort("the replication link went down");
+        }
         match self.s.role {
             // An ALONE writer has nobody to wait for.
             Role::Alone => self.write_alone(),
@@ -2529,6 +2592,14 @@ impl Transition {
             // The peer is gone: writes go on alone instead of waiting for it.
             self.s.attach = Attach::Idle;
             self.actions.push(Action::WriteAlone);
+        }
+        if self.from_live == Some(SwapPhase::Migrating)
+            && self.s.live != Some(SwapPhase::Migrating)
+            && !self.migration_reported
+        {
+            // Left the migration for any other reason: it is aborted before
+            // anything else is done (a VM stop, an unmount, a new generation).
+            self.actions.insert(0, Action::AbortMigration);
         }
         (self.s, self.actions)
     }

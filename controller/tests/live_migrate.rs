@@ -117,6 +117,36 @@ fn node_helper() {
                 Ok(()) => say("ABORTED no".into()),
                 Err(e) => say(format!("ABORTED {e}")),
             }
+            // Aborted from another thread, as vmhad's `AbortMigration` does
+            // (again until the call returned: the job may not have started
+            // at the first try): the call fails soon, the domain runs on here.
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            let aborter = std::thread::spawn({
+                let guest = guest.clone();
+                move || {
+                    let driver = LibvirtDriver::new();
+                    let mut results = Vec::new();
+                    while finished.recv_timeout(Duration::from_secs(1))
+                        == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    {
+                        results.push(driver.abort_migration(&guest));
+                    }
+                    results
+                }
+            });
+            let started = Instant::now();
+            let result = driver.migrate_live(&guest, f.socket());
+            let ms = started.elapsed().as_millis();
+            let _ = done.send(());
+            let aborts = aborter.join().unwrap();
+            say(format!(
+                "ABORTJOB {} after {ms} ms, {} aborts, all ok: {}",
+                if result.is_ok() { "migrated" } else { "failed" },
+                aborts.len(),
+                aborts.iter().all(Result::is_ok)
+            ));
+            // Nothing to abort: fine.
+            say(format!("NOJOB {:?}", driver.abort_migration(&guest)));
             virsh(&["migrate-setspeed", GUEST, "100000"]);
             drop(f);
             // As the daemon does it: forward for this call, migrate.
@@ -311,6 +341,24 @@ fn live_migration_through_the_daemon_channel() -> Result<()> {
     );
     let aborted = mig.result("ABORTED")?;
     assert_eq!(aborted, "live migration of mig timed out after 6 s");
+    assert!(
+        domstate(&vc, 0).starts_with("running"),
+        "{}",
+        domstate(&vc, 0)
+    );
+    // `VmDriver::abort_migration` (virDomainAbortJob) from another thread:
+    // the 1 MiB/s migration (minutes) fails within seconds.
+    let job = mig.result("ABORTJOB")?;
+    eprintln!("abort_migration: {job}");
+    assert!(job.starts_with("failed after "), "{job}");
+    assert!(job.ends_with("all ok: true"), "{job}");
+    let ms: u64 = job
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .context("no duration")?;
+    assert!(ms < 30_000, "{job}");
+    assert_eq!(mig.result("NOJOB")?, "Ok(())");
     assert!(
         domstate(&vc, 0).starts_with("running"),
         "{}",

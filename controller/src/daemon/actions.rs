@@ -5,26 +5,16 @@
 //! itself beyond how to carry an action out.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::probe_witnesses;
 use super::runner::{Outdated, ResyncRate, Runner, RETRY_MAX};
 use super::PeerView;
 use crate::config::Module;
-use crate::driver::{FsDriver, FsHealth, VmDriver};
+use crate::driver::{FsDriver, VmDriver};
 use crate::generation::Metadata;
 use crate::state::{Action, Event, WitnessOutcome};
-
-/// How often the replication link is looked at while a live migration runs
-/// (the writer reports a stall at half its lock timeout).
-const MIGRATION_WATCH: Duration = Duration::from_millis(100);
-
-/// How long an aborted live migration may take to end before the module's
-/// task goes on without it: the link's loss must be handled before the
-/// writer's lock timeout (the stall shows at half of it).
-const MIGRATION_ABORT_GRACE: Duration = Duration::from_millis(300);
 
 /// Why the rest of a step's actions are skipped.
 #[derive(Debug)]
@@ -539,6 +529,10 @@ impl Runner {
                 // `stop` destroys a paused domain at once. First: its open
                 // files would hold the standby mount's unmount.
                 let paused = self.blocking(|vm, _, m| vm.paused(m)).await;
+                if let Some(Err(e)) = &paused {
+                    self.record(format!("error: look for a paused incoming VM: {e}"), lines)
+                        .await;
+                }
                 if let Some(Ok(Some(_))) = paused {
                     match self.blocking(|vm, _, m| vm.stop(m)).await {
                         Some(Ok(())) => {
@@ -558,93 +552,39 @@ impl Runner {
                 }
             }
             Action::MigrateVm => {
-                let target = self.live_target.clone();
-                let started = Instant::now();
-                // The migration runs within this step: the replication link
-                // going down meanwhile (stalled, lost) aborts it, so that the
-                // step ends and the link's loss is handled before the
-                // writer's lock timeout fails the guest's writes.
-                let abort = Arc::new(AtomicBool::new(false));
-                let flag = Arc::clone(&abort);
-                let (vm, module) = (Arc::clone(&self.vm), self.module.clone());
-                let mut migration = tokio::task::spawn_blocking(move || {
-                    super::live::migrate(&target, vm.as_ref(), &module, flag)
-                });
-                let mut watch = tokio::time::interval(MIGRATION_WATCH);
-                let mut give_up: Option<tokio::time::Instant> = None;
-                // None: given up while still running (ends in the background).
-                let joined = loop {
-                    tokio::select! {
-                        joined = &mut migration => break Some(joined),
-                        _ = watch.tick(), if give_up.is_none() => {
-                            let health = self.blocking(|_, fs, m| fs.health(m)).await;
-                            if matches!(health, Some(FsHealth::LinkDown | FsHealth::Failed(_))) {
-                                abort.store(true, Ordering::Relaxed);
-                                give_up = Some(tokio::time::Instant::now() + MIGRATION_ABORT_GRACE);
-                            }
-                        }
-                        _ = super::runner::sleep_until(give_up) => break None,
+                // In the background: heartbeats, the link's health and
+                // requests are handled meanwhile; its outcome comes back as
+                // `MigrateDone`/`MigrateFailed` (`Runner::on_migration_end`).
+                if self.migration.is_some() {
+                    let reason = "an aborted migration is still ending".to_string();
+                    self.record(format!("error: live migration: {reason}"), lines)
+                        .await;
+                    queue.push_back(Event::MigrateFailed { reason });
+                } else {
+                    self.migration = Some(super::live::Migration::start(
+                        self.live_target.clone(),
+                        Arc::clone(&self.vm),
+                        self.module.clone(),
+                    ));
+                    self.record("live migration started".into(), lines).await;
+                }
+            }
+            Action::AbortMigration => {
+                let aborted = match self.migration.as_mut() {
+                    Some(migration) if !migration.aborted => {
+                        migration.abort();
+                        Some(migration.started.elapsed().as_millis())
                     }
+                    _ => None,
                 };
-                let outcome = match joined {
-                    Some(Ok(result)) => Some(result),
-                    Some(Err(e)) => {
-                        tracing::error!(module = %self.module.name, error = %e, "live migration panicked");
-                        None
-                    }
-                    None => {
-                        // The cut forward fails it soon; whatever it ends
-                        // with is logged (a migration that had already
-                        // handed the VM over leaves it paused on the peer,
-                        // which drops it with its standby, and shows as
-                        // the VM stopped here).
-                        let name = self.module.name.clone();
-                        tokio::spawn(async move {
-                            match migration.await {
-                                Ok(Ok(())) => {
-                                    tracing::error!(module = %name, "the aborted live migration completed after all: the VM left this node")
-                                }
-                                Ok(Err(e)) => {
-                                    tracing::info!(module = %name, "the aborted live migration ended: {e}")
-                                }
-                                Err(e) => {
-                                    tracing::error!(module = %name, error = %e, "live migration panicked")
-                                }
-                            }
-                        });
-                        Some(Err(
-                            "the replication link went down: migration aborted".to_string()
-                        ))
-                    }
-                };
-                if give_up.is_some() {
+                if let Some(ms) = aborted {
                     self.record(
-                        "replication link down during the live migration: migration aborted".into(),
+                        format!(
+                            "live migration aborted after {ms} ms (libvirt's job aborted, its connection cut)"
+                        ),
                         lines,
                     )
                     .await;
-                }
-                match outcome {
-                    Some(Ok(())) => {
-                        self.record(
-                            format!(
-                                "VM migrated to the peer in {} ms (paused there)",
-                                started.elapsed().as_millis()
-                            ),
-                            lines,
-                        )
-                        .await;
-                        queue.push_back(Event::MigrateDone);
-                    }
-                    other => {
-                        let reason = match other {
-                            Some(Err(e)) => e.to_string(),
-                            _ => "panicked".to_string(),
-                        };
-                        self.record(format!("error: live migration: {reason}"), lines)
-                            .await;
-                        queue.push_back(Event::MigrateFailed { reason });
-                    }
                 }
             }
             Action::ActivateStandby { connected } => {

@@ -262,7 +262,10 @@ impl Runner {
             self.handle(Event::DataPathLost).await;
         }
         let role = self.state.role;
-        let check_vm = role.is_writer() && !self.state.vm_starting;
+        // While a migration runs (or ends after its abort) the VM's state is
+        // its outcome's to tell, and libvirt may hold calls on the domain
+        // behind the migration job: the link's health must not wait for it.
+        let check_vm = role.is_writer() && !self.state.vm_starting && self.migration.is_none();
         let check_fs = role.is_writer() || role == Role::Second;
         let check_resync = role == Role::Second && !self.state.uptodate;
         if role.is_writer() {

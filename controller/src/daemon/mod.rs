@@ -65,6 +65,16 @@
 //!   (`Adopt`) when the vmha-fs a previous vmhad started still runs
 //!   ([`FsDriver::find_running`]: its process record, PID and start time, the
 //!   settings its command line carries, its generation; the VM's state).
+//!   What a live swap interrupted by the previous vmhad's death left is
+//!   settled first: beside a writer, a migration job of the domain is
+//!   aborted and waited for (the VM is here or not, never in between);
+//!   elsewhere a paused incoming instance is destroyed and an orphaned
+//!   standby mount stopped (never resumed: the source keeps or restarts
+//!   the VM, a hand-over that came meanwhile restarts it here).
+//! - A live migration (`MigrateVm`) runs in the background
+//!   ([`live::Migration`]): the module task handles heartbeats, the link's
+//!   health and requests meanwhile, and `AbortMigration` ends it at once;
+//!   the VM checker is paused while it runs.
 //! - SIGTERM and SIGINT end vmhad alone ([`Daemon::shutdown`]): nothing is
 //!   stopped, vmha-fs and the VMs run on; [`Daemon::kill`] simulates a crash
 //!   (tasks aborted, nothing stopped, the socket file left).
@@ -462,6 +472,7 @@ impl Factory {
             announced,
             counters,
             live_target: live::LiveTarget::of(config, module, node, &self.key),
+            migration: None,
         };
         Ok((runner, cmd_rx, handle))
     }
@@ -552,19 +563,48 @@ async fn find_running(
     fs: &Arc<dyn FsDriver>,
     module: &Module,
     history: &History,
+    log: &mut Vec<String>,
 ) -> Event {
     let (vm, fs, m) = (Arc::clone(vm), Arc::clone(fs), module.clone());
     let found = tokio::task::spawn_blocking(move || {
         let found = fs.find_running(&m);
-        let vm_running = match &found {
-            Ok(Some(f)) if f.writer => vm.state(&m).is_ok_and(|s| {
+        let mut lines = Vec::new();
+        let writer = matches!(&found, Ok(Some(f)) if f.writer);
+        if writer {
+            // A live swap's source whose vmhad died mid-migration: the
+            // migration ends now (failed, the VM running here, or done, the
+            // VM gone), so the decision below sees where the VM is.
+            settle_migration(vm.as_ref(), &m, &mut lines);
+        } else {
+            // A live swap's destination whose vmhad died mid-way: its
+            // paused incoming instance never runs here (the PRIM keeps or
+            // restarts the VM; a swap handed over meanwhile restarts it
+            // here), and the standby mount goes, after it.
+            drop_live_leftovers(
+                vm.as_ref(),
+                fs.as_ref(),
+                &m,
+                matches!(&found, Ok(Some(f)) if !f.writer),
+                &mut lines,
+            );
+        }
+        let vm_running = writer
+            && vm.state(&m).is_ok_and(|s| {
                 s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused
-            }),
-            _ => false,
-        };
-        (found, vm_running)
+            });
+        (found, vm_running, lines)
     })
     .await;
+    let found = match found {
+        Ok((found, vm_running, lines)) => {
+            for line in lines {
+                tracing::warn!(module = %module.name, "{line}");
+                log.push(line);
+            }
+            Ok((found, vm_running))
+        }
+        Err(e) => Err(e),
+    };
     match found {
         Ok((Ok(Some(f)), vm_running)) => {
             let current = history.current().map(|g| g.to_string());
@@ -601,6 +641,81 @@ async fn find_running(
             tracing::warn!(module = %module.name, error = %e, "looking for a running vmha-fs");
             Event::Start
         }
+    }
+}
+
+/// How long a restarted vmhad waits for an aborted migration of the
+/// domain to end (the domain paused for it) before deciding on it.
+const MIGRATION_SETTLE: Duration = Duration::from_secs(15);
+
+/// At daemon start on a writer's node: aborts a live migration of the
+/// domain that a killed vmhad left running (its forwarded connection died
+/// with it, so it fails anyway) and waits until the domain is no longer
+/// paused for it.
+fn settle_migration(vm: &dyn VmDriver, module: &Module, lines: &mut Vec<String>) {
+    if vm.abort_migration(module).is_err() {
+        // No libvirt job API (the fake driver) or no domain: nothing runs.
+        return;
+    }
+    let deadline = Instant::now() + MIGRATION_SETTLE;
+    let mut waited = false;
+    while matches!(
+        vm.paused(module),
+        Ok(Some(crate::driver::Paused::IncomingMigration))
+    ) {
+        if Instant::now() >= deadline {
+            lines.push(format!(
+                "the VM is still paused for a migration after {} s",
+                MIGRATION_SETTLE.as_secs()
+            ));
+            return;
+        }
+        waited = true;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if waited {
+        lines.push(
+            "a live migration a previous vmhad left running was aborted (vmhad restarted mid-way)"
+                .into(),
+        );
+    }
+}
+
+/// At daemon start on a node that is not the writer: destroys a paused
+/// incoming instance of the domain (only beside a receiver: a live swap's
+/// destination) and stops a standby mount a previous vmhad left.
+fn drop_live_leftovers(
+    vm: &dyn VmDriver,
+    fs: &dyn FsDriver,
+    module: &Module,
+    receiver: bool,
+    lines: &mut Vec<String>,
+) {
+    let paused = vm.paused(module);
+    let incoming = match paused {
+        Ok(Some(crate::driver::Paused::IncomingMigration)) => true,
+        Ok(Some(_)) => receiver,
+        Ok(None) | Err(_) => false,
+    };
+    if incoming {
+        match vm.stop(module) {
+            Ok(()) => lines.push(
+                "destroyed the paused incoming VM a live swap left (vmhad restarted mid-way)"
+                    .into(),
+            ),
+            Err(e) => lines.push(format!(
+                "error: destroy the paused incoming VM a live swap left: {e}"
+            )),
+        }
+    }
+    match fs.drop_orphan_standby(module) {
+        Ok(0) => {}
+        Ok(n) => lines.push(format!(
+            "stopped the standby mount a live swap left ({n} directories; vmhad restarted mid-way)"
+        )),
+        Err(e) => lines.push(format!(
+            "error: stop the standby mount a live swap left: {e}"
+        )),
     }
 }
 
@@ -666,7 +781,13 @@ impl Daemon {
         let mut first_events = Vec::new();
         for module in &config.modules {
             let (runner, commands, handle) = factory.build(&config, module, node, false).await?;
-            first_events.push(find_running(&spec.vm, &spec.fs, module, &runner.meta.history).await);
+            let mut lines = Vec::new();
+            first_events.push(
+                find_running(&spec.vm, &spec.fs, module, &runner.meta.history, &mut lines).await,
+            );
+            for line in lines {
+                runner.append_log(&format!("[vmhad start] {line}"));
+            }
             handles.push(Arc::new(handle));
             runners.push((runner, commands));
         }

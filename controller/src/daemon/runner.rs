@@ -125,6 +125,9 @@ pub(super) struct Runner {
     pub(super) counters: Arc<super::ModuleCounters>,
     /// Where the peer's libvirt is reached for a live swap.
     pub(super) live_target: super::live::LiveTarget,
+    /// The live migration running in the background (`MigrateVm`), until
+    /// its outcome arrived (also after `AbortMigration`: a new one waits).
+    pub(super) migration: Option<super::live::Migration>,
 }
 
 /// A module's settings that a reload may change while its task runs. What
@@ -294,6 +297,9 @@ impl Runner {
                     self.cause = "receiver retry".into();
                     self.handle(Event::ReceiverRetryDue).await;
                 }
+                outcome = super::live::ended(&mut self.migration) => {
+                    self.on_migration_end(outcome).await;
+                }
                 _ = checks.tick() => {
                     self.cause = "checker".into();
                     self.check().await;
@@ -303,6 +309,50 @@ impl Runner {
                     self.cause = "checker".into();
                     self.check().await;
                 }
+            }
+        }
+    }
+
+    /// The background migration ended: its outcome is the state machine's
+    /// (`MigrateDone`, `MigrateFailed`), unless it was aborted: then it is
+    /// only logged, and a VM that left all the same is seen stopped by the
+    /// checker (restarted here; the peer destroys its paused copy when it
+    /// drops its standby).
+    async fn on_migration_end(&mut self, outcome: Result<(), String>) {
+        let Some(migration) = self.migration.take() else {
+            return;
+        };
+        let ms = migration.started.elapsed().as_millis();
+        self.cause = "live migration".into();
+        let mut lines = Vec::new();
+        match (migration.aborted, outcome) {
+            (true, Ok(())) => {
+                self.record(
+                    format!("the aborted live migration completed after all ({ms} ms): the VM left this node; it is not resumed on the peer"),
+                    &mut lines,
+                )
+                .await;
+                self.check().await;
+            }
+            (true, Err(e)) => {
+                self.record(
+                    format!("the aborted live migration ended after {ms} ms: {e}"),
+                    &mut lines,
+                )
+                .await;
+            }
+            (false, Ok(())) => {
+                self.record(
+                    format!("VM migrated to the peer in {ms} ms (paused there)"),
+                    &mut lines,
+                )
+                .await;
+                self.handle(Event::MigrateDone).await;
+            }
+            (false, Err(reason)) => {
+                self.record(format!("error: live migration: {reason}"), &mut lines)
+                    .await;
+                self.handle(Event::MigrateFailed { reason }).await;
             }
         }
     }

@@ -194,6 +194,10 @@ impl VmDriver for FakeVm {
         Ok(())
     }
 
+    fn abort_migration(&self, module: &Module) -> Result<(), DriverError> {
+        self.call("abort_migration", module)
+    }
+
     fn resume(&self, module: &Module) -> Result<(), DriverError> {
         self.call("resume", module)?;
         let mut inner = lock(&self.0);

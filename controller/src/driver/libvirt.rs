@@ -1030,6 +1030,27 @@ impl VmDriver for LibvirtDriver {
         }
     }
 
+    fn abort_migration(&self, module: &Module) -> Result<(), DriverError> {
+        let what = format!("abort the migration of {}", module.domain);
+        self.with_conn(module, &what, |conn| {
+            let Some(dom) = Self::lookup(conn, module)? else {
+                return Ok(());
+            };
+            // SAFETY: `dom` is a live domain handle owned by this closure
+            // for the call's duration; virDomainAbortJob takes it and no
+            // other pointer.
+            if unsafe { sys::virDomainAbortJob(dom.as_ptr()) } < 0 {
+                let e = VirtError::last_error();
+                // No job (it ended meanwhile): nothing to abort.
+                if matches!(e.code(), Enum::Known(ErrorNumber::OperationInvalid)) {
+                    return Ok(());
+                }
+                return Err(e);
+            }
+            Ok(())
+        })
+    }
+
     fn resume(&self, module: &Module) -> Result<(), DriverError> {
         self.unwatch(module);
         let what = format!("resume {}", module.domain);

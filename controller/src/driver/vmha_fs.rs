@@ -96,6 +96,10 @@ pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(10);
 /// In each vmha-fs state directory: the [`ProcessRecord`] of the process this
 /// driver started there (written by the controller, read by the next vmhad).
 pub const PROCESS_FILE: &str = "process.json";
+/// In each state directory while a standby mount (live swap) runs there:
+/// its PID and start time ([`StandbyRecord`]), so that a vmhad started
+/// after a crash of the one that mounted it stops it.
+pub const STANDBY_FILE: &str = "standby-process.json";
 
 #[derive(Debug)]
 struct Running {
@@ -305,6 +309,13 @@ impl VmhaFsDriver {
         for (dir, mut child) in children.into_iter().flatten() {
             child.terminate();
             tracing::info!(module = %module.name, dir = %dir.display(), "standby mount stopped");
+        }
+        self.remove_standby_records(module);
+    }
+
+    fn remove_standby_records(&self, module: &Module) {
+        for i in 0..module.replicated.len() {
+            let _ = remove_if_present(&self.state_dir(module, i).join(STANDBY_FILE));
         }
     }
 
@@ -940,6 +951,29 @@ impl ProcessRecord {
     }
 }
 
+/// A standby mount's process ([`STANDBY_FILE`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct StandbyRecord {
+    pid: u32,
+    /// Field 22 of `/proc/PID/stat`: a reused PID is not this process.
+    start_time: u64,
+}
+
+impl StandbyRecord {
+    fn write(&self, state: &Path) -> Result<(), DriverError> {
+        let path = state.join(STANDBY_FILE);
+        let bytes = serde_json::to_vec(self)
+            .map_err(|e| DriverError::failed(format!("encode {}", path.display()), e))?;
+        ::vmha_fs::atomic::write(&path, &bytes)
+            .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))
+    }
+
+    fn read(state: &Path) -> Option<StandbyRecord> {
+        let bytes = std::fs::read(state.join(STANDBY_FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
 /// A digest of the settings a vmha-fs runs with: its command line without the
 /// program (an upgraded binary still adopts), the generation (compared on its
 /// own) and the start mode (`--alone`, `--save-aside`). Keys of the
@@ -1455,7 +1489,15 @@ impl FsDriver for VmhaFsDriver {
                 let child = cmd.spawn().map_err(|e| {
                     DriverError::failed(format!("spawn {}", self.binary.display()), e)
                 })?;
+                let pid = child.id();
                 children.push((dir.clone(), Proc::Spawned(child)));
+                // Recorded at once: a vmhad killed from here on leaves it
+                // to the next one to stop.
+                StandbyRecord {
+                    pid,
+                    start_time: start_time(pid).unwrap_or(0),
+                }
+                .write(&self.state_dir(module, i))?;
                 let last = children
                     .last_mut()
                     .ok_or_else(|| DriverError::failed("spawn", "lost child"))?;
@@ -1467,6 +1509,7 @@ impl FsDriver for VmhaFsDriver {
             for (_, child) in &mut children {
                 child.terminate();
             }
+            self.remove_standby_records(module);
             return Err(e);
         }
         self.standby_lock().insert(module.name.clone(), children);
@@ -1523,6 +1566,7 @@ impl FsDriver for VmhaFsDriver {
             self.standby_lock().insert(module.name.clone(), children);
             return Err(e);
         }
+        self.remove_standby_records(module);
         for (i, (dir, child)) in children.iter().enumerate() {
             // Recorded as the writer it now is, so that a later vmhad adopts it.
             let role = if connected {
@@ -1557,6 +1601,26 @@ impl FsDriver for VmhaFsDriver {
     fn drop_standby(&self, module: &Module) -> Result<(), DriverError> {
         self.stop_standby(module);
         Ok(())
+    }
+
+    fn drop_orphan_standby(&self, module: &Module) -> Result<usize, DriverError> {
+        let mut stopped = 0;
+        for i in 0..module.replicated.len() {
+            let state = self.state_dir(module, i);
+            if let Some(record) = StandbyRecord::read(&state) {
+                if alive(record.pid, record.start_time) {
+                    Proc::Adopted {
+                        pid: record.pid,
+                        start_time: record.start_time,
+                    }
+                    .terminate();
+                    stopped += 1;
+                    tracing::info!(module = %module.name, pid = record.pid, "stopped the standby mount a previous vmhad left");
+                }
+                remove_if_present(&state.join(STANDBY_FILE))?;
+            }
+        }
+        Ok(stopped)
     }
 
     fn writer_sync_state(&self, module: &Module) -> Result<ResyncState, DriverError> {

@@ -399,6 +399,9 @@ impl Sim {
                         later.push(Event::MigrateDone);
                     }
                 }
+                // (The simulated migration ends within its step: nothing
+                // runs any more to abort.)
+                Action::AbortMigration => {}
                 Action::ActivateStandby { connected } => {
                     assert!(n.standby && !n.writer, "node {i}: activates no standby");
                     // The receiver stops first.

@@ -1822,7 +1822,12 @@ fn check_invariants(before: &ModuleState, event: &Event, after: &ModuleState, ac
             assert_eq!(
                 actions
                     .iter()
-                    .filter(|a| !matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)))
+                    .filter(|a| {
+                        !matches!(
+                            a,
+                            Action::Log(_) | Action::SetPeerMayBeNewer(_) | Action::AbortMigration
+                        )
+                    })
                     .collect::<Vec<_>>(),
                 [&Action::NewGeneration, &Action::MarkPeerOutdated],
                 "{}",
@@ -2026,9 +2031,68 @@ fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, act
             assert!(d < u, "{}", ctx());
         }
     }
+    // The standby (and its paused VM) goes before anything restarts the
+    // receiver under it.
+    if let (Some(d), Some(r)) = (
+        index(actions, &Action::DropStandby),
+        actions.iter().position(|a| {
+            matches!(
+                a,
+                Action::StartResync { .. } | Action::RestartReceiver { .. }
+            )
+        }),
+    ) {
+        assert!(d < r, "{}", ctx());
+    }
     if actions.contains(&Action::DropStandby) {
         assert_eq!(before.role, Role::Second, "{}", ctx());
         assert!(before.live.is_some(), "{}", ctx());
+    }
+    // The migration runs in the background: whatever ends it but its own
+    // outcome aborts it first (before a stop, an unmount, a new generation),
+    // and nothing else aborts anything.
+    let reported = matches!(event, Event::MigrateDone | Event::MigrateFailed { .. });
+    let left_migration = before.live == Some(SwapPhase::Migrating)
+        && after.live != Some(SwapPhase::Migrating)
+        && !reported;
+    assert_eq!(
+        actions.first() == Some(&Action::AbortMigration),
+        left_migration,
+        "{}",
+        ctx()
+    );
+    assert!(
+        actions
+            .iter()
+            .filter(|a| **a == Action::AbortMigration)
+            .count()
+            <= 1,
+        "{}",
+        ctx()
+    );
+    if left_migration {
+        // Never a fallback to stop/start on an abort.
+        assert!(after.live_outcome.1.is_some(), "{}", ctx());
+        assert!(!after.swapping, "{}", ctx());
+    }
+    // The peer lost, the link down or the SECOND out of its standby: the
+    // migration is given up at once.
+    if before.live == Some(SwapPhase::Migrating) {
+        let ends = match event {
+            Event::PeerLost | Event::LinkDown { .. } => true,
+            Event::PeerSeen { peer, .. } => {
+                !(peer.role == Role::Second && peer.swap_phase == Some(SwapPhase::Standby))
+            }
+            _ => false,
+        };
+        if ends && !before.in_maintenance() {
+            assert_ne!(after.live, Some(SwapPhase::Migrating), "{}", ctx());
+        }
+        // A VM stop meanwhile is the migration's: no restart, no step down.
+        if matches!(event, Event::VmStopped { .. } | Event::VmStartFailed { .. }) {
+            assert!(!actions.contains(&Action::StartVm), "{}", ctx());
+            assert_eq!(after.role, before.role, "{}", ctx());
+        }
     }
     // A failed or refused migration: the VM stays, so does the role.
     if matches!(event, Event::MigrateFailed { .. }) {
@@ -2106,9 +2170,15 @@ fn check_leave_and_maintenance(
     actions: &[Action],
 ) {
     let ctx = || format!("{before:?}\n  --{event:?}-->\n{after:?}\n  actions {actions:?}");
+    // (A running migration's abort comes first, checked by `check_live_swap`.)
     let acts: Vec<&Action> = actions
         .iter()
-        .filter(|a| !matches!(a, Action::Log(_) | Action::SetPeerMayBeNewer(_)))
+        .filter(|a| {
+            !matches!(
+                a,
+                Action::Log(_) | Action::SetPeerMayBeNewer(_) | Action::AbortMigration
+            )
+        })
         .collect();
     // ---- leave ----
     if *event == Event::Leave {
@@ -2880,6 +2950,84 @@ fn live_hand_over_without_standby_adopts_the_flip_before_the_connected_start() {
         "{actions:?}"
     );
     assert!(s.pending_alone_mount);
+}
+
+/// The migration runs in the background: the link going down, the peer
+/// lost or the SECOND leaving its standby meanwhile aborts it first and is
+/// then handled as always; its late outcome changes nothing (never a
+/// hand-over), and a VM stop seen meanwhile is the migration's.
+#[test]
+fn a_running_migration_is_aborted_at_once() {
+    let migrating = || {
+        let (p, _) = run_exact(&prim(), &[Event::SwapLive]);
+        let standby = Peer {
+            swap_phase: Some(SwapPhase::Standby),
+            ..peer(Role::Second, Readiness::Ready, Relation::InSync)
+        };
+        let (p, actions) = run_exact(&p, &[seen(standby)]);
+        assert_eq!(actions, [Action::MigrateVm]);
+        p
+    };
+    // The link down with the SECOND in view: aborted, then the usual marking.
+    let down = Event::LinkDown {
+        heartbeats_fresh: true,
+        peer_is_second: true,
+        peer_knows_outdated: false,
+    };
+    let (p, actions) = run_exact(&migrating(), &[down]);
+    assert_eq!(
+        actions.first(),
+        Some(&Action::AbortMigration),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&Action::MarkPeerOutdated), "{actions:?}");
+    assert_eq!((p.role, p.live, p.request), (Role::Prim, None, None));
+    assert!(
+        p.live_outcome
+            .1
+            .as_deref()
+            .is_some_and(|w| w.contains("link")),
+        "{:?}",
+        p.live_outcome
+    );
+    // Its late outcome, whatever it is, changes nothing.
+    for late in [
+        Event::MigrateDone,
+        Event::MigrateFailed {
+            reason: "cut".into(),
+        },
+    ] {
+        let (q, actions) = run_exact(&p, &[late]);
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!((q.role, q.request, q.live), (Role::Prim, None, None));
+    }
+    // The peer lost: aborted, then ALONE.
+    let (p, actions) = run_exact(&migrating(), &[Event::PeerLost]);
+    assert_eq!(
+        actions.first(),
+        Some(&Action::AbortMigration),
+        "{actions:?}"
+    );
+    assert_eq!((p.role, p.live), (Role::Alone, None));
+    // The SECOND's vmhad restarted (no standby any more): aborted.
+    let (p, actions) = run_exact(
+        &migrating(),
+        &[seen(peer(Role::Second, Readiness::Ready, Relation::InSync))],
+    );
+    assert_eq!(actions, [Action::AbortMigration]);
+    assert_eq!((p.role, p.live), (Role::Prim, None));
+    // The VM stopped here meanwhile: the migration's outcome tells.
+    let (p, actions) = run_exact(&migrating(), &[Event::VmStopped { now_ms: 5 }]);
+    assert!(actions.is_empty(), "{actions:?}");
+    assert_eq!(p.live, Some(SwapPhase::Migrating));
+    // An operator's stop: aborted before the VM is stopped.
+    let (_, actions) = run_exact(&migrating(), &[Event::Stop]);
+    assert_eq!(
+        actions.first(),
+        Some(&Action::AbortMigration),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&Action::StopVm), "{actions:?}");
 }
 
 /// `swap --live` is refused (and says so) where it cannot run, and never
