@@ -387,7 +387,7 @@ fn live_config_falls_back(vc: &VmCluster, prim: usize) -> Result<()> {
                 && primary(s) == Some(q)
         },
     )?;
-    boots_on(vc, second, before.boots.len(), before.counters.len(), acked)?;
+    boots_on(vc, second, before.boots.len(), acked)?;
     let text = log(vc, prim)?;
     let new: Vec<&str> = text.lines().skip(logged).collect();
     ensure!(
