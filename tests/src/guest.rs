@@ -294,10 +294,53 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// The host's TSC frequency in kHz, measured once against the monotonic clock
+/// (median of three 20 ms windows), on x86_64.
+///
+/// Why: under TCG the guest's TSC is the host's, and a guest kernel left to
+/// calibrate it against the emulated PIT/HPET on a loaded host can get it
+/// wrong by a large factor ("Fast TSC calibration failed", "Unable to
+/// calibrate against PIT"); a refinement more than 1 % away is rejected, so
+/// the error stays: the guest's clock then runs many times too fast (its
+/// counters without their pause) or too slow (a boot that does not finish in
+/// minutes). `tsc_early_khz=` gives the guest the frequency instead.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let window = std::time::Duration::from_millis(20);
+            let mut samples: Vec<u64> = (0..3)
+                .filter_map(|_| {
+                    let t0 = std::time::Instant::now();
+                    // SAFETY: RDTSC reads a counter; it has no memory effects
+                    // and every x86_64 CPU has it.
+                    let c0 = unsafe { std::arch::x86_64::_rdtsc() };
+                    while t0.elapsed() < window {}
+                    // SAFETY: as above.
+                    let c1 = unsafe { std::arch::x86_64::_rdtsc() };
+                    let us = u64::try_from(t0.elapsed().as_micros()).ok()?;
+                    (us > 0).then(|| c1.wrapping_sub(c0) * 1000 / us)
+                })
+                .collect();
+            samples.sort_unstable();
+            samples.get(1).copied().filter(|&khz| khz > 100_000)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
 /// The libvirt domain XML: `type='qemu'` (TCG), direct kernel boot, one virtio
-/// qcow2 disk with `cache='none'`, serial console to a file, no network.
+/// qcow2 disk with `cache='none'`, serial console to a file, no network. The
+/// guest is told the TSC frequency ([`host_tsc_khz`]).
 pub fn domain_xml(image: &GuestImage, spec: &DomainSpec) -> String {
     let interval = format!("{}.{:03}", spec.interval_ms / 1000, spec.interval_ms % 1000);
+    let tsc = host_tsc_khz()
+        .map(|khz| format!(" tsc_early_khz={khz}"))
+        .unwrap_or_default();
     format!(
         r#"<domain type='qemu'>
   <name>{name}</name>
@@ -307,7 +350,7 @@ pub fn domain_xml(image: &GuestImage, spec: &DomainSpec) -> String {
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 vmha.interval={interval}</cmdline>
+    <cmdline>console=ttyS0 quiet panic=-1 vmha.interval={interval}{tsc}</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
@@ -476,6 +519,15 @@ pub fn wait_console(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_tsc_frequency_is_measured_plausibly() {
+        if let Some(khz) = host_tsc_khz() {
+            // Between 100 MHz and 10 GHz, and the same on a second look.
+            assert!((100_000..10_000_000).contains(&khz), "{khz}");
+            assert_eq!(host_tsc_khz(), Some(khz));
+        }
+    }
 
     #[test]
     fn a_boot_resumes_at_the_counter_printed_after_its_line() {
