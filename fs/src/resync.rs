@@ -1115,7 +1115,8 @@ impl Syncer {
             let Ok(n_usize) = usize::try_from(n) else {
                 return Err(local("a file")(Errno::FBIG));
             };
-            let mut buf = AlignedBuf::zeroed(n_usize);
+            // Recycled: only the bytes read are sent.
+            let mut buf = AlignedBuf::scratch(n_usize);
             let got = crate::fdio::read_full(fd.as_fd(), buf.as_mut_slice(), pos)
                 .map_err(local("a file"))?;
             if got == 0 {

@@ -38,12 +38,12 @@
 //! Frame: meta_len:u32 data_len:u32 meta[meta_len] data[data_len] mac:[32]
 //! meta is a bincode-encoded `Message`; data is the payload of a `Write`.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::Payload;
+use crate::buffer::{AlignedBuf, Payload};
 use crate::key::ClusterKey;
 use crate::op::{Control, Op};
 use crate::version::Versions;
@@ -71,6 +71,9 @@ pub const MAX_META_LEN: u32 = 128 * 1024;
 /// Largest write payload in one frame (FUSE sends at most 1 MiB).
 pub const MAX_DATA_LEN: u32 = 4 << 20;
 const MAC_LEN: usize = 32;
+/// A write payload from this size on is read into an aligned, recycled buffer
+/// (smaller ones into a plain vector: they are not worth a page).
+const ALIGNED_FROM: usize = 64 << 10;
 const STATUS_OK: u8 = 0;
 const STATUS_VERSION: u8 = 1;
 const STATUS_WRONG_MODULE: u8 = 2;
@@ -328,6 +331,20 @@ fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireErr
         std::io::ErrorKind::UnexpectedEof => WireError::Closed,
         _ => WireError::Io(e),
     })
+}
+
+/// `Write::write_all` for several slices (the std one is not stable yet).
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The primary's side of the handshake, for the receiver of `binding`, offering
@@ -743,10 +760,19 @@ impl<W: Write> FrameWriter<W> {
             &self.key,
             &[&self.counter.to_le_bytes(), &header, meta, data],
         );
-        self.inner.write_all(&header)?;
-        self.inner.write_all(meta)?;
-        self.inner.write_all(data)?;
-        self.inner.write_all(tag.as_bytes())?;
+        // One vectored write: a large frame goes out in one system call (the
+        // buffer holds small ones together), not header, data and tag apart
+        // (three calls and three segments for a 1 MiB write before). Tried:
+        // authenticating and writing 256 KiB pieces so each is hashed while in
+        // the cache: more system calls and wake-ups, more CPU in total
+        // (`examples/frame_cpu`: 790 against 700 µs per MiB).
+        let mut parts = [
+            IoSlice::new(&header),
+            IoSlice::new(meta),
+            IoSlice::new(data),
+            IoSlice::new(tag.as_bytes()),
+        ];
+        write_all_vectored(&mut self.inner, &mut parts)?;
         self.counter += 1;
         Ok(())
     }
@@ -796,9 +822,10 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Reads the next message. Any error leaves the stream unusable: drop the connection.
+    /// A large write payload is read straight into a (recycled) aligned buffer.
     pub fn recv(&mut self) -> Result<Message, WireError> {
-        let (meta, data) = self.recv_raw(MAX_META_LEN, MAX_DATA_LEN)?;
-        decode_message(&meta, data)
+        let (meta, data) = self.recv_frame(MAX_META_LEN, MAX_DATA_LEN, ALIGNED_FROM)?;
+        decode_frame(&meta, data)
     }
 
     /// Reads the next authenticated frame's header and data sections, refusing
@@ -810,6 +837,21 @@ impl<R: Read> FrameReader<R> {
         max_meta: u32,
         max_data: u32,
     ) -> Result<(Vec<u8>, Vec<u8>), WireError> {
+        let (meta, data) = self.recv_frame(max_meta, max_data, usize::MAX)?;
+        match data {
+            FrameData::Vec(data) => Ok((meta, data)),
+            FrameData::Aligned(data) => Ok((meta, data.to_vec())),
+        }
+    }
+
+    /// [`Self::recv_raw`]; a data section of at least `aligned_from` bytes is
+    /// read into an [`AlignedBuf`].
+    fn recv_frame(
+        &mut self,
+        max_meta: u32,
+        max_data: u32,
+        aligned_from: usize,
+    ) -> Result<(Vec<u8>, FrameData), WireError> {
         let mut header = [0u8; 8];
         read_exact_or_closed(&mut self.inner, &mut header)?;
         let meta_len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -821,25 +863,50 @@ impl<R: Read> FrameReader<R> {
         }
         let mut meta = vec![0u8; meta_len as usize];
         read_exact_or_closed(&mut self.inner, &mut meta)?;
-        // Read into spare capacity: a 1 MiB payload is not zeroed first.
-        let mut data = Vec::with_capacity(data_len as usize);
-        let read = (&mut self.inner)
-            .take(u64::from(data_len))
-            .read_to_end(&mut data)?;
-        if read != data_len as usize {
-            return Err(WireError::Closed);
-        }
+        let data = if data_len as usize >= aligned_from {
+            // Straight into a recycled aligned buffer (no zeroing, no fresh pages).
+            let mut data = AlignedBuf::scratch(data_len as usize);
+            read_exact_or_closed(&mut self.inner, data.as_mut_slice())?;
+            FrameData::Aligned(data)
+        } else {
+            // Read into spare capacity: the payload is not zeroed first.
+            let mut data = Vec::with_capacity(data_len as usize);
+            let read = (&mut self.inner)
+                .take(u64::from(data_len))
+                .read_to_end(&mut data)?;
+            if read != data_len as usize {
+                return Err(WireError::Closed);
+            }
+            FrameData::Vec(data)
+        };
         let mut tag = [0u8; MAC_LEN];
         read_exact_or_closed(&mut self.inner, &mut tag)?;
         let expected = mac(
             &self.key,
-            &[&self.counter.to_le_bytes(), &header, &meta, &data],
+            &[&self.counter.to_le_bytes(), &header, &meta, data.as_slice()],
         );
+        // blake3::Hash compares in constant time.
         if expected != blake3::Hash::from(tag) {
             return Err(WireError::BadMac);
         }
         self.counter += 1;
         Ok((meta, data))
+    }
+}
+
+/// A frame's data section as read.
+#[derive(Debug)]
+enum FrameData {
+    Vec(Vec<u8>),
+    Aligned(AlignedBuf),
+}
+
+impl FrameData {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            FrameData::Vec(v) => v,
+            FrameData::Aligned(a) => a,
+        }
     }
 }
 
@@ -904,6 +971,10 @@ impl Message {
 
 /// Decodes an authenticated frame's header and attaches its data section.
 pub fn decode_message(meta: &[u8], data: Vec<u8>) -> Result<Message, WireError> {
+    decode_frame(meta, FrameData::Vec(data))
+}
+
+fn decode_frame(meta: &[u8], data: FrameData) -> Result<Message, WireError> {
     let (mut msg, used): (Message, usize) =
         bincode::serde::decode_from_slice(meta, bincode_config())
             .map_err(|e| WireError::Malformed(e.to_string()))?;
@@ -921,8 +992,13 @@ pub fn decode_message(meta: &[u8], data: Vec<u8>) -> Result<Message, WireError> 
         | Message::OpReceipt {
             op: Op::Write { data: payload, .. },
             ..
-        } => *payload = Payload::Owned(std::sync::Arc::new(data)),
-        _ if !data.is_empty() => {
+        } => {
+            *payload = match data {
+                FrameData::Vec(data) => Payload::Owned(std::sync::Arc::new(data)),
+                FrameData::Aligned(data) => Payload::Aligned(std::sync::Arc::new(data)),
+            }
+        }
+        _ if !data.as_slice().is_empty() => {
             return Err(WireError::Malformed(
                 "data section on a message that carries none".into(),
             ))
@@ -1150,6 +1226,107 @@ mod tests {
         let mut r = FrameReader::new(Cursor::new(bytes), k);
         for m in &msgs {
             assert_eq!(&r.recv().ok(), &Some(m.clone()));
+        }
+        assert!(matches!(r.recv(), Err(WireError::Closed)));
+    }
+
+    /// Takes at most 1000 bytes per call, like a socket with little room.
+    struct Trickle(Vec<u8>);
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(1000);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(1000 - n);
+                self.0.extend_from_slice(&b[..take]);
+                n += take;
+                if n == 1000 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn large_payloads_round_trip_through_partial_writes_into_aligned_buffers() {
+        let (k, _) = keys();
+        let sizes = [
+            0usize,
+            1,
+            4096,
+            ALIGNED_FROM - 1,
+            ALIGNED_FROM,
+            1 << 20,
+            1 << 20,
+            3 << 20,
+        ];
+        let msgs: Vec<Message> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Message::Op {
+                seq: i as u64 + 1,
+                op: Op::Write {
+                    id: 5,
+                    offset: 4096 * i as u64,
+                    data: Payload::Owned(Arc::new((0..len).map(|j| (j % 253) as u8).collect())),
+                },
+            })
+            .collect();
+        let mut w = FrameWriter::new(Trickle(Vec::new()), k);
+        for m in &msgs {
+            assert!(w.send(m).is_ok());
+        }
+        assert_eq!(
+            w.inner.0,
+            encode(&msgs, k),
+            "partial writes changed the stream"
+        );
+        // Each tag is the MAC of the whole frame (what a peer of any version
+        // computes).
+        let mut rest = &w.inner.0[..];
+        let mut counter = 0u64;
+        while !rest.is_empty() {
+            let meta_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let data_len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+            let body = 8 + meta_len + data_len;
+            let expected = mac(
+                &k,
+                &[
+                    &counter.to_le_bytes(),
+                    &rest[..8],
+                    &rest[8..8 + meta_len],
+                    &rest[8 + meta_len..body],
+                ],
+            );
+            assert_eq!(&rest[body..body + MAC_LEN], expected.as_bytes());
+            rest = &rest[body + MAC_LEN..];
+            counter += 1;
+        }
+        assert_eq!(counter, msgs.len() as u64);
+        let mut r = FrameReader::new(Cursor::new(w.inner.0), k);
+        for (m, &len) in msgs.iter().zip(&sizes) {
+            let got = r.recv().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&got, m);
+            if let Message::Op {
+                op: Op::Write { data, .. },
+                ..
+            } = &got
+            {
+                let aligned = matches!(data, Payload::Aligned(_));
+                assert_eq!(aligned, len >= ALIGNED_FROM, "{len} bytes");
+                if aligned {
+                    assert_eq!(data.as_ptr() as usize % 4096, 0);
+                }
+            }
         }
         assert!(matches!(r.recv(), Err(WireError::Closed)));
     }

@@ -711,7 +711,8 @@ impl ReplicatedFs {
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<AlignedBuf, Errno> {
         let handle = self.handle(fh)?;
         // Aligned, so an O_DIRECT descriptor can read straight into it.
-        let mut buf = AlignedBuf::zeroed(size as usize);
+        // Recycled: only the bytes read are replied.
+        let mut buf = AlignedBuf::scratch(size as usize);
         let io = handle.io_fd(offset, buf.len())?;
         let n = match read_full(io.fd(), buf.as_mut_slice(), offset) {
             Err(Errno::INVAL) if handle.direct => {
