@@ -173,10 +173,12 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-/// One thread's CPU ticks (utime + stime) and context switches.
+/// One thread's time on a CPU (ns, `schedstat`: exact, where a thread's
+/// utime + stime in ticks rounds the little an idle thread uses down to
+/// nothing) and context switches.
 #[derive(Debug, Clone, Copy, Default)]
 struct ThreadSample {
-    ticks: u64,
+    run_ns: u64,
     switches: u64,
 }
 
@@ -186,8 +188,8 @@ fn switches(task: &Path) -> u64 {
     field_kib(&text, "voluntary_ctxt_switches:") + field_kib(&text, "nonvoluntary_ctxt_switches:")
 }
 
-/// utime + stime and context switches per thread of `pid`, keyed by thread
-/// name (comm).
+/// Time on a CPU and context switches per thread of `pid`, keyed by
+/// thread name (comm).
 fn thread_ticks(pid: u32) -> BTreeMap<(u32, String), ThreadSample> {
     let mut out = BTreeMap::new();
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -204,11 +206,12 @@ fn thread_ticks(pid: u32) -> BTreeMap<(u32, String), ThreadSample> {
             continue;
         };
         let name = stat[open + 1..close].to_string();
-        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let run_ns = fs::read_to_string(e.path().join("schedstat"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
         let switches = switches(&e.path());
-        out.insert((tid, name), ThreadSample { ticks, switches });
+        out.insert((tid, name), ThreadSample { run_ns, switches });
     }
     out
 }
@@ -225,24 +228,24 @@ fn threads_of(pids: &[u32]) -> BTreeMap<(u32, u32, String), ThreadSample> {
 }
 
 /// CPU % of one core per thread name between two [`threads_of`] samples;
-/// `ended_ticks` (the processes' CPU not in their live threads) is shown as
-/// `(ended threads)`.
+/// `ended_s` (the processes' CPU seconds not in their live threads) is
+/// shown as `(ended threads)`.
 fn by_thread_name(
     before: &BTreeMap<(u32, u32, String), ThreadSample>,
     after: &BTreeMap<(u32, u32, String), ThreadSample>,
-    ended_ticks: u64,
+    ended_s: f64,
     window: f64,
 ) -> BTreeMap<String, f64> {
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
     for (k, a) in after {
         let b = before.get(k).copied().unwrap_or_default();
-        *out.entry(k.2.clone()).or_default() += a.ticks.saturating_sub(b.ticks) as f64;
+        *out.entry(k.2.clone()).or_default() += a.run_ns.saturating_sub(b.run_ns) as f64 / 1e9;
     }
-    if ended_ticks > 0 {
-        out.insert("(ended threads)".into(), ended_ticks as f64);
+    if ended_s > 0.0 {
+        out.insert("(ended threads)".into(), ended_s);
     }
     for v in out.values_mut() {
-        *v = (*v / ticks_per_s() / window * 1e4).round() / 100.0;
+        *v = (*v / window * 1e4).round() / 100.0;
     }
     out.retain(|_, v| *v > 0.0);
     out
@@ -266,18 +269,19 @@ fn wakeups_by_thread_name(
     out
 }
 
-/// The processes' CPU ticks over the window not found in their threads alive
-/// at its end: threads that ended meanwhile.
-fn ended_ticks(
+/// The processes' CPU seconds over the window not found in their threads
+/// alive at its end (threads that ended meanwhile; 0 when the ticks'
+/// rounding puts the total below the threads' exact sum).
+fn ended_seconds(
     totals: &ProcTotals,
     before: &BTreeMap<(u32, u32, String), ThreadSample>,
     after: &BTreeMap<(u32, u32, String), ThreadSample>,
-) -> u64 {
-    let live: u64 = after
+) -> f64 {
+    let live_ns: u64 = after
         .iter()
-        .map(|(k, a)| a.ticks.saturating_sub(before.get(k).map_or(0, |b| b.ticks)))
+        .map(|(k, a)| a.run_ns.saturating_sub(before.get(k).map_or(0, |b| b.run_ns)))
         .sum();
-    totals.cpu_ticks.saturating_sub(live)
+    (totals.cpu_ticks as f64 / ticks_per_s() - live_ns as f64 / 1e9).max(0.0)
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
@@ -490,8 +494,8 @@ fn idle_window(vc: &VmCluster, secs: u64) -> Result<IdleWindow> {
     let fs_threads1 = threads_of(&get("vmha-fs"));
     let vmhad = totals(&get("vmhad"), &before, window);
     let vmha_fs = totals(&get("vmha-fs"), &before, window);
-    let vmhad_ended = ended_ticks(&vmhad, &vmhad_threads0, &vmhad_threads1);
-    let fs_ended = ended_ticks(&vmha_fs, &fs_threads0, &fs_threads1);
+    let vmhad_ended = ended_seconds(&vmhad, &vmhad_threads0, &vmhad_threads1);
+    let fs_ended = ended_seconds(&vmha_fs, &fs_threads0, &fs_threads1);
     let mut w = IdleWindow {
         seconds: window,
         loadavg_end: loadavg(),

@@ -123,10 +123,6 @@ fn run(args: Args) -> Result<(), MainError> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        // The checkers' blocking calls (every module twice a second) reuse
-        // parked threads instead of ending them after tokio's default 10 s
-        // and starting new ones (issue 12, item 2: idle cost).
-        .thread_keep_alive(std::time::Duration::from_secs(300))
         .enable_all()
         .build()
         .map_err(MainError::Runtime)?;
