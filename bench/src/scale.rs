@@ -279,7 +279,10 @@ fn ended_seconds(
 ) -> f64 {
     let live_ns: u64 = after
         .iter()
-        .map(|(k, a)| a.run_ns.saturating_sub(before.get(k).map_or(0, |b| b.run_ns)))
+        .map(|(k, a)| {
+            a.run_ns
+                .saturating_sub(before.get(k).map_or(0, |b| b.run_ns))
+        })
         .sum();
     (totals.cpu_ticks as f64 / ticks_per_s() - live_ns as f64 / 1e9).max(0.0)
 }
