@@ -108,6 +108,10 @@ struct ScaleArgs {
     /// `[cluster] failover_timeout_ms` (vmhad's default).
     #[arg(long, default_value_t = 1500)]
     failover_ms: u64,
+    /// Measure the idle windows only, without the node crash (for iterating
+    /// on the idle cost).
+    #[arg(long)]
+    idle_only: bool,
 }
 
 fn scale(args: ScaleArgs) -> Result<bool> {
@@ -126,6 +130,7 @@ fn scale(args: ScaleArgs) -> Result<bool> {
         all_on_node1: !args.split,
         write_interval_ms: args.write_interval_ms,
         idle_windows: args.idle_windows.max(1),
+        idle_only: args.idle_only,
     };
     let timing = failover::default_timing(args.heartbeat_ms, args.failover_ms);
     let results = scale::run(&opts, &timing)?;

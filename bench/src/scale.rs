@@ -56,6 +56,8 @@ pub struct Opts {
     pub write_interval_ms: u64,
     /// Idle windows of `idle_seconds` measured one after the other.
     pub idle_windows: usize,
+    /// Measure the idle windows only (no node crash): for iterating.
+    pub idle_only: bool,
 }
 
 /// One idle window's numbers.
@@ -73,7 +75,15 @@ pub struct IdleWindow {
     /// vmhad's time goes.
     pub vmhad_threads_cpu_percent: BTreeMap<String, f64>,
     /// vmha-fs's CPU % of one core per thread name (all processes summed).
+    /// Both maps count the CPU of threads that ended during the window (the
+    /// process's total less its live threads') as `(ended threads)`.
     pub vmha_fs_threads_cpu_percent: BTreeMap<String, f64>,
+    /// vmha-fs's CPU % of one core on node1, node2 (all its processes there).
+    pub vmha_fs_cpu_percent_per_node: Vec<f64>,
+    /// Context switches per second per thread name (voluntary + involuntary,
+    /// threads alive at the window's end, both nodes summed): the wake-ups.
+    pub vmhad_threads_wakeups_per_s: BTreeMap<String, f64>,
+    pub vmha_fs_threads_wakeups_per_s: BTreeMap<String, f64>,
     pub packets: Vec<IfPackets>,
 }
 
@@ -163,8 +173,24 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-/// utime + stime per thread of `pid`, keyed by thread name (comm).
-fn thread_ticks(pid: u32) -> BTreeMap<(u32, String), u64> {
+/// One thread's time on a CPU (ns, `schedstat`: exact, where a thread's
+/// utime + stime in ticks rounds the little an idle thread uses down to
+/// nothing) and context switches.
+#[derive(Debug, Clone, Copy, Default)]
+struct ThreadSample {
+    run_ns: u64,
+    switches: u64,
+}
+
+/// voluntary + nonvoluntary context switches of `/proc/PID/task/TID`.
+fn switches(task: &Path) -> u64 {
+    let text = fs::read_to_string(task.join("status")).unwrap_or_default();
+    field_kib(&text, "voluntary_ctxt_switches:") + field_kib(&text, "nonvoluntary_ctxt_switches:")
+}
+
+/// Time on a CPU and context switches per thread of `pid`, keyed by
+/// thread name (comm).
+fn thread_ticks(pid: u32) -> BTreeMap<(u32, String), ThreadSample> {
     let mut out = BTreeMap::new();
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -180,16 +206,18 @@ fn thread_ticks(pid: u32) -> BTreeMap<(u32, String), u64> {
             continue;
         };
         let name = stat[open + 1..close].to_string();
-        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let t = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        out.insert((tid, name), t);
+        let run_ns = fs::read_to_string(e.path().join("schedstat"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let switches = switches(&e.path());
+        out.insert((tid, name), ThreadSample { run_ns, switches });
     }
     out
 }
 
-/// Thread ticks of every pid in `pids`, keyed by (pid, tid, name).
-fn threads_of(pids: &[u32]) -> BTreeMap<(u32, u32, String), u64> {
+/// Thread samples of every pid in `pids`, keyed by (pid, tid, name).
+fn threads_of(pids: &[u32]) -> BTreeMap<(u32, u32, String), ThreadSample> {
     pids.iter()
         .flat_map(|&p| {
             thread_ticks(p)
@@ -199,22 +227,64 @@ fn threads_of(pids: &[u32]) -> BTreeMap<(u32, u32, String), u64> {
         .collect()
 }
 
-/// CPU % of one core per thread name between two [`threads_of`] samples.
+/// CPU % of one core per thread name between two [`threads_of`] samples;
+/// `ended_s` (the processes' CPU seconds not in their live threads) is
+/// shown as `(ended threads)`.
 fn by_thread_name(
-    before: &BTreeMap<(u32, u32, String), u64>,
-    after: &BTreeMap<(u32, u32, String), u64>,
+    before: &BTreeMap<(u32, u32, String), ThreadSample>,
+    after: &BTreeMap<(u32, u32, String), ThreadSample>,
+    ended_s: f64,
     window: f64,
 ) -> BTreeMap<String, f64> {
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
     for (k, a) in after {
-        let d = a.saturating_sub(before.get(k).copied().unwrap_or(0));
-        *out.entry(k.2.clone()).or_default() += d as f64;
+        let b = before.get(k).copied().unwrap_or_default();
+        *out.entry(k.2.clone()).or_default() += a.run_ns.saturating_sub(b.run_ns) as f64 / 1e9;
+    }
+    if ended_s > 0.0 {
+        out.insert("(ended threads)".into(), ended_s);
     }
     for v in out.values_mut() {
-        *v = (*v / ticks_per_s() / window * 1e4).round() / 100.0;
+        *v = (*v / window * 1e4).round() / 100.0;
     }
     out.retain(|_, v| *v > 0.0);
     out
+}
+
+/// Context switches per second per thread name between two samples.
+fn wakeups_by_thread_name(
+    before: &BTreeMap<(u32, u32, String), ThreadSample>,
+    after: &BTreeMap<(u32, u32, String), ThreadSample>,
+    window: f64,
+) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for (k, a) in after {
+        let b = before.get(k).copied().unwrap_or_default();
+        *out.entry(k.2.clone()).or_default() += a.switches.saturating_sub(b.switches) as f64;
+    }
+    for v in out.values_mut() {
+        *v = (*v / window * 10.0).round() / 10.0;
+    }
+    out.retain(|_, v| *v > 0.0);
+    out
+}
+
+/// The processes' CPU seconds over the window not found in their threads
+/// alive at its end (threads that ended meanwhile; 0 when the ticks'
+/// rounding puts the total below the threads' exact sum).
+fn ended_seconds(
+    totals: &ProcTotals,
+    before: &BTreeMap<(u32, u32, String), ThreadSample>,
+    after: &BTreeMap<(u32, u32, String), ThreadSample>,
+) -> f64 {
+    let live_ns: u64 = after
+        .iter()
+        .map(|(k, a)| {
+            a.run_ns
+                .saturating_sub(before.get(k).map_or(0, |b| b.run_ns))
+        })
+        .sum();
+    (totals.cpu_ticks as f64 / ticks_per_s() - live_ns as f64 / 1e9).max(0.0)
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
@@ -409,6 +479,7 @@ fn totals(pids: &[u32], before: &BTreeMap<u32, u64>, window: f64) -> ProcTotals 
 /// name), memory and threads at its end, packets per interface.
 fn idle_window(vc: &VmCluster, secs: u64) -> Result<IdleWindow> {
     let procs = classify(vc)?;
+    let node_pids = [vc.node(0).pids()?, vc.node(1).pids()?];
     let before: BTreeMap<u32, u64> = procs
         .values()
         .flatten()
@@ -424,21 +495,42 @@ fn idle_window(vc: &VmCluster, secs: u64) -> Result<IdleWindow> {
     let net_after = [net_dev(vc, 0)?, net_dev(vc, 1)?];
     let vmhad_threads1 = threads_of(&get("vmhad"));
     let fs_threads1 = threads_of(&get("vmha-fs"));
+    let vmhad = totals(&get("vmhad"), &before, window);
+    let vmha_fs = totals(&get("vmha-fs"), &before, window);
+    let vmhad_ended = ended_seconds(&vmhad, &vmhad_threads0, &vmhad_threads1);
+    let fs_ended = ended_seconds(&vmha_fs, &fs_threads0, &fs_threads1);
     let mut w = IdleWindow {
         seconds: window,
         loadavg_end: loadavg(),
-        vmhad: totals(&get("vmhad"), &before, window),
-        vmha_fs: totals(&get("vmha-fs"), &before, window),
+        vmhad,
+        vmha_fs,
         qemu: totals(&get("qemu"), &before, window),
         libvirtd: totals(&get("libvirtd"), &before, window),
-        vmhad_threads_cpu_percent: by_thread_name(&vmhad_threads0, &vmhad_threads1, window),
-        vmha_fs_threads_cpu_percent: by_thread_name(&fs_threads0, &fs_threads1, window),
+        vmhad_threads_cpu_percent: by_thread_name(
+            &vmhad_threads0,
+            &vmhad_threads1,
+            vmhad_ended,
+            window,
+        ),
+        vmha_fs_threads_cpu_percent: by_thread_name(&fs_threads0, &fs_threads1, fs_ended, window),
+        vmhad_threads_wakeups_per_s: wakeups_by_thread_name(
+            &vmhad_threads0,
+            &vmhad_threads1,
+            window,
+        ),
+        vmha_fs_threads_wakeups_per_s: wakeups_by_thread_name(&fs_threads0, &fs_threads1, window),
         ..IdleWindow::default()
     };
-    for i in 0..2 {
+    for (i, on_node) in node_pids.iter().enumerate() {
         let pids = vc.pids_of(i, "vmhad", "--config")?;
         w.vmhad_cpu_percent_per_node
             .push(totals(&pids, &before, window).cpu_percent);
+        let fs_pids: Vec<u32> = get("vmha-fs")
+            .into_iter()
+            .filter(|p| on_node.contains(p))
+            .collect();
+        w.vmha_fs_cpu_percent_per_node
+            .push(totals(&fs_pids, &before, window).cpu_percent);
     }
     for i in 0..2 {
         for (ifname, (p1, b1)) in &net_after[i] {
@@ -540,6 +632,14 @@ fn idle_and_crash(
             w.vmha_fs.processes,
             w.own_cpu_percent()
         );
+        eprintln!(
+            "[scale]   vmha-fs per node {:?}\n[scale]   vmhad threads % {:?}\n[scale]   vmhad wake-ups/s {:?}\n[scale]   vmha-fs threads % {:?}\n[scale]   vmha-fs wake-ups/s {:?}",
+            w.vmha_fs_cpu_percent_per_node,
+            w.vmhad_threads_cpu_percent,
+            w.vmhad_threads_wakeups_per_s,
+            w.vmha_fs_threads_cpu_percent,
+            w.vmha_fs_threads_wakeups_per_s
+        );
         r.windows.push(w);
     }
     let mut order: Vec<&IdleWindow> = r.windows.iter().collect();
@@ -552,6 +652,9 @@ fn idle_and_crash(
         r.libvirtd = m.libvirtd;
         r.vmhad_cpu_percent_per_node = m.vmhad_cpu_percent_per_node;
         r.packets = m.packets;
+    }
+    if opts.idle_only {
+        return Ok(());
     }
 
     // Writers on; every module written on its home node.

@@ -126,9 +126,13 @@ const HANDOFF_BYTES: usize = 128 << 10;
 /// default; the receiver publishes what it heard every 200 ms).
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the watchdog looks while work is outstanding, and while idle.
+/// How often the watchdog looks while work is outstanding, and at most how
+/// long it sleeps while idle (never more than a quarter of the lock timeout:
+/// work that begins meanwhile is seen, and from then on looked at every
+/// [`WATCHDOG_BUSY`], long before it could stall for the lock timeout). An
+/// idle look finds nothing to do: with 32 modules a node ran 32 watchdogs.
 const WATCHDOG_BUSY: Duration = Duration::from_millis(50);
-const WATCHDOG_IDLE: Duration = Duration::from_millis(250);
+const WATCHDOG_IDLE: Duration = Duration::from_secs(1);
 /// The least a peer being attached may stay silent (it may be emptying a large stale
 /// directory) before the attach is given up.
 const ATTACH_STALL_LIMIT: Duration = Duration::from_secs(60);
@@ -299,6 +303,9 @@ struct Inner {
     changed: Condvar,
     /// Wakes the sender thread (`Shared::kick`).
     kick: Condvar,
+    /// Wakes the timer threads (ping, watchdog) at a shutdown
+    /// (`Shared::stopping`): their idle sleeps are long.
+    stopped: Condvar,
     /// Taken by one submitter at a time to write out the whole outbox (flat
     /// combining: no hand-off to a sender thread on the latency path).
     writer: Mutex<Option<FrameWriter<BufWriter<TcpStream>>>>,
@@ -418,6 +425,7 @@ impl PeerLink {
                 shared: Mutex::new(Shared::new(state)),
                 changed: Condvar::new(),
                 kick: Condvar::new(),
+                stopped: Condvar::new(),
                 writer: Mutex::new(None),
                 stream: Mutex::new(None),
                 readers: Mutex::new(Vec::new()),
@@ -958,6 +966,7 @@ impl PeerLink {
         }
         self.inner.changed.notify_all();
         self.inner.kick.notify_all();
+        self.inner.stopped.notify_all();
         self.close_stream();
         let readers = std::mem::take(&mut *self.inner.readers.lock());
         for handle in threads.handles.into_iter().chain(readers) {
@@ -999,10 +1008,10 @@ impl PeerLink {
         loop {
             {
                 let mut shared = self.inner.shared.lock();
+                // Both are set under the lock and notified (`submit`,
+                // `shutdown`): no timed look needed.
                 while !shared.kick && !shared.stopping {
-                    self.inner
-                        .kick
-                        .wait_for(&mut shared, Duration::from_millis(500));
+                    self.inner.kick.wait(&mut shared);
                 }
                 if shared.stopping {
                     return;
@@ -1013,12 +1022,20 @@ impl PeerLink {
         }
     }
 
+    /// Sleeps for `wait`, or until the link is shut down.
+    fn pause(&self, wait: Duration) {
+        let mut shared = self.inner.shared.lock();
+        if !shared.stopping {
+            self.inner.stopped.wait_for(&mut shared, wait);
+        }
+    }
+
     /// Sleeps until a ping is due (one interval after the last frame sent), so an
     /// idle link wakes about once a second.
     fn ping_loop(&self) {
         let mut wait = PING_INTERVAL;
         loop {
-            std::thread::sleep(wait);
+            self.pause(wait);
             {
                 let mut shared = self.inner.shared.lock();
                 if shared.stopping {
@@ -1171,10 +1188,13 @@ impl PeerLink {
 
     fn watchdog_loop(&self) {
         let mut busy = false;
+        let idle = WATCHDOG_IDLE.min(self.inner.lock_timeout / 4);
         loop {
-            // Idle, a slower look is enough (a stall is measured from when work
-            // began, so it is noticed at most one idle period late).
-            std::thread::sleep(if busy { WATCHDOG_BUSY } else { WATCHDOG_IDLE });
+            // Idle, a slower look is enough: work that began meanwhile is seen
+            // at most a quarter of the lock timeout later, and looked at often
+            // from then on (a stall is measured from when work began). The
+            // wait ends early at a shutdown.
+            self.pause(if busy { WATCHDOG_BUSY } else { idle });
             let shared = self.inner.shared.lock();
             busy = shared.busy();
             if shared.stopping {

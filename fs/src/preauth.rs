@@ -53,6 +53,12 @@ impl Default for Limits {
 const ACCEPT_BATCH: usize = 64;
 /// Longest wait in `poll`, so that `stop` is noticed.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// The same for the replication receiver ([`serve`]): it runs on
+/// `vmha-fs secondary`'s main thread, which the SIGTERM or SIGINT that sets
+/// `stop` interrupts (`poll` returns EINTR), so the stop is seen at once and
+/// this is only the fallback. Idle, the loop wakes this often: 32 receivers
+/// on a node woke 128 times a second at [`POLL_INTERVAL`] (issue 12, item 2).
+const RECEIVER_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Pending {
     stream: TcpStream,
@@ -97,7 +103,7 @@ pub fn serve(
         versions: crate::wire::replication_versions(),
         limits,
     };
-    serve_door(listener, &door, stop, on_auth)
+    serve_polling(listener, &door, stop, RECEIVER_POLL_INTERVAL, on_auth)
 }
 
 /// [`serve`] for any [`Door`].
@@ -105,6 +111,17 @@ pub fn serve_door(
     listener: &TcpListener,
     door: &Door,
     stop: &AtomicBool,
+    on_auth: impl FnMut(TcpStream, SocketAddr, SessionKeys),
+) -> std::io::Result<()> {
+    serve_polling(listener, door, stop, POLL_INTERVAL, on_auth)
+}
+
+/// [`serve_door`], looking at `stop` at least every `poll_interval`.
+fn serve_polling(
+    listener: &TcpListener,
+    door: &Door,
+    stop: &AtomicBool,
+    poll_interval: Duration,
     mut on_auth: impl FnMut(TcpStream, SocketAddr, SessionKeys),
 ) -> std::io::Result<()> {
     let limits = door.limits;
@@ -127,7 +144,7 @@ pub fn serve_door(
         if accept_paused_until.is_some_and(|t| now >= t) {
             accept_paused_until = None;
         }
-        let mut timeout = POLL_INTERVAL;
+        let mut timeout = poll_interval;
         for p in &pending {
             timeout = timeout.min((p.since + limits.deadline).saturating_duration_since(now));
         }

@@ -89,7 +89,10 @@ impl Runner {
     /// taken for a split brain.
     pub(super) fn heartbeats_arriving(&self) -> bool {
         let fresh = (self.heartbeat_interval * 3).min(self.failover_timeout / 2);
-        self.last_beat_at.is_some_and(|at| at.elapsed() <= fresh)
+        self.peer_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() <= fresh)
     }
 
     /// The peer's latest heartbeat shows a SECOND with our data or an older

@@ -244,13 +244,34 @@ pub(super) fn on_beat(shared: &Shared, received: Received) {
         modules.iter().map(|b| (b.name.as_str(), b)).collect();
     for handle in shared.modules() {
         if let Some(beat) = beats.get(handle.module.name.as_str()).copied() {
+            *handle.heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(received.at);
             let config_match = handle.module_hash == Some(beat.module_hash);
-            handle.peer.send_replace(PeerView::Seen {
-                beat: Arc::clone(beat),
-                config_match,
-            });
+            handle
+                .peer
+                .send_if_modified(|view| see(view, beat, config_match));
         }
     }
+}
+
+/// Makes `view` show `beat`; false (the module's task is not woken) when it
+/// already shows the same beat and configuration match: the task's last
+/// `PeerSeen` step stands (`Runner::on_peer_view` repeats it by itself while
+/// it still changes something).
+fn see(view: &mut PeerView, beat: &Arc<ModuleBeat>, config_match: bool) -> bool {
+    if let PeerView::Seen {
+        beat: known,
+        config_match: known_match,
+    } = view
+    {
+        if *known_match == config_match && (Arc::ptr_eq(known, beat) || **known == **beat) {
+            return false;
+        }
+    }
+    *view = PeerView::Seen {
+        beat: Arc::clone(beat),
+        config_match,
+    };
+    true
 }
 
 // ---- control requests ----
@@ -608,5 +629,76 @@ pub(super) async fn answer(shared: &Shared, request: Request, caller: Option<Cal
             None => Response::lines(true, lines),
         },
         Err(_) => Response::error("vmhad is shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Digest;
+    use crate::generation::History;
+    use crate::state::{Announce, Readiness};
+
+    fn beat(role: Role, changed_bytes: u64) -> Arc<ModuleBeat> {
+        Arc::new(ModuleBeat {
+            name: "m01".into(),
+            module_hash: Digest([7; 32]),
+            announce: Announce {
+                role,
+                readiness: Readiness::Ready,
+                request: None,
+                forced: false,
+                disk: Default::default(),
+                maintenance: false,
+                left: false,
+                live_swap: false,
+                swap_phase: None,
+            },
+            history: History::empty(),
+            changed_bytes,
+            resync: None,
+            keys: Default::default(),
+        })
+    }
+
+    /// The module's task is woken (its view changes) by a round only when
+    /// the module's beat or configuration match changed, or the peer comes
+    /// back: an idle module's task sleeps through the peer's 5 rounds a
+    /// second (issue 12, item 2).
+    #[test]
+    fn a_round_wakes_the_module_only_when_its_beat_changed() {
+        fn round(
+            tx: &watch::Sender<PeerView>,
+            rx: &mut watch::Receiver<PeerView>,
+            b: &Arc<ModuleBeat>,
+            config_match: bool,
+        ) -> bool {
+            tx.send_if_modified(|v| see(v, b, config_match));
+            let changed = rx.has_changed().unwrap_or(false);
+            rx.borrow_and_update();
+            changed
+        }
+        let (tx, mut rx) = watch::channel(PeerView::Unknown);
+        let mut woken =
+            |b: &Arc<ModuleBeat>, config_match: bool| round(&tx, &mut rx, b, config_match);
+        let first = beat(Role::Second, 0);
+        assert!(woken(&first, true), "the first beat");
+        assert!(!woken(&first, true), "the same beat again (shared)");
+        assert!(!woken(&beat(Role::Second, 0), true), "an equal copy");
+        assert!(
+            woken(&beat(Role::Second, 0), false),
+            "the configuration match changed"
+        );
+        assert!(woken(&beat(Role::Prim, 0), false), "the role changed");
+        assert!(
+            woken(&beat(Role::Prim, 4096), false),
+            "the peer's changed bytes"
+        );
+        tx.send_replace(PeerView::Lost);
+        rx.borrow_and_update();
+        assert!(
+            round(&tx, &mut rx, &beat(Role::Prim, 4096), false),
+            "seen again after lost"
+        );
     }
 }

@@ -27,7 +27,12 @@
 //!   is outdated);
 //! - `PeerSeen` carries `compare(local history, peer history)` and whether the
 //!   module's configuration hashes match; heartbeats arriving on several
-//!   networks count once per send round;
+//!   networks count once per send round. A round is handed to a module's
+//!   task only when the module's beat (or its configuration match) changed;
+//!   while the task's last `PeerSeen` step on the latest beat may not have
+//!   been its last (it changed something, or the module's state changed
+//!   since), the task repeats it once per heartbeat interval by itself — so
+//!   an idle module's task is not woken by the peer's rounds at all;
 //! - `PeerLost` is sent once when all networks have been silent for
 //!   `failover_timeout_ms`;
 //! - `StartWaitElapsed` comes `start_wait_ms` after entering WAIT and is
@@ -215,7 +220,15 @@ struct ModuleView {
     announced: bool,
 }
 
-/// The peer as the dispatcher last saw it, for one module.
+/// When the peer's heartbeats last carried a module's beat: set by the
+/// dispatcher at every round, read by the module task's checkers. Apart from
+/// [`PeerView`] because a round that changes nothing for the module must not
+/// wake its task (32 modules × 5 rounds a second on an idle node).
+type HeardAt = Arc<Mutex<Option<Instant>>>;
+
+/// The peer as the dispatcher last saw it, for one module. Changed (and the
+/// module's task woken) only when the module's beat or its configuration
+/// match changes, the peer is lost, or it is seen again.
 #[derive(Debug, Clone)]
 enum PeerView {
     Unknown,
@@ -294,6 +307,8 @@ struct ModuleHandle {
     commands: mpsc::Sender<ModuleCommand>,
     view: watch::Receiver<ModuleView>,
     peer: Arc<watch::Sender<PeerView>>,
+    /// When the peer last carried this module's beat.
+    heard: HeardAt,
     log: Arc<EventLog>,
     counters: Arc<ModuleCounters>,
 }
@@ -417,6 +432,7 @@ impl Factory {
         let (peer_tx, peer_rx) = watch::channel(PeerView::Unknown);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let counters = Arc::new(ModuleCounters::default());
+        let heard: HeardAt = Arc::new(Mutex::new(None));
         let handle = ModuleHandle {
             module: module.clone(),
             module_hash: config.module_hash(&module.name),
@@ -427,6 +443,7 @@ impl Factory {
             commands: cmd_tx,
             view: view_rx,
             peer: Arc::new(peer_tx),
+            heard: Arc::clone(&heard),
             log: Arc::clone(&log),
             counters: Arc::clone(&counters),
         };
@@ -441,8 +458,9 @@ impl Factory {
             view: view_tx,
             peer_rx,
             last_beat: None,
-            last_beat_at: None,
+            peer_heard: heard,
             idle_peer_seen: None,
+            peer_seen_again: None,
             heartbeat_interval: Duration::from_millis(cluster.heartbeat_interval_ms),
             peer_lost_sent: false,
             started: self.started,

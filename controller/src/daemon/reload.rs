@@ -313,6 +313,7 @@ async fn apply(shared: &Shared, plan: Plan) -> Response {
             commands: old.commands.clone(),
             view: old.view.clone(),
             peer: Arc::clone(&old.peer),
+            heard: Arc::clone(&old.heard),
             log: Arc::clone(&old.log),
             counters: Arc::clone(&old.counters),
         }));

@@ -65,13 +65,20 @@ pub(super) struct Runner {
     pub(super) view: watch::Sender<ModuleView>,
     pub(super) peer_rx: watch::Receiver<PeerView>,
     pub(super) last_beat: Option<Arc<ModuleBeat>>,
-    /// When the latest heartbeat round of the peer arrived.
-    pub(super) last_beat_at: Option<Instant>,
+    /// When the latest heartbeat round of the peer carrying this module
+    /// arrived (the dispatcher sets it at every round).
+    pub(super) peer_heard: super::HeardAt,
     /// The last `PeerSeen` step that changed nothing (the state it met, the
     /// event): the state machine is a function of the two, so an identical
-    /// repetition — every heartbeat of an idle module — is skipped
-    /// (`on_peer_view`).
+    /// repetition is skipped (`on_peer_view`), and the task is not woken
+    /// for the peer's rounds while the step stands (`peer_seen_settled`).
     pub(super) idle_peer_seen: Option<(ModuleState, Event)>,
+    /// When to take the peer's latest beat again (`PeerSeen`) although it
+    /// did not change: while the last step on it may not have been the
+    /// last one (it changed something, or our state changed since), once
+    /// per heartbeat interval — what every round of the peer did before
+    /// the dispatcher woke the task only on a change.
+    pub(super) peer_seen_again: Option<tokio::time::Instant>,
     pub(super) heartbeat_interval: Duration,
     pub(super) peer_lost_sent: bool,
     pub(super) started: Instant,
@@ -221,6 +228,8 @@ impl Runner {
             let witness_retry = self.witness_retry;
             let attach_retry = self.attach_retry;
             let receiver_retry = self.receiver_retry;
+            self.arm_peer_seen_again();
+            let peer_seen_again = self.peer_seen_again;
             tokio::select! {
                 _ = shutdown.changed() => return,
                 command = commands.recv() => match command {
@@ -271,6 +280,9 @@ impl Runner {
                     if changed.is_err() {
                         return;
                     }
+                    self.on_peer_view().await;
+                }
+                _ = sleep_until(peer_seen_again), if peer_seen_again.is_some() => {
                     self.on_peer_view().await;
                 }
                 _ = sleep_until(start_wait), if start_wait.is_some() => {
@@ -372,7 +384,42 @@ impl Runner {
         self.publish();
     }
 
+    /// The `PeerSeen` event the peer's latest beat makes now.
+    fn peer_seen_event(&self, beat: &ModuleBeat, config_match: bool) -> Event {
+        let relation = compare(&self.meta.history, &beat.history);
+        Event::PeerSeen {
+            peer: Peer::from_announce(beat.announce, relation, config_match, beat.changed_bytes),
+            local_changed_bytes: self.changed_bytes,
+        }
+    }
+
+    /// The last `PeerSeen` step on the peer's latest beat changed nothing and
+    /// would change nothing again (same state, same event): nothing to do
+    /// until the peer's beat changes. True too without a beat to take.
+    fn peer_seen_settled(&self) -> bool {
+        let view = self.peer_rx.borrow();
+        let PeerView::Seen { beat, config_match } = &*view else {
+            return true;
+        };
+        let Some((state, event)) = &self.idle_peer_seen else {
+            return false;
+        };
+        *state == self.state && *event == self.peer_seen_event(beat, *config_match)
+    }
+
+    /// Arms [`Runner::peer_seen_again`] one heartbeat interval ahead while
+    /// the last `PeerSeen` may not have been the last step on the peer's
+    /// beat; disarms it once it was.
+    fn arm_peer_seen_again(&mut self) {
+        if self.peer_seen_settled() {
+            self.peer_seen_again = None;
+        } else if self.peer_seen_again.is_none() {
+            self.peer_seen_again = Some(tokio::time::Instant::now() + self.heartbeat_interval);
+        }
+    }
+
     pub(super) async fn on_peer_view(&mut self) {
+        self.peer_seen_again = None;
         let view = self.peer_rx.borrow_and_update().clone();
         match view {
             PeerView::Unknown => {}
@@ -385,15 +432,8 @@ impl Runner {
                     "peer heartbeat".into()
                 };
                 self.peer_lost_sent = false;
-                let relation = compare(&self.meta.history, &beat.history);
-                let peer =
-                    Peer::from_announce(beat.announce, relation, config_match, beat.changed_bytes);
+                let event = self.peer_seen_event(&beat, config_match);
                 self.last_beat = Some(beat);
-                self.last_beat_at = Some(Instant::now());
-                let event = Event::PeerSeen {
-                    peer,
-                    local_changed_bytes: self.changed_bytes,
-                };
                 if matches!(&self.idle_peer_seen, Some((s, e)) if *s == self.state && *e == event) {
                     // The same step changed nothing before: it would again
                     // (no action, no state change, nothing to publish).
@@ -443,10 +483,12 @@ impl Runner {
             tracing::debug!(module = %self.module.name, ?event, "event");
             let (next, actions) = step(&self.state, event.clone());
             self.counters.count(&event, self.state.role, next.role);
-            self.idle_peer_seen = (matches!(event, Event::PeerSeen { .. })
-                && actions.is_empty()
-                && next == self.state)
-                .then(|| (next.clone(), event.clone()));
+            if matches!(event, Event::PeerSeen { .. }) {
+                // Other events leave it: a pure step on the same state and
+                // event changes nothing again, whatever came between.
+                self.idle_peer_seen = (actions.is_empty() && next == self.state)
+                    .then(|| (next.clone(), event.clone()));
+            }
             if actions.contains(&Action::MountReceiver) && self.receiver_backoff.failing() {
                 // A retry of a receiver start that failed before: its lines
                 // reach the event log only if it succeeds (the failure was
