@@ -68,11 +68,12 @@ pub const MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Never `NON_SHARED_*` (the data is already on the peer), nor
 /// `PERSIST_DEST`/`UNDEFINE_SOURCE` (the domain stays defined on both nodes).
 ///
-/// libvirt 10.x has `shared_filesystems` in `qemu.conf`: where the
-/// operator lists the module's mount there, libvirt itself treats the disks
-/// as shared and `UNSAFE` is unnecessary (and harmless). A client cannot
-/// read the daemon's `qemu.conf`, so the flag is always passed; the
-/// version is only logged ([`SHARED_FILESYSTEMS_SINCE`]).
+/// libvirt 10.8 and later have `shared_filesystems` in `qemu.conf`: where
+/// the operator lists the module's directories there, libvirt itself treats
+/// the disks as shared, and that is preferred: vmhad reads this node's
+/// `qemu.conf` ([`QEMU_CONF`]; libvirtd runs beside it) and migrates without
+/// `UNSAFE` when every replicated directory lies under a listed path
+/// ([`migrate_flags`]).
 pub const MIGRATE_FLAGS: u32 = sys::VIR_MIGRATE_LIVE
     | sys::VIR_MIGRATE_PEER2PEER
     | sys::VIR_MIGRATE_TUNNELLED
@@ -85,6 +86,55 @@ const ABORT_RETRY: Duration = Duration::from_millis(500);
 /// The first libvirt (`major * 1_000_000 + minor * 1000 + micro`) whose
 /// `qemu.conf` knows `shared_filesystems`.
 pub const SHARED_FILESYSTEMS_SINCE: u32 = 10_008_000;
+
+/// The QEMU driver's configuration of the local libvirtd.
+pub const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+
+/// The paths listed by `shared_filesystems = [ "...", ... ]` in `qemu.conf`
+/// text (the list may span lines; `#` starts a comment). Empty when the key
+/// is missing or commented out.
+pub fn shared_filesystems(qemu_conf: &str) -> Vec<PathBuf> {
+    let text: String = qemu_conf
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let Some(at) = text.find("shared_filesystems") else {
+        return Vec::new();
+    };
+    let rest = &text[at + "shared_filesystems".len()..];
+    let Some(rest) = rest.trim_start().strip_prefix('=') else {
+        return Vec::new();
+    };
+    let Some(list) = rest.trim_start().strip_prefix('[') else {
+        return Vec::new();
+    };
+    let list = list.split(']').next().unwrap_or_default();
+    list.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|p| p.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// The migration flags: [`MIGRATE_FLAGS`], without `UNSAFE` when libvirt
+/// (`version`) knows `shared_filesystems` and `qemu.conf` lists a path
+/// holding every one of the module's directories.
+pub fn migrate_flags(version: u32, qemu_conf: &str, replicated: &[PathBuf]) -> u32 {
+    if version < SHARED_FILESYSTEMS_SINCE || replicated.is_empty() {
+        return MIGRATE_FLAGS;
+    }
+    let shared = shared_filesystems(qemu_conf);
+    let covered = replicated
+        .iter()
+        .all(|dir| shared.iter().any(|s| dir.starts_with(s)));
+    if covered {
+        MIGRATE_FLAGS & !sys::VIR_MIGRATE_UNSAFE
+    } else {
+        MIGRATE_FLAGS
+    }
+}
 
 /// How long `stop` waits after `destroy`.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -972,13 +1022,19 @@ impl VmDriver for LibvirtDriver {
         let xml = dom.xml_desc(0).map_err(|e| DriverError::failed(&what, e))?;
         crate::migrate::check_disks(&module.domain, &xml, &module.replicated)
             .map_err(|e| DriverError::failed(&what, e))?;
-        if let Ok(version) = conn.lib_version() {
-            if version >= SHARED_FILESYSTEMS_SINCE {
-                tracing::debug!(version, "libvirt knows qemu.conf's shared_filesystems; migrating with VIR_MIGRATE_UNSAFE all the same");
+        let flags = match conn.lib_version() {
+            Ok(version) if version >= SHARED_FILESYSTEMS_SINCE => {
+                let conf = std::fs::read_to_string(QEMU_CONF).unwrap_or_default();
+                let flags = migrate_flags(version, &conf, &module.replicated);
+                if flags & sys::VIR_MIGRATE_UNSAFE == 0 {
+                    tracing::info!(version, "qemu.conf's shared_filesystems holds the module's directories: migrating without VIR_MIGRATE_UNSAFE");
+                }
+                flags
             }
-        }
+            _ => MIGRATE_FLAGS,
+        };
         let dconnuri = format!("qemu+unix:///system?socket={}", dest.display());
-        tracing::info!(domain = %module.domain, %dconnuri, flags = MIGRATE_FLAGS, "live migration starts");
+        tracing::info!(domain = %module.domain, %dconnuri, flags, "live migration starts");
         // A hung migration (a peer gone silent) must not hang vmhad: after
         // the timeout the job is aborted, which makes the call return.
         let (done, finished) = std::sync::mpsc::channel::<()>();
@@ -1014,7 +1070,7 @@ impl VmDriver for LibvirtDriver {
             })
             .map_err(|e| DriverError::failed(&what, e))?;
         let started = Instant::now();
-        let result = dom.migrate_to_uri2(Some(&dconnuri), None, None, MIGRATE_FLAGS, None, 0);
+        let result = dom.migrate_to_uri2(Some(&dconnuri), None, None, flags, None, 0);
         let _ = done.send(());
         let aborted = watchdog.join().unwrap_or(false);
         match result {
@@ -1344,6 +1400,53 @@ impl LibvirtDriver {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn shared_filesystems_are_read_from_qemu_conf() {
+        let conf = r#"
+# shared_filesystems = [ "/commented" ]
+user = "root"
+shared_filesystems = [
+  "/var/lib/libvirt/images",   # the vmha mounts
+  "/srv/shared"
+]
+"#;
+        assert_eq!(
+            shared_filesystems(conf),
+            [
+                PathBuf::from("/var/lib/libvirt/images"),
+                PathBuf::from("/srv/shared")
+            ]
+        );
+        assert!(shared_filesystems("# shared_filesystems = [\"/x\"]\n").is_empty());
+        assert!(shared_filesystems("").is_empty());
+    }
+
+    #[test]
+    fn unsafe_is_dropped_only_where_libvirt_treats_every_directory_as_shared() {
+        let conf = r#"shared_filesystems = [ "/var/lib/libvirt/images" ]"#;
+        let dirs = [PathBuf::from("/var/lib/libvirt/images/vm1")];
+        let safe = MIGRATE_FLAGS & !sys::VIR_MIGRATE_UNSAFE;
+        assert_eq!(migrate_flags(SHARED_FILESYSTEMS_SINCE, conf, &dirs), safe);
+        // Debian 12's libvirt 9.0: always UNSAFE (vmhad checked the disks).
+        assert_eq!(migrate_flags(9_000_000, conf, &dirs), MIGRATE_FLAGS);
+        // A directory outside the listed paths, or no list: UNSAFE.
+        let two = [dirs[0].clone(), PathBuf::from("/srv/vm1-snapshots")];
+        assert_eq!(
+            migrate_flags(SHARED_FILESYSTEMS_SINCE, conf, &two),
+            MIGRATE_FLAGS
+        );
+        assert_eq!(
+            migrate_flags(SHARED_FILESYSTEMS_SINCE, "", &dirs),
+            MIGRATE_FLAGS
+        );
+        // A prefix of a name is not its parent.
+        let sibling = [PathBuf::from("/var/lib/libvirt/images2/vm1")];
+        assert_eq!(
+            migrate_flags(SHARED_FILESYSTEMS_SINCE, conf, &sibling),
+            MIGRATE_FLAGS
+        );
+    }
 
     #[test]
     fn states() {
