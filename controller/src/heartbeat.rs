@@ -1224,7 +1224,7 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Readiness, Role};
+    use crate::state::Role;
     use proptest::prelude::*;
 
     /// The per-key digests of the largest configuration (32 modules, every
@@ -1277,15 +1277,8 @@ mod tests {
                 name: "vm1".into(),
                 module_hash: Digest([2; 32]),
                 announce: Announce {
-                    role: Role::Prim,
-                    readiness: Readiness::Ready,
-                    request: None,
-                    forced: false,
-                    disk: Default::default(),
-                    maintenance: false,
-                    left: false,
                     live_swap: true,
-                    swap_phase: None,
+                    ..Announce::ready(Role::Prim)
                 },
                 history: History::empty(),
                 changed_bytes: 0,

@@ -439,6 +439,23 @@ pub struct Announce {
     pub swap_phase: Option<SwapPhase>,
 }
 
+impl Announce {
+    /// A node in `role`, ready, with nothing asked and nothing special.
+    pub fn ready(role: Role) -> Announce {
+        Announce {
+            role,
+            readiness: Readiness::Ready,
+            request: None,
+            forced: false,
+            disk: Disk::default(),
+            maintenance: false,
+            left: false,
+            live_swap: false,
+            swap_phase: None,
+        }
+    }
+}
+
 /// The peer as seen in its latest heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {

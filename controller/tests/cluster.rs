@@ -523,17 +523,7 @@ fn forged_beat(role: Role) -> Vec<u8> {
         modules: vec![ModuleBeat {
             name: "vm1".into(),
             module_hash: vmha_controller::config::Digest([0; 32]),
-            announce: Announce {
-                role,
-                readiness: Readiness::Ready,
-                request: None,
-                forced: false,
-                disk: Default::default(),
-                maintenance: false,
-                left: false,
-                live_swap: false,
-                swap_phase: None,
-            },
+            announce: Announce::ready(role),
             history: vmha_controller::generation::History::empty(),
             changed_bytes: 0,
             resync: None,

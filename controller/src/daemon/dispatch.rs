@@ -637,23 +637,13 @@ mod tests {
     use super::*;
     use crate::config::Digest;
     use crate::generation::History;
-    use crate::state::{Announce, Readiness};
+    use crate::state::Announce;
 
     fn beat(role: Role, changed_bytes: u64) -> Arc<ModuleBeat> {
         Arc::new(ModuleBeat {
             name: "m01".into(),
             module_hash: Digest([7; 32]),
-            announce: Announce {
-                role,
-                readiness: Readiness::Ready,
-                request: None,
-                forced: false,
-                disk: Default::default(),
-                maintenance: false,
-                left: false,
-                live_swap: false,
-                swap_phase: None,
-            },
+            announce: Announce::ready(role),
             history: History::empty(),
             changed_bytes,
             resync: None,
