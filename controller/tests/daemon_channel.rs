@@ -41,12 +41,14 @@ fn node_config(dir: &Path, node: &str, key: &Path, hb: u16, channel: u16) -> Pat
     .write()
 }
 
+// Fields drop in order: both vmhad stop (and write their last event-log
+// line) before their directory goes.
 struct Pair {
-    dir: tempfile::TempDir,
     key: ClusterKey,
     channel_port: u16,
     n1: Vmhad,
     n2: Vmhad,
+    dir: tempfile::TempDir,
 }
 
 impl Pair {

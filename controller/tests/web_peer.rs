@@ -37,14 +37,16 @@ fn free_tcp_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+// Fields drop in order: both vmhad stop (and write their last event-log
+// line) before their directory goes.
 struct Pair {
-    _tmp: tempfile::TempDir,
     key_file: PathBuf,
     a1: String,
     /// node1's configuration, state and socket.
     dir1: PathBuf,
     n1: Vmhad,
     n2: Option<Vmhad>,
+    _tmp: tempfile::TempDir,
 }
 
 fn config(dir: &Path, key: &Path, a1: &str, a2: &str, hb: u16, channel: u16) -> PathBuf {
