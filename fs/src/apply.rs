@@ -67,6 +67,21 @@ pub fn reopen(path_fd: BorrowedFd<'_>, flags: OFlags) -> Result<OwnedFd, Errno> 
     )
 }
 
+/// The names in the directory behind O_PATH descriptor `dir`, without `.` and
+/// `..`, in the order the directory gives them.
+pub fn dir_names(dir: BorrowedFd<'_>) -> Result<Vec<Vec<u8>>, Errno> {
+    let listing = reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(listing.as_fd())? {
+        let entry = entry?;
+        let raw = entry.file_name().to_bytes();
+        if raw != b"." && raw != b".." {
+            names.push(raw.to_vec());
+        }
+    }
+    Ok(names)
+}
+
 /// The largest file size the filesystem of directory `dir` accepts (its
 /// `s_maxbytes`: 16 TiB on ext4 with 4 KiB blocks, 8 EiB on XFS), found by growing an
 /// unnamed temporary file there (`O_TMPFILE`, gone when closed; nothing is written).

@@ -206,18 +206,10 @@ impl Walked {
 
 /// The names in a directory (O_PATH descriptor `dir`), without `.` and `..`.
 fn names_in(dir: std::os::fd::BorrowedFd<'_>) -> Result<Vec<Name>, Errno> {
-    let listing = apply::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
-    let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(listing.as_fd())? {
-        let entry = entry?;
-        let raw = entry.file_name().to_bytes();
-        if raw != b"." && raw != b".." {
-            if let Ok(name) = Name::new(raw) {
-                names.push(name);
-            }
-        }
-    }
-    Ok(names)
+    Ok(apply::dir_names(dir)?
+        .into_iter()
+        .filter_map(|raw| Name::new(raw).ok())
+        .collect())
 }
 
 /// One directory of the reconcile walk.

@@ -682,15 +682,7 @@ pub fn walk_each<E: From<Errno>>(
 /// The entries of one directory (`path` = the name), sorted, never following a
 /// symlink.
 pub fn walk_one(dir: BorrowedFd<'_>) -> Result<Vec<WalkEntry>, Errno> {
-    let listing = apply::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
-    let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(listing.as_fd())? {
-        let entry = entry?;
-        let raw = entry.file_name().to_bytes();
-        if raw != b"." && raw != b".." {
-            names.push(raw.to_vec());
-        }
-    }
+    let mut names = apply::dir_names(dir)?;
     names.sort();
     let mut out = Vec::new();
     for raw in names {

@@ -937,18 +937,27 @@ struct ProcessRecord {
 
 impl ProcessRecord {
     fn write(&self, state: &Path) -> Result<(), DriverError> {
-        let path = state.join(PROCESS_FILE);
-        let bytes = serde_json::to_vec(self)
-            .map_err(|e| DriverError::failed(format!("encode {}", path.display()), e))?;
-        ::vmha_fs::atomic::write(&path, &bytes)
-            .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))
+        write_record(&state.join(PROCESS_FILE), self)
     }
 
     /// None when absent or unreadable (then there is nothing to adopt).
     fn read(state: &Path) -> Option<ProcessRecord> {
-        let bytes = std::fs::read(state.join(PROCESS_FILE)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        read_record(&state.join(PROCESS_FILE))
     }
+}
+
+/// Writes a process record as JSON, atomically.
+fn write_record<T: serde::Serialize>(path: &Path, record: &T) -> Result<(), DriverError> {
+    let bytes = serde_json::to_vec(record)
+        .map_err(|e| DriverError::failed(format!("encode {}", path.display()), e))?;
+    ::vmha_fs::atomic::write(path, &bytes)
+        .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))
+}
+
+/// A process record; None when absent or unreadable.
+fn read_record<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// A standby mount's process ([`STANDBY_FILE`]).
@@ -961,16 +970,11 @@ struct StandbyRecord {
 
 impl StandbyRecord {
     fn write(&self, state: &Path) -> Result<(), DriverError> {
-        let path = state.join(STANDBY_FILE);
-        let bytes = serde_json::to_vec(self)
-            .map_err(|e| DriverError::failed(format!("encode {}", path.display()), e))?;
-        ::vmha_fs::atomic::write(&path, &bytes)
-            .map_err(|e| DriverError::failed(format!("write {}", path.display()), e))
+        write_record(&state.join(STANDBY_FILE), self)
     }
 
     fn read(state: &Path) -> Option<StandbyRecord> {
-        let bytes = std::fs::read(state.join(STANDBY_FILE)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        read_record(&state.join(STANDBY_FILE))
     }
 }
 
