@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use super::check_pass::{gather, CheckPlan, Findings};
 use super::runner::{Runner, ATTACH_RETRY, GO_ALONE_SETTLE};
 use super::PeerView;
 use crate::driver::{FsHealth, ResyncState};
@@ -189,10 +190,10 @@ impl Runner {
         }
     }
 
-    /// SECOND: the receiver accepts the writer's current generation when the
-    /// writer's data descends from ours (never a stale or diverged writer's:
-    /// that is the fencing).
-    pub(super) async fn follow_writer(&mut self) {
+    /// SECOND: the writer generation the receiver is to accept: the
+    /// writer's current one when the writer's data descends from ours (never
+    /// a stale or diverged writer's: that is the fencing).
+    pub(super) fn writer_to_follow(&self) -> Option<String> {
         let follows = match &*self.peer_rx.borrow() {
             PeerView::Seen { beat, .. } if beat.announce.role.is_writer() => matches!(
                 compare(&self.meta.history, &beat.history),
@@ -200,17 +201,37 @@ impl Runner {
             ),
             _ => false,
         };
-        let generation = self.peer_generation();
-        if !follows || generation.is_none() {
-            return;
+        if follows {
+            self.peer_generation()
+        } else {
+            None
         }
-        let shown = generation.clone();
+    }
+
+    /// SECOND: the receiver accepts the writer's current generation when the
+    /// writer's data descends from ours.
+    pub(super) async fn follow_writer(&mut self) {
+        let Some(generation) = self.writer_to_follow() else {
+            return;
+        };
+        let shown = Some(generation.clone());
+        let result = self
+            .blocking(move |_, fs, m| fs.follow_writer(m, Some(&generation)))
+            .await;
+        if let Some(result) = result {
+            self.on_followed(result, shown).await;
+        }
+    }
+
+    /// What telling the receiver to follow the writer did.
+    async fn on_followed(
+        &mut self,
+        result: Result<bool, crate::driver::DriverError>,
+        shown: Option<String>,
+    ) {
         let mut lines = Vec::new();
-        match self
-            .blocking(move |_, fs, m| fs.follow_writer(m, generation.as_deref()))
-            .await
-        {
-            Some(Ok(true)) => {
+        match result {
+            Ok(true) => {
                 self.record(
                     format!(
                         "receiver restarted for the writer's generation {}",
@@ -220,8 +241,8 @@ impl Runner {
                 )
                 .await
             }
-            Some(Ok(false)) | None => {}
-            Some(Err(e)) => {
+            Ok(false) => {}
+            Err(e) => {
                 self.record(format!("error: restart the receiver: {e}"), &mut lines)
                     .await;
                 self.handle(Event::FsFailed).await;
@@ -258,37 +279,95 @@ impl Runner {
         }
     }
 
-    /// The checkers: VM state, vmha-fs health, resync progress, and the data
-    /// path of a peer whose controller is down.
-    pub(super) async fn check(&mut self) {
-        if self.state.peer_controller_down && !self.data_path_alive().await {
-            self.handle(Event::DataPathLost).await;
-        }
+    /// What this module's checks look at now.
+    pub(super) fn check_plan(&self) -> CheckPlan {
         let role = self.state.role;
         // While a migration runs (or ends after its abort) the VM's state is
         // its outcome's to tell, and libvirt may hold calls on the domain
         // behind the migration job: the link's health must not wait for it.
         let check_vm = role.is_writer() && !self.state.vm_starting && self.migration.is_none();
-        let check_fs = role.is_writer() || role == Role::Second;
         let check_resync = role == Role::Second && !self.state.uptodate;
+        CheckPlan {
+            check_vm,
+            check_fs: role.is_writer() || role == Role::Second,
+            check_resync,
+            every: self.state.peer_controller_down
+                || (role.is_writer() && self.attached_at.is_some())
+                || check_resync,
+            follow: if role == Role::Second {
+                self.writer_to_follow()
+            } else {
+                None
+            },
+            xml_failed: self.xml_refresh_failed,
+            changed: self.changed_bytes,
+        }
+    }
+
+    /// The checkers: VM state, vmha-fs health, resync progress, and the data
+    /// path of a peer whose controller is down.
+    pub(super) async fn check(&mut self) {
+        self.check_with(None).await;
+    }
+
+    /// The node's check pass left findings ([`super::check_pass`]): acted on
+    /// when gathered under the current epoch; else (this task handled
+    /// something meanwhile) the module is checked again here.
+    pub(super) async fn on_pass(&mut self, epoch: u64, found: Findings) {
+        if epoch == self.check_epoch {
+            self.check_with(Some(found)).await;
+            return;
+        }
+        // What the pass did stays done: say so.
+        let mut lines = Vec::new();
+        if matches!(found.xml, Some(Ok(true))) {
+            self.record(
+                "domain XML rewritten from libvirt's definition".into(),
+                &mut lines,
+            )
+            .await;
+        }
+        if matches!(found.followed, Some(Ok(true))) {
+            self.record(
+                "receiver restarted for the writer's generation (checker pass)".into(),
+                &mut lines,
+            )
+            .await;
+        }
+        self.check_with(None).await;
+    }
+
+    /// A check on `found` (from the node's pass), or on findings gathered
+    /// now.
+    async fn check_with(&mut self, found: Option<Findings>) {
+        if self.state.peer_controller_down && !self.data_path_alive().await {
+            self.handle(Event::DataPathLost).await;
+        }
+        let role = self.state.role;
         if role.is_writer() {
             self.follow_attach().await;
         }
-        let Some((vm, fs, resync, changed, xml)) = self
-            .blocking(move |vm, fs, m| {
-                (
-                    check_vm.then(|| vm.watch_state(m)),
-                    check_fs.then(|| fs.health(m)),
-                    check_resync.then(|| fs.resync_state(m)),
-                    fs.changed_bytes(m),
-                    // The writer keeps `<dir>/<domain>.xml` current.
-                    check_vm.then(|| vm.refresh_xml(m)),
-                )
-            })
-            .await
-        else {
-            return;
+        let found = match found {
+            Some(found) => found,
+            None => {
+                let plan = self.check_plan();
+                match self
+                    .blocking(move |vm, fs, m| gather(&plan, vm, fs, m, false))
+                    .await
+                {
+                    Some(found) => found,
+                    None => return,
+                }
+            }
         };
+        let Findings {
+            vm,
+            fs,
+            resync,
+            changed,
+            xml,
+            followed,
+        } = found;
         self.changed_bytes = changed;
         // Before the VM's state: a guest failing on the broken disk must not be
         // restarted on it.
@@ -345,7 +424,10 @@ impl Runner {
             Some(FsHealth::Healthy | FsHealth::DiskFailed(_)) | None => {}
         }
         if role == Role::Second {
-            self.follow_writer().await;
+            match followed {
+                Some(result) => self.on_followed(result, self.peer_generation()).await,
+                None => self.follow_writer().await,
+            }
         }
         // The receiver of vmha-fs does not know how far the copy is: the
         // writer says so in its heartbeat.

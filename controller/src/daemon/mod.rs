@@ -134,6 +134,7 @@
 //!   decision they lead to is an event.
 
 mod actions;
+mod check_pass;
 mod checks;
 mod dispatch;
 mod live;
@@ -379,6 +380,8 @@ struct Factory {
     left: Arc<std::sync::atomic::AtomicBool>,
     /// The cluster key (a live swap's forwarded libvirt rides the channel).
     key: ClusterKey,
+    /// The node's check pass (every module's checkers, one timer).
+    checks: check_pass::CheckPass,
 }
 
 impl Factory {
@@ -491,14 +494,16 @@ impl Factory {
             counters,
             live_target: live::LiveTarget::of(config, module, node, &self.key),
             migration: None,
+            checks: self.checks.clone(),
+            check_slot: self.checks.register(module),
+            check_epoch: 0,
         };
         Ok((runner, cmd_rx, handle))
     }
 
     /// Runs a module's task.
     fn spawn(&self, runner: Runner, commands: mpsc::Receiver<ModuleCommand>) -> JoinHandle<()> {
-        let every = runner.heartbeat_interval;
-        tokio::spawn(runner.run(commands, self.shutdown.clone(), every))
+        tokio::spawn(runner.run(commands, self.shutdown.clone()))
     }
 }
 
@@ -795,6 +800,9 @@ impl Daemon {
             shutdown: shutdown_rx.clone(),
             left: Arc::new(std::sync::atomic::AtomicBool::new(left)),
             key: spec.key.clone(),
+            checks: check_pass::CheckPass::new(runner::check_period(Duration::from_millis(
+                config.cluster.heartbeat_interval_ms,
+            ))),
         };
         let mut first_events = Vec::new();
         for module in &config.modules {
@@ -878,6 +886,11 @@ impl Daemon {
             }));
         }
 
+        tasks.push(tokio::spawn(shared.factory.checks.clone().run(
+            Arc::clone(&spec.vm),
+            Arc::clone(&spec.fs),
+            shutdown_rx.clone(),
+        )));
         for (runner, commands) in runners {
             let name = runner.module.name.clone();
             let task = shared.factory.spawn(runner, commands);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use super::check_pass::{CheckPass, Slot};
 use super::{ms, ModuleCommand, ModuleView, PeerView, WitnessSlot};
 use crate::backoff::Backoff;
 use crate::config::{Config, Module, NodeIndex, Witness};
@@ -135,6 +136,12 @@ pub(super) struct Runner {
     /// The live migration running in the background (`MigrateVm`), until
     /// its outcome arrived (also after `AbortMigration`: a new one waits).
     pub(super) migration: Option<super::live::Migration>,
+    /// The node's check pass, and this module's place in it.
+    pub(super) checks: CheckPass,
+    pub(super) check_slot: Arc<Slot>,
+    /// Advanced by every handled event: the pass's findings gathered under
+    /// an older one are not acted on as they are.
+    pub(super) check_epoch: u64,
 }
 
 /// A module's settings that a reload may change while its task runs. What
@@ -200,12 +207,6 @@ pub fn check_period(heartbeat_interval: Duration) -> Duration {
     heartbeat_interval.max(CHECK_EVERY_MIN)
 }
 
-fn check_timer(heartbeat_interval: Duration) -> tokio::time::Interval {
-    let mut checks = tokio::time::interval(check_period(heartbeat_interval));
-    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    checks
-}
-
 /// Waits for `notify`, or forever without one.
 async fn notified(notify: Option<&Arc<tokio::sync::Notify>>) {
     match notify {
@@ -219,11 +220,11 @@ impl Runner {
         mut self,
         mut commands: mpsc::Receiver<ModuleCommand>,
         mut shutdown: watch::Receiver<bool>,
-        heartbeat_interval: Duration,
     ) {
-        let mut checks = check_timer(heartbeat_interval);
         let mut vm_changes = self.vm.state_changes(&self.module);
+        let slot = Arc::clone(&self.check_slot);
         loop {
+            slot.publish(self.check_epoch, &self.check_plan());
             let start_wait = self.start_wait;
             let witness_retry = self.witness_retry;
             let attach_retry = self.attach_retry;
@@ -245,10 +246,8 @@ impl Runner {
                         let _ = reply.send(lines);
                     }
                     Some(ModuleCommand::Reconfigure(settings, reply)) => {
-                        let every = settings.heartbeat_interval;
-                        if check_period(every) != check_period(self.heartbeat_interval) {
-                            checks = check_timer(every);
-                        }
+                        self.checks.set_period(check_period(settings.heartbeat_interval));
+                        slot.set_module(&settings.module);
                         self.reconfigure(*settings);
                         vm_changes = self.vm.state_changes(&self.module);
                         let _ = reply.send(());
@@ -312,9 +311,11 @@ impl Runner {
                 outcome = super::live::ended(&mut self.migration) => {
                     self.on_migration_end(outcome).await;
                 }
-                _ = checks.tick() => {
-                    self.cause = "checker".into();
-                    self.check().await;
+                _ = slot.delivered.notified() => {
+                    if let Some((epoch, found)) = slot.take() {
+                        self.cause = "checker".into();
+                        self.on_pass(epoch, found).await;
+                    }
                 }
                 _ = notified(vm_changes.as_ref()) => {
                     // A lifecycle event of the domain: look now, not at the next tick.
@@ -477,6 +478,7 @@ impl Runner {
         if matches!(first, Event::Start | Event::Adopt(_)) {
             self.announced = true;
         }
+        self.check_epoch = self.check_epoch.wrapping_add(1);
         let mut queue = VecDeque::from([first]);
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
