@@ -19,7 +19,9 @@
 //! [`CheckPlan`]) before it waits, with an epoch that every handled event
 //! advances: findings gathered under an older epoch (the task handled
 //! something meanwhile) are not acted on as they are; the task checks again
-//! itself ([`super::runner::Runner::on_pass`]). A driver call that hangs
+//! itself ([`super::runner::Runner::on_pass`]). The pass and the task never
+//! call the drivers for the same module at once ([`Slot::task_busy`]): a
+//! check never overlapped an action before either. A driver call that hangs
 //! holds only its own module: the module is marked in flight and the next
 //! passes skip it.
 
@@ -131,6 +133,10 @@ struct SlotInner {
     plan: Option<(u64, CheckPlan)>,
     /// A pass is running this module's driver calls.
     in_flight: bool,
+    /// The module's task is calling its drivers itself (handling an event,
+    /// checking): the pass leaves the module alone meanwhile, as the task's
+    /// own checks never overlapped its actions.
+    task_busy: u32,
     /// Findings not yet taken, with the epoch of their plan.
     pending: Option<(u64, Findings)>,
 }
@@ -154,6 +160,20 @@ impl Slot {
         self.lock().module = module.clone();
     }
 
+    /// The task is about to call its drivers: once a pass running this
+    /// module's check finished, no pass touches the module until the guard
+    /// drops. Nests (an event handled during a check).
+    pub(super) async fn task_busy(self: &Arc<Self>) -> TaskBusy {
+        self.lock().task_busy += 1;
+        let guard = TaskBusy(Arc::clone(self));
+        // A pass's driver calls for one module are short (cached state,
+        // small files); a hung one holds the task as its own call would.
+        while self.lock().in_flight {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        guard
+    }
+
     /// The findings the pass left, with the epoch they were gathered in.
     pub(super) fn take(&self) -> Option<(u64, Findings)> {
         self.lock().pending.take()
@@ -167,7 +187,7 @@ impl Slot {
             let Some((epoch, plan)) = inner.plan.clone() else {
                 return;
             };
-            if inner.in_flight {
+            if inner.in_flight || inner.task_busy > 0 {
                 return;
             }
             inner.in_flight = true;
@@ -196,6 +216,17 @@ impl Slot {
     }
 }
 
+/// While alive, the pass leaves the module alone ([`Slot::task_busy`]).
+#[derive(Debug)]
+pub(super) struct TaskBusy(Arc<Slot>);
+
+impl Drop for TaskBusy {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.task_busy = inner.task_busy.saturating_sub(1);
+    }
+}
+
 /// The node's check pass: its modules' slots and its period.
 #[derive(Debug, Clone)]
 pub(super) struct CheckPass {
@@ -218,6 +249,7 @@ impl CheckPass {
                 module: module.clone(),
                 plan: None,
                 in_flight: false,
+                task_busy: 0,
                 pending: None,
             }),
             delivered: Notify::new(),
@@ -442,6 +474,17 @@ port = 7102
         );
         assert_eq!(found.fs, Some(FsHealth::LinkDown));
         assert!(down.take().is_none(), "taken once");
+        // While the task calls its drivers itself, the pass leaves it alone.
+        let busy = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(down.task_busy());
+        pass.pass(&vm, &fs);
+        assert!(down.take().is_none(), "a busy task's module is skipped");
+        drop(busy);
+        pass.pass(&vm, &fs);
+        assert!(down.take().is_some(), "checked again once the task is done");
         // Dropped slots leave the pass.
         drop(down);
         assert_eq!(pass.live_slots().len(), 1);

@@ -215,9 +215,11 @@ impl Runner {
             return;
         };
         let shown = Some(generation.clone());
+        let busy = self.check_slot.task_busy().await;
         let result = self
             .blocking(move |_, fs, m| fs.follow_writer(m, Some(&generation)))
             .await;
+        drop(busy);
         if let Some(result) = result {
             self.on_followed(result, shown).await;
         }
@@ -351,10 +353,12 @@ impl Runner {
             Some(found) => found,
             None => {
                 let plan = self.check_plan();
-                match self
+                let busy = self.check_slot.task_busy().await;
+                let found = self
                     .blocking(move |vm, fs, m| gather(&plan, vm, fs, m, false))
-                    .await
-                {
+                    .await;
+                drop(busy);
+                match found {
                     Some(found) => found,
                     None => return,
                 }

@@ -479,6 +479,7 @@ impl Runner {
             self.announced = true;
         }
         self.check_epoch = self.check_epoch.wrapping_add(1);
+        let _busy = self.check_slot.task_busy().await;
         let mut queue = VecDeque::from([first]);
         let mut lines = Vec::new();
         while let Some(event) = queue.pop_front() {
