@@ -491,6 +491,7 @@ fn idle_window(vc: &VmCluster, secs: u64) -> Result<IdleWindow> {
     let net_before = [net_dev(vc, 0)?, net_dev(vc, 1)?];
     let t = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
+    crate::interrupt::check()?;
     let window = t.elapsed().as_secs_f64();
     let net_after = [net_dev(vc, 0)?, net_dev(vc, 1)?];
     let vmhad_threads1 = threads_of(&get("vmhad"));
@@ -572,6 +573,9 @@ pub fn run(opts: &Opts, timing: &Timing) -> Result<Results> {
 }
 
 fn measure(opts: &Opts, timing: &Timing, r: &mut Results) -> Result<()> {
+    // A stop signal ends the run through the error path: the cluster's guards
+    // stop every process and remove the namespaces.
+    crate::interrupt::install()?;
     let modules = layout(opts);
     let t0 = Instant::now();
     let mut vc = VmCluster::with_modules(timing, modules.clone())?;
@@ -671,6 +675,7 @@ fn idle_and_crash(
         if Instant::now() >= deadline {
             bail!("not every module's writer wrote on its home node within 120 s");
         }
+        crate::interrupt::check()?;
         std::thread::sleep(Duration::from_millis(100));
     }
     let moved: Vec<&ClusterModule> = modules.iter().filter(|m| m.data_on == 0).collect();
@@ -679,7 +684,8 @@ fn idle_and_crash(
     let t_kill = Instant::now();
     let wall_kill = std::time::SystemTime::now();
     vc.crash(0)?;
-    let deadline = t_kill + Duration::from_secs(600);
+    // Parallel failover of 32 modules ends in seconds: two minutes is a failure.
+    let deadline = t_kill + Duration::from_secs(120);
     loop {
         if let Ok(s) = status(vc, 1) {
             let now = t_kill.elapsed();
@@ -705,12 +711,13 @@ fn idle_and_crash(
         }
         if Instant::now() >= deadline {
             bail!(
-                "after 600 s: {} of {} modules ALONE, {} writing on node2",
+                "after 120 s: {} of {} modules ALONE, {} writing on node2",
                 r.to_alone_ms.len(),
                 moved.len(),
                 r.to_write_ms.len()
             );
         }
+        crate::interrupt::check()?;
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -737,6 +744,7 @@ fn idle_and_crash(
         if r.vm_started_ms.len() == moved.len() || Instant::now() >= deadline {
             break;
         }
+        crate::interrupt::check()?;
         std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
