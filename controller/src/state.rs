@@ -188,8 +188,9 @@
 //!   current generation, with the settings this configuration gives it, is
 //!   taken over as it is — PRIM (ALONE when it writes alone), same VM, no
 //!   new generation, no resync; a receiver becomes SECOND, up to date when it
-//!   accepts this node's current generation. Anything else is stopped (VM
-//!   first) and the module starts as usual.
+//!   accepts this node's current generation (or the one a current live flip
+//!   descends from: see [`Found::generation_current`]). Anything else is
+//!   stopped (VM first) and the module starts as usual.
 //! - **A peer whose controller is down** (`ControllerLost`: its heartbeats
 //!   stopped, the replication link is alive) is not failed over and a PRIM
 //!   does not go ALONE: the roles stay until the link dies too
@@ -658,7 +659,9 @@ pub struct Found {
     /// this node's history (a writer that went ALONE keeps its first claim
     /// until it attaches the peer with the current one). Receiver: it accepts
     /// this node's current generation (a resync to the writer's generation
-    /// completed: the copy is up to date).
+    /// completed: the copy is up to date), or the one this node's current
+    /// live flip descends from (a live swap's destination adopted the flip,
+    /// nothing was written under it yet).
     pub generation_current: bool,
     /// Writer: it writes alone (ALONE), not replicating to the peer (PRIM).
     pub alone: bool,

@@ -17,6 +17,7 @@ use vmha_controller::config::{Config, NodeIndex};
 use vmha_controller::control::{Client, Request, Response};
 use vmha_controller::daemon::{Daemon, DaemonSpec};
 use vmha_controller::driver::fake::{FakeFs, FakeVm, Mounted};
+use vmha_controller::generation::Metadata;
 use vmha_controller::heartbeat::{Handshake, ModuleBeat, Payload, Sealer};
 use vmha_controller::state::{Announce, Readiness, Role};
 use vmha_controller::status::Status;
@@ -1164,6 +1165,103 @@ async fn live_swap_never_falls_back_but_swap_live_config_does() {
         r.error.unwrap_or_default().contains("live swap refused"),
         "refusal"
     );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+/// Polls `cond` until it holds; panics with `what` after `timeout`.
+async fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A live swap's destination whose vmhad dies after it adopted the flip G'
+/// and before it activated its standby (its receiver still accepts G, the
+/// generation before the flip), and starts again at once: the new vmhad
+/// counts that receiver as up to date and takes the hand-over the old PRIM
+/// still asks for. The VM ends on the destination and is never started
+/// again on the old PRIM (the old rule took the receiver for outdated: the
+/// destination stepped down and the old PRIM failed over, restarting the
+/// VM there); `swap --live` on the old PRIM succeeds; both nodes stay on G'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_swap_destination_restarted_after_adopting_the_flip_takes_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_cluster_port();
+    // The old PRIM must not fail over while node2's vmhad restarts: a
+    // failover timeout far above the restart's duration.
+    let text = toml(port, "", 300)
+        .replace(
+            &format!("failover_timeout_ms = {FAILOVER_MS}"),
+            "failover_timeout_ms = 15000",
+        )
+        .replace("lock_timeout_ms = 1000", "lock_timeout_ms = 20000");
+    let n1 = Node::start("node1", &text, dir.path()).await;
+    let mut n2 = Node::start("node2", &text, dir.path()).await;
+    steady(&n1, &n2).await;
+    n1.vm.set_migration_peer(&n2.vm);
+    n2.fs.set_live_swap(true);
+    n2.fs.set_adoptable(true);
+    n2.fs.hold("activate_standby");
+    let handle = n1.daemon().handle();
+    let swap = tokio::spawn(async move {
+        handle
+            .request_as(
+                Request::Swap {
+                    module: None,
+                    live: true,
+                },
+                "test",
+            )
+            .await
+    });
+    // node2 adopted the flip and is activating its standby: its vmhad dies.
+    wait_for(
+        "node2 activating its standby",
+        Duration::from_secs(20),
+        || n2.fs.count("activate_standby") == 1,
+    )
+    .await;
+    n2.daemon.take().unwrap().kill().await;
+    n2.fs.release("activate_standby", true);
+    let state_dir = |n: &Node| n.config.cluster.state_dir.clone();
+    let meta = |n: &Node| Metadata::load(&state_dir(n), "vm1").unwrap().history;
+    let (h1, h2) = (meta(&n1), meta(&n2));
+    assert!(h2.current_is_flip(), "node2 adopted the flip: {h2:?}");
+    assert_eq!(h1, h2);
+    let parent = h2.previous()[0].to_string();
+    assert_eq!(n2.fs.generation("vm1").as_deref(), Some(parent.as_str()));
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Receiver));
+    assert!(!n1.vm.is_running("vm1"), "the VM left node1");
+    assert_eq!(n1.vm.count("start"), 1);
+
+    let node2 = n2.config.local_node("node2").unwrap();
+    n2.restart(node2).await;
+    n2.wait_role("node2", Role::Prim, true).await;
+    n1.wait_role("node1", Role::Second, true).await;
+    n1.wait_role("node2", Role::Prim, true).await;
+    n2.wait("the VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    assert_eq!(n1.vm.count("start"), 1, "the VM never restarted on node1");
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Writer));
+    let current = h2.current().map(|g| g.to_string());
+    assert_eq!(n2.fs.generation("vm1"), current, "the writer claims G'");
+    assert_eq!(meta(&n1), meta(&n2), "no new generation, no resync");
+    let r = tokio::time::timeout(Duration::from_secs(60), swap)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    let log = n2
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log.contains("live flip descends"), "{log}");
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
 }

@@ -75,7 +75,10 @@
 //!   aborted and waited for (the VM is here or not, never in between);
 //!   elsewhere a paused incoming instance is destroyed and an orphaned
 //!   standby mount stopped (never resumed: the source keeps or restarts
-//!   the VM, a hand-over that came meanwhile restarts it here).
+//!   the VM, a hand-over that came meanwhile restarts it here). A receiver
+//!   accepting the generation this node's current live flip descends from
+//!   is current ([`generation_is_ours`]): the destination persisted the
+//!   flip before its receiver stopped, and nothing was written under it.
 //! - A live migration (`MigrateVm`) runs in the background
 //!   ([`live::Migration`]): the module task handles heartbeats, the link's
 //!   health and requests meanwhile, and `AbortMigration` ends it at once;
@@ -630,15 +633,21 @@ async fn find_running(
     };
     match found {
         Ok((Ok(Some(f)), vm_running)) => {
-            let current = history.current().map(|g| g.to_string());
-            // A writer keeps the generation it started with until it attaches
-            // the peer (going ALONE persists a new one without restarting it):
-            // any generation of this node's line is ours.
-            let ours = |g: &String| {
-                Some(g) == current.as_ref()
-                    || (f.writer && history.previous().iter().any(|p| p.to_string() == *g))
-            };
-            let generation_current = f.generation.as_ref().is_some_and(ours);
+            let generation_current = f
+                .generation
+                .as_deref()
+                .is_some_and(|g| generation_is_ours(history, f.writer, g));
+            if !f.writer
+                && generation_current
+                && history.previous().first().map(|p| p.to_string()).as_deref()
+                    == f.generation.as_deref()
+            {
+                let line = "the receiver accepts the generation this node's live flip descends \
+                     from (vmhad restarted during a live swap's hand-over): up to date, the \
+                     hand-over goes on";
+                tracing::info!(module = %module.name, "{line}");
+                log.push(line.to_string());
+            }
             tracing::info!(
                 module = %module.name,
                 writer = f.writer,
@@ -664,6 +673,32 @@ async fn find_running(
             tracing::warn!(module = %module.name, error = %e, "looking for a running vmha-fs");
             Event::Start
         }
+    }
+}
+
+/// Whether the generation a previous vmhad's vmha-fs claims (`writer`) or
+/// accepts (receiver) stands for this node's current data
+/// ([`Found::generation_current`]). A writer keeps the generation it started
+/// with until it attaches the peer (going ALONE persists a new one without
+/// restarting it): any generation of this node's line is ours. A receiver
+/// holds the current data when it accepts the current generation, or the one
+/// a current live flip descends from: a live swap's destination persists the
+/// flip (`AdoptFlip`) before its receiver stops for the standby's activation,
+/// and nothing is written under the flip before that
+/// ([`crate::generation::receiver_holds_current`]). Without the latter a
+/// vmhad restarted between the two took its copy for outdated and the VM
+/// restarted on the old PRIM.
+fn generation_is_ours(history: &History, writer: bool, generation: &str) -> bool {
+    let is = |id: &crate::generation::GenerationId| id.to_string() == generation;
+    if writer {
+        history.current().iter().chain(history.previous()).any(is)
+    } else {
+        history
+            .current()
+            .iter()
+            .chain(history.previous().first())
+            .find(|id| is(id))
+            .is_some_and(|id| crate::generation::receiver_holds_current(history, *id))
     }
 }
 
@@ -1233,4 +1268,44 @@ fn take_module_tasks(shared: &Shared) -> Vec<JoinHandle<()>> {
         .drain()
         .map(|(_, task)| task)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generation_is_ours;
+    use crate::generation::{GenerationId, History};
+
+    /// The start-up decision of a restarted vmhad: what the vmha-fs it finds
+    /// running claims or accepts, against this node's persisted history.
+    #[test]
+    fn a_receiver_at_the_parent_of_the_adopted_flip_is_ours() {
+        let (old, g) = (GenerationId(3), GenerationId(7));
+        let mut base = History::empty();
+        base.push(old);
+        base.push(g);
+        let hex = |id: GenerationId| id.to_string();
+        // In sync at G: a receiver accepting G is current, one at an older
+        // generation is behind; a writer may claim any of this node's line.
+        assert!(generation_is_ours(&base, false, &hex(g)));
+        assert!(!generation_is_ours(&base, false, &hex(old)));
+        assert!(generation_is_ours(&base, true, &hex(old)));
+        assert!(!generation_is_ours(&base, true, &hex(GenerationId(9))));
+        // The live swap's destination adopted the flip G' of G, then its
+        // vmhad died before the receiver (accepting G) stopped: ours.
+        let mut adopted = base.clone();
+        let mut peer = base.clone();
+        let flip = peer.start_flip();
+        assert!(adopted.adopt_flip(&peer));
+        assert_eq!(adopted.current(), flip);
+        assert!(generation_is_ours(&adopted, false, &hex(g)));
+        assert!(flip.is_some_and(|f| generation_is_ours(&adopted, false, &hex(f))));
+        // Two generations back is still behind.
+        assert!(!generation_is_ours(&adopted, false, &hex(old)));
+        // A plain (random) new generation on top of G is no flip: a receiver
+        // still at G is behind it.
+        let mut moved = base.clone();
+        moved.push(GenerationId(11));
+        assert!(!generation_is_ours(&moved, false, &hex(g)));
+        assert!(!generation_is_ours(&History::empty(), false, &hex(g)));
+    }
 }
