@@ -1369,6 +1369,46 @@ fn a_destination_whose_vmhad_restarts_mid_hand_over_takes_the_vm() {
     }
 }
 
+/// The same restart of the destination's vmhad, the old PRIM lost meanwhile
+/// (before it hears the new vmhad): the destination, up to date, fails over
+/// and runs the VM with every acknowledged write; the old PRIM comes back as
+/// its SECOND through an incremental resync. Counted behind (the old rule),
+/// the destination did not fail over: the VM ran nowhere.
+#[test]
+fn a_destination_restarted_mid_hand_over_fails_over_when_the_old_prim_is_lost() {
+    for k in 0..2 {
+        let case = format!("vmhad of node 1 restarted after {k} actions");
+        let mut sim = pair(false);
+        sim.apply(Op::RestartInFlip(1, k));
+        sim.apply(Op::SwapLive(0));
+        sim.apply(Op::Heartbeat(1));
+        sim.apply(Op::Heartbeat(0));
+        sim.apply(Op::Heartbeat(1));
+        assert!(!sim.nodes[1].restart_in_flip, "{case}: no restart");
+        sim.apply(Op::Crash(0));
+        sim.apply(Op::Lost(1));
+        assert_eq!(sim.nodes[1].s.role, Role::Alone, "{case}");
+        assert!(sim.nodes[1].vm, "{case}");
+        sim.apply(Op::Write(1));
+        sim.check_no_lost_write();
+        sim.apply(Op::Boot(0));
+        let relation = compare(&sim.nodes[0].history, &sim.nodes[1].history);
+        assert_eq!(relation, Relation::PeerNewer, "{case}");
+        for op in [
+            Op::StartWait(0),
+            Op::Exchange,
+            Op::Exchange,
+            Op::Resync(0),
+            Op::Exchange,
+        ] {
+            sim.apply(op);
+        }
+        assert_eq!(roles(&sim), (Role::Second, Role::Prim), "{case}");
+        assert_eq!(sim.nodes[0].s.readiness(), Readiness::Ready, "{case}");
+        assert!(sim.acked.is_subset(&sim.nodes[0].data), "{case}");
+    }
+}
+
 /// Judged with the plain rule (no flip counted as its parent), the old PRIM
 /// that crashed right after persisting its flip would be a split brain with
 /// the SECOND that failed over: what the flip rule prevents.
