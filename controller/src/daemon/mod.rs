@@ -79,6 +79,10 @@
 //!   accepting the generation this node's current live flip descends from
 //!   is current ([`generation_is_ours`]): the destination persisted the
 //!   flip before its receiver stopped, and nothing was written under it.
+//!   Beside a writer, a domain paused while [`RESUME_PENDING`] exists (the
+//!   destination's vmhad died between activating the standby and resuming
+//!   the VM) counts as not running, so the adopted writer starts it, which
+//!   resumes it; a domain paused otherwise (by an operator) stays paused.
 //! - A live migration (`MigrateVm`) runs in the background
 //!   ([`live::Migration`]): the module task handles heartbeats, the link's
 //!   health and requests meanwhile, and `AbortMigration` ends it at once;
@@ -589,9 +593,11 @@ async fn find_running(
     fs: &Arc<dyn FsDriver>,
     module: &Module,
     history: &History,
+    state_dir: &Path,
     log: &mut Vec<String>,
 ) -> Event {
     let (vm, fs, m) = (Arc::clone(vm), Arc::clone(fs), module.clone());
+    let pending = resume_pending_path(state_dir, &module.name);
     let found = tokio::task::spawn_blocking(move || {
         let found = fs.find_running(&m);
         let mut lines = Vec::new();
@@ -614,8 +620,28 @@ async fn find_running(
                 &mut lines,
             );
         }
+        // A live swap's destination whose vmhad died between activating the
+        // standby and resuming the VM: the domain is paused for the swap.
+        let resume_pending = pending.exists();
+        if resume_pending {
+            if let Err(e) = std::fs::remove_file(&pending) {
+                lines.push(format!("error: clear {}: {e}", pending.display()));
+            }
+        }
+        let state = vm.state(&m);
+        let paused_for_swap = writer
+            && resume_pending
+            && matches!(vm.paused(&m), Ok(Some(crate::driver::Paused::User)));
+        if paused_for_swap {
+            lines.push(
+                "the VM a live swap migrated here is still paused (vmhad restarted before \
+                 resuming it): starting it resumes it"
+                    .into(),
+            );
+        }
         let vm_running = writer
-            && vm.state(&m).is_ok_and(|s| {
+            && !paused_for_swap
+            && state.is_ok_and(|s| {
                 s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused
             });
         (found, vm_running, lines)
@@ -700,6 +726,16 @@ fn generation_is_ours(history: &History, writer: bool, generation: &str) -> bool
             .find(|id| is(id))
             .is_some_and(|id| crate::generation::receiver_holds_current(history, *id))
     }
+}
+
+/// In `<state_dir>/<module>/` from a live swap's standby activation until
+/// the migrated VM resumed (or the standby was dropped): a vmhad started in
+/// between finds the writer active and the domain paused for the swap, not
+/// by an operator, and starts it (libvirt's start resumes a paused domain).
+pub const RESUME_PENDING: &str = "resume-pending";
+
+fn resume_pending_path(state_dir: &Path, module: &str) -> PathBuf {
+    state_dir.join(module).join(RESUME_PENDING)
 }
 
 /// How long a restarted vmhad waits for an aborted migration of the
@@ -844,7 +880,15 @@ impl Daemon {
             let (runner, commands, handle) = factory.build(&config, module, node, false).await?;
             let mut lines = Vec::new();
             first_events.push(
-                find_running(&spec.vm, &spec.fs, module, &runner.meta.history, &mut lines).await,
+                find_running(
+                    &spec.vm,
+                    &spec.fs,
+                    module,
+                    &runner.meta.history,
+                    &cluster.state_dir,
+                    &mut lines,
+                )
+                .await,
             );
             for line in lines {
                 runner.append_log(&format!("[vmhad start] {line}"));

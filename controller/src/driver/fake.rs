@@ -23,6 +23,10 @@ struct VmInner {
     peer: Option<Weak<Mutex<VmInner>>>,
     /// The destination socket of each `migrate_live` call.
     migrated_to: Vec<std::path::PathBuf>,
+    /// Calls that block (after being recorded) until released.
+    held: HashSet<&'static str>,
+    /// Held calls released with a failure, changing nothing.
+    abandoned: HashSet<&'static str>,
 }
 
 /// A fake libvirt. Cloning shares the state (keep a clone to inspect it).
@@ -105,9 +109,35 @@ impl FakeVm {
         lock(&self.0).start_delay = delay;
     }
 
+    /// Every later call named `call` blocks once recorded, until
+    /// [`FakeVm::release`] (a point where a daemon is killed mid-step).
+    pub fn hold(&self, call: &'static str) {
+        lock(&self.0).held.insert(call);
+    }
+
+    /// Ends [`FakeVm::hold`]: the blocked calls go on, or, with `fail`,
+    /// return an error having changed nothing.
+    pub fn release(&self, call: &'static str, fail: bool) {
+        let mut inner = lock(&self.0);
+        inner.held.remove(call);
+        if fail {
+            inner.abandoned.insert(call);
+        }
+    }
+
     fn call(&self, call: &'static str, module: &Module) -> Result<(), DriverError> {
         let mut inner = lock(&self.0);
         inner.calls.push((call, module.name.clone()));
+        if inner.held.contains(call) {
+            while inner.held.contains(call) {
+                drop(inner);
+                std::thread::sleep(Duration::from_millis(10));
+                inner = lock(&self.0);
+            }
+            if inner.abandoned.remove(call) {
+                return Err(DriverError::failed(call, "held, then abandoned"));
+            }
+        }
         if inner.failing.contains(call) {
             return Err(DriverError::failed(call, "scripted failure"));
         }
@@ -139,7 +169,9 @@ impl VmDriver for FakeVm {
                 Err(DriverError::failed("start", "domain not defined"))
             }
             _ => {
+                // A paused domain is resumed, as by libvirt's driver.
                 inner.states.insert(module.name.clone(), VmState::Running);
+                inner.paused.remove(&module.name);
                 Ok(())
             }
         }

@@ -1333,17 +1333,21 @@ fn live_swap_survives_a_crash_at_every_point_of_the_flip() {
     }
 }
 
-/// The destination's vmhad dies before or after adopting the flip (before
-/// activating its standby) and starts again at once, adopting what runs (its
-/// driver took the standby and the paused instance down): the VM ends on the
+/// The destination's vmhad dies at each point of the hand-over (before or
+/// after adopting the flip, after activating the standby, after resuming)
+/// and starts again at once, adopting what runs: the VM ends on the
 /// destination, never restarted on the old PRIM, with every acknowledged
-/// write, and both nodes stay in sync (no resync). After the adoption of the
+/// write, and both nodes stay in sync (no resync). Before the activation
+/// the new vmhad's driver takes the standby and the paused instance down
+/// and the VM starts; after it, the writer is adopted and the VM, paused
+/// for the swap, is started (the daemon's `resume-pending`: libvirt's start
+/// resumes it), here modelled as not running. After the adoption of the
 /// flip its receiver still accepts the generation before the flip: counted
 /// up to date, it takes the hand-over; counted behind (the old rule), it
 /// stepped down and the old PRIM failed over, restarting the VM there.
 #[test]
 fn a_destination_whose_vmhad_restarts_mid_hand_over_takes_the_vm() {
-    for k in 0..2 {
+    for k in 0..4 {
         let case = format!("vmhad of node 1 restarted after {k} actions");
         let mut sim = pair(false);
         sim.apply(Op::RestartInFlip(1, k));
