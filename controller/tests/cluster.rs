@@ -1286,9 +1286,9 @@ async fn live_swap_destination_restarted_after_adopting_the_flip_takes_the_vm() 
 /// A live swap's destination whose vmhad dies after activating its standby
 /// (the writer claims G') and before resuming the migrated VM, and starts
 /// again: the new vmhad adopts the writer and, the VM being paused for the
-/// swap (`resume-pending` in the module's state directory), starts it, which
-/// resumes it (never destroyed, never started on the old PRIM). The old rule
-/// counted the paused domain as running: adopted as it was, it stayed paused.
+/// swap (`resume-pending` in the module's state directory), resumes it
+/// (never destroyed, never started on the old PRIM). Before, the paused
+/// domain counted as running: adopted as it was, it stayed paused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_swap_destination_restarted_before_resuming_resumes_the_vm() {
     let dir = tempfile::tempdir().unwrap();
@@ -1325,6 +1325,8 @@ async fn live_swap_destination_restarted_before_resuming_resumes_the_vm() {
         stops,
         "the paused VM was not destroyed"
     );
+    assert_eq!(n2.vm.count("resume"), 2, "resumed by the new vmhad");
+    assert_eq!(n2.vm.count("start"), 0, "resumed, not started");
     assert_eq!(n1.vm.count("start"), 1, "the VM never restarted on node1");
     assert!(!pending.exists(), "{}", pending.display());
     assert_eq!(history(&n1), history(&n2), "no new generation, no resync");

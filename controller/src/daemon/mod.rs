@@ -79,9 +79,9 @@
 //!   accepting the generation this node's current live flip descends from
 //!   is current ([`generation_is_ours`]): the destination persisted the
 //!   flip before its receiver stopped, and nothing was written under it.
-//!   Beside a writer, a domain paused while [`RESUME_PENDING`] exists (the
-//!   destination's vmhad died between activating the standby and resuming
-//!   the VM) counts as not running, so the adopted writer starts it, which
+//!   Beside a writer, a domain paused by request while [`RESUME_PENDING`]
+//!   exists (the destination's vmhad died between activating the standby
+//!   and resuming the VM) is reported `paused_for_swap`: an adopted writer
 //!   resumes it; a domain paused otherwise (by an operator) stays paused.
 //! - A live migration (`MigrateVm`) runs in the background
 //!   ([`live::Migration`]): the module task handles heartbeats, the link's
@@ -632,33 +632,25 @@ async fn find_running(
         let paused_for_swap = writer
             && resume_pending
             && matches!(vm.paused(&m), Ok(Some(crate::driver::Paused::User)));
-        if paused_for_swap {
-            lines.push(
-                "the VM a live swap migrated here is still paused (vmhad restarted before \
-                 resuming it): starting it resumes it"
-                    .into(),
-            );
-        }
         let vm_running = writer
-            && !paused_for_swap
             && state.is_ok_and(|s| {
                 s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused
             });
-        (found, vm_running, lines)
+        (found, (vm_running, paused_for_swap), lines)
     })
     .await;
     let found = match found {
-        Ok((found, vm_running, lines)) => {
+        Ok((found, vm, lines)) => {
             for line in lines {
                 tracing::warn!(module = %module.name, "{line}");
                 log.push(line);
             }
-            Ok((found, vm_running))
+            Ok((found, vm))
         }
         Err(e) => Err(e),
     };
     match found {
-        Ok((Ok(Some(f)), vm_running)) => {
+        Ok((Ok(Some(f)), (vm_running, paused_for_swap))) => {
             let generation_current = f
                 .generation
                 .as_deref()
@@ -680,6 +672,7 @@ async fn find_running(
                 settings_match = f.settings_match,
                 generation_current,
                 vm_running,
+                paused_for_swap,
                 "found the vmha-fs a previous vmhad started"
             );
             Event::Adopt(Found {
@@ -688,6 +681,7 @@ async fn find_running(
                 generation_current,
                 alone: f.alone,
                 vm_running,
+                paused_for_swap,
             })
         }
         Ok((Ok(None), _)) => Event::Start,
@@ -730,8 +724,8 @@ fn generation_is_ours(history: &History, writer: bool, generation: &str) -> bool
 
 /// In `<state_dir>/<module>/` from a live swap's standby activation until
 /// the migrated VM resumed (or the standby was dropped): a vmhad started in
-/// between finds the writer active and the domain paused for the swap, not
-/// by an operator, and starts it (libvirt's start resumes a paused domain).
+/// between knows the writer's paused domain is paused for the swap, not by
+/// an operator ([`Found::paused_for_swap`]), and resumes it.
 pub const RESUME_PENDING: &str = "resume-pending";
 
 fn resume_pending_path(state_dir: &Path, module: &str) -> PathBuf {

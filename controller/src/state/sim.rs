@@ -317,14 +317,18 @@ impl Sim {
                 || n.accepts
                     .is_some_and(|g| receiver_holds_current(&n.history, g)),
             alone: n.writer && n.writes_alone,
-            vm_running: n.vm,
+            // A paused domain counts as running; beside a writer, a
+            // migrated one not resumed yet is the swap's (`resume-pending`).
+            vm_running: n.vm || (n.writer && n.incoming),
+            paused_for_swap: n.writer && n.incoming,
         };
         let had = n.writer || n.receiver;
         n.probing = false;
         // A standby and a paused incoming instance are taken down by the
-        // new vmhad's driver (no live swap runs).
+        // new vmhad's driver (no live swap runs), except beside a writer: a
+        // standby activated, the VM not resumed yet.
         n.standby = false;
-        n.incoming = false;
+        n.incoming = n.incoming && n.writer;
         n.marking = false;
         n.s = ModuleState::new(
             policy_of(self.setup, i),
@@ -1340,8 +1344,7 @@ fn live_swap_survives_a_crash_at_every_point_of_the_flip() {
 /// write, and both nodes stay in sync (no resync). Before the activation
 /// the new vmhad's driver takes the standby and the paused instance down
 /// and the VM starts; after it, the writer is adopted and the VM, paused
-/// for the swap, is started (the daemon's `resume-pending`: libvirt's start
-/// resumes it), here modelled as not running. After the adoption of the
+/// for the swap, is resumed (the daemon's `resume-pending`). After the adoption of the
 /// flip its receiver still accepts the generation before the flip: counted
 /// up to date, it takes the hand-over; counted behind (the old rule), it
 /// stepped down and the old PRIM failed over, restarting the VM there.
