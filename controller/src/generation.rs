@@ -263,6 +263,17 @@ pub fn receiver_accepts(local: &History, peer: &History) -> Option<GenerationId>
     }
 }
 
+/// Whether a receiver on the node whose history is `local`, accepting
+/// `accepted`, holds that node's current data: `accepted` is its current
+/// generation, or its current generation is the live flip of `accepted`
+/// (a live swap's destination adopted the flip, under which nothing was
+/// written yet, and its vmhad died before the receiver stopped for the
+/// standby's activation).
+pub fn receiver_holds_current(local: &History, accepted: GenerationId) -> bool {
+    local.current == Some(accepted)
+        || (local.current_is_flip() && local.previous.first() == Some(&accepted))
+}
+
 fn compare_exact(local: &History, peer: &History) -> Relation {
     match (local.current, peer.current) {
         (None, None) => Relation::Unrelated,
@@ -530,6 +541,17 @@ mod tests {
         assert_eq!(compare(&base, &child), Relation::PeerNewer);
         assert!(!flip_ahead(&base, &child));
         assert_eq!(receiver_accepts(&child, &base), Some(g));
+        // A receiver accepting the flip's parent on the node that adopted
+        // the flip holds its current data (nothing was written under the
+        // flip); on the node that merely has the parent, it is the parent.
+        assert!(receiver_holds_current(&new, g));
+        assert!(receiver_holds_current(&new, flip));
+        assert!(receiver_holds_current(&base, g));
+        assert!(!receiver_holds_current(&base, flip));
+        assert!(!receiver_holds_current(&new, GenerationId(3)));
+        // A plain child is no flip: a receiver at its parent is behind.
+        assert!(!receiver_holds_current(&child, g));
+        assert!(!receiver_holds_current(&History::empty(), g));
         // Two fresh nodes still know nothing.
         assert!(!History::empty().adopt_flip(&old));
         assert_eq!(History::empty().start_flip(), None);

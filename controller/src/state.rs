@@ -187,9 +187,11 @@
 //!   previous vmhad's vmha-fs still runs): a writer claiming this node's
 //!   current generation, with the settings this configuration gives it, is
 //!   taken over as it is — PRIM (ALONE when it writes alone), same VM, no
-//!   new generation, no resync; a receiver becomes SECOND, up to date when it
-//!   accepts this node's current generation. Anything else is stopped (VM
-//!   first) and the module starts as usual.
+//!   new generation, no resync (a VM a live swap left paused beside it,
+//!   [`Found::paused_for_swap`], is resumed); a receiver becomes SECOND, up
+//!   to date when it accepts this node's current generation (or the one a
+//!   current live flip descends from: see [`Found::generation_current`]).
+//!   Anything else is stopped (VM first) and the module starts as usual.
 //! - **A peer whose controller is down** (`ControllerLost`: its heartbeats
 //!   stopped, the replication link is alive) is not failed over and a PRIM
 //!   does not go ALONE: the roles stay until the link dies too
@@ -658,12 +660,19 @@ pub struct Found {
     /// this node's history (a writer that went ALONE keeps its first claim
     /// until it attaches the peer with the current one). Receiver: it accepts
     /// this node's current generation (a resync to the writer's generation
-    /// completed: the copy is up to date).
+    /// completed: the copy is up to date), or the one this node's current
+    /// live flip descends from (a live swap's destination adopted the flip,
+    /// nothing was written under it yet).
     pub generation_current: bool,
     /// Writer: it writes alone (ALONE), not replicating to the peer (PRIM).
     pub alone: bool,
-    /// Writer: the module's domain runs.
+    /// Writer: the module's domain runs (paused counts).
     pub vm_running: bool,
+    /// Writer: the domain is paused for a live swap that did not resume it
+    /// (the previous vmhad died between activating the standby and
+    /// resuming the VM): adopted, the VM is resumed ([`Action::ResumeVm`]);
+    /// not adopted, it is stopped as a running one.
+    pub paused_for_swap: bool,
 }
 
 /// What probing the witnesses found.
@@ -1264,6 +1273,9 @@ impl Transition {
         self.s.start_wait_over = true;
         self.s.restarts.clear();
         if found.writer {
+            // (A writer peer, never known this early in the daemon, is left
+            // to the two writers' rule first.)
+            let resume = found.paused_for_swap && !self.peer_is_writer();
             self.s.role = if found.alone { Role::Alone } else { Role::Prim };
             if found.alone {
                 // It writes without its peer: whatever the peer last showed,
@@ -1278,11 +1290,16 @@ impl Transition {
                 self.act(Action::DefineDomain);
                 self.act(Action::StartVm);
                 self.s.vm_starting = true;
+            } else if resume {
+                self.act(Action::ResumeVm);
+                self.s.vm_starting = true;
             }
-            self.because(if found.vm_running {
-                "adopted the running writer and VM a previous vmhad started"
-            } else {
+            self.because(if !found.vm_running {
                 "adopted the running writer a previous vmhad started; its VM is not running: starting it"
+            } else if resume {
+                "adopted the running writer a previous vmhad started; the VM a live swap migrated here is still paused: resuming it"
+            } else {
+                "adopted the running writer and VM a previous vmhad started"
             });
         } else {
             self.s.role = Role::Second;

@@ -17,6 +17,8 @@ use vmha_controller::config::{Config, NodeIndex};
 use vmha_controller::control::{Client, Request, Response};
 use vmha_controller::daemon::{Daemon, DaemonSpec};
 use vmha_controller::driver::fake::{FakeFs, FakeVm, Mounted};
+use vmha_controller::driver::VmState;
+use vmha_controller::generation::{History, Metadata};
 use vmha_controller::heartbeat::{Handshake, ModuleBeat, Payload, Sealer};
 use vmha_controller::state::{Announce, Readiness, Role};
 use vmha_controller::status::Status;
@@ -1164,6 +1166,181 @@ async fn live_swap_never_falls_back_but_swap_live_config_does() {
         r.error.unwrap_or_default().contains("live swap refused"),
         "refusal"
     );
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+/// node1 PRIM, node2 its ready SECOND, with a failover timeout far above a
+/// vmhad restart (the old PRIM must not fail over meanwhile); node1's VM
+/// migrates to node2's fake libvirt, node2's fake vmha-fs mounts standbys
+/// and is found running by a daemon started again on it.
+async fn live_swap_pair(dir: &Path) -> (Node, Node) {
+    let port = free_cluster_port();
+    let text = toml(port, "", 300)
+        .replace(
+            &format!("failover_timeout_ms = {FAILOVER_MS}"),
+            "failover_timeout_ms = 15000",
+        )
+        .replace("lock_timeout_ms = 1000", "lock_timeout_ms = 20000");
+    let n1 = Node::start("node1", &text, dir).await;
+    let n2 = Node::start("node2", &text, dir).await;
+    steady(&n1, &n2).await;
+    n1.vm.set_migration_peer(&n2.vm);
+    n2.fs.set_live_swap(true);
+    n2.fs.set_adoptable(true);
+    (n1, n2)
+}
+
+/// `swap --live` on `n`, answered in the background.
+fn swap_live_in_background(n: &Node) -> tokio::task::JoinHandle<Response> {
+    let handle = n.daemon().handle();
+    tokio::spawn(async move {
+        handle
+            .request_as(
+                Request::Swap {
+                    module: None,
+                    live: true,
+                },
+                "test",
+            )
+            .await
+    })
+}
+
+/// Polls `cond` until it holds; panics with `what` after `timeout`.
+async fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn history(n: &Node) -> History {
+    Metadata::load(&n.config.cluster.state_dir, "vm1")
+        .unwrap()
+        .history
+}
+
+/// A live swap's destination whose vmhad dies after it adopted the flip G'
+/// and before it activated its standby (its receiver still accepts G, the
+/// generation before the flip), and starts again at once: the new vmhad
+/// counts that receiver as up to date and takes the hand-over the old PRIM
+/// still asks for. The VM ends on the destination and is never started
+/// again on the old PRIM (the old rule took the receiver for outdated: the
+/// destination stepped down and the old PRIM failed over, restarting the
+/// VM there); `swap --live` on the old PRIM succeeds; both nodes stay on G'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_swap_destination_restarted_after_adopting_the_flip_takes_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, mut n2) = live_swap_pair(dir.path()).await;
+    n2.fs.hold("activate_standby");
+    let swap = swap_live_in_background(&n1);
+    // node2 adopted the flip and is activating its standby: its vmhad dies.
+    wait_for(
+        "node2 activating its standby",
+        Duration::from_secs(20),
+        || n2.fs.count("activate_standby") == 1,
+    )
+    .await;
+    n2.daemon.take().unwrap().kill().await;
+    n2.fs.release("activate_standby", true);
+    let (h1, h2) = (history(&n1), history(&n2));
+    assert!(h2.current_is_flip(), "node2 adopted the flip: {h2:?}");
+    assert_eq!(h1, h2);
+    let parent = h2.previous()[0].to_string();
+    assert_eq!(n2.fs.generation("vm1").as_deref(), Some(parent.as_str()));
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Receiver));
+    assert!(!n1.vm.is_running("vm1"), "the VM left node1");
+    assert_eq!(n1.vm.count("start"), 1);
+
+    let node2 = n2.config.local_node("node2").unwrap();
+    n2.restart(node2).await;
+    n2.wait_role("node2", Role::Prim, true).await;
+    n1.wait_role("node1", Role::Second, true).await;
+    n1.wait_role("node2", Role::Prim, true).await;
+    n2.wait("the VM on node2 only", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    assert_eq!(n1.vm.count("start"), 1, "the VM never restarted on node1");
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Writer));
+    let current = h2.current().map(|g| g.to_string());
+    assert_eq!(n2.fs.generation("vm1"), current, "the writer claims G'");
+    assert_eq!(history(&n1), history(&n2), "no new generation, no resync");
+    let r = tokio::time::timeout(Duration::from_secs(60), swap)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    let log = n2
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log.contains("live flip descends"), "{log}");
+    n1.daemon.unwrap().kill().await;
+    n2.daemon.unwrap().kill().await;
+}
+
+/// A live swap's destination whose vmhad dies after activating its standby
+/// (the writer claims G') and before resuming the migrated VM, and starts
+/// again: the new vmhad adopts the writer and, the VM being paused for the
+/// swap (`resume-pending` in the module's state directory), resumes it
+/// (never destroyed, never started on the old PRIM). Before, the paused
+/// domain counted as running: adopted as it was, it stayed paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_swap_destination_restarted_before_resuming_resumes_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, mut n2) = live_swap_pair(dir.path()).await;
+    n2.vm.hold("resume");
+    let swap = swap_live_in_background(&n1);
+    wait_for("node2 resuming the VM", Duration::from_secs(20), || {
+        n2.vm.count("resume") == 1
+    })
+    .await;
+    n2.daemon.take().unwrap().kill().await;
+    n2.vm.release("resume", true);
+    assert_eq!(n2.vm.vm_state("vm1"), VmState::Paused);
+    assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Writer));
+    let pending = n2
+        .config
+        .cluster
+        .state_dir
+        .join("vm1")
+        .join(vmha_controller::daemon::RESUME_PENDING);
+    assert!(pending.exists(), "{}", pending.display());
+    let stops = n2.vm.count("stop");
+
+    let node2 = n2.config.local_node("node2").unwrap();
+    n2.restart(node2).await;
+    n2.wait_role("node2", Role::Prim, true).await;
+    n1.wait_role("node1", Role::Second, true).await;
+    n2.wait("the VM runs on node2", |_| {
+        n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
+    })
+    .await;
+    assert_eq!(
+        n2.vm.count("stop"),
+        stops,
+        "the paused VM was not destroyed"
+    );
+    assert_eq!(n2.vm.count("resume"), 2, "resumed by the new vmhad");
+    assert_eq!(n2.vm.count("start"), 0, "resumed, not started");
+    assert_eq!(n1.vm.count("start"), 1, "the VM never restarted on node1");
+    assert!(!pending.exists(), "{}", pending.display());
+    assert_eq!(history(&n1), history(&n2), "no new generation, no resync");
+    let r = tokio::time::timeout(Duration::from_secs(60), swap)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    let log = n2
+        .request(Request::Log { module: None })
+        .await
+        .lines
+        .join("\n");
+    assert!(log.contains("still paused"), "{log}");
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
 }

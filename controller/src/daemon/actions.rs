@@ -74,6 +74,36 @@ impl Runner {
         }
     }
 
+    /// Live swap: records (`true`) that the standby is being activated and
+    /// the migrated VM is not resumed yet, or clears it
+    /// ([`super::RESUME_PENDING`]). A failure is logged: a vmhad started in
+    /// that window would then leave the VM paused, as before the record.
+    pub(super) async fn set_resume_pending(&self, pending: bool, lines: &mut Vec<String>) {
+        let path = super::resume_pending_path(&self.state_dir, &self.module.name);
+        let result = tokio::task::spawn_blocking(move || {
+            if pending {
+                ::vmha_fs::atomic::write(&path, b"")
+            } else {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                }
+            }
+        })
+        .await;
+        let error = match result {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        let what = if pending { "record" } else { "clear" };
+        self.record(
+            format!("error: {what} the pending resume of the migrated VM: {error}"),
+            lines,
+        )
+        .await;
+    }
+
     pub(super) async fn persist(
         &mut self,
         change: impl FnOnce(&mut Metadata),
@@ -550,6 +580,7 @@ impl Runner {
                     self.record(format!("error: drop the standby: {e}"), lines)
                         .await;
                 }
+                self.set_resume_pending(false, lines).await;
             }
             Action::MigrateVm => {
                 // In the background: heartbeats, the link's health and
@@ -588,6 +619,8 @@ impl Runner {
                 }
             }
             Action::ActivateStandby { connected } => {
+                // Until the VM resumed: a vmhad started in between resumes it.
+                self.set_resume_pending(true, lines).await;
                 let generation = self.meta.history.current().map(|g| g.to_string());
                 let result = self
                     .blocking(move |_, fs, m| {
@@ -614,7 +647,9 @@ impl Runner {
                 // The writer is active (its failure ended the step): the new
                 // role is true now.
                 self.publish();
-                match self.blocking(|vm, _, m| vm.resume(m)).await {
+                let resumed = self.blocking(|vm, _, m| vm.resume(m)).await;
+                self.set_resume_pending(false, lines).await;
+                match resumed {
                     Some(Ok(())) => {
                         self.record("VM resumed".into(), lines).await;
                         queue.push_back(Event::VmStarted);

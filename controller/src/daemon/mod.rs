@@ -75,7 +75,14 @@
 //!   aborted and waited for (the VM is here or not, never in between);
 //!   elsewhere a paused incoming instance is destroyed and an orphaned
 //!   standby mount stopped (never resumed: the source keeps or restarts
-//!   the VM, a hand-over that came meanwhile restarts it here).
+//!   the VM, a hand-over that came meanwhile restarts it here). A receiver
+//!   accepting the generation this node's current live flip descends from
+//!   is current ([`generation_is_ours`]): the destination persisted the
+//!   flip before its receiver stopped, and nothing was written under it.
+//!   Beside a writer, a domain paused by request while [`RESUME_PENDING`]
+//!   exists (the destination's vmhad died between activating the standby
+//!   and resuming the VM) is reported `paused_for_swap`: an adopted writer
+//!   resumes it; a domain paused otherwise (by an operator) stays paused.
 //! - A live migration (`MigrateVm`) runs in the background
 //!   ([`live::Migration`]): the module task handles heartbeats, the link's
 //!   health and requests meanwhile, and `AbortMigration` ends it at once;
@@ -586,9 +593,11 @@ async fn find_running(
     fs: &Arc<dyn FsDriver>,
     module: &Module,
     history: &History,
+    state_dir: &Path,
     log: &mut Vec<String>,
 ) -> Event {
     let (vm, fs, m) = (Arc::clone(vm), Arc::clone(fs), module.clone());
+    let pending = resume_pending_path(state_dir, &module.name);
     let found = tokio::task::spawn_blocking(move || {
         let found = fs.find_running(&m);
         let mut lines = Vec::new();
@@ -611,40 +620,59 @@ async fn find_running(
                 &mut lines,
             );
         }
+        // A live swap's destination whose vmhad died between activating the
+        // standby and resuming the VM: the domain is paused for the swap.
+        let resume_pending = pending.exists();
+        if resume_pending {
+            if let Err(e) = std::fs::remove_file(&pending) {
+                lines.push(format!("error: clear {}: {e}", pending.display()));
+            }
+        }
+        let state = vm.state(&m);
+        let paused_for_swap = writer
+            && resume_pending
+            && matches!(vm.paused(&m), Ok(Some(crate::driver::Paused::User)));
         let vm_running = writer
-            && vm.state(&m).is_ok_and(|s| {
+            && state.is_ok_and(|s| {
                 s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused
             });
-        (found, vm_running, lines)
+        (found, (vm_running, paused_for_swap), lines)
     })
     .await;
     let found = match found {
-        Ok((found, vm_running, lines)) => {
+        Ok((found, vm, lines)) => {
             for line in lines {
                 tracing::warn!(module = %module.name, "{line}");
                 log.push(line);
             }
-            Ok((found, vm_running))
+            Ok((found, vm))
         }
         Err(e) => Err(e),
     };
     match found {
-        Ok((Ok(Some(f)), vm_running)) => {
-            let current = history.current().map(|g| g.to_string());
-            // A writer keeps the generation it started with until it attaches
-            // the peer (going ALONE persists a new one without restarting it):
-            // any generation of this node's line is ours.
-            let ours = |g: &String| {
-                Some(g) == current.as_ref()
-                    || (f.writer && history.previous().iter().any(|p| p.to_string() == *g))
-            };
-            let generation_current = f.generation.as_ref().is_some_and(ours);
+        Ok((Ok(Some(f)), (vm_running, paused_for_swap))) => {
+            let generation_current = f
+                .generation
+                .as_deref()
+                .is_some_and(|g| generation_is_ours(history, f.writer, g));
+            if !f.writer
+                && generation_current
+                && history.previous().first().map(|p| p.to_string()).as_deref()
+                    == f.generation.as_deref()
+            {
+                let line = "the receiver accepts the generation this node's live flip descends \
+                     from (vmhad restarted during a live swap's hand-over): up to date, the \
+                     hand-over goes on";
+                tracing::info!(module = %module.name, "{line}");
+                log.push(line.to_string());
+            }
             tracing::info!(
                 module = %module.name,
                 writer = f.writer,
                 settings_match = f.settings_match,
                 generation_current,
                 vm_running,
+                paused_for_swap,
                 "found the vmha-fs a previous vmhad started"
             );
             Event::Adopt(Found {
@@ -653,6 +681,7 @@ async fn find_running(
                 generation_current,
                 alone: f.alone,
                 vm_running,
+                paused_for_swap,
             })
         }
         Ok((Ok(None), _)) => Event::Start,
@@ -665,6 +694,42 @@ async fn find_running(
             Event::Start
         }
     }
+}
+
+/// Whether the generation a previous vmhad's vmha-fs claims (`writer`) or
+/// accepts (receiver) stands for this node's current data
+/// ([`Found::generation_current`]). A writer keeps the generation it started
+/// with until it attaches the peer (going ALONE persists a new one without
+/// restarting it): any generation of this node's line is ours. A receiver
+/// holds the current data when it accepts the current generation, or the one
+/// a current live flip descends from: a live swap's destination persists the
+/// flip (`AdoptFlip`) before its receiver stops for the standby's activation,
+/// and nothing is written under the flip before that
+/// ([`crate::generation::receiver_holds_current`]). Without the latter a
+/// vmhad restarted between the two took its copy for outdated and the VM
+/// restarted on the old PRIM.
+fn generation_is_ours(history: &History, writer: bool, generation: &str) -> bool {
+    let is = |id: &crate::generation::GenerationId| id.to_string() == generation;
+    if writer {
+        history.current().iter().chain(history.previous()).any(is)
+    } else {
+        history
+            .current()
+            .iter()
+            .chain(history.previous().first())
+            .find(|id| is(id))
+            .is_some_and(|id| crate::generation::receiver_holds_current(history, *id))
+    }
+}
+
+/// In `<state_dir>/<module>/` from a live swap's standby activation until
+/// the migrated VM resumed (or the standby was dropped): a vmhad started in
+/// between knows the writer's paused domain is paused for the swap, not by
+/// an operator ([`Found::paused_for_swap`]), and resumes it.
+pub const RESUME_PENDING: &str = "resume-pending";
+
+fn resume_pending_path(state_dir: &Path, module: &str) -> PathBuf {
+    state_dir.join(module).join(RESUME_PENDING)
 }
 
 /// How long a restarted vmhad waits for an aborted migration of the
@@ -809,7 +874,15 @@ impl Daemon {
             let (runner, commands, handle) = factory.build(&config, module, node, false).await?;
             let mut lines = Vec::new();
             first_events.push(
-                find_running(&spec.vm, &spec.fs, module, &runner.meta.history, &mut lines).await,
+                find_running(
+                    &spec.vm,
+                    &spec.fs,
+                    module,
+                    &runner.meta.history,
+                    &cluster.state_dir,
+                    &mut lines,
+                )
+                .await,
             );
             for line in lines {
                 runner.append_log(&format!("[vmhad start] {line}"));
@@ -1233,4 +1306,44 @@ fn take_module_tasks(shared: &Shared) -> Vec<JoinHandle<()>> {
         .drain()
         .map(|(_, task)| task)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generation_is_ours;
+    use crate::generation::{GenerationId, History};
+
+    /// The start-up decision of a restarted vmhad: what the vmha-fs it finds
+    /// running claims or accepts, against this node's persisted history.
+    #[test]
+    fn a_receiver_at_the_parent_of_the_adopted_flip_is_ours() {
+        let (old, g) = (GenerationId(3), GenerationId(7));
+        let mut base = History::empty();
+        base.push(old);
+        base.push(g);
+        let hex = |id: GenerationId| id.to_string();
+        // In sync at G: a receiver accepting G is current, one at an older
+        // generation is behind; a writer may claim any of this node's line.
+        assert!(generation_is_ours(&base, false, &hex(g)));
+        assert!(!generation_is_ours(&base, false, &hex(old)));
+        assert!(generation_is_ours(&base, true, &hex(old)));
+        assert!(!generation_is_ours(&base, true, &hex(GenerationId(9))));
+        // The live swap's destination adopted the flip G' of G, then its
+        // vmhad died before the receiver (accepting G) stopped: ours.
+        let mut adopted = base.clone();
+        let mut peer = base.clone();
+        let flip = peer.start_flip();
+        assert!(adopted.adopt_flip(&peer));
+        assert_eq!(adopted.current(), flip);
+        assert!(generation_is_ours(&adopted, false, &hex(g)));
+        assert!(flip.is_some_and(|f| generation_is_ours(&adopted, false, &hex(f))));
+        // Two generations back is still behind.
+        assert!(!generation_is_ours(&adopted, false, &hex(old)));
+        // A plain (random) new generation on top of G is no flip: a receiver
+        // still at G is behind it.
+        let mut moved = base.clone();
+        moved.push(GenerationId(11));
+        assert!(!generation_is_ours(&moved, false, &hex(g)));
+        assert!(!generation_is_ours(&History::empty(), false, &hex(g)));
+    }
 }

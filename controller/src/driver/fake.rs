@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use super::{DriverError, FsDriver, FsHealth, Paused, ResyncState, VmDriver, VmState};
+use super::{DriverError, FoundFs, FsDriver, FsHealth, Paused, ResyncState, VmDriver, VmState};
 use crate::config::Module;
 
 /// One recorded call: (call name, module name).
@@ -23,6 +23,10 @@ struct VmInner {
     peer: Option<Weak<Mutex<VmInner>>>,
     /// The destination socket of each `migrate_live` call.
     migrated_to: Vec<std::path::PathBuf>,
+    /// Calls that block (after being recorded) until released.
+    held: HashSet<&'static str>,
+    /// Held calls released with a failure, changing nothing.
+    abandoned: HashSet<&'static str>,
 }
 
 /// A fake libvirt. Cloning shares the state (keep a clone to inspect it).
@@ -105,9 +109,35 @@ impl FakeVm {
         lock(&self.0).start_delay = delay;
     }
 
+    /// Every later call named `call` blocks once recorded, until
+    /// [`FakeVm::release`] (a point where a daemon is killed mid-step).
+    pub fn hold(&self, call: &'static str) {
+        lock(&self.0).held.insert(call);
+    }
+
+    /// Ends [`FakeVm::hold`]: the blocked calls go on, or, with `fail`,
+    /// return an error having changed nothing.
+    pub fn release(&self, call: &'static str, fail: bool) {
+        let mut inner = lock(&self.0);
+        inner.held.remove(call);
+        if fail {
+            inner.abandoned.insert(call);
+        }
+    }
+
     fn call(&self, call: &'static str, module: &Module) -> Result<(), DriverError> {
         let mut inner = lock(&self.0);
         inner.calls.push((call, module.name.clone()));
+        if inner.held.contains(call) {
+            while inner.held.contains(call) {
+                drop(inner);
+                std::thread::sleep(Duration::from_millis(10));
+                inner = lock(&self.0);
+            }
+            if inner.abandoned.remove(call) {
+                return Err(DriverError::failed(call, "held, then abandoned"));
+            }
+        }
         if inner.failing.contains(call) {
             return Err(DriverError::failed(call, "scripted failure"));
         }
@@ -139,7 +169,9 @@ impl VmDriver for FakeVm {
                 Err(DriverError::failed("start", "domain not defined"))
             }
             _ => {
+                // A paused domain is resumed, as by libvirt's driver.
                 inner.states.insert(module.name.clone(), VmState::Running);
+                inner.paused.remove(&module.name);
                 Ok(())
             }
         }
@@ -242,6 +274,19 @@ struct FsInner {
     resync: HashMap<String, ResyncState>,
     /// Resyncs stay `Running` until `finish_resync`.
     manual_resync: bool,
+    /// The generation each mount claims (writer) or accepts (receiver).
+    generations: HashMap<String, Option<String>>,
+    /// Modules with a standby mount (live swap).
+    standby: HashSet<String>,
+    /// `mount_standby` works (else it is unsupported, as by default).
+    live_swap: bool,
+    /// `find_running` reports what is mounted: a daemon started again on
+    /// this fake adopts it (else it finds nothing, as by default).
+    adoptable: bool,
+    /// Calls that block (after being recorded) until released.
+    held: HashSet<&'static str>,
+    /// Held calls released with a failure, changing nothing.
+    abandoned: HashSet<&'static str>,
 }
 
 /// A fake vmha-fs. Cloning shares the state.
@@ -302,6 +347,45 @@ impl FakeFs {
         lock(&self.0).resync.insert(module.to_string(), state);
     }
 
+    /// Standby mounts work (live swap): `mount_standby` beside a receiver,
+    /// `activate_standby` turns it into the writer.
+    pub fn set_live_swap(&self, on: bool) {
+        lock(&self.0).live_swap = on;
+    }
+
+    /// A daemon started on this fake finds what is mounted running
+    /// (`find_running`), as the real driver finds a previous vmhad's vmha-fs.
+    pub fn set_adoptable(&self, on: bool) {
+        lock(&self.0).adoptable = on;
+    }
+
+    /// Every later call named `call` blocks once recorded, until
+    /// [`FakeFs::release`] (a point where a daemon is killed mid-step).
+    pub fn hold(&self, call: &'static str) {
+        lock(&self.0).held.insert(call);
+    }
+
+    /// Ends [`FakeFs::hold`]: the blocked calls go on, or, with `fail`,
+    /// return an error having changed nothing.
+    pub fn release(&self, call: &'static str, fail: bool) {
+        let mut inner = lock(&self.0);
+        inner.held.remove(call);
+        if fail {
+            inner.abandoned.insert(call);
+        }
+    }
+
+    /// The generation the module's mount claims (writer) or accepts
+    /// (receiver), as the daemon passed it.
+    pub fn generation(&self, module: &str) -> Option<String> {
+        lock(&self.0).generations.get(module).cloned().flatten()
+    }
+
+    /// A standby mount runs for the module.
+    pub fn has_standby(&self, module: &str) -> bool {
+        lock(&self.0).standby.contains(module)
+    }
+
     fn call(
         &self,
         call: &'static str,
@@ -309,6 +393,16 @@ impl FakeFs {
     ) -> Result<MutexGuard<'_, FsInner>, DriverError> {
         let mut inner = lock(&self.0);
         inner.calls.push((call, module.name.clone()));
+        if inner.held.contains(call) {
+            while inner.held.contains(call) {
+                drop(inner);
+                std::thread::sleep(Duration::from_millis(10));
+                inner = lock(&self.0);
+            }
+            if inner.abandoned.remove(call) {
+                return Err(DriverError::failed(call, "held, then abandoned"));
+            }
+        }
         if inner.failing.contains(call) {
             return Err(DriverError::failed(call, "scripted failure"));
         }
@@ -326,11 +420,116 @@ impl FsDriver for FakeFs {
     fn mount_writer_connected(
         &self,
         module: &Module,
-        _generation: Option<&str>,
+        generation: Option<&str>,
     ) -> Result<(), DriverError> {
         let mut inner = self.call("mount_writer_connected", module)?;
         inner.mounted.insert(module.name.clone(), Mounted::Writer);
+        inner
+            .generations
+            .insert(module.name.clone(), generation.map(str::to_string));
         Ok(())
+    }
+
+    fn mount_writer_at(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.mount_writer(module)?;
+        lock(&self.0)
+            .generations
+            .insert(module.name.clone(), generation.map(str::to_string));
+        Ok(())
+    }
+
+    fn mount_receiver_accepting(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.mount_receiver(module)?;
+        lock(&self.0)
+            .generations
+            .insert(module.name.clone(), generation.map(str::to_string));
+        Ok(())
+    }
+
+    fn start_resync_from(
+        &self,
+        module: &Module,
+        full: bool,
+        generation: Option<&str>,
+    ) -> Result<(), DriverError> {
+        self.start_resync(module, full)?;
+        if generation.is_some() {
+            lock(&self.0)
+                .generations
+                .insert(module.name.clone(), generation.map(str::to_string));
+        }
+        Ok(())
+    }
+
+    fn find_running(&self, module: &Module) -> Result<Option<FoundFs>, DriverError> {
+        let mut inner = lock(&self.0);
+        if !inner.adoptable {
+            return Ok(None);
+        }
+        // A resync the previous daemon followed is not reported again: as
+        // from the real driver, whose receiver's resync state stays idle
+        // (the writer pushes the copy).
+        inner.resync.remove(&module.name);
+        Ok(inner.mounted.get(&module.name).map(|m| FoundFs {
+            writer: *m == Mounted::Writer,
+            settings_match: true,
+            generation: inner.generations.get(&module.name).cloned().flatten(),
+            alone: false,
+        }))
+    }
+
+    fn mount_standby(&self, module: &Module) -> Result<(), DriverError> {
+        if !lock(&self.0).live_swap {
+            return Err(DriverError::Unsupported("standby mount".into()));
+        }
+        let mut inner = self.call("mount_standby", module)?;
+        if inner.mounted.get(&module.name) != Some(&Mounted::Receiver) {
+            return Err(DriverError::failed(
+                "standby mount",
+                "no receiver runs for this module",
+            ));
+        }
+        inner.standby.insert(module.name.clone());
+        Ok(())
+    }
+
+    fn activate_standby(
+        &self,
+        module: &Module,
+        generation: Option<&str>,
+        _connected: bool,
+    ) -> Result<(), DriverError> {
+        let mut inner = self.call("activate_standby", module)?;
+        if !inner.standby.remove(&module.name) {
+            return Err(DriverError::failed(
+                "standby activation",
+                "no standby mount runs",
+            ));
+        }
+        inner.mounted.insert(module.name.clone(), Mounted::Writer);
+        inner
+            .generations
+            .insert(module.name.clone(), generation.map(str::to_string));
+        Ok(())
+    }
+
+    fn drop_standby(&self, module: &Module) -> Result<(), DriverError> {
+        let mut inner = self.call("drop_standby", module)?;
+        inner.standby.remove(&module.name);
+        Ok(())
+    }
+
+    fn drop_orphan_standby(&self, module: &Module) -> Result<usize, DriverError> {
+        let mut inner = lock(&self.0);
+        Ok(usize::from(inner.standby.remove(&module.name)))
     }
 
     fn mount_receiver(&self, module: &Module) -> Result<(), DriverError> {
@@ -343,6 +542,8 @@ impl FsDriver for FakeFs {
         let mut inner = self.call("unmount", module)?;
         inner.mounted.remove(&module.name);
         inner.resync.remove(&module.name);
+        inner.generations.remove(&module.name);
+        inner.standby.remove(&module.name);
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use proptest::prelude::*;
 
 use super::*;
-use crate::generation::{compare, receiver_accepts, GenerationId, History};
+use crate::generation::{compare, receiver_accepts, receiver_holds_current, GenerationId, History};
 
 #[derive(Debug, Clone)]
 struct Node {
@@ -51,6 +51,9 @@ struct Node {
     /// The node dies after this many actions of its next step of a live
     /// swap's flip (`FlipGeneration`, `AdoptFlip`).
     crash_in_flip: Option<usize>,
+    /// With `crash_in_flip`: only vmhad dies there, and a new one starts at
+    /// once and adopts what runs (as [`Op::Restart`]).
+    restart_in_flip: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +104,9 @@ enum Op {
     MigrateFails(usize),
     /// The node dies after this many actions of its next flip step.
     CrashInFlip(usize, usize),
+    /// The node's vmhad dies after this many actions of its next flip step
+    /// and starts again at once (as [`Op::Restart`]).
+    RestartInFlip(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -138,6 +144,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => node.clone().prop_map(Op::StandbyFails),
         1 => node.clone().prop_map(Op::MigrateFails),
         2 => (node.clone(), 0usize..4).prop_map(|(i, k)| Op::CrashInFlip(i, k)),
+        1 => (node.clone(), 0usize..4).prop_map(|(i, k)| Op::RestartInFlip(i, k)),
     ]
 }
 
@@ -151,6 +158,7 @@ fn flip_op() -> impl Strategy<Value = Op> {
         6 => node.clone().prop_map(Op::Heartbeat),
         3 => node.clone().prop_map(Op::Write),
         3 => (node.clone(), 0usize..4).prop_map(|(i, k)| Op::CrashInFlip(i, k)),
+        2 => (node.clone(), 0usize..4).prop_map(|(i, k)| Op::RestartInFlip(i, k)),
         1 => node.clone().prop_map(Op::Crash),
         2 => node.clone().prop_map(Op::Boot),
         1 => node.clone().prop_map(Op::Restart),
@@ -259,6 +267,7 @@ impl Sim {
             migrate_fails: false,
             accepts: None,
             crash_in_flip: None,
+            restart_in_flip: false,
         };
         Sim {
             setup,
@@ -287,6 +296,56 @@ impl Sim {
         n.incoming = false;
         n.accepts = None;
         n.crash_in_flip = None;
+        n.restart_in_flip = false;
+    }
+
+    /// vmhad alone dies and starts again (vmha-fs, VM and data untouched):
+    /// the new one adopts what runs.
+    fn restart(&mut self, i: usize) {
+        if !self.nodes[i].alive {
+            return;
+        }
+        let n = &mut self.nodes[i];
+        n.crash_in_flip = None;
+        n.restart_in_flip = false;
+        let found = Found {
+            writer: n.writer,
+            settings_match: true,
+            // The daemon's rule (`generation_is_ours`): a receiver at the
+            // parent of an adopted flip holds the current data.
+            generation_current: n.writer
+                || n.accepts
+                    .is_some_and(|g| receiver_holds_current(&n.history, g)),
+            alone: n.writer && n.writes_alone,
+            // A paused domain counts as running; beside a writer, a
+            // migrated one not resumed yet is the swap's (`resume-pending`).
+            vm_running: n.vm || (n.writer && n.incoming),
+            paused_for_swap: n.writer && n.incoming,
+        };
+        let had = n.writer || n.receiver;
+        n.probing = false;
+        // A standby and a paused incoming instance are taken down by the
+        // new vmhad's driver (no live swap runs), except beside a writer: a
+        // standby activated, the VM not resumed yet.
+        n.standby = false;
+        n.incoming = n.incoming && n.writer;
+        n.marking = false;
+        n.s = ModuleState::new(
+            policy_of(self.setup, i),
+            n.history.current().is_some(),
+            n.flag,
+        )
+        .with_self_outdated(n.self_outdated)
+        .with_maintenance(n.maintenance)
+        .with_left(n.left);
+        self.deliver(
+            i,
+            if had {
+                Event::Adopt(found)
+            } else {
+                Event::Start
+            },
+        );
     }
 
     fn see_each_other(&self) -> bool {
@@ -318,10 +377,21 @@ impl Sim {
         let flip_step = actions
             .iter()
             .any(|a| matches!(a, Action::FlipGeneration | Action::AdoptFlip));
-        let crash_at = if flip_step {
-            self.nodes[i].crash_in_flip.take()
+        let (crash_at, restart) = if flip_step {
+            let n = &mut self.nodes[i];
+            (
+                n.crash_in_flip.take(),
+                std::mem::take(&mut n.restart_in_flip),
+            )
         } else {
-            None
+            (None, false)
+        };
+        let end = |sim: &mut Sim| {
+            if restart {
+                sim.restart(i);
+            } else {
+                sim.crash(i);
+            }
         };
         let mut done = 0;
         for action in actions {
@@ -329,7 +399,7 @@ impl Sim {
                 continue;
             }
             if crash_at == Some(done) {
-                self.crash(i);
+                end(self);
                 return;
             }
             done += 1;
@@ -484,7 +554,7 @@ impl Sim {
         }
         if crash_at.is_some() {
             // After the whole step (or what ran of it).
-            self.crash(i);
+            end(self);
             return;
         }
         if let Some(event) = failed {
@@ -578,6 +648,7 @@ impl Sim {
             Op::CrashInFlip(i, k) => {
                 if self.nodes[i].alive {
                     self.nodes[i].crash_in_flip = Some(k);
+                    self.nodes[i].restart_in_flip = false;
                 }
             }
             Op::Boot(i) => {
@@ -595,40 +666,11 @@ impl Sim {
                     self.deliver(i, Event::Start);
                 }
             }
-            Op::Restart(i) => {
+            Op::Restart(i) => self.restart(i),
+            Op::RestartInFlip(i, k) => {
                 if self.nodes[i].alive {
-                    let n = &mut self.nodes[i];
-                    let found = Found {
-                        writer: n.writer,
-                        settings_match: true,
-                        generation_current: n.writer
-                            || (n.accepts.is_some() && n.accepts == n.history.current()),
-                        alone: n.writer && n.writes_alone,
-                        vm_running: n.vm,
-                    };
-                    let had = n.writer || n.receiver;
-                    n.probing = false;
-                    // A standby and a paused incoming instance are taken
-                    // down by the new vmhad's driver (no live swap runs).
-                    n.standby = false;
-                    n.incoming = false;
-                    n.marking = false;
-                    n.s = ModuleState::new(
-                        policy_of(self.setup, i),
-                        n.history.current().is_some(),
-                        n.flag,
-                    )
-                    .with_self_outdated(n.self_outdated)
-                    .with_maintenance(n.maintenance)
-                    .with_left(n.left);
-                    self.deliver(
-                        i,
-                        if had {
-                            Event::Adopt(found)
-                        } else {
-                            Event::Start
-                        },
-                    );
+                    self.nodes[i].crash_in_flip = Some(k);
+                    self.nodes[i].restart_in_flip = true;
                 }
             }
             Op::Lost(i) => {
@@ -1292,6 +1334,85 @@ fn live_swap_survives_a_crash_at_every_point_of_the_flip() {
             );
             assert!(sim.acked.is_subset(&sim.nodes[victim].data), "{case}");
         }
+    }
+}
+
+/// The destination's vmhad dies at each point of the hand-over (before or
+/// after adopting the flip, after activating the standby, after resuming)
+/// and starts again at once, adopting what runs: the VM ends on the
+/// destination, never restarted on the old PRIM, with every acknowledged
+/// write, and both nodes stay in sync (no resync). Before the activation
+/// the new vmhad's driver takes the standby and the paused instance down
+/// and the VM starts; after it, the writer is adopted and the VM, paused
+/// for the swap, is resumed (the daemon's `resume-pending`). After the adoption of the
+/// flip its receiver still accepts the generation before the flip: counted
+/// up to date, it takes the hand-over; counted behind (the old rule), it
+/// stepped down and the old PRIM failed over, restarting the VM there.
+#[test]
+fn a_destination_whose_vmhad_restarts_mid_hand_over_takes_the_vm() {
+    for k in 0..4 {
+        let case = format!("vmhad of node 1 restarted after {k} actions");
+        let mut sim = pair(false);
+        sim.apply(Op::RestartInFlip(1, k));
+        sim.apply(Op::SwapLive(0));
+        sim.apply(Op::Heartbeat(1));
+        sim.apply(Op::Heartbeat(0));
+        assert!(!sim.nodes[0].vm && sim.nodes[1].incoming, "{case}");
+        // The hand-over asked: node 1 starts taking over, its vmhad dies
+        // part-way and the new one adopts what it finds.
+        sim.apply(Op::Heartbeat(1));
+        assert!(sim.nodes[1].alive, "{case}");
+        assert!(!sim.nodes[1].restart_in_flip, "{case}: no restart");
+        for _ in 0..3 {
+            sim.apply(Op::Exchange);
+        }
+        assert_eq!(roles(&sim), (Role::Second, Role::Prim), "{case}");
+        assert!(sim.nodes[1].vm && !sim.nodes[0].vm, "{case}");
+        assert_eq!(sim.nodes[0].history, sim.nodes[1].history, "{case}");
+        assert_eq!(sim.nodes[0].s.readiness(), Readiness::Ready, "{case}");
+        sim.apply(Op::Write(1));
+        assert!(sim.acked.is_subset(&sim.nodes[0].data), "{case}");
+        assert!(sim.acked.is_subset(&sim.nodes[1].data), "{case}");
+    }
+}
+
+/// The same restart of the destination's vmhad, the old PRIM lost meanwhile
+/// (before it hears the new vmhad): the destination, up to date, fails over
+/// and runs the VM with every acknowledged write; the old PRIM comes back as
+/// its SECOND through an incremental resync. Counted behind (the old rule),
+/// the destination did not fail over: the VM ran nowhere.
+#[test]
+fn a_destination_restarted_mid_hand_over_fails_over_when_the_old_prim_is_lost() {
+    for k in 0..2 {
+        let case = format!("vmhad of node 1 restarted after {k} actions");
+        let mut sim = pair(false);
+        sim.apply(Op::RestartInFlip(1, k));
+        sim.apply(Op::SwapLive(0));
+        sim.apply(Op::Heartbeat(1));
+        sim.apply(Op::Heartbeat(0));
+        sim.apply(Op::Heartbeat(1));
+        assert!(!sim.nodes[1].restart_in_flip, "{case}: no restart");
+        sim.apply(Op::Crash(0));
+        sim.apply(Op::Lost(1));
+        assert_eq!(sim.nodes[1].s.role, Role::Alone, "{case}");
+        assert!(sim.nodes[1].vm, "{case}");
+        sim.apply(Op::Write(1));
+        sim.check_no_lost_write();
+        sim.apply(Op::Boot(0));
+        let relation = compare(&sim.nodes[0].history, &sim.nodes[1].history);
+        assert_eq!(relation, Relation::PeerNewer, "{case}");
+        for op in [
+            Op::StartWait(0),
+            Op::Exchange,
+            Op::Exchange,
+            Op::Resync(0),
+            Op::Exchange,
+        ] {
+            sim.apply(op);
+        }
+        assert_eq!(roles(&sim), (Role::Second, Role::Prim), "{case}");
+        assert_eq!(sim.nodes[0].s.readiness(), Readiness::Ready, "{case}");
+        assert!(sim.acked.is_subset(&sim.nodes[0].data), "{case}");
     }
 }
 

@@ -1312,7 +1312,7 @@ fn events() -> Vec<Event> {
     }
     out.push(Event::ControllerLost);
     out.push(Event::DataPathLost);
-    for bits in 0u8..32 {
+    for bits in 0u8..64 {
         out.push(Event::Adopt(found(bits)));
     }
     for p in peers() {
@@ -1331,6 +1331,7 @@ fn found(bits: u8) -> Found {
         generation_current: bits & 4 != 0,
         alone: bits & 8 != 0,
         vm_running: bits & 16 != 0,
+        paused_for_swap: bits & 32 != 0,
     }
 }
 
@@ -1340,6 +1341,7 @@ const WRITER_FOUND: Found = Found {
     generation_current: true,
     alone: false,
     vm_running: true,
+    paused_for_swap: false,
 };
 
 #[test]
@@ -1374,6 +1376,31 @@ fn a_new_vmhad_adopts_the_running_writer_without_touching_it() {
     let (s, actions) = run(&fresh(true, true), &[Event::Adopt(no_vm)]);
     assert_eq!(s.role, Role::Prim);
     assert_eq!(actions, vec![Action::DefineDomain, Action::StartVm]);
+}
+
+/// A new vmhad beside the writer a live swap activated, whose VM it had not
+/// resumed yet (the previous vmhad died in between): adopted, the VM is
+/// resumed (no start, no stop); not adopted, the paused VM is stopped first.
+#[test]
+fn a_new_vmhad_resumes_the_vm_a_live_swap_left_paused() {
+    let paused = Found {
+        paused_for_swap: true,
+        ..WRITER_FOUND
+    };
+    let (s, actions) = run(&fresh(true, true), &[Event::Adopt(paused)]);
+    assert_eq!(s.role, Role::Prim);
+    assert_eq!(quiet(&actions), [&Action::ResumeVm]);
+    assert_eq!(s.readiness(), Readiness::Transient, "the VM is starting");
+    let (s, _) = run(&s, &[Event::VmStarted]);
+    assert_eq!((s.role, s.readiness()), (Role::Prim, Readiness::Ready));
+    let stale = Found {
+        settings_match: false,
+        ..paused
+    };
+    let (s, actions) = run(&fresh(true, true), &[Event::Adopt(stale)]);
+    assert_eq!(s.role, Role::Wait);
+    assert_eq!(actions[..2], [Action::StopVm, Action::Unmount]);
+    assert!(!actions.contains(&Action::ResumeVm), "{actions:?}");
 }
 
 #[test]
@@ -2010,11 +2037,13 @@ fn check_live_swap(before: &ModuleState, event: &Event, after: &ModuleState, act
         assert!(before.pending_alone_mount, "{}", ctx());
         assert_eq!(before.live, Some(SwapPhase::Resuming), "{}", ctx());
     }
-    // Resumed only after the activation, as the writer, beside no writer.
+    // Resumed only after the activation (or, by a new vmhad, beside the
+    // activated writer it adopts), as the writer, beside no writer.
     if let Some(resume) = index(actions, &Action::ResumeVm) {
         let activate = index(actions, &Action::ActivateStandby { connected: true })
             .or_else(|| index(actions, &Action::ActivateStandby { connected: false }));
-        assert!(activate.is_some_and(|a| a < resume), "{}", ctx());
+        let adopted = matches!(event, Event::Adopt(f) if f.writer && f.paused_for_swap);
+        assert!(adopted || activate.is_some_and(|a| a < resume), "{}", ctx());
         assert!(after.role.is_writer(), "{}", ctx());
         assert!(!after.peer_is_writer(), "{}", ctx());
     }
@@ -2839,6 +2868,7 @@ fn maintenance_adopts_a_writer_whose_settings_differ() {
         generation_current: true,
         alone: false,
         vm_running: true,
+        paused_for_swap: false,
     };
     let (a, actions) = run(&s, &[Event::Adopt(found)]);
     assert_eq!(a.role, Role::Prim, "{actions:?}");
