@@ -52,6 +52,7 @@ use crate::key::ClusterKey;
 use crate::op::{Control, NodeId, Op, Request, ROOT};
 use crate::preauth::{self, Limits};
 use crate::refusal::Refusal;
+use crate::syncset::{Batch, SyncSet};
 use crate::track::Tracker;
 use crate::wire::{
     self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, TimedAck, WireError,
@@ -99,6 +100,9 @@ struct Entry {
 #[derive(Debug)]
 struct SessionTable {
     nodes: Mutex<HashMap<NodeId, Arc<Entry>>>,
+    /// The nodes changed since the last `SyncAll` (what it syncs; its first
+    /// one syncs the whole filesystem: an earlier session's changes are not in it).
+    changed: Arc<SyncSet>,
 }
 
 impl SessionTable {
@@ -113,6 +117,19 @@ impl SessionTable {
         );
         Self {
             nodes: Mutex::new(nodes),
+            changed: Arc::new(SyncSet::new()),
+        }
+    }
+
+    /// `op` was applied (or tried): the nodes it changed go to the next `SyncAll`.
+    fn note_changed(&self, op: &Op) {
+        let created = op.created_id().filter(|_| !matches!(op, Op::Bind { .. }));
+        for id in crate::syncset::changed_nodes(op).into_iter().chain(created) {
+            match self.path_fd(id) {
+                Ok(fd) => self.changed.add(&fd),
+                // Unknown here (the op failed): sync everything, never less.
+                Err(_) => self.changed.add_whole(),
+            }
         }
     }
 
@@ -790,7 +807,9 @@ fn run_session(
                         }
                     }
                 }
-                match (apply::apply(table.as_ref(), &op), &op) {
+                let applied = apply::apply(table.as_ref(), &op);
+                table.note_changed(&op);
+                match (applied, &op) {
                     // The primary sends the byte count it copied; anything else differs.
                     (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => {
                         Err(Errno::IO)
@@ -801,6 +820,7 @@ fn run_session(
             (Ok(()), Request::Control(Control::Wipe)) => {
                 tracing::warn!("full sync: emptying the replicated directory");
                 // Records of a copy being replaced wholesale say nothing any more.
+                table.changed.add_whole();
                 match tracker.as_ref().map(|t| t.invalidate()).transpose() {
                     Ok(_) => table.wipe(),
                     Err(e) => {
@@ -827,6 +847,7 @@ fn run_session(
                 }
             }
             (Ok(()), Request::Control(Control::Remove { parent, name })) => {
+                table.changed.add_whole();
                 table.remove(parent, &name)
             }
             (
@@ -865,10 +886,11 @@ fn run_session(
                     if let Err(e) = batch.send(&writer) {
                         break Err(e);
                     }
-                    let _ = sync_tx.send((seq, root, SyncKind::Fs, began));
+                    let changed = SyncKind::Changed(table.changed.take());
+                    let _ = sync_tx.send((seq, root, changed, began));
                     continue;
                 }
-                Ok(root) => sync(&root, SyncKind::Fs),
+                Ok(root) => sync(&root, SyncKind::Changed(table.changed.take())),
                 Err(errno) => Err(errno),
             },
         };
@@ -968,14 +990,16 @@ fn start_writeback(written: &mut Vec<Written>) {
 }
 
 /// What a sync off the apply path flushes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum SyncKind {
     /// `fdatasync` of the file.
     Data,
     /// `fsync` of the file.
     Full,
-    /// `syncfs` of the replicated directory's filesystem (`Control::SyncAll`).
-    Fs,
+    /// What the session changed before a `Control::SyncAll` (see
+    /// [`crate::syncset`]; `syncfs` of the replicated directory's filesystem
+    /// where it cannot name the changes).
+    Changed(Batch),
 }
 
 impl SyncKind {
@@ -992,7 +1016,7 @@ fn sync(fd: &OwnedFd, kind: SyncKind) -> Result<(), Errno> {
     match kind {
         SyncKind::Data => rustix::fs::fdatasync(fd.as_fd()),
         SyncKind::Full => rustix::fs::fsync(fd.as_fd()),
-        SyncKind::Fs => rustix::fs::syncfs(fd.as_fd()),
+        SyncKind::Changed(batch) => batch.sync(fd.as_fd()).map(drop),
     }
 }
 
