@@ -644,6 +644,11 @@ fn run_session(
     // to them (a resync filling a file new here) are not saved aside.
     let mut created: HashSet<NodeId> = HashSet::new();
     let table = Arc::new(SessionTable::new(root));
+    // What earlier sessions left unsynced, synced meanwhile: the session's
+    // `SyncAll`s then sync only what it changes.
+    if let Ok(fd) = table.data_fd(ROOT) {
+        table.changed.start_baseline(fd);
+    }
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
     let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<SyncJob>();
     let mut threads = Vec::new();

@@ -7,8 +7,10 @@
 //! against 1 s without it; the checkpoint of a full activity log stalls the
 //! writes that wait for room in it the same way. So each changed node is synced
 //! itself (`fsync`), and `syncfs` stays the fallback where the set cannot say
-//! what changed: at start (what an earlier process or session left unsynced),
-//! past [`MAX_NODES`] changed nodes (one `syncfs` is cheaper than thousands of
+//! what changed: what an earlier process or session left unsynced (one
+//! `syncfs` in the background at start, [`SyncSet::start_baseline`], that the
+//! first sync waits for if it is still running; without it the first sync is a
+//! `syncfs`), past [`MAX_NODES`] changed nodes (one `syncfs` is cheaper than thousands of
 //! `fsync`s), after a change the set does not name (a tree removed, a wipe), and
 //! after a sync that failed (its nodes are not forgotten).
 //!
@@ -47,6 +49,9 @@ pub struct SyncSet {
     /// The number of the next batch allowed to sync (all before it are done).
     turn: Mutex<u64>,
     turned: Condvar,
+    /// The start's `syncfs` still runs.
+    baseline: Mutex<bool>,
+    baseline_done: Condvar,
 }
 
 impl Default for SyncSet {
@@ -67,7 +72,53 @@ impl SyncSet {
             }),
             turn: Mutex::new(0),
             turned: Condvar::new(),
+            baseline: Mutex::new(false),
+            baseline_done: Condvar::new(),
         }
+    }
+
+    /// Syncs what was written before this set existed (`syncfs` of `root`'s
+    /// filesystem) in a thread of its own, so the first sync need not: it only
+    /// waits for this one if it is still running. Until called, or if it
+    /// fails, the next sync is a `syncfs`.
+    pub fn start_baseline(self: &Arc<Self>, root: Arc<OwnedFd>) {
+        *self.baseline.lock() = true;
+        let set = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sync-baseline".into())
+            .spawn(move || {
+                let began = std::time::Instant::now();
+                let result = rustix::fs::syncfs(&*root);
+                match &result {
+                    Ok(()) => tracing::debug!(
+                        elapsed_ms = began.elapsed().as_millis(),
+                        "synced what earlier processes left unsynced"
+                    ),
+                    Err(e) => tracing::warn!("start-up sync of the filesystem failed: {e}"),
+                }
+                set.end_baseline(result.is_ok());
+            });
+        match spawned {
+            // The earlier state is synced by the thread: the set names the rest.
+            Ok(_) => {
+                let mut p = self.pending.lock();
+                if p.next == 0 {
+                    p.whole = false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot start the start-up sync: {e}");
+                self.end_baseline(false);
+            }
+        }
+    }
+
+    fn end_baseline(&self, ok: bool) {
+        if !ok {
+            self.add_whole();
+        }
+        *self.baseline.lock() = false;
+        self.baseline_done.notify_all();
     }
 
     /// `fd` (any descriptor of the node: O_PATH or open for I/O) was changed:
@@ -157,6 +208,12 @@ impl Batch {
             let mut turn = self.set.turn.lock();
             while *turn < self.number {
                 self.set.turned.wait(&mut turn);
+            }
+        }
+        {
+            let mut running = self.set.baseline.lock();
+            while *running {
+                self.set.baseline_done.wait(&mut running);
             }
         }
         let result = self.sync_now(root);
@@ -318,6 +375,17 @@ mod tests {
         );
         set.add(&link);
         assert_eq!(set.sync(root.as_fd()).unwrap(), Synced::Filesystem);
+    }
+
+    #[test]
+    fn after_the_start_up_sync_only_the_changed_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = root(dir.path());
+        let set = Arc::new(SyncSet::new());
+        set.start_baseline(root.clone());
+        set.add(&open(dir.path()));
+        assert_eq!(set.sync(root.as_fd()).unwrap(), Synced::Nodes(1));
+        assert!(!*set.baseline.lock());
     }
 
     #[test]

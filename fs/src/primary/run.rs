@@ -188,6 +188,9 @@ impl Context {
             }
         };
         let _ = self.state.set(state.clone());
+        // What an earlier process left unsynced, synced meanwhile: checkpoints
+        // then sync only what this one changes.
+        repl.changed.start_baseline(self.checkpoint_root.clone());
         let checkpoints = Checkpointer {
             tracker: tracker.clone(),
             link: link.clone(),
