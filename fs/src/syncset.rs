@@ -133,9 +133,7 @@ impl SyncSet {
             p.nodes.clear();
             return;
         }
-        p.nodes
-            .entry(fd.as_raw_fd())
-            .or_insert_with(|| fd.clone());
+        p.nodes.entry(fd.as_raw_fd()).or_insert_with(|| fd.clone());
     }
 
     /// Something changed that no descriptor names: the next sync is a `syncfs`.

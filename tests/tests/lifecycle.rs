@@ -180,7 +180,10 @@ fn sigterm_does_not_wait_for_other_programs_unsynced_data() -> Result<()> {
     disk.power_cycle()?;
     for copy in [pair.primary_backing(), pair.secondary_backing()] {
         if std::fs::read(copy.join("image.raw"))? != data {
-            bail!("{} differs from what was written after a power cut", copy.display());
+            bail!(
+                "{} differs from what was written after a power cut",
+                copy.display()
+            );
         }
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! Retiring activity-log entries once both copies are durable.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
