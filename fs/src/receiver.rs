@@ -12,12 +12,16 @@
 //! its session's fsync workers). The handshake binds the module and port: a primary
 //! meant for another module's directory is refused as "wrong module".
 //!
-//! A `SyncAll` (a resync's durability point) with more of the stream already
-//! received is synced by those workers too (`syncfs`), so applying goes on while
-//! the disk flushes; the acknowledgements of everything before it are sent first,
-//! so its own acknowledgement still means "all before me applied, succeeded and
-//! on disk". The last `SyncAll` of a resync (nothing more received) is synced in
-//! line, under the keepalive.
+//! A `SyncAll` (a resync's durability point, a checkpoint, the drain at a stop)
+//! syncs what the session changed before it ([`crate::syncset`]: the files and
+//! directories its operations touched, `syncfs` only where those cannot be
+//! named; never the whole filesystem for another program's data). With more of
+//! the stream already received it is synced by those workers too, so applying
+//! goes on while the disk flushes; the acknowledgements of everything before it
+//! are sent first, and its batch waits for every earlier one, so its own
+//! acknowledgement still means "all before me applied, succeeded and on disk".
+//! The last `SyncAll` of a resync (nothing more received) is synced in line,
+//! under the keepalive.
 //!
 //! A connection that fails authentication, speaks garbage or sends a frame that does
 //! not decode (including names that would leave the directory) is logged and

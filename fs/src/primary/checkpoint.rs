@@ -1,4 +1,11 @@
 //! Retiring activity-log entries once both copies are durable.
+//!
+//! "Durable" means what this writer changed, not the whole filesystem: this
+//! node's changed files and directories are synced ([`crate::syncset`]) while
+//! the peer syncs its own (`SyncAll`), at the same time. A `syncfs` here made
+//! every checkpoint, and the stop (SIGTERM: unmount, last checkpoint, drain),
+//! wait for every other program's unsynced data on the same filesystem (the
+//! bench's ~15 s exits after SIGTERM).
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
