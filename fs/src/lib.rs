@@ -33,6 +33,7 @@ pub mod runtime;
 pub mod secondary;
 pub(crate) mod statedir;
 pub mod status;
+pub(crate) mod syncset;
 pub mod track;
 pub mod version;
 pub mod wire;

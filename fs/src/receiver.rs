@@ -12,12 +12,16 @@
 //! its session's fsync workers). The handshake binds the module and port: a primary
 //! meant for another module's directory is refused as "wrong module".
 //!
-//! A `SyncAll` (a resync's durability point) with more of the stream already
-//! received is synced by those workers too (`syncfs`), so applying goes on while
-//! the disk flushes; the acknowledgements of everything before it are sent first,
-//! so its own acknowledgement still means "all before me applied, succeeded and
-//! on disk". The last `SyncAll` of a resync (nothing more received) is synced in
-//! line, under the keepalive.
+//! A `SyncAll` (a resync's durability point, a checkpoint, the drain at a stop)
+//! syncs what the session changed before it ([`crate::syncset`]: the files and
+//! directories its operations touched, `syncfs` only where those cannot be
+//! named; never the whole filesystem for another program's data). With more of
+//! the stream already received it is synced by those workers too, so applying
+//! goes on while the disk flushes; the acknowledgements of everything before it
+//! are sent first, and its batch waits for every earlier one, so its own
+//! acknowledgement still means "all before me applied, succeeded and on disk".
+//! The last `SyncAll` of a resync (nothing more received) is synced in line,
+//! under the keepalive.
 //!
 //! A connection that fails authentication, speaks garbage or sends a frame that does
 //! not decode (including names that would leave the directory) is logged and
@@ -52,6 +56,7 @@ use crate::key::ClusterKey;
 use crate::op::{Control, NodeId, Op, Request, ROOT};
 use crate::preauth::{self, Limits};
 use crate::refusal::Refusal;
+use crate::syncset::{Batch, SyncSet};
 use crate::track::Tracker;
 use crate::wire::{
     self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, TimedAck, WireError,
@@ -99,6 +104,9 @@ struct Entry {
 #[derive(Debug)]
 struct SessionTable {
     nodes: Mutex<HashMap<NodeId, Arc<Entry>>>,
+    /// The nodes changed since the last `SyncAll` (what it syncs; its first
+    /// one syncs the whole filesystem: an earlier session's changes are not in it).
+    changed: Arc<SyncSet>,
 }
 
 impl SessionTable {
@@ -113,6 +121,19 @@ impl SessionTable {
         );
         Self {
             nodes: Mutex::new(nodes),
+            changed: Arc::new(SyncSet::new()),
+        }
+    }
+
+    /// `op` was applied (or tried): the nodes it changed go to the next `SyncAll`.
+    fn note_changed(&self, op: &Op) {
+        let created = op.created_id().filter(|_| !matches!(op, Op::Bind { .. }));
+        for id in crate::syncset::changed_nodes(op).into_iter().chain(created) {
+            match self.path_fd(id) {
+                Ok(fd) => self.changed.add(&fd),
+                // Unknown here (the op failed): sync everything, never less.
+                Err(_) => self.changed.add_whole(),
+            }
         }
     }
 
@@ -627,6 +648,11 @@ fn run_session(
     // to them (a resync filling a file new here) are not saved aside.
     let mut created: HashSet<NodeId> = HashSet::new();
     let table = Arc::new(SessionTable::new(root));
+    // What earlier sessions left unsynced, synced meanwhile: the session's
+    // `SyncAll`s then sync only what it changes.
+    if let Ok(fd) = table.data_fd(ROOT) {
+        table.changed.start_baseline(fd);
+    }
     let writer: SharedWriter = Arc::new(Mutex::new(writer));
     let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<SyncJob>();
     let mut threads = Vec::new();
@@ -790,7 +816,9 @@ fn run_session(
                         }
                     }
                 }
-                match (apply::apply(table.as_ref(), &op), &op) {
+                let applied = apply::apply(table.as_ref(), &op);
+                table.note_changed(&op);
+                match (applied, &op) {
                     // The primary sends the byte count it copied; anything else differs.
                     (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => {
                         Err(Errno::IO)
@@ -801,6 +829,7 @@ fn run_session(
             (Ok(()), Request::Control(Control::Wipe)) => {
                 tracing::warn!("full sync: emptying the replicated directory");
                 // Records of a copy being replaced wholesale say nothing any more.
+                table.changed.add_whole();
                 match tracker.as_ref().map(|t| t.invalidate()).transpose() {
                     Ok(_) => table.wipe(),
                     Err(e) => {
@@ -827,6 +856,7 @@ fn run_session(
                 }
             }
             (Ok(()), Request::Control(Control::Remove { parent, name })) => {
+                table.changed.add_whole();
                 table.remove(parent, &name)
             }
             (
@@ -865,10 +895,11 @@ fn run_session(
                     if let Err(e) = batch.send(&writer) {
                         break Err(e);
                     }
-                    let _ = sync_tx.send((seq, root, SyncKind::Fs, began));
+                    let changed = SyncKind::Changed(table.changed.take());
+                    let _ = sync_tx.send((seq, root, changed, began));
                     continue;
                 }
-                Ok(root) => sync(&root, SyncKind::Fs),
+                Ok(root) => sync(&root, SyncKind::Changed(table.changed.take())),
                 Err(errno) => Err(errno),
             },
         };
@@ -968,14 +999,16 @@ fn start_writeback(written: &mut Vec<Written>) {
 }
 
 /// What a sync off the apply path flushes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum SyncKind {
     /// `fdatasync` of the file.
     Data,
     /// `fsync` of the file.
     Full,
-    /// `syncfs` of the replicated directory's filesystem (`Control::SyncAll`).
-    Fs,
+    /// What the session changed before a `Control::SyncAll` (see
+    /// [`crate::syncset`]; `syncfs` of the replicated directory's filesystem
+    /// where it cannot name the changes).
+    Changed(Batch),
 }
 
 impl SyncKind {
@@ -992,7 +1025,7 @@ fn sync(fd: &OwnedFd, kind: SyncKind) -> Result<(), Errno> {
     match kind {
         SyncKind::Data => rustix::fs::fdatasync(fd.as_fd()),
         SyncKind::Full => rustix::fs::fsync(fd.as_fd()),
-        SyncKind::Fs => rustix::fs::syncfs(fd.as_fd()),
+        SyncKind::Changed(batch) => batch.sync(fd.as_fd()).map(drop),
     }
 }
 

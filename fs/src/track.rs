@@ -451,6 +451,8 @@ struct State {
     broken: Option<String>,
     /// Someone waits for room in the activity log.
     want_checkpoint: bool,
+    /// [`Tracker::wake_checkpointer`] was called: the next wait returns at once.
+    wake: bool,
     /// Something was recorded as degraded since `sync_window_begin`: the link
     /// stopped sending meanwhile, so no mark may be cleared.
     degraded_since_window: bool,
@@ -892,6 +894,7 @@ impl Tracker {
                 flushing: false,
                 broken: None,
                 want_checkpoint: false,
+                wake: false,
                 degraded_since_window: false,
             }),
             changed: Condvar::new(),
@@ -1234,10 +1237,18 @@ impl Tracker {
     /// Whether a checkpoint is due now (the log is full and someone waits).
     pub fn wait_checkpoint_request(&self, timeout: Duration) -> bool {
         let mut st = self.state.lock();
-        if !st.want_checkpoint {
+        if !st.want_checkpoint && !st.wake {
             self.changed.wait_for(&mut st, timeout);
         }
+        st.wake = false;
         st.want_checkpoint
+    }
+
+    /// Ends the current (or next) [`Self::wait_checkpoint_request`] at once: the
+    /// checkpointer is stopping and should not sleep out its timeout first.
+    pub fn wake_checkpointer(&self) {
+        self.state.lock().wake = true;
+        self.changed.notify_all();
     }
 
     pub fn activity_len(&self) -> usize {

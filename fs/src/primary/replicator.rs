@@ -27,6 +27,7 @@ use crate::apply::{self, Applied, Errno, NodeTable};
 use crate::inodes::Inodes;
 use crate::link::{Completion, LinkState, PeerLink, Protocol};
 use crate::op::{Name, NodeId, Op};
+use crate::syncset::SyncSet;
 use crate::track::{Change, InFlight, Tracker};
 
 type Finish<T> = Box<dyn FnOnce(Result<T, Errno>) + Send>;
@@ -96,6 +97,8 @@ pub struct Replicator {
     /// The largest file the backing filesystem accepts: a change reaching past it
     /// fails with EFBIG before anything is recorded.
     max_size: u64,
+    /// The nodes changed here since the last checkpoint (what it syncs).
+    pub(crate) changed: Arc<SyncSet>,
 }
 
 impl Replicator {
@@ -117,6 +120,7 @@ impl Replicator {
             metrics,
             root_path,
             max_size,
+            changed: Arc::new(SyncSet::new()),
         })
     }
 
@@ -286,7 +290,12 @@ impl Replicator {
         self.disk.check()?;
         self.link.wait_usable()?;
         let _inflight = self.record(&op)?;
-        let applied = match apply::apply(self.inodes.as_ref(), &op) {
+        let applied = apply::apply(self.inodes.as_ref(), &op);
+        // The node it created: its attributes are set after its entry.
+        if let (Some(id), false) = (op.created_id(), matches!(op, Op::Bind { .. })) {
+            self.note_changed(id);
+        }
+        let applied = match applied {
             Ok(applied) => applied,
             // Not sent: the peer never sees a change that failed here.
             Err(e) if is_media_error(e) => {
@@ -494,6 +503,9 @@ impl Replicator {
     /// extents go into the activity log with it ([`with_lookahead`]).
     fn record_with(&self, op: &Op, sequential: bool) -> Result<InFlight, Errno> {
         let changes = self.changes_of(op)?;
+        for id in crate::syncset::changed_nodes(op) {
+            self.note_changed(id);
+        }
         if changes.is_empty() {
             return Ok(InFlight::none());
         }
@@ -519,6 +531,15 @@ impl Replicator {
             self.tracker.record_degraded(&changes)?;
         }
         Ok(inflight)
+    }
+
+    /// Node `id` is changed here: the next checkpoint syncs it.
+    fn note_changed(&self, id: NodeId) {
+        match self.inodes.get(id) {
+            Ok(node) => self.changed.add(&node.fd),
+            // Not known (the change then fails): sync everything, never less.
+            Err(_) => self.changed.add_whole(),
+        }
     }
 
     fn changes_of(&self, op: &Op) -> Result<Vec<Change>, Errno> {

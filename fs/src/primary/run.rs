@@ -188,11 +188,15 @@ impl Context {
             }
         };
         let _ = self.state.set(state.clone());
+        // What an earlier process left unsynced, synced meanwhile: checkpoints
+        // then sync only what this one changes.
+        repl.changed.start_baseline(self.checkpoint_root.clone());
         let checkpoints = Checkpointer {
             tracker: tracker.clone(),
             link: link.clone(),
             disk: self.disk.clone(),
             root: self.checkpoint_root.clone(),
+            changed: repl.changed.clone(),
             stop: Arc::new(AtomicBool::new(false)),
         };
         let checkpoint_thread = {
@@ -526,10 +530,13 @@ fn handle_signal(ctx: &Context, writer: &Mutex<Option<Writer>>, signal: i32) {
 /// clean stop leaves an empty activity log, so a later start may replicate
 /// at once (a swap: the peer's receiver stops next and this node's starts).
 fn stop_writer(w: Writer) {
+    let began = std::time::Instant::now();
     w.checkpoints.stop.store(true, Ordering::SeqCst);
+    // Not a second of its idle wait: the checkpoint below is the stop's.
+    w.tracker.wake_checkpointer();
     let _ = w.checkpoint_thread.join();
     for _ in 0..3 {
-        if w.tracker.activity_len() == 0 || !w.checkpoints.once() {
+        if w.tracker.activity_len() == 0 || !w.checkpoints.at_stop() {
             break;
         }
     }
@@ -538,12 +545,16 @@ fn stop_writer(w: Writer) {
     if matches!(w.link.state(), LinkState::Connected | LinkState::Syncing) {
         match w.link.submit_wait(crate::op::Control::SyncAll) {
             Ok(()) => {
-                tracing::info!("drained: the peer applied and synced every acknowledged write")
+                tracing::info!(
+                    elapsed_ms = began.elapsed().as_millis(),
+                    "drained: the peer applied and synced every acknowledged write"
+                )
             }
             Err(e) => tracing::error!("drain: the peer did not confirm the last writes: {e}"),
         }
     }
     w.link.shutdown(w.threads);
+    tracing::info!(elapsed_ms = began.elapsed().as_millis(), "writer stopped");
 }
 
 /// The first unmount failed (typically EBUSY: a file released a moment ago, or a
