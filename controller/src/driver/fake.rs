@@ -24,9 +24,7 @@ struct VmInner {
     /// The destination socket of each `migrate_live` call.
     migrated_to: Vec<std::path::PathBuf>,
     /// Calls that block (after being recorded) until released.
-    held: HashSet<&'static str>,
-    /// Held calls released with a failure, changing nothing.
-    abandoned: HashSet<&'static str>,
+    holds: Holds,
 }
 
 /// A fake libvirt. Cloning shares the state (keep a clone to inspect it).
@@ -35,6 +33,50 @@ pub struct FakeVm(Arc<Mutex<VmInner>>);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Calls that block once recorded until released (a point where a test
+/// kills a daemon mid-step), for both fakes.
+#[derive(Debug, Default)]
+struct Holds {
+    held: HashSet<&'static str>,
+    /// Held calls released with a failure, changing nothing.
+    abandoned: HashSet<&'static str>,
+}
+
+impl Holds {
+    fn hold(&mut self, call: &'static str) {
+        self.held.insert(call);
+    }
+
+    fn release(&mut self, call: &'static str, fail: bool) {
+        self.held.remove(call);
+        if fail {
+            self.abandoned.insert(call);
+        }
+    }
+}
+
+/// Blocks while `call` is held (the state unlocked meanwhile); an error if it
+/// was released with a failure.
+fn wait_held<'a, T>(
+    m: &'a Mutex<T>,
+    mut inner: MutexGuard<'a, T>,
+    call: &'static str,
+    holds: fn(&mut T) -> &mut Holds,
+) -> Result<MutexGuard<'a, T>, DriverError> {
+    if !holds(&mut inner).held.contains(call) {
+        return Ok(inner);
+    }
+    while holds(&mut inner).held.contains(call) {
+        drop(inner);
+        std::thread::sleep(Duration::from_millis(10));
+        inner = lock(m);
+    }
+    if holds(&mut inner).abandoned.remove(call) {
+        return Err(DriverError::failed(call, "held, then abandoned"));
+    }
+    Ok(inner)
 }
 
 impl FakeVm {
@@ -112,32 +154,19 @@ impl FakeVm {
     /// Every later call named `call` blocks once recorded, until
     /// [`FakeVm::release`] (a point where a daemon is killed mid-step).
     pub fn hold(&self, call: &'static str) {
-        lock(&self.0).held.insert(call);
+        lock(&self.0).holds.hold(call);
     }
 
     /// Ends [`FakeVm::hold`]: the blocked calls go on, or, with `fail`,
     /// return an error having changed nothing.
     pub fn release(&self, call: &'static str, fail: bool) {
-        let mut inner = lock(&self.0);
-        inner.held.remove(call);
-        if fail {
-            inner.abandoned.insert(call);
-        }
+        lock(&self.0).holds.release(call, fail);
     }
 
     fn call(&self, call: &'static str, module: &Module) -> Result<(), DriverError> {
         let mut inner = lock(&self.0);
         inner.calls.push((call, module.name.clone()));
-        if inner.held.contains(call) {
-            while inner.held.contains(call) {
-                drop(inner);
-                std::thread::sleep(Duration::from_millis(10));
-                inner = lock(&self.0);
-            }
-            if inner.abandoned.remove(call) {
-                return Err(DriverError::failed(call, "held, then abandoned"));
-            }
-        }
+        let inner = wait_held(&self.0, inner, call, |i| &mut i.holds)?;
         if inner.failing.contains(call) {
             return Err(DriverError::failed(call, "scripted failure"));
         }
@@ -284,9 +313,7 @@ struct FsInner {
     /// this fake adopts it (else it finds nothing, as by default).
     adoptable: bool,
     /// Calls that block (after being recorded) until released.
-    held: HashSet<&'static str>,
-    /// Held calls released with a failure, changing nothing.
-    abandoned: HashSet<&'static str>,
+    holds: Holds,
 }
 
 /// A fake vmha-fs. Cloning shares the state.
@@ -362,17 +389,13 @@ impl FakeFs {
     /// Every later call named `call` blocks once recorded, until
     /// [`FakeFs::release`] (a point where a daemon is killed mid-step).
     pub fn hold(&self, call: &'static str) {
-        lock(&self.0).held.insert(call);
+        lock(&self.0).holds.hold(call);
     }
 
     /// Ends [`FakeFs::hold`]: the blocked calls go on, or, with `fail`,
     /// return an error having changed nothing.
     pub fn release(&self, call: &'static str, fail: bool) {
-        let mut inner = lock(&self.0);
-        inner.held.remove(call);
-        if fail {
-            inner.abandoned.insert(call);
-        }
+        lock(&self.0).holds.release(call, fail);
     }
 
     /// The generation the module's mount claims (writer) or accepts
@@ -393,16 +416,7 @@ impl FakeFs {
     ) -> Result<MutexGuard<'_, FsInner>, DriverError> {
         let mut inner = lock(&self.0);
         inner.calls.push((call, module.name.clone()));
-        if inner.held.contains(call) {
-            while inner.held.contains(call) {
-                drop(inner);
-                std::thread::sleep(Duration::from_millis(10));
-                inner = lock(&self.0);
-            }
-            if inner.abandoned.remove(call) {
-                return Err(DriverError::failed(call, "held, then abandoned"));
-            }
-        }
+        let inner = wait_held(&self.0, inner, call, |i| &mut i.holds)?;
         if inner.failing.contains(call) {
             return Err(DriverError::failed(call, "scripted failure"));
         }
