@@ -170,6 +170,16 @@ fn flip_op() -> impl Strategy<Value = Op> {
     ]
 }
 
+impl Node {
+    /// The state a vmhad starting on this node builds from what it persisted.
+    fn started(&self, policy: Policy) -> ModuleState {
+        ModuleState::new(policy, self.history.current().is_some(), self.flag)
+            .with_self_outdated(self.self_outdated)
+            .with_maintenance(self.maintenance)
+            .with_left(self.left)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Setup {
     failover: bool,
@@ -330,14 +340,7 @@ impl Sim {
         n.standby = false;
         n.incoming = n.incoming && n.writer;
         n.marking = false;
-        n.s = ModuleState::new(
-            policy_of(self.setup, i),
-            n.history.current().is_some(),
-            n.flag,
-        )
-        .with_self_outdated(n.self_outdated)
-        .with_maintenance(n.maintenance)
-        .with_left(n.left);
+        n.s = n.started(policy_of(self.setup, i));
         self.deliver(
             i,
             if had {
@@ -655,14 +658,7 @@ impl Sim {
                 if !self.nodes[i].alive {
                     let n = &mut self.nodes[i];
                     n.alive = true;
-                    n.s = ModuleState::new(
-                        policy_of(self.setup, i),
-                        n.history.current().is_some(),
-                        n.flag,
-                    )
-                    .with_self_outdated(n.self_outdated)
-                    .with_maintenance(n.maintenance)
-                    .with_left(n.left);
+                    n.s = n.started(policy_of(self.setup, i));
                     self.deliver(i, Event::Start);
                 }
             }
