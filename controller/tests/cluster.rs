@@ -211,11 +211,7 @@ async fn prim_then_failover_when_node1_dies() {
     let peer = &s.modules[0].nodes["node1"];
     assert!(!peer.reachable);
     assert_eq!(peer.state, None);
-    let log = n2
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n2.log().await.join("\n");
     assert_eq!(peer.last_known_state, Some(Some(Role::Prim)), "{log}");
     assert_eq!(s.modules[0].primary.as_deref(), Some("node2"));
     // node2 began a new generation: it is now newer than node1's copy.
@@ -224,11 +220,7 @@ async fn prim_then_failover_when_node1_dies() {
     // transition line is written: wait for the line.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let log = n2
-            .request(Request::Log { module: None })
-            .await
-            .lines
-            .join("\n");
+        let log = n2.log().await.join("\n");
         if log.contains("SECOND -> ALONE") {
             break;
         }
@@ -308,16 +300,8 @@ async fn swap_whose_connected_start_fails_starts_alone_and_resyncs() {
     n2.wait_role("node1", Role::Second, true).await;
     assert_eq!(n2.fs.count("mount_writer_connected"), 1);
     assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Writer));
-    let log = n2
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
-    let log1 = n1
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n2.log().await.join("\n");
+    let log1 = n1.log().await.join("\n");
     assert!(
         log.contains("starting alone once it knows it is outdated")
             && log.contains("the peer knows it is outdated"),
@@ -366,11 +350,7 @@ async fn swap_whose_vm_stop_fails_is_aborted_and_the_vm_stays() {
     assert_eq!(n1.fs.mounted("vm1"), Some(Mounted::Writer));
     assert_eq!(n2.fs.mounted("vm1"), Some(Mounted::Receiver));
     assert_eq!(n1.vm.count("stop"), 1, "the failed swap was retried");
-    let log = n1
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n1.log().await.join("\n");
     assert!(
         log.contains("error: stop VM") && log.contains("swap aborted"),
         "{log}"
@@ -447,11 +427,7 @@ async fn local_disk_failure_fails_over_and_the_node_waits_until_start() {
     )
     .unwrap();
     assert!(meta.contains("\"self_outdated\": true"), "{meta}");
-    let log = n1
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n1.log().await.join("\n");
     let after = log
         .split_once("local disk failed")
         .map(|(_, rest)| rest)
@@ -703,11 +679,7 @@ async fn vm_killed_behind_the_back_is_restarted_then_fails_over() {
     n2.wait_role("node2", Role::Alone, false).await;
     n2.wait("VM on node2", |_| n2.vm.is_running("vm1")).await;
     n1.wait_role("node1", Role::Second, false).await;
-    let log = n1
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n1.log().await.join("\n");
     assert!(log.contains("maxloop reached"), "{log}");
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
@@ -1147,11 +1119,7 @@ async fn live_swap_never_falls_back_but_swap_live_config_does() {
         n2.vm.is_running("vm1") && !n1.vm.is_running("vm1")
     })
     .await;
-    let log = n1
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n1.log().await.join("\n");
     assert!(log.contains("falling back to stop/start"), "{log}");
     // On the SECOND: refused at once.
     n1.wait_role("node1", Role::Second, true).await;
@@ -1273,11 +1241,7 @@ async fn live_swap_destination_restarted_after_adopting_the_flip_takes_the_vm() 
         .unwrap()
         .unwrap();
     assert!(r.ok, "{r:?}");
-    let log = n2
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n2.log().await.join("\n");
     assert!(log.contains("live flip descends"), "{log}");
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
@@ -1335,11 +1299,7 @@ async fn live_swap_destination_restarted_before_resuming_resumes_the_vm() {
         .unwrap()
         .unwrap();
     assert!(r.ok, "{r:?}");
-    let log = n2
-        .request(Request::Log { module: None })
-        .await
-        .lines
-        .join("\n");
+    let log = n2.log().await.join("\n");
     assert!(log.contains("still paused"), "{log}");
     n1.daemon.unwrap().kill().await;
     n2.daemon.unwrap().kill().await;
