@@ -628,12 +628,11 @@ async fn find_running(
                 lines.push(format!("error: clear {}: {e}", pending.display()));
             }
         }
-        let state = vm.state(&m);
         let paused_for_swap = writer
             && resume_pending
             && matches!(vm.paused(&m), Ok(Some(crate::driver::Paused::User)));
         let vm_running = writer
-            && state.is_ok_and(|s| {
+            && vm.state(&m).is_ok_and(|s| {
                 s == crate::driver::VmState::Running || s == crate::driver::VmState::Paused
             });
         (found, (vm_running, paused_for_swap), lines)
@@ -655,10 +654,10 @@ async fn find_running(
                 .generation
                 .as_deref()
                 .is_some_and(|g| generation_is_ours(history, f.writer, g));
+            // Current without being the current generation: the flip's parent.
             if !f.writer
                 && generation_current
-                && history.previous().first().map(|p| p.to_string()).as_deref()
-                    == f.generation.as_deref()
+                && history.current().map(|g| g.to_string()) != f.generation
             {
                 let line = "the receiver accepts the generation this node's live flip descends \
                      from (vmhad restarted during a live swap's hand-over): up to date, the \
