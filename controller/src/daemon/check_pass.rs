@@ -320,8 +320,7 @@ fn timer(period: Duration) -> tokio::time::Interval {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::driver::fake::{FakeFs, FakeVm};
+    use crate::driver::fake::{config_with_modules, FakeFs, FakeVm};
 
     fn healthy() -> Findings {
         Findings {
@@ -426,25 +425,7 @@ mod tests {
 
     #[test]
     fn a_pass_leaves_findings_only_where_needed_and_skips_unpublished_modules() {
-        let text = r#"
-[cluster]
-name = "t"
-[[node]]
-name = "a"
-addresses = ["127.0.0.1"]
-[[node]]
-name = "b"
-addresses = ["127.0.0.2"]
-[[module]]
-name = "vm1"
-replicated = ["/tmp/x1"]
-port = 7101
-[[module]]
-name = "vm2"
-replicated = ["/tmp/x2"]
-port = 7102
-"#;
-        let config = Config::from_toml_str(text).expect("config");
+        let config = config_with_modules(&["vm1", "vm2"]);
         let (vm1, vm2) = (config.modules[0].clone(), config.modules[1].clone());
         let (vm, fs) = (FakeVm::new(), FakeFs::new());
         fs.set_health("vm1", Some(FsHealth::Healthy));

@@ -620,27 +620,32 @@ impl FsDriver for FakeFs {
     }
 }
 
+/// A two-node cluster config with `names` as modules (each replicating
+/// `/tmp/<name>`), for the crate's unit tests on the fakes.
+#[cfg(test)]
+pub(crate) fn config_with_modules(names: &[&str]) -> crate::config::Config {
+    let mut text = String::from(
+        "[cluster]\nname = \"t\"\n[[node]]\nname = \"a\"\naddresses = [\"127.0.0.1\"]\n\
+         [[node]]\nname = \"b\"\naddresses = [\"127.0.0.2\"]\n",
+    );
+    for (i, name) in names.iter().enumerate() {
+        text.push_str(&format!(
+            "[[module]]\nname = \"{name}\"\nreplicated = [\"/tmp/{name}\"]\nport = {}\n",
+            7101 + i
+        ));
+    }
+    match crate::config::Config::from_toml_str(&text) {
+        Ok(config) => config,
+        Err(e) => panic!("test config: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn module() -> Module {
-        let text = r#"
-[cluster]
-name = "t"
-[[node]]
-name = "a"
-addresses = ["127.0.0.1"]
-[[node]]
-name = "b"
-addresses = ["127.0.0.2"]
-[[module]]
-name = "vm1"
-replicated = ["/tmp/x"]
-port = 7101
-"#;
-        Config::from_toml_str(text).unwrap().modules[0].clone()
+        config_with_modules(&["vm1"]).modules[0].clone()
     }
 
     #[test]

@@ -1333,6 +1333,23 @@ fn live_swap_survives_a_crash_at_every_point_of_the_flip() {
     }
 }
 
+/// A live swap from node 0 whose destination's vmhad dies after `k` actions
+/// of the take-over step and starts again at once, adopting what runs.
+fn restarted_mid_hand_over(k: usize, case: &str) -> Sim {
+    let mut sim = pair(false);
+    sim.apply(Op::RestartInFlip(1, k));
+    sim.apply(Op::SwapLive(0));
+    sim.apply(Op::Heartbeat(1));
+    sim.apply(Op::Heartbeat(0));
+    assert!(!sim.nodes[0].vm && sim.nodes[1].incoming, "{case}");
+    // The hand-over asked: node 1 starts taking over, its vmhad dies
+    // part-way and the new one adopts what it finds.
+    sim.apply(Op::Heartbeat(1));
+    assert!(sim.nodes[1].alive, "{case}");
+    assert!(!sim.nodes[1].restart_in_flip, "{case}: no restart");
+    sim
+}
+
 /// The destination's vmhad dies at each point of the hand-over (before or
 /// after adopting the flip, after activating the standby, after resuming)
 /// and starts again at once, adopting what runs: the VM ends on the
@@ -1348,17 +1365,7 @@ fn live_swap_survives_a_crash_at_every_point_of_the_flip() {
 fn a_destination_whose_vmhad_restarts_mid_hand_over_takes_the_vm() {
     for k in 0..4 {
         let case = format!("vmhad of node 1 restarted after {k} actions");
-        let mut sim = pair(false);
-        sim.apply(Op::RestartInFlip(1, k));
-        sim.apply(Op::SwapLive(0));
-        sim.apply(Op::Heartbeat(1));
-        sim.apply(Op::Heartbeat(0));
-        assert!(!sim.nodes[0].vm && sim.nodes[1].incoming, "{case}");
-        // The hand-over asked: node 1 starts taking over, its vmhad dies
-        // part-way and the new one adopts what it finds.
-        sim.apply(Op::Heartbeat(1));
-        assert!(sim.nodes[1].alive, "{case}");
-        assert!(!sim.nodes[1].restart_in_flip, "{case}: no restart");
+        let mut sim = restarted_mid_hand_over(k, &case);
         for _ in 0..3 {
             sim.apply(Op::Exchange);
         }
@@ -1381,13 +1388,7 @@ fn a_destination_whose_vmhad_restarts_mid_hand_over_takes_the_vm() {
 fn a_destination_restarted_mid_hand_over_fails_over_when_the_old_prim_is_lost() {
     for k in 0..2 {
         let case = format!("vmhad of node 1 restarted after {k} actions");
-        let mut sim = pair(false);
-        sim.apply(Op::RestartInFlip(1, k));
-        sim.apply(Op::SwapLive(0));
-        sim.apply(Op::Heartbeat(1));
-        sim.apply(Op::Heartbeat(0));
-        sim.apply(Op::Heartbeat(1));
-        assert!(!sim.nodes[1].restart_in_flip, "{case}: no restart");
+        let mut sim = restarted_mid_hand_over(k, &case);
         sim.apply(Op::Crash(0));
         sim.apply(Op::Lost(1));
         assert_eq!(sim.nodes[1].s.role, Role::Alone, "{case}");
