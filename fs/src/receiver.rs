@@ -127,7 +127,7 @@ impl SessionTable {
 
     /// `op` was applied (or tried): the nodes it changed go to the next `SyncAll`.
     fn note_changed(&self, op: &Op) {
-        let created = op.created_id().filter(|_| !matches!(op, Op::Bind { .. }));
+        let created = crate::syncset::created_node(op);
         for id in crate::syncset::changed_nodes(op).into_iter().chain(created) {
             match self.path_fd(id) {
                 Ok(fd) => self.changed.add(&fd),

@@ -302,6 +302,12 @@ pub fn changed_nodes(op: &Op) -> Vec<NodeId> {
     }
 }
 
+/// The node `op` created, to sync once it is applied (its attributes are
+/// set after its entry); a `Bind` only names a node that exists already.
+pub fn created_node(op: &Op) -> Option<NodeId> {
+    op.created_id().filter(|_| !matches!(op, Op::Bind { .. }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

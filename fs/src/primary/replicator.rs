@@ -291,8 +291,7 @@ impl Replicator {
         self.link.wait_usable()?;
         let _inflight = self.record(&op)?;
         let applied = apply::apply(self.inodes.as_ref(), &op);
-        // The node it created: its attributes are set after its entry.
-        if let (Some(id), false) = (op.created_id(), matches!(op, Op::Bind { .. })) {
+        if let Some(id) = crate::syncset::created_node(&op) {
             self.note_changed(id);
         }
         let applied = match applied {
