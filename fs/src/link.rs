@@ -364,13 +364,13 @@ fn open_session(
         .map_err(|e| protocol(e.into()))?;
     let keys = wire::client_handshake(&mut stream, key, &binding).map_err(protocol)?;
     let write_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
-    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, write_half), keys.send);
+    let mut writer = FrameWriter::for_session(BufWriter::with_capacity(1 << 18, write_half), &keys);
     writer
         .send(&Message::Claim { generation })
         .and_then(|()| writer.flush())
         .map_err(protocol)?;
     let read_half = stream.try_clone().map_err(|e| protocol(e.into()))?;
-    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 16, read_half), keys.recv);
+    let mut reader = FrameReader::for_session(BufReader::with_capacity(1 << 16, read_half), &keys);
     if keys.version >= wire::SOFTWARE_SINCE {
         match reader.recv().map_err(protocol)? {
             Message::Software { version } => tracing::info!(

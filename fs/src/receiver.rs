@@ -384,7 +384,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
-    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 16, write_half), keys.send);
+    let mut writer = FrameWriter::for_session(BufWriter::with_capacity(1 << 16, write_half), &keys);
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
@@ -392,7 +392,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     // its own (aligned, recycled) buffer without an extra copy: what the buffer
     // read ahead of a frame's data is copied once more (at most 64 KiB of each
     // 1 MiB write; 256 KiB before). Still a dozen 4 KiB writes per read.
-    let mut reader = FrameReader::new(BufReader::with_capacity(64 << 10, read_half), keys.recv);
+    let mut reader = FrameReader::for_session(BufReader::with_capacity(64 << 10, read_half), &keys);
     let claimed = match reader.recv() {
         Ok(Message::Claim { generation }) => generation,
         Ok(other) => {

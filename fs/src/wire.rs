@@ -54,8 +54,10 @@ use crate::version::Versions;
 /// `Op`s (and, from this release on, the handshake negotiates the version); 6: the
 /// receiver names its software version first ([`Message::Software`]); 7:
 /// `OpReceipt` / `Received` (protocol B); 8: `TimedAcks` (the receiver's time on
-/// each operation, for the writer's per-stage metrics).
-pub const REPLICATION: Versions = Versions { min: 5, max: 8 };
+/// each operation, for the writer's per-stage metrics); 9: a frame's MAC covers
+/// its payload's blake3 digest instead of the payload itself
+/// ([`PAYLOAD_DIGEST_SINCE`]).
+pub const REPLICATION: Versions = Versions { min: 5, max: 9 };
 /// The newest replication protocol version.
 pub const PROTOCOL_VERSION: u16 = REPLICATION.max;
 /// The first version whose receiver sends [`Message::Software`].
@@ -65,6 +67,15 @@ pub const SOFTWARE_SINCE: u16 = 6;
 pub const RECEIPT_SINCE: u16 = 7;
 /// The first version whose receiver acknowledges with [`Message::TimedAcks`].
 pub const TIMED_ACKS_SINCE: u16 = 8;
+/// The first version whose frames are authenticated as
+/// `keyed_blake3(key, counter || header || meta || blake3(data))` (the data part
+/// only when there is data) instead of `keyed_blake3(key, counter || header ||
+/// meta || data)`: the same strength (forging a frame means finding a blake3
+/// collision or the key), and the payload is hashed from its first byte in
+/// whole chunks, which blake3 hashes in parallel: a 4 KiB frame's MAC takes 1.6
+/// instead of 3.5 µs (the meta before the data put every chunk of the payload
+/// off blake3's chunk boundaries); a 1 MiB frame's the same.
+pub const PAYLOAD_DIGEST_SINCE: u16 = 9;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -337,6 +348,15 @@ fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireErr
         std::io::ErrorKind::UnexpectedEof => WireError::Closed,
         _ => WireError::Io(e),
     })
+}
+
+/// Adds a frame's payload to its MAC: itself, or (`digest`) its blake3 digest.
+fn hash_data(hasher: &mut blake3::Hasher, data: &[u8], digest: bool) {
+    if digest {
+        hasher.update(blake3::hash(data).as_bytes());
+    } else {
+        hasher.update(data);
+    }
 }
 
 /// Fills `buf` from `r`, hashing what has arrived in steps of at least
@@ -737,6 +757,8 @@ pub struct FrameWriter<W: Write> {
     inner: W,
     key: [u8; 32],
     counter: u64,
+    /// MAC over the payload's digest ([`PAYLOAD_DIGEST_SINCE`]).
+    digest: bool,
 }
 
 impl<W: Write> std::fmt::Debug for FrameWriter<W> {
@@ -746,11 +768,23 @@ impl<W: Write> std::fmt::Debug for FrameWriter<W> {
 }
 
 impl<W: Write> FrameWriter<W> {
+    /// A writer whose MAC covers the payload itself (versions before
+    /// [`PAYLOAD_DIGEST_SINCE`], and vmhad's daemon channel).
     pub fn new(inner: W, key: [u8; 32]) -> Self {
         Self {
             inner,
             key,
             counter: 0,
+            digest: false,
+        }
+    }
+
+    /// The writer of a replication session: its send key, and the MAC of the
+    /// negotiated version.
+    pub fn for_session(inner: W, keys: &SessionKeys) -> Self {
+        Self {
+            digest: keys.version >= PAYLOAD_DIGEST_SINCE,
+            ..Self::new(inner, keys.send)
         }
     }
 
@@ -790,6 +824,7 @@ impl<W: Write> FrameWriter<W> {
         hasher.update(&self.counter.to_le_bytes());
         hasher.update(&header);
         hasher.update(meta);
+        let digest = self.digest && !data.is_empty();
         if data.len() >= HASH_AFTER_SEND_FROM {
             // A large payload goes out first and is authenticated after: the
             // receiver reads and hashes it while we hash it here, so a MiB's
@@ -802,10 +837,10 @@ impl<W: Write> FrameWriter<W> {
                 IoSlice::new(data),
             ];
             write_all_vectored(&mut self.inner, &mut parts)?;
-            hasher.update(data);
+            hash_data(&mut hasher, data, digest);
             self.inner.write_all(hasher.finalize().as_bytes())?;
         } else {
-            hasher.update(data);
+            hash_data(&mut hasher, data, digest);
             let tag = hasher.finalize();
             // One vectored write: a frame goes out in one system call (the
             // buffer holds small ones together), not header, data and tag apart
@@ -840,6 +875,8 @@ pub struct FrameReader<R: Read> {
     inner: R,
     key: [u8; 32],
     counter: u64,
+    /// MAC over the payload's digest ([`PAYLOAD_DIGEST_SINCE`]).
+    digest: bool,
 }
 
 impl<R: Read> std::fmt::Debug for FrameReader<R> {
@@ -857,11 +894,23 @@ impl<R: Read> FrameReader<std::io::BufReader<R>> {
 }
 
 impl<R: Read> FrameReader<R> {
+    /// A reader whose MAC covers the payload itself (versions before
+    /// [`PAYLOAD_DIGEST_SINCE`], and vmhad's daemon channel).
     pub fn new(inner: R, key: [u8; 32]) -> Self {
         Self {
             inner,
             key,
             counter: 0,
+            digest: false,
+        }
+    }
+
+    /// The reader of a replication session: its receive key, and the MAC of
+    /// the negotiated version.
+    pub fn for_session(inner: R, keys: &SessionKeys) -> Self {
+        Self {
+            digest: keys.version >= PAYLOAD_DIGEST_SINCE,
+            ..Self::new(inner, keys.recv)
         }
     }
 
@@ -915,10 +964,16 @@ impl<R: Read> FrameReader<R> {
         hasher.update(&self.counter.to_le_bytes());
         hasher.update(&header);
         hasher.update(&meta);
+        // The payload's own hasher under the digest MAC.
+        let mut data_hasher = (self.digest && data_len > 0).then(blake3::Hasher::new);
         let data = if data_len as usize >= aligned_from {
             // Straight into a recycled aligned buffer (no zeroing, no fresh pages).
             let mut data = AlignedBuf::scratch(data_len as usize);
-            read_hashing(&mut self.inner, data.as_mut_slice(), &mut hasher)?;
+            read_hashing(
+                &mut self.inner,
+                data.as_mut_slice(),
+                data_hasher.as_mut().unwrap_or(&mut hasher),
+            )?;
             FrameData::Aligned(data)
         } else {
             // Read into spare capacity: the payload is not zeroed first.
@@ -929,9 +984,12 @@ impl<R: Read> FrameReader<R> {
             if read != data_len as usize {
                 return Err(WireError::Closed);
             }
-            hasher.update(&data);
+            data_hasher.as_mut().unwrap_or(&mut hasher).update(&data);
             FrameData::Vec(data)
         };
+        if let Some(data_hasher) = data_hasher {
+            hasher.update(data_hasher.finalize().as_bytes());
+        }
         let mut tag = [0u8; MAC_LEN];
         read_exact_or_closed(&mut self.inner, &mut tag)?;
         // blake3::Hash compares in constant time.
@@ -1307,6 +1365,34 @@ mod tests {
 
     #[test]
     fn large_payloads_round_trip_through_partial_writes_into_aligned_buffers() {
+        for digest in [false, true] {
+            payloads_round_trip(digest);
+        }
+    }
+
+    /// A writer and a reader of one session (`digest`: protocol 9's MAC).
+    fn pair<W: Write, R: Read>(
+        w: W,
+        r: R,
+        key: [u8; 32],
+        digest: bool,
+    ) -> (FrameWriter<W>, FrameReader<R>) {
+        let keys = SessionKeys {
+            send: key,
+            recv: key,
+            version: if digest {
+                PAYLOAD_DIGEST_SINCE
+            } else {
+                PAYLOAD_DIGEST_SINCE - 1
+            },
+        };
+        (
+            FrameWriter::for_session(w, &keys),
+            FrameReader::for_session(r, &keys),
+        )
+    }
+
+    fn payloads_round_trip(digest: bool) {
         let (k, _) = keys();
         let sizes = [
             0usize,
@@ -1330,30 +1416,36 @@ mod tests {
                 },
             })
             .collect();
-        let mut w = FrameWriter::new(Trickle(Vec::new()), k);
+        let (mut w, _) = pair(Trickle(Vec::new()), std::io::empty(), k, digest);
         for m in &msgs {
             assert!(w.send(m).is_ok());
         }
-        assert_eq!(
-            w.inner.0,
-            encode(&msgs, k),
-            "partial writes changed the stream"
-        );
+        let (mut whole, _) = pair(Vec::new(), std::io::empty(), k, digest);
+        for m in &msgs {
+            assert!(whole.send(m).is_ok());
+        }
+        assert_eq!(w.inner.0, whole.inner, "partial writes changed the stream");
         // Each tag is the MAC of the whole frame (what a peer of any version
-        // computes).
+        // computes): of the payload itself, or from protocol 9 of its digest.
         let mut rest = &w.inner.0[..];
         let mut counter = 0u64;
         while !rest.is_empty() {
             let meta_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
             let data_len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
             let body = 8 + meta_len + data_len;
+            let payload = &rest[8 + meta_len..body];
+            let payload_digest = blake3::hash(payload);
+            let covered: &[u8] = match (digest, payload.is_empty()) {
+                (true, false) => payload_digest.as_bytes(),
+                _ => payload,
+            };
             let expected = mac(
                 &k,
                 &[
                     &counter.to_le_bytes(),
                     &rest[..8],
                     &rest[8..8 + meta_len],
-                    &rest[8 + meta_len..body],
+                    covered,
                 ],
             );
             assert_eq!(&rest[body..body + MAC_LEN], expected.as_bytes());
@@ -1363,12 +1455,21 @@ mod tests {
         assert_eq!(counter, msgs.len() as u64);
         // Read back in odd pieces (a socket returns what has arrived): the
         // payload is hashed piece by piece as it comes in.
-        let mut r = FrameReader::new(Dribble(Cursor::new(w.inner.0.clone())), k);
+        let (_, mut r) = pair(
+            std::io::sink(),
+            Dribble(Cursor::new(w.inner.0.clone())),
+            k,
+            digest,
+        );
         for m in &msgs {
             assert_eq!(&r.recv().unwrap_or_else(|e| panic!("{e}")), m);
         }
         assert!(matches!(r.recv(), Err(WireError::Closed)));
-        let mut r = FrameReader::new(Cursor::new(w.inner.0), k);
+        // A reader of the other scheme refuses the first frame with data.
+        let (_, mut other) = pair(std::io::sink(), Cursor::new(w.inner.0.clone()), k, !digest);
+        assert!(other.recv().is_ok(), "no data: the same MAC");
+        assert!(matches!(other.recv(), Err(WireError::BadMac)));
+        let (_, mut r) = pair(std::io::sink(), Cursor::new(w.inner.0), k, digest);
         for (m, &len) in msgs.iter().zip(&sizes) {
             let got = r.recv().unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(&got, m);
@@ -1399,6 +1500,12 @@ mod tests {
 
     #[test]
     fn a_changed_byte_anywhere_in_a_large_payload_fails_authentication() {
+        for digest in [false, true] {
+            changed_byte_fails(digest);
+        }
+    }
+
+    fn changed_byte_fails(digest: bool) {
         let (k, _) = keys();
         let data: Vec<u8> = (0..1usize << 20).map(|j| (j % 251) as u8).collect();
         let msg = Message::Op {
@@ -1409,8 +1516,15 @@ mod tests {
                 data: Payload::Owned(Arc::new(data)),
             },
         };
-        let bytes = encode(std::slice::from_ref(&msg), k);
-        let mut r = FrameReader::new(Dribble(Cursor::new(bytes.clone())), k);
+        let (mut w, _) = pair(Vec::new(), std::io::empty(), k, digest);
+        assert!(w.send(&msg).is_ok());
+        let bytes = w.inner;
+        let (_, mut r) = pair(
+            std::io::sink(),
+            Dribble(Cursor::new(bytes.clone())),
+            k,
+            digest,
+        );
         assert_eq!(r.recv().unwrap_or_else(|e| panic!("{e}")), msg);
         // First, middle and last payload byte, and the tag's last byte.
         let payload_end = bytes.len() - MAC_LEN;
@@ -1422,7 +1536,7 @@ mod tests {
         ] {
             let mut bad = bytes.clone();
             bad[at] ^= 0x40;
-            let mut r = FrameReader::new(Dribble(Cursor::new(bad)), k);
+            let (_, mut r) = pair(std::io::sink(), Dribble(Cursor::new(bad)), k, digest);
             assert!(
                 matches!(r.recv(), Err(WireError::BadMac)),
                 "byte {at} changed"

@@ -42,10 +42,10 @@ impl Session {
             Ok(k) => k,
             Err(e) => return Ok(Err(e)),
         };
-        let mut writer = FrameWriter::new(stream.try_clone()?, keys.send);
+        let mut writer = FrameWriter::for_session(stream.try_clone()?, &keys);
         writer.send(&Message::Claim { generation: None })?;
         writer.flush()?;
-        let mut reader = FrameReader::new(stream, keys.recv);
+        let mut reader = FrameReader::for_session(stream, &keys);
         // Protocol 6 on, the receiver names its software first.
         if keys.version >= wire::SOFTWARE_SINCE {
             match reader.recv() {
@@ -305,8 +305,8 @@ fn fake_receiver(
     Ok(std::thread::spawn(move || -> Result<()> {
         let (mut stream, _) = listener.accept()?;
         let keys = wire::server_handshake(&mut stream, &key, &bind)?;
-        let mut reader = FrameReader::new(stream.try_clone()?, keys.recv);
-        let mut writer = FrameWriter::new(stream, keys.send);
+        let mut reader = FrameReader::for_session(stream.try_clone()?, &keys);
+        let mut writer = FrameWriter::for_session(stream, &keys);
         match reader.recv()? {
             Message::Claim { .. } => {}
             other => bail!("expected Claim, got {other:?}"),

@@ -163,6 +163,46 @@ fn protocol_b_with_an_older_receiver_runs_at_its_version_as_c() -> Result<()> {
     Ok(())
 }
 
+/// A receiver of the release before the payload-digest MAC (replication
+/// protocol 8): the pair settles on 8 and frames are authenticated the old way
+/// (a 1 MiB write, sent before its tag, as well as 4 KiB ones); what was
+/// acknowledged is on the receiver when the primary dies. The same pair of
+/// this release settles on 9.
+#[test]
+fn a_protocol_8_receiver_is_sent_frames_it_can_authenticate() -> Result<()> {
+    for (versions, expect) in [(Some("5..=8"), 8), (None, vmha_fs::wire::PROTOCOL_VERSION)] {
+        let mut pair = Pair::start(PairOptions {
+            secondary_versions: versions,
+            ..PairOptions::default()
+        })?;
+        let path = pair.mount().join("disk.img");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        write_blocks(&f, 0..N)?;
+        let big: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
+        f.write_all_at(&big, 1 << 20).context("1 MiB write")?;
+        pair.kill_primary()?;
+        let log = pair.primary().map(|p| p.stderr_text()).unwrap_or_default();
+        if !log.contains(&format!("replication session: protocol {expect}")) {
+            bail!("the pair did not settle on protocol {expect}:\n{log}");
+        }
+        let replica = pair.secondary_backing().join("disk.img");
+        expect_on_survivor(&replica, 0..N, &format!("protocol {expect}"))?;
+        let mut got = vec![0u8; big.len()];
+        File::open(&replica)?
+            .read_exact_at(&mut got, 1 << 20)
+            .context("read the 1 MiB write on the receiver")?;
+        if got != big {
+            bail!("protocol {expect}: the 1 MiB write differs on the receiver");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn protocol_flush_keeps_every_synced_write_when_the_primary_dies() -> Result<()> {
     primary_kill_keeps("flush", false)
