@@ -79,6 +79,7 @@ use crate::link::PeerLink;
 use crate::op::{
     Control, LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Request, XattrValue, ROOT,
 };
+use crate::syncset::SyncSet;
 use crate::track::{self, EntryKind, Report, Tracker};
 
 mod pipeline;
@@ -111,6 +112,9 @@ pub struct Syncer {
     /// An operation of the sync failed on the peer.
     failed: Arc<AtomicBool>,
     tracker: Arc<Tracker>,
+    /// What this writer changed and has not synced yet (the replicator's set):
+    /// synced before the records are cleared.
+    changed: Arc<SyncSet>,
     /// Resync data rate limit (bytes/s), and the bytes sent since this start.
     rate_limit: Option<u64>,
     paced: parking_lot::Mutex<(std::time::Instant, u64)>,
@@ -276,6 +280,7 @@ impl Syncer {
         link: PeerLink,
         progress: Arc<SyncProgress>,
         tracker: Arc<Tracker>,
+        changed: Arc<SyncSet>,
     ) -> Self {
         Self {
             inodes,
@@ -284,6 +289,7 @@ impl Syncer {
             progress,
             failed: Arc::new(AtomicBool::new(false)),
             tracker,
+            changed,
             rate_limit: None,
             paced: parking_lot::Mutex::new((std::time::Instant::now(), 0)),
             streams: DEFAULT_STREAMS,
@@ -370,9 +376,14 @@ impl Syncer {
         }
         // Our copy must be on disk too before the records of what the peer lacked
         // are forgotten: after a power cut here it would differ from the peer's where
-        // nothing says so. (Later writes are in the activity log.)
+        // nothing says so. (Later writes are in the activity log.) Only what
+        // this writer changed and has not synced (`syncfs` of the backing
+        // filesystem waited for every other program's dirty data too, e.g. the
+        // receivers of other modules on the same filesystem).
         let root = self.inodes.get(ROOT).map_err(local("the root"))?;
-        rustix::fs::syncfs(root.fd.as_fd()).map_err(local("sync of this copy"))?;
+        self.changed
+            .sync(root.fd.as_fd())
+            .map_err(local("sync of this copy"))?;
         // Both copies are identical now: both nodes' records start afresh (the peer's
         // first: if we stop in between, ours still say more than needed, never less).
         self.send_wait(Control::InSync)?;

@@ -365,6 +365,7 @@ impl Activation {
             repl.link.clone(),
             progress,
             repl.tracker.clone(),
+            repl.changed.clone(),
         )
     }
 }
