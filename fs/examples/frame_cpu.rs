@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use vmha_fs::buffer::{AlignedBuf, Payload};
 use vmha_fs::op::Op;
-use vmha_fs::wire::{FrameReader, FrameWriter, Message};
+use vmha_fs::wire::{FrameReader, FrameWriter, Message, SessionKeys, PROTOCOL_VERSION};
 
 fn cpu_us() -> u64 {
     // SAFETY: getrusage only writes the struct it is given.
@@ -33,13 +33,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(2000);
-    let key = [7u8; 32];
+    // This release's frames (its MAC), as a replication session has them.
+    let keys = SessionKeys {
+        send: [7u8; 32],
+        recv: [7u8; 32],
+        version: PROTOCOL_VERSION,
+    };
+    let receiver_keys = keys.clone();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let receiver = std::thread::spawn(move || -> Result<u64, String> {
         let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
-        let mut reader = FrameReader::new(BufReader::with_capacity(64 << 10, stream), key);
+        let mut reader =
+            FrameReader::for_session(BufReader::with_capacity(64 << 10, stream), &receiver_keys);
         let mut bytes = 0u64;
         loop {
             match reader.recv() {
@@ -55,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
-    let mut writer = FrameWriter::new(BufWriter::with_capacity(1 << 18, stream), key);
+    let mut writer = FrameWriter::for_session(BufWriter::with_capacity(1 << 18, stream), &keys);
     // What FUSE hands the write handler (not aligned).
     let source: Vec<u8> = (0..(1usize << 20) + 80).map(|i| (i % 251) as u8).collect();
     let (cpu0, t0) = (cpu_us(), Instant::now());
