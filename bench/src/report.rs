@@ -62,6 +62,9 @@ pub struct RunResult {
     /// measured run went, stage by stage (the primary's `metrics.json`
     /// `write_stages` / `fsync_stages`, difference over the run).
     pub stages: Option<StageReport>,
+    /// CPU time and context switches of the target's daemons (every FUSE
+    /// target: vmha both nodes, bindfs, vmha-fuse-probe) during the measured run.
+    pub daemon_cpu: Option<crate::targets::Usage>,
     pub error: Option<String>,
 }
 
@@ -152,6 +155,9 @@ impl Results {
         }
         if self.runs.iter().any(|r| r.stages.is_some()) {
             self.stage_table(&mut s);
+        }
+        if self.runs.iter().any(|r| r.daemon_cpu.is_some()) {
+            self.daemon_cpu_table(&mut s);
         }
         let extra: Vec<String> = self
             .runs
@@ -419,6 +425,46 @@ impl Results {
     }
 }
 
+impl Results {
+    /// The FUSE daemons' CPU per fio operation (reads or writes of the job;
+    /// the fsyncs of randwrite-sync ride along).
+    fn daemon_cpu_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "\nFUSE daemon(s) per fio operation of the run: CPU µs, voluntary / involuntary context switches.\n"
+        );
+        let head = [
+            "job / target",
+            "fio ops",
+            "CPU µs/op",
+            "voluntary/op",
+            "involuntary/op",
+        ];
+        table_row(s, &head.map(str::to_owned));
+        table_row(s, &vec!["---".to_owned(); head.len()]);
+        for r in &self.runs {
+            let (Some(u), Some(m)) = (r.daemon_cpu, &r.metrics) else {
+                continue;
+            };
+            let ops = m.total_ios;
+            if ops == 0 {
+                continue;
+            }
+            let per = |v: u64| format!("{:.2}", v as f64 / ops as f64);
+            table_row(
+                s,
+                &[
+                    format!("{} / {}", r.job, r.target.name()),
+                    ops.to_string(),
+                    format!("{:.1}", u.cpu_us as f64 / ops as f64),
+                    per(u.voluntary_switches),
+                    per(u.involuntary_switches),
+                ],
+            );
+        }
+    }
+}
+
 fn table_row(s: &mut String, cells: &[String]) {
     let _ = writeln!(s, "| {} |", cells.join(" | "));
 }
@@ -467,6 +513,7 @@ mod tests {
             replica_check: None,
             disk: None,
             stages: None,
+            daemon_cpu: None,
             error: None,
         }
     }
