@@ -41,8 +41,8 @@ struct Ent {
 }
 
 impl Ent {
-    fn new(payload_len: usize) -> Box<Self> {
-        let mut e = Box::new(Self {
+    fn new(payload_len: usize) -> Self {
+        let mut e = Self {
             header: AlignedBuf::zeroed(4096),
             payload: AlignedBuf::zeroed(payload_len),
             iov: Box::new(
@@ -56,7 +56,7 @@ impl Ent {
             unique: 0,
             io: None,
             live: true,
-        });
+        };
         e.iov[0] = libc::iovec {
             iov_base: e.header.as_mut_slice().as_mut_ptr().cast(),
             iov_len: abi::URING_REQ_HEADER,
@@ -109,7 +109,9 @@ struct Queue<'a> {
     qid: u16,
     sync_io: bool,
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
-    ents: Vec<Box<Ent>>,
+    /// Moving an entry moves none of what the kernel points at (its buffers
+    /// and iovecs are separate heap blocks).
+    ents: Vec<Ent>,
 }
 
 impl Queue<'_> {
