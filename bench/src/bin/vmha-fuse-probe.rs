@@ -76,6 +76,10 @@ struct Cli {
     /// filesystem would) instead of on the ring.
     #[arg(long)]
     sync_io: bool,
+    /// `uring`: leave the queue threads unpinned (the scheduler may run a
+    /// queue's thread on another CPU than the one whose requests it serves).
+    #[arg(long)]
+    no_pin: bool,
 }
 
 /// Why FUSE over io_uring cannot run here, checked before mounting.
@@ -180,10 +184,14 @@ fn run(cli: Cli) -> Result<()> {
             for qid in 0..queues {
                 let (fs, dev) = (Arc::clone(&fs), Arc::clone(&dev));
                 let qid = u16::try_from(qid)?;
-                let (depth, sync_io) = (usize::from(cli.queue_depth), cli.sync_io);
+                let opts = uring::QueueOpts {
+                    depth: usize::from(cli.queue_depth),
+                    sync_io: cli.sync_io,
+                    pin: !cli.no_pin,
+                };
                 std::thread::Builder::new()
                     .name(format!("fuse-ring-{qid}"))
-                    .spawn(move || uring::serve_queue(&fs, dev.as_raw_fd(), qid, depth, sync_io))?;
+                    .spawn(move || uring::serve_queue(&fs, dev.as_raw_fd(), qid, opts))?;
                 workers += 1;
             }
         }

@@ -284,14 +284,32 @@ impl Queue<'_> {
     }
 }
 
-/// The thread of queue `qid`: pinned to CPU `qid`, registers `depth` entries
-/// once INIT is answered, then serves until unmount.
-pub fn serve_queue(fs: &Fs, dev: RawFd, qid: u16, depth: usize, sync_io: bool) {
+/// How a queue thread runs.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueOpts {
+    /// Ring entries (requests of this queue in flight).
+    pub depth: usize,
+    /// Backing I/O inline instead of on the ring.
+    pub sync_io: bool,
+    /// Pin the thread to the queue's CPU.
+    pub pin: bool,
+}
+
+/// The thread of queue `qid`: pinned to CPU `qid` (unless told not to),
+/// registers its entries once INIT is answered, then serves until unmount.
+pub fn serve_queue(fs: &Fs, dev: RawFd, qid: u16, opts: QueueOpts) {
+    let QueueOpts {
+        depth,
+        sync_io,
+        pin,
+    } = opts;
     let res = (|| -> Result<(), String> {
-        let mut cpus = rustix::thread::CpuSet::new();
-        cpus.set(usize::from(qid));
-        rustix::thread::sched_setaffinity(None, &cpus)
-            .map_err(|e| format!("queue {qid}: pin to CPU {qid}: {e}"))?;
+        if pin {
+            let mut cpus = rustix::thread::CpuSet::new();
+            cpus.set(usize::from(qid));
+            rustix::thread::sched_setaffinity(None, &cpus)
+                .map_err(|e| format!("queue {qid}: pin to CPU {qid}: {e}"))?;
+        }
         let entries = u32::try_from(depth * 2).unwrap_or(u32::MAX);
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(entries)
