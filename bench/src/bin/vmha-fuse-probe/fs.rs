@@ -592,14 +592,19 @@ impl Fs {
         let Some(name) = name_arg(payload) else {
             return fail(libc::ENOENT);
         };
-        let md = match std::fs::symlink_metadata(self.root.join(name)) {
-            Ok(md) => md,
-            Err(e) => return fail(errno(&e)),
-        };
+        match self.entry(name) {
+            Ok(o) => Action::Done(Reply::Body(o.0)),
+            Err(e) => fail(e),
+        }
+    }
+
+    /// `struct fuse_entry_out` of `name`, counting one more kernel reference.
+    fn entry(&self, name: &OsStr) -> Result<Out, i32> {
+        let md = std::fs::symlink_metadata(self.root.join(name)).map_err(|e| errno(&e))?;
         let id = self.reference(name);
-        let mut o = Out::with_capacity(128);
+        let mut o = Out::with_capacity(144);
         put_entry(&mut o, id, &md);
-        Action::Done(Reply::Body(o.0))
+        Ok(o)
     }
 
     fn setattr(&self, nodeid: u64, f: Fields<'_>) -> Action {
@@ -647,15 +652,13 @@ impl Fs {
             Ok(fh) => fh,
             Err(e) => return fail(e),
         };
-        let md = match std::fs::symlink_metadata(self.root.join(name)) {
-            Ok(md) => md,
-            Err(e) => return fail(errno(&e)),
-        };
-        let id = self.reference(name);
-        let mut o = Out::with_capacity(144);
-        put_entry(&mut o, id, &md);
-        Self::put_open(&mut o, fh, flags as i32 & libc::O_DIRECT != 0);
-        Action::Done(Reply::Body(o.0))
+        match self.entry(name) {
+            Ok(mut o) => {
+                Self::put_open(&mut o, fh, flags as i32 & libc::O_DIRECT != 0);
+                Action::Done(Reply::Body(o.0))
+            }
+            Err(e) => fail(e),
+        }
     }
 
     fn statfs(&self) -> Action {
