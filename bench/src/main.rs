@@ -235,12 +235,21 @@ struct FioArgs {
     /// Comma list of targets: local, two-copies (two jobs on two local files at
     /// once: the two-copy limit of this disk), vmha (protocol C), vmha-B,
     /// vmha-flush, vmha-alone (vmha-fs primary with no peer: the FUSE path
-    /// without replication, the ceiling of any protocol), bindfs.
+    /// without replication, the ceiling of any protocol), bindfs, and the bare
+    /// FUSE transports of vmha-fuse-probe: fuse-dev (/dev/fuse, 16 threads),
+    /// fuse-uring (FUSE over io_uring, backing I/O on the ring; switches the
+    /// fuse module's enable_uring on for the run), fuse-uring-sync (the same,
+    /// backing I/O inline).
     #[arg(
         long,
         default_value = "local,two-copies,vmha,vmha-B,vmha-flush,vmha-alone,bindfs"
     )]
     targets: String,
+    /// Run the targets of each job in the order given in --targets instead of
+    /// the canonical one (local first): rotate it between runs so drift does
+    /// not always favour the same target.
+    #[arg(long)]
+    as_given: bool,
     /// Parent of the scratch directory (on the disk to measure; not a tmpfs).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
@@ -258,7 +267,11 @@ fn fio(args: FioArgs) -> Result<bool> {
         size: args.size,
         runtime_s: args.runtime,
         jobs: jobs::select(args.jobs.as_deref())?,
-        targets: targets::Kind::parse_list(&args.targets)?,
+        targets: if args.as_given {
+            targets::Kind::parse_list_as_given(&args.targets)?
+        } else {
+            targets::Kind::parse_list(&args.targets)?
+        },
         dir: args.dir,
         keep: args.keep,
         verify: !args.no_verify,

@@ -3,7 +3,7 @@
 use crate::diskstats::Traffic;
 use crate::fio_json::{Lat, Metrics};
 use crate::jobs::Job;
-use crate::targets::Kind;
+use crate::targets::{Kind, Usage};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -62,6 +62,9 @@ pub struct RunResult {
     /// measured run went, stage by stage (the primary's `metrics.json`
     /// `write_stages` / `fsync_stages`, difference over the run).
     pub stages: Option<StageReport>,
+    /// CPU time and context switches of the target's daemons (every FUSE
+    /// target: vmha both nodes, bindfs, vmha-fuse-probe) during the measured run.
+    pub daemon_cpu: Option<crate::targets::Usage>,
     pub error: Option<String>,
 }
 
@@ -152,6 +155,9 @@ impl Results {
         }
         if self.runs.iter().any(|r| r.stages.is_some()) {
             self.stage_table(&mut s);
+        }
+        if self.runs.iter().any(|r| r.daemon_cpu.is_some()) {
+            self.daemon_cpu_table(&mut s);
         }
         let extra: Vec<String> = self
             .runs
@@ -381,41 +387,80 @@ impl Results {
                 table_row(s, &row);
             }
         }
-        let _ = writeln!(
+        let rows: Vec<_> = self
+            .runs
+            .iter()
+            .filter_map(|r| {
+                let st = r.stages.as_ref()?;
+                let ops = st.write.count + st.fsync.count;
+                Some((format!("{} / {}", r.job, r.target.name()), ops, st.daemons?))
+            })
+            .collect();
+        usage_table(
             s,
-            "\nBoth daemons together, per replicated operation (writes + fsyncs) of the run: CPU µs, voluntary / involuntary context switches.\n"
+            "Both daemons together, per replicated operation (writes + fsyncs) of the run: CPU µs, voluntary / involuntary context switches.",
+            "ops",
+            &rows,
+            0,
         );
+    }
+
+    /// The FUSE daemons' CPU per fio operation (reads or writes of the job;
+    /// the fsyncs of randwrite-sync ride along).
+    fn daemon_cpu_table(&self, s: &mut String) {
+        let rows: Vec<_> = self
+            .runs
+            .iter()
+            .filter_map(|r| {
+                let ops = r.metrics.as_ref()?.total_ios;
+                Some((
+                    format!("{} / {}", r.job, r.target.name()),
+                    ops,
+                    r.daemon_cpu?,
+                ))
+            })
+            .collect();
+        usage_table(
+            s,
+            "FUSE daemon(s) per fio operation of the run: CPU µs, voluntary / involuntary context switches.",
+            "fio ops",
+            &rows,
+            1,
+        );
+    }
+}
+
+/// Daemon CPU and context switches per operation, one row per (label, ops,
+/// usage); rows without operations are left out.
+fn usage_table(
+    s: &mut String,
+    intro: &str,
+    ops_head: &str,
+    rows: &[(String, u64, Usage)],
+    cpu_digits: usize,
+) {
+    let _ = writeln!(s, "\n{intro}\n");
+    let head = [
+        "job / target",
+        ops_head,
+        "CPU µs/op",
+        "voluntary/op",
+        "involuntary/op",
+    ];
+    table_row(s, &head.map(str::to_owned));
+    table_row(s, &vec!["---".to_owned(); head.len()]);
+    for (label, ops, u) in rows.iter().filter(|(_, ops, _)| *ops > 0) {
+        let per = |v: u64| format!("{:.2}", v as f64 / *ops as f64);
         table_row(
             s,
             &[
-                "job / target",
-                "ops",
-                "CPU µs/op",
-                "voluntary/op",
-                "involuntary/op",
-            ]
-            .map(str::to_owned),
+                label.clone(),
+                ops.to_string(),
+                format!("{:.*}", cpu_digits, u.cpu_us as f64 / *ops as f64),
+                per(u.voluntary_switches),
+                per(u.involuntary_switches),
+            ],
         );
-        table_row(s, &vec!["---".to_owned(); 5]);
-        for r in &self.runs {
-            let Some(st) = &r.stages else { continue };
-            let Some(u) = st.daemons else { continue };
-            let ops = st.write.count + st.fsync.count;
-            if ops == 0 {
-                continue;
-            }
-            let per = |v: u64| format!("{:.2}", v as f64 / ops as f64);
-            table_row(
-                s,
-                &[
-                    format!("{} / {}", r.job, r.target.name()),
-                    ops.to_string(),
-                    format!("{:.0}", u.cpu_us as f64 / ops as f64),
-                    per(u.voluntary_switches),
-                    per(u.involuntary_switches),
-                ],
-            );
-        }
     }
 }
 
@@ -467,6 +512,7 @@ mod tests {
             replica_check: None,
             disk: None,
             stages: None,
+            daemon_cpu: None,
             error: None,
         }
     }
@@ -512,6 +558,22 @@ mod tests {
         assert!(res.runs[0].vs_local.is_none());
         let md = res.markdown();
         assert!(md.contains("0.25× (durable 4.00× slower)"));
+        // No daemon usage measured: no CPU table.
+        assert!(!md.contains("FUSE daemon(s) per fio operation"));
+        if let Some(m) = res.runs[2].metrics.as_mut() {
+            m.total_ios = 400;
+        }
+        res.runs[2].daemon_cpu = Some(Usage {
+            cpu_us: 10_000,
+            voluntary_switches: 800,
+            involuntary_switches: 4,
+        });
+        let md = res.markdown();
+        assert!(md.contains("FUSE daemon(s) per fio operation"), "{md}");
+        assert!(
+            md.contains("| randwrite-sync / vmha | 400 | 25.0 | 2.00 | 0.01 |"),
+            "{md}"
+        );
         assert!(md.contains("0.50× (durable 2.00× slower)"));
         assert!(md.contains("vmha ×two-copies"));
         assert!(md.contains("| vmha | 10.0 | 9.00 | 20.0 |"));

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vmha_test_infra::bin::workspace_bin;
 use vmha_test_infra::proc::Child;
 use vmha_test_infra::vmha_fs_bin;
 
@@ -109,6 +110,7 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         replica_check: None,
         disk: None,
         stages: None,
+        daemon_cpu: None,
         error: None,
     };
     let (size_bytes, work) = (ctx.size_bytes, &ctx.work);
@@ -159,6 +161,7 @@ fn run_one(target: &mut Target, job: &Job, opts: &Opts, ctx: &RunCtx) -> RunResu
         // fio sums the copies: the rate of one copy is what a replicated write gets.
         m.iops /= f64::from(copies);
         m.mib_s /= f64::from(copies);
+        res.daemon_cpu = usage;
         res.metrics = Some(m);
         let after = ctx.dev.and_then(diskstats::read);
         res.disk = before.zip(after).map(|(b, a)| diskstats::delta(b, a));
@@ -211,6 +214,21 @@ fn mtime_unix(path: &Path) -> Option<u64> {
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs())
 }
 
+/// vmha-fuse-probe, when a probe target is selected: `$VMHA_FUSE_PROBE_BIN`
+/// or next to this binary.
+fn probe_bin(targets: &[Kind]) -> Result<Option<PathBuf>> {
+    if !targets.iter().any(|k| k.is_probe()) {
+        return Ok(None);
+    }
+    if targets.iter().any(|k| k.needs_uring()) && !vmha_test_infra::fuse_uring::available() {
+        bail!(
+            "an io_uring target is selected but this kernel has no FUSE over io_uring ({} is missing)",
+            vmha_test_infra::fuse_uring::ENABLE_URING
+        );
+    }
+    workspace_bin("vmha-fuse-probe", "VMHA_FUSE_PROBE_BIN").map(Some)
+}
+
 fn check_tools(targets: &[Kind]) -> Result<Option<PathBuf>> {
     if targets.contains(&Kind::Bindfs) {
         let ok = Command::new("bindfs")
@@ -248,6 +266,7 @@ pub fn run(opts: &Opts) -> Result<Results> {
     let size_bytes = sysinfo::parse_size(&opts.size)?;
     let fio_version = sysinfo::fio_version()?;
     let vmha_fs = check_tools(&opts.targets)?;
+    let probe = probe_bin(&opts.targets)?;
 
     let scratch = tempfile::Builder::new()
         .prefix("vmha-bench.")
@@ -283,6 +302,7 @@ pub fn run(opts: &Opts) -> Result<Results> {
             *k,
             &base.join(k.name()),
             vmha_fs_copy.as_deref(),
+            probe.as_deref(),
         )?);
     }
 

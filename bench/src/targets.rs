@@ -1,5 +1,7 @@
 //! The directories fio runs in: a plain local directory, a vmha-fs pair on
-//! this machine, and bindfs as a plain FUSE pass-through reference.
+//! this machine, bindfs as a plain FUSE pass-through reference, and
+//! vmha-fuse-probe (a bare pass-through written against the kernel ABI) over
+//! /dev/fuse or over io_uring, to measure the FUSE transport itself.
 
 use crate::mounts::{fstype_at, lazy_unmount_all, MountGuard};
 use anyhow::{bail, Context, Result};
@@ -9,6 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vmha_test_infra::fuse_uring::EnableUring;
 use vmha_test_infra::pair::{free_port, keygen};
 use vmha_test_infra::proc::{Child, SpawnOptions};
 
@@ -55,10 +58,22 @@ pub enum Kind {
     #[serde(rename = "vmha-alone")]
     VmhaAlone,
     Bindfs,
+    /// vmha-fuse-probe over /dev/fuse with vmha-fs's thread count: the bare
+    /// classic transport, no replication, no fuser.
+    #[serde(rename = "fuse-dev")]
+    FuseDev,
+    /// vmha-fuse-probe over FUSE io_uring, the backing I/O on the ring too
+    /// (`enable_uring` is switched on for the run).
+    #[serde(rename = "fuse-uring")]
+    FuseUring,
+    /// The same with the backing I/O done inline by the queue threads (what a
+    /// synchronous filesystem would get from the ring).
+    #[serde(rename = "fuse-uring-sync")]
+    FuseUringSync,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 10] = [
         Kind::Local,
         Kind::TwoCopies,
         Kind::Vmha,
@@ -66,6 +81,9 @@ impl Kind {
         Kind::VmhaFlush,
         Kind::VmhaAlone,
         Kind::Bindfs,
+        Kind::FuseDev,
+        Kind::FuseUring,
+        Kind::FuseUringSync,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,7 +95,31 @@ impl Kind {
             Kind::VmhaFlush => "vmha-flush",
             Kind::VmhaAlone => "vmha-alone",
             Kind::Bindfs => "bindfs",
+            Kind::FuseDev => "fuse-dev",
+            Kind::FuseUring => "fuse-uring",
+            Kind::FuseUringSync => "fuse-uring-sync",
         }
+    }
+
+    /// vmha-fuse-probe's arguments for a probe target.
+    fn probe_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            // vmha-fs's default `--threads`.
+            Kind::FuseDev => Some(&["--transport", "dev", "--threads", "16"]),
+            Kind::FuseUring => Some(&["--transport", "uring"]),
+            Kind::FuseUringSync => Some(&["--transport", "uring", "--sync-io"]),
+            _ => None,
+        }
+    }
+
+    /// Runs vmha-fuse-probe.
+    pub fn is_probe(self) -> bool {
+        self.probe_args().is_some()
+    }
+
+    /// Needs FUSE over io_uring switched on.
+    pub fn needs_uring(self) -> bool {
+        matches!(self, Kind::FuseUring | Kind::FuseUringSync)
     }
 
     /// How many files each job writes at once on this target.
@@ -128,6 +170,22 @@ impl Kind {
             .filter(|k| wanted.contains(&k.name()))
             .collect())
     }
+
+    /// Targets named in a comma list, in the order given (duplicates
+    /// dropped): for rotating the order between runs; the ratios are computed
+    /// against `local` whatever its place.
+    pub fn parse_list_as_given(list: &str) -> Result<Vec<Kind>> {
+        let canonical = Self::parse_list(list)?;
+        let mut out: Vec<Kind> = Vec::new();
+        for w in list.split(',').map(str::trim) {
+            if let Some(k) = canonical.iter().find(|k| k.name() == w) {
+                if !out.contains(k) {
+                    out.push(*k);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug)]
@@ -151,10 +209,20 @@ struct Bindfs {
 }
 
 #[derive(Debug)]
+struct Probe {
+    // Drop order: the probe stops, leftover mounts go, then enable_uring is
+    // put back.
+    proc: Child,
+    _unmount: MountGuard,
+    _uring: Option<EnableUring>,
+}
+
+#[derive(Debug)]
 enum Backend {
     Local,
     Vmha(VmhaPair),
     Bindfs(Bindfs),
+    Probe(Probe),
 }
 
 /// A set-up target; dropping it stops its daemons and unmounts.
@@ -279,6 +347,36 @@ fn setup_bindfs(root: &Path) -> Result<(PathBuf, Bindfs)> {
     ))
 }
 
+fn setup_probe(root: &Path, bin: &Path, kind: Kind) -> Result<(PathBuf, Probe)> {
+    let (src, mnt) = (root.join("src"), root.join("mnt"));
+    mkdirs(&[&src, &mnt])?;
+    // On before the probe mounts (the kernel offers io_uring at INIT only
+    // then); back to the old value when the target is dropped, also on error.
+    let uring = kind.needs_uring().then(EnableUring::new).transpose()?;
+    let unmount = MountGuard::new(mnt.clone());
+    let mut cmd = Command::new(bin);
+    cmd.arg("--backing")
+        .arg(&src)
+        .arg("--mount")
+        .arg(&mnt)
+        .args(kind.probe_args().unwrap_or_default());
+    let mut proc = spawn_logged(
+        &format!("vmha-fuse-probe ({})", kind.name()),
+        cmd,
+        &root.join("probe.log"),
+    )?;
+    proc.wait_ready(READY_TIMEOUT)?;
+    wait_fuse_mounted(&mut proc, &mnt)?;
+    Ok((
+        mnt,
+        Probe {
+            proc,
+            _unmount: unmount,
+            _uring: uring,
+        },
+    ))
+}
+
 /// Compares two files; `None` if equal, else a description of the difference.
 fn compare_files(a: &Path, b: &Path) -> Result<Option<String>> {
     let (mut fa, mut fb) = (
@@ -310,7 +408,13 @@ fn compare_files(a: &Path, b: &Path) -> Result<Option<String>> {
 
 impl Target {
     /// Creates the target's directories under `root` and starts its daemons.
-    pub fn setup(kind: Kind, root: &Path, vmha_fs: Option<&Path>) -> Result<Self> {
+    /// `vmha_fs` and `probe` are the binaries of the vmha and probe targets.
+    pub fn setup(
+        kind: Kind,
+        root: &Path,
+        vmha_fs: Option<&Path>,
+        probe: Option<&Path>,
+    ) -> Result<Self> {
         mkdirs(&[root])?;
         let (dir, backend) = match kind {
             Kind::Local | Kind::TwoCopies => {
@@ -327,6 +431,11 @@ impl Target {
             Kind::Bindfs => {
                 let (dir, b) = setup_bindfs(root)?;
                 (dir, Backend::Bindfs(b))
+            }
+            Kind::FuseDev | Kind::FuseUring | Kind::FuseUringSync => {
+                let bin = probe.context("probe target needs the vmha-fuse-probe binary")?;
+                let (dir, p) = setup_probe(root, bin, kind)?;
+                (dir, Backend::Probe(p))
             }
         };
         Ok(Self {
@@ -348,6 +457,7 @@ impl Target {
                 v.primary.ensure_running()?;
             }
             Backend::Bindfs(b) => b.proc.ensure_running()?,
+            Backend::Probe(p) => p.proc.ensure_running()?,
         }
         match fstype_at(&self.dir)? {
             Some(t) if t.starts_with("fuse") => Ok(()),
@@ -359,14 +469,17 @@ impl Target {
         }
     }
 
-    /// For vmha: CPU time and context switches of both daemons so far (every
-    /// thread of the primary and the secondary).
+    /// CPU time and context switches of the target's daemons so far (every
+    /// thread; for vmha the primary and the secondary). None for `local`.
     pub fn daemon_usage(&self) -> Option<Usage> {
-        let Backend::Vmha(v) = &self.backend else {
-            return None;
+        let procs: Vec<&Child> = match &self.backend {
+            Backend::Local => return None,
+            Backend::Vmha(v) => std::iter::once(&v.primary).chain(&v.secondary).collect(),
+            Backend::Bindfs(b) => vec![&b.proc],
+            Backend::Probe(p) => vec![&p.proc],
         };
         let mut total = Usage::default();
-        for p in std::iter::once(&v.primary).chain(&v.secondary) {
+        for p in procs {
             total.add(&Usage::of(p.pid())?);
         }
         Some(total)
@@ -418,6 +531,7 @@ impl Target {
             Backend::Local => vec![],
             Backend::Vmha(v) => std::iter::once(&v.primary).chain(&v.secondary).collect(),
             Backend::Bindfs(b) => vec![&b.proc],
+            Backend::Probe(p) => vec![&p.proc],
         };
         procs
             .iter()
@@ -435,6 +549,7 @@ impl Target {
                 .chain(&mut v.secondary)
                 .collect(),
             Backend::Bindfs(b) => vec![&mut b.proc],
+            Backend::Probe(p) => vec![&mut p.proc],
         };
         for p in procs {
             if let Err(e) = p.kill() {
@@ -490,6 +605,7 @@ impl Target {
                 }
             }
             Backend::Bindfs(b) => stop(&mut b.proc, &self.dir),
+            Backend::Probe(p) => stop(&mut p.proc, &self.dir),
         }
         notes
     }
@@ -506,6 +622,14 @@ mod tests {
             [Kind::Local, Kind::Bindfs]
         );
         assert!(Kind::parse_list("nfs").is_err());
+        assert_eq!(
+            Kind::parse_list("fuse-uring,local,fuse-dev,vmha-alone")?,
+            [Kind::Local, Kind::VmhaAlone, Kind::FuseDev, Kind::FuseUring]
+        );
+        assert_eq!(
+            Kind::parse_list_as_given("fuse-uring,local,fuse-dev,local")?,
+            [Kind::FuseUring, Kind::Local, Kind::FuseDev]
+        );
         assert_eq!(
             Kind::parse_list("vmha-flush,two-copies,local,vmha-B,vmha")?,
             [

@@ -12,6 +12,7 @@ pub mod console_demo;
 pub mod forward;
 pub mod fsctl;
 pub mod fsops;
+pub mod fuse_uring;
 pub mod guest;
 pub mod hostlink;
 pub mod loopfs;
