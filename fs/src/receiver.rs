@@ -980,14 +980,30 @@ const MAX_WRITEBACK: usize = 256;
 /// fsync that usually follows then finds its data on the way to disk and only has to
 /// wait and flush, in parallel with the primary's own fsync. Also keeps dirty memory
 /// low under a stream of writes.
+///
+/// One call per file over the span of its ranges, not one per range: the kernel
+/// writes the span's dirty pages (only ours: the file is this copy's) under one
+/// block plug, so a batch of scattered 4 KiB writes reaches the disk's queue in
+/// one go (one doorbell) instead of one request and one system call each.
 fn start_writeback(written: &mut Vec<Written>) {
-    for (fd, offset, len) in written.drain(..) {
+    written.sort_unstable_by_key(|(fd, offset, _)| (Arc::as_ptr(fd) as usize, *offset));
+    let mut rest = &written[..];
+    while let Some((fd, first, _)) = rest.first() {
+        let same = rest
+            .iter()
+            .take_while(|(other, _, _)| Arc::ptr_eq(other, fd))
+            .count();
+        let end = rest[..same]
+            .iter()
+            .map(|(_, offset, len)| offset.saturating_add(*len as u64))
+            .max()
+            .unwrap_or(*first);
         // SAFETY: plain syscall on a valid descriptor; no memory is passed.
         let rc = unsafe {
             libc::sync_file_range(
-                std::os::fd::AsRawFd::as_raw_fd(&*fd),
-                offset as libc::off64_t,
-                len as libc::off64_t,
+                std::os::fd::AsRawFd::as_raw_fd(&**fd),
+                *first as libc::off64_t,
+                end.saturating_sub(*first) as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
             )
         };
@@ -995,7 +1011,9 @@ fn start_writeback(written: &mut Vec<Written>) {
             // Only a hint: the fsync that matters reports real errors.
             tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
         }
+        rest = &rest[same..];
     }
+    written.clear();
 }
 
 /// What a sync off the apply path flushes.
