@@ -94,15 +94,22 @@ fn write_then_kill_primary(protocol: &'static str) -> Result<Pair> {
     })
 }
 
-fn write_then_kill_primary_with(opts: PairOptions) -> Result<Pair> {
-    let mut pair = Pair::start(opts)?;
+/// `disk.img`, new and empty, in the pair's mount: its path and an open file.
+fn create_image(pair: &Pair) -> Result<(std::path::PathBuf, File)> {
     let path = pair.mount().join("disk.img");
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&path)?;
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    Ok((path, f))
+}
+
+fn write_then_kill_primary_with(opts: PairOptions) -> Result<Pair> {
+    let mut pair = Pair::start(opts)?;
+    let (path, f) = create_image(&pair)?;
     write_blocks(&f, 0..N)?;
     f.sync_all().context("fsync")?;
     write_blocks(&f, N..2 * N)?;
@@ -175,13 +182,7 @@ fn a_protocol_8_receiver_is_sent_frames_it_can_authenticate() -> Result<()> {
             secondary_versions: versions,
             ..PairOptions::default()
         })?;
-        let path = pair.mount().join("disk.img");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+        let (_, f) = create_image(&pair)?;
         write_blocks(&f, 0..N)?;
         let big: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
         f.write_all_at(&big, 1 << 20).context("1 MiB write")?;
@@ -243,13 +244,7 @@ fn flush_writes_the_peer_never_got_are_resent_by_the_resync() -> Result<()> {
     pri.wait_ready(READY_TIMEOUT)?;
     // A first attach gives both copies a complete common history.
     attach_and_wait(&pri, &state)?;
-    let path = pair.mount().join("disk.img");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
+    let (_, f) = create_image(&pair)?;
     write_blocks(&f, 0..4 * N)?;
     f.sync_all().context("fsync")?;
     signal(sec.pid(), libc::SIGSTOP)?;
