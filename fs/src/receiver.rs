@@ -987,13 +987,9 @@ const MAX_WRITEBACK: usize = 256;
 /// one go (one doorbell) instead of one request and one system call each.
 fn start_writeback(written: &mut Vec<Written>) {
     written.sort_unstable_by_key(|(fd, offset, _)| (Arc::as_ptr(fd) as usize, *offset));
-    let mut rest = &written[..];
-    while let Some((fd, first, _)) = rest.first() {
-        let same = rest
-            .iter()
-            .take_while(|(other, _, _)| Arc::ptr_eq(other, fd))
-            .count();
-        let end = rest[..same]
+    for file in written.chunk_by(|a, b| Arc::ptr_eq(&a.0, &b.0)) {
+        let (fd, first, _) = &file[0];
+        let end = file
             .iter()
             .map(|(_, offset, len)| offset.saturating_add(*len as u64))
             .max()
@@ -1011,7 +1007,6 @@ fn start_writeback(written: &mut Vec<Written>) {
             // Only a hint: the fsync that matters reports real errors.
             tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
         }
-        rest = &rest[same..];
     }
     written.clear();
 }

@@ -350,6 +350,16 @@ fn read_exact_or_closed(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireErr
     })
 }
 
+/// A frame's MAC up to its payload: keyed over its counter, header and meta
+/// (the writer and the reader both start here).
+fn frame_hasher(key: &[u8; 32], counter: u64, header: &[u8; 8], meta: &[u8]) -> blake3::Hasher {
+    let mut hasher = blake3::Hasher::new_keyed(key);
+    hasher.update(&counter.to_le_bytes());
+    hasher.update(header);
+    hasher.update(meta);
+    hasher
+}
+
 /// Adds a frame's payload to its MAC: itself, or (`digest`) its blake3 digest.
 fn hash_data(hasher: &mut blake3::Hasher, data: &[u8], digest: bool) {
     if digest {
@@ -820,10 +830,7 @@ impl<W: Write> FrameWriter<W> {
         let mut header = [0u8; 8];
         header[..4].copy_from_slice(&meta_len.to_le_bytes());
         header[4..].copy_from_slice(&data_len.to_le_bytes());
-        let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        hasher.update(&self.counter.to_le_bytes());
-        hasher.update(&header);
-        hasher.update(meta);
+        let mut hasher = frame_hasher(&self.key, self.counter, &header, meta);
         let digest = self.digest && !data.is_empty();
         if data.len() >= HASH_AFTER_SEND_FROM {
             // A large payload goes out first and is authenticated after: the
@@ -960,10 +967,7 @@ impl<R: Read> FrameReader<R> {
         }
         let mut meta = vec![0u8; meta_len as usize];
         read_exact_or_closed(&mut self.inner, &mut meta)?;
-        let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        hasher.update(&self.counter.to_le_bytes());
-        hasher.update(&header);
-        hasher.update(&meta);
+        let mut hasher = frame_hasher(&self.key, self.counter, &header, &meta);
         // The payload's own hasher under the digest MAC.
         let mut data_hasher = (self.digest && data_len > 0).then(blake3::Hasher::new);
         let data = if data_len as usize >= aligned_from {
