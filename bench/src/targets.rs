@@ -202,16 +202,11 @@ struct VmhaPair {
     _unmount: [MountGuard; 2],
 }
 
+/// One FUSE pass-through daemon: bindfs or vmha-fuse-probe.
 #[derive(Debug)]
-struct Bindfs {
-    proc: Child,
-    _unmount: MountGuard,
-}
-
-#[derive(Debug)]
-struct Probe {
-    // Drop order: the probe stops, leftover mounts go, then enable_uring is
-    // put back.
+struct PassThrough {
+    // Drop order: the daemon stops, leftover mounts go, then enable_uring is
+    // put back (io_uring targets).
     proc: Child,
     _unmount: MountGuard,
     _uring: Option<EnableUring>,
@@ -221,8 +216,7 @@ struct Probe {
 enum Backend {
     Local,
     Vmha(VmhaPair),
-    Bindfs(Bindfs),
-    Probe(Probe),
+    PassThrough(PassThrough),
 }
 
 /// A set-up target; dropping it stops its daemons and unmounts.
@@ -329,52 +323,60 @@ fn setup_vmha(root: &Path, bin: &Path, protocol: &str, alone: bool) -> Result<(P
     ))
 }
 
-fn setup_bindfs(root: &Path) -> Result<(PathBuf, Bindfs)> {
+/// Starts a pass-through of `root/src` on `root/mnt`: `command(src, mnt)`,
+/// logging to `root/log`; `ready`: the daemon prints `ready` once serving
+/// (vmha-fuse-probe).
+fn setup_passthrough(
+    root: &Path,
+    name: &str,
+    log: &str,
+    command: impl FnOnce(&Path, &Path) -> Command,
+    ready: bool,
+    uring: Option<EnableUring>,
+) -> Result<(PathBuf, PassThrough)> {
     let (src, mnt) = (root.join("src"), root.join("mnt"));
     mkdirs(&[&src, &mnt])?;
     let unmount = MountGuard::new(mnt.clone());
-    // Foreground (-f) so it is our child and stops by PID.
-    let mut cmd = Command::new("bindfs");
-    cmd.arg("-f").arg(&src).arg(&mnt);
-    let mut proc = spawn_logged("bindfs", cmd, &root.join("bindfs.log"))?;
+    let mut proc = spawn_logged(name, command(&src, &mnt), &root.join(log))?;
+    if ready {
+        proc.wait_ready(READY_TIMEOUT)?;
+    }
     wait_fuse_mounted(&mut proc, &mnt)?;
     Ok((
         mnt,
-        Bindfs {
-            proc,
-            _unmount: unmount,
-        },
-    ))
-}
-
-fn setup_probe(root: &Path, bin: &Path, kind: Kind) -> Result<(PathBuf, Probe)> {
-    let (src, mnt) = (root.join("src"), root.join("mnt"));
-    mkdirs(&[&src, &mnt])?;
-    // On before the probe mounts (the kernel offers io_uring at INIT only
-    // then); back to the old value when the target is dropped, also on error.
-    let uring = kind.needs_uring().then(EnableUring::new).transpose()?;
-    let unmount = MountGuard::new(mnt.clone());
-    let mut cmd = Command::new(bin);
-    cmd.arg("--backing")
-        .arg(&src)
-        .arg("--mount")
-        .arg(&mnt)
-        .args(kind.probe_args().unwrap_or_default());
-    let mut proc = spawn_logged(
-        &format!("vmha-fuse-probe ({})", kind.name()),
-        cmd,
-        &root.join("probe.log"),
-    )?;
-    proc.wait_ready(READY_TIMEOUT)?;
-    wait_fuse_mounted(&mut proc, &mnt)?;
-    Ok((
-        mnt,
-        Probe {
+        PassThrough {
             proc,
             _unmount: unmount,
             _uring: uring,
         },
     ))
+}
+
+fn setup_bindfs(root: &Path) -> Result<(PathBuf, PassThrough)> {
+    // Foreground (-f) so it is our child and stops by PID.
+    let command = |src: &Path, mnt: &Path| {
+        let mut cmd = Command::new("bindfs");
+        cmd.arg("-f").arg(src).arg(mnt);
+        cmd
+    };
+    setup_passthrough(root, "bindfs", "bindfs.log", command, false, None)
+}
+
+fn setup_probe(root: &Path, bin: &Path, kind: Kind) -> Result<(PathBuf, PassThrough)> {
+    // On before the probe mounts (the kernel offers io_uring at INIT only
+    // then); back to the old value when the target is dropped, also on error.
+    let uring = kind.needs_uring().then(EnableUring::new).transpose()?;
+    let command = |src: &Path, mnt: &Path| {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--backing")
+            .arg(src)
+            .arg("--mount")
+            .arg(mnt)
+            .args(kind.probe_args().unwrap_or_default());
+        cmd
+    };
+    let name = format!("vmha-fuse-probe ({})", kind.name());
+    setup_passthrough(root, &name, "probe.log", command, true, uring)
 }
 
 /// Compares two files; `None` if equal, else a description of the difference.
@@ -430,12 +432,12 @@ impl Target {
             }
             Kind::Bindfs => {
                 let (dir, b) = setup_bindfs(root)?;
-                (dir, Backend::Bindfs(b))
+                (dir, Backend::PassThrough(b))
             }
             Kind::FuseDev | Kind::FuseUring | Kind::FuseUringSync => {
                 let bin = probe.context("probe target needs the vmha-fuse-probe binary")?;
                 let (dir, p) = setup_probe(root, bin, kind)?;
-                (dir, Backend::Probe(p))
+                (dir, Backend::PassThrough(p))
             }
         };
         Ok(Self {
@@ -456,8 +458,7 @@ impl Target {
                 }
                 v.primary.ensure_running()?;
             }
-            Backend::Bindfs(b) => b.proc.ensure_running()?,
-            Backend::Probe(p) => p.proc.ensure_running()?,
+            Backend::PassThrough(p) => p.proc.ensure_running()?,
         }
         match fstype_at(&self.dir)? {
             Some(t) if t.starts_with("fuse") => Ok(()),
@@ -472,14 +473,11 @@ impl Target {
     /// CPU time and context switches of the target's daemons so far (every
     /// thread; for vmha the primary and the secondary). None for `local`.
     pub fn daemon_usage(&self) -> Option<Usage> {
-        let procs: Vec<&Child> = match &self.backend {
-            Backend::Local => return None,
-            Backend::Vmha(v) => std::iter::once(&v.primary).chain(&v.secondary).collect(),
-            Backend::Bindfs(b) => vec![&b.proc],
-            Backend::Probe(p) => vec![&p.proc],
-        };
+        if matches!(self.backend, Backend::Local) {
+            return None;
+        }
         let mut total = Usage::default();
-        for p in procs {
+        for p in self.daemons() {
             total.add(&Usage::of(p.pid())?);
         }
         Some(total)
@@ -521,19 +519,22 @@ impl Target {
         })
     }
 
+    /// The target's daemons (for vmha the primary and the secondary).
+    fn daemons(&self) -> Vec<&Child> {
+        match &self.backend {
+            Backend::Local => vec![],
+            Backend::Vmha(v) => std::iter::once(&v.primary).chain(&v.secondary).collect(),
+            Backend::PassThrough(p) => vec![&p.proc],
+        }
+    }
+
     pub fn is_aborted(&self) -> bool {
         self.aborted
     }
 
     /// The daemons' last log lines, for error reports.
     pub fn log_tails(&self, lines: usize) -> String {
-        let procs: Vec<&Child> = match &self.backend {
-            Backend::Local => vec![],
-            Backend::Vmha(v) => std::iter::once(&v.primary).chain(&v.secondary).collect(),
-            Backend::Bindfs(b) => vec![&b.proc],
-            Backend::Probe(p) => vec![&p.proc],
-        };
-        procs
+        self.daemons()
             .iter()
             .map(|p| format!("[{}]\n{}", p.name(), p.log_tail(lines)))
             .collect::<Vec<_>>()
@@ -548,8 +549,7 @@ impl Target {
             Backend::Vmha(v) => std::iter::once(&mut v.primary)
                 .chain(&mut v.secondary)
                 .collect(),
-            Backend::Bindfs(b) => vec![&mut b.proc],
-            Backend::Probe(p) => vec![&mut p.proc],
+            Backend::PassThrough(p) => vec![&mut p.proc],
         };
         for p in procs {
             if let Err(e) = p.kill() {
@@ -604,8 +604,7 @@ impl Target {
                     stop(s, &v.s_data);
                 }
             }
-            Backend::Bindfs(b) => stop(&mut b.proc, &self.dir),
-            Backend::Probe(p) => stop(&mut p.proc, &self.dir),
+            Backend::PassThrough(p) => stop(&mut p.proc, &self.dir),
         }
         notes
     }
