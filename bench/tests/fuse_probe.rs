@@ -41,6 +41,20 @@ fn read_all(path: &Path) -> Result<Vec<u8>> {
     Ok(v)
 }
 
+/// `name` holds `expect` read back through the mount and in the backing
+/// directory.
+fn expect_file(mnt: &Path, backing: &Path, name: &str, expect: &[u8]) -> Result<()> {
+    ensure!(
+        read_all(&mnt.join(name))? == expect,
+        "{name} read back differs"
+    );
+    ensure!(
+        read_all(&backing.join(name))? == expect,
+        "{name} in the backing directory differs from what was written"
+    );
+    Ok(())
+}
+
 /// Mounts the probe with `args`, exercises the mount, stops it; returns the
 /// probe's exit line with the request counts.
 fn round_trip(args: &[&str]) -> Result<String> {
@@ -79,14 +93,7 @@ fn round_trip(args: &[&str]) -> Result<String> {
         f.write_all(&a)?;
         f.sync_all()?;
     }
-    ensure!(
-        read_all(&mnt.join("a.dat"))? == a,
-        "a.dat read back differs"
-    );
-    ensure!(
-        read_all(&backing.join("a.dat"))? == a,
-        "a.dat in the backing directory differs from what was written"
-    );
+    expect_file(&mnt, &backing, "a.dat", &a)?;
 
     // O_DIRECT: aligned 1 MiB and 4 KiB writes at offsets, fdatasync, and
     // an O_DIRECT read back; then an unaligned buffered overwrite.
@@ -121,14 +128,7 @@ fn round_trip(args: &[&str]) -> Result<String> {
         f.sync_all()?;
         expect[1000..1009].copy_from_slice(b"unaligned");
     }
-    ensure!(
-        read_all(&mnt.join("b.dat"))? == expect,
-        "b.dat read back differs"
-    );
-    ensure!(
-        read_all(&backing.join("b.dat"))? == expect,
-        "b.dat in the backing directory differs from what was written"
-    );
+    expect_file(&mnt, &backing, "b.dat", &expect)?;
 
     // Listing and unlink go through too.
     let mut names: Vec<String> = std::fs::read_dir(&mnt)?
