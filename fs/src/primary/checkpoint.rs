@@ -103,8 +103,8 @@ impl Checkpointer {
     }
 
     /// Makes everything written so far durable on both nodes: this node's
-    /// `syncfs` and the peer's (a `SyncAll`) run at the same time, so a
-    /// checkpoint costs the slower of the two flushes, not their sum.
+    /// sync of what it changed and the peer's (a `SyncAll`) run at the same
+    /// time, so a checkpoint costs the slower of the two flushes, not their sum.
     fn sync_both(&self, visible: bool) -> bool {
         use crate::link::LinkState;
         let began = Instant::now();
