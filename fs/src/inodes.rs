@@ -12,6 +12,7 @@ use rustix::fs::{FileType, OFlags};
 
 use crate::apply::{self, Errno, NodeTable};
 use crate::op::{NodeId, ROOT};
+use crate::presync::PreSync;
 
 /// Byte ranges of one file with a mutation being ordered; overlapping mutations take
 /// turns so that both replicas apply them in the same order.
@@ -62,6 +63,8 @@ pub struct Node {
     pub fd: Arc<OwnedFd>,
     pub kind: FileType,
     pub ranges: RangeLocks,
+    /// Its changes here and the syncs that cover them (early syncs).
+    pub presync: PreSync,
     key: (u64, u64),
 }
 
@@ -98,6 +101,7 @@ impl Inodes {
             fd: Arc::new(root),
             kind,
             ranges: RangeLocks::default(),
+            presync: PreSync::default(),
             key,
         });
         let mut maps = Maps {
@@ -158,6 +162,7 @@ impl Inodes {
             fd: Arc::new(fd),
             kind,
             ranges: RangeLocks::default(),
+            presync: PreSync::default(),
             key,
         });
         maps.by_id.insert(id, (node.clone(), 1));

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,7 +25,8 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::apply::Errno;
 use crate::key::ClusterKey;
-use crate::op::{Control, Op, Request};
+use crate::op::{Control, NodeId, Op, Request};
+use crate::spin::Spinner;
 use crate::track::{Report, Tracker};
 use crate::wire::{self, Ack, FrameReader, FrameWriter, Message, WireError};
 
@@ -240,6 +242,57 @@ struct Shared {
     stopping: bool,
     /// The sender thread has frames to write (see [`HANDOFF_BYTES`]).
     kick: bool,
+    /// What the peer's early syncs cover ([`PeerSyncs`]).
+    syncs: PeerSyncs,
+}
+
+/// Which files the peer's early syncs cover: for each file, the sequence of
+/// the last operation of this session that changed its data, and the sequence
+/// up to which the peer said it synced it (`Message::Synced`). Bounded: past
+/// [`PeerSyncs::MAX_FILES`] files the records start over, with every file
+/// counted as changed at the last sequence (only early answers are lost).
+#[derive(Debug, Default)]
+struct PeerSyncs {
+    changed: HashMap<NodeId, u64>,
+    /// Files without an entry in `changed` count as changed at this sequence.
+    floor: u64,
+    synced: HashMap<NodeId, u64>,
+}
+
+impl PeerSyncs {
+    const MAX_FILES: usize = 4096;
+
+    fn sent(&mut self, seq: u64, request: &Request) {
+        match request {
+            Request::Op(op) => {
+                if let Some(id) = op.changes_data_of() {
+                    if self.changed.len() >= Self::MAX_FILES && !self.changed.contains_key(&id) {
+                        self.changed.clear();
+                        self.floor = seq;
+                    }
+                    self.changed.insert(id, seq);
+                }
+            }
+            // A resync's instructions may change any file.
+            Request::Control(_) => {
+                self.changed.clear();
+                self.floor = seq;
+            }
+        }
+    }
+
+    fn synced(&mut self, id: NodeId, upto: u64) {
+        if self.synced.len() >= Self::MAX_FILES && !self.synced.contains_key(&id) {
+            self.synced.clear();
+        }
+        let at = self.synced.entry(id).or_default();
+        *at = (*at).max(upto);
+    }
+
+    fn covers(&self, id: NodeId) -> bool {
+        let changed = self.changed.get(&id).copied().unwrap_or(self.floor);
+        self.synced.get(&id).is_some_and(|&upto| upto >= changed)
+    }
 }
 
 impl Shared {
@@ -283,6 +336,7 @@ impl Shared {
             session_version: wire::PROTOCOL_VERSION,
             stopping: false,
             kick: false,
+            syncs: PeerSyncs::default(),
         }
     }
 }
@@ -474,6 +528,7 @@ impl PeerLink {
             shared.state = state;
             // A new session numbers its operations from 1 again.
             shared.next_seq = 1;
+            shared.syncs = PeerSyncs::default();
             shared.outbox.clear();
             shared.queries.clear();
             shared.stall_since = Instant::now();
@@ -854,6 +909,7 @@ impl PeerLink {
             },
         );
         shared.inflight_bytes += bytes;
+        shared.syncs.sent(seq, &request);
         // Queued while holding the lock: outbox order is sequence order.
         shared.outbox.push(match request {
             Request::Op(op) => Message::Op { seq, op },
@@ -1054,8 +1110,17 @@ impl PeerLink {
     }
 
     fn ack_loop(&self, mut reader: FrameReader<BufReader<TcpStream>>, epoch: u64) {
+        let mut spinner = Spinner::new();
         loop {
-            let acks: Vec<(Ack, u64)> = match reader.recv() {
+            // One operation in flight (a writer waiting for it): its answer is
+            // polled for. More: acknowledgements keep coming, and the CPU is
+            // better spent on the writes.
+            if reader.buffered() == 0 && self.inner.shared.lock().pending.len() == 1 {
+                spinner.wait(reader.get_ref().get_ref().as_fd());
+            }
+            let received = reader.recv();
+            spinner.frame();
+            let acks: Vec<(Ack, u64)> = match received {
                 Ok(Message::Acks(acks)) => acks.into_iter().map(|a| (a, 0)).collect(),
                 Ok(Message::TimedAcks(acks)) => acks
                     .into_iter()
@@ -1086,6 +1151,19 @@ impl PeerLink {
                     for receipt in receipts {
                         receipt(Ok(()));
                     }
+                    continue;
+                }
+                Ok(Message::Synced { id, upto }) => {
+                    let mut shared = self.inner.shared.lock();
+                    if shared.epoch != epoch {
+                        return;
+                    }
+                    if upto >= shared.next_seq {
+                        drop(shared);
+                        self.lost(epoch, &format!("a sync of operation {upto}, never sent"));
+                        return;
+                    }
+                    shared.syncs.synced(id, upto);
                     continue;
                 }
                 Ok(Message::Ping) => {
@@ -1181,6 +1259,13 @@ impl PeerLink {
         self.inner.shared.lock().protocol
     }
 
+    /// Whether the peer, a replica, said it synced every change of this
+    /// session to `id`'s data (`Message::Synced`).
+    pub fn peer_synced(&self, id: NodeId) -> bool {
+        let shared = self.inner.shared.lock();
+        shared.state == LinkState::Connected && shared.syncs.covers(id)
+    }
+
     /// Sets the protocol; call before the first write.
     pub fn set_protocol(&self, protocol: Protocol) {
         self.inner.shared.lock().protocol = protocol;
@@ -1235,5 +1320,74 @@ impl PeerLink {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::Payload;
+
+    fn write(id: NodeId) -> Request {
+        Request::Op(Op::Write {
+            id,
+            offset: 0,
+            data: Payload::Owned(Arc::new(vec![1; 4096])),
+        })
+    }
+
+    #[test]
+    fn the_peer_covers_a_file_only_up_to_the_last_change_it_said_it_synced() {
+        let mut s = PeerSyncs::default();
+        assert!(!s.covers(7), "nothing said yet");
+        s.sent(1, &write(7));
+        s.synced(7, 1);
+        assert!(s.covers(7));
+        s.sent(2, &write(7));
+        assert!(!s.covers(7), "written after the sync");
+        // Another file's sync says nothing of this one.
+        s.sent(3, &write(8));
+        s.synced(8, 3);
+        assert!(!s.covers(7));
+        s.synced(7, 3);
+        assert!(s.covers(7));
+        // An fsync or a metadata change is no change of the data.
+        s.sent(
+            4,
+            &Request::Op(Op::Fsync {
+                id: 7,
+                datasync: true,
+            }),
+        );
+        assert!(s.covers(7));
+        s.sent(5, &Request::Op(Op::Truncate { id: 7, size: 0 }));
+        assert!(!s.covers(7));
+    }
+
+    #[test]
+    fn a_resync_instruction_uncovers_every_file() {
+        let mut s = PeerSyncs::default();
+        s.sent(1, &write(7));
+        s.synced(7, 1);
+        s.sent(2, &Request::Control(Control::Wipe));
+        assert!(!s.covers(7));
+        s.synced(7, 2);
+        assert!(s.covers(7));
+    }
+
+    #[test]
+    fn past_its_bound_the_record_starts_over_and_covers_nothing_unsaid() {
+        let mut s = PeerSyncs::default();
+        s.sent(1, &write(1));
+        s.synced(1, 1);
+        let files = PeerSyncs::MAX_FILES as u64;
+        for id in 2..=files + 1 {
+            s.sent(id, &write(id));
+        }
+        // File 1's record was dropped with the others: counted as changed at
+        // the last sequence, which its sync (at 1) does not cover.
+        assert!(!s.covers(1));
+        s.synced(1, files + 1);
+        assert!(s.covers(1));
     }
 }

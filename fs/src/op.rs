@@ -294,6 +294,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// The node whose data (or whose binding to a file) this op may change:
+    /// an fdatasync of that node must come after it to cover it.
+    pub fn changes_data_of(&self) -> Option<NodeId> {
+        match self {
+            Op::Write { id, .. }
+            | Op::Truncate { id, .. }
+            | Op::Fallocate { id, .. }
+            | Op::Forget { id } => Some(*id),
+            Op::CopyRange { dst, .. } => Some(*dst),
+            other => other.created_id(),
+        }
+    }
+
     /// The id a successful application of this op binds, if it creates a node.
     pub fn created_id(&self) -> Option<NodeId> {
         match self {

@@ -55,7 +55,9 @@ use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{Control, NodeId, Op, Request, ROOT};
 use crate::preauth::{self, Limits};
+use crate::presync::Pattern;
 use crate::refusal::Refusal;
+use crate::spin::Spinner;
 use crate::syncset::{Batch, SyncSet};
 use crate::track::Tracker;
 use crate::wire::{
@@ -444,8 +446,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, keys: SessionKeys, con
     tracing::info!(%peer, ?claimed, protocol = keys.version, "primary connected (replication protocol {})", keys.version);
     heard.store(crate::status::monotonic_ms(), Ordering::Relaxed);
     let _ = stream.set_read_timeout(Some(SESSION_IDLE_TIMEOUT));
-    let timed = keys.version >= wire::TIMED_ACKS_SINCE;
-    match run_session(reader, writer, root, tracker, aside, &heard, timed) {
+    match run_session(reader, writer, root, tracker, aside, &heard, keys.version) {
         Ok(()) => tracing::info!(%peer, "primary disconnected"),
         Err(e) => tracing::warn!(%peer, "dropped primary session: {e}"),
     }
@@ -641,8 +642,14 @@ fn run_session(
     tracker: Option<Arc<Tracker>>,
     aside_policy: Option<Arc<AsidePolicy>>,
     heard: &AtomicU64,
-    timed: bool,
+    version: u16,
 ) -> Result<(), WireError> {
+    let timed = version >= wire::TIMED_ACKS_SINCE;
+    let tells_syncs = version >= wire::SYNCED_SINCE;
+    let mut early = EarlySyncs::default();
+    let mut spinner = Spinner::new();
+    // Frames read between the last two times the input was drained, and since.
+    let (mut read_since_drain, mut read_since_drain_now) = (0u32, 0u32);
     let mut aside: Option<SaveAside> = None;
     // Files this session created: they hold nothing of this node's, so writes
     // to them (a resync filling a file new here) are not saved aside.
@@ -700,6 +707,7 @@ fn run_session(
             if let Err(e) = batch.send(&writer) {
                 break Err(e);
             }
+            read_since_drain = std::mem::take(&mut read_since_drain_now);
             // A big batch (a stream of 1 MiB writes) may wait in the block
             // layer: off this thread, which should be reading the next write.
             // A small one (before an fsync) is started here, at once.
@@ -708,9 +716,36 @@ fn run_session(
             } else {
                 start_writeback(&mut written);
             }
+            // A file written and synced in turn: its sync starts now, while
+            // the write's acknowledgement travels and the fdatasync comes.
+            if let Some((id, fd)) = early
+                .due()
+                .and_then(|id| Some((id, table.data_fd(id).ok()?)))
+            {
+                let upto = expected - 1;
+                let synced = rustix::fs::fdatasync(fd.as_fd());
+                early.done(id, upto, synced);
+                if synced.is_ok() && tells_syncs {
+                    let mut w = writer.lock();
+                    if let Err(e) = w
+                        .send(&Message::Synced { id, upto })
+                        .and_then(|()| w.flush())
+                    {
+                        break Err(e);
+                    }
+                }
+            }
+        }
+        // Operations one at a time (a writer waiting for each): the next one
+        // is polled for. Several at once: the writer keeps the stream full,
+        // and the CPU is better spent applying.
+        if reader.buffered() == 0 && read_since_drain <= 1 {
+            spinner.wait(reader.get_ref().get_ref().as_fd());
         }
         let msg = match reader.recv() {
             Ok(msg) => {
+                spinner.frame();
+                read_since_drain_now += 1;
                 // The writer's data path is alive (its controller may not be).
                 heard.store(crate::status::monotonic_ms(), Ordering::Relaxed);
                 msg
@@ -794,15 +829,18 @@ fn run_session(
         };
         let outcome = match (saved, request) {
             (Err(e), _) => Err(e),
-            (Ok(()), Request::Op(Op::Fsync { id, datasync })) => match table.data_fd(id) {
-                // More input waiting: sync off the apply path so later operations
-                // need not wait for the disk.
-                Ok(fd) if reader.buffered() > 0 => {
-                    let _ = sync_tx.send((seq, fd, SyncKind::file(datasync), began));
-                    continue;
-                }
-                Ok(fd) => sync(&fd, SyncKind::file(datasync)),
-                Err(errno) => Err(errno),
+            (Ok(()), Request::Op(Op::Fsync { id, datasync })) => match early.fsync(id, datasync) {
+                Some(answered) => answered,
+                None => match table.data_fd(id) {
+                    // More input waiting: sync off the apply path so later operations
+                    // need not wait for the disk.
+                    Ok(fd) if reader.buffered() > 0 => {
+                        let _ = sync_tx.send((seq, fd, SyncKind::file(datasync), began));
+                        continue;
+                    }
+                    Ok(fd) => sync(&fd, SyncKind::file(datasync)),
+                    Err(errno) => Err(errno),
+                },
             },
             (Ok(()), Request::Op(op)) => {
                 batch.bytes += op.data_len();
@@ -818,6 +856,7 @@ fn run_session(
                 }
                 let applied = apply::apply(table.as_ref(), &op);
                 table.note_changed(&op);
+                early.applied(seq, &op);
                 match (applied, &op) {
                     // The primary sends the byte count it copied; anything else differs.
                     (Ok(Applied::Copied(n)), Op::CopyRange { len, .. }) if n != *len => {
@@ -828,6 +867,7 @@ fn run_session(
             }
             (Ok(()), Request::Control(Control::Wipe)) => {
                 tracing::warn!("full sync: emptying the replicated directory");
+                early = EarlySyncs::default();
                 // Records of a copy being replaced wholesale say nothing any more.
                 table.changed.add_whole();
                 match tracker.as_ref().map(|t| t.invalidate()).transpose() {
@@ -857,6 +897,7 @@ fn run_session(
             }
             (Ok(()), Request::Control(Control::Remove { parent, name })) => {
                 table.changed.add_whole();
+                early = EarlySyncs::default();
                 table.remove(parent, &name)
             }
             (
@@ -1011,6 +1052,80 @@ fn start_writeback(written: &mut Vec<Written>) {
     written.clear();
 }
 
+/// The receiver's early syncs (see [`crate::presync`]; the primary's side is
+/// `PreSync`): the receiver applies in one thread, in sequence order, so an
+/// early sync started after applying operation `upto` covers every change
+/// before it. Per file: the sequence of its last change, the sequence its
+/// last early sync covers, that sync's error (owed to the next fdatasync),
+/// and whether an fdatasync follows each write. Bounded like the writer's
+/// records: past [`EarlySyncs::MAX_FILES`] they start over (an fdatasync of a
+/// file without a record syncs for itself).
+#[derive(Debug, Default)]
+struct EarlySyncs {
+    files: HashMap<NodeId, Early>,
+    /// The file whose early sync is due once the input is drained.
+    next: Option<NodeId>,
+}
+
+#[derive(Debug, Default)]
+struct Early {
+    changed: u64,
+    synced: u64,
+    failed: Option<Errno>,
+    pattern: Pattern,
+}
+
+impl EarlySyncs {
+    const MAX_FILES: usize = 4096;
+
+    /// Operation `seq` was applied.
+    fn applied(&mut self, seq: u64, op: &Op) {
+        let Some(id) = op.changes_data_of() else {
+            return;
+        };
+        if self.files.len() >= Self::MAX_FILES && !self.files.contains_key(&id) {
+            self.files.clear();
+        }
+        let file = self.files.entry(id).or_default();
+        file.changed = seq;
+        let expected = file.pattern.changed();
+        if expected && matches!(op, Op::Write { .. }) {
+            self.next = Some(id);
+        } else if self.next == Some(id) {
+            self.next = None;
+        }
+    }
+
+    /// An fsync of `id` arrived: its outcome, when early syncs answer it.
+    fn fsync(&mut self, id: NodeId, datasync: bool) -> Option<Result<(), Errno>> {
+        if self.next == Some(id) {
+            self.next = None;
+        }
+        let file = self.files.get_mut(&id)?;
+        file.pattern.synced();
+        if let Some(errno) = file.failed.take() {
+            return Some(Err(errno));
+        }
+        (datasync && file.synced >= file.changed).then_some(Ok(()))
+    }
+
+    /// The file whose early sync is due, if it is not synced already.
+    fn due(&mut self) -> Option<NodeId> {
+        let id = self.next.take()?;
+        let file = self.files.get(&id)?;
+        (file.synced < file.changed).then_some(id)
+    }
+
+    /// The early sync of `id`, started after operation `upto`, ended.
+    fn done(&mut self, id: NodeId, upto: u64, result: Result<(), Errno>) {
+        let file = self.files.entry(id).or_default();
+        match result {
+            Ok(()) => file.synced = file.synced.max(upto),
+            Err(errno) => file.failed = Some(errno),
+        }
+    }
+}
+
 /// What a sync off the apply path flushes.
 #[derive(Debug)]
 enum SyncKind {
@@ -1078,5 +1193,82 @@ fn fsync_loop(rx: ChannelRx<SyncJob>, writer: SharedWriter, timed: bool) {
             // The reader notices the broken connection and ends the session.
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::buffer::Payload;
+
+    fn write(id: NodeId) -> Op {
+        Op::Write {
+            id,
+            offset: 0,
+            data: Payload::Owned(Arc::new(vec![1; 4096])),
+        }
+    }
+
+    /// Write and fdatasync in turn: from the second write on, the sync is
+    /// due once the input drains, and it answers the fdatasync that follows.
+    #[test]
+    fn a_file_written_and_synced_in_turn_gets_early_syncs_that_answer_its_fdatasync() {
+        let mut e = EarlySyncs::default();
+        e.applied(1, &write(7));
+        assert_eq!(e.due(), None, "nothing known of the file yet");
+        assert_eq!(
+            e.fsync(7, true),
+            None,
+            "its first fdatasync syncs for itself"
+        );
+        e.applied(3, &write(7));
+        assert_eq!(e.due(), Some(7));
+        e.done(7, 3, Ok(()));
+        assert_eq!(e.fsync(7, true), Some(Ok(())));
+        // A full fsync (metadata too) always syncs for itself.
+        e.applied(5, &write(7));
+        let id = e.due().unwrap();
+        e.done(id, 5, Ok(()));
+        assert_eq!(e.fsync(7, false), None);
+    }
+
+    #[test]
+    fn a_change_after_the_early_sync_is_not_covered_by_it() {
+        let mut e = EarlySyncs::default();
+        e.applied(1, &write(7));
+        e.fsync(7, true);
+        e.applied(3, &write(7));
+        let id = e.due().unwrap();
+        e.done(id, 3, Ok(()));
+        e.applied(4, &Op::Truncate { id: 7, size: 0 });
+        assert_eq!(e.fsync(7, true), None);
+    }
+
+    #[test]
+    fn a_failed_early_sync_answers_the_next_fdatasync_with_its_error() {
+        let mut e = EarlySyncs::default();
+        e.applied(1, &write(7));
+        e.fsync(7, true);
+        e.applied(3, &write(7));
+        let id = e.due().unwrap();
+        e.done(id, 3, Err(Errno::IO));
+        assert_eq!(e.fsync(7, true), Some(Err(Errno::IO)));
+        // Owed once; the next one syncs for itself.
+        assert_eq!(e.fsync(7, true), None);
+    }
+
+    #[test]
+    fn writes_without_fdatasync_between_them_start_no_early_sync() {
+        let mut e = EarlySyncs::default();
+        for seq in 1..20 {
+            e.applied(seq, &write(7));
+            assert_eq!(e.due(), None);
+        }
+        // Another file's write in between: the due sync is of the file
+        // written last, and only if its own pattern says so.
+        e.fsync(7, true);
+        e.applied(30, &write(8));
+        assert_eq!(e.due(), None);
     }
 }

@@ -498,6 +498,16 @@ pub struct FsMetrics {
     /// Where the time of replicated fsyncs goes, stage by stage.
     #[serde(default)]
     pub fsync_stages: Stages,
+    /// Syncs started right after a write that an fdatasync was expected to
+    /// follow (a file written and synced in turn).
+    #[serde(default)]
+    pub early_syncs: u64,
+    /// fdatasyncs that such an early sync answered on this node.
+    #[serde(default)]
+    pub fsyncs_early: u64,
+    /// fdatasyncs that the peer's early sync answered too (no round trip).
+    #[serde(default)]
+    pub fsyncs_peer_early: u64,
 }
 
 /// Sums of the per-stage durations (nanoseconds) of the replicated operations
@@ -620,6 +630,11 @@ impl FsMetrics {
         self.fsync_latency.add(&other.fsync_latency);
         self.write_stages.add(&other.write_stages);
         self.fsync_stages.add(&other.fsync_stages);
+        self.early_syncs = self.early_syncs.saturating_add(other.early_syncs);
+        self.fsyncs_early = self.fsyncs_early.saturating_add(other.fsyncs_early);
+        self.fsyncs_peer_early = self
+            .fsyncs_peer_early
+            .saturating_add(other.fsyncs_peer_early);
     }
 }
 
@@ -734,6 +749,9 @@ mod tests {
                 total_ns: 100,
             },
             fsync_stages: Stages::default(),
+            early_syncs: 5,
+            fsyncs_early: 4,
+            fsyncs_peer_early: 3,
         };
         let back = FsMetrics::decode(&m.encode()).unwrap();
         assert_eq!(back, m);
@@ -743,6 +761,7 @@ mod tests {
         let mut sum = m.clone();
         sum.add(&m);
         assert_eq!(sum.replicated_ops, 34);
+        assert_eq!(sum.fsyncs_peer_early, 6);
         assert_eq!(sum.write_latency.buckets[2], 6);
         assert_eq!(sum.write_stages.total_ns, 200);
         assert_eq!(sum.write_stages.since(&m.write_stages), m.write_stages);

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::buffer::{AlignedBuf, Payload};
 use crate::key::ClusterKey;
-use crate::op::{Control, Op};
+use crate::op::{Control, NodeId, Op};
 use crate::version::Versions;
 
 /// The replication protocol versions this build speaks. History: 3: the handshake
@@ -56,8 +56,9 @@ use crate::version::Versions;
 /// `OpReceipt` / `Received` (protocol B); 8: `TimedAcks` (the receiver's time on
 /// each operation, for the writer's per-stage metrics); 9: a frame's MAC covers
 /// its payload's blake3 digest instead of the payload itself
-/// ([`PAYLOAD_DIGEST_SINCE`]).
-pub const REPLICATION: Versions = Versions { min: 5, max: 9 };
+/// ([`PAYLOAD_DIGEST_SINCE`]); 10: the receiver tells of its early syncs
+/// ([`Message::Synced`]).
+pub const REPLICATION: Versions = Versions { min: 5, max: 10 };
 /// The newest replication protocol version.
 pub const PROTOCOL_VERSION: u16 = REPLICATION.max;
 /// The first version whose receiver sends [`Message::Software`].
@@ -76,6 +77,9 @@ pub const TIMED_ACKS_SINCE: u16 = 8;
 /// instead of 3.5 µs (the meta before the data put every chunk of the payload
 /// off blake3's chunk boundaries); a 1 MiB frame's the same.
 pub const PAYLOAD_DIGEST_SINCE: u16 = 9;
+/// The first version whose receiver sends [`Message::Synced`] (an older writer
+/// would take it for garbage).
+pub const SYNCED_SINCE: u16 = 10;
 const MAGIC: &[u8; 4] = b"VMHA";
 /// Largest encoded header (an xattr value of 64 KiB plus names fits).
 pub const MAX_META_LEN: u32 = 128 * 1024;
@@ -267,6 +271,10 @@ pub enum Message {
     Received { upto: u64 },
     /// Protocol 8 on: `Acks`, each with the receiver's time on the operation.
     TimedAcks(Vec<TimedAck>),
+    /// Protocol 10 on, unasked: the receiver synced file `id` (fdatasync)
+    /// after applying every operation up to `upto`; it covers each of them
+    /// that changed the file (an early sync, see `presync`).
+    Synced { id: NodeId, upto: u64 },
 }
 
 /// Per-direction MAC keys of an authenticated session.
@@ -1076,6 +1084,7 @@ impl Message {
             Message::OpReceipt { .. } => "OpReceipt",
             Message::Received { .. } => "Received",
             Message::TimedAcks(_) => "TimedAcks",
+            Message::Synced { .. } => "Synced",
         }
     }
 }
@@ -1238,6 +1247,7 @@ mod tests {
                 errno: 0,
                 busy_ns: 12_345,
             }]),
+            Message::Synced { id: 4, upto: 9 },
             Message::Ping,
         ]
     }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use vmha_fs::status::{FsMetrics, StatusFile};
 use vmha_test_infra::fsctl::{
     attach_and_wait, go_alone_and_wait, last_sync_line, last_sync_was_incremental, signal,
 };
@@ -200,6 +201,75 @@ fn a_protocol_8_receiver_is_sent_frames_it_can_authenticate() -> Result<()> {
         if got != big {
             bail!("protocol {expect}: the 1 MiB write differs on the receiver");
         }
+    }
+    Ok(())
+}
+
+/// Waits (the file is refreshed once a second) until the primary's
+/// `metrics.json` counts `fsyncs` fdatasyncs; returns it.
+fn metrics_after(pair: &Pair, fsyncs: u64) -> Result<FsMetrics> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = FsMetrics::read_from(pair.primary_state());
+        if let Ok(Some(m)) = &last {
+            if m.fsync_latency.count >= fsyncs {
+                return Ok(m.clone());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("metrics.json never counted {fsyncs} fsyncs: {last:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A file written and fdatasynced in turn (a database's commit) is synced
+/// early on both nodes: each node starts the file's sync as soon as the write
+/// is done there, and the fdatasync is answered by those syncs. With time
+/// between the write and the fdatasync, the receiver's sync is done and said
+/// (`Synced`, replication protocol 10) before the fdatasync comes, which then
+/// needs no round trip. Every fdatasync-acknowledged write is on the survivor
+/// when the primary dies. A protocol-9 receiver says nothing (the writer would
+/// take it for garbage): every fdatasync asks it, and the link holds.
+#[test]
+fn a_file_written_and_synced_in_turn_is_synced_early_on_both_nodes() -> Result<()> {
+    for (versions, expect) in [(None, vmha_fs::wire::PROTOCOL_VERSION), (Some("5..=9"), 9)] {
+        let mut pair = Pair::start(PairOptions {
+            secondary_versions: versions,
+            ..PairOptions::default()
+        })?;
+        let (_, f) = create_image(&pair)?;
+        for i in 0..N {
+            f.write_all_at(&content(i, 0), i * BLOCK as u64)
+                .with_context(|| format!("write block {i}"))?;
+            std::thread::sleep(Duration::from_millis(5));
+            f.sync_data()
+                .with_context(|| format!("fdatasync after block {i}"))?;
+        }
+        let m = metrics_after(&pair, N)?;
+        eprintln!("[early sync] protocol {expect}: {m:?}");
+        // The first writes teach the pattern (the truncate at the open counts
+        // as a change); every later one is synced early here.
+        assert!(m.early_syncs >= N - 3, "protocol {expect}: {m:?}");
+        assert!(m.fsyncs_early >= N - 3, "protocol {expect}: {m:?}");
+        if expect >= vmha_fs::wire::SYNCED_SINCE {
+            assert!(
+                m.fsyncs_peer_early >= N / 2,
+                "the receiver's early syncs spared the round trip of few fdatasyncs: {m:?}"
+            );
+        } else {
+            assert_eq!(m.fsyncs_peer_early, 0, "{m:?}");
+        }
+        pair.kill_primary()?;
+        let log = pair.primary().map(|p| p.stderr_text()).unwrap_or_default();
+        if !log.contains(&format!("replication session: protocol {expect}")) {
+            bail!("the pair did not settle on protocol {expect}:\n{log}");
+        }
+        if log.contains("unexpected message") || log.contains("connection lost") {
+            bail!("protocol {expect}: the link broke:\n{log}");
+        }
+        let replica = pair.secondary_backing().join("disk.img");
+        expect_on_survivor(&replica, 0..N, &format!("early syncs, protocol {expect}"))?;
     }
     Ok(())
 }

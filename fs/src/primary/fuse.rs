@@ -29,6 +29,7 @@ use crate::fdio::{fd_path, read_full, sync_fd};
 use crate::inodes::{Inodes, Node};
 use crate::link::PeerLink;
 use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Time, XattrValue};
+use crate::presync::Answered;
 use crate::primary::{DiskHealth, Repair, Replicator};
 use crate::track::Tracker;
 
@@ -75,6 +76,17 @@ impl Handle {
         } else {
             Ok(IoFd::Buffered(self.buffered_fd()?))
         }
+    }
+}
+
+/// Syncs every descriptor `h` wrote through, the main one opened with the
+/// file first: a writeback error since then is reported there, never only to a
+/// descriptor opened after it (the fsync-after-EIO trap).
+fn sync_handle(h: &Handle, datasync: bool) -> Result<(), Errno> {
+    sync_fd(h.fd.as_fd(), datasync)?;
+    match h.buffered.lock().as_ref() {
+        Some(twin) => sync_fd(twin.as_fd(), datasync),
+        None => Ok(()),
     }
 }
 
@@ -626,12 +638,14 @@ impl ReplicatedFs {
         } = change;
         if let Some(size) = size {
             let whole_file = node.ranges.lock(0, u64::MAX);
-            repl.apply_then_send(
+            let truncated = repl.apply_then_send(
                 "truncate",
                 Op::Truncate { id: node.id, size },
                 Repair::Size { id: node.id },
                 whole_file,
-            )?;
+            );
+            node.presync.changed(false);
+            truncated?;
         }
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
             let now = SystemTime::now();
@@ -681,15 +695,19 @@ impl ReplicatedFs {
         let sequential = handle.write_end.swap(end, Ordering::Relaxed) == offset && offset > 0;
         let order = handle.node.ranges.lock(offset, end);
         let metrics = self.metrics.clone();
+        let early = std::cell::Cell::new(false);
         let local = || {
-            handle.io_fd(offset, buf.len()).and_then(|io| {
-                match apply::write_all_at(io.fd(), &buf, offset) {
+            let written = handle
+                .io_fd(offset, buf.len())
+                .and_then(|io| match apply::write_all_at(io.fd(), &buf, offset) {
                     Err(Errno::INVAL) if handle.direct => {
                         apply::write_all_at(handle.buffered_fd()?.as_fd(), &buf, offset)
                     }
                     other => other,
-                }
-            })
+                });
+            // Counted done or not: a failed write may have changed some of the range.
+            early.set(handle.node.presync.changed(!handle.sync) && written.is_ok());
+            written
         };
         repl.send_then_apply(
             "write",
@@ -707,6 +725,11 @@ impl ReplicatedFs {
                 }
             }),
         );
+        // The fdatasync expected next finds the disk flushed or flushing.
+        if early.get() {
+            self.metrics.early_syncs.fetch_add(1, Ordering::Relaxed);
+            handle.node.presync.early(|| sync_handle(&handle, true));
+        }
     }
 
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<AlignedBuf, Errno> {
@@ -731,21 +754,57 @@ impl ReplicatedFs {
     }
 
     /// Both nodes sync at the same time; the reply waits for the slower one.
+    /// A file's fdatasync is answered by the early syncs (see
+    /// [`crate::presync`]) where they cover it: this node's, and the peer's
+    /// (then without a round trip).
     fn do_fsync(
         &self,
+        node: Option<&Node>,
         id: NodeId,
         datasync: bool,
-        local: impl FnOnce() -> Result<(), Errno>,
+        sync: impl FnOnce() -> Result<(), Errno>,
         reply: ReplyEmpty,
     ) {
         let Some(repl) = self.writer.get() else {
             // Standby: not a change; this copy's own sync (the receiver's data).
-            return match local() {
+            return match sync() {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fuse_err(e)),
             };
         };
         let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
+        let mut local = Some(|| match node {
+            Some(node) => {
+                let (result, answered) = node.presync.sync(datasync, sync);
+                if answered == Answered::Early {
+                    metrics.fsyncs_early.fetch_add(1, Ordering::Relaxed);
+                }
+                result
+            }
+            None => sync(),
+        });
+        let mut failed = None;
+        if datasync && node.is_some() && repl.peer_synced(id) {
+            match local.take().map_or(Err(Errno::IO), |l| l()) {
+                Ok(()) => {
+                    metrics.fsyncs_peer_early.fetch_add(1, Ordering::Relaxed);
+                    metrics.fsync_latency.observe(started.elapsed());
+                    reply.ok();
+                    // Still told, unwaited: the peer learns from it that this
+                    // file is synced after each write (its next early sync),
+                    // and answers it at once.
+                    return repl.bookkeeping(Op::Fsync { id, datasync });
+                }
+                // Judged as any local failure, the peer asked too.
+                Err(e) => failed = Some(e),
+            }
+        }
+        let local = move || match (failed, local) {
+            (Some(e), _) => Err(e),
+            (None, Some(local)) => local(),
+            (None, None) => Err(Errno::IO),
+        };
+        let metrics = self.metrics.clone();
         repl.send_then_apply(
             "fsync",
             vec![Op::Fsync { id, datasync }],
@@ -1092,19 +1151,11 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEmpty,
     ) {
         match self.handle(fh) {
-            // Every descriptor this handle wrote through, the main one opened with
-            // the file first: a writeback error since then is reported there, never
-            // only to a descriptor opened after it (the fsync-after-EIO trap).
             Ok(h) => self.do_fsync(
+                Some(&h.node),
                 h.node.id,
                 datasync,
-                || {
-                    sync_fd(h.fd.as_fd(), datasync)?;
-                    match h.buffered.lock().as_ref() {
-                        Some(twin) => sync_fd(twin.as_fd(), datasync),
-                        None => Ok(()),
-                    }
-                },
+                || sync_handle(&h, datasync),
                 reply,
             ),
             Err(e) => reply.error(fuse_err(e)),
@@ -1165,9 +1216,13 @@ impl fuser::Filesystem for ReplicatedFs {
         reply: ReplyEmpty,
     ) {
         match self.dirs.lock().get(&fh.0).cloned() {
-            Some((_, fd)) => {
-                self.do_fsync(ino.0, datasync, || sync_fd(fd.as_fd(), datasync), reply)
-            }
+            Some((_, fd)) => self.do_fsync(
+                None,
+                ino.0,
+                datasync,
+                || sync_fd(fd.as_fd(), datasync),
+                reply,
+            ),
             None => reply.error(fuser::Errno::EBADF),
         }
     }
@@ -1303,7 +1358,7 @@ impl fuser::Filesystem for ReplicatedFs {
                 u64::MAX
             };
             let order = node.ranges.lock(offset, end);
-            repl.apply_then_send(
+            let allocated = repl.apply_then_send(
                 "fallocate",
                 Op::Fallocate {
                     id: node.id,
@@ -1313,7 +1368,9 @@ impl fuser::Filesystem for ReplicatedFs {
                 },
                 fallocate_repair(node.id, mode, offset, length),
                 order,
-            )
+            );
+            node.presync.changed(false);
+            allocated
         });
         reply_with!(reply, result, |r: ReplyEmpty, _| r.ok())
     }
@@ -1389,10 +1446,10 @@ impl fuser::Filesystem for ReplicatedFs {
                 dst_offset: offset_out,
                 len,
             })?;
-            let copied = repl.watch(
-                "copy_file_range",
-                apply::copy_range(src_fd.as_fd(), offset_in, dst_fd.as_fd(), offset_out, len),
-            )?;
+            let copied =
+                apply::copy_range(src_fd.as_fd(), offset_in, dst_fd.as_fd(), offset_out, len);
+            dst.presync.changed(false);
+            let copied = repl.watch("copy_file_range", copied)?;
             if copied == 0 {
                 return Ok(0);
             }

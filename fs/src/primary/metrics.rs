@@ -44,6 +44,12 @@ pub struct PrimaryMetrics {
     /// Per-stage sums of replicated writes and fsyncs.
     pub write_stages: StageSums,
     pub fsync_stages: StageSums,
+    /// Early syncs started after a write (see [`crate::presync`]).
+    pub early_syncs: AtomicU64,
+    /// fdatasyncs answered here by an early sync.
+    pub fsyncs_early: AtomicU64,
+    /// fdatasyncs the peer's early sync answered too: no round trip.
+    pub fsyncs_peer_early: AtomicU64,
 }
 
 /// Per-stage duration sums of one kind of operation (see [`Stages`]).
@@ -167,6 +173,9 @@ impl PrimaryMetrics {
             write_latency: self.write_latency.snapshot(),
             write_stages: self.write_stages.snapshot(),
             fsync_stages: self.fsync_stages.snapshot(),
+            early_syncs: self.early_syncs.load(Relaxed),
+            fsyncs_early: self.fsyncs_early.load(Relaxed),
+            fsyncs_peer_early: self.fsyncs_peer_early.load(Relaxed),
         }
     }
 }

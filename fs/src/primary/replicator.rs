@@ -355,6 +355,12 @@ impl Replicator {
         )
     }
 
+    /// Whether the peer's early syncs cover every change to `id`'s data sent
+    /// to it: an fdatasync of `id` need not ask it (protocol C only).
+    pub fn peer_synced(&self, id: NodeId) -> bool {
+        self.link.protocol() == Protocol::C && self.link.peer_synced(id)
+    }
+
     /// Queues a bookkeeping op (no data) if the link sends to the peer; never waits.
     pub fn bookkeeping(&self, op: Op) {
         self.link.submit_nowait(op);
