@@ -35,7 +35,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use vmha_fs::status::{StatusFile, SyncPhase, SyncStatus};
+use vmha_fs::status::{FsMetrics, StatusFile, SyncPhase, SyncStatus};
 use vmha_test_infra::fsctl::{attach_and_wait, last_sync_was_incremental, signal, stop};
 use vmha_test_infra::hostlink::HostLink;
 use vmha_test_infra::pair::{free_port, keygen, READY_TIMEOUT};
@@ -649,6 +649,13 @@ fn primary_power_loss_then_resync(protocol: &str) -> Result<()> {
     let hot = hot_slots(7, HOT_EXTENTS);
     let writers = Writers::start(&s.a.mnt, &hot, 1, &WITH_UNSYNCED, false);
     std::thread::sleep(Duration::from_secs(3));
+    // The writers that fdatasync after each write went through early syncs:
+    // the cut below tests that path too. (Under C some of their fdatasyncs
+    // are answered by the peer's early sync, `fsyncs_peer_early`; how many
+    // depends on how the writers of the one image interleave.)
+    let m = FsMetrics::read_from(&s.a.state())?.unwrap_or_default();
+    eprintln!("A's metrics before the cut: {m:?}");
+    assert!(m.early_syncs > 0 && m.fsyncs_early > 0, "{m:?}");
     let unsynced = unsynced_burst(&s.a.mnt, 5)?;
     s.a.fs.shutdown()?;
     std::thread::sleep(Duration::from_millis(200));

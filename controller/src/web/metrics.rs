@@ -112,6 +112,8 @@ pub fn render(
     let replicated_bytes = Family::<Labels, Counter>::default();
     let replicated_ops = Family::<Labels, Counter>::default();
     let al_writes = Family::<Labels, Counter>::default();
+    let early_syncs = Family::<Labels, Counter>::default();
+    let fsyncs_peer_early = Family::<Labels, Counter>::default();
     let dirty = Gauges::default();
     let mut write_latency = Latency::default();
     let mut fsync_latency = Latency::default();
@@ -199,6 +201,10 @@ pub fn render(
             .inc_by(m.replicated_bytes);
         replicated_ops.get_or_create(&l).inc_by(m.replicated_ops);
         al_writes.get_or_create(&l).inc_by(m.activity_log_writes);
+        early_syncs.get_or_create(&l).inc_by(m.early_syncs);
+        fsyncs_peer_early
+            .get_or_create(&l)
+            .inc_by(m.fsyncs_peer_early);
         dirty.get_or_create(&l).set(i(m.dirty_bytes));
         write_latency.0.push((l.clone(), m.write_latency.clone()));
         fsync_latency.0.push((l, m.fsync_latency.clone()));
@@ -311,6 +317,16 @@ pub fn render(
         al_writes,
     );
     registry.register(
+        "vmha_early_syncs",
+        "Syncs the module's writer on this node started right after a write that an fdatasync was expected to follow, since vmha-fs started",
+        early_syncs,
+    );
+    registry.register(
+        "vmha_fsyncs_peer_early",
+        "fdatasyncs through the module's writer on this node that the peer's early sync answered (no round trip), since vmha-fs started",
+        fsyncs_peer_early,
+    );
+    registry.register(
         "vmha_dirty_bytes",
         "Bytes the module's writer on this node marked as written while alone (the peer lacks them)",
         dirty,
@@ -353,6 +369,8 @@ mod tests {
                 sum_us: 6_000_900,
             },
             fsync_latency: Latencies::default(),
+            early_syncs: 7,
+            fsyncs_peer_early: 6,
             ..FsMetrics::default()
         };
         let text = render(&status(), &[], &[("vm1".into(), fs)], 3000);
@@ -361,6 +379,8 @@ mod tests {
             "vmha_replicated_ops_total{module=\"vm1\",node=\"node1\"} 3",
             "vmha_activity_log_writes_total{module=\"vm1\",node=\"node1\"} 5",
             "vmha_dirty_bytes{module=\"vm1\",node=\"node1\"} 4096",
+            "vmha_early_syncs_total{module=\"vm1\",node=\"node1\"} 7",
+            "vmha_fsyncs_peer_early_total{module=\"vm1\",node=\"node1\"} 6",
             "# TYPE vmha_write_latency_seconds histogram",
             "vmha_write_latency_seconds_sum{module=\"vm1\",node=\"node1\"} 6.0009",
             "vmha_write_latency_seconds_count{module=\"vm1\",node=\"node1\"} 4",
