@@ -648,8 +648,9 @@ fn run_session(
     let tells_syncs = version >= wire::SYNCED_SINCE;
     let mut early = EarlySyncs::default();
     let mut spinner = Spinner::new();
-    // Frames read between the last two times the input was drained, and since.
-    let (mut read_since_drain, mut read_since_drain_now) = (0u32, 0u32);
+    // Whether the next operation is polled for (see below), frames read since
+    // the input was last drained, and whether the last one was an fsync.
+    let (mut poll_next, mut reads, mut last_was_sync) = (false, 0u32, false);
     let mut aside: Option<SaveAside> = None;
     // Files this session created: they hold nothing of this node's, so writes
     // to them (a resync filling a file new here) are not saved aside.
@@ -707,7 +708,8 @@ fn run_session(
             if let Err(e) = batch.send(&writer) {
                 break Err(e);
             }
-            read_since_drain = std::mem::take(&mut read_since_drain_now);
+            let one_at_a_time = std::mem::take(&mut reads) <= 1;
+            poll_next = one_at_a_time && last_was_sync;
             // A big batch (a stream of 1 MiB writes) may wait in the block
             // layer: off this thread, which should be reading the next write.
             // A small one (before an fsync) is started here, at once.
@@ -725,6 +727,7 @@ fn run_session(
                 let upto = expected - 1;
                 let synced = rustix::fs::fdatasync(fd.as_fd());
                 early.done(id, upto, synced);
+                poll_next = one_at_a_time;
                 if synced.is_ok() && tells_syncs {
                     let mut w = writer.lock();
                     if let Err(e) = w
@@ -736,16 +739,24 @@ fn run_session(
                 }
             }
         }
-        // Operations one at a time (a writer waiting for each): the next one
-        // is polled for. Several at once: the writer keeps the stream full,
-        // and the CPU is better spent applying.
-        if reader.buffered() == 0 && read_since_drain <= 1 {
+        // A writer syncing what it writes, one operation at a time (a commit:
+        // write, fdatasync, write…): the fdatasync after an early sync, or the
+        // write after an fsync, is polled for. Otherwise (several operations
+        // at once, writes without syncs) the CPU is better spent elsewhere.
+        if reader.buffered() == 0 && poll_next {
             spinner.wait(reader.get_ref().get_ref().as_fd());
         }
         let msg = match reader.recv() {
             Ok(msg) => {
                 spinner.frame();
-                read_since_drain_now += 1;
+                reads += 1;
+                last_was_sync = matches!(
+                    msg,
+                    Message::Op {
+                        op: Op::Fsync { .. },
+                        ..
+                    }
+                );
                 // The writer's data path is alive (its controller may not be).
                 heard.store(crate::status::monotonic_ms(), Ordering::Relaxed);
                 msg
