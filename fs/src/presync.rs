@@ -205,6 +205,21 @@ mod tests {
         })
     }
 
+    /// A file written and fdatasynced once, then written again: its pattern
+    /// expects a sync next. One sync so far.
+    fn taught() -> (
+        PreSync,
+        Arc<AtomicUsize>,
+        impl Fn() -> Result<(), Errno> + Clone,
+    ) {
+        let p = PreSync::default();
+        let (n, sync) = counting();
+        p.changed(true);
+        p.sync(true, sync.clone()).0.unwrap();
+        assert!(p.changed(true), "write, sync, write: a sync is expected");
+        (p, n, sync)
+    }
+
     #[test]
     fn the_first_sync_of_a_file_is_a_real_one() {
         let p = PreSync::default();
@@ -215,11 +230,7 @@ mod tests {
 
     #[test]
     fn an_early_sync_answers_the_fdatasync_of_the_writes_before_it() {
-        let p = PreSync::default();
-        let (n, sync) = counting();
-        p.changed(true);
-        p.sync(true, sync.clone()).0.unwrap();
-        assert!(p.changed(true), "write, sync, write: a sync is expected");
+        let (p, n, sync) = taught();
         p.early(sync.clone());
         assert_eq!(n.load(Ordering::SeqCst), 2);
         assert_eq!(p.sync(true, sync.clone()), (Ok(()), Answered::Early));
@@ -228,11 +239,7 @@ mod tests {
 
     #[test]
     fn a_change_after_the_early_sync_started_needs_a_sync_of_its_own() {
-        let p = PreSync::default();
-        let (n, sync) = counting();
-        p.changed(true);
-        p.sync(true, sync.clone()).0.unwrap();
-        p.changed(true);
+        let (p, n, sync) = taught();
         p.early(sync.clone());
         // A truncate (or a second write) completes after the early sync.
         p.changed(false);
@@ -242,11 +249,7 @@ mod tests {
 
     #[test]
     fn a_full_fsync_always_syncs_for_itself() {
-        let p = PreSync::default();
-        let (n, sync) = counting();
-        p.changed(true);
-        p.sync(true, sync.clone()).0.unwrap();
-        p.changed(true);
+        let (p, n, sync) = taught();
         p.early(sync.clone());
         assert_eq!(p.sync(false, sync.clone()), (Ok(()), Answered::Synced));
         assert_eq!(n.load(Ordering::SeqCst), 3);
@@ -254,11 +257,7 @@ mod tests {
 
     #[test]
     fn a_failed_early_sync_owes_its_error_to_the_next_sync() {
-        let p = PreSync::default();
-        let (_, sync) = counting();
-        p.changed(true);
-        p.sync(true, sync.clone()).0.unwrap();
-        p.changed(true);
+        let (p, _, sync) = taught();
         p.early(|| Err(Errno::IO));
         assert_eq!(
             p.sync(true, sync.clone()),
@@ -270,11 +269,8 @@ mod tests {
 
     #[test]
     fn an_fdatasync_waits_for_the_early_sync_in_flight_that_covers_it() {
-        let p = Arc::new(PreSync::default());
-        let (n, sync) = counting();
-        p.changed(true);
-        p.sync(true, sync.clone()).0.unwrap();
-        p.changed(true);
+        let (p, n, sync) = taught();
+        let p = Arc::new(p);
         let (started_tx, started) = crossbeam_channel::bounded(0);
         let (release_tx, release) = crossbeam_channel::bounded::<()>(0);
         let early = {

@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -264,6 +264,29 @@ impl Pair {
     pub fn secondary_backing(&self) -> &Path {
         &self.sec_backing
     }
+    /// Waits (vmha-fs refreshes it at most once a second) until the
+    /// primary's `metrics.json` satisfies `ok`; returns it.
+    pub fn wait_metrics(
+        &self,
+        what: &str,
+        ok: impl Fn(&vmha_fs::status::FsMetrics) -> bool,
+    ) -> Result<vmha_fs::status::FsMetrics> {
+        use vmha_fs::status::{FsMetrics, StatusFile};
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let last = FsMetrics::read_from(self.primary_state());
+            if let Ok(Some(m)) = &last {
+                if ok(m) {
+                    return Ok(m.clone());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("metrics.json never showed {what}: {last:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn primary_state(&self) -> &Path {
         &self.pri_state
     }

@@ -6,29 +6,9 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use vmha_fs::status::{FsMetrics, StatusFile};
 use vmha_test_infra::{Pair, PairOptions};
-
-/// Waits (the file is refreshed at most once a second) until `metrics.json`
-/// satisfies `ok`; returns it.
-fn wait_metrics(pair: &Pair, what: &str, ok: impl Fn(&FsMetrics) -> bool) -> Result<FsMetrics> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let last = FsMetrics::read_from(pair.primary_state());
-        if let Ok(Some(m)) = &last {
-            if ok(m) {
-                return Ok(m.clone());
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!("metrics.json never showed {what}: {last:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn metrics_json_counts_what_the_primary_replicates() -> Result<()> {
@@ -45,7 +25,7 @@ fn metrics_json_counts_what_the_primary_replicates() -> Result<()> {
         f.write_all_at(&[7u8; 65536], i * 65536)?;
     }
     f.sync_all()?;
-    let connected = wait_metrics(&pair, "the replicated MiB and an fsync", |m| {
+    let connected = pair.wait_metrics("the replicated MiB and an fsync", |m| {
         m.replicated_bytes >= MIB && m.fsync_latency.count >= 1
     })?;
     eprintln!("[fs_metrics] connected: {connected:?}");
@@ -99,7 +79,7 @@ fn metrics_json_counts_what_the_primary_replicates() -> Result<()> {
     }
     f.write_all_at(&[9u8; 8192], 0)?;
     f.sync_all()?;
-    let alone = wait_metrics(&pair, "dirty bytes", |m| m.dirty_bytes >= 8192)?;
+    let alone = pair.wait_metrics("dirty bytes", |m| m.dirty_bytes >= 8192)?;
     eprintln!("[fs_metrics] alone: {alone:?}");
     assert_eq!(
         alone.replicated_bytes, connected.replicated_bytes,

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vmha_fs::status::{FsMetrics, StatusFile};
 use vmha_test_infra::fsctl::{
     attach_and_wait, go_alone_and_wait, last_sync_line, last_sync_was_incremental, signal,
 };
@@ -205,24 +204,6 @@ fn a_protocol_8_receiver_is_sent_frames_it_can_authenticate() -> Result<()> {
     Ok(())
 }
 
-/// Waits (the file is refreshed once a second) until the primary's
-/// `metrics.json` counts `fsyncs` fdatasyncs; returns it.
-fn metrics_after(pair: &Pair, fsyncs: u64) -> Result<FsMetrics> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let last = FsMetrics::read_from(pair.primary_state());
-        if let Ok(Some(m)) = &last {
-            if m.fsync_latency.count >= fsyncs {
-                return Ok(m.clone());
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!("metrics.json never counted {fsyncs} fsyncs: {last:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A file written and fdatasynced in turn (a database's commit) is synced
 /// early on both nodes: each node starts the file's sync as soon as the write
 /// is done there, and the fdatasync is answered by those syncs. With time
@@ -246,7 +227,7 @@ fn a_file_written_and_synced_in_turn_is_synced_early_on_both_nodes() -> Result<(
             f.sync_data()
                 .with_context(|| format!("fdatasync after block {i}"))?;
         }
-        let m = metrics_after(&pair, N)?;
+        let m = pair.wait_metrics("the fdatasyncs", |m| m.fsync_latency.count >= N)?;
         eprintln!("[early sync] protocol {expect}: {m:?}");
         // The first writes teach the pattern (the truncate at the open counts
         // as a change); every later one is synced early here.
