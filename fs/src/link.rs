@@ -264,6 +264,12 @@ impl PeerSyncs {
 
     fn sent(&mut self, seq: u64, request: &Request) {
         match request {
+            // The id may name another file later: nothing of it is covered
+            // (and many files forgotten do not fill the records).
+            Request::Op(Op::Forget { id }) => {
+                self.changed.remove(id);
+                self.synced.remove(id);
+            }
             Request::Op(op) => {
                 if let Some(id) = op.changes_data_of() {
                     if self.changed.len() >= Self::MAX_FILES && !self.changed.contains_key(&id) {
@@ -1362,6 +1368,16 @@ mod tests {
         assert!(s.covers(7));
         s.sent(5, &Request::Op(Op::Truncate { id: 7, size: 0 }));
         assert!(!s.covers(7));
+    }
+
+    #[test]
+    fn a_forgotten_file_is_covered_by_nothing_said_before() {
+        let mut s = PeerSyncs::default();
+        s.sent(1, &write(7));
+        s.synced(7, 1);
+        s.sent(2, &Request::Op(Op::Forget { id: 7 }));
+        assert!(!s.covers(7));
+        assert!(s.changed.is_empty() && s.synced.is_empty());
     }
 
     #[test]

@@ -1091,6 +1091,11 @@ impl EarlySyncs {
 
     /// Operation `seq` was applied.
     fn applied(&mut self, seq: u64, op: &Op) {
+        if let Op::Forget { id } = op {
+            // The id may name another file later: nothing of it is covered.
+            self.files.remove(id);
+            return;
+        }
         let Some(id) = op.changes_data_of() else {
             return;
         };
@@ -1267,6 +1272,19 @@ mod tests {
         assert_eq!(e.fsync(7, true), Some(Err(Errno::IO)));
         // Owed once; the next one syncs for itself.
         assert_eq!(e.fsync(7, true), None);
+    }
+
+    #[test]
+    fn a_forgotten_file_is_covered_by_nothing_it_synced_before() {
+        let mut e = EarlySyncs::default();
+        e.applied(1, &write(7));
+        e.fsync(7, true);
+        e.applied(3, &write(7));
+        let id = e.due().unwrap();
+        e.done(id, 3, Ok(()));
+        e.applied(4, &Op::Forget { id: 7 });
+        assert_eq!(e.fsync(7, true), None);
+        assert!(e.files.is_empty(), "a forgotten file's record is dropped");
     }
 
     #[test]
