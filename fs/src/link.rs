@@ -26,6 +26,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::apply::Errno;
 use crate::key::ClusterKey;
 use crate::op::{Control, NodeId, Op, Request};
+use crate::presync;
 use crate::spin::Spinner;
 use crate::track::{Report, Tracker};
 use crate::wire::{self, Ack, FrameReader, FrameWriter, Message, WireError};
@@ -249,7 +250,7 @@ struct Shared {
 /// Which files the peer's early syncs cover: for each file, the sequence of
 /// the last operation of this session that changed its data, and the sequence
 /// up to which the peer said it synced it (`Message::Synced`). Bounded: past
-/// [`PeerSyncs::MAX_FILES`] files the records start over, with every file
+/// [`presync::MAX_FILES`] files the records start over, with every file
 /// counted as changed at the last sequence (only early answers are lost).
 #[derive(Debug, Default)]
 struct PeerSyncs {
@@ -260,8 +261,6 @@ struct PeerSyncs {
 }
 
 impl PeerSyncs {
-    const MAX_FILES: usize = 4096;
-
     fn sent(&mut self, seq: u64, request: &Request) {
         match request {
             // The id may name another file later: nothing of it is covered
@@ -272,8 +271,7 @@ impl PeerSyncs {
             }
             Request::Op(op) => {
                 if let Some(id) = op.changes_data_of() {
-                    if self.changed.len() >= Self::MAX_FILES && !self.changed.contains_key(&id) {
-                        self.changed.clear();
+                    if presync::make_room(&mut self.changed, id) {
                         self.floor = seq;
                     }
                     self.changed.insert(id, seq);
@@ -288,9 +286,7 @@ impl PeerSyncs {
     }
 
     fn synced(&mut self, id: NodeId, upto: u64) {
-        if self.synced.len() >= Self::MAX_FILES && !self.synced.contains_key(&id) {
-            self.synced.clear();
-        }
+        presync::make_room(&mut self.synced, id);
         let at = self.synced.entry(id).or_default();
         *at = (*at).max(upto);
     }
@@ -1396,7 +1392,7 @@ mod tests {
         let mut s = PeerSyncs::default();
         s.sent(1, &write(1));
         s.synced(1, 1);
-        let files = PeerSyncs::MAX_FILES as u64;
+        let files = presync::MAX_FILES as u64;
         for id in 2..=files + 1 {
             s.sent(id, &write(id));
         }

@@ -295,13 +295,11 @@ pub enum Op {
 
 impl Op {
     /// The node whose data (or whose binding to a file) this op may change:
-    /// an fdatasync of that node must come after it to cover it.
+    /// an fdatasync of that node must come after it to cover it. (`Forget`
+    /// ends the id's records instead: the early-sync records drop it.)
     pub fn changes_data_of(&self) -> Option<NodeId> {
         match self {
-            Op::Write { id, .. }
-            | Op::Truncate { id, .. }
-            | Op::Fallocate { id, .. }
-            | Op::Forget { id } => Some(*id),
+            Op::Write { id, .. } | Op::Truncate { id, .. } | Op::Fallocate { id, .. } => Some(*id),
             Op::CopyRange { dst, .. } => Some(*dst),
             other => other.created_id(),
         }

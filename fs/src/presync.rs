@@ -20,9 +20,26 @@
 //! other change. A stream of writes without syncs (or several writes per sync)
 //! never starts one; a mispredicted write costs one flush.
 
+use std::collections::HashMap;
+
 use parking_lot::{Condvar, Mutex};
 
 use crate::apply::Errno;
+use crate::op::NodeId;
+
+/// Files an early-sync record (the writer's of the peer, the receiver's) keeps
+/// at most; past it the record starts over, which loses early answers only.
+pub const MAX_FILES: usize = 4096;
+
+/// Makes room for `id` in a per-file record bounded by [`MAX_FILES`]: when it
+/// is full and `id` is new, empties it. True if it did.
+pub fn make_room<V>(files: &mut HashMap<NodeId, V>, id: NodeId) -> bool {
+    let full = files.len() >= MAX_FILES && !files.contains_key(&id);
+    if full {
+        files.clear();
+    }
+    full
+}
 
 /// Whether an `fdatasync` is expected after each change of one file.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -55,7 +55,7 @@ use crate::compare;
 use crate::key::ClusterKey;
 use crate::op::{Control, NodeId, Op, Request, ROOT};
 use crate::preauth::{self, Limits};
-use crate::presync::Pattern;
+use crate::presync::{self, Pattern};
 use crate::refusal::Refusal;
 use crate::spin::Spinner;
 use crate::syncset::{Batch, SyncSet};
@@ -1069,7 +1069,7 @@ fn start_writeback(written: &mut Vec<Written>) {
 /// before it. Per file: the sequence of its last change, the sequence its
 /// last early sync covers, that sync's error (owed to the next fdatasync),
 /// and whether an fdatasync follows each write. Bounded like the writer's
-/// records: past [`EarlySyncs::MAX_FILES`] they start over (an fdatasync of a
+/// records: past [`presync::MAX_FILES`] they start over (an fdatasync of a
 /// file without a record syncs for itself).
 #[derive(Debug, Default)]
 struct EarlySyncs {
@@ -1087,8 +1087,6 @@ struct Early {
 }
 
 impl EarlySyncs {
-    const MAX_FILES: usize = 4096;
-
     /// Operation `seq` was applied.
     fn applied(&mut self, seq: u64, op: &Op) {
         if let Op::Forget { id } = op {
@@ -1099,9 +1097,7 @@ impl EarlySyncs {
         let Some(id) = op.changes_data_of() else {
             return;
         };
-        if self.files.len() >= Self::MAX_FILES && !self.files.contains_key(&id) {
-            self.files.clear();
-        }
+        presync::make_room(&mut self.files, id);
         let file = self.files.entry(id).or_default();
         file.changed = seq;
         let expected = file.pattern.changed();
@@ -1226,6 +1222,18 @@ mod tests {
         }
     }
 
+    /// File 7 written (1), fdatasynced, written again (3): its early sync is
+    /// due, and ends with `result`.
+    fn synced_early(result: Result<(), Errno>) -> EarlySyncs {
+        let mut e = EarlySyncs::default();
+        e.applied(1, &write(7));
+        e.fsync(7, true);
+        e.applied(3, &write(7));
+        let id = e.due().unwrap();
+        e.done(id, 3, result);
+        e
+    }
+
     /// Write and fdatasync in turn: from the second write on, the sync is
     /// due once the input drains, and it answers the fdatasync that follows.
     #[test]
@@ -1251,24 +1259,14 @@ mod tests {
 
     #[test]
     fn a_change_after_the_early_sync_is_not_covered_by_it() {
-        let mut e = EarlySyncs::default();
-        e.applied(1, &write(7));
-        e.fsync(7, true);
-        e.applied(3, &write(7));
-        let id = e.due().unwrap();
-        e.done(id, 3, Ok(()));
+        let mut e = synced_early(Ok(()));
         e.applied(4, &Op::Truncate { id: 7, size: 0 });
         assert_eq!(e.fsync(7, true), None);
     }
 
     #[test]
     fn a_failed_early_sync_answers_the_next_fdatasync_with_its_error() {
-        let mut e = EarlySyncs::default();
-        e.applied(1, &write(7));
-        e.fsync(7, true);
-        e.applied(3, &write(7));
-        let id = e.due().unwrap();
-        e.done(id, 3, Err(Errno::IO));
+        let mut e = synced_early(Err(Errno::IO));
         assert_eq!(e.fsync(7, true), Some(Err(Errno::IO)));
         // Owed once; the next one syncs for itself.
         assert_eq!(e.fsync(7, true), None);
@@ -1276,12 +1274,7 @@ mod tests {
 
     #[test]
     fn a_forgotten_file_is_covered_by_nothing_it_synced_before() {
-        let mut e = EarlySyncs::default();
-        e.applied(1, &write(7));
-        e.fsync(7, true);
-        e.applied(3, &write(7));
-        let id = e.due().unwrap();
-        e.done(id, 3, Ok(()));
+        let mut e = synced_early(Ok(()));
         e.applied(4, &Op::Forget { id: 7 });
         assert_eq!(e.fsync(7, true), None);
         assert!(e.files.is_empty(), "a forgotten file's record is dropped");

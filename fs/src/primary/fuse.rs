@@ -772,23 +772,25 @@ impl ReplicatedFs {
                 Err(e) => reply.error(fuse_err(e)),
             };
         };
-        let (started, metrics) = (std::time::Instant::now(), self.metrics.clone());
-        let mut local = Some(|| match node {
+        let started = std::time::Instant::now();
+        let sync_here = || match node {
             Some(node) => {
                 let (result, answered) = node.presync.sync(datasync, sync);
                 if answered == Answered::Early {
-                    metrics.fsyncs_early.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.fsyncs_early.fetch_add(1, Ordering::Relaxed);
                 }
                 result
             }
             None => sync(),
-        });
-        let mut failed = None;
-        if datasync && node.is_some() && repl.peer_synced(id) {
-            match local.take().map_or(Err(Errno::IO), |l| l()) {
+        };
+        type LocalSync<'a> = Box<dyn FnOnce() -> Result<(), Errno> + 'a>;
+        let local: LocalSync = if datasync && node.is_some() && repl.peer_synced(id) {
+            match sync_here() {
                 Ok(()) => {
-                    metrics.fsyncs_peer_early.fetch_add(1, Ordering::Relaxed);
-                    metrics.fsync_latency.observe(started.elapsed());
+                    self.metrics
+                        .fsyncs_peer_early
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.fsync_latency.observe(started.elapsed());
                     reply.ok();
                     // Still told, unwaited: the peer learns from it that this
                     // file is synced after each write (its next early sync),
@@ -796,13 +798,10 @@ impl ReplicatedFs {
                     return repl.bookkeeping(Op::Fsync { id, datasync });
                 }
                 // Judged as any local failure, the peer asked too.
-                Err(e) => failed = Some(e),
+                Err(e) => Box::new(move || Err(e)),
             }
-        }
-        let local = move || match (failed, local) {
-            (Some(e), _) => Err(e),
-            (None, Some(local)) => local(),
-            (None, None) => Err(Errno::IO),
+        } else {
+            Box::new(sync_here)
         };
         let metrics = self.metrics.clone();
         repl.send_then_apply(
