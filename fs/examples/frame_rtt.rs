@@ -71,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let data = Payload::Aligned(Arc::new(AlignedBuf::copy_from(&source[80..])));
         let op = Op::Write {
             id: 5,
-            offset: seq * (kib as u64) << 10,
+            offset: (seq * kib as u64) << 10,
             data,
         };
         writer.send(&Message::Op { seq, op })?;
