@@ -327,6 +327,12 @@ pub struct Module {
     pub resync_streams: u32,
     /// When a write returns (vmha-fs `--protocol`): "C", "B" or "flush".
     pub protocol: vmha_fs::Protocol,
+    /// How the guest's O_DIRECT writes reach the writer's copy (vmha-fs
+    /// `--local-writes`): "cached" (default) or "direct". Left out of the
+    /// hashes when "cached": the configurations of daemons that predate it
+    /// still match.
+    #[serde(skip_serializing_if = "is_cached")]
+    pub local_writes: vmha_fs::LocalWrites,
     pub maxloop: u32,
     pub loop_interval_s: u64,
     /// What `vmctl swap` does: stop/start (default) or a live migration
@@ -351,6 +357,10 @@ impl SwapMode {
     pub fn is_stop(&self) -> bool {
         *self == SwapMode::Stop
     }
+}
+
+fn is_cached(w: &vmha_fs::LocalWrites) -> bool {
+    *w == vmha_fs::LocalWrites::Cached
 }
 
 /// The `[web]` section: the HTTPS console and `/metrics` (see `crate::web`).
@@ -616,6 +626,7 @@ const MODULE_KEYS: &[&str] = &[
     "rate_limit_mb_s",
     "resync_streams",
     "protocol",
+    "local_writes",
     "maxloop",
     "loop_interval_s",
     "swap",
@@ -765,6 +776,8 @@ struct RawModule {
     resync_streams: u32,
     #[serde(default)]
     protocol: vmha_fs::Protocol,
+    #[serde(default)]
+    local_writes: vmha_fs::LocalWrites,
     #[serde(default = "defaults::maxloop")]
     maxloop: u32,
     #[serde(default = "defaults::loop_interval_s")]
@@ -1572,6 +1585,7 @@ impl RawModule {
             rate_limit_mb_s: self.rate_limit_mb_s,
             resync_streams: self.resync_streams,
             protocol: self.protocol,
+            local_writes: self.local_writes,
             maxloop: self.maxloop,
             loop_interval_s: self.loop_interval_s,
             swap: self.swap,
@@ -1750,6 +1764,7 @@ stop_timeout_s = 60                   # ACPI shutdown wait before destroy
 rate_limit_mb_s = 0                   # resync rate limit, 0 = none
 resync_streams = 0                    # resync reader threads, 0 = vmha-fs default (4)
 protocol = "C"                        # when a write returns: C, B or flush (README)
+local_writes = "cached"               # guest O_DIRECT writes: cached or direct (README)
 maxloop = 3
 loop_interval_s = 86400
 "#;
@@ -1839,6 +1854,33 @@ default_primary = "node1"
         assert!(
             text.iter()
                 .any(|l| l.contains("module[1].protocol") && l.contains("flush")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn local_writes_are_per_module_default_to_cached_and_reject_unknown_names() {
+        let vm2 = "name = \"vm2\"\nreplicated = [\"/srv/vm2\"]\nport = 7102";
+        let config =
+            Config::from_toml_str(&with_module(&format!("{vm2}\nlocal_writes = \"direct\"")))
+                .unwrap();
+        assert_eq!(
+            config.module("vm1").unwrap().local_writes,
+            vmha_fs::LocalWrites::Cached
+        );
+        assert_eq!(
+            config.module("vm2").unwrap().local_writes,
+            vmha_fs::LocalWrites::Direct
+        );
+        let bad = with_module(&format!("{vm2}\nlocal_writes = \"buffered\""));
+        let problems = check_text(&bad).unwrap_err();
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| p.render("vmha.toml", &bad))
+            .collect();
+        assert!(
+            text.iter()
+                .any(|l| l.contains("module[1].local_writes") && l.contains("direct")),
             "{text:?}"
         );
     }

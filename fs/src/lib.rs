@@ -39,6 +39,8 @@ pub(crate) mod syncset;
 pub mod track;
 pub mod version;
 pub mod wire;
+pub mod writeback;
 
 pub use link::Protocol;
 pub use resync::{DEFAULT_STREAMS as DEFAULT_RESYNC_STREAMS, MAX_STREAMS as MAX_RESYNC_STREAMS};
+pub use writeback::LocalWrites;

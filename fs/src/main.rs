@@ -114,6 +114,13 @@ enum Command {
         #[arg(long, value_name = "C|B|flush", default_value = "C",
               value_parser = parse_protocol)]
         protocol: vmha_fs::Protocol,
+        /// How a guest's O_DIRECT writes reach this copy: cached = through the
+        /// page cache, their writeback started at once (as the peer applies
+        /// them); direct = O_DIRECT. fsync is the same either way: it returns
+        /// once both copies flushed.
+        #[arg(long, value_name = "cached|direct", default_value = "cached",
+              value_parser = parse_local_writes)]
+        local_writes: vmha_fs::LocalWrites,
     },
 }
 
@@ -197,7 +204,9 @@ fn main() -> ExitCode {
             rate_limit_mb_s,
             resync_streams,
             protocol,
+            local_writes,
         } => vmha_fs::primary::run(PrimaryConfig {
+            local_writes,
             resync_streams: resync_streams as usize,
             protocol,
             rate_limit: rate_limit_mb_s.checked_mul(1_000_000),
@@ -230,6 +239,10 @@ fn parse_generation(text: &str) -> Result<GenerationId, String> {
 }
 
 fn parse_protocol(text: &str) -> Result<vmha_fs::Protocol, String> {
+    text.parse()
+}
+
+fn parse_local_writes(text: &str) -> Result<vmha_fs::LocalWrites, String> {
     text.parse()
 }
 

@@ -63,6 +63,7 @@ use crate::track::Tracker;
 use crate::wire::{
     self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, TimedAck, WireError,
 };
+use crate::writeback::{self, Written};
 
 /// How long the receiver waits for a frame before it considers the primary gone.
 /// The primary pings every second when idle.
@@ -73,8 +74,6 @@ const FSYNC_WORKERS: usize = 4;
 /// Written bytes from which the writeback hint goes to its own thread.
 const WRITEBACK_HANDOFF_BYTES: usize = 256 << 10;
 
-/// A range just written: file, offset, length.
-type Written = (Arc<OwnedFd>, u64, usize);
 /// How often a long operation is announced to the writer (well below its default
 /// lock timeout of 5 s).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -675,14 +674,14 @@ fn run_session(
     }
     drop(sync_rx);
     let keepalive = Keepalive::start(writer.clone())?;
-    // Large writebacks are started by their own thread (see `start_writeback`).
+    // Large writebacks are started by their own thread (see `writeback::start`).
     let (writeback_tx, writeback_rx) = crossbeam_channel::unbounded::<Vec<Written>>();
     threads.push(
         std::thread::Builder::new()
             .name("recv-writeback".into())
             .spawn(move || {
                 for mut batch in writeback_rx {
-                    start_writeback(&mut batch);
+                    writeback::start(&mut batch);
                 }
             })?,
     );
@@ -716,7 +715,7 @@ fn run_session(
             if written.iter().map(|w| w.2).sum::<usize>() >= WRITEBACK_HANDOFF_BYTES {
                 let _ = writeback_tx.send(std::mem::take(&mut written));
             } else {
-                start_writeback(&mut written);
+                writeback::start(&mut written);
             }
             // A file written and synced in turn: its sync starts now, while
             // the write's acknowledgement travels and the fdatasync comes.
@@ -860,8 +859,8 @@ fn run_session(
                         written.push((fd, *offset, data.len()));
                         // Each entry keeps its file open: a stream of writes to many
                         // files (a resync) must not hold one descriptor per file.
-                        if written.len() >= MAX_WRITEBACK {
-                            start_writeback(&mut written);
+                        if written.len() >= writeback::MAX_BATCH {
+                            writeback::start(&mut written);
                         }
                     }
                 }
@@ -1023,44 +1022,6 @@ fn save_before(
         Some(a) => a.before(request, &|id| table.path_fd(id)),
         None => Err(Errno::IO),
     }
-}
-
-/// Writes whose writeback waits for a pause in the input, at most.
-const MAX_WRITEBACK: usize = 256;
-
-/// Starts writing out what was just applied, once its acknowledgements are sent: the
-/// fsync that usually follows then finds its data on the way to disk and only has to
-/// wait and flush, in parallel with the primary's own fsync. Also keeps dirty memory
-/// low under a stream of writes.
-///
-/// One call per file over the span of its ranges, not one per range: the kernel
-/// writes the span's dirty pages (only ours: the file is this copy's) under one
-/// block plug, so a batch of scattered 4 KiB writes reaches the disk's queue in
-/// one go (one doorbell) instead of one request and one system call each.
-fn start_writeback(written: &mut Vec<Written>) {
-    written.sort_unstable_by_key(|(fd, offset, _)| (Arc::as_ptr(fd) as usize, *offset));
-    for file in written.chunk_by(|a, b| Arc::ptr_eq(&a.0, &b.0)) {
-        let (fd, first, _) = &file[0];
-        let end = file
-            .iter()
-            .map(|(_, offset, len)| offset.saturating_add(*len as u64))
-            .max()
-            .unwrap_or(*first);
-        // SAFETY: plain syscall on a valid descriptor; no memory is passed.
-        let rc = unsafe {
-            libc::sync_file_range(
-                std::os::fd::AsRawFd::as_raw_fd(&**fd),
-                *first as libc::off64_t,
-                end.saturating_sub(*first) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc != 0 {
-            // Only a hint: the fsync that matters reports real errors.
-            tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
-        }
-    }
-    written.clear();
 }
 
 /// The receiver's early syncs (see [`crate::presync`]; the primary's side is

@@ -31,6 +31,8 @@ pub struct PairOptions {
     pub secondary_backing_in: Option<PathBuf>,
     /// `--protocol` of the primary (`None`: not passed, the default C).
     pub protocol: Option<&'static str>,
+    /// `--local-writes` of the primary (`None`: not passed, the default cached).
+    pub local_writes: Option<&'static str>,
     /// The replication protocol versions the secondary advertises (its
     /// `VMHA_TEST_REPLICATION_VERSIONS`, e.g. `"5..=6"`: an older peer).
     pub secondary_versions: Option<&'static str>,
@@ -44,6 +46,7 @@ impl Default for PairOptions {
             primary_backing_in: None,
             secondary_backing_in: None,
             protocol: None,
+            local_writes: None,
             secondary_versions: None,
         }
     }
@@ -207,6 +210,9 @@ impl Pair {
             .arg(self.opts.lock_timeout_ms.to_string());
         if let Some(protocol) = self.opts.protocol {
             c.args(["--protocol", protocol]);
+        }
+        if let Some(local_writes) = self.opts.local_writes {
+            c.args(["--local-writes", local_writes]);
         }
         c
     }

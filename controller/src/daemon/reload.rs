@@ -11,7 +11,8 @@
 //! - a module whose settings changed (its section, or the live cluster keys:
 //!   heartbeat interval, failover timeout, start wait, witnesses, split-brain
 //!   policy) gets them while its task, vmha-fs and VM keep running; what
-//!   vmha-fs was started with (`lock_timeout_ms`, `rate_limit_mb_s`, `resync_streams`, `protocol`) applies
+//!   vmha-fs was started with (`lock_timeout_ms`, `rate_limit_mb_s`, `resync_streams`, `protocol`,
+//!   `local_writes`) applies
 //!   at its next start. The keys that say *what* is run (`domain`,
 //!   `libvirt_uri`, `replicated`, `port`, `replication_network`) change only
 //!   while the module is STOP here;

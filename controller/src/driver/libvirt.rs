@@ -1535,6 +1535,7 @@ shared_filesystems = [
             rate_limit_mb_s: 0,
             resync_streams: 0,
             protocol: vmha_fs::Protocol::C,
+            local_writes: vmha_fs::LocalWrites::Cached,
             maxloop: 3,
             loop_interval_s: 60,
             swap: Default::default(),

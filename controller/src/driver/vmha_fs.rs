@@ -292,6 +292,9 @@ impl VmhaFsDriver {
         if module.protocol != ::vmha_fs::Protocol::default() {
             cmd.arg("--protocol").arg(module.protocol.name());
         }
+        if module.local_writes != ::vmha_fs::LocalWrites::default() {
+            cmd.arg("--local-writes").arg(module.local_writes.name());
+        }
         cmd.arg("--module")
             .arg(&module.name)
             .arg("--state")
@@ -436,6 +439,9 @@ impl VmhaFsDriver {
             // runs protocol C.
             if module.protocol != ::vmha_fs::Protocol::default() {
                 cmd.arg("--protocol").arg(module.protocol.name());
+            }
+            if module.local_writes != ::vmha_fs::LocalWrites::default() {
+                cmd.arg("--local-writes").arg(module.local_writes.name());
             }
             if let Some(generation) = generation {
                 cmd.arg("--generation").arg(generation.as_str());

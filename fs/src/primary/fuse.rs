@@ -32,6 +32,7 @@ use crate::op::{LinkTarget, Name, NewNode, NodeId, NodeKind, Op, Time, XattrValu
 use crate::presync::Answered;
 use crate::primary::{DiskHealth, Repair, Replicator};
 use crate::track::Tracker;
+use crate::writeback::{Flusher, LocalWrites};
 
 const TTL: Duration = Duration::from_secs(1);
 /// The xattrs where libvirt remembers a file's original owner.
@@ -52,6 +53,10 @@ struct Handle {
     direct: bool,
     /// Opened with O_SYNC/O_DSYNC: every write is also synced on the peer.
     sync: bool,
+    /// Writes go through the buffered twin (opened with the handle), their
+    /// writeback started by the flusher (`LocalWrites::Cached`): O_DIRECT, not
+    /// O_SYNC/O_DSYNC.
+    cached: bool,
     buffered: Mutex<Option<Arc<OwnedFd>>>,
     /// Where the last write through this handle ended: a write starting there
     /// is sequential (its next extents go into the activity log with it).
@@ -83,6 +88,14 @@ impl Handle {
 /// file first: a writeback error since then is reported there, never only to a
 /// descriptor opened after it (the fsync-after-EIO trap).
 fn sync_handle(h: &Handle, datasync: bool) -> Result<(), Errno> {
+    if h.cached {
+        // Every write went through the twin, opened with the file: its sync
+        // writes and flushes them and reports every writeback error since
+        // the open (one sync, one flush of the disk, not two).
+        if let Some(twin) = h.buffered.lock().as_ref() {
+            return sync_fd(twin.as_fd(), datasync);
+        }
+    }
     sync_fd(h.fd.as_fd(), datasync)?;
     match h.buffered.lock().as_ref() {
         Some(twin) => sync_fd(twin.as_fd(), datasync),
@@ -166,6 +179,8 @@ pub struct ReplicatedFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
+    /// Starts the writeback of cached writes (`LocalWrites::Cached`).
+    flusher: Option<Flusher>,
 }
 
 /// A count FUSE carries in 32 bits. Writes and copies are bounded far below
@@ -388,8 +403,9 @@ impl ReplicatedFs {
         link: PeerLink,
         tracker: Arc<Tracker>,
         disk: Arc<DiskHealth>,
+        local_writes: LocalWrites,
     ) -> Result<Self, Errno> {
-        let fs = Self::standby(root)?;
+        let fs = Self::standby(root, local_writes)?;
         fs.activation().install(link, tracker, disk)?;
         Ok(fs)
     }
@@ -397,14 +413,22 @@ impl ReplicatedFs {
     /// A filesystem in standby: opens and reads are served from the backing
     /// directory (which the node's receiver keeps changing), every change
     /// fails with EROFS until [`Activation::install`].
-    pub fn standby(root: OwnedFd) -> Result<Self, Errno> {
+    pub fn standby(root: OwnedFd, local_writes: LocalWrites) -> Result<Self, Errno> {
         let root_path = fd_path(root.as_fd())?;
         // The largest file the backing filesystem accepts: a change reaching past
         // it fails with EFBIG before anything is recorded.
         let max_size = apply::max_file_size(root.as_fd());
         tracing::debug!(max_size, "largest file the backing filesystem accepts");
         let inodes = Arc::new(Inodes::new(root)?);
+        let flusher = match local_writes {
+            LocalWrites::Cached => Some(Flusher::start().map_err(|e| {
+                tracing::error!("cannot start the writeback thread: {e}");
+                Errno::IO
+            })?),
+            LocalWrites::Direct => None,
+        };
         Ok(Self {
+            flusher,
             writer: Arc::default(),
             metrics: Arc::default(),
             inodes,
@@ -582,13 +606,22 @@ impl ReplicatedFs {
             oflags |= OFlags::DSYNC;
         }
         let fd = apply::reopen(node.fd.as_fd(), oflags)?;
+        // Cached writes go through a buffered twin opened now, with the file,
+        // so its sync reports every writeback error since the open.
+        let cached = direct && !sync && self.flusher.is_some() && oflags.contains(OFlags::RDWR);
+        let twin = if cached {
+            Some(Arc::new(apply::reopen(node.fd.as_fd(), OFlags::RDWR)?))
+        } else {
+            None
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
             node,
             fd,
             direct,
             sync,
-            buffered: Mutex::new(None),
+            cached,
+            buffered: Mutex::new(twin),
             write_end: AtomicU64::new(0),
         });
         self.handles.write().insert(fh, handle);
@@ -697,14 +730,24 @@ impl ReplicatedFs {
         let metrics = self.metrics.clone();
         let early = std::cell::Cell::new(false);
         let local = || {
-            let written = handle
-                .io_fd(offset, buf.len())
-                .and_then(|io| match apply::write_all_at(io.fd(), &buf, offset) {
-                    Err(Errno::INVAL) if handle.direct => {
-                        apply::write_all_at(handle.buffered_fd()?.as_fd(), &buf, offset)
+            let written = if handle.cached {
+                handle.buffered_fd().and_then(|twin| {
+                    let written = apply::write_all_at(twin.as_fd(), &buf, offset);
+                    if let (Ok(n), Some(flusher)) = (&written, &self.flusher) {
+                        flusher.written(twin, offset, *n);
                     }
-                    other => other,
-                });
+                    written
+                })
+            } else {
+                handle.io_fd(offset, buf.len()).and_then(|io| {
+                    match apply::write_all_at(io.fd(), &buf, offset) {
+                        Err(Errno::INVAL) if handle.direct => {
+                            apply::write_all_at(handle.buffered_fd()?.as_fd(), &buf, offset)
+                        }
+                        other => other,
+                    }
+                })
+            };
             // Counted done or not: a failed write may have changed some of the range.
             early.set(handle.node.presync.changed(!handle.sync) && written.is_ok());
             written

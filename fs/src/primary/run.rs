@@ -63,6 +63,9 @@ pub struct PrimaryConfig {
     pub resync_streams: usize,
     /// When a write returns (see [`crate::link::Protocol`]).
     pub protocol: crate::link::Protocol,
+    /// How a guest's O_DIRECT writes reach this copy (see
+    /// [`crate::writeback::LocalWrites`]).
+    pub local_writes: crate::writeback::LocalWrites,
 }
 
 /// The writer's machinery besides the FUSE session: started at mount, or at
@@ -175,6 +178,7 @@ impl Context {
         };
         link.set_protocol(args.protocol);
         tracing::info!(protocol = %args.protocol, "replication protocol");
+        tracing::info!(local_writes = %args.local_writes, "local writes");
         let repl = match self
             .activation
             .install(link.clone(), tracker.clone(), self.disk.clone())
@@ -370,7 +374,7 @@ pub fn run(args: PrimaryConfig) -> Result<(), RunError> {
             None => tracing::error!(reason, "local disk failed in standby"),
         }
     })));
-    let fs = ReplicatedFs::standby(root)
+    let fs = ReplicatedFs::standby(root, args.local_writes)
         .map_err(|e| RunError::Other(format!("cannot read backing directory: {e}")))?;
     let ctx = Arc::new(Context {
         key,
