@@ -7,9 +7,10 @@
 //! a write acknowledged but not yet flushed on a node that loses power is on
 //! the other node and in the activity log, as any write between two fsyncs on
 //! a disk with a volatile cache. What it saves is the O_DIRECT submission per
-//! write on the writer's FUSE thread (measured at randwrite 4k qd16: the local
-//! stage 144–196 → 8–9 µs, 50–56 → 35–37 µs of CPU per write for both daemons,
-//! 0.25–0.26× → 0.34–0.36× local; `bench/RESULTS.md` "Session 11").
+//! write on the writer's FUSE thread (randwrite 4k qd16, five alternated pairs:
+//! 26.6k → 32.9k IOPS on the mean, 51–65 → 36–45 µs of CPU per write for both
+//! daemons, the write's local stage ≈ 150 → 10–12 µs; `bench/RESULTS.md`
+//! "Session 11").
 //!
 //! Left to the kernel, dirty pages would wait for its writeback timers, and the
 //! next fsync would have to write them all. So the writer starts their
