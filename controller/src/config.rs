@@ -1846,15 +1846,21 @@ default_primary = "node1"
         let b = Config::from_toml_str(&with_module(&format!("{vm2}\nprotocol = \"B\""))).unwrap();
         assert_eq!(b.module("vm2").unwrap().protocol, vmha_fs::Protocol::B);
         let bad = with_module(&format!("{vm2}\nprotocol = \"A\""));
-        let problems = check_text(&bad).unwrap_err();
-        let text: Vec<String> = problems
+        assert_refused(&bad, "module[1].protocol", "flush");
+    }
+
+    /// `text` is refused with a problem naming `key` and the hint `expected`.
+    fn assert_refused(text: &str, key: &str, expected: &str) {
+        let problems = check_text(text).unwrap_err();
+        let rendered: Vec<String> = problems
             .iter()
-            .map(|p| p.render("vmha.toml", &bad))
+            .map(|p| p.render("vmha.toml", text))
             .collect();
         assert!(
-            text.iter()
-                .any(|l| l.contains("module[1].protocol") && l.contains("flush")),
-            "{text:?}"
+            rendered
+                .iter()
+                .any(|l| l.contains(key) && l.contains(expected)),
+            "{rendered:?}"
         );
     }
 
@@ -1872,17 +1878,15 @@ default_primary = "node1"
             config.module("vm2").unwrap().local_writes,
             vmha_fs::LocalWrites::Direct
         );
+        // `cached` written out hashes as the key left out (older daemons).
+        let plain = Config::from_toml_str(&with_module(vm2)).unwrap();
+        let cached =
+            Config::from_toml_str(&with_module(&format!("{vm2}\nlocal_writes = \"cached\"")))
+                .unwrap();
+        assert_eq!(cached.hash(), plain.hash());
+        assert_ne!(config.hash(), plain.hash());
         let bad = with_module(&format!("{vm2}\nlocal_writes = \"buffered\""));
-        let problems = check_text(&bad).unwrap_err();
-        let text: Vec<String> = problems
-            .iter()
-            .map(|p| p.render("vmha.toml", &bad))
-            .collect();
-        assert!(
-            text.iter()
-                .any(|l| l.contains("module[1].local_writes") && l.contains("direct")),
-            "{text:?}"
-        );
+        assert_refused(&bad, "module[1].local_writes", "direct");
     }
 
     #[test]
@@ -1898,16 +1902,7 @@ default_primary = "node1"
         assert_eq!(stop.hash(), plain.hash());
         assert_ne!(config.hash(), plain.hash());
         let bad = with_module(&format!("{vm2}\nswap = \"fast\""));
-        let problems = check_text(&bad).unwrap_err();
-        let text: Vec<String> = problems
-            .iter()
-            .map(|p| p.render("vmha.toml", &bad))
-            .collect();
-        assert!(
-            text.iter()
-                .any(|l| l.contains("swap") && l.contains("live")),
-            "{text:?}"
-        );
+        assert_refused(&bad, "swap", "live");
     }
 
     #[test]

@@ -16,16 +16,8 @@ use vmha_fs::buffer::{AlignedBuf, Payload};
 use vmha_fs::op::Op;
 use vmha_fs::wire::{FrameReader, FrameWriter, Message, SessionKeys, PROTOCOL_VERSION};
 
-fn cpu_us() -> u64 {
-    // SAFETY: getrusage only writes the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    us(usage.ru_utime) + us(usage.ru_stime)
-}
+mod common;
+use common::cpu_us;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mib: u64 = std::env::args()
