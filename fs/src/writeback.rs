@@ -108,12 +108,11 @@ pub(crate) fn start(written: &mut Vec<Written>) {
 
 /// Collects the primary's cached writes and starts their writeback in batches
 /// on its own thread, [`Flusher::DELAY`] after the first write of a batch (or
-/// at once when a batch is full). Dropping the last handle stops the thread.
-#[derive(Debug, Clone)]
+/// at once when a batch is full). Dropping it stops the thread (once the
+/// batch it holds, if any, is started).
+#[derive(Debug)]
 pub(crate) struct Flusher {
     shared: Arc<Shared>,
-    /// Only the handles count: the thread holds `shared` itself.
-    _alive: Arc<StopOnDrop>,
 }
 
 #[derive(Debug, Default)]
@@ -125,14 +124,11 @@ struct Shared {
     batches: AtomicU64,
 }
 
-#[derive(Debug)]
-struct StopOnDrop(Arc<Shared>);
-
-impl Drop for StopOnDrop {
+impl Drop for Flusher {
     fn drop(&mut self) {
-        self.0.stop.store(true, Ordering::SeqCst);
-        let _guard = self.0.pending.lock();
-        self.0.wake.notify_all();
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _guard = self.shared.pending.lock();
+        self.shared.wake.notify_all();
     }
 }
 
@@ -146,10 +142,7 @@ impl Flusher {
         std::thread::Builder::new()
             .name("writeback".into())
             .spawn(move || thread_shared.run())?;
-        Ok(Self {
-            _alive: Arc::new(StopOnDrop(shared.clone())),
-            shared,
-        })
+        Ok(Self { shared })
     }
 
     /// `len` bytes at `offset` of `fd` were just written through the page cache.
@@ -237,7 +230,7 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_flusher_starts_nothing_and_stops_with_its_last_handle() {
+    fn an_idle_flusher_starts_nothing_and_its_thread_stops_when_it_is_dropped() {
         let flusher = Flusher::start().expect("flusher");
         std::thread::sleep(Flusher::DELAY * 5);
         assert_eq!(flusher.batches(), 0);

@@ -289,12 +289,7 @@ impl VmhaFsDriver {
             cmd.arg("--rate-limit-mb-s")
                 .arg(module.rate_limit_mb_s.to_string());
         }
-        if module.protocol != ::vmha_fs::Protocol::default() {
-            cmd.arg("--protocol").arg(module.protocol.name());
-        }
-        if module.local_writes != ::vmha_fs::LocalWrites::default() {
-            cmd.arg("--local-writes").arg(module.local_writes.name());
-        }
+        write_settings(&mut cmd, module);
         cmd.arg("--module")
             .arg(&module.name)
             .arg("--state")
@@ -434,15 +429,7 @@ impl VmhaFsDriver {
                 cmd.arg("--resync-streams")
                     .arg(module.resync_streams.to_string());
             }
-            // Only when not the default: the command line is what adoption
-            // compares, and a vmha-fs started before the setting existed
-            // runs protocol C.
-            if module.protocol != ::vmha_fs::Protocol::default() {
-                cmd.arg("--protocol").arg(module.protocol.name());
-            }
-            if module.local_writes != ::vmha_fs::LocalWrites::default() {
-                cmd.arg("--local-writes").arg(module.local_writes.name());
-            }
+            write_settings(&mut cmd, module);
             if let Some(generation) = generation {
                 cmd.arg("--generation").arg(generation.as_str());
             }
@@ -1657,6 +1644,18 @@ impl Drop for VmhaFsDriver {
                 child.terminate();
             }
         }
+    }
+}
+
+/// The writer's settings that go on its command line only when not the
+/// default (`--protocol`, `--local-writes`): the command line is what adoption
+/// compares, and a vmha-fs started before a setting existed runs its default.
+fn write_settings(cmd: &mut Command, module: &Module) {
+    if module.protocol != ::vmha_fs::Protocol::default() {
+        cmd.arg("--protocol").arg(module.protocol.name());
+    }
+    if module.local_writes != ::vmha_fs::LocalWrites::default() {
+        cmd.arg("--local-writes").arg(module.local_writes.name());
     }
 }
 
