@@ -40,6 +40,13 @@ bench-failover: deps release
 bench-resync: deps release
 	./target/release/vmha-bench-resync --out bench/results-resync.json
 
+# The floor of a durable 4k write kept on two copies of this one disk, without
+# FUSE, network or vmha (issue 11): write both copies, then sync both, in
+# lockstep, against one copy; three rounds, patterns alternated.
+.PHONY: bench-durable-floor
+bench-durable-floor: deps release
+	./target/release/vmha-bench durable-floor --out bench/results-durable-floor.json
+
 # 32 modules on the two simulated nodes (idle QEMU domains, a writer thread per
 # module), vmhad's default timing (200 ms heartbeats): idle CPU (three windows),
 # memory, threads and packets per module; then node1 crashes and every module

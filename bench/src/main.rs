@@ -4,6 +4,7 @@
 mod diskstats;
 mod failover;
 mod fio_json;
+mod floor;
 mod interrupt;
 mod jobs;
 mod mounts;
@@ -78,6 +79,46 @@ enum Cmd {
     /// node's mount. Needs root and the packages of .ci/install-deps; vmhad,
     /// vmctl and vmha-fs are taken from next to this binary.
     Scale(ScaleArgs),
+    /// The floor of a durable 4k write kept on two copies on this one disk,
+    /// without FUSE, network or vmha (issue 11): both copies written, then
+    /// both synced, in lockstep (a replica's order), against one copy (fio's
+    /// durable job). Patterns: local, lockstep-direct (O_DIRECT writes),
+    /// lockstep-buffered (writes through the page cache, vmha-fs's way),
+    /// alternated over the rounds; flushes counted from /proc/diskstats.
+    DurableFloor(FloorArgs),
+}
+
+#[derive(Debug, Args)]
+struct FloorArgs {
+    /// Write all numbers as JSON here.
+    #[arg(long, default_value = "bench/results-durable-floor.json")]
+    out: PathBuf,
+    /// Parent of the scratch directory (on the disk to measure).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Size of each copy's file in MiB (written fully first).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Seconds per pattern and round.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rounds (every pattern once per round).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+fn durable_floor(args: FloorArgs) -> Result<bool> {
+    let opts = floor::Opts {
+        dir: args.dir,
+        size_mib: args.size_mib,
+        seconds: args.seconds,
+        rounds: args.rounds,
+        out: args.out,
+    };
+    let results = floor::run(&opts)?;
+    println!("{}", results.markdown());
+    eprintln!("vmha-bench: wrote {}", opts.out.display());
+    Ok(true)
 }
 
 #[derive(Debug, Args)]
@@ -295,6 +336,7 @@ fn main() -> ExitCode {
         Some(Cmd::Failover(a)) => failover(a),
         Some(Cmd::Swap(a)) => swap_bench(a),
         Some(Cmd::Scale(a)) => scale(a),
+        Some(Cmd::DurableFloor(a)) => durable_floor(a),
         None => fio(cli.fio),
     };
     match res {

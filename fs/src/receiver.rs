@@ -63,7 +63,7 @@ use crate::track::Tracker;
 use crate::wire::{
     self, Ack, Binding, FrameReader, FrameWriter, Message, SessionKeys, TimedAck, WireError,
 };
-use crate::writeback::{self, Written};
+use crate::writeback::{self, Writeback, Written};
 
 /// How long the receiver waits for a frame before it considers the primary gone.
 /// The primary pings every second when idle.
@@ -674,15 +674,31 @@ fn run_session(
     }
     drop(sync_rx);
     let keepalive = Keepalive::start(writer.clone())?;
-    // Large writebacks are started by their own thread (see `writeback::start`).
+    // Large writebacks are started by their own thread (see `Writeback::start`).
     let (writeback_tx, writeback_rx) = crossbeam_channel::unbounded::<Vec<Written>>();
     threads.push(
         std::thread::Builder::new()
             .name("recv-writeback".into())
             .spawn(move || {
-                for mut batch in writeback_rx {
-                    writeback::start(&mut batch);
+                use crossbeam_channel::RecvTimeoutError;
+                let mut started = Writeback::default();
+                loop {
+                    // Holding ranges, the thread wakes once more to drop them
+                    // when no batch follows (the end of a stream, a resync).
+                    let next = if started.holds() {
+                        writeback_rx.recv_timeout(writeback::Flusher::DROP_AFTER)
+                    } else {
+                        writeback_rx
+                            .recv()
+                            .map_err(|_| RecvTimeoutError::Disconnected)
+                    };
+                    match next {
+                        Ok(mut batch) => started.start(&mut batch),
+                        Err(RecvTimeoutError::Timeout) => started.drop_older_than(None),
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
                 }
+                started.drop_older_than(None);
             })?,
     );
 
@@ -692,6 +708,9 @@ fn run_session(
         timed,
     };
     let mut written: Vec<Written> = Vec::new();
+    // What this thread started writing out, dropped from the cache at a later
+    // drained input (a ping each second when idle) once written out.
+    let mut started = Writeback::default();
     let mut expected = 1u64;
     // The last operation read whose receipt is still owed (protocol B).
     let mut receipt: Option<u64> = None;
@@ -715,7 +734,7 @@ fn run_session(
             if written.iter().map(|w| w.2).sum::<usize>() >= WRITEBACK_HANDOFF_BYTES {
                 let _ = writeback_tx.send(std::mem::take(&mut written));
             } else {
-                writeback::start(&mut written);
+                started.start(&mut written);
             }
             // A file written and synced in turn: its sync starts now, while
             // the write's acknowledgement travels and the fdatasync comes.
@@ -860,7 +879,7 @@ fn run_session(
                         // Each entry keeps its file open: a stream of writes to many
                         // files (a resync) must not hold one descriptor per file.
                         if written.len() >= writeback::MAX_BATCH {
-                            writeback::start(&mut written);
+                            started.start(&mut written);
                         }
                     }
                 }

@@ -508,6 +508,10 @@ pub struct FsMetrics {
     /// fdatasyncs that the peer's early sync answered too (no round trip).
     #[serde(default)]
     pub fsyncs_peer_early: u64,
+    /// O_DIRECT writes applied to this copy through the page cache
+    /// (`local_writes = "cached"`), their writeback started by vmha-fs.
+    #[serde(default)]
+    pub cached_writes: u64,
 }
 
 /// Sums of the per-stage durations (nanoseconds) of the replicated operations
@@ -635,6 +639,7 @@ impl FsMetrics {
         self.fsyncs_peer_early = self
             .fsyncs_peer_early
             .saturating_add(other.fsyncs_peer_early);
+        self.cached_writes = self.cached_writes.saturating_add(other.cached_writes);
     }
 }
 
@@ -752,6 +757,7 @@ mod tests {
             early_syncs: 5,
             fsyncs_early: 4,
             fsyncs_peer_early: 3,
+            cached_writes: 2,
         };
         let back = FsMetrics::decode(&m.encode()).unwrap();
         assert_eq!(back, m);
@@ -762,6 +768,7 @@ mod tests {
         sum.add(&m);
         assert_eq!(sum.replicated_ops, 34);
         assert_eq!(sum.fsyncs_peer_early, 6);
+        assert_eq!(sum.cached_writes, 4);
         assert_eq!(sum.write_latency.buckets[2], 6);
         assert_eq!(sum.write_stages.total_ns, 200);
         assert_eq!(sum.write_stages.since(&m.write_stages), m.write_stages);

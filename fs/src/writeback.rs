@@ -16,13 +16,27 @@
 //! next fsync would have to write them all. So the writer starts their
 //! writeback soon after: [`Flusher`] collects the written ranges and starts them
 //! in batches, one `sync_file_range(SYNC_FILE_RANGE_WRITE)` per file over the
-//! span of its ranges ([`start`]; the receiver calls it once its input is
-//! drained). Idle, the flusher's thread sleeps until the next write.
+//! span of its ranges ([`Writeback::start`]; the receiver calls it once its
+//! input is drained). Idle, the flusher's thread sleeps until the next write.
+//!
+//! Once written out, the pages are dropped from the page cache
+//! (`POSIX_FADV_DONTNEED` on each run of ranges [`Writeback::DROP_AGE`] after
+//! its writeback started, at a later batch or when the writes stop): the page
+//! cache is only a write buffer here. The
+//! guest asked for no caching (`cache='none'`, O_DIRECT) and reads through
+//! O_DIRECT; the receiver never reads what it applies. Kept, those pages cost
+//! more than the memory: a file just written through the mount in large writes
+//! (an image copied in, a full resync) sat in the cache as large folios, and
+//! every 4 KiB write into one then paid for the whole folio in ext4's
+//! `block_write_begin` and its writeback (randwrite 4k qd16 on such a file:
+//! 12.9k / 13.4k IOPS, 30.7k once the two copies' pages were dropped;
+//! `bench/RESULTS.md` "Session 12").
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -76,34 +90,145 @@ impl std::str::FromStr for LocalWrites {
     }
 }
 
-/// Starts writing out `written` (then empties it): one call per file over the
-/// span of its ranges, not one per range. The kernel writes the span's dirty
-/// pages under one block plug, so a batch of scattered 4 KiB writes reaches the
-/// disk's queue in one go (one doorbell) instead of one request and one system
-/// call each. Only a hint: the fsync that matters reports real errors.
-pub(crate) fn start(written: &mut Vec<Written>) {
-    written.sort_unstable_by_key(|(fd, offset, _)| (Arc::as_ptr(fd) as usize, *offset));
-    for file in written.chunk_by(|a, b| Arc::ptr_eq(&a.0, &b.0)) {
-        let (fd, first, _) = &file[0];
-        let end = file
-            .iter()
-            .map(|(_, offset, len)| offset.saturating_add(*len as u64))
-            .max()
-            .unwrap_or(*first);
-        // SAFETY: plain syscall on a valid descriptor; no memory is passed.
-        let rc = unsafe {
-            libc::sync_file_range(
-                fd.as_raw_fd(),
-                *first as libc::off64_t,
-                end.saturating_sub(*first) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
+/// Starts the writeback of ranges just written and, once they are old enough
+/// to be written out, drops them from the page cache (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct Writeback {
+    /// Runs started, oldest first: when, file, first byte, end.
+    started: VecDeque<(Instant, Arc<OwnedFd>, u64, u64)>,
+}
+
+impl Writeback {
+    /// How long after its writeback started a run is dropped: a 1 MiB write
+    /// takes well under a millisecond on a disk that keeps up. A page still
+    /// dirty or being written then stays cached (the kernel skips it).
+    pub(crate) const DROP_AGE: Duration = Duration::from_millis(20);
+    /// Runs held at most: each keeps its file open.
+    const MAX_HELD: usize = 4096;
+
+    /// Starts writing out `written` (then empties it): one call per file over
+    /// the span of its ranges, not one per range. The kernel writes the span's
+    /// dirty pages under one block plug, so a batch of scattered 4 KiB writes
+    /// reaches the disk's queue in one go (one doorbell) instead of one request
+    /// and one system call each. Only a hint: the fsync that matters reports
+    /// real errors. Then drops the runs started [`Self::DROP_AGE`] ago or more.
+    pub(crate) fn start(&mut self, written: &mut Vec<Written>) {
+        written.sort_unstable_by_key(|(fd, offset, _)| (Arc::as_ptr(fd) as usize, *offset));
+        for file in written.chunk_by(|a, b| Arc::ptr_eq(&a.0, &b.0)) {
+            let (fd, first, _) = &file[0];
+            let end = file
+                .iter()
+                .map(|(_, offset, len)| offset.saturating_add(*len as u64))
+                .max()
+                .unwrap_or(*first);
+            // SAFETY: plain syscall on a valid descriptor; no memory is passed.
+            let rc = unsafe {
+                libc::sync_file_range(
+                    fd.as_raw_fd(),
+                    *first as libc::off64_t,
+                    end.saturating_sub(*first) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            if rc != 0 {
+                tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
+            }
+        }
+        let now = Instant::now();
+        self.drop_older_than(now.checked_sub(Self::DROP_AGE));
+        // Adjacent and overlapping ranges are one run: a sequential stream is
+        // dropped in one call, scattered writes one range each (never the span
+        // between them, whose newer dirty pages would make the kernel drain
+        // every CPU's LRU cache to retry).
+        let first_new = self.started.len();
+        for (fd, offset, len) in written.drain(..) {
+            let end = offset.saturating_add(len as u64);
+            let joins = self.started.len() > first_new;
+            match self.started.back_mut() {
+                Some((_, last, _, last_end))
+                    if joins && Arc::ptr_eq(last, &fd) && offset <= *last_end =>
+                {
+                    *last_end = (*last_end).max(end);
+                }
+                _ => self.started.push_back((now, fd, offset, end)),
+            }
+        }
+        while self.started.len() > Self::MAX_HELD {
+            self.drop_oldest();
         }
     }
-    written.clear();
+
+    /// Whether runs started are still to be dropped.
+    pub(crate) fn holds(&self) -> bool {
+        !self.started.is_empty()
+    }
+
+    /// Drops every run started (`None`) or those started before `before`.
+    pub(crate) fn drop_older_than(&mut self, before: Option<Instant>) {
+        while let Some((when, ..)) = self.started.front() {
+            if before.is_some_and(|before| *when > before) {
+                break;
+            }
+            self.drop_oldest();
+        }
+    }
+
+    /// Drops the pages of the oldest run from the page cache: the clean ones;
+    /// a page dirtied again or still being written stays.
+    fn drop_oldest(&mut self) {
+        let Some((_, fd, first, end)) = self.started.pop_front() else {
+            return;
+        };
+        // Never a zero length: that would mean up to the end of the file.
+        let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(first)) else {
+            return;
+        };
+        if let Err(e) = rustix::fs::fadvise(&*fd, first, Some(len), rustix::fs::Advice::DontNeed) {
+            tracing::debug!("fadvise(DONTNEED): {e}");
+        }
+    }
+}
+
+/// `cachestat(2)`'s counters (pages) for a whole file: what of it the page
+/// cache holds (tests and diagnostics check the writeback with it).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CacheStat {
+    pub nr_cache: u64,
+    pub nr_dirty: u64,
+    pub nr_writeback: u64,
+    pub nr_evicted: u64,
+    pub nr_recently_evicted: u64,
+}
+
+/// `cachestat`'s system call number (the same on every architecture; libc
+/// does not name it for x86_64 glibc yet).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// The page-cache state of the whole file `fd` (Linux 6.5+).
+pub fn cachestat(fd: impl std::os::fd::AsFd) -> std::io::Result<CacheStat> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    let range = Range { off: 0, len: 0 };
+    let mut stat = CacheStat::default();
+    // SAFETY: cachestat only reads `range` and writes `stat`, both live
+    // `repr(C)` values of the kernel's layout.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd.as_fd().as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut CacheStat,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat)
 }
 
 /// Collects the primary's cached writes and starts their writeback in batches
@@ -135,6 +260,9 @@ impl Drop for Flusher {
 impl Flusher {
     /// How long a batch collects writes: at 40k writes a second, ~80 per call.
     pub(crate) const DELAY: Duration = Duration::from_millis(2);
+    /// How long after the last batch its pages are dropped when no write
+    /// follows (written out by then; more than [`Writeback::DROP_AGE`]).
+    pub(crate) const DROP_AFTER: Duration = Duration::from_millis(50);
 
     pub(crate) fn start() -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
@@ -164,13 +292,27 @@ impl Flusher {
 impl Shared {
     fn run(&self) {
         let mut batch = Vec::new();
+        let mut writeback = Writeback::default();
         loop {
             {
                 let mut pending = self.pending.lock();
                 while pending.is_empty() && !self.stop.load(Ordering::SeqCst) {
-                    self.wake.wait(&mut pending);
+                    if writeback.holds() {
+                        // The writes stopped: the last batch is dropped once
+                        // written out, then the thread sleeps.
+                        let idle = self.wake.wait_for(&mut pending, Flusher::DROP_AFTER);
+                        if idle.timed_out() && pending.is_empty() {
+                            drop(pending);
+                            writeback.drop_older_than(None);
+                            pending = self.pending.lock();
+                        }
+                    } else {
+                        self.wake.wait(&mut pending);
+                    }
                 }
                 if pending.is_empty() {
+                    drop(pending);
+                    writeback.drop_older_than(None);
                     return;
                 }
                 if pending.len() < MAX_BATCH && !self.stop.load(Ordering::SeqCst) {
@@ -179,7 +321,7 @@ impl Shared {
                 }
                 std::mem::swap(&mut batch, &mut *pending);
             }
-            start(&mut batch);
+            writeback.start(&mut batch);
             self.batches.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -225,8 +367,12 @@ mod tests {
             "ten writes within the delay are one batch"
         );
         assert!(flusher.shared.pending.lock().is_empty());
-        // The flusher no longer holds the file.
-        assert_eq!(Arc::strong_count(&fd), 1);
+        // Once the batch's pages are dropped the flusher no longer holds the file.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&fd) > 1 {
+            assert!(Instant::now() < deadline, "the flusher kept the file");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
@@ -245,6 +391,50 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn ranges_written_out_are_dropped_from_the_page_cache_once_old_enough() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("f"))
+            .expect("create");
+        let fd = Arc::new(OwnedFd::from(f));
+        let file = std::fs::File::from(fd.try_clone().expect("dup"));
+        // A sequential run (one range) and scattered blocks (one each).
+        file.write_all_at(&[1u8; 1 << 20], 0).expect("write");
+        for block in [300u64, 302, 310] {
+            file.write_all_at(&[2u8; 4096], block * 4096)
+                .expect("write");
+        }
+        let mut writeback = Writeback::default();
+        let mut batch: Vec<Written> = vec![(fd.clone(), 0, 1 << 20)];
+        batch.extend([300u64, 302, 310].map(|b| (fd.clone(), b * 4096, 4096)));
+        writeback.start(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(
+            writeback.started.len(),
+            4,
+            "one run each, the span between kept out"
+        );
+        file.sync_data().expect("fdatasync");
+        assert_eq!(cachestat(&file).expect("cachestat").nr_cache, 259);
+        // Not old enough: a second batch leaves them.
+        writeback.start(&mut Vec::new());
+        assert!(writeback.holds());
+        std::thread::sleep(Writeback::DROP_AGE * 2);
+        writeback.start(&mut Vec::new());
+        assert!(!writeback.holds());
+        let stat = cachestat(&file).expect("cachestat");
+        assert_eq!(stat.nr_cache, 0, "{stat:?}");
+        // Dropped from the cache, not from the file.
+        let mut back = vec![0u8; 4096];
+        file.read_exact_at(&mut back, 302 * 4096).expect("read");
+        assert!(back.iter().all(|b| *b == 2));
+        assert_eq!(Arc::strong_count(&fd), 1, "no run holds the file any more");
     }
 
     #[test]

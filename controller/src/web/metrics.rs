@@ -114,6 +114,7 @@ pub fn render(
     let al_writes = Family::<Labels, Counter>::default();
     let early_syncs = Family::<Labels, Counter>::default();
     let fsyncs_peer_early = Family::<Labels, Counter>::default();
+    let cached_writes = Family::<Labels, Counter>::default();
     let dirty = Gauges::default();
     let mut write_latency = Latency::default();
     let mut fsync_latency = Latency::default();
@@ -205,6 +206,7 @@ pub fn render(
         fsyncs_peer_early
             .get_or_create(&l)
             .inc_by(m.fsyncs_peer_early);
+        cached_writes.get_or_create(&l).inc_by(m.cached_writes);
         dirty.get_or_create(&l).set(i(m.dirty_bytes));
         write_latency.0.push((l.clone(), m.write_latency.clone()));
         fsync_latency.0.push((l, m.fsync_latency.clone()));
@@ -327,6 +329,11 @@ pub fn render(
         fsyncs_peer_early,
     );
     registry.register(
+        "vmha_cached_writes",
+        "O_DIRECT writes the module's writer on this node applied to its copy through the page cache (local_writes = cached), since vmha-fs started",
+        cached_writes,
+    );
+    registry.register(
         "vmha_dirty_bytes",
         "Bytes the module's writer on this node marked as written while alone (the peer lacks them)",
         dirty,
@@ -371,6 +378,7 @@ mod tests {
             fsync_latency: Latencies::default(),
             early_syncs: 7,
             fsyncs_peer_early: 6,
+            cached_writes: 9,
             ..FsMetrics::default()
         };
         let text = render(&status(), &[], &[("vm1".into(), fs)], 3000);
@@ -381,6 +389,7 @@ mod tests {
             "vmha_dirty_bytes{module=\"vm1\",node=\"node1\"} 4096",
             "vmha_early_syncs_total{module=\"vm1\",node=\"node1\"} 7",
             "vmha_fsyncs_peer_early_total{module=\"vm1\",node=\"node1\"} 6",
+            "vmha_cached_writes_total{module=\"vm1\",node=\"node1\"} 9",
             "# TYPE vmha_write_latency_seconds histogram",
             "vmha_write_latency_seconds_sum{module=\"vm1\",node=\"node1\"} 6.0009",
             "vmha_write_latency_seconds_count{module=\"vm1\",node=\"node1\"} 4",

@@ -735,6 +735,7 @@ impl ReplicatedFs {
                     let written = apply::write_all_at(twin.as_fd(), &buf, offset);
                     if let (Ok(n), Some(flusher)) = (&written, &self.flusher) {
                         flusher.written(twin, offset, *n);
+                        self.metrics.cached_writes.fetch_add(1, Ordering::Relaxed);
                     }
                     written
                 })

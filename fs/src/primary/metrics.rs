@@ -50,6 +50,8 @@ pub struct PrimaryMetrics {
     pub fsyncs_early: AtomicU64,
     /// fdatasyncs the peer's early sync answered too: no round trip.
     pub fsyncs_peer_early: AtomicU64,
+    /// O_DIRECT writes applied here through the page cache.
+    pub cached_writes: AtomicU64,
 }
 
 /// Per-stage duration sums of one kind of operation (see [`Stages`]).
@@ -176,6 +178,7 @@ impl PrimaryMetrics {
             early_syncs: self.early_syncs.load(Relaxed),
             fsyncs_early: self.fsyncs_early.load(Relaxed),
             fsyncs_peer_early: self.fsyncs_peer_early.load(Relaxed),
+            cached_writes: self.cached_writes.load(Relaxed),
         }
     }
 }
