@@ -37,13 +37,23 @@ use crate::diskstats;
 
 const BLOCK: usize = 4096;
 
-/// Options of one `durable-floor` run.
-#[derive(Debug)]
+/// Options of one `durable-floor` run (its command line).
+#[derive(Debug, clap::Args)]
 pub struct Opts {
+    /// Parent of the scratch directory (on the disk to measure).
+    #[arg(long, default_value = "/var/tmp")]
     pub dir: PathBuf,
+    /// Size of each copy's file in MiB (written fully first).
+    #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
+    /// Seconds per pattern and round.
+    #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Rounds (every pattern once per round).
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Write all numbers as JSON here.
+    #[arg(long, default_value = "bench/results-durable-floor.json")]
     pub out: PathBuf,
 }
 

@@ -85,36 +85,10 @@ enum Cmd {
     /// durable job). Patterns: local, lockstep-direct (O_DIRECT writes),
     /// lockstep-buffered (writes through the page cache, vmha-fs's way),
     /// alternated over the rounds; flushes counted from /proc/diskstats.
-    DurableFloor(FloorArgs),
+    DurableFloor(floor::Opts),
 }
 
-#[derive(Debug, Args)]
-struct FloorArgs {
-    /// Write all numbers as JSON here.
-    #[arg(long, default_value = "bench/results-durable-floor.json")]
-    out: PathBuf,
-    /// Parent of the scratch directory (on the disk to measure).
-    #[arg(long, default_value = "/var/tmp")]
-    dir: PathBuf,
-    /// Size of each copy's file in MiB (written fully first).
-    #[arg(long, default_value_t = 1024)]
-    size_mib: u64,
-    /// Seconds per pattern and round.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Rounds (every pattern once per round).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-}
-
-fn durable_floor(args: FloorArgs) -> Result<bool> {
-    let opts = floor::Opts {
-        dir: args.dir,
-        size_mib: args.size_mib,
-        seconds: args.seconds,
-        rounds: args.rounds,
-        out: args.out,
-    };
+fn durable_floor(opts: floor::Opts) -> Result<bool> {
     let results = floor::run(&opts)?;
     println!("{}", results.markdown());
     eprintln!("vmha-bench: wrote {}", opts.out.display());

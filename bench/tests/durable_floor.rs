@@ -8,12 +8,17 @@ use std::process::Command;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_vmha-bench");
 
+/// A scratch directory on the disk (not a tmpfs: the files take O_DIRECT and
+/// their syncs reach the device).
+fn scratch() -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix("vmha-durable-floor-test.")
+        .tempdir_in("/var/tmp")?)
+}
+
 #[test]
 fn every_pattern_runs_and_each_durable_write_is_flushed() -> Result<()> {
-    // Not a tmpfs: the files take O_DIRECT and their syncs reach the disk.
-    let dir = tempfile::Builder::new()
-        .prefix("vmha-durable-floor-test.")
-        .tempdir_in("/var/tmp")?;
+    let dir = scratch()?;
     let out = dir.path().join("floor.json");
     let run = Command::new(BENCH)
         .args([
@@ -72,9 +77,7 @@ fn every_pattern_runs_and_each_durable_write_is_flushed() -> Result<()> {
 
 #[test]
 fn zero_rounds_are_refused_with_a_message() -> Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("vmha-durable-floor-test.")
-        .tempdir_in("/var/tmp")?;
+    let dir = scratch()?;
     let run = Command::new(BENCH)
         .args(["durable-floor", "--rounds", "0", "--size-mib", "1"])
         .arg("--dir")

@@ -22,15 +22,14 @@
 //! Once written out, the pages are dropped from the page cache
 //! (`POSIX_FADV_DONTNEED` on each run of ranges [`Writeback::DROP_AGE`] after
 //! its writeback started, at a later batch or when the writes stop): the page
-//! cache is only a write buffer here. The
-//! guest asked for no caching (`cache='none'`, O_DIRECT) and reads through
-//! O_DIRECT; the receiver never reads what it applies. Kept, those pages cost
-//! more than the memory: a file just written through the mount in large writes
-//! (an image copied in, a full resync) sat in the cache as large folios, and
-//! every 4 KiB write into one then paid for the whole folio in ext4's
-//! `block_write_begin` and its writeback (randwrite 4k qd16 on such a file:
-//! 12.9k / 13.4k IOPS, 30.7k once the two copies' pages were dropped;
-//! `bench/RESULTS.md` "Session 12").
+//! cache is only a write buffer here. The guest asked for no caching
+//! (`cache='none'`, O_DIRECT) and reads through O_DIRECT; the receiver never
+//! reads what it applies. Kept, those pages cost more than the memory: a file
+//! just written through the mount in large writes (an image copied in, a full
+//! resync) sat in the cache as large folios, and every 4 KiB write into one
+//! then paid for the whole folio in ext4's `block_write_begin` and its
+//! writeback (randwrite 4k qd16 on such a file, alternated pairs: 14.1k–15.5k
+//! IOPS kept, 27.0k–27.5k dropped; `bench/RESULTS.md` "Session 12").
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
