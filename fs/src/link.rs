@@ -1115,9 +1115,13 @@ impl PeerLink {
         let mut spinner = Spinner::new();
         loop {
             // One operation in flight (a writer waiting for it): its answer is
-            // polled for. More: acknowledgements keep coming, and the CPU is
-            // better spent on the writes.
-            if reader.buffered() == 0 && self.inner.shared.lock().pending.len() == 1 {
+            // polled for. None: the next one's is (a writer syncing what it
+            // writes, one operation at a time, sends its next write right
+            // after this answer; asleep in `read` already, this thread would
+            // meet its acknowledgement with a wake-up). More:
+            // acknowledgements keep coming, and the CPU is better spent on the
+            // writes. The spinner stops polling an idle stream by itself.
+            if reader.buffered() == 0 && self.inner.shared.lock().pending.len() <= 1 {
                 spinner.wait(reader.get_ref().get_ref().as_fd());
             }
             let received = reader.recv();
