@@ -31,7 +31,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use vmha_fs::buffer::AlignedBuf;
 
 use crate::diskstats;
 
@@ -102,37 +105,6 @@ pub struct Results {
     pub samples: Vec<Sample>,
 }
 
-/// A 4 KiB block aligned for O_DIRECT.
-struct AlignedBlock(Box<[u8]>, usize);
-
-impl AlignedBlock {
-    fn new(fill: u8) -> Self {
-        // Over-allocate and offset: no allocator API, no unsafe.
-        let raw = vec![fill; BLOCK * 2].into_boxed_slice();
-        let skip = (BLOCK - raw.as_ptr() as usize % BLOCK) % BLOCK;
-        Self(raw, skip)
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.0[self.1..self.1 + BLOCK]
-    }
-}
-
-/// A small deterministic generator of block numbers (xorshift64*).
-struct Blocks {
-    state: u64,
-    count: u64,
-}
-
-impl Blocks {
-    fn next(&mut self) -> u64 {
-        self.state ^= self.state >> 12;
-        self.state ^= self.state << 25;
-        self.state ^= self.state >> 27;
-        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) % self.count
-    }
-}
-
 fn open(path: &Path, direct: bool) -> Result<File> {
     let mut o = OpenOptions::new();
     o.read(true).write(true);
@@ -158,12 +130,16 @@ fn prefill(path: &Path, size_mib: u64) -> Result<()> {
     Ok(())
 }
 
-fn durable_write(file: &File, block: &AlignedBlock, offset: u64, phase: &Barrier) -> Result<()> {
-    let n = rustix::io::pwrite(file.as_fd(), block.bytes(), offset).context("pwrite")?;
-    if n != BLOCK {
-        bail!("short write: {n} of {BLOCK} bytes");
+/// Writes `block` at `offset`, waits at `written` for the other copy's write
+/// (even when this one failed: the other thread must not wait forever), then
+/// syncs.
+fn durable_write(file: &File, block: &AlignedBuf, offset: u64, written: &Barrier) -> Result<()> {
+    let wrote = rustix::io::pwrite(file.as_fd(), block, offset);
+    written.wait();
+    match wrote.context("pwrite")? {
+        BLOCK => {}
+        n => bail!("short write: {n} of {BLOCK} bytes"),
     }
-    phase.wait();
     rustix::fs::fdatasync(file.as_fd()).context("fdatasync")?;
     Ok(())
 }
@@ -171,19 +147,18 @@ fn durable_write(file: &File, block: &AlignedBlock, offset: u64, phase: &Barrier
 /// Runs `pattern` for `seconds`; returns the operations done.
 fn run_pattern(pattern: Pattern, files: &[PathBuf; 2], size_mib: u64, seconds: u64) -> Result<u64> {
     let count = size_mib * (1 << 20) / BLOCK as u64;
-    let mut blocks = Blocks {
-        state: 0x9E37_79B9_7F4A_7C15,
-        count,
-    };
+    // The same sequence of blocks for every pattern and round.
+    let mut rng = StdRng::seed_from_u64(0x9E37_79B9_7F4A_7C15);
+    let mut next_offset = move || rng.random_range(0..count) * BLOCK as u64;
     let direct = pattern != Pattern::LockstepBuffered;
     let first = open(&files[0], direct)?;
-    let block = AlignedBlock::new(0xa5);
+    let block = AlignedBuf::filled(BLOCK, 0xa5);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     if pattern == Pattern::Local {
         let alone = Barrier::new(1);
         let mut ops = 0;
         while Instant::now() < deadline {
-            durable_write(&first, &block, blocks.next() * BLOCK as u64, &alone)?;
+            durable_write(&first, &block, next_offset(), &alone)?;
             ops += 1;
         }
         return Ok(ops);
@@ -206,7 +181,7 @@ fn run_pattern(pattern: Pattern, files: &[PathBuf; 2], size_mib: u64, seconds: u
         std::thread::Builder::new()
             .name("second-copy".into())
             .spawn(move || -> Result<()> {
-                let block = AlignedBlock::new(0xa5);
+                let block = AlignedBuf::filled(BLOCK, 0xa5);
                 loop {
                     start.wait();
                     if stop.load(SeqCst) {
@@ -222,7 +197,7 @@ fn run_pattern(pattern: Pattern, files: &[PathBuf; 2], size_mib: u64, seconds: u
     let mut ops = 0;
     let mut failed = None;
     while Instant::now() < deadline {
-        offset.store(blocks.next() * BLOCK as u64, SeqCst);
+        offset.store(next_offset(), SeqCst);
         start.wait();
         let result = durable_write(&first, &block, offset.load(SeqCst), &written);
         synced.wait();
