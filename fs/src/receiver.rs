@@ -694,11 +694,11 @@ fn run_session(
                     };
                     match next {
                         Ok(mut batch) => started.start(&mut batch),
-                        Err(RecvTimeoutError::Timeout) => started.drop_older_than(None),
+                        Err(RecvTimeoutError::Timeout) => started.drop_all(),
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
                 }
-                started.drop_older_than(None);
+                started.drop_all();
             })?,
     );
 

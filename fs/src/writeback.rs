@@ -134,7 +134,9 @@ impl Writeback {
             }
         }
         let now = Instant::now();
-        self.drop_older_than(now.checked_sub(Self::DROP_AGE));
+        if let Some(before) = now.checked_sub(Self::DROP_AGE) {
+            self.drop_older_than(before);
+        }
         // Adjacent and overlapping ranges are one run: a sequential stream is
         // dropped in one call, scattered writes one range each (never the span
         // between them, whose newer dirty pages would make the kernel drain
@@ -162,12 +164,20 @@ impl Writeback {
         !self.started.is_empty()
     }
 
-    /// Drops every run started (`None`) or those started before `before`.
-    pub(crate) fn drop_older_than(&mut self, before: Option<Instant>) {
-        while let Some((when, ..)) = self.started.front() {
-            if before.is_some_and(|before| *when > before) {
-                break;
-            }
+    /// Drops the runs started before `before`.
+    fn drop_older_than(&mut self, before: Instant) {
+        while self
+            .started
+            .front()
+            .is_some_and(|(when, ..)| *when <= before)
+        {
+            self.drop_oldest();
+        }
+    }
+
+    /// Drops every run started (the writes stopped, or the session ends).
+    pub(crate) fn drop_all(&mut self) {
+        while !self.started.is_empty() {
             self.drop_oldest();
         }
     }
@@ -302,7 +312,7 @@ impl Shared {
                         let idle = self.wake.wait_for(&mut pending, Flusher::DROP_AFTER);
                         if idle.timed_out() && pending.is_empty() {
                             drop(pending);
-                            writeback.drop_older_than(None);
+                            writeback.drop_all();
                             pending = self.pending.lock();
                         }
                     } else {
@@ -311,7 +321,7 @@ impl Shared {
                 }
                 if pending.is_empty() {
                     drop(pending);
-                    writeback.drop_older_than(None);
+                    writeback.drop_all();
                     return;
                 }
                 if pending.len() < MAX_BATCH && !self.stop.load(Ordering::SeqCst) {
