@@ -88,6 +88,16 @@ thread_local! {
     /// While the link thread runs an acknowledgement's completion: the
     /// receiver's own time on that operation (0 when it does not say).
     static ACKED_BUSY_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// While the link thread runs the completion of an fdatasync that the
+    /// peer's `Synced` answered (ahead of its acknowledgement).
+    static ANSWERED_BY_SYNCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// For a [`Completion`] running on the link thread: whether the peer's
+/// `Synced` answered it (an fdatasync its early syncs cover) rather than its
+/// acknowledgement.
+pub fn answered_by_synced() -> bool {
+    ANSWERED_BY_SYNCED.get()
 }
 
 /// For a [`Completion`] running on the link thread: the receiver's time on the
@@ -214,6 +224,13 @@ struct Pending {
     /// Completed only once every earlier operation is acknowledged too (an
     /// fsync under protocols B and flush: it covers everything before it).
     barrier: bool,
+    /// A file's fdatasync under protocol C: answered as soon as the peer says
+    /// its early syncs cover the file (`Message::Synced`), without waiting
+    /// for the acknowledgement that follows it.
+    synced_answers: Option<NodeId>,
+    /// Answered already (by `Message::Synced`): the acknowledgement only
+    /// confirms it.
+    answered: bool,
 }
 
 struct Shared {
@@ -908,6 +925,11 @@ impl PeerLink {
                 bytes,
                 receipt: None,
                 barrier: false,
+                synced_answers: match &request {
+                    Request::Op(Op::Fsync { id, datasync: true }) => Some(*id),
+                    _ => None,
+                },
+                answered: false,
             },
         );
         shared.inflight_bytes += bytes;
@@ -1170,6 +1192,13 @@ impl PeerLink {
                         return;
                     }
                     shared.syncs.synced(id, upto);
+                    let answered = Self::answer_synced(&mut shared, id);
+                    drop(shared);
+                    ANSWERED_BY_SYNCED.set(true);
+                    for completion in answered {
+                        completion(Ok(()));
+                    }
+                    ANSWERED_BY_SYNCED.set(false);
                     continue;
                 }
                 Ok(Message::Ping) => {
@@ -1219,6 +1248,7 @@ impl PeerLink {
                 return;
             }
             let mut done = Vec::with_capacity(acks.len());
+            let mut disagreed = Vec::new();
             {
                 let mut shared = self.inner.shared.lock();
                 if shared.epoch != epoch {
@@ -1232,6 +1262,17 @@ impl PeerLink {
                         } else {
                             Err(Errno::from_raw_os_error(ack.errno))
                         };
+                        if p.answered {
+                            // Its `Synced` said the peer's copy is on disk; the
+                            // acknowledgement cannot take that back.
+                            if let Err(errno) = result {
+                                disagreed.push(format!(
+                                    "the peer failed fdatasync {} after it said the file was synced: {errno}",
+                                    ack.seq
+                                ));
+                            }
+                            continue;
+                        }
                         if let Some(receipt) = p.receipt {
                             done.push((receipt, result, 0));
                         }
@@ -1252,12 +1293,36 @@ impl PeerLink {
                 shared.stall_since = Instant::now();
             }
             self.inner.changed.notify_all();
+            for what in disagreed {
+                self.diverged(&what);
+            }
             for (completion, result, busy_ns) in done {
                 ACKED_BUSY_NS.set(busy_ns);
                 completion(result);
             }
             ACKED_BUSY_NS.set(0);
         }
+    }
+
+    /// The fdatasyncs of `id` in flight that the peer's early syncs now
+    /// answer: taken (their acknowledgement still ends them), to be called
+    /// with success outside the lock. Barriers (protocols B and flush) wait
+    /// for their acknowledgement: they answer for every earlier operation too.
+    fn answer_synced(shared: &mut Shared, id: NodeId) -> Vec<Completion> {
+        if !shared.syncs.covers(id) {
+            return Vec::new();
+        }
+        let mut due: Vec<(u64, Completion)> = shared
+            .pending
+            .iter_mut()
+            .filter(|(_, p)| p.synced_answers == Some(id) && !p.barrier && !p.answered)
+            .map(|(seq, p)| {
+                p.answered = true;
+                (*seq, std::mem::replace(&mut p.completion, Box::new(|_| {})))
+            })
+            .collect();
+        due.sort_by_key(|(seq, _)| *seq);
+        due.into_iter().map(|(_, c)| c).collect()
     }
 
     /// The protocol the link was set up with (see [`Protocol`]).

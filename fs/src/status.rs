@@ -505,7 +505,9 @@ pub struct FsMetrics {
     /// fdatasyncs that such an early sync answered on this node.
     #[serde(default)]
     pub fsyncs_early: u64,
-    /// fdatasyncs that the peer's early sync answered too (no round trip).
+    /// fdatasyncs that the peer's early sync answered too: before they were
+    /// sent (no round trip), or in flight by its `Synced` (not waiting for
+    /// their acknowledgement).
     #[serde(default)]
     pub fsyncs_peer_early: u64,
     /// O_DIRECT writes applied to this copy through the page cache

@@ -209,7 +209,9 @@ fn a_protocol_8_receiver_is_sent_frames_it_can_authenticate() -> Result<()> {
 /// is done there, and the fdatasync is answered by those syncs. With time
 /// between the write and the fdatasync, the receiver's sync is done and said
 /// (`Synced`, replication protocol 10) before the fdatasync comes, which then
-/// needs no round trip. Every fdatasync-acknowledged write is on the survivor
+/// needs no round trip; without the time, the fdatasync on its way is
+/// answered by that `Synced`, not by its own later acknowledgement. Every
+/// fdatasync-acknowledged write is on the survivor
 /// when the primary dies. A protocol-9 receiver says nothing (the writer would
 /// take it for garbage): every fdatasync asks it, and the link holds.
 #[test]
@@ -241,6 +243,29 @@ fn a_file_written_and_synced_in_turn_is_synced_early_on_both_nodes() -> Result<(
         } else {
             assert_eq!(m.fsyncs_peer_early, 0, "{m:?}");
         }
+        // Without the pause the fdatasync is on its way when the receiver's
+        // sync ends: the receiver's `Synced`, ahead of the fdatasync's
+        // acknowledgement, answers it (the writer does not wait for the ack).
+        let before = m.fsyncs_peer_early;
+        for i in N..2 * N {
+            f.write_all_at(&content(i, 0), i * BLOCK as u64)
+                .with_context(|| format!("write block {i}"))?;
+            f.sync_data()
+                .with_context(|| format!("fdatasync after block {i}"))?;
+        }
+        let m = pair.wait_metrics("the fdatasyncs without a pause", |m| {
+            m.fsync_latency.count >= 2 * N
+        })?;
+        eprintln!("[early sync, no pause] protocol {expect}: {m:?}");
+        if expect >= vmha_fs::wire::SYNCED_SINCE {
+            assert!(
+                m.fsyncs_peer_early - before >= N / 2,
+                "the receiver's Synced answered few fdatasyncs in flight: {} of {N}",
+                m.fsyncs_peer_early - before
+            );
+        } else {
+            assert_eq!(m.fsyncs_peer_early, 0, "{m:?}");
+        }
         pair.kill_primary()?;
         let log = pair.primary().map(|p| p.stderr_text()).unwrap_or_default();
         if !log.contains(&format!("replication session: protocol {expect}")) {
@@ -250,7 +275,11 @@ fn a_file_written_and_synced_in_turn_is_synced_early_on_both_nodes() -> Result<(
             bail!("protocol {expect}: the link broke:\n{log}");
         }
         let replica = pair.secondary_backing().join("disk.img");
-        expect_on_survivor(&replica, 0..N, &format!("early syncs, protocol {expect}"))?;
+        expect_on_survivor(
+            &replica,
+            0..2 * N,
+            &format!("early syncs, protocol {expect}"),
+        )?;
     }
     Ok(())
 }

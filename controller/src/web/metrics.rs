@@ -325,7 +325,7 @@ pub fn render(
     );
     registry.register(
         "vmha_fsyncs_peer_early",
-        "fdatasyncs through the module's writer on this node that the peer's early sync answered (no round trip), since vmha-fs started",
+        "fdatasyncs through the module's writer on this node that the peer's early sync answered (before they were sent, or in flight ahead of their acknowledgement), since vmha-fs started",
         fsyncs_peer_early,
     );
     registry.register(

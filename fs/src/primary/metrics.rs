@@ -48,7 +48,8 @@ pub struct PrimaryMetrics {
     pub early_syncs: AtomicU64,
     /// fdatasyncs answered here by an early sync.
     pub fsyncs_early: AtomicU64,
-    /// fdatasyncs the peer's early sync answered too: no round trip.
+    /// fdatasyncs the peer's early sync answered too: before they were sent
+    /// (no round trip) or in flight (its `Synced`, ahead of their ack).
     pub fsyncs_peer_early: AtomicU64,
     /// O_DIRECT writes applied here through the page cache.
     pub cached_writes: AtomicU64,

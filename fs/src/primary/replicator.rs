@@ -206,8 +206,14 @@ impl Replicator {
             match &trace {
                 Some(t) => {
                     let t = t.clone();
+                    let metrics = self.metrics.clone();
                     Box::new(move |result| {
                         t.acked(crate::link::acked_busy_ns());
+                        if crate::link::answered_by_synced() {
+                            metrics
+                                .fsyncs_peer_early
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         remote(result)
                     })
                 }
