@@ -1309,7 +1309,9 @@ impl PeerLink {
     /// with success outside the lock. Barriers (protocols B and flush) wait
     /// for their acknowledgement: they answer for every earlier operation too.
     fn answer_synced(shared: &mut Shared, id: NodeId) -> Vec<Completion> {
-        if !shared.syncs.covers(id) {
+        // As `peer_synced`: only a replica's word counts (not a copy a
+        // resync is still filling).
+        if shared.state != LinkState::Connected || !shared.syncs.covers(id) {
             return Vec::new();
         }
         let mut due: Vec<(u64, Completion)> = shared
