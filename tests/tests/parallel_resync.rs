@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use vmha_fs::status::{StatusFile, SyncStatus};
+use vmha_fs::status::{FsMetrics, StatusFile, SyncStatus};
 use vmha_test_infra::fsctl::{attach_and_wait, signal, stop};
 use vmha_test_infra::resync::{fill_image, ResyncSetup as Setup};
 use vmha_test_infra::{assert_same_tree, lazy_unmount_all};
@@ -94,17 +94,26 @@ fn a_writer_killed_mid_parallel_reintegration_loses_nothing() -> Result<()> {
     }
     let changed = 512 * region;
 
-    // node2 back; the writer dies once two steps and a quarter are sent (the
-    // first step is acknowledged and retired by then).
+    // node2 back; the writer dies once two steps and a quarter are sent and
+    // at least the first step is acknowledged and retired.
     let mut b = s.secondary(&s.b)?;
     let _ = std::fs::remove_file(s.a.state.join(SyncStatus::FILE));
     signal(a.pid(), libc::SIGUSR2)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut readers = 0;
+    // The writer's dirty records, as `metrics.json` reports them (at most a
+    // second late): a step retired shows as a step's bytes fewer. Sent bytes
+    // alone do not say it: under load the peer's sync of a step can lag.
+    let (mut most_dirty, mut dirty) = (0, 0);
     loop {
+        if let Some(m) = FsMetrics::read_from(&s.a.state)? {
+            most_dirty = most_dirty.max(m.dirty_bytes);
+            dirty = m.dirty_bytes;
+        }
         if let Some(p) = SyncStatus::read_from(&s.a.state)? {
             readers = readers.max(threads_named(a.pid(), "resync-")?);
-            if p.done_bytes >= 2 * RESUME_STEP_BYTES + (16 << 20) {
+            let retired = dirty + RESUME_STEP_BYTES <= most_dirty;
+            if retired && p.done_bytes >= 2 * RESUME_STEP_BYTES + (16 << 20) {
                 break;
             }
             if p.total_bytes > 0 && p.done_bytes >= p.total_bytes {
