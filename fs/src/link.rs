@@ -315,6 +315,22 @@ impl PeerSyncs {
 }
 
 impl Shared {
+    /// What `take` takes from the pending operations (a receipt, an early
+    /// answer), in sequence order: completions are called in the order the
+    /// operations were sent.
+    fn take_in_order(
+        &mut self,
+        mut take: impl FnMut(u64, &mut Pending) -> Option<Completion>,
+    ) -> Vec<Completion> {
+        let mut due: Vec<(u64, Completion)> = self
+            .pending
+            .iter_mut()
+            .filter_map(|(seq, p)| Some((*seq, take(*seq, p)?)))
+            .collect();
+        due.sort_by_key(|(seq, _)| *seq);
+        due.into_iter().map(|(_, c)| c).collect()
+    }
+
     fn busy(&self) -> bool {
         !self.pending.is_empty() || self.waiters > 0
     }
@@ -1167,14 +1183,9 @@ impl PeerLink {
                             return;
                         }
                         shared.stall_since = Instant::now();
-                        let mut due: Vec<(u64, Completion)> = shared
-                            .pending
-                            .iter_mut()
-                            .filter(|(seq, _)| **seq <= upto)
-                            .filter_map(|(seq, p)| Some((*seq, p.receipt.take()?)))
-                            .collect();
-                        due.sort_by_key(|(seq, _)| *seq);
-                        due.into_iter().map(|(_, r)| r).collect()
+                        shared.take_in_order(|seq, p| {
+                            (seq <= upto).then(|| p.receipt.take()).flatten()
+                        })
                     };
                     for receipt in receipts {
                         receipt(Ok(()));
@@ -1314,17 +1325,13 @@ impl PeerLink {
         if shared.state != LinkState::Connected || !shared.syncs.covers(id) {
             return Vec::new();
         }
-        let mut due: Vec<(u64, Completion)> = shared
-            .pending
-            .iter_mut()
-            .filter(|(_, p)| p.synced_answers == Some(id) && !p.barrier && !p.answered)
-            .map(|(seq, p)| {
-                p.answered = true;
-                (*seq, std::mem::replace(&mut p.completion, Box::new(|_| {})))
-            })
-            .collect();
-        due.sort_by_key(|(seq, _)| *seq);
-        due.into_iter().map(|(_, c)| c).collect()
+        shared.take_in_order(|_, p| {
+            if p.synced_answers != Some(id) || p.barrier || p.answered {
+                return None;
+            }
+            p.answered = true;
+            Some(std::mem::replace(&mut p.completion, Box::new(|_| {})))
+        })
     }
 
     /// The protocol the link was set up with (see [`Protocol`]).
